@@ -1,0 +1,611 @@
+#include "store.h"
+#include "ebr.h"
+#include <stdio.h>
+#include <stdlib.h>
+
+static dx_rtab_ref g_sessions;
+static pthread_mutex_t g_sessions_mu = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic uint64_t g_var_counter;
+static void (*g_release_watcher)(void *w);
+static dx_limits g_limits = {
+    .max_sessions = 100000,
+    .max_vars = 1000000,
+    .max_value_bytes = 16u << 20,
+    .max_name_len = 255,
+    .max_history = 10000,
+    .default_history = 50,
+};
+
+void dx_store_set_limits(const dx_limits *l) { g_limits = *l; }
+dx_limits dx_store_limits(void) { return g_limits; }
+void dx_store_set_watcher_release(void (*fn)(void *w)) { g_release_watcher = fn; }
+
+/* ---- snapshots -------------------------------------------------------------- */
+
+dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const uint8_t *meta, size_t meta_len,
+                     const uint8_t *by, size_t by_len) {
+    size_t pay = dx_value_payload_size(v);
+    size_t pay_al = (pay + 7) & ~(size_t)7;
+    size_t size = sizeof(dx_snap) + pay_al + meta_len + by_len;
+    dx_snap *s = malloc(size);
+    if (!s) return NULL;
+    s->version = version;
+    s->updated_at = now_us;
+    s->size = size;
+    dx_value_copy_into(&s->value, v, s->data);
+    char *p = s->data + pay_al;
+    s->meta = meta_len ? (const uint8_t *)p : NULL;
+    s->meta_len = meta_len;
+    if (meta_len) memcpy(p, meta, meta_len);
+    p += meta_len;
+    s->by = by_len ? (const uint8_t *)p : NULL;
+    s->by_len = by_len;
+    if (by_len) memcpy(p, by, by_len);
+    return s;
+}
+
+/* ---- variables: allocation -------------------------------------------------- */
+
+static void var_free(void *p) {
+    dx_var *v = p;
+    free(atomic_load_explicit(&v->cur, memory_order_relaxed));
+    for (uint32_t i = 0; i < v->hist_n; i++) free(v->hist[(v->hist_start + i) % v->history_limit]);
+    free(v->hist);
+    for (size_t i = 0; i < v->nwatchers; i++)
+        if (g_release_watcher) g_release_watcher(v->watchers[i]);
+    free(v->watchers);
+    dx_constraints_free(&v->cons);
+    free(v->id);
+    free(v->name);
+    free(v);
+}
+
+static char *dup_bytes(const char *p, size_t len) {
+    char *d = malloc(len + 1);
+    if (!d) return NULL;
+    if (len) memcpy(d, p, len);
+    d[len] = 0;
+    return d;
+}
+
+/* Builds an unpublished variable. On success the constraints are moved in. */
+static dx_var *var_new(const dx_var_spec *sp, dx_str id, uint64_t version, int64_t created_at, int64_t updated_at,
+                       int *limit) {
+    int64_t hl = sp->history_limit < 0 ? (int64_t)g_limits.default_history : sp->history_limit;
+    if (hl > (int64_t)g_limits.max_history) {
+        *limit = DX_L_HISTORY;
+        return NULL;
+    }
+    dx_var *v = calloc(1, sizeof *v);
+    if (!v) return NULL;
+    v->name = dup_bytes(sp->name.ptr, sp->name.len);
+    v->name_len = sp->name.len;
+    if (id.ptr) {
+        v->id = dup_bytes(id.ptr, id.len);
+        v->id_len = id.len;
+    } else {
+        uint64_t n = atomic_fetch_add(&g_var_counter, 1) + 1;
+        size_t cap = sp->name.len + 32;
+        v->id = malloc(cap);
+        if (v->id) v->id_len = (size_t)snprintf(v->id, cap, "var_%.*s_%llu", (int)sp->name.len, sp->name.ptr,
+                                                (unsigned long long)n);
+    }
+    v->history_limit = (uint32_t)hl;
+    v->hist = hl ? calloc((size_t)hl, sizeof(dx_snap *)) : NULL;
+    dx_snap *cur = dx_snap_new(sp->value, version, updated_at, sp->meta, sp->meta_len, sp->by, sp->by_len);
+    if (!v->name || !v->id || (hl && !v->hist) || !cur) {
+        free(cur);
+        free(v->hist);
+        free(v->id);
+        free(v->name);
+        free(v);
+        return NULL;
+    }
+    atomic_store_explicit(&v->cur, cur, memory_order_relaxed);
+    v->type = sp->type;
+    v->cons = *sp->cons;
+    dx_constraints_init(sp->cons);
+    v->created_at = created_at;
+    v->key = (dx_rkey){dx_hash(v->name, v->name_len), v->name, v->name_len};
+    return v;
+}
+
+static dx_shard *shard_of(dx_session *s, uint64_t hash) { return &s->shards[(hash >> 58) % DX_SHARDS]; }
+
+/* ---- sessions ---------------------------------------------------------------- */
+
+int dx_store_init(void) { return dx_rtab_init(&g_sessions, 64); }
+
+static int free_var_cb(void *ctx, dx_rkey *e) {
+    var_free(e);
+    return 0;
+}
+
+static void session_free(void *p) {
+    dx_session *s = p;
+    for (int i = 0; i < DX_SHARDS; i++) {
+        if (atomic_load_explicit(&s->shards[i].tab, memory_order_relaxed)) {
+            dx_rtab_foreach(&s->shards[i].tab, free_var_cb, NULL);
+            dx_rtab_destroy(&s->shards[i].tab);
+        }
+        pthread_mutex_destroy(&s->shards[i].mu);
+    }
+    free(s->meta);
+    free(s->id);
+    free(s);
+}
+
+static int free_session_cb(void *ctx, dx_rkey *e) {
+    session_free(e);
+    return 0;
+}
+
+void dx_store_shutdown(void) {
+    dx_ebr_drain();
+    if (atomic_load_explicit(&g_sessions, memory_order_relaxed)) {
+        dx_rtab_foreach(&g_sessions, free_session_cb, NULL);
+        dx_rtab_destroy(&g_sessions);
+    }
+    dx_ebr_drain();
+}
+
+static dx_session *session_new(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t created_at,
+                               int64_t now_ms) {
+    dx_session *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->id = dup_bytes(id.ptr, id.len);
+    s->id_len = id.len;
+    s->meta = meta_len ? malloc(meta_len) : NULL;
+    int ok = s->id && (!meta_len || s->meta);
+    int i = 0;
+    for (; ok && i < DX_SHARDS; i++) {
+        if (pthread_mutex_init(&s->shards[i].mu, NULL)) { ok = 0; break; }
+        if (dx_rtab_init(&s->shards[i].tab, 4)) { pthread_mutex_destroy(&s->shards[i].mu); ok = 0; break; }
+    }
+    if (!ok) {
+        for (int j = 0; j < i; j++) {
+            dx_rtab_destroy(&s->shards[j].tab);
+            pthread_mutex_destroy(&s->shards[j].mu);
+        }
+        free(s->meta);
+        free(s->id);
+        free(s);
+        return NULL;
+    }
+    if (meta_len) memcpy(s->meta, meta, meta_len);
+    s->meta_len = meta_len;
+    s->created_at = created_at;
+    s->ttl_ms = ttl_ms;
+    atomic_store(&s->last_access, now_ms);
+    s->key = (dx_rkey){dx_hash(s->id, s->id_len), s->id, s->id_len};
+    return s;
+}
+
+static int expired(dx_session *s, int64_t now_ms) {
+    return s->ttl_ms >= 0 && now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) > s->ttl_ms;
+}
+
+int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
+                      int64_t now_ms, dx_session **out, int *created, int *limit) {
+    *created = 0;
+    if (id.len > g_limits.max_name_len) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    dx_session *s = dx_session_find(id, now_ms);
+    if (s) { *out = s; return DX_OK; }
+    pthread_mutex_lock(&g_sessions_mu);
+    uint64_t h = dx_hash(id.ptr, id.len);
+    s = (dx_session *)dx_rtab_find(&g_sessions, h, id.ptr, id.len);
+    if (s && expired(s, now_ms)) {
+        /* An expired session the sweeper has not reached yet: replace it. */
+        dx_rtab_remove(&g_sessions, h, id.ptr, id.len);
+        atomic_store(&s->dead, true);
+        dx_ebr_retire(s, session_free, 1);
+        s = NULL;
+    }
+    int rc = DX_OK;
+    if (s) {
+        dx_session_touch(s, now_ms);
+    } else if (atomic_load(&g_sessions)->used >= g_limits.max_sessions) {
+        *limit = DX_L_SESSIONS;
+        rc = DX_E_LIMIT;
+    } else if (!(s = session_new(id, meta, meta_len, ttl_ms, now_us, now_ms))) {
+        rc = DX_E_NOMEM;
+    } else if ((rc = dx_rtab_insert(&g_sessions, &s->key))) {
+        session_free(s);
+        s = NULL;
+    } else {
+        *created = 1;
+    }
+    pthread_mutex_unlock(&g_sessions_mu);
+    *out = s;
+    return rc;
+}
+
+void dx_session_touch(dx_session *s, int64_t now_ms) {
+    /* Write only when the value moves by a second: a store on every read would
+     * bounce this cache line between readers on different cores. */
+    if (now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) >= 1000)
+        atomic_store_explicit(&s->last_access, now_ms, memory_order_relaxed);
+}
+
+dx_session *dx_session_find(dx_str id, int64_t now_ms) {
+    dx_session *s = (dx_session *)dx_rtab_find(&g_sessions, dx_hash(id.ptr, id.len), id.ptr, id.len);
+    if (!s || expired(s, now_ms)) return NULL;
+    dx_session_touch(s, now_ms);
+    return s;
+}
+
+int dx_session_delete(dx_str id) {
+    pthread_mutex_lock(&g_sessions_mu);
+    dx_session *s = (dx_session *)dx_rtab_remove(&g_sessions, dx_hash(id.ptr, id.len), id.ptr, id.len);
+    pthread_mutex_unlock(&g_sessions_mu);
+    if (!s) return DX_E_SESSION_NOT_FOUND;
+    atomic_store(&s->dead, true);
+    dx_ebr_retire(s, session_free, 1);
+    return DX_OK;
+}
+
+typedef struct {
+    int64_t now;
+    dx_session **list;
+    size_t n, cap;
+} sweep_ctx;
+
+static int sweep_cb(void *ctx, dx_rkey *e) {
+    sweep_ctx *c = ctx;
+    dx_session *s = (dx_session *)e;
+    if (!expired(s, c->now)) return 0;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 16;
+        dx_session **l = realloc(c->list, cap * sizeof *l);
+        if (!l) return 1;
+        c->list = l;
+        c->cap = cap;
+    }
+    c->list[c->n++] = s;
+    return 0;
+}
+
+size_t dx_session_sweep(int64_t now_ms) {
+    sweep_ctx c = {now_ms, NULL, 0, 0};
+    pthread_mutex_lock(&g_sessions_mu);
+    dx_rtab_foreach(&g_sessions, sweep_cb, &c);
+    for (size_t i = 0; i < c.n; i++) {
+        dx_rtab_remove(&g_sessions, c.list[i]->key.hash, c.list[i]->id, c.list[i]->id_len);
+        atomic_store(&c.list[i]->dead, true);
+        dx_ebr_retire(c.list[i], session_free, 1);
+    }
+    pthread_mutex_unlock(&g_sessions_mu);
+    free(c.list);
+    return c.n;
+}
+
+size_t dx_session_count(void) {
+    pthread_mutex_lock(&g_sessions_mu);
+    size_t n = atomic_load(&g_sessions)->used;
+    pthread_mutex_unlock(&g_sessions_mu);
+    return n;
+}
+
+typedef struct {
+    int (*fn)(void *, dx_session *);
+    void *ctx;
+} sess_iter;
+
+static int sess_iter_cb(void *ctx, dx_rkey *e) {
+    sess_iter *it = ctx;
+    return it->fn(it->ctx, (dx_session *)e);
+}
+
+void dx_session_foreach(int (*fn)(void *ctx, dx_session *s), void *ctx) {
+    sess_iter it = {fn, ctx};
+    dx_rtab_foreach(&g_sessions, sess_iter_cb, &it);
+}
+
+int64_t dx_session_nvars(const dx_session *s) { return atomic_load_explicit(&s->nvars, memory_order_relaxed); }
+
+/* ---- variables -------------------------------------------------------------------- */
+
+int dx_var_register(dx_session *s, const dx_var_spec *sp, int64_t now_us, dx_var **out, int *limit) {
+    if (sp->name.len > g_limits.max_name_len || sp->name.len == 0) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    if (dx_value_payload_size(sp->value) > g_limits.max_value_bytes) { *limit = DX_L_VALUE_SIZE; return DX_E_LIMIT; }
+    dx_var *v = var_new(sp, (dx_str){NULL, 0}, 0, now_us, now_us, limit);
+    if (!v) return *limit == DX_L_HISTORY ? DX_E_LIMIT : DX_E_NOMEM;
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc;
+    if (atomic_load(&s->dead)) rc = DX_E_SESSION_NOT_FOUND;
+    else if (dx_rtab_find(&sh->tab, v->key.hash, v->name, v->name_len)) rc = DX_E_EXISTS;
+    else if (atomic_fetch_add(&s->nvars, 1) >= (int64_t)g_limits.max_vars) {
+        atomic_fetch_sub(&s->nvars, 1);
+        *limit = DX_L_VARS;
+        rc = DX_E_LIMIT;
+    } else if ((rc = dx_rtab_insert(&sh->tab, &v->key))) {
+        atomic_fetch_sub(&s->nvars, 1);
+    }
+    pthread_mutex_unlock(&sh->mu);
+    if (rc) {
+        /* hand the constraints back so the caller still owns what it passed */
+        *sp->cons = v->cons;
+        dx_constraints_init(&v->cons);
+        var_free(v);
+        return rc;
+    }
+    *out = v;
+    return DX_OK;
+}
+
+dx_var *dx_var_find_name(dx_session *s, dx_str name) {
+    uint64_t h = dx_hash(name.ptr, name.len);
+    return (dx_var *)dx_rtab_find(&shard_of(s, h)->tab, h, name.ptr, name.len);
+}
+
+/* Ids are "var_<name>_<digits>": the name is recoverable, so no second index. */
+dx_var *dx_var_find(dx_session *s, dx_str key) {
+    dx_var *v = dx_var_find_name(s, key);
+    if (v || key.len < 7 || memcmp(key.ptr, "var_", 4) != 0) return v;
+    size_t end = key.len;
+    while (end > 4 && key.ptr[end - 1] >= '0' && key.ptr[end - 1] <= '9') end--;
+    if (end == key.len || end <= 5 || key.ptr[end - 1] != '_') return NULL;
+    v = dx_var_find_name(s, (dx_str){key.ptr + 4, end - 5});
+    return v && dx_str_eq(v->id, v->id_len, key.ptr, key.len) ? v : NULL;
+}
+
+static void hist_push(dx_var *v, dx_snap *old) {
+    if (!v->history_limit) {
+        dx_ebr_retire(old, free, 0);
+        return;
+    }
+    if (v->hist_n == v->history_limit) {
+        dx_ebr_retire(v->hist[v->hist_start], free, 0);
+        v->hist[v->hist_start] = old;
+        v->hist_start = (v->hist_start + 1) % v->history_limit;
+    } else {
+        v->hist[(v->hist_start + v->hist_n) % v->history_limit] = old;
+        v->hist_n++;
+    }
+}
+
+/* Checks done under the shard mutex, so they are atomic with the commit. */
+static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64_t *version) {
+    dx_snap *cur = atomic_load_explicit(&v->cur, memory_order_relaxed);
+    if (v->dead) return DX_E_NOT_FOUND;
+    if (o && o->if_current && o->if_current != cur) return DX_E_RETRY;
+    if (o && o->has_expected && o->expected != cur->version) {
+        *version = cur->version;
+        return DX_E_VERSION_MISMATCH;
+    }
+    if (val->type != v->type) return DX_E_INVALID;
+    if (dx_value_payload_size(val) > g_limits.max_value_bytes) return DX_E_LIMIT;
+    return DX_OK;
+}
+
+static dx_snap *prepare(dx_var *v, const dx_value *val, const dx_set_opts *o, int64_t now_us) {
+    dx_snap *cur = atomic_load_explicit(&v->cur, memory_order_relaxed);
+    const uint8_t *meta = cur->meta;
+    size_t meta_len = cur->meta_len;
+    if (o && o->set_meta) {
+        meta = o->meta;
+        meta_len = o->meta_len;
+    }
+    return dx_snap_new(val, cur->version + 1, now_us, meta, meta_len, o ? o->by : NULL, o ? o->by_len : 0);
+}
+
+static uint64_t commit(dx_session *s, dx_var *v, dx_snap *next, dx_notify_fn nf, void *nctx) {
+    dx_snap *old = atomic_load_explicit(&v->cur, memory_order_relaxed);
+    atomic_store_explicit(&v->cur, next, memory_order_release);
+    if (nf && v->nwatchers) nf(nctx, s, v, old, next);
+    hist_push(v, old);
+    return next->version;
+}
+
+int dx_var_set(dx_session *s, dx_var *v, const dx_value *val, const dx_set_opts *o, int64_t now_us,
+               uint64_t *version, dx_notify_fn nf, void *nctx) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = precheck(v, val, o, version);
+    dx_snap *next = rc ? NULL : prepare(v, val, o, now_us);
+    if (!rc && !next) rc = DX_E_NOMEM;
+    if (!rc) *version = commit(s, v, next, nf, nctx);
+    pthread_mutex_unlock(&sh->mu);
+    return rc;
+}
+
+static int cmp_shard_idx(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
+
+int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, int64_t now_us, dx_notify_fn nf,
+                    void *nctx) {
+    /* Lock the shards involved in ascending index order: no deadlock between batches. */
+    int idx[DX_SHARDS], nidx = 0;
+    bool used[DX_SHARDS] = {0};
+    for (size_t i = 0; i < n; i++) {
+        int k = (int)((it[i].var->key.hash >> 58) % DX_SHARDS);
+        if (!used[k]) { used[k] = true; idx[nidx++] = k; }
+        for (size_t j = 0; j < i; j++)
+            if (it[j].var == it[i].var) return DX_E_INVALID;
+    }
+    qsort(idx, (size_t)nidx, sizeof(int), cmp_shard_idx);
+    for (int k = 0; k < nidx; k++) pthread_mutex_lock(&s->shards[idx[k]].mu);
+    dx_snap **next = calloc(n ? n : 1, sizeof *next);
+    int failed = 0;
+    for (size_t i = 0; i < n; i++) {
+        it[i].rc = next ? precheck(it[i].var, &it[i].value, &it[i].opts, &it[i].version) : DX_E_NOMEM;
+        if (!it[i].rc && !(next[i] = prepare(it[i].var, &it[i].value, &it[i].opts, now_us))) it[i].rc = DX_E_NOMEM;
+        failed |= it[i].rc != DX_OK;
+    }
+    if (!(atomic && failed))
+        for (size_t i = 0; i < n; i++)
+            if (!it[i].rc) it[i].version = commit(s, it[i].var, next[i], nf, nctx);
+    for (int k = nidx - 1; k >= 0; k--) pthread_mutex_unlock(&s->shards[idx[k]].mu);
+    if (atomic && failed && next)
+        for (size_t i = 0; i < n; i++) free(next[i]);
+    free(next);
+    return atomic && failed ? DX_E_BATCH : DX_OK;
+}
+
+int dx_var_delete(dx_session *s, dx_str key) {
+    dx_var *v = dx_var_find(s, key);
+    if (!v) return DX_E_NOT_FOUND;
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = DX_E_NOT_FOUND;
+    if (!v->dead && dx_rtab_remove(&sh->tab, v->key.hash, v->name, v->name_len)) {
+        v->dead = true;
+        atomic_fetch_sub(&s->nvars, 1);
+        rc = DX_OK;
+    }
+    pthread_mutex_unlock(&sh->mu);
+    if (!rc) dx_ebr_retire(v, var_free, 0);
+    return rc;
+}
+
+size_t dx_var_history_locked(dx_var *v, dx_snap **out, size_t max) {
+    size_t n = v->hist_n < max ? v->hist_n : max;
+    for (size_t i = 0; i < n; i++) out[i] = v->hist[(v->hist_start + i) % (v->history_limit ? v->history_limit : 1)];
+    return n;
+}
+
+long dx_var_history(dx_session *s, dx_var *v, dx_snap **out, size_t max) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    long n = -1;
+    if (!v->dead) {
+        n = (long)(v->hist_n < max ? v->hist_n : max);
+        for (long i = 0; i < n; i++)
+            out[i] = v->hist[(v->hist_start + v->hist_n - 1 - (uint32_t)i) % v->history_limit];
+    }
+    pthread_mutex_unlock(&sh->mu);
+    return n;
+}
+
+int dx_var_rollback(dx_session *s, dx_var *v, uint64_t target, const dx_set_opts *o, int64_t now_us,
+                    uint64_t *version, dx_notify_fn nf, void *nctx) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    dx_snap *cur = atomic_load_explicit(&v->cur, memory_order_relaxed);
+    dx_snap *src = cur->version == target ? cur : NULL;
+    for (uint32_t i = 0; !src && i < v->hist_n; i++) {
+        dx_snap *h = v->hist[(v->hist_start + i) % v->history_limit];
+        if (h->version == target) src = h;
+    }
+    int rc = v->dead ? DX_E_NOT_FOUND : src ? precheck(v, &src->value, o, version) : DX_E_VERSION_NOT_FOUND;
+    if (!rc) {
+        /* The old value comes back with the metadata it had then. */
+        dx_set_opts ro = o ? *o : (dx_set_opts){0};
+        if (!ro.set_meta) {
+            ro.set_meta = true;
+            ro.meta = src->meta;
+            ro.meta_len = src->meta_len;
+        }
+        dx_snap *next = prepare(v, &src->value, &ro, now_us);
+        if (!next) rc = DX_E_NOMEM;
+        else *version = commit(s, v, next, nf, nctx);
+    }
+    pthread_mutex_unlock(&sh->mu);
+    return rc;
+}
+
+int dx_var_add_watcher(dx_session *s, dx_var *v, void *w) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = DX_OK;
+    if (v->dead) rc = DX_E_NOT_FOUND;
+    else if (v->nwatchers == v->capwatchers) {
+        size_t cap = v->capwatchers ? v->capwatchers * 2 : 4;
+        void **nw = realloc(v->watchers, cap * sizeof(void *));
+        if (!nw) rc = DX_E_NOMEM;
+        else { v->watchers = nw; v->capwatchers = cap; }
+    }
+    if (!rc) v->watchers[v->nwatchers++] = w;
+    pthread_mutex_unlock(&sh->mu);
+    return rc;
+}
+
+size_t dx_var_remove_watcher(dx_session *s, dx_var *v, void *w) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    size_t removed = 0;
+    pthread_mutex_lock(&sh->mu);
+    for (size_t i = 0; i < v->nwatchers;) {
+        if (v->watchers[i] == w) {
+            v->watchers[i] = v->watchers[--v->nwatchers];
+            removed++;
+        } else {
+            i++;
+        }
+    }
+    pthread_mutex_unlock(&sh->mu);
+    for (size_t i = 0; i < removed; i++)
+        if (g_release_watcher) g_release_watcher(w);
+    return removed;
+}
+
+typedef struct {
+    int (*fn)(void *, dx_var *);
+    void *ctx;
+    int stop;
+} var_iter;
+
+static int var_iter_cb(void *ctx, dx_rkey *e) {
+    var_iter *it = ctx;
+    return it->stop = it->fn(it->ctx, (dx_var *)e);
+}
+
+void dx_session_foreach_var(dx_session *s, int (*fn)(void *ctx, dx_var *v), void *ctx) {
+    var_iter it = {fn, ctx, 0};
+    for (int i = 0; i < DX_SHARDS && !it.stop; i++) dx_rtab_foreach(&s->shards[i].tab, var_iter_cb, &it);
+}
+
+void dx_session_lock_all(dx_session *s) {
+    for (int i = 0; i < DX_SHARDS; i++) pthread_mutex_lock(&s->shards[i].mu);
+}
+void dx_session_unlock_all(dx_session *s) {
+    for (int i = DX_SHARDS - 1; i >= 0; i--) pthread_mutex_unlock(&s->shards[i].mu);
+}
+
+/* ---- import -------------------------------------------------------------------- */
+
+dx_session *dx_import_begin(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t created_at,
+                            int64_t now_ms) {
+    if (id.len > g_limits.max_name_len) return NULL;
+    return session_new(id, meta, meta_len, ttl_ms, created_at, now_ms);
+}
+
+int dx_import_var_add(dx_session *s, const dx_import_var *iv, const dx_import_hist *hist, size_t nhist, int *limit) {
+    const dx_var_spec *sp = &iv->spec;
+    if (sp->name.len > g_limits.max_name_len || sp->name.len == 0) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    if (dx_value_payload_size(sp->value) > g_limits.max_value_bytes) { *limit = DX_L_VALUE_SIZE; return DX_E_LIMIT; }
+    if ((uint64_t)dx_session_nvars(s) >= g_limits.max_vars) { *limit = DX_L_VARS; return DX_E_LIMIT; }
+    dx_var *v = var_new(sp, iv->id, iv->version, iv->created_at, iv->updated_at, limit);
+    if (!v) return *limit == DX_L_HISTORY ? DX_E_LIMIT : DX_E_NOMEM;
+    /* Keep only the newest history_limit entries, as the live store would. */
+    size_t skip = nhist > v->history_limit ? nhist - v->history_limit : 0;
+    for (size_t i = skip; i < nhist; i++) {
+        dx_snap *h = dx_snap_new(&hist[i].value, hist[i].version, hist[i].updated_at, hist[i].meta, hist[i].meta_len,
+                                 hist[i].by, hist[i].by_len);
+        if (!h) { var_free(v); return DX_E_NOMEM; }
+        v->hist[v->hist_n++] = h;
+    }
+    dx_shard *sh = shard_of(s, v->key.hash);
+    int rc = dx_rtab_insert(&sh->tab, &v->key);
+    if (rc) {
+        var_free(v);
+        return rc;
+    }
+    atomic_fetch_add(&s->nvars, 1);
+    return DX_OK;
+}
+
+int dx_import_commit(dx_session *s, int *limit) {
+    pthread_mutex_lock(&g_sessions_mu);
+    int rc;
+    if (atomic_load(&g_sessions)->used >= g_limits.max_sessions) {
+        *limit = DX_L_SESSIONS;
+        rc = DX_E_LIMIT;
+    } else {
+        rc = dx_rtab_insert(&g_sessions, &s->key);
+    }
+    pthread_mutex_unlock(&g_sessions_mu);
+    if (rc) session_free(s);
+    return rc;
+}
+
+void dx_import_abort(dx_session *s) { session_free(s); }

@@ -1,0 +1,205 @@
+/* The variable store: sessions, each with a sharded table of typed variables.
+ *
+ * Readers (get, list, exists) run lock-free inside an EBR section: they load the
+ * session table, the shard's table and the variable's current snapshot, all
+ * published with release stores. Writers take the shard mutex, so every check
+ * (version, type, size, deleted) happens in the same critical section as the
+ * write it guards, and a committed snapshot is never changed afterwards. */
+#ifndef DX_STORE_H
+#define DX_STORE_H
+#include "rtab.h"
+#include "value.h"
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#define DX_SHARDS 16
+
+/* An immutable committed version of a variable. */
+typedef struct dx_snap {
+    uint64_t version;
+    int64_t updated_at; /* microseconds since the Unix epoch */
+    dx_value value;     /* views into data[] */
+    const uint8_t *meta; /* opaque encoded metadata (the NIF uses external term format) */
+    size_t meta_len;     /* 0: empty */
+    const uint8_t *by;   /* opaque encoded changed_by, 0 length: none */
+    size_t by_len;
+    size_t size;         /* allocation size */
+    _Alignas(8) char data[];
+} dx_snap;
+
+typedef struct dx_var {
+    dx_rkey key; /* keyed by name */
+    char *id;
+    size_t id_len;
+    char *name;
+    size_t name_len;
+    dx_type type;
+    dx_constraints cons;
+    int64_t created_at;
+    uint32_t history_limit;
+    _Atomic(dx_snap *) cur;
+    /* Fields below change only under the shard mutex. */
+    bool dead;
+    dx_snap **hist; /* ring of archived snapshots, oldest at hist_start */
+    uint32_t hist_start, hist_n;
+    void **watchers; /* opaque, owned: released through the release hook */
+    size_t nwatchers, capwatchers;
+} dx_var;
+
+typedef struct {
+    pthread_mutex_t mu;
+    dx_rtab_ref tab;
+    char pad[64 - (sizeof(pthread_mutex_t) + sizeof(dx_rtab_ref)) % 64];
+} dx_shard;
+
+typedef struct dx_session {
+    dx_rkey key;
+    char *id;
+    size_t id_len;
+    uint8_t *meta;
+    size_t meta_len;
+    int64_t created_at;          /* µs since the Unix epoch */
+    int64_t ttl_ms;              /* < 0: never expires */
+    _Atomic int64_t last_access; /* monotonic ms */
+    _Atomic int64_t nvars;
+    _Atomic bool dead;
+    dx_shard shards[DX_SHARDS];
+} dx_session;
+
+typedef struct {
+    uint64_t max_sessions;
+    uint64_t max_vars;        /* per session */
+    uint64_t max_value_bytes; /* payload of one value */
+    uint32_t max_name_len;    /* variable names and session ids, bytes */
+    uint32_t max_history;     /* upper bound for history_limit */
+    uint32_t default_history;
+} dx_limits;
+
+/* Which limit a DX_E_LIMIT refers to. */
+enum { DX_L_SESSIONS = 1, DX_L_VARS, DX_L_VALUE_SIZE, DX_L_NAME_LENGTH, DX_L_HISTORY };
+
+int dx_store_init(void);
+void dx_store_shutdown(void); /* frees everything; no reader may be running */
+void dx_store_set_limits(const dx_limits *l);
+dx_limits dx_store_limits(void);
+/* Called (outside any lock order concerns) when a var holding watchers is freed. */
+void dx_store_set_watcher_release(void (*fn)(void *w));
+
+/* ---- sessions (callers of find/foreach must be inside an EBR section) ---- */
+int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
+                      int64_t now_ms, dx_session **out, int *created, int *limit);
+dx_session *dx_session_find(dx_str id, int64_t now_ms); /* NULL if absent or expired; refreshes */
+void dx_session_touch(dx_session *s, int64_t now_ms);
+int dx_session_delete(dx_str id);
+size_t dx_session_sweep(int64_t now_ms);
+size_t dx_session_count(void);
+void dx_session_foreach(int (*fn)(void *ctx, dx_session *s), void *ctx);
+int64_t dx_session_nvars(const dx_session *s);
+
+/* ---- variables ------------------------------------------------------------ */
+typedef struct {
+    dx_str name;
+    dx_type type;
+    dx_constraints *cons; /* moved into the variable on success */
+    const dx_value *value;
+    const uint8_t *meta;
+    size_t meta_len;
+    const uint8_t *by;
+    size_t by_len;
+    int64_t history_limit; /* < 0: default */
+} dx_var_spec;
+
+/* Registers a new variable; its id is "var_<name>_<n>". */
+int dx_var_register(dx_session *s, const dx_var_spec *spec, int64_t now_us, dx_var **out, int *limit);
+/* By name, then by id. Inside an EBR section. */
+dx_var *dx_var_find(dx_session *s, dx_str key);
+dx_var *dx_var_find_name(dx_session *s, dx_str name);
+static inline dx_snap *dx_var_current(dx_var *v) { return atomic_load_explicit(&v->cur, memory_order_acquire); }
+
+typedef struct {
+    bool has_expected;
+    uint64_t expected;
+    bool set_meta; /* replace the metadata with meta/meta_len */
+    const uint8_t *meta;
+    size_t meta_len;
+    const uint8_t *by;
+    size_t by_len;
+    const dx_snap *if_current; /* non-NULL: fail with DX_E_RETRY unless still current */
+} dx_set_opts;
+
+#define DX_E_RETRY 100
+
+/* Called under the shard mutex after each commit, in commit order. */
+typedef void (*dx_notify_fn)(void *ctx, dx_session *s, dx_var *v, const dx_snap *old, const dx_snap *cur);
+
+/* DX_OK (*version = new), DX_E_VERSION_MISMATCH (*version = current), DX_E_NOT_FOUND
+ * (deleted meanwhile), DX_E_LIMIT, DX_E_NOMEM, DX_E_RETRY. */
+int dx_var_set(dx_session *s, dx_var *v, const dx_value *val, const dx_set_opts *o, int64_t now_us,
+               uint64_t *version, dx_notify_fn nf, void *nctx);
+
+typedef struct {
+    dx_var *var;
+    dx_value value;
+    dx_set_opts opts;
+    int rc;           /* out */
+    uint64_t version; /* out: new version, or current on mismatch */
+} dx_set_item;
+
+/* Atomic: every item is checked first; all commit or none (returns DX_E_BATCH).
+ * Not atomic: each valid item commits; returns DX_OK. Items must name distinct vars. */
+int dx_var_set_many(dx_session *s, dx_set_item *items, size_t n, bool atomic, int64_t now_us, dx_notify_fn nf,
+                    void *nctx);
+
+int dx_var_delete(dx_session *s, dx_str key);
+
+/* Copies up to max archived snapshots, newest first, into out (valid while the
+ * caller stays in its EBR section). Returns the count or -1 if deleted. */
+long dx_var_history(dx_session *s, dx_var *v, dx_snap **out, size_t max);
+/* Commits the value of `version` again as a new version. */
+int dx_var_rollback(dx_session *s, dx_var *v, uint64_t target, const dx_set_opts *o, int64_t now_us,
+                    uint64_t *version, dx_notify_fn nf, void *nctx);
+
+int dx_var_add_watcher(dx_session *s, dx_var *v, void *w);
+/* Removes every occurrence of w; returns how many (each released). */
+size_t dx_var_remove_watcher(dx_session *s, dx_var *v, void *w);
+
+/* Calls fn for every live variable (reader; no order). */
+void dx_session_foreach_var(dx_session *s, int (*fn)(void *ctx, dx_var *v), void *ctx);
+
+/* Export support: holds every shard mutex of the session, so nothing commits
+ * while the caller reads all variables and their histories. */
+void dx_session_lock_all(dx_session *s);
+void dx_session_unlock_all(dx_session *s);
+/* Under lock_all: archived snapshots oldest first, like history but complete. */
+size_t dx_var_history_locked(dx_var *v, dx_snap **out, size_t max);
+
+/* ---- import: builds a detached session, then publishes it whole ----------- */
+dx_session *dx_import_begin(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t created_at,
+                            int64_t now_ms);
+typedef struct {
+    dx_str id;
+    dx_var_spec spec;
+    uint64_t version;
+    int64_t created_at, updated_at;
+} dx_import_var;
+/* hist: archived entries oldest first (values already validated by the caller
+ * against spec.cons). */
+typedef struct {
+    uint64_t version;
+    int64_t updated_at;
+    dx_value value;
+    const uint8_t *meta;
+    size_t meta_len;
+    const uint8_t *by;
+    size_t by_len;
+} dx_import_hist;
+int dx_import_var_add(dx_session *s, const dx_import_var *iv, const dx_import_hist *hist, size_t nhist, int *limit);
+/* DX_OK, DX_E_EXISTS, DX_E_LIMIT. On error the detached session is freed. */
+int dx_import_commit(dx_session *s, int *limit);
+void dx_import_abort(dx_session *s);
+
+/* Allocates a snapshot (used by the NIF for decoded values in tests). */
+dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const uint8_t *meta, size_t meta_len,
+                     const uint8_t *by, size_t by_len);
+#endif

@@ -1,0 +1,24 @@
+/* Atoms are made once at load (never from outside input). */
+#ifndef DX_ATOMS_H
+#define DX_ATOMS_H
+#include <erl_nif.h>
+
+#define DX_ATOM_LIST(X) \
+    X(ok) X(error) X(true) X(false) X(undefined) X(nil) X(nan) X(infinity) X(neg_infinity) \
+    X(session_not_found) X(not_found) X(already_exists) X(version_mismatch) X(invalid_value) \
+    X(invalid_argument) X(invalid_constraints) X(unknown_type) X(limit_exceeded) X(version_not_found) \
+    X(batch_failed) X(enomem) X(duplicate_variable) \
+    X(sessions) X(variables) X(value_size) X(name_length) X(history_limit) \
+    X(id) X(name) X(type) X(value) X(constraints) X(metadata) X(version) X(created_at) X(updated_at) \
+    X(changed_by) X(shape) X(data) X(found) X(missing) X(updated) X(errors) X(ttl) X(last_accessed_at) \
+    X(variable_count) X(previous_version) X(expected_version) X(history) X(variables_key) X(format) \
+    X(dspex_session_v1) X(dspex_variable) X(all) X(max_sessions) X(max_variables) X(max_value_bytes) \
+    X(max_name_length) X(max_history) X(default_history) X(dirty) \
+    X(float) X(integer) X(string) X(boolean) X(choice) X(module) X(embedding) X(tensor) \
+    X(min) X(max) X(min_length) X(max_length) X(pattern) X(enum) X(choices) X(allowed_modules) X(dimensions)
+
+#define DX_ATOM_DECL(a) extern ERL_NIF_TERM ATOM_##a;
+DX_ATOM_LIST(DX_ATOM_DECL)
+
+void dx_atoms_init(ErlNifEnv *env);
+#endif

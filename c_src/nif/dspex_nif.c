@@ -1,0 +1,53 @@
+/* Registration of the NIF library: the function table and load/unload. */
+#include "nif.h"
+#include <stdlib.h>
+#include <time.h>
+
+static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
+    dx_atoms_init(env);
+    /* seed the hash from the clock and the address space layout */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    dx_hash_seed((uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&ts ^ (uint64_t)ts.tv_sec);
+    if (dx_watch_init(env)) return 1;
+    dx_store_set_watcher_release(dx_watch_release);
+    return dx_store_init() == DX_OK ? 0 : 1;
+}
+
+/* The store is process-global C state: a second copy of the library would not
+ * see it, so upgrade is refused rather than silently losing every session. */
+static int upgrade(ErlNifEnv *env, void **priv, void **old_priv, ERL_NIF_TERM info) { return 1; }
+
+static void unload(ErlNifEnv *env, void *priv) { dx_store_shutdown(); }
+
+#define DIRTY ERL_NIF_DIRTY_JOB_CPU_BOUND
+static ErlNifFunc funcs[] = {
+    {"session_create", 3, nif_session_create, 0},
+    {"session_get", 1, nif_session_get, 0},
+    {"session_list", 0, nif_session_list, 0},
+    {"session_touch", 1, nif_session_touch, 0},
+    {"session_delete", 1, nif_session_delete, 0},
+    {"sweep", 0, nif_sweep, DIRTY},
+    {"reclaim", 0, nif_reclaim, DIRTY},
+    {"advance_clock", 1, nif_advance_clock, 0},
+    {"set_limits", 1, nif_set_limits, 0},
+    {"get_limits", 0, nif_get_limits, 0},
+    {"stats", 0, nif_stats, 0},
+    {"var_register", 8, nif_var_register, 0},
+    {"var_get", 2, nif_var_get, 0},
+    {"var_get_value", 2, nif_var_get_value, 0},
+    {"var_exists", 2, nif_var_exists, 0},
+    {"var_set", 4, nif_var_set, 0},
+    {"var_delete", 2, nif_var_delete, 0},
+    {"var_list", 2, nif_var_list, 0},
+    {"var_get_many", 2, nif_var_get_many, 0},
+    {"var_set_many", 3, nif_var_set_many, 0},
+    {"var_history", 3, nif_var_history, 0},
+    {"var_rollback", 4, nif_var_rollback, 0},
+    {"watch", 3, nif_watch, 0},
+    {"unwatch", 1, nif_unwatch, 0},
+    {"export_session", 1, nif_export_session, DIRTY},
+    {"import_session", 1, nif_import_session, DIRTY},
+};
+
+ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

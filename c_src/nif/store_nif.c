@@ -1,0 +1,809 @@
+/* NIFs of the variable store: argument checks, term conversion, and calls into
+ * the core. Every function that reads shared state brackets it in an EBR
+ * section; writers are serialised by the core's shard mutexes. */
+#include "glob.h"
+#include "nif.h"
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+/* Inputs above these sizes are converted on a dirty scheduler (> ~1 ms of work). */
+#define BIG_LIST 20000
+#define BIG_BINARY (1u << 20)
+#define BIG_VALUE_BYTES (256u << 10)
+#define BIG_SESSION 2000
+
+static _Atomic int64_t g_skew_ms; /* test hook: advances the TTL clock */
+
+int64_t dx_now_us(void) { return enif_monotonic_time(ERL_NIF_USEC) + enif_time_offset(ERL_NIF_USEC); }
+
+int64_t dx_now_ms(void) {
+    /* The coarse clock is a vDSO read of a few ns: it is consulted on every access. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + atomic_load_explicit(&g_skew_ms, memory_order_relaxed);
+}
+
+ERL_NIF_TERM dx_error(ErlNifEnv *env, ERL_NIF_TERM reason) { return enif_make_tuple2(env, ATOM_error, reason); }
+ERL_NIF_TERM dx_error2(ErlNifEnv *env, ERL_NIF_TERM tag, ERL_NIF_TERM detail) {
+    return dx_error(env, enif_make_tuple2(env, tag, detail));
+}
+ERL_NIF_TERM dx_error_msg(ErlNifEnv *env, ERL_NIF_TERM tag, const char *msg) {
+    return dx_error2(env, tag, dx_make_bin(env, msg, strlen(msg)));
+}
+
+static ERL_NIF_TERM limit_atom(int limit) {
+    switch (limit) {
+    case DX_L_SESSIONS: return ATOM_sessions;
+    case DX_L_VARS: return ATOM_variables;
+    case DX_L_VALUE_SIZE: return ATOM_value_size;
+    case DX_L_NAME_LENGTH: return ATOM_name_length;
+    default: return ATOM_history_limit;
+    }
+}
+
+ERL_NIF_TERM dx_limit_error(ErlNifEnv *env, int limit) { return dx_error2(env, ATOM_limit_exceeded, limit_atom(limit)); }
+
+static ERL_NIF_TERM rc_reason(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t version, int limit, const char *msg) {
+    switch (rc) {
+    case DX_E_SESSION_NOT_FOUND: return ATOM_session_not_found;
+    case DX_E_NOT_FOUND: return enif_make_tuple2(env, ATOM_not_found, key);
+    case DX_E_EXISTS: return enif_make_tuple2(env, ATOM_already_exists, key);
+    case DX_E_VERSION_MISMATCH: return enif_make_tuple2(env, ATOM_version_mismatch, enif_make_uint64(env, version));
+    case DX_E_INVALID:
+        return enif_make_tuple2(env, ATOM_invalid_value, dx_make_bin(env, msg ? msg : "invalid", strlen(msg ? msg : "invalid")));
+    case DX_E_LIMIT: return enif_make_tuple2(env, ATOM_limit_exceeded, limit_atom(limit));
+    case DX_E_VERSION_NOT_FOUND: return enif_make_tuple2(env, ATOM_version_not_found, enif_make_uint64(env, version));
+    default: return ATOM_enomem;
+    }
+}
+
+ERL_NIF_TERM dx_rc_error(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t version, int limit, const char *msg) {
+    return dx_error(env, rc_reason(env, rc, key, version, limit, msg));
+}
+
+static int on_dirty(void) { return enif_thread_type() != ERL_NIF_THR_NORMAL_SCHEDULER; }
+
+/* True when converting t would take long enough to belong on a dirty scheduler. */
+static int big_input(ErlNifEnv *env, ERL_NIF_TERM t) {
+    ErlNifBinary b;
+    ERL_NIF_TERM d;
+    if (enif_is_list(env, t)) return dx_list_longer_than(env, t, BIG_LIST);
+    if (enif_is_binary(env, t)) return enif_inspect_binary(env, t, &b) && b.size > BIG_BINARY;
+    if (enif_is_map(env, t) && (enif_get_map_value(env, t, ATOM_data, &d))) return dx_list_longer_than(env, d, BIG_LIST);
+    return 0;
+}
+
+#define RESCHEDULE(fname, fun) enif_schedule_nif(env, fname, ERL_NIF_DIRTY_JOB_CPU_BOUND, fun, argc, argv)
+
+/* ---- sessions ------------------------------------------------------------------- */
+
+static ERL_NIF_TERM session_info(ErlNifEnv *env, dx_session *s) {
+    int64_t now_ms = dx_now_ms(), now_us = dx_now_us();
+    int64_t last = atomic_load_explicit(&s->last_access, memory_order_relaxed);
+    ERL_NIF_TERM keys[6] = {ATOM_id, ATOM_metadata, ATOM_ttl, ATOM_created_at, ATOM_last_accessed_at,
+                            ATOM_variable_count};
+    ERL_NIF_TERM vals[6] = {
+        dx_make_bin(env, s->id, s->id_len),
+        dx_blob_to_term(env, s->meta, s->meta_len, enif_make_new_map(env)),
+        s->ttl_ms < 0 ? ATOM_infinity : enif_make_int64(env, s->ttl_ms / 1000),
+        enif_make_int64(env, s->created_at),
+        enif_make_int64(env, now_us - (now_ms - last) * 1000),
+        enif_make_int64(env, dx_session_nvars(s)),
+    };
+    ERL_NIF_TERM m;
+    enif_make_map_from_arrays(env, keys, vals, 6, &m);
+    return m;
+}
+
+static int get_sid(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *out) {
+    ErlNifBinary b;
+    if (!enif_inspect_binary(env, t, &b)) return 0;
+    *out = (dx_str){(const char *)b.data, b.size};
+    return 1;
+}
+
+/* session_create(Id :: binary(), Metadata :: map(), TtlSeconds :: integer() | infinity) */
+DX_NIF(nif_session_create) {
+    dx_str id;
+    ErlNifSInt64 ttl = -1;
+    if (!get_sid(env, argv[0], &id) || !enif_is_map(env, argv[1]) ||
+        !(enif_is_identical(argv[2], ATOM_infinity) || (enif_get_int64(env, argv[2], &ttl) && ttl >= 0 && ttl < (1LL << 40))))
+        return enif_make_badarg(env);
+    ErlNifBinary meta = {0};
+    size_t mlen = 0;
+    size_t msize;
+    enif_get_map_size(env, argv[1], &msize);
+    if (msize) {
+        if (dx_term_to_blob(env, argv[1], &meta)) return dx_error(env, ATOM_enomem);
+        mlen = meta.size;
+    }
+    dx_ebr_enter();
+    dx_session *s = NULL;
+    int created = 0, limit = 0;
+    int rc = dx_session_create(id, meta.data, mlen, ttl < 0 ? -1 : ttl * 1000, dx_now_us(), dx_now_ms(), &s, &created,
+                               &limit);
+    ERL_NIF_TERM r = rc ? dx_rc_error(env, rc, argv[0], 0, limit, NULL)
+                        : enif_make_tuple3(env, ATOM_ok, session_info(env, s), created ? ATOM_true : ATOM_false);
+    dx_ebr_exit();
+    if (msize) enif_release_binary(&meta);
+    return r;
+}
+
+DX_NIF(nif_session_get) {
+    dx_str id;
+    if (!get_sid(env, argv[0], &id)) return enif_make_badarg(env);
+    dx_ebr_enter();
+    dx_session *s = dx_session_find(id, dx_now_ms());
+    ERL_NIF_TERM r = s ? enif_make_tuple2(env, ATOM_ok, session_info(env, s)) : dx_error(env, ATOM_session_not_found);
+    dx_ebr_exit();
+    return r;
+}
+
+typedef struct {
+    ErlNifEnv *env;
+    ERL_NIF_TERM list;
+    int64_t now;
+} sess_list_ctx;
+
+static int sess_list_cb(void *ctx, dx_session *s) {
+    sess_list_ctx *c = ctx;
+    if (s->ttl_ms < 0 || c->now - atomic_load(&s->last_access) <= s->ttl_ms)
+        c->list = enif_make_list_cell(c->env, dx_make_bin(c->env, s->id, s->id_len), c->list);
+    return 0;
+}
+
+DX_NIF(nif_session_list) {
+    if (!on_dirty() && dx_session_count() > BIG_SESSION) return RESCHEDULE("session_list", nif_session_list);
+    sess_list_ctx c = {env, enif_make_list(env, 0), dx_now_ms()};
+    dx_ebr_enter();
+    dx_session_foreach(sess_list_cb, &c);
+    dx_ebr_exit();
+    return c.list;
+}
+
+DX_NIF(nif_session_touch) {
+    dx_str id;
+    if (!get_sid(env, argv[0], &id)) return enif_make_badarg(env);
+    dx_ebr_enter();
+    dx_session *s = dx_session_find(id, dx_now_ms());
+    if (s) atomic_store(&s->last_access, dx_now_ms());
+    dx_ebr_exit();
+    return s ? ATOM_ok : dx_error(env, ATOM_session_not_found);
+}
+
+DX_NIF(nif_session_delete) {
+    dx_str id;
+    if (!get_sid(env, argv[0], &id)) return enif_make_badarg(env);
+    return dx_session_delete(id) ? dx_error(env, ATOM_session_not_found) : ATOM_ok;
+}
+
+/* Dirty: may walk every session and free whole sessions. */
+DX_NIF(nif_sweep) {
+    size_t n = dx_session_sweep(dx_now_ms());
+    dx_ebr_reclaim(1);
+    return enif_make_uint64(env, n);
+}
+
+DX_NIF(nif_reclaim) { return enif_make_uint64(env, dx_ebr_reclaim(1)); }
+
+DX_NIF(nif_advance_clock) {
+    ErlNifSInt64 ms;
+    if (!enif_get_int64(env, argv[0], &ms) || ms < 0) return enif_make_badarg(env);
+    atomic_fetch_add(&g_skew_ms, ms);
+    return ATOM_ok;
+}
+
+DX_NIF(nif_set_limits) {
+    dx_limits l = dx_store_limits();
+    struct {
+        ERL_NIF_TERM *key;
+        int kind; /* 0: u64, 1: u32 */
+        void *field;
+    } f[] = {
+        {&ATOM_max_sessions, 0, &l.max_sessions},      {&ATOM_max_variables, 0, &l.max_vars},
+        {&ATOM_max_value_bytes, 0, &l.max_value_bytes}, {&ATOM_max_name_length, 1, &l.max_name_len},
+        {&ATOM_max_history, 1, &l.max_history},          {&ATOM_default_history, 1, &l.default_history},
+    };
+    if (!enif_is_map(env, argv[0])) return enif_make_badarg(env);
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+        ERL_NIF_TERM v;
+        ErlNifUInt64 u;
+        if (!enif_get_map_value(env, argv[0], *f[i].key, &v)) continue;
+        if (!enif_get_uint64(env, v, &u) || (f[i].kind == 1 && u > UINT32_MAX)) return enif_make_badarg(env);
+        if (f[i].kind == 0) *(uint64_t *)f[i].field = u;
+        else *(uint32_t *)f[i].field = (uint32_t)u;
+    }
+    if (l.default_history > l.max_history || l.max_name_len == 0) return enif_make_badarg(env);
+    dx_store_set_limits(&l);
+    return ATOM_ok;
+}
+
+DX_NIF(nif_get_limits) {
+    dx_limits l = dx_store_limits();
+    ERL_NIF_TERM keys[6] = {ATOM_max_sessions, ATOM_max_variables, ATOM_max_value_bytes,
+                            ATOM_max_name_length, ATOM_max_history, ATOM_default_history};
+    ERL_NIF_TERM vals[6] = {enif_make_uint64(env, l.max_sessions), enif_make_uint64(env, l.max_vars),
+                            enif_make_uint64(env, l.max_value_bytes), enif_make_uint64(env, l.max_name_len),
+                            enif_make_uint64(env, l.max_history), enif_make_uint64(env, l.default_history)};
+    ERL_NIF_TERM m;
+    enif_make_map_from_arrays(env, keys, vals, 6, &m);
+    return m;
+}
+
+DX_NIF(nif_stats) {
+    ERL_NIF_TERM keys[2] = {ATOM_sessions, enif_make_atom(env, "reclaim_pending")};
+    ERL_NIF_TERM vals[2] = {enif_make_uint64(env, dx_session_count()), enif_make_uint64(env, dx_ebr_pending())};
+    ERL_NIF_TERM m;
+    enif_make_map_from_arrays(env, keys, vals, 2, &m);
+    return m;
+}
+
+/* ---- variables -------------------------------------------------------------------- */
+
+/* Looks up the session (caller is inside an EBR section). */
+#define WITH_SESSION(s, term)                                                                     \
+    dx_str sid_;                                                                                  \
+    if (!get_sid(env, term, &sid_)) return enif_make_badarg(env);                                 \
+    dx_ebr_enter();                                                                               \
+    dx_session *s = dx_session_find(sid_, dx_now_ms());                                          \
+    if (!s) {                                                                                     \
+        dx_ebr_exit();                                                                            \
+        return dx_error(env, ATOM_session_not_found);                                             \
+    }
+
+/* register(Session, Name, Type, Value, Constraints, Metadata, HistoryLimit, ChangedBy) */
+DX_NIF(nif_var_register) {
+    char nbuf[DX_ATOM_TEXT];
+    dx_str name;
+    dx_type type;
+    ErlNifSInt64 hl = -1;
+    if (!dx_get_name(env, argv[1], &name, nbuf, sizeof nbuf) || !enif_is_map(env, argv[4]) ||
+        !enif_is_map(env, argv[5]) ||
+        !(enif_is_identical(argv[6], ATOM_undefined) || (enif_get_int64(env, argv[6], &hl) && hl >= 0)))
+        return enif_make_badarg(env);
+    dx_str sid;
+    if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
+    if (!dx_term_to_type(env, argv[2], &type)) return dx_error2(env, ATOM_unknown_type, argv[2]);
+    if (!on_dirty() && big_input(env, argv[3])) return RESCHEDULE("var_register", nif_var_register);
+
+    char err[DX_ERRLEN] = "";
+    dx_constraints cons;
+    dx_constraints_init(&cons);
+    int rc = dx_term_to_constraints(env, argv[4], type, &cons, err, sizeof err);
+    if (rc < 0) return enif_make_badarg(env);
+    if (rc) {
+        dx_constraints_free(&cons);
+        return rc == DX_E_NOMEM ? dx_error(env, ATOM_enomem) : dx_error_msg(env, ATOM_invalid_constraints, err);
+    }
+    dx_rawbuf *b = enif_alloc(sizeof *b);
+    ErlNifBinary meta = {0}, by = {0};
+    size_t msize;
+    enif_get_map_size(env, argv[5], &msize);
+    int have_by = !enif_is_identical(argv[7], ATOM_undefined);
+    ERL_NIF_TERM r;
+    dx_value val;
+    if (!b || dx_term_to_raw(env, argv[3], b, dx_store_limits().max_value_bytes)) {
+        r = dx_error(env, ATOM_enomem);
+        goto out;
+    }
+    if (b->too_big) { r = dx_limit_error(env, DX_L_VALUE_SIZE); goto out; }
+    if ((rc = dx_value_check(type, &cons, &b->raw, &val, err, sizeof err))) {
+        r = dx_error_msg(env, ATOM_invalid_value, err);
+        goto out;
+    }
+    if ((msize && dx_term_to_blob(env, argv[5], &meta)) || (have_by && dx_term_to_blob(env, argv[7], &by))) {
+        r = dx_error(env, ATOM_enomem);
+        goto out;
+    }
+    dx_ebr_enter();
+    dx_session *s = dx_session_find(sid, dx_now_ms());
+    if (!s) {
+        r = dx_error(env, ATOM_session_not_found);
+    } else {
+        dx_var_spec sp = {name, type, &cons, &val, meta.data, msize ? meta.size : 0, by.data, have_by ? by.size : 0, hl};
+        dx_var *v = NULL;
+        int limit = 0;
+        rc = dx_var_register(s, &sp, dx_now_us(), &v, &limit);
+        r = rc ? dx_rc_error(env, rc, dx_make_bin(env, name.ptr, name.len), 0, limit, NULL)
+               : enif_make_tuple2(env, ATOM_ok, dx_make_bin(env, v->id, v->id_len));
+    }
+    dx_ebr_exit();
+out:
+    if (msize && meta.data) enif_release_binary(&meta);
+    if (have_by && by.data) enif_release_binary(&by);
+    if (b) {
+        dx_rawbuf_free(b);
+        enif_free(b);
+    }
+    dx_constraints_free(&cons);
+    return r;
+}
+
+/* Finds a var by name or id; key may be a binary or an atom. */
+static int get_key(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *k, char *buf) { return dx_get_name(env, t, k, buf, DX_ATOM_TEXT); }
+
+static int big_value(const dx_snap *s) { return dx_value_payload_size(&s->value) > BIG_VALUE_BYTES; }
+
+DX_NIF(nif_var_get) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    ERL_NIF_TERM r;
+    dx_var *v = dx_var_find(s, key);
+    if (!v) {
+        r = dx_error2(env, ATOM_not_found, argv[1]);
+    } else {
+        dx_snap *cur = dx_var_current(v);
+        if (big_value(cur) && !on_dirty()) {
+            dx_ebr_exit();
+            return RESCHEDULE("var_get", nif_var_get);
+        }
+        r = enif_make_tuple2(env, ATOM_ok, dx_var_to_term(env, v, cur));
+    }
+    dx_ebr_exit();
+    return r;
+}
+
+DX_NIF(nif_var_get_value) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    ERL_NIF_TERM r;
+    dx_var *v = dx_var_find(s, key);
+    if (!v) {
+        r = dx_error2(env, ATOM_not_found, argv[1]);
+    } else {
+        dx_snap *cur = dx_var_current(v);
+        if (big_value(cur) && !on_dirty()) {
+            dx_ebr_exit();
+            return RESCHEDULE("var_get_value", nif_var_get_value);
+        }
+        r = enif_make_tuple2(env, ATOM_ok, dx_value_to_term(env, &cur->value));
+    }
+    dx_ebr_exit();
+    return r;
+}
+
+DX_NIF(nif_var_exists) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    ERL_NIF_TERM r = dx_var_find(s, key) ? ATOM_true : ATOM_false;
+    dx_ebr_exit();
+    return r;
+}
+
+/* Options of set/rollback: expected_version, metadata (merged), changed_by. */
+typedef struct {
+    dx_set_opts o;
+    ERL_NIF_TERM meta_patch; /* 0: none */
+    ErlNifBinary by;
+    int have_by;
+} set_opts_buf;
+
+static int parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf *b) {
+    memset(b, 0, sizeof *b);
+    ERL_NIF_TERM v;
+    if (!enif_is_map(env, m)) return 0;
+    if (enif_get_map_value(env, m, ATOM_expected_version, &v) && !enif_is_identical(v, ATOM_undefined) &&
+        !enif_is_identical(v, ATOM_nil)) {
+        ErlNifUInt64 u;
+        if (!enif_get_uint64(env, v, &u)) return 0;
+        b->o.has_expected = true;
+        b->o.expected = u;
+    }
+    if (enif_get_map_value(env, m, ATOM_metadata, &v)) {
+        if (!enif_is_map(env, v)) return 0;
+        b->meta_patch = v;
+    }
+    if (enif_get_map_value(env, m, ATOM_changed_by, &v)) {
+        if (dx_term_to_blob(env, v, &b->by)) return 0;
+        b->have_by = 1;
+        b->o.by = b->by.data;
+        b->o.by_len = b->by.size;
+    }
+    return 1;
+}
+
+static void set_opts_free(set_opts_buf *b) {
+    if (b->have_by) enif_release_binary(&b->by);
+    b->have_by = 0;
+}
+
+/* Merges the patch into the current metadata; the set then only commits if the
+ * snapshot is still current, so concurrent merges never lose keys. */
+static int merge_meta(ErlNifEnv *env, const dx_snap *cur, ERL_NIF_TERM patch, ErlNifBinary *out) {
+    ERL_NIF_TERM base = dx_blob_to_term(env, cur->meta, cur->meta_len, enif_make_new_map(env));
+    ErlNifMapIterator it;
+    ERL_NIF_TERM k, v;
+    if (!enif_is_map(env, base)) base = enif_make_new_map(env);
+    enif_map_iterator_create(env, patch, &it, ERL_NIF_MAP_ITERATOR_FIRST);
+    while (enif_map_iterator_get_pair(env, &it, &k, &v)) {
+        enif_make_map_put(env, base, k, v, &base);
+        enif_map_iterator_next(env, &it);
+    }
+    enif_map_iterator_destroy(env, &it);
+    return dx_term_to_blob(env, base, out);
+}
+
+typedef struct {
+    ErlNifEnv *env;
+    ERL_NIF_TERM sid;
+} notify_ctx;
+
+/* One set with retry on concurrent metadata change. Returns the reply term. */
+static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TERM key, const dx_value *val,
+                           set_opts_buf *ob, notify_ctx *nc) {
+    for (;;) {
+        ErlNifBinary meta = {0};
+        dx_set_opts o = ob->o;
+        if (ob->meta_patch) {
+            dx_snap *cur = dx_var_current(v);
+            if (merge_meta(env, cur, ob->meta_patch, &meta)) return dx_error(env, ATOM_enomem);
+            o.set_meta = true;
+            o.meta = meta.size ? meta.data : NULL;
+            o.meta_len = meta.size;
+            o.if_current = cur;
+        }
+        uint64_t version = 0;
+        int rc = dx_var_set(s, v, val, &o, dx_now_us(), &version, dx_watch_notify, nc);
+        if (ob->meta_patch) enif_release_binary(&meta);
+        if (rc == DX_E_RETRY) continue;
+        if (rc == DX_E_INVALID) return dx_error_msg(env, ATOM_invalid_value, "value type does not match the variable");
+        return rc ? dx_rc_error(env, rc, key, version, DX_L_VALUE_SIZE, NULL)
+                  : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
+    }
+}
+
+/* set(Session, Key, Value, Opts) */
+DX_NIF(nif_var_set) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3])) return enif_make_badarg(env);
+    if (!on_dirty() && big_input(env, argv[2])) return RESCHEDULE("var_set", nif_var_set);
+    set_opts_buf ob;
+    if (!parse_set_opts(env, argv[3], &ob)) {
+        set_opts_free(&ob);
+        return enif_make_badarg(env);
+    }
+    dx_str sid;
+    if (!get_sid(env, argv[0], &sid)) {
+        set_opts_free(&ob);
+        return enif_make_badarg(env);
+    }
+    dx_rawbuf b;
+    char err[DX_ERRLEN];
+    ERL_NIF_TERM r;
+    dx_ebr_enter();
+    dx_session *s = dx_session_find(sid, dx_now_ms());
+    dx_var *v = s ? dx_var_find(s, key) : NULL;
+    if (!s) {
+        r = dx_error(env, ATOM_session_not_found);
+    } else if (!v) {
+        r = dx_error2(env, ATOM_not_found, argv[1]);
+    } else if (dx_term_to_raw(env, argv[2], &b, dx_store_limits().max_value_bytes)) {
+        r = dx_error(env, ATOM_enomem);
+    } else {
+        dx_value val;
+        notify_ctx nc = {env, argv[0]};
+        if (b.too_big) r = dx_limit_error(env, DX_L_VALUE_SIZE);
+        else if (dx_value_check(v->type, &v->cons, &b.raw, &val, err, sizeof err)) r = dx_error_msg(env, ATOM_invalid_value, err);
+        else r = do_set(env, s, v, argv[1], &val, &ob, &nc);
+        dx_rawbuf_free(&b);
+    }
+    dx_ebr_exit();
+    set_opts_free(&ob);
+    return r;
+}
+
+DX_NIF(nif_var_delete) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    int rc = dx_var_delete(s, key);
+    dx_ebr_exit();
+    return rc ? dx_error2(env, ATOM_not_found, argv[1]) : ATOM_ok;
+}
+
+typedef struct {
+    dx_var **vars;
+    size_t n, cap;
+    dx_str pat;
+    int all;
+    int oom;
+} list_ctx;
+
+static int list_cb(void *ctx, dx_var *v) {
+    list_ctx *c = ctx;
+    if (!c->all && dx_glob_match(c->pat.ptr, c->pat.len, v->name, v->name_len) != 1) return 0;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 64;
+        dx_var **nv = enif_realloc(c->vars, cap * sizeof *nv);
+        if (!nv) { c->oom = 1; return 1; }
+        c->vars = nv;
+        c->cap = cap;
+    }
+    c->vars[c->n++] = v;
+    return 0;
+}
+
+static int cmp_var_name(const void *a, const void *b) {
+    const dx_var *x = *(dx_var *const *)a, *y = *(dx_var *const *)b;
+    size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
+    int c = memcmp(x->name, y->name, n);
+    return c ? c : (x->name_len > y->name_len) - (x->name_len < y->name_len);
+}
+
+/* list(Session, Pattern | all) -> {ok, [Var]} sorted by name */
+DX_NIF(nif_var_list) {
+    list_ctx c = {0};
+    ErlNifBinary pat;
+    if (enif_is_identical(argv[1], ATOM_all)) c.all = 1;
+    else if (enif_inspect_binary(env, argv[1], &pat)) {
+        c.pat = (dx_str){(const char *)pat.data, pat.size};
+        if (dx_glob_check(c.pat.ptr, c.pat.len)) return dx_error2(env, ATOM_invalid_argument, ATOM_pattern);
+    } else return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    if (!on_dirty() && dx_session_nvars(s) > BIG_SESSION) {
+        dx_ebr_exit();
+        return RESCHEDULE("var_list", nif_var_list);
+    }
+    dx_session_foreach_var(s, list_cb, &c);
+    ERL_NIF_TERM r;
+    if (c.oom) {
+        r = dx_error(env, ATOM_enomem);
+    } else {
+        if (c.n) qsort(c.vars, c.n, sizeof *c.vars, cmp_var_name);
+        ERL_NIF_TERM l = enif_make_list(env, 0);
+        for (size_t i = c.n; i > 0; i--) l = enif_make_list_cell(env, dx_var_to_term(env, c.vars[i - 1], dx_var_current(c.vars[i - 1])), l);
+        r = enif_make_tuple2(env, ATOM_ok, l);
+    }
+    dx_ebr_exit();
+    if (c.vars) enif_free(c.vars);
+    return r;
+}
+
+/* get_many(Session, Keys) -> {ok, #{found => #{Key => Var}, missing => [Key]}} */
+DX_NIF(nif_var_get_many) {
+    unsigned len;
+    if (!enif_get_list_length(env, argv[1], &len)) return enif_make_badarg(env);
+    ERL_NIF_TERM l = argv[1], h;
+    while (enif_get_list_cell(env, l, &h, &l)) {
+        char kbuf[DX_ATOM_TEXT];
+        dx_str k;
+        if (!get_key(env, h, &k, kbuf)) return enif_make_badarg(env);
+    }
+    if (!on_dirty() && len > 200) return RESCHEDULE("var_get_many", nif_var_get_many);
+    WITH_SESSION(s, argv[0]);
+    ERL_NIF_TERM found = enif_make_new_map(env), missing = enif_make_list(env, 0);
+    l = argv[1];
+    while (enif_get_list_cell(env, l, &h, &l)) {
+        char kbuf[DX_ATOM_TEXT];
+        dx_str k;
+        get_key(env, h, &k, kbuf);
+        dx_var *v = dx_var_find(s, k);
+        if (v) enif_make_map_put(env, found, h, dx_var_to_term(env, v, dx_var_current(v)), &found);
+        else missing = enif_make_list_cell(env, h, missing);
+    }
+    dx_ebr_exit();
+    ERL_NIF_TERM rev;
+    enif_make_reverse_list(env, missing, &rev);
+    ERL_NIF_TERM keys[2] = {ATOM_found, ATOM_missing}, vals[2] = {found, rev}, m;
+    enif_make_map_from_arrays(env, keys, vals, 2, &m);
+    return enif_make_tuple2(env, ATOM_ok, m);
+}
+
+/* set_many(Session, [{Key, Value, Opts}], Atomic) */
+DX_NIF(nif_var_set_many) {
+    unsigned n;
+    if (!enif_get_list_length(env, argv[1], &n) || !(enif_is_identical(argv[2], ATOM_true) || enif_is_identical(argv[2], ATOM_false)))
+        return enif_make_badarg(env);
+    bool atomic = enif_is_identical(argv[2], ATOM_true);
+    /* validate shapes first: a badarg must change nothing */
+    ERL_NIF_TERM l = argv[1], h;
+    size_t total = 0;
+    while (enif_get_list_cell(env, l, &h, &l)) {
+        const ERL_NIF_TERM *tup;
+        int arity;
+        char kbuf[DX_ATOM_TEXT];
+        dx_str k;
+        if (!enif_get_tuple(env, h, &arity, &tup) || arity != 3 || !get_key(env, tup[0], &k, kbuf) || !enif_is_map(env, tup[2]))
+            return enif_make_badarg(env);
+        total += enif_is_list(env, tup[1]) ? 1 : 0;
+    }
+    if (!on_dirty() && (n > 100 || total > 0)) return RESCHEDULE("var_set_many", nif_var_set_many);
+    WITH_SESSION(s, argv[0]);
+    dx_set_item *items = enif_alloc((n ? n : 1) * sizeof *items);
+    dx_rawbuf *bufs = enif_alloc((n ? n : 1) * sizeof *bufs);
+    set_opts_buf *obs = enif_alloc((n ? n : 1) * sizeof *obs);
+    ERL_NIF_TERM *keys = enif_alloc((n ? n : 1) * sizeof *keys);
+    ERL_NIF_TERM *errs = enif_alloc((n ? n : 1) * sizeof *errs);
+    int *slot = enif_alloc((n ? n : 1) * sizeof *slot); /* item index per input, -1 failed early */
+    ERL_NIF_TERM r;
+    size_t ni = 0, nbufs = 0, nobs = 0;
+    int any_err = 0;
+    if (!items || !bufs || !obs || !keys || !errs || !slot) {
+        r = dx_error(env, ATOM_enomem);
+        goto out;
+    }
+    l = argv[1];
+    for (unsigned i = 0; enif_get_list_cell(env, l, &h, &l); i++) {
+        const ERL_NIF_TERM *tup;
+        int arity;
+        char kbuf[DX_ATOM_TEXT], err[DX_ERRLEN];
+        dx_str k;
+        enif_get_tuple(env, h, &arity, &tup);
+        get_key(env, tup[0], &k, kbuf);
+        keys[i] = tup[0];
+        slot[i] = -1;
+        dx_var *v = dx_var_find(s, k);
+        if (!parse_set_opts(env, tup[2], &obs[nobs])) {
+            set_opts_free(&obs[nobs]);
+            errs[i] = enif_make_tuple2(env, ATOM_invalid_argument, ATOM_expected_version);
+            any_err = 1;
+            continue;
+        }
+        set_opts_buf *ob = &obs[nobs++];
+        if (!v) {
+            errs[i] = enif_make_tuple2(env, ATOM_not_found, tup[0]);
+            any_err = 1;
+            continue;
+        }
+        for (size_t j = 0; j < ni; j++)
+            if (items[j].var == v) { v = NULL; break; }
+        if (!v) {
+            errs[i] = ATOM_duplicate_variable;
+            any_err = 1;
+            continue;
+        }
+        dx_rawbuf *b = &bufs[nbufs];
+        if (dx_term_to_raw(env, tup[1], b, dx_store_limits().max_value_bytes)) {
+            dx_rawbuf_free(b);
+            errs[i] = ATOM_enomem;
+            any_err = 1;
+            continue;
+        }
+        nbufs++;
+        dx_value val;
+        if (b->too_big) {
+            errs[i] = enif_make_tuple2(env, ATOM_limit_exceeded, ATOM_value_size);
+            any_err = 1;
+            continue;
+        }
+        if (dx_value_check(v->type, &v->cons, &b->raw, &val, err, sizeof err)) {
+            errs[i] = enif_make_tuple2(env, ATOM_invalid_value, dx_make_bin(env, err, strlen(err)));
+            any_err = 1;
+            continue;
+        }
+        /* Batch metadata is a replacement merged now (no retry loop inside a batch lock). */
+        if (ob->meta_patch) {
+            ErlNifBinary mb;
+            if (!merge_meta(env, dx_var_current(v), ob->meta_patch, &mb)) {
+                ERL_NIF_TERM keep;
+                unsigned char *d = enif_make_new_binary(env, mb.size, &keep);
+                memcpy(d, mb.data, mb.size);
+                ob->o.set_meta = true;
+                ob->o.meta = d;
+                ob->o.meta_len = mb.size;
+                enif_release_binary(&mb);
+            }
+        }
+        items[ni] = (dx_set_item){.var = v, .value = val, .opts = ob->o};
+        slot[i] = (int)ni++;
+    }
+    if (atomic && any_err) {
+        r = ATOM_false; /* nothing committed */
+    } else {
+        notify_ctx nc = {env, argv[0]};
+        dx_var_set_many(s, items, ni, atomic, dx_now_us(), dx_watch_notify, &nc);
+        r = ATOM_true;
+    }
+    {
+        ERL_NIF_TERM ok_map = enif_make_new_map(env), err_map = enif_make_new_map(env);
+        bool failed = false;
+        for (unsigned i = 0; i < n; i++) {
+            if (slot[i] < 0) {
+                enif_make_map_put(env, err_map, keys[i], errs[i], &err_map);
+                failed = true;
+                continue;
+            }
+            dx_set_item *it = &items[slot[i]];
+            if (enif_is_identical(r, ATOM_false)) continue; /* atomic abort: only the failures are reported */
+            if (it->rc == DX_OK) {
+                enif_make_map_put(env, ok_map, keys[i], enif_make_uint64(env, it->version), &ok_map);
+            } else {
+                enif_make_map_put(env, err_map, keys[i], rc_reason(env, it->rc, keys[i], it->version, DX_L_VALUE_SIZE, NULL), &err_map);
+                failed = true;
+            }
+        }
+        if (atomic && failed) {
+            r = dx_error2(env, ATOM_batch_failed, err_map);
+        } else if (atomic) {
+            r = enif_make_tuple2(env, ATOM_ok, ok_map);
+        } else {
+            ERL_NIF_TERM k2[2] = {ATOM_updated, ATOM_errors}, v2[2] = {ok_map, err_map}, m;
+            enif_make_map_from_arrays(env, k2, v2, 2, &m);
+            r = enif_make_tuple2(env, ATOM_ok, m);
+        }
+    }
+out:
+    dx_ebr_exit();
+    for (size_t i = 0; i < nbufs; i++) dx_rawbuf_free(&bufs[i]);
+    for (size_t i = 0; i < nobs; i++) set_opts_free(&obs[i]);
+    if (items) enif_free(items);
+    if (bufs) enif_free(bufs);
+    if (obs) enif_free(obs);
+    if (keys) enif_free(keys);
+    if (errs) enif_free(errs);
+    if (slot) enif_free(slot);
+    return r;
+}
+
+/* history(Session, Key, Limit | all) -> {ok, [Entry]} newest first */
+DX_NIF(nif_var_history) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    ErlNifUInt64 lim = UINT64_MAX;
+    if (!get_key(env, argv[1], &key, kbuf) || !(enif_is_identical(argv[2], ATOM_all) || enif_get_uint64(env, argv[2], &lim)))
+        return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    ERL_NIF_TERM r;
+    dx_var *v = dx_var_find(s, key);
+    if (!v) {
+        r = dx_error2(env, ATOM_not_found, argv[1]);
+    } else {
+        size_t max = v->history_limit < lim ? v->history_limit : (size_t)lim;
+        dx_snap **out = enif_alloc((max ? max : 1) * sizeof *out);
+        long n = out ? dx_var_history(s, v, out, max) : -2;
+        if (n == -2) r = dx_error(env, ATOM_enomem);
+        else if (n < 0) r = dx_error2(env, ATOM_not_found, argv[1]);
+        else {
+            ERL_NIF_TERM l = enif_make_list(env, 0);
+            for (long i = n; i > 0; i--) l = enif_make_list_cell(env, dx_snap_to_term(env, out[i - 1]), l);
+            r = enif_make_tuple2(env, ATOM_ok, l);
+        }
+        if (out) enif_free(out);
+    }
+    dx_ebr_exit();
+    return r;
+}
+
+/* rollback(Session, Key, Version, Opts) -> {ok, NewVersion} */
+DX_NIF(nif_var_rollback) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    ErlNifUInt64 target;
+    set_opts_buf ob;
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[2], &target)) return enif_make_badarg(env);
+    if (!parse_set_opts(env, argv[3], &ob)) {
+        set_opts_free(&ob);
+        return enif_make_badarg(env);
+    }
+    dx_str sid;
+    if (!get_sid(env, argv[0], &sid)) {
+        set_opts_free(&ob);
+        return enif_make_badarg(env);
+    }
+    ERL_NIF_TERM r;
+    dx_ebr_enter();
+    dx_session *s = dx_session_find(sid, dx_now_ms());
+    dx_var *v = s ? dx_var_find(s, key) : NULL;
+    if (!s) r = dx_error(env, ATOM_session_not_found);
+    else if (!v) r = dx_error2(env, ATOM_not_found, argv[1]);
+    else {
+        uint64_t version = target;
+        notify_ctx nc = {env, argv[0]};
+        int rc = dx_var_rollback(s, v, target, &ob.o, dx_now_us(), &version, dx_watch_notify, &nc);
+        r = rc ? dx_rc_error(env, rc, argv[1], version, DX_L_VALUE_SIZE, NULL)
+               : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
+    }
+    dx_ebr_exit();
+    set_opts_free(&ob);
+    return r;
+}

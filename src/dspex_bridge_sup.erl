@@ -1,0 +1,14 @@
+%% @private
+-module(dspex_bridge_sup).
+-behaviour(supervisor).
+-export([start_link/0, init/1]).
+
+-spec start_link() -> {ok, pid()} | {error, term()}.
+start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
+
+-spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
+init([]) ->
+    Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
+    Children = [#{id => dspex_session_sweeper,
+                  start => {dspex_session_sweeper, start_link, [Interval]}}],
+    {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

@@ -1,0 +1,48 @@
+%% @private
+%% @doc The NIF library stub. Only `-on_load' and `nif_error' bodies live here;
+%% callers use {@link dspex_store}, which validates and documents.
+-module(dspex_nif).
+-on_load(init/0).
+
+-export([session_create/3, session_get/1, session_list/0, session_touch/1, session_delete/1,
+         sweep/0, reclaim/0, advance_clock/1, set_limits/1, get_limits/0, stats/0,
+         var_register/8, var_get/2, var_get_value/2, var_exists/2, var_set/4, var_delete/2,
+         var_list/2, var_get_many/2, var_set_many/3, var_history/3, var_rollback/4,
+         watch/3, unwatch/1, export_session/1, import_session/1]).
+
+-define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
+
+init() ->
+    Dir = case code:priv_dir(dspex_bridge) of
+              {error, bad_name} ->
+                  filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
+              D -> D
+          end,
+    erlang:load_nif(filename:join(Dir, "dspex_nif"), 0).
+
+session_create(_Id, _Meta, _Ttl) -> ?NOT_LOADED.
+session_get(_Id) -> ?NOT_LOADED.
+session_list() -> ?NOT_LOADED.
+session_touch(_Id) -> ?NOT_LOADED.
+session_delete(_Id) -> ?NOT_LOADED.
+sweep() -> ?NOT_LOADED.
+reclaim() -> ?NOT_LOADED.
+advance_clock(_Ms) -> ?NOT_LOADED.
+set_limits(_Map) -> ?NOT_LOADED.
+get_limits() -> ?NOT_LOADED.
+stats() -> ?NOT_LOADED.
+var_register(_S, _Name, _Type, _Value, _Cons, _Meta, _HistoryLimit, _By) -> ?NOT_LOADED.
+var_get(_S, _Key) -> ?NOT_LOADED.
+var_get_value(_S, _Key) -> ?NOT_LOADED.
+var_exists(_S, _Key) -> ?NOT_LOADED.
+var_set(_S, _Key, _Value, _Opts) -> ?NOT_LOADED.
+var_delete(_S, _Key) -> ?NOT_LOADED.
+var_list(_S, _Pattern) -> ?NOT_LOADED.
+var_get_many(_S, _Keys) -> ?NOT_LOADED.
+var_set_many(_S, _Updates, _Atomic) -> ?NOT_LOADED.
+var_history(_S, _Key, _Limit) -> ?NOT_LOADED.
+var_rollback(_S, _Key, _Version, _Opts) -> ?NOT_LOADED.
+watch(_S, _Keys, _Pid) -> ?NOT_LOADED.
+unwatch(_Ref) -> ?NOT_LOADED.
+export_session(_S) -> ?NOT_LOADED.
+import_session(_Term) -> ?NOT_LOADED.

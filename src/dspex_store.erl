@@ -1,0 +1,301 @@
+%% @doc The per-session variable store.
+%%
+%% Sessions hold typed variables with constraints, versions, bounded history,
+%% optimistic locking and watches. Every call here is one NIF call from the
+%% calling process on a sharded native table: there is no server process on the
+%% read or write path. Reads never take a lock another reader holds.
+%%
+%% == Identifiers ==
+%% A session id is a binary. A variable is named by a binary (an ASCII atom is
+%% accepted and means its text); `register/5' returns its id
+%% `<<"var_", Name/binary, "_", N/binary>>'. Every function taking a `var_key()'
+%% accepts the name or the id (the name wins if both could match).
+%%
+%% == Values ==
+%% `float' (integers are stored as floats; `nan', `infinity', `neg_infinity'
+%% allowed), `integer' (64-bit; a whole float is stored as an integer),
+%% `string', `boolean', `choice' (one of `choices'), `module' (a module name as
+%% a string, an ASCII atom is accepted), `embedding' (list of numbers, stored as
+%% floats), `tensor' (`#{shape => [N], data => [Number]}', data length equal to
+%% the product of the shape).
+%%
+%% == Errors ==
+%% All runtime failures are `{error, Reason}' with the reasons documented on
+%% each function and in the README; a failed write changes nothing. A caller's
+%% type error (a session id that is not a binary, options that are not a map)
+%% raises `badarg'.
+-module(dspex_store).
+
+-export([create_session/1, create_session/2, get_session/1, list_sessions/0, touch/1,
+         delete_session/1,
+         register/4, register/5, get/2, get_value/2, get_value/3, exists/2, delete/2,
+         list/1, list/2, set/3, set/4, get_many/2, set_many/2, set_many/3,
+         history/2, history/3, rollback/3, rollback/4, watch/3, watch/4, unwatch/1,
+         export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
+
+-export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
+              set_opts/0, error_reason/0, history_entry/0]).
+
+-type session_id() :: binary().
+-type var_key() :: binary() | atom().
+-type var_type() :: float | integer | string | boolean | choice | module | embedding | tensor.
+-type value() :: number() | nan | infinity | neg_infinity | binary() | boolean() | atom()
+               | [number()] | #{shape := [non_neg_integer()], data := [number()]}.
+-type var() :: #{id := binary(), name := binary(), type := var_type(), value := value(),
+                 constraints := map(), metadata := map(), version := non_neg_integer(),
+                 created_at := integer(), updated_at := integer()}.
+%% `created_at'/`updated_at' are microseconds since the Unix epoch
+%% (`erlang:system_time(microsecond)').
+-type session_info() :: #{id := session_id(), metadata := map(),
+                          ttl := non_neg_integer() | infinity, created_at := integer(),
+                          last_accessed_at := integer(), variable_count := non_neg_integer()}.
+-type set_opts() :: #{expected_version => non_neg_integer(), metadata => map(),
+                      changed_by => term(), atom() => term()}.
+-type history_entry() :: #{version := non_neg_integer(), value := value(),
+                           updated_at := integer(), metadata := map(), changed_by := term()}.
+-type limit() :: sessions | variables | value_size | name_length | history_limit.
+-type error_reason() :: session_not_found
+                      | {not_found, var_key()}
+                      | {already_exists, binary()}
+                      | {unknown_type, term()}
+                      | {invalid_value, binary()}
+                      | {invalid_constraints, binary()}
+                      | {invalid_argument, atom()}
+                      | {version_mismatch, non_neg_integer()}
+                      | {version_not_found, non_neg_integer()}
+                      | {limit_exceeded, limit()}
+                      | enomem.
+
+-define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
+
+%%% Sessions ----------------------------------------------------------------
+
+%% @equiv create_session(Id, #{})
+-spec create_session(session_id()) -> {ok, session_info()} | {error, error_reason()}.
+create_session(Id) -> create_session(Id, #{}).
+
+%% @doc Creates a session, or returns the existing one with that id (idempotent;
+%% the options of an existing session are not changed).
+%% Options: `ttl' seconds (default 3600, or `infinity'): a session not accessed
+%% for that long is removed by the sweeper; every access refreshes it.
+%% `metadata': a map.
+-spec create_session(session_id(), #{ttl => non_neg_integer() | infinity, metadata => map()}) ->
+          {ok, session_info()} | {error, error_reason()}.
+create_session(Id, Opts) when is_map(Opts) ->
+    Ttl = maps:get(ttl, Opts, 3600),
+    Meta = maps:get(metadata, Opts, #{}),
+    if
+        not (Ttl =:= infinity orelse (is_integer(Ttl) andalso Ttl >= 0)) ->
+            {error, {invalid_argument, ttl}};
+        not is_map(Meta) ->
+            {error, {invalid_argument, metadata}};
+        true ->
+            case dspex_nif:session_create(Id, Meta, Ttl) of
+                {ok, Info, _Created} -> {ok, Info};
+                Error -> Error
+            end
+    end.
+
+%% @doc The session's information, or `{error, session_not_found}'.
+-spec get_session(session_id()) -> {ok, session_info()} | {error, session_not_found}.
+get_session(Id) -> dspex_nif:session_get(Id).
+
+%% @doc Ids of all live sessions (unordered).
+-spec list_sessions() -> [session_id()].
+list_sessions() -> dspex_nif:session_list().
+
+%% @doc Refreshes the session's TTL.
+-spec touch(session_id()) -> ok | {error, session_not_found}.
+touch(Id) -> dspex_nif:session_touch(Id).
+
+%% @doc Deletes the session and frees all its variables.
+-spec delete_session(session_id()) -> ok | {error, session_not_found}.
+delete_session(Id) -> dspex_nif:session_delete(Id).
+
+%%% Variables ---------------------------------------------------------------
+
+%% @equiv register(Session, Name, Type, Value, #{})
+-spec register(session_id(), var_key(), var_type(), value()) -> {ok, binary()} | {error, error_reason()}.
+register(Session, Name, Type, Value) -> register(Session, Name, Type, Value, #{}).
+
+%% @doc Registers a new variable at version 0.
+%% Options: `constraints' (map; per type: float/integer `min', `max'; string
+%% `min_length', `max_length', `pattern' (POSIX extended regex), `enum'; choice
+%% `choices' (required); module `allowed_modules'; embedding `dimensions';
+%% tensor `shape'), `metadata' (map), `description' (binary, kept in metadata),
+%% `history_limit' (archived versions kept, default 50), `changed_by' (any term).
+%% Errors: `{already_exists, Name}', `{unknown_type, T}', `{invalid_value, Msg}',
+%% `{invalid_constraints, Msg}', `{limit_exceeded, L}', `session_not_found'.
+-spec register(session_id(), var_key(), var_type(), value(), map()) ->
+          {ok, binary()} | {error, error_reason()}.
+register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
+    Cons = maps:get(constraints, Opts, #{}),
+    Meta0 = maps:get(metadata, Opts, #{}),
+    HL = maps:get(history_limit, Opts, undefined),
+    By = maps:get(changed_by, Opts, undefined),
+    if
+        not is_map(Cons) -> {error, {invalid_argument, constraints}};
+        not is_map(Meta0) -> {error, {invalid_argument, metadata}};
+        not (HL =:= undefined orelse (is_integer(HL) andalso HL >= 0)) ->
+            {error, {invalid_argument, history_limit}};
+        true ->
+            Meta = case Opts of
+                       #{description := D} -> Meta0#{description => D};
+                       _ -> Meta0
+                   end,
+            dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By)
+    end.
+
+%% @doc The variable as a map (see `var()').
+-spec get(session_id(), var_key()) -> {ok, var()} | {error, error_reason()}.
+get(Session, Key) -> dspex_nif:var_get(Session, Key).
+
+%% @doc Only the current value.
+-spec get_value(session_id(), var_key()) -> {ok, value()} | {error, error_reason()}.
+get_value(Session, Key) -> dspex_nif:var_get_value(Session, Key).
+
+%% @doc The current value, or `Default' when the session or variable is missing.
+-spec get_value(session_id(), var_key(), Default) -> value() | Default.
+get_value(Session, Key, Default) ->
+    case dspex_nif:var_get_value(Session, Key) of
+        {ok, V} -> V;
+        {error, _} -> Default
+    end.
+
+%% @doc Whether the variable exists (false also for an unknown session).
+-spec exists(session_id(), var_key()) -> boolean().
+exists(Session, Key) ->
+    case dspex_nif:var_exists(Session, Key) of
+        {error, session_not_found} -> false;
+        B -> B
+    end.
+
+%% @doc Deletes the variable, its history and its watches.
+-spec delete(session_id(), var_key()) -> ok | {error, error_reason()}.
+delete(Session, Key) -> dspex_nif:var_delete(Session, Key).
+
+%% @doc All variables of the session, sorted by name.
+-spec list(session_id()) -> {ok, [var()]} | {error, error_reason()}.
+list(Session) -> dspex_nif:var_list(Session, all).
+
+%% @doc Variables whose name matches a glob: `*' any run, `?' one character,
+%% everything else literal.
+-spec list(session_id(), binary()) -> {ok, [var()]} | {error, error_reason()}.
+list(Session, Pattern) when is_binary(Pattern) -> dspex_nif:var_list(Session, Pattern).
+
+%% @equiv set(Session, Key, Value, #{})
+-spec set(session_id(), var_key(), value()) -> {ok, non_neg_integer()} | {error, error_reason()}.
+set(Session, Key, Value) -> set(Session, Key, Value, #{}).
+
+%% @doc Commits a new value as version current+1.
+%% Options: `expected_version' (optimistic locking: a mismatch returns
+%% `{error, {version_mismatch, Current}}'), `metadata' (a map merged into the
+%% variable's metadata), `changed_by' (recorded in history and watch events).
+%% Other keys are ignored. Validation, the version check and the commit happen
+%% in one critical section; a failed set changes nothing.
+-spec set(session_id(), var_key(), value(), set_opts()) ->
+          {ok, non_neg_integer()} | {error, error_reason()}.
+set(Session, Key, Value, Opts) -> dspex_nif:var_set(Session, Key, Value, Opts).
+
+%% @doc Several variables at once: `found' maps each found key (as given) to its
+%% variable; `missing' lists the others in the order given.
+-spec get_many(session_id(), [var_key()]) ->
+          {ok, #{found := #{var_key() => var()}, missing := [var_key()]}} | {error, error_reason()}.
+get_many(Session, Keys) when is_list(Keys) -> dspex_nif:var_get_many(Session, Keys).
+
+%% @equiv set_many(Session, Updates, #{atomic => false})
+-spec set_many(session_id(), map() | list()) -> {ok, map()} | {error, term()}.
+set_many(Session, Updates) -> set_many(Session, Updates, #{}).
+
+%% @doc Sets several variables. `Updates' is a map `Key => Value' or a list of
+%% `{Key, Value}' / `{Key, Value, SetOpts}'. Each key may appear once.
+%%
+%% `#{atomic => true}': all or nothing. Success is `{ok, #{Key => NewVersion}}';
+%% failure `{error, {batch_failed, #{Key => Reason}}}' listing every failing
+%% update, and nothing is committed.
+%%
+%% `#{atomic => false}' (default): each valid update commits;
+%% `{ok, #{updated => #{Key => NewVersion}, errors => #{Key => Reason}}}'.
+%% Readers may observe an atomic batch while it commits (no snapshot isolation
+%% across variables); writers cannot interleave with it.
+-spec set_many(session_id(), map() | list(), #{atomic => boolean()}) -> {ok, map()} | {error, term()}.
+set_many(Session, Updates, Opts) when is_map(Opts) ->
+    Atomic = maps:get(atomic, Opts, false) =:= true,
+    dspex_nif:var_set_many(Session, normalize_updates(Updates), Atomic).
+
+normalize_updates(M) when is_map(M) -> [{K, V, #{}} || {K, V} <- maps:to_list(M)];
+normalize_updates(L) when is_list(L) ->
+    [case U of
+         {K, V} -> {K, V, #{}};
+         {_, _, _} -> U;
+         _ -> erlang:error(badarg)
+     end || U <- L].
+
+%% @equiv history(Session, Key, all)
+-spec history(session_id(), var_key()) -> {ok, [history_entry()]} | {error, error_reason()}.
+history(Session, Key) -> history(Session, Key, all).
+
+%% @doc Archived versions (not the current one), newest first, at most `Limit'.
+%% Each set archives the version it replaces; at most `history_limit' are kept.
+-spec history(session_id(), var_key(), non_neg_integer() | all) ->
+          {ok, [history_entry()]} | {error, error_reason()}.
+history(Session, Key, Limit) -> dspex_nif:var_history(Session, Key, Limit).
+
+%% @equiv rollback(Session, Key, Version, #{})
+-spec rollback(session_id(), var_key(), non_neg_integer()) ->
+          {ok, non_neg_integer()} | {error, error_reason()}.
+rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
+
+%% @doc Makes the value (and metadata) of an earlier version current again, as a
+%% NEW version. A version no longer in history is `{error, {version_not_found, V}}'.
+%% Accepts the options of `set/4'.
+-spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
+          {ok, non_neg_integer()} | {error, error_reason()}.
+rollback(Session, Key, Version, Opts) -> dspex_nif:var_rollback(Session, Key, Version, Opts).
+
+%% @equiv watch(Session, Keys, Pid, #{})
+-spec watch(session_id(), [var_key()], pid()) -> reference() | {error, error_reason()}.
+watch(Session, Keys, Pid) -> watch(Session, Keys, Pid, #{}).
+
+%% @doc Subscribes `Pid' to every committed change of the variables. Each commit
+%% sends `{dspex_variable, Ref, Session, Name, OldValue, NewValue, Meta}' where
+%% `Meta' is `#{version, previous_version, updated_at, changed_by, metadata}'.
+%% Messages of one variable arrive in commit order. The watch ends with
+%% `unwatch/1', when `Pid' dies, or when the variable is deleted. Returns `Ref'
+%% (an opaque reference-like term).
+-spec watch(session_id(), [var_key()], pid(), map()) -> reference() | {error, error_reason()}.
+watch(Session, Keys, Pid, Opts) when is_list(Keys), is_pid(Pid), is_map(Opts) ->
+    case dspex_nif:watch(Session, Keys, Pid) of
+        {ok, Ref} -> Ref;
+        Error -> Error
+    end.
+
+%% @doc Ends a watch (idempotent).
+-spec unwatch(reference()) -> ok.
+unwatch(Ref) -> dspex_nif:unwatch(Ref).
+
+%% @doc The whole session as one term: every variable with its value,
+%% constraints, metadata, version, timestamps and history (format
+%% `dspex_session_v1'). Taken under all the session's shard locks, so it is a
+%% consistent cut. Runs on a dirty scheduler.
+-spec export_session(session_id()) -> {ok, map()} | {error, error_reason()}.
+export_session(Id) -> dspex_nif:export_session(Id).
+
+%% @doc Recreates an exported session exactly (ids, versions, history). Every
+%% value is validated again. `{error, {already_exists, Id}}' if the id is taken.
+-spec import_session(map()) -> ok | {error, term()}.
+import_session(Export) when is_map(Export) -> dspex_nif:import_session(Export).
+
+%% @doc The limits in force: `max_sessions', `max_variables' (per session),
+%% `max_value_bytes' (payload of one value, default 16 MiB), `max_name_length'
+%% (bytes, for names and session ids), `max_history', `default_history'.
+-spec limits() -> #{atom() => non_neg_integer()}.
+limits() -> dspex_nif:get_limits().
+
+%% @doc Changes limits (keys as in `limits/0'); applies to later operations.
+-spec set_limits(#{atom() => non_neg_integer()}) -> ok.
+set_limits(Map) when is_map(Map) -> dspex_nif:set_limits(Map).
+
+%% @doc The variable types.
+-spec types() -> [var_type()].
+types() -> ?TYPES.
