@@ -64,6 +64,7 @@
                       | {version_mismatch, non_neg_integer()}
                       | {version_not_found, non_neg_integer()}
                       | {limit_exceeded, limit()}
+                      | {duplicate_variable, var_key()}
                       | enomem.
 
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
@@ -97,6 +98,8 @@ create_session(Id, Opts) when is_map(Opts) ->
     end.
 
 %% @doc The session's information, or `{error, session_not_found}'.
+%% `last_accessed_at' has one-second resolution (accesses refresh it at most
+%% once a second, which keeps readers on different cores from contending).
 -spec get_session(session_id()) -> {ok, session_info()} | {error, session_not_found}.
 get_session(Id) -> dspex_nif:session_get(Id).
 
@@ -191,8 +194,9 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% Options: `expected_version' (optimistic locking: a mismatch returns
 %% `{error, {version_mismatch, Current}}'), `metadata' (a map merged into the
 %% variable's metadata), `changed_by' (recorded in history and watch events).
-%% Other keys are ignored. Validation, the version check and the commit happen
-%% in one critical section; a failed set changes nothing.
+%% Other keys are ignored; a bad option value is `{error, {invalid_argument, Key}}'.
+%% Validation, the version check and the commit happen in one critical
+%% section; a failed set changes nothing.
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 set(Session, Key, Value, Opts) -> dspex_nif:var_set(Session, Key, Value, Opts).
@@ -208,7 +212,8 @@ get_many(Session, Keys) when is_list(Keys) -> dspex_nif:var_get_many(Session, Ke
 set_many(Session, Updates) -> set_many(Session, Updates, #{}).
 
 %% @doc Sets several variables. `Updates' is a map `Key => Value' or a list of
-%% `{Key, Value}' / `{Key, Value, SetOpts}'. Each key may appear once.
+%% `{Key, Value}' / `{Key, Value, SetOpts}'. A variable named twice (by name,
+%% atom or id) refuses the whole batch: `{error, {duplicate_variable, Key}}'.
 %%
 %% `#{atomic => true}': all or nothing. Success is `{ok, #{Key => NewVersion}}';
 %% failure `{error, {batch_failed, #{Key => Reason}}}' listing every failing
@@ -262,8 +267,11 @@ watch(Session, Keys, Pid) -> watch(Session, Keys, Pid, #{}).
 %% `Meta' is `#{version, previous_version, updated_at, changed_by, metadata}'.
 %% Messages of one variable arrive in commit order. The watch ends with
 %% `unwatch/1', when `Pid' dies, or when the variable is deleted. Returns `Ref'
-%% (an opaque reference-like term).
+%% (an opaque reference-like term). A variable named twice is watched once; an
+%% empty list is `{error, {invalid_argument, variables}}'.
 -spec watch(session_id(), [var_key()], pid(), map()) -> reference() | {error, error_reason()}.
+watch(_Session, [], _Pid, _Opts) ->
+    {error, {invalid_argument, variables}};
 watch(Session, Keys, Pid, Opts) when is_list(Keys), is_pid(Pid), is_map(Opts) ->
     case dspex_nif:watch(Session, Keys, Pid) of
         {ok, Ref} -> Ref;

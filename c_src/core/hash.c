@@ -13,7 +13,7 @@ static inline uint64_t mix(uint64_t a, uint64_t b) {
  * so it is tuned for few words rather than long-input throughput. */
 uint64_t dx_hash(const void *p, size_t len) {
     const uint8_t *s = p;
-    uint64_t h = g_seed ^ mix(len, 0x9e3779b97f4a7c15ull);
+    uint64_t h = g_seed ^ (len * 0x9e3779b97f4a7c15ull);
     while (len >= 8) {
         uint64_t w;
         memcpy(&w, s, 8);

@@ -34,7 +34,11 @@ dx_rkey *dx_rtab_find(dx_rtab_ref *ref, uint64_t hash, const char *key, size_t k
     for (size_t n = 0; n <= t->mask; n++, i = (i + 1) & t->mask) {
         dx_rkey *e = atomic_load_explicit(&t->slot[i], memory_order_acquire);
         if (!e) return NULL;
-        if (e != TOMB && e->hash == hash && dx_str_eq(e->key, e->klen, key, klen)) return e;
+        /* the key text sits right after the entry's header: fetch both lines together */
+        if (e != TOMB && e->hash == hash) {
+            __builtin_prefetch(e->key);
+            if (dx_str_eq(e->key, e->klen, key, klen)) return e;
+        }
     }
     return NULL;
 }

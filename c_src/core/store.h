@@ -29,22 +29,25 @@ typedef struct dx_snap {
 } dx_snap;
 
 typedef struct dx_var {
+    /* Hot fields first: a lookup reads the first cache line, then the name text
+     * (which follows the struct) and the current snapshot. */
     dx_rkey key; /* keyed by name */
+    _Atomic(dx_snap *) cur;
+    dx_type type;
+    uint32_t history_limit;
     char *id;
     size_t id_len;
+    int64_t created_at;
     char *name;
     size_t name_len;
-    dx_type type;
-    dx_constraints cons;
-    int64_t created_at;
-    uint32_t history_limit;
-    _Atomic(dx_snap *) cur;
+    dx_constraints *cons; /* in the same allocation, after the text */
     /* Fields below change only under the shard mutex. */
     bool dead;
-    dx_snap **hist; /* ring of archived snapshots, oldest at hist_start */
     uint32_t hist_start, hist_n;
+    dx_snap **hist; /* ring of archived snapshots, oldest at hist_start */
     void **watchers; /* opaque, owned: released through the release hook */
     size_t nwatchers, capwatchers;
+    char inline_text[]; /* name, NUL, id, NUL, padding, dx_constraints */
 } dx_var;
 
 typedef struct {

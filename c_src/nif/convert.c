@@ -139,7 +139,6 @@ int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_byte
     ErlNifSInt64 i;
     ErlNifBinary bin;
     r->kind = DX_RAW_OTHER;
-    r->desc = describe(env, t);
     if (enif_get_int64(env, t, &i)) { r->kind = DX_RAW_INT; r->i = i; return 0; }
     if (enif_get_double(env, t, &r->f)) { r->kind = DX_RAW_FLOAT; return 0; }
     if (enif_is_number(env, t)) { r->kind = DX_RAW_BIGINT; return 0; }
@@ -161,8 +160,8 @@ int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_byte
         if (n > 0 && ascii(b->atom_text, (size_t)n - 1)) {
             r->kind = DX_RAW_BYTES;
             r->s = (dx_str){b->atom_text, (size_t)n - 1};
-            r->desc = "an atom";
         }
+        r->desc = "an atom";
         return 0;
     }
     if (enif_is_list(env, t)) {
@@ -182,6 +181,7 @@ int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_byte
         if (rc == 1) r->desc = "a list containing a non-number";
         return 0;
     }
+    r->desc = describe(env, t); /* only reached for lists, maps and other kinds */
     if (enif_is_map(env, t)) {
         ERL_NIF_TERM shape, data, h;
         size_t msize;
@@ -263,15 +263,16 @@ static ERL_NIF_TERM strlist_term(ErlNifEnv *env, const dx_strlist *l) {
 ERL_NIF_TERM dx_constraints_to_term(ErlNifEnv *env, dx_type t, const dx_constraints *c) {
     ERL_NIF_TERM keys[10], vals[10], m;
     unsigned n = 0;
-    if (c->flags & DX_C_MIN) { keys[n] = ATOM_min; vals[n++] = t == DX_T_FLOAT ? make_double(env, c->min_f) : enif_make_int64(env, c->min_i); }
-    if (c->flags & DX_C_MAX) { keys[n] = ATOM_max; vals[n++] = t == DX_T_FLOAT ? make_double(env, c->max_f) : enif_make_int64(env, c->max_i); }
-    if (c->flags & DX_C_MIN_LENGTH) { keys[n] = ATOM_min_length; vals[n++] = enif_make_uint64(env, c->min_length); }
-    if (c->flags & DX_C_MAX_LENGTH) { keys[n] = ATOM_max_length; vals[n++] = enif_make_uint64(env, c->max_length); }
-    if (c->flags & DX_C_PATTERN) { keys[n] = ATOM_pattern; vals[n++] = dx_make_bin(env, c->pattern, strlen(c->pattern)); }
-    if (c->flags & DX_C_ENUM) { keys[n] = ATOM_enum; vals[n++] = strlist_term(env, &c->enum_values); }
-    if (c->flags & DX_C_CHOICES) { keys[n] = ATOM_choices; vals[n++] = strlist_term(env, &c->choices); }
+    /* emitted in term order of the key atoms (see dx_var_to_term) */
     if (c->flags & DX_C_ALLOWED_MODULES) { keys[n] = ATOM_allowed_modules; vals[n++] = strlist_term(env, &c->allowed_modules); }
+    if (c->flags & DX_C_CHOICES) { keys[n] = ATOM_choices; vals[n++] = strlist_term(env, &c->choices); }
     if (c->flags & DX_C_DIMENSIONS) { keys[n] = ATOM_dimensions; vals[n++] = enif_make_uint64(env, c->dimensions); }
+    if (c->flags & DX_C_ENUM) { keys[n] = ATOM_enum; vals[n++] = strlist_term(env, &c->enum_values); }
+    if (c->flags & DX_C_MAX) { keys[n] = ATOM_max; vals[n++] = t == DX_T_FLOAT ? make_double(env, c->max_f) : enif_make_int64(env, c->max_i); }
+    if (c->flags & DX_C_MAX_LENGTH) { keys[n] = ATOM_max_length; vals[n++] = enif_make_uint64(env, c->max_length); }
+    if (c->flags & DX_C_MIN) { keys[n] = ATOM_min; vals[n++] = t == DX_T_FLOAT ? make_double(env, c->min_f) : enif_make_int64(env, c->min_i); }
+    if (c->flags & DX_C_MIN_LENGTH) { keys[n] = ATOM_min_length; vals[n++] = enif_make_uint64(env, c->min_length); }
+    if (c->flags & DX_C_PATTERN) { keys[n] = ATOM_pattern; vals[n++] = dx_make_bin(env, c->pattern, strlen(c->pattern)); }
     if (c->flags & DX_C_SHAPE) {
         ERL_NIF_TERM s = enif_make_list(env, 0);
         for (size_t i = c->ndim; i > 0; i--) s = enif_make_list_cell(env, enif_make_int64(env, c->shape[i - 1]), s);
@@ -336,33 +337,36 @@ int dx_term_to_type(ErlNifEnv *env, ERL_NIF_TERM t, dx_type *out) {
 }
 
 ERL_NIF_TERM dx_var_to_term(ErlNifEnv *env, const dx_var *v, const dx_snap *s) {
-    /* Keys listed in term order so the map needs no sorting work beyond a check. */
-    ERL_NIF_TERM keys[9] = {ATOM_id, ATOM_name, ATOM_type, ATOM_value, ATOM_version, ATOM_metadata,
-                            ATOM_created_at, ATOM_updated_at, ATOM_constraints};
-    ERL_NIF_TERM vals[9] = {
-        dx_make_bin(env, v->id, v->id_len),
-        dx_make_bin(env, v->name, v->name_len),
-        dx_type_atom(v->type),
-        dx_value_to_term(env, &s->value),
-        enif_make_uint64(env, s->version),
-        s->meta_len ? dx_blob_to_term(env, s->meta, s->meta_len, enif_make_new_map(env)) : enif_make_new_map(env),
-        enif_make_int64(env, v->created_at),
-        enif_make_int64(env, s->updated_at),
-        v->cons.flags ? dx_constraints_to_term(env, v->type, &v->cons) : enif_make_new_map(env),
-    };
+    /* The snapshot is usually a cache miss: start loading it now and build the
+     * terms that only need the variable while it arrives. */
+    __builtin_prefetch(s);
+    /* Keys in Erlang term order (atoms sort by text), so building the flatmap
+     * needs one linear check instead of a sort. */
+    ERL_NIF_TERM keys[9] = {ATOM_constraints, ATOM_created_at, ATOM_id, ATOM_metadata, ATOM_name,
+                            ATOM_type, ATOM_updated_at, ATOM_value, ATOM_version};
+    ERL_NIF_TERM vals[9];
+    vals[0] = v->cons->flags ? dx_constraints_to_term(env, v->type, v->cons) : enif_make_new_map(env);
+    vals[1] = enif_make_int64(env, v->created_at);
+    vals[2] = dx_make_bin(env, v->id, v->id_len);
+    vals[4] = dx_make_bin(env, v->name, v->name_len);
+    vals[5] = dx_type_atom(v->type);
+    vals[3] = s->meta_len ? dx_blob_to_term(env, s->meta, s->meta_len, enif_make_new_map(env)) : enif_make_new_map(env);
+    vals[6] = enif_make_int64(env, s->updated_at);
+    vals[7] = dx_value_to_term(env, &s->value);
+    vals[8] = enif_make_uint64(env, s->version);
     ERL_NIF_TERM m;
     enif_make_map_from_arrays(env, keys, vals, 9, &m);
     return m;
 }
 
 ERL_NIF_TERM dx_snap_to_term(ErlNifEnv *env, const dx_snap *s) {
-    ERL_NIF_TERM keys[5] = {ATOM_version, ATOM_value, ATOM_updated_at, ATOM_metadata, ATOM_changed_by};
+    ERL_NIF_TERM keys[5] = {ATOM_changed_by, ATOM_metadata, ATOM_updated_at, ATOM_value, ATOM_version};
     ERL_NIF_TERM vals[5] = {
-        enif_make_uint64(env, s->version),
-        dx_value_to_term(env, &s->value),
-        enif_make_int64(env, s->updated_at),
-        dx_blob_to_term(env, s->meta, s->meta_len, enif_make_new_map(env)),
         dx_blob_to_term(env, s->by, s->by_len, ATOM_undefined),
+        dx_blob_to_term(env, s->meta, s->meta_len, enif_make_new_map(env)),
+        enif_make_int64(env, s->updated_at),
+        dx_value_to_term(env, &s->value),
+        enif_make_uint64(env, s->version),
     };
     ERL_NIF_TERM m;
     enif_make_map_from_arrays(env, keys, vals, 5, &m);

@@ -28,7 +28,7 @@ static int export_var(void *ctx, dx_var *v) {
                              dx_make_bin(env, v->name, v->name_len),
                              dx_type_atom(v->type),
                              dx_value_to_term(env, &cur->value),
-                             dx_constraints_to_term(env, v->type, &v->cons),
+                             dx_constraints_to_term(env, v->type, v->cons),
                              dx_blob_to_term(env, cur->meta, cur->meta_len, enif_make_new_map(env)),
                              enif_make_uint64(env, cur->version),
                              enif_make_int64(env, v->created_at),

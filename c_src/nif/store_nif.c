@@ -16,7 +16,13 @@
 
 static _Atomic int64_t g_skew_ms; /* test hook: advances the TTL clock */
 
-int64_t dx_now_us(void) { return enif_monotonic_time(ERL_NIF_USEC) + enif_time_offset(ERL_NIF_USEC); }
+/* Wall clock in µs, read from the vDSO (as erlang:system_time(microsecond) is
+ * in the default time-warp mode, without two calls into ERTS per write). */
+int64_t dx_now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
 
 int64_t dx_now_ms(void) {
     /* The coarse clock is a vDSO read of a few ns: it is consulted on every access. */
@@ -82,6 +88,9 @@ static int big_input(ErlNifEnv *env, ERL_NIF_TERM t) {
 static ERL_NIF_TERM session_info(ErlNifEnv *env, dx_session *s) {
     int64_t now_ms = dx_now_ms(), now_us = dx_now_us();
     int64_t last = atomic_load_explicit(&s->last_access, memory_order_relaxed);
+    /* last access is kept in coarse monotonic ms (1 s resolution); never report it before creation */
+    int64_t last_us = now_us - (now_ms - last) * 1000;
+    if (last_us < s->created_at) last_us = s->created_at;
     ERL_NIF_TERM keys[6] = {ATOM_id, ATOM_metadata, ATOM_ttl, ATOM_created_at, ATOM_last_accessed_at,
                             ATOM_variable_count};
     ERL_NIF_TERM vals[6] = {
@@ -89,7 +98,7 @@ static ERL_NIF_TERM session_info(ErlNifEnv *env, dx_session *s) {
         dx_blob_to_term(env, s->meta, s->meta_len, enif_make_new_map(env)),
         s->ttl_ms < 0 ? ATOM_infinity : enif_make_int64(env, s->ttl_ms / 1000),
         enif_make_int64(env, s->created_at),
-        enif_make_int64(env, now_us - (now_ms - last) * 1000),
+        enif_make_int64(env, last_us),
         enif_make_int64(env, dx_session_nvars(s)),
     };
     ERL_NIF_TERM m;
@@ -386,28 +395,29 @@ typedef struct {
     int have_by;
 } set_opts_buf;
 
-static int parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf *b) {
+/* Returns 0, or the atom naming the bad option (the caller answers
+ * {error, {invalid_argument, Key}}). */
+static ERL_NIF_TERM parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf *b) {
     memset(b, 0, sizeof *b);
     ERL_NIF_TERM v;
-    if (!enif_is_map(env, m)) return 0;
     if (enif_get_map_value(env, m, ATOM_expected_version, &v) && !enif_is_identical(v, ATOM_undefined) &&
         !enif_is_identical(v, ATOM_nil)) {
         ErlNifUInt64 u;
-        if (!enif_get_uint64(env, v, &u)) return 0;
+        if (!enif_get_uint64(env, v, &u)) return ATOM_expected_version;
         b->o.has_expected = true;
         b->o.expected = u;
     }
     if (enif_get_map_value(env, m, ATOM_metadata, &v)) {
-        if (!enif_is_map(env, v)) return 0;
+        if (!enif_is_map(env, v)) return ATOM_metadata;
         b->meta_patch = v;
     }
     if (enif_get_map_value(env, m, ATOM_changed_by, &v)) {
-        if (dx_term_to_blob(env, v, &b->by)) return 0;
+        if (dx_term_to_blob(env, v, &b->by)) return ATOM_changed_by;
         b->have_by = 1;
         b->o.by = b->by.data;
         b->o.by_len = b->by.size;
     }
-    return 1;
+    return 0;
 }
 
 static void set_opts_free(set_opts_buf *b) {
@@ -466,15 +476,13 @@ DX_NIF(nif_var_set) {
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3])) return enif_make_badarg(env);
     if (!on_dirty() && big_input(env, argv[2])) return RESCHEDULE("var_set", nif_var_set);
-    set_opts_buf ob;
-    if (!parse_set_opts(env, argv[3], &ob)) {
-        set_opts_free(&ob);
-        return enif_make_badarg(env);
-    }
     dx_str sid;
-    if (!get_sid(env, argv[0], &sid)) {
+    if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
+    set_opts_buf ob;
+    ERL_NIF_TERM bad = parse_set_opts(env, argv[3], &ob);
+    if (bad) {
         set_opts_free(&ob);
-        return enif_make_badarg(env);
+        return dx_error2(env, ATOM_invalid_argument, bad);
     }
     dx_rawbuf b;
     char err[DX_ERRLEN];
@@ -492,7 +500,7 @@ DX_NIF(nif_var_set) {
         dx_value val;
         notify_ctx nc = {env, argv[0]};
         if (b.too_big) r = dx_limit_error(env, DX_L_VALUE_SIZE);
-        else if (dx_value_check(v->type, &v->cons, &b.raw, &val, err, sizeof err)) r = dx_error_msg(env, ATOM_invalid_value, err);
+        else if (dx_value_check(v->type, v->cons, &b.raw, &val, err, sizeof err)) r = dx_error_msg(env, ATOM_invalid_value, err);
         else r = do_set(env, s, v, argv[1], &val, &ob, &nc);
         dx_rawbuf_free(&b);
     }
@@ -643,9 +651,10 @@ DX_NIF(nif_var_set_many) {
         keys[i] = tup[0];
         slot[i] = -1;
         dx_var *v = dx_var_find(s, k);
-        if (!parse_set_opts(env, tup[2], &obs[nobs])) {
+        ERL_NIF_TERM bad = parse_set_opts(env, tup[2], &obs[nobs]);
+        if (bad) {
             set_opts_free(&obs[nobs]);
-            errs[i] = enif_make_tuple2(env, ATOM_invalid_argument, ATOM_expected_version);
+            errs[i] = enif_make_tuple2(env, ATOM_invalid_argument, bad);
             any_err = 1;
             continue;
         }
@@ -656,12 +665,11 @@ DX_NIF(nif_var_set_many) {
             continue;
         }
         for (size_t j = 0; j < ni; j++)
-            if (items[j].var == v) { v = NULL; break; }
-        if (!v) {
-            errs[i] = ATOM_duplicate_variable;
-            any_err = 1;
-            continue;
-        }
+            if (items[j].var == v) {
+                /* The same variable twice (by name, atom or id): refuse the whole batch. */
+                r = dx_error2(env, ATOM_duplicate_variable, tup[0]);
+                goto out;
+            }
         dx_rawbuf *b = &bufs[nbufs];
         if (dx_term_to_raw(env, tup[1], b, dx_store_limits().max_value_bytes)) {
             dx_rawbuf_free(b);
@@ -676,7 +684,7 @@ DX_NIF(nif_var_set_many) {
             any_err = 1;
             continue;
         }
-        if (dx_value_check(v->type, &v->cons, &b->raw, &val, err, sizeof err)) {
+        if (dx_value_check(v->type, v->cons, &b->raw, &val, err, sizeof err)) {
             errs[i] = enif_make_tuple2(env, ATOM_invalid_value, dx_make_bin(env, err, strlen(err)));
             any_err = 1;
             continue;
@@ -780,15 +788,14 @@ DX_NIF(nif_var_rollback) {
     dx_str key;
     ErlNifUInt64 target;
     set_opts_buf ob;
-    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[2], &target)) return enif_make_badarg(env);
-    if (!parse_set_opts(env, argv[3], &ob)) {
-        set_opts_free(&ob);
-        return enif_make_badarg(env);
-    }
     dx_str sid;
-    if (!get_sid(env, argv[0], &sid)) {
-        set_opts_free(&ob);
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[2], &target) || !enif_is_map(env, argv[3]) ||
+        !get_sid(env, argv[0], &sid))
         return enif_make_badarg(env);
+    ERL_NIF_TERM bad = parse_set_opts(env, argv[3], &ob);
+    if (bad) {
+        set_opts_free(&ob);
+        return dx_error2(env, ATOM_invalid_argument, bad);
     }
     ERL_NIF_TERM r;
     dx_ebr_enter();

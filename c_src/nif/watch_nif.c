@@ -114,6 +114,14 @@ DX_NIF(nif_watch) {
             r = dx_error2(env, ATOM_not_found, h);
             goto out;
         }
+        /* A variable named twice (name and id, say) is watched once. */
+        int dup = 0;
+        for (unsigned j = 0; j < i; j++) dup |= vars[j] == vars[i];
+        if (dup) {
+            i--;
+            n--;
+            continue;
+        }
         char *p = enif_alloc(vars[i]->name_len ? vars[i]->name_len : 1);
         if (!p) {
             r = dx_error(env, ATOM_enomem);

@@ -1,0 +1,65 @@
+# dspex_bridge: the two commands are `make run` and `make test`.
+# Both install the Debian packages they need (only the missing ones), build, then run.
+
+REBAR3   ?= /usr/bin/rebar3
+ERL      ?= /usr/bin/erl
+ELIXIR_APP := examples/elixir_app
+export CI
+
+# Exact Debian 12 packages, each a real need of the build or the tests.
+APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
+             erlang-parsetools erlang-edoc rebar3
+APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
+             libcmocka-dev valgrind clang libclang-rt-14-dev elixir
+
+.PHONY: all deps deps-test compile run test test-c test-erlang test-elixir bench docs clean
+
+all: compile
+
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing Debian packages:" $$missing; \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_BUILD))
+
+deps-test: deps
+	$(call apt_install,$(APT_TEST))
+
+compile: deps
+	$(REBAR3) compile
+
+# Starts a node with the application in the foreground (an Erlang shell).
+run: compile
+	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
+
+test: deps-test compile test-c test-erlang test-elixir
+	@echo "==> all test suites passed"
+
+test-c:
+	$(MAKE) -C c_src test test-asan test-valgrind fuzz-glob FUZZ_SECONDS=$${FUZZ_SECONDS:-20}
+
+test-erlang:
+	$(REBAR3) eunit
+	$(REBAR3) ct
+
+test-elixir: compile
+	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test
+
+bench: compile
+	@mkdir -p _build/bench
+	erlc -o _build/bench bench/*.erl
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
+
+docs: compile
+	$(REBAR3) edoc
+
+clean:
+	$(REBAR3) clean
+	rm -rf _build $(ELIXIR_APP)/_build $(ELIXIR_APP)/deps

@@ -1,0 +1,140 @@
+%% @doc `make bench': the store against the obvious alternatives, in one run.
+%% Ratios are "alternative time / our time": above 1.0 means we are faster.
+-module(dspex_bench).
+-export([main/0, main/1]).
+
+-define(OPS, 400000).
+
+main() -> main([]).
+
+main(_Args) ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    io:format("dspex_bridge benchmark (~p schedulers, OTP ~s)~n~n",
+              [erlang:system_info(schedulers_online), erlang:system_info(otp_release)]),
+    Results = [store(N) || N <- [1000, 100000]],
+    readers(),
+    io:format("~nsummary:~n"),
+    [io:format("  ~-44s ~8.2fx  (target ~s)~n", [L, R, T]) || {L, R, T} <- lists:append(Results)],
+    ok.
+
+%%% get/set against ETS and a gen_server map store ---------------------------
+
+store(N) ->
+    S = iolist_to_binary(["bench_", integer_to_list(N)]),
+    _ = dspex_store:delete_session(S),
+    {ok, _} = dspex_store:create_session(S, #{ttl => infinity}),
+    Names = list_to_tuple([iolist_to_binary(["param_", integer_to_list(I)]) || I <- lists:seq(1, N)]),
+    Cons = #{min => 0.0, max => 1.0},
+    [{ok, _} = dspex_store:register(S, element(I, Names), float, 0.5, #{constraints => Cons})
+     || I <- lists:seq(1, N)],
+    Keys = random_indexes(N, ?OPS),
+    Tabs = [{RC, ets_table(S, Names, N, RC)} || RC <- [false, true]],
+    Srv = map_server(S, Names, N),
+
+    io:format("-- ~b variables, ~b ops each~n", [N, ?OPS]),
+    TGet = best(fun() -> loop_get(S, Names, Keys) end),
+    TEts = lists:min([best(fun() -> loop_ets_lookup(T, S, Names, Keys) end) || {_, T} <- Tabs]),
+    TSrvGet = best(fun() -> loop_srv_get(Srv, S, Names, lists:sublist(Keys, ?OPS div 10)) end) * 10,
+    TSet = best(fun() -> loop_set(S, Names, Keys) end),
+    TIns = lists:min([best(fun() -> loop_ets_insert(T, S, Names, Keys) end) || {_, T} <- Tabs]),
+    TSrvSet = best(fun() -> loop_srv_set(Srv, S, Names, lists:sublist(Keys, ?OPS div 10)) end) * 10,
+    report("dspex_store:get/2", TGet),
+    report("ets:lookup/2 (faster of read_concurrency true/false)", TEts),
+    report("gen_server map store get", TSrvGet),
+    report("dspex_store:set/3 (validate, version, history)", TSet),
+    report("ets:insert/2 (faster of the two tables)", TIns),
+    report("gen_server map store set", TSrvSet),
+    gen_server:stop(Srv),
+    [ets:delete(T) || {_, T} <- Tabs],
+    ok = dspex_store:delete_session(S),
+    L = integer_to_list(N),
+    [{"get vs ets:lookup, " ++ L ++ " vars", TEts / TGet, ">= 1.0"},
+     {"set vs ets:insert, " ++ L ++ " vars", TIns / TSet, ">= 0.5"},
+     {"get vs gen_server map, " ++ L ++ " vars", TSrvGet / TGet, ">= 20"},
+     {"set vs gen_server map, " ++ L ++ " vars", TSrvSet / TSet, ">= 20"}].
+
+report(Label, T) ->
+    io:format("  ~-56s ~7.1f ns/op~n", [Label, T * 1000 / ?OPS]).
+
+%% The record an ETS-based store would keep: the same fields as our var map.
+record(S, Name, V) ->
+    {{S, Name}, <<"var_", Name/binary, "_1">>, Name, float, V, #{min => 0.0, max => 1.0}, #{},
+     0, 1700000000000000, 1700000000000000}.
+
+ets_table(S, Names, N, RC) ->
+    T = ets:new(bench, [set, public, {read_concurrency, RC}]),
+    [ets:insert(T, record(S, element(I, Names), 0.5)) || I <- lists:seq(1, N)],
+    T.
+
+random_indexes(N, Ops) ->
+    rand:seed(exsss, {1, 2, 3}),
+    [rand:uniform(N) || _ <- lists:seq(1, Ops)].
+
+%% Best of 5 runs, in microseconds.
+best(F) ->
+    F(),
+    lists:min([element(1, timer:tc(F)) || _ <- lists:seq(1, 5)]).
+
+loop_get(_S, _Names, []) -> ok;
+loop_get(S, Names, [I | Is]) ->
+    {ok, _} = dspex_store:get(S, element(I, Names)),
+    loop_get(S, Names, Is).
+
+loop_ets_lookup(_T, _S, _Names, []) -> ok;
+loop_ets_lookup(T, S, Names, [I | Is]) ->
+    [_] = ets:lookup(T, {S, element(I, Names)}),
+    loop_ets_lookup(T, S, Names, Is).
+
+loop_set(_S, _Names, []) -> ok;
+loop_set(S, Names, [I | Is]) ->
+    {ok, _} = dspex_store:set(S, element(I, Names), 0.25),
+    loop_set(S, Names, Is).
+
+loop_ets_insert(_T, _S, _Names, []) -> ok;
+loop_ets_insert(T, S, Names, [I | Is]) ->
+    true = ets:insert(T, record(S, element(I, Names), 0.25)),
+    loop_ets_insert(T, S, Names, Is).
+
+%%% the reference design: one process holding a map of sessions --------------
+
+map_server(S, Names, N) ->
+    Vars = maps:from_list([{element(I, Names), #{value => 0.5, version => 0, history => []}}
+                           || I <- lists:seq(1, N)]),
+    {ok, Pid} = gen_server:start(dspex_bench_map_store, #{S => Vars}, []),
+    Pid.
+
+loop_srv_get(_P, _S, _Names, []) -> ok;
+loop_srv_get(P, S, Names, [I | Is]) ->
+    {ok, _} = gen_server:call(P, {get, S, element(I, Names)}),
+    loop_srv_get(P, S, Names, Is).
+
+loop_srv_set(_P, _S, _Names, []) -> ok;
+loop_srv_set(P, S, Names, [I | Is]) ->
+    {ok, _} = gen_server:call(P, {set, S, element(I, Names), 0.25}),
+    loop_srv_set(P, S, Names, Is).
+
+%%% read scaling ---------------------------------------------------------------
+
+readers() ->
+    N = 100000,
+    S = <<"bench_readers">>,
+    _ = dspex_store:delete_session(S),
+    {ok, _} = dspex_store:create_session(S, #{ttl => infinity}),
+    Names = list_to_tuple([iolist_to_binary(["r_", integer_to_list(I)]) || I <- lists:seq(1, N)]),
+    [{ok, _} = dspex_store:register(S, element(I, Names), float, 0.5) || I <- lists:seq(1, N)],
+    Keys = random_indexes(N, ?OPS),
+    T1 = best(fun() -> parallel(1, fun() -> loop_get(S, Names, Keys) end) end),
+    T2 = best(fun() -> parallel(2, fun() -> loop_get(S, Names, Keys) end) end),
+    Ratio = (2 * ?OPS / T2) / (?OPS / T1),
+    io:format("-- read scaling: 1 reader ~.1f ns/op, 2 readers ~.1f ns/op each~n",
+              [T1 * 1000 / ?OPS, T2 * 1000 / ?OPS]),
+    ok = dspex_store:delete_session(S),
+    io:format("  2 readers vs 1, aggregate throughput: ~.2fx (target >= 1.7)~n", [Ratio]).
+
+parallel(K, F) ->
+    Parent = self(),
+    Pids = [spawn_opt(fun() -> receive go -> F(), Parent ! {done, self()} end end,
+                      [link, {scheduler, Sched}]) || Sched <- lists:seq(1, K)],
+    [P ! go || P <- Pids],
+    [receive {done, P} -> ok end || P <- Pids],
+    ok.

@@ -1,0 +1,375 @@
+/* Unit tests of the store core (sessions, variables, versions, history,
+ * batches, import) and of EBR reclamation under concurrent readers. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ebr.h"
+#include "store.h"
+
+static dx_str S(const char *s) { return (dx_str){s, strlen(s)}; }
+static int64_t T_US = 1000000, T_MS = 1000;
+
+static int setup(void **st) {
+    dx_limits l = dx_store_limits();
+    l.max_vars = 100000;
+    l.max_sessions = 1000;
+    l.default_history = 50;
+    dx_store_set_limits(&l);
+    return dx_store_init();
+}
+static int teardown(void **st) {
+    dx_store_shutdown();
+    return 0;
+}
+
+static dx_session *mk_session(const char *id, int64_t ttl_ms) {
+    dx_session *s = NULL;
+    int created = 0, limit = 0;
+    assert_int_equal(dx_session_create(S(id), NULL, 0, ttl_ms, T_US, T_MS, &s, &created, &limit), DX_OK);
+    assert_non_null(s);
+    return s;
+}
+
+static dx_var *reg_int(dx_session *s, const char *name, int64_t v, int64_t hl) {
+    dx_constraints c;
+    dx_constraints_init(&c);
+    dx_value val = {.type = DX_T_INTEGER, .u.i = v};
+    dx_var_spec sp = {.name = S(name), .type = DX_T_INTEGER, .cons = &c, .value = &val, .history_limit = hl};
+    dx_var *out = NULL;
+    int limit = 0;
+    assert_int_equal(dx_var_register(s, &sp, T_US, &out, &limit), DX_OK);
+    return out;
+}
+
+static int64_t cur_int(dx_var *v) { return dx_var_current(v)->value.u.i; }
+
+static void test_session_lifecycle(void **st) {
+    dx_ebr_enter();
+    dx_session *a = mk_session("a", -1), *again = NULL;
+    int created = 1, limit = 0;
+    assert_int_equal(dx_session_create(S("a"), NULL, 0, 5, T_US, T_MS, &again, &created, &limit), DX_OK);
+    assert_ptr_equal(a, again); /* idempotent */
+    assert_int_equal(created, 0);
+    assert_ptr_equal(dx_session_find(S("a"), T_MS), a);
+    assert_null(dx_session_find(S("b"), T_MS));
+    assert_int_equal(dx_session_delete(S("a")), DX_OK);
+    assert_int_equal(dx_session_delete(S("a")), DX_E_SESSION_NOT_FOUND);
+    assert_null(dx_session_find(S("a"), T_MS));
+    dx_ebr_exit();
+}
+
+static void test_ttl_and_sweep(void **st) {
+    dx_ebr_enter();
+    mk_session("short", 1000);
+    mk_session("forever", -1);
+    assert_non_null(dx_session_find(S("short"), T_MS + 900));
+    /* the find at +900 refreshed nothing (under a second); at +1500 it's expired */
+    assert_null(dx_session_find(S("short"), T_MS + 2001));
+    assert_int_equal(dx_session_sweep(T_MS + 2001), 1);
+    assert_non_null(dx_session_find(S("forever"), T_MS + 1000000));
+    assert_int_equal(dx_session_delete(S("forever")), DX_OK);
+    dx_ebr_exit();
+    dx_ebr_reclaim(1);
+}
+
+static void test_touch_refreshes(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("t", 2000);
+    dx_session_touch(s, T_MS + 1500);
+    assert_non_null(dx_session_find(S("t"), T_MS + 3000)); /* 1500 ms after the touch */
+    assert_null(dx_session_find(S("t"), T_MS + 6000));
+    dx_session_delete(S("t"));
+    dx_ebr_exit();
+}
+
+static void test_register_set_versions(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("v", -1);
+    dx_var *v = reg_int(s, "x", 1, -1);
+    assert_int_equal(dx_var_current(v)->version, 0);
+    assert_int_equal(strncmp(v->id, "var_x_", 6), 0);
+    /* duplicate */
+    dx_constraints c;
+    dx_constraints_init(&c);
+    dx_value val = {.type = DX_T_INTEGER, .u.i = 9};
+    dx_var_spec sp = {.name = S("x"), .type = DX_T_INTEGER, .cons = &c, .value = &val, .history_limit = -1};
+    dx_var *o = NULL;
+    int limit = 0;
+    assert_int_equal(dx_var_register(s, &sp, T_US, &o, &limit), DX_E_EXISTS);
+    uint64_t ver = 0;
+    for (int i = 1; i <= 5; i++) {
+        dx_value nv = {.type = DX_T_INTEGER, .u.i = 10 * i};
+        assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US + i, &ver, NULL, NULL), DX_OK);
+        assert_int_equal(ver, (uint64_t)i);
+    }
+    /* optimistic locking */
+    dx_set_opts o1 = {.has_expected = true, .expected = 3};
+    dx_value nv = {.type = DX_T_INTEGER, .u.i = 7};
+    assert_int_equal(dx_var_set(s, v, &nv, &o1, T_US, &ver, NULL, NULL), DX_E_VERSION_MISMATCH);
+    assert_int_equal(ver, 5);
+    assert_int_equal(cur_int(v), 50); /* unchanged */
+    o1.expected = 5;
+    assert_int_equal(dx_var_set(s, v, &nv, &o1, T_US, &ver, NULL, NULL), DX_OK);
+    assert_int_equal(ver, 6);
+    /* found by id as well as by name */
+    assert_ptr_equal(dx_var_find(s, (dx_str){v->id, v->id_len}), v);
+    assert_null(dx_var_find(s, S("var_x_999999")));
+    assert_null(dx_var_find(s, S("var_y_1")));
+    dx_session_delete(S("v"));
+    dx_ebr_exit();
+}
+
+static void test_history_ring_and_rollback(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("h", -1);
+    dx_var *v = reg_int(s, "x", 0, 3);
+    uint64_t ver;
+    for (int i = 1; i <= 5; i++) {
+        dx_value nv = {.type = DX_T_INTEGER, .u.i = i};
+        assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US, &ver, NULL, NULL), DX_OK);
+    }
+    dx_snap *h[10];
+    long n = dx_var_history(s, v, h, 10);
+    assert_int_equal(n, 3); /* bounded */
+    assert_int_equal(h[0]->version, 4); /* newest first */
+    assert_int_equal(h[2]->version, 2);
+    assert_int_equal(h[2]->value.u.i, 2);
+    assert_int_equal(dx_var_rollback(s, v, 1, NULL, T_US, &ver, NULL, NULL), DX_E_VERSION_NOT_FOUND); /* pruned */
+    assert_int_equal(dx_var_rollback(s, v, 3, NULL, T_US, &ver, NULL, NULL), DX_OK);
+    assert_int_equal(ver, 6); /* a NEW version */
+    assert_int_equal(cur_int(v), 3);
+    assert_int_equal(dx_var_rollback(s, v, 99, NULL, T_US, &ver, NULL, NULL), DX_E_VERSION_NOT_FOUND);
+    dx_var *z = reg_int(s, "nohist", 1, 0);
+    dx_value nv = {.type = DX_T_INTEGER, .u.i = 2};
+    assert_int_equal(dx_var_set(s, z, &nv, NULL, T_US, &ver, NULL, NULL), DX_OK);
+    assert_int_equal(dx_var_history(s, z, h, 10), 0);
+    dx_session_delete(S("h"));
+    dx_ebr_exit();
+}
+
+static int notified;
+static void count_notify(void *ctx, dx_session *s, dx_var *v, const dx_snap *old, const dx_snap *cur) {
+    assert_int_equal(cur->version, old->version + 1);
+    notified++;
+}
+static int released;
+static void count_release(void *w) { released++; }
+
+static void test_batches(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("b", -1);
+    dx_var *a = reg_int(s, "a", 1, -1), *b = reg_int(s, "b", 2, -1);
+    dx_set_item it[2] = {
+        {.var = a, .value = {.type = DX_T_INTEGER, .u.i = 10}},
+        {.var = b, .value = {.type = DX_T_INTEGER, .u.i = 20}, .opts = {.has_expected = true, .expected = 7}},
+    };
+    assert_int_equal(dx_var_set_many(s, it, 2, true, T_US, NULL, NULL), DX_E_BATCH);
+    assert_int_equal(it[0].rc, DX_OK);
+    assert_int_equal(it[1].rc, DX_E_VERSION_MISMATCH);
+    assert_int_equal(cur_int(a), 1); /* nothing committed */
+    assert_int_equal(cur_int(b), 2);
+    assert_int_equal(dx_var_set_many(s, it, 2, false, T_US, NULL, NULL), DX_OK);
+    assert_int_equal(cur_int(a), 10); /* the valid one committed */
+    assert_int_equal(cur_int(b), 2);
+    it[1].opts.expected = 0;
+    it[0].value.u.i = 11;
+    assert_int_equal(dx_var_set_many(s, it, 2, true, T_US, NULL, NULL), DX_OK);
+    assert_int_equal(cur_int(a), 11);
+    assert_int_equal(cur_int(b), 20);
+    assert_int_equal(it[1].version, 1);
+    dx_set_item dup[2] = {{.var = a, .value = {.type = DX_T_INTEGER}}, {.var = a, .value = {.type = DX_T_INTEGER}}};
+    assert_int_equal(dx_var_set_many(s, dup, 2, true, T_US, NULL, NULL), DX_E_INVALID);
+    dx_session_delete(S("b"));
+    dx_ebr_exit();
+}
+
+static void test_watchers_notify_and_release(void **st) {
+    dx_store_set_watcher_release(count_release);
+    notified = released = 0;
+    dx_ebr_enter();
+    dx_session *s = mk_session("w", -1);
+    dx_var *a = reg_int(s, "a", 1, -1);
+    static int w1, w2;
+    assert_int_equal(dx_var_add_watcher(s, a, &w1), DX_OK);
+    assert_int_equal(dx_var_add_watcher(s, a, &w2), DX_OK);
+    uint64_t ver;
+    dx_value nv = {.type = DX_T_INTEGER, .u.i = 5};
+    assert_int_equal(dx_var_set(s, a, &nv, NULL, T_US, &ver, count_notify, NULL), DX_OK);
+    assert_int_equal(notified, 1); /* once per commit; the callback fans out */
+    assert_int_equal(dx_var_remove_watcher(s, a, &w1), 1);
+    assert_int_equal(released, 1);
+    assert_int_equal(dx_var_delete(s, S("a")), DX_OK);
+    assert_int_equal(dx_var_delete(s, S("a")), DX_E_NOT_FOUND);
+    assert_int_equal(dx_var_set(s, a, &nv, NULL, T_US, &ver, NULL, NULL), DX_E_NOT_FOUND); /* deleted meanwhile */
+    dx_ebr_exit();
+    dx_ebr_reclaim(1);
+    dx_ebr_reclaim(1);
+    assert_int_equal(released, 2); /* the remaining watcher went with the variable */
+    dx_session_delete(S("w"));
+    dx_store_set_watcher_release(NULL);
+}
+
+static void test_limits(void **st) {
+    dx_limits saved = dx_store_limits(), l = saved;
+    l.max_vars = 2;
+    l.max_value_bytes = 8;
+    dx_store_set_limits(&l);
+    dx_ebr_enter();
+    dx_session *s = mk_session("l", -1);
+    reg_int(s, "a", 1, -1);
+    reg_int(s, "b", 1, -1);
+    dx_constraints c;
+    dx_constraints_init(&c);
+    dx_value val = {.type = DX_T_INTEGER};
+    dx_var_spec sp = {.name = S("c"), .type = DX_T_INTEGER, .cons = &c, .value = &val, .history_limit = -1};
+    dx_var *o;
+    int limit = 0;
+    assert_int_equal(dx_var_register(s, &sp, T_US, &o, &limit), DX_E_LIMIT);
+    assert_int_equal(limit, DX_L_VARS);
+    assert_int_equal(dx_var_delete(s, S("a")), DX_OK);
+    dx_value big = {.type = DX_T_STRING, .u.s = {"0123456789", 10}};
+    sp.type = DX_T_STRING;
+    sp.value = &big;
+    assert_int_equal(dx_var_register(s, &sp, T_US, &o, &limit), DX_E_LIMIT);
+    assert_int_equal(limit, DX_L_VALUE_SIZE);
+    char longname[300];
+    memset(longname, 'n', sizeof longname);
+    sp.name = (dx_str){longname, sizeof longname};
+    assert_int_equal(dx_var_register(s, &sp, T_US, &o, &limit), DX_E_LIMIT);
+    assert_int_equal(limit, DX_L_NAME_LENGTH);
+    dx_session_delete(S("l"));
+    dx_ebr_exit();
+    dx_store_set_limits(&saved);
+}
+
+static void test_import_roundtrip(void **st) {
+    dx_session *s = dx_import_begin(S("imp"), NULL, 0, -1, 42, T_MS);
+    assert_non_null(s);
+    dx_constraints c;
+    dx_constraints_init(&c);
+    dx_value cur = {.type = DX_T_INTEGER, .u.i = 30};
+    dx_import_hist h[3] = {{.version = 1, .value = {.type = DX_T_INTEGER, .u.i = 10}},
+                           {.version = 2, .value = {.type = DX_T_INTEGER, .u.i = 20}},
+                           {.version = 4, .value = {.type = DX_T_INTEGER, .u.i = 25}}};
+    dx_import_var iv = {.id = S("var_x_77"),
+                        .spec = {.name = S("x"), .type = DX_T_INTEGER, .cons = &c, .value = &cur, .history_limit = 2},
+                        .version = 5};
+    int limit = 0;
+    assert_int_equal(dx_import_var_add(s, &iv, h, 3, &limit), DX_OK);
+    assert_int_equal(dx_import_commit(s, &limit), DX_OK);
+    dx_ebr_enter();
+    dx_session *f = dx_session_find(S("imp"), T_MS);
+    assert_ptr_equal(f, s);
+    dx_var *v = dx_var_find(f, S("var_x_77"));
+    assert_non_null(v);
+    assert_int_equal(dx_var_current(v)->version, 5);
+    dx_snap *hs[4];
+    assert_int_equal(dx_var_history(f, v, hs, 4), 2); /* only the newest history_limit kept */
+    assert_int_equal(hs[0]->version, 4);
+    assert_int_equal(hs[1]->version, 2);
+    dx_ebr_exit();
+    /* importing the same id again is refused and frees the copy */
+    dx_session *s2 = dx_import_begin(S("imp"), NULL, 0, -1, 42, T_MS);
+    assert_int_equal(dx_import_commit(s2, &limit), DX_E_EXISTS);
+    dx_session_delete(S("imp"));
+}
+
+/* ---- concurrency: readers chase writers that replace, delete and re-create ---- */
+
+#define ROUNDS 20000
+static atomic_int stop;
+static atomic_long reads;
+static dx_session *cs;
+
+static void *reader(void *arg) {
+    long seen = 0;
+    while (!atomic_load(&stop)) {
+        dx_ebr_enter();
+        dx_var *v = dx_var_find(cs, S("hot"));
+        if (v) {
+            dx_snap *sn = dx_var_current(v);
+            /* snapshot invariant written by the writer: value == version * 3 */
+            if (sn->value.u.i != (int64_t)sn->version * 3) abort();
+            seen++;
+            atomic_fetch_add(&reads, 1);
+        }
+        dx_ebr_exit();
+    }
+    return (void *)seen;
+}
+
+static void *churner(void *arg) {
+    for (int i = 0; i < ROUNDS / 10; i++) {
+        dx_ebr_enter();
+        char name[32];
+        snprintf(name, sizeof name, "tmp%d", i % 50);
+        dx_var_delete(cs, S(name));
+        dx_constraints c;
+        dx_constraints_init(&c);
+        dx_value val = {.type = DX_T_INTEGER, .u.i = i};
+        dx_var_spec sp = {.name = S(name), .type = DX_T_INTEGER, .cons = &c, .value = &val, .history_limit = 2};
+        dx_var *o;
+        int limit;
+        dx_var_register(cs, &sp, T_US, &o, &limit);
+        dx_constraints_free(&c);
+        dx_ebr_exit();
+    }
+    return NULL;
+}
+
+static void test_concurrent_readers_writers(void **st) {
+    int rounds = getenv("DX_TEST_SCALE") ? ROUNDS / 10 : ROUNDS;
+    dx_ebr_enter();
+    cs = mk_session("conc", -1);
+    dx_var *hot = reg_int(cs, "hot", 0, 4);
+    dx_ebr_exit();
+    pthread_t r[3], c;
+    atomic_store(&stop, 0);
+    for (int i = 0; i < 3; i++) pthread_create(&r[i], NULL, reader, NULL);
+    pthread_create(&c, NULL, churner, NULL);
+    for (int i = 1; i <= rounds; i++) {
+        dx_ebr_enter();
+        dx_value nv = {.type = DX_T_INTEGER, .u.i = (int64_t)i * 3};
+        uint64_t ver;
+        assert_int_equal(dx_var_set(cs, hot, &nv, NULL, T_US, &ver, NULL, NULL), DX_OK);
+        assert_int_equal(ver, (uint64_t)i);
+        dx_ebr_exit();
+    }
+    pthread_join(c, NULL);
+    /* let readers overlap the writes for sure, even under valgrind's serial threads */
+    while (atomic_load(&reads) < 1000) sched_yield();
+    atomic_store(&stop, 1);
+    long total = 0;
+    for (int i = 0; i < 3; i++) {
+        void *seen;
+        pthread_join(r[i], &seen);
+        total += (long)seen;
+    }
+    assert_true(total > 0);
+    dx_ebr_enter();
+    assert_int_equal(dx_var_current(hot)->version, (uint64_t)rounds);
+    dx_ebr_exit();
+    dx_session_delete(S("conc"));
+    dx_ebr_reclaim(1);
+    dx_ebr_reclaim(1);
+    assert_int_equal(dx_ebr_pending(), 0); /* everything retired was freed */
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_session_lifecycle),       cmocka_unit_test(test_ttl_and_sweep),
+        cmocka_unit_test(test_touch_refreshes),         cmocka_unit_test(test_register_set_versions),
+        cmocka_unit_test(test_history_ring_and_rollback), cmocka_unit_test(test_batches),
+        cmocka_unit_test(test_watchers_notify_and_release), cmocka_unit_test(test_limits),
+        cmocka_unit_test(test_import_roundtrip),        cmocka_unit_test(test_concurrent_readers_writers),
+    };
+    return cmocka_run_group_tests_name("store", tests, setup, teardown);
+}
