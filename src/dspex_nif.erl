@@ -8,7 +8,7 @@
          sweep/0, reclaim/0, advance_clock/1, set_limits/1, get_limits/0, stats/0,
          var_register/8, var_get/2, var_get_value/2, var_exists/2, var_set/4, var_delete/2,
          var_list/2, var_get_many/2, var_set_many/3, var_history/3, var_rollback/4,
-         watch/3, unwatch/1, export_session/1, import_session/1]).
+         watch/3, unwatch/1, var_info/2, export_session/1, import_session/1]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -44,5 +44,6 @@ var_history(_S, _Key, _Limit) -> ?NOT_LOADED.
 var_rollback(_S, _Key, _Version, _Opts) -> ?NOT_LOADED.
 watch(_S, _Keys, _Pid) -> ?NOT_LOADED.
 unwatch(_Ref) -> ?NOT_LOADED.
+var_info(_S, _Key) -> ?NOT_LOADED.
 export_session(_S) -> ?NOT_LOADED.
 import_session(_Term) -> ?NOT_LOADED.

@@ -30,7 +30,7 @@
          delete_session/1,
          register/4, register/5, get/2, get_value/2, get_value/3, exists/2, delete/2,
          list/1, list/2, set/3, set/4, get_many/2, set_many/2, set_many/3,
-         history/2, history/3, rollback/3, rollback/4, watch/3, watch/4, unwatch/1,
+         history/2, history/3, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
@@ -277,6 +277,13 @@ watch(Session, Keys, Pid, Opts) when is_list(Keys), is_pid(Pid), is_map(Opts) ->
         {ok, Ref} -> Ref;
         Error -> Error
     end.
+
+%% @doc Operational facts about a variable: `watchers' (active watches),
+%% `history_size' (archived versions held) and `history_limit'.
+-spec info(session_id(), var_key()) ->
+          {ok, #{watchers := non_neg_integer(), history_size := non_neg_integer(),
+                 history_limit := non_neg_integer()}} | {error, error_reason()}.
+info(Session, Key) -> dspex_nif:var_info(Session, Key).
 
 %% @doc Ends a watch (idempotent).
 -spec unwatch(reference()) -> ok.

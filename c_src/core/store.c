@@ -551,6 +551,16 @@ int dx_var_add_watcher(dx_session *s, dx_var *v, void *w) {
     return rc;
 }
 
+int dx_var_info(dx_session *s, dx_var *v, size_t *nwatchers, size_t *nhist) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = v->dead ? -1 : 0;
+    *nwatchers = v->nwatchers;
+    *nhist = v->hist_n;
+    pthread_mutex_unlock(&sh->mu);
+    return rc;
+}
+
 size_t dx_var_remove_watcher(dx_session *s, dx_var *v, void *w) {
     dx_shard *sh = shard_of(s, v->key.hash);
     size_t removed = 0;
@@ -583,6 +593,45 @@ static int var_iter_cb(void *ctx, dx_rkey *e) {
 void dx_session_foreach_var(dx_session *s, int (*fn)(void *ctx, dx_var *v), void *ctx) {
     var_iter it = {fn, ctx, 0};
     for (int i = 0; i < DX_SHARDS && !it.stop; i++) dx_rtab_foreach(&s->shards[i].tab, var_iter_cb, &it);
+}
+
+typedef struct {
+    dx_var **v;
+    size_t n, cap;
+    int oom;
+} collect_ctx;
+
+static int collect_cb(void *ctx, dx_var *v) {
+    collect_ctx *c = ctx;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 64;
+        dx_var **nv = realloc(c->v, cap * sizeof *nv);
+        if (!nv) { c->oom = 1; return 1; }
+        c->v = nv;
+        c->cap = cap;
+    }
+    c->v[c->n++] = v;
+    return 0;
+}
+
+static int cmp_name(const void *a, const void *b) {
+    const dx_var *x = *(dx_var *const *)a, *y = *(dx_var *const *)b;
+    size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
+    int c = n ? memcmp(x->name, y->name, n) : 0;
+    return c ? c : (x->name_len > y->name_len) - (x->name_len < y->name_len);
+}
+
+dx_var **dx_session_vars_sorted(dx_session *s, size_t *n) {
+    collect_ctx c = {0};
+    dx_session_foreach_var(s, collect_cb, &c);
+    if (c.oom) {
+        free(c.v);
+        *n = 1;
+        return NULL;
+    }
+    if (c.n) qsort(c.v, c.n, sizeof *c.v, cmp_name);
+    *n = c.n;
+    return c.v;
 }
 
 void dx_session_lock_all(dx_session *s) {

@@ -164,11 +164,17 @@ int dx_var_rollback(dx_session *s, dx_var *v, uint64_t target, const dx_set_opts
                     uint64_t *version, dx_notify_fn nf, void *nctx);
 
 int dx_var_add_watcher(dx_session *s, dx_var *v, void *w);
+/* Watcher count and archived versions, read under the shard mutex; -1 if deleted. */
+int dx_var_info(dx_session *s, dx_var *v, size_t *nwatchers, size_t *nhist);
 /* Removes every occurrence of w; returns how many (each released). */
 size_t dx_var_remove_watcher(dx_session *s, dx_var *v, void *w);
 
 /* Calls fn for every live variable (reader; no order). */
 void dx_session_foreach_var(dx_session *s, int (*fn)(void *ctx, dx_var *v), void *ctx);
+
+/* Live variables sorted by name (bytewise), malloc'd array; NULL with *n > 0 on
+ * allocation failure. Reader (EBR section). */
+dx_var **dx_session_vars_sorted(dx_session *s, size_t *n);
 
 /* Export support: holds every shard mutex of the session, so nothing commits
  * while the caller reads all variables and their histories. */

@@ -45,6 +45,7 @@ static ErlNifFunc funcs[] = {
     {"var_history", 3, nif_var_history, 0},
     {"var_rollback", 4, nif_var_rollback, 0},
     {"watch", 3, nif_watch, 0},
+    {"var_info", 2, nif_var_info, 0},
     {"unwatch", 1, nif_unwatch, 0},
     {"export_session", 1, nif_export_session, DIRTY},
     {"import_session", 1, nif_import_session, DIRTY},

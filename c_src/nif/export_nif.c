@@ -3,6 +3,7 @@
  * Both run on dirty CPU schedulers: a big session takes far more than 1 ms. */
 #include "nif.h"
 #include <stdio.h>
+#include <stdlib.h>
 
 typedef struct {
     ErlNifEnv *env;
@@ -54,7 +55,12 @@ DX_NIF(nif_export_session) {
     export_ctx c = {env, enif_make_list(env, 0), 0};
     /* All shards held: the export is one consistent cut of the session. */
     dx_session_lock_all(s);
-    dx_session_foreach_var(s, export_var, &c);
+    size_t n = 0;
+    dx_var **vars = dx_session_vars_sorted(s, &n);
+    if (!vars && n) c.oom = 1;
+    /* built back to front so the list comes out sorted by name */
+    for (size_t i = n; vars && i > 0 && !c.oom; i--) export_var(&c, vars[i - 1]);
+    free(vars);
     dx_session_unlock_all(s);
     ERL_NIF_TERM keys[6] = {ATOM_format, ATOM_id, ATOM_metadata, ATOM_ttl, ATOM_created_at, ATOM_variables};
     ERL_NIF_TERM vals[6] = {ATOM_dspex_session_v1, dx_make_bin(env, s->id, s->id_len),

@@ -519,61 +519,35 @@ DX_NIF(nif_var_delete) {
     return rc ? dx_error2(env, ATOM_not_found, argv[1]) : ATOM_ok;
 }
 
-typedef struct {
-    dx_var **vars;
-    size_t n, cap;
-    dx_str pat;
-    int all;
-    int oom;
-} list_ctx;
-
-static int list_cb(void *ctx, dx_var *v) {
-    list_ctx *c = ctx;
-    if (!c->all && dx_glob_match(c->pat.ptr, c->pat.len, v->name, v->name_len) != 1) return 0;
-    if (c->n == c->cap) {
-        size_t cap = c->cap ? c->cap * 2 : 64;
-        dx_var **nv = enif_realloc(c->vars, cap * sizeof *nv);
-        if (!nv) { c->oom = 1; return 1; }
-        c->vars = nv;
-        c->cap = cap;
-    }
-    c->vars[c->n++] = v;
-    return 0;
-}
-
-static int cmp_var_name(const void *a, const void *b) {
-    const dx_var *x = *(dx_var *const *)a, *y = *(dx_var *const *)b;
-    size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
-    int c = memcmp(x->name, y->name, n);
-    return c ? c : (x->name_len > y->name_len) - (x->name_len < y->name_len);
-}
-
 /* list(Session, Pattern | all) -> {ok, [Var]} sorted by name */
 DX_NIF(nif_var_list) {
-    list_ctx c = {0};
-    ErlNifBinary pat;
-    if (enif_is_identical(argv[1], ATOM_all)) c.all = 1;
-    else if (enif_inspect_binary(env, argv[1], &pat)) {
-        c.pat = (dx_str){(const char *)pat.data, pat.size};
-        if (dx_glob_check(c.pat.ptr, c.pat.len)) return dx_error2(env, ATOM_invalid_argument, ATOM_pattern);
-    } else return enif_make_badarg(env);
+    ErlNifBinary pat = {0};
+    int all = enif_is_identical(argv[1], ATOM_all);
+    if (!all) {
+        if (!enif_inspect_binary(env, argv[1], &pat)) return enif_make_badarg(env);
+        if (dx_glob_check((const char *)pat.data, pat.size)) return dx_error2(env, ATOM_invalid_argument, ATOM_pattern);
+    }
     WITH_SESSION(s, argv[0]);
     if (!on_dirty() && dx_session_nvars(s) > BIG_SESSION) {
         dx_ebr_exit();
         return RESCHEDULE("var_list", nif_var_list);
     }
-    dx_session_foreach_var(s, list_cb, &c);
+    size_t n = 0;
+    dx_var **vars = dx_session_vars_sorted(s, &n);
     ERL_NIF_TERM r;
-    if (c.oom) {
+    if (!vars && n) {
         r = dx_error(env, ATOM_enomem);
     } else {
-        if (c.n) qsort(c.vars, c.n, sizeof *c.vars, cmp_var_name);
         ERL_NIF_TERM l = enif_make_list(env, 0);
-        for (size_t i = c.n; i > 0; i--) l = enif_make_list_cell(env, dx_var_to_term(env, c.vars[i - 1], dx_var_current(c.vars[i - 1])), l);
+        for (size_t i = n; i > 0; i--) {
+            dx_var *v = vars[i - 1];
+            if (all || dx_glob_match((const char *)pat.data, pat.size, v->name, v->name_len) == 1)
+                l = enif_make_list_cell(env, dx_var_to_term(env, v, dx_var_current(v)), l);
+        }
         r = enif_make_tuple2(env, ATOM_ok, l);
     }
+    free(vars);
     dx_ebr_exit();
-    if (c.vars) enif_free(c.vars);
     return r;
 }
 
@@ -812,5 +786,27 @@ DX_NIF(nif_var_rollback) {
     }
     dx_ebr_exit();
     set_opts_free(&ob);
+    return r;
+}
+
+/* var_info(Session, Key) -> {ok, #{watchers, history_size, history_limit}}: introspection for tests and operators. */
+DX_NIF(nif_var_info) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    ERL_NIF_TERM r;
+    dx_var *v = dx_var_find(s, key);
+    size_t nw = 0, nh = 0;
+    if (!v || dx_var_info(s, v, &nw, &nh)) {
+        r = dx_error2(env, ATOM_not_found, argv[1]);
+    } else {
+        ERL_NIF_TERM keys[3] = {ATOM_history_limit, enif_make_atom(env, "history_size"), enif_make_atom(env, "watchers")};
+        ERL_NIF_TERM vals[3] = {enif_make_uint64(env, v->history_limit), enif_make_uint64(env, nh), enif_make_uint64(env, nw)};
+        ERL_NIF_TERM m;
+        enif_make_map_from_arrays(env, keys, vals, 3, &m);
+        r = enif_make_tuple2(env, ATOM_ok, m);
+    }
+    dx_ebr_exit();
     return r;
 }

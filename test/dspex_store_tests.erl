@@ -1,0 +1,383 @@
+%% EUnit tests of dspex_store behaviour, one test per documented rule.
+-module(dspex_store_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+%% A fresh session per test: tests never share state.
+sid() -> iolist_to_binary(["t_", integer_to_list(erlang:unique_integer([positive]))]).
+
+new() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    S.
+
+%%% sessions ---------------------------------------------------------------
+
+create_session_is_idempotent_test() ->
+    S = sid(),
+    {ok, #{id := S, ttl := 60, metadata := #{k := 1}, variable_count := 0}} =
+        dspex_store:create_session(S, #{ttl => 60, metadata => #{k => 1}}),
+    {ok, _} = dspex_store:register(S, x, integer, 1),
+    %% creating again returns the existing session, variables intact
+    {ok, #{id := S, ttl := 60, variable_count := 1}} = dspex_store:create_session(S, #{ttl => 5}),
+    ?assert(lists:member(S, dspex_store:list_sessions())),
+    ok = dspex_store:touch(S),
+    ok = dspex_store:delete_session(S).
+
+unknown_session_errors_test() ->
+    S = sid(),
+    ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+    ?assertEqual({error, session_not_found}, dspex_store:touch(S)),
+    ?assertEqual({error, session_not_found}, dspex_store:delete_session(S)),
+    ?assertEqual({error, session_not_found}, dspex_store:get(S, x)),
+    ?assertEqual({error, session_not_found}, dspex_store:set(S, x, 1)),
+    ?assertEqual({error, session_not_found}, dspex_store:register(S, x, integer, 1)),
+    ?assertEqual({error, session_not_found}, dspex_store:list(S)),
+    ?assertEqual(false, dspex_store:exists(S, x)),
+    ?assertEqual(dflt, dspex_store:get_value(S, x, dflt)).
+
+delete_session_frees_variables_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 1),
+    ok = dspex_store:delete_session(S),
+    {ok, #{variable_count := 0}} = dspex_store:create_session(S),
+    ?assertEqual({error, {not_found, x}}, dspex_store:get(S, x)).
+
+invalid_session_options_test() ->
+    ?assertEqual({error, {invalid_argument, ttl}}, dspex_store:create_session(sid(), #{ttl => -1})),
+    ?assertEqual({error, {invalid_argument, metadata}}, dspex_store:create_session(sid(), #{metadata => x})),
+    ?assertError(badarg, dspex_store:create_session("not a binary", #{})).
+
+%%% types and conversions ----------------------------------------------------
+
+float_conversions_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, f, float, 1),
+    ?assertEqual({ok, 1.0}, dspex_store:get_value(S, f)),
+    [begin {ok, _} = dspex_store:set(S, f, V), ?assertEqual({ok, V}, dspex_store:get_value(S, f)) end
+     || V <- [nan, infinity, neg_infinity, -2.5]],
+    ?assertMatch({error, {invalid_value, <<"expected a float, got a string">>}},
+                 dspex_store:set(S, f, <<"1.0">>)).
+
+integer_conversions_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, i, integer, 3.0),
+    ?assertEqual({ok, 3}, dspex_store:get_value(S, i)),
+    ?assertEqual({error, {invalid_value, <<"value 3.5 is not a whole number">>}}, dspex_store:set(S, i, 3.5)),
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, i, 1 bsl 70)),
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, i, nan)),
+    {ok, 1} = dspex_store:set(S, i, -(1 bsl 63)),
+    ?assertEqual({ok, -(1 bsl 63)}, dspex_store:get_value(S, i)).
+
+constraint_messages_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, t, float, 0.7, #{constraints => #{min => 0.0, max => 1.0}}),
+    ?assertEqual({error, {invalid_value, <<"value 1.5 is above maximum 1.0">>}}, dspex_store:set(S, t, 1.5)),
+    ?assertEqual({error, {invalid_value, <<"value -1.0 is below minimum 0.0">>}}, dspex_store:set(S, t, -1)),
+    ?assertEqual({ok, 0.7}, dspex_store:get_value(S, t)),
+    {ok, #{constraints := #{min := 0.0, max := 1.0}, version := 0}} = dspex_store:get(S, t),
+    ?assertMatch({error, {invalid_value, _}},
+                 dspex_store:register(S, t2, float, 2.0, #{constraints => #{max => 1}})),
+    ?assertMatch({error, {invalid_constraints, <<"constraint \"min_length\" does not apply to type float">>}},
+                 dspex_store:register(S, t3, float, 0.0, #{constraints => #{min_length => 1}})),
+    ?assertMatch({error, {invalid_constraints, _}},
+                 dspex_store:register(S, t4, float, 0.0, #{constraints => #{min => 2, max => 1}})).
+
+string_constraints_test() ->
+    S = new(),
+    Cons = #{min_length => 2, max_length => 5, pattern => <<"^[a-z]+$">>},
+    {ok, _} = dspex_store:register(S, s, string, <<"abc">>, #{constraints => Cons}),
+    ?assertEqual({error, {invalid_value, <<"string length 6 is above max_length 5">>}},
+                 dspex_store:set(S, s, <<"abcdef">>)),
+    ?assertEqual({error, {invalid_value, <<"string does not match pattern ^[a-z]+$">>}},
+                 dspex_store:set(S, s, <<"ABC">>)),
+    {ok, _} = dspex_store:register(S, e, string, <<"a">>, #{constraints => #{enum => [<<"a">>, <<"b">>]}}),
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, e, <<"c">>)),
+    ?assertMatch({error, {invalid_constraints, _}},
+                 dspex_store:register(S, p, string, <<"a">>, #{constraints => #{pattern => <<"(">>}})).
+
+choice_module_boolean_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, c, choice, <<"fast">>, #{constraints => #{choices => [<<"fast">>, slow]}}),
+    {ok, 1} = dspex_store:set(S, c, slow),
+    ?assertEqual({ok, <<"slow">>}, dspex_store:get_value(S, c)),
+    ?assertEqual({error, {invalid_value, <<"value \"mid\" is not one of the choices: fast, slow">>}},
+                 dspex_store:set(S, c, <<"mid">>)),
+    ?assertMatch({error, {invalid_constraints, _}}, dspex_store:register(S, c2, choice, <<"x">>)),
+    {ok, _} = dspex_store:register(S, m, module, 'ChainOfThought',
+                                   #{constraints => #{allowed_modules => [<<"ChainOfThought">>, <<"Predict">>]}}),
+    ?assertEqual({ok, <<"ChainOfThought">>}, dspex_store:get_value(S, m)),
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, m, <<"ReAct">>)),
+    {ok, _} = dspex_store:register(S, b, boolean, true),
+    ?assertMatch({error, {invalid_value, <<"expected a boolean, got an integer">>}}, dspex_store:set(S, b, 1)).
+
+embedding_and_tensor_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, e, embedding, [1, 2.5, 3], #{constraints => #{dimensions => 3}}),
+    ?assertEqual({ok, [1.0, 2.5, 3.0]}, dspex_store:get_value(S, e)),
+    ?assertEqual({error, {invalid_value, <<"embedding has 2 dimensions, expected 3">>}},
+                 dspex_store:set(S, e, [1, 2])),
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, e, [1, a, 2])),
+    T = #{shape => [2, 3], data => lists:seq(1, 6)},
+    {ok, _} = dspex_store:register(S, t, tensor, T),
+    {ok, #{shape := [2, 3], data := [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}} = dspex_store:get_value(S, t),
+    ?assertEqual({error, {invalid_value, <<"tensor data has 5 elements, shape [2,3] needs 6">>}},
+                 dspex_store:set(S, t, #{shape => [2, 3], data => lists:seq(1, 5)})).
+
+unknown_type_and_duplicates_test() ->
+    S = new(),
+    ?assertEqual({error, {unknown_type, widget}}, dspex_store:register(S, x, widget, 1)),
+    {ok, _} = dspex_store:register(S, <<"x">>, integer, 1),
+    ?assertEqual({error, {already_exists, <<"x">>}}, dspex_store:register(S, x, integer, 2)).
+
+%%% access by id, list, delete --------------------------------------------------
+
+get_by_id_and_name_test() ->
+    S = new(),
+    {ok, Id} = dspex_store:register(S, <<"temperature">>, float, 0.5),
+    ?assertMatch(<<"var_temperature_", _/binary>>, Id),
+    {ok, V1} = dspex_store:get(S, Id),
+    {ok, V2} = dspex_store:get(S, temperature),
+    ?assertEqual(V1, V2),
+    ?assertMatch(#{id := Id, name := <<"temperature">>, type := float, value := 0.5, version := 0,
+                   metadata := #{}, constraints := #{}, created_at := C, updated_at := C}
+                   when is_integer(C), V1),
+    {ok, 1} = dspex_store:set(S, Id, 0.25),
+    ?assertEqual({ok, 0.25}, dspex_store:get_value(S, temperature)),
+    ?assert(dspex_store:exists(S, Id)),
+    ?assertNot(dspex_store:exists(S, <<"var_temperature_0">>)).
+
+list_sorted_and_glob_test() ->
+    S = new(),
+    [{ok, _} = dspex_store:register(S, N, integer, 1)
+     || N <- [<<"temp_b">>, <<"temp_a">>, <<"other">>, <<"temp.x">>, <<"tempXa">>]],
+    {ok, All} = dspex_store:list(S),
+    ?assertEqual([<<"other">>, <<"temp.x">>, <<"tempXa">>, <<"temp_a">>, <<"temp_b">>],
+                 [maps:get(name, V) || V <- All]),
+    {ok, T} = dspex_store:list(S, <<"temp_*">>),
+    ?assertEqual([<<"temp_a">>, <<"temp_b">>], [maps:get(name, V) || V <- T]),
+    {ok, Dot} = dspex_store:list(S, <<"temp.?">>), %% '.' is literal, never a regex
+    ?assertEqual([<<"temp.x">>], [maps:get(name, V) || V <- Dot]),
+    ?assertEqual({ok, []}, dspex_store:list(S, <<"[a-z]*">>)).
+
+delete_variable_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 1),
+    ok = dspex_store:delete(S, x),
+    ?assertEqual({error, {not_found, x}}, dspex_store:delete(S, x)),
+    ?assertEqual({error, {not_found, x}}, dspex_store:set(S, x, 2)),
+    {ok, _} = dspex_store:register(S, x, integer, 5), %% the name is free again, version restarts
+    {ok, #{version := 0, value := 5}} = dspex_store:get(S, x).
+
+%%% versions, optimistic locking, history, rollback -------------------------------
+
+versions_and_expected_version_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    {ok, 1} = dspex_store:set(S, x, 1),
+    {ok, 2} = dspex_store:set(S, x, 2, #{expected_version => 1}),
+    ?assertEqual({error, {version_mismatch, 2}}, dspex_store:set(S, x, 9, #{expected_version => 1})),
+    ?assertEqual({ok, 2}, dspex_store:get_value(S, x)),
+    ?assertEqual({error, {invalid_argument, expected_version}},
+                 dspex_store:set(S, x, 3, #{expected_version => -1})),
+    %% a failed validation does not consume a version
+    {error, {invalid_value, _}} = dspex_store:set(S, x, <<"no">>),
+    {ok, 3} = dspex_store:set(S, x, 3).
+
+metadata_merge_and_changed_by_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0, #{metadata => #{a => 1}, description => <<"d">>}),
+    {ok, 1} = dspex_store:set(S, x, 1, #{metadata => #{b => 2}, changed_by => optimizer_7}),
+    {ok, #{metadata := #{a := 1, b := 2, description := <<"d">>}}} = dspex_store:get(S, x),
+    {ok, [#{version := 0, value := 0, metadata := #{a := 1}, changed_by := undefined}]} =
+        dspex_store:history(S, x),
+    {ok, 2} = dspex_store:set(S, x, 2),
+    {ok, [#{version := 1, changed_by := optimizer_7} | _]} = dspex_store:history(S, x).
+
+history_bounded_newest_first_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0, #{history_limit => 3}),
+    [{ok, V} = dspex_store:set(S, x, V * 10) || V <- lists:seq(1, 6)],
+    {ok, H} = dspex_store:history(S, x),
+    ?assertEqual([{5, 50}, {4, 40}, {3, 30}], [{maps:get(version, E), maps:get(value, E)} || E <- H]),
+    {ok, [#{version := 5}]} = dspex_store:history(S, x, 1),
+    {ok, #{history_size := 3, history_limit := 3}} = dspex_store:info(S, x).
+
+default_history_limit_is_50_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    [{ok, _} = dspex_store:set(S, x, V) || V <- lists:seq(1, 60)],
+    {ok, H} = dspex_store:history(S, x),
+    ?assertEqual(50, length(H)).
+
+rollback_creates_new_version_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0, #{history_limit => 2}),
+    [{ok, _} = dspex_store:set(S, x, V) || V <- [1, 2, 3]],
+    ?assertEqual({error, {version_not_found, 0}}, dspex_store:rollback(S, x, 0)), %% pruned
+    ?assertEqual({error, {version_not_found, 42}}, dspex_store:rollback(S, x, 42)),
+    {ok, 4} = dspex_store:rollback(S, x, 2),
+    {ok, #{value := 2, version := 4}} = dspex_store:get(S, x),
+    ?assertEqual({error, {version_mismatch, 4}}, dspex_store:rollback(S, x, 3, #{expected_version => 1})).
+
+%%% batches ---------------------------------------------------------------------------
+
+get_many_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, a, integer, 1),
+    {ok, _} = dspex_store:register(S, <<"b">>, integer, 2),
+    {ok, #{found := F, missing := [zz, <<"yy">>]}} = dspex_store:get_many(S, [a, zz, <<"b">>, <<"yy">>]),
+    ?assertMatch(#{a := #{value := 1}, <<"b">> := #{value := 2}}, F).
+
+set_many_atomic_all_or_nothing_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, a, integer, 1),
+    {ok, _} = dspex_store:register(S, f, float, 0.5, #{constraints => #{max => 1.0}}),
+    {error, {batch_failed, Errs}} =
+        dspex_store:set_many(S, [{a, 2}, {f, 5.0}, {nope, 1}, {a_v, 1}], #{atomic => true}),
+    ?assertMatch(#{f := {invalid_value, _}, nope := {not_found, nope}, a_v := {not_found, a_v}}, Errs),
+    ?assertNot(maps:is_key(a, Errs)),
+    ?assertEqual({ok, 1}, dspex_store:get_value(S, a)), %% nothing committed
+    {error, {batch_failed, #{a := {version_mismatch, 0}}}} =
+        dspex_store:set_many(S, [{a, 2, #{expected_version => 7}}, {f, 0.1}], #{atomic => true}),
+    ?assertEqual({ok, 0.5}, dspex_store:get_value(S, f)),
+    ?assertEqual({ok, #{a => 1, f => 1}}, dspex_store:set_many(S, #{a => 2, f => 0.1}, #{atomic => true})).
+
+set_many_non_atomic_applies_valid_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, a, integer, 1),
+    {ok, _} = dspex_store:register(S, b, integer, 1),
+    {ok, #{updated := #{a := 1}, errors := #{b := {invalid_value, _}, c := {not_found, c}}}} =
+        dspex_store:set_many(S, [{a, 5}, {b, <<"x">>}, {c, 1}]),
+    ?assertEqual({ok, 5}, dspex_store:get_value(S, a)),
+    ?assertEqual({error, {duplicate_variable, a}}, dspex_store:set_many(S, [{a, 1}, {a, 2}])),
+    ?assertEqual({ok, 5}, dspex_store:get_value(S, a)).
+
+%%% watch --------------------------------------------------------------------------------
+
+watch_delivers_changes_in_order_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    Ref = dspex_store:watch(S, [x, x], self()),
+    [{ok, _} = dspex_store:set(S, x, V, #{changed_by => me}) || V <- [1, 2, 3]],
+    Got = [receive {dspex_variable, Ref, S, <<"x">>, Old, New, #{version := Ver, previous_version := P, changed_by := me}} ->
+                       {Old, New, P, Ver}
+           after 1000 -> timeout end || _ <- [1, 2, 3]],
+    ?assertEqual([{0, 1, 0, 1}, {1, 2, 1, 2}, {2, 3, 2, 3}], Got),
+    %% named twice, watched once: no duplicate messages are waiting
+    ok = dspex_store:unwatch(Ref),
+    ok = dspex_store:unwatch(Ref),
+    {ok, 4} = dspex_store:set(S, x, 4),
+    Ref2 = dspex_store:watch(S, [x], self()),
+    {ok, 5} = dspex_store:set(S, x, 5),
+    receive {dspex_variable, R, _, _, _, _, _} -> ?assertEqual(Ref2, R) after 1000 -> ?assert(false) end,
+    ok = dspex_store:unwatch(Ref2).
+
+watch_errors_test() ->
+    S = new(),
+    ?assertEqual({error, {not_found, nope}}, dspex_store:watch(S, [nope], self())),
+    ?assertEqual({error, {invalid_argument, variables}}, dspex_store:watch(S, [], self())),
+    ?assertEqual({error, session_not_found}, dspex_store:watch(sid(), [x], self())).
+
+dead_watcher_is_removed_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    {Pid, MRef} = spawn_monitor(fun() -> receive stop -> ok end end),
+    _Ref = dspex_store:watch(S, [x], Pid),
+    {ok, #{watchers := 1}} = dspex_store:info(S, x),
+    Pid ! stop,
+    receive {'DOWN', MRef, process, Pid, _} -> ok end,
+    %% the monitor's down callback detaches the watch; await it without sleeping blindly
+    ?assertEqual(ok, wait_until(fun() -> {ok, #{watchers := W}} = dspex_store:info(S, x), W =:= 0 end)),
+    {ok, 1} = dspex_store:set(S, x, 1).
+
+%% The down callback runs right after the DOWN signal on another scheduler; poll
+%% with yields for a bounded time (there is no message to await from a NIF).
+wait_until(F) -> wait_until(F, 10000).
+wait_until(_F, 0) -> timeout;
+wait_until(F, N) ->
+    case F() of
+        true -> ok;
+        false -> erlang:yield(), wait_until(F, N - 1)
+    end.
+
+%%% export / import --------------------------------------------------------------
+
+export_import_roundtrip_test() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 120, metadata => #{owner => <<"me">>}}),
+    {ok, _} = dspex_store:register(S, f, float, 0.5, #{constraints => #{min => 0, max => 1}, history_limit => 2}),
+    {ok, _} = dspex_store:register(S, t, tensor, #{shape => [1, 2], data => [1, 2]}, #{metadata => #{k => v}}),
+    {ok, _} = dspex_store:register(S, c, choice, <<"a">>, #{constraints => #{choices => [a, b]}}),
+    [{ok, _} = dspex_store:set(S, f, V, #{changed_by => {opt, 1}}) || V <- [0.1, 0.2, 0.3]],
+    {ok, E} = dspex_store:export_session(S),
+    ?assertEqual({error, {already_exists, S}}, dspex_store:import_session(E)),
+    ok = dspex_store:delete_session(S),
+    ok = dspex_store:import_session(E),
+    {ok, E2} = dspex_store:export_session(S),
+    ?assertEqual(E, E2),
+    {ok, #{version := 3, value := 0.3}} = dspex_store:get(S, f),
+    {ok, 4} = dspex_store:set(S, f, 0.4), %% versions continue
+    {ok, #{ttl := 120, metadata := #{owner := <<"me">>}}} = dspex_store:get_session(S).
+
+import_validates_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, f, float, 0.5, #{constraints => #{max => 1}}),
+    {ok, E = #{variables := [V]}} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    Bad = E#{variables := [V#{value := 7.0}]},
+    ?assertMatch({error, {invalid_export, <<"value 7.0 is above maximum 1.0">>}}, dspex_store:import_session(Bad)),
+    ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+    ?assertMatch({error, {invalid_export, _}}, dspex_store:import_session(#{format => other})).
+
+%%% limits and bad input --------------------------------------------------------------
+
+limits_test_() ->
+    {setup, fun() -> dspex_store:limits() end, fun(L) -> ok = dspex_store:set_limits(L) end,
+     fun(_) ->
+             [fun() ->
+                      S = new(),
+                      ok = dspex_store:set_limits(#{max_name_length => 8, max_value_bytes => 16, max_variables => 2}),
+                      ?assertEqual({error, {limit_exceeded, name_length}},
+                                   dspex_store:register(S, <<"123456789">>, integer, 1)),
+                      ?assertEqual({error, {limit_exceeded, value_size}},
+                                   dspex_store:register(S, s, string, binary:copy(<<"x">>, 17))),
+                      {ok, _} = dspex_store:register(S, a, integer, 1),
+                      {ok, _} = dspex_store:register(S, b, integer, 1),
+                      ?assertEqual({error, {limit_exceeded, variables}}, dspex_store:register(S, c, integer, 1)),
+                      ?assertEqual({error, {limit_exceeded, value_size}},
+                                   dspex_store:register(S, e, embedding, lists:seq(1, 3)))
+              end]
+     end}.
+
+type_errors_raise_badarg_test() ->
+    S = new(),
+    ?assertError(badarg, dspex_store:get(S, 42)),
+    ?assertError(badarg, dspex_store:get(not_a_binary, x)),
+    ?assertError(badarg, dspex_store:set(S, x, 1, not_a_map)),
+    ?assertError(badarg, dspex_store:get(S, 'caf\x{e9}')). %% non-ASCII atom text is refused, never guessed
+
+big_values_run_on_dirty_schedulers_test_() ->
+    {timeout, 60, fun() ->
+        S = new(),
+        Big = [float(I) || I <- lists:seq(1, 500000)],
+        {ok, _} = dspex_store:register(S, e, embedding, Big),
+        ?assertEqual({ok, Big}, dspex_store:get_value(S, e)),
+        T = #{shape => [1000, 500], data => Big},
+        {ok, _} = dspex_store:register(S, t, tensor, T),
+        {ok, 1} = dspex_store:set(S, t, T),
+        ?assertEqual({ok, T}, dspex_store:get_value(S, t))
+    end}.
+
+ttl_expiry_by_sweeper_test_() ->
+    {setup, fun() -> application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
+     fun() ->
+             S = sid(),
+             {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
+             {ok, _} = dspex_store:register(S, x, integer, 1),
+             Keep = new(), %% default ttl 3600 s
+             ok = dspex_nif:advance_clock(1500), %% the TTL clock, not the wall clock
+             ?assertEqual({error, session_not_found}, dspex_store:get(S, x)),
+             ?assert(dspex_session_sweeper:sweep_now() >= 1),
+             ?assertNot(lists:member(S, dspex_store:list_sessions())),
+             ?assertMatch({ok, _}, dspex_store:get_session(Keep))
+     end}.
