@@ -15,9 +15,10 @@
 %% `float' (integers are stored as floats; `nan', `infinity', `neg_infinity'
 %% allowed), `integer' (64-bit; a whole float is stored as an integer),
 %% `string', `boolean', `choice' (one of `choices'), `module' (a module name as
-%% a string, an ASCII atom is accepted), `embedding' (list of numbers, stored as
-%% floats), `tensor' (`#{shape => [N], data => [Number]}', data length equal to
-%% the product of the shape).
+%% a string), `embedding' (list of numbers, stored as floats), `tensor' (`#{shape => [N], data => [Number]}', data length equal to
+%% the product of the shape). For `string', `choice' and `module' an ASCII atom
+%% is accepted and means its text (`true' is then <<"true">>). An integer beyond
+%% 64 bits given for a float is stored as the nearest float.
 %%
 %% == Errors ==
 %% All runtime failures are `{error, Reason}' with the reasons documented on
@@ -253,7 +254,9 @@ rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
 
 %% @doc Makes the value (and metadata) of an earlier version current again, as a
 %% NEW version. A version no longer in history is `{error, {version_not_found, V}}'.
-%% Accepts the options of `set/4'.
+%% Accepts the options of `set/4'; a `metadata' option is merged into the
+%% metadata of the version brought back. Rolling back to the current version
+%% commits its value again as a new version.
 -spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 rollback(Session, Key, Version, Opts) -> dspex_nif:var_rollback(Session, Key, Version, Opts).

@@ -443,8 +443,8 @@ int dx_var_set(dx_session *s, dx_var *v, const dx_value *val, const dx_set_opts 
 
 static int cmp_shard_idx(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
 
-int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, int64_t now_us, dx_notify_fn nf,
-                    void *nctx) {
+int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, bool check_only, int64_t now_us,
+                    dx_notify_fn nf, void *nctx) {
     /* Lock the shards involved in ascending index order: no deadlock between batches. */
     int idx[DX_SHARDS], nidx = 0;
     bool used[DX_SHARDS] = {0};
@@ -460,8 +460,13 @@ int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, int64
     int failed = 0;
     for (size_t i = 0; i < n; i++) {
         it[i].rc = next ? precheck(it[i].var, &it[i].value, &it[i].opts, &it[i].version) : DX_E_NOMEM;
-        if (!it[i].rc && !(next[i] = prepare(it[i].var, &it[i].value, &it[i].opts, now_us))) it[i].rc = DX_E_NOMEM;
+        if (!it[i].rc && !check_only && !(next[i] = prepare(it[i].var, &it[i].value, &it[i].opts, now_us)))
+            it[i].rc = DX_E_NOMEM;
         failed |= it[i].rc != DX_OK;
+    }
+    if (check_only) { /* nothing commits */
+        atomic = true;
+        failed = 1;
     }
     if (!(atomic && failed))
         for (size_t i = 0; i < n; i++)
@@ -470,7 +475,7 @@ int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, int64
     if (atomic && failed && next)
         for (size_t i = 0; i < n; i++) free(next[i]);
     free(next);
-    return atomic && failed ? DX_E_BATCH : DX_OK;
+    return (atomic && failed) || check_only ? DX_E_BATCH : DX_OK;
 }
 
 int dx_var_delete(dx_session *s, dx_str key) {

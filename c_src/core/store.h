@@ -150,9 +150,10 @@ typedef struct {
 } dx_set_item;
 
 /* Atomic: every item is checked first; all commit or none (returns DX_E_BATCH).
- * Not atomic: each valid item commits; returns DX_OK. Items must name distinct vars. */
-int dx_var_set_many(dx_session *s, dx_set_item *items, size_t n, bool atomic, int64_t now_us, dx_notify_fn nf,
-                    void *nctx);
+ * Not atomic: each valid item commits; returns DX_OK. check_only: run the checks
+ * under the locks and report them, commit nothing. Items must name distinct vars. */
+int dx_var_set_many(dx_session *s, dx_set_item *items, size_t n, bool atomic, bool check_only, int64_t now_us,
+                    dx_notify_fn nf, void *nctx);
 
 int dx_var_delete(dx_session *s, dx_str key);
 

@@ -196,7 +196,7 @@ int dx_constraints_add(dx_constraints *c, dx_type t, const char *key, size_t kle
         if (t == DX_T_FLOAT) {
             double d;
             if (v->kind == DX_RAW_INT) d = (double)v->i;
-            else if (v->kind == DX_RAW_FLOAT && !isnan(v->f)) d = v->f;
+            else if ((v->kind == DX_RAW_FLOAT || v->kind == DX_RAW_BIGINT) && !isnan(v->f)) d = v->f;
             else return fail(err, errlen, "constraint %s must be a number, got %s", kn, raw_desc(v));
             if (is_min) c->min_f = d; else c->max_f = d;
         } else {
@@ -408,13 +408,17 @@ int dx_value_validate(const dx_value *v, const dx_constraints *c, char *err, siz
         return DX_OK;
     case DX_T_TENSOR: {
         uint64_t prod = 1;
+        int zero = 0;
         for (size_t i = 0; i < v->u.v.ndim; i++) {
             if (v->u.v.shape[i] < 0) return fail(err, errlen, "tensor shape has a negative dimension");
-            if (v->u.v.shape[i] && prod > UINT64_MAX / (uint64_t)v->u.v.shape[i]) {
-                return fail(err, errlen, "tensor shape is too large");
-            }
+            zero |= v->u.v.shape[i] == 0;
+        }
+        /* with a zero dimension the product is 0, however large the others */
+        for (size_t i = 0; !zero && i < v->u.v.ndim; i++) {
+            if (prod > UINT64_MAX / (uint64_t)v->u.v.shape[i]) return fail(err, errlen, "tensor shape is too large");
             prod *= (uint64_t)v->u.v.shape[i];
         }
+        if (zero) prod = 0;
         char s1[128];
         format_shape(s1, sizeof s1, v->u.v.shape, v->u.v.ndim);
         if (prod != v->u.v.n)
@@ -442,6 +446,7 @@ int dx_value_check(dx_type t, const dx_constraints *c, const dx_raw *r, dx_value
     case DX_T_FLOAT:
         if (r->kind == DX_RAW_INT) out->u.f = (double)r->i;
         else if (r->kind == DX_RAW_FLOAT) out->u.f = r->f;
+        else if (r->kind == DX_RAW_BIGINT && isfinite(r->f)) out->u.f = r->f;
         else if (r->kind == DX_RAW_BIGINT) return fail(err, errlen, "integer is too large to store as a float");
         else return fail(err, errlen, "expected a float, got %s", raw_desc(r));
         break;
@@ -464,7 +469,7 @@ int dx_value_check(dx_type t, const dx_constraints *c, const dx_raw *r, dx_value
     case DX_T_STRING:
     case DX_T_CHOICE:
     case DX_T_MODULE:
-        if (r->kind != DX_RAW_BYTES) return fail(err, errlen, "expected a string, got %s", raw_desc(r));
+        if (r->kind != DX_RAW_BYTES && !r->atom) return fail(err, errlen, "expected a string, got %s", raw_desc(r));
         out->u.s = r->s;
         break;
     case DX_T_EMBEDDING:

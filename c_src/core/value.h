@@ -44,7 +44,7 @@ typedef struct {
 /* Input as the caller received it, before the variable's type is applied. */
 typedef enum {
     DX_RAW_INT,
-    DX_RAW_BIGINT,  /* an integer outside int64 */
+    DX_RAW_BIGINT,  /* an integer outside int64; f holds it as a double (inf if too big) */
     DX_RAW_FLOAT,   /* includes NaN / infinities */
     DX_RAW_BOOL,
     DX_RAW_BYTES,   /* a string */
@@ -67,6 +67,7 @@ typedef struct {
     const dx_str *strs;
     size_t nstrs;
     const char *desc; /* e.g. "a map", for error messages */
+    bool atom;        /* the input was an ASCII atom; s holds its text (string types accept it) */
 } dx_raw;
 
 /* Constraint flags */

@@ -129,6 +129,34 @@ static int map_get2(ErlNifEnv *env, ERL_NIF_TERM m, ERL_NIF_TERM atom, const cha
     return enif_get_map_value(env, m, k, v);
 }
 
+/* A bignum as the nearest double (inf when beyond the double range), read from
+ * its external format: the top 64 bits of the magnitude, scaled. */
+static double bignum_to_double(ErlNifEnv *env, ERL_NIF_TERM t) {
+    ErlNifBinary ext;
+    double d = INFINITY;
+    if (!enif_term_to_binary(env, t, &ext)) return d;
+    const unsigned char *p = ext.data;
+    size_t n = 0, off = 0;
+    if (ext.size >= 4 && p[1] == 110) { n = p[2]; off = 3; }            /* SMALL_BIG_EXT */
+    else if (ext.size >= 7 && p[1] == 111) {                            /* LARGE_BIG_EXT */
+        n = ((size_t)p[2] << 24) | ((size_t)p[3] << 16) | ((size_t)p[4] << 8) | p[5];
+        off = 6;
+    }
+    if (off && off + 1 + n <= ext.size && n > 0) {
+        int neg = p[off];
+        const unsigned char *dig = p + off + 1; /* little-endian base-256 digits */
+        if (n <= 128) {
+            size_t top = n < 8 ? n : 8;
+            uint64_t hi = 0;
+            for (size_t i = 0; i < top; i++) hi = (hi << 8) | dig[n - 1 - i];
+            d = ldexp((double)hi, (int)(8 * (n - top)));
+        }
+        if (neg) d = -d;
+    }
+    enif_release_binary(&ext);
+    return d;
+}
+
 int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_bytes) {
     memset(&b->raw, 0, sizeof b->raw);
     b->too_big = 0;
@@ -141,7 +169,21 @@ int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_byte
     r->kind = DX_RAW_OTHER;
     if (enif_get_int64(env, t, &i)) { r->kind = DX_RAW_INT; r->i = i; return 0; }
     if (enif_get_double(env, t, &r->f)) { r->kind = DX_RAW_FLOAT; return 0; }
-    if (enif_is_number(env, t)) { r->kind = DX_RAW_BIGINT; return 0; }
+    if (enif_is_number(env, t)) {
+        r->kind = DX_RAW_BIGINT;
+        r->f = bignum_to_double(env, t);
+        return 0;
+    }
+    if (enif_is_atom(env, t)) {
+        /* Atom text is accepted where a string is expected (string, choice,
+         * module), also for atoms that mean something else elsewhere. */
+        int n = enif_get_atom(env, t, b->atom_text, sizeof b->atom_text, ERL_NIF_LATIN1);
+        if (n > 0 && ascii(b->atom_text, (size_t)n - 1)) {
+            r->atom = true;
+            r->s = (dx_str){b->atom_text, (size_t)n - 1};
+        }
+        r->desc = "an atom";
+    }
     if (enif_is_identical(t, ATOM_true) || enif_is_identical(t, ATOM_false)) {
         r->kind = DX_RAW_BOOL;
         r->b = enif_is_identical(t, ATOM_true);
@@ -154,16 +196,7 @@ int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_byte
         r->s = (dx_str){(const char *)bin.data, bin.size};
         return 0;
     }
-    if (enif_is_atom(env, t)) {
-        /* Atom text is accepted where a string is expected (module, choice). */
-        int n = enif_get_atom(env, t, b->atom_text, sizeof b->atom_text, ERL_NIF_LATIN1);
-        if (n > 0 && ascii(b->atom_text, (size_t)n - 1)) {
-            r->kind = DX_RAW_BYTES;
-            r->s = (dx_str){b->atom_text, (size_t)n - 1};
-        }
-        r->desc = "an atom";
-        return 0;
-    }
+    if (enif_is_atom(env, t)) return 0;
     if (enif_is_list(env, t)) {
         double *d;
         size_t n;

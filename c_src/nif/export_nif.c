@@ -149,7 +149,11 @@ static ERL_NIF_TERM import_var(ErlNifEnv *env, dx_session *s, ERL_NIF_TERM m) {
         return invalid(env, rc < 0 ? "constraints must be a map" : err);
     }
     unsigned nh = 0;
-    enif_get_list_length(env, hlist, &nh);
+    if (!enif_get_list_length(env, hlist, &nh)) {
+        /* an improper list: never walk cells the buffers were not sized for */
+        dx_constraints_free(&cons);
+        return invalid(env, "history must be a proper list");
+    }
     dx_rawbuf *bufs = enif_alloc((nh + 1) * sizeof *bufs);
     dx_import_hist *hist = enif_alloc((nh ? nh : 1) * sizeof *hist);
     ErlNifBinary *blobs = enif_alloc((2 * nh + 2) * sizeof *blobs);
@@ -250,6 +254,11 @@ DX_NIF(nif_import_session) {
                                     have_meta ? meta.size : 0, ttl, created, dx_now_ms());
     if (have_meta) enif_release_binary(&meta);
     if (!s) return idb.size > dx_store_limits().max_name_len ? dx_limit_error(env, DX_L_NAME_LENGTH) : dx_error(env, ATOM_enomem);
+    unsigned nvars;
+    if (!enif_get_list_length(env, vars, &nvars)) {
+        dx_import_abort(s);
+        return invalid(env, "variables must be a proper list");
+    }
     while (enif_get_list_cell(env, vars, &h, &vars)) {
         ERL_NIF_TERM e = import_var(env, s, h);
         if (e) {

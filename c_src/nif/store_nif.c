@@ -589,7 +589,7 @@ DX_NIF(nif_var_set_many) {
     bool atomic = enif_is_identical(argv[2], ATOM_true);
     /* validate shapes first: a badarg must change nothing */
     ERL_NIF_TERM l = argv[1], h;
-    size_t total = 0;
+    size_t lists = 0;
     while (enif_get_list_cell(env, l, &h, &l)) {
         const ERL_NIF_TERM *tup;
         int arity;
@@ -597,34 +597,46 @@ DX_NIF(nif_var_set_many) {
         dx_str k;
         if (!enif_get_tuple(env, h, &arity, &tup) || arity != 3 || !get_key(env, tup[0], &k, kbuf) || !enif_is_map(env, tup[2]))
             return enif_make_badarg(env);
-        total += enif_is_list(env, tup[1]) ? 1 : 0;
+        lists += enif_is_list(env, tup[1]) || enif_is_map(env, tup[1]);
     }
-    if (!on_dirty() && (n > 100 || total > 0)) return RESCHEDULE("var_set_many", nif_var_set_many);
+    if (!on_dirty() && (n > 100 || lists > 0)) return RESCHEDULE("var_set_many", nif_var_set_many);
     WITH_SESSION(s, argv[0]);
-    dx_set_item *items = enif_alloc((n ? n : 1) * sizeof *items);
-    dx_rawbuf *bufs = enif_alloc((n ? n : 1) * sizeof *bufs);
-    set_opts_buf *obs = enif_alloc((n ? n : 1) * sizeof *obs);
-    ERL_NIF_TERM *keys = enif_alloc((n ? n : 1) * sizeof *keys);
-    ERL_NIF_TERM *errs = enif_alloc((n ? n : 1) * sizeof *errs);
-    int *slot = enif_alloc((n ? n : 1) * sizeof *slot); /* item index per input, -1 failed early */
+    size_t cnt = n ? n : 1;
+    dx_set_item *items = enif_alloc(cnt * sizeof *items);
+    dx_rawbuf *bufs = enif_alloc(cnt * sizeof *bufs);
+    set_opts_buf *obs = enif_alloc(cnt * sizeof *obs);
+    const ERL_NIF_TERM **tups = enif_alloc(cnt * sizeof *tups);
+    dx_var **vars = enif_alloc(cnt * sizeof *vars);
+    ERL_NIF_TERM *errs = enif_alloc(cnt * sizeof *errs);
+    int *slot = enif_alloc(cnt * sizeof *slot); /* item index per update, -1 failed before the locks */
     ERL_NIF_TERM r;
     size_t ni = 0, nbufs = 0, nobs = 0;
     int any_err = 0;
-    if (!items || !bufs || !obs || !keys || !errs || !slot) {
+    if (!items || !bufs || !obs || !tups || !vars || !errs || !slot) {
         r = dx_error(env, ATOM_enomem);
         goto out;
     }
+    /* Resolve every key first: a variable named twice (by name, atom or id)
+     * refuses the whole batch, whatever else is wrong with either update. */
     l = argv[1];
     for (unsigned i = 0; enif_get_list_cell(env, l, &h, &l); i++) {
-        const ERL_NIF_TERM *tup;
         int arity;
-        char kbuf[DX_ATOM_TEXT], err[DX_ERRLEN];
+        char kbuf[DX_ATOM_TEXT];
         dx_str k;
-        enif_get_tuple(env, h, &arity, &tup);
-        get_key(env, tup[0], &k, kbuf);
-        keys[i] = tup[0];
+        enif_get_tuple(env, h, &arity, &tups[i]);
+        get_key(env, tups[i][0], &k, kbuf);
+        vars[i] = dx_var_find(s, k);
+        for (unsigned j = 0; vars[i] && j < i; j++)
+            if (vars[j] == vars[i]) {
+                r = dx_error2(env, ATOM_duplicate_variable, tups[i][0]);
+                goto out;
+            }
+    }
+    for (unsigned i = 0; i < n; i++) {
+        const ERL_NIF_TERM *tup = tups[i];
+        char err[DX_ERRLEN];
+        dx_var *v = vars[i];
         slot[i] = -1;
-        dx_var *v = dx_var_find(s, k);
         ERL_NIF_TERM bad = parse_set_opts(env, tup[2], &obs[nobs]);
         if (bad) {
             set_opts_free(&obs[nobs]);
@@ -638,12 +650,6 @@ DX_NIF(nif_var_set_many) {
             any_err = 1;
             continue;
         }
-        for (size_t j = 0; j < ni; j++)
-            if (items[j].var == v) {
-                /* The same variable twice (by name, atom or id): refuse the whole batch. */
-                r = dx_error2(env, ATOM_duplicate_variable, tup[0]);
-                goto out;
-            }
         dx_rawbuf *b = &bufs[nbufs];
         if (dx_term_to_raw(env, tup[1], b, dx_store_limits().max_value_bytes)) {
             dx_rawbuf_free(b);
@@ -663,7 +669,7 @@ DX_NIF(nif_var_set_many) {
             any_err = 1;
             continue;
         }
-        /* Batch metadata is a replacement merged now (no retry loop inside a batch lock). */
+        /* Metadata patches are merged now: no retry loop inside the batch's locks. */
         if (ob->meta_patch) {
             ErlNifBinary mb;
             if (!merge_meta(env, dx_var_current(v), ob->meta_patch, &mb)) {
@@ -679,28 +685,26 @@ DX_NIF(nif_var_set_many) {
         items[ni] = (dx_set_item){.var = v, .value = val, .opts = ob->o};
         slot[i] = (int)ni++;
     }
-    if (atomic && any_err) {
-        r = ATOM_false; /* nothing committed */
-    } else {
-        notify_ctx nc = {env, argv[0]};
-        dx_var_set_many(s, items, ni, atomic, dx_now_us(), dx_watch_notify, &nc);
-        r = ATOM_true;
-    }
     {
+        /* An atomic batch that already failed still runs the in-lock checks
+         * (check_only) so that every failing update is reported. */
+        notify_ctx nc = {env, argv[0]};
+        bool committed = !(atomic && any_err);
+        dx_var_set_many(s, items, ni, atomic, !committed, dx_now_us(), dx_watch_notify, &nc);
         ERL_NIF_TERM ok_map = enif_make_new_map(env), err_map = enif_make_new_map(env);
         bool failed = false;
         for (unsigned i = 0; i < n; i++) {
+            ERL_NIF_TERM key = tups[i][0];
             if (slot[i] < 0) {
-                enif_make_map_put(env, err_map, keys[i], errs[i], &err_map);
+                enif_make_map_put(env, err_map, key, errs[i], &err_map);
                 failed = true;
                 continue;
             }
             dx_set_item *it = &items[slot[i]];
-            if (enif_is_identical(r, ATOM_false)) continue; /* atomic abort: only the failures are reported */
             if (it->rc == DX_OK) {
-                enif_make_map_put(env, ok_map, keys[i], enif_make_uint64(env, it->version), &ok_map);
+                if (committed) enif_make_map_put(env, ok_map, key, enif_make_uint64(env, it->version), &ok_map);
             } else {
-                enif_make_map_put(env, err_map, keys[i], rc_reason(env, it->rc, keys[i], it->version, DX_L_VALUE_SIZE, NULL), &err_map);
+                enif_make_map_put(env, err_map, key, rc_reason(env, it->rc, key, it->version, DX_L_VALUE_SIZE, NULL), &err_map);
                 failed = true;
             }
         }
@@ -709,7 +713,7 @@ DX_NIF(nif_var_set_many) {
         } else if (atomic) {
             r = enif_make_tuple2(env, ATOM_ok, ok_map);
         } else {
-            ERL_NIF_TERM k2[2] = {ATOM_updated, ATOM_errors}, v2[2] = {ok_map, err_map}, m;
+            ERL_NIF_TERM k2[2] = {ATOM_errors, ATOM_updated}, v2[2] = {err_map, ok_map}, m;
             enif_make_map_from_arrays(env, k2, v2, 2, &m);
             r = enif_make_tuple2(env, ATOM_ok, m);
         }
@@ -721,7 +725,8 @@ out:
     if (items) enif_free(items);
     if (bufs) enif_free(bufs);
     if (obs) enif_free(obs);
-    if (keys) enif_free(keys);
+    if (tups) enif_free(tups);
+    if (vars) enif_free(vars);
     if (errs) enif_free(errs);
     if (slot) enif_free(slot);
     return r;
@@ -778,11 +783,35 @@ DX_NIF(nif_var_rollback) {
     if (!s) r = dx_error(env, ATOM_session_not_found);
     else if (!v) r = dx_error2(env, ATOM_not_found, argv[1]);
     else {
-        uint64_t version = target;
         notify_ctx nc = {env, argv[0]};
-        int rc = dx_var_rollback(s, v, target, &ob.o, dx_now_us(), &version, dx_watch_notify, &nc);
-        r = rc ? dx_rc_error(env, rc, argv[1], version, DX_L_VALUE_SIZE, NULL)
-               : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
+        for (;;) {
+            uint64_t version = target;
+            dx_set_opts o = ob.o;
+            ErlNifBinary meta = {0};
+            int rc = DX_OK;
+            if (ob.meta_patch) {
+                /* The patch merges into the metadata of the version brought back;
+                 * the rollback then commits only if nothing changed meanwhile. */
+                dx_snap *cur = dx_var_current(v), *src = cur->version == target ? cur : NULL;
+                dx_snap **hist = src ? NULL : enif_alloc((v->history_limit ? v->history_limit : 1) * sizeof *hist);
+                long nh = hist ? dx_var_history(s, v, hist, v->history_limit) : 0;
+                for (long i = 0; !src && i < nh; i++)
+                    if (hist[i]->version == target) src = hist[i];
+                if (!src) rc = nh < 0 ? DX_E_NOT_FOUND : DX_E_VERSION_NOT_FOUND;
+                else if (merge_meta(env, src, ob.meta_patch, &meta)) rc = DX_E_NOMEM;
+                if (hist) enif_free(hist);
+                o.set_meta = true;
+                o.meta = meta.size ? meta.data : NULL;
+                o.meta_len = meta.size;
+                o.if_current = cur;
+            }
+            if (!rc) rc = dx_var_rollback(s, v, target, &o, dx_now_us(), &version, dx_watch_notify, &nc);
+            if (meta.data) enif_release_binary(&meta);
+            if (rc == DX_E_RETRY) continue;
+            r = rc ? dx_rc_error(env, rc, argv[1], version, DX_L_VALUE_SIZE, NULL)
+                   : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
+            break;
+        }
     }
     dx_ebr_exit();
     set_opts_free(&ob);

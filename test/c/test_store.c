@@ -171,22 +171,29 @@ static void test_batches(void **st) {
         {.var = a, .value = {.type = DX_T_INTEGER, .u.i = 10}},
         {.var = b, .value = {.type = DX_T_INTEGER, .u.i = 20}, .opts = {.has_expected = true, .expected = 7}},
     };
-    assert_int_equal(dx_var_set_many(s, it, 2, true, T_US, NULL, NULL), DX_E_BATCH);
+    assert_int_equal(dx_var_set_many(s, it, 2, true, false, T_US, NULL, NULL), DX_E_BATCH);
     assert_int_equal(it[0].rc, DX_OK);
     assert_int_equal(it[1].rc, DX_E_VERSION_MISMATCH);
     assert_int_equal(cur_int(a), 1); /* nothing committed */
     assert_int_equal(cur_int(b), 2);
-    assert_int_equal(dx_var_set_many(s, it, 2, false, T_US, NULL, NULL), DX_OK);
+    assert_int_equal(dx_var_set_many(s, it, 2, false, false, T_US, NULL, NULL), DX_OK);
     assert_int_equal(cur_int(a), 10); /* the valid one committed */
     assert_int_equal(cur_int(b), 2);
     it[1].opts.expected = 0;
     it[0].value.u.i = 11;
-    assert_int_equal(dx_var_set_many(s, it, 2, true, T_US, NULL, NULL), DX_OK);
+    assert_int_equal(dx_var_set_many(s, it, 2, true, false, T_US, NULL, NULL), DX_OK);
     assert_int_equal(cur_int(a), 11);
     assert_int_equal(cur_int(b), 20);
     assert_int_equal(it[1].version, 1);
+    /* check_only reports without committing, even when everything would pass */
+    it[0].value.u.i = 12;
+    it[1].opts.expected = 1;
+    assert_int_equal(dx_var_set_many(s, it, 2, true, true, T_US, NULL, NULL), DX_E_BATCH);
+    assert_int_equal(it[0].rc, DX_OK);
+    assert_int_equal(it[1].rc, DX_OK);
+    assert_int_equal(cur_int(a), 11);
     dx_set_item dup[2] = {{.var = a, .value = {.type = DX_T_INTEGER}}, {.var = a, .value = {.type = DX_T_INTEGER}}};
-    assert_int_equal(dx_var_set_many(s, dup, 2, true, T_US, NULL, NULL), DX_E_INVALID);
+    assert_int_equal(dx_var_set_many(s, dup, 2, true, false, T_US, NULL, NULL), DX_E_INVALID);
     dx_session_delete(S("b"));
     dx_ebr_exit();
 }
