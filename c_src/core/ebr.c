@@ -3,6 +3,9 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define SLOTS 512
 #define LINE 64
@@ -35,16 +38,43 @@ static retired_t *g_ret;
 static size_t g_nret, g_capret;
 static size_t g_since_reclaim;
 
+/* Asymmetric fence: with membarrier(PRIVATE_EXPEDITED) the reclaimer forces a
+ * full barrier on every running thread of the process, so a reader's epoch
+ * announcement needs only a compiler barrier instead of a locked instruction.
+ * 1: available, 0: not (readers then use a seq_cst store), -1: not probed. */
+static _Atomic int g_membarrier = -1;
+
+static int membarrier_ready(void) {
+    int m = atomic_load_explicit(&g_membarrier, memory_order_relaxed);
+    if (m >= 0) return m;
+    long q = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    m = q > 0 && (q & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+        syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+    atomic_store(&g_membarrier, m);
+    return m;
+}
+
+static void heavy_fence(void) {
+    if (membarrier_ready() != 1 || syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)
+        atomic_thread_fence(memory_order_seq_cst);
+}
+
 void dx_ebr_enter(void) {
     if (t_depth++ > 0) return;
     if (t_slot == -1) {
         int i = atomic_fetch_add(&g_nslots, 1);
         t_slot = i < SLOTS ? i : -2;
+        membarrier_ready(); /* decide before this thread's first light announcement */
     }
     if (t_slot >= 0) {
         uint64_t e = atomic_load_explicit(&g_epoch, memory_order_relaxed);
-        /* seq_cst: the announcement must be visible before any shared read. */
-        atomic_store_explicit(&g_slots[t_slot].epoch, e, memory_order_seq_cst);
+        if (atomic_load_explicit(&g_membarrier, memory_order_relaxed) == 1) {
+            atomic_store_explicit(&g_slots[t_slot].epoch, e, memory_order_relaxed);
+            atomic_signal_fence(memory_order_seq_cst); /* the reclaimer's membarrier orders the rest */
+        } else {
+            /* the announcement must be visible before any shared read */
+            atomic_store_explicit(&g_slots[t_slot].epoch, e, memory_order_seq_cst);
+        }
     } else {
         atomic_fetch_add_explicit(&g_overflow, 1, memory_order_seq_cst);
     }
@@ -60,6 +90,8 @@ void dx_ebr_exit(void) {
 
 /* Advance the global epoch if every active reader has seen the current one. */
 static uint64_t try_advance(void) {
+    /* Make every reader's announcement (a plain store) visible before the scan. */
+    heavy_fence();
     uint64_t e = atomic_load_explicit(&g_epoch, memory_order_seq_cst);
     if (atomic_load_explicit(&g_overflow, memory_order_seq_cst) > 0) return e;
     int n = atomic_load_explicit(&g_nslots, memory_order_acquire);
