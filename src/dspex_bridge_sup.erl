@@ -10,5 +10,7 @@ start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 init([]) ->
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
     Children = [#{id => dspex_session_sweeper,
-                  start => {dspex_session_sweeper, start_link, [Interval]}}],
+                  start => {dspex_session_sweeper, start_link, [Interval]}},
+                #{id => dspex_propagator_sup, type => supervisor,
+                  start => {dspex_propagator_sup, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

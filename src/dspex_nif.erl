@@ -6,9 +6,10 @@
 
 -export([session_create/3, session_get/1, session_list/0, session_touch/1, session_delete/1,
          sweep/0, reclaim/0, advance_clock/1, set_limits/1, get_limits/0, stats/0,
-         var_register/8, var_get/2, var_get_value/2, var_exists/2, var_set/4, var_delete/2,
+         var_register/9, var_get/2, var_get_value/2, var_exists/2, var_set/4, var_delete/2,
          var_list/2, var_get_many/2, var_set_many/3, var_history/3, var_rollback/4,
-         watch/3, unwatch/1, var_info/2, export_session/1, import_session/1]).
+         watch/3, unwatch/1, var_info/2, export_session/1, import_session/1,
+         graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -31,7 +32,7 @@ advance_clock(_Ms) -> ?NOT_LOADED.
 set_limits(_Map) -> ?NOT_LOADED.
 get_limits() -> ?NOT_LOADED.
 stats() -> ?NOT_LOADED.
-var_register(_S, _Name, _Type, _Value, _Cons, _Meta, _HistoryLimit, _By) -> ?NOT_LOADED.
+var_register(_S, _Name, _Type, _Value, _Cons, _Meta, _HistoryLimit, _By, _Derived) -> ?NOT_LOADED.
 var_get(_S, _Key) -> ?NOT_LOADED.
 var_get_value(_S, _Key) -> ?NOT_LOADED.
 var_exists(_S, _Key) -> ?NOT_LOADED.
@@ -47,3 +48,9 @@ unwatch(_Ref) -> ?NOT_LOADED.
 var_info(_S, _Key) -> ?NOT_LOADED.
 export_session(_S) -> ?NOT_LOADED.
 import_session(_Term) -> ?NOT_LOADED.
+graph_add(_S, _From, _To, _Type) -> ?NOT_LOADED.
+graph_remove(_S, _From, _To) -> ?NOT_LOADED.
+graph_query(_S, _Var, _What) -> ?NOT_LOADED.
+graph_clear(_S) -> ?NOT_LOADED.
+graph_edges(_S) -> ?NOT_LOADED.
+var_set_error(_S, _Var, _Error) -> ?NOT_LOADED.

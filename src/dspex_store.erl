@@ -46,7 +46,9 @@
                  constraints := map(), metadata := map(), version := non_neg_integer(),
                  created_at := integer(), updated_at := integer()}.
 %% `created_at'/`updated_at' are microseconds since the Unix epoch
-%% (`erlang:system_time(microsecond)').
+%% (`erlang:system_time(microsecond)'). Derived variables (see
+%% `dspex_graph:define_derived/6') also carry `derived => true' and `error'
+%% (the last propagation error, or `undefined').
 -type session_info() :: #{id := session_id(), metadata := map(),
                           ttl := non_neg_integer() | infinity, created_at := integer(),
                           last_accessed_at := integer(), variable_count := non_neg_integer()}.
@@ -66,6 +68,7 @@
                       | {version_not_found, non_neg_integer()}
                       | {limit_exceeded, limit()}
                       | {duplicate_variable, var_key()}
+                      | derived_variable
                       | enomem.
 
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
@@ -114,7 +117,10 @@ touch(Id) -> dspex_nif:session_touch(Id).
 
 %% @doc Deletes the session and frees all its variables.
 -spec delete_session(session_id()) -> ok | {error, session_not_found}.
-delete_session(Id) -> dspex_nif:session_delete(Id).
+delete_session(Id) ->
+    Result = dspex_nif:session_delete(Id),
+    ok = dspex_propagator:stop(Id),
+    Result.
 
 %%% Variables ---------------------------------------------------------------
 
@@ -147,7 +153,8 @@ register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
                        #{description := D} -> Meta0#{description => D};
                        _ -> Meta0
                    end,
-            dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By)
+            dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By,
+                                   maps:get(derived, Opts, false) =:= true)
     end.
 
 %% @doc The variable as a map (see `var()').
@@ -195,11 +202,21 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% Options: `expected_version' (optimistic locking: a mismatch returns
 %% `{error, {version_mismatch, Current}}'), `metadata' (a map merged into the
 %% variable's metadata), `changed_by' (recorded in history and watch events).
+%% `propagate => sync': return only after derived dependents were recomputed
+%% (see `dspex_graph:define_derived/6'; default: they are recomputed
+%% asynchronously). Setting a derived variable is `{error, derived_variable}'.
 %% Other keys are ignored; a bad option value is `{error, {invalid_argument, Key}}'.
 %% Validation, the version check and the commit happen in one critical
 %% section; a failed set changes nothing.
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
+set(Session, Key, Value, #{propagate := sync} = Opts) ->
+    case dspex_nif:var_set(Session, Key, Value, Opts) of
+        {ok, _} = Ok ->
+            ok = dspex_propagator:sync(Session),
+            Ok;
+        Error -> Error
+    end;
 set(Session, Key, Value, Opts) -> dspex_nif:var_set(Session, Key, Value, Opts).
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its

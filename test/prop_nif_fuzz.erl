@@ -254,7 +254,7 @@ setup() ->
              {<<"e">>, embedding, [1, 2, 3], #{dimensions => 3}},
              {<<"t">>, tensor, #{shape => [2], data => [1, 2]}, #{shape => [2]}}],
     Ids = [begin
-               {ok, Id} = dspex_nif:var_register(?SID, N, T, V, C, #{}, 3, setup),
+               {ok, Id} = dspex_nif:var_register(?SID, N, T, V, C, #{}, 3, setup, false),
                Id
            end || {N, T, V, C} <- Specs],
     %% some history
@@ -506,9 +506,9 @@ shaped_args(advance_clock, 1) ->
               false -> X
           end)];
 shaped_args(set_limits, 1) -> [limits()];
-shaped_args(var_register, 8) ->
+shaped_args(var_register, 9) ->
     ?LET({N, {T, V, C}}, {new_name(), registration()},
-         [sid(), N, T, V, C, meta(), history_limit(), term()]);
+         [sid(), N, T, V, C, meta(), history_limit(), term(), oneof([false, true, term()])]);
 shaped_args(F, 2) when F =:= var_get; F =:= var_get_value; F =:= var_exists; F =:= var_delete;
                        F =:= var_info ->
     [sid(), key()];

@@ -24,6 +24,7 @@ enum {
     DX_E_LIMIT,            /* a configured limit; which one in *limit */
     DX_E_VERSION_NOT_FOUND,
     DX_E_BATCH,            /* an atomic batch failed; per-item results say why */
+    DX_E_DERIVED,          /* a derived variable written other than by propagation */
 };
 
 #define DX_ERRLEN 256

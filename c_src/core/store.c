@@ -64,6 +64,7 @@ static void var_free(void *p) {
         if (g_release_watcher) g_release_watcher(v->watchers[i]);
     free(v->watchers);
     dx_constraints_free(v->cons);
+    free(atomic_load_explicit(&v->error, memory_order_relaxed));
     free(v);
 }
 
@@ -115,6 +116,7 @@ static dx_var *var_new(const dx_var_spec *sp, dx_str id, uint64_t version, int64
     *v->cons = *sp->cons;
     dx_constraints_init(sp->cons);
     v->created_at = created_at;
+    v->derived = sp->derived;
     v->key = (dx_rkey){dx_hash(v->name, v->name_len), v->name, v->name_len};
     return v;
 }
@@ -147,6 +149,8 @@ static void session_free(void *p) {
         }
         pthread_mutex_destroy(&s->shards[i].mu);
     }
+    if (s->graph) dx_graph_free(s->graph);
+    pthread_mutex_destroy(&s->graph_mu);
     free(s->meta);
     free(s->id);
     free(s);
@@ -174,7 +178,7 @@ static dx_session *session_new(dx_str id, const uint8_t *meta, size_t meta_len, 
     s->id = dup_bytes(id.ptr, id.len);
     s->id_len = id.len;
     s->meta = meta_len ? malloc(meta_len) : NULL;
-    int ok = s->id && (!meta_len || s->meta);
+    int ok = s->id && (!meta_len || s->meta) && pthread_mutex_init(&s->graph_mu, NULL) == 0;
     int i = 0;
     for (; ok && i < DX_SHARDS; i++) {
         if (pthread_mutex_init(&s->shards[i].mu, NULL)) { ok = 0; break; }
@@ -185,6 +189,7 @@ static dx_session *session_new(dx_str id, const uint8_t *meta, size_t meta_len, 
             dx_rtab_destroy(&s->shards[j].tab);
             pthread_mutex_destroy(&s->shards[j].mu);
         }
+        if (s->id && (!meta_len || s->meta)) pthread_mutex_destroy(&s->graph_mu);
         free(s->meta);
         free(s->id);
         free(s);
@@ -400,6 +405,7 @@ static void hist_push(dx_var *v, dx_snap *old) {
 static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64_t *version) {
     dx_snap *cur = atomic_load_explicit(&v->cur, memory_order_relaxed);
     if (v->dead) return DX_E_NOT_FOUND;
+    if (v->derived && !(o && o->propagation)) return DX_E_DERIVED;
     if (o && o->if_current && o->if_current != cur) return DX_E_RETRY;
     if (o && o->has_expected && o->expected != cur->version) {
         *version = cur->version;
@@ -490,9 +496,40 @@ int dx_var_delete(dx_session *s, dx_str key) {
         rc = DX_OK;
     }
     pthread_mutex_unlock(&sh->mu);
-    if (!rc) dx_ebr_retire(v, var_free, 0);
+    if (!rc) {
+        /* After the variable is gone, so a concurrent add_dependency (which
+         * checks the variable under graph_mu) cannot bring the node back. */
+        pthread_mutex_lock(&s->graph_mu);
+        if (s->graph) dx_graph_remove_node(s->graph, v->name, v->name_len);
+        pthread_mutex_unlock(&s->graph_mu);
+        dx_ebr_retire(v, var_free, 0);
+    }
     return rc;
 }
+
+int dx_var_set_error(dx_session *s, dx_var *v, const uint8_t *blob, size_t len) {
+    dx_blob *b = NULL;
+    if (blob) {
+        b = malloc(sizeof *b + len);
+        if (!b) return DX_E_NOMEM;
+        b->len = len;
+        memcpy(b->data, blob, len);
+    }
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    dx_blob *old = atomic_exchange_explicit(&v->error, b, memory_order_acq_rel);
+    pthread_mutex_unlock(&sh->mu);
+    dx_ebr_retire(old, free, 0);
+    return DX_OK;
+}
+
+dx_graph *dx_graph_lock(dx_session *s) {
+    pthread_mutex_lock(&s->graph_mu);
+    if (!s->graph) s->graph = dx_graph_new();
+    return s->graph;
+}
+
+void dx_graph_unlock(dx_session *s) { pthread_mutex_unlock(&s->graph_mu); }
 
 size_t dx_var_history_locked(dx_var *v, dx_snap **out, size_t max) {
     size_t n = v->hist_n < max ? v->hist_n : max;

@@ -7,6 +7,7 @@
  * write it guards, and a committed snapshot is never changed afterwards. */
 #ifndef DX_STORE_H
 #define DX_STORE_H
+#include "graph.h"
 #include "rtab.h"
 #include "value.h"
 #include <pthread.h>
@@ -28,6 +29,11 @@ typedef struct dx_snap {
     _Alignas(8) char data[];
 } dx_snap;
 
+typedef struct dx_blob {
+    size_t len;
+    uint8_t data[];
+} dx_blob;
+
 typedef struct dx_var {
     /* Hot fields first: a lookup reads the first cache line, then the name text
      * (which follows the struct) and the current snapshot. */
@@ -41,6 +47,9 @@ typedef struct dx_var {
     char *name;
     size_t name_len;
     dx_constraints *cons; /* in the same allocation, after the text */
+    bool derived;         /* written only by propagation */
+    /* The last propagation error (opaque blob), published like snapshots. */
+    _Atomic(struct dx_blob *) error;
     /* Fields below change only under the shard mutex. */
     bool dead;
     uint32_t hist_start, hist_n;
@@ -67,6 +76,9 @@ typedef struct dx_session {
     _Atomic int64_t last_access; /* monotonic ms */
     _Atomic int64_t nvars;
     _Atomic bool dead;
+    /* The dependency graph, created on first use; graph_mu serialises it. */
+    pthread_mutex_t graph_mu;
+    dx_graph *graph;
     dx_shard shards[DX_SHARDS];
 } dx_session;
 
@@ -111,6 +123,7 @@ typedef struct {
     const uint8_t *by;
     size_t by_len;
     int64_t history_limit; /* < 0: default */
+    bool derived;
 } dx_var_spec;
 
 /* Registers a new variable; its id is "var_<name>_<n>". */
@@ -129,6 +142,7 @@ typedef struct {
     const uint8_t *by;
     size_t by_len;
     const dx_snap *if_current; /* non-NULL: fail with DX_E_RETRY unless still current */
+    bool propagation;          /* the propagator may write derived variables */
 } dx_set_opts;
 
 #define DX_E_RETRY 100
@@ -155,7 +169,16 @@ typedef struct {
 int dx_var_set_many(dx_session *s, dx_set_item *items, size_t n, bool atomic, bool check_only, int64_t now_us,
                     dx_notify_fn nf, void *nctx);
 
+/* Removes the variable and its graph edges. */
 int dx_var_delete(dx_session *s, dx_str key);
+
+/* Records (blob non-NULL) or clears the variable's propagation error. */
+int dx_var_set_error(dx_session *s, dx_var *v, const uint8_t *blob, size_t len);
+
+/* The session's graph, under graph_mu: lock returns it (created on demand;
+ * NULL only when out of memory). */
+dx_graph *dx_graph_lock(dx_session *s);
+void dx_graph_unlock(dx_session *s);
 
 /* Copies up to max archived snapshots, newest first, into out (valid while the
  * caller stays in its EBR section). Returns the count or -1 if deleted. */

@@ -389,6 +389,12 @@ ERL_NIF_TERM dx_var_to_term(ErlNifEnv *env, const dx_var *v, const dx_snap *s) {
     vals[8] = enif_make_uint64(env, s->version);
     ERL_NIF_TERM m;
     enif_make_map_from_arrays(env, keys, vals, 9, &m);
+    if (v->derived) {
+        /* only derived variables carry these keys: plain gets stay as they are */
+        dx_blob *e = atomic_load_explicit(&((dx_var *)v)->error, memory_order_acquire);
+        enif_make_map_put(env, m, ATOM_derived, ATOM_true, &m);
+        enif_make_map_put(env, m, ATOM_error, e ? dx_blob_to_term(env, e->data, e->len, ATOM_undefined) : ATOM_undefined, &m);
+    }
     return m;
 }
 

@@ -33,7 +33,7 @@ static ErlNifFunc funcs[] = {
     {"set_limits", 1, nif_set_limits, 0},
     {"get_limits", 0, nif_get_limits, 0},
     {"stats", 0, nif_stats, 0},
-    {"var_register", 8, nif_var_register, 0},
+    {"var_register", 9, nif_var_register, 0},
     {"var_get", 2, nif_var_get, 0},
     {"var_get_value", 2, nif_var_get_value, 0},
     {"var_exists", 2, nif_var_exists, 0},
@@ -49,6 +49,12 @@ static ErlNifFunc funcs[] = {
     {"unwatch", 1, nif_unwatch, 0},
     {"export_session", 1, nif_export_session, DIRTY},
     {"import_session", 1, nif_import_session, DIRTY},
+    {"graph_add", 4, nif_graph_add, 0},
+    {"graph_remove", 3, nif_graph_remove, 0},
+    {"graph_query", 3, nif_graph_query, 0},
+    {"graph_clear", 1, nif_graph_clear, 0},
+    {"graph_edges", 1, nif_graph_edges, 0},
+    {"var_set_error", 3, nif_var_set_error, 0},
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

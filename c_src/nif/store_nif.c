@@ -61,6 +61,7 @@ static ERL_NIF_TERM rc_reason(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t
         return enif_make_tuple2(env, ATOM_invalid_value, dx_make_bin(env, msg ? msg : "invalid", strlen(msg ? msg : "invalid")));
     case DX_E_LIMIT: return enif_make_tuple2(env, ATOM_limit_exceeded, limit_atom(limit));
     case DX_E_VERSION_NOT_FOUND: return enif_make_tuple2(env, ATOM_version_not_found, enif_make_uint64(env, version));
+    case DX_E_DERIVED: return ATOM_derived_variable;
     default: return ATOM_enomem;
     }
 }
@@ -262,7 +263,7 @@ DX_NIF(nif_stats) {
         return dx_error(env, ATOM_session_not_found);                                             \
     }
 
-/* register(Session, Name, Type, Value, Constraints, Metadata, HistoryLimit, ChangedBy) */
+/* register(Session, Name, Type, Value, Constraints, Metadata, HistoryLimit, ChangedBy, Derived) */
 DX_NIF(nif_var_register) {
     char nbuf[DX_ATOM_TEXT];
     dx_str name;
@@ -270,7 +271,8 @@ DX_NIF(nif_var_register) {
     ErlNifSInt64 hl = -1;
     if (!dx_get_name(env, argv[1], &name, nbuf, sizeof nbuf) || !enif_is_map(env, argv[4]) ||
         !enif_is_map(env, argv[5]) ||
-        !(enif_is_identical(argv[6], ATOM_undefined) || (enif_get_int64(env, argv[6], &hl) && hl >= 0)))
+        !(enif_is_identical(argv[6], ATOM_undefined) || (enif_get_int64(env, argv[6], &hl) && hl >= 0)) ||
+        !(enif_is_identical(argv[8], ATOM_true) || enif_is_identical(argv[8], ATOM_false)))
         return enif_make_badarg(env);
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
@@ -311,7 +313,8 @@ DX_NIF(nif_var_register) {
     if (!s) {
         r = dx_error(env, ATOM_session_not_found);
     } else {
-        dx_var_spec sp = {name, type, &cons, &val, meta.data, msize ? meta.size : 0, by.data, have_by ? by.size : 0, hl};
+        dx_var_spec sp = {name, type, &cons, &val, meta.data, msize ? meta.size : 0, by.data, have_by ? by.size : 0, hl,
+                          enif_is_identical(argv[8], ATOM_true)};
         dx_var *v = NULL;
         int limit = 0;
         rc = dx_var_register(s, &sp, dx_now_us(), &v, &limit);
@@ -411,6 +414,7 @@ static ERL_NIF_TERM parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf 
         if (!enif_is_map(env, v)) return ATOM_metadata;
         b->meta_patch = v;
     }
+    if (enif_get_map_value(env, m, ATOM_propagation, &v)) b->o.propagation = enif_is_identical(v, ATOM_true);
     if (enif_get_map_value(env, m, ATOM_changed_by, &v)) {
         if (dx_term_to_blob(env, v, &b->by)) return ATOM_changed_by;
         b->have_by = 1;

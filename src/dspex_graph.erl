@@ -1,0 +1,119 @@
+%% @doc Dependencies between the variables of a session, and derived variables.
+%%
+%% An edge `From -> To' means To depends on From: when From commits, To is
+%% recomputed (if it is derived). Each session has one graph, kept in C
+%% (`c_src/core/graph.c') with an incremental topological order
+%% (Pearce–Kelly): adding an edge visits only the region between its ends, so
+%% cycle checks stay cheap on large graphs. The graph goes with its session, and
+%% deleting a variable removes its edges.
+%%
+%% Variables may be named by name (binary or ASCII atom) or id; results name
+%% variables by their name (a binary).
+-module(dspex_graph).
+
+-export([add_dependency/3, add_dependency/4, remove_dependency/3, dependencies/2, dependents/2,
+         all_dependents/2, update_order/2, clear/1, to_dot/1, to_map/1,
+         define_derived/5, define_derived/6]).
+
+-type session_id() :: dspex_store:session_id().
+-type var_key() :: dspex_store:var_key().
+-type derive_fun() :: {module(), atom()} | fun((#{var_key() => dspex_store:value()}) -> dspex_store:value()).
+-export_type([derive_fun/0]).
+
+%% @equiv add_dependency(Session, From, To, data)
+-spec add_dependency(session_id(), var_key(), var_key()) -> ok | {error, term()}.
+add_dependency(Session, From, To) -> add_dependency(Session, From, To, data).
+
+%% @doc Adds `From -> To' with an edge type (an atom such as `data' or
+%% `control'; at most 64 distinct types per node). Adding an existing edge again
+%% is `ok' (its type is updated). A self-loop or an edge closing a cycle is
+%% `{error, {would_create_cycle, Path}}' where Path is `[From, To, ..., From]'
+%% (the new edge followed by the existing path back); nothing changes then.
+%% Unknown variables: `{error, {not_found, Key}}'.
+-spec add_dependency(session_id(), var_key(), var_key(), atom()) -> ok | {error, term()}.
+add_dependency(Session, From, To, Type) when is_atom(Type) ->
+    dspex_nif:graph_add(Session, From, To, Type).
+
+%% @doc Removes the edge; `{error, {not_found, {From, To}}}' if there is none.
+-spec remove_dependency(session_id(), var_key(), var_key()) -> ok | {error, term()}.
+remove_dependency(Session, From, To) -> dspex_nif:graph_remove(Session, From, To).
+
+%% @doc What the variable depends on directly (its predecessors).
+-spec dependencies(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
+dependencies(Session, Var) -> dspex_nif:graph_query(Session, Var, dependencies).
+
+%% @doc What depends on the variable directly (its successors).
+-spec dependents(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
+dependents(Session, Var) -> dspex_nif:graph_query(Session, Var, dependents).
+
+%% @doc Every transitive dependent, in topological order.
+-spec all_dependents(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
+all_dependents(Session, Var) -> dspex_nif:graph_query(Session, Var, all_dependents).
+
+%% @doc The variable followed by all its transitive dependents, in an order in
+%% which every variable comes after everything it depends on.
+-spec update_order(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
+update_order(Session, Var) -> dspex_nif:graph_query(Session, Var, update_order).
+
+%% @doc Removes every edge of the session (variables stay).
+-spec clear(session_id()) -> ok | {error, session_not_found}.
+clear(Session) -> dspex_nif:graph_clear(Session).
+
+%% @doc The graph as JSON-friendly data: `#{nodes => [Name], edges =>
+%% [#{from => Name, to => Name, type => Type}]}', both sorted.
+-spec to_map(session_id()) -> {ok, #{nodes := [binary()], edges := [map()]}} | {error, term()}.
+to_map(Session) ->
+    case dspex_nif:graph_edges(Session) of
+        {ok, Nodes, Edges} ->
+            {ok, #{nodes => lists:sort(Nodes),
+                   edges => [#{from => F, to => T, type => Ty} || {F, T, Ty} <- lists:sort(Edges)]}};
+        Error -> Error
+    end.
+
+%% @doc The graph in Graphviz DOT text.
+-spec to_dot(session_id()) -> {ok, binary()} | {error, term()}.
+to_dot(Session) ->
+    case to_map(Session) of
+        {ok, #{nodes := Nodes, edges := Edges}} ->
+            Lines = [["  ", quote(N), ";\n"] || N <- Nodes] ++
+                    [["  ", quote(F), " -> ", quote(T), " [label=", quote(atom_to_binary(Ty)), "];\n"]
+                     || #{from := F, to := T, type := Ty} <- Edges],
+            {ok, iolist_to_binary(["digraph ", quote(Session), " {\n", Lines, "}\n"])};
+        Error -> Error
+    end.
+
+quote(Bin) ->
+    Escaped = binary:replace(binary:replace(Bin, <<"\\">>, <<"\\\\">>, [global]), <<"\"">>, <<"\\\"">>, [global]),
+    [$", Escaped, $"].
+
+%% @equiv define_derived(Session, Name, Type, Inputs, Fun, #{})
+-spec define_derived(session_id(), var_key(), dspex_store:var_type(), [var_key()], derive_fun()) ->
+          {ok, binary()} | {error, term()}.
+define_derived(Session, Name, Type, Inputs, Fun) ->
+    define_derived(Session, Name, Type, Inputs, Fun, #{}).
+
+%% @doc Registers `Name' as a variable computed from `Inputs' by `Fun' (`{M, F}'
+%% called as `M:F(Values)', or a fun of one argument), where `Values' maps each
+%% input key, as given, to its current value. The variable gets an edge from
+%% every input and its initial value from `Fun'; `Opts' are those of
+%% `dspex_store:register/5'. When an input commits, the session's propagator
+%% recomputes every derived dependent once, in topological order, through the
+%% store (versions, history and watches apply). Setting a derived variable
+%% directly is `{error, derived_variable}'. A `Fun' that crashes or returns an
+%% invalid value leaves the value unchanged and records the error, shown as
+%% `error' by `dspex_store:get/2' (cleared by the next success); a telemetry
+%% event `[dspex, graph, propagation, error]' is emitted. Needs the
+%% `dspex_bridge' application running.
+-spec define_derived(session_id(), var_key(), dspex_store:var_type(), [var_key()], derive_fun(), map()) ->
+          {ok, binary()} | {error, term()}.
+define_derived(Session, Name, Type, Inputs, Fun, Opts) when is_list(Inputs), Inputs =/= [], is_map(Opts) ->
+    case valid_fun(Fun) of
+        false -> {error, {invalid_argument, function}};
+        true -> dspex_propagator:define(Session, Name, Type, Inputs, Fun, Opts)
+    end;
+define_derived(_Session, _Name, _Type, _Inputs, _Fun, _Opts) ->
+    {error, {invalid_argument, inputs}}.
+
+valid_fun({M, F}) when is_atom(M), is_atom(F) -> true;
+valid_fun(F) when is_function(F, 1) -> true;
+valid_fun(_) -> false.

@@ -1,0 +1,210 @@
+%% @doc One process per session that has derived variables: it recomputes them
+%% when their inputs commit. Writers never wait for it (unless they ask with
+%% `#{propagate => sync}'); it learns of commits through store watches, whose
+%% messages arrive in commit order.
+%%
+%% For each committed change of a non-derived variable it takes
+%% `dspex_graph:update_order/2' of that variable and recomputes every derived
+%% variable in it once, in that order, through the store.
+-module(dspex_propagator).
+-behaviour(gen_server).
+
+-export([start_link/1, define/6, sync/1, stop/1, whereis_session/1]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+
+-define(TAB, dspex_propagators).
+-define(CHECK_MS, 60000).
+
+%% @private
+-spec start_link(dspex_store:session_id()) -> {ok, pid()} | {error, term()}.
+start_link(Session) -> gen_server:start_link(?MODULE, Session, []).
+
+%% @doc The propagator of a session, if it has one.
+-spec whereis_session(dspex_store:session_id()) -> pid() | undefined.
+whereis_session(Session) ->
+    try ets:lookup(?TAB, Session) of
+        [{_, Pid}] -> Pid;
+        [] -> undefined
+    catch error:badarg -> undefined
+    end.
+
+%% @doc Waits until every change committed before this call has propagated.
+-spec sync(dspex_store:session_id()) -> ok.
+sync(Session) ->
+    case whereis_session(Session) of
+        undefined -> ok;
+        Pid -> gen_server:call(Pid, sync, infinity)
+    end.
+
+%% @doc Stops the session's propagator (the session was deleted).
+-spec stop(dspex_store:session_id()) -> ok.
+stop(Session) ->
+    case whereis_session(Session) of
+        undefined -> ok;
+        Pid -> gen_server:cast(Pid, stop)
+    end.
+
+%% @private See dspex_graph:define_derived/6.
+-spec define(dspex_store:session_id(), dspex_store:var_key(), dspex_store:var_type(),
+             [dspex_store:var_key()], dspex_graph:derive_fun(), map()) -> {ok, binary()} | {error, term()}.
+define(Session, Name, Type, Inputs, Fun, Opts) ->
+    case ensure(Session) of
+        {ok, Pid} ->
+            case compute(Session, Inputs, Fun) of
+                {ok, Value} ->
+                    Define = fun() -> gen_server:call(Pid, {define, Name, Type, Value, Inputs, Fun, Opts}, infinity) end,
+                    Define();
+                {error, _} = E -> E
+            end;
+        Error -> Error
+    end.
+
+ensure(Session) ->
+    case whereis_session(Session) of
+        undefined ->
+            case dspex_store:get_session(Session) of
+                {ok, _} ->
+                    try supervisor:start_child(dspex_propagator_sup, [Session]) of
+                        {ok, Pid} -> {ok, Pid};
+                        {error, {already_registered, Pid}} -> {ok, Pid};
+                        Other -> {error, Other}
+                    catch exit:{noproc, _} -> {error, {not_started, dspex_bridge}}
+                    end;
+                Error -> Error
+            end;
+        Pid -> {ok, Pid}
+    end.
+
+%% Reads the inputs and runs the function; never raises.
+compute(Session, Inputs, Fun) ->
+    case dspex_store:get_many(Session, Inputs) of
+        {ok, #{found := Found, missing := []}} ->
+            Values = maps:map(fun(_, #{value := V}) -> V end, Found),
+            try {ok, apply_fun(Fun, Values)}
+            catch Class:Reason -> {error, {derive_failed, {Class, Reason}}}
+            end;
+        {ok, #{missing := [M | _]}} -> {error, {not_found, M}};
+        Error -> Error
+    end.
+
+apply_fun({M, F}, Values) -> M:F(Values);
+apply_fun(F, Values) -> F(Values).
+
+%%% gen_server ---------------------------------------------------------------
+
+-spec init(dspex_store:session_id()) -> {ok, map()} | {stop, term()}.
+init(Session) ->
+    case ets:insert_new(?TAB, {Session, self()}) of
+        true ->
+            erlang:send_after(?CHECK_MS, self(), check_session),
+            %% derived: Name => {Inputs, Fun}; watched: input name => true
+            {ok, #{session => Session, derived => #{}, watched => #{}}};
+        false ->
+            [{_, Pid}] = ets:lookup(?TAB, Session),
+            {stop, {already_registered, Pid}}
+    end.
+
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+handle_call({define, Name, Type, Value, Inputs, Fun, Opts}, _From, #{session := S} = St) ->
+    case dspex_store:register(S, Name, Type, Value, Opts#{derived => true}) of
+        {ok, Id} ->
+            {ok, #{name := NameBin}} = dspex_store:get(S, Id),
+            case add_edges(S, Inputs, NameBin) of
+                ok ->
+                    St1 = watch_inputs(Inputs, St#{derived := (maps:get(derived, St))#{NameBin => {Inputs, Fun}}}),
+                    %% an input may have committed between the first computation
+                    %% and the watch: catch up, writing only if the value moved
+                    St2 = case compute(S, Inputs, Fun) of
+                              {ok, Value} -> St1;
+                              _ -> recompute(NameBin, St1)
+                          end,
+                    {reply, {ok, Id}, St2};
+                Error ->
+                    _ = dspex_store:delete(S, Id),
+                    {reply, Error, St}
+            end;
+        Error ->
+            {reply, Error, St}
+    end;
+handle_call(sync, _From, St) ->
+    %% every watch message sent before the caller's request is already handled
+    {reply, ok, St}.
+
+-spec handle_cast(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
+handle_cast(stop, St) -> {stop, normal, St}.
+
+-spec handle_info(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
+handle_info({dspex_variable, _Ref, S, Name, _Old, _New, _Meta}, #{session := S, derived := D} = St) ->
+    case maps:is_key(Name, D) of
+        true -> {noreply, St}; %% our own write
+        false ->
+            case dspex_graph:update_order(S, Name) of
+                {ok, [_ | Order]} -> {noreply, lists:foldl(fun recompute/2, St, Order)};
+                {error, session_not_found} -> {stop, normal, St};
+                {error, _} -> {noreply, St}
+            end
+    end;
+handle_info(check_session, #{session := S} = St) ->
+    case dspex_store:get_session(S) of
+        {ok, _} ->
+            erlang:send_after(?CHECK_MS, self(), check_session),
+            {noreply, St};
+        {error, session_not_found} -> {stop, normal, St}
+    end;
+handle_info(_Other, St) -> {noreply, St}.
+
+add_edges(_S, [], _To) -> ok;
+add_edges(S, [I | Is], To) ->
+    case dspex_graph:add_dependency(S, I, To, derived) of
+        ok -> add_edges(S, Is, To);
+        Error -> Error
+    end.
+
+watch_inputs(Inputs, #{session := S, derived := D, watched := W} = St) ->
+    New = [I || I <- Inputs, not maps:is_key(name_of(S, I), W), not maps:is_key(name_of(S, I), D)],
+    lists:foldl(fun(I, Acc = #{watched := W1}) ->
+                        case dspex_store:watch(S, [I], self()) of
+                            {error, _} -> Acc;
+                            _Ref -> Acc#{watched := W1#{name_of(S, I) => true}}
+                        end
+                end, St, New).
+
+name_of(S, Key) ->
+    case dspex_store:get(S, Key) of
+        {ok, #{name := N}} -> N;
+        {error, _} -> Key
+    end.
+
+%% Recomputes one derived variable (a no-op for variables that are not ours).
+recompute(Name, #{session := S, derived := D} = St) when is_map_key(Name, D) ->
+    {Inputs, Fun} = maps:get(Name, D),
+    Result = case compute(S, Inputs, Fun) of
+                 {ok, V} ->
+                     case dspex_store:set(S, Name, V, #{propagation => true, changed_by => propagation}) of
+                         {ok, _} -> ok;
+                         {error, {not_found, _}} -> gone;
+                         {error, R} -> {error, R}
+                     end;
+                 {error, {not_found, Name}} -> gone;
+                 {error, R} -> {error, R}
+             end,
+    case Result of
+        ok ->
+            _ = clear_error(S, Name),
+            St;
+        gone ->
+            St#{derived := maps:remove(Name, D)};
+        {error, Reason} ->
+            _ = dspex_nif:var_set_error(S, Name, Reason),
+            dspex_telemetry:execute([dspex, graph, propagation, error], #{count => 1},
+                                    #{session => S, variable => Name, reason => Reason}),
+            St
+    end;
+recompute(_Name, St) -> St.
+
+clear_error(S, Name) ->
+    case dspex_store:get(S, Name) of
+        {ok, #{error := undefined}} -> ok;
+        {ok, _} -> dspex_nif:var_set_error(S, Name, undefined);
+        _ -> ok
+    end.

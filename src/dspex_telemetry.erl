@@ -1,0 +1,100 @@
+%% @doc Telemetry events with the API of the `telemetry' library: when that
+%% library is loaded, events go through it; otherwise through this module's own
+%% handler table. Readers never call a server: handlers are kept in
+%% `persistent_term' and read per event. A handler that crashes is detached and
+%% the detachment is reported with `logger'.
+-module(dspex_telemetry).
+
+-export([attach/4, attach_many/4, detach/1, execute/3, span/3, list_handlers/1]).
+
+-type event_name() :: [atom(), ...].
+-type handler_id() :: term().
+-type handler_fun() :: fun((event_name(), map(), map(), term()) -> any()).
+-export_type([event_name/0, handler_id/0]).
+
+-define(KEY, {?MODULE, handlers}).
+
+%% @doc Calls `Fun(Event, Measurements, Metadata, Config)' for every execution
+%% of `Event'. `{error, already_exists}' if the id is taken.
+-spec attach(handler_id(), event_name(), handler_fun(), term()) -> ok | {error, already_exists}.
+attach(Id, Event, Fun, Config) -> attach_many(Id, [Event], Fun, Config).
+
+-spec attach_many(handler_id(), [event_name()], handler_fun(), term()) -> ok | {error, already_exists}.
+attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) ->
+    case telemetry_loaded() of
+        true -> telemetry:attach_many(Id, Events, Fun, Config);
+        false ->
+            global:trans({?KEY, self()}, fun() ->
+                Hs = handlers(),
+                case lists:keymember(Id, 1, Hs) of
+                    true -> {error, already_exists};
+                    false -> persistent_term:put(?KEY, [{Id, Events, Fun, Config} | Hs])
+                end
+            end, [node()])
+    end.
+
+-spec detach(handler_id()) -> ok | {error, not_found}.
+detach(Id) ->
+    case telemetry_loaded() of
+        true -> telemetry:detach(Id);
+        false ->
+            global:trans({?KEY, self()}, fun() ->
+                Hs = handlers(),
+                case lists:keytake(Id, 1, Hs) of
+                    {value, _, Rest} -> persistent_term:put(?KEY, Rest);
+                    false -> {error, not_found}
+                end
+            end, [node()])
+    end.
+
+%% @doc Emits an event to every handler attached to it.
+-spec execute(event_name(), map(), map()) -> ok.
+execute(Event, Measurements, Metadata) ->
+    case telemetry_loaded() of
+        true -> telemetry:execute(Event, Measurements, Metadata);
+        false ->
+            [run(H, Event, Measurements, Metadata) || {_, Events, _, _} = H <- handlers(),
+                                                       lists:member(Event, Events)],
+            ok
+    end.
+
+%% @doc Runs `Fun' between `Prefix ++ [start]' and `Prefix ++ [stop]' (or
+%% `[exception]') events, like `telemetry:span/3'; `Fun' returns
+%% `{Result, StopMetadata}'. Durations are in native time units.
+-spec span(event_name(), map(), fun(() -> {term(), map()})) -> term().
+span(Prefix, Meta, Fun) ->
+    Start = erlang:monotonic_time(),
+    execute(Prefix ++ [start], #{monotonic_time => Start, system_time => erlang:system_time()}, Meta),
+    try Fun() of
+        {Result, StopMeta} ->
+            Stop = erlang:monotonic_time(),
+            execute(Prefix ++ [stop], #{duration => Stop - Start, monotonic_time => Stop}, StopMeta),
+            Result
+    catch Class:Reason:Stack ->
+            Stop = erlang:monotonic_time(),
+            execute(Prefix ++ [exception], #{duration => Stop - Start, monotonic_time => Stop},
+                    Meta#{kind => Class, reason => Reason, stacktrace => Stack}),
+            erlang:raise(Class, Reason, Stack)
+    end.
+
+%% @doc Handlers whose event starts with `Prefix', as `telemetry' reports them.
+-spec list_handlers(event_name() | []) -> [map()].
+list_handlers(Prefix) ->
+    case telemetry_loaded() of
+        true -> telemetry:list_handlers(Prefix);
+        false ->
+            [#{id => Id, event_name => E, function => F, config => C}
+             || {Id, Events, F, C} <- handlers(), E <- Events, lists:prefix(Prefix, E)]
+    end.
+
+handlers() -> persistent_term:get(?KEY, []).
+
+run({Id, _, Fun, Config}, Event, M, Meta) ->
+    try Fun(Event, M, Meta, Config)
+    catch Class:Reason:Stack ->
+            _ = detach(Id),
+            logger:error("dspex_telemetry: handler ~p for ~p failed and was detached: ~p",
+                         [Id, Event, {Class, Reason, Stack}])
+    end.
+
+telemetry_loaded() -> erlang:function_exported(telemetry, execute, 3).
