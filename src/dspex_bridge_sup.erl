@@ -11,6 +11,7 @@ init([]) ->
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
     Children = [#{id => dspex_session_sweeper,
                   start => {dspex_session_sweeper, start_link, [Interval]}},
+                #{id => dspex_locks, start => {dspex_locks, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor,
                   start => {dspex_propagator_sup, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

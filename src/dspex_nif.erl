@@ -9,7 +9,8 @@
          var_register/9, var_get/2, var_get_value/2, var_exists/2, var_set/4, var_delete/2,
          var_list/2, var_get_many/2, var_set_many/3, var_history/3, var_rollback/4,
          watch/3, unwatch/1, var_info/2, export_session/1, import_session/1,
-         graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3]).
+         graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3,
+         var_lock/4, var_unlock/3]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -54,3 +55,5 @@ graph_query(_S, _Var, _What) -> ?NOT_LOADED.
 graph_clear(_S) -> ?NOT_LOADED.
 graph_edges(_S) -> ?NOT_LOADED.
 var_set_error(_S, _Var, _Error) -> ?NOT_LOADED.
+var_lock(_S, _Key, _Holder, _Expect) -> ?NOT_LOADED.
+var_unlock(_S, _Key, _Token) -> ?NOT_LOADED.

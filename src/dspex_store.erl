@@ -69,6 +69,8 @@
                       | {limit_exceeded, limit()}
                       | {duplicate_variable, var_key()}
                       | derived_variable
+                      | {locked, term()}
+                      | stale_lock
                       | enomem.
 
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
@@ -202,6 +204,9 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% Options: `expected_version' (optimistic locking: a mismatch returns
 %% `{error, {version_mismatch, Current}}'), `metadata' (a map merged into the
 %% variable's metadata), `changed_by' (recorded in history and watch events).
+%% `lock => Lock' (from `dspex_locks:acquire/4'): required while the variable
+%% is locked by an optimizer; without the current token a write is
+%% `{error, {locked, Holder}}', with an outdated one `{error, stale_lock}'.
 %% `propagate => sync': return only after derived dependents were recomputed
 %% (see `dspex_graph:define_derived/6'; default: they are recomputed
 %% asynchronously). Setting a derived variable is `{error, derived_variable}'.

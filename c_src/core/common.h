@@ -25,6 +25,8 @@ enum {
     DX_E_VERSION_NOT_FOUND,
     DX_E_BATCH,            /* an atomic batch failed; per-item results say why */
     DX_E_DERIVED,          /* a derived variable written other than by propagation */
+    DX_E_LOCKED,           /* locked by an optimizer and the write lacks its token */
+    DX_E_STALE_LOCK,       /* the write carries a token that is no longer current */
 };
 
 #define DX_ERRLEN 256

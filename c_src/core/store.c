@@ -2,10 +2,14 @@
 #include "ebr.h"
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 static dx_rtab_ref g_sessions;
 static pthread_mutex_t g_sessions_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic uint64_t g_var_counter;
+/* Fencing tokens: seeded from the wall clock at first use so they keep rising
+ * across restarts, then only incremented. */
+static _Atomic uint64_t g_lock_tokens;
 static void (*g_release_watcher)(void *w);
 /* Bumped whenever a session is unlinked: a thread's cached session pointer is
  * only trusted while the generation it was cached under is still current. */
@@ -65,6 +69,7 @@ static void var_free(void *p) {
     free(v->watchers);
     dx_constraints_free(v->cons);
     free(atomic_load_explicit(&v->error, memory_order_relaxed));
+    free(v->lock_holder);
     free(v);
 }
 
@@ -406,6 +411,9 @@ static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64
     dx_snap *cur = atomic_load_explicit(&v->cur, memory_order_relaxed);
     if (v->dead) return DX_E_NOT_FOUND;
     if (v->derived && !(o && o->propagation)) return DX_E_DERIVED;
+    if (o && o->lock_token && o->lock_token != v->lock_token)
+        return v->lock_token ? DX_E_LOCKED : DX_E_STALE_LOCK;
+    if (v->lock_token && !(o && o->lock_token == v->lock_token)) return DX_E_LOCKED;
     if (o && o->if_current && o->if_current != cur) return DX_E_RETRY;
     if (o && o->has_expected && o->expected != cur->version) {
         *version = cur->version;
@@ -490,7 +498,9 @@ int dx_var_delete(dx_session *s, dx_str key) {
     dx_shard *sh = shard_of(s, v->key.hash);
     pthread_mutex_lock(&sh->mu);
     int rc = DX_E_NOT_FOUND;
-    if (!v->dead && dx_rtab_remove(&sh->tab, v->key.hash, v->name, v->name_len)) {
+    if (!v->dead && v->lock_token) {
+        rc = DX_E_LOCKED;
+    } else if (!v->dead && dx_rtab_remove(&sh->tab, v->key.hash, v->name, v->name_len)) {
         v->dead = true;
         atomic_fetch_sub(&s->nvars, 1);
         rc = DX_OK;
@@ -504,6 +514,70 @@ int dx_var_delete(dx_session *s, dx_str key) {
         pthread_mutex_unlock(&s->graph_mu);
         dx_ebr_retire(v, var_free, 0);
     }
+    return rc;
+}
+
+int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token) {
+    dx_blob *b = malloc(sizeof *b + hlen);
+    if (!b) return DX_E_NOMEM;
+    b->len = hlen;
+    if (hlen) memcpy(b->data, holder, hlen);
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = DX_OK;
+    if (v->dead) {
+        rc = DX_E_NOT_FOUND;
+    } else if (v->lock_token && v->lock_token != expect) {
+        rc = DX_E_LOCKED;
+        *token = v->lock_token;
+    } else {
+        uint64_t t = atomic_load(&g_lock_tokens);
+        if (t == 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            uint64_t seed = (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+            atomic_compare_exchange_strong(&g_lock_tokens, &t, seed);
+        }
+        v->lock_token = *token = atomic_fetch_add(&g_lock_tokens, 1) + 1;
+        free(v->lock_holder);
+        v->lock_holder = b;
+        b = NULL;
+    }
+    pthread_mutex_unlock(&sh->mu);
+    free(b);
+    return rc;
+}
+
+int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = DX_E_STALE_LOCK;
+    if (!v->dead && token && v->lock_token == token) {
+        v->lock_token = 0;
+        free(v->lock_holder);
+        v->lock_holder = NULL;
+        rc = DX_OK;
+    }
+    pthread_mutex_unlock(&sh->mu);
+    return rc;
+}
+
+int dx_var_lock_holder(dx_session *s, dx_var *v, uint8_t **out, size_t *len) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = DX_E_NOT_FOUND;
+    *out = NULL;
+    *len = 0;
+    if (v->lock_token && v->lock_holder) {
+        *out = malloc(v->lock_holder->len ? v->lock_holder->len : 1);
+        if (!*out) rc = DX_E_NOMEM;
+        else {
+            memcpy(*out, v->lock_holder->data, v->lock_holder->len);
+            *len = v->lock_holder->len;
+            rc = DX_OK;
+        }
+    }
+    pthread_mutex_unlock(&sh->mu);
     return rc;
 }
 

@@ -51,6 +51,8 @@ typedef struct dx_var {
     /* The last propagation error (opaque blob), published like snapshots. */
     _Atomic(struct dx_blob *) error;
     /* Fields below change only under the shard mutex. */
+    uint64_t lock_token; /* 0: not locked by an optimizer */
+    dx_blob *lock_holder; /* opaque holder id, for {locked, Holder} */
     bool dead;
     uint32_t hist_start, hist_n;
     dx_snap **hist; /* ring of archived snapshots, oldest at hist_start */
@@ -143,6 +145,7 @@ typedef struct {
     size_t by_len;
     const dx_snap *if_current; /* non-NULL: fail with DX_E_RETRY unless still current */
     bool propagation;          /* the propagator may write derived variables */
+    uint64_t lock_token;       /* 0: none presented */
 } dx_set_opts;
 
 #define DX_E_RETRY 100
@@ -171,6 +174,14 @@ int dx_var_set_many(dx_session *s, dx_set_item *items, size_t n, bool atomic, bo
 
 /* Removes the variable and its graph edges. */
 int dx_var_delete(dx_session *s, dx_str key);
+
+/* Optimizer locks. lock: takes the variable for a new token (DX_E_LOCKED with
+ * *token = current if held and expect != current). unlock: only with the
+ * current token (DX_E_STALE_LOCK otherwise). The holder blob is copied. */
+int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token);
+int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token);
+/* Under the shard mutex: the holder blob of a locked variable (copied to out). */
+int dx_var_lock_holder(dx_session *s, dx_var *v, uint8_t **out, size_t *len);
 
 /* Records (blob non-NULL) or clears the variable's propagation error. */
 int dx_var_set_error(dx_session *s, dx_var *v, const uint8_t *blob, size_t len);

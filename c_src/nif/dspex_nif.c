@@ -55,6 +55,8 @@ static ErlNifFunc funcs[] = {
     {"graph_clear", 1, nif_graph_clear, 0},
     {"graph_edges", 1, nif_graph_edges, 0},
     {"var_set_error", 3, nif_var_set_error, 0},
+    {"var_lock", 4, nif_var_lock, 0},
+    {"var_unlock", 3, nif_var_unlock, 0},
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

@@ -31,5 +31,5 @@ DX_NIF(nif_var_set_many); DX_NIF(nif_var_history); DX_NIF(nif_var_rollback);
 DX_NIF(nif_watch); DX_NIF(nif_var_info); DX_NIF(nif_unwatch);
 DX_NIF(nif_export_session); DX_NIF(nif_import_session);
 DX_NIF(nif_graph_add); DX_NIF(nif_graph_remove); DX_NIF(nif_graph_query); DX_NIF(nif_graph_clear);
-DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error);
+DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error); DX_NIF(nif_var_lock); DX_NIF(nif_var_unlock);
 #endif

@@ -62,12 +62,24 @@ static ERL_NIF_TERM rc_reason(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t
     case DX_E_LIMIT: return enif_make_tuple2(env, ATOM_limit_exceeded, limit_atom(limit));
     case DX_E_VERSION_NOT_FOUND: return enif_make_tuple2(env, ATOM_version_not_found, enif_make_uint64(env, version));
     case DX_E_DERIVED: return ATOM_derived_variable;
+    case DX_E_STALE_LOCK: return ATOM_stale_lock;
+    case DX_E_LOCKED: return enif_make_tuple2(env, ATOM_locked, ATOM_undefined);
     default: return ATOM_enomem;
     }
 }
 
 ERL_NIF_TERM dx_rc_error(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t version, int limit, const char *msg) {
     return dx_error(env, rc_reason(env, rc, key, version, limit, msg));
+}
+
+/* {locked, Holder} for a variable that refused a write (Holder as given to acquire). */
+static ERL_NIF_TERM locked_reason(ErlNifEnv *env, dx_session *s, dx_var *v) {
+    uint8_t *h = NULL;
+    size_t len = 0;
+    ERL_NIF_TERM holder = ATOM_undefined;
+    if (dx_var_lock_holder(s, v, &h, &len) == DX_OK) holder = dx_blob_to_term(env, h, len, ATOM_undefined);
+    free(h);
+    return enif_make_tuple2(env, ATOM_locked, holder);
 }
 
 static int on_dirty(void) { return enif_thread_type() != ERL_NIF_THR_NORMAL_SCHEDULER; }
@@ -415,6 +427,14 @@ static ERL_NIF_TERM parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf 
         b->meta_patch = v;
     }
     if (enif_get_map_value(env, m, ATOM_propagation, &v)) b->o.propagation = enif_is_identical(v, ATOM_true);
+    if (enif_get_map_value(env, m, ATOM_lock, &v)) {
+        /* a Lock from dspex_locks:acquire/4, or its bare token */
+        ERL_NIF_TERM t = v;
+        ErlNifUInt64 tok;
+        if (enif_is_map(env, v) && !enif_get_map_value(env, v, ATOM_token, &t)) return ATOM_lock;
+        if (!enif_get_uint64(env, t, &tok) || tok == 0) return ATOM_lock;
+        b->o.lock_token = tok;
+    }
     if (enif_get_map_value(env, m, ATOM_changed_by, &v)) {
         if (dx_term_to_blob(env, v, &b->by)) return ATOM_changed_by;
         b->have_by = 1;
@@ -469,6 +489,7 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
         if (ob->meta_patch) enif_release_binary(&meta);
         if (rc == DX_E_RETRY) continue;
         if (rc == DX_E_INVALID) return dx_error_msg(env, ATOM_invalid_value, "value type does not match the variable");
+        if (rc == DX_E_LOCKED) return dx_error(env, locked_reason(env, s, v));
         return rc ? dx_rc_error(env, rc, key, version, DX_L_VALUE_SIZE, NULL)
                   : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
     }
@@ -518,9 +539,13 @@ DX_NIF(nif_var_delete) {
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
     WITH_SESSION(s, argv[0]);
-    int rc = dx_var_delete(s, key);
+    ERL_NIF_TERM r = ATOM_ok;
+    dx_var *v = dx_var_find(s, key);
+    int rc = v ? dx_var_delete(s, key) : DX_E_NOT_FOUND;
+    if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env, s, v));
+    else if (rc) r = dx_error2(env, ATOM_not_found, argv[1]);
     dx_ebr_exit();
-    return rc ? dx_error2(env, ATOM_not_found, argv[1]) : ATOM_ok;
+    return r;
 }
 
 /* list(Session, Pattern | all) -> {ok, [Var]} sorted by name */
@@ -708,7 +733,9 @@ DX_NIF(nif_var_set_many) {
             if (it->rc == DX_OK) {
                 if (committed) enif_make_map_put(env, ok_map, key, enif_make_uint64(env, it->version), &ok_map);
             } else {
-                enif_make_map_put(env, err_map, key, rc_reason(env, it->rc, key, it->version, DX_L_VALUE_SIZE, NULL), &err_map);
+                ERL_NIF_TERM why = it->rc == DX_E_LOCKED ? locked_reason(env, s, it->var)
+                                                          : rc_reason(env, it->rc, key, it->version, DX_L_VALUE_SIZE, NULL);
+                enif_make_map_put(env, err_map, key, why, &err_map);
                 failed = true;
             }
         }
@@ -812,7 +839,8 @@ DX_NIF(nif_var_rollback) {
             if (!rc) rc = dx_var_rollback(s, v, target, &o, dx_now_us(), &version, dx_watch_notify, &nc);
             if (meta.data) enif_release_binary(&meta);
             if (rc == DX_E_RETRY) continue;
-            r = rc ? dx_rc_error(env, rc, argv[1], version, DX_L_VALUE_SIZE, NULL)
+            r = rc == DX_E_LOCKED ? dx_error(env, locked_reason(env, s, v))
+                : rc ? dx_rc_error(env, rc, argv[1], version, DX_L_VALUE_SIZE, NULL)
                    : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
             break;
         }
@@ -840,6 +868,49 @@ DX_NIF(nif_var_info) {
         enif_make_map_from_arrays(env, keys, vals, 3, &m);
         r = enif_make_tuple2(env, ATOM_ok, m);
     }
+    dx_ebr_exit();
+    return r;
+}
+
+/* var_lock(Session, Key, Holder, Expect) -> {ok, Token} | {error, {locked, Holder}}:
+ * used by dspex_locks only. Expect is the token the caller believes current
+ * (0: the variable must be free); preemption passes the holder's token. */
+DX_NIF(nif_var_lock) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    ErlNifUInt64 expect;
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[3], &expect)) return enif_make_badarg(env);
+    ErlNifBinary holder;
+    if (dx_term_to_blob(env, argv[2], &holder)) return dx_error(env, ATOM_enomem);
+    dx_str sid;
+    if (!get_sid(env, argv[0], &sid)) {
+        enif_release_binary(&holder);
+        return enif_make_badarg(env);
+    }
+    dx_ebr_enter();
+    dx_session *s = dx_session_find(sid, dx_now_ms());
+    dx_var *v = s ? dx_var_find(s, key) : NULL;
+    ERL_NIF_TERM r;
+    uint64_t token = 0;
+    int rc = !s ? DX_E_SESSION_NOT_FOUND : !v ? DX_E_NOT_FOUND : dx_var_lock(s, v, expect, holder.data, holder.size, &token);
+    if (rc == DX_OK) r = enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, token));
+    else if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env, s, v));
+    else r = dx_rc_error(env, rc, argv[1], 0, 0, NULL);
+    dx_ebr_exit();
+    enif_release_binary(&holder);
+    return r;
+}
+
+/* var_unlock(Session, Key, Token) -> ok | {error, stale_lock} */
+DX_NIF(nif_var_unlock) {
+    char kbuf[DX_ATOM_TEXT];
+    dx_str key;
+    ErlNifUInt64 token;
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[2], &token)) return enif_make_badarg(env);
+    WITH_SESSION(s, argv[0]);
+    dx_var *v = dx_var_find(s, key);
+    int rc = v ? dx_var_unlock(s, v, token) : DX_E_NOT_FOUND;
+    ERL_NIF_TERM r = rc ? dx_rc_error(env, rc, argv[1], 0, 0, NULL) : ATOM_ok;
     dx_ebr_exit();
     return r;
 }

@@ -1,0 +1,351 @@
+%% @doc Optimizer coordination: at most one optimizer tunes a variable at a time.
+%%
+%% A lock is taken with `acquire/4' and carries a fencing token that only grows
+%% (per variable and across restarts). While a variable is locked, the store
+%% refuses any write without the current token (`{error, {locked, Holder}}'),
+%% checked inside the write's critical section in the NIF; a write with a token
+%% that is no longer current is refused too. Writes made by the holder pass the
+%% lock: `dspex_store:set(S, Var, V, #{lock => Lock})'.
+%%
+%% This server serialises lock decisions and watches holders and waiters: when
+%% a holder dies its lock is freed and the next waiter granted; leases expire
+%% unless renewed. It is never on the path of reads or writes.
+-module(dspex_locks).
+-behaviour(gen_server).
+
+-export([start_link/0, acquire/4, release/1, renew/1, report_progress/4, status/2, active/0, stop/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+
+-type lock() :: #{session := dspex_store:session_id(), variable := binary(), optimizer := term(),
+                  token := pos_integer(), pid := pid()}.
+-type acquire_opts() :: #{conflict => wait | abort | preempt, timeout => timeout(), priority => integer(),
+                          pid => pid(), lease => pos_integer() | infinity,
+                          objective => minimize | maximize, metric => term()}.
+-export_type([lock/0]).
+
+-spec start_link() -> {ok, pid()} | {error, term()}.
+start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
+
+%% @doc Takes the lock on `Var' for optimizer `OptimizerId'.
+%% Options: `conflict' (`wait', the default: FIFO queue per variable; `abort':
+%% `{error, {lock_held_by, Holder}}' at once; `preempt': if `priority' is higher
+%% than the holder's and the holder reported at least
+%% `min_iterations_before_preempt' iterations (application env, default 0) the
+%% holder receives `{dspex_preempted, Session, Var, Token}' and loses the lock,
+%% otherwise it waits), `timeout' ms for waiting (`{error, timeout}', the waiter
+%% is gone), `priority' (integer, default 0), `pid' (the holder, default the
+%% caller), `lease' ms (expires unless `renew/1'd; the holder then receives
+%% `{dspex_lock_expired, Session, Var, Token}'), `objective' (`minimize' or
+%% `maximize') and `metric' (the key of the metrics map that
+%% `report_progress/4' ranks by; default: the reported value itself).
+-spec acquire(dspex_store:session_id(), dspex_store:var_key(), term(), acquire_opts()) ->
+          {ok, lock()} | {error, term()}.
+acquire(Session, Var, OptimizerId, Opts) when is_map(Opts) ->
+    case check_opts(Opts) of
+        {ok, Cfg} -> gen_server:call(?MODULE, {acquire, Session, Var, OptimizerId, Cfg}, infinity);
+        Error -> Error
+    end.
+
+check_opts(Opts) ->
+    Cfg = #{conflict => maps:get(conflict, Opts, wait), timeout => maps:get(timeout, Opts, infinity),
+            priority => maps:get(priority, Opts, 0), pid => maps:get(pid, Opts, self()),
+            lease => maps:get(lease, Opts, infinity), objective => maps:get(objective, Opts, minimize),
+            metric => maps:get(metric, Opts, undefined)},
+    Checks = [{conflict, lists:member(maps:get(conflict, Cfg), [wait, abort, preempt])},
+              {timeout, valid_ms(maps:get(timeout, Cfg))},
+              {priority, is_integer(maps:get(priority, Cfg))},
+              {pid, is_pid(maps:get(pid, Cfg))},
+              {lease, valid_ms(maps:get(lease, Cfg))},
+              {objective, lists:member(maps:get(objective, Cfg), [minimize, maximize])}],
+    case [K || {K, false} <- Checks] of
+        [] -> {ok, Cfg};
+        [K | _] -> {error, {invalid_argument, K}}
+    end.
+
+valid_ms(infinity) -> true;
+valid_ms(N) -> is_integer(N) andalso N >= 0.
+
+%% @doc Releases the lock; only its holder process may (`{error, not_lock_owner}').
+%% The next waiter is granted at once.
+-spec release(lock()) -> ok | {error, not_lock_owner}.
+release(Lock) -> gen_server:call(?MODULE, {release, Lock, self()}, infinity).
+
+%% @doc Restarts the lease of a held lock.
+-spec renew(lock()) -> ok | {error, not_lock_owner}.
+renew(Lock) -> gen_server:call(?MODULE, {renew, Lock}, infinity).
+
+%% @doc Records an iteration of the holder: `Value' is the candidate value of
+%% the variable, `Metrics' a map. The best candidate by the lock's objective and
+%% metric is kept (`status/2', `stop/2').
+-spec report_progress(lock(), non_neg_integer(), dspex_store:value(), map()) -> ok | {error, term()}.
+report_progress(Lock, Iteration, Value, Metrics) when is_integer(Iteration), Iteration >= 0, is_map(Metrics) ->
+    gen_server:call(?MODULE, {progress, Lock, Iteration, Value, Metrics}, infinity).
+
+%% @doc The lock state of a variable: `locked', and when locked `optimizer',
+%% `token', `priority', `iterations', `best' (`#{value, score, iteration}' or
+%% `undefined'), `waiters'.
+-spec status(dspex_store:session_id(), dspex_store:var_key()) -> {ok, map()} | {error, term()}.
+status(Session, Var) ->
+    case name_of(Session, Var) of
+        {ok, Name} -> gen_server:call(?MODULE, {status, {Session, Name}}, infinity);
+        Error -> Error
+    end.
+
+%% @doc Every held lock.
+-spec active() -> [map()].
+active() -> gen_server:call(?MODULE, active, infinity).
+
+%% @doc Ends an optimization: with `#{apply_best => true}' writes the best
+%% reported value (under the lock), then releases.
+%% Returns `{ok, #{best => Best, applied => boolean()}}'.
+-spec stop(lock(), #{apply_best => boolean()}) -> {ok, map()} | {error, term()}.
+stop(Lock, Opts) when is_map(Opts) ->
+    gen_server:call(?MODULE, {stop, Lock, self(), maps:get(apply_best, Opts, false) =:= true}, infinity).
+
+name_of(Session, Var) ->
+    case dspex_store:get(Session, Var) of
+        {ok, #{name := Name}} -> {ok, Name};
+        {error, _} = E -> E
+    end.
+
+%%% server ----------------------------------------------------------------------
+%% locks: {Session, Name} => #{holder => Holder | none, waiters => queue()}
+%% mons: MonitorRef => {holder, Key} | {waiter, Key, WaiterRef}
+
+-spec init([]) -> {ok, map()}.
+init([]) ->
+    {ok, #{locks => #{}, mons => #{},
+           min_iter => application:get_env(dspex_bridge, min_iterations_before_preempt, 0)}}.
+
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {noreply, map()}.
+handle_call({acquire, S, Var, Id, Cfg}, From, St) ->
+    case name_of(S, Var) of
+        {ok, Name} -> acquire_named({S, Name}, Id, Cfg, From, St);
+        Error -> {reply, Error, St}
+    end;
+handle_call({release, Lock, Caller}, _From, St) ->
+    case holder_of(Lock, St) of
+        {ok, Key, #{pid := Caller}} ->
+            St1 = free(Key, St),
+            event(released, Key, #{}),
+            {reply, ok, grant_next(Key, St1)};
+        _ -> {reply, {error, not_lock_owner}, St}
+    end;
+handle_call({renew, Lock}, _From, St) ->
+    case holder_of(Lock, St) of
+        {ok, Key, H} -> {reply, ok, set_holder(Key, arm_lease(Key, H), St)};
+        _ -> {reply, {error, not_lock_owner}, St}
+    end;
+handle_call({progress, Lock, Iter, Value, Metrics}, _From, St) ->
+    case holder_of(Lock, St) of
+        {ok, Key, H} ->
+            H1 = track(H, Iter, Value, Metrics),
+            event(progress, Key, #{iteration => Iter, metrics => Metrics}),
+            {reply, ok, set_holder(Key, H1, St)};
+        _ -> {reply, {error, not_lock_owner}, St}
+    end;
+handle_call({status, Key}, _From, #{locks := L} = St) ->
+    Reply = case maps:get(Key, L, undefined) of
+                #{holder := #{} = H, waiters := Q} ->
+                    maps:merge(#{locked => true, waiters => queue:len(Q)},
+                               maps:with([optimizer, token, priority, iterations, best], H));
+                _ -> #{locked => false, waiters => 0}
+            end,
+    {reply, {ok, Reply}, St};
+handle_call(active, _From, #{locks := L} = St) ->
+    {reply, [maps:merge(#{session => S, variable => N}, maps:with([optimizer, token, priority, iterations, pid], H))
+             || {{S, N}, #{holder := #{} = H}} <- maps:to_list(L)], St};
+handle_call({stop, Lock, Caller, Apply}, _From, St) ->
+    case holder_of(Lock, St) of
+        {ok, {S, N} = Key, #{pid := Caller, token := T, best := Best, optimizer := Id}} ->
+            Applied = case {Apply, Best} of
+                          {true, #{value := V}} ->
+                              {ok, _} = dspex_store:set(S, N, V, #{lock => T, changed_by => {optimizer, Id}}),
+                              true;
+                          _ -> false
+                      end,
+            St1 = free(Key, St),
+            event(released, Key, #{applied => Applied}),
+            {reply, {ok, #{best => Best, applied => Applied}}, grant_next(Key, St1)};
+        _ -> {reply, {error, not_lock_owner}, St}
+    end.
+
+-spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast(_Msg, St) -> {noreply, St}.
+
+-spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info({'DOWN', MRef, process, _Pid, _Why}, #{mons := M} = St) ->
+    case maps:take(MRef, M) of
+        {{holder, Key}, M1} ->
+            St1 = free(Key, St#{mons := M1}),
+            event(released, Key, #{reason => holder_down}),
+            {noreply, grant_next(Key, St1)};
+        {{waiter, Key, WRef}, M1} ->
+            {_, St1} = take_waiter(Key, WRef, St#{mons := M1}),
+            {noreply, St1};
+        error -> {noreply, St}
+    end;
+handle_info({wait_timeout, Key, WRef}, St) ->
+    case take_waiter(Key, WRef, St) of
+        {#{from := From, mon := Mon}, St1} ->
+            demonitor(Mon, [flush]),
+            gen_server:reply(From, {error, timeout}),
+            {noreply, St1#{mons := maps:remove(Mon, maps:get(mons, St1))}};
+        {none, St1} -> {noreply, St1}
+    end;
+handle_info({lease_expired, Key, Token}, #{locks := L} = St) ->
+    case maps:get(Key, L, undefined) of
+        #{holder := #{token := Token, pid := Pid}} ->
+            {S, N} = Key,
+            Pid ! {dspex_lock_expired, S, N, Token},
+            St1 = free(Key, St),
+            event(expired, Key, #{token => Token}),
+            {noreply, grant_next(Key, St1)};
+        _ -> {noreply, St}
+    end;
+handle_info(_Other, St) -> {noreply, St}.
+
+acquire_named(Key, Id, Cfg, From, #{locks := L, min_iter := MinIter} = St) ->
+    case maps:get(Key, L, #{holder => none, waiters => queue:new()}) of
+        #{holder := none} = E ->
+            case grant(Key, Id, Cfg, 0, E, St) of
+                {ok, Lock, St1} -> {reply, {ok, Lock}, St1};
+                {error, _} = Err -> {reply, Err, St}
+            end;
+        #{holder := H} = E ->
+            #{priority := HP, iterations := HI, optimizer := HId, token := HT, pid := HPid, mon := HMon} = H,
+            case maps:get(conflict, Cfg) of
+                abort ->
+                    {reply, {error, {lock_held_by, HId}}, St};
+                preempt when map_get(priority, Cfg) > HP, HI >= MinIter ->
+                    {S, N} = Key,
+                    demonitor(HMon, [flush]),
+                    cancel_lease(H),
+                    St1 = St#{mons := maps:remove(HMon, maps:get(mons, St))},
+                    case grant(Key, Id, Cfg, HT, E#{holder := none}, St1) of
+                        {ok, Lock, St2} ->
+                            HPid ! {dspex_preempted, S, N, HT},
+                            event(preempted, Key, #{preempted => HId, by => Id}),
+                            {reply, {ok, Lock}, St2};
+                        {error, _} = Err ->
+                            {reply, Err, St}
+                    end;
+                _ ->
+                    {noreply, enqueue(Key, Id, Cfg, From, E, St)}
+            end
+    end.
+
+grant({S, N} = Key, Id, Cfg, Expect, Entry, #{locks := L, mons := M} = St) ->
+    case dspex_nif:var_lock(S, N, Id, Expect) of
+        {ok, Token} ->
+            Pid = maps:get(pid, Cfg),
+            Mon = monitor(process, Pid),
+            H = arm_lease(Key, #{optimizer => Id, pid => Pid, mon => Mon, token => Token,
+                                 priority => maps:get(priority, Cfg), lease => maps:get(lease, Cfg),
+                                 lease_timer => undefined, iterations => 0, best => undefined,
+                                 objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg)}),
+            event(acquired, Key, #{optimizer => Id, token => Token}),
+            {ok, #{session => S, variable => N, optimizer => Id, token => Token, pid => Pid},
+             St#{locks := L#{Key => Entry#{holder := H}}, mons := M#{Mon => {holder, Key}}}};
+        {error, _} = Err -> Err
+    end.
+
+enqueue(Key, Id, Cfg, From, Entry, #{locks := L, mons := M} = St) ->
+    WRef = make_ref(),
+    Mon = monitor(process, maps:get(pid, Cfg)),
+    Timer = case maps:get(timeout, Cfg) of
+                infinity -> undefined;
+                T -> erlang:send_after(T, self(), {wait_timeout, Key, WRef})
+            end,
+    W = #{ref => WRef, from => From, optimizer => Id, cfg => Cfg, mon => Mon, timer => Timer},
+    event(waited, Key, #{optimizer => Id}),
+    St#{locks := L#{Key => Entry#{waiters := queue:in(W, maps:get(waiters, Entry))}},
+        mons := M#{Mon => {waiter, Key, WRef}}}.
+
+take_waiter(Key, WRef, #{locks := L} = St) ->
+    case maps:get(Key, L, undefined) of
+        #{waiters := Q} = E ->
+            {Match, Rest} = lists:partition(fun(#{ref := R}) -> R =:= WRef end, queue:to_list(Q)),
+            St1 = St#{locks := L#{Key => E#{waiters := queue:from_list(Rest)}}},
+            case Match of
+                [W = #{timer := T}] -> cancel_timer(T), {W, St1};
+                [] -> {none, St1}
+            end;
+        undefined -> {none, St}
+    end.
+
+%% Grants the lock to the first waiter still alive (FIFO).
+grant_next(Key, #{locks := L} = St) ->
+    case maps:get(Key, L, undefined) of
+        #{holder := none, waiters := Q} = E ->
+            case queue:out(Q) of
+                {empty, _} -> St#{locks := maps:remove(Key, L)};
+                {{value, #{from := From, optimizer := Id, cfg := Cfg, mon := Mon, timer := T}}, Q1} ->
+                    cancel_timer(T),
+                    demonitor(Mon, [flush]),
+                    St1 = St#{mons := maps:remove(Mon, maps:get(mons, St))},
+                    case grant(Key, Id, Cfg, 0, E#{waiters := Q1}, St1) of
+                        {ok, Lock, St2} ->
+                            gen_server:reply(From, {ok, Lock}),
+                            St2;
+                        {error, _} = Err ->
+                            %% the variable went away: every waiter gets the error
+                            gen_server:reply(From, Err),
+                            grant_next(Key, St1#{locks := (maps:get(locks, St1))#{Key => E#{waiters := Q1}}})
+                    end
+            end;
+        _ -> St
+    end.
+
+%% Frees the holder's lock in the store and forgets the holder.
+free({S, N} = Key, #{locks := L, mons := M} = St) ->
+    case maps:get(Key, L, undefined) of
+        #{holder := #{token := T, mon := Mon} = H} = E ->
+            _ = dspex_nif:var_unlock(S, N, T),
+            demonitor(Mon, [flush]),
+            cancel_lease(H),
+            St#{locks := L#{Key => E#{holder := none}}, mons := maps:remove(Mon, M)};
+        _ -> St
+    end.
+
+holder_of(#{session := S, variable := N, token := T}, #{locks := L}) ->
+    case maps:get({S, N}, L, undefined) of
+        #{holder := #{token := T} = H} -> {ok, {S, N}, H};
+        _ -> error
+    end;
+holder_of(_, _) -> error.
+
+set_holder(Key, H, #{locks := L} = St) ->
+    St#{locks := maps:update_with(Key, fun(E) -> E#{holder := H} end, L)}.
+
+arm_lease(Key, #{lease := Lease, token := T} = H) ->
+    cancel_lease(H),
+    case Lease of
+        infinity -> H#{lease_timer := undefined};
+        Ms -> H#{lease_timer := erlang:send_after(Ms, self(), {lease_expired, Key, T})}
+    end.
+
+cancel_lease(#{lease_timer := T}) -> cancel_timer(T);
+cancel_lease(_) -> ok.
+
+cancel_timer(undefined) -> ok;
+cancel_timer(T) -> _ = erlang:cancel_timer(T), ok.
+
+%% Keeps the best candidate by the objective on the chosen metric.
+track(#{iterations := I, best := Best, objective := Obj, metric := Metric} = H, Iter, Value, Metrics) ->
+    Score = case Metric of
+                undefined -> Value;
+                _ -> maps:get(Metric, Metrics, undefined)
+            end,
+    Better = is_number(Score) andalso
+             (Best =:= undefined orelse
+              (Obj =:= minimize andalso Score < maps:get(score, Best)) orelse
+              (Obj =:= maximize andalso Score > maps:get(score, Best))),
+    H#{iterations := max(I, Iter),
+       best := case Better of
+                   true -> #{value => Value, score => Score, iteration => Iter};
+                   false -> Best
+               end}.
+
+event(Name, {S, N}, Meta) ->
+    dspex_telemetry:execute([dspex, locks, Name], #{count => 1}, Meta#{session => S, variable => N}).
