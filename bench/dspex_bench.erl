@@ -1,7 +1,7 @@
 %% @doc `make bench': the store against the obvious alternatives, in one run.
 %% Ratios are "alternative time / our time": above 1.0 means we are faster.
 -module(dspex_bench).
--export([main/0, main/1]).
+-export([main/0, main/1, locks/0]).
 
 -define(OPS, 400000).
 
@@ -13,8 +13,14 @@ main(_Args) ->
               [erlang:system_info(schedulers_online), erlang:system_info(otp_release)]),
     Results = [store(N) || N <- [1000, 100000]],
     readers(),
+    LockResults = locks(),
     io:format("~nsummary (alternative time / dspex_store time; above 1 = dspex_store faster):~n"),
     [io:format("  ~-48s ~9.2fx  (target ~s)~n", [L, R, T]) || {L, R, T} <- lists:append(Results)],
+    [io:format("  ~-48s ~9.2f   (target ~s)~n", [L, R, T]) || {L, R, T} <- LockResults],
+    case code:ensure_loaded(dspex_graph_bench) of
+        {module, _} -> dspex_graph_bench:main();
+        _ -> ok
+    end,
     ok.
 
 %%% get/set against ETS and a gen_server map store ---------------------------
@@ -137,6 +143,39 @@ loop_srv_set(_P, _S, _Names, []) -> ok;
 loop_srv_set(P, S, Names, [I | Is]) ->
     {ok, _} = gen_server:call(P, {set, S, element(I, Names), 0.25}),
     loop_srv_set(P, S, Names, Is).
+
+%%% optimizer locks ----------------------------------------------------------------
+
+locks() ->
+    S = <<"bench_locks">>,
+    _ = dspex_store:delete_session(S),
+    {ok, _} = dspex_store:create_session(S, #{ttl => infinity}),
+    {ok, _} = dspex_store:register(S, locked, float, 0.5, #{constraints => #{min => 0.0, max => 1.0}}),
+    {ok, _} = dspex_store:register(S, free, float, 0.5, #{constraints => #{min => 0.0, max => 1.0}}),
+    Cycles = 20000,
+    TLock = best3(fun() -> lock_cycles(S, Cycles) end),
+    {ok, L} = dspex_locks:acquire(S, locked, bench, #{}),
+    Keys = lists:seq(1, ?OPS),
+    TPlain = best(fun() -> [{ok, _} = dspex_store:set(S, free, 0.25) || _ <- Keys], ok end),
+    %% options built once, as an optimizer holding the lock would
+    Opts = #{lock => L},
+    TTok = best(fun() -> [{ok, _} = dspex_store:set(S, locked, 0.25, Opts) || _ <- Keys], ok end),
+    ok = dspex_locks:release(L),
+    ok = dspex_store:delete_session(S),
+    PerSec = Cycles / (TLock / 1.0e6),
+    Overhead = 100 * (TTok - TPlain) / TPlain,
+    io:format("-- optimizer locks~n"
+              "  uncontended acquire+release: ~b cycles/s (~.1f us each)~n"
+              "  set/4 with the lock token ~.1f ns/op vs plain set ~.1f ns/op: check costs ~.1f%~n",
+              [round(PerSec), TLock / Cycles, TTok * 1000 / ?OPS, TPlain * 1000 / ?OPS, Overhead]),
+    [{"lock acquire+release cycles per second", PerSec, "(report)"},
+     {"lock check cost on a write, %", Overhead, "< 10"}].
+
+lock_cycles(_S, 0) -> ok;
+lock_cycles(S, N) ->
+    {ok, L} = dspex_locks:acquire(S, locked, bench, #{}),
+    ok = dspex_locks:release(L),
+    lock_cycles(S, N - 1).
 
 %%% read scaling ---------------------------------------------------------------
 

@@ -504,16 +504,16 @@ int dx_var_delete(dx_session *s, dx_str key) {
         v->dead = true;
         atomic_fetch_sub(&s->nvars, 1);
         rc = DX_OK;
-    }
-    pthread_mutex_unlock(&sh->mu);
-    if (!rc) {
-        /* After the variable is gone, so a concurrent add_dependency (which
-         * checks the variable under graph_mu) cannot bring the node back. */
+        /* Still under the shard mutex: a new variable of the same name (same
+         * shard) cannot be registered, and get edges, before its old node is
+         * gone; add_dependency checks variables under graph_mu, so it cannot
+         * bring the node back either. Lock order: shard, then graph. */
         pthread_mutex_lock(&s->graph_mu);
         if (s->graph) dx_graph_remove_node(s->graph, v->name, v->name_len);
         pthread_mutex_unlock(&s->graph_mu);
-        dx_ebr_retire(v, var_free, 0);
     }
+    pthread_mutex_unlock(&sh->mu);
+    if (!rc) dx_ebr_retire(v, var_free, 0);
     return rc;
 }
 

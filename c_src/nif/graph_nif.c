@@ -66,6 +66,12 @@ DX_NIF(nif_graph_add) {
         r = dx_error(env, ATOM_session_not_found);
     } else {
         dx_graph *g = dx_graph_lock(s);
+        if (g && dx_graph_node_count(g) > BIG_GRAPH && !on_dirty()) {
+            /* reordering a large affected region can take milliseconds */
+            dx_graph_unlock(s);
+            dx_ebr_exit();
+            return enif_schedule_nif(env, "graph_add", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_graph_add, argc, argv);
+        }
         dx_var *fv = dx_var_find(s, from), *tv = dx_var_find(s, to);
         if (!g) r = dx_error(env, ATOM_enomem);
         else if (!fv) r = dx_error2(env, ATOM_not_found, argv[1]);

@@ -414,28 +414,40 @@ typedef struct {
  * {error, {invalid_argument, Key}}). */
 static ERL_NIF_TERM parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf *b) {
     memset(b, 0, sizeof *b);
+    size_t left;
+    if (!enif_get_map_size(env, m, &left)) return 0;
+    /* Most likely options first; stop once every key of the map was seen, so
+     * #{} costs nothing and #{lock => L} one lookup. Unknown keys are ignored. */
     ERL_NIF_TERM v;
-    if (enif_get_map_value(env, m, ATOM_expected_version, &v) && !enif_is_identical(v, ATOM_undefined) &&
-        !enif_is_identical(v, ATOM_nil)) {
-        ErlNifUInt64 u;
-        if (!enif_get_uint64(env, v, &u)) return ATOM_expected_version;
-        b->o.has_expected = true;
-        b->o.expected = u;
-    }
-    if (enif_get_map_value(env, m, ATOM_metadata, &v)) {
-        if (!enif_is_map(env, v)) return ATOM_metadata;
-        b->meta_patch = v;
-    }
-    if (enif_get_map_value(env, m, ATOM_propagation, &v)) b->o.propagation = enif_is_identical(v, ATOM_true);
-    if (enif_get_map_value(env, m, ATOM_lock, &v)) {
+    if (left && enif_get_map_value(env, m, ATOM_lock, &v)) {
+        left--;
         /* a Lock from dspex_locks:acquire/4, or its bare token */
         ERL_NIF_TERM t = v;
         ErlNifUInt64 tok;
-        if (enif_is_map(env, v) && !enif_get_map_value(env, v, ATOM_token, &t)) return ATOM_lock;
-        if (!enif_get_uint64(env, t, &tok) || tok == 0) return ATOM_lock;
+        if ((enif_is_map(env, v) && !enif_get_map_value(env, v, ATOM_token, &t)) || !enif_get_uint64(env, t, &tok) ||
+            tok == 0)
+            return ATOM_lock;
         b->o.lock_token = tok;
     }
-    if (enif_get_map_value(env, m, ATOM_changed_by, &v)) {
+    if (left && enif_get_map_value(env, m, ATOM_expected_version, &v)) {
+        left--;
+        if (!enif_is_identical(v, ATOM_undefined) && !enif_is_identical(v, ATOM_nil)) {
+            ErlNifUInt64 u;
+            if (!enif_get_uint64(env, v, &u)) return ATOM_expected_version;
+            b->o.has_expected = true;
+            b->o.expected = u;
+        }
+    }
+    if (left && enif_get_map_value(env, m, ATOM_metadata, &v)) {
+        left--;
+        if (!enif_is_map(env, v)) return ATOM_metadata;
+        b->meta_patch = v;
+    }
+    if (left && enif_get_map_value(env, m, ATOM_propagation, &v)) {
+        left--;
+        b->o.propagation = enif_is_identical(v, ATOM_true);
+    }
+    if (left && enif_get_map_value(env, m, ATOM_changed_by, &v)) {
         if (dx_term_to_blob(env, v, &b->by)) return ATOM_changed_by;
         b->have_by = 1;
         b->o.by = b->by.data;

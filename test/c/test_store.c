@@ -289,6 +289,41 @@ static void test_import_roundtrip(void **st) {
     dx_session_delete(S("imp"));
 }
 
+static void test_optimizer_locks(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("locks", -1);
+    dx_var *v = reg_int(s, "x", 0, -1);
+    uint64_t t1 = 0, t2 = 0, ver;
+    assert_int_equal(dx_var_lock(s, v, 0, (const uint8_t *)"opt1", 4, &t1), DX_OK);
+    assert_true(t1 > 0);
+    /* held: a second lock without the current token is refused and names it */
+    assert_int_equal(dx_var_lock(s, v, 0, (const uint8_t *)"opt2", 4, &t2), DX_E_LOCKED);
+    assert_int_equal(t2, t1);
+    uint8_t *h;
+    size_t hl;
+    assert_int_equal(dx_var_lock_holder(s, v, &h, &hl), DX_OK);
+    assert_int_equal(hl, 4);
+    assert_memory_equal(h, "opt1", 4);
+    free(h);
+    dx_value nv = {.type = DX_T_INTEGER, .u.i = 1};
+    assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US, &ver, NULL, NULL), DX_E_LOCKED);
+    dx_set_opts o = {.lock_token = t1};
+    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_OK);
+    assert_int_equal(dx_var_delete(s, S("x")), DX_E_LOCKED);
+    /* preemption: locking with the holder's token hands over to a newer token */
+    assert_int_equal(dx_var_lock(s, v, t1, (const uint8_t *)"opt2", 4, &t2), DX_OK);
+    assert_true(t2 > t1);
+    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_LOCKED); /* old token */
+    assert_int_equal(dx_var_unlock(s, v, t1), DX_E_STALE_LOCK);
+    assert_int_equal(dx_var_unlock(s, v, t2), DX_OK);
+    o.lock_token = t2;
+    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_STALE_LOCK);
+    assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US, &ver, NULL, NULL), DX_OK);
+    assert_int_equal(dx_var_lock(s, v, 0, NULL, 0, &t1), DX_OK); /* freed with the variable below */
+    dx_session_delete(S("locks"));
+    dx_ebr_exit();
+}
+
 /* ---- concurrency: readers chase writers that replace, delete and re-create ---- */
 
 #define ROUNDS 20000
@@ -377,6 +412,7 @@ int main(void) {
         cmocka_unit_test(test_history_ring_and_rollback), cmocka_unit_test(test_batches),
         cmocka_unit_test(test_watchers_notify_and_release), cmocka_unit_test(test_limits),
         cmocka_unit_test(test_import_roundtrip),        cmocka_unit_test(test_concurrent_readers_writers),
+        cmocka_unit_test(test_optimizer_locks),
     };
     return cmocka_run_group_tests_name("store", tests, setup, teardown);
 }
