@@ -1,7 +1,7 @@
 %% @doc `make bench': the store against the obvious alternatives, in one run.
 %% Ratios are "alternative time / our time": above 1.0 means we are faster.
 -module(dspex_bench).
--export([main/0, main/1, locks/0]).
+-export([main/0, main/1, locks/0, acl/0]).
 
 -define(OPS, 400000).
 
@@ -13,7 +13,7 @@ main(_Args) ->
               [erlang:system_info(schedulers_online), erlang:system_info(otp_release)]),
     Results = [store(N) || N <- [1000, 100000]],
     readers(),
-    LockResults = locks(),
+    LockResults = locks() ++ acl(),
     io:format("~nsummary (alternative time / dspex_store time; above 1 = dspex_store faster):~n"),
     [io:format("  ~-48s ~9.2fx  (target ~s)~n", [L, R, T]) || {L, R, T} <- lists:append(Results)],
     [io:format("  ~-48s ~9.2f   (target ~s)~n", [L, R, T]) || {L, R, T} <- LockResults],
@@ -176,6 +176,36 @@ lock_cycles(S, N) ->
     {ok, L} = dspex_locks:acquire(S, locked, bench, #{}),
     ok = dspex_locks:release(L),
     lock_cycles(S, N - 1).
+
+%%% access control ------------------------------------------------------------------
+
+acl() ->
+    S = <<"bench_acl">>,
+    _ = dspex_store:delete_session(S),
+    {ok, _} = dspex_store:create_session(S, #{ttl => infinity}),
+    N = 1000,
+    Names = list_to_tuple([iolist_to_binary(["p_", integer_to_list(I)]) || I <- lists:seq(1, N)]),
+    Rules = [#{session_pattern => <<"team_*">>, permissions => [write]},
+             #{session_pattern => <<"admin_*">>, permissions => [read, optimize]}],
+    [begin
+         {ok, _} = dspex_store:register(S, element(I, Names), float, 0.5),
+         ok = dspex_acl:set_permissions(S, element(I, Names), Rules)
+     end || I <- lists:seq(1, N)],
+    Keys = random_indexes(N, ?OPS),
+    As = #{as => <<"admin_7">>},
+    TOwner = best(fun() -> loop_get(S, Names, Keys) end),
+    TOther = best(fun() -> loop_get_as(S, Names, Keys, As) end),
+    ok = dspex_store:delete_session(S),
+    Overhead = 100 * (TOther - TOwner) / TOwner,
+    io:format("-- access control (~b variables, 2 rules each)~n"
+              "  owner get ~.1f ns/op, get as another session (second rule matches) ~.1f ns/op: check costs ~.1f%~n",
+              [N, TOwner * 1000 / ?OPS, TOther * 1000 / ?OPS, Overhead]),
+    [{"access check cost on a get, %", Overhead, "< 15"}].
+
+loop_get_as(_S, _Names, [], _As) -> ok;
+loop_get_as(S, Names, [I | Is], As) ->
+    {ok, _} = dspex_store:get(S, element(I, Names), As),
+    loop_get_as(S, Names, Is, As).
 
 %%% read scaling ---------------------------------------------------------------
 

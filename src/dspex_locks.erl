@@ -37,7 +37,9 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% caller), `lease' ms (expires unless `renew/1'd; the holder then receives
 %% `{dspex_lock_expired, Session, Var, Token}'), `objective' (`minimize' or
 %% `maximize') and `metric' (the key of the metrics map that
-%% `report_progress/4' ranks by; default: the reported value itself).
+%% `report_progress/4' ranks by; default: the reported value itself), and
+%% `as' / `context' to act for another session (`optimize' permission, checked
+%% when the lock is granted; `{error, access_denied}').
 -spec acquire(dspex_store:session_id(), dspex_store:var_key(), term(), acquire_opts()) ->
           {ok, lock()} | {error, term()}.
 acquire(Session, Var, OptimizerId, Opts) when is_map(Opts) ->
@@ -50,7 +52,7 @@ check_opts(Opts) ->
     Cfg = #{conflict => maps:get(conflict, Opts, wait), timeout => maps:get(timeout, Opts, infinity),
             priority => maps:get(priority, Opts, 0), pid => maps:get(pid, Opts, self()),
             lease => maps:get(lease, Opts, infinity), objective => maps:get(objective, Opts, minimize),
-            metric => maps:get(metric, Opts, undefined)},
+            metric => maps:get(metric, Opts, undefined), acl => maps:with([as, context], Opts)},
     Checks = [{conflict, lists:member(maps:get(conflict, Cfg), [wait, abort, preempt])},
               {timeout, valid_ms(maps:get(timeout, Cfg))},
               {priority, is_integer(maps:get(priority, Cfg))},
@@ -236,7 +238,7 @@ acquire_named(Key, Id, Cfg, From, #{locks := L, min_iter := MinIter} = St) ->
     end.
 
 grant({S, N} = Key, Id, Cfg, Expect, Entry, #{locks := L, mons := M} = St) ->
-    case dspex_nif:var_lock(S, N, Id, Expect) of
+    case dspex_nif:var_lock(S, N, Id, Expect, maps:get(acl, Cfg, #{})) of
         {ok, Token} ->
             Pid = maps:get(pid, Cfg),
             Mon = monitor(process, Pid),

@@ -6,11 +6,12 @@
 
 -export([session_create/3, session_get/1, session_list/0, session_touch/1, session_delete/1,
          sweep/0, reclaim/0, advance_clock/1, set_limits/1, get_limits/0, stats/0,
-         var_register/9, var_get/2, var_get_value/2, var_exists/2, var_set/4, var_delete/2,
-         var_list/2, var_get_many/2, var_set_many/3, var_history/3, var_rollback/4,
-         watch/3, unwatch/1, var_info/2, export_session/1, import_session/1,
+         var_register/9, var_get/2, var_get/3, var_get_value/2, var_exists/2, var_set/4, var_delete/2, var_delete/3,
+         var_list/2, var_list/3, var_get_many/2, var_set_many/3, var_history/3, var_rollback/4,
+         watch/3, watch/4, unwatch/1, var_info/2, export_session/1, import_session/1,
          graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3,
-         var_lock/4, var_unlock/3]).
+         var_lock/4, var_lock/5, var_unlock/3,
+         acl_set/4, acl_get/2, acl_check/5, acl_filter/4, acl_validate/1, session_set_rate/3]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -57,3 +58,14 @@ graph_edges(_S) -> ?NOT_LOADED.
 var_set_error(_S, _Var, _Error) -> ?NOT_LOADED.
 var_lock(_S, _Key, _Holder, _Expect) -> ?NOT_LOADED.
 var_unlock(_S, _Key, _Token) -> ?NOT_LOADED.
+acl_set(_S, _Var, _Rules, _Opts) -> ?NOT_LOADED.
+acl_get(_S, _Var) -> ?NOT_LOADED.
+acl_check(_S, _Var, _Principal, _Perm, _Context) -> ?NOT_LOADED.
+acl_filter(_S, _Principal, _Perm, _Context) -> ?NOT_LOADED.
+acl_validate(_Rules) -> ?NOT_LOADED.
+session_set_rate(_S, _Rate, _Burst) -> ?NOT_LOADED.
+var_get(_S, _Key, _Opts) -> ?NOT_LOADED.
+var_delete(_S, _Key, _Opts) -> ?NOT_LOADED.
+var_list(_S, _Pattern, _Opts) -> ?NOT_LOADED.
+watch(_S, _Keys, _Pid, _Opts) -> ?NOT_LOADED.
+var_lock(_S, _Key, _Holder, _Expect, _Opts) -> ?NOT_LOADED.

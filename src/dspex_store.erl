@@ -29,8 +29,8 @@
 
 -export([create_session/1, create_session/2, get_session/1, list_sessions/0, touch/1,
          delete_session/1,
-         register/4, register/5, get/2, get_value/2, get_value/3, exists/2, delete/2,
-         list/1, list/2, set/3, set/4, get_many/2, set_many/2, set_many/3,
+         register/4, register/5, get/2, get/3, get_value/2, get_value/3, exists/2, delete/2, delete/3,
+         list/1, list/2, list/3, set/3, set/4, get_many/2, set_many/2, set_many/3,
          history/2, history/3, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 
@@ -71,6 +71,8 @@
                       | derived_variable
                       | {locked, term()}
                       | stale_lock
+                      | access_denied
+                      | rate_limited
                       | enomem.
 
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
@@ -85,8 +87,10 @@ create_session(Id) -> create_session(Id, #{}).
 %% the options of an existing session are not changed).
 %% Options: `ttl' seconds (default 3600, or `infinity'): a session not accessed
 %% for that long is removed by the sweeper; every access refreshes it.
-%% `metadata': a map.
--spec create_session(session_id(), #{ttl => non_neg_integer() | infinity, metadata => map()}) ->
+%% `metadata': a map. `rate_limit => #{rate => PerSecond, burst => N}': see
+%% `dspex_acl:set_rate_limit/3'.
+-spec create_session(session_id(), #{ttl => non_neg_integer() | infinity, metadata => map(),
+                                    rate_limit => #{rate := number(), burst := number()}}) ->
           {ok, session_info()} | {error, error_reason()}.
 create_session(Id, Opts) when is_map(Opts) ->
     Ttl = maps:get(ttl, Opts, 3600),
@@ -98,7 +102,13 @@ create_session(Id, Opts) when is_map(Opts) ->
             {error, {invalid_argument, metadata}};
         true ->
             case dspex_nif:session_create(Id, Meta, Ttl) of
-                {ok, Info, _Created} -> {ok, Info};
+                {ok, Info, true} ->
+                    case Opts of
+                        #{rate_limit := #{rate := R, burst := B}} -> ok = dspex_acl:set_rate_limit(Id, R, B);
+                        _ -> ok
+                    end,
+                    {ok, Info};
+                {ok, Info, false} -> {ok, Info};
                 Error -> Error
             end
     end.
@@ -163,6 +173,25 @@ register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
 -spec get(session_id(), var_key()) -> {ok, var()} | {error, error_reason()}.
 get(Session, Key) -> dspex_nif:var_get(Session, Key).
 
+%% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
+%% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
+-spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
+get(Session, Key, Opts) ->
+    case dspex_nif:var_get(Session, Key, Opts) of
+        {ok, _} = Ok -> Ok;
+        Error -> audited(Error, Session, Key, Opts, read)
+    end.
+
+%% Records a denial in the access-control audit log.
+audited({error, access_denied} = E, Session, Key, #{as := P}, Perm) ->
+    dspex_acl:denied(Session, Key, P, Perm),
+    E;
+audited({error, rate_limited} = E, Session, Key, Opts, _Perm) ->
+    dspex_telemetry:execute([dspex, rate_limit, exceeded], #{count => 1},
+                            #{session => Session, variable => Key, principal => maps:get(as, Opts, Session)}),
+    E;
+audited(Result, _Session, _Key, _Opts, _Perm) -> Result.
+
 %% @doc Only the current value.
 -spec get_value(session_id(), var_key()) -> {ok, value()} | {error, error_reason()}.
 get_value(Session, Key) -> dspex_nif:var_get_value(Session, Key).
@@ -187,6 +216,10 @@ exists(Session, Key) ->
 -spec delete(session_id(), var_key()) -> ok | {error, error_reason()}.
 delete(Session, Key) -> dspex_nif:var_delete(Session, Key).
 
+%% @doc `delete/2' on behalf of another session (`write' permission).
+-spec delete(session_id(), var_key(), map()) -> ok | {error, error_reason()}.
+delete(Session, Key, Opts) -> audited(dspex_nif:var_delete(Session, Key, Opts), Session, Key, Opts, write).
+
 %% @doc All variables of the session, sorted by name.
 -spec list(session_id()) -> {ok, [var()]} | {error, error_reason()}.
 list(Session) -> dspex_nif:var_list(Session, all).
@@ -195,6 +228,11 @@ list(Session) -> dspex_nif:var_list(Session, all).
 %% everything else literal.
 -spec list(session_id(), binary()) -> {ok, [var()]} | {error, error_reason()}.
 list(Session, Pattern) when is_binary(Pattern) -> dspex_nif:var_list(Session, Pattern).
+
+%% @doc `list/2' (Pattern `all' or a glob) on behalf of another session: only
+%% the variables it may `read' are listed.
+-spec list(session_id(), binary() | all, map()) -> {ok, [var()]} | {error, error_reason()}.
+list(Session, Pattern, Opts) when is_binary(Pattern); Pattern =:= all -> dspex_nif:var_list(Session, Pattern, Opts).
 
 %% @equiv set(Session, Key, Value, #{})
 -spec set(session_id(), var_key(), value()) -> {ok, non_neg_integer()} | {error, error_reason()}.
@@ -220,9 +258,13 @@ set(Session, Key, Value, #{propagate := sync} = Opts) ->
         {ok, _} = Ok ->
             ok = dspex_propagator:sync(Session),
             Ok;
-        Error -> Error
+        Error -> audited(Error, Session, Key, Opts, write)
     end;
-set(Session, Key, Value, Opts) -> dspex_nif:var_set(Session, Key, Value, Opts).
+set(Session, Key, Value, Opts) ->
+    case dspex_nif:var_set(Session, Key, Value, Opts) of
+        {ok, _} = Ok -> Ok;
+        Error -> audited(Error, Session, Key, Opts, write)
+    end.
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its
 %% variable; `missing' lists the others in the order given.
@@ -249,7 +291,10 @@ set_many(Session, Updates) -> set_many(Session, Updates, #{}).
 -spec set_many(session_id(), map() | list(), #{atomic => boolean()}) -> {ok, map()} | {error, term()}.
 set_many(Session, Updates, Opts) when is_map(Opts) ->
     Atomic = maps:get(atomic, Opts, false) =:= true,
-    dspex_nif:var_set_many(Session, normalize_updates(Updates), Atomic).
+    %% `as' and `context' of the call apply to every update
+    Who = maps:with([as, context], Opts),
+    Norm = [{K, V, maps:merge(Who, O)} || {K, V, O} <- normalize_updates(Updates)],
+    dspex_nif:var_set_many(Session, Norm, Atomic).
 
 normalize_updates(M) when is_map(M) -> [{K, V, #{}} || {K, V} <- maps:to_list(M)];
 normalize_updates(L) when is_list(L) ->
@@ -281,7 +326,8 @@ rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
 %% commits its value again as a new version.
 -spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
-rollback(Session, Key, Version, Opts) -> dspex_nif:var_rollback(Session, Key, Version, Opts).
+rollback(Session, Key, Version, Opts) ->
+    audited(dspex_nif:var_rollback(Session, Key, Version, Opts), Session, Key, Opts, write).
 
 %% @equiv watch(Session, Keys, Pid, #{})
 -spec watch(session_id(), [var_key()], pid()) -> reference() | {error, error_reason()}.
@@ -298,7 +344,7 @@ watch(Session, Keys, Pid) -> watch(Session, Keys, Pid, #{}).
 watch(_Session, [], _Pid, _Opts) ->
     {error, {invalid_argument, variables}};
 watch(Session, Keys, Pid, Opts) when is_list(Keys), is_pid(Pid), is_map(Opts) ->
-    case dspex_nif:watch(Session, Keys, Pid) of
+    case dspex_nif:watch(Session, Keys, Pid, Opts) of
         {ok, Ref} -> Ref;
         Error -> Error
     end.

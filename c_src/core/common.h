@@ -27,6 +27,8 @@ enum {
     DX_E_DERIVED,          /* a derived variable written other than by propagation */
     DX_E_LOCKED,           /* locked by an optimizer and the write lacks its token */
     DX_E_STALE_LOCK,       /* the write carries a token that is no longer current */
+    DX_E_DENIED,           /* access control refused the operation */
+    DX_E_RATE_LIMITED,     /* the session's token bucket is empty */
 };
 
 #define DX_ERRLEN 256

@@ -11,6 +11,7 @@ static _Atomic uint64_t g_var_counter;
  * across restarts, then only incremented. */
 static _Atomic uint64_t g_lock_tokens;
 static void (*g_release_watcher)(void *w);
+static void (*g_release_acl)(void *acl);
 /* Bumped whenever a session is unlinked: a thread's cached session pointer is
  * only trusted while the generation it was cached under is still current. */
 static _Atomic uint64_t g_sess_gen;
@@ -32,6 +33,11 @@ static dx_limits g_limits = {
 void dx_store_set_limits(const dx_limits *l) { g_limits = *l; }
 dx_limits dx_store_limits(void) { return g_limits; }
 void dx_store_set_watcher_release(void (*fn)(void *w)) { g_release_watcher = fn; }
+void dx_store_set_acl_release(void (*fn)(void *acl)) { g_release_acl = fn; }
+
+static void release_acl(void *acl) {
+    if (acl && g_release_acl) g_release_acl(acl);
+}
 
 /* ---- snapshots -------------------------------------------------------------- */
 
@@ -70,6 +76,7 @@ static void var_free(void *p) {
     dx_constraints_free(v->cons);
     free(atomic_load_explicit(&v->error, memory_order_relaxed));
     free(v->lock_holder);
+    release_acl(atomic_load_explicit(&v->acl, memory_order_relaxed));
     free(v);
 }
 
@@ -156,6 +163,7 @@ static void session_free(void *p) {
     }
     if (s->graph) dx_graph_free(s->graph);
     pthread_mutex_destroy(&s->graph_mu);
+    pthread_mutex_destroy(&s->bucket_mu);
     free(s->meta);
     free(s->id);
     free(s);
@@ -183,7 +191,8 @@ static dx_session *session_new(dx_str id, const uint8_t *meta, size_t meta_len, 
     s->id = dup_bytes(id.ptr, id.len);
     s->id_len = id.len;
     s->meta = meta_len ? malloc(meta_len) : NULL;
-    int ok = s->id && (!meta_len || s->meta) && pthread_mutex_init(&s->graph_mu, NULL) == 0;
+    int ok = s->id && (!meta_len || s->meta) && pthread_mutex_init(&s->graph_mu, NULL) == 0 &&
+             pthread_mutex_init(&s->bucket_mu, NULL) == 0;
     int i = 0;
     for (; ok && i < DX_SHARDS; i++) {
         if (pthread_mutex_init(&s->shards[i].mu, NULL)) { ok = 0; break; }
@@ -410,6 +419,8 @@ static void hist_push(dx_var *v, dx_snap *old) {
 static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64_t *version) {
     dx_snap *cur = atomic_load_explicit(&v->cur, memory_order_relaxed);
     if (v->dead) return DX_E_NOT_FOUND;
+    if (o && o->acl_check && !o->acl_check(o->acl_ctx, v, atomic_load_explicit(&v->acl, memory_order_relaxed)))
+        return DX_E_DENIED;
     if (v->derived && !(o && o->propagation)) return DX_E_DERIVED;
     if (o && o->lock_token && o->lock_token != v->lock_token)
         return v->lock_token ? DX_E_LOCKED : DX_E_STALE_LOCK;
@@ -517,7 +528,8 @@ int dx_var_delete(dx_session *s, dx_str key) {
     return rc;
 }
 
-int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token) {
+int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token,
+                const dx_set_opts *acl) {
     dx_blob *b = malloc(sizeof *b + hlen);
     if (!b) return DX_E_NOMEM;
     b->len = hlen;
@@ -527,6 +539,9 @@ int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder
     int rc = DX_OK;
     if (v->dead) {
         rc = DX_E_NOT_FOUND;
+    } else if (acl && acl->acl_check &&
+               !acl->acl_check(acl->acl_ctx, v, atomic_load_explicit(&v->acl, memory_order_relaxed))) {
+        rc = DX_E_DENIED;
     } else if (v->lock_token && v->lock_token != expect) {
         rc = DX_E_LOCKED;
         *token = v->lock_token;
@@ -578,6 +593,43 @@ int dx_var_lock_holder(dx_session *s, dx_var *v, uint8_t **out, size_t *len) {
         }
     }
     pthread_mutex_unlock(&sh->mu);
+    return rc;
+}
+
+int dx_var_set_acl(dx_session *s, dx_var *v, void *acl) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = v->dead ? DX_E_NOT_FOUND : DX_OK;
+    void *old = NULL;
+    if (!rc) old = atomic_exchange_explicit(&v->acl, acl, memory_order_acq_rel);
+    pthread_mutex_unlock(&sh->mu);
+    if (!rc && old) dx_ebr_retire(old, release_acl, 0);
+    return rc;
+}
+
+void dx_session_set_rate(dx_session *s, double rate, double burst) {
+    pthread_mutex_lock(&s->bucket_mu);
+    s->burst = burst;
+    s->tokens = burst;
+    s->bucket_at = 0;
+    s->rate = rate;
+    pthread_mutex_unlock(&s->bucket_mu);
+}
+
+int dx_session_take(dx_session *s, int64_t now_ns) {
+    if (s->rate <= 0) return DX_OK;
+    pthread_mutex_lock(&s->bucket_mu);
+    if (s->bucket_at) {
+        s->tokens += (double)(now_ns - s->bucket_at) * s->rate / 1e9;
+        if (s->tokens > s->burst) s->tokens = s->burst;
+    }
+    s->bucket_at = now_ns;
+    int rc = DX_E_RATE_LIMITED;
+    if (s->tokens >= 1.0) {
+        s->tokens -= 1.0;
+        rc = DX_OK;
+    }
+    pthread_mutex_unlock(&s->bucket_mu);
     return rc;
 }
 

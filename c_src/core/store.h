@@ -29,6 +29,7 @@ typedef struct dx_snap {
     _Alignas(8) char data[];
 } dx_snap;
 
+struct dx_var;
 typedef struct dx_blob {
     size_t len;
     uint8_t data[];
@@ -50,6 +51,9 @@ typedef struct dx_var {
     bool derived;         /* written only by propagation */
     /* The last propagation error (opaque blob), published like snapshots. */
     _Atomic(struct dx_blob *) error;
+    /* Access rules (opaque to the core, owned by the NIF layer), published like
+     * snapshots and replaced under the shard mutex. NULL: owner only. */
+    _Atomic(void *) acl;
     /* Fields below change only under the shard mutex. */
     uint64_t lock_token; /* 0: not locked by an optimizer */
     dx_blob *lock_holder; /* opaque holder id, for {locked, Holder} */
@@ -78,6 +82,10 @@ typedef struct dx_session {
     _Atomic int64_t last_access; /* monotonic ms */
     _Atomic int64_t nvars;
     _Atomic bool dead;
+    /* Token bucket (rate 0: unlimited, and never locked). */
+    double rate, burst, tokens;
+    int64_t bucket_at; /* monotonic ns of the last refill */
+    pthread_mutex_t bucket_mu;
     /* The dependency graph, created on first use; graph_mu serialises it. */
     pthread_mutex_t graph_mu;
     dx_graph *graph;
@@ -146,6 +154,9 @@ typedef struct {
     const dx_snap *if_current; /* non-NULL: fail with DX_E_RETRY unless still current */
     bool propagation;          /* the propagator may write derived variables */
     uint64_t lock_token;       /* 0: none presented */
+    /* Access check run under the shard mutex (NULL: the owner is writing). */
+    int (*acl_check)(void *ctx, const struct dx_var *v, void *acl);
+    void *acl_ctx;
 } dx_set_opts;
 
 #define DX_E_RETRY 100
@@ -178,10 +189,22 @@ int dx_var_delete(dx_session *s, dx_str key);
 /* Optimizer locks. lock: takes the variable for a new token (DX_E_LOCKED with
  * *token = current if held and expect != current). unlock: only with the
  * current token (DX_E_STALE_LOCK otherwise). The holder blob is copied. */
-int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token);
+int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token,
+                const dx_set_opts *acl);
 int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token);
 /* Under the shard mutex: the holder blob of a locked variable (copied to out). */
 int dx_var_lock_holder(dx_session *s, dx_var *v, uint8_t **out, size_t *len);
+
+/* Access rules: the release hook frees a rules object once no reader can see it. */
+void dx_store_set_acl_release(void (*fn)(void *acl));
+/* Replaces the rules (acl may be NULL), retiring the old ones. */
+int dx_var_set_acl(dx_session *s, dx_var *v, void *acl);
+static inline void *dx_var_acl(dx_var *v) { return atomic_load_explicit(&v->acl, memory_order_acquire); }
+
+/* Per-session token bucket: rate per second and burst; rate 0 turns it off. */
+void dx_session_set_rate(dx_session *s, double rate, double burst);
+/* Takes one token (DX_OK) or DX_E_RATE_LIMITED; costs nothing when off. */
+int dx_session_take(dx_session *s, int64_t now_ns); /* now_ns: a monotonic clock */
 
 /* Records (blob non-NULL) or clears the variable's propagation error. */
 int dx_var_set_error(dx_session *s, dx_var *v, const uint8_t *blob, size_t len);

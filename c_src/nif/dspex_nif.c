@@ -1,4 +1,5 @@
 /* Registration of the NIF library: the function table and load/unload. */
+#include "acl.h"
 #include "nif.h"
 #include <stdlib.h>
 #include <time.h>
@@ -11,6 +12,7 @@ static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
     dx_hash_seed((uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&ts ^ (uint64_t)ts.tv_sec);
     if (dx_watch_init(env)) return 1;
     dx_store_set_watcher_release(dx_watch_release);
+    dx_store_set_acl_release(dx_acl_free);
     return dx_store_init() == DX_OK ? 0 : 1;
 }
 
@@ -35,16 +37,20 @@ static ErlNifFunc funcs[] = {
     {"stats", 0, nif_stats, 0},
     {"var_register", 9, nif_var_register, 0},
     {"var_get", 2, nif_var_get, 0},
+    {"var_get", 3, nif_var_get, 0},
     {"var_get_value", 2, nif_var_get_value, 0},
     {"var_exists", 2, nif_var_exists, 0},
     {"var_set", 4, nif_var_set, 0},
     {"var_delete", 2, nif_var_delete, 0},
+    {"var_delete", 3, nif_var_delete, 0},
     {"var_list", 2, nif_var_list, 0},
+    {"var_list", 3, nif_var_list, 0},
     {"var_get_many", 2, nif_var_get_many, 0},
     {"var_set_many", 3, nif_var_set_many, 0},
     {"var_history", 3, nif_var_history, 0},
     {"var_rollback", 4, nif_var_rollback, 0},
     {"watch", 3, nif_watch, 0},
+    {"watch", 4, nif_watch, 0},
     {"var_info", 2, nif_var_info, 0},
     {"unwatch", 1, nif_unwatch, 0},
     {"export_session", 1, nif_export_session, DIRTY},
@@ -56,7 +62,14 @@ static ErlNifFunc funcs[] = {
     {"graph_edges", 1, nif_graph_edges, 0},
     {"var_set_error", 3, nif_var_set_error, 0},
     {"var_lock", 4, nif_var_lock, 0},
+    {"var_lock", 5, nif_var_lock, 0},
     {"var_unlock", 3, nif_var_unlock, 0},
+    {"acl_set", 4, nif_acl_set, 0},
+    {"acl_get", 2, nif_acl_get, 0},
+    {"acl_check", 5, nif_acl_check, 0},
+    {"acl_filter", 4, nif_acl_filter, 0},
+    {"acl_validate", 1, nif_acl_validate, 0},
+    {"session_set_rate", 3, nif_session_set_rate, 0},
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

@@ -13,6 +13,7 @@ void dx_watch_notify(void *ctx, dx_session *s, dx_var *v, const dx_snap *old, co
 
 int64_t dx_now_us(void);
 int64_t dx_now_ms(void);
+int64_t dx_now_ns(void);
 
 ERL_NIF_TERM dx_error(ErlNifEnv *env, ERL_NIF_TERM reason);
 ERL_NIF_TERM dx_error2(ErlNifEnv *env, ERL_NIF_TERM tag, ERL_NIF_TERM detail);
@@ -32,4 +33,6 @@ DX_NIF(nif_watch); DX_NIF(nif_var_info); DX_NIF(nif_unwatch);
 DX_NIF(nif_export_session); DX_NIF(nif_import_session);
 DX_NIF(nif_graph_add); DX_NIF(nif_graph_remove); DX_NIF(nif_graph_query); DX_NIF(nif_graph_clear);
 DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error); DX_NIF(nif_var_lock); DX_NIF(nif_var_unlock);
+DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_filter); DX_NIF(nif_acl_validate);
+DX_NIF(nif_session_set_rate);
 #endif

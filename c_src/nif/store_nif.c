@@ -1,6 +1,7 @@
 /* NIFs of the variable store: argument checks, term conversion, and calls into
  * the core. Every function that reads shared state brackets it in an EBR
  * section; writers are serialised by the core's shard mutexes. */
+#include "acl.h"
 #include "glob.h"
 #include "nif.h"
 #include <stdatomic.h>
@@ -22,6 +23,12 @@ int64_t dx_now_us(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t dx_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 int64_t dx_now_ms(void) {
@@ -63,6 +70,8 @@ static ERL_NIF_TERM rc_reason(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t
     case DX_E_VERSION_NOT_FOUND: return enif_make_tuple2(env, ATOM_version_not_found, enif_make_uint64(env, version));
     case DX_E_DERIVED: return ATOM_derived_variable;
     case DX_E_STALE_LOCK: return ATOM_stale_lock;
+    case DX_E_DENIED: return ATOM_access_denied;
+    case DX_E_RATE_LIMITED: return ATOM_rate_limited;
     case DX_E_LOCKED: return enif_make_tuple2(env, ATOM_locked, ATOM_undefined);
     default: return ATOM_enomem;
     }
@@ -273,6 +282,10 @@ DX_NIF(nif_stats) {
     if (!s) {                                                                                     \
         dx_ebr_exit();                                                                            \
         return dx_error(env, ATOM_session_not_found);                                             \
+    }                                                                                             \
+    if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {                                         \
+        dx_ebr_exit();                                                                            \
+        return dx_error(env, ATOM_rate_limited);                                                  \
     }
 
 /* register(Session, Name, Type, Value, Constraints, Metadata, HistoryLimit, ChangedBy, Derived) */
@@ -324,6 +337,8 @@ DX_NIF(nif_var_register) {
     dx_session *s = dx_session_find(sid, dx_now_ms());
     if (!s) {
         r = dx_error(env, ATOM_session_not_found);
+    } else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {
+        r = dx_error(env, ATOM_rate_limited);
     } else {
         dx_var_spec sp = {name, type, &cons, &val, meta.data, msize ? meta.size : 0, by.data, have_by ? by.size : 0, hl,
                           enif_is_identical(argv[8], ATOM_true)};
@@ -353,12 +368,17 @@ static int big_value(const dx_snap *s) { return dx_value_payload_size(&s->value)
 DX_NIF(nif_var_get) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
+    dx_principal p = {0};
     if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    if (argc == 3 && (!enif_is_map(env, argv[2]) || !dx_principal_parse(env, argv[2], &p))) return enif_make_badarg(env);
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM r;
     dx_var *v = dx_var_find(s, key);
+    if (v && p.set) __builtin_prefetch(dx_var_acl(v));
     if (!v) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
+    } else if (p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_READ)) {
+        r = dx_error(env, ATOM_access_denied);
     } else {
         dx_snap *cur = dx_var_current(v);
         if (big_value(cur) && !on_dirty()) {
@@ -408,7 +428,17 @@ typedef struct {
     ERL_NIF_TERM meta_patch; /* 0: none */
     ErlNifBinary by;
     int have_by;
+    dx_principal principal; /* `as' and `context' */
+    dx_acl_ctx acl;
 } set_opts_buf;
+
+/* Arms the write-path access check when the write is made `as' another session. */
+static void arm_acl(ErlNifEnv *env, set_opts_buf *b, dx_str owner) {
+    if (!b->principal.set) return;
+    b->acl = (dx_acl_ctx){env, owner, &b->principal, DX_PERM_WRITE};
+    b->o.acl_check = dx_acl_write_check;
+    b->o.acl_ctx = &b->acl;
+}
 
 /* Returns 0, or the atom naming the bad option (the caller answers
  * {error, {invalid_argument, Key}}). */
@@ -447,6 +477,11 @@ static ERL_NIF_TERM parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf 
         left--;
         b->o.propagation = enif_is_identical(v, ATOM_true);
     }
+    if (left && enif_get_map_value(env, m, ATOM_as, &v)) {
+        left--;
+        if (!dx_principal_parse(env, m, &b->principal)) return ATOM_as;
+    }
+    if (left && enif_get_map_value(env, m, ATOM_context, &v)) left--;
     if (left && enif_get_map_value(env, m, ATOM_changed_by, &v)) {
         if (dx_term_to_blob(env, v, &b->by)) return ATOM_changed_by;
         b->have_by = 1;
@@ -527,8 +562,11 @@ DX_NIF(nif_var_set) {
     dx_ebr_enter();
     dx_session *s = dx_session_find(sid, dx_now_ms());
     dx_var *v = s ? dx_var_find(s, key) : NULL;
+    if (s) arm_acl(env, &ob, sid);
     if (!s) {
         r = dx_error(env, ATOM_session_not_found);
+    } else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {
+        r = dx_error(env, ATOM_rate_limited);
     } else if (!v) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else if (dx_term_to_raw(env, argv[2], &b, dx_store_limits().max_value_bytes)) {
@@ -550,9 +588,15 @@ DX_NIF(nif_var_delete) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    dx_principal p = {0};
+    if (argc == 3 && (!enif_is_map(env, argv[2]) || !dx_principal_parse(env, argv[2], &p))) return enif_make_badarg(env);
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM r = ATOM_ok;
     dx_var *v = dx_var_find(s, key);
+    if (v && p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_WRITE)) {
+        dx_ebr_exit();
+        return dx_error(env, ATOM_access_denied);
+    }
     int rc = v ? dx_var_delete(s, key) : DX_E_NOT_FOUND;
     if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env, s, v));
     else if (rc) r = dx_error2(env, ATOM_not_found, argv[1]);
@@ -568,6 +612,8 @@ DX_NIF(nif_var_list) {
         if (!enif_inspect_binary(env, argv[1], &pat)) return enif_make_badarg(env);
         if (dx_glob_check((const char *)pat.data, pat.size)) return dx_error2(env, ATOM_invalid_argument, ATOM_pattern);
     }
+    dx_principal p = {0};
+    if (argc == 3 && (!enif_is_map(env, argv[2]) || !dx_principal_parse(env, argv[2], &p))) return enif_make_badarg(env);
     WITH_SESSION(s, argv[0]);
     if (!on_dirty() && dx_session_nvars(s) > BIG_SESSION) {
         dx_ebr_exit();
@@ -582,7 +628,8 @@ DX_NIF(nif_var_list) {
         ERL_NIF_TERM l = enif_make_list(env, 0);
         for (size_t i = n; i > 0; i--) {
             dx_var *v = vars[i - 1];
-            if (all || dx_glob_match((const char *)pat.data, pat.size, v->name, v->name_len) == 1)
+            if ((all || dx_glob_match((const char *)pat.data, pat.size, v->name, v->name_len) == 1) &&
+                (!p.set || dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_READ)))
                 l = enif_make_list_cell(env, dx_var_to_term(env, v, dx_var_current(v)), l);
         }
         r = enif_make_tuple2(env, ATOM_ok, l);
@@ -686,6 +733,7 @@ DX_NIF(nif_var_set_many) {
             continue;
         }
         set_opts_buf *ob = &obs[nobs++];
+        arm_acl(env, ob, (dx_str){s->id, s->id_len});
         if (!v) {
             errs[i] = enif_make_tuple2(env, ATOM_not_found, tup[0]);
             any_err = 1;
@@ -823,7 +871,9 @@ DX_NIF(nif_var_rollback) {
     dx_ebr_enter();
     dx_session *s = dx_session_find(sid, dx_now_ms());
     dx_var *v = s ? dx_var_find(s, key) : NULL;
+    if (s) arm_acl(env, &ob, sid);
     if (!s) r = dx_error(env, ATOM_session_not_found);
+    else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) r = dx_error(env, ATOM_rate_limited);
     else if (!v) r = dx_error2(env, ATOM_not_found, argv[1]);
     else {
         notify_ctx nc = {env, argv[0]};
@@ -891,7 +941,9 @@ DX_NIF(nif_var_lock) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     ErlNifUInt64 expect;
-    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[3], &expect)) return enif_make_badarg(env);
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[3], &expect) ||
+        (argc == 5 && !enif_is_map(env, argv[4])))
+        return enif_make_badarg(env);
     ErlNifBinary holder;
     if (dx_term_to_blob(env, argv[2], &holder)) return dx_error(env, ATOM_enomem);
     dx_str sid;
@@ -904,7 +956,12 @@ DX_NIF(nif_var_lock) {
     dx_var *v = s ? dx_var_find(s, key) : NULL;
     ERL_NIF_TERM r;
     uint64_t token = 0;
-    int rc = !s ? DX_E_SESSION_NOT_FOUND : !v ? DX_E_NOT_FOUND : dx_var_lock(s, v, expect, holder.data, holder.size, &token);
+    dx_principal p = {0};
+    if (argc == 5) dx_principal_parse(env, argv[4], &p);
+    dx_acl_ctx actx = {env, sid, &p, DX_PERM_OPTIMIZE};
+    dx_set_opts acl = {.acl_check = p.set ? dx_acl_write_check : NULL, .acl_ctx = &actx};
+    int rc = !s ? DX_E_SESSION_NOT_FOUND : !v ? DX_E_NOT_FOUND
+                                             : dx_var_lock(s, v, expect, holder.data, holder.size, &token, &acl);
     if (rc == DX_OK) r = enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, token));
     else if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env, s, v));
     else r = dx_rc_error(env, rc, argv[1], 0, 0, NULL);

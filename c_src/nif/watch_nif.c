@@ -1,5 +1,6 @@
 /* Watches: a resource per watch, referenced from each watched variable. The
  * watcher process is monitored; when it dies the watch detaches itself. */
+#include "acl.h"
 #include "nif.h"
 #include <stdatomic.h>
 
@@ -76,8 +77,10 @@ DX_NIF(nif_watch) {
     ErlNifBinary sidb;
     ErlNifPid pid;
     unsigned n;
+    dx_principal p = {0};
     if (!enif_inspect_binary(env, argv[0], &sidb) || !enif_get_list_length(env, argv[1], &n) || n == 0 ||
-        !enif_get_local_pid(env, argv[2], &pid))
+        !enif_get_local_pid(env, argv[2], &pid) ||
+        (argc == 4 && (!enif_is_map(env, argv[3]) || !dx_principal_parse(env, argv[3], &p))))
         return enif_make_badarg(env);
     ERL_NIF_TERM l = argv[1], h;
     while (enif_get_list_cell(env, l, &h, &l)) {
@@ -112,6 +115,10 @@ DX_NIF(nif_watch) {
         dx_get_name(env, h, &k, kb, sizeof kb);
         if (!(vars[i] = dx_var_find(s, k))) {
             r = dx_error2(env, ATOM_not_found, h);
+            goto out;
+        }
+        if (p.set && !dx_acl_allows(env, dx_var_acl(vars[i]), (dx_str){s->id, s->id_len}, &p, DX_PERM_OBSERVE)) {
+            r = dx_error(env, ATOM_access_denied);
             goto out;
         }
         /* A variable named twice (name and id, say) is watched once. */

@@ -294,10 +294,10 @@ static void test_optimizer_locks(void **st) {
     dx_session *s = mk_session("locks", -1);
     dx_var *v = reg_int(s, "x", 0, -1);
     uint64_t t1 = 0, t2 = 0, ver;
-    assert_int_equal(dx_var_lock(s, v, 0, (const uint8_t *)"opt1", 4, &t1), DX_OK);
+    assert_int_equal(dx_var_lock(s, v, 0, (const uint8_t *)"opt1", 4, &t1, NULL), DX_OK);
     assert_true(t1 > 0);
     /* held: a second lock without the current token is refused and names it */
-    assert_int_equal(dx_var_lock(s, v, 0, (const uint8_t *)"opt2", 4, &t2), DX_E_LOCKED);
+    assert_int_equal(dx_var_lock(s, v, 0, (const uint8_t *)"opt2", 4, &t2, NULL), DX_E_LOCKED);
     assert_int_equal(t2, t1);
     uint8_t *h;
     size_t hl;
@@ -311,7 +311,7 @@ static void test_optimizer_locks(void **st) {
     assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_OK);
     assert_int_equal(dx_var_delete(s, S("x")), DX_E_LOCKED);
     /* preemption: locking with the holder's token hands over to a newer token */
-    assert_int_equal(dx_var_lock(s, v, t1, (const uint8_t *)"opt2", 4, &t2), DX_OK);
+    assert_int_equal(dx_var_lock(s, v, t1, (const uint8_t *)"opt2", 4, &t2, NULL), DX_OK);
     assert_true(t2 > t1);
     assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_LOCKED); /* old token */
     assert_int_equal(dx_var_unlock(s, v, t1), DX_E_STALE_LOCK);
@@ -319,8 +319,49 @@ static void test_optimizer_locks(void **st) {
     o.lock_token = t2;
     assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_STALE_LOCK);
     assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US, &ver, NULL, NULL), DX_OK);
-    assert_int_equal(dx_var_lock(s, v, 0, NULL, 0, &t1), DX_OK); /* freed with the variable below */
+    assert_int_equal(dx_var_lock(s, v, 0, NULL, 0, &t1, NULL), DX_OK); /* freed with the variable below */
     dx_session_delete(S("locks"));
+    dx_ebr_exit();
+}
+
+static void test_token_bucket(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("bucket", -1);
+    assert_int_equal(dx_session_take(s, 0), DX_OK); /* off by default */
+    dx_session_set_rate(s, 2.0, 3.0);               /* 2 per second, bursts of 3 */
+    int64_t t = 1000000000;
+    for (int i = 0; i < 3; i++) assert_int_equal(dx_session_take(s, t), DX_OK);
+    assert_int_equal(dx_session_take(s, t), DX_E_RATE_LIMITED);
+    assert_int_equal(dx_session_take(s, t + 250000000), DX_E_RATE_LIMITED); /* half a token */
+    assert_int_equal(dx_session_take(s, t + 500000000), DX_OK);             /* the other half */
+    assert_int_equal(dx_session_take(s, t + 10000000000), DX_OK);           /* capped at the burst */
+    assert_int_equal(dx_session_take(s, t + 10000000000), DX_OK);
+    assert_int_equal(dx_session_take(s, t + 10000000000), DX_OK);
+    assert_int_equal(dx_session_take(s, t + 10000000000), DX_E_RATE_LIMITED);
+    dx_session_delete(S("bucket"));
+    dx_ebr_exit();
+}
+
+static int deny_all(void *ctx, const dx_var *v, void *acl) {
+    (*(int *)ctx)++;
+    return 0;
+}
+
+static void test_acl_hook_in_write_path(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("aclhook", -1);
+    dx_var *v = reg_int(s, "x", 0, -1);
+    int calls = 0;
+    uint64_t ver;
+    dx_value nv = {.type = DX_T_INTEGER, .u.i = 1};
+    dx_set_opts o = {.acl_check = deny_all, .acl_ctx = &calls};
+    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_DENIED);
+    assert_int_equal(calls, 1);
+    assert_int_equal(cur_int(v), 0);
+    uint64_t tok;
+    assert_int_equal(dx_var_lock(s, v, 0, NULL, 0, &tok, &o), DX_E_DENIED);
+    assert_int_equal(calls, 2);
+    dx_session_delete(S("aclhook"));
     dx_ebr_exit();
 }
 
@@ -412,7 +453,8 @@ int main(void) {
         cmocka_unit_test(test_history_ring_and_rollback), cmocka_unit_test(test_batches),
         cmocka_unit_test(test_watchers_notify_and_release), cmocka_unit_test(test_limits),
         cmocka_unit_test(test_import_roundtrip),        cmocka_unit_test(test_concurrent_readers_writers),
-        cmocka_unit_test(test_optimizer_locks),
+        cmocka_unit_test(test_optimizer_locks),         cmocka_unit_test(test_token_bucket),
+        cmocka_unit_test(test_acl_hook_in_write_path),
     };
     return cmocka_run_group_tests_name("store", tests, setup, teardown);
 }

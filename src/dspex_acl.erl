@@ -1,0 +1,138 @@
+%% @doc Access control, session isolation and abuse limits.
+%%
+%% Every variable is owned by the session that registered it; the owner has
+%% every permission. Another session (a principal) needs a matching rule:
+%% `#{session_pattern => any | Glob, permissions => [read | write | observe |
+%% optimize], conditions => #{Key => Value}}' (conditions optional: each must
+%% equal the request context's value). No matching rule: denied. Globs use `*'
+%% and `?' only; every other character is literal and no regex is built.
+%%
+%% Store operations take `#{as => Principal, context => Map}': `read' for
+%% `dspex_store:get/3' and `list/3' (unreadable variables are left out),
+%% `write' for `set/4', `set_many/3', `rollback/4' and `delete/3', `observe'
+%% for `watch/4', `optimize' for `dspex_locks:acquire/4'. The check runs in the
+%% NIF: for writes and lock grants in the same critical section as the write.
+%% Without `as' the caller acts as the session itself.
+%%
+%% Denials and permission changes are kept in a bounded in-memory audit log
+%% (`audit_log/1', default 10 000 entries, application env `audit_log_size')
+%% and emitted as telemetry (`[dspex, acl, denied]',
+%% `[dspex, acl, permissions_changed]', `[dspex, acl, check]',
+%% `[dspex, rate_limit, exceeded]').
+-module(dspex_acl).
+
+-export([set_permissions/3, set_permissions/4, get_permissions/2, check_access/5, validate_rules/1,
+         filter_accessible/3, filter_accessible/4, set_rate_limit/3, audit_log/0, audit_log/1,
+         record/1, init_audit/0, denied/4]).
+
+-type permission() :: read | write | observe | optimize.
+-type rule() :: #{session_pattern := any | binary(), permissions := [permission()], conditions => map()}.
+-export_type([permission/0, rule/0]).
+
+-define(TAB, dspex_acl_audit).
+
+%% @equiv set_permissions(Session, Var, Rules, #{})
+-spec set_permissions(dspex_store:session_id(), dspex_store:var_key(), [rule()]) -> ok | {error, term()}.
+set_permissions(Session, Var, Rules) -> set_permissions(Session, Var, Rules, #{}).
+
+%% @doc Replaces the variable's rules. Only the owner may (`#{as => P}' with P
+%% another session is `{error, access_denied}'). A bad rule is
+%% `{error, {invalid_rule, Index, Message}}' (0-based) and changes nothing.
+-spec set_permissions(dspex_store:session_id(), dspex_store:var_key(), [rule()], map()) -> ok | {error, term()}.
+set_permissions(Session, Var, Rules, Opts) when is_map(Opts) ->
+    Result = dspex_nif:acl_set(Session, Var, Rules, Opts),
+    Who = maps:get(as, Opts, Session),
+    record(#{event => permissions_changed, session => Session, variable => Var, principal => Who,
+             outcome => outcome(Result), rules => Rules}),
+    dspex_telemetry:execute([dspex, acl, permissions_changed], #{count => 1},
+                            #{session => Session, variable => Var, principal => Who, result => outcome(Result)}),
+    Result.
+
+%% @doc The variable's rules (`[]': owner only).
+-spec get_permissions(dspex_store:session_id(), dspex_store:var_key()) -> {ok, [rule()]} | {error, term()}.
+get_permissions(Session, Var) -> dspex_nif:acl_get(Session, Var).
+
+%% @doc Whether `Principal' may use `Permission' on the variable.
+-spec check_access(dspex_store:session_id(), dspex_store:var_key(), binary(), permission(), map()) ->
+          ok | {error, term()}.
+check_access(Session, Var, Principal, Permission, Context) when is_map(Context) ->
+    Result = dspex_nif:acl_check(Session, Var, Principal, Permission, Context),
+    dspex_telemetry:execute([dspex, acl, check], #{count => 1},
+                            #{session => Session, variable => Var, principal => Principal,
+                              permission => Permission, result => outcome(Result)}),
+    Result =:= {error, access_denied} andalso
+        denied(Session, Var, Principal, Permission),
+    Result.
+
+%% @doc `ok' or the first problem: `{error, {invalid_rule, Index, Message}}'.
+-spec validate_rules(term()) -> ok | {error, term()}.
+validate_rules(Rules) -> dspex_nif:acl_validate(Rules).
+
+%% @equiv filter_accessible(Session, Principal, Permission, #{})
+-spec filter_accessible(dspex_store:session_id(), binary(), permission()) -> {ok, [binary()]} | {error, term()}.
+filter_accessible(Session, Principal, Permission) -> filter_accessible(Session, Principal, Permission, #{}).
+
+%% @doc Names of the session's variables `Principal' may use for `Permission'.
+-spec filter_accessible(dspex_store:session_id(), binary(), permission(), map()) -> {ok, [binary()]} | {error, term()}.
+filter_accessible(Session, Principal, Permission, Context) ->
+    dspex_nif:acl_filter(Session, Principal, Permission, Context).
+
+%% @doc A token bucket on every operation on the session: `Rate' operations per
+%% second on average, bursts up to `Burst'; past it `{error, rate_limited}'.
+%% `Rate' 0 turns limiting off (the default; it then costs nothing).
+-spec set_rate_limit(dspex_store:session_id(), number(), number()) -> ok | {error, term()}.
+set_rate_limit(Session, Rate, Burst) when is_number(Rate), Rate >= 0, is_number(Burst), Burst >= 1 ->
+    dspex_nif:session_set_rate(Session, Rate, Burst).
+
+%% @equiv audit_log(#{})
+-spec audit_log() -> [map()].
+audit_log() -> audit_log(#{}).
+
+%% @doc Audit entries, oldest first: `#{at, event, session, variable,
+%% principal, outcome, ...}'. Filters: `session', `principal', `event',
+%% `since' (µs), `limit' (the newest N).
+-spec audit_log(map()) -> [map()].
+audit_log(Filter) ->
+    Entries = try ets:tab2list(?TAB) catch error:badarg -> [] end,
+    Match = [E || {_, E} <- Entries,
+                  lists:all(fun({K, V}) when K =:= session; K =:= principal; K =:= event -> maps:get(K, E, undefined) =:= V;
+                               ({since, T}) -> maps:get(at, E) >= T;
+                               (_) -> true
+                            end, maps:to_list(Filter))],
+    case Filter of
+        #{limit := N} -> lists:nthtail(max(0, length(Match) - N), Match);
+        _ -> Match
+    end.
+
+%% @private Appends to the bounded audit log (a no-op if the application is not running).
+-spec record(map()) -> ok.
+record(Entry) ->
+    Seq = erlang:unique_integer([monotonic, positive]),
+    try
+        ets:insert(?TAB, {Seq, Entry#{at => erlang:system_time(microsecond)}}),
+        Max = application:get_env(dspex_bridge, audit_log_size, 10000),
+        case ets:info(?TAB, size) > Max of
+            true -> ets:delete(?TAB, ets:first(?TAB));
+            false -> true
+        end,
+        ok
+    catch error:badarg -> ok
+    end.
+
+%% @private Creates the audit table (owned by the caller, a long-lived process).
+-spec init_audit() -> ok.
+init_audit() ->
+    _ = ets:new(?TAB, [ordered_set, public, named_table, {write_concurrency, true}]),
+    ok.
+
+outcome(ok) -> ok;
+outcome({ok, _}) -> ok;
+outcome({error, R}) -> R.
+
+%% @private Records a denial seen by a store operation.
+-spec denied(dspex_store:session_id(), term(), term(), permission()) -> ok.
+denied(Session, Var, Principal, Permission) ->
+    record(#{event => denied, session => Session, variable => Var, principal => Principal,
+             permission => Permission, outcome => access_denied}),
+    dspex_telemetry:execute([dspex, acl, denied], #{count => 1},
+                            #{session => Session, variable => Var, principal => Principal, permission => Permission}).

@@ -1,0 +1,201 @@
+%% EUnit + PropEr tests of dspex_acl: rules, isolation, conditions, globs, limits, audit.
+-module(dspex_acl_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+-define(FORALL(X, G, P), proper:forall(G, fun(X) -> P end)).
+
+sid(P) -> iolist_to_binary([P, integer_to_list(erlang:unique_integer([positive]))]).
+
+owned(Rules) ->
+    S = sid("owner_"),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    ok = dspex_acl:set_permissions(S, x, Rules),
+    S.
+
+acl_test_() ->
+    {setup, fun() -> application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
+     [fun reference_examples/0, fun conditions_must_all_match/0, fun rule_validation/0,
+      fun only_owner_sets_permissions/0, fun glob_patterns_are_literal/0, fun list_and_filter/0,
+      fun watch_and_locks_need_their_permission/0, fun rate_limiting/0, fun audit_trail/0,
+      {timeout, 120, fun isolation_property/0}]}.
+
+%% The reference examples: the owner has all permissions; `any' may read but
+%% not write; `admin_*' may write and optimize.
+reference_examples() ->
+    S = owned([#{session_pattern => any, permissions => [read]},
+               #{session_pattern => <<"admin_*">>, permissions => [write, optimize]}]),
+    {ok, 1} = dspex_store:set(S, x, 0.6), %% the owner
+    {ok, #{value := 0.6}} = dspex_store:get(S, x, #{as => <<"someone">>}),
+    ?assertEqual({error, access_denied}, dspex_store:set(S, x, 0.7, #{as => <<"someone">>})),
+    ?assertEqual({error, access_denied}, dspex_store:delete(S, x, #{as => <<"someone">>})),
+    {ok, 2} = dspex_store:set(S, x, 0.7, #{as => <<"admin_1">>}),
+    ?assertEqual(ok, dspex_acl:check_access(S, x, <<"admin_1">>, optimize, #{})),
+    ?assertEqual({error, access_denied}, dspex_acl:check_access(S, x, <<"someone">>, optimize, #{})),
+    ?assertEqual(ok, dspex_acl:check_access(S, x, S, write, #{})), %% the owner, by name
+    ?assertEqual({error, access_denied}, dspex_acl:check_access(S, x, <<"admin_1">>, observe, #{})),
+    {ok, [#{session_pattern := any}, #{session_pattern := <<"admin_*">>}]} = dspex_acl:get_permissions(S, x).
+
+conditions_must_all_match() ->
+    S = owned([#{session_pattern => any, permissions => [read, write],
+                 conditions => #{role => optimizer, env => <<"prod">>}}]),
+    Ctx = #{role => optimizer, env => <<"prod">>, extra => 1},
+    {ok, _} = dspex_store:get(S, x, #{as => <<"p">>, context => Ctx}),
+    {ok, 1} = dspex_store:set(S, x, 0.1, #{as => <<"p">>, context => Ctx}),
+    ?assertEqual({error, access_denied}, dspex_store:get(S, x, #{as => <<"p">>, context => #{role => optimizer}})),
+    ?assertEqual({error, access_denied}, dspex_store:get(S, x, #{as => <<"p">>, context => Ctx#{env => <<"dev">>}})),
+    ?assertEqual({error, access_denied}, dspex_store:get(S, x, #{as => <<"p">>})).
+
+rule_validation() ->
+    ?assertEqual(ok, dspex_acl:validate_rules([#{session_pattern => any, permissions => [read]}])),
+    ?assertMatch({error, {invalid_rule, 1, <<"a permission must be", _/binary>>}},
+                 dspex_acl:validate_rules([#{session_pattern => any, permissions => [read]},
+                                           #{session_pattern => any, permissions => [admin]}])),
+    ?assertMatch({error, {invalid_rule, 0, _}}, dspex_acl:validate_rules([#{permissions => [read]}])),
+    ?assertMatch({error, {invalid_rule, 0, _}},
+                 dspex_acl:validate_rules([#{session_pattern => "list", permissions => [read]}])),
+    ?assertMatch({error, {invalid_rule, 0, _}},
+                 dspex_acl:validate_rules([#{session_pattern => any, permissions => [read], extra => 1}])),
+    ?assertMatch({error, {invalid_rule, 0, _}},
+                 dspex_acl:validate_rules([#{session_pattern => binary:copy(<<"a">>, 2000), permissions => [read]}])),
+    ?assertMatch({error, {invalid_argument, rules}}, dspex_acl:validate_rules(not_a_list)),
+    %% a bad rule set changes nothing
+    S = owned([#{session_pattern => any, permissions => [read]}]),
+    {error, {invalid_rule, 0, _}} = dspex_acl:set_permissions(S, x, [#{}]),
+    {ok, [#{session_pattern := any}]} = dspex_acl:get_permissions(S, x).
+
+only_owner_sets_permissions() ->
+    S = owned([#{session_pattern => any, permissions => [read, write]}]),
+    ?assertEqual({error, access_denied},
+                 dspex_acl:set_permissions(S, x, [#{session_pattern => any, permissions => [optimize]}],
+                                           #{as => <<"intruder">>})),
+    ok = dspex_acl:set_permissions(S, x, [], #{as => S}),
+    ?assertEqual({error, access_denied}, dspex_store:get(S, x, #{as => <<"anyone">>})).
+
+%% '*' and '?' are the only wildcards: regex and escape characters are literal.
+glob_patterns_are_literal() ->
+    Cases = [{<<"admin.*">>, <<"adminX1">>, false}, {<<"admin.*">>, <<"admin.1">>, true},
+             {<<"(a|b)">>, <<"a">>, false}, {<<"(a|b)">>, <<"(a|b)">>, true},
+             {<<"[ab]">>, <<"a">>, false}, {<<"[ab]">>, <<"[ab]">>, true},
+             {<<"a\\Eb">>, <<"a\\Eb">>, true}, {<<"a\\*">>, <<"a\\zzz">>, true}, {<<"a\\*">>, <<"az">>, false},
+             {<<"****">>, <<"anything">>, true}, {<<"?">>, <<"é"/utf8>>, true}, {<<"?">>, <<"ab">>, false}],
+    [begin
+         S = owned([#{session_pattern => Pat, permissions => [read]}]),
+         Expect = case Allowed of true -> ok; false -> {error, access_denied} end,
+         ?assertEqual({Pat, Who, Expect}, {Pat, Who, dspex_acl:check_access(S, x, Who, read, #{})})
+     end || {Pat, Who, Allowed} <- Cases],
+    %% a pathological pattern against a long principal stays linear
+    S2 = owned([#{session_pattern => iolist_to_binary(lists:duplicate(50, "*a")), permissions => [read]}]),
+    ?assertEqual({error, access_denied}, dspex_acl:check_access(S2, x, binary:copy(<<"a">>, 40), read, #{})).
+
+list_and_filter() ->
+    S = sid("lf_"),
+    {ok, _} = dspex_store:create_session(S),
+    [{ok, _} = dspex_store:register(S, N, integer, 1) || N <- [a, b, c]],
+    ok = dspex_acl:set_permissions(S, a, [#{session_pattern => <<"team_*">>, permissions => [read]}]),
+    ok = dspex_acl:set_permissions(S, c, [#{session_pattern => any, permissions => [read, write]}]),
+    {ok, L} = dspex_store:list(S, all, #{as => <<"team_x">>}),
+    ?assertEqual([<<"a">>, <<"c">>], [maps:get(name, V) || V <- L]),
+    ?assertEqual({ok, [<<"a">>, <<"c">>]}, dspex_acl:filter_accessible(S, <<"team_x">>, read)),
+    ?assertEqual({ok, [<<"c">>]}, dspex_acl:filter_accessible(S, <<"team_x">>, write)),
+    ?assertEqual({ok, [<<"a">>, <<"b">>, <<"c">>]}, dspex_acl:filter_accessible(S, S, optimize)).
+
+watch_and_locks_need_their_permission() ->
+    S = owned([#{session_pattern => <<"obs">>, permissions => [observe]},
+               #{session_pattern => <<"opt">>, permissions => [optimize, write]}]),
+    ?assertEqual({error, access_denied}, dspex_store:watch(S, [x], self(), #{as => <<"opt">>})),
+    Ref = dspex_store:watch(S, [x], self(), #{as => <<"obs">>}),
+    ?assert(is_reference(Ref)),
+    ?assertEqual({error, access_denied}, dspex_locks:acquire(S, x, o1, #{as => <<"obs">>})),
+    {ok, L} = dspex_locks:acquire(S, x, o2, #{as => <<"opt">>}),
+    {ok, _} = dspex_store:set(S, x, 0.9, #{lock => L, as => <<"opt">>}),
+    receive {dspex_variable, Ref, _, _, _, 0.9, _} -> ok after 1000 -> ?assert(false) end,
+    ok = dspex_locks:release(L),
+    ok = dspex_store:unwatch(Ref).
+
+rate_limiting() ->
+    S = sid("rl_"),
+    {ok, _} = dspex_store:create_session(S, #{rate_limit => #{rate => 0.001, burst => 3}}),
+    %% the registration used the first token
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    {ok, _} = dspex_store:get(S, x),
+    {ok, _} = dspex_store:set(S, x, 1),
+    ?assertEqual({error, rate_limited}, dspex_store:get(S, x)),
+    ?assertEqual({error, rate_limited}, dspex_store:set(S, x, 2)),
+    ok = dspex_acl:set_rate_limit(S, 0, 1), %% off
+    [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 100)],
+    ok = dspex_acl:set_rate_limit(S, 1.0e9, 5), %% a bucket refilling faster than a tight loop can drain it
+    [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 100)].
+
+audit_trail() ->
+    S = owned([#{session_pattern => any, permissions => [read]}]),
+    Self = self(),
+    ok = dspex_telemetry:attach({?MODULE, Self}, [dspex, acl, denied], fun(_, _, M, P) -> P ! {denied, M} end, Self),
+    {error, access_denied} = dspex_store:set(S, x, 0.1, #{as => <<"mallory">>}),
+    receive {denied, #{session := S, principal := <<"mallory">>, permission := write}} -> ok
+    after 1000 -> ?assert(false) end,
+    ok = dspex_telemetry:detach({?MODULE, Self}),
+    Log = dspex_acl:audit_log(#{session => S}),
+    ?assertMatch([#{event := permissions_changed, outcome := ok},
+                  #{event := denied, principal := <<"mallory">>, outcome := access_denied}], Log),
+    ?assertMatch([#{event := denied}], dspex_acl:audit_log(#{session => S, limit => 1})).
+
+%% Random sessions, rules and operations: an operation on another session's
+%% variable succeeds exactly when a rule allows it (checked against a model).
+isolation_property() ->
+    Prop = ?FORALL(Case, case_gen(), isolation_holds(Case)),
+    ?assertEqual(true, proper:quickcheck(Prop, [{numtests, 300}, {to_file, user}])).
+
+principal_gen() -> proper_types:elements([<<"alice">>, <<"bob">>, <<"admin_1">>, <<"team.x">>]).
+perm_gen() -> proper_types:elements([read, write, observe, optimize]).
+
+rule_gen() ->
+    proper_types:tuple([proper_types:elements([any, <<"admin_*">>, <<"team.?">>, <<"bob">>, <<"*o*">>]),
+                        proper_types:non_empty(proper_types:list(perm_gen())),
+                        proper_types:elements([none, #{k => 1}])]).
+
+case_gen() ->
+    proper_types:tuple([proper_types:list(rule_gen()),
+                        proper_types:list(proper_types:tuple([principal_gen(),
+                                                              proper_types:elements([get, set, check]),
+                                                              perm_gen(),
+                                                              proper_types:elements([#{}, #{k => 1}, #{k => 2}])]))]).
+
+isolation_holds({Rules0, Ops}) ->
+    Rules = [maps:merge(#{session_pattern => P, permissions => Ps}, case C of none -> #{}; _ -> #{conditions => C} end)
+             || {P, Ps, C} <- Rules0],
+    S = owned(Rules),
+    Results = [{Op, Who, Perm, Ctx, run(S, Op, Who, Perm, Ctx), allowed(Rules, Who, op_perm(Op, Perm), Ctx)}
+               || {Who, Op, Perm, Ctx} <- Ops],
+    ok = dspex_store:delete_session(S),
+    Bad = [R || {_, _, _, _, Got, Allowed} = R <- Results, (Got =:= ok) =/= Allowed],
+    Bad =:= [] orelse io:format("rules ~p~nmismatches ~p~n", [Rules, Bad]),
+    Bad =:= [].
+
+op_perm(get, _) -> read;
+op_perm(set, _) -> write;
+op_perm(check, P) -> P.
+
+run(S, get, Who, _, Ctx) -> ok_or(dspex_store:get(S, x, #{as => Who, context => Ctx}));
+run(S, set, Who, _, Ctx) -> ok_or(dspex_store:set(S, x, 0.5, #{as => Who, context => Ctx}));
+run(S, check, Who, P, Ctx) -> ok_or(dspex_acl:check_access(S, x, Who, P, Ctx)).
+
+ok_or(ok) -> ok;
+ok_or({ok, _}) -> ok;
+ok_or({error, access_denied}) -> denied.
+
+%% The model: a rule matches by pattern, permission and every condition.
+allowed(Rules, Who, Perm, Ctx) ->
+    lists:any(fun(#{session_pattern := P, permissions := Ps} = R) ->
+                      lists:member(Perm, Ps) andalso glob(P, Who) andalso
+                          maps:fold(fun(K, V, Acc) -> Acc andalso maps:get(K, Ctx, undefined) =:= V end,
+                                    true, maps:get(conditions, R, #{}))
+              end, Rules).
+
+glob(any, _) -> true;
+glob(P, S) -> glob_l(binary_to_list(P), binary_to_list(S)).
+glob_l([], []) -> true;
+glob_l([$* | P], S) -> glob_l(P, S) orelse (S =/= [] andalso glob_l([$* | P], tl(S)));
+glob_l([$? | P], [_ | S]) -> glob_l(P, S);
+glob_l([C | P], [C | S]) -> glob_l(P, S);
+glob_l(_, _) -> false.
