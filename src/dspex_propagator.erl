@@ -9,8 +9,8 @@
 -module(dspex_propagator).
 -behaviour(gen_server).
 
--export([start_link/1, define/6, sync/1, stop/1, whereis_session/1]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([start_link/1, define/6, sync/1, stop/1, whereis_session/1, definitions/1, adopt/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(TAB, dspex_propagators).
 -define(CHECK_MS, 60000).
@@ -41,7 +41,30 @@ sync(Session) ->
 stop(Session) ->
     case whereis_session(Session) of
         undefined -> ok;
-        Pid -> gen_server:cast(Pid, stop)
+        Pid ->
+            %% unregister first: a new propagator for a new session of the same
+            %% id must not find this one
+            _ = ets:delete_object(?TAB, {Session, Pid}),
+            gen_server:cast(Pid, stop)
+    end.
+
+%% @doc The derived variables of a session with their inputs and functions
+%% (for export).
+-spec definitions(dspex_store:session_id()) -> [{binary(), [dspex_store:var_key()], dspex_graph:derive_fun()}].
+definitions(Session) ->
+    case whereis_session(Session) of
+        undefined -> [];
+        Pid -> gen_server:call(Pid, definitions, infinity)
+    end.
+
+%% @doc Takes over exported definitions for variables that already exist (an
+%% import): no registration, no recomputation until an input changes.
+-spec adopt(dspex_store:session_id(), list()) -> ok | {error, term()}.
+adopt(_Session, []) -> ok;
+adopt(Session, Defs) ->
+    case ensure(Session) of
+        {ok, Pid} -> gen_server:call(Pid, {adopt, Defs}, infinity);
+        Error -> Error
     end.
 
 %% @private See dspex_graph:define_derived/6.
@@ -61,6 +84,11 @@ define(Session, Name, Type, Inputs, Fun, Opts) ->
 
 ensure(Session) ->
     case whereis_session(Session) of
+        Dead when is_pid(Dead), node(Dead) =:= node() ->
+            case is_process_alive(Dead) of
+                true -> {ok, Dead};
+                false -> _ = ets:delete_object(?TAB, {Session, Dead}), ensure(Session)
+            end;
         undefined ->
             case dspex_store:get_session(Session) of
                 {ok, _} ->
@@ -71,8 +99,7 @@ ensure(Session) ->
                     catch exit:{noproc, _} -> {error, {not_started, dspex_bridge}}
                     end;
                 Error -> Error
-            end;
-        Pid -> {ok, Pid}
+            end
     end.
 
 %% Reads the inputs and runs the function; never raises.
@@ -126,9 +153,21 @@ handle_call({define, Name, Type, Value, Inputs, Fun, Opts}, _From, #{session := 
         Error ->
             {reply, Error, St}
     end;
+handle_call(definitions, _From, #{derived := D} = St) ->
+    {reply, [{N, I, F} || {N, {I, F}} <- lists:sort(maps:to_list(D))], St};
+handle_call({adopt, Defs}, _From, St) ->
+    St1 = lists:foldl(fun({N, Inputs, Fun}, Acc = #{derived := D}) ->
+                              watch_inputs(Inputs, Acc#{derived := D#{N => {Inputs, Fun}}})
+                      end, St, Defs),
+    {reply, ok, St1};
 handle_call(sync, _From, St) ->
     %% every watch message sent before the caller's request is already handled
     {reply, ok, St}.
+
+-spec terminate(term(), map()) -> ok.
+terminate(_Reason, #{session := S}) ->
+    _ = ets:delete_object(?TAB, {S, self()}),
+    ok.
 
 -spec handle_cast(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
 handle_cast(stop, St) -> {stop, normal, St}.

@@ -365,12 +365,41 @@ unwatch(Ref) -> dspex_nif:unwatch(Ref).
 %% `dspex_session_v1'). Taken under all the session's shard locks, so it is a
 %% consistent cut. Runs on a dirty scheduler.
 -spec export_session(session_id()) -> {ok, map()} | {error, error_reason()}.
-export_session(Id) -> dspex_nif:export_session(Id).
+export_session(Id) ->
+    case dspex_nif:export_session(Id) of
+        {ok, #{variables := Vars} = E} ->
+            %% the graph, the access rules and the derive functions travel too
+            {ok, #{edges := Edges}} = dspex_graph:to_map(Id),
+            Perms = maps:from_list([{N, R} || #{name := N} <- Vars,
+                                              {ok, R} <- [dspex_acl:get_permissions(Id, N)], R =/= []]),
+            {ok, E#{dependencies => [{F, T, Ty} || #{from := F, to := T, type := Ty} <- Edges],
+                    permissions => Perms,
+                    derived_functions => dspex_propagator:definitions(Id)}};
+        Error -> Error
+    end.
 
-%% @doc Recreates an exported session exactly (ids, versions, history). Every
+%% @doc Recreates an exported session exactly (ids, versions, history,
+%% dependencies, access rules, derived variables and their functions). Every
 %% value is validated again. `{error, {already_exists, Id}}' if the id is taken.
 -spec import_session(map()) -> ok | {error, term()}.
+import_session(#{id := Id} = Export) ->
+    case dspex_nif:import_session(Export) of
+        ok -> restore_extras(Id, Export);
+        Error -> Error
+    end;
 import_session(Export) when is_map(Export) -> dspex_nif:import_session(Export).
+
+%% Edges, rules and derive functions, on the freshly imported session.
+restore_extras(Id, Export) ->
+    Steps = [dspex_graph:add_dependency(Id, F, T, Ty) || {F, T, Ty} <- maps:get(dependencies, Export, [])]
+        ++ [dspex_acl:set_permissions(Id, N, R) || {N, R} <- maps:to_list(maps:get(permissions, Export, #{}))]
+        ++ [dspex_propagator:adopt(Id, maps:get(derived_functions, Export, []))],
+    case [E || {error, _} = E <- Steps] of
+        [] -> ok;
+        [First | _] ->
+            _ = delete_session(Id),
+            {error, {invalid_export, First}}
+    end.
 
 %% @doc The limits in force: `max_sessions', `max_variables' (per session),
 %% `max_value_bytes' (payload of one value, default 16 MiB), `max_name_length'

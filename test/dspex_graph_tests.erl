@@ -17,7 +17,25 @@ graph_test_() ->
       fun delete_variable_removes_edges/0, fun export_formats/0,
       fun diamond_recomputes_once_in_order/0, fun chain_propagates/0, fun derived_cannot_be_set/0,
       fun failing_fun_keeps_value_and_records_error/0, fun mf_form_and_sync/0,
-      fun deleted_input_records_error/0, fun delete_session_stops_propagator/0]}.
+      fun deleted_input_records_error/0, fun delete_session_stops_propagator/0,
+      fun export_import_keeps_graph_rules_and_derivations/0]}.
+
+%% A migrated session keeps its edges, access rules and derived functions.
+export_import_keeps_graph_rules_and_derivations() ->
+    S = session([a, b]),
+    ok = dspex_graph:add_dependency(S, a, b, control),
+    {ok, _} = dspex_graph:define_derived(S, twice, float, [a], fun(#{a := A}) -> 2 * A end),
+    ok = dspex_acl:set_permissions(S, b, [#{session_pattern => any, permissions => [read]}]),
+    {ok, E} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    ok = dspex_store:import_session(E),
+    ?assertEqual({ok, [<<"b">>, <<"twice">>]}, sorted(dspex_graph:dependents(S, a))),
+    {ok, [#{session_pattern := any}]} = dspex_acl:get_permissions(S, b),
+    ?assertEqual({error, derived_variable}, dspex_store:set(S, twice, 1.0)),
+    {ok, _} = dspex_store:set(S, a, 21.0, #{propagate => sync}),
+    ?assertEqual({ok, 42.0}, dspex_store:get_value(S, twice)),
+    {ok, E2} = dspex_store:export_session(S),
+    ?assertEqual(maps:without([variables, derived_functions], E), maps:without([variables, derived_functions], E2)).
 
 edges_and_neighbours() ->
     S = session([a, b, c, d]),

@@ -349,6 +349,14 @@ limits_test_() ->
               end]
      end}.
 
+names_must_be_utf8_and_bounded_test() ->
+    S = new(),
+    ?assertEqual({error, {invalid_argument, name}}, dspex_store:register(S, <<16#ff, 16#fe>>, integer, 1)),
+    ?assertEqual({error, {invalid_argument, name}}, dspex_store:create_session(<<"bad", 16#c0, 16#80>>)),
+    ?assertEqual({error, {limit_exceeded, name_length}}, dspex_store:create_session(<<>>)),
+    {ok, _} = dspex_store:register(S, <<"température"/utf8>>, float, 1.0),
+    ?assertEqual({ok, 1.0}, dspex_store:get_value(S, <<"température"/utf8>>)).
+
 type_errors_raise_badarg_test() ->
     S = new(),
     ?assertError(badarg, dspex_store:get(S, 42)),

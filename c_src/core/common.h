@@ -29,6 +29,7 @@ enum {
     DX_E_STALE_LOCK,       /* the write carries a token that is no longer current */
     DX_E_DENIED,           /* access control refused the operation */
     DX_E_RATE_LIMITED,     /* the session's token bucket is empty */
+    DX_E_INVALID_NAME,     /* a name or session id that is not UTF-8 */
 };
 
 #define DX_ERRLEN 256

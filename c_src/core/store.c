@@ -225,7 +225,8 @@ static int expired(dx_session *s, int64_t now_ms) {
 int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
                       int64_t now_ms, dx_session **out, int *created, int *limit) {
     *created = 0;
-    if (id.len > g_limits.max_name_len) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    if (id.len > g_limits.max_name_len || id.len == 0) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    if (!dx_utf8_valid(id.ptr, id.len)) return DX_E_INVALID_NAME;
     dx_session *s = dx_session_find(id, now_ms);
     if (s) { *out = s; return DX_OK; }
     pthread_mutex_lock(&g_sessions_mu);
@@ -357,6 +358,7 @@ int64_t dx_session_nvars(const dx_session *s) { return atomic_load_explicit(&s->
 
 int dx_var_register(dx_session *s, const dx_var_spec *sp, int64_t now_us, dx_var **out, int *limit) {
     if (sp->name.len > g_limits.max_name_len || sp->name.len == 0) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    if (!dx_utf8_valid(sp->name.ptr, sp->name.len)) return DX_E_INVALID_NAME;
     if (dx_value_payload_size(sp->value) > g_limits.max_value_bytes) { *limit = DX_L_VALUE_SIZE; return DX_E_LIMIT; }
     dx_var *v = var_new(sp, (dx_str){NULL, 0}, 0, now_us, now_us, limit);
     if (!v) return *limit == DX_L_HISTORY ? DX_E_LIMIT : DX_E_NOMEM;

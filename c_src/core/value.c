@@ -75,6 +75,8 @@ static long utf8_length(const char *p, size_t len) {
     return n;
 }
 
+int dx_utf8_valid(const char *p, size_t len) { return utf8_length(p, len) >= 0; }
+
 /* ---- messages ------------------------------------------------------------- */
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -127,6 +127,9 @@ size_t dx_value_payload_size(const dx_value *v);
 /* Copies the payload of v into buf (payload_size bytes) and points dst at it. */
 void dx_value_copy_into(dx_value *dst, const dx_value *v, char *buf);
 
+/* Whether the bytes are valid UTF-8 (no overlongs, surrogates or > U+10FFFF). */
+int dx_utf8_valid(const char *p, size_t len);
+
 /* Formats a double the way Erlang's float_to_list(F, [short]) does:
  * shortest round-trip digits, always with a '.', "nan"/"infinity". */
 void dx_format_double(double d, char *buf, size_t len);

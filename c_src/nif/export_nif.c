@@ -23,9 +23,10 @@ static int export_var(void *ctx, dx_var *v) {
     ERL_NIF_TERM hl = enif_make_list(env, 0);
     for (size_t i = n; i > 0; i--) hl = enif_make_list_cell(env, dx_snap_to_term(env, hist[i - 1]), hl);
     enif_free(hist);
-    ERL_NIF_TERM keys[12] = {ATOM_id, ATOM_name, ATOM_type, ATOM_value, ATOM_constraints, ATOM_metadata, ATOM_version,
-                             ATOM_created_at, ATOM_updated_at, ATOM_changed_by, ATOM_history_limit, ATOM_history};
-    ERL_NIF_TERM vals[12] = {dx_make_bin(env, v->id, v->id_len),
+    ERL_NIF_TERM keys[13] = {ATOM_id, ATOM_name, ATOM_type, ATOM_value, ATOM_constraints, ATOM_metadata, ATOM_version,
+                             ATOM_created_at, ATOM_updated_at, ATOM_changed_by, ATOM_history_limit, ATOM_history,
+                             ATOM_derived};
+    ERL_NIF_TERM vals[13] = {dx_make_bin(env, v->id, v->id_len),
                              dx_make_bin(env, v->name, v->name_len),
                              dx_type_atom(v->type),
                              dx_value_to_term(env, &cur->value),
@@ -36,9 +37,10 @@ static int export_var(void *ctx, dx_var *v) {
                              enif_make_int64(env, cur->updated_at),
                              by_term(env, cur),
                              enif_make_uint64(env, v->history_limit),
-                             hl};
+                             hl,
+                             v->derived ? ATOM_true : ATOM_false};
     ERL_NIF_TERM m;
-    enif_make_map_from_arrays(env, keys, vals, 12, &m);
+    enif_make_map_from_arrays(env, keys, vals, 13, &m);
     c->list = enif_make_list_cell(env, m, c->list);
     return 0;
 }
@@ -207,11 +209,13 @@ static ERL_NIF_TERM import_var(ErlNifEnv *env, dx_session *s, ERL_NIF_TERM m) {
         hist[i].by_len = have[nblobs + 1] ? blobs[nblobs + 1].size : 0;
         nblobs += 2;
     }
+    ERL_NIF_TERM dv;
+    bool derived = enif_get_map_value(env, m, ATOM_derived, &dv) && enif_is_identical(dv, ATOM_true);
     dx_import_var iv = {
         .id = {(const char *)idb.data, idb.size},
         .spec = {{(const char *)nameb.data, nameb.size}, type, &cons, &val, have[0] ? blobs[0].data : NULL,
                  have[0] ? blobs[0].size : 0, have[1] ? blobs[1].data : NULL, have[1] ? blobs[1].size : 0,
-                 (int64_t)hlimit},
+                 (int64_t)hlimit, derived},
         .version = version,
         .created_at = created,
         .updated_at = updated,
