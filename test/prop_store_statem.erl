@@ -1228,9 +1228,11 @@ export_view(S, #{meta := M, ttl := T, vars := Vars}) ->
                       cur := #{version := Ver, value := V, meta := VM, by := By}, hist := H} = Var,
                     #{id => Id, name => N, type => Ty, value => V, constraints => C,
                       metadata => VM, version => Ver, changed_by => By, history_limit => HL,
-                      history => [element(2, hist_view(E)) || E <- lists:reverse(H)]}
+                      history => [element(2, hist_view(E)) || E <- lists:reverse(H)], derived => false}
                 end || {N, Var} <- lists:sort(maps:to_list(Vars))],
-    #{format => dspex_session_v1, id => S, metadata => M, ttl => T, variables => VarViews}.
+    %% the model uses no graph, rules or derived variables: those parts are empty
+    #{format => dspex_session_v1, id => S, metadata => M, ttl => T, variables => VarViews,
+      dependencies => [], permissions => #{}, derived_functions => []}.
 
 %%% Constraints and values (documented rules) -------------------------------
 
