@@ -56,12 +56,11 @@ get_permissions(Session, Var) -> dspex_nif:acl_get(Session, Var).
 -spec check_access(dspex_store:session_id(), dspex_store:var_key(), binary(), permission(), map()) ->
           ok | {error, term()}.
 check_access(Session, Var, Principal, Permission, Context) when is_map(Context) ->
+    %% a denial is also recorded in the audit log by the NIF's report
     Result = dspex_nif:acl_check(Session, Var, Principal, Permission, Context),
     dspex_telemetry:execute([dspex, acl, check], #{count => 1},
                             #{session => Session, variable => Var, principal => Principal,
                               permission => Permission, result => outcome(Result)}),
-    Result =:= {error, access_denied} andalso
-        denied(Session, Var, Principal, Permission),
     Result.
 
 %% @doc `ok' or the first problem: `{error, {invalid_rule, Index, Message}}'.
@@ -119,7 +118,7 @@ record(Entry) ->
     catch error:badarg -> ok
     end.
 
-%% @private Creates the audit table (owned by the caller, a long-lived process).
+%% @private Creates the audit table (owned by dspex_acl_audit).
 -spec init_audit() -> ok.
 init_audit() ->
     _ = ets:new(?TAB, [ordered_set, public, named_table, {write_concurrency, true}]),

@@ -9,7 +9,8 @@ start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
-    Children = [#{id => dspex_session_sweeper,
+    Children = [#{id => dspex_acl_audit, start => {dspex_acl_audit, start_link, []}},
+                #{id => dspex_session_sweeper,
                   start => {dspex_session_sweeper, start_link, [Interval]}},
                 #{id => dspex_locks, start => {dspex_locks, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor,

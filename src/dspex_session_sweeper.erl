@@ -15,8 +15,6 @@ sweep_now() -> gen_server:call(?MODULE, sweep_now).
 
 -spec init(pos_integer()) -> {ok, pos_integer()}.
 init(Interval) ->
-    %% this long-lived process also owns the access-control audit table
-    ok = dspex_acl:init_audit(),
     erlang:send_after(Interval, self(), sweep),
     {ok, Interval}.
 

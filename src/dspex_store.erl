@@ -176,21 +176,7 @@ get(Session, Key) -> dspex_nif:var_get(Session, Key).
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
-get(Session, Key, Opts) ->
-    case dspex_nif:var_get(Session, Key, Opts) of
-        {ok, _} = Ok -> Ok;
-        Error -> audited(Error, Session, Key, Opts, read)
-    end.
-
-%% Records a denial in the access-control audit log.
-audited({error, access_denied} = E, Session, Key, #{as := P}, Perm) ->
-    dspex_acl:denied(Session, Key, P, Perm),
-    E;
-audited({error, rate_limited} = E, Session, Key, Opts, _Perm) ->
-    dspex_telemetry:execute([dspex, rate_limit, exceeded], #{count => 1},
-                            #{session => Session, variable => Key, principal => maps:get(as, Opts, Session)}),
-    E;
-audited(Result, _Session, _Key, _Opts, _Perm) -> Result.
+get(Session, Key, Opts) -> dspex_nif:var_get(Session, Key, Opts).
 
 %% @doc Only the current value.
 -spec get_value(session_id(), var_key()) -> {ok, value()} | {error, error_reason()}.
@@ -218,7 +204,7 @@ delete(Session, Key) -> dspex_nif:var_delete(Session, Key).
 
 %% @doc `delete/2' on behalf of another session (`write' permission).
 -spec delete(session_id(), var_key(), map()) -> ok | {error, error_reason()}.
-delete(Session, Key, Opts) -> audited(dspex_nif:var_delete(Session, Key, Opts), Session, Key, Opts, write).
+delete(Session, Key, Opts) -> dspex_nif:var_delete(Session, Key, Opts).
 
 %% @doc All variables of the session, sorted by name.
 -spec list(session_id()) -> {ok, [var()]} | {error, error_reason()}.
@@ -258,13 +244,9 @@ set(Session, Key, Value, #{propagate := sync} = Opts) ->
         {ok, _} = Ok ->
             ok = dspex_propagator:sync(Session),
             Ok;
-        Error -> audited(Error, Session, Key, Opts, write)
+        Error -> Error
     end;
-set(Session, Key, Value, Opts) ->
-    case dspex_nif:var_set(Session, Key, Value, Opts) of
-        {ok, _} = Ok -> Ok;
-        Error -> audited(Error, Session, Key, Opts, write)
-    end.
+set(Session, Key, Value, Opts) -> dspex_nif:var_set(Session, Key, Value, Opts).
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its
 %% variable; `missing' lists the others in the order given.
@@ -326,8 +308,7 @@ rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
 %% commits its value again as a new version.
 -spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
-rollback(Session, Key, Version, Opts) ->
-    audited(dspex_nif:var_rollback(Session, Key, Version, Opts), Session, Key, Opts, write).
+rollback(Session, Key, Version, Opts) -> dspex_nif:var_rollback(Session, Key, Version, Opts).
 
 %% @equiv watch(Session, Keys, Pid, #{})
 -spec watch(session_id(), [var_key()], pid()) -> reference() | {error, error_reason()}.

@@ -21,6 +21,11 @@ void dx_acl_free(void *acl);
 ERL_NIF_TERM dx_acl_rules(ErlNifEnv *env, const dx_acl *a);
 int dx_acl_allows(ErlNifEnv *env, const dx_acl *a, dx_str owner, const dx_principal *p, unsigned perm);
 
+/* Reports a refusal to the audit process: what is dspex_denied (perm set) or
+ * dspex_rate_limited (perm 0). */
+void dx_audit(ErlNifEnv *env, ERL_NIF_TERM what, ERL_NIF_TERM session, ERL_NIF_TERM var, const dx_principal *p,
+              ERL_NIF_TERM perm);
+
 typedef struct {
     ErlNifEnv *env;
     dx_str owner;

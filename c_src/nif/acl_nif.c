@@ -65,7 +65,12 @@ static int pattern_matches(const rule_t *r, dx_str who) {
     switch (r->kind) {
     case M_ANY: return 1;
     case M_LITERAL: return dx_str_eq(r->pat, r->plen, who.ptr, who.len);
-    case M_PREFIX: return who.len >= r->plen - 1 && memcmp(r->pat, who.ptr, r->plen - 1) == 0;
+    case M_PREFIX:
+        if (who.len < r->plen - 1) return 0;
+        /* short prefixes compare inline: a libc call costs more than the bytes */
+        for (size_t i = 0; i < r->plen - 1; i++)
+            if (r->pat[i] != who.ptr[i]) return 0;
+        return 1;
     case M_SUFFIX:
         return who.len >= r->plen - 1 && memcmp(r->pat + 1, who.ptr + who.len - (r->plen - 1), r->plen - 1) == 0;
     default: return dx_glob_match(r->pat, r->plen, who.ptr, who.len) == 1;
@@ -157,6 +162,16 @@ int dx_acl_allows(ErlNifEnv *env, const dx_acl *a, dx_str owner, const dx_princi
     return 0;
 }
 
+void dx_audit(ErlNifEnv *env, ERL_NIF_TERM what, ERL_NIF_TERM session, ERL_NIF_TERM var, const dx_principal *p,
+              ERL_NIF_TERM perm) {
+    ErlNifPid pid;
+    /* Only on refusals (rare): the audit process records and reports them. */
+    if (!enif_whereis_pid(env, ATOM_dspex_acl_audit, &pid)) return;
+    ERL_NIF_TERM who = p && p->set ? dx_make_bin(env, p->id.ptr, p->id.len) : session;
+    ERL_NIF_TERM msg = perm ? enif_make_tuple5(env, what, session, var, who, perm) : enif_make_tuple4(env, what, session, var, who);
+    enif_send(env, &pid, NULL, msg);
+}
+
 int dx_principal_parse(ErlNifEnv *env, ERL_NIF_TERM opts, dx_principal *p) {
     memset(p, 0, sizeof *p);
     ERL_NIF_TERM as, ctx;
@@ -167,7 +182,7 @@ int dx_principal_parse(ErlNifEnv *env, ERL_NIF_TERM opts, dx_principal *p) {
     if (!enif_inspect_binary(env, as, &b)) return 0;
     p->set = 1;
     p->id = (dx_str){(const char *)b.data, b.size};
-    if (enif_get_map_value(env, opts, ATOM_context, &ctx)) {
+    if (n > 1 && enif_get_map_value(env, opts, ATOM_context, &ctx)) {
         if (!enif_is_map(env, ctx)) return 0;
         p->context = ctx;
     }
@@ -249,6 +264,7 @@ DX_NIF(nif_acl_check) {
                      : dx_acl_allows(env, dx_var_acl(v), sid, &p, perm) ? ATOM_ok
                                                                         : dx_error(env, ATOM_access_denied);
     dx_ebr_exit();
+    if (enif_is_identical(r, dx_error(env, ATOM_access_denied))) dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, argv[3]);
     return r;
 }
 

@@ -286,6 +286,7 @@ DX_NIF(nif_stats) {
     }                                                                                             \
     if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {                                         \
         dx_ebr_exit();                                                                            \
+        dx_audit(env, ATOM_dspex_rate_limited, term, argc > 1 ? argv[1] : ATOM_undefined, NULL, 0); \
         return dx_error(env, ATOM_rate_limited);                                                  \
     }
 
@@ -340,6 +341,7 @@ DX_NIF(nif_var_register) {
         r = dx_error(env, ATOM_session_not_found);
     } else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {
         r = dx_error(env, ATOM_rate_limited);
+        dx_audit(env, ATOM_dspex_rate_limited, argv[0], argv[1], NULL, 0);
     } else {
         dx_var_spec sp = {name, type, &cons, &val, meta.data, msize ? meta.size : 0, by.data, have_by ? by.size : 0, hl,
                           enif_is_identical(argv[8], ATOM_true)};
@@ -380,6 +382,7 @@ DX_NIF(nif_var_get) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else if (p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_READ)) {
         r = dx_error(env, ATOM_access_denied);
+        dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_read);
     } else {
         dx_snap *cur = dx_var_current(v);
         if (big_value(cur) && !on_dirty()) {
@@ -538,6 +541,7 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
         if (rc == DX_E_RETRY) continue;
         if (rc == DX_E_INVALID) return dx_error_msg(env, ATOM_invalid_value, "value type does not match the variable");
         if (rc == DX_E_LOCKED) return dx_error(env, locked_reason(env, s, v));
+        if (rc == DX_E_DENIED) dx_audit(env, ATOM_dspex_denied, nc->sid, key, &ob->principal, ATOM_write);
         return rc ? dx_rc_error(env, rc, key, version, DX_L_VALUE_SIZE, NULL)
                   : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
     }
@@ -568,6 +572,7 @@ DX_NIF(nif_var_set) {
         r = dx_error(env, ATOM_session_not_found);
     } else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {
         r = dx_error(env, ATOM_rate_limited);
+        dx_audit(env, ATOM_dspex_rate_limited, argv[0], argv[1], &ob.principal, 0);
     } else if (!v) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else if (dx_term_to_raw(env, argv[2], &b, dx_store_limits().max_value_bytes)) {
@@ -596,6 +601,7 @@ DX_NIF(nif_var_delete) {
     dx_var *v = dx_var_find(s, key);
     if (v && p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_WRITE)) {
         dx_ebr_exit();
+        dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_write);
         return dx_error(env, ATOM_access_denied);
     }
     int rc = v ? dx_var_delete(s, key) : DX_E_NOT_FOUND;
@@ -796,6 +802,8 @@ DX_NIF(nif_var_set_many) {
             } else {
                 ERL_NIF_TERM why = it->rc == DX_E_LOCKED ? locked_reason(env, s, it->var)
                                                           : rc_reason(env, it->rc, key, it->version, DX_L_VALUE_SIZE, NULL);
+                if (it->rc == DX_E_DENIED)
+                    dx_audit(env, ATOM_dspex_denied, argv[0], key, ((dx_acl_ctx *)it->opts.acl_ctx)->principal, ATOM_write);
                 enif_make_map_put(env, err_map, key, why, &err_map);
                 failed = true;
             }
@@ -874,7 +882,10 @@ DX_NIF(nif_var_rollback) {
     dx_var *v = s ? dx_var_find(s, key) : NULL;
     if (s) arm_acl(env, &ob, sid);
     if (!s) r = dx_error(env, ATOM_session_not_found);
-    else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) r = dx_error(env, ATOM_rate_limited);
+    else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {
+        r = dx_error(env, ATOM_rate_limited);
+        dx_audit(env, ATOM_dspex_rate_limited, argv[0], argv[1], &ob.principal, 0);
+    }
     else if (!v) r = dx_error2(env, ATOM_not_found, argv[1]);
     else {
         notify_ctx nc = {env, argv[0]};
@@ -902,6 +913,7 @@ DX_NIF(nif_var_rollback) {
             if (!rc) rc = dx_var_rollback(s, v, target, &o, dx_now_us(), &version, dx_watch_notify, &nc);
             if (meta.data) enif_release_binary(&meta);
             if (rc == DX_E_RETRY) continue;
+            if (rc == DX_E_DENIED) dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &ob.principal, ATOM_write);
             r = rc == DX_E_LOCKED ? dx_error(env, locked_reason(env, s, v))
                 : rc ? dx_rc_error(env, rc, argv[1], version, DX_L_VALUE_SIZE, NULL)
                    : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
@@ -965,6 +977,10 @@ DX_NIF(nif_var_lock) {
                                              : dx_var_lock(s, v, expect, holder.data, holder.size, &token, &acl);
     if (rc == DX_OK) r = enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, token));
     else if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env, s, v));
+    else if (rc == DX_E_DENIED) {
+        r = dx_error(env, ATOM_access_denied);
+        dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_optimize);
+    }
     else r = dx_rc_error(env, rc, argv[1], 0, 0, NULL);
     dx_ebr_exit();
     enif_release_binary(&holder);

@@ -119,6 +119,7 @@ DX_NIF(nif_watch) {
         }
         if (p.set && !dx_acl_allows(env, dx_var_acl(vars[i]), (dx_str){s->id, s->id_len}, &p, DX_PERM_OBSERVE)) {
             r = dx_error(env, ATOM_access_denied);
+            dx_audit(env, ATOM_dspex_denied, argv[0], h, &p, ATOM_observe);
             goto out;
         }
         /* A variable named twice (name and id, say) is watched once. */
