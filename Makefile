@@ -12,7 +12,7 @@ APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools e
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
 
-.PHONY: all deps deps-test compile run test test-c test-erlang test-elixir bench docs clean
+.PHONY: all deps deps-test compile run test test-c test-erlang test-nif-asan test-elixir bench docs clean
 
 all: compile
 
@@ -39,7 +39,7 @@ compile: deps
 run: compile
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
-test: deps-test compile test-c test-erlang test-elixir
+test: deps-test compile test-c test-erlang test-nif-asan test-elixir
 	@echo "==> all test suites passed"
 
 test-c:
@@ -48,6 +48,18 @@ test-c:
 test-erlang:
 	$(REBAR3) eunit
 	$(REBAR3) ct
+
+# The EUnit suites again, against the NIF built with AddressSanitizer + UBSan
+# (fewer property cases: the sanitizers slow every call down).
+ASAN_RT  = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
+test-nif-asan:
+	$(MAKE) -C c_src asan-nif
+	$(REBAR3) as test compile
+	DSPEX_NIF_PATH=$(CURDIR)/_build/c/asan_nif/dspex_nif LD_PRELOAD=$(ASAN_RT) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  DSPEX_PROP_STATEM_N=500 DSPEX_PROP_FUZZ_N=500 DSPEX_PROP_PARALLEL_N=200 DSPEX_PROP_GRAPH_N=200 \
+	  $(ERL) -noshell -pa _build/test/lib/*/ebin -pa _build/test/lib/dspex_bridge/test -eval \
+	  'case eunit:test([dspex_store_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests], []) of ok -> halt(0); _ -> halt(1) end.'
 
 test-elixir: compile
 	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test

@@ -16,12 +16,18 @@
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
 init() ->
-    Dir = case code:priv_dir(dspex_bridge) of
-              {error, bad_name} ->
-                  filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
-              D -> D
-          end,
-    erlang:load_nif(filename:join(Dir, "dspex_nif"), 0).
+    %% DSPEX_NIF_PATH lets `make test' load a sanitizer build of the library
+    Path = case os:getenv("DSPEX_NIF_PATH") of
+               false ->
+                   Dir = case code:priv_dir(dspex_bridge) of
+                             {error, bad_name} ->
+                                 filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
+                             D -> D
+                         end,
+                   filename:join(Dir, "dspex_nif");
+               P -> P
+           end,
+    erlang:load_nif(Path, 0).
 
 session_create(_Id, _Meta, _Ttl) -> ?NOT_LOADED.
 session_get(_Id) -> ?NOT_LOADED.
