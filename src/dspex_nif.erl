@@ -7,7 +7,7 @@
 -export([session_create/3, session_get/1, session_list/0, session_touch/1, session_delete/1,
          sweep/0, reclaim/0, advance_clock/1, set_limits/1, get_limits/0, stats/0,
          var_register/9, var_get/2, var_get/3, var_get_value/2, var_exists/2, var_set/4, var_delete/2, var_delete/3,
-         var_list/2, var_list/3, var_get_many/2, var_set_many/3, var_history/3, var_rollback/4,
+         var_list/2, var_list/3, var_get_many/2, var_get_many/3, var_set_many/3, var_history/3, var_history/4, var_rollback/4,
          watch/3, watch/4, unwatch/1, var_info/2, export_session/1, import_session/1,
          graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3,
          var_lock/4, var_lock/5, var_unlock/3,
@@ -75,3 +75,5 @@ var_delete(_S, _Key, _Opts) -> ?NOT_LOADED.
 var_list(_S, _Pattern, _Opts) -> ?NOT_LOADED.
 watch(_S, _Keys, _Pid, _Opts) -> ?NOT_LOADED.
 var_lock(_S, _Key, _Holder, _Expect, _Opts) -> ?NOT_LOADED.
+var_get_many(_S, _Keys, _Opts) -> ?NOT_LOADED.
+var_history(_S, _Key, _Limit, _Opts) -> ?NOT_LOADED.

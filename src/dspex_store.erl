@@ -30,8 +30,8 @@
 -export([create_session/1, create_session/2, get_session/1, list_sessions/0, touch/1,
          delete_session/1,
          register/4, register/5, get/2, get/3, get_value/2, get_value/3, exists/2, delete/2, delete/3,
-         list/1, list/2, list/3, set/3, set/4, get_many/2, set_many/2, set_many/3,
-         history/2, history/3, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
+         list/1, list/2, list/3, set/3, set/4, get_many/2, get_many/3, set_many/2, set_many/3,
+         history/2, history/3, history/4, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
@@ -254,6 +254,11 @@ set(Session, Key, Value, Opts) -> dspex_nif:var_set(Session, Key, Value, Opts).
           {ok, #{found := #{var_key() => var()}, missing := [var_key()]}} | {error, error_reason()}.
 get_many(Session, Keys) when is_list(Keys) -> dspex_nif:var_get_many(Session, Keys).
 
+%% @doc `get_many/2' on behalf of another session (`#{as, context}'): keys the
+%% principal may not `read' are listed under `denied'.
+-spec get_many(session_id(), [var_key()], map()) -> {ok, map()} | {error, error_reason()}.
+get_many(Session, Keys, Opts) when is_list(Keys), is_map(Opts) -> dspex_nif:var_get_many(Session, Keys, Opts).
+
 %% @equiv set_many(Session, Updates, #{atomic => false})
 -spec set_many(session_id(), map() | list()) -> {ok, map()} | {error, term()}.
 set_many(Session, Updates) -> set_many(Session, Updates, #{}).
@@ -295,6 +300,11 @@ history(Session, Key) -> history(Session, Key, all).
 -spec history(session_id(), var_key(), non_neg_integer() | all) ->
           {ok, [history_entry()]} | {error, error_reason()}.
 history(Session, Key, Limit) -> dspex_nif:var_history(Session, Key, Limit).
+
+%% @doc `history/3' on behalf of another session (`read' permission).
+-spec history(session_id(), var_key(), non_neg_integer() | all, map()) ->
+          {ok, [history_entry()]} | {error, error_reason()}.
+history(Session, Key, Limit, Opts) -> dspex_nif:var_history(Session, Key, Limit, Opts).
 
 %% @equiv rollback(Session, Key, Version, #{})
 -spec rollback(session_id(), var_key(), non_neg_integer()) ->

@@ -34,7 +34,12 @@ reference_examples() ->
     ?assertEqual({error, access_denied}, dspex_acl:check_access(S, x, <<"someone">>, optimize, #{})),
     ?assertEqual(ok, dspex_acl:check_access(S, x, S, write, #{})), %% the owner, by name
     ?assertEqual({error, access_denied}, dspex_acl:check_access(S, x, <<"admin_1">>, observe, #{})),
-    {ok, [#{session_pattern := any}, #{session_pattern := <<"admin_*">>}]} = dspex_acl:get_permissions(S, x).
+    {ok, [#{session_pattern := any}, #{session_pattern := <<"admin_*">>}]} = dspex_acl:get_permissions(S, x),
+    {ok, [_, _]} = dspex_store:history(S, x, all, #{as => <<"someone">>}),
+    {ok, _} = dspex_store:register(S, secret, integer, 1),
+    {ok, #{found := #{x := _}, denied := [secret], missing := [nope]}} =
+        dspex_store:get_many(S, [x, secret, nope], #{as => <<"someone">>}),
+    ?assertEqual({error, access_denied}, dspex_store:history(S, secret, all, #{as => <<"someone">>})).
 
 conditions_must_all_match() ->
     S = owned([#{session_pattern => any, permissions => [read, write],

@@ -649,7 +649,9 @@ DX_NIF(nif_var_list) {
 /* get_many(Session, Keys) -> {ok, #{found => #{Key => Var}, missing => [Key]}} */
 DX_NIF(nif_var_get_many) {
     unsigned len;
+    dx_principal p = {0};
     if (!enif_get_list_length(env, argv[1], &len)) return enif_make_badarg(env);
+    if (argc == 3 && (!enif_is_map(env, argv[2]) || !dx_principal_parse(env, argv[2], &p))) return enif_make_badarg(env);
     ERL_NIF_TERM l = argv[1], h;
     while (enif_get_list_cell(env, l, &h, &l)) {
         char kbuf[DX_ATOM_TEXT];
@@ -658,21 +660,30 @@ DX_NIF(nif_var_get_many) {
     }
     if (!on_dirty() && len > 200) return RESCHEDULE("var_get_many", nif_var_get_many);
     WITH_SESSION(s, argv[0]);
-    ERL_NIF_TERM found = enif_make_new_map(env), missing = enif_make_list(env, 0);
+    ERL_NIF_TERM found = enif_make_new_map(env), missing = enif_make_list(env, 0), denied = enif_make_list(env, 0);
     l = argv[1];
     while (enif_get_list_cell(env, l, &h, &l)) {
         char kbuf[DX_ATOM_TEXT];
         dx_str k;
         get_key(env, h, &k, kbuf);
         dx_var *v = dx_var_find(s, k);
-        if (v) enif_make_map_put(env, found, h, dx_var_to_term(env, v, dx_var_current(v)), &found);
-        else missing = enif_make_list_cell(env, h, missing);
+        if (v && p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_READ)) {
+            denied = enif_make_list_cell(env, h, denied);
+            dx_audit(env, ATOM_dspex_denied, argv[0], h, &p, ATOM_read);
+        } else if (v) {
+            enif_make_map_put(env, found, h, dx_var_to_term(env, v, dx_var_current(v)), &found);
+        } else {
+            missing = enif_make_list_cell(env, h, missing);
+        }
     }
     dx_ebr_exit();
-    ERL_NIF_TERM rev;
+    ERL_NIF_TERM rev, drev;
     enif_make_reverse_list(env, missing, &rev);
-    ERL_NIF_TERM keys[2] = {ATOM_found, ATOM_missing}, vals[2] = {found, rev}, m;
-    enif_make_map_from_arrays(env, keys, vals, 2, &m);
+    enif_make_reverse_list(env, denied, &drev);
+    /* `denied' only appears when the call was made `as' another session */
+    ERL_NIF_TERM keys[3] = {ATOM_denied, ATOM_found, ATOM_missing}, vals[3] = {drev, found, rev}, m;
+    if (p.set) enif_make_map_from_arrays(env, keys, vals, 3, &m);
+    else enif_make_map_from_arrays(env, keys + 1, vals + 1, 2, &m);
     return enif_make_tuple2(env, ATOM_ok, m);
 }
 
@@ -837,13 +848,18 @@ DX_NIF(nif_var_history) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     ErlNifUInt64 lim = UINT64_MAX;
+    dx_principal p = {0};
     if (!get_key(env, argv[1], &key, kbuf) || !(enif_is_identical(argv[2], ATOM_all) || enif_get_uint64(env, argv[2], &lim)))
         return enif_make_badarg(env);
+    if (argc == 4 && (!enif_is_map(env, argv[3]) || !dx_principal_parse(env, argv[3], &p))) return enif_make_badarg(env);
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM r;
     dx_var *v = dx_var_find(s, key);
     if (!v) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
+    } else if (p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_READ)) {
+        r = dx_error(env, ATOM_access_denied);
+        dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_read);
     } else {
         size_t max = v->history_limit < lim ? v->history_limit : (size_t)lim;
         dx_snap **out = enif_alloc((max ? max : 1) * sizeof *out);
