@@ -92,6 +92,10 @@ double dx_sketch_collapsed_limit(const dx_sketch *s);
 /* Heap bytes owned by the sketch (header + counter arrays). */
 size_t dx_sketch_memory(const dx_sketch *s);
 
+/* Testing only: make the nth heap allocation from now fail (0 = the next
+ * one); -1 turns it off. Global, not thread-safe. */
+void dx_sketch_test_fail_alloc(long nth);
+
 /* Returns the bytes needed; writes only if cap >= that (0 for s == NULL). */
 size_t dx_sketch_serialize(const dx_sketch *s, uint8_t *buf, size_t cap);
 /* NULL if malformed in any way (including trailing bytes) or OOM. */
@@ -126,7 +130,8 @@ void dx_series_free(dx_series *s);
  * every retaining level records the value or none does. */
 int dx_series_record(dx_series *s, int64_t now_sec, double v);
 /* Merges the data of the inclusive range [from_sec, to_sec] into out (which
- * must have the series' rel_accuracy); L becomes max(L, now_sec) first.
+ * must have the series' rel_accuracy), with L taken as max(L, now_sec) for
+ * this query (the series itself is not modified).
  * Rule, per second t of the range: t is answered by the finest level that
  * retains it. Coarse buckets are taken whole: an hour bucket is used when at
  * least one second of the range inside that hour is retained neither by the
@@ -139,5 +144,7 @@ int dx_series_record(dx_series *s, int64_t now_sec, double v);
  * 0 ok (also when nothing was retained), -1 on bad args (from > to, out of
  * range times, accuracy mismatch) or OOM; on -1 out is unchanged. */
 int dx_series_query(dx_series *s, int64_t from_sec, int64_t to_sec, int64_t now_sec, dx_sketch *out);
+/* Heap bytes owned by the series and all its sketches. */
+size_t dx_series_memory(const dx_series *s);
 
 #endif /* DX_SKETCH_H */
