@@ -5,6 +5,7 @@
 #include "acl.h"
 #include "glob.h"
 #include <stdio.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 enum { P_READ = 1, P_WRITE = 2, P_OBSERVE = 4, P_OPTIMIZE = 8 };
@@ -24,18 +25,66 @@ typedef struct {
 } rule_t;
 
 struct dx_acl {
+    /* Interned: variables with identical rules share one object, so a check
+     * touches lines that stay in cache. refs counts the variables holding it. */
+    struct dx_acl *next;
+    uint64_t hash;
+    ErlNifBinary key; /* the rules in external format; identity for interning */
+    long refs;        /* under g_intern_mu */
     ErlNifEnv *env;
     ERL_NIF_TERM rules; /* normalized copy, for get_permissions */
     size_t n;
     rule_t rule[];
 };
 
-void dx_acl_free(void *p) {
-    dx_acl *a = p;
+#define INTERN_BUCKETS 1024
+static dx_acl *g_intern[INTERN_BUCKETS];
+static pthread_mutex_t g_intern_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void acl_destroy(dx_acl *a) {
+    if (a->key.data) enif_release_binary(&a->key);
     for (size_t i = 0; i < a->n; i++)
         if (a->rule[i].pat != a->rule[i].small) free(a->rule[i].pat);
     if (a->env) enif_free_env(a->env);
     free(a);
+}
+
+/* Returns the interned twin of a freshly compiled object (taking a reference)
+ * and destroys the fresh one, or interns the fresh one. */
+static dx_acl *intern(dx_acl *a) {
+    pthread_mutex_lock(&g_intern_mu);
+    dx_acl **b = &g_intern[a->hash % INTERN_BUCKETS], *e;
+    for (e = *b; e; e = e->next)
+        if (e->hash == a->hash && e->key.size == a->key.size && memcmp(e->key.data, a->key.data, a->key.size) == 0) break;
+    if (e) {
+        e->refs++;
+    } else {
+        a->refs = 1;
+        a->next = *b;
+        *b = a;
+    }
+    pthread_mutex_unlock(&g_intern_mu);
+    if (e) acl_destroy(a);
+    return e ? e : a;
+}
+
+/* The store's release hook: drops one variable's reference (after its EBR
+ * grace period); the last one unlinks and frees the object. */
+void dx_acl_free(void *p) {
+    dx_acl *a = p;
+    if (!a->key.data) { /* never interned (validation only) */
+        acl_destroy(a);
+        return;
+    }
+    pthread_mutex_lock(&g_intern_mu);
+    int last = --a->refs == 0;
+    if (last) {
+        dx_acl **b = &g_intern[a->hash % INTERN_BUCKETS];
+        while (*b != a) b = &(*b)->next;
+        *b = a->next;
+    }
+    pthread_mutex_unlock(&g_intern_mu);
+    if (last) acl_destroy(a);
 }
 
 int dx_acl_perm(ErlNifEnv *env, ERL_NIF_TERM t, unsigned *bit) {
@@ -215,6 +264,12 @@ DX_NIF(nif_acl_set) {
     dx_acl *a;
     ERL_NIF_TERM err = dx_acl_compile(env, argv[2], &a);
     if (err) return err;
+    if (!enif_term_to_binary(env, argv[2], &a->key)) {
+        acl_destroy(a);
+        return dx_error(env, ATOM_enomem);
+    }
+    a->hash = dx_hash(a->key.data, a->key.size);
+    a = intern(a);
     dx_ebr_enter();
     dx_session *s = session_of(env, argv[0], &sid);
     dx_var *v = s ? dx_var_find(s, key) : NULL;
