@@ -14,7 +14,7 @@
 -behaviour(gen_server).
 
 -export([start_link/0, acquire/4, release/1, renew/1, report_progress/4, status/2, active/0, stop/2]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -type lock() :: #{session := dspex_store:session_id(), variable := binary(), optimizer := term(),
                   token := pos_integer(), pid := pid()}.
@@ -160,20 +160,31 @@ handle_call(active, _From, #{locks := L} = St) ->
 handle_call({stop, Lock, Caller, Apply}, _From, St) ->
     case holder_of(Lock, St) of
         {ok, {S, N} = Key, #{pid := Caller, token := T, best := Best, optimizer := Id}} ->
-            Applied = case {Apply, Best} of
-                          {true, #{value := V}} ->
-                              {ok, _} = dspex_store:set(S, N, V, #{lock => T, changed_by => {optimizer, Id}}),
-                              true;
-                          _ -> false
-                      end,
+            %% the lock is released whatever the write says; a refused write
+            %% (the best value no longer fits, say) is reported, not raised
+            {Applied, Extra} = case {Apply, Best} of
+                                   {true, #{value := V}} ->
+                                       case dspex_store:set(S, N, V, #{lock => T, changed_by => {optimizer, Id}}) of
+                                           {ok, _} -> {true, #{}};
+                                           {error, R} -> {false, #{apply_error => R}}
+                                       end;
+                                   _ -> {false, #{}}
+                               end,
             St1 = free(Key, St),
             event(released, Key, #{applied => Applied}),
-            {reply, {ok, #{best => Best, applied => Applied}}, grant_next(Key, St1)};
+            {reply, {ok, Extra#{best => Best, applied => Applied}}, grant_next(Key, St1)};
         _ -> {reply, {error, not_lock_owner}, St}
     end.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
 handle_cast(_Msg, St) -> {noreply, St}.
+
+%% The store's locks must not outlive this server's memory of them: whatever
+%% ends it (a crash included), every lock it granted is unlocked.
+-spec terminate(term(), map()) -> ok.
+terminate(_Reason, #{locks := L}) ->
+    [dspex_nif:var_unlock(S, N, T) || {{S, N}, #{holder := #{token := T}}} <- maps:to_list(L)],
+    ok.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({'DOWN', MRef, process, _Pid, _Why}, #{mons := M} = St) ->
@@ -199,8 +210,10 @@ handle_info({lease_expired, Key, Token}, #{locks := L} = St) ->
     case maps:get(Key, L, undefined) of
         #{holder := #{token := Token, pid := Pid}} ->
             {S, N} = Key,
-            Pid ! {dspex_lock_expired, S, N, Token},
+            %% unlock in the store before telling the holder: a write it makes
+            %% after the notice must be refused
             St1 = free(Key, St),
+            Pid ! {dspex_lock_expired, S, N, Token},
             event(expired, Key, #{token => Token}),
             {noreply, grant_next(Key, St1)};
         _ -> {noreply, St}
@@ -221,11 +234,13 @@ acquire_named(Key, Id, Cfg, From, #{locks := L, min_iter := MinIter} = St) ->
                     {reply, {error, {lock_held_by, HId}}, St};
                 preempt when map_get(priority, Cfg) > HP, HI >= MinIter ->
                     {S, N} = Key,
-                    demonitor(HMon, [flush]),
-                    cancel_lease(H),
-                    St1 = St#{mons := maps:remove(HMon, maps:get(mons, St))},
-                    case grant(Key, Id, Cfg, HT, E#{holder := none}, St1) of
-                        {ok, Lock, St2} ->
+                    %% take the lock first: if the store refuses (access
+                    %% control, say) the holder keeps its monitor and lease
+                    case grant(Key, Id, Cfg, HT, E#{holder := none}, St) of
+                        {ok, Lock, St1} ->
+                            demonitor(HMon, [flush]),
+                            cancel_lease(H),
+                            St2 = St1#{mons := maps:remove(HMon, maps:get(mons, St1))},
                             HPid ! {dspex_preempted, S, N, HT},
                             event(preempted, Key, #{preempted => HId, by => Id}),
                             {reply, {ok, Lock}, St2};

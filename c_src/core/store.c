@@ -417,6 +417,31 @@ static void hist_push(dx_var *v, dx_snap *old) {
     }
 }
 
+static _Thread_local uint8_t *t_holder;
+static _Thread_local size_t t_hlen, t_hcap;
+
+/* Under the shard mutex: remember who holds v, for the caller's error term. */
+static int refuse_locked(const dx_var *v) {
+    t_hlen = 0;
+    if (v->lock_holder) {
+        size_t n = v->lock_holder->len;
+        if (n > t_hcap) {
+            uint8_t *b = realloc(t_holder, n);
+            if (b) { t_holder = b; t_hcap = n; }
+        }
+        if (n <= t_hcap) {
+            if (n) memcpy(t_holder, v->lock_holder->data, n);
+            t_hlen = n;
+        }
+    }
+    return DX_E_LOCKED;
+}
+
+void dx_last_lock_holder(const uint8_t **p, size_t *len) {
+    *p = t_holder;
+    *len = t_hlen;
+}
+
 /* Checks done under the shard mutex, so they are atomic with the commit. */
 static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64_t *version) {
     dx_snap *cur = atomic_load_explicit(&v->cur, memory_order_relaxed);
@@ -425,8 +450,8 @@ static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64
         return DX_E_DENIED;
     if (v->derived && !(o && o->propagation)) return DX_E_DERIVED;
     if (o && o->lock_token && o->lock_token != v->lock_token)
-        return v->lock_token ? DX_E_LOCKED : DX_E_STALE_LOCK;
-    if (v->lock_token && !(o && o->lock_token == v->lock_token)) return DX_E_LOCKED;
+        return v->lock_token ? refuse_locked(v) : DX_E_STALE_LOCK;
+    if (v->lock_token && !(o && o->lock_token == v->lock_token)) return refuse_locked(v);
     if (o && o->if_current && o->if_current != cur) return DX_E_RETRY;
     if (o && o->has_expected && o->expected != cur->version) {
         *version = cur->version;
@@ -487,6 +512,10 @@ int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, bool 
     int failed = 0;
     for (size_t i = 0; i < n; i++) {
         it[i].rc = next ? precheck(it[i].var, &it[i].value, &it[i].opts, &it[i].version) : DX_E_NOMEM;
+        if (it[i].rc == DX_E_LOCKED && t_hlen && (it[i].holder = malloc(t_hlen))) {
+            memcpy(it[i].holder, t_holder, t_hlen);
+            it[i].holder_len = t_hlen;
+        }
         if (!it[i].rc && !check_only && !(next[i] = prepare(it[i].var, &it[i].value, &it[i].opts, now_us)))
             it[i].rc = DX_E_NOMEM;
         failed |= it[i].rc != DX_OK;
@@ -512,7 +541,7 @@ int dx_var_delete(dx_session *s, dx_str key) {
     pthread_mutex_lock(&sh->mu);
     int rc = DX_E_NOT_FOUND;
     if (!v->dead && v->lock_token) {
-        rc = DX_E_LOCKED;
+        rc = refuse_locked(v);
     } else if (!v->dead && dx_rtab_remove(&sh->tab, v->key.hash, v->name, v->name_len)) {
         v->dead = true;
         atomic_fetch_sub(&s->nvars, 1);
@@ -545,7 +574,7 @@ int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder
                !acl->acl_check(acl->acl_ctx, v, atomic_load_explicit(&v->acl, memory_order_relaxed))) {
         rc = DX_E_DENIED;
     } else if (v->lock_token && v->lock_token != expect) {
-        rc = DX_E_LOCKED;
+        rc = refuse_locked(v);
         *token = v->lock_token;
     } else {
         uint64_t t = atomic_load(&g_lock_tokens);

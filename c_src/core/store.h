@@ -175,6 +175,8 @@ typedef struct {
     dx_set_opts opts;
     int rc;           /* out */
     uint64_t version; /* out: new version, or current on mismatch */
+    uint8_t *holder;  /* out, DX_E_LOCKED: the lock holder (malloc'd; caller frees) */
+    size_t holder_len;
 } dx_set_item;
 
 /* Atomic: every item is checked first; all commit or none (returns DX_E_BATCH).
@@ -192,6 +194,10 @@ int dx_var_delete(dx_session *s, dx_str key);
 int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token,
                 const dx_set_opts *acl);
 int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token);
+/* The holder of the lock behind the last DX_E_LOCKED returned on this thread,
+ * captured in the same critical section as the refusal (valid until the next
+ * store call on this thread; len 0 if none). */
+void dx_last_lock_holder(const uint8_t **p, size_t *len);
 /* Under the shard mutex: the holder blob of a locked variable (copied to out). */
 int dx_var_lock_holder(dx_session *s, dx_var *v, uint8_t **out, size_t *len);
 

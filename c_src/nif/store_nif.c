@@ -82,14 +82,13 @@ ERL_NIF_TERM dx_rc_error(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t vers
     return dx_error(env, rc_reason(env, rc, key, version, limit, msg));
 }
 
-/* {locked, Holder} for a variable that refused a write (Holder as given to acquire). */
+/* {locked, Holder} for the refusal just returned on this thread: the holder
+ * was captured in the same critical section as the refusal. */
 static ERL_NIF_TERM locked_reason(ErlNifEnv *env, dx_session *s, dx_var *v) {
-    uint8_t *h = NULL;
-    size_t len = 0;
-    ERL_NIF_TERM holder = ATOM_undefined;
-    if (dx_var_lock_holder(s, v, &h, &len) == DX_OK) holder = dx_blob_to_term(env, h, len, ATOM_undefined);
-    free(h);
-    return enif_make_tuple2(env, ATOM_locked, holder);
+    const uint8_t *h;
+    size_t len;
+    dx_last_lock_holder(&h, &len);
+    return enif_make_tuple2(env, ATOM_locked, len ? dx_blob_to_term(env, h, len, ATOM_undefined) : ATOM_undefined);
 }
 
 static int on_dirty(void) { return enif_thread_type() != ERL_NIF_THR_NORMAL_SCHEDULER; }
@@ -811,8 +810,12 @@ DX_NIF(nif_var_set_many) {
             if (it->rc == DX_OK) {
                 if (committed) enif_make_map_put(env, ok_map, key, enif_make_uint64(env, it->version), &ok_map);
             } else {
-                ERL_NIF_TERM why = it->rc == DX_E_LOCKED ? locked_reason(env, s, it->var)
-                                                          : rc_reason(env, it->rc, key, it->version, DX_L_VALUE_SIZE, NULL);
+                ERL_NIF_TERM why =
+                    it->rc == DX_E_LOCKED
+                        ? enif_make_tuple2(env, ATOM_locked,
+                                           it->holder_len ? dx_blob_to_term(env, it->holder, it->holder_len, ATOM_undefined)
+                                                          : ATOM_undefined)
+                        : rc_reason(env, it->rc, key, it->version, DX_L_VALUE_SIZE, NULL);
                 if (it->rc == DX_E_DENIED)
                     dx_audit(env, ATOM_dspex_denied, argv[0], key, ((dx_acl_ctx *)it->opts.acl_ctx)->principal, ATOM_write);
                 enif_make_map_put(env, err_map, key, why, &err_map);
@@ -831,6 +834,7 @@ DX_NIF(nif_var_set_many) {
     }
 out:
     dx_ebr_exit();
+    for (size_t i = 0; items && i < ni; i++) free(items[i].holder);
     for (size_t i = 0; i < nbufs; i++) dx_rawbuf_free(&bufs[i]);
     for (size_t i = 0; i < nobs; i++) set_opts_free(&obs[i]);
     if (items) enif_free(items);
