@@ -75,8 +75,7 @@ define(Session, Name, Type, Inputs, Fun, Opts) ->
         {ok, Pid} ->
             case compute(Session, Inputs, Fun) of
                 {ok, Value} ->
-                    Define = fun() -> gen_server:call(Pid, {define, Name, Type, Value, Inputs, Fun, Opts}, infinity) end,
-                    Define();
+                    gen_server:call(Pid, {define, Name, Type, Value, Inputs, Fun, Opts}, infinity);
                 {error, _} = E -> E
             end;
         Error -> Error

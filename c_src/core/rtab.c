@@ -112,7 +112,3 @@ void dx_rtab_foreach(dx_rtab_ref *ref, int (*fn)(void *ctx, dx_rkey *e), void *c
         if (e && e != TOMB && fn(ctx, e)) return;
     }
 }
-
-size_t dx_rtab_count(dx_rtab_ref *ref) {
-    return atomic_load_explicit(ref, memory_order_acquire)->used;
-}

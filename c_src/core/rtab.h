@@ -33,5 +33,4 @@ int dx_rtab_insert(dx_rtab_ref *ref, dx_rkey *e);
 dx_rkey *dx_rtab_remove(dx_rtab_ref *ref, uint64_t hash, const char *key, size_t klen);
 /* Reader or writer: calls fn for every live entry; stops when fn returns non-zero. */
 void dx_rtab_foreach(dx_rtab_ref *ref, int (*fn)(void *ctx, dx_rkey *e), void *ctx);
-size_t dx_rtab_count(dx_rtab_ref *ref);
 #endif

@@ -608,25 +608,6 @@ int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token) {
     return rc;
 }
 
-int dx_var_lock_holder(dx_session *s, dx_var *v, uint8_t **out, size_t *len) {
-    dx_shard *sh = shard_of(s, v->key.hash);
-    pthread_mutex_lock(&sh->mu);
-    int rc = DX_E_NOT_FOUND;
-    *out = NULL;
-    *len = 0;
-    if (v->lock_token && v->lock_holder) {
-        *out = malloc(v->lock_holder->len ? v->lock_holder->len : 1);
-        if (!*out) rc = DX_E_NOMEM;
-        else {
-            memcpy(*out, v->lock_holder->data, v->lock_holder->len);
-            *len = v->lock_holder->len;
-            rc = DX_OK;
-        }
-    }
-    pthread_mutex_unlock(&sh->mu);
-    return rc;
-}
-
 int dx_var_set_acl(dx_session *s, dx_var *v, void *acl) {
     dx_shard *sh = shard_of(s, v->key.hash);
     pthread_mutex_lock(&sh->mu);

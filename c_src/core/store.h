@@ -198,8 +198,6 @@ int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token);
  * captured in the same critical section as the refusal (valid until the next
  * store call on this thread; len 0 if none). */
 void dx_last_lock_holder(const uint8_t **p, size_t *len);
-/* Under the shard mutex: the holder blob of a locked variable (copied to out). */
-int dx_var_lock_holder(dx_session *s, dx_var *v, uint8_t **out, size_t *len);
 
 /* Access rules: the release hook frees a rules object once no reader can see it. */
 void dx_store_set_acl_release(void (*fn)(void *acl));

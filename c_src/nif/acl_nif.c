@@ -246,13 +246,6 @@ int dx_acl_write_check(void *ctx, const dx_var *v, void *acl) {
 
 /* ---- NIFs ------------------------------------------------------------------------ */
 
-static dx_session *session_of(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *sid) {
-    ErlNifBinary b;
-    if (!enif_inspect_binary(env, t, &b)) return NULL;
-    *sid = (dx_str){(const char *)b.data, b.size};
-    return dx_session_find(*sid, dx_now_ms());
-}
-
 /* set_permissions(Session, Var, Rules, Opts): owner only. */
 DX_NIF(nif_acl_set) {
     char kb[DX_ATOM_TEXT];
@@ -271,7 +264,7 @@ DX_NIF(nif_acl_set) {
     a->hash = dx_hash(a->key.data, a->key.size);
     a = intern(a);
     dx_ebr_enter();
-    dx_session *s = session_of(env, argv[0], &sid);
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
     dx_var *v = s ? dx_var_find(s, key) : NULL;
     ERL_NIF_TERM r;
     if (!s) r = dx_error(env, ATOM_session_not_found);
@@ -292,7 +285,7 @@ DX_NIF(nif_acl_get) {
     dx_str key, sid;
     if (!dx_get_name(env, argv[1], &key, kb, sizeof kb) || !enif_is_binary(env, argv[0])) return enif_make_badarg(env);
     dx_ebr_enter();
-    dx_session *s = session_of(env, argv[0], &sid);
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
     dx_var *v = s ? dx_var_find(s, key) : NULL;
     ERL_NIF_TERM r = !s ? dx_error(env, ATOM_session_not_found)
                      : !v ? dx_error2(env, ATOM_not_found, argv[1])
@@ -312,7 +305,7 @@ DX_NIF(nif_acl_check) {
         return enif_make_badarg(env);
     dx_principal p = {1, {(const char *)pb.data, pb.size}, argv[4]};
     dx_ebr_enter();
-    dx_session *s = session_of(env, argv[0], &sid);
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
     dx_var *v = s ? dx_var_find(s, key) : NULL;
     ERL_NIF_TERM r = !s ? dx_error(env, ATOM_session_not_found)
                      : !v ? dx_error2(env, ATOM_not_found, argv[1])
@@ -333,7 +326,7 @@ DX_NIF(nif_acl_filter) {
         return enif_make_badarg(env);
     dx_principal p = {1, {(const char *)pb.data, pb.size}, argv[3]};
     dx_ebr_enter();
-    dx_session *s = session_of(env, argv[0], &sid);
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
     if (!s) {
         dx_ebr_exit();
         return dx_error(env, ATOM_session_not_found);
@@ -377,7 +370,7 @@ DX_NIF(nif_session_set_rate) {
     }
     if (rate < 0 || burst < 1) return enif_make_badarg(env);
     dx_ebr_enter();
-    dx_session *s = session_of(env, argv[0], &sid);
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
     if (s) dx_session_set_rate(s, rate, burst);
     dx_ebr_exit();
     return s ? ATOM_ok : dx_error(env, ATOM_session_not_found);

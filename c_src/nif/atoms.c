@@ -7,6 +7,4 @@ DX_ATOM_LIST(DX_ATOM_DEF)
 void dx_atoms_init(ErlNifEnv *env) {
 #define DX_ATOM_MAKE(a) ATOM_##a = enif_make_atom(env, #a);
     DX_ATOM_LIST(DX_ATOM_MAKE)
-    /* the export map's key is plain `variables` */
-    ATOM_variables_key = ATOM_variables;
 }

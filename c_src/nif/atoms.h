@@ -11,7 +11,7 @@
     X(sessions) X(variables) X(value_size) X(name_length) X(history_limit) \
     X(id) X(name) X(type) X(value) X(constraints) X(metadata) X(version) X(created_at) X(updated_at) \
     X(changed_by) X(shape) X(data) X(found) X(missing) X(updated) X(errors) X(ttl) X(last_accessed_at) \
-    X(variable_count) X(previous_version) X(expected_version) X(history) X(variables_key) X(format) \
+    X(variable_count) X(previous_version) X(expected_version) X(history) X(format) \
     X(dspex_session_v1) X(dspex_variable) X(all) X(max_sessions) X(max_variables) X(max_value_bytes) \
     X(max_name_length) X(max_history) X(default_history) X(dirty) \
     X(float) X(integer) X(string) X(boolean) X(choice) X(module) X(embedding) X(tensor) \

@@ -41,15 +41,6 @@ static ERL_NIF_TERM names_list(ErlNifEnv *env, const dx_gname *n, size_t count) 
     return l;
 }
 
-static int on_dirty(void) { return enif_thread_type() != ERL_NIF_THR_NORMAL_SCHEDULER; }
-
-/* The session (NULL if unknown); t was checked to be a binary by the caller. */
-static dx_session *get_session(ErlNifEnv *env, ERL_NIF_TERM t) {
-    ErlNifBinary b;
-    if (!enif_inspect_binary(env, t, &b)) return NULL;
-    return dx_session_find((dx_str){(const char *)b.data, b.size}, dx_now_ms());
-}
-
 /* graph_add(Session, From, To, Type) */
 DX_NIF(nif_graph_add) {
     char fb[DX_ATOM_TEXT], tb[DX_ATOM_TEXT];
@@ -60,13 +51,13 @@ DX_NIF(nif_graph_add) {
     int type = type_index(argv[3]);
     if (type < 0) return dx_error2(env, ATOM_invalid_argument, ATOM_type);
     dx_ebr_enter();
-    dx_session *s = get_session(env, argv[0]);
+    dx_session *s = dx_nif_session(env, argv[0], NULL);
     ERL_NIF_TERM r;
     if (!s) {
         r = dx_error(env, ATOM_session_not_found);
     } else {
         dx_graph *g = dx_graph_lock(s);
-        if (g && dx_graph_node_count(g) > BIG_GRAPH && !on_dirty()) {
+        if (g && dx_graph_node_count(g) > BIG_GRAPH && !dx_on_dirty()) {
             /* reordering a large affected region can take milliseconds */
             dx_graph_unlock(s);
             dx_ebr_exit();
@@ -99,7 +90,7 @@ DX_NIF(nif_graph_remove) {
         !enif_is_binary(env, argv[0]))
         return enif_make_badarg(env);
     dx_ebr_enter();
-    dx_session *s = get_session(env, argv[0]);
+    dx_session *s = dx_nif_session(env, argv[0], NULL);
     ERL_NIF_TERM r;
     if (!s) {
         r = dx_error(env, ATOM_session_not_found);
@@ -129,7 +120,7 @@ DX_NIF(nif_graph_query) {
     if (kind < 0 || !dx_get_name(env, argv[1], &key, kb, sizeof kb) || !enif_is_binary(env, argv[0]))
         return enif_make_badarg(env);
     dx_ebr_enter();
-    dx_session *s = get_session(env, argv[0]);
+    dx_session *s = dx_nif_session(env, argv[0], NULL);
     ERL_NIF_TERM r;
     if (!s) {
         dx_ebr_exit();
@@ -141,7 +132,7 @@ DX_NIF(nif_graph_query) {
         return dx_error2(env, ATOM_not_found, argv[1]);
     }
     dx_graph *g = dx_graph_lock(s);
-    if (g && dx_graph_node_count(g) > BIG_GRAPH && !on_dirty()) {
+    if (g && dx_graph_node_count(g) > BIG_GRAPH && !dx_on_dirty()) {
         dx_graph_unlock(s);
         dx_ebr_exit();
         return enif_schedule_nif(env, "graph_query", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_graph_query, argc, argv);
@@ -173,7 +164,7 @@ DX_NIF(nif_graph_query) {
 DX_NIF(nif_graph_clear) {
     if (!enif_is_binary(env, argv[0])) return enif_make_badarg(env);
     dx_ebr_enter();
-    dx_session *s = get_session(env, argv[0]);
+    dx_session *s = dx_nif_session(env, argv[0], NULL);
     if (s) {
         dx_graph *g = dx_graph_lock(s);
         if (g) dx_graph_clear(g);
@@ -206,13 +197,13 @@ static int edge_cb(void *ctx, dx_gname from, dx_gname to, int type) {
 DX_NIF(nif_graph_edges) {
     if (!enif_is_binary(env, argv[0])) return enif_make_badarg(env);
     dx_ebr_enter();
-    dx_session *s = get_session(env, argv[0]);
+    dx_session *s = dx_nif_session(env, argv[0], NULL);
     if (!s) {
         dx_ebr_exit();
         return dx_error(env, ATOM_session_not_found);
     }
     dx_graph *g = dx_graph_lock(s);
-    if (g && dx_graph_node_count(g) > BIG_GRAPH && !on_dirty()) {
+    if (g && dx_graph_node_count(g) > BIG_GRAPH && !dx_on_dirty()) {
         dx_graph_unlock(s);
         dx_ebr_exit();
         return enif_schedule_nif(env, "graph_edges", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_graph_edges, argc, argv);
@@ -236,7 +227,7 @@ DX_NIF(nif_var_set_error) {
     int have = !enif_is_identical(argv[2], ATOM_undefined);
     if (have && dx_term_to_blob(env, argv[2], &blob)) return dx_error(env, ATOM_enomem);
     dx_ebr_enter();
-    dx_session *s = get_session(env, argv[0]);
+    dx_session *s = dx_nif_session(env, argv[0], NULL);
     dx_var *v = s ? dx_var_find(s, key) : NULL;
     ERL_NIF_TERM r = !s ? dx_error(env, ATOM_session_not_found)
                      : !v ? dx_error2(env, ATOM_not_found, argv[1])

@@ -11,6 +11,12 @@ void dx_watch_release(void *w);
 /* Sends a watch message to every active watcher of v (under its shard mutex). */
 void dx_watch_notify(void *ctx, dx_session *s, dx_var *v, const dx_snap *old, const dx_snap *cur);
 
+/* The session named by a binary term (NULL if not a binary, unknown or
+ * expired; *sid gets its id when given). Inside an EBR section. */
+dx_session *dx_nif_session(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *sid);
+/* True on a dirty scheduler, where long work may run. */
+int dx_on_dirty(void);
+
 int64_t dx_now_us(void);
 int64_t dx_now_ms(void);
 int64_t dx_now_ns(void);

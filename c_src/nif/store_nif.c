@@ -84,14 +84,22 @@ ERL_NIF_TERM dx_rc_error(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t vers
 
 /* {locked, Holder} for the refusal just returned on this thread: the holder
  * was captured in the same critical section as the refusal. */
-static ERL_NIF_TERM locked_reason(ErlNifEnv *env, dx_session *s, dx_var *v) {
+static ERL_NIF_TERM locked_reason(ErlNifEnv *env) {
     const uint8_t *h;
     size_t len;
     dx_last_lock_holder(&h, &len);
     return enif_make_tuple2(env, ATOM_locked, len ? dx_blob_to_term(env, h, len, ATOM_undefined) : ATOM_undefined);
 }
 
-static int on_dirty(void) { return enif_thread_type() != ERL_NIF_THR_NORMAL_SCHEDULER; }
+int dx_on_dirty(void) { return enif_thread_type() != ERL_NIF_THR_NORMAL_SCHEDULER; }
+
+dx_session *dx_nif_session(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *sid) {
+    ErlNifBinary b;
+    if (!enif_inspect_binary(env, t, &b)) return NULL;
+    dx_str id = {(const char *)b.data, b.size};
+    if (sid) *sid = id;
+    return dx_session_find(id, dx_now_ms());
+}
 
 /* True when converting t would take long enough to belong on a dirty scheduler. */
 static int big_input(ErlNifEnv *env, ERL_NIF_TERM t) {
@@ -186,7 +194,7 @@ static int sess_list_cb(void *ctx, dx_session *s) {
 }
 
 DX_NIF(nif_session_list) {
-    if (!on_dirty() && dx_session_count() > BIG_SESSION) return RESCHEDULE("session_list", nif_session_list);
+    if (!dx_on_dirty() && dx_session_count() > BIG_SESSION) return RESCHEDULE("session_list", nif_session_list);
     sess_list_ctx c = {env, enif_make_list(env, 0), dx_now_ms()};
     dx_ebr_enter();
     dx_session_foreach(sess_list_cb, &c);
@@ -303,7 +311,7 @@ DX_NIF(nif_var_register) {
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
     if (!dx_term_to_type(env, argv[2], &type)) return dx_error2(env, ATOM_unknown_type, argv[2]);
-    if (!on_dirty() && big_input(env, argv[3])) return RESCHEDULE("var_register", nif_var_register);
+    if (!dx_on_dirty() && big_input(env, argv[3])) return RESCHEDULE("var_register", nif_var_register);
 
     char err[DX_ERRLEN] = "";
     dx_constraints cons;
@@ -384,7 +392,7 @@ DX_NIF(nif_var_get) {
         dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_read);
     } else {
         dx_snap *cur = dx_var_current(v);
-        if (big_value(cur) && !on_dirty()) {
+        if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
             return RESCHEDULE("var_get", nif_var_get);
         }
@@ -405,7 +413,7 @@ DX_NIF(nif_var_get_value) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else {
         dx_snap *cur = dx_var_current(v);
-        if (big_value(cur) && !on_dirty()) {
+        if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
             return RESCHEDULE("var_get_value", nif_var_get_value);
         }
@@ -539,7 +547,7 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
         if (ob->meta_patch) enif_release_binary(&meta);
         if (rc == DX_E_RETRY) continue;
         if (rc == DX_E_INVALID) return dx_error_msg(env, ATOM_invalid_value, "value type does not match the variable");
-        if (rc == DX_E_LOCKED) return dx_error(env, locked_reason(env, s, v));
+        if (rc == DX_E_LOCKED) return dx_error(env, locked_reason(env));
         if (rc == DX_E_DENIED) dx_audit(env, ATOM_dspex_denied, nc->sid, key, &ob->principal, ATOM_write);
         return rc ? dx_rc_error(env, rc, key, version, DX_L_VALUE_SIZE, NULL)
                   : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
@@ -551,7 +559,7 @@ DX_NIF(nif_var_set) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3])) return enif_make_badarg(env);
-    if (!on_dirty() && big_input(env, argv[2])) return RESCHEDULE("var_set", nif_var_set);
+    if (!dx_on_dirty() && big_input(env, argv[2])) return RESCHEDULE("var_set", nif_var_set);
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
     set_opts_buf ob;
@@ -604,7 +612,7 @@ DX_NIF(nif_var_delete) {
         return dx_error(env, ATOM_access_denied);
     }
     int rc = v ? dx_var_delete(s, key) : DX_E_NOT_FOUND;
-    if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env, s, v));
+    if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env));
     else if (rc) r = dx_error2(env, ATOM_not_found, argv[1]);
     dx_ebr_exit();
     return r;
@@ -621,7 +629,7 @@ DX_NIF(nif_var_list) {
     dx_principal p = {0};
     if (argc == 3 && (!enif_is_map(env, argv[2]) || !dx_principal_parse(env, argv[2], &p))) return enif_make_badarg(env);
     WITH_SESSION(s, argv[0]);
-    if (!on_dirty() && dx_session_nvars(s) > BIG_SESSION) {
+    if (!dx_on_dirty() && dx_session_nvars(s) > BIG_SESSION) {
         dx_ebr_exit();
         return RESCHEDULE("var_list", nif_var_list);
     }
@@ -657,7 +665,7 @@ DX_NIF(nif_var_get_many) {
         dx_str k;
         if (!get_key(env, h, &k, kbuf)) return enif_make_badarg(env);
     }
-    if (!on_dirty() && len > 200) return RESCHEDULE("var_get_many", nif_var_get_many);
+    if (!dx_on_dirty() && len > 200) return RESCHEDULE("var_get_many", nif_var_get_many);
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM found = enif_make_new_map(env), missing = enif_make_list(env, 0), denied = enif_make_list(env, 0);
     l = argv[1];
@@ -704,7 +712,7 @@ DX_NIF(nif_var_set_many) {
             return enif_make_badarg(env);
         lists += enif_is_list(env, tup[1]) || enif_is_map(env, tup[1]);
     }
-    if (!on_dirty() && (n > 100 || lists > 0)) return RESCHEDULE("var_set_many", nif_var_set_many);
+    if (!dx_on_dirty() && (n > 100 || lists > 0)) return RESCHEDULE("var_set_many", nif_var_set_many);
     WITH_SESSION(s, argv[0]);
     size_t cnt = n ? n : 1;
     dx_set_item *items = enif_alloc(cnt * sizeof *items);
@@ -934,7 +942,7 @@ DX_NIF(nif_var_rollback) {
             if (meta.data) enif_release_binary(&meta);
             if (rc == DX_E_RETRY) continue;
             if (rc == DX_E_DENIED) dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &ob.principal, ATOM_write);
-            r = rc == DX_E_LOCKED ? dx_error(env, locked_reason(env, s, v))
+            r = rc == DX_E_LOCKED ? dx_error(env, locked_reason(env))
                 : rc ? dx_rc_error(env, rc, argv[1], version, DX_L_VALUE_SIZE, NULL)
                    : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
             break;
@@ -996,7 +1004,7 @@ DX_NIF(nif_var_lock) {
     int rc = !s ? DX_E_SESSION_NOT_FOUND : !v ? DX_E_NOT_FOUND
                                              : dx_var_lock(s, v, expect, holder.data, holder.size, &token, &acl);
     if (rc == DX_OK) r = enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, token));
-    else if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env, s, v));
+    else if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env));
     else if (rc == DX_E_DENIED) {
         r = dx_error(env, ATOM_access_denied);
         dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_optimize);
