@@ -171,12 +171,25 @@ register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
 
 %% @doc The variable as a map (see `var()').
 -spec get(session_id(), var_key()) -> {ok, var()} | {error, error_reason()}.
-get(Session, Key) -> dspex_nif:var_get(Session, Key).
+get(Session, Key) -> var_map(dspex_nif:var_get(Session, Key)).
 
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
-get(Session, Key, Opts) -> dspex_nif:var_get(Session, Key, Opts).
+get(Session, Key, Opts) -> var_map(dspex_nif:var_get(Session, Key, Opts)).
+
+%% The NIF answers a plain variable with a flat tagged tuple: this literal-key
+%% map expression shares its key tuple, which the NIF cannot (it would allocate
+%% and sort one per call). Derived variables come as `{ok, Map}' already.
+var_map({var, Cons0, Created, Id, Meta, Name, Type, Updated, Value, Version}) ->
+    Cons = case Cons0 of
+               {min_max, Min, Max} -> #{min => Min, max => Max};
+               _ -> Cons0
+           end,
+    {ok, #{id => Id, name => Name, type => Type, value => Value, constraints => Cons,
+           metadata => Meta, version => Version, created_at => Created, updated_at => Updated}};
+var_map(Other) ->
+    Other.
 
 %% @doc Only the current value.
 -spec get_value(session_id(), var_key()) -> {ok, value()} | {error, error_reason()}.

@@ -222,10 +222,10 @@ health(Limits) ->
                 Names = lists:sort(Names),
                 lists:foreach(
                   fun(#{name := N, id := Id, version := V} = Var) ->
-                          {ok, Var} = dspex_nif:var_get(?SID, N),
+                          {ok, Var} = dspex_store:get(?SID, N),
                           %% by id, unless another variable is named so (the name wins)
                           case lists:member(Id, Names) of
-                              false -> {ok, Var} = dspex_nif:var_get(?SID, Id);
+                              false -> {ok, Var} = dspex_store:get(?SID, Id);
                               true -> ok
                           end,
                           true = dspex_nif:var_exists(?SID, N),

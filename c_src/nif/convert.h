@@ -47,6 +47,9 @@ int dx_term_to_type(ErlNifEnv *env, ERL_NIF_TERM t, dx_type *out);
 
 /* The map returned by get/2. */
 ERL_NIF_TERM dx_var_to_term(ErlNifEnv *env, const dx_var *v, const dx_snap *s);
+ERL_NIF_TERM dx_var_to_flat(ErlNifEnv *env, const dx_var *v, const dx_snap *s, const ERL_NIF_TERM *name);
+/* Same, with the `name' field set to *name (a binary equal to the name) if given. */
+ERL_NIF_TERM dx_var_to_term_named(ErlNifEnv *env, const dx_var *v, const dx_snap *s, const ERL_NIF_TERM *name);
 /* #{version, value, updated_at, metadata, changed_by} for history and export. */
 ERL_NIF_TERM dx_snap_to_term(ErlNifEnv *env, const dx_snap *s);
 #endif

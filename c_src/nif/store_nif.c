@@ -373,7 +373,7 @@ out:
 /* Finds a var by name or id; key may be a binary or an atom. */
 static int get_key(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *k, char *buf) { return dx_get_name(env, t, k, buf, DX_ATOM_TEXT); }
 
-static int big_value(const dx_snap *s) { return dx_value_payload_size(&s->value) > BIG_VALUE_BYTES; }
+static int big_value(const dx_snap *s) { return s->value.type >= DX_T_STRING && dx_value_payload_size(&s->value) > BIG_VALUE_BYTES; }
 
 DX_NIF(nif_var_get) {
     char kbuf[DX_ATOM_TEXT];
@@ -396,7 +396,10 @@ DX_NIF(nif_var_get) {
             dx_ebr_exit();
             return RESCHEDULE("var_get", nif_var_get);
         }
-        r = enif_make_tuple2(env, ATOM_ok, dx_var_to_term(env, v, cur));
+        int by_name = enif_is_binary(env, argv[1]) && key.len == v->name_len && !memcmp(key.ptr, v->name, key.len);
+        /* plain variables: the bare tagged tuple (see dx_var_to_flat) */
+        r = v->derived ? enif_make_tuple2(env, ATOM_ok, dx_var_to_term_named(env, v, cur, by_name ? &argv[1] : NULL))
+                       : dx_var_to_flat(env, v, cur, by_name ? &argv[1] : NULL);
     }
     dx_ebr_exit();
     return r;
