@@ -176,6 +176,9 @@ get(Session, Key) -> var_map(dspex_nif:var_get(Session, Key)).
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
+get(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
+    %% the common case goes as a bare binary: the NIF skips the map lookups
+    var_map(dspex_nif:var_get(Session, Key, As));
 get(Session, Key, Opts) -> var_map(dspex_nif:var_get(Session, Key, Opts)).
 
 %% The NIF answers a plain variable with a flat tagged tuple: this literal-key

@@ -380,7 +380,16 @@ DX_NIF(nif_var_get) {
     dx_str key;
     dx_principal p = {0};
     if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
-    if (argc == 3 && (!enif_is_map(env, argv[2]) || !dx_principal_parse(env, argv[2], &p))) return enif_make_badarg(env);
+    if (argc == 3) {
+        ErlNifBinary pb;
+        if (enif_inspect_binary(env, argv[2], &pb)) {
+            /* dspex_store passes a bare principal for the common #{as => P} */
+            p.set = 1;
+            p.id = (dx_str){(const char *)pb.data, pb.size};
+        } else if (!enif_is_map(env, argv[2]) || !dx_principal_parse(env, argv[2], &p)) {
+            return enif_make_badarg(env);
+        }
+    }
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM r;
     dx_var *v = dx_var_find(s, key);
