@@ -210,26 +210,26 @@ frame(Map) ->
 
 %%% Failure ------------------------------------------------------------------------
 
-%% Answers the call in flight with the reason, kills and reaps the OS
-%% process, and stops (the pool restarts the slot).
+%% Kills and reaps the OS process, then answers the call in flight with
+%% the reason (so a caller told of a failure finds the process gone) and
+%% stops (the pool restarts the slot).
 fail(Reason, #{call := Call} = S) ->
-    case Call of
-        {From, _, TRef} ->
-            _ = erlang:cancel_timer(TRef),
-            gen_server:reply(From, {error, Reason});
-        none -> ok
-    end,
-    S1 = S#{call := none},
-    telemetry(exit, #{pool => maps:get(name, maps:get(opts, S)), slot => maps:get(slot, S),
-                      os_pid => maps:get(os_pid, S), reason => Reason}),
-    case S1 of
+    case S of
         #{port := closed} -> ok;
         #{port := Port, os_pid := OsPid} ->
             kill(OsPid),
             _ = await_exit(Port, 5000),
             catch port_close(Port)
     end,
-    {stop, {shutdown, Reason}, S1#{port := closed}}.
+    telemetry(exit, #{pool => maps:get(name, maps:get(opts, S)), slot => maps:get(slot, S),
+                      os_pid => maps:get(os_pid, S), reason => Reason}),
+    case Call of
+        {From, _, TRef} ->
+            _ = erlang:cancel_timer(TRef),
+            gen_server:reply(From, {error, Reason});
+        none -> ok
+    end,
+    {stop, {shutdown, Reason}, S#{call := none, port := closed}}.
 
 kill(OsPid) ->
     try open_port({spawn_executable, ?KILL}, [{args, ["-KILL", integer_to_list(OsPid)]}, exit_status, hide]) of

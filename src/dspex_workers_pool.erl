@@ -110,7 +110,8 @@ free(Pid, #{queue := Q, waiting := W} = S) ->
         {empty, _} ->
             {ok, Slot} = slot_of(Pid, S),
             S1 = update_slot(Slot, #{status => idle, from => none}, S),
-            S1#{idle := [Pid | lists:delete(Pid, maps:get(idle, S1))]};
+            %% first in, first out: calls spread over the workers
+            S1#{idle := lists:delete(Pid, maps:get(idle, S1)) ++ [Pid]};
         {{value, Ref}, Q1} ->
             case maps:take(Ref, W) of
                 {{From, Fn, Args, Deadline}, W1} ->

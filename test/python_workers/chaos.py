@@ -5,18 +5,16 @@ so a test heals or breaks the worker by rewriting it):
   ok       return x
   crash    the process exits (code 3)
   hang     stuck in C code holding the GIL, SIGTERM blocked: only SIGKILL ends it
-  garbage  a frame that is not JSON, or bytes that are not a frame (alternating)
+  garbage  a frame that is not JSON, or bytes that are not a frame (at random)
   flood    unsolicited frames, endlessly
 """
 
 import ctypes
 import os
+import random
 import signal
 import struct
 import time
-
-_garbage_count = [0]
-
 
 def _frame_fd():
     return int(os.environ["DSPEX_WORKER_FRAME_FD"])
@@ -47,15 +45,23 @@ def spin():
         pass
 
 
-def garbage():
-    fd = _frame_fd()
-    _garbage_count[0] += 1
-    if _garbage_count[0] % 2:
-        body = b"{this is not json"
-        os.write(fd, struct.pack(">I", len(body)) + body)
-    else:
-        os.write(fd, b"garbage bytes that are no frame at all")
+def garbage_json():
+    body = b"{this is not json"
+    os.write(_frame_fd(), struct.pack(">I", len(body)) + body)
     time.sleep(3600)
+
+
+def garbage_raw():
+    os.write(_frame_fd(), b"garbage bytes that are no frame at all")
+    time.sleep(3600)
+
+
+def garbage():
+    """One of the two, at random."""
+    if random.random() < 0.5:
+        garbage_json()
+    else:
+        garbage_raw()
 
 
 def flood():
@@ -110,7 +116,8 @@ def unserialisable():
 
 FUNCTIONS = {
     "work": work, "env": env, "fail": fail, "echo": echo, "sleep_ms": sleep_ms, "hang": hang,
-    "spin": spin, "crash": crash, "garbage": garbage, "flood": flood, "unserialisable": unserialisable,
+    "spin": spin, "crash": crash, "garbage": garbage, "garbage_json": garbage_json, "garbage_raw": garbage_raw,
+    "flood": flood, "unserialisable": unserialisable,
 }
 
 
