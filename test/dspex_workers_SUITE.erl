@@ -327,8 +327,9 @@ breaker_opens_on_crashes_and_rejects_at_once(_Config) ->
 %% unrelated dspex_store:get calls during the chaos stays within 2x of the
 %% p99 without it; once the workers heal, every breaker closes.
 %%
-%% The p99s: 20 batches of 2000 gets (40000 samples) spread over the chaos,
-%% and the same without it, with the mailbox watcher running in both. The
+%% The p99s: 40 batches of 1000 gets (40000 samples) spread over about a
+%% second of chaos, and the same without it (after one discarded warm-up
+%% run), with the mailbox watcher running in both. The
 %% machine is shared and noisy, so a baseline/chaos pair is measured up to 3
 %% times and the bound must hold for one pair (every pair is logged).
 chaos(_Config) ->
@@ -349,6 +350,7 @@ chaos(_Config) ->
                                    (_, _, _, _) -> ok
                                 end, Self),
     try
+        _WarmUp = measure(S),
         Pairs = measure_pairs(S, Modes, Files, 3, []),
         ct:pal("p99 pairs (baseline ns, chaos ns): ~p", [Pairs]),
         ?assert(lists:any(fun({{B, _}, {C, _}, _}) -> C =< 2 * B end, Pairs)),
@@ -402,9 +404,9 @@ measure_pairs(S, Modes, Files, N, Acc) ->
 measure(S) ->
     Watch = watch_mailboxes(),
     Samples = lists:append([begin
-                                receive after 10 -> ok end,
-                                [time_get(S) || _ <- lists:seq(1, 2000)]
-                            end || _ <- lists:seq(1, 20)]),
+                                receive after 20 -> ok end,
+                                [time_get(S) || _ <- lists:seq(1, 1000)]
+                            end || _ <- lists:seq(1, 40)]),
     Max = stop_watch(Watch),
     Sorted = lists:sort(Samples),
     {lists:nth(round(0.99 * length(Sorted)), Sorted), Max}.
