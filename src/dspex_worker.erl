@@ -17,7 +17,8 @@
 -export([start_link/3, run/5]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
--define(KILL, "/bin/kill").
+%% the shell's builtin kill: /bin/kill (procps) may not be installed
+-define(SH, "/bin/sh").
 
 %% @doc Starts a worker for slot `Slot' of `Pool' (linked to the caller, the
 %% pool). `Opts' are the pool's (see `dspex_workers:start_pool/2').
@@ -232,7 +233,8 @@ fail(Reason, #{call := Call} = S) ->
     {stop, {shutdown, Reason}, S#{call := none, port := closed}}.
 
 kill(OsPid) ->
-    try open_port({spawn_executable, ?KILL}, [{args, ["-KILL", integer_to_list(OsPid)]}, exit_status, hide]) of
+    try open_port({spawn_executable, ?SH}, [{args, ["-c", "kill -KILL " ++ integer_to_list(OsPid)]},
+                                             exit_status, hide]) of
         P -> receive {P, {exit_status, _}} -> ok after 5000 -> catch port_close(P) end
     catch error:_ -> ok
     end.
