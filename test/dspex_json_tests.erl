@@ -84,6 +84,5 @@ prop_garbage_is_error_or_value() ->
     ?FORALL(B, binary(), case dspex_json:decode(B) of {ok, _} -> true; {error, _} -> true end).
 
 props_test_() ->
-    {timeout, 120,
-     [?_assert(proper:quickcheck(P, [{numtests, 500}, {to_file, user}]))
-      || P <- [prop_roundtrip(), prop_garbage_is_error_or_value()]]}.
+    [{timeout, 120, ?_assert(proper:quickcheck(P, [{numtests, 500}, {max_size, 40}, {to_file, user}]))}
+     || P <- [prop_roundtrip(), prop_garbage_is_error_or_value()]].
