@@ -42,7 +42,7 @@
 %% `module' (required: the Python file whose functions workers run),
 %% `size' (2), `python' ("/usr/bin/python3"), `script' (the bundled
 %% worker.py), `address' (application env `grpc_listen', "127.0.0.1:50051"),
-%% `session' (binary; default "<pool>_<slot>" per worker), `env' ([{K, V}]
+%% `session' (binary; default "Pool_Slot" per worker), `env' ([{K, V}]
 %% strings), `max_queue' (64 waiting callers), `ready_timeout_ms' (10000),
 %% `health_interval_ms' (5000 or `infinity'), `ping_timeout_ms' (2000),
 %% `backoff_min_ms' (100), `backoff_max_ms' (10000), `flood_limit' (200
