@@ -80,7 +80,13 @@ call(Pool, {Fn, Args}, Timeout) when is_atom(Pool), is_list(Args), is_integer(Ti
     Run = fun() -> pool_call(Pool, FnB, Args, Timeout) end,
     Result = case persistent_term:get({?MODULE, Pool, breaker}, false) of
                  false -> Run();
-                 true -> dspex_breaker:call({?MODULE, Pool}, Run, #{is_failure => fun worker_failure/1})
+                 true ->
+                     case dspex_breaker:call({?MODULE, Pool}, Run, #{is_failure => fun worker_failure/1}) of
+                         %% the breaker table is gone (its server restarted):
+                         %% the pool still works, without a breaker
+                         {error, not_found} -> Run();
+                         R -> R
+                     end
              end,
     dspex_telemetry:execute([dspex, workers, call, stop], #{duration => erlang:monotonic_time() - Start},
                             #{pool => Pool, fn => FnB, result => result_tag(Result)}),

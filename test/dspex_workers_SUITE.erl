@@ -317,7 +317,10 @@ breaker_opens_on_crashes_and_rejects_at_once(_Config) ->
     await(fun() -> dspex_workers:call(t_pool, {work, [1]}, 5000) =:= {ok, 1} end, 10000, breaker_closed),
     ?assertMatch({ok, #{state := closed}}, dspex_breaker:status(B)),
     [?assertMatch({error, {python, _, _}}, dspex_workers:call(t_pool, {fail, [<<"x">>]}, 5000)) || _ <- [1, 2, 3, 4]],
-    ?assertMatch({ok, #{state := closed, failures := 0}}, dspex_breaker:status(B)).
+    ?assertMatch({ok, #{state := closed, failures := 0}}, dspex_breaker:status(B)),
+    %% the breaker forgotten (say its server restarted): calls still work
+    ok = dspex_breaker:remove(B),
+    ?assertEqual({ok, 2}, dspex_workers:call(t_pool, {work, [2]}, 5000)).
 
 %%% Chaos -------------------------------------------------------------------------------
 
