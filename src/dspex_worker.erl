@@ -104,7 +104,7 @@ handle_info(_Stale, S) ->
 %% @private The OS process must be gone (SIGKILLed if need be, and reaped)
 %% before this process is.
 terminate(_Reason, #{port := closed}) -> ok;
-terminate(_Reason, #{port := Port, os_pid := OsPid, opts := O}) ->
+terminate(_Reason, #{port := Port, os_pid := OsPid, opts := O} = S) ->
     _ = (catch port_command(Port, frame(#{type => stop}))),
     case await_exit(Port, maps:get(stop_grace_ms, O)) of
         true -> ok;
@@ -114,6 +114,11 @@ terminate(_Reason, #{port := Port, os_pid := OsPid, opts := O}) ->
             ok
     end,
     catch port_close(Port),
+    %% a call in flight is answered once its worker is gone
+    case S of
+        #{call := {From, _, _}} -> gen_server:reply(From, {error, pool_stopped});
+        _ -> ok
+    end,
     ok.
 
 %%% Frames -------------------------------------------------------------------------

@@ -260,10 +260,14 @@ stop_pool_leaves_no_process(_Config) ->
     pool(t_pool, #{size => 4}),
     OsPids = dspex_workers:os_pids(t_pool),
     ?assertEqual(4, length(OsPids)),
-    [spawn(fun() -> dspex_workers:call(t_pool, {F, []}, 60000) end) || F <- [hang, spin]],
+    Self = self(),
+    [spawn(fun() -> Self ! {F, dspex_workers:call(t_pool, {F, []}, 60000)} end) || F <- [hang, spin]],
     await(fun() -> {ok, #{busy := B}} = dspex_workers:status(t_pool), B =:= 2 end, 5000, busy),
     ok = dspex_workers:stop_pool(t_pool),
     ?assertEqual([], [P || P <- OsPids, alive(P)]),
+    %% the callers in flight are answered at once, not at their deadline
+    [receive {F, R} -> ?assertEqual({error, pool_stopped}, R) after 1000 -> ct:fail({no_answer, F}) end
+     || F <- [hang, spin]],
     ?assertEqual({error, no_pool}, dspex_workers:status(t_pool)).
 
 application_stop_leaves_no_process(_Config) ->
