@@ -22,8 +22,9 @@
 %% `{not_json, Term}' (arguments with no JSON form), `circuit_open',
 %% `no_pool', `pool_stopped'.
 %%
-%% Telemetry: `[dspex, workers, call, stop]' (`#{duration}',
-%% `#{pool, fn, result => ok | error_reason_tag}'); `[dspex, workers, worker,
+%% Telemetry: `[dspex, workers, call | start_pool | stop_pool, stop]'
+%% (`#{duration}', `#{pool, result => ok | error_reason_tag}', and `fn' for
+%% calls); `[dspex, workers, worker,
 %% start]' and `[dspex, workers, worker, exit]' (`#{system_time}', `#{pool,
 %% slot, os_pid}' and `reason').
 -module(dspex_workers).
@@ -52,23 +53,27 @@
 %% `{error, {invalid_option, Key}}' for a bad or missing option.
 -spec start_pool(pool(), map()) -> {ok, pid()} | {error, term()}.
 start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
-    case complete(Name, Opts) of
-        {ok, Full} ->
-            case install_breaker(Name, maps:get(breaker, Full)) of
-                ok -> dspex_workers_sup:start_pool(Name, Full);
-                Error -> Error
-            end;
-        Error -> Error
-    end.
+    span(start_pool, Name, fun() ->
+        case complete(Name, Opts) of
+            {ok, Full} ->
+                case install_breaker(Name, maps:get(breaker, Full)) of
+                    ok -> dspex_workers_sup:start_pool(Name, Full);
+                    Error -> Error
+                end;
+            Error -> Error
+        end
+    end).
 
 %% @doc Stops the pool: queued callers get `{error, pool_stopped}', every
 %% worker is stopped (SIGKILLed after `stop_grace_ms') before this returns.
 -spec stop_pool(pool()) -> ok | {error, not_found}.
 stop_pool(Name) ->
-    R = dspex_workers_sup:stop_pool(Name),
-    _ = persistent_term:erase({?MODULE, Name, breaker}),
-    _ = dspex_breaker:remove({?MODULE, Name}),
-    R.
+    span(stop_pool, Name, fun() ->
+        R = dspex_workers_sup:stop_pool(Name),
+        _ = persistent_term:erase({?MODULE, Name, breaker}),
+        _ = dspex_breaker:remove({?MODULE, Name}),
+        R
+    end).
 
 %% @doc Runs `Fn(Args...)' on a free worker of `Pool' within `Timeout' ms
 %% (queueing included). See the module doc for the errors.
@@ -114,6 +119,13 @@ breaker(Pool) -> {?MODULE, Pool}.
 
 %%% Internals ----------------------------------------------------------------------
 
+span(Op, Pool, Fun) ->
+    Start = erlang:monotonic_time(),
+    R = Fun(),
+    dspex_telemetry:execute([dspex, workers, Op, stop], #{duration => erlang:monotonic_time() - Start},
+                            #{pool => Pool, result => result_tag(R)}),
+    R.
+
 pool_call(Pool, Fn, Args, Timeout) ->
     Deadline = erlang:monotonic_time(millisecond) + Timeout,
     %% the pool and the worker answer by the deadline; the margin only
@@ -134,6 +146,7 @@ worker_failure({error, {bad_reply, _}}) -> true;
 worker_failure({error, no_pool}) -> true;
 worker_failure(_) -> false.
 
+result_tag(ok) -> ok;
 result_tag({ok, _}) -> ok;
 result_tag({error, T}) when is_atom(T) -> T;
 result_tag({error, T}) when is_tuple(T) -> element(1, T);

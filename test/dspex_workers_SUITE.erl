@@ -102,7 +102,22 @@ calls_run_on_ready_workers(_Config) ->
     ?assertEqual([<<"t_pool_1">>, <<"t_pool_2">>], lists:usort([S || {S, _} <- Sessions])),
     Value = #{<<"k">> => [1, 2.5, <<"é"/utf8>>, null, true]},
     ?assertEqual({ok, Value}, dspex_workers:call(t_pool, {echo, [Value]}, 5000)),
-    ?assertEqual({ok, 7}, dspex_workers:call(t_pool, {<<"work">>, [7]}, 5000)).
+    ?assertEqual({ok, 7}, dspex_workers:call(t_pool, {<<"work">>, [7]}, 5000)),
+    %% every call is reported
+    Self = self(),
+    Id = {?MODULE, calls},
+    ok = dspex_telemetry:attach(Id, [dspex, workers, call, stop],
+                                fun(_, #{duration := D}, Meta, P) -> P ! {call_event, D, Meta} end, Self),
+    try
+        {ok, 8} = dspex_workers:call(t_pool, {work, [8]}, 5000),
+        {error, {python, _, _}} = dspex_workers:call(t_pool, {fail, [<<"x">>]}, 5000),
+        [{D1, M1}, {_, M2}] = [receive {call_event, D, M} -> {D, M} after 1000 -> ct:fail(no_event) end
+                               || _ <- [1, 2]],
+        ?assert(is_integer(D1) andalso D1 > 0),
+        ?assertEqual(#{pool => t_pool, fn => <<"work">>, result => ok}, M1),
+        ?assertEqual(#{pool => t_pool, fn => <<"fail">>, result => python}, M2)
+    after dspex_telemetry:detach(Id)
+    end.
 
 python_errors_keep_the_worker(_Config) ->
     pool(t_pool, #{size => 1}),
