@@ -13,7 +13,7 @@
          full_queue_is_overloaded/1, queued_call_times_out/1, wedged_idle_worker_fails_health_check/1,
          stop_pool_leaves_no_process/1, application_stop_leaves_no_process/1,
          killed_peer_node_leaves_no_process/1, breaker_opens_on_crashes_and_rejects_at_once/1,
-         chaos/1]).
+         mixed_load_every_call_answered/1, chaos/1]).
 
 all() ->
     [calls_run_on_ready_workers, python_errors_keep_the_worker, bad_options_and_no_pool,
@@ -21,7 +21,8 @@ all() ->
      garbage_is_bad_reply_and_replaced, flooding_worker_is_killed_mailbox_bounded,
      full_queue_is_overloaded, queued_call_times_out, wedged_idle_worker_fails_health_check,
      stop_pool_leaves_no_process, application_stop_leaves_no_process,
-     killed_peer_node_leaves_no_process, breaker_opens_on_crashes_and_rejects_at_once, chaos].
+     killed_peer_node_leaves_no_process, breaker_opens_on_crashes_and_rejects_at_once,
+     mixed_load_every_call_answered, chaos].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(dspex_bridge),
@@ -340,6 +341,63 @@ breaker_opens_on_crashes_and_rejects_at_once(_Config) ->
     %% the breaker forgotten (say its server restarted): calls still work
     ok = dspex_breaker:remove(B),
     ?assertEqual({ok, 2}, dspex_workers:call(t_pool, {work, [2]}, 5000)).
+
+%% 30 processes x 20 calls of random good and bad functions on a pool of 3
+%% with a queue of 20: every call is answered by its deadline (+ slack) with
+%% an answer allowed for that function; never more than 3 worker OS
+%% processes at once; afterwards the pool is back to 3 ready workers, and
+%% every OS process it ever started is gone after stop_pool.
+mixed_load_every_call_answered(_Config) ->
+    Self = self(),
+    Id = {?MODULE, mixed},
+    Tab = ets:new(mixed, [public, bag]),
+    ok = dspex_telemetry:attach_many(Id, [[dspex, workers, worker, start], [dspex, workers, worker, exit]],
+                                     fun([_, _, _, Ev], _, #{pool := t_pool, os_pid := P}, T) ->
+                                             ets:insert(T, {Ev, P}),
+                                             Live = length(ets:lookup(T, start)) - length(ets:lookup(T, exit)),
+                                             ets:insert(T, {live, Live});
+                                        (_, _, _, _) -> ok
+                                     end, Tab),
+    try
+        pool(t_pool, #{size => 3, max_queue => 20, backoff_min_ms => 10, backoff_max_ms => 100}),
+        Fns = [{echo, [1]}, {echo, [2]}, {fail, [<<"x">>]}, {crash, []}, {hang, []}, {garbage_json, []},
+               {garbage_raw, []}, {flood, []}, {sleep_ms, [20]}],
+        Callers = [spawn_link(fun() ->
+                                      rand:seed(exsss, {I, I * 7, I * 13}),
+                                      Rs = [begin
+                                                {F, A} = lists:nth(rand:uniform(length(Fns)), Fns),
+                                                T0 = erlang:monotonic_time(millisecond),
+                                                R = dspex_workers:call(t_pool, {F, A}, 300),
+                                                {F, R, erlang:monotonic_time(millisecond) - T0}
+                                            end || _ <- lists:seq(1, 20)],
+                                      Self ! {results, self(), Rs}
+                              end) || I <- lists:seq(1, 30)],
+        Results = lists:append([receive {results, C, Rs} -> Rs after 120000 -> ct:fail(caller_stuck) end
+                                || C <- Callers]),
+        ?assertEqual(600, length(Results)),
+        Bad = [X || {F, R, Ms} = X <- Results, not (allowed(F, R) andalso Ms < 300 + 1000)],
+        ?assertEqual([], Bad),
+        Tags = lists:foldl(fun({_, R, _}, M) -> maps:update_with(tag(R), fun(N) -> N + 1 end, 1, M) end, #{}, Results),
+        ct:pal("answers: ~p", [Tags]),
+        ?assert(maps:get(ok, Tags, 0) > 0 andalso maps:get(timeout, Tags, 0) > 0),
+        MaxLive = lists:max([L || {live, L} <- ets:lookup(Tab, live)]),
+        ?assert(MaxLive =< 3),
+        await_ready(t_pool, 3),
+        Started = lists:usort([P || {start, P} <- ets:lookup(Tab, start)]),
+        ok = dspex_workers:stop_pool(t_pool),
+        ?assertEqual([], [P || P <- Started, alive(P)])
+    after dspex_telemetry:detach(Id)
+    end.
+
+allowed(_, {error, E}) when E =:= overloaded; E =:= timeout -> true;
+allowed(echo, {ok, V}) -> is_integer(V);
+allowed(sleep_ms, {ok, 20}) -> true;
+allowed(fail, {error, {python, <<"ValueError">>, <<"x">>}}) -> true;
+allowed(crash, {error, {worker_exit, 3}}) -> true;
+allowed(garbage_json, {error, {bad_reply, {invalid_json, _, _}}}) -> true;
+allowed(garbage_raw, {error, {bad_reply, {frame_too_large, _}}}) -> true;
+allowed(flood, {error, flood}) -> true;
+allowed(_, _) -> false.
 
 %%% Chaos -------------------------------------------------------------------------------
 
