@@ -27,7 +27,7 @@
 
 -export([install/2, remove/1, ask/1, call/2, call/3, melt/1, success/1, reset/1, status/1]).
 %% for dspex_breaker_server
--export([emit_change/3, row/3, validate/1]).
+-export([emit_change/3, row/3]).
 
 -type name() :: term().
 -type state() :: closed | open | half_open.
@@ -209,7 +209,6 @@ emit_change(Name, From, To) ->
 -spec row(name(), non_neg_integer(), map()) -> tuple().
 row(Name, Gen, #{clock := C} = Opts) -> {Name, closed, Gen, C:now_ms(), 0, 0, [], Opts}.
 
-%% @private
 -spec validate(map()) -> {ok, map()} | {error, {invalid_option, atom()}}.
 validate(Opts) ->
     Full = maps:merge(#{threshold => 5, window_ms => 10000, reset_ms => 30000, probes => 1,
