@@ -11,8 +11,10 @@ APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools e
              erlang-parsetools erlang-edoc rebar3
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
+# Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
+APT_WORKERS := python3
 
-.PHONY: all deps deps-test compile run test test-c test-erlang test-nif-asan test-elixir bench docs clean
+.PHONY: all deps deps-test compile run test test-c test-erlang test-nif-asan test-elixir test-workers bench docs clean
 
 all: compile
 
@@ -28,6 +30,7 @@ endef
 
 deps:
 	$(call apt_install,$(APT_BUILD))
+	$(call apt_install,$(APT_WORKERS))
 
 deps-test: deps
 	$(call apt_install,$(APT_TEST))
@@ -39,7 +42,7 @@ compile: deps
 run: compile
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
-test: deps-test compile test-c test-erlang test-nif-asan test-elixir
+test: deps-test compile test-c test-erlang test-nif-asan test-elixir test-workers
 	@echo "==> all test suites passed"
 
 test-c:
@@ -61,6 +64,11 @@ test-nif-asan:
 	  $(ERL) -noshell -pa _build/test/lib/*/ebin -pa _build/test/lib/dspex_bridge/test -eval \
 	  'case eunit:test([dspex_store_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests], []) of ok -> halt(0); _ -> halt(1) end.'
 
+# The Python side of the worker protocol (priv/python/dspex_bridge/worker.py);
+# the Erlang side (dspex_workers_SUITE, breaker, retry, JSON) runs in test-erlang.
+test-workers:
+	/usr/bin/python3 -m unittest discover -s test/python_workers -p 'test_*.py'
+
 test-elixir: compile
 	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test
 
@@ -68,6 +76,7 @@ bench: compile
 	@mkdir -p _build/bench
 	erlc -o _build/bench bench/*.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_breaker_bench:main(), halt().'
 
 docs: compile
 	$(REBAR3) edoc

@@ -13,6 +13,9 @@ init([]) ->
                 #{id => dspex_session_sweeper,
                   start => {dspex_session_sweeper, start_link, [Interval]}},
                 #{id => dspex_locks, start => {dspex_locks, start_link, []}},
+                #{id => dspex_breaker_server, start => {dspex_breaker_server, start_link, []}},
+                #{id => dspex_workers_sup, type => supervisor, shutdown => infinity,
+                  start => {dspex_workers_sup, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor,
                   start => {dspex_propagator_sup, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

@@ -1,0 +1,208 @@
+#!/usr/bin/python3
+"""A DSPex Python worker: runs registered functions for the BEAM.
+
+Started by ``dspex_workers`` (Erlang) as
+
+    /usr/bin/python3 worker.py --module PATH [--address HOST:PORT] [--session ID]
+                               [--worker-id N]
+
+and spoken to over stdin/stdout with frames: a 4-byte big-endian length, then
+that many bytes of UTF-8 JSON (one object). This file imports nothing from the
+``dspex_bridge`` package so it runs as a plain script.
+
+BEAM -> worker:  {"type": "call", "id": N, "fn": NAME, "args": [...]}
+                 {"type": "ping", "id": N}
+                 {"type": "stop"}
+worker -> BEAM:  {"type": "ready", "pid": P, "functions": [...], "session": S}
+                 {"type": "reply", "id": N, "ok": RESULT}
+                 {"type": "reply", "id": N, "error": {"type": T, "message": M}}
+                 {"type": "pong", "id": N}
+                 {"type": "log", "level": L, "message": M}
+
+The module at PATH defines the functions: a dict ``FUNCTIONS`` (name ->
+callable), or a function ``register(add)`` that calls ``add(name, fn)``.
+Functions are called as ``fn(*args)`` one at a time, in the main thread.
+
+The bridge address and session are also in the environment
+(DSPEX_BRIDGE_ADDRESS, DSPEX_SESSION_ID, DSPEX_WORKER_ID) for the functions.
+
+Never outliving the BEAM:
+  * a reader thread owns stdin and ends the process with os._exit at EOF,
+    even while a function runs (the BEAM closed the pipe or died);
+  * PR_SET_PDEATHSIG makes the kernel SIGKILL this process when its parent
+    (the BEAM's erl_child_setup) dies, which also covers a function stuck in
+    C code holding the GIL, where no Python thread can run;
+  * the BEAM SIGKILLs a worker that misses a deadline.
+Frames go to a private duplicate of fd 1, and fd 1 itself is pointed at
+stderr, so a stray print() (or C code writing to stdout) cannot corrupt the
+protocol. DSPEX_WORKER_FRAME_FD names the private fd (tests use it to
+misbehave on purpose).
+"""
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import queue
+import signal
+import struct
+import sys
+import threading
+import traceback
+
+MAX_FRAME = 64 * 1024 * 1024
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """Ask the kernel to SIGKILL us when the parent dies (Linux only)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    # the parent may have died before prctl took effect
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def read_exact(fd, n):
+    chunks = []
+    while n > 0:
+        chunk = os.read(fd, n)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def reader(fd, inbox):
+    """Owns stdin; EOF or a broken frame ends the process at once."""
+    while True:
+        head = read_exact(fd, 4)
+        if head is None:
+            os._exit(0)
+        (size,) = struct.unpack(">I", head)
+        if size > MAX_FRAME:
+            os._exit(2)
+        body = read_exact(fd, size)
+        if body is None:
+            os._exit(0)
+        try:
+            msg = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            os._exit(2)
+        if isinstance(msg, dict) and msg.get("type") == "stop":
+            os._exit(0)
+        inbox.put(msg)
+
+
+class Channel:
+    def __init__(self, fd):
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def send(self, obj):
+        body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        frame = struct.pack(">I", len(body)) + body
+        with self.lock:
+            view = memoryview(frame)
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+
+
+def load_functions(path):
+    spec = importlib.util.spec_from_file_location("dspex_worker_functions", path)
+    if spec is None or spec.loader is None:
+        raise ImportError("cannot load module from %r" % path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    functions = {}
+    if isinstance(getattr(module, "FUNCTIONS", None), dict):
+        functions.update(module.FUNCTIONS)
+    register = getattr(module, "register", None)
+    if callable(register):
+        register(lambda name, fn: functions.__setitem__(str(name), fn))
+    bad = [name for name, fn in functions.items() if not callable(fn)]
+    if bad:
+        raise TypeError("not callable: %s" % ", ".join(sorted(bad)))
+    return functions
+
+
+def error_of(exc):
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def serve(functions, channel, inbox):
+    while True:
+        msg = inbox.get()
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "ping":
+            channel.send({"type": "pong", "id": msg.get("id")})
+        elif kind == "call":
+            call_id = msg.get("id")
+            fn = functions.get(msg.get("fn"))
+            args = msg.get("args", [])
+            if fn is None:
+                reply = {"type": "reply", "id": call_id,
+                         "error": {"type": "unknown_function", "message": str(msg.get("fn"))}}
+            elif not isinstance(args, list):
+                reply = {"type": "reply", "id": call_id,
+                         "error": {"type": "bad_args", "message": "args must be a list"}}
+            else:
+                try:
+                    reply = {"type": "reply", "id": call_id, "ok": fn(*args)}
+                except Exception as exc:  # the function's failure is the caller's answer
+                    reply = {"type": "reply", "id": call_id, "error": error_of(exc)}
+            try:
+                channel.send(reply)
+            except (TypeError, ValueError) as exc:  # result not JSON
+                channel.send({"type": "reply", "id": call_id,
+                              "error": {"type": "bad_result", "message": str(exc)}})
+        else:
+            channel.send({"type": "log", "level": "warning",
+                          "message": "unknown message %r" % (kind,)})
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module", required=True)
+    parser.add_argument("--address", default=os.environ.get("DSPEX_BRIDGE_ADDRESS", "127.0.0.1:50051"))
+    parser.add_argument("--session", default=os.environ.get("DSPEX_SESSION_ID", ""))
+    parser.add_argument("--worker-id", default=os.environ.get("DSPEX_WORKER_ID", "0"))
+    args = parser.parse_args(argv)
+
+    die_with_parent()
+
+    # protocol on a private fd; fd 1 (and sys.stdout) become stderr
+    frame_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    os.environ["DSPEX_WORKER_FRAME_FD"] = str(frame_fd)
+    os.environ["DSPEX_BRIDGE_ADDRESS"] = args.address
+    os.environ["DSPEX_SESSION_ID"] = args.session
+    os.environ["DSPEX_WORKER_ID"] = str(args.worker_id)
+    channel = Channel(frame_fd)
+
+    inbox = queue.Queue()
+    threading.Thread(target=reader, args=(0, inbox), daemon=True, name="dspex-stdin").start()
+
+    try:
+        functions = load_functions(args.module)
+    except Exception as exc:
+        traceback.print_exc()
+        channel.send({"type": "log", "level": "error", "message": "cannot load %s: %s" % (args.module, exc)})
+        return 3
+
+    channel.send({"type": "ready", "pid": os.getpid(), "functions": sorted(functions),
+                  "session": args.session, "address": args.address})
+    serve(functions, channel, inbox)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

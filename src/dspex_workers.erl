@@ -1,0 +1,207 @@
+%% @doc Pools of Python worker OS processes (DSPy programs, optimizers) run
+%% from the BEAM, which stays healthy whatever they do.
+%%
+%% Each worker is `/usr/bin/python3 priv/python/dspex_bridge/worker.py
+%% --module M' (configurable), told the bridge address and its session
+%% (arguments and environment), and gets calls only after it reported
+%% readiness. A worker that crashes, misses a call's deadline or a health
+%% ping, answers garbage or floods is SIGKILLed and replaced, with
+%% exponential backoff per slot. Stopping a pool or the application leaves no
+%% worker process running, and a worker also dies with the BEAM (stdin EOF,
+%% and the kernel's parent-death signal for one stuck in C code).
+%%
+%% `call/3' goes through the pool's circuit breaker (`dspex_breaker', named
+%% `{dspex_workers, Pool}') when the pool has one: an open breaker answers
+%% `{error, circuit_open}' without touching the pool.
+%%
+%% Errors of `call/3': `timeout' (the deadline passed, queued or running; a
+%% running worker is killed), `overloaded' (the queue is full),
+%% `{worker_exit, Status | Reason}', `{bad_reply, Detail}' (not a frame,
+%% not JSON, not a protocol message), `flood' (too many unsolicited frames),
+%% `{python, Type, Message}' (the function raised; the worker lives on),
+%% `{not_json, Term}' (arguments with no JSON form), `circuit_open',
+%% `no_pool', `pool_stopped'.
+%%
+%% Telemetry: `[dspex, workers, call | start_pool | stop_pool, stop]'
+%% (`#{duration}', `#{pool, result => ok | error_reason_tag}', and `fn' for
+%% calls); `[dspex, workers, worker,
+%% start]' and `[dspex, workers, worker, exit]' (`#{system_time}', `#{pool,
+%% slot, os_pid}' and `reason').
+-module(dspex_workers).
+
+-export([start_pool/2, stop_pool/1, call/3, status/1, os_pids/1, breaker/1]).
+
+-type pool() :: atom().
+-type request() :: {Fn :: binary() | atom(), Args :: list()}.
+-type call_error() :: timeout | overloaded | {worker_exit, term()} | {bad_reply, term()} | flood
+                    | {python, binary(), binary()} | {not_json, term()} | circuit_open | no_pool
+                    | pool_stopped.
+-export_type([pool/0, request/0, call_error/0]).
+
+%% @doc Starts the pool `Name' (a locally registered atom) under the
+%% application's supervisor. Options (defaults):
+%% `module' (required: the Python file whose functions workers run),
+%% `size' (2), `python' ("/usr/bin/python3"), `script' (the bundled
+%% worker.py), `address' (application env `grpc_listen', "127.0.0.1:50051"),
+%% `session' (binary; default "Pool_Slot" per worker), `env' ([{K, V}]
+%% strings), `max_queue' (64 waiting callers), `ready_timeout_ms' (10000),
+%% `health_interval_ms' (5000 or `infinity'), `ping_timeout_ms' (2000),
+%% `backoff_min_ms' (100), `backoff_max_ms' (10000), `flood_limit' (200
+%% unsolicited frames per second), `max_frame' (16 MiB), `max_mailbox'
+%% (1000 messages in a worker's process), `stop_grace_ms' (500),
+%% `breaker' (`false', or `dspex_breaker' options to install one).
+%% `{error, {invalid_option, Key}}' for a bad or missing option.
+-spec start_pool(pool(), map()) -> {ok, pid()} | {error, term()}.
+start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
+    span(start_pool, Name, fun() ->
+        case complete(Name, Opts) of
+            {ok, Full} ->
+                case install_breaker(Name, maps:get(breaker, Full)) of
+                    ok -> dspex_workers_sup:start_pool(Name, Full);
+                    Error -> Error
+                end;
+            Error -> Error
+        end
+    end).
+
+%% @doc Stops the pool: queued callers get `{error, pool_stopped}', every
+%% worker is stopped (SIGKILLed after `stop_grace_ms') before this returns.
+-spec stop_pool(pool()) -> ok | {error, not_found}.
+stop_pool(Name) ->
+    span(stop_pool, Name, fun() ->
+        R = dspex_workers_sup:stop_pool(Name),
+        _ = persistent_term:erase({?MODULE, Name, breaker}),
+        _ = dspex_breaker:remove({?MODULE, Name}),
+        R
+    end).
+
+%% @doc Runs `Fn(Args...)' on a free worker of `Pool' within `Timeout' ms
+%% (queueing included). See the module doc for the errors.
+-spec call(pool(), request(), non_neg_integer()) -> {ok, dspex_json:json()} | {error, call_error()}.
+call(Pool, {Fn, Args}, Timeout) when is_atom(Pool), is_list(Args), is_integer(Timeout), Timeout >= 0,
+                                     (is_binary(Fn) orelse is_atom(Fn)) ->
+    Start = erlang:monotonic_time(),
+    FnB = if is_atom(Fn) -> atom_to_binary(Fn, utf8); true -> Fn end,
+    Run = fun() -> pool_call(Pool, FnB, Args, Timeout) end,
+    Result = case persistent_term:get({?MODULE, Pool, breaker}, false) of
+                 false -> Run();
+                 true ->
+                     case dspex_breaker:call({?MODULE, Pool}, Run, #{is_failure => fun worker_failure/1}) of
+                         %% the breaker table is gone (its server restarted):
+                         %% the pool still works, without a breaker
+                         {error, not_found} -> Run();
+                         R -> R
+                     end
+             end,
+    dspex_telemetry:execute([dspex, workers, call, stop], #{duration => erlang:monotonic_time() - Start},
+                            #{pool => Pool, fn => FnB, result => result_tag(Result)}),
+    Result.
+
+%% @doc Counts of idle, busy, starting and down workers, queued callers,
+%% restarts so far, and each slot's state and OS pid.
+-spec status(pool()) -> {ok, map()} | {error, no_pool}.
+status(Pool) ->
+    try {ok, gen_server:call(Pool, status, 5000)}
+    catch exit:{noproc, _} -> {error, no_pool}
+    end.
+
+%% @doc OS pids of the pool's live workers (started, ready or busy).
+-spec os_pids(pool()) -> [pos_integer()].
+os_pids(Pool) ->
+    case status(Pool) of
+        {ok, #{workers := Ws}} -> [P || #{os_pid := P, status := St} <- Ws, is_integer(P), St =/= down];
+        _ -> []
+    end.
+
+%% @doc The name of the pool's circuit breaker (for `dspex_breaker:status/1').
+-spec breaker(pool()) -> {dspex_workers, pool()}.
+breaker(Pool) -> {?MODULE, Pool}.
+
+%%% Internals ----------------------------------------------------------------------
+
+span(Op, Pool, Fun) ->
+    Start = erlang:monotonic_time(),
+    R = Fun(),
+    dspex_telemetry:execute([dspex, workers, Op, stop], #{duration => erlang:monotonic_time() - Start},
+                            #{pool => Pool, result => result_tag(R)}),
+    R.
+
+pool_call(Pool, Fn, Args, Timeout) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    %% the pool and the worker answer by the deadline; the margin only
+    %% covers a pool that died while holding the call
+    try gen_server:call(Pool, {call, Fn, Args, Deadline}, Timeout + 5000)
+    catch
+        exit:{noproc, _} -> {error, no_pool};
+        exit:{timeout, _} -> {error, timeout};
+        exit:{_, {gen_server, call, _}} -> {error, pool_stopped}
+    end.
+
+%% What the breaker counts: the worker misbehaved (not: the function raised,
+%% the pool is busy, or the arguments were bad).
+worker_failure({error, timeout}) -> true;
+worker_failure({error, flood}) -> true;
+worker_failure({error, {worker_exit, _}}) -> true;
+worker_failure({error, {bad_reply, _}}) -> true;
+worker_failure({error, no_pool}) -> true;
+worker_failure(_) -> false.
+
+result_tag(ok) -> ok;
+result_tag({ok, _}) -> ok;
+result_tag({error, T}) when is_atom(T) -> T;
+result_tag({error, T}) when is_tuple(T) -> element(1, T);
+result_tag(_) -> error.
+
+install_breaker(_Name, false) -> ok;
+install_breaker(Name, BOpts) ->
+    case dspex_breaker:install({?MODULE, Name}, BOpts) of
+        ok -> persistent_term:put({?MODULE, Name, breaker}, true), ok;
+        Error -> Error
+    end.
+
+complete(Name, Opts) ->
+    Defaults = #{size => 2, python => "/usr/bin/python3", script => default_script(),
+                 address => application:get_env(dspex_bridge, grpc_listen, "127.0.0.1:50051"),
+                 session => default, env => [], max_queue => 64, ready_timeout_ms => 10000,
+                 health_interval_ms => 5000, ping_timeout_ms => 2000, backoff_min_ms => 100,
+                 backoff_max_ms => 10000, flood_limit => 200, max_frame => 16 * 1024 * 1024,
+                 max_mailbox => 1000, stop_grace_ms => 500, breaker => false},
+    Full = maps:merge(Defaults, Opts),
+    case maps:is_key(module, Full) of
+        false -> {error, {invalid_option, module}};
+        true ->
+            case [K || {K, V} <- maps:to_list(Full), not valid(K, V)] of
+                [] -> {ok, Full#{name => Name, module := str(maps:get(module, Full)),
+                                 python := str(maps:get(python, Full)), script := str(maps:get(script, Full)),
+                                 address := str(maps:get(address, Full)),
+                                 session := session(maps:get(session, Full))}};
+                [K | _] -> {error, {invalid_option, K}}
+            end
+    end.
+
+%% `default': each worker gets its own session (see dspex_worker).
+session(default) -> default;
+session(S) -> str(S).
+
+str(B) when is_binary(B) -> unicode:characters_to_list(B);
+str(S) -> S.
+
+valid(K, V) when K =:= size; K =:= max_queue; K =:= flood_limit; K =:= max_frame; K =:= max_mailbox ->
+    is_integer(V) andalso V > 0;
+valid(K, V) when K =:= ready_timeout_ms; K =:= ping_timeout_ms; K =:= stop_grace_ms ->
+    is_integer(V) andalso V > 0;
+valid(K, V) when K =:= backoff_min_ms; K =:= backoff_max_ms -> is_integer(V) andalso V >= 0;
+valid(health_interval_ms, V) -> V =:= infinity orelse (is_integer(V) andalso V > 0);
+valid(K, V) when K =:= python; K =:= script; K =:= module; K =:= address ->
+    is_list(V) orelse is_binary(V);
+valid(session, V) -> V =:= default orelse is_list(V) orelse is_binary(V);
+valid(env, V) -> is_list(V) andalso lists:all(fun({A, B}) -> is_list(A) andalso (is_list(B) orelse B =:= false);
+                                                  (_) -> false end, V);
+valid(breaker, V) -> V =:= false orelse is_map(V);
+valid(_, _) -> false.
+
+default_script() ->
+    case code:priv_dir(dspex_bridge) of
+        {error, _} -> "priv/python/dspex_bridge/worker.py";
+        Dir -> filename:join([Dir, "python", "dspex_bridge", "worker.py"])
+    end.

@@ -1,0 +1,168 @@
+%% @doc One pool of Python workers: starts `size' workers (`dspex_worker'),
+%% hands each call to a free, ready worker, queues callers up to `max_queue'
+%% (then `{error, overloaded}' at once, so no mailbox grows without bound),
+%% answers queued callers whose deadline passes with `{error, timeout}', and
+%% restarts a slot whose worker ended after `backoff_min_ms', doubling up to
+%% `backoff_max_ms' while the slot keeps failing (reset by a successful call
+%% or ping). Stopping the pool stops every worker and its OS process first.
+-module(dspex_workers_pool).
+-behaviour(gen_server).
+
+-export([start_link/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+%% @doc Starts the pool, registered locally as `Name'. `Opts' are complete
+%% (see `dspex_workers:start_pool/2').
+-spec start_link(atom(), map()) -> {ok, pid()} | {error, term()}.
+start_link(Name, Opts) -> gen_server:start_link({local, Name}, ?MODULE, {Name, Opts}, []).
+
+%% @private
+init({Name, Opts}) ->
+    process_flag(trap_exit, true),
+    Size = maps:get(size, Opts),
+    S0 = #{name => Name, opts => Opts, slots => #{}, pids => #{}, idle => [],
+           queue => queue:new(), waiting => #{}, restarts => 0},
+    {ok, lists:foldl(fun start_slot/2, S0, lists:seq(1, Size))}.
+
+%% @private
+handle_call({call, Fn, Args, Deadline}, From, S) ->
+    case now_ms() >= Deadline of
+        true -> {reply, {error, timeout}, S};
+        false -> {noreply, dispatch_or_queue(From, Fn, Args, Deadline, S)}
+    end;
+handle_call(status, _From, #{slots := Slots, waiting := W, restarts := R, opts := O} = S) ->
+    Workers = [maps:merge(#{slot => Slot}, maps:with([status, os_pid, failures], Info))
+               || {Slot, Info} <- lists:sort(maps:to_list(Slots))],
+    Count = fun(St) -> length([x || #{status := X} <- Workers, X =:= St]) end,
+    {reply, #{size => maps:get(size, O), idle => Count(idle), busy => Count(busy), starting => Count(starting),
+              down => Count(down), queued => map_size(W), restarts => R, workers => Workers}, S};
+handle_call(_Msg, _From, S) -> {reply, {error, unknown_call}, S}.
+
+%% @private
+handle_cast(_Msg, S) -> {noreply, S}.
+
+%% @private
+handle_info({worker_ready, Pid, OsPid}, S) ->
+    case slot_of(Pid, S) of
+        {ok, Slot} -> {noreply, free(Pid, update_slot(Slot, #{os_pid => OsPid}, S))};
+        error -> {noreply, S}
+    end;
+handle_info({worker_idle, Pid, ok}, S) ->
+    case slot_of(Pid, S) of
+        {ok, Slot} -> {noreply, free(Pid, update_slot(Slot, #{failures => 0}, S))};
+        error -> {noreply, S}
+    end;
+handle_info({worker_healthy, Pid}, S) ->
+    case slot_of(Pid, S) of
+        {ok, Slot} -> {noreply, update_slot(Slot, #{failures => 0}, S)};
+        error -> {noreply, S}
+    end;
+handle_info({'EXIT', Pid, Reason}, #{pids := Pids} = S) ->
+    case maps:take(Pid, Pids) of
+        {Slot, Pids1} -> {noreply, worker_down(Slot, Pid, Reason, S#{pids := Pids1})};
+        error -> {noreply, S}   % e.g. a stale link
+    end;
+handle_info({restart, Slot}, S) ->
+    {noreply, start_slot(Slot, S)};
+handle_info({expire, Ref}, #{waiting := W} = S) ->
+    case maps:take(Ref, W) of
+        {{From, _, _, _}, W1} ->
+            gen_server:reply(From, {error, timeout}),
+            {noreply, S#{waiting := W1}};
+        error -> {noreply, S}
+    end;
+handle_info(_Msg, S) -> {noreply, S}.
+
+%% @private Every worker stops (and kills its OS process) in parallel; the
+%% pool waits for all of them.
+terminate(_Reason, #{pids := Pids, waiting := W}) ->
+    [gen_server:reply(From, {error, pool_stopped}) || {From, _, _, _} <- maps:values(W)],
+    [exit(Pid, shutdown) || Pid <- maps:keys(Pids)],
+    Deadline = now_ms() + 10000,
+    [receive {'EXIT', Pid, _} -> ok
+     after max(0, Deadline - now_ms()) -> exit(Pid, kill)
+     end || Pid <- maps:keys(Pids)],
+    ok.
+
+%%% Internals ----------------------------------------------------------------------
+
+dispatch_or_queue(From, Fn, Args, Deadline, #{idle := [Pid | Idle]} = S) ->
+    busy(Pid, From, Fn, Args, Deadline, S#{idle := Idle});
+dispatch_or_queue(From, Fn, Args, Deadline, #{waiting := W, queue := Q, opts := O} = S) ->
+    case map_size(W) >= maps:get(max_queue, O) of
+        true ->
+            gen_server:reply(From, {error, overloaded}),
+            S;
+        false ->
+            Ref = make_ref(),
+            _ = erlang:send_after(Deadline, self(), {expire, Ref}, [{abs, true}]),
+            S#{waiting := W#{Ref => {From, Fn, Args, Deadline}}, queue := queue:in(Ref, Q)}
+    end.
+
+busy(Pid, From, Fn, Args, Deadline, S) ->
+    {ok, Slot} = slot_of(Pid, S),
+    dspex_worker:run(Pid, From, Fn, Args, Deadline),
+    update_slot(Slot, #{status => busy, from => From}, S).
+
+%% A worker is free: give it the oldest queued call still waiting.
+free(Pid, #{queue := Q, waiting := W} = S) ->
+    case queue:out(Q) of
+        {empty, _} ->
+            {ok, Slot} = slot_of(Pid, S),
+            S1 = update_slot(Slot, #{status => idle, from => none}, S),
+            %% first in, first out: calls spread over the workers
+            S1#{idle := lists:delete(Pid, maps:get(idle, S1)) ++ [Pid]};
+        {{value, Ref}, Q1} ->
+            case maps:take(Ref, W) of
+                {{From, Fn, Args, Deadline}, W1} ->
+                    busy(Pid, From, Fn, Args, Deadline, S#{queue := Q1, waiting := W1});
+                error ->
+                    free(Pid, S#{queue := Q1})    % expired meanwhile
+            end
+    end.
+
+worker_down(Slot, Pid, Reason, #{slots := Slots, idle := Idle, restarts := R, opts := O} = S) ->
+    #{failures := F} = Info = maps:get(Slot, Slots),
+    %% normally the worker answered its caller before it ended; if not (it was
+    %% killed), this answer makes sure the caller is not left waiting
+    case Info of
+        #{status := busy, from := From} when From =/= none ->
+            gen_server:reply(From, {error, {worker_exit, reason(Reason)}});
+        _ -> ok
+    end,
+    Delay = backoff(F + 1, O),
+    _ = erlang:send_after(Delay, self(), {restart, Slot}),
+    S#{slots := Slots#{Slot := Info#{status := down, pid := none, from => none, failures := F + 1}},
+       idle := lists:delete(Pid, Idle), restarts := R + 1}.
+
+reason({shutdown, R}) -> R;
+reason(R) -> R.
+
+%% backoff_min_ms * 2^(F-1), at most backoff_max_ms, with up to 10% jitter
+%% so slots failing together do not restart in lockstep.
+backoff(F, #{backoff_min_ms := Min, backoff_max_ms := Max}) ->
+    Base = min(Max, Min * (1 bsl min(F - 1, 30))),
+    Base + rand:uniform(max(1, Base div 10)) - 1.
+
+start_slot(Slot, #{opts := O, slots := Slots, pids := Pids} = S) ->
+    Failures = case Slots of
+                   #{Slot := #{failures := F}} -> F;
+                   _ -> 0
+               end,
+    case dspex_worker:start_link(self(), Slot, O) of
+        {ok, Pid} ->
+            S#{slots := Slots#{Slot => #{status => starting, pid => Pid, os_pid => undefined,
+                                         failures => Failures, from => none}},
+               pids := Pids#{Pid => Slot}};
+        {error, _} ->
+            _ = erlang:send_after(backoff(Failures + 1, O), self(), {restart, Slot}),
+            S#{slots := Slots#{Slot => #{status => down, pid => none, os_pid => undefined,
+                                         failures => Failures + 1, from => none}}}
+    end.
+
+slot_of(Pid, #{pids := Pids}) -> maps:find(Pid, Pids).
+
+update_slot(Slot, Changes, #{slots := Slots} = S) ->
+    S#{slots := Slots#{Slot := maps:merge(maps:get(Slot, Slots), Changes)}}.
+
+now_ms() -> erlang:monotonic_time(millisecond).

@@ -1,0 +1,145 @@
+"""worker.py speaks the frame protocol and never outlives its stdin.
+
+Run: /usr/bin/python3 -m unittest discover -s test/python_workers -p 'test_*.py'
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+WORKER = os.path.join(ROOT, "priv", "python", "dspex_bridge", "worker.py")
+CHAOS = os.path.join(HERE, "chaos.py")
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Worker:
+    def __init__(self, *extra, module=CHAOS):
+        self.proc = subprocess.Popen(["/usr/bin/python3", WORKER, "--module", module] + list(extra),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def send(self, obj):
+        body = json.dumps(obj).encode()
+        self.proc.stdin.write(struct.pack(">I", len(body)) + body)
+        self.proc.stdin.flush()
+
+    def recv(self):
+        head = self.proc.stdout.read(4)
+        if len(head) < 4:
+            return None
+        (n,) = struct.unpack(">I", head)
+        return json.loads(self.proc.stdout.read(n))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except (BrokenPipeError, OSError):
+                pass
+
+
+class ProtocolTest(unittest.TestCase):
+    def setUp(self):
+        self.w = Worker("--session", "s1", "--address", "10.0.0.1:1")
+
+    def tearDown(self):
+        self.w.close()
+
+    def test_ready_then_calls(self):
+        ready = self.w.recv()
+        self.assertEqual(ready["type"], "ready")
+        self.assertEqual(ready["pid"], self.w.proc.pid)
+        self.assertEqual(ready["session"], "s1")
+        self.assertIn("work", ready["functions"])
+        self.w.send({"type": "call", "id": 7, "fn": "echo", "args": [{"a": [1, "é"]}]})
+        self.assertEqual(self.w.recv(), {"type": "reply", "id": 7, "ok": {"a": [1, "é"]}})
+        self.w.send({"type": "call", "id": 8, "fn": "env", "args": []})
+        env = self.w.recv()["ok"]
+        self.assertEqual((env["address"], env["session"]), ("10.0.0.1:1", "s1"))
+
+    def test_errors_are_replies(self):
+        self.w.recv()
+        self.w.send({"type": "call", "id": 1, "fn": "fail", "args": ["no"]})
+        self.assertEqual(self.w.recv()["error"], {"type": "ValueError", "message": "no"})
+        self.w.send({"type": "call", "id": 2, "fn": "missing", "args": []})
+        self.assertEqual(self.w.recv()["error"]["type"], "unknown_function")
+        self.w.send({"type": "call", "id": 3, "fn": "echo", "args": "notalist"})
+        self.assertEqual(self.w.recv()["error"]["type"], "bad_args")
+        self.w.send({"type": "call", "id": 4, "fn": "unserialisable", "args": []})
+        self.assertEqual(self.w.recv()["error"]["type"], "bad_result")
+        self.w.send({"type": "ping", "id": 5})
+        self.assertEqual(self.w.recv(), {"type": "pong", "id": 5})
+
+    def test_eof_ends_the_worker_even_mid_call(self):
+        self.w.recv()
+        self.w.send({"type": "call", "id": 1, "fn": "spin", "args": []})
+        time.sleep(0.2)
+        self.assertIsNone(self.w.proc.poll())
+        self.w.proc.stdin.close()
+        self.assertEqual(self.w.proc.wait(timeout=10), 0)
+
+    def test_stop_message_ends_the_worker(self):
+        self.w.recv()
+        self.w.send({"type": "stop"})
+        self.assertEqual(self.w.proc.wait(timeout=10), 0)
+
+    def test_oversized_frame_ends_the_worker(self):
+        self.w.recv()
+        self.w.proc.stdin.write(struct.pack(">I", 0xFFFFFFFF))
+        self.w.proc.stdin.flush()
+        self.assertEqual(self.w.proc.wait(timeout=10), 2)
+
+
+class LoadTest(unittest.TestCase):
+    def test_module_that_does_not_load(self):
+        w = Worker(module=os.path.join(HERE, "no_such_module.py"))
+        try:
+            msg = w.recv()
+            self.assertEqual((msg["type"], msg["level"]), ("log", "error"))
+            self.assertEqual(w.proc.wait(timeout=10), 3)
+        finally:
+            w.close()
+
+    def test_parent_death_kills_a_worker_stuck_in_c(self):
+        # a middle process starts the worker and is SIGKILLed; the worker,
+        # stuck in C with the GIL held, still gets the parent-death SIGKILL
+        code = ("import subprocess,sys,struct,json,os;"
+                "p=subprocess.Popen([sys.executable,%r,'--module',%r],stdin=subprocess.PIPE,"
+                "stdout=subprocess.PIPE,stderr=subprocess.DEVNULL);"
+                "h=p.stdout.read(4);p.stdout.read(struct.unpack('>I',h)[0]);"
+                "b=json.dumps({'type':'call','id':1,'fn':'hang','args':[]}).encode();"
+                "p.stdin.write(struct.pack('>I',len(b))+b);p.stdin.flush();"
+                "print(p.pid,flush=True);os.dup2(os.open(os.devnull,os.O_RDONLY),0);"
+                "import time;time.sleep(600)") % (WORKER, CHAOS)
+        # the worker keeps a copy of our pipe: give the middle process its own stdin
+        middle = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL)
+        pid = int(middle.stdout.readline())
+        time.sleep(0.3)
+        self.assertTrue(alive(pid))
+        middle.kill()
+        middle.wait()
+        middle.stdout.close()
+        deadline = time.time() + 10
+        while alive(pid) and time.time() < deadline:
+            time.sleep(0.02)
+        self.assertFalse(alive(pid))
+
+
+if __name__ == "__main__":
+    unittest.main()
