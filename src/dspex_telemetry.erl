@@ -3,9 +3,16 @@
 %% handler table. Readers never call a server: handlers are kept in
 %% `persistent_term' and read per event. A handler that crashes is detached and
 %% the detachment is reported with `logger'.
+%%
+%% Besides the full handler list, each event name has its own
+%% `persistent_term' entry with the handlers attached to it, so emitting is one
+%% lookup whatever the number of handlers. Hot paths (the store) call
+%% `handlers/1' first and measure the duration only when someone listens, then
+%% `emit/4'.
 -module(dspex_telemetry).
 
--export([attach/4, attach_many/4, detach/1, execute/3, span/3, list_handlers/1]).
+-export([attach/4, attach_many/4, detach/1, execute/3, span/3, list_handlers/1,
+         handlers/1, emit/4]).
 
 -type event_name() :: [atom(), ...].
 -type handler_id() :: term().
@@ -13,12 +20,14 @@
 -export_type([event_name/0, handler_id/0]).
 
 -define(KEY, {?MODULE, handlers}).
+-define(EVKEY(Event), {?MODULE, event, Event}).
 
 %% @doc Calls `Fun(Event, Measurements, Metadata, Config)' for every execution
 %% of `Event'. `{error, already_exists}' if the id is taken.
 -spec attach(handler_id(), event_name(), handler_fun(), term()) -> ok | {error, already_exists}.
 attach(Id, Event, Fun, Config) -> attach_many(Id, [Event], Fun, Config).
 
+%% @doc `attach/4' for several events with one handler id.
 -spec attach_many(handler_id(), [event_name()], handler_fun(), term()) -> ok | {error, already_exists}.
 attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) ->
     case telemetry_loaded() of
@@ -28,11 +37,16 @@ attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) -
                 Hs = handlers(),
                 case lists:keymember(Id, 1, Hs) of
                     true -> {error, already_exists};
-                    false -> persistent_term:put(?KEY, [{Id, Events, Fun, Config} | Hs])
+                    false ->
+                        persistent_term:put(?KEY, [{Id, Events, Fun, Config} | Hs]),
+                        [persistent_term:put(?EVKEY(E), by_event(E, [{Id, Events, Fun, Config} | Hs]))
+                         || E <- lists:usort(Events)],
+                        ok
                 end
             end, [node()])
     end.
 
+%% @doc Removes a handler from every event it was attached to.
 -spec detach(handler_id()) -> ok | {error, not_found}.
 detach(Id) ->
     case telemetry_loaded() of
@@ -41,7 +55,13 @@ detach(Id) ->
             global:trans({?KEY, self()}, fun() ->
                 Hs = handlers(),
                 case lists:keytake(Id, 1, Hs) of
-                    {value, _, Rest} -> persistent_term:put(?KEY, Rest);
+                    {value, {_, Events, _, _}, Rest} ->
+                        persistent_term:put(?KEY, Rest),
+                        [case by_event(E, Rest) of
+                             [] -> persistent_term:erase(?EVKEY(E));
+                             L -> persistent_term:put(?EVKEY(E), L)
+                         end || E <- lists:usort(Events)],
+                        ok;
                     false -> {error, not_found}
                 end
             end, [node()])
@@ -52,11 +72,35 @@ detach(Id) ->
 execute(Event, Measurements, Metadata) ->
     case telemetry_loaded() of
         true -> telemetry:execute(Event, Measurements, Metadata);
-        false ->
-            [run(H, Event, Measurements, Metadata) || {_, Events, _, _} = H <- handlers(),
-                                                       lists:member(Event, Events)],
-            ok
+        false -> emit(persistent_term:get(?EVKEY(Event), []), Event, Measurements, Metadata)
     end.
+
+%% @doc What `emit/4' needs to deliver `Event': `[]' when nobody listens (the
+%% caller can then skip measuring), the handlers of this module's table, or
+%% `telemetry' when the `telemetry' library is loaded (it looks its own
+%% handlers up).
+-spec handlers(event_name()) -> [{handler_id(), handler_fun(), term()}] | telemetry.
+handlers(Event) ->
+    case telemetry_loaded() of
+        true -> telemetry;
+        false -> persistent_term:get(?EVKEY(Event), [])
+    end.
+
+%% @doc Delivers an event to handlers obtained from `handlers/1' (same
+%% semantics as `execute/3', without a second lookup).
+-spec emit([{handler_id(), handler_fun(), term()}] | telemetry, event_name(), map(), map()) -> ok.
+emit(telemetry, Event, Measurements, Metadata) ->
+    telemetry:execute(Event, Measurements, Metadata);
+emit([], _Event, _Measurements, _Metadata) ->
+    ok;
+emit([{Id, Fun, Config} | Rest], Event, Measurements, Metadata) ->
+    try Fun(Event, Measurements, Metadata, Config)
+    catch Class:Reason:Stack ->
+            _ = detach(Id),
+            logger:error("dspex_telemetry: handler ~p for ~p failed and was detached: ~p",
+                         [Id, Event, {Class, Reason, Stack}])
+    end,
+    emit(Rest, Event, Measurements, Metadata).
 
 %% @doc Runs `Fun' between `Prefix ++ [start]' and `Prefix ++ [stop]' (or
 %% `[exception]') events, like `telemetry:span/3'; `Fun' returns
@@ -89,12 +133,8 @@ list_handlers(Prefix) ->
 
 handlers() -> persistent_term:get(?KEY, []).
 
-run({Id, _, Fun, Config}, Event, M, Meta) ->
-    try Fun(Event, M, Meta, Config)
-    catch Class:Reason:Stack ->
-            _ = detach(Id),
-            logger:error("dspex_telemetry: handler ~p for ~p failed and was detached: ~p",
-                         [Id, Event, {Class, Reason, Stack}])
-    end.
+%% Handlers of one event, oldest attachment first (the order of execution).
+by_event(Event, Hs) ->
+    lists:reverse([{Id, F, C} || {Id, Events, F, C} <- Hs, lists:member(Event, Events)]).
 
 telemetry_loaded() -> erlang:function_exported(telemetry, execute, 3).

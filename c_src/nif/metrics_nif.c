@@ -1,0 +1,303 @@
+/*
+ * Metrics NIFs. A series (one metric name + tag set) is a resource holding a
+ * dx_series behind its own mutex, so processes recording into different
+ * series never contend and the critical section of a record is three sketch
+ * increments. Query results are immutable sketch resources (no lock needed).
+ * Queries, merges and deserialisation run on dirty CPU schedulers; a query
+ * holds each series' mutex only while that series is merged (bounded by its
+ * 60 + 61 + H + 1 slots).
+ */
+#include "metrics_nif.h"
+#include "sketch.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    pthread_mutex_t mu;
+    dx_series *series;
+    /* Since creation, never windowed: what Prometheus wants for _count/_sum. */
+    uint64_t total_count;
+    double total_sum;
+} series_res;
+
+typedef struct {
+    dx_sketch *sk;
+} sketch_res;
+
+static ErlNifResourceType *series_type, *sketch_type;
+static ERL_NIF_TERM A_ok, A_error, A_now, A_undefined, A_rejected, A_bad_range, A_enomem, A_invalid_sketch,
+    A_incompatible, A_count, A_sum, A_min, A_max, A_mean, A_p50, A_p90, A_p95, A_p99;
+
+static void series_dtor(ErlNifEnv *env, void *obj) {
+    series_res *r = obj;
+    dx_series_free(r->series);
+    pthread_mutex_destroy(&r->mu);
+}
+
+static void sketch_dtor(ErlNifEnv *env, void *obj) { dx_sketch_free(((sketch_res *)obj)->sk); }
+
+int dx_metrics_init(ErlNifEnv *env) {
+    int fl = ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER;
+    series_type = enif_open_resource_type(env, NULL, "dspex_metric_series", series_dtor, fl, NULL);
+    sketch_type = enif_open_resource_type(env, NULL, "dspex_metric_sketch", sketch_dtor, fl, NULL);
+    if (!series_type || !sketch_type)
+        return -1;
+#define MK(v, s) v = enif_make_atom(env, s)
+    MK(A_ok, "ok"); MK(A_error, "error"); MK(A_now, "now"); MK(A_undefined, "undefined");
+    MK(A_rejected, "rejected"); MK(A_bad_range, "bad_range"); MK(A_enomem, "enomem");
+    MK(A_invalid_sketch, "invalid_sketch"); MK(A_incompatible, "incompatible");
+    MK(A_count, "count"); MK(A_sum, "sum"); MK(A_min, "min"); MK(A_max, "max"); MK(A_mean, "mean");
+    MK(A_p50, "p50"); MK(A_p90, "p90"); MK(A_p95, "p95"); MK(A_p99, "p99");
+#undef MK
+    return 0;
+}
+
+static ERL_NIF_TERM err(ErlNifEnv *env, ERL_NIF_TERM reason) { return enif_make_tuple2(env, A_error, reason); }
+
+static int64_t wall_sec(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec;
+}
+
+/* Seconds since the epoch: an integer, or the atom now (the OS clock). Tests
+ * pass explicit times; the core never reads a clock itself. */
+static int get_time(ErlNifEnv *env, ERL_NIF_TERM t, int64_t *out) {
+    if (enif_is_identical(t, A_now)) {
+        *out = wall_sec();
+        return 1;
+    }
+    ErlNifSInt64 v;
+    if (!enif_get_int64(env, t, &v))
+        return 0;
+    *out = v;
+    return 1;
+}
+
+static int get_number(ErlNifEnv *env, ERL_NIF_TERM t, double *out) {
+    if (enif_get_double(env, t, out))
+        return 1;
+    ErlNifSInt64 i;
+    if (enif_get_int64(env, t, &i)) {
+        *out = (double)i;
+        return 1;
+    }
+    return 0;
+}
+
+static ERL_NIF_TERM make_sketch(ErlNifEnv *env, dx_sketch *sk) {
+    sketch_res *r = enif_alloc_resource(sketch_type, sizeof *r);
+    if (!r) {
+        dx_sketch_free(sk);
+        return err(env, A_enomem);
+    }
+    r->sk = sk;
+    ERL_NIF_TERM t = enif_make_resource(env, r);
+    enif_release_resource(r);
+    return t;
+}
+
+/* metrics_series_new(RetentionHours) -> Series | {error, enomem}; badarg if
+ * the retention is outside [1, DX_SERIES_MAX_RETENTION_H]. */
+DX_METRICS_NIF(nif_metrics_series_new) {
+    unsigned hours;
+    if (!enif_get_uint(env, argv[0], &hours) || hours < 1 || hours > DX_SERIES_MAX_RETENTION_H)
+        return enif_make_badarg(env);
+    series_res *r = enif_alloc_resource(series_type, sizeof *r);
+    if (!r)
+        return err(env, A_enomem);
+    memset(r, 0, sizeof *r);
+    pthread_mutex_init(&r->mu, NULL);
+    r->series = dx_series_new(0, hours);
+    if (!r->series) {
+        enif_release_resource(r); /* the destructor handles series == NULL */
+        return err(env, A_enomem);
+    }
+    ERL_NIF_TERM t = enif_make_resource(env, r);
+    enif_release_resource(r);
+    return t;
+}
+
+/* metrics_record(Series, Value, Time) -> ok | {error, rejected}. rejected:
+ * NaN/inf (cannot be passed from Erlang anyway), a time outside every
+ * retained window, or out of memory. */
+DX_METRICS_NIF(nif_metrics_record) {
+    series_res *r;
+    double v;
+    int64_t t;
+    if (!enif_get_resource(env, argv[0], series_type, (void **)&r) || !get_number(env, argv[1], &v) ||
+        !get_time(env, argv[2], &t))
+        return enif_make_badarg(env);
+    pthread_mutex_lock(&r->mu);
+    int rc = dx_series_record(r->series, t, v);
+    if (rc == 0) {
+        r->total_count++;
+        r->total_sum += v;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc == 0 ? A_ok : err(env, A_rejected);
+}
+
+/* metrics_query([Series], From, To, Now) -> {ok, Sketch} | {error, bad_range | enomem}.
+ * The union of every series' data in [From, To] (see dx_series_query). */
+DX_METRICS_NIF(nif_metrics_query) {
+    int64_t from, to, now;
+    unsigned len;
+    if (!enif_get_list_length(env, argv[0], &len) || !get_time(env, argv[1], &from) ||
+        !get_time(env, argv[2], &to) || !get_time(env, argv[3], &now))
+        return enif_make_badarg(env);
+    if (from > to)
+        return err(env, A_bad_range);
+    /* check every element before doing any work */
+    ERL_NIF_TERM l = argv[0], h;
+    while (enif_get_list_cell(env, l, &h, &l)) {
+        series_res *r;
+        if (!enif_get_resource(env, h, series_type, (void **)&r))
+            return enif_make_badarg(env);
+    }
+    dx_sketch *out = dx_sketch_new(0, 0);
+    if (!out)
+        return err(env, A_enomem);
+    l = argv[0];
+    while (enif_get_list_cell(env, l, &h, &l)) {
+        series_res *r;
+        enif_get_resource(env, h, series_type, (void **)&r);
+        pthread_mutex_lock(&r->mu);
+        int rc = dx_series_query(r->series, from, to, now, out);
+        pthread_mutex_unlock(&r->mu);
+        if (rc != 0) {
+            dx_sketch_free(out);
+            /* args were checked, so this is a time beyond the core's range or OOM */
+            return err(env, A_bad_range);
+        }
+    }
+    ERL_NIF_TERM s = make_sketch(env, out);
+    return enif_is_tuple(env, s) ? s : enif_make_tuple2(env, A_ok, s);
+}
+
+/* metrics_totals(Series) -> {Count, Sum} since the series was created. */
+DX_METRICS_NIF(nif_metrics_totals) {
+    series_res *r;
+    if (!enif_get_resource(env, argv[0], series_type, (void **)&r))
+        return enif_make_badarg(env);
+    pthread_mutex_lock(&r->mu);
+    uint64_t c = r->total_count;
+    double s = r->total_sum;
+    pthread_mutex_unlock(&r->mu);
+    return enif_make_tuple2(env, enif_make_uint64(env, c), enif_make_double(env, isfinite(s) ? s : 0.0));
+}
+
+DX_METRICS_NIF(nif_metrics_series_memory) {
+    series_res *r;
+    if (!enif_get_resource(env, argv[0], series_type, (void **)&r))
+        return enif_make_badarg(env);
+    pthread_mutex_lock(&r->mu);
+    size_t m = dx_series_memory(r->series);
+    pthread_mutex_unlock(&r->mu);
+    return enif_make_uint64(env, m);
+}
+
+static ERL_NIF_TERM num_or_undef(ErlNifEnv *env, double d) {
+    return isfinite(d) ? enif_make_double(env, d) : A_undefined;
+}
+
+/* metrics_sketch_stats(Sketch) -> #{count, sum, min, max, mean, p50, p90,
+ * p95, p99}; everything but count and sum is undefined when empty. */
+DX_METRICS_NIF(nif_metrics_sketch_stats) {
+    sketch_res *r;
+    if (!enif_get_resource(env, argv[0], sketch_type, (void **)&r))
+        return enif_make_badarg(env);
+    const dx_sketch *s = r->sk;
+    uint64_t n = dx_sketch_count(s);
+    double sum = dx_sketch_sum(s);
+    ERL_NIF_TERM k[9] = {A_count, A_sum, A_min, A_max, A_mean, A_p50, A_p90, A_p95, A_p99};
+    ERL_NIF_TERM v[9] = {enif_make_uint64(env, n),
+                         enif_make_double(env, isfinite(sum) ? sum : 0.0),
+                         num_or_undef(env, dx_sketch_min(s)),
+                         num_or_undef(env, dx_sketch_max(s)),
+                         n ? num_or_undef(env, sum / (double)n) : A_undefined,
+                         num_or_undef(env, dx_sketch_quantile(s, 0.50)),
+                         num_or_undef(env, dx_sketch_quantile(s, 0.90)),
+                         num_or_undef(env, dx_sketch_quantile(s, 0.95)),
+                         num_or_undef(env, dx_sketch_quantile(s, 0.99))};
+    ERL_NIF_TERM m;
+    enif_make_map_from_arrays(env, k, v, 9, &m);
+    return m;
+}
+
+/* metrics_sketch_quantile(Sketch, Q) -> float | undefined (empty). */
+DX_METRICS_NIF(nif_metrics_sketch_quantile) {
+    sketch_res *r;
+    double q;
+    if (!enif_get_resource(env, argv[0], sketch_type, (void **)&r) || !get_number(env, argv[1], &q) ||
+        !(q >= 0.0 && q <= 1.0))
+        return enif_make_badarg(env);
+    return num_or_undef(env, dx_sketch_quantile(r->sk, q));
+}
+
+/* metrics_sketch_to_binary(Sketch) -> binary (the "DXQ" format of sketch.h). */
+DX_METRICS_NIF(nif_metrics_sketch_to_binary) {
+    sketch_res *r;
+    if (!enif_get_resource(env, argv[0], sketch_type, (void **)&r))
+        return enif_make_badarg(env);
+    size_t need = dx_sketch_serialize(r->sk, NULL, 0);
+    ERL_NIF_TERM bin;
+    unsigned char *p = enif_make_new_binary(env, need, &bin);
+    if (!p)
+        return err(env, A_enomem);
+    dx_sketch_serialize(r->sk, p, need);
+    return bin;
+}
+
+/* metrics_sketch_from_binary(Bin) -> {ok, Sketch} | {error, invalid_sketch}. */
+DX_METRICS_NIF(nif_metrics_sketch_from_binary) {
+    ErlNifBinary b;
+    if (!enif_inspect_binary(env, argv[0], &b))
+        return enif_make_badarg(env);
+    dx_sketch *sk = dx_sketch_deserialize(b.data, b.size);
+    if (!sk)
+        return err(env, A_invalid_sketch);
+    ERL_NIF_TERM s = make_sketch(env, sk);
+    return enif_is_tuple(env, s) ? s : enif_make_tuple2(env, A_ok, s);
+}
+
+/* metrics_sketch_merge([Sketch]) -> {ok, Sketch} | {error, incompatible}
+ * (different accuracies). The inputs are not modified. */
+DX_METRICS_NIF(nif_metrics_sketch_merge) {
+    unsigned len;
+    if (!enif_get_list_length(env, argv[0], &len) || len == 0)
+        return enif_make_badarg(env);
+    ERL_NIF_TERM l = argv[0], h;
+    sketch_res *first = NULL;
+    while (enif_get_list_cell(env, l, &h, &l)) {
+        sketch_res *r;
+        if (!enif_get_resource(env, h, sketch_type, (void **)&r))
+            return enif_make_badarg(env);
+        if (!first)
+            first = r;
+    }
+    dx_sketch *out = dx_sketch_new(dx_sketch_rel_accuracy(first->sk), 0);
+    if (!out)
+        return err(env, A_enomem);
+    l = argv[0];
+    while (enif_get_list_cell(env, l, &h, &l)) {
+        sketch_res *r;
+        enif_get_resource(env, h, sketch_type, (void **)&r);
+        if (dx_sketch_rel_accuracy(r->sk) != dx_sketch_rel_accuracy(out)) {
+            dx_sketch_free(out);
+            return err(env, A_incompatible);
+        }
+        if (dx_sketch_merge(out, r->sk) != 0) { /* OOM or a count beyond 2^64 */
+            dx_sketch_free(out);
+            return err(env, A_enomem);
+        }
+    }
+    ERL_NIF_TERM s = make_sketch(env, out);
+    return enif_is_tuple(env, s) ? s : enif_make_tuple2(env, A_ok, s);
+}
+
+/* metrics_now() -> the OS clock in seconds, the time `now' means above. */
+DX_METRICS_NIF(nif_metrics_now) { return enif_make_int64(env, wall_sec()); }
