@@ -6,13 +6,16 @@
 %%
 %% Besides the full handler list, each event name has its own
 %% `persistent_term' entry with the handlers attached to it, so emitting is one
-%% lookup whatever the number of handlers. Hot paths (the store) call
-%% `handlers/1' first and measure the duration only when someone listens, then
-%% `emit/4'.
+%% lookup whatever the number of handlers. That entry is keyed by an atom
+%% (`key/1', e.g. `'dspex_telemetry/dspex.store.get.stop'') because hashing an atom is several
+%% times cheaper than hashing the event list. Hot paths (the store) call
+%% `handlers_at/1' with that atom first, measure the duration only when
+%% someone listens, then call `emit/4'. Handlers attached while `telemetry'
+%% was not loaded stay in this table even if it is loaded later.
 -module(dspex_telemetry).
 
 -export([attach/4, attach_many/4, detach/1, execute/3, span/3, list_handlers/1,
-         handlers/1, emit/4]).
+         handlers/1, handlers_at/1, key/1, emit/4]).
 
 -type event_name() :: [atom(), ...].
 -type handler_id() :: term().
@@ -20,7 +23,7 @@
 -export_type([event_name/0, handler_id/0]).
 
 -define(KEY, {?MODULE, handlers}).
--define(EVKEY(Event), {?MODULE, event, Event}).
+-define(EVKEY(Event), key(Event)).
 
 %% @doc Calls `Fun(Event, Measurements, Metadata, Config)' for every execution
 %% of `Event'. `{error, already_exists}' if the id is taken.
@@ -72,7 +75,7 @@ detach(Id) ->
 execute(Event, Measurements, Metadata) ->
     case telemetry_loaded() of
         true -> telemetry:execute(Event, Measurements, Metadata);
-        false -> emit(persistent_term:get(?EVKEY(Event), []), Event, Measurements, Metadata)
+        false -> emit(own_handlers(Event), Event, Measurements, Metadata)
     end.
 
 %% @doc What `emit/4' needs to deliver `Event': `[]' when nobody listens (the
@@ -81,9 +84,38 @@ execute(Event, Measurements, Metadata) ->
 %% handlers up).
 -spec handlers(event_name()) -> [{handler_id(), handler_fun(), term()}] | telemetry.
 handlers(Event) ->
+    case own_handlers(Event) of
+        [] -> via_telemetry();
+        Hs -> Hs
+    end.
+
+%% @doc `handlers/1' by the event's key (see `key/1'), for hot paths that
+%% have the key as a literal.
+-spec handlers_at(atom()) -> [{handler_id(), handler_fun(), term()}] | telemetry.
+handlers_at(Key) ->
+    case persistent_term:get(Key, []) of
+        [] -> via_telemetry();
+        Hs -> Hs
+    end.
+
+%% @doc The key of an event's handler entry: `dspex_telemetry/' and its names
+%% joined with dots, as an atom (`[dspex, store, get, stop]' is
+%% `'dspex_telemetry/dspex.store.get.stop'').
+-spec key(event_name()) -> atom().
+key(Event) -> binary_to_atom(key_text(Event)).
+
+key_text(Event) -> iolist_to_binary(["dspex_telemetry/" | lists:join($., [atom_to_binary(A) || A <- Event])]).
+
+via_telemetry() ->
     case telemetry_loaded() of
         true -> telemetry;
-        false -> persistent_term:get(?EVKEY(Event), [])
+        false -> []
+    end.
+
+own_handlers(Event) ->
+    try binary_to_existing_atom(key_text(Event)) of
+        K -> persistent_term:get(K, [])
+    catch error:badarg -> [] %% no atom: nothing was ever attached to it
     end.
 
 %% @doc Delivers an event to handlers obtained from `handlers/1' (same

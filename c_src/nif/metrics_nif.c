@@ -57,9 +57,11 @@ int dx_metrics_init(ErlNifEnv *env) {
 
 static ERL_NIF_TERM err(ErlNifEnv *env, ERL_NIF_TERM reason) { return enif_make_tuple2(env, A_error, reason); }
 
+/* Whole seconds only: the coarse clock (a few ms resolution) is several
+ * times cheaper than CLOCK_REALTIME and exact enough for 1 s buckets. */
 static int64_t wall_sec(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
     return (int64_t)ts.tv_sec;
 }
 

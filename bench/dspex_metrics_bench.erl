@@ -1,0 +1,108 @@
+%% @doc `make bench' part for metrics: ingest rate against `ets:insert' into
+%% an `ordered_set', p95 of 1M samples against `lists:sort' + `lists:nth', and
+%% the overhead of telemetry with the analytics handlers on `dspex_store:get/2'.
+-module(dspex_metrics_bench).
+-export([main/0]).
+
+-define(INGEST, 500000).
+-define(P95_N, 1000000).
+-define(GETS, 400000).
+
+%% @doc Runs the three measures and prints them with their ratios.
+-spec main() -> ok.
+main() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    io:format("~ndspex_metrics benchmark~n"),
+    {IngestNif, IngestApi} = ingest(),
+    P95 = p95(),
+    Overhead = overhead(),
+    io:format("~nmetrics summary:~n"),
+    io:format("  ~-58s ~9.2fx  (report)~n", ["ingest, NIF record vs ets:insert ordered_set", IngestNif]),
+    io:format("  ~-58s ~9.2fx  (report)~n", ["ingest, dspex_metrics:record/3 vs ets:insert ordered_set", IngestApi]),
+    io:format("  ~-58s ~9.1fx  (target >= 50x)~n", ["p95 of 1M samples, sketch vs lists:sort + nth", P95]),
+    io:format("  ~-58s ~8.1f%%  (target < 25%)~n", ["telemetry + analytics handlers on get/2", Overhead]),
+    ok.
+
+%%% ingest ---------------------------------------------------------------------
+
+ingest() ->
+    Vals = list_to_tuple([rand:uniform() * 1000.0 || _ <- lists:seq(1, 1024)]),
+    {ok, Ref} = dspex_metrics:series_ref(bench_ingest_nif, #{}),
+    TNif = best(fun() -> nif_loop(Ref, Vals, ?INGEST) end),
+    TApi = best(fun() -> api_loop(Vals, ?INGEST) end),
+    TEts = best(fun() ->
+                        T = ets:new(b, [ordered_set, public]),
+                        ets_loop(T, Vals, ?INGEST),
+                        ets:delete(T)
+                end),
+    io:format("  ingest of ~p samples: NIF ~.1f/s, record/3 ~.1f/s, ets:insert ordered_set ~.1f/s~n",
+              [?INGEST, rate(TNif), rate(TApi), rate(TEts)]),
+    {TEts / TNif, TEts / TApi}.
+
+nif_loop(_, _, 0) -> ok;
+nif_loop(Ref, Vals, N) ->
+    ok = dspex_nif:metrics_record(Ref, element(N band 1023 + 1, Vals), now),
+    nif_loop(Ref, Vals, N - 1).
+
+api_loop(_, 0) -> ok;
+api_loop(Vals, N) ->
+    ok = dspex_metrics:record(bench_ingest_api, element(N band 1023 + 1, Vals), #{}),
+    api_loop(Vals, N - 1).
+
+%% the obvious alternative keeps every sample, keyed to stay unique
+ets_loop(_, _, 0) -> ok;
+ets_loop(T, Vals, N) ->
+    true = ets:insert(T, {{element(N band 1023 + 1, Vals), N}}),
+    ets_loop(T, Vals, N - 1).
+
+rate(Us) -> ?INGEST / (Us / 1.0e6).
+
+%%% p95 --------------------------------------------------------------------------
+
+p95() ->
+    Now = dspex_metrics:clock(),
+    %% skewed latency-like data: log-normal
+    Samples = [math:exp(rand:normal(5.0, 1.0)) || _ <- lists:seq(1, ?P95_N)],
+    {ok, Ref} = dspex_metrics:series_ref(bench_p95, #{}),
+    [ok = dspex_nif:metrics_record(Ref, V, Now) || V <- Samples],
+    {TSketch, {ok, Est}} = timer:tc(fun() -> dspex_metrics:query(bench_p95, Now - 59, Now, p95, #{now => Now}) end),
+    TSketchBest = best(fun() -> {ok, _} = dspex_metrics:query(bench_p95, Now - 59, Now, p95, #{now => Now}) end),
+    {TSort, Exact} = timer:tc(fun() ->
+                                      Sorted = lists:sort(Samples),
+                                      lists:nth(trunc(0.95 * (?P95_N - 1)) + 1, Sorted)
+                              end),
+    io:format("  p95 of ~p samples: sketch ~p us (first ~p us) = ~.3f, lists:sort+nth ~p us = ~.3f (rel err ~.4f)~n",
+              [?P95_N, TSketchBest, TSketch, Est, TSort, Exact, abs(Est - Exact) / Exact]),
+    TSort / max(1, TSketchBest).
+
+%%% telemetry overhead on get ------------------------------------------------------
+
+overhead() ->
+    S = <<"metrics_bench">>,
+    _ = dspex_store:delete_session(S),
+    {ok, _} = dspex_store:create_session(S, #{ttl => infinity}),
+    {ok, _} = dspex_store:register(S, <<"p">>, float, 0.5),
+    Handlers = dspex_telemetry:list_handlers([dspex, store, get]),
+    Ids = [Id || #{id := Id} <- Handlers],
+    %% without any handler: the store emits nothing and measures nothing
+    [ok = dspex_telemetry:detach(Id) || Id <- Ids],
+    TBare = best(fun() -> get_loop(S, ?GETS) end),
+    TNif = best(fun() -> nif_get_loop(S, ?GETS) end),
+    [ok = dspex_telemetry:attach(Id, E, F, C) || #{id := Id, event_name := E, function := F, config := C} <- Handlers],
+    THandled = best(fun() -> get_loop(S, ?GETS) end),
+    ok = dspex_store:delete_session(S),
+    io:format("  get/2 x ~p: raw NIF ~.1f ns, no handler ~.1f ns, analytics handlers attached ~.1f ns~n",
+              [?GETS, TNif * 1000 / ?GETS, TBare * 1000 / ?GETS, THandled * 1000 / ?GETS]),
+    (THandled - TNif) * 100 / TNif.
+
+get_loop(_, 0) -> ok;
+get_loop(S, N) ->
+    {ok, _} = dspex_store:get(S, <<"p">>),
+    get_loop(S, N - 1).
+
+nif_get_loop(_, 0) -> ok;
+nif_get_loop(S, N) ->
+    {ok, _} = dspex_nif:var_get(S, <<"p">>),
+    nif_get_loop(S, N - 1).
+
+best(F) -> lists:min([element(1, timer:tc(F)) || _ <- lists:seq(1, 5)]).
