@@ -47,7 +47,7 @@ render() ->
      "# TYPE dspex_active_sessions gauge\n",
      "dspex_active_sessions ", integer_to_list(maps:get(sessions, dspex_nif:stats())), "\n"].
 
-%% @private httpd callback: answers `GET /metrics', passes everything else on.
+%% @private httpd callback: answers `GET /metrics'; anything else is 404.
 -spec do(#mod{}) -> {proceed, list()}.
 do(#mod{method = "GET", request_uri = "/metrics" ++ Query} = Mod) when Query =:= ""; hd(Query) =:= $? ->
     Body = iolist_to_binary(render()),
@@ -55,7 +55,9 @@ do(#mod{method = "GET", request_uri = "/metrics" ++ Query} = Mod) when Query =:=
             {content_length, integer_to_list(byte_size(Body))}],
     {proceed, [{response, {response, Head, [Body]}} | Mod#mod.data]};
 do(#mod{data = Data}) ->
-    {proceed, Data}.
+    Body = <<"not found: the metrics are at /metrics\n">>,
+    Head = [{code, 404}, {content_type, "text/plain"}, {content_length, integer_to_list(byte_size(Body))}],
+    {proceed, [{response, {response, Head, [Body]}} | Data]}.
 
 %%% server: owns the httpd instance ---------------------------------------
 
