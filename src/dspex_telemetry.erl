@@ -72,11 +72,7 @@ detach(Id) ->
 
 %% @doc Emits an event to every handler attached to it.
 -spec execute(event_name(), map(), map()) -> ok.
-execute(Event, Measurements, Metadata) ->
-    case telemetry_loaded() of
-        true -> telemetry:execute(Event, Measurements, Metadata);
-        false -> emit(own_handlers(Event), Event, Measurements, Metadata)
-    end.
+execute(Event, Measurements, Metadata) -> emit(handlers(Event), Event, Measurements, Metadata).
 
 %% @doc What `emit/4' needs to deliver `Event': `[]' when nobody listens (the
 %% caller can then skip measuring), the handlers of this module's table, or

@@ -327,3 +327,32 @@ off_switch_test() ->
     after
         restart([])
     end.
+
+%% A second node (a separate OS process with its own NIF, driven over stdio)
+%% records its own samples; its serialised sketch merged with ours gives the
+%% quantiles of the union within the same 1% bound.
+merge_with_a_peer_node_test_() ->
+    {timeout, 60, fun merge_with_a_peer_node/0}.
+
+merge_with_a_peer_node() ->
+    restart([]),
+    Paths = lists:append([["-pa", P] || P <- code:get_path(), string:find(P, "_build") =/= nomatch]),
+    {ok, Peer, _Node} = peer:start_link(#{connection => standard_io, args => Paths}),
+    try
+        ok = peer:call(Peer, application, set_env, [dspex_bridge, prometheus_enabled, false]),
+        {ok, _} = peer:call(Peer, application, ensure_all_started, [dspex_bridge]),
+        rand:seed(exsss, {2, 7, 1}),
+        Local = [math:exp(rand:normal(2.0, 1.0)) || _ <- lists:seq(1, 5000)],
+        Remote = [math:exp(rand:normal(4.0, 0.7)) || _ <- lists:seq(1, 5000)],
+        [ok = dspex_metrics:record(cluster_latency, V, #{}, #{time => ?T0}) || V <- Local],
+        [ok = peer:call(Peer, dspex_metrics, record, [cluster_latency, V, #{}, #{time => ?T0}]) || V <- Remote],
+        {ok, Theirs} = peer:call(Peer, dspex_metrics, query, [cluster_latency, ?T0, ?T0, sketch, #{now => ?T0}]),
+        {ok, Ours} = dspex_metrics:query(cluster_latency, ?T0, ?T0, sketch, #{now => ?T0}),
+        {ok, Cluster} = dspex_metrics:merge(Ours, Theirs),
+        {ok, #{count := 10000, p99 := P99, p50 := P50}} = dspex_metrics:summary(Cluster),
+        All = list_to_tuple(lists:sort(Local ++ Remote)),
+        [?assert(abs(Est - element(trunc(Q * 9999) + 1, All)) =< 0.01 * element(trunc(Q * 9999) + 1, All))
+         || {Q, Est} <- [{0.5, P50}, {0.99, P99}]]
+    after
+        peer:stop(Peer)
+    end.
