@@ -168,7 +168,13 @@ merge_across_nodes() ->
     {ok, Merged2} = dspex_metrics:merge(SB, SA),
     ?assertEqual(dspex_metrics:summary(Merged), dspex_metrics:summary(Merged2)),
     ?assertEqual({error, invalid_sketch}, dspex_metrics:merge(SA, <<"garbage">>)),
-    ?assertEqual({error, invalid_sketch}, dspex_metrics:summary(binary:part(SA, 0, byte_size(SA) - 1))).
+    ?assertEqual({error, invalid_sketch}, dspex_metrics:summary(binary:part(SA, 0, byte_size(SA) - 1))),
+    %% an empty sketch written by hand: accepted with this library's bucket
+    %% budget (2048), refused with a larger one (it would make later walks
+    %% over the counters unbounded)
+    Empty = fun(Budget) -> <<"DXQ", 1, 0, 0.01:64/little-float, Budget/binary, 0, 0, 0>> end,
+    ?assertMatch({ok, #{count := 0, p99 := undefined}}, dspex_metrics:summary(Empty(<<16#80, 16#10>>))),
+    ?assertEqual({error, invalid_sketch}, dspex_metrics:summary(Empty(<<16#80, 16#20>>))).
 
 concurrent_recording_is_exact() ->
     M = metric(),

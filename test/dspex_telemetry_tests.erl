@@ -204,7 +204,12 @@ lock_events() ->
     {ok, _} = dspex_locks:stop(High, #{}),
     {_, #{session := S, variable := <<"x">>, applied := false}} = next(Id, [dspex, locks, released]),
     W ! stop,
-    ok = dspex_telemetry:detach(Id).
+    ok = dspex_telemetry:detach(Id),
+    %% a lease that is not renewed expires
+    Exp = listen([[dspex, locks, expired]]),
+    {ok, #{token := T}} = dspex_locks:acquire(S, x, opt_d, #{lease => 30}),
+    {_, #{session := S, variable := <<"x">>, token := T}} = next(Exp, [dspex, locks, expired]),
+    ok = dspex_telemetry:detach(Exp).
 
 acl_events() ->
     Id = listen([[dspex, acl, check], [dspex, acl, denied], [dspex, acl, permissions_changed]]),

@@ -518,6 +518,8 @@ double dx_sketch_collapsed_limit(const dx_sketch *s) {
     return exp((double)(s->floor - 1) * s->lng);
 }
 
+unsigned dx_sketch_max_buckets(const dx_sketch *s) { return s ? s->max_buckets : 0; }
+
 size_t dx_sketch_memory(const dx_sketch *s) {
     if (!s)
         return 0;

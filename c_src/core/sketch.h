@@ -86,6 +86,8 @@ double dx_sketch_max(const dx_sketch *s);  /* NaN when empty */
 double dx_sketch_quantile(const dx_sketch *s, double q);
 
 double dx_sketch_rel_accuracy(const dx_sketch *s);
+/* The counter budget the sketch was created (or deserialized) with. */
+unsigned dx_sketch_max_buckets(const dx_sketch *s);
 /* 0 if no bucket was ever collapsed, else the magnitude g^(c-1) at or below
  * which samples may have been folded into a coarser bucket. */
 double dx_sketch_collapsed_limit(const dx_sketch *s);

@@ -254,7 +254,8 @@ DX_METRICS_NIF(nif_metrics_sketch_to_binary) {
     return bin;
 }
 
-/* metrics_sketch_from_binary(Bin) -> {ok, Sketch} | {error, invalid_sketch}. */
+/* metrics_sketch_from_binary(Bin) -> {ok, Sketch} | {error, invalid_sketch}
+ * (malformed, or a bucket budget above DX_SKETCH_DEFAULT_BUCKETS). */
 DX_METRICS_NIF(nif_metrics_sketch_from_binary) {
     ErlNifBinary b;
     if (!enif_inspect_binary(env, argv[0], &b))
@@ -262,6 +263,13 @@ DX_METRICS_NIF(nif_metrics_sketch_from_binary) {
     dx_sketch *sk = dx_sketch_deserialize(b.data, b.size);
     if (!sk)
         return err(env, A_invalid_sketch);
+    /* Only sketches with the budget this library creates: it bounds every
+     * later walk over the counters (stats, quantiles, serialisation), which
+     * run on normal schedulers, to a few microseconds. */
+    if (dx_sketch_max_buckets(sk) > DX_SKETCH_DEFAULT_BUCKETS) {
+        dx_sketch_free(sk);
+        return err(env, A_invalid_sketch);
+    }
     ERL_NIF_TERM s = make_sketch(env, sk);
     return enif_is_tuple(env, s) ? s : enif_make_tuple2(env, A_ok, s);
 }

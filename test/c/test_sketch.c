@@ -1110,8 +1110,29 @@ static void test_series_invalid(void **st) {
     dx_series_free(s);
 }
 
+/* The bucket budget is reported and survives serialisation (the NIF refuses
+ * foreign sketches with a larger budget by reading it). */
+static void test_max_buckets_reported(void **st) {
+    dx_sketch *s = dx_sketch_new(0.01, 0);
+    assert_int_equal(dx_sketch_max_buckets(s), DX_SKETCH_DEFAULT_BUCKETS);
+    dx_sketch *big = dx_sketch_new(0.01, 4096);
+    assert_int_equal(dx_sketch_max_buckets(big), 4096);
+    dx_sketch_add(big, 3.0);
+    uint8_t buf[256];
+    size_t n = dx_sketch_serialize(big, buf, sizeof buf);
+    assert_true(n <= sizeof buf);
+    dx_sketch *back = dx_sketch_deserialize(buf, n);
+    assert_non_null(back);
+    assert_int_equal(dx_sketch_max_buckets(back), 4096);
+    assert_int_equal(dx_sketch_max_buckets(NULL), 0);
+    dx_sketch_free(back);
+    dx_sketch_free(big);
+    dx_sketch_free(s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_max_buckets_reported),
         cmocka_unit_test(test_accuracy_uniform),
         cmocka_unit_test(test_accuracy_exponential),
         cmocka_unit_test(test_accuracy_skewed),
