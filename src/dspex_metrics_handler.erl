@@ -47,10 +47,13 @@ attach() ->
                ref(dspex_graph_duration_us, #{op => Op, result => error}), Scale}}
              || Op <- [add_dependency, remove_dependency, propagation]],
     Counted = [{E, fun ?MODULE:count_event/4, count_config(E)} || E <- ?COUNTED],
-    [Id || {Event, Fun, Config} <- Store ++ Graph ++ Counted,
-           Id <- [{dspex_metrics, Event}],
-           begin _ = dspex_telemetry:detach(Id), true end,
-           dspex_telemetry:attach(Id, Event, Fun, Config) =:= ok].
+    lists:map(fun({Event, Fun, Config}) ->
+                      Id = {dspex_metrics, Event},
+                      %% a restarted server replaces the handlers of its predecessor
+                      _ = dspex_telemetry:detach(Id),
+                      ok = dspex_telemetry:attach(Id, Event, Fun, Config),
+                      Id
+              end, Store ++ Graph ++ Counted).
 
 store_config(Op, Scale) ->
     Kind = case lists:member(Op, ?READS) of
