@@ -19,7 +19,7 @@
 -module(dspex_metrics).
 
 -export([record/3, record/4, query/4, query/5, dashboard/0, dashboard/1,
-         merge/2, summary/1, series/0, series/1, memory/0, clock/0, series_ref/2]).
+         merge/2, summary/1, series/0, series/1, memory/0, clock/0, series_ref/2, all_series/0]).
 
 -type metric() :: atom() | binary() | [atom() | binary()].
 -type tags() :: #{atom() | binary() => atom() | binary() | number()}.
@@ -133,9 +133,17 @@ series() -> [K || {K, _} <- entries()].
 -spec series(metric()) -> [{tags(), term()}].
 series(Metric) ->
     case metric_name(Metric) of
-        {ok, Name} -> [{T, R} || {{N, T}, R} <- entries(), N =:= Name];
+        {ok, Name} -> of_name(Name);
         error -> []
     end.
+
+%% @doc Every series with its native handle, grouped by name (for exporters:
+%% one pass over the table).
+-spec all_series() -> [{binary(), [{tags(), term()}]}].
+all_series() ->
+    Groups = lists:foldl(fun({{N, T}, R}, Acc) -> maps:update_with(N, fun(L) -> [{T, R} | L] end, [{T, R}], Acc) end,
+                         #{}, entries()),
+    lists:sort([{N, lists:sort(L)} || {N, L} <- maps:to_list(Groups)]).
 
 %% @doc Bytes of native memory held by all series.
 -spec memory() -> non_neg_integer().
@@ -184,7 +192,14 @@ entries() ->
     try ets:tab2list(?TAB) catch error:badarg -> [] end.
 
 refs(Name, Filter) ->
-    [R || {{N, T}, R} <- entries(), N =:= Name, maps:with(maps:keys(Filter), T) =:= Filter].
+    [R || {T, R} <- of_name(Name), maps:with(maps:keys(Filter), T) =:= Filter].
+
+%% The set table cannot look up by half a key, but select copies out only
+%% the matching series.
+of_name(Name) ->
+    try ets:select(?TAB, [{{{Name, '$1'}, '$2'}, [], [{{'$1', '$2'}}]}])
+    catch error:badarg -> []
+    end.
 
 %% Names are normalised to one binary: `[dspex, store]' and `dspex_store'
 %% are the same metric. Prometheus' name rule applies.

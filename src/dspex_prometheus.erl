@@ -41,8 +41,7 @@ port() ->
 -spec render() -> iodata().
 render() ->
     Now = dspex_metrics:clock(),
-    Names = lists:usort([N || {N, _} <- dspex_metrics:series()]),
-    [[family(Name, Now) || Name <- Names],
+    [[family(Name, Series, Now) || {Name, Series} <- dspex_metrics:all_series()],
      "# HELP dspex_active_sessions Live sessions of the variable store.\n",
      "# TYPE dspex_active_sessions gauge\n",
      "dspex_active_sessions ", integer_to_list(maps:get(sessions, dspex_nif:stats())), "\n"].
@@ -97,8 +96,7 @@ terminate(_Reason, #{httpd := Pid}) ->
 
 %%% rendering ----------------------------------------------------------------
 
-family(Name, Now) ->
-    Series = lists:sort(dspex_metrics:series(Name)),
+family(Name, Series, Now) ->
     case binary:longest_common_suffix([Name, <<"_total">>]) of
         6 -> counter(Name, Series);
         _ -> summary(Name, Series, Now)
