@@ -8,7 +8,7 @@ export CI
 
 # Exact Debian 12 packages, each a real need of the build or the tests.
 APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
-             erlang-parsetools erlang-edoc rebar3
+             erlang-parsetools erlang-edoc rebar3 erlang-inets
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
@@ -62,7 +62,7 @@ test-nif-asan:
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  DSPEX_PROP_STATEM_N=500 DSPEX_PROP_FUZZ_N=500 DSPEX_PROP_PARALLEL_N=200 DSPEX_PROP_GRAPH_N=200 DSPEX_PROP_LOCKS_N=100 \
 	  $(ERL) -noshell -pa _build/test/lib/*/ebin -pa _build/test/lib/dspex_bridge/test -eval \
-	  'case eunit:test([dspex_store_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests], []) of ok -> halt(0); _ -> halt(1) end.'
+	  'case eunit:test([dspex_store_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests, dspex_metrics_tests, dspex_telemetry_tests], []) of ok -> halt(0); _ -> halt(1) end.'
 
 # The Python side of the worker protocol (priv/python/dspex_bridge/worker.py);
 # the Erlang side (dspex_workers_SUITE, breaker, retry, JSON) runs in test-erlang.

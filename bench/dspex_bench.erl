@@ -21,6 +21,10 @@ main(_Args) ->
         {module, _} -> dspex_graph_bench:main();
         _ -> ok
     end,
+    case code:ensure_loaded(dspex_metrics_bench) of
+        {module, _} -> dspex_metrics_bench:main();
+        _ -> ok
+    end,
     ok.
 
 %%% get/set against ETS and a gen_server map store ---------------------------

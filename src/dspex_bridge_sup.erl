@@ -17,5 +17,7 @@ init([]) ->
                 #{id => dspex_workers_sup, type => supervisor, shutdown => infinity,
                   start => {dspex_workers_sup, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor,
-                  start => {dspex_propagator_sup, start_link, []}}],
+                  start => {dspex_propagator_sup, start_link, []}},
+                #{id => dspex_metrics_server, start => {dspex_metrics_server, start_link, []}},
+                #{id => dspex_prometheus, start => {dspex_prometheus, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

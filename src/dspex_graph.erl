@@ -32,11 +32,29 @@ add_dependency(Session, From, To) -> add_dependency(Session, From, To, data).
 %% Unknown variables: `{error, {not_found, Key}}'.
 -spec add_dependency(session_id(), var_key(), var_key(), atom()) -> ok | {error, term()}.
 add_dependency(Session, From, To, Type) when is_atom(Type) ->
-    dspex_nif:graph_add(Session, From, To, Type).
+    timed(add_dependency, #{session => Session, from => From, to => To, type => Type},
+          fun() -> dspex_nif:graph_add(Session, From, To, Type) end).
 
 %% @doc Removes the edge; `{error, {not_found, {From, To}}}' if there is none.
 -spec remove_dependency(session_id(), var_key(), var_key()) -> ok | {error, term()}.
-remove_dependency(Session, From, To) -> dspex_nif:graph_remove(Session, From, To).
+remove_dependency(Session, From, To) ->
+    timed(remove_dependency, #{session => Session, from => From, to => To},
+          fun() -> dspex_nif:graph_remove(Session, From, To) end).
+
+%% `[dspex, graph, Op, stop]' with the duration and `result => ok | error'.
+timed(Op, Meta, Call) ->
+    case dspex_telemetry:handlers([dspex, graph, Op, stop]) of
+        [] -> Call();
+        Hs ->
+            T0 = erlang:monotonic_time(),
+            R = Call(),
+            M = case R of
+                    {error, Reason} -> Meta#{result => error, error => Reason};
+                    _ -> Meta#{result => ok}
+                end,
+            dspex_telemetry:emit(Hs, [dspex, graph, Op, stop], #{duration => erlang:monotonic_time() - T0}, M),
+            R
+    end.
 
 %% @doc What the variable depends on directly (its predecessors).
 -spec dependencies(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.

@@ -11,7 +11,11 @@
          watch/3, watch/4, unwatch/1, var_info/2, export_session/1, import_session/1,
          graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3,
          var_lock/4, var_lock/5, var_unlock/3,
-         acl_set/4, acl_get/2, acl_check/5, acl_filter/4, acl_validate/1, session_set_rate/3]).
+         acl_set/4, acl_get/2, acl_check/5, acl_filter/4, acl_validate/1, session_set_rate/3,
+         metrics_series_new/1, metrics_record/3, metrics_query/4, metrics_totals/1, metrics_series_memory/1,
+         metrics_sketch_stats/1, metrics_sketch_quantile/2, metrics_sketch_to_binary/1,
+         metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
+         metrics_native_bind/4, metrics_native_flush/0]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -77,3 +81,16 @@ watch(_S, _Keys, _Pid, _Opts) -> ?NOT_LOADED.
 var_lock(_S, _Key, _Holder, _Expect, _Opts) -> ?NOT_LOADED.
 var_get_many(_S, _Keys, _Opts) -> ?NOT_LOADED.
 var_history(_S, _Key, _Limit, _Opts) -> ?NOT_LOADED.
+metrics_series_new(_RetentionHours) -> ?NOT_LOADED.
+metrics_record(_Series, _Value, _Time) -> ?NOT_LOADED.
+metrics_query(_SeriesList, _From, _To, _Now) -> ?NOT_LOADED.
+metrics_totals(_Series) -> ?NOT_LOADED.
+metrics_series_memory(_Series) -> ?NOT_LOADED.
+metrics_sketch_stats(_Sketch) -> ?NOT_LOADED.
+metrics_sketch_quantile(_Sketch, _Q) -> ?NOT_LOADED.
+metrics_sketch_to_binary(_Sketch) -> ?NOT_LOADED.
+metrics_sketch_from_binary(_Bin) -> ?NOT_LOADED.
+metrics_sketch_merge(_Sketches) -> ?NOT_LOADED.
+metrics_now() -> ?NOT_LOADED.
+metrics_native_bind(_Op, _Ok, _Miss, _Err) -> ?NOT_LOADED.
+metrics_native_flush() -> ?NOT_LOADED.

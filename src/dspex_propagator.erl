@@ -177,7 +177,13 @@ handle_info({dspex_variable, _Ref, S, Name, _Old, _New, _Meta}, #{session := S, 
         true -> {noreply, St}; %% our own write
         false ->
             case dspex_graph:update_order(S, Name) of
-                {ok, [_ | Order]} -> {noreply, lists:foldl(fun recompute/2, St, Order)};
+                {ok, [_ | Order]} ->
+                    T0 = erlang:monotonic_time(),
+                    St1 = lists:foldl(fun recompute/2, St, Order),
+                    dspex_telemetry:execute([dspex, graph, propagation, stop],
+                                            #{duration => erlang:monotonic_time() - T0},
+                                            #{session => S, variable => Name, dependents => Order}),
+                    {noreply, St1};
                 {error, session_not_found} -> {stop, normal, St};
                 {error, _} -> {noreply, St}
             end

@@ -77,6 +77,41 @@
 
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
 
+%% Emits `[dspex, store, Op, stop]' around Call with `duration' (native
+%% units) and `Meta' plus `result => ok | error' (and `error => Reason'),
+%% measuring only when a handler listens. The handler entry is looked up by
+%% its atom key `Key' (`dspex_telemetry:key([dspex, store, Op, stop])'), and the clock is
+%% `os:perf_counter/0' (converted to native units): on Linux it costs a third
+%% of `erlang:monotonic_time/0'. One use per function clause (the macro's
+%% variables are not hygienic).
+-define(TIMED(Op, Key, Meta, Call),
+        case dspex_telemetry:handlers_at(Key) of
+            [] -> Call;
+            Hs__ ->
+                T0__ = os:perf_counter(),
+                R__ = Call,
+                D__ = erlang:convert_time_unit(os:perf_counter() - T0__, perf_counter, native),
+                dspex_telemetry:emit(Hs__, [dspex, store, Op, stop], #{duration => D__}, result_meta(R__, Meta)),
+                R__
+        end).
+
+%% get and get_value are timed inside the NIF for the analytics (see
+%% dspex_metrics_handler): when theirs is the only handler nothing is done
+%% here, and events sent for other handlers say `native_metrics => true' so
+%% the analytics handler does not count them twice.
+-define(TIMED_NATIVE(Op, Key, Meta, Call),
+        case dspex_telemetry:handlers_at(Key) of
+            [] -> Call;
+            [{{dspex_metrics, _}, _, _}] -> Call;
+            Hs__ ->
+                T0__ = os:perf_counter(),
+                R__ = Call,
+                D__ = erlang:convert_time_unit(os:perf_counter() - T0__, perf_counter, native),
+                dspex_telemetry:emit(Hs__, [dspex, store, Op, stop], #{duration => D__},
+                                     (result_meta(R__, Meta))#{native_metrics => true}),
+                R__
+        end).
+
 %%% Sessions ----------------------------------------------------------------
 
 %% @equiv create_session(Id, #{})
@@ -165,21 +200,25 @@ register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
                        #{description := D} -> Meta0#{description => D};
                        _ -> Meta0
                    end,
-            dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By,
-                                   maps:get(derived, Opts, false) =:= true)
+            ?TIMED(register, 'dspex_telemetry/dspex.store.register.stop', #{session => Session, variable => Name, type => Type},
+                   dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By,
+                                          maps:get(derived, Opts, false) =:= true))
     end.
 
 %% @doc The variable as a map (see `var()').
 -spec get(session_id(), var_key()) -> {ok, var()} | {error, error_reason()}.
-get(Session, Key) -> var_map(dspex_nif:var_get(Session, Key)).
+get(Session, Key) -> ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key}, var_map(dspex_nif:var_get(Session, Key))).
 
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
 get(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
     %% the common case goes as a bare binary: the NIF skips the map lookups
-    var_map(dspex_nif:var_get(Session, Key, As));
-get(Session, Key, Opts) -> var_map(dspex_nif:var_get(Session, Key, Opts)).
+    ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key, as => As},
+           var_map(dspex_nif:var_get(Session, Key, As)));
+get(Session, Key, Opts) ->
+    ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
+           var_map(dspex_nif:var_get(Session, Key, Opts))).
 
 %% The NIF answers a plain variable with a flat tagged tuple: this literal-key
 %% map expression shares its key tuple, which the NIF cannot (it would allocate
@@ -196,12 +235,13 @@ var_map(Other) ->
 
 %% @doc Only the current value.
 -spec get_value(session_id(), var_key()) -> {ok, value()} | {error, error_reason()}.
-get_value(Session, Key) -> dspex_nif:var_get_value(Session, Key).
+get_value(Session, Key) ->
+    ?TIMED_NATIVE(get_value, 'dspex_telemetry/dspex.store.get_value.stop', #{session => Session, variable => Key}, dspex_nif:var_get_value(Session, Key)).
 
 %% @doc The current value, or `Default' when the session or variable is missing.
 -spec get_value(session_id(), var_key(), Default) -> value() | Default.
 get_value(Session, Key, Default) ->
-    case dspex_nif:var_get_value(Session, Key) of
+    case get_value(Session, Key) of
         {ok, V} -> V;
         {error, _} -> Default
     end.
@@ -216,11 +256,13 @@ exists(Session, Key) ->
 
 %% @doc Deletes the variable, its history and its watches.
 -spec delete(session_id(), var_key()) -> ok | {error, error_reason()}.
-delete(Session, Key) -> dspex_nif:var_delete(Session, Key).
+delete(Session, Key) -> ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key}, dspex_nif:var_delete(Session, Key)).
 
 %% @doc `delete/2' on behalf of another session (`write' permission).
 -spec delete(session_id(), var_key(), map()) -> ok | {error, error_reason()}.
-delete(Session, Key, Opts) -> dspex_nif:var_delete(Session, Key, Opts).
+delete(Session, Key, Opts) ->
+    ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
+           dspex_nif:var_delete(Session, Key, Opts)).
 
 %% @doc All variables of the session, sorted by name.
 -spec list(session_id()) -> {ok, [var()]} | {error, error_reason()}.
@@ -256,24 +298,30 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 set(Session, Key, Value, #{propagate := sync} = Opts) ->
-    case dspex_nif:var_set(Session, Key, Value, Opts) of
+    case set_timed(Session, Key, Value, Opts) of
         {ok, _} = Ok ->
             ok = dspex_propagator:sync(Session),
             Ok;
         Error -> Error
     end;
-set(Session, Key, Value, Opts) -> dspex_nif:var_set(Session, Key, Value, Opts).
+set(Session, Key, Value, Opts) -> set_timed(Session, Key, Value, Opts).
+
+set_timed(Session, Key, Value, Opts) ->
+    ?TIMED(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set(Session, Key, Value, Opts)).
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its
 %% variable; `missing' lists the others in the order given.
 -spec get_many(session_id(), [var_key()]) ->
           {ok, #{found := #{var_key() => var()}, missing := [var_key()]}} | {error, error_reason()}.
-get_many(Session, Keys) when is_list(Keys) -> dspex_nif:var_get_many(Session, Keys).
+get_many(Session, Keys) when is_list(Keys) ->
+    ?TIMED(get_many, 'dspex_telemetry/dspex.store.get_many.stop', #{session => Session, variables => Keys}, dspex_nif:var_get_many(Session, Keys)).
 
 %% @doc `get_many/2' on behalf of another session (`#{as, context}'): keys the
 %% principal may not `read' are listed under `denied'.
 -spec get_many(session_id(), [var_key()], map()) -> {ok, map()} | {error, error_reason()}.
-get_many(Session, Keys, Opts) when is_list(Keys), is_map(Opts) -> dspex_nif:var_get_many(Session, Keys, Opts).
+get_many(Session, Keys, Opts) when is_list(Keys), is_map(Opts) ->
+    ?TIMED(get_many, 'dspex_telemetry/dspex.store.get_many.stop', #{session => Session, variables => Keys, as => maps:get(as, Opts, Session)},
+           dspex_nif:var_get_many(Session, Keys, Opts)).
 
 %% @equiv set_many(Session, Updates, #{atomic => false})
 -spec set_many(session_id(), map() | list()) -> {ok, map()} | {error, term()}.
@@ -297,7 +345,8 @@ set_many(Session, Updates, Opts) when is_map(Opts) ->
     %% `as' and `context' of the call apply to every update
     Who = maps:with([as, context], Opts),
     Norm = [{K, V, maps:merge(Who, O)} || {K, V, O} <- normalize_updates(Updates)],
-    dspex_nif:var_set_many(Session, Norm, Atomic).
+    ?TIMED(batch, 'dspex_telemetry/dspex.store.batch.stop', #{session => Session, variables => [K || {K, _, _} <- Norm], atomic => Atomic},
+           dspex_nif:var_set_many(Session, Norm, Atomic)).
 
 normalize_updates(M) when is_map(M) -> [{K, V, #{}} || {K, V} <- maps:to_list(M)];
 normalize_updates(L) when is_list(L) ->
@@ -334,7 +383,9 @@ rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
 %% commits its value again as a new version.
 -spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
-rollback(Session, Key, Version, Opts) -> dspex_nif:var_rollback(Session, Key, Version, Opts).
+rollback(Session, Key, Version, Opts) ->
+    ?TIMED(rollback, 'dspex_telemetry/dspex.store.rollback.stop', #{session => Session, variable => Key, to_version => Version},
+           dspex_nif:var_rollback(Session, Key, Version, Opts)).
 
 %% @equiv watch(Session, Keys, Pid, #{})
 -spec watch(session_id(), [var_key()], pid()) -> reference() | {error, error_reason()}.
@@ -351,7 +402,8 @@ watch(Session, Keys, Pid) -> watch(Session, Keys, Pid, #{}).
 watch(_Session, [], _Pid, _Opts) ->
     {error, {invalid_argument, variables}};
 watch(Session, Keys, Pid, Opts) when is_list(Keys), is_pid(Pid), is_map(Opts) ->
-    case dspex_nif:watch(Session, Keys, Pid, Opts) of
+    case ?TIMED(watch, 'dspex_telemetry/dspex.store.watch.stop', #{session => Session, variables => Keys, pid => Pid},
+                dspex_nif:watch(Session, Keys, Pid, Opts)) of
         {ok, Ref} -> Ref;
         Error -> Error
     end.
@@ -417,6 +469,9 @@ limits() -> dspex_nif:get_limits().
 %% @doc Changes limits (keys as in `limits/0'); applies to later operations.
 -spec set_limits(#{atom() => non_neg_integer()}) -> ok.
 set_limits(Map) when is_map(Map) -> dspex_nif:set_limits(Map).
+
+result_meta({error, Reason}, Meta) -> Meta#{result => error, error => Reason};
+result_meta(_, Meta) -> Meta#{result => ok}.
 
 %% @doc The variable types.
 -spec types() -> [var_type()].

@@ -3,9 +3,19 @@
 %% handler table. Readers never call a server: handlers are kept in
 %% `persistent_term' and read per event. A handler that crashes is detached and
 %% the detachment is reported with `logger'.
+%%
+%% Besides the full handler list, each event name has its own
+%% `persistent_term' entry with the handlers attached to it, so emitting is one
+%% lookup whatever the number of handlers. That entry is keyed by an atom
+%% (`key/1', e.g. `'dspex_telemetry/dspex.store.get.stop'') because hashing an atom is several
+%% times cheaper than hashing the event list. Hot paths (the store) call
+%% `handlers_at/1' with that atom first, measure the duration only when
+%% someone listens, then call `emit/4'. Handlers attached while `telemetry'
+%% was not loaded stay in this table even if it is loaded later.
 -module(dspex_telemetry).
 
--export([attach/4, attach_many/4, detach/1, execute/3, span/3, list_handlers/1]).
+-export([attach/4, attach_many/4, detach/1, execute/3, span/3, list_handlers/1,
+         handlers/1, handlers_at/1, key/1, emit/4]).
 
 -type event_name() :: [atom(), ...].
 -type handler_id() :: term().
@@ -13,12 +23,14 @@
 -export_type([event_name/0, handler_id/0]).
 
 -define(KEY, {?MODULE, handlers}).
+-define(EVKEY(Event), key(Event)).
 
 %% @doc Calls `Fun(Event, Measurements, Metadata, Config)' for every execution
 %% of `Event'. `{error, already_exists}' if the id is taken.
 -spec attach(handler_id(), event_name(), handler_fun(), term()) -> ok | {error, already_exists}.
 attach(Id, Event, Fun, Config) -> attach_many(Id, [Event], Fun, Config).
 
+%% @doc `attach/4' for several events with one handler id.
 -spec attach_many(handler_id(), [event_name()], handler_fun(), term()) -> ok | {error, already_exists}.
 attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) ->
     case telemetry_loaded() of
@@ -28,11 +40,16 @@ attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) -
                 Hs = handlers(),
                 case lists:keymember(Id, 1, Hs) of
                     true -> {error, already_exists};
-                    false -> persistent_term:put(?KEY, [{Id, Events, Fun, Config} | Hs])
+                    false ->
+                        persistent_term:put(?KEY, [{Id, Events, Fun, Config} | Hs]),
+                        [persistent_term:put(?EVKEY(E), by_event(E, [{Id, Events, Fun, Config} | Hs]))
+                         || E <- lists:usort(Events)],
+                        ok
                 end
             end, [node()])
     end.
 
+%% @doc Removes a handler from every event it was attached to.
 -spec detach(handler_id()) -> ok | {error, not_found}.
 detach(Id) ->
     case telemetry_loaded() of
@@ -41,7 +58,13 @@ detach(Id) ->
             global:trans({?KEY, self()}, fun() ->
                 Hs = handlers(),
                 case lists:keytake(Id, 1, Hs) of
-                    {value, _, Rest} -> persistent_term:put(?KEY, Rest);
+                    {value, {_, Events, _, _}, Rest} ->
+                        persistent_term:put(?KEY, Rest),
+                        [case by_event(E, Rest) of
+                             [] -> persistent_term:erase(?EVKEY(E));
+                             L -> persistent_term:put(?EVKEY(E), L)
+                         end || E <- lists:usort(Events)],
+                        ok;
                     false -> {error, not_found}
                 end
             end, [node()])
@@ -49,14 +72,63 @@ detach(Id) ->
 
 %% @doc Emits an event to every handler attached to it.
 -spec execute(event_name(), map(), map()) -> ok.
-execute(Event, Measurements, Metadata) ->
-    case telemetry_loaded() of
-        true -> telemetry:execute(Event, Measurements, Metadata);
-        false ->
-            [run(H, Event, Measurements, Metadata) || {_, Events, _, _} = H <- handlers(),
-                                                       lists:member(Event, Events)],
-            ok
+execute(Event, Measurements, Metadata) -> emit(handlers(Event), Event, Measurements, Metadata).
+
+%% @doc What `emit/4' needs to deliver `Event': `[]' when nobody listens (the
+%% caller can then skip measuring), the handlers of this module's table, or
+%% `telemetry' when the `telemetry' library is loaded (it looks its own
+%% handlers up).
+-spec handlers(event_name()) -> [{handler_id(), handler_fun(), term()}] | telemetry.
+handlers(Event) ->
+    case own_handlers(Event) of
+        [] -> via_telemetry();
+        Hs -> Hs
     end.
+
+%% @doc `handlers/1' by the event's key (see `key/1'), for hot paths that
+%% have the key as a literal.
+-spec handlers_at(atom()) -> [{handler_id(), handler_fun(), term()}] | telemetry.
+handlers_at(Key) ->
+    case persistent_term:get(Key, []) of
+        [] -> via_telemetry();
+        Hs -> Hs
+    end.
+
+%% @doc The key of an event's handler entry: `dspex_telemetry/' and its names
+%% joined with dots, as an atom (`[dspex, store, get, stop]' is
+%% `'dspex_telemetry/dspex.store.get.stop'').
+-spec key(event_name()) -> atom().
+key(Event) -> binary_to_atom(key_text(Event)).
+
+key_text(Event) -> iolist_to_binary(["dspex_telemetry/" | lists:join($., [atom_to_binary(A) || A <- Event])]).
+
+via_telemetry() ->
+    case telemetry_loaded() of
+        true -> telemetry;
+        false -> []
+    end.
+
+own_handlers(Event) ->
+    try binary_to_existing_atom(key_text(Event)) of
+        K -> persistent_term:get(K, [])
+    catch error:badarg -> [] %% no atom: nothing was ever attached to it
+    end.
+
+%% @doc Delivers an event to handlers obtained from `handlers/1' (same
+%% semantics as `execute/3', without a second lookup).
+-spec emit([{handler_id(), handler_fun(), term()}] | telemetry, event_name(), map(), map()) -> ok.
+emit(telemetry, Event, Measurements, Metadata) ->
+    telemetry:execute(Event, Measurements, Metadata);
+emit([], _Event, _Measurements, _Metadata) ->
+    ok;
+emit([{Id, Fun, Config} | Rest], Event, Measurements, Metadata) ->
+    try Fun(Event, Measurements, Metadata, Config)
+    catch Class:Reason:Stack ->
+            _ = detach(Id),
+            logger:error("dspex_telemetry: handler ~p for ~p failed and was detached: ~p",
+                         [Id, Event, {Class, Reason, Stack}])
+    end,
+    emit(Rest, Event, Measurements, Metadata).
 
 %% @doc Runs `Fun' between `Prefix ++ [start]' and `Prefix ++ [stop]' (or
 %% `[exception]') events, like `telemetry:span/3'; `Fun' returns
@@ -89,12 +161,8 @@ list_handlers(Prefix) ->
 
 handlers() -> persistent_term:get(?KEY, []).
 
-run({Id, _, Fun, Config}, Event, M, Meta) ->
-    try Fun(Event, M, Meta, Config)
-    catch Class:Reason:Stack ->
-            _ = detach(Id),
-            logger:error("dspex_telemetry: handler ~p for ~p failed and was detached: ~p",
-                         [Id, Event, {Class, Reason, Stack}])
-    end.
+%% Handlers of one event, oldest attachment first (the order of execution).
+by_event(Event, Hs) ->
+    lists:reverse([{Id, F, C} || {Id, Events, F, C} <- Hs, lists:member(Event, Events)]).
 
 telemetry_loaded() -> erlang:function_exported(telemetry, execute, 3).

@@ -426,6 +426,20 @@ int dx_sketch_add_n(dx_sketch *s, double v, uint64_t n) {
 
 int dx_sketch_add(dx_sketch *s, double v) { return dx_sketch_add_n(s, v, 1); }
 
+int64_t dx_sketch_key(const dx_sketch *s, double v) { return key_of(s, v); }
+
+int dx_sketch_add_keyed(dx_sketch *s, double v, int64_t key) {
+    if (!s || !(v > 0.0) || !isfinite(v))
+        return -1;
+    struct slotref r = {POS, key};
+    struct plan p;
+    int planned;
+    if (ins_prepare(s, r, 1, &p, &planned) != 0)
+        return -1;
+    ins_commit(s, v, r, 1, &p, planned);
+    return 0;
+}
+
 /* ---- merge ------------------------------------------------------------ */
 
 int dx_sketch_merge(dx_sketch *dst, const dx_sketch *src) {
@@ -517,6 +531,8 @@ double dx_sketch_collapsed_limit(const dx_sketch *s) {
         return 0.0;
     return exp((double)(s->floor - 1) * s->lng);
 }
+
+unsigned dx_sketch_max_buckets(const dx_sketch *s) { return s ? s->max_buckets : 0; }
 
 size_t dx_sketch_memory(const dx_sketch *s) {
     if (!s)
@@ -979,6 +995,43 @@ int dx_series_record(dx_series *s, int64_t now_sec, double v) {
     s->latest = L;
     s->has_latest = 1;
     return 0;
+}
+
+int dx_series_merge(dx_series *s, int64_t now_sec, const dx_sketch *b) {
+    if (!s || !b || b->acc != s->acc || now_sec > TIME_LIMIT || now_sec < -TIME_LIMIT)
+        return -1;
+    if (b->count == 0)
+        return 0;
+    int64_t L = s->has_latest && s->latest > now_sec ? s->latest : now_sec;
+    struct slot *use[LV_N];
+    int nuse = 0;
+    for (int l = 0; l < LV_N; l++) {
+        const struct level *lv = &s->lv[l];
+        int64_t key = fdiv(now_sec, lv->unit);
+        if (!retained(lv, key, L))
+            continue;
+        struct slot *sl = &lv->slots[pmod(key, lv->n)];
+        if (!sl->sk) {
+            if (!(sl->sk = dx_sketch_new(s->acc, 0)))
+                return -1;
+            sl->key = key;
+        } else if (sl->key != key) {
+            dx_sketch_clear(sl->sk);
+            sl->key = key;
+        }
+        use[nuse++] = sl;
+    }
+    if (nuse == 0)
+        return -1;
+    /* Unlike record, not all-or-nothing across windows: a level whose merge
+     * fails (only on allocation failure or count overflow) misses the batch. */
+    int rc = 0;
+    for (int i = 0; i < nuse; i++)
+        if (dx_sketch_merge(use[i]->sk, b) != 0)
+            rc = -1;
+    s->latest = L;
+    s->has_latest = 1;
+    return rc;
 }
 
 static int merge_slot(dx_sketch *tmp, const struct level *lv, int64_t key) {

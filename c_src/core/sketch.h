@@ -78,6 +78,11 @@ int dx_sketch_add_n(dx_sketch *s, double v, uint64_t n);
  * is unchanged. dst == src is allowed (doubles every count). */
 int dx_sketch_merge(dx_sketch *dst, const dx_sketch *src);
 
+/* The bucket key of a finite v > 0: callers may cache it (e.g. in a table
+ * over a discrete input such as clock ticks) and add with dx_sketch_add_keyed,
+ * which skips the log(). key must be dx_sketch_key(s, v) for this accuracy. */
+int64_t dx_sketch_key(const dx_sketch *s, double v);
+int dx_sketch_add_keyed(dx_sketch *s, double v, int64_t key);
 uint64_t dx_sketch_count(const dx_sketch *s);
 double dx_sketch_sum(const dx_sketch *s);  /* 0 when empty */
 double dx_sketch_min(const dx_sketch *s);  /* NaN when empty */
@@ -86,6 +91,8 @@ double dx_sketch_max(const dx_sketch *s);  /* NaN when empty */
 double dx_sketch_quantile(const dx_sketch *s, double q);
 
 double dx_sketch_rel_accuracy(const dx_sketch *s);
+/* The counter budget the sketch was created (or deserialized) with. */
+unsigned dx_sketch_max_buckets(const dx_sketch *s);
 /* 0 if no bucket was ever collapsed, else the magnitude g^(c-1) at or below
  * which samples may have been folded into a coarser bucket. */
 double dx_sketch_collapsed_limit(const dx_sketch *s);
@@ -129,6 +136,10 @@ void dx_series_free(dx_series *s);
  * range, now_sec is older than every level retains (dropped), or OOM. Either
  * every retaining level records the value or none does. */
 int dx_series_record(dx_series *s, int64_t now_sec, double v);
+/* Adds every sample of b (same accuracy) at now_sec to each window, as if
+ * recorded one by one; -1 on mismatch, a time no window keeps, or allocation
+ * failure (then some windows may lack the batch). */
+int dx_series_merge(dx_series *s, int64_t now_sec, const dx_sketch *b);
 /* Merges the data of the inclusive range [from_sec, to_sec] into out (which
  * must have the series' rel_accuracy), with L taken as max(L, now_sec) for
  * this query (the series itself is not modified).

@@ -1,5 +1,6 @@
 /* Registration of the NIF library: the function table and load/unload. */
 #include "acl.h"
+#include "metrics_nif.h"
 #include "nif.h"
 #include <stdlib.h>
 #include <time.h>
@@ -11,6 +12,7 @@ static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
     clock_gettime(CLOCK_REALTIME, &ts);
     dx_hash_seed((uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&ts ^ (uint64_t)ts.tv_sec);
     if (dx_watch_init(env)) return 1;
+    if (dx_metrics_init(env)) return 1;
     dx_store_set_watcher_release(dx_watch_release);
     dx_store_set_acl_release(dx_acl_free);
     return dx_store_init() == DX_OK ? 0 : 1;
@@ -20,7 +22,10 @@ static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
  * see it, so upgrade is refused rather than silently losing every session. */
 static int upgrade(ErlNifEnv *env, void **priv, void **old_priv, ERL_NIF_TERM info) { return 1; }
 
-static void unload(ErlNifEnv *env, void *priv) { dx_store_shutdown(); }
+static void unload(ErlNifEnv *env, void *priv) {
+    dx_metrics_unload();
+    dx_store_shutdown();
+}
 
 #define DIRTY ERL_NIF_DIRTY_JOB_CPU_BOUND
 static ErlNifFunc funcs[] = {
@@ -72,6 +77,7 @@ static ErlNifFunc funcs[] = {
     {"acl_filter", 4, nif_acl_filter, 0},
     {"acl_validate", 1, nif_acl_validate, 0},
     {"session_set_rate", 3, nif_session_set_rate, 0},
+    DX_METRICS_FUNCS,
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

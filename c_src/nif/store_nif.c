@@ -4,6 +4,7 @@
 #include "acl.h"
 #include "glob.h"
 #include "nif.h"
+#include "metrics_nif.h"
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -282,6 +283,10 @@ DX_NIF(nif_stats) {
 /* ---- variables -------------------------------------------------------------------- */
 
 /* Looks up the session (caller is inside an EBR section). */
+/* The outcome of the read just served (also set by WITH_SESSION), for its native timing: set at each
+ * return point; left at -1 by badarg and by a move to a dirty scheduler (the
+ * dirty run is timed instead). */
+static __thread int t_res;
 #define WITH_SESSION(s, term)                                                                     \
     dx_str sid_;                                                                                  \
     if (!get_sid(env, term, &sid_)) return enif_make_badarg(env);                                 \
@@ -293,6 +298,7 @@ DX_NIF(nif_stats) {
     }                                                                                             \
     if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {                                         \
         dx_ebr_exit();                                                                            \
+        t_res = DX_NATIVE_ERROR;                                                                  \
         dx_audit(env, ATOM_dspex_rate_limited, term, argc > 1 ? argv[1] : ATOM_undefined, NULL, 0); \
         return dx_error(env, ATOM_rate_limited);                                                  \
     }
@@ -375,7 +381,24 @@ static int get_key(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *k, char *buf) { retur
 
 static int big_value(const dx_snap *s) { return s->value.type >= DX_T_STRING && dx_value_payload_size(&s->value) > BIG_VALUE_BYTES; }
 
-DX_NIF(nif_var_get) {
+static ERL_NIF_TERM var_get(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+static ERL_NIF_TERM var_get_value(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+
+/* Runs a read, timing it natively when the analytics are bound to op. */
+static inline ERL_NIF_TERM timed(int op, ERL_NIF_TERM (*f)(ErlNifEnv *, int, const ERL_NIF_TERM[]), ErlNifEnv *env,
+                                 int argc, const ERL_NIF_TERM argv[]) {
+    if (!atomic_load_explicit(&dx_native_enabled[op], memory_order_relaxed)) return f(env, argc, argv);
+    uint64_t t0 = dx_native_ticks();
+    t_res = -1;
+    ERL_NIF_TERM r = f(env, argc, argv);
+    if (t_res >= 0) dx_native_record(op, t_res, t0);
+    return r;
+}
+
+DX_NIF(nif_var_get) { return timed(DX_NATIVE_GET, var_get, env, argc, argv); }
+DX_NIF(nif_var_get_value) { return timed(DX_NATIVE_GET_VALUE, var_get_value, env, argc, argv); }
+
+static ERL_NIF_TERM var_get(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     dx_principal p = {0};
@@ -390,19 +413,23 @@ DX_NIF(nif_var_get) {
             return enif_make_badarg(env);
         }
     }
+    t_res = DX_NATIVE_MISS; /* session_not_found, unless the session is found */
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM r;
     dx_var *v = dx_var_find(s, key);
     if (v && p.set) __builtin_prefetch(dx_var_acl(v));
+    t_res = v ? DX_NATIVE_OK : DX_NATIVE_MISS;
     if (!v) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else if (p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_READ)) {
         r = dx_error(env, ATOM_access_denied);
+        t_res = DX_NATIVE_ERROR;
         dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_read);
     } else {
         dx_snap *cur = dx_var_current(v);
         if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
+            t_res = -1;
             return RESCHEDULE("var_get", nif_var_get);
         }
         int by_name = enif_is_binary(env, argv[1]) && key.len == v->name_len && !memcmp(key.ptr, v->name, key.len);
@@ -414,19 +441,22 @@ DX_NIF(nif_var_get) {
     return r;
 }
 
-DX_NIF(nif_var_get_value) {
+static ERL_NIF_TERM var_get_value(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf)) return enif_make_badarg(env);
+    t_res = DX_NATIVE_MISS; /* session_not_found, unless the session is found */
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM r;
     dx_var *v = dx_var_find(s, key);
+    t_res = v ? DX_NATIVE_OK : DX_NATIVE_MISS;
     if (!v) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else {
         dx_snap *cur = dx_var_current(v);
         if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
+            t_res = -1;
             return RESCHEDULE("var_get_value", nif_var_get_value);
         }
         r = enif_make_tuple2(env, ATOM_ok, dx_value_to_term(env, &cur->value));

@@ -1110,8 +1110,92 @@ static void test_series_invalid(void **st) {
     dx_series_free(s);
 }
 
+/* The bucket budget is reported and survives serialisation (the NIF refuses
+ * foreign sketches with a larger budget by reading it). */
+static void test_max_buckets_reported(void **st) {
+    dx_sketch *s = dx_sketch_new(0.01, 0);
+    assert_int_equal(dx_sketch_max_buckets(s), DX_SKETCH_DEFAULT_BUCKETS);
+    dx_sketch *big = dx_sketch_new(0.01, 4096);
+    assert_int_equal(dx_sketch_max_buckets(big), 4096);
+    dx_sketch_add(big, 3.0);
+    uint8_t buf[256];
+    size_t n = dx_sketch_serialize(big, buf, sizeof buf);
+    assert_true(n <= sizeof buf);
+    dx_sketch *back = dx_sketch_deserialize(buf, n);
+    assert_non_null(back);
+    assert_int_equal(dx_sketch_max_buckets(back), 4096);
+    assert_int_equal(dx_sketch_max_buckets(NULL), 0);
+    dx_sketch_free(back);
+    dx_sketch_free(big);
+    dx_sketch_free(s);
+}
+
+/* add_keyed with the cached key is the same as add, bucket for bucket. */
+static void test_add_keyed_matches_add(void **state) {
+    (void)state;
+    dx_sketch *a = dx_sketch_new(0.01, 0), *b = dx_sketch_new(0.01, 0);
+    assert_non_null(a);
+    assert_non_null(b);
+    for (int i = 1; i <= 20000; i++) {
+        double v = (double)i * 0.37e-3 * (1 + (i % 7)); /* like ticks * us-per-tick */
+        assert_int_equal(dx_sketch_add(a, v), 0);
+        assert_int_equal(dx_sketch_add_keyed(b, v, dx_sketch_key(b, v)), 0);
+    }
+    assert_int_equal(dx_sketch_count(a), dx_sketch_count(b));
+    assert_true(dx_sketch_sum(a) == dx_sketch_sum(b));
+    for (double q = 0.0; q <= 1.0; q += 0.01) assert_true(dx_sketch_quantile(a, q) == dx_sketch_quantile(b, q));
+    assert_int_equal(dx_sketch_add_keyed(b, 0.0, 0), -1);
+    assert_int_equal(dx_sketch_add_keyed(b, -1.0, 0), -1);
+    assert_int_equal(dx_sketch_add_keyed(b, NAN, 0), -1);
+    dx_sketch_free(a);
+    dx_sketch_free(b);
+}
+
+/* A merged batch reads back exactly like the same samples recorded one by
+ * one, in every window; a batch no window keeps is refused. */
+static void test_series_merge_equals_records(void **state) {
+    (void)state;
+    const int64_t t0 = 1700000000;
+    dx_series *one = dx_series_new(0.01, 24), *bat = dx_series_new(0.01, 24);
+    assert_non_null(one);
+    assert_non_null(bat);
+    for (int sec = 0; sec < 200; sec += 7) {
+        dx_sketch *b = dx_sketch_new(0.01, 0);
+        assert_non_null(b);
+        for (int i = 1; i <= 50; i++) {
+            double v = 0.05 * i + sec;
+            assert_int_equal(dx_series_record(one, t0 + sec, v), 0);
+            assert_int_equal(dx_sketch_add(b, v), 0);
+        }
+        assert_int_equal(dx_series_merge(bat, t0 + sec, b), 0);
+        dx_sketch_free(b);
+    }
+    int64_t now = t0 + 200;
+    int64_t ranges[][2] = {{t0, now}, {now - 59, now}, {t0 + 3, t0 + 150}, {now - 3600, now}};
+    for (size_t r = 0; r < sizeof ranges / sizeof *ranges; r++) {
+        dx_sketch *qa = dx_sketch_new(0.01, 0), *qb = dx_sketch_new(0.01, 0);
+        assert_int_equal(dx_series_query(one, ranges[r][0], ranges[r][1], now, qa), 0);
+        assert_int_equal(dx_series_query(bat, ranges[r][0], ranges[r][1], now, qb), 0);
+        assert_int_equal(dx_sketch_count(qa), dx_sketch_count(qb));
+        assert_true(fabs(dx_sketch_sum(qa) - dx_sketch_sum(qb)) < 1e-9 * (1 + fabs(dx_sketch_sum(qa))));
+        for (double q = 0.0; q <= 1.0; q += 0.05) assert_true(dx_sketch_quantile(qa, q) == dx_sketch_quantile(qb, q));
+        dx_sketch_free(qa);
+        dx_sketch_free(qb);
+    }
+    dx_sketch *b = dx_sketch_new(0.01, 0), *other = dx_sketch_new(0.02, 0);
+    assert_int_equal(dx_sketch_add(b, 1.0), 0);
+    assert_int_equal(dx_sketch_add(other, 1.0), 0);
+    assert_int_equal(dx_series_merge(bat, now - 30 * 24 * 3600, b), -1); /* older than every window */
+    assert_int_equal(dx_series_merge(bat, now, other), -1);              /* another accuracy */
+    dx_sketch_free(b);
+    dx_sketch_free(other);
+    dx_series_free(one);
+    dx_series_free(bat);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_max_buckets_reported),
         cmocka_unit_test(test_accuracy_uniform),
         cmocka_unit_test(test_accuracy_exponential),
         cmocka_unit_test(test_accuracy_skewed),
@@ -1129,6 +1213,8 @@ int main(void) {
         cmocka_unit_test(test_series_windows),
         cmocka_unit_test(test_series_retention),
         cmocka_unit_test(test_series_invalid),
+        cmocka_unit_test(test_add_keyed_matches_add),
+        cmocka_unit_test(test_series_merge_equals_records),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

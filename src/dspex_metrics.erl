@@ -1,0 +1,245 @@
+%% @doc Native metrics: per metric name and tag set, a series of mergeable
+%% quantile sketches (`c_src/core/sketch.c') in 1-second buckets rolled up into
+%% minute and hour windows, kept for `metrics_retention_hours' (default 24).
+%%
+%% Counts, sums, minimum, maximum and mean are exact; quantiles are within 1%
+%% relative error of the true sample at the same rank, also after `merge/2'
+%% of sketches from several nodes. Recording is one ETS lookup plus one NIF
+%% call that takes the series' own mutex; queries run on dirty schedulers.
+%%
+%% Times are whole seconds since the Unix epoch (`now' by default: the OS
+%% clock). Tests and replays pass explicit times (`record/4', `query/5').
+%%
+%% Errors: `{error, {invalid_argument, What}}' (`metric', `tags', `value',
+%% `time', `range', `aggregation'), `{error, {limit_exceeded, series}}'
+%% (more than `metrics_max_series' distinct series, default 10 000),
+%% `{error, rejected}' (a time older than every retained window),
+%% `{error, not_started}' (the application is not running),
+%% `{error, invalid_sketch}', `{error, incompatible}' (merge).
+-module(dspex_metrics).
+
+-export([record/3, record/4, query/4, query/5, dashboard/0, dashboard/1,
+         merge/2, summary/1, series/0, series/1, memory/0, clock/0, series_ref/2, all_series/0]).
+
+-type metric() :: atom() | binary() | [atom() | binary()].
+-type tags() :: #{atom() | binary() => atom() | binary() | number()}.
+-type time() :: integer() | now.
+-type aggregation() :: count | sum | min | max | mean | p50 | p90 | p95 | p99
+                     | {quantile, float()} | summary | sketch.
+-type summary() :: #{count := non_neg_integer(), sum := float(), min := float() | undefined,
+                     max := float() | undefined, mean := float() | undefined,
+                     p50 := float() | undefined, p90 := float() | undefined,
+                     p95 := float() | undefined, p99 := float() | undefined}.
+-export_type([metric/0, tags/0, aggregation/0, summary/0]).
+
+-define(TAB, dspex_metrics_series).
+
+%% @equiv record(Metric, Value, Tags, #{})
+-spec record(metric(), number(), tags()) -> ok | {error, term()}.
+record(Metric, Value, Tags) -> record(Metric, Value, Tags, #{}).
+
+%% @doc Records one sample of `Metric' with tag set `Tags'. Option `time':
+%% the second it belongs to (default: now). A late sample goes into every
+%% window that still retains its time; one older than all of them is
+%% `{error, rejected}'.
+-spec record(metric(), number(), tags(), #{time => time()}) -> ok | {error, term()}.
+record(Metric, Value, Tags, Opts) when is_map(Opts) ->
+    Time = maps:get(time, Opts, now),
+    if
+        not is_number(Value) -> {error, {invalid_argument, value}};
+        not (Time =:= now orelse is_integer(Time)) -> {error, {invalid_argument, time}};
+        true ->
+            case series_ref(Metric, Tags) of
+                {ok, Ref} -> dspex_nif:metrics_record(Ref, Value, Time);
+                Error -> Error
+            end
+    end.
+
+%% @equiv query(Metric, From, To, Aggregation, #{})
+-spec query(metric() | {metric(), tags()}, integer(), integer(), aggregation()) ->
+          {ok, term()} | {error, term()}.
+query(Metric, From, To, Aggregation) -> query(Metric, From, To, Aggregation, #{}).
+
+%% @doc Aggregates every sample of the inclusive second range `[From, To]'.
+%% `Metric' alone merges all its tag sets; `{Metric, Tags}' only the series
+%% whose tags include `Tags'. Each second is answered from the finest window
+%% that still holds it (seconds for the last minute, minutes for the last
+%% hour, hours up to the retention); a minute or hour bucket partly inside
+%% the range counts in full. `now' (option, default the OS clock) moves the
+%% windows forward as if that time had been reached.
+%%
+%% `count' is an integer; `sum', `min', `max', `mean', `p50'..`p99' and
+%% `{quantile, Q}' floats (`undefined' when there is no sample); `summary'
+%% all of them in a map; `sketch' the serialised sketch for `merge/2'.
+-spec query(metric() | {metric(), tags()}, integer(), integer(), aggregation(), #{now => integer()}) ->
+          {ok, term()} | {error, term()}.
+query(Metric, From, To, Aggregation, Opts) when is_map(Opts) ->
+    Now = maps:get(now, Opts, now),
+    {Name0, Filter} = case Metric of
+                          {N, F} when is_map(F) -> {N, F};
+                          N -> {N, #{}}
+                      end,
+    case {metric_name(Name0), valid_aggregation(Aggregation)} of
+        {error, _} -> {error, {invalid_argument, metric}};
+        {_, false} -> {error, {invalid_argument, aggregation}};
+        _ when not (is_integer(From) andalso is_integer(To) andalso From =< To) ->
+            {error, {invalid_argument, range}};
+        _ when not (Now =:= now orelse is_integer(Now)) -> {error, {invalid_argument, time}};
+        {{ok, Name}, true} ->
+            case dspex_nif:metrics_query(refs(Name, Filter), From, To, Now) of
+                {ok, Sketch} -> {ok, aggregate(Sketch, Aggregation)};
+                {error, bad_range} -> {error, {invalid_argument, range}};
+                Error -> Error
+            end
+    end.
+
+%% @equiv dashboard(#{})
+-spec dashboard() -> map().
+dashboard() -> dashboard(#{}).
+
+%% @doc Operator figures (see {@link dspex_metrics_dashboard}); option `now'.
+-spec dashboard(#{now => integer()}) -> map().
+dashboard(Opts) when is_map(Opts) -> dspex_metrics_dashboard:build(Opts).
+
+%% @doc Merges two serialised sketches (from `query(..., sketch)', possibly
+%% of other nodes) into one: the sketch of the union of their samples, with
+%% the same error bound. `{error, invalid_sketch}' for a malformed binary,
+%% `{error, incompatible}' for different accuracies.
+-spec merge(binary(), binary()) -> {ok, binary()} | {error, invalid_sketch | incompatible | enomem}.
+merge(A, B) when is_binary(A), is_binary(B) ->
+    case {dspex_nif:metrics_sketch_from_binary(A), dspex_nif:metrics_sketch_from_binary(B)} of
+        {{ok, SA}, {ok, SB}} ->
+            case dspex_nif:metrics_sketch_merge([SA, SB]) of
+                {ok, S} -> {ok, dspex_nif:metrics_sketch_to_binary(S)};
+                Error -> Error
+            end;
+        _ -> {error, invalid_sketch}
+    end.
+
+%% @doc The summary (count, sum, min, max, mean, p50, p90, p95, p99) of a
+%% serialised sketch.
+-spec summary(binary()) -> {ok, summary()} | {error, invalid_sketch}.
+summary(Bin) when is_binary(Bin) ->
+    case dspex_nif:metrics_sketch_from_binary(Bin) of
+        {ok, S} -> {ok, dspex_nif:metrics_sketch_stats(S)};
+        Error -> Error
+    end.
+
+%% @doc Every series as `{Name, Tags}' (`Name' is the normalised binary).
+-spec series() -> [{binary(), tags()}].
+series() -> [K || {K, _} <- entries()].
+
+%% @doc The series of one metric with their native handles (for exporters).
+-spec series(metric()) -> [{tags(), term()}].
+series(Metric) ->
+    case metric_name(Metric) of
+        {ok, Name} -> of_name(Name);
+        error -> []
+    end.
+
+%% @doc Every series with its native handle, grouped by name (for exporters:
+%% one pass over the table).
+-spec all_series() -> [{binary(), [{tags(), term()}]}].
+all_series() ->
+    Groups = lists:foldl(fun({{N, T}, R}, Acc) -> maps:update_with(N, fun(L) -> [{T, R} | L] end, [{T, R}], Acc) end,
+                         #{}, entries()),
+    lists:sort([{N, lists:sort(L)} || {N, L} <- maps:to_list(Groups)]).
+
+%% @doc Bytes of native memory held by all series.
+-spec memory() -> non_neg_integer().
+memory() -> lists:sum([dspex_nif:metrics_series_memory(R) || {_, R} <- entries()]).
+
+%% @doc The clock `now' means, in seconds since the epoch.
+-spec clock() -> integer().
+clock() -> dspex_nif:metrics_now().
+
+%%% internals -----------------------------------------------------------------
+
+%% @doc The native series of a name and tag set, created on first use (for
+%% handlers that keep it and record with `dspex_nif:metrics_record/3'). Creation
+%% races are settled by `ets:insert_new' (the loser uses the winner's series).
+-spec series_ref(metric(), tags()) -> {ok, term()} | {error, term()}.
+series_ref(Metric, Tags) ->
+    case metric_name(Metric) of
+        error -> {error, {invalid_argument, metric}};
+        {ok, Name} ->
+            Key = {Name, Tags},
+            try ets:lookup(?TAB, Key) of
+                [{_, Ref}] -> {ok, Ref};
+                [] -> create(Key)
+            catch error:badarg -> {error, not_started}
+            end
+    end.
+
+create({_, Tags} = Key) ->
+    case valid_tags(Tags) of
+        false -> {error, {invalid_argument, tags}};
+        true ->
+            Max = application:get_env(dspex_bridge, metrics_max_series, 10000),
+            case ets:info(?TAB, size) >= Max of
+                true -> {error, {limit_exceeded, series}};
+                false ->
+                    Hours = application:get_env(dspex_bridge, metrics_retention_hours, 24),
+                    Ref = dspex_nif:metrics_series_new(Hours),
+                    case ets:insert_new(?TAB, {Key, Ref}) of
+                        true -> {ok, Ref};
+                        false -> [{_, Won}] = ets:lookup(?TAB, Key), {ok, Won}
+                    end
+            end
+    end.
+
+entries() ->
+    try ets:tab2list(?TAB) catch error:badarg -> [] end.
+
+refs(Name, Filter) ->
+    [R || {T, R} <- of_name(Name), maps:with(maps:keys(Filter), T) =:= Filter].
+
+%% The set table cannot look up by half a key, but select copies out only
+%% the matching series.
+of_name(Name) ->
+    try ets:select(?TAB, [{{{Name, '$1'}, '$2'}, [], [{{'$1', '$2'}}]}])
+    catch error:badarg -> []
+    end.
+
+%% Names are normalised to one binary: `[dspex, store]' and `dspex_store'
+%% are the same metric. Prometheus' name rule applies.
+metric_name(M) when is_atom(M) -> check_name(atom_to_binary(M));
+metric_name(M) when is_binary(M) -> check_name(M);
+metric_name([_ | _] = L) ->
+    case lists:all(fun(P) -> is_atom(P) orelse is_binary(P) end, L) of
+        true -> check_name(iolist_to_binary(lists:join(<<"_">>, [part(P) || P <- L])));
+        false -> error
+    end;
+metric_name(_) -> error.
+
+part(P) when is_atom(P) -> atom_to_binary(P);
+part(P) -> P.
+
+check_name(<<C, Rest/binary>> = B) when C =:= $_; C =:= $:; C >= $a, C =< $z; C >= $A, C =< $Z ->
+    case name_chars(Rest) of
+        true -> {ok, B};
+        false -> error
+    end;
+check_name(_) -> error.
+
+name_chars(<<>>) -> true;
+name_chars(<<C, R/binary>>) when C =:= $_; C =:= $:; C >= $a, C =< $z; C >= $A, C =< $Z; C >= $0, C =< $9 ->
+    name_chars(R);
+name_chars(_) -> false.
+
+valid_tags(T) when is_map(T), map_size(T) =< 16 ->
+    lists:all(fun({K, V}) ->
+                      (is_atom(K) orelse is_binary(K)) andalso check_name(part(K)) =/= error
+                          andalso (is_atom(V) orelse is_binary(V) orelse is_number(V))
+              end, maps:to_list(T));
+valid_tags(_) -> false.
+
+valid_aggregation(A) when A =:= count; A =:= sum; A =:= min; A =:= max; A =:= mean; A =:= p50;
+                          A =:= p90; A =:= p95; A =:= p99; A =:= summary; A =:= sketch -> true;
+valid_aggregation({quantile, Q}) when is_number(Q), Q >= 0, Q =< 1 -> true;
+valid_aggregation(_) -> false.
+
+aggregate(S, sketch) -> dspex_nif:metrics_sketch_to_binary(S);
+aggregate(S, summary) -> dspex_nif:metrics_sketch_stats(S);
+aggregate(S, {quantile, Q}) -> dspex_nif:metrics_sketch_quantile(S, Q);
+aggregate(S, A) -> maps:get(A, dspex_nif:metrics_sketch_stats(S)).
