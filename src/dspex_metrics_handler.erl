@@ -26,7 +26,7 @@
 %% itself. Their handlers here still count events from other emitters; the
 %% store's own events say `native_metrics => true' and are skipped (the store
 %% emits nothing at all when this is the only handler).
--define(NATIVE, [get, get_value]).
+-define(NATIVE, [get, get_value, set]).
 -define(WRITES, [register, set, batch, delete, rollback]).
 -define(COUNTED, [[dspex, locks, acquired], [dspex, locks, released], [dspex, locks, waited],
                   [dspex, locks, preempted], [dspex, locks, expired], [dspex, locks, progress],

@@ -95,7 +95,7 @@
                 R__
         end).
 
-%% get and get_value are timed inside the NIF for the analytics (see
+%% get, get_value and set are timed inside the NIF for the analytics (see
 %% dspex_metrics_handler): when theirs is the only handler nothing is done
 %% here, and events sent for other handlers say `native_metrics => true' so
 %% the analytics handler does not count them twice.
@@ -307,7 +307,7 @@ set(Session, Key, Value, #{propagate := sync} = Opts) ->
 set(Session, Key, Value, Opts) -> set_timed(Session, Key, Value, Opts).
 
 set_timed(Session, Key, Value, Opts) ->
-    ?TIMED(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set(Session, Key, Value, Opts)).
+    ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set(Session, Key, Value, Opts)).
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its
 %% variable; `missing' lists the others in the order given.

@@ -61,7 +61,7 @@ typedef struct {
 } sketch_res;
 
 static ErlNifResourceType *series_type, *sketch_type;
-static ERL_NIF_TERM A_get, A_get_value;
+static ERL_NIF_TERM A_get, A_get_value, A_set;
 static void calibrate(void);
 static ERL_NIF_TERM A_ok, A_error, A_now, A_undefined, A_rejected, A_bad_range, A_enomem, A_invalid_sketch,
     A_incompatible, A_count, A_sum, A_min, A_max, A_mean, A_p50, A_p90, A_p95, A_p99;
@@ -91,7 +91,7 @@ int dx_metrics_init(ErlNifEnv *env) {
     MK(A_invalid_sketch, "invalid_sketch"); MK(A_incompatible, "incompatible");
     MK(A_count, "count"); MK(A_sum, "sum"); MK(A_min, "min"); MK(A_max, "max"); MK(A_mean, "mean");
     MK(A_p50, "p50"); MK(A_p90, "p90"); MK(A_p95, "p95"); MK(A_p99, "p99");
-    MK(A_get, "get"); MK(A_get_value, "get_value");
+    MK(A_get, "get"); MK(A_get_value, "get_value"); MK(A_set, "set");
 #undef MK
     calibrate();
     return 0;
@@ -241,9 +241,9 @@ DX_METRICS_NIF(nif_metrics_record) {
     return record_into(r, t, v) ? err(env, A_rejected) : A_ok;
 }
 
-/* ---- native recording of the hottest store operations ----------------------------
+/* ---- native recording of the hottest store operations (get, get_value, set) ----
  * A telemetry handler costs more than a get itself (two clock reads, a
- * metadata map, a fun call, a NIF call). For get/get_value the analytics are
+ * metadata map, a fun call, a NIF call). For these the analytics are
  * therefore bound into the NIF: the call is timed with the TSC and the sample
  * appended to a per-thread ring (no lock, no atomic read-modify-write). A ring
  * is drained into the bound series when it fills and before every query or
@@ -400,6 +400,7 @@ void dx_native_record(int op, int res, uint64_t t0) {
 static int native_op(ErlNifEnv *env, ERL_NIF_TERM t, int *op) {
     if (enif_is_identical(t, A_get)) *op = DX_NATIVE_GET;
     else if (enif_is_identical(t, A_get_value)) *op = DX_NATIVE_GET_VALUE;
+    else if (enif_is_identical(t, A_set)) *op = DX_NATIVE_SET;
     else return 0;
     return 1;
 }

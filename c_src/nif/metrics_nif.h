@@ -22,10 +22,10 @@ DX_METRICS_NIF(nif_metrics_now);
 DX_METRICS_NIF(nif_metrics_native_bind);
 DX_METRICS_NIF(nif_metrics_native_flush);
 
-/* Native timing of store reads (see metrics_nif.c): a NIF that serves op
+/* Native timing of store reads and sets (see metrics_nif.c): a NIF that serves op
  * takes t0 = dx_native_ticks() when dx_native_enabled[op] is set, and calls
  * dx_native_record(op, result, t0) before it returns. */
-enum { DX_NATIVE_GET, DX_NATIVE_GET_VALUE, DX_NATIVE_OPS };
+enum { DX_NATIVE_GET, DX_NATIVE_GET_VALUE, DX_NATIVE_SET, DX_NATIVE_OPS };
 enum { DX_NATIVE_OK, DX_NATIVE_MISS, DX_NATIVE_ERROR, DX_NATIVE_RESULTS };
 extern _Atomic int dx_native_enabled[DX_NATIVE_OPS];
 uint64_t dx_native_ticks(void);

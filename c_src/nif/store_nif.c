@@ -597,17 +597,21 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
 }
 
 /* set(Session, Key, Value, Opts) */
-DX_NIF(nif_var_set) {
+static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3])) return enif_make_badarg(env);
-    if (!dx_on_dirty() && big_input(env, argv[2])) return RESCHEDULE("var_set", nif_var_set);
+    if (!dx_on_dirty() && big_input(env, argv[2])) {
+        t_res = -1;
+        return RESCHEDULE("var_set", nif_var_set);
+    }
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
     set_opts_buf ob;
     ERL_NIF_TERM bad = parse_set_opts(env, argv[3], &ob);
     if (bad) {
         set_opts_free(&ob);
+        t_res = DX_NATIVE_ERROR;
         return dx_error2(env, ATOM_invalid_argument, bad);
     }
     dx_rawbuf b;
@@ -636,8 +640,15 @@ DX_NIF(nif_var_set) {
     }
     dx_ebr_exit();
     set_opts_free(&ob);
+    int arity;
+    const ERL_NIF_TERM *el;
+    t_res = enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok) ? DX_NATIVE_OK
+                                                                                             : DX_NATIVE_ERROR;
     return r;
 }
+
+DX_NIF(nif_var_set) { return timed(DX_NATIVE_SET, var_set, env, argc, argv); }
+
 
 DX_NIF(nif_var_delete) {
     char kbuf[DX_ATOM_TEXT];
