@@ -14,5 +14,7 @@ init([]) ->
                   start => {dspex_session_sweeper, start_link, [Interval]}},
                 #{id => dspex_locks, start => {dspex_locks, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor,
-                  start => {dspex_propagator_sup, start_link, []}}],
+                  start => {dspex_propagator_sup, start_link, []}},
+                #{id => dspex_cluster_sup, type => supervisor,
+                  start => {dspex_cluster_sup, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.
