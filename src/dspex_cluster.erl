@@ -25,7 +25,7 @@
 %% `route/4' and are never seen by callers.
 -module(dspex_cluster).
 
--export([route/4, local_apply/2, owner_of/1, cluster_status/0, migrate_session/2, drain/1,
+-export([route/4, local_apply/2, owner_read/3, owner_of/1, cluster_status/0, migrate_session/2, drain/1,
          await_drained/2, undrain/1, last_write/0, owned_sessions/0, handoff_all/0, enabled/0]).
 
 -define(WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
@@ -58,6 +58,17 @@ local_apply(Op, Args) ->
     try erlang:apply(dspex_store, Op, Args)
     after erase(dspex_cluster_local)
     end.
+
+%% @doc A read sent by another node: served here after making sure this node's
+%% copy is the newest (a takeover when the view changed since its epoch began).
+-spec owner_read(binary(), atom(), list()) -> term().
+owner_read(S, Op, Args) ->
+    V = dspex_cluster_members:view(),
+    case owner(S, V) of
+        Me when Me =:= node() -> ok = settle(S, V);
+        _ -> ok
+    end,
+    local_apply(Op, Args).
 
 %% @doc `{Epoch, Owner}' of the calling process's last write routed by the
 %% cluster, or `undefined': which owner accepted it and under which epoch.
@@ -105,7 +116,7 @@ read(S, Op, Args, Local, Deadline) ->
             ok = settle(S, V),
             Local();
         Owner ->
-            try erpc:call(Owner, ?MODULE, local_apply, [Op, Args], ?CALL_TIMEOUT)
+            try erpc:call(Owner, ?MODULE, owner_read, [S, Op, Args], ?CALL_TIMEOUT)
             catch error:{erpc, _} = Why ->
                     Retry = fun(S1, Op1, Args1, D1, _) -> read(S1, Op1, Args1, Local, D1) end,
                     wait_view(S, Op, Args, Deadline, V, Why, Retry)
