@@ -11,7 +11,7 @@
 -module(dspex_cluster_members).
 -behaviour(gen_server).
 
--export([start_link/1, view/0, set_draining/2, set_override/2, config/0]).
+-export([start_link/1, view/0, set_draining/2, set_override/2, config/0, bump/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(SCOPE, dspex_cluster).
@@ -43,6 +43,11 @@ set_draining(Node, Flag) -> gen_server:call(?MODULE, {draining, Node, Flag}).
 -spec set_override(binary(), node() | undefined) -> ok.
 set_override(Session, Node) -> gen_server:call(?MODULE, {override, Session, Node}).
 
+%% @doc Publishes a new view generation (the ownership backend lost its
+%% standing, e.g. an etcd lease): every owner re-establishes ownership.
+-spec bump() -> ok.
+bump() -> gen_server:call(?MODULE, bump).
+
 %%% server ----------------------------------------------------------------------
 
 -spec init(map()) -> {ok, map()}.
@@ -62,6 +67,8 @@ init(Config) ->
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call(config, _From, #{config := C} = St) ->
     {reply, C, St};
+handle_call(bump, _From, St) ->
+    {reply, ok, publish(St, true)};
 handle_call({draining, Node, Flag}, _From, #{draining := D} = St) ->
     D1 = case Flag of
              true -> lists:usort([Node | D]);
@@ -106,7 +113,9 @@ terminate(_, _) ->
     persistent_term:put(dspex_cluster_routing, false),
     ok.
 
-publish(#{config := C, pids := P, draining := D, overrides := O, gen := G} = St) ->
+publish(St) -> publish(St, false).
+
+publish(#{config := C, pids := P, draining := D, overrides := O, gen := G} = St, Force) ->
     Nodes = maps:get(nodes, C),
     Up = lists:usort([node() | [node(Pid) || Pid <- P]]),
     Live = [N || N <- Nodes, lists:member(N, Up)],
@@ -116,7 +125,7 @@ publish(#{config := C, pids := P, draining := D, overrides := O, gen := G} = St)
            backend => Backend},
     Old = persistent_term:get(?VIEW, undefined),
     V = V0#{quorum => Backend:quorum(V0)},
-    case Old =/= undefined andalso maps:remove(gen, Old) =:= maps:remove(gen, V) of
+    case not Force andalso Old =/= undefined andalso maps:remove(gen, Old) =:= maps:remove(gen, V) of
         true -> St;
         false ->
             persistent_term:put(?VIEW, V),

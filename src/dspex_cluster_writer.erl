@@ -92,12 +92,16 @@ handle_info(_, St) -> {noreply, St}.
 
 %%% ownership ---------------------------------------------------------------------
 
-ensure(_S, #{quorum := false}) ->
-    {error, no_quorum};
-ensure(S, #{gen := Gen} = V) ->
-    case owners(S, V) of
+ensure(S, #{gen := Gen, backend := Backend} = V) ->
+    case Backend:quorum(V) andalso owners(S, V) of
+        false -> {error, no_quorum};
         none -> {error, no_quorum};
-        {Owner, _} when Owner =/= node() -> {error, {not_owner, Owner}};
+        {Owner, _} when Owner =/= node() ->
+            case dspex_cluster_replica:row(S) of
+                {S, _, _, Me, _, _, _} when Me =:= node() -> ok = Backend:release(S);
+                _ -> ok
+            end,
+            {error, {not_owner, Owner}};
         {_, Reps} ->
             case dspex_cluster_replica:row(S) of
                 {S, E, Seq, Me, Reps, Gen, F} when Me =:= node(), F =< E -> {ok, {E, Seq, Reps}};

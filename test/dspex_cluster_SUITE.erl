@@ -13,7 +13,7 @@
          async_replication_converges/1]).
 %% run on the peers
 -export([client_start/2, client_loop/1, client_count/0, client_stop/0, node_state/2]).
--export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1]).
+-export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
 
 all() ->
     [kill_owner_sync_loses_no_acknowledged_write, minority_refuses_writes_and_heals,
