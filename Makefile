@@ -11,8 +11,10 @@ APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools e
              erlang-parsetools erlang-edoc rebar3
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
+# dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
+APT_CLUSTER := erlang-inets etcd-server
 
-.PHONY: all deps deps-test compile run test test-c test-erlang test-nif-asan test-elixir bench docs clean
+.PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-cluster bench docs clean
 
 all: compile
 
@@ -32,6 +34,9 @@ deps:
 deps-test: deps
 	$(call apt_install,$(APT_TEST))
 
+deps-cluster: deps
+	$(call apt_install,$(APT_CLUSTER))
+
 compile: deps
 	$(REBAR3) compile
 
@@ -39,7 +44,7 @@ compile: deps
 run: compile
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
-test: deps-test compile test-c test-erlang test-nif-asan test-elixir
+test: deps-test deps-cluster compile test-c test-erlang test-nif-asan test-elixir
 	@echo "==> all test suites passed"
 
 test-c:
@@ -61,6 +66,11 @@ test-nif-asan:
 	  $(ERL) -noshell -pa _build/test/lib/*/ebin -pa _build/test/lib/dspex_bridge/test -eval \
 	  'case eunit:test([dspex_store_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests], []) of ok -> halt(0); _ -> halt(1) end.'
 
+# The cluster suites alone (three peer nodes each; the etcd suite starts its own
+# etcd on loopback). `make test' runs them within test-erlang (rebar3 ct).
+test-cluster: deps-test deps-cluster compile
+	$(REBAR3) ct --suite test/dspex_cluster_SUITE,test/dspex_cluster_etcd_SUITE
+
 test-elixir: compile
 	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test
 
@@ -68,6 +78,7 @@ bench: compile
 	@mkdir -p _build/bench
 	erlc -o _build/bench bench/*.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
 
 docs: compile
 	$(REBAR3) edoc

@@ -204,7 +204,14 @@ replicate(S, E, Seq, P, Reps, async) ->
     [gen_server:cast({dspex_cluster_replica:name(S), R}, {apply, S, E, Seq, node(), P, self()}) || R <- Reps],
     ok;
 replicate(S, E, Seq, P, Reps, sync) ->
-    Res = erpc:multicall(Reps, dspex_cluster_replica, apply_change, [S, E, Seq, node(), P], ?RPC_TIMEOUT),
+    %% one request per replica, all in flight at once, straight to the pool process
+    Name = dspex_cluster_replica:name(S),
+    Ids = [gen_server:send_request({Name, R}, {apply, S, E, Seq, node(), P}) || R <- Reps],
+    Res = [case gen_server:wait_response(Id, ?RPC_TIMEOUT) of
+               {reply, X} -> {ok, X};
+               timeout -> {error, timeout};
+               {error, {Why, _}} -> {error, Why}
+           end || Id <- Ids],
     Fixed = [case R of
                  {ok, {error, need_full}} ->
                      Exp = local_export(S),
