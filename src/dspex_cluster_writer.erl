@@ -148,6 +148,10 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                 [] ->
                     _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
+                    %% locks do not travel: the old owner's are gone with it, and
+                    %% tokens granted here from now on are above any it granted
+                    %% (its counter started from its clock, at an earlier time)
+                    _ = dspex_nif:lock_token_floor(erlang:system_time(microsecond)),
                     dspex_telemetry:execute([dspex, cluster, takeover, stop],
                                             #{duration => erlang:monotonic_time() - T0},
                                             #{session => S, epoch => Epoch, seq => Seq, replicas => Reps}),

@@ -12,6 +12,7 @@
          graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3,
          var_lock/4, var_lock/5, var_unlock/3,
          acl_set/4, acl_get/2, acl_check/5, acl_filter/4, acl_validate/1, session_set_rate/3]).
+-export([lock_token_floor/1]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -77,3 +78,4 @@ watch(_S, _Keys, _Pid, _Opts) -> ?NOT_LOADED.
 var_lock(_S, _Key, _Holder, _Expect, _Opts) -> ?NOT_LOADED.
 var_get_many(_S, _Keys, _Opts) -> ?NOT_LOADED.
 var_history(_S, _Key, _Limit, _Opts) -> ?NOT_LOADED.
+lock_token_floor(_Floor) -> ?NOT_LOADED.

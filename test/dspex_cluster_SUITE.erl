@@ -300,10 +300,20 @@ locks_released_and_old_token_rejected_after_failover(Config) ->
     put(peers, Peers),
     [{_, PA} | _] = Peers,
     S = <<"lock_s">>,
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
     {ok, Owner} = peer:call(PA, dspex_cluster, owner_of, [S]),
     PO = peer_of(Owner, Peers),
+    %% the future owner (S's replica) grants a lock first, on a session it owns:
+    %% its token counter starts from an earlier clock than the old owner's, so
+    %% without raising it at takeover its next token would be lower
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PR = peer_of(Rep, Peers),
+    [S2 | _] = [X || I <- lists:seq(1, 1000), X <- [<<"lock_r", (integer_to_binary(I))/binary>>],
+                     peer:call(PA, dspex_cluster, owner_of, [X]) =:= {ok, Rep}],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S2]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S2, y, integer, 0]),
+    {ok, Early} = peer:call(PR, dspex_locks, acquire, [S2, y, opt0, #{pid => peer:call(PR, erlang, whereis, [init])}]),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
     %% the lock is held by a process on the owner node
     {ok, Lock} = peer:call(PO, dspex_locks, acquire, [S, x, opt1, #{pid => peer:call(PO, erlang, whereis, [init])}]),
     ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1, #{lock => Lock}])),
@@ -317,6 +327,7 @@ locks_released_and_old_token_rejected_after_failover(Config) ->
     {ok, NewOwner} = peer:call(PC, dspex_cluster, owner_of, [S]),
     PN = peer_of(NewOwner, Peers),
     {ok, Lock2} = peer:call(PN, dspex_locks, acquire, [S, x, opt2, #{pid => peer:call(PN, erlang, whereis, [init])}]),
+    ?assert(maps:get(token, Early) < maps:get(token, Lock)),
     ?assert(maps:get(token, Lock2) > maps:get(token, Lock)),
     %% a write with the old token while the new lock is held is refused too
     ?assertEqual({error, {locked, opt2}}, peer:call(PN, dspex_store, set, [S, x, 3, #{lock => Lock}])),

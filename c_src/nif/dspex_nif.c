@@ -72,6 +72,7 @@ static ErlNifFunc funcs[] = {
     {"acl_filter", 4, nif_acl_filter, 0},
     {"acl_validate", 1, nif_acl_validate, 0},
     {"session_set_rate", 3, nif_session_set_rate, 0},
+    {"lock_token_floor", 1, nif_lock_token_floor, 0},
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)
