@@ -6,7 +6,7 @@
 -export([encode/1, decode/1]).
 
 %% @doc Encodes a term: maps (atom or binary keys), lists, binaries, atoms
-%% (`true', `false', `null', other atoms as strings), integers.
+%% (`true', `false', `null', other atoms as strings), integers, floats.
 -spec encode(term()) -> iodata().
 encode(M) when is_map(M) ->
     ["{", lists:join(",", [[encode(key(K)), ":", encode(V)] || {K, V} <- maps:to_list(M)]), "}"];
@@ -16,6 +16,7 @@ encode(false) -> "false";
 encode(null) -> "null";
 encode(A) when is_atom(A) -> encode(atom_to_binary(A));
 encode(I) when is_integer(I) -> integer_to_list(I);
+encode(F) when is_float(F) -> float_to_list(F, [short]);
 encode(B) when is_binary(B) -> [$", escape(B), $"].
 
 key(K) when is_atom(K) -> atom_to_binary(K);

@@ -10,7 +10,8 @@
 -export([all/0, init_per_testcase/2, end_per_testcase/2]).
 -export([kill_owner_sync_loses_no_acknowledged_write/1, minority_refuses_writes_and_heals/1,
          migrate_and_drain_under_load/1, locks_released_and_old_token_rejected_after_failover/1,
-         async_replication_converges/1]).
+         async_replication_converges/1, rendezvous_is_stable_and_spreads/1, json_codec_roundtrip/1,
+         no_configuration_means_no_routing/1]).
 %% run on the peers
 -export([client_start/2, client_loop/1, client_count/0, client_stop/0, node_state/2]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
@@ -18,7 +19,8 @@
 all() ->
     [kill_owner_sync_loses_no_acknowledged_write, minority_refuses_writes_and_heals,
      migrate_and_drain_under_load, locks_released_and_old_token_rejected_after_failover,
-     async_replication_converges].
+     async_replication_converges, rendezvous_is_stable_and_spreads, json_codec_roundtrip,
+     no_configuration_means_no_routing].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -183,10 +185,10 @@ run_kill_test(Peers, _Config) ->
     ct:pal("owner ~p", [Owner]),
     [{ClientNode, CP} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
     ok = peer:call(CP, ?MODULE, client_start, [S, 0]),
-    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= 300 end, 30000, acks_before_kill),
+    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= 1000 end, 30000, acks_before_kill),
     Before = peer:call(CP, ?MODULE, client_count, []),
     ok = kill_node(Owner, Peers),
-    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= Before + 300 end, 30000, acks_after_kill),
+    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= Before + 1000 end, 30000, acks_after_kill),
     Log = peer:call(CP, ?MODULE, client_stop, []),
     Acked = check_history(Log),
     {LastI, LastV, _} = lists:last(Acked),
@@ -346,3 +348,43 @@ async_replication_converges(Config) ->
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> peer:call(P, ?MODULE, node_state, [S, <<"x">>]) =:= {200, 200} end,
                                        Peers) end, 10000, async_converged),
     Config.
+
+%% Local (no peers): removing a node moves only the sessions it owned (to
+%% their replica), ownership spreads over the nodes, pins win while eligible.
+rendezvous_is_stable_and_spreads(_Config) ->
+    V = #{eligible => [a@h, b@h, c@h], overrides => #{}, replicas => 1},
+    Ss = [integer_to_binary(I) || I <- lists:seq(1, 3000)],
+    Before = [{S, dspex_cluster_writer:owners(S, V)} || S <- Ss],
+    Counts = lists:foldl(fun({_, {O, _}}, M) -> maps:update_with(O, fun(C) -> C + 1 end, 1, M) end, #{}, Before),
+    [?assert(C > 800) || C <- maps:values(Counts)],
+    [?assertNotEqual(O, R) || {_, {O, [R]}} <- Before],
+    V2 = V#{eligible := [a@h, c@h]},
+    [?assertEqual(case O of b@h -> R; _ -> O end, element(1, dspex_cluster_writer:owners(S, V2)))
+     || {S, {O, [R]}} <- Before],
+    ?assertEqual({c@h, [a@h]}, dspex_cluster_writer:owners(<<"1">>, V2#{overrides := #{<<"1">> => c@h}})),
+    ?assertEqual(element(1, dspex_cluster_writer:owners(<<"1">>, V2)),
+                 element(1, dspex_cluster_writer:owners(<<"1">>, V2#{overrides := #{<<"1">> => b@h}}))),
+    ?assertEqual(none, dspex_cluster_writer:owners(<<"1">>, V#{eligible := []})).
+
+json_codec_roundtrip(_Config) ->
+    T = #{<<"a">> => [1, -2, <<"x\"y\\z\n">>, true, false, null], <<"b">> => #{<<"c">> => 1.5}},
+    ?assertEqual({ok, T}, dspex_cluster_json:decode(iolist_to_binary(dspex_cluster_json:encode(T)))),
+    ?assertEqual({ok, #{<<"k">> => <<"\x{e9}"/utf8>>}}, dspex_cluster_json:decode(<<"{\"k\": \"\\u00e9\"}">>)),
+    ?assertEqual({error, invalid_json}, dspex_cluster_json:decode(<<"{\"k\": }">>)),
+    ?assertEqual({error, invalid_json}, dspex_cluster_json:decode(<<"[1, 2] x">>)).
+
+%% Without configuration the store runs locally and the cluster API says so.
+no_configuration_means_no_routing(_Config) ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    try
+        ?assertEqual(false, dspex_cluster:enabled()),
+        ?assertEqual({error, not_clustered}, dspex_cluster:owner_of(<<"s">>)),
+        ?assertEqual({error, not_clustered}, dspex_cluster:cluster_status()),
+        ?assertEqual([], supervisor:which_children(dspex_cluster_sup)),
+        {ok, _} = dspex_store:create_session(<<"nocluster">>),
+        {ok, _} = dspex_store:register(<<"nocluster">>, x, integer, 1),
+        ?assertEqual({ok, 1}, dspex_store:set(<<"nocluster">>, x, 2)),
+        ?assertEqual(undefined, dspex_cluster:last_write())
+    after
+        application:stop(dspex_bridge)
+    end.
