@@ -183,7 +183,10 @@ run_kill_test(Peers, _Config) ->
     {ok, _} = peer:call(P1, dspex_store, register, [S, x, integer, 0, #{history_limit => 10000}]),
     {ok, Owner} = peer:call(P1, dspex_cluster, owner_of, [S]),
     ct:pal("owner ~p", [Owner]),
-    [{ClientNode, CP} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    %% the client runs on the node that is neither owner nor replica, so its
+    %% writes are forwarded before and after the failover
+    {Owner, Reps} = dspex_cluster_writer:owners(S, peer:call(P1, dspex_cluster_members, view, [])),
+    [{ClientNode, CP} | _] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner | Reps])],
     ok = peer:call(CP, ?MODULE, client_start, [S, 0]),
     ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= 1000 end, 30000, acks_before_kill),
     Before = peer:call(CP, ?MODULE, client_count, []),
