@@ -97,6 +97,8 @@ write(S, Op, Args, Deadline, Target0) ->
                         {{error, {retry, replica_unavailable}}, 0, _} ->
                             %% failed during takeover: nothing committed yet
                             again(S, Op, Args, Deadline, undefined, fun write/5);
+                        {{dspex_cluster_raise, Class, Reason}, _, _} ->
+                            erlang:raise(Class, Reason, []);
                         {Result, Epoch, By} ->
                             put(dspex_cluster_last_write, {Epoch, By}),
                             Result
@@ -117,7 +119,10 @@ read(S, Op, Args, Local, Deadline) ->
             Local();
         Owner ->
             try erpc:call(Owner, ?MODULE, owner_read, [S, Op, Args], ?CALL_TIMEOUT)
-            catch error:{erpc, _} = Why ->
+            catch
+                error:{exception, Reason, _} -> erlang:error(Reason);   % the caller's badarg
+                exit:{exception, Reason} -> exit(Reason);
+                error:{erpc, _} = Why ->
                     Retry = fun(S1, Op1, Args1, D1, _) -> read(S1, Op1, Args1, Local, D1) end,
                     wait_view(S, Op, Args, Deadline, V, Why, Retry)
             end

@@ -179,7 +179,8 @@ replace(S, absent) ->
     ok;
 replace(S, Export) ->
     _ = dspex_store:delete_session(S),
-    case dspex_store:import_session(Export) of
+    try dspex_store:import_session(Export) of
         ok -> ok;
         {error, _} = E -> E
+    catch _:Why -> {error, {import_failed, Why}}
     end.

@@ -181,7 +181,10 @@ replace_local(S, Export) ->
 
 write(S, Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
     T0 = erlang:monotonic_time(),
-    Result = erlang:apply(dspex_store, Op, Args),
+    %% a caller's type error is raised again in the caller, not here
+    Result = try erlang:apply(dspex_store, Op, Args)
+             catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
+             end,
     Reply = case payload(Op, Args, Result) of
                 none -> Result;
                 P ->

@@ -13,7 +13,7 @@
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1, json_codec_roundtrip/1,
          no_configuration_means_no_routing/1]).
 %% run on the peers
--export([client_start/2, client_loop/1, client_count/0, client_stop/0, node_state/2]).
+-export([client_start/2, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
 
 all() ->
@@ -138,6 +138,9 @@ resolve(#{s := S, i := I, ver := Ver, log := Log, acked := A} = St, Cur, T) ->
         Other ->
             St#{log := [{read_error, Other, T} | Log]}
     end.
+
+catch_apply(M, F, A) ->
+    try erlang:apply(M, F, A) catch Class:Reason -> {caught, Class, Reason} end.
 
 %% What a node holds of variable x: {Value, Version} or the error.
 node_state(S, Key) ->
@@ -350,6 +353,15 @@ async_replication_converges(Config) ->
     %% with R = 2 every node holds a copy; async copies catch up
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> peer:call(P, ?MODULE, node_state, [S, <<"x">>]) =:= {200, 200} end,
                                        Peers) end, 10000, async_converged),
+    %% a caller's type error raises badarg in the caller, on the owner or
+    %% forwarded, and leaves the cluster processes running
+    Writers = [peer:call(P, erlang, whereis, [dspex_cluster_writer:name(S)]) || {_, P} <- Peers],
+    [begin
+         ?assertEqual({caught, error, badarg}, peer:call(P, ?MODULE, catch_apply, [dspex_store, set, [S, x, 1, not_a_map]])),
+         ?assertEqual({caught, error, badarg}, peer:call(P, ?MODULE, catch_apply, [dspex_store, get, [S, 42]]))
+     end || {_, P} <- Peers],
+    ?assertEqual(Writers, [peer:call(P, erlang, whereis, [dspex_cluster_writer:name(S)]) || {_, P} <- Peers]),
+    ?assertEqual({ok, 201}, peer:call(PA, dspex_store, set, [S, x, 201])),
     Config.
 
 %% Local (no peers): removing a node moves only the sessions it owned (to
