@@ -47,6 +47,7 @@ init([]) ->
             Children = [#{id => pg, start => {pg, start_link, [dspex_cluster]}}]
                 ++ Pool(dspex_cluster_replica) ++ Pool(dspex_cluster_writer)
                 ++ Backend:child_specs(C)
+                ++ [#{id => dspex_cluster_keeper, start => {dspex_cluster_keeper, start_link, [C]}}]
                 ++ [#{id => dspex_cluster_members, start => {dspex_cluster_members, start_link, [C]}}],
             {ok, {#{strategy => one_for_all, intensity => 5, period => 10}, Children}}
     end.

@@ -72,6 +72,21 @@ handle_call({ensure, S}, _From, St) ->
     end.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast({expired, S}, St) ->
+    %% the sweeper removed a session this node owns: replicate the deletion,
+    %% then stop owning it (the next access takes over again)
+    case dspex_cluster_replica:row(S) of
+        {S, E, Seq, Me, Reps, G, F} when Me =:= node(), F =< E ->
+            case lists:member(S, dspex_nif:session_list()) of
+                false ->
+                    #{replication := Mode} = dspex_cluster_members:view(),
+                    _ = replicate(S, E, Seq + 1, delete_session, Reps, Mode),
+                    dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
+                true -> ok
+            end;
+        _ -> ok
+    end,
+    {noreply, St};
 handle_cast(_, St) -> {noreply, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.

@@ -11,7 +11,7 @@
 -export([kill_owner_sync_loses_no_acknowledged_write/1, minority_refuses_writes_and_heals/1,
          migrate_and_drain_under_load/1, locks_released_and_old_token_rejected_after_failover/1,
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1, json_codec_roundtrip/1,
-         no_configuration_means_no_routing/1]).
+         no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1]).
 %% run on the peers
 -export([client_start/2, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
@@ -20,7 +20,7 @@ all() ->
     [kill_owner_sync_loses_no_acknowledged_write, minority_refuses_writes_and_heals,
      migrate_and_drain_under_load, locks_released_and_old_token_rejected_after_failover,
      async_replication_converges, rendezvous_is_stable_and_spreads, json_codec_roundtrip,
-     no_configuration_means_no_routing].
+     no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -403,3 +403,26 @@ no_configuration_means_no_routing(_Config) ->
     after
         application:stop(dspex_bridge)
     end.
+
+%% A session only read (on its owner) outlives its TTL on the replica too, and
+%% when the owner's sweeper expires it the replica's copy goes as well.
+replica_copies_live_and_expire_with_the_owner(_Config) ->
+    Peers = start_cluster("dspex_ttl", #{replicas => 1, replication => sync, keepalive_ms => 300}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"ttl_s">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S, #{ttl => 2}]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 5]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PO = peer_of(Owner, Peers),
+    PR = peer_of(Rep, Peers),
+    ?assertEqual({5, 0}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    %% reads on the owner for twice the TTL: time passing is what is tested here
+    [begin {ok, 5} = peer:call(PO, dspex_store, get_value, [S, x]), timer:sleep(200) end || _ <- lists:seq(1, 20)],
+    ?assertEqual({5, 0}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    %% no more reads: the owner expires it, and the replica's copy follows
+    %% (listing sessions does not refresh them; reading would)
+    Held = fun(P) -> lists:member(S, peer:call(P, dspex_store, list_sessions, [])) end,
+    ok = wait_until(fun() -> not Held(PR) end, 15000, replica_copy_expired),
+    ?assertNot(Held(PO)),
+    ?assertEqual({error, session_not_found}, peer:call(PA, dspex_store, get_session, [S])).
