@@ -219,6 +219,10 @@ run_kill_test(Peers, _Config) ->
     _ = ClientNode, _ = N1,
     {comment, io_lib:format("failover pause ~p ms, ~p acked", [Gap, length(Acked)])}.
 
+dedup([X, X | T]) -> dedup([X | T]);
+dedup([X | T]) -> [X | dedup(T)];
+dedup([]) -> [].
+
 is_retry({retry, _}) -> true;
 is_retry({unavailable, _}) -> true;
 is_retry(_) -> false.
@@ -232,9 +236,20 @@ minority_refuses_writes_and_heals(Config) ->
          {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
          {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 1])
      end || S <- Ss],
+    %% a client on A keeps writing a session owned by C through the partition
+    %% and the healing
+    [Load | _] = [X || I <- lists:seq(1, 1000), X <- [<<"part_load", (integer_to_binary(I))/binary>>],
+                       peer:call(PA, dspex_cluster, owner_of, [X]) =:= {ok, C}],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [Load]),
+    {ok, _} = peer:call(PA, dspex_store, register, [Load, x, integer, 0, #{history_limit => 10000}]),
+    ok = peer:call(PA, ?MODULE, client_start, [Load, 0]),
+    Count = fun() -> peer:call(PA, ?MODULE, client_count, []) end,
+    ok = wait_until(fun() -> Count() >= 200 end, 30000, load_before_partition),
     %% partition C from A and B, and keep it apart (wrong cookie both ways)
-    [peer:call(PC, erlang, set_cookie, [N, junk]) || N <- [A, B]],
-    [peer:call(P, erlang, set_cookie, [C, junk]) || P <- [PA, PB]],
+    %% (two different wrong cookies: with the same one on both sides the
+    %% handshake would succeed)
+    [peer:call(PC, erlang, set_cookie, [N, junk_c]) || N <- [A, B]],
+    [peer:call(P, erlang, set_cookie, [C, junk_ab]) || P <- [PA, PB]],
     peer:call(PC, erlang, disconnect_node, [A]), peer:call(PC, erlang, disconnect_node, [B]),
     peer:call(PA, erlang, disconnect_node, [C]), peer:call(PB, erlang, disconnect_node, [C]),
     ok = wait_until(fun() -> live(PC) =:= [C] andalso live(PA) =:= [A, B] andalso live(PB) =:= [A, B] end,
@@ -243,10 +258,27 @@ minority_refuses_writes_and_heals(Config) ->
     [?assertEqual({error, no_quorum}, peer:call(PC, dspex_store, set, [S, x, 100])) || S <- Ss],
     [?assertMatch({ok, 1}, peer:call(PA, dspex_store, set, [S, x, 2])) || S <- Ss],
     ?assertEqual({error, no_quorum}, peer:call(PC, dspex_store, create_session, [<<"part_new">>])),
+    N1 = Count(),
+    ok = wait_until(fun() -> Count() >= N1 + 200 end, 30000, load_during_partition),
     %% heal
     [peer:call(P, erlang, set_cookie, [N, dspex_ct]) || {P, N} <- [{PC, A}, {PC, B}, {PA, C}, {PB, C}]],
     Nodes = [A, B, C],
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers) end, 20000, healed),
+    N2 = Count(),
+    ok = wait_until(fun() -> Count() >= N2 + 200 end, 30000, load_after_heal),
+    Log = peer:call(PA, ?MODULE, client_stop, []),
+    Acked = check_history(Log),
+    LoadOwners = [N || {ok, _, _, {_, N}, _} <- Log],
+    %% C owned it, the majority took over, C took it back after healing
+    ?assertEqual(C, hd(LoadOwners)),
+    ?assertEqual(C, lists:last(LoadOwners)),
+    ?assert(lists:member(A, LoadOwners) orelse lists:member(B, LoadOwners)),
+    Errors = [Why || {error, _, Why, _} <- Log],
+    ct:pal("partition under load: ~p acked, owners in order ~p, client errors ~p, longest pause ~p ms",
+           [length(Acked), dedup(LoadOwners), Errors, max_gap(Log)]),
+    ?assertEqual([], [E || E <- Errors, not is_retry(E)]),
+    {LastI, LastV, _} = lists:last(Acked),
+    ?assertEqual({LastI, LastV}, peer:call(PC, ?MODULE, node_state, [Load, <<"x">>])),
     %% one owner for each session, every node agrees; writes from the old
     %% minority work; owner and replica converge on the majority's data
     [begin
