@@ -25,7 +25,8 @@
 %% `route/4' and are never seen by callers.
 -module(dspex_cluster).
 
--export([route/4, local_apply/2, owner_read/3, owner_of/1, cluster_status/0, migrate_session/2, drain/1,
+-export([settle_replicas_of/1,
+         route/4, local_apply/2, owner_read/3, owner_of/1, cluster_status/0, migrate_session/2, drain/1,
          await_drained/2, undrain/1, last_write/0, owned_sessions/0, handoff_all/0, enabled/0]).
 
 -define(WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
@@ -105,7 +106,8 @@ write(S, Op, Args, Deadline, Target0) ->
                     catch
                         exit:{noproc, _} -> wait_view(S, Op, Args, Deadline, V, owner_down, fun write/5);
                         exit:{{nodedown, _}, _} -> {error, {retry, owner_down}};
-                        exit:{timeout, _} -> {error, {retry, timeout}}
+                        exit:{timeout, _} -> {error, {retry, timeout}};
+                        exit:{_, {gen_server, call, _}} -> {error, {retry, owner_down}}
                     end
             end
     end.
@@ -236,9 +238,13 @@ drain(Node) when is_atom(Node) ->
                         false -> {error, {not_live, Node}};
                         true ->
                             _ = erpc:multicall(Live, dspex_cluster_members, set_draining, [Node, true], ?CALL_TIMEOUT),
-                            try erpc:call(Node, ?MODULE, handoff_all, [], 60000)
-                            catch error:Why -> {error, {unavailable, Why}}
-                            end
+                            Moved = try erpc:call(Node, ?MODULE, handoff_all, [], 60000)
+                                    catch error:Why -> {error, {unavailable, Why}}
+                                    end,
+                            %% the sessions it replicated get a new replica now, not on
+                            %% their next access (the node may be stopped before that)
+                            _ = erpc:multicall(Live -- [Node], ?MODULE, settle_replicas_of, [Node], 60000),
+                            Moved
                     end
             end,
         {R, #{node => Node, result => R}}
@@ -272,6 +278,15 @@ undrain(Node) when is_atom(Node) ->
             dspex_telemetry:execute([dspex, cluster, undrain, stop], #{count => 1}, #{node => Node}),
             ok
     end.
+
+%% @doc Re-establishes ownership (new replica set, the copy on `Node' dropped)
+%% of every session this node owns that `Node' replicates.
+-spec settle_replicas_of(node()) -> ok.
+settle_replicas_of(Node) ->
+    [catch gen_server:call(dspex_cluster_writer:name(S), {ensure, S}, ?CALL_TIMEOUT)
+     || {S, E, _, O, Reps, _, F} <- ets:tab2list(dspex_cluster_replica:table()),
+        O =:= node(), F =< E, lists:member(Node, Reps)],
+    ok.
 
 %% @doc Sessions this node owns (an epoch of theirs began here and was not taken over).
 -spec owned_sessions() -> [binary()].

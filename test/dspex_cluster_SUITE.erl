@@ -320,6 +320,8 @@ migrate_and_drain_under_load(Config) ->
     {ok, _} = peer:call(PA, dspex_cluster, drain, [Target]),
     ok = peer:call(PA, dspex_cluster, await_drained, [Target, 10000]),
     ?assertEqual([], peer:call(peer_of(Target, Peers), dspex_cluster, owned_sessions, [])),
+    %% nor does it hold any copy: it can be stopped at once
+    ?assertEqual([], peer:call(peer_of(Target, Peers), dspex_store, list_sessions, [])),
     [?assertNotEqual({ok, Target}, peer:call(P, dspex_cluster, owner_of, [X])) || {_, P} <- Peers, X <- [S | Others]],
     N2 = Count(),
     ok = wait_until(fun() -> Count() >= N2 + 100 end, 30000, acks_3),
