@@ -5,7 +5,8 @@
 %% `quorum/1' is asked on every view change and must not block; `claim/3' is
 %% asked when a node takes ownership of a session and returns the epoch, which
 %% must be greater than every epoch the session had before (`Proposed' is the
-%% highest the live members know plus one).
+%% highest the live members know plus one), or `{error, {held_by, Node}}'
+%% when another node holds the session (it is then asked to let it go).
 -module(dspex_cluster_owner).
 
 -callback child_specs(Config :: map()) -> [supervisor:child_spec()].

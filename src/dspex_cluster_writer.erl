@@ -72,6 +72,13 @@ handle_call({ensure, S}, _From, St) ->
     end.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast({release_if_not_owner, S}, St) ->
+    V = dspex_cluster_members:view(),
+    case ensure(S, V) of
+        {error, {not_owner, _}} -> ok;   % ensure released the backend's hold
+        _ -> ok
+    end,
+    {noreply, St};
 handle_cast({expired, S}, St) ->
     %% the sweeper removed a session this node owns: replicate the deletion,
     %% then stop owning it (the next access takes over again)
@@ -142,6 +149,12 @@ takeover(S, Reps, #{live := Live, gen := Gen, backend := Backend} = V) ->
                         ++ [{{E0, Seq0}, node()} || Present0],
                     finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0)
             end;
+        {error, {held_by, Holder}} ->
+            %% the backend says another node still holds it (etcd): ask it to
+            %% let go if it is no longer the owner in its view; asynchronously,
+            %% so that two nodes asking each other cannot deadlock
+            gen_server:cast({name(S), Holder}, {release_if_not_owner, S}),
+            {error, {retry, contended}};
         {error, _} = Err -> Err
     end.
 

@@ -49,7 +49,7 @@ lease() ->
 quorum(_View) -> lease() =/= undefined.
 
 %% @doc Takes (or renews) the session's owner key; the epoch is the revision
-%% of the transaction. `{error, {retry, contended}}' while another node holds it.
+%% of the transaction. `{error, {held_by, Node}}' while another node holds it.
 -spec claim(binary(), pos_integer(), dspex_cluster_members:view()) -> {ok, pos_integer()} | {error, term()}.
 claim(S, Proposed, _View) ->
     case lease() of
@@ -72,11 +72,17 @@ claim(S, Proposed, _View) ->
                                 {ok, _} -> {error, {retry, contended}};
                                 {error, _} -> {error, no_quorum}
                             end;
-                        _ -> {error, {retry, contended}}
+                        #{<<"value">> := Other} -> {error, {held_by, holder(Other)}}
                     end;
                 {ok, _} -> {error, {retry, contended}};
                 {error, _} -> {error, no_quorum}
             end
+    end.
+
+%% The node named in a key (a node of this cluster, so its atom exists).
+holder(B64) ->
+    try binary_to_existing_atom(base64:decode(B64))
+    catch error:_ -> unknown
     end.
 
 epoch(#{<<"header">> := #{<<"revision">> := Rev}}, Proposed) ->

@@ -42,18 +42,32 @@ start_cluster(Base, ClusterConf) ->
     Host = host(),
     Names = [Base ++ "_" ++ X || X <- ["a", "b", "c"]],
     Nodes = [list_to_atom(N ++ "@" ++ Host) || N <- Names],
-    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
-    Peers = [begin
-                 {ok, P, Node} = peer:start(#{name => N, host => Host, connection => standard_io,
-                                              args => ["-setcookie", "dspex_ct", "-connect_all", "false",
-                                                       "-kernel", "prevent_overlapping_partitions", "false" | Paths]}),
-                 {Node, P}
-             end || N <- Names],
+    Peers = [start_peer(N, Host) || N <- Names],
     Nodes = [N || {N, _} <- Peers],
-    [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, ClusterConf#{nodes => Nodes}]) || {_, P} <- Peers],
-    [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
+    [configure(P, ClusterConf#{nodes => Nodes}) || {_, P} <- Peers],
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers) end, 20000, all_live),
     Peers.
+
+start_peer(Name, Host) ->
+    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
+    {ok, P, Node} = peer:start(#{name => Name, host => Host, connection => standard_io,
+                                 args => ["-setcookie", "dspex_ct", "-connect_all", "false",
+                                          "-kernel", "prevent_overlapping_partitions", "false" | Paths]}),
+    {Node, P}.
+
+configure(P, Conf) ->
+    ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Conf]),
+    {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]),
+    ok.
+
+%% Starts a node again under the name of one that was killed, with the same
+%% configuration (an empty store): it rejoins and resyncs.
+restart_node(Node, Peers) ->
+    [Name, Host] = string:split(atom_to_list(Node), "@"),
+    {Node, P} = start_peer(Name, Host),
+    [{_, Other} | _] = [X || {N, _} = X <- Peers, N =/= Node],
+    configure(P, peer:call(Other, dspex_cluster_members, config, [])),
+    lists:keyreplace(Node, 1, Peers, {Node, P}).
 
 stop_cluster(Peers) ->
     [catch peer:stop(P) || {_, P} <- Peers],
@@ -195,14 +209,23 @@ run_kill_test(Peers, _Config) ->
     Before = peer:call(CP, ?MODULE, client_count, []),
     ok = kill_node(Owner, Peers),
     ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= Before + 1000 end, 30000, acks_after_kill),
+    {ok, NewOwner} = peer:call(CP, dspex_cluster, owner_of, [S]),
+    ?assertNotEqual(Owner, NewOwner),
+    %% the killed node comes back empty: it rejoins, and where it is the
+    %% session's owner again it first resyncs from the others
+    Peers2 = restart_node(Owner, Peers),
+    put(peers, Peers2),
+    Nodes = [N || {N, _} <- Peers2],
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers2) end, 20000, rejoined),
+    After = peer:call(CP, ?MODULE, client_count, []),
+    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= After + 500 end, 30000, acks_after_rejoin),
     Log = peer:call(CP, ?MODULE, client_stop, []),
     Acked = check_history(Log),
     {LastI, LastV, _} = lists:last(Acked),
-    {ok, NewOwner} = peer:call(CP, dspex_cluster, owner_of, [S]),
-    ?assertNotEqual(Owner, NewOwner),
-    %% every acknowledged write is on the new owner: the last as current value,
-    %% the others in its history with the same version
-    NP = peer_of(NewOwner, Peers),
+    {ok, CurOwner} = peer:call(CP, dspex_cluster, owner_of, [S]),
+    %% every acknowledged write is on the current owner: the last as current
+    %% value, the others in its history with the same version
+    NP = peer_of(CurOwner, Peers2),
     ?assertEqual({LastI, LastV}, peer:call(NP, ?MODULE, node_state, [S, <<"x">>])),
     {ok, H} = peer:call(NP, dspex_cluster, local_apply, [history, [S, <<"x">>, all]]),
     Hist = maps:from_list([{V, Val} || #{version := V, value := Val} <- H]),
@@ -211,8 +234,8 @@ run_kill_test(Peers, _Config) ->
     ?assert(length(Epochs) >= 2),
     Gap = max_gap(Log),
     Errors = [Why || {error, _, Why, _} <- Log],
-    ct:pal("kill test: ~p acknowledged writes, epochs ~p, owners ~p -> ~p, longest pause ~p ms, client errors ~p",
-           [length(Acked), Epochs, Owner, NewOwner, Gap, Errors]),
+    ct:pal("kill test: ~p acknowledged writes, epochs ~p, owners ~p -> ~p -> (after the restart) ~p, "
+           "longest pause ~p ms, client errors ~p", [length(Acked), Epochs, Owner, NewOwner, CurOwner, Gap, Errors]),
     %% only documented retry errors while the owner died
     ?assertEqual([], [E || E <- Errors, not is_retry(E)]),
     ?assert(Gap < 5000),
