@@ -13,7 +13,7 @@
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1, json_codec_roundtrip/1,
          no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1]).
 %% run on the peers
--export([client_start/2, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
+-export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
 
 all() ->
@@ -107,14 +107,22 @@ kill_node(Node, Peers) ->
 
 %% Writes 1, 2, 3... to `x' of `S', each with the version it last saw as
 %% `expected_version', and records what happened.
-client_start(S, Ver) ->
-    Pid = spawn(?MODULE, client_loop, [#{s => S, i => 1, ver => Ver, log => [], acked => 0}]),
+client_start(S, Ver) -> client_start(S, Ver, infinity).
+
+%% At most `Budget' acknowledged writes (raised by client_more/1), so that
+%% every version stays within the variable's history.
+client_start(S, Ver, Budget) ->
+    Pid = spawn(?MODULE, client_loop, [#{s => S, i => 1, ver => Ver, log => [], acked => 0, budget => Budget}]),
     register(ct_client, Pid),
     ok.
 
 client_count() ->
     ct_client ! {count, self()},
     receive {count, N} -> N after 5000 -> timeout end.
+
+client_more(N) ->
+    ct_client ! {more, N},
+    ok.
 
 client_stop() ->
     Ref = monitor(process, ct_client),
@@ -123,11 +131,16 @@ client_stop() ->
             {'DOWN', Ref, _, _, Why} -> {client_died, Why}
     end.
 
-client_loop(#{s := S, i := I, ver := Ver, log := Log, acked := A} = St) ->
+client_loop(#{s := S, i := I, ver := Ver, log := Log, acked := A, budget := B} = St) ->
+    Wait = case A >= B of
+               true -> infinity;
+               false -> 0
+           end,
     receive
         {stop, From} -> From ! {log, lists:reverse(Log)}, exit(normal);
-        {count, From} -> From ! {count, A}, client_loop(St)
-    after 0 ->
+        {count, From} -> From ! {count, A}, client_loop(St);
+        {more, N} -> client_loop(St#{budget := B + N})
+    after Wait ->
         T = erlang:monotonic_time(microsecond),
         case dspex_store:set(S, <<"x">>, I, #{expected_version => Ver}) of
             {ok, V} ->
@@ -204,11 +217,13 @@ run_kill_test(Peers, _Config) ->
     %% writes are forwarded before and after the failover
     {Owner, Reps} = dspex_cluster_writer:owners(S, peer:call(P1, dspex_cluster_members, view, [])),
     [{ClientNode, CP} | _] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner | Reps])],
-    ok = peer:call(CP, ?MODULE, client_start, [S, 0]),
+    %% 4000 writes at most until the restart (history_limit 10000 keeps them all)
+    ok = peer:call(CP, ?MODULE, client_start, [S, 0, 4000]),
     ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= 1000 end, 30000, acks_before_kill),
     Before = peer:call(CP, ?MODULE, client_count, []),
     ok = kill_node(Owner, Peers),
-    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= Before + 1000 end, 30000, acks_after_kill),
+    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= min(Before + 1000, 4000) end, 30000,
+                    acks_after_kill),
     {ok, NewOwner} = peer:call(CP, dspex_cluster, owner_of, [S]),
     ?assertNotEqual(Owner, NewOwner),
     %% the killed node comes back empty: it rejoins, and where it is the
@@ -218,6 +233,7 @@ run_kill_test(Peers, _Config) ->
     Nodes = [N || {N, _} <- Peers2],
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers2) end, 20000, rejoined),
     After = peer:call(CP, ?MODULE, client_count, []),
+    ok = peer:call(CP, ?MODULE, client_more, [1000]),
     ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= After + 500 end, 30000, acks_after_rejoin),
     Log = peer:call(CP, ?MODULE, client_stop, []),
     Acked = check_history(Log),
@@ -229,6 +245,9 @@ run_kill_test(Peers, _Config) ->
     ?assertEqual({LastI, LastV}, peer:call(NP, ?MODULE, node_state, [S, <<"x">>])),
     {ok, H} = peer:call(NP, dspex_cluster, local_apply, [history, [S, <<"x">>, all]]),
     Hist = maps:from_list([{V, Val} || #{version := V, value := Val} <- H]),
+    ct:pal("history on ~p: ~p entries, versions ~p..~p; last acked ~p; writes by owner ~p",
+           [CurOwner, length(H), lists:min([0 | maps:keys(Hist)]), lists:max([0 | maps:keys(Hist)]), LastV,
+            dedup([{E, N} || {ok, _, _, {E, N}, _} <- Log])]),
     ?assertEqual([], [{I, V} || {I, V, _} <- Acked, V =/= LastV, maps:get(V, Hist, missing) =/= I]),
     Epochs = lists:usort([E || {ok, _, _, {E, _}, _} <- Log]),
     ?assert(length(Epochs) >= 2),
