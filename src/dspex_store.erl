@@ -20,6 +20,12 @@
 %% is accepted and means its text (`true' is then <<"true">>). An integer beyond
 %% 64 bits given for a float is stored as the nearest float.
 %%
+%% == Cluster ==
+%% When a cluster is configured (see `dspex_cluster'), every call taking a
+%% session id runs on the session's owner node and writes are replicated;
+%% `list_sessions/0', `watch/4' and `unwatch/1' stay local. Without
+%% configuration nothing changes.
+%%
 %% == Errors ==
 %% All runtime failures are `{error, Reason}' with the reasons documented on
 %% each function and in the README; a failed write changes nothing. A caller's
