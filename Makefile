@@ -14,7 +14,10 @@ APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools 
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
 
-.PHONY: all deps deps-test compile run test test-c test-erlang test-nif-asan test-elixir test-workers bench docs clean
+# dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
+APT_CLUSTER := erlang-inets etcd-server
+
+.PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
 
 all: compile
 
@@ -35,6 +38,9 @@ deps:
 deps-test: deps
 	$(call apt_install,$(APT_TEST))
 
+deps-cluster: deps
+	$(call apt_install,$(APT_CLUSTER))
+
 compile: deps
 	$(REBAR3) compile
 
@@ -42,7 +48,7 @@ compile: deps
 run: compile
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
-test: deps-test compile test-c test-erlang test-nif-asan test-elixir test-workers
+test: deps-test deps-cluster compile test-c test-erlang test-nif-asan test-elixir test-workers
 	@echo "==> all test suites passed"
 
 test-c:
@@ -69,6 +75,11 @@ test-nif-asan:
 test-workers:
 	/usr/bin/python3 -m unittest discover -s test/python_workers -p 'test_*.py'
 
+# The cluster suites alone (three peer nodes each; the etcd suite starts its own
+# etcd on loopback). `make test' runs them within test-erlang (rebar3 ct).
+test-cluster: deps-test deps-cluster compile
+	$(REBAR3) ct --suite test/dspex_cluster_SUITE,test/dspex_cluster_etcd_SUITE
+
 test-elixir: compile
 	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test
 
@@ -77,6 +88,7 @@ bench: compile
 	erlc -o _build/bench bench/*.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_breaker_bench:main(), halt().'
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
 
 docs: compile
 	$(REBAR3) edoc

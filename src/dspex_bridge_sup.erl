@@ -19,5 +19,7 @@ init([]) ->
                 #{id => dspex_propagator_sup, type => supervisor,
                   start => {dspex_propagator_sup, start_link, []}},
                 #{id => dspex_metrics_server, start => {dspex_metrics_server, start_link, []}},
-                #{id => dspex_prometheus, start => {dspex_prometheus, start_link, []}}],
+                #{id => dspex_prometheus, start => {dspex_prometheus, start_link, []}},
+                #{id => dspex_cluster_sup, type => supervisor,
+                  start => {dspex_cluster_sup, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

@@ -16,6 +16,7 @@
          metrics_sketch_stats/1, metrics_sketch_quantile/2, metrics_sketch_to_binary/1,
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
          metrics_native_bind/4, metrics_native_flush/0]).
+-export([lock_token_floor/1]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -94,3 +95,4 @@ metrics_sketch_merge(_Sketches) -> ?NOT_LOADED.
 metrics_now() -> ?NOT_LOADED.
 metrics_native_bind(_Op, _Ok, _Miss, _Err) -> ?NOT_LOADED.
 metrics_native_flush() -> ?NOT_LOADED.
+lock_token_floor(_Floor) -> ?NOT_LOADED.

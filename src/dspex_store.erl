@@ -20,6 +20,12 @@
 %% is accepted and means its text (`true' is then <<"true">>). An integer beyond
 %% 64 bits given for a float is stored as the nearest float.
 %%
+%% == Cluster ==
+%% When a cluster is configured (see `dspex_cluster'), every call taking a
+%% session id runs on the session's owner node and writes are replicated;
+%% `list_sessions/0', `watch/4' and `unwatch/1' stay local. Without
+%% configuration nothing changes.
+%%
 %% == Errors ==
 %% All runtime failures are `{error, Reason}' with the reasons documented on
 %% each function and in the README; a failed write changes nothing. A caller's
@@ -75,6 +81,14 @@
                       | rate_limited
                       | enomem.
 
+%% Cluster routing (see `dspex_cluster'): with no cluster configured (the
+%% default) this is one persistent_term read and the call runs here as before.
+-define(ROUTED(Session, Op, Args, Local),
+        case persistent_term:get(dspex_cluster_routing, false) of
+            false -> Local;
+            true -> dspex_cluster:route(Session, Op, Args, fun() -> Local end)
+        end).
+
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
 
 %% Emits `[dspex, store, Op, stop]' around Call with `duration' (native
@@ -128,6 +142,9 @@ create_session(Id) -> create_session(Id, #{}).
                                     rate_limit => #{rate := number(), burst := number()}}) ->
           {ok, session_info()} | {error, error_reason()}.
 create_session(Id, Opts) when is_map(Opts) ->
+    ?ROUTED(Id, create_session, [Id, Opts], create_session_here(Id, Opts)).
+
+create_session_here(Id, Opts) ->
     Ttl = maps:get(ttl, Opts, 3600),
     Meta = maps:get(metadata, Opts, #{}),
     if
@@ -152,7 +169,7 @@ create_session(Id, Opts) when is_map(Opts) ->
 %% `last_accessed_at' has one-second resolution (accesses refresh it at most
 %% once a second, which keeps readers on different cores from contending).
 -spec get_session(session_id()) -> {ok, session_info()} | {error, session_not_found}.
-get_session(Id) -> dspex_nif:session_get(Id).
+get_session(Id) -> ?ROUTED(Id, get_session, [Id], dspex_nif:session_get(Id)).
 
 %% @doc Ids of all live sessions (unordered).
 -spec list_sessions() -> [session_id()].
@@ -160,11 +177,13 @@ list_sessions() -> dspex_nif:session_list().
 
 %% @doc Refreshes the session's TTL.
 -spec touch(session_id()) -> ok | {error, session_not_found}.
-touch(Id) -> dspex_nif:session_touch(Id).
+touch(Id) -> ?ROUTED(Id, touch, [Id], dspex_nif:session_touch(Id)).
 
 %% @doc Deletes the session and frees all its variables.
 -spec delete_session(session_id()) -> ok | {error, session_not_found}.
-delete_session(Id) ->
+delete_session(Id) -> ?ROUTED(Id, delete_session, [Id], delete_session_here(Id)).
+
+delete_session_here(Id) ->
     Result = dspex_nif:session_delete(Id),
     ok = dspex_propagator:stop(Id),
     Result.
@@ -186,6 +205,9 @@ register(Session, Name, Type, Value) -> register(Session, Name, Type, Value, #{}
 -spec register(session_id(), var_key(), var_type(), value(), map()) ->
           {ok, binary()} | {error, error_reason()}.
 register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
+    ?ROUTED(Session, register, [Session, Name, Type, Value, Opts], register_here(Session, Name, Type, Value, Opts)).
+
+register_here(Session, Name, Type, Value, Opts) ->
     Cons = maps:get(constraints, Opts, #{}),
     Meta0 = maps:get(metadata, Opts, #{}),
     HL = maps:get(history_limit, Opts, undefined),
@@ -207,16 +229,21 @@ register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
 
 %% @doc The variable as a map (see `var()').
 -spec get(session_id(), var_key()) -> {ok, var()} | {error, error_reason()}.
-get(Session, Key) -> ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key}, var_map(dspex_nif:var_get(Session, Key))).
+get(Session, Key) ->
+    ?ROUTED(Session, get, [Session, Key],
+            ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key},
+                          var_map(dspex_nif:var_get(Session, Key)))).
 
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
-get(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
+get(Session, Key, Opts) -> ?ROUTED(Session, get, [Session, Key, Opts], get_here(Session, Key, Opts)).
+
+get_here(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
     %% the common case goes as a bare binary: the NIF skips the map lookups
     ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key, as => As},
            var_map(dspex_nif:var_get(Session, Key, As)));
-get(Session, Key, Opts) ->
+get_here(Session, Key, Opts) ->
     ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
            var_map(dspex_nif:var_get(Session, Key, Opts))).
 
@@ -236,7 +263,9 @@ var_map(Other) ->
 %% @doc Only the current value.
 -spec get_value(session_id(), var_key()) -> {ok, value()} | {error, error_reason()}.
 get_value(Session, Key) ->
-    ?TIMED_NATIVE(get_value, 'dspex_telemetry/dspex.store.get_value.stop', #{session => Session, variable => Key}, dspex_nif:var_get_value(Session, Key)).
+    ?ROUTED(Session, get_value, [Session, Key],
+            ?TIMED_NATIVE(get_value, 'dspex_telemetry/dspex.store.get_value.stop', #{session => Session, variable => Key},
+                          dspex_nif:var_get_value(Session, Key))).
 
 %% @doc The current value, or `Default' when the session or variable is missing.
 -spec get_value(session_id(), var_key(), Default) -> value() | Default.
@@ -249,34 +278,40 @@ get_value(Session, Key, Default) ->
 %% @doc Whether the variable exists (false also for an unknown session).
 -spec exists(session_id(), var_key()) -> boolean().
 exists(Session, Key) ->
-    case dspex_nif:var_exists(Session, Key) of
+    case ?ROUTED(Session, exists, [Session, Key], dspex_nif:var_exists(Session, Key)) of
         {error, session_not_found} -> false;
         B -> B
     end.
 
 %% @doc Deletes the variable, its history and its watches.
 -spec delete(session_id(), var_key()) -> ok | {error, error_reason()}.
-delete(Session, Key) -> ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key}, dspex_nif:var_delete(Session, Key)).
+delete(Session, Key) ->
+    ?ROUTED(Session, delete, [Session, Key],
+            ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key},
+                   dspex_nif:var_delete(Session, Key))).
 
 %% @doc `delete/2' on behalf of another session (`write' permission).
 -spec delete(session_id(), var_key(), map()) -> ok | {error, error_reason()}.
 delete(Session, Key, Opts) ->
-    ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
-           dspex_nif:var_delete(Session, Key, Opts)).
+    ?ROUTED(Session, delete, [Session, Key, Opts],
+            ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
+                   dspex_nif:var_delete(Session, Key, Opts))).
 
 %% @doc All variables of the session, sorted by name.
 -spec list(session_id()) -> {ok, [var()]} | {error, error_reason()}.
-list(Session) -> dspex_nif:var_list(Session, all).
+list(Session) -> ?ROUTED(Session, list, [Session], dspex_nif:var_list(Session, all)).
 
 %% @doc Variables whose name matches a glob: `*' any run, `?' one character,
 %% everything else literal.
 -spec list(session_id(), binary()) -> {ok, [var()]} | {error, error_reason()}.
-list(Session, Pattern) when is_binary(Pattern) -> dspex_nif:var_list(Session, Pattern).
+list(Session, Pattern) when is_binary(Pattern) ->
+    ?ROUTED(Session, list, [Session, Pattern], dspex_nif:var_list(Session, Pattern)).
 
 %% @doc `list/2' (Pattern `all' or a glob) on behalf of another session: only
 %% the variables it may `read' are listed.
 -spec list(session_id(), binary() | all, map()) -> {ok, [var()]} | {error, error_reason()}.
-list(Session, Pattern, Opts) when is_binary(Pattern); Pattern =:= all -> dspex_nif:var_list(Session, Pattern, Opts).
+list(Session, Pattern, Opts) when is_binary(Pattern); Pattern =:= all ->
+    ?ROUTED(Session, list, [Session, Pattern, Opts], dspex_nif:var_list(Session, Pattern, Opts)).
 
 %% @equiv set(Session, Key, Value, #{})
 -spec set(session_id(), var_key(), value()) -> {ok, non_neg_integer()} | {error, error_reason()}.
@@ -297,14 +332,17 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% section; a failed set changes nothing.
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
-set(Session, Key, Value, #{propagate := sync} = Opts) ->
+set(Session, Key, Value, Opts) ->
+    ?ROUTED(Session, set, [Session, Key, Value, Opts], set_here(Session, Key, Value, Opts)).
+
+set_here(Session, Key, Value, #{propagate := sync} = Opts) ->
     case set_timed(Session, Key, Value, Opts) of
         {ok, _} = Ok ->
             ok = dspex_propagator:sync(Session),
             Ok;
         Error -> Error
     end;
-set(Session, Key, Value, Opts) -> set_timed(Session, Key, Value, Opts).
+set_here(Session, Key, Value, Opts) -> set_timed(Session, Key, Value, Opts).
 
 set_timed(Session, Key, Value, Opts) ->
     ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set(Session, Key, Value, Opts)).
@@ -314,14 +352,17 @@ set_timed(Session, Key, Value, Opts) ->
 -spec get_many(session_id(), [var_key()]) ->
           {ok, #{found := #{var_key() => var()}, missing := [var_key()]}} | {error, error_reason()}.
 get_many(Session, Keys) when is_list(Keys) ->
-    ?TIMED(get_many, 'dspex_telemetry/dspex.store.get_many.stop', #{session => Session, variables => Keys}, dspex_nif:var_get_many(Session, Keys)).
+    ?ROUTED(Session, get_many, [Session, Keys],
+            ?TIMED(get_many, 'dspex_telemetry/dspex.store.get_many.stop', #{session => Session, variables => Keys},
+                   dspex_nif:var_get_many(Session, Keys))).
 
 %% @doc `get_many/2' on behalf of another session (`#{as, context}'): keys the
 %% principal may not `read' are listed under `denied'.
 -spec get_many(session_id(), [var_key()], map()) -> {ok, map()} | {error, error_reason()}.
 get_many(Session, Keys, Opts) when is_list(Keys), is_map(Opts) ->
-    ?TIMED(get_many, 'dspex_telemetry/dspex.store.get_many.stop', #{session => Session, variables => Keys, as => maps:get(as, Opts, Session)},
-           dspex_nif:var_get_many(Session, Keys, Opts)).
+    ?ROUTED(Session, get_many, [Session, Keys, Opts],
+            ?TIMED(get_many, 'dspex_telemetry/dspex.store.get_many.stop', #{session => Session, variables => Keys, as => maps:get(as, Opts, Session)},
+                   dspex_nif:var_get_many(Session, Keys, Opts))).
 
 %% @equiv set_many(Session, Updates, #{atomic => false})
 -spec set_many(session_id(), map() | list()) -> {ok, map()} | {error, term()}.
@@ -341,6 +382,9 @@ set_many(Session, Updates) -> set_many(Session, Updates, #{}).
 %% across variables); writers cannot interleave with it.
 -spec set_many(session_id(), map() | list(), #{atomic => boolean()}) -> {ok, map()} | {error, term()}.
 set_many(Session, Updates, Opts) when is_map(Opts) ->
+    ?ROUTED(Session, set_many, [Session, Updates, Opts], set_many_here(Session, Updates, Opts)).
+
+set_many_here(Session, Updates, Opts) ->
     Atomic = maps:get(atomic, Opts, false) =:= true,
     %% `as' and `context' of the call apply to every update
     Who = maps:with([as, context], Opts),
@@ -364,12 +408,14 @@ history(Session, Key) -> history(Session, Key, all).
 %% Each set archives the version it replaces; at most `history_limit' are kept.
 -spec history(session_id(), var_key(), non_neg_integer() | all) ->
           {ok, [history_entry()]} | {error, error_reason()}.
-history(Session, Key, Limit) -> dspex_nif:var_history(Session, Key, Limit).
+history(Session, Key, Limit) ->
+    ?ROUTED(Session, history, [Session, Key, Limit], dspex_nif:var_history(Session, Key, Limit)).
 
 %% @doc `history/3' on behalf of another session (`read' permission).
 -spec history(session_id(), var_key(), non_neg_integer() | all, map()) ->
           {ok, [history_entry()]} | {error, error_reason()}.
-history(Session, Key, Limit, Opts) -> dspex_nif:var_history(Session, Key, Limit, Opts).
+history(Session, Key, Limit, Opts) ->
+    ?ROUTED(Session, history, [Session, Key, Limit, Opts], dspex_nif:var_history(Session, Key, Limit, Opts)).
 
 %% @equiv rollback(Session, Key, Version, #{})
 -spec rollback(session_id(), var_key(), non_neg_integer()) ->
@@ -384,8 +430,9 @@ rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
 -spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 rollback(Session, Key, Version, Opts) ->
-    ?TIMED(rollback, 'dspex_telemetry/dspex.store.rollback.stop', #{session => Session, variable => Key, to_version => Version},
-           dspex_nif:var_rollback(Session, Key, Version, Opts)).
+    ?ROUTED(Session, rollback, [Session, Key, Version, Opts],
+            ?TIMED(rollback, 'dspex_telemetry/dspex.store.rollback.stop', #{session => Session, variable => Key, to_version => Version},
+                   dspex_nif:var_rollback(Session, Key, Version, Opts))).
 
 %% @equiv watch(Session, Keys, Pid, #{})
 -spec watch(session_id(), [var_key()], pid()) -> reference() | {error, error_reason()}.
@@ -413,7 +460,7 @@ watch(Session, Keys, Pid, Opts) when is_list(Keys), is_pid(Pid), is_map(Opts) ->
 -spec info(session_id(), var_key()) ->
           {ok, #{watchers := non_neg_integer(), history_size := non_neg_integer(),
                  history_limit := non_neg_integer()}} | {error, error_reason()}.
-info(Session, Key) -> dspex_nif:var_info(Session, Key).
+info(Session, Key) -> ?ROUTED(Session, info, [Session, Key], dspex_nif:var_info(Session, Key)).
 
 %% @doc Ends a watch (idempotent).
 -spec unwatch(reference()) -> ok.
@@ -424,7 +471,9 @@ unwatch(Ref) -> dspex_nif:unwatch(Ref).
 %% `dspex_session_v1'). Taken under all the session's shard locks, so it is a
 %% consistent cut. Runs on a dirty scheduler.
 -spec export_session(session_id()) -> {ok, map()} | {error, error_reason()}.
-export_session(Id) ->
+export_session(Id) -> ?ROUTED(Id, export_session, [Id], export_session_here(Id)).
+
+export_session_here(Id) ->
     case dspex_nif:export_session(Id) of
         {ok, #{variables := Vars} = E} ->
             %% the graph, the access rules and the derive functions travel too
@@ -442,11 +491,14 @@ export_session(Id) ->
 %% value is validated again. `{error, {already_exists, Id}}' if the id is taken.
 -spec import_session(map()) -> ok | {error, term()}.
 import_session(#{id := Id} = Export) ->
+    ?ROUTED(Id, import_session, [Export], import_session_here(Id, Export));
+import_session(Export) when is_map(Export) -> dspex_nif:import_session(Export).
+
+import_session_here(Id, Export) ->
     case dspex_nif:import_session(Export) of
         ok -> restore_extras(Id, Export);
         Error -> Error
-    end;
-import_session(Export) when is_map(Export) -> dspex_nif:import_session(Export).
+    end.
 
 %% Edges, rules and derive functions, on the freshly imported session.
 restore_extras(Id, Export) ->

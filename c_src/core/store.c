@@ -594,6 +594,13 @@ int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder
     return rc;
 }
 
+uint64_t dx_lock_tokens_raise(uint64_t floor) {
+    uint64_t t = atomic_load(&g_lock_tokens);
+    while (t < floor && !atomic_compare_exchange_weak(&g_lock_tokens, &t, floor)) {
+    }
+    return t < floor ? floor : t;
+}
+
 int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token) {
     dx_shard *sh = shard_of(s, v->key.hash);
     pthread_mutex_lock(&sh->mu);

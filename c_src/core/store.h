@@ -194,6 +194,10 @@ int dx_var_delete(dx_session *s, dx_str key);
 int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token,
                 const dx_set_opts *acl);
 int dx_var_unlock(dx_session *s, dx_var *v, uint64_t token);
+/* Raises the lock token counter to at least floor (never lowers it); the next
+ * token is above it. A new cluster owner calls it so that tokens keep rising
+ * across failover. Returns the counter after the call. */
+uint64_t dx_lock_tokens_raise(uint64_t floor);
 /* The holder of the lock behind the last DX_E_LOCKED returned on this thread,
  * captured in the same critical section as the refusal (valid until the next
  * store call on this thread; len 0 if none). */

@@ -78,6 +78,7 @@ static ErlNifFunc funcs[] = {
     {"acl_validate", 1, nif_acl_validate, 0},
     {"session_set_rate", 3, nif_session_set_rate, 0},
     DX_METRICS_FUNCS,
+    {"lock_token_floor", 1, nif_lock_token_floor, 0},
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

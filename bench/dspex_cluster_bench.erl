@@ -1,0 +1,104 @@
+%% @doc `make bench' (cluster part): write throughput of a 3-node cluster with
+%% sync replication (R = 1) against a single node without a cluster, in the
+%% same run, and failover time (owner killed with kill -9 -> first successful
+%% write from another node). Three `peer' nodes on this machine.
+-module(dspex_cluster_bench).
+
+-export([main/0, writers/3, failover_probe/2]).
+
+-define(SECONDS, 2).
+
+main() ->
+    io:format("~n== dspex_cluster: sync replication (R = 1, 3 peer nodes on this host) ==~n", []),
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    Single1 = writers(<<"single">>, 1, ?SECONDS),
+    Single4 = writers(<<"single4">>, 4, ?SECONDS),
+    application:stop(dspex_bridge),
+    Peers = start("dspex_bench"),
+    [{_, PA} | _] = Peers,
+    {ok, Owner} = peer:call(PA, dspex_cluster, owner_of, [<<"c1_0">>]),
+    POwner = proplists:get_value(Owner, Peers),
+    [{_, POther} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    OnOwner1 = peer:call(POwner, ?MODULE, writers, [<<"c1">>, 1, ?SECONDS], 60000),
+    Remote1 = peer:call(POther, ?MODULE, writers, [<<"c2">>, 1, ?SECONDS], 60000),
+    Remote4 = peer:call(POther, ?MODULE, writers, [<<"c3">>, 4, ?SECONDS], 60000),
+    stop(Peers),
+    Row = fun(Name, R, Base) -> io:format("  ~-48s ~12b writes/s  (~.3fx single node)~n", [Name, round(R), R / Base]) end,
+    io:format("  ~-48s ~12b writes/s~n", ["single node, no cluster, 1 writer", round(Single1)]),
+    io:format("  ~-48s ~12b writes/s~n", ["single node, no cluster, 4 writers", round(Single4)]),
+    Row("cluster, 1 writer on the owner", OnOwner1, Single1),
+    Row("cluster, 1 writer on another node (forwarded)", Remote1, Single1),
+    Row("cluster, 4 writers on another node, 4 sessions", Remote4, Single4),
+    Times = [failover_once("dspex_fo" ++ integer_to_list(I)) || I <- lists:seq(1, 3)],
+    io:format("  failover (owner kill -9 -> first acknowledged write), 3 runs: ~p ms, median ~p ms~n",
+              [Times, lists:nth(2, lists:sort(Times))]),
+    ok.
+
+%% N processes, each writing its own session for Secs seconds; writes/s in total.
+writers(Prefix, N, Secs) ->
+    Ss = [<<Prefix/binary, "_", (integer_to_binary(I))/binary>> || I <- lists:seq(0, N - 1)],
+    [begin {ok, _} = dspex_store:create_session(S), {ok, _} = dspex_store:register(S, x, integer, 0) end || S <- Ss],
+    Parent = self(),
+    Until = erlang:monotonic_time(millisecond) + Secs * 1000,
+    Pids = [spawn_link(fun() -> Parent ! {done, self(), loop(S, 0, Until)} end) || S <- Ss],
+    Total = lists:sum([receive {done, P, C} -> C end || P <- Pids]),
+    Total / Secs.
+
+loop(S, C, Until) ->
+    case C rem 64 =:= 0 andalso erlang:monotonic_time(millisecond) >= Until of
+        true -> C;
+        false ->
+            {ok, _} = dspex_store:set(S, x, C),
+            loop(S, C + 1, Until)
+    end.
+
+owner(P, S) ->
+    {ok, _} = peer:call(P, dspex_store, create_session, [S]),
+    {ok, O} = peer:call(P, dspex_cluster, owner_of, [S]),
+    O.
+
+%% Runs on a surviving node: writes until one is acknowledged after `Killed'
+%% left; returns the ms from `T0' (the kill) to that write.
+failover_probe(S, T0) ->
+    case dspex_store:set(S, x, 1) of
+        {ok, _} -> erlang:convert_time_unit(erlang:system_time() - T0, native, millisecond);
+        {error, _} -> failover_probe(S, T0)
+    end.
+
+failover_once(Base) ->
+    Peers = start(Base),
+    [{_, PA} | _] = Peers,
+    S = <<"fo">>,
+    Owner = owner(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    [{_, POther} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    OsPid = peer:call(proplists:get_value(Owner, Peers), os, getpid, []),
+    T0 = erlang:system_time(),
+    [] = os:cmd("kill -9 " ++ OsPid),
+    Ms = peer:call(POther, ?MODULE, failover_probe, [S, T0], 60000),
+    stop(Peers),
+    Ms.
+
+start(Base) ->
+    Host = hd(string:split(net_adm:localhost(), ".")),
+    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
+    Peers = [begin
+                 {ok, P, Node} = peer:start(#{name => Base ++ "_" ++ X, host => Host, connection => standard_io,
+                                              args => ["-setcookie", "dspex_bench", "-connect_all", "false" | Paths]}),
+                 {Node, P}
+             end || X <- ["a", "b", "c"]],
+    Nodes = [N || {N, _} <- Peers],
+    [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, #{nodes => Nodes, replicas => 1,
+                                                                         replication => sync}]) || {_, P} <- Peers],
+    [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
+    wait_live(Peers, Nodes, erlang:monotonic_time(millisecond) + 20000),
+    Peers.
+
+wait_live(Peers, Nodes, Deadline) ->
+    Ok = lists:all(fun({_, P}) -> maps:get(live, peer:call(P, dspex_cluster, cluster_status, [])) =:= Nodes end, Peers),
+    case Ok orelse erlang:monotonic_time(millisecond) > Deadline of
+        true -> ok;
+        false -> receive after 20 -> ok end, wait_live(Peers, Nodes, Deadline)
+    end.
+
+stop(Peers) -> [catch peer:stop(P) || {_, P} <- Peers], ok.

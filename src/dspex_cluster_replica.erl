@@ -1,0 +1,186 @@
+%% @doc The replica side of a session: applies the owner's committed changes in
+%% order, and answers takeovers (state, fence, export, install, drop).
+%%
+%% A pool of processes; a session always maps to the same one, so the changes
+%% of one session are applied in the order its owner sent them, and a fence is
+%% ordered with them. Per-session facts live in the public ETS table
+%% `dspex_cluster_sessions': `{Session, Epoch, Seq, Owner, Replicas, Gen, Fence}'
+%% where `Seq' counts the replicated changes of the epoch's history and
+%% `Fence' is the highest epoch announced by a takeover: changes from a lower
+%% epoch are refused with `{error, {stale_epoch, Fence}}'.
+-module(dspex_cluster_replica).
+-behaviour(gen_server).
+
+-export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/3,
+         row/1, put_row/1, table/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+
+-define(POOL, 8).
+-define(TAB, dspex_cluster_sessions).
+
+-type payload() :: {op, atom(), list(), term()} | {full, map() | absent} | delete_session.
+-export_type([payload/0]).
+
+%% @doc Starts replica process `I' of the pool.
+-spec start_link(non_neg_integer()) -> {ok, pid()} | {error, term()}.
+start_link(I) -> gen_server:start_link({local, pname(I)}, ?MODULE, [], []).
+
+%% @doc The registered name of the pool process serving `Session'.
+-spec name(binary()) -> atom().
+name(S) -> pname(erlang:phash2(S, ?POOL)).
+
+pname(I) -> list_to_atom("dspex_cluster_replica_" ++ integer_to_list(I)).
+
+%% @doc Creates the sessions table (called once by the cluster supervisor's table owner).
+-spec table() -> atom().
+table() -> ?TAB.
+
+%% @doc The row of `Session', with defaults when unknown.
+-spec row(binary()) -> tuple().
+row(S) ->
+    case ets:lookup(?TAB, S) of
+        [R] -> R;
+        [] -> {S, 0, 0, undefined, [], 0, 0}
+    end.
+
+%% @doc Replaces the row of a session.
+-spec put_row(tuple()) -> true.
+put_row(R) -> ets:insert(?TAB, R).
+
+%% @doc Applies one change sent by the owner at `Epoch'; `Seq' must follow the
+%% last applied one (else `{error, need_full}').
+-spec apply_change(binary(), pos_integer(), pos_integer(), node(), payload()) ->
+          ok | {error, need_full | {stale_epoch, non_neg_integer()}}.
+apply_change(S, Epoch, Seq, Owner, P) -> gen_server:call(name(S), {apply, S, Epoch, Seq, Owner, P}, infinity).
+
+%% @doc `{Epoch, Seq, Fence, Present}' of the session here.
+-spec state(binary()) -> {non_neg_integer(), non_neg_integer(), non_neg_integer(), boolean()}.
+state(S) -> gen_server:call(name(S), {state, S}, infinity).
+
+%% @doc Refuses every later change from an epoch below `Epoch'; returns the state.
+-spec fence(binary(), pos_integer()) ->
+          {ok, {non_neg_integer(), non_neg_integer(), boolean()}} | {error, {stale_epoch, non_neg_integer()}}.
+fence(S, Epoch) -> gen_server:call(name(S), {fence, S, Epoch}, infinity).
+
+%% @doc The session's export here, or `absent'.
+-spec export(binary()) -> {ok, map() | absent, non_neg_integer(), non_neg_integer()}.
+export(S) -> gen_server:call(name(S), {export, S}, infinity).
+
+%% @doc Replaces the local copy with `Export' (or removes it) as of `{Epoch, Seq}'.
+-spec install(binary(), pos_integer(), non_neg_integer(), node(), map() | absent) ->
+          ok | {error, term()}.
+install(S, Epoch, Seq, Owner, Export) -> gen_server:call(name(S), {install, S, Epoch, Seq, Owner, Export}, infinity).
+
+%% @doc Forgets the local copy (this node is neither owner nor replica at `Epoch').
+-spec drop(binary(), pos_integer(), node()) -> ok | {error, term()}.
+drop(S, Epoch, Owner) -> gen_server:call(name(S), {drop, S, Epoch, Owner}, infinity).
+
+%%% server ----------------------------------------------------------------------
+
+-spec init([]) -> {ok, #{}}.
+init([]) ->
+    put(dspex_cluster_local, true),
+    {ok, #{}}.
+
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+handle_call({state, S}, _From, St) ->
+    {S, E, Seq, _, _, _, F} = row(S),
+    {reply, {E, Seq, F, present(S)}, St};
+handle_call({fence, S, Epoch}, _From, St) ->
+    {S, E, Seq, O, R, G, F} = row(S),
+    case Epoch < max(E, F) of
+        true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
+        false ->
+            put_row({S, E, Seq, O, R, G, Epoch}),
+            {reply, {ok, {E, Seq, present(S)}}, St}
+    end;
+handle_call({export, S}, _From, St) ->
+    {S, E, Seq, _, _, _, _} = row(S),
+    Exp = case dspex_store:export_session(S) of
+              {ok, X} -> X;
+              {error, _} -> absent
+          end,
+    {reply, {ok, Exp, E, Seq}, St};
+handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
+    {S, E, _, _, _, _, F} = row(S),
+    case Epoch < max(E, F) of
+        true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
+        false ->
+            Res = replace(S, Export),
+            put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
+            {reply, Res, St}
+    end;
+handle_call({drop, S, Epoch, Owner}, _From, St) ->
+    {S, E, _, _, _, _, F} = row(S),
+    case Epoch < max(E, F) of
+        true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
+        false ->
+            _ = dspex_store:delete_session(S),
+            put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
+            {reply, ok, St}
+    end;
+handle_call({apply, S, Epoch, Seq, Owner, P}, _From, St) ->
+    {reply, do_apply(S, Epoch, Seq, Owner, P), St}.
+
+-spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast({apply, S, Epoch, Seq, Owner, P, Notify}, St) ->
+    %% asynchronous replication: the owner's writer is told when a full copy is needed
+    case do_apply(S, Epoch, Seq, Owner, P) of
+        {error, need_full} -> Notify ! {need_full, S, node()};
+        _ -> ok
+    end,
+    {noreply, St};
+handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
+    {S, E, Seq0, _, _, _, F} = row(S),
+    case Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
+        true -> ok;
+        false ->
+            _ = replace(S, Export),
+            put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
+    end,
+    {noreply, St}.
+
+-spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info(_, St) -> {noreply, St}.
+
+do_apply(S, Epoch, Seq, Owner, P) ->
+    {S, E, Seq0, _, _, _, F} = row(S),
+    Known = max(E, F),
+    if
+        Epoch < Known -> {error, {stale_epoch, Known}};
+        Epoch =:= E, Seq =< Seq0 -> ok;   % a repeat (async resend after a full copy)
+        true ->
+            case P of
+                {full, Export} ->
+                    case replace(S, Export) of
+                        ok -> put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}), ok;
+                        Err -> Err
+                    end;
+                _ when Epoch =/= E; Seq =/= Seq0 + 1 -> {error, need_full};
+                delete_session ->
+                    _ = dspex_store:delete_session(S),
+                    put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
+                    ok;
+                {op, Op, Args, Expect} ->
+                    case catch erlang:apply(dspex_store, Op, Args) of
+                        Expect ->
+                            put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
+                            ok;
+                        _Other ->
+                            {error, need_full}
+                    end
+            end
+    end.
+
+present(S) -> element(1, dspex_store:get_session(S)) =:= ok.
+
+replace(S, absent) ->
+    _ = dspex_store:delete_session(S),
+    ok;
+replace(S, Export) ->
+    _ = dspex_store:delete_session(S),
+    try dspex_store:import_session(Export) of
+        ok -> ok;
+        {error, _} = E -> E
+    catch _:Why -> {error, {import_failed, Why}}
+    end.

@@ -1,0 +1,53 @@
+%% @doc Supervises the cluster processes when `dspex_bridge' / `cluster' is
+%% configured: the `pg' scope, the replica and writer pools, the ownership
+%% backend's processes, then the membership server (which turns routing on).
+%% Without configuration it has no children and routing stays off.
+-module(dspex_cluster_sup).
+-behaviour(supervisor).
+
+-export([start_link/0, init/1, config/0]).
+
+-define(POOL, 8).
+
+%% @doc Starts the supervisor.
+-spec start_link() -> {ok, pid()} | {error, term()}.
+start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
+
+%% @doc The normalised configuration, or `undefined' when none is set.
+-spec config() -> map() | undefined | {error, term()}.
+config() ->
+    case application:get_env(dspex_bridge, cluster) of
+        undefined -> undefined;
+        {ok, C} when is_map(C) ->
+            Nodes = lists:usort(maps:get(nodes, C, [node()])),
+            Backend = case maps:get(backend, C, static) of
+                          static -> dspex_owner_static;
+                          etcd -> dspex_owner_etcd;
+                          M -> M
+                      end,
+            R = maps:get(replicas, C, 1),
+            Mode = maps:get(replication, C, sync),
+            if
+                not is_integer(R) orelse R < 0 -> {error, {invalid_argument, replicas}};
+                Mode =/= sync andalso Mode =/= async -> {error, {invalid_argument, replication}};
+                true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode}
+            end;
+        {ok, _} -> {error, {invalid_argument, cluster}}
+    end.
+
+-spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
+init([]) ->
+    case config() of
+        undefined -> {ok, {#{strategy => one_for_all}, []}};
+        {error, _} = E -> E;
+        #{backend := Backend} = C ->
+            %% the sessions table lives as long as this supervisor
+            _ = ets:new(dspex_cluster_replica:table(), [named_table, public, set, {read_concurrency, true}]),
+            Pool = fun(Mod) -> [#{id => {Mod, I}, start => {Mod, start_link, [I]}} || I <- lists:seq(0, ?POOL - 1)] end,
+            Children = [#{id => pg, start => {pg, start_link, [dspex_cluster]}}]
+                ++ Pool(dspex_cluster_replica) ++ Pool(dspex_cluster_writer)
+                ++ Backend:child_specs(C)
+                ++ [#{id => dspex_cluster_keeper, start => {dspex_cluster_keeper, start_link, [C]}}]
+                ++ [#{id => dspex_cluster_members, start => {dspex_cluster_members, start_link, [C]}}],
+            {ok, {#{strategy => one_for_all, intensity => 5, period => 10}, Children}}
+    end.

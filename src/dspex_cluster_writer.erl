@@ -1,0 +1,299 @@
+%% @doc The owner side of a session: every write to a session this node owns
+%% runs here, in the pool process the session maps to, so that commits and
+%% their replication are in one order per session.
+%%
+%% A write first makes sure this node owns the session under the current view
+%% (`ensure'): if the view changed since the session's epoch began, it takes
+%% over again: it asks the live members for their state, claims a higher epoch
+%% from the ownership backend, fences every live member at that epoch (they
+%% refuse changes from older epochs from then on), installs the newest copy
+%% (the highest `{Epoch, Seq}' any member holds), pushes it to the replicas and
+%% drops the copies of the other nodes. Then it commits locally and ships the
+%% change: `sync' waits until every replica applied it, `async' does not.
+-module(dspex_cluster_writer).
+-behaviour(gen_server).
+
+-export([start_link/1, name/1, owners/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+
+-define(POOL, 8).
+-define(RPC_TIMEOUT, 5000).
+
+%% @doc Starts writer `I' of the pool.
+-spec start_link(non_neg_integer()) -> {ok, pid()} | {error, term()}.
+start_link(I) -> gen_server:start_link({local, pname(I)}, ?MODULE, [], []).
+
+%% @doc The registered name of the pool process serving `Session'.
+-spec name(binary()) -> atom().
+name(S) -> pname(erlang:phash2(S, ?POOL)).
+
+pname(I) -> list_to_atom("dspex_cluster_writer_" ++ integer_to_list(I)).
+
+%% @doc `{Owner, Replicas}' of a session under a view (`none' without eligible
+%% nodes): a pinned node if eligible, else rendezvous hashing over the
+%% eligible nodes; the replicas are the next `replicas' of the ranking.
+-spec owners(binary(), dspex_cluster_members:view()) -> {node(), [node()]} | none.
+owners(S, #{eligible := El, overrides := O, replicas := R}) ->
+    Ranked = case O of
+                 #{S := T} -> case lists:member(T, El) of
+                                  true -> [T | rank(S, El -- [T])];
+                                  false -> rank(S, El)
+                              end;
+                 _ -> rank(S, El)
+             end,
+    case Ranked of
+        [] -> none;
+        [Owner | Rest] -> {Owner, lists:sublist(Rest, R)}
+    end.
+
+rank(S, Nodes) ->
+    [N || {_, N} <- lists:sort([{-erlang:phash2({S, N}, 4294967296), N} || N <- Nodes])].
+
+%%% server ----------------------------------------------------------------------
+
+-spec init([]) -> {ok, #{}}.
+init([]) ->
+    %% store calls made here run locally instead of being routed again
+    put(dspex_cluster_local, true),
+    {ok, #{}}.
+
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+handle_call({write, S, Op, Args}, _From, St) ->
+    V = dspex_cluster_members:view(),
+    case ensure(S, V) of
+        {ok, Own} -> {reply, write(S, Op, Args, Own, V), St};
+        {error, _} = E -> {reply, {E, 0, node()}, St}
+    end;
+handle_call({ensure, S}, _From, St) ->
+    V = dspex_cluster_members:view(),
+    case ensure(S, V) of
+        {ok, {E, Seq, _}} -> {reply, {ok, #{epoch => E, seq => Seq}}, St};
+        {error, _} = Err -> {reply, Err, St}
+    end.
+
+-spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast({release_if_not_owner, S}, St) ->
+    V = dspex_cluster_members:view(),
+    case ensure(S, V) of
+        {error, {not_owner, _}} -> ok;   % ensure released the backend's hold
+        _ -> ok
+    end,
+    {noreply, St};
+handle_cast({expired, S}, St) ->
+    %% the sweeper removed a session this node owns: replicate the deletion,
+    %% then stop owning it (the next access takes over again)
+    case dspex_cluster_replica:row(S) of
+        {S, E, Seq, Me, Reps, G, F} when Me =:= node(), F =< E ->
+            case lists:member(S, dspex_nif:session_list()) of
+                false ->
+                    #{replication := Mode} = dspex_cluster_members:view(),
+                    _ = replicate(S, E, Seq + 1, delete_session, Reps, Mode),
+                    dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
+                true -> ok
+            end;
+        _ -> ok
+    end,
+    {noreply, St};
+handle_cast(_, St) -> {noreply, St}.
+
+-spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info({need_full, S, Node}, St) ->
+    %% an async replica missed a change: send it the whole session
+    case dspex_cluster_replica:row(S) of
+        {S, E, Seq, Me, Reps, _, _} when Me =:= node() ->
+            case lists:member(Node, Reps) of
+                true ->
+                    {ok, Exp, _, _} = dspex_cluster_replica:export(S),
+                    gen_server:cast({dspex_cluster_replica:name(S), Node}, {install, S, E, Seq, node(), Exp});
+                false -> ok
+            end;
+        _ -> ok
+    end,
+    {noreply, St};
+handle_info(_, St) -> {noreply, St}.
+
+%%% ownership ---------------------------------------------------------------------
+
+ensure(S, #{gen := Gen, backend := Backend} = V) ->
+    case Backend:quorum(V) andalso owners(S, V) of
+        false -> {error, no_quorum};
+        none -> {error, no_quorum};
+        {Owner, _} when Owner =/= node() ->
+            case dspex_cluster_replica:row(S) of
+                {S, _, _, Me, _, _, _} when Me =:= node() -> ok = Backend:release(S);
+                _ -> ok
+            end,
+            {error, {not_owner, Owner}};
+        {_, Reps} ->
+            case dspex_cluster_replica:row(S) of
+                {S, E, Seq, Me, Reps, Gen, F} when Me =:= node(), F =< E -> {ok, {E, Seq, Reps}};
+                _ -> takeover(S, Reps, V)
+            end
+    end.
+
+takeover(S, Reps, #{live := Live, gen := Gen, backend := Backend} = V) ->
+    T0 = erlang:monotonic_time(),
+    Others = Live -- [node()],
+    {E0, Seq0, F0, Present0} = dspex_cluster_replica:state(S),
+    States = [St || {ok, St} <- erpc:multicall(Others, dspex_cluster_replica, state, [S], ?RPC_TIMEOUT)],
+    Proposed = 1 + lists:max([E0, F0 | [max(E, F) || {E, _, F, _} <- States]]),
+    case Backend:claim(S, Proposed, V) of
+        {ok, Epoch} ->
+            Fenced = lists:zip(Others, erpc:multicall(Others, dspex_cluster_replica, fence, [S, Epoch], ?RPC_TIMEOUT)),
+            case [N || {N, {ok, {error, {stale_epoch, _}}}} <- Fenced] of
+                [_ | _] -> {error, {retry, contended}};
+                [] ->
+                    %% this node's own replica role must refuse the old owner too
+                    dspex_cluster_replica:put_row(setelement(7, dspex_cluster_replica:row(S), Epoch)),
+                    Copies = [{{E, Seq}, N} || {N, {ok, {ok, {E, Seq, true}}}} <- Fenced]
+                        ++ [{{E0, Seq0}, node()} || Present0],
+                    finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0)
+            end;
+        {error, {held_by, Holder}} ->
+            %% the backend says another node still holds it (etcd): ask it to
+            %% let go if it is no longer the owner in its view; asynchronously,
+            %% so that two nodes asking each other cannot deadlock
+            gen_server:cast({name(S), Holder}, {release_if_not_owner, S}),
+            {error, {retry, contended}};
+        {error, _} = Err -> Err
+    end.
+
+finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
+    {Seq, Got} = case lists:reverse(lists:sort(Copies)) of
+                     [] -> {0, ok};
+                     [{{_, BestSeq}, Me} | _] when Me =:= node() -> {BestSeq, ok};
+                     [{{_, BestSeq}, Best} | _] ->
+                         case catch erpc:call(Best, dspex_cluster_replica, export, [S], ?RPC_TIMEOUT) of
+                             {ok, Exp, _, _} -> {BestSeq, replace_local(S, Exp)};
+                             Other -> {BestSeq, {error, {retry, {copy_failed, Best, Other}}}}
+                         end
+                 end,
+    case Got of
+        ok ->
+            Export = local_export(S),
+            Pushed = erpc:multicall(Reps, dspex_cluster_replica, install, [S, Epoch, Seq, node(), Export], ?RPC_TIMEOUT),
+            case [R || R <- Pushed, R =/= {ok, ok}] of
+                [] ->
+                    _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
+                    dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
+                    %% locks do not travel: the old owner's are gone with it, and
+                    %% tokens granted here from now on are above any it granted
+                    %% (its counter started from its clock, at an earlier time)
+                    _ = dspex_nif:lock_token_floor(erlang:system_time(microsecond)),
+                    dspex_telemetry:execute([dspex, cluster, takeover, stop],
+                                            #{duration => erlang:monotonic_time() - T0},
+                                            #{session => S, epoch => Epoch, seq => Seq, replicas => Reps}),
+                    {ok, {Epoch, Seq, Reps}};
+                _ -> {error, {retry, replica_unavailable}}
+            end;
+        {error, _} = Err -> Err
+    end.
+
+local_export(S) ->
+    case dspex_store:export_session(S) of
+        {ok, X} -> X;
+        {error, _} -> absent
+    end.
+
+replace_local(S, absent) ->
+    _ = dspex_store:delete_session(S),
+    ok;
+replace_local(S, Export) ->
+    _ = dspex_store:delete_session(S),
+    case dspex_store:import_session(Export) of
+        ok -> ok;
+        {error, R} -> {error, {retry, {import_failed, R}}}
+    end.
+
+%%% writes -----------------------------------------------------------------------
+
+write(S, Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
+    T0 = erlang:monotonic_time(),
+    %% a caller's type error is raised again in the caller, not here
+    Result = try erlang:apply(dspex_store, Op, Args)
+             catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
+             end,
+    Reply = case payload(Op, Args, Result) of
+                none -> Result;
+                P ->
+                    Seq1 = Seq + 1,
+                    ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
+                    case replicate(S, Epoch, Seq1, full(S, P), Reps, Mode) of
+                        ok -> Result;
+                        {error, Why} ->
+                            %% not acknowledged; the next write re-establishes ownership
+                            ets:update_element(dspex_cluster_replica:table(), S, {6, 0}),
+                            {error, {retry, Why}}
+                    end
+            end,
+    dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
+                            #{session => S, op => Op, epoch => Epoch, replicas => Reps, mode => Mode}),
+    {Reply, Epoch, node()}.
+
+full(S, full) -> {full, local_export(S)};
+full(_, P) -> P.
+
+replicate(_S, _E, _Seq, _P, [], _Mode) ->
+    ok;
+replicate(S, E, Seq, P, Reps, async) ->
+    [gen_server:cast({dspex_cluster_replica:name(S), R}, {apply, S, E, Seq, node(), P, self()}) || R <- Reps],
+    ok;
+replicate(S, E, Seq, P, Reps, sync) ->
+    %% one request per replica, all in flight at once, straight to the pool process
+    Name = dspex_cluster_replica:name(S),
+    Ids = [gen_server:send_request({Name, R}, {apply, S, E, Seq, node(), P}) || R <- Reps],
+    Res = [case gen_server:wait_response(Id, ?RPC_TIMEOUT) of
+               {reply, X} -> {ok, X};
+               timeout -> {error, timeout};
+               {error, {Why, _}} -> {error, Why}
+           end || Id <- Ids],
+    Fixed = [case R of
+                 {ok, {error, need_full}} ->
+                     Exp = local_export(S),
+                     catch erpc:call(Node, dspex_cluster_replica, install, [S, E, Seq, node(), Exp], ?RPC_TIMEOUT);
+                 {ok, X} -> X;
+                 Other -> {error, Other}
+             end || {Node, R} <- lists:zip(Reps, Res)],
+    case [X || X <- Fixed, X =/= ok] of
+        [] -> ok;
+        Bad ->
+            case [x || {error, {stale_epoch, _}} <- Bad] of
+                [] -> {error, replica_unavailable};
+                _ -> {error, fenced}
+            end
+    end.
+
+%% What the replicas must do to follow a successful write.
+payload(Op, _Args, Result) when Op =:= create_session; Op =:= register; Op =:= import_session ->
+    case Result of
+        ok -> full;
+        {ok, _} -> full;
+        _ -> none
+    end;
+payload(delete_session, _, ok) ->
+    delete_session;
+payload(set, [S, K, V, O], {ok, Ver}) ->
+    {op, set, [S, K, V, (strip(O))#{expected_version => Ver - 1}], {ok, Ver}};
+payload(rollback, [S, K, To, O], {ok, Ver}) ->
+    {op, rollback, [S, K, To, (strip(O))#{expected_version => Ver - 1}], {ok, Ver}};
+payload(delete, [S, K | _], ok) ->
+    {op, delete, [S, K], ok};
+payload(set_many, [S, Updates, Opts], {ok, Res}) ->
+    Done = case maps:get(atomic, Opts, false) of
+               true -> Res;
+               _ -> maps:get(updated, Res, #{})
+           end,
+    Ups = [{K, V, (strip(O))#{expected_version => maps:get(K, Done) - 1}}
+           || {K, V, O} <- norm(Updates), maps:is_key(K, Done)],
+    case Ups of
+        [] -> none;
+        _ -> {op, set_many, [S, Ups, #{atomic => true}], {ok, Done}}
+    end;
+payload(_, _, _) ->
+    none.
+
+%% The owner already checked locks, access rules and versions.
+strip(O) -> maps:without([lock, as, context, propagate, expected_version], O).
+
+norm(M) when is_map(M) -> [{K, V, #{}} || {K, V} <- maps:to_list(M)];
+norm(L) -> [case U of {K, V} -> {K, V, #{}}; {_, _, _} -> U end || U <- L].

@@ -1,0 +1,497 @@
+%% Common Test: the store across three `peer' nodes (OS processes on this
+%% machine): failover after kill -9, partitions, migration and draining under
+%% load, lock fencing across failover. The test node itself is not distributed:
+%% peers are controlled over their standard I/O, so the only distribution
+%% links are the cluster's own.
+-module(dspex_cluster_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, init_per_testcase/2, end_per_testcase/2]).
+-export([kill_owner_sync_loses_no_acknowledged_write/1, minority_refuses_writes_and_heals/1,
+         migrate_and_drain_under_load/1, locks_released_and_old_token_rejected_after_failover/1,
+         async_replication_converges/1, rendezvous_is_stable_and_spreads/1,
+         no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1]).
+%% run on the peers
+-export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
+-export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
+
+all() ->
+    [kill_owner_sync_loses_no_acknowledged_write, minority_refuses_writes_and_heals,
+     migrate_and_drain_under_load, locks_released_and_old_token_rejected_after_failover,
+     async_replication_converges, rendezvous_is_stable_and_spreads,
+     no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner].
+
+init_per_testcase(_, Config) -> Config.
+
+end_per_testcase(_, _Config) ->
+    %% the test case process recorded its peers (same process as this hook)
+    case get(peers) of
+        undefined -> ok;
+        Peers -> stop_cluster(Peers)
+    end,
+    ok.
+
+%%% cluster helpers (also used by the etcd suite and the benchmark) --------------
+
+host() -> hd(string:split(net_adm:localhost(), ".")).
+
+%% Starts three peers named after `Base' with `ClusterConf' merged into the
+%% cluster configuration; returns [{Node, Peer}] once every node sees all three.
+start_cluster(Base, ClusterConf) ->
+    Host = host(),
+    Names = [Base ++ "_" ++ X || X <- ["a", "b", "c"]],
+    Nodes = [list_to_atom(N ++ "@" ++ Host) || N <- Names],
+    Peers = [start_peer(N, Host) || N <- Names],
+    Nodes = [N || {N, _} <- Peers],
+    [configure(P, ClusterConf#{nodes => Nodes}) || {_, P} <- Peers],
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers) end, 20000, all_live),
+    Peers.
+
+start_peer(Name, Host) ->
+    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
+    {ok, P, Node} = peer:start(#{name => Name, host => Host, connection => standard_io,
+                                 args => ["-setcookie", "dspex_ct", "-connect_all", "false",
+                                          "-kernel", "prevent_overlapping_partitions", "false" | Paths]}),
+    {Node, P}.
+
+configure(P, Conf) ->
+    ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Conf]),
+    {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]),
+    ok.
+
+%% Starts a node again under the name of one that was killed, with the same
+%% configuration (an empty store): it rejoins and resyncs.
+restart_node(Node, Peers) ->
+    [Name, Host] = string:split(atom_to_list(Node), "@"),
+    {Node, P} = start_peer(Name, Host),
+    [{_, Other} | _] = [X || {N, _} = X <- Peers, N =/= Node],
+    configure(P, peer:call(Other, dspex_cluster_members, config, [])),
+    lists:keyreplace(Node, 1, Peers, {Node, P}).
+
+stop_cluster(Peers) ->
+    [catch peer:stop(P) || {_, P} <- Peers],
+    ok.
+
+live(P) ->
+    case catch peer:call(P, dspex_cluster, cluster_status, []) of
+        #{live := L} -> L;
+        _ -> undefined
+    end.
+
+%% Bounded polling, for states with no event to wait for (another node's view).
+wait_until(F, Timeout, What) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    wait_loop(F, Deadline, What).
+
+wait_loop(F, Deadline, What) ->
+    case catch F() of
+        true -> ok;
+        _ ->
+            case erlang:monotonic_time(millisecond) < Deadline of
+                true -> receive after 20 -> ok end, wait_loop(F, Deadline, What);
+                false -> ct:fail({timeout_waiting_for, What})
+            end
+    end.
+
+peer_of(Node, Peers) -> proplists:get_value(Node, Peers).
+
+%% kill -9 of the node's OS process
+kill_node(Node, Peers) ->
+    P = peer_of(Node, Peers),
+    OsPid = peer:call(P, os, getpid, []),
+    [] = os:cmd("kill -9 " ++ OsPid),
+    ok.
+
+%%% the client, running on a peer -------------------------------------------------
+
+%% Writes 1, 2, 3... to `x' of `S', each with the version it last saw as
+%% `expected_version', and records what happened.
+client_start(S, Ver) -> client_start(S, Ver, infinity).
+
+%% At most `Budget' acknowledged writes (raised by client_more/1), so that
+%% every version stays within the variable's history.
+client_start(S, Ver, Budget) ->
+    Pid = spawn(?MODULE, client_loop, [#{s => S, i => 1, ver => Ver, log => [], acked => 0, budget => Budget}]),
+    register(ct_client, Pid),
+    ok.
+
+client_count() ->
+    ct_client ! {count, self()},
+    receive {count, N} -> N after 5000 -> timeout end.
+
+client_more(N) ->
+    ct_client ! {more, N},
+    ok.
+
+client_stop() ->
+    Ref = monitor(process, ct_client),
+    ct_client ! {stop, self()},
+    receive {log, L} -> demonitor(Ref, [flush]), L;
+            {'DOWN', Ref, _, _, Why} -> {client_died, Why}
+    end.
+
+client_loop(#{s := S, i := I, ver := Ver, log := Log, acked := A, budget := B} = St) ->
+    Wait = case A >= B of
+               true -> infinity;
+               false -> 0
+           end,
+    receive
+        {stop, From} -> From ! {log, lists:reverse(Log)}, exit(normal);
+        {count, From} -> From ! {count, A}, client_loop(St);
+        {more, N} -> client_loop(St#{budget := B + N})
+    after Wait ->
+        T = erlang:monotonic_time(microsecond),
+        case dspex_store:set(S, <<"x">>, I, #{expected_version => Ver}) of
+            {ok, V} ->
+                client_loop(St#{i := I + 1, ver := V, acked := A + 1,
+                                log := [{ok, I, V, dspex_cluster:last_write(), T} | Log]});
+            {error, {version_mismatch, Cur}} ->
+                %% an earlier ambiguous write may have landed: read to know
+                client_loop(resolve(St, Cur, T));
+            {error, Why} ->
+                client_loop(St#{log := [{error, I, Why, T} | Log]})
+        end
+    end.
+
+resolve(#{s := S, i := I, ver := Ver, log := Log, acked := A} = St, Cur, T) ->
+    case dspex_store:get(S, <<"x">>) of
+        {ok, #{value := I, version := Cur}} when Cur =:= Ver + 1 ->
+            St#{i := I + 1, ver := Cur, acked := A + 1, log := [{late, I, Cur, undefined, T} | Log]};
+        {ok, #{version := V}} when V < Ver ->
+            St#{ver := V, log := [{lost, Ver, V, T} | Log]};
+        {ok, #{version := V}} ->
+            St#{ver := V, log := [{mismatch, I, Ver, V, T} | Log]};
+        Other ->
+            St#{log := [{read_error, Other, T} | Log]}
+    end.
+
+catch_apply(M, F, A) ->
+    try erlang:apply(M, F, A) catch Class:Reason -> {caught, Class, Reason} end.
+
+%% What a node holds of variable x: {Value, Version} or the error.
+node_state(S, Key) ->
+    case dspex_cluster:local_apply(get, [S, Key]) of
+        {ok, #{value := V, version := Ver}} -> {V, Ver};
+        E -> E
+    end.
+
+%% Versions continuous, nothing lost, one owner per epoch, epochs never go back.
+check_history(Log) ->
+    ?assertEqual([], [L || {lost, _, _, _} = L <- Log]),
+    ?assertEqual([], [L || {mismatch, _, _, _, _} = L <- Log]),
+    Acked = [{I, V, W} || {K, I, V, W, _} <- Log, K =:= ok orelse K =:= late],
+    Vs = [V || {_, V, _} <- Acked],
+    Is = [I || {I, _, _} <- Acked],
+    ?assertEqual(lists:seq(hd(Vs), hd(Vs) + length(Vs) - 1), Vs),
+    ?assertEqual(lists:seq(1, length(Is)), Is),
+    Ws = [W || {_, _, W} <- Acked, W =/= undefined],
+    ByEpoch = lists:foldl(fun({E, N}, M) -> maps:update_with(E, fun(S) -> lists:usort([N | S]) end, [N], M) end,
+                          #{}, Ws),
+    ?assertEqual([], [{E, Ns} || {E, Ns} <- maps:to_list(ByEpoch), length(Ns) > 1]),
+    Es = [E || {E, _} <- Ws],
+    ?assertEqual(Es, lists:sort(Es)),
+    Acked.
+
+%% Longest pause between two acknowledged writes, in ms.
+max_gap(Log) ->
+    Ts = [T || {K, _, _, _, T} <- Log, K =:= ok],
+    lists:max([0 | [(B - A) div 1000 || {A, B} <- lists:zip(lists:droplast(Ts), tl(Ts))]]).
+
+%%% tests -----------------------------------------------------------------------
+
+kill_owner_sync_loses_no_acknowledged_write(Config) ->
+    Peers = start_cluster("dspex_kill", #{replicas => 1, replication => sync}),
+    run_kill_test(Peers, [{peers, Peers} | Config]).
+
+%% exported for the etcd suite through check_history/1 and this shape
+run_kill_test(Peers, _Config) ->
+    put(peers, Peers),
+    S = <<"kill_s">>,
+    [{N1, P1} | _] = Peers,
+    {ok, _} = peer:call(P1, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(P1, dspex_store, register, [S, x, integer, 0, #{history_limit => 10000}]),
+    {ok, Owner} = peer:call(P1, dspex_cluster, owner_of, [S]),
+    ct:pal("owner ~p", [Owner]),
+    %% the client runs on the node that is neither owner nor replica, so its
+    %% writes are forwarded before and after the failover
+    {Owner, Reps} = dspex_cluster_writer:owners(S, peer:call(P1, dspex_cluster_members, view, [])),
+    [{ClientNode, CP} | _] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner | Reps])],
+    %% 4000 writes at most until the restart (history_limit 10000 keeps them all)
+    ok = peer:call(CP, ?MODULE, client_start, [S, 0, 4000]),
+    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= 1000 end, 30000, acks_before_kill),
+    Before = peer:call(CP, ?MODULE, client_count, []),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= min(Before + 1000, 4000) end, 30000,
+                    acks_after_kill),
+    {ok, NewOwner} = peer:call(CP, dspex_cluster, owner_of, [S]),
+    ?assertNotEqual(Owner, NewOwner),
+    %% the killed node comes back empty: it rejoins, and where it is the
+    %% session's owner again it first resyncs from the others
+    Peers2 = restart_node(Owner, Peers),
+    put(peers, Peers2),
+    Nodes = [N || {N, _} <- Peers2],
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers2) end, 20000, rejoined),
+    After = peer:call(CP, ?MODULE, client_count, []),
+    ok = peer:call(CP, ?MODULE, client_more, [1000]),
+    ok = wait_until(fun() -> peer:call(CP, ?MODULE, client_count, []) >= After + 500 end, 30000, acks_after_rejoin),
+    Log = peer:call(CP, ?MODULE, client_stop, []),
+    Acked = check_history(Log),
+    {LastI, LastV, _} = lists:last(Acked),
+    {ok, CurOwner} = peer:call(CP, dspex_cluster, owner_of, [S]),
+    %% every acknowledged write is on the current owner: the last as current
+    %% value, the others in its history with the same version
+    NP = peer_of(CurOwner, Peers2),
+    ?assertEqual({LastI, LastV}, peer:call(NP, ?MODULE, node_state, [S, <<"x">>])),
+    {ok, H} = peer:call(NP, dspex_cluster, local_apply, [history, [S, <<"x">>, all]]),
+    Hist = maps:from_list([{V, Val} || #{version := V, value := Val} <- H]),
+    ct:pal("history on ~p: ~p entries, versions ~p..~p; last acked ~p; writes by owner ~p",
+           [CurOwner, length(H), lists:min([0 | maps:keys(Hist)]), lists:max([0 | maps:keys(Hist)]), LastV,
+            dedup([{E, N} || {ok, _, _, {E, N}, _} <- Log])]),
+    ?assertEqual([], [{I, V} || {I, V, _} <- Acked, V =/= LastV, maps:get(V, Hist, missing) =/= I]),
+    Epochs = lists:usort([E || {ok, _, _, {E, _}, _} <- Log]),
+    ?assert(length(Epochs) >= 2),
+    Gap = max_gap(Log),
+    Errors = [Why || {error, _, Why, _} <- Log],
+    ct:pal("kill test: ~p acknowledged writes, epochs ~p, owners ~p -> ~p -> (after the restart) ~p, "
+           "longest pause ~p ms, client errors ~p", [length(Acked), Epochs, Owner, NewOwner, CurOwner, Gap, Errors]),
+    %% only documented retry errors while the owner died
+    ?assertEqual([], [E || E <- Errors, not is_retry(E)]),
+    ?assert(Gap < 5000),
+    _ = ClientNode, _ = N1,
+    {comment, io_lib:format("failover pause ~p ms, ~p acked", [Gap, length(Acked)])}.
+
+dedup([X, X | T]) -> dedup([X | T]);
+dedup([X | T]) -> [X | dedup(T)];
+dedup([]) -> [].
+
+is_retry({retry, _}) -> true;
+is_retry({unavailable, _}) -> true;
+is_retry(_) -> false.
+
+minority_refuses_writes_and_heals(Config) ->
+    Peers = start_cluster("dspex_part", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{A, PA}, {B, PB}, {C, PC}] = Peers,
+    Ss = [<<"part_", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 12)],
+    [begin
+         {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+         {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 1])
+     end || S <- Ss],
+    %% a client on A keeps writing a session owned by C through the partition
+    %% and the healing
+    [Load | _] = [X || I <- lists:seq(1, 1000), X <- [<<"part_load", (integer_to_binary(I))/binary>>],
+                       peer:call(PA, dspex_cluster, owner_of, [X]) =:= {ok, C}],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [Load]),
+    {ok, _} = peer:call(PA, dspex_store, register, [Load, x, integer, 0, #{history_limit => 10000}]),
+    ok = peer:call(PA, ?MODULE, client_start, [Load, 0]),
+    Count = fun() -> peer:call(PA, ?MODULE, client_count, []) end,
+    ok = wait_until(fun() -> Count() >= 200 end, 30000, load_before_partition),
+    %% partition C from A and B, and keep it apart (wrong cookie both ways)
+    %% (two different wrong cookies: with the same one on both sides the
+    %% handshake would succeed)
+    [peer:call(PC, erlang, set_cookie, [N, junk_c]) || N <- [A, B]],
+    [peer:call(P, erlang, set_cookie, [C, junk_ab]) || P <- [PA, PB]],
+    peer:call(PC, erlang, disconnect_node, [A]), peer:call(PC, erlang, disconnect_node, [B]),
+    peer:call(PA, erlang, disconnect_node, [C]), peer:call(PB, erlang, disconnect_node, [C]),
+    ok = wait_until(fun() -> live(PC) =:= [C] andalso live(PA) =:= [A, B] andalso live(PB) =:= [A, B] end,
+                    10000, partitioned),
+    %% the minority refuses every write, the majority accepts every write
+    [?assertEqual({error, no_quorum}, peer:call(PC, dspex_store, set, [S, x, 100])) || S <- Ss],
+    [?assertMatch({ok, 1}, peer:call(PA, dspex_store, set, [S, x, 2])) || S <- Ss],
+    ?assertEqual({error, no_quorum}, peer:call(PC, dspex_store, create_session, [<<"part_new">>])),
+    N1 = Count(),
+    ok = wait_until(fun() -> Count() >= N1 + 200 end, 30000, load_during_partition),
+    %% heal
+    [peer:call(P, erlang, set_cookie, [N, dspex_ct]) || {P, N} <- [{PC, A}, {PC, B}, {PA, C}, {PB, C}]],
+    Nodes = [A, B, C],
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers) end, 20000, healed),
+    N2 = Count(),
+    ok = wait_until(fun() -> Count() >= N2 + 200 end, 30000, load_after_heal),
+    Log = peer:call(PA, ?MODULE, client_stop, []),
+    Acked = check_history(Log),
+    LoadOwners = [N || {ok, _, _, {_, N}, _} <- Log],
+    %% C owned it, the majority took over, C took it back after healing
+    ?assertEqual(C, hd(LoadOwners)),
+    ?assertEqual(C, lists:last(LoadOwners)),
+    ?assert(lists:member(A, LoadOwners) orelse lists:member(B, LoadOwners)),
+    Errors = [Why || {error, _, Why, _} <- Log],
+    ct:pal("partition under load: ~p acked, owners in order ~p, client errors ~p, longest pause ~p ms",
+           [length(Acked), dedup(LoadOwners), Errors, max_gap(Log)]),
+    ?assertEqual([], [E || E <- Errors, not is_retry(E)]),
+    {LastI, LastV, _} = lists:last(Acked),
+    ?assertEqual({LastI, LastV}, peer:call(PC, ?MODULE, node_state, [Load, <<"x">>])),
+    %% one owner for each session, every node agrees; writes from the old
+    %% minority work; owner and replica converge on the majority's data
+    [begin
+         Owners = lists:usort([peer:call(P, dspex_cluster, owner_of, [S]) || {_, P} <- Peers]),
+         ?assertMatch([{ok, _}], Owners),
+         ?assertEqual({ok, 2}, peer:call(PB, dspex_store, get_value, [S, x])),
+         ?assertEqual({ok, 2}, peer:call(PC, dspex_store, set, [S, x, 3])),
+         [{ok, Owner}] = Owners,
+         View = peer:call(peer_of(Owner, Peers), dspex_cluster_members, view, []),
+         {Owner, Reps} = dspex_cluster_writer:owners(S, View),
+         [?assertEqual({3, 2}, peer:call(peer_of(N, Peers), ?MODULE, node_state, [S, <<"x">>])) || N <- [Owner | Reps]]
+     end || S <- Ss],
+    Config.
+
+migrate_and_drain_under_load(Config) ->
+    Peers = start_cluster("dspex_mig", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{_A, PA} | _] = Peers,
+    S = <<"mig_s">>,
+    Others = [<<"mig_", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 10)],
+    [begin
+         {ok, _} = peer:call(PA, dspex_store, create_session, [X]),
+         {ok, _} = peer:call(PA, dspex_store, register, [X, x, integer, 7])
+     end || X <- Others],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0, #{history_limit => 10000}]),
+    {ok, Owner0} = peer:call(PA, dspex_cluster, owner_of, [S]),
+    [{_, CP} | _] = Peers,
+    ok = peer:call(CP, ?MODULE, client_start, [S, 0]),
+    Count = fun() -> peer:call(CP, ?MODULE, client_count, []) end,
+    ok = wait_until(fun() -> Count() >= 100 end, 30000, acks_1),
+    %% migrate to a node that is not the owner
+    [Target | _] = [N || {N, _} <- Peers, N =/= Owner0],
+    {ok, #{epoch := _}} = peer:call(PA, dspex_cluster, migrate_session, [S, Target]),
+    [?assertEqual({ok, Target}, peer:call(P, dspex_cluster, owner_of, [S])) || {_, P} <- Peers],
+    N1 = Count(),
+    ok = wait_until(fun() -> Count() >= N1 + 100 end, 30000, acks_2),
+    %% drain the new owner: it must own nothing afterwards
+    {ok, _} = peer:call(PA, dspex_cluster, drain, [Target]),
+    ok = peer:call(PA, dspex_cluster, await_drained, [Target, 10000]),
+    ?assertEqual([], peer:call(peer_of(Target, Peers), dspex_cluster, owned_sessions, [])),
+    %% nor does it hold any copy: it can be stopped at once
+    ?assertEqual([], peer:call(peer_of(Target, Peers), dspex_store, list_sessions, [])),
+    [?assertNotEqual({ok, Target}, peer:call(P, dspex_cluster, owner_of, [X])) || {_, P} <- Peers, X <- [S | Others]],
+    N2 = Count(),
+    ok = wait_until(fun() -> Count() >= N2 + 100 end, 30000, acks_3),
+    ok = peer:call(PA, dspex_cluster, undrain, [Target]),
+    N3 = Count(),
+    ok = wait_until(fun() -> Count() >= N3 + 50 end, 30000, acks_4),
+    Log = peer:call(CP, ?MODULE, client_stop, []),
+    Acked = check_history(Log),
+    Errors = [Why || {error, _, Why, _} <- Log],
+    ct:pal("migration/drain: ~p acked, client errors ~p, longest pause ~p ms", [length(Acked), Errors, max_gap(Log)]),
+    ?assertEqual([], [E || E <- Errors, not is_retry(E)]),
+    %% the other sessions kept their data through the drain
+    [?assertEqual({ok, 7}, peer:call(P, dspex_store, get_value, [X, x])) || {_, P} <- Peers, X <- Others],
+    Config.
+
+locks_released_and_old_token_rejected_after_failover(Config) ->
+    Peers = start_cluster("dspex_lock", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"lock_s">>,
+    {ok, Owner} = peer:call(PA, dspex_cluster, owner_of, [S]),
+    PO = peer_of(Owner, Peers),
+    %% the future owner (S's replica) grants a lock first, on a session it owns:
+    %% its token counter starts from an earlier clock than the old owner's, so
+    %% without raising it at takeover its next token would be lower
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PR = peer_of(Rep, Peers),
+    [S2 | _] = [X || I <- lists:seq(1, 1000), X <- [<<"lock_r", (integer_to_binary(I))/binary>>],
+                     peer:call(PA, dspex_cluster, owner_of, [X]) =:= {ok, Rep}],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S2]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S2, y, integer, 0]),
+    {ok, Early} = peer:call(PR, dspex_locks, acquire, [S2, y, opt0, #{pid => peer:call(PR, erlang, whereis, [init])}]),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    %% the lock is held by a process on the owner node
+    {ok, Lock} = peer:call(PO, dspex_locks, acquire, [S, x, opt1, #{pid => peer:call(PO, erlang, whereis, [init])}]),
+    ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1, #{lock => Lock}])),
+    [{_, PC} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    ?assertMatch({error, {locked, _}}, peer:call(PC, dspex_store, set, [S, x, 2])),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PC)) end, 10000, owner_gone),
+    %% the pre-failover token is refused; the lock itself is gone
+    ?assertEqual({error, stale_lock}, peer:call(PC, dspex_store, set, [S, x, 2, #{lock => Lock}])),
+    ?assertEqual({ok, 2}, peer:call(PC, dspex_store, set, [S, x, 2])),
+    {ok, NewOwner} = peer:call(PC, dspex_cluster, owner_of, [S]),
+    PN = peer_of(NewOwner, Peers),
+    {ok, Lock2} = peer:call(PN, dspex_locks, acquire, [S, x, opt2, #{pid => peer:call(PN, erlang, whereis, [init])}]),
+    ?assert(maps:get(token, Early) < maps:get(token, Lock)),
+    ?assert(maps:get(token, Lock2) > maps:get(token, Lock)),
+    %% a write with the old token while the new lock is held is refused too
+    ?assertEqual({error, {locked, opt2}}, peer:call(PN, dspex_store, set, [S, x, 3, #{lock => Lock}])),
+    ?assertEqual({ok, 3}, peer:call(PN, dspex_store, set, [S, x, 3, #{lock => Lock2}])),
+    Config.
+
+async_replication_converges(Config) ->
+    Peers = start_cluster("dspex_async", #{replicas => 2, replication => async}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"async_s">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    [?assertEqual({ok, I}, peer:call(PA, dspex_store, set, [S, x, I])) || I <- lists:seq(1, 200)],
+    %% with R = 2 every node holds a copy; async copies catch up
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> peer:call(P, ?MODULE, node_state, [S, <<"x">>]) =:= {200, 200} end,
+                                       Peers) end, 10000, async_converged),
+    %% a caller's type error raises badarg in the caller, on the owner or
+    %% forwarded, and leaves the cluster processes running
+    Writers = [peer:call(P, erlang, whereis, [dspex_cluster_writer:name(S)]) || {_, P} <- Peers],
+    [begin
+         ?assertEqual({caught, error, badarg}, peer:call(P, ?MODULE, catch_apply, [dspex_store, set, [S, x, 1, not_a_map]])),
+         ?assertEqual({caught, error, badarg}, peer:call(P, ?MODULE, catch_apply, [dspex_store, get, [S, 42]]))
+     end || {_, P} <- Peers],
+    ?assertEqual(Writers, [peer:call(P, erlang, whereis, [dspex_cluster_writer:name(S)]) || {_, P} <- Peers]),
+    ?assertEqual({ok, 201}, peer:call(PA, dspex_store, set, [S, x, 201])),
+    Config.
+
+%% Local (no peers): removing a node moves only the sessions it owned (to
+%% their replica), ownership spreads over the nodes, pins win while eligible.
+rendezvous_is_stable_and_spreads(_Config) ->
+    V = #{eligible => [a@h, b@h, c@h], overrides => #{}, replicas => 1},
+    Ss = [integer_to_binary(I) || I <- lists:seq(1, 3000)],
+    Before = [{S, dspex_cluster_writer:owners(S, V)} || S <- Ss],
+    Counts = lists:foldl(fun({_, {O, _}}, M) -> maps:update_with(O, fun(C) -> C + 1 end, 1, M) end, #{}, Before),
+    [?assert(C > 800) || C <- maps:values(Counts)],
+    [?assertNotEqual(O, R) || {_, {O, [R]}} <- Before],
+    V2 = V#{eligible := [a@h, c@h]},
+    [?assertEqual(case O of b@h -> R; _ -> O end, element(1, dspex_cluster_writer:owners(S, V2)))
+     || {S, {O, [R]}} <- Before],
+    ?assertEqual({c@h, [a@h]}, dspex_cluster_writer:owners(<<"1">>, V2#{overrides := #{<<"1">> => c@h}})),
+    ?assertEqual(element(1, dspex_cluster_writer:owners(<<"1">>, V2)),
+                 element(1, dspex_cluster_writer:owners(<<"1">>, V2#{overrides := #{<<"1">> => b@h}}))),
+    ?assertEqual(none, dspex_cluster_writer:owners(<<"1">>, V#{eligible := []})).
+
+%% Without configuration the store runs locally and the cluster API says so.
+no_configuration_means_no_routing(_Config) ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    try
+        ?assertEqual(false, dspex_cluster:enabled()),
+        ?assertEqual({error, not_clustered}, dspex_cluster:owner_of(<<"s">>)),
+        ?assertEqual({error, not_clustered}, dspex_cluster:cluster_status()),
+        ?assertEqual([], supervisor:which_children(dspex_cluster_sup)),
+        {ok, _} = dspex_store:create_session(<<"nocluster">>),
+        {ok, _} = dspex_store:register(<<"nocluster">>, x, integer, 1),
+        ?assertEqual({ok, 1}, dspex_store:set(<<"nocluster">>, x, 2)),
+        ?assertEqual(undefined, dspex_cluster:last_write())
+    after
+        application:stop(dspex_bridge)
+    end.
+
+%% A session only read (on its owner) outlives its TTL on the replica too, and
+%% when the owner's sweeper expires it the replica's copy goes as well.
+replica_copies_live_and_expire_with_the_owner(_Config) ->
+    Peers = start_cluster("dspex_ttl", #{replicas => 1, replication => sync, keepalive_ms => 300}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"ttl_s">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S, #{ttl => 2}]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 5]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PO = peer_of(Owner, Peers),
+    PR = peer_of(Rep, Peers),
+    ?assertEqual({5, 0}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    %% reads on the owner for twice the TTL: time passing is what is tested here
+    [begin {ok, 5} = peer:call(PO, dspex_store, get_value, [S, x]), timer:sleep(200) end || _ <- lists:seq(1, 20)],
+    ?assertEqual({5, 0}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    %% no more reads: the owner expires it, and the replica's copy follows
+    %% (listing sessions does not refresh them; reading would)
+    Held = fun(P) -> lists:member(S, peer:call(P, dspex_store, list_sessions, [])) end,
+    ok = wait_until(fun() -> not Held(PR) end, 15000, replica_copy_expired),
+    ?assertNot(Held(PO)),
+    ?assertEqual({error, session_not_found}, peer:call(PA, dspex_store, get_session, [S])).
