@@ -50,7 +50,7 @@ store(N) ->
     %% The store alone (analytics off), then as started by default (the metrics
     %% server's analytics time get/set in the NIF; #6 budgets that at < 25%).
     Analytics = whereis(dspex_metrics_server) =/= undefined,
-    Analytics andalso dspex_metrics_handler:detach_native() =:= ok,
+    _ = Analytics andalso dspex_metrics_handler:detach_native() =:= ok,
     TGet = best(fun() -> loop_get(S, Names, Keys) end),
     TEts = lists:min([best(fun() -> loop_ets_lookup(T, S, Names, Keys) end) || {_, T} <- Tabs]),
     TSrvGet = best(fun() -> loop_srv_get(Srv, S, Names, lists:sublist(Keys, ?OPS div 10)) end) * 10,
