@@ -11,8 +11,13 @@ APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools e
              erlang-parsetools erlang-edoc rebar3
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
+# The Python client (priv/python/dspex_bridge), its stubs, tests and gRPC bench.
+APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
+PYTHON   ?= /usr/bin/python3
+PY_STUBS := _build/python
 
 .PHONY: all deps deps-test compile run test test-c test-erlang test-nif-asan test-elixir bench docs clean
+.PHONY: deps-python python-stubs test-python bench-grpc
 
 all: compile
 
@@ -39,7 +44,7 @@ compile: deps
 run: compile
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
-test: deps-test compile test-c test-erlang test-nif-asan test-elixir
+test: deps-test compile test-c test-erlang test-nif-asan test-elixir test-python
 	@echo "==> all test suites passed"
 
 test-c:
@@ -64,10 +69,31 @@ test-nif-asan:
 test-elixir: compile
 	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test
 
+deps-python:
+	$(call apt_install,$(APT_PYTHON))
+
+# Python stubs of priv/proto/snakepit_bridge.proto, generated (never committed)
+# into _build/python, where dspex_bridge/_stubs.py finds them.
+python-stubs: deps-python $(PY_STUBS)/snakepit_bridge_pb2_grpc.py
+
+$(PY_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
+	@mkdir -p $(PY_STUBS)
+	protoc -I priv/proto --python_out=$(PY_STUBS) --grpc_out=$(PY_STUBS) \
+	  --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin $<
+
+# Codec/cache/error unit tests, then integration tests against a real node.
+test-python: compile python-stubs
+	cd test/python && $(PYTHON) -m unittest discover -v -s . -p 'test_*.py'
+
 bench: compile
 	@mkdir -p _build/bench
 	erlc -o _build/bench bench/*.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
+	$(MAKE) bench-grpc
+
+# GetVariable round trips/s through our bridge vs a plain python3-grpcio server.
+bench-grpc: compile python-stubs
+	$(PYTHON) bench/grpc_bench.py
 
 docs: compile
 	$(REBAR3) edoc
