@@ -17,6 +17,8 @@ class StatusMapping(unittest.TestCase):
                  (C.ALREADY_EXISTS, "already exists: x", errors.VariableExistsError),
                  (C.ABORTED, "version mismatch, current version 7", errors.VersionConflictError),
                  (C.FAILED_PRECONDITION, "locked by opt1", errors.LockedError),
+                 (C.FAILED_PRECONDITION, "would create cycle a -> b -> a", errors.DependencyCycleError),
+                 (C.FAILED_PRECONDITION, "derived variable", errors.PreconditionFailedError),
                  (C.PERMISSION_DENIED, "access denied", errors.AccessDeniedError),
                  (C.RESOURCE_EXHAUSTED, "rate limited", errors.RateLimitedError),
                  (C.UNAVAILABLE, "bridge restarting", errors.BridgeUnavailableError),

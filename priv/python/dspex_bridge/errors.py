@@ -49,8 +49,16 @@ class VersionConflictError(BridgeError):
         self.current_version = current_version
 
 
-class LockedError(BridgeError):
-    """FAILED_PRECONDITION: the variable is locked by an optimizer (or similar)."""
+class PreconditionFailedError(BridgeError):
+    """FAILED_PRECONDITION: the operation is refused in the variable's current state."""
+
+
+class LockedError(PreconditionFailedError):
+    """FAILED_PRECONDITION: the variable is locked by (another) optimizer."""
+
+
+class DependencyCycleError(PreconditionFailedError):
+    """FAILED_PRECONDITION: the dependency would close a cycle."""
 
 
 class AccessDeniedError(BridgeError, PermissionError):
@@ -98,7 +106,6 @@ def _not_found(message, code):
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidValueError,
     grpc.StatusCode.ALREADY_EXISTS: VariableExistsError,
-    grpc.StatusCode.FAILED_PRECONDITION: LockedError,
     grpc.StatusCode.PERMISSION_DENIED: AccessDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitedError,
     grpc.StatusCode.UNAVAILABLE: BridgeUnavailableError,
@@ -112,6 +119,13 @@ def from_status(code, message):
     """The exception for a gRPC status code and its details message."""
     if code == grpc.StatusCode.NOT_FOUND:
         return _not_found(message, code)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        low = (message or "").lower()
+        if "cycle" in low:
+            return DependencyCycleError(message, code)
+        if "lock" in low or "optimiz" in low:
+            return LockedError(message, code)
+        return PreconditionFailedError(message, code)
     if code == grpc.StatusCode.ABORTED:
         return VersionConflictError(message, code, parse_current_version(message))
     return _BY_CODE.get(code, BridgeError)(message, code)
