@@ -61,8 +61,8 @@ class BridgeCase(unittest.TestCase):
 class Sessions(BridgeCase):
     def test_ping_echoes_and_stamps_server_time(self):
         r = self.stub.Ping(pb2.PingRequest(message="hello"))
-        self.assertEqual(r.message, "hello" if r.message == "hello" else r.message)
         self.assertIn("hello", r.message)
+        self.assertEqual(self.ctx.ping("again"), r.message.replace("hello", "again"))
         self.assertLess(abs(r.server_time.seconds - time.time()), 60)
 
     def test_initialize_get_heartbeat_cleanup(self):
@@ -428,6 +428,23 @@ class Concurrency(BridgeCase):
             upd = next(w)
             self.assertEqual(upd.update_type, "deleted")
         self.assertNotIn("x", cached)
+
+    def test_cache_watcher_keeps_the_cache_coherent(self):
+        cached = SessionContext(self.channel, self.session, create=False, cache_ttl=600)
+        cached.register_variable("y", "integer", 1)
+        self.assertEqual(cached["y"], 1)
+        watcher = cached.watch_cache(["y"])
+        try:
+            self.assertEqual(cached["y"], 1)
+            hits = cached.cache.hits
+            self.assertEqual(cached["y"], 1)
+            self.assertEqual(cached.cache.hits, hits + 1)        # served locally
+            for i, v in enumerate((2, 3, 4), 1):
+                self.ctx["y"] = v                                 # another client writes
+                self.assertTrue(watcher.wait_for_events(i, 10))
+                self.assertEqual(cached["y"], v)
+        finally:
+            watcher.stop()
 
     def test_watch_unknown_variable_or_empty_list_fails(self):
         with self.assertRaises(VariableNotFoundError):

@@ -605,6 +605,14 @@ class SessionContext:
             timeout=timeout, metadata=self._metadata or None)
         return Watch(self, call)
 
+    def watch_cache(self, names, ready_timeout=30.0):
+        """Keep the cache of names coherent: a background watch drops entries on change.
+
+        Returns once the subscription is live (the server sent every initial
+        value), so no later commit can be missed; ``.stop()`` ends it.
+        """
+        return CacheWatcher(self, list(names), ready_timeout)
+
     def _on_event(self, upd):
         if upd.update_type == "deleted":
             self.cache.forget(upd.name)
@@ -656,6 +664,50 @@ class Watch:
     def __exit__(self, *exc):
         self.cancel()
         return False
+
+
+class CacheWatcher:
+    """A daemon thread consuming a watch stream so its events invalidate the cache."""
+
+    def __init__(self, ctx, names, ready_timeout):
+        self.events = 0
+        self.error = None
+        self._cond = threading.Condition()
+        self._watch = ctx.watch(names, include_initial=True)
+        self._initial_left = len(set(names))
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="dspex-cache-watch")
+        self._thread.start()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._initial_left <= 0 or self.error,
+                                       ready_timeout):
+                self.stop()
+                raise BridgeError("cache watch not live after %ss" % ready_timeout)
+        if self.error is not None and self._initial_left > 0:
+            raise self.error
+
+    def _run(self):
+        try:
+            for upd in self._watch:
+                with self._cond:
+                    if upd.update_type == "initial_value":
+                        self._initial_left -= 1
+                    else:
+                        self.events += 1
+                    self._cond.notify_all()
+        except BridgeError as e:
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+
+    def wait_for_events(self, n, timeout=None):
+        """Block until n change events were applied to the cache; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.events >= n, timeout)
+
+    def stop(self):
+        self._watch.cancel()
+        self._thread.join()
 
 
 class VariableNamespace:
