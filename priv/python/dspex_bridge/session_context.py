@@ -380,11 +380,17 @@ class SessionContext:
             r = self._call("GetVariables", pb2.BatchGetVariablesRequest(
                 session_id=self.session_id, variable_identifiers=todo,
                 include_metadata=True, bypass_cache=bypass_cache))
+            got = {}
             for key, v in r.variables.items():
                 var = self._variable(v)
                 self.cache.put(var)
-                found[key] = var
+                got[key] = got[var.name] = got[var.id] = var
             missing = list(r.missing_variables)
+            for n in todo:
+                if n in got:
+                    found[n] = got[n]
+                elif n not in missing:
+                    missing.append(n)
         return found, missing
 
     def get_variables(self, names, bypass_cache=False):
