@@ -14,5 +14,7 @@ init([]) ->
                   start => {dspex_session_sweeper, start_link, [Interval]}},
                 #{id => dspex_locks, start => {dspex_locks, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor,
-                  start => {dspex_propagator_sup, start_link, []}}],
+                  start => {dspex_propagator_sup, start_link, []}}]
+        ++ [#{id => dspex_grpc_sup, type => supervisor, start => {dspex_grpc_sup, start_link, []}}
+            || application:get_env(dspex_bridge, grpc_enabled, true)],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.
