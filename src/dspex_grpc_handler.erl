@@ -73,8 +73,14 @@ rpc('InitializeSession', #{session_id := S, metadata := Meta}, _Call, _Ctx) ->
 rpc('CleanupSession', #{session_id := S}, _Call, _Ctx) ->
     case dspex_store:get_session(S) of
         {ok, #{variable_count := N}} ->
+            Names = case dspex_store:list(S) of
+                        {ok, Vs} -> [Name || #{name := Name} <- Vs];
+                        _ -> []
+                    end,
             case dspex_store:delete_session(S) of
-                ok -> {reply, #{success => true, resources_cleaned => N}};
+                ok ->
+                    [deleted(S, Name) || Name <- Names],
+                    {reply, #{success => true, resources_cleaned => N}};
                 Error -> Error
             end;
         Error -> Error
@@ -156,8 +162,14 @@ rpc('ListVariables', #{session_id := S, pattern := P}, #{opts := Opts}, _Ctx) ->
         Error -> Error
     end;
 rpc('DeleteVariable', #{session_id := S, variable_identifier := K}, #{opts := Opts}, _Ctx) ->
-    case dspex_store:delete(S, K, Opts) of
-        ok -> {reply, #{success => true}};
+    case name_of(S, K, Opts) of
+        {ok, Name} ->
+            case dspex_store:delete(S, K, Opts) of
+                ok ->
+                    deleted(S, Name),
+                    {reply, #{success => true}};
+                Error -> Error
+            end;
         Error -> Error
     end;
 rpc('WatchVariables', Req, Call, Ctx) ->
@@ -304,6 +316,7 @@ watch(#{session_id := S, variable_identifiers := Keys, include_initial_values :=
             case dspex_store:get_many(S, Keys, Opts) of
                 {ok, #{found := Found}} ->
                     Vars = maps:from_list([{N, V} || #{name := N} = V <- maps:values(Found)]),
+                    [ok = pg:join(dspex_grpc_watch, {S, N}, self()) || N <- maps:keys(Vars)],
                     Init andalso [dspex_grpc:stream(Ctx, update(S, V, <<"initial_value">>, <<>>, #{}))
                                   || V <- lists:sort(fun(A, B) -> maps:get(name, A) =< maps:get(name, B) end,
                                                      maps:values(Vars))],
@@ -327,9 +340,23 @@ watch_loop(S, Ref, Vars, Ctx) ->
                                                   maps:get(metadata, M, #{}))),
                     watch_loop(S, Ref, Vars#{Name => Var}, Ctx)
             end;
+        {dspex_grpc_deleted, S, Name} when is_map_key(Name, Vars) ->
+            #{Name := Var} = Vars,
+            dspex_grpc:stream(Ctx, update(S, Var#{updated_at => now_us()}, <<"deleted">>, undefined, #{})),
+            Left = maps:remove(Name, Vars),
+            case map_size(Left) of
+                0 -> dspex_grpc:close(Ctx), streamed; %% nothing left to watch
+                _ -> watch_loop(S, Ref, Left, Ctx)
+            end;
         _Other ->
             watch_loop(S, Ref, Vars, Ctx)
     end.
+
+%% Deletions are told to the watch streams of the variable (the store ends a
+%% deleted variable's watches without a message).
+deleted(S, Name) ->
+    [P ! {dspex_grpc_deleted, S, Name} || P <- pg:get_members(dspex_grpc_watch, {S, Name})],
+    ok.
 
 fetch(S, Name) ->
     case dspex_store:get(S, Name) of
