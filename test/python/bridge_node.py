@@ -61,7 +61,11 @@ class BridgeNode:
         self.log_path = None
 
     def _eval(self):
-        return ("application:load(dspex_bridge), "
+        # The node halts when its stdin closes, so it never outlives the Python
+        # process that started it (even one killed by a signal).
+        return ("spawn(fun() -> P = open_port({fd, 0, 1}, [in, eof, binary]), "
+                "W = fun W() -> receive {P, eof} -> erlang:halt(0); _ -> W() end end, W() end), "
+                "application:load(dspex_bridge), "
                 "application:set_env(dspex_bridge, grpc_listen, <<\"%s\">>), "
                 "{ok, _} = application:ensure_all_started(dspex_bridge), %s ok."
                 % (self.address, self.extra_eval))
@@ -80,7 +84,7 @@ class BridgeNode:
         env = dict(os.environ, **self.extra_env)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, cwd=ROOT,
+                                     stdin=subprocess.PIPE, env=env, cwd=ROOT,
                                      start_new_session=True)
         channel = grpc.insecure_channel(self.address)
         try:
@@ -125,8 +129,7 @@ class BridgeNode:
     def stop(self, timeout=20.0):
         if self.proc is None or self.proc.poll() is not None:
             return
-        # SIGTERM makes the emulator run init:stop(); the port then sees EOF.
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.stdin.close()           # the node halts; its port program sees EOF
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -13,6 +13,7 @@ from .errors import (AccessDeniedError, BridgeError, BridgeTimeoutError,
                      LockedError, PreconditionFailedError, DependencyCycleError,
                      RateLimitedError, SessionNotFoundError,
                      UnsupportedError, VariableExistsError, VariableNotFoundError,
+                     VersionNotFoundError,
                      VersionConflictError)
 from .codec import CodecError
 from .cache import VariableCache
@@ -27,6 +28,6 @@ __all__ = [
     "VariableExistsError", "InvalidValueError", "VersionConflictError", "LockedError",
     "PreconditionFailedError", "DependencyCycleError",
     "AccessDeniedError", "RateLimitedError", "BridgeUnavailableError",
-    "BridgeTimeoutError", "CancelledError", "UnsupportedError", "BatchUpdateError",
+    "VersionNotFoundError", "BridgeTimeoutError", "CancelledError", "UnsupportedError", "BatchUpdateError",
     "CodecError",
 ]

@@ -29,6 +29,10 @@ class VariableNotFoundError(BridgeError, KeyError):
         return self.message
 
 
+class VersionNotFoundError(VariableNotFoundError):
+    """NOT_FOUND: rollback to a version no longer (or never) in the history."""
+
+
 class SessionNotFoundError(BridgeError):
     """NOT_FOUND: the session does not exist or has expired."""
 
@@ -54,7 +58,9 @@ class PreconditionFailedError(BridgeError):
 
 
 class LockedError(PreconditionFailedError):
-    """FAILED_PRECONDITION: the variable is locked by (another) optimizer."""
+    """FAILED_PRECONDITION: the variable is locked by (another) optimizer, or the
+    lock token presented is stale.  Other refusals of the optimizer protocol
+    (not the holder, no optimization running) are plain PreconditionFailedError."""
 
 
 class DependencyCycleError(PreconditionFailedError):
@@ -98,8 +104,11 @@ def parse_current_version(message):
 
 
 def _not_found(message, code):
-    if "session" in (message or "").lower() and "variable" not in (message or "").lower():
+    low = (message or "").lower()
+    if low.startswith("session not found"):
         return SessionNotFoundError(message, code)
+    if low.startswith("version ") and "history" in low:
+        return VersionNotFoundError(message, code)
     return VariableNotFoundError(message, code)
 
 
@@ -123,7 +132,7 @@ def from_status(code, message):
         low = (message or "").lower()
         if "cycle" in low:
             return DependencyCycleError(message, code)
-        if "lock" in low or "optimiz" in low:
+        if "is locked" in low or "stale" in low:
             return LockedError(message, code)
         return PreconditionFailedError(message, code)
     if code == grpc.StatusCode.ABORTED:
