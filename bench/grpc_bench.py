@@ -5,7 +5,9 @@ Both servers answer the same GetVariable request with the same Variable message
 (the plain server from a dict, in its own process so the client's GIL is not
 shared with it).  The client is the same generated stub, with 1 and 8 threads
 (one channel per thread), in the same run.  Prints rates and the ratio
-bridge / plain (target >= 2x at 8 threads).  `make bench` runs it.
+bridge / plain (target >= 2x at 8 threads), and the server CPU each spends per
+round trip (on a small shared machine the Python client itself is often the
+limit of both rates).  `make bench` runs it.
 
     /usr/bin/python3 bench/grpc_bench.py [--seconds S] [--threads 1,8]
 """
@@ -96,12 +98,32 @@ def measure(address, threads, seconds):
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def proc_cpu(pids):
+    """CPU seconds (user + system) used so far by the processes pids."""
+    total = 0.0
+    for pid in pids:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measure_with_cpu(address, threads, seconds, server_pids):
+    """(round trips/s, server CPU microseconds per round trip)."""
+    c0, t0 = proc_cpu(server_pids), time.perf_counter()
+    rate = measure(address, threads, seconds)
+    calls = rate * (time.perf_counter() - t0)  # approximate: includes warm-up
+    return rate, (proc_cpu(server_pids) - c0) * 1e6 / max(calls, 1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--threads", default="1,8")
     ap.add_argument("--serve-dict", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--erl-flags", default="",
+                    help="extra emulator flags for the bridge node, e.g. '+sbwt none'")
     args = ap.parse_args()
     if args.serve_dict:
         serve_dict(args.serve_dict, sys.stdin.buffer.read(int(sys.stdin.buffer.readline())),
@@ -109,7 +131,7 @@ def main():
         return
 
     from bridge_node import BridgeNode, free_port
-    node = BridgeNode().start()
+    node = BridgeNode(erl_flags=args.erl_flags.split()).start()
     plain = None
     try:
         ctx = SessionContext(node.address, SESSION)
@@ -140,11 +162,16 @@ def main():
 
         print("gRPC GetVariable round trips/s (%d-byte Variable, %.1fs per run, "
               "%d cores)" % (len(blob), args.seconds, os.cpu_count()))
-        print("%8s %14s %14s %8s" % ("threads", "dspex_bridge", "plain grpcio", "ratio"))
+        print("(server CPU = microseconds of server CPU per round trip: beam + port "
+              "program vs the grpcio process)")
+        print("%8s %14s %14s %8s %12s %12s" % ("threads", "dspex_bridge", "plain grpcio",
+                                               "ratio", "bridge CPU", "plain CPU"))
+        ours_pids = [node.proc.pid] + node.port_program_pids()
         for n in [int(x) for x in args.threads.split(",")]:
-            ours = measure(node.address, n, args.seconds)
-            theirs = measure(plain_addr, n, args.seconds)
-            print("%8d %14.0f %14.0f %7.2fx" % (n, ours, theirs, ours / theirs))
+            ours, ours_cpu = measure_with_cpu(node.address, n, args.seconds, ours_pids)
+            theirs, theirs_cpu = measure_with_cpu(plain_addr, n, args.seconds, [plain.pid])
+            print("%8d %14.0f %14.0f %7.2fx %10.1fus %10.1fus"
+                  % (n, ours, theirs, ours / theirs, ours_cpu, theirs_cpu))
         sys.stdout.flush()
     finally:
         if plain is not None:

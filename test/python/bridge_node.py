@@ -52,8 +52,9 @@ def _cmd0(pid):
 class BridgeNode:
     """One Erlang node with the bridge application and its gRPC port program."""
 
-    def __init__(self, port=None, extra_env=None, extra_eval=""):
+    def __init__(self, port=None, extra_env=None, extra_eval="", erl_flags=()):
         self.extra_eval = extra_eval
+        self.erl_flags = list(erl_flags)
         self.port = port or free_port()
         self.address = "127.0.0.1:%d" % self.port
         self.proc = None
@@ -77,7 +78,7 @@ class BridgeNode:
         ebins = glob.glob(os.path.join(ROOT, "_build", "default", "lib", "*", "ebin"))
         if not ebins:
             raise RuntimeError("no _build/default/lib/*/ebin: run `make compile` first")
-        cmd = [ERL, "-noshell", "-noinput"]
+        cmd = [ERL, "-noshell", "-noinput"] + self.erl_flags
         for e in ebins:
             cmd += ["-pa", e]
         cmd += ["-eval", self._eval()]
