@@ -8,7 +8,9 @@ export CI
 
 # Exact Debian 12 packages, each a real need of the build or the tests.
 APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
-             erlang-parsetools erlang-edoc rebar3
+             erlang-parsetools erlang-edoc rebar3 \
+             pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
+APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
 # The Python client (priv/python/dspex_bridge), its stubs, tests and gRPC bench.
@@ -18,6 +20,7 @@ PY_STUBS := _build/python
 
 .PHONY: all deps deps-test compile run test test-c test-erlang test-nif-asan test-elixir bench docs clean
 .PHONY: deps-python python-stubs test-python bench-grpc
+.PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
 all: compile
 
@@ -44,7 +47,7 @@ compile: deps
 run: compile
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
-test: deps-test compile test-c test-erlang test-nif-asan test-elixir test-python
+test: deps-test compile test-c test-erlang test-nif-asan test-elixir test-grpc test-python
 	@echo "==> all test suites passed"
 
 test-c:
@@ -101,3 +104,22 @@ docs: compile
 clean:
 	$(REBAR3) clean
 	rm -rf _build $(ELIXIR_APP)/_build $(ELIXIR_APP)/deps
+
+# gRPC server: cmocka tests of the port's C cores (plain, ASan+UBSan, valgrind),
+# then 1,000 calls through the port program running under valgrind.
+GRPC_TEST_STUBS := _build/grpc_test
+deps-grpc-test:
+	$(call apt_install,$(APT_GRPC_TEST))
+
+test-grpc: test-grpc-c test-grpc-valgrind
+
+test-grpc-c: deps-grpc-test
+	$(MAKE) -C c_src/grpc_port test test-asan test-valgrind
+
+$(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
+	@mkdir -p $(GRPC_TEST_STUBS)
+	protoc -I priv/proto --python_out=$(GRPC_TEST_STUBS) --grpc_out=$(GRPC_TEST_STUBS) \
+	  --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin $<
+
+test-grpc-valgrind: deps-grpc-test compile $(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py
+	$(PYTHON) test/grpc/valgrind_run.py $(GRPC_TEST_STUBS)
