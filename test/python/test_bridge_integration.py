@@ -416,7 +416,7 @@ class Concurrency(BridgeCase):
         self.assertEqual(seen_w2, ["v50", "v100", "v150", "v200"])
         writer_ctx.close()
 
-    def test_watch_events_invalidate_the_cache(self):
+    def test_watch_events_invalidate_the_cache_and_report_deletes(self):
         cached = SessionContext(self.channel, self.session, create=False, cache_ttl=600)
         cached.register_variable("x", "integer", 1)
         self.assertEqual(cached["x"], 1)
@@ -425,8 +425,10 @@ class Concurrency(BridgeCase):
             upd = next(w)
             self.assertEqual((upd.name, upd.value, upd.version), ("x", 2, 1))
             self.assertEqual(cached["x"], 2)     # the event dropped the cached 1
-        cached.delete_variable("x")
-        self.assertNotIn("x", cached)
+            self.ctx.delete_variable("x")        # deleted by another client
+            upd = next(w)
+            self.assertEqual((upd.name, upd.update_type), ("x", "deleted"))
+            self.assertNotIn("x", cached)        # ...and gone from the cache
 
     def test_cache_watcher_keeps_the_cache_coherent(self):
         cached = SessionContext(self.channel, self.session, create=False, cache_ttl=600)
