@@ -15,7 +15,7 @@ import _paths  # noqa: F401
 import grpc
 
 from bridge_node import BridgeNode
-from dspex_bridge import (AccessDeniedError, BatchUpdateError, DependencyCycleError,
+from dspex_bridge import (AccessDeniedError, BatchUpdateError, BridgeTimeoutError, DependencyCycleError,
                           InvalidValueError, LockedError, PreconditionFailedError,
                           RateLimitedError, SessionContext, SessionNotFoundError,
                           UnsupportedError, VariableExistsError, VariableNotFoundError,
@@ -94,6 +94,15 @@ class Sessions(BridgeCase):
         self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
         with self.assertRaises(SessionNotFoundError):
             ctx.register_variable("x", "integer", 1)
+
+    def test_context_manager_cleans_up_when_asked(self):
+        s = sid()
+        with SessionContext(NODE.address, s, cleanup_on_exit=True) as ctx:
+            ctx["a"] = 1
+            self.assertEqual(ctx.session_info()["variable_count"], 1)
+        probe = SessionContext(self.channel, s, create=False)
+        with self.assertRaises(SessionNotFoundError):
+            probe.session_info()
 
     def test_two_sessions_are_isolated(self):
         other = SessionContext(self.channel, sid(), cache_ttl=0)
@@ -447,6 +456,11 @@ class Concurrency(BridgeCase):
         finally:
             watcher.stop()
 
+    def test_watch_deadline(self):
+        self.ctx.register_variable("quiet", "integer", 0)
+        with self.assertRaises(BridgeTimeoutError):
+            next(self.ctx.watch(["quiet"], timeout=0.3))
+
     def test_watch_unknown_variable_or_empty_list_fails(self):
         with self.assertRaises(VariableNotFoundError):
             next(self.ctx.watch(["nope"]))
@@ -516,6 +530,22 @@ class Optimization(BridgeCase):
         self.assertNotIsInstance(cm.exception, LockedError)
         self.ctx["lr"] = 0.5                            # unlocked again
         self.assertEqual(self.ctx["lr"], 0.5)
+
+    def test_client_deadline_cancels_a_waiting_optimizer(self):
+        self.ctx.register_variable("q", "float", 0.1)
+        self.ctx.start_optimization("q", "holder")
+        waiter = SessionContext(self.channel, self.session, create=False, timeout=0.5)
+        t0 = time.monotonic()
+        with self.assertRaises(BridgeTimeoutError) as cm:   # queued behind "holder"
+            waiter.start_optimization("q", "waiter", {"conflict": "wait", "timeout_ms": 60000})
+        self.assertEqual(cm.exception.code, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertLess(time.monotonic() - t0, 30)
+        self.assertEqual(self.ctx.get_optimization_status("q").optimizer_id, "holder")
+        self.ctx.stop_optimization("q", optimizer_id="holder")
+        # The deadline reached the server: the abandoned waiter was not granted.
+        st = self.ctx.get_optimization_status("q")
+        self.assertFalse(st.optimizing, st)
+        self.ctx["q"] = 0.2
 
     def test_unknown_config_key_is_invalid(self):
         self.ctx.register_variable("x", "float", 0.1)
