@@ -174,7 +174,11 @@ class SessionContext:
         self._principal = principal
         self._context = context
         if create:
-            self.initialize(metadata)
+            try:
+                self.initialize(metadata)
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------ plumbing
 
