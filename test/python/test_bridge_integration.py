@@ -135,9 +135,16 @@ class Sessions(BridgeCase):
             self.ctx.get_variable("free")
 
     def test_tool_rpcs_are_unimplemented(self):
-        with self.assertRaises(grpc.RpcError) as cm:
-            self.stub.ExecuteTool(pb2.ExecuteToolRequest(session_id=self.session, tool_name="t"))
-        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+        calls = [
+            lambda: self.stub.ExecuteTool(pb2.ExecuteToolRequest(session_id=self.session, tool_name="t")),
+            lambda: next(self.stub.ExecuteStreamingTool(pb2.ExecuteToolRequest(session_id=self.session))),
+            lambda: self.stub.RegisterTools(pb2.RegisterToolsRequest(session_id=self.session)),
+            lambda: self.stub.GetExposedElixirTools(pb2.GetExposedElixirToolsRequest(session_id=self.session)),
+            lambda: self.stub.ExecuteElixirTool(pb2.ExecuteElixirToolRequest(session_id=self.session))]
+        for call in calls:
+            with self.assertRaises(grpc.RpcError) as cm:
+                call()
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
         from dspex_bridge.errors import from_rpc_error
         self.assertIsInstance(from_rpc_error(cm.exception), UnsupportedError)
 
@@ -326,6 +333,9 @@ class Variables(BridgeCase):
         self.ctx.update_variable("big", {"shape": [512, 512], "data": data2})
         self.assertEqual(self.ctx["big"]["data"][:3], data2[:3])
         self.assertEqual(self.ctx["big"]["data"], data2)
+        old = self.ctx.get_variable_history("big")          # archived big value, binary too
+        self.assertEqual([e.version for e in old], [0])
+        self.assertEqual(old[0].value, t)
         emb = [float(i) for i in range(5000)]
         self.ctx.register_variable("emb", "embedding", emb)
         self.assertEqual(self.ctx["emb"], emb)
