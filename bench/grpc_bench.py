@@ -66,11 +66,16 @@ def serve_dict(port, variable_bytes, workers):
 
 # ------------------------------------------------------------ the client
 
-def measure(address, threads, seconds):
-    """Aggregate GetVariable round trips/s with `threads` threads."""
+def measure(address, threads, seconds, all_procs_ready=None):
+    """Aggregate GetVariable round trips/s with `threads` threads.
+
+    all_procs_ready: a multiprocessing barrier when several client processes
+    measure together (their windows then start at the same moment).
+    """
     req = pb2.GetVariableRequest(session_id=SESSION, variable_identifier=NAME)
     counts = [0] * threads
     start = threading.Barrier(threads + 1)
+    go = threading.Event()
     stop = threading.Event()
 
     def run(i):
@@ -79,6 +84,7 @@ def measure(address, threads, seconds):
         for _ in range(50):                      # warm up the connection
             stub.GetVariable(req)
         start.wait()
+        go.wait()
         n = 0
         while not stop.is_set():
             stub.GetVariable(req)
@@ -90,12 +96,34 @@ def measure(address, threads, seconds):
     for t in ts:
         t.start()
     start.wait()
+    if all_procs_ready is not None:
+        all_procs_ready.wait()
+    go.set()
     t0 = time.perf_counter()
     time.sleep(seconds)                          # the measuring window itself
     stop.set()
     for t in ts:
         t.join()
     return sum(counts) / (time.perf_counter() - t0)
+
+
+def _proc_worker(address, threads, seconds, barrier, results):
+    results.put(measure(address, threads, seconds, barrier))
+
+
+def measure_procs(address, threads, procs, seconds):
+    """Like measure, with the threads spread over `procs` client processes."""
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+    barrier, results = mp.Barrier(procs), mp.Queue()
+    ps = [mp.Process(target=_proc_worker, args=(address, threads // procs, seconds,
+                                                barrier, results)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    total = sum(results.get() for _ in ps)
+    for p in ps:
+        p.join()
+    return total
 
 
 def proc_cpu(pids):
@@ -108,10 +136,13 @@ def proc_cpu(pids):
     return total
 
 
-def measure_with_cpu(address, threads, seconds, server_pids):
+def measure_with_cpu(address, threads, seconds, server_pids, procs=1):
     """(round trips/s, server CPU microseconds per round trip)."""
     c0, t0 = proc_cpu(server_pids), time.perf_counter()
-    rate = measure(address, threads, seconds)
+    if procs > 1:
+        rate = measure_procs(address, threads, procs, seconds)
+    else:
+        rate = measure(address, threads, seconds)
     calls = rate * (time.perf_counter() - t0)  # approximate: includes warm-up
     return rate, (proc_cpu(server_pids) - c0) * 1e6 / max(calls, 1)
 
@@ -120,6 +151,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--threads", default="1,8")
+    ap.add_argument("--procs", type=int, default=2,
+                    help="also run the largest thread count over this many client "
+                         "processes (1: skip)")
     ap.add_argument("--serve-dict", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--erl-flags", default="",
@@ -172,6 +206,14 @@ def main():
             theirs, theirs_cpu = measure_with_cpu(plain_addr, n, args.seconds, [plain.pid])
             print("%8d %14.0f %14.0f %7.2fx %10.1fus %10.1fus"
                   % (n, ours, theirs, ours / theirs, ours_cpu, theirs_cpu))
+        if args.procs > 1:
+            # Supplementary: the same threads in several client processes, so
+            # the client's GIL is less of a limit on the servers being compared.
+            n = max(int(x) for x in args.threads.split(","))
+            ours, ours_cpu = measure_with_cpu(node.address, n, args.seconds, ours_pids, args.procs)
+            theirs, theirs_cpu = measure_with_cpu(plain_addr, n, args.seconds, [plain.pid], args.procs)
+            print("%8s %14.0f %14.0f %7.2fx %10.1fus %10.1fus"
+                  % ("%d/%dp" % (n, args.procs), ours, theirs, ours / theirs, ours_cpu, theirs_cpu))
         sys.stdout.flush()
     finally:
         if plain is not None:
