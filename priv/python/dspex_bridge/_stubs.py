@@ -19,7 +19,7 @@ def _candidates():
     env = os.environ.get("DSPEX_BRIDGE_STUBS")
     if env:
         yield env
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.realpath(__file__))   # through rebar3's priv symlink
     d = here
     for _ in range(6):
         d = os.path.dirname(d)
