@@ -373,10 +373,13 @@ class Concurrency(BridgeCase):
         per_thread, threads = 50, 8
         conflicts = [0] * threads
         errors = []
+        all_connected = threading.Barrier(threads, timeout=60)
 
         def worker(i):
             try:
                 ctx = SessionContext(NODE.address, self.session, create=False, cache_ttl=0)
+                ctx.get_variable("counter")          # connected before the race starts
+                all_connected.wait()
                 done = 0
                 while done < per_thread:
                     info = ctx.get_variable_info("counter")
