@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <grpc/byte_buffer.h>
@@ -121,15 +122,27 @@ static int write_all(const char *p, size_t n) {
     return 0;
 }
 
+/* One {packet,4} frame; header and body in one writev, as one syscall is
+ * the common case for a small term. */
 static int send_packet(const ei_x_buff *x) {
     unsigned char hdr[4];
     int rc = -1;
     uint32_t n = (uint32_t)x->index;
+    struct iovec iov[2];
     hdr[0] = n >> 24; hdr[1] = n >> 16; hdr[2] = n >> 8; hdr[3] = n;
+    iov[0].iov_base = hdr;
+    iov[0].iov_len = 4;
+    iov[1].iov_base = x->buff;
+    iov[1].iov_len = (size_t)x->index;
     pthread_mutex_lock(&g_out_mu);
     if (!g_out_broken) {
-        if (write_all((const char *)hdr, 4) == 0 && write_all(x->buff, (size_t)x->index) == 0) rc = 0;
-        else g_out_broken = 1;
+        ssize_t w;
+        do w = writev(STDOUT_FILENO, iov, 2); while (w < 0 && errno == EINTR);
+        if (w == (ssize_t)(4 + n)) rc = 0;
+        else if (w >= 0 && w < 4 && write_all((const char *)hdr + w, (size_t)(4 - w)) == 0 &&
+                 write_all(x->buff, n) == 0) rc = 0;
+        else if (w >= 4 && write_all(x->buff + (w - 4), n - (size_t)(w - 4)) == 0) rc = 0;
+        if (rc) g_out_broken = 1;
     }
     pthread_mutex_unlock(&g_out_mu);
     return rc;
