@@ -309,7 +309,10 @@ rpc(M, _Req, _Call, _Ctx) ->
 %% Subscribes first, then reads the initial values: a change racing the read
 %% is either in the initial value or streamed (versions at or below the
 %% initial one are skipped), never lost.
-watch(#{session_id := S, variable_identifiers := Keys, include_initial_values := Init}, #{opts := Opts}, Ctx) ->
+watch(#{session_id := S, variable_identifiers := Keys, include_initial_values := Init}, #{opts := Opts},
+      {Port, _} = Ctx) ->
+    %% a stream outliving its port (the owner itself died) would never be cancelled
+    _ = is_port(Port) andalso erlang:monitor(port, Port),
     case dspex_store:watch(S, Keys, self(), Opts) of
         {error, _} = E -> E;
         Ref ->
@@ -348,6 +351,9 @@ watch_loop(S, Ref, Vars, Ctx) ->
                 0 -> dspex_grpc:close(Ctx), streamed; %% nothing left to watch
                 _ -> watch_loop(S, Ref, Left, Ctx)
             end;
+        {'DOWN', _, port, _, _} ->
+            dspex_store:unwatch(Ref),
+            streamed;
         _Other ->
             watch_loop(S, Ref, Vars, Ctx)
     end.
