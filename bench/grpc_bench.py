@@ -147,9 +147,15 @@ def measure_with_cpu(address, threads, seconds, server_pids, procs=1):
     return rate, (proc_cpu(server_pids) - c0) * 1e6 / max(calls, 1)
 
 
+def median_run(runs):
+    """The (rate, cpu) run of median rate."""
+    return sorted(runs)[len(runs) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,8")
     ap.add_argument("--procs", type=int, default=2,
                     help="also run the largest thread count over this many client "
@@ -194,26 +200,28 @@ def main():
             c.close()
             assert got.SerializeToString() == blob, addr
 
-        print("gRPC GetVariable round trips/s (%d-byte Variable, %.1fs per run, "
-              "%d cores)" % (len(blob), args.seconds, os.cpu_count()))
+        print("gRPC GetVariable round trips/s (%d-byte Variable, median of %d interleaved "
+              "%.1fs runs per server, %d cores)" % (len(blob), args.rounds, args.seconds,
+                                                     os.cpu_count()))
         print("(server CPU = microseconds of server CPU per round trip: beam + port "
               "program vs the grpcio process)")
         print("%8s %14s %14s %8s %12s %12s" % ("threads", "dspex_bridge", "plain grpcio",
                                                "ratio", "bridge CPU", "plain CPU"))
         ours_pids = [node.proc.pid] + node.port_program_pids()
-        for n in [int(x) for x in args.threads.split(",")]:
-            ours, ours_cpu = measure_with_cpu(node.address, n, args.seconds, ours_pids)
-            theirs, theirs_cpu = measure_with_cpu(plain_addr, n, args.seconds, [plain.pid])
-            print("%8d %14.0f %14.0f %7.2fx %10.1fus %10.1fus"
-                  % (n, ours, theirs, ours / theirs, ours_cpu, theirs_cpu))
+        rows = [(int(x), 1) for x in args.threads.split(",")]
         if args.procs > 1:
-            # Supplementary: the same threads in several client processes, so
-            # the client's GIL is less of a limit on the servers being compared.
-            n = max(int(x) for x in args.threads.split(","))
-            ours, ours_cpu = measure_with_cpu(node.address, n, args.seconds, ours_pids, args.procs)
-            theirs, theirs_cpu = measure_with_cpu(plain_addr, n, args.seconds, [plain.pid], args.procs)
+            # Supplementary: the largest thread count over several client
+            # processes, so the client's GIL limits the compared servers less.
+            rows.append((rows[-1][0], args.procs))
+        for n, procs in rows:
+            ours, theirs = [], []
+            for _ in range(args.rounds):     # alternate, so load swings hit both
+                ours.append(measure_with_cpu(node.address, n, args.seconds, ours_pids, procs))
+                theirs.append(measure_with_cpu(plain_addr, n, args.seconds, [plain.pid], procs))
+            (o, o_cpu), (t, t_cpu) = median_run(ours), median_run(theirs)
+            label = str(n) if procs == 1 else "%d/%dp" % (n, procs)
             print("%8s %14.0f %14.0f %7.2fx %10.1fus %10.1fus"
-                  % ("%d/%dp" % (n, args.procs), ours, theirs, ours / theirs, ours_cpu, theirs_cpu))
+                  % (label, o, t, o / t, o_cpu, t_cpu))
         sys.stdout.flush()
     finally:
         if plain is not None:
