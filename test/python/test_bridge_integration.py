@@ -4,7 +4,6 @@ One node (bridge_node.BridgeNode) is started for the module; every test uses
 its own session ids so tests do not see each other.
 """
 
-import itertools
 import math
 import threading
 import time

@@ -17,9 +17,8 @@ message.  Reads may be served from a client cache (TTL ``cache_ttl`` seconds,
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import grpc
 from google.protobuf import timestamp_pb2
