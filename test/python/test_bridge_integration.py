@@ -301,6 +301,24 @@ class Variables(BridgeCase):
         self.assertEqual(cm.exception.new_versions, {"a": 2})
         self.assertEqual(self.ctx.get_variables(["a", "b"]), {"a": 4, "b": 0.75})
 
+    def test_batch_block_writes_all_or_nothing(self):
+        self.ctx.register_variable("p", "integer", 1)
+        self.ctx.register_variable("q", "choice", "a", constraints={"choices": ["a", "b"]})
+        with self.ctx.batch() as b:
+            b["p"] = 2
+            b["q"] = "b"
+        self.assertEqual(b.new_versions, {"p": 1, "q": 1})
+        self.assertEqual(self.ctx.get_variables(["p", "q"]), {"p": 2, "q": "b"})
+        with self.assertRaises(BatchUpdateError):
+            with self.ctx.batch() as b:
+                b["p"] = 3
+                b["q"] = "zzz"
+        with self.assertRaises(RuntimeError):
+            with self.ctx.batch() as b:
+                b["p"] = 4
+                raise RuntimeError("abandon the batch")
+        self.assertEqual(self.ctx.get_variables(["p", "q"]), {"p": 2, "q": "b"})
+
     def test_history_and_rollback(self):
         self.ctx.register_variable("h", "integer", 10)
         for v in (11, 12, 13):

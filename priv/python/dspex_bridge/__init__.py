@@ -17,14 +17,14 @@ from .errors import (AccessDeniedError, BridgeError, BridgeTimeoutError,
                      VersionConflictError)
 from .codec import CodecError
 from .cache import VariableCache
-from .session_context import (AccessCheck, CacheWatcher, BatchUpdateError, HistoryEntry,
+from .session_context import (AccessCheck, BatchWriter, CacheWatcher, BatchUpdateError, HistoryEntry,
                               OptimizationStatus, SessionContext, StopResult,
                               Variable, VariableNamespace, VariableUpdate, Watch)
 
 __all__ = [
     "SessionContext", "Variable", "VariableUpdate", "HistoryEntry",
     "OptimizationStatus", "StopResult", "AccessCheck", "Watch", "VariableNamespace",
-    "VariableCache", "CacheWatcher", "BridgeError", "VariableNotFoundError", "SessionNotFoundError",
+    "VariableCache", "CacheWatcher", "BatchWriter", "BridgeError", "VariableNotFoundError", "SessionNotFoundError",
     "VariableExistsError", "InvalidValueError", "VersionConflictError", "LockedError",
     "PreconditionFailedError", "DependencyCycleError",
     "AccessDeniedError", "RateLimitedError", "BridgeUnavailableError",

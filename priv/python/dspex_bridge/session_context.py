@@ -439,6 +439,16 @@ class SessionContext:
                 errs, versions, atomic)
         return versions
 
+    def batch(self, atomic=True, metadata=None):
+        """Collect writes, sent as one SetVariables when the block ends without error.
+
+            with ctx.batch() as b:       # atomic by default: all or nothing
+                b["temperature"] = 0.2
+                b["max_tokens"] = 512
+            b.new_versions               # {name: version}
+        """
+        return BatchWriter(self, atomic, metadata)
+
     # ------------------------------------------------------------ pythonic access
 
     def __getitem__(self, name):
@@ -672,6 +682,27 @@ class Watch:
 
     def __exit__(self, *exc):
         self.cancel()
+        return False
+
+
+class BatchWriter:
+    """Writes collected by ``SessionContext.batch``; sent on a clean exit."""
+
+    def __init__(self, ctx, atomic, metadata):
+        self._ctx, self._atomic, self._metadata = ctx, atomic, metadata
+        self.updates = {}
+        self.new_versions = None
+
+    def __setitem__(self, name, value):
+        self.updates[name] = value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None and self.updates:
+            self.new_versions = self._ctx.update_variables(self.updates, atomic=self._atomic,
+                                                           metadata=self._metadata)
         return False
 
 
