@@ -3,7 +3,7 @@
 Starts a node whose port program is wrapped in valgrind (app env
 grpc_port_command), drives every kind of call through it (unary RPCs with
 success and each error path, malformed bytes, an unknown method, big binary
-tensors, concurrent clients, a deadline that expires while the BEAM waits, a
+tensors, concurrent clients on 3 completion-queue threads, a deadline that expires while the BEAM waits, a
 cancelled watch stream), then closes the BEAM side while a watch stream is
 open (that stream must end UNAVAILABLE) and checks valgrind's report: no
 errors, no definite or indirect leaks. Exit status 0 on success.
@@ -166,6 +166,7 @@ def main():
     ev = ('application:load(dspex_bridge), '
           'application:set_env(dspex_bridge, grpc_listen, "%s"), '
           'application:set_env(dspex_bridge, grpc_port_command, %s), '
+          'application:set_env(dspex_bridge, grpc_threads, 3), '
           '{ok, _} = application:ensure_all_started(dspex_bridge), '
           'io:get_line(""), application:stop(dspex_bridge), init:stop().' % (address, erl_list))
     cmd = [os.environ.get("ERL", "erl"), "-noshell"] + sum((["-pa", e] for e in ebins), []) + ["-eval", ev]
