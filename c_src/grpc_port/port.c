@@ -513,16 +513,20 @@ static int read_full(unsigned char *p, size_t n) {
     return 0;
 }
 
-static grpc_byte_buffer *pack_reply(int method, const dterm *map, char *err, size_t errlen) {
+/* NULL on failure, with *code INTERNAL (a reply that does not fit the
+ * message) or RESOURCE_EXHAUSTED (over the maximum message size). */
+static grpc_byte_buffer *pack_reply(int method, const dterm *map, char *err, size_t errlen, grpc_status_code *code) {
     ProtobufCMessage *m;
     size_t n;
     grpc_slice s;
     grpc_byte_buffer *bb;
+    *code = GRPC_STATUS_INTERNAL;
     if (pb_from_term(g_svc->methods[method].output, map, &m, err, errlen)) return NULL;
     n = protobuf_c_message_get_packed_size(m);
     if (n > (size_t)g_max_msg) {
         protobuf_c_message_free_unpacked(m, NULL);
         snprintf(err, errlen, "reply of %zu bytes exceeds the maximum message size", n);
+        *code = GRPC_STATUS_RESOURCE_EXHAUSTED;
         return NULL;
     }
     s = grpc_slice_malloc(n);
@@ -545,6 +549,7 @@ static void dispatch(const dterm *t) {
     call_t *c;
     uint64_t id;
     char err[256];
+    grpc_status_code code;
     if (t->kind != DT_TUPLE || t->u.seq.n < 2 || t->u.seq.v[0].kind != DT_ATOM || term_id(&t->u.seq.v[1], &id)) {
         fprintf(stderr, "dspex_grpc_port: malformed command ignored\n");
         return;
@@ -552,22 +557,22 @@ static void dispatch(const dterm *t) {
     v = t->u.seq.v;
     if (!(c = table_get(id))) return; /* finished or cancelled meanwhile */
     if (dt_is_atom(&v[0], "reply") && t->u.seq.n == 3 && c->method >= 0) {
-        grpc_byte_buffer *bb = pack_reply(c->method, &v[2], err, sizeof err);
+        grpc_byte_buffer *bb = pack_reply(c->method, &v[2], err, sizeof err, &code);
         pthread_mutex_lock(&c->mu);
         if (bb) finish_locked(c, GRPC_STATUS_OK, "", bb);
         else {
             fprintf(stderr, "dspex_grpc_port: bad reply for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, GRPC_STATUS_INTERNAL, err, NULL);
+            finish_locked(c, code, err, NULL);
         }
         pthread_mutex_unlock(&c->mu);
     } else if (dt_is_atom(&v[0], "stream") && t->u.seq.n == 3 && method_streams(c->method)) {
-        grpc_byte_buffer *bb = pack_reply(c->method, &v[2], err, sizeof err);
+        grpc_byte_buffer *bb = pack_reply(c->method, &v[2], err, sizeof err, &code);
         pthread_mutex_lock(&c->mu);
         if (c->finishing) {
             if (bb) grpc_byte_buffer_destroy(bb);
         } else if (!bb) {
             fprintf(stderr, "dspex_grpc_port: bad stream message for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, GRPC_STATUS_INTERNAL, err, NULL);
+            finish_locked(c, code, err, NULL);
         } else if (c->qlen >= g_stream_queue) {
             /* a reader too slow for its stream: end it rather than grow without bound */
             grpc_byte_buffer_destroy(bb);

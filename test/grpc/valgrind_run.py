@@ -32,6 +32,7 @@ import snakepit_bridge_pb2_grpc as pbg  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TARGET_CALLS = 1000
+MAX_MSG = 1 << 20          # the server's configured maximum message size
 C = grpc.StatusCode
 
 
@@ -113,6 +114,18 @@ def big_tensor(stub, sid):
         session_id=sid, name="w", type="tensor", initial_value=meta, initial_binary_value=data)))
     got = expect(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=sid, variable_identifier="w")))
     assert got.variable.binary_value == data, "tensor did not round-trip"
+    # max message size, both ways: 200k float32 in (800 KB) fit, the float64
+    # answer (1.6 MB) does not; 300k float32 (1.2 MB) are refused on the way in
+    n2 = 200000
+    expect(lambda: stub.RegisterVariable(pb.RegisterVariableRequest(
+        session_id=sid, name="e", type="embedding", initial_value=any_of("embedding", {"dtype": "float32", "shape": [n2]}),
+        initial_binary_value=struct.pack("<%df" % n2, *([0.25] * n2)))))
+    expect(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=sid, variable_identifier="e")),
+           C.RESOURCE_EXHAUSTED)
+    n3 = 300000
+    expect(lambda: stub.SetVariable(pb.SetVariableRequest(
+        session_id=sid, variable_identifier="e", value=any_of("embedding", {"dtype": "float32", "shape": [n3]}),
+        binary_value=b"\0" * (4 * n3))), C.RESOURCE_EXHAUSTED)
     bad = any_of("tensor", {"dtype": "float64", "shape": [3]})
     expect(lambda: stub.SetVariable(pb.SetVariableRequest(
         session_id=sid, variable_identifier="w", value=bad, binary_value=b"\0" * 7)), C.INVALID_ARGUMENT)
@@ -167,8 +180,9 @@ def main():
           'application:set_env(dspex_bridge, grpc_listen, "%s"), '
           'application:set_env(dspex_bridge, grpc_port_command, %s), '
           'application:set_env(dspex_bridge, grpc_threads, 3), '
+          'application:set_env(dspex_bridge, grpc_max_message_bytes, %d), '
           '{ok, _} = application:ensure_all_started(dspex_bridge), '
-          'io:get_line(""), application:stop(dspex_bridge), init:stop().' % (address, erl_list))
+          'io:get_line(""), application:stop(dspex_bridge), init:stop().' % (address, erl_list, MAX_MSG))
     cmd = [os.environ.get("ERL", "erl"), "-noshell"] + sum((["-pa", e] for e in ebins), []) + ["-eval", ev]
     node = subprocess.Popen(cmd, stdin=subprocess.PIPE, cwd=ROOT)
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
