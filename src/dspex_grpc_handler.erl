@@ -54,7 +54,8 @@ handle(M, _Req, _Call, _Ctx) when M =:= 'ExecuteTool'; M =:= 'ExecuteStreamingTo
                                   M =:= 'GetExposedElixirTools'; M =:= 'ExecuteElixirTool' ->
     {error, unimplemented};
 handle('Ping', #{message := Msg}, _Call, _Ctx) ->
-    {reply, #{message => Msg, server_time => now_us()}};
+    %% the reference server's answer, which snakepit clients know
+    {reply, #{message => <<"pong: ", Msg/binary>>, server_time => now_us()}};
 handle(M, #{session_id := <<>>}, _Call, _Ctx) when M =/= 'GetDashboard' ->
     {error, {invalid_argument, session_id}};
 handle(M, Req, Call, Ctx) ->
@@ -81,8 +82,11 @@ rpc('CleanupSession', #{session_id := S}, _Call, _Ctx) ->
                 ok ->
                     [deleted(S, Name) || Name <- Names],
                     {reply, #{success => true, resources_cleaned => N}};
+                {error, session_not_found} -> {reply, #{success => true, resources_cleaned => 0}};
                 Error -> Error
             end;
+        %% idempotent, as in the reference server: cleaning up a gone session is fine
+        {error, session_not_found} -> {reply, #{success => true, resources_cleaned => 0}};
         Error -> Error
     end;
 rpc('GetSession', #{session_id := S}, _Call, _Ctx) ->

@@ -145,6 +145,9 @@ sessions_and_variables() ->
     {reply, #{initial_variables := #{<<"temp">> := #{version := 2}}}} =
         call('InitializeSession', #{session_id => S, metadata => #{}, config => undefined}),
     {reply, #{success := true}} = call('DeleteVariable', #{session_id => S, variable_identifier => <<"temp">>}),
+    {reply, #{success := true, resources_cleaned := 0}} = call('CleanupSession', #{session_id => S, force => false}),
+    ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+    %% idempotent
     {reply, #{success := true, resources_cleaned := 0}} = call('CleanupSession', #{session_id => S, force => false}).
 
 error_statuses() ->
@@ -283,7 +286,7 @@ dashboard_and_tools() ->
     ?assert(is_map(D)),
     ?assertEqual({error, unimplemented}, call('ExecuteTool', #{session_id => <<"x">>})),
     ?assertEqual({error, unimplemented}, call('RegisterTools', #{session_id => <<"x">>})),
-    {reply, #{message := <<"hi">>}} = call('Ping', #{message => <<"hi">>}).
+    {reply, #{message := <<"pong: hi">>}} = call('Ping', #{message => <<"hi">>}).
 
 %% What goes back to the port: run/5 writes {packet,4} terms, which `cat' echoes.
 wire_messages_and_watch() ->
