@@ -570,6 +570,13 @@ class Optimization(BridgeCase):
             waiter.start_optimization("q", "waiter", {"conflict": "wait", "timeout_ms": 60000})
         self.assertEqual(cm.exception.code, grpc.StatusCode.DEADLINE_EXCEEDED)
         self.assertLess(time.monotonic() - t0, 30)
+        # The client gives up at its own deadline; the server's cancel notice
+        # travels separately, and nothing streams it back, so poll (bounded)
+        # until the node has no call in flight but the dashboard call itself.
+        end = time.monotonic() + 20
+        while self.ctx.get_dashboard(whole_node=True)["grpc"]["in_flight"] > 1:
+            self.assertLess(time.monotonic(), end, "the waiter's call never ended on the server")
+            time.sleep(0.01)
         self.assertEqual(self.ctx.get_optimization_status("q").optimizer_id, "holder")
         self.ctx.stop_optimization("q", optimizer_id="holder")
         # The deadline reached the server: the abandoned waiter was not granted.
