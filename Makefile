@@ -8,16 +8,23 @@ export CI
 
 # Exact Debian 12 packages, each a real need of the build or the tests.
 APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
-             erlang-parsetools erlang-edoc rebar3 erlang-inets
+             erlang-parsetools erlang-edoc rebar3 erlang-inets \
+             pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
+APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
-
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
 APT_CLUSTER := erlang-inets etcd-server
+# The Python client (priv/python/dspex_bridge), its stubs, tests and gRPC bench.
+APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
+PYTHON   ?= /usr/bin/python3
+PY_STUBS := _build/python
 
 .PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
+.PHONY: deps-python python-stubs test-python bench-grpc
+.PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
 all: compile
 
@@ -48,7 +55,7 @@ compile: deps
 run: compile
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
-test: deps-test deps-cluster compile test-c test-erlang test-nif-asan test-elixir test-workers
+test: deps-test deps-cluster compile test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python
 	@echo "==> all test suites passed"
 
 test-c:
@@ -83,12 +90,33 @@ test-cluster: deps-test deps-cluster compile
 test-elixir: compile
 	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test
 
+deps-python:
+	$(call apt_install,$(APT_PYTHON))
+
+# Python stubs of priv/proto/snakepit_bridge.proto, generated (never committed)
+# into _build/python, where dspex_bridge/_stubs.py finds them.
+python-stubs: deps-python $(PY_STUBS)/snakepit_bridge_pb2_grpc.py
+
+$(PY_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
+	@mkdir -p $(PY_STUBS)
+	protoc -I priv/proto --python_out=$(PY_STUBS) --grpc_out=$(PY_STUBS) \
+	  --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin $<
+
+# Codec/cache/error unit tests, then integration tests against a real node.
+test-python: compile python-stubs
+	cd test/python && $(PYTHON) -m unittest discover -v -s . -p 'test_*.py'
+
 bench: compile
 	@mkdir -p _build/bench
 	erlc -o _build/bench bench/*.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_breaker_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
+	$(MAKE) bench-grpc
+
+# GetVariable round trips/s through our bridge vs a plain python3-grpcio server.
+bench-grpc: compile python-stubs
+	$(PYTHON) bench/grpc_bench.py
 
 docs: compile
 	$(REBAR3) edoc
@@ -96,3 +124,22 @@ docs: compile
 clean:
 	$(REBAR3) clean
 	rm -rf _build $(ELIXIR_APP)/_build $(ELIXIR_APP)/deps
+
+# gRPC server: cmocka tests of the port's C cores (plain, ASan+UBSan, valgrind),
+# then 1,000 calls through the port program running under valgrind.
+GRPC_TEST_STUBS := _build/grpc_test
+deps-grpc-test:
+	$(call apt_install,$(APT_GRPC_TEST))
+
+test-grpc: test-grpc-c test-grpc-valgrind
+
+test-grpc-c: deps-grpc-test
+	$(MAKE) -C c_src/grpc_port test test-asan test-valgrind
+
+$(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
+	@mkdir -p $(GRPC_TEST_STUBS)
+	protoc -I priv/proto --python_out=$(GRPC_TEST_STUBS) --grpc_out=$(GRPC_TEST_STUBS) \
+	  --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin $<
+
+test-grpc-valgrind: deps-grpc-test compile $(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py
+	$(PYTHON) test/grpc/valgrind_run.py $(GRPC_TEST_STUBS)

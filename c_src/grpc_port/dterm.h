@@ -1,0 +1,68 @@
+/* dterm: a small owned tree of Erlang-like terms, the common currency of the
+ * port. It is produced by the bounded external-term decoder (input from the
+ * BEAM), by the JSON reader (Any values from the wire) and by the protobuf
+ * walker, and consumed by the ei encoder and the JSON writer. Every decoder
+ * here checks every length against the bytes left, so hostile input can only
+ * fail, never read out of bounds. No erl_nif or gRPC types: cmocka tests it. */
+#ifndef DSPEX_DTERM_H
+#define DSPEX_DTERM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { DT_INT, DT_FLOAT, DT_ATOM, DT_BIN, DT_LIST, DT_TUPLE, DT_MAP } dt_kind;
+
+typedef struct dterm {
+    dt_kind kind;
+    union {
+        int64_t i;
+        double f;
+        struct { char *p; size_t n; } s;               /* atom / binary, NUL-terminated copy */
+        struct { struct dterm *v; size_t n; } seq;     /* list / tuple */
+        struct { struct dterm *k, *v; size_t n; } map; /* keys unique */
+    } u;
+} dterm;
+
+#define DT_MAX_DEPTH 100
+
+/* Constructors: all return 0 on success, -1 on allocation failure. */
+void dt_int(dterm *t, int64_t i);
+void dt_float(dterm *t, double f);
+int dt_atom(dterm *t, const char *s);
+int dt_bin(dterm *t, const void *p, size_t n);
+int dt_seq(dterm *t, dt_kind kind, size_t n);   /* n zeroed (DT_INT 0) items */
+int dt_map(dterm *t, size_t n);                 /* n zeroed pairs */
+void dt_free(dterm *t);                          /* frees the children, not t itself */
+
+/* Map helpers. */
+const dterm *dt_map_get(const dterm *map, const char *key); /* atom or binary key */
+int dt_is_atom(const dterm *t, const char *name);
+/* Sorts keys and keeps the LAST value of duplicate keys (JSON objects and
+ * protobuf maps may repeat keys; Erlang maps may not). */
+void dt_map_dedupe(dterm *map);
+int dt_compare(const dterm *a, const dterm *b);
+
+/* External term format (with the 131 version byte). Returns 0 or -1. */
+int dt_decode_etf(const unsigned char *buf, size_t len, dterm *out);
+
+/* JSON (RFC 8259, UTF-8 validated, depth-limited). Objects become maps with
+ * binary keys, arrays lists, strings binaries, integers that fit int64 DT_INT,
+ * other numbers DT_FLOAT (an overflowing number becomes the atom infinity or
+ * neg_infinity), true/false/null atoms. Returns 0, or -1 with *err set to a
+ * static description. */
+int dt_parse_json(const char *s, size_t n, dterm *out, const char **err);
+
+/* Growable byte buffer for the writer. */
+typedef struct { char *p; size_t n, cap; } dt_buf;
+int dt_buf_put(dt_buf *b, const void *p, size_t n);
+void dt_buf_free(dt_buf *b);
+
+/* JSON writer: atoms true/false/null are literals, undefined is null, nan /
+ * infinity / neg_infinity the strings "NaN" / "Infinity" / "-Infinity", other
+ * atoms their text; tuples are arrays; map keys must be binaries, atoms or
+ * integers. Binaries must be valid UTF-8. Returns 0 or -1 (*err set). */
+int dt_write_json(const dterm *t, dt_buf *out, const char **err);
+
+int dt_utf8_valid(const unsigned char *p, size_t n);
+
+#endif

@@ -1,0 +1,25 @@
+/* Reflective conversion between protobuf-c messages and dterm maps, driven by
+ * the generated descriptors, so one walker serves every message of the proto.
+ *   message            -> map of field-name atom => value (every field present)
+ *   string / bytes     -> binary          ints -> integer   float/double -> float
+ *   bool               -> true | false    enum -> atom of the value name
+ *   repeated           -> list            map<K,V> -> map (last duplicate wins)
+ *   unset submessage   -> undefined
+ *   google.protobuf.Any       -> #{type_url => Bin, value => JSON term} (the
+ *                                JSON body parsed; an empty body is null)
+ *   google.protobuf.Timestamp -> integer microseconds since the Unix epoch
+ *   string field named *_json -> the parsed JSON term ("" is undefined)
+ * The reverse direction accepts exactly these shapes (plus integers for
+ * enums, integers for floats, atoms for strings) and the atom undefined for
+ * "leave the default". Unknown field names are errors. */
+#ifndef DSPEX_PBTERM_H
+#define DSPEX_PBTERM_H
+
+#include <protobuf-c/protobuf-c.h>
+#include "dterm.h"
+
+int pb_to_term(const ProtobufCMessage *m, dterm *out, char *err, size_t errlen);
+int pb_from_term(const ProtobufCMessageDescriptor *d, const dterm *t, ProtobufCMessage **out,
+                 char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,445 @@
+/* cmocka tests of the port's pure cores: the JSON reader/writer, the bounded
+ * external-term decoder, the ei encoder round trip and the protobuf walker.
+ * The random-input tests feed mutated and random bytes to both decoders
+ * (DSPEX_FUZZ_ITERS iterations, default 20000); under ASan/valgrind they prove
+ * that bad input only ever fails. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "dterm.h"
+#include "dterm_ei.h"
+#include "pbterm.h"
+#include "snakepit_bridge.pb-c.h"
+
+static int parse(const char *s, dterm *t) {
+    const char *err = NULL;
+    return dt_parse_json(s, strlen(s), t, &err);
+}
+
+static char *roundtrip(const char *s) {
+    dterm t;
+    dt_buf b = {0};
+    const char *err = NULL;
+    if (parse(s, &t)) return NULL;
+    if (dt_write_json(&t, &b, &err)) { dt_free(&t); return NULL; }
+    dt_free(&t);
+    return b.p;
+}
+
+static void json_scalars(void **state) {
+    dterm t;
+    (void)state;
+    assert_int_equal(parse("42", &t), 0);
+    assert_int_equal(t.kind, DT_INT);
+    assert_int_equal(t.u.i, 42);
+    assert_int_equal(parse(" -9223372036854775808 ", &t), 0);
+    assert_true(t.u.i == INT64_MIN);
+    assert_int_equal(parse("9223372036854775808", &t), 0); /* beyond int64: float */
+    assert_int_equal(t.kind, DT_FLOAT);
+    assert_int_equal(parse("0.5e1", &t), 0);
+    assert_int_equal(t.kind, DT_FLOAT);
+    assert_true(t.u.f == 5.0);
+    assert_int_equal(parse("1e999", &t), 0);
+    assert_true(dt_is_atom(&t, "infinity"));
+    dt_free(&t);
+    assert_int_equal(parse("-1e999", &t), 0);
+    assert_true(dt_is_atom(&t, "neg_infinity"));
+    dt_free(&t);
+    assert_int_equal(parse("true", &t), 0);
+    assert_true(dt_is_atom(&t, "true"));
+    dt_free(&t);
+    assert_int_equal(parse("null", &t), 0);
+    assert_true(dt_is_atom(&t, "null"));
+    dt_free(&t);
+    assert_int_equal(parse("\"a\\u00e9\\ud83d\\ude00\\n\"", &t), 0);
+    assert_int_equal(t.kind, DT_BIN);
+    assert_int_equal(t.u.s.n, 1 + 2 + 4 + 1);
+    assert_memory_equal(t.u.s.p, "a\xc3\xa9\xf0\x9f\x98\x80\n", 8);
+    dt_free(&t);
+}
+
+static void json_rejects(void **state) {
+    const char *bad[] = {"", " ", "01", "1.", ".5", "-", "1e", "+1", "[1,]", "{\"a\":}", "{\"a\" 1}", "{a:1}",
+                         "[1 2]", "tru", "nul", "\"abc", "\"\\x\"", "\"\\ud800\"", "\"\\udc00\"",
+                         "\"\\ud800\\u0041\"", "\"\x01\"", "\"\xff\"", "\"\xc0\xaf\"", "\"\xed\xa0\x80\"",
+                         "1 2", "[]]", "{}}", "NaN", "Infinity", "[\"a\"", "\"\\u12\""};
+    (void)state;
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        dterm t;
+        const char *err = NULL;
+        if (dt_parse_json(bad[i], strlen(bad[i]), &t, &err) != -1) fail_msg("accepted: %s", bad[i]);
+        assert_non_null(err);
+    }
+}
+
+static void json_depth_limit(void **state) {
+    char deep[2 * (DT_MAX_DEPTH + 10) + 1];
+    dterm t;
+    size_t n = DT_MAX_DEPTH + 10;
+    (void)state;
+    memset(deep, '[', n);
+    memset(deep + n, ']', n);
+    deep[2 * n] = 0;
+    assert_int_equal(parse(deep, &t), -1);
+    n = DT_MAX_DEPTH - 1;
+    memset(deep, '[', n);
+    memset(deep + n, ']', n);
+    deep[2 * n] = 0;
+    assert_int_equal(parse(deep, &t), 0);
+    dt_free(&t);
+}
+
+static void json_objects_dedupe_last_wins(void **state) {
+    dterm t;
+    const dterm *v;
+    (void)state;
+    assert_int_equal(parse("{\"b\":1,\"a\":2,\"b\":3}", &t), 0);
+    assert_int_equal(t.kind, DT_MAP);
+    assert_int_equal(t.u.map.n, 2);
+    v = dt_map_get(&t, "b");
+    assert_non_null(v);
+    assert_int_equal(v->u.i, 3);
+    dt_free(&t);
+}
+
+static void json_writer(void **state) {
+    char *s;
+    dterm t, k;
+    dt_buf b = {0};
+    const char *err = NULL;
+    (void)state;
+    s = roundtrip("{\"shape\":[2,3],\"data\":[1.5,-0.25,1e+300,3]}");
+    assert_non_null(s);
+    assert_string_equal(s, "{\"data\":[1.5,-0.25,1e+300,3],\"shape\":[2,3]}");
+    free(s);
+    s = roundtrip("\"q\\\"\\\\\\u0001\"");
+    assert_string_equal(s, "\"q\\\"\\\\\\u0001\"");
+    free(s);
+    /* floats stay floats; non-finite values become the protocol's strings */
+    dt_float(&t, 2.0);
+    assert_int_equal(dt_write_json(&t, &b, &err), 0);
+    assert_string_equal(b.p, "2.0");
+    dt_buf_free(&b);
+    dt_float(&t, 0.1);
+    assert_int_equal(dt_write_json(&t, &b, &err), 0);
+    assert_string_equal(b.p, "0.1");
+    dt_buf_free(&b);
+    dt_float(&t, NAN);
+    assert_int_equal(dt_write_json(&t, &b, &err), 0);
+    assert_string_equal(b.p, "\"NaN\"");
+    dt_buf_free(&b);
+    assert_int_equal(dt_atom(&t, "neg_infinity"), 0);
+    assert_int_equal(dt_write_json(&t, &b, &err), 0);
+    assert_string_equal(b.p, "\"-Infinity\"");
+    dt_buf_free(&b);
+    dt_free(&t);
+    /* invalid UTF-8 and non-string keys are refused, leaving nothing behind */
+    assert_int_equal(dt_bin(&t, "\xff", 1), 0);
+    assert_int_equal(dt_write_json(&t, &b, &err), -1);
+    assert_true(b.n == 0);
+    dt_free(&t);
+    assert_int_equal(dt_map(&t, 1), 0);
+    assert_int_equal(dt_seq(&k, DT_LIST, 0), 0);
+    t.u.map.k[0] = k;
+    assert_int_equal(dt_write_json(&t, &b, &err), -1);
+    dt_free(&t);
+    dt_buf_free(&b);
+}
+
+/* ---------------------------------------------------------------- ETF */
+
+static void etf_roundtrip_via_ei(void **state) {
+    dterm t, back;
+    ei_x_buff x;
+    (void)state;
+    assert_int_equal(parse("{\"k\":[1,-2,3.5,\"s\",true,null,{\"n\":[]}],\"big\":9007199254740993}", &t), 0);
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(dt_encode_ei(&x, &t), 0);
+    assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &back), 0);
+    assert_int_equal(dt_compare(&t, &back), 0);
+    /* every truncation fails cleanly */
+    for (int n = 0; n < x.index; n++) {
+        dterm u;
+        assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)n, &u), -1);
+    }
+    ei_x_free(&x);
+    dt_free(&t);
+    dt_free(&back);
+}
+
+static void etf_known_bytes(void **state) {
+    /* {reply, 7, #{a => <<"x">>}} as term_to_binary writes it */
+    static const unsigned char ok[] = {131, 104, 3, 100, 0, 5, 'r', 'e', 'p', 'l', 'y', 97, 7, 116, 0, 0, 0, 1,
+                                       100, 0, 1, 'a', 109, 0, 0, 0, 1, 'x'};
+    /* a list claiming 2^32-1 items in 10 bytes */
+    static const unsigned char liar[] = {131, 108, 255, 255, 255, 255, 97, 1, 106};
+    /* improper list [1|2] */
+    static const unsigned char improper[] = {131, 108, 0, 0, 0, 1, 97, 1, 97, 2};
+    /* a pid: never expected */
+    static const unsigned char pid[] = {131, 88, 100, 0, 0};
+    /* big integer beyond 64 bits */
+    static const unsigned char big[] = {131, 110, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+    dterm t;
+    (void)state;
+    assert_int_equal(dt_decode_etf(ok, sizeof ok, &t), 0);
+    assert_int_equal(t.kind, DT_TUPLE);
+    assert_true(dt_is_atom(&t.u.seq.v[0], "reply"));
+    assert_int_equal(t.u.seq.v[1].u.i, 7);
+    assert_int_equal(dt_map_get(&t.u.seq.v[2], "a")->u.s.n, 1);
+    dt_free(&t);
+    assert_int_equal(dt_decode_etf(liar, sizeof liar, &t), -1);
+    assert_int_equal(dt_decode_etf(improper, sizeof improper, &t), -1);
+    assert_int_equal(dt_decode_etf(pid, sizeof pid, &t), -1);
+    assert_int_equal(dt_decode_etf(big, sizeof big, &t), -1);
+}
+
+/* ---------------------------------------------------------------- protobuf walker */
+
+static void pb_request_to_term(void **state) {
+    Snakepit__Bridge__SetVariableRequest req = SNAKEPIT__BRIDGE__SET_VARIABLE_REQUEST__INIT;
+    Google__Protobuf__Any any = GOOGLE__PROTOBUF__ANY__INIT;
+    Snakepit__Bridge__SetVariableRequest__MetadataEntry e1 = SNAKEPIT__BRIDGE__SET_VARIABLE_REQUEST__METADATA_ENTRY__INIT;
+    Snakepit__Bridge__SetVariableRequest__MetadataEntry *es[1] = {&e1};
+    uint8_t buf[512];
+    size_t n;
+    ProtobufCMessage *back;
+    dterm t;
+    char err[128];
+    const dterm *v;
+    (void)state;
+    any.type_url = "type.googleapis.com/snakepit.float";
+    any.value.data = (uint8_t *)"\"NaN\"";
+    any.value.len = 5;
+    req.session_id = "s1";
+    req.variable_identifier = "temp";
+    req.value = &any;
+    req.expected_version = 3;
+    e1.key = "who";
+    e1.value = "me";
+    req.n_metadata = 1;
+    req.metadata = es;
+    n = protobuf_c_message_pack(&req.base, buf);
+    back = protobuf_c_message_unpack(&snakepit__bridge__set_variable_request__descriptor, NULL, n, buf);
+    assert_non_null(back);
+    assert_int_equal(pb_to_term(back, &t, err, sizeof err), 0);
+    protobuf_c_message_free_unpacked(back, NULL);
+    assert_int_equal(dt_map_get(&t, "expected_version")->u.i, 3);
+    assert_true(dt_is_atom(dt_map_get(&t, "expect_version_zero"), "false"));
+    v = dt_map_get(&t, "value");
+    assert_string_equal(dt_map_get(v, "type_url")->u.s.p, "type.googleapis.com/snakepit.float");
+    assert_string_equal(dt_map_get(v, "value")->u.s.p, "NaN");
+    assert_string_equal(dt_map_get(dt_map_get(&t, "metadata"), "who")->u.s.p, "me");
+    assert_int_equal(dt_map_get(&t, "binary_value")->u.s.n, 0);
+    dt_free(&t);
+
+    /* bad JSON inside the Any is an error naming the field */
+    any.value.data = (uint8_t *)"{oops";
+    any.value.len = 5;
+    n = protobuf_c_message_pack(&req.base, buf);
+    back = protobuf_c_message_unpack(&snakepit__bridge__set_variable_request__descriptor, NULL, n, buf);
+    assert_int_equal(pb_to_term(back, &t, err, sizeof err), -1);
+    assert_non_null(strstr(err, "value"));
+    protobuf_c_message_free_unpacked(back, NULL);
+}
+
+static void pb_reply_from_term(void **state) {
+    const char *json = "{\"variable\":{\"id\":\"var_x_1\",\"name\":\"x\",\"type\":\"tensor\","
+                       "\"value\":{\"type_url\":\"type.googleapis.com/snakepit.tensor\",\"value\":{\"shape\":[1]}},"
+                       "\"constraints_json\":{\"min\":0},\"metadata\":{\"a\":\"b\"},\"source\":\"PYTHON\","
+                       "\"last_updated_at\":-1500001,\"version\":7,\"binary_value\":\"xyz\","
+                       "\"optimization_status\":\"undefined\"},\"from_cache\":false}";
+    dterm t, back_t;
+    ProtobufCMessage *m;
+    Snakepit__Bridge__GetVariableResponse *r;
+    char err[128];
+    uint8_t buf[1024];
+    size_t n;
+    (void)state;
+    assert_int_equal(parse(json, &t), 0);
+    /* JSON gives binaries where replies use atoms: turn the two enum/bool/undefined spots into atoms */
+    {
+        dterm *var = (dterm *)dt_map_get(&t, "variable");
+        dterm *src = (dterm *)dt_map_get(var, "source");
+        dterm *opt = (dterm *)dt_map_get(var, "optimization_status");
+        dt_free(src);
+        assert_int_equal(dt_atom(src, "PYTHON"), 0);
+        dt_free(opt);
+        assert_int_equal(dt_atom(opt, "undefined"), 0);
+    }
+    assert_int_equal(pb_from_term(&snakepit__bridge__get_variable_response__descriptor, &t, &m, err, sizeof err), 0);
+    r = (Snakepit__Bridge__GetVariableResponse *)m;
+    assert_string_equal(r->variable->name, "x");
+    assert_int_equal(r->variable->version, 7);
+    assert_string_equal(r->variable->constraints_json, "{\"min\":0}");
+    assert_string_equal((char *)r->variable->value->value.data, "{\"shape\":[1]}");
+    assert_int_equal(r->variable->last_updated_at->seconds, -2); /* floor division */
+    assert_int_equal(r->variable->last_updated_at->nanos, 499999000);
+    assert_null(r->variable->optimization_status);
+    assert_int_equal(r->variable->binary_value.len, 3);
+    n = protobuf_c_message_pack(m, buf);
+    protobuf_c_message_free_unpacked(m, NULL);
+    m = protobuf_c_message_unpack(&snakepit__bridge__get_variable_response__descriptor, NULL, n, buf);
+    assert_int_equal(pb_to_term(m, &back_t, err, sizeof err), 0);
+    assert_int_equal(dt_map_get(dt_map_get(&back_t, "variable"), "last_updated_at")->u.i, -1500001);
+    protobuf_c_message_free_unpacked(m, NULL);
+    dt_free(&back_t);
+    dt_free(&t);
+}
+
+static void pb_reply_errors_free_everything(void **state) {
+    const char *bad[] = {
+        "{\"nope\":1}",
+        "{\"variable\":{\"version\":\"seven\"}}",
+        "{\"variable\":{\"version\":4294967296}}",
+        "{\"variable\":{\"metadata\":{\"a\":1}}}",
+        "{\"variable\":{\"name\":\"ok\",\"metadata\":{\"a\":\"b\",\"c\":2}}}",
+        "{\"variable\":{\"value\":{\"type_url\":\"t\"}}}",
+        "{\"variable\":{\"name\":\"a\\u0000b\"}}",
+        "{\"variable\":{\"source\":\"MARS\"}}",
+        "{\"variable\":7}",
+        "[1]",
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        dterm t;
+        ProtobufCMessage *m = NULL;
+        char err[128] = "";
+        assert_int_equal(parse(bad[i], &t), 0);
+        if (pb_from_term(&snakepit__bridge__get_variable_response__descriptor, &t, &m, err, sizeof err) != -1)
+            fail_msg("accepted: %s", bad[i]);
+        assert_null(m);
+        assert_true(err[0] != 0);
+        dt_free(&t);
+    }
+}
+
+static void pb_repeated_and_maps(void **state) {
+    const char *json = "{\"success\":true,\"errors\":{\"a\":\"bad\",\"b\":\"worse\"},\"new_versions\":{\"c\":3}}";
+    dterm t;
+    ProtobufCMessage *m;
+    Snakepit__Bridge__BatchSetVariablesResponse *r;
+    char err[128];
+    (void)state;
+    assert_int_equal(parse(json, &t), 0);
+    {
+        dterm *s = (dterm *)dt_map_get(&t, "success");
+        assert_true(dt_is_atom(s, "true"));
+    }
+    assert_int_equal(pb_from_term(&snakepit__bridge__batch_set_variables_response__descriptor, &t, &m, err, sizeof err), 0);
+    r = (Snakepit__Bridge__BatchSetVariablesResponse *)m;
+    assert_int_equal(r->n_errors, 2);
+    assert_int_equal(r->n_new_versions, 1);
+    assert_int_equal(r->new_versions[0]->value, 3);
+    assert_true(r->success);
+    protobuf_c_message_free_unpacked(m, NULL);
+    dt_free(&t);
+}
+
+/* ---------------------------------------------------------------- random input */
+
+static uint64_t rng = 88172645463325252ull;
+static uint64_t next_rand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+static long iters(void) {
+    const char *e = getenv("DSPEX_FUZZ_ITERS");
+    return e ? atol(e) : 20000;
+}
+
+static void random_json_and_etf_never_crash(void **state) {
+    static const char *seeds[] = {"{\"a\":[1,2.5,\"x\\u00e9\",true,null,{\"b\":-3e7}]}", "[[[]],{},\"\\ud83d\\ude00\"]",
+                                  "{\"shape\":[2,2],\"data\":[1,2,3,4]}"};
+    unsigned char buf[256];
+    long n = iters();
+    (void)state;
+    for (long i = 0; i < n; i++) {
+        const char *seed = seeds[i % 3];
+        size_t len = strlen(seed);
+        dterm t;
+        const char *err;
+        ei_x_buff x;
+        memcpy(buf, seed, len);
+        /* mutate a few bytes, sometimes truncate */
+        for (int k = 0; k < 1 + (int)(next_rand() % 4); k++) buf[next_rand() % len] = (unsigned char)next_rand();
+        if (next_rand() % 4 == 0) len = next_rand() % len;
+        if (dt_parse_json((char *)buf, len, &t, &err) == 0) {
+            dt_buf b = {0};
+            if (dt_write_json(&t, &b, &err) == 0) {
+                dterm again;
+                /* what we write we can read back, identically */
+                assert_int_equal(dt_parse_json(b.p, b.n, &again, &err), 0);
+                dt_free(&again);
+            }
+            dt_buf_free(&b);
+            /* and its term form survives the ETF round trip, then mutation */
+            if (ei_x_new_with_version(&x) == 0) {
+                if (dt_encode_ei(&x, &t) == 0) {
+                    dterm u;
+                    assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &u), 0);
+                    dt_free(&u);
+                    if (x.index > 1) {
+                        x.buff[1 + next_rand() % (size_t)(x.index - 1)] = (char)next_rand();
+                        if (dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &u) == 0) dt_free(&u);
+                    }
+                }
+                ei_x_free(&x);
+            }
+            dt_free(&t);
+        }
+        /* pure noise after the version byte */
+        buf[0] = 131;
+        len = 1 + next_rand() % 64;
+        for (size_t k = 1; k < len; k++) buf[k] = (unsigned char)next_rand();
+        if (dt_decode_etf(buf, len, &t) == 0) dt_free(&t);
+    }
+}
+
+static void random_protobuf_never_crashes(void **state) {
+    unsigned char buf[128];
+    long n = iters() / 4;
+    (void)state;
+    for (long i = 0; i < n; i++) {
+        size_t len = next_rand() % sizeof buf;
+        ProtobufCMessage *m;
+        for (size_t k = 0; k < len; k++) buf[k] = (unsigned char)next_rand();
+        m = protobuf_c_message_unpack(&snakepit__bridge__register_variable_request__descriptor, NULL, len, buf);
+        if (m) {
+            dterm t;
+            char err[128];
+            if (pb_to_term(m, &t, err, sizeof err) == 0) dt_free(&t);
+            protobuf_c_message_free_unpacked(m, NULL);
+        }
+    }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(json_scalars),
+        cmocka_unit_test(json_rejects),
+        cmocka_unit_test(json_depth_limit),
+        cmocka_unit_test(json_objects_dedupe_last_wins),
+        cmocka_unit_test(json_writer),
+        cmocka_unit_test(etf_roundtrip_via_ei),
+        cmocka_unit_test(etf_known_bytes),
+        cmocka_unit_test(pb_request_to_term),
+        cmocka_unit_test(pb_reply_from_term),
+        cmocka_unit_test(pb_reply_errors_free_everything),
+        cmocka_unit_test(pb_repeated_and_maps),
+        cmocka_unit_test(random_json_and_etf_never_crash),
+        cmocka_unit_test(random_protobuf_never_crashes),
+    };
+    ei_init();
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

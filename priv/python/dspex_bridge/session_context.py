@@ -1,0 +1,776 @@
+"""SessionContext: the Python face of one dspex_bridge session over gRPC.
+
+    ctx = SessionContext("127.0.0.1:50051", "my_session")
+    ctx.register_variable("temperature", "float", 0.7, constraints={"min": 0, "max": 1})
+    ctx["temperature"]            # 0.7  (dict-style)
+    ctx.v.temperature = 0.9       # attribute-style (ctx.v is the variable namespace)
+    info = ctx.get_variable_info("temperature")
+    ctx.update_variable("temperature", 0.3, expected_version=info.version)
+    for change in ctx.watch(["temperature"]):
+        ...
+
+Every failure is an exception from dspex_bridge.errors carrying the server's
+message.  Reads may be served from a client cache (TTL ``cache_ttl`` seconds,
+0 disables it); this client's own writes, and watch events seen by any
+``watch`` of this context, invalidate it at once.
+"""
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from . import codec
+from ._stubs import pb2, pb2_grpc
+from .cache import VariableCache
+from .errors import (BridgeError, InvalidValueError, VariableNotFoundError,
+                     from_rpc_error)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: Matches the server's default maximum message size (64 MiB).
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def _ts_seconds(ts):
+    """A protobuf Timestamp as float seconds since the epoch (None if unset)."""
+    if ts is None or (ts.seconds == 0 and ts.nanos == 0):
+        return None
+    return ts.seconds + ts.nanos / 1e9
+
+
+@dataclass
+class Variable:
+    """A variable as read from the bridge."""
+    id: str
+    name: str
+    type: str
+    value: Any
+    version: int
+    constraints: Dict[str, Any] = field(default_factory=dict)
+    metadata: Dict[str, str] = field(default_factory=dict)
+    source: str = "ELIXIR"
+    updated_at: Optional[float] = None
+    optimizing: bool = False
+    optimizer_id: str = ""
+    access_rules: Any = None
+
+
+@dataclass
+class VariableUpdate:
+    """One event of a watch stream."""
+    name: str
+    id: str
+    update_type: str          # "initial_value", "value_change" or "deleted"
+    value: Any
+    version: int
+    source: str
+    metadata: Dict[str, str]
+    timestamp: Optional[float]
+    variable: Optional[Variable]
+
+
+@dataclass
+class HistoryEntry:
+    version: int
+    value: Any
+    timestamp: Optional[float]
+    changed_by: str
+    metadata: Dict[str, str]
+
+
+@dataclass
+class OptimizationStatus:
+    optimizing: bool
+    optimizer_id: str
+    started_at: Optional[float]
+    fencing_token: int = 0
+    priority: int = 0
+    iterations: int = 0
+    waiters: int = 0
+    best_value: Any = None
+    best_metrics: Dict[str, Any] = field(default_factory=dict)
+    best_iteration: int = 0
+
+
+@dataclass
+class StopResult:
+    final_value: Any
+    applied: bool
+
+
+@dataclass
+class AccessCheck:
+    allowed: bool
+    reason: str
+
+    def __bool__(self):
+        return self.allowed
+
+
+class BatchUpdateError(BridgeError):
+    """A batch update where some (atomic: any, so none committed) updates failed.
+
+    ``errors`` maps each failing name to the server's message; ``new_versions``
+    holds the versions of the updates that did commit (non-atomic batches).
+    """
+
+    def __init__(self, message, errors, new_versions, atomic):
+        super().__init__(message)
+        self.errors = errors
+        self.new_versions = new_versions
+        self.atomic = atomic
+
+
+def _channel_for(target, max_message):
+    opts = [("grpc.max_send_message_length", max_message),
+            ("grpc.max_receive_message_length", max_message)]
+    return grpc.insecure_channel(target, options=opts)
+
+
+class SessionContext:
+    """Variables of one session, reached over gRPC.
+
+    target: a ``grpc.Channel``, or an address ("host:port") for which the
+    context opens (and ``close()`` closes) its own channel.
+    create: call InitializeSession first (idempotent on the server).
+    cache_ttl: seconds a read may be served from the client cache (0: never).
+    timeout: default deadline of each call, in seconds (None: no deadline).
+    principal / context: act as another session (request metadata
+    ``dspex-principal`` / ``dspex-context``) on this session's variables; the
+    server checks its access rules.
+    strict: ``ctx[name] = value`` never registers a missing variable.
+    binary_threshold: embeddings/tensors whose float64 size exceeds it travel
+    in binary_value (None: always JSON).
+    """
+
+    def __init__(self, target=DEFAULT_ADDRESS, session_id="default", *, create=True,
+                 metadata=None, cache_ttl=5.0, timeout=30.0, principal=None,
+                 context=None, strict=False, binary_threshold=codec.DEFAULT_BINARY_THRESHOLD,
+                 max_message_bytes=DEFAULT_MAX_MESSAGE, cleanup_on_exit=False):
+        if isinstance(target, str):
+            self._channel = _channel_for(target, max_message_bytes)
+            self._owns_channel = True
+        else:
+            self._channel = target
+            self._owns_channel = False
+        self.session_id = session_id
+        self.stub = pb2_grpc.BridgeServiceStub(self._channel)
+        self.timeout = timeout
+        self.strict = strict
+        self.binary_threshold = binary_threshold
+        self.cleanup_on_exit = cleanup_on_exit
+        self.cache = VariableCache(cache_ttl)
+        self._types = {}
+        self._types_lock = threading.Lock()
+        self._metadata = []
+        if principal is not None:
+            self._metadata.append(("dspex-principal", principal))
+        if context is not None:
+            self._metadata.append(("dspex-context", json.dumps(context)))
+        self._principal = principal
+        self._context = context
+        if create:
+            try:
+                self.initialize(metadata)
+            except BaseException:
+                self.close()
+                raise
+
+    # ------------------------------------------------------------ plumbing
+
+    def _call(self, rpc, request, timeout=None):
+        try:
+            return getattr(self.stub, rpc)(
+                request, timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata or None)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    @staticmethod
+    def _check(resp, what):
+        """Raise for the reference protocol's success=false answers."""
+        if not resp.success:
+            raise BridgeError("%s failed: %s" % (what, resp.error_message or "unknown error"))
+        return resp
+
+    def _remember_type(self, name, var_id, var_type):
+        with self._types_lock:
+            if name:
+                self._types[name] = var_type
+            if var_id:
+                self._types[var_id] = var_type
+
+    def _type_of(self, key):
+        with self._types_lock:
+            t = self._types.get(key)
+        if t is None:
+            t = self.get_variable_info(key, bypass_cache=True).type
+        return t
+
+    def _encode(self, var_type, value):
+        try:
+            return codec.encode(var_type, value, self.binary_threshold)
+        except codec.CodecError as e:
+            raise InvalidValueError(str(e)) from None
+
+    def _variable(self, v):
+        """Variable message -> Variable, remembering its type."""
+        self._remember_type(v.name, v.id, v.type)
+        return Variable(
+            id=v.id, name=v.name, type=v.type,
+            value=codec.decode(v.value, v.binary_value), version=v.version,
+            constraints=codec.decode_json(v.constraints_json, {}),
+            metadata=dict(v.metadata),
+            source=pb2.Variable.Source.Name(v.source),
+            updated_at=_ts_seconds(v.last_updated_at),
+            optimizing=v.optimization_status.optimizing,
+            optimizer_id=v.optimization_status.optimizer_id,
+            access_rules=codec.decode_json(v.access_control_json, None))
+
+    # ------------------------------------------------------------ lifecycle
+
+    def as_principal(self, principal, context=None):
+        """A context on the same channel and session acting as ``principal``."""
+        return SessionContext(self._channel, self.session_id, create=False,
+                              cache_ttl=self.cache.ttl, timeout=self.timeout,
+                              principal=principal, context=context, strict=self.strict,
+                              binary_threshold=self.binary_threshold)
+
+    def initialize(self, metadata=None):
+        """InitializeSession; returns the session's initial variables by name."""
+        resp = self._call("InitializeSession", pb2.InitializeSessionRequest(
+            session_id=self.session_id, metadata=metadata or {}))
+        self._check(resp, "InitializeSession")
+        return {name: self._variable(v) for name, v in resp.initial_variables.items()}
+
+    def ping(self, message=""):
+        """Ping; returns the echoed message."""
+        return self._call("Ping", pb2.PingRequest(message=message)).message
+
+    def session_info(self):
+        """GetSession as a dict (session_id, metadata, created_at, variable_count)."""
+        r = self._call("GetSession", pb2.GetSessionRequest(session_id=self.session_id))
+        return {"session_id": r.session_id, "metadata": dict(r.metadata),
+                "created_at": _ts_seconds(r.created_at),
+                "variable_count": r.variable_count, "tool_count": r.tool_count}
+
+    def heartbeat(self):
+        """Heartbeat (refreshes the session's TTL); True if the session is valid."""
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        r = self._call("Heartbeat", pb2.HeartbeatRequest(session_id=self.session_id,
+                                                         client_time=now))
+        return r.session_valid
+
+    def cleanup(self, force=False):
+        """CleanupSession: deletes the session and its variables; returns how many."""
+        r = self._call("CleanupSession", pb2.CleanupSessionRequest(
+            session_id=self.session_id, force=force))
+        self._check(r, "CleanupSession")
+        self.cache.clear()
+        with self._types_lock:
+            self._types.clear()
+        return r.resources_cleaned
+
+    def close(self):
+        """Close the channel if this context opened it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.cleanup_on_exit:
+                self.cleanup()
+        finally:
+            self.close()
+        return False
+
+    # ------------------------------------------------------------ variables
+
+    def register_variable(self, name, var_type, initial_value, constraints=None,
+                          metadata=None):
+        """Register a variable; returns its id."""
+        any_v, binary = self._encode(var_type, initial_value)
+        r = self._call("RegisterVariable", pb2.RegisterVariableRequest(
+            session_id=self.session_id, name=name, type=var_type, initial_value=any_v,
+            constraints_json=codec.encode_json(constraints), metadata=metadata or {},
+            initial_binary_value=binary))
+        self._check(r, "RegisterVariable")
+        self.cache.forget(name)
+        self._remember_type(name, r.variable_id, var_type)
+        return r.variable_id
+
+    def get_variable_info(self, name, bypass_cache=False):
+        """The Variable (value, version, type, constraints, ...) named (or with id) name."""
+        if not bypass_cache:
+            hit = self.cache.get(name)
+            if hit is not None:
+                return hit
+        r = self._call("GetVariable", pb2.GetVariableRequest(
+            session_id=self.session_id, variable_identifier=name, bypass_cache=bypass_cache))
+        var = self._variable(r.variable)
+        self.cache.put(var)
+        return var
+
+    def get_variable(self, name, bypass_cache=False):
+        """The value of a variable."""
+        return self.get_variable_info(name, bypass_cache).value
+
+    def update_variable(self, name, value, *, expected_version=None, metadata=None,
+                        var_type=None):
+        """Set a variable; returns the new version.
+
+        expected_version: commit only if the variable is at that version, else
+        VersionConflictError (whose current_version is the server's).
+        """
+        var_type = var_type or self._type_of(name)
+        any_v, binary = self._encode(var_type, value)
+        req = pb2.SetVariableRequest(session_id=self.session_id, variable_identifier=name,
+                                     value=any_v, metadata=metadata or {},
+                                     binary_value=binary)
+        if expected_version is not None:
+            if expected_version < 0:
+                raise InvalidValueError("expected_version must be >= 0")
+            req.expected_version = expected_version
+            req.expect_version_zero = expected_version == 0
+        self.cache.invalidate(name)
+        try:
+            r = self._call("SetVariable", req)
+            self._check(r, "SetVariable")
+        finally:
+            self.cache.invalidate(name)
+        return r.new_version
+
+    def list_variables(self, pattern=None):
+        """Every variable (or those whose name matches the glob pattern: * and ?)."""
+        r = self._call("ListVariables", pb2.ListVariablesRequest(
+            session_id=self.session_id, pattern=pattern or ""))
+        out = []
+        for v in r.variables:
+            var = self._variable(v)
+            self.cache.put(var)
+            out.append(var)
+        return out
+
+    def delete_variable(self, name):
+        """Delete a variable."""
+        try:
+            r = self._call("DeleteVariable", pb2.DeleteVariableRequest(
+                session_id=self.session_id, variable_identifier=name))
+            self._check(r, "DeleteVariable")
+        finally:
+            self.cache.forget(name)
+            with self._types_lock:
+                self._types.pop(name, None)
+
+    def get_variables_info(self, names, bypass_cache=False):
+        """(found {name: Variable}, missing [name]) in one round trip for the uncached."""
+        found, todo = {}, []
+        for n in names:
+            hit = None if bypass_cache else self.cache.get(n)
+            if hit is not None:
+                found[n] = hit
+            else:
+                todo.append(n)
+        missing = []
+        if todo:
+            r = self._call("GetVariables", pb2.BatchGetVariablesRequest(
+                session_id=self.session_id, variable_identifiers=todo,
+                include_metadata=True, bypass_cache=bypass_cache))
+            got = {}
+            for key, v in r.variables.items():
+                var = self._variable(v)
+                self.cache.put(var)
+                got[key] = got[var.name] = got[var.id] = var
+            missing = list(r.missing_variables)
+            for n in todo:
+                if n in got:
+                    found[n] = got[n]
+                elif n not in missing:
+                    missing.append(n)
+        return found, missing
+
+    def get_variables(self, names, bypass_cache=False):
+        """{name: value} of several variables; VariableNotFoundError if any is missing."""
+        found, missing = self.get_variables_info(names, bypass_cache)
+        if missing:
+            raise VariableNotFoundError("variables not found: %s" % ", ".join(missing))
+        return {n: found[n].value for n in names}
+
+    def update_variables(self, updates, atomic=False, metadata=None, types=None):
+        """Set several variables at once; returns {name: new version}.
+
+        atomic=True: all or nothing.  Any failure raises BatchUpdateError
+        (errors by name; for a non-atomic batch the others did commit).
+        """
+        types = dict(types or {})
+        unknown = [n for n in updates if n not in types and n not in self._types]
+        if unknown:
+            found, missing = self.get_variables_info(unknown, bypass_cache=True)
+            if missing:
+                raise VariableNotFoundError("variables not found: %s" % ", ".join(missing))
+        req = pb2.BatchSetVariablesRequest(session_id=self.session_id,
+                                           metadata=metadata or {}, atomic=atomic)
+        for name, value in updates.items():
+            t = types.get(name) or self._type_of(name)
+            any_v, binary = self._encode(t, value)
+            req.updates[name].CopyFrom(any_v)
+            if binary:
+                req.binary_updates[name] = binary
+        for name in updates:
+            self.cache.invalidate(name)
+        try:
+            r = self._call("SetVariables", req)
+        finally:
+            for name in updates:
+                self.cache.invalidate(name)
+        versions = dict(r.new_versions)
+        if r.errors or not r.success:
+            errs = dict(r.errors)
+            raise BatchUpdateError(
+                "batch update failed%s: %s" % (" (nothing committed)" if atomic else "",
+                                               "; ".join("%s: %s" % kv for kv in sorted(errs.items()))),
+                errs, versions, atomic)
+        return versions
+
+    def batch(self, atomic=True, metadata=None):
+        """Collect writes, sent as one SetVariables when the block ends without error.
+
+            with ctx.batch() as b:       # atomic by default: all or nothing
+                b["temperature"] = 0.2
+                b["max_tokens"] = 512
+            b.new_versions               # {name: version}
+        """
+        return BatchWriter(self, atomic, metadata)
+
+    # ------------------------------------------------------------ pythonic access
+
+    def __getitem__(self, name):
+        return self.get_variable(name)
+
+    def __setitem__(self, name, value):
+        try:
+            self.update_variable(name, value)
+        except VariableNotFoundError:
+            if self.strict:
+                raise
+            self.register_variable(name, codec.infer_type(value), value)
+
+    def __delitem__(self, name):
+        self.delete_variable(name)
+
+    def __contains__(self, name):
+        try:
+            self.get_variable_info(name)
+            return True
+        except VariableNotFoundError:
+            return False
+
+    def keys(self):
+        return [v.name for v in self.list_variables()]
+
+    @property
+    def v(self):
+        """Attribute-style access: ``ctx.v.name`` reads, ``ctx.v.name = x`` writes."""
+        return VariableNamespace(self)
+
+    # ------------------------------------------------------------ dependencies
+
+    def add_dependency(self, from_variable, to_variable, dependency_type="data"):
+        """Declare that to_variable depends on from_variable (cycles are refused)."""
+        self._check(self._call("AddDependency", pb2.AddDependencyRequest(
+            session_id=self.session_id, from_variable=from_variable,
+            to_variable=to_variable, dependency_type=dependency_type)), "AddDependency")
+
+    def remove_dependency(self, from_variable, to_variable):
+        self._check(self._call("RemoveDependency", pb2.RemoveDependencyRequest(
+            session_id=self.session_id, from_variable=from_variable,
+            to_variable=to_variable)), "RemoveDependency")
+
+    def get_dependencies(self, name):
+        """Names of the variables name depends on directly."""
+        return list(self._call("GetDependencies", pb2.GetDependenciesRequest(
+            session_id=self.session_id, variable_identifier=name)).variables)
+
+    def get_dependents(self, name, transitive=False):
+        """Names of the variables depending on name (transitive: all, in update order)."""
+        return list(self._call("GetDependents", pb2.GetDependentsRequest(
+            session_id=self.session_id, variable_identifier=name,
+            transitive=transitive)).variables)
+
+    def get_update_order(self, name):
+        """name then all its dependents, in topological order."""
+        return list(self._call("GetUpdateOrder", pb2.GetUpdateOrderRequest(
+            session_id=self.session_id, variable_identifier=name)).variables)
+
+    # ------------------------------------------------------------ optimization
+
+    def start_optimization(self, name, optimizer_id, config=None):
+        """Take the optimizer lock of a variable; returns the optimization id.
+
+        config keys: conflict (wait|abort|preempt), priority, lease_ms,
+        timeout_ms, objective (minimize|maximize), metric.
+        """
+        cfg = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (config or {}).items()}
+        r = self._call("StartOptimization", pb2.StartOptimizationRequest(
+            session_id=self.session_id, variable_identifier=name,
+            optimizer_id=optimizer_id, optimizer_config=cfg))
+        self._check(r, "StartOptimization")
+        return r.optimization_id
+
+    def stop_optimization(self, name, optimizer_id="", force=False, apply_best=False):
+        """Release the optimizer lock; returns StopResult(final_value, applied)."""
+        self.cache.invalidate(name)
+        r = self._call("StopOptimization", pb2.StopOptimizationRequest(
+            session_id=self.session_id, variable_identifier=name, force=force,
+            optimizer_id=optimizer_id, apply_best=apply_best))
+        if not r.success:
+            raise BridgeError("StopOptimization failed: %s" % (r.error_message or "unknown error"))
+        return StopResult(codec.decode(r.final_value), r.applied)
+
+    def get_optimization_status(self, name):
+        r = self._call("GetOptimizationStatus", pb2.GetOptimizationStatusRequest(
+            session_id=self.session_id, variable_identifier=name))
+        best = None
+        if r.HasField("best_value"):
+            best = codec.decode(r.best_value, r.best_binary_value)
+        return OptimizationStatus(
+            optimizing=r.status.optimizing, optimizer_id=r.status.optimizer_id,
+            started_at=_ts_seconds(r.status.started_at), fencing_token=r.fencing_token,
+            priority=r.priority, iterations=r.iterations, waiters=r.waiters,
+            best_value=best, best_metrics=codec.decode_json(r.best_metrics_json, {}),
+            best_iteration=r.best_iteration)
+
+    def report_progress(self, name, optimizer_id, iteration, value, metrics=None):
+        """Report a candidate value (and its metrics) of a running optimization."""
+        any_v, binary = self._encode(self._type_of(name), value)
+        self._check(self._call("ReportOptimizationProgress", pb2.ReportOptimizationProgressRequest(
+            session_id=self.session_id, variable_identifier=name, optimizer_id=optimizer_id,
+            iteration=iteration, value=any_v, metrics_json=codec.encode_json(metrics or {}),
+            binary_value=binary)), "ReportOptimizationProgress")
+
+    # ------------------------------------------------------------ history
+
+    def get_variable_history(self, name, limit=0):
+        """Archived versions, newest first (limit 0: all kept)."""
+        r = self._call("GetVariableHistory", pb2.GetVariableHistoryRequest(
+            session_id=self.session_id, variable_identifier=name, limit=limit))
+        return [HistoryEntry(e.version, codec.decode(e.value, e.binary_value),
+                             _ts_seconds(e.timestamp), e.changed_by, dict(e.metadata))
+                for e in r.entries]
+
+    def rollback_variable(self, name, target_version):
+        """Write the value of an old version as a new version; returns the Variable."""
+        self.cache.invalidate(name)
+        r = self._call("RollbackVariable", pb2.RollbackVariableRequest(
+            session_id=self.session_id, variable_identifier=name,
+            target_version=target_version))
+        self._check(r, "RollbackVariable")
+        self.cache.invalidate(name)
+        return self._variable(r.variable)
+
+    # ------------------------------------------------------------ access control
+
+    def set_variable_permissions(self, name, rules):
+        """Replace a variable's access rules.
+
+        rules: dicts {"session_pattern": "*" | glob, "permissions": ["read", "write",
+        "observe", "optimize"], "conditions": {key: value}} (conditions optional).
+        """
+        msgs = []
+        for rule in rules:
+            msgs.append(pb2.AccessRule(
+                session_pattern=rule.get("session_pattern", "*"),
+                permissions=list(rule.get("permissions", [])),
+                conditions_json=codec.encode_json(rule.get("conditions")) if rule.get("conditions") else ""))
+        self._check(self._call("SetVariablePermissions", pb2.SetVariablePermissionsRequest(
+            session_id=self.session_id, variable_identifier=name, rules=msgs)),
+            "SetVariablePermissions")
+
+    def check_variable_access(self, name, principal, permission, context=None):
+        """Would principal (a session id) get permission on name? AccessCheck(allowed, reason)."""
+        r = self._call("CheckVariableAccess", pb2.CheckVariableAccessRequest(
+            session_id=self.session_id, variable_identifier=name, principal=principal,
+            permission=permission, context_json=codec.encode_json(context) if context else ""))
+        return AccessCheck(r.allowed, r.reason)
+
+    # ------------------------------------------------------------ dashboard
+
+    def get_dashboard(self, whole_node=False):
+        """The dashboard (this session's, or the whole node's) as a dict."""
+        r = self._call("GetDashboard", pb2.GetDashboardRequest(
+            session_id="" if whole_node else self.session_id))
+        return codec.decode_json(r.dashboard_json, {})
+
+    # ------------------------------------------------------------ watch
+
+    def watch(self, names, include_initial=False, timeout=None):
+        """Iterator of VariableUpdate for every committed change of names, in order.
+
+        Runs until cancelled (``w.cancel()``, or leaving ``with ctx.watch(..) as w``)
+        or timeout seconds pass (BridgeTimeoutError).  Events invalidate this
+        context's cache.
+        """
+        call = self.stub.WatchVariables(
+            pb2.WatchVariablesRequest(session_id=self.session_id,
+                                      variable_identifiers=list(names),
+                                      include_initial_values=include_initial),
+            timeout=timeout, metadata=self._metadata or None)
+        return Watch(self, call)
+
+    def watch_cache(self, names, ready_timeout=30.0):
+        """Keep the cache of names coherent: a background watch drops entries on change.
+
+        Returns once the subscription is live (the server sent every initial
+        value), so no later commit can be missed; ``.stop()`` ends it.
+        """
+        return CacheWatcher(self, list(names), ready_timeout)
+
+    def _on_event(self, upd):
+        if upd.update_type == "deleted":
+            self.cache.forget(upd.name)
+        else:
+            self.cache.invalidate(upd.name, min_version=upd.version)
+            if upd.id:
+                self.cache.invalidate(upd.id, min_version=upd.version)
+
+
+class Watch:
+    """A running WatchVariables stream; iterate it for VariableUpdate events."""
+
+    def __init__(self, ctx, call):
+        self._ctx = ctx
+        self._call = call
+        self._cancelled = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            m = next(self._call)
+        except grpc.RpcError as e:
+            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(e) from None
+        var = None
+        value = None
+        if m.HasField("variable"):
+            var = self._ctx._variable(m.variable)
+            value = var.value
+        upd = VariableUpdate(
+            name=var.name if var else m.variable_id, id=m.variable_id,
+            update_type=m.update_type, value=value,
+            version=var.version if var else -1, source=m.update_source,
+            metadata=dict(m.update_metadata), timestamp=_ts_seconds(m.timestamp),
+            variable=var)
+        self._ctx._on_event(upd)
+        return upd
+
+    def cancel(self):
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+        return False
+
+
+class BatchWriter:
+    """Writes collected by ``SessionContext.batch``; sent on a clean exit."""
+
+    def __init__(self, ctx, atomic, metadata):
+        self._ctx, self._atomic, self._metadata = ctx, atomic, metadata
+        self.updates = {}
+        self.new_versions = None
+
+    def __setitem__(self, name, value):
+        self.updates[name] = value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None and self.updates:
+            self.new_versions = self._ctx.update_variables(self.updates, atomic=self._atomic,
+                                                           metadata=self._metadata)
+        return False
+
+
+class CacheWatcher:
+    """A daemon thread consuming a watch stream so its events invalidate the cache."""
+
+    def __init__(self, ctx, names, ready_timeout):
+        self.events = 0
+        self.error = None
+        self._cond = threading.Condition()
+        self._watch = ctx.watch(names, include_initial=True)
+        self._initial_left = len(set(names))
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="dspex-cache-watch")
+        self._thread.start()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._initial_left <= 0 or self.error,
+                                       ready_timeout):
+                self.stop()
+                raise BridgeError("cache watch not live after %ss" % ready_timeout)
+        if self.error is not None and self._initial_left > 0:
+            raise self.error
+
+    def _run(self):
+        try:
+            for upd in self._watch:
+                with self._cond:
+                    if upd.update_type == "initial_value":
+                        self._initial_left -= 1
+                    else:
+                        self.events += 1
+                    self._cond.notify_all()
+        except BridgeError as e:
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+
+    def wait_for_events(self, n, timeout=None):
+        """Block until n change events were applied to the cache; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.events >= n, timeout)
+
+    def stop(self):
+        self._watch.cancel()
+        self._thread.join()
+
+
+class VariableNamespace:
+    """``ctx.v.name`` reads a value, ``ctx.v.name = x`` writes (or registers) it."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self._ctx.get_variable(name)
+        except VariableNotFoundError as e:
+            raise AttributeError(str(e)) from e
+
+    def __setattr__(self, name, value):
+        self._ctx[name] = value
+
+    def __delattr__(self, name):
+        self._ctx.delete_variable(name)
+
+    def __dir__(self):
+        return self._ctx.keys()

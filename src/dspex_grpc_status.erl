@@ -1,0 +1,87 @@
+%% @doc gRPC status codes and the mapping of bridge errors to them.
+%%
+%% | error | status |
+%% |---|---|
+%% | `session_not_found', `{not_found, _}', `{version_not_found, _}' | NOT_FOUND (5) |
+%% | `{invalid_value, _}', `{invalid_constraints, _}', `{invalid_argument, _}', `{unknown_type, _}', `{duplicate_variable, _}', `{invalid_rule, _, _}', `{batch_failed, _}' | INVALID_ARGUMENT (3) |
+%% | `{already_exists, _}' | ALREADY_EXISTS (6) |
+%% | `{version_mismatch, Current}' | ABORTED (10), "version mismatch: current version is N" |
+%% | `{locked, _}', `stale_lock', `{lock_held_by, _}', `not_lock_owner', `derived_variable', `{would_create_cycle, _}', `not_optimizing' | FAILED_PRECONDITION (9) |
+%% | `access_denied' | PERMISSION_DENIED (7) |
+%% | `rate_limited', `{limit_exceeded, _}', `enomem' | RESOURCE_EXHAUSTED (8) |
+%% | `overload', `unavailable' | UNAVAILABLE (14) |
+%% | `timeout' | DEADLINE_EXCEEDED (4) |
+%% | `unimplemented' | UNIMPLEMENTED (12) |
+%% | anything else | INTERNAL (13) |
+-module(dspex_grpc_status).
+
+-export([code/1, name/1, of_error/1]).
+
+%% @doc The numeric code of a status name.
+-spec code(atom()) -> 0..16.
+code(ok) -> 0;
+code(cancelled) -> 1;
+code(unknown) -> 2;
+code(invalid_argument) -> 3;
+code(deadline_exceeded) -> 4;
+code(not_found) -> 5;
+code(already_exists) -> 6;
+code(permission_denied) -> 7;
+code(resource_exhausted) -> 8;
+code(failed_precondition) -> 9;
+code(aborted) -> 10;
+code(out_of_range) -> 11;
+code(unimplemented) -> 12;
+code(internal) -> 13;
+code(unavailable) -> 14;
+code(data_loss) -> 15;
+code(unauthenticated) -> 16.
+
+%% @doc The status name of a numeric code.
+-spec name(0..16) -> atom().
+name(N) ->
+    element(N + 1, {ok, cancelled, unknown, invalid_argument, deadline_exceeded, not_found, already_exists,
+                    permission_denied, resource_exhausted, failed_precondition, aborted, out_of_range,
+                    unimplemented, internal, unavailable, data_loss, unauthenticated}).
+
+%% @doc The status name and message for an error reason.
+-spec of_error(term()) -> {atom(), binary()}.
+of_error(session_not_found) -> {not_found, <<"session not found">>};
+of_error({session_not_found, S}) -> {not_found, fmt("session not found: ~ts", [S])};
+of_error({not_found, {From, To}}) -> {not_found, fmt("dependency not found: ~ts -> ~ts", [txt(From), txt(To)])};
+of_error({not_found, K}) -> {not_found, fmt("variable not found: ~ts", [txt(K)])};
+of_error({version_not_found, V}) -> {not_found, fmt("version ~p of the variable is not in its history", [V])};
+of_error({invalid_value, M}) -> {invalid_argument, fmt("invalid value: ~ts", [txt(M)])};
+of_error({invalid_constraints, M}) -> {invalid_argument, fmt("invalid constraints: ~ts", [txt(M)])};
+of_error({invalid_argument, A}) -> {invalid_argument, fmt("invalid argument: ~ts", [txt(A)])};
+of_error({unknown_type, T}) -> {invalid_argument, fmt("unknown variable type: ~ts", [txt(T)])};
+of_error({duplicate_variable, K}) -> {invalid_argument, fmt("variable named twice: ~ts", [txt(K)])};
+of_error({invalid_rule, I, M}) -> {invalid_argument, fmt("invalid access rule ~p: ~ts", [I, txt(M)])};
+of_error({batch_failed, Errs}) when is_map(Errs) ->
+    {invalid_argument, fmt("batch failed, nothing written: ~ts",
+                           [lists:join(", ", [[txt(K), ": ", element(2, of_error(R))] || {K, R} <- maps:to_list(Errs)])])};
+of_error({already_exists, N}) -> {already_exists, fmt("already exists: ~ts", [txt(N)])};
+of_error({version_mismatch, Cur}) -> {aborted, fmt("version mismatch: current version is ~p", [Cur])};
+of_error({locked, H}) -> {failed_precondition, fmt("variable is locked by optimizer ~ts", [txt(H)])};
+of_error(stale_lock) -> {failed_precondition, <<"stale optimizer lock token">>};
+of_error({lock_held_by, H}) -> {failed_precondition, fmt("variable is locked by optimizer ~ts", [txt(H)])};
+of_error(not_lock_owner) -> {failed_precondition, <<"not the optimizer holding the lock">>};
+of_error(not_optimizing) -> {failed_precondition, <<"no optimization runs on the variable">>};
+of_error(derived_variable) -> {failed_precondition, <<"derived variables cannot be written directly">>};
+of_error({would_create_cycle, Path}) ->
+    {failed_precondition, fmt("dependency would create a cycle: ~ts", [lists:join(" -> ", [txt(P) || P <- Path])])};
+of_error(access_denied) -> {permission_denied, <<"access denied">>};
+of_error(rate_limited) -> {resource_exhausted, <<"rate limited">>};
+of_error({limit_exceeded, L}) -> {resource_exhausted, fmt("limit exceeded: ~ts", [txt(L)])};
+of_error(enomem) -> {resource_exhausted, <<"out of memory">>};
+of_error(overload) -> {unavailable, <<"server overloaded, retry later">>};
+of_error(unavailable) -> {unavailable, <<"unavailable">>};
+of_error(timeout) -> {deadline_exceeded, <<"timed out">>};
+of_error(unimplemented) -> {unimplemented, <<"not implemented by dspex_bridge">>};
+of_error(Other) -> {internal, fmt("internal error: ~0p", [Other])}.
+
+txt(B) when is_binary(B) -> B;
+txt(A) when is_atom(A) -> atom_to_binary(A, utf8);
+txt(T) -> io_lib:format("~0p", [T]).
+
+fmt(F, A) -> unicode:characters_to_binary(io_lib:format(F, A)).

@@ -1,0 +1,395 @@
+%% Tests of the gRPC server's Erlang side: error -> status mapping, the value
+%% codec (JSON Any and raw little-endian binaries), the RPC handlers on the
+%% request maps the port program produces, the wire messages a handler sends
+%% (through a `cat' port that echoes them back), watch streams, and the port
+%% owner (listening on a free port, restart after the port program is killed).
+-module(dspex_grpc_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+%%% status mapping ---------------------------------------------------------------
+
+status_mapping_test_() ->
+    Cases = [{session_not_found, not_found}, {{not_found, <<"x">>}, not_found},
+             {{version_not_found, 3}, not_found},
+             {{invalid_value, <<"m">>}, invalid_argument}, {{invalid_argument, name}, invalid_argument},
+             {{unknown_type, <<"t">>}, invalid_argument}, {{invalid_constraints, <<"c">>}, invalid_argument},
+             {{already_exists, <<"x">>}, already_exists},
+             {{version_mismatch, 7}, aborted},
+             {{locked, <<"opt">>}, failed_precondition}, {stale_lock, failed_precondition},
+             {{lock_held_by, <<"o">>}, failed_precondition}, {{would_create_cycle, [a, b, a]}, failed_precondition},
+             {derived_variable, failed_precondition},
+             {access_denied, permission_denied},
+             {rate_limited, resource_exhausted}, {{limit_exceeded, variables}, resource_exhausted},
+             {overload, unavailable}, {timeout, deadline_exceeded}, {unimplemented, unimplemented},
+             {{something, odd}, internal}],
+    [?_assertEqual(Status, element(1, dspex_grpc_status:of_error(R))) || {R, Status} <- Cases].
+
+status_messages_test() ->
+    {aborted, M} = dspex_grpc_status:of_error({version_mismatch, 7}),
+    ?assertEqual(<<"version mismatch: current version is 7">>, M),
+    {failed_precondition, C} = dspex_grpc_status:of_error({would_create_cycle, [<<"a">>, <<"b">>, <<"a">>]}),
+    ?assertMatch({_, _}, binary:match(C, <<"cycle: a -> b -> a">>)),
+    ?assertEqual(10, dspex_grpc_status:code(aborted)),
+    [?assertEqual(N, dspex_grpc_status:code(dspex_grpc_status:name(N))) || N <- lists:seq(0, 16)].
+
+%%% value codec --------------------------------------------------------------------
+
+any(T, V) -> #{type_url => <<"type.googleapis.com/snakepit.", T/binary>>, value => V}.
+
+value_json_test() ->
+    ?assertEqual({ok, 0.5}, dspex_grpc_value:decode(float, any(<<"float">>, 0.5), <<>>)),
+    ?assertEqual({ok, nan}, dspex_grpc_value:decode(float, any(<<"float">>, <<"NaN">>), <<>>)),
+    ?assertEqual({ok, neg_infinity}, dspex_grpc_value:decode(undefined, any(<<"float">>, <<"-Infinity">>), <<>>)),
+    ?assertEqual({ok, [1, infinity]}, dspex_grpc_value:decode(embedding, any(<<"embedding">>, [1, <<"Infinity">>]), <<>>)),
+    ?assertEqual({ok, #{shape => [2, 2], data => [1, 2, 3, 4]}},
+                 dspex_grpc_value:decode(tensor, any(<<"tensor">>, #{<<"shape">> => [2, 2], <<"data">> => [[1, 2], [3, 4]]}), <<>>)),
+    ?assertMatch({error, {invalid_value, _}}, dspex_grpc_value:decode(boolean, any(<<"boolean">>, 1), <<>>)),
+    ?assertMatch({error, {invalid_value, _}}, dspex_grpc_value:decode(float, undefined, <<>>)),
+    ?assertMatch({error, {unknown_type, _}}, dspex_grpc_value:decode(undefined, any(<<"pickle">>, 1), <<>>)),
+    ?assertEqual({ok, tensor}, dspex_grpc_value:type_of(<<"type.googleapis.com/snakepit.tensor.binary">>)).
+
+value_binary_test() ->
+    F32 = << <<X:32/little-float>> || X <- [1.0, -2.5, 0.25] >>,
+    Meta32 = #{<<"dtype">> => <<"float32">>, <<"shape">> => [3]},
+    ?assertEqual({ok, [1.0, -2.5, 0.25]}, dspex_grpc_value:decode(embedding, any(<<"embedding">>, Meta32), F32)),
+    F64 = << <<X:64/little-float>> || X <- [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] >>,
+    ?assertEqual({ok, #{shape => [2, 3], data => [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}},
+                 dspex_grpc_value:decode(tensor, any(<<"tensor">>, #{<<"dtype">> => <<"float64">>, <<"shape">> => [2, 3]}), F64)),
+    %% NaN and infinities do not match the bit syntax: decoded by hand
+    Special = <<0, 0, 192, 127, 0, 0, 128, 127, 0, 0, 128, 255>>,
+    ?assertEqual({ok, [nan, infinity, neg_infinity]},
+                 dspex_grpc_value:decode(embedding, any(<<"embedding">>, Meta32), Special)),
+    %% length must match shape x dtype; the format must be raw_le; only arrays
+    ?assertMatch({error, {invalid_value, _}}, dspex_grpc_value:decode(embedding, any(<<"embedding">>, Meta32), <<1, 2, 3>>)),
+    ?assertMatch({error, {invalid_value, _}},
+                 dspex_grpc_value:decode(embedding, any(<<"embedding">>, Meta32#{<<"binary_format">> => <<"pickle">>}), F32)),
+    ?assertMatch({error, {invalid_value, _}}, dspex_grpc_value:decode(float, any(<<"float">>, Meta32), F32)),
+    ?assertMatch({error, {invalid_value, _}},
+                 dspex_grpc_value:decode(embedding, any(<<"embedding">>, Meta32#{<<"dtype">> => <<"int8">>}), F32)).
+
+value_encode_test() ->
+    {Small, <<>>} = dspex_grpc_value:encode(embedding, [1.0, 2.0], 2),
+    ?assertEqual([1.0, 2.0], maps:get(value, Small)),
+    {Big, Bin} = dspex_grpc_value:encode(embedding, [1.0, nan, 3.0], 2),
+    ?assertEqual(#{<<"dtype">> => <<"float64">>, <<"shape">> => [3], <<"binary_format">> => <<"raw_le">>},
+                 maps:get(value, Big)),
+    ?assertEqual({ok, [1.0, nan, 3.0]}, dspex_grpc_value:decode(embedding, Big, Bin)),
+    {T, TB} = dspex_grpc_value:encode(tensor, #{shape => [1, 3], data => [1.0, 2.0, 3.0]}, 2),
+    ?assertEqual({ok, #{shape => [1, 3], data => [1.0, 2.0, 3.0]}}, dspex_grpc_value:decode(tensor, T, TB)),
+    {J, <<>>} = dspex_grpc_value:encode(tensor, #{shape => [1], data => [1.0]}, 2),
+    ?assertEqual(#{<<"shape">> => [1], <<"data">> => [1.0]}, maps:get(value, J)).
+
+%%% handlers ----------------------------------------------------------------------
+
+store_setup() ->
+    _ = application:stop(dspex_bridge),
+    application:load(dspex_bridge),
+    ok = application:set_env(dspex_bridge, grpc_enabled, false),
+    {ok, Apps} = application:ensure_all_started(dspex_bridge),
+    %% the handlers need the registry and the watch groups, not the port
+    {ok, Opt} = dspex_grpc_opt:start_link(),
+    {ok, Pg} = pg:start_link(dspex_grpc_watch),
+    unlink(Opt),
+    unlink(Pg),
+    {Apps, Opt, Pg}.
+
+store_cleanup({Apps, Opt, Pg}) ->
+    [begin Ref = monitor(process, P), exit(P, shutdown), receive {'DOWN', Ref, _, _, _} -> ok end end || P <- [Opt, Pg]],
+    [application:stop(A) || A <- lists:reverse(Apps)],
+    application:unset_env(dspex_bridge, grpc_enabled).
+
+call(M, Req) -> call(M, Req, #{}).
+call(M, Req, Meta) ->
+    dspex_grpc_handler:handle(M, Req, #{ctx => none, meta => Meta, deadline => infinity,
+                                        opts => acl(Meta)}, none).
+
+acl(#{<<"dspex-principal">> := P}) -> #{as => P};
+acl(_) -> #{}.
+
+register_req(S, Name, Type, V) ->
+    #{session_id => S, name => Name, type => Type, initial_value => any(Type, V), constraints_json => undefined,
+      metadata => #{}, initial_binary_value => <<>>}.
+
+set_req(S, K, Any, EV) ->
+    #{session_id => S, variable_identifier => K, value => Any, metadata => #{}, expected_version => EV,
+      expect_version_zero => false, binary_value => <<>>}.
+
+handlers_test_() ->
+    {setup, fun store_setup/0, fun store_cleanup/1,
+     [fun sessions_and_variables/0, fun error_statuses/0, fun batches/0, fun graph_and_history/0,
+      fun optimization/0, fun access_control/0, fun dashboard_and_tools/0, fun wire_messages_and_watch/0]}.
+
+sessions_and_variables() ->
+    S = <<"grpc_t1">>,
+    {reply, #{success := true}} = call('InitializeSession', #{session_id => S, metadata => #{<<"k">> => <<"v">>},
+                                                              config => undefined}),
+    {reply, #{variable_id := Id}} = call('RegisterVariable',
+                                         (register_req(S, <<"temp">>, <<"float">>, 0.5))#{constraints_json => #{<<"min">> => 0, <<"max">> => 1}}),
+    {reply, #{variable := V}} = call('GetVariable', #{session_id => S, variable_identifier => Id, bypass_cache => false}),
+    ?assertMatch(#{name := <<"temp">>, type := <<"float">>, version := 0, constraints_json := #{min := 0.0, max := 1.0},
+                   value := #{type_url := <<"type.googleapis.com/snakepit.float">>, value := 0.5}}, V),
+    {reply, #{new_version := 1}} = call('SetVariable', set_req(S, <<"temp">>, any(<<"float">>, 0.75), 0)),
+    %% expected_version honoured; ABORTED carries the current version
+    ?assertEqual({error, {version_mismatch, 1}}, call('SetVariable', set_req(S, <<"temp">>, any(<<"float">>, 0.1), 5))),
+    {reply, #{new_version := 2}} = call('SetVariable', set_req(S, <<"temp">>, any(<<"float">>, 0.1), 1)),
+    %% expect_version_zero makes 0 a real expectation
+    ?assertEqual({error, {version_mismatch, 2}},
+                 call('SetVariable', (set_req(S, <<"temp">>, any(<<"float">>, 0.2), 0))#{expect_version_zero => true})),
+    {reply, #{session_id := S, variable_count := 1, metadata := #{<<"k">> := <<"v">>}}} =
+        call('GetSession', #{session_id => S}),
+    {reply, #{session_valid := true}} = call('Heartbeat', #{session_id => S, client_time => undefined}),
+    {reply, #{session_valid := false}} = call('Heartbeat', #{session_id => <<"nope">>, client_time => undefined}),
+    {reply, #{variables := [#{name := <<"temp">>}]}} = call('ListVariables', #{session_id => S, pattern => <<"te*">>}),
+    {reply, #{variables := []}} = call('ListVariables', #{session_id => S, pattern => <<"x*">>}),
+    %% the initial variables come back on a second InitializeSession
+    {reply, #{initial_variables := #{<<"temp">> := #{version := 2}}}} =
+        call('InitializeSession', #{session_id => S, metadata => #{}, config => undefined}),
+    {reply, #{success := true}} = call('DeleteVariable', #{session_id => S, variable_identifier => <<"temp">>}),
+    {reply, #{success := true, resources_cleaned := 0}} = call('CleanupSession', #{session_id => S, force => false}),
+    ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+    %% idempotent
+    {reply, #{success := true, resources_cleaned := 0}} = call('CleanupSession', #{session_id => S, force => false}).
+
+error_statuses() ->
+    S = <<"grpc_t2">>,
+    {ok, _} = dspex_store:create_session(S),
+    ?assertEqual({error, session_not_found}, call('GetVariable', #{session_id => <<"none">>, variable_identifier => <<"x">>,
+                                                                  bypass_cache => false})),
+    ?assertEqual({error, {not_found, <<"x">>}}, call('GetVariable', #{session_id => S, variable_identifier => <<"x">>,
+                                                                     bypass_cache => false})),
+    ?assertMatch({error, {unknown_type, <<"pickle">>}}, call('RegisterVariable', register_req(S, <<"p">>, <<"pickle">>, 1))),
+    ?assertMatch({error, {invalid_value, _}},
+                 call('RegisterVariable', (register_req(S, <<"b">>, <<"boolean">>, true))#{initial_value => any(<<"boolean">>, 3)})),
+    {reply, _} = call('RegisterVariable', (register_req(S, <<"f">>, <<"float">>, 0.5))#{constraints_json => #{<<"max">> => 1}}),
+    ?assertMatch({error, {invalid_value, _}}, call('SetVariable', set_req(S, <<"f">>, any(<<"float">>, 2.0), 0))),
+    ?assertMatch({error, {already_exists, _}}, call('RegisterVariable', register_req(S, <<"f">>, <<"float">>, 0.1))),
+    ?assertEqual({error, {invalid_argument, session_id}}, call('GetSession', #{session_id => <<>>})),
+    ?assertMatch({error, {invalid_constraints, _}},
+                 call('RegisterVariable', (register_req(S, <<"c">>, <<"float">>, 0.1))#{constraints_json => [1]})),
+    {ok, _} = dspex_store:get(S, <<"f">>).
+
+batches() ->
+    S = <<"grpc_t3">>,
+    {ok, _} = dspex_store:create_session(S),
+    [{reply, _} = call('RegisterVariable', register_req(S, N, <<"integer">>, 0)) || N <- [<<"a">>, <<"b">>]],
+    Req = #{session_id => S, metadata => #{}, binary_updates => #{}},
+    {reply, #{success := true, new_versions := #{<<"a">> := 1, <<"b">> := 1}}} =
+        call('SetVariables', Req#{updates => #{<<"a">> => any(<<"integer">>, 5), <<"b">> => any(<<"integer">>, 6)},
+                                  atomic => true}),
+    %% atomic: one bad update, nothing written
+    {reply, #{success := false, errors := #{<<"a">> := _}}} =
+        call('SetVariables', Req#{updates => #{<<"a">> => any(<<"integer">>, <<"x">>), <<"b">> => any(<<"integer">>, 7)},
+                                  atomic => true}),
+    {ok, 6} = dspex_store:get_value(S, <<"b">>),
+    %% not atomic: the good one commits, the bad one is reported
+    {reply, #{success := false, errors := #{<<"zz">> := _}, new_versions := #{<<"b">> := 2}}} =
+        call('SetVariables', Req#{updates => #{<<"zz">> => any(<<"integer">>, 1), <<"b">> => any(<<"integer">>, 7)},
+                                  atomic => false}),
+    {reply, #{variables := Found, missing_variables := [<<"nope">>]}} =
+        call('GetVariables', #{session_id => S, variable_identifiers => [<<"a">>, <<"nope">>, <<"b">>],
+                               include_metadata => true, bypass_cache => false}),
+    ?assertEqual([<<"a">>, <<"b">>], lists:sort(maps:keys(Found))).
+
+graph_and_history() ->
+    S = <<"grpc_t4">>,
+    {ok, _} = dspex_store:create_session(S),
+    [{reply, _} = call('RegisterVariable', register_req(S, N, <<"integer">>, 0)) || N <- [<<"a">>, <<"b">>, <<"c">>]],
+    Dep = fun(F, T) -> call('AddDependency', #{session_id => S, from_variable => F, to_variable => T,
+                                               dependency_type => <<>>}) end,
+    {reply, #{success := true}} = Dep(<<"a">>, <<"b">>),
+    {reply, #{success := true}} = Dep(<<"b">>, <<"c">>),
+    ?assertMatch({error, {would_create_cycle, _}}, Dep(<<"c">>, <<"a">>)),
+    ?assertMatch({error, {invalid_argument, _}},
+                 call('AddDependency', #{session_id => S, from_variable => <<"a">>, to_variable => <<"c">>,
+                                         dependency_type => <<"no such atom zzqq">>})),
+    Q = #{session_id => S, variable_identifier => <<"a">>},
+    {reply, #{variables := [<<"b">>]}} = call('GetDependents', Q#{transitive => false}),
+    {reply, #{variables := [<<"b">>, <<"c">>]}} = call('GetDependents', Q#{transitive => true}),
+    {reply, #{variables := [<<"a">>, <<"b">>, <<"c">>]}} = call('GetUpdateOrder', Q),
+    {reply, #{variables := [<<"a">>]}} = call('GetDependencies', Q#{variable_identifier => <<"b">>}),
+    {reply, #{success := true}} = call('RemoveDependency', #{session_id => S, from_variable => <<"a">>, to_variable => <<"b">>}),
+    ?assertMatch({error, {not_found, _}},
+                 call('RemoveDependency', #{session_id => S, from_variable => <<"a">>, to_variable => <<"b">>})),
+    [{reply, _} = call('SetVariable', set_req(S, <<"a">>, any(<<"integer">>, V), 0)) || V <- [10, 20, 30]],
+    {reply, #{entries := [#{version := 2, value := #{value := 20}}, #{version := 1}]}} =
+        call('GetVariableHistory', Q#{limit => 2}),
+    {reply, #{success := true, variable := #{version := 4, value := #{value := 10}}}} =
+        call('RollbackVariable', Q#{target_version => 1}),
+    ?assertEqual({error, {version_not_found, 99}}, call('RollbackVariable', Q#{target_version => 99})).
+
+optimization() ->
+    S = <<"grpc_t5">>,
+    {ok, _} = dspex_store:create_session(S),
+    {reply, _} = call('RegisterVariable', register_req(S, <<"lr">>, <<"float">>, 0.5)),
+    Start = #{session_id => S, variable_identifier => <<"lr">>, optimizer_id => <<"opt1">>,
+              optimizer_config => #{<<"objective">> => <<"minimize">>, <<"metric">> => <<"loss">>}},
+    {reply, #{success := true, optimization_id := <<"opt1:", _/binary>>}} = call('StartOptimization', Start),
+    %% a second optimizer is refused (abort by default), writers see the lock
+    ?assertMatch({error, {lock_held_by, _}}, call('StartOptimization', Start#{optimizer_id => <<"opt2">>})),
+    ?assertMatch({error, {locked, _}}, call('SetVariable', set_req(S, <<"lr">>, any(<<"float">>, 0.4), 0))),
+    %% the holder writes by naming itself in the metadata
+    {reply, #{new_version := 1}} =
+        call('SetVariable', (set_req(S, <<"lr">>, any(<<"float">>, 0.45), 0))#{metadata => #{<<"optimizer_id">> => <<"opt1">>}}),
+    Prog = fun(I, V, L) ->
+                   call('ReportOptimizationProgress',
+                        #{session_id => S, variable_identifier => <<"lr">>, optimizer_id => <<"opt1">>, iteration => I,
+                          value => any(<<"float">>, V), metrics_json => #{<<"loss">> => L}, binary_value => <<>>})
+           end,
+    {reply, #{success := true}} = Prog(1, 0.3, 0.9),
+    {reply, #{success := true}} = Prog(2, 0.2, 0.1),
+    {reply, #{success := true}} = Prog(3, 0.1, 0.5),
+    ?assertMatch({error, {lock_held_by, _}},
+                 call('ReportOptimizationProgress',
+                      #{session_id => S, variable_identifier => <<"lr">>, optimizer_id => <<"other">>, iteration => 1,
+                        value => any(<<"float">>, 0.1), metrics_json => undefined, binary_value => <<>>})),
+    {reply, St} = call('GetOptimizationStatus', #{session_id => S, variable_identifier => <<"lr">>}),
+    ?assertMatch(#{status := #{optimizing := true, optimizer_id := <<"opt1">>}, iterations := 3, best_iteration := 2,
+                   best_value := #{value := 0.2}, best_metrics_json := #{<<"loss">> := 0.1}}, St),
+    {reply, #{variable := #{optimization_status := #{optimizing := true}}}} =
+        call('GetVariable', #{session_id => S, variable_identifier => <<"lr">>, bypass_cache => false}),
+    Stop = #{session_id => S, variable_identifier => <<"lr">>, force => false, apply_best => true},
+    ?assertMatch({error, {lock_held_by, _}}, call('StopOptimization', Stop#{optimizer_id => <<"opt2">>})),
+    {reply, #{success := true, applied := true, final_value := #{value := 0.2}}} =
+        call('StopOptimization', Stop#{optimizer_id => <<"opt1">>}),
+    {reply, #{status := #{optimizing := false}}} =
+        call('GetOptimizationStatus', #{session_id => S, variable_identifier => <<"lr">>}),
+    ?assertEqual({error, not_optimizing}, call('StopOptimization', Stop#{optimizer_id => <<>>})),
+    {reply, #{new_version := _}} = call('SetVariable', set_req(S, <<"lr">>, any(<<"float">>, 0.4), 0)).
+
+access_control() ->
+    S = <<"grpc_t6">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:create_session(<<"grpc_t6_other">>),
+    {reply, _} = call('RegisterVariable', register_req(S, <<"secret">>, <<"integer">>, 1)),
+    Get = #{session_id => S, variable_identifier => <<"secret">>, bypass_cache => false},
+    As = #{<<"dspex-principal">> => <<"grpc_t6_other">>},
+    ?assertEqual({error, access_denied}, call('GetVariable', Get, As)),
+    {reply, #{success := true}} =
+        call('SetVariablePermissions', #{session_id => S, variable_identifier => <<"secret">>,
+                                         rules => [#{session_pattern => <<"grpc_t6_*">>, permissions => [<<"read">>],
+                                                     conditions_json => undefined}]}),
+    {reply, #{variable := #{access_control_json := [#{permissions := [read]}]}}} = call('GetVariable', Get, As),
+    ?assertEqual({error, access_denied}, call('SetVariable', set_req(S, <<"secret">>, any(<<"integer">>, 2), 0), As)),
+    Check = #{session_id => S, variable_identifier => <<"secret">>, principal => <<"grpc_t6_other">>,
+              context_json => undefined},
+    {reply, #{allowed := true}} = call('CheckVariableAccess', Check#{permission => <<"read">>}),
+    {reply, #{allowed := false, reason := _}} = call('CheckVariableAccess', Check#{permission => <<"write">>}),
+    ?assertMatch({error, {invalid_argument, _}}, call('CheckVariableAccess', Check#{permission => <<"admin">>})),
+    ?assertMatch({error, {invalid_argument, _}},
+                 call('SetVariablePermissions', #{session_id => S, variable_identifier => <<"secret">>,
+                                                  rules => [#{session_pattern => <<"*">>, permissions => [<<"root">>],
+                                                              conditions_json => undefined}]})).
+
+dashboard_and_tools() ->
+    {reply, #{dashboard_json := D, session_count := N}} = call('GetDashboard', #{session_id => <<>>}),
+    ?assert(N >= 1),
+    ?assert(is_map(D)),
+    ?assertEqual({error, unimplemented}, call('ExecuteTool', #{session_id => <<"x">>})),
+    ?assertEqual({error, unimplemented}, call('RegisterTools', #{session_id => <<"x">>})),
+    {reply, #{message := <<"pong: hi">>}} = call('Ping', #{message => <<"hi">>}).
+
+%% What goes back to the port: run/5 writes {packet,4} terms, which `cat' echoes.
+wire_messages_and_watch() ->
+    S = <<"grpc_t7">>,
+    {ok, _} = dspex_store:create_session(S),
+    {reply, _} = call('RegisterVariable', register_req(S, <<"w">>, <<"integer">>, 0)),
+    Cat = open_port({spawn_executable, os:find_executable("cat")}, [{packet, 4}, binary]),
+    try
+        ok = dspex_grpc_handler:run({Cat, 1}, 'GetVariable', #{session_id => S, variable_identifier => <<"w">>,
+                                                                bypass_cache => false}, #{}, infinity),
+        ?assertMatch({reply, 1, #{variable := #{name := <<"w">>}}}, port_term(Cat)),
+        ok = dspex_grpc_handler:run({Cat, 2}, 'SetVariable', set_req(S, <<"w">>, any(<<"integer">>, 1), 9), #{}, infinity),
+        ?assertEqual({error, 2, 10, <<"version mismatch: current version is 0">>}, port_term(Cat)),
+        ok = dspex_grpc_handler:run({Cat, 3}, 'GetVariable', #{session_id => S, variable_identifier => <<"q">>,
+                                                                bypass_cache => false}, #{}, infinity),
+        ?assertMatch({error, 3, 5, <<"variable not found: q">>}, port_term(Cat)),
+        ok = dspex_grpc_handler:run({Cat, 4}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
+        ?assertMatch({error, 4, 12, _}, port_term(Cat)),
+        %% a watch: initial value, every change in order, then the deletion ends it
+        Watch = spawn_link(dspex_grpc_handler, run,
+                           [{Cat, 5}, 'WatchVariables', #{session_id => S, variable_identifiers => [<<"w">>],
+                                                          include_initial_values => true}, #{}, infinity]),
+        ?assertMatch({stream, 5, #{update_type := <<"initial_value">>, variable := #{version := 0}}}, port_term(Cat)),
+        [{ok, _} = dspex_store:set(S, <<"w">>, V) || V <- lists:seq(1, 50)],
+        Versions = [begin
+                        {stream, 5, #{update_type := <<"value_change">>, variable := #{version := Ver, value := #{value := Val}}}} =
+                            port_term(Cat),
+                        ?assertEqual(Ver, Val),
+                        Ver
+                    end || _ <- lists:seq(1, 50)],
+        ?assertEqual(lists:seq(1, 50), Versions),
+        {reply, _} = call('DeleteVariable', #{session_id => S, variable_identifier => <<"w">>}),
+        ?assertMatch({stream, 5, #{update_type := <<"deleted">>}}, port_term(Cat)),
+        ?assertEqual({close, 5}, port_term(Cat)),
+        %% linked: an abnormal exit would have killed this test process
+        Ref = monitor(process, Watch),
+        receive {'DOWN', Ref, process, Watch, R} when R =:= normal; R =:= noproc -> ok
+        after 5000 -> error(watch_did_not_end)
+        end
+    after
+        port_close(Cat)
+    end.
+
+%% A stream whose port goes away (its owner died) ends and drops its watch.
+watch_ends_with_its_port_test_() ->
+    {setup, fun store_setup/0, fun store_cleanup/1,
+     fun() ->
+             S = <<"grpc_t8">>,
+             {ok, _} = dspex_store:create_session(S),
+             {ok, _} = dspex_store:register(S, <<"v">>, integer, 0),
+             Cat = open_port({spawn_executable, os:find_executable("cat")}, [{packet, 4}, binary]),
+             {Pid, Ref} = spawn_monitor(dspex_grpc_handler, run,
+                                        [{Cat, 1}, 'WatchVariables', #{session_id => S, variable_identifiers => [<<"v">>],
+                                                                       include_initial_values => true}, #{}, infinity]),
+             ?assertMatch({stream, 1, _}, port_term(Cat)),
+             {ok, #{watchers := 1}} = dspex_store:info(S, <<"v">>),
+             port_close(Cat),
+             receive {'DOWN', Ref, process, Pid, normal} -> ok after 5000 -> error(watch_still_running) end,
+             {ok, #{watchers := 0}} = dspex_store:info(S, <<"v">>)
+     end}.
+
+port_term(Port) ->
+    receive {Port, {data, B}} -> binary_to_term(B)
+    after 5000 -> error(no_message_from_handler)
+    end.
+
+%%% the port owner --------------------------------------------------------------------
+
+port_owner_test_() ->
+    {setup,
+     fun() ->
+             _ = application:stop(dspex_bridge),
+             application:load(dspex_bridge),
+             ok = application:set_env(dspex_bridge, grpc_listen, "127.0.0.1:0"),
+             {ok, Apps} = application:ensure_all_started(dspex_bridge),
+             Apps
+     end,
+     fun(Apps) ->
+             [application:stop(A) || A <- lists:reverse(Apps)],
+             application:unset_env(dspex_bridge, grpc_listen)
+     end,
+     {timeout, 60, fun listens_and_restarts/0}}.
+
+listens_and_restarts() ->
+    {ok, P1} = dspex_grpc:await_listening(20000),
+    ?assert(P1 > 0),
+    {ok, Os1} = dspex_grpc:os_pid(),
+    %% the port program is a real listener
+    {ok, Sock} = gen_tcp:connect("127.0.0.1", P1, [binary, {active, false}]),
+    ok = gen_tcp:close(Sock),
+    Owner = whereis(dspex_grpc),
+    dspex_telemetry:attach(grpc_test_exit, [dspex, grpc, port, exit],
+                           fun(_, _, Meta, Pid) -> Pid ! {port_exit, Meta} end, self()),
+    try
+        os:cmd("kill -9 " ++ integer_to_list(Os1)),
+        receive {port_exit, #{status := Status}} -> ?assertEqual(137, Status)
+        after 10000 -> error(no_exit_event)
+        end,
+        %% restarted by the same owner, on a new OS process
+        {ok, _} = dspex_grpc:await_listening(20000),
+        {ok, Os2} = dspex_grpc:os_pid(),
+        ?assertNotEqual(Os1, Os2),
+        ?assertEqual(Owner, whereis(dspex_grpc))
+    after
+        dspex_telemetry:detach(grpc_test_exit)
+    end.

@@ -1,0 +1,113 @@
+"""gRPC status -> exception mapping, and the client cache."""
+import unittest
+
+import _paths  # noqa: F401
+import grpc
+
+from dspex_bridge import errors
+from dspex_bridge.cache import VariableCache
+
+
+class StatusMapping(unittest.TestCase):
+    def test_each_status_maps_to_its_exception_keeping_the_message(self):
+        C = grpc.StatusCode
+        cases = [(C.NOT_FOUND, "variable not found: x", errors.VariableNotFoundError),
+                 (C.NOT_FOUND, "variable not found: session not found", errors.VariableNotFoundError),
+                 (C.NOT_FOUND, "session not found", errors.SessionNotFoundError),
+                 (C.NOT_FOUND, "session not found: variable_s", errors.SessionNotFoundError),
+                 (C.NOT_FOUND, "version 9 of the variable is not in its history",
+                  errors.VersionNotFoundError),
+                 (C.INVALID_ARGUMENT, "value 1.5 is above maximum 1.0", errors.InvalidValueError),
+                 (C.ALREADY_EXISTS, "already exists: x", errors.VariableExistsError),
+                 (C.ABORTED, "version mismatch, current version 7", errors.VersionConflictError),
+                 (C.FAILED_PRECONDITION, "variable is locked by optimizer opt1", errors.LockedError),
+                 (C.FAILED_PRECONDITION, "stale optimizer lock token", errors.LockedError),
+                 (C.FAILED_PRECONDITION, "not the optimizer holding the lock",
+                  errors.PreconditionFailedError),
+                 (C.FAILED_PRECONDITION, "no optimization runs on the variable",
+                  errors.PreconditionFailedError),
+                 (C.FAILED_PRECONDITION, "would create cycle a -> b -> a", errors.DependencyCycleError),
+                 (C.FAILED_PRECONDITION, "derived variable", errors.PreconditionFailedError),
+                 (C.PERMISSION_DENIED, "access denied", errors.AccessDeniedError),
+                 (C.RESOURCE_EXHAUSTED, "rate limited", errors.RateLimitedError),
+                 (C.UNAVAILABLE, "bridge restarting", errors.BridgeUnavailableError),
+                 (C.DEADLINE_EXCEEDED, "deadline", errors.BridgeTimeoutError),
+                 (C.UNIMPLEMENTED, "tools", errors.UnsupportedError),
+                 (C.INTERNAL, "boom", errors.BridgeError)]
+        for code, msg, cls in cases:
+            e = errors.from_status(code, msg)
+            self.assertIs(type(e), cls, msg)
+            self.assertEqual(str(e), msg)
+            self.assertEqual(e.code, code)
+            self.assertIsInstance(e, errors.BridgeError)
+
+    def test_version_conflict_carries_the_current_version(self):
+        for msg, v in [("version mismatch: current version 12", 12),
+                       ("expected 3, current_version=4", 4),
+                       ("{version_mismatch,9}", 9), ("conflict", None)]:
+            e = errors.from_status(grpc.StatusCode.ABORTED, msg)
+            self.assertEqual(e.current_version, v, msg)
+
+    def test_python_base_classes(self):
+        self.assertIsInstance(errors.VariableNotFoundError("x"), KeyError)
+        self.assertIsInstance(errors.InvalidValueError("x"), ValueError)
+        self.assertIsInstance(errors.AccessDeniedError("x"), PermissionError)
+        self.assertIsInstance(errors.BridgeUnavailableError("x"), ConnectionError)
+
+
+class Rec:
+    def __init__(self, name, id, version):
+        self.name, self.id, self.version = name, id, version
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class Cache(unittest.TestCase):
+    def test_entries_expire_after_the_ttl(self):
+        clock = Clock()
+        c = VariableCache(2.0, clock)
+        r = Rec("x", "var_x_1", 0)
+        c.put(r)
+        self.assertIs(c.get("x"), r)
+        self.assertIs(c.get("var_x_1"), r)
+        clock.t = 1.99
+        self.assertIs(c.get("x"), r)
+        clock.t = 2.0
+        self.assertIsNone(c.get("x"))
+        self.assertIsNone(c.get("var_x_1"))
+
+    def test_invalidating_one_key_drops_both(self):
+        c = VariableCache(10, Clock())
+        c.put(Rec("x", "id1", 0))
+        c.invalidate("id1")
+        self.assertIsNone(c.get("x"))
+        self.assertEqual(len(c), 0)
+
+    def test_an_event_version_refuses_older_reads(self):
+        c = VariableCache(10, Clock())
+        c.put(Rec("x", "id1", 3))
+        c.invalidate("x", min_version=5)      # watch event: version 5 committed
+        c.put(Rec("x", "id1", 4))             # a read that raced the event
+        self.assertIsNone(c.get("x"))
+        self.assertIsNone(c.get("id1"))
+        fresh = Rec("x", "id1", 5)
+        c.put(fresh)
+        self.assertIs(c.get("x"), fresh)
+        c.forget("x")                          # deleted: a new variable restarts at 0
+        c.put(Rec("x", "id2", 0))
+        self.assertEqual(c.get("x").id, "id2")
+
+    def test_ttl_zero_disables(self):
+        c = VariableCache(0)
+        c.put(Rec("x", "i", 0))
+        self.assertIsNone(c.get("x"))
+
+
+if __name__ == "__main__":
+    unittest.main()
