@@ -565,17 +565,19 @@ steps(_, Other) -> {error, Other}.
 %%% dashboard --------------------------------------------------------------------------
 
 dashboard(S) ->
-    Json = case erlang:function_exported(dspex_metrics, dashboard, 0) of
-               true -> json_safe(erlang:apply(dspex_metrics, dashboard, []));
-               false -> json_safe(own_dashboard(S))
-           end,
+    %% the node's own figures, plus the analytics of dspex_metrics when it runs
+    Own = own_dashboard(S),
+    Json = json_safe(case catch dspex_metrics:dashboard() of
+                         #{} = M -> Own#{metrics => M};
+                         _ -> Own
+                     end),
     Sessions = dspex_store:list_sessions(),
     Active = dspex_locks:active(),
     VarCount = lists:sum([N || Id <- Sessions, {ok, #{variable_count := N}} <- [dspex_store:get_session(Id)]]),
     {reply, #{dashboard_json => Json, generated_at => now_us(), session_count => length(Sessions),
               variable_count => VarCount, active_optimizations => length(Active)}}.
 
-%% Built from what the node has when dspex_metrics is not there.
+%% What the node knows besides the metrics: sessions, optimizations, gRPC, limits.
 own_dashboard(S) ->
     Sessions = dspex_store:list_sessions(),
     Base = #{node => node(), sessions => length(Sessions),

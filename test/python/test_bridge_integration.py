@@ -630,8 +630,14 @@ class Access(BridgeCase):
 class Dashboard(BridgeCase):
     def test_dashboard(self):
         self.ctx.register_variable("a", "integer", 1)
+        self.ctx.get_variable("a")
         d = self.ctx.get_dashboard()
         self.assertIsInstance(d, dict)
+        # the node's own figures and the dspex_metrics analytics, together
+        self.assertIn("in_flight", d["grpc"])
+        self.assertGreaterEqual(d["metrics"]["last_minute"]["reads"], 1)
+        self.assertGreaterEqual(d["metrics"]["last_hour"]["operations"], 2)
+        self.assertIn("p95_latency_us", d["metrics"]["last_hour"])
         r = self.stub.GetDashboard(pb2.GetDashboardRequest(session_id=""))
         self.assertGreaterEqual(r.session_count, 1)
         self.assertGreaterEqual(r.variable_count, 1)
