@@ -19,7 +19,7 @@
 %% </ul>
 -module(dspex_metrics_handler).
 
--export([attach/0, detach_native/0, store_event/4, graph_event/4, count_event/4, events/0]).
+-export([attach/0, attach_native/0, detach_native/0, store_event/4, graph_event/4, count_event/4, events/0]).
 
 -define(READS, [get, get_value, get_many]).
 %% Timed inside the NIF: a telemetry handler would cost more than the read
@@ -47,10 +47,7 @@ events() ->
 -spec attach() -> [term()].
 attach() ->
     Scale = 1.0e6 / erlang:convert_time_unit(1, second, native),
-    [begin
-         {Ok, Miss, Err, _} = store_config(Op, Scale),
-         ok = dspex_nif:metrics_native_bind(Op, Ok, Miss, Err)
-     end || Op <- ?NATIVE],
+    ok = attach_native(),
     Store = [{[dspex, store, Op, stop], fun ?MODULE:store_event/4, store_config(Op, Scale)}
              || Op <- ?READS ++ ?WRITES ++ [watch]],
     Graph = [{[dspex, graph, Op, stop], fun ?MODULE:graph_event/4,
@@ -99,7 +96,18 @@ ref(Name, Tags) ->
         Error -> erlang:error({metric_series, Name, Tags, Error})
     end.
 
-%% @doc Stops the native timing of `get'/`get_value' (see `attach/0').
+%% @doc (Re)starts the native timing of `get', `get_value' and `set' into
+%% their series (part of `attach/0'; no telemetry handler is touched).
+-spec attach_native() -> ok.
+attach_native() ->
+    Scale = 1.0e6 / erlang:convert_time_unit(1, second, native),
+    [begin
+         {Ok, Miss, Err, _} = store_config(Op, Scale),
+         ok = dspex_nif:metrics_native_bind(Op, Ok, Miss, Err)
+     end || Op <- ?NATIVE],
+    ok.
+
+%% @doc Stops the native timing of `get', `get_value' and `set' (see `attach/0').
 -spec detach_native() -> ok.
 detach_native() ->
     [ok = dspex_nif:metrics_native_bind(Op, undefined, undefined, undefined) || Op <- ?NATIVE],
