@@ -1,7 +1,7 @@
 %% @doc `make bench': the store against the obvious alternatives, in one run.
 %% Ratios are "alternative time / our time": above 1.0 means we are faster.
 -module(dspex_bench).
--export([main/0, main/1, locks/0, acl/0]).
+-export([main/0, main/1, store/1, locks/0, acl/0]).
 
 -define(OPS, 400000).
 

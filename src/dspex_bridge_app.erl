@@ -9,6 +9,7 @@ start(_Type, _Args) ->
         Limits when map_size(Limits) > 0 -> ok = dspex_store:set_limits(Limits);
         _ -> ok
     end,
+    ok = dspex_store:refresh_fast_path(), %% e.g. the telemetry application is loaded
     dspex_bridge_sup:start_link().
 
 -spec stop(term()) -> ok.

@@ -62,6 +62,7 @@ init(Config) ->
     [Node =/= node() andalso net_kernel:connect_node(Node) || Node <- maps:get(nodes, Config)],
     St1 = publish(St),
     persistent_term:put(dspex_cluster_routing, true),
+    ok = dspex_store:refresh_fast_path(),
     {ok, St1}.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
@@ -111,6 +112,7 @@ handle_info(_, St) ->
 -spec terminate(term(), map()) -> ok.
 terminate(_, _) ->
     persistent_term:put(dspex_cluster_routing, false),
+    ok = dspex_store:refresh_fast_path(),
     ok.
 
 publish(St) -> publish(St, false).

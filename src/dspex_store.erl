@@ -33,6 +33,7 @@
 %% raises `badarg'.
 -module(dspex_store).
 
+-export([refresh_fast_path/0]).
 -export([create_session/1, create_session/2, get_session/1, list_sessions/0, touch/1,
          delete_session/1,
          register/4, register/5, get/2, get/3, get_value/2, get_value/3, exists/2, delete/2, delete/3,
@@ -109,22 +110,56 @@
                 R__
         end).
 
+%% Inlined from dspex_telemetry:handlers_at/1 for the hottest calls.
+-define(TELEMETRY_LOADED, erlang:function_exported(telemetry, execute, 3)).
+
 %% get, get_value and set are timed inside the NIF for the analytics (see
 %% dspex_metrics_handler): when theirs is the only handler nothing is done
 %% here, and events sent for other handlers say `native_metrics => true' so
 %% the analytics handler does not count them twice.
 -define(TIMED_NATIVE(Op, Key, Meta, Call),
-        case dspex_telemetry:handlers_at(Key) of
-            [] -> Call;
+        case persistent_term:get(Key, []) of
             [{{dspex_metrics, _}, _, _}] -> Call;
-            Hs__ ->
-                T0__ = os:perf_counter(),
-                R__ = Call,
-                D__ = erlang:convert_time_unit(os:perf_counter() - T0__, perf_counter, native),
-                dspex_telemetry:emit(Hs__, [dspex, store, Op, stop], #{duration => D__},
-                                     (result_meta(R__, Meta))#{native_metrics => true}),
-                R__
+            [] -> case ?TELEMETRY_LOADED of
+                      false -> Call;
+                      true -> ?TIMED_EMIT(Op, telemetry, Meta, Call)
+                  end;
+            Hs0__ -> ?TIMED_EMIT(Op, Hs0__, Meta, Call)
         end).
+-define(TIMED_EMIT(Op, Hs, Meta, Call),
+        begin
+            T0__ = os:perf_counter(),
+            R__ = Call,
+            D__ = erlang:convert_time_unit(os:perf_counter() - T0__, perf_counter, native),
+            dspex_telemetry:emit(Hs, [dspex, store, Op, stop], #{duration => D__},
+                                 (result_meta(R__, Meta))#{native_metrics => true}),
+            R__
+        end).
+
+%% @private
+%% @doc Recomputes whether get, get_value and set may take their fast path: a
+%% bare NIF call, with the native analytics as their only instrumentation. Not
+%% when the calls must be routed to a session's owner (a cluster is
+%% configured), or when a telemetry handler other than the analytics listens
+%% to their events (or the `telemetry' application handles events). Called
+%% whenever either changes (`dspex_telemetry' attach/detach, cluster
+%% membership start/stop, application start).
+-spec refresh_fast_path() -> ok.
+refresh_fast_path() ->
+    Routing = persistent_term:get(dspex_cluster_routing, false),
+    Telemetry = ?TELEMETRY_LOADED,
+    Only = fun(Key) ->
+                   case persistent_term:get(Key, []) of
+                       [] -> true;
+                       [{{dspex_metrics, _}, _, _}] -> true;
+                       _ -> false
+                   end
+           end,
+    [ok = dspex_nif:store_fast_path(Op, not Routing andalso not Telemetry andalso Only(Key))
+     || {Op, Key} <- [{get, 'dspex_telemetry/dspex.store.get.stop'},
+                      {get_value, 'dspex_telemetry/dspex.store.get_value.stop'},
+                      {set, 'dspex_telemetry/dspex.store.set.stop'}]],
+    ok.
 
 %%% Sessions ----------------------------------------------------------------
 
@@ -230,22 +265,35 @@ register_here(Session, Name, Type, Value, Opts) ->
 %% @doc The variable as a map (see `var()').
 -spec get(session_id(), var_key()) -> {ok, var()} | {error, error_reason()}.
 get(Session, Key) ->
-    ?ROUTED(Session, get, [Session, Key],
-            ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key},
-                          var_map(dspex_nif:var_get(Session, Key)))).
+    case dspex_nif:var_get(Session, Key) of
+        slow ->
+            ?ROUTED(Session, get, [Session, Key],
+                    ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key},
+                                  var_map(dspex_nif:var_get_here(Session, Key))));
+        R -> var_map(R)
+    end.
 
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
-get(Session, Key, Opts) -> ?ROUTED(Session, get, [Session, Key, Opts], get_here(Session, Key, Opts)).
+get(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
+    %% the common case goes as a bare binary: the NIF skips the map lookups
+    case dspex_nif:var_get(Session, Key, As) of
+        slow -> ?ROUTED(Session, get, [Session, Key, Opts], get_here(Session, Key, Opts));
+        R -> var_map(R)
+    end;
+get(Session, Key, Opts) ->
+    case dspex_nif:var_get(Session, Key, Opts) of
+        slow -> ?ROUTED(Session, get, [Session, Key, Opts], get_here(Session, Key, Opts));
+        R -> var_map(R)
+    end.
 
 get_here(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
-    %% the common case goes as a bare binary: the NIF skips the map lookups
     ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key, as => As},
-           var_map(dspex_nif:var_get(Session, Key, As)));
+           var_map(dspex_nif:var_get_here(Session, Key, As)));
 get_here(Session, Key, Opts) ->
     ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
-           var_map(dspex_nif:var_get(Session, Key, Opts))).
+           var_map(dspex_nif:var_get_here(Session, Key, Opts))).
 
 %% The NIF answers a plain variable with a flat tagged tuple: this literal-key
 %% map expression shares its key tuple, which the NIF cannot (it would allocate
@@ -263,9 +311,13 @@ var_map(Other) ->
 %% @doc Only the current value.
 -spec get_value(session_id(), var_key()) -> {ok, value()} | {error, error_reason()}.
 get_value(Session, Key) ->
-    ?ROUTED(Session, get_value, [Session, Key],
-            ?TIMED_NATIVE(get_value, 'dspex_telemetry/dspex.store.get_value.stop', #{session => Session, variable => Key},
-                          dspex_nif:var_get_value(Session, Key))).
+    case dspex_nif:var_get_value(Session, Key) of
+        slow ->
+            ?ROUTED(Session, get_value, [Session, Key],
+                    ?TIMED_NATIVE(get_value, 'dspex_telemetry/dspex.store.get_value.stop', #{session => Session, variable => Key},
+                                  dspex_nif:var_get_value_here(Session, Key)));
+        R -> R
+    end.
 
 %% @doc The current value, or `Default' when the session or variable is missing.
 -spec get_value(session_id(), var_key(), Default) -> value() | Default.
@@ -332,8 +384,13 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% section; a failed set changes nothing.
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
+set(Session, Key, Value, #{propagate := sync} = Opts) ->
+    ?ROUTED(Session, set, [Session, Key, Value, Opts], set_here(Session, Key, Value, Opts));
 set(Session, Key, Value, Opts) ->
-    ?ROUTED(Session, set, [Session, Key, Value, Opts], set_here(Session, Key, Value, Opts)).
+    case dspex_nif:var_set(Session, Key, Value, Opts) of
+        slow -> ?ROUTED(Session, set, [Session, Key, Value, Opts], set_here(Session, Key, Value, Opts));
+        R -> R
+    end.
 
 set_here(Session, Key, Value, #{propagate := sync} = Opts) ->
     case set_timed(Session, Key, Value, Opts) of
@@ -345,7 +402,7 @@ set_here(Session, Key, Value, #{propagate := sync} = Opts) ->
 set_here(Session, Key, Value, Opts) -> set_timed(Session, Key, Value, Opts).
 
 set_timed(Session, Key, Value, Opts) ->
-    ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set(Session, Key, Value, Opts)).
+    ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set_here(Session, Key, Value, Opts)).
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its
 %% variable; `missing' lists the others in the order given.

@@ -33,6 +33,9 @@ attach(Id, Event, Fun, Config) -> attach_many(Id, [Event], Fun, Config).
 %% @doc `attach/4' for several events with one handler id.
 -spec attach_many(handler_id(), [event_name()], handler_fun(), term()) -> ok | {error, already_exists}.
 attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) ->
+    fast_path_changed(attach_many_(Id, Events, Fun, Config)).
+
+attach_many_(Id, Events, Fun, Config) ->
     case telemetry_loaded() of
         true -> telemetry:attach_many(Id, Events, Fun, Config);
         false ->
@@ -51,7 +54,9 @@ attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) -
 
 %% @doc Removes a handler from every event it was attached to.
 -spec detach(handler_id()) -> ok | {error, not_found}.
-detach(Id) ->
+detach(Id) -> fast_path_changed(detach_(Id)).
+
+detach_(Id) ->
     case telemetry_loaded() of
         true -> telemetry:detach(Id);
         false ->
@@ -69,6 +74,12 @@ detach(Id) ->
                 end
             end, [node()])
     end.
+
+%% The store's hottest calls skip the event machinery while nothing but the
+%% native analytics listens: tell it whenever the handler set changes.
+fast_path_changed(Result) ->
+    ok = dspex_store:refresh_fast_path(),
+    Result.
 
 %% @doc Emits an event to every handler attached to it.
 -spec execute(event_name(), map(), map()) -> ok.

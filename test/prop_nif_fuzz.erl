@@ -258,9 +258,9 @@ setup() ->
                Id
            end || {N, T, V, C} <- Specs],
     %% some history
-    {ok, _} = dspex_nif:var_set(?SID, <<"f">>, 2.5, #{}),
-    {ok, _} = dspex_nif:var_set(?SID, <<"i">>, 8, #{metadata => #{k => 1}}),
-    {ok, _} = dspex_nif:var_set(?SID, <<"i">>, 9, #{changed_by => me}),
+    {ok, _} = dspex_nif:var_set_here(?SID, <<"f">>, 2.5, #{}),
+    {ok, _} = dspex_nif:var_set_here(?SID, <<"i">>, 8, #{metadata => #{k => 1}}),
+    {ok, _} = dspex_nif:var_set_here(?SID, <<"i">>, 9, #{changed_by => me}),
     Watcher = spawn(fun() -> watcher_loop() end),
     Dead = spawn(fun() -> ok end),
     {ok, W1} = dspex_nif:watch(?SID, ?NAMES, Watcher),

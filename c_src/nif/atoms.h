@@ -9,7 +9,7 @@
     X(invalid_argument) X(invalid_constraints) X(unknown_type) X(limit_exceeded) X(version_not_found) \
     X(batch_failed) X(enomem) X(duplicate_variable) \
     X(sessions) X(variables) X(value_size) X(name_length) X(history_limit) \
-    X(var) X(min_max) X(id) X(name) X(type) X(value) X(constraints) X(metadata) X(version) X(created_at) X(updated_at) \
+    X(var) X(min_max) X(slow) X(get) X(get_value) X(set) X(id) X(name) X(type) X(value) X(constraints) X(metadata) X(version) X(created_at) X(updated_at) \
     X(changed_by) X(shape) X(data) X(found) X(missing) X(updated) X(errors) X(ttl) X(last_accessed_at) \
     X(variable_count) X(previous_version) X(expected_version) X(history) X(format) \
     X(dspex_session_v1) X(dspex_variable) X(all) X(max_sessions) X(max_variables) X(max_value_bytes) \

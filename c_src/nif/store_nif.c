@@ -395,8 +395,34 @@ static inline ERL_NIF_TERM timed(int op, ERL_NIF_TERM (*f)(ErlNifEnv *, int, con
     return r;
 }
 
-DX_NIF(nif_var_get) { return timed(DX_NATIVE_GET, var_get, env, argc, argv); }
-DX_NIF(nif_var_get_value) { return timed(DX_NATIVE_GET_VALUE, var_get_value, env, argc, argv); }
+/* The fast path: dspex_store calls var_get/var_get_value/var_set directly and
+ * does nothing else, unless dspex_store:refresh_fast_path/0 marked the op
+ * slow (cluster routing on, or a telemetry handler besides the native
+ * analytics). A slow op answers the atom `slow' and dspex_store takes its full
+ * path, which calls the *_here variants (always served). One relaxed load here
+ * replaces two persistent_term lookups per call in Erlang. */
+static _Atomic int g_slow[DX_NATIVE_OPS];
+
+#define SLOW(op) (atomic_load_explicit(&g_slow[op], memory_order_relaxed))
+
+DX_NIF(nif_var_get) { return SLOW(DX_NATIVE_GET) ? ATOM_slow : timed(DX_NATIVE_GET, var_get, env, argc, argv); }
+DX_NIF(nif_var_get_here) { return timed(DX_NATIVE_GET, var_get, env, argc, argv); }
+DX_NIF(nif_var_get_value) {
+    return SLOW(DX_NATIVE_GET_VALUE) ? ATOM_slow : timed(DX_NATIVE_GET_VALUE, var_get_value, env, argc, argv);
+}
+DX_NIF(nif_var_get_value_here) { return timed(DX_NATIVE_GET_VALUE, var_get_value, env, argc, argv); }
+
+/* store_fast_path(Op, Fast) -> ok; Op: get | get_value | set. */
+DX_NIF(nif_store_fast_path) {
+    int op;
+    if (enif_is_identical(argv[0], ATOM_get)) op = DX_NATIVE_GET;
+    else if (enif_is_identical(argv[0], ATOM_get_value)) op = DX_NATIVE_GET_VALUE;
+    else if (enif_is_identical(argv[0], ATOM_set)) op = DX_NATIVE_SET;
+    else return enif_make_badarg(env);
+    if (!enif_is_identical(argv[1], ATOM_true) && !enif_is_identical(argv[1], ATOM_false)) return enif_make_badarg(env);
+    atomic_store(&g_slow[op], !enif_is_identical(argv[1], ATOM_true));
+    return ATOM_ok;
+}
 
 static ERL_NIF_TERM var_get(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     char kbuf[DX_ATOM_TEXT];
@@ -430,7 +456,7 @@ static ERL_NIF_TERM var_get(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
         if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
             t_res = -1;
-            return RESCHEDULE("var_get", nif_var_get);
+            return RESCHEDULE("var_get", nif_var_get_here);
         }
         int by_name = enif_is_binary(env, argv[1]) && key.len == v->name_len && !memcmp(key.ptr, v->name, key.len);
         /* plain variables: the bare tagged tuple (see dx_var_to_flat) */
@@ -457,7 +483,7 @@ static ERL_NIF_TERM var_get_value(ErlNifEnv *env, int argc, const ERL_NIF_TERM a
         if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
             t_res = -1;
-            return RESCHEDULE("var_get_value", nif_var_get_value);
+            return RESCHEDULE("var_get_value", nif_var_get_value_here);
         }
         r = enif_make_tuple2(env, ATOM_ok, dx_value_to_term(env, &cur->value));
     }
@@ -603,7 +629,7 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3])) return enif_make_badarg(env);
     if (!dx_on_dirty() && big_input(env, argv[2])) {
         t_res = -1;
-        return RESCHEDULE("var_set", nif_var_set);
+        return RESCHEDULE("var_set", nif_var_set_here);
     }
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
@@ -647,7 +673,8 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     return r;
 }
 
-DX_NIF(nif_var_set) { return timed(DX_NATIVE_SET, var_set, env, argc, argv); }
+DX_NIF(nif_var_set) { return SLOW(DX_NATIVE_SET) ? ATOM_slow : timed(DX_NATIVE_SET, var_set, env, argc, argv); }
+DX_NIF(nif_var_set_here) { return timed(DX_NATIVE_SET, var_set, env, argc, argv); }
 
 
 DX_NIF(nif_var_delete) {
