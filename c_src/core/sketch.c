@@ -950,12 +950,11 @@ static int retained(const struct level *lv, int64_t key, int64_t L) {
     return key <= top && key > top - lv->n;
 }
 
-int dx_series_record(dx_series *s, int64_t now_sec, double v) {
-    if (!s || !isfinite(v) || now_sec > TIME_LIMIT || now_sec < -TIME_LIMIT)
-        return -1;
-    int64_t L = s->has_latest && s->latest > now_sec ? s->latest : now_sec;
-    struct slot *use[LV_N];
-    int nuse = 0;
+/* The slot of every level that keeps now_sec (given the series' latest time
+ * L), made ready to take samples: *nuse of them in use[]; -1 on allocation
+ * failure, 0 otherwise (*nuse 0: older than any level retains). */
+static int slots_for(dx_series *s, int64_t now_sec, int64_t L, struct slot **use, int *nuse) {
+    *nuse = 0;
     for (int l = 0; l < LV_N; l++) {
         const struct level *lv = &s->lv[l];
         int64_t key = fdiv(now_sec, lv->unit);
@@ -975,10 +974,19 @@ int dx_series_record(dx_series *s, int64_t now_sec, double v) {
             dx_sketch_clear(sl->sk);
             sl->key = key;
         }
-        use[nuse++] = sl;
+        use[(*nuse)++] = sl;
     }
-    if (nuse == 0)
-        return -1; /* older than any level retains */
+    return 0;
+}
+
+int dx_series_record(dx_series *s, int64_t now_sec, double v) {
+    if (!s || !isfinite(v) || now_sec > TIME_LIMIT || now_sec < -TIME_LIMIT)
+        return -1;
+    int64_t L = s->has_latest && s->latest > now_sec ? s->latest : now_sec;
+    struct slot *use[LV_N];
+    int nuse;
+    if (slots_for(s, now_sec, L, use, &nuse) != 0 || nuse == 0)
+        return -1; /* out of memory, or older than any level retains */
     struct slotref r = locate(use[0]->sk, v); /* same accuracy everywhere */
     struct plan p[LV_N];
     int planned[LV_N];
@@ -1004,24 +1012,8 @@ int dx_series_merge(dx_series *s, int64_t now_sec, const dx_sketch *b) {
         return 0;
     int64_t L = s->has_latest && s->latest > now_sec ? s->latest : now_sec;
     struct slot *use[LV_N];
-    int nuse = 0;
-    for (int l = 0; l < LV_N; l++) {
-        const struct level *lv = &s->lv[l];
-        int64_t key = fdiv(now_sec, lv->unit);
-        if (!retained(lv, key, L))
-            continue;
-        struct slot *sl = &lv->slots[pmod(key, lv->n)];
-        if (!sl->sk) {
-            if (!(sl->sk = dx_sketch_new(s->acc, 0)))
-                return -1;
-            sl->key = key;
-        } else if (sl->key != key) {
-            dx_sketch_clear(sl->sk);
-            sl->key = key;
-        }
-        use[nuse++] = sl;
-    }
-    if (nuse == 0)
+    int nuse;
+    if (slots_for(s, now_sec, L, use, &nuse) != 0 || nuse == 0)
         return -1;
     /* Unlike record, not all-or-nothing across windows: a level whose merge
      * fails (only on allocation failure or count overflow) misses the batch. */

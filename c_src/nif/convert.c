@@ -373,26 +373,39 @@ ERL_NIF_TERM dx_var_to_term(ErlNifEnv *env, const dx_var *v, const dx_snap *s) {
     return dx_var_to_term_named(env, v, s, NULL);
 }
 
-ERL_NIF_TERM dx_var_to_term_named(ErlNifEnv *env, const dx_var *v, const dx_snap *s, const ERL_NIF_TERM *name) {
+/* The nine fields of a variable in Erlang term order of their key atoms
+ * (constraints, created_at, id, metadata, name, type, updated_at, value,
+ * version), so a flatmap of them needs one linear check instead of a sort.
+ * name: the caller's own binary when it asked by name (one allocation less).
+ * bounds_tuple: numeric bounds as {min_max, Min, Max} (see dx_var_to_flat). */
+static void var_fields(ErlNifEnv *env, const dx_var *v, const dx_snap *s, const ERL_NIF_TERM *name, int bounds_tuple,
+                       ERL_NIF_TERM f[9]) {
     /* The snapshot is usually a cache miss: start loading it now and build the
      * terms that only need the variable while it arrives. */
     __builtin_prefetch(s);
-    /* Keys in Erlang term order (atoms sort by text), so building the flatmap
-     * needs one linear check instead of a sort. */
+    ERL_NIF_TERM empty = enif_make_new_map(env); /* immutable: one term serves both fields */
+    if (bounds_tuple && v->cons->flags == (DX_C_MIN | DX_C_MAX))
+        f[0] = v->type == DX_T_FLOAT
+                   ? enif_make_tuple3(env, ATOM_min_max, make_double(env, v->cons->min_f), make_double(env, v->cons->max_f))
+                   : enif_make_tuple3(env, ATOM_min_max, enif_make_int64(env, v->cons->min_i),
+                                      enif_make_int64(env, v->cons->max_i));
+    else
+        f[0] = v->cons->flags ? dx_constraints_to_term(env, v->type, v->cons) : empty;
+    f[1] = enif_make_int64(env, v->created_at);
+    f[2] = dx_make_bin(env, v->id, v->id_len);
+    f[4] = name ? *name : dx_make_bin(env, v->name, v->name_len);
+    f[5] = dx_type_atom(v->type);
+    f[3] = s->meta_len ? dx_blob_to_term(env, s->meta, s->meta_len, empty) : empty;
+    f[6] = enif_make_int64(env, s->updated_at);
+    f[7] = dx_value_to_term(env, &s->value);
+    f[8] = enif_make_uint64(env, s->version);
+}
+
+ERL_NIF_TERM dx_var_to_term_named(ErlNifEnv *env, const dx_var *v, const dx_snap *s, const ERL_NIF_TERM *name) {
     ERL_NIF_TERM keys[9] = {ATOM_constraints, ATOM_created_at, ATOM_id, ATOM_metadata, ATOM_name,
                             ATOM_type, ATOM_updated_at, ATOM_value, ATOM_version};
     ERL_NIF_TERM vals[9];
-    ERL_NIF_TERM empty = enif_make_new_map(env); /* immutable: one term serves both fields */
-    vals[0] = v->cons->flags ? dx_constraints_to_term(env, v->type, v->cons) : empty;
-    vals[1] = enif_make_int64(env, v->created_at);
-    vals[2] = dx_make_bin(env, v->id, v->id_len);
-    /* the caller's own binary when it asked by name: one allocation less */
-    vals[4] = name ? *name : dx_make_bin(env, v->name, v->name_len);
-    vals[5] = dx_type_atom(v->type);
-    vals[3] = s->meta_len ? dx_blob_to_term(env, s->meta, s->meta_len, empty) : empty;
-    vals[6] = enif_make_int64(env, s->updated_at);
-    vals[7] = dx_value_to_term(env, &s->value);
-    vals[8] = enif_make_uint64(env, s->version);
+    var_fields(env, v, s, name, 0, vals);
     ERL_NIF_TERM m;
     enif_make_map_from_arrays(env, keys, vals, 9, &m);
     if (v->derived) {
@@ -406,31 +419,14 @@ ERL_NIF_TERM dx_var_to_term_named(ErlNifEnv *env, const dx_var *v, const dx_snap
 
 /* The fields of dx_var_to_term as a 10-tuple {var, Constraints, CreatedAt, Id,
  * Metadata, Name, Type, UpdatedAt, Value, Version} for plain variables
- * (Constraints may be {min_max, Min, Max}): the
- * Erlang side makes the map with a literal-key expression, whose key tuple is a
- * shared literal (enif_make_map_from_arrays allocates and sorts one per call).
- * Only for plain variables: derived ones carry two more keys. */
+ * (Constraints may be {min_max, Min, Max}, the commonest case): the Erlang side
+ * makes the map with a literal-key expression, whose key tuple is a shared
+ * literal (enif_make_map_from_arrays allocates and sorts one per call). Only
+ * for plain variables: derived ones carry two more keys. */
 ERL_NIF_TERM dx_var_to_flat(ErlNifEnv *env, const dx_var *v, const dx_snap *s, const ERL_NIF_TERM *name) {
-    __builtin_prefetch(s);
     ERL_NIF_TERM t[10];
-    ERL_NIF_TERM empty = enif_make_new_map(env);
     t[0] = ATOM_var;
-    /* numeric bounds are by far the commonest constraints: same trick, a tuple */
-    if (v->cons->flags == (DX_C_MIN | DX_C_MAX))
-        t[1] = v->type == DX_T_FLOAT
-                   ? enif_make_tuple3(env, ATOM_min_max, make_double(env, v->cons->min_f), make_double(env, v->cons->max_f))
-                   : enif_make_tuple3(env, ATOM_min_max, enif_make_int64(env, v->cons->min_i),
-                                      enif_make_int64(env, v->cons->max_i));
-    else
-        t[1] = v->cons->flags ? dx_constraints_to_term(env, v->type, v->cons) : empty;
-    t[2] = enif_make_int64(env, v->created_at);
-    t[3] = dx_make_bin(env, v->id, v->id_len);
-    t[5] = name ? *name : dx_make_bin(env, v->name, v->name_len);
-    t[6] = dx_type_atom(v->type);
-    t[4] = s->meta_len ? dx_blob_to_term(env, s->meta, s->meta_len, empty) : empty;
-    t[7] = enif_make_int64(env, s->updated_at);
-    t[8] = dx_value_to_term(env, &s->value);
-    t[9] = enif_make_uint64(env, s->version);
+    var_fields(env, v, s, name, 1, t + 1);
     return enif_make_tuple_from_array(env, t, 10);
 }
 

@@ -179,7 +179,8 @@ DX_METRICS_NIF(nif_metrics_series_new) {
 /* metrics_record(Series, Value, Time) -> ok | {error, rejected}. rejected:
  * NaN/inf (cannot be passed from Erlang anyway), a time outside every
  * retained window, or out of memory. */
-static int record_into(series_res *r, int64_t t, double v) {
+/* Adds one sample v, or the batch sketch b when b is not NULL, at second t. */
+static int record_into_(series_res *r, int64_t t, double v, const dx_sketch *b) {
     /* the hour ring is the coarsest: it keeps hours [L/3600 - H, L/3600] */
     int64_t L = atomic_load_explicit(&r->latest, memory_order_relaxed);
     if (L != INT64_MIN && t < L && floor_div(t, 3600) < floor_div(L, 3600) - (int64_t)r->hours)
@@ -190,12 +191,12 @@ static int record_into(series_res *r, int64_t t, double v) {
     if (!sh->series)
         sh->series = dx_series_new(0, r->hours); /* NULL (OOM) is rejected below */
     if (sh->series)
-        rc = dx_series_record(sh->series, t, v);
+        rc = b ? dx_series_merge(sh->series, t, b) : dx_series_record(sh->series, t, v);
     if (rc == 0) {
         if (sh->total_count == 0 || t > sh->latest)
             sh->latest = t;
-        sh->total_count++;
-        sh->total_sum += v;
+        sh->total_count += b ? dx_sketch_count(b) : 1;
+        sh->total_sum += b ? dx_sketch_sum(b) : v;
     }
     pthread_mutex_unlock(&sh->mu);
     if (rc != 0)
@@ -205,31 +206,8 @@ static int record_into(series_res *r, int64_t t, double v) {
     return 0;
 }
 
-/* record_into for a batch of samples all at second t. */
-static int record_batch_into(series_res *r, int64_t t, const dx_sketch *b) {
-    int64_t L = atomic_load_explicit(&r->latest, memory_order_relaxed);
-    if (L != INT64_MIN && t < L && floor_div(t, 3600) < floor_div(L, 3600) - (int64_t)r->hours)
-        return -1;
-    shard_t *sh = pick_shard(r);
-    int rc = -1;
-    pthread_mutex_lock(&sh->mu);
-    if (!sh->series)
-        sh->series = dx_series_new(0, r->hours);
-    if (sh->series)
-        rc = dx_series_merge(sh->series, t, b);
-    if (rc == 0) {
-        if (sh->total_count == 0 || t > sh->latest)
-            sh->latest = t;
-        sh->total_count += dx_sketch_count(b);
-        sh->total_sum += dx_sketch_sum(b);
-    }
-    pthread_mutex_unlock(&sh->mu);
-    if (rc != 0)
-        return -1;
-    while (t > L && !atomic_compare_exchange_weak(&r->latest, &L, t))
-        ;
-    return 0;
-}
+static int record_into(series_res *r, int64_t t, double v) { return record_into_(r, t, v, NULL); }
+static int record_batch_into(series_res *r, int64_t t, const dx_sketch *b) { return record_into_(r, t, 0.0, b); }
 
 DX_METRICS_NIF(nif_metrics_record) {
     series_res *r;
