@@ -131,9 +131,13 @@ owner_read(S, {M, F}, Args) ->
 -spec owner_call(binary(), module(), atom(), list()) ->
           {dspex_cluster_redirect, node()} | {dspex_cluster_done, term()}.
 owner_call(S, M, F, Args) ->
-    case owner(S, dspex_cluster_members:view()) of
-        Other when Other =/= node(), Other =/= none -> {dspex_cluster_redirect, Other};
-        _ -> {dspex_cluster_done, erlang:apply(M, F, Args)}
+    V = dspex_cluster_members:view(),
+    case owner(S, V) of
+        none -> {dspex_cluster_done, erlang:apply(M, F, Args)};
+        Me when Me =:= node() ->
+            ok = settle(S, V),
+            {dspex_cluster_done, erlang:apply(M, F, Args)};
+        Other -> {dspex_cluster_redirect, Other}
     end.
 
 %% @doc A call to the registered server `Name' (`dspex_locks') of the node

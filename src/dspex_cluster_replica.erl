@@ -170,11 +170,11 @@ do_apply(S, Epoch, Seq, Owner, P) ->
                     put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
                     ok;
                 {op, Op, Args, Expect} ->
-                    {M, F} = case Op of
-                                 {_, _} -> Op;
-                                 _ -> {dspex_store, Op}
-                             end,
-                    case catch erlang:apply(M, F, Args) of
+                    {Mod, Fun} = case Op of
+                                     {_, _} -> Op;
+                                     _ -> {dspex_store, Op}
+                                 end,
+                    case catch erlang:apply(Mod, Fun, Args) of
                         Expect ->
                             put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
                             ok;
