@@ -135,6 +135,7 @@ relay_loop(#{native := N, ref := Ref, s := S, pid := Pid, mon := Mon} = St) ->
             finish(St);
         {lost, S} ->
             Pid ! {dspex_watch_lost, Ref, S},
+            told(S, moved),
             finish(St);
         {ended, S} ->
             finish(St);
@@ -144,6 +145,9 @@ relay_loop(#{native := N, ref := Ref, s := S, pid := Pid, mon := Mon} = St) ->
         _ ->
             relay_loop(St)
     end.
+
+told(S, Why) ->
+    dspex_telemetry:execute([dspex, cluster, watch, lost], #{count => 1}, #{session => S, reason => Why}).
 
 finish(#{native := N, ref := Ref}) ->
     ok = dspex_nif:unwatch(N),
@@ -171,7 +175,10 @@ handle_info({'DOWN', Mon, process, _, Why}, St) ->
             %% a relay ends normally after telling the watcher (or because the
             %% watcher died or unwatched); anything else, the owner node's
             %% death or a cut connection included, loses the watch
-            _ = Why =:= normal orelse Why =:= noproc orelse (Pid ! {dspex_watch_lost, Ref, S}),
+            _ = Why =:= normal orelse Why =:= noproc orelse begin
+                                                                Pid ! {dspex_watch_lost, Ref, S},
+                                                                told(S, Why)
+                                                            end,
             {noreply, St1};
         error -> {noreply, St}
     end;
