@@ -12,7 +12,7 @@
          migrate_and_drain_under_load/1, locks_released_and_old_token_rejected_after_failover/1,
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1,
          no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1,
-         graph_acl_locks_and_watches_reach_the_owner/1]).
+         graph_acl_locks_and_watches_reach_the_owner/1, watch_is_lost_once_when_the_session_migrates/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2]).
 -export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
@@ -23,7 +23,7 @@ all() ->
      migrate_and_drain_under_load, locks_released_and_old_token_rejected_after_failover,
      async_replication_converges, rendezvous_is_stable_and_spreads,
      no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner,
-     graph_acl_locks_and_watches_reach_the_owner].
+     graph_acl_locks_and_watches_reach_the_owner, watch_is_lost_once_when_the_session_migrates].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -641,4 +641,36 @@ graph_acl_locks_and_watches_reach_the_owner(Config) ->
     {ok, V41} = peer:call(PR, dspex_store, set, [S, x, 41]),
     ?assertMatch({dspex_variable, Ref2, S, <<"x">>, 40, 41, #{version := V41}}, peer:call(PC, ?MODULE, holder_take, [h2, 5000])),
     _ = C,
+    Config.
+
+%% Ownership moving without a node dying (a migration fences the old owner):
+%% the watcher is told once, and a new watch follows the new owner; unwatch
+%% from another node removes the owner's watch.
+watch_is_lost_once_when_the_session_migrates(Config) ->
+    Peers = start_cluster("dspex_wmig", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"wmig_s">>,
+    [{_, PA} | _] = Peers,
+    {ok, Owner} = peer:call(PA, dspex_cluster, owner_of, [S]),
+    [{W, PW} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    H = peer:call(PW, ?MODULE, holder_start, [hw]),
+    Ref = peer:call(PW, dspex_store, watch, [S, [x], H]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, x, 1]),
+    ?assertMatch({dspex_variable, Ref, S, <<"x">>, 0, 1, #{version := 1}}, peer:call(PW, ?MODULE, holder_take, [hw, 5000])),
+    %% the watcher's own node takes the session over
+    {ok, _} = peer:call(PA, dspex_cluster, migrate_session, [S, W]),
+    ?assertEqual({dspex_watch_lost, Ref, S}, peer:call(PW, ?MODULE, holder_take, [hw, 5000])),
+    Ref2 = peer:call(PW, dspex_store, watch, [S, [x], H]),
+    ?assertEqual(W, node(Ref2)),
+    {ok, 2} = peer:call(peer_of(Owner, Peers), dspex_store, set, [S, x, 2]),
+    %% the next message is the change, not a second loss notice
+    ?assertMatch({dspex_variable, Ref2, S, <<"x">>, 1, 2, #{version := 2}}, peer:call(PW, ?MODULE, holder_take, [hw, 5000])),
+    %% a watch from the old owner's node on the new owner, ended from there
+    Ref3 = peer:call(peer_of(Owner, Peers), dspex_store, watch, [S, [x], H]),
+    {ok, #{watchers := N}} = peer:call(PW, dspex_cluster, local_apply, [info, [S, x]]),
+    ?assertEqual(ok, peer:call(peer_of(Owner, Peers), dspex_store, unwatch, [Ref3])),
+    ?assertMatch({ok, #{watchers := M}} when M =:= N - 1, peer:call(PW, dspex_cluster, local_apply, [info, [S, x]])),
+    ?assertEqual(ok, peer:call(PA, dspex_store, unwatch, [Ref3])),   % idempotent
     Config.
