@@ -17,7 +17,7 @@
 %% `string', `boolean', `choice' (one of `choices'), `module' (a module name as
 %% a string), `embedding' (list of numbers, stored as floats), `tensor' (`#{shape => [N], data => [Number]}', data length equal to
 %% the product of the shape). For `string', `choice' and `module' an ASCII atom
-%% is accepted and means its text (`true' is then <<"true">>). An integer beyond
+%% is accepted and means its text (`true' is then `<<"true">>'). An integer beyond
 %% 64 bits given for a float is stored as the nearest float.
 %%
 %% == Cluster ==
