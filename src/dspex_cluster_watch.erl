@@ -120,6 +120,10 @@ relay_init(Caller, S, Keys, Pid, Opts) ->
             Ref = make_ref(),
             Mon = monitor(process, Pid),
             true = ets:insert(?TAB, {Ref, S, self()}),
+            %% ownership may have moved since the caller checked it (a fence
+            %% between that check and the insert above sent this relay
+            %% nothing); the relay then tells the watcher at once
+            _ = dspex_cluster:is_owner(S) orelse (self() ! {lost, S}),
             Caller ! {self(), {ok, Ref}},
             relay_loop(#{native => N, ref => Ref, s => S, pid => Pid, mon => Mon});
         Other ->
