@@ -14,7 +14,7 @@
          no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1,
          graph_acl_locks_and_watches_reach_the_owner/1, watch_is_lost_once_when_the_session_migrates/1]).
 %% run on the peers
--export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2]).
+-export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
 
@@ -537,6 +537,21 @@ run_as(Name, M, F, A) ->
     Pid ! {run, self(), M, F, A},
     receive {Pid, R} -> R end.
 
+%% Runs M:F(A) in a new process registered as Tag, which keeps the result
+%% for await_result/2 (a call that blocks, such as a waiting acquire).
+spawn_call(Tag, M, F, A) ->
+    Pid = spawn(fun() ->
+                        R = (catch erlang:apply(M, F, A)),
+                        receive {result, From} -> From ! {self(), R} end
+                end),
+    register(Tag, Pid),
+    ok.
+
+await_result(Tag, Timeout) ->
+    Pid = whereis(Tag),
+    Pid ! {result, self()},
+    receive {Pid, R} -> R after Timeout -> timeout end.
+
 %% The next watch message the holder got (waiting at most Timeout ms).
 holder_take(Name, Timeout) ->
     Pid = whereis(Name),
@@ -621,8 +636,13 @@ graph_acl_locks_and_watches_reach_the_owner(Config) ->
     {ok, _} = peer:call(PO, dspex_store, set, [S, y, 5]),
     {ok, V31} = Call(dspex_store, set, [S, x, 31]),
     ?assertMatch({dspex_variable, Ref, S, <<"x">>, 30, 31, #{version := V31}}, peer:call(PC, ?MODULE, holder_take, [h2, 5000])),
+    %% a lock waiter on C whose owner dies is told to retry
+    {ok, _} = peer:call(PC, ?MODULE, run_as, [h2, dspex_locks, acquire, [S, y, opt4, #{}]]),
+    ok = peer:call(PC, ?MODULE, spawn_call, [w4, dspex_locks, acquire, [S, y, opt5, #{}]]),
+    ok = wait_until(fun() -> maps:get(waiters, element(2, Call(dspex_locks, status, [S, y]))) =:= 1 end, 5000, lock_waiter),
     %% the owner dies: the watcher is told, the new owner has everything
     ok = kill_node(Owner, Peers),
+    ?assertEqual({error, {retry, owner_down}}, peer:call(PC, ?MODULE, await_result, [w4, 10000])),
     ?assertEqual({dspex_watch_lost, Ref, S}, peer:call(PC, ?MODULE, holder_take, [h2, 10000])),
     ok = wait_until(fun() -> not lists:member(Owner, live(PC)) end, 10000, owner_gone),
     {ok, NewOwner} = Call(dspex_cluster, owner_of, [S]),
