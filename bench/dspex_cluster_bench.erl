@@ -1,10 +1,12 @@
 %% @doc `make bench' (cluster part): write throughput of a 3-node cluster with
 %% sync replication (R = 1) against a single node without a cluster, in the
 %% same run, and failover time (owner killed with kill -9 -> first successful
-%% write from another node). Three `peer' nodes on this machine.
+%% write from another node). Three `peer' nodes on this machine. Also the
+%% routed graph, access-control, lock and watch calls made on the session's
+%% owner against the same calls made on another node (forwarded).
 -module(dspex_cluster_bench).
 
--export([main/0, writers/3, failover_probe/2]).
+-export([main/0, writers/3, failover_probe/2, routed_ops/2]).
 
 -define(SECONDS, 2).
 
@@ -22,6 +24,12 @@ main() ->
     OnOwner1 = peer:call(POwner, ?MODULE, writers, [<<"c1">>, 1, ?SECONDS], 60000),
     Remote1 = peer:call(POther, ?MODULE, writers, [<<"c2">>, 1, ?SECONDS], 60000),
     Remote4 = peer:call(POther, ?MODULE, writers, [<<"c3">>, 4, ?SECONDS], 60000),
+    RS = <<"c1_0">>,   % owned by Owner
+    {ok, _} = peer:call(PA, dspex_store, register, [RS, y, integer, 0]),
+    ok = peer:call(PA, dspex_graph, add_dependency, [RS, x, y]),
+    ok = peer:call(PA, dspex_acl, set_permissions, [RS, x, [#{session_pattern => <<"other*">>, permissions => [read]}]]),
+    OwnerOps = peer:call(POwner, ?MODULE, routed_ops, [RS, 1], 60000),
+    OtherOps = peer:call(POther, ?MODULE, routed_ops, [RS, 1], 60000),
     stop(Peers),
     Row = fun(Name, R, Base) -> io:format("  ~-48s ~12b writes/s  (~.3fx single node)~n", [Name, round(R), R / Base]) end,
     io:format("  ~-48s ~12b writes/s~n", ["single node, no cluster, 1 writer", round(Single1)]),
@@ -29,6 +37,10 @@ main() ->
     Row("cluster, 1 writer on the owner", OnOwner1, Single1),
     Row("cluster, 1 writer on another node (forwarded)", Remote1, Single1),
     Row("cluster, 4 writers on another node, 4 sessions", Remote4, Single4),
+    io:format("  routed calls, on the owner vs on another node (forwarded), 1 caller:~n", []),
+    [io:format("  ~-48s ~9b ops/s on the owner, ~9b ops/s forwarded  (~.3fx)~n",
+               [K, round(V), round(proplists:get_value(K, OtherOps)), proplists:get_value(K, OtherOps) / V])
+     || {K, V} <- OwnerOps],
     Times = [failover_once("dspex_fo" ++ integer_to_list(I)) || I <- lists:seq(1, 3)],
     io:format("  failover (owner kill -9 -> first acknowledged write), 3 runs: ~p ms, median ~p ms~n",
               [Times, lists:nth(2, lists:sort(Times))]),
@@ -50,6 +62,28 @@ loop(S, C, Until) ->
         false ->
             {ok, _} = dspex_store:set(S, x, C),
             loop(S, C + 1, Until)
+    end.
+
+%% Runs on a peer: calls per second of each routed operation on session S
+%% (variables x -> y, a read rule on x), one caller, Secs seconds each.
+routed_ops(S, Secs) ->
+    _ = dspex_store:watch(S, [x], self()),
+    Ops = [{"dspex_graph:dependencies/2", fun() -> {ok, _} = dspex_graph:dependencies(S, y) end},
+           {"dspex_acl:check_access/5", fun() -> ok = dspex_acl:check_access(S, x, <<"other_1">>, read, #{}) end},
+           {"dspex_locks:acquire/4 + release/1", fun() ->
+                                                      {ok, L} = dspex_locks:acquire(S, y, bench, #{}),
+                                                      ok = dspex_locks:release(L)
+                                                  end},
+           {"set + its watch message back", fun() ->
+                                                  {ok, _} = dspex_store:set(S, x, erlang:unique_integer([positive])),
+                                                  receive {dspex_variable, _, S, <<"x">>, _, _, _} -> ok end
+                                              end}],
+    [{K, rate(F, erlang:monotonic_time(millisecond) + Secs * 1000, 0) / Secs} || {K, F} <- Ops].
+
+rate(F, Until, C) ->
+    case C rem 16 =:= 0 andalso erlang:monotonic_time(millisecond) >= Until of
+        true -> C;
+        false -> F(), rate(F, Until, C + 1)
     end.
 
 owner(P, S) ->

@@ -19,7 +19,14 @@
 %% and emitted as telemetry (`[dspex, acl, denied]',
 %% `[dspex, acl, permissions_changed]', `[dspex, acl, check]',
 %% `[dspex, rate_limit, exceeded]').
+%%
+%% With a cluster (`dspex_cluster') every call on a session runs on its owner:
+%% `set_permissions' and `set_rate_limit' through its writer (rules reach the
+%% replicas with the whole session; the rate limit is replayed), the queries
+%% there. Audit entries and telemetry are recorded on the owner node.
 -module(dspex_acl).
+
+-include("dspex_routing.hrl").
 
 -export([set_permissions/3, set_permissions/4, get_permissions/2, check_access/5, validate_rules/1,
          filter_accessible/3, filter_accessible/4, set_rate_limit/3, audit_log/0, audit_log/1,
@@ -40,6 +47,9 @@ set_permissions(Session, Var, Rules) -> set_permissions(Session, Var, Rules, #{}
 %% `{error, {invalid_rule, Index, Message}}' (0-based) and changes nothing.
 -spec set_permissions(dspex_store:session_id(), dspex_store:var_key(), [rule()], map()) -> ok | {error, term()}.
 set_permissions(Session, Var, Rules, Opts) when is_map(Opts) ->
+    ?ROUTED(Session, set_permissions, [Session, Var, Rules, Opts], set_permissions_here(Session, Var, Rules, Opts)).
+
+set_permissions_here(Session, Var, Rules, Opts) ->
     Result = dspex_nif:acl_set(Session, Var, Rules, Opts),
     Who = maps:get(as, Opts, Session),
     record(#{event => permissions_changed, session => Session, variable => Var, principal => Who,
@@ -50,12 +60,16 @@ set_permissions(Session, Var, Rules, Opts) when is_map(Opts) ->
 
 %% @doc The variable's rules (`[]': owner only).
 -spec get_permissions(dspex_store:session_id(), dspex_store:var_key()) -> {ok, [rule()]} | {error, term()}.
-get_permissions(Session, Var) -> dspex_nif:acl_get(Session, Var).
+get_permissions(Session, Var) -> ?ROUTED(Session, get_permissions, [Session, Var], dspex_nif:acl_get(Session, Var)).
 
 %% @doc Whether `Principal' may use `Permission' on the variable.
 -spec check_access(dspex_store:session_id(), dspex_store:var_key(), binary(), permission(), map()) ->
           ok | {error, term()}.
 check_access(Session, Var, Principal, Permission, Context) when is_map(Context) ->
+    ?ROUTED(Session, check_access, [Session, Var, Principal, Permission, Context],
+            check_access_here(Session, Var, Principal, Permission, Context)).
+
+check_access_here(Session, Var, Principal, Permission, Context) ->
     %% a denial is also recorded in the audit log by the NIF's report
     Result = dspex_nif:acl_check(Session, Var, Principal, Permission, Context),
     dspex_telemetry:execute([dspex, acl, check], #{count => 1},
@@ -74,14 +88,15 @@ filter_accessible(Session, Principal, Permission) -> filter_accessible(Session, 
 %% @doc Names of the session's variables `Principal' may use for `Permission'.
 -spec filter_accessible(dspex_store:session_id(), binary(), permission(), map()) -> {ok, [binary()]} | {error, term()}.
 filter_accessible(Session, Principal, Permission, Context) ->
-    dspex_nif:acl_filter(Session, Principal, Permission, Context).
+    ?ROUTED(Session, filter_accessible, [Session, Principal, Permission, Context],
+            dspex_nif:acl_filter(Session, Principal, Permission, Context)).
 
 %% @doc A token bucket on every operation on the session: `Rate' operations per
 %% second on average, bursts up to `Burst'; past it `{error, rate_limited}'.
 %% `Rate' 0 turns limiting off (the default; it then costs nothing).
 -spec set_rate_limit(dspex_store:session_id(), number(), number()) -> ok | {error, term()}.
 set_rate_limit(Session, Rate, Burst) when is_number(Rate), Rate >= 0, is_number(Burst), Burst >= 1 ->
-    dspex_nif:session_set_rate(Session, Rate, Burst).
+    ?ROUTED(Session, set_rate_limit, [Session, Rate, Burst], dspex_nif:session_set_rate(Session, Rate, Burst)).
 
 %% @equiv audit_log(#{})
 -spec audit_log() -> [map()].

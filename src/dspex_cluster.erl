@@ -9,12 +9,34 @@
 %%   backend => static | etcd,                  % ownership backend (default static)
 %%   etcd => #{endpoint => "http://127.0.0.1:2379", ttl => 2}}
 %% '''
-%% Without it (the default) nothing here runs and `dspex_store' works on the
-%% local node exactly as before.
+%% Without it (the default) nothing here runs and `dspex_store', `dspex_graph',
+%% `dspex_acl' and `dspex_locks' work on the local node exactly as before (one
+%% `persistent_term' read per call).
 %%
-%% `dspex_store' calls `route/4' for every session call. Reads run on the
-%% owner; writes run in the owner's `dspex_cluster_writer' and are replicated
-%% before they are acknowledged (`sync'). Errors added by the cluster:
+%% == Routing ==
+%% `dspex_store', `dspex_graph' and `dspex_acl' call `route/4' for every call
+%% on a session; each operation has a class (`class/2'):
+%% <ul>
+%% <li>`write' (`dspex_store' writes; `dspex_graph:add_dependency',
+%% `remove_dependency', `clear'; `dspex_acl:set_permissions',
+%% `set_rate_limit'): runs in the owner's `dspex_cluster_writer' and is
+%% replicated before it is acknowledged (`sync'). Store writes and
+%% `set_rate_limit' are replayed on the replicas; a graph or access-rule
+%% change ships the whole session (export/import carries the dependencies, the
+%% rules and the derive functions): simple, and these changes are rare.</li>
+%% <li>`read' (every other call on a session): runs on the owner, through
+%% `erpc' from other nodes.</li>
+%% <li>`call' (`dspex_graph:define_derived', watches): runs on the owner node
+%% with routing still on, so the writes it makes go through the writer (the
+%% propagator of a session lives on its owner).</li>
+%% </ul>
+%% `dspex_locks' sends its requests to the owner's lock server with
+%% `call_server/3' (locks are not replicated; the holder is the calling
+%% process wherever it runs, monitored across nodes), and `dspex_store:watch/4'
+%% goes through `dspex_cluster_watch' (a relay on the owner; the watcher is
+%% told `{dspex_watch_lost, Ref, Session}' when ownership moves).
+%%
+%% == Errors ==
 %% `{error, no_quorum}' (this side of a partition has no majority; nothing was
 %% written), `{error, {retry, Why}}' with `Why' one of `owner_down',
 %% `replica_unavailable', `fenced', `timeout' (the write may or may not have
@@ -26,50 +48,139 @@
 -module(dspex_cluster).
 
 -export([settle_replicas_of/1,
-         route/4, local_apply/2, owner_read/3, owner_of/1, cluster_status/0, migrate_session/2, drain/1,
+         route/4, class/2, local_apply/2, local_apply/3, owner_read/3, owner_call/4, call_server/3, is_owner/1,
+         owner_of/1, cluster_status/0, migrate_session/2, drain/1,
          await_drained/2, undrain/1, last_write/0, owned_sessions/0, handoff_all/0, enabled/0]).
 
--define(WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
+-define(STORE_WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
 -define(CALL_TIMEOUT, 10000).
 -define(ROUTE_DEADLINE_MS, 8000).
+
+-type op() :: atom() | {module(), atom()}.
+-export_type([op/0]).
 
 %% @doc Whether this node runs as a cluster member.
 -spec enabled() -> boolean().
 enabled() -> persistent_term:get(dspex_cluster_routing, false).
 
-%% @doc Runs a `dspex_store' call where the session lives (see the module doc).
+%% @doc How `Module:Op' on a session is routed: `write' (in the owner's
+%% writer, replicated), `read' (on the owner) or `call' (on the owner node,
+%% routing still on).
+-spec class(module(), atom()) -> write | read | call.
+class(dspex_store, Op) ->
+    case lists:member(Op, ?STORE_WRITES) of
+        true -> write;
+        false -> read
+    end;
+class(dspex_graph, Op) when Op =:= add_dependency; Op =:= remove_dependency; Op =:= clear -> write;
+class(dspex_graph, define_derived) -> call;
+class(dspex_acl, Op) when Op =:= set_permissions; Op =:= set_rate_limit -> write;
+class(dspex_cluster_watch, _) -> call;
+class(_, _) -> read.
+
+%% @doc Runs a call on session `S' where the session lives (see the module
+%% doc). `Op' is `{Module, Function}' (an atom alone means `dspex_store');
 %% `Local' performs it on this node.
--spec route(binary(), atom(), list(), fun(() -> term())) -> term().
-route(S, Op, Args, Local) ->
+-spec route(binary(), op(), list(), fun(() -> term())) -> term().
+route(S, Op, Args, Local) when is_atom(Op) -> route(S, {dspex_store, Op}, Args, Local);
+route(S, {M, F} = Op, Args, Local) ->
     case get(dspex_cluster_local) of
         true -> Local();
         _ when not is_binary(S) -> Local();   % a type error raises badarg as before
         _ ->
             Deadline = erlang:monotonic_time(millisecond) + ?ROUTE_DEADLINE_MS,
-            case lists:member(Op, ?WRITES) of
-                true -> write(S, Op, Args, Deadline, undefined);
-                false -> read(S, Op, Args, Local, Deadline)
+            case class(M, F) of
+                write -> write(S, Op, Args, Deadline, undefined);
+                read -> read(S, Op, Args, Local, Deadline);
+                call -> call(S, Op, Args, Local, Deadline, undefined)
             end
     end.
 
-%% @doc Runs a store call on this node without routing (used by other nodes).
+%% @equiv local_apply(dspex_store, Op, Args)
 -spec local_apply(atom(), list()) -> term().
-local_apply(Op, Args) ->
-    put(dspex_cluster_local, true),
-    try erlang:apply(dspex_store, Op, Args)
-    after erase(dspex_cluster_local)
+local_apply(Op, Args) -> local_apply(dspex_store, Op, Args).
+
+%% @doc Runs `Module:Op(Args)' on this node without routing (used by other
+%% nodes, and for what must stay local such as a propagator's own watches).
+-spec local_apply(module(), atom(), list()) -> term().
+local_apply(M, Op, Args) ->
+    Was = put(dspex_cluster_local, true),
+    try erlang:apply(M, Op, Args)
+    after
+        case Was of
+            true -> ok;
+            _ -> erase(dspex_cluster_local)
+        end
     end.
 
 %% @doc A read sent by another node: served here after making sure this node's
 %% copy is the newest (a takeover when the view changed since its epoch began).
--spec owner_read(binary(), atom(), list()) -> term().
-owner_read(S, Op, Args) ->
+-spec owner_read(binary(), op(), list()) -> term().
+owner_read(S, Op, Args) when is_atom(Op) -> owner_read(S, {dspex_store, Op}, Args);
+owner_read(S, {M, F}, Args) ->
     V = dspex_cluster_members:view(),
     case owner(S, V) of
         Me when Me =:= node() -> ok = settle(S, V);
         _ -> ok
     end,
-    local_apply(Op, Args).
+    local_apply(M, F, Args).
+
+%% @doc An owner call sent by another node: `{dspex_cluster_redirect, Node}'
+%% when this node's view names another owner, else `{dspex_cluster_done,
+%% Result}' of `M:F(Args)' run here with routing on.
+-spec owner_call(binary(), module(), atom(), list()) ->
+          {dspex_cluster_redirect, node()} | {dspex_cluster_done, term()}.
+owner_call(S, M, F, Args) ->
+    V = dspex_cluster_members:view(),
+    case owner(S, V) of
+        none -> {dspex_cluster_done, erlang:apply(M, F, Args)};
+        Me when Me =:= node() ->
+            ok = settle(S, V),
+            {dspex_cluster_done, erlang:apply(M, F, Args)};
+        Other -> {dspex_cluster_redirect, Other}
+    end.
+
+%% @doc A call to the registered server `Name' (`dspex_locks') of the node
+%% owning `S' (this node's without a cluster). A call cut by the owner's death
+%% is `{error, {retry, owner_down}}'.
+-spec call_server(term(), atom(), term()) -> term().
+call_server(S, Name, Msg) ->
+    case enabled() andalso get(dspex_cluster_local) =/= true andalso is_binary(S) of
+        false -> gen_server:call(Name, Msg, infinity);
+        true -> server(S, Name, Msg, erlang:monotonic_time(millisecond) + ?ROUTE_DEADLINE_MS, undefined)
+    end.
+
+server(S, Name, Msg, Deadline, _) ->
+    V = dspex_cluster_members:view(),
+    case owner(S, V) of
+        none -> gen_server:call(Name, Msg, infinity);
+        Me when Me =:= node() ->
+            ok = settle(S, V),
+            gen_server:call(Name, Msg, infinity);
+        Owner ->
+            case lists:member(Owner, nodes()) of
+                false -> wait_view(S, Name, Msg, Deadline, V, owner_down, fun server/5);
+                true ->
+                    try gen_server:call({Name, Owner}, Msg, infinity)
+                    catch
+                        exit:{{nodedown, _}, _} -> {error, {retry, owner_down}};
+                        exit:{noproc, _} -> wait_view(S, Name, Msg, Deadline, V, owner_down, fun server/5)
+                    end
+            end
+    end.
+
+%% @doc Whether this node holds `Session' as its established owner (always
+%% true without a cluster): a session's propagator acts only there.
+-spec is_owner(binary()) -> boolean().
+is_owner(S) ->
+    case enabled() of
+        false -> true;
+        true ->
+            case dspex_cluster_replica:row(S) of
+                {S, E, _, Me, _, _, F} when Me =:= node(), F =< E -> true;
+                _ -> false
+            end
+    end.
 
 %% @doc `{Epoch, Owner}' of the calling process's last write routed by the
 %% cluster, or `undefined': which owner accepted it and under which epoch.
@@ -127,6 +238,35 @@ read(S, Op, Args, Local, Deadline) ->
                 error:{erpc, _} = Why ->
                     Retry = fun(S1, Op1, Args1, D1, _) -> read(S1, Op1, Args1, Local, D1) end,
                     wait_view(S, Op, Args, Deadline, V, Why, Retry)
+            end
+    end.
+
+call(S, {M, F} = Op, Args, Local, Deadline, Target0) ->
+    V = dspex_cluster_members:view(),
+    Retry = fun(S1, Op1, Args1, D1, Next) -> call(S1, Op1, Args1, Local, D1, Next) end,
+    Target = case Target0 of
+                 undefined -> owner(S, V);
+                 _ -> Target0
+             end,
+    case Target of
+        none -> Local();
+        Me when Me =:= node() ->
+            ok = settle(S, V),
+            Local();
+        Owner ->
+            case lists:member(Owner, nodes()) of
+                false -> wait_view(S, Op, Args, Deadline, V, owner_down, Retry);
+                true ->
+                    try erpc:call(Owner, ?MODULE, owner_call, [S, M, F, Args], ?CALL_TIMEOUT) of
+                        {dspex_cluster_redirect, Next} -> again(S, Op, Args, Deadline, Next, Retry);
+                        {dspex_cluster_done, Result} -> Result
+                    catch
+                        error:{exception, Reason, _} -> erlang:error(Reason);   % the caller's badarg
+                        exit:{exception, Reason} -> exit(Reason);
+                        error:{erpc, noconnection} -> {error, {retry, owner_down}};
+                        error:{erpc, timeout} -> {error, {retry, timeout}};
+                        error:{erpc, _} = Why -> wait_view(S, Op, Args, Deadline, V, Why, Retry)
+                    end
             end
     end.
 

@@ -8,6 +8,10 @@
 %% where `Seq' counts the replicated changes of the epoch's history and
 %% `Fence' is the highest epoch announced by a takeover: changes from a lower
 %% epoch are refused with `{error, {stale_epoch, Fence}}'.
+%%
+%% Watches made on this node while it owned a session (`dspex_cluster_watch')
+%% are told they are lost when another node takes the session over (fence),
+%% or this copy is replaced or dropped.
 -module(dspex_cluster_replica).
 -behaviour(gen_server).
 
@@ -18,7 +22,7 @@
 -define(POOL, 8).
 -define(TAB, dspex_cluster_sessions).
 
--type payload() :: {op, atom(), list(), term()} | {full, map() | absent} | delete_session.
+-type payload() :: {op, atom() | {module(), atom()}, list(), term()} | {full, map() | absent} | delete_session.
 -export_type([payload/0]).
 
 %% @doc Starts replica process `I' of the pool.
@@ -92,6 +96,8 @@ handle_call({fence, S, Epoch}, _From, St) ->
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
             put_row({S, E, Seq, O, R, G, Epoch}),
+            %% another node is taking over: watches made here while owner end
+            dspex_cluster_watch:lost(S, lost),
             {reply, {ok, {E, Seq, present(S)}}, St}
     end;
 handle_call({export, S}, _From, St) ->
@@ -115,6 +121,7 @@ handle_call({drop, S, Epoch, Owner}, _From, St) ->
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
+            dspex_cluster_watch:lost(S, lost),
             _ = dspex_store:delete_session(S),
             put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
             {reply, ok, St}
@@ -158,11 +165,16 @@ do_apply(S, Epoch, Seq, Owner, P) ->
                     end;
                 _ when Epoch =/= E; Seq =/= Seq0 + 1 -> {error, need_full};
                 delete_session ->
+                    dspex_cluster_watch:lost(S, ended),
                     _ = dspex_store:delete_session(S),
                     put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
                     ok;
                 {op, Op, Args, Expect} ->
-                    case catch erlang:apply(dspex_store, Op, Args) of
+                    {Mod, Fun} = case Op of
+                                     {_, _} -> Op;
+                                     _ -> {dspex_store, Op}
+                                 end,
+                    case catch erlang:apply(Mod, Fun, Args) of
                         Expect ->
                             put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
                             ok;
@@ -175,9 +187,11 @@ do_apply(S, Epoch, Seq, Owner, P) ->
 present(S) -> element(1, dspex_store:get_session(S)) =:= ok.
 
 replace(S, absent) ->
+    dspex_cluster_watch:lost(S, lost),
     _ = dspex_store:delete_session(S),
     ok;
 replace(S, Export) ->
+    dspex_cluster_watch:lost(S, lost),
     _ = dspex_store:delete_session(S),
     try dspex_store:import_session(Export) of
         ok -> ok;

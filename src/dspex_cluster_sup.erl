@@ -1,5 +1,6 @@
 %% @doc Supervises the cluster processes when `dspex_bridge' / `cluster' is
-%% configured: the `pg' scope, the replica and writer pools, the ownership
+%% configured: the `pg' scope, the replica and writer pools, the watch relay
+%% table and guards, the ownership
 %% backend's processes, then the membership server (which turns routing on).
 %% Without configuration it has no children and routing stays off.
 -module(dspex_cluster_sup).
@@ -46,6 +47,7 @@ init([]) ->
             Pool = fun(Mod) -> [#{id => {Mod, I}, start => {Mod, start_link, [I]}} || I <- lists:seq(0, ?POOL - 1)] end,
             Children = [#{id => pg, start => {pg, start_link, [dspex_cluster]}}]
                 ++ Pool(dspex_cluster_replica) ++ Pool(dspex_cluster_writer)
+                ++ [#{id => dspex_cluster_watch, start => {dspex_cluster_watch, start_link, []}}]
                 ++ Backend:child_specs(C)
                 ++ [#{id => dspex_cluster_keeper, start => {dspex_cluster_keeper, start_link, [C]}}]
                 ++ [#{id => dspex_cluster_members, start => {dspex_cluster_members, start_link, [C]}}],

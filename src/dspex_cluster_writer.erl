@@ -10,6 +10,12 @@
 %% (the highest `{Epoch, Seq}' any member holds), pushes it to the replicas and
 %% drops the copies of the other nodes. Then it commits locally and ships the
 %% change: `sync' waits until every replica applied it, `async' does not.
+%%
+%% A write is `{Module, Function}' with its arguments (see
+%% `dspex_cluster:class/2'): `dspex_store' writes are replayed on the replicas
+%% (`set' and friends with the version they reached), `dspex_acl:set_rate_limit'
+%% is replayed, and `dspex_graph'/`dspex_acl' rule changes ship the whole
+%% session (its export carries dependencies, rules and derive functions).
 -module(dspex_cluster_writer).
 -behaviour(gen_server).
 
@@ -88,6 +94,7 @@ handle_cast({expired, S}, St) ->
                 false ->
                     #{replication := Mode} = dspex_cluster_members:view(),
                     _ = replicate(S, E, Seq + 1, delete_session, Reps, Mode),
+                    dspex_cluster_watch:lost(S, ended),
                     dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
                 true -> ok
             end;
@@ -195,10 +202,13 @@ local_export(S) ->
         {error, _} -> absent
     end.
 
+%% The local copy is replaced by a newer one: watches made on it are lost.
 replace_local(S, absent) ->
+    dspex_cluster_watch:lost(S, lost),
     _ = dspex_store:delete_session(S),
     ok;
 replace_local(S, Export) ->
+    dspex_cluster_watch:lost(S, lost),
     _ = dspex_store:delete_session(S),
     case dspex_store:import_session(Export) of
         ok -> ok;
@@ -207,12 +217,14 @@ replace_local(S, Export) ->
 
 %%% writes -----------------------------------------------------------------------
 
-write(S, Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
+write(S, Op, Args, Own, V) when is_atom(Op) -> write(S, {dspex_store, Op}, Args, Own, V);
+write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
     T0 = erlang:monotonic_time(),
     %% a caller's type error is raised again in the caller, not here
-    Result = try erlang:apply(dspex_store, Op, Args)
+    Result = try erlang:apply(M, F, Args)
              catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
              end,
+    _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
     Reply = case payload(Op, Args, Result) of
                 none -> Result;
                 P ->
@@ -227,7 +239,7 @@ write(S, Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
                     end
             end,
     dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
-                            #{session => S, op => Op, epoch => Epoch, replicas => Reps, mode => Mode}),
+                            #{session => S, op => F, module => M, epoch => Epoch, replicas => Reps, mode => Mode}),
     {Reply, Epoch, node()}.
 
 full(S, full) -> {full, local_export(S)};
@@ -264,6 +276,15 @@ replicate(S, E, Seq, P, Reps, sync) ->
     end.
 
 %% What the replicas must do to follow a successful write.
+payload({dspex_store, Op}, Args, Result) ->
+    payload(Op, Args, Result);
+payload({dspex_acl, set_rate_limit} = Op, Args, ok) ->
+    {op, Op, Args, ok};
+payload({M, _}, _Args, ok) when M =:= dspex_graph; M =:= dspex_acl ->
+    %% dependencies and rules travel with the session's export
+    full;
+payload({_, _}, _Args, _) ->
+    none;
 payload(Op, _Args, Result) when Op =:= create_session; Op =:= register; Op =:= import_session ->
     case Result of
         ok -> full;

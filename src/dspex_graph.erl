@@ -9,7 +9,16 @@
 %%
 %% Variables may be named by name (binary or ASCII atom) or id; results name
 %% variables by their name (a binary).
+%%
+%% With a cluster (`dspex_cluster') every call runs on the session's owner:
+%% edge changes through its writer (the replicas receive the whole session),
+%% queries there, and `define_derived/6' on the owner node, whose propagator
+%% recomputes the derived variables (a replica's propagator stays idle until
+%% its node takes the session over). A derive function given as a fun must be
+%% loadable on every node (its module's code); `{M, F}' is the safer form.
 -module(dspex_graph).
+
+-include("dspex_routing.hrl").
 
 -export([add_dependency/3, add_dependency/4, remove_dependency/3, dependencies/2, dependents/2,
          all_dependents/2, update_order/2, clear/1, to_dot/1, to_map/1,
@@ -32,12 +41,18 @@ add_dependency(Session, From, To) -> add_dependency(Session, From, To, data).
 %% Unknown variables: `{error, {not_found, Key}}'.
 -spec add_dependency(session_id(), var_key(), var_key(), atom()) -> ok | {error, term()}.
 add_dependency(Session, From, To, Type) when is_atom(Type) ->
+    ?ROUTED(Session, add_dependency, [Session, From, To, Type], add_dependency_here(Session, From, To, Type)).
+
+add_dependency_here(Session, From, To, Type) ->
     timed(add_dependency, #{session => Session, from => From, to => To, type => Type},
           fun() -> dspex_nif:graph_add(Session, From, To, Type) end).
 
 %% @doc Removes the edge; `{error, {not_found, {From, To}}}' if there is none.
 -spec remove_dependency(session_id(), var_key(), var_key()) -> ok | {error, term()}.
 remove_dependency(Session, From, To) ->
+    ?ROUTED(Session, remove_dependency, [Session, From, To], remove_dependency_here(Session, From, To)).
+
+remove_dependency_here(Session, From, To) ->
     timed(remove_dependency, #{session => Session, from => From, to => To},
           fun() -> dspex_nif:graph_remove(Session, From, To) end).
 
@@ -58,29 +73,31 @@ timed(Op, Meta, Call) ->
 
 %% @doc What the variable depends on directly (its predecessors).
 -spec dependencies(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-dependencies(Session, Var) -> dspex_nif:graph_query(Session, Var, dependencies).
+dependencies(Session, Var) -> ?ROUTED(Session, dependencies, [Session, Var], dspex_nif:graph_query(Session, Var, dependencies)).
 
 %% @doc What depends on the variable directly (its successors).
 -spec dependents(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-dependents(Session, Var) -> dspex_nif:graph_query(Session, Var, dependents).
+dependents(Session, Var) -> ?ROUTED(Session, dependents, [Session, Var], dspex_nif:graph_query(Session, Var, dependents)).
 
 %% @doc Every transitive dependent, in topological order.
 -spec all_dependents(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-all_dependents(Session, Var) -> dspex_nif:graph_query(Session, Var, all_dependents).
+all_dependents(Session, Var) -> ?ROUTED(Session, all_dependents, [Session, Var], dspex_nif:graph_query(Session, Var, all_dependents)).
 
 %% @doc The variable followed by all its transitive dependents, in an order in
 %% which every variable comes after everything it depends on.
 -spec update_order(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-update_order(Session, Var) -> dspex_nif:graph_query(Session, Var, update_order).
+update_order(Session, Var) -> ?ROUTED(Session, update_order, [Session, Var], dspex_nif:graph_query(Session, Var, update_order)).
 
 %% @doc Removes every edge of the session (variables stay).
 -spec clear(session_id()) -> ok | {error, session_not_found}.
-clear(Session) -> dspex_nif:graph_clear(Session).
+clear(Session) -> ?ROUTED(Session, clear, [Session], dspex_nif:graph_clear(Session)).
 
 %% @doc The graph as JSON-friendly data: `#{nodes => [Name], edges =>
 %% [#{from => Name, to => Name, type => Type}]}', both sorted.
 -spec to_map(session_id()) -> {ok, #{nodes := [binary()], edges := [map()]}} | {error, term()}.
-to_map(Session) ->
+to_map(Session) -> ?ROUTED(Session, to_map, [Session], to_map_here(Session)).
+
+to_map_here(Session) ->
     case dspex_nif:graph_edges(Session) of
         {ok, Nodes, Edges} ->
             {ok, #{nodes => lists:sort(Nodes),
@@ -127,7 +144,9 @@ define_derived(Session, Name, Type, Inputs, Fun) ->
 define_derived(Session, Name, Type, Inputs, Fun, Opts) when is_list(Inputs), Inputs =/= [], is_map(Opts) ->
     case valid_fun(Fun) of
         false -> {error, {invalid_argument, function}};
-        true -> dspex_propagator:define(Session, Name, Type, Inputs, Fun, Opts)
+        true ->
+            ?ROUTED(Session, define_derived, [Session, Name, Type, Inputs, Fun, Opts],
+                    dspex_propagator:define(Session, Name, Type, Inputs, Fun, Opts))
     end;
 define_derived(_Session, _Name, _Type, _Inputs, _Fun, _Opts) ->
     {error, {invalid_argument, inputs}}.

@@ -358,6 +358,10 @@ watch_loop(S, Ref, Vars, Ctx) ->
         {'DOWN', _, port, _, _} ->
             dspex_store:unwatch(Ref),
             streamed;
+        {dspex_watch_lost, Ref, S} ->
+            %% cluster: the session's owner went away or the session moved;
+            %% UNAVAILABLE tells the client to watch again (on the new owner)
+            {error, unavailable};
         _Other ->
             watch_loop(S, Ref, Vars, Ctx)
     end.

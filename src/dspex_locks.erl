@@ -10,6 +10,15 @@
 %% This server serialises lock decisions and watches holders and waiters: when
 %% a holder dies its lock is freed and the next waiter granted; leases expire
 %% unless renewed. It is never on the path of reads or writes.
+%%
+%% With a cluster (`dspex_cluster') the requests on a session go to the
+%% `dspex_locks' server of its owner node, from any node: the holder is the
+%% calling process (or `pid') wherever it runs, monitored across nodes (its
+%% death, or its node's, frees the lock), and its token is accepted by writes
+%% forwarded to the owner. Locks are not replicated: when the owner's node
+%% dies they are gone (see `dspex_cluster'); a request cut by that death is
+%% `{error, {retry, owner_down}}'. `active/0' lists the locks of this node's
+%% server only.
 -module(dspex_locks).
 -behaviour(gen_server).
 
@@ -44,7 +53,7 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
           {ok, lock()} | {error, term()}.
 acquire(Session, Var, OptimizerId, Opts) when is_map(Opts) ->
     case check_opts(Opts) of
-        {ok, Cfg} -> gen_server:call(?MODULE, {acquire, Session, Var, OptimizerId, Cfg}, infinity);
+        {ok, Cfg} -> call(Session, {acquire, Session, Var, OptimizerId, Cfg});
         Error -> Error
     end.
 
@@ -69,19 +78,19 @@ valid_ms(N) -> is_integer(N) andalso N >= 0.
 
 %% @doc Releases the lock; only its holder process may (`{error, not_lock_owner}').
 %% The next waiter is granted at once.
--spec release(lock()) -> ok | {error, not_lock_owner}.
-release(Lock) -> gen_server:call(?MODULE, {release, Lock, self()}, infinity).
+-spec release(lock()) -> ok | {error, term()}.
+release(Lock) -> call(session_of(Lock), {release, Lock, self()}).
 
 %% @doc Restarts the lease of a held lock.
--spec renew(lock()) -> ok | {error, not_lock_owner}.
-renew(Lock) -> gen_server:call(?MODULE, {renew, Lock}, infinity).
+-spec renew(lock()) -> ok | {error, term()}.
+renew(Lock) -> call(session_of(Lock), {renew, Lock}).
 
 %% @doc Records an iteration of the holder: `Value' is the candidate value of
 %% the variable, `Metrics' a map. The best candidate by the lock's objective and
 %% metric is kept (`status/2', `stop/2').
 -spec report_progress(lock(), non_neg_integer(), dspex_store:value(), map()) -> ok | {error, term()}.
 report_progress(Lock, Iteration, Value, Metrics) when is_integer(Iteration), Iteration >= 0, is_map(Metrics) ->
-    gen_server:call(?MODULE, {progress, Lock, Iteration, Value, Metrics}, infinity).
+    call(session_of(Lock), {progress, Lock, Iteration, Value, Metrics}).
 
 %% @doc The lock state of a variable: `locked', and when locked `optimizer',
 %% `token', `priority', `iterations', `best' (`#{value, score, iteration}' or
@@ -89,7 +98,7 @@ report_progress(Lock, Iteration, Value, Metrics) when is_integer(Iteration), Ite
 -spec status(dspex_store:session_id(), dspex_store:var_key()) -> {ok, map()} | {error, term()}.
 status(Session, Var) ->
     case name_of(Session, Var) of
-        {ok, Name} -> gen_server:call(?MODULE, {status, {Session, Name}}, infinity);
+        {ok, Name} -> call(Session, {status, {Session, Name}});
         Error -> Error
     end.
 
@@ -102,7 +111,17 @@ active() -> gen_server:call(?MODULE, active, infinity).
 %% Returns `{ok, #{best => Best, applied => boolean()}}'.
 -spec stop(lock(), #{apply_best => boolean()}) -> {ok, map()} | {error, term()}.
 stop(Lock, Opts) when is_map(Opts) ->
-    gen_server:call(?MODULE, {stop, Lock, self(), maps:get(apply_best, Opts, false) =:= true}, infinity).
+    call(session_of(Lock), {stop, Lock, self(), maps:get(apply_best, Opts, false) =:= true}).
+
+%% This node's server, or with a cluster the session owner's.
+call(Session, Msg) ->
+    case persistent_term:get(dspex_cluster_routing, false) of
+        false -> gen_server:call(?MODULE, Msg, infinity);
+        true -> dspex_cluster:call_server(Session, ?MODULE, Msg)
+    end.
+
+session_of(#{session := S}) -> S;
+session_of(_) -> undefined.
 
 name_of(Session, Var) ->
     case dspex_store:get(Session, Var) of

@@ -6,6 +6,14 @@
 %% For each committed change of a non-derived variable it takes
 %% `dspex_graph:update_order/2' of that variable and recomputes every derived
 %% variable in it once, in that order, through the store.
+%%
+%% With a cluster the propagator of the owner node recomputes (its writes go
+%% through the owner's writer and are replicated); the propagators that
+%% replicas start when they import the session keep the definitions and their
+%% own local watches but stay idle until their node owns the session. The
+%% definitions are also kept in the registry table, so that exporting a
+%% session (done by cluster processes while this process may be waiting for
+%% them) never calls this process.
 -module(dspex_propagator).
 -behaviour(gen_server).
 
@@ -54,7 +62,12 @@ stop(Session) ->
 definitions(Session) ->
     case whereis_session(Session) of
         undefined -> [];
-        Pid -> gen_server:call(Pid, definitions, infinity)
+        Pid ->
+            try ets:lookup(?TAB, {defs, Session}) of
+                [{_, Pid, Defs}] -> Defs;
+                _ -> []
+            catch error:badarg -> []
+            end
     end.
 
 %% @doc Takes over exported definitions for variables that already exist (an
@@ -132,12 +145,19 @@ init(Session) ->
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call({define, Name, Type, Value, Inputs, Fun, Opts}, _From, #{session := S} = St) ->
+    %% published before the writes, so that the copies they ship carry it
+    Tentative = case Name of
+                    _ when is_binary(Name) -> Name;
+                    _ when is_atom(Name) -> atom_to_binary(Name, utf8);
+                    _ -> undefined
+                end,
+    publish(maps:put(Tentative, {Inputs, Fun}, maps:get(derived, St)), St),
     case dspex_store:register(S, Name, Type, Value, Opts#{derived => true}) of
         {ok, Id} ->
             {ok, #{name := NameBin}} = dspex_store:get(S, Id),
             case add_edges(S, Inputs, NameBin) of
                 ok ->
-                    St1 = watch_inputs(Inputs, St#{derived := (maps:get(derived, St))#{NameBin => {Inputs, Fun}}}),
+                    St1 = watch_inputs(Inputs, publish(St#{derived := (maps:get(derived, St))#{NameBin => {Inputs, Fun}}})),
                     %% an input may have committed between the first computation
                     %% and the watch: catch up, writing only if the value moved
                     St2 = case compute(S, Inputs, Fun) of
@@ -147,10 +167,10 @@ handle_call({define, Name, Type, Value, Inputs, Fun, Opts}, _From, #{session := 
                     {reply, {ok, Id}, St2};
                 Error ->
                     _ = dspex_store:delete(S, Id),
-                    {reply, Error, St}
+                    {reply, Error, publish(St)}
             end;
         Error ->
-            {reply, Error, St}
+            {reply, Error, publish(St)}
     end;
 handle_call(definitions, _From, #{derived := D} = St) ->
     {reply, [{N, I, F} || {N, {I, F}} <- lists:sort(maps:to_list(D))], St};
@@ -158,7 +178,7 @@ handle_call({adopt, Defs}, _From, St) ->
     St1 = lists:foldl(fun({N, Inputs, Fun}, Acc = #{derived := D}) ->
                               watch_inputs(Inputs, Acc#{derived := D#{N => {Inputs, Fun}}})
                       end, St, Defs),
-    {reply, ok, St1};
+    {reply, ok, publish(St1)};
 handle_call(sync, _From, St) ->
     %% every watch message sent before the caller's request is already handled
     {reply, ok, St}.
@@ -166,15 +186,22 @@ handle_call(sync, _From, St) ->
 -spec terminate(term(), map()) -> ok.
 terminate(_Reason, #{session := S}) ->
     _ = ets:delete_object(?TAB, {S, self()}),
+    _ = ets:match_delete(?TAB, {{defs, S}, self(), '_'}),
     ok.
+
+%% The definitions as `definitions/1' returns them.
+publish(#{derived := D} = St) -> publish(D, St), St.
+
+publish(D, #{session := S}) ->
+    ets:insert(?TAB, {{defs, S}, self(), [{N, I, F} || {N, {I, F}} <- lists:sort(maps:to_list(D)), N =/= undefined]}).
 
 -spec handle_cast(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
 handle_cast(stop, St) -> {stop, normal, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
 handle_info({dspex_variable, _Ref, S, Name, _Old, _New, _Meta}, #{session := S, derived := D} = St) ->
-    case maps:is_key(Name, D) of
-        true -> {noreply, St}; %% our own write
+    case maps:is_key(Name, D) orelse not dspex_cluster:is_owner(S) of
+        true -> {noreply, St}; %% our own write, or a replica's copy
         false ->
             case dspex_graph:update_order(S, Name) of
                 {ok, [_ | Order]} ->
@@ -204,17 +231,19 @@ add_edges(S, [I | Is], To) ->
         Error -> Error
     end.
 
+%% Watches on this node's copy (a replica's propagator must not watch the
+%% owner's, nor wait for it while the owner's writer waits for the replica).
 watch_inputs(Inputs, #{session := S, derived := D, watched := W} = St) ->
     New = [I || I <- Inputs, not maps:is_key(name_of(S, I), W), not maps:is_key(name_of(S, I), D)],
     lists:foldl(fun(I, Acc = #{watched := W1}) ->
-                        case dspex_store:watch(S, [I], self()) of
+                        case dspex_cluster:local_apply(dspex_store, watch, [S, [I], self()]) of
                             {error, _} -> Acc;
                             _Ref -> Acc#{watched := W1#{name_of(S, I) => true}}
                         end
                 end, St, New).
 
 name_of(S, Key) ->
-    case dspex_store:get(S, Key) of
+    case dspex_cluster:local_apply(dspex_store, get, [S, Key]) of
         {ok, #{name := N}} -> N;
         {error, _} -> Key
     end.
@@ -237,7 +266,7 @@ recompute(Name, #{session := S, derived := D} = St) when is_map_key(Name, D) ->
             _ = clear_error(S, Name),
             St;
         gone ->
-            St#{derived := maps:remove(Name, D)};
+            publish(St#{derived := maps:remove(Name, D)});
         {error, Reason} ->
             _ = dspex_nif:var_set_error(S, Name, Reason),
             dspex_telemetry:execute([dspex, graph, propagation, error], #{count => 1},

@@ -17,14 +17,16 @@
 %% `string', `boolean', `choice' (one of `choices'), `module' (a module name as
 %% a string), `embedding' (list of numbers, stored as floats), `tensor' (`#{shape => [N], data => [Number]}', data length equal to
 %% the product of the shape). For `string', `choice' and `module' an ASCII atom
-%% is accepted and means its text (`true' is then <<"true">>). An integer beyond
+%% is accepted and means its text (`true' is then `<<"true">>'). An integer beyond
 %% 64 bits given for a float is stored as the nearest float.
 %%
 %% == Cluster ==
 %% When a cluster is configured (see `dspex_cluster'), every call taking a
 %% session id runs on the session's owner node and writes are replicated;
-%% `list_sessions/0', `watch/4' and `unwatch/1' stay local. Without
-%% configuration nothing changes.
+%% `watch/4' registers on the owner and delivers its changes to the watcher
+%% on any node (see `dspex_cluster_watch': the watcher is told
+%% `{dspex_watch_lost, Ref, Session}' when the owner goes away);
+%% `list_sessions/0' stays local. Without configuration nothing changes.
 %%
 %% == Errors ==
 %% All runtime failures are `{error, Reason}' with the reasons documented on
@@ -82,13 +84,7 @@
                       | rate_limited
                       | enomem.
 
-%% Cluster routing (see `dspex_cluster'): with no cluster configured (the
-%% default) this is one persistent_term read and the call runs here as before.
--define(ROUTED(Session, Op, Args, Local),
-        case persistent_term:get(dspex_cluster_routing, false) of
-            false -> Local;
-            true -> dspex_cluster:route(Session, Op, Args, fun() -> Local end)
-        end).
+-include("dspex_routing.hrl").
 
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
 
@@ -384,18 +380,34 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% section; a failed set changes nothing.
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
-set(Session, Key, Value, #{propagate := sync} = Opts) ->
-    ?ROUTED(Session, set, [Session, Key, Value, Opts], set_here(Session, Key, Value, Opts));
+set(Session, Key, Value, #{propagate := sync} = Opts) -> set_routed(Session, Key, Value, Opts);
 set(Session, Key, Value, Opts) ->
     case dspex_nif:var_set(Session, Key, Value, Opts) of
-        slow -> ?ROUTED(Session, set, [Session, Key, Value, Opts], set_here(Session, Key, Value, Opts));
+        slow -> set_routed(Session, Key, Value, Opts);
         R -> R
+    end.
+
+set_routed(Session, Key, Value, Opts) ->
+    case persistent_term:get(dspex_cluster_routing, false) of
+        false -> set_here(Session, Key, Value, Opts);
+        true ->
+            Result = dspex_cluster:route(Session, {?MODULE, set}, [Session, Key, Value, Opts],
+                                         fun() -> set_here(Session, Key, Value, Opts) end),
+            %% the owner's writer commits without waiting for the propagator
+            %% (which writes through that writer); the caller waits here
+            case {Result, Opts, get(dspex_cluster_local)} of
+                {{ok, _}, #{propagate := sync}, Local} when is_binary(Session), Local =/= true ->
+                    ok = dspex_cluster:route(Session, {dspex_propagator, sync}, [Session],
+                                             fun() -> dspex_propagator:sync(Session) end),
+                    Result;
+                _ -> Result
+            end
     end.
 
 set_here(Session, Key, Value, #{propagate := sync} = Opts) ->
     case set_timed(Session, Key, Value, Opts) of
         {ok, _} = Ok ->
-            ok = dspex_propagator:sync(Session),
+            _ = get(dspex_cluster_local) =:= true orelse dspex_propagator:sync(Session),
             Ok;
         Error -> Error
     end;
@@ -501,11 +513,19 @@ watch(Session, Keys, Pid) -> watch(Session, Keys, Pid, #{}).
 %% Messages of one variable arrive in commit order. The watch ends with
 %% `unwatch/1', when `Pid' dies, or when the variable is deleted. Returns `Ref'
 %% (an opaque reference-like term). A variable named twice is watched once; an
-%% empty list is `{error, {invalid_argument, variables}}'.
+%% empty list is `{error, {invalid_argument, variables}}'. With a cluster the
+%% watch is made on the session's owner and may also end with
+%% `{dspex_watch_lost, Ref, Session}' (see `dspex_cluster_watch').
 -spec watch(session_id(), [var_key()], pid(), map()) -> reference() | {error, error_reason()}.
 watch(_Session, [], _Pid, _Opts) ->
     {error, {invalid_argument, variables}};
 watch(Session, Keys, Pid, Opts) when is_list(Keys), is_pid(Pid), is_map(Opts) ->
+    case persistent_term:get(dspex_cluster_routing, false) of
+        false -> watch_here(Session, Keys, Pid, Opts);
+        true -> dspex_cluster_watch:watch(Session, Keys, Pid, Opts, fun() -> watch_here(Session, Keys, Pid, Opts) end)
+    end.
+
+watch_here(Session, Keys, Pid, Opts) ->
     case ?TIMED(watch, 'dspex_telemetry/dspex.store.watch.stop', #{session => Session, variables => Keys, pid => Pid},
                 dspex_nif:watch(Session, Keys, Pid, Opts)) of
         {ok, Ref} -> Ref;
@@ -521,7 +541,11 @@ info(Session, Key) -> ?ROUTED(Session, info, [Session, Key], dspex_nif:var_info(
 
 %% @doc Ends a watch (idempotent).
 -spec unwatch(reference()) -> ok.
-unwatch(Ref) -> dspex_nif:unwatch(Ref).
+unwatch(Ref) ->
+    case persistent_term:get(dspex_cluster_routing, false) of
+        false -> dspex_nif:unwatch(Ref);
+        true -> dspex_cluster_watch:unwatch(Ref)
+    end.
 
 %% @doc The whole session as one term: every variable with its value,
 %% constraints, metadata, version, timestamps and history (format

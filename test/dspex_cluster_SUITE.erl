@@ -11,8 +11,10 @@
 -export([kill_owner_sync_loses_no_acknowledged_write/1, minority_refuses_writes_and_heals/1,
          migrate_and_drain_under_load/1, locks_released_and_old_token_rejected_after_failover/1,
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1,
-         no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1]).
+         no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1,
+         graph_acl_locks_and_watches_reach_the_owner/1, watch_is_lost_once_when_the_session_migrates/1]).
 %% run on the peers
+-export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
 
@@ -20,7 +22,8 @@ all() ->
     [kill_owner_sync_loses_no_acknowledged_write, minority_refuses_writes_and_heals,
      migrate_and_drain_under_load, locks_released_and_old_token_rejected_after_failover,
      async_replication_converges, rendezvous_is_stable_and_spreads,
-     no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner].
+     no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner,
+     graph_acl_locks_and_watches_reach_the_owner, watch_is_lost_once_when_the_session_migrates].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -495,3 +498,199 @@ replica_copies_live_and_expire_with_the_owner(_Config) ->
     ok = wait_until(fun() -> not Held(PR) end, 15000, replica_copy_expired),
     ?assertNot(Held(PO)),
     ?assertEqual({error, session_not_found}, peer:call(PA, dspex_store, get_session, [S])).
+
+%%% forwarded graph, access control, locks and watches -----------------------------
+
+%% The derive function of the test's derived variable.
+sum_values(Values) -> lists:sum(maps:values(Values)).
+
+%% A long-lived process on a peer (peer:call runs each call in a process of
+%% its own): it runs calls as itself and keeps the watch messages it gets.
+holder_start(Name) ->
+    Pid = spawn(fun holder_loop/0),
+    register(Name, Pid),
+    Pid.
+
+holder_loop() ->
+    receive
+        {run, From, M, F, A} ->
+            From ! {self(), catch erlang:apply(M, F, A)},
+            holder_loop();
+        {take, From, Timeout} ->
+            Msg = receive
+                      {dspex_variable, _, _, _, _, _, _} = V -> V;
+                      {dspex_watch_lost, _, _} = L -> L
+                  after Timeout -> timeout
+                  end,
+            From ! {self(), Msg},
+            holder_loop()
+    end.
+
+holder_stop(Name) ->
+    Pid = whereis(Name),
+    Ref = monitor(process, Pid),
+    exit(Pid, kill),
+    receive {'DOWN', Ref, _, _, _} -> ok end.
+
+run_as(Name, M, F, A) ->
+    Pid = whereis(Name),
+    Pid ! {run, self(), M, F, A},
+    receive {Pid, R} -> R end.
+
+%% Runs M:F(A) in a new process registered as Tag, which keeps the result
+%% for await_result/2 (a call that blocks, such as a waiting acquire).
+spawn_call(Tag, M, F, A) ->
+    Pid = spawn(fun() ->
+                        R = (catch erlang:apply(M, F, A)),
+                        receive {result, From} -> From ! {self(), R} end
+                end),
+    register(Tag, Pid),
+    ok.
+
+await_result(Tag, Timeout) ->
+    Pid = whereis(Tag),
+    Pid ! {result, self()},
+    receive {Pid, R} -> R after Timeout -> timeout end.
+
+%% The next watch message the holder got (waiting at most Timeout ms).
+holder_take(Name, Timeout) ->
+    Pid = whereis(Name),
+    Pid ! {take, self(), Timeout},
+    receive {Pid, R} -> R end.
+
+%% Everything is called on the node that is neither owner nor replica of the
+%% session: graph changes, a derived variable, access rules, a lock (held by a
+%% process of that node) and watches reach the owner; after the owner is
+%% killed the new owner has the dependencies, rules and derive function, and
+%% the watcher is told its watch was lost.
+graph_acl_locks_and_watches_reach_the_owner(Config) ->
+    Peers = start_cluster("dspex_fwd", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"fwd_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    [{C, PC}] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner, Rep])],
+    PO = peer_of(Owner, Peers),
+    PR = peer_of(Rep, Peers),
+    Call = fun(M, F, A) -> peer:call(PC, M, F, A) end,
+    Here = fun(P, M, F, A) -> peer:call(P, dspex_cluster, local_apply, [M, F, A]) end,
+    {ok, _} = Call(dspex_store, create_session, [S]),
+    {ok, _} = Call(dspex_store, register, [S, x, integer, 1]),
+    {ok, _} = Call(dspex_store, register, [S, y, integer, 2]),
+    %% graph: the edge is on the owner and its replica, never on C
+    ?assertEqual(ok, Call(dspex_graph, add_dependency, [S, x, y])),
+    ?assertEqual({ok, [<<"x">>]}, Call(dspex_graph, dependencies, [S, y])),
+    ?assertEqual({ok, [<<"x">>]}, Here(PO, dspex_graph, dependencies, [S, y])),
+    ?assertEqual({ok, [<<"x">>]}, Here(PR, dspex_graph, dependencies, [S, y])),
+    ?assertEqual({error, session_not_found}, Here(PC, dspex_graph, dependencies, [S, y])),
+    ?assertMatch({error, {would_create_cycle, _}}, Call(dspex_graph, add_dependency, [S, y, x])),
+    %% a derived variable defined from C is computed by the owner's propagator
+    {ok, _} = Call(dspex_graph, define_derived, [S, z, integer, [x, y], {?MODULE, sum_values}]),
+    ?assertEqual({ok, 3}, Call(dspex_store, get_value, [S, z])),
+    ?assert(is_pid(peer:call(PO, dspex_propagator, whereis_session, [S]))),
+    ?assertEqual(undefined, peer:call(PC, dspex_propagator, whereis_session, [S])),
+    ?assertMatch({ok, _}, Call(dspex_store, set, [S, x, 10, #{propagate => sync}])),
+    ?assertEqual({ok, 12}, Call(dspex_store, get_value, [S, z])),
+    %% recomputed once, by the owner only (the replica's propagator is idle),
+    %% and the recomputation is replicated
+    ?assertEqual({12, 1}, peer:call(PO, ?MODULE, node_state, [S, <<"z">>])),
+    ?assertEqual({12, 1}, peer:call(PR, ?MODULE, node_state, [S, <<"z">>])),
+    %% access rules
+    Rule = #{session_pattern => <<"other*">>, permissions => [read]},
+    ?assertEqual(ok, Call(dspex_acl, set_permissions, [S, x, [Rule]])),
+    ?assertMatch({ok, [#{session_pattern := <<"other*">>}]}, Call(dspex_acl, get_permissions, [S, x])),
+    ?assertMatch({ok, [_]}, Here(PR, dspex_acl, get_permissions, [S, x])),
+    ?assertEqual(ok, Call(dspex_acl, check_access, [S, x, <<"other_1">>, read, #{}])),
+    ?assertEqual({error, access_denied}, Call(dspex_acl, check_access, [S, x, <<"other_1">>, write, #{}])),
+    ?assertEqual({ok, [<<"x">>]}, Call(dspex_acl, filter_accessible, [S, <<"other_1">>, read])),
+    ?assertMatch({ok, #{value := 10}}, Call(dspex_store, get, [S, x, #{as => <<"other_1">>}])),
+    %% locks: held by a process on C, kept by the owner's lock server
+    H1 = peer:call(PC, ?MODULE, holder_start, [h1]),
+    H2 = peer:call(PC, ?MODULE, holder_start, [h2]),
+    {ok, L1} = peer:call(PC, ?MODULE, run_as, [h1, dspex_locks, acquire, [S, x, opt1, #{}]]),
+    ?assertEqual(H1, maps:get(pid, L1)),
+    ?assertMatch([#{optimizer := opt1}], [A || #{session := AS} = A <- peer:call(PO, dspex_locks, active, []), AS =:= S]),
+    ?assertEqual([], peer:call(PC, dspex_locks, active, [])),
+    ?assertEqual({error, {locked, opt1}}, Call(dspex_store, set, [S, x, 20])),
+    ?assertEqual({ok, 2}, Call(dspex_store, set, [S, x, 20, #{lock => L1}])),
+    ?assertMatch({ok, #{locked := true, optimizer := opt1}}, Call(dspex_locks, status, [S, x])),
+    ?assertEqual(ok, peer:call(PC, ?MODULE, run_as, [h1, dspex_locks, report_progress, [L1, 1, 21, #{}]])),
+    ?assertEqual({error, not_lock_owner}, Call(dspex_locks, release, [L1])),
+    ?assertEqual(ok, peer:call(PC, ?MODULE, run_as, [h1, dspex_locks, release, [L1]])),
+    ?assertMatch({ok, #{locked := false}}, Call(dspex_locks, status, [S, x])),
+    %% the holder's death on C frees the lock on the owner: a waiter is granted
+    {ok, L2} = peer:call(PC, ?MODULE, run_as, [h1, dspex_locks, acquire, [S, x, opt2, #{}]]),
+    ok = peer:call(PC, ?MODULE, holder_stop, [h1]),
+    {ok, L3} = peer:call(PC, ?MODULE, run_as, [h2, dspex_locks, acquire, [S, x, opt3, #{timeout => 5000}]]),
+    ?assert(maps:get(token, L3) > maps:get(token, L2)),
+    ?assertEqual(ok, peer:call(PC, ?MODULE, run_as, [h2, dspex_locks, release, [L3]])),
+    %% watches from C deliver the owner's commits; unwatch reaches the owner
+    Ref = Call(dspex_store, watch, [S, [x], H2]),
+    ?assert(is_reference(Ref)),
+    RefY = Call(dspex_store, watch, [S, [y], H2]),
+    {ok, #{watchers := WY}} = Here(PO, dspex_store, info, [S, y]),
+    ?assertEqual(ok, Call(dspex_store, unwatch, [RefY])),
+    ?assertMatch({ok, #{watchers := W}} when W =:= WY - 1, Here(PO, dspex_store, info, [S, y])),
+    {ok, V30} = peer:call(PO, dspex_store, set, [S, x, 30]),
+    ?assertMatch({dspex_variable, Ref, S, <<"x">>, 20, 30, #{version := V30}}, peer:call(PC, ?MODULE, holder_take, [h2, 5000])),
+    {ok, _} = peer:call(PO, dspex_store, set, [S, y, 5]),
+    {ok, V31} = Call(dspex_store, set, [S, x, 31]),
+    ?assertMatch({dspex_variable, Ref, S, <<"x">>, 30, 31, #{version := V31}}, peer:call(PC, ?MODULE, holder_take, [h2, 5000])),
+    %% a lock waiter on C whose owner dies is told to retry
+    {ok, _} = peer:call(PC, ?MODULE, run_as, [h2, dspex_locks, acquire, [S, y, opt4, #{}]]),
+    ok = peer:call(PC, ?MODULE, spawn_call, [w4, dspex_locks, acquire, [S, y, opt5, #{}]]),
+    ok = wait_until(fun() -> maps:get(waiters, element(2, Call(dspex_locks, status, [S, y]))) =:= 1 end, 5000, lock_waiter),
+    %% the owner dies: the watcher is told, the new owner has everything
+    ok = kill_node(Owner, Peers),
+    ?assertEqual({error, {retry, owner_down}}, peer:call(PC, ?MODULE, await_result, [w4, 10000])),
+    ?assertEqual({dspex_watch_lost, Ref, S}, peer:call(PC, ?MODULE, holder_take, [h2, 10000])),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PC)) end, 10000, owner_gone),
+    {ok, NewOwner} = Call(dspex_cluster, owner_of, [S]),
+    ?assertEqual(Rep, NewOwner),
+    ?assertEqual({ok, [<<"x">>]}, Call(dspex_graph, dependencies, [S, y])),
+    {ok, ZDeps} = Call(dspex_graph, dependencies, [S, z]),
+    ?assertEqual([<<"x">>, <<"y">>], lists:sort(ZDeps)),
+    ?assertMatch({ok, [#{session_pattern := <<"other*">>}]}, Call(dspex_acl, get_permissions, [S, x])),
+    ?assertEqual({error, access_denied}, Call(dspex_acl, check_access, [S, x, <<"other_1">>, write, #{}])),
+    ?assertMatch({ok, [_]}, Here(PR, dspex_acl, get_permissions, [S, x])),
+    %% the derive function came along: the new owner recomputes
+    ?assertMatch({ok, _}, Call(dspex_store, set, [S, x, 40, #{propagate => sync}])),
+    ?assertEqual({ok, 45}, Call(dspex_store, get_value, [S, z])),
+    %% watching again goes to the new owner
+    Ref2 = Call(dspex_store, watch, [S, [x], H2]),
+    {ok, V41} = peer:call(PR, dspex_store, set, [S, x, 41]),
+    ?assertMatch({dspex_variable, Ref2, S, <<"x">>, 40, 41, #{version := V41}}, peer:call(PC, ?MODULE, holder_take, [h2, 5000])),
+    _ = C,
+    Config.
+
+%% Ownership moving without a node dying (a migration fences the old owner):
+%% the watcher is told once, and a new watch follows the new owner; unwatch
+%% from another node removes the owner's watch.
+watch_is_lost_once_when_the_session_migrates(Config) ->
+    Peers = start_cluster("dspex_wmig", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"wmig_s">>,
+    [{_, PA} | _] = Peers,
+    {ok, Owner} = peer:call(PA, dspex_cluster, owner_of, [S]),
+    [{W, PW} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    H = peer:call(PW, ?MODULE, holder_start, [hw]),
+    Ref = peer:call(PW, dspex_store, watch, [S, [x], H]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, x, 1]),
+    ?assertMatch({dspex_variable, Ref, S, <<"x">>, 0, 1, #{version := 1}}, peer:call(PW, ?MODULE, holder_take, [hw, 5000])),
+    %% the watcher's own node takes the session over
+    {ok, _} = peer:call(PA, dspex_cluster, migrate_session, [S, W]),
+    ?assertEqual({dspex_watch_lost, Ref, S}, peer:call(PW, ?MODULE, holder_take, [hw, 5000])),
+    Ref2 = peer:call(PW, dspex_store, watch, [S, [x], H]),
+    ?assertEqual(W, node(Ref2)),
+    {ok, 2} = peer:call(peer_of(Owner, Peers), dspex_store, set, [S, x, 2]),
+    %% the next message is the change, not a second loss notice
+    ?assertMatch({dspex_variable, Ref2, S, <<"x">>, 1, 2, #{version := 2}}, peer:call(PW, ?MODULE, holder_take, [hw, 5000])),
+    %% a watch from the old owner's node on the new owner, ended from there
+    Ref3 = peer:call(peer_of(Owner, Peers), dspex_store, watch, [S, [x], H]),
+    {ok, #{watchers := N}} = peer:call(PW, dspex_cluster, local_apply, [info, [S, x]]),
+    ?assertEqual(ok, peer:call(peer_of(Owner, Peers), dspex_store, unwatch, [Ref3])),
+    ?assertMatch({ok, #{watchers := M}} when M =:= N - 1, peer:call(PW, dspex_cluster, local_apply, [info, [S, x]])),
+    ?assertEqual(ok, peer:call(PA, dspex_store, unwatch, [Ref3])),   % idempotent
+    Config.
