@@ -39,8 +39,11 @@ def hang():
 
 
 def spin():
-    """Busy in Python (the GIL is released now and then)."""
+    """Busy in Python (the GIL is released now and then); says so first, in a
+    log frame, so a test can wait for the call to be running."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    body = b'{"type": "log", "level": "info", "message": "spinning"}'
+    os.write(_frame_fd(), struct.pack(">I", len(body)) + body)
     while True:
         pass
 

@@ -88,7 +88,7 @@ class ProtocolTest(unittest.TestCase):
     def test_eof_ends_the_worker_even_mid_call(self):
         self.w.recv()
         self.w.send({"type": "call", "id": 1, "fn": "spin", "args": []})
-        time.sleep(0.2)
+        self.assertEqual(self.w.recv()["message"], "spinning")  # the call is running
         self.assertIsNone(self.w.proc.poll())
         self.w.proc.stdin.close()
         self.assertEqual(self.w.proc.wait(timeout=10), 0)
