@@ -16,7 +16,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/3,
-         row/1, put_row/1, table/0]).
+         row/1, put_row/1, table/0, replace/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
@@ -186,6 +186,9 @@ do_apply(S, Epoch, Seq, Owner, P) ->
 
 present(S) -> element(1, dspex_store:get_session(S)) =:= ok.
 
+%% @doc Replaces this node's copy of session S with an export of it (or drops
+%% it for `absent'); watches made on the old copy are told they are lost.
+-spec replace(binary(), map() | absent) -> ok | {error, {import_failed, term()}}.
 replace(S, absent) ->
     dspex_cluster_watch:lost(S, lost),
     _ = dspex_store:delete_session(S),
@@ -195,6 +198,6 @@ replace(S, Export) ->
     _ = dspex_store:delete_session(S),
     try dspex_store:import_session(Export) of
         ok -> ok;
-        {error, _} = E -> E
+        {error, R} -> {error, {import_failed, R}}
     catch _:Why -> {error, {import_failed, Why}}
     end.

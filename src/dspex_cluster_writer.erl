@@ -202,17 +202,11 @@ local_export(S) ->
         {error, _} -> absent
     end.
 
-%% The local copy is replaced by a newer one: watches made on it are lost.
-replace_local(S, absent) ->
-    dspex_cluster_watch:lost(S, lost),
-    _ = dspex_store:delete_session(S),
-    ok;
+%% The local copy is replaced by a newer one (see dspex_cluster_replica:replace/2).
 replace_local(S, Export) ->
-    dspex_cluster_watch:lost(S, lost),
-    _ = dspex_store:delete_session(S),
-    case dspex_store:import_session(Export) of
+    case dspex_cluster_replica:replace(S, Export) of
         ok -> ok;
-        {error, R} -> {error, {retry, {import_failed, R}}}
+        {error, R} -> {error, {retry, R}}
     end.
 
 %%% writes -----------------------------------------------------------------------

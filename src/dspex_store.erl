@@ -98,16 +98,22 @@
 -define(TIMED(Op, Key, Meta, Call),
         case dspex_telemetry:handlers_at(Key) of
             [] -> Call;
-            Hs__ ->
-                T0__ = os:perf_counter(),
-                R__ = Call,
-                D__ = erlang:convert_time_unit(os:perf_counter() - T0__, perf_counter, native),
-                dspex_telemetry:emit(Hs__, [dspex, store, Op, stop], #{duration => D__}, result_meta(R__, Meta)),
-                R__
+            Hs__ -> ?TIMED_EMIT(Op, Hs__, Meta, Call)
+        end).
+%% Runs Call between two clock reads and emits its stop event to Hs.
+-define(TIMED_EMIT(Op, Hs, Meta, Call),
+        begin
+            T0__ = os:perf_counter(),
+            R__ = Call,
+            D__ = erlang:convert_time_unit(os:perf_counter() - T0__, perf_counter, native),
+            dspex_telemetry:emit(Hs, [dspex, store, Op, stop], #{duration => D__}, result_meta(R__, Meta)),
+            R__
         end).
 
 %% Inlined from dspex_telemetry:handlers_at/1 for the hottest calls.
 -define(TELEMETRY_LOADED, erlang:function_exported(telemetry, execute, 3)).
+%% The handler list of an event the native analytics alone listen to.
+-define(ANALYTICS_ONLY, [{{dspex_metrics, _}, _, _}]).
 
 %% get, get_value and set are timed inside the NIF for the analytics (see
 %% dspex_metrics_handler): when theirs is the only handler nothing is done
@@ -115,21 +121,12 @@
 %% the analytics handler does not count them twice.
 -define(TIMED_NATIVE(Op, Key, Meta, Call),
         case persistent_term:get(Key, []) of
-            [{{dspex_metrics, _}, _, _}] -> Call;
+            ?ANALYTICS_ONLY -> Call;
             [] -> case ?TELEMETRY_LOADED of
                       false -> Call;
-                      true -> ?TIMED_EMIT(Op, telemetry, Meta, Call)
+                      true -> ?TIMED_EMIT(Op, telemetry, (Meta)#{native_metrics => true}, Call)
                   end;
-            Hs0__ -> ?TIMED_EMIT(Op, Hs0__, Meta, Call)
-        end).
--define(TIMED_EMIT(Op, Hs, Meta, Call),
-        begin
-            T0__ = os:perf_counter(),
-            R__ = Call,
-            D__ = erlang:convert_time_unit(os:perf_counter() - T0__, perf_counter, native),
-            dspex_telemetry:emit(Hs, [dspex, store, Op, stop], #{duration => D__},
-                                 (result_meta(R__, Meta))#{native_metrics => true}),
-            R__
+            Hs0__ -> ?TIMED_EMIT(Op, Hs0__, (Meta)#{native_metrics => true}, Call)
         end).
 
 %% @private
@@ -147,7 +144,7 @@ refresh_fast_path() ->
     Only = fun(Key) ->
                    case persistent_term:get(Key, []) of
                        [] -> true;
-                       [{{dspex_metrics, _}, _, _}] -> true;
+                       ?ANALYTICS_ONLY -> true;
                        _ -> false
                    end
            end,
