@@ -43,7 +43,9 @@
 #include "pbterm.h"
 #include "snakepit_bridge.pb-c.h"
 
-#define REQUESTS_PER_CQ 16
+/* Calls of each method requested ahead per completion-queue thread (more
+ * arrivals wait in the server's queue until a request is re-posted). */
+#define REQUESTS_PER_METHOD 8
 #define TABLE_BUCKETS 1024
 
 /* ------------------------------------------------------------ configuration */
@@ -55,17 +57,35 @@ static size_t g_stream_queue = 10000;
 
 /* ------------------------------------------------------------ state */
 
-enum tag_kind { T_NEW, T_RECV, T_CLOSE, T_SEND, T_FINISH, T_SHUTDOWN };
+enum tag_kind { T_NEW, T_CLOSE, T_SEND, T_FINISH, T_SHUTDOWN };
 
+/* A call's own batches (T_CLOSE, T_SEND, T_FINISH) complete on a callback
+ * queue: gRPC runs the functor in the thread that completed the operation,
+ * usually the one that started it, so a reply costs no wake-up of a
+ * completion-queue thread. Only new calls (T_NEW) come through the polled
+ * queues. Callbacks may run inside grpc_call_start_batch, so no call mutex
+ * is ever held across it (see batch_t). */
 struct call;
-typedef struct tag { enum tag_kind kind; struct call *c; } tag_t;
+typedef struct tag {
+    grpc_completion_queue_functor f; /* first: gRPC hands back its address */
+    enum tag_kind kind;
+    struct call *c;
+} tag_t;
+
+/* A batch decided under a call's mutex and started after it is released. */
+typedef struct batch {
+    grpc_op ops[3];
+    size_t n;
+    tag_t *t;
+} batch_t;
 
 typedef struct outmsg { grpc_byte_buffer *buf; struct outmsg *next; } outmsg;
 
 typedef struct call {
-    tag_t t_new, t_recv, t_close, t_send, t_finish;
+    tag_t t_new, t_close, t_send, t_finish;
     grpc_call *call;
-    grpc_call_details details;
+    grpc_call_details details; /* unregistered (unknown) methods */
+    gpr_timespec deadline;     /* registered methods */
     grpc_metadata_array req_md;
     int cq_index;
     grpc_byte_buffer *recv_buf;
@@ -88,6 +108,8 @@ typedef struct call {
 
 static grpc_server *g_server;
 static grpc_completion_queue **g_cqs;
+static grpc_completion_queue *g_call_cq; /* callback queue of calls' own batches */
+static void **g_methods;                 /* registered method handles, by index */
 static pthread_t *g_threads;
 static atomic_int g_shutdown;
 static atomic_uint_fast64_t g_next_id = 1;
@@ -100,8 +122,10 @@ static call_t *g_table[TABLE_BUCKETS];
 
 static pthread_mutex_t g_sd_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_sd_cv = PTHREAD_COND_INITIALIZER;
-static int g_sd_done;
-static tag_t g_shutdown_tag = {T_SHUTDOWN, NULL};
+static int g_sd_done;       /* SD_SERVER | SD_CALL_CQ once each has shut down */
+#define SD_SERVER 1
+#define SD_CALL_CQ 2
+static tag_t g_shutdown_tag = {{NULL, 0, 0, NULL}, T_SHUTDOWN, NULL};
 
 static const ProtobufCServiceDescriptor *g_svc = &snakepit__bridge__bridge_service__descriptor;
 
@@ -196,16 +220,21 @@ static void table_remove(call_t *c) {
 
 /* ------------------------------------------------------------ call lifecycle */
 
-static call_t *call_new(int cq_index) {
+static void on_event(tag_t *t, int ok);
+
+static void on_callback(grpc_completion_queue_functor *f, int ok) { on_event((tag_t *)f, ok); }
+
+static call_t *call_new(int cq_index, int method) {
     call_t *c = calloc(1, sizeof *c);
+    /* inlineable: the handlers only take short locks and start batches */
+    const grpc_completion_queue_functor cb = {on_callback, 1, 0, NULL};
     if (!c) return NULL;
-    c->t_new = (tag_t){T_NEW, c};
-    c->t_recv = (tag_t){T_RECV, c};
-    c->t_close = (tag_t){T_CLOSE, c};
-    c->t_send = (tag_t){T_SEND, c};
-    c->t_finish = (tag_t){T_FINISH, c};
+    c->t_new = (tag_t){{NULL, 0, 0, NULL}, T_NEW, c};
+    c->t_close = (tag_t){cb, T_CLOSE, c};
+    c->t_send = (tag_t){cb, T_SEND, c};
+    c->t_finish = (tag_t){cb, T_FINISH, c};
     c->cq_index = cq_index;
-    c->method = -1;
+    c->method = method;
     atomic_init(&c->refs, 1); /* the pending request */
     pthread_mutex_init(&c->mu, NULL);
     grpc_call_details_init(&c->details);
@@ -239,13 +268,21 @@ static void call_unref(call_t *c) {
     free(c);
 }
 
-static void request_one(int cq_index) {
+/* method: index of a registered method, or -1 for the unregistered rest
+ * (unknown methods, answered UNIMPLEMENTED). A registered call arrives with
+ * its request message already read. */
+static void request_one(int cq_index, int method) {
     call_t *c;
+    grpc_call_error e;
     if (atomic_load(&g_shutdown)) return;
-    if (!(c = call_new(cq_index))) { fprintf(stderr, "dspex_grpc_port: out of memory\n"); return; }
-    if (grpc_server_request_call(g_server, &c->call, &c->details, &c->req_md, g_cqs[cq_index], g_cqs[cq_index],
-                                 &c->t_new) != GRPC_CALL_OK)
-        call_unref(c);
+    if (!(c = call_new(cq_index, method))) { fprintf(stderr, "dspex_grpc_port: out of memory\n"); return; }
+    if (method >= 0)
+        e = grpc_server_request_registered_call(g_server, g_methods[method], &c->call, &c->deadline, &c->req_md,
+                                                &c->recv_buf, g_call_cq, g_cqs[cq_index], &c->t_new);
+    else
+        e = grpc_server_request_call(g_server, &c->call, &c->details, &c->req_md, g_call_cq, g_cqs[cq_index],
+                                     &c->t_new);
+    if (e != GRPC_CALL_OK) call_unref(c);
 }
 
 static int start_batch(call_t *c, grpc_op *ops, size_t n, tag_t *t) {
@@ -257,34 +294,34 @@ static int start_batch(call_t *c, grpc_op *ops, size_t n, tag_t *t) {
     return 0;
 }
 
-/* Sends the final status (and initial metadata if none went yet). mu held. */
-static void do_finish(call_t *c) {
-    grpc_op ops[3];
+/* The final status (and initial metadata if none went yet). mu held. */
+static void prepare_finish(call_t *c, batch_t *b) {
     size_t n = 0;
-    memset(ops, 0, sizeof ops);
+    memset(b, 0, sizeof *b);
     c->finish_started = 1;
     if (!c->md_sent) {
-        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        b->ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
         n++;
         c->md_sent = 1;
     }
     if (c->fin_buf) {
-        ops[n].op = GRPC_OP_SEND_MESSAGE;
-        ops[n].data.send_message.send_message = c->fin_buf;
+        b->ops[n].op = GRPC_OP_SEND_MESSAGE;
+        b->ops[n].data.send_message.send_message = c->fin_buf;
         n++;
     }
     c->fin_details = grpc_slice_from_copied_string(c->fin_msg ? c->fin_msg : "");
     c->fin_details_set = 1;
-    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-    ops[n].data.send_status_from_server.status = c->fin_code;
-    ops[n].data.send_status_from_server.status_details = &c->fin_details;
+    b->ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    b->ops[n].data.send_status_from_server.status = c->fin_code;
+    b->ops[n].data.send_status_from_server.status_details = &c->fin_details;
     n++;
-    if (start_batch(c, ops, n, &c->t_finish) != 0)
-        fprintf(stderr, "dspex_grpc_port: cannot send status of call %llu\n", (unsigned long long)c->id);
+    b->n = n;
+    b->t = &c->t_finish;
 }
 
-/* Decides the final status; it goes out once queued stream messages have. mu held. */
-static void finish_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last) {
+/* Decides the final status; it goes out once queued stream messages have.
+ * mu held; *b gets the batch to start after unlocking, if any. */
+static void finish_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last, batch_t *b) {
     if (c->finishing) {
         if (last) grpc_byte_buffer_destroy(last);
         return;
@@ -293,57 +330,62 @@ static void finish_locked(call_t *c, grpc_status_code code, const char *msg, grp
     c->fin_code = code;
     c->fin_msg = strdup(msg ? msg : "");
     c->fin_buf = last;
-    if (!c->send_busy) do_finish(c);
+    if (!c->send_busy) prepare_finish(c, b);
 }
 
-static void finish(call_t *c, grpc_status_code code, const char *msg) {
-    pthread_mutex_lock(&c->mu);
-    finish_locked(c, code, msg, NULL);
-    pthread_mutex_unlock(&c->mu);
-}
-
-/* Starts sending the head of the stream queue. mu held. */
-static void send_next(call_t *c) {
-    grpc_op ops[2];
+/* The head of the stream queue. mu held. */
+static void prepare_send(call_t *c, batch_t *b) {
     size_t n = 0;
     outmsg *m = c->qh;
-    memset(ops, 0, sizeof ops);
+    memset(b, 0, sizeof *b);
     c->qh = m->next;
     if (!c->qh) c->qt = NULL;
     c->qlen--;
     c->send_buf = m->buf;
     free(m);
     if (!c->md_sent) {
-        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        b->ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
         n++;
         c->md_sent = 1;
     }
-    ops[n].op = GRPC_OP_SEND_MESSAGE;
-    ops[n].data.send_message.send_message = c->send_buf;
+    b->ops[n].op = GRPC_OP_SEND_MESSAGE;
+    b->ops[n].data.send_message.send_message = c->send_buf;
     n++;
+    b->n = n;
+    b->t = &c->t_send;
     c->send_busy = 1;
-    if (start_batch(c, ops, n, &c->t_send) != 0) {
+}
+
+/* Starts a prepared batch (mu not held: its callback may run right here). */
+static void start_prepared(call_t *c, batch_t *b) {
+    while (b->n) {
+        tag_t *t = b->t;
+        if (start_batch(c, b->ops, b->n, t) == 0) return;
+        b->n = 0;
+        if (t->kind == T_FINISH) {
+            fprintf(stderr, "dspex_grpc_port: cannot send status of call %llu\n", (unsigned long long)c->id);
+            return;
+        }
+        /* a send that cannot start: the stream is over, the status may go */
+        pthread_mutex_lock(&c->mu);
         c->send_busy = 0;
         grpc_byte_buffer_destroy(c->send_buf);
         c->send_buf = NULL;
         drop_queue(c);
+        if (c->finishing && !c->finish_started) prepare_finish(c, b);
+        pthread_mutex_unlock(&c->mu);
     }
+}
+
+static void finish(call_t *c, grpc_status_code code, const char *msg) {
+    batch_t b = {.n = 0};
+    pthread_mutex_lock(&c->mu);
+    finish_locked(c, code, msg, NULL, &b);
+    pthread_mutex_unlock(&c->mu);
+    start_prepared(c, &b);
 }
 
 /* ------------------------------------------------------------ request in */
-
-static int find_method(const grpc_slice *path) {
-    const char *p = (const char *)GRPC_SLICE_START_PTR(*path);
-    size_t n = GRPC_SLICE_LENGTH(*path);
-    const char *prefix = "/snakepit.bridge.BridgeService/";
-    size_t pn = strlen(prefix);
-    if (n <= pn || memcmp(p, prefix, pn) != 0) return -1;
-    for (unsigned i = 0; i < g_svc->n_methods; i++) {
-        const char *name = g_svc->methods[i].name;
-        if (strlen(name) == n - pn && memcmp(name, p + pn, n - pn) == 0) return (int)i;
-    }
-    return -1;
-}
 
 /* Request metadata as a map of binaries; the "dspex-context" header (the
  * access-control context, a JSON object) arrives parsed. Returns 0, -1 (no
@@ -407,7 +449,7 @@ static void on_request(call_t *c) {
     ok = ei_x_new_with_version(&x) == 0;
     ok = ok && ei_x_encode_tuple_header(&x, 6) == 0 && ei_x_encode_atom(&x, "call") == 0 &&
          ei_x_encode_ulonglong(&x, c->id) == 0 && ei_x_encode_atom(&x, g_svc->methods[c->method].name) == 0 &&
-         dt_encode_ei(&x, &term) == 0 && dt_encode_ei(&x, &md) == 0 && encode_deadline(&x, c->details.deadline) == 0;
+         dt_encode_ei(&x, &term) == 0 && dt_encode_ei(&x, &md) == 0 && encode_deadline(&x, c->method >= 0 ? c->deadline : c->details.deadline) == 0;
     dt_free(&term);
     dt_free(&md);
     if (!ok) { ei_x_free(&x); finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request cannot be represented"); return; }
@@ -418,9 +460,8 @@ static void on_request(call_t *c) {
 
 static void on_new_call(call_t *c) {
     grpc_op op;
-    request_one(c->cq_index); /* keep REQUESTS_PER_CQ requests pending */
+    request_one(c->cq_index, c->method); /* keep REQUESTS_PER_METHOD requests pending */
     c->id = atomic_fetch_add(&g_next_id, 1);
-    c->method = find_method(&c->details.method);
     table_put(c);
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
@@ -437,20 +478,19 @@ static void on_new_call(call_t *c) {
         finish(c, GRPC_STATUS_UNAVAILABLE, "dspex bridge is shutting down");
         return;
     }
-    memset(&op, 0, sizeof op);
-    op.op = GRPC_OP_RECV_MESSAGE;
-    op.data.recv_message.recv_message = &c->recv_buf;
-    if (start_batch(c, &op, 1, &c->t_recv) != 0) finish(c, GRPC_STATUS_INTERNAL, "cannot receive request");
+    if (c->recv_buf) on_request(c);
+    else finish(c, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
 }
 
 /* ------------------------------------------------------------ completion-queue threads */
 
 static void on_event(tag_t *t, int ok) {
     call_t *c = t->c;
+    batch_t b = {.n = 0};
     switch (t->kind) {
     case T_SHUTDOWN:
         pthread_mutex_lock(&g_sd_mu);
-        g_sd_done = 1;
+        g_sd_done |= SD_SERVER;
         pthread_cond_broadcast(&g_sd_cv);
         pthread_mutex_unlock(&g_sd_mu);
         return;
@@ -458,10 +498,6 @@ static void on_event(tag_t *t, int ok) {
         if (ok) on_new_call(c);
         call_unref(c); /* the request's reference */
         return;
-    case T_RECV:
-        if (ok && c->recv_buf) on_request(c);
-        else finish(c, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
-        break;
     case T_CLOSE:
         pthread_mutex_lock(&c->mu);
         if (c->close_cancelled && !c->finish_started) {
@@ -478,9 +514,10 @@ static void on_event(tag_t *t, int ok) {
         c->send_buf = NULL;
         c->send_busy = 0;
         if (!ok) drop_queue(c); /* the call is gone; T_CLOSE reports it */
-        if (ok && c->qh) send_next(c);
-        else if (c->finishing && !c->finish_started) do_finish(c);
+        if (ok && c->qh) prepare_send(c, &b);
+        else if (c->finishing && !c->finish_started) prepare_finish(c, &b);
         pthread_mutex_unlock(&c->mu);
+        start_prepared(c, &b);
         break;
     case T_FINISH:
         table_remove(c);
@@ -491,7 +528,10 @@ static void on_event(tag_t *t, int ok) {
 
 static void *cq_thread(void *arg) {
     int i = (int)(intptr_t)arg;
-    for (int k = 0; k < REQUESTS_PER_CQ; k++) request_one(i);
+    for (int k = 0; k < REQUESTS_PER_METHOD; k++) {
+        request_one(i, -1);
+        for (unsigned m = 0; m < g_svc->n_methods; m++) request_one(i, (int)m);
+    }
     for (;;) {
         grpc_event ev = grpc_completion_queue_next(g_cqs[i], gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
@@ -550,6 +590,7 @@ static void dispatch(const dterm *t) {
     uint64_t id;
     char err[256];
     grpc_status_code code;
+    batch_t b = {.n = 0};
     if (t->kind != DT_TUPLE || t->u.seq.n < 2 || t->u.seq.v[0].kind != DT_ATOM || term_id(&t->u.seq.v[1], &id)) {
         fprintf(stderr, "dspex_grpc_port: malformed command ignored\n");
         return;
@@ -559,10 +600,10 @@ static void dispatch(const dterm *t) {
     if (dt_is_atom(&v[0], "reply") && t->u.seq.n == 3 && c->method >= 0) {
         grpc_byte_buffer *bb = pack_reply(c->method, &v[2], err, sizeof err, &code);
         pthread_mutex_lock(&c->mu);
-        if (bb) finish_locked(c, GRPC_STATUS_OK, "", bb);
+        if (bb) finish_locked(c, GRPC_STATUS_OK, "", bb, &b);
         else {
             fprintf(stderr, "dspex_grpc_port: bad reply for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, code, err, NULL);
+            finish_locked(c, code, err, NULL, &b);
         }
         pthread_mutex_unlock(&c->mu);
     } else if (dt_is_atom(&v[0], "stream") && t->u.seq.n == 3 && method_streams(c->method)) {
@@ -572,13 +613,14 @@ static void dispatch(const dterm *t) {
             if (bb) grpc_byte_buffer_destroy(bb);
         } else if (!bb) {
             fprintf(stderr, "dspex_grpc_port: bad stream message for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, code, err, NULL);
+            finish_locked(c, code, err, NULL, &b);
         } else if (c->qlen >= g_stream_queue) {
             /* a reader too slow for its stream: end it rather than grow without bound */
             grpc_byte_buffer_destroy(bb);
             drop_queue(c);
-            finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "stream consumer too slow", NULL);
+            finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "stream consumer too slow", NULL, &b);
             pthread_mutex_unlock(&c->mu);
+            start_prepared(c, &b);
             send_simple("cancelled", c->id);
             call_unref(c);
             return;
@@ -586,14 +628,14 @@ static void dispatch(const dterm *t) {
             outmsg *m = malloc(sizeof *m);
             if (!m) {
                 grpc_byte_buffer_destroy(bb);
-                finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL);
+                finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL, &b);
             } else {
                 m->buf = bb;
                 m->next = NULL;
                 if (c->qt) c->qt->next = m; else c->qh = m;
                 c->qt = m;
                 c->qlen++;
-                if (!c->send_busy) send_next(c);
+                if (!c->send_busy) prepare_send(c, &b);
             }
         }
         pthread_mutex_unlock(&c->mu);
@@ -605,6 +647,7 @@ static void dispatch(const dterm *t) {
     } else {
         fprintf(stderr, "dspex_grpc_port: malformed command for call %llu ignored\n", (unsigned long long)id);
     }
+    start_prepared(c, &b);
     call_unref(c);
 }
 
@@ -650,24 +693,38 @@ static void end_open_calls(void) {
         }
     pthread_mutex_unlock(&g_tab_mu);
     for (size_t i = 0; i < n; i++) {
+        batch_t b = {.n = 0};
         pthread_mutex_lock(&open[i]->mu);
         drop_queue(open[i]); /* no point streaming more: the source is gone */
-        finish_locked(open[i], GRPC_STATUS_UNAVAILABLE, "dspex bridge closed (BEAM side went away)", NULL);
+        finish_locked(open[i], GRPC_STATUS_UNAVAILABLE, "dspex bridge closed (BEAM side went away)", NULL, &b);
         pthread_mutex_unlock(&open[i]->mu);
+        start_prepared(open[i], &b);
         call_unref(open[i]);
     }
     free(open);
 }
 
-static int wait_shutdown(int seconds) {
+/* The callback queue reports its own shutdown once its last batch is done. */
+static void call_cq_down(grpc_completion_queue_functor *f, int ok) {
+    (void)f;
+    (void)ok;
+    pthread_mutex_lock(&g_sd_mu);
+    g_sd_done |= SD_CALL_CQ;
+    pthread_cond_broadcast(&g_sd_cv);
+    pthread_mutex_unlock(&g_sd_mu);
+}
+static grpc_completion_queue_functor g_call_cq_down = {call_cq_down, 0, 0, NULL};
+
+/* Waits up to `seconds` for the shutdown flag `what`; nonzero once it is set. */
+static int wait_shutdown(int what, int seconds) {
     struct timespec ts;
     int done;
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_sec += seconds;
     pthread_mutex_lock(&g_sd_mu);
-    while (!g_sd_done)
+    while (!(g_sd_done & what))
         if (pthread_cond_timedwait(&g_sd_cv, &g_sd_mu, &ts) == ETIMEDOUT) break;
-    done = g_sd_done;
+    done = g_sd_done & what;
     pthread_mutex_unlock(&g_sd_mu);
     return done;
 }
@@ -718,6 +775,17 @@ int main(int argc, char **argv) {
     g_server = grpc_server_create(&cargs, NULL);
     g_cqs = calloc((size_t)g_nthreads, sizeof *g_cqs);
     g_threads = calloc((size_t)g_nthreads, sizeof *g_threads);
+    g_methods = calloc(g_svc->n_methods, sizeof *g_methods);
+    if (!g_cqs || !g_threads || !g_methods) return 70;
+    /* Every method of the service is registered, so its request message
+     * arrives with the call (no separate receive). */
+    for (unsigned m = 0; m < g_svc->n_methods; m++) {
+        char path[160];
+        snprintf(path, sizeof path, "/%s/%s", g_svc->name, g_svc->methods[m].name);
+        g_methods[m] = grpc_server_register_method(g_server, path, NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        if (!g_methods[m]) { fprintf(stderr, "dspex_grpc_port: cannot register %s\n", path); return 70; }
+    }
+    g_call_cq = grpc_completion_queue_create_for_callback(&g_call_cq_down, NULL);
     for (int i = 0; i < g_nthreads; i++) {
         g_cqs[i] = grpc_completion_queue_create_for_next(NULL);
         grpc_server_register_completion_queue(g_server, g_cqs[i], NULL);
@@ -729,8 +797,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "dspex_grpc_port: cannot listen on %s\n", g_listen);
         grpc_server_destroy(g_server);
         for (int i = 0; i < g_nthreads; i++) grpc_completion_queue_destroy(g_cqs[i]);
+        grpc_completion_queue_shutdown(g_call_cq);
+        grpc_completion_queue_destroy(g_call_cq);
         free(g_cqs);
         free(g_threads);
+        free(g_methods);
         grpc_shutdown();
         return 2;
     }
@@ -750,16 +821,20 @@ int main(int argc, char **argv) {
     atomic_store(&g_shutdown, 1);
     end_open_calls();
     grpc_server_shutdown_and_notify(g_server, g_cqs[0], &g_shutdown_tag);
-    if (!wait_shutdown(2)) {
+    if (!wait_shutdown(SD_SERVER, 2)) {
         grpc_server_cancel_all_calls(g_server);
-        (void)wait_shutdown(30);
+        (void)wait_shutdown(SD_SERVER, 30);
     }
     grpc_server_destroy(g_server);
     for (int i = 0; i < g_nthreads; i++) grpc_completion_queue_shutdown(g_cqs[i]);
     for (int i = 0; i < g_nthreads; i++) pthread_join(g_threads[i], NULL);
     for (int i = 0; i < g_nthreads; i++) grpc_completion_queue_destroy(g_cqs[i]);
+    grpc_completion_queue_shutdown(g_call_cq);
+    if (!wait_shutdown(SD_CALL_CQ, 30)) fprintf(stderr, "dspex_grpc_port: calls still open at exit\n");
+    grpc_completion_queue_destroy(g_call_cq);
     free(g_cqs);
     free(g_threads);
+    free(g_methods);
     grpc_shutdown();
     return 0;
 }
