@@ -18,7 +18,9 @@
 %% @doc Entry point of a handler process (spawned by `dspex_grpc').
 -spec run(dspex_grpc:ctx(), atom(), map(), map(), non_neg_integer() | infinity) -> ok.
 run(Ctx, Method, Req, Meta, Deadline) ->
-    Start = erlang:monotonic_time(),
+    %% measured only when someone listens
+    Handlers = dspex_telemetry:handlers([dspex, grpc, rpc, stop]),
+    Start = Handlers =/= [] andalso erlang:monotonic_time(),
     Call = #{ctx => Ctx, meta => Meta, deadline => Deadline, opts => acl_opts(Meta)},
     Result = try handle(Method, Req, Call, Ctx)
              catch Class:Reason:Stack ->
@@ -33,8 +35,9 @@ run(Ctx, Method, Req, Meta, Deadline) ->
                      dspex_grpc:fail(Ctx, S, Msg),
                      S
              end,
-    dspex_telemetry:execute([dspex, grpc, rpc, stop], #{duration => erlang:monotonic_time() - Start},
-                            #{rpc => Method, status => Status, session_id => maps:get(session_id, Req, undefined)}),
+    Handlers =/= [] andalso
+        dspex_telemetry:emit(Handlers, [dspex, grpc, rpc, stop], #{duration => erlang:monotonic_time() - Start},
+                             #{rpc => Method, status => Status, session_id => maps:get(session_id, Req, undefined)}),
     ok.
 
 acl_opts(Meta) ->

@@ -10,8 +10,11 @@
 %% (`key/1', e.g. `'dspex_telemetry/dspex.store.get.stop'') because hashing an atom is several
 %% times cheaper than hashing the event list. Hot paths (the store) call
 %% `handlers_at/1' with that atom first, measure the duration only when
-%% someone listens, then call `emit/4'. Handlers attached while `telemetry'
-%% was not loaded stay in this table even if it is loaded later.
+%% someone listens, then call `emit/4'. `execute/3' finds an event's handlers
+%% in one map of all attached events (a lookup by the event list, with no
+%% atom made or exception raised for events nobody attached to). Handlers
+%% attached while `telemetry' was not loaded stay in this table even if it is
+%% loaded later.
 -module(dspex_telemetry).
 
 -export([attach/4, attach_many/4, detach/1, execute/3, span/3, list_handlers/1,
@@ -23,6 +26,8 @@
 -export_type([event_name/0, handler_id/0]).
 
 -define(KEY, {?MODULE, handlers}).
+%% #{Event => handlers}: what execute/3 reads (no atom to make per event)
+-define(BY_EVENT, {?MODULE, by_event}).
 -define(EVKEY(Event), key(Event)).
 
 %% @doc Calls `Fun(Event, Measurements, Metadata, Config)' for every execution
@@ -44,10 +49,10 @@ attach_many_(Id, Events, Fun, Config) ->
                 case lists:keymember(Id, 1, Hs) of
                     true -> {error, already_exists};
                     false ->
-                        persistent_term:put(?KEY, [{Id, Events, Fun, Config} | Hs]),
-                        [persistent_term:put(?EVKEY(E), by_event(E, [{Id, Events, Fun, Config} | Hs]))
-                         || E <- lists:usort(Events)],
-                        ok
+                        New = [{Id, Events, Fun, Config} | Hs],
+                        persistent_term:put(?KEY, New),
+                        [persistent_term:put(?EVKEY(E), by_event(E, New)) || E <- lists:usort(Events)],
+                        put_by_event(New)
                 end
             end, [node()])
     end.
@@ -69,7 +74,7 @@ detach_(Id) ->
                              [] -> persistent_term:erase(?EVKEY(E));
                              L -> persistent_term:put(?EVKEY(E), L)
                          end || E <- lists:usort(Events)],
-                        ok;
+                        put_by_event(Rest);
                     false -> {error, not_found}
                 end
             end, [node()])
@@ -119,11 +124,11 @@ via_telemetry() ->
         false -> []
     end.
 
-own_handlers(Event) ->
-    try binary_to_existing_atom(key_text(Event)) of
-        K -> persistent_term:get(K, [])
-    catch error:badarg -> [] %% no atom: nothing was ever attached to it
-    end.
+own_handlers(Event) -> maps:get(Event, persistent_term:get(?BY_EVENT, #{}), []).
+
+put_by_event(Hs) ->
+    Events = lists:usort([E || {_, Es, _, _} <- Hs, E <- Es]),
+    persistent_term:put(?BY_EVENT, maps:from_list([{E, by_event(E, Hs)} || E <- Events])).
 
 %% @doc Delivers an event to handlers obtained from `handlers/1' (same
 %% semantics as `execute/3', without a second lookup).

@@ -542,17 +542,6 @@ static void *cq_thread(void *arg) {
 
 /* ------------------------------------------------------------ input from the BEAM */
 
-static int read_full(unsigned char *p, size_t n) {
-    while (n) {
-        ssize_t r = read(STDIN_FILENO, p, n);
-        if (r == 0) return 1;
-        if (r < 0) { if (errno == EINTR) continue; return -1; }
-        p += r;
-        n -= (size_t)r;
-    }
-    return 0;
-}
-
 /* NULL on failure, with *code INTERNAL (a reply that does not fit the
  * message) or RESOURCE_EXHAUSTED (over the maximum message size). */
 static grpc_byte_buffer *pack_reply(int method, const dterm *map, char *err, size_t errlen, grpc_status_code *code) {
@@ -651,26 +640,54 @@ static void dispatch(const dterm *t) {
     call_unref(c);
 }
 
+/* Commands are read in big chunks: under load one read() brings several. */
 static void read_loop(void) {
     /* a reply can carry a max-size message plus term overhead */
-    size_t cap = (size_t)g_max_msg * 2 + (1u << 20);
+    size_t max = (size_t)g_max_msg * 2 + (1u << 20), cap = 1u << 16, len = 0, off = 0;
+    unsigned char *buf = malloc(cap);
+    if (!buf) return;
     for (;;) {
-        unsigned char hdr[4], *buf;
-        uint32_t n;
-        dterm t;
-        if (read_full(hdr, 4)) return;
-        n = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) | ((uint32_t)hdr[2] << 8) | hdr[3];
-        if (n > cap) { fprintf(stderr, "dspex_grpc_port: oversized command (%u bytes)\n", n); return; }
-        if (!(buf = malloc(n ? n : 1))) return;
-        if (read_full(buf, n)) { free(buf); return; }
-        if (dt_decode_etf(buf, n, &t) == 0) {
-            dispatch(&t);
-            dt_free(&t);
-        } else {
-            fprintf(stderr, "dspex_grpc_port: undecodable command ignored\n");
+        ssize_t r;
+        /* every whole {packet,4} frame in the buffer */
+        while (len - off >= 4) {
+            const unsigned char *h = buf + off;
+            uint32_t n = ((uint32_t)h[0] << 24) | ((uint32_t)h[1] << 16) | ((uint32_t)h[2] << 8) | h[3];
+            dterm t;
+            if (n > max) { fprintf(stderr, "dspex_grpc_port: oversized command (%u bytes)\n", n); goto out; }
+            if (len - off - 4 < n) {
+                if (4 + (size_t)n > cap) { /* grow to hold this frame whole */
+                    unsigned char *nb;
+                    size_t ncap = cap;
+                    while (ncap < 4 + (size_t)n) ncap *= 2;
+                    memmove(buf, buf + off, len - off);
+                    len -= off;
+                    off = 0;
+                    if (!(nb = realloc(buf, ncap))) goto out;
+                    buf = nb;
+                    cap = ncap;
+                }
+                break;
+            }
+            if (dt_decode_etf(buf + off + 4, n, &t) == 0) {
+                dispatch(&t);
+                dt_free(&t);
+            } else {
+                fprintf(stderr, "dspex_grpc_port: undecodable command ignored\n");
+            }
+            off += 4 + (size_t)n;
         }
-        free(buf);
+        if (off == len) off = len = 0;
+        else if (cap - len < 4096 || off > cap / 2) { /* keep room to read into */
+            memmove(buf, buf + off, len - off);
+            len -= off;
+            off = 0;
+        }
+        do r = read(STDIN_FILENO, buf + len, cap - len); while (r < 0 && errno == EINTR);
+        if (r <= 0) break;
+        len += (size_t)r;
     }
+out:
+    free(buf);
 }
 
 /* ------------------------------------------------------------ shutdown */
