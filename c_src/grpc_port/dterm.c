@@ -1,6 +1,7 @@
 #include "dterm.h"
 
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -623,12 +624,21 @@ static int wfloat(dt_buf *b, double d, const char **err) {
     int n;
     if (isnan(d)) return wstring(b, "NaN", 3, err);
     if (isinf(d)) return d > 0 ? wstring(b, "Infinity", 8, err) : wstring(b, "-Infinity", 9, err);
-    n = snprintf(tmp, sizeof tmp, "%.17g", d);
-    /* shortest text that reads back to the same double */
-    for (int prec = 1; prec < 17; prec++) {
-        char t2[40];
-        int n2 = snprintf(t2, sizeof t2, "%.*g", prec, d);
-        if (strtod(t2, NULL) == d) { memcpy(tmp, t2, (size_t)n2 + 1); n = n2; break; }
+    /* Shortest text that reads back to the same double. A normal double
+     * whose shortest form has at most 15 significant digits prints exactly
+     * that at %.15g (%g drops trailing zeros); the rest need 16 or 17.
+     * Subnormals carry fewer digits: search those from 1 up. */
+    if (d != 0 && fabs(d) < DBL_MIN) {
+        for (int prec = 1; prec <= 17; prec++) {
+            n = snprintf(tmp, sizeof tmp, "%.*g", prec, d);
+            if (strtod(tmp, NULL) == d) break;
+        }
+    } else {
+        n = snprintf(tmp, sizeof tmp, "%.15g", d);
+        if (strtod(tmp, NULL) != d) {
+            n = snprintf(tmp, sizeof tmp, "%.16g", d);
+            if (strtod(tmp, NULL) != d) n = snprintf(tmp, sizeof tmp, "%.17g", d);
+        }
     }
     /* keep it a float for readers that distinguish 1 from 1.0 */
     if (!strpbrk(tmp, ".eEn")) { tmp[n++] = '.'; tmp[n++] = '0'; tmp[n] = 0; }

@@ -154,6 +154,59 @@ static void json_writer(void **state) {
     dt_buf_free(&b);
 }
 
+/* Significant digits of the shortest %g text that reads back to d. */
+static int shortest_digits(double d) {
+    for (int prec = 1; prec < 17; prec++) {
+        char t[40];
+        snprintf(t, sizeof t, "%.*g", prec, d);
+        if (strtod(t, NULL) == d) return prec;
+    }
+    return 17;
+}
+
+/* Significant digits of a number's text: first to last nonzero mantissa digit. */
+static int digits_of(const char *s) {
+    int first = -1, last = -1, pos = 0;
+    for (; *s && *s != 'e' && *s != 'E'; s++) {
+        if (*s < '0' || *s > '9') continue;
+        if (*s != '0') {
+            if (first < 0) first = pos;
+            last = pos;
+        }
+        pos++;
+    }
+    return first < 0 ? 1 : last - first + 1;
+}
+
+/* Floats are written as the shortest text that reads back exactly (checked
+ * against a digit-by-digit search), over fixed cases and random bit patterns. */
+static void json_float_shortest(void **state) {
+    static const double fixed[] = {0.7, 0.1, 1.5, 2.0, -0.0, 1e300, 5e-324, 2.2250738585072014e-308,
+                                   0.30000000000000004, 123456789012345680.0, 1.0 / 3.0, 9007199254740993.0};
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    dterm t;
+    (void)state;
+    for (int i = 0; i < 20000 + (int)(sizeof fixed / sizeof fixed[0]); i++) {
+        double d;
+        dt_buf b = {0};
+        const char *err;
+        if (i < (int)(sizeof fixed / sizeof fixed[0])) d = fixed[i];
+        else {
+            uint64_t bits;
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            bits = x;
+            memcpy(&d, &bits, sizeof d);
+            if (!isfinite(d)) continue;
+            if (i % 2) d = (double)(int64_t)(x % 2000001) / 1000.0 - 1000.0; /* decimal-ish values too */
+        }
+        dt_float(&t, d);
+        assert_int_equal(dt_write_json(&t, &b, &err), 0);
+        assert_true(strtod(b.p, NULL) == d);
+        assert_int_equal(digits_of(b.p), shortest_digits(d));
+        dt_buf_free(&b);
+    }
+}
+
 /* ---------------------------------------------------------------- ETF */
 
 static void etf_roundtrip_via_ei(void **state) {
@@ -431,6 +484,7 @@ int main(void) {
         cmocka_unit_test(json_depth_limit),
         cmocka_unit_test(json_objects_dedupe_last_wins),
         cmocka_unit_test(json_writer),
+        cmocka_unit_test(json_float_shortest),
         cmocka_unit_test(etf_roundtrip_via_ei),
         cmocka_unit_test(etf_known_bytes),
         cmocka_unit_test(pb_request_to_term),
