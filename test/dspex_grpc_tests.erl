@@ -305,6 +305,25 @@ wire_messages_and_watch() ->
         ?assertMatch({error, 3, 5, <<"variable not found: q">>}, port_term(Cat)),
         ok = dspex_grpc_handler:run({Cat, 4}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
         ?assertMatch({error, 4, 12, _}, port_term(Cat)),
+        %% the rpc stop event, emitted only while someone listens
+        Self = self(),
+        ok = dspex_telemetry:attach(grpc_rpc_stop_test, [dspex, grpc, rpc, stop],
+                                    fun(_, M, Md, _) -> Self ! {rpc_stop, M, Md} end, none),
+        try
+            ok = dspex_grpc_handler:run({Cat, 40}, 'GetVariable', #{session_id => S, variable_identifier => <<"q">>,
+                                                                     bypass_cache => false}, #{}, infinity),
+            ?assertMatch({error, 40, 5, _}, port_term(Cat)),
+            receive {rpc_stop, #{duration := D}, Md} ->
+                    ?assert(is_integer(D) andalso D >= 0),
+                    ?assertEqual(#{rpc => 'GetVariable', status => not_found, session_id => S}, Md)
+            after 5000 -> error(no_rpc_stop_event)
+            end
+        after
+            ok = dspex_telemetry:detach(grpc_rpc_stop_test)
+        end,
+        ok = dspex_grpc_handler:run({Cat, 41}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
+        ?assertMatch({error, 41, 12, _}, port_term(Cat)),
+        receive {rpc_stop, _, _} -> error(event_after_detach) after 0 -> ok end,
         %% a watch: initial value, every change in order, then the deletion ends it
         Watch = spawn_link(dspex_grpc_handler, run,
                            [{Cat, 5}, 'WatchVariables', #{session_id => S, variable_identifiers => [<<"w">>],
