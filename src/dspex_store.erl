@@ -224,7 +224,7 @@ register(Session, Name, Type, Value) -> register(Session, Name, Type, Value, #{}
 
 %% @doc Registers a new variable at version 0.
 %% Options: `constraints' (map; per type: float/integer `min', `max'; string
-%% `min_length', `max_length', `pattern' (POSIX extended regex), `enum'; choice
+%% `min_length', `max_length', `pattern' (POSIX extended regex, no back-references), `enum'; choice
 %% `choices' (required); module `allowed_modules'; embedding `dimensions';
 %% tensor `shape'), `metadata' (map), `description' (binary, kept in metadata),
 %% `history_limit' (archived versions kept, default 50), `changed_by' (any term).

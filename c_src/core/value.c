@@ -171,6 +171,34 @@ static int strlist_has(const dx_strlist *l, dx_str s) {
 
 static int key_is(const char *key, size_t klen, const char *name) { return dx_str_eq(key, klen, name, strlen(name)); }
 
+/* Whether an extended regex uses a back-reference (\1-\9, a glibc extension
+ * to POSIX ERE). Back-references make regexec backtrack, exponentially in the
+ * worst case, so a constraint could stall the scheduler that checks a value.
+ * Inside a bracket expression a backslash is an ordinary character. */
+static int has_backreference(const char *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] == '\\') {
+            if (i + 1 < n && p[i + 1] >= '1' && p[i + 1] <= '9') return 1;
+            i++; /* the escaped character */
+        } else if (p[i] == '[') {
+            i++;
+            if (i < n && p[i] == '^') i++;
+            if (i < n && p[i] == ']') i++; /* a leading ] is literal */
+            while (i < n && p[i] != ']') {
+                if (p[i] == '[' && i + 1 < n && (p[i + 1] == ':' || p[i + 1] == '.' || p[i + 1] == '=')) {
+                    char close = p[i + 1];
+                    i += 2;
+                    while (i + 1 < n && !(p[i] == close && p[i + 1] == ']')) i++;
+                    i += 2;
+                } else {
+                    i++;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 static int applies(dx_type t, const char *key, size_t klen) {
     switch (t) {
     case DX_T_FLOAT:
@@ -228,6 +256,9 @@ int dx_constraints_add(dx_constraints *c, dx_type t, const char *key, size_t kle
         if (v->kind != DX_RAW_BYTES) return fail(err, errlen, "constraint pattern must be a string, got %s", raw_desc(v));
         if (v->s.len > DX_MAX_PATTERN) return fail(err, errlen, "constraint pattern is longer than %d bytes", DX_MAX_PATTERN);
         if (memchr(v->s.ptr, 0, v->s.len)) return fail(err, errlen, "constraint pattern contains a NUL byte");
+        if (has_backreference(v->s.ptr, v->s.len))
+            return fail(err, errlen, "constraint pattern uses a back-reference (\\1-\\9): not supported, "
+                                     "matching could take exponential time");
         char *src = malloc(v->s.len + 1);
         if (!src) return DX_E_NOMEM;
         memcpy(src, v->s.ptr, v->s.len);

@@ -118,6 +118,13 @@ static void test_bad_pattern_and_inapplicable(void **st) {
     dx_raw p = rstr("(unclosed");
     assert_int_equal(dx_constraints_add(&c, DX_T_STRING, "pattern", 7, &p, err, sizeof err), DX_E_INVALID);
     assert_non_null(strstr(err, "not a valid POSIX extended regex"));
+    /* back-references are refused (exponential matching); a backslash-digit
+     * inside a bracket expression is an ordinary character */
+    p = rstr("^(a*)*\\1$");
+    assert_int_equal(dx_constraints_add(&c, DX_T_STRING, "pattern", 7, &p, err, sizeof err), DX_E_INVALID);
+    assert_non_null(strstr(err, "back-reference"));
+    p = rstr("^[[:alpha:]\\1]+\\.x$");
+    add(&c, DX_T_STRING, "pattern", p);
     dx_raw one = rint_(1);
     assert_int_equal(dx_constraints_add(&c, DX_T_STRING, "min", 3, &one, err, sizeof err), DX_E_INVALID);
     assert_string_equal(err, "constraint \"min\" does not apply to type string");
