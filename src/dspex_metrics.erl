@@ -19,7 +19,8 @@
 -module(dspex_metrics).
 
 -export([record/3, record/4, query/4, query/5, dashboard/0, dashboard/1,
-         merge/2, summary/1, series/0, series/1, memory/0, clock/0, series_ref/2, all_series/0]).
+         merge/2, summary/1, series/0, series/1, memory/0, clock/0, series_ref/2, all_series/0,
+         dropped_samples/0]).
 
 -type metric() :: atom() | binary() | [atom() | binary()].
 -type tags() :: #{atom() | binary() => atom() | binary() | number()}.
@@ -148,6 +149,14 @@ all_series() ->
 %% @doc Bytes of native memory held by all series.
 -spec memory() -> non_neg_integer().
 memory() -> lists:sum([dspex_nif:metrics_series_memory(R) || {_, R} <- entries()]).
+
+%% @doc Samples lost since the NIF was loaded, that nobody was told about:
+%% a natively timed call or a handler's sample (time `now') that its series
+%% refused, or that could not be buffered for lack of memory. A caller of
+%% `record/3,4' is told with `{error, rejected}' instead and is not counted.
+%% Also on the dashboard and as `dspex_metrics_dropped_samples_total'.
+-spec dropped_samples() -> non_neg_integer().
+dropped_samples() -> dspex_nif:metrics_dropped().
 
 %% @doc The clock `now' means, in seconds since the epoch.
 -spec clock() -> integer().

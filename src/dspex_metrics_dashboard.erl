@@ -21,6 +21,9 @@
 %% <li>`optimization_success_rate': optimizations that ended by their own
 %%   release or stop / all that ended (also preempted, expired, holder died).</li>
 %% </ul>
+%% `dropped_samples': samples the analytics lost since start (see
+%% {@link dspex_metrics:dropped_samples/0}); non-zero means the figures above
+%% undercount.
 -module(dspex_metrics_dashboard).
 
 -export([build/1]).
@@ -28,7 +31,8 @@
 -define(STORE, dspex_store_duration_us).
 
 %% @doc The dashboard map; option `now' (seconds since the epoch).
--spec build(#{now => integer()}) -> #{last_minute := map(), last_hour := map()}.
+-spec build(#{now => integer()}) -> #{last_minute := map(), last_hour := map(),
+                                      dropped_samples := non_neg_integer()}.
 build(Opts) ->
     Now = case Opts of
               #{now := N} when is_integer(N) -> N;
@@ -52,7 +56,8 @@ build(Opts) ->
           #{operations => Hour(?STORE, count),
             p95_latency_us => Hour(?STORE, p95),
             active_sessions => maps:get(sessions, dspex_nif:stats()),
-            optimization_success_rate => Hour(dspex_optimization_success, mean)}}.
+            optimization_success_rate => Hour(dspex_optimization_success, mean)},
+      dropped_samples => dspex_metrics:dropped_samples()}.
 
 q(Metric, From, To, Agg) ->
     {ok, V} = dspex_metrics:query(Metric, From, To, Agg, #{now => To}),

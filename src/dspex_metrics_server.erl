@@ -1,11 +1,14 @@
 %% @private
-%% @doc Owns the table of metric series (name and tags to native series) and
-%% keeps the analytics handlers attached while it runs. Recording and queries
-%% never call it: they read the public table directly.
+%% @doc Keeps the analytics handlers attached while it runs. The table of
+%% metric series (name and tags to native series) is made by `new_table/0'
+%% in the top supervisor, which outlives this server: a crash of the server
+%% loses no series, and its replacement attaches the handlers to the same
+%% series again. Recording and queries never call it: they read the public
+%% table directly.
 -module(dspex_metrics_server).
 -behaviour(gen_server).
 
--export([start_link/0, init/1, handle_call/3, handle_cast/2, terminate/2]).
+-export([start_link/0, new_table/0, init/1, handle_call/3, handle_cast/2, terminate/2]).
 
 -define(TAB, dspex_metrics_series).
 
@@ -13,11 +16,20 @@
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 
+%% @doc Creates the series table, owned by the calling process (the top
+%% supervisor calls it in its `init/1'); `ok' if it exists already.
+-spec new_table() -> ok.
+new_table() ->
+    case ets:whereis(?TAB) of
+        undefined -> _ = ets:new(?TAB, [named_table, public, set, {read_concurrency, true}]), ok;
+        _ -> ok
+    end.
+
 %% @private
 -spec init([]) -> {ok, map()}.
 init([]) ->
     process_flag(trap_exit, true), %% so terminate/2 detaches the handlers
-    _ = ets:new(?TAB, [named_table, public, set, {read_concurrency, true}]),
+    ok = new_table(), %% started alone (without the supervisor) it owns the table itself
     Attached = case application:get_env(dspex_bridge, metrics_handlers, true) of
                    true -> dspex_metrics_handler:attach();
                    false -> []

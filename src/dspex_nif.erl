@@ -15,7 +15,7 @@
          metrics_series_new/1, metrics_record/3, metrics_query/4, metrics_totals/1, metrics_series_memory/1,
          metrics_sketch_stats/1, metrics_sketch_quantile/2, metrics_sketch_to_binary/1,
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
-         metrics_native_bind/4, metrics_native_flush/0]).
+         metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
 -export([lock_token_floor/1]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
 
@@ -96,6 +96,7 @@ metrics_sketch_merge(_Sketches) -> ?NOT_LOADED.
 metrics_now() -> ?NOT_LOADED.
 metrics_native_bind(_Op, _Ok, _Miss, _Err) -> ?NOT_LOADED.
 metrics_native_flush() -> ?NOT_LOADED.
+metrics_dropped() -> ?NOT_LOADED.
 lock_token_floor(_Floor) -> ?NOT_LOADED.
 var_get_here(_S, _Key) -> ?NOT_LOADED.
 var_get_here(_S, _Key, _Opts) -> ?NOT_LOADED.

@@ -44,7 +44,10 @@ render() ->
     [[family(Name, Series, Now) || {Name, Series} <- dspex_metrics:all_series()],
      "# HELP dspex_active_sessions Live sessions of the variable store.\n",
      "# TYPE dspex_active_sessions gauge\n",
-     "dspex_active_sessions ", integer_to_list(maps:get(sessions, dspex_nif:stats())), "\n"].
+     "dspex_active_sessions ", integer_to_list(maps:get(sessions, dspex_nif:stats())), "\n",
+     "# HELP dspex_metrics_dropped_samples_total Samples the analytics lost (refused or out of memory).\n",
+     "# TYPE dspex_metrics_dropped_samples_total counter\n",
+     "dspex_metrics_dropped_samples_total ", integer_to_list(dspex_metrics:dropped_samples()), "\n"].
 
 %% @private httpd callback: answers `GET /metrics'; anything else is 404.
 -spec do(#mod{}) -> {proceed, list()}.

@@ -227,11 +227,14 @@ dashboard_test_() ->
     {foreach, fun() -> restart([]) end, fun(_) -> ok end,
      [fun dashboard_from_known_events/0, fun dashboard_from_real_operations/0,
       fun native_reads_are_counted_once/0, fun native_reads_from_dirty_and_other_processes/0,
-      fun prometheus_scrape/0, fun crashed_server_is_replaced_with_its_handlers/0]}.
+      fun prometheus_scrape/0, fun crashed_server_is_replaced_with_its_handlers/0,
+      fun native_sample_keeps_the_second_it_returned_in/0, fun refused_native_samples_are_counted/0,
+      fun badarg_read_is_not_a_miss/0]}.
 
-%% Killing the table owner loses the series (they lived in its table) but the
-%% supervisor's replacement attaches the handlers again on a fresh table.
+%% Killing the server keeps every series (their table belongs to the
+%% supervisor) and the replacement attaches the handlers to them again.
 crashed_server_is_replaced_with_its_handlers() ->
+    ok = dspex_metrics:record(kept_metric, 7, #{k => v}),
     Old = whereis(dspex_metrics_server),
     Ids = lists:sort([Id || #{id := Id} <- dspex_telemetry:list_handlers([dspex])]),
     ?assert(lists:member({dspex_metrics, [dspex, store, get, stop]}, Ids)),
@@ -244,7 +247,89 @@ crashed_server_is_replaced_with_its_handlers() ->
     dspex_telemetry:execute([dspex, store, get, stop], #{duration => us(150)},
                             #{session => <<"s">>, variable => x, result => ok}),
     #{last_minute := #{reads := 1, avg_read_latency_us := R}} = dspex_metrics:dashboard(),
-    ?assert(abs(R - 150.0) < 1.0e-9).
+    ?assert(abs(R - 150.0) < 1.0e-9),
+    %% the series recorded before the crash is still there, and still records
+    Now = dspex_metrics:clock(),
+    ?assertEqual({ok, 1}, dspex_metrics:query({kept_metric, #{k => v}}, Now - 59, Now, count)),
+    ok = dspex_metrics:record(kept_metric, 9, #{k => v}),
+    ?assertEqual({ok, 16.0}, dspex_metrics:query({kept_metric, #{k => v}}, Now - 59, Now + 1, sum)).
+
+%% Binds the native timing of `get' to three fresh series for the duration
+%% of F (the analytics' own binding is restored after).
+with_fresh_get_series(Hours, F) ->
+    [Ok, Miss, Err] = [dspex_nif:metrics_series_new(Hours) || _ <- [ok, miss, error]],
+    ok = dspex_nif:metrics_native_bind(get, Ok, Miss, Err),
+    try F(Ok, Miss, Err)
+    after ok = dspex_metrics_handler:attach_native()
+    end.
+
+count_in(Series, From, To) ->
+    {ok, Sk} = dspex_nif:metrics_query([Series], From, To, To),
+    maps:get(count, dspex_nif:metrics_sketch_stats(Sk)).
+
+%% Natively timed reads wait in a per-thread buffer until something drains it.
+%% A sample belongs to the second its call returned in, not to the second of
+%% the drain: reads buffered before `Now' was read stay visible in a query
+%% ending at `Now' even when the clock has moved on before the query drains.
+native_sample_keeps_the_second_it_returned_in() ->
+    S = <<"native_tick">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    with_fresh_get_series(24, fun(Ok, _, _) ->
+        [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 100)], %% fewer than a buffer holds
+        Now = dspex_metrics:clock(),
+        await_clock_after(Now, 300), %% the second ticks before the query drains the buffer
+        ?assertEqual(100, count_in(Ok, Now - 59, Now))
+    end),
+    ok = dspex_store:delete_session(S).
+
+%% Bounded poll of the clock itself (the condition is the clock's value).
+await_clock_after(_T, 0) -> error(clock_did_not_move);
+await_clock_after(T, N) ->
+    case dspex_metrics:clock() > T of
+        true -> ok;
+        false -> timer:sleep(5), await_clock_after(T, N - 1)
+    end.
+
+%% A native sample its series refuses (its second is older than the series
+%% retains) is counted as dropped, on the dashboard and for Prometheus.
+refused_native_samples_are_counted() ->
+    S = <<"native_dropped">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    with_fresh_get_series(1, fun(Ok, _, _) ->
+        %% the series has seen a time 3 h ahead: its 1 h retention no longer covers now
+        ok = dspex_nif:metrics_record(Ok, 1.0, dspex_metrics:clock() + 3 * 3600),
+        D0 = dspex_metrics:dropped_samples(),
+        [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 5)],
+        ok = dspex_nif:metrics_native_flush(),
+        ?assertEqual(D0 + 5, dspex_metrics:dropped_samples()),
+        %% a handler's record of `now' refused the same way is counted too
+        {error, rejected} = dspex_nif:metrics_record(Ok, 1.0, now),
+        ?assertEqual(D0 + 6, dspex_metrics:dropped_samples()),
+        %% an explicit time refused is answered to its caller, not counted
+        {error, rejected} = dspex_nif:metrics_record(Ok, 1.0, dspex_metrics:clock()),
+        ?assertEqual(D0 + 6, dspex_metrics:dropped_samples()),
+        ?assertMatch(#{dropped_samples := N} when N =:= D0 + 6, dspex_metrics:dashboard()),
+        Url = "http://127.0.0.1:" ++ integer_to_list(dspex_prometheus:port()) ++ "/metrics",
+        {ok, {{_, 200, _}, _, Body}} = httpc:request(get, {Url, []}, [], [{body_format, binary}]),
+        Line = iolist_to_binary(["dspex_metrics_dropped_samples_total ", integer_to_list(D0 + 6)]),
+        ?assertMatch({_, _}, binary:match(Body, Line))
+    end),
+    ok = dspex_store:delete_session(S).
+
+%% A read that raised badarg (a malformed session id) was no read: it is
+%% counted neither as a miss nor as anything else.
+badarg_read_is_not_a_miss() ->
+    with_fresh_get_series(24, fun(Ok, Miss, Err) ->
+        ?assertError(badarg, dspex_nif:var_get(12345, x)),
+        ?assertError(badarg, dspex_nif:var_get_here(12345, x)),
+        {error, session_not_found} = dspex_nif:var_get_here(<<"no_such_session">>, x),
+        ok = dspex_nif:metrics_native_flush(),
+        Now = dspex_metrics:clock(),
+        ?assertEqual({0, 1, 0}, {count_in(Ok, Now - 59, Now), count_in(Miss, Now - 59, Now),
+                                 count_in(Err, Now - 59, Now)})
+    end).
 
 %% The supervisor restarts the child right after the exit; poll its name
 %% (bounded: there is no event to wait for besides the registration).

@@ -97,6 +97,11 @@ int dx_metrics_init(ErlNifEnv *env) {
     return 0;
 }
 
+/* Samples the analytics lost without telling anyone: a batch its series refused,
+ * an allocation that failed, a handler's record of `now' that was rejected. */
+static _Atomic uint64_t g_dropped;
+static void dropped(uint64_t n) { atomic_fetch_add_explicit(&g_dropped, n, memory_order_relaxed); }
+
 static ERL_NIF_TERM err(ErlNifEnv *env, ERL_NIF_TERM reason) { return enif_make_tuple2(env, A_error, reason); }
 
 /* Whole seconds only: the coarse clock (a few ms resolution) is several
@@ -216,7 +221,12 @@ DX_METRICS_NIF(nif_metrics_record) {
     if (!enif_get_resource(env, argv[0], series_type, (void **)&r) || !get_number(env, argv[1], &v) ||
         !get_time(env, argv[2], &t))
         return enif_make_badarg(env);
-    return record_into(r, t, v) ? err(env, A_rejected) : A_ok;
+    if (record_into(r, t, v) == 0)
+        return A_ok;
+    /* a handler records `now' and ignores the answer: count what it lost */
+    if (enif_is_identical(argv[2], A_now))
+        dropped(1);
+    return err(env, A_rejected);
 }
 
 /* ---- native recording of the hottest store operations (get, get_value, set) ----
@@ -234,7 +244,7 @@ typedef struct ring {
     _Atomic unsigned head;  /* written by the owning thread only */
     _Atomic unsigned tail;  /* advanced by a drainer, under mu */
     struct {
-        uint64_t end;       /* TSC at the end of the call */
+        int64_t sec;        /* wall second when the call returned (the coarse clock `now' reads) */
         uint32_t ticks;     /* duration in TSC ticks (saturated) */
         uint8_t op, res;
     } e[RING];
@@ -296,39 +306,41 @@ static void flush_batch(ring_t *r, int op, int res) {
     if (!b || dx_sketch_count(b) == 0)
         return;
     series_res *s = g_bound[op][res];
-    if (s)
-        (void)record_batch_into(s, r->batch_sec[op][res], b);
+    if (s && record_batch_into(s, r->batch_sec[op][res], b) != 0)
+        dropped(dx_sketch_count(b));
     dx_sketch_clear(b);
 }
 
 /* Drains r into the bound series; the caller holds r->mu. Samples are summed
  * per op, outcome and second into scratch sketches (keys from the table), and
  * each sketch is merged into its series once. Samples of an op unbound
- * meanwhile are dropped (nobody collects them any more). */
+ * meanwhile are dropped (nobody collects them any more). Each sample carries
+ * the second it was recorded in, read from the same clock as `now': a query
+ * for [.., Now] therefore sees every call that returned before Now was read,
+ * however late the drain runs (stamping at drain time put samples buffered
+ * across a second boundary into Now + 1). */
 static void drain(ring_t *r) {
     unsigned t = atomic_load_explicit(&r->tail, memory_order_relaxed);
     unsigned h = atomic_load_explicit(&r->head, memory_order_acquire);
     if (t == h)
         return;
-    /* the wall second of each sample: now, minus its age on the TSC */
-    uint64_t now_t = dx_native_ticks();
-    int64_t now_s = wall_sec();
     pthread_rwlock_rdlock(&g_bind_mu);
     for (; t != h; t++) {
         const __typeof__(r->e[0]) *x = &r->e[t % RING];
-        if (!g_bound[x->op][x->res] || !g_proto || !g_key)
+        if (!g_bound[x->op][x->res])
             continue;
         dx_sketch **bp = &r->batch[x->op][x->res];
-        if (!*bp && !(*bp = dx_sketch_new(0, 0)))
-            continue; /* out of memory: this sample is lost */
-        double age_s = now_t > x->end ? (double)(now_t - x->end) * g_tick_us / 1e6 : 0.0;
-        int64_t sec = now_s - (int64_t)age_s;
-        if (dx_sketch_count(*bp) && r->batch_sec[x->op][x->res] != sec)
+        if (!g_proto || !g_key || (!*bp && !(*bp = dx_sketch_new(0, 0)))) {
+            dropped(1); /* out of memory */
+            continue;
+        }
+        if (dx_sketch_count(*bp) && r->batch_sec[x->op][x->res] != x->sec)
             flush_batch(r, x->op, x->res);
-        r->batch_sec[x->op][x->res] = sec;
+        r->batch_sec[x->op][x->res] = x->sec;
         uint64_t ticks = x->ticks ? x->ticks : 1;
         double v = (double)ticks * g_tick_us;
-        (void)dx_sketch_add_keyed(*bp, v, ticks < KEY_TABLE ? g_key[ticks] : dx_sketch_key(g_proto, v));
+        if (dx_sketch_add_keyed(*bp, v, ticks < KEY_TABLE ? g_key[ticks] : dx_sketch_key(g_proto, v)) != 0)
+            dropped(1);
     }
     for (int op = 0; op < DX_NATIVE_OPS; op++)
         for (int res = 0; res < DX_NATIVE_RESULTS; res++)
@@ -352,8 +364,10 @@ void dx_native_record(int op, int res, uint64_t t0) {
     uint64_t t1 = dx_native_ticks();
     ring_t *r = t_ring;
     if (!r) {
-        if (!(r = calloc(1, sizeof *r)))
-            return; /* out of memory: the sample is lost, the get is not */
+        if (!(r = calloc(1, sizeof *r))) {
+            dropped(1); /* out of memory: the sample is lost, the get is not */
+            return;
+        }
         pthread_mutex_init(&r->mu, NULL);
         pthread_mutex_lock(&g_rings_mu);
         r->next = g_rings;
@@ -368,7 +382,7 @@ void dx_native_record(int op, int res, uint64_t t0) {
         pthread_mutex_unlock(&r->mu);
     }
     uint64_t d = t1 > t0 ? t1 - t0 : 0;
-    r->e[h % RING].end = t1;
+    r->e[h % RING].sec = wall_sec();
     r->e[h % RING].ticks = d > UINT32_MAX ? UINT32_MAX : (uint32_t)d;
     r->e[h % RING].op = (uint8_t)op;
     r->e[h % RING].res = (uint8_t)res;
@@ -408,6 +422,11 @@ DX_METRICS_NIF(nif_metrics_native_bind) {
     pthread_rwlock_unlock(&g_bind_mu);
     atomic_store(&dx_native_enabled[op], !unbind);
     return A_ok;
+}
+
+/* metrics_dropped() -> the number of samples lost since load (see g_dropped). */
+DX_METRICS_NIF(nif_metrics_dropped) {
+    return enif_make_uint64(env, atomic_load_explicit(&g_dropped, memory_order_relaxed));
 }
 
 /* metrics_native_flush() -> ok: drains every thread's pending samples. */

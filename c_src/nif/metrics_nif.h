@@ -21,6 +21,7 @@ DX_METRICS_NIF(nif_metrics_sketch_merge);
 DX_METRICS_NIF(nif_metrics_now);
 DX_METRICS_NIF(nif_metrics_native_bind);
 DX_METRICS_NIF(nif_metrics_native_flush);
+DX_METRICS_NIF(nif_metrics_dropped);
 
 /* Native timing of store reads and sets (see metrics_nif.c): a NIF that serves op
  * takes t0 = dx_native_ticks() when dx_native_enabled[op] is set, and calls
@@ -46,5 +47,6 @@ void dx_metrics_unload(void);
     {"metrics_sketch_merge", 1, nif_metrics_sketch_merge, ERL_NIF_DIRTY_JOB_CPU_BOUND}, \
     {"metrics_now", 0, nif_metrics_now, 0},                                       \
     {"metrics_native_bind", 4, nif_metrics_native_bind, 0},                       \
-    {"metrics_native_flush", 0, nif_metrics_native_flush, ERL_NIF_DIRTY_JOB_CPU_BOUND}
+    {"metrics_native_flush", 0, nif_metrics_native_flush, ERL_NIF_DIRTY_JOB_CPU_BOUND}, \
+    {"metrics_dropped", 0, nif_metrics_dropped, 0}
 #endif

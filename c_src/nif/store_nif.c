@@ -289,7 +289,10 @@ DX_NIF(nif_stats) {
 static __thread int t_res;
 #define WITH_SESSION(s, term)                                                                     \
     dx_str sid_;                                                                                  \
-    if (!get_sid(env, term, &sid_)) return enif_make_badarg(env);                                 \
+    if (!get_sid(env, term, &sid_)) {                                                             \
+        t_res = -1; /* a badarg is no read: neither a miss nor timed */                           \
+        return enif_make_badarg(env);                                                             \
+    }                                                                                             \
     dx_ebr_enter();                                                                               \
     dx_session *s = dx_session_find(sid_, dx_now_ms());                                          \
     if (!s) {                                                                                     \
