@@ -8,6 +8,8 @@ start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
+    %% tools exposed to Python outlive a crash of any child: this process owns their table
+    ok = dspex_tools:new_table(),
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
     Children = [#{id => dspex_acl_audit, start => {dspex_acl_audit, start_link, []}},
                 #{id => dspex_session_sweeper,
