@@ -60,6 +60,14 @@ handle(M, _Req, _Call, _Ctx) when M =:= 'ExecuteTool'; M =:= 'ExecuteStreamingTo
 handle('Ping', #{message := Msg}, _Call, _Ctx) ->
     %% the reference server's answer, which snakepit clients know
     {reply, #{message => <<"pong: ", Msg/binary>>, server_time => now_us()}};
+handle('ListSessions', #{pattern := P, limit := L}, _Call, _Ctx) when L >= 0 ->
+    Ids = lists:sort([S || S <- dspex_store:list_sessions(), P =:= <<>> orelse dspex_tools:glob(P, S)]),
+    Shown = case L of 0 -> Ids; _ -> lists:sublist(Ids, L) end,
+    {reply, #{total => length(Ids),
+              sessions => [#{session_id => S, variable_count => N, created_at => C}
+                           || S <- Shown, {ok, #{variable_count := N, created_at := C}} <- [dspex_store:get_session(S)]]}};
+handle('ListSessions', _Req, _Call, _Ctx) ->
+    {error, {invalid_argument, limit}};
 handle(M, #{session_id := <<>>}, _Call, _Ctx) when M =/= 'GetDashboard' ->
     {error, {invalid_argument, session_id}};
 handle(M, Req, Call, Ctx) ->

@@ -24,7 +24,7 @@
 %% Term}' (no JSON form).
 -module(dspex_tools).
 
--export([new_table/0, expose/2, expose/3, unexpose/1, list/0, list/1, lookup/1, call/3]).
+-export([new_table/0, expose/2, expose/3, unexpose/1, list/0, list/1, lookup/1, call/3, glob/2]).
 
 -define(TAB, dspex_tools).
 -define(DEFAULT_TIMEOUT, 30000).
@@ -240,7 +240,9 @@ spec(#{name := N, description := D, parameters := P, metadata := M}) ->
 allowed(#{allow := Patterns}, Principal) ->
     lists:any(fun(P) -> glob(P, Principal) end, Patterns).
 
-%% `*' matches any run of bytes (also empty), `?' exactly one byte.
+%% @doc Whether `Subject' matches the glob `Pattern': `*' matches any run
+%% of bytes (also empty), `?' exactly one byte, anything else itself.
+-spec glob(binary(), binary()) -> boolean().
 glob(<<>>, <<>>) -> true;
 glob(<<"*", P/binary>>, S) -> star(P, S);
 glob(<<"?", P/binary>>, <<_, S/binary>>) -> glob(P, S);
