@@ -18,15 +18,16 @@ APT_WORKERS := python3
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
 APT_CLUSTER := erlang-inets etcd-server
 # The Python client (priv/python/dspex_bridge), its stubs, tests and gRPC bench.
-APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
+APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
+              python3-venv python3-setuptools python3-pip
 PYTHON   ?= /usr/bin/python3
-PY_STUBS := _build/python
+PY_STUBS := priv/python/dspex_bridge/_proto
 
 .PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
-.PHONY: deps-python python-stubs test-python bench-grpc
+.PHONY: deps-python python-stubs python-venv test-python bench-grpc
 .PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
-all: compile
+all: compile python-stubs
 
 define apt_install
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -52,7 +53,7 @@ compile: deps
 	$(REBAR3) compile
 
 # Starts a node with the application in the foreground (an Erlang shell).
-run: compile
+run: compile python-stubs
 	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
 
 test: deps-test deps-cluster compile test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python
@@ -94,17 +95,28 @@ deps-python:
 	$(call apt_install,$(APT_PYTHON))
 
 # Python stubs of priv/proto/snakepit_bridge.proto, generated (never committed)
-# into _build/python, where dspex_bridge/_stubs.py finds them.
+# into the package (priv/python/dspex_bridge/_proto), the grpc module's import
+# of its message module made package-relative, so the package installs whole.
 python-stubs: deps-python $(PY_STUBS)/snakepit_bridge_pb2_grpc.py
 
 $(PY_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
-	@mkdir -p $(PY_STUBS)
 	protoc -I priv/proto --python_out=$(PY_STUBS) --grpc_out=$(PY_STUBS) \
 	  --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin $<
+	sed -i 's/^import snakepit_bridge_pb2 as /from . import snakepit_bridge_pb2 as /' $@
 
-# Codec/cache/error unit tests, then integration tests against a real node.
-test-python: compile python-stubs
-	cd test/python && $(PYTHON) -m unittest discover -v -s . -p 'test_*.py'
+# The package as users install it: a fresh venv over Debian's grpcio/protobuf
+# (offline: no build isolation, no dependency download).
+PY_VENV := _build/python_venv
+python-venv: python-stubs
+	rm -rf $(PY_VENV) _build/python_pkg
+	$(PYTHON) -m venv --system-site-packages $(PY_VENV)
+	cp -r priv/python _build/python_pkg   # pip builds in place: keep priv/ clean
+	$(PY_VENV)/bin/pip install --quiet --no-deps --no-build-isolation --no-index ./_build/python_pkg
+
+# Codec/cache/error/CLI unit tests, then integration tests against a real node,
+# all importing dspex_bridge from the venv's installed package, not priv/python.
+test-python: compile python-venv
+	cd test/python && DSPEX_BRIDGE_INSTALLED=1 ../../$(PY_VENV)/bin/python -m unittest discover -v -s . -p 'test_*.py'
 
 bench: compile
 	@mkdir -p _build/bench

@@ -10,6 +10,8 @@ start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 init([]) ->
     %% the metric series outlive a crash of dspex_metrics_server: this process owns their table
     ok = dspex_metrics_server:new_table(),
+    %% tools exposed to Python outlive a crash of any child: this process owns their table
+    ok = dspex_tools:new_table(),
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
     Children = [#{id => dspex_acl_audit, start => {dspex_acl_audit, start_link, []}},
                 #{id => dspex_session_sweeper,

@@ -13,6 +13,8 @@
 
 -export([run/5, handle/4, var_to_pb/3]).
 
+%% The type_url of a tool result: JSON text, as snakepit clients expect it.
+-define(TOOL_RESULT_URL, <<"type.googleapis.com/google.protobuf.StringValue">>).
 -define(PERMISSIONS, [<<"read">>, <<"write">>, <<"observe">>, <<"optimize">>]).
 
 %% @doc Entry point of a handler process (spawned by `dspex_grpc').
@@ -53,12 +55,19 @@ acl_opts(Meta) ->
 %% @doc Runs one RPC: `{reply, Map}', `streamed' (WatchVariables, which sent
 %% its messages itself) or `{error, Reason}'.
 -spec handle(atom(), map(), map(), dspex_grpc:ctx()) -> {reply, map()} | streamed | {error, term()}.
-handle(M, _Req, _Call, _Ctx) when M =:= 'ExecuteTool'; M =:= 'ExecuteStreamingTool'; M =:= 'RegisterTools';
-                                  M =:= 'GetExposedElixirTools'; M =:= 'ExecuteElixirTool' ->
+handle(M, _Req, _Call, _Ctx) when M =:= 'ExecuteTool'; M =:= 'ExecuteStreamingTool'; M =:= 'RegisterTools' ->
     {error, unimplemented};
 handle('Ping', #{message := Msg}, _Call, _Ctx) ->
     %% the reference server's answer, which snakepit clients know
     {reply, #{message => <<"pong: ", Msg/binary>>, server_time => now_us()}};
+handle('ListSessions', #{pattern := P, limit := L}, _Call, _Ctx) when L >= 0 ->
+    Ids = lists:sort([S || S <- dspex_store:list_sessions(), P =:= <<>> orelse dspex_tools:glob(P, S)]),
+    Shown = case L of 0 -> Ids; _ -> lists:sublist(Ids, L) end,
+    {reply, #{total => length(Ids),
+              sessions => [#{session_id => S, variable_count => N, created_at => C}
+                           || S <- Shown, {ok, #{variable_count := N, created_at := C}} <- [dspex_store:get_session(S)]]}};
+handle('ListSessions', _Req, _Call, _Ctx) ->
+    {error, {invalid_argument, limit}};
 handle(M, #{session_id := <<>>}, _Call, _Ctx) when M =/= 'GetDashboard' ->
     {error, {invalid_argument, session_id}};
 handle(M, Req, Call, Ctx) ->
@@ -305,6 +314,26 @@ rpc('CheckVariableAccess', #{session_id := S, variable_identifier := K, principa
 
 %%% dashboard -------------------------------------------------------------------
 
+%%% tools the BEAM offers to Python (dspex_tools) ---------------------------------
+
+rpc('GetExposedElixirTools', #{session_id := S}, #{opts := Opts}, _Ctx) ->
+    {reply, #{tools => [tool_spec(T) || T <- dspex_tools:list(maps:get(as, Opts, S))]}};
+rpc('ExecuteElixirTool', #{session_id := S, tool_name := Name} = Req, #{opts := Opts, deadline := Deadline}, _Ctx) ->
+    Args = maps:map(fun(_, Any) -> tool_arg(Any) end, maps:get(parameters, Req, #{})),
+    T0 = erlang:monotonic_time(millisecond),
+    Result = dspex_tools:call(Name, Args, #{session => S, principal => maps:get(as, Opts, S),
+                                           metadata => maps:get(metadata, Req, #{}), timeout => Deadline}),
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    case Result of
+        {ok, V} ->
+            {reply, #{success => true, result => #{type_url => ?TOOL_RESULT_URL, value => V},
+                      execution_time_ms => Ms, metadata => #{}}};
+        %% the tool ran and failed: an answer (snakepit clients read error_message), not a status
+        {error, {Kind, Reason}} when Kind =:= tool_error; Kind =:= tool_crashed; Kind =:= bad_result ->
+            {reply, #{success => false, error_message => tool_failure(Kind, Reason),
+                      execution_time_ms => Ms, metadata => #{<<"error_kind">> => atom_to_binary(Kind)}}};
+        {error, _} = E -> E
+    end;
 rpc('GetDashboard', #{session_id := S}, _Call, _Ctx) ->
     dashboard(S);
 
@@ -554,6 +583,21 @@ text(F) when is_float(F) -> float_to_binary(F, [short]);
 text(T) -> unicode:characters_to_binary(io_lib:format("~0p", [T])).
 
 now_us() -> erlang:system_time(microsecond).
+
+tool_spec(#{name := N, description := D, parameters := Ps, metadata := M}) ->
+    #{name => N, description => D, metadata => M, supports_streaming => false, required_variables => [],
+      parameters => [#{name => PN, type => PT, description => PD, required => PR}
+                     || #{name := PN, type := PT, description := PD, required := PR} <- Ps]}.
+
+%% An argument's Any: its JSON body, already parsed by the port (snakepit
+%% clients send JSON text under a StringValue type_url).
+tool_arg(#{value := V}) -> V;
+tool_arg(_) -> null.
+
+tool_failure(tool_error, R) when is_binary(R) -> R;
+tool_failure(tool_error, R) -> text(R);
+tool_failure(tool_crashed, R) -> <<"tool crashed: ", (text(R))/binary>>;
+tool_failure(bad_result, R) -> <<"tool result has no JSON form: ", (text(R))/binary>>.
 
 by(#{as := P}) -> P;
 by(_) -> <<"grpc">>.

@@ -7,6 +7,7 @@
 %% | `{already_exists, _}' | ALREADY_EXISTS (6) |
 %% | `{version_mismatch, Current}' | ABORTED (10), "version mismatch: current version is N" |
 %% | `{locked, _}', `stale_lock', `{lock_held_by, _}', `not_lock_owner', `derived_variable', `{would_create_cycle, _}', `not_optimizing' | FAILED_PRECONDITION (9) |
+%% | `{tool_not_found, _}' | NOT_FOUND (5) |
 %% | `access_denied' | PERMISSION_DENIED (7) |
 %% | `rate_limited', `{limit_exceeded, _}', `enomem' | RESOURCE_EXHAUSTED (8) |
 %% | `overload', `unavailable' | UNAVAILABLE (14) |
@@ -70,6 +71,7 @@ of_error(not_optimizing) -> {failed_precondition, <<"no optimization runs on the
 of_error(derived_variable) -> {failed_precondition, <<"derived variables cannot be written directly">>};
 of_error({would_create_cycle, Path}) ->
     {failed_precondition, fmt("dependency would create a cycle: ~ts", [lists:join(" -> ", [txt(P) || P <- Path])])};
+of_error({tool_not_found, N}) -> {not_found, fmt("tool not found: ~ts", [txt(N)])};
 of_error(access_denied) -> {permission_denied, <<"access denied">>};
 of_error(rate_limited) -> {resource_exhausted, <<"rate limited">>};
 of_error({limit_exceeded, L}) -> {resource_exhausted, fmt("limit exceeded: ~ts", [txt(L)])};

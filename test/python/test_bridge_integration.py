@@ -4,6 +4,7 @@ One node (bridge_node.BridgeNode) is started for the module; every test uses
 its own session ids so tests do not see each other.
 """
 
+import json
 import math
 import threading
 import time
@@ -32,7 +33,18 @@ def setUpModule():
     # store call is refused, which is how RESOURCE_EXHAUSTED is reached.
     NODE = BridgeNode(extra_eval=(
         "{ok, _} = dspex_store:create_session(<<\"%s\">>, "
-        "#{rate_limit => #{rate => 0.001, burst => 3}})," % RATE_LIMITED)).start()
+        "#{rate_limit => #{rate => 0.001, burst => 3}}),"
+        # tools the BEAM offers to Python (dspex_tools), for the tool bridge tests
+        "ok = dspex_tools:expose(add, fun(#{<<\"a\">> := A, <<\"b\">> := B}) -> A + B end, "
+        "  #{description => <<\"adds two numbers\">>, "
+        "    parameters => [#{name => <<\"a\">>, type => <<\"number\">>, required => true}, "
+        "                   #{name => <<\"b\">>, type => <<\"number\">>, required => true}]}),"
+        "ok = dspex_tools:expose(echo, fun(Args, #{session := S}) -> #{args => Args, session => S} end),"
+        "ok = dspex_tools:expose(fails, fun(_) -> {error, <<\"model unavailable\">>} end),"
+        "ok = dspex_tools:expose(crashes, fun(_) -> erlang:error(boom) end),"
+        "ok = dspex_tools:expose(sleepy, fun(_) -> receive after infinity -> ok end end),"
+        "ok = dspex_tools:expose(admin_only, fun(_) -> <<\"secret\">> end, #{allow => [<<\"admin_*\">>]}),"
+        % RATE_LIMITED)).start()
 
 
 def tearDownModule():
@@ -133,13 +145,11 @@ class Sessions(BridgeCase):
         for _ in range(10):
             self.ctx.get_variable("free")
 
-    def test_tool_rpcs_are_unimplemented(self):
+    def test_python_tool_rpcs_are_unimplemented(self):
         calls = [
             lambda: self.stub.ExecuteTool(pb2.ExecuteToolRequest(session_id=self.session, tool_name="t")),
             lambda: next(self.stub.ExecuteStreamingTool(pb2.ExecuteToolRequest(session_id=self.session))),
-            lambda: self.stub.RegisterTools(pb2.RegisterToolsRequest(session_id=self.session)),
-            lambda: self.stub.GetExposedElixirTools(pb2.GetExposedElixirToolsRequest(session_id=self.session)),
-            lambda: self.stub.ExecuteElixirTool(pb2.ExecuteElixirToolRequest(session_id=self.session))]
+            lambda: self.stub.RegisterTools(pb2.RegisterToolsRequest(session_id=self.session))]
         for call in calls:
             with self.assertRaises(grpc.RpcError) as cm:
                 call()
@@ -645,3 +655,93 @@ class Dashboard(BridgeCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ElixirTools(unittest.TestCase):
+    """The BEAM's tools (dspex_tools) called from Python: GetExposedElixirTools
+    and ExecuteElixirTool, through SessionContext and on the raw wire as
+    snakepit 0.4.3's client sends them (JSON text under a StringValue type_url)."""
+
+    def setUp(self):
+        self.ctx = SessionContext(NODE.address, sid(), cache_ttl=0, timeout=10)
+
+    def tearDown(self):
+        self.ctx.cleanup()
+        self.ctx.close()
+
+    def test_list_and_call(self):
+        names = [t.name for t in self.ctx.list_elixir_tools()]
+        self.assertEqual(names, sorted(names))
+        self.assertIn("add", names)
+        self.assertNotIn("admin_only", names)          # not for this principal
+        add = next(t for t in self.ctx.list_elixir_tools() if t.name == "add")
+        self.assertEqual(add.description, "adds two numbers")
+        self.assertEqual([(p["name"], p["type"], p["required"]) for p in add.parameters],
+                         [("a", "number", True), ("b", "number", True)])
+        self.assertEqual(self.ctx.call_elixir_tool("add", a=2, b=3.5), 5.5)
+        self.assertEqual(self.ctx.tools.add(a=1, b=2), 3)              # attribute access
+        self.assertEqual(self.ctx.elixir_tools["add"](a=4, b=4), 8)    # snakepit's dict of proxies
+        self.assertIn("adds two numbers", self.ctx.elixir_tools["add"].__doc__)
+        self.assertEqual(self.ctx.call_tool("add", a=0, b=0), 0)
+        echoed = self.ctx.call_elixir_tool("echo", x=[1, "two", None, True], y={"k": 1.5})
+        self.assertEqual(echoed, {"args": {"x": [1, "two", None, True], "y": {"k": 1.5}},
+                                  "session": self.ctx.session_id})
+
+    def test_errors(self):
+        from dspex_bridge import ToolError, ToolNotFoundError
+        with self.assertRaises(ToolNotFoundError) as cm:
+            self.ctx.call_elixir_tool("no_such_tool")
+        self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
+        with self.assertRaises(ToolError) as cm:
+            self.ctx.call_elixir_tool("fails")
+        self.assertEqual((str(cm.exception), cm.exception.kind), ("model unavailable", "tool_error"))
+        with self.assertRaises(ToolError) as cm:
+            self.ctx.tools.crashes()
+        self.assertEqual(cm.exception.kind, "tool_crashed")
+        self.assertIn("boom", str(cm.exception))
+        with self.assertRaises(InvalidValueError):
+            self.ctx.call_elixir_tool("add", a=object())
+        # a bad argument of the tool itself is the tool's failure (a function clause)
+        with self.assertRaises(ToolError):
+            self.ctx.call_elixir_tool("add", a=1)
+
+    def test_deadline_is_honoured(self):
+        ctx = SessionContext(NODE.address, self.ctx.session_id, create=False, timeout=0.3)
+        try:
+            with self.assertRaises(BridgeTimeoutError):
+                ctx.call_elixir_tool("sleepy")
+            self.assertEqual(ctx.call_elixir_tool("add", a=1, b=1), 2)   # the server is fine after
+        finally:
+            ctx.close()
+
+    def test_principal_decides(self):
+        admin = self.ctx.as_principal("admin_root")
+        try:
+            self.assertIn("admin_only", [t.name for t in admin.list_elixir_tools()])
+            self.assertEqual(admin.call_elixir_tool("admin_only"), "secret")
+        finally:
+            admin.close()
+        with self.assertRaises(AccessDeniedError):
+            self.ctx.call_elixir_tool("admin_only")
+        intruder = self.ctx.as_principal("intruder")
+        with self.assertRaises(AccessDeniedError):
+            intruder.call_elixir_tool("admin_only")
+
+    def test_snakepit_wire_format(self):
+        """What snakepit 0.4.3's SessionContext sends and reads back."""
+        from google.protobuf import any_pb2
+        stub = pb2_grpc.BridgeServiceStub(grpc.insecure_channel(NODE.address))
+        tools = stub.GetExposedElixirTools(pb2.GetExposedElixirToolsRequest(session_id=self.ctx.session_id),
+                                           timeout=10).tools
+        self.assertIn("add", [t.name for t in tools])
+        params = {k: any_pb2.Any(type_url="type.googleapis.com/google.protobuf.StringValue",
+                                 value=json.dumps(v).encode()) for k, v in {"a": 20, "b": 22}.items()}
+        r = stub.ExecuteElixirTool(pb2.ExecuteElixirToolRequest(
+            session_id=self.ctx.session_id, tool_name="add", parameters=params, metadata={}), timeout=10)
+        self.assertTrue(r.success)
+        self.assertEqual(json.loads(r.result.value.decode("utf-8")), 42)
+        self.assertGreaterEqual(r.execution_time_ms, 0)
+        r = stub.ExecuteElixirTool(pb2.ExecuteElixirToolRequest(
+            session_id=self.ctx.session_id, tool_name="fails"), timeout=10)
+        self.assertFalse(r.success)
+        self.assertEqual(r.error_message, "model unavailable")

@@ -1,46 +1,15 @@
-"""Locates the protoc-generated modules (snakepit_bridge_pb2, _pb2_grpc).
+"""The protoc-generated modules of priv/proto/snakepit_bridge.proto.
 
-`make python-stubs` writes them to ``_build/python`` at the project root (they
-are generated, never committed).  They are found, in order: already importable
-(on sys.path), in the directory named by ``DSPEX_BRIDGE_STUBS``, or in a
-``_build/python`` directory above this package.  The grpc plugin's output
-imports ``snakepit_bridge_pb2`` as a top-level module, so that directory is put
-on sys.path.
+`make python-stubs` (run by `make`, `make run` and `make test`) writes them into
+``dspex_bridge/_proto`` (generated, never committed) with the grpc module's
+import made package-relative, so an installed package needs no path set-up.
 """
 
-import importlib
-import os
-import sys
+try:
+    from ._proto import snakepit_bridge_pb2 as pb2
+    from ._proto import snakepit_bridge_pb2_grpc as pb2_grpc
+except ImportError as e:  # pragma: no cover - a source tree without `make python-stubs`
+    raise ImportError("dspex_bridge: generated gRPC stubs are missing (run `make python-stubs` "
+                      "in the dspex_bridge checkout, then reinstall the package): %s" % e) from None
 
-STUB_MODULE = "snakepit_bridge_pb2"
-
-
-def _candidates():
-    env = os.environ.get("DSPEX_BRIDGE_STUBS")
-    if env:
-        yield env
-    here = os.path.dirname(os.path.realpath(__file__))   # through rebar3's priv symlink
-    d = here
-    for _ in range(6):
-        d = os.path.dirname(d)
-        yield os.path.join(d, "_build", "python")
-
-
-def load():
-    """(pb2, pb2_grpc) modules; ImportError naming the places searched."""
-    try:
-        return importlib.import_module(STUB_MODULE), importlib.import_module(STUB_MODULE + "_grpc")
-    except ImportError:
-        pass
-    tried = []
-    for d in _candidates():
-        tried.append(d)
-        if os.path.isfile(os.path.join(d, STUB_MODULE + ".py")):
-            if d not in sys.path:
-                sys.path.insert(0, d)
-            return importlib.import_module(STUB_MODULE), importlib.import_module(STUB_MODULE + "_grpc")
-    raise ImportError("generated gRPC stubs not found (run `make python-stubs`); looked in: "
-                      + ", ".join(tried))
-
-
-pb2, pb2_grpc = load()
+__all__ = ["pb2", "pb2_grpc"]

@@ -37,6 +37,20 @@ class SessionNotFoundError(BridgeError):
     """NOT_FOUND: the session does not exist or has expired."""
 
 
+class ToolNotFoundError(BridgeError, LookupError):
+    """NOT_FOUND: the BEAM exposes no tool of that name (to this principal)."""
+
+
+class ToolError(BridgeError):
+    """A tool ran and failed: it returned an error (``kind`` "tool_error"),
+    raised ("tool_crashed") or returned something with no JSON form
+    ("bad_result").  Carries the tool's message; not a transport error."""
+
+    def __init__(self, message, code=None, kind=None):
+        super().__init__(message, code)
+        self.kind = kind
+
+
 class VariableExistsError(BridgeError):
     """ALREADY_EXISTS: register of a name that is taken."""
 
@@ -107,6 +121,8 @@ def _not_found(message, code):
     low = (message or "").lower()
     if low.startswith("session not found"):
         return SessionNotFoundError(message, code)
+    if low.startswith("tool not found"):
+        return ToolNotFoundError(message, code)
     if low.startswith("version ") and "history" in low:
         return VersionNotFoundError(message, code)
     return VariableNotFoundError(message, code)

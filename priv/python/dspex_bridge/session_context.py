@@ -18,16 +18,16 @@ message.  Reads may be served from a client cache (TTL ``cache_ttl`` seconds,
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 
 from . import codec
 from ._stubs import pb2, pb2_grpc
 from .cache import VariableCache
-from .errors import (BridgeError, InvalidValueError, VariableNotFoundError,
-                     from_rpc_error)
+from .errors import (BridgeError, InvalidValueError, ToolError, ToolNotFoundError,
+                     VariableNotFoundError, from_rpc_error)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: Matches the server's default maximum message size (64 MiB).
@@ -70,6 +70,15 @@ class VariableUpdate:
     metadata: Dict[str, str]
     timestamp: Optional[float]
     variable: Optional[Variable]
+
+
+@dataclass
+class ToolSpec:
+    """A tool the BEAM application exposes (dspex_tools:expose/3)."""
+    name: str
+    description: str
+    parameters: List[Dict[str, Any]]   # name, type, description, required
+    metadata: Dict[str, str]
 
 
 @dataclass
@@ -290,6 +299,68 @@ class SessionContext:
         finally:
             self.close()
         return False
+
+    # ------------------------------------------------------------ tools
+
+    # The type_url snakepit clients put on tool arguments: JSON text.
+    _TOOL_ARG_URL = "type.googleapis.com/google.protobuf.StringValue"
+
+    def list_elixir_tools(self) -> List[ToolSpec]:
+        """GetExposedElixirTools: the tools this principal may call, by name."""
+        r = self._call("GetExposedElixirTools",
+                       pb2.GetExposedElixirToolsRequest(session_id=self.session_id))
+        return [ToolSpec(name=t.name, description=t.description,
+                         parameters=[{"name": p.name, "type": p.type, "description": p.description,
+                                      "required": p.required} for p in t.parameters],
+                         metadata=dict(t.metadata)) for t in r.tools]
+
+    def call_elixir_tool(self, tool_name: str, **kwargs) -> Any:
+        """ExecuteElixirTool: runs a tool of the BEAM application with keyword
+        arguments (JSON-encodable values) and returns its JSON result.
+
+        Raises ToolNotFoundError (no such tool), AccessDeniedError (not for
+        this principal), BridgeTimeoutError (the context's deadline passed; the
+        tool is killed), InvalidValueError (arguments), ToolError (the tool
+        itself failed, raised or returned no JSON)."""
+        params = {}
+        for key, value in kwargs.items():
+            try:
+                body = json.dumps(value, allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError) as e:
+                raise InvalidValueError("tool argument %r has no JSON form: %s" % (key, e)) from None
+            params[key] = any_pb2.Any(type_url=self._TOOL_ARG_URL, value=body)
+        r = self._call("ExecuteElixirTool", pb2.ExecuteElixirToolRequest(
+            session_id=self.session_id, tool_name=tool_name, parameters=params))
+        if not r.success:
+            raise ToolError(r.error_message or "tool failed", kind=r.metadata.get("error_kind"))
+        if not r.HasField("result") or not r.result.value:
+            return None
+        return json.loads(r.result.value.decode("utf-8"))
+
+    def call_tool(self, tool_name: str, **kwargs) -> Any:
+        """snakepit's name for calling a tool: here, a tool of the BEAM."""
+        return self.call_elixir_tool(tool_name, **kwargs)
+
+    def _tool_proxy(self, spec: ToolSpec) -> Callable[..., Any]:
+        def proxy(**kwargs):
+            return self.call_elixir_tool(spec.name, **kwargs)
+        proxy.__name__ = spec.name
+        lines = ["%s: %s%s%s" % (p["name"], p["type"] or "any", " (required)" if p["required"] else "",
+                                 " - " + p["description"] if p["description"] else "")
+                 for p in spec.parameters]
+        proxy.__doc__ = spec.description + ("\n\nParameters:\n" + "\n".join(lines) if lines else "")
+        return proxy
+
+    @property
+    def elixir_tools(self) -> Dict[str, Callable[..., Any]]:
+        """The exposed tools as callables by name (as snakepit's SessionContext
+        offers them), listed afresh on every access."""
+        return {t.name: self._tool_proxy(t) for t in self.list_elixir_tools()}
+
+    @property
+    def tools(self) -> "ToolNamespace":
+        """Attribute access to the exposed tools: ``ctx.tools.add(a=1, b=2)``."""
+        return ToolNamespace(self)
 
     # ------------------------------------------------------------ variables
 
@@ -748,6 +819,28 @@ class CacheWatcher:
     def stop(self):
         self._watch.cancel()
         self._thread.join()
+
+
+class ToolNamespace:
+    """``ctx.tools.name(**kwargs)`` calls the BEAM's tool ``name``."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        ctx = self._ctx
+
+        def call(**kwargs):
+            return ctx.call_elixir_tool(name, **kwargs)
+        call.__name__ = name
+        return call
+
+    def __dir__(self):
+        return [t.name for t in self._ctx.list_elixir_tools()]
 
 
 class VariableNamespace:

@@ -1,0 +1,256 @@
+%% @doc Tools the BEAM application offers to Python: the Elixir side of the
+%% `snakepit.bridge' tool bridge (`GetExposedElixirTools',
+%% `ExecuteElixirTool'; Python `ctx.call_elixir_tool(name, **kwargs)').
+%%
+%% A tool is a fun of one argument (the arguments, a map of binary names to
+%% JSON values: numbers, binaries, booleans, `null', lists, maps with binary
+%% keys) or of two (the arguments and a call context `#{session, principal,
+%% metadata}'). It returns `{ok, Result}', `{error, Reason}' or a bare
+%% result; results must have a JSON form (as above, atoms other than `true',
+%% `false' and `null' travel as strings).
+%%
+%% Every call runs in a process of its own, monitored and killed when its
+%% deadline passes, so a tool that hangs or crashes harms nothing else.
+%%
+%% Access: option `allow' lists glob patterns (`*' any run, `?' one
+%% character) matched against the caller's principal: the `dspex-principal'
+%% request metadata, or the session id when there is none (as for
+%% variables). Default `[<<"*">>]' (every principal). A tool a principal may
+%% not call is also absent from the list it is shown.
+%%
+%% Errors of `call/3': `{tool_not_found, Name}', `access_denied', `timeout',
+%% `{invalid_argument, What}', `{tool_error, Reason}' (the tool returned
+%% `{error, Reason}'), `{tool_crashed, Reason}' (it raised), `{bad_result,
+%% Term}' (no JSON form).
+-module(dspex_tools).
+
+-export([new_table/0, expose/2, expose/3, unexpose/1, list/0, list/1, lookup/1, call/3, glob/2]).
+
+-define(TAB, dspex_tools).
+-define(DEFAULT_TIMEOUT, 30000).
+
+-type name() :: binary().
+-type tool_fun() :: fun((map()) -> term()) | fun((map(), map()) -> term()).
+-type param() :: #{name := binary(), type => binary(), description => binary(), required => boolean()}.
+-type opts() :: #{description => binary(), parameters => [param()], allow => [binary()],
+                  timeout => pos_integer(), metadata => #{binary() => binary()}}.
+-type spec() :: #{name := name(), description := binary(), parameters := [param()],
+                  metadata := #{binary() => binary()}}.
+-export_type([name/0, tool_fun/0, opts/0, spec/0]).
+
+%% @doc Creates the registry table, owned by the calling process (the top
+%% supervisor calls it in `init/1', so tools outlive any child's crash);
+%% `ok' if it exists already.
+-spec new_table() -> ok.
+new_table() ->
+    case ets:whereis(?TAB) of
+        undefined -> _ = ets:new(?TAB, [named_table, public, set, {read_concurrency, true}]), ok;
+        _ -> ok
+    end.
+
+%% @equiv expose(Name, Fun, #{})
+-spec expose(name() | atom(), tool_fun()) -> ok | {error, term()}.
+expose(Name, Fun) -> expose(Name, Fun, #{}).
+
+%% @doc Offers `Fun' to Python as tool `Name' (a non-empty binary or an atom;
+%% exposing a name again replaces the tool). Options: `description',
+%% `parameters' (shown to callers as the protocol's ParameterSpec: `name',
+%% `type', `description', `required'), `allow' (principal patterns),
+%% `timeout' (ms, when the caller sets no deadline; default 30000),
+%% `metadata' (binary to binary).
+-spec expose(name() | atom(), tool_fun(), opts()) -> ok | {error, {invalid_argument, atom()}}.
+expose(Name0, Fun, Opts) ->
+    case validate(Name0, Fun, Opts) of
+        {ok, Name, Tool} -> true = ets:insert(table(), {Name, Tool}), ok;
+        Error -> Error
+    end.
+
+%% @doc Withdraws a tool; `{error, {tool_not_found, Name}}' if there is none.
+-spec unexpose(name() | atom()) -> ok | {error, {tool_not_found, name()}}.
+unexpose(Name0) ->
+    Name = to_name(Name0),
+    case ets:take(table(), Name) of
+        [_] -> ok;
+        [] -> {error, {tool_not_found, Name}}
+    end.
+
+%% @doc Every exposed tool, sorted by name.
+-spec list() -> [spec()].
+list() -> [spec(T) || {_, T} <- lists:sort(ets:tab2list(table()))].
+
+%% @doc The tools `Principal' may call, sorted by name.
+-spec list(binary()) -> [spec()].
+list(Principal) when is_binary(Principal) ->
+    [spec(T) || {_, T} <- lists:sort(ets:tab2list(table())), allowed(T, Principal)].
+
+%% @doc One tool's description.
+-spec lookup(name() | atom()) -> {ok, spec()} | {error, {tool_not_found, name()}}.
+lookup(Name0) ->
+    Name = to_name(Name0),
+    case ets:lookup(table(), Name) of
+        [{_, T}] -> {ok, spec(T)};
+        [] -> {error, {tool_not_found, Name}}
+    end.
+
+%% @doc Runs tool `Name' with `Args' (a map with binary keys). Options:
+%% `principal' (who calls; checked against `allow'), `session',
+%% `metadata', `timeout' (ms or `infinity' for the tool's own timeout).
+-spec call(name() | atom(), map(), #{principal => binary(), session => binary(), metadata => map(),
+                                     timeout => non_neg_integer() | infinity}) ->
+          {ok, term()} | {error, term()}.
+call(Name0, Args, Opts) when is_map(Args), is_map(Opts) ->
+    Name = to_name(Name0),
+    case ets:lookup(table(), Name) of
+        [] -> {error, {tool_not_found, Name}};
+        [{_, T}] ->
+            Principal = maps:get(principal, Opts, maps:get(session, Opts, <<>>)),
+            case allowed(T, Principal) of
+                false -> {error, access_denied};
+                true ->
+                    Timeout = case maps:get(timeout, Opts, infinity) of
+                                  infinity -> maps:get(timeout, T);
+                                  Ms -> Ms
+                              end,
+                    Ctx = #{session => maps:get(session, Opts, <<>>), principal => Principal,
+                            metadata => maps:get(metadata, Opts, #{})},
+                    run(maps:get(function, T), Args, Ctx, Timeout)
+            end
+    end;
+call(_, _, _) -> {error, {invalid_argument, parameters}}.
+
+%%% internals -----------------------------------------------------------------
+
+table() ->
+    case ets:whereis(?TAB) of
+        undefined -> erlang:error(not_started);
+        T -> T
+    end.
+
+%% The tool runs in its own process: a crash is reported, a deadline kills it.
+run(Fun, Args, Ctx, Timeout) ->
+    Self = self(),
+    Tag = make_ref(),
+    {Pid, MRef} = spawn_monitor(fun() ->
+                                        R = try case erlang:fun_info(Fun, arity) of
+                                                    {arity, 1} -> Fun(Args);
+                                                    {arity, 2} -> Fun(Args, Ctx)
+                                                end
+                                            catch Class:Reason:Stack -> {'$crashed', {Class, Reason, Stack}}
+                                            end,
+                                        Self ! {Tag, R}
+                                end),
+    receive
+        {Tag, {'$crashed', {_, Reason, _}}} ->
+            erlang:demonitor(MRef, [flush]),
+            {error, {tool_crashed, Reason}};
+        {Tag, R} ->
+            erlang:demonitor(MRef, [flush]),
+            result(R);
+        {'DOWN', MRef, process, Pid, Reason} ->
+            {error, {tool_crashed, Reason}}
+    after Timeout ->
+            exit(Pid, kill),
+            erlang:demonitor(MRef, [flush]),
+            receive {Tag, _} -> ok after 0 -> ok end,
+            {error, timeout}
+    end.
+
+result({ok, V}) -> json_result(V);
+result({error, Reason}) -> {error, {tool_error, Reason}};
+result(V) -> json_result(V).
+
+json_result(V) ->
+    case json_form(V) of
+        {ok, J} -> {ok, J};
+        error -> {error, {bad_result, V}}
+    end.
+
+%% The JSON form of a result, or error: maps need binary or atom keys.
+json_form(V) when is_binary(V); is_number(V); is_boolean(V); V =:= null -> {ok, V};
+json_form(V) when is_atom(V) -> {ok, atom_to_binary(V, utf8)};
+json_form(L) when is_list(L) ->
+    Items = [json_form(X) || X <- L],
+    case lists:member(error, Items) of
+        true -> error;
+        false -> {ok, [X || {ok, X} <- Items]}
+    end;
+json_form(M) when is_map(M) ->
+    maps:fold(fun(_, _, error) -> error;
+                 (K, V, {ok, Acc}) when is_binary(K); is_atom(K) ->
+                      case json_form(V) of
+                          {ok, J} -> {ok, Acc#{key(K) => J}};
+                          error -> error
+                      end;
+                 (_, _, _) -> error
+              end, {ok, #{}}, M);
+json_form(_) -> error.
+
+key(K) when is_atom(K) -> atom_to_binary(K, utf8);
+key(K) -> K.
+
+validate(Name0, Fun, Opts) when is_map(Opts) ->
+    Name = to_name(Name0),
+    Checks = [{name, is_binary(Name) andalso Name =/= <<>>},
+              {function, is_function(Fun, 1) orelse is_function(Fun, 2)},
+              {description, is_binary(maps:get(description, Opts, <<>>))},
+              {parameters, valid_params(maps:get(parameters, Opts, []))},
+              {allow, valid_allow(maps:get(allow, Opts, [<<"*">>]))},
+              {timeout, valid_timeout(maps:get(timeout, Opts, ?DEFAULT_TIMEOUT))},
+              {metadata, valid_meta(maps:get(metadata, Opts, #{}))}],
+    case [W || {W, false} <- Checks] ++ [K || K <- maps:keys(Opts), not lists:member(K, known())] of
+        [] -> {ok, Name, #{name => Name, function => Fun,
+                           description => maps:get(description, Opts, <<>>),
+                           parameters => [param(P) || P <- maps:get(parameters, Opts, [])],
+                           allow => maps:get(allow, Opts, [<<"*">>]),
+                           timeout => maps:get(timeout, Opts, ?DEFAULT_TIMEOUT),
+                           metadata => maps:get(metadata, Opts, #{})}};
+        [What | _] when is_atom(What) -> {error, {invalid_argument, What}};
+        [_ | _] -> {error, {invalid_argument, options}}
+    end;
+validate(_, _, _) -> {error, {invalid_argument, options}}.
+
+known() -> [description, parameters, allow, timeout, metadata].
+
+to_name(A) when is_atom(A) -> atom_to_binary(A, utf8);
+to_name(B) -> B.
+
+valid_params(L) when is_list(L) ->
+    lists:all(fun(#{name := N} = P) when is_binary(N), N =/= <<>> ->
+                      is_binary(maps:get(type, P, <<>>)) andalso is_binary(maps:get(description, P, <<>>))
+                          andalso is_boolean(maps:get(required, P, false));
+                 (_) -> false
+              end, L);
+valid_params(_) -> false.
+
+param(P) ->
+    #{name => maps:get(name, P), type => maps:get(type, P, <<>>),
+      description => maps:get(description, P, <<>>), required => maps:get(required, P, false)}.
+
+valid_allow(L) when is_list(L) -> lists:all(fun(P) -> is_binary(P) andalso P =/= <<>> end, L);
+valid_allow(_) -> false.
+
+valid_timeout(T) -> is_integer(T) andalso T > 0.
+
+valid_meta(M) when is_map(M) -> lists:all(fun({K, V}) -> is_binary(K) andalso is_binary(V) end, maps:to_list(M));
+valid_meta(_) -> false.
+
+spec(#{name := N, description := D, parameters := P, metadata := M}) ->
+    #{name => N, description => D, parameters => P, metadata => M}.
+
+allowed(#{allow := Patterns}, Principal) ->
+    lists:any(fun(P) -> glob(P, Principal) end, Patterns).
+
+%% @doc Whether `Subject' matches the glob `Pattern': `*' matches any run
+%% of bytes (also empty), `?' exactly one byte, anything else itself.
+-spec glob(binary(), binary()) -> boolean().
+glob(<<>>, <<>>) -> true;
+glob(<<"*", P/binary>>, S) -> star(P, S);
+glob(<<"?", P/binary>>, <<_, S/binary>>) -> glob(P, S);
+glob(<<C, P/binary>>, <<C, S/binary>>) -> glob(P, S);
+glob(_, _) -> false.
+
+star(P, S) ->
+    glob(P, S) orelse case S of
+                          <<_, Rest/binary>> -> star(P, Rest);
+                          <<>> -> false
+                      end.
