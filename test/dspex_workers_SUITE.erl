@@ -13,7 +13,11 @@
          full_queue_is_overloaded/1, queued_call_times_out/1, wedged_idle_worker_fails_health_check/1,
          stop_pool_leaves_no_process/1, application_stop_leaves_no_process/1,
          killed_peer_node_leaves_no_process/1, breaker_opens_on_crashes_and_rejects_at_once/1,
-         mixed_load_every_call_answered/1, chaos/1]).
+         mixed_load_every_call_answered/1, chaos/1,
+         killed_idle_worker_port_closed_answers_at_once/1, killed_idle_worker_call_answers_by_deadline/1,
+         killed_worker_process_answers_one_level/1, os_kill_signals_only_its_process/1,
+         unloadable_module_fails_start_pool/1, module_broken_later_reported_logged_once/1]).
+-export([log/2]).
 
 all() ->
     [calls_run_on_ready_workers, python_errors_keep_the_worker, bad_options_and_no_pool,
@@ -22,7 +26,10 @@ all() ->
      full_queue_is_overloaded, queued_call_times_out, wedged_idle_worker_fails_health_check,
      stop_pool_leaves_no_process, application_stop_leaves_no_process,
      killed_peer_node_leaves_no_process, breaker_opens_on_crashes_and_rejects_at_once,
-     mixed_load_every_call_answered, chaos].
+     mixed_load_every_call_answered, chaos,
+     killed_idle_worker_port_closed_answers_at_once, killed_idle_worker_call_answers_by_deadline,
+     killed_worker_process_answers_one_level, os_kill_signals_only_its_process,
+     unloadable_module_fails_start_pool, module_broken_later_reported_logged_once].
 
 init_per_suite(Config) ->
     {ok, _} = application:ensure_all_started(dspex_bridge),
@@ -37,6 +44,7 @@ init_per_testcase(_Case, Config) ->
 
 end_per_testcase(_Case, _Config) ->
     [dspex_workers:stop_pool(P) || P <- [t_pool, t_pool2, t_crash, t_hang, t_garbage, t_flood]],
+    _ = logger:remove_handler(?MODULE),
     ok.
 
 module() -> filename:join([code:lib_dir(dspex_bridge), "test", "python_workers", "chaos.py"]).
@@ -80,6 +88,8 @@ alive(OsPid) ->
             string:trim(After, leading) =/= <<>> andalso binary:first(string:trim(After, leading)) =/= $Z;
         {error, _} -> false
     end.
+
+reaped(OsPid) -> file:read_file_info("/proc/" ++ integer_to_list(OsPid)) =:= {error, enoent}.
 
 await_dead(OsPids, Ms) ->
     await(fun() -> [P || P <- OsPids, alive(P)] =:= [] end, Ms, {alive, [P || P <- OsPids, alive(P)]}).
@@ -543,3 +553,226 @@ watch(Max) ->
 stop_watch(Pid) ->
     Pid ! {stop, self()},
     receive {max_mailbox, M} -> M end.
+
+%%% Port exits, deadlines, load failures -------------------------------------------------
+
+%% The worker's OS process is SIGKILLed while idle, after forking a child
+%% that keeps its stdout (but not its stdin) open: the port never sees EOF,
+%% so no exit status ever comes, and the call's write to the dead process's
+%% stdin closes the port with epipe. The call is answered with that at once
+%% (it used to wait for the deadline, then 5 s more for an exit status), one
+%% level deep, and nothing was signalled after the process was reaped.
+killed_idle_worker_port_closed_answers_at_once(_Config) ->
+    pool(t_pool, #{size => 1, backoff_min_ms => 60000, backoff_max_ms => 60000,
+                   health_interval_ms => infinity}),
+    [OsPid] = dspex_workers:os_pids(t_pool),
+    {ok, Holder} = dspex_workers:call(t_pool, {hold_stdout, [60]}, 5000),
+    try
+        os:cmd("kill -KILL " ++ integer_to_list(OsPid)),
+        %% reaped, so every thread of it is gone (a zombie leader may still
+        %% have a thread holding stdin open)
+        await(fun() -> reaped(OsPid) end, 10000, {reaped, OsPid}),
+        ?assert(alive(Holder)),
+        %% the worker had no way to know: it is still idle
+        {ok, #{idle := 1}} = dspex_workers:status(t_pool),
+        T0 = erlang:monotonic_time(millisecond),
+        R = dspex_workers:call(t_pool, {echo, [1]}, 30000),
+        Elapsed = erlang:monotonic_time(millisecond) - T0,
+        ct:pal("call to the dead worker: ~p after ~p ms", [R, Elapsed]),
+        %% answered by the port's exit, not by the deadline (30 s away)
+        ?assertEqual({error, {worker_exit, epipe}}, R),
+        {ok, #{idle := 0, busy := 0, down := 1}} = dspex_workers:status(t_pool)
+    after os:cmd("kill -KILL " ++ integer_to_list(Holder))
+    end.
+
+%% The issue's chaos case, as it happens: an idle worker's OS process is
+%% SIGKILLed (and gone), then called with a 1000 ms timeout (no replacement
+%% within it). Whether the pool learns of the exit before the call or the
+%% call's write finds the dead process, the answer is an error (timeout or a
+%% one-level worker_exit) well before the 5 s the old code could take.
+killed_idle_worker_call_answers_by_deadline(_Config) ->
+    Results = [begin
+                   pool(t_pool, #{size => 1, backoff_min_ms => 60000, backoff_max_ms => 60000,
+                                  health_interval_ms => infinity}),
+                   [OsPid] = dspex_workers:os_pids(t_pool),
+                   os:cmd("kill -KILL " ++ integer_to_list(OsPid)),
+                   await(fun() -> reaped(OsPid) end, 10000, {reaped, OsPid}),
+                   T0 = erlang:monotonic_time(millisecond),
+                   R = dspex_workers:call(t_pool, {echo, [1]}, 1000),
+                   Elapsed = erlang:monotonic_time(millisecond) - T0,
+                   ok = dspex_workers:stop_pool(t_pool),
+                   {R, Elapsed}
+               end || _ <- lists:seq(1, 3)],
+    ct:pal("answers after the kill: ~p", [Results]),
+    lists:foreach(fun({R, Elapsed}) ->
+                          ?assert(one_level_error(R)),
+                          %% deadline 1000 ms; the old code answered after 6001
+                          ?assert(Elapsed < 1000 + 3000)
+                  end, Results).
+
+one_level_error({error, timeout}) -> true;
+one_level_error({error, {worker_exit, S}}) -> is_integer(S) orelse is_atom(S);
+one_level_error(_) -> false.
+
+%% A worker process killed outright (no terminate, no answer of its own):
+%% the pool answers its caller {worker_exit, killed}, one level deep, and
+%% SIGKILLs the OS process it left behind (hung in C, it would not even see
+%% its stdin close).
+killed_worker_process_answers_one_level(_Config) ->
+    pool(t_pool, #{size => 1}),
+    [OsPid] = dspex_workers:os_pids(t_pool),
+    Self = self(),
+    spawn_link(fun() -> Self ! {hang, dspex_workers:call(t_pool, {hang, []}, 60000)} end),
+    await(fun() -> {ok, #{busy := B}} = dspex_workers:status(t_pool), B =:= 1 end, 5000, busy),
+    Sup = whereis(dspex_workers_sup),
+    {links, Links} = process_info(whereis(t_pool), links),
+    [Worker] = [P || P <- Links, is_pid(P), P =/= Sup],
+    exit(Worker, kill),
+    receive {hang, R} -> ?assertEqual({error, {worker_exit, killed}}, R)
+    after 30000 -> ct:fail(no_answer)
+    end,
+    await_dead([OsPid], 10000),
+    await_ready(t_pool, 1),
+    ?assertEqual({ok, 1}, dspex_workers:call(t_pool, {echo, [1]}, 5000)).
+
+%% dspex_workers_os:kill/1 signals the process it names, and not another
+%% process with the same pid (a different start time), nor a pid reaped.
+os_kill_signals_only_its_process(_Config) ->
+    Port = open_port({spawn_executable, "/bin/sleep"}, [{args, ["60"]}, exit_status]),
+    {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+    {ok, {OsPid, Start} = Id} = dspex_workers_os:identity(OsPid),
+    %% a process that took the pid later would have a later start time
+    ?assertEqual(gone, dspex_workers_os:kill({OsPid, Start + 1})),
+    ?assert(dspex_workers_os:alive(Id)),
+    ?assertEqual(killed, dspex_workers_os:kill(Id)),
+    receive {Port, {exit_status, St}} -> ?assertEqual(128 + 9, St)
+    after 10000 -> ct:fail(not_killed)
+    end,
+    %% reaped: nothing left to signal
+    ?assertNot(dspex_workers_os:alive(Id)),
+    ?assertEqual(gone, dspex_workers_os:kill(Id)),
+    ?assertEqual(gone, dspex_workers_os:identity(OsPid)),
+    ?assert(dspex_workers_os:await_gone(Id, 0)).
+
+%% A pool whose module does not exist, does not compile, or whose python
+%% cannot be run does not start: start_pool returns the load error, and no
+%% pool or OS process is left.
+unloadable_module_fails_start_pool(_Config) ->
+    Tab = ets:new(starts, [public, bag]),
+    Id = {?MODULE, starts},
+    ok = dspex_telemetry:attach(Id, [dspex, workers, worker, start],
+                                fun(_, _, #{pool := t_pool, os_pid := P}, T) -> ets:insert(T, {P});
+                                   (_, _, _, _) -> ok end, Tab),
+    Dir = filename:basedir(user_cache, "dspex_workers_SUITE"),
+    Bad = filename:join(Dir, "syntax_error.py"),
+    ok = filelib:ensure_dir(Bad),
+    ok = file:write_file(Bad, <<"import os\n\ndef f(:\n">>),
+    Missing = filename:join(Dir, "no_such_module.py"),
+    _ = file:delete(Missing),
+    try
+        {error, {load_error, <<"FileNotFoundError">>, M1}} =
+            dspex_workers:start_pool(t_pool, #{module => Missing, size => 2}),
+        ?assertNotEqual(nomatch, binary:match(M1, <<"no_such_module.py">>)),
+        ?assertEqual({error, no_pool}, dspex_workers:status(t_pool)),
+        ?assertMatch({error, {load_error, <<"SyntaxError">>, _}},
+                     dspex_workers:start_pool(t_pool, #{module => Bad, size => 1})),
+        ?assertEqual({error, no_pool}, dspex_workers:status(t_pool)),
+        ?assertEqual({error, {spawn_failed, enoent}},
+                     dspex_workers:start_pool(t_pool, #{module => module(), python => "/nonexistent/python3"})),
+        ?assertEqual({error, no_pool}, dspex_workers:status(t_pool)),
+        %% with a breaker: it is removed with the pool
+        ?assertMatch({error, {load_error, _, _}},
+                     dspex_workers:start_pool(t_pool, #{module => Missing, breaker => #{}})),
+        ?assertEqual({error, not_found}, dspex_breaker:status(dspex_workers:breaker(t_pool))),
+        Started = [P || {P} <- ets:tab2list(Tab)],
+        ?assert(length(Started) >= 3),
+        ?assertEqual([], [P || P <- Started, alive(P)]),
+        %% and a good module still starts under that name
+        pool(t_pool, #{size => 1}),
+        ?assertEqual({ok, 1}, dspex_workers:call(t_pool, {echo, [1]}, 5000))
+    after dspex_telemetry:detach(Id)
+    end.
+
+%% A pool that started, whose module then breaks: the slot's restarts fail
+%% to load, with backoff; every call is answered with the load error at
+%% once (not at its deadline), queued ones included; the episode is logged
+%% once however many restarts fail; fixing the module heals the pool.
+module_broken_later_reported_logged_once(_Config) ->
+    Dir = filename:basedir(user_cache, "dspex_workers_SUITE"),
+    Mod = filename:join(Dir, "breaks_later.py"),
+    ok = filelib:ensure_dir(Mod),
+    {ok, Good} = file:read_file(module()),
+    ok = file:write_file(Mod, Good),
+    ok = logger:add_handler(?MODULE, ?MODULE, #{config => #{pid => self()}, level => all}),
+    Self = self(),
+    Id = {?MODULE, restarts},
+    ok = dspex_telemetry:attach(Id, [dspex, workers, worker, restart],
+                                fun(_, #{delay_ms := D}, #{pool := t_pool, reason := R}, P) -> P ! {restart, D, R};
+                                   (_, _, _, _) -> ok end, Self),
+    try
+        pool(t_pool, #{module => Mod, size => 1, backoff_min_ms => 20, backoff_max_ms => 160}),
+        ok = file:write_file(Mod, <<"import os\n\nraise ImportError('dspy is gone')\n">>),
+        %% a caller waiting in the queue while the only worker crashes
+        Gate = gate_file(t_pool),
+        spawn_link(fun() -> Self ! {crashed, dspex_workers:call(t_pool, {crash_at_gate, [Gate]}, 60000)} end),
+        await(fun() -> {ok, #{busy := B}} = dspex_workers:status(t_pool), B =:= 1 end, 5000, busy),
+        spawn_link(fun() -> Self ! {queued, dspex_workers:call(t_pool, {echo, [2]}, 60000)} end),
+        await(fun() -> {ok, #{queued := N}} = dspex_workers:status(t_pool), N =:= 1 end, 5000, queued),
+        open_gate(Gate),
+        receive {crashed, CR} -> ?assertEqual({error, {worker_exit, 3}}, CR)
+        after 60000 -> ct:fail(no_crash)
+        end,
+        LoadError = {load_error, <<"ImportError">>, iolist_to_binary(["dspy is gone (", Mod, ", line 3)"])},
+        ?assertEqual({worker_exit, 3}, restart_reason()),
+        %% restarts fail to load, the backoff doubling up to its maximum
+        %% (each delay as scheduled: base + up to 10% jitter)
+        Delays = [begin
+                      {D, R} = restart_reason_delay(),
+                      ?assertEqual(LoadError, R),
+                      D
+                  end || _ <- lists:seq(1, 4)],
+        ct:pal("restart delays while the module is broken: ~p", [Delays]),
+        lists:foreach(fun({D, Base}) -> ?assert(D >= Base andalso D < Base + Base div 10) end,
+                      lists:zip(Delays, [40, 80, 160, 160])),
+        receive {queued, QR} -> ?assertEqual({error, LoadError}, QR)
+        after 60000 -> ct:fail(queued_not_answered)
+        end,
+        ?assertEqual({error, LoadError}, dspex_workers:call(t_pool, {echo, [1]}, 60000)),
+        {ok, #{load_error := LoadError, idle := 0}} = dspex_workers:status(t_pool),
+        %% one line for the whole episode
+        ?assertMatch([_], [E || {log, error, E} <- logs()]),
+        ok = file:write_file(Mod, Good),
+        await_ready(t_pool, 1),
+        ?assertEqual({ok, 1}, dspex_workers:call(t_pool, {echo, [1]}, 5000)),
+        {ok, #{load_error := none}} = dspex_workers:status(t_pool),
+        ?assertMatch([_], [E || {log, notice, E} <- logs()])
+    after
+        dspex_telemetry:detach(Id),
+        _ = logger:remove_handler(?MODULE)
+    end.
+
+%% A file whose existence opens a worker's gate (see chaos.py).
+gate_file(Name) ->
+    File = filename:join(filename:basedir(user_cache, "dspex_workers_SUITE"),
+                         atom_to_list(Name) ++ "_" ++ integer_to_list(erlang:unique_integer([positive])) ++ ".gate"),
+    ok = filelib:ensure_dir(File),
+    _ = file:delete(File),
+    list_to_binary(File).
+
+open_gate(File) -> ok = file:write_file(File, <<>>).
+
+restart_reason() ->
+    {_, R} = restart_reason_delay(),
+    R.
+
+restart_reason_delay() ->
+    receive {restart, D, R} -> {D, R} after 30000 -> ct:fail(no_restart) end.
+
+%% The pool's log events (domain [dspex, workers], pool t_pool) seen so far.
+logs() ->
+    receive {log, _, _} = L -> [L | logs()] after 0 -> [] end.
+
+%% @private logger handler: forwards the pool's events to the test.
+log(#{level := Level, meta := #{pool := t_pool, domain := [dspex, workers]}} = Event, #{config := #{pid := Pid}}) ->
+    Pid ! {log, Level, Event};
+log(_, _) -> ok.
