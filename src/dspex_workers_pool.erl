@@ -176,8 +176,9 @@ worker_down(Slot, Pid, Reason, #{slots := Slots, idle := Idle, restarts := R, op
         _ -> ok
     end,
     Delay = backoff(F + 1, O),
-    _ = erlang:send_after(Delay, self(), {restart, Slot}),
+    %% the event first: a restart follows it by at least Delay
     restart_event(Slot, F + 1, Delay, Error, S),
+    _ = erlang:send_after(Delay, self(), {restart, Slot}),
     S1 = S#{slots := Slots#{Slot := Info#{status := down, pid := none, from => none, failures := F + 1,
                                           os => gone}},
             idle := lists:delete(Pid, Idle), restarts := R + 1},
@@ -260,8 +261,8 @@ start_slot(Slot, #{opts := O, slots := Slots, pids := Pids} = S) ->
         {error, Reason} ->
             Error = call_error(Reason),
             Delay = backoff(Failures + 1, O),
-            _ = erlang:send_after(Delay, self(), {restart, Slot}),
             restart_event(Slot, Failures + 1, Delay, Error, S),
+            _ = erlang:send_after(Delay, self(), {restart, Slot}),
             S1 = S#{slots := Slots#{Slot => #{status => down, pid => none, os_pid => undefined, os => gone,
                                               failures => Failures + 1, from => none}}},
             start_failure(Error, not_started(Error, S1))
