@@ -9,8 +9,16 @@
 %% limited and a worker exceeding the limit or filling this process's mailbox
 %% is killed (ports have no `{active, once}' for their output, so the flow is
 %% bounded by stopping the producer). Any protocol violation, missed
-%% deadline, missed ping or exit ends this process after the OS process is
-%% SIGKILLed and reaped; the pool starts a new one.
+%% deadline, missed ping or port exit (an exit status, or the port closing
+%% without one, e.g. `epipe') ends this process after the OS process is
+%% SIGKILLed and gone; the pool starts a new one. The OS process is only
+%% ever signalled by identity (`dspex_workers_os': pid and start time, read
+%% at spawn), so a pid reaped and reused meanwhile is left alone. A call in
+%% flight is answered with the failure once the process is gone, but never
+%% after its deadline (a timeout is answered before the kill).
+%%
+%% A `load_error' frame instead of `ready' (the module did not load) ends
+%% the worker with `{load_error, Type, Message}'.
 -module(dspex_worker).
 -behaviour(gen_server).
 

@@ -141,7 +141,9 @@ call(Pool, {Fn, Args}, Timeout) when is_atom(Pool), is_list(Args), is_integer(Ti
     Result.
 
 %% @doc Counts of idle, busy, starting and down workers, queued callers,
-%% restarts so far, and each slot's state and OS pid.
+%% restarts so far, each slot's state and OS pid, and `load_error': `none',
+%% or the `{load_error, Type, Message}' / `{spawn_failed, Why}' with which
+%% workers last failed to start (until one is ready again).
 -spec status(pool()) -> {ok, map()} | {error, no_pool}.
 status(Pool) ->
     try {ok, gen_server:call(Pool, status, 5000)}

@@ -15,6 +15,7 @@
 -module(dspex_workers_os).
 
 -export([identity/1, alive/1, kill/1, await_gone/2]).
+-export([kill_checked/2]).
 
 -type identity() :: {OsPid :: pos_integer(), StartTime :: non_neg_integer()}.
 -export_type([identity/0]).
@@ -54,7 +55,18 @@ alive({OsPid, Start}) ->
 %% is free or another process's; nothing was signalled), or `{error,
 %% Reason}' (the shell could not be run).
 -spec kill(identity()) -> killed | gone | {error, term()}.
-kill({OsPid, Start}) when is_integer(OsPid), OsPid > 0, is_integer(Start), Start >= 0 ->
+kill({OsPid, Start} = Identity) when is_integer(OsPid), OsPid > 0, is_integer(Start), Start >= 0 ->
+    %% no shell to start for a process already gone (the usual case after
+    %% an exit): the shell checks again before it signals
+    case alive(Identity) of
+        false -> gone;
+        true -> kill_checked(OsPid, Start)
+    end.
+
+%% @private The shell step of `kill/1' (exported for its test): checks the
+%% start time and signals in one shell.
+-spec kill_checked(pos_integer(), non_neg_integer()) -> killed | gone | {error, term()}.
+kill_checked(OsPid, Start) ->
     try open_port({spawn_executable, ?SH},
                   [{args, ["-c", ?KILL_SCRIPT, "dspex-kill", integer_to_list(OsPid), integer_to_list(Start)]},
                    exit_status, hide, in]) of

@@ -642,8 +642,10 @@ os_kill_signals_only_its_process(_Config) ->
     Port = open_port({spawn_executable, "/bin/sleep"}, [{args, ["60"]}, exit_status]),
     {os_pid, OsPid} = erlang:port_info(Port, os_pid),
     {ok, {OsPid, Start} = Id} = dspex_workers_os:identity(OsPid),
-    %% a process that took the pid later would have a later start time
+    %% a process that took the pid later would have a later start time:
+    %% neither the check in Erlang nor the one in the shell signals it
     ?assertEqual(gone, dspex_workers_os:kill({OsPid, Start + 1})),
+    ?assertEqual(gone, dspex_workers_os:kill_checked(OsPid, Start + 1)),
     ?assert(dspex_workers_os:alive(Id)),
     ?assertEqual(killed, dspex_workers_os:kill(Id)),
     receive {Port, {exit_status, St}} -> ?assertEqual(128 + 9, St)
@@ -652,6 +654,7 @@ os_kill_signals_only_its_process(_Config) ->
     %% reaped: nothing left to signal
     ?assertNot(dspex_workers_os:alive(Id)),
     ?assertEqual(gone, dspex_workers_os:kill(Id)),
+    ?assertEqual(gone, dspex_workers_os:kill_checked(OsPid, Start)),
     ?assertEqual(gone, dspex_workers_os:identity(OsPid)),
     ?assert(dspex_workers_os:await_gone(Id, 0)).
 
