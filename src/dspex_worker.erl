@@ -289,7 +289,12 @@ reap(S0, Until, Reason) ->
     Now = now_ms(),
     receive
         {P, {exit_status, _}} when P =:= Port -> S#{port := closed, os := gone};
-        {P, {data, _}} when P =:= Port -> reap(S, Until, Reason);
+        {P, {data, _}} when P =:= Port ->
+            %% dropped; a process that keeps writing must not keep us here
+            case Now >= Until of
+                true -> S;
+                false -> reap(S, Until, Reason)
+            end;
         {'EXIT', P, _} when P =:= Port -> reap(S#{port := closed}, Until, Reason)
     after min(?POLL_MS, max(0, Until - Now)) ->
             case maps:get(os, S) =/= gone andalso dspex_workers_os:alive(maps:get(os, S)) of
