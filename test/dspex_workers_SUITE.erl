@@ -15,7 +15,8 @@
          killed_peer_node_leaves_no_process/1, breaker_opens_on_crashes_and_rejects_at_once/1,
          mixed_load_every_call_answered/1, chaos/1,
          killed_idle_worker_port_closed_answers_at_once/1, killed_idle_worker_call_answers_by_deadline/1,
-         killed_worker_process_answers_one_level/1, os_kill_signals_only_its_process/1,
+         killed_worker_process_answers_one_level/1, pool_answer_for_a_worker_is_one_level/1,
+         os_kill_signals_only_its_process/1,
          unloadable_module_fails_start_pool/1, module_broken_later_reported_logged_once/1]).
 -export([log/2]).
 
@@ -28,7 +29,8 @@ all() ->
      killed_peer_node_leaves_no_process, breaker_opens_on_crashes_and_rejects_at_once,
      mixed_load_every_call_answered, chaos,
      killed_idle_worker_port_closed_answers_at_once, killed_idle_worker_call_answers_by_deadline,
-     killed_worker_process_answers_one_level, os_kill_signals_only_its_process,
+     killed_worker_process_answers_one_level, pool_answer_for_a_worker_is_one_level,
+     os_kill_signals_only_its_process,
      unloadable_module_fails_start_pool, module_broken_later_reported_logged_once].
 
 init_per_suite(Config) ->
@@ -635,6 +637,31 @@ killed_worker_process_answers_one_level(_Config) ->
     await_dead([OsPid], 10000),
     await_ready(t_pool, 1),
     ?assertEqual({ok, 1}, dspex_workers:call(t_pool, {echo, [1]}, 5000)).
+
+%% The pool also answers for a worker that ended while busy (in case it
+%% could not): with the worker's own reason, {worker_exit, 3}, not
+%% {worker_exit, {worker_exit, 3}}. The worker answers first, so the caller
+%% never sees the pool's answer; the pool's sends are traced to check it.
+pool_answer_for_a_worker_is_one_level(_Config) ->
+    pool(t_pool, #{size => 1}),
+    Pool = whereis(t_pool),
+    1 = erlang:trace(Pool, true, [send]),
+    try
+        ?assertEqual({error, {worker_exit, 3}}, dspex_workers:call(t_pool, {crash, []}, 30000)),
+        await_ready(t_pool, 1)
+    after erlang:trace(Pool, false, [send])
+    end,
+    Replies = pool_replies(),
+    ct:pal("the pool's replies: ~p", [Replies]),
+    ?assertEqual([{error, {worker_exit, 3}}], [R || {error, _} = R <- Replies]).
+
+%% Replies the traced pool sent (gen_server replies are {Tag, Reply}).
+pool_replies() ->
+    receive
+        {trace, _, send, {Tag, Reply}, _} when is_reference(Tag); is_list(Tag) -> [Reply | pool_replies()];
+        {trace, _, send, _, _} -> pool_replies()
+    after 0 -> []
+    end.
 
 %% dspex_workers_os:kill/1 signals the process it names, and not another
 %% process with the same pid (a different start time), nor a pid reaped.
