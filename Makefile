@@ -123,6 +123,7 @@ bench: compile
 	erlc -o _build/bench bench/*.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_breaker_bench:main(), halt().'
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_workers_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
 	$(MAKE) bench-grpc
 

@@ -9,16 +9,26 @@
 %% limited and a worker exceeding the limit or filling this process's mailbox
 %% is killed (ports have no `{active, once}' for their output, so the flow is
 %% bounded by stopping the producer). Any protocol violation, missed
-%% deadline, missed ping or exit ends this process after the OS process is
-%% SIGKILLed and reaped; the pool starts a new one.
+%% deadline, missed ping or port exit (an exit status, or the port closing
+%% without one, e.g. `epipe') ends this process after the OS process is
+%% SIGKILLed and gone; the pool starts a new one. The OS process is only
+%% ever signalled by identity (`dspex_workers_os': pid and start time, read
+%% at spawn), so a pid reaped and reused meanwhile is left alone. A call in
+%% flight is answered with the failure once the process is gone, but never
+%% after its deadline (a timeout is answered before the kill).
+%%
+%% A `load_error' frame instead of `ready' (the module did not load) ends
+%% the worker with `{load_error, Type, Message}'.
 -module(dspex_worker).
 -behaviour(gen_server).
 
 -export([start_link/3, run/5]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
-%% the shell's builtin kill: /bin/kill (procps) may not be installed
--define(SH, "/bin/sh").
+%% how long a SIGKILLed OS process may take to be gone, and how often /proc
+%% is looked at meanwhile
+-define(REAP_MS, 5000).
+-define(POLL_MS, 5).
 
 %% @doc Starts a worker for slot `Slot' of `Pool' (linked to the caller, the
 %% pool). `Opts' are the pool's (see `dspex_workers:start_pool/2').
@@ -51,10 +61,20 @@ init({Pool, Slot, Opts}) ->
     try open_port({spawn_executable, Python},
                   [binary, stream, exit_status, use_stdio, hide, {args, Args}, {env, PortEnv}]) of
         Port ->
-            {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+            OsPid = case erlang:port_info(Port, os_pid) of
+                        {os_pid, P} -> P;
+                        undefined -> undefined
+                    end,
+            %% read now, while the pid can only be this worker's: from here
+            %% on it is killed by this identity, never by its pid alone
+            Os = case is_integer(OsPid) andalso dspex_workers_os:identity(OsPid) of
+                     {ok, Identity} -> Identity;
+                     _ -> gone
+                 end,
+            Pool ! {worker_os, self(), OsPid, Os},
             TRef = erlang:start_timer(ReadyMs, self(), ready_timeout),
             telemetry(start, #{pool => maps:get(name, Opts), slot => Slot, os_pid => OsPid}),
-            {ok, #{pool => Pool, slot => Slot, opts => Opts, port => Port, os_pid => OsPid,
+            {ok, #{pool => Pool, slot => Slot, opts => Opts, port => Port, os_pid => OsPid, os => Os,
                    buf => <<>>, phase => {starting, TRef}, call => none, ping => none, next_id => 1,
                    flood => {now_ms(), 0}}}
     catch error:Why ->
@@ -77,7 +97,12 @@ handle_info({Port, {data, Data}}, #{port := Port, buf := Buf} = S) ->
         _ -> frames(<<Buf/binary, Data/binary>>, S)
     end;
 handle_info({Port, {exit_status, Status}}, #{port := Port} = S) ->
-    fail({worker_exit, Status}, S#{port := closed});
+    %% reaped: its pid is free now, so it is never signalled again
+    fail({worker_exit, Status}, S#{port := closed, os := gone});
+handle_info({'EXIT', Port, Reason}, #{port := Port} = S) ->
+    %% the port closed without an exit status (say epipe: the process died
+    %% and a write to its stdin failed); none will come now
+    fail({worker_exit, Reason}, S#{port := closed});
 handle_info({run, From, Fn, Args, Deadline}, #{phase := idle} = S) ->
     start_call(From, Fn, Args, Deadline, S);
 handle_info({run, From, _, _, _}, S) ->
@@ -86,7 +111,7 @@ handle_info({run, From, _, _, _}, S) ->
     {noreply, S};
 handle_info({timeout, _, ready_timeout}, #{phase := {starting, _}} = S) ->
     fail(not_ready, S);
-handle_info({timeout, _, {call_timeout, Id}}, #{call := {_, Id, _}} = S) ->
+handle_info({timeout, _, {call_timeout, Id}}, #{call := {_, Id, _, _}} = S) ->
     fail(timeout, S);
 handle_info({timeout, _, health}, #{phase := idle, ping := none, next_id := Id, opts := O} = S) ->
     send_frame(#{type => ping, id => Id}, S),
@@ -101,24 +126,17 @@ handle_info({'EXIT', Pool, Reason}, #{pool := Pool} = S) ->
 handle_info(_Stale, S) ->
     {noreply, S}.
 
-%% @private The OS process must be gone (SIGKILLed if need be, and reaped)
-%% before this process is.
-terminate(_Reason, #{port := closed}) -> ok;
-terminate(_Reason, #{port := Port, os_pid := OsPid, opts := O} = S) ->
+%% @private The OS process must be gone (asked to stop, SIGKILLed after
+%% `stop_grace_ms', and reaped) before this process is.
+terminate(_Reason, #{port := closed} = S) ->
+    _ = answer(pool_stopped, S),
+    ok;
+terminate(_Reason, #{port := Port, opts := O} = S) ->
     _ = (catch port_command(Port, frame(#{type => stop}))),
-    case await_exit(Port, maps:get(stop_grace_ms, O)) of
-        true -> ok;
-        false ->
-            kill(OsPid),
-            _ = await_exit(Port, 5000),
-            ok
-    end,
-    catch port_close(Port),
+    S1 = reap(S, now_ms() + maps:get(stop_grace_ms, O), pool_stopped),
+    S2 = end_os_process(S1, pool_stopped),
     %% a call in flight is answered once its worker is gone
-    case S of
-        #{call := {From, _, _}} -> gen_server:reply(From, {error, pool_stopped});
-        _ -> ok
-    end,
+    _ = answer(pool_stopped, S2),
     ok.
 
 %%% Frames -------------------------------------------------------------------------
@@ -147,7 +165,15 @@ message(<<"ready">>, _Msg, #{phase := {starting, TRef}, pool := Pool, os_pid := 
     _ = erlang:cancel_timer(TRef),
     Pool ! {worker_ready, self(), OsPid},
     {ok, schedule_health(S#{phase := idle})};
-message(<<"reply">>, #{<<"id">> := Id} = Msg, #{call := {From, Id, TRef}, pool := Pool} = S) ->
+message(<<"load_error">>, Msg, #{phase := {starting, _}} = S) ->
+    %% the module did not load: the same will happen to any worker of this
+    %% pool until it is fixed, which the pool reports (once)
+    case Msg of
+        #{<<"error">> := #{<<"type">> := T, <<"message">> := M}} when is_binary(T), is_binary(M) ->
+            fail({load_error, T, M}, S);
+        _ -> fail({bad_reply, {unexpected, sample(Msg)}}, S)
+    end;
+message(<<"reply">>, #{<<"id">> := Id} = Msg, #{call := {From, Id, TRef, _}, pool := Pool} = S) ->
     _ = erlang:cancel_timer(TRef),
     Reply = case Msg of
                 #{<<"ok">> := V} -> {ok, V};
@@ -194,7 +220,7 @@ start_call(From, Fn, Args, Deadline, #{next_id := Id} = S) ->
         {ok, Json} ->
             send_raw(Json, S),
             TRef = erlang:start_timer(Deadline, self(), {call_timeout, Id}, [{abs, true}]),
-            {noreply, S#{phase := busy, call := {From, Id, TRef}, next_id := Id + 1}};
+            {noreply, S#{phase := busy, call := {From, Id, TRef, Deadline}, next_id := Id + 1}};
         {error, Why} ->
             gen_server:reply(From, {error, Why}),
             maps:get(pool, S) ! {worker_idle, self(), ok},
@@ -206,7 +232,8 @@ send_frame(Map, S) ->
     send_raw(Json, S).
 
 send_raw(Json, #{port := Port}) ->
-    %% the port may have closed already: its exit_status message follows
+    %% the port may have closed already (say epipe: the process is dead);
+    %% its exit_status or 'EXIT' message follows
     _ = (catch port_command(Port, [<<(byte_size(Json)):32>>, Json])),
     ok.
 
@@ -216,45 +243,85 @@ frame(Map) ->
 
 %%% Failure ------------------------------------------------------------------------
 
-%% Kills and reaps the OS process, then answers the call in flight with
-%% the reason (so a caller told of a failure finds the process gone) and
-%% stops (the pool restarts the slot).
-fail(Reason, #{call := Call} = S) ->
-    case S of
-        #{port := closed} -> ok;
-        #{port := Port, os_pid := OsPid} ->
-            kill(OsPid),
-            _ = await_exit(Port, 5000),
-            catch port_close(Port)
-    end,
-    telemetry(exit, #{pool => maps:get(name, maps:get(opts, S)), slot => maps:get(slot, S),
-                      os_pid => maps:get(os_pid, S), reason => Reason}),
-    case Call of
-        {From, _, TRef} ->
-            _ = erlang:cancel_timer(TRef),
-            gen_server:reply(From, {error, Reason});
-        none -> ok
-    end,
-    {stop, {shutdown, Reason}, S#{call := none, port := closed}}.
+%% Ends the OS process (SIGKILL, reaped), answers the call in flight with
+%% the reason and stops (the pool restarts the slot). The caller is answered
+%% after the OS process is gone, so a caller told of a failure finds it gone,
+%% but never after its deadline: a timeout is answered first, and any other
+%% failure at the call's deadline if the process is not gone by then.
+fail(Reason, S0) ->
+    S1 = case Reason of
+             timeout -> answer(timeout, S0);
+             _ -> S0
+         end,
+    S2 = end_os_process(S1, Reason),
+    telemetry(exit, #{pool => maps:get(name, maps:get(opts, S2)), slot => maps:get(slot, S2),
+                      os_pid => maps:get(os_pid, S2), reason => Reason}),
+    S3 = answer(Reason, S2),
+    {stop, {shutdown, Reason}, S3#{port := closed, os := gone}}.
 
-kill(OsPid) ->
-    try open_port({spawn_executable, ?SH}, [{args, ["-c", "kill -KILL " ++ integer_to_list(OsPid)]},
-                                             exit_status, hide]) of
-        P -> receive {P, {exit_status, _}} -> ok after 5000 -> catch port_close(P) end
-    catch error:_ -> ok
+%% SIGKILLs the OS process if it still runs (by identity: a pid already
+%% reaped may be another process's by now) and waits for it to be gone.
+end_os_process(#{port := closed, os := gone} = S, _Reason) -> S;
+end_os_process(#{os := Os} = S, Reason) ->
+    case Os of
+        gone -> ok;
+        _ -> _ = dspex_workers_os:kill(Os)
+    end,
+    case reap(S, now_ms() + ?REAP_MS, Reason) of
+        #{os := gone} = S1 -> S1;
+        S1 ->
+            logger:warning("dspex worker ~p/~p: OS process ~p still runs ~p ms after SIGKILL",
+                           [maps:get(name, maps:get(opts, S1)), maps:get(slot, S1),
+                            maps:get(os_pid, S1), ?REAP_MS],
+                           #{domain => [dspex, workers]}),
+            close_port(S1)
     end.
 
-%% Drops the port's output while waiting for its exit status.
-await_exit(Port, Ms) ->
-    Deadline = now_ms() + Ms,
-    await_exit_until(Port, Deadline).
-
-await_exit_until(Port, Deadline) ->
+%% Waits until `Until' for the OS process to be gone: its exit status
+%% (reaped), or /proc says it no longer runs (a port that closed without a
+%% status, or a process whose stdout a child of its own still holds, never
+%% gives one); then the port is closed and `os' is `gone'. Meanwhile the
+%% call in flight is answered with `Reason' at its deadline.
+reap(#{port := closed, os := gone} = S, _Until, _Reason) -> S;
+reap(S0, Until, Reason) ->
+    S = answer_due(Reason, S0),
+    Port = maps:get(port, S),
+    Now = now_ms(),
     receive
-        {Port, {exit_status, _}} -> true;
-        {Port, {data, _}} -> await_exit_until(Port, Deadline)
-    after max(0, Deadline - now_ms()) -> false
+        {P, {exit_status, _}} when P =:= Port -> S#{port := closed, os := gone};
+        {P, {data, _}} when P =:= Port ->
+            %% dropped; a process that keeps writing must not keep us here
+            case Now >= Until of
+                true -> S;
+                false -> reap(S, Until, Reason)
+            end;
+        {'EXIT', P, _} when P =:= Port -> reap(S#{port := closed}, Until, Reason)
+    after min(?POLL_MS, max(0, Until - Now)) ->
+            case maps:get(os, S) =/= gone andalso dspex_workers_os:alive(maps:get(os, S)) of
+                false -> close_port(S#{os := gone});
+                true when Now >= Until -> S;
+                true -> reap(S, Until, Reason)
+            end
     end.
+
+close_port(#{port := closed} = S) -> S;
+close_port(#{port := Port} = S) ->
+    catch port_close(Port),
+    S#{port := closed}.
+
+%% Answers the call in flight (if any) with {error, Reason}.
+answer(Reason, #{call := {From, _, TRef, _}} = S) ->
+    _ = erlang:cancel_timer(TRef),
+    gen_server:reply(From, {error, Reason}),
+    S#{call := none};
+answer(_Reason, S) -> S.
+
+answer_due(Reason, #{call := {_, _, _, Deadline}} = S) ->
+    case now_ms() >= Deadline of
+        true -> answer(Reason, S);
+        false -> S
+    end;
+answer_due(_Reason, S) -> S.
 
 schedule_health(#{opts := #{health_interval_ms := infinity}} = S) -> S;
 schedule_health(#{opts := #{health_interval_ms := Ms}} = S) ->

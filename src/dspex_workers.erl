@@ -14,19 +14,31 @@
 %% `{dspex_workers, Pool}') when the pool has one: an open breaker answers
 %% `{error, circuit_open}' without touching the pool.
 %%
+%% Deadlines: `call(Pool, Req, Timeout)' returns by `Timeout' ms whatever
+%% the pool or its workers do (the caller stops waiting at the deadline
+%% itself); a worker still running the call then is SIGKILLed. Other worker
+%% failures are answered once the OS process is gone, or at the deadline if
+%% that comes first.
+%%
 %% Errors of `call/3': `timeout' (the deadline passed, queued or running; a
 %% running worker is killed), `overloaded' (the queue is full),
-%% `{worker_exit, Status | Reason}', `{bad_reply, Detail}' (not a frame,
-%% not JSON, not a protocol message), `flood' (too many unsolicited frames),
-%% `{python, Type, Message}' (the function raised; the worker lives on),
-%% `{not_json, Term}' (arguments with no JSON form), `circuit_open',
-%% `no_pool', `pool_stopped'.
+%% `{worker_exit, Status | Reason}' (the worker exited with `Status', or
+%% its port closed with `Reason' before the status was known, e.g. `epipe':
+%% it died while being written to; one level, never nested), `{bad_reply,
+%% Detail}' (not a frame, not JSON, not a protocol message), `flood' (too
+%% many unsolicited frames), `{python, Type, Message}' (the function raised;
+%% the worker lives on), `{not_json, Term}' (arguments with no JSON form),
+%% `{load_error, Type, Message}' and `{spawn_failed, Why}' (no worker is
+%% ready and they cannot start: answered at once, see `start_pool/2'),
+%% `circuit_open', `no_pool', `pool_stopped'.
 %%
 %% Telemetry: `[dspex, workers, call | start_pool | stop_pool, stop]'
 %% (`#{duration}', `#{pool, result => ok | error_reason_tag}', and `fn' for
 %% calls); `[dspex, workers, worker,
 %% start]' and `[dspex, workers, worker, exit]' (`#{system_time}', `#{pool,
-%% slot, os_pid}' and `reason').
+%% slot, os_pid}' and `reason'); `[dspex, workers, worker, restart]'
+%% (`#{delay_ms}', `#{pool, slot, failures, reason}': a slot's restart was
+%% scheduled after that backoff).
 -module(dspex_workers).
 
 -export([start_pool/2, stop_pool/1, call/3, status/1, os_pids/1, breaker/1]).
@@ -35,8 +47,9 @@
 -type request() :: {Fn :: binary() | atom(), Args :: list()}.
 -type call_error() :: timeout | overloaded | {worker_exit, term()} | {bad_reply, term()} | flood
                     | {python, binary(), binary()} | {not_json, term()} | circuit_open | no_pool
-                    | pool_stopped.
--export_type([pool/0, request/0, call_error/0]).
+                    | pool_stopped | start_error().
+-type start_error() :: {load_error, Type :: binary(), Message :: binary()} | {spawn_failed, term()}.
+-export_type([pool/0, request/0, call_error/0, start_error/0]).
 
 %% @doc Starts the pool `Name' (a locally registered atom) under the
 %% application's supervisor. Options (defaults):
@@ -51,18 +64,44 @@
 %% (1000 messages in a worker's process), `stop_grace_ms' (500),
 %% `breaker' (`false', or `dspex_breaker' options to install one).
 %% `{error, {invalid_option, Key}}' for a bad or missing option.
+%%
+%% Returns once a worker is ready (within `ready_timeout_ms'). If a worker
+%% fails before that, the pool is stopped (no OS process left) and the
+%% failure returned: `{load_error, Type, Message}' (the module did not load:
+%% the Python exception's class name and message, with the line of the
+%% module that raised it), `{spawn_failed, Why}' (`python' could not be
+%% run), `not_ready', `{worker_exit, Status}', ...
 -spec start_pool(pool(), map()) -> {ok, pid()} | {error, term()}.
 start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
     span(start_pool, Name, fun() ->
         case complete(Name, Opts) of
             {ok, Full} ->
                 case install_breaker(Name, maps:get(breaker, Full)) of
-                    ok -> dspex_workers_sup:start_pool(Name, Full);
+                    ok ->
+                        case dspex_workers_sup:start_pool(Name, Full) of
+                            {ok, Pid} -> await_started(Name, Pid, Full);
+                            Error -> forget_breaker(Name), Error
+                        end;
                     Error -> Error
                 end;
             Error -> Error
         end
     end).
+
+%% The pool's first worker is ready, or the pool is stopped again.
+await_started(Name, Pid, #{ready_timeout_ms := ReadyMs}) ->
+    %% the worker's ready timer bounds this; the margin covers spawning
+    R = try gen_server:call(Pid, await_started, ReadyMs + 10000)
+        catch exit:{timeout, _} -> {error, not_ready};
+              exit:_ -> {error, pool_stopped}
+        end,
+    case R of
+        ok -> {ok, Pid};
+        {error, _} = Error ->
+            _ = dspex_workers_sup:stop_pool(Name),
+            forget_breaker(Name),
+            Error
+    end.
 
 %% @doc Stops the pool: queued callers get `{error, pool_stopped}', every
 %% worker is stopped (SIGKILLed after `stop_grace_ms') before this returns.
@@ -70,10 +109,14 @@ start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
 stop_pool(Name) ->
     span(stop_pool, Name, fun() ->
         R = dspex_workers_sup:stop_pool(Name),
-        _ = persistent_term:erase({?MODULE, Name, breaker}),
-        _ = dspex_breaker:remove({?MODULE, Name}),
+        forget_breaker(Name),
         R
     end).
+
+forget_breaker(Name) ->
+    _ = persistent_term:erase({?MODULE, Name, breaker}),
+    _ = dspex_breaker:remove({?MODULE, Name}),
+    ok.
 
 %% @doc Runs `Fn(Args...)' on a free worker of `Pool' within `Timeout' ms
 %% (queueing included). See the module doc for the errors.
@@ -98,7 +141,9 @@ call(Pool, {Fn, Args}, Timeout) when is_atom(Pool), is_list(Args), is_integer(Ti
     Result.
 
 %% @doc Counts of idle, busy, starting and down workers, queued callers,
-%% restarts so far, and each slot's state and OS pid.
+%% restarts so far, each slot's state and OS pid, and `load_error': `none',
+%% or the `{load_error, Type, Message}' / `{spawn_failed, Why}' with which
+%% workers last failed to start (until one is ready again).
 -spec status(pool()) -> {ok, map()} | {error, no_pool}.
 status(Pool) ->
     try {ok, gen_server:call(Pool, status, 5000)}
@@ -128,13 +173,19 @@ span(Op, Pool, Fun) ->
 
 pool_call(Pool, Fn, Args, Timeout) ->
     Deadline = erlang:monotonic_time(millisecond) + Timeout,
-    %% the pool and the worker answer by the deadline; the margin only
-    %% covers a pool that died while holding the call
-    try gen_server:call(Pool, {call, Fn, Args, Deadline}, Timeout + 5000)
-    catch
-        exit:{noproc, _} -> {error, no_pool};
-        exit:{timeout, _} -> {error, timeout};
-        exit:{_, {gen_server, call, _}} -> {error, pool_stopped}
+    %% the pool and the worker answer by the deadline, but the caller does
+    %% not depend on it: it stops waiting at the deadline whatever they do
+    %% (a later answer is dropped with the request's alias)
+    case whereis(Pool) of
+        undefined -> {error, no_pool};
+        Pid ->
+            Req = gen_server:send_request(Pid, {call, Fn, Args, Deadline}),
+            case gen_server:receive_response(Req, {abs, Deadline}) of
+                {reply, Reply} -> Reply;
+                timeout -> {error, timeout};
+                {error, {noproc, _}} -> {error, no_pool};
+                {error, {_, _}} -> {error, pool_stopped}
+            end
     end.
 
 %% What the breaker counts: the worker misbehaved (not: the function raised,
@@ -144,6 +195,8 @@ worker_failure({error, flood}) -> true;
 worker_failure({error, {worker_exit, _}}) -> true;
 worker_failure({error, {bad_reply, _}}) -> true;
 worker_failure({error, no_pool}) -> true;
+worker_failure({error, {load_error, _, _}}) -> true;
+worker_failure({error, {spawn_failed, _}}) -> true;
 worker_failure(_) -> false.
 
 result_tag(ok) -> ok;

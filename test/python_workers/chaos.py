@@ -138,3 +138,50 @@ def wedge(delay_ms):
 
 
 FUNCTIONS["wedge"] = wedge
+
+
+def hold_stdout(seconds):
+    """Forks a child that keeps the worker's frame fd (its stdout pipe) open
+    but not its stdin, and sleeps; returns the child's pid. Once the worker
+    itself dies, its port sees no EOF (so no exit status) while writes to
+    its stdin fail with EPIPE."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(0)
+            os.close(ready_r)
+            os.write(ready_w, b"x")  # stdin closed: the parent may return
+            os.close(ready_w)
+            time.sleep(seconds)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    return pid
+
+
+FUNCTIONS["hold_stdout"] = hold_stdout
+
+
+def _await_file(path):
+    while not os.path.exists(path):
+        time.sleep(0.005)
+
+
+def gate(path):
+    """Returns "open" once the file ``path`` exists: a test holds a worker
+    busy for exactly as long as it wants, whatever the machine's load."""
+    _await_file(path)
+    return "open"
+
+
+def crash_at_gate(path):
+    """Exits (code 3) once the file ``path`` exists."""
+    _await_file(path)
+    os._exit(3)
+
+
+FUNCTIONS["gate"] = gate
+FUNCTIONS["crash_at_gate"] = crash_at_gate

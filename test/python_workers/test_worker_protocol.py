@@ -110,10 +110,34 @@ class LoadTest(unittest.TestCase):
         w = Worker(module=os.path.join(HERE, "no_such_module.py"))
         try:
             msg = w.recv()
-            self.assertEqual((msg["type"], msg["level"]), ("log", "error"))
+            self.assertEqual(msg["type"], "load_error")
+            self.assertEqual(msg["error"]["type"], "FileNotFoundError")
+            self.assertIn("no_such_module.py", msg["error"]["message"])
+            self.assertIsNone(w.recv())
             self.assertEqual(w.proc.wait(timeout=10), 3)
         finally:
             w.close()
+
+    def test_module_that_raises_names_its_line(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "broken.py")
+            with open(path, "w") as f:
+                f.write("import os\n\nraise ImportError('no dspy here')\n")
+            for body, kind in (("raise ImportError('no dspy here')", "ImportError"),
+                               ("import sys; sys.exit(7)", "SystemExit"),
+                               ("def f(:\n", "SyntaxError")):
+                with open(path, "w") as f:
+                    f.write("import os\n\n" + body + "\n")
+                w = Worker(module=path)
+                try:
+                    msg = w.recv()
+                    self.assertEqual((msg["type"], msg["error"]["type"]), ("load_error", kind))
+                    if kind == "ImportError":
+                        self.assertEqual(msg["error"]["message"], "no dspy here (%s, line 3)" % path)
+                    self.assertEqual(w.proc.wait(timeout=10), 3)
+                finally:
+                    w.close()
 
     def test_parent_death_kills_a_worker_stuck_in_c(self):
         # a middle process starts the worker and is SIGKILLed; the worker,

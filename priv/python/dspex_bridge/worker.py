@@ -14,6 +14,7 @@ BEAM -> worker:  {"type": "call", "id": N, "fn": NAME, "args": [...]}
                  {"type": "ping", "id": N}
                  {"type": "stop"}
 worker -> BEAM:  {"type": "ready", "pid": P, "functions": [...], "session": S}
+                 {"type": "load_error", "error": {"type": T, "message": M}}
                  {"type": "reply", "id": N, "ok": RESULT}
                  {"type": "reply", "id": N, "error": {"type": T, "message": M}}
                  {"type": "pong", "id": N}
@@ -21,6 +22,11 @@ worker -> BEAM:  {"type": "ready", "pid": P, "functions": [...], "session": S}
 
 The module at PATH defines the functions: a dict ``FUNCTIONS`` (name ->
 callable), or a function ``register(add)`` that calls ``add(name, fn)``.
+If it cannot be loaded (missing file, syntax error, an import that fails,
+even SystemExit), the worker sends one ``load_error`` frame (the exception's
+class name, and its message with the line of PATH that raised it) instead of
+``ready`` and exits with status 3, printing nothing: the pool reports it
+once, however often it restarts workers.
 Functions are called as ``fn(*args)`` one at a time, in the main thread.
 
 The bridge address and session are also in the environment
@@ -137,6 +143,19 @@ def error_of(exc):
     return {"type": type(exc).__name__, "message": str(exc)}
 
 
+def load_error_of(exc, path):
+    """The exception's class and message, with the innermost line of the
+    module at ``path`` that it passed through (if any)."""
+    message = str(exc) or type(exc).__name__
+    where = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if os.path.abspath(frame.filename) == os.path.abspath(path):
+            where = frame.lineno
+    if where is not None:
+        message = "%s (%s, line %d)" % (message, path, where)
+    return {"type": type(exc).__name__, "message": message[:2000]}
+
+
 def serve(functions, channel, inbox):
     while True:
         msg = inbox.get()
@@ -193,9 +212,8 @@ def main(argv):
 
     try:
         functions = load_functions(args.module)
-    except Exception as exc:
-        traceback.print_exc()
-        channel.send({"type": "log", "level": "error", "message": "cannot load %s: %s" % (args.module, exc)})
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt in the module too
+        channel.send({"type": "load_error", "error": load_error_of(exc, args.module)})
         return 3
 
     channel.send({"type": "ready", "pid": os.getpid(), "functions": sorted(functions),
