@@ -2,9 +2,12 @@
 %% codec (JSON Any and raw little-endian binaries), the RPC handlers on the
 %% request maps the port program produces, the wire messages a handler sends
 %% (through a `cat' port that echoes them back), watch streams, and the port
-%% owner (listening on a free port, restart after the port program is killed).
+%% owner (listening on a free port, restart after the port program is killed,
+%% a busy port refused at start, bounded restarts with one log line).
 -module(dspex_grpc_tests).
 -include_lib("eunit/include/eunit.hrl").
+%% a logger handler that forwards dspex_grpc's log events to a test process
+-export([log/2]).
 
 %%% status mapping ---------------------------------------------------------------
 
@@ -412,3 +415,161 @@ listens_and_restarts() ->
     after
         dspex_telemetry:detach(grpc_test_exit)
     end.
+
+%%% a busy port ----------------------------------------------------------------------
+
+%% The port program itself: a second listener on a port already served (by
+%% another port program, as a second node would run) reports eaddrinuse and
+%% exits 2 instead of sharing the port through SO_REUSEPORT.
+second_port_program_on_a_served_port_is_refused_test_() ->
+    {timeout, 60, fun() ->
+        First = port_program("127.0.0.1:0"),
+        {listening, P} = port_term(First),
+        Addr = "127.0.0.1:" ++ integer_to_list(P),
+        Second = port_program(Addr),
+        ?assertEqual({listen_error, eaddrinuse}, port_term(Second)),
+        receive {Second, {exit_status, S}} -> ?assertEqual(2, S) after 20000 -> error(no_exit) end,
+        %% the first still serves; a third on a busy "localhost" is refused too
+        {ok, Sock} = gen_tcp:connect("127.0.0.1", P, [binary, {active, false}]),
+        ok = gen_tcp:close(Sock),
+        Third = port_program("localhost:" ++ integer_to_list(P)),
+        ?assertEqual({listen_error, eaddrinuse}, port_term(Third)),
+        Fourth = port_program("no-such-host.invalid:" ++ integer_to_list(P)),
+        ?assertEqual({listen_error, bad_address}, port_term(Fourth)),
+        port_close(First)
+    end}.
+
+port_program(Addr) ->
+    Exe = filename:join(code:priv_dir(dspex_bridge), "dspex_grpc_port"),
+    open_port({spawn_executable, Exe}, [{packet, 4}, binary, exit_status, use_stdio,
+                                        {args, ["--listen", Addr, "--threads", "1"]}]).
+
+%% The owner: a busy port at start is an error returned by start_link (so
+%% the application does not start), with one log line.
+busy_port_at_start_test_() ->
+    {setup,
+     fun() ->
+             _ = application:stop(dspex_bridge),
+             application:load(dspex_bridge),
+             {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}, {reuseaddr, true}]),
+             {ok, P} = inet:port(L),
+             ok = application:set_env(dspex_bridge, grpc_listen, "127.0.0.1:" ++ integer_to_list(P)),
+             {L, P}
+     end,
+     fun({L, _}) ->
+             gen_tcp:close(L),
+             application:unset_env(dspex_bridge, grpc_listen)
+     end,
+     fun({_, P}) ->
+             Addr = "127.0.0.1:" ++ integer_to_list(P),
+             {timeout, 60, fun() ->
+                 Logs = capture_logs(fun() ->
+                     Trap = process_flag(trap_exit, true),
+                     ?assertEqual({error, {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:start_link()),
+                     receive {'EXIT', _, {shutdown, {grpc_listen, eaddrinuse, _}}} -> ok after 5000 -> ok end,
+                     process_flag(trap_exit, Trap),
+                     ?assertEqual(undefined, whereis(dspex_grpc)),
+                     %% and so the application does not start, naming the cause
+                     {error, Why} = application:ensure_all_started(dspex_bridge),
+                     ?assert(contains(Why, {grpc_listen, eaddrinuse, Addr}))
+                 end),
+                 [Line | _] = Logs,
+                 ?assertMatch({match, _}, re:run(Line, "cannot serve gRPC on " ++ Addr ++ ": address in use")),
+                 ?assertEqual(2, length(Logs)) %% one per start attempt above
+             end}
+     end}.
+
+contains(X, X) -> true;
+contains(T, X) when is_tuple(T) -> contains(tuple_to_list(T), X);
+contains([H | T], X) -> contains(H, X) orelse contains(T, X);
+contains(_, _) -> false.
+
+%% The port program dies and every restart meets a busy port: bounded
+%% attempts with back-off, one log line for the exit and one when giving up
+%% (no line per attempt), then status/0 says failed and why; restart/0
+%% serves again once the port is free.
+restart_gives_up_on_a_busy_port_test_() ->
+    {setup,
+     fun() ->
+             _ = application:stop(dspex_bridge),
+             application:load(dspex_bridge),
+             Env = [{grpc_listen, "127.0.0.1:0"}, {grpc_restart_limit, 3}, {grpc_restart_backoff_ms, {10, 40}}],
+             [ok = application:set_env(dspex_bridge, K, V) || {K, V} <- Env],
+             {ok, Apps} = application:ensure_all_started(dspex_bridge),
+             {Apps, Env}
+     end,
+     fun({Apps, Env}) ->
+             [application:stop(A) || A <- lists:reverse(Apps)],
+             [application:unset_env(dspex_bridge, K) || {K, _} <- Env]
+     end,
+     {timeout, 60, fun restart_gives_up_on_a_busy_port/0}}.
+
+restart_gives_up_on_a_busy_port() ->
+    {ok, _} = dspex_grpc:await_listening(20000),
+    ?assertMatch(#{state := listening, restarts := 0, error := undefined}, dspex_grpc:status()),
+    %% the next starts go to an address another listener holds
+    {ok, Blocker} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}, {reuseaddr, true}]),
+    {ok, Q} = inet:port(Blocker),
+    Addr = "127.0.0.1:" ++ integer_to_list(Q),
+    ok = application:set_env(dspex_bridge, grpc_listen, Addr),
+    {ok, Os} = dspex_grpc:os_pid(),
+    Self = self(),
+    dspex_telemetry:attach(grpc_test_give_up, [dspex, grpc, port, give_up],
+                           fun(_, M, Meta, Pid) -> Pid ! {give_up, M, Meta} end, Self),
+    try
+        Logs = capture_logs(fun() ->
+            os:cmd("kill -9 " ++ integer_to_list(Os)),
+            receive {give_up, #{restarts := 3}, #{reason := {grpc_listen, eaddrinuse, Addr}}} -> ok
+            after 30000 -> error(no_give_up)
+            end
+        end),
+        ?assertEqual(2, length(Logs)),
+        [Down, GaveUp] = Logs,
+        ?assertMatch({match, _}, re:run(Down, "port program down \\(exited with status 137")),
+        ?assertMatch({match, _}, re:run(GaveUp, "gave up restarting the gRPC port program after 3 attempts: "
+                                                "cannot listen on " ++ Addr ++ ": address in use")),
+        ?assertMatch(#{state := failed, restarts := 3, port := undefined,
+                       error := {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:status()),
+        ?assertEqual({error, not_listening}, dspex_grpc:listening_port()),
+        %% nothing more happens by itself; once the port is free, restart/0 serves
+        ok = gen_tcp:close(Blocker),
+        ok = dspex_grpc:restart(),
+        {ok, Q} = dspex_grpc:await_listening(20000),
+        ?assertEqual({error, running}, dspex_grpc:restart()),
+        ?assertMatch(#{state := listening, restarts := 0, port := Q}, dspex_grpc:status())
+    after
+        dspex_telemetry:detach(grpc_test_give_up),
+        catch gen_tcp:close(Blocker),
+        application:set_env(dspex_bridge, grpc_listen, "127.0.0.1:0")
+    end.
+
+%% Runs F, returning the text of the log events (notice and above) that
+%% dspex_grpc logged meanwhile, oldest first.
+capture_logs(F) ->
+    Id = list_to_atom("grpc_test_log_" ++ integer_to_list(erlang:unique_integer([positive]))),
+    ok = logger:add_handler(Id, ?MODULE, #{level => notice, config => #{pid => self()},
+                                           filter_default => log,
+                                           filters => [{mod, {fun only_grpc/2, dspex_grpc}}]}),
+    try F()
+    after logger:remove_handler(Id)
+    end,
+    collect_logs([]).
+
+only_grpc(#{meta := #{mfa := {M, _, _}}} = E, M) -> E;
+only_grpc(_, _) -> stop.
+
+collect_logs(Acc) ->
+    receive {grpc_test_log, Text} -> collect_logs([Text | Acc])
+    after 0 -> lists:reverse(Acc)
+    end.
+
+%% @private logger handler callback
+-spec log(logger:log_event(), logger:handler_config()) -> ok.
+log(#{msg := Msg}, #{config := #{pid := Pid}}) ->
+    Text = case Msg of
+               {string, S} -> unicode:characters_to_list(S);
+               {report, R} -> io_lib:format("~0p", [R]);
+               {Format, Args} -> io_lib:format(Format, Args)
+           end,
+    Pid ! {grpc_test_log, lists:flatten(Text)},
+    ok.

@@ -11,14 +11,20 @@
  *     {close, Id}                   end of a stream (status OK)
  *     {error, Id, Code, Message}    final status (after queued stream messages)
  * and is told {cancelled, Id} when the client cancels or the deadline passes,
- * and {listening, Port} once the server is up. On stdin EOF every call still
- * open ends UNAVAILABLE and the program exits 0.
+ * and {listening, Port} once the server is up. If the address cannot be
+ * served it sends {listen_error, Reason} (eaddrinuse, eacces, eaddrnotavail,
+ * bad_address, ... or unknown) and exits with status 2. SO_REUSEPORT is off:
+ * a port another process (another node) listens on is an error, never a
+ * second listener that the kernel would split the clients with. On stdin
+ * EOF every call still open ends UNAVAILABLE and the program exits 0.
  *
  * Usage: dspex_grpc_port --listen HOST:PORT [--threads N]
  *            [--max-message-bytes N] [--stream-queue N]
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -26,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -746,6 +753,76 @@ static int wait_shutdown(int what, int seconds) {
     return done;
 }
 
+/* ------------------------------------------------------------ listen address */
+
+/* Why `addr` (HOST:PORT or [HOST]:PORT) cannot be listened on: a bind of
+ * every address it resolves to, as gRPC core does it (SO_REUSEADDR, no
+ * SO_REUSEPORT, dual-stack for the IPv6 wildcard), tells the errno. Returns
+ * the reason as an Erlang-style atom name, or NULL when every address binds
+ * (or the form is one gRPC resolves itself, e.g. unix:PATH, or port 0). A
+ * host that resolves to several addresses (localhost) fails as a whole if any
+ * of them is taken, where gRPC core would serve the free ones only. */
+static const char *listen_failure(const char *addr) {
+    char host[256], port[16];
+    const char *colon, *h = addr;
+    size_t hn;
+    struct addrinfo hints, *res = NULL, *ai;
+    const char *why = NULL;
+    int rc;
+    if (addr[0] == '[') {
+        const char *e = strchr(addr, ']');
+        if (!e || e[1] != ':') return NULL;
+        h = addr + 1;
+        hn = (size_t)(e - h);
+        colon = e + 1;
+    } else {
+        colon = strrchr(addr, ':');
+        if (!colon || strchr(addr, ':') != colon) return NULL;
+        hn = (size_t)(colon - addr);
+    }
+    if (hn >= sizeof host || strlen(colon + 1) >= sizeof port || !colon[1] ||
+        strspn(colon + 1, "0123456789") != strlen(colon + 1))
+        return NULL;
+    memcpy(host, h, hn);
+    host[hn] = 0;
+    strcpy(port, colon + 1);
+    if (atoi(port) == 0) return NULL; /* any free port */
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    if ((rc = getaddrinfo(hn ? host : NULL, port, &hints, &res)) != 0) return "bad_address";
+    for (ai = res; ai && !why; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol), one = 1, zero = 0;
+        if (fd < 0) continue; /* a family this host lacks: gRPC skips it too */
+        (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (ai->ai_family == AF_INET6 &&
+            IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr))
+            (void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+            switch (errno) {
+            case EADDRINUSE: why = "eaddrinuse"; break;
+            case EACCES: why = "eacces"; break;
+            case EADDRNOTAVAIL: why = "eaddrnotavail"; break;
+            case EAFNOSUPPORT: why = "eafnosupport"; break;
+            default: why = "unknown"; break;
+            }
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    return why;
+}
+
+static void send_listen_error(const char *why) {
+    ei_x_buff x;
+    if (ei_x_new_with_version(&x)) return;
+    if (ei_x_encode_tuple_header(&x, 2) == 0 && ei_x_encode_atom(&x, "listen_error") == 0 &&
+        ei_x_encode_atom(&x, why) == 0)
+        (void)send_packet(&x);
+    ei_x_free(&x);
+}
+
 /* ------------------------------------------------------------ main */
 
 static int parse_args(int argc, char **argv) {
@@ -758,7 +835,9 @@ static int parse_args(int argc, char **argv) {
         n = strtol(v, &end, 10);
         if (*end || n <= 0) return -1;
         if (!strcmp(a, "--threads") && n <= 64) g_nthreads = (int)n;
-        else if (!strcmp(a, "--max-message-bytes") && n <= (1L << 30)) g_max_msg = n;
+        /* at most 512 MiB: a request's term (up to ~2.5x its protobuf size)
+         * must stay under the 2 GiB an ei_x_buff index can count */
+        else if (!strcmp(a, "--max-message-bytes") && n <= (1L << 29)) g_max_msg = n;
         else if (!strcmp(a, "--stream-queue")) g_stream_queue = (size_t)n;
         else return -1;
         i++;
@@ -767,7 +846,8 @@ static int parse_args(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-    grpc_arg args[2];
+    grpc_arg args[3];
+    const char *why;
     grpc_channel_args cargs;
     grpc_server_credentials *creds;
     int port;
@@ -787,7 +867,13 @@ int main(int argc, char **argv) {
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = (int)g_max_msg;
-    cargs.num_args = 2;
+    /* gRPC core sets SO_REUSEPORT by default: a second node on the same
+     * port would then listen too, and clients would be split between two
+     * unrelated stores */
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = (char *)GRPC_ARG_ALLOW_REUSEPORT;
+    args[2].value.integer = 0;
+    cargs.num_args = 3;
     cargs.args = args;
     g_server = grpc_server_create(&cargs, NULL);
     g_cqs = calloc((size_t)g_nthreads, sizeof *g_cqs);
@@ -808,10 +894,14 @@ int main(int argc, char **argv) {
         grpc_server_register_completion_queue(g_server, g_cqs[i], NULL);
     }
     creds = grpc_insecure_server_credentials_create();
-    port = grpc_server_add_http2_port(g_server, g_listen, creds);
+    why = listen_failure(g_listen);
+    port = why ? 0 : grpc_server_add_http2_port(g_server, g_listen, creds);
     grpc_server_credentials_release(creds);
     if (port <= 0) {
-        fprintf(stderr, "dspex_grpc_port: cannot listen on %s\n", g_listen);
+        /* taken between the probe and gRPC's bind: ask again */
+        if (!why && !(why = listen_failure(g_listen))) why = "unknown";
+        /* the BEAM logs it (once, not once per restart attempt) */
+        send_listen_error(why);
         grpc_server_destroy(g_server);
         for (int i = 0; i < g_nthreads; i++) grpc_completion_queue_destroy(g_cqs[i]);
         grpc_completion_queue_shutdown(g_call_cq);
