@@ -41,7 +41,7 @@
 -include_lib("kernel/include/logger.hrl").
 
 -export([start_link/0, listening_port/0, await_listening/1, address/0, os_pid/0,
-         reply/2, stream/2, close/1, fail/3, in_flight/0, status/0, restart/0]).
+         reply/2, stream/2, close/1, fail/3, fail/4, in_flight/0, status/0, restart/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -type ctx() :: {port(), non_neg_integer()}.
@@ -125,6 +125,12 @@ close({Port, Id}) -> send(Port, {close, Id}).
 %% @doc Ends the call with a status (a name such as `not_found') and message.
 -spec fail(ctx(), atom(), binary()) -> ok.
 fail({Port, Id}, Status, Msg) -> send(Port, {error, Id, dspex_grpc_status:code(Status), Msg}).
+
+%% @doc `fail/3' with trailing metadata (header name => printable ASCII
+%% binary), such as `dspex_grpc_status:trailers/1' gives for an error.
+-spec fail(ctx(), atom(), binary(), #{binary() => binary()}) -> ok.
+fail({Port, Id}, Status, Msg, Trailers) ->
+    send(Port, {error, Id, dspex_grpc_status:code(Status), Msg, Trailers}).
 
 send(Port, Term) ->
     try erlang:port_command(Port, term_to_binary(Term)), ok
@@ -315,7 +321,7 @@ command({call, Id, Method, Req, Meta, Deadline}, #{port := Port, calls := C, mon
     case map_size(C) >= Max of
         true ->
             {_, Msg} = dspex_grpc_status:of_error(overload),
-            fail(Ctx, unavailable, Msg),
+            fail(Ctx, unavailable, Msg, dspex_grpc_status:trailers(overload)),
             dspex_telemetry:execute([dspex, grpc, overload], #{in_flight => map_size(C)}, #{rpc => Method}),
             St;
         false ->

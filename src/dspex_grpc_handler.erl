@@ -32,7 +32,7 @@ run(Ctx, Method, Req, Meta, Deadline) ->
                  streamed -> ok;
                  {error, R} ->
                      {S, Msg} = dspex_grpc_status:of_error(R),
-                     dspex_grpc:fail(Ctx, S, Msg),
+                     dspex_grpc:fail(Ctx, S, Msg, dspex_grpc_status:trailers(R)),
                      S
              end,
     Handlers =/= [] andalso
@@ -104,6 +104,9 @@ rpc('Heartbeat', #{session_id := S}, _Call, _Ctx) ->
 
 %%% variables ----------------------------------------------------------------
 
+rpc('RegisterVariable', #{name := <<>>}, _Call, _Ctx) ->
+    %% a required field left out, not a name over the length limit
+    {error, {invalid_argument, <<"name must not be empty">>}};
 rpc('RegisterVariable', #{session_id := S, name := Name, type := TypeText, initial_value := Any,
                           constraints_json := Cons0, metadata := Meta, initial_binary_value := Bin},
     #{opts := Opts}, _Ctx) ->

@@ -23,6 +23,10 @@ status_mapping_test_() ->
              {derived_variable, failed_precondition},
              {access_denied, permission_denied},
              {rate_limited, resource_exhausted}, {{limit_exceeded, variables}, resource_exhausted},
+             {{limit_exceeded, sessions}, resource_exhausted},
+             %% a request over a size limit is refused whatever the state: not "retry later"
+             {{limit_exceeded, value_size}, invalid_argument}, {{limit_exceeded, name_length}, invalid_argument},
+             {{limit_exceeded, history_limit}, invalid_argument},
              {overload, unavailable}, {timeout, deadline_exceeded}, {unimplemented, unimplemented},
              {{something, odd}, internal}],
     [?_assertEqual(Status, element(1, dspex_grpc_status:of_error(R))) || {R, Status} <- Cases].
@@ -34,6 +38,21 @@ status_messages_test() ->
     ?assertMatch({_, _}, binary:match(C, <<"cycle: a -> b -> a">>)),
     ?assertEqual(10, dspex_grpc_status:code(aborted)),
     [?assertEqual(N, dspex_grpc_status:code(dspex_grpc_status:name(N))) || N <- lists:seq(0, 16)].
+
+%% Limits and rate limiting share no message and no dspex-error trailer.
+status_trailers_test() ->
+    {invalid_argument, VM} = dspex_grpc_status:of_error({limit_exceeded, value_size}),
+    ?assertMatch({match, _}, re:run(VM, "^limit exceeded: value_size \\(max_value_bytes = [0-9]+\\)$")),
+    {resource_exhausted, <<"rate limited">>} = dspex_grpc_status:of_error(rate_limited),
+    ?assertEqual(#{<<"dspex-error">> => <<"limit_exceeded">>, <<"dspex-limit">> => <<"value_size">>},
+                 dspex_grpc_status:trailers({limit_exceeded, value_size})),
+    ?assertEqual(#{<<"dspex-error">> => <<"rate_limited">>}, dspex_grpc_status:trailers(rate_limited)),
+    ?assertEqual(#{<<"dspex-error">> => <<"version_mismatch">>, <<"dspex-current-version">> => <<"7">>},
+                 dspex_grpc_status:trailers({version_mismatch, 7})),
+    ?assertEqual(#{<<"dspex-error">> => <<"session_not_found">>}, dspex_grpc_status:trailers(session_not_found)),
+    ?assertEqual(#{<<"dspex-error">> => <<"not_found">>}, dspex_grpc_status:trailers({not_found, <<"x">>})),
+    ?assertEqual(#{<<"dspex-error">> => <<"internal">>}, dspex_grpc_status:trailers({crash, boom})),
+    ?assertEqual(#{<<"dspex-error">> => <<"internal">>}, dspex_grpc_status:trailers(<<"odd">>)).
 
 %%% value codec --------------------------------------------------------------------
 
@@ -302,12 +321,19 @@ wire_messages_and_watch() ->
                                                                 bypass_cache => false}, #{}, infinity),
         ?assertMatch({reply, 1, #{variable := #{name := <<"w">>}}}, port_term(Cat)),
         ok = dspex_grpc_handler:run({Cat, 2}, 'SetVariable', set_req(S, <<"w">>, any(<<"integer">>, 1), 9), #{}, infinity),
-        ?assertEqual({error, 2, 10, <<"version mismatch: current version is 0">>}, port_term(Cat)),
+        ?assertEqual({error, 2, 10, <<"version mismatch: current version is 0">>,
+                      #{<<"dspex-error">> => <<"version_mismatch">>, <<"dspex-current-version">> => <<"0">>}},
+                     port_term(Cat)),
         ok = dspex_grpc_handler:run({Cat, 3}, 'GetVariable', #{session_id => S, variable_identifier => <<"q">>,
                                                                 bypass_cache => false}, #{}, infinity),
-        ?assertMatch({error, 3, 5, <<"variable not found: q">>}, port_term(Cat)),
+        ?assertMatch({error, 3, 5, <<"variable not found: q">>, #{<<"dspex-error">> := <<"not_found">>}},
+                     port_term(Cat)),
         ok = dspex_grpc_handler:run({Cat, 4}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
-        ?assertMatch({error, 4, 12, _}, port_term(Cat)),
+        ?assertMatch({error, 4, 12, _, _}, port_term(Cat)),
+        %% an empty name is a missing argument, not a name over the length limit
+        ok = dspex_grpc_handler:run({Cat, 6}, 'RegisterVariable', register_req(S, <<>>, <<"integer">>, 1), #{}, infinity),
+        ?assertEqual({error, 6, 3, <<"invalid argument: name must not be empty">>,
+                      #{<<"dspex-error">> => <<"invalid_argument">>}}, port_term(Cat)),
         %% the rpc stop event, emitted only while someone listens
         Self = self(),
         ok = dspex_telemetry:attach(grpc_rpc_stop_test, [dspex, grpc, rpc, stop],
@@ -315,7 +341,7 @@ wire_messages_and_watch() ->
         try
             ok = dspex_grpc_handler:run({Cat, 40}, 'GetVariable', #{session_id => S, variable_identifier => <<"q">>,
                                                                      bypass_cache => false}, #{}, infinity),
-            ?assertMatch({error, 40, 5, _}, port_term(Cat)),
+            ?assertMatch({error, 40, 5, _, _}, port_term(Cat)),
             receive {rpc_stop, #{duration := D}, Md} ->
                     ?assert(is_integer(D) andalso D >= 0),
                     ?assertEqual(#{rpc => 'GetVariable', status => not_found, session_id => S}, Md)
@@ -325,7 +351,7 @@ wire_messages_and_watch() ->
             ok = dspex_telemetry:detach(grpc_rpc_stop_test)
         end,
         ok = dspex_grpc_handler:run({Cat, 41}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
-        ?assertMatch({error, 41, 12, _}, port_term(Cat)),
+        ?assertMatch({error, 41, 12, _, _}, port_term(Cat)),
         receive {rpc_stop, _, _} -> error(event_after_detach) after 0 -> ok end,
         %% a watch: initial value, every change in order, then the deletion ends it
         Watch = spawn_link(dspex_grpc_handler, run,

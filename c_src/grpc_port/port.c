@@ -10,6 +10,8 @@
  *     {stream, Id, Map}             one streamed message (sent in order)
  *     {close, Id}                   end of a stream (status OK)
  *     {error, Id, Code, Message}    final status (after queued stream messages)
+ *     {error, Id, Code, Message, Trailers}   the same with trailing metadata
+ *                                   (a map of binaries, e.g. dspex-error)
  * and is told {cancelled, Id} when the client cancels or the deadline passes,
  * and {listening, Port} once the server is up. If the address cannot be
  * served it sends {listen_error, Reason} (eaddrinuse, eacces, eaddrnotavail,
@@ -110,6 +112,8 @@ typedef struct call {
     grpc_byte_buffer *send_buf, *fin_buf;
     grpc_slice fin_details;
     int fin_details_set;
+    grpc_metadata *fin_md;      /* trailing metadata of the status, owned */
+    size_t fin_md_n;
     struct call *hnext;
 } call_t;
 
@@ -260,6 +264,14 @@ static void drop_queue(call_t *c) {
     c->qlen = 0;
 }
 
+static void free_metadata(grpc_metadata *md, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        grpc_slice_unref(md[i].key);
+        grpc_slice_unref(md[i].value);
+    }
+    free(md);
+}
+
 static void call_unref(call_t *c) {
     if (atomic_fetch_sub(&c->refs, 1) != 1) return;
     drop_queue(c);
@@ -267,6 +279,7 @@ static void call_unref(call_t *c) {
     if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);
     if (c->fin_buf) grpc_byte_buffer_destroy(c->fin_buf);
     if (c->fin_details_set) grpc_slice_unref(c->fin_details);
+    free_metadata(c->fin_md, c->fin_md_n);
     free(c->fin_msg);
     if (c->call) grpc_call_unref(c->call);
     grpc_call_details_destroy(&c->details);
@@ -321,23 +334,34 @@ static void prepare_finish(call_t *c, batch_t *b) {
     b->ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     b->ops[n].data.send_status_from_server.status = c->fin_code;
     b->ops[n].data.send_status_from_server.status_details = &c->fin_details;
+    b->ops[n].data.send_status_from_server.trailing_metadata_count = c->fin_md_n;
+    b->ops[n].data.send_status_from_server.trailing_metadata = c->fin_md;
     n++;
     b->n = n;
     b->t = &c->t_finish;
 }
 
 /* Decides the final status; it goes out once queued stream messages have.
- * mu held; *b gets the batch to start after unlocking, if any. */
-static void finish_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last, batch_t *b) {
+ * mu held; *b gets the batch to start after unlocking, if any. Takes
+ * ownership of last and md. */
+static void finish_md_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last,
+                             grpc_metadata *md, size_t nmd, batch_t *b) {
     if (c->finishing) {
         if (last) grpc_byte_buffer_destroy(last);
+        free_metadata(md, nmd);
         return;
     }
     c->finishing = 1;
+    c->fin_md = md;
+    c->fin_md_n = nmd;
     c->fin_code = code;
     c->fin_msg = strdup(msg ? msg : "");
     c->fin_buf = last;
     if (!c->send_busy) prepare_finish(c, b);
+}
+
+static void finish_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last, batch_t *b) {
+    finish_md_locked(c, code, msg, last, NULL, 0, b);
 }
 
 /* The head of the stream queue. mu held. */
@@ -573,6 +597,34 @@ static grpc_byte_buffer *pack_reply(int method, const dterm *map, char *err, siz
     return bb;
 }
 
+/* Trailing metadata of an error status: a map of at most 16 header names
+ * (lowercase letters, digits, - _ ., not grpc-*, not *-bin) to printable
+ * ASCII values of at most 1 KiB. 0 with *md NULL for an empty map; -1 for
+ * anything else (the status then goes without trailers). */
+#define MAX_TRAILERS 16
+static int trailers_from_term(const dterm *t, grpc_metadata **md, size_t *n) {
+    *md = NULL;
+    *n = 0;
+    if (t->kind != DT_MAP || t->u.map.n > MAX_TRAILERS) return -1;
+    for (size_t i = 0; i < t->u.map.n; i++) {
+        const dterm *k = &t->u.map.k[i], *v = &t->u.map.v[i];
+        if ((k->kind != DT_BIN && k->kind != DT_ATOM) || v->kind != DT_BIN || k->u.s.n == 0 || k->u.s.n > 64 ||
+            v->u.s.n > 1024 || strspn(k->u.s.p, "abcdefghijklmnopqrstuvwxyz0123456789-_.") != k->u.s.n ||
+            strncmp(k->u.s.p, "grpc-", 5) == 0 || (k->u.s.n >= 4 && strcmp(k->u.s.p + k->u.s.n - 4, "-bin") == 0))
+            return -1;
+        for (size_t j = 0; j < v->u.s.n; j++)
+            if ((unsigned char)v->u.s.p[j] < 0x20 || (unsigned char)v->u.s.p[j] > 0x7e) return -1;
+    }
+    if (!t->u.map.n) return 0;
+    if (!(*md = calloc(t->u.map.n, sizeof **md))) return -1;
+    for (size_t i = 0; i < t->u.map.n; i++) {
+        (*md)[i].key = grpc_slice_from_copied_buffer(t->u.map.k[i].u.s.p, t->u.map.k[i].u.s.n);
+        (*md)[i].value = grpc_slice_from_copied_buffer(t->u.map.v[i].u.s.p, t->u.map.v[i].u.s.n);
+    }
+    *n = t->u.map.n;
+    return 0;
+}
+
 static int term_id(const dterm *t, uint64_t *id) {
     if (t->kind != DT_INT || t->u.i < 0) return -1;
     *id = (uint64_t)t->u.i;
@@ -637,9 +689,15 @@ static void dispatch(const dterm *t) {
         pthread_mutex_unlock(&c->mu);
     } else if (dt_is_atom(&v[0], "close") && t->u.seq.n == 2) {
         finish(c, GRPC_STATUS_OK, "");
-    } else if (dt_is_atom(&v[0], "error") && t->u.seq.n == 4 && v[2].kind == DT_INT && v[2].u.i >= 1 &&
-               v[2].u.i <= 16 && v[3].kind == DT_BIN && !memchr(v[3].u.s.p, 0, v[3].u.s.n)) {
-        finish(c, (grpc_status_code)v[2].u.i, v[3].u.s.p);
+    } else if (dt_is_atom(&v[0], "error") && (t->u.seq.n == 4 || t->u.seq.n == 5) && v[2].kind == DT_INT &&
+               v[2].u.i >= 1 && v[2].u.i <= 16 && v[3].kind == DT_BIN && !memchr(v[3].u.s.p, 0, v[3].u.s.n)) {
+        grpc_metadata *md = NULL;
+        size_t nmd = 0;
+        if (t->u.seq.n == 5 && trailers_from_term(&v[4], &md, &nmd))
+            fprintf(stderr, "dspex_grpc_port: bad trailers for call %llu ignored\n", (unsigned long long)id);
+        pthread_mutex_lock(&c->mu);
+        finish_md_locked(c, (grpc_status_code)v[2].u.i, v[3].u.s.p, NULL, md, nmd, &b);
+        pthread_mutex_unlock(&c->mu);
     } else {
         fprintf(stderr, "dspex_grpc_port: malformed command for call %llu ignored\n", (unsigned long long)id);
     }
