@@ -85,9 +85,11 @@ def session_work(stub, sid, rounds):
         v = got.variable.version
         expect(lambda: stub.SetVariable(pb.SetVariableRequest(
             session_id=sid, variable_identifier="x", value=any_of("integer", v + 1), expected_version=v)))
-        # stale expected_version: ABORTED
-        expect(lambda: stub.SetVariable(pb.SetVariableRequest(
+        # stale expected_version: ABORTED, with the reason and version as trailers
+        e = expect(lambda: stub.SetVariable(pb.SetVariableRequest(
             session_id=sid, variable_identifier="x", value=any_of("integer", 0), expected_version=v + 50)), C.ABORTED)
+        tr = dict(e.trailing_metadata())
+        assert tr.get("dspex-error") == "version_mismatch" and tr.get("dspex-current-version") == str(v + 1), tr
         # constraint violation / bad JSON in the Any (refused in C) / unknown variable
         expect(lambda: stub.SetVariable(pb.SetVariableRequest(
             session_id=sid, variable_identifier="t", value=any_of("float", 7.0))), C.INVALID_ARGUMENT)
@@ -141,6 +143,11 @@ def odd_calls(channel, stub, sid):
     expect(lambda: stub.ExecuteTool(pb.ExecuteToolRequest(session_id=sid)), C.UNIMPLEMENTED)
     expect(lambda: stub.Ping(pb.PingRequest(message="x"), metadata=[("dspex-context", "[1")]),
            C.INVALID_ARGUMENT)
+    # a Timestamp out of the range timestamp.proto allows (refused in C)
+    from google.protobuf import timestamp_pb2
+    expect(lambda: stub.Heartbeat(pb.HeartbeatRequest(
+        session_id=sid, client_time=timestamp_pb2.Timestamp(seconds=9223372036853, nanos=2147483647))),
+        C.INVALID_ARGUMENT)
     # a deadline that passes while the BEAM waits for a lock: DEADLINE_EXCEEDED,
     # the cancellation reaches the handler, which gives up its wait
     expect(lambda: stub.InitializeSession(pb.InitializeSessionRequest(session_id=sid)))
@@ -180,6 +187,7 @@ def main():
           'application:set_env(dspex_bridge, grpc_listen, "%s"), '
           'application:set_env(dspex_bridge, grpc_port_command, %s), '
           'application:set_env(dspex_bridge, grpc_threads, 3), '
+          'application:set_env(dspex_bridge, grpc_start_timeout_ms, 300000), '
           'application:set_env(dspex_bridge, grpc_max_message_bytes, %d), '
           '{ok, _} = application:ensure_all_started(dspex_bridge), '
           'io:get_line(""), application:stop(dspex_bridge), init:stop().' % (address, erl_list, MAX_MSG))
