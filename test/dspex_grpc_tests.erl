@@ -139,7 +139,8 @@ set_req(S, K, Any, EV) ->
 handlers_test_() ->
     {setup, fun store_setup/0, fun store_cleanup/1,
      [fun sessions_and_variables/0, fun error_statuses/0, fun batches/0, fun graph_and_history/0,
-      fun optimization/0, fun access_control/0, fun dashboard_and_tools/0, fun wire_messages_and_watch/0]}.
+      fun optimization/0, fun access_control/0, fun dashboard_and_tools/0, fun wire_messages_and_watch/0,
+      fun wire_numbers_checked/0]}.
 
 sessions_and_variables() ->
     S = <<"grpc_t1">>,
@@ -238,6 +239,28 @@ graph_and_history() ->
     {reply, #{success := true, variable := #{version := 4, value := #{value := 10}}}} =
         call('RollbackVariable', Q#{target_version => 1}),
     ?assertEqual({error, {version_not_found, 99}}, call('RollbackVariable', Q#{target_version => 99})).
+
+%% Negative numbers from the wire are refused, not taken as "unset" (an
+%% unconditional write) or passed on (a rollback to -1 raised badarg in the
+%% store: INTERNAL); optimizer_config numbers are int64 at most.
+wire_numbers_checked() ->
+    S = <<"grpc_t8">>,
+    {ok, _} = dspex_store:create_session(S),
+    {reply, _} = call('RegisterVariable', register_req(S, <<"n">>, <<"integer">>, 1)),
+    ?assertMatch({error, {invalid_argument, <<"expected_version", _/binary>>}},
+                 call('SetVariable', set_req(S, <<"n">>, any(<<"integer">>, 2), -1))),
+    ?assertMatch({ok, #{version := 0, value := 1}}, dspex_store:get(S, <<"n">>)),
+    Q = #{session_id => S, variable_identifier => <<"n">>},
+    ?assertMatch({error, {invalid_argument, <<"target_version", _/binary>>}},
+                 call('RollbackVariable', Q#{target_version => -1})),
+    ?assertMatch({error, {invalid_argument, <<"limit", _/binary>>}}, call('GetVariableHistory', Q#{limit => -5})),
+    {reply, #{entries := []}} = call('GetVariableHistory', Q#{limit => 16#7FFFFFFF}), %% never written
+    Start = Q#{optimizer_id => <<"o">>},
+    [?assertMatch({error, {invalid_argument, _}},
+                  call('StartOptimization', Start#{optimizer_config => #{K => V}}))
+     || K <- [<<"lease_ms">>, <<"timeout_ms">>, <<"priority">>],
+        V <- [binary:copy(<<"9">>, 5000), <<"9223372036854775808">>, <<"-1">>], {K, V} =/= {<<"priority">>, <<"-1">>}],
+    {reply, #{status := #{optimizing := false}}} = call('GetOptimizationStatus', Q).
 
 optimization() ->
     S = <<"grpc_t5">>,
