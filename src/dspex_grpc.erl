@@ -6,13 +6,15 @@
 %% `stream/2', `close/1' or `fail/3' straight to the port, never through this
 %% server. A cancelled call (client cancel or deadline) kills its handler.
 %%
-%% <b>Listening.</b> `start_link/0' returns once the port program listens: an
-%% address that cannot be served (another process, e.g. another node, holds
-%% the port: SO_REUSEPORT is off, so a busy port is never shared) makes it
-%% return `{error, {grpc_listen, Why, Address}}' (`Why' is `eaddrinuse',
-%% `eacces', `eaddrnotavail', `bad_address', `unknown', `timeout' after
-%% `grpc_start_timeout_ms', or `{exit_status, N}'), so the application does
-%% not start; one error line is logged.
+%% <b>Listening.</b> `start_link/0' returns once the port program listens or
+%% has failed to: an address that cannot be served (another process, e.g.
+%% another node, holds the port: SO_REUSEPORT is off, so a busy port is never
+%% shared) is `{grpc_listen, Why, Address}' (`Why' is `eaddrinuse', `eacces',
+%% `eaddrnotavail', `bad_address', `unknown', `timeout' after
+%% `grpc_start_timeout_ms', or `{exit_status, N}'). With `grpc_required' =
+%% `true', `start_link/0' returns `{error, {grpc_listen, Why, Address}}' and
+%% the application does not start; by default the node starts without gRPC,
+%% logs one error line, and retries as below (then `status/0' is `failed').
 %%
 %% <b>Restarts.</b> If the port program dies later, its handlers are killed
 %% (in-flight clients see UNAVAILABLE) and it is started again after a
@@ -34,7 +36,7 @@
 %% (messages queued per stream before a slow reader's stream is ended
 %% RESOURCE_EXHAUSTED, default 10 000), `grpc_port_command' (a wrapper command
 %% as a list of strings, e.g. valgrind, prepended to the port program),
-%% `grpc_start_timeout_ms' (60 000), `grpc_restart_backoff_ms',
+%% `grpc_required' (`false'), `grpc_start_timeout_ms' (60 000), `grpc_restart_backoff_ms',
 %% `grpc_restart_limit', `grpc_restart_stable_ms'.
 -module(dspex_grpc).
 -behaviour(gen_server).
@@ -53,8 +55,9 @@
                     error := listen_error() | {grpc_port, {exit_status, integer()} | {spawn, term()}} | undefined}.
 -export_type([ctx/0, listen_error/0, status/0]).
 
-%% @doc Starts the owner and the port program; returns once it listens, or
-%% `{error, {grpc_listen, Why, Address}}' if it cannot.
+%% @doc Starts the owner and the port program; returns once it listens or
+%% has failed to. A failure is `{error, {grpc_listen, Why, Address}}' with
+%% `grpc_required' = `true'; otherwise the owner runs, retrying (see above).
 -spec start_link() -> {ok, pid()} | {error, listen_error() | term()}.
 start_link() ->
     case gen_server:start_link({local, ?MODULE}, ?MODULE, [], []) of
@@ -153,11 +156,12 @@ init([]) ->
             Timeout = application:get_env(dspex_bridge, grpc_start_timeout_ms, 60000),
             await_first(St1, erlang:monotonic_time(millisecond) + Timeout);
         {error, Why} ->
-            refuse({spawn, Why})
+            refuse({spawn, Why}, St)
     end.
 
-%% The first start is synchronous: the application starts serving, or not at
-%% all. A call can arrive before the listening message; it is handled.
+%% The first start is synchronous: the node serves when start_link returns,
+%% or it knows it cannot. A call can arrive before the listening message; it
+%% is handled.
 await_first(#{port := Port} = St, Deadline) ->
     Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
     receive
@@ -165,21 +169,28 @@ await_first(#{port := Port} = St, Deadline) ->
             case binary_to_term(Bin) of
                 {listen_error, Why} ->
                     receive {Port, {exit_status, _}} -> ok after 5000 -> kill_port(Port) end,
-                    refuse(Why);
+                    refuse(Why, St);
                 {listening, _} = L -> {ok, command(L, St)};
                 Other -> await_first(command(Other, St), Deadline)
             end;
         {Port, {exit_status, Status}} ->
-            refuse({exit_status, Status})
+            refuse({exit_status, Status}, St)
     after Left ->
             kill_port(Port),
-            refuse(timeout)
+            refuse(timeout, St)
     end.
 
-refuse(Why) ->
+%% grpc_required: the application does not start; otherwise the node runs
+%% without gRPC, retrying as after an exit (bounded, then failed).
+refuse(Why, St) ->
     Addr = address(),
-    ?LOG_ERROR("dspex_grpc: cannot serve gRPC on ~ts: ~ts", [Addr, why_text(Why)]),
-    {stop, {shutdown, {grpc_listen, Why, Addr}}}.
+    case application:get_env(dspex_bridge, grpc_required, false) of
+        true ->
+            ?LOG_ERROR("dspex_grpc: cannot serve gRPC on ~ts: ~ts", [Addr, why_text(Why)]),
+            {stop, {shutdown, {grpc_listen, Why, Addr}}};
+        _ ->
+            {ok, down({grpc_listen, Why, Addr}, St#{port := undefined, listening := undefined})}
+    end.
 
 why_text(eaddrinuse) -> "address in use (eaddrinuse: another process, e.g. another node, listens on this port)";
 why_text(eacces) -> "permission denied (eacces)";
@@ -373,6 +384,9 @@ down(Reason, #{phase := Phase, since := Since, attempts := A0, backoff := B0} = 
             St1#{phase := failed};
         true ->
             case A of
+                0 when Phase =:= starting ->
+                    ?LOG_ERROR("dspex_grpc: ~ts; the node runs without gRPC and retries with back-off, "
+                               "at most ~b attempts", [reason_text(Reason), Limit]);
                 0 -> ?LOG_ERROR("dspex_grpc: gRPC port program down (~ts, ~b calls in flight); restarting "
                                   "with back-off, at most ~b attempts", [reason_text(Reason), InFlight, Limit]);
                 _ -> ?LOG_DEBUG("dspex_grpc: restart attempt ~b failed: ~ts", [A, reason_text(Reason)])

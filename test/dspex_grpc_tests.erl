@@ -493,40 +493,75 @@ port_program(Addr) ->
     open_port({spawn_executable, Exe}, [{packet, 4}, binary, exit_status, use_stdio,
                                         {args, ["--listen", Addr, "--threads", "1"]}]).
 
-%% The owner: a busy port at start is an error returned by start_link (so
-%% the application does not start), with one log line.
-busy_port_at_start_test_() ->
+%% The owner, with grpc_required: a busy port at start is an error returned
+%% by start_link, so the application does not start; one log line each.
+busy_port_at_start_required_test_() ->
+    busy_port_setup([{grpc_required, true}], fun(Addr) ->
+        Logs = capture_logs(fun() ->
+            Trap = process_flag(trap_exit, true),
+            ?assertEqual({error, {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:start_link()),
+            receive {'EXIT', _, {shutdown, {grpc_listen, eaddrinuse, _}}} -> ok after 5000 -> ok end,
+            process_flag(trap_exit, Trap),
+            ?assertEqual(undefined, whereis(dspex_grpc)),
+            %% and so the application does not start, naming the cause
+            {error, Why} = application:ensure_all_started(dspex_bridge),
+            ?assert(contains(Why, {grpc_listen, eaddrinuse, Addr}))
+        end),
+        [Line | _] = Logs,
+        ?assertMatch({match, _}, re:run(Line, "cannot serve gRPC on " ++ Addr ++ ": address in use")),
+        ?assertEqual(2, length(Logs)) %% one per start attempt above
+    end).
+
+%% By default the node starts without gRPC: one line, bounded retries, one
+%% line when giving up, then status/0 says failed and why.
+busy_port_at_start_default_test_() ->
+    Env = [{grpc_restart_limit, 2}, {grpc_restart_backoff_ms, {10, 20}}],
+    busy_port_setup(Env, fun(Addr) ->
+        Self = self(),
+        dspex_telemetry:attach(grpc_test_give_up0, [dspex, grpc, port, give_up],
+                               fun(_, M, Meta, Pid) -> Pid ! {give_up, M, Meta} end, Self),
+        try
+            Logs = capture_logs(fun() ->
+                {ok, Apps} = application:ensure_all_started(dspex_bridge),
+                try
+                    receive {give_up, #{restarts := 2}, #{reason := {grpc_listen, eaddrinuse, Addr}}} -> ok
+                    after 30000 -> error(no_give_up)
+                    end,
+                    ?assertMatch(#{state := failed, restarts := 2, port := undefined,
+                                   error := {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:status()),
+                    %% the rest of the node works
+                    {ok, _} = dspex_store:create_session(<<"grpc_busy_default">>)
+                after
+                    [application:stop(A) || A <- lists:reverse(Apps)]
+                end
+            end),
+            ?assertMatch([_, _], Logs),
+            [First, Last] = Logs,
+            ?assertMatch({match, _}, re:run(First, "cannot listen on " ++ Addr ++ ": address in use .*"
+                                                   "the node runs without gRPC and retries with back-off, at most 2")),
+            ?assertMatch({match, _}, re:run(Last, "gave up restarting the gRPC port program after 2 attempts"))
+        after
+            dspex_telemetry:detach(grpc_test_give_up0)
+        end
+    end).
+
+%% Another listener holds a port; grpc_listen names it.
+busy_port_setup(Env, Test) ->
     {setup,
      fun() ->
              _ = application:stop(dspex_bridge),
              application:load(dspex_bridge),
              {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}, {reuseaddr, true}]),
              {ok, P} = inet:port(L),
-             ok = application:set_env(dspex_bridge, grpc_listen, "127.0.0.1:" ++ integer_to_list(P)),
-             {L, P}
+             Addr = "127.0.0.1:" ++ integer_to_list(P),
+             [ok = application:set_env(dspex_bridge, K, V) || {K, V} <- [{grpc_listen, Addr} | Env]],
+             {L, Addr}
      end,
      fun({L, _}) ->
              gen_tcp:close(L),
-             application:unset_env(dspex_bridge, grpc_listen)
+             [application:unset_env(dspex_bridge, K) || {K, _} <- [{grpc_listen, x} | Env]]
      end,
-     fun({_, P}) ->
-             Addr = "127.0.0.1:" ++ integer_to_list(P),
-             {timeout, 60, fun() ->
-                 Logs = capture_logs(fun() ->
-                     Trap = process_flag(trap_exit, true),
-                     ?assertEqual({error, {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:start_link()),
-                     receive {'EXIT', _, {shutdown, {grpc_listen, eaddrinuse, _}}} -> ok after 5000 -> ok end,
-                     process_flag(trap_exit, Trap),
-                     ?assertEqual(undefined, whereis(dspex_grpc)),
-                     %% and so the application does not start, naming the cause
-                     {error, Why} = application:ensure_all_started(dspex_bridge),
-                     ?assert(contains(Why, {grpc_listen, eaddrinuse, Addr}))
-                 end),
-                 [Line | _] = Logs,
-                 ?assertMatch({match, _}, re:run(Line, "cannot serve gRPC on " ++ Addr ++ ": address in use")),
-                 ?assertEqual(2, length(Logs)) %% one per start attempt above
-             end}
-     end}.
+     fun({_, Addr}) -> {timeout, 60, fun() -> Test(Addr) end} end}.
 
 contains(X, X) -> true;
 contains(T, X) when is_tuple(T) -> contains(tuple_to_list(T), X);
