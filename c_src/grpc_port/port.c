@@ -625,6 +625,33 @@ static int trailers_from_term(const dterm *t, grpc_metadata **md, size_t *n) {
     return 0;
 }
 
+/* Trailers of a status decided here rather than by the BEAM: dspex-error
+ * (and dspex-limit), as dspex_grpc_status:trailers/1 makes them. NULL (no
+ * trailers) if out of memory. */
+static grpc_metadata *reason_md(const char *reason, const char *limit, size_t *n) {
+    grpc_metadata *md = calloc(2, sizeof *md);
+    *n = 0;
+    if (!md) return NULL;
+    md[0].key = grpc_slice_from_static_string("dspex-error");
+    md[0].value = grpc_slice_from_static_string(reason);
+    *n = 1;
+    if (limit) {
+        md[1].key = grpc_slice_from_static_string("dspex-limit");
+        md[1].value = grpc_slice_from_static_string(limit);
+        *n = 2;
+    }
+    return md;
+}
+
+/* A reply that cannot be packed: over the maximum message size (a limit,
+ * RESOURCE_EXHAUSTED) or not fitting the message (INTERNAL). mu held. */
+static void finish_unpackable(call_t *c, grpc_status_code code, const char *err, batch_t *b) {
+    size_t n;
+    grpc_metadata *md = code == GRPC_STATUS_RESOURCE_EXHAUSTED ? reason_md("limit_exceeded", "message_size", &n)
+                                                               : reason_md("internal", NULL, &n);
+    finish_md_locked(c, code, err, NULL, md, n, b);
+}
+
 static int term_id(const dterm *t, uint64_t *id) {
     if (t->kind != DT_INT || t->u.i < 0) return -1;
     *id = (uint64_t)t->u.i;
@@ -651,7 +678,7 @@ static void dispatch(const dterm *t) {
         if (bb) finish_locked(c, GRPC_STATUS_OK, "", bb, &b);
         else {
             fprintf(stderr, "dspex_grpc_port: bad reply for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, code, err, NULL, &b);
+            finish_unpackable(c, code, err, &b);
         }
         pthread_mutex_unlock(&c->mu);
     } else if (dt_is_atom(&v[0], "stream") && t->u.seq.n == 3 && method_streams(c->method)) {
@@ -661,12 +688,14 @@ static void dispatch(const dterm *t) {
             if (bb) grpc_byte_buffer_destroy(bb);
         } else if (!bb) {
             fprintf(stderr, "dspex_grpc_port: bad stream message for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, code, err, NULL, &b);
+            finish_unpackable(c, code, err, &b);
         } else if (c->qlen >= g_stream_queue) {
             /* a reader too slow for its stream: end it rather than grow without bound */
+            size_t nmd;
+            grpc_metadata *md = reason_md("slow_consumer", NULL, &nmd);
             grpc_byte_buffer_destroy(bb);
             drop_queue(c);
-            finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "stream consumer too slow", NULL, &b);
+            finish_md_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "stream consumer too slow", NULL, md, nmd, &b);
             pthread_mutex_unlock(&c->mu);
             start_prepared(c, &b);
             send_simple("cancelled", c->id);

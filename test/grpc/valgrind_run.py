@@ -122,8 +122,10 @@ def big_tensor(stub, sid):
     expect(lambda: stub.RegisterVariable(pb.RegisterVariableRequest(
         session_id=sid, name="e", type="embedding", initial_value=any_of("embedding", {"dtype": "float32", "shape": [n2]}),
         initial_binary_value=struct.pack("<%df" % n2, *([0.25] * n2)))))
-    expect(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=sid, variable_identifier="e")),
-           C.RESOURCE_EXHAUSTED)
+    e = expect(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=sid, variable_identifier="e")),
+               C.RESOURCE_EXHAUSTED)
+    tr = dict(e.trailing_metadata())
+    assert tr == {"dspex-error": "limit_exceeded", "dspex-limit": "message_size"}, tr
     n3 = 300000
     expect(lambda: stub.SetVariable(pb.SetVariableRequest(
         session_id=sid, variable_identifier="e", value=any_of("embedding", {"dtype": "float32", "shape": [n3]}),

@@ -62,6 +62,12 @@ class StatusMapping(unittest.TestCase):
             self.assertIs(type(e), errors.LimitExceededError)
             self.assertEqual((e.limit, e.reason), ("name_length", "limit_exceeded"))
         self.assertIs(type(errors.from_status(C.RESOURCE_EXHAUSTED, "rate limited")), errors.RateLimitedError)
+        # over the maximum message size: the port's trailers, or gRPC core's own message
+        e = errors.from_status(C.RESOURCE_EXHAUSTED, "reply of 9 bytes exceeds the maximum message size",
+                               {"dspex-error": "limit_exceeded", "dspex-limit": "message_size"})
+        self.assertEqual((type(e), e.limit), (errors.LimitExceededError, "message_size"))
+        e = errors.from_status(C.RESOURCE_EXHAUSTED, "Received message larger than max (2000 vs. 1000)")
+        self.assertEqual((type(e), e.limit), (errors.LimitExceededError, "message_size"))
         self.assertIs(type(errors.from_status(C.INVALID_ARGUMENT, "invalid argument: name must not be empty")),
                       errors.InvalidValueError)
 

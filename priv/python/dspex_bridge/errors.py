@@ -76,14 +76,18 @@ class AccessDeniedError(BridgeError, PermissionError):
 
 
 class RateLimitedError(BridgeError):
-    """RESOURCE_EXHAUSTED: the session's rate limit was hit; wait and retry."""
+    """RESOURCE_EXHAUSTED: the session's rate limit was hit; wait and retry.
+    (Also any other RESOURCE_EXHAUSTED that is not a limit, e.g. a watch
+    ended because its reader fell too far behind: ``reason`` says which.)"""
 
 
 class LimitExceededError(BridgeError):
     """A configured limit of the bridge, which retrying does not cure.
     ``limit`` names it: ``value_size``, ``name_length`` or ``history_limit``
     (the request itself is over the limit: INVALID_ARGUMENT), ``sessions`` or
-    ``variables`` (a capacity is used up: RESOURCE_EXHAUSTED)."""
+    ``variables`` (a capacity is used up: RESOURCE_EXHAUSTED), or
+    ``message_size`` (a request or reply over the gRPC maximum message size:
+    RESOURCE_EXHAUSTED)."""
 
     def __init__(self, message, code=None, limit=None, reason="limit_exceeded"):
         super().__init__(message, code, reason)
@@ -119,6 +123,8 @@ def parse_current_version(message):
 
 
 _LIMIT = re.compile(r"^limit exceeded: (\w+)")
+# gRPC core's own refusals of a message over the maximum size (either side)
+_MESSAGE_SIZE = re.compile(r"message larger than max|exceeds the maximum message size", re.I)
 
 _LOCKED = ("locked", "stale_lock", "lock_held_by")
 
@@ -154,6 +160,8 @@ def from_status(code, message, trailers=None):
     if reason == "limit_exceeded" or (reason is None and limit and code in (
             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)):
         return LimitExceededError(message, code, trailers.get("dspex-limit") or (limit and limit.group(1)))
+    if reason is None and code == grpc.StatusCode.RESOURCE_EXHAUSTED and _MESSAGE_SIZE.search(message or ""):
+        return LimitExceededError(message, code, "message_size")
     if code == grpc.StatusCode.NOT_FOUND:
         return _not_found(message, code, reason)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
