@@ -397,5 +397,4 @@ down(Reason, #{phase := Phase, since := Since, attempts := A0, backoff := B0} = 
 
 reason_text({grpc_listen, Why, Addr}) -> io_lib:format("cannot listen on ~ts: ~ts", [Addr, why_text(Why)]);
 reason_text({grpc_port, {exit_status, S}}) -> io_lib:format("exited with status ~p", [S]);
-reason_text({grpc_port, {spawn, Why}}) -> io_lib:format("cannot be started: ~0p", [Why]);
-reason_text(R) -> io_lib:format("~0p", [R]).
+reason_text({grpc_port, {spawn, Why}}) -> io_lib:format("cannot be started: ~0p", [Why]).
