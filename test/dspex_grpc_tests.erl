@@ -419,9 +419,11 @@ watch_ends_with_its_port_test_() ->
              {ok, #{watchers := 0}} = dspex_store:info(S, <<"v">>)
      end}.
 
-port_term(Port) ->
+port_term(Port) -> port_term(Port, 5000).
+
+port_term(Port, Timeout) ->
     receive {Port, {data, B}} -> binary_to_term(B)
-    after 5000 -> error(no_message_from_handler)
+    after Timeout -> error(no_message_from_port)
     end.
 
 %%% the port owner --------------------------------------------------------------------
@@ -473,18 +475,18 @@ listens_and_restarts() ->
 second_port_program_on_a_served_port_is_refused_test_() ->
     {timeout, 60, fun() ->
         First = port_program("127.0.0.1:0"),
-        {listening, P} = port_term(First),
+        {listening, P} = port_term(First, 30000),
         Addr = "127.0.0.1:" ++ integer_to_list(P),
         Second = port_program(Addr),
-        ?assertEqual({listen_error, eaddrinuse}, port_term(Second)),
+        ?assertEqual({listen_error, eaddrinuse}, port_term(Second, 30000)),
         receive {Second, {exit_status, S}} -> ?assertEqual(2, S) after 20000 -> error(no_exit) end,
         %% the first still serves; a third on a busy "localhost" is refused too
         {ok, Sock} = gen_tcp:connect("127.0.0.1", P, [binary, {active, false}]),
         ok = gen_tcp:close(Sock),
         Third = port_program("localhost:" ++ integer_to_list(P)),
-        ?assertEqual({listen_error, eaddrinuse}, port_term(Third)),
+        ?assertEqual({listen_error, eaddrinuse}, port_term(Third, 30000)),
         Fourth = port_program("no-such-host.invalid:" ++ integer_to_list(P)),
-        ?assertEqual({listen_error, bad_address}, port_term(Fourth)),
+        ?assertEqual({listen_error, bad_address}, port_term(Fourth, 30000)),
         port_close(First)
     end}.
 
