@@ -487,6 +487,9 @@ second_port_program_on_a_served_port_is_refused_test_() ->
         ?assertEqual({listen_error, eaddrinuse}, port_term(Third, 30000)),
         Fourth = port_program("no-such-host.invalid:" ++ integer_to_list(P)),
         ?assertEqual({listen_error, bad_address}, port_term(Fourth, 30000)),
+        %% an address of no interface here (TEST-NET-1, RFC 5737)
+        Fifth = port_program("192.0.2.1:" ++ integer_to_list(P)),
+        ?assertEqual({listen_error, eaddrnotavail}, port_term(Fifth, 30000)),
         port_close(First)
     end}.
 

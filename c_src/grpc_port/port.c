@@ -854,8 +854,8 @@ static const char *listen_failure(const char *addr) {
     const char *colon, *h = addr;
     size_t hn;
     struct addrinfo hints, *res = NULL, *ai;
-    const char *why = NULL;
-    int rc;
+    const char *why = NULL, *unusable = "unknown";
+    int rc, usable = 0;
     if (addr[0] == '[') {
         const char *e = strchr(addr, ']');
         if (!e || e[1] != ':') return NULL;
@@ -879,26 +879,25 @@ static const char *listen_failure(const char *addr) {
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
     if ((rc = getaddrinfo(hn ? host : NULL, port, &hints, &res)) != 0) return "bad_address";
+    /* an address this host cannot have (::1 with IPv6 off) is skipped, as
+     * gRPC skips it; a taken or forbidden one fails the whole address */
     for (ai = res; ai && !why; ai = ai->ai_next) {
         int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol), one = 1, zero = 0;
-        if (fd < 0) continue; /* a family this host lacks: gRPC skips it too */
+        if (fd < 0) { unusable = "eafnosupport"; continue; }
         (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         if (ai->ai_family == AF_INET6 &&
             IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr))
             (void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-            switch (errno) {
-            case EADDRINUSE: why = "eaddrinuse"; break;
-            case EACCES: why = "eacces"; break;
-            case EADDRNOTAVAIL: why = "eaddrnotavail"; break;
-            case EAFNOSUPPORT: why = "eafnosupport"; break;
-            default: why = "unknown"; break;
-            }
-        }
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0) usable++;
+        else if (errno == EADDRINUSE) why = "eaddrinuse";
+        else if (errno == EACCES) why = "eacces";
+        else if (errno == EADDRNOTAVAIL || errno == EAFNOSUPPORT)
+            unusable = errno == EADDRNOTAVAIL ? "eaddrnotavail" : "eafnosupport";
+        else why = "unknown";
         close(fd);
     }
     freeaddrinfo(res);
-    return why;
+    return why ? why : usable ? NULL : unusable;
 }
 
 static void send_listen_error(const char *why) {
