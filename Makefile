@@ -10,7 +10,8 @@ export CI
 APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
              erlang-parsetools erlang-edoc rebar3 erlang-inets \
              pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
-APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf
+APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf \
+                 clang libclang-rt-14-dev
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
@@ -139,6 +140,8 @@ clean:
 	rm -rf _build $(ELIXIR_APP)/_build $(ELIXIR_APP)/deps
 
 # gRPC server: cmocka tests of the port's C cores (plain, ASan+UBSan, valgrind),
+# the request decoder fuzzed (a deterministic descriptor-driven driver under
+# ASan+UBSan in test-asan, then libFuzzer for FUZZ_SECONDS, default 20),
 # then 1,000 calls through the port program running under valgrind.
 GRPC_TEST_STUBS := _build/grpc_test
 deps-grpc-test:
@@ -147,7 +150,7 @@ deps-grpc-test:
 test-grpc: test-grpc-c test-grpc-valgrind
 
 test-grpc-c: deps-grpc-test
-	$(MAKE) -C c_src/grpc_port test test-asan test-valgrind
+	$(MAKE) -C c_src/grpc_port test test-asan test-valgrind fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-20}
 
 $(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
 	@mkdir -p $(GRPC_TEST_STUBS)

@@ -4,35 +4,78 @@
 %% The port sends `{call, Id, Method, Request, Metadata, DeadlineMs}' (request
 %% decoded to a map by the port); the handler answers through `reply/2',
 %% `stream/2', `close/1' or `fail/3' straight to the port, never through this
-%% server. A cancelled call (client cancel or deadline) kills its handler. If
-%% the port program dies, its handlers are killed and it is started again after
-%% a back-off (50 ms doubling to 5 s); in-flight clients see UNAVAILABLE.
+%% server. A cancelled call (client cancel or deadline) kills its handler.
+%%
+%% <b>Listening.</b> `start_link/0' returns once the port program listens or
+%% has failed to: an address that cannot be served (another process, e.g.
+%% another node, holds the port: SO_REUSEPORT is off, so a busy port is never
+%% shared) is `{grpc_listen, Why, Address}' (`Why' is `eaddrinuse', `eacces',
+%% `eaddrnotavail', `bad_address', `unknown', `timeout' after
+%% `grpc_start_timeout_ms', or `{exit_status, N}'). With `grpc_required' =
+%% `true', `start_link/0' returns `{error, {grpc_listen, Why, Address}}' and
+%% the application does not start; by default the node starts without gRPC,
+%% logs one error line, and retries as below (then `status/0' is `failed').
+%%
+%% <b>Restarts.</b> If the port program dies later, its handlers are killed
+%% (in-flight clients see UNAVAILABLE) and it is started again after a
+%% back-off (`grpc_restart_backoff_ms', default `{50, 5000}': doubling from
+%% the first to the second). One error line is logged for the exit; further
+%% failed attempts of the same incident are logged at debug level only. After
+%% `grpc_restart_limit' (default 8) attempts without a run of at least
+%% `grpc_restart_stable_ms' (default 30 000) it gives up: one error line, the
+%% event `[dspex, grpc, port, give_up]', `status/0' reports `failed' with the
+%% reason, and `restart/0' tries again. A run that lasted the stable time
+%% resets the count and the back-off.
 %%
 %% Application environment: `grpc_enabled' (default `true'), `grpc_listen'
 %% (`"127.0.0.1:50051"', string or binary; port 0 picks a free port, see
 %% `listening_port/0'), `grpc_threads' (completion-queue threads, default `auto': half the
 %% schedulers, at least 1),
-%% `grpc_max_message_bytes' (default 64 MiB), `grpc_max_concurrent_calls'
+%% `grpc_max_message_bytes' (default 64 MiB, at most 512 MiB), `grpc_max_concurrent_calls'
 %% (default 10 000; beyond it calls end UNAVAILABLE), `grpc_stream_queue'
 %% (messages queued per stream before a slow reader's stream is ended
 %% RESOURCE_EXHAUSTED, default 10 000), `grpc_port_command' (a wrapper command
-%% as a list of strings, e.g. valgrind, prepended to the port program).
+%% as a list of strings, e.g. valgrind, prepended to the port program),
+%% `grpc_required' (`false'), `grpc_start_timeout_ms' (60 000), `grpc_restart_backoff_ms',
+%% `grpc_restart_limit', `grpc_restart_stable_ms'.
 -module(dspex_grpc).
 -behaviour(gen_server).
+-include_lib("kernel/include/logger.hrl").
 
 -export([start_link/0, listening_port/0, await_listening/1, address/0, os_pid/0,
-         reply/2, stream/2, close/1, fail/3, in_flight/0]).
+         reply/2, stream/2, close/1, fail/3, fail/4, in_flight/0, status/0, restart/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -type ctx() :: {port(), non_neg_integer()}.
--export_type([ctx/0]).
+-type listen_error() :: {grpc_listen, atom() | {exit_status, integer()} | {spawn, term()}, string()}.
+-type status() :: #{state := starting | listening | restarting | failed,
+                    address := string(),
+                    port := inet:port_number() | undefined,
+                    restarts := non_neg_integer(),
+                    error := listen_error() | {grpc_port, {exit_status, integer()} | {spawn, term()}} | undefined}.
+-export_type([ctx/0, listen_error/0, status/0]).
 
--define(MIN_BACKOFF, 50).
--define(MAX_BACKOFF, 5000).
+%% @doc Starts the owner and the port program; returns once it listens or
+%% has failed to. A failure is `{error, {grpc_listen, Why, Address}}' with
+%% `grpc_required' = `true'; otherwise the owner runs, retrying (see above).
+-spec start_link() -> {ok, pid()} | {error, listen_error() | term()}.
+start_link() ->
+    case gen_server:start_link({local, ?MODULE}, ?MODULE, [], []) of
+        %% init stops with {shutdown, _}: no crash report for a refused address
+        {error, {shutdown, {grpc_listen, _, _} = E}} -> {error, E};
+        Other -> Other
+    end.
 
-%% @doc Starts the owner and the port program.
--spec start_link() -> {ok, pid()} | {error, term()}.
-start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
+%% @doc The server's state: `listening' (on `port'), `starting' (first start),
+%% `restarting' (the port program died; `restarts' attempts so far), or
+%% `failed' (gave up; `error' says why, `restart/0' tries again).
+-spec status() -> status().
+status() -> gen_server:call(?MODULE, status).
+
+%% @doc After the server gave up (`status/0' is `failed'), starts the port
+%% program again with a fresh restart count; `{error, running}' otherwise.
+-spec restart() -> ok | {error, running}.
+restart() -> gen_server:call(?MODULE, restart).
 
 %% @doc The TCP port the server listens on, once the port program is up.
 -spec listening_port() -> {ok, inet:port_number()} | {error, not_listening}.
@@ -86,6 +129,12 @@ close({Port, Id}) -> send(Port, {close, Id}).
 -spec fail(ctx(), atom(), binary()) -> ok.
 fail({Port, Id}, Status, Msg) -> send(Port, {error, Id, dspex_grpc_status:code(Status), Msg}).
 
+%% @doc `fail/3' with trailing metadata (header name => printable ASCII
+%% binary), such as `dspex_grpc_status:trailers/1' gives for an error.
+-spec fail(ctx(), atom(), binary(), #{binary() => binary()}) -> ok.
+fail({Port, Id}, Status, Msg, Trailers) ->
+    send(Port, {error, Id, dspex_grpc_status:code(Status), Msg, Trailers}).
+
 send(Port, Term) ->
     try erlang:port_command(Port, term_to_binary(Term)), ok
     catch error:badarg -> ok %% the port is gone: the client already sees UNAVAILABLE
@@ -94,12 +143,69 @@ send(Port, Term) ->
 %%% gen_server ---------------------------------------------------------------
 
 %% @private
--spec init([]) -> {ok, map()}.
+-spec init([]) -> {ok, map()} | {stop, {shutdown, listen_error()}}.
 init([]) ->
     process_flag(trap_exit, true),
+    {Min, _} = backoff_range(),
     St = #{port => undefined, listening => undefined, calls => #{}, mons => #{},
-           backoff => ?MIN_BACKOFF, max_calls => application:get_env(dspex_bridge, grpc_max_concurrent_calls, 10000)},
-    {ok, open(St)}.
+           phase => starting, backoff => Min, attempts => 0, since => undefined, error => undefined,
+           listen_error => undefined,
+           max_calls => application:get_env(dspex_bridge, grpc_max_concurrent_calls, 10000)},
+    case open(St) of
+        {ok, St1} ->
+            Timeout = application:get_env(dspex_bridge, grpc_start_timeout_ms, 60000),
+            await_first(St1, erlang:monotonic_time(millisecond) + Timeout);
+        {error, Why} ->
+            refuse({spawn, Why}, St)
+    end.
+
+%% The first start is synchronous: the node serves when start_link returns,
+%% or it knows it cannot. A call can arrive before the listening message; it
+%% is handled.
+await_first(#{port := Port} = St, Deadline) ->
+    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
+    receive
+        {Port, {data, Bin}} ->
+            case binary_to_term(Bin) of
+                {listen_error, Why} ->
+                    receive {Port, {exit_status, _}} -> ok after 5000 -> kill_port(Port) end,
+                    refuse(Why, St);
+                {listening, _} = L -> {ok, command(L, St)};
+                Other -> await_first(command(Other, St), Deadline)
+            end;
+        {Port, {exit_status, Status}} ->
+            refuse({exit_status, Status}, St)
+    after Left ->
+            kill_port(Port),
+            refuse(timeout, St)
+    end.
+
+%% grpc_required: the application does not start; otherwise the node runs
+%% without gRPC, retrying as after an exit (bounded, then failed).
+refuse(Why, St) ->
+    Addr = address(),
+    case application:get_env(dspex_bridge, grpc_required, false) of
+        true ->
+            ?LOG_ERROR("dspex_grpc: cannot serve gRPC on ~ts: ~ts", [Addr, why_text(Why)]),
+            {stop, {shutdown, {grpc_listen, Why, Addr}}};
+        _ ->
+            {ok, down({grpc_listen, Why, Addr}, St#{port := undefined, listening := undefined})}
+    end.
+
+why_text(eaddrinuse) -> "address in use (eaddrinuse: another process, e.g. another node, listens on this port)";
+why_text(eacces) -> "permission denied (eacces)";
+why_text(eaddrnotavail) -> "address not available on this host (eaddrnotavail)";
+why_text(bad_address) -> "the address does not resolve (bad_address)";
+why_text(timeout) -> "the port program did not start listening in time (timeout)";
+why_text(Why) -> io_lib:format("~0p", [Why]).
+
+kill_port(Port) ->
+    case erlang:port_info(Port, os_pid) of
+        {os_pid, Pid} -> os:cmd("kill -9 " ++ integer_to_list(Pid));
+        _ -> ok
+    end,
+    catch port_close(Port),
+    ok.
 
 %% @private
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
@@ -112,7 +218,15 @@ handle_call(os_pid, _From, #{port := P} = St) ->
             end,
     {reply, Reply, St};
 handle_call(in_flight, _From, #{calls := C} = St) ->
-    {reply, map_size(C), St}.
+    {reply, map_size(C), St};
+handle_call(status, _From, #{phase := Ph, listening := L, attempts := A, error := E} = St) ->
+    {reply, #{state => Ph, address => address(), port => L, restarts => A, error => E}, St};
+handle_call(restart, _From, #{phase := failed} = St) ->
+    {Min, _} = backoff_range(),
+    ?LOG_NOTICE("dspex_grpc: starting the gRPC port program again, as asked"),
+    {reply, ok, start_again(St#{attempts := 0, backoff := Min, phase := restarting})};
+handle_call(restart, _From, St) ->
+    {reply, {error, running}, St}.
 
 %% @private
 -spec handle_cast(term(), map()) -> {noreply, map()}.
@@ -136,15 +250,15 @@ handle_info({'DOWN', MRef, process, _Pid, Reason}, #{mons := M, calls := C, port
             case Reason of
                 normal -> ok;
                 _ ->
-                    logger:error("dspex_grpc: handler of call ~p crashed: ~p", [Id, Reason]),
+                    ?LOG_ERROR("dspex_grpc: handler of call ~p crashed: ~p", [Id, Reason]),
                     Port =/= undefined andalso
                         fail({Port, Id}, internal, <<"internal error in the call handler">>)
             end,
             {noreply, St#{mons := M1, calls := maps:remove(Id, C)}};
         error -> {noreply, St}
     end;
-handle_info(restart_port, #{port := undefined} = St) ->
-    {noreply, open(St)};
+handle_info(restart_port, #{port := undefined, phase := restarting} = St) ->
+    {noreply, start_again(St)};
 handle_info(_Msg, St) ->
     {noreply, St}.
 
@@ -173,10 +287,23 @@ open(St) ->
         Port ->
             dspex_telemetry:execute([dspex, grpc, port, start], #{system_time => erlang:system_time()},
                                     #{address => list_to_binary(address())}),
-            St#{port := Port, listening := undefined}
+            {ok, St#{port := Port, listening := undefined, since := undefined, listen_error := undefined}}
     catch error:Reason ->
-            logger:error("dspex_grpc: cannot start ~ts: ~p", [Cmd, Reason]),
-            schedule_restart(St#{port := undefined})
+            {error, {Cmd, Reason}}
+    end.
+
+%% A restart attempt: a program that cannot even be spawned counts as a
+%% failed attempt, like one that exits.
+start_again(St) ->
+    case open(St) of
+        {ok, St1} -> St1;
+        {error, Why} -> down({grpc_port, {spawn, Why}}, St#{port := undefined})
+    end.
+
+backoff_range() ->
+    case application:get_env(dspex_bridge, grpc_restart_backoff_ms, {50, 5000}) of
+        {Min, Max} when is_integer(Min), is_integer(Max), Min > 0, Max >= Min -> {Min, Max};
+        _ -> {50, 5000}
     end.
 
 %% `auto' (the default): half the schedulers, at least one. The BEAM side and,
@@ -195,14 +322,17 @@ priv_dir() ->
     end.
 
 command({listening, P}, St) ->
-    logger:notice("dspex_grpc: serving gRPC (snakepit.bridge.BridgeService) on ~ts, port ~p", [address(), P]),
-    St#{listening := P, backoff := ?MIN_BACKOFF};
+    ?LOG_NOTICE("dspex_grpc: serving gRPC (snakepit.bridge.BridgeService) on ~ts, port ~p", [address(), P]),
+    St#{listening := P, phase := listening, since := erlang:monotonic_time(millisecond), error := undefined};
+command({listen_error, Why}, St) ->
+    %% the exit follows; the restart logic reports it
+    St#{listen_error := {grpc_listen, Why, address()}};
 command({call, Id, Method, Req, Meta, Deadline}, #{port := Port, calls := C, mons := M, max_calls := Max} = St) ->
     Ctx = {Port, Id},
     case map_size(C) >= Max of
         true ->
             {_, Msg} = dspex_grpc_status:of_error(overload),
-            fail(Ctx, unavailable, Msg),
+            fail(Ctx, unavailable, Msg, dspex_grpc_status:trailers(overload)),
             dspex_telemetry:execute([dspex, grpc, overload], #{in_flight => map_size(C)}, #{rpc => Method}),
             St;
         false ->
@@ -219,17 +349,52 @@ command({cancelled, Id}, #{calls := C, mons := M} = St) ->
         error -> St
     end;
 command(Other, St) ->
-    logger:warning("dspex_grpc: unexpected message from the port: ~0p", [Other]),
+    ?LOG_WARNING("dspex_grpc: unexpected message from the port: ~0p", [Other]),
     St.
 
-port_down(Status, #{calls := C, backoff := B} = St) ->
+port_down(Status, #{calls := C, listen_error := E} = St) ->
     [begin exit(Pid, kill), erlang:demonitor(MRef, [flush]) end || {Pid, MRef} <- maps:values(C)],
-    Level = case St of #{listening := undefined} when Status =:= 2 -> warning; _ -> error end,
-    logger:log(Level, "dspex_grpc: port program exited with status ~p (~b calls in flight); restarting in ~b ms",
-               [Status, map_size(C), B]),
     dspex_telemetry:execute([dspex, grpc, port, exit], #{in_flight => map_size(C)}, #{status => Status}),
-    schedule_restart(St#{port := undefined, listening := undefined, calls := #{}, mons := #{}}).
+    Reason = case E of
+                 {grpc_listen, _, _} -> E;
+                 _ -> {grpc_port, {exit_status, Status}}
+             end,
+    down(Reason, St#{port := undefined, listening := undefined, calls := #{}, mons := #{}}, map_size(C)).
 
-schedule_restart(#{backoff := B} = St) ->
-    erlang:send_after(B, self(), restart_port),
-    St#{backoff := min(B * 2, ?MAX_BACKOFF)}.
+down(Reason, St) -> down(Reason, St, 0).
+
+%% The port program is gone (or never came up): restart with back-off, or
+%% give up after grpc_restart_limit attempts without a stable run.
+down(Reason, #{phase := Phase, since := Since, attempts := A0, backoff := B0} = St, InFlight) ->
+    {Min, Max} = backoff_range(),
+    Stable = application:get_env(dspex_bridge, grpc_restart_stable_ms, 30000),
+    Limit = application:get_env(dspex_bridge, grpc_restart_limit, 8),
+    Now = erlang:monotonic_time(millisecond),
+    {A, B} = case Phase =:= listening andalso Now - Since >= Stable of
+                 true -> {0, Min};  %% after a long, good run: a new incident
+                 false -> {A0, B0}
+             end,
+    St1 = St#{error := Reason, since := undefined},
+    if
+        A >= Limit ->
+            ?LOG_ERROR("dspex_grpc: gave up restarting the gRPC port program after ~b attempts: ~ts; "
+                         "gRPC is not served (dspex_grpc:restart() tries again)", [A, reason_text(Reason)]),
+            dspex_telemetry:execute([dspex, grpc, port, give_up], #{restarts => A},
+                                    #{reason => Reason, address => list_to_binary(address())}),
+            St1#{phase := failed};
+        true ->
+            case A of
+                0 when Phase =:= starting ->
+                    ?LOG_ERROR("dspex_grpc: ~ts; the node runs without gRPC and retries with back-off, "
+                               "at most ~b attempts", [reason_text(Reason), Limit]);
+                0 -> ?LOG_ERROR("dspex_grpc: gRPC port program down (~ts, ~b calls in flight); restarting "
+                                  "with back-off, at most ~b attempts", [reason_text(Reason), InFlight, Limit]);
+                _ -> ?LOG_DEBUG("dspex_grpc: restart attempt ~b failed: ~ts", [A, reason_text(Reason)])
+            end,
+            erlang:send_after(B, self(), restart_port),
+            St1#{phase := restarting, attempts := A + 1, backoff := min(B * 2, Max)}
+    end.
+
+reason_text({grpc_listen, Why, Addr}) -> io_lib:format("cannot listen on ~ts: ~ts", [Addr, why_text(Why)]);
+reason_text({grpc_port, {exit_status, S}}) -> io_lib:format("exited with status ~p", [S]);
+reason_text({grpc_port, {spawn, Why}}) -> io_lib:format("cannot be started: ~0p", [Why]).

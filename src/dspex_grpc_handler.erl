@@ -34,7 +34,7 @@ run(Ctx, Method, Req, Meta, Deadline) ->
                  streamed -> ok;
                  {error, R} ->
                      {S, Msg} = dspex_grpc_status:of_error(R),
-                     dspex_grpc:fail(Ctx, S, Msg),
+                     dspex_grpc:fail(Ctx, S, Msg, dspex_grpc_status:trailers(R)),
                      S
              end,
     Handlers =/= [] andalso
@@ -113,6 +113,9 @@ rpc('Heartbeat', #{session_id := S}, _Call, _Ctx) ->
 
 %%% variables ----------------------------------------------------------------
 
+rpc('RegisterVariable', #{name := <<>>}, _Call, _Ctx) ->
+    %% a required field left out, not a name over the length limit
+    {error, {invalid_argument, <<"name must not be empty">>}};
 rpc('RegisterVariable', #{session_id := S, name := Name, type := TypeText, initial_value := Any,
                           constraints_json := Cons0, metadata := Meta, initial_binary_value := Bin},
     #{opts := Opts}, _Ctx) ->
@@ -132,6 +135,9 @@ rpc('GetVariable', #{session_id := S, variable_identifier := K}, #{opts := Opts}
         {ok, V} -> {reply, #{variable => var_to_pb(S, V, true), from_cache => false}};
         Error -> Error
     end;
+%% numbers from the wire are checked here, not trusted to mean "unset"
+rpc('SetVariable', #{expected_version := EV}, _Call, _Ctx) when EV < 0 ->
+    {error, {invalid_argument, <<"expected_version must be >= 0">>}};
 rpc('SetVariable', #{session_id := S, variable_identifier := K, value := Any, metadata := Meta,
                      expected_version := EV, expect_version_zero := EZ, binary_value := Bin},
     #{opts := Opts}, _Ctx) ->
@@ -193,6 +199,8 @@ rpc('WatchVariables', Req, Call, Ctx) ->
 
 %%% history -------------------------------------------------------------------
 
+rpc('GetVariableHistory', #{limit := L}, _Call, _Ctx) when L < 0 ->
+    {error, {invalid_argument, <<"limit must be >= 0 (0: all kept versions)">>}};
 rpc('GetVariableHistory', #{session_id := S, variable_identifier := K, limit := L}, #{opts := Opts}, _Ctx) ->
     steps([fun() -> dspex_store:get(S, K, Opts) end,
            fun(#{type := Type}) ->
@@ -201,6 +209,8 @@ rpc('GetVariableHistory', #{session_id := S, variable_identifier := K, limit := 
                        E -> E
                    end
            end]);
+rpc('RollbackVariable', #{target_version := V}, _Call, _Ctx) when V < 0 ->
+    {error, {invalid_argument, <<"target_version must be >= 0">>}};
 rpc('RollbackVariable', #{session_id := S, variable_identifier := K, target_version := V}, #{opts := Opts}, _Ctx) ->
     steps([fun() -> dspex_store:rollback(S, K, V, Opts#{changed_by => by(Opts)}) end,
            fun(_) -> dspex_store:get(S, K, Opts) end,
@@ -559,8 +569,10 @@ opt(<<"conflict">>, V) when V =:= <<"wait">>; V =:= <<"abort">>; V =:= <<"preemp
 opt(<<"objective">>, V) when V =:= <<"minimize">>; V =:= <<"maximize">> ->
     {ok, objective, binary_to_existing_atom(V, utf8)};
 opt(<<"metric">>, V) -> {ok, metric, V};
-opt(K, V) when K =:= <<"priority">>; K =:= <<"lease_ms">>; K =:= <<"timeout_ms">> ->
+opt(K, V) when (K =:= <<"priority">> orelse K =:= <<"lease_ms">> orelse K =:= <<"timeout_ms">>),
+               byte_size(V) =< 20 -> %% an int64 at most: no bignum parsed from the wire
     try binary_to_integer(V) of
+        N when N < -16#8000000000000000; N > 16#7FFFFFFFFFFFFFFF -> error;
         N when K =:= <<"priority">> -> {ok, priority, N};
         N when N >= 0, K =:= <<"lease_ms">> -> {ok, lease, max(N, 1)};
         N when N >= 0 -> {ok, timeout, N};

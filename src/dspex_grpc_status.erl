@@ -4,19 +4,29 @@
 %% |---|---|
 %% | `session_not_found', `{not_found, _}', `{version_not_found, _}' | NOT_FOUND (5) |
 %% | `{invalid_value, _}', `{invalid_constraints, _}', `{invalid_argument, _}', `{unknown_type, _}', `{duplicate_variable, _}', `{invalid_rule, _, _}', `{batch_failed, _}' | INVALID_ARGUMENT (3) |
+%% | `{limit_exceeded, L}' for `L' = `value_size', `name_length', `history_limit' (the request itself is over a limit: retrying cannot help) | INVALID_ARGUMENT (3), "limit exceeded: L (...)" |
 %% | `{already_exists, _}' | ALREADY_EXISTS (6) |
 %% | `{version_mismatch, Current}' | ABORTED (10), "version mismatch: current version is N" |
 %% | `{locked, _}', `stale_lock', `{lock_held_by, _}', `not_lock_owner', `derived_variable', `{would_create_cycle, _}', `not_optimizing' | FAILED_PRECONDITION (9) |
 %% | `{tool_not_found, _}' | NOT_FOUND (5) |
 %% | `access_denied' | PERMISSION_DENIED (7) |
-%% | `rate_limited', `{limit_exceeded, _}', `enomem' | RESOURCE_EXHAUSTED (8) |
+%% | `{limit_exceeded, L}' for `L' = `sessions', `variables' (a capacity is used up) | RESOURCE_EXHAUSTED (8), "limit exceeded: L (...)" |
+%% | `rate_limited' (the session's token bucket is empty: retry later), `enomem' | RESOURCE_EXHAUSTED (8) |
 %% | `overload', `unavailable' | UNAVAILABLE (14) |
 %% | `timeout' | DEADLINE_EXCEEDED (4) |
 %% | `unimplemented' | UNIMPLEMENTED (12) |
 %% | anything else | INTERNAL (13) |
+%%
+%% Every error status also carries trailing metadata (`trailers/1'):
+%% `dspex-error' is the reason's tag (`not_found', `session_not_found',
+%% `version_mismatch', `limit_exceeded', `rate_limited', `locked', ...;
+%% `internal' for an unexpected one), so clients tell errors apart without
+%% parsing messages; `dspex-limit' names the limit of a `limit_exceeded'
+%% (`value_size', ...) and `dspex-current-version' the version of a
+%% `version_mismatch'.
 -module(dspex_grpc_status).
 
--export([code/1, name/1, of_error/1]).
+-export([code/1, name/1, of_error/1, trailers/1]).
 
 %% @doc The numeric code of a status name.
 -spec code(atom()) -> 0..16.
@@ -74,13 +84,49 @@ of_error({would_create_cycle, Path}) ->
 of_error({tool_not_found, N}) -> {not_found, fmt("tool not found: ~ts", [txt(N)])};
 of_error(access_denied) -> {permission_denied, <<"access denied">>};
 of_error(rate_limited) -> {resource_exhausted, <<"rate limited">>};
-of_error({limit_exceeded, L}) -> {resource_exhausted, fmt("limit exceeded: ~ts", [txt(L)])};
+of_error({limit_exceeded, L}) ->
+    Status = case L of
+                 sessions -> resource_exhausted;
+                 variables -> resource_exhausted;
+                 _ -> invalid_argument
+             end,
+    {Status, fmt("limit exceeded: ~ts~ts", [txt(L), limit_text(L)])};
 of_error(enomem) -> {resource_exhausted, <<"out of memory">>};
 of_error(overload) -> {unavailable, <<"server overloaded, retry later">>};
 of_error(unavailable) -> {unavailable, <<"unavailable">>};
 of_error(timeout) -> {deadline_exceeded, <<"timed out">>};
 of_error(unimplemented) -> {unimplemented, <<"not implemented by dspex_bridge">>};
 of_error(Other) -> {internal, fmt("internal error: ~0p", [Other])}.
+
+%% @doc Trailing metadata of an error status (see the module doc).
+-spec trailers(term()) -> #{binary() => binary()}.
+trailers(R) ->
+    Tag = case of_error(R) of
+              {internal, _} -> internal;
+              _ when is_atom(R) -> R;
+              _ -> element(1, R)
+          end,
+    Base = #{<<"dspex-error">> => atom_to_binary(Tag, utf8)},
+    case R of
+        {limit_exceeded, L} when is_atom(L) -> Base#{<<"dspex-limit">> => atom_to_binary(L, utf8)};
+        {version_mismatch, V} when is_integer(V) -> Base#{<<"dspex-current-version">> => integer_to_binary(V)};
+        _ -> Base
+    end.
+
+%% The configured limit, so the message says what the bound is.
+limit_text(L) ->
+    Key = case L of
+              value_size -> max_value_bytes;
+              name_length -> max_name_length;
+              history_limit -> max_history;
+              sessions -> max_sessions;
+              variables -> max_variables;
+              _ -> undefined
+          end,
+    case catch maps:get(Key, dspex_store:limits()) of
+        N when is_integer(N) -> io_lib:format(" (~ts = ~b)", [Key, N]);
+        _ -> ""
+    end.
 
 txt(B) when is_binary(B) -> B;
 txt(A) when is_atom(A) -> atom_to_binary(A, utf8);

@@ -2,9 +2,12 @@
 %% codec (JSON Any and raw little-endian binaries), the RPC handlers on the
 %% request maps the port program produces, the wire messages a handler sends
 %% (through a `cat' port that echoes them back), watch streams, and the port
-%% owner (listening on a free port, restart after the port program is killed).
+%% owner (listening on a free port, restart after the port program is killed,
+%% a busy port refused at start, bounded restarts with one log line).
 -module(dspex_grpc_tests).
 -include_lib("eunit/include/eunit.hrl").
+%% a logger handler that forwards dspex_grpc's log events to a test process
+-export([log/2]).
 
 %%% status mapping ---------------------------------------------------------------
 
@@ -20,6 +23,10 @@ status_mapping_test_() ->
              {derived_variable, failed_precondition},
              {access_denied, permission_denied},
              {rate_limited, resource_exhausted}, {{limit_exceeded, variables}, resource_exhausted},
+             {{limit_exceeded, sessions}, resource_exhausted},
+             %% a request over a size limit is refused whatever the state: not "retry later"
+             {{limit_exceeded, value_size}, invalid_argument}, {{limit_exceeded, name_length}, invalid_argument},
+             {{limit_exceeded, history_limit}, invalid_argument},
              {overload, unavailable}, {timeout, deadline_exceeded}, {unimplemented, unimplemented},
              {{something, odd}, internal}],
     [?_assertEqual(Status, element(1, dspex_grpc_status:of_error(R))) || {R, Status} <- Cases].
@@ -31,6 +38,21 @@ status_messages_test() ->
     ?assertMatch({_, _}, binary:match(C, <<"cycle: a -> b -> a">>)),
     ?assertEqual(10, dspex_grpc_status:code(aborted)),
     [?assertEqual(N, dspex_grpc_status:code(dspex_grpc_status:name(N))) || N <- lists:seq(0, 16)].
+
+%% Limits and rate limiting share no message and no dspex-error trailer.
+status_trailers_test() ->
+    {invalid_argument, VM} = dspex_grpc_status:of_error({limit_exceeded, value_size}),
+    ?assertMatch({match, _}, re:run(VM, "^limit exceeded: value_size \\(max_value_bytes = [0-9]+\\)$")),
+    {resource_exhausted, <<"rate limited">>} = dspex_grpc_status:of_error(rate_limited),
+    ?assertEqual(#{<<"dspex-error">> => <<"limit_exceeded">>, <<"dspex-limit">> => <<"value_size">>},
+                 dspex_grpc_status:trailers({limit_exceeded, value_size})),
+    ?assertEqual(#{<<"dspex-error">> => <<"rate_limited">>}, dspex_grpc_status:trailers(rate_limited)),
+    ?assertEqual(#{<<"dspex-error">> => <<"version_mismatch">>, <<"dspex-current-version">> => <<"7">>},
+                 dspex_grpc_status:trailers({version_mismatch, 7})),
+    ?assertEqual(#{<<"dspex-error">> => <<"session_not_found">>}, dspex_grpc_status:trailers(session_not_found)),
+    ?assertEqual(#{<<"dspex-error">> => <<"not_found">>}, dspex_grpc_status:trailers({not_found, <<"x">>})),
+    ?assertEqual(#{<<"dspex-error">> => <<"internal">>}, dspex_grpc_status:trailers({crash, boom})),
+    ?assertEqual(#{<<"dspex-error">> => <<"internal">>}, dspex_grpc_status:trailers(<<"odd">>)).
 
 %%% value codec --------------------------------------------------------------------
 
@@ -117,7 +139,8 @@ set_req(S, K, Any, EV) ->
 handlers_test_() ->
     {setup, fun store_setup/0, fun store_cleanup/1,
      [fun sessions_and_variables/0, fun error_statuses/0, fun batches/0, fun graph_and_history/0,
-      fun optimization/0, fun access_control/0, fun dashboard_and_tools/0, fun wire_messages_and_watch/0]}.
+      fun optimization/0, fun access_control/0, fun dashboard_and_tools/0, fun wire_messages_and_watch/0,
+      fun wire_numbers_checked/0]}.
 
 sessions_and_variables() ->
     S = <<"grpc_t1">>,
@@ -217,6 +240,28 @@ graph_and_history() ->
         call('RollbackVariable', Q#{target_version => 1}),
     ?assertEqual({error, {version_not_found, 99}}, call('RollbackVariable', Q#{target_version => 99})).
 
+%% Negative numbers from the wire are refused, not taken as "unset" (an
+%% unconditional write) or passed on (a rollback to -1 raised badarg in the
+%% store: INTERNAL); optimizer_config numbers are int64 at most.
+wire_numbers_checked() ->
+    S = <<"grpc_t8">>,
+    {ok, _} = dspex_store:create_session(S),
+    {reply, _} = call('RegisterVariable', register_req(S, <<"n">>, <<"integer">>, 1)),
+    ?assertMatch({error, {invalid_argument, <<"expected_version", _/binary>>}},
+                 call('SetVariable', set_req(S, <<"n">>, any(<<"integer">>, 2), -1))),
+    ?assertMatch({ok, #{version := 0, value := 1}}, dspex_store:get(S, <<"n">>)),
+    Q = #{session_id => S, variable_identifier => <<"n">>},
+    ?assertMatch({error, {invalid_argument, <<"target_version", _/binary>>}},
+                 call('RollbackVariable', Q#{target_version => -1})),
+    ?assertMatch({error, {invalid_argument, <<"limit", _/binary>>}}, call('GetVariableHistory', Q#{limit => -5})),
+    {reply, #{entries := []}} = call('GetVariableHistory', Q#{limit => 16#7FFFFFFF}), %% never written
+    Start = Q#{optimizer_id => <<"o">>},
+    [?assertMatch({error, {invalid_argument, _}},
+                  call('StartOptimization', Start#{optimizer_config => #{K => V}}))
+     || K <- [<<"lease_ms">>, <<"timeout_ms">>, <<"priority">>],
+        V <- [binary:copy(<<"9">>, 5000), <<"9223372036854775808">>, <<"-1">>], {K, V} =/= {<<"priority">>, <<"-1">>}],
+    {reply, #{status := #{optimizing := false}}} = call('GetOptimizationStatus', Q).
+
 optimization() ->
     S = <<"grpc_t5">>,
     {ok, _} = dspex_store:create_session(S),
@@ -299,12 +344,19 @@ wire_messages_and_watch() ->
                                                                 bypass_cache => false}, #{}, infinity),
         ?assertMatch({reply, 1, #{variable := #{name := <<"w">>}}}, port_term(Cat)),
         ok = dspex_grpc_handler:run({Cat, 2}, 'SetVariable', set_req(S, <<"w">>, any(<<"integer">>, 1), 9), #{}, infinity),
-        ?assertEqual({error, 2, 10, <<"version mismatch: current version is 0">>}, port_term(Cat)),
+        ?assertEqual({error, 2, 10, <<"version mismatch: current version is 0">>,
+                      #{<<"dspex-error">> => <<"version_mismatch">>, <<"dspex-current-version">> => <<"0">>}},
+                     port_term(Cat)),
         ok = dspex_grpc_handler:run({Cat, 3}, 'GetVariable', #{session_id => S, variable_identifier => <<"q">>,
                                                                 bypass_cache => false}, #{}, infinity),
-        ?assertMatch({error, 3, 5, <<"variable not found: q">>}, port_term(Cat)),
+        ?assertMatch({error, 3, 5, <<"variable not found: q">>, #{<<"dspex-error">> := <<"not_found">>}},
+                     port_term(Cat)),
         ok = dspex_grpc_handler:run({Cat, 4}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
-        ?assertMatch({error, 4, 12, _}, port_term(Cat)),
+        ?assertMatch({error, 4, 12, _, _}, port_term(Cat)),
+        %% an empty name is a missing argument, not a name over the length limit
+        ok = dspex_grpc_handler:run({Cat, 6}, 'RegisterVariable', register_req(S, <<>>, <<"integer">>, 1), #{}, infinity),
+        ?assertEqual({error, 6, 3, <<"invalid argument: name must not be empty">>,
+                      #{<<"dspex-error">> => <<"invalid_argument">>}}, port_term(Cat)),
         %% the rpc stop event, emitted only while someone listens
         Self = self(),
         ok = dspex_telemetry:attach(grpc_rpc_stop_test, [dspex, grpc, rpc, stop],
@@ -312,7 +364,7 @@ wire_messages_and_watch() ->
         try
             ok = dspex_grpc_handler:run({Cat, 40}, 'GetVariable', #{session_id => S, variable_identifier => <<"q">>,
                                                                      bypass_cache => false}, #{}, infinity),
-            ?assertMatch({error, 40, 5, _}, port_term(Cat)),
+            ?assertMatch({error, 40, 5, _, _}, port_term(Cat)),
             receive {rpc_stop, #{duration := D}, Md} ->
                     ?assert(is_integer(D) andalso D >= 0),
                     ?assertEqual(#{rpc => 'GetVariable', status => not_found, session_id => S}, Md)
@@ -322,7 +374,7 @@ wire_messages_and_watch() ->
             ok = dspex_telemetry:detach(grpc_rpc_stop_test)
         end,
         ok = dspex_grpc_handler:run({Cat, 41}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
-        ?assertMatch({error, 41, 12, _}, port_term(Cat)),
+        ?assertMatch({error, 41, 12, _, _}, port_term(Cat)),
         receive {rpc_stop, _, _} -> error(event_after_detach) after 0 -> ok end,
         %% a watch: initial value, every change in order, then the deletion ends it
         Watch = spawn_link(dspex_grpc_handler, run,
@@ -367,9 +419,11 @@ watch_ends_with_its_port_test_() ->
              {ok, #{watchers := 0}} = dspex_store:info(S, <<"v">>)
      end}.
 
-port_term(Port) ->
+port_term(Port) -> port_term(Port, 5000).
+
+port_term(Port, Timeout) ->
     receive {Port, {data, B}} -> binary_to_term(B)
-    after 5000 -> error(no_message_from_handler)
+    after Timeout -> error(no_message_from_port)
     end.
 
 %%% the port owner --------------------------------------------------------------------
@@ -412,3 +466,199 @@ listens_and_restarts() ->
     after
         dspex_telemetry:detach(grpc_test_exit)
     end.
+
+%%% a busy port ----------------------------------------------------------------------
+
+%% The port program itself: a second listener on a port already served (by
+%% another port program, as a second node would run) reports eaddrinuse and
+%% exits 2 instead of sharing the port through SO_REUSEPORT.
+second_port_program_on_a_served_port_is_refused_test_() ->
+    {timeout, 60, fun() ->
+        First = port_program("127.0.0.1:0"),
+        {listening, P} = port_term(First, 30000),
+        Addr = "127.0.0.1:" ++ integer_to_list(P),
+        Second = port_program(Addr),
+        ?assertEqual({listen_error, eaddrinuse}, port_term(Second, 30000)),
+        receive {Second, {exit_status, S}} -> ?assertEqual(2, S) after 20000 -> error(no_exit) end,
+        %% the first still serves; a third on a busy "localhost" is refused too
+        {ok, Sock} = gen_tcp:connect("127.0.0.1", P, [binary, {active, false}]),
+        ok = gen_tcp:close(Sock),
+        Third = port_program("localhost:" ++ integer_to_list(P)),
+        ?assertEqual({listen_error, eaddrinuse}, port_term(Third, 30000)),
+        Fourth = port_program("no-such-host.invalid:" ++ integer_to_list(P)),
+        ?assertEqual({listen_error, bad_address}, port_term(Fourth, 30000)),
+        %% an address of no interface here (TEST-NET-1, RFC 5737)
+        Fifth = port_program("192.0.2.1:" ++ integer_to_list(P)),
+        ?assertEqual({listen_error, eaddrnotavail}, port_term(Fifth, 30000)),
+        port_close(First)
+    end}.
+
+port_program(Addr) ->
+    Exe = filename:join(code:priv_dir(dspex_bridge), "dspex_grpc_port"),
+    open_port({spawn_executable, Exe}, [{packet, 4}, binary, exit_status, use_stdio,
+                                        {args, ["--listen", Addr, "--threads", "1"]}]).
+
+%% The owner, with grpc_required: a busy port at start is an error returned
+%% by start_link, so the application does not start; one log line each.
+busy_port_at_start_required_test_() ->
+    busy_port_setup([{grpc_required, true}], fun(Addr) ->
+        Logs = capture_logs(fun() ->
+            Trap = process_flag(trap_exit, true),
+            ?assertEqual({error, {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:start_link()),
+            receive {'EXIT', _, {shutdown, {grpc_listen, eaddrinuse, _}}} -> ok after 5000 -> ok end,
+            process_flag(trap_exit, Trap),
+            ?assertEqual(undefined, whereis(dspex_grpc)),
+            %% and so the application does not start, naming the cause
+            {error, Why} = application:ensure_all_started(dspex_bridge),
+            ?assert(contains(Why, {grpc_listen, eaddrinuse, Addr}))
+        end),
+        [Line | _] = Logs,
+        ?assertMatch({match, _}, re:run(Line, "cannot serve gRPC on " ++ Addr ++ ": address in use")),
+        ?assertEqual(2, length(Logs)) %% one per start attempt above
+    end).
+
+%% By default the node starts without gRPC: one line, bounded retries, one
+%% line when giving up, then status/0 says failed and why.
+busy_port_at_start_default_test_() ->
+    Env = [{grpc_restart_limit, 2}, {grpc_restart_backoff_ms, {10, 20}}],
+    busy_port_setup(Env, fun(Addr) ->
+        Self = self(),
+        dspex_telemetry:attach(grpc_test_give_up0, [dspex, grpc, port, give_up],
+                               fun(_, M, Meta, Pid) -> Pid ! {give_up, M, Meta} end, Self),
+        try
+            Logs = capture_logs(fun() ->
+                {ok, Apps} = application:ensure_all_started(dspex_bridge),
+                try
+                    receive {give_up, #{restarts := 2}, #{reason := {grpc_listen, eaddrinuse, Addr}}} -> ok
+                    after 30000 -> error(no_give_up)
+                    end,
+                    ?assertMatch(#{state := failed, restarts := 2, port := undefined,
+                                   error := {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:status()),
+                    %% the rest of the node works
+                    {ok, _} = dspex_store:create_session(<<"grpc_busy_default">>)
+                after
+                    [application:stop(A) || A <- lists:reverse(Apps)]
+                end
+            end),
+            ?assertMatch([_, _], Logs),
+            [First, Last] = Logs,
+            ?assertMatch({match, _}, re:run(First, "cannot listen on " ++ Addr ++ ": address in use .*"
+                                                   "the node runs without gRPC and retries with back-off, at most 2")),
+            ?assertMatch({match, _}, re:run(Last, "gave up restarting the gRPC port program after 2 attempts"))
+        after
+            dspex_telemetry:detach(grpc_test_give_up0)
+        end
+    end).
+
+%% Another listener holds a port; grpc_listen names it.
+busy_port_setup(Env, Test) ->
+    {setup,
+     fun() ->
+             _ = application:stop(dspex_bridge),
+             application:load(dspex_bridge),
+             {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}, {reuseaddr, true}]),
+             {ok, P} = inet:port(L),
+             Addr = "127.0.0.1:" ++ integer_to_list(P),
+             [ok = application:set_env(dspex_bridge, K, V) || {K, V} <- [{grpc_listen, Addr} | Env]],
+             {L, Addr}
+     end,
+     fun({L, _}) ->
+             gen_tcp:close(L),
+             [application:unset_env(dspex_bridge, K) || {K, _} <- [{grpc_listen, x} | Env]]
+     end,
+     fun({_, Addr}) -> {timeout, 60, fun() -> Test(Addr) end} end}.
+
+contains(X, X) -> true;
+contains(T, X) when is_tuple(T) -> contains(tuple_to_list(T), X);
+contains([H | T], X) -> contains(H, X) orelse contains(T, X);
+contains(_, _) -> false.
+
+%% The port program dies and every restart meets a busy port: bounded
+%% attempts with back-off, one log line for the exit and one when giving up
+%% (no line per attempt), then status/0 says failed and why; restart/0
+%% serves again once the port is free.
+restart_gives_up_on_a_busy_port_test_() ->
+    {setup,
+     fun() ->
+             _ = application:stop(dspex_bridge),
+             application:load(dspex_bridge),
+             Env = [{grpc_listen, "127.0.0.1:0"}, {grpc_restart_limit, 3}, {grpc_restart_backoff_ms, {10, 40}}],
+             [ok = application:set_env(dspex_bridge, K, V) || {K, V} <- Env],
+             {ok, Apps} = application:ensure_all_started(dspex_bridge),
+             {Apps, Env}
+     end,
+     fun({Apps, Env}) ->
+             [application:stop(A) || A <- lists:reverse(Apps)],
+             [application:unset_env(dspex_bridge, K) || {K, _} <- Env]
+     end,
+     {timeout, 60, fun restart_gives_up_on_a_busy_port/0}}.
+
+restart_gives_up_on_a_busy_port() ->
+    {ok, _} = dspex_grpc:await_listening(20000),
+    ?assertMatch(#{state := listening, restarts := 0, error := undefined}, dspex_grpc:status()),
+    %% the next starts go to an address another listener holds
+    {ok, Blocker} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}, {reuseaddr, true}]),
+    {ok, Q} = inet:port(Blocker),
+    Addr = "127.0.0.1:" ++ integer_to_list(Q),
+    ok = application:set_env(dspex_bridge, grpc_listen, Addr),
+    {ok, Os} = dspex_grpc:os_pid(),
+    Self = self(),
+    dspex_telemetry:attach(grpc_test_give_up, [dspex, grpc, port, give_up],
+                           fun(_, M, Meta, Pid) -> Pid ! {give_up, M, Meta} end, Self),
+    try
+        Logs = capture_logs(fun() ->
+            os:cmd("kill -9 " ++ integer_to_list(Os)),
+            receive {give_up, #{restarts := 3}, #{reason := {grpc_listen, eaddrinuse, Addr}}} -> ok
+            after 30000 -> error(no_give_up)
+            end
+        end),
+        ?assertEqual(2, length(Logs)),
+        [Down, GaveUp] = Logs,
+        ?assertMatch({match, _}, re:run(Down, "port program down \\(exited with status 137")),
+        ?assertMatch({match, _}, re:run(GaveUp, "gave up restarting the gRPC port program after 3 attempts: "
+                                                "cannot listen on " ++ Addr ++ ": address in use")),
+        ?assertMatch(#{state := failed, restarts := 3, port := undefined,
+                       error := {grpc_listen, eaddrinuse, Addr}}, dspex_grpc:status()),
+        ?assertEqual({error, not_listening}, dspex_grpc:listening_port()),
+        %% nothing more happens by itself; once the port is free, restart/0 serves
+        ok = gen_tcp:close(Blocker),
+        ok = dspex_grpc:restart(),
+        {ok, Q} = dspex_grpc:await_listening(20000),
+        ?assertEqual({error, running}, dspex_grpc:restart()),
+        ?assertMatch(#{state := listening, restarts := 0, port := Q}, dspex_grpc:status())
+    after
+        dspex_telemetry:detach(grpc_test_give_up),
+        catch gen_tcp:close(Blocker),
+        application:set_env(dspex_bridge, grpc_listen, "127.0.0.1:0")
+    end.
+
+%% Runs F, returning the text of the log events (notice and above) that
+%% dspex_grpc logged meanwhile, oldest first.
+capture_logs(F) ->
+    Id = list_to_atom("grpc_test_log_" ++ integer_to_list(erlang:unique_integer([positive]))),
+    ok = logger:add_handler(Id, ?MODULE, #{level => notice, config => #{pid => self()},
+                                           filter_default => log,
+                                           filters => [{mod, {fun only_grpc/2, dspex_grpc}}]}),
+    try F()
+    after logger:remove_handler(Id)
+    end,
+    collect_logs([]).
+
+only_grpc(#{meta := #{mfa := {M, _, _}}} = E, M) -> E;
+only_grpc(_, _) -> stop.
+
+collect_logs(Acc) ->
+    receive {grpc_test_log, Text} -> collect_logs([Text | Acc])
+    after 0 -> lists:reverse(Acc)
+    end.
+
+%% @private logger handler callback
+-spec log(logger:log_event(), logger:handler_config()) -> ok.
+log(#{msg := Msg}, #{config := #{pid := Pid}}) ->
+    Text = case Msg of
+               {string, S} -> unicode:characters_to_list(S);
+               {report, R} -> io_lib:format("~0p", [R]);
+               {Format, Args} -> io_lib:format(Format, Args)
+           end,
+    Pid ! {grpc_test_log, lists:flatten(Text)},
+    ok.

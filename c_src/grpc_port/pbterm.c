@@ -5,6 +5,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z */
+#define PB_TS_MIN_SECONDS (-62135596800LL)
+#define PB_TS_MAX_SECONDS 253402300799LL
+
 #define MEMBER(T, msg, off) (*(T *)((char *)(msg) + (off)))
 #define CMEMBER(T, msg, off) (*(const T *)((const char *)(msg) + (off)))
 
@@ -115,7 +119,9 @@ static int value_to_term(const ProtobufCFieldDescriptor *f, const void *p, dterm
         if (is_full_name(d, "google.protobuf.Timestamp")) {
             int64_t secs = CMEMBER(int64_t, sm, d->fields[0].offset);
             int32_t nanos = CMEMBER(int32_t, sm, d->fields[1].offset);
-            if (secs > INT64_MAX / 1000000 - 1 || secs < INT64_MIN / 1000000 + 1)
+            /* the range google/protobuf/timestamp.proto allows; inside it the
+             * microseconds always fit int64 */
+            if (secs < PB_TS_MIN_SECONDS || secs > PB_TS_MAX_SECONDS || nanos < 0 || nanos > 999999999)
                 return ferr(err, errlen, f->name, "timestamp out of range");
             dt_int(t, secs * 1000000 + nanos / 1000);
             return 0;
@@ -130,7 +136,7 @@ static int field_to_term(const ProtobufCMessage *m, const ProtobufCFieldDescript
                          char *err, size_t errlen) {
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {
         size_t n = CMEMBER(size_t, m, f->quantifier_offset), es = elem_size(f->type);
-        const char *arr = CMEMBER(const char *, m, f->offset);
+        const char *arr = CMEMBER(char *, m, f->offset);
         if (f->type == PROTOBUF_C_TYPE_MESSAGE && is_map_entry(f->descriptor)) {
             const ProtobufCMessageDescriptor *ed = f->descriptor;
             if (dt_map(t, n)) return ferr(err, errlen, f->name, "out of memory");

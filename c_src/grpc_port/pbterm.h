@@ -7,7 +7,10 @@
  *   unset submessage   -> undefined
  *   google.protobuf.Any       -> #{type_url => Bin, value => JSON term} (the
  *                                JSON body parsed; an empty body is null)
- *   google.protobuf.Timestamp -> integer microseconds since the Unix epoch
+ *   google.protobuf.Timestamp -> integer microseconds since the Unix epoch;
+ *                                seconds and nanos outside the range of
+ *                                timestamp.proto (years 1..9999, nanos
+ *                                0..999999999) are an error naming the field
  *   string field named *_json -> the parsed JSON term ("" is undefined)
  * The reverse direction accepts exactly these shapes (plus integers for
  * enums, integers for floats, atoms for strings) and the atom undefined for

@@ -10,15 +10,23 @@
  *     {stream, Id, Map}             one streamed message (sent in order)
  *     {close, Id}                   end of a stream (status OK)
  *     {error, Id, Code, Message}    final status (after queued stream messages)
+ *     {error, Id, Code, Message, Trailers}   the same with trailing metadata
+ *                                   (a map of binaries, e.g. dspex-error)
  * and is told {cancelled, Id} when the client cancels or the deadline passes,
- * and {listening, Port} once the server is up. On stdin EOF every call still
- * open ends UNAVAILABLE and the program exits 0.
+ * and {listening, Port} once the server is up. If the address cannot be
+ * served it sends {listen_error, Reason} (eaddrinuse, eacces, eaddrnotavail,
+ * bad_address, ... or unknown) and exits with status 2. SO_REUSEPORT is off:
+ * a port another process (another node) listens on is an error, never a
+ * second listener that the kernel would split the clients with. On stdin
+ * EOF every call still open ends UNAVAILABLE and the program exits 0.
  *
  * Usage: dspex_grpc_port --listen HOST:PORT [--threads N]
  *            [--max-message-bytes N] [--stream-queue N]
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -26,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -103,6 +112,8 @@ typedef struct call {
     grpc_byte_buffer *send_buf, *fin_buf;
     grpc_slice fin_details;
     int fin_details_set;
+    grpc_metadata *fin_md;      /* trailing metadata of the status, owned */
+    size_t fin_md_n;
     struct call *hnext;
 } call_t;
 
@@ -253,6 +264,14 @@ static void drop_queue(call_t *c) {
     c->qlen = 0;
 }
 
+static void free_metadata(grpc_metadata *md, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        grpc_slice_unref(md[i].key);
+        grpc_slice_unref(md[i].value);
+    }
+    free(md);
+}
+
 static void call_unref(call_t *c) {
     if (atomic_fetch_sub(&c->refs, 1) != 1) return;
     drop_queue(c);
@@ -260,6 +279,7 @@ static void call_unref(call_t *c) {
     if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);
     if (c->fin_buf) grpc_byte_buffer_destroy(c->fin_buf);
     if (c->fin_details_set) grpc_slice_unref(c->fin_details);
+    free_metadata(c->fin_md, c->fin_md_n);
     free(c->fin_msg);
     if (c->call) grpc_call_unref(c->call);
     grpc_call_details_destroy(&c->details);
@@ -314,23 +334,34 @@ static void prepare_finish(call_t *c, batch_t *b) {
     b->ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     b->ops[n].data.send_status_from_server.status = c->fin_code;
     b->ops[n].data.send_status_from_server.status_details = &c->fin_details;
+    b->ops[n].data.send_status_from_server.trailing_metadata_count = c->fin_md_n;
+    b->ops[n].data.send_status_from_server.trailing_metadata = c->fin_md;
     n++;
     b->n = n;
     b->t = &c->t_finish;
 }
 
 /* Decides the final status; it goes out once queued stream messages have.
- * mu held; *b gets the batch to start after unlocking, if any. */
-static void finish_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last, batch_t *b) {
+ * mu held; *b gets the batch to start after unlocking, if any. Takes
+ * ownership of last and md. */
+static void finish_md_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last,
+                             grpc_metadata *md, size_t nmd, batch_t *b) {
     if (c->finishing) {
         if (last) grpc_byte_buffer_destroy(last);
+        free_metadata(md, nmd);
         return;
     }
     c->finishing = 1;
+    c->fin_md = md;
+    c->fin_md_n = nmd;
     c->fin_code = code;
     c->fin_msg = strdup(msg ? msg : "");
     c->fin_buf = last;
     if (!c->send_busy) prepare_finish(c, b);
+}
+
+static void finish_locked(call_t *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last, batch_t *b) {
+    finish_md_locked(c, code, msg, last, NULL, 0, b);
 }
 
 /* The head of the stream queue. mu held. */
@@ -566,6 +597,61 @@ static grpc_byte_buffer *pack_reply(int method, const dterm *map, char *err, siz
     return bb;
 }
 
+/* Trailing metadata of an error status: a map of at most 16 header names
+ * (lowercase letters, digits, - _ ., not grpc-*, not *-bin) to printable
+ * ASCII values of at most 1 KiB. 0 with *md NULL for an empty map; -1 for
+ * anything else (the status then goes without trailers). */
+#define MAX_TRAILERS 16
+static int trailers_from_term(const dterm *t, grpc_metadata **md, size_t *n) {
+    *md = NULL;
+    *n = 0;
+    if (t->kind != DT_MAP || t->u.map.n > MAX_TRAILERS) return -1;
+    for (size_t i = 0; i < t->u.map.n; i++) {
+        const dterm *k = &t->u.map.k[i], *v = &t->u.map.v[i];
+        if ((k->kind != DT_BIN && k->kind != DT_ATOM) || v->kind != DT_BIN || k->u.s.n == 0 || k->u.s.n > 64 ||
+            v->u.s.n > 1024 || strspn(k->u.s.p, "abcdefghijklmnopqrstuvwxyz0123456789-_.") != k->u.s.n ||
+            strncmp(k->u.s.p, "grpc-", 5) == 0 || (k->u.s.n >= 4 && strcmp(k->u.s.p + k->u.s.n - 4, "-bin") == 0))
+            return -1;
+        for (size_t j = 0; j < v->u.s.n; j++)
+            if ((unsigned char)v->u.s.p[j] < 0x20 || (unsigned char)v->u.s.p[j] > 0x7e) return -1;
+    }
+    if (!t->u.map.n) return 0;
+    if (!(*md = calloc(t->u.map.n, sizeof **md))) return -1;
+    for (size_t i = 0; i < t->u.map.n; i++) {
+        (*md)[i].key = grpc_slice_from_copied_buffer(t->u.map.k[i].u.s.p, t->u.map.k[i].u.s.n);
+        (*md)[i].value = grpc_slice_from_copied_buffer(t->u.map.v[i].u.s.p, t->u.map.v[i].u.s.n);
+    }
+    *n = t->u.map.n;
+    return 0;
+}
+
+/* Trailers of a status decided here rather than by the BEAM: dspex-error
+ * (and dspex-limit), as dspex_grpc_status:trailers/1 makes them. NULL (no
+ * trailers) if out of memory. */
+static grpc_metadata *reason_md(const char *reason, const char *limit, size_t *n) {
+    grpc_metadata *md = calloc(2, sizeof *md);
+    *n = 0;
+    if (!md) return NULL;
+    md[0].key = grpc_slice_from_static_string("dspex-error");
+    md[0].value = grpc_slice_from_static_string(reason);
+    *n = 1;
+    if (limit) {
+        md[1].key = grpc_slice_from_static_string("dspex-limit");
+        md[1].value = grpc_slice_from_static_string(limit);
+        *n = 2;
+    }
+    return md;
+}
+
+/* A reply that cannot be packed: over the maximum message size (a limit,
+ * RESOURCE_EXHAUSTED) or not fitting the message (INTERNAL). mu held. */
+static void finish_unpackable(call_t *c, grpc_status_code code, const char *err, batch_t *b) {
+    size_t n;
+    grpc_metadata *md = code == GRPC_STATUS_RESOURCE_EXHAUSTED ? reason_md("limit_exceeded", "message_size", &n)
+                                                               : reason_md("internal", NULL, &n);
+    finish_md_locked(c, code, err, NULL, md, n, b);
+}
+
 static int term_id(const dterm *t, uint64_t *id) {
     if (t->kind != DT_INT || t->u.i < 0) return -1;
     *id = (uint64_t)t->u.i;
@@ -592,7 +678,7 @@ static void dispatch(const dterm *t) {
         if (bb) finish_locked(c, GRPC_STATUS_OK, "", bb, &b);
         else {
             fprintf(stderr, "dspex_grpc_port: bad reply for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, code, err, NULL, &b);
+            finish_unpackable(c, code, err, &b);
         }
         pthread_mutex_unlock(&c->mu);
     } else if (dt_is_atom(&v[0], "stream") && t->u.seq.n == 3 && method_streams(c->method)) {
@@ -602,12 +688,14 @@ static void dispatch(const dterm *t) {
             if (bb) grpc_byte_buffer_destroy(bb);
         } else if (!bb) {
             fprintf(stderr, "dspex_grpc_port: bad stream message for %s: %s\n", g_svc->methods[c->method].name, err);
-            finish_locked(c, code, err, NULL, &b);
+            finish_unpackable(c, code, err, &b);
         } else if (c->qlen >= g_stream_queue) {
             /* a reader too slow for its stream: end it rather than grow without bound */
+            size_t nmd;
+            grpc_metadata *md = reason_md("slow_consumer", NULL, &nmd);
             grpc_byte_buffer_destroy(bb);
             drop_queue(c);
-            finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "stream consumer too slow", NULL, &b);
+            finish_md_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "stream consumer too slow", NULL, md, nmd, &b);
             pthread_mutex_unlock(&c->mu);
             start_prepared(c, &b);
             send_simple("cancelled", c->id);
@@ -630,9 +718,15 @@ static void dispatch(const dterm *t) {
         pthread_mutex_unlock(&c->mu);
     } else if (dt_is_atom(&v[0], "close") && t->u.seq.n == 2) {
         finish(c, GRPC_STATUS_OK, "");
-    } else if (dt_is_atom(&v[0], "error") && t->u.seq.n == 4 && v[2].kind == DT_INT && v[2].u.i >= 1 &&
-               v[2].u.i <= 16 && v[3].kind == DT_BIN && !memchr(v[3].u.s.p, 0, v[3].u.s.n)) {
-        finish(c, (grpc_status_code)v[2].u.i, v[3].u.s.p);
+    } else if (dt_is_atom(&v[0], "error") && (t->u.seq.n == 4 || t->u.seq.n == 5) && v[2].kind == DT_INT &&
+               v[2].u.i >= 1 && v[2].u.i <= 16 && v[3].kind == DT_BIN && !memchr(v[3].u.s.p, 0, v[3].u.s.n)) {
+        grpc_metadata *md = NULL;
+        size_t nmd = 0;
+        if (t->u.seq.n == 5 && trailers_from_term(&v[4], &md, &nmd))
+            fprintf(stderr, "dspex_grpc_port: bad trailers for call %llu ignored\n", (unsigned long long)id);
+        pthread_mutex_lock(&c->mu);
+        finish_md_locked(c, (grpc_status_code)v[2].u.i, v[3].u.s.p, NULL, md, nmd, &b);
+        pthread_mutex_unlock(&c->mu);
     } else {
         fprintf(stderr, "dspex_grpc_port: malformed command for call %llu ignored\n", (unsigned long long)id);
     }
@@ -746,6 +840,75 @@ static int wait_shutdown(int what, int seconds) {
     return done;
 }
 
+/* ------------------------------------------------------------ listen address */
+
+/* Why `addr` (HOST:PORT or [HOST]:PORT) cannot be listened on: a bind of
+ * every address it resolves to, as gRPC core does it (SO_REUSEADDR, no
+ * SO_REUSEPORT, dual-stack for the IPv6 wildcard), tells the errno. Returns
+ * the reason as an Erlang-style atom name, or NULL when every address binds
+ * (or the form is one gRPC resolves itself, e.g. unix:PATH, or port 0). A
+ * host that resolves to several addresses (localhost) fails as a whole if any
+ * of them is taken, where gRPC core would serve the free ones only. */
+static const char *listen_failure(const char *addr) {
+    char host[256], port[16];
+    const char *colon, *h = addr;
+    size_t hn;
+    struct addrinfo hints, *res = NULL, *ai;
+    const char *why = NULL, *unusable = "unknown";
+    int rc, usable = 0;
+    if (addr[0] == '[') {
+        const char *e = strchr(addr, ']');
+        if (!e || e[1] != ':') return NULL;
+        h = addr + 1;
+        hn = (size_t)(e - h);
+        colon = e + 1;
+    } else {
+        colon = strrchr(addr, ':');
+        if (!colon || strchr(addr, ':') != colon) return NULL;
+        hn = (size_t)(colon - addr);
+    }
+    if (hn >= sizeof host || strlen(colon + 1) >= sizeof port || !colon[1] ||
+        strspn(colon + 1, "0123456789") != strlen(colon + 1))
+        return NULL;
+    memcpy(host, h, hn);
+    host[hn] = 0;
+    strcpy(port, colon + 1);
+    if (atoi(port) == 0) return NULL; /* any free port */
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    if ((rc = getaddrinfo(hn ? host : NULL, port, &hints, &res)) != 0) return "bad_address";
+    /* an address this host cannot have (::1 with IPv6 off) is skipped, as
+     * gRPC skips it; a taken or forbidden one fails the whole address */
+    for (ai = res; ai && !why; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol), one = 1, zero = 0;
+        if (fd < 0) { unusable = "eafnosupport"; continue; }
+        (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (ai->ai_family == AF_INET6 &&
+            IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr))
+            (void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0) usable++;
+        else if (errno == EADDRINUSE) why = "eaddrinuse";
+        else if (errno == EACCES) why = "eacces";
+        else if (errno == EADDRNOTAVAIL || errno == EAFNOSUPPORT)
+            unusable = errno == EADDRNOTAVAIL ? "eaddrnotavail" : "eafnosupport";
+        else why = "unknown";
+        close(fd);
+    }
+    freeaddrinfo(res);
+    return why ? why : usable ? NULL : unusable;
+}
+
+static void send_listen_error(const char *why) {
+    ei_x_buff x;
+    if (ei_x_new_with_version(&x)) return;
+    if (ei_x_encode_tuple_header(&x, 2) == 0 && ei_x_encode_atom(&x, "listen_error") == 0 &&
+        ei_x_encode_atom(&x, why) == 0)
+        (void)send_packet(&x);
+    ei_x_free(&x);
+}
+
 /* ------------------------------------------------------------ main */
 
 static int parse_args(int argc, char **argv) {
@@ -758,7 +921,9 @@ static int parse_args(int argc, char **argv) {
         n = strtol(v, &end, 10);
         if (*end || n <= 0) return -1;
         if (!strcmp(a, "--threads") && n <= 64) g_nthreads = (int)n;
-        else if (!strcmp(a, "--max-message-bytes") && n <= (1L << 30)) g_max_msg = n;
+        /* at most 512 MiB: a request's term (up to ~2.5x its protobuf size)
+         * must stay under the 2 GiB an ei_x_buff index can count */
+        else if (!strcmp(a, "--max-message-bytes") && n <= (1L << 29)) g_max_msg = n;
         else if (!strcmp(a, "--stream-queue")) g_stream_queue = (size_t)n;
         else return -1;
         i++;
@@ -767,7 +932,8 @@ static int parse_args(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-    grpc_arg args[2];
+    grpc_arg args[3];
+    const char *why;
     grpc_channel_args cargs;
     grpc_server_credentials *creds;
     int port;
@@ -787,7 +953,13 @@ int main(int argc, char **argv) {
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = (int)g_max_msg;
-    cargs.num_args = 2;
+    /* gRPC core sets SO_REUSEPORT by default: a second node on the same
+     * port would then listen too, and clients would be split between two
+     * unrelated stores */
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = (char *)GRPC_ARG_ALLOW_REUSEPORT;
+    args[2].value.integer = 0;
+    cargs.num_args = 3;
     cargs.args = args;
     g_server = grpc_server_create(&cargs, NULL);
     g_cqs = calloc((size_t)g_nthreads, sizeof *g_cqs);
@@ -808,10 +980,14 @@ int main(int argc, char **argv) {
         grpc_server_register_completion_queue(g_server, g_cqs[i], NULL);
     }
     creds = grpc_insecure_server_credentials_create();
-    port = grpc_server_add_http2_port(g_server, g_listen, creds);
+    why = listen_failure(g_listen);
+    port = why ? 0 : grpc_server_add_http2_port(g_server, g_listen, creds);
     grpc_server_credentials_release(creds);
     if (port <= 0) {
-        fprintf(stderr, "dspex_grpc_port: cannot listen on %s\n", g_listen);
+        /* taken between the probe and gRPC's bind: ask again */
+        if (!why && !(why = listen_failure(g_listen))) why = "unknown";
+        /* the BEAM logs it (once, not once per restart attempt) */
+        send_listen_error(why);
         grpc_server_destroy(g_server);
         for (int i = 0; i < g_nthreads; i++) grpc_completion_queue_destroy(g_cqs[i]);
         grpc_completion_queue_shutdown(g_call_cq);

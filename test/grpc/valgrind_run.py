@@ -85,9 +85,11 @@ def session_work(stub, sid, rounds):
         v = got.variable.version
         expect(lambda: stub.SetVariable(pb.SetVariableRequest(
             session_id=sid, variable_identifier="x", value=any_of("integer", v + 1), expected_version=v)))
-        # stale expected_version: ABORTED
-        expect(lambda: stub.SetVariable(pb.SetVariableRequest(
+        # stale expected_version: ABORTED, with the reason and version as trailers
+        e = expect(lambda: stub.SetVariable(pb.SetVariableRequest(
             session_id=sid, variable_identifier="x", value=any_of("integer", 0), expected_version=v + 50)), C.ABORTED)
+        tr = dict(e.trailing_metadata())
+        assert tr.get("dspex-error") == "version_mismatch" and tr.get("dspex-current-version") == str(v + 1), tr
         # constraint violation / bad JSON in the Any (refused in C) / unknown variable
         expect(lambda: stub.SetVariable(pb.SetVariableRequest(
             session_id=sid, variable_identifier="t", value=any_of("float", 7.0))), C.INVALID_ARGUMENT)
@@ -120,8 +122,10 @@ def big_tensor(stub, sid):
     expect(lambda: stub.RegisterVariable(pb.RegisterVariableRequest(
         session_id=sid, name="e", type="embedding", initial_value=any_of("embedding", {"dtype": "float32", "shape": [n2]}),
         initial_binary_value=struct.pack("<%df" % n2, *([0.25] * n2)))))
-    expect(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=sid, variable_identifier="e")),
-           C.RESOURCE_EXHAUSTED)
+    e = expect(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=sid, variable_identifier="e")),
+               C.RESOURCE_EXHAUSTED)
+    tr = dict(e.trailing_metadata())
+    assert tr == {"dspex-error": "limit_exceeded", "dspex-limit": "message_size"}, tr
     n3 = 300000
     expect(lambda: stub.SetVariable(pb.SetVariableRequest(
         session_id=sid, variable_identifier="e", value=any_of("embedding", {"dtype": "float32", "shape": [n3]}),
@@ -141,6 +145,11 @@ def odd_calls(channel, stub, sid):
     expect(lambda: stub.ExecuteTool(pb.ExecuteToolRequest(session_id=sid)), C.UNIMPLEMENTED)
     expect(lambda: stub.Ping(pb.PingRequest(message="x"), metadata=[("dspex-context", "[1")]),
            C.INVALID_ARGUMENT)
+    # a Timestamp out of the range timestamp.proto allows (refused in C)
+    from google.protobuf import timestamp_pb2
+    expect(lambda: stub.Heartbeat(pb.HeartbeatRequest(
+        session_id=sid, client_time=timestamp_pb2.Timestamp(seconds=9223372036853, nanos=2147483647))),
+        C.INVALID_ARGUMENT)
     # a deadline that passes while the BEAM waits for a lock: DEADLINE_EXCEEDED,
     # the cancellation reaches the handler, which gives up its wait
     expect(lambda: stub.InitializeSession(pb.InitializeSessionRequest(session_id=sid)))
@@ -180,6 +189,7 @@ def main():
           'application:set_env(dspex_bridge, grpc_listen, "%s"), '
           'application:set_env(dspex_bridge, grpc_port_command, %s), '
           'application:set_env(dspex_bridge, grpc_threads, 3), '
+          'application:set_env(dspex_bridge, grpc_start_timeout_ms, 300000), '
           'application:set_env(dspex_bridge, grpc_max_message_bytes, %d), '
           '{ok, _} = application:ensure_all_started(dspex_bridge), '
           'io:get_line(""), application:stop(dspex_bridge), init:stop().' % (address, erl_list, MAX_MSG))

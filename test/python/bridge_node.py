@@ -72,9 +72,16 @@ class BridgeNode:
                 % (self.address, self.extra_eval))
 
     def start(self, timeout=60.0):
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self):
+        """Starts the node without waiting for it to serve."""
         logdir = os.path.join(ROOT, "_build", "python_test")
         os.makedirs(logdir, exist_ok=True)
-        self.log_path = os.path.join(logdir, "node-%d.log" % self.port)
+        # two nodes may be given one port (a test of the busy port): one log each
+        self.log_path = os.path.join(logdir, "node-%d-%d.log" % (self.port, id(self)))
         ebins = glob.glob(os.path.join(ROOT, "_build", "default", "lib", "*", "ebin"))
         if not ebins:
             raise RuntimeError("no _build/default/lib/*/ebin: run `make compile` first")
@@ -87,6 +94,9 @@ class BridgeNode:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.PIPE, env=env, cwd=ROOT,
                                      start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout=60.0):
         channel = grpc.insecure_channel(self.address)
         try:
             fut = grpc.channel_ready_future(channel)
@@ -104,7 +114,6 @@ class BridgeNode:
                                            % (timeout, self.log()))
         finally:
             channel.close()
-        return self
 
     def log(self):
         try:

@@ -18,7 +18,7 @@ from bridge_node import BridgeNode
 from dspex_bridge import (AccessDeniedError, BatchUpdateError, BridgeTimeoutError, DependencyCycleError,
                           InvalidValueError, LockedError, PreconditionFailedError,
                           RateLimitedError, SessionContext, SessionNotFoundError,
-                          UnsupportedError, VariableExistsError, VariableNotFoundError,
+                          UnsupportedError, VariableExistsError, VariableNotFoundError, LimitExceededError,
                           VersionConflictError, VersionNotFoundError)
 from dspex_bridge._stubs import pb2, pb2_grpc
 from dspex_bridge import codec
@@ -139,11 +139,30 @@ class Sessions(BridgeCase):
                 ctx.get_variable("r")
                 ok += 1
         self.assertEqual(cm.exception.code, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertEqual(cm.exception.reason, "rate_limited")
+        self.assertNotIsInstance(cm.exception, LimitExceededError)
         self.assertLessEqual(ok, 2)
         # other sessions are not limited
         self.ctx.register_variable("free", "integer", 0)
         for _ in range(10):
             self.ctx.get_variable("free")
+
+    def test_empty_name_is_invalid_argument_not_a_limit(self):
+        with self.assertRaises(InvalidValueError) as cm:
+            self.ctx.register_variable("", "integer", 1)
+        self.assertEqual(cm.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(str(cm.exception), "invalid argument: name must not be empty")
+        self.assertNotIsInstance(cm.exception, (LimitExceededError, RateLimitedError))
+
+    def test_value_over_the_size_limit_is_a_limit_not_a_rate_limit(self):
+        self.ctx.register_variable("big", "string", "small")
+        with self.assertRaises(LimitExceededError) as cm:
+            self.ctx.update_variable("big", "x" * ((16 << 20) + 16))
+        e = cm.exception
+        self.assertEqual((e.code, e.limit, e.reason), (grpc.StatusCode.INVALID_ARGUMENT, "value_size", "limit_exceeded"))
+        self.assertTrue(str(e).startswith("limit exceeded: value_size (max_value_bytes = "), str(e))
+        self.assertNotIsInstance(e, RateLimitedError)
+        self.assertEqual(self.ctx.get_variable("big"), "small")
 
     def test_python_tool_rpcs_are_unimplemented(self):
         calls = [

@@ -41,6 +41,67 @@ class StatusMapping(unittest.TestCase):
             self.assertEqual(e.code, code)
             self.assertIsInstance(e, errors.BridgeError)
 
+    def test_limits_are_not_rate_limits(self):
+        C = grpc.StatusCode
+        # with the server's trailers
+        e = errors.from_status(C.INVALID_ARGUMENT, "limit exceeded: value_size (max_value_bytes = 16)",
+                               {"dspex-error": "limit_exceeded", "dspex-limit": "value_size"})
+        self.assertIs(type(e), errors.LimitExceededError)
+        self.assertEqual((e.limit, e.code, e.reason), ("value_size", C.INVALID_ARGUMENT, "limit_exceeded"))
+        e = errors.from_status(C.RESOURCE_EXHAUSTED, "limit exceeded: variables (max_variables = 2)",
+                               {"dspex-error": "limit_exceeded", "dspex-limit": "variables"})
+        self.assertIs(type(e), errors.LimitExceededError)
+        self.assertEqual(e.limit, "variables")
+        self.assertNotIsInstance(e, errors.RateLimitedError)
+        e = errors.from_status(C.RESOURCE_EXHAUSTED, "rate limited", {"dspex-error": "rate_limited"})
+        self.assertIs(type(e), errors.RateLimitedError)
+        self.assertEqual(e.reason, "rate_limited")
+        # without trailers (an older server): told apart by the message
+        for code in (C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED):
+            e = errors.from_status(code, "limit exceeded: name_length")
+            self.assertIs(type(e), errors.LimitExceededError)
+            self.assertEqual((e.limit, e.reason), ("name_length", "limit_exceeded"))
+        self.assertIs(type(errors.from_status(C.RESOURCE_EXHAUSTED, "rate limited")), errors.RateLimitedError)
+        # over the maximum message size: the port's trailers, or gRPC core's own message
+        e = errors.from_status(C.RESOURCE_EXHAUSTED, "reply of 9 bytes exceeds the maximum message size",
+                               {"dspex-error": "limit_exceeded", "dspex-limit": "message_size"})
+        self.assertEqual((type(e), e.limit), (errors.LimitExceededError, "message_size"))
+        e = errors.from_status(C.RESOURCE_EXHAUSTED, "Received message larger than max (2000 vs. 1000)")
+        self.assertEqual((type(e), e.limit), (errors.LimitExceededError, "message_size"))
+        self.assertIs(type(errors.from_status(C.INVALID_ARGUMENT, "invalid argument: name must not be empty")),
+                      errors.InvalidValueError)
+
+    def test_the_reason_trailer_decides_over_the_message(self):
+        C = grpc.StatusCode
+        cases = [(C.NOT_FOUND, "session_not_found", errors.SessionNotFoundError),
+                 (C.NOT_FOUND, "version_not_found", errors.VersionNotFoundError),
+                 (C.NOT_FOUND, "not_found", errors.VariableNotFoundError),
+                 (C.FAILED_PRECONDITION, "would_create_cycle", errors.DependencyCycleError),
+                 (C.FAILED_PRECONDITION, "stale_lock", errors.LockedError),
+                 (C.FAILED_PRECONDITION, "not_lock_owner", errors.PreconditionFailedError)]
+        for code, reason, cls in cases:
+            e = errors.from_status(code, "some message", {"dspex-error": reason})
+            self.assertIs(type(e), cls, reason)
+            self.assertEqual(e.reason, reason)
+        e = errors.from_status(C.ABORTED, "conflict",
+                               {"dspex-error": "version_mismatch", "dspex-current-version": "12"})
+        self.assertEqual(e.current_version, 12)
+
+    def test_from_rpc_error_reads_the_trailers(self):
+        class Err(grpc.RpcError):
+            def code(self):
+                return grpc.StatusCode.INVALID_ARGUMENT
+
+            def details(self):
+                return "limit exceeded: value_size"
+
+            def trailing_metadata(self):
+                return (("dspex-error", "limit_exceeded"), ("dspex-limit", "value_size"))
+
+        e = errors.from_rpc_error(Err())
+        self.assertIs(type(e), errors.LimitExceededError)
+        self.assertEqual(e.limit, "value_size")
+
     def test_version_conflict_carries_the_current_version(self):
         for msg, v in [("version mismatch: current version 12", 12),
                        ("expected 3, current_version=4", 4),

@@ -1,5 +1,7 @@
 """The port program is killed mid-call: in-flight calls end UNAVAILABLE, the
-supervisor restarts the port, the next call works and no state is lost."""
+supervisor restarts the port, the next call works and no state is lost.
+A second node started on a port the first serves does not serve gRPC (it
+runs without, saying why), and every client reaches the first node's store."""
 
 import os
 import signal
@@ -110,3 +112,38 @@ class PortKilledMidCall(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SecondNodeOnTheSamePort(unittest.TestCase):
+    def test_second_node_is_refused_and_clients_see_one_store(self):
+        session = "dup_" + uuid.uuid4().hex[:8]
+        with BridgeNode() as first:
+            ctx = SessionContext(first.address, session, cache_ttl=0, timeout=10)
+            ctx.register_variable("x", "integer", 42)
+            second = BridgeNode(port=first.port).launch()
+            try:
+                end = time.monotonic() + 60
+                while "runs without gRPC" not in second.log():  # bounded polling of its log
+                    self.assertLess(time.monotonic(), end, "no busy-port error; log:\n" + second.log())
+                    self.assertIsNone(second.proc.poll(), "the second node died; log:\n" + second.log())
+                    time.sleep(0.05)
+                log = second.log()
+                self.assertIn("cannot listen on %s: address in use (eaddrinuse" % first.address, log)
+                # fresh clients (new channels) all reach the one store, while
+                # the second node retries
+                for _ in range(12):
+                    c = SessionContext(first.address, session, create=False, cache_ttl=0, timeout=10)
+                    try:
+                        self.assertEqual(c.get_variable("x"), 42)
+                    finally:
+                        c.close()
+            finally:
+                second.stop()
+            # and after it is gone
+            for _ in range(3):
+                c = SessionContext(first.address, session, create=False, cache_ttl=0, timeout=10)
+                try:
+                    self.assertEqual(c.get_variable("x"), 42)
+                finally:
+                    c.close()
+            ctx.close()

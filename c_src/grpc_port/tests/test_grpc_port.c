@@ -303,6 +303,54 @@ static void pb_request_to_term(void **state) {
     protobuf_c_message_free_unpacked(back, NULL);
 }
 
+/* A Timestamp from the wire is checked against the range the protobuf spec
+ * allows (0001-01-01 .. 9999-12-31, nanos 0..999999999) before it is scaled
+ * to microseconds: nanos out of range once overflowed int64 here. */
+static void pb_timestamp_range_checked(void **state) {
+    static const struct { int64_t secs; int32_t nanos; int ok; int64_t us; } cases[] = {
+        {0, 0, 1, 0},
+        {-2, 499999000, 1, -1500001},
+        {253402300799LL, 999999999, 1, 253402300799999999LL},
+        {-62135596800LL, 0, 1, -62135596800000000LL},
+        {253402300800LL, 0, 0, 0},
+        {-62135596801LL, 0, 0, 0},
+        {0, -1, 0, 0},
+        {0, 1000000000, 0, 0},
+        {INT64_MAX / 1000000 - 1, INT32_MAX, 0, 0}, /* overflowed secs * 10^6 + nanos / 1000 */
+        {INT64_MIN / 1000000 + 1, INT32_MIN, 0, 0},
+        {INT64_MAX, 0, 0, 0},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        Snakepit__Bridge__HeartbeatRequest req = SNAKEPIT__BRIDGE__HEARTBEAT_REQUEST__INIT;
+        Google__Protobuf__Timestamp ts = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
+        uint8_t buf[128];
+        size_t n;
+        ProtobufCMessage *back;
+        dterm t;
+        char err[128] = "";
+        int rc;
+        ts.seconds = cases[i].secs;
+        ts.nanos = cases[i].nanos;
+        req.session_id = "s";
+        req.client_time = &ts;
+        n = protobuf_c_message_pack(&req.base, buf);
+        back = protobuf_c_message_unpack(&snakepit__bridge__heartbeat_request__descriptor, NULL, n, buf);
+        assert_non_null(back);
+        rc = pb_to_term(back, &t, err, sizeof err);
+        protobuf_c_message_free_unpacked(back, NULL);
+        if (cases[i].ok) {
+            assert_int_equal(rc, 0);
+            assert_true(dt_map_get(&t, "client_time")->u.i == cases[i].us);
+            dt_free(&t);
+        } else {
+            if (rc != -1) fail_msg("accepted timestamp %lld.%d", (long long)cases[i].secs, (int)cases[i].nanos);
+            assert_non_null(strstr(err, "client_time"));
+            assert_non_null(strstr(err, "out of range"));
+        }
+    }
+}
+
 static void pb_reply_from_term(void **state) {
     const char *json = "{\"variable\":{\"id\":\"var_x_1\",\"name\":\"x\",\"type\":\"tensor\","
                        "\"value\":{\"type_url\":\"type.googleapis.com/snakepit.tensor\",\"value\":{\"shape\":[1]}},"
@@ -488,6 +536,7 @@ int main(void) {
         cmocka_unit_test(etf_roundtrip_via_ei),
         cmocka_unit_test(etf_known_bytes),
         cmocka_unit_test(pb_request_to_term),
+        cmocka_unit_test(pb_timestamp_range_checked),
         cmocka_unit_test(pb_reply_from_term),
         cmocka_unit_test(pb_reply_errors_free_everything),
         cmocka_unit_test(pb_repeated_and_maps),

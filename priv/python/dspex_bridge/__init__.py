@@ -13,7 +13,7 @@ from ._version import __version__
 from .errors import (AccessDeniedError, BridgeError, BridgeTimeoutError,
                      BridgeUnavailableError, CancelledError, InvalidValueError,
                      LockedError, PreconditionFailedError, DependencyCycleError,
-                     RateLimitedError, SessionNotFoundError, ToolError, ToolNotFoundError,
+                     LimitExceededError, RateLimitedError, SessionNotFoundError, ToolError, ToolNotFoundError,
                      UnsupportedError, VariableExistsError, VariableNotFoundError,
                      VersionNotFoundError,
                      VersionConflictError)
@@ -30,7 +30,7 @@ __all__ = [
     "VariableCache", "CacheWatcher", "BatchWriter", "BridgeError", "VariableNotFoundError", "SessionNotFoundError",
     "VariableExistsError", "InvalidValueError", "VersionConflictError", "LockedError",
     "PreconditionFailedError", "DependencyCycleError",
-    "AccessDeniedError", "RateLimitedError", "BridgeUnavailableError",
+    "AccessDeniedError", "RateLimitedError", "LimitExceededError", "BridgeUnavailableError",
     "VersionNotFoundError", "BridgeTimeoutError", "CancelledError", "UnsupportedError", "BatchUpdateError",
     "CodecError", "ToolError", "ToolNotFoundError", "ToolSpec",
 ]

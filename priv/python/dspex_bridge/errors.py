@@ -2,7 +2,10 @@
 
 The server maps each store error to a gRPC status (see the README's gRPC
 section); ``from_rpc_error`` maps it back.  Every exception keeps the server's
-message (``str(e)`` and ``e.message``) and the gRPC status code (``e.code``).
+message (``str(e)`` and ``e.message``), the gRPC status code (``e.code``) and
+the server's reason tag (``e.reason``, from the ``dspex-error`` trailer, e.g.
+``"limit_exceeded"``; None from servers that send none, whose errors are
+then told apart by their messages).
 """
 
 import re
@@ -13,10 +16,11 @@ import grpc
 class BridgeError(Exception):
     """Base class of every error reported by the bridge."""
 
-    def __init__(self, message, code=None):
+    def __init__(self, message, code=None, reason=None):
         super().__init__(message)
         self.message = message
         self.code = code
+        self.reason = reason
 
     def __str__(self):
         return self.message
@@ -46,8 +50,8 @@ class ToolError(BridgeError):
     raised ("tool_crashed") or returned something with no JSON form
     ("bad_result").  Carries the tool's message; not a transport error."""
 
-    def __init__(self, message, code=None, kind=None):
-        super().__init__(message, code)
+    def __init__(self, message, code=None, reason=None, kind=None):
+        super().__init__(message, code, reason)
         self.kind = kind
 
 
@@ -62,8 +66,8 @@ class InvalidValueError(BridgeError, ValueError):
 class VersionConflictError(BridgeError):
     """ABORTED: expected_version differs; ``current_version`` is the server's."""
 
-    def __init__(self, message, code=None, current_version=None):
-        super().__init__(message, code)
+    def __init__(self, message, code=None, current_version=None, reason=None):
+        super().__init__(message, code, reason)
         self.current_version = current_version
 
 
@@ -86,7 +90,22 @@ class AccessDeniedError(BridgeError, PermissionError):
 
 
 class RateLimitedError(BridgeError):
-    """RESOURCE_EXHAUSTED: the session's rate limit (or a size limit) was hit."""
+    """RESOURCE_EXHAUSTED: the session's rate limit was hit; wait and retry.
+    (Also any other RESOURCE_EXHAUSTED that is not a limit, e.g. a watch
+    ended because its reader fell too far behind: ``reason`` says which.)"""
+
+
+class LimitExceededError(BridgeError):
+    """A configured limit of the bridge, which retrying does not cure.
+    ``limit`` names it: ``value_size``, ``name_length`` or ``history_limit``
+    (the request itself is over the limit: INVALID_ARGUMENT), ``sessions`` or
+    ``variables`` (a capacity is used up: RESOURCE_EXHAUSTED), or
+    ``message_size`` (a request or reply over the gRPC maximum message size:
+    RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message, code=None, limit=None, reason="limit_exceeded"):
+        super().__init__(message, code, reason)
+        self.limit = limit
 
 
 class BridgeUnavailableError(BridgeError, ConnectionError):
@@ -117,15 +136,22 @@ def parse_current_version(message):
     return int(nums[-1]) if len(nums) == 1 else None
 
 
-def _not_found(message, code):
+_LIMIT = re.compile(r"^limit exceeded: (\w+)")
+# gRPC core's own refusals of a message over the maximum size (either side)
+_MESSAGE_SIZE = re.compile(r"message larger than max|exceeds the maximum message size", re.I)
+
+_LOCKED = ("locked", "stale_lock", "lock_held_by")
+
+
+def _not_found(message, code, reason):
     low = (message or "").lower()
-    if low.startswith("session not found"):
-        return SessionNotFoundError(message, code)
-    if low.startswith("tool not found"):
-        return ToolNotFoundError(message, code)
-    if low.startswith("version ") and "history" in low:
-        return VersionNotFoundError(message, code)
-    return VariableNotFoundError(message, code)
+    if reason == "session_not_found" or (reason is None and low.startswith("session not found")):
+        return SessionNotFoundError(message, code, reason)
+    if reason == "tool_not_found" or (reason is None and low.startswith("tool not found")):
+        return ToolNotFoundError(message, code, reason)
+    if reason == "version_not_found" or (reason is None and low.startswith("version ") and "history" in low):
+        return VersionNotFoundError(message, code, reason)
+    return VariableNotFoundError(message, code, reason)
 
 
 _BY_CODE = {
@@ -140,24 +166,44 @@ _BY_CODE = {
 }
 
 
-def from_status(code, message):
-    """The exception for a gRPC status code and its details message."""
+def from_status(code, message, trailers=None):
+    """The exception for a gRPC status code, its details message and its
+    trailing metadata (a dict; ``dspex-error`` is the server's reason tag)."""
+    trailers = trailers or {}
+    reason = trailers.get("dspex-error")
+    low = (message or "").lower()
+    limit = _LIMIT.match(message or "")
+    if reason == "limit_exceeded" or (reason is None and limit and code in (
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+        return LimitExceededError(message, code, trailers.get("dspex-limit") or (limit and limit.group(1)))
+    if reason is None and code == grpc.StatusCode.RESOURCE_EXHAUSTED and _MESSAGE_SIZE.search(message or ""):
+        return LimitExceededError(message, code, "message_size")
     if code == grpc.StatusCode.NOT_FOUND:
-        return _not_found(message, code)
+        return _not_found(message, code, reason)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        low = (message or "").lower()
-        if "cycle" in low:
-            return DependencyCycleError(message, code)
-        if "is locked" in low or "stale" in low:
-            return LockedError(message, code)
-        return PreconditionFailedError(message, code)
+        if reason == "would_create_cycle" or (reason is None and "cycle" in low):
+            return DependencyCycleError(message, code, reason)
+        if reason in _LOCKED or (reason is None and ("is locked" in low or "stale" in low)):
+            return LockedError(message, code, reason)
+        return PreconditionFailedError(message, code, reason)
     if code == grpc.StatusCode.ABORTED:
-        return VersionConflictError(message, code, parse_current_version(message))
-    return _BY_CODE.get(code, BridgeError)(message, code)
+        current = trailers.get("dspex-current-version")
+        return VersionConflictError(message, code,
+                                    int(current) if current is not None and current.lstrip("-").isdigit()
+                                    else parse_current_version(message), reason)
+    return _BY_CODE.get(code, BridgeError)(message, code, reason=reason)
 
 
 def from_rpc_error(err):
     """The exception for a grpc.RpcError raised by a stub call."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else None
-    return from_status(code, details or str(code))
+    trailers = {}
+    try:
+        for k, v in (err.trailing_metadata() or ()):
+            if isinstance(v, bytes):
+                v = v.decode("ascii", "replace")
+            trailers[k] = v
+    except Exception:  # an RpcError without trailers (e.g. raised by a test double)
+        trailers = {}
+    return from_status(code, details or str(code), trailers)
