@@ -18,6 +18,18 @@
 %% variables). Default `[<<"*">>]' (every principal). A tool a principal may
 %% not call is also absent from the list it is shown.
 %%
+%% Python tools (the other direction of the bridge): a Python worker pool
+%% (`dspex_workers') offers functions of its module as tools of a session
+%% (`register_python/3', gRPC `RegisterTools' with the pool's name as
+%% `worker_id'); `call_python/4' and `stream_python/5' (gRPC `ExecuteTool',
+%% `ExecuteStreamingTool') run them as `Fn(**Args)' on a free worker of the
+%% pool, through the pool's circuit breaker, within the caller's deadline. A
+%% Python tool may be called by its own session, or by principals matching
+%% its `allow' globs (default: none). Their errors: `{tool_not_found, Name}',
+%% `access_denied', `{tool_error, <<"Type: message">>}' (the function raised)
+%% and the pool's errors (`timeout', `circuit_open', `overloaded',
+%% `{worker_exit, _}', `no_pool', ...; see `dspex_workers').
+%%
 %% Errors of `call/3': `{tool_not_found, Name}', `access_denied', `timeout',
 %% `{invalid_argument, What}', `{tool_error, Reason}' (the tool returned
 %% `{error, Reason}'), `{tool_crashed, Reason}' (it raised), `{bad_result,
@@ -25,6 +37,7 @@
 -module(dspex_tools).
 
 -export([new_table/0, expose/2, expose/3, unexpose/1, list/0, list/1, lookup/1, call/3, glob/2]).
+-export([register_python/3, unregister_python/2, list_python/2, call_python/4, stream_python/5]).
 
 -define(TAB, dspex_tools).
 -define(DEFAULT_TIMEOUT, 30000).
@@ -254,3 +267,105 @@ star(P, S) ->
                           <<_, Rest/binary>> -> star(P, Rest);
                           <<>> -> false
                       end.
+
+%%% Python tools ----------------------------------------------------------------
+
+%% @doc Offers functions of pool `Pool''s module as tools of `Session'
+%% (registering a name again replaces it). Each spec: `name' (the function),
+%% `description', `parameters', `supports_streaming' (default false), `allow'
+%% (principal globs besides the session itself, default `[]'),
+%% `metadata'. Returns each tool's id (`<<"Session/Name">>').
+-spec register_python(binary(), atom(), [map()]) -> {ok, #{name() => binary()}} | {error, term()}.
+register_python(Session, Pool, Specs) when is_binary(Session), Session =/= <<>>, is_atom(Pool), is_list(Specs) ->
+    case whereis(Pool) =/= undefined andalso dspex_workers:status(Pool) of
+        {ok, _} ->
+            case lists:foldr(fun(Spec, {ok, Acc}) ->
+                                     case py_tool(Session, Pool, Spec) of
+                                         {ok, T} -> {ok, [T | Acc]};
+                                         E -> E
+                                     end;
+                                (_, E) -> E
+                             end, {ok, []}, Specs) of
+                {ok, Tools} ->
+                    true = ets:insert(table(), [{{py, Session, N}, T} || #{name := N} = T <- Tools]),
+                    {ok, maps:from_list([{N, <<Session/binary, "/", N/binary>>} || #{name := N} <- Tools])};
+                E -> E
+            end;
+        _ -> {error, {unknown_pool, Pool}}
+    end;
+register_python(_, _, _) -> {error, {invalid_argument, tools}}.
+
+py_tool(Session, Pool, Spec) when is_map(Spec) ->
+    Name = to_name(maps:get(name, Spec, <<>>)),
+    Checks = [{name, is_binary(Name) andalso Name =/= <<>>},
+              {description, is_binary(maps:get(description, Spec, <<>>))},
+              {parameters, valid_params(maps:get(parameters, Spec, []))},
+              {supports_streaming, is_boolean(maps:get(supports_streaming, Spec, false))},
+              {allow, valid_allow(maps:get(allow, Spec, []))},
+              {metadata, valid_meta(maps:get(metadata, Spec, #{}))}],
+    case [W || {W, false} <- Checks] of
+        [] -> {ok, #{name => Name, session => Session, pool => Pool,
+                     description => maps:get(description, Spec, <<>>),
+                     parameters => [param(P) || P <- maps:get(parameters, Spec, [])],
+                     supports_streaming => maps:get(supports_streaming, Spec, false),
+                     allow => maps:get(allow, Spec, []), metadata => maps:get(metadata, Spec, #{})}};
+        [What | _] -> {error, {invalid_argument, What}}
+    end;
+py_tool(_, _, _) -> {error, {invalid_argument, tools}}.
+
+%% @doc Withdraws a Python tool of `Session'.
+-spec unregister_python(binary(), name() | atom()) -> ok | {error, {tool_not_found, name()}}.
+unregister_python(Session, Name0) ->
+    Name = to_name(Name0),
+    case ets:take(table(), {py, Session, Name}) of
+        [_] -> ok;
+        [] -> {error, {tool_not_found, Name}}
+    end.
+
+%% @doc The Python tools of `Session' that `Principal' may call, by name
+%% (each a spec as `list/0' gives, plus `pool' and `supports_streaming').
+-spec list_python(binary(), binary()) -> [map()].
+list_python(Session, Principal) ->
+    Tools = ets:select(table(), [{{{py, Session, '_'}, '$1'}, [], ['$1']}]),
+    lists:sort([maps:with([name, description, parameters, metadata, pool, supports_streaming], T)
+                || T <- Tools, py_allowed(T, Principal)]).
+
+%% @doc Runs Python tool `Name' of `Session' with keyword arguments `Args'
+%% (binary keys, JSON values). Options: `principal' (default the session),
+%% `timeout' (ms; default 30000).
+-spec call_python(binary(), name() | atom(), map(), map()) -> {ok, term()} | {error, term()}.
+call_python(Session, Name, Args, Opts) ->
+    with_py_tool(Session, Name, Opts, fun(#{pool := Pool}, Timeout) ->
+        py_result(dspex_workers:call(Pool, {to_name(Name), [], Args}, Timeout))
+    end).
+
+%% @doc Runs Python tool `Name' of `Session' streamed: each item the
+%% function yields goes to `Sink = {Pid, Tag}' as `{Tag, {chunk, Json}}';
+%% returns `{ok, #{<<"chunks">> => N}}' or an error once the stream ended.
+-spec stream_python(binary(), name() | atom(), map(), {pid(), term()}, map()) -> {ok, term()} | {error, term()}.
+stream_python(Session, Name, Args, Sink, Opts) ->
+    with_py_tool(Session, Name, Opts, fun(#{pool := Pool}, Timeout) ->
+        py_result(dspex_workers:stream(Pool, {to_name(Name), [], Args}, Timeout, Sink))
+    end).
+
+with_py_tool(Session, Name0, Opts, Run) when is_binary(Session) ->
+    Name = to_name(Name0),
+    case ets:lookup(table(), {py, Session, Name}) of
+        [] -> {error, {tool_not_found, Name}};
+        [{_, T}] ->
+            case py_allowed(T, maps:get(principal, Opts, Session)) of
+                false -> {error, access_denied};
+                true ->
+                    Timeout = case maps:get(timeout, Opts, infinity) of
+                                  infinity -> ?DEFAULT_TIMEOUT;
+                                  Ms -> Ms
+                              end,
+                    Run(T, Timeout)
+            end
+    end.
+
+py_allowed(#{session := S}, S) -> true;
+py_allowed(#{allow := Patterns}, Principal) -> lists:any(fun(P) -> glob(P, Principal) end, Patterns).
+
+py_result({error, {python, Type, Msg}}) -> {error, {tool_error, <<Type/binary, ": ", Msg/binary>>}};
+py_result(R) -> R.

@@ -38,7 +38,7 @@ start_link(Pool, Slot, Opts) -> gen_server:start_link(?MODULE, {Pool, Slot, Opts
 %% @doc Asks the worker to run `Fn(Args...)' and reply to `From' (a
 %% `gen_server' caller) by `Deadline' (monotonic ms); the pool only sends this
 %% to a worker that said it is free.
--spec run(pid(), gen_server:from(), binary(), list(), integer()) -> ok.
+-spec run(pid(), gen_server:from(), binary(), list() | map(), integer()) -> ok.
 run(Worker, From, Fn, Args, Deadline) ->
     Worker ! {run, From, Fn, Args, Deadline},
     ok.
@@ -55,9 +55,10 @@ init({Pool, Slot, Opts}) ->
                   _ -> Session0
               end,
     Args = [Script, "--module", Module, "--address", Address, "--session", Session,
-            "--worker-id", integer_to_list(Slot)],
+            "--worker-id", integer_to_list(Slot), "--pool", atom_to_list(Name)],
     PortEnv = [{"DSPEX_BRIDGE_ADDRESS", Address}, {"DSPEX_SESSION_ID", Session},
-               {"DSPEX_WORKER_ID", integer_to_list(Slot)}, {"PYTHONUNBUFFERED", "1"} | Env],
+               {"DSPEX_WORKER_ID", integer_to_list(Slot)}, {"DSPEX_WORKER_POOL", atom_to_list(Name)},
+               {"PYTHONUNBUFFERED", "1"} | Env],
     try open_port({spawn_executable, Python},
                   [binary, stream, exit_status, use_stdio, hide, {args, Args}, {env, PortEnv}]) of
         Port ->
@@ -187,6 +188,10 @@ message(<<"reply">>, #{<<"id">> := Id} = Msg, #{call := {From, Id, TRef, _}, poo
             Pool ! {worker_idle, self(), ok},
             {ok, S#{phase := idle, call := none}}
     end;
+message(<<"chunk">>, #{<<"id">> := Id, <<"data">> := Data}, #{call := {_, Id, _, _}, sink := {Pid, Tag}} = S) ->
+    %% a streamed call's item, passed on at once (bounded by the call's deadline)
+    Pid ! {Tag, {chunk, Data}},
+    {ok, S};
 message(<<"pong">>, #{<<"id">> := Id}, #{ping := {Id, TRef}, pool := Pool} = S) ->
     _ = erlang:cancel_timer(TRef),
     Pool ! {worker_healthy, self()},
@@ -215,12 +220,20 @@ unsolicited(#{flood := {Start, N}, opts := #{flood_limit := Limit}} = S) ->
         false -> {ok, S#{flood := {Start1, N1}}, N1}
     end.
 
+%% Args: a list (positional), or `#{args, kwargs, sink}' from
+%% `dspex_workers:call/3' with keyword arguments or `stream/4' (chunks go to
+%% the sink `{Pid, Tag}' as `{Tag, {chunk, Data}}').
 start_call(From, Fn, Args, Deadline, #{next_id := Id} = S) ->
-    case dspex_json:encode(#{type => call, id => Id, fn => Fn, args => Args}) of
+    {Msg, Sink} = case Args of
+                      #{args := A, kwargs := K, sink := Sk} ->
+                          {#{type => call, id => Id, fn => Fn, args => A, kwargs => K, stream => Sk =/= none}, Sk};
+                      _ -> {#{type => call, id => Id, fn => Fn, args => Args}, none}
+                  end,
+    case dspex_json:encode(Msg) of
         {ok, Json} ->
             send_raw(Json, S),
             TRef = erlang:start_timer(Deadline, self(), {call_timeout, Id}, [{abs, true}]),
-            {noreply, S#{phase := busy, call := {From, Id, TRef, Deadline}, next_id := Id + 1}};
+            {noreply, S#{phase := busy, call := {From, Id, TRef, Deadline}, sink => Sink, next_id := Id + 1}};
         {error, Why} ->
             gen_server:reply(From, {error, Why}),
             maps:get(pool, S) ! {worker_idle, self(), ok},

@@ -41,10 +41,11 @@
 %% scheduled after that backoff).
 -module(dspex_workers).
 
--export([start_pool/2, stop_pool/1, call/3, status/1, os_pids/1, breaker/1]).
+-export([start_pool/2, stop_pool/1, call/3, stream/4, status/1, os_pids/1, breaker/1]).
 
 -type pool() :: atom().
--type request() :: {Fn :: binary() | atom(), Args :: list()}.
+-type request() :: {Fn :: binary() | atom(), Args :: list()}
+                 | {Fn :: binary() | atom(), Args :: list(), Kwargs :: #{binary() | atom() => term()}}.
 -type call_error() :: timeout | overloaded | {worker_exit, term()} | {bad_reply, term()} | flood
                     | {python, binary(), binary()} | {not_json, term()} | circuit_open | no_pool
                     | pool_stopped | start_error().
@@ -120,12 +121,34 @@ forget_breaker(Name) ->
 
 %% @doc Runs `Fn(Args...)' on a free worker of `Pool' within `Timeout' ms
 %% (queueing included). See the module doc for the errors.
+%% `{Fn, Args, Kwargs}' also passes keyword arguments (`Fn(*Args, **Kwargs)').
 -spec call(pool(), request(), non_neg_integer()) -> {ok, dspex_json:json()} | {error, call_error()}.
-call(Pool, {Fn, Args}, Timeout) when is_atom(Pool), is_list(Args), is_integer(Timeout), Timeout >= 0,
-                                     (is_binary(Fn) orelse is_atom(Fn)) ->
+call(Pool, {Fn, Args}, Timeout) -> call(Pool, {Fn, Args, #{}}, Timeout);
+call(Pool, {Fn, Args, Kwargs}, Timeout) -> run(Pool, Fn, Args, Kwargs, none, Timeout).
+
+%% @doc Runs `Fn(*Args, **Kwargs)' like `call/3', streamed: every item the
+%% Python function yields (a generator; any other result is one item) is
+%% sent to `Sink = {Pid, Tag}' as `{Tag, {chunk, Json}}' as soon as the worker
+%% produces it, in order; the call then returns `{ok, #{<<"chunks">> => N}}'
+%% or an error (chunks already sent stay sent). The deadline bounds the whole
+%% stream. Blocks the caller: let another process be the sink to forward the
+%% chunks while it runs.
+-spec stream(pool(), request(), non_neg_integer(), {pid(), term()}) ->
+          {ok, dspex_json:json()} | {error, call_error()}.
+stream(Pool, {Fn, Args}, Timeout, Sink) -> stream(Pool, {Fn, Args, #{}}, Timeout, Sink);
+stream(Pool, {Fn, Args, Kwargs}, Timeout, {Pid, _} = Sink) when is_pid(Pid) ->
+    run(Pool, Fn, Args, Kwargs, Sink, Timeout).
+
+run(Pool, Fn, Args, Kwargs, Sink, Timeout) when is_atom(Pool), is_list(Args), is_map(Kwargs), is_integer(Timeout),
+                                               Timeout >= 0, (is_binary(Fn) orelse is_atom(Fn)) ->
     Start = erlang:monotonic_time(),
     FnB = if is_atom(Fn) -> atom_to_binary(Fn, utf8); true -> Fn end,
-    Run = fun() -> pool_call(Pool, FnB, Args, Timeout) end,
+    %% a plain call keeps the plain wire message (older worker scripts understand it)
+    CallArgs = case Kwargs =:= #{} andalso Sink =:= none of
+                   true -> Args;
+                   false -> #{args => Args, kwargs => Kwargs, sink => Sink}
+               end,
+    Run = fun() -> pool_call(Pool, FnB, CallArgs, Timeout) end,
     Result = case persistent_term:get({?MODULE, Pool, breaker}, false) of
                  false -> Run();
                  true ->

@@ -4,18 +4,20 @@
 Started by ``dspex_workers`` (Erlang) as
 
     /usr/bin/python3 worker.py --module PATH [--address HOST:PORT] [--session ID]
-                               [--worker-id N]
+                               [--worker-id N] [--pool NAME]
 
 and spoken to over stdin/stdout with frames: a 4-byte big-endian length, then
 that many bytes of UTF-8 JSON (one object). This file imports nothing from the
 ``dspex_bridge`` package so it runs as a plain script.
 
-BEAM -> worker:  {"type": "call", "id": N, "fn": NAME, "args": [...]}
+BEAM -> worker:  {"type": "call", "id": N, "fn": NAME, "args": [...],
+                  "kwargs": {...} (optional), "stream": true (optional)}
                  {"type": "ping", "id": N}
                  {"type": "stop"}
 worker -> BEAM:  {"type": "ready", "pid": P, "functions": [...], "session": S}
                  {"type": "load_error", "error": {"type": T, "message": M}}
                  {"type": "reply", "id": N, "ok": RESULT}
+                 {"type": "chunk", "id": N, "data": ITEM}   (stream calls, before the reply)
                  {"type": "reply", "id": N, "error": {"type": T, "message": M}}
                  {"type": "pong", "id": N}
                  {"type": "log", "level": L, "message": M}
@@ -27,10 +29,15 @@ even SystemExit), the worker sends one ``load_error`` frame (the exception's
 class name, and its message with the line of PATH that raised it) instead of
 ``ready`` and exits with status 3, printing nothing: the pool reports it
 once, however often it restarts workers.
-Functions are called as ``fn(*args)`` one at a time, in the main thread.
+Functions are called as ``fn(*args, **kwargs)`` one at a time, in the main
+thread. A call with ``"stream": true`` sends each item a generator function
+yields as a ``chunk`` frame, then the reply ``{"chunks": count}`` (a
+non-generator result is one chunk); without it a generator is collected into
+a list.
 
 The bridge address and session are also in the environment
-(DSPEX_BRIDGE_ADDRESS, DSPEX_SESSION_ID, DSPEX_WORKER_ID) for the functions.
+(DSPEX_BRIDGE_ADDRESS, DSPEX_SESSION_ID, DSPEX_WORKER_ID, DSPEX_WORKER_POOL)
+for the functions (a worker registers its tools with the pool's name).
 
 Never outliving the BEAM:
   * a reader thread owns stdin and ends the process with os._exit at EOF,
@@ -56,6 +63,7 @@ import struct
 import sys
 import threading
 import traceback
+import types
 
 MAX_FRAME = 64 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
@@ -156,6 +164,18 @@ def load_error_of(exc, path):
     return {"type": type(exc).__name__, "message": message[:2000]}
 
 
+def stream(channel, call_id, result):
+    """A streamed call: one ``chunk`` frame per item the function yields (a
+    non-generator result is one chunk), then the reply with their count.  An
+    exception while iterating ends the stream with that error."""
+    items = result if isinstance(result, types.GeneratorType) else iter([result])
+    n = 0
+    for item in items:
+        channel.send({"type": "chunk", "id": call_id, "data": item})
+        n += 1
+    return {"type": "reply", "id": call_id, "ok": {"chunks": n}}
+
+
 def serve(functions, channel, inbox):
     while True:
         msg = inbox.get()
@@ -166,15 +186,22 @@ def serve(functions, channel, inbox):
             call_id = msg.get("id")
             fn = functions.get(msg.get("fn"))
             args = msg.get("args", [])
+            kwargs = msg.get("kwargs", {})
             if fn is None:
                 reply = {"type": "reply", "id": call_id,
                          "error": {"type": "unknown_function", "message": str(msg.get("fn"))}}
-            elif not isinstance(args, list):
+            elif not isinstance(args, list) or not isinstance(kwargs, dict):
                 reply = {"type": "reply", "id": call_id,
-                         "error": {"type": "bad_args", "message": "args must be a list"}}
+                         "error": {"type": "bad_args", "message": "args must be a list, kwargs an object"}}
             else:
                 try:
-                    reply = {"type": "reply", "id": call_id, "ok": fn(*args)}
+                    result = fn(*args, **kwargs)
+                    if msg.get("stream"):
+                        reply = stream(channel, call_id, result)
+                    else:
+                        if isinstance(result, types.GeneratorType):
+                            result = list(result)  # a generator called without streaming: all at once
+                        reply = {"type": "reply", "id": call_id, "ok": result}
                 except Exception as exc:  # the function's failure is the caller's answer
                     reply = {"type": "reply", "id": call_id, "error": error_of(exc)}
             try:
@@ -193,6 +220,7 @@ def main(argv):
     parser.add_argument("--address", default=os.environ.get("DSPEX_BRIDGE_ADDRESS", "127.0.0.1:50051"))
     parser.add_argument("--session", default=os.environ.get("DSPEX_SESSION_ID", ""))
     parser.add_argument("--worker-id", default=os.environ.get("DSPEX_WORKER_ID", "0"))
+    parser.add_argument("--pool", default=os.environ.get("DSPEX_WORKER_POOL", ""))
     args = parser.parse_args(argv)
 
     die_with_parent()
@@ -205,6 +233,7 @@ def main(argv):
     os.environ["DSPEX_BRIDGE_ADDRESS"] = args.address
     os.environ["DSPEX_SESSION_ID"] = args.session
     os.environ["DSPEX_WORKER_ID"] = str(args.worker_id)
+    os.environ["DSPEX_WORKER_POOL"] = args.pool
     channel = Channel(frame_fd)
 
     inbox = queue.Queue()

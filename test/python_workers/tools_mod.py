@@ -1,0 +1,24 @@
+"""Functions a worker pool exposes as tools in the tool-bridge tests."""
+
+
+def add(a, b):
+    return a + b
+
+
+def count(n, label="item"):
+    """Yields n items, one at a time (a streaming tool)."""
+    for i in range(n):
+        yield {"i": i, "label": label}
+
+
+def count_then_fail(n):
+    for i in range(n):
+        yield i
+    raise RuntimeError("stream broke after %d" % n)
+
+
+def boom():
+    raise ValueError("tool exploded")
+
+
+FUNCTIONS = {"add": add, "count": count, "count_then_fail": count_then_fail, "boom": boom}
