@@ -30,7 +30,7 @@ boot() ->
 banner() ->
     {ok, Vsn} = application:get_key(dspex_bridge, vsn),
     Limits = dspex_store:limits(),
-    io:format(user,
+    io:format(
               "~ndspex_bridge ~s running on node ~s (OS pid ~s)~n"
               "  variable store : native (NIF), ~b sessions~n"
               "  limits         : ~s~n"
