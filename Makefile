@@ -22,7 +22,7 @@ APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compile
 PYTHON   ?= /usr/bin/python3
 PY_STUBS := _build/python
 
-.PHONY: all deps deps-test deps-cluster compile run remsh stop test test-run dialyzer test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
+.PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
 .PHONY: deps-python python-stubs test-python bench-grpc
 .PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
@@ -59,6 +59,7 @@ GRPC    ?=
 METRICS ?=
 NODE    ?= dspex_bridge
 CONFIG  ?=
+.PHONY: remsh stop dialyzer test-run
 RUN_ENV  = DSPEX_GRPC='$(GRPC)' DSPEX_METRICS='$(METRICS)' DSPEX_NODE='$(NODE)' DSPEX_CONFIG='$(CONFIG)' ERL='$(ERL)'
 run: compile python-stubs
 	@$(RUN_ENV) exec bin/dspex_bridge start
