@@ -44,7 +44,7 @@ pids() ->
                    ++ [{grpc_os_pid, grpc_os_pid()}]).
 
 grpc_os_pid() ->
-    {ok, _} = dspex_grpc:await_listening(10000),
+    {ok, _} = dspex_grpc:await_listening(30000),
     {ok, OsPid} = dspex_grpc:os_pid(),
     OsPid.
 
@@ -65,7 +65,7 @@ escalate(Sup, _Child, 0) -> error({not_escalated, Sup});
 escalate(Sup, Child, N) ->
     Old = whereis(Sup),
     kill(Child),
-    case await_replaced(Child, undefined, 1000) =/= undefined andalso whereis(Sup) =:= Old of
+    case await_replaced(Child, undefined, 3000) =/= undefined andalso whereis(Sup) =:= Old of
         true -> escalate(Sup, Child, N - 1);
         false -> ok
     end.
@@ -80,13 +80,13 @@ crash_and_await(Name, Crash) ->
     Before = pids(),
     Old = whereis(Name),
     Crash(),
-    New = await_replaced(Name, Old, 1000),
+    New = await_replaced(Name, Old, 3000),
     ?assert(is_pid(New)),
     await_tree(),
     After = pids(),
     lists:sort([K || {K, V} <- maps:to_list(Before), maps:get(K, After) =/= V]).
 
-%% Bounded polling (10 s): the supervisor restarts asynchronously.
+%% Bounded polling (30 s): the supervisor restarts asynchronously.
 await_replaced(_Name, _Old, 0) -> undefined;
 await_replaced(Name, Old, N) ->
     case whereis(Name) of
@@ -96,7 +96,7 @@ await_replaced(Name, Old, N) ->
 
 %% Every registered process of the tree is back (a rest_for_one restart
 %% restarts the later children one after the other).
-await_tree() -> await_tree(1000).
+await_tree() -> await_tree(3000).
 await_tree(0) -> ?assert(false);
 await_tree(N) ->
     case lists:all(fun(Name) -> is_pid(whereis(Name)) end,
