@@ -132,9 +132,13 @@ class Node:
         return rc
 
     def kill(self):
-        if self.proc.poll() is None:
+        # the whole session: what is left of the tree even when its first
+        # process has exited (e.g. a test failing after make died)
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def close(self):
         self.kill()
