@@ -13,7 +13,7 @@ APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools e
 APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf \
                  clang libclang-rt-14-dev
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
-             libcmocka-dev valgrind clang libclang-rt-14-dev elixir
+             libcmocka-dev valgrind clang libclang-rt-14-dev elixir erlang-dialyzer
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
@@ -53,12 +53,37 @@ deps-cluster: deps
 compile: deps
 	$(REBAR3) compile
 
-# Starts a node with the application in the foreground (an Erlang shell).
+# Starts a node with the application in the foreground (bin/dspex_bridge):
+# an Erlang shell when stdin is a terminal, else it serves until SIGTERM or
+# SIGINT and stops cleanly. `make run GRPC=50151 METRICS=9669 NODE=name
+# CONFIG=sys.config' (all optional). The Python client's stubs are built too.
+GRPC    ?=
+METRICS ?=
+NODE    ?= dspex_bridge
+CONFIG  ?=
+.PHONY: remsh stop dialyzer test-run
+RUN_ENV  = DSPEX_GRPC='$(GRPC)' DSPEX_METRICS='$(METRICS)' DSPEX_NODE='$(NODE)' DSPEX_CONFIG='$(CONFIG)' ERL='$(ERL)'
 run: compile python-stubs
-	$(ERL) -pa _build/default/lib/*/ebin -sname dspex_bridge -s dspex_bridge start
+	@$(RUN_ENV) exec bin/dspex_bridge start
 
-test: deps-test deps-cluster compile test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python
+# A shell attached to the node of `make run' (same NODE), and a clean stop of it.
+remsh:
+	@$(RUN_ENV) exec bin/dspex_bridge remsh
+
+stop:
+	@$(RUN_ENV) exec bin/dspex_bridge stop
+
+test: deps-test deps-cluster compile dialyzer test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python test-run
 	@echo "==> all test suites passed"
+
+# Success typing of src/ (zero warnings); the PLT is built once, then cached.
+dialyzer: deps-test compile
+	$(REBAR3) dialyzer
+
+# `make run' and bin/dspex_bridge without a terminal (serve until SIGTERM /
+# SIGINT, clean stop, nothing left running) and with one (banner, then prompt).
+test-run: compile python-stubs
+	$(PYTHON) -m unittest discover -v -s test/run -p 'test_*.py'
 
 test-c:
 	$(MAKE) -C c_src test test-asan test-valgrind fuzz-glob FUZZ_SECONDS=$${FUZZ_SECONDS:-20}

@@ -615,7 +615,6 @@ by(#{as := P}) -> P;
 by(_) -> <<"grpc">>.
 
 with({ok, V}, X) -> {ok, {V, X}};
-with(ok, X) -> {ok, {ok, X}};
 with(Error, _) -> Error.
 
 %% Runs steps, each taking the previous result; the last returns {ok, Reply}.

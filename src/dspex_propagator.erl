@@ -14,14 +14,39 @@
 %% definitions are also kept in the registry table, so that exporting a
 %% session (done by cluster processes while this process may be waiting for
 %% them) never calls this process.
+%%
+%% == Timeouts ==
+%% Every call to the propagator is bounded: by the application environment
+%% `propagation_timeout_ms' (default 5000), or by the `Timeout' given to
+%% `sync/2'. A derive function runs inside the propagator, so one that hangs
+%% holds up the session's later propagation; callers are then answered
+%% `{error, timeout}' instead of waiting for ever:
+%% <ul>
+%% <li>`sync/1,2': `{error, timeout}', and the event
+%%     `[dspex, graph, propagation, timeout]' (`#{count => 1}'; `session',
+%%     `timeout') is emitted. `dspex_store:set/4' with `propagate => sync'
+%%     still answers `{ok, Version}' then (the write itself is committed), so
+%%     this event is how such a late propagation is seen.</li>
+%% <li>`define/6' (`dspex_graph:define_derived/5,6'): `{error, timeout}'; the
+%%     definition may still complete afterwards (check with
+%%     `dspex_store:exists/2').</li>
+%% <li>`adopt/2' (an import): `{error, timeout}', so the import fails.</li>
+%% </ul>
+%% A propagator that exits while a caller waits answers
+%% `{error, {propagator_exit, Reason}}' (`sync' answers `ok' when it ended
+%% normally: the session is gone, nothing is left to propagate).
 -module(dspex_propagator).
 -behaviour(gen_server).
 
--export([start_link/1, define/6, sync/1, stop/1, whereis_session/1, definitions/1, adopt/2]).
+-include("dspex_bridge.hrl").
+
+-export([start_link/1, define/6, sync/1, sync/2, stop/1, whereis_session/1, definitions/1, adopt/2,
+         timeout/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(TAB, dspex_propagators).
 -define(CHECK_MS, 60000).
+-define(DEFAULT_TIMEOUT_MS, 5000).
 
 %% @private
 -spec start_link(dspex_store:session_id()) -> {ok, pid()} | {error, term()}.
@@ -36,12 +61,46 @@ whereis_session(Session) ->
     catch error:badarg -> undefined
     end.
 
-%% @doc Waits until every change committed before this call has propagated.
--spec sync(dspex_store:session_id()) -> ok.
-sync(Session) ->
+%% @doc The bound of every call to a propagator, in milliseconds: the
+%% application environment `propagation_timeout_ms' (default 5000).
+-spec timeout() -> non_neg_integer().
+timeout() ->
+    case application:get_env(dspex_bridge, propagation_timeout_ms, ?DEFAULT_TIMEOUT_MS) of
+        T when is_integer(T), T >= 0 -> T;
+        _ -> ?DEFAULT_TIMEOUT_MS
+    end.
+
+%% @equiv sync(Session, timeout())
+-spec sync(dspex_store:session_id()) -> ok | {error, timeout | {propagator_exit, term()}}.
+sync(Session) -> sync(Session, timeout()).
+
+%% @doc Waits until every change committed before this call has propagated,
+%% at most `Timeout' milliseconds: `{error, timeout}' then (see the module
+%% documentation), with the event `[dspex, graph, propagation, timeout]'.
+-spec sync(dspex_store:session_id(), non_neg_integer()) ->
+          ok | {error, timeout | {propagator_exit, term()}}.
+sync(Session, Timeout) when is_integer(Timeout), Timeout >= 0 ->
     case whereis_session(Session) of
         undefined -> ok;
-        Pid -> gen_server:call(Pid, sync, infinity)
+        Pid ->
+            case call(Pid, sync, Timeout) of
+                {error, timeout} = E ->
+                    dspex_telemetry:execute(?DSPEX_PROPAGATION_TIMEOUT, #{count => 1},
+                                            #{session => Session, timeout => Timeout}),
+                    E;
+                {error, {propagator_exit, R}} when R =:= normal; R =:= noproc; R =:= shutdown -> ok;
+                Other -> Other
+            end
+    end.
+
+%% A bounded gen_server call: an exit of the propagator or the timeout is an
+%% error value, never an exception in the caller (OTP's call uses an alias,
+%% so a reply arriving after the timeout is dropped, not left in the mailbox).
+call(Pid, Req, Timeout) ->
+    try gen_server:call(Pid, Req, Timeout)
+    catch
+        exit:{timeout, _} -> {error, timeout};
+        exit:{R, {gen_server, call, _}} -> {error, {propagator_exit, R}}
     end.
 
 %% @doc Stops the session's propagator (the session was deleted).
@@ -72,15 +131,17 @@ definitions(Session) ->
 
 %% @doc Takes over exported definitions for variables that already exist (an
 %% import): no registration, no recomputation until an input changes.
+%% `{error, timeout}' after `timeout/0' milliseconds.
 -spec adopt(dspex_store:session_id(), list()) -> ok | {error, term()}.
 adopt(_Session, []) -> ok;
 adopt(Session, Defs) ->
     case ensure(Session) of
-        {ok, Pid} -> gen_server:call(Pid, {adopt, Defs}, infinity);
+        {ok, Pid} -> call(Pid, {adopt, Defs}, timeout());
         Error -> Error
     end.
 
-%% @private See dspex_graph:define_derived/6.
+%% @private See dspex_graph:define_derived/6. `{error, timeout}' after
+%% `timeout/0' milliseconds (the definition may still complete).
 -spec define(dspex_store:session_id(), dspex_store:var_key(), dspex_store:var_type(),
              [dspex_store:var_key()], dspex_graph:derive_fun(), map()) -> {ok, binary()} | {error, term()}.
 define(Session, Name, Type, Inputs, Fun, Opts) ->
@@ -88,7 +149,7 @@ define(Session, Name, Type, Inputs, Fun, Opts) ->
         {ok, Pid} ->
             case compute(Session, Inputs, Fun) of
                 {ok, Value} ->
-                    gen_server:call(Pid, {define, Name, Type, Value, Inputs, Fun, Opts}, infinity);
+                    call(Pid, {define, Name, Type, Value, Inputs, Fun, Opts}, timeout());
                 {error, _} = E -> E
             end;
         Error -> Error
@@ -199,7 +260,7 @@ publish(D, #{session := S}) ->
 handle_cast(stop, St) -> {stop, normal, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
-handle_info({dspex_variable, _Ref, S, Name, _Old, _New, _Meta}, #{session := S, derived := D} = St) ->
+handle_info(#dspex_variable{session = S, name = Name}, #{session := S, derived := D} = St) ->
     case maps:is_key(Name, D) orelse not dspex_cluster:is_owner(S) of
         true -> {noreply, St}; %% our own write, or a replica's copy
         false ->
@@ -207,7 +268,7 @@ handle_info({dspex_variable, _Ref, S, Name, _Old, _New, _Meta}, #{session := S, 
                 {ok, [_ | Order]} ->
                     T0 = erlang:monotonic_time(),
                     St1 = lists:foldl(fun recompute/2, St, Order),
-                    dspex_telemetry:execute([dspex, graph, propagation, stop],
+                    dspex_telemetry:execute(?DSPEX_PROPAGATION_STOP,
                                             #{duration => erlang:monotonic_time() - T0},
                                             #{session => S, variable => Name, dependents => Order}),
                     {noreply, St1};
@@ -269,7 +330,7 @@ recompute(Name, #{session := S, derived := D} = St) when is_map_key(Name, D) ->
             publish(St#{derived := maps:remove(Name, D)});
         {error, Reason} ->
             _ = dspex_nif:var_set_error(S, Name, Reason),
-            dspex_telemetry:execute([dspex, graph, propagation, error], #{count => 1},
+            dspex_telemetry:execute(?DSPEX_PROPAGATION_ERROR, #{count => 1},
                                     #{session => S, variable => Name, reason => Reason}),
             St
     end;

@@ -44,7 +44,7 @@
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
-              set_opts/0, error_reason/0, history_entry/0]).
+              set_opts/0, error_reason/0, cluster_error/0, history_entry/0]).
 
 -type session_id() :: binary().
 -type var_key() :: binary() | atom().
@@ -53,7 +53,8 @@
                | [number()] | #{shape := [non_neg_integer()], data := [number()]}.
 -type var() :: #{id := binary(), name := binary(), type := var_type(), value := value(),
                  constraints := map(), metadata := map(), version := non_neg_integer(),
-                 created_at := integer(), updated_at := integer()}.
+                 created_at := integer(), updated_at := integer(),
+                 derived => true, error => term()}.
 %% `created_at'/`updated_at' are microseconds since the Unix epoch
 %% (`erlang:system_time(microsecond)'). Derived variables (see
 %% `dspex_graph:define_derived/6') also carry `derived => true' and `error'
@@ -82,7 +83,10 @@
                       | stale_lock
                       | access_denied
                       | rate_limited
-                      | enomem.
+                      | enomem
+                      | cluster_error().
+%% With a cluster (see `dspex_cluster'), any call on a session may also fail so.
+-type cluster_error() :: no_quorum | {retry, atom()} | {unavailable, atom()}.
 
 -include("dspex_routing.hrl").
 
@@ -196,7 +200,7 @@ create_session_here(Id, Opts) ->
 %% @doc The session's information, or `{error, session_not_found}'.
 %% `last_accessed_at' has one-second resolution (accesses refresh it at most
 %% once a second, which keeps readers on different cores from contending).
--spec get_session(session_id()) -> {ok, session_info()} | {error, session_not_found}.
+-spec get_session(session_id()) -> {ok, session_info()} | {error, session_not_found | cluster_error()}.
 get_session(Id) -> ?ROUTED(Id, get_session, [Id], dspex_nif:session_get(Id)).
 
 %% @doc Ids of all live sessions (unordered).
@@ -208,7 +212,7 @@ list_sessions() -> dspex_nif:session_list().
 touch(Id) -> ?ROUTED(Id, touch, [Id], dspex_nif:session_touch(Id)).
 
 %% @doc Deletes the session and frees all its variables.
--spec delete_session(session_id()) -> ok | {error, session_not_found}.
+-spec delete_session(session_id()) -> ok | {error, session_not_found | cluster_error()}.
 delete_session(Id) -> ?ROUTED(Id, delete_session, [Id], delete_session_here(Id)).
 
 delete_session_here(Id) ->
@@ -394,8 +398,9 @@ set_routed(Session, Key, Value, Opts) ->
             %% (which writes through that writer); the caller waits here
             case {Result, Opts, get(dspex_cluster_local)} of
                 {{ok, _}, #{propagate := sync}, Local} when is_binary(Session), Local =/= true ->
-                    ok = dspex_cluster:route(Session, {dspex_propagator, sync}, [Session],
-                                             fun() -> dspex_propagator:sync(Session) end),
+                    %% bounded: a late propagation is reported by its own event
+                    _ = dspex_cluster:route(Session, {dspex_propagator, sync}, [Session],
+                                            fun() -> dspex_propagator:sync(Session) end),
                     Result;
                 _ -> Result
             end

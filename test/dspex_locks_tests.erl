@@ -121,8 +121,8 @@ preemption() ->
 preemption_respects_min_iterations() ->
     S = session(),
     ok = application:set_env(dspex_bridge, min_iterations_before_preempt, 3),
-    ok = supervisor:terminate_child(dspex_bridge_sup, dspex_locks),
-    {ok, _} = supervisor:restart_child(dspex_bridge_sup, dspex_locks),
+    ok = supervisor:terminate_child(dspex_core_sup, dspex_locks),
+    {ok, _} = supervisor:restart_child(dspex_core_sup, dspex_locks),
     try
         {ok, L} = dspex_locks:acquire(S, x, low, #{priority => 1}),
         ?assertEqual({error, timeout},
@@ -133,8 +133,8 @@ preemption_respects_min_iterations() ->
         ok = dspex_locks:release(H)
     after
         ok = application:set_env(dspex_bridge, min_iterations_before_preempt, 0),
-        ok = supervisor:terminate_child(dspex_bridge_sup, dspex_locks),
-        {ok, _} = supervisor:restart_child(dspex_bridge_sup, dspex_locks)
+        ok = supervisor:terminate_child(dspex_core_sup, dspex_locks),
+        {ok, _} = supervisor:restart_child(dspex_core_sup, dspex_locks)
     end.
 
 lease_expires_unless_renewed() ->

@@ -149,3 +149,31 @@ defmodule ElixirApp.Variables do
   defp to_map(opts) when is_map(opts), do: opts
   defp to_map(opts) when is_list(opts), do: Map.new(opts)
 end
+
+defmodule ElixirApp.Messages do
+  @moduledoc """
+  The messages `dspex_bridge` sends to a process, as Elixir records, taken
+  from the bridge's public header `include/dspex_bridge.hrl` at compile time
+  (so they cannot drift from what the bridge sends).
+
+      require ElixirApp.Messages
+      import ElixirApp.Messages
+
+      receive do
+        dspex_variable(ref: ^ref, name: name, new_value: value) -> {name, value}
+        dspex_watch_lost(ref: ^ref) -> :watch_again
+      end
+
+  Records: `dspex_variable` (`ref`, `session`, `name`, `old_value`,
+  `new_value`, `meta`), `dspex_watch_lost` (`ref`, `session`),
+  `dspex_preempted` and `dspex_lock_expired` (`session`, `variable`, `token`).
+  """
+  require Record
+
+  @hrl "dspex_bridge/include/dspex_bridge.hrl"
+
+  for name <- [:dspex_variable, :dspex_watch_lost, :dspex_preempted, :dspex_lock_expired] do
+    Record.defrecord(name, Record.extract(name, from_lib: @hrl))
+  end
+end
+

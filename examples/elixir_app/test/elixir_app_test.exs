@@ -131,6 +131,23 @@ defmodule ElixirApp.VariablesTest do
     assert {:error, {:not_found, "nope"}} = V.watch(s, ["nope"])
   end
 
+  test "watch messages match the records of the bridge's public header", %{session: s} do
+    require ElixirApp.Messages
+    import ElixirApp.Messages
+
+    assert {:ok, _} = V.register(s, "temp", :float, 0.5)
+    assert {:ok, ref} = V.watch(s, ["temp"])
+    assert {:ok, 1} = V.set(s, "temp", 0.9)
+
+    assert_receive dspex_variable(ref: ^ref, session: ^s, name: "temp", old_value: 0.5, new_value: 0.9,
+                                  meta: %{version: 1})
+
+    # a cluster's lost watch, and the lock notices, are plain tagged tuples too
+    assert {:dspex_watch_lost, ref, s} == dspex_watch_lost(ref: ref, session: s)
+    assert {:dspex_preempted, s, "temp", 7} == dspex_preempted(session: s, variable: "temp", token: 7)
+    assert :ok = V.unwatch(ref)
+  end
+
   test "8 concurrent tasks doing 200 compare-and-set increments each", %{session: s} do
     assert {:ok, _} = V.register(s, "counter", :integer, 0)
     calls = :counters.new(1, [:atomics])
