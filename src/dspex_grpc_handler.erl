@@ -55,8 +55,6 @@ acl_opts(Meta) ->
 %% @doc Runs one RPC: `{reply, Map}', `streamed' (WatchVariables, which sent
 %% its messages itself) or `{error, Reason}'.
 -spec handle(atom(), map(), map(), dspex_grpc:ctx()) -> {reply, map()} | streamed | {error, term()}.
-handle(M, _Req, _Call, _Ctx) when M =:= 'ExecuteTool'; M =:= 'ExecuteStreamingTool'; M =:= 'RegisterTools' ->
-    {error, unimplemented};
 handle('Ping', #{message := Msg}, _Call, _Ctx) ->
     %% the reference server's answer, which snakepit clients know
     {reply, #{message => <<"pong: ", Msg/binary>>, server_time => now_us()}};
@@ -329,7 +327,7 @@ rpc('CheckVariableAccess', #{session_id := S, variable_identifier := K, principa
 rpc('GetExposedElixirTools', #{session_id := S}, #{opts := Opts}, _Ctx) ->
     {reply, #{tools => [tool_spec(T) || T <- dspex_tools:list(maps:get(as, Opts, S))]}};
 rpc('ExecuteElixirTool', #{session_id := S, tool_name := Name} = Req, #{opts := Opts, deadline := Deadline}, _Ctx) ->
-    Args = maps:map(fun(_, Any) -> tool_arg(Any) end, maps:get(parameters, Req, #{})),
+    Args = tool_args(Req),
     T0 = erlang:monotonic_time(millisecond),
     Result = dspex_tools:call(Name, Args, #{session => S, principal => maps:get(as, Opts, S),
                                            metadata => maps:get(metadata, Req, #{}), timeout => Deadline}),
@@ -344,6 +342,49 @@ rpc('ExecuteElixirTool', #{session_id := S, tool_name := Name} = Req, #{opts := 
                       execution_time_ms => Ms, metadata => #{<<"error_kind">> => atom_to_binary(Kind)}}};
         {error, _} = E -> E
     end;
+%%% tools Python worker pools offer (dspex_tools:register_python/3) ------------------
+
+rpc('RegisterTools', #{session_id := S, worker_id := W} = Req, _Call, _Ctx) ->
+    %% worker_id names the worker's pool: "pool" or "pool/anything" (DSPEX_WORKER_POOL)
+    [PoolText | _] = binary:split(W, <<"/">>),
+    Specs = [#{name => N, description => maps:get(description, T, <<>>),
+               parameters => [maps:with([name, type, description, required], P) || P <- maps:get(parameters, T, [])],
+               supports_streaming => maps:get(supports_streaming, T, false),
+               metadata => maps:get(metadata, T, #{}),
+               allow => allow_of(maps:get(metadata, T, #{}))}
+             || #{name := N} = T <- maps:get(tools, Req, [])],
+    case pool_of(PoolText) of
+        {ok, Pool} ->
+            case dspex_tools:register_python(S, Pool, Specs) of
+                {ok, Ids} -> {reply, #{success => true, tool_ids => Ids}};
+                E -> E
+            end;
+        E -> E
+    end;
+rpc('ExecuteTool', #{session_id := S, tool_name := Name} = Req, #{opts := Opts, deadline := Deadline}, _Ctx) ->
+    T0 = erlang:monotonic_time(millisecond),
+    R = dspex_tools:call_python(S, Name, tool_args(Req), #{principal => maps:get(as, Opts, S), timeout => Deadline}),
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    case R of
+        {ok, V} -> {reply, #{success => true, result => #{type_url => ?TOOL_RESULT_URL, value => V},
+                             execution_time_ms => Ms, metadata => #{}}};
+        {error, {tool_error, Msg}} ->
+            {reply, #{success => false, error_message => Msg, execution_time_ms => Ms,
+                      metadata => #{<<"error_kind">> => <<"python_error">>}}};
+        {error, _} = E -> E
+    end;
+rpc('ExecuteStreamingTool', #{session_id := S, tool_name := Name} = Req, #{opts := Opts, deadline := Deadline}, Ctx) ->
+    %% the call runs in a helper process; its chunks reach this process, which
+    %% streams each at once and then the final chunk (or the error status)
+    Self = self(),
+    Tag = make_ref(),
+    Args = tool_args(Req),
+    {Pid, MRef} = spawn_monitor(fun() ->
+                                        Self ! {Tag, {done, dspex_tools:stream_python(S, Name, Args, {Self, Tag},
+                                                                                       #{principal => maps:get(as, Opts, S),
+                                                                                         timeout => Deadline})}}
+                                end),
+    stream_tool(Ctx, Tag, Pid, MRef, 0);
 rpc('GetDashboard', #{session_id := S}, _Call, _Ctx) ->
     dashboard(S);
 
@@ -595,6 +636,49 @@ text(F) when is_float(F) -> float_to_binary(F, [short]);
 text(T) -> unicode:characters_to_binary(io_lib:format("~0p", [T])).
 
 now_us() -> erlang:system_time(microsecond).
+
+stream_tool(Ctx, Tag, Pid, MRef, N) ->
+    receive
+        {Tag, {chunk, Data}} ->
+            Chunk = #{chunk_id => integer_to_binary(N + 1), data => json_bytes(Data), is_final => false, metadata => #{}},
+            dspex_grpc:stream(Ctx, Chunk),
+            stream_tool(Ctx, Tag, Pid, MRef, N + 1);
+        {Tag, {done, R}} ->
+            erlang:demonitor(MRef, [flush]),
+            case R of
+                {ok, _} ->
+                    dspex_grpc:stream(Ctx, #{chunk_id => integer_to_binary(N + 1), data => <<>>, is_final => true,
+                                             metadata => #{<<"chunks">> => integer_to_binary(N)}}),
+                    streamed;
+                {error, {tool_error, Msg}} ->
+                    %% the function raised mid-stream: the final chunk says so (chunks sent stay sent)
+                    dspex_grpc:stream(Ctx, #{chunk_id => integer_to_binary(N + 1), data => <<>>, is_final => true,
+                                             metadata => #{<<"chunks">> => integer_to_binary(N),
+                                                           <<"error">> => Msg, <<"error_kind">> => <<"python_error">>}}),
+                    streamed;
+                {error, _} = E -> E
+            end;
+        {'DOWN', MRef, process, Pid, Reason} ->
+            {error, {crash, Reason}}
+    end.
+
+json_bytes(Data) ->
+    case dspex_json:encode(Data) of
+        {ok, J} -> iolist_to_binary(J);
+        {error, _} -> <<"null">>
+    end.
+
+tool_args(Req) -> maps:map(fun(_, Any) -> tool_arg(Any) end, maps:get(parameters, Req, #{})).
+
+%% "allow" in a registration's metadata: comma-separated principal globs.
+allow_of(#{<<"allow">> := A}) -> [P || P <- binary:split(A, <<",">>, [global, trim_all]), P =/= <<>>];
+allow_of(_) -> [].
+
+pool_of(Text) ->
+    try binary_to_existing_atom(Text, utf8) of
+        Pool -> {ok, Pool}
+    catch error:badarg -> {error, {unknown_pool, Text}}
+    end.
 
 tool_spec(#{name := N, description := D, parameters := Ps, metadata := M}) ->
     #{name => N, description => D, metadata => M, supports_streaming => false, required_variables => [],

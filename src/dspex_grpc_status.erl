@@ -9,6 +9,8 @@
 %% | `{version_mismatch, Current}' | ABORTED (10), "version mismatch: current version is N" |
 %% | `{locked, _}', `stale_lock', `{lock_held_by, _}', `not_lock_owner', `derived_variable', `{would_create_cycle, _}', `not_optimizing' | FAILED_PRECONDITION (9) |
 %% | `{tool_not_found, _}' | NOT_FOUND (5) |
+%% | `{unknown_pool, _}', `{not_json, _}' | INVALID_ARGUMENT (3) |
+%% | `circuit_open', `overloaded', `no_pool', `pool_stopped', `flood', `{worker_exit, _}', `{bad_reply, _}', `{load_error, _, _}', `{spawn_failed, _}' (a Python tool's pool) | UNAVAILABLE (14) |
 %% | `access_denied' | PERMISSION_DENIED (7) |
 %% | `{limit_exceeded, L}' for `L' = `sessions', `variables' (a capacity is used up) | RESOURCE_EXHAUSTED (8), "limit exceeded: L (...)" |
 %% | `rate_limited' (the session's token bucket is empty: retry later), `enomem' | RESOURCE_EXHAUSTED (8) |
@@ -96,6 +98,18 @@ of_error(overload) -> {unavailable, <<"server overloaded, retry later">>};
 of_error(unavailable) -> {unavailable, <<"unavailable">>};
 of_error(timeout) -> {deadline_exceeded, <<"timed out">>};
 of_error(unimplemented) -> {unimplemented, <<"not implemented by dspex_bridge">>};
+%% a Python tool's worker pool (dspex_workers): the pool is unable now, retry later
+of_error(circuit_open) -> {unavailable, <<"worker pool circuit breaker is open, retry later">>};
+of_error(overloaded) -> {unavailable, <<"worker pool queue is full, retry later">>};
+of_error(no_pool) -> {unavailable, <<"worker pool is not running">>};
+of_error(pool_stopped) -> {unavailable, <<"worker pool stopped">>};
+of_error(flood) -> {unavailable, <<"worker flooded the bridge and was restarted">>};
+of_error({worker_exit, R}) -> {unavailable, fmt("worker exited: ~0p", [R])};
+of_error({bad_reply, _}) -> {unavailable, <<"worker broke the protocol and was restarted">>};
+of_error({load_error, T, M}) -> {unavailable, fmt("worker module does not load: ~ts: ~ts", [txt(T), txt(M)])};
+of_error({spawn_failed, R}) -> {unavailable, fmt("worker could not start: ~0p", [R])};
+of_error({unknown_pool, P}) -> {invalid_argument, fmt("unknown worker pool: ~ts", [txt(P)])};
+of_error({not_json, _}) -> {invalid_argument, <<"tool arguments have no JSON form">>};
 of_error(Other) -> {internal, fmt("internal error: ~0p", [Other])}.
 
 %% @doc Trailing metadata of an error status (see the module doc).

@@ -327,7 +327,8 @@ unregister_python(Session, Name0) ->
 -spec list_python(binary(), binary()) -> [map()].
 list_python(Session, Principal) ->
     Tools = ets:select(table(), [{{{py, Session, '_'}, '$1'}, [], ['$1']}]),
-    lists:sort([maps:with([name, description, parameters, metadata, pool, supports_streaming], T)
+    lists:sort(fun(#{name := A}, #{name := B}) -> A =< B end,
+               [maps:with([name, description, parameters, metadata, pool, supports_streaming], T)
                 || T <- Tools, py_allowed(T, Principal)]).
 
 %% @doc Runs Python tool `Name' of `Session' with keyword arguments `Args'

@@ -101,3 +101,79 @@ grpc_handlers() ->
         Call('ExecuteElixirTool', #{session_id => <<"s">>, tool_name => <<"secret">>, parameters => #{}},
              #{<<"dspex-principal">> => <<"boss">>}),
     ?assertEqual({not_found, <<"tool not found: nope">>}, dspex_grpc_status:of_error({tool_not_found, <<"nope">>})).
+
+%%% Python tools: functions of a worker pool's module, called through the pool
+
+python_tools_test_() ->
+    {setup,
+     fun() ->
+             {ok, Apps} = application:ensure_all_started(dspex_bridge),
+             Mod = filename:join([code:lib_dir(dspex_bridge), "test", "python_workers", "tools_mod.py"]),
+             {ok, _} = dspex_workers:start_pool(py_tools, #{module => Mod, size => 1,
+                                                              breaker => #{threshold => 3}}),
+             Apps
+     end,
+     fun(Apps) ->
+             _ = dspex_workers:stop_pool(py_tools),
+             [application:stop(A) || A <- lists:reverse(Apps)]
+     end,
+     [fun python_tool_register_call_stream/0, fun python_tool_errors_and_access/0,
+      fun python_tools_over_grpc_handlers/0]}.
+
+python_tool_register_call_stream() ->
+    S = <<"py_tools_s1">>,
+    {ok, #{<<"add">> := <<"py_tools_s1/add">>, <<"count">> := _}} =
+        dspex_tools:register_python(S, py_tools, [#{name => add, description => <<"adds">>},
+                                                  #{name => <<"count">>, supports_streaming => true}]),
+    ?assertMatch([#{name := <<"add">>, description := <<"adds">>, pool := py_tools, supports_streaming := false},
+                  #{name := <<"count">>, supports_streaming := true}], dspex_tools:list_python(S, S)),
+    ?assertEqual({ok, 7}, dspex_tools:call_python(S, add, #{<<"a">> => 3, <<"b">> => 4}, #{})),
+    Tag = make_ref(),
+    ?assertEqual({ok, #{<<"chunks">> => 3}},
+                 dspex_tools:stream_python(S, count, #{<<"n">> => 3, <<"label">> => <<"x">>}, {self(), Tag}, #{})),
+    ?assertEqual([#{<<"i">> => I, <<"label">> => <<"x">>} || I <- [0, 1, 2]],
+                 [receive {Tag, {chunk, C}} -> C after 1000 -> error(no_chunk) end || _ <- [1, 2, 3]]),
+    %% the stream broke after two items: they were delivered, then the error
+    ok = dspex_tools:unregister_python(S, count),
+    {ok, _} = dspex_tools:register_python(S, py_tools, [#{name => count_then_fail, supports_streaming => true}]),
+    ?assertEqual({error, {tool_error, <<"RuntimeError: stream broke after 2">>}},
+                 dspex_tools:stream_python(S, count_then_fail, #{<<"n">> => 2}, {self(), Tag}, #{})),
+    ?assertEqual([0, 1], [receive {Tag, {chunk, C}} -> C after 1000 -> error(no_chunk) end || _ <- [1, 2]]),
+    ?assertEqual({error, {tool_not_found, <<"count">>}}, dspex_tools:call_python(S, count, #{}, #{})).
+
+python_tool_errors_and_access() ->
+    S = <<"py_tools_s2">>,
+    ?assertEqual({error, {unknown_pool, no_such_pool}}, dspex_tools:register_python(S, no_such_pool, [#{name => add}])),
+    ?assertEqual({error, {invalid_argument, name}}, dspex_tools:register_python(S, py_tools, [#{name => <<>>}])),
+    ?assertEqual([], dspex_tools:list_python(S, S)),
+    {ok, _} = dspex_tools:register_python(S, py_tools, [#{name => boom}, #{name => add, allow => [<<"friend_*">>]}]),
+    ?assertEqual({error, {tool_error, <<"ValueError: tool exploded">>}}, dspex_tools:call_python(S, boom, #{}, #{})),
+    %% the session itself, and principals its allow globs name; nobody else
+    ?assertEqual({error, access_denied}, dspex_tools:call_python(S, boom, #{}, #{principal => <<"friend_1">>})),
+    ?assertEqual({ok, 2}, dspex_tools:call_python(S, add, #{<<"a">> => 1, <<"b">> => 1}, #{principal => <<"friend_1">>})),
+    ?assertEqual([<<"add">>], [N || #{name := N} <- dspex_tools:list_python(S, <<"friend_9">>)]),
+    ?assertEqual([], dspex_tools:list_python(S, <<"stranger">>)),
+    %% a Python function that does not exist, and bad arguments, are the function's failure
+    {ok, _} = dspex_tools:register_python(S, py_tools, [#{name => missing_fn}]),
+    ?assertMatch({error, {tool_error, <<"unknown_function: missing_fn">>}}, dspex_tools:call_python(S, missing_fn, #{}, #{})),
+    ?assertMatch({error, {tool_error, <<"TypeError: ", _/binary>>}}, dspex_tools:call_python(S, add, #{<<"a">> => 1}, #{})),
+    %% an open breaker answers without touching the pool
+    [ok = dspex_breaker:melt(dspex_workers:breaker(py_tools)) || _ <- lists:seq(1, 3)],
+    ?assertEqual({error, circuit_open}, dspex_tools:call_python(S, add, #{<<"a">> => 1, <<"b">> => 1}, #{})),
+    ok = dspex_breaker:reset(dspex_workers:breaker(py_tools)),
+    ?assertEqual({ok, 2}, dspex_tools:call_python(S, add, #{<<"a">> => 1, <<"b">> => 1}, #{})).
+
+python_tools_over_grpc_handlers() ->
+    S = <<"py_tools_s3">>,
+    Call = fun(M, Req) -> dspex_grpc_handler:handle(M, Req, #{meta => #{}, deadline => 5000, opts => #{}}, undefined) end,
+    {reply, #{success := true, tool_ids := #{<<"add">> := _}}} =
+        Call('RegisterTools', #{session_id => S, worker_id => <<"py_tools/1">>,
+                                tools => [#{name => <<"add">>, description => <<>>, parameters => [], metadata => #{},
+                                            supports_streaming => false}]}),
+    ?assertEqual({error, {unknown_pool, <<"nope_pool_xyz">>}},
+                 Call('RegisterTools', #{session_id => S, worker_id => <<"nope_pool_xyz">>, tools => []})),
+    Arg = fun(V) -> #{type_url => <<"type.googleapis.com/google.protobuf.StringValue">>, value => V} end,
+    {reply, #{success := true, result := #{value := 5}}} =
+        Call('ExecuteTool', #{session_id => S, tool_name => <<"add">>, parameters => #{<<"a">> => Arg(2), <<"b">> => Arg(3)}}),
+    ?assertEqual({unavailable, <<"worker pool circuit breaker is open, retry later">>},
+                 dspex_grpc_status:of_error(circuit_open)).

@@ -44,6 +44,8 @@ def setUpModule():
         "ok = dspex_tools:expose(crashes, fun(_) -> erlang:error(boom) end),"
         "ok = dspex_tools:expose(sleepy, fun(_) -> receive after infinity -> ok end end),"
         "ok = dspex_tools:expose(admin_only, fun(_) -> <<\"secret\">> end, #{allow => [<<\"admin_*\">>]}),"
+        # a worker pool whose functions Python clients register and run as tools
+        "{ok, _} = dspex_workers:start_pool(py_tool_pool, #{module => \"test/python_workers/tools_mod.py\", size => 1}),"
         % RATE_LIMITED)).start()
 
 
@@ -164,17 +166,6 @@ class Sessions(BridgeCase):
         self.assertNotIsInstance(e, RateLimitedError)
         self.assertEqual(self.ctx.get_variable("big"), "small")
 
-    def test_python_tool_rpcs_are_unimplemented(self):
-        calls = [
-            lambda: self.stub.ExecuteTool(pb2.ExecuteToolRequest(session_id=self.session, tool_name="t")),
-            lambda: next(self.stub.ExecuteStreamingTool(pb2.ExecuteToolRequest(session_id=self.session))),
-            lambda: self.stub.RegisterTools(pb2.RegisterToolsRequest(session_id=self.session))]
-        for call in calls:
-            with self.assertRaises(grpc.RpcError) as cm:
-                call()
-            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
-        from dspex_bridge.errors import from_rpc_error
-        self.assertIsInstance(from_rpc_error(cm.exception), UnsupportedError)
 
 
 class Variables(BridgeCase):
@@ -764,3 +755,59 @@ class ElixirTools(unittest.TestCase):
             session_id=self.ctx.session_id, tool_name="fails"), timeout=10)
         self.assertFalse(r.success)
         self.assertEqual(r.error_message, "model unavailable")
+
+
+class PythonTools(unittest.TestCase):
+    """Tools of a Python worker pool: RegisterTools (as a worker of the pool
+    does, naming it in worker_id), ExecuteTool and ExecuteStreamingTool run
+    on the pool's worker through dspex_workers."""
+
+    def setUp(self):
+        self.ctx = SessionContext(NODE.address, sid(), cache_ttl=0, timeout=20)
+
+    def tearDown(self):
+        self.ctx.cleanup()
+        self.ctx.close()
+
+    def test_register_execute_stream(self):
+        def count(n, label="item"):
+            """yields n items"""
+            yield n
+        ids = self.ctx.register_tools(["add", count], worker_id="py_tool_pool/1")
+        self.assertEqual(ids, {"add": self.ctx.session_id + "/add", "count": self.ctx.session_id + "/count"})
+        self.assertEqual(self.ctx.execute_tool("add", a=20, b=22), 42)
+        self.assertEqual(self.ctx.execute_tool("add", a=[1], b=[2, 3]), [1, 2, 3])
+        items = list(self.ctx.stream_tool("count", n=3, label="x"))
+        self.assertEqual(items, [{"i": 0, "label": "x"}, {"i": 1, "label": "x"}, {"i": 2, "label": "x"}])
+        self.assertEqual(list(self.ctx.stream_tool("count", n=0)), [])
+
+    def test_streaming_chunks_arrive_before_the_end(self):
+        self.ctx.register_tools(["count"], worker_id="py_tool_pool")
+        it = self.ctx.stream_tool("count", n=2)
+        self.assertEqual(next(it), {"i": 0, "label": "item"})
+        self.assertEqual(next(it), {"i": 1, "label": "item"})
+        with self.assertRaises(StopIteration):
+            next(it)
+
+    def test_errors(self):
+        from dspex_bridge import ToolError, ToolNotFoundError
+        self.ctx.register_tools(["boom", "count_then_fail", "add"], worker_id="py_tool_pool")
+        with self.assertRaises(ToolError) as cm:
+            self.ctx.execute_tool("boom")
+        self.assertEqual((str(cm.exception), cm.exception.kind), ("ValueError: tool exploded", "python_error"))
+        got = []
+        with self.assertRaises(ToolError) as cm:
+            for item in self.ctx.stream_tool("count_then_fail", n=2):
+                got.append(item)
+        self.assertEqual(got, [0, 1])
+        self.assertEqual(str(cm.exception), "RuntimeError: stream broke after 2")
+        with self.assertRaises(ToolNotFoundError):
+            self.ctx.execute_tool("never_registered")
+        with self.assertRaises(InvalidValueError):
+            self.ctx.register_tools(["add"], worker_id="no_such_pool_anywhere")
+        # only this session may call its tools unless allowed
+        intruder = self.ctx.as_principal("intruder")
+        with self.assertRaises(AccessDeniedError):
+            intruder.execute_tool("add", a=1, b=2)
+        self.ctx.register_tools([{"name": "add", "allow": ["intr*"]}], worker_id="py_tool_pool")
+        self.assertEqual(intruder.execute_tool("add", a=1, b=2), 3)

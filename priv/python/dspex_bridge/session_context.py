@@ -15,7 +15,9 @@ message.  Reads may be served from a client cache (TTL ``cache_ttl`` seconds,
 ``watch`` of this context, invalidate it at once.
 """
 
+import inspect
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -322,6 +324,58 @@ class SessionContext:
         this principal), BridgeTimeoutError (the context's deadline passed; the
         tool is killed), InvalidValueError (arguments), ToolError (the tool
         itself failed, raised or returned no JSON)."""
+        r = self._call("ExecuteElixirTool", pb2.ExecuteElixirToolRequest(
+            session_id=self.session_id, tool_name=tool_name, parameters=self._tool_params(kwargs)))
+        if not r.success:
+            raise ToolError(r.error_message or "tool failed", kind=r.metadata.get("error_kind"))
+        if not r.HasField("result") or not r.result.value:
+            return None
+        return json.loads(r.result.value.decode("utf-8"))
+
+    # Python tools: functions of a worker pool's module (dspex_workers), run
+    # by the BEAM on a free worker of that pool.
+
+    def register_tools(self, tools, worker_id: Optional[str] = None) -> Dict[str, str]:
+        """RegisterTools: offers functions of this worker's pool as tools of
+        this session.  ``tools``: names, callables (name, docstring and
+        parameters are read off them), or dicts with ``name``,
+        ``description``, ``parameters`` (dicts: name, type, description,
+        required), ``supports_streaming`` and ``allow`` (principal globs that
+        may call it besides this session).  ``worker_id`` is the pool's name
+        (default: $DSPEX_WORKER_POOL, set in every worker).  Returns the tool
+        ids by name."""
+        worker_id = worker_id or os.environ.get("DSPEX_WORKER_POOL", "")
+        if not worker_id:
+            raise InvalidValueError("register_tools needs the pool's name (worker_id or $DSPEX_WORKER_POOL)")
+        regs = [self._tool_registration(t) for t in tools]
+        r = self._call("RegisterTools", pb2.RegisterToolsRequest(session_id=self.session_id, tools=regs,
+                                                                 worker_id=worker_id))
+        self._check(r, "RegisterTools")
+        return dict(r.tool_ids)
+
+    @staticmethod
+    def _tool_registration(t):
+        if isinstance(t, str):
+            t = {"name": t}
+        elif callable(t) and not isinstance(t, dict):
+            sig = inspect.signature(t)
+            t = {"name": t.__name__, "description": inspect.getdoc(t) or "",
+                 "supports_streaming": inspect.isgeneratorfunction(t),
+                 "parameters": [{"name": n, "required": p.default is inspect.Parameter.empty}
+                                for n, p in sig.parameters.items()
+                                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]}
+        meta = dict(t.get("metadata", {}))
+        if t.get("allow"):
+            meta["allow"] = ",".join(t["allow"])
+        return pb2.ToolRegistration(
+            name=t["name"], description=t.get("description", ""), metadata=meta,
+            supports_streaming=bool(t.get("supports_streaming", False)),
+            parameters=[pb2.ParameterSpec(name=p["name"], type=p.get("type", ""),
+                                          description=p.get("description", ""),
+                                          required=bool(p.get("required", False)))
+                        for p in t.get("parameters", [])])
+
+    def _tool_params(self, kwargs):
         params = {}
         for key, value in kwargs.items():
             try:
@@ -329,13 +383,40 @@ class SessionContext:
             except (TypeError, ValueError) as e:
                 raise InvalidValueError("tool argument %r has no JSON form: %s" % (key, e)) from None
             params[key] = any_pb2.Any(type_url=self._TOOL_ARG_URL, value=body)
-        r = self._call("ExecuteElixirTool", pb2.ExecuteElixirToolRequest(
-            session_id=self.session_id, tool_name=tool_name, parameters=params))
+        return params
+
+    def execute_tool(self, tool_name: str, **kwargs) -> Any:
+        """ExecuteTool: runs a Python tool of this session (on its pool's
+        worker) with keyword arguments; returns its JSON result.  ToolError
+        when the function raised; BridgeUnavailableError when its pool cannot
+        run it now (breaker open, queue full, worker died)."""
+        r = self._call("ExecuteTool", pb2.ExecuteToolRequest(
+            session_id=self.session_id, tool_name=tool_name, parameters=self._tool_params(kwargs)))
         if not r.success:
             raise ToolError(r.error_message or "tool failed", kind=r.metadata.get("error_kind"))
         if not r.HasField("result") or not r.result.value:
             return None
         return json.loads(r.result.value.decode("utf-8"))
+
+    def stream_tool(self, tool_name: str, **kwargs):
+        """ExecuteStreamingTool: iterator of the items a Python generator tool
+        yields, each as soon as the worker produced it.  Raises ToolError at
+        the end if the function raised after its last item."""
+        call = self.stub.ExecuteStreamingTool(
+            pb2.ExecuteToolRequest(session_id=self.session_id, tool_name=tool_name,
+                                   parameters=self._tool_params(kwargs), stream=True),
+            timeout=self.timeout, metadata=self._metadata or None)
+        try:
+            for chunk in call:
+                if chunk.is_final:
+                    if chunk.metadata.get("error"):
+                        raise ToolError(chunk.metadata["error"], kind=chunk.metadata.get("error_kind"))
+                    return
+                yield json.loads(chunk.data.decode("utf-8"))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
 
     def call_tool(self, tool_name: str, **kwargs) -> Any:
         """snakepit's name for calling a tool: here, a tool of the BEAM."""
