@@ -329,8 +329,10 @@ dashboard_and_tools() ->
     {reply, #{dashboard_json := D, session_count := N}} = call('GetDashboard', #{session_id => <<>>}),
     ?assert(N >= 1),
     ?assert(is_map(D)),
-    ?assertEqual({error, unimplemented}, call('ExecuteTool', #{session_id => <<"x">>})),
-    ?assertEqual({error, unimplemented}, call('RegisterTools', #{session_id => <<"x">>})),
+    ?assertEqual({error, {tool_not_found, <<"nope">>}},
+                 call('ExecuteTool', #{session_id => <<"x">>, tool_name => <<"nope">>, parameters => #{}})),
+    ?assertEqual({error, {unknown_pool, <<"no_pool_named_this">>}},
+                 call('RegisterTools', #{session_id => <<"x">>, worker_id => <<"no_pool_named_this">>, tools => []})),
     {reply, #{message := <<"pong: hi">>}} = call('Ping', #{message => <<"hi">>}).
 
 %% What goes back to the port: run/5 writes {packet,4} terms, which `cat' echoes.
@@ -351,8 +353,8 @@ wire_messages_and_watch() ->
                                                                 bypass_cache => false}, #{}, infinity),
         ?assertMatch({error, 3, 5, <<"variable not found: q">>, #{<<"dspex-error">> := <<"not_found">>}},
                      port_term(Cat)),
-        ok = dspex_grpc_handler:run({Cat, 4}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
-        ?assertMatch({error, 4, 12, _, _}, port_term(Cat)),
+        ok = dspex_grpc_handler:run({Cat, 4}, 'ExecuteTool', #{session_id => S, tool_name => <<"t">>}, #{}, infinity),
+        ?assertEqual({error, 4, 5, <<"tool not found: t">>, #{<<"dspex-error">> => <<"tool_not_found">>}}, port_term(Cat)),
         %% an empty name is a missing argument, not a name over the length limit
         ok = dspex_grpc_handler:run({Cat, 6}, 'RegisterVariable', register_req(S, <<>>, <<"integer">>, 1), #{}, infinity),
         ?assertEqual({error, 6, 3, <<"invalid argument: name must not be empty">>,
@@ -373,8 +375,8 @@ wire_messages_and_watch() ->
         after
             ok = dspex_telemetry:detach(grpc_rpc_stop_test)
         end,
-        ok = dspex_grpc_handler:run({Cat, 41}, 'ExecuteTool', #{session_id => S}, #{}, infinity),
-        ?assertMatch({error, 41, 12, _, _}, port_term(Cat)),
+        ok = dspex_grpc_handler:run({Cat, 41}, 'ExecuteTool', #{session_id => S, tool_name => <<"t">>}, #{}, infinity),
+        ?assertMatch({error, 41, 5, _, _}, port_term(Cat)),
         receive {rpc_stop, _, _} -> error(event_after_detach) after 0 -> ok end,
         %% a watch: initial value, every change in order, then the deletion ends it
         Watch = spawn_link(dspex_grpc_handler, run,

@@ -142,7 +142,7 @@ def odd_calls(channel, stub, sid):
     unknown = channel.unary_unary("/snakepit.bridge.BridgeService/NoSuchRpc",
                                   request_serializer=None, response_deserializer=None)
     expect(lambda: unknown(b""), C.UNIMPLEMENTED)                               # refused in C
-    expect(lambda: stub.ExecuteTool(pb.ExecuteToolRequest(session_id=sid)), C.UNIMPLEMENTED)
+    expect(lambda: stub.ExecuteTool(pb.ExecuteToolRequest(session_id=sid)), C.NOT_FOUND)   # no such tool
     expect(lambda: stub.Ping(pb.PingRequest(message="x"), metadata=[("dspex-context", "[1")]),
            C.INVALID_ARGUMENT)
     # a Timestamp out of the range timestamp.proto allows (refused in C)
