@@ -72,6 +72,33 @@ class ProtocolTest(unittest.TestCase):
         env = self.w.recv()["ok"]
         self.assertEqual((env["address"], env["session"]), ("10.0.0.1:1", "s1"))
 
+    def test_keyword_arguments_and_streamed_calls(self):
+        w = Worker(module=os.path.join(HERE, "tools_mod.py"))
+        try:
+            self.assertEqual(w.recv()["type"], "ready")
+            w.send({"type": "call", "id": 1, "fn": "add", "args": [1], "kwargs": {"b": 2}})
+            self.assertEqual(w.recv(), {"type": "reply", "id": 1, "ok": 3})
+            # a generator: one chunk frame per item, in order, then the count
+            w.send({"type": "call", "id": 2, "fn": "count", "args": [], "kwargs": {"n": 2}, "stream": True})
+            self.assertEqual([w.recv() for _ in range(3)],
+                             [{"type": "chunk", "id": 2, "data": {"i": 0, "label": "item"}},
+                              {"type": "chunk", "id": 2, "data": {"i": 1, "label": "item"}},
+                              {"type": "reply", "id": 2, "ok": {"chunks": 2}}])
+            # not streamed: the generator's items as one list; a plain value streamed is one chunk
+            w.send({"type": "call", "id": 3, "fn": "count", "args": [1]})
+            self.assertEqual(w.recv(), {"type": "reply", "id": 3, "ok": [{"i": 0, "label": "item"}]})
+            w.send({"type": "call", "id": 4, "fn": "add", "args": [1, 1], "stream": True})
+            self.assertEqual([w.recv() for _ in range(2)],
+                             [{"type": "chunk", "id": 4, "data": 2}, {"type": "reply", "id": 4, "ok": {"chunks": 1}}])
+            # failing mid-stream: the items sent, then the error
+            w.send({"type": "call", "id": 5, "fn": "count_then_fail", "args": [1], "stream": True})
+            self.assertEqual(w.recv(), {"type": "chunk", "id": 5, "data": 0})
+            self.assertEqual(w.recv()["error"], {"type": "RuntimeError", "message": "stream broke after 1"})
+            w.send({"type": "call", "id": 6, "fn": "add", "args": [], "kwargs": [1]})
+            self.assertEqual(w.recv()["error"]["type"], "bad_args")
+        finally:
+            w.close()
+
     def test_errors_are_replies(self):
         self.w.recv()
         self.w.send({"type": "call", "id": 1, "fn": "fail", "args": ["no"]})
