@@ -9,7 +9,8 @@ export CI
 # Exact Debian 12 packages, each a real need of the build or the tests.
 APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
              erlang-parsetools erlang-edoc rebar3 erlang-inets \
-             pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
+             pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev \
+             libsqlite3-dev
 APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir
