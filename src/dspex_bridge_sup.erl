@@ -9,7 +9,10 @@ start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
-    Children = [#{id => dspex_acl_audit, start => {dspex_acl_audit, start_link, []}},
+    %% the event log first: it records every change the other children cause
+    Children = [#{id => dspex_events, start => {dspex_events, start_link, []}, shutdown => 30000}
+                || application:get_env(dspex_bridge, event_log, true)]
+        ++ [#{id => dspex_acl_audit, start => {dspex_acl_audit, start_link, []}},
                 #{id => dspex_session_sweeper,
                   start => {dspex_session_sweeper, start_link, [Interval]}},
                 #{id => dspex_locks, start => {dspex_locks, start_link, []}},

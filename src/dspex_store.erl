@@ -380,8 +380,8 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 set(Session, Key, Value, #{propagate := sync} = Opts) -> set_routed(Session, Key, Value, Opts);
 set(Session, Key, Value, Opts) ->
     case dspex_nif:var_set(Session, Key, Value, Opts) of
-        slow -> set_routed(Session, Key, Value, Opts);
-        R -> R
+        slow -> dspex_events:durable(set_routed(Session, Key, Value, Opts), Opts); %% event log durability
+        R -> dspex_events:durable(R, Opts)
     end.
 
 set_routed(Session, Key, Value, Opts) ->
@@ -448,7 +448,8 @@ set_many(Session, Updates) -> set_many(Session, Updates, #{}).
 %% across variables); writers cannot interleave with it.
 -spec set_many(session_id(), map() | list(), #{atomic => boolean()}) -> {ok, map()} | {error, term()}.
 set_many(Session, Updates, Opts) when is_map(Opts) ->
-    ?ROUTED(Session, set_many, [Session, Updates, Opts], set_many_here(Session, Updates, Opts)).
+    dspex_events:durable(?ROUTED(Session, set_many, [Session, Updates, Opts], set_many_here(Session, Updates, Opts)),
+                         Opts). %% event log durability
 
 set_many_here(Session, Updates, Opts) ->
     Atomic = maps:get(atomic, Opts, false) =:= true,

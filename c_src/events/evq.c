@@ -25,6 +25,7 @@ struct dx_evq {
     pthread_cond_t nonempty, progress;
     dx_ev_item *head, *tail;
     size_t depth, max_depth, bytes;
+    _Atomic size_t adepth; /* depth, readable without the mutex (back-pressure checks) */
     uint64_t pushed, done, batches, errors, written, last_pos;
     uint64_t failed_upto; /* tickets <= this saw a failed attempt */
     char last_error[256];
@@ -201,6 +202,7 @@ static void link_item(dx_evq *q, dx_ev_item *it, uint64_t seq, int64_t ts) {
     else q->head = it;
     q->tail = it;
     q->depth++;
+    atomic_store_explicit(&q->adepth, q->depth, memory_order_relaxed);
     q->bytes += it->alloc;
     if (q->depth > q->max_depth) q->max_depth = q->depth;
 }
@@ -237,6 +239,7 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
             uint64_t s = ++e->seq;
             int64_t ts = in[i].ts_us ? in[i].ts_us : now;
             link_item(q, items[i], s, ts);
+            if (in[i].id_out) memcpy(in[i].id_out, items[i]->rec.id, 37);
             if (tickets) tickets[i] = items[i]->ticket;
             if (seqs) seqs[i] = s;
         }
@@ -271,10 +274,7 @@ uint64_t dx_evq_done(dx_evq *q) {
 }
 
 bool dx_evq_full(dx_evq *q) {
-    pthread_mutex_lock(&q->mu);
-    bool f = q->cfg.capacity && q->depth >= q->cfg.capacity;
-    pthread_mutex_unlock(&q->mu);
-    return f;
+    return q->cfg.capacity && atomic_load_explicit(&q->adepth, memory_order_relaxed) >= q->cfg.capacity;
 }
 
 void dx_evq_stats_get(dx_evq *q, dx_evq_stats *o) {
@@ -347,6 +347,7 @@ static void *writer(void *arg) {
                 q->batches++;
                 q->written += n;
                 q->depth -= n;
+                atomic_store_explicit(&q->adepth, q->depth, memory_order_relaxed);
                 for (dx_ev_item *it = first; it; it = it->next) q->bytes -= it->alloc;
                 if (recs[n - 1].position > q->last_pos) q->last_pos = recs[n - 1].position;
             } else {

@@ -42,6 +42,7 @@ typedef struct {
     void *payload;                         /* owned by the queue once pushed */
     int64_t ts_us;                         /* 0: the queue reads the clock */
     uint64_t sequence;                     /* 0: assign the session's next; else must be exactly next (replicas) */
+    char *id_out;                          /* optional: receives the event's UUIDv7 (37 bytes) */
 } dx_ev_in;
 
 typedef struct dx_evq dx_evq;
