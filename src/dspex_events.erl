@@ -44,7 +44,7 @@
 -module(dspex_events).
 -behaviour(gen_server).
 
--export([start_link/0, append/4, emit/4, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
+-export([start_link/0, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
@@ -100,9 +100,40 @@ append(_, _, _, _) -> {error, {invalid_argument, append}}.
 %% ignores it.
 -spec emit(binary(), event_type(), term(), map()) -> ok.
 emit(Session, Type, Data, Meta) when is_binary(Session) ->
-    _ = enabled() andalso dspex_nif:events_append(Session, Type, Data, Meta),
+    _ = enabled() andalso dspex_nif:events_append(Session, Type, Data, indexable(Meta)),
     ok;
 emit(_, _, _, _) -> ok.
+
+%% @doc `emit/4' when `Result' is a success (`ok' or `{ok, _}'); returns
+%% `Result'. For one-line hooks in the modules that own the state.
+-spec recorded(R, binary(), event_type(), map()) -> R when R :: term().
+recorded(Result, Session, Type, Data) when Result =:= ok; element(1, Result) =:= ok ->
+    ok = emit(Session, Type, Data, maps:with([variable, principal], Data)),
+    Result;
+recorded(Result, _, _, _) -> Result.
+
+%% @doc The event of a `dspex_locks' telemetry event (`acquired', `released',
+%% `preempted', `expired', `progress'); others are not logged.
+-spec lock_event(atom(), {binary(), term()}, map()) -> ok.
+lock_event(Name, {S, Var}, Meta) ->
+    Type = case Name of
+               acquired -> lock_acquired;
+               released -> lock_released;
+               preempted -> lock_preempted;
+               expired -> lock_expired;
+               progress -> optimization_progress;
+               _ -> undefined
+           end,
+    _ = Type =/= undefined andalso emit(S, Type, Meta#{variable => Var}, #{variable => Var}),
+    ok.
+
+%% The indexed metadata columns take a binary principal and a binary or atom
+%% variable name; anything else stays in the event's data only.
+indexable(Meta) ->
+    maps:filter(fun(principal, P) -> is_binary(P);
+                   (variable, V) -> is_binary(V) orelse is_atom(V);
+                   (_, _) -> true
+                end, Meta).
 
 %% @doc Waits until every event queued so far is durable.
 -spec await() -> ok | {error, {event_store, term()}}.
