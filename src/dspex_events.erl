@@ -523,6 +523,11 @@ take_snapshot(Session, Seq) ->
     end.
 
 expire(Ts) ->
+    try expire_(Ts)
+    catch C:R -> {error, {archive, {C, R}}}
+    end.
+
+expire_(Ts) ->
     Dir = archive_dir(),
     case dspex_events_archive:write(Dir, fun(Pos) -> dspex_nif:events_read(#{ts_to => Ts - 1, pos_from => Pos,
                                                                                limit => ?PAGE}) end) of

@@ -36,7 +36,7 @@ write(Dir, Page, Pos, N) ->
 file_of(Dir, #{session := S, timestamp := Ts}) ->
     {{Y, M, D}, _} = calendar:system_time_to_universal_time(Ts, microsecond),
     Day = io_lib:format("~4..0B-~2..0B-~2..0B.ndjson.gz", [Y, M, D]),
-    filename:join([Dir, binary:encode_hex(S), lists:flatten(Day)]).
+    filename:join([Dir, binary_to_list(binary:encode_hex(S)), lists:flatten(Day)]).
 
 append(File, Es) ->
     Old = case file:read_file(File) of
@@ -44,7 +44,7 @@ append(File, Es) ->
               {error, enoent} -> <<>>
           end,
     Lines = [[line(E), $\n] || E <- Es],
-    Tmp = File ++ ".tmp",
+    Tmp = filename:flatten([File, ".tmp"]),
     ok = filelib:ensure_dir(File),
     case file:write_file(Tmp, zlib:gzip([Old | Lines]), [sync]) of
         ok -> file:rename(Tmp, File);
@@ -64,7 +64,7 @@ line(#{id := Id, type := T, session := S, sequence := Seq, position := P, timest
 read(Dir, Session, Opts) ->
     Dirs = case Session of
                all -> filelib:wildcard(filename:join(Dir, "*"));
-               S -> [filename:join(Dir, binary:encode_hex(S))]
+               S -> [filename:join(Dir, binary_to_list(binary:encode_hex(S)))]
            end,
     Files = lists:append([filelib:wildcard(filename:join(D, "*.ndjson.gz")) || D <- Dirs]),
     Evs = lists:append([decode(F) || F <- Files]),
