@@ -46,7 +46,7 @@
 
 -export([start_link/0, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
-         archive_dir/0]).
+         archive_dir/0, snapshots_sync/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -349,6 +349,14 @@ expire_now() -> gen_server:call(?MODULE, expire_now, infinity).
 -spec expire_before(integer()) -> {ok, non_neg_integer()} | {error, term()}.
 expire_before(TsUs) when is_integer(TsUs) -> gen_server:call(?MODULE, {expire_before, TsUs}, infinity).
 
+%% @doc Returns once the snapshots due so far are stored (for tests and benchmarks).
+-spec snapshots_sync() -> ok.
+snapshots_sync() ->
+    #{snapshotter := P} = sys:get_state(?MODULE),
+    Tag = make_ref(),
+    P ! {snapshots_sync, self(), Tag},
+    receive {Tag, ok} -> ok end.
+
 -spec archive_dir() -> file:filename().
 archive_dir() ->
     case application:get_env(dspex_bridge, archive_dir) of
@@ -410,7 +418,8 @@ init([]) ->
                         end,
     Every = Env(snapshot_every, 100),
     Cfg = #{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
-            capacity => Env(event_queue_capacity, 1 bsl 20), snapshot_every => Every},
+            capacity => Env(event_queue_capacity, 1 bsl 20), snapshot_every => Every,
+            max_batch => Env(event_max_batch, 8192)},
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of
         ok ->
@@ -419,7 +428,8 @@ init([]) ->
             #{last_position := Last} = dspex_nif:events_stats(),
             Retention = Env(event_retention, {days, 90}),
             erlang:send_after(60000, self(), retention),
-            {ok, #{subs => #{}, last => Last, retention => Retention, snap_due => #{}, every => Every,
+            Snapshotter = spawn_link(fun() -> snapshotter(Every) end),
+            {ok, #{subs => #{}, last => Last, retention => Retention, snapshotter => Snapshotter, every => Every,
                    failures => 0}};
         {error, Reason} -> {stop, Reason}
     end.
@@ -458,16 +468,9 @@ handle_info({dspex_events_written, Pos, N}, #{subs := Subs} = St) ->
 handle_info({dspex_events_failed, Reason}, #{failures := F} = St) ->
     dspex_telemetry:execute([dspex, events, error], #{count => 1}, #{reason => Reason}),
     {noreply, St#{failures := F + 1}};
-handle_info({dspex_events_snapshot_due, Due}, #{snap_due := D} = St) ->
-    D1 = lists:foldl(fun({S, Seq}, Acc) -> maps:update_with(S, fun(O) -> max(O, Seq) end, Seq, Acc) end, D, Due),
-    case map_size(D) of
-        0 -> self() ! take_snapshots;
-        _ -> ok
-    end,
-    {noreply, St#{snap_due := D1}};
-handle_info(take_snapshots, #{snap_due := D} = St) ->
-    maps:foreach(fun take_snapshot/2, D),
-    {noreply, St#{snap_due := #{}}};
+handle_info({dspex_events_snapshot_due, _} = Due, #{snapshotter := P} = St) ->
+    P ! Due,
+    {noreply, St};
 handle_info({continue, Ref}, St) -> {noreply, deliver(Ref, St)};
 handle_info({'DOWN', M, process, _, _}, #{subs := Subs} = St) ->
     {noreply, St#{subs := maps:filter(fun(_, #sub{mon = M1}) -> M1 =/= M end, Subs)}};
@@ -511,16 +514,40 @@ deliver(Ref, #{subs := Subs, last := Last} = St) ->
         _ -> St
     end.
 
-%% A snapshot at Seq: the state replayed from the previous snapshot.
-take_snapshot(Session, Seq) ->
-    case replay_to(Session, {sequence, Seq}) of
-        {ok, State} ->
-            case dspex_nif:events_read(#{session => Session, seq_from => Seq, seq_to => Seq, limit => 1}) of
-                {ok, [#{timestamp := Ts}]} -> _ = dspex_nif:events_put_snapshot(Session, Seq, Ts, State);
-                _ -> ok
-            end;
-        _ -> ok
+%% The snapshot process: for every session that reached a multiple of
+%% snapshot_every, replays from its latest snapshot and stores a snapshot at
+%% every multiple on the way (notices that arrive while it works are merged).
+snapshotter(Every) ->
+    receive
+        {dspex_events_snapshot_due, Due} ->
+            D = merge_due(lists:foldl(fun({S, Seq}, Acc) -> due(S, Seq, Acc) end, #{}, Due)),
+            maps:foreach(fun(S, Seq) -> take_snapshots(S, Seq, Every) end, D),
+            snapshotter(Every);
+        {snapshots_sync, From, Tag} ->
+            From ! {Tag, ok},
+            snapshotter(Every)
     end.
+
+due(S, Seq, Acc) -> maps:update_with(S, fun(O) -> max(O, Seq) end, Seq, Acc).
+
+merge_due(D) ->
+    receive {dspex_events_snapshot_due, Due} -> merge_due(lists:foldl(fun({S, Seq}, Acc) -> due(S, Seq, Acc) end, D, Due))
+    after 0 -> D
+    end.
+
+take_snapshots(Session, Due, Every) ->
+    {From, State0} = case dspex_nif:events_latest_snapshot(Session, Due, 0) of
+                         {ok, Seq, _, Snap} -> {Seq, Snap};
+                         _ -> {0, undefined}
+                     end,
+    Put = fun(#{sequence := N, timestamp := Ts} = E, St) ->
+                  St1 = apply_event(E, St),
+                  _ = N rem Every =:= 0 andalso is_map(St1)
+                      andalso dspex_nif:events_put_snapshot(Session, N, Ts, St1),
+                  St1
+          end,
+    _ = From < Due andalso fold_pages(#{session => Session, seq_from => From + 1, seq_to => Due}, Put, State0, forward),
+    ok.
 
 expire(Ts) ->
     try expire_(Ts)

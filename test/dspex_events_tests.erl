@@ -50,7 +50,7 @@ settle() ->
     ok = dspex_events:await(),
     %% the listener messages of those batches are handled before this call returns
     _ = sys:get_state(dspex_events),
-    ok.
+    dspex_events:snapshots_sync().
 
 events(S) ->
     settle(),
