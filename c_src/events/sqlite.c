@@ -10,7 +10,7 @@
 
 typedef struct {
     sqlite3 *db;
-    sqlite3_stmt *ins, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin, *commit, *rollback;
+    sqlite3_stmt *ins, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin, *begin_deferred, *commit, *rollback;
 } sq_t;
 
 static const char *SCHEMA =
@@ -21,9 +21,15 @@ static const char *SCHEMA =
     "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events(session, sequence);"
     "CREATE INDEX IF NOT EXISTS events_ts ON events(ts_us);"
     "CREATE INDEX IF NOT EXISTS events_type ON events(type, position);"
-    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position);"
-    "CREATE TABLE IF NOT EXISTS snapshots(session BLOB NOT NULL, sequence INTEGER NOT NULL, ts_us INTEGER NOT NULL,"
-    " blob BLOB NOT NULL, PRIMARY KEY(session, sequence));";
+    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position);";
+
+/* Snapshots live in a second file, attached as `snap', without fsync: they
+ * are derived from the log (a lost one is rebuilt), so putting one never
+ * waits for the disk nor for the events table's write lock. */
+static const char *SNAP_SCHEMA =
+    "PRAGMA snap.journal_mode=WAL; PRAGMA snap.synchronous=OFF;"
+    "CREATE TABLE IF NOT EXISTS snap.snapshots(session BLOB NOT NULL, sequence INTEGER NOT NULL,"
+    " ts_us INTEGER NOT NULL, blob BLOB NOT NULL, PRIMARY KEY(session, sequence));";
 
 static int fail(sq_t *s, const char *what, char *err, size_t errlen) {
     snprintf(err, errlen, "%s: %s", what, s && s->db ? sqlite3_errmsg(s->db) : "no database");
@@ -34,7 +40,7 @@ static void sq_close(void *st) {
     sq_t *s = st;
     if (!s) return;
     sqlite3_stmt **all[] = {&s->ins, &s->find, &s->maxpos, &s->maxseq, &s->putsnap, &s->getsnap,
-                            &s->begin, &s->commit, &s->rollback};
+                            &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(*all[i]);
     sqlite3_close_v2(s->db);
     free(s);
@@ -59,8 +65,21 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
     }
     sqlite3_busy_timeout(s->db, 5000);
     char *msg = NULL;
-    if (sqlite3_exec(s->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL, &msg) != SQLITE_OK ||
-        sqlite3_exec(s->db, SCHEMA, NULL, NULL, &msg) != SQLITE_OK) {
+    sqlite3_stmt *att = NULL;
+    char *snapfile = sqlite3_mprintf("%s-snapshots", target);
+    int arc = snapfile && sqlite3_prepare_v2(s->db, "ATTACH DATABASE ?1 AS snap", -1, &att, NULL) == SQLITE_OK &&
+                      sqlite3_bind_text(att, 1, snapfile, -1, SQLITE_TRANSIENT) == SQLITE_OK &&
+                      sqlite3_step(att) == SQLITE_DONE;
+    sqlite3_finalize(att);
+    sqlite3_free(snapfile);
+    if (!arc) {
+        fail(s, "attach snapshots", err, errlen);
+        sq_close(s);
+        return -1;
+    }
+    if (sqlite3_exec(s->db, "PRAGMA main.journal_mode=WAL; PRAGMA main.synchronous=FULL;", NULL, NULL, &msg) != SQLITE_OK ||
+        sqlite3_exec(s->db, SCHEMA, NULL, NULL, &msg) != SQLITE_OK ||
+        sqlite3_exec(s->db, SNAP_SCHEMA, NULL, NULL, &msg) != SQLITE_OK) {
         snprintf(err, errlen, "schema: %s", msg ? msg : sqlite3_errmsg(s->db));
         sqlite3_free(msg);
         sq_close(s);
@@ -71,11 +90,11 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         prep(s, "SELECT position FROM events WHERE session=? AND sequence=?", &s->find) ||
         prep(s, "SELECT COALESCE(MAX(position),0) FROM events", &s->maxpos) ||
         prep(s, "SELECT COALESCE(MAX(sequence),0) FROM events WHERE session=?", &s->maxseq) ||
-        prep(s, "INSERT OR REPLACE INTO snapshots(session,sequence,ts_us,blob) VALUES(?,?,?,?)", &s->putsnap) ||
-        prep(s, "SELECT sequence, ts_us, blob FROM snapshots WHERE session=?1"
+        prep(s, "INSERT OR REPLACE INTO snap.snapshots(session,sequence,ts_us,blob) VALUES(?,?,?,?)", &s->putsnap) ||
+        prep(s, "SELECT sequence, ts_us, blob FROM snap.snapshots WHERE session=?1"
                 " AND (?2 = 0 OR sequence <= ?2) AND (?3 = 0 OR ts_us <= ?3) ORDER BY sequence DESC LIMIT 1",
              &s->getsnap) ||
-        prep(s, "BEGIN IMMEDIATE", &s->begin) || prep(s, "COMMIT", &s->commit) || prep(s, "ROLLBACK", &s->rollback)) {
+        prep(s, "BEGIN IMMEDIATE", &s->begin) || prep(s, "BEGIN", &s->begin_deferred) || prep(s, "COMMIT", &s->commit) || prep(s, "ROLLBACK", &s->rollback)) {
         fail(s, "prepare", err, errlen);
         sq_close(s);
         return -1;
@@ -96,7 +115,8 @@ static void bind_blob(sqlite3_stmt *st, int i, const void *p, size_t n) {
 
 static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t errlen) {
     sq_t *s = st;
-    if (step_done(s->begin)) return fail(s, "begin", err, errlen);
+    /* deferred: the first insert locks the events file only (not the attached snapshots) */
+    if (step_done(s->begin_deferred)) return fail(s, "begin", err, errlen);
     for (size_t i = 0; i < n; i++) {
         sqlite3_stmt *q = s->ins;
         bind_blob(q, 1, r[i].session, r[i].session_len);
