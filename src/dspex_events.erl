@@ -46,7 +46,7 @@
 
 -export([start_link/0, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
-         archive_dir/0, snapshots_sync/0]).
+         archive_dir/0, snapshots_sync/0, prometheus/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -356,6 +356,27 @@ snapshots_sync() ->
     Tag = make_ref(),
     P ! {snapshots_sync, self(), Tag},
     receive {Tag, ok} -> ok end.
+
+%% @doc The event log's Prometheus gauges and counters (part of
+%% `dspex_prometheus:render/0'); empty when the log is not open.
+-spec prometheus() -> iodata().
+prometheus() ->
+    case dspex_nif:events_stats() of
+        #{depth := D, lag_us := Lag, errors := E, written := W, lost := L, batches := B, full := F} ->
+            [metric("dspex_events_queue_depth", gauge, "Events queued, not yet durable.", D),
+             metric("dspex_events_lag_seconds", gauge, "Age of the oldest queued event.", Lag / 1.0e6),
+             metric("dspex_events_queue_full", gauge, "1 while writers are held back (queue at capacity).",
+                    case F of true -> 1; false -> 0 end),
+             metric("dspex_events_errors_total", counter, "Failed batch writes (each retried).", E),
+             metric("dspex_events_written_total", counter, "Events made durable.", W),
+             metric("dspex_events_batches_total", counter, "Batches (transactions) written.", B),
+             metric("dspex_events_lost_total", counter, "Events not queued for lack of memory.", L)];
+        _ -> []
+    end.
+
+metric(Name, Type, Help, V) ->
+    ["# HELP ", Name, " ", Help, "\n# TYPE ", Name, " ", atom_to_list(Type), "\n", Name, " ",
+     if is_float(V) -> float_to_list(V, [short]); true -> integer_to_list(V) end, "\n"].
 
 -spec archive_dir() -> file:filename().
 archive_dir() ->

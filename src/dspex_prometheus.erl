@@ -44,7 +44,8 @@ render() ->
     [[family(Name, Series, Now) || {Name, Series} <- dspex_metrics:all_series()],
      "# HELP dspex_active_sessions Live sessions of the variable store.\n",
      "# TYPE dspex_active_sessions gauge\n",
-     "dspex_active_sessions ", integer_to_list(maps:get(sessions, dspex_nif:stats())), "\n"].
+     "dspex_active_sessions ", integer_to_list(maps:get(sessions, dspex_nif:stats())), "\n",
+     dspex_events:prometheus()].
 
 %% @private httpd callback: answers `GET /metrics'; anything else is 404.
 -spec do(#mod{}) -> {proceed, list()}.

@@ -22,7 +22,8 @@ events_test_() ->
       ?T(audit_trail_summary),
       ?T(archive_round_trip),
       ?T(erlang_side_events),
-      ?T(bad_arguments_are_errors)]}.
+      ?T(bad_arguments_are_errors),
+      ?T(prometheus_and_telemetry)]}.
 
 start() ->
     Dir = "/tmp/dspex_events_eunit_" ++ os:getpid(),
@@ -363,3 +364,14 @@ bad_arguments_are_errors() ->
                  dspex_nif:events_open(#{backend => sqlite, target => <<"/tmp/x.db">>})),
     ?assertMatch({error, {event_store, {backend, nope}}},
                  dspex_nif:events_open(#{backend => nope, target => <<"/tmp/x.db">>})).
+
+prometheus_and_telemetry() ->
+    Self = self(),
+    H = make_ref(),
+    ok = dspex_telemetry:attach(H, [dspex, events, written], fun(_, M, Meta, _) -> Self ! {H, M, Meta} end, undefined),
+    {ok, _} = dspex_events:append(sid(), e, x, #{durability => sync}),
+    receive {H, #{count := N}, #{position := P}} -> ?assert(N >= 1 andalso P >= 1) end,
+    dspex_telemetry:detach(H),
+    Text = iolist_to_binary(dspex_prometheus:render()),
+    [?assertMatch({_, _}, binary:match(Text, G)) || G <- [<<"dspex_events_queue_depth ">>, <<"dspex_events_lag_seconds ">>,
+                                                       <<"dspex_events_errors_total ">>]].

@@ -24,6 +24,10 @@ static _Atomic uint64_t g_lost;  /* pushes that failed for lack of memory */
 static const dx_ev_backend_ops *g_ops;
 static void *g_rd; /* the readers' backend instance */
 static pthread_mutex_t g_rd_mu = PTHREAD_MUTEX_INITIALIZER;
+/* A third instance, only for the queue's first lookup of a session's last sequence (an indexed read, run
+ * in the commit path): never behind a long read of g_rd. */
+static void *g_seed;
+static pthread_mutex_t g_seed_mu = PTHREAD_MUTEX_INITIALIZER;
 static ErlNifMutex *g_wait_mu;
 static ErlNifPid g_listener;
 static int g_have_listener;
@@ -136,7 +140,7 @@ static void ev_hook(const dx_ev_change *c) {
         const dx_var *v = c->v;
         in.variable = v->name;
         in.variable_len = v->name_len;
-        const dx_snap *by = c->cur ? c->cur : c->old;
+        const dx_snap *by = c->cur; /* a delete has no writer of its own */
         if (by && by->by_len) {
             in.changed_by = (const char *)by->by;
             in.changed_by_len = by->by_len;
@@ -368,8 +372,13 @@ DX_NIF(nif_events_open) {
         r = dx_error(env, enif_make_tuple2(env, A_event_store, A_already_open));
         goto out;
     }
-    void *rd = NULL;
+    void *rd = NULL, *seed = NULL;
     if (ops->open(tgt, &rd, err, sizeof err)) {
+        r = es_error(env, err);
+        goto out;
+    }
+    if (ops->open(tgt, &seed, err, sizeof err)) {
+        ops->close(rd);
         r = es_error(env, err);
         goto out;
     }
@@ -381,14 +390,16 @@ DX_NIF(nif_events_open) {
     if (have_lp) g_listener = lp;
     g_snap_every = every;
     enif_mutex_unlock(g_wait_mu);
-    dx_evq *q = dx_evq_open(&cfg, rd, &g_rd_mu, err, sizeof err);
+    dx_evq *q = dx_evq_open(&cfg, seed, &g_seed_mu, err, sizeof err);
     if (!q) {
         ops->close(rd);
+        ops->close(seed);
         r = es_error(env, err);
         goto out;
     }
     g_ops = ops;
     g_rd = rd;
+    g_seed = seed;
     atomic_store(&g_q, q);
     r = ATOM_ok;
 out:
@@ -407,6 +418,10 @@ static void close_queue(void) {
     g_ops->close(g_rd);
     g_rd = NULL;
     pthread_mutex_unlock(&g_rd_mu);
+    pthread_mutex_lock(&g_seed_mu);
+    g_ops->close(g_seed);
+    g_seed = NULL;
+    pthread_mutex_unlock(&g_seed_mu);
     enif_mutex_lock(g_wait_mu);
     g_have_listener = 0;
     enif_mutex_unlock(g_wait_mu);
