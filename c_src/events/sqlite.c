@@ -1,7 +1,8 @@
 /* The embedded event log backend (backend.h) on SQLite: WAL mode,
  * synchronous=FULL (a commit returns after the WAL is fsynced), prepared
- * statements, one transaction per batch. Positions are AUTOINCREMENT row ids,
- * so they only ever grow, also after retention deletes the oldest rows. */
+ * statements, one transaction per batch. Positions are row ids assigned here
+ * from a high-water mark kept in the `meta' table (written once per batch), so
+ * they only ever grow, also after retention deletes the newest-but-old rows. */
 #include "backend.h"
 #include <sqlite3.h>
 #include <stdio.h>
@@ -10,18 +11,19 @@
 
 typedef struct {
     sqlite3 *db;
-    sqlite3_stmt *ins, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin, *begin_deferred, *commit, *rollback;
+    sqlite3_stmt *hwm, *ins, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin, *begin_deferred, *commit, *rollback;
 } sq_t;
 
 static const char *SCHEMA =
     "CREATE TABLE IF NOT EXISTS events("
-    " position INTEGER PRIMARY KEY AUTOINCREMENT, session BLOB NOT NULL, sequence INTEGER NOT NULL,"
+    " position INTEGER PRIMARY KEY, session BLOB NOT NULL, sequence INTEGER NOT NULL,"
     " ts_us INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, variable BLOB NOT NULL,"
     " principal BLOB NOT NULL, changed_by BLOB NOT NULL, node BLOB NOT NULL, data BLOB, meta BLOB);"
     "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events(session, sequence);"
     "CREATE INDEX IF NOT EXISTS events_ts ON events(ts_us);"
     "CREATE INDEX IF NOT EXISTS events_type ON events(type, position);"
-    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position);";
+    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position);"
+    "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
 
 /* Snapshots live in a second file, attached as `snap', without fsync: they
  * are derived from the log (a lost one is rebuilt), so putting one never
@@ -39,7 +41,7 @@ static int fail(sq_t *s, const char *what, char *err, size_t errlen) {
 static void sq_close(void *st) {
     sq_t *s = st;
     if (!s) return;
-    sqlite3_stmt **all[] = {&s->ins, &s->find, &s->maxpos, &s->maxseq, &s->putsnap, &s->getsnap,
+    sqlite3_stmt **all[] = {&s->hwm, &s->ins, &s->find, &s->maxpos, &s->maxseq, &s->putsnap, &s->getsnap,
                             &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(*all[i]);
     sqlite3_close_v2(s->db);
@@ -85,10 +87,13 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         sq_close(s);
         return -1;
     }
-    if (prep(s, "INSERT INTO events(session,sequence,ts_us,id,type,variable,principal,changed_by,node,data,meta)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(session,sequence) DO NOTHING", &s->ins) ||
+    if (prep(s, "INSERT INTO meta(k, v) VALUES('position', ?1) ON CONFLICT(k) DO UPDATE SET v = MAX(v, ?1)",
+             &s->hwm) ||
+        prep(s, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,principal,changed_by,node,data,meta)"
+                " VALUES(?12,?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) ON CONFLICT(session,sequence) DO NOTHING", &s->ins) ||
         prep(s, "SELECT position FROM events WHERE session=? AND sequence=?", &s->find) ||
-        prep(s, "SELECT COALESCE(MAX(position),0) FROM events", &s->maxpos) ||
+        prep(s, "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0),"
+                " COALESCE((SELECT v FROM meta WHERE k = 'position'), 0))", &s->maxpos) ||
         prep(s, "SELECT COALESCE(MAX(sequence),0) FROM events WHERE session=?", &s->maxseq) ||
         prep(s, "INSERT OR REPLACE INTO snap.snapshots(session,sequence,ts_us,blob) VALUES(?,?,?,?)", &s->putsnap) ||
         prep(s, "SELECT sequence, ts_us, blob FROM snap.snapshots WHERE session=?1"
@@ -102,6 +107,8 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
     *st = s;
     return 0;
 }
+
+static int sq_max_position(void *st, uint64_t *pos, char *err, size_t errlen);
 
 static int step_done(sqlite3_stmt *st) {
     int rc = sqlite3_step(st);
@@ -117,8 +124,15 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
     sq_t *s = st;
     /* deferred: the first insert locks the events file only (not the attached snapshots) */
     if (step_done(s->begin_deferred)) return fail(s, "begin", err, errlen);
+    /* the high-water mark as stored now (another instance may have written since this one last did) */
+    uint64_t next;
+    if (sq_max_position(s, &next, err, errlen)) {
+        step_done(s->rollback);
+        return -1;
+    }
     for (size_t i = 0; i < n; i++) {
         sqlite3_stmt *q = s->ins;
+        sqlite3_bind_int64(q, 12, (sqlite3_int64)(next + 1));
         bind_blob(q, 1, r[i].session, r[i].session_len);
         sqlite3_bind_int64(q, 2, (sqlite3_int64)r[i].sequence);
         sqlite3_bind_int64(q, 3, r[i].ts_us);
@@ -138,7 +152,7 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
         }
         sqlite3_reset(q);
         if (sqlite3_changes(s->db) == 1) {
-            r[i].position = (uint64_t)sqlite3_last_insert_rowid(s->db);
+            r[i].position = ++next;
         } else { /* already stored (a retry): report where */
             bind_blob(s->find, 1, r[i].session, r[i].session_len);
             sqlite3_bind_int64(s->find, 2, (sqlite3_int64)r[i].sequence);
@@ -152,7 +166,8 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
             }
         }
     }
-    if (step_done(s->commit)) {
+    sqlite3_bind_int64(s->hwm, 1, (sqlite3_int64)next);
+    if (step_done(s->hwm) || step_done(s->commit)) {
         fail(s, "commit", err, errlen);
         step_done(s->rollback);
         return -1;

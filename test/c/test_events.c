@@ -273,6 +273,13 @@ static void test_backend_filters_snapshots_retention(void **st) {
     uint64_t mp = 0;
     dx_ev_sqlite_ops.max_position(db, &mp, err, sizeof err);
     assert_int_equal(mp, r[3].position);
+    /* positions never go back, even once retention removed every event */
+    archived = 0;
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, INT64_MAX, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(archived, 2);
+    r[0].sequence = 5;
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 1, err, sizeof err), 0);
+    assert_int_equal(r[0].position, mp + 1);
     dx_ev_sqlite_ops.close(db);
     /* an unopenable target is an error, not a crash */
     assert_int_equal(dx_ev_sqlite_ops.open("/nonexistent/dir/x.db", &db, err, sizeof err), -1);
