@@ -372,6 +372,10 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% `propagate => sync': return only after derived dependents were recomputed
 %% (see `dspex_graph:define_derived/6'; default: they are recomputed
 %% asynchronously). Setting a derived variable is `{error, derived_variable}'.
+%% `durability => sync | async' (default: app env `event_durability', `async'):
+%% with `sync' the call returns only once the change's event is fsynced in the
+%% event log (`{error, {event_store, Reason}}' if that write failed; the change
+%% itself is committed), see `dspex_events'.
 %% Other keys are ignored; a bad option value is `{error, {invalid_argument, Key}}'.
 %% Validation, the version check and the commit happen in one critical
 %% section; a failed set changes nothing.
