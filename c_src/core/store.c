@@ -542,6 +542,7 @@ int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, bool 
         atomic = true;
         failed = 1;
     }
+    if (atomic && !failed) EV_EMIT(.kind = DX_EV_BATCH_BEGIN, .s = s, .items = it, .nitems = n);
     if (!(atomic && failed))
         for (size_t i = 0; i < n; i++)
             if (!it[i].rc) it[i].version = commit(s, it[i].var, next[i], nf, nctx);

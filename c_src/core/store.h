@@ -286,6 +286,7 @@ enum {
     DX_EV_VAR_DELETED,
     DX_EV_VAR_ROLLED_BACK,
     DX_EV_BATCH_COMMITTED,
+    DX_EV_BATCH_BEGIN, /* before the members of an atomic batch commit (their events belong together) */
 };
 enum { DX_EV_REASON_DELETED = 0, DX_EV_REASON_EXPIRED, DX_EV_REASON_MIGRATED };
 typedef struct {

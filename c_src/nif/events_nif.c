@@ -99,10 +99,53 @@ static dx_snap *snap_copy(const dx_snap *s) {
     return s ? dx_snap_new(&s->value, s->version, s->updated_at, s->meta, s->meta_len, s->by, s->by_len) : NULL;
 }
 
+/* The events of an atomic batch (members' updates, then batch_committed) are
+ * collected on the committing thread and pushed together, so they are adjacent
+ * in the session's sequence. Every pointer in them stays valid until the batch
+ * ends: the batch's shard mutexes are held throughout. */
+static _Thread_local struct {
+    bool on;
+    size_t n, cap;
+    dx_ev_in *ins;
+} t_batch;
+
+static void batch_flush(dx_evq *q) {
+    if (t_batch.n && dx_evq_push_many(q, t_batch.ins, t_batch.n, NULL, NULL)) {
+        for (size_t i = 0; i < t_batch.n; i++) payload_free(t_batch.ins[i].payload);
+        atomic_fetch_add(&g_lost, t_batch.n);
+    }
+    t_batch.n = 0;
+    t_batch.on = false;
+}
+
+/* Queues one event, or adds it to the batch being collected. */
+static int push_one(dx_evq *q, const dx_ev_in *in) {
+    if (t_batch.on) {
+        if (t_batch.n == t_batch.cap) {
+            size_t nc = t_batch.cap ? t_batch.cap * 2 : 16;
+            dx_ev_in *ni = realloc(t_batch.ins, nc * sizeof *ni);
+            if (!ni) { /* out of memory: keep what was collected, in order, and go on one by one */
+                batch_flush(q);
+                return dx_evq_push(q, in, NULL) ? 0 : -1;
+            }
+            t_batch.ins = ni;
+            t_batch.cap = nc;
+        }
+        t_batch.ins[t_batch.n++] = *in;
+        return 0;
+    }
+    return dx_evq_push(q, in, NULL) ? 0 : -1;
+}
+
 static void ev_hook(const dx_ev_change *c) {
     atomic_fetch_add_explicit(&g_inflight, 1, memory_order_acq_rel);
     dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
     if (!q) goto out;
+    if (c->kind == DX_EV_BATCH_BEGIN) {
+        t_batch.on = true;
+        t_batch.n = 0;
+        goto out;
+    }
     ev_payload *p = calloc(1, sizeof *p);
     if (!p) goto lost;
     p->kind = c->kind;
@@ -162,14 +205,16 @@ static void ev_hook(const dx_ev_change *c) {
         }
     }
     }
-    if (!ok || !dx_evq_push(q, &in, NULL)) {
+    if (!ok || push_one(q, &in)) {
         payload_free(p);
         goto lost;
     }
+    if (c->kind == DX_EV_BATCH_COMMITTED && t_batch.on) batch_flush(q);
     goto out;
 lost:
     /* out of memory in the commit path: counted and reported (events_stats lost), never silent */
     atomic_fetch_add(&g_lost, 1);
+    if (c->kind == DX_EV_BATCH_COMMITTED && t_batch.on) batch_flush(q); /* the members still go in */
 out:
     atomic_fetch_sub_explicit(&g_inflight, 1, memory_order_acq_rel);
 }
