@@ -181,6 +181,37 @@ static void test_failure_retried_never_dropped(void **st) {
     dx_ev_sqlite_ops.close(db);
 }
 
+/* Back-pressure: at capacity the queue says full (pushes still succeed: a
+ * committed change is never dropped); it clears once the writer drains. */
+static void test_capacity_full_until_drained(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "f.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .capacity = 10, .retry_ms = 1};
+    g_fails = 1000000; /* the backend refuses everything: nothing drains */
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    uint64_t t = 0;
+    for (int i = 0; i < 9; i++) {
+        dx_ev_in e = ev("s", "e", "");
+        t = dx_evq_push(q, &e, NULL);
+    }
+    assert_false(dx_evq_full(q));
+    for (int i = 0; i < 11; i++) {
+        dx_ev_in e = ev("s", "e", "");
+        t = dx_evq_push(q, &e, NULL);
+        assert_true(t > 0);
+    }
+    assert_true(dx_evq_full(q));
+    assert_int_equal(dx_evq_wait(q, t), -1); /* a failed attempt wakes waiters with an error */
+    __atomic_store_n(&g_fails, 0, __ATOMIC_SEQ_CST);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    assert_false(dx_evq_full(q));
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.written, 20);
+    dx_evq_close(q);
+}
+
 /* Replicas push explicit sequences: only the next one is accepted. */
 static void test_explicit_sequence_must_continue(void **st) {
     char p[128], err[256];
@@ -292,6 +323,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_reopen_continues_sequence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failure_retried_never_dropped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
