@@ -9,7 +9,8 @@ export CI
 # Exact Debian 12 packages, each a real need of the build or the tests.
 APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
              erlang-parsetools erlang-edoc rebar3 erlang-inets \
-             pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
+             pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev \
+             libsqlite3-dev
 APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf \
                  clang libclang-rt-14-dev
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
@@ -100,9 +101,9 @@ test-nif-asan:
 	$(REBAR3) as test compile
 	DSPEX_NIF_PATH=$(CURDIR)/_build/c/asan_nif/dspex_nif LD_PRELOAD=$(ASAN_RT) \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  DSPEX_PROP_STATEM_N=500 DSPEX_PROP_FUZZ_N=500 DSPEX_PROP_PARALLEL_N=200 DSPEX_PROP_GRAPH_N=200 DSPEX_PROP_LOCKS_N=100 \
+	  DSPEX_PROP_STATEM_N=500 DSPEX_PROP_FUZZ_N=500 DSPEX_PROP_PARALLEL_N=200 DSPEX_PROP_GRAPH_N=200 DSPEX_PROP_LOCKS_N=100 DSPEX_PROP_EVENTS_N=20 \
 	  $(ERL) -noshell -pa _build/test/lib/*/ebin -pa _build/test/lib/dspex_bridge/test -eval \
-	  'case eunit:test([dspex_store_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests, dspex_metrics_tests, dspex_telemetry_tests], []) of ok -> halt(0); _ -> halt(1) end.'
+	  'case eunit:test([dspex_store_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests, dspex_metrics_tests, dspex_telemetry_tests, dspex_events_tests], []) of ok -> halt(0); _ -> halt(1) end.'
 
 # The Python side of the worker protocol (priv/python/dspex_bridge/worker.py);
 # the Erlang side (dspex_workers_SUITE, breaker, retry, JSON) runs in test-erlang.
@@ -151,6 +152,7 @@ bench: compile
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_breaker_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_workers_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_events_bench:main(), halt().'
 	$(MAKE) bench-grpc
 
 # GetVariable round trips/s through our bridge vs a plain python3-grpcio server.

@@ -50,8 +50,9 @@ set_permissions(Session, Var, Rules, Opts) when is_map(Opts) ->
     ?ROUTED(Session, set_permissions, [Session, Var, Rules, Opts], set_permissions_here(Session, Var, Rules, Opts)).
 
 set_permissions_here(Session, Var, Rules, Opts) ->
-    Result = dspex_nif:acl_set(Session, Var, Rules, Opts),
     Who = maps:get(as, Opts, Session),
+    Result = dspex_events:recorded(dspex_nif:acl_set(Session, Var, Rules, Opts), Session, acl_rule_set, %% event log
+                                   #{variable => Var, principal => Who, rules => Rules}),
     record(#{event => permissions_changed, session => Session, variable => Var, principal => Who,
              outcome => outcome(Result), rules => Rules}),
     dspex_telemetry:execute([dspex, acl, permissions_changed], #{count => 1},
@@ -146,6 +147,8 @@ outcome({error, R}) -> R.
 %% @private Records a denial seen by a store operation.
 -spec denied(dspex_store:session_id(), term(), term(), permission()) -> ok.
 denied(Session, Var, Principal, Permission) ->
+    ok = dspex_events:emit(Session, access_denied, #{variable => Var, principal => Principal, permission => Permission},
+                           #{variable => Var, principal => Principal}), %% event log
     record(#{event => denied, session => Session, variable => Var, principal => Principal,
              permission => Permission, outcome => access_denied}),
     dspex_telemetry:execute([dspex, acl, denied], #{count => 1},

@@ -6,6 +6,7 @@
 %% ```
 %% dspex_bridge_sup          rest_for_one: a restart restarts what was started after it
 %% ├── dspex_core_sup        one_for_one: services that do not depend on each other
+%% │   ├── dspex_events           the event log (first: it records what the others cause)
 %% │   ├── dspex_metrics_server   analytics handlers, series table
 %% │   ├── dspex_acl_audit        audit table; receives the NIF's denials
 %% │   ├── dspex_session_sweeper  TTL sweeps, memory reclamation
@@ -60,7 +61,10 @@ init(top) ->
     {ok, {#{strategy => rest_for_one, intensity => 5, period => 10}, Children}};
 init(core) ->
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
-    Children = [#{id => dspex_metrics_server, start => {dspex_metrics_server, start_link, []}},
+    %% the event log first: it records every change the other children cause
+    Children = [#{id => dspex_events, start => {dspex_events, start_link, []}, shutdown => 30000}
+                || application:get_env(dspex_bridge, event_log, true)]
+        ++ [#{id => dspex_metrics_server, start => {dspex_metrics_server, start_link, []}},
                 #{id => dspex_acl_audit, start => {dspex_acl_audit, start_link, []}},
                 #{id => dspex_session_sweeper,
                   start => {dspex_session_sweeper, start_link, [Interval]}},

@@ -45,7 +45,8 @@ add_dependency(Session, From, To, Type) when is_atom(Type) ->
 
 add_dependency_here(Session, From, To, Type) ->
     timed(add_dependency, #{session => Session, from => From, to => To, type => Type},
-          fun() -> dspex_nif:graph_add(Session, From, To, Type) end).
+          fun() -> dspex_events:recorded(dspex_nif:graph_add(Session, From, To, Type), Session, dependency_added, %% event log
+                                         #{from => From, to => To, type => Type}) end).
 
 %% @doc Removes the edge; `{error, {not_found, {From, To}}}' if there is none.
 -spec remove_dependency(session_id(), var_key(), var_key()) -> ok | {error, term()}.
@@ -54,7 +55,8 @@ remove_dependency(Session, From, To) ->
 
 remove_dependency_here(Session, From, To) ->
     timed(remove_dependency, #{session => Session, from => From, to => To},
-          fun() -> dspex_nif:graph_remove(Session, From, To) end).
+          fun() -> dspex_events:recorded(dspex_nif:graph_remove(Session, From, To), Session, dependency_removed, %% event log
+                                         #{from => From, to => To}) end).
 
 %% `[dspex, graph, Op, stop]' with the duration and `result => ok | error'.
 timed(Op, Meta, Call) ->

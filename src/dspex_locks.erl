@@ -384,4 +384,5 @@ track(#{iterations := I, best := Best, objective := Obj, metric := Metric} = H, 
                end}.
 
 event(Name, {S, N}, Meta) ->
+    ok = dspex_events:lock_event(Name, {S, N}, Meta), %% event log
     dspex_telemetry:execute([dspex, locks, Name], #{count => 1}, Meta#{session => S, variable => N}).

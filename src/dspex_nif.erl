@@ -17,6 +17,8 @@
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
          metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
 -export([lock_token_floor/1]).
+-export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
+         events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
@@ -103,3 +105,14 @@ var_get_here(_S, _Key, _Opts) -> ?NOT_LOADED.
 var_get_value_here(_S, _Key) -> ?NOT_LOADED.
 var_set_here(_S, _Key, _Value, _Opts) -> ?NOT_LOADED.
 store_fast_path(_Op, _Fast) -> ?NOT_LOADED.
+events_open(_Config) -> ?NOT_LOADED.
+events_close() -> ?NOT_LOADED.
+events_append(_Session, _Type, _Data, _Meta) -> ?NOT_LOADED.
+events_await() -> ?NOT_LOADED.
+events_backpressure() -> ?NOT_LOADED.
+events_read(_Query) -> ?NOT_LOADED.
+events_stats() -> ?NOT_LOADED.
+events_put_snapshot(_Session, _Seq, _TsUs, _Term) -> ?NOT_LOADED.
+events_latest_snapshot(_Session, _MaxSeq, _MaxTs) -> ?NOT_LOADED.
+events_expire(_TsUs) -> ?NOT_LOADED.
+events_session_seq(_Session) -> ?NOT_LOADED.

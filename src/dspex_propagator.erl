@@ -315,7 +315,7 @@ recompute(Name, #{session := S, derived := D} = St) when is_map_key(Name, D) ->
     Result = case compute(S, Inputs, Fun) of
                  {ok, V} ->
                      case dspex_store:set(S, Name, V, #{propagation => true, changed_by => propagation}) of
-                         {ok, _} -> ok;
+                         {ok, Ver} -> dspex_events:emit(S, derived_recomputed, #{variable => Name, version => Ver}, #{variable => Name}); %% event log
                          {error, {not_found, _}} -> gone;
                          {error, R} -> {error, R}
                      end;

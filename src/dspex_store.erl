@@ -376,6 +376,10 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% `propagate => sync': return only after derived dependents were recomputed
 %% (see `dspex_graph:define_derived/6'; default: they are recomputed
 %% asynchronously). Setting a derived variable is `{error, derived_variable}'.
+%% `durability => sync | async' (default: app env `event_durability', `async'):
+%% with `sync' the call returns only once the change's event is fsynced in the
+%% event log (`{error, {event_store, Reason}}' if that write failed; the change
+%% itself is committed), see `dspex_events'.
 %% Other keys are ignored; a bad option value is `{error, {invalid_argument, Key}}'.
 %% Validation, the version check and the commit happen in one critical
 %% section; a failed set changes nothing.
@@ -384,8 +388,8 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 set(Session, Key, Value, #{propagate := sync} = Opts) -> set_routed(Session, Key, Value, Opts);
 set(Session, Key, Value, Opts) ->
     case dspex_nif:var_set(Session, Key, Value, Opts) of
-        slow -> set_routed(Session, Key, Value, Opts);
-        R -> R
+        slow -> dspex_events:durable(set_routed(Session, Key, Value, Opts), Opts); %% event log durability
+        R -> dspex_events:durable(R, Opts)
     end.
 
 set_routed(Session, Key, Value, Opts) ->
@@ -453,7 +457,8 @@ set_many(Session, Updates) -> set_many(Session, Updates, #{}).
 %% across variables); writers cannot interleave with it.
 -spec set_many(session_id(), map() | list(), #{atomic => boolean()}) -> {ok, map()} | {error, term()}.
 set_many(Session, Updates, Opts) when is_map(Opts) ->
-    ?ROUTED(Session, set_many, [Session, Updates, Opts], set_many_here(Session, Updates, Opts)).
+    dspex_events:durable(?ROUTED(Session, set_many, [Session, Updates, Opts], set_many_here(Session, Updates, Opts)),
+                         Opts). %% event log durability
 
 set_many_here(Session, Updates, Opts) ->
     Atomic = maps:get(atomic, Opts, false) =:= true,

@@ -12,6 +12,15 @@ static _Atomic uint64_t g_var_counter;
 static _Atomic uint64_t g_lock_tokens;
 static void (*g_release_watcher)(void *w);
 static void (*g_release_acl)(void *acl);
+/* event log hook (issue #15): see store.h */
+static void (*_Atomic g_ev_hook)(const dx_ev_change *c);
+static _Thread_local int t_ev_kind; /* DX_EV_VAR_ROLLED_BACK while a rollback commits */
+#define EV_EMIT(...)                                                                          \
+    do {                                                                                      \
+        void (*h_)(const dx_ev_change *) = atomic_load_explicit(&g_ev_hook, memory_order_acquire); \
+        if (h_) h_(&(dx_ev_change){__VA_ARGS__});                                             \
+    } while (0)
+void dx_store_set_event_hook(void (*fn)(const dx_ev_change *c)) { atomic_store(&g_ev_hook, fn); }
 /* Bumped whenever a session is unlinked: a thread's cached session pointer is
  * only trusted while the generation it was cached under is still current. */
 static _Atomic uint64_t g_sess_gen;
@@ -237,6 +246,7 @@ int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t t
         dx_rtab_remove(&g_sessions, h, id.ptr, id.len);
         session_unlinked();
         atomic_store(&s->dead, true);
+        EV_EMIT(.kind = DX_EV_SESSION_DELETED, .s = s, .reason = DX_EV_REASON_EXPIRED);
         dx_ebr_retire(s, session_free, 1);
         s = NULL;
     }
@@ -253,6 +263,7 @@ int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t t
         s = NULL;
     } else {
         *created = 1;
+        EV_EMIT(.kind = DX_EV_SESSION_CREATED, .s = s);
     }
     pthread_mutex_unlock(&g_sessions_mu);
     *out = s;
@@ -283,9 +294,12 @@ dx_session *dx_session_find(dx_str id, int64_t now_ms) {
     return s;
 }
 
-int dx_session_delete(dx_str id) {
+int dx_session_delete(dx_str id) { return dx_session_delete_reason(id, DX_EV_REASON_DELETED); }
+
+int dx_session_delete_reason(dx_str id, int reason) {
     pthread_mutex_lock(&g_sessions_mu);
     dx_session *s = (dx_session *)dx_rtab_remove(&g_sessions, dx_hash(id.ptr, id.len), id.ptr, id.len);
+    if (s) EV_EMIT(.kind = DX_EV_SESSION_DELETED, .s = s, .reason = reason);
     pthread_mutex_unlock(&g_sessions_mu);
     if (!s) return DX_E_SESSION_NOT_FOUND;
     session_unlinked();
@@ -323,6 +337,7 @@ size_t dx_session_sweep(int64_t now_ms) {
         dx_rtab_remove(&g_sessions, c.list[i]->key.hash, c.list[i]->id, c.list[i]->id_len);
         session_unlinked();
         atomic_store(&c.list[i]->dead, true);
+        EV_EMIT(.kind = DX_EV_SESSION_DELETED, .s = c.list[i], .reason = DX_EV_REASON_EXPIRED);
         dx_ebr_retire(c.list[i], session_free, 1);
     }
     pthread_mutex_unlock(&g_sessions_mu);
@@ -373,6 +388,8 @@ int dx_var_register(dx_session *s, const dx_var_spec *sp, int64_t now_us, dx_var
         rc = DX_E_LIMIT;
     } else if ((rc = dx_rtab_insert(&sh->tab, &v->key))) {
         atomic_fetch_sub(&s->nvars, 1);
+    } else {
+        EV_EMIT(.kind = DX_EV_VAR_REGISTERED, .s = s, .v = v, .cur = atomic_load_explicit(&v->cur, memory_order_relaxed));
     }
     pthread_mutex_unlock(&sh->mu);
     if (rc) {
@@ -476,6 +493,7 @@ static dx_snap *prepare(dx_var *v, const dx_value *val, const dx_set_opts *o, in
 static uint64_t commit(dx_session *s, dx_var *v, dx_snap *next, dx_notify_fn nf, void *nctx) {
     dx_snap *old = atomic_load_explicit(&v->cur, memory_order_relaxed);
     atomic_store_explicit(&v->cur, next, memory_order_release);
+    EV_EMIT(.kind = t_ev_kind ? t_ev_kind : DX_EV_VAR_UPDATED, .s = s, .v = v, .old = old, .cur = next);
     if (nf && v->nwatchers) nf(nctx, s, v, old, next);
     hist_push(v, old);
     return next->version;
@@ -524,9 +542,11 @@ int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, bool 
         atomic = true;
         failed = 1;
     }
+    if (atomic && !failed) EV_EMIT(.kind = DX_EV_BATCH_BEGIN, .s = s, .items = it, .nitems = n);
     if (!(atomic && failed))
         for (size_t i = 0; i < n; i++)
             if (!it[i].rc) it[i].version = commit(s, it[i].var, next[i], nf, nctx);
+    if (atomic && !failed) EV_EMIT(.kind = DX_EV_BATCH_COMMITTED, .s = s, .items = it, .nitems = n);
     for (int k = nidx - 1; k >= 0; k--) pthread_mutex_unlock(&s->shards[idx[k]].mu);
     if (atomic && failed && next)
         for (size_t i = 0; i < n; i++) free(next[i]);
@@ -546,6 +566,7 @@ int dx_var_delete(dx_session *s, dx_str key) {
         v->dead = true;
         atomic_fetch_sub(&s->nvars, 1);
         rc = DX_OK;
+        EV_EMIT(.kind = DX_EV_VAR_DELETED, .s = s, .v = v, .old = atomic_load_explicit(&v->cur, memory_order_relaxed));
         /* Still under the shard mutex: a new variable of the same name (same
          * shard) cannot be registered, and get edges, before its old node is
          * gone; add_dependency checks variables under graph_mu, so it cannot
@@ -716,7 +737,11 @@ int dx_var_rollback(dx_session *s, dx_var *v, uint64_t target, const dx_set_opts
         }
         dx_snap *next = prepare(v, &src->value, &ro, now_us);
         if (!next) rc = DX_E_NOMEM;
-        else *version = commit(s, v, next, nf, nctx);
+        else {
+            t_ev_kind = DX_EV_VAR_ROLLED_BACK;
+            *version = commit(s, v, next, nf, nctx);
+            t_ev_kind = 0;
+        }
     }
     pthread_mutex_unlock(&sh->mu);
     return rc;

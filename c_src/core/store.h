@@ -274,6 +274,34 @@ int dx_import_var_add(dx_session *s, const dx_import_var *iv, const dx_import_hi
 int dx_import_commit(dx_session *s, int *limit);
 void dx_import_abort(dx_session *s);
 
+/* ---- event log hook (issue #15) -------------------------------------------------
+ * Called with the lock that orders the change still held (the shard mutex for
+ * variables, the session table mutex for sessions), so hooks see changes in
+ * commit order. A hook only copies what it needs; it never calls back into the store. */
+enum {
+    DX_EV_SESSION_CREATED = 1,
+    DX_EV_SESSION_DELETED,
+    DX_EV_VAR_REGISTERED,
+    DX_EV_VAR_UPDATED,
+    DX_EV_VAR_DELETED,
+    DX_EV_VAR_ROLLED_BACK,
+    DX_EV_BATCH_COMMITTED,
+    DX_EV_BATCH_BEGIN, /* before the members of an atomic batch commit (their events belong together) */
+};
+enum { DX_EV_REASON_DELETED = 0, DX_EV_REASON_EXPIRED, DX_EV_REASON_MIGRATED };
+typedef struct {
+    int kind;
+    dx_session *s;
+    dx_var *v;                /* variable events */
+    const dx_snap *old, *cur; /* updated / rolled back: before and after; registered: cur */
+    int reason;               /* session_deleted */
+    const dx_set_item *items; /* batch_committed: the committed members */
+    size_t nitems;
+} dx_ev_change;
+void dx_store_set_event_hook(void (*fn)(const dx_ev_change *c));
+/* dx_session_delete with the reason the event log records. */
+int dx_session_delete_reason(dx_str id, int reason);
+
 /* Allocates a snapshot (used by the NIF for decoded values in tests). */
 dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const uint8_t *meta, size_t meta_len,
                      const uint8_t *by, size_t by_len);

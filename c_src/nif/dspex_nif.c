@@ -1,5 +1,6 @@
 /* Registration of the NIF library: the function table and load/unload. */
 #include "acl.h"
+#include "events_nif.h"
 #include "metrics_nif.h"
 #include "nif.h"
 #include <stdlib.h>
@@ -13,6 +14,7 @@ static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
     dx_hash_seed((uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&ts ^ (uint64_t)ts.tv_sec);
     if (dx_watch_init(env)) return 1;
     if (dx_metrics_init(env)) return 1;
+    if (dx_events_init(env)) return 1;
     dx_store_set_watcher_release(dx_watch_release);
     dx_store_set_acl_release(dx_acl_free);
     return dx_store_init() == DX_OK ? 0 : 1;
@@ -24,6 +26,7 @@ static int upgrade(ErlNifEnv *env, void **priv, void **old_priv, ERL_NIF_TERM in
 
 static void unload(ErlNifEnv *env, void *priv) {
     dx_metrics_unload();
+    dx_events_unload();
     dx_store_shutdown();
 }
 
@@ -84,6 +87,7 @@ static ErlNifFunc funcs[] = {
     {"session_set_rate", 3, nif_session_set_rate, 0},
     DX_METRICS_FUNCS,
     {"lock_token_floor", 1, nif_lock_token_floor, 0},
+    DX_EVENTS_FUNCS,
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

@@ -2,6 +2,7 @@
  * the core. Every function that reads shared state brackets it in an EBR
  * section; writers are serialised by the core's shard mutexes. */
 #include "acl.h"
+#include "events_nif.h"
 #include "glob.h"
 #include "nif.h"
 #include "metrics_nif.h"
@@ -620,7 +621,9 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
             o.if_current = cur;
         }
         uint64_t version = 0;
+        dx_events_principal(ob->principal.set ? ob->principal.id : (dx_str){0}); /* event log: who wrote */
         int rc = dx_var_set(s, v, val, &o, dx_now_us(), &version, dx_watch_notify, nc);
+        dx_events_principal((dx_str){0});
         if (ob->meta_patch) enif_release_binary(&meta);
         if (rc == DX_E_RETRY) continue;
         if (rc == DX_E_INVALID) return dx_error_msg(env, ATOM_invalid_value, "value type does not match the variable");

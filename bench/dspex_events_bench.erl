@@ -1,0 +1,149 @@
+%% @doc `make bench': the event log (issue #15), in one run, on this disk.
+%%   1. the disk's fsync rate (1-byte write + fsync, one file): the floor of
+%%      a one-transaction-per-event log;
+%%   2. `sync' acknowledged writes (dspex_store:set/4 with durability sync),
+%%      16 concurrent writers, group commit vs one transaction per event
+%%      (the same SQLite backend with event_max_batch = 1);
+%%   3. `async' sustained ingest (events/s from the commit path, until durable);
+%%   4. set/3 with the log on vs off (one process, below saturation: bursts of
+%%      1,000 sets, each followed by an untimed wait for the log);
+%%   5. state_at of a session with 1,000,000 events (snapshots every 100).
+-module(dspex_events_bench).
+-export([main/0]).
+
+-define(SID, <<"evbench">>).
+
+main() ->
+    Root = "_build/bench/events",
+    io:format("~ndspex_events benchmark (~p schedulers, dir ~s)~n", [erlang:system_info(schedulers_online), Root]),
+    Fsync = fsync_rate(Root),
+    io:format("  disk fsync rate: ~.1f fsyncs/s~n", [Fsync]),
+    Group = with_log(Root, "group", #{}, fun() -> sync_writers(16, 2000) end),
+    Single = with_log(Root, "single", #{event_max_batch => 1}, fun() -> sync_writers(16, 300) end),
+    io:format("  sync acked writes, 16 writers: group commit ~.1f/s, one transaction per event ~.1f/s, "
+              "ratio ~.1fx (goal >= 10x, >= 20000/s)~n", [Group, Single, Group / Single]),
+    Async = with_log(Root, "async", #{}, fun() -> async_ingest(4, 100000) end),
+    io:format("  async ingest (set/3 from 4 processes until durable): ~.1f events/s (goal >= 300000)~n", [Async]),
+    Append = with_log(Root, "append", #{}, fun() -> append_ingest(4, 100000) end),
+    io:format("  async ingest (append/4 from 4 processes until durable): ~.1f events/s~n", [Append]),
+    On = with_log(Root, "on", #{}, fun() -> set_rate(200000) end),
+    Off = with_log(Root, "off", #{event_log => false}, fun() -> set_rate(200000) end),
+    io:format("  set/3 one process: log on ~.1f/s, off ~.1f/s, ratio ~.2f (goal >= 0.6)~n", [On, Off, On / Off]),
+    {Build, Worst, Avg} = with_log(Root, "state_at", #{}, fun() -> state_at_bench(1000000) end),
+    io:format("  state_at on 1,000,000 events (built in ~.1f s): worst ~.1f ms, mean ~.1f ms over 50 points "
+              "(goal <= 100 ms)~n", [Build, Worst, Avg]),
+    ok.
+
+%% Runs F with the application started on a fresh event directory.
+with_log(Root, Name, Env, F) ->
+    Dir = filename:join(Root, Name),
+    _ = os:cmd("rm -rf " ++ Dir),
+    _ = application:stop(dspex_bridge),
+    _ = application:load(dspex_bridge),
+    Defaults = #{event_dir => Dir, event_log => true, event_max_batch => 8192, grpc_enabled => false,
+                 prometheus_enabled => false, metrics_handlers => false},
+    maps:foreach(fun(K, V) -> application:set_env(dspex_bridge, K, V) end, maps:merge(Defaults, Env)),
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    _ = dspex_store:delete_session(?SID),
+    {ok, _} = dspex_store:create_session(?SID, #{ttl => infinity}),
+    try F()
+    after
+        application:stop(dspex_bridge),
+        _ = os:cmd("rm -rf " ++ Dir)
+    end.
+
+fsync_rate(Root) ->
+    ok = filelib:ensure_dir(filename:join(Root, "x")),
+    File = filename:join(Root, "fsync_probe"),
+    {ok, Fd} = file:open(File, [write, raw, binary]),
+    T0 = erlang:monotonic_time(),
+    N = fsync_loop(Fd, T0, 0),
+    Secs = secs(T0),
+    ok = file:close(Fd),
+    _ = file:delete(File),
+    N / Secs.
+
+fsync_loop(Fd, T0, N) ->
+    case secs(T0) > 2.0 of
+        true -> N;
+        false ->
+            ok = file:write(Fd, <<"x">>),
+            ok = file:sync(Fd),
+            fsync_loop(Fd, T0, N + 1)
+    end.
+
+secs(T0) -> erlang:convert_time_unit(erlang:monotonic_time() - T0, native, microsecond) / 1.0e6.
+
+%% W writers, each Per sync sets of its own variable; acked writes/s.
+sync_writers(W, Per) ->
+    [{ok, _} = dspex_store:register(?SID, integer_to_binary(I), integer, 0) || I <- lists:seq(1, W)],
+    T0 = erlang:monotonic_time(),
+    pmap(W, fun(I) ->
+                    K = integer_to_binary(I),
+                    [{ok, _} = dspex_store:set(?SID, K, N, #{durability => sync}) || N <- lists:seq(1, Per)]
+            end),
+    W * Per / secs(T0).
+
+%% P processes, each Per async sets; events/s until every event is durable.
+async_ingest(P, Per) ->
+    [{ok, _} = dspex_store:register(?SID, integer_to_binary(I), integer, 0) || I <- lists:seq(1, P)],
+    T0 = erlang:monotonic_time(),
+    pmap(P, fun(I) -> K = integer_to_binary(I), set_loop(K, Per) end),
+    ok = dspex_events:await(),
+    P * Per / secs(T0).
+
+set_loop(_, 0) -> ok;
+set_loop(K, N) -> {ok, _} = dspex_store:set(?SID, K, N), set_loop(K, N - 1).
+
+append_ingest(P, Per) ->
+    T0 = erlang:monotonic_time(),
+    pmap(P, fun(_) -> append_loop(Per) end),
+    ok = dspex_events:await(),
+    P * Per / secs(T0).
+
+append_loop(0) -> ok;
+append_loop(N) -> {ok, _} = dspex_events:append(?SID, bench, N, #{}), append_loop(N - 1).
+
+%% One process; sets/s below saturation: bursts of 1,000 sets, timed, each
+%% followed by an untimed wait until the log has written them (so the queue
+%% never backs up; the writer still runs while the next burst starts).
+set_rate(N) ->
+    {ok, _} = dspex_store:register(?SID, x, integer, 0),
+    set_loop(x, 20000),
+    _ = dspex_events:await(),
+    Time = lists:sum([begin
+                          T0 = erlang:monotonic_time(),
+                          set_loop(x, 1000),
+                          S = secs(T0),
+                          ok = dspex_events:await(),
+                          S
+                      end || _ <- lists:seq(1, N div 1000)]),
+    N / Time.
+
+%% 1,000,000 events in one session (sets of 10 variables), then state_at at 50
+%% random sequences; each result is checked against the replay from the start
+%% for the last point (equal to the export taken then).
+state_at_bench(N) ->
+    Vars = [integer_to_binary(I) || I <- lists:seq(1, 10)],
+    [{ok, _} = dspex_store:register(?SID, K, integer, 0, #{history_limit => 5}) || K <- Vars],
+    T0 = erlang:monotonic_time(),
+    pmap(2, fun(I) -> [set_loop(K, N div 20) || K <- lists:sublist(Vars, 5 * (I - 1) + 1, 5)] end),
+    ok = dspex_events:await(),
+    _ = sys:get_state(dspex_events),
+    ok = dspex_events:snapshots_sync(),
+    Build = secs(T0),
+    {ok, Export} = dspex_nif:export_session(?SID),
+    Max = dspex_nif:events_session_seq(?SID),
+    {ok, Export} = dspex_events:state_at(?SID, {sequence, Max}),
+    Times = [begin
+                 Seq = rand:uniform(Max),
+                 T1 = erlang:monotonic_time(),
+                 {ok, _} = dspex_events:state_at(?SID, {sequence, Seq}),
+                 secs(T1) * 1000
+             end || _ <- lists:seq(1, 50)],
+    {Build, lists:max(Times), lists:sum(Times) / length(Times)}.
+
+pmap(N, F) ->
+    Refs = [element(2, spawn_monitor(fun() -> F(I) end)) || I <- lists:seq(1, N)],
+    [receive {'DOWN', R, process, _, normal} -> ok; {'DOWN', R, process, _, Why} -> error(Why) end || R <- Refs],
+    ok.

@@ -1,0 +1,446 @@
+/* Event queue and writer thread (see evq.h). */
+#include "evq.h"
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+/* session -> last assigned sequence; open addressing, grows at 1/2 load. */
+typedef struct {
+    char *key;
+    size_t len;
+    uint64_t seq;
+    uint64_t hash;
+} seq_slot;
+
+struct dx_evq {
+    dx_evq_config cfg;
+    char *node;
+    void *st; /* writer's backend state */
+    void *seed_st;
+    pthread_mutex_t *seed_mu;
+    pthread_mutex_t mu;
+    pthread_cond_t nonempty, progress;
+    dx_ev_item *head, *tail;
+    size_t depth, max_depth, bytes;
+    _Atomic size_t adepth; /* depth, readable without the mutex (back-pressure checks) */
+    uint64_t pushed, done, batches, errors, written, last_pos;
+    uint64_t failed_upto; /* tickets <= this saw a failed attempt */
+    char last_error[256];
+    bool stop, started;
+    pthread_t thr;
+    seq_slot *slots;
+    size_t nslots, used;
+};
+
+static int dx_str_same(const char *a, size_t al, const char *b, size_t bl) {
+    return al == bl && (al == 0 || memcmp(a, b, al) == 0);
+}
+
+int64_t dx_ev_now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* ---- UUIDv7 ------------------------------------------------------------------------ */
+static pthread_mutex_t g_uuid_mu = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t g_uuid_ms, g_uuid_ctr, g_rng[2];
+
+static uint64_t rng_next(void) { /* xorshift128+ */
+    uint64_t s1 = g_rng[0];
+    const uint64_t s0 = g_rng[1];
+    g_rng[0] = s0;
+    s1 ^= s1 << 23;
+    g_rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return g_rng[1] + s0;
+}
+
+/* 48-bit ms time, version 7, 12-bit counter (rand_a, monotonic within a ms; a
+ * counter overflow borrows the next ms), variant 10, 62 random bits. */
+void dx_uuid7(int64_t ts_us, char out[37]) {
+    uint8_t b[16];
+    pthread_mutex_lock(&g_uuid_mu);
+    if (!g_rng[0] && !g_rng[1]) {
+        if (getrandom(g_rng, sizeof g_rng, 0) != (ssize_t)sizeof g_rng || (!g_rng[0] && !g_rng[1])) {
+            g_rng[0] = (uint64_t)dx_ev_now_us() * 0x9e3779b97f4a7c15ull;
+            g_rng[1] = (uint64_t)(uintptr_t)&b | 1;
+        }
+    }
+    uint64_t ms = ts_us > 0 ? (uint64_t)ts_us / 1000 : 0;
+    if (ms <= g_uuid_ms) {
+        ms = g_uuid_ms;
+        if (++g_uuid_ctr > 0xfff) {
+            ms++;
+            g_uuid_ctr = 0;
+        }
+    } else {
+        g_uuid_ctr = rng_next() & 0x1ff; /* random start, room to count up */
+    }
+    g_uuid_ms = ms;
+    uint64_t ctr = g_uuid_ctr, r = rng_next();
+    pthread_mutex_unlock(&g_uuid_mu);
+    for (int i = 0; i < 6; i++) b[i] = (uint8_t)(ms >> (40 - 8 * i));
+    b[6] = (uint8_t)(0x70 | ((ctr >> 8) & 0x0f));
+    b[7] = (uint8_t)ctr;
+    b[8] = (uint8_t)(0x80 | ((r >> 56) & 0x3f));
+    for (int i = 9; i < 16; i++) b[i] = (uint8_t)(r >> (8 * (15 - i)));
+    static const char hex[] = "0123456789abcdef";
+    char *p = out;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10) *p++ = '-';
+        *p++ = hex[b[i] >> 4];
+        *p++ = hex[b[i] & 15];
+    }
+    *p = 0;
+}
+
+/* ---- sequence map ------------------------------------------------------------------ */
+static uint64_t str_hash(const char *p, size_t n) { /* FNV-1a */
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (uint8_t)p[i]) * 1099511628211ull;
+    return h | 1;
+}
+
+static seq_slot *seq_find(dx_evq *q, const char *s, size_t n, uint64_t h) {
+    size_t mask = q->nslots - 1;
+    for (size_t i = h & mask;; i = (i + 1) & mask) {
+        seq_slot *e = &q->slots[i];
+        if (!e->hash) return e;
+        if (e->hash == h && e->len == n && (n == 0 || memcmp(e->key, s, n) == 0)) return e;
+    }
+}
+
+static int seq_grow(dx_evq *q) {
+    size_t nn = q->nslots ? q->nslots * 2 : 64;
+    seq_slot *ns = calloc(nn, sizeof *ns), *old = q->slots;
+    if (!ns) return -1;
+    size_t on = q->nslots;
+    q->slots = ns;
+    q->nslots = nn;
+    for (size_t i = 0; i < on; i++)
+        if (old[i].hash) *seq_find(q, old[i].key, old[i].len, old[i].hash) = old[i];
+    free(old);
+    return 0;
+}
+
+/* The slot of a session, created (seeded from the backend) if new. Under q->mu. */
+static seq_slot *seq_slot_of(dx_evq *q, const char *s, size_t n) {
+    if ((q->used + 1) * 2 > q->nslots && seq_grow(q)) return NULL;
+    uint64_t h = str_hash(s, n);
+    seq_slot *e = seq_find(q, s, n, h);
+    if (e->hash) return e;
+    char *k = malloc(n ? n : 1);
+    if (!k) return NULL;
+    if (n) memcpy(k, s, n);
+    uint64_t last = 0;
+    if (q->seed_st) {
+        char err[256];
+        if (q->seed_mu) pthread_mutex_lock(q->seed_mu);
+        if (q->cfg.ops->session_max_seq(q->seed_st, s, n, &last, err, sizeof err)) last = 0;
+        if (q->seed_mu) pthread_mutex_unlock(q->seed_mu);
+    }
+    *e = (seq_slot){k, n, last, h};
+    q->used++;
+    return e;
+}
+
+uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len) {
+    pthread_mutex_lock(&q->mu);
+    seq_slot *e = seq_slot_of(q, session, len);
+    uint64_t v = e ? e->seq : 0;
+    pthread_mutex_unlock(&q->mu);
+    return v;
+}
+
+void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor) {
+    pthread_mutex_lock(&q->mu);
+    seq_slot *e = seq_slot_of(q, session, len);
+    if (e && e->seq < floor) e->seq = floor;
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* ---- push ---------------------------------------------------------------------------- */
+static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
+    size_t tl = in->session_len + in->type_len + in->variable_len + in->principal_len + in->changed_by_len +
+                in->data_len + in->meta_len;
+    size_t sz = sizeof(dx_ev_item) + tl;
+    dx_ev_item *it = malloc(sz);
+    if (!it) return NULL;
+    memset(it, 0, sizeof *it);
+    it->alloc = sz;
+    char *p = it->text;
+#define CP(field)                                                        \
+    it->rec.field = p;                                                   \
+    it->rec.field##_len = in->field##_len;                               \
+    if (in->field##_len) memcpy(p, in->field, in->field##_len);          \
+    p += in->field##_len;
+    CP(session) CP(type) CP(variable) CP(principal) CP(changed_by)
+#undef CP
+    it->rec.data = (const uint8_t *)p;
+    it->rec.data_len = in->data_len;
+    if (in->data_len) memcpy(p, in->data, in->data_len);
+    p += in->data_len;
+    it->rec.meta = (const uint8_t *)p;
+    it->rec.meta_len = in->meta_len;
+    if (in->meta_len) memcpy(p, in->meta, in->meta_len);
+    it->rec.node = q->node;
+    it->rec.node_len = q->cfg.node_len;
+    it->payload = in->payload;
+    return it;
+}
+
+/* Under q->mu: stamps and links a prepared item. */
+static void link_item(dx_evq *q, dx_ev_item *it, uint64_t seq, int64_t ts) {
+    it->rec.sequence = seq;
+    it->rec.ts_us = ts;
+    dx_uuid7(ts, it->rec.id);
+    it->ticket = ++q->pushed;
+    if (q->tail) q->tail->next = it;
+    else q->head = it;
+    q->tail = it;
+    q->depth++;
+    atomic_store_explicit(&q->adepth, q->depth, memory_order_relaxed);
+    q->bytes += it->alloc;
+    if (q->depth > q->max_depth) q->max_depth = q->depth;
+}
+
+int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets, uint64_t *seqs) {
+    dx_ev_item *stack[16], **items = n <= 16 ? stack : malloc(n * sizeof *items);
+    if (!items) return -1;
+    size_t k = 0;
+    for (; k < n; k++)
+        if (!(items[k] = item_new(q, &in[k]))) break;
+    int rc = 0;
+    if (k < n) {
+        rc = -1;
+    } else {
+        int64_t now = dx_ev_now_us();
+        pthread_mutex_lock(&q->mu);
+        /* check every explicit sequence first: all or nothing */
+        for (size_t i = 0; i < n && !rc; i++) {
+            seq_slot *e = seq_slot_of(q, in[i].session, in[i].session_len);
+            if (!e) rc = -1;
+            else if (in[i].sequence) {
+                /* explicit sequences (a replica applying the owner's log) must continue the session's */
+                uint64_t expect = e->seq + 1;
+                for (size_t j = 0; j < i; j++)
+                    if (dx_str_same(in[j].session, in[j].session_len, in[i].session, in[i].session_len)) expect++;
+                if (in[i].sequence != expect) {
+                    rc = -2;
+                    if (seqs) seqs[i] = expect - 1;
+                }
+            }
+        }
+        for (size_t i = 0; i < n && !rc; i++) {
+            seq_slot *e = seq_slot_of(q, in[i].session, in[i].session_len);
+            uint64_t s = ++e->seq;
+            int64_t ts = in[i].ts_us ? in[i].ts_us : now;
+            link_item(q, items[i], s, ts);
+            if (in[i].id_out) memcpy(in[i].id_out, items[i]->rec.id, 37);
+            if (tickets) tickets[i] = items[i]->ticket;
+            if (seqs) seqs[i] = s;
+        }
+        if (!rc) pthread_cond_signal(&q->nonempty);
+        pthread_mutex_unlock(&q->mu);
+    }
+    if (rc)
+        for (size_t i = 0; i < k; i++) free(items[i]); /* payloads stay with the caller on failure */
+    if (items != stack) free(items);
+    return rc;
+}
+
+uint64_t dx_evq_push(dx_evq *q, const dx_ev_in *in, uint64_t *seq_out) {
+    uint64_t t = 0, s = 0;
+    int rc = dx_evq_push_many(q, in, 1, &t, &s);
+    if (seq_out) *seq_out = s;
+    return rc ? 0 : t;
+}
+
+uint64_t dx_evq_ticket(dx_evq *q) {
+    pthread_mutex_lock(&q->mu);
+    uint64_t t = q->pushed;
+    pthread_mutex_unlock(&q->mu);
+    return t;
+}
+
+uint64_t dx_evq_done(dx_evq *q) {
+    pthread_mutex_lock(&q->mu);
+    uint64_t t = q->done;
+    pthread_mutex_unlock(&q->mu);
+    return t;
+}
+
+bool dx_evq_full(dx_evq *q) {
+    return q->cfg.capacity && atomic_load_explicit(&q->adepth, memory_order_relaxed) >= q->cfg.capacity;
+}
+
+void dx_evq_stats_get(dx_evq *q, dx_evq_stats *o) {
+    pthread_mutex_lock(&q->mu);
+    *o = (dx_evq_stats){q->pushed, q->done, q->batches, q->errors, q->written, q->depth, q->max_depth, q->bytes,
+                        q->head ? q->head->rec.ts_us : 0, q->last_pos, {0}};
+    memcpy(o->last_error, q->last_error, sizeof o->last_error);
+    pthread_mutex_unlock(&q->mu);
+}
+
+int dx_evq_wait(dx_evq *q, uint64_t ticket) {
+    pthread_mutex_lock(&q->mu);
+    uint64_t e0 = q->errors;
+    while (q->done < ticket && q->errors == e0) pthread_cond_wait(&q->progress, &q->mu);
+    int rc = q->done >= ticket ? 0 : -1;
+    pthread_mutex_unlock(&q->mu);
+    return rc;
+}
+
+/* ---- writer ------------------------------------------------------------------------- */
+static void free_items(dx_evq *q, dx_ev_item *it) {
+    while (it) {
+        dx_ev_item *n = it->next;
+        if (it->payload && q->cfg.free_payload) q->cfg.free_payload(q->cfg.ctx, it);
+        free(it);
+        it = n;
+    }
+}
+
+static void *writer(void *arg) {
+    dx_evq *q = arg;
+    size_t cap = q->cfg.max_batch;
+    dx_ev_rec *recs = malloc(cap * sizeof *recs);
+    char err[256];
+    for (;;) {
+        pthread_mutex_lock(&q->mu);
+        while (!q->head && !q->stop) pthread_cond_wait(&q->nonempty, &q->mu);
+        if (!q->head && q->stop) {
+            pthread_mutex_unlock(&q->mu);
+            break;
+        }
+        /* take up to max_batch items; they stay counted in depth until written */
+        dx_ev_item *first = q->head, *last = first;
+        size_t n = 1;
+        while (n < cap && last->next) {
+            last = last->next;
+            n++;
+        }
+        q->head = last->next;
+        if (!q->head) q->tail = NULL;
+        last->next = NULL;
+        pthread_mutex_unlock(&q->mu);
+        int64_t backoff = q->cfg.retry_ms;
+        for (;;) {
+            int rc = recs ? 0 : -1;
+            if (!recs) snprintf(err, sizeof err, "out of memory");
+            size_t i = 0;
+            for (dx_ev_item *it = first; it && !rc; it = it->next, i++) {
+                if (it->payload && q->cfg.encode && q->cfg.encode(q->cfg.ctx, it)) {
+                    snprintf(err, sizeof err, "encode failed");
+                    rc = -1;
+                }
+                recs[i] = it->rec;
+                recs[i].position = 0;
+            }
+            if (!rc) rc = q->cfg.ops->write_batch(q->st, recs, n, err, sizeof err);
+            pthread_mutex_lock(&q->mu);
+            if (!rc) {
+                q->done = last->ticket;
+                q->batches++;
+                q->written += n;
+                q->depth -= n;
+                atomic_store_explicit(&q->adepth, q->depth, memory_order_relaxed);
+                for (dx_ev_item *it = first; it; it = it->next) q->bytes -= it->alloc;
+                if (recs[n - 1].position > q->last_pos) q->last_pos = recs[n - 1].position;
+            } else {
+                q->errors++;
+                q->failed_upto = q->pushed;
+                snprintf(q->last_error, sizeof q->last_error, "%s", err);
+            }
+            uint64_t done = q->done;
+            pthread_cond_broadcast(&q->progress);
+            pthread_mutex_unlock(&q->mu);
+            if (q->cfg.on_batch) q->cfg.on_batch(q->cfg.ctx, done, rc ? err : NULL, rc ? NULL : recs, rc ? 0 : n);
+            if (!rc) break;
+            /* never drop: wait, then retry the same batch (also while stopping: the backend may return) */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            int64_t ns = ts.tv_nsec + backoff * 1000000;
+            ts.tv_sec += ns / 1000000000;
+            ts.tv_nsec = ns % 1000000000;
+            pthread_mutex_lock(&q->mu);
+            bool stopping = q->stop;
+            if (!stopping) pthread_cond_timedwait(&q->nonempty, &q->mu, &ts);
+            pthread_mutex_unlock(&q->mu);
+            if (stopping) {
+                /* closing with a failing backend: nothing more can be done with these events */
+                break;
+            }
+            if (backoff < 2000) backoff *= 2;
+        }
+        free_items(q, first);
+    }
+    free(recs);
+    return NULL;
+}
+
+dx_evq *dx_evq_open(const dx_evq_config *cfg, void *seed_st, pthread_mutex_t *seed_mu, char *err, size_t errlen) {
+    dx_evq *q = calloc(1, sizeof *q);
+    if (!q) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    q->cfg = *cfg;
+    if (!q->cfg.max_batch) q->cfg.max_batch = 8192;
+    if (q->cfg.retry_ms <= 0) q->cfg.retry_ms = 100;
+    q->node = malloc(cfg->node_len ? cfg->node_len : 1);
+    if (!q->node) {
+        free(q);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    if (cfg->node_len) memcpy(q->node, cfg->node, cfg->node_len);
+    q->seed_st = seed_st;
+    q->seed_mu = seed_mu;
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->nonempty, NULL);
+    pthread_cond_init(&q->progress, NULL);
+    if (cfg->ops->open(cfg->target, &q->st, err, errlen)) goto fail;
+    if (cfg->ops->max_position(q->st, &q->last_pos, err, errlen)) goto fail_close;
+    if (seq_grow(q)) {
+        snprintf(err, errlen, "out of memory");
+        goto fail_close;
+    }
+    if (pthread_create(&q->thr, NULL, writer, q)) {
+        snprintf(err, errlen, "cannot start the writer thread");
+        goto fail_close;
+    }
+    q->started = true;
+    return q;
+fail_close:
+    cfg->ops->close(q->st);
+fail:
+    free(q->slots);
+    free(q->node);
+    pthread_mutex_destroy(&q->mu);
+    pthread_cond_destroy(&q->nonempty);
+    pthread_cond_destroy(&q->progress);
+    free(q);
+    return NULL;
+}
+
+void dx_evq_close(dx_evq *q) {
+    if (!q) return;
+    pthread_mutex_lock(&q->mu);
+    q->stop = true;
+    pthread_cond_broadcast(&q->nonempty);
+    pthread_mutex_unlock(&q->mu);
+    if (q->started) pthread_join(q->thr, NULL);
+    q->cfg.ops->close(q->st);
+    free_items(q, q->head);
+    for (size_t i = 0; i < q->nslots; i++) free(q->slots[i].key);
+    free(q->slots);
+    free(q->node);
+    pthread_mutex_destroy(&q->mu);
+    pthread_cond_destroy(&q->nonempty);
+    pthread_cond_destroy(&q->progress);
+    free(q);
+}

@@ -1,0 +1,104 @@
+/* The event queue of the event log (issue #15): a bounded multi-producer queue
+ * fed by the store's commit path, drained by one writer thread that writes
+ * batches to a backend (backend.h) in one transaction each (group commit).
+ *
+ * Producers push from inside the store's critical sections: a push only copies
+ * bytes and takes the queue mutex for a few instructions; it assigns the
+ * session's next sequence number (from 1, gapless, in push order), the commit
+ * time and a UUIDv7 under that mutex, so the queue order is the commit order.
+ *
+ * Durability: every push gets a ticket (1, 2, ...); `done' is the highest ticket
+ * the backend has made durable. A caller that must wait for durability waits
+ * until done >= its ticket (the on_batch callback says when).
+ *
+ * Pure C: no erl_nif types. Payloads that need the VM to encode (values as
+ * external term format) are carried opaque and encoded by the writer thread
+ * through the encode callback, off the commit path. */
+#ifndef DX_EVENTS_EVQ_H
+#define DX_EVENTS_EVQ_H
+#include "backend.h"
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+typedef struct dx_ev_item {
+    struct dx_ev_item *next;
+    uint64_t ticket;
+    dx_ev_rec rec;   /* strings point into text[]; data/meta into text[] or set by encode */
+    void *payload;   /* opaque; encode turns it into rec.data/rec.meta */
+    size_t alloc;    /* bytes of this item, for the memory gauge */
+    _Alignas(8) char text[];
+} dx_ev_item;
+
+/* What a producer hands over (every byte is copied). */
+typedef struct {
+    const char *session; size_t session_len;
+    const char *type;    size_t type_len;
+    const char *variable; size_t variable_len;
+    const char *principal; size_t principal_len;
+    const char *changed_by; size_t changed_by_len;
+    const uint8_t *data; size_t data_len; /* already encoded, or 0 with payload */
+    const uint8_t *meta; size_t meta_len;
+    void *payload;                         /* owned by the queue once pushed */
+    int64_t ts_us;                         /* 0: the queue reads the clock */
+    uint64_t sequence;                     /* 0: assign the session's next; else must be exactly next (replicas) */
+    char *id_out;                          /* optional: receives the event's UUIDv7 (37 bytes) */
+} dx_ev_in;
+
+typedef struct dx_evq dx_evq;
+
+typedef struct {
+    const dx_ev_backend_ops *ops;
+    const char *target;       /* backend open target */
+    const char *node; size_t node_len;
+    size_t max_batch;         /* records per transaction (default 8192) */
+    size_t capacity;          /* queue bound: pushes beyond it still succeed (a committed change is never
+                                 dropped) but dx_evq_full() turns true: callers apply back-pressure */
+    int64_t retry_ms;         /* pause after a failed batch before retrying it (default 100) */
+    /* Writer thread: fill it->rec.data/meta from it->payload (return 0, or -1 to fail the batch). */
+    int (*encode)(void *ctx, dx_ev_item *it);
+    void (*free_payload)(void *ctx, dx_ev_item *it);
+    /* Writer thread, after every attempt: done = highest durable ticket; err NULL on success, else
+       the failure (the batch is retried; nothing is dropped). recs are the written records (n of them,
+       positions assigned) on success. */
+    void (*on_batch)(void *ctx, uint64_t done, const char *err, const dx_ev_rec *recs, size_t n);
+    void *ctx;
+} dx_evq_config;
+
+typedef struct {
+    uint64_t pushed, done, batches, errors, written;
+    size_t depth, max_depth, bytes;
+    int64_t oldest_ts_us; /* commit time of the oldest queued event (0: empty) */
+    uint64_t last_position;
+    char last_error[256];
+} dx_evq_stats;
+
+/* Opens the backend, reads its highest position and starts the writer thread.
+ * seed: optional second backend instance (readers' connection) used to find a
+ * session's last stored sequence the first time the queue sees the session;
+ * seed_mu serialises it with the caller's own reads. NULL, -1 + err on failure. */
+dx_evq *dx_evq_open(const dx_evq_config *cfg, void *seed_st, pthread_mutex_t *seed_mu, char *err, size_t errlen);
+/* Stops accepting, lets the writer drain everything (retrying failures until stop_retrying), joins it, closes
+ * the backend. */
+void dx_evq_close(dx_evq *q);
+/* Copies the event into the queue. Returns its ticket (> 0); 0 when out of memory (nothing queued) or, for a
+ * given sequence, when it is not the session's next (*seq_out then holds the expected one minus 1). */
+uint64_t dx_evq_push(dx_evq *q, const dx_ev_in *in, uint64_t *seq_out);
+/* Several events that must be adjacent (an atomic batch): all or nothing. tickets may be NULL. */
+int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets, uint64_t *seqs);
+uint64_t dx_evq_ticket(dx_evq *q); /* tickets handed out so far (the last one) */
+uint64_t dx_evq_done(dx_evq *q);   /* highest durable ticket */
+bool dx_evq_full(dx_evq *q);
+void dx_evq_stats_get(dx_evq *q, dx_evq_stats *out);
+/* The session's last assigned sequence (0: none yet). */
+uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len);
+/* Raises a session's sequence so that the next one is above floor (a replica taking over). */
+void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor);
+/* Blocks the calling thread until done >= ticket or an attempt fails after it was pushed
+ * (returns 0 or -1). For C callers and tests; the NIF uses on_batch instead. */
+int dx_evq_wait(dx_evq *q, uint64_t ticket);
+
+/* UUIDv7 text (36 chars + NUL) for ts_us; monotonic within a process. */
+void dx_uuid7(int64_t ts_us, char out[37]);
+int64_t dx_ev_now_us(void);
+#endif

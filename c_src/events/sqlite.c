@@ -1,0 +1,346 @@
+/* The embedded event log backend (backend.h) on SQLite: WAL mode,
+ * synchronous=FULL (a commit returns after the WAL is fsynced), prepared
+ * statements, one transaction per batch. Positions are row ids assigned here
+ * from a high-water mark kept in the `meta' table (written once per batch), so
+ * they only ever grow, also after retention deletes the newest-but-old rows. */
+#include "backend.h"
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    sqlite3 *db;
+    sqlite3_stmt *hwm, *ins, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin, *begin_deferred, *commit, *rollback;
+} sq_t;
+
+static const char *SCHEMA =
+    "CREATE TABLE IF NOT EXISTS events("
+    " position INTEGER PRIMARY KEY, session BLOB NOT NULL, sequence INTEGER NOT NULL,"
+    " ts_us INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, variable BLOB NOT NULL,"
+    " principal BLOB NOT NULL, changed_by BLOB NOT NULL, node BLOB NOT NULL, data BLOB, meta BLOB);"
+    "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events(session, sequence);"
+    "CREATE INDEX IF NOT EXISTS events_ts ON events(ts_us);"
+    "CREATE INDEX IF NOT EXISTS events_type ON events(type, position);"
+    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position);"
+    "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
+
+/* Snapshots live in a second file, attached as `snap', without fsync: they
+ * are derived from the log (a lost one is rebuilt), so putting one never
+ * waits for the disk nor for the events table's write lock. */
+static const char *SNAP_SCHEMA =
+    "PRAGMA snap.journal_mode=WAL; PRAGMA snap.synchronous=OFF;"
+    "CREATE TABLE IF NOT EXISTS snap.snapshots(session BLOB NOT NULL, sequence INTEGER NOT NULL,"
+    " ts_us INTEGER NOT NULL, blob BLOB NOT NULL, PRIMARY KEY(session, sequence));";
+
+static int fail(sq_t *s, const char *what, char *err, size_t errlen) {
+    snprintf(err, errlen, "%s: %s", what, s && s->db ? sqlite3_errmsg(s->db) : "no database");
+    return -1;
+}
+
+static void sq_close(void *st) {
+    sq_t *s = st;
+    if (!s) return;
+    sqlite3_stmt **all[] = {&s->hwm, &s->ins, &s->find, &s->maxpos, &s->maxseq, &s->putsnap, &s->getsnap,
+                            &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(*all[i]);
+    sqlite3_close_v2(s->db);
+    free(s);
+}
+
+static int prep(sq_t *s, const char *sql, sqlite3_stmt **out) {
+    return sqlite3_prepare_v3(s->db, sql, -1, SQLITE_PREPARE_PERSISTENT, out, NULL) == SQLITE_OK ? 0 : -1;
+}
+
+static int sq_open(const char *target, void **st, char *err, size_t errlen) {
+    sq_t *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    *st = NULL;
+    if (sqlite3_open_v2(target, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) !=
+        SQLITE_OK) {
+        fail(s, "open", err, errlen);
+        sq_close(s);
+        return -1;
+    }
+    sqlite3_busy_timeout(s->db, 5000);
+    char *msg = NULL;
+    sqlite3_stmt *att = NULL;
+    char *snapfile = sqlite3_mprintf("%s-snapshots", target);
+    int arc = snapfile && sqlite3_prepare_v2(s->db, "ATTACH DATABASE ?1 AS snap", -1, &att, NULL) == SQLITE_OK &&
+                      sqlite3_bind_text(att, 1, snapfile, -1, SQLITE_TRANSIENT) == SQLITE_OK &&
+                      sqlite3_step(att) == SQLITE_DONE;
+    sqlite3_finalize(att);
+    sqlite3_free(snapfile);
+    if (!arc) {
+        fail(s, "attach snapshots", err, errlen);
+        sq_close(s);
+        return -1;
+    }
+    if (sqlite3_exec(s->db, "PRAGMA main.journal_mode=WAL; PRAGMA main.synchronous=FULL;", NULL, NULL, &msg) != SQLITE_OK ||
+        sqlite3_exec(s->db, SCHEMA, NULL, NULL, &msg) != SQLITE_OK ||
+        sqlite3_exec(s->db, SNAP_SCHEMA, NULL, NULL, &msg) != SQLITE_OK) {
+        snprintf(err, errlen, "schema: %s", msg ? msg : sqlite3_errmsg(s->db));
+        sqlite3_free(msg);
+        sq_close(s);
+        return -1;
+    }
+    if (prep(s, "INSERT INTO meta(k, v) VALUES('position', ?1) ON CONFLICT(k) DO UPDATE SET v = MAX(v, ?1)",
+             &s->hwm) ||
+        prep(s, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,principal,changed_by,node,data,meta)"
+                " VALUES(?12,?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) ON CONFLICT(session,sequence) DO NOTHING", &s->ins) ||
+        prep(s, "SELECT position FROM events WHERE session=? AND sequence=?", &s->find) ||
+        prep(s, "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0),"
+                " COALESCE((SELECT v FROM meta WHERE k = 'position'), 0))", &s->maxpos) ||
+        prep(s, "SELECT COALESCE(MAX(sequence),0) FROM events WHERE session=?", &s->maxseq) ||
+        prep(s, "INSERT OR REPLACE INTO snap.snapshots(session,sequence,ts_us,blob) VALUES(?,?,?,?)", &s->putsnap) ||
+        prep(s, "SELECT sequence, ts_us, blob FROM snap.snapshots WHERE session=?1"
+                " AND (?2 = 0 OR sequence <= ?2) AND (?3 = 0 OR ts_us <= ?3) ORDER BY sequence DESC LIMIT 1",
+             &s->getsnap) ||
+        prep(s, "BEGIN IMMEDIATE", &s->begin) || prep(s, "BEGIN", &s->begin_deferred) || prep(s, "COMMIT", &s->commit) || prep(s, "ROLLBACK", &s->rollback)) {
+        fail(s, "prepare", err, errlen);
+        sq_close(s);
+        return -1;
+    }
+    *st = s;
+    return 0;
+}
+
+static int sq_max_position(void *st, uint64_t *pos, char *err, size_t errlen);
+
+static int step_done(sqlite3_stmt *st) {
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+static void bind_blob(sqlite3_stmt *st, int i, const void *p, size_t n) {
+    sqlite3_bind_blob64(st, i, n ? p : "", n, SQLITE_STATIC);
+}
+
+static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t errlen) {
+    sq_t *s = st;
+    /* deferred: the first insert locks the events file only (not the attached snapshots) */
+    if (step_done(s->begin_deferred)) return fail(s, "begin", err, errlen);
+    /* the high-water mark as stored now (another instance may have written since this one last did) */
+    uint64_t next;
+    if (sq_max_position(s, &next, err, errlen)) {
+        step_done(s->rollback);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        sqlite3_stmt *q = s->ins;
+        sqlite3_bind_int64(q, 12, (sqlite3_int64)(next + 1));
+        bind_blob(q, 1, r[i].session, r[i].session_len);
+        sqlite3_bind_int64(q, 2, (sqlite3_int64)r[i].sequence);
+        sqlite3_bind_int64(q, 3, r[i].ts_us);
+        sqlite3_bind_text(q, 4, r[i].id, 36, SQLITE_STATIC);
+        sqlite3_bind_text(q, 5, r[i].type, (int)r[i].type_len, SQLITE_STATIC);
+        bind_blob(q, 6, r[i].variable, r[i].variable_len);
+        bind_blob(q, 7, r[i].principal, r[i].principal_len);
+        bind_blob(q, 8, r[i].changed_by, r[i].changed_by_len);
+        bind_blob(q, 9, r[i].node, r[i].node_len);
+        bind_blob(q, 10, r[i].data, r[i].data_len);
+        bind_blob(q, 11, r[i].meta, r[i].meta_len);
+        if (sqlite3_step(q) != SQLITE_DONE) {
+            fail(s, "insert", err, errlen);
+            sqlite3_reset(q);
+            step_done(s->rollback);
+            return -1;
+        }
+        sqlite3_reset(q);
+        if (sqlite3_changes(s->db) == 1) {
+            r[i].position = ++next;
+        } else { /* already stored (a retry): report where */
+            bind_blob(s->find, 1, r[i].session, r[i].session_len);
+            sqlite3_bind_int64(s->find, 2, (sqlite3_int64)r[i].sequence);
+            int rc = sqlite3_step(s->find);
+            r[i].position = rc == SQLITE_ROW ? (uint64_t)sqlite3_column_int64(s->find, 0) : 0;
+            sqlite3_reset(s->find);
+            if (rc != SQLITE_ROW) {
+                fail(s, "find", err, errlen);
+                step_done(s->rollback);
+                return -1;
+            }
+        }
+    }
+    sqlite3_bind_int64(s->hwm, 1, (sqlite3_int64)next);
+    if (step_done(s->hwm) || step_done(s->commit)) {
+        fail(s, "commit", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
+    return 0;
+}
+
+static int sq_max_position(void *st, uint64_t *pos, char *err, size_t errlen) {
+    sq_t *s = st;
+    int rc = sqlite3_step(s->maxpos);
+    if (rc == SQLITE_ROW) *pos = (uint64_t)sqlite3_column_int64(s->maxpos, 0);
+    sqlite3_reset(s->maxpos);
+    return rc == SQLITE_ROW ? 0 : fail(s, "max_position", err, errlen);
+}
+
+static int sq_session_max_seq(void *st, const char *session, size_t len, uint64_t *seq, char *err, size_t errlen) {
+    sq_t *s = st;
+    bind_blob(s->maxseq, 1, session, len);
+    int rc = sqlite3_step(s->maxseq);
+    if (rc == SQLITE_ROW) *seq = (uint64_t)sqlite3_column_int64(s->maxseq, 0);
+    sqlite3_reset(s->maxseq);
+    return rc == SQLITE_ROW ? 0 : fail(s, "session_max_seq", err, errlen);
+}
+
+/* Fills r from a row of SELECT position,sequence,ts_us,id,session,type,variable,principal,changed_by,node,data,meta */
+static void row_rec(sqlite3_stmt *q, dx_ev_rec *r) {
+    memset(r, 0, sizeof *r);
+    r->position = (uint64_t)sqlite3_column_int64(q, 0);
+    r->sequence = (uint64_t)sqlite3_column_int64(q, 1);
+    r->ts_us = sqlite3_column_int64(q, 2);
+    const unsigned char *id = sqlite3_column_text(q, 3);
+    snprintf(r->id, sizeof r->id, "%s", id ? (const char *)id : "");
+#define COL(i, f, T)                                     \
+    r->f = (T)sqlite3_column_blob(q, i);                 \
+    r->f##_len = (size_t)sqlite3_column_bytes(q, i);
+    COL(4, session, const char *)
+    COL(5, type, const char *)
+    COL(6, variable, const char *)
+    COL(7, principal, const char *)
+    COL(8, changed_by, const char *)
+    COL(9, node, const char *)
+    COL(10, data, const uint8_t *)
+    COL(11, meta, const uint8_t *)
+#undef COL
+}
+
+#define COLS "position,sequence,ts_us,id,session,type,variable,principal,changed_by,node,data,meta"
+
+static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
+    sq_t *s = st;
+    char sql[1024 + 8 * 64];
+    size_t o = (size_t)snprintf(sql, sizeof sql, "SELECT " COLS " FROM events WHERE 1");
+    if (qq->session_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND session=?1");
+    if (qq->seq_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND sequence>=?2");
+    if (qq->seq_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND sequence<=?3");
+    if (qq->pos_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND position>=?4");
+    if (qq->pos_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND position<=?5");
+    if (qq->ts_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND ts_us>=?6");
+    if (qq->ts_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND ts_us<=?7");
+    if (qq->principal_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND principal=?8");
+    if (qq->variable_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND variable=?9");
+    if (qq->ntypes > 64) {
+        snprintf(err, errlen, "too many types");
+        return -1;
+    }
+    if (qq->ntypes) {
+        o += (size_t)snprintf(sql + o, sizeof sql - o, " AND type IN (");
+        for (size_t i = 0; i < qq->ntypes; i++)
+            o += (size_t)snprintf(sql + o, sizeof sql - o, "%s?%zu", i ? "," : "", 10 + i);
+        o += (size_t)snprintf(sql + o, sizeof sql - o, ")");
+    }
+    o += (size_t)snprintf(sql + o, sizeof sql - o, " ORDER BY position %s", qq->descending ? "DESC" : "ASC");
+    if (qq->limit) snprintf(sql + o, sizeof sql - o, " LIMIT %zu", qq->limit);
+    sqlite3_stmt *q;
+    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query", err, errlen);
+    if (qq->session_len) bind_blob(q, 1, qq->session, qq->session_len);
+    if (qq->seq_from) sqlite3_bind_int64(q, 2, (sqlite3_int64)qq->seq_from);
+    if (qq->seq_to) sqlite3_bind_int64(q, 3, (sqlite3_int64)qq->seq_to);
+    if (qq->pos_from) sqlite3_bind_int64(q, 4, (sqlite3_int64)qq->pos_from);
+    if (qq->pos_to) sqlite3_bind_int64(q, 5, (sqlite3_int64)qq->pos_to);
+    if (qq->ts_from) sqlite3_bind_int64(q, 6, qq->ts_from);
+    if (qq->ts_to) sqlite3_bind_int64(q, 7, qq->ts_to);
+    if (qq->principal_len) bind_blob(q, 8, qq->principal, qq->principal_len);
+    if (qq->variable_len) bind_blob(q, 9, qq->variable, qq->variable_len);
+    for (size_t i = 0; i < qq->ntypes; i++)
+        sqlite3_bind_text(q, (int)(10 + i), qq->types[i], (int)qq->type_lens[i], SQLITE_STATIC);
+    int rc;
+    dx_ev_rec r;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        row_rec(q, &r);
+        if (cb(ctx, &r)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    int ret = rc == SQLITE_DONE ? 0 : fail(s, "query", err, errlen);
+    sqlite3_finalize(q);
+    return ret;
+}
+
+static int sq_put_snapshot(void *st, const dx_ev_snapshot *sn, char *err, size_t errlen) {
+    sq_t *s = st;
+    bind_blob(s->putsnap, 1, sn->session, sn->session_len);
+    sqlite3_bind_int64(s->putsnap, 2, (sqlite3_int64)sn->sequence);
+    sqlite3_bind_int64(s->putsnap, 3, sn->ts_us);
+    bind_blob(s->putsnap, 4, sn->blob, sn->blob_len);
+    return step_done(s->putsnap) ? fail(s, "put_snapshot", err, errlen) : 0;
+}
+
+static int sq_latest_snapshot(void *st, const char *session, size_t len, uint64_t max_seq, int64_t max_ts,
+                              dx_ev_snap_cb cb, void *ctx, char *err, size_t errlen) {
+    sq_t *s = st;
+    sqlite3_stmt *q = s->getsnap;
+    bind_blob(q, 1, session, len);
+    sqlite3_bind_int64(q, 2, (sqlite3_int64)max_seq);
+    sqlite3_bind_int64(q, 3, max_ts);
+    int rc = sqlite3_step(q);
+    if (rc == SQLITE_ROW) {
+        dx_ev_snapshot sn = {session, len, (uint64_t)sqlite3_column_int64(q, 0), sqlite3_column_int64(q, 1),
+                             sqlite3_column_blob(q, 2), (size_t)sqlite3_column_bytes(q, 2)};
+        cb(ctx, &sn);
+    }
+    sqlite3_reset(q);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : fail(s, "latest_snapshot", err, errlen);
+}
+
+static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
+    sq_t *s = st;
+    if (step_done(s->begin)) return fail(s, "begin", err, errlen);
+    sqlite3_stmt *q;
+    if (sqlite3_prepare_v2(s->db, "SELECT " COLS " FROM events WHERE ts_us < ?1 ORDER BY position", -1, &q, NULL) !=
+        SQLITE_OK) {
+        fail(s, "expire", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
+    sqlite3_bind_int64(q, 1, ts_us);
+    int rc, stopped = 0;
+    dx_ev_rec r;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        row_rec(q, &r);
+        if (cb(ctx, &r)) {
+            stopped = 1;
+            break;
+        }
+    }
+    sqlite3_finalize(q);
+    if (stopped || rc != SQLITE_DONE) {
+        if (stopped) snprintf(err, errlen, "archiving failed");
+        else fail(s, "expire", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
+    char sql[160];
+    /* snapshots stay: state_at keeps working from the oldest event still in the log */
+    snprintf(sql, sizeof sql, "DELETE FROM events WHERE ts_us < %lld", (long long)ts_us);
+    if (sqlite3_exec(s->db, sql, NULL, NULL, NULL) != SQLITE_OK || step_done(s->commit)) {
+        fail(s, "expire", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
+    return 0;
+}
+
+const dx_ev_backend_ops dx_ev_sqlite_ops = {
+    .name = "sqlite",
+    .open = sq_open,
+    .write_batch = sq_write_batch,
+    .query = sq_query,
+    .max_position = sq_max_position,
+    .session_max_seq = sq_session_max_seq,
+    .put_snapshot = sq_put_snapshot,
+    .latest_snapshot = sq_latest_snapshot,
+    .expire_before = sq_expire_before,
+    .close = sq_close,
+};

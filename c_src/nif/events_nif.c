@@ -1,0 +1,827 @@
+/* The event log's NIF layer (issue #15).
+ *
+ * Commit path: the store calls ev_hook with the shard (or session table) mutex
+ * held. The hook copies the committed snapshots into a payload and pushes it on
+ * the queue (c_src/events/evq.c), which assigns the session's sequence, the
+ * time and the UUIDv7 in commit order. No term is built there: the writer
+ * thread encodes payloads to external term format just before it writes them.
+ *
+ * Durability: events_await/0 answers `ok' when everything pushed so far is
+ * durable, else {wait, Ref}; the writer thread then sends the caller
+ * {dspex_events_durable, Ref, ok | {error, {event_store, Reason}}}.
+ * The listener process (the pid given to events_open) gets
+ * {dspex_events_written, LastPosition, Count} after every written batch and
+ * {dspex_events_failed, Reason} after every failed attempt. */
+#include "events_nif.h"
+#include "evq.h"
+#include <stdio.h>
+#include <stdlib.h>
+
+static ErlNifMutex *g_open_mu;
+static _Atomic(dx_evq *) g_q;
+static _Atomic long g_inflight; /* hooks running (close waits for them) */
+static _Atomic uint64_t g_lost;  /* pushes that failed for lack of memory */
+static const dx_ev_backend_ops *g_ops;
+static void *g_rd; /* the readers' backend instance */
+static pthread_mutex_t g_rd_mu = PTHREAD_MUTEX_INITIALIZER;
+/* A third instance, only for the queue's first lookup of a session's last sequence (an indexed read, run
+ * in the commit path): never behind a long read of g_rd. */
+static void *g_seed;
+static pthread_mutex_t g_seed_mu = PTHREAD_MUTEX_INITIALIZER;
+static ErlNifMutex *g_wait_mu;
+static ErlNifPid g_listener;
+static int g_have_listener;
+static uint64_t g_snap_every; /* 0: no snapshot notices */
+static _Thread_local dx_str t_principal;
+
+typedef struct waiter {
+    struct waiter *next;
+    ErlNifPid pid;
+    ErlNifEnv *env;
+    ERL_NIF_TERM ref;
+    uint64_t ticket;
+} waiter;
+static waiter *g_waiters;
+
+static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_position, A_sequence, A_timestamp,
+    A_session, A_node, A_principal, A_request_id, A_variable, A_reason, A_deleted, A_expired, A_migrated,
+    A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch,
+    A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
+    A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
+    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every;
+static ERL_NIF_TERM A_types_tab[8];
+static const char *const TYPE_NAMES[8] = {"",
+                                          "session_created",
+                                          "session_deleted",
+                                          "variable_registered",
+                                          "variable_updated",
+                                          "variable_deleted",
+                                          "variable_rolled_back",
+                                          "batch_committed"};
+
+void dx_events_principal(dx_str id) { t_principal = id; }
+
+/* ---- payloads (built in the commit path, encoded by the writer) ------------------------ */
+typedef struct {
+    int kind, reason;
+    dx_snap *old, *cur;
+    dx_type type;
+    uint32_t history_limit;
+    bool derived, have_cons;
+    int64_t created_at, ttl_ms;
+    char *vid; /* variable id */
+    size_t vid_len;
+    dx_constraints cons;
+    uint8_t *smeta; /* session metadata (ETF) */
+    size_t smeta_len;
+    size_t n; /* batch members */
+    dx_str *names;
+    uint64_t *versions;
+    ErlNifBinary enc;
+    bool have_enc;
+} ev_payload;
+
+static void payload_free(ev_payload *p) {
+    if (!p) return;
+    free(p->old);
+    free(p->cur);
+    free(p->vid);
+    if (p->have_cons) dx_constraints_free(&p->cons);
+    free(p->smeta);
+    for (size_t i = 0; i < p->n && p->names; i++) free((void *)p->names[i].ptr);
+    free(p->names);
+    free(p->versions);
+    if (p->have_enc) enif_release_binary(&p->enc);
+    free(p);
+}
+
+static dx_snap *snap_copy(const dx_snap *s) {
+    return s ? dx_snap_new(&s->value, s->version, s->updated_at, s->meta, s->meta_len, s->by, s->by_len) : NULL;
+}
+
+/* The events of an atomic batch (members' updates, then batch_committed) are
+ * collected on the committing thread and pushed together, so they are adjacent
+ * in the session's sequence. Every pointer in them stays valid until the batch
+ * ends: the batch's shard mutexes are held throughout. */
+static _Thread_local struct {
+    bool on;
+    size_t n, cap;
+    dx_ev_in *ins;
+} t_batch;
+
+static void batch_flush(dx_evq *q) {
+    if (t_batch.n && dx_evq_push_many(q, t_batch.ins, t_batch.n, NULL, NULL)) {
+        for (size_t i = 0; i < t_batch.n; i++) payload_free(t_batch.ins[i].payload);
+        atomic_fetch_add(&g_lost, t_batch.n);
+    }
+    t_batch.n = 0;
+    t_batch.on = false;
+}
+
+/* Queues one event, or adds it to the batch being collected. */
+static int push_one(dx_evq *q, const dx_ev_in *in) {
+    if (t_batch.on) {
+        if (t_batch.n == t_batch.cap) {
+            size_t nc = t_batch.cap ? t_batch.cap * 2 : 16;
+            dx_ev_in *ni = realloc(t_batch.ins, nc * sizeof *ni);
+            if (!ni) { /* out of memory: keep what was collected, in order, and go on one by one */
+                batch_flush(q);
+                return dx_evq_push(q, in, NULL) ? 0 : -1;
+            }
+            t_batch.ins = ni;
+            t_batch.cap = nc;
+        }
+        t_batch.ins[t_batch.n++] = *in;
+        return 0;
+    }
+    return dx_evq_push(q, in, NULL) ? 0 : -1;
+}
+
+static void ev_hook(const dx_ev_change *c) {
+    atomic_fetch_add_explicit(&g_inflight, 1, memory_order_acq_rel);
+    dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
+    if (!q) goto out;
+    if (c->kind == DX_EV_BATCH_BEGIN) {
+        t_batch.on = true;
+        t_batch.n = 0;
+        goto out;
+    }
+    ev_payload *p = calloc(1, sizeof *p);
+    if (!p) goto lost;
+    p->kind = c->kind;
+    p->reason = c->reason;
+    dx_ev_in in = {.session = c->s->id, .session_len = c->s->id_len, .type = TYPE_NAMES[c->kind],
+                   .type_len = strlen(TYPE_NAMES[c->kind]), .payload = p,
+                   .principal = t_principal.ptr, .principal_len = t_principal.len};
+    int ok = 1;
+    switch (c->kind) {
+    case DX_EV_SESSION_CREATED:
+        p->ttl_ms = c->s->ttl_ms;
+        p->created_at = c->s->created_at;
+        if (c->s->meta_len && (p->smeta = malloc(c->s->meta_len))) {
+            memcpy(p->smeta, c->s->meta, c->s->meta_len);
+            p->smeta_len = c->s->meta_len;
+        }
+        ok = !c->s->meta_len || p->smeta;
+        break;
+    case DX_EV_SESSION_DELETED: break;
+    case DX_EV_BATCH_COMMITTED:
+        p->names = calloc(c->nitems ? c->nitems : 1, sizeof *p->names);
+        p->versions = calloc(c->nitems ? c->nitems : 1, sizeof *p->versions);
+        ok = p->names && p->versions;
+        for (size_t i = 0; ok && i < c->nitems; i++) {
+            const dx_var *v = c->items[i].var;
+            char *t = malloc(v->name_len ? v->name_len : 1);
+            if (!t) { ok = 0; break; }
+            memcpy(t, v->name, v->name_len);
+            p->names[i] = (dx_str){t, v->name_len};
+            p->versions[i] = c->items[i].version;
+            p->n = i + 1;
+        }
+        break;
+    default: { /* variable events */
+        const dx_var *v = c->v;
+        in.variable = v->name;
+        in.variable_len = v->name_len;
+        const dx_snap *by = c->cur; /* a delete has no writer of its own */
+        if (by && by->by_len) {
+            in.changed_by = (const char *)by->by;
+            in.changed_by_len = by->by_len;
+        }
+        p->vid = malloc(v->id_len ? v->id_len : 1);
+        ok = p->vid != NULL;
+        if (ok) memcpy(p->vid, v->id, v->id_len);
+        p->vid_len = v->id_len;
+        p->type = v->type;
+        p->history_limit = v->history_limit;
+        p->derived = v->derived;
+        p->created_at = v->created_at;
+        if (ok && c->cur && !(p->cur = snap_copy(c->cur))) ok = 0;
+        if (ok && c->old && !(p->old = snap_copy(c->old))) ok = 0;
+        if (ok && c->kind == DX_EV_VAR_REGISTERED) {
+            dx_constraints_init(&p->cons);
+            p->have_cons = true;
+            if (v->cons && dx_constraints_copy(&p->cons, v->cons) != DX_OK) ok = 0;
+        }
+    }
+    }
+    if (!ok || push_one(q, &in)) {
+        payload_free(p);
+        goto lost;
+    }
+    if (c->kind == DX_EV_BATCH_COMMITTED && t_batch.on) batch_flush(q);
+    goto out;
+lost:
+    /* out of memory in the commit path: counted and reported (events_stats lost), never silent */
+    atomic_fetch_add(&g_lost, 1);
+    if (c->kind == DX_EV_BATCH_COMMITTED && t_batch.on) batch_flush(q); /* the members still go in */
+out:
+    atomic_fetch_sub_explicit(&g_inflight, 1, memory_order_acq_rel);
+}
+
+/* ---- writer callbacks (writer thread) ---------------------------------------------------- */
+static _Thread_local ErlNifEnv *t_wenv;
+
+static ERL_NIF_TERM reason_atom(int r) { return r == DX_EV_REASON_EXPIRED ? A_expired : r == DX_EV_REASON_MIGRATED ? A_migrated : A_deleted; }
+
+static ERL_NIF_TERM map_of(ErlNifEnv *env, ERL_NIF_TERM *k, ERL_NIF_TERM *v, size_t n) {
+    ERL_NIF_TERM m;
+    enif_make_map_from_arrays(env, k, v, n, &m);
+    return m;
+}
+
+static int ev_encode(void *ctx, dx_ev_item *it) {
+    ev_payload *p = it->payload;
+    if (!t_wenv && !(t_wenv = enif_alloc_env())) return -1;
+    ErlNifEnv *env = t_wenv;
+    ERL_NIF_TERM d;
+    switch (p->kind) {
+    case DX_EV_SESSION_CREATED: {
+        ERL_NIF_TERM k[3] = {ATOM_metadata, ATOM_ttl, ATOM_created_at};
+        ERL_NIF_TERM v[3] = {dx_blob_to_term(env, p->smeta, p->smeta_len, enif_make_new_map(env)),
+                             p->ttl_ms < 0 ? ATOM_infinity : enif_make_int64(env, p->ttl_ms / 1000),
+                             enif_make_int64(env, p->created_at)};
+        d = map_of(env, k, v, 3);
+        break;
+    }
+    case DX_EV_SESSION_DELETED: {
+        ERL_NIF_TERM k[1] = {A_reason}, v[1] = {reason_atom(p->reason)};
+        d = map_of(env, k, v, 1);
+        break;
+    }
+    case DX_EV_BATCH_COMMITTED: {
+        ERL_NIF_TERM l = enif_make_list(env, 0);
+        for (size_t i = p->n; i > 0; i--) {
+            ERL_NIF_TERM k[2] = {ATOM_name, ATOM_version};
+            ERL_NIF_TERM v[2] = {dx_make_bin(env, p->names[i - 1].ptr, p->names[i - 1].len),
+                                 enif_make_uint64(env, p->versions[i - 1])};
+            l = enif_make_list_cell(env, map_of(env, k, v, 2), l);
+        }
+        ERL_NIF_TERM k[1] = {A_members}, v[1] = {l};
+        d = map_of(env, k, v, 1);
+        break;
+    }
+    case DX_EV_VAR_REGISTERED: {
+        /* the variable as export_session/1 shows it right after registration */
+        const dx_snap *c = p->cur;
+        ERL_NIF_TERM k[13] = {ATOM_id, ATOM_name, ATOM_type, ATOM_value, ATOM_constraints, ATOM_metadata,
+                              ATOM_version, ATOM_created_at, ATOM_updated_at, ATOM_changed_by, ATOM_history_limit,
+                              ATOM_history, ATOM_derived};
+        ERL_NIF_TERM v[13] = {dx_make_bin(env, p->vid, p->vid_len),
+                              dx_make_bin(env, it->rec.variable, it->rec.variable_len),
+                              dx_type_atom(p->type),
+                              dx_value_to_term(env, &c->value),
+                              dx_constraints_to_term(env, p->type, &p->cons),
+                              dx_blob_to_term(env, c->meta, c->meta_len, enif_make_new_map(env)),
+                              enif_make_uint64(env, c->version),
+                              enif_make_int64(env, p->created_at),
+                              enif_make_int64(env, c->updated_at),
+                              dx_blob_to_term(env, c->by, c->by_len, ATOM_undefined),
+                              enif_make_uint64(env, p->history_limit),
+                              enif_make_list(env, 0),
+                              p->derived ? ATOM_true : ATOM_false};
+        d = map_of(env, k, v, 13);
+        break;
+    }
+    case DX_EV_VAR_DELETED: {
+        ERL_NIF_TERM k[3] = {ATOM_id, ATOM_name, ATOM_version};
+        ERL_NIF_TERM v[3] = {dx_make_bin(env, p->vid, p->vid_len), dx_make_bin(env, it->rec.variable, it->rec.variable_len),
+                             enif_make_uint64(env, p->old ? p->old->version : 0)};
+        d = map_of(env, k, v, 3);
+        break;
+    }
+    default: { /* updated, rolled back */
+        const dx_snap *c = p->cur, *o = p->old;
+        ERL_NIF_TERM k[10] = {ATOM_id, ATOM_name, ATOM_value, A_old_value, ATOM_version, ATOM_previous_version,
+                              ATOM_updated_at, ATOM_metadata, ATOM_changed_by, A_previous};
+        ERL_NIF_TERM v[10] = {dx_make_bin(env, p->vid, p->vid_len),
+                              dx_make_bin(env, it->rec.variable, it->rec.variable_len),
+                              dx_value_to_term(env, &c->value),
+                              dx_value_to_term(env, &o->value),
+                              enif_make_uint64(env, c->version),
+                              enif_make_uint64(env, o->version),
+                              enif_make_int64(env, c->updated_at),
+                              dx_blob_to_term(env, c->meta, c->meta_len, enif_make_new_map(env)),
+                              dx_blob_to_term(env, c->by, c->by_len, ATOM_undefined),
+                              dx_snap_to_term(env, o)};
+        d = map_of(env, k, v, 10);
+    }
+    }
+    int rc = enif_term_to_binary(env, d, &p->enc) ? 0 : -1;
+    enif_clear_env(env);
+    if (rc) return -1;
+    p->have_enc = true;
+    it->rec.data = p->enc.data;
+    it->rec.data_len = p->enc.size;
+    return 0;
+}
+
+static void ev_free_payload(void *ctx, dx_ev_item *it) { payload_free(it->payload); }
+
+static void ev_on_batch(void *ctx, uint64_t done, const char *err, const dx_ev_rec *recs, size_t n) {
+    ErlNifEnv *env = enif_alloc_env();
+    if (!env) return;
+    ERL_NIF_TERM res = err ? enif_make_tuple2(env, ATOM_error,
+                                              enif_make_tuple2(env, A_event_store, dx_make_bin(env, err, strlen(err))))
+                           : ATOM_ok;
+    enif_mutex_lock(g_wait_mu);
+    for (waiter **pw = &g_waiters; *pw;) {
+        waiter *w = *pw;
+        if (err || w->ticket <= done) {
+            ERL_NIF_TERM msg = enif_make_tuple3(env, A_durable, enif_make_copy(env, w->ref), res);
+            enif_send(NULL, &w->pid, env, msg);
+            enif_clear_env(env);
+            res = err ? enif_make_tuple2(env, ATOM_error,
+                                         enif_make_tuple2(env, A_event_store, dx_make_bin(env, err, strlen(err))))
+                      : ATOM_ok;
+            *pw = w->next;
+            enif_free_env(w->env);
+            enif_free(w);
+        } else {
+            pw = &w->next;
+        }
+    }
+    ErlNifPid lp = g_listener;
+    int have = g_have_listener;
+    enif_mutex_unlock(g_wait_mu);
+    if (have) {
+        ERL_NIF_TERM msg =
+            err ? enif_make_tuple2(env, A_failed, dx_make_bin(env, err, strlen(err)))
+                : enif_make_tuple3(env, A_written, enif_make_uint64(env, n ? recs[n - 1].position : 0),
+                                   enif_make_uint64(env, n));
+        enif_send(NULL, &lp, env, msg);
+        if (!err && g_snap_every) {
+            /* sessions whose sequence reached a multiple of snapshot_every in this batch */
+            enif_clear_env(env);
+            ERL_NIF_TERM due = enif_make_list(env, 0);
+            size_t nd = 0;
+            for (size_t i = 0; i < n; i++)
+                if (recs[i].sequence % g_snap_every == 0) {
+                    due = enif_make_list_cell(env, enif_make_tuple2(env, dx_make_bin(env, recs[i].session, recs[i].session_len),
+                                                                    enif_make_uint64(env, recs[i].sequence)), due);
+                    nd++;
+                }
+            if (nd) enif_send(NULL, &lp, env, enif_make_tuple2(env, A_snap_due, due));
+        }
+    }
+    enif_free_env(env);
+}
+
+/* ---- NIFs ---------------------------------------------------------------------------------- */
+static int get_bin_opt(ErlNifEnv *env, ERL_NIF_TERM m, ERL_NIF_TERM k, ErlNifBinary *b) {
+    ERL_NIF_TERM v;
+    return enif_get_map_value(env, m, k, &v) && enif_inspect_iolist_as_binary(env, v, b);
+}
+
+static ERL_NIF_TERM es_error(ErlNifEnv *env, const char *msg) {
+    return dx_error(env, enif_make_tuple2(env, A_event_store, dx_make_bin(env, msg, strlen(msg))));
+}
+
+/* events_open(#{backend => sqlite | postgres, target => iodata, node => binary, capacity, max_batch,
+ *               listener => pid}) -> ok | {error, {event_store, Reason}} */
+DX_NIF(nif_events_open) {
+    ERL_NIF_TERM be, v;
+    ErlNifBinary target, node = {0};
+    ErlNifUInt64 cap = 1 << 20, mb = 8192;
+    ErlNifPid lp;
+    int have_lp = 0;
+    if (!enif_is_map(env, argv[0]) || !enif_get_map_value(env, argv[0], A_backend, &be) ||
+        !get_bin_opt(env, argv[0], A_target, &target))
+        return enif_make_badarg(env);
+    get_bin_opt(env, argv[0], A_node, &node);
+    if (enif_get_map_value(env, argv[0], A_capacity, &v) && (!enif_get_uint64(env, v, &cap) || !cap))
+        return enif_make_badarg(env);
+    if (enif_get_map_value(env, argv[0], A_max_batch, &v) && (!enif_get_uint64(env, v, &mb) || !mb || mb > 1000000))
+        return enif_make_badarg(env);
+    ErlNifUInt64 every = 0;
+    if (enif_get_map_value(env, argv[0], A_snapshot_every, &v) && !enif_get_uint64(env, v, &every))
+        return enif_make_badarg(env);
+    if (enif_get_map_value(env, argv[0], A_listener, &v)) {
+        if (!enif_get_local_pid(env, v, &lp)) return enif_make_badarg(env);
+        have_lp = 1;
+    }
+    const dx_ev_backend_ops *ops = NULL;
+    if (enif_is_identical(be, A_sqlite)) ops = &dx_ev_sqlite_ops;
+#ifdef DX_HAVE_PG
+    else if (enif_is_identical(be, A_postgres)) ops = &dx_ev_pg_ops;
+#endif
+    else return dx_error(env, enif_make_tuple2(env, A_event_store, enif_make_tuple2(env, A_backend, be)));
+    char *tgt = malloc(target.size + 1);
+    if (!tgt) return dx_error(env, ATOM_enomem);
+    memcpy(tgt, target.data, target.size);
+    tgt[target.size] = 0;
+    char err[256] = "";
+    ERL_NIF_TERM r;
+    enif_mutex_lock(g_open_mu);
+    if (atomic_load(&g_q)) {
+        r = dx_error(env, enif_make_tuple2(env, A_event_store, A_already_open));
+        goto out;
+    }
+    void *rd = NULL, *seed = NULL;
+    if (ops->open(tgt, &rd, err, sizeof err)) {
+        r = es_error(env, err);
+        goto out;
+    }
+    if (ops->open(tgt, &seed, err, sizeof err)) {
+        ops->close(rd);
+        r = es_error(env, err);
+        goto out;
+    }
+    dx_evq_config cfg = {.ops = ops, .target = tgt, .node = (const char *)node.data, .node_len = node.size,
+                         .max_batch = mb, .capacity = cap, .encode = ev_encode, .free_payload = ev_free_payload,
+                         .on_batch = ev_on_batch};
+    enif_mutex_lock(g_wait_mu);
+    g_have_listener = have_lp;
+    if (have_lp) g_listener = lp;
+    g_snap_every = every;
+    enif_mutex_unlock(g_wait_mu);
+    dx_evq *q = dx_evq_open(&cfg, seed, &g_seed_mu, err, sizeof err);
+    if (!q) {
+        ops->close(rd);
+        ops->close(seed);
+        r = es_error(env, err);
+        goto out;
+    }
+    g_ops = ops;
+    g_rd = rd;
+    g_seed = seed;
+    atomic_store(&g_q, q);
+    r = ATOM_ok;
+out:
+    enif_mutex_unlock(g_open_mu);
+    free(tgt);
+    return r;
+}
+
+static void close_queue(void) {
+    dx_evq *q = atomic_exchange(&g_q, NULL);
+    if (!q) return;
+    /* hooks that loaded q before the exchange finish their push first */
+    while (atomic_load_explicit(&g_inflight, memory_order_acquire)) sched_yield();
+    dx_evq_close(q); /* drains: every queued event is written (or the backend failed for good) */
+    pthread_mutex_lock(&g_rd_mu);
+    g_ops->close(g_rd);
+    g_rd = NULL;
+    pthread_mutex_unlock(&g_rd_mu);
+    pthread_mutex_lock(&g_seed_mu);
+    g_ops->close(g_seed);
+    g_seed = NULL;
+    pthread_mutex_unlock(&g_seed_mu);
+    enif_mutex_lock(g_wait_mu);
+    g_have_listener = 0;
+    enif_mutex_unlock(g_wait_mu);
+}
+
+/* events_close() -> ok: drains the queue, stops the writer and closes the backend. */
+DX_NIF(nif_events_close) {
+    enif_mutex_lock(g_open_mu);
+    close_queue();
+    enif_mutex_unlock(g_open_mu);
+    return ATOM_ok;
+}
+
+/* The type: an atom or a binary, stored as its text. */
+static int get_text(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *out, char *buf, size_t len) {
+    ErlNifBinary b;
+    if (enif_is_atom(env, t)) {
+        int n = enif_get_atom(env, t, buf, (unsigned)len, ERL_NIF_LATIN1);
+        if (n <= 1) return 0;
+        *out = (dx_str){buf, (size_t)n - 1};
+        return 1;
+    }
+    if (!enif_inspect_binary(env, t, &b) || b.size == 0 || b.size > 255) return 0;
+    *out = (dx_str){(const char *)b.data, b.size};
+    return 1;
+}
+
+/* events_append(Session, Type, Data, Meta) -> {ok, Id, Sequence} | {error, ...}
+ * Meta keys principal / changed_by / variable fill the indexed columns. */
+DX_NIF(nif_events_append) {
+    ErlNifBinary sid, prin = {0}, var = {0}, data, meta, by = {0};
+    char tb[256];
+    dx_str type;
+    ERL_NIF_TERM v;
+    if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0 || !get_text(env, argv[1], &type, tb, sizeof tb) ||
+        !enif_is_map(env, argv[3]))
+        return enif_make_badarg(env);
+    if (enif_get_map_value(env, argv[3], A_principal, &v) && !enif_is_identical(v, ATOM_undefined) &&
+        !enif_inspect_binary(env, v, &prin))
+        return enif_make_badarg(env);
+    if (enif_get_map_value(env, argv[3], A_variable, &v) && !enif_is_identical(v, ATOM_undefined)) {
+        char nb[DX_ATOM_TEXT];
+        dx_str n;
+        if (!dx_get_name(env, v, &n, nb, sizeof nb)) return enif_make_badarg(env);
+        if (!enif_is_binary(env, v)) v = dx_make_bin(env, n.ptr, n.len);
+        enif_inspect_binary(env, v, &var);
+    }
+    dx_evq *q = atomic_load(&g_q);
+    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    int have_by = enif_get_map_value(env, argv[3], ATOM_changed_by, &v) && !enif_is_identical(v, ATOM_undefined);
+    if (have_by && !enif_term_to_binary(env, v, &by)) return dx_error(env, ATOM_enomem);
+    if (!enif_term_to_binary(env, argv[2], &data)) {
+        if (have_by) enif_release_binary(&by);
+        return dx_error(env, ATOM_enomem);
+    }
+    if (!enif_term_to_binary(env, argv[3], &meta)) {
+        if (have_by) enif_release_binary(&by);
+        enif_release_binary(&data);
+        return dx_error(env, ATOM_enomem);
+    }
+    char id[37];
+    uint64_t seq = 0;
+    dx_ev_in in = {.session = (const char *)sid.data, .session_len = sid.size, .type = type.ptr, .type_len = type.len,
+                   .variable = (const char *)var.data, .variable_len = var.size, .principal = (const char *)prin.data,
+                   .principal_len = prin.size, .changed_by = (const char *)by.data, .changed_by_len = by.size,
+                   .data = data.data, .data_len = data.size, .meta = meta.data, .meta_len = meta.size, .id_out = id};
+    atomic_fetch_add(&g_inflight, 1);
+    q = atomic_load(&g_q);
+    uint64_t t = q ? dx_evq_push(q, &in, &seq) : 0;
+    atomic_fetch_sub(&g_inflight, 1);
+    if (have_by) enif_release_binary(&by);
+    enif_release_binary(&data);
+    enif_release_binary(&meta);
+    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    if (!t) return dx_error(env, ATOM_enomem);
+    return enif_make_tuple3(env, ATOM_ok, dx_make_bin(env, id, 36), enif_make_uint64(env, seq));
+}
+
+static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q);
+
+/* events_await() -> ok | {wait, Ref} | {error, {event_store, not_open}}: waits for everything pushed so far. */
+DX_NIF(nif_events_await) {
+    dx_evq *q = atomic_load(&g_q);
+    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    return await_all(env, q);
+}
+
+/* events_backpressure() -> ok | {wait, Ref}: ok unless the queue holds `capacity' events or more; then the
+ * caller waits (like await) until what is queued now is written. Not open: ok (nothing to wait for). */
+DX_NIF(nif_events_backpressure) {
+    dx_evq *q = atomic_load(&g_q);
+    return q && dx_evq_full(q) ? await_all(env, q) : ATOM_ok;
+}
+
+static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q) {
+    uint64_t ticket = dx_evq_ticket(q);
+    enif_mutex_lock(g_wait_mu);
+    if (dx_evq_done(q) >= ticket) {
+        enif_mutex_unlock(g_wait_mu);
+        return ATOM_ok;
+    }
+    waiter *w = enif_alloc(sizeof *w);
+    ErlNifEnv *wenv = w ? enif_alloc_env() : NULL;
+    if (!wenv) {
+        enif_mutex_unlock(g_wait_mu);
+        if (w) enif_free(w);
+        return dx_error(env, ATOM_enomem);
+    }
+    ERL_NIF_TERM ref = enif_make_ref(env);
+    *w = (waiter){g_waiters, {0}, wenv, enif_make_copy(wenv, ref), ticket};
+    enif_self(env, &w->pid);
+    g_waiters = w;
+    enif_mutex_unlock(g_wait_mu);
+    return enif_make_tuple2(env, A_wait, ref);
+}
+
+static ERL_NIF_TERM bytes_or_undefined(ErlNifEnv *env, const char *p, size_t n) {
+    return n ? dx_make_bin(env, p, n) : ATOM_undefined;
+}
+
+static ERL_NIF_TERM type_term(ErlNifEnv *env, const char *p, size_t n) {
+    ERL_NIF_TERM a;
+    if (n < 256 && enif_make_existing_atom_len(env, p, n, &a, ERL_NIF_LATIN1)) return a;
+    return dx_make_bin(env, p, n);
+}
+
+/* #{id, type, session, sequence, position, data, metadata, timestamp} */
+static ERL_NIF_TERM event_term(ErlNifEnv *env, const dx_ev_rec *r) {
+    ERL_NIF_TERM meta = dx_blob_to_term(env, r->meta, r->meta_len, enif_make_new_map(env));
+    if (!enif_is_map(env, meta)) meta = enif_make_new_map(env);
+    enif_make_map_put(env, meta, A_node, bytes_or_undefined(env, r->node, r->node_len), &meta);
+    ERL_NIF_TERM pv;
+    if (r->principal_len || !enif_get_map_value(env, meta, A_principal, &pv))
+        enif_make_map_put(env, meta, A_principal, bytes_or_undefined(env, r->principal, r->principal_len), &meta);
+    if (!enif_get_map_value(env, meta, A_request_id, &pv)) enif_make_map_put(env, meta, A_request_id, ATOM_undefined, &meta);
+    enif_make_map_put(env, meta, ATOM_changed_by,
+                      dx_blob_to_term(env, (const uint8_t *)r->changed_by, r->changed_by_len, ATOM_undefined), &meta);
+    if (r->variable_len) enif_make_map_put(env, meta, A_variable, dx_make_bin(env, r->variable, r->variable_len), &meta);
+    ERL_NIF_TERM k[8] = {ATOM_id, ATOM_type, A_session, A_sequence, A_position, ATOM_data, ATOM_metadata, A_timestamp};
+    ERL_NIF_TERM v[8] = {dx_make_bin(env, r->id, strlen(r->id)),
+                         type_term(env, r->type, r->type_len),
+                         dx_make_bin(env, r->session, r->session_len),
+                         enif_make_uint64(env, r->sequence),
+                         enif_make_uint64(env, r->position),
+                         dx_blob_to_term(env, r->data, r->data_len, ATOM_undefined),
+                         meta,
+                         enif_make_int64(env, r->ts_us)};
+    return map_of(env, k, v, 8);
+}
+
+typedef struct {
+    ErlNifEnv *env;
+    ERL_NIF_TERM list;
+} read_ctx;
+
+static int read_cb(void *ctx, const dx_ev_rec *r) {
+    read_ctx *c = ctx;
+    c->list = enif_make_list_cell(c->env, event_term(c->env, r), c->list);
+    return 0;
+}
+
+static int get_u64_opt(ErlNifEnv *env, ERL_NIF_TERM m, ERL_NIF_TERM k, uint64_t *out) {
+    ERL_NIF_TERM v;
+    ErlNifUInt64 u;
+    if (!enif_get_map_value(env, m, k, &v)) return 1;
+    if (!enif_get_uint64(env, v, &u)) return 0;
+    *out = u;
+    return 1;
+}
+
+#define MAX_READ 100000
+
+/* events_read(#{session, seq_from, seq_to, pos_from, pos_to, ts_from, ts_to, types, principal, variable,
+ *               limit, descending}) -> {ok, [Event]} (at most 100,000 per call) */
+DX_NIF(nif_events_read) {
+    ERL_NIF_TERM m = argv[0], v;
+    if (!enif_is_map(env, m)) return enif_make_badarg(env);
+    dx_ev_query q = {0};
+    ErlNifBinary b;
+    if (get_bin_opt(env, m, A_session, &b)) {
+        q.session = (const char *)b.data;
+        q.session_len = b.size;
+    }
+    if (get_bin_opt(env, m, A_principal, &b)) {
+        q.principal = (const char *)b.data;
+        q.principal_len = b.size;
+    }
+    if (get_bin_opt(env, m, A_variable, &b)) {
+        q.variable = (const char *)b.data;
+        q.variable_len = b.size;
+    }
+    uint64_t lim = MAX_READ, tsf = 0, tst = 0;
+    if (!get_u64_opt(env, m, A_seq_from, &q.seq_from) || !get_u64_opt(env, m, A_seq_to, &q.seq_to) ||
+        !get_u64_opt(env, m, A_pos_from, &q.pos_from) || !get_u64_opt(env, m, A_pos_to, &q.pos_to) ||
+        !get_u64_opt(env, m, A_ts_from, &tsf) || !get_u64_opt(env, m, A_ts_to, &tst) ||
+        !get_u64_opt(env, m, A_limit, &lim) || tsf > INT64_MAX || tst > INT64_MAX)
+        return enif_make_badarg(env);
+    q.ts_from = (int64_t)tsf;
+    q.ts_to = (int64_t)tst;
+    q.limit = lim && lim < MAX_READ ? lim : MAX_READ;
+    q.descending = enif_get_map_value(env, m, A_descending, &v) && enif_is_identical(v, ATOM_true);
+    const char *tp[64];
+    size_t tl[64];
+    char tbuf[64][256];
+    if (enif_get_map_value(env, m, A_types, &v)) {
+        ERL_NIF_TERM h, l = v;
+        while (enif_get_list_cell(env, l, &h, &l)) {
+            dx_str s;
+            if (q.ntypes == 64 || !get_text(env, h, &s, tbuf[q.ntypes], sizeof tbuf[0])) return enif_make_badarg(env);
+            tp[q.ntypes] = s.ptr;
+            tl[q.ntypes++] = s.len;
+        }
+        if (!enif_is_empty_list(env, l)) return enif_make_badarg(env);
+        if (!q.ntypes) return enif_make_tuple2(env, ATOM_ok, enif_make_list(env, 0));
+        q.types = tp;
+        q.type_lens = tl;
+    }
+    read_ctx c = {env, enif_make_list(env, 0)};
+    char err[256];
+    pthread_mutex_lock(&g_rd_mu);
+    int rc = g_rd ? g_ops->query(g_rd, &q, read_cb, &c, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
+    pthread_mutex_unlock(&g_rd_mu);
+    if (rc) return es_error(env, err);
+    ERL_NIF_TERM rev;
+    enif_make_reverse_list(env, c.list, &rev);
+    return enif_make_tuple2(env, ATOM_ok, rev);
+}
+
+DX_NIF(nif_events_stats) {
+    dx_evq *q = atomic_load(&g_q);
+    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
+    ERL_NIF_TERM k[13] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+                          A_lag_us, A_last_position, A_last_error, A_lost, A_full};
+    ERL_NIF_TERM v[13] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+                          enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
+                          enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
+                          enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
+                          enif_make_int64(env, lag < 0 ? 0 : lag), enif_make_uint64(env, s.last_position),
+                          s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
+                          enif_make_uint64(env, atomic_load(&g_lost)), dx_evq_full(q) ? ATOM_true : ATOM_false};
+    return map_of(env, k, v, 13);
+}
+
+/* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
+DX_NIF(nif_events_put_snapshot) {
+    ErlNifBinary sid, blob;
+    ErlNifUInt64 seq;
+    ErlNifSInt64 ts;
+    if (!enif_inspect_binary(env, argv[0], &sid) || !enif_get_uint64(env, argv[1], &seq) ||
+        !enif_get_int64(env, argv[2], &ts))
+        return enif_make_badarg(env);
+    if (!enif_term_to_binary(env, argv[3], &blob)) return dx_error(env, ATOM_enomem);
+    dx_ev_snapshot s = {(const char *)sid.data, sid.size, seq, ts, blob.data, blob.size};
+    char err[256];
+    pthread_mutex_lock(&g_rd_mu);
+    int rc = g_rd ? g_ops->put_snapshot(g_rd, &s, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
+    pthread_mutex_unlock(&g_rd_mu);
+    enif_release_binary(&blob);
+    return rc ? es_error(env, err) : ATOM_ok;
+}
+
+typedef struct {
+    ErlNifEnv *env;
+    ERL_NIF_TERM r;
+} snap_ctx;
+
+static int snap_cb(void *ctx, const dx_ev_snapshot *s) {
+    snap_ctx *c = ctx;
+    c->r = enif_make_tuple4(c->env, ATOM_ok, enif_make_uint64(c->env, s->sequence), enif_make_int64(c->env, s->ts_us),
+                            dx_blob_to_term(c->env, s->blob, s->blob_len, ATOM_undefined));
+    return 0;
+}
+
+/* events_latest_snapshot(Session, MaxSeq, MaxTs) -> {ok, Seq, Ts, Term} | none (0 = no bound) */
+DX_NIF(nif_events_latest_snapshot) {
+    ErlNifBinary sid;
+    ErlNifUInt64 seq;
+    ErlNifSInt64 ts;
+    if (!enif_inspect_binary(env, argv[0], &sid) || !enif_get_uint64(env, argv[1], &seq) ||
+        !enif_get_int64(env, argv[2], &ts))
+        return enif_make_badarg(env);
+    snap_ctx c = {env, A_none};
+    char err[256];
+    pthread_mutex_lock(&g_rd_mu);
+    int rc = g_rd ? g_ops->latest_snapshot(g_rd, (const char *)sid.data, sid.size, seq, ts, snap_cb, &c, err, sizeof err)
+                  : (snprintf(err, sizeof err, "not_open"), -1);
+    pthread_mutex_unlock(&g_rd_mu);
+    return rc ? es_error(env, err) : c.r;
+}
+
+static int keep_cb(void *ctx, const dx_ev_rec *r) {
+    ++*(uint64_t *)ctx;
+    return 0;
+}
+
+/* events_expire(TsUs) -> {ok, Deleted}: deletes events older than TsUs (the caller archived them). */
+DX_NIF(nif_events_expire) {
+    ErlNifSInt64 ts;
+    if (!enif_get_int64(env, argv[0], &ts)) return enif_make_badarg(env);
+    uint64_t n = 0;
+    char err[256];
+    pthread_mutex_lock(&g_rd_mu);
+    int rc = g_rd ? g_ops->expire_before(g_rd, ts, keep_cb, &n, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
+    pthread_mutex_unlock(&g_rd_mu);
+    return rc ? es_error(env, err) : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, n));
+}
+
+/* events_session_seq(Session) -> last assigned sequence (0 = none). */
+DX_NIF(nif_events_session_seq) {
+    ErlNifBinary sid;
+    if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    uint64_t s = q ? dx_evq_session_seq(q, (const char *)sid.data, sid.size) : 0;
+    atomic_fetch_sub(&g_inflight, 1);
+    return q ? enif_make_uint64(env, s) : dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+}
+
+int dx_events_init(ErlNifEnv *env) {
+#define A(v, s) v = enif_make_atom(env, s)
+    A(A_event_store, "event_store"); A(A_wait, "wait"); A(A_durable, "dspex_events_durable");
+    A(A_written, "dspex_events_written"); A(A_failed, "dspex_events_failed"); A(A_position, "position");
+    A(A_sequence, "sequence"); A(A_timestamp, "timestamp"); A(A_session, "session"); A(A_node, "node");
+    A(A_principal, "principal"); A(A_request_id, "request_id"); A(A_variable, "variable"); A(A_reason, "reason");
+    A(A_deleted, "deleted"); A(A_expired, "expired"); A(A_migrated, "migrated"); A(A_old_value, "old_value");
+    A(A_previous, "previous"); A(A_members, "members"); A(A_backend, "backend"); A(A_sqlite, "sqlite");
+    A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch");
+    A(A_listener, "listener"); A(A_pushed, "pushed"); A(A_done, "done"); A(A_depth, "depth");
+    A(A_max_depth, "max_depth"); A(A_bytes, "bytes"); A(A_batches, "batches"); A(A_written_n, "written");
+    A(A_lag_us, "lag_us"); A(A_last_position, "last_position"); A(A_last_error, "last_error"); A(A_lost, "lost");
+    A(A_none, "none"); A(A_not_open, "not_open"); A(A_seq_from, "seq_from"); A(A_seq_to, "seq_to");
+    A(A_pos_from, "pos_from"); A(A_pos_to, "pos_to"); A(A_ts_from, "ts_from"); A(A_ts_to, "ts_to");
+    A(A_types, "types"); A(A_limit, "limit"); A(A_descending, "descending"); A(A_full, "full");
+    A(A_already_open, "already_open"); A(A_snap_due, "dspex_events_snapshot_due");
+    A(A_snapshot_every, "snapshot_every"); A(A_sequence_gap, "sequence_gap");
+#undef A
+    for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
+    if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))
+        return -1;
+    dx_store_set_event_hook(ev_hook);
+    return 0;
+}
+
+void dx_events_unload(void) {
+    dx_store_set_event_hook(NULL);
+    close_queue();
+    for (waiter *w = g_waiters, *n; w; w = n) {
+        n = w->next;
+        enif_free_env(w->env);
+        enif_free(w);
+    }
+    g_waiters = NULL;
+    if (g_open_mu) enif_mutex_destroy(g_open_mu);
+    if (g_wait_mu) enif_mutex_destroy(g_wait_mu);
+}

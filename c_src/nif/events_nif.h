@@ -1,0 +1,30 @@
+/* The event log's NIF layer (issue #15): the store's event hook, the writer's
+ * callbacks and the dspex_nif:events_* functions (see events_nif.c). */
+#ifndef DX_EVENTS_NIF_H
+#define DX_EVENTS_NIF_H
+#include "nif.h"
+
+int dx_events_init(ErlNifEnv *env);
+void dx_events_unload(void);
+/* The principal of the write the calling thread is about to commit (len 0: the
+ * owner); recorded by the event hook. Cleared with (dx_str){0}. */
+void dx_events_principal(dx_str id);
+
+DX_NIF(nif_events_open); DX_NIF(nif_events_close); DX_NIF(nif_events_append); DX_NIF(nif_events_await);
+DX_NIF(nif_events_read); DX_NIF(nif_events_stats); DX_NIF(nif_events_put_snapshot);
+DX_NIF(nif_events_latest_snapshot); DX_NIF(nif_events_expire); DX_NIF(nif_events_session_seq);
+DX_NIF(nif_events_backpressure);
+
+#define DX_EVENTS_FUNCS                                                              \
+    {"events_open", 1, nif_events_open, ERL_NIF_DIRTY_JOB_IO_BOUND},                 \
+    {"events_close", 0, nif_events_close, ERL_NIF_DIRTY_JOB_IO_BOUND},               \
+    {"events_append", 4, nif_events_append, 0},                                      \
+    {"events_await", 0, nif_events_await, 0},                                        \
+    {"events_backpressure", 0, nif_events_backpressure, 0},                          \
+    {"events_read", 1, nif_events_read, ERL_NIF_DIRTY_JOB_IO_BOUND},                 \
+    {"events_stats", 0, nif_events_stats, 0},                                        \
+    {"events_put_snapshot", 4, nif_events_put_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
+    {"events_latest_snapshot", 3, nif_events_latest_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
+    {"events_expire", 1, nif_events_expire, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
+    {"events_session_seq", 1, nif_events_session_seq, 0}
+#endif

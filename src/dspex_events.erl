@@ -1,0 +1,584 @@
+%% @doc The event log (issue #15): every committed change as an immutable,
+%% durable event; reads, streaming folds, subscriptions, time travel
+%% (`state_at/2'), audit trails and retention with archives.
+%%
+%% == Where events come from ==
+%% The store's commit path appends them itself (C, in the same critical
+%% section as the commit, so the log order is the commit order):
+%% `session_created', `session_deleted' (`reason': `deleted' | `expired' |
+%% `migrated'), `variable_registered', `variable_updated', `variable_deleted',
+%% `variable_rolled_back' and `batch_committed' (one per atomic `set_many',
+%% listing its members; each member also has its `variable_updated').
+%% The Erlang modules that own locks, graphs and access rules append theirs
+%% with {@link emit/4}; applications use {@link append/4}.
+%%
+%% == Event ==
+%% `#{id, type, session, sequence, position, data, metadata, timestamp}':
+%% `id' a UUIDv7 (time-sortable), `sequence' per session from 1, gapless in
+%% commit order, `position' the global order in this store, `timestamp'
+%% microseconds since the epoch, `metadata' at least `node', `principal',
+%% `request_id' and `changed_by'.
+%%
+%% == Durability ==
+%% `async' (the default, app env `event_durability'): a write is acknowledged
+%% once its event is queued; the writer thread writes whatever is queued at
+%% once, so an event is durable within one batch write (the queue never
+%% lingers; `flush_interval_ms', default 5, is the documented bound at
+%% saturation, see README). `sync' (per call: `#{durability => sync}' in the
+%% options of `dspex_store:set/4', `set_many/3' or in `append/4''s metadata):
+%% the call returns only after the event is fsynced (group commit: callers
+%% waiting together share one fsync). A failed write under `sync' returns
+%% `{error, {event_store, Reason}}' (the change itself is committed and its event
+%% stays queued; the writer retries it, never drops it). Under `async', a full
+%% queue (`event_queue_capacity', default 1,048,576 events) makes writers wait
+%% until it drains (back-pressure).
+%%
+%% == Subscriptions ==
+%% `subscribe(Filter, Pid, #{from => Position | live})' sends
+%% `{dspex_event, Ref, Event}' for every durable event with position >= Position
+%% (catch-up from the log) and then every new one, in position order, without
+%% gap or duplicate at the switch-over (both come from the log, by position).
+%% A subscriber whose mailbox holds more than `max_queue' (default 10,000)
+%% messages gets `{dspex_event_overflow, Ref, LastPosition}' and is dropped;
+%% it resumes with `subscribe(Filter, Pid, #{from => LastPosition + 1})'.
+-module(dspex_events).
+-behaviour(gen_server).
+
+-export([start_link/0, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
+         audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
+         archive_dir/0, snapshots_sync/0, prometheus/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-export_type([event/0, event_type/0]).
+
+-type event_type() :: session_created | session_deleted | variable_registered | variable_updated
+                    | variable_deleted | variable_rolled_back | batch_committed | dependency_added
+                    | dependency_removed | derived_recomputed | lock_acquired | lock_released
+                    | lock_preempted | lock_expired | acl_rule_set | access_denied
+                    | optimization_progress | atom() | binary().
+-type event() :: #{id := binary(), type := event_type(), session := binary(),
+                   sequence := pos_integer(), position := pos_integer(), data := term(),
+                   metadata := map(), timestamp := integer()}.
+-type point() :: integer() | {time, integer()} | {sequence, non_neg_integer()}
+               | {position, non_neg_integer()}.
+
+-define(PAGE, 1000).
+-define(SUB_PAGE, 500).
+
+%%% API ---------------------------------------------------------------------
+
+-spec start_link() -> {ok, pid()} | ignore | {error, term()}.
+start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
+
+%% @doc Whether the event log is open on this node.
+-spec enabled() -> boolean().
+enabled() -> persistent_term:get({?MODULE, enabled}, false).
+
+%% @doc Appends an application event. `Meta' may carry `principal' (binary),
+%% `changed_by', `variable', `request_id' and `durability' (`sync' | `async').
+%% Returns the event's id once it is queued (`async') or fsynced (`sync').
+-spec append(binary(), atom() | binary(), term(), map()) ->
+          {ok, binary()} | {error, {event_store, term()} | {invalid_argument, atom()}}.
+append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
+                                       (is_atom(Type) orelse is_binary(Type)) ->
+    {Durability, Meta1} = case maps:take(durability, Meta) of
+                              {D, M} -> {D, M};
+                              error -> {default_durability(), Meta}
+                          end,
+    case dspex_nif:events_append(Session, Type, Data, Meta1) of
+        {ok, Id, _Seq} ->
+            case wait_durable(Durability) of
+                ok -> {ok, Id};
+                Error -> Error
+            end;
+        Error -> Error
+    end;
+append(_, _, _, _) -> {error, {invalid_argument, append}}.
+
+%% @doc Appends an event on behalf of a module of this application (locks,
+%% graph, access control): never fails the caller; a log that is not open
+%% ignores it.
+-spec emit(binary(), event_type(), term(), map()) -> ok.
+emit(Session, Type, Data, Meta) when is_binary(Session) ->
+    _ = enabled() andalso dspex_nif:events_append(Session, Type, Data, indexable(Meta)),
+    ok;
+emit(_, _, _, _) -> ok.
+
+%% @doc `emit/4' when `Result' is a success (`ok' or `{ok, _}'); returns
+%% `Result'. For one-line hooks in the modules that own the state.
+-spec recorded(R, binary(), event_type(), map()) -> R when R :: term().
+recorded(Result, Session, Type, Data) when Result =:= ok; element(1, Result) =:= ok ->
+    ok = emit(Session, Type, Data, maps:with([variable, principal], Data)),
+    Result;
+recorded(Result, _, _, _) -> Result.
+
+%% @doc The event of a `dspex_locks' telemetry event (`acquired', `released',
+%% `preempted', `expired', `progress'); others are not logged.
+-spec lock_event(atom(), {binary(), term()}, map()) -> ok.
+lock_event(Name, {S, Var}, Meta) ->
+    Type = case Name of
+               acquired -> lock_acquired;
+               released -> lock_released;
+               preempted -> lock_preempted;
+               expired -> lock_expired;
+               progress -> optimization_progress;
+               _ -> undefined
+           end,
+    _ = Type =/= undefined andalso emit(S, Type, Meta#{variable => Var}, #{variable => Var}),
+    ok.
+
+%% The indexed metadata columns take a binary principal and a binary or atom
+%% variable name; anything else stays in the event's data only.
+indexable(Meta) ->
+    maps:filter(fun(principal, P) -> is_binary(P);
+                   (variable, V) -> is_binary(V) orelse is_atom(V);
+                   (_, _) -> true
+                end, Meta).
+
+%% @doc Waits until every event queued so far is durable.
+-spec await() -> ok | {error, {event_store, term()}}.
+await() ->
+    case enabled() of
+        false -> ok;
+        true -> receive_durable(dspex_nif:events_await())
+    end.
+
+%% @private Applies the durability of a store write to its result.
+-spec durable(Result, map()) -> Result | {error, {event_store, term()}} when Result :: term().
+durable({ok, _} = R, Opts) ->
+    case maps:get(durability, Opts, default) of
+        default ->
+            case default_durability() of
+                async -> backpressure(R);
+                sync -> durable_sync(R)
+            end;
+        sync -> durable_sync(R);
+        _ -> backpressure(R)
+    end;
+durable(R, _) -> R.
+
+durable_sync(R) ->
+    case await() of
+        ok -> R;
+        Error -> Error
+    end.
+
+backpressure(R) ->
+    case dspex_nif:events_backpressure() of
+        ok -> R;
+        W -> _ = receive_durable(W), R
+    end.
+
+%% @doc Reads a session's events (or every session's with `all').
+%% Options: `since' / `until' (inclusive): a time in microseconds,
+%% `{time, Us}', `{sequence, N}' or `{position, N}'; `types' (list);
+%% `principal'; `variable'; `limit' (default 1000, at most 100,000);
+%% `direction' (`forward' | `backward'); `include_archive' (also read archive
+%% files of retention, first).
+-spec read(binary() | all, map()) -> {ok, [event()]} | {error, term()}.
+read(Session, Opts) when is_map(Opts) ->
+    case query(Session, Opts) of
+        {ok, Q} ->
+            Limit = maps:get(limit, Opts, ?PAGE),
+            Live = dspex_nif:events_read(Q#{limit => Limit}),
+            case {maps:get(include_archive, Opts, false), Live} of
+                {true, {ok, Evs}} ->
+                    Arch = dspex_events_archive:read(archive_dir(), Session, Opts),
+                    Ids = maps:from_list([{maps:get(id, E), true} || E <- Evs]),
+                    All = [E || E <- Arch, not maps:is_key(maps:get(id, E), Ids)] ++ Evs,
+                    Sorted = case maps:get(direction, Opts, forward) of
+                                 backward -> lists:reverse(sort_events(All));
+                                 _ -> sort_events(All)
+                             end,
+                    {ok, lists:sublist(Sorted, Limit)};
+                _ -> Live
+            end;
+        Error -> Error
+    end.
+
+sort_events(Evs) -> lists:sort(fun(A, B) -> key(A) =< key(B) end, Evs).
+key(#{session := S, sequence := N, position := P}) -> {P, S, N}.
+
+%% @doc Folds over a session's events in order, reading pages of 1,000 (the
+%% whole log is never in memory). Options as `read/2' (`limit' is ignored).
+-spec fold(binary() | all, fun((event(), Acc) -> Acc), Acc, map()) -> {ok, Acc} | {error, term()}.
+fold(Session, Fun, Acc, Opts) when is_function(Fun, 2), is_map(Opts) ->
+    case query(Session, maps:remove(limit, Opts)) of
+        {ok, Q} -> fold_pages(Q, Fun, Acc, maps:get(direction, Opts, forward));
+        Error -> Error
+    end.
+
+fold_pages(Q, Fun, Acc, Dir) ->
+    case dspex_nif:events_read(Q#{limit => ?PAGE}) of
+        {ok, []} -> {ok, Acc};
+        {ok, Evs} ->
+            Acc1 = lists:foldl(Fun, Acc, Evs),
+            #{position := Last} = lists:last(Evs),
+            case length(Evs) < ?PAGE of
+                true -> {ok, Acc1};
+                false when Dir =:= backward -> fold_pages(Q#{pos_to => Last - 1}, Fun, Acc1, Dir);
+                false -> fold_pages(Q#{pos_from => Last + 1}, Fun, Acc1, Dir)
+            end;
+        Error -> Error
+    end.
+
+%% @doc Subscribes `Pid' to the events matching `Filter' (`all' or a map with
+%% `session' and/or `types'). See the module documentation for the messages.
+-spec subscribe(all | map(), pid(), #{from => pos_integer() | live, max_queue => pos_integer()}) ->
+          {ok, reference()} | {error, term()}.
+subscribe(Filter, Pid, Opts) when is_pid(Pid), is_map(Opts), (Filter =:= all orelse is_map(Filter)) ->
+    gen_server:call(?MODULE, {subscribe, Filter, Pid, Opts}, infinity).
+
+-spec unsubscribe(reference()) -> ok.
+unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
+
+%% @doc The session's state at a time (microseconds, or `{time, Us}') or
+%% after its event `{sequence, N}': equal to `dspex_nif:export_session/1' at
+%% that point (`format', `id', `metadata', `ttl', `created_at', `variables'
+%% with values, versions and histories; the Erlang-side extras of
+%% `dspex_store:export_session/1' are not part of it). Built from the latest
+%% snapshot at or before the point plus the events after it.
+-spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
+state_at(Session, Point) when is_binary(Session) ->
+    case replay_to(Session, Point) of
+        {ok, State} -> {ok, to_export(State)};
+        Error -> Error
+    end.
+
+replay_to(Session, Point) ->
+    {MaxSeq, MaxTs} = case Point of
+                          {sequence, N} when is_integer(N), N >= 0 -> {N, 0};
+                          {time, T} when is_integer(T) -> {0, T};
+                          T when is_integer(T) -> {0, T}
+                      end,
+    case MaxSeq =:= 0 andalso MaxTs =:= 0 of
+        true -> {error, not_found};
+        false ->
+            case dspex_nif:events_latest_snapshot(Session, MaxSeq, MaxTs) of
+                {ok, SSeq, _, Snap} -> replay(Session, Snap, SSeq, MaxSeq, MaxTs);
+                none -> replay(Session, undefined, 0, MaxSeq, MaxTs);
+                Error -> Error
+            end
+    end.
+
+replay(Session, State0, FromSeq, MaxSeq, MaxTs) ->
+    Q = maps:from_list([{session, Session}, {seq_from, FromSeq + 1}]
+                       ++ [{seq_to, MaxSeq} || MaxSeq > 0] ++ [{ts_to, MaxTs} || MaxTs > 0]),
+    case fold_pages(Q, fun apply_event/2, State0, forward) of
+        {ok, undefined} -> {error, not_found};
+        {ok, deleted} -> {error, not_found};
+        {ok, State} -> {ok, State};
+        Error -> Error
+    end.
+
+%% The replay state: #{session := Export-without-variables, vars := #{Name => VarMap}}
+%% (or undefined before session_created, deleted after session_deleted).
+apply_event(#{type := session_created, session := S, data := D}, _) ->
+    #{session => #{format => dspex_session_v1, id => S, metadata => maps:get(metadata, D, #{}),
+                   ttl => maps:get(ttl, D, infinity), created_at => maps:get(created_at, D, 0)},
+      vars => #{}};
+apply_event(#{type := session_deleted}, _) -> deleted;
+apply_event(_, St) when not is_map(St) -> St;
+apply_event(#{type := variable_registered, data := #{name := N} = V}, #{vars := Vs} = St) ->
+    St#{vars := Vs#{N => V}};
+apply_event(#{type := T, data := #{name := N} = D}, #{vars := Vs} = St)
+  when T =:= variable_updated; T =:= variable_rolled_back ->
+    case Vs of
+        #{N := V} ->
+            #{history := H, history_limit := L} = V,
+            H1 = trim(H ++ [maps:get(previous, D)], L),
+            St#{vars := Vs#{N => V#{value := maps:get(value, D), version := maps:get(version, D),
+                                    updated_at := maps:get(updated_at, D),
+                                    metadata := maps:get(metadata, D),
+                                    changed_by := maps:get(changed_by, D), history := H1}}};
+        _ -> St
+    end;
+apply_event(#{type := variable_deleted, data := #{name := N}}, #{vars := Vs} = St) ->
+    St#{vars := maps:remove(N, Vs)};
+apply_event(_, St) -> St.
+
+trim(H, L) when length(H) > L -> lists:nthtail(length(H) - L, H);
+trim(H, _) -> H.
+
+to_export(#{session := S, vars := Vs}) ->
+    S#{variables => [V || {_, V} <- lists:sort(maps:to_list(Vs))]}.
+
+%% @doc An audit trail. Filters: `period' `{FromUs, ToUs}' (inclusive;
+%% `undefined' ends are open), `session', `principal', `types', `variable',
+%% `limit' (events listed, default 10,000; the summary counts all).
+%% Returns `#{period, events, summary}' where summary has `count', `by_type',
+%% `by_principal', `denied' (access_denied events) and `writes_by_changed_by'.
+-spec audit_trail(map()) -> {ok, #{period := {integer() | undefined, integer() | undefined},
+                                   events := [event()], summary := map()}} | {error, term()}.
+audit_trail(Filters) when is_map(Filters) ->
+    {From, To} = maps:get(period, Filters, {undefined, undefined}),
+    Limit = maps:get(limit, Filters, 10000),
+    Opts = maps:from_list([{since, {time, From}} || is_integer(From)] ++ [{until, {time, To}} || is_integer(To)]
+                          ++ [{K, V} || K <- [types, principal, variable], {ok, V} <- [maps:find(K, Filters)]]),
+    Session = maps:get(session, Filters, all),
+    Fun = fun(E, {N, Es, Sum}) -> {N + 1, case N < Limit of true -> [E | Es]; false -> Es end, summarize(E, Sum)} end,
+    Sum0 = #{count => 0, by_type => #{}, by_principal => #{}, denied => 0, writes_by_changed_by => #{}},
+    case fold(Session, Fun, {0, [], Sum0}, Opts) of
+        {ok, {_, Es, Sum}} -> {ok, #{period => {From, To}, events => lists:reverse(Es), summary => Sum}};
+        Error -> Error
+    end.
+
+summarize(#{type := T, metadata := M}, #{count := C, by_type := BT, by_principal := BP, denied := D,
+                                         writes_by_changed_by := W} = S) ->
+    P = maps:get(principal, M, undefined),
+    By = maps:get(changed_by, M, undefined),
+    Write = lists:member(T, [variable_updated, variable_rolled_back, variable_registered, variable_deleted]),
+    S#{count := C + 1, by_type := incr(T, BT), by_principal := incr(P, BP),
+       denied := D + case T of access_denied -> 1; _ -> 0 end,
+       writes_by_changed_by := case Write of true -> incr(By, W); false -> W end}.
+
+incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
+
+%% @doc Queue and writer counters: `pushed', `done' (durable), `depth',
+%% `max_depth', `bytes', `batches', `written', `errors', `lag_us' (age of
+%% the oldest queued event), `last_position', `last_error', `lost', `full'.
+-spec stats() -> map() | {error, term()}.
+stats() -> dspex_nif:events_stats().
+
+%% @doc Runs retention now: events older than the retention period move to
+%% archive files. Returns how many were archived.
+-spec expire_now() -> {ok, non_neg_integer()} | {error, term()}.
+expire_now() -> gen_server:call(?MODULE, expire_now, infinity).
+
+%% @doc Archives and deletes every event older than `TsUs'.
+-spec expire_before(integer()) -> {ok, non_neg_integer()} | {error, term()}.
+expire_before(TsUs) when is_integer(TsUs) -> gen_server:call(?MODULE, {expire_before, TsUs}, infinity).
+
+%% @doc Returns once the snapshots due so far are stored (for tests and benchmarks).
+-spec snapshots_sync() -> ok.
+snapshots_sync() ->
+    #{snapshotter := P} = sys:get_state(?MODULE),
+    Tag = make_ref(),
+    P ! {snapshots_sync, self(), Tag},
+    receive {Tag, ok} -> ok end.
+
+%% @doc The event log's Prometheus gauges and counters (part of
+%% `dspex_prometheus:render/0'); empty when the log is not open.
+-spec prometheus() -> iodata().
+prometheus() ->
+    case dspex_nif:events_stats() of
+        #{depth := D, lag_us := Lag, errors := E, written := W, lost := L, batches := B, full := F} ->
+            [metric("dspex_events_queue_depth", gauge, "Events queued, not yet durable.", D),
+             metric("dspex_events_lag_seconds", gauge, "Age of the oldest queued event.", Lag / 1.0e6),
+             metric("dspex_events_queue_full", gauge, "1 while writers are held back (queue at capacity).",
+                    case F of true -> 1; false -> 0 end),
+             metric("dspex_events_errors_total", counter, "Failed batch writes (each retried).", E),
+             metric("dspex_events_written_total", counter, "Events made durable.", W),
+             metric("dspex_events_batches_total", counter, "Batches (transactions) written.", B),
+             metric("dspex_events_lost_total", counter, "Events not queued for lack of memory.", L)];
+        _ -> []
+    end.
+
+metric(Name, Type, Help, V) ->
+    ["# HELP ", Name, " ", Help, "\n# TYPE ", Name, " ", atom_to_list(Type), "\n", Name, " ",
+     if is_float(V) -> float_to_list(V, [short]); true -> integer_to_list(V) end, "\n"].
+
+-spec archive_dir() -> file:filename().
+archive_dir() ->
+    case application:get_env(dspex_bridge, archive_dir) of
+        {ok, D} -> D;
+        undefined -> filename:join(event_dir(), "archive")
+    end.
+
+%%% internals -----------------------------------------------------------------
+
+default_durability() -> persistent_term:get({?MODULE, durability}, async).
+
+wait_durable(sync) -> await();
+wait_durable(_) -> ok.
+
+receive_durable(ok) -> ok;
+receive_durable({wait, Ref}) ->
+    receive {dspex_events_durable, Ref, R} -> R end;
+receive_durable({error, _} = E) -> E.
+
+event_dir() -> application:get_env(dspex_bridge, event_dir, "data/events").
+
+query(Session, Opts) ->
+    try
+        Q0 = case Session of
+                 all -> #{};
+                 S when is_binary(S) -> #{session => S}
+             end,
+        Q1 = bound(since, maps:get(since, Opts, undefined), Q0),
+        Q2 = bound(until, maps:get(until, Opts, undefined), Q1),
+        Q3 = maps:merge(Q2, maps:with([types, principal, variable], Opts)),
+        {ok, Q3#{descending => maps:get(direction, Opts, forward) =:= backward}}
+    catch throw:Bad -> {error, {invalid_argument, Bad}}
+    end.
+
+bound(_, undefined, Q) -> Q;
+bound(since, {sequence, N}, Q) when is_integer(N), N >= 0 -> Q#{seq_from => N};
+bound(until, {sequence, N}, Q) when is_integer(N), N > 0 -> Q#{seq_to => N};
+bound(since, {position, N}, Q) when is_integer(N), N >= 0 -> Q#{pos_from => N};
+bound(until, {position, N}, Q) when is_integer(N), N > 0 -> Q#{pos_to => N};
+bound(since, {time, T}, Q) when is_integer(T), T >= 0 -> Q#{ts_from => T};
+bound(until, {time, T}, Q) when is_integer(T), T > 0 -> Q#{ts_to => T};
+bound(W, T, Q) when is_integer(T) -> bound(W, {time, T}, Q);
+bound(W, _, _) -> throw(W).
+
+%%% gen_server ----------------------------------------------------------------
+
+-record(sub, {ref, pid, mon, filter, pos, max_queue}).
+
+%% @private
+init([]) ->
+    process_flag(trap_exit, true),
+    Env = fun(K, D) -> application:get_env(dspex_bridge, K, D) end,
+    {Backend, Target} = case Env(event_backend, sqlite) of
+                            sqlite ->
+                                Dir = event_dir(),
+                                ok = filelib:ensure_dir(filename:join(Dir, "x")),
+                                {sqlite, filename:join(Dir, "events.db")};
+                            {postgres, Conninfo} -> {postgres, Conninfo}
+                        end,
+    Every = Env(snapshot_every, 100),
+    Cfg = #{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
+            capacity => Env(event_queue_capacity, 1 bsl 20), snapshot_every => Every,
+            max_batch => Env(event_max_batch, 8192)},
+    _ = dspex_nif:events_close(),
+    case dspex_nif:events_open(Cfg) of
+        ok ->
+            persistent_term:put({?MODULE, durability}, Env(event_durability, async)),
+            persistent_term:put({?MODULE, enabled}, true),
+            #{last_position := Last} = dspex_nif:events_stats(),
+            Retention = Env(event_retention, {days, 90}),
+            erlang:send_after(60000, self(), retention),
+            Snapshotter = spawn_link(fun() -> snapshotter(Every) end),
+            {ok, #{subs => #{}, last => Last, retention => Retention, snapshotter => Snapshotter, every => Every,
+                   failures => 0}};
+        {error, Reason} -> {stop, Reason}
+    end.
+
+%% @private
+handle_call({subscribe, Filter, Pid, Opts}, _From, #{subs := Subs, last := Last} = St) ->
+    Ref = make_ref(),
+    Pos = case maps:get(from, Opts, live) of
+              live -> Last;
+              P when is_integer(P), P >= 1 -> P - 1
+          end,
+    Sub = #sub{ref = Ref, pid = Pid, mon = erlang:monitor(process, Pid), filter = Filter, pos = Pos,
+               max_queue = maps:get(max_queue, Opts, 10000)},
+    St1 = St#{subs := Subs#{Ref => Sub}},
+    {reply, {ok, Ref}, deliver(Ref, St1)};
+handle_call({unsubscribe, Ref}, _From, #{subs := Subs} = St) ->
+    case Subs of
+        #{Ref := #sub{mon = M}} -> erlang:demonitor(M, [flush]);
+        _ -> ok
+    end,
+    {reply, ok, St#{subs := maps:remove(Ref, Subs)}};
+handle_call(expire_now, _From, #{retention := {days, D}} = St) ->
+    {reply, expire(erlang:system_time(microsecond) - D * 86400000000), St};
+handle_call({expire_before, Ts}, _From, St) ->
+    {reply, expire(Ts), St};
+handle_call(_, _From, St) -> {reply, {error, unknown_call}, St}.
+
+%% @private
+handle_cast(_, St) -> {noreply, St}.
+
+%% @private
+handle_info({dspex_events_written, Pos, N}, #{subs := Subs} = St) ->
+    dspex_telemetry:execute([dspex, events, written], #{count => N}, #{position => Pos}),
+    St1 = St#{last := max(Pos, maps:get(last, St))},
+    {noreply, lists:foldl(fun deliver/2, St1, maps:keys(Subs))};
+handle_info({dspex_events_failed, Reason}, #{failures := F} = St) ->
+    dspex_telemetry:execute([dspex, events, error], #{count => 1}, #{reason => Reason}),
+    {noreply, St#{failures := F + 1}};
+handle_info({dspex_events_snapshot_due, _} = Due, #{snapshotter := P} = St) ->
+    P ! Due,
+    {noreply, St};
+handle_info({continue, Ref}, St) -> {noreply, deliver(Ref, St)};
+handle_info({'DOWN', M, process, _, _}, #{subs := Subs} = St) ->
+    {noreply, St#{subs := maps:filter(fun(_, #sub{mon = M1}) -> M1 =/= M end, Subs)}};
+handle_info(retention, #{retention := {days, D}} = St) ->
+    _ = expire(erlang:system_time(microsecond) - D * 86400000000),
+    erlang:send_after(3600000, self(), retention),
+    {noreply, St};
+handle_info(_, St) -> {noreply, St}.
+
+%% @private
+terminate(_, _) ->
+    persistent_term:put({?MODULE, enabled}, false),
+    dspex_nif:events_close().
+
+%% Sends the subscriber its next page (from the log, by position); schedules the
+%% next page when there is more, drops it when its mailbox is over the bound.
+deliver(Ref, #{subs := Subs, last := Last} = St) ->
+    case Subs of
+        #{Ref := #sub{pos = Pos} = Sub} when Pos < Last ->
+            case erlang:process_info(Sub#sub.pid, message_queue_len) of
+                {message_queue_len, Q} when Q > Sub#sub.max_queue ->
+                    Sub#sub.pid ! {dspex_event_overflow, Ref, Pos},
+                    erlang:demonitor(Sub#sub.mon, [flush]),
+                    St#{subs := maps:remove(Ref, Subs)};
+                undefined -> St#{subs := maps:remove(Ref, Subs)};
+                _ ->
+                    Q0 = maps:merge(#{pos_from => Pos + 1, pos_to => Last, limit => ?SUB_PAGE},
+                                    case Sub#sub.filter of
+                                        all -> #{};
+                                        F -> maps:with([session, types], F)
+                                    end),
+                    {ok, Evs} = dspex_nif:events_read(Q0),
+                    [Sub#sub.pid ! {dspex_event, Ref, E} || E <- Evs],
+                    NewPos = case length(Evs) < ?SUB_PAGE of
+                                 true -> Last;
+                                 false -> maps:get(position, lists:last(Evs))
+                             end,
+                    NewPos < Last andalso (self() ! {continue, Ref}),
+                    St#{subs := Subs#{Ref := Sub#sub{pos = NewPos}}}
+            end;
+        _ -> St
+    end.
+
+%% The snapshot process: for every session that reached a multiple of
+%% snapshot_every, replays from its latest snapshot and stores a snapshot at
+%% every multiple on the way (notices that arrive while it works are merged).
+snapshotter(Every) ->
+    receive
+        {dspex_events_snapshot_due, Due} ->
+            D = merge_due(lists:foldl(fun({S, Seq}, Acc) -> due(S, Seq, Acc) end, #{}, Due)),
+            maps:foreach(fun(S, Seq) -> take_snapshots(S, Seq, Every) end, D),
+            snapshotter(Every);
+        {snapshots_sync, From, Tag} ->
+            From ! {Tag, ok},
+            snapshotter(Every)
+    end.
+
+due(S, Seq, Acc) -> maps:update_with(S, fun(O) -> max(O, Seq) end, Seq, Acc).
+
+merge_due(D) ->
+    receive {dspex_events_snapshot_due, Due} -> merge_due(lists:foldl(fun({S, Seq}, Acc) -> due(S, Seq, Acc) end, D, Due))
+    after 0 -> D
+    end.
+
+take_snapshots(Session, Due, Every) ->
+    {From, State0} = case dspex_nif:events_latest_snapshot(Session, Due, 0) of
+                         {ok, Seq, _, Snap} -> {Seq, Snap};
+                         _ -> {0, undefined}
+                     end,
+    Put = fun(#{sequence := N, timestamp := Ts} = E, St) ->
+                  St1 = apply_event(E, St),
+                  _ = N rem Every =:= 0 andalso is_map(St1)
+                      andalso dspex_nif:events_put_snapshot(Session, N, Ts, St1),
+                  St1
+          end,
+    _ = From < Due andalso fold_pages(#{session => Session, seq_from => From + 1, seq_to => Due}, Put, State0, forward),
+    ok.
+
+expire(Ts) ->
+    try expire_(Ts)
+    catch C:R -> {error, {archive, {C, R}}}
+    end.
+
+expire_(Ts) ->
+    Dir = archive_dir(),
+    case dspex_events_archive:write(Dir, fun(Pos) -> dspex_nif:events_read(#{ts_to => Ts - 1, pos_from => Pos,
+                                                                               limit => ?PAGE}) end) of
+        {ok, _} -> dspex_nif:events_expire(Ts);
+        Error -> Error
+    end.

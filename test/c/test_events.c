@@ -1,0 +1,330 @@
+/* Unit tests of the event queue, writer thread and SQLite backend (c_src/events). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "evq.h"
+
+static char g_dir[64];
+static int g_fails; /* write_batch calls to fail (failure injection) */
+static int g_batches;
+
+static int failing_write(void *st, dx_ev_rec *r, size_t n, char *err, size_t errlen) {
+    __atomic_add_fetch(&g_batches, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&g_fails, __ATOMIC_SEQ_CST) > 0) {
+        __atomic_sub_fetch(&g_fails, 1, __ATOMIC_SEQ_CST);
+        snprintf(err, errlen, "injected failure");
+        return -1;
+    }
+    return dx_ev_sqlite_ops.write_batch(st, r, n, err, errlen);
+}
+static dx_ev_backend_ops g_ops;
+
+static void path(char *out, size_t n, const char *name) { snprintf(out, n, "%s/%s", g_dir, name); }
+
+static int setup(void **st) {
+    snprintf(g_dir, sizeof g_dir, "/tmp/dx_events_test_XXXXXX");
+    assert_non_null(mkdtemp(g_dir));
+    g_ops = dx_ev_sqlite_ops;
+    g_ops.write_batch = failing_write;
+    g_fails = 0;
+    return 0;
+}
+static int teardown(void **st) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    return system(cmd);
+}
+
+static dx_ev_in ev(const char *session, const char *type, const char *var) {
+    return (dx_ev_in){.session = session, .session_len = strlen(session), .type = type, .type_len = strlen(type),
+                      .variable = var, .variable_len = strlen(var), .data = (const uint8_t *)"d", .data_len = 1};
+}
+
+typedef struct {
+    uint64_t last_seq[8];
+    uint64_t last_pos;
+    size_t rows;
+    int bad;
+    char sess[8][16];
+} check_ctx;
+
+static int check_cb(void *c_, const dx_ev_rec *r) {
+    check_ctx *c = c_;
+    int k = -1;
+    for (int i = 0; i < 8; i++)
+        if (r->session_len == strlen(c->sess[i]) && memcmp(r->session, c->sess[i], r->session_len) == 0) k = i;
+    if (k < 0 || r->sequence != c->last_seq[k] + 1 || r->position <= c->last_pos || strlen(r->id) != 36 ||
+        r->id[14] != '7')
+        c->bad++;
+    if (k >= 0) c->last_seq[k] = r->sequence;
+    c->last_pos = r->position;
+    c->rows++;
+    return 0;
+}
+
+typedef struct {
+    dx_evq *q;
+    int id, n;
+    uint64_t last_ticket;
+} prod_arg;
+
+static void *producer(void *a_) {
+    prod_arg *a = a_;
+    char s[8];
+    snprintf(s, sizeof s, "s%d", a->id % 4);
+    for (int i = 0; i < a->n; i++) {
+        dx_ev_in e = ev(s, "variable_updated", "x");
+        a->last_ticket = dx_evq_push(a->q, &e, NULL);
+        if (!a->last_ticket) break;
+    }
+    return NULL;
+}
+
+/* 8 producers over 4 sessions: every event stored once, per-session sequences
+ * gapless from 1 in position order, positions increasing, batches grouped. */
+static void test_concurrent_producers_gapless(void **st) {
+    char p[128];
+    path(p, sizeof p, "a.db");
+    char err[256];
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .node = "n1", .node_len = 2};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    int per = 2000 * (getenv("DX_TEST_SCALE") ? 1 : 5);
+    pthread_t t[8];
+    prod_arg a[8];
+    g_batches = 0;
+    for (int i = 0; i < 8; i++) {
+        a[i] = (prod_arg){q, i, per, 0};
+        pthread_create(&t[i], NULL, producer, &a[i]);
+    }
+    for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
+    assert_int_equal(dx_evq_wait(q, dx_evq_ticket(q)), 0);
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.done, (uint64_t)8 * per);
+    assert_int_equal(s.depth, 0);
+    assert_true(s.batches < s.written); /* group commit */
+    dx_evq_close(q);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    check_ctx c = {0};
+    for (int i = 0; i < 4; i++) snprintf(c.sess[i], sizeof c.sess[i], "s%d", i);
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, (size_t)8 * per);
+    assert_int_equal(c.bad, 0);
+    for (int i = 0; i < 4; i++) assert_int_equal(c.last_seq[i], (uint64_t)2 * per);
+    uint64_t m = 0;
+    assert_int_equal(dx_ev_sqlite_ops.session_max_seq(db, "s1", 2, &m, err, sizeof err), 0);
+    assert_int_equal(m, (uint64_t)2 * per);
+    dx_ev_sqlite_ops.close(db);
+}
+
+/* A reopened log continues each session's sequence and the positions. */
+static void test_reopen_continues_sequence(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "b.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p};
+    for (int round = 0; round < 2; round++) {
+        void *seed;
+        pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+        assert_int_equal(dx_ev_sqlite_ops.open(p, &seed, err, sizeof err), 0);
+        dx_evq *q = dx_evq_open(&cfg, seed, &mu, err, sizeof err);
+        assert_non_null(q);
+        uint64_t seq = 0, t = 0;
+        for (int i = 0; i < 3; i++) {
+            dx_ev_in e = ev("s", "session_created", "");
+            t = dx_evq_push(q, &e, &seq);
+        }
+        assert_int_equal(seq, (uint64_t)3 * (round + 1));
+        assert_int_equal(dx_evq_wait(q, t), 0);
+        dx_evq_close(q);
+        dx_ev_sqlite_ops.close(seed);
+    }
+}
+
+/* A failing backend: waiters learn it, the batch is retried, nothing is lost
+ * or reordered. */
+static void test_failure_retried_never_dropped(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "c.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .retry_ms = 1};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    g_fails = 3;
+    uint64_t t = 0;
+    for (int i = 0; i < 50; i++) {
+        dx_ev_in e = ev("s0", "variable_updated", "x");
+        t = dx_evq_push(q, &e, NULL);
+    }
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t); /* errors wake the waiter; keep waiting */
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.errors, 3);
+    assert_string_equal(s.last_error, "injected failure");
+    dx_evq_close(q);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "s0");
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, 50);
+    assert_int_equal(c.bad, 0);
+    dx_ev_sqlite_ops.close(db);
+}
+
+/* Back-pressure: at capacity the queue says full (pushes still succeed: a
+ * committed change is never dropped); it clears once the writer drains. */
+static void test_capacity_full_until_drained(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "f.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .capacity = 10, .retry_ms = 1};
+    g_fails = 1000000; /* the backend refuses everything: nothing drains */
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    uint64_t t = 0;
+    for (int i = 0; i < 9; i++) {
+        dx_ev_in e = ev("s", "e", "");
+        t = dx_evq_push(q, &e, NULL);
+    }
+    assert_false(dx_evq_full(q));
+    for (int i = 0; i < 11; i++) {
+        dx_ev_in e = ev("s", "e", "");
+        t = dx_evq_push(q, &e, NULL);
+        assert_true(t > 0);
+    }
+    assert_true(dx_evq_full(q));
+    assert_int_equal(dx_evq_wait(q, t), -1); /* a failed attempt wakes waiters with an error */
+    __atomic_store_n(&g_fails, 0, __ATOMIC_SEQ_CST);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    assert_false(dx_evq_full(q));
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.written, 20);
+    dx_evq_close(q);
+}
+
+/* Replicas push explicit sequences: only the next one is accepted. */
+static void test_explicit_sequence_must_continue(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "d.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    dx_ev_in e = ev("r", "variable_updated", "x");
+    e.sequence = 2;
+    uint64_t s = 0;
+    assert_int_equal(dx_evq_push(q, &e, &s), 0);
+    assert_int_equal(s, 0);
+    e.sequence = 1;
+    assert_true(dx_evq_push(q, &e, &s) > 0);
+    dx_evq_session_seq_raise(q, "r", 1, 10);
+    e.sequence = 0;
+    uint64_t t = dx_evq_push(q, &e, &s);
+    assert_int_equal(s, 11);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    dx_evq_close(q);
+}
+
+/* Idempotent writes, filters, snapshots and retention on the backend itself. */
+static int count_cb(void *c, const dx_ev_rec *r) { return ++*(size_t *)c >= 1000000; }
+static int snap_cb(void *c, const dx_ev_snapshot *s) {
+    *(uint64_t *)c = s->sequence;
+    return 0;
+}
+static int arch_cb(void *c, const dx_ev_rec *r) {
+    ++*(size_t *)c;
+    return 0;
+}
+
+static void test_backend_filters_snapshots_retention(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "e.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_rec r[4];
+    const char *types[4] = {"a", "b", "a", "c"};
+    for (int i = 0; i < 4; i++) {
+        memset(&r[i], 0, sizeof r[i]);
+        r[i].sequence = (uint64_t)i + 1;
+        r[i].ts_us = 1000 * (i + 1);
+        dx_uuid7(r[i].ts_us, r[i].id);
+        r[i].session = "s";
+        r[i].session_len = 1;
+        r[i].type = types[i];
+        r[i].type_len = 1;
+        r[i].principal = i == 3 ? "bob" : "";
+        r[i].principal_len = i == 3 ? 3 : 0;
+    }
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 4, err, sizeof err), 0);
+    uint64_t pos3 = r[2].position;
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 4, err, sizeof err), 0); /* retry: skipped */
+    assert_int_equal(r[2].position, pos3);
+    size_t n = 0;
+    dx_ev_query q = {.session = "s", .session_len = 1};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &q, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 4);
+    const char *ta[1] = {"a"};
+    size_t tl[1] = {1};
+    dx_ev_query qt = {.types = ta, .type_lens = tl, .ntypes = 1};
+    n = 0;
+    dx_ev_sqlite_ops.query(db, &qt, count_cb, &n, err, sizeof err);
+    assert_int_equal(n, 2);
+    dx_ev_query qp = {.principal = "bob", .principal_len = 3};
+    n = 0;
+    dx_ev_sqlite_ops.query(db, &qp, count_cb, &n, err, sizeof err);
+    assert_int_equal(n, 1);
+    dx_ev_query qs = {.seq_from = 2, .seq_to = 3, .limit = 1, .descending = 1};
+    n = 0;
+    dx_ev_sqlite_ops.query(db, &qs, count_cb, &n, err, sizeof err);
+    assert_int_equal(n, 1);
+    /* ids are time-sortable */
+    assert_true(strcmp(r[0].id, r[3].id) < 0);
+    dx_ev_snapshot sn = {"s", 1, 2, 2000, (const uint8_t *)"x", 1};
+    assert_int_equal(dx_ev_sqlite_ops.put_snapshot(db, &sn, err, sizeof err), 0);
+    uint64_t got = 0;
+    assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 3, 0, snap_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got, 2);
+    got = 0;
+    dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 1, 0, snap_cb, &got, err, sizeof err);
+    assert_int_equal(got, 0);
+    size_t archived = 0;
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 2500, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(archived, 2);
+    n = 0;
+    dx_ev_sqlite_ops.query(db, &q, count_cb, &n, err, sizeof err);
+    assert_int_equal(n, 2);
+    uint64_t mp = 0;
+    dx_ev_sqlite_ops.max_position(db, &mp, err, sizeof err);
+    assert_int_equal(mp, r[3].position);
+    /* positions never go back, even once retention removed every event */
+    archived = 0;
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, INT64_MAX, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(archived, 2);
+    r[0].sequence = 5;
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 1, err, sizeof err), 0);
+    assert_int_equal(r[0].position, mp + 1);
+    dx_ev_sqlite_ops.close(db);
+    /* an unopenable target is an error, not a crash */
+    assert_int_equal(dx_ev_sqlite_ops.open("/nonexistent/dir/x.db", &db, err, sizeof err), -1);
+    assert_true(strlen(err) > 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reopen_continues_sequence, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failure_retried_never_dropped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

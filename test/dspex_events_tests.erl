@@ -1,0 +1,377 @@
+%% EUnit + PropEr: the event log (dspex_events) against the store.
+-module(dspex_events_tests).
+-include_lib("eunit/include/eunit.hrl").
+%% Debian's erlang-proper ships without proper.hrl: the one macro used
+-define(FORALL(X, Gen, Prop), proper:forall(Gen, fun(X) -> Prop end)).
+-import(proper_types, [oneof/1, elements/1, integer/2, non_empty/1, list/1]).
+
+-define(T(Name), {atom_to_list(Name), {timeout, 120, fun Name/0}}).
+
+events_test_() ->
+    {setup, fun start/0, fun stop/1,
+     [?T(every_store_change_is_one_event_in_commit_order),
+      ?T(session_deleted_reasons),
+      ?T(sequences_gapless_under_8_writers_and_atomic_batches),
+      ?T(sync_write_returns_after_its_event_is_durable),
+      ?T(append_read_filters_and_directions),
+      ?T(fold_streams_pages_in_order),
+      ?T(subscribe_switch_over_no_gap_no_duplicate),
+      ?T(slow_subscriber_is_told_and_dropped),
+      ?T(state_at_equals_export_for_random_histories),
+      ?T(state_at_by_time_and_snapshots),
+      ?T(audit_trail_summary),
+      ?T(archive_round_trip),
+      ?T(erlang_side_events),
+      ?T(bad_arguments_are_errors),
+      ?T(prometheus_and_telemetry)]}.
+
+start() ->
+    Dir = "/tmp/dspex_events_eunit_" ++ os:getpid(),
+    _ = os:cmd("rm -rf " ++ Dir),
+    _ = application:stop(dspex_bridge),
+    _ = application:load(dspex_bridge),
+    application:set_env(dspex_bridge, event_dir, Dir),
+    application:set_env(dspex_bridge, grpc_enabled, false),
+    application:set_env(dspex_bridge, prometheus_enabled, false),
+    application:set_env(dspex_bridge, snapshot_every, 10),
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    Dir.
+
+stop(Dir) ->
+    application:stop(dspex_bridge),
+    application:set_env(dspex_bridge, snapshot_every, 100),
+    application:unset_env(dspex_bridge, event_dir),
+    _ = os:cmd("rm -rf " ++ Dir),
+    ok.
+
+sid() -> iolist_to_binary(["ev_", integer_to_list(erlang:unique_integer([positive]))]).
+
+%% Everything committed so far is durable and delivered to the server.
+settle() ->
+    ok = dspex_events:await(),
+    %% the listener messages of those batches are handled before this call returns
+    _ = sys:get_state(dspex_events),
+    dspex_events:snapshots_sync().
+
+events(S) ->
+    settle(),
+    {ok, Evs} = dspex_events:read(S, #{limit => 100000}),
+    Evs.
+
+types(S) -> [T || #{type := T} <- events(S)].
+
+every_store_change_is_one_event_in_commit_order() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:create_session(S), %% idempotent: no second event
+    {ok, _} = dspex_store:register(S, a, integer, 1, #{changed_by => alice}),
+    {ok, _} = dspex_store:register(S, b, float, 0.5),
+    {ok, 1} = dspex_store:set(S, a, 2, #{changed_by => bob}),
+    {error, _} = dspex_store:set(S, a, <<"x">>), %% refused: no event
+    {ok, _} = dspex_store:set_many(S, #{a => 3, b => 1.5}, #{atomic => true}),
+    {error, _} = dspex_store:set_many(S, #{a => 4, b => <<"bad">>}, #{atomic => true}),
+    {ok, _} = dspex_store:set_many(S, #{a => 5}, #{atomic => false}),
+    {ok, _} = dspex_store:rollback(S, a, 1),
+    ok = dspex_store:delete(S, b),
+    ok = dspex_store:delete_session(S),
+    Evs = events(S),
+    ?assertEqual([session_created, variable_registered, variable_registered, variable_updated,
+                  variable_updated, variable_updated, batch_committed, variable_updated,
+                  variable_rolled_back, variable_deleted, session_deleted],
+                 [T || #{type := T} <- Evs]),
+    ?assertEqual(lists:seq(1, 11), [N || #{sequence := N} <- Evs]),
+    Ps = [P || #{position := P} <- Evs],
+    ?assertEqual(lists:sort(Ps), Ps),
+    [_, _, _, Upd | _] = Evs,
+    ?assertMatch(#{data := #{name := <<"a">>, old_value := 1, value := 2, version := 1, previous_version := 0},
+                   metadata := #{changed_by := bob, node := _, principal := undefined, request_id := undefined}},
+                 Upd),
+    #{data := #{members := Members}} = lists:nth(7, Evs),
+    ?assertEqual([#{name => <<"a">>, version => 2}, #{name => <<"b">>, version => 1}], lists:sort(Members)),
+    ?assertMatch(#{data := #{reason := deleted}}, lists:last(Evs)),
+    %% ids are UUIDv7 and sort like positions
+    Ids = [Id || #{id := Id} <- Evs],
+    ?assertEqual(lists:sort(Ids), Ids),
+    [?assertMatch(<<_:8/binary, "-", _:4/binary, "-7", _/binary>>, Id) || Id <- Ids].
+
+session_deleted_reasons() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
+    ok = dspex_nif:advance_clock(5000),
+    _ = dspex_nif:sweep(),
+    ?assertMatch([#{type := session_created}, #{type := session_deleted, data := #{reason := expired}}], events(S)),
+    %% the same id again continues the sequence
+    {ok, _} = dspex_store:create_session(S),
+    ?assertEqual([1, 2, 3], [N || #{sequence := N} <- events(S)]).
+
+sequences_gapless_under_8_writers_and_atomic_batches() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    [{ok, _} = dspex_store:register(S, integer_to_binary(I), integer, 0) || I <- lists:seq(1, 8)],
+    pmap(8, fun(I) ->
+                    K = integer_to_binary(I),
+                    [case N rem 5 of
+                         0 -> {ok, _} = dspex_store:set_many(S, #{K => N, integer_to_binary(I rem 8 + 1) => N},
+                                                             #{atomic => true});
+                         _ -> {ok, _} = dspex_store:set(S, K, N)
+                     end || N <- lists:seq(1, 200)]
+            end),
+    Evs = events(S),
+    ?assertEqual(lists:seq(1, length(Evs)), [N || #{sequence := N} <- Evs]),
+    %% every batch_committed directly follows its members' updates
+    check_batches(Evs),
+    %% every committed version appears once per variable, in version order
+    ByVar = lists:foldl(fun(#{type := variable_updated, data := #{name := N, version := V}}, M) ->
+                                maps:update_with(N, fun(L) -> [V | L] end, [V], M);
+                           (_, M) -> M
+                        end, #{}, Evs),
+    maps:foreach(fun(Name, Vs) ->
+                         {ok, #{version := Cur}} = dspex_store:get(S, Name),
+                         ?assertEqual(lists:seq(1, Cur), lists:reverse(Vs))
+                 end, ByVar).
+
+check_batches([]) -> ok;
+check_batches([#{type := variable_updated}, #{type := variable_updated}, #{type := batch_committed} | T]) ->
+    check_batches(T);
+check_batches([#{type := batch_committed} = B | _]) -> erlang:error({batch_not_after_members, B});
+check_batches([_ | T]) -> check_batches(T).
+
+pmap(N, F) ->
+    Refs = [element(2, spawn_monitor(fun() -> F(I) end)) || I <- lists:seq(1, N)],
+    [receive {'DOWN', R, process, _, Why} -> ?assertEqual(normal, Why) end || R <- Refs],
+    ok.
+
+sync_write_returns_after_its_event_is_durable() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    pmap(16, fun(I) ->
+                     [begin
+                          {ok, V} = dspex_store:set(S, x, I * 1000 + N, #{durability => sync}),
+                          %% its event is already in the log (reads see only committed, fsynced rows)
+                          {ok, Recent} = dspex_events:read(S, #{variable => <<"x">>, limit => 100000}),
+                          true = lists:any(fun(#{data := #{version := V1}}) -> V1 =:= V end, Recent)
+                      end || N <- lists:seq(1, 20)]
+             end),
+    {ok, Id} = dspex_events:append(S, custom, #{}, #{durability => sync}),
+    {ok, [#{id := Id}]} = dspex_events:read(S, #{direction => backward, limit => 1}),
+    ?assertEqual(16 * 20 + 3, length(events(S))).
+
+append_read_filters_and_directions() ->
+    S = sid(),
+    {ok, Id1} = dspex_events:append(S, my_event, #{n => 1}, #{principal => <<"alice">>, request_id => <<"r1">>}),
+    {ok, _} = dspex_events:append(S, <<"other_type_not_an_atom">>, #{n => 2}, #{principal => <<"bob">>, variable => v}),
+    {ok, _} = dspex_events:append(S, my_event, #{n => 3}, #{changed_by => {opt, 7}}),
+    settle(),
+    {ok, [E1, E2, E3]} = dspex_events:read(S, #{}),
+    ?assertMatch(#{id := Id1, type := my_event, data := #{n := 1}, sequence := 1,
+                   metadata := #{principal := <<"alice">>, request_id := <<"r1">>}}, E1),
+    ?assertMatch(#{type := <<"other_type_not_an_atom">>, metadata := #{variable := <<"v">>}}, E2),
+    ?assertMatch(#{metadata := #{changed_by := {opt, 7}}}, E3),
+    ?assertMatch({ok, [#{sequence := 1}, #{sequence := 3}]}, dspex_events:read(S, #{types => [my_event]})),
+    ?assertMatch({ok, [#{sequence := 2}]}, dspex_events:read(S, #{principal => <<"bob">>})),
+    ?assertMatch({ok, [#{sequence := 2}]}, dspex_events:read(S, #{variable => <<"v">>})),
+    ?assertMatch({ok, [#{sequence := 2}, #{sequence := 3}]}, dspex_events:read(S, #{since => {sequence, 2}})),
+    ?assertMatch({ok, [#{sequence := 3}, #{sequence := 2}]},
+                 dspex_events:read(S, #{since => {sequence, 2}, direction => backward})),
+    ?assertMatch({ok, [#{sequence := 3}]}, dspex_events:read(S, #{direction => backward, limit => 1})),
+    #{timestamp := T2} = E2,
+    ?assertMatch({ok, [#{sequence := 1}, #{sequence := 2}]}, dspex_events:read(S, #{until => T2})),
+    ?assertMatch({ok, [#{sequence := 2}, #{sequence := 3}]}, dspex_events:read(S, #{since => {time, T2}})).
+
+fold_streams_pages_in_order() ->
+    S = sid(),
+    [{ok, _} = dspex_events:append(S, e, N, #{}) || N <- lists:seq(1, 2500)],
+    settle(),
+    {ok, L} = dspex_events:fold(S, fun(#{data := N}, Acc) -> [N | Acc] end, [], #{}),
+    ?assertEqual(lists:seq(2500, 1, -1), L),
+    {ok, L2} = dspex_events:fold(S, fun(#{data := N}, Acc) -> [N | Acc] end, [], #{direction => backward}),
+    ?assertEqual(lists:seq(1, 2500), L2).
+
+subscribe_switch_over_no_gap_no_duplicate() ->
+    S = sid(),
+    [{ok, _} = dspex_events:append(S, e, N, #{}) || N <- lists:seq(1, 700)],
+    settle(),
+    Self = self(),
+    {ok, [#{position := First}]} = dspex_events:read(S, #{limit => 1}),
+    {ok, Ref} = dspex_events:subscribe(#{session => S}, Self, #{from => First}),
+    %% live writes while the catch-up runs
+    pmap(4, fun(I) -> [{ok, _} = dspex_events:append(S, e, 1000 * I + N, #{}) || N <- lists:seq(1, 100)] end),
+    settle(),
+    Got = collect(Ref, 1100),
+    ?assertEqual(lists:seq(1, 1100), [N || #{sequence := N} <- Got]),
+    {ok, All} = dspex_events:read(S, #{limit => 100000}),
+    ?assertEqual([P || #{position := P} <- All], [P || #{position := P} <- Got]),
+    ok = dspex_events:unsubscribe(Ref),
+    %% live only: nothing from before
+    {ok, Ref2} = dspex_events:subscribe(#{session => S, types => [live]}, Self, #{from => live}),
+    {ok, _} = dspex_events:append(S, e, x, #{}),
+    {ok, _} = dspex_events:append(S, live, y, #{}),
+    settle(),
+    ?assertMatch([#{data := y, sequence := 1102}], collect(Ref2, 1)),
+    ok = dspex_events:unsubscribe(Ref2).
+
+collect(_, 0) -> [];
+collect(Ref, N) ->
+    receive {dspex_event, Ref, E} -> [E | collect(Ref, N - 1)]
+    after 30000 -> erlang:error({missing_events, N})
+    end.
+
+slow_subscriber_is_told_and_dropped() ->
+    S = sid(),
+    Self = self(),
+    Slow = spawn_link(fun() -> receive go -> ok end,
+                               Self ! {slow_got, drain([])} end),
+    {ok, Ref} = dspex_events:subscribe(#{session => S}, Slow, #{from => live, max_queue => 50}),
+    [{ok, _} = dspex_events:append(S, e, N, #{}) || N <- lists:seq(1, 2000)],
+    settle(),
+    Slow ! go,
+    receive {slow_got, Msgs} ->
+            {Events, Overflow} = lists:partition(fun(M) -> element(1, M) =:= dspex_event end, Msgs),
+            ?assertMatch([{dspex_event_overflow, Ref, _}], Overflow),
+            [{_, _, Last}] = Overflow,
+            Ps = [P || {dspex_event, _, #{position := P}} <- Events],
+            ?assertEqual(lists:max(Ps), Last),
+            ?assert(length(Events) < 2000),
+            %% resuming from Last + 1 gives the rest with no gap
+            {ok, Ref2} = dspex_events:subscribe(#{session => S}, self(), #{from => Last + 1}),
+            Rest = collect(Ref2, 2000 - length(Events)),
+            ?assertEqual(lists:seq(1, 2000), [N || {dspex_event, _, #{sequence := N}} <- Events]
+                                                 ++ [N || #{sequence := N} <- Rest]),
+            ok = dspex_events:unsubscribe(Ref2)
+    end.
+
+drain(Acc) ->
+    receive M -> drain([M | Acc]) after 500 -> lists:reverse(Acc) end.
+
+%% PropEr: for random histories, state_at({sequence, N}) equals the store's
+%% export taken right after the change that produced event N.
+state_at_equals_export_for_random_histories() ->
+    ?assert(proper:quickcheck(prop_state_at(), [{numtests, list_to_integer(os:getenv("DSPEX_PROP_EVENTS_N", "40"))},
+                                                {to_file, user}])).
+
+op() ->
+    oneof([{register, elements([a, b, c, d]), elements([integer, float, string])},
+           {set, elements([a, b, c, d]), integer(-5, 5)},
+           {many, elements([a, b, c, d]), elements([a, b, c, d]), integer(0, 9)},
+           {rollback, elements([a, b, c, d]), integer(0, 3)},
+           {delete, elements([a, b, c, d])}]).
+
+prop_state_at() ->
+    ?FORALL(Ops, non_empty(list(op())),
+            begin
+                S = sid(),
+                {ok, _} = dspex_store:create_session(S),
+                Exports = [begin
+                               _ = apply_op(S, Op),
+                               {ok, E} = dspex_nif:export_session(S),
+                               {dspex_nif:events_session_seq(S), E}
+                           end || Op <- Ops],
+                settle(),
+                lists:all(fun({Seq, E}) ->
+                                  case dspex_events:state_at(S, {sequence, Seq}) of
+                                      {ok, E} -> true;
+                                      Other -> io:format("seq ~p:~n~p~n~p~n", [Seq, E, Other]), false
+                                  end
+                          end, Exports)
+            end).
+
+apply_op(S, {register, K, T}) ->
+    dspex_store:register(S, K, T, case T of integer -> 1; float -> 1.5; string -> <<"s">> end,
+                         #{history_limit => 2});
+apply_op(S, {set, K, V}) -> dspex_store:set(S, K, V, #{changed_by => prop});
+apply_op(S, {many, K1, K2, V}) -> dspex_store:set_many(S, #{K1 => V, K2 => V}, #{atomic => true});
+apply_op(S, {rollback, K, V}) -> dspex_store:rollback(S, K, V);
+apply_op(S, {delete, K}) -> dspex_store:delete(S, K).
+
+state_at_by_time_and_snapshots() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    [{ok, _} = dspex_store:set(S, x, N) || N <- lists:seq(1, 55)],
+    settle(),
+    {ok, E1} = dspex_nif:export_session(S),
+    settle(),
+    T = erlang:system_time(microsecond),
+    {ok, _} = dspex_store:set(S, x, 99),
+    settle(),
+    %% snapshots every 10 events (this suite's snapshot_every) exist
+    ?assertMatch({ok, 50, _, _}, dspex_nif:events_latest_snapshot(S, 55, 0)),
+    ?assertEqual({ok, E1}, dspex_events:state_at(S, T)),
+    ?assertEqual({ok, E1}, dspex_events:state_at(S, {time, T})),
+    ?assertEqual({error, not_found}, dspex_events:state_at(<<"no_such_session">>, {sequence, 3})).
+
+audit_trail_summary() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    {ok, _} = dspex_store:set(S, x, 1, #{changed_by => alice}),
+    {ok, _} = dspex_store:set(S, x, 2, #{changed_by => alice}),
+    {ok, _} = dspex_store:set(S, x, 3, #{changed_by => bob}),
+    ok = dspex_events:emit(S, access_denied, #{variable => x}, #{principal => <<"mallory">>}),
+    settle(),
+    {ok, #{events := Evs, summary := Sum, period := {undefined, undefined}}} =
+        dspex_events:audit_trail(#{session => S}),
+    ?assertEqual(6, length(Evs)),
+    ?assertMatch(#{count := 6, denied := 1,
+                   by_type := #{variable_updated := 3, session_created := 1, access_denied := 1},
+                   by_principal := #{<<"mallory">> := 1},
+                   writes_by_changed_by := #{alice := 2, bob := 1}}, Sum),
+    {ok, #{summary := #{count := 3}}} = dspex_events:audit_trail(#{session => S, types => [variable_updated]}).
+
+archive_round_trip() ->
+    S = sid(),
+    [{ok, _} = dspex_events:append(S, e, #{n => N, t => {tuple, [N]}}, #{}) || N <- lists:seq(1, 30)],
+    settle(),
+    {ok, Before} = dspex_events:read(S, #{}),
+    {ok, N} = dspex_events:expire_before(erlang:system_time(microsecond) + 1),
+    ?assert(N >= 30),
+    ?assertEqual({ok, []}, dspex_events:read(S, #{})),
+    ?assertEqual({ok, Before}, dspex_events:read(S, #{include_archive => true, limit => 100})),
+    ?assertEqual({ok, lists:sublist(Before, 5, 3)},
+                 dspex_events:read(S, #{include_archive => true, since => {sequence, 5}, until => {sequence, 7}})),
+    [File] = filelib:wildcard(filename:join([dspex_events:archive_dir(), binary_to_list(binary:encode_hex(S)), "*.ndjson.gz"])),
+    {ok, Z} = file:read_file(File),
+    Lines = binary:split(zlib:gunzip(Z), <<"\n">>, [global, trim_all]),
+    ?assertEqual(30, length(Lines)),
+    {ok, #{<<"type">> := <<"e">>, <<"sequence">> := 1}} = dspex_json:decode(hd(Lines)),
+    %% new events continue after the archived ones
+    {ok, _} = dspex_events:append(S, e, 31, #{}),
+    ?assertMatch([#{sequence := 31}], events(S)).
+
+erlang_side_events() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, a, integer, 0),
+    {ok, _} = dspex_store:register(S, b, integer, 0),
+    ok = dspex_graph:add_dependency(S, a, b),
+    ok = dspex_graph:remove_dependency(S, a, b),
+    {ok, Lock} = dspex_locks:acquire(S, a, opt1, #{}),
+    ok = dspex_locks:report_progress(Lock, 1, 0.5, #{}),
+    ok = dspex_locks:release(Lock),
+    ok = dspex_acl:set_permissions(S, a, [#{session_pattern => any, permissions => [read]}], #{}),
+    Types = types(S),
+    [?assert(lists:member(T, Types)) || T <- [dependency_added, dependency_removed, lock_acquired,
+                                               optimization_progress, lock_released, acl_rule_set]],
+    ?assertEqual(lists:seq(1, length(Types)), [N || #{sequence := N} <- events(S)]).
+
+bad_arguments_are_errors() ->
+    ?assertEqual({error, {invalid_argument, append}}, dspex_events:append(not_a_binary, t, x, #{})),
+    ?assertError(badarg, dspex_nif:events_append(<<"s">>, <<>>, x, #{})),
+    ?assertEqual({error, {invalid_argument, since}}, dspex_events:read(<<"s">>, #{since => {bad, 1}})),
+    ?assertError(badarg, dspex_nif:events_read(#{types => [{not_a_type}]})),
+    ?assertMatch({error, {event_store, already_open}},
+                 dspex_nif:events_open(#{backend => sqlite, target => <<"/tmp/x.db">>})),
+    ?assertMatch({error, {event_store, {backend, nope}}},
+                 dspex_nif:events_open(#{backend => nope, target => <<"/tmp/x.db">>})).
+
+prometheus_and_telemetry() ->
+    Self = self(),
+    H = make_ref(),
+    ok = dspex_telemetry:attach(H, [dspex, events, written], fun(_, M, Meta, _) -> Self ! {H, M, Meta} end, undefined),
+    {ok, _} = dspex_events:append(sid(), e, x, #{durability => sync}),
+    receive {H, #{count := N}, #{position := P}} -> ?assert(N >= 1 andalso P >= 1) end,
+    dspex_telemetry:detach(H),
+    Text = iolist_to_binary(dspex_prometheus:render()),
+    [?assertMatch({_, _}, binary:match(Text, G)) || G <- [<<"dspex_events_queue_depth ">>, <<"dspex_events_lag_seconds ">>,
+                                                       <<"dspex_events_errors_total ">>]].
