@@ -397,7 +397,21 @@ receive_durable({wait, Ref}) ->
     receive {dspex_events_durable, Ref, R} -> R end;
 receive_durable({error, _} = E) -> E.
 
-event_dir() -> application:get_env(dspex_bridge, event_dir, "data/events").
+%% One log per node: nodes started in the same directory (a cluster's peers on
+%% one machine, test nodes) never share a file, whose sequences and positions
+%% are each node's own. An unnamed node (nonode@nohost) gets a directory of its
+%% OS process: name the node, or set `event_dir', to find its log again after
+%% a restart.
+event_dir() ->
+    case application:get_env(dspex_bridge, event_dir) of
+        {ok, Dir} -> Dir;
+        undefined ->
+            Node = case node() of
+                       'nonode@nohost' -> "nonode-" ++ os:getpid();
+                       N -> atom_to_list(N)
+                   end,
+            filename:join("data/events", Node)
+    end.
 
 query(Session, Opts) ->
     try
