@@ -88,7 +88,7 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
     va_end(ap);
     /* libpq messages end in newlines and may span lines: keep one line */
     for (char *p = err; *p; p++)
-        if (*p == '\n' || *p == '\r')
+        if (*p == '\n' || *p == '\r' || *p == '\t')
             *p = ' ';
     size_t n = strlen(err);
     while (n > 0 && err[n - 1] == ' ')
@@ -452,9 +452,13 @@ static int pg_open(const char *target, void **stp, char *err, size_t errlen)
         seterr(err, errlen, "conninfo is NULL");
         return -1;
     }
-    /* defaults the conninfo may override (its keywords are processed later) */
-    const char *const keys[] = {"connect_timeout", "fallback_application_name", "dbname", NULL};
-    const char *const vals[] = {"10", "dspex_events", target, NULL};
+    /* defaults the conninfo may override (its keywords are processed later): give up a
+     * connect after 10 s, and notice a server that vanished without closing the socket
+     * within about a minute (TCP keepalives; unacknowledged sends), so a call fails and
+     * the caller can spool instead of blocking for the kernel's two hours */
+    const char *const keys[] = {"connect_timeout", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                                "tcp_user_timeout", "fallback_application_name", "dbname", NULL};
+    const char *const vals[] = {"10", "30", "10", "3", "60000", "dspex_events", target, NULL};
     pg_st *s = calloc(1, sizeof *s);
     if (!s) {
         seterr(err, errlen, "out of memory");
@@ -920,11 +924,13 @@ static int query_once(pg_st *s, stmt *q, size_t limit, dx_ev_row_cb cb, void *ct
     }
     if (exec_cmd(s, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "query", err, errlen))
         return -1;
-    if (run_cursor(s, q, cb, ctx, called, &stop, "query", err, errlen) ||
-        exec_cmd(s, "COMMIT", "query", err, errlen)) {
+    if (run_cursor(s, q, cb, ctx, called, &stop, "query", err, errlen)) {
         rollback_if_open(s);
         return -1;
     }
+    /* every row is read: the read is complete even if ending the read-only transaction
+     * fails (the connection is then reset by the next call) */
+    PQclear(PQexec(s->conn, "COMMIT"));
     return 0;
 }
 
