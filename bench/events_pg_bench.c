@@ -6,7 +6,12 @@
  * and sets it. DX_BENCH_SCALE=N divides the event counts by N.
  * Rounds are interleaved (1, 100, 1000, 1, 100, 1000, ...) and the median of each size
  * is reported, so a burst of load elsewhere on the machine hits every size alike. */
+/* Debian keeps libpq-fe.h in /usr/include/postgresql: found without -I flags as well */
+#if __has_include(<libpq-fe.h>)
 #include <libpq-fe.h>
+#else
+#include <postgresql/libpq-fe.h>
+#endif
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

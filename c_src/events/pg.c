@@ -6,7 +6,7 @@
  *   dspex_event_schema(version)               one row, the schema version (1)
  *   dspex_events(position identity PK, session bytea, sequence int8, ts timestamptz,
  *                id text, type, variable, principal, changed_by, node, data, meta bytea,
- *                UNIQUE (session, sequence)) + indexes on ts, type, principal, variable
+ *                UNIQUE (session, sequence)) + indexes on ts, (type, position), (principal, position)
  *   dspex_event_snapshots(session, sequence, ts, blob, PK (session, sequence))
  * Byte-range strings are stored as bytea, so every record the sqlite backend accepts is
  * accepted here too (no encoding errors that would make a batch fail for ever).
@@ -30,10 +30,22 @@
  * query or expire only when its callback has not been called yet). Errors that come
  * from a lost connection start with "connection lost:".
  *
- * Threads: one instance = one connection; the caller serialises every call (backend.h). */
+ * Reads: a query with a limit of at most PAGE_ROWS is one statement; any other read (and
+ * expire_before) runs a cursor in a REPEATABLE READ transaction and fetches PAGE_ROWS rows
+ * a round trip, so memory stays bounded and an early stop costs no more rows.
+ *
+ * Threads: one instance = one connection; the caller serialises every call (backend.h).
+ * Every call blocks on the network (up to connect_timeout / tcp_user_timeout when the
+ * server is gone): call it from the writer thread or a dirty I/O scheduler, never from a
+ * normal scheduler. A second instance gives readers a connection of their own. */
 #include "backend.h"
 
+/* Debian keeps libpq-fe.h in /usr/include/postgresql: found without -I flags as well */
+#if __has_include(<libpq-fe.h>)
 #include <libpq-fe.h>
+#else
+#include <postgresql/libpq-fe.h>
+#endif
 
 #include <errno.h>
 #include <limits.h>
@@ -390,7 +402,6 @@ static const char SCHEMA_SQL[] =
     "CREATE INDEX IF NOT EXISTS dspex_events_ts ON dspex_events (ts);"
     "CREATE INDEX IF NOT EXISTS dspex_events_type ON dspex_events (type, position);"
     "CREATE INDEX IF NOT EXISTS dspex_events_principal ON dspex_events (principal, position);"
-    "CREATE INDEX IF NOT EXISTS dspex_events_variable ON dspex_events (variable, position);"
     "CREATE TABLE IF NOT EXISTS dspex_event_snapshots ("
     " session bytea NOT NULL,"
     " sequence bigint NOT NULL,"
