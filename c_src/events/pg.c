@@ -648,9 +648,12 @@ static int write_once(pg_st *s, dx_ev_rec *recs, size_t n, buf *cols, char *err,
             missing++;
             continue;
         }
-        if (field_i64(res, (int)i, 1, &pos, "write_batch", err, errlen) || pos <= 0) {
-            if (pos <= 0)
-                seterr(err, errlen, "write_batch: server returned position %lld", (long long)pos);
+        if (field_i64(res, (int)i, 1, &pos, "write_batch", err, errlen)) {
+            PQclear(res);
+            return -1;
+        }
+        if (pos <= 0) {
+            seterr(err, errlen, "write_batch: server returned position %lld", (long long)pos);
             PQclear(res);
             return -1;
         }

@@ -932,6 +932,491 @@ static void nodes_share_one_database(void **state)
     B->close(st);
 }
 
+
+/* ---- a hostile server ----------------------------------------------------------------
+ * Speaks just enough of the PostgreSQL v3 protocol (trust login, simple and extended
+ * queries) to let the backend open, then answers the statement under test with
+ * whatever the test scripts: too many rows, wrong column counts or types, short or
+ * oversized values, NULLs, out-of-range numbers. The backend must refuse each answer
+ * with an error (and, under ASan/valgrind, without touching memory it should not). */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+typedef struct {
+    int nf;
+    uint32_t types[12];
+    int nrows;
+    /* writes cell (row, col) into out (up to 64 bytes) and returns its length, -1 = NULL */
+    int (*cell)(int row, int col, uint8_t *out);
+} answer;
+
+typedef struct {
+    int lfd, port;
+    pthread_t thr;
+    _Atomic(const answer *) insert, query, fetch, scalar;
+} fake_pg;
+
+static void wr(int fd, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    while (n) {
+        ssize_t k = send(fd, b, n, MSG_NOSIGNAL);
+        if (k <= 0)
+            return;
+        b += k;
+        n -= (size_t)k;
+    }
+}
+
+static uint32_t be32_at(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return ntohl(v);
+}
+
+static int rd(int fd, void *p, size_t n)
+{
+    uint8_t *b = p;
+    while (n) {
+        ssize_t k = recv(fd, b, n, 0);
+        if (k <= 0)
+            return -1;
+        b += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* One backend message: type, then the body (the length is filled in). */
+static void msg(int fd, char type, const void *body, size_t n)
+{
+    uint8_t h[5] = {(uint8_t)type};
+    uint32_t l = htonl((uint32_t)(n + 4));
+    memcpy(h + 1, &l, 4);
+    wr(fd, h, 5);
+    if (n)
+        wr(fd, body, n);
+}
+
+static size_t put16(uint8_t *p, uint16_t v)
+{
+    v = htons(v);
+    memcpy(p, &v, 2);
+    return 2;
+}
+
+static size_t put32(uint8_t *p, uint32_t v)
+{
+    v = htonl(v);
+    memcpy(p, &v, 4);
+    return 4;
+}
+
+static void row_description(int fd, const answer *a)
+{
+    uint8_t b[1024];
+    size_t n = put16(b, (uint16_t)a->nf);
+    for (int i = 0; i < a->nf; i++) {
+        n += (size_t)sprintf((char *)b + n, "c%d", i) + 1;
+        n += put32(b + n, 0);
+        n += put16(b + n, 0);
+        n += put32(b + n, a->types[i]);
+        n += put16(b + n, 0xFFFF);
+        n += put32(b + n, 0xFFFFFFFF);
+        n += put16(b + n, 1); /* binary */
+    }
+    msg(fd, 'T', b, n);
+}
+
+static void data_rows(int fd, const answer *a)
+{
+    for (int r = 0; r < a->nrows; r++) {
+        uint8_t b[12 * 72], cell[64];
+        size_t n = put16(b, (uint16_t)a->nf);
+        for (int c = 0; c < a->nf; c++) {
+            int l = a->cell(r, c, cell);
+            n += put32(b + n, (uint32_t)l);
+            if (l > 0) {
+                memcpy(b + n, cell, (size_t)l);
+                n += (size_t)l;
+            }
+        }
+        msg(fd, 'D', b, n);
+    }
+    char tag[32];
+    int tl = snprintf(tag, sizeof tag, "SELECT %d", a->nrows);
+    msg(fd, 'C', tag, (size_t)tl + 1);
+}
+
+static int cell_int4_one(int row, int col, uint8_t *out)
+{
+    (void)row;
+    (void)col;
+    put32(out, 1);
+    return 4;
+}
+
+static int cell_int8_oid(int row, int col, uint8_t *out)
+{
+    (void)row;
+    (void)col;
+    put32(out, 0);
+    put32(out + 4, 16384);
+    return 8;
+}
+
+static const answer A_VERSION = {1, {23}, 1, cell_int4_one};
+static const answer A_OID = {1, {20}, 1, cell_int8_oid};
+
+/* The scripted answer to a statement, by its text; NULL = a command (no rows). */
+static const answer *answer_for(fake_pg *f, const char *sql)
+{
+    if (strstr(sql, "SELECT version FROM dspex_event_schema"))
+        return &A_VERSION;
+    if (strstr(sql, "regclass"))
+        return &A_OID;
+    if (strstr(sql, "WITH v AS"))
+        return atomic_load(&f->insert);
+    if (strncmp(sql, "FETCH", 5) == 0)
+        return atomic_load(&f->fetch);
+    if (strncmp(sql, "SELECT position, sequence", 25) == 0)
+        return atomic_load(&f->query);
+    if (strstr(sql, "max("))
+        return atomic_load(&f->scalar);
+    return NULL;
+}
+
+static void ready(int fd)
+{
+    msg(fd, 'Z', "I", 1);
+}
+
+static void serve(fake_pg *f, int fd)
+{
+    uint8_t len4[4];
+    if (rd(fd, len4, 4))
+        return;
+    uint32_t len = be32_at(len4);
+    if (len < 8 || len > 10000)
+        return;
+    uint8_t *startup = malloc(len);
+    int bad = rd(fd, startup, len - 4);
+    free(startup);
+    if (bad)
+        return;
+    uint8_t auth[4] = {0};
+    msg(fd, 'R', auth, 4);
+    static const char *params[][2] = {{"server_version", "15.0"}, {"integer_datetimes", "on"},
+                                      {"client_encoding", "UTF8"}, {"server_encoding", "UTF8"},
+                                      {"standard_conforming_strings", "on"}};
+    for (size_t i = 0; i < sizeof params / sizeof params[0]; i++) {
+        char b[128];
+        int n = snprintf(b, sizeof b, "%s%c%s", params[i][0], 0, params[i][1]);
+        msg(fd, 'S', b, (size_t)n + 1);
+    }
+    uint8_t key[8] = {0, 0, 0, 1, 0, 0, 0, 2};
+    msg(fd, 'K', key, 8);
+    ready(fd);
+
+    char stmts[2][4096] = {"", ""}; /* [0] unnamed, [1] the prepared insert */
+    const char *portal = "";
+    for (;;) {
+        uint8_t h[5];
+        if (rd(fd, h, 5))
+            return;
+        uint32_t l = be32_at(h + 1);
+        if (l < 4 || l > (64u << 20))
+            return;
+        char *body = malloc(l - 4 + 1);
+        if (rd(fd, body, l - 4)) {
+            free(body);
+            return;
+        }
+        body[l - 4] = '\0';
+        switch (h[0]) {
+        case 'Q': { /* simple query: a command */
+            const answer *a = answer_for(f, body);
+            if (a) {
+                row_description(fd, a);
+                data_rows(fd, a);
+            } else
+                msg(fd, 'C', "OK", 3);
+            ready(fd);
+            break;
+        }
+        case 'P': { /* Parse: name, query */
+            const char *name = body, *q = body + strlen(body) + 1;
+            snprintf(stmts[*name ? 1 : 0], sizeof stmts[0], "%s", q);
+            msg(fd, '1', NULL, 0);
+            break;
+        }
+        case 'B': { /* Bind: portal, statement */
+            const char *st = body + strlen(body) + 1;
+            portal = stmts[*st ? 1 : 0];
+            msg(fd, '2', NULL, 0);
+            break;
+        }
+        case 'D': {
+            const answer *a = answer_for(f, portal);
+            if (a)
+                row_description(fd, a);
+            else
+                msg(fd, 'n', NULL, 0);
+            break;
+        }
+        case 'E': {
+            const answer *a = answer_for(f, portal);
+            if (a)
+                data_rows(fd, a);
+            else
+                msg(fd, 'C', "OK", 3);
+            break;
+        }
+        case 'S':
+            ready(fd);
+            break;
+        case 'X':
+            free(body);
+            return;
+        default:
+            break;
+        }
+        free(body);
+    }
+}
+
+static void *fake_main(void *arg)
+{
+    fake_pg *f = arg;
+    for (;;) {
+        int fd = accept(f->lfd, NULL, NULL);
+        if (fd < 0)
+            return NULL;
+        serve(f, fd);
+        close(fd);
+    }
+}
+
+static void fake_start(fake_pg *f)
+{
+    memset(f, 0, sizeof *f);
+    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(f->lfd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(f->lfd, 4), 0);
+    socklen_t al = sizeof a;
+    assert_int_equal(getsockname(f->lfd, (struct sockaddr *)&a, &al), 0);
+    f->port = ntohs(a.sin_port);
+    assert_int_equal(pthread_create(&f->thr, NULL, fake_main, f), 0);
+}
+
+static void fake_stop(fake_pg *f)
+{
+    shutdown(f->lfd, SHUT_RDWR);
+    close(f->lfd);
+    pthread_join(f->thr, NULL);
+}
+
+/* cells of a well-formed event row (position row+1, sequence row+1) */
+static int good_event_cell(int row, int col, uint8_t *out)
+{
+    switch (col) {
+    case 0:
+    case 1:
+        put32(out, 0);
+        put32(out + 4, (uint32_t)row + 1);
+        return 8;
+    case 2: /* ts: 2025-01-01 in PostgreSQL microseconds */
+        put32(out, 0x0002CD98);
+        put32(out + 4, 0x7ED48000);
+        return 8;
+    case 3:
+        memcpy(out, "0190c0de-0000-7000-8000-000000000001", 36);
+        return 36;
+    default:
+        memcpy(out, "abc", 3);
+        return 3;
+    }
+}
+
+static int long_id_cell(int row, int col, uint8_t *out)
+{
+    if (col == 3) {
+        memset(out, 'a', 40);
+        return 40;
+    }
+    return good_event_cell(row, col, out);
+}
+
+static int null_session_cell(int row, int col, uint8_t *out)
+{
+    return col == 4 ? -1 : good_event_cell(row, col, out);
+}
+
+static int short_seq_cell(int row, int col, uint8_t *out)
+{
+    int l = good_event_cell(row, col, out);
+    return col == 1 ? 4 : l;
+}
+
+static int huge_ts_cell(int row, int col, uint8_t *out)
+{
+    if (col == 2) {
+        put32(out, 0x7FFFFFFF);
+        put32(out + 4, 0xFFFFFFFF);
+        return 8;
+    }
+    return good_event_cell(row, col, out);
+}
+
+static int neg_pos_cell(int row, int col, uint8_t *out)
+{
+    if (col == 0) {
+        put32(out, 0xFFFFFFFF);
+        put32(out + 4, 0xFFFFFFFF);
+        return 8;
+    }
+    return good_event_cell(row, col, out);
+}
+
+/* insert answers: (ord, position) */
+static int ins_good(int row, int col, uint8_t *out)
+{
+    put32(out, 0);
+    put32(out + 4, (uint32_t)(col == 0 ? row + 1 : 100 + row));
+    return 8;
+}
+static int ins_bad_ord(int row, int col, uint8_t *out)
+{
+    return ins_good(col == 0 ? 1 - row : row, col, out);
+}
+static int ins_short_pos(int row, int col, uint8_t *out)
+{
+    int l = ins_good(row, col, out);
+    return col == 1 ? 4 : l;
+}
+static int ins_zero_pos(int row, int col, uint8_t *out)
+{
+    if (col == 1) {
+        memset(out, 0, 8);
+        return 8;
+    }
+    return ins_good(row, col, out);
+}
+static int ins_null_ord(int row, int col, uint8_t *out)
+{
+    return col == 0 ? -1 : ins_good(row, col, out);
+}
+
+static int scalar_neg(int row, int col, uint8_t *out)
+{
+    return neg_pos_cell(row, col, out);
+}
+
+#define EV_TYPES {20, 20, 1184, 25, 17, 17, 17, 17, 17, 17, 17, 17}
+
+static void expect_err(int rc, const char *err, const char *want)
+{
+    assert_int_equal(rc, -1);
+    if (!strstr(err, want))
+        fail_msg("error \"%s\" does not say \"%s\"", err, want);
+}
+
+static void hostile_server_answers_are_refused(void **state)
+{
+    (void)state;
+    fake_pg f;
+    fake_start(&f);
+    char target[256], err[512];
+    snprintf(target, sizeof target,
+             "host=127.0.0.1 port=%d user=x dbname=y sslmode=disable gssencmode=disable connect_timeout=5", f.port);
+    void *st = NULL;
+    if (B->open(target, &st, err, sizeof err))
+        fail_msg("open against the fake server: %s", err);
+
+    dataset d = mk_dataset(2, 1, 1, BASE_TS);
+    static const answer ins_ok = {2, {20, 20}, 2, ins_good};
+    atomic_store(&f.insert, &ins_ok);
+    assert_int_equal(B->write_batch(st, d.r, 2, err, sizeof err), 0); /* the fake itself is right */
+    assert_int_equal(d.r[0].position, 100);
+    assert_int_equal(d.r[1].position, 101);
+    struct {
+        answer a;
+        const char *want;
+    } ins[] = {
+        {{2, {20, 20}, 3, ins_good}, "server returned 3 rows for 2 records"},
+        {{2, {20, 20}, 1, ins_good}, "server returned 1 rows for 2 records"},
+        {{3, {20, 20, 20}, 2, ins_good}, "server sent 3 columns, expected 2"},
+        {{2, {20, 25}, 2, ins_good}, "column 1 has type oid 25"},
+        {{2, {20, 20}, 2, ins_bad_ord}, "row 0 has ordinal 2"},
+        {{2, {20, 20}, 2, ins_short_pos}, "is NULL or not 8 bytes"},
+        {{2, {20, 20}, 2, ins_null_ord}, "is NULL or not 8 bytes"},
+        {{2, {20, 20}, 2, ins_zero_pos}, "server returned position 0"},
+    };
+    for (size_t i = 0; i < sizeof ins / sizeof ins[0]; i++) {
+        atomic_store(&f.insert, &ins[i].a);
+        err[0] = '\0';
+        expect_err(B->write_batch(st, d.r, 2, err, sizeof err), err, ins[i].want);
+    }
+
+    /* reads: one round trip (limit 5), and the cursor (no limit) */
+    static const answer good = {12, EV_TYPES, 5, good_event_cell};
+    atomic_store(&f.query, &good);
+    dx_ev_query q5 = {.limit = 5};
+    rows rs = query_ok(st, &q5);
+    assert_int_equal(rs.n, 5);
+    assert_int_equal(rs.rows[4].position, 5);
+    assert_int_equal(rs.rows[0].ts, INT64_C(1735689600000000)); /* 2025-01-01T00:00:00Z */
+    assert_string_equal(rs.rows[0].id, "0190c0de-0000-7000-8000-000000000001");
+    free(rs.rows);
+    struct {
+        answer a;
+        const char *want;
+    } qs[] = {
+        {{12, EV_TYPES, 6, good_event_cell}, "server sent 6 rows for a limit of 5"},
+        {{11, EV_TYPES, 5, good_event_cell}, "server sent 11 columns, expected 12"},
+        {{12, {20, 20, 20, 25, 17, 17, 17, 17, 17, 17, 17, 17}, 5, good_event_cell}, "column 2 has type oid 20"},
+        {{12, EV_TYPES, 5, long_id_cell}, "id of 40 bytes"},
+        {{12, EV_TYPES, 5, null_session_cell}, "column 4 is NULL"},
+        {{12, EV_TYPES, 5, short_seq_cell}, "is NULL or not 8 bytes"},
+        {{12, EV_TYPES, 5, huge_ts_cell}, "ts out of range"},
+        {{12, EV_TYPES, 5, neg_pos_cell}, "has position -1"},
+    };
+    for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++) {
+        atomic_store(&f.query, &qs[i].a);
+        rows r2 = {0};
+        err[0] = '\0';
+        expect_err(B->query(st, &q5, collect, &r2, err, sizeof err), err, qs[i].want);
+        free(r2.rows);
+    }
+    static const answer page_over = {12, EV_TYPES, 1001, good_event_cell};
+    atomic_store(&f.fetch, &page_over);
+    dx_ev_query all = {0};
+    rows r3 = {0};
+    expect_err(B->query(st, &all, collect, &r3, err, sizeof err), err, "server sent 1001 rows for a page of 1000");
+    assert_int_equal(r3.n, 0);
+    free(r3.rows);
+
+    /* scalars */
+    uint64_t v;
+    static const answer two = {1, {20}, 2, cell_int8_oid};
+    atomic_store(&f.scalar, &two);
+    expect_err(B->max_position(st, &v, err, sizeof err), err, "server sent 2 rows");
+    static const answer neg = {1, {20}, 1, scalar_neg};
+    atomic_store(&f.scalar, &neg);
+    expect_err(B->session_max_seq(st, "s", 1, &v, err, sizeof err), err, "negative value -1");
+    static const answer none = {1, {20}, 0, cell_int8_oid};
+    atomic_store(&f.scalar, &none);
+    expect_err(B->max_position(st, &v, err, sizeof err), err, "server sent 0 rows");
+
+    B->close(st);
+    free_dataset(&d);
+    fake_stop(&f);
+}
+
 static int drop_schemas(void **state)
 {
     (void)state;
@@ -964,6 +1449,7 @@ int main(void)
         cmocka_unit_test(snapshots_latest_at_or_before),
         cmocka_unit_test(expire_before_archives_then_deletes),
         cmocka_unit_test(bad_conninfo_is_a_clear_error),
+        cmocka_unit_test(hostile_server_answers_are_refused),
         cmocka_unit_test(nodes_share_one_database),
         cmocka_unit_test(reconnects_after_server_restart),
     };
