@@ -452,7 +452,7 @@ static void concurrent_duplicate_gets_the_stored_position(void **state)
     assert_int_equal(pthread_create(&t, NULL, race_writer, &r), 0);
     /* wait (bounded) until the writer blocks on the other transaction's row */
     int blocked = 0;
-    for (int i = 0; i < 1000 && !blocked; i++) {
+    for (int i = 0; i < 3000 && !blocked; i++) {
         blocked = atoi(sql1("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dspex_events'"
                             " AND wait_event_type = 'Lock'")) > 0;
         if (!blocked)

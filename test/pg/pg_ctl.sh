@@ -69,6 +69,8 @@ do_initdb() {
     rm -rf "$DATA"
     mkdir -p "$PGDIR"
     [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$PGDIR"
+    as_pg test -w "$PGDIR" -a -x "$PGDIR" ||
+        die "the server's user cannot write $PGDIR (is every parent directory searchable by it?); set DX_PG_DIR"
     as_pg "$BIN/initdb" -D "$DATA" -U postgres -A trust -E UTF8 --locale=C -N >"$PGDIR/initdb.log" 2>&1 ||
         { cat "$PGDIR/initdb.log" >&2; die "initdb failed"; }
     echo "include 'dspex.conf'" | as_pg sh -c "cat >> '$DATA/postgresql.conf'"
