@@ -1,6 +1,7 @@
 /* Event store, PostgreSQL backend: events/s written with one event per transaction vs
  * batches of 100 and 1000 (every commit durable: synchronous_commit = on, fsync as the
- * server is configured), then events/s read back through a query.
+ * server is configured), then events/s read back through a query. The floor: bare
+ * one-row INSERT commits on a connection of its own, timed in the same rounds.
  *
  * Needs DX_PG_URL (libpq conninfo); `make bench-events-pg` starts a throwaway server
  * and sets it. DX_BENCH_SCALE=N divides the event counts by N.
@@ -144,6 +145,15 @@ int main(void)
     static const uint8_t meta[] = {131, 't', 0, 0, 0, 1, 'w', 6, 's', 'o', 'u', 'r', 'c', 'e', 'm', 0, 0, 0, 3, 'o', 'p', 't'};
     memcpy(g.meta, meta, sizeof meta);
 
+    /* the floor: a bare one-row INSERT committed durably, on a connection of its own */
+    PGconn *floor_c = PQconnectdb(target);
+    if (PQstatus(floor_c) != CONNECTION_OK)
+        die("connect", PQerrorMessage(floor_c));
+    PQsetNoticeProcessor(floor_c, no_notices, NULL);
+    PQclear(PQexec(floor_c, "SET synchronous_commit = on"));
+    PQclear(PQexec(floor_c, "CREATE TABLE dx_bench_floor (v bigint)"));
+    double floor_rate[ROUNDS];
+
     const size_t sizes[3] = {1, 100, 1000};
     const size_t events[3] = {600, 20000, 50000}; /* per round */
     double rate[3][ROUNDS];
@@ -155,7 +165,21 @@ int main(void)
 
     printf("events_pg_bench: PostgreSQL %d, fsync=%s, synchronous_commit (session)=on, wal_sync_method=%s\n",
            PQserverVersion(admin), setting(admin, "fsync"), setting(admin, "wal_sync_method"));
-    for (int round = 0; round < ROUNDS; round++)
+    for (int round = 0; round < ROUNDS; round++) {
+        size_t nf = events[0] / (size_t)scale;
+        if (nf < 1)
+            nf = 1;
+        double f0 = now_s();
+        for (size_t i = 0; i < nf; i++) {
+            PGresult *r = PQexec(floor_c, "INSERT INTO dx_bench_floor VALUES (1)");
+            if (PQresultStatus(r) != PGRES_COMMAND_OK)
+                die("floor insert", PQresultErrorMessage(r));
+            PQclear(r);
+        }
+        double fdt = now_s() - f0;
+        floor_rate[round] = (double)nf / fdt;
+        printf("  round %d, bare INSERT commits: %6zu in %.3f s = %9.0f commits/s (%.3f ms each)\n", round + 1, nf, fdt,
+               floor_rate[round], fdt * 1e3 / (double)nf);
         for (int k = 0; k < 3; k++) {
             size_t n = events[k] / (size_t)scale, b = sizes[k];
             if (n < b)
@@ -173,6 +197,7 @@ int main(void)
             printf("  round %d, batch %4zu: %6zu events in %.3f s = %9.0f events/s (%.3f ms per batch)\n", round + 1,
                    b, n, dt, rate[k][round], dt * 1e3 / (double)(n / b));
         }
+    }
     double med[3];
     for (int k = 0; k < 3; k++) {
         qsort(rate[k], ROUNDS, sizeof(double), cmp_double);
@@ -181,6 +206,10 @@ int main(void)
     printf("events_pg_bench: median events/s: batch 1 = %.0f, batch 100 = %.0f, batch 1000 = %.0f\n", med[0], med[1],
            med[2]);
     printf("events_pg_bench: batch 100 vs 1 = %.1fx, batch 1000 vs 1 = %.1fx\n", med[1] / med[0], med[2] / med[0]);
+    qsort(floor_rate, ROUNDS, sizeof(double), cmp_double);
+    printf("events_pg_bench: batch 1 vs a bare one-row INSERT commit (%.0f/s) = %.2fx\n", floor_rate[ROUNDS / 2],
+           med[0] / floor_rate[ROUNDS / 2]);
+    PQfinish(floor_c);
 
     /* read everything back through the cursor path */
     dx_ev_query all = {0};
