@@ -321,15 +321,22 @@ static const char INSERT_SQL[] =
     " FROM v CROSS JOIN l ORDER BY v.ord"
     " ON CONFLICT (session, sequence) DO NOTHING"
     " RETURNING e.session, e.sequence, e.position"
-    ") SELECT v.ord, COALESCE(ins.position, old.position)"
+    ") SELECT v.ord, COALESCE(ins.position,"
+    "  (SELECT o.position FROM dspex_events o WHERE o.session = v.session AND o.sequence = v.sequence))"
     " FROM v LEFT JOIN ins ON ins.session = v.session AND ins.sequence = v.sequence"
-    " LEFT JOIN dspex_events old ON old.session = v.session AND old.sequence = v.sequence"
     " ORDER BY v.ord";
 
 static const Oid INSERT_TYPES[13] = {OID_BYTEA_ARRAY, OID_INT8_ARRAY,  OID_TIMESTAMPTZ_ARRAY, OID_TEXT_ARRAY,
                                      OID_BYTEA_ARRAY, OID_BYTEA_ARRAY, OID_BYTEA_ARRAY,       OID_BYTEA_ARRAY,
                                      OID_BYTEA_ARRAY, OID_BYTEA_ARRAY, OID_BYTEA_ARRAY,       OID_INT4,
                                      OID_INT4};
+
+/* The stored position of a skipped record is looked up by a correlated subquery, run
+ * only for the records the INSERT skipped: it can only be an index probe of
+ * (session, sequence). A join with dspex_events here would let the cached generic plan
+ * of the prepared statement, made while the table was small, keep a sequential scan of
+ * the whole table for every batch as the table grows (measured: a one-record batch
+ * went from 3 ms to 65 ms at 200 000 events). */
 
 /* Per-connection set-up: durable commits, the append lock's key, the prepared insert. */
 static int setup_session(pg_st *s, char *err, size_t errlen)
