@@ -10,11 +10,11 @@ export CI
 APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools erlang-tools \
              erlang-parsetools erlang-edoc rebar3 erlang-inets \
              pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev \
-             libsqlite3-dev
+             libsqlite3-dev libpq-dev
 APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf \
                  clang libclang-rt-14-dev
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
-             libcmocka-dev valgrind clang libclang-rt-14-dev elixir erlang-dialyzer
+             libcmocka-dev valgrind clang libclang-rt-14-dev elixir erlang-dialyzer postgresql
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
@@ -74,7 +74,8 @@ remsh:
 stop:
 	@$(RUN_ENV) exec bin/dspex_bridge stop
 
-test: deps-test deps-cluster compile dialyzer test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python test-run
+test: deps-test deps-cluster compile dialyzer test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python test-run \
+      test-events-pg
 	@echo "==> all test suites passed"
 
 # Success typing of src/ (zero warnings); the PLT is built once, then cached.
@@ -154,10 +155,30 @@ bench: compile
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_events_bench:main(), halt().'
 	$(MAKE) bench-grpc
+	$(MAKE) bench-events-pg
 
 # GetVariable round trips/s through our bridge vs a plain python3-grpcio server.
 bench-grpc: compile python-stubs
 	$(PYTHON) bench/grpc_bench.py
+
+# Event store, PostgreSQL backend (c_src/events/pg.c): a throwaway PostgreSQL 15 server
+# under _build/pg (test/pg/pg_ctl.sh: 127.0.0.1, a free port), the backend's cmocka tests
+# against it (plain, ASan+UBSan, valgrind) or its benchmark, then the server is stopped
+# and its data deleted, also when a test fails.
+.PHONY: test-events-pg bench-events-pg
+PG_CTL := $(CURDIR)/test/pg/pg_ctl.sh
+define with_pg
+	@$(PG_CTL) start
+	@url=$$($(PG_CTL) url dx_events_test) && DX_PG_URL="$$url" DX_PG_CTL=$(PG_CTL) $(1); \
+	  rc=$$?; $(PG_CTL) stop; exit $$rc
+endef
+
+test-events-pg: deps-test
+	$(call with_pg,$(MAKE) -C c_src test-pg test-pg-asan test-pg-valgrind)
+
+# events/s with one event per transaction vs batches of 100 and 1000 (durable commits)
+bench-events-pg: deps-test
+	$(call with_pg,$(MAKE) -C c_src bench-pg)
 
 docs: compile
 	$(REBAR3) edoc
