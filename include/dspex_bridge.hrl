@@ -78,6 +78,8 @@
 -define(DSPEX_GRPC_OVERLOAD, [dspex, grpc, overload]).
 %% Ev: start | exit | give_up
 -define(DSPEX_GRPC_PORT(Ev), [dspex, grpc, port, Ev]).
+%% Ev: written (a batch reached the backend) | error (the backend refused it)
+-define(DSPEX_EVENTS_LOG(Ev), [dspex, events, Ev]).
 
 %% Every event above, each operation spelt out.
 -define(DSPEX_EVENTS,
@@ -96,6 +98,7 @@
                                 Ev__ <- [start, stop, exception]]
         ++ [?DSPEX_CLUSTER_UNDRAIN_STOP, ?DSPEX_CLUSTER_VIEW_CHANGE, ?DSPEX_CLUSTER_LEASE_LOST,
             ?DSPEX_GRPC_RPC_STOP, ?DSPEX_GRPC_CANCELLED, ?DSPEX_GRPC_OVERLOAD,
-            ?DSPEX_GRPC_PORT(start), ?DSPEX_GRPC_PORT(exit), ?DSPEX_GRPC_PORT(give_up)]).
+            ?DSPEX_GRPC_PORT(start), ?DSPEX_GRPC_PORT(exit), ?DSPEX_GRPC_PORT(give_up),
+            ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]).
 
 -endif.
