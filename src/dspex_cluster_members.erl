@@ -20,7 +20,8 @@
 
 -type view() :: #{gen := pos_integer(), nodes := [node()], live := [node()], eligible := [node()],
                   draining := [node()], overrides := #{binary() => node()}, quorum := boolean(),
-                  replicas := non_neg_integer(), replication := sync | async, backend := module()}.
+                  replicas := non_neg_integer(), replication := sync | async, backend := module(),
+                  read := any | majority, route_deadline_ms := pos_integer()}.
 -export_type([view/0]).
 
 %% @doc Starts the membership server with the normalised cluster configuration.
@@ -124,7 +125,8 @@ publish(#{config := C, pids := P, draining := D, overrides := O, gen := G} = St,
     Backend = maps:get(backend, C),
     V0 = #{gen => G + 1, nodes => Nodes, live => Live, eligible => Live -- D, draining => D,
            overrides => O, replicas => maps:get(replicas, C), replication => maps:get(replication, C),
-           backend => Backend},
+           backend => Backend, read => maps:get(read, C, any),
+           route_deadline_ms => maps:get(route_deadline_ms, C, 8000)},
     Old = persistent_term:get(?VIEW, undefined),
     V = V0#{quorum => Backend:quorum(V0)},
     case not Force andalso Old =/= undefined andalso maps:remove(gen, Old) =:= maps:remove(gen, V) of

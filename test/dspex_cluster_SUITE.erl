@@ -12,10 +12,12 @@
          migrate_and_drain_under_load/1, locks_released_and_old_token_rejected_after_failover/1,
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1,
          no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1,
-         graph_acl_locks_and_watches_reach_the_owner/1, watch_is_lost_once_when_the_session_migrates/1]).
+         graph_acl_locks_and_watches_reach_the_owner/1, watch_is_lost_once_when_the_session_migrates/1,
+         failover_converges_when_the_new_owner_lags/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
+-export([events_start/2, events_get/1, forward_event/4]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
 
 all() ->
@@ -23,7 +25,8 @@ all() ->
      migrate_and_drain_under_load, locks_released_and_old_token_rejected_after_failover,
      async_replication_converges, rendezvous_is_stable_and_spreads,
      no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner,
-     graph_acl_locks_and_watches_reach_the_owner, watch_is_lost_once_when_the_session_migrates].
+     graph_acl_locks_and_watches_reach_the_owner, watch_is_lost_once_when_the_session_migrates,
+     failover_converges_when_the_new_owner_lags].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -168,6 +171,28 @@ resolve(#{s := S, i := I, ver := Ver, log := Log, acked := A} = St, Cur, T) ->
         Other ->
             St#{log := [{read_error, Other, T} | Log]}
     end.
+
+%% A registered process on a peer that collects the telemetry events named.
+events_start(Name, Events) ->
+    Pid = spawn(fun() -> events_loop([]) end),
+    register(Name, Pid),
+    ok = dspex_telemetry:attach_many({ct_events, Name}, Events, fun ?MODULE:forward_event/4, Pid),
+    ok.
+
+forward_event(Event, Measurements, Meta, Pid) ->
+    Pid ! {event, Event, Measurements, Meta},
+    ok.
+
+events_loop(Acc) ->
+    receive
+        {event, E, M, Meta} -> events_loop([{E, M, Meta} | Acc]);
+        {get, From} -> From ! {events, lists:reverse(Acc)}, events_loop(Acc)
+    end.
+
+%% The events collected so far, in order.
+events_get(Name) ->
+    Name ! {get, self()},
+    receive {events, L} -> L end.
 
 catch_apply(M, F, A) ->
     try erlang:apply(M, F, A) catch Class:Reason -> {caught, Class, Reason} end.
@@ -693,4 +718,42 @@ watch_is_lost_once_when_the_session_migrates(Config) ->
     ?assertEqual(ok, peer:call(peer_of(Owner, Peers), dspex_store, unwatch, [Ref3])),
     ?assertMatch({ok, #{watchers := M}} when M =:= N - 1, peer:call(PW, dspex_cluster, local_apply, [info, [S, x]])),
     ?assertEqual(ok, peer:call(PA, dspex_store, unwatch, [Ref3])),   % idempotent
+    Config.
+
+%% Issue #14: the replica that is to become the owner learns of the owner's
+%% death after the client's node does (its membership server is suspended):
+%% meanwhile it answers that the dead node is the owner. The routing must not
+%% wait for a view change of its own that already happened (it used to, until
+%% the deadline: 8 s, then `{unavailable, owner_down}'): with a routing
+%% deadline of 2 s, the first write after the kill succeeds once the lagging
+%% view catches up.
+failover_converges_when_the_new_owner_lags(Config) ->
+    Peers = start_cluster("dspex_lag", #{replicas => 1, replication => sync, route_deadline_ms => 2000}),
+    put(peers, Peers),
+    S = <<"lag_s">>,
+    [{_, PA} | _] = Peers,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    [{_, PC}] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner, Rep])],
+    PR = peer_of(Rep, Peers),
+    ?assertEqual({ok, 1}, peer:call(PC, dspex_store, set, [S, x, 1])),
+    ok = peer:call(PC, ?MODULE, events_start, [ct_route, [[dspex, cluster, route, retry]]]),
+    ok = peer:call(PR, sys, suspend, [dspex_cluster_members]),
+    ok = kill_node(Owner, Peers),
+    %% the client's node knows; the replica's view still names the dead owner
+    ok = wait_until(fun() -> not lists:member(Owner, live(PC)) end, 10000, client_view_updated),
+    ?assert(lists:member(Owner, live(PR))),
+    ok = peer:call(PC, ?MODULE, spawn_call, [lag_w, dspex_store, set, [S, x, 2]]),
+    %% the write was sent back toward the dead node at least once ...
+    ok = wait_until(fun() -> [] =/= [M || {_, _, #{reason := redirect, node := N} = M}
+                                                <- peer:call(PC, ?MODULE, events_get, [ct_route]), N =:= Owner]
+                    end, 10000, redirected_to_the_dead_owner),
+    %% ... then the replica's view catches up
+    ok = peer:call(PR, sys, resume, [dspex_cluster_members]),
+    ?assertEqual({ok, 2}, peer:call(PC, ?MODULE, await_result, [lag_w, 30000])),
+    ?assertEqual({ok, Rep}, peer:call(PC, dspex_cluster, owner_of, [S])),
+    ?assertEqual({2, 2}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    Hops = length(peer:call(PC, ?MODULE, events_get, [ct_route])),
+    ct:pal("first write after the kill: ~p routing retries", [Hops]),
     Config.
