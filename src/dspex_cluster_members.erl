@@ -133,6 +133,13 @@ publish(#{config := C, pids := P, draining := D, overrides := O, gen := G} = St,
         true -> St;
         false ->
             persistent_term:put(?VIEW, V),
+            %% nodes joined (a partition healed, a node came back): settle the
+            %% ownership of the sessions this node believes it owns now, not on
+            %% their next access (see dspex_cluster_keeper)
+            case Old =/= undefined andalso Live -- maps:get(live, Old) of
+                [_ | _] -> gen_server:cast(dspex_cluster_keeper, reconcile);
+                _ -> ok
+            end,
             dspex_telemetry:execute([dspex, cluster, view, change], #{count => length(Live)},
                                     #{gen => G + 1, live => Live, draining => D, quorum => maps:get(quorum, V)}),
             St#{gen := G + 1}

@@ -24,6 +24,8 @@
 
 -define(POOL, 8).
 -define(RPC_TIMEOUT, 5000).
+-define(RECONCILE_ATTEMPTS, 6).
+-define(RECONCILE_BACKOFF_MS, 50).
 
 %% @doc Starts writer `I' of the pool.
 -spec start_link(non_neg_integer()) -> {ok, pid()} | {error, term()}.
@@ -101,9 +103,15 @@ handle_cast({expired, S}, St) ->
         _ -> ok
     end,
     {noreply, St};
+handle_cast({reconcile, S, Attempt}, St) ->
+    reconcile(S, Attempt),
+    {noreply, St};
 handle_cast(_, St) -> {noreply, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info({reconcile, S, Attempt}, St) ->
+    reconcile(S, Attempt),
+    {noreply, St};
 handle_info({need_full, S, Node}, St) ->
     %% an async replica missed a change: send it the whole session
     case dspex_cluster_replica:row(S) of
@@ -120,6 +128,19 @@ handle_info({need_full, S, Node}, St) ->
 handle_info(_, St) -> {noreply, St}.
 
 %%% ownership ---------------------------------------------------------------------
+
+%% After nodes joined (see dspex_cluster_keeper): re-establish the session
+%% here if this node owns it under the current view. A takeover that cannot
+%% finish yet (this node's view still lacks a quorum, a member did not
+%% answer) is tried again a few times, 50 ms, 100 ms ... 1.6 s later; past
+%% that the next access settles it.
+reconcile(S, Attempt) ->
+    case ensure(S, dspex_cluster_members:view()) of
+        {error, Why} when Attempt < ?RECONCILE_ATTEMPTS, Why =:= no_quorum orelse element(1, Why) =:= retry ->
+            erlang:send_after(?RECONCILE_BACKOFF_MS bsl Attempt, self(), {reconcile, S, Attempt + 1}),
+            ok;
+        _ -> ok
+    end.
 
 ensure(S, #{gen := Gen, backend := Backend} = V) ->
     case Backend:quorum(V) andalso owners(S, V) of

@@ -17,7 +17,7 @@
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
--export([events_start/2, events_get/1, forward_event/4]).
+-export([events_start/2, events_get/1, forward_event/4, read_as/4]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
 
 all() ->
@@ -171,6 +171,13 @@ resolve(#{s := S, i := I, ver := Ver, log := Log, acked := A} = St, Cur, T) ->
         Other ->
             St#{log := [{read_error, Other, T} | Log]}
     end.
+
+%% A read in read mode `Mode' and what it was served from (peer:call runs it
+%% in a process of its own, so the mode is this call's only).
+read_as(Mode, M, F, A) ->
+    _ = dspex_cluster:read_mode(Mode),
+    R = (catch erlang:apply(M, F, A)),
+    {R, dspex_cluster:last_read()}.
 
 %% A registered process on a peer that collects the telemetry events named.
 events_start(Name, Events) ->
@@ -328,12 +335,30 @@ minority_refuses_writes_and_heals(Config) ->
     [?assertEqual({error, no_quorum}, peer:call(PC, dspex_store, set, [S, x, 100])) || S <- Ss],
     [?assertMatch({ok, 1}, peer:call(PA, dspex_store, set, [S, x, 2])) || S <- Ss],
     ?assertEqual({error, no_quorum}, peer:call(PC, dspex_store, create_session, [<<"part_new">>])),
+    %% reads: the minority serves its copy marked stale, or refuses in majority
+    %% mode; the majority serves the current value
+    HeldByC = [S || S <- Ss, peer:call(PC, ?MODULE, node_state, [S, <<"x">>]) =:= {1, 0}],
+    ?assertNotEqual([], HeldByC),
+    [begin
+         ?assertMatch({{ok, 1}, #{status := stale, node := C, reason := no_quorum}},
+                      peer:call(PC, ?MODULE, read_as, [any, dspex_store, get_value, [S, x]])),
+         ?assertMatch({{error, no_quorum}, _}, peer:call(PC, ?MODULE, read_as, [majority, dspex_store, get_value, [S, x]])),
+         ?assertMatch({{error, no_quorum}, _}, peer:call(PC, ?MODULE, read_as, [majority, dspex_graph, dependencies, [S, x]]))
+     end || S <- HeldByC],
+    [?assertMatch({{ok, 2}, #{status := current}},
+                  peer:call(PB, ?MODULE, read_as, [majority, dspex_store, get_value, [S, x]])) || S <- Ss],
     N1 = Count(),
     ok = wait_until(fun() -> Count() >= N1 + 200 end, 30000, load_during_partition),
     %% heal
     [peer:call(P, erlang, set_cookie, [N, dspex_ct]) || {P, N} <- [{PC, A}, {PC, B}, {PA, C}, {PB, C}]],
     Nodes = [A, B, C],
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers) end, 20000, healed),
+    %% ownership settles on the heal, not on access: no session (the Ss are not
+    %% touched here) stays listed as owned on two nodes
+    All = lists:sort([Load | Ss]),
+    Listed = fun() -> lists:sort([X || {_, P} <- Peers, X <- peer:call(P, dspex_cluster, owned_sessions, []),
+                                       lists:member(X, All)]) end,
+    ok = wait_until(fun() -> Listed() =:= All end, 20000, one_owner_listed_per_session),
     N2 = Count(),
     ok = wait_until(fun() -> Count() >= N2 + 200 end, 30000, load_after_heal),
     Log = peer:call(PA, ?MODULE, client_stop, []),
