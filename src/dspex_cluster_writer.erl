@@ -118,8 +118,11 @@ handle_info({need_full, S, Node}, St) ->
         {S, E, Seq, Me, Reps, _, _} when Me =:= node() ->
             case lists:member(Node, Reps) of
                 true ->
-                    {ok, Exp, _, _} = dspex_cluster_replica:export(S),
-                    gen_server:cast({dspex_cluster_replica:name(S), Node}, {install, S, E, Seq, node(), Exp});
+                    case dspex_cluster_replica:export(S) of
+                        {ok, Exp, _, _} ->
+                            gen_server:cast({dspex_cluster_replica:name(S), Node}, {install, S, E, Seq, node(), Exp});
+                        {error, timeout} -> ok   % the replica asks again after the next change
+                    end;
                 false -> ok
             end;
         _ -> ok
@@ -159,17 +162,29 @@ ensure(S, #{gen := Gen, backend := Backend} = V) ->
             end
     end.
 
-takeover(S, Reps, #{live := Live, gen := Gen, backend := Backend} = V) ->
+takeover(S, Reps, #{live := Live} = V) ->
+    case dspex_cluster_replica:state(S) of
+        {error, timeout} -> {error, {retry, replica_unavailable}};
+        Here -> takeover(S, Reps, V, Here, Live -- [node()])
+    end.
+
+takeover(S, Reps, #{gen := Gen, backend := Backend} = V, {E0, Seq0, F0, Present0}, Others) ->
     T0 = erlang:monotonic_time(),
-    Others = Live -- [node()],
-    {E0, Seq0, F0, Present0} = dspex_cluster_replica:state(S),
     States = [St || {ok, St} <- erpc:multicall(Others, dspex_cluster_replica, state, [S], ?RPC_TIMEOUT)],
     Proposed = 1 + lists:max([E0, F0 | [max(E, F) || {E, _, F, _} <- States]]),
     case Backend:claim(S, Proposed, V) of
         {ok, Epoch} ->
             Fenced = lists:zip(Others, erpc:multicall(Others, dspex_cluster_replica, fence, [S, Epoch], ?RPC_TIMEOUT)),
+            Unfenced = [N || {N, R} <- Fenced, not is_fenced(R)],
             case [N || {N, {ok, {error, {stale_epoch, _}}}} <- Fenced] of
                 [_ | _] -> {error, {retry, contended}};
+                [] when Unfenced =/= [] ->
+                    %% a live member did not confirm the fence (no answer in
+                    %% time, or the connection is gone while the view still
+                    %% lists it): it might hold the newest copy, or still take
+                    %% the old owner's changes; retried until it answers or
+                    %% the view drops it
+                    {error, {retry, replica_unavailable}};
                 [] ->
                     %% this node's own replica role must refuse the old owner too
                     dspex_cluster_replica:put_row(setelement(7, dspex_cluster_replica:row(S), Epoch)),
@@ -185,6 +200,9 @@ takeover(S, Reps, #{live := Live, gen := Gen, backend := Backend} = V) ->
             {error, {retry, contended}};
         {error, _} = Err -> Err
     end.
+
+is_fenced({ok, {ok, {_, _, _}}}) -> true;
+is_fenced(_) -> false.
 
 finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
     {Seq, Got} = case lists:reverse(lists:sort(Copies)) of

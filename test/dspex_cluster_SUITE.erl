@@ -13,7 +13,7 @@
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1,
          no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1,
          graph_acl_locks_and_watches_reach_the_owner/1, watch_is_lost_once_when_the_session_migrates/1,
-         failover_converges_when_the_new_owner_lags/1]).
+         failover_converges_when_the_new_owner_lags/1, stuck_servers_end_calls_with_documented_errors/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
@@ -26,7 +26,7 @@ all() ->
      async_replication_converges, rendezvous_is_stable_and_spreads,
      no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner,
      graph_acl_locks_and_watches_reach_the_owner, watch_is_lost_once_when_the_session_migrates,
-     failover_converges_when_the_new_owner_lags].
+     failover_converges_when_the_new_owner_lags, stuck_servers_end_calls_with_documented_errors].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -781,4 +781,40 @@ failover_converges_when_the_new_owner_lags(Config) ->
     ?assertEqual({2, 2}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
     Hops = length(peer:call(PC, ?MODULE, events_get, [ct_route])),
     ct:pal("first write after the kill: ~p routing retries", [Hops]),
+    Config.
+
+%% Issue #14: no call of the cluster waits forever on a server that does not
+%% answer. The owner's lock server suspended: a lock call from another node is
+%% `{error, {retry, timeout}}' (it used to wait with `infinity'). The owner's
+%% own replica process suspended while a write makes it take over: the write
+%% ends with `{error, {unavailable, replica_unavailable}}' at the routing
+%% deadline, and the owner's writer is free again (it used to wait forever).
+stuck_servers_end_calls_with_documented_errors(Config) ->
+    Peers = start_cluster("dspex_stuck", #{replicas => 1, replication => sync, route_deadline_ms => 2000}),
+    put(peers, Peers),
+    S = <<"stuck_s">>,
+    [{_, PA} | _] = Peers,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    [{_, PC}] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner, Rep])],
+    PO = peer_of(Owner, Peers),
+    %% the lock server
+    ok = peer:call(PO, sys, suspend, [dspex_locks]),
+    ok = peer:call(PC, ?MODULE, spawn_call, [stuck_lock, dspex_locks, status, [S, x]]),
+    ?assertEqual({error, {retry, timeout}}, peer:call(PC, ?MODULE, await_result, [stuck_lock, 60000], 70000)),
+    ok = peer:call(PO, sys, resume, [dspex_locks]),
+    ?assertMatch({ok, #{locked := false}}, peer:call(PC, dspex_locks, status, [S, x])),
+    %% the owner's replica process, asked first by a takeover (a new view
+    %% generation on the owner makes the next write take over)
+    RName = dspex_cluster_replica:name(S),
+    ok = peer:call(PO, sys, suspend, [RName]),
+    ok = peer:call(PO, dspex_cluster_members, bump, []),
+    ok = peer:call(PC, ?MODULE, spawn_call, [stuck_w, dspex_store, set, [S, x, 1]]),
+    ?assertEqual({error, {unavailable, replica_unavailable}},
+                 peer:call(PC, ?MODULE, await_result, [stuck_w, 60000], 70000)),
+    ?assertMatch({status, _, _, _}, peer:call(PO, sys, get_status, [dspex_cluster_writer:name(S), 5000])),
+    ok = peer:call(PO, sys, resume, [RName]),
+    ?assertEqual({ok, 1}, peer:call(PC, dspex_store, set, [S, x, 1])),
+    ?assertEqual({1, 1}, peer:call(peer_of(Rep, Peers), ?MODULE, node_state, [S, <<"x">>])),
     Config.
