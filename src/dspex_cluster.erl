@@ -7,6 +7,8 @@
 %%   replicas => 1,                             % R (default 1)
 %%   replication => sync | async,               % default sync
 %%   backend => static | etcd,                  % ownership backend (default static)
+%%   read => any | majority,                    % reads without a quorum: served marked stale, or refused
+%%   route_deadline_ms => 8000,                 % how long routing retries a call
 %%   etcd => #{endpoint => "http://127.0.0.1:2379", ttl => 2}}
 %% '''
 %% Without it (the default) nothing here runs and `dspex_store', `dspex_graph',
@@ -25,7 +27,10 @@
 %% change ships the whole session (export/import carries the dependencies, the
 %% rules and the derive functions): simple, and these changes are rare.</li>
 %% <li>`read' (every other call on a session): runs on the owner, through
-%% `erpc' from other nodes.</li>
+%% `erpc' from other nodes, on its copy once settled; a node without a quorum
+%% serves its copy marked stale (`last_read/0'), or refuses with `{error,
+%% no_quorum}' in `majority' read mode (`read_mode/1', or `read' in the
+%% configuration).</li>
 %% <li>`call' (`dspex_graph:define_derived', watches): runs on the owner node
 %% with routing still on, so the writes it makes go through the writer (the
 %% propagator of a session lives on its owner).</li>
@@ -42,9 +47,14 @@
 %% `replica_unavailable', `fenced', `timeout' (the write may or may not have
 %% been committed: retry it, with `expected_version' to make the retry
 %% idempotent), `{error, {unavailable, Why}}' (no owner reachable before the
-%% routing deadline; nothing was written). Redirects between nodes whose views
-%% differ for a moment, and takeovers that collide, are retried inside
-%% `route/4' and are never seen by callers.
+%% routing deadline, `route_deadline_ms'; nothing was written). Redirects
+%% between nodes whose views differ for a moment, and takeovers that collide,
+%% are retried inside `route/4' (each hop emits `[dspex, cluster, route,
+%% retry]') and are never seen by callers. A redirect to a node this node
+%% already saw leave (the redirecting node's view lags) is routed again by
+%% this node's view, so routing converges as soon as the lagging view catches
+%% up. Every call is bounded (see `call_server/3' for the one exception: a lock
+%% acquire asked to wait without limit).
 -module(dspex_cluster).
 
 -export([settle_replicas_of/1,
