@@ -44,13 +44,13 @@ main() ->
                [K, round(V), round(proplists:get_value(K, OtherOps)), proplists:get_value(K, OtherOps) / V])
      || {K, V} <- OwnerOps],
     Times = [failover_once("dspex_fo" ++ integer_to_list(I), 0) || I <- lists:seq(1, 3)],
-    io:format("  failover (owner kill -9 -> first acknowledged write), 3 runs: ~p ms, median ~p ms~n",
+    io:format("  failover (owner kill -9 -> first acknowledged write), 3 runs: ~w ms, median ~w ms~n",
               [Times, lists:nth(2, lists:sort(Times))]),
     %% the property the cluster suite no longer asserts as a time: routing
     %% converges within ms of the last lagging view catching up (it used to
     %% wait for the 8 s routing deadline when the new owner's view lagged)
     Lagged = [failover_once("dspex_fl" ++ integer_to_list(I), ?LAG_MS) || I <- lists:seq(1, 3)],
-    io:format("  failover, the new owner's membership ~b ms late, 3 runs: ~p ms, median ~p ms "
+    io:format("  failover, the new owner's membership ~b ms late, 3 runs: ~w ms, median ~w ms "
               "(~b ms is the lag itself)~n", [?LAG_MS, Lagged, lists:nth(2, lists:sort(Lagged)), ?LAG_MS]),
     ok.
 
