@@ -13,7 +13,8 @@
          async_replication_converges/1, rendezvous_is_stable_and_spreads/1,
          no_configuration_means_no_routing/1, replica_copies_live_and_expire_with_the_owner/1,
          graph_acl_locks_and_watches_reach_the_owner/1, watch_is_lost_once_when_the_session_migrates/1,
-         failover_converges_when_the_new_owner_lags/1, stuck_servers_end_calls_with_documented_errors/1]).
+         failover_converges_when_the_new_owner_lags/1, stuck_servers_end_calls_with_documented_errors/1,
+         configuration_is_validated_and_read_mode_is_per_process/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_more/1, client_loop/1, client_count/0, client_stop/0, node_state/2, catch_apply/3]).
@@ -26,7 +27,8 @@ all() ->
      async_replication_converges, rendezvous_is_stable_and_spreads,
      no_configuration_means_no_routing, replica_copies_live_and_expire_with_the_owner,
      graph_acl_locks_and_watches_reach_the_owner, watch_is_lost_once_when_the_session_migrates,
-     failover_converges_when_the_new_owner_lags, stuck_servers_end_calls_with_documented_errors].
+     failover_converges_when_the_new_owner_lags, stuck_servers_end_calls_with_documented_errors,
+     configuration_is_validated_and_read_mode_is_per_process].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -824,3 +826,28 @@ stuck_servers_end_calls_with_documented_errors(Config) ->
     ?assertEqual({ok, 1}, peer:call(PC, dspex_store, set, [S, x, 1])),
     ?assertEqual({1, 1}, peer:call(peer_of(Rep, Peers), ?MODULE, node_state, [S, <<"x">>])),
     Config.
+
+%% Local (no peers): the new options are checked and normalised; the read
+%% mode is the calling process's own and returns the previous setting.
+configuration_is_validated_and_read_mode_is_per_process(_Config) ->
+    Conf = fun(C) -> ok = application:set_env(dspex_bridge, cluster, C), dspex_cluster_sup:config() end,
+    try
+        ?assertMatch(#{read := any, route_deadline_ms := 8000}, Conf(#{nodes => [node()]})),
+        ?assertMatch(#{read := majority, route_deadline_ms := 500},
+                     Conf(#{nodes => [node()], read => majority, route_deadline_ms => 500})),
+        ?assertEqual({error, {invalid_argument, read}}, Conf(#{read => sometimes})),
+        ?assertEqual({error, {invalid_argument, route_deadline_ms}}, Conf(#{route_deadline_ms => 0})),
+        ?assertEqual({error, {invalid_argument, route_deadline_ms}}, Conf(#{route_deadline_ms => infinity}))
+    after
+        application:unset_env(dspex_bridge, cluster)
+    end,
+    ?assertEqual(default, dspex_cluster:read_mode(majority)),
+    ?assertEqual(majority, dspex_cluster:read_mode(any)),
+    ?assertEqual(any, dspex_cluster:read_mode(default)),
+    ?assertEqual(default, dspex_cluster:read_mode(default)),
+    ?assertError(function_clause, dspex_cluster:read_mode(sometimes)),
+    Parent = self(),
+    _ = dspex_cluster:read_mode(majority),
+    spawn(fun() -> Parent ! {mode, dspex_cluster:read_mode(default)} end),
+    ?assertEqual(default, receive {mode, M} -> M end),
+    ?assertEqual(undefined, dspex_cluster:last_read()).
