@@ -233,6 +233,14 @@ check_history(Log) ->
     ?assertEqual(Es, lists:sort(Es)),
     Acked.
 
+%% The longest pauses between two acknowledged writes: [{Ms, N}] where N
+%% writes had been acknowledged before the pause (for the logs).
+gaps(Log, Top) ->
+    Ts = [T || {K, _, _, _, T} <- Log, K =:= ok],
+    Gs = [{(B - A) div 1000, I} || {{A, B}, I} <- lists:zip(lists:zip(lists:droplast(Ts), tl(Ts)),
+                                                          lists:seq(1, max(0, length(Ts) - 1)))],
+    lists:sublist(lists:reverse(lists:sort(Gs)), Top).
+
 %% Longest pause between two acknowledged writes, in ms.
 max_gap(Log) ->
     Ts = [T || {K, _, _, _, T} <- Log, K =:= ok],
@@ -294,7 +302,9 @@ run_kill_test(Peers, _Config) ->
     Gap = max_gap(Log),
     Errors = [Why || {error, _, Why, _} <- Log],
     ct:pal("kill test: ~p acknowledged writes, epochs ~p, owners ~p -> ~p -> (after the restart) ~p, "
-           "longest pause ~p ms, client errors ~p", [length(Acked), Epochs, Owner, NewOwner, CurOwner, Gap, Errors]),
+           "longest pause ~p ms, client errors ~p; longest pauses [{ms, acks before}] ~p "
+           "(~p acks at the kill, ~p at the restart)",
+           [length(Acked), Epochs, Owner, NewOwner, CurOwner, Gap, Errors, gaps(Log, 3), Before, After]),
     %% only documented retry errors while the owner died, and no write ran
     %% into the routing deadline (`{unavailable, _}': routing that did not
     %% converge). How long the pause was is measured by `make bench'
