@@ -788,6 +788,7 @@ failover_converges_when_the_new_owner_lags(Config) ->
     ok = wait_until(fun() -> not lists:member(Owner, live(PC)) end, 10000, client_view_updated),
     ?assert(lists:member(Owner, live(PR))),
     ok = peer:call(PC, ?MODULE, spawn_call, [lag_w, dspex_store, set, [S, x, 2]]),
+    ok = peer:call(PC, ?MODULE, spawn_call, [lag_r, ?MODULE, read_as, [majority, dspex_store, get_value, [S, x]]]),
     %% the write was sent back toward the dead node at least once ...
     ok = wait_until(fun() -> [] =/= [M || {_, _, #{reason := redirect, node := N} = M}
                                                 <- peer:call(PC, ?MODULE, events_get, [ct_route]), N =:= Owner]
@@ -795,6 +796,9 @@ failover_converges_when_the_new_owner_lags(Config) ->
     %% ... then the replica's view catches up
     ok = peer:call(PR, sys, resume, [dspex_cluster_members]),
     ?assertEqual({ok, 2}, peer:call(PC, ?MODULE, await_result, [lag_w, 30000], 40000)),
+    %% a read meanwhile converges the same way (before or after the write)
+    {{ok, X}, #{status := current, node := Rep}} = peer:call(PC, ?MODULE, await_result, [lag_r, 30000], 40000),
+    ?assert(lists:member(X, [1, 2])),
     ?assertEqual({ok, Rep}, peer:call(PC, dspex_cluster, owner_of, [S])),
     ?assertEqual({2, 2}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
     Hops = length(peer:call(PC, ?MODULE, events_get, [ct_route])),
