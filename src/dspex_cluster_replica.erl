@@ -122,8 +122,10 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
+            %% the row says which {epoch, seq} this node holds (a takeover
+            %% picks the newest, absent or not): only once the copy is here
             Res = replace(S, Export),
-            put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
+            _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
             {reply, Res, St}
     end;
 handle_call({drop, S, Epoch, Owner}, _From, St) ->
@@ -152,8 +154,7 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
     case Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
         true -> ok;
         false ->
-            _ = replace(S, Export),
-            put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
+            _ = replace(S, Export) =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
     end,
     {noreply, St}.
 

@@ -188,8 +188,13 @@ takeover(S, Reps, #{gen := Gen, backend := Backend} = V, {E0, Seq0, F0, Present0
                 [] ->
                     %% this node's own replica role must refuse the old owner too
                     dspex_cluster_replica:put_row(setelement(7, dspex_cluster_replica:row(S), Epoch)),
-                    Copies = [{{E, Seq}, N} || {N, {ok, {ok, {E, Seq, true}}}} <- Fenced]
-                        ++ [{{E0, Seq0}, node()} || Present0],
+                    %% a deletion counts as a copy (a session deleted at a
+                    %% newer {epoch, seq} than any copy stays deleted); a
+                    %% deletion is replicated with its own seq (> 0), while a
+                    %% node dropped at a takeover, or that never held the
+                    %% session, has seq 0 there and counts for nothing
+                    Copies = [{{E, Seq}, P, N} || {N, {ok, {ok, {E, Seq, P}}}} <- Fenced, P orelse Seq > 0]
+                        ++ [{{E0, Seq0}, Present0, node()} || Present0 orelse Seq0 > 0],
                     finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0)
             end;
         {error, {held_by, Holder}} ->
@@ -205,10 +210,13 @@ is_fenced({ok, {ok, {_, _, _}}}) -> true;
 is_fenced(_) -> false.
 
 finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
+    %% the newest {epoch, seq}; at equal ones a present copy wins over a
+    %% deletion (a replica's copy may have expired locally)
     {Seq, Got} = case lists:reverse(lists:sort(Copies)) of
                      [] -> {0, ok};
-                     [{{_, BestSeq}, Me} | _] when Me =:= node() -> {BestSeq, ok};
-                     [{{_, BestSeq}, Best} | _] ->
+                     [{{_, BestSeq}, _, Me} | _] when Me =:= node() -> {BestSeq, ok};
+                     [{{_, BestSeq}, false, _} | _] -> {BestSeq, replace_local(S, absent)};
+                     [{{_, BestSeq}, true, Best} | _] ->
                          case catch erpc:call(Best, dspex_cluster_replica, export, [S], ?RPC_TIMEOUT) of
                              {ok, Exp, _, _} -> {BestSeq, replace_local(S, Exp)};
                              Other -> {BestSeq, {error, {retry, {copy_failed, Best, Other}}}}

@@ -337,6 +337,11 @@ minority_refuses_writes_and_heals(Config) ->
                        peer:call(PA, dspex_cluster, owner_of, [X]) =:= {ok, C}],
     {ok, _} = peer:call(PA, dspex_store, create_session, [Load]),
     {ok, _} = peer:call(PA, dspex_store, register, [Load, x, integer, 0, #{history_limit => 10000}]),
+    %% a session owned by C that the majority deletes during the partition
+    [Del | _] = [X || I <- lists:seq(1, 1000), X <- [<<"part_del", (integer_to_binary(I))/binary>>],
+                      peer:call(PA, dspex_cluster, owner_of, [X]) =:= {ok, C}],
+    {ok, _} = peer:call(PA, dspex_store, create_session, [Del]),
+    {ok, _} = peer:call(PA, dspex_store, register, [Del, x, integer, 0]),
     ok = peer:call(PA, ?MODULE, client_start, [Load, 0]),
     Count = fun() -> peer:call(PA, ?MODULE, client_count, []) end,
     ok = wait_until(fun() -> Count() >= 200 end, 30000, load_before_partition),
@@ -365,6 +370,8 @@ minority_refuses_writes_and_heals(Config) ->
      end || S <- HeldByC],
     [?assertMatch({{ok, 2}, #{status := current}},
                   peer:call(PB, ?MODULE, read_as, [majority, dspex_store, get_value, [S, x]])) || S <- Ss],
+    ?assertEqual(ok, peer:call(PA, dspex_store, delete_session, [Del])),
+    ?assertMatch({ok, _}, peer:call(PC, dspex_cluster, local_apply, [get_session, [Del]])),
     N1 = Count(),
     ok = wait_until(fun() -> Count() >= N1 + 200 end, 30000, load_during_partition),
     %% heal
@@ -377,6 +384,12 @@ minority_refuses_writes_and_heals(Config) ->
     Listed = fun() -> lists:sort([X || {_, P} <- Peers, X <- peer:call(P, dspex_cluster, owned_sessions, []),
                                        lists:member(X, All)]) end,
     ok = wait_until(fun() -> Listed() =:= All end, 20000, one_owner_listed_per_session),
+    %% the deletion made by the majority is newer than C's copy: settling the
+    %% ownership does not bring the session back
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> peer:call(P, dspex_cluster, local_apply, [get_session, [Del]])
+                                                          =:= {error, session_not_found} end, Peers) end,
+                    20000, deleted_session_stays_deleted),
+    ?assertEqual({error, session_not_found}, peer:call(PC, dspex_store, get_session, [Del])),
     N2 = Count(),
     ok = wait_until(fun() -> Count() >= N2 + 200 end, 30000, load_after_heal),
     Log = peer:call(PA, ?MODULE, client_stop, []),
