@@ -60,8 +60,8 @@
 -export([settle_replicas_of/1,
          route/4, class/2, local_apply/2, local_apply/3, owner_read/4, owner_call/4, call_server/3, is_owner/1,
          owner_of/1, cluster_status/0, migrate_session/2, drain/1,
-         await_drained/2, undrain/1, last_write/0, last_read/0, read_mode/1, owned_sessions/0, handoff_all/0,
-         enabled/0]).
+         await_drained/2, undrain/1, last_write/0, last_read/0, read_mode/1, read_status/1, served/0,
+         owned_sessions/0, handoff_all/0, enabled/0]).
 
 -define(STORE_WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
 -define(CALL_TIMEOUT, 10000).
@@ -252,6 +252,25 @@ last_write() -> get(dspex_cluster_last_write).
 %% copy read.
 -spec last_read() -> read_status() | undefined.
 last_read() -> get(dspex_cluster_last_read).
+
+%% @doc How a read of `Session' made now by the calling process would be
+%% served, without reading anything: routed like a read (in the process's
+%% read mode, so `majority' may answer `{error, no_quorum}'), and `{ok,
+%% Status}' as `last_read/0' then returns it.
+-spec read_status(binary()) -> {ok, read_status()} | {error, term()}.
+read_status(S) when is_binary(S) ->
+    case enabled() of
+        false -> {error, not_clustered};
+        true ->
+            case route(S, {?MODULE, served}, [], fun served/0) of
+                served -> {ok, last_read()};
+                {error, _} = Error -> Error
+            end
+    end.
+
+%% @doc The read that `read_status/1' routes: it reads nothing.
+-spec served() -> served.
+served() -> served.
 
 %% @doc Sets the read mode of the calling process (`default' goes back to the
 %% cluster configuration's `read', itself `any' by default) and returns the

@@ -370,6 +370,10 @@ minority_refuses_writes_and_heals(Config) ->
      end || S <- HeldByC],
     [?assertMatch({{ok, 2}, #{status := current}},
                   peer:call(PB, ?MODULE, read_as, [majority, dspex_store, get_value, [S, x]])) || S <- Ss],
+    [?assertMatch({ok, #{status := stale, node := C, reason := no_quorum}}, peer:call(PC, dspex_cluster, read_status, [S]))
+     || S <- Ss],
+    [?assertMatch({ok, #{status := current}}, peer:call(PA, dspex_cluster, read_status, [S])) || S <- Ss],
+    ?assertMatch({{error, no_quorum}, _}, peer:call(PC, ?MODULE, read_as, [majority, dspex_cluster, read_status, [hd(Ss)]])),
     ?assertEqual(ok, peer:call(PA, dspex_store, delete_session, [Del])),
     ?assertMatch({ok, _}, peer:call(PC, dspex_cluster, local_apply, [get_session, [Del]])),
     N1 = Count(),
@@ -877,4 +881,5 @@ configuration_is_validated_and_read_mode_is_per_process(_Config) ->
     _ = dspex_cluster:read_mode(majority),
     spawn(fun() -> Parent ! {mode, dspex_cluster:read_mode(default)} end),
     ?assertEqual(default, receive {mode, M} -> M end),
-    ?assertEqual(undefined, dspex_cluster:last_read()).
+    ?assertEqual(undefined, dspex_cluster:last_read()),
+    ?assertEqual({error, not_clustered}, dspex_cluster:read_status(<<"s">>)).
