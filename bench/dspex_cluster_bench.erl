@@ -1,7 +1,8 @@
 %% @doc `make bench' (cluster part): write throughput of a 3-node cluster with
 %% sync replication (R = 1) against a single node without a cluster, in the
 %% same run, and failover time (owner killed with kill -9 -> first successful
-%% write from another node). Three `peer' nodes on this machine. Also the
+%% write from another node; also with the new owner's membership lagging
+%% 300 ms). Three `peer' nodes on this machine. Also the
 %% routed graph, access-control, lock and watch calls made on the session's
 %% owner against the same calls made on another node (forwarded).
 -module(dspex_cluster_bench).
@@ -9,6 +10,7 @@
 -export([main/0, writers/3, failover_probe/2, routed_ops/2]).
 
 -define(SECONDS, 2).
+-define(LAG_MS, 300).
 
 main() ->
     io:format("~n== dspex_cluster: sync replication (R = 1, 3 peer nodes on this host) ==~n", []),
@@ -41,9 +43,15 @@ main() ->
     [io:format("  ~-48s ~9b ops/s on the owner, ~9b ops/s forwarded  (~.3fx)~n",
                [K, round(V), round(proplists:get_value(K, OtherOps)), proplists:get_value(K, OtherOps) / V])
      || {K, V} <- OwnerOps],
-    Times = [failover_once("dspex_fo" ++ integer_to_list(I)) || I <- lists:seq(1, 3)],
-    io:format("  failover (owner kill -9 -> first acknowledged write), 3 runs: ~p ms, median ~p ms~n",
+    Times = [failover_once("dspex_fo" ++ integer_to_list(I), 0) || I <- lists:seq(1, 3)],
+    io:format("  failover (owner kill -9 -> first acknowledged write), 3 runs: ~w ms, median ~w ms~n",
               [Times, lists:nth(2, lists:sort(Times))]),
+    %% the property the cluster suite no longer asserts as a time: routing
+    %% converges within ms of the last lagging view catching up (it used to
+    %% wait for the 8 s routing deadline when the new owner's view lagged)
+    Lagged = [failover_once("dspex_fl" ++ integer_to_list(I), ?LAG_MS) || I <- lists:seq(1, 3)],
+    io:format("  failover, the new owner's membership ~b ms late, 3 runs: ~w ms, median ~w ms "
+              "(~b ms is the lag itself)~n", [?LAG_MS, Lagged, lists:nth(2, lists:sort(Lagged)), ?LAG_MS]),
     ok.
 
 %% N processes, each writing its own session for Secs seconds; writes/s in total.
@@ -99,16 +107,24 @@ failover_probe(S, T0) ->
         {error, _} -> failover_probe(S, T0)
     end.
 
-failover_once(Base) ->
+%% The client runs on the node that is neither owner nor replica (its writes
+%% are forwarded before and after the failover). With `LagMs' > 0 the
+%% replica (the owner-to-be) has its membership server suspended before the
+%% kill and resumed `LagMs' after it: its view names the dead owner meanwhile.
+failover_once(Base, LagMs) ->
     Peers = start(Base),
     [{_, PA} | _] = Peers,
     S = <<"fo">>,
     Owner = owner(PA, S),
     {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
-    [{_, POther} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    [{_, POther}] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner, Rep])],
+    PRep = proplists:get_value(Rep, Peers),
+    LagMs > 0 andalso peer:call(PRep, sys, suspend, [dspex_cluster_members]),
     OsPid = peer:call(proplists:get_value(Owner, Peers), os, getpid, []),
     T0 = erlang:system_time(),
     [] = os:cmd("kill -9 " ++ OsPid),
+    LagMs > 0 andalso peer:call(PRep, timer, apply_after, [LagMs, sys, resume, [dspex_cluster_members]]),
     Ms = peer:call(POther, ?MODULE, failover_probe, [S, T0], 60000),
     stop(Peers),
     Ms.

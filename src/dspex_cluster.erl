@@ -7,6 +7,8 @@
 %%   replicas => 1,                             % R (default 1)
 %%   replication => sync | async,               % default sync
 %%   backend => static | etcd,                  % ownership backend (default static)
+%%   read => any | majority,                    % reads without a quorum: served marked stale, or refused
+%%   route_deadline_ms => 8000,                 % how long routing retries a call
 %%   etcd => #{endpoint => "http://127.0.0.1:2379", ttl => 2}}
 %% '''
 %% Without it (the default) nothing here runs and `dspex_store', `dspex_graph',
@@ -25,7 +27,10 @@
 %% change ships the whole session (export/import carries the dependencies, the
 %% rules and the derive functions): simple, and these changes are rare.</li>
 %% <li>`read' (every other call on a session): runs on the owner, through
-%% `erpc' from other nodes.</li>
+%% `erpc' from other nodes, on its copy once settled; a node without a quorum
+%% serves its copy marked stale (`last_read/0'), or refuses with `{error,
+%% no_quorum}' in `majority' read mode (`read_mode/1', or `read' in the
+%% configuration).</li>
 %% <li>`call' (`dspex_graph:define_derived', watches): runs on the owner node
 %% with routing still on, so the writes it makes go through the writer (the
 %% propagator of a session lives on its owner).</li>
@@ -42,22 +47,29 @@
 %% `replica_unavailable', `fenced', `timeout' (the write may or may not have
 %% been committed: retry it, with `expected_version' to make the retry
 %% idempotent), `{error, {unavailable, Why}}' (no owner reachable before the
-%% routing deadline; nothing was written). Redirects between nodes whose views
-%% differ for a moment, and takeovers that collide, are retried inside
-%% `route/4' and are never seen by callers.
+%% routing deadline, `route_deadline_ms'; nothing was written). Redirects
+%% between nodes whose views differ for a moment, and takeovers that collide,
+%% are retried inside `route/4' (each hop emits `[dspex, cluster, route,
+%% retry]') and are never seen by callers. A redirect to a node this node
+%% already saw leave (the redirecting node's view lags) is routed again by
+%% this node's view, so routing converges as soon as the lagging view catches
+%% up. Every call is bounded (see `call_server/3' for the one exception: a lock
+%% acquire asked to wait without limit).
 -module(dspex_cluster).
 
 -export([settle_replicas_of/1,
-         route/4, class/2, local_apply/2, local_apply/3, owner_read/3, owner_call/4, call_server/3, is_owner/1,
+         route/4, class/2, local_apply/2, local_apply/3, owner_read/4, owner_call/4, call_server/3, is_owner/1,
          owner_of/1, cluster_status/0, migrate_session/2, drain/1,
-         await_drained/2, undrain/1, last_write/0, owned_sessions/0, handoff_all/0, enabled/0]).
+         await_drained/2, undrain/1, last_write/0, last_read/0, read_mode/1, read_status/1, served/0,
+         owned_sessions/0, handoff_all/0, enabled/0]).
 
 -define(STORE_WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
 -define(CALL_TIMEOUT, 10000).
--define(ROUTE_DEADLINE_MS, 8000).
 
 -type op() :: atom() | {module(), atom()}.
--export_type([op/0]).
+-type read_mode() :: any | majority.
+-type read_status() :: #{status := current | stale, node := node(), epoch := non_neg_integer(), reason => term()}.
+-export_type([op/0, read_mode/0, read_status/0]).
 
 %% @doc Whether this node runs as a cluster member.
 -spec enabled() -> boolean().
@@ -88,10 +100,10 @@ route(S, {M, F} = Op, Args, Local) ->
         true -> Local();
         _ when not is_binary(S) -> Local();   % a type error raises badarg as before
         _ ->
-            Deadline = erlang:monotonic_time(millisecond) + ?ROUTE_DEADLINE_MS,
+            Deadline = deadline(),
             case class(M, F) of
                 write -> write(S, Op, Args, Deadline, undefined);
-                read -> read(S, Op, Args, Local, Deadline);
+                read -> read(S, Op, Args, Local, Deadline, undefined);
                 call -> call(S, Op, Args, Local, Deadline, undefined)
             end
     end.
@@ -113,17 +125,42 @@ local_apply(M, Op, Args) ->
         end
     end.
 
-%% @doc A read sent by another node: served here after making sure this node's
-%% copy is the newest (a takeover when the view changed since its epoch began).
--spec owner_read(binary(), op(), list()) -> term().
-owner_read(S, Op, Args) when is_atom(Op) -> owner_read(S, {dspex_store, Op}, Args);
-owner_read(S, {M, F}, Args) ->
-    V = dspex_cluster_members:view(),
+%% @doc A read sent by another node, run here if this node may serve it (see
+%% `read_mode/1'): `{dspex_cluster_read, Status, Result}' with `Result' of
+%% `M:F(Args)' run on this node's copy once it is settled (a takeover when the
+%% view changed since its epoch began) and `Status' what it was served from
+%% (`last_read/0'); `{dspex_cluster_redirect, Node}' when this node's view
+%% names another owner; `{dspex_cluster_retry, Why}' (`majority' only: the
+%% copy could not be settled yet); `{dspex_cluster_refused, Error}'
+%% (`majority' only: no quorum here).
+-spec owner_read(binary(), op(), list(), read_mode()) ->
+          {dspex_cluster_read, read_status(), term()} | {dspex_cluster_redirect, node()}
+          | {dspex_cluster_retry, term()} | {dspex_cluster_refused, term()}.
+owner_read(S, Op, Args, Mode) when is_atom(Op) -> owner_read(S, {dspex_store, Op}, Args, Mode);
+owner_read(S, {M, F}, Args, Mode) ->
+    case read_here(S, dspex_cluster_members:view(), Mode) of
+        {serve, Status} -> {dspex_cluster_read, Status, local_apply(M, F, Args)};
+        Other -> Other
+    end.
+
+%% Whether this node may serve a read of `S' under view `V', and from what.
+read_here(S, V, Mode) ->
     case owner(S, V) of
-        Me when Me =:= node() -> ok = settle(S, V);
-        _ -> ok
-    end,
-    local_apply(M, F, Args).
+        none -> stale_or_refuse(S, Mode, no_owner, {dspex_cluster_refused, {unavailable, no_owner}});
+        Me when Me =:= node() ->
+            case settle(S, V) of
+                {ok, Epoch} -> {serve, #{status => current, node => node(), epoch => Epoch}};
+                {error, {not_owner, Next}} -> {dspex_cluster_redirect, Next};
+                {error, no_quorum} -> stale_or_refuse(S, Mode, no_quorum, {dspex_cluster_refused, no_quorum});
+                {error, {retry, Why}} -> stale_or_refuse(S, Mode, Why, {dspex_cluster_retry, Why});
+                {error, Why} -> stale_or_refuse(S, Mode, Why, {dspex_cluster_retry, Why})
+            end;
+        Other -> {dspex_cluster_redirect, Other}
+    end.
+
+stale_or_refuse(_S, majority, _Why, Refusal) -> Refusal;
+stale_or_refuse(S, any, Why, _) ->
+    {serve, #{status => stale, node => node(), epoch => element(2, dspex_cluster_replica:row(S)), reason => Why}}.
 
 %% @doc An owner call sent by another node: `{dspex_cluster_redirect, Node}'
 %% when this node's view names another owner, else `{dspex_cluster_done,
@@ -135,39 +172,55 @@ owner_call(S, M, F, Args) ->
     case owner(S, V) of
         none -> {dspex_cluster_done, erlang:apply(M, F, Args)};
         Me when Me =:= node() ->
-            ok = settle(S, V),
+            _ = settle(S, V),
             {dspex_cluster_done, erlang:apply(M, F, Args)};
         Other -> {dspex_cluster_redirect, Other}
     end.
 
 %% @doc A call to the registered server `Name' (`dspex_locks') of the node
-%% owning `S' (this node's without a cluster). A call cut by the owner's death
-%% is `{error, {retry, owner_down}}'.
+%% owning `S' (this node's without a cluster). Bounded: a call the server does
+%% not answer within 10 s is `{error, {retry, timeout}}' (its outcome is
+%% unknown), except a waiting `acquire' (`conflict' `wait' or `preempt'),
+%% bounded by its own `timeout' option plus 10 s, and not at all when that
+%% option is `infinity' (the caller asked to wait until granted; the call
+%% still ends if the server or its node goes away). A call cut by the owner's
+%% death is `{error, {retry, owner_down}}'.
 -spec call_server(term(), atom(), term()) -> term().
 call_server(S, Name, Msg) ->
     case enabled() andalso get(dspex_cluster_local) =/= true andalso is_binary(S) of
-        false -> gen_server:call(Name, Msg, infinity);
-        true -> server(S, Name, Msg, erlang:monotonic_time(millisecond) + ?ROUTE_DEADLINE_MS, undefined)
+        false -> server_call(Name, Msg);
+        true -> server(S, Name, Msg, deadline(), undefined)
     end.
 
 server(S, Name, Msg, Deadline, _) ->
     V = dspex_cluster_members:view(),
     case owner(S, V) of
-        none -> gen_server:call(Name, Msg, infinity);
+        none -> server_call(Name, Msg);
         Me when Me =:= node() ->
-            ok = settle(S, V),
-            gen_server:call(Name, Msg, infinity);
+            _ = settle(S, V),
+            server_call(Name, Msg);
         Owner ->
             case lists:member(Owner, nodes()) of
                 false -> wait_view(S, Name, Msg, Deadline, V, owner_down, fun server/5);
                 true ->
-                    try gen_server:call({Name, Owner}, Msg, infinity)
+                    try server_call({Name, Owner}, Msg)
                     catch
                         exit:{{nodedown, _}, _} -> {error, {retry, owner_down}};
                         exit:{noproc, _} -> wait_view(S, Name, Msg, Deadline, V, owner_down, fun server/5)
                     end
             end
     end.
+
+server_call(Dest, Msg) ->
+    try gen_server:call(Dest, Msg, server_timeout(Msg))
+    catch exit:{timeout, _} -> {error, {retry, timeout}}
+    end.
+
+%% A lock request that waits in the server for its turn is bounded by its own wait.
+server_timeout({acquire, _, _, _, #{conflict := C, timeout := infinity}}) when C =/= abort -> infinity;
+server_timeout({acquire, _, _, _, #{conflict := C, timeout := T}}) when C =/= abort, is_integer(T) ->
+    T + ?CALL_TIMEOUT;
+server_timeout(_) -> ?CALL_TIMEOUT.
 
 %% @doc Whether this node holds `Session' as its established owner (always
 %% true without a cluster): a session's propagator acts only there.
@@ -187,28 +240,88 @@ is_owner(S) ->
 -spec last_write() -> {non_neg_integer(), node()} | undefined.
 last_write() -> get(dspex_cluster_last_write).
 
+%% @doc What the calling process's last read routed by the cluster was served
+%% from, or `undefined': `#{status => current, node, epoch}' when the node
+%% serving it held the session as its established owner with a quorum (it has
+%% every write acknowledged before the read began, as far as that node's view
+%% is current), or `#{status => stale, node, epoch, reason}' when it was served
+%% from a copy that may miss acknowledged writes: `reason' `no_quorum' (the
+%% node is cut off from the majority, which may have taken the session over),
+%% `no_owner' (no eligible node) or why the copy could not be settled (such as
+%% `contended', `replica_unavailable', `timeout'). `epoch' is the epoch of the
+%% copy read.
+-spec last_read() -> read_status() | undefined.
+last_read() -> get(dspex_cluster_last_read).
+
+%% @doc How a read of `Session' made now by the calling process would be
+%% served, without reading anything: routed like a read (in the process's
+%% read mode, so `majority' may answer `{error, no_quorum}'), and `{ok,
+%% Status}' as `last_read/0' then returns it.
+-spec read_status(binary()) -> {ok, read_status()} | {error, term()}.
+read_status(S) when is_binary(S) ->
+    case enabled() of
+        false -> {error, not_clustered};
+        true ->
+            case route(S, {?MODULE, served}, [], fun served/0) of
+                served -> {ok, last_read()};
+                {error, _} = Error -> Error
+            end
+    end.
+
+%% @doc The read that `read_status/1' routes: it reads nothing.
+-spec served() -> served.
+served() -> served.
+
+%% @doc Sets the read mode of the calling process (`default' goes back to the
+%% cluster configuration's `read', itself `any' by default) and returns the
+%% previous setting. `any': a read is served from the copy of the node it
+%% reaches even when that node has no quorum (marked `stale', see
+%% `last_read/0'); `majority': such a read is refused with `{error,
+%% no_quorum}', and a copy that cannot be settled yet is retried inside the
+%% routing (`{error, {unavailable, Why}}' at the deadline).
+-spec read_mode(read_mode() | default) -> read_mode() | default.
+read_mode(default) -> was(erase(dspex_cluster_read_mode));
+read_mode(Mode) when Mode =:= any; Mode =:= majority -> was(put(dspex_cluster_read_mode, Mode)).
+
+was(undefined) -> default;
+was(Mode) -> Mode.
+
+mode(V) ->
+    case get(dspex_cluster_read_mode) of
+        undefined -> maps:get(read, V, any);
+        Mode -> Mode
+    end.
+
+target(S, V, undefined) -> owner(S, V);
+target(_S, _V, Target) -> Target.
+
+%% The target is not connected to this node. If this node's view named it, the
+%% view lags: wait for its next change. If another node's redirect named it,
+%% that node's view lags (it has not seen the target leave, and this node's
+%% view already moved on, so waiting for a change here would wait for one that
+%% happened): route again by this node's view after a short back-off; the
+%% lagging node answers as soon as its view catches up.
+unreachable(S, Op, Args, D, V, undefined, Fun) -> wait_view(S, Op, Args, D, V, owner_down, Fun);
+unreachable(S, Op, Args, D, _V, Redirected, Fun) -> again(S, Op, Args, D, undefined, {stale_redirect, Redirected}, Fun).
+
 write(S, Op, Args, Deadline, Target0) ->
     V = dspex_cluster_members:view(),
-    Target = case Target0 of
-                 undefined -> owner(S, V);
-                 _ -> Target0
-             end,
-    case Target of
+    case target(S, V, Target0) of
         none -> {error, no_quorum};
         Owner ->
             case Owner =:= node() orelse lists:member(Owner, nodes()) of
-                false -> wait_view(S, Op, Args, Deadline, V, owner_down, fun write/5);
+                false -> unreachable(S, Op, Args, Deadline, V, Target0, fun write/5);
                 true ->
                     try gen_server:call({dspex_cluster_writer:name(S), Owner}, {write, S, Op, Args}, ?CALL_TIMEOUT) of
                         {{error, {not_owner, Next}}, _, _} ->
-                            again(S, Op, Args, Deadline, Next, fun write/5);
+                            again(S, Op, Args, Deadline, Next, redirect, fun write/5);
                         {{error, {retry, contended}}, _, _} ->
-                            again(S, Op, Args, Deadline, undefined, fun write/5);
+                            again(S, Op, Args, Deadline, undefined, contended, fun write/5);
                         {{error, {retry, {copy_failed, _, _}}}, _, _} ->
-                            again(S, Op, Args, Deadline, undefined, fun write/5);
+                            again(S, Op, Args, Deadline, undefined, copy_failed, fun write/5);
                         {{error, {retry, replica_unavailable}}, 0, _} ->
                             %% failed during takeover: nothing committed yet
-                            again(S, Op, Args, Deadline, undefined, fun write/5);
+                            again(S, Op, Args, Deadline, undefined, replica_unavailable, fun write/5);
                         {{dspex_cluster_raise, Class, Reason}, _, _} ->
                             erlang:raise(Class, Reason, []);
                         {Result, Epoch, By} ->
@@ -223,42 +336,54 @@ write(S, Op, Args, Deadline, Target0) ->
             end
     end.
 
-read(S, Op, Args, Local, Deadline) ->
+read(S, Op, Args, Local, Deadline, Target0) ->
     V = dspex_cluster_members:view(),
-    case owner(S, V) of
-        none -> Local();
-        Owner when Owner =:= node() ->
-            ok = settle(S, V),
-            Local();
-        Owner ->
-            try erpc:call(Owner, ?MODULE, owner_read, [S, Op, Args], ?CALL_TIMEOUT)
-            catch
-                error:{exception, Reason, _} -> erlang:error(Reason);   % the caller's badarg
-                exit:{exception, Reason} -> exit(Reason);
-                error:{erpc, _} = Why ->
-                    Retry = fun(S1, Op1, Args1, D1, _) -> read(S1, Op1, Args1, Local, D1) end,
-                    wait_view(S, Op, Args, Deadline, V, Why, Retry)
+    Mode = mode(V),
+    Retry = fun(S1, Op1, Args1, D1, Next) -> read(S1, Op1, Args1, Local, D1, Next) end,
+    Next = fun({dspex_cluster_redirect, N}) -> again(S, Op, Args, Deadline, N, redirect, Retry);
+              ({dspex_cluster_retry, Why}) -> again(S, Op, Args, Deadline, undefined, Why, Retry);
+              ({dspex_cluster_refused, Error}) -> {error, Error}
+           end,
+    Target = target(S, V, Target0),
+    case Target =:= none orelse Target =:= node() of
+        true ->
+            case read_here(S, V, Mode) of
+                {serve, Status} ->
+                    put(dspex_cluster_last_read, Status),
+                    Local();
+                Other -> Next(Other)
+            end;
+        false ->
+            case lists:member(Target, nodes()) of
+                false -> unreachable(S, Op, Args, Deadline, V, Target0, Retry);
+                true ->
+                    try erpc:call(Target, ?MODULE, owner_read, [S, Op, Args, Mode], ?CALL_TIMEOUT) of
+                        {dspex_cluster_read, Status, Result} ->
+                            put(dspex_cluster_last_read, Status),
+                            Result;
+                        Other -> Next(Other)
+                    catch
+                        error:{exception, Reason, _} -> erlang:error(Reason);   % the caller's badarg
+                        exit:{exception, Reason} -> exit(Reason);
+                        error:{erpc, _} = Why -> wait_view(S, Op, Args, Deadline, V, Why, Retry)
+                    end
             end
     end.
 
 call(S, {M, F} = Op, Args, Local, Deadline, Target0) ->
     V = dspex_cluster_members:view(),
     Retry = fun(S1, Op1, Args1, D1, Next) -> call(S1, Op1, Args1, Local, D1, Next) end,
-    Target = case Target0 of
-                 undefined -> owner(S, V);
-                 _ -> Target0
-             end,
-    case Target of
+    case target(S, V, Target0) of
         none -> Local();
         Me when Me =:= node() ->
-            ok = settle(S, V),
+            _ = settle(S, V),
             Local();
         Owner ->
             case lists:member(Owner, nodes()) of
-                false -> wait_view(S, Op, Args, Deadline, V, owner_down, Retry);
+                false -> unreachable(S, Op, Args, Deadline, V, Target0, Retry);
                 true ->
                     try erpc:call(Owner, ?MODULE, owner_call, [S, M, F, Args], ?CALL_TIMEOUT) of
-                        {dspex_cluster_redirect, Next} -> again(S, Op, Args, Deadline, Next, Retry);
+                        {dspex_cluster_redirect, Next} -> again(S, Op, Args, Deadline, Next, redirect, Retry);
                         {dspex_cluster_done, Result} -> Result
                     catch
                         error:{exception, Reason, _} -> erlang:error(Reason);   % the caller's badarg
@@ -270,36 +395,62 @@ call(S, {M, F} = Op, Args, Local, Deadline, Target0) ->
             end
     end.
 
-%% Before serving a read as owner, re-establish ownership if the view changed
-%% (the newest copy may be on another node).
+%% Before serving a call as owner, re-establish ownership if the view changed
+%% (the newest copy may be on another node): `{ok, Epoch}' of the copy here,
+%% or why it could not be (`no_quorum', `{not_owner, Node}', `{retry, Why}').
 settle(S, #{gen := Gen}) ->
     case dspex_cluster_replica:row(S) of
-        {S, E, _, Me, _, Gen, F} when Me =:= node(), F =< E -> ok;
+        {S, E, _, Me, _, Gen, F} when Me =:= node(), F =< E -> {ok, E};
         _ ->
-            _ = gen_server:call(dspex_cluster_writer:name(S), {ensure, S}, ?CALL_TIMEOUT),
-            ok
+            try gen_server:call(dspex_cluster_writer:name(S), {ensure, S}, ?CALL_TIMEOUT) of
+                {ok, #{epoch := E}} -> {ok, E};
+                {error, _} = Err -> Err
+            catch exit:{timeout, _} -> {error, {retry, timeout}};
+                  exit:{Why, _} -> {error, {retry, {writer_down, Why}}}
+            end
     end.
 
-again(S, Op, Args, Deadline, Next, Fun) ->
-    case erlang:monotonic_time(millisecond) < Deadline of
+%% The routing state of one call: until when it may be retried (the view's
+%% `route_deadline_ms' from now) and how many hops it made.
+deadline() ->
+    Ms = maps:get(route_deadline_ms, dspex_cluster_members:view(), 8000),
+    {route, erlang:monotonic_time(millisecond) + Ms, 0}.
+
+again(S, Op, Args, {route, Until, Hops}, Next, Why, Fun) ->
+    case erlang:monotonic_time(millisecond) < Until of
         true ->
+            retried(S, Op, Why, Next, Hops),
             %% views differ for a moment: back off a little before the next hop
-            receive after 5 -> ok end,
-            Fun(S, Op, Args, Deadline, Next);
-        false -> {error, {unavailable, redirect_loop}}
+            %% (1, 2, 4 ... 32 ms: a lagging view is caught up within ms of its change)
+            receive after backoff(Hops) -> ok end,
+            Fun(S, Op, Args, {route, Until, Hops + 1}, Next);
+        false -> {error, {unavailable, gave_up(Why)}}
     end.
+
+gave_up(redirect) -> redirect_loop;
+gave_up({stale_redirect, _}) -> owner_down;
+gave_up(Why) -> Why.
+
+backoff(Hops) -> 1 bsl min(Hops, 5).
 
 %% The owner is gone but the view does not say so yet: wait for the next view.
-wait_view(S, Op, Args, Deadline, #{gen := Gen}, Why, Fun) ->
-    case erlang:monotonic_time(millisecond) < Deadline of
+wait_view(S, Op, Args, {route, Until, Hops} = D, #{gen := Gen}, Why, Fun) ->
+    case erlang:monotonic_time(millisecond) < Until of
         false -> {error, {unavailable, Why}};
         true ->
             case maps:get(gen, dspex_cluster_members:view()) of
                 Gen -> receive after 10 -> ok end,
-                       wait_view(S, Op, Args, Deadline, #{gen => Gen}, Why, Fun);
-                _ -> Fun(S, Op, Args, Deadline, undefined)
+                       wait_view(S, Op, Args, D, #{gen => Gen}, Why, Fun);
+                _ ->
+                    retried(S, Op, Why, undefined, Hops),
+                    Fun(S, Op, Args, {route, Until, Hops + 1}, undefined)
             end
     end.
+
+%% `[dspex, cluster, route, retry]': a routed call makes another hop.
+retried(S, Op, Why, Next, Hops) ->
+    dspex_telemetry:execute([dspex, cluster, route, retry], #{count => 1, hops => Hops + 1},
+                            #{session => S, op => Op, reason => Why, node => Next}).
 
 owner(S, V) ->
     case dspex_cluster_writer:owners(S, V) of

@@ -5,6 +5,16 @@
 %% the replicas, every session this node owns; and for every owned session the
 %% owner no longer holds (expired by the sweeper) it asks the session's writer
 %% to replicate the deletion, in order with the session's writes.
+%%
+%% When nodes join the view (a partition healed, a node came back) the
+%% membership server casts `reconcile': every session this node believes it
+%% owns is then re-established under the new view by its owner under that view
+%% (`dspex_cluster_writer' `{reconcile, S, 0}'): this node's writer (a takeover
+%% that fences the other members and installs the newest copy), or the new
+%% owner's, whose takeover fences this node. So after a heal no session stays
+%% listed by `dspex_cluster:owned_sessions/0' on two nodes until its next
+%% access: the side that owned it during the partition and the side that
+%% owned it before both hand it to its one owner.
 -module(dspex_cluster_keeper).
 -behaviour(gen_server).
 
@@ -31,6 +41,11 @@ init(Config) ->
 handle_call(_, _From, Ms) -> {reply, {error, unknown_call}, Ms}.
 
 -spec handle_cast(term(), pos_integer()) -> {noreply, pos_integer()}.
+handle_cast(reconcile, Ms) ->
+    V = dspex_cluster_members:view(),
+    [gen_server:cast({dspex_cluster_writer:name(S), Owner}, {reconcile, S, 0})
+     || S <- dspex_cluster:owned_sessions(), {Owner, _} <- [dspex_cluster_writer:owners(S, V)]],
+    {noreply, Ms};
 handle_cast(_, Ms) -> {noreply, Ms}.
 
 -spec handle_info(term(), pos_integer()) -> {noreply, pos_integer()}.

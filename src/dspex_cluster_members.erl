@@ -20,7 +20,8 @@
 
 -type view() :: #{gen := pos_integer(), nodes := [node()], live := [node()], eligible := [node()],
                   draining := [node()], overrides := #{binary() => node()}, quorum := boolean(),
-                  replicas := non_neg_integer(), replication := sync | async, backend := module()}.
+                  replicas := non_neg_integer(), replication := sync | async, backend := module(),
+                  read := any | majority, route_deadline_ms := pos_integer()}.
 -export_type([view/0]).
 
 %% @doc Starts the membership server with the normalised cluster configuration.
@@ -124,13 +125,21 @@ publish(#{config := C, pids := P, draining := D, overrides := O, gen := G} = St,
     Backend = maps:get(backend, C),
     V0 = #{gen => G + 1, nodes => Nodes, live => Live, eligible => Live -- D, draining => D,
            overrides => O, replicas => maps:get(replicas, C), replication => maps:get(replication, C),
-           backend => Backend},
+           backend => Backend, read => maps:get(read, C, any),
+           route_deadline_ms => maps:get(route_deadline_ms, C, 8000)},
     Old = persistent_term:get(?VIEW, undefined),
     V = V0#{quorum => Backend:quorum(V0)},
     case not Force andalso Old =/= undefined andalso maps:remove(gen, Old) =:= maps:remove(gen, V) of
         true -> St;
         false ->
             persistent_term:put(?VIEW, V),
+            %% nodes joined (a partition healed, a node came back): settle the
+            %% ownership of the sessions this node believes it owns now, not on
+            %% their next access (see dspex_cluster_keeper)
+            case Old =/= undefined andalso Live -- maps:get(live, Old) of
+                [_ | _] -> gen_server:cast(dspex_cluster_keeper, reconcile);
+                _ -> ok
+            end,
             dspex_telemetry:execute([dspex, cluster, view, change], #{count => length(Live)},
                                     #{gen => G + 1, live => Live, draining => D, quorum => maps:get(quorum, V)}),
             St#{gen := G + 1}

@@ -3,7 +3,9 @@
 %%
 %% A pool of processes; a session always maps to the same one, so the changes
 %% of one session are applied in the order its owner sent them, and a fence is
-%% ordered with them. Per-session facts live in the public ETS table
+%% ordered with them. Every call to the pool is bounded (4 s): a process that
+%% does not answer in time gives `{error, timeout}' (the caller treats the
+%% replica as unavailable). Per-session facts live in the public ETS table
 %% `dspex_cluster_sessions': `{Session, Epoch, Seq, Owner, Replicas, Gen, Fence}'
 %% where `Seq' counts the replicated changes of the epoch's history and
 %% `Fence' is the highest epoch announced by a takeover: changes from a lower
@@ -21,6 +23,9 @@
 
 -define(POOL, 8).
 -define(TAB, dspex_cluster_sessions).
+%% below the writer's 5 s RPC timeout, so that a remote caller gets this
+%% module's `{error, timeout}' rather than its own erpc timeout
+-define(CALL_TIMEOUT, 4000).
 
 -type payload() :: {op, atom() | {module(), atom()}, list(), term()} | {full, map() | absent} | delete_session.
 -export_type([payload/0]).
@@ -54,30 +59,35 @@ put_row(R) -> ets:insert(?TAB, R).
 %% @doc Applies one change sent by the owner at `Epoch'; `Seq' must follow the
 %% last applied one (else `{error, need_full}').
 -spec apply_change(binary(), pos_integer(), pos_integer(), node(), payload()) ->
-          ok | {error, need_full | {stale_epoch, non_neg_integer()}}.
-apply_change(S, Epoch, Seq, Owner, P) -> gen_server:call(name(S), {apply, S, Epoch, Seq, Owner, P}, infinity).
+          ok | {error, need_full | {stale_epoch, non_neg_integer()} | timeout}.
+apply_change(S, Epoch, Seq, Owner, P) -> call(S, {apply, S, Epoch, Seq, Owner, P}).
 
 %% @doc `{Epoch, Seq, Fence, Present}' of the session here.
--spec state(binary()) -> {non_neg_integer(), non_neg_integer(), non_neg_integer(), boolean()}.
-state(S) -> gen_server:call(name(S), {state, S}, infinity).
+-spec state(binary()) -> {non_neg_integer(), non_neg_integer(), non_neg_integer(), boolean()} | {error, timeout}.
+state(S) -> call(S, {state, S}).
 
 %% @doc Refuses every later change from an epoch below `Epoch'; returns the state.
 -spec fence(binary(), pos_integer()) ->
-          {ok, {non_neg_integer(), non_neg_integer(), boolean()}} | {error, {stale_epoch, non_neg_integer()}}.
-fence(S, Epoch) -> gen_server:call(name(S), {fence, S, Epoch}, infinity).
+          {ok, {non_neg_integer(), non_neg_integer(), boolean()}} | {error, {stale_epoch, non_neg_integer()} | timeout}.
+fence(S, Epoch) -> call(S, {fence, S, Epoch}).
 
 %% @doc The session's export here, or `absent'.
--spec export(binary()) -> {ok, map() | absent, non_neg_integer(), non_neg_integer()}.
-export(S) -> gen_server:call(name(S), {export, S}, infinity).
+-spec export(binary()) -> {ok, map() | absent, non_neg_integer(), non_neg_integer()} | {error, timeout}.
+export(S) -> call(S, {export, S}).
 
 %% @doc Replaces the local copy with `Export' (or removes it) as of `{Epoch, Seq}'.
 -spec install(binary(), pos_integer(), non_neg_integer(), node(), map() | absent) ->
           ok | {error, term()}.
-install(S, Epoch, Seq, Owner, Export) -> gen_server:call(name(S), {install, S, Epoch, Seq, Owner, Export}, infinity).
+install(S, Epoch, Seq, Owner, Export) -> call(S, {install, S, Epoch, Seq, Owner, Export}).
 
 %% @doc Forgets the local copy (this node is neither owner nor replica at `Epoch').
 -spec drop(binary(), pos_integer(), node()) -> ok | {error, term()}.
-drop(S, Epoch, Owner) -> gen_server:call(name(S), {drop, S, Epoch, Owner}, infinity).
+drop(S, Epoch, Owner) -> call(S, {drop, S, Epoch, Owner}).
+
+call(S, Msg) ->
+    try gen_server:call(name(S), Msg, ?CALL_TIMEOUT)
+    catch exit:{timeout, _} -> {error, timeout}
+    end.
 
 %%% server ----------------------------------------------------------------------
 
@@ -112,8 +122,10 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
+            %% the row says which {epoch, seq} this node holds (a takeover
+            %% picks the newest, absent or not): only once the copy is here
             Res = replace(S, Export),
-            put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
+            _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
             {reply, Res, St}
     end;
 handle_call({drop, S, Epoch, Owner}, _From, St) ->
@@ -142,8 +154,7 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
     case Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
         true -> ok;
         false ->
-            _ = replace(S, Export),
-            put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
+            _ = replace(S, Export) =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
     end,
     {noreply, St}.
 

@@ -28,10 +28,15 @@ config() ->
                       end,
             R = maps:get(replicas, C, 1),
             Mode = maps:get(replication, C, sync),
+            Read = maps:get(read, C, any),
+            Deadline = maps:get(route_deadline_ms, C, 8000),
             if
                 not is_integer(R) orelse R < 0 -> {error, {invalid_argument, replicas}};
                 Mode =/= sync andalso Mode =/= async -> {error, {invalid_argument, replication}};
-                true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode}
+                Read =/= any andalso Read =/= majority -> {error, {invalid_argument, read}};
+                not is_integer(Deadline) orelse Deadline < 1 -> {error, {invalid_argument, route_deadline_ms}};
+                true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode, read => Read,
+                           route_deadline_ms => Deadline}
             end;
         {ok, _} -> {error, {invalid_argument, cluster}}
     end.

@@ -70,7 +70,10 @@ unwatch(Ref) when is_reference(Ref), node(Ref) =/= node() ->
 unwatch(Ref) ->
     unwatch_here(Ref).
 
-%% @doc Ends a watch registered on this node.
+%% @doc Ends a watch registered on this node. A relay that does not end its
+%% watch within 10 s (stuck sending to a watcher behind a busy connection) is
+%% killed: the store drops the watch of a dead process, and the relay's row
+%% is removed here.
 -spec unwatch_here(reference()) -> ok.
 unwatch_here(Ref) ->
     case ets:lookup(?TAB, Ref) of
@@ -80,6 +83,11 @@ unwatch_here(Ref) ->
             receive
                 {Mon, ok} -> demonitor(Mon, [flush]), ok;
                 {'DOWN', Mon, _, _, _} -> ok
+            after ?CALL_TIMEOUT ->
+                exit(Relay, kill),
+                receive {'DOWN', Mon, _, _, _} -> ok end,
+                ets:delete(?TAB, Ref),
+                ok
             end;
         [] ->
             %% a native watch, or one already over (a plain reference)

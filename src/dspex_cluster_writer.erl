@@ -24,6 +24,8 @@
 
 -define(POOL, 8).
 -define(RPC_TIMEOUT, 5000).
+-define(RECONCILE_ATTEMPTS, 6).
+-define(RECONCILE_BACKOFF_MS, 50).
 
 %% @doc Starts writer `I' of the pool.
 -spec start_link(non_neg_integer()) -> {ok, pid()} | {error, term()}.
@@ -101,17 +103,26 @@ handle_cast({expired, S}, St) ->
         _ -> ok
     end,
     {noreply, St};
+handle_cast({reconcile, S, Attempt}, St) ->
+    reconcile(S, Attempt),
+    {noreply, St};
 handle_cast(_, St) -> {noreply, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info({reconcile, S, Attempt}, St) ->
+    reconcile(S, Attempt),
+    {noreply, St};
 handle_info({need_full, S, Node}, St) ->
     %% an async replica missed a change: send it the whole session
     case dspex_cluster_replica:row(S) of
         {S, E, Seq, Me, Reps, _, _} when Me =:= node() ->
             case lists:member(Node, Reps) of
                 true ->
-                    {ok, Exp, _, _} = dspex_cluster_replica:export(S),
-                    gen_server:cast({dspex_cluster_replica:name(S), Node}, {install, S, E, Seq, node(), Exp});
+                    case dspex_cluster_replica:export(S) of
+                        {ok, Exp, _, _} ->
+                            gen_server:cast({dspex_cluster_replica:name(S), Node}, {install, S, E, Seq, node(), Exp});
+                        {error, timeout} -> ok   % the replica asks again after the next change
+                    end;
                 false -> ok
             end;
         _ -> ok
@@ -120,6 +131,19 @@ handle_info({need_full, S, Node}, St) ->
 handle_info(_, St) -> {noreply, St}.
 
 %%% ownership ---------------------------------------------------------------------
+
+%% After nodes joined (see dspex_cluster_keeper): re-establish the session
+%% here if this node owns it under the current view. A takeover that cannot
+%% finish yet (this node's view still lacks a quorum, a member did not
+%% answer) is tried again a few times, 50 ms, 100 ms ... 1.6 s later; past
+%% that the next access settles it.
+reconcile(S, Attempt) ->
+    case ensure(S, dspex_cluster_members:view()) of
+        {error, Why} when Attempt < ?RECONCILE_ATTEMPTS, Why =:= no_quorum orelse element(1, Why) =:= retry ->
+            erlang:send_after(?RECONCILE_BACKOFF_MS bsl Attempt, self(), {reconcile, S, Attempt + 1}),
+            ok;
+        _ -> ok
+    end.
 
 ensure(S, #{gen := Gen, backend := Backend} = V) ->
     case Backend:quorum(V) andalso owners(S, V) of
@@ -138,22 +162,39 @@ ensure(S, #{gen := Gen, backend := Backend} = V) ->
             end
     end.
 
-takeover(S, Reps, #{live := Live, gen := Gen, backend := Backend} = V) ->
+takeover(S, Reps, #{live := Live} = V) ->
+    case dspex_cluster_replica:state(S) of
+        {error, timeout} -> {error, {retry, replica_unavailable}};
+        Here -> takeover(S, Reps, V, Here, Live -- [node()])
+    end.
+
+takeover(S, Reps, #{gen := Gen, backend := Backend} = V, {E0, Seq0, F0, Present0}, Others) ->
     T0 = erlang:monotonic_time(),
-    Others = Live -- [node()],
-    {E0, Seq0, F0, Present0} = dspex_cluster_replica:state(S),
     States = [St || {ok, St} <- erpc:multicall(Others, dspex_cluster_replica, state, [S], ?RPC_TIMEOUT)],
     Proposed = 1 + lists:max([E0, F0 | [max(E, F) || {E, _, F, _} <- States]]),
     case Backend:claim(S, Proposed, V) of
         {ok, Epoch} ->
             Fenced = lists:zip(Others, erpc:multicall(Others, dspex_cluster_replica, fence, [S, Epoch], ?RPC_TIMEOUT)),
+            Unfenced = [N || {N, R} <- Fenced, not is_fenced(R)],
             case [N || {N, {ok, {error, {stale_epoch, _}}}} <- Fenced] of
                 [_ | _] -> {error, {retry, contended}};
+                [] when Unfenced =/= [] ->
+                    %% a live member did not confirm the fence (no answer in
+                    %% time, or the connection is gone while the view still
+                    %% lists it): it might hold the newest copy, or still take
+                    %% the old owner's changes; retried until it answers or
+                    %% the view drops it
+                    {error, {retry, replica_unavailable}};
                 [] ->
                     %% this node's own replica role must refuse the old owner too
                     dspex_cluster_replica:put_row(setelement(7, dspex_cluster_replica:row(S), Epoch)),
-                    Copies = [{{E, Seq}, N} || {N, {ok, {ok, {E, Seq, true}}}} <- Fenced]
-                        ++ [{{E0, Seq0}, node()} || Present0],
+                    %% a deletion counts as a copy (a session deleted at a
+                    %% newer {epoch, seq} than any copy stays deleted); a
+                    %% deletion is replicated with its own seq (> 0), while a
+                    %% node dropped at a takeover, or that never held the
+                    %% session, has seq 0 there and counts for nothing
+                    Copies = [{{E, Seq}, P, N} || {N, {ok, {ok, {E, Seq, P}}}} <- Fenced, P orelse Seq > 0]
+                        ++ [{{E0, Seq0}, Present0, node()} || Present0 orelse Seq0 > 0],
                     finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0)
             end;
         {error, {held_by, Holder}} ->
@@ -165,11 +206,17 @@ takeover(S, Reps, #{live := Live, gen := Gen, backend := Backend} = V) ->
         {error, _} = Err -> Err
     end.
 
+is_fenced({ok, {ok, {_, _, _}}}) -> true;
+is_fenced(_) -> false.
+
 finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
+    %% the newest {epoch, seq}; at equal ones a present copy wins over a
+    %% deletion (a replica's copy may have expired locally)
     {Seq, Got} = case lists:reverse(lists:sort(Copies)) of
                      [] -> {0, ok};
-                     [{{_, BestSeq}, Me} | _] when Me =:= node() -> {BestSeq, ok};
-                     [{{_, BestSeq}, Best} | _] ->
+                     [{{_, BestSeq}, _, Me} | _] when Me =:= node() -> {BestSeq, ok};
+                     [{{_, BestSeq}, false, _} | _] -> {BestSeq, replace_local(S, absent)};
+                     [{{_, BestSeq}, true, Best} | _] ->
                          case catch erpc:call(Best, dspex_cluster_replica, export, [S], ?RPC_TIMEOUT) of
                              {ok, Exp, _, _} -> {BestSeq, replace_local(S, Exp)};
                              Other -> {BestSeq, {error, {retry, {copy_failed, Best, Other}}}}
