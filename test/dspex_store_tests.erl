@@ -511,6 +511,28 @@ big_replies_run_on_dirty_schedulers_test_() ->
         ?assertMatch(#{var_get_many := 0, var_list := 0, var_history := 0, var_rollback := 0}, D)
     end}.
 
+%% A conversion that runs out of memory half way (a list of 40 atoms: the
+%% string table is allocated, then its atom text is not) leaks nothing, in
+%% set/3 as in set_many/2 and register. Run under ASan by test-nif-asan.
+failed_conversion_frees_its_buffers_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, e, embedding, [1.0]),
+    Atoms = [list_to_atom("a" ++ integer_to_list(I)) || I <- lists:seq(1, 40)],
+    Live = dspex_nif:rawbuf_debug(0),
+    _ = dspex_nif:rawbuf_debug(2),
+    ?assertEqual({error, enomem}, dspex_store:set(S, e, Atoms)),
+    ?assertEqual(Live, dspex_nif:rawbuf_debug(0)),
+    _ = dspex_nif:rawbuf_debug(2),
+    ?assertMatch({ok, #{errors := #{e := enomem}}}, dspex_store:set_many(S, [{e, Atoms}])),
+    ?assertEqual(Live, dspex_nif:rawbuf_debug(0)),
+    _ = dspex_nif:rawbuf_debug(2),
+    ?assertEqual({error, enomem}, dspex_store:register(S, e2, embedding, Atoms)),
+    ?assertEqual(Live, dspex_nif:rawbuf_debug(0)),
+    %% and the ordinary refusal of such a value frees its buffers too
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, e, Atoms)),
+    ?assertEqual(Live, dspex_nif:rawbuf_debug(0)),
+    ?assertEqual({ok, [1.0]}, dspex_store:get_value(S, e)).
+
 ttl_expiry_by_sweeper_test_() ->
     {setup, fun() -> application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
      fun() ->

@@ -85,6 +85,7 @@ static ErlNifFunc funcs[] = {
     DX_METRICS_FUNCS,
     {"lock_token_floor", 1, nif_lock_token_floor, 0},
     {"sched_stats", 0, nif_sched_stats, 0},
+    {"rawbuf_debug", 1, nif_rawbuf_debug, 0},
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

@@ -131,6 +131,14 @@ static ERL_NIF_TERM resched(ErlNifEnv *env, int op, const char *fname,
  * BIG_VALUE_BYTES of work are built on a dirty scheduler. */
 static size_t snap_cost(const dx_snap *s) { return dx_value_payload_size(&s->value) + s->meta_len + s->by_len + 256; }
 
+/* rawbuf_debug(FailNth) -> Live: conversion buffers held now; FailNth >= 1
+ * makes that allocation from now fail (tests of the error paths), 0 none. */
+DX_NIF(nif_rawbuf_debug) {
+    ErlNifSInt64 n;
+    if (!enif_get_int64(env, argv[0], &n) || n < 0) return enif_make_badarg(env);
+    return enif_make_int64(env, dx_rawbuf_debug((long)n));
+}
+
 /* sched_stats() -> #{Op => Count}: calls rescheduled to a dirty scheduler per
  * NIF, and watch notifications delivered on normal / dirty schedulers. */
 DX_NIF(nif_sched_stats) {
