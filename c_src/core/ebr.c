@@ -3,6 +3,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <linux/membarrier.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -38,12 +39,16 @@ typedef struct {
  * mutex is taken by its owner on every retire (uncontended) and by another
  * thread only to reclaim everything (dx_ebr_reclaim, pending, drain). Threads
  * without a slot share one extra list. Lists outlive their threads: what a
- * finished thread retired is freed by the next full reclaim. */
+ * finished thread retired is freed by the next full reclaim. A list is in
+ * retire order, so in epoch order: what can be freed is a prefix, and a
+ * collection costs what it frees, however many objects still wait (a reader
+ * preempted inside its section holds the epoch back, and the list grows).
+ * Heavy objects (rare: whole sessions) wait in one shared list. */
 typedef struct {
     pthread_mutex_t mu;
     retired_t *v;
-    size_t n, cap;
-    size_t since; /* retires since the owner last collected */
+    size_t head, n, cap; /* waiting: v[head..n) */
+    size_t since;        /* retires since the owner last collected */
 } rlist_t;
 
 typedef union {
@@ -51,11 +56,14 @@ typedef union {
     char pad[2 * LINE];
 } rlist_slot;
 
-static rlist_slot g_lists[SLOTS + 1] __attribute__((aligned(LINE)));
+/* g_lists[SLOTS]: threads without a slot; g_lists[SLOTS + 1]: heavy objects. */
+static rlist_slot g_lists[SLOTS + 2] __attribute__((aligned(LINE)));
+#define OVERFLOW_LIST (&g_lists[SLOTS].l)
+#define HEAVY_LIST (&g_lists[SLOTS + 1].l)
 static pthread_once_t g_lists_once = PTHREAD_ONCE_INIT;
 
 static void lists_init(void) {
-    for (int i = 0; i <= SLOTS; i++) pthread_mutex_init(&g_lists[i].l.mu, NULL);
+    for (int i = 0; i < SLOTS + 2; i++) pthread_mutex_init(&g_lists[i].l.mu, NULL);
 }
 
 /* Asymmetric fence: with membarrier(PRIVATE_EXPEDITED) the reclaimer forces a
@@ -132,31 +140,24 @@ static uint64_t try_advance(void) {
 
 static rlist_t *own_list(void) {
     take_slot();
-    return &g_lists[t_slot >= 0 ? t_slot : SLOTS].l;
+    return t_slot >= 0 ? &g_lists[t_slot].l : OVERFLOW_LIST;
 }
 
-/* Moves up to max freeable entries of one list into out (capacity max). */
-static size_t take_freeable(rlist_t *l, uint64_t e, int include_heavy, retired_t *out, size_t max) {
-    size_t nout = 0, w = 0;
-    for (size_t r = 0; r < l->n; r++) {
-        retired_t *it = &l->v[r];
-        if (nout < max && it->epoch + 2 <= e && (include_heavy || !it->heavy))
-            out[nout++] = *it;
-        else
-            l->v[w++] = *it;
-    }
-    l->n = w;
-    return nout;
-}
-
-/* Frees what is safe in list l (the caller's own, inline: bounded by max). */
-static size_t collect_list(rlist_t *l, uint64_t e, int include_heavy, size_t max) {
+/* Frees the safe prefix of list l, at most max objects. */
+static size_t collect_list(rlist_t *l, uint64_t e, size_t max) {
     size_t freed = 0;
     for (;;) {
         retired_t buf[128];
-        size_t lim = max - freed < 128 ? max - freed : 128;
+        size_t lim = max - freed < 128 ? max - freed : 128, k = 0;
         pthread_mutex_lock(&l->mu);
-        size_t k = lim ? take_freeable(l, e, include_heavy, buf, lim) : 0;
+        while (k < lim && l->head < l->n && l->v[l->head].epoch + 2 <= e) buf[k++] = l->v[l->head++];
+        if (l->head == l->n) {
+            l->head = l->n = 0;
+        } else if (l->head > l->cap / 2) {
+            memmove(l->v, l->v + l->head, (l->n - l->head) * sizeof *l->v);
+            l->n -= l->head;
+            l->head = 0;
+        }
         l->since = 0;
         pthread_mutex_unlock(&l->mu);
         for (size_t i = 0; i < k; i++) buf[i].fn(buf[i].p);
@@ -170,7 +171,7 @@ void dx_ebr_retire(void *p, dx_free_fn fn, int heavy) {
     pthread_once(&g_lists_once, lists_init);
     /* The unlink that preceded this call must be ordered before the epoch read. */
     atomic_thread_fence(memory_order_seq_cst);
-    rlist_t *l = own_list();
+    rlist_t *l = heavy ? HEAVY_LIST : own_list();
     pthread_mutex_lock(&l->mu);
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 256;
@@ -184,11 +185,14 @@ void dx_ebr_retire(void *p, dx_free_fn fn, int heavy) {
         l->v = n;
         l->cap = cap;
     }
-    l->v[l->n++] = (retired_t){p, fn, atomic_load_explicit(&g_epoch, memory_order_seq_cst), heavy};
-    int run = ++l->since >= 64;
+    uint64_t e = atomic_load_explicit(&g_epoch, memory_order_seq_cst);
+    l->v[l->n++] = (retired_t){p, fn, e, heavy};
+    int run = !heavy && ++l->since >= 64;
+    /* advancing costs a membarrier: skip it while the oldest can go anyway */
+    int advance = run && l->v[l->head].epoch + 2 > e;
     pthread_mutex_unlock(&l->mu);
     /* Inline reclamation is bounded so a writer never spends long freeing. */
-    if (run) collect_list(l, try_advance(), 0, 128);
+    if (run) collect_list(l, advance ? try_advance() : e, 128);
 }
 
 static size_t collect_all(int include_heavy) {
@@ -196,8 +200,9 @@ static size_t collect_all(int include_heavy) {
     uint64_t e = try_advance();
     int n = atomic_load_explicit(&g_nslots, memory_order_acquire);
     if (n > SLOTS) n = SLOTS;
-    size_t freed = collect_list(&g_lists[SLOTS].l, e, include_heavy, SIZE_MAX);
-    for (int i = 0; i < n; i++) freed += collect_list(&g_lists[i].l, e, include_heavy, SIZE_MAX);
+    size_t freed = collect_list(OVERFLOW_LIST, e, SIZE_MAX);
+    if (include_heavy) freed += collect_list(HEAVY_LIST, e, SIZE_MAX);
+    for (int i = 0; i < n; i++) freed += collect_list(&g_lists[i].l, e, SIZE_MAX);
     return freed;
 }
 
@@ -210,10 +215,10 @@ size_t dx_ebr_reclaim(int include_heavy) {
 size_t dx_ebr_pending(void) {
     pthread_once(&g_lists_once, lists_init);
     size_t total = 0;
-    for (int i = 0; i <= SLOTS; i++) {
+    for (int i = 0; i < SLOTS + 2; i++) {
         rlist_t *l = &g_lists[i].l;
         pthread_mutex_lock(&l->mu);
-        total += l->n;
+        total += l->n - l->head;
         pthread_mutex_unlock(&l->mu);
     }
     return total;
@@ -221,15 +226,15 @@ size_t dx_ebr_pending(void) {
 
 void dx_ebr_drain(void) {
     pthread_once(&g_lists_once, lists_init);
-    for (int i = 0; i <= SLOTS; i++) {
+    for (int i = 0; i < SLOTS + 2; i++) {
         rlist_t *l = &g_lists[i].l;
         pthread_mutex_lock(&l->mu);
         retired_t *r = l->v;
-        size_t n = l->n;
+        size_t h = l->head, n = l->n;
         l->v = NULL;
-        l->n = l->cap = l->since = 0;
+        l->head = l->n = l->cap = l->since = 0;
         pthread_mutex_unlock(&l->mu);
-        for (size_t k = 0; k < n; k++) r[k].fn(r[k].p);
+        for (size_t k = h; k < n; k++) r[k].fn(r[k].p);
         free(r);
     }
 }

@@ -68,7 +68,12 @@ dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const 
 
 void dx_snap_release(void *p) {
     dx_snap *s = p;
-    if (s && atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1) free(s);
+    if (!s) return;
+    /* the only reference (the common case): nobody can take another, so no
+     * locked read-modify-write on this line */
+    if (atomic_load_explicit(&s->refs, memory_order_acquire) == 1 ||
+        atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+        free(s);
 }
 
 /* ---- variables: allocation -------------------------------------------------- */
