@@ -517,7 +517,11 @@ watch(Session, Keys, Pid) -> watch(Session, Keys, Pid, #{}).
 %% @doc Subscribes `Pid' to every committed change of the variables. Each commit
 %% sends `{dspex_variable, Ref, Session, Name, OldValue, NewValue, Meta}' where
 %% `Meta' is `#{version, previous_version, updated_at, changed_by, metadata}'.
-%% Messages of one variable arrive in commit order. The watch ends with
+%% Messages of one variable arrive in commit order. They are built and sent
+%% after the commit, outside its lock (from a dirty scheduler when big): when
+%% two processes write the variable at once, the message of one write may be
+%% sent by the other writer just after the first `set' returned, and a
+%% message already queued when `unwatch/1' runs may still arrive. The watch ends with
 %% `unwatch/1', when `Pid' dies, or when the variable is deleted. Returns `Ref'
 %% (an opaque reference-like term). A variable named twice is watched once; an
 %% empty list is `{error, {invalid_argument, variables}}'. With a cluster the

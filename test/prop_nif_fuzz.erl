@@ -21,8 +21,9 @@
 %% started the calls run in the local node.
 %%
 %% `advance_clock/1' is never called with a positive integer (it would shift
-%% every session's TTL clock) and every `set_limits/1' call is followed by a
-%% restore of the limits in force before it.
+%% every session's TTL clock), every `set_limits/1' call is followed by a
+%% restore of the limits in force before it, and every `rawbuf_debug/1' (the
+%% allocation-failure hook) by disarming it.
 -module(prop_nif_fuzz).
 
 -export([prop_nif_fuzz/0, nif_functions/0, stop_peer/0, calls/0, export_mutations/0,
@@ -187,6 +188,11 @@ run_call(advance_clock, [Ms], _) when is_integer(Ms), Ms > 0 ->
 run_call(set_limits, Args, Limits) ->
     R = call(set_limits, Args),
     ok = dspex_nif:set_limits(Limits),
+    R;
+run_call(rawbuf_debug, Args, _) ->
+    %% a test hook that makes a later allocation fail: never leave it armed
+    R = call(rawbuf_debug, Args),
+    _ = dspex_nif:rawbuf_debug(0),
     R;
 run_call(F, Args, _) -> call(F, Args).
 

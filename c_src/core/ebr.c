@@ -3,6 +3,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <linux/membarrier.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -33,10 +34,37 @@ typedef struct {
     int heavy;
 } retired_t;
 
-static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
-static retired_t *g_ret;
-static size_t g_nret, g_capret;
-static size_t g_since_reclaim;
+/* Retired objects wait in a list of the thread that retired them, so writers
+ * on different threads share no lock and no written cache line: each list's
+ * mutex is taken by its owner on every retire (uncontended) and by another
+ * thread only to reclaim everything (dx_ebr_reclaim, pending, drain). Threads
+ * without a slot share one extra list. Lists outlive their threads: what a
+ * finished thread retired is freed by the next full reclaim. A list is in
+ * retire order, so in epoch order: what can be freed is a prefix, and a
+ * collection costs what it frees, however many objects still wait (a reader
+ * preempted inside its section holds the epoch back, and the list grows).
+ * Heavy objects (rare: whole sessions) wait in one shared list. */
+typedef struct {
+    pthread_mutex_t mu;
+    retired_t *v;
+    size_t head, n, cap; /* waiting: v[head..n) */
+    size_t since;        /* retires since the owner last collected */
+} rlist_t;
+
+typedef union {
+    rlist_t l;
+    char pad[2 * LINE];
+} rlist_slot;
+
+/* g_lists[SLOTS]: threads without a slot; g_lists[SLOTS + 1]: heavy objects. */
+static rlist_slot g_lists[SLOTS + 2] __attribute__((aligned(LINE)));
+#define OVERFLOW_LIST (&g_lists[SLOTS].l)
+#define HEAVY_LIST (&g_lists[SLOTS + 1].l)
+static pthread_once_t g_lists_once = PTHREAD_ONCE_INIT;
+
+static void lists_init(void) {
+    for (int i = 0; i < SLOTS + 2; i++) pthread_mutex_init(&g_lists[i].l.mu, NULL);
+}
 
 /* Asymmetric fence: with membarrier(PRIVATE_EXPEDITED) the reclaimer forces a
  * full barrier on every running thread of the process, so a reader's epoch
@@ -59,13 +87,16 @@ static void heavy_fence(void) {
         atomic_thread_fence(memory_order_seq_cst);
 }
 
+static void take_slot(void) {
+    if (t_slot != -1) return;
+    int i = atomic_fetch_add(&g_nslots, 1);
+    t_slot = i < SLOTS ? i : -2;
+    membarrier_ready(); /* decide before this thread's first light announcement */
+}
+
 void dx_ebr_enter(void) {
     if (t_depth++ > 0) return;
-    if (t_slot == -1) {
-        int i = atomic_fetch_add(&g_nslots, 1);
-        t_slot = i < SLOTS ? i : -2;
-        membarrier_ready(); /* decide before this thread's first light announcement */
-    }
+    take_slot();
     if (t_slot >= 0) {
         uint64_t e = atomic_load_explicit(&g_epoch, memory_order_relaxed);
         if (atomic_load_explicit(&g_membarrier, memory_order_relaxed) == 1) {
@@ -88,7 +119,9 @@ void dx_ebr_exit(void) {
         atomic_fetch_sub_explicit(&g_overflow, 1, memory_order_release);
 }
 
-/* Advance the global epoch if every active reader has seen the current one. */
+/* Advances the global epoch if every active reader has seen the current one.
+ * Lock-free: concurrent callers race on one compare-and-swap, and a caller
+ * whose scan is stale loses it. */
 static uint64_t try_advance(void) {
     /* Make every reader's announcement (a plain store) visible before the scan. */
     heavy_fence();
@@ -105,78 +138,103 @@ static uint64_t try_advance(void) {
     return atomic_load_explicit(&g_epoch, memory_order_seq_cst);
 }
 
-/* Moves the freeable entries out under the lock; frees them outside it. */
-static size_t collect(int include_heavy, size_t max) {
-    retired_t *out = NULL;
-    size_t nout = 0;
-    pthread_mutex_lock(&g_mu);
-    uint64_t e = try_advance();
-    if (g_nret) {
-        out = malloc(sizeof(*out) * (g_nret < max ? g_nret : max));
-        if (out) {
-            size_t w = 0;
-            for (size_t r = 0; r < g_nret; r++) {
-                retired_t *it = &g_ret[r];
-                if (nout < max && it->epoch + 2 <= e && (include_heavy || !it->heavy))
-                    out[nout++] = *it;
-                else
-                    g_ret[w++] = *it;
-            }
-            g_nret = w;
+static rlist_t *own_list(void) {
+    take_slot();
+    return t_slot >= 0 ? &g_lists[t_slot].l : OVERFLOW_LIST;
+}
+
+/* Frees the safe prefix of list l, at most max objects. */
+static size_t collect_list(rlist_t *l, uint64_t e, size_t max) {
+    size_t freed = 0;
+    for (;;) {
+        retired_t buf[128];
+        size_t lim = max - freed < 128 ? max - freed : 128, k = 0;
+        pthread_mutex_lock(&l->mu);
+        while (k < lim && l->head < l->n && l->v[l->head].epoch + 2 <= e) buf[k++] = l->v[l->head++];
+        if (l->head == l->n) {
+            l->head = l->n = 0;
+        } else if (l->head > l->cap / 2) {
+            memmove(l->v, l->v + l->head, (l->n - l->head) * sizeof *l->v);
+            l->n -= l->head;
+            l->head = 0;
         }
+        l->since = 0;
+        pthread_mutex_unlock(&l->mu);
+        for (size_t i = 0; i < k; i++) buf[i].fn(buf[i].p);
+        freed += k;
+        if (k < lim || freed >= max) return freed;
     }
-    g_since_reclaim = 0;
-    pthread_mutex_unlock(&g_mu);
-    for (size_t i = 0; i < nout; i++) out[i].fn(out[i].p);
-    free(out);
-    return nout;
 }
 
 void dx_ebr_retire(void *p, dx_free_fn fn, int heavy) {
     if (!p) return;
+    pthread_once(&g_lists_once, lists_init);
     /* The unlink that preceded this call must be ordered before the epoch read. */
     atomic_thread_fence(memory_order_seq_cst);
-    int run = 0;
-    pthread_mutex_lock(&g_mu);
-    if (g_nret == g_capret) {
-        size_t cap = g_capret ? g_capret * 2 : 256;
-        retired_t *n = realloc(g_ret, cap * sizeof(*n));
+    rlist_t *l = heavy ? HEAVY_LIST : own_list();
+    pthread_mutex_lock(&l->mu);
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 256;
+        retired_t *n = realloc(l->v, cap * sizeof(*n));
         if (!n) {
             /* Cannot defer: wait for a grace period is not possible here, so
              * keep the object forever rather than free it under a reader. */
-            pthread_mutex_unlock(&g_mu);
+            pthread_mutex_unlock(&l->mu);
             return;
         }
-        g_ret = n;
-        g_capret = cap;
+        l->v = n;
+        l->cap = cap;
     }
-    g_ret[g_nret++] = (retired_t){p, fn, atomic_load_explicit(&g_epoch, memory_order_seq_cst), heavy};
-    run = ++g_since_reclaim >= 64;
-    pthread_mutex_unlock(&g_mu);
+    uint64_t e = atomic_load_explicit(&g_epoch, memory_order_seq_cst);
+    l->v[l->n++] = (retired_t){p, fn, e, heavy};
+    int run = !heavy && ++l->since >= 64;
+    /* advancing costs a membarrier: skip it while the oldest can go anyway */
+    int advance = run && l->v[l->head].epoch + 2 > e;
+    pthread_mutex_unlock(&l->mu);
     /* Inline reclamation is bounded so a writer never spends long freeing. */
-    if (run) collect(0, 128);
+    if (run) collect_list(l, advance ? try_advance() : e, 128);
+}
+
+static size_t collect_all(int include_heavy) {
+    pthread_once(&g_lists_once, lists_init);
+    uint64_t e = try_advance();
+    int n = atomic_load_explicit(&g_nslots, memory_order_acquire);
+    if (n > SLOTS) n = SLOTS;
+    size_t freed = collect_list(OVERFLOW_LIST, e, SIZE_MAX);
+    if (include_heavy) freed += collect_list(HEAVY_LIST, e, SIZE_MAX);
+    for (int i = 0; i < n; i++) freed += collect_list(&g_lists[i].l, e, SIZE_MAX);
+    return freed;
 }
 
 size_t dx_ebr_reclaim(int include_heavy) {
-    size_t n = collect(include_heavy, SIZE_MAX);
+    size_t n = collect_all(include_heavy);
     /* A second pass lets objects retired just before the first advance go too. */
-    return n + collect(include_heavy, SIZE_MAX);
+    return n + collect_all(include_heavy);
 }
 
 size_t dx_ebr_pending(void) {
-    pthread_mutex_lock(&g_mu);
-    size_t n = g_nret;
-    pthread_mutex_unlock(&g_mu);
-    return n;
+    pthread_once(&g_lists_once, lists_init);
+    size_t total = 0;
+    for (int i = 0; i < SLOTS + 2; i++) {
+        rlist_t *l = &g_lists[i].l;
+        pthread_mutex_lock(&l->mu);
+        total += l->n - l->head;
+        pthread_mutex_unlock(&l->mu);
+    }
+    return total;
 }
 
 void dx_ebr_drain(void) {
-    pthread_mutex_lock(&g_mu);
-    retired_t *r = g_ret;
-    size_t n = g_nret;
-    g_ret = NULL;
-    g_nret = g_capret = 0;
-    pthread_mutex_unlock(&g_mu);
-    for (size_t i = 0; i < n; i++) r[i].fn(r[i].p);
-    free(r);
+    pthread_once(&g_lists_once, lists_init);
+    for (int i = 0; i < SLOTS + 2; i++) {
+        rlist_t *l = &g_lists[i].l;
+        pthread_mutex_lock(&l->mu);
+        retired_t *r = l->v;
+        size_t h = l->head, n = l->n;
+        l->v = NULL;
+        l->head = l->n = l->cap = l->since = 0;
+        pthread_mutex_unlock(&l->mu);
+        for (size_t k = h; k < n; k++) r[k].fn(r[k].p);
+        free(r);
+    }
 }

@@ -21,6 +21,7 @@ static _Thread_local int t_ev_kind; /* DX_EV_VAR_ROLLED_BACK while a rollback co
         if (h_) h_(&(dx_ev_change){__VA_ARGS__});                                             \
     } while (0)
 void dx_store_set_event_hook(void (*fn)(const dx_ev_change *c)) { atomic_store(&g_ev_hook, fn); }
+static void (*g_release_notify)(void *q);
 /* Bumped whenever a session is unlinked: a thread's cached session pointer is
  * only trusted while the generation it was cached under is still current. */
 static _Atomic uint64_t g_sess_gen;
@@ -43,6 +44,7 @@ void dx_store_set_limits(const dx_limits *l) { g_limits = *l; }
 dx_limits dx_store_limits(void) { return g_limits; }
 void dx_store_set_watcher_release(void (*fn)(void *w)) { g_release_watcher = fn; }
 void dx_store_set_acl_release(void (*fn)(void *acl)) { g_release_acl = fn; }
+void dx_store_set_notify_release(void (*fn)(void *q)) { g_release_notify = fn; }
 
 static void release_acl(void *acl) {
     if (acl && g_release_acl) g_release_acl(acl);
@@ -60,6 +62,7 @@ dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const 
     s->version = version;
     s->updated_at = now_us;
     s->size = size;
+    atomic_init(&s->refs, 1);
     dx_value_copy_into(&s->value, v, s->data);
     char *p = s->data + pay_al;
     s->meta = meta_len ? (const uint8_t *)p : NULL;
@@ -72,12 +75,23 @@ dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const 
     return s;
 }
 
+void dx_snap_release(void *p) {
+    dx_snap *s = p;
+    if (!s) return;
+    /* the only reference (the common case): nobody can take another, so no
+     * locked read-modify-write on this line */
+    if (atomic_load_explicit(&s->refs, memory_order_acquire) == 1 ||
+        atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+        free(s);
+}
+
 /* ---- variables: allocation -------------------------------------------------- */
 
 static void var_free(void *p) {
     dx_var *v = p;
-    free(atomic_load_explicit(&v->cur, memory_order_relaxed));
-    for (uint32_t i = 0; i < v->hist_n; i++) free(v->hist[(v->hist_start + i) % v->history_limit]);
+    dx_snap_release(atomic_load_explicit(&v->cur, memory_order_relaxed));
+    for (uint32_t i = 0; i < v->hist_n; i++) dx_snap_release(v->hist[(v->hist_start + i) % v->history_limit]);
+    if (v->notify && g_release_notify) g_release_notify(v->notify);
     free(v->hist);
     for (size_t i = 0; i < v->nwatchers; i++)
         if (g_release_watcher) g_release_watcher(v->watchers[i]);
@@ -421,11 +435,11 @@ dx_var *dx_var_find(dx_session *s, dx_str key) {
 
 static void hist_push(dx_var *v, dx_snap *old) {
     if (!v->history_limit) {
-        dx_ebr_retire(old, free, 0);
+        dx_ebr_retire(old, dx_snap_release, 0);
         return;
     }
     if (v->hist_n == v->history_limit) {
-        dx_ebr_retire(v->hist[v->hist_start], free, 0);
+        dx_ebr_retire(v->hist[v->hist_start], dx_snap_release, 0);
         v->hist[v->hist_start] = old;
         v->hist_start = (v->hist_start + 1) % v->history_limit;
     } else {
@@ -494,7 +508,7 @@ static uint64_t commit(dx_session *s, dx_var *v, dx_snap *next, dx_notify_fn nf,
     dx_snap *old = atomic_load_explicit(&v->cur, memory_order_relaxed);
     atomic_store_explicit(&v->cur, next, memory_order_release);
     EV_EMIT(.kind = t_ev_kind ? t_ev_kind : DX_EV_VAR_UPDATED, .s = s, .v = v, .old = old, .cur = next);
-    if (nf && v->nwatchers) nf(nctx, s, v, old, next);
+    if (nf) nf(nctx, s, v, old, next);
     hist_push(v, old);
     return next->version;
 }
@@ -761,6 +775,18 @@ int dx_var_add_watcher(dx_session *s, dx_var *v, void *w) {
     if (!rc) v->watchers[v->nwatchers++] = w;
     pthread_mutex_unlock(&sh->mu);
     return rc;
+}
+
+void *dx_var_adopt_notify(dx_session *s, dx_var *v, void *q) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    void *r = NULL;
+    if (!v->dead) {
+        if (!v->notify) v->notify = q;
+        r = v->notify;
+    }
+    pthread_mutex_unlock(&sh->mu);
+    return r;
 }
 
 int dx_var_info(dx_session *s, dx_var *v, size_t *nwatchers, size_t *nhist) {

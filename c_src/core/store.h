@@ -26,8 +26,18 @@ typedef struct dx_snap {
     const uint8_t *by;   /* opaque encoded changed_by, 0 length: none */
     size_t by_len;
     size_t size;         /* allocation size */
+    /* References: the variable's (as current or archived version) plus one per
+     * holder that outlives its EBR section (a pending watch notification). */
+    _Atomic uint32_t refs;
     _Alignas(8) char data[];
 } dx_snap;
+
+/* A reference taken while the snapshot is reachable (under the shard mutex, or
+ * inside an EBR section); the last release frees it. */
+static inline void dx_snap_retain(const dx_snap *s) {
+    atomic_fetch_add_explicit(&((dx_snap *)s)->refs, 1, memory_order_relaxed);
+}
+void dx_snap_release(void *s);
 
 struct dx_var;
 typedef struct dx_blob {
@@ -62,6 +72,7 @@ typedef struct dx_var {
     dx_snap **hist; /* ring of archived snapshots, oldest at hist_start */
     void **watchers; /* opaque, owned: released through the release hook */
     size_t nwatchers, capwatchers;
+    void *notify; /* opaque (the NIF's notification queue), released through its hook */
     char inline_text[]; /* name, NUL, id, NUL, padding, dx_constraints */
 } dx_var;
 
@@ -161,7 +172,10 @@ typedef struct {
 
 #define DX_E_RETRY 100
 
-/* Called under the shard mutex after each commit, in commit order. */
+/* Called under the shard mutex after each commit, in commit order (also when
+ * the variable has no watchers). It must stay cheap and never block: take
+ * references (dx_snap_retain) and append to a queue, then build and deliver
+ * after the writer has released the mutex. Several hooks chain through ctx. */
 typedef void (*dx_notify_fn)(void *ctx, dx_session *s, dx_var *v, const dx_snap *old, const dx_snap *cur);
 
 /* DX_OK (*version = new), DX_E_VERSION_MISMATCH (*version = current), DX_E_NOT_FOUND
@@ -230,6 +244,11 @@ int dx_var_rollback(dx_session *s, dx_var *v, uint64_t target, const dx_set_opts
                     uint64_t *version, dx_notify_fn nf, void *nctx);
 
 int dx_var_add_watcher(dx_session *s, dx_var *v, void *w);
+/* Installs q as the variable's notification queue unless it has one; returns
+ * the installed queue (q or the existing one), or NULL if v was deleted.
+ * The store releases the installed queue through the hook when v is freed. */
+void *dx_var_adopt_notify(dx_session *s, dx_var *v, void *q);
+void dx_store_set_notify_release(void (*fn)(void *q));
 /* Watcher count and archived versions, read under the shard mutex; -1 if deleted. */
 int dx_var_info(dx_session *s, dx_var *v, size_t *nwatchers, size_t *nhist);
 /* Removes every occurrence of w; returns how many (each released). */

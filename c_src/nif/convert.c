@@ -63,6 +63,29 @@ static const char *describe(ErlNifEnv *env, ERL_NIF_TERM t) {
     }
 }
 
+/* Heap blocks behind dx_rawbufs: counted, and failed on demand by a test hook
+ * (dx_rawbuf_debug), so the tests can prove that no path leaks them. */
+static _Atomic long g_raw_live, g_raw_fail_nth;
+
+static void *raw_alloc(size_t n) {
+    if (atomic_load_explicit(&g_raw_fail_nth, memory_order_relaxed) > 0 && atomic_fetch_sub(&g_raw_fail_nth, 1) == 1)
+        return NULL;
+    void *p = enif_alloc(n);
+    if (p) atomic_fetch_add_explicit(&g_raw_live, 1, memory_order_relaxed);
+    return p;
+}
+
+static void raw_free(void *p) {
+    if (!p) return;
+    enif_free(p);
+    atomic_fetch_sub_explicit(&g_raw_live, 1, memory_order_relaxed);
+}
+
+long dx_rawbuf_debug(long fail_nth) {
+    if (fail_nth >= 0) atomic_store(&g_raw_fail_nth, fail_nth);
+    return atomic_load(&g_raw_live);
+}
+
 /* A list of numbers into doubles; 0 ok, 1 not all numbers, -1 nomem, 2 too big. */
 static int get_numlist(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_bytes, double **out, size_t *n) {
     unsigned len;
@@ -71,7 +94,7 @@ static int get_numlist(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_
     double *d = b->nums_stack;
     if (len > DX_STACK_NUMS) {
         if (b->nums_heap) return 1; /* only one big list per input */
-        d = b->nums_heap = enif_alloc(len * sizeof(double));
+        d = b->nums_heap = raw_alloc(len * sizeof(double));
         if (!d) return -1;
     }
     ERL_NIF_TERM h;
@@ -88,7 +111,7 @@ static int get_strlist(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b) {
     if (!enif_get_list_length(env, t, &len) || len == 0) return 1;
     dx_str *s = b->strs_stack;
     if (len > DX_STACK_STRS) {
-        s = b->strs_heap = enif_alloc(len * sizeof(dx_str));
+        s = b->strs_heap = raw_alloc(len * sizeof(dx_str));
         if (!s) return -1;
     }
     /* Atom texts need storage that outlives this call: one block sized generously. */
@@ -100,7 +123,7 @@ static int get_strlist(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b) {
     }
     char *abuf = NULL;
     if (atom_bytes) {
-        abuf = b->atoms_heap = enif_alloc(atom_bytes);
+        abuf = b->atoms_heap = raw_alloc(atom_bytes);
         if (!abuf) return -1;
     }
     for (unsigned i = 0; enif_get_list_cell(env, t, &h, &t); i++) {
@@ -157,7 +180,15 @@ static double bignum_to_double(ErlNifEnv *env, ERL_NIF_TERM t) {
     return d;
 }
 
+static int term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_bytes);
+
 int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_bytes) {
+    int rc = term_to_raw(env, t, b, max_bytes);
+    if (rc) dx_rawbuf_free(b); /* a failed conversion leaves nothing to free */
+    return rc;
+}
+
+static int term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_bytes) {
     memset(&b->raw, 0, sizeof b->raw);
     b->too_big = 0;
     b->nums_heap = NULL;
@@ -244,9 +275,9 @@ int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_byte
 }
 
 void dx_rawbuf_free(dx_rawbuf *b) {
-    if (b->nums_heap) enif_free(b->nums_heap);
-    if (b->strs_heap) enif_free(b->strs_heap);
-    if (b->atoms_heap) enif_free(b->atoms_heap);
+    raw_free(b->nums_heap);
+    raw_free(b->strs_heap);
+    raw_free(b->atoms_heap);
     b->nums_heap = NULL;
     b->strs_heap = NULL;
     b->atoms_heap = NULL;

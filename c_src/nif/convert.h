@@ -22,9 +22,13 @@ typedef struct {
     char atom_text[DX_ATOM_TEXT];
 } dx_rawbuf;
 
-/* Fills b->raw from any term; returns 0, or -1 when out of memory. */
+/* Fills b->raw from any term; returns 0, or -1 when out of memory (then b
+ * holds nothing; dx_rawbuf_free is idempotent either way). */
 int dx_term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_bytes);
 void dx_rawbuf_free(dx_rawbuf *b);
+/* Test hook: heap blocks held by dx_rawbufs now; fail_nth >= 0 makes the
+ * fail_nth-th next one fail to allocate (0: none). */
+long dx_rawbuf_debug(long fail_nth);
 /* A list of at most `limit` cells? (bounded walk, for the dirty-scheduler decision) */
 int dx_list_longer_than(ErlNifEnv *env, ERL_NIF_TERM t, size_t limit);
 

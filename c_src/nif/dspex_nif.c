@@ -88,6 +88,8 @@ static ErlNifFunc funcs[] = {
     DX_METRICS_FUNCS,
     {"lock_token_floor", 1, nif_lock_token_floor, 0},
     DX_EVENTS_FUNCS,
+    {"sched_stats", 0, nif_sched_stats, 0},
+    {"rawbuf_debug", 1, nif_rawbuf_debug, 0},
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

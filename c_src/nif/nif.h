@@ -8,8 +8,26 @@
 extern ErlNifResourceType *dx_watch_type;
 int dx_watch_init(ErlNifEnv *env);
 void dx_watch_release(void *w);
-/* Sends a watch message to every active watcher of v (under its shard mutex). */
+/* Watch notifications (watch_nif.c). A writer passes dx_watch_notify and a
+ * dx_notify_ctx to the core's commit; the hook, under the shard mutex, only
+ * queues references. After the commit the writer returns
+ * dx_watch_finish(env, &ctx, Reply): it builds and sends the queued messages
+ * (commit order per variable), or moves that work to a dirty scheduler when it
+ * exceeds DX_NOTIFY_BUDGET bytes on a normal one, and answers Reply. */
+#define DX_NOTIFY_BUDGET (256u << 10)
+typedef struct {
+    ErlNifEnv *env;
+    void **q; /* queues this call drains */
+    size_t n, cap;
+    void *inline_q[4];
+} dx_notify_ctx;
+void dx_notify_ctx_init(dx_notify_ctx *nc, ErlNifEnv *env, size_t nvars);
 void dx_watch_notify(void *ctx, dx_session *s, dx_var *v, const dx_snap *old, const dx_snap *cur);
+ERL_NIF_TERM dx_watch_finish(ErlNifEnv *env, dx_notify_ctx *nc, ERL_NIF_TERM reply);
+/* Test and bench counters: commits delivered on a normal / dirty scheduler,
+ * drains moved to a dirty scheduler, notifications dropped (out of memory). */
+enum { DX_NOTIFY_NORMAL, DX_NOTIFY_DIRTY, DX_NOTIFY_RESCHEDULED, DX_NOTIFY_DROPPED, DX_NOTIFY_STATS };
+extern _Atomic uint64_t dx_notify_stats[DX_NOTIFY_STATS];
 
 /* The session named by a binary term (NULL if not a binary, unknown or
  * expired; *sid gets its id when given). Inside an EBR section. */
@@ -43,4 +61,5 @@ DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error); DX_NIF(nif_var_lock); DX_NIF
 DX_NIF(nif_lock_token_floor);
 DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_filter); DX_NIF(nif_acl_validate);
 DX_NIF(nif_session_set_rate);
+DX_NIF(nif_sched_stats); DX_NIF(nif_rawbuf_debug);
 #endif

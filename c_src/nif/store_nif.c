@@ -113,7 +113,52 @@ static int big_input(ErlNifEnv *env, ERL_NIF_TERM t) {
     return 0;
 }
 
-#define RESCHEDULE(fname, fun) enif_schedule_nif(env, fname, ERL_NIF_DIRTY_JOB_CPU_BOUND, fun, argc, argv)
+/* Calls moved to a dirty scheduler, per NIF (sched_stats/0 reports them, with
+ * the watch notification counters: the tests assert where work ran). */
+enum { RS_SESSION_LIST, RS_REGISTER, RS_GET, RS_GET_VALUE, RS_SET, RS_LIST, RS_GET_MANY, RS_SET_MANY, RS_HISTORY,
+       RS_ROLLBACK, RS_N };
+static _Atomic uint64_t g_resched[RS_N];
+
+static ERL_NIF_TERM resched(ErlNifEnv *env, int op, const char *fname,
+                            ERL_NIF_TERM (*fun)(ErlNifEnv *, int, const ERL_NIF_TERM[]), int argc,
+                            const ERL_NIF_TERM argv[]) {
+    atomic_fetch_add_explicit(&g_resched[op], 1, memory_order_relaxed);
+    return enif_schedule_nif(env, fname, ERL_NIF_DIRTY_JOB_CPU_BOUND, fun, argc, argv);
+}
+#define RESCHEDULE(op, fname, fun) resched(env, op, fname, fun, argc, argv)
+
+/* What building the term of a snapshot costs, in bytes of work: its payload
+ * and metadata, plus a fixed share for the map around it. Replies above
+ * BIG_VALUE_BYTES of work are built on a dirty scheduler. */
+static size_t snap_cost(const dx_snap *s) { return dx_value_payload_size(&s->value) + s->meta_len + s->by_len + 256; }
+
+/* rawbuf_debug(FailNth) -> Live: conversion buffers held now; FailNth >= 1
+ * makes that allocation from now fail (tests of the error paths), 0 none. */
+DX_NIF(nif_rawbuf_debug) {
+    ErlNifSInt64 n;
+    if (!enif_get_int64(env, argv[0], &n) || n < 0) return enif_make_badarg(env);
+    return enif_make_int64(env, dx_rawbuf_debug((long)n));
+}
+
+/* sched_stats() -> #{Op => Count}: calls rescheduled to a dirty scheduler per
+ * NIF, and watch notifications delivered on normal / dirty schedulers. */
+DX_NIF(nif_sched_stats) {
+    static const char *const names[RS_N] = {"session_list", "var_register", "var_get", "var_get_value", "var_set",
+                                            "var_list", "var_get_many", "var_set_many", "var_history", "var_rollback"};
+    static const char *const nnames[DX_NOTIFY_STATS] = {"notify_normal", "notify_dirty", "notify_rescheduled",
+                                                        "notify_dropped"};
+    ERL_NIF_TERM keys[RS_N + DX_NOTIFY_STATS], vals[RS_N + DX_NOTIFY_STATS], m;
+    for (int i = 0; i < RS_N; i++) {
+        keys[i] = enif_make_atom(env, names[i]);
+        vals[i] = enif_make_uint64(env, atomic_load(&g_resched[i]));
+    }
+    for (int i = 0; i < DX_NOTIFY_STATS; i++) {
+        keys[RS_N + i] = enif_make_atom(env, nnames[i]);
+        vals[RS_N + i] = enif_make_uint64(env, atomic_load(&dx_notify_stats[i]));
+    }
+    enif_make_map_from_arrays(env, keys, vals, RS_N + DX_NOTIFY_STATS, &m);
+    return m;
+}
 
 /* ---- sessions ------------------------------------------------------------------- */
 
@@ -196,7 +241,7 @@ static int sess_list_cb(void *ctx, dx_session *s) {
 }
 
 DX_NIF(nif_session_list) {
-    if (!dx_on_dirty() && dx_session_count() > BIG_SESSION) return RESCHEDULE("session_list", nif_session_list);
+    if (!dx_on_dirty() && dx_session_count() > BIG_SESSION) return RESCHEDULE(RS_SESSION_LIST, "session_list", nif_session_list);
     sess_list_ctx c = {env, enif_make_list(env, 0), dx_now_ms()};
     dx_ebr_enter();
     dx_session_foreach(sess_list_cb, &c);
@@ -321,7 +366,7 @@ DX_NIF(nif_var_register) {
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
     if (!dx_term_to_type(env, argv[2], &type)) return dx_error2(env, ATOM_unknown_type, argv[2]);
-    if (!dx_on_dirty() && big_input(env, argv[3])) return RESCHEDULE("var_register", nif_var_register);
+    if (!dx_on_dirty() && big_input(env, argv[3])) return RESCHEDULE(RS_REGISTER, "var_register", nif_var_register);
 
     char err[DX_ERRLEN] = "";
     dx_constraints cons;
@@ -466,7 +511,7 @@ static ERL_NIF_TERM var_get(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
         if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
             t_res = -1;
-            return RESCHEDULE("var_get", nif_var_get_here);
+            return RESCHEDULE(RS_GET, "var_get", nif_var_get_here);
         }
         int by_name = enif_is_binary(env, argv[1]) && key.len == v->name_len && !memcmp(key.ptr, v->name, key.len);
         /* plain variables: the bare tagged tuple (see dx_var_to_flat) */
@@ -493,7 +538,7 @@ static ERL_NIF_TERM var_get_value(ErlNifEnv *env, int argc, const ERL_NIF_TERM a
         if (big_value(cur) && !dx_on_dirty()) {
             dx_ebr_exit();
             t_res = -1;
-            return RESCHEDULE("var_get_value", nif_var_get_value_here);
+            return RESCHEDULE(RS_GET_VALUE, "var_get_value", nif_var_get_value_here);
         }
         r = enif_make_tuple2(env, ATOM_ok, dx_value_to_term(env, &cur->value));
     }
@@ -601,14 +646,10 @@ static int merge_meta(ErlNifEnv *env, const dx_snap *cur, ERL_NIF_TERM patch, Er
     return dx_term_to_blob(env, base, out);
 }
 
-typedef struct {
-    ErlNifEnv *env;
-    ERL_NIF_TERM sid;
-} notify_ctx;
-
-/* One set with retry on concurrent metadata change. Returns the reply term. */
-static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TERM key, const dx_value *val,
-                           set_opts_buf *ob, notify_ctx *nc) {
+/* One set with retry on concurrent metadata change. Returns the reply term
+ * (the caller passes it through dx_watch_finish). */
+static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TERM sidt, ERL_NIF_TERM key,
+                           const dx_value *val, set_opts_buf *ob, dx_notify_ctx *nc) {
     for (;;) {
         ErlNifBinary meta = {0};
         dx_set_opts o = ob->o;
@@ -628,7 +669,7 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
         if (rc == DX_E_RETRY) continue;
         if (rc == DX_E_INVALID) return dx_error_msg(env, ATOM_invalid_value, "value type does not match the variable");
         if (rc == DX_E_LOCKED) return dx_error(env, locked_reason(env));
-        if (rc == DX_E_DENIED) dx_audit(env, ATOM_dspex_denied, nc->sid, key, &ob->principal, ATOM_write);
+        if (rc == DX_E_DENIED) dx_audit(env, ATOM_dspex_denied, sidt, key, &ob->principal, ATOM_write);
         return rc ? dx_rc_error(env, rc, key, version, DX_L_VALUE_SIZE, NULL)
                   : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, version));
     }
@@ -641,7 +682,7 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3])) return enif_make_badarg(env);
     if (!dx_on_dirty() && big_input(env, argv[2])) {
         t_res = -1;
-        return RESCHEDULE("var_set", nif_var_set_here);
+        return RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
     }
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
@@ -655,6 +696,8 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     dx_rawbuf b;
     char err[DX_ERRLEN];
     ERL_NIF_TERM r;
+    dx_notify_ctx nc;
+    dx_notify_ctx_init(&nc, env, 1);
     dx_ebr_enter();
     dx_session *s = dx_session_find(sid, dx_now_ms());
     dx_var *v = s ? dx_var_find(s, key) : NULL;
@@ -667,13 +710,13 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     } else if (!v) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else if (dx_term_to_raw(env, argv[2], &b, dx_store_limits().max_value_bytes)) {
+        dx_rawbuf_free(&b); /* what the conversion allocated before it failed */
         r = dx_error(env, ATOM_enomem);
     } else {
         dx_value val;
-        notify_ctx nc = {env, argv[0]};
         if (b.too_big) r = dx_limit_error(env, DX_L_VALUE_SIZE);
         else if (dx_value_check(v->type, v->cons, &b.raw, &val, err, sizeof err)) r = dx_error_msg(env, ATOM_invalid_value, err);
-        else r = do_set(env, s, v, argv[1], &val, &ob, &nc);
+        else r = do_set(env, s, v, argv[0], argv[1], &val, &ob, &nc);
         dx_rawbuf_free(&b);
     }
     dx_ebr_exit();
@@ -682,7 +725,8 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     const ERL_NIF_TERM *el;
     t_res = enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok) ? DX_NATIVE_OK
                                                                                              : DX_NATIVE_ERROR;
-    return r;
+    /* outside the EBR section and every lock: the watch messages */
+    return dx_watch_finish(env, &nc, r);
 }
 
 DX_NIF(nif_var_set) { return SLOW(DX_NATIVE_SET) ? ATOM_slow : timed(DX_NATIVE_SET, var_set, env, argc, argv); }
@@ -723,10 +767,20 @@ DX_NIF(nif_var_list) {
     WITH_SESSION(s, argv[0]);
     if (!dx_on_dirty() && dx_session_nvars(s) > BIG_SESSION) {
         dx_ebr_exit();
-        return RESCHEDULE("var_list", nif_var_list);
+        return RESCHEDULE(RS_LIST, "var_list", nif_var_list);
     }
     size_t n = 0;
     dx_var **vars = dx_session_vars_sorted(s, &n);
+    if (vars && !dx_on_dirty()) {
+        /* few variables, but their values may be big */
+        size_t cost = 0;
+        for (size_t i = 0; i < n; i++) cost += snap_cost(dx_var_current(vars[i]));
+        if (cost > BIG_VALUE_BYTES) {
+            free(vars);
+            dx_ebr_exit();
+            return RESCHEDULE(RS_LIST, "var_list", nif_var_list);
+        }
+    }
     ERL_NIF_TERM r;
     if (!vars && n) {
         r = dx_error(env, ATOM_enomem);
@@ -757,8 +811,23 @@ DX_NIF(nif_var_get_many) {
         dx_str k;
         if (!get_key(env, h, &k, kbuf)) return enif_make_badarg(env);
     }
-    if (!dx_on_dirty() && len > 200) return RESCHEDULE("var_get_many", nif_var_get_many);
+    if (!dx_on_dirty() && len > 200) return RESCHEDULE(RS_GET_MANY, "var_get_many", nif_var_get_many);
     WITH_SESSION(s, argv[0]);
+    if (!dx_on_dirty()) {
+        /* the reply's size decides, not the key count alone */
+        size_t cost = 0;
+        for (l = argv[1]; enif_get_list_cell(env, l, &h, &l);) {
+            char kbuf[DX_ATOM_TEXT];
+            dx_str k;
+            get_key(env, h, &k, kbuf);
+            dx_var *v = dx_var_find(s, k);
+            if (v) cost += snap_cost(dx_var_current(v));
+        }
+        if (cost > BIG_VALUE_BYTES) {
+            dx_ebr_exit();
+            return RESCHEDULE(RS_GET_MANY, "var_get_many", nif_var_get_many);
+        }
+    }
     ERL_NIF_TERM found = enif_make_new_map(env), missing = enif_make_list(env, 0), denied = enif_make_list(env, 0);
     l = argv[1];
     while (enif_get_list_cell(env, l, &h, &l)) {
@@ -804,7 +873,7 @@ DX_NIF(nif_var_set_many) {
             return enif_make_badarg(env);
         lists += enif_is_list(env, tup[1]) || enif_is_map(env, tup[1]);
     }
-    if (!dx_on_dirty() && (n > 100 || lists > 0)) return RESCHEDULE("var_set_many", nif_var_set_many);
+    if (!dx_on_dirty() && (n > 100 || lists > 0)) return RESCHEDULE(RS_SET_MANY, "var_set_many", nif_var_set_many);
     WITH_SESSION(s, argv[0]);
     size_t cnt = n ? n : 1;
     dx_set_item *items = enif_alloc(cnt * sizeof *items);
@@ -817,6 +886,8 @@ DX_NIF(nif_var_set_many) {
     ERL_NIF_TERM r;
     size_t ni = 0, nbufs = 0, nobs = 0;
     int any_err = 0;
+    dx_notify_ctx nc;
+    dx_notify_ctx_init(&nc, env, 0);
     if (!items || !bufs || !obs || !tups || !vars || !errs || !slot) {
         r = dx_error(env, ATOM_enomem);
         goto out;
@@ -894,8 +965,8 @@ DX_NIF(nif_var_set_many) {
     {
         /* An atomic batch that already failed still runs the in-lock checks
          * (check_only) so that every failing update is reported. */
-        notify_ctx nc = {env, argv[0]};
         bool committed = !(atomic && any_err);
+        dx_notify_ctx_init(&nc, env, ni);
         dx_var_set_many(s, items, ni, atomic, !committed, dx_now_us(), dx_watch_notify, &nc);
         ERL_NIF_TERM ok_map = enif_make_new_map(env), err_map = enif_make_new_map(env);
         bool failed = false;
@@ -944,7 +1015,13 @@ out:
     if (vars) enif_free(vars);
     if (errs) enif_free(errs);
     if (slot) enif_free(slot);
-    return r;
+    return dx_watch_finish(env, &nc, r);
+}
+
+static size_t history_cost(dx_snap **out, long n) {
+    size_t cost = 0;
+    for (long i = 0; i < n; i++) cost += snap_cost(out[i]);
+    return cost;
 }
 
 /* history(Session, Key, Limit | all) -> {ok, [Entry]} newest first */
@@ -970,7 +1047,11 @@ DX_NIF(nif_var_history) {
         long n = out ? dx_var_history(s, v, out, max) : -2;
         if (n == -2) r = dx_error(env, ATOM_enomem);
         else if (n < 0) r = dx_error2(env, ATOM_not_found, argv[1]);
-        else {
+        else if (!dx_on_dirty() && history_cost(out, n) > BIG_VALUE_BYTES) {
+            enif_free(out);
+            dx_ebr_exit();
+            return RESCHEDULE(RS_HISTORY, "var_history", nif_var_history);
+        } else {
             ERL_NIF_TERM l = enif_make_list(env, 0);
             for (long i = n; i > 0; i--) l = enif_make_list_cell(env, dx_snap_to_term(env, out[i - 1]), l);
             r = enif_make_tuple2(env, ATOM_ok, l);
@@ -979,6 +1060,20 @@ DX_NIF(nif_var_history) {
     }
     dx_ebr_exit();
     return r;
+}
+
+/* The size of the version a rollback would bring back (0 if not kept). */
+static size_t rollback_cost(dx_session *s, dx_var *v, uint64_t target) {
+    dx_snap *cur = dx_var_current(v);
+    if (cur->version == target) return snap_cost(cur);
+    dx_snap **hist = enif_alloc((v->history_limit ? v->history_limit : 1) * sizeof *hist);
+    if (!hist) return 0;
+    long nh = dx_var_history(s, v, hist, v->history_limit);
+    size_t cost = 0;
+    for (long i = 0; i < nh; i++)
+        if (hist[i]->version == target) cost = snap_cost(hist[i]);
+    enif_free(hist);
+    return cost;
 }
 
 /* rollback(Session, Key, Version, Opts) -> {ok, NewVersion} */
@@ -997,6 +1092,8 @@ DX_NIF(nif_var_rollback) {
         return dx_error2(env, ATOM_invalid_argument, bad);
     }
     ERL_NIF_TERM r;
+    dx_notify_ctx nc;
+    dx_notify_ctx_init(&nc, env, 1);
     dx_ebr_enter();
     dx_session *s = dx_session_find(sid, dx_now_ms());
     dx_var *v = s ? dx_var_find(s, key) : NULL;
@@ -1007,8 +1104,12 @@ DX_NIF(nif_var_rollback) {
         dx_audit(env, ATOM_dspex_rate_limited, argv[0], argv[1], &ob.principal, 0);
     }
     else if (!v) r = dx_error2(env, ATOM_not_found, argv[1]);
-    else {
-        notify_ctx nc = {env, argv[0]};
+    else if (!dx_on_dirty() && rollback_cost(s, v, target) > BIG_VALUE_BYTES) {
+        /* the old value is copied into the new version under the shard mutex */
+        dx_ebr_exit();
+        set_opts_free(&ob);
+        return RESCHEDULE(RS_ROLLBACK, "var_rollback", nif_var_rollback);
+    } else {
         for (;;) {
             uint64_t version = target;
             dx_set_opts o = ob.o;
@@ -1042,7 +1143,7 @@ DX_NIF(nif_var_rollback) {
     }
     dx_ebr_exit();
     set_opts_free(&ob);
-    return r;
+    return dx_watch_finish(env, &nc, r);
 }
 
 /* var_info(Session, Key) -> {ok, #{watchers, history_size, history_limit}}: introspection for tests and operators. */
