@@ -238,6 +238,11 @@ int dx_principal_parse(ErlNifEnv *env, ERL_NIF_TERM opts, dx_principal *p) {
     return 1;
 }
 
+int dx_principal_ok(ErlNifEnv *env, ERL_NIF_TERM opts) {
+    dx_principal p;
+    return dx_principal_parse(env, opts, &p);
+}
+
 /* The store's write-path hook: runs under the shard mutex. */
 int dx_acl_write_check(void *ctx, const dx_var *v, void *acl) {
     dx_acl_ctx *c = ctx;
