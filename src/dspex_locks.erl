@@ -34,7 +34,8 @@
 %%
 %% Calls are bounded: a call the server does not answer within 5 s (or, for
 %% a waiting `acquire/4', 5 s after its `timeout') returns
-%% `{error, {lock_server, timeout}}' (a waiting acquire is withdrawn then).
+%% `{error, {lock_server, timeout}}' (a waiting acquire is withdrawn then;
+%% `active/0' exits instead, as `gen_server:call/3').
 %% `as' must be a binary (or `undefined'), `context' a map: any other
 %% principal raises `badarg' in the caller, as in `dspex_store'.
 -module(dspex_locks).
@@ -151,9 +152,10 @@ status(Session, Var) ->
         Error -> Error
     end.
 
-%% @doc Every held lock (`{error, {lock_server, Why}}' if the server does not answer).
--spec active() -> [map()] | {error, {lock_server, timeout | down}}.
-active() -> bounded_call(?MODULE, active, ?CALL_MARGIN).
+%% @doc Every held lock. Exits (as `gen_server:call/3') if the server does
+%% not answer within 5 s.
+-spec active() -> [map()].
+active() -> gen_server:call(?MODULE, active, ?CALL_MARGIN).
 
 %% @doc Ends an optimization: with `#{apply_best => true}' writes the best
 %% reported value (under the lock), then releases.
