@@ -33,7 +33,8 @@
 %% `application:stop/1' releases every lock instead.
 %%
 %% Calls are bounded: a call the server does not answer within 5 s (or, for
-%% a waiting `acquire/4', 5 s after its `timeout') returns
+%% a waiting `acquire/4', 5 s after its `timeout'; application env
+%% `lock_call_timeout_ms') returns
 %% `{error, {lock_server, timeout}}' (a waiting acquire is withdrawn then;
 %% `active/0' exits instead, as `gen_server:call/3').
 %% `as' must be a binary (or `undefined'), `context' a map: any other
@@ -44,8 +45,9 @@
 -export([start_link/0, acquire/4, release/1, renew/1, report_progress/4, status/2, active/0, stop/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
-%% How long a call may wait for the server beyond its own waiting time (ms).
--define(CALL_MARGIN, 5000).
+%% How long a call may wait for the server beyond its own waiting time (ms):
+%% application env `lock_call_timeout_ms', default 5000.
+-define(CALL_MARGIN, application:get_env(dspex_bridge, lock_call_timeout_ms, 5000)).
 %% The default `timeout' of acquire/4 (ms); `infinity' must be asked for.
 -define(DEFAULT_WAIT, 30000).
 

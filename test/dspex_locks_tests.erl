@@ -16,7 +16,7 @@ locks_test_() ->
       fun only_holder_releases/0, fun tokens_strictly_increase/0, fun writes_need_the_current_token/0,
       fun preemption/0, fun preemption_respects_min_iterations/0, fun lease_expires_unless_renewed/0,
       fun progress_and_apply_best/0, fun racing_acquirers_never_overlap/0, fun bad_options/0,
-      fun principal_that_does_not_parse_is_refused/0]}.
+      fun principal_that_does_not_parse_is_refused/0, fun acquire_cut_by_a_call_timeout_is_withdrawn/0]}.
 
 %% Each test kills the lock server (the supervisor allows 5 restarts in 10 s):
 %% a fresh application per test.
@@ -380,3 +380,23 @@ await_progress(S, Vars, Target, Left) ->
 
 total_version(S, Vars) ->
     lists:sum([begin {ok, #{version := V}} = dspex_store:get(S, Var), V end || Var <- Vars]).
+
+%% A call the server does not answer in time is {error, {lock_server, timeout}};
+%% an acquire cut so is withdrawn: the lock the (slow) server grants it
+%% afterwards is released at once, never left to a holder that does not know.
+acquire_cut_by_a_call_timeout_is_withdrawn() ->
+    S = session(),
+    ok = application:set_env(dspex_bridge, lock_call_timeout_ms, 50),
+    Server = whereis(dspex_locks),
+    try
+        ok = sys:suspend(Server),
+        ?assertEqual({error, {lock_server, timeout}}, dspex_locks:status(S, x)),
+        ?assertEqual({error, {lock_server, timeout}}, dspex_locks:acquire(S, x, late, #{timeout => 0})),
+        ok = sys:resume(Server),
+        %% the server took the acquire, then its withdrawal (same sender: in order)
+        ?assertEqual({ok, #{locked => false, waiters => 0}}, dspex_locks:status(S, x)),
+        {ok, _} = dspex_store:set(S, x, 0.1)
+    after
+        _ = (catch sys:resume(Server)),
+        application:unset_env(dspex_bridge, lock_call_timeout_ms)
+    end.
