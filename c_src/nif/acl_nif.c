@@ -312,12 +312,13 @@ DX_NIF(nif_acl_check) {
     dx_ebr_enter();
     dx_session *s = dx_nif_session(env, argv[0], &sid);
     dx_var *v = s ? dx_var_find(s, key) : NULL;
+    int denied = s && v && !dx_acl_allows(env, dx_var_acl(v), sid, &p, perm);
     ERL_NIF_TERM r = !s ? dx_error(env, ATOM_session_not_found)
                      : !v ? dx_error2(env, ATOM_not_found, argv[1])
-                     : dx_acl_allows(env, dx_var_acl(v), sid, &p, perm) ? ATOM_ok
-                                                                        : dx_error(env, ATOM_access_denied);
+                     : denied ? dx_error(env, ATOM_access_denied)
+                              : ATOM_ok;
     dx_ebr_exit();
-    if (enif_is_identical(r, dx_error(env, ATOM_access_denied))) dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, argv[3]);
+    if (denied) dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, argv[3]);
     return r;
 }
 

@@ -1097,9 +1097,9 @@ DX_NIF(nif_var_lock) {
     dx_set_opts acl = {.acl_check = p.set ? dx_acl_write_check : NULL, .acl_ctx = &actx};
     int rc = !s ? DX_E_SESSION_NOT_FOUND : !v ? DX_E_NOT_FOUND
                                              : dx_var_lock(s, v, expect, holder.data, holder.size, &token, &acl);
+    /* the registry follows the core: a replaced token's entry goes */
+    if (rc == DX_OK && expect) dx_lockreg_drop(expect);
     if (rc == DX_OK && argc == 6) {
-        /* the registry follows the core: the replaced token's entry goes */
-        if (expect) dx_lockreg_drop(expect);
         if (dx_lockreg_put(token, sid, (dx_str){v->name, v->name_len}, holder.data, holder.size, meta.data, meta.size)) {
             dx_var_unlock(s, v, token);
             rc = DX_E_NOMEM;
