@@ -27,16 +27,20 @@
 %% freed at once, by the monitor's `noproc'), restarts each lease, and keeps
 %% the tokens (they keep rising: the counter lives in the store). Reported
 %% progress and waiters are lost with the dead server: a caller waiting in
-%% `acquire/4' (or in any other call) gets `{error, {lock_server, down}}', and
-%% a lock the dead server may have granted to that very request is released
-%% by the new server. A server stopped by its supervisor (`shutdown') or by
+%% `acquire/4' gets `{error, {lock_server, down}}', and a lock the dead
+%% server may have granted to that very request is released by the new
+%% server; any other call cut so is made again to the new server (so a
+%% release lost with the dead server still happens). A server stopped by its supervisor (`shutdown') or by
 %% `application:stop/1' releases every lock instead.
 %%
 %% Calls are bounded: a call the server does not answer within 5 s (or, for
 %% a waiting `acquire/4', 5 s after its `timeout'; application env
 %% `lock_call_timeout_ms') returns
 %% `{error, {lock_server, timeout}}' (a waiting acquire is withdrawn then;
-%% `active/0' exits instead, as `gen_server:call/3').
+%% `active/0' exits instead, as `gen_server:call/3'). The one call without a
+%% bound of its own is an acquire that asked to wait forever (`timeout' is
+%% `infinity', the default): it still ends with `{error, {lock_server, down}}'
+%% if the server dies.
 %% `as' must be a binary (or `undefined'), `context' a map: any other
 %% principal raises `badarg' in the caller, as in `dspex_store'.
 -module(dspex_locks).
@@ -48,8 +52,6 @@
 %% How long a call may wait for the server beyond its own waiting time (ms):
 %% application env `lock_call_timeout_ms', default 5000.
 -define(CALL_MARGIN, application:get_env(dspex_bridge, lock_call_timeout_ms, 5000)).
-%% The default `timeout' of acquire/4 (ms); `infinity' must be asked for.
--define(DEFAULT_WAIT, 30000).
 
 -type lock() :: #{session := dspex_store:session_id(), variable := binary(), optimizer := term(),
                   token := pos_integer(), pid := pid()}.
@@ -68,7 +70,7 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% `min_iterations_before_preempt' iterations (application env, default 0) the
 %% holder receives `{dspex_preempted, Session, Var, Token}' and loses the lock,
 %% otherwise it waits), `timeout' ms for waiting (`{error, timeout}', the waiter
-%% is gone; default 30 000, `infinity' waits as long as it takes), `priority' (integer, default 0), `pid' (the holder, default the
+%% is gone; default `infinity': as long as it takes), `priority' (integer, default 0), `pid' (the holder, default the
 %% caller), `lease' ms (expires unless `renew/1'd; the holder then receives
 %% `{dspex_lock_expired, Session, Var, Token}'), `objective' (`minimize' or
 %% `maximize') and `metric' (the key of the metrics map that
@@ -110,7 +112,7 @@ check_principal(Opts) ->
     end.
 
 check_opts(Opts) ->
-    Cfg = #{conflict => maps:get(conflict, Opts, wait), timeout => maps:get(timeout, Opts, ?DEFAULT_WAIT),
+    Cfg = #{conflict => maps:get(conflict, Opts, wait), timeout => maps:get(timeout, Opts, infinity),
             priority => maps:get(priority, Opts, 0), pid => maps:get(pid, Opts, self()),
             lease => maps:get(lease, Opts, infinity), objective => maps:get(objective, Opts, minimize),
             metric => maps:get(metric, Opts, undefined), acl => maps:with([as, context], Opts)},
@@ -166,8 +168,27 @@ active() -> gen_server:call(?MODULE, active, ?CALL_MARGIN).
 stop(Lock, Opts) when is_map(Opts) ->
     call(session_of(Lock), {stop, Lock, self(), maps:get(apply_best, Opts, false) =:= true}).
 
-%% This node's server, or with a cluster the session owner's.
-call(Session, Msg) -> call(Session, Msg, ?CALL_MARGIN).
+%% This node's server, or with a cluster the session owner's. A call cut by
+%% the death of the local server is made once more to its successor (once
+%% the supervisor restarted it, waiting boundedly): a release lost with the
+%% dead server would otherwise leave the (adopted) lock to a holder that
+%% believes it released it. Every such call is idempotent on the lock token.
+call(Session, Msg) ->
+    case call(Session, Msg, ?CALL_MARGIN) of
+        {error, {lock_server, down}} = E ->
+            case await_server(200) of
+                ok -> call(Session, Msg, ?CALL_MARGIN);
+                error -> E
+            end;
+        R -> R
+    end.
+
+await_server(0) -> error;
+await_server(N) ->
+    case whereis(?MODULE) of
+        undefined -> timer:sleep(10), await_server(N - 1);
+        _ -> ok
+    end.
 
 call(Session, Msg, Timeout) ->
     case persistent_term:get(dspex_cluster_routing, false) of
@@ -192,11 +213,10 @@ abandon(Session, Req) ->
         false -> abandon_local(Session, Req, 200)
     end.
 
-abandon_local(_Session, _Req, 0) -> ok;
-abandon_local(Session, Req, N) ->
-    case whereis(?MODULE) of
-        undefined -> timer:sleep(10), abandon_local(Session, Req, N - 1);
-        Pid -> gen_server:cast(Pid, {abandon, Req})
+abandon_local(_Session, Req, _N) ->
+    case await_server(200) of
+        ok -> gen_server:cast(?MODULE, {abandon, Req});
+        error -> ok
     end.
 
 session_of(#{session := S}) -> S;
