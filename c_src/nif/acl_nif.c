@@ -226,15 +226,15 @@ int dx_principal_parse(ErlNifEnv *env, ERL_NIF_TERM opts, dx_principal *p) {
     ERL_NIF_TERM as, ctx;
     size_t n;
     if (!enif_get_map_size(env, opts, &n) || n == 0) return 1;
+    /* a context that is not a map is refused whether or not `as' is given */
+    int has_ctx = enif_get_map_value(env, opts, ATOM_context, &ctx);
+    if (has_ctx && !enif_is_map(env, ctx)) return 0;
     if (!enif_get_map_value(env, opts, ATOM_as, &as) || enif_is_identical(as, ATOM_undefined)) return 1;
     ErlNifBinary b;
     if (!enif_inspect_binary(env, as, &b)) return 0;
     p->set = 1;
     p->id = (dx_str){(const char *)b.data, b.size};
-    if (n > 1 && enif_get_map_value(env, opts, ATOM_context, &ctx)) {
-        if (!enif_is_map(env, ctx)) return 0;
-        p->context = ctx;
-    }
+    if (has_ctx) p->context = ctx;
     return 1;
 }
 
