@@ -11,8 +11,13 @@
 %% `dspex_store:get/3' and `list/3' (unreadable variables are left out),
 %% `write' for `set/4', `set_many/3', `rollback/4' and `delete/3', `observe'
 %% for `watch/4', `optimize' for `dspex_locks:acquire/4'. The check runs in the
-%% NIF: for writes and lock grants in the same critical section as the write.
-%% Without `as' the caller acts as the session itself.
+%% NIF: for writes, deletes and lock grants in the same critical section as the
+%% write (a delete acts on exactly the variable it checked). Without `as' (or
+%% with `as => undefined') the caller acts as the session itself. A principal
+%% is a binary: any other `as' (a charlist, an atom, ...), or a `context' that
+%% is not a map, raises `badarg' from every call that takes one, here
+%% (`check_access/5', `filter_accessible/3,4', `set_permissions/4') as in
+%% `dspex_store' and `dspex_locks': it never acts as anyone.
 %%
 %% Denials and permission changes are kept in a bounded in-memory audit log
 %% (`audit_log/1', default 10 000 entries, application env `audit_log_size')

@@ -19,11 +19,39 @@
 %% dies they are gone (see `dspex_cluster'); a request cut by that death is
 %% `{error, {retry, owner_down}}'. `active/0' lists the locks of this node's
 %% server only.
+%%
+%% The server's state survives its own crash: every lock it grants is also
+%% recorded in the NIF (`dspex_nif:var_lock/6', with the holder pid, priority,
+%% lease, objective and metric), and a restarted server rebuilds its table
+%% from there: it monitors each holder again (a holder that died meanwhile is
+%% freed at once, by the monitor's `noproc'), restarts each lease, and keeps
+%% the tokens (they keep rising: the counter lives in the store). Reported
+%% progress and waiters are lost with the dead server: a caller waiting in
+%% `acquire/4' gets `{error, {lock_server, down}}', and a lock the dead
+%% server may have granted to that very request is released by the new
+%% server; any other call cut so is made again to the new server (so a
+%% release lost with the dead server still happens). A server stopped by its supervisor (`shutdown') or by
+%% `application:stop/1' releases every lock instead.
+%%
+%% Calls are bounded: a call the server does not answer within 5 s (or, for
+%% a waiting `acquire/4', 5 s after its `timeout'; application env
+%% `lock_call_timeout_ms') returns
+%% `{error, {lock_server, timeout}}' (a waiting acquire is withdrawn then;
+%% `active/0' exits instead, as `gen_server:call/3'). The one call without a
+%% bound of its own is an acquire that asked to wait forever (`timeout' is
+%% `infinity', the default): it still ends with `{error, {lock_server, down}}'
+%% if the server dies.
+%% `as' must be a binary (or `undefined'), `context' a map: any other
+%% principal raises `badarg' in the caller, as in `dspex_store'.
 -module(dspex_locks).
 -behaviour(gen_server).
 
 -export([start_link/0, acquire/4, release/1, renew/1, report_progress/4, status/2, active/0, stop/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+%% How long a call may wait for the server beyond its own waiting time (ms):
+%% application env `lock_call_timeout_ms', default 5000.
+-define(CALL_MARGIN, application:get_env(dspex_bridge, lock_call_timeout_ms, 5000)).
 
 -type lock() :: #{session := dspex_store:session_id(), variable := binary(), optimizer := term(),
                   token := pos_integer(), pid := pid()}.
@@ -42,7 +70,7 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% `min_iterations_before_preempt' iterations (application env, default 0) the
 %% holder receives `{dspex_preempted, Session, Var, Token}' and loses the lock,
 %% otherwise it waits), `timeout' ms for waiting (`{error, timeout}', the waiter
-%% is gone), `priority' (integer, default 0), `pid' (the holder, default the
+%% is gone; default `infinity': as long as it takes), `priority' (integer, default 0), `pid' (the holder, default the
 %% caller), `lease' ms (expires unless `renew/1'd; the holder then receives
 %% `{dspex_lock_expired, Session, Var, Token}'), `objective' (`minimize' or
 %% `maximize') and `metric' (the key of the metrics map that
@@ -52,9 +80,35 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 -spec acquire(dspex_store:session_id(), dspex_store:var_key(), term(), acquire_opts()) ->
           {ok, lock()} | {error, term()}.
 acquire(Session, Var, OptimizerId, Opts) when is_map(Opts) ->
+    check_principal(Opts),
     case check_opts(Opts) of
-        {ok, Cfg} -> call(Session, {acquire, Session, Var, OptimizerId, Cfg});
+        {ok, Cfg} ->
+            %% the request's reference travels with the lock (into the NIF's
+            %% registry too): a request cut off by a timeout or by the death of
+            %% the server is withdrawn by it, granted or not
+            Req = make_ref(),
+            Wait = case maps:get(timeout, Cfg) of
+                       infinity -> infinity;
+                       T -> T + ?CALL_MARGIN
+                   end,
+            case call(Session, {acquire, Session, Var, OptimizerId, Cfg#{req => Req}}, Wait) of
+                {error, {lock_server, _}} = E ->
+                    abandon(Session, Req),
+                    E;
+                R -> R
+            end;
         Error -> Error
+    end.
+
+%% A principal that does not parse never acts as anyone: badarg, as in the store.
+check_principal(Opts) ->
+    case maps:get(as, Opts, undefined) of
+        As when is_binary(As); As =:= undefined -> ok;
+        _ -> erlang:error(badarg)
+    end,
+    case Opts of
+        #{context := C} when not is_map(C) -> erlang:error(badarg);
+        _ -> ok
     end.
 
 check_opts(Opts) ->
@@ -102,9 +156,10 @@ status(Session, Var) ->
         Error -> Error
     end.
 
-%% @doc Every held lock.
+%% @doc Every held lock. Exits (as `gen_server:call/3') if the server does
+%% not answer within 5 s.
 -spec active() -> [map()].
-active() -> gen_server:call(?MODULE, active, infinity).
+active() -> gen_server:call(?MODULE, active, ?CALL_MARGIN).
 
 %% @doc Ends an optimization: with `#{apply_best => true}' writes the best
 %% reported value (under the lock), then releases.
@@ -113,11 +168,55 @@ active() -> gen_server:call(?MODULE, active, infinity).
 stop(Lock, Opts) when is_map(Opts) ->
     call(session_of(Lock), {stop, Lock, self(), maps:get(apply_best, Opts, false) =:= true}).
 
-%% This node's server, or with a cluster the session owner's.
+%% This node's server, or with a cluster the session owner's. A call cut by
+%% the death of the local server is made once more to its successor (once
+%% the supervisor restarted it, waiting boundedly): a release lost with the
+%% dead server would otherwise leave the (adopted) lock to a holder that
+%% believes it released it. Every such call is idempotent on the lock token.
 call(Session, Msg) ->
+    case call(Session, Msg, ?CALL_MARGIN) of
+        {error, {lock_server, down}} = E ->
+            case await_server(200) of
+                ok -> call(Session, Msg, ?CALL_MARGIN);
+                error -> E
+            end;
+        R -> R
+    end.
+
+await_server(0) -> error;
+await_server(N) ->
+    case whereis(?MODULE) of
+        undefined -> timer:sleep(10), await_server(N - 1);
+        _ -> ok
+    end.
+
+call(Session, Msg, Timeout) ->
     case persistent_term:get(dspex_cluster_routing, false) of
-        false -> gen_server:call(?MODULE, Msg, infinity);
+        false -> bounded_call(?MODULE, Msg, Timeout);
         true -> dspex_cluster:call_server(Session, ?MODULE, Msg)
+    end.
+
+%% A call that ends in an answer or `{error, {lock_server, timeout | down}}'.
+bounded_call(Server, Msg, Timeout) ->
+    try gen_server:call(Server, Msg, Timeout)
+    catch
+        exit:{timeout, _} -> {error, {lock_server, timeout}};
+        exit:{_, {gen_server, call, _}} -> {error, {lock_server, down}}
+    end.
+
+%% Withdraws an acquire request whose answer was lost: a waiter is dropped, a
+%% lock granted to it released. After the death of the server the request
+%% goes to its successor (waiting, boundedly, for the supervisor to restart it).
+abandon(Session, Req) ->
+    case persistent_term:get(dspex_cluster_routing, false) of
+        true -> ok;
+        false -> abandon_local(Session, Req, 200)
+    end.
+
+abandon_local(_Session, Req, _N) ->
+    case await_server(200) of
+        ok -> gen_server:cast(?MODULE, {abandon, Req});
+        error -> ok
     end.
 
 session_of(#{session := S}) -> S;
@@ -135,8 +234,25 @@ name_of(Session, Var) ->
 
 -spec init([]) -> {ok, map()}.
 init([]) ->
-    {ok, #{locks => #{}, mons => #{},
-           min_iter => application:get_env(dspex_bridge, min_iterations_before_preempt, 0)}}.
+    St = #{locks => #{}, mons => #{},
+           min_iter => application:get_env(dspex_bridge, min_iterations_before_preempt, 0)},
+    %% locks granted by a predecessor that died without releasing them
+    {ok, lists:foldl(fun adopt/2, St, dspex_nif:lock_list())}.
+
+%% Takes over a lock found in the NIF's registry: the holder is monitored
+%% again (a dead one is freed by the `noproc' DOWN), its lease restarts.
+adopt({S, N, Token, Id, #{pid := Pid, priority := P, lease := Lease, objective := Obj, metric := Metric} = Meta},
+      #{locks := L, mons := M} = St) when is_pid(Pid), is_integer(P) ->
+    Key = {S, N},
+    Mon = monitor(process, Pid),
+    H = arm_lease(Key, #{optimizer => Id, pid => Pid, mon => Mon, token => Token, priority => P, lease => Lease,
+                         lease_timer => undefined, iterations => 0, best => undefined,
+                         objective => Obj, metric => Metric, req => maps:get(req, Meta, undefined)}),
+    St#{locks := L#{Key => #{holder => H, waiters => queue:new()}}, mons := M#{Mon => {holder, Key}}};
+adopt({S, N, Token, _, _}, St) ->
+    %% not one of ours (a lock taken with another meta): nobody could release it
+    _ = dspex_nif:var_unlock(S, N, Token),
+    St.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {noreply, map()}.
 handle_call({acquire, S, Var, Id, Cfg}, From, St) ->
@@ -196,13 +312,34 @@ handle_call({stop, Lock, Caller, Apply}, _From, St) ->
     end.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast({abandon, Req}, #{locks := L} = St) ->
+    %% the request is either waiting or holding (or long gone)
+    Waiting = [{Key, W} || {Key, #{waiters := Q}} <- maps:to_list(L), W = #{req := R} <- queue:to_list(Q), R =:= Req],
+    Holding = [Key || {Key, #{holder := #{req := R}}} <- maps:to_list(L), R =:= Req],
+    St1 = lists:foldl(fun({Key, #{ref := WRef}}, Acc) ->
+                              case take_waiter(Key, WRef, Acc) of
+                                  {#{mon := Mon}, Acc1} ->
+                                      demonitor(Mon, [flush]),
+                                      Acc1#{mons := maps:remove(Mon, maps:get(mons, Acc1))};
+                                  {none, Acc1} -> Acc1
+                              end
+                      end, St, Waiting),
+    St2 = lists:foldl(fun(Key, Acc) ->
+                              Acc1 = free(Key, Acc),
+                              event(released, Key, #{reason => abandoned}),
+                              grant_next(Key, Acc1)
+                      end, St1, Holding),
+    {noreply, St2};
 handle_cast(_Msg, St) -> {noreply, St}.
 
-%% The store's locks must not outlive this server's memory of them: whatever
-%% ends it (a crash included), every lock it granted is unlocked.
+%% Stopped on purpose (the supervisor's shutdown, application:stop), the
+%% server releases every lock it granted. After a crash it leaves them: its
+%% successor adopts them from the NIF's registry (see init/1).
 -spec terminate(term(), map()) -> ok.
-terminate(_Reason, #{locks := L}) ->
+terminate(Reason, #{locks := L}) when Reason =:= normal; Reason =:= shutdown; element(1, Reason) =:= shutdown ->
     [dspex_nif:var_unlock(S, N, T) || {{S, N}, #{holder := #{token := T}}} <- maps:to_list(L)],
+    ok;
+terminate(_Crash, _St) ->
     ok.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
@@ -272,14 +409,19 @@ acquire_named(Key, Id, Cfg, From, #{locks := L, min_iter := MinIter} = St) ->
     end.
 
 grant({S, N} = Key, Id, Cfg, Expect, Entry, #{locks := L, mons := M} = St) ->
-    case dspex_nif:var_lock(S, N, Id, Expect, maps:get(acl, Cfg, #{})) of
+    Pid = maps:get(pid, Cfg),
+    %% what a successor needs to adopt the lock (see init/1)
+    Meta = #{pid => Pid, priority => maps:get(priority, Cfg), lease => maps:get(lease, Cfg),
+             objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg),
+             req => maps:get(req, Cfg, undefined)},
+    case dspex_nif:var_lock(S, N, Id, Expect, maps:get(acl, Cfg, #{}), Meta) of
         {ok, Token} ->
-            Pid = maps:get(pid, Cfg),
             Mon = monitor(process, Pid),
             H = arm_lease(Key, #{optimizer => Id, pid => Pid, mon => Mon, token => Token,
                                  priority => maps:get(priority, Cfg), lease => maps:get(lease, Cfg),
                                  lease_timer => undefined, iterations => 0, best => undefined,
-                                 objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg)}),
+                                 objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg),
+                                 req => maps:get(req, Cfg, undefined)}),
             event(acquired, Key, #{optimizer => Id, token => Token}),
             {ok, #{session => S, variable => N, optimizer => Id, token => Token, pid => Pid},
              St#{locks := L#{Key => Entry#{holder := H}}, mons := M#{Mon => {holder, Key}}}};
@@ -293,7 +435,8 @@ enqueue(Key, Id, Cfg, From, Entry, #{locks := L, mons := M} = St) ->
                 infinity -> undefined;
                 T -> erlang:send_after(T, self(), {wait_timeout, Key, WRef})
             end,
-    W = #{ref => WRef, from => From, optimizer => Id, cfg => Cfg, mon => Mon, timer => Timer},
+    W = #{ref => WRef, from => From, optimizer => Id, cfg => Cfg, mon => Mon, timer => Timer,
+          req => maps:get(req, Cfg, undefined)},
     event(waited, Key, #{optimizer => Id}),
     St#{locks := L#{Key => Entry#{waiters := queue:in(W, maps:get(waiters, Entry))}},
         mons := M#{Mon => {waiter, Key, WRef}}}.

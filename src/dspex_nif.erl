@@ -16,7 +16,7 @@
          metrics_sketch_stats/1, metrics_sketch_quantile/2, metrics_sketch_to_binary/1,
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
          metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
--export([lock_token_floor/1]).
+-export([lock_token_floor/1, var_lock/6, lock_list/0]).
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
          events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1]).
 -export([sched_stats/0, rawbuf_debug/1]).
@@ -24,6 +24,14 @@
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
+%% The library keeps its state (sessions, variables, locks) in C: loading
+%% this module again (`code:load_file/1') maps the same library, and its
+%% `upgrade' callback hands that state to the new code; purging the old code
+%% does not free it. Test hooks (`advance_clock/1') answer
+%% `{error, test_hooks_disabled}' unless the application environment has
+%% `{test_hooks, true}' or the OS environment `DSPEX_TEST_HOOKS=1' when the
+%% module is loaded.
+-spec init() -> ok | {error, {atom(), string()}}.
 init() ->
     %% DSPEX_NIF_PATH lets `make test' load a sanitizer build of the library
     Path = case os:getenv("DSPEX_NIF_PATH") of
@@ -36,7 +44,9 @@ init() ->
                    filename:join(Dir, "dspex_nif");
                P -> P
            end,
-    erlang:load_nif(Path, 0).
+    Hooks = application:get_env(dspex_bridge, test_hooks, false) =:= true orelse
+            os:getenv("DSPEX_TEST_HOOKS") =:= "1",
+    erlang:load_nif(Path, #{test_hooks => Hooks}).
 
 session_create(_Id, _Meta, _Ttl) -> ?NOT_LOADED.
 session_get(_Id) -> ?NOT_LOADED.
@@ -101,6 +111,12 @@ metrics_native_bind(_Op, _Ok, _Miss, _Err) -> ?NOT_LOADED.
 metrics_native_flush() -> ?NOT_LOADED.
 metrics_dropped() -> ?NOT_LOADED.
 lock_token_floor(_Floor) -> ?NOT_LOADED.
+%% var_lock/5 that also records Meta with the lock in the NIF's lock registry.
+-spec var_lock(binary(), term(), term(), non_neg_integer(), map(), term()) -> {ok, pos_integer()} | {error, term()}.
+var_lock(_S, _Key, _Holder, _Expect, _Opts, _Meta) -> ?NOT_LOADED.
+%% Every registered lock the store still holds: `[{Session, Name, Token, Holder, Meta}]'.
+-spec lock_list() -> [{binary(), binary(), pos_integer(), term(), term()}].
+lock_list() -> ?NOT_LOADED.
 var_get_here(_S, _Key) -> ?NOT_LOADED.
 var_get_here(_S, _Key, _Opts) -> ?NOT_LOADED.
 var_get_value_here(_S, _Key) -> ?NOT_LOADED.

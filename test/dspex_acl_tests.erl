@@ -18,6 +18,7 @@ acl_test_() ->
      [fun reference_examples/0, fun conditions_must_all_match/0, fun rule_validation/0,
       fun only_owner_sets_permissions/0, fun glob_patterns_are_literal/0, fun list_and_filter/0,
       fun watch_and_locks_need_their_permission/0, fun rate_limiting/0, fun audit_trail/0,
+      fun principal_that_does_not_parse_raises_badarg/0, fun delete_checks_access_with_the_delete/0,
       {timeout, 120, fun isolation_property/0}]}.
 
 %% The reference examples: the owner has all permissions; `any' may read but
@@ -204,3 +205,42 @@ glob_l([$* | P], S) -> glob_l(P, S) orelse (S =/= [] andalso glob_l([$* | P], tl
 glob_l([$? | P], [_ | S]) -> glob_l(P, S);
 glob_l([C | P], [C | S]) -> glob_l(P, S);
 glob_l(_, _) -> false.
+
+%% A principal is a binary (or undefined: the session itself). Anything else,
+%% or a context that is not a map, is badarg from every call that takes one,
+%% never "no principal" (which would act as the owner). set/4 used to answer
+%% {error, {invalid_argument, as}} and the lock NIF ignored it.
+principal_that_does_not_parse_raises_badarg() ->
+    S = owned([#{session_pattern => <<"team_*">>, permissions => [read]}]),
+    {ok, 1} = dspex_store:set(S, x, 0.6),
+    Bad = [#{as => "team_a"}, #{as => team_a}, #{as => [<<"team_a">>]}, #{as => 1},
+           #{as => <<"team_a">>, context => [{k, v}]}],
+    Calls = [fun(O) -> dspex_store:get(S, x, O) end,
+             fun(O) -> dspex_store:get_many(S, [x], O) end,
+             fun(O) -> dspex_store:list(S, all, O) end,
+             fun(O) -> dspex_store:history(S, x, all, O) end,
+             fun(O) -> dspex_store:set(S, x, 0.7, O) end,
+             fun(O) -> dspex_store:set_many(S, [{x, 0.7}], O) end,
+             fun(O) -> dspex_store:set_many(S, [{x, 0.7}], O#{atomic => true}) end,
+             fun(O) -> dspex_store:rollback(S, x, 0, O) end,
+             fun(O) -> dspex_store:delete(S, x, O) end,
+             fun(O) -> dspex_store:watch(S, [x], self(), O) end,
+             fun(O) -> dspex_locks:acquire(S, x, o, O) end,
+             fun(O) -> dspex_acl:set_permissions(S, x, [], O) end],
+    [?assertError(badarg, Call(O)) || Call <- Calls, O <- Bad],
+    ?assertError(badarg, dspex_acl:check_access(S, x, "team_a", read, #{})),
+    ?assertError(badarg, dspex_acl:filter_accessible(S, team_a, read)),
+    %% nothing changed, and undefined is the owner
+    {ok, #{version := 1}} = dspex_store:get(S, x),
+    {ok, 2} = dspex_store:set(S, x, 0.8, #{as => undefined}),
+    {ok, [#{session_pattern := <<"team_*">>}]} = dspex_acl:get_permissions(S, x).
+
+%% The delete's access check runs in the store's critical section, on the
+%% variable deleted: denied leaves it, allowed removes it (audit recorded).
+delete_checks_access_with_the_delete() ->
+    S = owned([#{session_pattern => <<"w">>, permissions => [write]}]),
+    ?assertEqual({error, access_denied}, dspex_store:delete(S, x, #{as => <<"r">>})),
+    {ok, _} = dspex_store:get(S, x),
+    ok = dspex_store:delete(S, x, #{as => <<"w">>}),
+    ?assertEqual({error, {not_found, x}}, dspex_store:get(S, x)),
+    ?assertEqual({error, {not_found, x}}, dspex_store:delete(S, x, #{as => <<"w">>})).

@@ -543,6 +543,7 @@ ttl_expiry_by_sweeper_test_() ->
              {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
              {ok, _} = dspex_store:register(S, x, integer, 1),
              Keep = new(), %% default ttl 3600 s
+             ok = dspex_test_hooks:enable(),
              ok = dspex_nif:advance_clock(1500), %% the TTL clock, not the wall clock
              ?assertEqual({error, session_not_found}, dspex_store:get(S, x)),
              ?assert(dspex_session_sweeper:sweep_now() >= 1),

@@ -31,17 +31,52 @@ static _Thread_local struct {
 } t_last;
 
 static void session_unlinked(void) { atomic_fetch_add_explicit(&g_sess_gen, 1, memory_order_seq_cst); }
-static dx_limits g_limits = {
-    .max_sessions = 100000,
-    .max_vars = 1000000,
-    .max_value_bytes = 16u << 20,
-    .max_name_len = 255,
-    .max_history = 10000,
-    .default_history = 50,
-};
+/* The limits are read on every write by any scheduler thread and replaced by
+ * set_limits from another: a sequence lock publishes them, so a reader always
+ * gets one consistent set (never max_history from one call and
+ * default_history from another) without taking a lock. Writers are serialised
+ * by g_limits_mu; readers retry while a write is in progress (odd sequence).
+ * Every field is an atomic so the concurrent accesses are defined behaviour. */
+static struct {
+    _Atomic uint64_t max_sessions, max_vars, max_value_bytes;
+    _Atomic uint32_t max_name_len, max_history, default_history;
+} g_lim = {100000, 1000000, 16u << 20, 255, 10000, 50};
+static _Atomic unsigned g_lim_seq;
+static pthread_mutex_t g_limits_mu = PTHREAD_MUTEX_INITIALIZER;
 
-void dx_store_set_limits(const dx_limits *l) { g_limits = *l; }
-dx_limits dx_store_limits(void) { return g_limits; }
+void dx_store_set_limits(const dx_limits *l) {
+    pthread_mutex_lock(&g_limits_mu);
+    unsigned q = atomic_load_explicit(&g_lim_seq, memory_order_relaxed);
+    atomic_store_explicit(&g_lim_seq, q + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    atomic_store_explicit(&g_lim.max_sessions, l->max_sessions, memory_order_relaxed);
+    atomic_store_explicit(&g_lim.max_vars, l->max_vars, memory_order_relaxed);
+    atomic_store_explicit(&g_lim.max_value_bytes, l->max_value_bytes, memory_order_relaxed);
+    atomic_store_explicit(&g_lim.max_name_len, l->max_name_len, memory_order_relaxed);
+    atomic_store_explicit(&g_lim.max_history, l->max_history, memory_order_relaxed);
+    atomic_store_explicit(&g_lim.default_history, l->default_history, memory_order_relaxed);
+    atomic_store_explicit(&g_lim_seq, q + 2, memory_order_release);
+    pthread_mutex_unlock(&g_limits_mu);
+}
+
+dx_limits dx_store_limits(void) {
+    dx_limits l;
+    unsigned q0, q1;
+    do {
+        q0 = atomic_load_explicit(&g_lim_seq, memory_order_acquire);
+        l.max_sessions = atomic_load_explicit(&g_lim.max_sessions, memory_order_relaxed);
+        l.max_vars = atomic_load_explicit(&g_lim.max_vars, memory_order_relaxed);
+        l.max_value_bytes = atomic_load_explicit(&g_lim.max_value_bytes, memory_order_relaxed);
+        l.max_name_len = atomic_load_explicit(&g_lim.max_name_len, memory_order_relaxed);
+        l.max_history = atomic_load_explicit(&g_lim.max_history, memory_order_relaxed);
+        l.default_history = atomic_load_explicit(&g_lim.default_history, memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);
+        q1 = atomic_load_explicit(&g_lim_seq, memory_order_relaxed);
+    } while ((q0 & 1) || q0 != q1);
+    return l;
+}
+/* Every read of a limit below goes through the sequence lock. */
+#define g_limits (dx_store_limits())
 void dx_store_set_watcher_release(void (*fn)(void *w)) { g_release_watcher = fn; }
 void dx_store_set_acl_release(void (*fn)(void *acl)) { g_release_acl = fn; }
 void dx_store_set_notify_release(void (*fn)(void *q)) { g_release_notify = fn; }
@@ -108,8 +143,9 @@ static void var_free(void *p) {
  * constraints are moved in. */
 static dx_var *var_new(const dx_var_spec *sp, dx_str id, uint64_t version, int64_t created_at, int64_t updated_at,
                        int *limit) {
-    int64_t hl = sp->history_limit < 0 ? (int64_t)g_limits.default_history : sp->history_limit;
-    if (hl > (int64_t)g_limits.max_history) {
+    dx_limits lim = dx_store_limits(); /* one consistent set for both checks */
+    int64_t hl = sp->history_limit < 0 ? (int64_t)lim.default_history : sp->history_limit;
+    if (hl > (int64_t)lim.max_history) {
         *limit = DX_L_HISTORY;
         return NULL;
     }
@@ -592,6 +628,42 @@ int dx_var_delete(dx_session *s, dx_str key) {
     pthread_mutex_unlock(&sh->mu);
     if (!rc) dx_ebr_retire(v, var_free, 0);
     return rc;
+}
+
+/* Like dx_var_delete, but deletes exactly v (the variable the caller looked up
+ * and is checking), with the access check run under the shard mutex: a
+ * variable deleted and registered again under the same name meanwhile is not
+ * touched (DX_E_NOT_FOUND), and rules changed meanwhile are the ones checked. */
+int dx_var_delete_checked(dx_session *s, dx_var *v, const dx_set_opts *o) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    int rc = DX_E_NOT_FOUND;
+    if (v->dead) {
+        rc = DX_E_NOT_FOUND;
+    } else if (o && o->acl_check && !o->acl_check(o->acl_ctx, v, atomic_load_explicit(&v->acl, memory_order_relaxed))) {
+        rc = DX_E_DENIED;
+    } else if (v->lock_token) {
+        rc = refuse_locked(v);
+    } else if (dx_rtab_remove(&sh->tab, v->key.hash, v->name, v->name_len)) {
+        v->dead = true;
+        atomic_fetch_sub(&s->nvars, 1);
+        rc = DX_OK;
+        /* lock order: shard, then graph (as dx_var_delete) */
+        pthread_mutex_lock(&s->graph_mu);
+        if (s->graph) dx_graph_remove_node(s->graph, v->name, v->name_len);
+        pthread_mutex_unlock(&s->graph_mu);
+    }
+    pthread_mutex_unlock(&sh->mu);
+    if (!rc) dx_ebr_retire(v, var_free, 0);
+    return rc;
+}
+
+uint64_t dx_var_lock_current(dx_session *s, dx_var *v) {
+    dx_shard *sh = shard_of(s, v->key.hash);
+    pthread_mutex_lock(&sh->mu);
+    uint64_t t = v->dead ? 0 : v->lock_token;
+    pthread_mutex_unlock(&sh->mu);
+    return t;
 }
 
 int dx_var_lock(dx_session *s, dx_var *v, uint64_t expect, const uint8_t *holder, size_t hlen, uint64_t *token,

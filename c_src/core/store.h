@@ -202,6 +202,14 @@ int dx_var_set_many(dx_session *s, dx_set_item *items, size_t n, bool atomic, bo
 /* Removes the variable and its graph edges. */
 int dx_var_delete(dx_session *s, dx_str key);
 
+/* Deletes exactly v if it is still live, running o->acl_check (if set) under
+ * the shard mutex: DX_OK, DX_E_NOT_FOUND (deleted meanwhile), DX_E_DENIED,
+ * DX_E_LOCKED. Inside an EBR section. */
+int dx_var_delete_checked(dx_session *s, dx_var *v, const dx_set_opts *o);
+
+/* The current lock token of v (0: free or deleted), read under the shard mutex. */
+uint64_t dx_var_lock_current(dx_session *s, dx_var *v);
+
 /* Optimizer locks. lock: takes the variable for a new token (DX_E_LOCKED with
  * *token = current if held and expect != current). unlock: only with the
  * current token (DX_E_STALE_LOCK otherwise). The holder blob is copied. */

@@ -12,8 +12,13 @@ typedef struct {
     ERL_NIF_TERM context; /* a map, or 0 */
 } dx_principal;
 
-/* Reads `as' and `context' from an options map; 0 on a malformed value. */
+/* Reads `as' and `context' from an options map; 0 on a malformed value: `as'
+ * neither a binary nor `undefined' (the session itself), or `context' not a
+ * map. Every NIF taking a principal answers badarg then: a principal that
+ * does not parse never acts as anyone (in particular not as the owner). */
 int dx_principal_parse(ErlNifEnv *env, ERL_NIF_TERM opts, dx_principal *p);
+/* The same check alone, for an options map parsed later. */
+int dx_principal_ok(ErlNifEnv *env, ERL_NIF_TERM opts);
 int dx_acl_perm(ErlNifEnv *env, ERL_NIF_TERM t, unsigned *bit);
 /* 0 on success (*out set), else the error term to return. */
 ERL_NIF_TERM dx_acl_compile(ErlNifEnv *env, ERL_NIF_TERM rules, dx_acl **out);

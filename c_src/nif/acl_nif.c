@@ -226,16 +226,21 @@ int dx_principal_parse(ErlNifEnv *env, ERL_NIF_TERM opts, dx_principal *p) {
     ERL_NIF_TERM as, ctx;
     size_t n;
     if (!enif_get_map_size(env, opts, &n) || n == 0) return 1;
+    /* a context that is not a map is refused whether or not `as' is given */
+    int has_ctx = enif_get_map_value(env, opts, ATOM_context, &ctx);
+    if (has_ctx && !enif_is_map(env, ctx)) return 0;
     if (!enif_get_map_value(env, opts, ATOM_as, &as) || enif_is_identical(as, ATOM_undefined)) return 1;
     ErlNifBinary b;
     if (!enif_inspect_binary(env, as, &b)) return 0;
     p->set = 1;
     p->id = (dx_str){(const char *)b.data, b.size};
-    if (n > 1 && enif_get_map_value(env, opts, ATOM_context, &ctx)) {
-        if (!enif_is_map(env, ctx)) return 0;
-        p->context = ctx;
-    }
+    if (has_ctx) p->context = ctx;
     return 1;
+}
+
+int dx_principal_ok(ErlNifEnv *env, ERL_NIF_TERM opts) {
+    dx_principal p;
+    return dx_principal_parse(env, opts, &p);
 }
 
 /* The store's write-path hook: runs under the shard mutex. */
@@ -307,12 +312,13 @@ DX_NIF(nif_acl_check) {
     dx_ebr_enter();
     dx_session *s = dx_nif_session(env, argv[0], &sid);
     dx_var *v = s ? dx_var_find(s, key) : NULL;
+    int denied = s && v && !dx_acl_allows(env, dx_var_acl(v), sid, &p, perm);
     ERL_NIF_TERM r = !s ? dx_error(env, ATOM_session_not_found)
                      : !v ? dx_error2(env, ATOM_not_found, argv[1])
-                     : dx_acl_allows(env, dx_var_acl(v), sid, &p, perm) ? ATOM_ok
-                                                                        : dx_error(env, ATOM_access_denied);
+                     : denied ? dx_error(env, ATOM_access_denied)
+                              : ATOM_ok;
     dx_ebr_exit();
-    if (enif_is_identical(r, dx_error(env, ATOM_access_denied))) dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, argv[3]);
+    if (denied) dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, argv[3]);
     return r;
 }
 

@@ -15,7 +15,9 @@
     X(dspex_session_v1) X(dspex_variable) X(all) X(max_sessions) X(max_variables) X(max_value_bytes) \
     X(max_name_length) X(max_history) X(default_history) X(dirty) \
     X(float) X(integer) X(string) X(boolean) X(choice) X(module) X(embedding) X(tensor) \
-    X(derived_variable) X(locked) X(stale_lock) X(lock) X(token) X(read) X(write) X(observe) X(optimize) X(as) X(context) X(access_denied) X(rate_limited) X(invalid_rule) X(rules) X(session_pattern) X(permissions) X(conditions) X(any) X(dspex_acl_audit) X(dspex_denied) X(dspex_rate_limited) X(denied) X(derived) X(propagation) X(would_create_cycle) X(min) X(max) X(min_length) X(max_length) X(pattern) X(enum) X(choices) X(allowed_modules) X(dimensions)
+    X(derived_variable) X(locked) X(stale_lock) X(lock) X(token) X(read) X(write) X(observe) X(optimize) X(as) X(context) X(access_denied) X(rate_limited) X(invalid_rule) X(rules) X(session_pattern) X(permissions) X(conditions) X(any) X(dspex_acl_audit) X(dspex_denied) X(dspex_rate_limited) X(denied) X(derived) X(propagation) X(would_create_cycle) X(min) X(max) X(min_length) X(max_length) X(pattern) X(enum) X(choices) X(allowed_modules) X(dimensions) \
+    X(dependencies) X(dependents) X(all_dependents) X(update_order) X(reclaim_pending) X(history_size) X(watchers) \
+    X(test_hooks) X(test_hooks_disabled)
 
 #define DX_ATOM_DECL(a) extern ERL_NIF_TERM ATOM_##a;
 DX_ATOM_LIST(DX_ATOM_DECL)

@@ -6,9 +6,38 @@
 #include <stdlib.h>
 #include <time.h>
 
-static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
+/* One copy of this library holds the whole state in C globals (the store,
+ * the lock registry, the metrics rings). Reloading dspex_nif (code:load_file)
+ * maps the same copy again (dlopen of the same path returns the loaded
+ * object), so the new module instance shares that state: `upgrade' checks
+ * that the old instance's priv_data is this copy's marker (a different copy,
+ * loaded from another path, could not see the state: refused), takes the
+ * resource types over and counts the instance; `unload' (when the old code is
+ * purged) only uncounts it, and the last instance to go frees everything.
+ * load, upgrade and unload run one at a time (code loading is serialised). */
+static char g_marker;
+static int g_instances;
+_Atomic int dx_test_hooks;
+
+/* Load info: 0 (no options) or #{test_hooks => boolean()}. 0 on a bad term. */
+static int read_load_info(ErlNifEnv *env, ERL_NIF_TERM info, int *hooks) {
+    ERL_NIF_TERM v;
+    int i;
+    *hooks = 0;
+    if (enif_get_int(env, info, &i)) return i == 0;
+    if (!enif_is_map(env, info)) return 0;
+    if (!enif_get_map_value(env, info, enif_make_atom(env, "test_hooks"), &v)) return 1;
+    if (enif_is_identical(v, enif_make_atom(env, "true"))) *hooks = 1;
+    else if (!enif_is_identical(v, enif_make_atom(env, "false"))) return 0;
+    return 1;
+}
+
+/* Everything load sets up, undone in reverse on a failure part way (resource
+ * types opened by a failed load are discarded by the runtime). */
+static int init_state(ErlNifEnv *env) {
     dx_atoms_init(env);
-    /* seed the hash from the clock and the address space layout */
+    /* seed the hash from the clock and the address space layout: once per
+     * store, never on upgrade (every table is keyed by it) */
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     dx_hash_seed((uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&ts ^ (uint64_t)ts.tv_sec);
@@ -17,17 +46,45 @@ static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
     if (dx_events_init(env)) return 1;
     dx_store_set_watcher_release(dx_watch_release);
     dx_store_set_acl_release(dx_acl_free);
-    return dx_store_init() == DX_OK ? 0 : 1;
+    if (dx_store_init() != DX_OK) {
+        dx_metrics_unload();
+        return 1;
+    }
+    return 0;
 }
 
-/* The store is process-global C state: a second copy of the library would not
- * see it, so upgrade is refused rather than silently losing every session. */
-static int upgrade(ErlNifEnv *env, void **priv, void **old_priv, ERL_NIF_TERM info) { return 1; }
+static int load(ErlNifEnv *env, void **priv, ERL_NIF_TERM info) {
+    int hooks;
+    if (!read_load_info(env, info, &hooks)) return 1;
+    if (g_instances == 0) {
+        if (init_state(env)) return 1;
+    } else if (dx_watch_init(env) || dx_metrics_takeover(env)) {
+        return 1; /* an instance of this copy is alive: share its state */
+    }
+    atomic_store(&dx_test_hooks, hooks);
+    g_instances++;
+    *priv = &g_marker;
+    return 0;
+}
+
+static int upgrade(ErlNifEnv *env, void **priv, void **old_priv, ERL_NIF_TERM info) {
+    int hooks;
+    if (*old_priv != &g_marker || g_instances == 0) return 1; /* another copy of the library */
+    if (!read_load_info(env, info, &hooks)) return 1;
+    if (dx_watch_init(env) || dx_metrics_takeover(env)) return 1;
+    atomic_store(&dx_test_hooks, hooks);
+    g_instances++;
+    *priv = &g_marker;
+    return 0;
+}
 
 static void unload(ErlNifEnv *env, void *priv) {
+    if (priv != &g_marker || --g_instances > 0) return; /* a newer instance still uses the state */
     dx_metrics_unload();
     dx_events_unload();
     dx_store_shutdown();
+    dx_lockreg_clear();
+    atomic_store(&dx_test_hooks, 0);
 }
 
 #define DIRTY ERL_NIF_DIRTY_JOB_CPU_BOUND
@@ -39,7 +96,7 @@ static ErlNifFunc funcs[] = {
     {"session_delete", 1, nif_session_delete, 0},
     {"sweep", 0, nif_sweep, DIRTY},
     {"reclaim", 0, nif_reclaim, DIRTY},
-    {"advance_clock", 1, nif_advance_clock, 0},
+    {"advance_clock", 1, nif_advance_clock, 0}, /* refused unless loaded with test hooks */
     {"set_limits", 1, nif_set_limits, 0},
     {"get_limits", 0, nif_get_limits, 0},
     {"stats", 0, nif_stats, 0},
@@ -78,6 +135,8 @@ static ErlNifFunc funcs[] = {
     {"var_set_error", 3, nif_var_set_error, 0},
     {"var_lock", 4, nif_var_lock, 0},
     {"var_lock", 5, nif_var_lock, 0},
+    {"var_lock", 6, nif_var_lock, 0},
+    {"lock_list", 0, nif_lock_list, DIRTY},
     {"var_unlock", 3, nif_var_unlock, 0},
     {"acl_set", 4, nif_acl_set, 0},
     {"acl_get", 2, nif_acl_get, 0},

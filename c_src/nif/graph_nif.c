@@ -112,11 +112,11 @@ DX_NIF(nif_graph_query) {
     char kb[DX_ATOM_TEXT];
     dx_str key;
     ERL_NIF_TERM what = argv[2];
-    int kind = enif_is_identical(what, enif_make_atom(env, "dependencies"))     ? 0
-               : enif_is_identical(what, enif_make_atom(env, "dependents"))     ? 1
-               : enif_is_identical(what, enif_make_atom(env, "all_dependents")) ? 2
-               : enif_is_identical(what, enif_make_atom(env, "update_order"))   ? 3
-                                                                                : -1;
+    int kind = enif_is_identical(what, ATOM_dependencies)     ? 0
+               : enif_is_identical(what, ATOM_dependents)     ? 1
+               : enif_is_identical(what, ATOM_all_dependents) ? 2
+               : enif_is_identical(what, ATOM_update_order)   ? 3
+                                                              : -1;
     if (kind < 0 || !dx_get_name(env, argv[1], &key, kb, sizeof kb) || !enif_is_binary(env, argv[0]))
         return enif_make_badarg(env);
     dx_ebr_enter();

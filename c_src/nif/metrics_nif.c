@@ -102,6 +102,13 @@ int dx_metrics_init(ErlNifEnv *env) {
 static _Atomic uint64_t g_dropped;
 static void dropped(uint64_t n) { atomic_fetch_add_explicit(&g_dropped, n, memory_order_relaxed); }
 
+int dx_metrics_takeover(ErlNifEnv *env) {
+    int fl = ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER;
+    ErlNifResourceType *st = enif_open_resource_type(env, NULL, "dspex_metric_series", series_dtor, fl, NULL);
+    ErlNifResourceType *kt = enif_open_resource_type(env, NULL, "dspex_metric_sketch", sketch_dtor, fl, NULL);
+    return st && kt ? 0 : -1;
+}
+
 static ERL_NIF_TERM err(ErlNifEnv *env, ERL_NIF_TERM reason) { return enif_make_tuple2(env, A_error, reason); }
 
 /* Whole seconds only: the coarse clock (a few ms resolution) is several

@@ -6,6 +6,9 @@
 
 /* Opens the resource types and makes the atoms; 0 ok, -1 on failure. */
 int dx_metrics_init(ErlNifEnv *env);
+/* upgrade: takes the resource types over for the new module instance (the
+ * state, atoms and calibration of this library copy are kept). */
+int dx_metrics_takeover(ErlNifEnv *env);
 
 #define DX_METRICS_NIF(name) ERL_NIF_TERM name(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
 DX_METRICS_NIF(nif_metrics_series_new);

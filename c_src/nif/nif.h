@@ -46,6 +46,18 @@ ERL_NIF_TERM dx_limit_error(ErlNifEnv *env, int limit);
 /* Maps a core result code (not OK) to its error term; key names the variable. */
 ERL_NIF_TERM dx_rc_error(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t version, int limit, const char *msg);
 
+/* Test hooks (advance_clock) are served only when the library was loaded
+ * with them enabled (load info #{test_hooks => true}). */
+extern _Atomic int dx_test_hooks;
+
+/* The lock registry (lock_nif.c): every lock granted by var_lock/6 with its
+ * session, variable name, holder and meta, so that a restarted dspex_locks
+ * can rebuild its state. put: 0 or -1 (out of memory). */
+int dx_lockreg_put(uint64_t token, dx_str sid, dx_str name, const uint8_t *holder, size_t hlen, const uint8_t *meta,
+                   size_t mlen);
+void dx_lockreg_drop(uint64_t token);
+void dx_lockreg_clear(void);
+
 #define DX_NIF(name) ERL_NIF_TERM name(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
 DX_NIF(nif_session_create); DX_NIF(nif_session_get); DX_NIF(nif_session_list); DX_NIF(nif_session_touch);
 DX_NIF(nif_session_delete); DX_NIF(nif_sweep); DX_NIF(nif_reclaim); DX_NIF(nif_advance_clock);
@@ -58,7 +70,7 @@ DX_NIF(nif_watch); DX_NIF(nif_var_info); DX_NIF(nif_unwatch);
 DX_NIF(nif_export_session); DX_NIF(nif_import_session);
 DX_NIF(nif_graph_add); DX_NIF(nif_graph_remove); DX_NIF(nif_graph_query); DX_NIF(nif_graph_clear);
 DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error); DX_NIF(nif_var_lock); DX_NIF(nif_var_unlock);
-DX_NIF(nif_lock_token_floor);
+DX_NIF(nif_lock_token_floor); DX_NIF(nif_lock_list);
 DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_filter); DX_NIF(nif_acl_validate);
 DX_NIF(nif_session_set_rate);
 DX_NIF(nif_sched_stats); DX_NIF(nif_rawbuf_debug);

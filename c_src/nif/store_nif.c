@@ -274,9 +274,12 @@ DX_NIF(nif_sweep) {
 
 DX_NIF(nif_reclaim) { return enif_make_uint64(env, dx_ebr_reclaim(1)); }
 
+/* A test hook: refused ({error, test_hooks_disabled}) unless the library was
+ * loaded with test hooks enabled (see dspex_nif.c). */
 DX_NIF(nif_advance_clock) {
     ErlNifSInt64 ms;
     if (!enif_get_int64(env, argv[0], &ms) || ms < 0) return enif_make_badarg(env);
+    if (!atomic_load_explicit(&dx_test_hooks, memory_order_relaxed)) return dx_error(env, ATOM_test_hooks_disabled);
     atomic_fetch_add(&g_skew_ms, ms);
     return ATOM_ok;
 }
@@ -319,7 +322,7 @@ DX_NIF(nif_get_limits) {
 }
 
 DX_NIF(nif_stats) {
-    ERL_NIF_TERM keys[2] = {ATOM_sessions, enif_make_atom(env, "reclaim_pending")};
+    ERL_NIF_TERM keys[2] = {ATOM_sessions, ATOM_reclaim_pending};
     ERL_NIF_TERM vals[2] = {enif_make_uint64(env, dx_session_count()), enif_make_uint64(env, dx_ebr_pending())};
     ERL_NIF_TERM m;
     enif_make_map_from_arrays(env, keys, vals, 2, &m);
@@ -679,7 +682,8 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
 static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
-    if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3])) return enif_make_badarg(env);
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3]) || !dx_principal_ok(env, argv[3]))
+        return enif_make_badarg(env);
     if (!dx_on_dirty() && big_input(env, argv[2])) {
         t_res = -1;
         return RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
@@ -742,14 +746,15 @@ DX_NIF(nif_var_delete) {
     WITH_SESSION(s, argv[0]);
     ERL_NIF_TERM r = ATOM_ok;
     dx_var *v = dx_var_find(s, key);
-    if (v && p.set && !dx_acl_allows(env, dx_var_acl(v), (dx_str){s->id, s->id_len}, &p, DX_PERM_WRITE)) {
-        dx_ebr_exit();
-        dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_write);
-        return dx_error(env, ATOM_access_denied);
-    }
-    int rc = v ? dx_var_delete(s, key) : DX_E_NOT_FOUND;
+    /* the access check runs under the shard mutex, on the variable deleted */
+    dx_acl_ctx actx = {env, (dx_str){s->id, s->id_len}, &p, DX_PERM_WRITE};
+    dx_set_opts o = {.acl_check = p.set ? dx_acl_write_check : NULL, .acl_ctx = &actx};
+    int rc = v ? dx_var_delete_checked(s, v, &o) : DX_E_NOT_FOUND;
     if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env));
-    else if (rc) r = dx_error2(env, ATOM_not_found, argv[1]);
+    else if (rc == DX_E_DENIED) {
+        r = dx_error(env, ATOM_access_denied);
+        dx_audit(env, ATOM_dspex_denied, argv[0], argv[1], &p, ATOM_write);
+    } else if (rc) r = dx_error2(env, ATOM_not_found, argv[1]);
     dx_ebr_exit();
     return r;
 }
@@ -869,7 +874,8 @@ DX_NIF(nif_var_set_many) {
         int arity;
         char kbuf[DX_ATOM_TEXT];
         dx_str k;
-        if (!enif_get_tuple(env, h, &arity, &tup) || arity != 3 || !get_key(env, tup[0], &k, kbuf) || !enif_is_map(env, tup[2]))
+        if (!enif_get_tuple(env, h, &arity, &tup) || arity != 3 || !get_key(env, tup[0], &k, kbuf) || !enif_is_map(env, tup[2]) ||
+            !dx_principal_ok(env, tup[2]))
             return enif_make_badarg(env);
         lists += enif_is_list(env, tup[1]) || enif_is_map(env, tup[1]);
     }
@@ -1084,7 +1090,7 @@ DX_NIF(nif_var_rollback) {
     set_opts_buf ob;
     dx_str sid;
     if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[2], &target) || !enif_is_map(env, argv[3]) ||
-        !get_sid(env, argv[0], &sid))
+        !dx_principal_ok(env, argv[3]) || !get_sid(env, argv[0], &sid))
         return enif_make_badarg(env);
     ERL_NIF_TERM bad = parse_set_opts(env, argv[3], &ob);
     if (bad) {
@@ -1158,7 +1164,7 @@ DX_NIF(nif_var_info) {
     if (!v || dx_var_info(s, v, &nw, &nh)) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else {
-        ERL_NIF_TERM keys[3] = {ATOM_history_limit, enif_make_atom(env, "history_size"), enif_make_atom(env, "watchers")};
+        ERL_NIF_TERM keys[3] = {ATOM_history_limit, ATOM_history_size, ATOM_watchers};
         ERL_NIF_TERM vals[3] = {enif_make_uint64(env, v->history_limit), enif_make_uint64(env, nh), enif_make_uint64(env, nw)};
         ERL_NIF_TERM m;
         enif_make_map_from_arrays(env, keys, vals, 3, &m);
@@ -1168,34 +1174,44 @@ DX_NIF(nif_var_info) {
     return r;
 }
 
-/* var_lock(Session, Key, Holder, Expect) -> {ok, Token} | {error, {locked, Holder}}:
+/* var_lock(Session, Key, Holder, Expect[, Opts[, Meta]]) -> {ok, Token} | {error, {locked, Holder}}:
  * used by dspex_locks only. Expect is the token the caller believes current
- * (0: the variable must be free); preemption passes the holder's token. */
+ * (0: the variable must be free); preemption passes the holder's token. Opts
+ * may hold `as' / `context' (a principal that does not parse is badarg, as
+ * everywhere). Meta (any term) is kept with the lock in the lock registry
+ * until it is unlocked, replaced or found gone by lock_list/0: a restarted
+ * dspex_locks rebuilds its state from it. */
 DX_NIF(nif_var_lock) {
     char kbuf[DX_ATOM_TEXT];
-    dx_str key;
+    dx_str key, sid;
     ErlNifUInt64 expect;
-    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[3], &expect) ||
-        (argc == 5 && !enif_is_map(env, argv[4])))
+    dx_principal p = {0};
+    if (!get_key(env, argv[1], &key, kbuf) || !enif_get_uint64(env, argv[3], &expect) || !get_sid(env, argv[0], &sid) ||
+        (argc >= 5 && (!enif_is_map(env, argv[4]) || !dx_principal_parse(env, argv[4], &p))))
         return enif_make_badarg(env);
-    ErlNifBinary holder;
+    ErlNifBinary holder, meta = {0};
     if (dx_term_to_blob(env, argv[2], &holder)) return dx_error(env, ATOM_enomem);
-    dx_str sid;
-    if (!get_sid(env, argv[0], &sid)) {
+    if (argc == 6 && dx_term_to_blob(env, argv[5], &meta)) {
         enif_release_binary(&holder);
-        return enif_make_badarg(env);
+        return dx_error(env, ATOM_enomem);
     }
     dx_ebr_enter();
     dx_session *s = dx_session_find(sid, dx_now_ms());
     dx_var *v = s ? dx_var_find(s, key) : NULL;
     ERL_NIF_TERM r;
     uint64_t token = 0;
-    dx_principal p = {0};
-    if (argc == 5) dx_principal_parse(env, argv[4], &p);
     dx_acl_ctx actx = {env, sid, &p, DX_PERM_OPTIMIZE};
     dx_set_opts acl = {.acl_check = p.set ? dx_acl_write_check : NULL, .acl_ctx = &actx};
     int rc = !s ? DX_E_SESSION_NOT_FOUND : !v ? DX_E_NOT_FOUND
                                              : dx_var_lock(s, v, expect, holder.data, holder.size, &token, &acl);
+    /* the registry follows the core: a replaced token's entry goes */
+    if (rc == DX_OK && expect) dx_lockreg_drop(expect);
+    if (rc == DX_OK && argc == 6) {
+        if (dx_lockreg_put(token, sid, (dx_str){v->name, v->name_len}, holder.data, holder.size, meta.data, meta.size)) {
+            dx_var_unlock(s, v, token);
+            rc = DX_E_NOMEM;
+        }
+    }
     if (rc == DX_OK) r = enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, token));
     else if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env));
     else if (rc == DX_E_DENIED) {
@@ -1205,6 +1221,7 @@ DX_NIF(nif_var_lock) {
     else r = dx_rc_error(env, rc, argv[1], 0, 0, NULL);
     dx_ebr_exit();
     enif_release_binary(&holder);
+    if (argc == 6) enif_release_binary(&meta);
     return r;
 }
 
@@ -1217,6 +1234,8 @@ DX_NIF(nif_var_unlock) {
     WITH_SESSION(s, argv[0]);
     dx_var *v = dx_var_find(s, key);
     int rc = v ? dx_var_unlock(s, v, token) : DX_E_NOT_FOUND;
+    /* whatever the core says, the token is no longer a held lock */
+    dx_lockreg_drop(token);
     ERL_NIF_TERM r = rc ? dx_rc_error(env, rc, argv[1], 0, 0, NULL) : ATOM_ok;
     dx_ebr_exit();
     return r;
