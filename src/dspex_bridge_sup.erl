@@ -25,7 +25,9 @@ init([]) ->
                 #{id => dspex_metrics_server, start => {dspex_metrics_server, start_link, []}},
                 #{id => dspex_prometheus, start => {dspex_prometheus, start_link, []}},
                 #{id => dspex_cluster_sup, type => supervisor,
-                  start => {dspex_cluster_sup, start_link, []}}]
+                  start => {dspex_cluster_sup, start_link, []}},
+                %% model experiments and rollouts (issue #19)
+                #{id => dspex_models_server, start => {dspex_models_server, start_link, []}}]
         ++ [#{id => dspex_grpc_sup, type => supervisor, start => {dspex_grpc_sup, start_link, []}}
             || application:get_env(dspex_bridge, grpc_enabled, true)],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.
