@@ -233,7 +233,8 @@ bucket_of(UnitKey, Salt, Context) when is_map(Context) ->
 bucket_of(_UnitKey, Salt, Unit) -> erlang:phash2({Salt, Unit}, ?BUCKETS).
 
 %% @doc The bucket (0..9999) of a unit under a salt: `erlang:phash2({Salt,
-%% Unit}, 10000)', the same on every node and OTP release.
+%% Unit}, 10000)', the same on every node and OTP release. A test's salt is
+%% `erlang:phash2(TestId)'.
 -spec bucket(term(), term()) -> 0..9999.
 bucket(Salt, Unit) -> erlang:phash2({Salt, Unit}, ?BUCKETS).
 
@@ -249,14 +250,15 @@ record_inference(ModelId, LatencyMs, Success, Meta)
     case persistent_term:get(?INGEST(ModelId), []) of
         [] -> ok;
         Sinks ->
-            Only = maps:get(experiment, Meta, any),
-            lists:foreach(
-              fun({TestId, Ref, Base, Custom}) when Only =:= any; Only =:= TestId ->
-                      dspex_models_stats:ingest(Ref, Base, LatencyMs, Success, custom_value(Custom, Meta));
-                 (_) -> ok
-              end, Sinks)
+            ingest(Sinks, maps:get(experiment, Meta, any), LatencyMs, Success, Meta)
     end;
 record_inference(_, _, _, _) -> erlang:error(badarg).
+
+ingest([], _Only, _Lat, _Success, _Meta) -> ok;
+ingest([{TestId, Ref, Base, Custom} | Rest], Only, Lat, Success, Meta) ->
+    (Only =:= any orelse Only =:= TestId) andalso
+        dspex_models_stats:ingest(Ref, Base, Lat, Success, custom_value(Custom, Meta)),
+    ingest(Rest, Only, Lat, Success, Meta).
 
 custom_value(undefined, _) -> undefined;
 custom_value(Name, Meta) ->

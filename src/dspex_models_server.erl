@@ -357,8 +357,7 @@ eval_ab(#{spec := Spec, last := Last, started := Started, max_duration := MaxD} 
                 end;
             _ -> D0
         end,
-    T1 = T#{last => R, decision => D,
-            arm_summary => [{M, arm_view(A)} || {M, A} <- Arms]},
+    T1 = T#{last => R, decision => D},
     case D of
         continue -> T1;
         _ ->
@@ -383,7 +382,7 @@ eval_rollout(#{status := paused} = T) ->
 eval_rollout(#{status := running, step := Step, steps := Steps, step_started := SS,
                step_duration := Dur, name := Name, id := Id} = T) ->
     Gs = gate_results(T),
-    T1 = T#{gate_results => Gs, arm_summary => [{M, arm_view(A)} || {M, A} <- arms(T)]},
+    T1 = T#{gate_results => Gs},
     Failed = [G || #{verdict := fail} = G <- Gs],
     AllPass = lists:all(fun(#{verdict := V}) -> V =:= pass end, Gs),
     case Failed of
@@ -443,7 +442,8 @@ do_rollback(#{id := Id, name := Name} = T, Reason, Detail) ->
     T#{status => finished, decision => {rolled_back, Reason}}.
 
 view(T) ->
-    Base = maps:with([id, kind, name, status, decision, models, started, arm_summary], T),
+    Base = (maps:with([id, kind, name, status, decision, models, started], T))#{
+             arm_summary => [{M, arm_view(A)} || {M, A} <- arms(T)]},
     V = case T of
         #{kind := ab, last := Last} ->
             Base#{p_value => maps:get(p_value, Last, 1.0),
@@ -470,10 +470,10 @@ publish(Name, #{tests := Ts}) ->
                    St =/= finished],
     Route = case Active of
                 [#{kind := ab, id := Id, unit := U, models := Ms, weights := Ws}] ->
-                    {split, U, Id, table(lists:zip(Ms, Ws))};
+                    {split, U, salt(Id), table(lists:zip(Ms, Ws))};
                 [#{kind := rollout, id := Id, unit := U, models := [Base, New]} = T] ->
                     Cut = round(percent(T) * ?BUCKETS / 100),
-                    {split, U, Id, list_to_tuple(lists:duplicate(Cut, New) ++
+                    {split, U, salt(Id), list_to_tuple(lists:duplicate(Cut, New) ++
                                                      lists:duplicate(?BUCKETS - Cut, Base))};
                 [] ->
                     case dspex_models:get_alias(Name, production) of
@@ -482,6 +482,10 @@ publish(Name, #{tests := Ts}) ->
                     end
             end,
     put_changed(?ROUTE(Name), Route).
+
+%% the salt of a test's hash: an integer (hashing it is cheaper than hashing
+%% the id on every select), the same on every node
+salt(Id) -> erlang:phash2(Id).
 
 table(Weighted) ->
     Total = lists:sum([W || {_, W} <- Weighted]),

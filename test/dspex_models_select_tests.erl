@@ -1,0 +1,113 @@
+%% @doc EUnit tests of `dspex_models:select_model/2' (routing) and
+%% `record_inference/4' (ingest).
+-module(dspex_models_select_tests).
+
+-include_lib("eunit/include/eunit.hrl").
+
+-import(dspex_models_registry_tests, [uniq/1]).
+
+select_test_() ->
+    {setup, fun dspex_models_registry_tests:start/0, fun(_) -> ok end,
+     [{"the bucket hash is fixed (same on every node and release)", fun bucket_fixed/0},
+      {"a unit gets the same variant on every call", fun sticky/0},
+      {"the split follows the weights", fun weights/0},
+      {"select_model and record_inference make no server call", fun no_server_call/0},
+      {"record_inference counts per variant; a restricted experiment only", fun ingest/0},
+      {"a finished test stops routing and ingesting", fun finished/0},
+      {"bad arguments", fun bad_args/0}]}.
+
+two_models(Prefix) ->
+    N = uniq(Prefix),
+    {ok, A} = dspex_models:register_model(#{name => N, version => <<"a">>}),
+    {ok, B} = dspex_models:register_model(#{name => N, version => <<"b">>}),
+    ok = dspex_models:set_alias(N, production, A),
+    {N, A, B}.
+
+bucket_fixed() ->
+    %% erlang:phash2/2 is documented as portable; these values must never change
+    ?assertEqual(erlang:phash2({<<"salt">>, 42}, 10000), dspex_models:bucket(<<"salt">>, 42)),
+    ?assertEqual(5712, dspex_models:bucket(<<"salt">>, 42)),
+    ?assertEqual(8274, dspex_models:bucket(<<"exp-1">>, <<"user-7">>)).
+
+sticky() ->
+    {N, A, B} = two_models(<<"st">>),
+    {ok, _} = dspex_models:start_ab_test(#{model => N, variants => [{A, 50}, {B, 50}]}),
+    First = [{U, dspex_models:select_model(N, #{user_id => U})} || U <- lists:seq(1, 2000)],
+    ?assert(lists:all(fun({U, R}) ->
+                              R =:= dspex_models:select_model(N, #{user_id => U, other => x})
+                                  andalso R =:= dspex_models:select_model(N, U)
+                      end, First)),
+    Models = lists:usort([M || {_, {ok, M}} <- First]),
+    ?assertEqual(lists:sort([A, B]), Models).
+
+weights() ->
+    {N, A, B} = two_models(<<"w">>),
+    {ok, _} = dspex_models:start_ab_test(#{model => N, variants => [{A, 80}, {B, 20}]}),
+    Total = 20000,
+    OnB = length([x || U <- lists:seq(1, Total),
+                       dspex_models:select_model(N, #{user_id => U}) =:= {ok, B}]),
+    %% binomial(20000, 0.2): sd 56.6; 5 sd
+    ?assert(abs(OnB - 4000) < 283),
+    %% a unit key other than user_id
+    {N2, A2, B2} = two_models(<<"w2">>),
+    {ok, _} = dspex_models:start_ab_test(#{model => N2, variants => [{A2, 1}, {B2, 1}], unit => tenant}),
+    R = [dspex_models:select_model(N2, #{tenant => T}) || T <- lists:seq(1, 400)],
+    ?assertEqual(R, [dspex_models:select_model(N2, #{tenant => T, user_id => 1}) || T <- lists:seq(1, 400)]).
+
+no_server_call() ->
+    {N, A, B} = two_models(<<"ns">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    ok = sys:suspend(dspex_models_server),
+    try
+        {ok, M} = dspex_models:select_model(N, #{user_id => 5}),
+        ok = dspex_models:record_inference(M, 12.5, true, #{})
+    after
+        ok = sys:resume(dspex_models_server)
+    end,
+    {ok, #{arm_summary := Arms}} = dspex_models:results(T),
+    ?assertEqual(1, lists:sum([maps:get(n, S) || {_, S} <- Arms])).
+
+ingest() ->
+    {N, A, B} = two_models(<<"in">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], min_samples => 1000}),
+    [ok = dspex_models:record_inference(A, 10, true, #{}) || _ <- lists:seq(1, 30)],
+    [ok = dspex_models:record_inference(A, 20, false, #{}) || _ <- lists:seq(1, 10)],
+    [ok = dspex_models:record_inference(B, 40, true, #{experiment => T}) || _ <- lists:seq(1, 5)],
+    [ok = dspex_models:record_inference(B, 40, true, #{experiment => <<"other">>}) || _ <- lists:seq(1, 5)],
+    {ok, #{arm_summary := [{A, SA}, {B, SB}], decision := continue}} = dspex_models:results(T),
+    ?assertMatch(#{n := 40, successes := 30}, SA),
+    ?assertMatch(#{n := 5, successes := 5}, SB),
+    %% p50 of A is 10 ms within the histogram's resolution (4.4%)
+    P50 = maps:get(latency_p50_ms, SA),
+    ?assert(abs(P50 - 10) / 10 < 0.05),
+    P95 = maps:get(latency_p95_ms, SA),
+    ?assert(abs(P95 - 20) / 20 < 0.05).
+
+finished() ->
+    {N, A, B} = two_models(<<"fin">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    ok = dspex_models:stop_test(T),
+    {ok, #{decision := {stopped, manual}, status := finished}} = dspex_models:results(T),
+    ?assertEqual({ok, A}, dspex_models:select_model(N, #{user_id => 1})),
+    ?assertEqual([{ok, A}], lists:usort([dspex_models:select_model(N, #{user_id => U})
+                                         || U <- lists:seq(1, 100)])),
+    ok = dspex_models:record_inference(B, 1, true, #{}),
+    {ok, #{arm_summary := [_, {B, #{n := 0}}]}} = dspex_models:results(T),
+    %% a new test on the same name may start now
+    {ok, _} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}).
+
+bad_args() ->
+    {N, A, B} = two_models(<<"bad">>),
+    ?assertError(badarg, dspex_models:record_inference(A, -1, true, #{})),
+    ?assertError(badarg, dspex_models:record_inference(A, 1, yes, #{})),
+    ?assertEqual({error, {invalid_argument, variants}},
+                 dspex_models:start_ab_test(#{model => N, variants => [{A, 1}]})),
+    ?assertEqual({error, {invalid_argument, variants}},
+                 dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {A, 1}]})),
+    ?assertEqual({error, {invalid_argument, alpha}},
+                 dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], alpha => 2.0})),
+    ?assertEqual({error, {not_found, <<N/binary, "@zz">>}},
+                 dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {<<N/binary, "@zz">>, 1}]})),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    ?assertEqual({error, {busy, T}}, dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]})),
+    ?assertEqual({error, not_found}, dspex_models:results(<<"nope">>)).
