@@ -12,7 +12,8 @@ APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools e
              pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
 APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
-             libcmocka-dev valgrind clang libclang-rt-14-dev elixir
+             libcmocka-dev valgrind clang libclang-rt-14-dev elixir \
+             python3-statsmodels python3-scipy
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
