@@ -47,9 +47,11 @@ start_ab_test(Spec) when is_map(Spec) -> gen_server:call(?MODULE, {start_ab, Spe
 %% [#{metric => error_rate | latency, max_degradation => D}] (error_rate: D
 %% in absolute points of failure rate; latency: relative, on the geometric
 %% mean latency), alpha => 0.05, min_samples => 100 (of each model, before a
-%% gate can pass or fail), unit => user_id}'. A step advances when its time
-%% is over and every gate passes with confidence (the always-valid interval
-%% of the degradation lies below D); it rolls back (all units to the
+%% gate can pass or fail, and of `New' within each step before it
+%% advances), unit => user_id}'. A step advances when its time is over,
+%% `New' served `min_samples' inferences in it, and every gate passes with
+%% confidence (the always-valid interval of the degradation, over all the
+%% rollout's samples, lies below D); it rolls back (all units to the
 %% baseline, telemetry `[dspex, models, rollout, rollback]') as soon as one
 %% gate fails with confidence (the interval lies above D). Reaching 100%
 %% moves `production' to `New' and ends the rollout (`completed').
@@ -388,7 +390,8 @@ eval_rollout(#{status := running, step := Step, steps := Steps, step_started := 
     case Failed of
         [G | _] -> do_rollback(T1, {gate, maps:get(metric, G)}, G);
         [] when AllPass ->
-            case now_ms() - SS >= Dur of
+            NewN = new_n(T),
+            case now_ms() - SS >= Dur andalso NewN - maps:get(step_base_n, T, 0) >= maps:get(min_samples, T) of
                 false -> T1;
                 true ->
                     Next = Step + 1,
@@ -404,11 +407,13 @@ eval_rollout(#{status := running, step := Step, steps := Steps, step_started := 
                                                       result => Promote}),
                             T1#{step => Next, status => finished, decision => completed};
                         false ->
-                            T1#{step => Next, step_started => now_ms()}
+                            T1#{step => Next, step_started => now_ms(), step_base_n => NewN}
                     end
             end;
         [] -> T1
     end.
+
+new_n(#{ref := Ref}) -> counters:get(Ref, dspex_models_stats:slots() + 1).
 
 gate_results(#{alpha := Alpha, gates := Gates, min_samples := MinS} = T) ->
     [{_, Base}, {_, New}] = arms(T),
