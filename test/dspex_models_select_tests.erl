@@ -14,7 +14,8 @@ select_test_() ->
       {"select_model and record_inference make no server call", fun no_server_call/0},
       {"record_inference counts per variant; a restricted experiment only", fun ingest/0},
       {"a finished test stops routing and ingesting", fun finished/0},
-      {"bad arguments", fun bad_args/0}]}.
+      {"bad arguments", fun bad_args/0},
+      {"the SelectModel and RecordInference RPC handlers", fun grpc_handlers/0}]}.
 
 two_models(Prefix) ->
     N = uniq(Prefix),
@@ -111,3 +112,31 @@ bad_args() ->
     {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
     ?assertEqual({error, {busy, T}}, dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]})),
     ?assertEqual({error, not_found}, dspex_models:results(<<"nope">>)).
+
+grpc_handlers() ->
+    {N, A, B} = two_models(<<"rpc">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}],
+                                           metric => {custom, score}, min_samples => 1000}),
+    H = fun(M, Req) -> dspex_grpc_handler:handle(M, Req, #{}, undefined) end,
+    %% the gRPC unit is a binary: the same model as an Erlang caller passing the same binary
+    lists:foreach(fun(U) ->
+                          Unit = integer_to_binary(U),
+                          {ok, M} = dspex_models:select_model(N, #{user_id => Unit}),
+                          ?assertEqual({reply, #{model_id => M}},
+                                       H('SelectModel', #{session_id => <<>>, name => N, unit => Unit, unit_key => <<>>})),
+                          ?assertEqual({reply, #{model_id => M}},
+                                       H('SelectModel', #{session_id => <<"s">>, name => N, unit => Unit,
+                                                          unit_key => <<"user_id">>}))
+                  end, lists:seq(1, 50)),
+    ?assertEqual({error, {no_model, <<"zz_none">>}},
+                 H('SelectModel', #{session_id => <<>>, name => <<"zz_none">>, unit => <<"1">>, unit_key => <<>>})),
+    ?assertEqual({error, {invalid_argument, name}},
+                 H('SelectModel', #{session_id => <<>>, name => <<>>, unit => <<"1">>, unit_key => <<>>})),
+    Rec = #{session_id => <<>>, model_id => B, latency_ms => 12.0, success => true, experiment => <<>>,
+            custom => #{<<"score">> => 0.5}},
+    ?assertEqual({reply, #{}}, H('RecordInference', Rec)),
+    ?assertEqual({reply, #{}}, H('RecordInference', Rec#{experiment => <<"another">>})),
+    ?assertEqual({error, {invalid_argument, latency_ms}}, H('RecordInference', Rec#{latency_ms => 0.0})),
+    ?assertEqual({error, {invalid_argument, model_id}}, H('RecordInference', Rec#{model_id => <<>>})),
+    {ok, #{arm_summary := [{A, #{n := 0}}, {B, #{n := 1}}]}} = dspex_models:results(T),
+    ?assertMatch({not_found, _}, dspex_grpc_status:of_error({no_model, <<"x">>})).
