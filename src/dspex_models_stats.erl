@@ -17,7 +17,12 @@
 %% results are looked at (the variance is a plug-in estimate, so validity is
 %% asymptotic in the sample size, as in the paper; a proportion's variance
 %% uses `p = (successes + 0.5)/(n + 1)' so that it is never 0). `Tau' is the
-%% minimum detectable effect (`mde'), where the test has most power.
+%% minimum detectable effect (`mde'), where the test has most power. A
+%% zero estimated variance (e.g. a custom metric that is constant in both
+%% arms) gives no evidence (`p = 1', unbounded interval) rather than an
+%% infinitely confident one. The mixture is exact for Gaussian data with a
+%% fixed split between the arms; when the split changes (rollout ramps) it is
+%% an approximation.
 -module(dspex_models_stats).
 
 -export([new_counters/1, ingest/5, snapshot/2, slots/0]).

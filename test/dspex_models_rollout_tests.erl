@@ -43,8 +43,9 @@ traffic(N, Users, Profile, Rand0) ->
               {P, Med} = Profile(M),
               {U1, R1} = rand:uniform_s(R0),
               {G, R2} = rand:normal_s(R1),
-              ok = dspex_models:record_inference(M, Med * math:exp(0.3 * G), U1 < P, #{score => P}),
-              R2
+              {G2, R3} = rand:normal_s(R2),
+              ok = dspex_models:record_inference(M, Med * math:exp(0.3 * G), U1 < P, #{score => P + 0.2 * G2}),
+              R3
       end, Rand0, Users).
 
 ab_winner() ->
@@ -90,7 +91,7 @@ ab_custom() ->
     {N, A, B} = setup_name(<<"abc">>),
     {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], metric => {custom, score},
                                            mde => 0.02}),
-    %% score = the profile's success probability, constant per model: a clear difference
+    %% score = the profile's success probability plus N(0, 0.2^2) noise
     decide(N, T, fun(M) when M =:= A -> {0.5, 10}; (_) -> {0.6, 10} end, rand:seed_s(exsss, {19, 1, 3}), 1, 5),
     {ok, #{decision := {winner, B}}} = dspex_models:results(T).
 

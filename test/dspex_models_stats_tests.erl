@@ -63,6 +63,12 @@ decisions() ->
     #{decision := continue} = dspex_models_stats:evaluate([{a, arm(1000, 900)}, {b, arm(1000, 905)}], spec(), #{}),
     #{decision := no_difference} = dspex_models_stats:evaluate([{a, arm(1000, 900)}, {b, arm(1000, 905)}],
                                                                (spec())#{max_samples => 1000}, #{}),
+    %% zero estimated variance (a constant custom metric) is no evidence, not infinite evidence
+    Const = fun(N, V) -> #{n => N, successes => 0, custom_n => N, custom_sum => N * V,
+                           custom_sumsq => N * V * V} end,
+    #{decision := continue, p_value := 1.0} =
+        dspex_models_stats:evaluate([{a, Const(500, 0.5)}, {b, Const(500, 0.75)}],
+                                    (spec())#{metric => {custom, score}}, #{}),
     %% the always-valid p-value is the running minimum
     R1 = dspex_models_stats:evaluate([{a, arm(1000, 900)}, {b, arm(1000, 880)}], spec(), #{}),
     R2 = dspex_models_stats:evaluate([{a, arm(1100, 990)}, {b, arm(1100, 990)}], spec(), R1),
