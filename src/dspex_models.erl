@@ -234,7 +234,7 @@ bucket_of(_UnitKey, Salt, Unit) -> erlang:phash2({Salt, Unit}, ?BUCKETS).
 
 %% @doc The bucket (0..9999) of a unit under a salt: `erlang:phash2({Salt,
 %% Unit}, 10000)', the same on every node and OTP release. A test's salt is
-%% `erlang:phash2(TestId)'.
+%% `erlang:phash2(S)' of its `salt' option (default: its id).
 -spec bucket(term(), term()) -> 0..9999.
 bucket(Salt, Unit) -> erlang:phash2({Salt, Unit}, ?BUCKETS).
 

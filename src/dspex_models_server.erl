@@ -35,7 +35,10 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% arm, before any decision), max_duration => Ms | infinity, baseline =>
 %% ExpectedSuccessRate (for success: sets `max_samples' to
 %% `dspex_models_stats:required_samples/1'), max_samples => N | infinity,
-%% unit => user_id, direction => higher | lower}'. One test or rollout per
+%% unit => user_id, direction => higher | lower, salt => term() (default:
+%% the test id; nodes running the same test with the same salt assign every
+%% unit alike)}'. The hash salt is `erlang:phash2(Salt)' (an integer:
+%% cheaper to hash on every select than the id). One test or rollout per
 %% name at a time (`{error, {busy, Id}}'). Errors: `{invalid_argument, Key}',
 %% `{not_found, ModelId}', `{archived, ModelId}'.
 -spec start_ab_test(map()) -> {ok, binary()} | {error, term()}.
@@ -48,7 +51,7 @@ start_ab_test(Spec) when is_map(Spec) -> gen_server:call(?MODULE, {start_ab, Spe
 %% in absolute points of failure rate; latency: relative, on the geometric
 %% mean latency), alpha => 0.05, min_samples => 100 (of each model, before a
 %% gate can pass or fail, and of `New' within each step before it
-%% advances), unit => user_id}'. A step advances when its time is over,
+%% advances), unit => user_id, salt => term() (as for A/B tests)}'. A step advances when its time is over,
 %% `New' served `min_samples' inferences in it, and every gate passes with
 %% confidence (the always-valid interval of the degradation, over all the
 %% rollout's samples, lies below D); it rolls back (all units to the
@@ -230,6 +233,7 @@ new_ab(Spec, S) ->
                                        direction => maps:get(direction, Spec,
                                                              case Metric of latency -> lower; _ -> higher end)},
                           {ok, #{id => Id, kind => ab, name => Name, unit => Unit,
+                                 salt => erlang:phash2(maps:get(salt, Spec, Id)),
                                  models => Models, weights => [W || {_, W} <- Variants],
                                  spec => StatSpec, max_duration => MaxD,
                                  ref => dspex_models_stats:new_counters(length(Models)),
@@ -266,6 +270,7 @@ new_rollout(Name, New, Opts, S) ->
                                   Id = new_id(<<"rollout">>, Name),
                                   {ok, #{id => Id, kind => rollout, name => Name,
                                          unit => maps:get(unit, Opts, user_id),
+                                         salt => erlang:phash2(maps:get(salt, Opts, Id)),
                                          models => [Base, New], steps => Steps, step => 1,
                                          step_duration => Dur, gates => Gates, alpha => Alpha,
                                          min_samples => MinS,
@@ -474,11 +479,11 @@ publish(Name, #{tests := Ts}) ->
     Active = [T || {_, #{name := N, status := St} = T} <- maps:to_list(Ts), N =:= Name,
                    St =/= finished],
     Route = case Active of
-                [#{kind := ab, id := Id, unit := U, models := Ms, weights := Ws}] ->
-                    {split, U, salt(Id), table(lists:zip(Ms, Ws))};
-                [#{kind := rollout, id := Id, unit := U, models := [Base, New]} = T] ->
+                [#{kind := ab, salt := Salt, unit := U, models := Ms, weights := Ws}] ->
+                    {split, U, Salt, table(lists:zip(Ms, Ws))};
+                [#{kind := rollout, salt := Salt, unit := U, models := [Base, New]} = T] ->
                     Cut = round(percent(T) * ?BUCKETS / 100),
-                    {split, U, salt(Id), list_to_tuple(lists:duplicate(Cut, New) ++
+                    {split, U, Salt, list_to_tuple(lists:duplicate(Cut, New) ++
                                                      lists:duplicate(?BUCKETS - Cut, Base))};
                 [] ->
                     case dspex_models:get_alias(Name, production) of
@@ -487,10 +492,6 @@ publish(Name, #{tests := Ts}) ->
                     end
             end,
     put_changed(?ROUTE(Name), Route).
-
-%% the salt of a test's hash: an integer (hashing it is cheaper than hashing
-%% the id on every select), the same on every node
-salt(Id) -> erlang:phash2(Id).
 
 table(Weighted) ->
     Total = lists:sum([W || {_, W} <- Weighted]),

@@ -15,7 +15,9 @@ select_test_() ->
       {"record_inference counts per variant; a restricted experiment only", fun ingest/0},
       {"a finished test stops routing and ingesting", fun finished/0},
       {"bad arguments", fun bad_args/0},
-      {"the SelectModel and RecordInference RPC handlers", fun grpc_handlers/0}]}.
+      {"the SelectModel and RecordInference RPC handlers", fun grpc_handlers/0},
+      {timeout, 60, {"another node running the same test with the same salt routes every unit alike",
+                     fun across_nodes/0}}]}.
 
 two_models(Prefix) ->
     N = uniq(Prefix),
@@ -140,3 +142,32 @@ grpc_handlers() ->
     ?assertEqual({error, {invalid_argument, model_id}}, H('RecordInference', Rec#{model_id => <<>>})),
     {ok, #{arm_summary := [{A, #{n := 0}}, {B, #{n := 1}}]}} = dspex_models:results(T),
     ?assertMatch({not_found, _}, dspex_grpc_status:of_error({no_model, <<"x">>})).
+
+across_nodes() ->
+    Paths = lists:append([["-pa", P] || P <- code:get_path(), string:find(P, "_build") =/= nomatch]),
+    {ok, Peer, _} = peer:start_link(#{connection => standard_io, args => Paths}),
+    try
+        [ok = peer:call(Peer, application, set_env, [dspex_bridge, K, V])
+         || {K, V} <- [{grpc_enabled, false}, {prometheus_enabled, false}]],
+        {ok, _} = peer:call(Peer, application, ensure_all_started, [dspex_bridge]),
+        N = uniq(<<"xn">>),
+        Setup = fun(Call) ->
+                        {ok, A} = Call(dspex_models, register_model, [#{name => N, version => <<"1">>}]),
+                        {ok, B} = Call(dspex_models, register_model, [#{name => N, version => <<"2">>}]),
+                        {ok, C} = Call(dspex_models, register_model, [#{name => N, version => <<"3">>}]),
+                        ok = Call(dspex_models, set_alias, [N, production, A]),
+                        {ok, _} = Call(dspex_models, start_ab_test,
+                                       [#{model => N, variants => [{A, 60}, {B, 30}, {C, 10}],
+                                          salt => <<"exp-19">>}]),
+                        ok
+                end,
+        ok = Setup(fun erlang:apply/3),
+        ok = Setup(fun(M, F, A) -> peer:call(Peer, M, F, A) end),
+        Units = [integer_to_binary(U) || U <- lists:seq(1, 3000)],
+        Here = [dspex_models:select_model(N, #{user_id => U}) || U <- Units],
+        There = [peer:call(Peer, dspex_models, select_model, [N, #{user_id => U}]) || U <- Units],
+        ?assertEqual(Here, There),
+        ?assertEqual(3, length(lists:usort(Here)))
+    after
+        peer:stop(Peer)
+    end.
