@@ -4,7 +4,9 @@
 %% `results/1', and publishes the routing tables read by
 %% `dspex_models:select_model/2' and the ingest sinks read by
 %% `dspex_models:record_inference/4' in `persistent_term' (rewritten only
-%% when a split changes: a test starts or ends, a rollout step, an alias move).
+%% when a split changes: a test starts or ends, a rollout step, an alias move;
+%% a `production' move made on another node of a cluster is picked up at the
+%% next evaluation, which re-reads the aliases).
 %% Samples go straight from the recording process into each test's
 %% `counters' array; this process only reads them.
 %%
@@ -109,11 +111,7 @@ init([]) ->
                                  element(1, K) =:= dspex_models_route
                                      orelse element(1, K) =:= dspex_models_ingest],
     S0 = #{tests => #{}, sinks => #{}},
-    Names = case dspex_store:list(dspex_models:registry_session(), <<"alias:*:production">>) of
-                {ok, Vars} -> [binary:part(N, 6, byte_size(N) - 17) || #{name := N} <- Vars];
-                {error, _} -> []
-            end,
-    [publish(N, S0) || N <- Names],
+    refresh_production(S0),
     schedule(),
     {ok, S0}.
 
@@ -162,7 +160,9 @@ handle_call({rollback, Id}, _From, S) ->
 handle_call(list, _From, #{tests := Ts} = S) ->
     {reply, maps:map(fun(_, T) -> maps:with([kind, name, status, decision], T) end, Ts), S};
 handle_call(evaluate, _From, S) ->
-    {reply, ok, eval_all(S)};
+    S1 = eval_all(S),
+    refresh_production(S1),
+    {reply, ok, S1};
 handle_call(_, _From, S) ->
     {reply, {error, unknown_call}, S}.
 
@@ -177,7 +177,9 @@ handle_cast(_, S) -> {noreply, S}.
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info(tick, S) ->
     schedule(),
-    {noreply, eval_all(S)};
+    S1 = eval_all(S),
+    refresh_production(S1),
+    {noreply, S1};
 handle_info(_, S) -> {noreply, S}.
 
 %%% ------------------------------------------------------------------
@@ -474,6 +476,15 @@ percent(#{step := Step, steps := Steps}) -> lists:nth(Step, Steps).
 %%% ------------------------------------------------------------------
 %%% Publication
 %%% ------------------------------------------------------------------
+
+%% `production' may move on another node (the registry is shared in a
+%% cluster): every tick re-reads the aliases and republishes what changed
+refresh_production(S) ->
+    case dspex_store:list(dspex_models:registry_session(), <<"alias:*:production">>) of
+        {ok, Vars} -> [publish(binary:part(N, 6, byte_size(N) - 17), S) || #{name := N} <- Vars];
+        {error, _} -> []
+    end,
+    ok.
 
 publish(Name, #{tests := Ts}) ->
     Active = [T || {_, #{name := N, status := St} = T} <- maps:to_list(Ts), N =:= Name,

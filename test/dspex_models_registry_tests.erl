@@ -111,4 +111,10 @@ select_production() ->
     ok = dspex_models:set_alias(N, production, B),
     ok = dspex_models:evaluate(),
     ?assertEqual({ok, B}, dspex_models:select_model(N, #{user_id => 1})),
-    ?assertEqual({single, B}, persistent_term:get({dspex_models_route, N})).
+    ?assertEqual({single, B}, persistent_term:get({dspex_models_route, N})),
+    %% a move written by another node (straight into the shared store) is
+    %% picked up at the next evaluation
+    {ok, _} = dspex_store:set(dspex_models:registry_session(), <<"alias:", N/binary, ":production">>, A),
+    ?assertEqual({ok, B}, dspex_models:select_model(N, #{user_id => 1})),
+    ok = dspex_models:evaluate(),
+    ?assertEqual({ok, A}, dspex_models:select_model(N, #{user_id => 1})).
