@@ -215,7 +215,15 @@ new_ab(Spec, S) ->
            {power, is_float(Power) andalso Power > 0 andalso Power < 1},
            {mde, is_number(Mde) andalso Mde > 0},
            {min_samples, is_integer(MinS) andalso MinS >= 2},
-           {max_duration, MaxD =:= infinity orelse (is_integer(MaxD) andalso MaxD > 0)}],
+           {max_duration, MaxD =:= infinity orelse (is_integer(MaxD) andalso MaxD > 0)},
+           {max_samples, case maps:get(max_samples, Spec, infinity) of
+                             infinity -> true;
+                             MS0 -> is_integer(MS0) andalso MS0 > 0
+                         end},
+           {baseline, case maps:get(baseline, Spec, 0.5) of
+                          B0 -> is_number(B0) andalso B0 > 0 andalso B0 < 1
+                      end},
+           {direction, lists:member(maps:get(direction, Spec, higher), [higher, lower])}],
           fun() ->
                   Models = [M || {M, _} <- Variants],
                   maybe_busy(Name, S, fun() ->

@@ -111,6 +111,10 @@ bad_args() ->
                  dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], alpha => 2.0})),
     ?assertEqual({error, {not_found, <<N/binary, "@zz">>}},
                  dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {<<N/binary, "@zz">>, 1}]})),
+    [?assertEqual({error, {invalid_argument, K}},
+                  dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], K => V}))
+     || {K, V} <- [{max_samples, 0}, {baseline, 1.5}, {direction, up}, {metric, speed},
+                   {min_samples, 1}, {max_duration, -1}, {mde, 0}, {power, 1.0}]],
     {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
     ?assertEqual({error, {busy, T}}, dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]})),
     ?assertEqual({error, not_found}, dspex_models:results(<<"nope">>)).
