@@ -174,8 +174,9 @@ safe_exp(X) -> math:exp(X).
 %% `srm_alpha' default 0.001); `Prev' = the previous look's result or `#{}'
 %% (carries the running minimum p-values). Returns `#{decision, p_value,
 %% comparisons, srm}' where `decision' is `continue | {winner, Id} |
-%% no_difference | {stopped, srm}'. Rules: nothing is decided (but SRM)
-%% before every arm has `min_samples'; each treatment is compared with the
+%% no_difference | {stopped, srm}'. Rules: SRM (p < `srm_alpha') stops the
+%% test once `min_samples' units were counted in all and every arm expects
+%% at least 5; nothing else is decided before every arm has `min_samples'; each treatment is compared with the
 %% control at `alpha/(k-1)' (Bonferroni); a treatment whose always-valid
 %% p-value reaches it and is better (`direction', default `higher', `lower'
 %% for latency) wins (the best such one); if every treatment is
@@ -211,9 +212,14 @@ evaluate([{CId, Control} | Treatments] = Arms, Spec, Prev) ->
     Equiv = lists:all(fun({_, #{ci := {Lo, Hi}}}) -> Lo > -Tau andalso Hi < Tau end, Comps),
     Horizon = MaxS =/= infinity andalso lists:all(fun(N) -> N >= MaxS end, MNs),
     SrmAlpha = maps:get(srm_alpha, Spec, 0.001),
+    %% the split is checked once there are min_samples units in all and every
+    %% arm expects 5 (the chi-square's validity), even if an arm gets none
+    Total = lists:sum(Ns),
+    PlanW = maps:get(weights, Spec, [1]),
+    SrmReady = Total >= MinS andalso lists:all(fun(W) -> Total * W / lists:sum(PlanW) >= 5 end, PlanW),
     Decision =
         if
-            map_get(p, Srm) < SrmAlpha, Enough -> {stopped, srm};
+            map_get(p, Srm) < SrmAlpha, SrmReady -> {stopped, srm};
             not Enough -> continue;
             Better =/= [] ->
                 {Best, _} = hd(lists:sort(fun({_, A}, {_, B}) -> better(A, B, Dir) end, Better)),

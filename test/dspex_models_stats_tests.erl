@@ -83,6 +83,11 @@ srm() ->
         dspex_models_stats:evaluate([{a, arm(5050, 4545)}, {b, arm(4950, 4455)}], maps:merge(spec(), W), #{}),
     ?assert(P > 0.3),
     ?assertNotEqual({stopped, srm}, D),
+    %% an arm that gets no traffic at all is a broken split too
+    #{decision := {stopped, srm}} = dspex_models_stats:evaluate([{a, arm(300, 270)}, {b, arm(0, 0)}],
+                                                                maps:merge(spec(), W), #{}),
+    #{decision := continue} = dspex_models_stats:evaluate([{a, arm(6, 5)}, {b, arm(0, 0)}],
+                                                          maps:merge(spec(), W), #{}),
     %% weighted split 90/10 honoured
     #{srm := #{p := P2}} = dspex_models_stats:evaluate([{a, arm(9010, 8100)}, {b, arm(990, 890)}],
                                                        maps:merge(spec(), #{weights => [90, 10]}), #{}),
