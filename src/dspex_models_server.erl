@@ -49,9 +49,12 @@ start_ab_test(Spec) when is_map(Spec) -> gen_server:call(?MODULE, {start_ab, Spe
 %% @doc Starts a rollout of `New' for `Name' against the model `production'
 %% points at: `#{steps => [1, 5, 25, 50, 100] (percent of units on `New'),
 %% step_duration => Ms (least time per step, default 60000), gates =>
-%% [#{metric => error_rate | latency, max_degradation => D}] (error_rate: D
-%% in absolute points of failure rate; latency: relative, on the geometric
-%% mean latency), alpha => 0.05, min_samples => 100 (of each model, before a
+%% [#{metric => error_rate | latency | latency_p95, max_degradation => D}]
+%% (error_rate: D in absolute points of failure rate; latency: relative, on
+%% the geometric mean latency; latency_p95: relative, on the p95: the gate
+%% fails when more than 5% of the new model's requests are, with confidence,
+%% slower than (1 + D) times the baseline's p95 from its histogram, and
+%% passes when fewer are), alpha => 0.05, min_samples => 100 (of each model, before a
 %% gate can pass or fail, and of `New' within each step before it
 %% advances), unit => user_id, salt => term() (as for A/B tests)}'. A step advances when its time is over,
 %% `New' served `min_samples' inferences in it, and every gate passes with
@@ -266,7 +269,7 @@ new_rollout(Name, New, Opts, S) ->
            {step_duration, is_integer(Dur) andalso Dur >= 0},
            {gates, is_list(Gates) andalso Gates =/= [] andalso
                 lists:all(fun(#{metric := M, max_degradation := D}) ->
-                                  (M =:= error_rate orelse M =:= latency) andalso is_number(D) andalso D > 0;
+                                  lists:member(M, [error_rate, latency, latency_p95]) andalso is_number(D) andalso D > 0;
                              (_) -> false end, Gates)},
            {alpha, is_float(Alpha) andalso Alpha > 0 andalso Alpha < 1},
            {min_samples, is_integer(MinS) andalso MinS >= 2}],
@@ -433,7 +436,28 @@ new_n(#{ref := Ref}) -> counters:get(Ref, dspex_models_stats:slots() + 1).
 gate_results(#{alpha := Alpha, gates := Gates, min_samples := MinS} = T) ->
     [{_, Base}, {_, New}] = arms(T),
     GAlpha = Alpha / length(Gates),
-    [begin
+    [gate(G, Base, New, GAlpha, MinS) || G <- Gates].
+
+%% p95: the share of the new model's requests slower than (1 + D) times the
+%% baseline's p95 (from the histograms); more than 5% of them, with
+%% confidence, means its p95 is worse than that
+gate(#{metric := latency_p95, max_degradation := D} = G, Base, New, GAlpha, MinS) ->
+    #{exceed := X, n := N, threshold_ms := ThrMs, p95_baseline_ms := PB} =
+        dspex_models_stats:exceedance(Base, New, 0.95, 1 + D),
+    P = (X + 0.5) / (N + 1),
+    Rate = if N > 0 -> X / N; true -> 0.0 end,
+    #{ci := {Lo, Hi}} = dspex_models_stats:msprt(Rate - 0.05, P * (1 - P) / max(1, N), 0.05, GAlpha),
+    Enough = maps:get(n, Base) >= MinS andalso N >= MinS,
+    Verdict = if not Enough -> pending;
+                 Lo > 0 -> fail;
+                 Hi < 0 -> pass;
+                 true -> pending
+              end,
+    G#{verdict => Verdict, degradation => Rate - 0.05, ci => {Lo, Hi}, threshold => 0.0,
+       exceed_rate => Rate, threshold_ms => ThrMs, p95_baseline_ms => PB,
+       p95_new_ms => dspex_models_stats:quantile(New, 0.95),
+       n_baseline => maps:get(n, Base), n_new => N};
+gate(#{metric := M, max_degradation := D} = G, Base, New, GAlpha, MinS) ->
          {Metric, Thr} = case M of
                              error_rate -> {success, float(D)};
                              latency -> {latency, math:log(1 + D)}
@@ -452,8 +476,7 @@ gate_results(#{alpha := Alpha, gates := Gates, min_samples := MinS} = T) ->
                       true -> pending
                    end,
          G#{verdict => Verdict, degradation => DEst, ci => {DLo, DHi}, threshold => Thr,
-            n_baseline => maps:get(n_control, C), n_new => maps:get(n_treatment, C)}
-     end || #{metric := M, max_degradation := D} = G <- Gates].
+            n_baseline => maps:get(n_control, C), n_new => maps:get(n_treatment, C)}.
 
 do_rollback(#{id := Id, name := Name} = T, Reason, Detail) ->
     dspex_telemetry:execute([dspex, models, rollout, rollback], #{count => 1},

@@ -28,7 +28,7 @@
 -export([new_counters/1, ingest/5, snapshot/2, slots/0]).
 -export([arm/2, msprt/4, compare/4, evaluate/3, srm/2,
          z_test_proportions/4, z_test_means/2, normal_sf/1, normal_quantile/1,
-         chi2_sf/2, required_samples/1, quantile/2]).
+         chi2_sf/2, required_samples/1, quantile/2, exceedance/4]).
 
 -export_type([arm/0, spec/0]).
 
@@ -113,6 +113,39 @@ quantile(H, I, Acc, Rank) when I =< tuple_size(H) ->
        true -> quantile(H, I + 1, Acc1, Rank)
     end;
 quantile(_, _, _, _) -> undefined.
+
+%% @doc How many of `New''s latencies exceed `Factor' times `Base''s
+%% quantile `Q' (both from the histograms): the threshold is the upper edge
+%% of the bucket holding `Base''s quantile times `Factor', and a sample of
+%% `New' counts when its whole bucket lies above it (so the histogram's
+%% resolution never counts against `New').
+-spec exceedance(arm(), arm(), float(), float()) ->
+          #{exceed := non_neg_integer(), n := non_neg_integer(),
+            threshold_ms := float() | undefined, p95_baseline_ms := float() | undefined}.
+exceedance(#{hist := HB} = Base, #{hist := HN}, Q, Factor) ->
+    N = lists:sum(tuple_to_list(HN)),
+    case bucket_of_quantile(HB, Q) of
+        undefined ->
+            #{exceed => 0, n => N, threshold_ms => undefined, p95_baseline_ms => undefined};
+        I ->
+            Thr = math:pow(2, (I + 1) / 8 - 7) * Factor,
+            First = ceil((math:log2(Thr) + 7) * 8),
+            X = lists:sum([element(J + 1, HN) || J <- lists:seq(max(0, First), ?HBUCKETS - 1)]),
+            #{exceed => X, n => N, threshold_ms => Thr, p95_baseline_ms => quantile(Base, Q)}
+    end.
+
+bucket_of_quantile(H, Q) ->
+    Total = lists:sum(tuple_to_list(H)),
+    case Total of
+        0 -> undefined;
+        _ -> bucket_walk(H, 1, 0, max(1, ceil(Q * Total)))
+    end.
+
+bucket_walk(H, I, Acc, Rank) ->
+    Acc1 = Acc + element(I, H),
+    if Acc1 >= Rank -> I - 1;
+       true -> bucket_walk(H, I + 1, Acc1, Rank)
+    end.
 
 %%% ------------------------------------------------------------------
 %%% Arms and the sequential test

@@ -16,6 +16,8 @@ models_test_() ->
       {"A/B: max_duration stops the test", fun ab_max_duration/0},
       {"rollout: a degrading model is rolled back within its first step", fun rollout_degrading/0},
       {"rollout: a slower model is rolled back by the latency gate", fun rollout_slower/0},
+      {"rollout: a model with the same median but a heavier tail is rolled back by the p95 gate",
+       fun rollout_tail/0},
       {"rollout: a good model reaches 100% and becomes production; units stay put across ramps",
        fun rollout_good/0},
       {"rollout: a step lasts at least step_duration", fun rollout_step_duration/0},
@@ -40,11 +42,14 @@ traffic(N, Users, Profile, Rand0) ->
     lists:foldl(
       fun(U, R0) ->
               {ok, M} = dspex_models:select_model(N, #{user_id => U}),
-              {P, Med} = Profile(M),
+              {P, Med, Sigma} = case Profile(M) of
+                                    {P0, Med0} -> {P0, Med0, 0.3};
+                                    Full -> Full
+                                end,
               {U1, R1} = rand:uniform_s(R0),
               {G, R2} = rand:normal_s(R1),
               {G2, R3} = rand:normal_s(R2),
-              ok = dspex_models:record_inference(M, Med * math:exp(0.3 * G), U1 < P, #{score => P + 0.2 * G2}),
+              ok = dspex_models:record_inference(M, Med * math:exp(Sigma * G), U1 < P, #{score => P + 0.2 * G2}),
               R3
       end, Rand0, Users).
 
@@ -149,6 +154,24 @@ rollout_slower() ->
     ok = dspex_models:evaluate(),
     {ok, #{decision := {rolled_back, {gate, latency}}, step := 1}} = dspex_models:results(R).
 
+rollout_tail() ->
+    {N, A, B} = setup_name(<<"tail">>),
+    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [10, 100], step_duration => 0,
+                                                  gates => [#{metric => latency, max_degradation => 0.10},
+                                                            #{metric => latency_p95, max_degradation => 0.20}]}),
+    %% same median (20 ms), p95 about 33 ms for the baseline and 75 ms for the new model
+    Profile = fun(M) when M =:= A -> {0.98, 20, 0.3}; (_) -> {0.98, 20, 0.8} end,
+    _ = traffic(N, lists:seq(1, 20000), Profile, rand:seed_s(exsss, {19, 2, 7})),
+    ok = dspex_models:evaluate(),
+    {ok, #{decision := {rolled_back, {gate, latency_p95}}, step := 1,
+           gates := [#{metric := latency, verdict := LatVerdict},
+                     #{metric := latency_p95, verdict := fail, exceed_rate := Rate,
+                       p95_baseline_ms := PB, p95_new_ms := PN}]}} = dspex_models:results(R),
+    ?assertNotEqual(fail, LatVerdict),
+    ?assert(Rate > 0.1),
+    ?assert(abs(PB - 32.8) / 32.8 < 0.1),
+    ?assert(abs(PN - 74.6) / 74.6 < 0.15).
+
 rollout_good() ->
     {N, A, B} = setup_name(<<"good">>),
     H = listen([[dspex, models, rollout, step], [dspex, models, rollout, complete]]),
@@ -156,7 +179,8 @@ rollout_good() ->
     %% steps advance only when this test moves the manual clock (a periodic
     %% evaluation in between cannot skip one)
     {ok, R} = dspex_models:start_rollout(N, B, #{steps => Steps, step_duration => 1000,
-                                                  gates => [#{metric => error_rate, max_degradation => 0.02}]}),
+                                                  gates => [#{metric => error_rate, max_degradation => 0.02},
+                                                            #{metric => latency_p95, max_degradation => 0.20}]}),
     Profile = fun(_) -> {0.98, 20} end,
     Users = lists:seq(1, 20000),
     OnNew = fun() -> [U || U <- Users, dspex_models:select_model(N, #{user_id => U}) =:= {ok, B}] end,
