@@ -241,7 +241,9 @@ bucket(Salt, Unit) -> erlang:phash2({Salt, Unit}, ?BUCKETS).
 %% @doc Records one inference of `ModelId' for the experiments and rollouts
 %% it takes part in: `LatencyMs' (a positive number), `Success' (boolean),
 %% `Meta' (`#{experiment => TestId}' restricts it to one test; a custom
-%% metric's value is `Meta''s entry under its name). No message, no server:
+%% metric's value is `Meta''s entry under its name, a number within
+%% [-1000, 1000] (sums are fixed point at 1e-6 in 64-bit counters; outside
+%% that range: `badarg')). No message, no server:
 %% a `persistent_term' read and a few `counters:add/3' on the test's own
 %% counters (write-concurrency). A model in no running test is ignored: `ok'.
 -spec record_inference(model_id(), number(), boolean(), map()) -> ok.
@@ -263,7 +265,8 @@ ingest([{TestId, Ref, Base, Custom} | Rest], Only, Lat, Success, Meta) ->
 custom_value(undefined, _) -> undefined;
 custom_value(Name, Meta) ->
     case Meta of
-        #{Name := V} when is_number(V) -> V;
+        #{Name := V} when is_number(V), V >= -1000, V =< 1000 -> V;
+        #{Name := V} when is_number(V) -> erlang:error(badarg);
         _ -> undefined
     end.
 

@@ -42,7 +42,11 @@ record_inference(#{model_id := Id, latency_ms := L, success := S} = Req)
                <<>> -> Meta0;
                E -> Meta0#{experiment => E}
            end,
-    ok = dspex_models:record_inference(Id, L, S, Meta),
-    {reply, #{}};
+    case lists:all(fun(V) -> V >= -1000 andalso V =< 1000 end, maps:values(Meta0)) of
+        true ->
+            ok = dspex_models:record_inference(Id, L, S, Meta),
+            {reply, #{}};
+        false -> {error, {invalid_argument, custom}}
+    end;
 record_inference(#{model_id := Id}) when not is_binary(Id); Id =:= <<>> -> {error, {invalid_argument, model_id}};
 record_inference(_) -> {error, {invalid_argument, latency_ms}}.

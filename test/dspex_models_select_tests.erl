@@ -103,6 +103,10 @@ bad_args() ->
     {N, A, B} = two_models(<<"bad">>),
     ?assertError(badarg, dspex_models:record_inference(A, -1, true, #{})),
     ?assertError(badarg, dspex_models:record_inference(A, 1, yes, #{})),
+    {ok, TC} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], metric => {custom, score}}),
+    ?assertError(badarg, dspex_models:record_inference(A, 1, true, #{score => 1.0e6})),
+    ok = dspex_models:record_inference(A, 1, true, #{score => 1000}),
+    ok = dspex_models:stop_test(TC),
     ?assertEqual({error, {invalid_argument, variants}},
                  dspex_models:start_ab_test(#{model => N, variants => [{A, 1}]})),
     ?assertEqual({error, {invalid_argument, variants}},
@@ -144,6 +148,7 @@ grpc_handlers() ->
     ?assertEqual({reply, #{}}, H('RecordInference', Rec#{experiment => <<"another">>})),
     ?assertEqual({error, {invalid_argument, latency_ms}}, H('RecordInference', Rec#{latency_ms => 0.0})),
     ?assertEqual({error, {invalid_argument, model_id}}, H('RecordInference', Rec#{model_id => <<>>})),
+    ?assertEqual({error, {invalid_argument, custom}}, H('RecordInference', Rec#{custom => #{<<"score">> => 1.0e9}})),
     {ok, #{arm_summary := [{A, #{n := 0}}, {B, #{n := 1}}]}} = dspex_models:results(T),
     ?assertMatch({not_found, _}, dspex_grpc_status:of_error({no_model, <<"x">>})).
 
