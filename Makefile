@@ -126,7 +126,7 @@ bench: compile
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_breaker_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_workers_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
-	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_models_bench:main(), halt().'
+	$(ERL) +sbwt none +sbwtdcpu none +sbwtdio none -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_models_bench:main(), halt().'
 	$(MAKE) bench-grpc
 
 # GetVariable round trips/s through our bridge vs a plain python3-grpcio server.
