@@ -16,6 +16,7 @@ stats_test_() ->
      {timeout, 120, {"1,000 A/A tests peeked every 100 samples: mSPRT keeps alpha, "
                      "a peeked z-test does not", fun aa_simulation/0}},
      {timeout, 120, {"power >= 80% for 90% -> 88% within required_samples/1", fun power_simulation/0}},
+     {timeout, 120, {"the confidence sequence covers the true effect at every look", fun coverage_simulation/0}},
      {timeout, 60, {"fixed-horizon figures and the mixture match statsmodels/scipy", fun python_agreement/0}}].
 
 special_functions() ->
@@ -161,6 +162,33 @@ power_simulation() ->
                   end, {0, Rand0}, lists:seq(1, Runs)),
     ?debugFmt("power 90% -> 88% at ~b per arm: ~b of ~b detected", [N, Hits, Runs]),
     ?assert(Hits / Runs >= 0.8).
+
+%% 500 tests of 90% vs 88%, looked at every 100 samples up to 10,000: the
+%% share of tests whose interval missed -0.02 at some look (after
+%% min_samples) stays within alpha's binomial bound
+coverage_simulation() ->
+    Runs = 500,
+    Spec = spec(),
+    {Missed, _} = lists:foldl(
+                    fun(_, {M, R0}) ->
+                            {Miss, R1} = cover_loop(R0, 100, 10000, Spec, {0, 0, 0, 0}, false),
+                            {M + ok(Miss), R1}
+                    end, {0, rand:seed_s(exsss, {19, 2026, 3})}, lists:seq(1, Runs)),
+    Upper = Runs * ?ALPHA + 1.96 * math:sqrt(Runs * ?ALPHA * (1 - ?ALPHA)),
+    ?debugFmt("coverage: ~b of ~b tests missed the true effect at some look (bound ~.1f)", [Missed, Runs, Upper]),
+    ?assert(Missed =< Upper).
+
+cover_loop(Rand, _Batch, Left, _Spec, _C, Miss) when Left =< 0; Miss -> {Miss, Rand};
+cover_loop(Rand0, Batch, Left, Spec, C0, false) ->
+    {C, Rand} = draw(Batch, 0.9, 0.88, C0, Rand0),
+    {N0, S0, N1, S1} = C,
+    Miss = N0 >= 100 andalso N1 >= 100 andalso
+        begin
+            #{ci := {Lo, Hi}} = dspex_models_stats:compare(arm(N0, S0), arm(N1, S1), success,
+                                                           #{alpha => ?ALPHA, tau => 0.02}),
+            Lo > -0.02 orelse Hi < -0.02
+        end,
+    cover_loop(Rand, Batch, Left - Batch, Spec, C, Miss).
 
 %%% ------------------------------------------------------------------
 %%% Agreement with statsmodels / scipy
