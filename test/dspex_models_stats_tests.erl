@@ -17,6 +17,7 @@ stats_test_() ->
                      "a peeked z-test does not", fun aa_simulation/0}},
      {timeout, 120, {"power >= 80% for 90% -> 88% within required_samples/1", fun power_simulation/0}},
      {timeout, 120, {"the confidence sequence covers the true effect at every look", fun coverage_simulation/0}},
+     {timeout, 120, {"400 A/A latency tests peeked every 100 samples keep alpha", fun aa_latency_simulation/0}},
      {timeout, 60, {"fixed-horizon figures and the mixture match statsmodels/scipy", fun python_agreement/0}}].
 
 special_functions() ->
@@ -189,6 +190,39 @@ cover_loop(Rand0, Batch, Left, Spec, C0, false) ->
             Lo > -0.02 orelse Hi < -0.02
         end,
     cover_loop(Rand, Batch, Left - Batch, Spec, C, Miss).
+
+%% log-normal latencies (median 20 ms, sigma 0.6) in both arms
+aa_latency_simulation() ->
+    Runs = 400,
+    Spec = (spec())#{metric => latency, mde => 0.05},
+    {Rejected, _} = lists:foldl(
+                      fun(_, {K, R0}) ->
+                              {Rej, R1} = lat_loop(R0, 5000, Spec, {lat_arm(), lat_arm()}, #{}),
+                              {K + ok(Rej), R1}
+                      end, {0, rand:seed_s(exsss, {19, 2026, 4})}, lists:seq(1, Runs)),
+    Upper = Runs * ?ALPHA + 1.96 * math:sqrt(Runs * ?ALPHA * (1 - ?ALPHA)),
+    ?debugFmt("A/A latency: ~b of ~b rejected (bound ~.1f)", [Rejected, Runs, Upper]),
+    ?assert(Rejected =< Upper).
+
+lat_arm() -> #{n => 0, successes => 0, lat_sum => 0.0, lat_sumsq => 0.0}.
+
+lat_loop(Rand, Left, _Spec, _Arms, _Prev) when Left =< 0 -> {false, Rand};
+lat_loop(Rand0, Left, Spec, Arms0, Prev) ->
+    {Arms, Rand} = lat_draw(100, Arms0, Rand0),
+    R = dspex_models_stats:evaluate([{c, element(1, Arms)}, {t, element(2, Arms)}], Spec, Prev),
+    case is_winner(maps:get(decision, R)) of
+        true -> {true, Rand};
+        false -> lat_loop(Rand, Left - 100, Spec, Arms, R)
+    end.
+
+lat_draw(0, Arms, Rand) -> {Arms, Rand};
+lat_draw(K, Arms, Rand0) ->
+    {U, Rand1} = rand:uniform_s(Rand0),
+    {G, Rand2} = rand:normal_s(Rand1),
+    X = math:log(20) + 0.6 * G,
+    I = case U < 0.5 of true -> 1; false -> 2 end,
+    #{n := N, lat_sum := S, lat_sumsq := Q} = A = element(I, Arms),
+    lat_draw(K - 1, setelement(I, Arms, A#{n := N + 1, lat_sum := S + X, lat_sumsq := Q + X * X}), Rand2).
 
 %%% ------------------------------------------------------------------
 %%% Agreement with statsmodels / scipy
