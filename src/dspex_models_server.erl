@@ -344,10 +344,17 @@ eval_all(#{tests := Ts} = S) ->
 
 eval_one(Id, #{tests := Ts} = S) ->
     T = maps:get(Id, Ts),
-    case T of
-        #{status := finished} -> S;
-        #{kind := ab} -> apply_change(T, eval_ab(T), S);
-        #{kind := rollout} -> apply_change(T, eval_rollout(T), S)
+    %% a failing evaluation of one test must not take the others down with
+    %% this process: it is logged and the test stays as it was
+    try
+        case T of
+            #{status := finished} -> S;
+            #{kind := ab} -> apply_change(T, eval_ab(T), S);
+            #{kind := rollout} -> apply_change(T, eval_rollout(T), S)
+        end
+    catch Class:Reason:Stack ->
+            logger:error("dspex_models: evaluating ~ts failed: ~p", [Id, {Class, Reason, Stack}]),
+            S
     end.
 
 apply_change(Old, New, #{tests := Ts} = S) ->

@@ -172,9 +172,11 @@ moments(N, Sum, Sq) ->
 %% log, `1/Lambda' (capped at 1) and the confidence-sequence interval.
 -spec msprt(float(), float(), float(), float()) ->
           #{log_lambda := float(), p := float(), ci := {float(), float()}}.
-msprt(Delta, V, Tau, Alpha) when V > 0, Tau > 0, Alpha > 0, Alpha < 1 ->
+msprt(Delta, V0, Tau, Alpha) when V0 > 0, Tau > 0, Alpha > 0, Alpha < 1 ->
     T2 = Tau * Tau,
-    LogL = 0.5 * math:log(V / (V + T2)) + T2 * Delta * Delta / (2 * V * (V + T2)),
+    %% a floor far below any real variance keeps every term finite
+    V = max(V0, T2 * 1.0e-12),
+    LogL = 0.5 * (math:log(V) - math:log(V + T2)) + T2 * Delta * Delta / (2 * V * (V + T2)),
     Half = math:sqrt(2 * V * (V + T2) / T2 * (math:log(1 / Alpha) + 0.5 * math:log((V + T2) / V))),
     #{log_lambda => LogL, p => min(1.0, math:exp(-LogL)), ci => {Delta - Half, Delta + Half}};
 msprt(Delta, _V, _Tau, _Alpha) ->

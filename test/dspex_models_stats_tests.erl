@@ -40,7 +40,11 @@ msprt_duality() ->
     ?assert(abs(PEdge - Alpha) < 1.0e-12),
     ?assert(abs(PEdge2 - Alpha) < 1.0e-12),
     %% 0 is outside the interval exactly when p =< alpha
-    ?assertEqual(P =< Alpha, Lo > 0 orelse Hi < 0).
+    ?assertEqual(P =< Alpha, Lo > 0 orelse Hi < 0),
+    %% degenerate variances stay finite (no badarith in the server)
+    #{p := P0} = dspex_models_stats:msprt(2000.0, 1.0e-320, 1.0e-3, 0.05),
+    ?assertEqual(0.0, P0),
+    #{p := 1.0} = dspex_models_stats:msprt(0.0, 1.0e-320, 1.0e-3, 0.05).
 
 arm(N, S) -> #{n => N, successes => S}.
 
