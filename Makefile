@@ -14,7 +14,8 @@ APT_BUILD := gcc make erlang-base erlang-dev erlang-crypto erlang-syntax-tools e
 APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf \
                  clang libclang-rt-14-dev
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
-             libcmocka-dev valgrind clang libclang-rt-14-dev elixir erlang-dialyzer postgresql
+             libcmocka-dev valgrind clang libclang-rt-14-dev elixir erlang-dialyzer postgresql \
+             python3-statsmodels python3-scipy
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
@@ -154,6 +155,7 @@ bench: compile
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_workers_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_events_bench:main(), halt().'
+	$(ERL) +sbwt none +sbwtdcpu none +sbwtdio none -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_models_bench:main(), halt().'
 	$(MAKE) bench-grpc
 	$(MAKE) bench-events-pg
 

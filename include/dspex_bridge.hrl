@@ -81,6 +81,10 @@
 -define(DSPEX_GRPC_PORT(Ev), [dspex, grpc, port, Ev]).
 %% Ev: written (a batch reached the backend) | error (the backend refused it)
 -define(DSPEX_EVENTS_LOG(Ev), [dspex, events, Ev]).
+%% Ev: register | archive | alias | start (an A/B test) | decision
+-define(DSPEX_MODELS(Ev), [dspex, models, Ev]).
+%% Ev: step | complete | rollback
+-define(DSPEX_MODELS_ROLLOUT(Ev), [dspex, models, rollout, Ev]).
 
 %% Every event above, each operation spelt out.
 -define(DSPEX_EVENTS,
@@ -101,6 +105,8 @@
             ?DSPEX_CLUSTER_ROUTE_RETRY,
             ?DSPEX_GRPC_RPC_STOP, ?DSPEX_GRPC_CANCELLED, ?DSPEX_GRPC_OVERLOAD,
             ?DSPEX_GRPC_PORT(start), ?DSPEX_GRPC_PORT(exit), ?DSPEX_GRPC_PORT(give_up),
-            ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]).
+            ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]
+        ++ [?DSPEX_MODELS(Ev__) || Ev__ <- [register, archive, alias, start, decision]]
+        ++ [?DSPEX_MODELS_ROLLOUT(Ev__) || Ev__ <- [step, complete, rollback]]).
 
 -endif.

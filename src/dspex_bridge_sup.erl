@@ -16,6 +16,7 @@
 %% │   ├── dspex_propagator_sup   per-session propagators, derive functions
 %% │   └── dspex_prometheus       /metrics endpoint
 %% ├── dspex_cluster_sup     routing, ownership, replication, watch relays
+%% ├── dspex_models_server   model experiments and rollouts (after the cluster: their registry is a session)
 %% └── dspex_grpc_sup        the gRPC port and its handlers (last: the front door)
 %% '''
 %%
@@ -54,7 +55,9 @@ init(top) ->
     Children = [#{id => dspex_core_sup, type => supervisor, shutdown => infinity,
                   start => {?MODULE, start_link, [core]}},
                 #{id => dspex_cluster_sup, type => supervisor, shutdown => infinity,
-                  start => {dspex_cluster_sup, start_link, []}}]
+                  start => {dspex_cluster_sup, start_link, []}},
+                %% model experiments and rollouts (their registry is a replicated store session)
+                #{id => dspex_models_server, start => {dspex_models_server, start_link, []}}]
         ++ [#{id => dspex_grpc_sup, type => supervisor, shutdown => infinity,
               start => {dspex_grpc_sup, start_link, []}}
             || application:get_env(dspex_bridge, grpc_enabled, true)],

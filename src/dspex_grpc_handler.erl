@@ -66,6 +66,8 @@ handle('ListSessions', #{pattern := P, limit := L}, _Call, _Ctx) when L >= 0 ->
                            || S <- Shown, {ok, #{variable_count := N, created_at := C}} <- [dspex_store:get_session(S)]]}};
 handle('ListSessions', _Req, _Call, _Ctx) ->
     {error, {invalid_argument, limit}};
+handle('SelectModel', Req, _Call, _Ctx) -> dspex_models_grpc:select_model(Req);
+handle('RecordInference', Req, _Call, _Ctx) -> dspex_models_grpc:record_inference(Req);
 handle(M, #{session_id := <<>>}, _Call, _Ctx) when M =/= 'GetDashboard' ->
     {error, {invalid_argument, session_id}};
 handle(M, Req, Call, Ctx) ->

@@ -83,6 +83,7 @@ of_error(not_optimizing) -> {failed_precondition, <<"no optimization runs on the
 of_error(derived_variable) -> {failed_precondition, <<"derived variables cannot be written directly">>};
 of_error({would_create_cycle, Path}) ->
     {failed_precondition, fmt("dependency would create a cycle: ~ts", [lists:join(" -> ", [txt(P) || P <- Path])])};
+of_error({no_model, N}) -> {not_found, fmt("no model to serve for name: ~ts", [txt(N)])};
 of_error({tool_not_found, N}) -> {not_found, fmt("tool not found: ~ts", [txt(N)])};
 of_error(access_denied) -> {permission_denied, <<"access denied">>};
 of_error(rate_limited) -> {resource_exhausted, <<"rate limited">>};

@@ -5,7 +5,7 @@
 -include_lib("eunit/include/eunit.hrl").
 -include("dspex_bridge.hrl").
 
--define(CORE, [dspex_metrics_server, dspex_acl_audit, dspex_session_sweeper, dspex_locks,
+-define(CORE, [dspex_events, dspex_metrics_server, dspex_acl_audit, dspex_session_sweeper, dspex_locks,
                dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_prometheus]).
 
 setup() ->
@@ -33,13 +33,13 @@ header_test_() ->
 %%% supervision ---------------------------------------------------------------
 
 tree_shape() ->
-    ?assertEqual([dspex_core_sup, dspex_cluster_sup, dspex_grpc_sup],
+    ?assertEqual([dspex_core_sup, dspex_cluster_sup, dspex_models_server, dspex_grpc_sup],
                  [Id || {Id, _, _, _} <- lists:reverse(supervisor:which_children(dspex_bridge_sup))]),
     ?assertEqual(lists:sort(?CORE), lists:sort([Id || {Id, _, _, _} <- supervisor:which_children(dspex_core_sup)])).
 
 %% A snapshot of every process whose restart (or not) the design fixes.
 pids() ->
-    maps:from_list([{N, whereis(N)} || N <- [dspex_core_sup, dspex_cluster_sup, dspex_grpc_sup,
+    maps:from_list([{N, whereis(N)} || N <- [dspex_core_sup, dspex_cluster_sup, dspex_models_server, dspex_grpc_sup,
                                              dspex_grpc, dspex_grpc_opt | ?CORE]]
                    ++ [{grpc_os_pid, grpc_os_pid()}]).
 
@@ -135,7 +135,7 @@ cluster_restart_restarts_grpc_not_core() ->
     Prop = dspex_propagator:whereis_session(S),
     %% without a cluster configured it has no child to make it escalate:
     %% stop it as an escalating supervisor stops (children first, then itself)
-    ?assertEqual([dspex_cluster_sup, dspex_grpc, dspex_grpc_opt, dspex_grpc_sup, grpc_os_pid],
+    ?assertEqual([dspex_cluster_sup, dspex_grpc, dspex_grpc_opt, dspex_grpc_sup, dspex_models_server, grpc_os_pid],
                  crash_and_await(dspex_cluster_sup, fun() -> sys:terminate(dspex_cluster_sup, crashed) end)),
     ?assertEqual(Prop, dspex_propagator:whereis_session(S)),
     still_derives(S, 3.0),
@@ -145,7 +145,7 @@ core_restart_restarts_everything_after_it() ->
     S = derived_session(),
     Replaced = escalate_and_await(dspex_core_sup, dspex_session_sweeper),
     ?assertEqual(lists:sort([dspex_core_sup, dspex_cluster_sup, dspex_grpc, dspex_grpc_opt, dspex_grpc_sup,
-                             grpc_os_pid | ?CORE]), Replaced),
+                             dspex_models_server, grpc_os_pid | ?CORE]), Replaced),
     %% the store itself lives in the NIF: the session and its values stay
     ?assertEqual({ok, 10.0}, dspex_store:get_value(S, b)),
     {ok, _} = dspex_grpc:await_listening(10000).

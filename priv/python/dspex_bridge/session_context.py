@@ -760,6 +760,40 @@ class SessionContext:
             session_id="" if whole_node else self.session_id))
         return codec.decode_json(r.dashboard_json, {})
 
+    # ------------------------------------------------------------ model versions
+
+    def select_model(self, name, user_id=None, **unit):
+        """The model id serving this unit for name (sticky: same unit, same model).
+
+        ``ctx.select_model("clf", user_id="u42")``; another unit key (the one the
+        server's experiment uses) as ``ctx.select_model("clf", tenant="t7")``.
+        Without a unit the server picks a random bucket.  Units are strings.
+        """
+        if user_id is not None and unit:
+            raise TypeError("give user_id or one other unit key, not both")
+        if len(unit) > 1:
+            raise TypeError("one unit key at most")
+        if user_id is not None:
+            key, value = "", user_id
+        elif unit:
+            key, value = next(iter(unit.items()))
+        else:
+            key, value = "", ""
+        r = self._call("SelectModel", pb2.SelectModelRequest(
+            session_id=self.session_id, name=name, unit=str(value), unit_key=key))
+        return r.model_id
+
+    def record_inference(self, model_id, latency_ms, success, experiment="", **custom):
+        """Record one inference of model_id for its running experiments/rollouts.
+
+        latency_ms > 0; success a bool; experiment restricts it to one test;
+        keyword arguments are custom metrics (numbers), e.g. ``score=0.93``.
+        """
+        self._call("RecordInference", pb2.RecordInferenceRequest(
+            session_id=self.session_id, model_id=model_id, latency_ms=float(latency_ms),
+            success=bool(success), experiment=experiment,
+            custom={k: float(v) for k, v in custom.items()}))
+
     # ------------------------------------------------------------ watch
 
     def watch(self, names, include_initial=False, timeout=None):
