@@ -97,6 +97,7 @@ every_store_change_is_one_event_in_commit_order() ->
 session_deleted_reasons() ->
     S = sid(),
     {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
+    ok = dspex_test_hooks:enable(),
     ok = dspex_nif:advance_clock(5000),
     _ = dspex_nif:sweep(),
     ?assertMatch([#{type := session_created}, #{type := session_deleted, data := #{reason := expired}}], events(S)),

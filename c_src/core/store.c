@@ -606,28 +606,7 @@ int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, bool 
 
 int dx_var_delete(dx_session *s, dx_str key) {
     dx_var *v = dx_var_find(s, key);
-    if (!v) return DX_E_NOT_FOUND;
-    dx_shard *sh = shard_of(s, v->key.hash);
-    pthread_mutex_lock(&sh->mu);
-    int rc = DX_E_NOT_FOUND;
-    if (!v->dead && v->lock_token) {
-        rc = refuse_locked(v);
-    } else if (!v->dead && dx_rtab_remove(&sh->tab, v->key.hash, v->name, v->name_len)) {
-        v->dead = true;
-        atomic_fetch_sub(&s->nvars, 1);
-        rc = DX_OK;
-        EV_EMIT(.kind = DX_EV_VAR_DELETED, .s = s, .v = v, .old = atomic_load_explicit(&v->cur, memory_order_relaxed));
-        /* Still under the shard mutex: a new variable of the same name (same
-         * shard) cannot be registered, and get edges, before its old node is
-         * gone; add_dependency checks variables under graph_mu, so it cannot
-         * bring the node back either. Lock order: shard, then graph. */
-        pthread_mutex_lock(&s->graph_mu);
-        if (s->graph) dx_graph_remove_node(s->graph, v->name, v->name_len);
-        pthread_mutex_unlock(&s->graph_mu);
-    }
-    pthread_mutex_unlock(&sh->mu);
-    if (!rc) dx_ebr_retire(v, var_free, 0);
-    return rc;
+    return v ? dx_var_delete_checked(s, v, NULL) : DX_E_NOT_FOUND;
 }
 
 /* Like dx_var_delete, but deletes exactly v (the variable the caller looked up
@@ -648,6 +627,8 @@ int dx_var_delete_checked(dx_session *s, dx_var *v, const dx_set_opts *o) {
         v->dead = true;
         atomic_fetch_sub(&s->nvars, 1);
         rc = DX_OK;
+        /* in the critical section of the delete, as dx_var_delete: commit order */
+        EV_EMIT(.kind = DX_EV_VAR_DELETED, .s = s, .v = v, .old = atomic_load_explicit(&v->cur, memory_order_relaxed));
         /* lock order: shard, then graph (as dx_var_delete) */
         pthread_mutex_lock(&s->graph_mu);
         if (s->graph) dx_graph_remove_node(s->graph, v->name, v->name_len);
