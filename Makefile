@@ -21,6 +21,9 @@ APT_CLUSTER := erlang-inets etcd-server
 # The Python client (priv/python/dspex_bridge), its stubs, tests and gRPC bench.
 APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
               python3-venv python3-setuptools python3-pip
+# The debug console (dspex_console): Graphviz for dspex_graph:to_svg/1, npm to
+# fetch the pinned chart library, headless Chromium + Selenium for its tests.
+APT_CONSOLE := graphviz npm chromium chromium-driver python3-selenium
 PYTHON   ?= /usr/bin/python3
 PY_STUBS := priv/python/dspex_bridge/_proto
 
@@ -46,6 +49,7 @@ deps:
 
 deps-test: deps
 	$(call apt_install,$(APT_TEST))
+	$(call apt_install,$(APT_CONSOLE))
 
 deps-cluster: deps
 	$(call apt_install,$(APT_CLUSTER))
