@@ -140,3 +140,53 @@ detailed_refuses_bad_ranges() ->
     ?assertEqual({error, {invalid_argument, range}},
                  dspex_metrics:detailed(console_test_latency, 0, 3600 * 3601, #{now => 3600 * 3601})),
     ?assertEqual({error, {invalid_argument, metric}}, dspex_metrics:detailed(<<"bad name">>, 0, 1)).
+
+%%% security policy (pure) ---------------------------------------------------
+
+conf(Token, Write) -> #{token => Token, write => Write, csrf => <<"csrf123">>, bind => {127, 0, 0, 1}, www => "."}.
+
+non_loopback_bind_needs_a_token_test() ->
+    ?assertEqual(ok, dspex_console:check_config({127, 0, 0, 1}, undefined)),
+    ?assertEqual(ok, dspex_console:check_config({127, 0, 0, 2}, undefined)),
+    ?assertEqual(ok, dspex_console:check_config({0, 0, 0, 0, 0, 0, 0, 1}, undefined)),
+    ?assertEqual(ok, dspex_console:check_config("localhost", undefined)),
+    ?assertEqual({error, token_required}, dspex_console:check_config({0, 0, 0, 0}, undefined)),
+    ?assertEqual({error, token_required}, dspex_console:check_config({10, 1, 2, 3}, <<>>)),
+    ?assertEqual({error, token_required}, dspex_console:check_config("0.0.0.0", undefined)),
+    ?assertEqual(ok, dspex_console:check_config({0, 0, 0, 0}, <<"s3cret">>)).
+
+reads_need_the_token_when_one_is_configured_test() ->
+    A = fun(M, P, H, C) -> dspex_console_http:authorize(M, P, H, C) end,
+    ?assertEqual(ok, A("GET", "/api/overview", [], conf(undefined, false))),
+    ?assertEqual({deny, 401, unauthorized}, A("GET", "/api/overview", [], conf(<<"tok">>, false))),
+    ?assertEqual({deny, 401, unauthorized},
+                 A("GET", "/api/overview", [{"authorization", "Bearer tok2"}], conf(<<"tok">>, false))),
+    ?assertEqual({deny, 401, unauthorized},
+                 A("GET", "/api/overview", [{"authorization", "Basic tok"}], conf(<<"tok">>, false))),
+    ?assertEqual(ok, A("GET", "/api/overview", [{"authorization", "Bearer tok"}], conf(<<"tok">>, false))).
+
+writes_need_console_write_the_token_and_the_csrf_header_test() ->
+    A = fun(H, C) -> dspex_console_http:authorize("POST", "/api/rollback", H, C) end,
+    Auth = {"authorization", "Bearer tok"},
+    Csrf = {"x-dspex-csrf", "csrf123"},
+    ?assertEqual({deny, 403, read_only}, A([Auth, Csrf], conf(<<"tok">>, false))),
+    ?assertEqual({deny, 401, token_not_configured}, A([Csrf], conf(undefined, true))),
+    ?assertEqual({deny, 401, unauthorized}, A([Csrf], conf(<<"tok">>, true))),
+    ?assertEqual({deny, 403, csrf}, A([Auth], conf(<<"tok">>, true))),
+    ?assertEqual({deny, 403, csrf}, A([Auth, {"x-dspex-csrf", "csrf124"}], conf(<<"tok">>, true))),
+    ?assertEqual(ok, A([Auth, Csrf], conf(<<"tok">>, true))),
+    %% no other write exists
+    ?assertEqual({deny, 403, method_not_allowed},
+                 dspex_console_http:authorize("POST", "/api/session", [Auth, Csrf], conf(<<"tok">>, true))).
+
+jsonable_turns_any_term_into_json_test() ->
+    T = #{a => undefined, b => {error, {not_found, <<"x">>}}, c => self(), {k, 1} => [1, <<255>>],
+          d => [1 | 2], <<"e">> => nan},
+    {ok, Json} = dspex_json:encode(dspex_console_http:jsonable(T)),
+    {ok, M} = dspex_json:decode(Json),
+    ?assertEqual(null, maps:get(<<"a">>, M)),
+    ?assertEqual(<<"{error,{not_found,<<\"x\">>}}">>, maps:get(<<"b">>, M)),
+    %% a binary that is not UTF-8 becomes its printed form (a valid string)
+    ?assertMatch([1, <<"<<", _/binary>>], maps:get(<<"{k,1}">>, M)),
+    ?assertEqual(<<"[1|2]">>, maps:get(<<"d">>, M)),
+    ?assertEqual(<<"nan">>, maps:get(<<"e">>, M)).
