@@ -215,7 +215,7 @@ $(CONSOLE_VENDOR)/uPlot.iife.min.js: Makefile
 # The debug console in headless Chromium (Selenium) against a node started by
 # the test on free ports; screenshots go to _build/console/.
 test-console: deps-test compile console-vendor
-	$(PYTHON) -m unittest -v test/console/test_console.py
+	$(PYTHON) -m unittest discover -v -s test/console -p "test_*.py"
 
 # API server time and Chromium time to first render, 10,000 sessions and a
 # 1,000-variable session.

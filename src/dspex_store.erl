@@ -621,7 +621,7 @@ types() -> ?TYPES.
 %% `session' (the id), `metadata', `variables' (count), `bytes' (the
 %% external-term size of the current values: the payload held, not native
 %% memory), `history_entries' (archived versions held), `watchers' (active
-%% watches summed over the variables), `watched' (`[{Name, Count}]' of the
+%% watches summed over the variables), `watched' (`#{Name => Count}' of the
 %% watched variables), `locks' (this node's held locks on the session:
 %% `dspex_locks:active/0' rows), `rules' (`#{Name => Rules}' of the
 %% variables that have access rules), `last_writes' (the ten most recently
@@ -665,7 +665,7 @@ diagnostics_of(Session, Info, Vars) ->
       bytes => lists:sum([erlang:external_size(maps:get(value, V)) || V <- Vars]),
       history_entries => lists:sum([H || {_, #{history_size := H}} <- Infos]),
       watchers => lists:sum([W || {_, W} <- Watched]),
-      watched => lists:sort(Watched),
+      watched => maps:from_list(Watched),
       locks => Locks,
       rules => Rules,
       last_writes => [maps:with([name, version, updated_at, changed_by], V) || {V, _} <- Latest],

@@ -22,6 +22,8 @@
     }
     return e;
   }
+  // a float that happens to be whole keeps its decimal point (2.0, not 2)
+  const showTyped = (type, v) => (type === 'float' && typeof v === 'number' && Number.isInteger(v)) ? v.toFixed(1) : show(v);
   const show = (v) => (v === null || v === undefined) ? '—' : (typeof v === 'string' ? v : JSON.stringify(v));
   const time = (us) => us ? new Date(us / 1000).toISOString().replace('T', ' ').replace('Z', '') : '—';
   const fmt = (n, d) => (n === null || n === undefined) ? '—' : (typeof n === 'number' ? n.toFixed(d === undefined ? 1 : d) : String(n));
@@ -180,9 +182,9 @@
     const status = el('p', { id: 'rollback-status' });
     const tbody = el('tbody', { id: 'variables' });
     for (const v of s.variables) {
-      const tr = el('tr', { dataset: { name: v.name } },
+      const tr = el('tr', { dataset: { name: v.name, type: v.type } },
         el('td', { class: v.derived ? 'derived' : null }, el('a', { href: '#', class: 'var-link', on: { click: (e) => { e.preventDefault(); openVar(v.name); } } }, v.name)),
-        el('td', {}, v.type), el('td', { class: 'value' }, show(v.value)), el('td', { class: 'version' }, v.version),
+        el('td', {}, v.type), el('td', { class: 'value' }, showTyped(v.type, v.value)), el('td', { class: 'version' }, v.version),
         el('td', { class: 'updated' }, time(v.updated_at)), el('td', { class: 'changed-by' }, '—'),
         el('td', {}, v.lock ? show(v.lock.optimizer) : '—'), el('td', { class: 'error' }, v.error ? show(v.error) : ''));
       rows.set(v.name, tr); tbody.append(tr);
@@ -190,8 +192,9 @@
     const summary = table(['', ''], [['variables', d.variables], ['value bytes', d.bytes], ['history entries', d.history_entries],
       ['watchers', d.watchers], ['TTL left (ms)', show(d.ttl_left_ms)], ['cluster', show(d.cluster)], ['metadata', show(d.metadata)]]
       .map(([k, v]) => el('tr', {}, el('th', {}, k), el('td', {}, String(v)))));
-    const watchers = d.watched.length === 0 ? el('p', { id: 'watchers' }, 'No watchers.') :
-      el('div', { id: 'watchers' }, table(['variable', 'watches'], d.watched.map((w) => el('tr', {}, el('td', {}, w[0]), el('td', {}, w[1])))));
+    const watched = Object.entries(d.watched);
+    const watchers = watched.length === 0 ? el('p', { id: 'watchers' }, 'No watchers.') :
+      el('div', { id: 'watchers' }, table(['variable', 'watches'], watched.map((w) => el('tr', {}, el('td', {}, w[0]), el('td', {}, w[1])))));
     main.replaceChildren(el('h1', {}, 'Session ', el('span', { id: 'session-id' }, id)), summary,
       el('h2', {}, 'Variables'),
       el('table', {}, el('thead', {}, el('tr', {}, ['name', 'type', 'value', 'version', 'updated', 'changed by', 'lock holder', 'error'].map((c) => el('th', {}, c)))), tbody),
@@ -205,10 +208,11 @@
       const current = cur ? cur.querySelector('.value').textContent : null;
       const write = state.config && state.config.write;
       const entries = h.history;
+      const type = cur ? cur.dataset.type : null;
       historyBox.replaceChildren(el('h3', {}, 'History of ', el('span', { id: 'history-name' }, name)),
         entries.length === 0 ? el('p', {}, 'No earlier versions.') :
           table(['version', 'value', 'change to the next version', 'updated', 'changed by', ''],
-            entries.map((e, i) => el('tr', { dataset: { version: e.version } }, el('td', {}, e.version), el('td', {}, show(e.value)),
+            entries.map((e, i) => el('tr', { dataset: { version: e.version } }, el('td', {}, e.version), el('td', {}, showTyped(type, e.value)),
               el('td', {}, diff(e.value, i === 0 ? current : entries[i - 1].value)), el('td', {}, time(e.updated_at)),
               el('td', {}, show(e.changed_by)),
               el('td', {}, el('button', { class: 'rollback', disabled: !write, title: write ? 'write this value as a new version' : 'the console is read-only',
@@ -246,7 +250,7 @@
       variable: (ev) => {
         const tr = rows.get(ev.name);
         if (!tr) return;
-        tr.querySelector('.value').textContent = show(ev.value);
+        tr.querySelector('.value').textContent = showTyped(tr.dataset.type, ev.value);
         tr.querySelector('.version').textContent = ev.version;
         tr.querySelector('.updated').textContent = time(ev.updated_at);
         tr.querySelector('.changed-by').textContent = show(ev.changed_by);
