@@ -268,7 +268,7 @@ access(S) ->
                      end
             end,
     #{denied => lists:sublist(lists:reverse(Denied), 200),
-      last_hour => #{denied => Count(<<"acl.denied">>), rate_limited => Count(<<"acl.rate_limited">>)},
+      last_hour => #{denied => Count(<<"acl.denied">>), rate_limited => Count(<<"rate_limit.exceeded">>)},
       session => S, rules => Rules}.
 
 %%% Server-Sent Events ---------------------------------------------------------

@@ -3,6 +3,7 @@
 %% `READY <console port>' and then obeys commands read from stdin, one per
 %% line, answering `OK ...' or `ERR ...':
 %%   set <session> <variable> <float>   dspex_store:set/4 (changed_by => test)
+%%   deny <session> <variable> <as>    a read as another session (denied)
 %%   seed <n> <vars>                     n sessions bench_<i>, and one session
 %%                                       "big" of <vars> variables with edges
 %%   quit                                halts
@@ -45,6 +46,9 @@ loop() ->
                     R = dspex_store:set(list_to_binary(S), list_to_binary(V), list_to_float(X),
                                         #{changed_by => test, propagate => sync}),
                     io:format("~s ~0p~n", [case R of {ok, _} -> "OK"; _ -> "ERR" end, R]);
+                ["deny", S, V, As] ->
+                    R = dspex_store:get(list_to_binary(S), list_to_binary(V), #{as => list_to_binary(As)}),
+                    io:format("~s ~0p~n", [case R of {error, access_denied} -> "OK"; _ -> "ERR" end, R]);
                 ["seed", N, Vars] -> seed(list_to_integer(N), list_to_integer(Vars));
                 Other -> io:format("ERR ~0p~n", [Other])
             end,

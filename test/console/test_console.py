@@ -305,6 +305,17 @@ class ConsoleTest(unittest.TestCase):
         WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
             lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 121' in d.find_element(By.ID, 'sessions-info').text)
 
+    def test_access_page_lists_denied_attempts(self):
+        self.assertTrue(self.ro.cmd('deny demo x intruder_<i>').startswith('OK'))
+        self.use(self.ro)
+        d = self.open(self.ro, '/access?id=demo')
+        rows = d.find_elements(By.CSS_SELECTOR, '#denied tbody tr')
+        self.assertIn(['demo', 'x', 'intruder_<i>', 'read'], [[td.text for td in r.find_elements(By.TAG_NAME, 'td')][1:] for r in rows])
+        self.assertGreaterEqual(int(d.find_element(By.ID, 'denied-count').text), 1)
+        self.assertEqual([], d.find_elements(By.CSS_SELECTOR, 'main i'))
+        self.shot('access_denied')
+        self.assertEqual([], self.console_errors())
+
     def test_sessions_search_and_pagination(self):
         self.use(self.ro)
         d = self.open(self.ro, '/sessions')
