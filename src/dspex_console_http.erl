@@ -22,7 +22,9 @@
 %%     and denial counts of the last hour, and the session's rules.</li>
 %% <li>`POST /api/rollback' (`id', `var', `version' as a form or query):
 %%     `dspex_store:rollback/4' with `changed_by => console'.</li>
-%% <li>`/api/events?id=': a `text/event-stream': `overview' every second,
+%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1': a
+%%     `text/event-stream': `overview' and `optimizations' (as their endpoints
+%%     answer) every second when asked for,
 %%     and with `id' a `variable' event per committed change of the session
 %%     (a watch) and `session' when its variables change in number.</li>
 %% </ul>
@@ -174,7 +176,9 @@ api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := V
             end;
         _ -> json(400, #{error => {invalid_argument, version}})
     end;
-api("GET", "/api/events", P, Mod) -> sse(Mod, maps:get(<<"id">>, P, undefined), maps:is_key(<<"overview">>, P));
+api("GET", "/api/events", P, Mod) ->
+    Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations}], maps:is_key(K, P)],
+    sse(Mod, maps:get(<<"id">>, P, undefined), Feeds);
 api(_, _, _, _) -> json(404, #{error => not_found}).
 
 absent(M) -> code:which(M) =:= non_existing.
@@ -244,7 +248,8 @@ session(S) ->
 optimizations() ->
     Locks = try dspex_locks:active() catch exit:_ -> [] end,
     Now = dspex_metrics:clock(),
-    #{locks => [case dspex_locks:status(S, N) of
+    #{time => Now,
+      locks => [case dspex_locks:status(S, N) of
                     {ok, St} -> maps:merge(L, maps:with([waiters, best, iterations], St));
                     _ -> L
                 end || #{session := S, variable := N} = L <- Locks],
@@ -273,21 +278,36 @@ access(S) ->
 
 %%% Server-Sent Events ---------------------------------------------------------
 
-sse(Mod, Session, Overview) ->
+sse(Mod, Session, Feeds) ->
     Head = [{content_type, "text/event-stream"}, {cache_control, "no-cache"}, {transfer_encoding, "chunked"}
             | lists:keydelete(cache_control, 1, security_headers())],
     httpd_response:send_header(Mod, 200, Head),
     Watch = watch(Session),
     Deadline = erlang:monotonic_time(millisecond) + ?SSE_MAX_MS,
     self() ! tick,
-    try sse_loop(Mod, Session, Overview, Watch, Deadline)
+    try sse_loop(Mod, Session, Feeds, Watch, Deadline)
     after
         case Watch of
             {Ref, _} -> dspex_store:unwatch(Ref);
             _ -> ok
-        end
+        end,
+        %% httpd may reuse this process for the connection's next request:
+        %% leave no timer and no message of the stream behind
+        case erase(dspex_console_tick) of
+            undefined -> ok;
+            T -> _ = erlang:cancel_timer(T), ok
+        end,
+        flush_stream()
     end,
     already_sent.
+
+flush_stream() ->
+    receive
+        tick -> flush_stream();
+        {dspex_variable, _, _, _, _, _, _} -> flush_stream();
+        {dspex_watch_lost, _, _} -> flush_stream()
+    after 0 -> ok
+    end.
 
 watch(undefined) -> none;
 watch(S) ->
@@ -301,35 +321,44 @@ watch(S) ->
         _ -> none
     end.
 
-sse_loop(Mod, Session, Overview, Watch, Deadline) ->
+sse_loop(Mod, Session, Feeds, Watch, Deadline) ->
     case erlang:monotonic_time(millisecond) > Deadline of
         true -> httpd_response:send_chunk(Mod, [], true);
         false ->
             receive
                 tick ->
-                    erlang:send_after(1000, self(), tick),
-                    R1 = case Overview of
-                             true -> send(Mod, overview, overview());
-                             false -> send_raw(Mod, ": keep-alive\n\n")
+                    put(dspex_console_tick, erlang:send_after(1000, self(), tick)),
+                    R1 = case Feeds of
+                             [] -> send_raw(Mod, ": keep-alive\n\n");
+                             _ -> worst([send(Mod, F, feed(F)) || F <- Feeds])
                          end,
                     R2 = check_count(Mod, Session, Watch),
-                    continue([R1, R2], Mod, Session, Overview, Watch, Deadline);
+                    continue([R1, R2], Mod, Session, Feeds, Watch, Deadline);
                 {dspex_variable, _Ref, Session, Name, _Old, New, Meta} ->
                     R = send(Mod, variable, #{session => Session, name => Name, value => New,
                                               version => maps:get(version, Meta, null),
                                               updated_at => maps:get(updated_at, Meta, null),
                                               changed_by => maps:get(changed_by, Meta, null)}),
-                    continue([R], Mod, Session, Overview, Watch, Deadline);
+                    continue([R], Mod, Session, Feeds, Watch, Deadline);
                 {dspex_watch_lost, _, _} ->
                     R = send(Mod, session, #{session => Session, reason => watch_lost}),
-                    continue([R], Mod, Session, Overview, Watch, Deadline);
-                _ -> sse_loop(Mod, Session, Overview, Watch, Deadline)
+                    continue([R], Mod, Session, Feeds, Watch, Deadline);
+                {dspex_variable, _, _, _, _, _, _} -> sse_loop(Mod, Session, Feeds, Watch, Deadline)
             end
     end.
 
-continue(Results, Mod, Session, Overview, Watch, Deadline) ->
+continue(Results, Mod, Session, Feeds, Watch, Deadline) ->
     case lists:all(fun(R) -> R =:= ok end, Results) of
-        true -> sse_loop(Mod, Session, Overview, Watch, Deadline);
+        true -> sse_loop(Mod, Session, Feeds, Watch, Deadline);
+        false -> closed
+    end.
+
+feed(overview) -> overview();
+feed(optimizations) -> optimizations().
+
+worst(Results) ->
+    case lists:all(fun(R) -> R =:= ok end, Results) of
+        true -> ok;
         false -> closed
     end.
 

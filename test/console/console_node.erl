@@ -4,6 +4,9 @@
 %% line, answering `OK ...' or `ERR ...':
 %%   set <session> <variable> <float>   dspex_store:set/4 (changed_by => test)
 %%   deny <session> <variable> <as>    a read as another session (denied)
+%%   optimize <session> <var> <iters>  a process takes the lock of var and
+%%                                       reports <iters> iterations (scores 0.1 ..)
+%%   progress <session> <var> <score>   that process reports one more iteration
 %%   seed <n> <vars>                     n sessions bench_<i>, and one session
 %%                                       "big" of <vars> variables with edges
 %%   quit                                halts
@@ -49,10 +52,35 @@ loop() ->
                 ["deny", S, V, As] ->
                     R = dspex_store:get(list_to_binary(S), list_to_binary(V), #{as => list_to_binary(As)}),
                     io:format("~s ~0p~n", [case R of {error, access_denied} -> "OK"; _ -> "ERR" end, R]);
+                ["optimize", S, V, Iters] ->
+                    Me = self(),
+                    spawn(fun() -> optimize(Me, list_to_binary(S), list_to_binary(V), list_to_integer(Iters)) end),
+                    receive {optimizing, R} -> io:format("~s ~0p~n", [case R of ok -> "OK"; _ -> "ERR" end, R]) end;
+                ["progress", S, V, Score] ->
+                    optimizer ! {progress, list_to_binary(S), list_to_binary(V), list_to_float(Score), self()},
+                    receive progressed -> io:format("OK progressed~n") end;
                 ["seed", N, Vars] -> seed(list_to_integer(N), list_to_integer(Vars));
                 Other -> io:format("ERR ~0p~n", [Other])
             end,
             loop()
+    end.
+
+optimize(Parent, S, V, Iters) ->
+    register(optimizer, self()),
+    case dspex_locks:acquire(S, V, test_optimizer, #{objective => maximize}) of
+        {ok, Lock} ->
+            [ok = dspex_locks:report_progress(Lock, I, 0.1 * I, #{}) || I <- lists:seq(1, Iters)],
+            Parent ! {optimizing, ok},
+            optimizing(Lock, Iters);
+        Error -> Parent ! {optimizing, Error}
+    end.
+
+optimizing(Lock, I) ->
+    receive
+        {progress, _S, _V, Score, From} ->
+            ok = dspex_locks:report_progress(Lock, I + 1, Score, #{}),
+            From ! progressed,
+            optimizing(Lock, I + 1)
     end.
 
 seed(N, Vars) ->

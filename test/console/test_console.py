@@ -316,6 +316,23 @@ class ConsoleTest(unittest.TestCase):
         self.shot('access_denied')
         self.assertEqual([], self.console_errors())
 
+    def test_optimizations_page_plots_progress_live(self):
+        self.assertTrue(self.ro.cmd('optimize demo x 3').startswith('OK'))
+        self.use(self.ro)
+        d = self.open(self.ro, '/optimizations')
+        row = d.find_element(By.CSS_SELECTOR, '#locks tr[data-variable="x"]')
+        self.assertEqual('3', row.find_element(By.CSS_SELECTOR, '.iterations').text)
+        self.assertIn('"score":0.3', row.find_element(By.CSS_SELECTOR, '.best').text.replace(' ', ''))
+        self.assertTrue(self.ro.cmd('progress demo x 0.95').startswith('OK'))
+        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, '#locks tr[data-variable="x"] .iterations').text == '4')
+        self.assertIn('"score":0.95', d.find_element(By.CSS_SELECTOR, '#locks tr[data-variable="x"] .best').text.replace(' ', ''))
+        plot = d.find_element(By.CSS_SELECTOR, '#progress .chart[data-variable="x"]')
+        self.assertGreaterEqual(int(plot.get_attribute('data-points')), 2)
+        self.assertTrue(plot.find_elements(By.TAG_NAME, 'canvas'))
+        self.shot('optimizations_live')
+        self.assertEqual([], self.console_errors())
+
     def test_sessions_search_and_pagination(self):
         self.use(self.ro)
         d = self.open(self.ro, '/sessions')

@@ -263,18 +263,44 @@
   }
 
   // ---- optimizations -----------------------------------------------------------
+  // Best score and iterations of every held lock, sampled each second by the
+  // event stream and plotted from the moment the page opened.
   async function optimizations() {
     const o = await api('/api/optimizations');
-    main.replaceChildren(el('h1', {}, 'Optimizations'),
-      o.locks.length === 0 ? el('p', { id: 'locks' }, 'No optimizer holds a lock.') :
-        el('div', { id: 'locks' }, table(['session', 'variable', 'optimizer', 'holder', 'priority', 'iterations', 'best', 'waiters', 'token'],
-          o.locks.map((l) => el('tr', {}, el('td', {}, el('a', { href: '/session?id=' + encodeURIComponent(l.session) }, l.session)),
-            el('td', {}, l.variable), el('td', {}, show(l.optimizer)), el('td', {}, show(l.pid)), el('td', {}, l.priority),
-            el('td', {}, l.iterations), el('td', {}, show(l.best)), el('td', {}, show(l.waiters)), el('td', {}, l.token))))),
-      el('h2', {}, 'Optimizations ended in the last hour (1 = finished by itself, 0 = preempted / expired / died)'),
-      table(['minute', 'ended', 'success rate'], o.success.filter((p) => p.count > 0).map((p) =>
-        el('tr', {}, el('td', {}, new Date(p.t * 1000).toISOString()), el('td', {}, p.count), el('td', {}, fmt(p.mean, 2))))),
+    const locksBox = el('div', { id: 'locks' });
+    const plots = el('div', { id: 'progress' });
+    const ended = el('div', { id: 'ended' });
+    const series = new Map();   // "session\u0000variable" -> {t: [], best: [], iter: [], box}
+    main.replaceChildren(el('h1', {}, 'Optimizations'), locksBox,
+      el('h2', {}, 'Progress (best score and iterations since this page opened)'), plots,
+      el('h2', {}, 'Optimizations ended in the last hour (1 = finished by itself, 0 = preempted / expired / died)'), ended,
       ...o.absent.map(absent));
+    const score = (b) => (b && typeof b === 'object' && typeof b.score === 'number') ? b.score : null;
+    const update = (o) => {
+      locksBox.replaceChildren(o.locks.length === 0 ? el('p', {}, 'No optimizer holds a lock.') :
+        table(['session', 'variable', 'optimizer', 'holder', 'priority', 'iterations', 'best', 'waiters', 'token'],
+          o.locks.map((l) => el('tr', { dataset: { variable: l.variable } }, el('td', {}, el('a', { href: '/session?id=' + encodeURIComponent(l.session) }, l.session)),
+            el('td', {}, l.variable), el('td', {}, show(l.optimizer)), el('td', {}, show(l.pid)), el('td', {}, l.priority),
+            el('td', { class: 'iterations' }, l.iterations), el('td', { class: 'best' }, show(l.best)), el('td', {}, show(l.waiters)), el('td', {}, l.token)))));
+      for (const l of o.locks) {
+        const key = l.session + '\u0000' + l.variable;
+        let s = series.get(key);
+        if (!s) {
+          s = { t: [], best: [], iter: [], box: chart(`${l.session} / ${l.variable}`, [{ label: 'best score', color: '#1e88e5' }, { label: 'iterations', color: '#757575' }], 420) };
+          s.box.dataset.variable = l.variable;
+          series.set(key, s);
+          plots.append(s.box);
+        }
+        if (s.t.length && s.t[s.t.length - 1] === o.time) continue;
+        s.t.push(o.time); s.best.push(score(l.best)); s.iter.push(l.iterations);
+        s.box.dataset.points = String(s.t.length);
+        if (s.box._plot) s.box._plot.setData([s.t, s.best, s.iter]);
+      }
+      ended.replaceChildren(table(['minute', 'ended', 'success rate'], o.success.filter((p) => p.count > 0).map((p) =>
+        el('tr', {}, el('td', {}, new Date(p.t * 1000).toISOString()), el('td', {}, p.count), el('td', {}, fmt(p.mean, 2))))));
+    };
+    update(o);
+    stream('/api/events?optimizations=1', { optimizations: update });
   }
 
   // ---- access --------------------------------------------------------------------
