@@ -24,7 +24,7 @@ APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compile
 # The debug console (dspex_console): Graphviz for dspex_graph:to_svg/1, npm to
 # fetch the pinned chart library (Debian's npm unless an npm is on PATH, e.g.
 # NodeSource's nodejs, which conflicts with it), headless Chromium + Selenium for its tests.
-APT_CONSOLE := graphviz chromium chromium-driver python3-selenium
+APT_CONSOLE := erlang-ssl graphviz chromium chromium-driver python3-selenium
 # uPlot, the console's chart library, from the npm registry: exact version and
 # the registry's sha512 integrity, checked before anything is unpacked; copied
 # into priv/www/vendor (not committed). Never a CDN at run time.

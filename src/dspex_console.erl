@@ -11,7 +11,9 @@
 %% Application environment: `console_enabled' (default `true'), `console_port'
 %% (default 9570; 0 picks a free port, see `port/0'), `console_bind' (default
 %% `{127,0,0,1}'), `console_token' (a bearer token, string or binary;
-%% default none), `console_write' (default `false': read-only).
+%% default none), `console_write' (default `false': read-only),
+%% `console_certfile' and `console_keyfile' (PEM files: the console then
+%% speaks HTTPS only, through OTP `ssl', TLS 1.2 and 1.3).
 %%
 %% Security: any bind address other than a loopback one requires
 %% `console_token' (without it the console does not start: the error is
@@ -99,7 +101,7 @@ init([]) ->
             Root = code:lib_dir(dspex_bridge),
             Conf = [{port, Port}, {bind_address, Bind}, {server_name, "dspex_console"},
                     {server_root, Root}, {document_root, Root}, {modules, [dspex_console_http]},
-                    {keep_alive_timeout, 60}, {max_clients, 200}],
+                    {keep_alive_timeout, 60}, {max_clients, 200} | tls()],
             case inets:start(httpd, Conf) of
                 {ok, Pid} ->
                     [{port, Actual}] = httpd:info(Pid, [port]),
@@ -108,6 +110,17 @@ init([]) ->
                     logger:error("dspex_console: cannot serve on ~p:~p: ~p; console disabled", [Bind, Port, Reason]),
                     ignore
             end
+    end.
+
+%% HTTPS (OTP ssl) when `console_certfile' is configured; the key is in
+%% `console_keyfile' (default: the certificate file).
+tls() ->
+    case application:get_env(dspex_bridge, console_certfile, undefined) of
+        undefined -> [];
+        Cert ->
+            {ok, _} = application:ensure_all_started(ssl),
+            Key = application:get_env(dspex_bridge, console_keyfile, Cert),
+            [{socket_type, {ssl, [{certfile, Cert}, {keyfile, Key}, {versions, ['tlsv1.3', 'tlsv1.2']}]}}]
     end.
 
 %% @private

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -113,7 +114,14 @@ class ConsoleTest(unittest.TestCase):
         cls.ro = Node()
         cls.wide = Node(console_bind='{0,0,0,0}', console_token='"%s"' % TOKEN)
         cls.closed = Node(console_bind='{0,0,0,0}')
-        for n in (cls.rw, cls.ro, cls.wide, cls.closed):
+        cls.certdir = tempfile.mkdtemp(prefix='dspex_console_tls_')
+        cls.cert = os.path.join(cls.certdir, 'cert.pem')
+        key = os.path.join(cls.certdir, 'key.pem')
+        subprocess.check_call(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1',
+                               '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+                               '-keyout', key, '-out', cls.cert], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cls.tls = Node(console_certfile='"%s"' % cls.cert, console_keyfile='"%s"' % key)
+        for n in (cls.rw, cls.ro, cls.wide, cls.closed, cls.tls):
             n.ready()
         cls.profile = tempfile.mkdtemp(prefix='dspex_console_chromium_')
         cls.driver = browser(cls.profile)
@@ -121,9 +129,10 @@ class ConsoleTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.driver.quit()
-        for n in (cls.rw, cls.ro, cls.wide, cls.closed):
+        for n in (cls.rw, cls.ro, cls.wide, cls.closed, cls.tls):
             n.stop()
         shutil.rmtree(cls.profile, ignore_errors=True)
+        shutil.rmtree(cls.certdir, ignore_errors=True)
 
     # -- helpers -------------------------------------------------------------
     def use(self, node, token=None):
@@ -295,6 +304,18 @@ class ConsoleTest(unittest.TestCase):
         self.assertEqual(200, st)
         # without any token configured, a non-loopback console does not start
         self.assertEqual('not_running', self.closed.port)
+
+    def test_tls_when_a_certificate_is_configured(self):
+        ctx = ssl.create_default_context(cafile=self.cert)
+        url = 'https://127.0.0.1:%d' % self.tls.port
+        with urllib.request.urlopen(url + '/api/config', timeout=LOAD_S, context=ctx) as r:
+            self.assertEqual(200, r.status)
+            self.assertIn('write', json.loads(r.read()))
+        with urllib.request.urlopen(url + '/', timeout=LOAD_S, context=ctx) as r:
+            self.assertIn("script-src 'self'", r.headers['Content-Security-Policy'])
+        # plain HTTP is not answered on that port
+        with self.assertRaises(Exception):
+            urllib.request.urlopen('http://127.0.0.1:%d/api/config' % self.tls.port, timeout=LOAD_S).read()
 
     def test_token_form_unlocks_the_pages(self):
         self.use(self.wide)
