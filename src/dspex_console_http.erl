@@ -229,9 +229,8 @@ int(B, Default) ->
     end.
 
 session(S) ->
-    case dspex_store:diagnostics(S) of
-        {ok, D} ->
-            {ok, Vars} = dspex_store:list(S),
+    case {dspex_store:diagnostics(S), dspex_store:list(S)} of
+        {{ok, D}, {ok, Vars}} ->
             Holders = maps:from_list([{N, #{optimizer => O, token => T}}
                                       || #{variable := N, optimizer := O, token := T} <- maps:get(locks, D)]),
             Graph = case dspex_graph:to_map(S) of
@@ -242,7 +241,8 @@ session(S) ->
                    variables => [(maps:with([id, name, type, value, version, updated_at, created_at, metadata,
                                              constraints, derived, error], V))#{lock => maps:get(N, Holders, null)}
                                  || #{name := N} = V <- Vars]}};
-        Error -> Error
+        {{error, _} = Error, _} -> Error;
+        {_, Error} -> Error      % deleted between the two reads
     end.
 
 optimizations() ->
@@ -446,7 +446,9 @@ decode_query("") -> #{};
 decode_query(Q) ->
     case uri_string:dissect_query(Q) of
         L when is_list(L) ->
-            maps:from_list([{unicode:characters_to_binary(K), unicode:characters_to_binary(V)}
-                            || {K, V} <- L, is_list(K) orelse is_binary(K), is_list(V) orelse is_binary(V)]);
+            %% a parameter that is not UTF-8 is dropped
+            maps:from_list([{KB, VB} || {K, V} <- L, is_list(K) orelse is_binary(K), is_list(V) orelse is_binary(V),
+                                        KB <- [unicode:characters_to_binary(K)], is_binary(KB),
+                                        VB <- [unicode:characters_to_binary(V)], is_binary(VB)]);
         _ -> #{}
     end.

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -35,6 +35,13 @@ XSS = '<img src=x onerror=alert(1)>'
 PAGES = ['/', '/sessions', '/session?id=demo', '/optimizations', '/access?id=demo', '/events', '/models', '/regions']
 # generous bounds for a loaded 2-core machine; nothing waits for them unless it fails
 LOAD_S = 30
+
+
+def wait(driver, timeout, poll):
+    """A bounded wait for a DOM condition; pages re-render parts of themselves
+    on every event, so an element found a moment ago may be gone: look again."""
+    return WebDriverWait(driver, timeout, poll_frequency=poll,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
 
 
 class Node:
@@ -145,7 +152,7 @@ class ConsoleTest(unittest.TestCase):
     def open(self, node, path):
         d = self.driver
         d.get(node.base + path)
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'main').get_attribute('data-ready') == 'true')
         return d
 
@@ -200,6 +207,18 @@ class ConsoleTest(unittest.TestCase):
         st, _, body = http(self.ro.base + '/')
         self.assertNotRegex(body.decode(), r'<script>(?!</script>)|<script(?![^>]*src=)[^>]*>')
 
+    def test_bad_requests_are_answered_not_crashed(self):
+        for path, code in [('/api/session?id=%FF%FE', 404), ('/api/session?id=nope', 404), ('/api/session', 404),
+                           ('/api/graph.svg?id=nope', 404), ('/api/history?id=demo&var=nope', 404),
+                           ('/api/nothing', 404), ('/static/..%2Fapp.js', 404), ('/static/../index.html', 404),
+                           ('/vendor/.hidden', 404), ('/api/sessions?offset=-5&limit=abc', 200)]:
+            st, h, body = http(self.ro.base + path)
+            self.assertEqual(code, st, path)
+        st, _, _ = http(self.ro.base + '/api/overview', 'DELETE')
+        self.assertEqual(403, st)
+        st, _, _ = http(self.ro.base + '/', 'POST', data=b'x')
+        self.assertEqual(405, st)
+
     def test_session_page_shows_variables_and_graph(self):
         # the read-only node: no test changes x there
         self.use(self.ro)
@@ -207,7 +226,7 @@ class ConsoleTest(unittest.TestCase):
         names = sorted(tr.get_attribute('data-name') for tr in d.find_elements(By.CSS_SELECTOR, '#variables tr'))
         self.assertEqual(sorted([XSS, 'temperature', 'x', 'y']), names)
         self.assertEqual('2.0', self.row('x').find_element(By.CSS_SELECTOR, '.value').text)
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: len(d.find_elements(By.CSS_SELECTOR, '#graph svg g.node')) == 4)
         graph_names = sorted(g.get_attribute('data-name') for g in d.find_elements(By.CSS_SELECTOR, '#graph svg g.node'))
         self.assertEqual(sorted([XSS, 'temperature', 'x', 'y']), graph_names)
@@ -216,7 +235,7 @@ class ConsoleTest(unittest.TestCase):
         self.assertEqual(['y'], derived)
         node = [g for g in d.find_elements(By.CSS_SELECTOR, '#graph svg g.node') if g.get_attribute('data-name') == 'temperature'][0]
         d.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", node)
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_elements(By.ID, 'history-name') and d.find_element(By.ID, 'history-name').text == 'temperature')
         self.shot('session_graph')
         self.assertEqual([], self.console_errors())
@@ -228,7 +247,7 @@ class ConsoleTest(unittest.TestCase):
         self.assertEqual(1, len(link), 'the name is shown literally')
         self.assertEqual('<b>bold?</b>', self.row(XSS).find_element(By.CSS_SELECTOR, '.value').text)
         self.assertEqual([], d.find_elements(By.CSS_SELECTOR, 'main img, main b, main script'))
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: len(d.find_elements(By.CSS_SELECTOR, '#graph svg g.node')) == 4)
         self.assertEqual([], d.find_elements(By.CSS_SELECTOR, '#graph img, #graph script'))
         self.assertIn('<script>alert(2)</script>', d.find_element(By.TAG_NAME, 'main').text)
@@ -240,14 +259,14 @@ class ConsoleTest(unittest.TestCase):
         d = self.open(self.rw, '/session?id=demo')
         # the page's event stream is open once its watch is registered (the
         # propagator's watch of x, the input of y, is there from the start)
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda _: self.watchers(self.rw, TOKEN).get('temperature', 0) > 0)
         self.assertTrue(self.rw.cmd('set demo x 42.5').startswith('OK'))
-        WebDriverWait(d, 1.0, poll_frequency=0.02).until(
+        wait(d, 1.0, 0.02).until(
             lambda d: self.row('x').find_element(By.CSS_SELECTOR, '.value').text == '42.5')
         self.assertEqual('test', self.row('x').find_element(By.CSS_SELECTOR, '.changed-by').text)
         # the derived variable follows (propagated, then pushed)
-        WebDriverWait(d, 1.0, poll_frequency=0.02).until(
+        wait(d, 1.0, 0.02).until(
             lambda d: self.row('y').find_element(By.CSS_SELECTOR, '.value').text == '42.5')
         self.shot('session_live')
 
@@ -256,14 +275,14 @@ class ConsoleTest(unittest.TestCase):
         self.use(self.rw, TOKEN)
         d = self.open(self.rw, '/session?id=demo')
         self.row('temperature').find_element(By.CSS_SELECTOR, 'a.var-link').click()
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_elements(By.CSS_SELECTOR, '#history tr[data-version="0"] button.rollback'))
         button = d.find_element(By.CSS_SELECTOR, '#history tr[data-version="0"] button.rollback')
         self.assertTrue(button.is_enabled())
         button.click()
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'rollback-status').text.startswith('Rolled back'))
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: self.row('temperature').find_element(By.CSS_SELECTOR, '.value').text == '0.7')
         self.assertEqual('console', self.row('temperature').find_element(By.CSS_SELECTOR, '.changed-by').text)
         self.shot('rollback')
@@ -274,7 +293,7 @@ class ConsoleTest(unittest.TestCase):
         self.use(self.ro)
         d = self.open(self.ro, '/session?id=demo')
         self.row('temperature').find_element(By.CSS_SELECTOR, 'a.var-link').click()
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_elements(By.CSS_SELECTOR, '#history tr[data-version="0"] button.rollback'))
         self.assertFalse(d.find_element(By.CSS_SELECTOR, '#history tr[data-version="0"] button.rollback').is_enabled())
         # the page's own request, sent anyway, is refused by the node
@@ -323,7 +342,7 @@ class ConsoleTest(unittest.TestCase):
         self.assertIn('token is required', d.find_element(By.ID, 'error').text)
         d.find_element(By.ID, 'token').send_keys(TOKEN)
         d.find_element(By.CSS_SELECTOR, '#token-form button').click()
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 121' in d.find_element(By.ID, 'sessions-info').text)
 
     def test_access_page_lists_denied_attempts(self):
@@ -341,29 +360,31 @@ class ConsoleTest(unittest.TestCase):
         self.assertTrue(self.ro.cmd('optimize demo x 3').startswith('OK'))
         self.use(self.ro)
         d = self.open(self.ro, '/optimizations')
-        row = d.find_element(By.CSS_SELECTOR, '#locks tr[data-variable="x"]')
-        self.assertEqual('3', row.find_element(By.CSS_SELECTOR, '.iterations').text)
-        self.assertIn('"score":0.3', row.find_element(By.CSS_SELECTOR, '.best').text.replace(' ', ''))
+        # the table is redrawn every second: read both cells in one snapshot
+        cells = "const r = document.querySelector('#locks tr[data-variable=\"x\"]'); " \
+                "return r ? [r.querySelector('.iterations').textContent, r.querySelector('.best').textContent] : null;"
+        first = d.execute_script(cells)
+        self.assertEqual('3', first[0])
+        self.assertIn('"score":0.3', first[1].replace(' ', ''))
         self.assertTrue(self.ro.cmd('progress demo x 0.95').startswith('OK'))
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
-            lambda d: d.find_element(By.CSS_SELECTOR, '#locks tr[data-variable="x"] .iterations').text == '4')
-        self.assertIn('"score":0.95', d.find_element(By.CSS_SELECTOR, '#locks tr[data-variable="x"] .best').text.replace(' ', ''))
-        plot = d.find_element(By.CSS_SELECTOR, '#progress .chart[data-variable="x"]')
-        self.assertGreaterEqual(int(plot.get_attribute('data-points')), 2)
-        self.assertTrue(plot.find_elements(By.TAG_NAME, 'canvas'))
+        wait(d, LOAD_S, 0.05).until(lambda d: (d.execute_script(cells) or [''])[0] == '4')
+        self.assertIn('"score":0.95', d.execute_script(cells)[1].replace(' ', ''))
+        wait(d, LOAD_S, 0.05).until(lambda d: int(d.find_element(
+            By.CSS_SELECTOR, '#progress .chart[data-variable="x"]').get_attribute('data-points')) >= 2)
+        self.assertTrue(d.find_elements(By.CSS_SELECTOR, '#progress .chart[data-variable="x"] canvas'))
         self.shot('optimizations_live')
         self.assertEqual([], self.console_errors())
 
     def test_sessions_search_and_pagination(self):
         self.use(self.ro)
         d = self.open(self.ro, '/sessions')
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 121')
         d.find_element(By.ID, 'next').click()
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 121')
         d.find_element(By.ID, 'search').send_keys('dem')
-        WebDriverWait(d, LOAD_S, poll_frequency=0.05).until(
+        wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'sessions-info').text == '1–1 of 1')
         self.assertEqual(['demo'], [a.text for a in d.find_elements(By.CSS_SELECTOR, '#sessions a')])
         self.assertEqual([], self.console_errors())
