@@ -80,6 +80,22 @@ def main():
                 ready.append(driver.execute_script("return performance.now();"))
             print('%-24s %9.1f ms %9.1f ms' % (name, statistics.median(fcp), statistics.median(ready)))
         print('(ready = page data rendered, measured at the first poll after it; includes up to 10 ms of polling)')
+        # a write on the node until it shows on the open session page (SSE)
+        driver.get(node.base + '/session?id=demo')
+        WebDriverWait(driver, 120, poll_frequency=0.01).until(
+            lambda d: d.find_element(By.ID, 'main').get_attribute('data-ready') == 'true')
+        time.sleep(1)   # let the page's event stream connect (a bench, not a test)
+        lat = []
+        for i in range(10):
+            v = '%d.5' % (100 + i)
+            t0 = time.perf_counter()
+            node.cmd('set demo x ' + v)
+            WebDriverWait(driver, 10, poll_frequency=0.002).until(lambda d: d.execute_script(
+                "const r = [...document.querySelectorAll('#variables tr')].find(r => r.dataset.name === 'x');"
+                " return r && r.querySelector('.value').textContent;") == v)
+            lat.append((time.perf_counter() - t0) * 1000)
+        print('write -> open page (SSE): p50 %.1f ms, max %.1f ms (includes the command round trip and polling)'
+              % (statistics.median(lat), max(lat)))
     finally:
         if driver:
             driver.quit()
