@@ -35,7 +35,8 @@
 -export_type([config/0]).
 
 %% @doc Starts the console, or `ignore' when disabled (or when its
-%% configuration is refused or its port cannot be bound: both logged).
+%% configuration is refused or its port cannot be bound: logged, a port in
+%% use by another listener as a warning).
 -spec start_link() -> {ok, pid()} | ignore | {error, term()}.
 start_link() ->
     case application:get_env(dspex_bridge, console_enabled, true) of
@@ -94,22 +95,47 @@ init([]) ->
                          "console disabled", [Bind]),
             ignore;
         ok ->
-            persistent_term:put(?MODULE, #{token => Token,
-                                           write => application:get_env(dspex_bridge, console_write, false) =:= true,
-                                           csrf => base64url(crypto_bytes(24)), bind => Bind,
-                                           www => filename:join(code:priv_dir(dspex_bridge), "www")}),
-            Root = code:lib_dir(dspex_bridge),
-            Conf = [{port, Port}, {bind_address, Bind}, {server_name, "dspex_console"},
-                    {server_root, Root}, {document_root, Root}, {modules, [dspex_console_http]},
-                    {keep_alive_timeout, 60}, {max_clients, 200} | tls()],
-            case inets:start(httpd, Conf) of
-                {ok, Pid} ->
-                    [{port, Actual}] = httpd:info(Pid, [port]),
-                    {ok, #{httpd => Pid, port => Actual}};
-                {error, Reason} ->
-                    logger:error("dspex_console: cannot serve on ~p:~p: ~p; console disabled", [Bind, Port, Reason]),
+            case port_free(Bind, Port) of
+                true -> serve(Bind, Port, Token);
+                false ->
+                    %% a default-on extra must not disturb a node that shares
+                    %% the machine with another: a warning, not a crash report
+                    logger:warning("dspex_console: port ~p on ~p is in use; the node runs without the console "
+                                   "(set console_port, 0 = any free port)", [Port, Bind]),
                     ignore
             end
+    end.
+
+%% Probes the port first, so that a busy port is not a crash report of
+%% inets' own supervisors (a port taken in between still fails below, logged).
+port_free(_Bind, 0) -> true;
+port_free(Bind, Port) ->
+    Ip = case Bind of
+             T when is_tuple(T) -> [{ip, T}];
+             _ -> []
+         end,
+    case gen_tcp:listen(Port, [{reuseaddr, true} | Ip]) of
+        {ok, S} -> gen_tcp:close(S), true;
+        {error, eaddrinuse} -> false;
+        {error, _} -> true     % inets reports it
+    end.
+
+serve(Bind, Port, Token) ->
+    persistent_term:put(?MODULE, #{token => Token,
+                                   write => application:get_env(dspex_bridge, console_write, false) =:= true,
+                                   csrf => base64url(crypto_bytes(24)), bind => Bind,
+                                   www => filename:join(code:priv_dir(dspex_bridge), "www")}),
+    Root = code:lib_dir(dspex_bridge),
+    Conf = [{port, Port}, {bind_address, Bind}, {server_name, "dspex_console"},
+            {server_root, Root}, {document_root, Root}, {modules, [dspex_console_http]},
+            {keep_alive_timeout, 60}, {max_clients, 200} | tls()],
+    case inets:start(httpd, Conf) of
+        {ok, Pid} ->
+            [{port, Actual}] = httpd:info(Pid, [port]),
+            {ok, #{httpd => Pid, port => Actual}};
+        {error, Reason} ->
+            logger:error("dspex_console: cannot serve on ~p:~p: ~p; console disabled", [Bind, Port, Reason]),
+            ignore
     end.
 
 %% HTTPS (OTP ssl) when `console_certfile' is configured; the key is in

@@ -190,3 +190,27 @@ jsonable_turns_any_term_into_json_test() ->
     ?assertMatch([1, <<"<<", _/binary>>], maps:get(<<"{k,1}">>, M)),
     ?assertEqual(<<"[1|2]">>, maps:get(<<"d">>, M)),
     ?assertEqual(<<"nan">>, maps:get(<<"e">>, M)).
+
+%%% start-up ------------------------------------------------------------------
+
+%% A busy port (another node's console, say) is a logged warning and no
+%% console; a non-loopback bind without a token is no console either.
+busy_port_or_missing_token_is_no_console_test() ->
+    {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}]),
+    {ok, Busy} = inet:port(L),
+    Env = [{console_port, Busy}, {console_bind, {127, 0, 0, 1}}],
+    Old = [{K, application:get_env(dspex_bridge, K)} || K <- [console_port, console_bind, console_token]],
+    try
+        [application:set_env(dspex_bridge, K, V) || {K, V} <- Env],
+        ?assertEqual(ignore, dspex_console:init([])),
+        application:set_env(dspex_bridge, console_port, 0),
+        application:set_env(dspex_bridge, console_bind, {0, 0, 0, 0}),
+        application:unset_env(dspex_bridge, console_token),
+        ?assertEqual(ignore, dspex_console:init([]))
+    after
+        [case V of
+             undefined -> application:unset_env(dspex_bridge, K);
+             {ok, X} -> application:set_env(dspex_bridge, K, X)
+         end || {K, V} <- Old],
+        gen_tcp:close(L)
+    end.
