@@ -197,6 +197,18 @@ class ConsoleTest(unittest.TestCase):
             d = self.open(self.rw, path)
             self.assertIn('Absent', d.find_element(By.ID, 'absent').text)
 
+    def test_overview_updates_live(self):
+        self.use(self.ro)
+        d = self.open(self.ro, '/')
+        before = int(d.find_element(By.ID, 'ops-hour').text)
+        for i in range(5):
+            self.assertTrue(self.ro.cmd('set demo temperature %d.25' % i).startswith('OK'))
+        # the node's store operations reach the open page with the next tick
+        wait(d, LOAD_S, 0.05).until(lambda d: int(d.find_element(By.ID, 'ops-hour').text) >= before + 5)
+        self.assertTrue(d.find_elements(By.CSS_SELECTOR, '.chart canvas'))
+        self.shot('overview_live')
+        self.assertEqual([], self.console_errors())
+
     def test_pages_carry_a_csp_forbidding_inline_scripts(self):
         for path in ['/', '/session', '/static/app.js', '/api/config']:
             st, h, _ = http(self.ro.base + path)
