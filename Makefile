@@ -23,10 +23,21 @@ APT_CLUSTER := erlang-inets etcd-server
 # The Python client (priv/python/dspex_bridge), its stubs, tests and gRPC bench.
 APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
               python3-venv python3-setuptools python3-pip
+# The debug console (dspex_console): Graphviz for dspex_graph:to_svg/1, npm to
+# fetch the pinned chart library (Debian's npm unless an npm is on PATH, e.g.
+# NodeSource's nodejs, which conflicts with it), headless Chromium + Selenium for its tests.
+APT_CONSOLE := erlang-ssl graphviz chromium chromium-driver python3-selenium
+# uPlot, the console's chart library, from the npm registry: exact version and
+# the registry's sha512 integrity, checked before anything is unpacked; copied
+# into priv/www/vendor (not committed). Never a CDN at run time.
+UPLOT_VERSION   := 1.6.31
+UPLOT_INTEGRITY := sha512-sQZqSwVCbJGnFB4IQjQYopzj5CoTZJ4Br1fG/xdONimqgHmsacvCjNesdGDypNKFbrhLGIeshYhy89FxPF+H+w==
+CONSOLE_VENDOR  := priv/www/vendor
 PYTHON   ?= /usr/bin/python3
 PY_STUBS := priv/python/dspex_bridge/_proto
 
 .PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
+.PHONY: console-vendor test-console bench-console
 .PHONY: deps-python python-stubs python-venv test-python bench-grpc
 .PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
@@ -48,6 +59,7 @@ deps:
 
 deps-test: deps
 	$(call apt_install,$(APT_TEST))
+	$(call apt_install,$(APT_CONSOLE))
 
 deps-cluster: deps
 	$(call apt_install,$(APT_CLUSTER))
@@ -76,7 +88,7 @@ stop:
 	@$(RUN_ENV) exec bin/dspex_bridge stop
 
 test: deps-test deps-cluster compile dialyzer test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python test-run \
-      test-events-pg
+      test-events-pg test-console
 	@echo "==> all test suites passed"
 
 # Success typing of src/ (zero warnings); the PLT is built once, then cached.
@@ -209,3 +221,28 @@ $(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
 
 test-grpc-valgrind: deps-grpc-test compile $(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py
 	$(PYTHON) test/grpc/valgrind_run.py $(GRPC_TEST_STUBS)
+
+# The debug console's chart library (see UPLOT_*): npm pack fetches the
+# tarball, whose sha512 must equal the pinned integrity.
+console-vendor: $(CONSOLE_VENDOR)/uPlot.iife.min.js
+
+$(CONSOLE_VENDOR)/uPlot.iife.min.js: Makefile
+	@command -v npm >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm; }
+	@rm -rf _build/console/npm && mkdir -p _build/console/npm $(CONSOLE_VENDOR)
+	cd _build/console/npm && npm pack --silent uplot@$(UPLOT_VERSION) >/dev/null
+	@got="sha512-$$(openssl dgst -sha512 -binary _build/console/npm/uplot-$(UPLOT_VERSION).tgz | base64 -w0)"; \
+	if [ "$$got" != "$(UPLOT_INTEGRITY)" ]; then echo "uplot-$(UPLOT_VERSION).tgz: integrity $$got, expected $(UPLOT_INTEGRITY)" >&2; exit 1; fi
+	tar -xzf _build/console/npm/uplot-$(UPLOT_VERSION).tgz -C _build/console/npm package/dist/uPlot.iife.min.js package/dist/uPlot.min.css package/LICENSE
+	cp _build/console/npm/package/dist/uPlot.iife.min.js _build/console/npm/package/dist/uPlot.min.css $(CONSOLE_VENDOR)/
+	cp _build/console/npm/package/LICENSE $(CONSOLE_VENDOR)/uPlot.LICENSE
+
+# The debug console in headless Chromium (Selenium) against a node started by
+# the test on free ports; screenshots go to _build/console/.
+test-console: deps-test compile console-vendor
+	$(PYTHON) -m unittest discover -v -s test/console -p "test_*.py"
+
+# API server time and Chromium time to first render, 10,000 sessions and a
+# 1,000-variable session.
+bench-console: compile console-vendor
+	$(PYTHON) bench/console_bench.py

@@ -26,6 +26,7 @@
 -module(dspex_breaker).
 
 -export([install/2, remove/1, ask/1, call/2, call/3, melt/1, success/1, reset/1, status/1]).
+-export([names/0]).
 %% for dspex_breaker_server
 -export([emit_change/3, row/3]).
 
@@ -236,3 +237,12 @@ span(Op, Name, Fun) ->
 stop_event(Op, Name, Start, Meta) ->
     dspex_telemetry:execute([dspex, breaker, Op, stop], #{duration => erlang:monotonic_time() - Start},
                             Meta#{name => Name}).
+
+%%% listing (debug console, issue #20) ---------------------------------------
+
+%% @doc The names of every installed breaker (no server call).
+-spec names() -> [name()].
+names() ->
+    try ets:select(?T, [{{'$1', '_', '_', '_', '_', '_', '_', '_'}, [], ['$1']}])
+    catch error:badarg -> []
+    end.

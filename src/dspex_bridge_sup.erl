@@ -14,7 +14,8 @@
 %% │   ├── dspex_breaker_server   breaker and retry tables
 %% │   ├── dspex_workers_sup      Python worker pools
 %% │   ├── dspex_propagator_sup   per-session propagators, derive functions
-%% │   └── dspex_prometheus       /metrics endpoint
+%% │   ├── dspex_prometheus       /metrics endpoint
+%% │   └── dspex_console          debug console (web page, /api/)
 %% ├── dspex_cluster_sup     routing, ownership, replication, watch relays
 %% ├── dspex_models_server   model experiments and rollouts (after the cluster: their registry is a session)
 %% └── dspex_grpc_sup        the gRPC port and its handlers (last: the front door)
@@ -77,5 +78,6 @@ init(core) ->
                   start => {dspex_workers_sup, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor, shutdown => infinity,
                   start => {dspex_propagator_sup, start_link, []}},
-                #{id => dspex_prometheus, start => {dspex_prometheus, start_link, []}}],
+                #{id => dspex_prometheus, start => {dspex_prometheus, start_link, []}},
+                #{id => dspex_console, start => {dspex_console, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

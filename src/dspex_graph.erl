@@ -23,6 +23,7 @@
 -export([add_dependency/3, add_dependency/4, remove_dependency/3, dependencies/2, dependents/2,
          all_dependents/2, update_order/2, clear/1, to_dot/1, to_map/1,
          define_derived/5, define_derived/6]).
+-export([to_svg/1, to_svg/2]).
 
 -type session_id() :: dspex_store:session_id().
 -type var_key() :: dspex_store:var_key().
@@ -156,3 +157,75 @@ define_derived(_Session, _Name, _Type, _Inputs, _Fun, _Opts) ->
 valid_fun({M, F}) when is_atom(M), is_atom(F) -> true;
 valid_fun(F) when is_function(F, 1) -> true;
 valid_fun(_) -> false.
+
+%%% SVG rendering (debug console, issue #20) ---------------------------------
+
+%% @equiv to_svg(Session, #{})
+-spec to_svg(session_id()) -> {ok, binary()} | {error, term()}.
+to_svg(Session) -> to_svg(Session, #{}).
+
+%% @doc The graph drawn as SVG by Graphviz `dot' (Debian package
+%% `graphviz'), from `to_dot/1' (names escaped there, and escaped again as
+%% XML text by Graphviz). Each variable is an SVG `<g class="node">' whose
+%% `<title>' is its name. `dot' runs as an OS process through a port, so
+%% no scheduler waits for it; it is killed when it takes longer than
+%% `timeout' ms (option; default the application environment
+%% `graphviz_timeout_ms', 5000) or writes more than `max_bytes' (option,
+%% default 16 MiB). Errors: those of `to_dot/1', and `{error, {graphviz,
+%% not_installed | timeout | too_large | {exit_status, N}}}'.
+-spec to_svg(session_id(), #{timeout => pos_integer(), max_bytes => pos_integer()}) ->
+          {ok, binary()} | {error, term()}.
+to_svg(Session, Opts) when is_map(Opts) ->
+    Timeout = maps:get(timeout, Opts, application:get_env(dspex_bridge, graphviz_timeout_ms, 5000)),
+    Max = maps:get(max_bytes, Opts, 16 bsl 20),
+    case to_dot(Session) of
+        {ok, Dot} ->
+            case os:find_executable("dot") of
+                false -> {error, {graphviz, not_installed}};
+                Exe -> run_dot(Exe, Dot, Timeout, Max)
+            end;
+        Error -> Error
+    end.
+
+%% The DOT text goes through a private temporary file: a port cannot close
+%% the child's stdin and still read its stdout.
+run_dot(Exe, Dot, Timeout, Max) ->
+    Dir = case os:getenv("TMPDIR") of
+              false -> "/tmp";
+              "" -> "/tmp";
+              D -> D
+          end,
+    File = filename:join(Dir, "dspex_graph_" ++ os:getpid() ++ "_"
+                         ++ integer_to_list(erlang:unique_integer([positive])) ++ ".dot"),
+    ok = file:write_file(File, Dot),
+    try
+        Port = open_port({spawn_executable, Exe}, [{args, ["-Tsvg", File]}, binary, exit_status, use_stdio, hide]),
+        Deadline = erlang:monotonic_time(millisecond) + Timeout,
+        collect_svg(Port, Deadline, Max, 0, [])
+    after
+        _ = file:delete(File)
+    end.
+
+collect_svg(Port, Deadline, Max, Size, Acc) ->
+    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
+    receive
+        {Port, {data, Data}} when Size + byte_size(Data) > Max -> kill_port(Port), {error, {graphviz, too_large}};
+        {Port, {data, Data}} -> collect_svg(Port, Deadline, Max, Size + byte_size(Data), [Acc, Data]);
+        {Port, {exit_status, 0}} -> {ok, iolist_to_binary(Acc)};
+        {Port, {exit_status, N}} -> {error, {graphviz, {exit_status, N}}}
+    after Left ->
+        kill_port(Port),
+        {error, {graphviz, timeout}}
+    end.
+
+kill_port(Port) ->
+    case erlang:port_info(Port, os_pid) of
+        {os_pid, Pid} -> _ = os:cmd("kill -9 " ++ integer_to_list(Pid));
+        undefined -> ok
+    end,
+    catch port_close(Port),
+    receive {Port, {exit_status, _}} -> ok after 0 -> ok end,
+    flush_port(Port).
+
+flush_port(Port) ->
+    receive {Port, _} -> flush_port(Port) after 0 -> ok end.

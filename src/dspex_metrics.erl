@@ -21,6 +21,7 @@
 -export([record/3, record/4, query/4, query/5, dashboard/0, dashboard/1,
          merge/2, summary/1, series/0, series/1, memory/0, clock/0, series_ref/2, all_series/0,
          dropped_samples/0]).
+-export([detailed/3, detailed/4]).
 
 -type metric() :: atom() | binary() | [atom() | binary()].
 -type tags() :: #{atom() | binary() => atom() | binary() | number()}.
@@ -252,3 +253,55 @@ aggregate(S, sketch) -> dspex_nif:metrics_sketch_to_binary(S);
 aggregate(S, summary) -> dspex_nif:metrics_sketch_stats(S);
 aggregate(S, {quantile, Q}) -> dspex_nif:metrics_sketch_quantile(S, Q);
 aggregate(S, A) -> maps:get(A, dspex_nif:metrics_sketch_stats(S)).
+
+%%% per-point series (debug console, issue #20) ------------------------------
+
+%% @equiv detailed(Metric, From, To, #{})
+-spec detailed(metric() | {metric(), tags()}, integer(), integer()) ->
+          {ok, #{step := pos_integer(), points := [map()]}} | {error, term()}.
+detailed(Metric, From, To) -> detailed(Metric, From, To, #{}).
+
+%% @doc The series of `Metric' (or `{Metric, TagSubset}') over the inclusive
+%% second range `[From, To]' as points for plotting: `#{step => Step, points
+%% => [Point]}', one `Point' per `Step' seconds from `From' rounded down to a
+%% multiple of `Step'; each is the `summary' aggregation (`count', `sum',
+%% `min', `max', `mean', `p50', `p90', `p95', `p99') of its `Step' seconds
+%% plus `t' (its first second). `Step' is the finest resolution the windows
+%% still hold for `From': 1 within the last minute, 60 within the last hour,
+%% 3600 beyond (a coarser bucket is never split into fake seconds). At most
+%% 3600 points; a longer range is `{error, {invalid_argument, range}}'.
+%% Option `now' as in `query/5'. Other errors as in `query/5'.
+-spec detailed(metric() | {metric(), tags()}, integer(), integer(), #{now => integer()}) ->
+          {ok, #{step := pos_integer(), points := [map()]}} | {error, term()}.
+detailed(Metric, From, To, Opts) when is_map(Opts) ->
+    Now = case maps:get(now, Opts, now) of
+              now -> clock();
+              N -> N
+          end,
+    {Name0, Filter} = case Metric of
+                          {M, F} when is_map(F) -> {M, F};
+                          M -> {M, #{}}
+                      end,
+    if
+        not (is_integer(From) andalso is_integer(To) andalso From =< To) -> {error, {invalid_argument, range}};
+        not is_integer(Now) -> {error, {invalid_argument, time}};
+        true ->
+            Step = if Now - From < 60 -> 1; Now - From < 3600 -> 60; true -> 3600 end,
+            Start = From - (From rem Step),
+            case {metric_name(Name0), (To - Start) div Step + 1} of
+                {error, _} -> {error, {invalid_argument, metric}};
+                {_, Count} when Count > 3600 -> {error, {invalid_argument, range}};
+                {{ok, Name}, Count} -> detailed_points(refs(Name, Filter), Start, Step, Count, Now)
+            end
+    end.
+
+detailed_points(Refs, Start, Step, Count, Now) ->
+    try [case dspex_nif:metrics_query(Refs, T, T + Step - 1, Now) of
+                  {ok, S} -> (dspex_nif:metrics_sketch_stats(S))#{t => T};
+                  {error, _} = E -> throw(E)
+              end || T <- lists:seq(Start, Start + (Count - 1) * Step, Step)] of
+        Points -> {ok, #{step => Step, points => Points}}
+    catch
+        throw:{error, bad_range} -> {error, {invalid_argument, range}};
+        throw:{error, _} = E -> E
+    end.

@@ -42,6 +42,7 @@
          list/1, list/2, list/3, set/3, set/4, get_many/2, get_many/3, set_many/2, set_many/3,
          history/2, history/3, history/4, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
+-export([diagnostics/1]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
               set_opts/0, error_reason/0, cluster_error/0, history_entry/0]).
@@ -620,3 +621,80 @@ result_meta(_, Meta) -> Meta#{result => ok}.
 %% @doc The variable types.
 -spec types() -> [var_type()].
 types() -> ?TYPES.
+
+%%% diagnostics (debug console, issue #20) -----------------------------------
+
+%% @doc Operational facts about a session, for operators and the debug
+%% console (`dspex_console'). Read-only: it does not refresh the TTL.
+%% Returns `{ok, Map}' with:
+%% `session' (the id), `metadata', `variables' (count), `bytes' (the
+%% external-term size of the current values: the payload held, not native
+%% memory), `history_entries' (archived versions held), `watchers' (active
+%% watches summed over the variables), `watched' (`#{Name => Count}' of the
+%% watched variables), `locks' (this node's held locks on the session:
+%% `dspex_locks:active/0' rows), `rules' (`#{Name => Rules}' of the
+%% variables that have access rules), `last_writes' (the ten most recently
+%% updated variables, newest first: `#{name, version, updated_at,
+%% changed_by}'), `errors' (`#{Name => Reason}' of derived variables whose
+%% last propagation failed), `ttl' (seconds or `infinity'), `ttl_left_ms'
+%% (or `infinity'), `created_at', `last_accessed_at' and `cluster':
+%% `not_clustered', or `#{owner => Node | none, replicas => N, replication
+%% => Mode, node => ThisNode}' (the owner under this node's view and the
+%% configured replica count). `{error, session_not_found}' for an unknown
+%% session.
+-spec diagnostics(session_id()) -> {ok, map()} | {error, error_reason()}.
+diagnostics(Session) when is_binary(Session) ->
+    case dspex_nif:session_get(Session) of
+        {ok, Info} ->
+            case dspex_nif:var_list(Session, all) of
+                {ok, Vars} -> {ok, diagnostics_of(Session, Info, Vars)};
+                Error -> Error
+            end;
+        Error -> Error
+    end.
+
+diagnostics_of(Session, Info, Vars) ->
+    Infos = [{N, I} || #{name := N} <- Vars, {ok, I} <- [dspex_nif:var_info(Session, N)]],
+    Watched = [{N, W} || {N, #{watchers := W}} <- Infos, W > 0],
+    Rules = maps:from_list([{N, R} || #{name := N} <- Vars,
+                                      {ok, R} <- [dspex_acl:get_permissions(Session, N)], R =/= []]),
+    Latest = lists:sublist(lists:reverse(lists:keysort(2, [{V, maps:get(updated_at, V)} || V <- Vars])), 10),
+    Locks = try [L || #{session := S} = L <- dspex_locks:active(), S =:= Session]
+            catch exit:_ -> []
+            end,
+    #{ttl := Ttl, last_accessed_at := Last} = Info,
+    Now = erlang:system_time(microsecond),
+    TtlLeft = case Ttl of
+                  infinity -> infinity;
+                  _ -> max(0, Ttl * 1000 - (Now - Last) div 1000)
+              end,
+    #{session => Session,
+      metadata => maps:get(metadata, Info, #{}),
+      variables => length(Vars),
+      bytes => lists:sum([erlang:external_size(maps:get(value, V)) || V <- Vars]),
+      history_entries => lists:sum([H || {_, #{history_size := H}} <- Infos]),
+      watchers => lists:sum([W || {_, W} <- Watched]),
+      watched => maps:from_list(Watched),
+      locks => Locks,
+      rules => Rules,
+      last_writes => [maps:with([name, version, updated_at, changed_by], V) || {V, _} <- Latest],
+      errors => maps:from_list([{N, E} || #{name := N, derived := true, error := E} <- Vars, E =/= undefined]),
+      ttl => Ttl, ttl_left_ms => TtlLeft,
+      created_at => maps:get(created_at, Info), last_accessed_at => Last,
+      cluster => cluster_diagnostics(Session)}.
+
+cluster_diagnostics(Session) ->
+    case dspex_cluster:enabled() of
+        false -> not_clustered;
+        true ->
+            Owner = case dspex_cluster:owner_of(Session) of
+                        {ok, O} -> O;
+                        {error, _} -> none
+                    end,
+            Status = case dspex_cluster:cluster_status() of
+                         #{} = M -> M;
+                         _ -> #{}
+                     end,
+            #{owner => Owner, node => node(), replicas => maps:get(replicas, Status, 0),
+              replication => maps:get(replication, Status, undefined)}
+    end.

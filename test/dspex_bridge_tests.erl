@@ -6,13 +6,13 @@
 -include("dspex_bridge.hrl").
 
 -define(CORE, [dspex_events, dspex_metrics_server, dspex_acl_audit, dspex_session_sweeper, dspex_locks,
-               dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_prometheus]).
+               dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_prometheus, dspex_console]).
 
 setup() ->
     %% any free ports: other nodes may serve the defaults on this machine
     _ = application:load(dspex_bridge),
     [ok = application:set_env(dspex_bridge, K, V)
-     || {K, V, Default} <- [{grpc_listen, "127.0.0.1:0", "127.0.0.1:50051"}, {prometheus_port, 0, 9568}],
+     || {K, V, Default} <- [{grpc_listen, "127.0.0.1:0", "127.0.0.1:50051"}, {prometheus_port, 0, 9568}, {console_port, 0, 9570}],
         application:get_env(dspex_bridge, K) =:= {ok, Default}],
     {ok, _} = application:ensure_all_started(dspex_bridge),
     ok.

@@ -1,0 +1,358 @@
+// dspex debug console. Every value that comes from users (session ids,
+// variable names, values, metadata) is put into the page as text
+// (textContent), never as markup; the only markup inserted is the graph SVG,
+// parsed as XML and stripped of scripts and event handlers.
+'use strict';
+(function () {
+  const state = { token: sessionStorage.getItem('dspex_token') || '', config: null, streams: [] };
+  const main = document.getElementById('main');
+
+  function el(tag, attrs, ...kids) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === 'class') e.className = v;
+      else if (k === 'on') for (const [ev, f] of Object.entries(v)) e.addEventListener(ev, f);
+      else if (k === 'dataset') Object.assign(e.dataset, v);
+      else e.setAttribute(k, v === true ? '' : String(v));
+    }
+    for (const k of kids.flat()) {
+      if (k === undefined || k === null) continue;
+      e.append(k instanceof Node ? k : document.createTextNode(String(k)));
+    }
+    return e;
+  }
+  // a float that happens to be whole keeps its decimal point (2.0, not 2)
+  const showTyped = (type, v) => (type === 'float' && typeof v === 'number' && Number.isInteger(v)) ? v.toFixed(1) : show(v);
+  const show = (v) => (v === null || v === undefined) ? '—' : (typeof v === 'string' ? v : JSON.stringify(v));
+  const time = (us) => us ? new Date(us / 1000).toISOString().replace('T', ' ').replace('Z', '') : '—';
+  const fmt = (n, d) => (n === null || n === undefined) ? '—' : (typeof n === 'number' ? n.toFixed(d === undefined ? 1 : d) : String(n));
+
+  function headers(extra) {
+    const h = Object.assign({}, extra || {});
+    if (state.token) h['Authorization'] = 'Bearer ' + state.token;
+    return h;
+  }
+  async function api(path, opts) {
+    const o = Object.assign({}, opts || {});
+    o.headers = headers(o.headers);
+    const r = await fetch(path, o);
+    const type = r.headers.get('content-type') || '';
+    const body = type.startsWith('application/json') ? await r.json() : await r.text();
+    if (!r.ok) { const err = new Error('HTTP ' + r.status); err.status = r.status; err.body = body; throw err; }
+    return body;
+  }
+
+  // Server-Sent Events over fetch (EventSource cannot send the bearer token).
+  function stream(path, handlers) {
+    const ctl = new AbortController();
+    state.streams.push(ctl);
+    (async function run() {
+      while (!ctl.signal.aborted) {
+        try {
+          const r = await fetch(path, { headers: headers({ Accept: 'text/event-stream' }), signal: ctl.signal });
+          if (!r.ok || !r.body) return;
+          const reader = r.body.getReader();
+          const dec = new TextDecoder();
+          let buf = '';
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (done) break;
+            buf += dec.decode(value, { stream: true });
+            let i;
+            while ((i = buf.indexOf('\n\n')) >= 0) {
+              const chunk = buf.slice(0, i); buf = buf.slice(i + 2);
+              let ev = 'message', data = '';
+              for (const line of chunk.split('\n')) {
+                if (line.startsWith('event: ')) ev = line.slice(7);
+                else if (line.startsWith('data: ')) data += line.slice(6);
+              }
+              if (data && handlers[ev]) handlers[ev](JSON.parse(data));
+            }
+          }
+        } catch (e) {
+          if (ctl.signal.aborted) return;
+        }
+        await new Promise((res) => setTimeout(res, 1000));
+      }
+    })();
+    return ctl;
+  }
+
+  function table(cols, rows) {
+    return el('table', {}, el('thead', {}, el('tr', {}, cols.map((c) => el('th', {}, c)))),
+      el('tbody', {}, rows));
+  }
+  function card(label, value, id) {
+    return el('div', { class: 'card' }, el('div', {}, label), el('div', { class: 'v', id: id }, value));
+  }
+  function absent(part) {
+    return el('div', { class: 'absent', id: 'absent' },
+      el('h2', {}, 'Absent'),
+      el('p', {}, `This node has no ${part.module} (issue #${part.issue}: ${part.what}). ` +
+        'The page appears when that part is part of the build; nothing is shown in its place.'));
+  }
+  function fail(e) {
+    main.replaceChildren(el('p', { class: 'error', id: 'error' },
+      e.status === 401 ? 'A bearer token is required (enter it above).' : ('Error: ' + (e.body && e.body.error ? show(e.body.error) : e.message))));
+  }
+
+  // ---- overview ------------------------------------------------------------
+  function chart(title, series, width) {
+    if (!window.uPlot) return el('p', { class: 'error' }, 'uPlot is not installed (make console-vendor)');
+    const box = el('div', { class: 'chart' });
+    const opts = { title: title, width: width || 520, height: 220, series: [{}].concat(series.map((s) => ({ label: s.label, stroke: s.color, spanGaps: true }))) };
+    box._plot = new window.uPlot(opts, [[]].concat(series.map(() => [])), box);
+    return box;
+  }
+  async function overview() {
+    const o = await api('/api/overview');
+    const ops = chart('store operations / s', [{ label: 'ops/s', color: '#1e88e5' }, { label: 'errors/s', color: '#e53935' }]);
+    const lat = chart('store latency (µs)', [{ label: 'p50', color: '#43a047' }, { label: 'p95', color: '#fb8c00' }, { label: 'p99', color: '#8e24aa' }]);
+    const cards = el('div', { class: 'cards' });
+    const clusterBox = el('div', { id: 'cluster' });
+    const breakers = el('div', { id: 'breakers' });
+    main.replaceChildren(el('h1', {}, 'Overview'), cards, el('div', {}, ops, lat), el('h2', {}, 'Cluster'), clusterBox,
+      el('h2', {}, 'Circuit breakers'), breakers);
+    const update = (o) => {
+      const d = o.dashboard || {};
+      const m = d.last_minute || {}, h = d.last_hour || {};
+      const last = (a) => a && a.length ? a[a.length - 1] : null;
+      cards.replaceChildren(card('node', o.node, 'node-name'), card('sessions', o.sessions, 'sessions-count'),
+        card('ops/s (last s)', last(o.series.ops), 'ops'), card('p99 µs (last s)', fmt(last(o.series.p99)), 'p99'),
+        card('error rate (1 min)', m.error_rate === null || m.error_rate === undefined ? '—' : fmt(100 * m.error_rate, 2) + ' %', 'error-rate'),
+        card('operations (1 h)', h.operations, 'ops-hour'), card('dropped samples', d.dropped_samples, 'dropped'));
+      const t = o.series.t;
+      if (ops._plot) ops._plot.setData([t, o.series.ops, o.series.errors]);
+      if (lat._plot) lat._plot.setData([t, o.series.p50.map((x) => x === 'undefined' ? null : x), o.series.p95.map((x) => x === 'undefined' ? null : x), o.series.p99.map((x) => x === 'undefined' ? null : x)]);
+      if (o.cluster === 'not_clustered') clusterBox.replaceChildren(el('p', {}, 'Not clustered (one node).'));
+      else clusterBox.replaceChildren(table(['key', 'value'], Object.entries(o.cluster).map(([k, v]) => el('tr', {}, el('td', {}, k), el('td', {}, show(v))))));
+      breakers.replaceChildren(o.breakers.length === 0 ? el('p', {}, 'No breakers installed.') :
+        table(['name', 'state', 'details'], o.breakers.map((b) => el('tr', {}, el('td', {}, show(b.name)), el('td', {}, b.status.state), el('td', {}, show(b.status))))));
+    };
+    update(o);
+    stream('/api/events?overview=1', { overview: update });
+  }
+
+  // ---- sessions --------------------------------------------------------------
+  async function sessions() {
+    const params = new URLSearchParams(location.search);
+    let q = params.get('q') || '', offset = parseInt(params.get('offset') || '0', 10) || 0;
+    const limit = 50;
+    const input = el('input', { id: 'search', type: 'search', placeholder: 'search session ids', value: q });
+    const body = el('div', { id: 'sessions' });
+    const info = el('span', { id: 'sessions-info' });
+    const prev = el('button', { id: 'prev' }, '‹ previous'), next = el('button', { id: 'next' }, 'next ›');
+    main.replaceChildren(el('h1', {}, 'Sessions'), el('div', {}, input, ' ', prev, ' ', next, ' ', info), body);
+    async function load() {
+      const r = await api(`/api/sessions?q=${encodeURIComponent(q)}&offset=${offset}&limit=${limit}`);
+      history.replaceState(null, '', `/sessions?q=${encodeURIComponent(q)}&offset=${offset}`);
+      info.textContent = r.total === 0 ? 'no sessions' : `${offset + 1}–${offset + r.items.length} of ${r.total}`;
+      prev.disabled = offset === 0; next.disabled = offset + limit >= r.total;
+      body.replaceChildren(table(['session', 'variables', 'TTL (s)', 'created', 'last access'],
+        r.items.map((s) => el('tr', {}, el('td', {}, el('a', { href: '/session?id=' + encodeURIComponent(s.id) }, s.id)),
+          el('td', {}, s.variable_count), el('td', {}, show(s.ttl)), el('td', {}, time(s.created_at)), el('td', {}, time(s.last_accessed_at))))));
+    }
+    let timer = null;
+    input.addEventListener('input', () => { clearTimeout(timer); timer = setTimeout(() => { q = input.value; offset = 0; load().catch(fail); }, 200); });
+    prev.addEventListener('click', () => { offset = Math.max(0, offset - limit); load().catch(fail); });
+    next.addEventListener('click', () => { offset += limit; load().catch(fail); });
+    await load();
+  }
+
+  // ---- session ---------------------------------------------------------------
+  function diff(older, newer) {
+    const a = show(older), b = show(newer);
+    let p = 0; while (p < a.length && p < b.length && a[p] === b[p]) p++;
+    let s = 0; while (s < a.length - p && s < b.length - p && a[a.length - 1 - s] === b[b.length - 1 - s]) s++;
+    return el('span', { class: 'diff' }, a.slice(0, p), el('span', { class: 'diff-del' }, a.slice(p, a.length - s)),
+      el('span', { class: 'diff-add' }, b.slice(p, b.length - s)), a.slice(a.length - s));
+  }
+  function unescapeDot(t) { return t.replace(/\\(["\\])/g, '$1'); }
+
+  async function session() {
+    const id = new URLSearchParams(location.search).get('id') || '';
+    const s = await api('/api/session?id=' + encodeURIComponent(id));
+    const d = s.diagnostics;
+    const rows = new Map();
+    const changedBy = new Map();
+    const derived = new Set(s.variables.filter((v) => v.derived).map((v) => v.name));
+    const historyBox = el('div', { id: 'history' }, el('p', {}, 'Click a variable (in the table or the graph) for its history.'));
+    const graph = el('div', { id: 'graph' }, el('p', {}, 'Drawing the graph…'));
+    const status = el('p', { id: 'rollback-status' });
+    const tbody = el('tbody', { id: 'variables' });
+    for (const v of s.variables) {
+      const tr = el('tr', { dataset: { name: v.name, type: v.type } },
+        el('td', { class: v.derived ? 'derived' : null }, el('a', { href: '#', class: 'var-link', on: { click: (e) => { e.preventDefault(); openVar(v.name); } } }, v.name)),
+        el('td', {}, v.type), el('td', { class: 'value' }, showTyped(v.type, v.value)), el('td', { class: 'version' }, v.version),
+        el('td', { class: 'updated' }, time(v.updated_at)), el('td', { class: 'changed-by' }, '—'),
+        el('td', {}, v.lock ? show(v.lock.optimizer) : '—'), el('td', { class: 'error' }, v.error ? show(v.error) : ''));
+      rows.set(v.name, tr); tbody.append(tr);
+    }
+    const summary = table(['', ''], [['variables', d.variables], ['value bytes', d.bytes], ['history entries', d.history_entries],
+      ['watchers', d.watchers], ['TTL left (ms)', show(d.ttl_left_ms)], ['cluster', show(d.cluster)], ['metadata', show(d.metadata)]]
+      .map(([k, v]) => el('tr', {}, el('th', {}, k), el('td', {}, String(v)))));
+    const watched = Object.entries(d.watched);
+    const watchers = watched.length === 0 ? el('p', { id: 'watchers' }, 'No watchers.') :
+      el('div', { id: 'watchers' }, table(['variable', 'watches'], watched.map((w) => el('tr', {}, el('td', {}, w[0]), el('td', {}, w[1])))));
+    main.replaceChildren(el('h1', {}, 'Session ', el('span', { id: 'session-id' }, id)), summary,
+      el('h2', {}, 'Variables'),
+      el('table', {}, el('thead', {}, el('tr', {}, ['name', 'type', 'value', 'version', 'updated', 'changed by', 'lock holder', 'error'].map((c) => el('th', {}, c)))), tbody),
+      el('h2', {}, 'History'), status, historyBox, el('h2', {}, 'Dependency graph'), graph, el('h2', {}, 'Watchers'), watchers);
+
+    async function openVar(name) {
+      rows.forEach((tr, n) => tr.classList.toggle('selected', n === name));
+      graph.querySelectorAll('g.node').forEach((g) => g.classList.toggle('selected', g.dataset.name === name));
+      const h = await api(`/api/history?id=${encodeURIComponent(id)}&var=${encodeURIComponent(name)}`);
+      const cur = rows.get(name);
+      const current = cur ? cur.querySelector('.value').textContent : null;
+      const write = state.config && state.config.write;
+      const entries = h.history;
+      const type = cur ? cur.dataset.type : null;
+      historyBox.replaceChildren(el('h3', {}, 'History of ', el('span', { id: 'history-name' }, name)),
+        entries.length === 0 ? el('p', {}, 'No earlier versions.') :
+          table(['version', 'value', 'change to the next version', 'updated', 'changed by', ''],
+            entries.map((e, i) => el('tr', { dataset: { version: e.version } }, el('td', {}, e.version), el('td', {}, showTyped(type, e.value)),
+              el('td', {}, diff(e.value, i === 0 ? current : entries[i - 1].value)), el('td', {}, time(e.updated_at)),
+              el('td', {}, show(e.changed_by)),
+              el('td', {}, el('button', { class: 'rollback', disabled: !write, title: write ? 'write this value as a new version' : 'the console is read-only',
+                on: { click: () => rollback(name, e.version) } }, 'roll back'))))));
+    }
+    async function rollback(name, version) {
+      try {
+        const body = new URLSearchParams({ id: id, var: name, version: String(version) });
+        const r = await api('/api/rollback', { method: 'POST', body: body, headers: { 'X-DSPex-CSRF': state.config.csrf } });
+        status.textContent = `Rolled back ${name} to the value of version ${version}: now version ${r.version}.`;
+        status.className = 'ok';
+      } catch (e) {
+        status.textContent = 'Rollback refused: ' + (e.body && e.body.error ? show(e.body.error) : e.message);
+        status.className = 'error';
+      }
+    }
+    api('/api/graph.svg?id=' + encodeURIComponent(id)).then((text) => {
+      const doc = new DOMParser().parseFromString(text, 'image/svg+xml');
+      const svg = doc.documentElement;
+      if (svg.nodeName !== 'svg') throw new Error('not an SVG');
+      svg.querySelectorAll('script, foreignObject').forEach((n) => n.remove());
+      svg.querySelectorAll('*').forEach((n) => { for (const a of Array.from(n.attributes)) if (/^on/i.test(a.name) || /href/i.test(a.name)) n.removeAttribute(a.name); });
+      const node = document.importNode(svg, true);
+      node.querySelectorAll('g.node').forEach((g) => {
+        const t = g.querySelector('title');
+        const name = t ? unescapeDot(t.textContent) : '';
+        g.dataset.name = name;
+        if (derived.has(name)) g.classList.add('derived');
+        g.addEventListener('click', () => openVar(name));
+      });
+      graph.replaceChildren(node);
+    }).catch((e) => graph.replaceChildren(el('p', { class: 'error' }, 'No graph: ' + (e.body && e.body.error ? show(e.body.error) : e.message))));
+
+    stream('/api/events?id=' + encodeURIComponent(id), {
+      variable: (ev) => {
+        const tr = rows.get(ev.name);
+        if (!tr) return;
+        tr.querySelector('.value').textContent = showTyped(tr.dataset.type, ev.value);
+        tr.querySelector('.version').textContent = ev.version;
+        tr.querySelector('.updated').textContent = time(ev.updated_at);
+        tr.querySelector('.changed-by').textContent = show(ev.changed_by);
+        changedBy.set(ev.name, ev.changed_by);
+        tr.classList.remove('flash'); void tr.offsetWidth; tr.classList.add('flash');
+        if (tr.classList.contains('selected')) openVar(ev.name).catch(() => {});
+      },
+      session: () => { route().catch(fail); },
+    });
+  }
+
+  // ---- optimizations -----------------------------------------------------------
+  // Best score and iterations of every held lock, sampled each second by the
+  // event stream and plotted from the moment the page opened.
+  async function optimizations() {
+    const o = await api('/api/optimizations');
+    const locksBox = el('div', { id: 'locks' });
+    const plots = el('div', { id: 'progress' });
+    const ended = el('div', { id: 'ended' });
+    const series = new Map();   // "session\u0000variable" -> {t: [], best: [], iter: [], box}
+    main.replaceChildren(el('h1', {}, 'Optimizations'), locksBox,
+      el('h2', {}, 'Progress (best score and iterations since this page opened)'), plots,
+      el('h2', {}, 'Optimizations ended in the last hour (1 = finished by itself, 0 = preempted / expired / died)'), ended,
+      ...o.absent.map(absent));
+    const score = (b) => (b && typeof b === 'object' && typeof b.score === 'number') ? b.score : null;
+    const update = (o) => {
+      locksBox.replaceChildren(o.locks.length === 0 ? el('p', {}, 'No optimizer holds a lock.') :
+        table(['session', 'variable', 'optimizer', 'holder', 'priority', 'iterations', 'best', 'waiters', 'token'],
+          o.locks.map((l) => el('tr', { dataset: { variable: l.variable } }, el('td', {}, el('a', { href: '/session?id=' + encodeURIComponent(l.session) }, l.session)),
+            el('td', {}, l.variable), el('td', {}, show(l.optimizer)), el('td', {}, show(l.pid)), el('td', {}, l.priority),
+            el('td', { class: 'iterations' }, l.iterations), el('td', { class: 'best' }, show(l.best)), el('td', {}, show(l.waiters)), el('td', {}, l.token)))));
+      for (const l of o.locks) {
+        const key = l.session + '\u0000' + l.variable;
+        let s = series.get(key);
+        if (!s) {
+          s = { t: [], best: [], iter: [], box: chart(`${l.session} / ${l.variable}`, [{ label: 'best score', color: '#1e88e5' }, { label: 'iterations', color: '#757575' }], 420) };
+          s.box.dataset.variable = l.variable;
+          series.set(key, s);
+          plots.append(s.box);
+        }
+        if (s.t.length && s.t[s.t.length - 1] === o.time) continue;
+        s.t.push(o.time); s.best.push(score(l.best)); s.iter.push(l.iterations);
+        s.box.dataset.points = String(s.t.length);
+        if (s.box._plot) s.box._plot.setData([s.t, s.best, s.iter]);
+      }
+      ended.replaceChildren(table(['minute', 'ended', 'success rate'], o.success.filter((p) => p.count > 0).map((p) =>
+        el('tr', {}, el('td', {}, new Date(p.t * 1000).toISOString()), el('td', {}, p.count), el('td', {}, fmt(p.mean, 2))))));
+    };
+    update(o);
+    stream('/api/events?optimizations=1', { optimizations: update });
+  }
+
+  // ---- access --------------------------------------------------------------------
+  async function access() {
+    const id = new URLSearchParams(location.search).get('id') || '';
+    const a = await api('/api/access' + (id ? '?id=' + encodeURIComponent(id) : ''));
+    const input = el('input', { id: 'rules-session', placeholder: 'session id for its rules', value: id });
+    const form = el('form', { on: { submit: (e) => { e.preventDefault(); location.href = '/access?id=' + encodeURIComponent(input.value); } } }, input, el('button', {}, 'show rules'));
+    main.replaceChildren(el('h1', {}, 'Access'),
+      el('div', { class: 'cards' }, card('denied (1 h)', a.last_hour.denied, 'denied-count'), card('rate limited (1 h)', a.last_hour.rate_limited, 'rate-limited-count')),
+      el('h2', {}, 'Rules per variable'), form,
+      id ? (Object.keys(a.rules).length === 0 ? el('p', { id: 'rules' }, 'No rules: only the session itself has access.') :
+        el('div', { id: 'rules' }, table(['variable', 'rules'], Object.entries(a.rules).map(([n, r]) => el('tr', {}, el('td', {}, n), el('td', {}, show(r))))))) : null,
+      el('h2', {}, 'Denied attempts (newest first)'),
+      a.denied.length === 0 ? el('p', { id: 'denied' }, 'None.') :
+        el('div', { id: 'denied' }, table(['at', 'session', 'variable', 'principal', 'permission'],
+          a.denied.map((e) => el('tr', {}, el('td', {}, time(e.at)), el('td', {}, show(e.session)), el('td', {}, show(e.variable)), el('td', {}, show(e.principal)), el('td', {}, show(e.permission)))))),
+      el('p', {}, 'Configured rate limits are not readable through the store API; rate-limited calls are counted above.'));
+  }
+
+  function absentPage(module, title) {
+    return async function () {
+      const part = state.config.absent.find((p) => p.module === module);
+      main.replaceChildren(el('h1', {}, title), part ? absent(part) :
+        el('p', {}, `${module} is present in this build, but the console has no page for it yet.`));
+    };
+  }
+
+  const routes = {
+    '/': overview, '/sessions': sessions, '/session': session, '/optimizations': optimizations, '/access': access,
+    '/events': absentPage('dspex_events', 'Events'), '/models': absentPage('dspex_models', 'Models'),
+    '/regions': absentPage('dspex_region', 'Regions'),
+  };
+
+  async function route() {
+    state.streams.forEach((c) => c.abort()); state.streams = [];
+    main.dataset.ready = 'false';
+    document.querySelectorAll('header nav a').forEach((a) => a.classList.toggle('active', a.getAttribute('href') === location.pathname));
+    try {
+      state.config = await api('/api/config');
+      document.getElementById('node').textContent = state.config.node + (state.config.write ? ' (writes enabled)' : ' (read-only)');
+      await (routes[location.pathname] || (async () => main.replaceChildren(el('p', {}, 'Unknown page.'))))();
+    } catch (e) { fail(e); }
+    main.dataset.ready = 'true';
+  }
+
+  document.getElementById('token').value = state.token;
+  document.getElementById('token-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    state.token = document.getElementById('token').value;
+    sessionStorage.setItem('dspex_token', state.token);
+    route();
+  });
+  route();
+})();

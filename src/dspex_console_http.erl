@@ -1,0 +1,454 @@
+%% @doc The debug console's request handler (an inets httpd module): static
+%% files of `priv/www', JSON endpoints under `/api/', Server-Sent Events at
+%% `/api/events', and the security policy of `dspex_console'.
+%%
+%% Endpoints (all `GET' unless said; JSON answers; errors are
+%% `{"error": Reason}' with a 4xx status):
+%% <ul>
+%% <li>`/api/config': `write' (writes enabled), `token_required', `csrf',
+%%     `node', `absent' (the parts of the bridge this build does not have).</li>
+%% <li>`/api/overview': node, cluster (`dspex_cluster:cluster_status/0' or
+%%     `not_clustered'), sessions, the dashboard, breakers, and the last 60 s
+%%     of store operations per second, p50/p95/p99 latency and errors
+%%     (`dspex_metrics:detailed/3').</li>
+%% <li>`/api/sessions?q=&amp;offset=&amp;limit=': sessions whose id contains `q',
+%%     sorted, one page (`limit' at most 500) with their info, and `total'.</li>
+%% <li>`/api/session?id=': `dspex_store:diagnostics/1', every variable (type,
+%%     value, version, updated_at, derived, error, lock holder) and the graph.</li>
+%% <li>`/api/history?id=&amp;var=': the variable's archived versions.</li>
+%% <li>`/api/graph.svg?id=': `dspex_graph:to_svg/1' (`image/svg+xml').</li>
+%% <li>`/api/optimizations': `dspex_locks:active/0' with each lock's status.</li>
+%% <li>`/api/access?id=': the audit log of denials (newest 200), rate-limit
+%%     and denial counts of the last hour, and the session's rules.</li>
+%% <li>`POST /api/rollback' (`id', `var', `version' as a form or query):
+%%     `dspex_store:rollback/4' with `changed_by => console'.</li>
+%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1': a
+%%     `text/event-stream': `overview' and `optimizations' (as their endpoints
+%%     answer) every second when asked for,
+%%     and with `id' a `variable' event per committed change of the session
+%%     (a watch) and `session' when its variables change in number.</li>
+%% </ul>
+%% Every answer has `Server-Timing: app;dur=Ms' (the time spent building it).
+-module(dspex_console_http).
+
+-include_lib("inets/include/httpd.hrl").
+
+-export([do/1, authorize/4, jsonable/1]).
+
+-define(CSP, "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'").
+-define(PAGES, ["/", "/sessions", "/session", "/optimizations", "/access", "/models", "/regions", "/events"]).
+%% Parts of the bridge that land with other issues: `{Module, Issue, What}'.
+-define(PARTS, [{dspex_events, 11, <<"event timeline and time travel">>},
+                {dspex_opt, 14, <<"optimizer runs, trials and convergence">>},
+                {dspex_models, 15, <<"models, experiments and rollouts">>},
+                {dspex_region, 13, <<"regions, links and lag">>}]).
+-define(SSE_MAX_MS, 600000).
+
+%% @private httpd callback.
+-spec do(#mod{}) -> {proceed, list()}.
+do(#mod{method = Method, request_uri = Uri, parsed_header = Headers, entity_body = Body} = Mod) ->
+    T0 = erlang:monotonic_time(microsecond),
+    {Path, Query} = split_uri(Uri),
+    Conf = dspex_console:config(),
+    R = case Path of
+            "/api/" ++ _ ->
+                case authorize(Method, Path, Headers, Conf) of
+                    ok -> api(Method, Path, params(Query, Method, Headers, Body), Mod);
+                    {deny, Status, Reason} -> json(Status, #{error => Reason})
+                end;
+            _ when Method =:= "GET"; Method =:= "HEAD" -> static(Path, Conf);
+            _ -> json(405, #{error => method_not_allowed})
+        end,
+    case R of
+        already_sent -> {proceed, [{response, {already_sent, 200, 0}} | Mod#mod.data]};
+        {Code, Type, Extra, Resp} ->
+            Dur = (erlang:monotonic_time(microsecond) - T0) / 1000,
+            Bin = iolist_to_binary(Resp),
+            Head = [{code, Code}, {content_type, Type}, {content_length, integer_to_list(byte_size(Bin))},
+                    {"server-timing", "app;dur=" ++ float_to_list(Dur, [{decimals, 3}])}
+                    | security_headers() ++ Extra],
+            {proceed, [{response, {response, Head, [Bin]}} | Mod#mod.data]}
+    end.
+
+security_headers() ->
+    [{"content-security-policy", ?CSP}, {"x-content-type-options", "nosniff"},
+     {"referrer-policy", "no-referrer"}, {"x-frame-options", "DENY"}, {cache_control, "no-store"}].
+
+%% @doc The request policy (see `dspex_console'): `ok' or `{deny, Status,
+%% Reason}'. `Headers' are the lower-case request headers.
+-spec authorize(string(), string(), [{string(), string()}], dspex_console:config()) ->
+          ok | {deny, 401 | 403, atom()}.
+authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf}) ->
+    Bearer = case lists:keyfind("authorization", 1, Headers) of
+                 {_, "Bearer " ++ T} -> list_to_binary(T);
+                 _ -> undefined
+             end,
+    Authenticated = Token =/= undefined andalso is_binary(Bearer) andalso equal(Bearer, Token),
+    IsWrite = Method =/= "GET" andalso Method =/= "HEAD",
+    if
+        Token =/= undefined, not Authenticated -> {deny, 401, unauthorized};
+        not IsWrite -> ok;
+        Path =/= "/api/rollback" -> {deny, 403, method_not_allowed};
+        not Write -> {deny, 403, read_only};
+        Token =:= undefined -> {deny, 401, token_not_configured};
+        true ->
+            case lists:keyfind("x-dspex-csrf", 1, Headers) of
+                {_, C} -> case equal(list_to_binary(C), Csrf) of
+                              true -> ok;
+                              false -> {deny, 403, csrf}
+                          end;
+                false -> {deny, 403, csrf}
+            end
+    end.
+
+%% constant time in the length of the secret
+equal(A, B) when byte_size(A) =:= byte_size(B) -> crypto:hash_equals(A, B);
+equal(_, _) -> false.
+
+%%% static files ---------------------------------------------------------------
+
+static(Path, #{www := Www}) ->
+    File = case lists:member(Path, ?PAGES) of
+               true -> "index.html";
+               false -> safe_file(Path)
+           end,
+    case File of
+        error -> text(404, "not found\n");
+        _ ->
+            case file:read_file(filename:join(Www, File)) of
+                {ok, Bin} -> {200, mime(filename:extension(File)), [], Bin};
+                {error, _} -> text(404, "not found\n")
+            end
+    end.
+
+%% /static/<name> and /vendor/<name> only: one path segment of plain characters.
+safe_file("/static/" ++ Name) -> plain(Name, "static/" ++ Name);
+safe_file("/vendor/" ++ Name) -> plain(Name, "vendor/" ++ Name);
+safe_file(_) -> error.
+
+plain(Name, File) ->
+    case Name =/= "" andalso hd(Name) =/= $. andalso
+        lists:all(fun(C) -> (C >= $a andalso C =< $z) orelse (C >= $A andalso C =< $Z) orelse
+                                (C >= $0 andalso C =< $9) orelse C =:= $. orelse C =:= $- orelse C =:= $_ end, Name) of
+        true -> File;
+        false -> error
+    end.
+
+mime(".html") -> "text/html; charset=utf-8";
+mime(".js") -> "text/javascript; charset=utf-8";
+mime(".css") -> "text/css; charset=utf-8";
+mime(".svg") -> "image/svg+xml";
+mime(_) -> "application/octet-stream".
+
+%%% API ------------------------------------------------------------------------
+
+api("GET", "/api/config", _P, _Mod) ->
+    #{write := W, token := T, csrf := C} = dspex_console:config(),
+    json(200, #{write => W, token_required => T =/= undefined, csrf => C, node => node(),
+                absent => [#{module => M, issue => I, what => What} || {M, I, What} <- ?PARTS, absent(M)]});
+api("GET", "/api/overview", _P, _Mod) -> json(200, overview());
+api("GET", "/api/sessions", P, _Mod) -> json(200, sessions(P));
+api("GET", "/api/session", #{<<"id">> := S}, _Mod) ->
+    case session(S) of
+        {ok, M} -> json(200, M);
+        {error, R} -> json(404, #{error => R})
+    end;
+api("GET", "/api/history", #{<<"id">> := S, <<"var">> := V}, _Mod) ->
+    case dspex_store:history(S, V, all) of
+        {ok, H} -> json(200, #{session => S, variable => V, history => H});
+        {error, R} -> json(404, #{error => R})
+    end;
+api("GET", "/api/graph.svg", #{<<"id">> := S}, _Mod) ->
+    case dspex_graph:to_svg(S) of
+        {ok, Svg} -> {200, "image/svg+xml", [], Svg};
+        {error, session_not_found} -> json(404, #{error => session_not_found});
+        {error, R} -> json(503, #{error => R})
+    end;
+api("GET", "/api/optimizations", _P, _Mod) -> json(200, optimizations());
+api("GET", "/api/access", P, _Mod) -> json(200, access(maps:get(<<"id">>, P, undefined)));
+api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := Ver}, _Mod) ->
+    case string:to_integer(Ver) of
+        {N, <<>>} when N >= 0 ->
+            case dspex_store:rollback(S, V, N, #{changed_by => console}) of
+                {ok, New} -> json(200, #{version => New});
+                {error, R} -> json(409, #{error => R})
+            end;
+        _ -> json(400, #{error => {invalid_argument, version}})
+    end;
+api("GET", "/api/events", P, Mod) ->
+    Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations}], maps:is_key(K, P)],
+    sse(Mod, maps:get(<<"id">>, P, undefined), Feeds);
+api(_, _, _, _) -> json(404, #{error => not_found}).
+
+absent(M) -> code:which(M) =:= non_existing.
+
+overview() ->
+    Now = dspex_metrics:clock(),
+    Ops = detailed(dspex_store_duration_us, Now - 59, Now),
+    Errors = detailed({dspex_store_duration_us, #{result => error}}, Now - 59, Now),
+    Stats = dspex_nif:stats(),
+    #{node => node(), otp => list_to_binary(erlang:system_info(otp_release)),
+      uptime_s => element(1, erlang:statistics(wall_clock)) div 1000,
+      connected => nodes(),
+      cluster => case dspex_cluster:cluster_status() of
+                     {error, not_clustered} -> not_clustered;
+                     C -> C
+                 end,
+      sessions => maps:get(sessions, Stats, 0),
+      dashboard => dspex_metrics:dashboard(),
+      breakers => breakers(),
+      series => #{t => [T || #{t := T} <- Ops],
+                  ops => [C || #{count := C} <- Ops],
+                  p50 => [P || #{p50 := P} <- Ops], p95 => [P || #{p95 := P} <- Ops],
+                  p99 => [P || #{p99 := P} <- Ops],
+                  errors => [C || #{count := C} <- Errors]}}.
+
+detailed(Metric, From, To) ->
+    case dspex_metrics:detailed(Metric, From, To) of
+        {ok, #{points := Ps}} -> Ps;
+        {error, _} -> []
+    end.
+
+breakers() ->
+    [#{name => N, status => S} || N <- dspex_breaker:names(), {ok, S} <- [dspex_breaker:status(N)]].
+
+sessions(P) ->
+    Q = maps:get(<<"q">>, P, <<>>),
+    Offset = int(maps:get(<<"offset">>, P, <<"0">>), 0),
+    Limit = min(500, max(1, int(maps:get(<<"limit">>, P, <<"50">>), 50))),
+    All = lists:sort([S || S <- dspex_store:list_sessions(), Q =:= <<>> orelse binary:match(S, Q) =/= nomatch]),
+    Page = lists:sublist(All, Offset + 1, Limit),
+    #{total => length(All), offset => Offset, limit => Limit,
+      items => [I || S <- Page, {ok, I} <- [dspex_nif:session_get(S)]]}.
+
+int(B, Default) ->
+    case string:to_integer(B) of
+        {N, <<>>} when N >= 0 -> N;
+        _ -> Default
+    end.
+
+session(S) ->
+    case {dspex_store:diagnostics(S), dspex_store:list(S)} of
+        {{ok, D}, {ok, Vars}} ->
+            Holders = maps:from_list([{N, #{optimizer => O, token => T}}
+                                      || #{variable := N, optimizer := O, token := T} <- maps:get(locks, D)]),
+            Graph = case dspex_graph:to_map(S) of
+                        {ok, G} -> G;
+                        _ -> #{nodes => [], edges => []}
+                    end,
+            {ok, #{diagnostics => D, graph => Graph,
+                   variables => [(maps:with([id, name, type, value, version, updated_at, created_at, metadata,
+                                             constraints, derived, error], V))#{lock => maps:get(N, Holders, null)}
+                                 || #{name := N} = V <- Vars]}};
+        {{error, _} = Error, _} -> Error;
+        {_, Error} -> Error      % deleted between the two reads
+    end.
+
+optimizations() ->
+    Locks = try dspex_locks:active() catch exit:_ -> [] end,
+    Now = dspex_metrics:clock(),
+    #{time => Now,
+      locks => [case dspex_locks:status(S, N) of
+                    {ok, St} -> maps:merge(L, maps:with([waiters, best, iterations], St));
+                    _ -> L
+                end || #{session := S, variable := N} = L <- Locks],
+      success => detailed(dspex_optimization_success, Now - 3599, Now),
+      absent => [#{module => M, issue => I, what => W} || {M, I, W} <- ?PARTS, M =:= dspex_opt, absent(M)]}.
+
+access(S) ->
+    Now = dspex_metrics:clock(),
+    Denied = [E || #{event := denied} = E <- dspex_acl:audit_log(#{limit => 1000})],
+    Count = fun(Ev) ->
+                    case dspex_metrics:query({dspex_events_total, #{event => Ev}}, Now - 3599, Now, count) of
+                        {ok, N} -> N;
+                        _ -> 0
+                    end
+            end,
+    Rules = case S of
+                undefined -> #{};
+                _ -> case dspex_store:diagnostics(S) of
+                         {ok, #{rules := R}} -> R;
+                         _ -> #{}
+                     end
+            end,
+    #{denied => lists:sublist(lists:reverse(Denied), 200),
+      last_hour => #{denied => Count(<<"acl.denied">>), rate_limited => Count(<<"rate_limit.exceeded">>)},
+      session => S, rules => Rules}.
+
+%%% Server-Sent Events ---------------------------------------------------------
+
+sse(Mod, Session, Feeds) ->
+    Head = [{content_type, "text/event-stream"}, {cache_control, "no-cache"}, {transfer_encoding, "chunked"}
+            | lists:keydelete(cache_control, 1, security_headers())],
+    httpd_response:send_header(Mod, 200, Head),
+    Watch = watch(Session),
+    Deadline = erlang:monotonic_time(millisecond) + ?SSE_MAX_MS,
+    self() ! tick,
+    try sse_loop(Mod, Session, Feeds, Watch, Deadline)
+    after
+        case Watch of
+            {Ref, _} -> dspex_store:unwatch(Ref);
+            _ -> ok
+        end,
+        %% httpd may reuse this process for the connection's next request:
+        %% leave no timer and no message of the stream behind
+        case erase(dspex_console_tick) of
+            undefined -> ok;
+            T -> _ = erlang:cancel_timer(T), ok
+        end,
+        flush_stream()
+    end,
+    already_sent.
+
+flush_stream() ->
+    receive
+        tick -> flush_stream();
+        {dspex_variable, _, _, _, _, _, _} -> flush_stream();
+        {dspex_watch_lost, _, _} -> flush_stream()
+    after 0 -> ok
+    end.
+
+watch(undefined) -> none;
+watch(S) ->
+    case dspex_store:list(S) of
+        {ok, [_ | _] = Vars} ->
+            Names = [N || #{name := N} <- Vars],
+            case dspex_store:watch(S, Names, self()) of
+                {error, _} -> none;
+                Ref -> {Ref, length(Names)}
+            end;
+        _ -> none
+    end.
+
+sse_loop(Mod, Session, Feeds, Watch, Deadline) ->
+    case erlang:monotonic_time(millisecond) > Deadline of
+        true -> httpd_response:send_chunk(Mod, [], true);
+        false ->
+            receive
+                tick ->
+                    put(dspex_console_tick, erlang:send_after(1000, self(), tick)),
+                    R1 = case Feeds of
+                             [] -> send_raw(Mod, ": keep-alive\n\n");
+                             _ -> worst([send(Mod, F, feed(F)) || F <- Feeds])
+                         end,
+                    R2 = check_count(Mod, Session, Watch),
+                    continue([R1, R2], Mod, Session, Feeds, Watch, Deadline);
+                {dspex_variable, _Ref, Session, Name, _Old, New, Meta} ->
+                    R = send(Mod, variable, #{session => Session, name => Name, value => New,
+                                              version => maps:get(version, Meta, null),
+                                              updated_at => maps:get(updated_at, Meta, null),
+                                              changed_by => maps:get(changed_by, Meta, null)}),
+                    continue([R], Mod, Session, Feeds, Watch, Deadline);
+                {dspex_watch_lost, _, _} ->
+                    R = send(Mod, session, #{session => Session, reason => watch_lost}),
+                    continue([R], Mod, Session, Feeds, Watch, Deadline);
+                {dspex_variable, _, _, _, _, _, _} -> sse_loop(Mod, Session, Feeds, Watch, Deadline)
+            end
+    end.
+
+continue(Results, Mod, Session, Feeds, Watch, Deadline) ->
+    case lists:all(fun(R) -> R =:= ok end, Results) of
+        true -> sse_loop(Mod, Session, Feeds, Watch, Deadline);
+        false -> closed
+    end.
+
+feed(overview) -> overview();
+feed(optimizations) -> optimizations().
+
+worst(Results) ->
+    case lists:all(fun(R) -> R =:= ok end, Results) of
+        true -> ok;
+        false -> closed
+    end.
+
+%% Variables registered or deleted since the watch began: the page reloads.
+check_count(_Mod, undefined, _) -> ok;
+check_count(Mod, Session, Watch) ->
+    Known = case Watch of
+                {_, N} -> N;
+                none -> 0
+            end,
+    case dspex_nif:session_get(Session) of
+        {ok, #{variable_count := Known}} -> ok;
+        {ok, #{variable_count := N2}} -> send(Mod, session, #{session => Session, variables => N2});
+        {error, _} -> send(Mod, session, #{session => Session, reason => session_not_found})
+    end.
+
+send(Mod, Event, Term) ->
+    {ok, Json} = dspex_json:encode(jsonable(Term)),
+    send_raw(Mod, ["event: ", atom_to_list(Event), "\ndata: ", Json, "\n\n"]).
+
+send_raw(Mod, Data) ->
+    case httpd_response:send_chunk(Mod, Data, false) of
+        ok -> ok;
+        _ -> closed
+    end.
+
+%%% JSON -------------------------------------------------------------------------
+
+json(Code, Term) ->
+    {ok, Json} = dspex_json:encode(jsonable(Term)),
+    {Code, "application/json", [], Json}.
+
+text(Code, Text) -> {Code, "text/plain; charset=utf-8", [], Text}.
+
+%% @doc Any term as a term `dspex_json:encode/1' accepts: `undefined' is
+%% `null', pids, references, ports, funs and tuples are their printed text
+%% (`{error, R}' reasons included), a binary that is not UTF-8 is its
+%% printed text, map keys that are not atoms, binaries or integers are
+%% printed too.
+-spec jsonable(term()) -> term().
+jsonable(undefined) -> null;
+jsonable(A) when is_atom(A) -> A;
+jsonable(N) when is_number(N) -> N;
+jsonable(B) when is_binary(B) ->
+    case unicode:characters_to_binary(B) of
+        B -> B;
+        _ -> printed(B)
+    end;
+jsonable(L) when is_list(L) ->
+    try [jsonable(X) || X <- L]
+    catch error:_ -> printed(L)     % an improper list
+    end;
+jsonable(M) when is_map(M) ->
+    maps:from_list([{key(K), jsonable(V)} || {K, V} <- maps:to_list(M)]);
+jsonable(T) -> printed(T).
+
+key(K) when is_atom(K); is_binary(K); is_integer(K) -> jsonable_key(K);
+key(K) -> printed(K).
+
+jsonable_key(K) when is_binary(K) -> jsonable(K);
+jsonable_key(K) -> K.
+
+printed(T) -> unicode:characters_to_binary(io_lib:format("~0tp", [T])).
+
+%%% requests ---------------------------------------------------------------------
+
+split_uri(Uri) ->
+    case string:split(Uri, "?") of
+        [P, Q] -> {P, Q};
+        [P] -> {P, ""}
+    end.
+
+params(Query, Method, Headers, Body) ->
+    FromQuery = decode_query(Query),
+    case Method of
+        "POST" ->
+            case lists:keyfind("content-type", 1, Headers) of
+                {_, "application/x-www-form-urlencoded" ++ _} -> maps:merge(FromQuery, decode_query(Body));
+                _ -> FromQuery
+            end;
+        _ -> FromQuery
+    end.
+
+decode_query("") -> #{};
+decode_query(Q) ->
+    case uri_string:dissect_query(Q) of
+        L when is_list(L) ->
+            %% a parameter that is not UTF-8 is dropped
+            maps:from_list([{KB, VB} || {K, V} <- L, is_list(K) orelse is_binary(K), is_list(V) orelse is_binary(V),
+                                        KB <- [unicode:characters_to_binary(K)], is_binary(KB),
+                                        VB <- [unicode:characters_to_binary(V)], is_binary(VB)]);
+        _ -> #{}
+    end.

@@ -1,0 +1,96 @@
+%% A bridge node for the console's browser tests and benchmark: starts the
+%% application (configured on the command line), seeds sessions, prints
+%% `READY <console port>' and then obeys commands read from stdin, one per
+%% line, answering `OK ...' or `ERR ...':
+%%   set <session> <variable> <float>   dspex_store:set/4 (changed_by => test)
+%%   deny <session> <variable> <as>    a read as another session (denied)
+%%   optimize <session> <var> <iters>  a process takes the lock of var and
+%%                                       reports <iters> iterations (scores 0.1 ..)
+%%   progress <session> <var> <score>   that process reports one more iteration
+%%   seed <n> <vars>                     n sessions bench_<i>, and one session
+%%                                       "big" of <vars> variables with edges
+%%   quit                                halts
+%% Stdin closing halts the node too, so it never outlives its test.
+-module(console_node).
+-export([main/0, copy_x/1]).
+
+-spec main() -> no_return().
+main() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    S = <<"demo">>,
+    {ok, _} = dspex_store:create_session(S, #{metadata => #{<<"note">> => <<"<script>alert(2)</script>">>}}),
+    {ok, _} = dspex_store:register(S, <<"<img src=x onerror=alert(1)>">>, string, <<"<b>bold?</b>">>),
+    {ok, _} = dspex_store:register(S, <<"x">>, float, 1.0),
+    {ok, _} = dspex_store:register(S, <<"temperature">>, float, 0.7),
+    {ok, _} = dspex_graph:define_derived(S, <<"y">>, float, [<<"x">>], {?MODULE, copy_x}),
+    ok = dspex_graph:add_dependency(S, <<"temperature">>, <<"<img src=x onerror=alert(1)>">>),
+    {ok, _} = dspex_store:set(S, <<"x">>, 2.0, #{changed_by => seed, propagate => sync}),
+    [{ok, _} = dspex_store:create_session(iolist_to_binary(io_lib:format("sess_~4..0b", [I])), #{})
+     || I <- lists:seq(1, 120)],
+    Port = case dspex_console:port() of
+               P when is_integer(P) -> integer_to_list(P);
+               {error, R} -> atom_to_list(R)
+           end,
+    io:format("READY ~s~n", [Port]),
+    loop().
+
+%% The derive function of y: y = x.
+-spec copy_x(map()) -> float().
+copy_x(Inputs) -> maps:get(<<"x">>, Inputs, maps:get(x, Inputs, 0.0)).
+
+loop() ->
+    case io:get_line("") of
+        eof -> halt(0);
+        {error, _} -> halt(0);
+        Line ->
+            case string:lexemes(string:trim(Line), " ") of
+                ["quit"] -> halt(0);
+                ["set", S, V, X] ->
+                    R = dspex_store:set(list_to_binary(S), list_to_binary(V), list_to_float(X),
+                                        #{changed_by => test, propagate => sync}),
+                    io:format("~s ~0p~n", [case R of {ok, _} -> "OK"; _ -> "ERR" end, R]);
+                ["deny", S, V, As] ->
+                    R = dspex_store:get(list_to_binary(S), list_to_binary(V), #{as => list_to_binary(As)}),
+                    io:format("~s ~0p~n", [case R of {error, access_denied} -> "OK"; _ -> "ERR" end, R]);
+                ["optimize", S, V, Iters] ->
+                    Me = self(),
+                    spawn(fun() -> optimize(Me, list_to_binary(S), list_to_binary(V), list_to_integer(Iters)) end),
+                    receive {optimizing, R} -> io:format("~s ~0p~n", [case R of ok -> "OK"; _ -> "ERR" end, R]) end;
+                ["progress", S, V, Score] ->
+                    optimizer ! {progress, list_to_binary(S), list_to_binary(V), list_to_float(Score), self()},
+                    receive progressed -> io:format("OK progressed~n") end;
+                ["seed", N, Vars] -> seed(list_to_integer(N), list_to_integer(Vars));
+                Other -> io:format("ERR ~0p~n", [Other])
+            end,
+            loop()
+    end.
+
+optimize(Parent, S, V, Iters) ->
+    register(optimizer, self()),
+    case dspex_locks:acquire(S, V, test_optimizer, #{objective => maximize}) of
+        {ok, Lock} ->
+            [ok = dspex_locks:report_progress(Lock, I, 0.1 * I, #{}) || I <- lists:seq(1, Iters)],
+            Parent ! {optimizing, ok},
+            optimizing(Lock, Iters);
+        Error -> Parent ! {optimizing, Error}
+    end.
+
+optimizing(Lock, I) ->
+    receive
+        {progress, _S, _V, Score, From} ->
+            ok = dspex_locks:report_progress(Lock, I + 1, Score, #{}),
+            From ! progressed,
+            optimizing(Lock, I + 1)
+    end.
+
+seed(N, Vars) ->
+    dspex_store:set_limits(#{max_sessions => N + 1000}),
+    [{ok, _} = dspex_store:create_session(iolist_to_binary(io_lib:format("bench_~6..0b", [I])), #{})
+     || I <- lists:seq(1, N)],
+    B = <<"big">>,
+    {ok, _} = dspex_store:create_session(B, #{}),
+    [{ok, _} = dspex_store:register(B, integer_to_binary(I), float, float(I)) || I <- lists:seq(1, Vars)],
+    %% a chain of 1 in 10 variables (100 edges for 1,000 variables)
+    [ok = dspex_graph:add_dependency(B, integer_to_binary(I), integer_to_binary(I + 10))
+     || I <- lists:seq(1, Vars - 10, 10)],
+    io:format("OK seeded~n").

@@ -1,0 +1,216 @@
+%% EUnit tests of the diagnostics API the debug console is built on
+%% (dspex_store:diagnostics/1, dspex_graph:to_dot/1 + to_svg/1,2,
+%% dspex_metrics:detailed/3,4, dspex_locks:active/0) and of the console's
+%% pure parts (security policy, JSON encoding of terms).
+-module(dspex_console_tests).
+-include_lib("eunit/include/eunit.hrl").
+-include_lib("xmerl/include/xmerl.hrl").
+
+sid() -> iolist_to_binary(["console_", integer_to_list(erlang:unique_integer([positive]))]).
+
+app_test_() ->
+    {setup, fun() -> {ok, _} = application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
+     [fun diagnostics_counts_variables_watchers_locks_rules_and_errors/0,
+      fun diagnostics_of_unknown_session/0,
+      fun to_dot_escapes_names/0,
+      fun to_svg_draws_every_variable_as_a_node/0,
+      fun to_svg_is_killed_at_its_timeout/0,
+      fun detailed_has_one_point_per_second/0,
+      fun detailed_uses_minutes_for_older_ranges/0,
+      fun detailed_refuses_bad_ranges/0]}.
+
+diagnostics_counts_variables_watchers_locks_rules_and_errors() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 600, metadata => #{owner => <<"me">>}}),
+    {ok, _} = dspex_store:register(S, a, float, 1.0),
+    {ok, _} = dspex_store:register(S, b, string, <<"hello">>),
+    {ok, _} = dspex_store:set(S, a, 2.0),
+    {ok, _} = dspex_graph:define_derived(S, <<"c">>, float, [a], fun(#{a := A}) when A > 2.5 -> error(boom); (#{a := A}) -> A end),
+    Ref = dspex_store:watch(S, [a, b], self()),
+    Ref2 = dspex_store:watch(S, [a], self()),
+    ok = dspex_acl:set_permissions(S, b, [#{session_pattern => any, permissions => [read]}]),
+    {ok, Lock} = dspex_locks:acquire(S, a, opt1, #{}),
+    {ok, _} = dspex_store:set(S, a, 3.0, #{lock => Lock, propagate => sync}),
+    {ok, D} = dspex_store:diagnostics(S),
+    ?assertEqual({S, 3, 600, #{owner => <<"me">>}, not_clustered},
+                 {maps:get(session, D), maps:get(variables, D), maps:get(ttl, D), maps:get(metadata, D),
+                  maps:get(cluster, D)}),
+    %% a: our two watches and the propagator's (c is derived from a)
+    ?assertEqual(#{<<"a">> => 3, <<"b">> => 1}, maps:get(watched, D)),
+    ?assertEqual(4, maps:get(watchers, D)),
+    ?assertMatch([#{session := S, variable := <<"a">>, optimizer := opt1}], maps:get(locks, D)),
+    ?assertMatch(#{<<"b">> := [_]}, maps:get(rules, D)),
+    ?assertEqual([<<"c">>], maps:keys(maps:get(errors, D))),
+    %% newest write first: a (v2) was written last
+    ?assertMatch([#{name := <<"a">>, version := 2} | _], maps:get(last_writes, D)),
+    ?assert(maps:get(history_entries, D) >= 2),
+    ?assert(maps:get(bytes, D) >= byte_size(<<"hello">>)),
+    TtlLeft = maps:get(ttl_left_ms, D),
+    ?assert(TtlLeft > 0 andalso TtlLeft =< 600000),
+    ok = dspex_locks:release(Lock),
+    dspex_store:unwatch(Ref), dspex_store:unwatch(Ref2),
+    {ok, D2} = dspex_store:diagnostics(S),
+    ?assertMatch(#{locks := [], watchers := 1}, D2),
+    ok = dspex_store:delete_session(S),
+    flush().
+
+flush() -> receive _ -> flush() after 0 -> ok end.
+
+diagnostics_of_unknown_session() ->
+    ?assertEqual({error, session_not_found}, dspex_store:diagnostics(sid())),
+    ?assertError(function_clause, dspex_store:diagnostics(not_a_binary)).
+
+xss() -> <<"<img src=x onerror=alert(1)>">>.
+
+%% names with quotes, backslashes, angle brackets and a newline
+odd_names() -> [xss(), <<"q\"uote">>, <<"back\\slash">>, <<"two\nlines">>, <<"plain">>].
+
+seed_graph() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    [{ok, _} = dspex_store:register(S, N, integer, 1) || N <- odd_names()],
+    [ok = dspex_graph:add_dependency(S, <<"plain">>, N) || N <- odd_names() -- [<<"plain">>]],
+    S.
+
+to_dot_escapes_names() ->
+    S = seed_graph(),
+    {ok, Dot} = dspex_graph:to_dot(S),
+    ?assertNotEqual(nomatch, binary:match(Dot, <<"\"q\\\"uote\"">>)),
+    ?assertNotEqual(nomatch, binary:match(Dot, <<"\"back\\\\slash\"">>)),
+    ok = dspex_store:delete_session(S).
+
+to_svg_draws_every_variable_as_a_node() ->
+    S = seed_graph(),
+    {ok, Svg} = dspex_graph:to_svg(S),
+    %% well-formed XML whose node labels are exactly the names, as text, not
+    %% markup (a name with a newline is drawn on two lines)
+    {Doc, _} = xmerl_scan:string(binary_to_list(Svg), [{quiet, true}]),
+    Labels = [iolist_to_binary([unicode:characters_to_binary(V) || #xmlElement{name = text, content = C} <- Cs,
+                                                                    #xmlText{value = V} <- C])
+              || #xmlElement{name = g, attributes = As, content = Cs} <- all_elements(Doc),
+                 lists:any(fun(#xmlAttribute{name = class, value = "node"}) -> true; (_) -> false end, As)],
+    ?assertEqual(lists:sort([binary:replace(N, <<"\n">>, <<>>) || N <- odd_names()]), lists:sort(Labels)),
+    ?assertEqual([], [E || #xmlElement{name = E} <- all_elements(Doc), E =:= img orelse E =:= script]),
+    ok = dspex_store:delete_session(S).
+
+all_elements(#xmlElement{content = C} = E) -> [E | lists:append([all_elements(X) || X <- C])];
+all_elements(_) -> [].
+
+to_svg_is_killed_at_its_timeout() ->
+    %% a graph big enough that dot cannot lay it out within 1 ms
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    Names = [integer_to_binary(I) || I <- lists:seq(1, 300)],
+    [{ok, _} = dspex_store:register(S, N, integer, 1) || N <- Names],
+    [ok = dspex_graph:add_dependency(S, integer_to_binary(I), integer_to_binary(J))
+     || I <- lists:seq(1, 299), J <- [I + 1, min(300, I + 7)], J > I],
+    ?assertEqual({error, {graphviz, timeout}}, dspex_graph:to_svg(S, #{timeout => 1})),
+    %% no message of the killed port is left behind
+    receive M -> ?assertEqual(none, M) after 0 -> ok end,
+    ?assertEqual({error, session_not_found}, dspex_graph:to_svg(sid())),
+    ok = dspex_store:delete_session(S),
+    Small = seed_graph(),
+    ?assertEqual({error, {graphviz, too_large}}, dspex_graph:to_svg(Small, #{max_bytes => 100})),
+    receive M2 -> ?assertEqual(none, M2) after 0 -> ok end,
+    ok = dspex_store:delete_session(Small).
+
+detailed_has_one_point_per_second() ->
+    Now = 1900000000,
+    Tags = #{test => detailed1},
+    [ok = dspex_metrics:record(console_test_latency, V, Tags, #{time => T})
+     || {T, V} <- [{Now - 5, 10}, {Now - 5, 30}, {Now - 3, 7}]],
+    {ok, #{step := 1, points := Ps}} =
+        dspex_metrics:detailed({console_test_latency, Tags}, Now - 5, Now, #{now => Now}),
+    ?assertEqual(lists:seq(Now - 5, Now), [T || #{t := T} <- Ps]),
+    ?assertEqual([2, 0, 1, 0, 0, 0], [C || #{count := C} <- Ps]),
+    [#{mean := M0, max := X0} | _] = Ps,
+    ?assertEqual({20.0, 30.0}, {M0, X0}).
+
+detailed_uses_minutes_for_older_ranges() ->
+    Now = 1900003600,
+    Tags = #{test => detailed2},
+    ok = dspex_metrics:record(console_test_latency, 5, Tags, #{time => Now - 600}),
+    {ok, #{step := 60, points := Ps}} =
+        dspex_metrics:detailed({console_test_latency, Tags}, Now - 900, Now, #{now => Now}),
+    ?assert(lists:all(fun(#{t := T}) -> T rem 60 =:= 0 end, Ps)),
+    ?assertEqual(1, lists:sum([C || #{count := C} <- Ps])).
+
+detailed_refuses_bad_ranges() ->
+    ?assertEqual({error, {invalid_argument, range}}, dspex_metrics:detailed(console_test_latency, 10, 5)),
+    ?assertEqual({error, {invalid_argument, range}},
+                 dspex_metrics:detailed(console_test_latency, 0, 3600 * 3601, #{now => 3600 * 3601})),
+    ?assertEqual({error, {invalid_argument, metric}}, dspex_metrics:detailed(<<"bad name">>, 0, 1)).
+
+%%% security policy (pure) ---------------------------------------------------
+
+conf(Token, Write) -> #{token => Token, write => Write, csrf => <<"csrf123">>, bind => {127, 0, 0, 1}, www => "."}.
+
+non_loopback_bind_needs_a_token_test() ->
+    ?assertEqual(ok, dspex_console:check_config({127, 0, 0, 1}, undefined)),
+    ?assertEqual(ok, dspex_console:check_config({127, 0, 0, 2}, undefined)),
+    ?assertEqual(ok, dspex_console:check_config({0, 0, 0, 0, 0, 0, 0, 1}, undefined)),
+    ?assertEqual(ok, dspex_console:check_config("localhost", undefined)),
+    ?assertEqual({error, token_required}, dspex_console:check_config({0, 0, 0, 0}, undefined)),
+    ?assertEqual({error, token_required}, dspex_console:check_config({10, 1, 2, 3}, <<>>)),
+    ?assertEqual({error, token_required}, dspex_console:check_config("0.0.0.0", undefined)),
+    ?assertEqual(ok, dspex_console:check_config({0, 0, 0, 0}, <<"s3cret">>)).
+
+reads_need_the_token_when_one_is_configured_test() ->
+    A = fun(M, P, H, C) -> dspex_console_http:authorize(M, P, H, C) end,
+    ?assertEqual(ok, A("GET", "/api/overview", [], conf(undefined, false))),
+    ?assertEqual({deny, 401, unauthorized}, A("GET", "/api/overview", [], conf(<<"tok">>, false))),
+    ?assertEqual({deny, 401, unauthorized},
+                 A("GET", "/api/overview", [{"authorization", "Bearer tok2"}], conf(<<"tok">>, false))),
+    ?assertEqual({deny, 401, unauthorized},
+                 A("GET", "/api/overview", [{"authorization", "Basic tok"}], conf(<<"tok">>, false))),
+    ?assertEqual(ok, A("GET", "/api/overview", [{"authorization", "Bearer tok"}], conf(<<"tok">>, false))).
+
+writes_need_console_write_the_token_and_the_csrf_header_test() ->
+    A = fun(H, C) -> dspex_console_http:authorize("POST", "/api/rollback", H, C) end,
+    Auth = {"authorization", "Bearer tok"},
+    Csrf = {"x-dspex-csrf", "csrf123"},
+    ?assertEqual({deny, 403, read_only}, A([Auth, Csrf], conf(<<"tok">>, false))),
+    ?assertEqual({deny, 401, token_not_configured}, A([Csrf], conf(undefined, true))),
+    ?assertEqual({deny, 401, unauthorized}, A([Csrf], conf(<<"tok">>, true))),
+    ?assertEqual({deny, 403, csrf}, A([Auth], conf(<<"tok">>, true))),
+    ?assertEqual({deny, 403, csrf}, A([Auth, {"x-dspex-csrf", "csrf124"}], conf(<<"tok">>, true))),
+    ?assertEqual(ok, A([Auth, Csrf], conf(<<"tok">>, true))),
+    %% no other write exists
+    ?assertEqual({deny, 403, method_not_allowed},
+                 dspex_console_http:authorize("POST", "/api/session", [Auth, Csrf], conf(<<"tok">>, true))).
+
+jsonable_turns_any_term_into_json_test() ->
+    T = #{a => undefined, b => {error, {not_found, <<"x">>}}, c => self(), {k, 1} => [1, <<255>>],
+          d => [1 | 2], <<"e">> => nan},
+    {ok, Json} = dspex_json:encode(dspex_console_http:jsonable(T)),
+    {ok, M} = dspex_json:decode(Json),
+    ?assertEqual(null, maps:get(<<"a">>, M)),
+    ?assertEqual(<<"{error,{not_found,<<\"x\">>}}">>, maps:get(<<"b">>, M)),
+    %% a binary that is not UTF-8 becomes its printed form (a valid string)
+    ?assertMatch([1, <<"<<", _/binary>>], maps:get(<<"{k,1}">>, M)),
+    ?assertEqual(<<"[1|2]">>, maps:get(<<"d">>, M)),
+    ?assertEqual(<<"nan">>, maps:get(<<"e">>, M)).
+
+%%% start-up ------------------------------------------------------------------
+
+%% A busy port (another node's console, say) is a logged warning and no
+%% console; a non-loopback bind without a token is no console either.
+busy_port_or_missing_token_is_no_console_test() ->
+    {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}]),
+    {ok, Busy} = inet:port(L),
+    Env = [{console_port, Busy}, {console_bind, {127, 0, 0, 1}}],
+    Old = [{K, application:get_env(dspex_bridge, K)} || K <- [console_port, console_bind, console_token]],
+    try
+        [application:set_env(dspex_bridge, K, V) || {K, V} <- Env],
+        ?assertEqual(ignore, dspex_console:init([])),
+        application:set_env(dspex_bridge, console_port, 0),
+        application:set_env(dspex_bridge, console_bind, {0, 0, 0, 0}),
+        application:unset_env(dspex_bridge, console_token),
+        ?assertEqual(ignore, dspex_console:init([]))
+    after
+        [case V of
+             undefined -> application:unset_env(dspex_bridge, K);
+             {ok, X} -> application:set_env(dspex_bridge, K, X)
+         end || {K, V} <- Old],
+        gen_tcp:close(L)
+    end.
