@@ -43,7 +43,7 @@ def main():
     ap.add_argument('--runs', type=int, default=20)
     a = ap.parse_args()
     os.makedirs(tc.EBIN, exist_ok=True)
-    subprocess.check_call(['erlc', '-o', tc.EBIN, os.path.join(tc.ROOT, 'test/console/console_node.erl')])
+    subprocess.check_call(['erlc', '-o', tc.EBIN, os.path.join(tc.ROOT, 'test/console_node.erl')])
     node = tc.Node().ready()
     profile = tempfile.mkdtemp(prefix='dspex_console_bench_')
     driver = None

@@ -453,7 +453,7 @@ init([]) ->
                         end,
     Every = Env(snapshot_every, 100),
     Cfg = #{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
-            capacity => Env(event_queue_capacity, 1 bsl 20), snapshot_every => Every,
+            capacity => Env(event_queue_capacity, 65536), snapshot_every => Every,
             max_batch => Env(event_max_batch, 8192)},
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of

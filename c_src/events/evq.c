@@ -273,6 +273,8 @@ uint64_t dx_evq_done(dx_evq *q) {
     return t;
 }
 
+size_t dx_evq_capacity(dx_evq *q) { return q->cfg.capacity; }
+
 bool dx_evq_full(dx_evq *q) {
     return q->cfg.capacity && atomic_load_explicit(&q->adepth, memory_order_relaxed) >= q->cfg.capacity;
 }

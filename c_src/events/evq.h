@@ -89,6 +89,7 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
 uint64_t dx_evq_ticket(dx_evq *q); /* tickets handed out so far (the last one) */
 uint64_t dx_evq_done(dx_evq *q);   /* highest durable ticket */
 bool dx_evq_full(dx_evq *q);
+size_t dx_evq_capacity(dx_evq *q); /* the configured bound (0: none) */
 void dx_evq_stats_get(dx_evq *q, dx_evq_stats *out);
 /* The session's last assigned sequence (0: none yet). */
 uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len);

@@ -555,14 +555,19 @@ DX_NIF(nif_events_await) {
 }
 
 /* events_backpressure() -> ok | {wait, Ref}: ok unless the queue holds `capacity' events or more; then the
- * caller waits (like await) until what is queued now is written. Not open: ok (nothing to wait for). */
+ * caller waits until the queue is down to half its capacity (a low-water mark: not until all of it is
+ * written, which would stall every async writer for the whole backlog). Not open: ok. */
+static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket);
 DX_NIF(nif_events_backpressure) {
     dx_evq *q = atomic_load(&g_q);
-    return q && dx_evq_full(q) ? await_all(env, q) : ATOM_ok;
+    if (!q || !dx_evq_full(q)) return ATOM_ok;
+    uint64_t pushed = dx_evq_ticket(q), half = dx_evq_capacity(q) / 2;
+    return await_ticket(env, q, pushed > half ? pushed - half : pushed);
 }
 
-static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q) {
-    uint64_t ticket = dx_evq_ticket(q);
+static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q) { return await_ticket(env, q, dx_evq_ticket(q)); }
+
+static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket) {
     enif_mutex_lock(g_wait_mu);
     if (dx_evq_done(q) >= ticket) {
         enif_mutex_unlock(g_wait_mu);

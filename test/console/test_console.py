@@ -1,7 +1,7 @@
 """The debug console in a real browser: headless Chromium driven by Selenium
 against bridge nodes started by the test (console on a free port).
 
-Nodes (each an `erl' running test/console/console_node.erl, seeded with the
+Nodes (each an `erl' running test/console_node.erl, seeded with the
 session "demo", whose variable names include an XSS attempt):
   rw   loopback, bearer token, console_write => true
   ro   loopback, no token, read-only
@@ -116,7 +116,7 @@ class ConsoleTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         os.makedirs(EBIN, exist_ok=True)
-        subprocess.check_call(['erlc', '-o', EBIN, os.path.join(ROOT, 'test/console/console_node.erl')])
+        subprocess.check_call(['erlc', '-o', EBIN, os.path.join(ROOT, 'test/console_node.erl')])
         cls.rw = Node(console_token='"%s"' % TOKEN, console_write='true')
         cls.ro = Node()
         cls.wide = Node(console_bind='{0,0,0,0}', console_token='"%s"' % TOKEN)
