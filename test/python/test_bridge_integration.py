@@ -811,3 +811,17 @@ class PythonTools(unittest.TestCase):
             intruder.execute_tool("add", a=1, b=2)
         self.ctx.register_tools([{"name": "add", "allow": ["intr*"]}], worker_id="py_tool_pool")
         self.assertEqual(intruder.execute_tool("add", a=1, b=2), 3)
+
+    def test_deadline_is_honoured(self):
+        """A Python tool still running at the caller's deadline: DEADLINE_EXCEEDED,
+        the worker is replaced (dspex_workers kills it) and the pool serves again."""
+        self.ctx.register_tools(["sleep", "add"], worker_id="py_tool_pool")
+        short = SessionContext(NODE.address, self.ctx.session_id, create=False, timeout=0.5)
+        try:
+            with self.assertRaises(BridgeTimeoutError):
+                short.execute_tool("sleep", seconds=30)
+            with self.assertRaises(BridgeTimeoutError):
+                list(short.stream_tool("sleep", seconds=30))
+        finally:
+            short.close()
+        self.assertEqual(self.ctx.execute_tool("add", a=2, b=2), 4)

@@ -21,4 +21,11 @@ def boom():
     raise ValueError("tool exploded")
 
 
-FUNCTIONS = {"add": add, "count": count, "count_then_fail": count_then_fail, "boom": boom}
+def sleep(seconds):
+    """Sleeps, then answers (a tool that outlives a short deadline)."""
+    import time
+    time.sleep(seconds)
+    return seconds
+
+
+FUNCTIONS = {"add": add, "count": count, "count_then_fail": count_then_fail, "boom": boom, "sleep": sleep}
