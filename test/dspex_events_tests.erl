@@ -9,7 +9,8 @@
 
 events_test_() ->
     {setup, fun start/0, fun stop/1,
-     [?T(every_store_change_is_one_event_in_commit_order),
+     [?T(the_configured_backend_is_used),
+      ?T(every_store_change_is_one_event_in_commit_order),
       ?T(session_deleted_reasons),
       ?T(sequences_gapless_under_8_writers_and_atomic_batches),
       ?T(sync_write_returns_after_its_event_is_durable),
@@ -31,6 +32,13 @@ start() ->
     _ = application:stop(dspex_bridge),
     _ = application:load(dspex_bridge),
     application:set_env(dspex_bridge, event_dir, Dir),
+    %% DX_EVENTS_PG_URL (set by `make test-events-pg', which starts a throwaway
+    %% server with test/pg/pg_ctl.sh): the same suite against PostgreSQL
+    case os:getenv("DX_EVENTS_PG_URL") of
+        Url when is_list(Url), Url =/= "" ->
+            application:set_env(dspex_bridge, event_backend, {postgres, Url});
+        _ -> application:unset_env(dspex_bridge, event_backend)
+    end,
     application:set_env(dspex_bridge, grpc_enabled, false),
     application:set_env(dspex_bridge, prometheus_enabled, false),
     application:set_env(dspex_bridge, snapshot_every, 10),
@@ -41,6 +49,7 @@ stop(Dir) ->
     application:stop(dspex_bridge),
     application:set_env(dspex_bridge, snapshot_every, 100),
     application:unset_env(dspex_bridge, event_dir),
+    application:unset_env(dspex_bridge, event_backend),
     _ = os:cmd("rm -rf " ++ Dir),
     ok.
 
@@ -59,6 +68,16 @@ events(S) ->
     Evs.
 
 types(S) -> [T || #{type := T} <- events(S)].
+
+%% Under DX_EVENTS_PG_URL the events go to PostgreSQL: no SQLite file is created.
+the_configured_backend_is_used() ->
+    {ok, _} = dspex_events:append(sid(), e, x, #{durability => sync}),
+    {ok, Dir} = application:get_env(dspex_bridge, event_dir),
+    Sqlite = filelib:is_regular(filename:join(Dir, "events.db")),
+    case application:get_env(dspex_bridge, event_backend) of
+        {ok, {postgres, _}} -> ?assertNot(Sqlite);
+        undefined -> ?assert(Sqlite)
+    end.
 
 every_store_change_is_one_event_in_commit_order() ->
     S = sid(),
