@@ -46,7 +46,7 @@
 
 -export([start_link/0, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
-         archive_dir/0, snapshots_sync/0, prometheus/0]).
+         archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -384,6 +384,43 @@ archive_dir() ->
         {ok, D} -> D;
         undefined -> filename:join(event_dir(), "archive")
     end.
+
+%% @doc A term with a JSON form (`dspex_json:encode/1' accepts it) made from an
+%% event's data, metadata or a `state_at/2' state, for the gRPC messages:
+%% atoms stay (`true', `false', `null'; `undefined' becomes `null'; others
+%% are encoded as strings), tuples become lists, a binary that is not UTF-8
+%% becomes `#{<<"$base64">> => Base64}', an integer outside int64 its decimal
+%% string, a pid, port, reference or fun its printed text, and a map key that
+%% is not a binary, atom or integer its printed text.
+-spec json_term(term()) -> dspex_json:json() | atom().
+json_term(undefined) -> null;
+json_term(A) when is_atom(A) -> A;
+json_term(I) when is_integer(I), I >= -(1 bsl 63), I < 1 bsl 63 -> I;
+json_term(I) when is_integer(I) -> integer_to_binary(I);
+json_term(F) when is_float(F) -> F;
+json_term(B) when is_binary(B) ->
+    case unicode:characters_to_binary(B, utf8, utf8) of
+        B -> B;
+        _ -> #{<<"$base64">> => base64:encode(B)}
+    end;
+json_term(T) when is_tuple(T) -> [json_term(X) || X <- tuple_to_list(T)];
+json_term(M) when is_map(M) -> maps:from_list([{json_key(K), json_term(V)} || {K, V} <- maps:to_list(M)]);
+json_term(L) when is_list(L) ->
+    try [json_term(X) || X <- L]
+    catch error:_ -> printed(L) %% an improper list
+    end;
+json_term(Other) -> printed(Other).
+
+json_key(K) when is_atom(K) -> K;
+json_key(K) when is_integer(K) -> integer_to_binary(K);
+json_key(K) when is_binary(K) ->
+    case unicode:characters_to_binary(K, utf8, utf8) of
+        K -> K;
+        _ -> printed(K)
+    end;
+json_key(K) -> printed(K).
+
+printed(T) -> unicode:characters_to_binary(io_lib:format("~0tp", [T])).
 
 %%% internals -----------------------------------------------------------------
 

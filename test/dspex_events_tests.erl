@@ -24,6 +24,7 @@ events_test_() ->
       ?T(archive_round_trip),
       ?T(erlang_side_events),
       ?T(bad_arguments_are_errors),
+      ?T(json_term_of_any_term),
       ?T(prometheus_and_telemetry)]}.
 
 start() ->
@@ -394,3 +395,16 @@ prometheus_and_telemetry() ->
     Text = iolist_to_binary(dspex_prometheus:render()),
     [?assertMatch({_, _}, binary:match(Text, G)) || G <- [<<"dspex_events_queue_depth ">>, <<"dspex_events_lag_seconds ">>,
                                                        <<"dspex_events_errors_total ">>]].
+
+%% The JSON form of event data for the gRPC messages (dspex_events:json_term/1).
+json_term_of_any_term() ->
+    Big = 1 bsl 70,
+    T = #{a => {opt, 7}, <<"b">> => [1, 2.5, undefined, true, null, nan], 3 => <<255, 0>>, {k} => Big,
+          p => self(), l => [1 | 2], u => <<"é"/utf8>>, Big => x},
+    J = dspex_events:json_term(T),
+    {ok, Text} = dspex_json:encode(J),
+    {ok, D} = dspex_json:decode(Text),
+    ?assertMatch(#{<<"a">> := [<<"opt">>, 7], <<"b">> := [1, 2.5, null, true, null, <<"nan">>],
+                   <<"3">> := #{<<"$base64">> := <<"/wA=">>}, <<"{k}">> := <<"1180591620717411303424">>,
+                   <<"l">> := <<"[1|2]">>, <<"u">> := <<"é"/utf8>>, <<"1180591620717411303424">> := <<"x">>}, D),
+    ?assertMatch(<<"<", _/binary>>, maps:get(<<"p">>, D)).
