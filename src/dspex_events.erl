@@ -481,17 +481,18 @@ bound(W, _, _) -> throw(W).
 init([]) ->
     process_flag(trap_exit, true),
     Env = fun(K, D) -> application:get_env(dspex_bridge, K, D) end,
-    {Backend, Target} = case Env(event_backend, sqlite) of
-                            sqlite ->
-                                Dir = event_dir(),
-                                ok = filelib:ensure_dir(filename:join(Dir, "x")),
-                                {sqlite, filename:join(Dir, "events.db")};
-                            {postgres, Conninfo} -> {postgres, Conninfo}
-                        end,
+    Dir = event_dir(),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    {Backend, Target, Spool} = case Env(event_backend, sqlite) of
+                                   sqlite -> {sqlite, filename:join(Dir, "events.db"), #{}};
+                                   %% PostgreSQL down: batches go to an embedded spool, moved back in order
+                                   {postgres, Conninfo} ->
+                                       {postgres, Conninfo, #{spool => filename:join(Dir, "pg_spool.db")}}
+                               end,
     Every = Env(snapshot_every, 100),
-    Cfg = #{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
-            capacity => Env(event_queue_capacity, 1 bsl 20), snapshot_every => Every,
-            max_batch => Env(event_max_batch, 8192)},
+    Cfg = Spool#{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
+                 capacity => Env(event_queue_capacity, 1 bsl 20), snapshot_every => Every,
+                 max_batch => Env(event_max_batch, 8192)},
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of
         ok ->
@@ -574,14 +575,20 @@ deliver(Ref, #{subs := Subs, last := Last} = St) ->
                                         all -> #{};
                                         F -> maps:with([session, types], F)
                                     end),
-                    {ok, Evs} = dspex_nif:events_read(Q0),
-                    [Sub#sub.pid ! {dspex_event, Ref, E} || E <- Evs],
-                    NewPos = case length(Evs) < ?SUB_PAGE of
-                                 true -> Last;
-                                 false -> maps:get(position, lists:last(Evs))
-                             end,
-                    NewPos < Last andalso (self() ! {continue, Ref}),
-                    St#{subs := Subs#{Ref := Sub#sub{pos = NewPos}}}
+                    case dspex_nif:events_read(Q0) of
+                        {ok, Evs} ->
+                            [Sub#sub.pid ! {dspex_event, Ref, E} || E <- Evs],
+                            NewPos = case length(Evs) < ?SUB_PAGE of
+                                         true -> Last;
+                                         false -> maps:get(position, lists:last(Evs))
+                                     end,
+                            NewPos < Last andalso (self() ! {continue, Ref}),
+                            St#{subs := Subs#{Ref := Sub#sub{pos = NewPos}}};
+                        {error, _} ->
+                            %% the backend cannot be read now (PostgreSQL down): the same page later
+                            erlang:send_after(200, self(), {continue, Ref}),
+                            St
+                    end
             end;
         _ -> St
     end.

@@ -25,7 +25,15 @@ events_test_() ->
       ?T(erlang_side_events),
       ?T(bad_arguments_are_errors),
       ?T(json_term_of_any_term),
-      ?T(prometheus_and_telemetry)]}.
+      ?T(prometheus_and_telemetry)]
+     %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
+     ++ [?T(postgres_down_spools_then_catches_up_in_order) || pg_ctl() =/= false]}.
+
+pg_ctl() ->
+    case {os:getenv("DX_EVENTS_PG_URL"), os:getenv("DX_PG_CTL")} of
+        {U, C} when is_list(U), U =/= "", is_list(C), C =/= "" -> C;
+        _ -> false
+    end.
 
 start() ->
     Dir = "/tmp/dspex_events_eunit_" ++ os:getpid(),
@@ -408,3 +416,48 @@ json_term_of_any_term() ->
                    <<"3">> := #{<<"$base64">> := <<"/wA=">>}, <<"{k}">> := <<"1180591620717411303424">>,
                    <<"l">> := <<"[1|2]">>, <<"u">> := <<"é"/utf8>>, <<"1180591620717411303424">> := <<"x">>}, D),
     ?assertMatch(<<"<", _/binary>>, maps:get(<<"p">>, D)).
+
+%% PostgreSQL stopped mid-run (test/pg/pg_ctl.sh down), writes go on (sync ones
+%% are acknowledged once spooled to the embedded spool, durable), the server
+%% comes back: every event is in PostgreSQL, in order, with no gap, and a
+%% subscriber gets them all in order.
+postgres_down_spools_then_catches_up_in_order() ->
+    Ctl = pg_ctl(),
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    [{ok, _} = dspex_store:set(S, x, N) || N <- lists:seq(1, 50)],
+    settle(),
+    {ok, Ref} = dspex_events:subscribe(#{session => S}, self(), #{from => live}),
+    pg(Ctl, "down"),
+    try
+        [{ok, _} = dspex_store:set(S, x, N, #{durability => sync}) || N <- lists:seq(51, 100)],
+        {ok, _} = dspex_store:set_many(S, #{x => 101}, #{atomic => true, durability => sync}),
+        [{ok, _} = dspex_store:set(S, x, N) || N <- lists:seq(102, 300)],
+        ok = dspex_events:await(),
+        %% 51..101 with the batch_committed of 101, then 102..300: all spooled
+        ?assertMatch(#{spooled := 251}, dspex_events:stats())
+    after
+        pg(Ctl, "start")
+    end,
+    ok = wait_until(fun() -> maps:get(spooled, dspex_events:stats()) =:= 0 end, 1200),
+    Evs = events(S),
+    ?assertEqual(lists:seq(1, 2 + 300 + 1), [N || #{sequence := N} <- Evs]),
+    ?assertEqual(lists:seq(1, 300), [V || #{type := variable_updated, data := #{value := V}} <- Evs]),
+    Ps = [P || #{position := P} <- Evs],
+    ?assertEqual(lists:usort(Ps), Ps),
+    Live = collect(Ref, 251),
+    ?assertEqual(lists:seq(53, 303), [N || #{sequence := N} <- Live]),
+    ok = dspex_events:unsubscribe(Ref).
+
+pg(Ctl, Cmd) ->
+    Out = os:cmd(Ctl ++ " " ++ Cmd ++ " 2>&1; echo \"rc=$?\""),
+    ?assertMatch({match, _}, re:run(Out, "rc=0\n$"), Out).
+
+%% Bounded polling (50 ms steps, at most N of them).
+wait_until(F, N) ->
+    case F() of
+        true -> ok;
+        false when N > 0 -> timer:sleep(50), wait_until(F, N - 1);
+        false -> {error, timeout}
+    end.
