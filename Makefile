@@ -177,7 +177,7 @@ test-events-pg: deps-test compile
 	$(call with_pg,$(MAKE) -C c_src test-pg test-pg-asan test-pg-valgrind && $(EVENTS_PG_EUNIT))
 
 # The event log's EUnit suite (the same as with SQLite) against PostgreSQL, in a database of its own
-EVENTS_PG_EUNIT = DX_EVENTS_PG_URL="$$($(PG_CTL) url dx_events_eunit)" $(REBAR3) eunit --module=dspex_events_tests
+EVENTS_PG_EUNIT = DX_EVENTS_PG_URL="$$($(PG_CTL) url dx_events_eunit)" DX_PG_CTL=$(PG_CTL) $(REBAR3) eunit --module=dspex_events_tests
 
 # The same EUnit suite alone against a throwaway PostgreSQL server
 test-events-pg-eunit: deps-test compile

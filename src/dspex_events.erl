@@ -336,7 +336,8 @@ incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
 
 %% @doc Queue and writer counters: `pushed', `done' (durable), `depth',
 %% `max_depth', `bytes', `batches', `written', `errors', `lag_us' (age of
-%% the oldest queued event), `last_position', `last_error', `lost', `full'.
+%% the oldest queued event), `last_position', `last_error', `lost', `full',
+%% `spooled' (events in the PostgreSQL spool, waiting for the database).
 -spec stats() -> map() | {error, term()}.
 stats() -> dspex_nif:events_stats().
 
@@ -362,7 +363,7 @@ snapshots_sync() ->
 -spec prometheus() -> iodata().
 prometheus() ->
     case dspex_nif:events_stats() of
-        #{depth := D, lag_us := Lag, errors := E, written := W, lost := L, batches := B, full := F} ->
+        #{depth := D, lag_us := Lag, errors := E, written := W, lost := L, batches := B, full := F, spooled := Sp} ->
             [metric("dspex_events_queue_depth", gauge, "Events queued, not yet durable.", D),
              metric("dspex_events_lag_seconds", gauge, "Age of the oldest queued event.", Lag / 1.0e6),
              metric("dspex_events_queue_full", gauge, "1 while writers are held back (queue at capacity).",
@@ -370,7 +371,9 @@ prometheus() ->
              metric("dspex_events_errors_total", counter, "Failed batch writes (each retried).", E),
              metric("dspex_events_written_total", counter, "Events made durable.", W),
              metric("dspex_events_batches_total", counter, "Batches (transactions) written.", B),
-             metric("dspex_events_lost_total", counter, "Events not queued for lack of memory.", L)];
+             metric("dspex_events_lost_total", counter, "Events not queued for lack of memory.", L),
+             metric("dspex_events_spooled", gauge,
+                    "Events in the spool while PostgreSQL is unreachable (durable, not yet in the database).", Sp)];
         _ -> []
     end.
 
@@ -423,6 +426,12 @@ json_key(K) -> printed(K).
 printed(T) -> unicode:characters_to_binary(io_lib:format("~0tp", [T])).
 
 %%% internals -----------------------------------------------------------------
+
+durable_position() ->
+    case dspex_nif:events_stats() of
+        #{last_position := P} -> P;
+        _ -> 0
+    end.
 
 default_durability() -> persistent_term:get({?MODULE, durability}, async).
 
@@ -511,7 +520,8 @@ init([]) ->
 handle_call({subscribe, Filter, Pid, Opts}, _From, #{subs := Subs, last := Last} = St) ->
     Ref = make_ref(),
     Pos = case maps:get(from, Opts, live) of
-              live -> Last;
+              %% everything durable now, also a batch whose notice is still on its way here
+              live -> max(Last, durable_position());
               P when is_integer(P), P >= 1 -> P - 1
           end,
     Sub = #sub{ref = Ref, pid = Pid, mon = erlang:monitor(process, Pid), filter = Filter, pos = Pos,
