@@ -179,7 +179,7 @@ bench-grpc: compile python-stubs
 # under _build/pg (test/pg/pg_ctl.sh: 127.0.0.1, a free port), the backend's cmocka tests
 # against it (plain, ASan+UBSan, valgrind) or its benchmark, then the server is stopped
 # and its data deleted, also when a test fails.
-.PHONY: test-events-pg bench-events-pg
+.PHONY: test-events-pg test-events-pg-eunit bench-events-pg
 PG_CTL := $(CURDIR)/test/pg/pg_ctl.sh
 define with_pg
 	@$(PG_CTL) start
@@ -187,8 +187,15 @@ define with_pg
 	  rc=$$?; $(PG_CTL) stop; exit $$rc
 endef
 
-test-events-pg: deps-test
-	$(call with_pg,$(MAKE) -C c_src test-pg test-pg-asan test-pg-valgrind)
+test-events-pg: deps-test compile
+	$(call with_pg,$(MAKE) -C c_src test-pg test-pg-asan test-pg-valgrind && $(EVENTS_PG_EUNIT))
+
+# The event log's EUnit suite (the same as with SQLite) against PostgreSQL, in a database of its own
+EVENTS_PG_EUNIT = DX_EVENTS_PG_URL="$$($(PG_CTL) url dx_events_eunit)" DX_PG_CTL=$(PG_CTL) $(REBAR3) eunit --module=dspex_events_tests
+
+# The same EUnit suite alone against a throwaway PostgreSQL server
+test-events-pg-eunit: deps-test compile
+	$(call with_pg,$(EVENTS_PG_EUNIT))
 
 # events/s with one event per transaction vs batches of 100 and 1000 (durable commits)
 bench-events-pg: deps-test

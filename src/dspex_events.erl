@@ -46,7 +46,7 @@
 
 -export([start_link/0, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
-         archive_dir/0, snapshots_sync/0, prometheus/0]).
+         archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -336,7 +336,8 @@ incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
 
 %% @doc Queue and writer counters: `pushed', `done' (durable), `depth',
 %% `max_depth', `bytes', `batches', `written', `errors', `lag_us' (age of
-%% the oldest queued event), `last_position', `last_error', `lost', `full'.
+%% the oldest queued event), `last_position', `last_error', `lost', `full',
+%% `spooled' (events in the PostgreSQL spool, waiting for the database).
 -spec stats() -> map() | {error, term()}.
 stats() -> dspex_nif:events_stats().
 
@@ -362,7 +363,7 @@ snapshots_sync() ->
 -spec prometheus() -> iodata().
 prometheus() ->
     case dspex_nif:events_stats() of
-        #{depth := D, lag_us := Lag, errors := E, written := W, lost := L, batches := B, full := F} ->
+        #{depth := D, lag_us := Lag, errors := E, written := W, lost := L, batches := B, full := F, spooled := Sp} ->
             [metric("dspex_events_queue_depth", gauge, "Events queued, not yet durable.", D),
              metric("dspex_events_lag_seconds", gauge, "Age of the oldest queued event.", Lag / 1.0e6),
              metric("dspex_events_queue_full", gauge, "1 while writers are held back (queue at capacity).",
@@ -370,7 +371,9 @@ prometheus() ->
              metric("dspex_events_errors_total", counter, "Failed batch writes (each retried).", E),
              metric("dspex_events_written_total", counter, "Events made durable.", W),
              metric("dspex_events_batches_total", counter, "Batches (transactions) written.", B),
-             metric("dspex_events_lost_total", counter, "Events not queued for lack of memory.", L)];
+             metric("dspex_events_lost_total", counter, "Events not queued for lack of memory.", L),
+             metric("dspex_events_spooled", gauge,
+                    "Events in the spool while PostgreSQL is unreachable (durable, not yet in the database).", Sp)];
         _ -> []
     end.
 
@@ -385,7 +388,50 @@ archive_dir() ->
         undefined -> filename:join(event_dir(), "archive")
     end.
 
+%% @doc A term with a JSON form (`dspex_json:encode/1' accepts it) made from an
+%% event's data, metadata or a `state_at/2' state, for the gRPC messages:
+%% atoms stay (`true', `false', `null'; `undefined' becomes `null'; others
+%% are encoded as strings), tuples become lists, a binary that is not UTF-8
+%% becomes `#{<<"$base64">> => Base64}', an integer outside int64 its decimal
+%% string, a pid, port, reference or fun its printed text, and a map key that
+%% is not a binary, atom or integer its printed text.
+-spec json_term(term()) -> dspex_json:json() | atom().
+json_term(undefined) -> null;
+json_term(A) when is_atom(A) -> A;
+json_term(I) when is_integer(I), I >= -(1 bsl 63), I < 1 bsl 63 -> I;
+json_term(I) when is_integer(I) -> integer_to_binary(I);
+json_term(F) when is_float(F) -> F;
+json_term(B) when is_binary(B) ->
+    case unicode:characters_to_binary(B, utf8, utf8) of
+        B -> B;
+        _ -> #{<<"$base64">> => base64:encode(B)}
+    end;
+json_term(T) when is_tuple(T) -> [json_term(X) || X <- tuple_to_list(T)];
+json_term(M) when is_map(M) -> maps:from_list([{json_key(K), json_term(V)} || {K, V} <- maps:to_list(M)]);
+json_term(L) when is_list(L) ->
+    try [json_term(X) || X <- L]
+    catch error:_ -> printed(L) %% an improper list
+    end;
+json_term(Other) -> printed(Other).
+
+json_key(K) when is_atom(K) -> K;
+json_key(K) when is_integer(K) -> integer_to_binary(K);
+json_key(K) when is_binary(K) ->
+    case unicode:characters_to_binary(K, utf8, utf8) of
+        K -> K;
+        _ -> printed(K)
+    end;
+json_key(K) -> printed(K).
+
+printed(T) -> unicode:characters_to_binary(io_lib:format("~0tp", [T])).
+
 %%% internals -----------------------------------------------------------------
+
+durable_position() ->
+    case dspex_nif:events_stats() of
+        #{last_position := P} -> P;
+        _ -> 0
+    end.
 
 default_durability() -> persistent_term:get({?MODULE, durability}, async).
 
@@ -444,17 +490,18 @@ bound(W, _, _) -> throw(W).
 init([]) ->
     process_flag(trap_exit, true),
     Env = fun(K, D) -> application:get_env(dspex_bridge, K, D) end,
-    {Backend, Target} = case Env(event_backend, sqlite) of
-                            sqlite ->
-                                Dir = event_dir(),
-                                ok = filelib:ensure_dir(filename:join(Dir, "x")),
-                                {sqlite, filename:join(Dir, "events.db")};
-                            {postgres, Conninfo} -> {postgres, Conninfo}
-                        end,
+    Dir = event_dir(),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    {Backend, Target, Spool} = case Env(event_backend, sqlite) of
+                                   sqlite -> {sqlite, filename:join(Dir, "events.db"), #{}};
+                                   %% PostgreSQL down: batches go to an embedded spool, moved back in order
+                                   {postgres, Conninfo} ->
+                                       {postgres, Conninfo, #{spool => filename:join(Dir, "pg_spool.db")}}
+                               end,
     Every = Env(snapshot_every, 100),
-    Cfg = #{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
-            capacity => Env(event_queue_capacity, 65536), snapshot_every => Every,
-            max_batch => Env(event_max_batch, 8192)},
+    Cfg = Spool#{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
+                 capacity => Env(event_queue_capacity, 65536), snapshot_every => Every,
+                 max_batch => Env(event_max_batch, 8192)},
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of
         ok ->
@@ -473,7 +520,8 @@ init([]) ->
 handle_call({subscribe, Filter, Pid, Opts}, _From, #{subs := Subs, last := Last} = St) ->
     Ref = make_ref(),
     Pos = case maps:get(from, Opts, live) of
-              live -> Last;
+              %% everything durable now, also a batch whose notice is still on its way here
+              live -> max(Last, durable_position());
               P when is_integer(P), P >= 1 -> P - 1
           end,
     Sub = #sub{ref = Ref, pid = Pid, mon = erlang:monitor(process, Pid), filter = Filter, pos = Pos,
@@ -537,14 +585,20 @@ deliver(Ref, #{subs := Subs, last := Last} = St) ->
                                         all -> #{};
                                         F -> maps:with([session, types], F)
                                     end),
-                    {ok, Evs} = dspex_nif:events_read(Q0),
-                    [Sub#sub.pid ! {dspex_event, Ref, E} || E <- Evs],
-                    NewPos = case length(Evs) < ?SUB_PAGE of
-                                 true -> Last;
-                                 false -> maps:get(position, lists:last(Evs))
-                             end,
-                    NewPos < Last andalso (self() ! {continue, Ref}),
-                    St#{subs := Subs#{Ref := Sub#sub{pos = NewPos}}}
+                    case dspex_nif:events_read(Q0) of
+                        {ok, Evs} ->
+                            [Sub#sub.pid ! {dspex_event, Ref, E} || E <- Evs],
+                            NewPos = case length(Evs) < ?SUB_PAGE of
+                                         true -> Last;
+                                         false -> maps:get(position, lists:last(Evs))
+                                     end,
+                            NewPos < Last andalso (self() ! {continue, Ref}),
+                            St#{subs := Subs#{Ref := Sub#sub{pos = NewPos}}};
+                        {error, _} ->
+                            %% the backend cannot be read now (PostgreSQL down): the same page later
+                            erlang:send_after(200, self(), {continue, Ref}),
+                            St
+                    end
             end;
         _ -> St
     end.

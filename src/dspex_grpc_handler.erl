@@ -9,6 +9,12 @@
 %% in microseconds, `*_json' fields parsed). Request metadata
 %% `dspex-principal' acts as another session (`as'), `dspex-context' is the
 %% access-control context.
+%%
+%% The event log RPCs (`GetEvents', `WatchEvents', `GetStateAt') read
+%% `dspex_events'; event data, metadata and states travel as JSON made by
+%% `dspex_events:json_term/1'. `WatchEvents' subscribes the handler process
+%% (catch-up from a position or sequence, then live) and resumes a
+%% subscription dropped for overflow right after its last event.
 -module(dspex_grpc_handler).
 
 -export([run/5, handle/4, var_to_pb/3]).
@@ -390,8 +396,115 @@ rpc('ExecuteStreamingTool', #{session_id := S, tool_name := Name} = Req, #{opts 
 rpc('GetDashboard', #{session_id := S}, _Call, _Ctx) ->
     dashboard(S);
 
+
+%%% event log (dspex_events) ------------------------------------------------------
+
+rpc(M, Req, _Call, Ctx) when M =:= 'GetEvents'; M =:= 'WatchEvents'; M =:= 'GetStateAt' ->
+    case dspex_events:enabled() of
+        true -> events_rpc(M, Req, Ctx);
+        false -> {error, unavailable}
+    end;
+
 rpc(M, _Req, _Call, _Ctx) ->
     {error, {invalid_argument, <<"unsupported request for ", (atom_to_binary(M, utf8))/binary>>}}.
+
+%%% event log ----------------------------------------------------------------------
+
+events_rpc('GetEvents', #{since_sequence := From, until_sequence := To, limit := L}, _Ctx)
+  when From < 0; To < 0; L < 0; L > 100000 ->
+    {error, {invalid_argument, <<"since_sequence and until_sequence must be >= 0, limit 0..100000">>}};
+events_rpc('GetEvents', #{since_sequence := From, until_sequence := To, since_time := T0, until_time := T1}, _Ctx)
+  when From > 0, is_integer(T0); To > 0, is_integer(T1) ->
+    {error, {invalid_argument, <<"a bound is a sequence or a time, not both">>}};
+events_rpc('GetEvents', #{session_id := S, since_sequence := From, until_sequence := To, since_time := T0,
+                          until_time := T1, types := Types, limit := L, descending := Desc,
+                          include_archive := Arch}, _Ctx) ->
+    Opts = maps:from_list([{since, {sequence, From}} || From > 0] ++ [{until, {sequence, To}} || To > 0]
+                          ++ [{since, {time, T0}} || is_integer(T0)] ++ [{until, {time, T1}} || is_integer(T1)]
+                          ++ [{types, Types} || Types =/= []]
+                          ++ [{limit, case L of 0 -> 1000; _ -> L end},
+                              {direction, case Desc of true -> backward; false -> forward end},
+                              {include_archive, Arch}]),
+    case dspex_events:read(S, Opts) of
+        {ok, Evs} -> {reply, #{events => [event_to_pb(E) || E <- Evs]}};
+        Error -> Error
+    end;
+events_rpc('GetStateAt', #{sequence := N}, _Ctx) when N < 0 ->
+    {error, {invalid_argument, <<"sequence must be >= 0">>}};
+events_rpc('GetStateAt', #{session_id := S, sequence := N, time := T}, _Ctx) ->
+    Point = if N > 0 -> {ok, {sequence, N}};
+               is_integer(T), T > 0 -> {ok, {time, T}};
+               true -> {error, {invalid_argument, <<"a sequence (> 0) or a time is required">>}}
+            end,
+    case Point of
+        {ok, P} ->
+            case dspex_events:state_at(S, P) of
+                {ok, State} -> {reply, #{state_json => dspex_events:json_term(State)}};
+                {error, not_found} -> {error, {session_not_found, S}};
+                Error -> Error
+            end;
+        Error -> Error
+    end;
+events_rpc('WatchEvents', #{from_position := P, from_sequence := N}, _Ctx) when P < 0; N < 0 ->
+    {error, {invalid_argument, <<"from_position and from_sequence must be >= 0">>}};
+events_rpc('WatchEvents', #{session_id := S, types := Types, from_position := P, from_sequence := N},
+           {Port, _} = Ctx) ->
+    _ = is_port(Port) andalso erlang:monitor(port, Port),
+    Filter = maps:from_list([{session, S}] ++ [{types, Types} || Types =/= []]),
+    case watch_events_from(S, P, N) of
+        {ok, From} ->
+            case dspex_events:subscribe(Filter, self(), #{from => From}) of
+                {ok, Ref} -> watch_events_loop(Filter, Ref, N, Ctx);
+                Error -> Error
+            end;
+        Error -> Error
+    end.
+
+%% The position to subscribe from. From a sequence: that event's position when
+%% it is stored; else the position after the session's last stored event (any
+%% event with a higher sequence comes later), events below the sequence skipped.
+watch_events_from(_S, P, _N) when P > 0 -> {ok, P};
+watch_events_from(_S, 0, 0) -> {ok, live};
+watch_events_from(S, 0, N) ->
+    case dspex_events:read(S, #{since => {sequence, N}, limit => 1}) of
+        {ok, [#{position := P}]} -> {ok, P};
+        {ok, []} ->
+            case dspex_events:read(S, #{direction => backward, limit => 1}) of
+                {ok, [#{position := Last}]} -> {ok, Last + 1};
+                {ok, []} -> {ok, 1};
+                Error -> Error
+            end;
+        Error -> Error
+    end.
+
+%% Streams every event; a subscription dropped for falling behind (the port
+%% could not keep up) is resumed right after the last event sent, so the
+%% stream has no gap and no duplicate. Ends when the call is cancelled (the
+%% handler is killed) or its port goes away.
+watch_events_loop(Filter, Ref, MinSeq, Ctx) ->
+    receive
+        {dspex_event, Ref, #{sequence := Seq}} when Seq < MinSeq ->
+            watch_events_loop(Filter, Ref, MinSeq, Ctx);
+        {dspex_event, Ref, E} ->
+            dspex_grpc:stream(Ctx, event_to_pb(E)),
+            watch_events_loop(Filter, Ref, MinSeq, Ctx);
+        {dspex_event_overflow, Ref, Last} ->
+            case dspex_events:subscribe(Filter, self(), #{from => Last + 1}) of
+                {ok, Ref1} -> watch_events_loop(Filter, Ref1, MinSeq, Ctx);
+                Error -> Error
+            end;
+        {'DOWN', _, port, _, _} ->
+            dspex_events:unsubscribe(Ref),
+            streamed;
+        _Other ->
+            watch_events_loop(Filter, Ref, MinSeq, Ctx)
+    end.
+
+event_to_pb(#{id := Id, type := T, session := S, sequence := Seq, position := P, timestamp := Ts,
+              data := D, metadata := M}) ->
+    #{id => Id, type => if is_atom(T) -> atom_to_binary(T, utf8); true -> T end, session_id => S,
+      sequence => Seq, position => P, timestamp => Ts,
+      data_json => dspex_events:json_term(D), metadata_json => dspex_events:json_term(M)}.
 
 %%% watch --------------------------------------------------------------------------
 

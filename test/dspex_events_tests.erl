@@ -9,7 +9,8 @@
 
 events_test_() ->
     {setup, fun start/0, fun stop/1,
-     [?T(every_store_change_is_one_event_in_commit_order),
+     [?T(the_configured_backend_is_used),
+      ?T(every_store_change_is_one_event_in_commit_order),
       ?T(session_deleted_reasons),
       ?T(sequences_gapless_under_8_writers_and_atomic_batches),
       ?T(sync_write_returns_after_its_event_is_durable),
@@ -23,7 +24,16 @@ events_test_() ->
       ?T(archive_round_trip),
       ?T(erlang_side_events),
       ?T(bad_arguments_are_errors),
-      ?T(prometheus_and_telemetry)]}.
+      ?T(json_term_of_any_term),
+      ?T(prometheus_and_telemetry)]
+     %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
+     ++ [?T(postgres_down_spools_then_catches_up_in_order) || pg_ctl() =/= false]}.
+
+pg_ctl() ->
+    case {os:getenv("DX_EVENTS_PG_URL"), os:getenv("DX_PG_CTL")} of
+        {U, C} when is_list(U), U =/= "", is_list(C), C =/= "" -> C;
+        _ -> false
+    end.
 
 start() ->
     Dir = "/tmp/dspex_events_eunit_" ++ os:getpid(),
@@ -31,6 +41,13 @@ start() ->
     _ = application:stop(dspex_bridge),
     _ = application:load(dspex_bridge),
     application:set_env(dspex_bridge, event_dir, Dir),
+    %% DX_EVENTS_PG_URL (set by `make test-events-pg', which starts a throwaway
+    %% server with test/pg/pg_ctl.sh): the same suite against PostgreSQL
+    case os:getenv("DX_EVENTS_PG_URL") of
+        Url when is_list(Url), Url =/= "" ->
+            application:set_env(dspex_bridge, event_backend, {postgres, Url});
+        _ -> application:unset_env(dspex_bridge, event_backend)
+    end,
     application:set_env(dspex_bridge, grpc_enabled, false),
     application:set_env(dspex_bridge, prometheus_enabled, false),
     application:set_env(dspex_bridge, snapshot_every, 10),
@@ -41,6 +58,7 @@ stop(Dir) ->
     application:stop(dspex_bridge),
     application:set_env(dspex_bridge, snapshot_every, 100),
     application:unset_env(dspex_bridge, event_dir),
+    application:unset_env(dspex_bridge, event_backend),
     _ = os:cmd("rm -rf " ++ Dir),
     ok.
 
@@ -59,6 +77,16 @@ events(S) ->
     Evs.
 
 types(S) -> [T || #{type := T} <- events(S)].
+
+%% Under DX_EVENTS_PG_URL the events go to PostgreSQL: no SQLite file is created.
+the_configured_backend_is_used() ->
+    {ok, _} = dspex_events:append(sid(), e, x, #{durability => sync}),
+    {ok, Dir} = application:get_env(dspex_bridge, event_dir),
+    Sqlite = filelib:is_regular(filename:join(Dir, "events.db")),
+    case application:get_env(dspex_bridge, event_backend) of
+        {ok, {postgres, _}} -> ?assertNot(Sqlite);
+        undefined -> ?assert(Sqlite)
+    end.
 
 every_store_change_is_one_event_in_commit_order() ->
     S = sid(),
@@ -376,3 +404,62 @@ prometheus_and_telemetry() ->
     Text = iolist_to_binary(dspex_prometheus:render()),
     [?assertMatch({_, _}, binary:match(Text, G)) || G <- [<<"dspex_events_queue_depth ">>, <<"dspex_events_lag_seconds ">>,
                                                        <<"dspex_events_errors_total ">>]].
+
+%% The JSON form of event data for the gRPC messages (dspex_events:json_term/1).
+json_term_of_any_term() ->
+    Big = 1 bsl 70,
+    T = #{a => {opt, 7}, <<"b">> => [1, 2.5, undefined, true, null, nan], 3 => <<255, 0>>, {k} => Big,
+          p => self(), l => [1 | 2], u => <<"é"/utf8>>, Big => x},
+    J = dspex_events:json_term(T),
+    {ok, Text} = dspex_json:encode(J),
+    {ok, D} = dspex_json:decode(Text),
+    ?assertMatch(#{<<"a">> := [<<"opt">>, 7], <<"b">> := [1, 2.5, null, true, null, <<"nan">>],
+                   <<"3">> := #{<<"$base64">> := <<"/wA=">>}, <<"{k}">> := <<"1180591620717411303424">>,
+                   <<"l">> := <<"[1|2]">>, <<"u">> := <<"é"/utf8>>, <<"1180591620717411303424">> := <<"x">>}, D),
+    ?assertMatch(<<"<", _/binary>>, maps:get(<<"p">>, D)).
+
+%% PostgreSQL stopped mid-run (test/pg/pg_ctl.sh down), writes go on (sync ones
+%% are acknowledged once spooled to the embedded spool, durable), the server
+%% comes back: every event is in PostgreSQL, in order, with no gap, and a
+%% subscriber gets them all in order.
+postgres_down_spools_then_catches_up_in_order() ->
+    Ctl = pg_ctl(),
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    [{ok, _} = dspex_store:set(S, x, N) || N <- lists:seq(1, 50)],
+    settle(),
+    {ok, Ref} = dspex_events:subscribe(#{session => S}, self(), #{from => live}),
+    pg(Ctl, "down"),
+    try
+        [{ok, _} = dspex_store:set(S, x, N, #{durability => sync}) || N <- lists:seq(51, 100)],
+        {ok, _} = dspex_store:set_many(S, #{x => 101}, #{atomic => true, durability => sync}),
+        [{ok, _} = dspex_store:set(S, x, N) || N <- lists:seq(102, 300)],
+        ok = dspex_events:await(),
+        %% 51..101 with the batch_committed of 101, then 102..300: all spooled
+        ?assertMatch(#{spooled := 251}, dspex_events:stats())
+    after
+        pg(Ctl, "start")
+    end,
+    ok = wait_until(fun() -> maps:get(spooled, dspex_events:stats()) =:= 0 end, 1200),
+    Evs = events(S),
+    ?assertEqual(lists:seq(1, 2 + 300 + 1), [N || #{sequence := N} <- Evs]),
+    ?assertEqual(lists:seq(1, 300), [V || #{type := variable_updated, data := #{value := V}} <- Evs]),
+    Ps = [P || #{position := P} <- Evs],
+    ?assertEqual(lists:usort(Ps), Ps),
+    Live = collect(Ref, 251),
+    ?assertEqual(lists:seq(53, 303), [N || #{sequence := N} <- Live]),
+    ok = dspex_events:unsubscribe(Ref).
+
+pg(Ctl, Cmd) ->
+    %% the server never inherits a sanitizer runtime preloaded into this VM (test-nif-asan)
+    Out = os:cmd("env -u LD_PRELOAD " ++ Ctl ++ " " ++ Cmd ++ " 2>&1; echo \"rc=$?\""),
+    ?assertMatch({match, _}, re:run(Out, "rc=0\n$"), Out).
+
+%% Bounded polling (50 ms steps, at most N of them).
+wait_until(F, N) ->
+    case F() of
+        true -> ok;
+        false when N > 0 -> timer:sleep(50), wait_until(F, N - 1);
+        false -> {error, timeout}
+    end.

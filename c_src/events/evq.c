@@ -1,5 +1,6 @@
 /* Event queue and writer thread (see evq.h). */
 #include "evq.h"
+#include "spool.h"
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +34,10 @@ struct dx_evq {
     pthread_t thr;
     seq_slot *slots;
     size_t nslots, used;
+    dx_spool *spool;       /* NULL: no spool */
+    uint64_t spooled;      /* records in the spool (under mu; changed by the writer only) */
+    int64_t next_drain_us; /* writer only: earliest time of the next attempt to move the spool */
+    int64_t drain_backoff; /* writer only, ms */
 };
 
 static int dx_str_same(const char *a, size_t al, const char *b, size_t bl) {
@@ -282,7 +287,7 @@ bool dx_evq_full(dx_evq *q) {
 void dx_evq_stats_get(dx_evq *q, dx_evq_stats *o) {
     pthread_mutex_lock(&q->mu);
     *o = (dx_evq_stats){q->pushed, q->done, q->batches, q->errors, q->written, q->depth, q->max_depth, q->bytes,
-                        q->head ? q->head->rec.ts_us : 0, q->last_pos, {0}};
+                        q->head ? q->head->rec.ts_us : 0, q->last_pos, q->spooled, {0}};
     memcpy(o->last_error, q->last_error, sizeof o->last_error);
     pthread_mutex_unlock(&q->mu);
 }
@@ -306,6 +311,52 @@ static void free_items(dx_evq *q, dx_ev_item *it) {
     }
 }
 
+static void note_error(dx_evq *q, const char *err) { /* under q->mu */
+    q->errors++;
+    q->failed_upto = q->pushed;
+    snprintf(q->last_error, sizeof q->last_error, "%s", err);
+}
+
+/* Writer thread: moves the oldest spooled records to the backend, one batch of up to max_batch, and
+ * publishes them (on_batch with their positions). 1 when a batch moved, 0 when the spool is empty or the
+ * backend failed (retried after a back-off), -1 when the spool itself failed. */
+static int drain_once(dx_evq *q) {
+    char err[256];
+    dx_spool_batch b;
+    if (dx_spool_peek(q->spool, q->cfg.max_batch, &b, err, sizeof err)) {
+        pthread_mutex_lock(&q->mu);
+        note_error(q, err);
+        pthread_mutex_unlock(&q->mu);
+        return -1;
+    }
+    if (!b.n) {
+        pthread_mutex_lock(&q->mu);
+        q->spooled = 0;
+        pthread_mutex_unlock(&q->mu);
+        return 0;
+    }
+    /* idempotent: records already stored by an attempt whose pop failed keep their position */
+    int rc = q->cfg.ops->write_batch(q->st, b.recs, b.n, err, sizeof err);
+    if (!rc && dx_spool_pop(q->spool, b.last_id, err, sizeof err)) rc = -1;
+    pthread_mutex_lock(&q->mu);
+    if (!rc) {
+        q->batches++;
+        q->written += b.n;
+        q->spooled = q->spooled > b.n ? q->spooled - b.n : 0;
+        if (b.recs[b.n - 1].position > q->last_pos) q->last_pos = b.recs[b.n - 1].position;
+        q->drain_backoff = q->cfg.retry_ms;
+    } else {
+        note_error(q, err);
+        q->next_drain_us = dx_ev_now_us() + q->drain_backoff * 1000;
+        if (q->drain_backoff < 2000) q->drain_backoff *= 2;
+    }
+    uint64_t done = q->done;
+    pthread_mutex_unlock(&q->mu);
+    if (!rc && q->cfg.on_batch) q->cfg.on_batch(q->cfg.ctx, done, NULL, b.recs, b.n);
+    dx_spool_batch_free(&b);
+    return rc ? 0 : 1;
+}
+
 static void *writer(void *arg) {
     dx_evq *q = arg;
     size_t cap = q->cfg.max_batch;
@@ -313,25 +364,53 @@ static void *writer(void *arg) {
     char err[256];
     for (;;) {
         pthread_mutex_lock(&q->mu);
-        while (!q->head && !q->stop) pthread_cond_wait(&q->nonempty, &q->mu);
-        if (!q->head && q->stop) {
+        for (;;) {
+            if (q->head || q->stop) break;
+            if (!q->spooled) {
+                pthread_cond_wait(&q->nonempty, &q->mu);
+                continue;
+            }
+            int64_t now = dx_ev_now_us();
+            if (now >= q->next_drain_us) break;
+            struct timespec ts = {q->next_drain_us / 1000000, (q->next_drain_us % 1000000) * 1000};
+            pthread_cond_timedwait(&q->nonempty, &q->mu, &ts);
+        }
+        bool stopping = q->stop, spooled = q->spooled > 0;
+        bool drain_due = spooled && dx_ev_now_us() >= q->next_drain_us;
+        if (!q->head && stopping) {
             pthread_mutex_unlock(&q->mu);
+            /* one last try to move the spool; what stays is moved by the next open */
+            while (spooled && drain_once(q) == 1) {
+                pthread_mutex_lock(&q->mu);
+                spooled = q->spooled > 0;
+                pthread_mutex_unlock(&q->mu);
+            }
             break;
         }
         /* take up to max_batch items; they stay counted in depth until written */
         dx_ev_item *first = q->head, *last = first;
-        size_t n = 1;
-        while (n < cap && last->next) {
+        size_t n = first ? 1 : 0;
+        while (first && n < cap && last->next) {
             last = last->next;
             n++;
         }
-        q->head = last->next;
-        if (!q->head) q->tail = NULL;
-        last->next = NULL;
+        if (first) {
+            q->head = last->next;
+            if (!q->head) q->tail = NULL;
+            last->next = NULL;
+        }
         pthread_mutex_unlock(&q->mu);
+        /* the spool goes first (order): move one batch of it when due; a batch behind a spool joins it */
+        if (drain_due) {
+            (void)drain_once(q);
+            pthread_mutex_lock(&q->mu);
+            spooled = q->spooled > 0;
+            pthread_mutex_unlock(&q->mu);
+        }
+        if (!first) continue;
         int64_t backoff = q->cfg.retry_ms;
         for (;;) {
-            int rc = recs ? 0 : -1;
+            int rc = recs ? 0 : -1, to_spool = 0;
             if (!recs) snprintf(err, sizeof err, "out of memory");
             size_t i = 0;
             for (dx_ev_item *it = first; it && !rc; it = it->next, i++) {
@@ -342,25 +421,47 @@ static void *writer(void *arg) {
                 recs[i] = it->rec;
                 recs[i].position = 0;
             }
-            if (!rc) rc = q->cfg.ops->write_batch(q->st, recs, n, err, sizeof err);
+            if (!rc && !spooled) {
+                rc = q->cfg.ops->write_batch(q->st, recs, n, err, sizeof err);
+                if (rc && q->spool) {
+                    /* the backend failed: count it, then spool the batch */
+                    pthread_mutex_lock(&q->mu);
+                    note_error(q, err);
+                    pthread_mutex_unlock(&q->mu);
+                    to_spool = 1;
+                }
+            } else if (!rc) {
+                to_spool = 1;
+            }
+            if (to_spool) rc = dx_spool_append(q->spool, recs, n, err, sizeof err);
             pthread_mutex_lock(&q->mu);
             if (!rc) {
                 q->done = last->ticket;
-                q->batches++;
-                q->written += n;
                 q->depth -= n;
                 atomic_store_explicit(&q->adepth, q->depth, memory_order_relaxed);
                 for (dx_ev_item *it = first; it; it = it->next) q->bytes -= it->alloc;
-                if (recs[n - 1].position > q->last_pos) q->last_pos = recs[n - 1].position;
+                if (to_spool) {
+                    if (!q->spooled) {
+                        q->next_drain_us = dx_ev_now_us() + q->cfg.retry_ms * 1000;
+                        q->drain_backoff = q->cfg.retry_ms;
+                    }
+                    q->spooled += n;
+                    spooled = true;
+                } else {
+                    q->batches++;
+                    q->written += n;
+                    if (recs[n - 1].position > q->last_pos) q->last_pos = recs[n - 1].position;
+                }
             } else {
-                q->errors++;
-                q->failed_upto = q->pushed;
-                snprintf(q->last_error, sizeof q->last_error, "%s", err);
+                note_error(q, err);
             }
             uint64_t done = q->done;
             pthread_cond_broadcast(&q->progress);
             pthread_mutex_unlock(&q->mu);
-            if (q->cfg.on_batch) q->cfg.on_batch(q->cfg.ctx, done, rc ? err : NULL, rc ? NULL : recs, rc ? 0 : n);
+            /* spooled records are durable (done) but have no position yet: published when moved */
+            if (q->cfg.on_batch)
+                q->cfg.on_batch(q->cfg.ctx, done, rc ? err : NULL, rc || to_spool ? NULL : recs,
+                                rc || to_spool ? 0 : n);
             if (!rc) break;
             /* never drop: wait, then retry the same batch (also while stopping: the backend may return) */
             struct timespec ts;
@@ -369,7 +470,7 @@ static void *writer(void *arg) {
             ts.tv_sec += ns / 1000000000;
             ts.tv_nsec = ns % 1000000000;
             pthread_mutex_lock(&q->mu);
-            bool stopping = q->stop;
+            stopping = q->stop;
             if (!stopping) pthread_cond_timedwait(&q->nonempty, &q->mu, &ts);
             pthread_mutex_unlock(&q->mu);
             if (stopping) {
@@ -382,6 +483,13 @@ static void *writer(void *arg) {
     }
     free(recs);
     return NULL;
+}
+
+/* Seeds the sequence of a spooled session: above both the backend's and the spool's last. */
+static void seed_spooled(void *ctx, const char *session, size_t len, uint64_t max_seq) {
+    dx_evq *q = ctx;
+    seq_slot *e = seq_slot_of(q, session, len);
+    if (e && e->seq < max_seq) e->seq = max_seq;
 }
 
 dx_evq *dx_evq_open(const dx_evq_config *cfg, void *seed_st, pthread_mutex_t *seed_mu, char *err, size_t errlen) {
@@ -411,6 +519,13 @@ dx_evq *dx_evq_open(const dx_evq_config *cfg, void *seed_st, pthread_mutex_t *se
         snprintf(err, errlen, "out of memory");
         goto fail_close;
     }
+    q->drain_backoff = q->cfg.retry_ms;
+    if (cfg->spool_path) {
+        if (dx_spool_open(cfg->spool_path, &q->spool, err, errlen) ||
+            dx_spool_count(q->spool, &q->spooled, err, errlen) ||
+            dx_spool_sessions(q->spool, seed_spooled, q, err, errlen))
+            goto fail_close;
+    }
     if (pthread_create(&q->thr, NULL, writer, q)) {
         snprintf(err, errlen, "cannot start the writer thread");
         goto fail_close;
@@ -420,6 +535,8 @@ dx_evq *dx_evq_open(const dx_evq_config *cfg, void *seed_st, pthread_mutex_t *se
 fail_close:
     cfg->ops->close(q->st);
 fail:
+    dx_spool_close(q->spool);
+    for (size_t i = 0; i < q->nslots; i++) free(q->slots[i].key);
     free(q->slots);
     free(q->node);
     pthread_mutex_destroy(&q->mu);
@@ -437,6 +554,7 @@ void dx_evq_close(dx_evq *q) {
     pthread_mutex_unlock(&q->mu);
     if (q->started) pthread_join(q->thr, NULL);
     q->cfg.ops->close(q->st);
+    dx_spool_close(q->spool);
     free_items(q, q->head);
     for (size_t i = 0; i < q->nslots; i++) free(q->slots[i].key);
     free(q->slots);

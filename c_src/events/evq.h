@@ -63,6 +63,11 @@ typedef struct {
        positions assigned) on success. */
     void (*on_batch)(void *ctx, uint64_t done, const char *err, const dx_ev_rec *recs, size_t n);
     void *ctx;
+    /* Optional: a spool file (spool.h). When set, a batch the backend fails to write is appended there
+       instead (durable: it counts as done), later batches follow it while anything is spooled, and the
+       writer moves the spooled records to the backend in order as soon as it takes them again (retried
+       with back-off, also while idle). A spool left at close is moved by the next open. */
+    const char *spool_path;
 } dx_evq_config;
 
 typedef struct {
@@ -70,6 +75,7 @@ typedef struct {
     size_t depth, max_depth, bytes;
     int64_t oldest_ts_us; /* commit time of the oldest queued event (0: empty) */
     uint64_t last_position;
+    uint64_t spooled;     /* records in the spool, waiting for the backend */
     char last_error[256];
 } dx_evq_stats;
 

@@ -142,7 +142,8 @@ static const ProtobufCServiceDescriptor *g_svc = &snakepit__bridge__bridge_servi
 
 static int method_streams(int m) {
     return m >= 0 && (strcmp(g_svc->methods[m].name, "WatchVariables") == 0 ||
-                      strcmp(g_svc->methods[m].name, "ExecuteStreamingTool") == 0);
+                      strcmp(g_svc->methods[m].name, "ExecuteStreamingTool") == 0 ||
+                      strcmp(g_svc->methods[m].name, "WatchEvents") == 0);
 }
 
 /* ------------------------------------------------------------ output to the BEAM */

@@ -48,7 +48,7 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch,
     A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
-    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every;
+    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -377,7 +377,7 @@ static ERL_NIF_TERM es_error(ErlNifEnv *env, const char *msg) {
     return dx_error(env, enif_make_tuple2(env, A_event_store, dx_make_bin(env, msg, strlen(msg))));
 }
 
-/* events_open(#{backend => sqlite | postgres, target => iodata, node => binary, capacity, max_batch,
+/* events_open(#{backend => sqlite | postgres, target => iodata, node => binary, capacity, max_batch, spool => path,
  *               listener => pid}) -> ok | {error, {event_store, Reason}} */
 DX_NIF(nif_events_open) {
     ERL_NIF_TERM be, v;
@@ -406,10 +406,21 @@ DX_NIF(nif_events_open) {
     else if (enif_is_identical(be, A_postgres)) ops = &dx_ev_pg_ops;
 #endif
     else return dx_error(env, enif_make_tuple2(env, A_event_store, enif_make_tuple2(env, A_backend, be)));
-    char *tgt = malloc(target.size + 1);
-    if (!tgt) return dx_error(env, ATOM_enomem);
+    ErlNifBinary spool = {0};
+    int have_spool = get_bin_opt(env, argv[0], A_spool, &spool);
+    if (!have_spool && enif_get_map_value(env, argv[0], A_spool, &v)) return enif_make_badarg(env);
+    char *tgt = malloc(target.size + 1), *spool_path = have_spool ? malloc(spool.size + 1) : NULL;
+    if (!tgt || (have_spool && !spool_path)) {
+        free(tgt);
+        free(spool_path);
+        return dx_error(env, ATOM_enomem);
+    }
     memcpy(tgt, target.data, target.size);
     tgt[target.size] = 0;
+    if (have_spool) {
+        memcpy(spool_path, spool.data, spool.size);
+        spool_path[spool.size] = 0;
+    }
     char err[256] = "";
     ERL_NIF_TERM r;
     enif_mutex_lock(g_open_mu);
@@ -429,7 +440,7 @@ DX_NIF(nif_events_open) {
     }
     dx_evq_config cfg = {.ops = ops, .target = tgt, .node = (const char *)node.data, .node_len = node.size,
                          .max_batch = mb, .capacity = cap, .encode = ev_encode, .free_payload = ev_free_payload,
-                         .on_batch = ev_on_batch};
+                         .on_batch = ev_on_batch, .spool_path = spool_path};
     enif_mutex_lock(g_wait_mu);
     g_have_listener = have_lp;
     if (have_lp) g_listener = lp;
@@ -450,6 +461,7 @@ DX_NIF(nif_events_open) {
 out:
     enif_mutex_unlock(g_open_mu);
     free(tgt);
+    free(spool_path);
     return r;
 }
 
@@ -706,16 +718,17 @@ DX_NIF(nif_events_stats) {
     dx_evq_stats s;
     dx_evq_stats_get(q, &s);
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
-    ERL_NIF_TERM k[13] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
-                          A_lag_us, A_last_position, A_last_error, A_lost, A_full};
-    ERL_NIF_TERM v[13] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+    ERL_NIF_TERM k[14] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+                          A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled};
+    ERL_NIF_TERM v[14] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
                           enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
                           enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
                           enif_make_int64(env, lag < 0 ? 0 : lag), enif_make_uint64(env, s.last_position),
                           s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
-                          enif_make_uint64(env, atomic_load(&g_lost)), dx_evq_full(q) ? ATOM_true : ATOM_false};
-    return map_of(env, k, v, 13);
+                          enif_make_uint64(env, atomic_load(&g_lost)), dx_evq_full(q) ? ATOM_true : ATOM_false,
+                          enif_make_uint64(env, s.spooled)};
+    return map_of(env, k, v, 14);
 }
 
 /* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
@@ -809,7 +822,7 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_pos_from, "pos_from"); A(A_pos_to, "pos_to"); A(A_ts_from, "ts_from"); A(A_ts_to, "ts_to");
     A(A_types, "types"); A(A_limit, "limit"); A(A_descending, "descending"); A(A_full, "full");
     A(A_already_open, "already_open"); A(A_snap_due, "dspex_events_snapshot_due");
-    A(A_snapshot_every, "snapshot_every"); A(A_sequence_gap, "sequence_gap");
+    A(A_snapshot_every, "snapshot_every"); A(A_spool, "spool"); A(A_spooled, "spooled"); A(A_sequence_gap, "sequence_gap");
 #undef A
     for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))

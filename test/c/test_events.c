@@ -14,9 +14,14 @@
 static char g_dir[64];
 static int g_fails; /* write_batch calls to fail (failure injection) */
 static int g_batches;
+static int g_down; /* while set, every write_batch fails (a backend that is down) */
 
 static int failing_write(void *st, dx_ev_rec *r, size_t n, char *err, size_t errlen) {
     __atomic_add_fetch(&g_batches, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&g_down, __ATOMIC_SEQ_CST)) {
+        snprintf(err, errlen, "connection lost: backend down");
+        return -1;
+    }
     if (__atomic_load_n(&g_fails, __ATOMIC_SEQ_CST) > 0) {
         __atomic_sub_fetch(&g_fails, 1, __ATOMIC_SEQ_CST);
         snprintf(err, errlen, "injected failure");
@@ -34,6 +39,7 @@ static int setup(void **st) {
     g_ops = dx_ev_sqlite_ops;
     g_ops.write_batch = failing_write;
     g_fails = 0;
+    g_down = 0;
     return 0;
 }
 static int teardown(void **st) {
@@ -181,6 +187,76 @@ static void test_failure_retried_never_dropped(void **st) {
     dx_ev_sqlite_ops.close(db);
 }
 
+static uint64_t spooled(dx_evq *q) {
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    return s.spooled;
+}
+
+static void push_n(dx_evq *q, const char *session, int n, uint64_t *t) {
+    for (int i = 0; i < n; i++) {
+        dx_ev_in e = ev(session, "variable_updated", "x");
+        *t = dx_evq_push(q, &e, NULL);
+        assert_true(*t > 0);
+    }
+}
+
+/* The backend down: batches go to the spool (durable: done advances), later
+ * ones follow them; a spool left at close is moved by the next open, whose
+ * sequences continue after the spooled ones; the backend back while running:
+ * the spool is moved in order. Every event stored once, gapless, in order. */
+static void test_backend_down_spools_in_order(void **st) {
+    char p[128], sp[128], err[256];
+    path(p, sizeof p, "s.db");
+    path(sp, sizeof sp, "spool.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .retry_ms = 1, .spool_path = sp, .max_batch = 16};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    uint64_t t = 0;
+    push_n(q, "s0", 10, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    assert_int_equal(spooled(q), 0);
+    __atomic_store_n(&g_down, 1, __ATOMIC_SEQ_CST);
+    push_n(q, "s0", 100, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t); /* a failed attempt wakes the waiter */
+    assert_int_equal(spooled(q), 100);
+    dx_evq_close(q); /* still down: the spool stays */
+
+    __atomic_store_n(&g_down, 0, __ATOMIC_SEQ_CST);
+    q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    uint64_t seq = 0;
+    dx_ev_in e = ev("s0", "variable_updated", "x");
+    t = dx_evq_push(q, &e, &seq);
+    assert_int_equal(seq, 111); /* seeded from the spool */
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    for (int i = 0; i < 100000 && spooled(q); i++) usleep(1000); /* bounded */
+    assert_int_equal(spooled(q), 0);
+
+    /* down and back while running, with a writer pushing throughout */
+    __atomic_store_n(&g_down, 1, __ATOMIC_SEQ_CST);
+    push_n(q, "s0", 50, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    assert_true(spooled(q) > 0);
+    __atomic_store_n(&g_down, 0, __ATOMIC_SEQ_CST);
+    push_n(q, "s0", 50, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    for (int i = 0; i < 100000 && spooled(q); i++) usleep(1000);
+    assert_int_equal(spooled(q), 0);
+    dx_evq_close(q);
+
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "s0");
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, 10 + 100 + 1 + 50 + 50);
+    assert_int_equal(c.bad, 0);
+    assert_int_equal(c.last_seq[0], 211);
+    dx_ev_sqlite_ops.close(db);
+}
+
 /* Back-pressure: at capacity the queue says full (pushes still succeed: a
  * committed change is never dropped); it clears once the writer drains. */
 static void test_capacity_full_until_drained(void **st) {
@@ -322,6 +398,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_continues_sequence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failure_retried_never_dropped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backend_down_spools_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),

@@ -818,6 +818,74 @@ class SessionContext:
         """
         return CacheWatcher(self, list(names), ready_timeout)
 
+    # ------------------------------------------------------------ event log
+
+    def get_events(self, since=None, until=None, types=None, limit=0, direction="forward",
+                   include_archive=False, timeout=None):
+        """This session's events (the event log, dspex_events), oldest first.
+
+        since/until (inclusive) are a sequence number (int) or a time (float
+        seconds since the epoch, or a datetime); a side takes one of them.
+        types: event types to keep (e.g. ["variable_updated"]); limit: at most
+        this many (0: 1000, at most 100000); direction "backward" gives the
+        newest first; include_archive also reads retention's archive files.
+        Returns a list of Event.
+        """
+        if direction not in ("forward", "backward"):
+            raise ValueError("direction must be 'forward' or 'backward'")
+        req = pb2.GetEventsRequest(session_id=self.session_id, types=list(types or []), limit=limit,
+                                   descending=direction == "backward", include_archive=include_archive)
+        for bound, seq_field, ts_field in ((since, "since_sequence", "since_time"),
+                                           (until, "until_sequence", "until_time")):
+            if bound is None:
+                continue
+            if isinstance(bound, bool):
+                raise TypeError("since/until: a sequence (int) or a time (float, datetime)")
+            if isinstance(bound, int):
+                setattr(req, seq_field, bound)
+            else:
+                getattr(req, ts_field).CopyFrom(_timestamp(bound))
+        r = self._call("GetEvents", req, timeout=timeout)
+        return [_event(e) for e in r.events]
+
+    def watch_events(self, types=None, from_position=0, from_sequence=0, timeout=None):
+        """Iterator of Event: this session's events from a point, then live.
+
+        from_position (global, Event.position) or from_sequence (this
+        session's numbering, Event.sequence) start with a catch-up from the
+        log; both 0 streams only events committed after the call.  No gap
+        and no duplicate at the switch to live.  Runs until cancelled
+        (``w.cancel()``, or leaving ``with ctx.watch_events() as w``) or
+        timeout seconds pass (BridgeTimeoutError).
+        """
+        call = self.stub.WatchEvents(
+            pb2.WatchEventsRequest(session_id=self.session_id, types=list(types or []),
+                                   from_position=from_position, from_sequence=from_sequence),
+            timeout=timeout, metadata=self._metadata or None)
+        return EventWatch(call)
+
+    def state_at(self, sequence=None, time=None, timeout=None):
+        """The session's state right after its event number ``sequence``, or at
+        ``time`` (float seconds since the epoch, or a datetime), rebuilt from
+        the event log: a dict with id, metadata, ttl, created_at and
+        variables, a dict name -> {name, id, type, value, version, history,
+        metadata, constraints, ...}.  SessionNotFoundError when the session
+        did not exist then.
+        """
+        if (sequence is None) == (time is None):
+            raise ValueError("give exactly one of sequence and time")
+        req = pb2.GetStateAtRequest(session_id=self.session_id)
+        if sequence is not None:
+            if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 1:
+                raise ValueError("sequence must be an int >= 1")
+            req.sequence = sequence
+        else:
+            req.time.CopyFrom(_timestamp(time))
+        r = self._call("GetStateAt", req, timeout=timeout)
+        state = codec.decode_json(r.state_json, {})
+        state["variables"] = {v["name"]: v for v in state.get("variables") or []}
+        return state
+
     def _on_event(self, upd):
         if upd.update_type == "deleted":
             self.cache.forget(upd.name)
@@ -858,6 +926,68 @@ class Watch:
             variable=var)
         self._ctx._on_event(upd)
         return upd
+
+    def cancel(self):
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+        return False
+
+
+@dataclass
+class Event:
+    """One event of the session's event log (dspex_events)."""
+    id: str                   # UUIDv7
+    type: str                 # e.g. "variable_updated"
+    session_id: str
+    sequence: int             # per session, from 1, gapless
+    position: int             # global order in the node's event store
+    timestamp: Optional[float]
+    data: Any                 # JSON (see the proto's event log section)
+    metadata: Dict[str, Any]  # node, principal, request_id, changed_by, ...
+
+
+def _event(m):
+    return Event(id=m.id, type=m.type, session_id=m.session_id, sequence=m.sequence,
+                 position=m.position, timestamp=_ts_seconds(m.timestamp),
+                 data=codec.decode_json(m.data_json), metadata=codec.decode_json(m.metadata_json, {}))
+
+
+def _timestamp(t):
+    """float seconds since the epoch or a datetime as a protobuf Timestamp."""
+    ts = timestamp_pb2.Timestamp()
+    if hasattr(t, "timestamp"):
+        t = t.timestamp()
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError("a time is float seconds since the epoch or a datetime")
+    us = int(round(t * 1e6))
+    ts.seconds, ts.nanos = us // 1000000, (us % 1000000) * 1000
+    return ts
+
+
+class EventWatch:
+    """A running WatchEvents stream; iterate it for Event."""
+
+    def __init__(self, call):
+        self._call = call
+        self._cancelled = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            m = next(self._call)
+        except grpc.RpcError as e:
+            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(e) from None
+        return _event(m)
 
     def cancel(self):
         self._cancelled = True
