@@ -12,6 +12,8 @@ init([]) ->
     ok = dspex_metrics_server:new_table(),
     %% tools exposed to Python outlive a crash of any child: this process owns their table
     ok = dspex_tools:new_table(),
+    %% the optimizer registry (plugins, performance records) likewise
+    ok = dspex_opt_registry:new_tables(),
     Interval = application:get_env(dspex_bridge, sweep_interval_ms, 1000),
     Children = [#{id => dspex_acl_audit, start => {dspex_acl_audit, start_link, []}},
                 #{id => dspex_session_sweeper,
