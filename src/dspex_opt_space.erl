@@ -127,6 +127,8 @@ decode([#{name := N, choices := Cs} | Ds], [I | P], Acc) ->
 decode([#{name := N, type := T, min := Lo, max := Hi, scale := Sc} | Ds], [U0 | P], Acc) ->
     U = clamp(float(U0), 0.0, 1.0),
     X = case Sc of
+            _ when U =:= 0.0 -> Lo;
+            _ when U =:= 1.0 -> Hi;
             linear -> Lo + U * (Hi - Lo);
             log -> math:exp(math:log(Lo) + U * (math:log(Hi) - math:log(Lo)))
         end,

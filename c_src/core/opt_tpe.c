@@ -1,11 +1,14 @@
-/* Tree-structured Parzen estimator (independent per dimension, like Optuna's
- * default sampler): the told trials are split at the gamma quantile of the
- * scores, gamma(n) = min(ceil(0.1 n), 25) trials in the "good" group l, the
+/* Tree-structured Parzen estimator (a product of univariate estimators):
+ * the told trials are split at the gamma quantile of the scores, gamma(n) = min(ceil(0.1 n), 25) trials in the "good" group l, the
  * rest in g. Numeric dimensions: a mixture of Gaussians truncated to [0, 1],
  * one per trial plus a wide prior, bandwidths from the distances to the
- * neighbours; categorical: smoothed frequencies. 24 candidates are drawn from
- * l and the one maximising l(x)/g(x) is proposed. The first 10 trials are
- * uniformly random. Pending trials (asked, not told) join g as if they had
+ * neighbours; categorical: one kernel per trial, half its weight on its
+ * category and half spread uniformly (Optuna's prior weight 1), plus a
+ * uniform prior. 24 candidates are drawn from l (each dimension
+ * independently) and the one maximising the product over dimensions of
+ * l(x)/g(x) is proposed (scoring the candidates jointly, rather than
+ * dimension by dimension, keeps categorical dimensions from freezing on the
+ * first good category). The first 10 trials are uniformly random. Pending trials (asked, not told) join g as if they had
  * failed (Optuna's "constant liar"), so that parallel asks spread out. */
 #include "opt_internal.h"
 #include <math.h>
@@ -97,27 +100,29 @@ int dx_opt_ask_tpe(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, 
     mixture l = {0, scr + (nt + 1), scr + 2 * (nt + 1), scr + 3 * (nt + 1)};
     mixture g = {0, scr + 4 * (nt + 1), scr + 5 * (nt + 1), scr + 6 * (nt + 1)};
     double *pl = mem + (nt + 1) * 10, *pg = pl + DX_OPT_MAX_CATS;
+    double cand[N_CAND * DX_OPT_MAX_DIMS], score[N_CAND] = {0};
     for (int j = 0; j < d; j++) {
         for (size_t i = 0; i < nb; i++) vb[i] = h->x[idx[i] * (size_t)d + j];
         for (size_t i = 0; i < n - nb; i++) va[i] = h->x[idx[nb + i] * (size_t)d + j];
         for (size_t i = 0; i < h->np; i++) va[n - nb + i] = h->px[i * (size_t)d + j];
         int k = sp->dims[j].ncat;
-        double best = -INFINITY, bx = 0.0;
         if (!k) {
             mix_build(&l, vb, nb, scr);
             mix_build(&g, va, na, scr);
             for (int c = 0; c < N_CAND; c++) {
                 double x = mix_sample(&l, &r);
-                double s = mix_logpdf(&l, x) - mix_logpdf(&g, x);
-                if (s > best) {
-                    best = s;
-                    bx = x;
-                }
+                cand[c * d + j] = x;
+                score[c] += mix_logpdf(&l, x) - mix_logpdf(&g, x);
             }
         } else {
-            for (int c = 0; c < k; c++) pl[c] = pg[c] = 1.0 / k; /* prior weight 1 */
-            for (size_t i = 0; i < nb; i++) pl[(int)vb[i]] += 1.0;
-            for (size_t i = 0; i < na; i++) pg[(int)va[i]] += 1.0;
+            /* each trial is a kernel putting (1 + 1/k) / 2 on its category and
+             * 1 / (2k) on each other one; plus a uniform prior kernel */
+            for (int c = 0; c < k; c++) {
+                pl[c] = (1.0 + 0.5 * (double)nb) / k;
+                pg[c] = (1.0 + 0.5 * (double)na) / k;
+            }
+            for (size_t i = 0; i < nb; i++) pl[(int)vb[i]] += 0.5;
+            for (size_t i = 0; i < na; i++) pg[(int)va[i]] += 0.5;
             double tl = (double)nb + 1.0, tg = (double)na + 1.0;
             for (int c = 0; c < N_CAND; c++) {
                 double u = dx_rng_unif(&r) * tl, acc = 0;
@@ -129,15 +134,15 @@ int dx_opt_ask_tpe(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, 
                         break;
                     }
                 }
-                double s = log(pl[pick] / tl) - log(pg[pick] / tg);
-                if (s > best) {
-                    best = s;
-                    bx = pick;
-                }
+                cand[c * d + j] = pick;
+                score[c] += log(pl[pick] / tl) - log(pg[pick] / tg);
             }
         }
-        out[j] = bx;
     }
+    int bc = 0;
+    for (int c = 1; c < N_CAND; c++)
+        if (score[c] > score[bc]) bc = c;
+    memcpy(out, cand + bc * d, d * sizeof *out);
     free(idx);
     free(mem);
     return DX_OPT_OK;

@@ -57,7 +57,7 @@ DX_NIF(nif_opt_ask) {
     for (int j = 0; j < d; j++) {
         int k;
         enif_get_list_cell(env, l, &h, &l);
-        if (!enif_get_int(env, h, &k) || k < 0 || k > DX_OPT_MAX_CATS) return enif_make_badarg(env);
+        if (!enif_get_int(env, h, &k) || k < 0 || k == 1 || k > DX_OPT_MAX_CATS) return enif_make_badarg(env);
         dims[j].ncat = k;
     }
     double *x = malloc(((size_t)nt * d + nt + (size_t)np * d + d) * sizeof(double) + 1);
