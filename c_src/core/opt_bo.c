@@ -15,9 +15,10 @@
 #include <string.h>
 
 #define MAX_OBS 300
-#define N_RANDOM 1000
-#define N_LOCAL 500
-#define N_ITER 25
+#define N_RANDOM 400
+#define N_LOCAL 300
+#define N_ITER 12
+#define N_LINE 5
 #define SQ5 2.23606797749979
 
 typedef struct {
@@ -25,7 +26,7 @@ typedef struct {
     int n, d, np; /* np = d + 2 parameters */
     const double *x; /* n x d */
     const double *y; /* standardised */
-    double *K, *L, *alpha, *Kinv, *tmp;
+    double *K, *L, *alpha, *Kinv, *tmp, *K2;
 } gp;
 
 /* squared scaled distance, and per-dimension parts into parts (if not NULL) */
@@ -72,13 +73,24 @@ static double nlml(gp *g, const double *th, double *grad) {
     dx_opt_chol_bwd(g->L, n, g->alpha);
     double f = 0.5 * quad + logdet + 0.5 * n * 1.8378770664093453;
     if (!grad) return f;
-    /* Kinv = (L L^T)^-1, column by column */
+    /* Kinv = L^-T L^-1: first M = L^-1 (lower triangular) in K's storage... */
+    double *M = g->K2;
     for (int c = 0; c < n; c++) {
-        for (int i = 0; i < n; i++) g->tmp[i] = i == c;
-        dx_opt_chol_fwd(g->L, n, g->tmp);
-        dx_opt_chol_bwd(g->L, n, g->tmp);
-        for (int i = 0; i < n; i++) g->Kinv[i * n + c] = g->tmp[i];
+        for (int i = 0; i < c; i++) M[i * n + c] = 0.0;
+        M[c * n + c] = 1.0 / g->L[c * n + c];
+        for (int i = c + 1; i < n; i++) {
+            double t = 0;
+            for (int k = c; k < i; k++) t -= g->L[i * n + k] * M[k * n + c];
+            M[i * n + c] = t / g->L[i * n + i];
+        }
     }
+    /* ...then Kinv[i][k] = sum over r >= max(i, k) of M[r][i] M[r][k] */
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k <= i; k++) {
+            double t = 0;
+            for (int r = i; r < n; r++) t += M[r * n + i] * M[r * n + k];
+            g->Kinv[i * n + k] = g->Kinv[k * n + i] = t;
+        }
     /* dNLML/dth = 0.5 tr((Kinv - alpha alpha^T) dK/dth) */
     for (int p = 0; p < g->np; p++) grad[p] = 0;
     double parts[DX_OPT_MAX_DIMS];
@@ -113,7 +125,7 @@ static void fit(gp *g, double *th) {
         gn = sqrt(gn);
         if (gn < 1e-6) break;
         int moved = 0;
-        for (int ls = 0; ls < 12; ls++) {
+        for (int ls = 0; ls < N_LINE; ls++) {
             for (int p = 0; p < np; p++) cand[p] = th[p] - step * grad[p] / gn;
             clamp_th(g->d, cand);
             double fc = nlml(g, cand, NULL);
@@ -182,10 +194,10 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
     size_t ntold = h->n > MAX_OBS - npend ? MAX_OBS - npend : h->n; /* the most recent */
     int n = (int)(ntold + npend);
     size_t nn = (size_t)n * n;
-    double *mem = malloc(((size_t)n * d + 4 * (size_t)n + 3 * nn + 2 * (size_t)d) * sizeof(double));
+    double *mem = malloc(((size_t)n * d + 4 * (size_t)n + 4 * nn + 2 * (size_t)d) * sizeof(double));
     if (!mem) return DX_OPT_E_NOMEM;
     double *X = mem, *Y = X + (size_t)n * d, *alpha = Y + n, *tmp = alpha + n, *K = tmp + n, *L = K + nn,
-           *Kinv = L + nn, *cand = Kinv + nn, *bestc = cand + d;
+           *Kinv = L + nn, *K2 = Kinv + nn, *cand = K2 + nn, *bestc = cand + d;
     double ymin = INFINITY, ymax = -INFINITY;
     for (size_t i = h->n - ntold; i < h->n; i++)
         if (isfinite(h->y[i])) {
@@ -217,7 +229,7 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
             ibest = i;
         }
     }
-    gp g = {sp, n, d, d + 2, X, Y, K, L, alpha, Kinv, tmp};
+    gp g = {sp, n, d, d + 2, X, Y, K, L, alpha, Kinv, tmp, K2};
     double th[DX_OPT_MAX_DIMS + 2];
     for (int j = 0; j < d; j++) th[j] = log(0.3);
     th[d] = 0.0;
