@@ -22,10 +22,12 @@ APT_CLUSTER := erlang-inets etcd-server
 APT_PYTHON := python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
               python3-venv python3-setuptools python3-pip
 PYTHON   ?= /usr/bin/python3
+# The optimizer validation bench (bench/opt_validate.py): Optuna, SciPy, plots.
+APT_BENCH_OPT := python3-optuna python3-scipy python3-numpy python3-matplotlib
 PY_STUBS := priv/python/dspex_bridge/_proto
 
 .PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
-.PHONY: deps-python python-stubs python-venv test-python bench-grpc
+.PHONY: deps-python python-stubs python-venv test-python bench-grpc bench-opt deps-bench-opt
 .PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
 all: compile python-stubs
@@ -127,6 +129,18 @@ bench: compile
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_workers_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
 	$(MAKE) bench-grpc
+	$(MAKE) bench-opt
+
+# Optimizers (issue #18): ours through dspex_opt, then Optuna and SciPy at the
+# same budgets and seeds; table and plots under _build/bench/ (OPT_BENCH_SEEDS, default 20).
+deps-bench-opt:
+	$(call apt_install,$(APT_BENCH_OPT))
+
+bench-opt: compile deps-bench-opt
+	@mkdir -p _build/bench
+	erlc -o _build/bench bench/dspex_opt_bench.erl
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_opt_bench:main(), halt().'
+	$(PYTHON) bench/opt_validate.py
 
 # GetVariable round trips/s through our bridge vs a plain python3-grpcio server.
 bench-grpc: compile python-stubs

@@ -77,7 +77,7 @@ run_one(Csv, {Name, Dims, Budget, Opt}, Alg, Seed) ->
     {ok, _} = dspex_store:create_session(S),
     Vars = register_vars(S, Dims),
     {ok, R} = dspex_opt:start(S, Vars, #{algorithm => Alg, budget => Budget, seed => Seed, optimum => Opt}),
-    F = fun(Params) -> f(Name, [maps:get(V, Params) || V <- Vars]) end,
+    F = fun(Params) -> f(Name, values(Vars, Params)) end,
     {ok, _} = dspex_opt:run(R, F),
     Scores = [Sc || #{score := Sc} <- dspex_opt:trials(R)],
     {ok, _} = dspex_opt:stop(R, #{}),
@@ -94,7 +94,8 @@ register_vars(S, Dims) ->
          V = iolist_to_binary(io_lib:format("x~b", [I])),
          {ok, _} = case D of
                        {choice, N} ->
-                           dspex_store:register(S, V, choice, 0, #{constraints => #{choices => lists:seq(0, N - 1)}});
+                           Cs = [integer_to_binary(C) || C <- lists:seq(0, N - 1)],
+                           dspex_store:register(S, V, choice, hd(Cs), #{constraints => #{choices => Cs}});
                        {Lo, Hi} ->
                            dspex_store:register(S, V, float, Lo, #{constraints => #{min => Lo, max => Hi}})
                    end,
@@ -125,7 +126,7 @@ ask_after(Alg, Dims, N, Seed) ->
     {ok, R} = dspex_opt:start(S, Vars, #{algorithm => Alg, budget => N + 1, seed => Seed}),
     [begin
          {ok, Id, P} = dspex_opt:ask(R),
-         ok = dspex_opt:tell(R, Id, f(hartmann6, [maps:get(V, P) || V <- Vars]))
+         ok = dspex_opt:tell(R, Id, f(hartmann6, values(Vars, P)))
      end || _ <- lists:seq(1, N)],
     T0 = erlang:monotonic_time(microsecond),
     {ok, _, _} = dspex_opt:ask(R),
@@ -133,5 +134,9 @@ ask_after(Alg, Dims, N, Seed) ->
     {ok, _} = dspex_opt:stop(R, #{}),
     ok = dspex_store:delete_session(S),
     T.
+
+%% the function's arguments: numbers, categories (binaries "0", "1", ...) as integers
+values(Vars, Params) ->
+    [case maps:get(V, Params) of B when is_binary(B) -> binary_to_integer(B); X -> X end || V <- Vars].
 
 median(L) -> lists:nth((length(L) + 1) div 2, lists:sort(L)).
