@@ -12,7 +12,8 @@
 
 -define(OUT, "_build/bench").
 
-%% {Name, Dims ([{Lo, Hi}] numeric or {choice, N}), Budget, Optimum}
+%% @doc The problems: `{Name, Dims ([{Lo, Hi}] numeric or {choice, N}), Budget, Optimum}'.
+-spec problems() -> [{atom(), [{number(), number()} | {choice, pos_integer()}], pos_integer(), float()}].
 problems() ->
     [{branin, [{-5.0, 10.0}, {0.0, 15.0}], 50, 0.397887357729739},
      {hartmann6, [{0.0, 1.0} || _ <- lists:seq(1, 6)], 50, -3.32236801141551},
@@ -55,7 +56,9 @@ f(mixed, [C1, C2, X1, X2]) ->
 -spec main() -> ok.
 main() ->
     _ = application:load(dspex_bridge),
+    %% no listeners: the bench needs neither, and their ports may be taken
     application:set_env(dspex_bridge, grpc_enabled, false),
+    application:set_env(dspex_bridge, prometheus_enabled, false),
     {ok, _} = application:ensure_all_started(dspex_bridge),
     Seeds = case os:getenv("OPT_BENCH_SEEDS") of false -> 20; S -> list_to_integer(S) end,
     ok = filelib:ensure_dir(?OUT ++ "/x"),

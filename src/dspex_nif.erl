@@ -17,7 +17,7 @@
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
          metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
 -export([lock_token_floor/1]).
--export([opt_ask/7]).
+-export([opt_ask/8]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
@@ -106,4 +106,4 @@ var_set_here(_S, _Key, _Value, _Opts) -> ?NOT_LOADED.
 store_fast_path(_Op, _Fast) -> ?NOT_LOADED.
 
 %% optimizer kernels (c_src/nif/opt_nif.c), used by dspex_opt
-opt_ask(_Alg, _Dims, _Told, _Pending, _Seed, _Trial, _Budget) -> ?NOT_LOADED.
+opt_ask(_Alg, _Dims, _Told, _Pending, _Seed, _Trial, _Budget, _Warm) -> ?NOT_LOADED.

@@ -84,7 +84,7 @@ best(Run) -> call(Run, best).
 
 %% @doc Every trial so far, by id: `#{id, params, state => pending | complete |
 %% failed, score, reason}'.
--spec trials(run()) -> [map()].
+-spec trials(run()) -> [map()] | {error, term()}.
 trials(Run) ->
     case call(Run, trials) of
         {ok, Ts} -> Ts;
@@ -345,10 +345,14 @@ handle_info(_Msg, St) ->
 terminate(_Reason, #{locks := Locks}) -> release_all(Locks).
 
 %% The candidate of trial N: from the C kernels, or the plugin.
-propose(N, #{impl := {builtin, Alg, _}, dims := Dims, told := Told, pending := Pend,
+%% (BO: the GP hyperparameters fitted by one ask start the next one's fit.)
+propose(N, #{impl := {builtin, Alg, Warm}, dims := Dims, told := Told, pending := Pend,
              cfg := #{seed := Seed, budget := B}} = St) ->
-    case dspex_nif:opt_ask(Alg, Dims, lists:reverse(Told), maps:values(Pend), Seed, N, B) of
-        {ok, Point} -> {ok, [case K of 0 -> U; _ -> round(U) end || {K, U} <- lists:zip(Dims, Point)], St};
+    case dspex_nif:opt_ask(Alg, Dims, lists:reverse(Told), maps:values(Pend), Seed, N, B, Warm) of
+        {ok, Point, Fitted} ->
+            Warm1 = case Fitted of undefined -> Warm; _ -> Fitted end,
+            {ok, [case K of 0 -> U; _ -> round(U) end || {K, U} <- lists:zip(Dims, Point)],
+             St#{impl := {builtin, Alg, Warm1}}};
         {error, _} = E -> E
     end;
 propose(N, #{impl := {plugin, Mod, PS}, space := Space} = St) ->

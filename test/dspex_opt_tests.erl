@@ -37,6 +37,7 @@ opt_test_() ->
      fun() ->
              _ = application:load(dspex_bridge),
              application:set_env(dspex_bridge, grpc_enabled, false),
+             application:set_env(dspex_bridge, prometheus_enabled, false),
              {ok, _} = application:ensure_all_started(dspex_bridge)
      end,
      fun(_) -> ok end,
@@ -338,9 +339,15 @@ bad_options() ->
     receive {'DOWN', DRef, process, Dead, _} -> ok end,
     ?assertEqual({error, run_not_found}, dspex_opt:best(Dead)),
     %% the NIF refuses malformed input with badarg, bad history with an error
-    ?assertError(badarg, dspex_nif:opt_ask(nope, [0], [], [], 1, 0, 10)),
-    ?assertError(badarg, dspex_nif:opt_ask(tpe, [1], [], [], 1, 0, 10)),
-    ?assertError(badarg, dspex_nif:opt_ask(tpe, [0], [{0, [0.5, 1], 1.0}], [], 1, 0, 10)),
-    ?assertError(badarg, dspex_nif:opt_ask(tpe, [0], [], [], 1, 0, 0)),
-    ?assertEqual({error, {invalid_argument, history}}, dspex_nif:opt_ask(tpe, [0], [{0, [1.5], 1.0}], [], 1, 0, 10)),
-    ?assertEqual({error, {invalid_argument, history}}, dspex_nif:opt_ask(tpe, [3], [], [[3]], 1, 0, 10)).
+    ?assertError(badarg, dspex_nif:opt_ask(nope, [0], [], [], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(tpe, [1], [], [], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(tpe, [0], [{0, [0.5, 1], 1.0}], [], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(tpe, [0], [], [], 1, 0, 0, undefined)),
+    ?assertEqual({error, {invalid_argument, history}}, dspex_nif:opt_ask(tpe, [0], [{0, [1.5], 1.0}], [], 1, 0, 10, undefined)),
+    ?assertEqual({error, {invalid_argument, history}}, dspex_nif:opt_ask(tpe, [3], [], [[3]], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(bo, [0], [], [], 1, 0, 10, [1.0])),   % d + 2 values
+    ?assertError(badarg, dspex_nif:opt_ask(bo, [0], [], [], 1, 0, 10, other)),
+    {ok, [_], undefined} = dspex_nif:opt_ask(bo, [0], [], [], 1, 0, 10, undefined),
+    Told = [{I, [I / 10], (I / 10 - 0.3) * (I / 10 - 0.3)} || I <- lists:seq(0, 9)],
+    {ok, [_], [_, _, _] = Fitted} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, undefined),
+    {ok, [_], [_, _, _]} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, Fitted).

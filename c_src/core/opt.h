@@ -54,6 +54,12 @@ typedef struct {
 
 typedef struct {
     uint64_t budget; /* planned number of trials (schedules of SA/SPSA); >= 1 */
+    /* BO only, both optional (NULL): the GP hyperparameters (d + 2 values)
+     * fitted by the previous ask, to start the fit from (a few steps then
+     * suffice), and where to write this ask's. Passing the previous ask's
+     * output keeps runs deterministic: it is a function of the same history. */
+    const double *warm;
+    double *fitted;
 } dx_opt_conf;
 
 enum { DX_OPT_OK = 0, DX_OPT_E_ARG = 1, DX_OPT_E_NOMEM = 2 };

@@ -84,7 +84,7 @@ static ErlNifFunc funcs[] = {
     {"session_set_rate", 3, nif_session_set_rate, 0},
     DX_METRICS_FUNCS,
     {"lock_token_floor", 1, nif_lock_token_floor, 0},
-    {"opt_ask", 7, nif_opt_ask, DIRTY}, /* opt_nif.c */
+    {"opt_ask", 8, nif_opt_ask, DIRTY}, /* opt_nif.c */
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

@@ -1,4 +1,4 @@
-/* dspex_nif:opt_ask/7, the optimizer kernels (c_src/core/opt*.c) for
+/* dspex_nif:opt_ask/8, the optimizer kernels (c_src/core/opt*.c) for
  * dspex_opt. Runs on a dirty CPU scheduler: BO's Gaussian-process fit is
  * O(n^3) per ask. Malformed terms are badarg; a history that does not fit the
  * space is {error, {invalid_argument, history}}. */
@@ -38,10 +38,12 @@ static int get_alg(ErlNifEnv *env, ERL_NIF_TERM t, dx_opt_alg *alg) {
     return 0;
 }
 
-/* opt_ask(Algorithm, Dims, Told, Pending, Seed, Trial, Budget):
+/* opt_ask(Algorithm, Dims, Told, Pending, Seed, Trial, Budget, Warm):
  * Dims = [0 | Ncat]; Told = [{TrialId, Point, Score | failed}] in the order
- * told; Pending = [Point]; returns {ok, Point} (numeric values in [0, 1],
- * categorical ones integral indices as floats). */
+ * told; Pending = [Point]; Warm = undefined | the Fitted of the previous ask
+ * (BO's GP hyperparameters, d + 2 floats); returns {ok, Point, Fitted}
+ * (Point: numeric values in [0, 1], categorical ones integral indices as
+ * floats; Fitted: undefined or d + 2 floats). */
 DX_NIF(nif_opt_ask) {
     dx_opt_alg alg;
     unsigned nd, nt, np;
@@ -52,6 +54,14 @@ DX_NIF(nif_opt_ask) {
         !enif_get_uint64(env, argv[5], &trial) || !enif_get_uint64(env, argv[6], &budget) || budget < 1)
         return enif_make_badarg(env);
     int d = (int)nd;
+    double warm[DX_OPT_MAX_DIMS + 2], fitted[DX_OPT_MAX_DIMS + 2];
+    int has_warm = !enif_is_atom(env, argv[7]);
+    if (has_warm && !get_point(env, argv[7], d + 2, warm)) return enif_make_badarg(env);
+    if (!has_warm) {
+        char a[16];
+        if (enif_get_atom(env, argv[7], a, sizeof a, ERL_NIF_LATIN1) <= 0 || strcmp(a, "undefined"))
+            return enif_make_badarg(env);
+    }
     dx_opt_dim dims[DX_OPT_MAX_DIMS];
     ERL_NIF_TERM l = argv[1], h;
     for (int j = 0; j < d; j++) {
@@ -92,12 +102,18 @@ DX_NIF(nif_opt_ask) {
     }
     dx_opt_space sp = {d, dims};
     dx_opt_hist hist = {nt, x, y, tid, np, px};
-    dx_opt_conf conf = {budget};
+    dx_opt_conf conf = {budget, has_warm ? warm : NULL, fitted};
+    fitted[0] = NAN;
     int rc = dx_opt_ask(alg, &sp, &hist, seed, trial, &conf, out);
     if (rc == DX_OPT_OK) {
         ERL_NIF_TERM pt = enif_make_list(env, 0);
         for (int j = d; j-- > 0;) pt = enif_make_list_cell(env, enif_make_double(env, out[j]), pt);
-        res = enif_make_tuple2(env, enif_make_atom(env, "ok"), pt);
+        ERL_NIF_TERM fit = enif_make_atom(env, "undefined");
+        if (!isnan(fitted[0])) {
+            fit = enif_make_list(env, 0);
+            for (int j = d + 2; j-- > 0;) fit = enif_make_list_cell(env, enif_make_double(env, fitted[j]), fit);
+        }
+        res = enif_make_tuple3(env, enif_make_atom(env, "ok"), pt, fit);
     } else if (rc == DX_OPT_E_NOMEM) {
         res = dx_error(env, enif_make_atom(env, "nomem"));
     } else {

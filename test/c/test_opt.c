@@ -31,20 +31,33 @@ static int in_space(const dx_opt_space *sp, const double *p) {
     return 1;
 }
 
+/* When set, BO asks chain their fitted hyperparameters (dx_opt_conf.warm). */
+static int warm_chain = 0;
+
 /* Drives a run: batches of `batch' asks outstanding, told in reverse order. */
 static run_result drive(dx_opt_alg alg, const dx_opt_space *sp, objective f, size_t budget, uint64_t seed,
                         size_t batch) {
+    double th[DX_OPT_MAX_DIMS + 2], th_out[DX_OPT_MAX_DIMS + 2];
+    int have = 0;
     int d = sp->d;
     double *x = calloc(budget * d, sizeof *x), *y = calloc(budget, sizeof *y);
     uint64_t *tid = calloc(budget, sizeof *tid);
     run_result rr = {INFINITY, calloc(budget * d, sizeof(double))};
-    dx_opt_conf conf = {budget};
+    dx_opt_conf conf = {budget, NULL, NULL};
     size_t told = 0;
     for (size_t t = 0; t < budget; t += batch) {
         size_t nb = t + batch > budget ? budget - t : batch;
         for (size_t b = 0; b < nb; b++) {
             dx_opt_hist h = {told, x, y, tid, b, rr.asks + t * d};
+            if (warm_chain) {
+                conf.warm = have ? th : NULL;
+                conf.fitted = th_out;
+            }
             assert_int_equal(dx_opt_ask(alg, sp, &h, seed, t + b, &conf, rr.asks + (t + b) * d), DX_OPT_OK);
+            if (warm_chain && alg == DX_OPT_BO && !isnan(th_out[0])) {
+                memcpy(th, th_out, sizeof th);
+                have = 1;
+            }
             assert_true(in_space(sp, rr.asks + (t + b) * d));
         }
         for (size_t b = nb; b-- > 0;) {
@@ -142,6 +155,18 @@ static void test_bo_converges(void **st) {
     assert_true(best_of(DX_OPT_BO, &sp_mixed, mixed, 40, 3, 1) < 0.1);
 }
 
+/* the fit warm-started from the previous ask's hyperparameters converges as well */
+static void test_bo_warm_start_converges(void **st) {
+    warm_chain = 1;
+    double b1 = best_of(DX_OPT_BO, &sp_num2, branin, 40, 2, 1) - BRANIN_MIN;
+    double b2 = best_of(DX_OPT_BO, &sp_mixed, mixed, 40, 3, 1);
+    double b3 = best_of(DX_OPT_BO, &sp_num5, sphere5, 60, 7, 1);
+    warm_chain = 0;
+    assert_true(b1 < 0.05);
+    assert_true(b2 < 0.1);
+    assert_true(b3 < 0.05);
+}
+
 static void test_spsa_converges_on_noisy_sphere(void **st) {
     assert_true(best_of(DX_OPT_SPSA_ADAM, &sp_num5, noisy_sphere5, 400, 1, 1) < 1.0);
     assert_true(best_of(DX_OPT_SPSA_MOMENTUM, &sp_num5, noisy_sphere5, 400, 1, 1) < 1.0);
@@ -193,7 +218,7 @@ static void test_failed_trials(void **st) {
 static void test_invalid_input_refused(void **st) {
     double out[4], x[4] = {0, 0, 0.5, 1.5}, y[1] = {1.0};
     uint64_t tid[1] = {0};
-    dx_opt_conf conf = {10};
+    dx_opt_conf conf = {10, NULL, NULL};
     dx_opt_hist h0 = {0, NULL, NULL, NULL, 0, NULL};
     dx_opt_hist hb = {1, x, y, tid, 0, NULL};
     assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_E_ARG); /* 1.5 > 1 */
@@ -232,6 +257,7 @@ int main(void) {
         cmocka_unit_test(test_cmaes_converges),
         cmocka_unit_test(test_tpe_converges),
         cmocka_unit_test(test_bo_converges),
+        cmocka_unit_test(test_bo_warm_start_converges),
         cmocka_unit_test(test_spsa_converges_on_noisy_sphere),
         cmocka_unit_test(test_every_algorithm_beats_random),
         cmocka_unit_test(test_same_seed_same_asks_other_seed_other_asks),
