@@ -4,7 +4,9 @@
  * one per trial plus a wide prior, bandwidths from the distances to the
  * neighbours; categorical: one kernel per trial, half its weight on its
  * category and half spread uniformly (Optuna's prior weight 1), plus a
- * uniform prior. 24 candidates are drawn from l (each dimension
+ * uniform prior. g weighs its trials by age like Optuna (the 25 most recent
+ * 1, older ones ramping up from 1/|g|), so that g follows where the search
+ * is now and a category tried often lately loses its appeal. 24 candidates are drawn from l (each dimension
  * independently) and the one maximising the product over dimensions of
  * l(x)/g(x) is proposed (scoring the candidates jointly, rather than
  * dimension by dimension, keeps categorical dimensions from freezing on the
@@ -20,29 +22,41 @@
 
 typedef struct {
     size_t n;
-    double *mu, *sg, *lz; /* lz: log of the truncated mass */
+    double *mu, *sg, *lz, *lw; /* lz: log of the truncated mass; lw: log weight */
 } mixture;
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
+typedef struct {
+    double v, w;
+} vw;
+
+static int cmp_vw(const void *a, const void *b) {
+    double x = ((const vw *)a)->v, y = ((const vw *)b)->v;
     return (x > y) - (x < y);
 }
 
-/* Builds the mixture of points v[0..k-1] plus the prior (0.5, 1.0). */
-static void mix_build(mixture *mx, const double *v, size_t k, double *scratch) {
+/* Builds the mixture of points v[0..k-1] with weights w (NULL: all 1) plus
+ * the prior (0.5, 1.0) of weight 1. */
+static void mix_build(mixture *mx, const double *v, const double *w, size_t k, vw *scratch) {
     mx->n = k + 1;
-    for (size_t i = 0; i < k; i++) scratch[i] = v[i];
-    qsort(scratch, k, sizeof *scratch, cmp_d);
+    double tot = 1.0;
+    for (size_t i = 0; i < k; i++) {
+        scratch[i].v = v[i];
+        scratch[i].w = w ? w[i] : 1.0;
+        tot += scratch[i].w;
+    }
+    qsort(scratch, k, sizeof *scratch, cmp_vw);
     double minsg = 1.0 / fmin(100.0, 1.0 + (double)mx->n);
     for (size_t i = 0; i < k; i++) {
-        double left = scratch[i] - (i ? scratch[i - 1] : 0.0);
-        double right = (i + 1 < k ? scratch[i + 1] : 1.0) - scratch[i];
+        double left = scratch[i].v - (i ? scratch[i - 1].v : 0.0);
+        double right = (i + 1 < k ? scratch[i + 1].v : 1.0) - scratch[i].v;
         double s = fmax(left, right);
-        mx->mu[i] = scratch[i];
+        mx->mu[i] = scratch[i].v;
         mx->sg[i] = fmin(1.0, fmax(minsg, s));
+        mx->lw[i] = log(scratch[i].w / tot);
     }
     mx->mu[k] = 0.5;
     mx->sg[k] = 1.0;
+    mx->lw[k] = log(1.0 / tot);
     for (size_t i = 0; i < mx->n; i++) {
         double z = dx_opt_Phi((1.0 - mx->mu[i]) / mx->sg[i]) - dx_opt_Phi(-mx->mu[i] / mx->sg[i]);
         mx->lz[i] = log(fmax(z, 1e-300));
@@ -51,16 +65,15 @@ static void mix_build(mixture *mx, const double *v, size_t k, double *scratch) {
 
 static double mix_logpdf(const mixture *mx, double x) {
     double mxv = -INFINITY;
-    double lw = -log((double)mx->n);
     for (size_t i = 0; i < mx->n; i++) {
         double z = (x - mx->mu[i]) / mx->sg[i];
-        double l = lw - 0.5 * z * z - 0.9189385332046727 - log(mx->sg[i]) - mx->lz[i];
+        double l = mx->lw[i] - 0.5 * z * z - 0.9189385332046727 - log(mx->sg[i]) - mx->lz[i];
         if (l > mxv) mxv = l;
     }
     double s = 0;
     for (size_t i = 0; i < mx->n; i++) {
         double z = (x - mx->mu[i]) / mx->sg[i];
-        s += exp(lw - 0.5 * z * z - 0.9189385332046727 - log(mx->sg[i]) - mx->lz[i] - mxv);
+        s += exp(mx->lw[i] - 0.5 * z * z - 0.9189385332046727 - log(mx->sg[i]) - mx->lz[i] - mxv);
     }
     return mxv + log(s);
 }
@@ -87,19 +100,41 @@ int dx_opt_ask_tpe(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, 
     size_t nb = (size_t)ceil(0.1 * (double)n);
     if (nb > 25) nb = 25;
     if (nb < 1) nb = 1;
-    size_t na = n - nb + h->np, nt = n + h->np;
+    size_t na = n - nb + h->np, nt = n + h->np, m = nt + 1;
     size_t *idx = malloc(n * sizeof *idx);
-    double *mem = malloc((nt + 1) * 10 * sizeof(double) + DX_OPT_MAX_CATS * 2 * sizeof(double));
-    if (!idx || !mem) {
+    double *mem = malloc(m * 12 * sizeof(double) + DX_OPT_MAX_CATS * 2 * sizeof(double));
+    vw *scr = malloc(m * sizeof *scr);
+    if (!idx || !mem || !scr) {
         free(idx);
         free(mem);
+        free(scr);
         return DX_OPT_E_NOMEM;
     }
     dx_opt_argsort(h->y, n, idx);
-    double *vb = mem, *va = vb + (nt + 1), *scr = va + (nt + 1);
-    mixture l = {0, scr + (nt + 1), scr + 2 * (nt + 1), scr + 3 * (nt + 1)};
-    mixture g = {0, scr + 4 * (nt + 1), scr + 5 * (nt + 1), scr + 6 * (nt + 1)};
-    double *pl = mem + (nt + 1) * 10, *pg = pl + DX_OPT_MAX_CATS;
+    double *vb = mem, *va = vb + m, *wa = va + m, *tmp = wa + m;
+    mixture l = {0, mem + 4 * m, mem + 5 * m, mem + 6 * m, mem + 7 * m};
+    mixture g = {0, mem + 8 * m, mem + 9 * m, mem + 10 * m, mem + 11 * m};
+    double *pl = mem + m * 12, *pg = pl + DX_OPT_MAX_CATS;
+    /* weights of g (Optuna's default): by age, the 25 most recent trials 1,
+     * older ones ramping from 1/na up; pending trials are the most recent */
+    size_t nat = n - nb;
+    for (size_t i = 0; i < nat; i++) tmp[i] = (double)h->tid[idx[nb + i]];
+    size_t *age = malloc((nat + 1) * sizeof *age);
+    if (!age) {
+        free(idx);
+        free(mem);
+        free(scr);
+        return DX_OPT_E_NOMEM;
+    }
+    dx_opt_argsort(tmp, nat, age); /* age[r] = position in g of the r-th oldest */
+    for (size_t r = 0; r < nat; r++) {
+        size_t ramp = na > 25 ? na - 25 : 0;
+        wa[age[r]] = r < ramp ? (ramp > 1 ? 1.0 / (double)na + (1.0 - 1.0 / (double)na) * (double)r / (double)(ramp - 1)
+                                          : 1.0 / (double)na)
+                              : 1.0;
+    }
+    free(age);
+    for (size_t i = 0; i < h->np; i++) wa[nat + i] = 1.0;
     double cand[N_CAND * DX_OPT_MAX_DIMS], score[N_CAND] = {0};
     for (int j = 0; j < d; j++) {
         for (size_t i = 0; i < nb; i++) vb[i] = h->x[idx[i] * (size_t)d + j];
@@ -107,8 +142,8 @@ int dx_opt_ask_tpe(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, 
         for (size_t i = 0; i < h->np; i++) va[n - nb + i] = h->px[i * (size_t)d + j];
         int k = sp->dims[j].ncat;
         if (!k) {
-            mix_build(&l, vb, nb, scr);
-            mix_build(&g, va, na, scr);
+            mix_build(&l, vb, NULL, nb, scr);
+            mix_build(&g, va, wa, na, scr);
             for (int c = 0; c < N_CAND; c++) {
                 double x = mix_sample(&l, &r);
                 cand[c * d + j] = x;
@@ -117,13 +152,14 @@ int dx_opt_ask_tpe(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, 
         } else {
             /* each trial is a kernel putting (1 + 1/k) / 2 on its category and
              * 1 / (2k) on each other one; plus a uniform prior kernel */
+            double tl = (double)nb + 1.0, tg = 1.0;
+            for (size_t i = 0; i < na; i++) tg += wa[i];
             for (int c = 0; c < k; c++) {
                 pl[c] = (1.0 + 0.5 * (double)nb) / k;
-                pg[c] = (1.0 + 0.5 * (double)na) / k;
+                pg[c] = (1.0 + 0.5 * (tg - 1.0)) / k;
             }
             for (size_t i = 0; i < nb; i++) pl[(int)vb[i]] += 0.5;
-            for (size_t i = 0; i < na; i++) pg[(int)va[i]] += 0.5;
-            double tl = (double)nb + 1.0, tg = (double)na + 1.0;
+            for (size_t i = 0; i < na; i++) pg[(int)va[i]] += 0.5 * wa[i];
             for (int c = 0; c < N_CAND; c++) {
                 double u = dx_rng_unif(&r) * tl, acc = 0;
                 int pick = k - 1;
@@ -143,6 +179,7 @@ int dx_opt_ask_tpe(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, 
     for (int c = 1; c < N_CAND; c++)
         if (score[c] > score[bc]) bc = c;
     memcpy(out, cand + bc * d, d * sizeof *out);
+    free(scr);
     free(idx);
     free(mem);
     return DX_OPT_OK;
