@@ -34,11 +34,14 @@ UPLOT_VERSION   := 1.6.31
 UPLOT_INTEGRITY := sha512-sQZqSwVCbJGnFB4IQjQYopzj5CoTZJ4Br1fG/xdONimqgHmsacvCjNesdGDypNKFbrhLGIeshYhy89FxPF+H+w==
 CONSOLE_VENDOR  := priv/www/vendor
 PYTHON   ?= /usr/bin/python3
+# The optimizer validation bench (bench/opt_validate.py): Optuna, SciPy, plots.
+APT_BENCH_OPT := python3-optuna python3-scipy python3-numpy python3-matplotlib
 PY_STUBS := priv/python/dspex_bridge/_proto
 
 .PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
 .PHONY: console-vendor test-console bench-console
 .PHONY: deps-python python-stubs python-venv test-python bench-grpc
+.PHONY: bench-opt deps-bench-opt
 .PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
 all: compile python-stubs
@@ -170,6 +173,18 @@ bench: compile
 	$(ERL) +sbwt none +sbwtdcpu none +sbwtdio none -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_models_bench:main(), halt().'
 	$(MAKE) bench-grpc
 	$(MAKE) bench-events-pg
+	$(MAKE) bench-opt
+
+# Optimizers (issue #18): ours through dspex_opt, then Optuna and SciPy at the
+# same budgets and seeds; table and plots under _build/bench/ (OPT_BENCH_SEEDS, default 20).
+deps-bench-opt:
+	$(call apt_install,$(APT_BENCH_OPT))
+
+bench-opt: compile deps-bench-opt
+	@mkdir -p _build/bench
+	erlc -o _build/bench bench/dspex_opt_bench.erl
+	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_opt_bench:main(), halt().'
+	$(PYTHON) bench/opt_validate.py
 
 # GetVariable round trips/s through our bridge vs a plain python3-grpcio server.
 bench-grpc: compile python-stubs

@@ -85,6 +85,8 @@
 -define(DSPEX_MODELS(Ev), [dspex, models, Ev]).
 %% Ev: step | complete | rollback
 -define(DSPEX_MODELS_ROLLOUT(Ev), [dspex, models, rollout, Ev]).
+%% Ev: start | ask | tell | stop (dspex_opt runs)
+-define(DSPEX_OPT(Ev), [dspex, opt, Ev]).
 
 %% Every event above, each operation spelt out.
 -define(DSPEX_EVENTS,
@@ -107,6 +109,7 @@
             ?DSPEX_GRPC_PORT(start), ?DSPEX_GRPC_PORT(exit), ?DSPEX_GRPC_PORT(give_up),
             ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]
         ++ [?DSPEX_MODELS(Ev__) || Ev__ <- [register, archive, alias, start, decision]]
-        ++ [?DSPEX_MODELS_ROLLOUT(Ev__) || Ev__ <- [step, complete, rollback]]).
+        ++ [?DSPEX_MODELS_ROLLOUT(Ev__) || Ev__ <- [step, complete, rollback]]
+        ++ [?DSPEX_OPT(Ev__) || Ev__ <- [start, ask, tell, stop]]).
 
 -endif.

@@ -53,6 +53,8 @@ init(top) ->
     %% the metric series (dspex_metrics_server) and the tools exposed to Python
     ok = dspex_metrics_server:new_table(),
     ok = dspex_tools:new_table(),
+    %% the optimizer registry (plugins, performance records) likewise
+    ok = dspex_opt_registry:new_tables(),
     Children = [#{id => dspex_core_sup, type => supervisor, shutdown => infinity,
                   start => {?MODULE, start_link, [core]}},
                 #{id => dspex_cluster_sup, type => supervisor, shutdown => infinity,

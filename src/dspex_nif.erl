@@ -20,6 +20,7 @@
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
          events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1]).
 -export([sched_stats/0, rawbuf_debug/1]).
+-export([opt_ask/8]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
@@ -135,3 +136,6 @@ events_expire(_TsUs) -> ?NOT_LOADED.
 events_session_seq(_Session) -> ?NOT_LOADED.
 sched_stats() -> ?NOT_LOADED.
 rawbuf_debug(_FailNth) -> ?NOT_LOADED.
+
+%% optimizer kernels (c_src/nif/opt_nif.c), used by dspex_opt
+opt_ask(_Alg, _Dims, _Told, _Pending, _Seed, _Trial, _Budget, _Warm) -> ?NOT_LOADED.

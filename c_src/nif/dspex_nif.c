@@ -149,6 +149,7 @@ static ErlNifFunc funcs[] = {
     DX_EVENTS_FUNCS,
     {"sched_stats", 0, nif_sched_stats, 0},
     {"rawbuf_debug", 1, nif_rawbuf_debug, 0},
+    {"opt_ask", 8, nif_opt_ask, DIRTY}, /* opt_nif.c */
 };
 
 ERL_NIF_INIT(dspex_nif, funcs, load, NULL, upgrade, unload)

@@ -1,0 +1,268 @@
+/* Bayesian optimisation: a Gaussian process with a Matérn 5/2 kernel (one
+ * length scale per dimension; categorical dimensions enter the distance as
+ * 2*[a != b], i.e. a one-hot encoding, which keeps the kernel positive
+ * definite), signal and noise variances, all fitted by maximising the log
+ * marginal likelihood (projected gradient descent with backtracking on the log
+ * parameters, inside bounds) on standardised scores; the candidate maximising
+ * expected improvement over random and local candidates is proposed. The
+ * first max(5, min(10, 2d + 2)) trials are uniformly random. The fit starts
+ * from the previous ask's hyperparameters when the caller passes them
+ * (dx_opt_conf.warm: 3 steps instead of 12; every 10th ask refits from
+ * scratch). dx_opt_conf.fitted[0] is NaN when nothing was fitted. A failed trial
+ * counts as the worst finite score; pending trials (asked, not told) as the
+ * best one ("constant liar"), so that parallel asks spread out. Costs O(n^3) per
+ * ask: callers run it on a dirty scheduler. */
+#include "opt_internal.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_OBS 300
+#define N_RANDOM 400
+#define N_LOCAL 300
+#define N_ITER 12
+#define N_WARM_ITER 3
+#define N_LINE 5
+#define SQ5 2.23606797749979
+
+typedef struct {
+    const dx_opt_space *sp;
+    int n, d, np; /* np = d + 2 parameters */
+    const double *x; /* n x d */
+    const double *y; /* standardised */
+    double *K, *L, *alpha, *Kinv, *tmp, *K2;
+} gp;
+
+/* squared scaled distance, and per-dimension parts into parts (if not NULL) */
+static double dist2(const gp *g, const double *a, const double *b, const double *ell, double *parts) {
+    double r2 = 0;
+    for (int j = 0; j < g->d; j++) {
+        double q;
+        if (g->sp->dims[j].ncat) q = a[j] != b[j] ? 2.0 : 0.0;
+        else q = (a[j] - b[j]) * (a[j] - b[j]);
+        q /= ell[j] * ell[j];
+        if (parts) parts[j] = q;
+        r2 += q;
+    }
+    return r2;
+}
+
+static double matern(double r2, double sf2) {
+    double r = sqrt(r2);
+    return sf2 * (1.0 + SQ5 * r + 5.0 / 3.0 * r2) * exp(-SQ5 * r);
+}
+
+/* Negative log marginal likelihood at th (log params); gradient into grad if
+ * not NULL. Leaves L and alpha of th. Returns INFINITY if not SPD. */
+static double nlml(gp *g, const double *th, double *grad) {
+    int n = g->n, d = g->d;
+    double ell[DX_OPT_MAX_DIMS];
+    for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
+    double sf2 = exp(th[d]), sn2 = exp(th[d + 1]);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k <= i; k++) {
+            double v = matern(dist2(g, g->x + i * d, g->x + k * d, ell, NULL), sf2);
+            g->K[i * n + k] = g->K[k * n + i] = v;
+        }
+    memcpy(g->L, g->K, (size_t)n * n * sizeof *g->L);
+    for (int i = 0; i < n; i++) g->L[i * n + i] += sn2 + 1e-8;
+    if (dx_opt_cholesky(g->L, n)) return INFINITY;
+    memcpy(g->alpha, g->y, n * sizeof *g->alpha);
+    dx_opt_chol_fwd(g->L, n, g->alpha);
+    double quad = 0, logdet = 0;
+    for (int i = 0; i < n; i++) {
+        quad += g->alpha[i] * g->alpha[i];
+        logdet += log(g->L[i * n + i]);
+    }
+    dx_opt_chol_bwd(g->L, n, g->alpha);
+    double f = 0.5 * quad + logdet + 0.5 * n * 1.8378770664093453;
+    if (!grad) return f;
+    /* Kinv = L^-T L^-1: first M = L^-1 (lower triangular) in K's storage... */
+    double *M = g->K2;
+    for (int c = 0; c < n; c++) {
+        for (int i = 0; i < c; i++) M[i * n + c] = 0.0;
+        M[c * n + c] = 1.0 / g->L[c * n + c];
+        for (int i = c + 1; i < n; i++) {
+            double t = 0;
+            for (int k = c; k < i; k++) t -= g->L[i * n + k] * M[k * n + c];
+            M[i * n + c] = t / g->L[i * n + i];
+        }
+    }
+    /* ...then Kinv[i][k] = sum over r >= max(i, k) of M[r][i] M[r][k] */
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k <= i; k++) {
+            double t = 0;
+            for (int r = i; r < n; r++) t += M[r * n + i] * M[r * n + k];
+            g->Kinv[i * n + k] = g->Kinv[k * n + i] = t;
+        }
+    /* dNLML/dth = 0.5 tr((Kinv - alpha alpha^T) dK/dth) */
+    for (int p = 0; p < g->np; p++) grad[p] = 0;
+    double parts[DX_OPT_MAX_DIMS];
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k <= i; k++) {
+            double wgt = g->Kinv[i * n + k] - g->alpha[i] * g->alpha[k];
+            double mult = i == k ? 0.5 : 1.0; /* symmetric: off-diagonal counted twice */
+            double r2 = dist2(g, g->x + i * d, g->x + k * d, ell, parts);
+            double r = sqrt(r2);
+            double base = sf2 * 5.0 / 3.0 * (1.0 + SQ5 * r) * exp(-SQ5 * r);
+            for (int j = 0; j < d; j++) grad[j] += mult * wgt * base * parts[j];
+            grad[d] += mult * wgt * g->K[i * n + k];
+            if (i == k) grad[d + 1] += mult * wgt * sn2;
+        }
+    return f;
+}
+
+static void clamp_th(int d, double *th) {
+    for (int j = 0; j < d; j++) th[j] = fmin(log(20.0), fmax(log(0.01), th[j]));
+    th[d] = fmin(log(20.0), fmax(log(0.05), th[d]));
+    th[d + 1] = fmin(log(0.5), fmax(log(1e-6), th[d + 1]));
+}
+
+static void fit(gp *g, double *th, int iters) {
+    int np = g->np;
+    double grad[DX_OPT_MAX_DIMS + 2], cand[DX_OPT_MAX_DIMS + 2];
+    clamp_th(g->d, th);
+    double f = nlml(g, th, grad), step = 0.5;
+    for (int it = 0; it < iters && isfinite(f); it++) {
+        double gn = 0;
+        for (int p = 0; p < np; p++) gn += grad[p] * grad[p];
+        gn = sqrt(gn);
+        if (gn < 1e-6) break;
+        int moved = 0;
+        for (int ls = 0; ls < N_LINE; ls++) {
+            for (int p = 0; p < np; p++) cand[p] = th[p] - step * grad[p] / gn;
+            clamp_th(g->d, cand);
+            double fc = nlml(g, cand, NULL);
+            if (fc < f - 1e-9) {
+                memcpy(th, cand, np * sizeof *th);
+                f = nlml(g, th, grad);
+                step *= 1.5;
+                moved = 1;
+                break;
+            }
+            step *= 0.4;
+        }
+        if (!moved) break;
+    }
+    if (!isfinite(nlml(g, th, NULL))) { /* fall back to a well-conditioned default */
+        for (int j = 0; j < g->d; j++) th[j] = log(0.5);
+        th[g->d] = 0.0;
+        th[g->d + 1] = log(0.1);
+        nlml(g, th, NULL);
+    }
+}
+
+/* EI (for minimisation) of x under the fitted GP (L, alpha of th). */
+static double ei(gp *g, const double *th, const double *x, double fbest) {
+    int n = g->n, d = g->d;
+    double ell[DX_OPT_MAX_DIMS];
+    for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
+    double sf2 = exp(th[d]);
+    double mu = 0;
+    for (int i = 0; i < n; i++) {
+        g->tmp[i] = matern(dist2(g, x, g->x + i * d, ell, NULL), sf2);
+        mu += g->tmp[i] * g->alpha[i];
+    }
+    dx_opt_chol_fwd(g->L, n, g->tmp);
+    double v = sf2;
+    for (int i = 0; i < n; i++) v -= g->tmp[i] * g->tmp[i];
+    double s = sqrt(fmax(v, 1e-12));
+    double z = (fbest - mu) / s;
+    return (fbest - mu) * dx_opt_Phi(z) + s * dx_opt_phi(z);
+}
+
+static void perturb(const dx_opt_space *sp, dx_rng *r, const double *c, double scale, double *out) {
+    int d = sp->d;
+    for (int j = 0; j < d; j++) {
+        int k = sp->dims[j].ncat;
+        if (!k) out[j] = dx_opt_clamp01(c[j] + scale * dx_rng_normal(r));
+        else if (dx_rng_unif(r) < 1.0 / d) out[j] = (double)dx_rng_below(r, (uint64_t)k);
+        else out[j] = c[j];
+    }
+}
+
+int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, uint64_t trial,
+                  const dx_opt_conf *conf, double *out) {
+    int d = sp->d;
+    int ninit = 2 * d + 2;
+    ninit = ninit < 5 ? 5 : (ninit > 10 ? 10 : ninit);
+    dx_rng r;
+    dx_rng_init(&r, seed, DX_S_BO, trial);
+    if (conf->fitted) conf->fitted[0] = NAN; /* nothing fitted (yet) */
+    size_t nf = 0;
+    for (size_t i = 0; i < h->n; i++) nf += isfinite(h->y[i]) != 0;
+    if (h->n < (size_t)ninit || nf < 2) {
+        dx_opt_random_point(sp, &r, out);
+        return DX_OPT_OK;
+    }
+    size_t npend = h->np > 64 ? 64 : h->np;
+    size_t ntold = h->n > MAX_OBS - npend ? MAX_OBS - npend : h->n; /* the most recent */
+    int n = (int)(ntold + npend);
+    size_t nn = (size_t)n * n;
+    double *mem = malloc(((size_t)n * d + 4 * (size_t)n + 4 * nn + 2 * (size_t)d) * sizeof(double));
+    if (!mem) return DX_OPT_E_NOMEM;
+    double *X = mem, *Y = X + (size_t)n * d, *alpha = Y + n, *tmp = alpha + n, *K = tmp + n, *L = K + nn,
+           *Kinv = L + nn, *K2 = Kinv + nn, *cand = K2 + nn, *bestc = cand + d;
+    double ymin = INFINITY, ymax = -INFINITY;
+    for (size_t i = h->n - ntold; i < h->n; i++)
+        if (isfinite(h->y[i])) {
+            ymin = fmin(ymin, h->y[i]);
+            ymax = fmax(ymax, h->y[i]);
+        }
+    if (!isfinite(ymin)) ymin = ymax = 0.0;
+    for (size_t i = 0; i < ntold; i++) {
+        size_t src = h->n - ntold + i;
+        memcpy(X + i * d, h->x + src * (size_t)d, d * sizeof *X);
+        Y[i] = isfinite(h->y[src]) ? h->y[src] : ymax;
+    }
+    for (size_t i = 0; i < npend; i++) {
+        memcpy(X + (ntold + i) * d, h->px + i * (size_t)d, d * sizeof *X);
+        Y[ntold + i] = ymin;
+    }
+    double mean = 0, var = 0;
+    for (int i = 0; i < n; i++) mean += Y[i];
+    mean /= n;
+    for (int i = 0; i < n; i++) var += (Y[i] - mean) * (Y[i] - mean);
+    double sd = sqrt(var / n);
+    if (!(sd > 0)) sd = 1.0;
+    double fbest = INFINITY;
+    int ibest = 0;
+    for (int i = 0; i < n; i++) {
+        Y[i] = (Y[i] - mean) / sd;
+        if (Y[i] < fbest) {
+            fbest = Y[i];
+            ibest = i;
+        }
+    }
+    gp g = {sp, n, d, d + 2, X, Y, K, L, alpha, Kinv, tmp, K2};
+    double th[DX_OPT_MAX_DIMS + 2];
+    /* every 10th ask refits from scratch, so a warm chain cannot stay stuck */
+    int warm = conf->warm != NULL && h->n % 10 != 0;
+    for (int p = 0; p < d + 2 && warm; p++) warm = isfinite(conf->warm[p]);
+    if (warm) {
+        memcpy(th, conf->warm, (d + 2) * sizeof *th);
+    } else {
+        for (int j = 0; j < d; j++) th[j] = log(0.3);
+        th[d] = 0.0;
+        th[d + 1] = log(1e-3);
+    }
+    fit(&g, th, warm ? N_WARM_ITER : N_ITER);
+    if (conf->fitted) memcpy(conf->fitted, th, (d + 2) * sizeof *th);
+    double best = -1.0;
+    for (int c = 0; c < N_RANDOM + N_LOCAL; c++) {
+        if (c < N_RANDOM) dx_opt_random_point(sp, &r, cand);
+        else {
+            /* around the best observed point, with scales from wide to narrow */
+            double scale = 0.2 * pow(0.05, (double)(c - N_RANDOM) / N_LOCAL);
+            perturb(sp, &r, c % 2 && best >= 0 ? bestc : X + (size_t)ibest * d, scale, cand);
+        }
+        double e = ei(&g, th, cand, fbest);
+        if (e > best) {
+            best = e;
+            memcpy(bestc, cand, d * sizeof *cand);
+        }
+    }
+    memcpy(out, bestc, d * sizeof *out);
+    free(mem);
+    return DX_OPT_OK;
+}

@@ -1,0 +1,269 @@
+/* cmocka tests of the optimizer kernels (c_src/core/opt*.c): every algorithm
+ * converges on functions with known optima within a fixed budget and seed
+ * (deterministic: the asserts are on regret, never on time), keeps every
+ * candidate inside the space, gives the same asks for the same seed and told
+ * scores, works with several asks outstanding, and refuses invalid input. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "opt.h"
+
+typedef double (*objective)(const double *u, uint64_t trial);
+
+typedef struct {
+    double best;
+    double *asks; /* every candidate, for determinism checks (budget x d) */
+} run_result;
+
+static int in_space(const dx_opt_space *sp, const double *p) {
+    for (int j = 0; j < sp->d; j++) {
+        int k = sp->dims[j].ncat;
+        if (isnan(p[j]) || p[j] < 0) return 0;
+        if (!k && p[j] > 1.0) return 0;
+        if (k && (p[j] != floor(p[j]) || p[j] > k - 1)) return 0;
+    }
+    return 1;
+}
+
+/* When set, BO asks chain their fitted hyperparameters (dx_opt_conf.warm). */
+static int warm_chain = 0;
+
+/* Drives a run: batches of `batch' asks outstanding, told in reverse order. */
+static run_result drive(dx_opt_alg alg, const dx_opt_space *sp, objective f, size_t budget, uint64_t seed,
+                        size_t batch) {
+    double th[DX_OPT_MAX_DIMS + 2], th_out[DX_OPT_MAX_DIMS + 2];
+    int have = 0;
+    int d = sp->d;
+    double *x = calloc(budget * d, sizeof *x), *y = calloc(budget, sizeof *y);
+    uint64_t *tid = calloc(budget, sizeof *tid);
+    run_result rr = {INFINITY, calloc(budget * d, sizeof(double))};
+    dx_opt_conf conf = {budget, NULL, NULL};
+    size_t told = 0;
+    for (size_t t = 0; t < budget; t += batch) {
+        size_t nb = t + batch > budget ? budget - t : batch;
+        for (size_t b = 0; b < nb; b++) {
+            dx_opt_hist h = {told, x, y, tid, b, rr.asks + t * d};
+            if (warm_chain) {
+                conf.warm = have ? th : NULL;
+                conf.fitted = th_out;
+            }
+            assert_int_equal(dx_opt_ask(alg, sp, &h, seed, t + b, &conf, rr.asks + (t + b) * d), DX_OPT_OK);
+            if (warm_chain && alg == DX_OPT_BO && !isnan(th_out[0])) {
+                memcpy(th, th_out, sizeof th);
+                have = 1;
+            }
+            assert_true(in_space(sp, rr.asks + (t + b) * d));
+        }
+        for (size_t b = nb; b-- > 0;) {
+            memcpy(x + told * d, rr.asks + (t + b) * d, d * sizeof *x);
+            y[told] = f(rr.asks + (t + b) * d, t + b);
+            tid[told] = t + b;
+            if (y[told] < rr.best) rr.best = y[told];
+            told++;
+        }
+    }
+    free(x);
+    free(y);
+    free(tid);
+    return rr;
+}
+
+/* ---- test functions (u in the unit cube) --------------------------------- */
+static const double shift[5] = {1.3, -2.1, 0.7, 3.2, -0.4};
+static double sphere5(const double *u, uint64_t t) { /* [-5, 5]^5, min 0 */
+    double s = 0;
+    for (int i = 0; i < 5; i++) {
+        double v = u[i] * 10 - 5 - shift[i];
+        s += v * v;
+    }
+    return s;
+}
+
+#define BRANIN_MIN 0.397887357729739
+static double branin(const double *u, uint64_t t) {
+    double x1 = -5 + 15 * u[0], x2 = 15 * u[1];
+    double a = x2 - 5.1 / (4 * M_PI * M_PI) * x1 * x1 + 5 / M_PI * x1 - 6;
+    return a * a + 10 * (1 - 1 / (8 * M_PI)) * cos(x1) + 10;
+}
+
+/* categorical (4) x categorical (3) x 2 continuous; min 0 at (1, 2, 0.3, 0.7) */
+static double mixed(const double *u, uint64_t t) {
+    static const double c1[4] = {2.0, 0.0, 1.0, 3.0}, c2[3] = {1.0, 0.5, 0.0};
+    double a = u[2] - 0.3, b = u[3] - 0.7;
+    return c1[(int)u[0]] + c2[(int)u[1]] + 10 * (a * a + b * b);
+}
+
+/* a noisy sphere: deterministic pseudo-noise per trial, sd 0.05 */
+static double noisy_sphere5(const double *u, uint64_t t) {
+    uint64_t z = (t + 1) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+    double noise = ((double)(z >> 11) / 9007199254740992.0 - 0.5) * 0.17;
+    return sphere5(u, t) + noise;
+}
+
+static const dx_opt_dim num5[5] = {{0}, {0}, {0}, {0}, {0}};
+static const dx_opt_space sp_num5 = {5, num5};
+static const dx_opt_dim num2[2] = {{0}, {0}};
+static const dx_opt_space sp_num2 = {2, num2};
+static const dx_opt_dim mix4[4] = {{4}, {3}, {0}, {0}};
+static const dx_opt_space sp_mixed = {4, mix4};
+
+static double best_of(dx_opt_alg alg, const dx_opt_space *sp, objective f, size_t budget, uint64_t seed,
+                      size_t batch) {
+    run_result r = drive(alg, sp, f, budget, seed, batch);
+    free(r.asks);
+    print_message("  %-14s budget %4zu seed %llu batch %zu: best %.6g\n", dx_opt_alg_name(alg), budget,
+                  (unsigned long long)seed, batch, r.best);
+    return r.best;
+}
+
+/* random search is the baseline every other algorithm must beat */
+static void test_random_search_baseline(void **st) {
+    double r = best_of(DX_OPT_RANDOM, &sp_num5, sphere5, 200, 1, 1);
+    assert_true(r < 40.0);
+    assert_true(r > 1.0); /* the function is not trivial for it */
+}
+
+static void test_sa_converges_on_sphere(void **st) {
+    assert_true(best_of(DX_OPT_SA, &sp_num5, sphere5, 400, 1, 1) < 1.0);
+    assert_true(best_of(DX_OPT_SA, &sp_num2, branin, 200, 2, 1) - BRANIN_MIN < 0.1);
+}
+
+static void test_ga_converges(void **st) {
+    assert_true(best_of(DX_OPT_GA, &sp_num5, sphere5, 400, 1, 1) < 1.0);
+    assert_true(best_of(DX_OPT_GA, &sp_mixed, mixed, 200, 3, 1) < 0.1);
+}
+
+static void test_cmaes_converges(void **st) {
+    assert_true(best_of(DX_OPT_CMAES, &sp_num5, sphere5, 400, 1, 1) < 1e-3);
+    assert_true(best_of(DX_OPT_CMAES, &sp_num2, branin, 200, 2, 1) - BRANIN_MIN < 1e-3);
+}
+
+static void test_tpe_converges(void **st) {
+    assert_true(best_of(DX_OPT_TPE, &sp_num2, branin, 100, 2, 1) - BRANIN_MIN < 0.2);
+    assert_true(best_of(DX_OPT_TPE, &sp_mixed, mixed, 100, 3, 1) < 0.2);
+}
+
+static void test_bo_converges(void **st) {
+    assert_true(best_of(DX_OPT_BO, &sp_num2, branin, 40, 2, 1) - BRANIN_MIN < 0.05);
+    assert_true(best_of(DX_OPT_BO, &sp_mixed, mixed, 40, 3, 1) < 0.1);
+}
+
+/* the fit warm-started from the previous ask's hyperparameters converges as well */
+static void test_bo_warm_start_converges(void **st) {
+    warm_chain = 1;
+    double b1 = best_of(DX_OPT_BO, &sp_num2, branin, 40, 2, 1) - BRANIN_MIN;
+    double b2 = best_of(DX_OPT_BO, &sp_mixed, mixed, 40, 3, 1);
+    double b3 = best_of(DX_OPT_BO, &sp_num5, sphere5, 60, 7, 1);
+    warm_chain = 0;
+    assert_true(b1 < 0.05);
+    assert_true(b2 < 0.1);
+    assert_true(b3 < 0.05);
+}
+
+static void test_spsa_converges_on_noisy_sphere(void **st) {
+    assert_true(best_of(DX_OPT_SPSA_ADAM, &sp_num5, noisy_sphere5, 400, 1, 1) < 1.0);
+    assert_true(best_of(DX_OPT_SPSA_MOMENTUM, &sp_num5, noisy_sphere5, 400, 1, 1) < 1.0);
+}
+
+/* each algorithm beats random search at the same budget and seed */
+static void test_every_algorithm_beats_random(void **st) {
+    double base = best_of(DX_OPT_RANDOM, &sp_num5, sphere5, 200, 7, 1);
+    for (int a = DX_OPT_SA; a < DX_OPT_N_ALGS; a++) {
+        size_t budget = a == DX_OPT_BO ? 60 : 200;
+        assert_true(best_of((dx_opt_alg)a, &sp_num5, sphere5, budget, 7, 1) < base);
+    }
+}
+
+static void test_same_seed_same_asks_other_seed_other_asks(void **st) {
+    for (int a = 0; a < DX_OPT_N_ALGS; a++) {
+        size_t budget = 30;
+        run_result r1 = drive((dx_opt_alg)a, &sp_mixed, mixed, budget, 11, 1);
+        run_result r2 = drive((dx_opt_alg)a, &sp_mixed, mixed, budget, 11, 1);
+        run_result r3 = drive((dx_opt_alg)a, &sp_mixed, mixed, budget, 12, 1);
+        assert_memory_equal(r1.asks, r2.asks, budget * 4 * sizeof(double));
+        assert_true(memcmp(r1.asks, r3.asks, budget * 4 * sizeof(double)) != 0);
+        free(r1.asks);
+        free(r2.asks);
+        free(r3.asks);
+    }
+}
+
+/* four asks outstanding, told out of order: still valid and converging */
+static void test_parallel_asks(void **st) {
+    assert_true(best_of(DX_OPT_CMAES, &sp_num5, sphere5, 400, 1, 4) < 1e-2);
+    assert_true(best_of(DX_OPT_TPE, &sp_mixed, mixed, 100, 3, 4) < 0.3);
+    assert_true(best_of(DX_OPT_GA, &sp_num5, sphere5, 400, 1, 4) < 2.0);
+    assert_true(best_of(DX_OPT_SPSA_ADAM, &sp_num5, sphere5, 400, 1, 4) < 2.0);
+    assert_true(best_of(DX_OPT_BO, &sp_num2, branin, 40, 2, 4) - BRANIN_MIN < 0.2);
+}
+
+/* failed trials (+INF) are handled as worst: every algorithm still beats
+ * random search when the left half of the space fails */
+static double fails_left(const double *u, uint64_t t) { return u[0] < 0.5 ? INFINITY : sphere5(u, t); }
+static void test_failed_trials(void **st) {
+    double base = best_of(DX_OPT_RANDOM, &sp_num5, fails_left, 150, 5, 1);
+    for (int a = DX_OPT_SA; a < DX_OPT_N_ALGS; a++) {
+        size_t budget = a == DX_OPT_BO ? 40 : 150;
+        assert_true(best_of((dx_opt_alg)a, &sp_num5, fails_left, budget, 5, 1) < base);
+    }
+}
+
+static void test_invalid_input_refused(void **st) {
+    double out[4], x[4] = {0, 0, 0.5, 1.5}, y[1] = {1.0};
+    uint64_t tid[1] = {0};
+    dx_opt_conf conf = {10, NULL, NULL};
+    dx_opt_hist h0 = {0, NULL, NULL, NULL, 0, NULL};
+    dx_opt_hist hb = {1, x, y, tid, 0, NULL};
+    assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_E_ARG); /* 1.5 > 1 */
+    x[3] = 1.0;
+    x[0] = 4; /* category out of range */
+    assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_E_ARG);
+    x[0] = 1.5; /* not integral */
+    assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_E_ARG);
+    x[0] = 1;
+    y[0] = NAN;
+    assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_E_ARG);
+    y[0] = 1.0;
+    assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_OK);
+    double px[4] = {0, 3, 0.5, 0.5}; /* pending: category 3 of 3 */
+    dx_opt_hist hp = {1, x, y, tid, 1, px};
+    assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_mixed, &hp, 1, 1, &conf, out), DX_OPT_E_ARG);
+    px[1] = 2;
+    assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_mixed, &hp, 1, 1, &conf, out), DX_OPT_OK);
+    dx_opt_dim bad[1] = {{1}};
+    dx_opt_space spb = {1, bad};
+    assert_int_equal(dx_opt_ask(DX_OPT_RANDOM, &spb, &h0, 1, 0, &conf, out), DX_OPT_E_ARG);
+    dx_opt_space sp0 = {0, num5};
+    assert_int_equal(dx_opt_ask(DX_OPT_RANDOM, &sp0, &h0, 1, 0, &conf, out), DX_OPT_E_ARG);
+    assert_int_equal(dx_opt_ask(DX_OPT_N_ALGS, &sp_num2, &h0, 1, 0, &conf, out), DX_OPT_E_ARG);
+    conf.budget = 0;
+    assert_int_equal(dx_opt_ask(DX_OPT_RANDOM, &sp_num2, &h0, 1, 0, &conf, out), DX_OPT_E_ARG);
+    assert_null(dx_opt_alg_name(DX_OPT_N_ALGS));
+    assert_string_equal(dx_opt_alg_name(DX_OPT_CMAES), "cmaes");
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_random_search_baseline),
+        cmocka_unit_test(test_sa_converges_on_sphere),
+        cmocka_unit_test(test_ga_converges),
+        cmocka_unit_test(test_cmaes_converges),
+        cmocka_unit_test(test_tpe_converges),
+        cmocka_unit_test(test_bo_converges),
+        cmocka_unit_test(test_bo_warm_start_converges),
+        cmocka_unit_test(test_spsa_converges_on_noisy_sphere),
+        cmocka_unit_test(test_every_algorithm_beats_random),
+        cmocka_unit_test(test_same_seed_same_asks_other_seed_other_asks),
+        cmocka_unit_test(test_parallel_asks),
+        cmocka_unit_test(test_failed_trials),
+        cmocka_unit_test(test_invalid_input_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

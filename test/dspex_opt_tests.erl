@@ -1,0 +1,353 @@
+%% EUnit tests of dspex_opt: search spaces from variables, ask/tell runs under
+%% optimizer locks, determinism, parallel asks, run/3, plugins and the learned
+%% selection. Convergence is asserted on functions with known optima within
+%% fixed budgets and seeds, never on time.
+-module(dspex_opt_tests).
+-export([session/0, vars/0, objective/1]).
+-include_lib("eunit/include/eunit.hrl").
+
+sid() -> iolist_to_binary(["opt_", integer_to_list(erlang:unique_integer([positive]))]).
+
+%% x in [-5, 5], lr in [1e-4, 1] (log), n integer in [1, 1000] (log),
+%% style one of three, flag boolean
+session() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.0, #{constraints => #{min => -5.0, max => 5.0}}),
+    {ok, _} = dspex_store:register(S, lr, float, 0.01, #{constraints => #{min => 1.0e-4, max => 1.0},
+                                                          metadata => #{scale => log}}),
+    {ok, _} = dspex_store:register(S, n, integer, 10, #{constraints => #{min => 1, max => 1000},
+                                                         metadata => #{<<"scale">> => <<"log">>}}),
+    {ok, _} = dspex_store:register(S, style, choice, <<"a">>,
+                                   #{constraints => #{choices => [<<"a">>, <<"b">>, <<"c">>]}}),
+    {ok, _} = dspex_store:register(S, flag, boolean, false),
+    S.
+
+vars() -> [x, lr, n, style, flag].
+
+%% min 0 at x = 1.5, lr = 0.01, n = 100, style b, flag true
+objective(#{<<"x">> := X, <<"lr">> := Lr, <<"n">> := N, <<"style">> := St, <<"flag">> := F}) ->
+    (X - 1.5) * (X - 1.5) + sq(math:log10(Lr) + 2) + sq(math:log10(N) - 2)
+        + case St of <<"b">> -> 0; <<"a">> -> 1; <<"c">> -> 2 end + case F of true -> 0; false -> 0.5 end.
+
+sq(V) -> V * V.
+
+opt_test_() ->
+    {setup,
+     fun() ->
+             _ = application:load(dspex_bridge),
+             application:set_env(dspex_bridge, grpc_enabled, false),
+             application:set_env(dspex_bridge, prometheus_enabled, false),
+             {ok, _} = application:ensure_all_started(dspex_bridge)
+     end,
+     fun(_) -> ok end,
+     [fun space_refuses_unsupported_and_unbounded/0, fun space_maps_and_satisfies_constraints/0,
+      fun ask_tell_best_trials/0, fun tell_errors_and_budget/0, fun same_seed_same_asks/0,
+      {timeout, 300, fun every_algorithm_converges_and_respects_constraints/0}, fun parallel_run_tells_every_trial/0,
+      fun maximize_and_apply_best_under_lock/0, fun locks_held_and_progress_reported/0,
+      fun failed_trials_and_crashing_objective/0, fun owner_exit_ends_run_and_releases/0,
+      fun telemetry_events/0, fun plugin_registered_and_used/0, fun bad_plugins_refused/0,
+      fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
+      fun finished_runs_feed_selection/0, fun bad_options/0]}.
+
+space_refuses_unsupported_and_unbounded() ->
+    S = session(),
+    {ok, _} = dspex_store:register(S, prompt, string, <<"hi">>),
+    {ok, _} = dspex_store:register(S, free, float, 1.0),
+    {ok, _} = dspex_store:register(S, neg, float, 1.0, #{constraints => #{min => -1.0, max => 2.0},
+                                                         metadata => #{scale => log}}),
+    ?assertEqual({error, {unsupported_type, <<"prompt">>, string}}, dspex_opt:start(S, [x, prompt], #{})),
+    ?assertEqual({error, {unbounded, <<"free">>}}, dspex_opt:start(S, [free], #{})),
+    ?assertEqual({error, {invalid_log_scale, <<"neg">>}}, dspex_opt:start(S, [neg], #{})),
+    ?assertEqual({error, {duplicate_variable, <<"x">>}}, dspex_opt:start(S, [x, x], #{})),
+    ?assertEqual({error, {not_found, nope}}, dspex_opt:start(S, [nope], #{})),
+    ?assertEqual({error, {invalid_argument, variables}}, dspex_opt:start(S, [], #{})),
+    ?assertEqual({error, session_not_found}, dspex_opt:start(<<"no_such_session">>, [x], #{})).
+
+space_maps_and_satisfies_constraints() ->
+    S = session(),
+    {ok, Sp} = dspex_opt_space:from_variables(S, vars()),
+    ?assertEqual([0, 0, 0, 3, 2], dspex_opt_space:dims(Sp)),
+    ?assertEqual(mixed, dspex_opt_space:kind(Sp)),
+    ?assertEqual(#{<<"x">> => -5.0, <<"lr">> => 1.0e-4, <<"n">> => 1, <<"style">> => <<"a">>, <<"flag">> => false},
+                 dspex_opt_space:decode(Sp, [0.0, 0.0, 0.0, 0, 0])),
+    #{<<"lr">> := Lr, <<"n">> := N} = dspex_opt_space:decode(Sp, [0.5, 0.5, 0.5, 2, 1]),
+    ?assert(abs(Lr - 0.01) < 1.0e-12),   % log scale: the middle is the geometric mean
+    ?assertEqual(32, N),                 % round(sqrt(1000))
+    %% every decoded point is accepted by the store's own constraint checks
+    Rand = rand:seed_s(exsss, 42),
+    lists:foldl(fun(_, R0) ->
+                        {P, R1} = lists:mapfoldl(fun(0, R) -> rand:uniform_s(R);
+                                                    (K, R) -> {V, R2} = rand:uniform_s(K, R), {V - 1, R2}
+                                                 end, R0, dspex_opt_space:dims(Sp)),
+                        Params = dspex_opt_space:decode(Sp, P),
+                        [{ok, _} = dspex_store:set(S, K, V) || {K, V} <- maps:to_list(Params)],
+                        %% encode is the inverse on decoded values
+                        ?assertEqual(Params, dspex_opt_space:decode(Sp, dspex_opt_space:encode(Sp, Params))),
+                        R1
+                end, Rand, lists:seq(1, 200)),
+    %% a single possible value is fixed, not searched
+    {ok, _} = dspex_store:register(S, one, choice, <<"only">>, #{constraints => #{choices => [<<"only">>]}}),
+    {ok, Sp2} = dspex_opt_space:from_variables(S, [x, one]),
+    ?assertEqual([0], dspex_opt_space:dims(Sp2)),
+    ?assertEqual(#{<<"x">> => 0.0, <<"one">> => <<"only">>}, dspex_opt_space:decode(Sp2, [0.5])).
+
+ask_tell_best_trials() ->
+    S = session(),
+    {ok, R} = dspex_opt:start(S, [x, style], #{algorithm => random, budget => 5, seed => 1}),
+    {ok, 0, P0} = dspex_opt:ask(R),
+    {ok, 1, P1} = dspex_opt:ask(R),
+    ?assertEqual({error, no_trials}, dspex_opt:best(R)),
+    ok = dspex_opt:tell(R, 1, 3.0),
+    ok = dspex_opt:tell(R, 0, 2.0),
+    ?assertMatch({ok, #{trial := 0, score := 2.0, params := P0}}, dspex_opt:best(R)),
+    {ok, 2, _} = dspex_opt:ask(R),
+    ?assertMatch([#{id := 0, state := complete, score := 2.0, params := P0},
+                  #{id := 1, state := complete, score := 3.0, params := P1},
+                  #{id := 2, state := pending}], dspex_opt:trials(R)),
+    ?assertMatch({ok, #{asked := 3, told := 2, pending := 1, algorithm := random, space := mixed}},
+                 dspex_opt:info(R)),
+    {ok, #{best := #{trial := 0}, applied := false, trials := 2}} = dspex_opt:stop(R, #{}),
+    ?assertEqual({error, run_not_found}, dspex_opt:ask(R)).
+
+tell_errors_and_budget() ->
+    S = session(),
+    {ok, R} = dspex_opt:start(S, [x], #{algorithm => tpe, budget => 2}),
+    {ok, 0, _} = dspex_opt:ask(R),
+    ?assertEqual({error, {unknown_trial, 7}}, dspex_opt:tell(R, 7, 1.0)),
+    ?assertEqual({error, {invalid_argument, score}}, dspex_opt:tell(R, 0, nan)),
+    ok = dspex_opt:tell(R, 0, 1.0),
+    ?assertEqual({error, {already_told, 0}}, dspex_opt:tell(R, 0, 1.0)),
+    {ok, 1, _} = dspex_opt:ask(R),
+    ?assertEqual({error, budget_exhausted}, dspex_opt:ask(R)),
+    {ok, _} = dspex_opt:stop(R, #{}).
+
+%% the asks of a run, telling objective/1 of each at once
+asks(S, Alg, Seed, N) ->
+    {ok, R} = dspex_opt:start(S, vars(), #{algorithm => Alg, budget => N, seed => Seed}),
+    Ps = [begin {ok, Id, P} = dspex_opt:ask(R), ok = dspex_opt:tell(R, Id, objective(P)), P end
+          || _ <- lists:seq(1, N)],
+    {ok, _} = dspex_opt:stop(R, #{}),
+    Ps.
+
+same_seed_same_asks() ->
+    S = session(),
+    [begin
+         A = asks(S, Alg, 5, 25),
+         ?assertEqual(A, asks(S, Alg, 5, 25)),
+         ?assertNotEqual(A, asks(S, Alg, 6, 25))
+     end || Alg <- dspex_opt_registry:builtin()].
+
+%% Every built-in algorithm beats random search on the mixed problem: the
+%% median best over 5 seeds at the same budget (100); BO and SA come near the known
+%% optimum (0). Every candidate passes the store's own constraint checks.
+every_algorithm_converges_and_respects_constraints() ->
+    S = session(),
+    Check = sid(),
+    ok = dspex_store:import_session((element(2, dspex_store:export_session(S)))#{id => Check}),
+    Budget = 100,
+    Run = fun(Alg, Seed) ->
+                  {ok, R} = dspex_opt:start(S, vars(), #{algorithm => Alg, budget => Budget, seed => Seed}),
+                  F = fun(P) -> [{ok, _} = dspex_store:set(Check, K, V) || {K, V} <- maps:to_list(P)],
+                                objective(P) end,
+                  {ok, #{score := Best}} = dspex_opt:run(R, F),
+                  {ok, _} = dspex_opt:stop(R, #{}),
+                  Best
+          end,
+    Median = fun(Alg) -> lists:nth(3, lists:sort([Run(Alg, Seed) || Seed <- lists:seq(1, 5)])) end,
+    Baseline = Median(random),
+    ?assert(Baseline > 0.3),  % not trivial for random search
+    Medians = [{Alg, Median(Alg)} || Alg <- dspex_opt_registry:builtin() -- [random]],
+    ?assertEqual({Baseline, []}, {Baseline, [{Alg, M} || {Alg, M} <- Medians, M >= Baseline]}),
+    ?assert(proplists:get_value(bo, Medians) < 0.05),
+    ?assert(proplists:get_value(sa, Medians) < 0.2).
+
+parallel_run_tells_every_trial() ->
+    S = session(),
+    {ok, R} = dspex_opt:start(S, vars(), #{algorithm => bo, budget => 24, seed => 2}),
+    Self = self(),
+    F = fun(P) -> Self ! {evaluating, self()}, objective(P) end,
+    {ok, #{score := _}} = dspex_opt:run(R, F, #{parallel => 4}),
+    Ts = dspex_opt:trials(R),
+    ?assertEqual(24, length(Ts)),
+    ?assert(lists:all(fun(#{state := St}) -> St =:= complete end, Ts)),
+    %% pending trials made the parallel asks differ
+    Params = [P || #{params := P} <- Ts],
+    ?assertEqual(length(Params), length(lists:usort(Params))),
+    {ok, _} = dspex_opt:stop(R, #{}).
+
+maximize_and_apply_best_under_lock() ->
+    S = session(),
+    {ok, R} = dspex_opt:start(S, [x], #{algorithm => cmaes, direction => maximize, budget => 80, seed => 4}),
+    %% maximum 3 at x = -2
+    {ok, #{score := Best, params := #{<<"x">> := X}}} =
+        dspex_opt:run(R, fun(#{<<"x">> := V}) -> 3 - (V + 2) * (V + 2) end),
+    ?assert(Best > 2.999),
+    {ok, #{applied := true, best := #{params := #{<<"x">> := X}}}} = dspex_opt:stop(R, #{apply_best => true}),
+    ?assertEqual({ok, X}, dspex_store:get_value(S, x)).
+
+locks_held_and_progress_reported() ->
+    S = session(),
+    {ok, R} = dspex_opt:start(S, [x, style], #{algorithm => ga, budget => 10}),
+    ?assertMatch({error, {locked, _}}, dspex_store:set(S, x, 1.0)),
+    ?assertMatch({ok, _}, dspex_store:set(S, lr, 0.1)),   % not in the run
+    ?assertEqual({error, {lock_held_by, {dspex_opt, ga, R}}},
+                 dspex_opt:start(S, [style], #{lock => #{conflict => abort}})),
+    {ok, Id, #{<<"x">> := X}} = dspex_opt:ask(R),
+    ok = dspex_opt:tell(R, Id, 0.25),
+    {ok, #{locked := true, iterations := 1, best := #{value := X, score := 0.25}}} = dspex_locks:status(S, x),
+    {ok, #{applied := false}} = dspex_opt:stop(R, #{}),
+    {ok, #{locked := false}} = dspex_locks:status(S, x),
+    ?assertMatch({ok, _}, dspex_store:set(S, x, 1.0)).
+
+failed_trials_and_crashing_objective() ->
+    S = session(),
+    {ok, R} = dspex_opt:start(S, [x], #{algorithm => tpe, budget => 30, seed => 1}),
+    F = fun(#{<<"x">> := V}) when V < 0 -> error(negative);
+           (#{<<"x">> := V}) when V > 4 -> {failed, too_big};
+           (#{<<"x">> := V}) -> (V - 1) * (V - 1)
+        end,
+    {ok, #{score := B}} = dspex_opt:run(R, F),
+    ?assert(B < 0.05),
+    Ts = dspex_opt:trials(R),
+    Failed = [T || #{state := failed} = T <- Ts],
+    ?assert(length(Failed) > 0),
+    ?assert(lists:all(fun(#{reason := {error, negative}}) -> true; (#{reason := too_big}) -> true;
+                         (_) -> false end, Failed)),
+    {ok, _} = dspex_opt:stop(R, #{}).
+
+owner_exit_ends_run_and_releases() ->
+    S = session(),
+    Self = self(),
+    Owner = spawn(fun() -> Self ! {run, dspex_opt:start(S, [x], #{})}, receive stop -> ok end end),
+    {ok, R} = receive {run, Res} -> Res end,
+    MRef = erlang:monitor(process, R),
+    Owner ! stop,
+    receive {'DOWN', MRef, process, R, _} -> ok end,
+    %% the lock server saw the holder go (bounded polling on its state)
+    ok = await(fun() -> dspex_locks:status(S, x) =:= {ok, #{locked => false, waiters => 0}} end, 1000).
+
+await(F, 0) -> {timeout, F()};
+await(F, N) ->
+    case F() of
+        true -> ok;
+        false -> erlang:yield(), timer:sleep(1), await(F, N - 1)
+    end.
+
+telemetry_events() ->
+    S = session(),
+    Self = self(),
+    Id = {?MODULE, make_ref()},
+    ok = dspex_telemetry:attach_many(Id, [[dspex, opt, E] || E <- [start, ask, tell, stop]],
+                                     fun(Ev, M, Meta, _) -> Self ! {ev, Ev, M, Meta} end, undefined),
+    {ok, R} = dspex_opt:start(S, [x], #{algorithm => sa, budget => 1}),
+    {ok, 0, _} = dspex_opt:ask(R),
+    ok = dspex_opt:tell(R, 0, 1.0),
+    {ok, _} = dspex_opt:stop(R, #{}),
+    dspex_telemetry:detach(Id),
+    Evs = [receive {ev, [dspex, opt, E], M, Meta} -> {E, M, Meta} after 5000 -> {missing, E} end
+           || E <- [start, ask, tell, stop]],
+    [{start, _, #{session := S, algorithm := sa, run := R, budget := 1}},
+     {ask, #{duration := D}, #{trial := 0}},
+     {tell, _, #{trial := 0, result := ok}},
+     {stop, _, #{applied := false, trials := 1}}] = Evs,
+    ?assert(is_integer(D)).
+
+plugin_registered_and_used() ->
+    Id = list_to_atom("walk_" ++ integer_to_list(erlang:unique_integer([positive]))),
+    ok = dspex_opt:register_algorithm(#{id => Id, module => dspex_opt_test_plugin,
+                                        capabilities => #{spaces => [continuous], noisy => true}}),
+    ?assertEqual({error, {already_exists, Id}},
+                 dspex_opt:register_algorithm(#{id => Id, module => dspex_opt_test_plugin})),
+    ?assertEqual({error, {already_exists, tpe}},
+                 dspex_opt:register_algorithm(#{id => tpe, module => dspex_opt_test_plugin})),
+    S = session(),
+    {ok, R} = dspex_opt:start(S, [x, style], #{algorithm => Id, budget => 60, seed => 3}),
+    {ok, #{score := B}} = dspex_opt:run(R, fun(P) -> objective(P#{<<"lr">> => 0.01, <<"n">> => 100,
+                                                                   <<"flag">> => true}) end),
+    ?assert(B < 0.05),
+    {ok, _} = dspex_opt:stop(R, #{}),
+    ?assert(lists:keymember(Id, 1, dspex_opt:algorithms())).
+
+bad_plugins_refused() ->
+    Reg = fun(Mode) ->
+                  persistent_term:put({dspex_opt_bad_plugins, mode}, Mode),
+                  dspex_opt:register_algorithm(#{id => Mode, module => dspex_opt_bad_plugins})
+          end,
+    ?assertMatch({error, {invalid_plugin, {out_of_bounds, [1.5, 1.5, 0]}}}, Reg(out_of_bounds)),
+    ?assertMatch({error, {invalid_plugin, {crashed, {error, boom}}}}, Reg(crashes)),
+    ?assertMatch({error, {invalid_plugin, {bad_return, ask, not_a_point}}}, Reg(bad_return)),
+    ?assertMatch({error, {invalid_plugin, {missing_callbacks, [init, ask, tell]}}},
+                 dspex_opt:register_algorithm(#{id => lists_plugin, module => lists})),
+    ?assertEqual(error, dspex_opt_registry:lookup(crashes)),
+    persistent_term:erase({dspex_opt_bad_plugins, mode}).
+
+selection_filters_by_capability() ->
+    {ok, _, #{candidates := C1, excluded := E1}} =
+        dspex_opt:select_algorithm(#{space => discrete, dims => 3, budget => 100, seed => 1}),
+    ?assertNot(lists:member(cmaes, C1)),
+    ?assertEqual({space, discrete}, maps:get(spsa_adam, E1)),
+    {ok, _, #{candidates := C2, excluded := E2}} =
+        dspex_opt:select_algorithm(#{space => continuous, dims => 30, budget => 100, noisy => true, seed => 1}),
+    ?assertEqual(noisy, maps:get(sa, E2)),
+    ?assertEqual({dims, 30}, maps:get(bo, E2)),
+    ?assert(lists:member(spsa_adam, C2)),
+    {ok, A, _} = dspex_opt:select_algorithm(#{space => mixed, dims => 2, budget => 5, seed => 1}),
+    ?assert(lists:member(A, [random])),
+    ?assertEqual({error, {invalid_argument, task_class}}, dspex_opt:select_algorithm(#{space => odd})),
+    ?assertEqual({error, {invalid_argument, priorities}},
+                 dspex_opt:select_algorithm(#{space => mixed, dims => 2, budget => 50,
+                                              priorities => #{quality => -1}})).
+
+%% A task class of its own: after GA reaches regret 0 on 20 runs and the
+%% others 0.8, Thompson sampling picks GA for (nearly) every seed.
+selection_learns_from_performance() ->
+    Budget = 700 + erlang:unique_integer([positive]) rem 200, % in the 1000 bucket, but a class no other test uses
+    Class = #{space => discrete, dims => 7, budget => Budget, noisy => false},
+    [ok = dspex_opt:record_performance(A, Class, case A of ga -> 0.0; _ -> 0.8 end)
+     || A <- [random, sa, ga, tpe], _ <- lists:seq(1, 20)],
+    ?assertEqual({error, {invalid_argument, regret}}, dspex_opt:record_performance(ga, Class, 1.5)),
+    ?assertEqual({error, {unknown_algorithm, nope}}, dspex_opt:record_performance(nope, Class, 0.5)),
+    Picks = [element(2, dspex_opt:select_algorithm(Class#{seed => Seed})) || Seed <- lists:seq(1, 50)],
+    ?assert(length([ga || ga <- Picks]) >= 45),
+    {ok, ga, #{scores := #{ga := #{runs := 20, mean_regret := 0.0}}}} =
+        dspex_opt:select_algorithm(Class#{seed => 1}),
+    %% speed priority only: the cheapest (random search, constant cost) wins
+    {ok, random, _} = dspex_opt:select_algorithm(Class#{seed => 1, priorities => #{quality => 0, speed => 1}}).
+
+finished_runs_feed_selection() ->
+    S = session(),
+    Req = #{space => continuous, dims => 1, budget => 13, noisy => false},
+    Runs = fun() -> {ok, _, #{scores := #{random := #{runs := N}}}} = dspex_opt:select_algorithm(Req), N end,
+    N0 = Runs(),
+    {ok, R} = dspex_opt:start(S, [x], #{algorithm => random, budget => 13, optimum => 0.0}),
+    {ok, _} = dspex_opt:run(R, fun(#{<<"x">> := V}) -> V * V end),
+    {ok, _} = dspex_opt:stop(R, #{}),
+    ?assertEqual(N0 + 1, Runs()).
+
+bad_options() ->
+    S = session(),
+    ?assertEqual({error, {unknown_algorithm, nope}}, dspex_opt:start(S, [x], #{algorithm => nope})),
+    ?assertEqual({error, {invalid_argument, budget}}, dspex_opt:start(S, [x], #{budget => 0})),
+    ?assertEqual({error, {invalid_argument, direction}}, dspex_opt:start(S, [x], #{direction => up})),
+    ?assertEqual({error, {invalid_argument, seed}}, dspex_opt:start(S, [x], #{seed => -1})),
+    ?assertEqual({error, {invalid_argument, options}}, dspex_opt:start(S, [x], nope)),
+    {ok, R} = dspex_opt:start(S, [x], #{}),
+    ?assertEqual({error, {invalid_argument, run}}, dspex_opt:run(R, not_a_fun)),
+    {ok, _} = dspex_opt:stop(R, #{}),
+    {Dead, DRef} = spawn_monitor(fun() -> ok end),
+    receive {'DOWN', DRef, process, Dead, _} -> ok end,
+    ?assertEqual({error, run_not_found}, dspex_opt:best(Dead)),
+    %% the NIF refuses malformed input with badarg, bad history with an error
+    ?assertError(badarg, dspex_nif:opt_ask(nope, [0], [], [], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(tpe, [1], [], [], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(tpe, [0], [{0, [0.5, 1], 1.0}], [], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(tpe, [0], [], [], 1, 0, 0, undefined)),
+    ?assertEqual({error, {invalid_argument, history}}, dspex_nif:opt_ask(tpe, [0], [{0, [1.5], 1.0}], [], 1, 0, 10, undefined)),
+    ?assertEqual({error, {invalid_argument, history}}, dspex_nif:opt_ask(tpe, [3], [], [[3]], 1, 0, 10, undefined)),
+    ?assertError(badarg, dspex_nif:opt_ask(bo, [0], [], [], 1, 0, 10, [1.0])),   % d + 2 values
+    ?assertError(badarg, dspex_nif:opt_ask(bo, [0], [], [], 1, 0, 10, other)),
+    {ok, [_], undefined} = dspex_nif:opt_ask(bo, [0], [], [], 1, 0, 10, undefined),
+    Told = [{I, [I / 10], (I / 10 - 0.3) * (I / 10 - 0.3)} || I <- lists:seq(0, 9)],
+    {ok, [_], [_, _, _] = Fitted} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, undefined),
+    {ok, [_], [_, _, _]} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, Fitted).
