@@ -895,11 +895,11 @@ class SessionContext:
                 self.cache.invalidate(upd.id, min_version=upd.version)
 
 
-class Watch:
-    """A running WatchVariables stream; iterate it for VariableUpdate events."""
+class _Stream:
+    """A server stream: iterate it for messages converted by ``_convert``;
+    ``cancel()`` (or leaving ``with``) ends it, which iteration sees as its end."""
 
-    def __init__(self, ctx, call):
-        self._ctx = ctx
+    def __init__(self, call):
         self._call = call
         self._cancelled = False
 
@@ -913,6 +913,31 @@ class Watch:
             if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                 raise StopIteration from None
             raise from_rpc_error(e) from None
+        return self._convert(m)
+
+    def _convert(self, m):
+        raise NotImplementedError
+
+    def cancel(self):
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+        return False
+
+
+class Watch(_Stream):
+    """A running WatchVariables stream; iterate it for VariableUpdate events."""
+
+    def __init__(self, ctx, call):
+        super().__init__(call)
+        self._ctx = ctx
+
+    def _convert(self, m):
         var = None
         value = None
         if m.HasField("variable"):
@@ -926,17 +951,6 @@ class Watch:
             variable=var)
         self._ctx._on_event(upd)
         return upd
-
-    def cancel(self):
-        self._cancelled = True
-        self._call.cancel()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.cancel()
-        return False
 
 
 @dataclass
@@ -970,35 +984,11 @@ def _timestamp(t):
     return ts
 
 
-class EventWatch:
+class EventWatch(_Stream):
     """A running WatchEvents stream; iterate it for Event."""
 
-    def __init__(self, call):
-        self._call = call
-        self._cancelled = False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        try:
-            m = next(self._call)
-        except grpc.RpcError as e:
-            if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise from_rpc_error(e) from None
+    def _convert(self, m):
         return _event(m)
-
-    def cancel(self):
-        self._cancelled = True
-        self._call.cancel()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.cancel()
-        return False
 
 
 class BatchWriter:
