@@ -90,9 +90,24 @@ remsh:
 stop:
 	@$(RUN_ENV) exec bin/dspex_bridge stop
 
-test: deps-test deps-cluster compile dialyzer test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python test-run \
+test: disk-check deps-test deps-cluster compile dialyzer test-c test-erlang test-nif-asan test-elixir test-workers test-grpc test-python test-run \
       test-events-pg test-console
 	@echo "==> all test suites passed"
+
+# The suites write event logs, a PostgreSQL cluster, Chromium profiles and
+# build trees: refuse to start on a nearly full disk, where the event log's
+# writer would retry failing batches and hold writers back instead of a test
+# failing. MIN_FREE_MB on the repository's file system and on TMPDIR.
+MIN_FREE_MB ?= 4096
+.PHONY: disk-check
+disk-check:
+	@for d in . "$${TMPDIR:-/tmp}"; do \
+	  free=$$(df -Pm "$$d" | awk 'NR==2 {print $$4}'); \
+	  if [ "$$free" -lt $(MIN_FREE_MB) ]; then \
+	    echo "==> only $$free MB free on $$d; the tests need $(MIN_FREE_MB) MB (old event logs: data/events/)" >&2; \
+	    exit 1; \
+	  fi; \
+	done
 
 # Success typing of src/ (zero warnings); the PLT is built once, then cached.
 dialyzer: deps-test compile
@@ -162,7 +177,7 @@ python-venv: python-stubs
 test-python: compile python-venv
 	cd test/python && DSPEX_BRIDGE_INSTALLED=1 ../../$(PY_VENV)/bin/python -m unittest discover -v -s . -p 'test_*.py'
 
-bench: compile
+bench: disk-check compile
 	@mkdir -p _build/bench
 	erlc -o _build/bench bench/*.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'

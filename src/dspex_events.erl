@@ -30,8 +30,8 @@
 %% waiting together share one fsync). A failed write under `sync' returns
 %% `{error, {event_store, Reason}}' (the change itself is committed and its event
 %% stays queued; the writer retries it, never drops it). Under `async', a full
-%% queue (`event_queue_capacity', default 1,048,576 events) makes writers wait
-%% until it drains (back-pressure).
+%% queue (`event_queue_capacity', default 65,536 events) makes writers wait
+%% until it is down to half (back-pressure).
 %%
 %% == Subscriptions ==
 %% `subscribe(Filter, Pid, #{from => Position | live})' sends
@@ -445,18 +445,48 @@ receive_durable({error, _} = E) -> E.
 
 %% One log per node: nodes started in the same directory (a cluster's peers on
 %% one machine, test nodes) never share a file, whose sequences and positions
-%% are each node's own. An unnamed node (nonode@nohost) gets a directory of its
-%% OS process: name the node, or set `event_dir', to find its log again after
-%% a restart.
+%% are each node's own. A named node's log is durable in data/events/<node>.
+%% An unnamed node (nonode@nohost) has no identity to find its log by after a
+%% restart, so its log lives for the VM's life only: a private directory under
+%% the system temp dir, removed when the log stops, and swept at the next start
+%% of any unnamed node if the VM died without stopping it. Name the node, or
+%% set `event_dir', for a log that outlives the VM.
 event_dir() ->
     case application:get_env(dspex_bridge, event_dir) of
         {ok, Dir} -> Dir;
         undefined ->
-            Node = case node() of
-                       'nonode@nohost' -> "nonode-" ++ os:getpid();
-                       N -> atom_to_list(N)
-                   end,
-            filename:join("data/events", Node)
+            case node() of
+                'nonode@nohost' -> ephemeral_dir(os:getpid());
+                N -> filename:join("data/events", atom_to_list(N))
+            end
+    end.
+
+ephemeral_root() ->
+    Tmp = case os:getenv("TMPDIR") of
+              T when is_list(T), T =/= "" -> T;
+              _ -> "/tmp"
+          end,
+    filename:join(Tmp, "dspex_events").
+
+ephemeral_dir(OsPid) -> filename:join(ephemeral_root(), "vm-" ++ OsPid).
+
+ephemeral(Dir) -> Dir =:= ephemeral_dir(os:getpid()).
+
+%% Removes the logs of unnamed VMs that are gone (killed before they could
+%% remove their own). A VM is gone when /proc has no such process; where there
+%% is no /proc nothing is removed.
+sweep_ephemeral() ->
+    case filelib:is_dir("/proc/self") of
+        false -> ok;
+        true ->
+            Root = ephemeral_root(),
+            Mine = "vm-" ++ os:getpid(),
+            lists:foreach(
+              fun("vm-" ++ Pid = Name) when Name =/= Mine ->
+                      filelib:is_dir(filename:join("/proc", Pid))
+                          orelse file:del_dir_r(filename:join(Root, Name));
+                 (_) -> ok
+              end, case file:list_dir(Root) of {ok, L} -> L; _ -> [] end)
     end.
 
 query(Session, Opts) ->
@@ -491,6 +521,8 @@ init([]) ->
     process_flag(trap_exit, true),
     Env = fun(K, D) -> application:get_env(dspex_bridge, K, D) end,
     Dir = event_dir(),
+    Ephemeral = ephemeral(Dir),
+    _ = Ephemeral andalso sweep_ephemeral(),
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
     {Backend, Target, Spool} = case Env(event_backend, sqlite) of
                                    sqlite -> {sqlite, filename:join(Dir, "events.db"), #{}};
@@ -512,7 +544,7 @@ init([]) ->
             erlang:send_after(60000, self(), retention),
             Snapshotter = spawn_link(fun() -> snapshotter(Every) end),
             {ok, #{subs => #{}, last => Last, retention => Retention, snapshotter => Snapshotter, every => Every,
-                   failures => 0}};
+                   failures => 0, dir => Dir, ephemeral => Ephemeral}};
         {error, Reason} -> {stop, Reason}
     end.
 
@@ -564,9 +596,17 @@ handle_info(retention, #{retention := {days, D}} = St) ->
 handle_info(_, St) -> {noreply, St}.
 
 %% @private
-terminate(_, _) ->
+terminate(Why, St) ->
     persistent_term:put({?MODULE, enabled}, false),
-    dspex_nif:events_close().
+    R = dspex_nif:events_close(),
+    %% an unnamed VM's log goes with a clean stop only: after a crash the
+    %% restarted server reopens it
+    case {Why, St} of
+        {W, #{ephemeral := true, dir := Dir}} when W =:= shutdown; W =:= normal; element(1, W) =:= shutdown ->
+            _ = file:del_dir_r(Dir);
+        _ -> ok
+    end,
+    R.
 
 %% Sends the subscriber its next page (from the log, by position); schedules the
 %% next page when there is more, drops it when its mailbox is over the bound.

@@ -29,6 +29,45 @@ events_test_() ->
      %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
      ++ [?T(postgres_down_spools_then_catches_up_in_order) || pg_ctl() =/= false]}.
 
+%% An unnamed node's log lives for the VM's life: in the temp dir, removed at
+%% a clean stop, and a dead VM's leftover is swept at the next start.
+unnamed_node_log_is_ephemeral_test_() ->
+    {timeout, 60, fun unnamed_node_log_is_ephemeral/0}.
+
+unnamed_node_log_is_ephemeral() ->
+    ?assertEqual(nonode@nohost, node()),
+    Root = filename:join(case os:getenv("TMPDIR") of
+                             T when is_list(T), T =/= "" -> T;
+                             _ -> "/tmp"
+                         end, "dspex_events"),
+    Mine = filename:join(Root, "vm-" ++ os:getpid()),
+    %% a VM that died without stopping: a pid that cannot be alive
+    Dead = filename:join(Root, "vm-999999999"),
+    ok = filelib:ensure_dir(filename:join(Dead, "events.db")),
+    ok = file:write_file(filename:join(Dead, "events.db"), <<"left over">>),
+    _ = application:stop(dspex_bridge),
+    _ = application:load(dspex_bridge),
+    application:unset_env(dspex_bridge, event_dir),
+    application:unset_env(dspex_bridge, event_backend),
+    application:set_env(dspex_bridge, grpc_enabled, false),
+    application:set_env(dspex_bridge, prometheus_enabled, false),
+    try
+        {ok, _} = application:ensure_all_started(dspex_bridge),
+        ?assertNot(filelib:is_dir(Dead)),
+        S = sid(),
+        {ok, _} = dspex_store:create_session(S),
+        {ok, _} = dspex_store:register(S, a, integer, 1),
+        ok = dspex_events:await(),
+        ?assert(filelib:is_regular(filename:join(Mine, "events.db"))),
+        ?assertMatch({ok, [#{type := session_created}, #{type := variable_registered}]},
+                     dspex_events:read(S, #{})),
+        ok = application:stop(dspex_bridge),
+        ?assertNot(filelib:is_dir(Mine))
+    after
+        _ = application:stop(dspex_bridge),
+        _ = file:del_dir_r(Dead)
+    end.
+
 pg_ctl() ->
     case {os:getenv("DX_EVENTS_PG_URL"), os:getenv("DX_PG_CTL")} of
         {U, C} when is_list(U), U =/= "", is_list(C), C =/= "" -> C;
