@@ -21,10 +21,11 @@
 %%
 %% == Durability ==
 %% `async' (the default, app env `event_durability'): a write is acknowledged
-%% once its event is queued; the writer thread writes whatever is queued at
-%% once, so an event is durable within one batch write (the queue never
-%% lingers; `flush_interval_ms', default 5, is the documented bound at
-%% saturation, see README). `sync' (per call: `#{durability => sync}' in the
+%% once its event is queued; the writer thread gathers what is queued for up
+%% to `event_flush_interval_ms' (default 2) after the first event of a batch
+%% (unless a caller waits for durability or a batch of `event_max_batch' is
+%% full) and writes it in one transaction, so an async event is durable within
+%% that interval plus one batch write (see README). `sync' (per call: `#{durability => sync}' in the
 %% options of `dspex_store:set/4', `set_many/3' or in `append/4''s metadata):
 %% the call returns only after the event is fsynced (group commit: callers
 %% waiting together share one fsync). A failed write under `sync' returns
@@ -533,7 +534,8 @@ init([]) ->
     Every = Env(snapshot_every, 100),
     Cfg = Spool#{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
                  capacity => Env(event_queue_capacity, 65536), snapshot_every => Every,
-                 max_batch => Env(event_max_batch, 8192)},
+                 max_batch => Env(event_max_batch, 8192),
+                 linger_us => 1000 * Env(event_flush_interval_ms, 2)},
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of
         ok ->

@@ -9,8 +9,12 @@
                dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_prometheus, dspex_console]).
 
 setup() ->
-    %% any free ports: other nodes may serve the defaults on this machine
+    %% the whole tree, whatever an earlier module in this VM left configured
+    _ = application:stop(dspex_bridge),
     _ = application:load(dspex_bridge),
+    ok = application:set_env(dspex_bridge, grpc_enabled, true),
+    ok = application:set_env(dspex_bridge, prometheus_enabled, true),
+    %% any free ports: other nodes may serve the defaults on this machine
     [ok = application:set_env(dspex_bridge, K, V)
      || {K, V, Default} <- [{grpc_listen, "127.0.0.1:0", "127.0.0.1:50051"}, {prometheus_port, 0, 9568}, {console_port, 0, 9570}],
         application:get_env(dspex_bridge, K) =:= {ok, Default}],
@@ -19,11 +23,13 @@ setup() ->
 
 sup_test_() ->
     {setup, fun setup/0, fun(_) -> ok end,
-     {inorder, [fun tree_shape/0,
-                fun core_child_restarts_alone/0,
-                fun grpc_restarts_alone/0,
-                fun cluster_restart_restarts_grpc_not_core/0,
-                fun core_restart_restarts_everything_after_it/0]}}.
+     %% restarts are awaited by bounded polling (30 s each), longer than
+     %% EUnit's default 5 s per test on a loaded machine
+     {inorder, [{timeout, 120, F} || F <- [fun tree_shape/0,
+                                           fun core_child_restarts_alone/0,
+                                           fun grpc_restarts_alone/0,
+                                           fun cluster_restart_restarts_grpc_not_core/0,
+                                           fun core_restart_restarts_everything_after_it/0]]}}.
 
 header_test_() ->
     {setup, fun setup/0, fun(_) -> ok end,

@@ -47,6 +47,7 @@ unnamed_node_log_is_ephemeral() ->
     ok = file:write_file(filename:join(Dead, "events.db"), <<"left over">>),
     _ = application:stop(dspex_bridge),
     _ = application:load(dspex_bridge),
+    Saved = [{K, application:get_env(dspex_bridge, K)} || K <- [event_dir, event_backend, grpc_enabled, prometheus_enabled]],
     application:unset_env(dspex_bridge, event_dir),
     application:unset_env(dspex_bridge, event_backend),
     application:set_env(dspex_bridge, grpc_enabled, false),
@@ -65,7 +66,11 @@ unnamed_node_log_is_ephemeral() ->
         ?assertNot(filelib:is_dir(Mine))
     after
         _ = application:stop(dspex_bridge),
-        _ = file:del_dir_r(Dead)
+        _ = file:del_dir_r(Dead),
+        [case V of
+             {ok, X} -> application:set_env(dspex_bridge, K, X);
+             undefined -> application:unset_env(dspex_bridge, K)
+         end || {K, V} <- Saved]
     end.
 
 pg_ctl() ->
@@ -98,6 +103,8 @@ stop(Dir) ->
     application:set_env(dspex_bridge, snapshot_every, 100),
     application:unset_env(dspex_bridge, event_dir),
     application:unset_env(dspex_bridge, event_backend),
+    application:set_env(dspex_bridge, grpc_enabled, true),
+    application:set_env(dspex_bridge, prometheus_enabled, true),
     _ = os:cmd("rm -rf " ++ Dir),
     ok.
 

@@ -187,7 +187,9 @@ void dx_ebr_retire(void *p, dx_free_fn fn, int heavy) {
     }
     uint64_t e = atomic_load_explicit(&g_epoch, memory_order_seq_cst);
     l->v[l->n++] = (retired_t){p, fn, e, heavy};
-    int run = !heavy && ++l->since >= 64;
+    /* every 512 retires: an advance costs a membarrier, which interrupts every CPU running one of our
+     * threads (the event writer, dirty schedulers) */
+    int run = !heavy && ++l->since >= 512;
     /* advancing costs a membarrier: skip it while the oldest can go anyway */
     int advance = run && l->v[l->head].epoch + 2 > e;
     pthread_mutex_unlock(&l->mu);

@@ -31,6 +31,11 @@ struct dx_evq {
     uint64_t failed_upto; /* tickets <= this saw a failed attempt */
     char last_error[256];
     bool stop, started;
+    /* wake-ups: pushers signal the writer only when it sleeps on an empty queue (idle), or lingers
+     * and the batch is full; a waiter for durability sets urgent */
+    bool idle, lingering, urgent;
+    size_t pending;     /* linked items not yet taken by the writer */
+    int64_t pending_since_us; /* when the first of them was linked */
     pthread_t thr;
     seq_slot *slots;
     size_t nslots, used;
@@ -172,7 +177,7 @@ static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
     size_t tl = in->session_len + in->type_len + in->variable_len + in->principal_len + in->changed_by_len +
                 in->data_len + in->meta_len;
     size_t sz = sizeof(dx_ev_item) + tl;
-    dx_ev_item *it = malloc(sz);
+    dx_ev_item *it = q->cfg.item_alloc(sz);
     if (!it) return NULL;
     memset(it, 0, sizeof *it);
     it->alloc = sz;
@@ -198,11 +203,14 @@ static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
 }
 
 /* Under q->mu: stamps and links a prepared item. */
-static void link_item(dx_evq *q, dx_ev_item *it, uint64_t seq, int64_t ts) {
+static void link_item(dx_evq *q, dx_ev_item *it, uint64_t seq, int64_t ts, bool want_id) {
     it->rec.sequence = seq;
     it->rec.ts_us = ts;
-    dx_uuid7(ts, it->rec.id);
+    /* the id is made here only when the caller wants it back (append/4); the writer makes the others,
+     * off the commit path */
+    if (want_id) dx_uuid7(ts, it->rec.id);
     it->ticket = ++q->pushed;
+    if (!q->pending++) q->pending_since_us = dx_ev_now_us();
     if (q->tail) q->tail->next = it;
     else q->head = it;
     q->tail = it;
@@ -243,16 +251,19 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
             seq_slot *e = seq_slot_of(q, in[i].session, in[i].session_len);
             uint64_t s = ++e->seq;
             int64_t ts = in[i].ts_us ? in[i].ts_us : now;
-            link_item(q, items[i], s, ts);
+            link_item(q, items[i], s, ts, in[i].id_out != NULL);
             if (in[i].id_out) memcpy(in[i].id_out, items[i]->rec.id, 37);
             if (tickets) tickets[i] = items[i]->ticket;
             if (seqs) seqs[i] = s;
         }
-        if (!rc) pthread_cond_signal(&q->nonempty);
+        if (!rc && (q->idle || (q->lingering && q->pending >= q->cfg.max_batch))) {
+            q->idle = q->lingering = false; /* one signal per wait */
+            pthread_cond_signal(&q->nonempty);
+        }
         pthread_mutex_unlock(&q->mu);
     }
     if (rc)
-        for (size_t i = 0; i < k; i++) free(items[i]); /* payloads stay with the caller on failure */
+        for (size_t i = 0; i < k; i++) q->cfg.item_free(items[i]); /* payloads stay with the caller on failure */
     if (items != stack) free(items);
     return rc;
 }
@@ -292,8 +303,23 @@ void dx_evq_stats_get(dx_evq *q, dx_evq_stats *o) {
     pthread_mutex_unlock(&q->mu);
 }
 
+static void urge_locked(dx_evq *q) {
+    q->urgent = true;
+    if (q->lingering || q->idle) {
+        q->idle = q->lingering = false;
+        pthread_cond_signal(&q->nonempty);
+    }
+}
+
+void dx_evq_urge(dx_evq *q) {
+    pthread_mutex_lock(&q->mu);
+    urge_locked(q);
+    pthread_mutex_unlock(&q->mu);
+}
+
 int dx_evq_wait(dx_evq *q, uint64_t ticket) {
     pthread_mutex_lock(&q->mu);
+    if (q->done < ticket) urge_locked(q);
     uint64_t e0 = q->errors;
     while (q->done < ticket && q->errors == e0) pthread_cond_wait(&q->progress, &q->mu);
     int rc = q->done >= ticket ? 0 : -1;
@@ -306,7 +332,7 @@ static void free_items(dx_evq *q, dx_ev_item *it) {
     while (it) {
         dx_ev_item *n = it->next;
         if (it->payload && q->cfg.free_payload) q->cfg.free_payload(q->cfg.ctx, it);
-        free(it);
+        q->cfg.item_free(it);
         it = n;
     }
 }
@@ -365,9 +391,22 @@ static void *writer(void *arg) {
     for (;;) {
         pthread_mutex_lock(&q->mu);
         for (;;) {
-            if (q->head || q->stop) break;
+            if (q->stop) break;
+            if (q->head) {
+                /* linger for more events: one transaction (and one fsync) for all of them */
+                int64_t until = q->pending_since_us + q->cfg.linger_us;
+                if (q->urgent || q->pending >= q->cfg.max_batch || q->cfg.linger_us <= 0 || dx_ev_now_us() >= until)
+                    break;
+                struct timespec ts = {until / 1000000, (until % 1000000) * 1000};
+                q->lingering = true;
+                pthread_cond_timedwait(&q->nonempty, &q->mu, &ts);
+                q->lingering = false;
+                continue;
+            }
             if (!q->spooled) {
+                q->idle = true;
                 pthread_cond_wait(&q->nonempty, &q->mu);
+                q->idle = false;
                 continue;
             }
             int64_t now = dx_ev_now_us();
@@ -387,17 +426,27 @@ static void *writer(void *arg) {
             }
             break;
         }
-        /* take up to max_batch items; they stay counted in depth until written */
+        /* take up to max_batch items (all of them, without a walk, when they fit: the pushers wait for
+         * this mutex); they stay counted in depth until written */
         dx_ev_item *first = q->head, *last = first;
         size_t n = first ? 1 : 0;
-        while (first && n < cap && last->next) {
-            last = last->next;
-            n++;
+        if (first && q->pending <= cap) {
+            last = q->tail;
+            n = q->pending;
+        } else {
+            while (first && n < cap && last->next) {
+                last = last->next;
+                n++;
+            }
         }
         if (first) {
             q->head = last->next;
             if (!q->head) q->tail = NULL;
             last->next = NULL;
+            q->pending -= n;
+            /* what is left waited as long as the batch taken */
+            if (q->pending) q->pending_since_us = 0;
+            q->urgent = false;
         }
         pthread_mutex_unlock(&q->mu);
         /* the spool goes first (order): move one batch of it when due; a batch behind a spool joins it */
@@ -418,6 +467,7 @@ static void *writer(void *arg) {
                     snprintf(err, sizeof err, "encode failed");
                     rc = -1;
                 }
+                if (!it->rec.id[0]) dx_uuid7(it->rec.ts_us, it->rec.id);
                 recs[i] = it->rec;
                 recs[i].position = 0;
             }
@@ -434,12 +484,14 @@ static void *writer(void *arg) {
                 to_spool = 1;
             }
             if (to_spool) rc = dx_spool_append(q->spool, recs, n, err, sizeof err);
+            size_t nbytes = 0;
+            for (dx_ev_item *it = first; it; it = it->next) nbytes += it->alloc;
             pthread_mutex_lock(&q->mu);
             if (!rc) {
                 q->done = last->ticket;
                 q->depth -= n;
                 atomic_store_explicit(&q->adepth, q->depth, memory_order_relaxed);
-                for (dx_ev_item *it = first; it; it = it->next) q->bytes -= it->alloc;
+                q->bytes -= nbytes;
                 if (to_spool) {
                     if (!q->spooled) {
                         q->next_drain_us = dx_ev_now_us() + q->cfg.retry_ms * 1000;
@@ -501,6 +553,10 @@ dx_evq *dx_evq_open(const dx_evq_config *cfg, void *seed_st, pthread_mutex_t *se
     q->cfg = *cfg;
     if (!q->cfg.max_batch) q->cfg.max_batch = 8192;
     if (q->cfg.retry_ms <= 0) q->cfg.retry_ms = 100;
+    if (!q->cfg.item_alloc || !q->cfg.item_free) {
+        q->cfg.item_alloc = malloc;
+        q->cfg.item_free = free;
+    }
     q->node = malloc(cfg->node_len ? cfg->node_len : 1);
     if (!q->node) {
         free(q);

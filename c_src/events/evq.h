@@ -55,9 +55,17 @@ typedef struct {
     size_t capacity;          /* queue bound: pushes beyond it still succeed (a committed change is never
                                  dropped) but dx_evq_full() turns true: callers apply back-pressure */
     int64_t retry_ms;         /* pause after a failed batch before retrying it (default 100) */
+    int64_t linger_us;        /* how long the writer waits for more events after the first of a batch
+                                 (0: none): one wake-up and one transaction per linger, not per event.
+                                 dx_evq_urge (a caller waiting for durability) and a full batch end it. */
     /* Writer thread: fill it->rec.data/meta from it->payload (return 0, or -1 to fail the batch). */
     int (*encode)(void *ctx, dx_ev_item *it);
     void (*free_payload)(void *ctx, dx_ev_item *it);
+    /* Optional allocator of the queue's items (allocated by committing threads, freed by the writer):
+       NULL means malloc/free. The NIF passes the VM's, whose per-thread instances take blocks freed
+       by another thread back without the malloc arena's consolidation work. */
+    void *(*item_alloc)(size_t size);
+    void (*item_free)(void *p);
     /* Writer thread, after every attempt: done = highest durable ticket; err NULL on success, else
        the failure (the batch is retried; nothing is dropped). recs are the written records (n of them,
        positions assigned) on success. */
@@ -104,6 +112,8 @@ void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64
 /* Blocks the calling thread until done >= ticket or an attempt fails after it was pushed
  * (returns 0 or -1). For C callers and tests; the NIF uses on_batch instead. */
 int dx_evq_wait(dx_evq *q, uint64_t ticket);
+/* Someone waits for durability: the writer writes what is queued now instead of lingering. */
+void dx_evq_urge(dx_evq *q);
 
 /* UUIDv7 text (36 chars + NUL) for ts_us; monotonic within a process. */
 void dx_uuid7(int64_t ts_us, char out[37]);

@@ -45,7 +45,7 @@ static waiter *g_waiters;
 
 static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_position, A_sequence, A_timestamp,
     A_session, A_node, A_principal, A_request_id, A_variable, A_reason, A_deleted, A_expired, A_migrated,
-    A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch,
+    A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch, A_linger_us,
     A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
     A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled;
@@ -69,7 +69,7 @@ typedef struct {
     uint32_t history_limit;
     bool derived, have_cons;
     int64_t created_at, ttl_ms;
-    char *vid; /* variable id */
+    char *vid; /* variable id: in vid_buf, the tail of this allocation */
     size_t vid_len;
     dx_constraints cons;
     uint8_t *smeta; /* session metadata (ETF) */
@@ -79,24 +79,28 @@ typedef struct {
     uint64_t *versions;
     ErlNifBinary enc;
     bool have_enc;
+    char vid_buf[];
 } ev_payload;
 
+/* Snapshots are held by reference (taken in the commit path, under the shard
+ * mutex, so they are reachable), not copied: one allocation per event besides
+ * the queue's item. */
 static void payload_free(ev_payload *p) {
     if (!p) return;
-    free(p->old);
-    free(p->cur);
-    free(p->vid);
+    dx_snap_release((dx_snap *)p->old);
+    dx_snap_release((dx_snap *)p->cur);
     if (p->have_cons) dx_constraints_free(&p->cons);
     free(p->smeta);
     for (size_t i = 0; i < p->n && p->names; i++) free((void *)p->names[i].ptr);
     free(p->names);
     free(p->versions);
     if (p->have_enc) enif_release_binary(&p->enc);
-    free(p);
+    enif_free(p);
 }
 
-static dx_snap *snap_copy(const dx_snap *s) {
-    return s ? dx_snap_new(&s->value, s->version, s->updated_at, s->meta, s->meta_len, s->by, s->by_len) : NULL;
+static dx_snap *snap_ref(const dx_snap *s) {
+    if (s) dx_snap_retain(s);
+    return (dx_snap *)s;
 }
 
 /* The events of an atomic batch (members' updates, then batch_committed) are
@@ -146,8 +150,10 @@ static void ev_hook(const dx_ev_change *c) {
         t_batch.n = 0;
         goto out;
     }
-    ev_payload *p = calloc(1, sizeof *p);
+    size_t vid_len = c->kind >= DX_EV_VAR_REGISTERED && c->kind <= DX_EV_VAR_ROLLED_BACK && c->v ? c->v->id_len : 0;
+    ev_payload *p = enif_alloc(sizeof *p + vid_len);
     if (!p) goto lost;
+    memset(p, 0, sizeof *p);
     p->kind = c->kind;
     p->reason = c->reason;
     dx_ev_in in = {.session = c->s->id, .session_len = c->s->id_len, .type = TYPE_NAMES[c->kind],
@@ -188,16 +194,15 @@ static void ev_hook(const dx_ev_change *c) {
             in.changed_by = (const char *)by->by;
             in.changed_by_len = by->by_len;
         }
-        p->vid = malloc(v->id_len ? v->id_len : 1);
-        ok = p->vid != NULL;
-        if (ok) memcpy(p->vid, v->id, v->id_len);
-        p->vid_len = v->id_len;
+        p->vid = p->vid_buf;
+        memcpy(p->vid, v->id, vid_len);
+        p->vid_len = vid_len;
         p->type = v->type;
         p->history_limit = v->history_limit;
         p->derived = v->derived;
         p->created_at = v->created_at;
-        if (ok && c->cur && !(p->cur = snap_copy(c->cur))) ok = 0;
-        if (ok && c->old && !(p->old = snap_copy(c->old))) ok = 0;
+        p->cur = snap_ref(c->cur);
+        p->old = snap_ref(c->old);
         if (ok && c->kind == DX_EV_VAR_REGISTERED) {
             dx_constraints_init(&p->cons);
             p->have_cons = true;
@@ -393,6 +398,9 @@ DX_NIF(nif_events_open) {
         return enif_make_badarg(env);
     if (enif_get_map_value(env, argv[0], A_max_batch, &v) && (!enif_get_uint64(env, v, &mb) || !mb || mb > 1000000))
         return enif_make_badarg(env);
+    ErlNifUInt64 linger = 0;
+    if (enif_get_map_value(env, argv[0], A_linger_us, &v) && (!enif_get_uint64(env, v, &linger) || linger > 10000000))
+        return enif_make_badarg(env);
     ErlNifUInt64 every = 0;
     if (enif_get_map_value(env, argv[0], A_snapshot_every, &v) && !enif_get_uint64(env, v, &every))
         return enif_make_badarg(env);
@@ -439,7 +447,8 @@ DX_NIF(nif_events_open) {
         goto out;
     }
     dx_evq_config cfg = {.ops = ops, .target = tgt, .node = (const char *)node.data, .node_len = node.size,
-                         .max_batch = mb, .capacity = cap, .encode = ev_encode, .free_payload = ev_free_payload,
+                         .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .encode = ev_encode, .free_payload = ev_free_payload,
+                         .item_alloc = enif_alloc, .item_free = enif_free,
                          .on_batch = ev_on_batch, .spool_path = spool_path};
     enif_mutex_lock(g_wait_mu);
     g_have_listener = have_lp;
@@ -597,6 +606,7 @@ static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket) {
     enif_self(env, &w->pid);
     g_waiters = w;
     enif_mutex_unlock(g_wait_mu);
+    dx_evq_urge(q); /* a caller waits: no lingering */
     return enif_make_tuple2(env, A_wait, ref);
 }
 
@@ -814,7 +824,7 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_principal, "principal"); A(A_request_id, "request_id"); A(A_variable, "variable"); A(A_reason, "reason");
     A(A_deleted, "deleted"); A(A_expired, "expired"); A(A_migrated, "migrated"); A(A_old_value, "old_value");
     A(A_previous, "previous"); A(A_members, "members"); A(A_backend, "backend"); A(A_sqlite, "sqlite");
-    A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch");
+    A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch"); A(A_linger_us, "linger_us");
     A(A_listener, "listener"); A(A_pushed, "pushed"); A(A_done, "done"); A(A_depth, "depth");
     A(A_max_depth, "max_depth"); A(A_bytes, "bytes"); A(A_batches, "batches"); A(A_written_n, "written");
     A(A_lag_us, "lag_us"); A(A_last_position, "last_position"); A(A_last_error, "last_error"); A(A_lost, "lost");

@@ -288,6 +288,72 @@ static void test_capacity_full_until_drained(void **st) {
     dx_evq_close(q);
 }
 
+/* The writer lingers after the first event of a batch (linger_us: an hour here), so events pushed
+ * meanwhile share one transaction; a caller waiting for durability ends the linger (if it did not,
+ * dx_evq_wait would not return within the test's run). Ids are made by the writer when the caller
+ * wants none back, and by the push when it does. */
+static void test_linger_groups_and_urge_ends_it(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "l.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .linger_us = 3600LL * 1000000};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    g_batches = 0;
+    uint64_t t = 0;
+    char id[37] = {0};
+    for (int i = 0; i < 100; i++) {
+        dx_ev_in e = ev("s", "e", "x");
+        if (i == 50) e.id_out = id;
+        t = dx_evq_push(q, &e, NULL);
+        assert_true(t > 0);
+    }
+    assert_int_equal(strlen(id), 36);
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.done, 0); /* still lingering */
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.written, 100);
+    assert_int_equal(s.batches, 1);
+    /* the next batch lingers again; dx_evq_urge alone ends it too */
+    dx_ev_in e = ev("s", "e", "x");
+    t = dx_evq_push(q, &e, NULL);
+    dx_evq_urge(q);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    dx_evq_close(q);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "s");
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, 101);
+    assert_int_equal(c.bad, 0); /* every id a UUIDv7, sequences gapless */
+    dx_ev_sqlite_ops.close(db);
+}
+
+/* Closing while the writer lingers writes what is queued. */
+static void test_close_while_lingering_writes_everything(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "c.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .linger_us = 3600LL * 1000000};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    for (int i = 0; i < 10; i++) {
+        dx_ev_in e = ev("s", "e", "x");
+        assert_true(dx_evq_push(q, &e, NULL) > 0);
+    }
+    dx_evq_close(q);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "s");
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, 10);
+    dx_ev_sqlite_ops.close(db);
+}
+
 /* Replicas push explicit sequences: only the next one is accepted. */
 static void test_explicit_sequence_must_continue(void **st) {
     char p[128], err[256];
@@ -401,6 +467,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_backend_down_spools_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_linger_groups_and_urge_ends_it, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_while_lingering_writes_everything, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
