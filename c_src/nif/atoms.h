@@ -7,7 +7,7 @@
     X(ok) X(error) X(true) X(false) X(undefined) X(nil) X(nan) X(infinity) X(neg_infinity) \
     X(session_not_found) X(not_found) X(already_exists) X(version_mismatch) X(invalid_value) \
     X(invalid_argument) X(invalid_constraints) X(unknown_type) X(limit_exceeded) X(version_not_found) \
-    X(batch_failed) X(enomem) X(duplicate_variable) \
+    X(batch_failed) X(enomem) X(duplicate_variable) X(invalid_export) \
     X(sessions) X(variables) X(value_size) X(name_length) X(history_limit) \
     X(var) X(min_max) X(slow) X(get) X(get_value) X(set) X(id) X(name) X(type) X(value) X(constraints) X(metadata) X(version) X(created_at) X(updated_at) \
     X(changed_by) X(shape) X(data) X(found) X(missing) X(updated) X(errors) X(ttl) X(last_accessed_at) \

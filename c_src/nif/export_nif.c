@@ -84,7 +84,7 @@ typedef struct {
 } imp;
 
 static ERL_NIF_TERM invalid(ErlNifEnv *env, const char *msg) {
-    return dx_error_msg(env, enif_make_atom(env, "invalid_export"), msg);
+    return dx_error_msg(env, ATOM_invalid_export, msg);
 }
 
 static int get_i64(ErlNifEnv *env, ERL_NIF_TERM m, ERL_NIF_TERM k, int64_t *out) {
