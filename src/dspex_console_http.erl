@@ -17,6 +17,17 @@
 %%     value, version, updated_at, derived, error, lock holder) and the graph.</li>
 %% <li>`/api/history?id=&amp;var=': the variable's archived versions.</li>
 %% <li>`/api/graph.svg?id=': `dspex_graph:to_svg/1' (`image/svg+xml').</li>
+%% <li>`/api/timeline?id=&amp;before=&amp;type=&amp;limit=': a page of the
+%%     event log newest first (`dspex_events:read/2'): the session's, or every
+%%     session's without `id'; `before' a global position (the last event's
+%%     position gives the next page), `type' one event type, `limit' at most
+%%     200 (default 50). Answers `events', `more', `last_sequence' (the
+%%     session's newest event's sequence) and `enabled'; only
+%%     `{"enabled": false}' when the event log is off.</li>
+%% <li>`/api/state_at?id=&amp;seq=': the session's variables (name, type,
+%%     value, version, updated_at, changed_by) after its event `seq'
+%%     (`dspex_events:state_at/2'); 404 `not_found' before the session
+%%     existed.</li>
 %% <li>`/api/optimizations': `dspex_locks:active/0' with each lock's status.</li>
 %% <li>`/api/access?id=': the audit log of denials (newest 200), rate-limit
 %%     and denial counts of the last hour, and the session's rules.</li>
@@ -165,6 +176,24 @@ api("GET", "/api/graph.svg", #{<<"id">> := S}, _Mod) ->
         {error, session_not_found} -> json(404, #{error => session_not_found});
         {error, R} -> json(503, #{error => R})
     end;
+api("GET", "/api/timeline", P, _Mod) ->
+    case timeline(P) of
+        {ok, M} -> json(200, M);
+        {error, R} -> json(400, #{error => R})
+    end;
+api("GET", "/api/state_at", #{<<"id">> := S, <<"seq">> := Seq}, _Mod) ->
+    case {dspex_events:enabled(), int(Seq, 0)} of
+        {false, _} -> json(200, #{enabled => false});
+        {true, 0} -> json(400, #{error => {invalid_argument, seq}});
+        {true, N} ->
+            case dspex_events:state_at(S, {sequence, N}) of
+                {ok, #{variables := Vars}} ->
+                    json(200, #{enabled => true, session => S, sequence => N,
+                                variables => [maps:with([name, type, value, version, updated_at, changed_by], V)
+                                              || V <- Vars]});
+                {error, R} -> json(404, #{error => R})
+            end
+    end;
 api("GET", "/api/optimizations", _P, _Mod) -> json(200, optimizations());
 api("GET", "/api/access", P, _Mod) -> json(200, access(maps:get(<<"id">>, P, undefined)));
 api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := Ver}, _Mod) ->
@@ -243,6 +272,43 @@ session(S) ->
                                  || #{name := N} = V <- Vars]}};
         {{error, _} = Error, _} -> Error;
         {_, Error} -> Error      % deleted between the two reads
+    end.
+
+%% A page of the event log, newest first: the session's (`id') or every
+%% session's, before the global position `before', of one type or all.
+timeline(P) ->
+    case dspex_events:enabled() of
+        false -> {ok, #{enabled => false}};
+        true ->
+            Session = maps:get(<<"id">>, P, all),
+            Limit = min(200, max(1, int(maps:get(<<"limit">>, P, <<"50">>), 50))),
+            Before = int(maps:get(<<"before">>, P, <<"0">>), 0),
+            Type = maps:get(<<"type">>, P, <<>>),
+            Opts = maps:from_list([{direction, backward}, {limit, Limit + 1}]
+                                  ++ [{until, {position, Before - 1}} || Before > 1]
+                                  ++ [{types, [event_type(Type)]} || Type =/= <<>>]),
+            Last = case Session of
+                       all -> null;
+                       _ -> case dspex_events:read(Session, #{direction => backward, limit => 1}) of
+                                {ok, [#{sequence := L}]} -> L;
+                                _ -> 0
+                            end
+                   end,
+            case Before =:= 1 orelse dspex_events:read(Session, Opts) of
+                true -> {ok, #{enabled => true, events => [], more => false, last_sequence => Last}};
+                {ok, Evs} ->
+                    Page = lists:sublist(Evs, Limit),
+                    {ok, #{enabled => true, events => Page, more => length(Evs) > Limit,
+                           last_sequence => Last}};
+                {error, _} = E -> E
+            end
+    end.
+
+%% An event type named by the page: a known type is an atom, any other
+%% (an application's own) stays a binary.
+event_type(T) ->
+    try binary_to_existing_atom(T, utf8)
+    catch error:badarg -> T
     end.
 
 optimizations() ->

@@ -27,6 +27,7 @@ main() ->
     {ok, _} = dspex_store:set(S, <<"x">>, 2.0, #{changed_by => seed, propagate => sync}),
     [{ok, _} = dspex_store:create_session(iolist_to_binary(io_lib:format("sess_~4..0b", [I])), #{})
      || I <- lists:seq(1, 120)],
+    seed_history(<<"travel">>),
     Port = case dspex_console:port() of
                P when is_integer(P) -> integer_to_list(P);
                {error, R} -> atom_to_list(R)
@@ -81,6 +82,21 @@ optimizing(Lock, I) ->
             ok = dspex_locks:report_progress(Lock, I + 1, Score, #{}),
             From ! progressed,
             optimizing(Lock, I + 1)
+    end.
+
+%% A session with a known event history (sequences): 1 session_created,
+%% 2 register a = 1.0, 3 register b = 10.0, 4 set a = 2.0 (by alice),
+%% 5 set b = 20.0 (by bob), 6 set a = 3.0 (by carol); durable before READY.
+seed_history(S) ->
+    {ok, _} = dspex_store:create_session(S, #{}),
+    {ok, _} = dspex_store:register(S, <<"a">>, float, 1.0),
+    {ok, _} = dspex_store:register(S, <<"b">>, float, 10.0),
+    {ok, _} = dspex_store:set(S, <<"a">>, 2.0, #{changed_by => alice}),
+    {ok, _} = dspex_store:set(S, <<"b">>, 20.0, #{changed_by => bob}),
+    {ok, _} = dspex_store:set(S, <<"a">>, 3.0, #{changed_by => carol}),
+    case dspex_events:enabled() of
+        true -> ok = dspex_events:await();
+        false -> ok
     end.
 
 seed(N, Vars) ->

@@ -25,6 +25,8 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
@@ -32,7 +34,7 @@ OUT = os.path.join(ROOT, '_build', 'console')
 EBIN = os.path.join(OUT, 'ebin')
 TOKEN = 'tok-' + os.urandom(6).hex()
 XSS = '<img src=x onerror=alert(1)>'
-PAGES = ['/', '/sessions', '/session?id=demo', '/optimizations', '/access?id=demo', '/events', '/models', '/regions']
+PAGES = ['/', '/sessions', '/session?id=demo', '/session?id=travel', '/optimizations', '/access?id=demo', '/events', '/models', '/regions']
 # generous bounds for a loaded 2-core machine; nothing waits for them unless it fails
 LOAD_S = 30
 
@@ -119,7 +121,8 @@ class ConsoleTest(unittest.TestCase):
         subprocess.check_call(['erlc', '-o', EBIN, os.path.join(ROOT, 'test/console_node.erl')])
         cls.rw = Node(console_token='"%s"' % TOKEN, console_write='true')
         cls.ro = Node()
-        cls.wide = Node(console_bind='{0,0,0,0}', console_token='"%s"' % TOKEN)
+        # the event log off: the timeline and time travel say so
+        cls.wide = Node(console_bind='{0,0,0,0}', console_token='"%s"' % TOKEN, event_log='false')
         cls.closed = Node(console_bind='{0,0,0,0}')
         cls.certdir = tempfile.mkdtemp(prefix='dspex_console_tls_')
         cls.cert = os.path.join(cls.certdir, 'cert.pem')
@@ -190,13 +193,13 @@ class ConsoleTest(unittest.TestCase):
                 self.assertEqual([], d.find_elements(By.ID, 'error'), path)
                 self.assertEqual([], self.console_errors(), path)
                 self.assert_no_alert()
-                name = path.strip('/').split('?')[0] or 'overview'
+                name = path.strip('/').replace('?id=', '_') or 'overview'
                 self.shot(name)
         # the parts of other issues are shown as absent, never faked; parts this
         # build has but the console has no page for yet say so
         _, _, body = http(self.rw.base + '/api/config', headers={'Authorization': 'Bearer ' + TOKEN})
         absent = {p['module'] for p in json.loads(body)['absent']}
-        for path, module in [('/events', 'dspex_events'), ('/models', 'dspex_models'), ('/regions', 'dspex_region')]:
+        for path, module in [('/models', 'dspex_models'), ('/regions', 'dspex_region')]:
             d = self.open(self.rw, path)
             want = 'Absent' if module in absent else 'is present in this build'
             self.assertTrue(wait(d, LOAD_S, 0.05).until(lambda d: want in d.find_element(By.ID, 'main').text), path)
@@ -360,7 +363,7 @@ class ConsoleTest(unittest.TestCase):
         d.find_element(By.ID, 'token').send_keys(TOKEN)
         d.find_element(By.CSS_SELECTOR, '#token-form button').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 121' in d.find_element(By.ID, 'sessions-info').text)
+            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 122' in d.find_element(By.ID, 'sessions-info').text)
 
     def test_access_page_lists_denied_attempts(self):
         self.assertTrue(self.ro.cmd('deny demo x intruder_<i>').startswith('OK'))
@@ -392,14 +395,86 @@ class ConsoleTest(unittest.TestCase):
         self.shot('optimizations_live')
         self.assertEqual([], self.console_errors())
 
+    def travel_rows(self):
+        """The time-travel table as {name: (then, now, differs)}, read in one snapshot."""
+        return self.driver.execute_script("""
+            const out = {};
+            document.querySelectorAll('#tt-vars tbody tr').forEach((tr) => {
+              out[tr.dataset.name] = [tr.querySelector('.then').textContent, tr.querySelector('.now').textContent,
+                                      tr.classList.contains('differs')];
+            });
+            return out;""")
+
+    def test_time_travel_shows_the_old_values(self):
+        # "travel": 1 created, 2 a = 1.0, 3 b = 10.0, 4 a = 2.0, 5 b = 20.0, 6 a = 3.0
+        self.use(self.ro)
+        d = self.open(self.ro, '/session?id=travel')
+        slider = wait(d, LOAD_S, 0.05).until(lambda d: d.find_element(By.ID, 'tt-slider'))
+        self.assertEqual('6', slider.get_attribute('max'))
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '6')
+        self.assertEqual({'a': ['3.0', '3.0', False], 'b': ['20.0', '20.0', False]}, self.travel_rows())
+        # the slider moved back two events (keyboard, as a user does): after event 4
+        slider.send_keys(Keys.ARROW_LEFT)
+        slider.send_keys(Keys.ARROW_LEFT)
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '4')
+        self.assertEqual({'a': ['2.0', '3.0', True], 'b': ['10.0', '20.0', True]}, self.travel_rows())
+        self.assertIn('4 of 6', d.find_element(By.ID, 'tt-seq').text)
+        self.shot('session_time_travel')
+        # clicking an event of the timeline travels to it: after event 2, b did not exist
+        row = [tr for tr in d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')
+               if tr.get_attribute('data-sequence') == '2'][0]
+        self.assertEqual('variable_registered', row.get_attribute('data-type'))
+        row.click()
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '2')
+        self.assertEqual({'a': ['1.0', '3.0', True], 'b': ['(not registered)', '20.0', True]}, self.travel_rows())
+        self.assertEqual([], self.console_errors())
+
+    def test_event_timeline_newest_first_filtered_and_paged(self):
+        self.use(self.ro)
+        d = self.open(self.ro, '/session?id=travel')
+        seqs = lambda d: [tr.get_attribute('data-sequence') for tr in d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')]
+        wait(d, LOAD_S, 0.05).until(lambda d: seqs(d) == ['6', '5', '4', '3', '2', '1'])
+        first = d.find_element(By.CSS_SELECTOR, '#timeline-events tbody tr')
+        self.assertEqual(['6', 'variable_updated', 'a', 'carol', '3.0'],
+                         [first.find_elements(By.TAG_NAME, 'td')[i].text for i in (0, 2, 3, 4, 6)])
+        Select(d.find_element(By.ID, 'timeline-type')).select_by_value('variable_updated')
+        wait(d, LOAD_S, 0.05).until(lambda d: seqs(d) == ['6', '5', '4'])
+        # pages through the node's whole log on the events page (25 a page)
+        st, _, body = http(self.ro.base + '/api/timeline?limit=2&id=travel')
+        page = json.loads(body)
+        self.assertEqual(([6, 5], True, 6), ([e['sequence'] for e in page['events']], page['more'], page['last_sequence']))
+        st, _, body = http(self.ro.base + '/api/timeline?limit=2&id=travel&before=%d' % page['events'][-1]['position'])
+        self.assertEqual([4, 3], [e['sequence'] for e in json.loads(body)['events']])
+        d = self.open(self.ro, '/events')
+        wait(d, LOAD_S, 0.05).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')) == 25)
+        top = d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')[-1].get_attribute('data-position')
+        d.find_element(By.ID, 'timeline-older').click()
+        wait(d, LOAD_S, 0.05).until(lambda d: int(d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')[0]
+                                                  .get_attribute('data-position')) < int(top))
+        d.find_element(By.ID, 'timeline-newer').click()
+        wait(d, LOAD_S, 0.05).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')[-1]
+                                    .get_attribute('data-position') == top)
+        self.shot('events_paged')
+        self.assertEqual([], self.console_errors())
+
+    def test_event_log_off_is_said_not_faked(self):
+        self.use(self.wide, TOKEN)
+        d = self.open(self.wide, '/session?id=travel')
+        wait(d, LOAD_S, 0.05).until(lambda d: 'event log is off' in d.find_element(By.ID, 'timetravel-off').text)
+        self.assertIn('event log is off', d.find_element(By.ID, 'timeline-off').text)
+        self.assertEqual([], d.find_elements(By.ID, 'tt-slider'))
+        d = self.open(self.wide, '/events')
+        self.assertIn('event log is off', d.find_element(By.ID, 'timeline-off').text)
+        self.assertEqual([], self.console_errors())
+
     def test_sessions_search_and_pagination(self):
         self.use(self.ro)
         d = self.open(self.ro, '/sessions')
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 121')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 122')
         d.find_element(By.ID, 'next').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 121')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 122')
         d.find_element(By.ID, 'search').send_keys('dem')
         wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'sessions-info').text == '1–1 of 1')

@@ -160,6 +160,103 @@
     await load();
   }
 
+  // ---- event log -------------------------------------------------------------
+  // The types of the events the bridge itself writes (dspex_events); an
+  // application's own types are shown too, but only these are in the filter.
+  const EVENT_TYPES = ['session_created', 'session_deleted', 'variable_registered', 'variable_updated',
+    'variable_deleted', 'variable_rolled_back', 'batch_committed', 'dependency_added', 'dependency_removed',
+    'derived_recomputed', 'lock_acquired', 'lock_released', 'lock_preempted', 'lock_expired', 'acl_rule_set',
+    'access_denied', 'optimization_progress'];
+  const LOG_OFF = 'The event log is off on this node (event_log = false): there is no event timeline and no time travel.';
+  function summary(ev, typeOf) {
+    const d = ev.data;
+    const type = d && typeof d === 'object' ? (d.type || (typeOf && typeOf((ev.metadata || {}).variable))) : null;
+    const t = (d && typeof d === 'object' && 'value' in d) ? showTyped(type, d.value) : show(d);
+    return t.length > 160 ? t.slice(0, 160) + '…' : t;
+  }
+  // A page of the event log, newest first, with a type filter and paging by
+  // global position. `session' null: every session's events. `pick(seq)' is
+  // called when a row of a session's timeline is clicked.
+  function timeline(session, pick, typeOf) {
+    const box = el('div', { id: 'timeline' }, el('p', {}, 'Reading the event log…'));
+    const select = el('select', { id: 'timeline-type' }, el('option', { value: '' }, 'all types'),
+      EVENT_TYPES.map((t) => el('option', { value: t }, t)));
+    const newer = el('button', { id: 'timeline-newer' }, '‹ newer'), older = el('button', { id: 'timeline-older' }, 'older ›');
+    const info = el('span', { id: 'timeline-info' });
+    const body = el('div', { id: 'timeline-events' });
+    const cursors = [];   // the `before' of each page shown so far (0: the newest)
+    let before = 0;
+    async function load() {
+      const q = new URLSearchParams({ limit: '25' });
+      if (session !== null) q.set('id', session);
+      if (before) q.set('before', String(before));
+      if (select.value) q.set('type', select.value);
+      const r = await api('/api/timeline?' + q.toString());
+      if (!r.enabled) { box.replaceChildren(el('p', { id: 'timeline-off', class: 'absent' }, LOG_OFF)); return r; }
+      newer.disabled = cursors.length === 0;
+      older.disabled = !r.more;
+      older.dataset.before = r.events.length ? String(r.events[r.events.length - 1].position) : '';
+      info.textContent = r.events.length === 0 ? 'no events' :
+        `positions ${r.events[0].position}–${r.events[r.events.length - 1].position}`;
+      const cols = (session === null ? ['position', 'session'] : ['sequence']).concat(['time', 'type', 'variable', 'changed by', 'principal', 'data']);
+      body.replaceChildren(table(cols, r.events.map((ev) => {
+        const m = ev.metadata || {};
+        const tr = el('tr', { dataset: { sequence: ev.sequence, position: ev.position, type: ev.type } },
+          session === null ? [el('td', {}, ev.position), el('td', {}, el('a', { href: '/session?id=' + encodeURIComponent(ev.session) }, ev.session))] :
+            el('td', {}, ev.sequence),
+          el('td', {}, time(ev.timestamp)), el('td', { class: 'type' }, show(ev.type)), el('td', {}, show(m.variable)),
+          el('td', {}, show(m.changed_by)), el('td', {}, show(m.principal)), el('td', { class: 'data' }, summary(ev, typeOf)));
+        if (pick) { tr.classList.add('pickable'); tr.title = 'show the variables as they were after this event'; tr.addEventListener('click', () => pick(ev.sequence)); }
+        return tr;
+      })));
+      return r;
+    }
+    const reload = () => load().catch((e) => box.replaceChildren(el('p', { class: 'error' }, 'Event log: ' + (e.body && e.body.error ? show(e.body.error) : e.message))));
+    select.addEventListener('change', () => { cursors.length = 0; before = 0; reload(); });
+    older.addEventListener('click', () => { if (!older.dataset.before) return; cursors.push(before); before = parseInt(older.dataset.before, 10); reload(); });
+    newer.addEventListener('click', () => { before = cursors.pop() || 0; reload(); });
+    box.replaceChildren(el('div', {}, select, ' ', newer, ' ', older, ' ', info), body);
+    const ready = load().catch((e) => { box.replaceChildren(el('p', { class: 'error' }, 'Event log: ' + (e.body && e.body.error ? show(e.body.error) : e.message))); return null; });
+    return { box: box, ready: ready };
+  }
+
+  // Time travel: a slider over the session's event sequence; at N the
+  // variables as they were after event N (dspex_events:state_at/2), beside
+  // their current values (`current(name)': the live table's text), the
+  // differences marked.
+  function timeTravel(id, last, current, types) {
+    const slider = el('input', { id: 'tt-slider', type: 'range', min: 1, max: last, step: 1, value: last });
+    const label = el('span', { id: 'tt-seq' }, String(last));
+    const body = el('div', { id: 'tt-vars' });
+    let asked = 0;
+    async function at(n) {
+      const mine = ++asked;
+      label.textContent = `${n} of ${last}`;
+      slider.dataset.loaded = '';
+      const r = await api(`/api/state_at?id=${encodeURIComponent(id)}&seq=${n}`);
+      if (mine !== asked) return;   // a later position was asked meanwhile
+      const past = new Map(r.variables.map((v) => [v.name, v]));
+      const names = Array.from(new Set(r.variables.map((v) => v.name).concat(Array.from(types.keys())))).sort();
+      body.replaceChildren(table(['name', `value after event ${n}`, 'version then', 'changed by then', 'current value', 'current version'],
+        names.map((name) => {
+          const p = past.get(name);
+          const then = p ? showTyped(p.type, p.value) : '(not registered)';
+          const cur = current(name);
+          const now = cur ? cur.value : '(deleted)';
+          const differs = !p || !cur || then !== now;
+          return el('tr', { dataset: { name: name }, class: differs ? 'differs' : null },
+            el('td', {}, name), el('td', { class: 'then' }, then), el('td', { class: 'version-then' }, p ? p.version : '—'),
+            el('td', {}, p ? show(p.changed_by) : '—'), el('td', { class: 'now' }, now), el('td', {}, cur ? cur.version : '—'));
+        })));
+      slider.dataset.loaded = String(n);
+    }
+    const go = () => at(parseInt(slider.value, 10)).catch((e) => body.replaceChildren(el('p', { class: 'error' }, 'No state: ' + (e.body && e.body.error ? show(e.body.error) : e.message))));
+    slider.addEventListener('input', go);
+    const box = el('div', { id: 'timetravel' }, el('div', {}, 'event ', slider, ' ', label), body);
+    go();
+    return { box: box, set: (n) => { slider.value = String(n); go(); } };
+  }
+
   // ---- session ---------------------------------------------------------------
   function diff(older, newer) {
     const a = show(older), b = show(newer);
@@ -189,16 +286,32 @@
         el('td', {}, v.lock ? show(v.lock.optimizer) : '—'), el('td', { class: 'error' }, v.error ? show(v.error) : ''));
       rows.set(v.name, tr); tbody.append(tr);
     }
-    const summary = table(['', ''], [['variables', d.variables], ['value bytes', d.bytes], ['history entries', d.history_entries],
+    const travelBox = el('div', { id: 'timetravel-part' }, el('p', {}, 'Reading the event log…'));
+    let travel = null;
+    const types = new Map(s.variables.map((v) => [v.name, v.type]));
+    const tl = timeline(id, (seq) => { if (travel) travel.set(seq); }, (name) => types.get(name));
+    const currentOf = (name) => {
+      const tr = rows.get(name);
+      return tr ? { value: tr.querySelector('.value').textContent, version: tr.querySelector('.version').textContent } : null;
+    };
+    const tlReady = tl.ready.then((r) => {
+      if (!r) { travelBox.replaceChildren(el('p', { class: 'error' }, 'No time travel without the event log.')); return; }
+      if (!r.enabled) { travelBox.replaceChildren(el('p', { id: 'timetravel-off', class: 'absent' }, LOG_OFF)); return; }
+      if (!r.last_sequence) { travelBox.replaceChildren(el('p', {}, 'No events recorded for this session.')); return; }
+      travel = timeTravel(id, r.last_sequence, currentOf, types);
+      travelBox.replaceChildren(travel.box);
+    });
+    const summaryTable = table(['', ''], [['variables', d.variables], ['value bytes', d.bytes], ['history entries', d.history_entries],
       ['watchers', d.watchers], ['TTL left (ms)', show(d.ttl_left_ms)], ['cluster', show(d.cluster)], ['metadata', show(d.metadata)]]
       .map(([k, v]) => el('tr', {}, el('th', {}, k), el('td', {}, String(v)))));
     const watched = Object.entries(d.watched);
     const watchers = watched.length === 0 ? el('p', { id: 'watchers' }, 'No watchers.') :
       el('div', { id: 'watchers' }, table(['variable', 'watches'], watched.map((w) => el('tr', {}, el('td', {}, w[0]), el('td', {}, w[1])))));
-    main.replaceChildren(el('h1', {}, 'Session ', el('span', { id: 'session-id' }, id)), summary,
+    main.replaceChildren(el('h1', {}, 'Session ', el('span', { id: 'session-id' }, id)), summaryTable,
       el('h2', {}, 'Variables'),
       el('table', {}, el('thead', {}, el('tr', {}, ['name', 'type', 'value', 'version', 'updated', 'changed by', 'lock holder', 'error'].map((c) => el('th', {}, c)))), tbody),
-      el('h2', {}, 'History'), status, historyBox, el('h2', {}, 'Dependency graph'), graph, el('h2', {}, 'Watchers'), watchers);
+      el('h2', {}, 'History'), status, historyBox, el('h2', {}, 'Dependency graph'), graph, el('h2', {}, 'Watchers'), watchers,
+      el('h2', {}, 'Time travel'), travelBox, el('h2', {}, 'Event timeline (newest first; click an event to travel to it)'), tl.box);
 
     async function openVar(name) {
       rows.forEach((tr, n) => tr.classList.toggle('selected', n === name));
@@ -260,6 +373,7 @@
       },
       session: () => { route().catch(fail); },
     });
+    await tlReady;
   }
 
   // ---- optimizations -----------------------------------------------------------
@@ -321,6 +435,15 @@
       el('p', {}, 'Configured rate limits are not readable through the store API; rate-limited calls are counted above.'));
   }
 
+  // ---- events ---------------------------------------------------------------------
+  async function events() {
+    const part = state.config.absent.find((p) => p.module === 'dspex_events');
+    if (part) { main.replaceChildren(el('h1', {}, 'Events'), absent(part)); return; }
+    const tl = timeline(null, null);
+    main.replaceChildren(el('h1', {}, 'Events (every session, newest first)'), tl.box);
+    await tl.ready;
+  }
+
   function absentPage(module, title) {
     return async function () {
       const part = state.config.absent.find((p) => p.module === module);
@@ -331,7 +454,7 @@
 
   const routes = {
     '/': overview, '/sessions': sessions, '/session': session, '/optimizations': optimizations, '/access': access,
-    '/events': absentPage('dspex_events', 'Events'), '/models': absentPage('dspex_models', 'Models'),
+    '/events': events, '/models': absentPage('dspex_models', 'Models'),
     '/regions': absentPage('dspex_region', 'Regions'),
   };
 
