@@ -28,13 +28,23 @@
 %%     value, version, updated_at, changed_by) after its event `seq'
 %%     (`dspex_events:state_at/2'); 404 `not_found' before the session
 %%     existed.</li>
-%% <li>`/api/optimizations': `dspex_locks:active/0' with each lock's status.</li>
+%% <li>`/api/models': `models' (`dspex_models:list_models(all)'),
+%%     `aliases' (`#{name, alias, model}'), `tests': every A/B test and
+%%     rollout, running or finished, as `dspex_models:results/1' gives it in
+%%     the JSON form of `dspex_events:json_term/1' (tuples as lists: a CI is
+%%     `[Lo, Hi]', `arm_summary' a list of `[ModelId, Stats]', a decision
+%%     `"continue"' or `["winner", ModelId]'); `absent' when the build has no
+%%     `dspex_models'.</li>
+%% <li>`/api/optimizations': `dspex_locks:active/0' with each lock's status,
+%%     and `runs': every `dspex_opt' run holding locks on this node (found by
+%%     its locks' optimizer `{dspex_opt, Algorithm, RunPid}') with
+%%     `dspex_opt:info/1', every trial (`trials/1') and `best/1'.</li>
 %% <li>`/api/access?id=': the audit log of denials (newest 200), rate-limit
 %%     and denial counts of the last hour, and the session's rules.</li>
 %% <li>`POST /api/rollback' (`id', `var', `version' as a form or query):
 %%     `dspex_store:rollback/4' with `changed_by => console'.</li>
-%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1': a
-%%     `text/event-stream': `overview' and `optimizations' (as their endpoints
+%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1&amp;models=1': a
+%%     `text/event-stream': `overview', `optimizations' and `models' (as their endpoints
 %%     answer) every second when asked for,
 %%     and with `id' a `variable' event per committed change of the session
 %%     (a watch) and `session' when its variables change in number.</li>
@@ -194,6 +204,7 @@ api("GET", "/api/state_at", #{<<"id">> := S, <<"seq">> := Seq}, _Mod) ->
                 {error, R} -> json(404, #{error => R})
             end
     end;
+api("GET", "/api/models", _P, _Mod) -> json(200, models());
 api("GET", "/api/optimizations", _P, _Mod) -> json(200, optimizations());
 api("GET", "/api/access", P, _Mod) -> json(200, access(maps:get(<<"id">>, P, undefined)));
 api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := Ver}, _Mod) ->
@@ -206,7 +217,8 @@ api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := V
         _ -> json(400, #{error => {invalid_argument, version}})
     end;
 api("GET", "/api/events", P, Mod) ->
-    Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations}], maps:is_key(K, P)],
+    Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations},
+                             {<<"models">>, models}], maps:is_key(K, P)],
     sse(Mod, maps:get(<<"id">>, P, undefined), Feeds);
 api(_, _, _, _) -> json(404, #{error => not_found}).
 
@@ -274,6 +286,37 @@ session(S) ->
         {_, Error} -> Error      % deleted between the two reads
     end.
 
+%% The `dspex_opt' runs on this node: the holders of locks whose optimizer is
+%% `{dspex_opt, Algorithm, RunPid}' (how `dspex_opt:start/3' takes them), each
+%% with `dspex_opt:info/1', `trials/1' and `best/1'. A run that ends meanwhile
+%% is left out.
+opt_runs(Locks) ->
+    Runs = lists:usort([Pid || #{optimizer := {dspex_opt, _, Pid}} <- Locks, is_pid(Pid)]),
+    [#{run => Pid, info => Info, trials => Trials,
+       best => case dspex_opt:best(Pid) of
+                   {ok, B} -> B;
+                   {error, _} -> null
+               end}
+     || Pid <- Runs, {ok, Info} <- [dspex_opt:info(Pid)], Trials <- [dspex_opt:trials(Pid)], is_list(Trials)].
+
+%% The model registry (every version, its aliases) and every experiment and
+%% rollout with its current results (`dspex_models:results/1', in the JSON
+%% form of `dspex_events:json_term/1': tuples are lists), oldest id first.
+models() ->
+    case absent(dspex_models) of
+        true -> #{absent => true};
+        false ->
+            {ok, Models} = dspex_models:list_models(all),
+            Names = lists:usort([N || #{name := N} <- Models]),
+            Tests = lists:sort(maps:to_list(dspex_models:list_tests())),
+            #{absent => false,
+              models => Models,
+              aliases => [#{name => N, alias => A, model => Id}
+                          || N <- Names, {A, Id} <- lists:sort(maps:to_list(dspex_models:aliases(N)))],
+              tests => [dspex_events:json_term(maps:without([started], R))
+                        || {Id, _} <- Tests, {ok, R} <- [dspex_models:results(Id)]]}
+    end.
+
 %% A page of the event log, newest first: the session's (`id') or every
 %% session's, before the global position `before', of one type or all.
 timeline(P) ->
@@ -320,6 +363,7 @@ optimizations() ->
                     _ -> L
                 end || #{session := S, variable := N} = L <- Locks],
       success => detailed(dspex_optimization_success, Now - 3599, Now),
+      runs => opt_runs(Locks),
       absent => [#{module => M, issue => I, what => W} || {M, I, W} <- ?PARTS, M =:= dspex_opt, absent(M)]}.
 
 access(S) ->
@@ -420,7 +464,8 @@ continue(Results, Mod, Session, Feeds, Watch, Deadline) ->
     end.
 
 feed(overview) -> overview();
-feed(optimizations) -> optimizations().
+feed(optimizations) -> optimizations();
+feed(models) -> models().
 
 worst(Results) ->
     case lists:all(fun(R) -> R =:= ok end, Results) of

@@ -199,7 +199,7 @@ class ConsoleTest(unittest.TestCase):
         # build has but the console has no page for yet say so
         _, _, body = http(self.rw.base + '/api/config', headers={'Authorization': 'Bearer ' + TOKEN})
         absent = {p['module'] for p in json.loads(body)['absent']}
-        for path, module in [('/models', 'dspex_models'), ('/regions', 'dspex_region')]:
+        for path, module in [('/regions', 'dspex_region')]:
             d = self.open(self.rw, path)
             want = 'Absent' if module in absent else 'is present in this build'
             self.assertTrue(wait(d, LOAD_S, 0.05).until(lambda d: want in d.find_element(By.ID, 'main').text), path)
@@ -363,7 +363,7 @@ class ConsoleTest(unittest.TestCase):
         d.find_element(By.ID, 'token').send_keys(TOKEN)
         d.find_element(By.CSS_SELECTOR, '#token-form button').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 122' in d.find_element(By.ID, 'sessions-info').text)
+            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 124' in d.find_element(By.ID, 'sessions-info').text)
 
     def test_access_page_lists_denied_attempts(self):
         self.assertTrue(self.ro.cmd('deny demo x intruder_<i>').startswith('OK'))
@@ -467,14 +467,103 @@ class ConsoleTest(unittest.TestCase):
         self.assertIn('event log is off', d.find_element(By.ID, 'timeline-off').text)
         self.assertEqual([], self.console_errors())
 
+    def models_snapshot(self):
+        """The models page read in one snapshot (it is redrawn every second)."""
+        return self.driver.execute_script("""
+            const txt = (e, sel) => { const x = e.querySelector(sel); return x ? x.textContent : null; };
+            const all = (e, sel) => Array.from(e.querySelectorAll(sel));
+            const section = (sec) => ({
+              id: sec.dataset.id, kind: sec.dataset.kind, status: sec.dataset.status,
+              fields: Object.fromEntries(all(sec, 'tr[data-field]').map((tr) => [tr.dataset.field, txt(tr, 'td')])),
+              traffic: all(sec, '.arms td.traffic').map((td) => td.textContent),
+              n: all(sec, '.arms td.n').map((td) => parseInt(td.textContent, 10)),
+              comparisons: Object.fromEntries(all(sec, '.comparisons tbody tr').map((tr) =>
+                [tr.dataset.model, [txt(tr, '.effect'), txt(tr, '.ci'), txt(tr, '.p')]])),
+              gates: Object.fromEntries(all(sec, '.gates tbody tr').map((tr) => [tr.dataset.metric, txt(tr, '.verdict')])),
+            });
+            return {
+              models: all(document, '#models tbody tr').map((tr) => tr.dataset.model),
+              metadata: Object.fromEntries(all(document, '#models tbody tr').map((tr) => [tr.dataset.model, txt(tr, '.metadata')])),
+              aliases: Object.fromEntries(all(document, '#aliases tbody tr').map((tr) => [tr.dataset.alias, txt(tr, '.target')])),
+              running: all(document, '#running section').map(section),
+              finished: all(document, '#finished section').map(section),
+            };""")
+
+    def test_models_page_shows_registry_experiments_and_rollouts(self):
+        self.use(self.ro)
+        _, _, body = http(self.ro.base + '/api/models')
+        api = {t['name']: t for t in json.loads(body)['tests']}
+        d = self.open(self.ro, '/models')
+        m = self.models_snapshot()
+        self.assertEqual(['old@1', 'old@2', 'ranker@1', 'ranker@2', 'summ@1', 'summ@2'], m['models'])
+        self.assertIn('<img src=x onerror=alert(1)>', m['metadata']['ranker@1'])
+        self.assertEqual([], d.find_elements(By.CSS_SELECTOR, 'main img'))
+        self.assert_no_alert()
+        self.assertEqual({'old:production': 'old@1', 'ranker:production': 'ranker@1', 'ranker:staging': 'ranker@2',
+                          'summ:production': 'summ@1'}, m['aliases'])
+        running = {s['kind']: s for s in m['running']}
+        # the running A/B test: 50/50 split, 400 samples over both arms, the
+        # sequential test's effect, interval and p-value as the node computes them
+        ab = running['ab']
+        self.assertEqual(['50.0 %', '50.0 %'], ab['traffic'])
+        self.assertEqual(400, sum(ab['n']))
+        comp = api['ranker']['comparisons']['ranker@2']
+        self.assertEqual(['%.4f' % comp['effect'], '[%.4f, %.4f]' % tuple(comp['ci']), '%.4f' % comp['p_value']],
+                         ab['comparisons']['ranker@2'])
+        self.assertEqual(api['ranker']['decision'], ab['fields']['decision'])
+        # the rollout: step 1 of 3, 10 % on the new model, both gates pending (too few samples)
+        ro = running['rollout']
+        self.assertEqual('1 of 3', ro['fields']['step'])
+        self.assertEqual('10 %', ro['fields']['on the new model'])
+        self.assertEqual(['90.0 %', '10.0 %'], ro['traffic'])
+        self.assertEqual(400, sum(ro['n']))
+        self.assertEqual({'error_rate': 'pending', 'latency': 'pending'}, ro['gates'])
+        # the test stopped by hand is listed as finished, with its 25/75 split
+        [old] = m['finished']
+        self.assertEqual(('ab', 'finished', 'stopped: manual'), (old['kind'], old['status'], old['fields']['decision']))
+        self.assertEqual(['25.0 %', '75.0 %'], old['traffic'])
+        self.shot('models_seeded')
+        self.assertEqual([], self.console_errors())
+
+    def test_optimizations_page_shows_trials_and_convergence(self):
+        # the seeded run: TPE maximizing -(lr - 0.3)^2 - 0.01 (depth - 4)^2, 12 trials
+        _, _, body = http(self.ro.base + '/api/optimizations')
+        [run] = json.loads(body)['runs']
+        self.assertEqual((12, 12, 'maximize'), (run['info']['budget'], run['info']['told'], run['info']['direction']))
+        expected, best = [], None
+        for t in run['trials']:
+            if t['state'] == 'complete':
+                lr, depth = t['params']['lr'], t['params']['depth']
+                # the score told is the objective of the trial's parameters
+                self.assertAlmostEqual(-(lr - 0.3) ** 2 - 0.01 * (depth - 4) ** 2, t['score'], places=9)
+                best = t['score'] if best is None else max(best, t['score'])
+            expected.append(('%d' % t['id'], '%.6f' % t['score'], '%.6f' % best))
+        self.assertEqual(best, run['best']['score'])
+        self.use(self.ro)
+        d = self.open(self.ro, '/optimizations')
+        snap = "const s = document.querySelector('#runs section.run'); if (!s) return null; " \
+               "const c = s.querySelector('.convergence'); " \
+               "return {rows: Array.from(s.querySelectorAll('.trials tbody tr')).map((tr) => " \
+               "[tr.dataset.trial, tr.querySelector('.score').textContent, tr.querySelector('.best-so-far').textContent]), " \
+               "points: c ? c.dataset.points : null, best: c ? c.dataset.best : null, canvas: !!(c && c.querySelector('canvas')), " \
+               "session: s.querySelector('tr[data-field=session] td').textContent};"
+        got = wait(d, LOAD_S, 0.05).until(lambda d: d.execute_script(snap))
+        self.assertEqual([list(e) for e in expected], got['rows'])
+        self.assertEqual(('12', best, True, 'opt'), (got['points'], float(got['best']), got['canvas'], got['session']))
+        # best so far never gets worse (maximize)
+        bests = [float(r[2]) for r in got['rows']]
+        self.assertEqual(sorted(bests), bests)
+        self.shot('optimizations_run')
+        self.assertEqual([], self.console_errors())
+
     def test_sessions_search_and_pagination(self):
         self.use(self.ro)
         d = self.open(self.ro, '/sessions')
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 122')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 124')
         d.find_element(By.ID, 'next').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 122')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 124')
         d.find_element(By.ID, 'search').send_keys('dem')
         wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'sessions-info').text == '1–1 of 1')

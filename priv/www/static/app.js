@@ -385,7 +385,10 @@
     const plots = el('div', { id: 'progress' });
     const ended = el('div', { id: 'ended' });
     const series = new Map();   // "session\u0000variable" -> {t: [], best: [], iter: [], box}
-    main.replaceChildren(el('h1', {}, 'Optimizations'), locksBox,
+    const runsBox = el('div', { id: 'runs' });
+    const runs = new Map();   // run -> {box, info, trialsBox, plot}
+    main.replaceChildren(el('h1', {}, 'Optimizations'), el('h2', {}, 'Optimizer runs (dspex_opt): trials and convergence'), runsBox,
+      el('h2', {}, 'Optimizer locks'), locksBox,
       el('h2', {}, 'Progress (best score and iterations since this page opened)'), plots,
       el('h2', {}, 'Optimizations ended in the last hour (1 = finished by itself, 0 = preempted / expired / died)'), ended,
       ...o.absent.map(absent));
@@ -410,9 +413,58 @@
         s.box.dataset.points = String(s.t.length);
         if (s.box._plot) s.box._plot.setData([s.t, s.best, s.iter]);
       }
+      updateRuns(o.runs || []);
       ended.replaceChildren(table(['minute', 'ended', 'success rate'], o.success.filter((p) => p.count > 0).map((p) =>
         el('tr', {}, el('td', {}, new Date(p.t * 1000).toISOString()), el('td', {}, p.count), el('td', {}, fmt(p.mean, 2))))));
     };
+    function updateRuns(list) {
+      const seen = new Set(list.map((r) => r.run));
+      for (const [k, r] of runs) if (!seen.has(k)) { r.box.remove(); runs.delete(k); }
+      if (list.length === 0 && !runsBox.querySelector('#no-runs')) runsBox.replaceChildren(el('p', { id: 'no-runs' }, 'No optimizer run on this node.'));
+      if (list.length > 0) { const none = runsBox.querySelector('#no-runs'); if (none) none.remove(); }
+      for (const run of list) {
+        let r = runs.get(run.run);
+        if (!r) {
+          r = { info: el('div', { class: 'run-info' }), trialsBox: el('div', { class: 'trials' }), plot: convergence() };
+          r.box = el('section', { class: 'run', dataset: { run: run.run } }, el('h3', {}, 'Run ', run.run), r.info, r.plot, r.trialsBox);
+          runs.set(run.run, r);
+          runsBox.append(r.box);
+        }
+        const i = run.info;
+        const key = `${i.asked}/${i.told}/${i.pending}`;
+        if (r.key === key) continue;   // nothing new since the last second
+        r.key = key;
+        const b = run.best;
+        r.info.replaceChildren(table(['', ''], [['session', el('a', { href: '/session?id=' + encodeURIComponent(i.session) }, i.session)],
+          ['variables', i.variables.join(', ')], ['algorithm', show(i.algorithm)], ['direction', i.direction],
+          ['budget', i.budget], ['asked', i.asked], ['told', i.told], ['pending', i.pending], ['seed', i.seed],
+          ['best', b ? `trial ${b.trial}: ${fmt(b.score, 6)} at ${show(b.params)}` : '—']]
+          .map(([k, v]) => el('tr', { dataset: { field: k } }, el('th', {}, k), el('td', {}, v)))));
+        // best so far after each trial, in trial order (failed and pending trials keep it)
+        const better = i.direction === 'maximize' ? ((a, c) => a > c) : ((a, c) => a < c);
+        let best = null;
+        const rows = run.trials.map((t) => {
+          if (t.state === 'complete' && (best === null || better(t.score, best))) best = t.score;
+          return { t: t, best: best };
+        });
+        const xs = rows.map((x) => x.t.id), ys = rows.map((x) => x.t.state === 'complete' ? x.t.score : null), bs = rows.map((x) => x.best);
+        r.plot.dataset.points = String(xs.length);
+        r.plot.dataset.best = best === null ? '' : String(best);
+        if (r.plot._plot) r.plot._plot.setData([xs, ys, bs]);
+        r.trialsBox.replaceChildren(table(['trial', 'state', 'score', 'best so far', 'parameters', 'reason'],
+          rows.map(({ t, best }) => el('tr', { dataset: { trial: t.id, state: t.state } }, el('td', {}, t.id), el('td', {}, t.state),
+            el('td', { class: 'score' }, t.state === 'complete' ? fmt(t.score, 6) : '—'), el('td', { class: 'best-so-far' }, best === null ? '—' : fmt(best, 6)),
+            el('td', {}, show(t.params)), el('td', {}, t.reason === undefined ? '' : show(t.reason))))));
+      }
+    }
+    function convergence() {
+      if (!window.uPlot) return el('p', { class: 'error' }, 'uPlot is not installed (make console-vendor)');
+      const box = el('div', { class: 'chart convergence' });
+      box._plot = new window.uPlot({ title: 'convergence: best so far vs trial', width: 520, height: 220, scales: { x: { time: false } },
+        series: [{ label: 'trial' }, { label: 'score', stroke: '#90a4ae', paths: () => null, points: { show: true, size: 5 } },
+          { label: 'best so far', stroke: '#1e88e5', width: 2, spanGaps: true }] }, [[], [], []], box);
+      return box;
+    }
     update(o);
     stream('/api/events?optimizations=1', { optimizations: update });
   }
@@ -435,6 +487,73 @@
       el('p', {}, 'Configured rate limits are not readable through the store API; rate-limited calls are counted above.'));
   }
 
+  // ---- models ---------------------------------------------------------------------
+  // Decisions and verdicts come as JSON forms of Erlang terms: "continue",
+  // ["winner", Id], ["stopped", "manual"].
+  const term = (t) => Array.isArray(t) ? t.map(show).join(': ') : show(t);
+  const ci = (c) => Array.isArray(c) && c.length === 2 ? `[${fmt(c[0], 4)}, ${fmt(c[1], 4)}]` : show(c);
+  function experiment(t) {
+    const arms = (t.arm_summary || []).map(([id, a]) => Object.assign({ model: id }, a));
+    // the traffic split: weights of an A/B test; baseline / new model percent of a rollout
+    let split;
+    if (t.kind === 'rollout') split = new Map([[t.models[0], 100 - t.percent], [t.models[1], t.percent]]);
+    else {
+      const w = t.weights || [], sum = w.reduce((a, b) => a + b, 0) || 1;
+      split = new Map((t.models || []).map((m, i) => [m, 100 * (w[i] || 0) / sum]));
+    }
+    const head = el('table', {}, el('tbody', {},
+      [['kind', t.kind], ['name', t.name], ['status', t.status], ['decision', term(t.decision)]]
+        .concat(t.kind === 'ab' ? [['metric', show(t.spec && t.spec.metric)], ['alpha', show(t.spec && t.spec.alpha)],
+          ['minimum detectable effect', show(t.spec && t.spec.mde)], ['min samples per arm', show(t.spec && t.spec.min_samples)],
+          ['p-value (smallest of the comparisons)', fmt(t.p_value, 4)],
+          ['sample ratio mismatch p', t.srm ? fmt(t.srm.p, 4) : '—']] :
+          [['step', `${t.step} of ${(t.steps || []).length}`], ['steps (% on the new model)', (t.steps || []).join(' → ')],
+            ['on the new model', t.percent + ' %']])
+        .map(([k, v]) => el('tr', { dataset: { field: k } }, el('th', {}, k), el('td', {}, v)))));
+    const armTable = el('div', { class: 'arms' }, table(['model', 'traffic', 'samples', 'successes', 'success rate', 'latency p50 ms', 'latency p95 ms'],
+      arms.map((a) => el('tr', { dataset: { model: a.model } }, el('td', {}, a.model), el('td', { class: 'traffic' }, fmt(split.get(a.model), 1) + ' %'),
+        el('td', { class: 'n' }, a.n), el('td', {}, a.successes), el('td', {}, fmt(a.success_rate, 4)),
+        el('td', {}, fmt(a.latency_p50_ms, 2)), el('td', {}, fmt(a.latency_p95_ms, 2))))));
+    const parts = [el('h3', {}, t.id), head, el('h4', {}, 'Arms and traffic split'), armTable];
+    if (t.kind === 'ab') {
+      parts.push(el('h4', {}, 'Sequential test (always-valid) per treatment'),
+        el('div', { class: 'comparisons' }, table(['treatment', 'control mean', 'treatment mean', 'effect', 'confidence interval', 'p-value'],
+          Object.entries(t.comparisons || {}).map(([m, c]) => el('tr', { dataset: { model: m } }, el('td', {}, m),
+            el('td', {}, fmt(c.control_mean, 4)), el('td', {}, fmt(c.treatment_mean, 4)), el('td', { class: 'effect' }, fmt(c.effect, 4)),
+            el('td', { class: 'ci' }, ci(c.ci)), el('td', { class: 'p' }, fmt(c.p_value, 4)))))));
+    } else {
+      parts.push(el('h4', {}, 'Gates'),
+        el('div', { class: 'gates' }, table(['metric', 'max degradation', 'degradation', 'confidence interval', 'samples (baseline / new)', 'verdict'],
+          (t.gates || []).map((g) => el('tr', { dataset: { metric: g.metric } }, el('td', {}, show(g.metric)), el('td', {}, fmt(g.max_degradation, 4)),
+            el('td', {}, fmt(g.degradation, 4)), el('td', {}, ci(g.ci)), el('td', {}, `${g.n_baseline} / ${g.n_new}`),
+            el('td', { class: 'verdict verdict-' + term(g.verdict) }, term(g.verdict)))))));
+    }
+    return el('section', { class: 'experiment ' + t.status, dataset: { id: t.id, kind: t.kind, status: t.status } }, parts);
+  }
+  async function models() {
+    const m = await api('/api/models');
+    if (m.absent) { const part = state.config.absent.find((p) => p.module === 'dspex_models'); main.replaceChildren(el('h1', {}, 'Models'), absent(part)); return; }
+    const reg = el('div', { id: 'models' }), aliases = el('div', { id: 'aliases' });
+    const running = el('div', { id: 'running' }), finished = el('div', { id: 'finished' });
+    main.replaceChildren(el('h1', {}, 'Models'), el('h2', {}, 'Registered models'), reg, el('h2', {}, 'Aliases'), aliases,
+      el('h2', {}, 'Running experiments and rollouts'), running, el('h2', {}, 'Finished experiments and rollouts'), finished);
+    const update = (m) => {
+      reg.replaceChildren(m.models.length === 0 ? el('p', {}, 'No models registered.') :
+        table(['model', 'name', 'version', 'status', 'registered', 'artifact', 'params', 'metadata'],
+          m.models.map((x) => el('tr', { dataset: { model: x.id } }, el('td', {}, x.id), el('td', {}, x.name), el('td', {}, x.version),
+            el('td', {}, x.status), el('td', {}, time(x.registered_at)), el('td', {}, show(x.artifact)), el('td', {}, show(x.params)),
+            el('td', { class: 'metadata' }, show(x.metadata))))));
+      aliases.replaceChildren(m.aliases.length === 0 ? el('p', {}, 'No aliases.') :
+        table(['name', 'alias', 'model'], m.aliases.map((a) => el('tr', { dataset: { alias: a.name + ':' + a.alias } },
+          el('td', {}, a.name), el('td', {}, a.alias), el('td', { class: 'target' }, a.model)))));
+      const live = m.tests.filter((t) => t.status !== 'finished'), done = m.tests.filter((t) => t.status === 'finished');
+      running.replaceChildren(...(live.length ? live.map(experiment) : [el('p', {}, 'None.')]));
+      finished.replaceChildren(...(done.length ? done.map(experiment) : [el('p', {}, 'None.')]));
+    };
+    update(m);
+    stream('/api/events?models=1', { models: (m) => { if (!m.absent) update(m); } });
+  }
+
   // ---- events ---------------------------------------------------------------------
   async function events() {
     const part = state.config.absent.find((p) => p.module === 'dspex_events');
@@ -454,7 +573,7 @@
 
   const routes = {
     '/': overview, '/sessions': sessions, '/session': session, '/optimizations': optimizations, '/access': access,
-    '/events': events, '/models': absentPage('dspex_models', 'Models'),
+    '/events': events, '/models': models,
     '/regions': absentPage('dspex_region', 'Regions'),
   };
 
