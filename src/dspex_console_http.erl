@@ -40,7 +40,9 @@
 %%     its locks' optimizer `{dspex_opt, Algorithm, RunPid}') with
 %%     `dspex_opt:info/1', every trial (`trials/1') and `best/1'.</li>
 %% <li>`/api/access?id=': the audit log of denials (newest 200), rate-limit
-%%     and denial counts of the last hour, and the session's rules.</li>
+%%     and denial counts of the last hour, the session's rules and rate limit
+%%     (`dspex_acl:get_rate_limit/1'), and `rate_limits': every session
+%%     whose limit is on (500 at most, by id).</li>
 %% <li>`POST /api/rollback' (`id', `var', `version' as a form or query):
 %%     `dspex_store:rollback/4' with `changed_by => console'.</li>
 %% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1&amp;models=1': a
@@ -382,9 +384,23 @@ access(S) ->
                          _ -> #{}
                      end
             end,
+    Limit = fun(Id) ->
+                    case dspex_acl:get_rate_limit(Id) of
+                        {ok, L} -> L#{session => Id};
+                        {error, _} -> null
+                    end
+            end,
+    %% every session with a limit on (rate > 0), 500 at most
+    Limited = lists:sublist([L || Id <- lists:sort(dspex_store:list_sessions()),
+                                  #{rate := R} = L <- [Limit(Id)], R > 0], 500),
     #{denied => lists:sublist(lists:reverse(Denied), 200),
       last_hour => #{denied => Count(<<"acl.denied">>), rate_limited => Count(<<"rate_limit.exceeded">>)},
-      session => S, rules => Rules}.
+      session => S, rules => Rules,
+      rate_limit => case S of
+                        undefined -> null;
+                        _ -> Limit(S)
+                    end,
+      rate_limits => Limited}.
 
 %%% Server-Sent Events ---------------------------------------------------------
 

@@ -30,6 +30,8 @@ main() ->
     seed_history(<<"travel">>),
     seed_models(),
     seed_opt_run(),
+    %% a session with a rate limit (the access page shows it)
+    {ok, _} = dspex_store:create_session(<<"limited">>, #{rate_limit => #{rate => 12.5, burst => 40}}),
     Port = case dspex_console:port() of
                P when is_integer(P) -> integer_to_list(P);
                {error, R} -> atom_to_list(R)

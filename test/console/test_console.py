@@ -363,7 +363,7 @@ class ConsoleTest(unittest.TestCase):
         d.find_element(By.ID, 'token').send_keys(TOKEN)
         d.find_element(By.CSS_SELECTOR, '#token-form button').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 124' in d.find_element(By.ID, 'sessions-info').text)
+            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 125' in d.find_element(By.ID, 'sessions-info').text)
 
     def test_access_page_lists_denied_attempts(self):
         self.assertTrue(self.ro.cmd('deny demo x intruder_<i>').startswith('OK'))
@@ -556,14 +556,36 @@ class ConsoleTest(unittest.TestCase):
         self.shot('optimizations_run')
         self.assertEqual([], self.console_errors())
 
+    def test_access_page_shows_rate_limits(self):
+        self.use(self.ro)
+        d = self.open(self.ro, '/access')
+        rows = [[td.text for td in tr.find_elements(By.TAG_NAME, 'td')][:3]
+                for tr in d.find_elements(By.CSS_SELECTOR, '#rate-limits tbody tr')]
+        self.assertEqual([['limited', '12.500', '40']], rows)
+        d = self.open(self.ro, '/access?id=limited')
+        self.assertIn('Session limited: 12.500 operations/s, bursts of 40,', d.find_element(By.ID, 'rate-limit').text)
+        d = self.open(self.ro, '/access?id=demo')
+        self.assertEqual('Session demo: no rate limit.', d.find_element(By.ID, 'rate-limit').text)
+        self.shot('access_rate_limits')
+        self.assertEqual([], self.console_errors())
+
+    def test_session_page_shows_who_changed_each_variable(self):
+        # the current version's changed_by, from the store (not only from live events)
+        self.use(self.ro)
+        d = self.open(self.ro, '/session?id=travel')
+        self.assertEqual({'a': 'carol', 'b': 'bob'},
+                         {n: self.row(n).find_element(By.CSS_SELECTOR, '.changed-by').text for n in ('a', 'b')})
+        d = self.open(self.ro, '/session?id=demo')
+        self.assertEqual('seed', self.row('x').find_element(By.CSS_SELECTOR, '.changed-by').text)
+
     def test_sessions_search_and_pagination(self):
         self.use(self.ro)
         d = self.open(self.ro, '/sessions')
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 124')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 125')
         d.find_element(By.ID, 'next').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 124')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 125')
         d.find_element(By.ID, 'search').send_keys('dem')
         wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'sessions-info').text == '1–1 of 1')

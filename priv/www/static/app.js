@@ -282,7 +282,7 @@
       const tr = el('tr', { dataset: { name: v.name, type: v.type } },
         el('td', { class: v.derived ? 'derived' : null }, el('a', { href: '#', class: 'var-link', on: { click: (e) => { e.preventDefault(); openVar(v.name); } } }, v.name)),
         el('td', {}, v.type), el('td', { class: 'value' }, showTyped(v.type, v.value)), el('td', { class: 'version' }, v.version),
-        el('td', { class: 'updated' }, time(v.updated_at)), el('td', { class: 'changed-by' }, '—'),
+        el('td', { class: 'updated' }, time(v.updated_at)), el('td', { class: 'changed-by' }, show((d.changed_by || {})[v.name])),
         el('td', {}, v.lock ? show(v.lock.optimizer) : '—'), el('td', { class: 'error' }, v.error ? show(v.error) : ''));
       rows.set(v.name, tr); tbody.append(tr);
     }
@@ -484,7 +484,14 @@
       a.denied.length === 0 ? el('p', { id: 'denied' }, 'None.') :
         el('div', { id: 'denied' }, table(['at', 'session', 'variable', 'principal', 'permission'],
           a.denied.map((e) => el('tr', {}, el('td', {}, time(e.at)), el('td', {}, show(e.session)), el('td', {}, show(e.variable)), el('td', {}, show(e.principal)), el('td', {}, show(e.permission)))))),
-      el('p', {}, 'Configured rate limits are not readable through the store API; rate-limited calls are counted above.'));
+      el('h2', {}, 'Rate limits'),
+      id ? el('p', { id: 'rate-limit' }, a.rate_limit === null ? 'No such session.' :
+        (a.rate_limit.rate > 0 ? `Session ${id}: ${fmt(a.rate_limit.rate, 3)} operations/s, bursts of ${fmt(a.rate_limit.burst, 0)}, ${fmt(a.rate_limit.tokens, 2)} tokens left now.` :
+          `Session ${id}: no rate limit.`)) : null,
+      a.rate_limits.length === 0 ? el('p', { id: 'rate-limits' }, 'No session has a rate limit.') :
+        el('div', { id: 'rate-limits' }, table(['session', 'operations / s', 'burst', 'tokens now'],
+          a.rate_limits.map((l) => el('tr', { dataset: { session: l.session } }, el('td', {}, el('a', { href: '/access?id=' + encodeURIComponent(l.session) }, l.session)),
+            el('td', { class: 'rate' }, fmt(l.rate, 3)), el('td', { class: 'burst' }, fmt(l.burst, 0)), el('td', {}, fmt(l.tokens, 2)))))));
   }
 
   // ---- models ---------------------------------------------------------------------
