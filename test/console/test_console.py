@@ -271,6 +271,11 @@ class ConsoleTest(unittest.TestCase):
             lambda d: len(d.find_elements(By.CSS_SELECTOR, '#graph svg g.node')) == 4)
         self.assertEqual([], d.find_elements(By.CSS_SELECTOR, '#graph img, #graph script'))
         self.assertIn('<script>alert(2)</script>', d.find_element(By.TAG_NAME, 'main').text)
+        # the event timeline and time travel name it as text too
+        wait(d, LOAD_S, 0.05).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#tt-vars tbody tr'))
+        self.assertIn(XSS, [tr.get_attribute('data-name') for tr in d.find_elements(By.CSS_SELECTOR, '#tt-vars tbody tr')])
+        self.assertIn(XSS, d.find_element(By.ID, 'timeline-events').text)
+        self.assertEqual([], d.find_elements(By.CSS_SELECTOR, 'main img, main b, main script'))
         self.assert_no_alert()
         self.assertEqual([], self.console_errors())
 
