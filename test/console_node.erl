@@ -168,4 +168,5 @@ seed(N, Vars) ->
     %% a chain of 1 in 10 variables (100 edges for 1,000 variables)
     [ok = dspex_graph:add_dependency(B, integer_to_binary(I), integer_to_binary(I + 10))
      || I <- lists:seq(1, Vars - 10, 10)],
+    _ = dspex_events:enabled() andalso dspex_events:await(),
     io:format("OK seeded~n").
