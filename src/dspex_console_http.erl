@@ -23,7 +23,8 @@
 %%     position gives the next page), `type' one event type, `limit' at most
 %%     200 (default 50). Answers `events', `more', `last_sequence' (the
 %%     session's newest event's sequence) and `enabled'; only
-%%     `{"enabled": false}' when the event log is off.</li>
+%%     `{"enabled": false}' when the event log is off. It includes every
+%%     change committed before the request (`dspex_events:await/0' first).</li>
 %% <li>`/api/state_at?id=&amp;seq=': the session's variables (name, type,
 %%     value, version, updated_at, changed_by) after its event `seq'
 %%     (`dspex_events:state_at/2'); 404 `not_found' before the session
@@ -198,6 +199,7 @@ api("GET", "/api/state_at", #{<<"id">> := S, <<"seq">> := Seq}, _Mod) ->
         {false, _} -> json(200, #{enabled => false});
         {true, 0} -> json(400, #{error => {invalid_argument, seq}});
         {true, N} ->
+            _ = dspex_events:await(),
             case dspex_events:state_at(S, {sequence, N}) of
                 {ok, #{variables := Vars}} ->
                     json(200, #{enabled => true, session => S, sequence => N,
@@ -320,11 +322,14 @@ models() ->
     end.
 
 %% A page of the event log, newest first: the session's (`id') or every
-%% session's, before the global position `before', of one type or all.
+%% session's, before the global position `before', of one type or all. It
+%% first waits for the events queued so far to be durable: the page shows
+%% every change committed before the request.
 timeline(P) ->
     case dspex_events:enabled() of
         false -> {ok, #{enabled => false}};
         true ->
+            _ = dspex_events:await(),
             Session = maps:get(<<"id">>, P, all),
             Limit = min(200, max(1, int(maps:get(<<"limit">>, P, <<"50">>), 50))),
             Before = int(maps:get(<<"before">>, P, <<"0">>), 0),

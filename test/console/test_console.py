@@ -462,6 +462,24 @@ class ConsoleTest(unittest.TestCase):
         self.shot('events_paged')
         self.assertEqual([], self.console_errors())
 
+    def test_timeline_and_slider_follow_live_changes(self):
+        # the writable node's "travel" (only this test writes it): 6 events, then a live write
+        self.use(self.rw, TOKEN)
+        d = self.open(self.rw, '/session?id=travel')
+        slider = wait(d, LOAD_S, 0.05).until(lambda d: d.find_element(By.ID, 'tt-slider'))
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '6')
+        auth = {'Authorization': 'Bearer ' + TOKEN}
+        wait(d, LOAD_S, 0.05).until(lambda _: json.loads(http(self.rw.base + '/api/session?id=travel', headers=auth)[2])
+                                    ['diagnostics']['watched'].get('a', 0) > 0)
+        self.assertTrue(self.rw.cmd('set travel a 4.5').startswith('OK'))
+        # left at the newest event, the slider follows to the new one; the timeline shows it on top
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('max') == '7' and slider.get_attribute('data-loaded') == '7')
+        self.assertEqual({'a': ['4.5', '4.5', False], 'b': ['20.0', '20.0', False]}, self.travel_rows())
+        wait(d, LOAD_S, 0.05).until(lambda d: d.find_element(By.CSS_SELECTOR, '#timeline-events tbody tr').get_attribute('data-sequence') == '7')
+        top = d.find_element(By.CSS_SELECTOR, '#timeline-events tbody tr')
+        self.assertEqual(['variable_updated', 'a', 'test', '4.5'], [top.find_elements(By.TAG_NAME, 'td')[i].text for i in (2, 3, 4, 6)])
+        self.assertEqual([], self.console_errors())
+
     def test_event_log_off_is_said_not_faked(self):
         self.use(self.wide, TOKEN)
         d = self.open(self.wide, '/session?id=travel')

@@ -217,7 +217,9 @@
     newer.addEventListener('click', () => { before = cursors.pop() || 0; reload(); });
     box.replaceChildren(el('div', {}, select, ' ', newer, ' ', older, ' ', info), body);
     const ready = load().catch((e) => { box.replaceChildren(el('p', { class: 'error' }, 'Event log: ' + (e.body && e.body.error ? show(e.body.error) : e.message))); return null; });
-    return { box: box, ready: ready };
+    // after a live change: the newest page is read again (an older page stays)
+    const refresh = () => (before === 0 ? load().catch(() => null) : Promise.resolve(null));
+    return { box: box, ready: ready, refresh: refresh };
   }
 
   // Time travel: a slider over the session's event sequence; at N the
@@ -254,7 +256,16 @@
     slider.addEventListener('input', go);
     const box = el('div', { id: 'timetravel' }, el('div', {}, 'event ', slider, ' ', label), body);
     go();
-    return { box: box, set: (n) => { slider.value = String(n); go(); } };
+    // new events: the slider reaches them; left at the newest, it follows
+    // (the values of then and now are read again), else it stays where it is
+    function extend(n) {
+      if (!(n > last)) return;
+      const atEnd = parseInt(slider.value, 10) === last;
+      last = n;
+      slider.max = String(n);
+      if (atEnd) { slider.value = String(n); go(); } else label.textContent = `${slider.value} of ${last}`;
+    }
+    return { box: box, set: (n) => { slider.value = String(n); go(); }, extend: extend };
   }
 
   // ---- session ---------------------------------------------------------------
@@ -294,6 +305,7 @@
       const tr = rows.get(name);
       return tr ? { value: tr.querySelector('.value').textContent, version: tr.querySelector('.version').textContent } : null;
     };
+    let refreshTimer = null;
     const tlReady = tl.ready.then((r) => {
       if (!r) { travelBox.replaceChildren(el('p', { class: 'error' }, 'No time travel without the event log.')); return; }
       if (!r.enabled) { travelBox.replaceChildren(el('p', { id: 'timetravel-off', class: 'absent' }, LOG_OFF)); return; }
@@ -370,6 +382,11 @@
         changedBy.set(ev.name, ev.changed_by);
         tr.classList.remove('flash'); void tr.offsetWidth; tr.classList.add('flash');
         if (tr.classList.contains('selected')) openVar(ev.name).catch(() => {});
+        // the timeline and the slider follow, at most every 300 ms
+        if (!refreshTimer) refreshTimer = setTimeout(() => {
+          refreshTimer = null;
+          tl.refresh().then((r) => { if (r && r.enabled && travel) travel.extend(r.last_sequence); });
+        }, 300);
       },
       session: () => { route().catch(fail); },
     });
