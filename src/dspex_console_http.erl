@@ -297,11 +297,18 @@ session(S) ->
 opt_runs(Locks) ->
     Runs = lists:usort([Pid || #{optimizer := {dspex_opt, _, Pid}} <- Locks, is_pid(Pid)]),
     [#{run => Pid, info => Info, trials => Trials,
-       best => case dspex_opt:best(Pid) of
+       best => case run_call(fun dspex_opt:best/1, Pid) of
                    {ok, B} -> B;
                    {error, _} -> null
                end}
-     || Pid <- Runs, {ok, Info} <- [dspex_opt:info(Pid)], Trials <- [dspex_opt:trials(Pid)], is_list(Trials)].
+     || Pid <- Runs, {ok, Info} <- [run_call(fun dspex_opt:info/1, Pid)],
+        Trials <- [run_call(fun dspex_opt:trials/1, Pid)], is_list(Trials)].
+
+%% A run that exits during the call (for any reason) is a run that ended.
+run_call(F, Pid) ->
+    try F(Pid)
+    catch exit:_ -> {error, run_not_found}
+    end.
 
 %% The model registry (every version, its aliases) and every experiment and
 %% rollout with its current results (`dspex_models:results/1', in the JSON
@@ -312,13 +319,16 @@ models() ->
         false ->
             {ok, Models} = dspex_models:list_models(all),
             Names = lists:usort([N || #{name := N} <- Models]),
-            Tests = lists:sort(maps:to_list(dspex_models:list_tests())),
+            %% the experiments' server restarting: none listed this time
+            Tests = try lists:sort(maps:to_list(dspex_models:list_tests()))
+                    catch exit:_ -> []
+                    end,
             #{absent => false,
               models => Models,
               aliases => [#{name => N, alias => A, model => Id}
                           || N <- Names, {A, Id} <- lists:sort(maps:to_list(dspex_models:aliases(N)))],
               tests => [dspex_events:json_term(maps:without([started], R))
-                        || {Id, _} <- Tests, {ok, R} <- [dspex_models:results(Id)]]}
+                        || {Id, _} <- Tests, {ok, R} <- [catch dspex_models:results(Id)]]}
     end.
 
 %% A page of the event log, newest first: the session's (`id') or every
