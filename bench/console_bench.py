@@ -56,7 +56,14 @@ def main():
                  ('sessions last page', '/api/sessions?offset=%d&limit=50' % (a.sessions - 50)),
                  ('session (%d vars)' % a.vars, '/api/session?id=big'),
                  ('graph.svg (%d vars)' % a.vars, '/api/graph.svg?id=big'),
-                 ('session demo', '/api/session?id=demo')]
+                 ('session demo', '/api/session?id=demo'),
+                 ('timeline (%d vars)' % a.vars, '/api/timeline?id=big&limit=25'),
+                 ('state_at middle', '/api/state_at?id=big&seq=%d' % max(2, a.vars // 2)),
+                 ('state_at last', '/api/state_at?id=big&seq=%d' % (a.vars + 1)),
+                 ('events (all sessions)', '/api/timeline?limit=25'),
+                 ('models', '/api/models'),
+                 ('optimizations', '/api/optimizations'),
+                 ('access (%d sessions)' % a.sessions, '/api/access')]
         print('%-24s %10s %10s %10s %10s' % ('API call', 'server p50', 'server p95', 'wall p50', 'bytes'))
         for name, path in calls:
             server_ms(node.base + path)
@@ -68,7 +75,8 @@ def main():
         driver = tc.browser(profile)
         print('%-24s %12s %12s' % ('page (Chromium)', 'FCP p50', 'ready p50'))
         for name, path in [('overview', '/'), ('sessions', '/sessions'), ('session (%d vars)' % a.vars, '/session?id=big'),
-                           ('session demo', '/session?id=demo')]:
+                           ('session demo', '/session?id=demo'), ('events', '/events'), ('models', '/models'),
+                           ('optimizations', '/optimizations'), ('access', '/access')]:
             fcp, ready = [], []
             for _ in range(5):
                 driver.get(node.base + path)

@@ -34,7 +34,7 @@
 -include("dspex_routing.hrl").
 
 -export([set_permissions/3, set_permissions/4, get_permissions/2, check_access/5, validate_rules/1,
-         filter_accessible/3, filter_accessible/4, set_rate_limit/3, audit_log/0, audit_log/1,
+         filter_accessible/3, filter_accessible/4, set_rate_limit/3, get_rate_limit/1, audit_log/0, audit_log/1,
          record/1, init_audit/0, denied/4]).
 
 -type permission() :: read | write | observe | optimize.
@@ -103,6 +103,16 @@ filter_accessible(Session, Principal, Permission, Context) ->
 -spec set_rate_limit(dspex_store:session_id(), number(), number()) -> ok | {error, term()}.
 set_rate_limit(Session, Rate, Burst) when is_number(Rate), Rate >= 0, is_number(Burst), Burst >= 1 ->
     ?ROUTED(Session, set_rate_limit, [Session, Rate, Burst], dspex_nif:session_set_rate(Session, Rate, Burst)).
+
+%% @doc The session's token bucket: `{ok, #{rate, burst, tokens}}' (floats:
+%% `rate' operations per second, `0.0' when limiting is off; `burst'; `tokens'
+%% the operations it would allow at once now), or `{error,
+%% session_not_found}'. Reading it takes no token. A session id that is not a
+%% binary raises `badarg'.
+-spec get_rate_limit(dspex_store:session_id()) ->
+          {ok, #{rate := float(), burst := float(), tokens := float()}} | {error, session_not_found}.
+get_rate_limit(Session) ->
+    ?ROUTED(Session, get_rate_limit, [Session], dspex_nif:session_get_rate(Session)).
 
 %% @equiv audit_log(#{})
 -spec audit_log() -> [map()].

@@ -17,13 +17,37 @@
 %%     value, version, updated_at, derived, error, lock holder) and the graph.</li>
 %% <li>`/api/history?id=&amp;var=': the variable's archived versions.</li>
 %% <li>`/api/graph.svg?id=': `dspex_graph:to_svg/1' (`image/svg+xml').</li>
-%% <li>`/api/optimizations': `dspex_locks:active/0' with each lock's status.</li>
+%% <li>`/api/timeline?id=&amp;before=&amp;type=&amp;limit=': a page of the
+%%     event log newest first (`dspex_events:read/2'): the session's, or every
+%%     session's without `id'; `before' a global position (the last event's
+%%     position gives the next page), `type' one event type, `limit' at most
+%%     200 (default 50). Answers `events', `more', `last_sequence' (the
+%%     session's newest event's sequence) and `enabled'; only
+%%     `{"enabled": false}' when the event log is off. It includes every
+%%     change committed before the request (`dspex_events:await/0' first).</li>
+%% <li>`/api/state_at?id=&amp;seq=': the session's variables (name, type,
+%%     value, version, updated_at, changed_by) after its event `seq'
+%%     (`dspex_events:state_at/2'); 404 `not_found' before the session
+%%     existed.</li>
+%% <li>`/api/models': `models' (`dspex_models:list_models(all)'),
+%%     `aliases' (`#{name, alias, model}'), `tests': every A/B test and
+%%     rollout, running or finished, as `dspex_models:results/1' gives it in
+%%     the JSON form of `dspex_events:json_term/1' (tuples as lists: a CI is
+%%     `[Lo, Hi]', `arm_summary' a list of `[ModelId, Stats]', a decision
+%%     `"continue"' or `["winner", ModelId]'); `absent' when the build has no
+%%     `dspex_models'.</li>
+%% <li>`/api/optimizations': `dspex_locks:active/0' with each lock's status,
+%%     and `runs': every `dspex_opt' run holding locks on this node (found by
+%%     its locks' optimizer `{dspex_opt, Algorithm, RunPid}') with
+%%     `dspex_opt:info/1', every trial (`trials/1') and `best/1'.</li>
 %% <li>`/api/access?id=': the audit log of denials (newest 200), rate-limit
-%%     and denial counts of the last hour, and the session's rules.</li>
+%%     and denial counts of the last hour, the session's rules and rate limit
+%%     (`dspex_acl:get_rate_limit/1'), and `rate_limits': every session
+%%     whose limit is on (500 at most, by id).</li>
 %% <li>`POST /api/rollback' (`id', `var', `version' as a form or query):
 %%     `dspex_store:rollback/4' with `changed_by => console'.</li>
-%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1': a
-%%     `text/event-stream': `overview' and `optimizations' (as their endpoints
+%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1&amp;models=1': a
+%%     `text/event-stream': `overview', `optimizations' and `models' (as their endpoints
 %%     answer) every second when asked for,
 %%     and with `id' a `variable' event per committed change of the session
 %%     (a watch) and `session' when its variables change in number.</li>
@@ -165,6 +189,26 @@ api("GET", "/api/graph.svg", #{<<"id">> := S}, _Mod) ->
         {error, session_not_found} -> json(404, #{error => session_not_found});
         {error, R} -> json(503, #{error => R})
     end;
+api("GET", "/api/timeline", P, _Mod) ->
+    case timeline(P) of
+        {ok, M} -> json(200, M);
+        {error, R} -> json(400, #{error => R})
+    end;
+api("GET", "/api/state_at", #{<<"id">> := S, <<"seq">> := Seq}, _Mod) ->
+    case {dspex_events:enabled(), int(Seq, 0)} of
+        {false, _} -> json(200, #{enabled => false});
+        {true, 0} -> json(400, #{error => {invalid_argument, seq}});
+        {true, N} ->
+            _ = dspex_events:await(),
+            case dspex_events:state_at(S, {sequence, N}) of
+                {ok, #{variables := Vars}} ->
+                    json(200, #{enabled => true, session => S, sequence => N,
+                                variables => [maps:with([name, type, value, version, updated_at, changed_by], V)
+                                              || V <- Vars]});
+                {error, R} -> json(404, #{error => R})
+            end
+    end;
+api("GET", "/api/models", _P, _Mod) -> json(200, models());
 api("GET", "/api/optimizations", _P, _Mod) -> json(200, optimizations());
 api("GET", "/api/access", P, _Mod) -> json(200, access(maps:get(<<"id">>, P, undefined)));
 api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := Ver}, _Mod) ->
@@ -177,7 +221,8 @@ api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := V
         _ -> json(400, #{error => {invalid_argument, version}})
     end;
 api("GET", "/api/events", P, Mod) ->
-    Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations}], maps:is_key(K, P)],
+    Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations},
+                             {<<"models">>, models}], maps:is_key(K, P)],
     sse(Mod, maps:get(<<"id">>, P, undefined), Feeds);
 api(_, _, _, _) -> json(404, #{error => not_found}).
 
@@ -245,6 +290,87 @@ session(S) ->
         {_, Error} -> Error      % deleted between the two reads
     end.
 
+%% The `dspex_opt' runs on this node: the holders of locks whose optimizer is
+%% `{dspex_opt, Algorithm, RunPid}' (how `dspex_opt:start/3' takes them), each
+%% with `dspex_opt:info/1', `trials/1' and `best/1'. A run that ends meanwhile
+%% is left out.
+opt_runs(Locks) ->
+    Runs = lists:usort([Pid || #{optimizer := {dspex_opt, _, Pid}} <- Locks, is_pid(Pid)]),
+    [#{run => Pid, info => Info, trials => Trials,
+       best => case run_call(fun dspex_opt:best/1, Pid) of
+                   {ok, B} -> B;
+                   {error, _} -> null
+               end}
+     || Pid <- Runs, {ok, Info} <- [run_call(fun dspex_opt:info/1, Pid)],
+        Trials <- [run_call(fun dspex_opt:trials/1, Pid)], is_list(Trials)].
+
+%% A run that exits during the call (for any reason) is a run that ended.
+run_call(F, Pid) ->
+    try F(Pid)
+    catch exit:_ -> {error, run_not_found}
+    end.
+
+%% The model registry (every version, its aliases) and every experiment and
+%% rollout with its current results (`dspex_models:results/1', in the JSON
+%% form of `dspex_events:json_term/1': tuples are lists), oldest id first.
+models() ->
+    case absent(dspex_models) of
+        true -> #{absent => true};
+        false ->
+            {ok, Models} = dspex_models:list_models(all),
+            Names = lists:usort([N || #{name := N} <- Models]),
+            %% the experiments' server restarting: none listed this time
+            Tests = try lists:sort(maps:to_list(dspex_models:list_tests()))
+                    catch exit:_ -> []
+                    end,
+            #{absent => false,
+              models => Models,
+              aliases => [#{name => N, alias => A, model => Id}
+                          || N <- Names, {A, Id} <- lists:sort(maps:to_list(dspex_models:aliases(N)))],
+              tests => [dspex_events:json_term(maps:without([started], R))
+                        || {Id, _} <- Tests, {ok, R} <- [catch dspex_models:results(Id)]]}
+    end.
+
+%% A page of the event log, newest first: the session's (`id') or every
+%% session's, before the global position `before', of one type or all. It
+%% first waits for the events queued so far to be durable: the page shows
+%% every change committed before the request.
+timeline(P) ->
+    case dspex_events:enabled() of
+        false -> {ok, #{enabled => false}};
+        true ->
+            _ = dspex_events:await(),
+            Session = maps:get(<<"id">>, P, all),
+            Limit = min(200, max(1, int(maps:get(<<"limit">>, P, <<"50">>), 50))),
+            Before = int(maps:get(<<"before">>, P, <<"0">>), 0),
+            Type = maps:get(<<"type">>, P, <<>>),
+            Opts = maps:from_list([{direction, backward}, {limit, Limit + 1}]
+                                  ++ [{until, {position, Before - 1}} || Before > 1]
+                                  ++ [{types, [event_type(Type)]} || Type =/= <<>>]),
+            Last = case Session of
+                       all -> null;
+                       _ -> case dspex_events:read(Session, #{direction => backward, limit => 1}) of
+                                {ok, [#{sequence := L}]} -> L;
+                                _ -> 0
+                            end
+                   end,
+            case Before =:= 1 orelse dspex_events:read(Session, Opts) of
+                true -> {ok, #{enabled => true, events => [], more => false, last_sequence => Last}};
+                {ok, Evs} ->
+                    Page = lists:sublist(Evs, Limit),
+                    {ok, #{enabled => true, events => Page, more => length(Evs) > Limit,
+                           last_sequence => Last}};
+                {error, _} = E -> E
+            end
+    end.
+
+%% An event type named by the page: a known type is an atom, any other
+%% (an application's own) stays a binary.
+event_type(T) ->
+    try binary_to_existing_atom(T, utf8)
+    catch error:badarg -> T
+    end.
+
 optimizations() ->
     Locks = try dspex_locks:active() catch exit:_ -> [] end,
     Now = dspex_metrics:clock(),
@@ -254,6 +380,7 @@ optimizations() ->
                     _ -> L
                 end || #{session := S, variable := N} = L <- Locks],
       success => detailed(dspex_optimization_success, Now - 3599, Now),
+      runs => opt_runs(Locks),
       absent => [#{module => M, issue => I, what => W} || {M, I, W} <- ?PARTS, M =:= dspex_opt, absent(M)]}.
 
 access(S) ->
@@ -272,9 +399,23 @@ access(S) ->
                          _ -> #{}
                      end
             end,
+    Limit = fun(Id) ->
+                    case dspex_acl:get_rate_limit(Id) of
+                        {ok, L} -> L#{session => Id};
+                        {error, _} -> null
+                    end
+            end,
+    %% every session with a limit on (rate > 0), 500 at most
+    Limited = lists:sublist([L || Id <- lists:sort(dspex_store:list_sessions()),
+                                  #{rate := R} = L <- [Limit(Id)], R > 0], 500),
     #{denied => lists:sublist(lists:reverse(Denied), 200),
       last_hour => #{denied => Count(<<"acl.denied">>), rate_limited => Count(<<"rate_limit.exceeded">>)},
-      session => S, rules => Rules}.
+      session => S, rules => Rules,
+      rate_limit => case S of
+                        undefined -> null;
+                        _ -> Limit(S)
+                    end,
+      rate_limits => Limited}.
 
 %%% Server-Sent Events ---------------------------------------------------------
 
@@ -354,7 +495,8 @@ continue(Results, Mod, Session, Feeds, Watch, Deadline) ->
     end.
 
 feed(overview) -> overview();
-feed(optimizations) -> optimizations().
+feed(optimizations) -> optimizations();
+feed(models) -> models().
 
 worst(Results) ->
     case lists:all(fun(R) -> R =:= ok end, Results) of

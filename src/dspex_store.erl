@@ -545,10 +545,13 @@ watch_here(Session, Keys, Pid, Opts) ->
     end.
 
 %% @doc Operational facts about a variable: `watchers' (active watches),
-%% `history_size' (archived versions held) and `history_limit'.
+%% `history_size' (archived versions held), `history_limit', and the current
+%% version's `version' and `changed_by' (who wrote it: the `changed_by' of
+%% that write, `undefined' when it gave none).
 -spec info(session_id(), var_key()) ->
           {ok, #{watchers := non_neg_integer(), history_size := non_neg_integer(),
-                 history_limit := non_neg_integer()}} | {error, error_reason()}.
+                 history_limit := non_neg_integer(), version := non_neg_integer(),
+                 changed_by := term()}} | {error, error_reason()}.
 info(Session, Key) -> ?ROUTED(Session, info, [Session, Key], dspex_nif:var_info(Session, Key)).
 
 %% @doc Ends a watch (idempotent).
@@ -635,7 +638,8 @@ types() -> ?TYPES.
 %% `dspex_locks:active/0' rows), `rules' (`#{Name => Rules}' of the
 %% variables that have access rules), `last_writes' (the ten most recently
 %% updated variables, newest first: `#{name, version, updated_at,
-%% changed_by}'), `errors' (`#{Name => Reason}' of derived variables whose
+%% changed_by}'), `changed_by' (`#{Name => ChangedBy}': who wrote each
+%% variable's current version, see `info/2'), `errors' (`#{Name => Reason}' of derived variables whose
 %% last propagation failed), `ttl' (seconds or `infinity'), `ttl_left_ms'
 %% (or `infinity'), `created_at', `last_accessed_at' and `cluster':
 %% `not_clustered', or `#{owner => Node | none, replicas => N, replication
@@ -677,11 +681,19 @@ diagnostics_of(Session, Info, Vars) ->
       watched => maps:from_list(Watched),
       locks => Locks,
       rules => Rules,
-      last_writes => [maps:with([name, version, updated_at, changed_by], V) || {V, _} <- Latest],
+      last_writes => [(maps:with([name, version, updated_at], V))#{changed_by => changed_by(N, Infos)}
+                      || {#{name := N} = V, _} <- Latest],
+      changed_by => maps:from_list([{N, By} || {N, #{changed_by := By}} <- Infos]),
       errors => maps:from_list([{N, E} || #{name := N, derived := true, error := E} <- Vars, E =/= undefined]),
       ttl => Ttl, ttl_left_ms => TtlLeft,
       created_at => maps:get(created_at, Info), last_accessed_at => Last,
       cluster => cluster_diagnostics(Session)}.
+
+changed_by(Name, Infos) ->
+    case lists:keyfind(Name, 1, Infos) of
+        {_, #{changed_by := By}} -> By;
+        false -> undefined
+    end.
 
 cluster_diagnostics(Session) ->
     case dspex_cluster:enabled() of

@@ -128,10 +128,22 @@ rate_limiting() ->
     {ok, _} = dspex_store:set(S, x, 1),
     ?assertEqual({error, rate_limited}, dspex_store:get(S, x)),
     ?assertEqual({error, rate_limited}, dspex_store:set(S, x, 2)),
+    %% readable: the configured rate and burst, and the tokens left now (the
+    %% bucket is empty: 3 operations took the burst of 3)
+    {ok, #{rate := 0.001, burst := 3.0, tokens := T}} = dspex_acl:get_rate_limit(S),
+    ?assert(T >= 0.0 andalso T < 1.0),
     ok = dspex_acl:set_rate_limit(S, 0, 1), %% off
+    ?assertMatch({ok, #{rate := 0.0, burst := 1.0}}, dspex_acl:get_rate_limit(S)),
     [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 100)],
     ok = dspex_acl:set_rate_limit(S, 1.0e9, 5), %% a bucket refilling faster than a tight loop can drain it
-    [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 100)].
+    ?assertMatch({ok, #{rate := 1.0e9, burst := 5.0, tokens := 5.0}}, dspex_acl:get_rate_limit(S)),
+    [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 100)],
+    %% a session created without a limit has it off
+    S2 = sid("rl_"),
+    {ok, _} = dspex_store:create_session(S2),
+    ?assertMatch({ok, #{rate := 0.0}}, dspex_acl:get_rate_limit(S2)),
+    ?assertEqual({error, session_not_found}, dspex_acl:get_rate_limit(sid("nope_"))),
+    ?assertError(badarg, dspex_acl:get_rate_limit(not_a_binary)).
 
 audit_trail() ->
     S = owned([#{session_pattern => any, permissions => [read]}]),

@@ -202,6 +202,27 @@ history_bounded_newest_first_test() ->
     {ok, [#{version := 5}]} = dspex_store:history(S, x, 1),
     {ok, #{history_size := 3, history_limit := 3}} = dspex_store:info(S, x).
 
+%% The current version keeps who wrote it (as history entries do): info/2
+%% and diagnostics/1 show it.
+current_version_keeps_changed_by_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0, #{changed_by => reg}),
+    ?assertMatch({ok, #{version := 0, changed_by := reg}}, dspex_store:info(S, x)),
+    {ok, 1} = dspex_store:set(S, x, 1, #{changed_by => {user, <<"alice">>}}),
+    ?assertMatch({ok, #{version := 1, changed_by := {user, <<"alice">>}}}, dspex_store:info(S, x)),
+    {ok, 2} = dspex_store:set(S, x, 2),
+    ?assertMatch({ok, #{version := 2, changed_by := undefined}}, dspex_store:info(S, x)),
+    {ok, 3} = dspex_store:rollback(S, x, 1, #{changed_by => console}),
+    ?assertMatch({ok, #{version := 3, changed_by := console}}, dspex_store:info(S, x)),
+    %% the archived versions still have theirs
+    {ok, [#{version := 2, changed_by := undefined}, #{version := 1, changed_by := {user, <<"alice">>}} | _]} =
+        dspex_store:history(S, x),
+    {ok, _} = dspex_store:register(S, y, integer, 0, #{changed_by => bob}),
+    {ok, D} = dspex_store:diagnostics(S),
+    ?assertEqual(#{<<"x">> => console, <<"y">> => bob}, maps:get(changed_by, D)),
+    ?assertEqual([{<<"y">>, bob}, {<<"x">>, console}],
+                 [{N, By} || #{name := N, changed_by := By} <- maps:get(last_writes, D)]).
+
 default_history_limit_is_50_test() ->
     S = new(),
     {ok, _} = dspex_store:register(S, x, integer, 0),

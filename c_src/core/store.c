@@ -723,6 +723,19 @@ void dx_session_set_rate(dx_session *s, double rate, double burst) {
     pthread_mutex_unlock(&s->bucket_mu);
 }
 
+void dx_session_get_rate(dx_session *s, int64_t now_ns, double *rate, double *burst, double *tokens) {
+    pthread_mutex_lock(&s->bucket_mu);
+    *rate = s->rate;
+    *burst = s->burst;
+    double t = s->tokens;
+    if (s->rate > 0 && s->bucket_at && now_ns > s->bucket_at) {
+        t += (double)(now_ns - s->bucket_at) * s->rate / 1e9;
+        if (t > s->burst) t = s->burst;
+    }
+    *tokens = t;
+    pthread_mutex_unlock(&s->bucket_mu);
+}
+
 int dx_session_take(dx_session *s, int64_t now_ns) {
     if (s->rate <= 0) return DX_OK;
     pthread_mutex_lock(&s->bucket_mu);

@@ -233,6 +233,9 @@ static inline void *dx_var_acl(dx_var *v) { return atomic_load_explicit(&v->acl,
 
 /* Per-session token bucket: rate per second and burst; rate 0 turns it off. */
 void dx_session_set_rate(dx_session *s, double rate, double burst);
+/* The bucket's configuration and the tokens it holds at now_ns (refilled as
+ * dx_session_take would, nothing taken). */
+void dx_session_get_rate(dx_session *s, int64_t now_ns, double *rate, double *burst, double *tokens);
 /* Takes one token (DX_OK) or DX_E_RATE_LIMITED; costs nothing when off. */
 int dx_session_take(dx_session *s, int64_t now_ns); /* now_ns: a monotonic clock */
 

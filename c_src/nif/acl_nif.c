@@ -360,6 +360,24 @@ DX_NIF(nif_acl_validate) {
     return ATOM_ok;
 }
 
+/* session_get_rate(Session) -> {ok, #{rate, burst, tokens}}: the token bucket's
+ * configuration (rate 0: off) and the tokens it holds now. */
+DX_NIF(nif_session_get_rate) {
+    dx_str sid;
+    if (!enif_is_binary(env, argv[0])) return enif_make_badarg(env);
+    double rate = 0, burst = 0, tokens = 0;
+    dx_ebr_enter();
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
+    if (s) dx_session_get_rate(s, dx_now_ns(), &rate, &burst, &tokens);
+    dx_ebr_exit();
+    if (!s) return dx_error(env, ATOM_session_not_found);
+    ERL_NIF_TERM keys[3] = {enif_make_atom(env, "burst"), enif_make_atom(env, "rate"), enif_make_atom(env, "tokens")};
+    ERL_NIF_TERM vals[3] = {enif_make_double(env, burst), enif_make_double(env, rate), enif_make_double(env, tokens)};
+    ERL_NIF_TERM m;
+    enif_make_map_from_arrays(env, keys, vals, 3, &m);
+    return enif_make_tuple2(env, ATOM_ok, m);
+}
+
 /* session_set_rate(Session, Rate, Burst): 0 rate turns limiting off. */
 DX_NIF(nif_session_set_rate) {
     dx_str sid;

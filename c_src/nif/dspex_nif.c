@@ -144,6 +144,7 @@ static ErlNifFunc funcs[] = {
     {"acl_filter", 4, nif_acl_filter, 0},
     {"acl_validate", 1, nif_acl_validate, 0},
     {"session_set_rate", 3, nif_session_set_rate, 0},
+    {"session_get_rate", 1, nif_session_get_rate, 0},
     DX_METRICS_FUNCS,
     {"lock_token_floor", 1, nif_lock_token_floor, 0},
     DX_EVENTS_FUNCS,

@@ -73,6 +73,7 @@ DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error); DX_NIF(nif_var_lock); DX_NIF
 DX_NIF(nif_lock_token_floor); DX_NIF(nif_lock_list);
 DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_filter); DX_NIF(nif_acl_validate);
 DX_NIF(nif_session_set_rate);
+DX_NIF(nif_session_get_rate);
 DX_NIF(nif_sched_stats); DX_NIF(nif_rawbuf_debug);
 /* optimizer kernels (opt_nif.c) */
 DX_NIF(nif_opt_ask);

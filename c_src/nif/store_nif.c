@@ -1152,7 +1152,8 @@ DX_NIF(nif_var_rollback) {
     return dx_watch_finish(env, &nc, r);
 }
 
-/* var_info(Session, Key) -> {ok, #{watchers, history_size, history_limit}}: introspection for tests and operators. */
+/* var_info(Session, Key) -> {ok, #{watchers, history_size, history_limit, version, changed_by}}:
+ * introspection for tests and operators (version and changed_by of the current version). */
 DX_NIF(nif_var_info) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
@@ -1164,10 +1165,12 @@ DX_NIF(nif_var_info) {
     if (!v || dx_var_info(s, v, &nw, &nh)) {
         r = dx_error2(env, ATOM_not_found, argv[1]);
     } else {
-        ERL_NIF_TERM keys[3] = {ATOM_history_limit, ATOM_history_size, ATOM_watchers};
-        ERL_NIF_TERM vals[3] = {enif_make_uint64(env, v->history_limit), enif_make_uint64(env, nh), enif_make_uint64(env, nw)};
+        dx_snap *cur = dx_var_current(v);
+        ERL_NIF_TERM keys[5] = {ATOM_history_limit, ATOM_history_size, ATOM_watchers, ATOM_version, ATOM_changed_by};
+        ERL_NIF_TERM vals[5] = {enif_make_uint64(env, v->history_limit), enif_make_uint64(env, nh), enif_make_uint64(env, nw),
+                                enif_make_uint64(env, cur->version), dx_blob_to_term(env, cur->by, cur->by_len, ATOM_undefined)};
         ERL_NIF_TERM m;
-        enif_make_map_from_arrays(env, keys, vals, 3, &m);
+        enif_make_map_from_arrays(env, keys, vals, 5, &m);
         r = enif_make_tuple2(env, ATOM_ok, m);
     }
     dx_ebr_exit();

@@ -334,6 +334,13 @@ static void test_token_bucket(void **st) {
     assert_int_equal(dx_session_take(s, t), DX_E_RATE_LIMITED);
     assert_int_equal(dx_session_take(s, t + 250000000), DX_E_RATE_LIMITED); /* half a token */
     assert_int_equal(dx_session_take(s, t + 500000000), DX_OK);             /* the other half */
+    double rate, burst, tokens;
+    dx_session_get_rate(s, t + 500000000, &rate, &burst, &tokens);           /* read, nothing taken */
+    assert_true(rate == 2.0 && burst == 3.0 && tokens == 0.0);
+    dx_session_get_rate(s, t + 1500000000, &rate, &burst, &tokens);          /* refilled as take would */
+    assert_true(tokens == 2.0);
+    dx_session_get_rate(s, t + 10000000000, &rate, &burst, &tokens);         /* capped at the burst */
+    assert_true(tokens == 3.0);
     assert_int_equal(dx_session_take(s, t + 10000000000), DX_OK);           /* capped at the burst */
     assert_int_equal(dx_session_take(s, t + 10000000000), DX_OK);
     assert_int_equal(dx_session_take(s, t + 10000000000), DX_OK);

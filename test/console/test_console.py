@@ -25,6 +25,8 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
@@ -32,7 +34,7 @@ OUT = os.path.join(ROOT, '_build', 'console')
 EBIN = os.path.join(OUT, 'ebin')
 TOKEN = 'tok-' + os.urandom(6).hex()
 XSS = '<img src=x onerror=alert(1)>'
-PAGES = ['/', '/sessions', '/session?id=demo', '/optimizations', '/access?id=demo', '/events', '/models', '/regions']
+PAGES = ['/', '/sessions', '/session?id=demo', '/session?id=travel', '/optimizations', '/access?id=demo', '/events', '/models', '/regions']
 # generous bounds for a loaded 2-core machine; nothing waits for them unless it fails
 LOAD_S = 30
 
@@ -119,7 +121,8 @@ class ConsoleTest(unittest.TestCase):
         subprocess.check_call(['erlc', '-o', EBIN, os.path.join(ROOT, 'test/console_node.erl')])
         cls.rw = Node(console_token='"%s"' % TOKEN, console_write='true')
         cls.ro = Node()
-        cls.wide = Node(console_bind='{0,0,0,0}', console_token='"%s"' % TOKEN)
+        # the event log off: the timeline and time travel say so
+        cls.wide = Node(console_bind='{0,0,0,0}', console_token='"%s"' % TOKEN, event_log='false')
         cls.closed = Node(console_bind='{0,0,0,0}')
         cls.certdir = tempfile.mkdtemp(prefix='dspex_console_tls_')
         cls.cert = os.path.join(cls.certdir, 'cert.pem')
@@ -190,13 +193,13 @@ class ConsoleTest(unittest.TestCase):
                 self.assertEqual([], d.find_elements(By.ID, 'error'), path)
                 self.assertEqual([], self.console_errors(), path)
                 self.assert_no_alert()
-                name = path.strip('/').split('?')[0] or 'overview'
+                name = path.strip('/').replace('?id=', '_') or 'overview'
                 self.shot(name)
         # the parts of other issues are shown as absent, never faked; parts this
         # build has but the console has no page for yet say so
         _, _, body = http(self.rw.base + '/api/config', headers={'Authorization': 'Bearer ' + TOKEN})
         absent = {p['module'] for p in json.loads(body)['absent']}
-        for path, module in [('/events', 'dspex_events'), ('/models', 'dspex_models'), ('/regions', 'dspex_region')]:
+        for path, module in [('/regions', 'dspex_region')]:
             d = self.open(self.rw, path)
             want = 'Absent' if module in absent else 'is present in this build'
             self.assertTrue(wait(d, LOAD_S, 0.05).until(lambda d: want in d.find_element(By.ID, 'main').text), path)
@@ -268,6 +271,11 @@ class ConsoleTest(unittest.TestCase):
             lambda d: len(d.find_elements(By.CSS_SELECTOR, '#graph svg g.node')) == 4)
         self.assertEqual([], d.find_elements(By.CSS_SELECTOR, '#graph img, #graph script'))
         self.assertIn('<script>alert(2)</script>', d.find_element(By.TAG_NAME, 'main').text)
+        # the event timeline and time travel name it as text too
+        wait(d, LOAD_S, 0.05).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#tt-vars tbody tr'))
+        self.assertIn(XSS, [tr.get_attribute('data-name') for tr in d.find_elements(By.CSS_SELECTOR, '#tt-vars tbody tr')])
+        self.assertIn(XSS, d.find_element(By.ID, 'timeline-events').text)
+        self.assertEqual([], d.find_elements(By.CSS_SELECTOR, 'main img, main b, main script'))
         self.assert_no_alert()
         self.assertEqual([], self.console_errors())
 
@@ -360,7 +368,7 @@ class ConsoleTest(unittest.TestCase):
         d.find_element(By.ID, 'token').send_keys(TOKEN)
         d.find_element(By.CSS_SELECTOR, '#token-form button').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 121' in d.find_element(By.ID, 'sessions-info').text)
+            lambda d: d.find_elements(By.ID, 'sessions-info') and 'of 125' in d.find_element(By.ID, 'sessions-info').text)
 
     def test_access_page_lists_denied_attempts(self):
         self.assertTrue(self.ro.cmd('deny demo x intruder_<i>').startswith('OK'))
@@ -392,14 +400,215 @@ class ConsoleTest(unittest.TestCase):
         self.shot('optimizations_live')
         self.assertEqual([], self.console_errors())
 
+    def travel_rows(self):
+        """The time-travel table as {name: (then, now, differs)}, read in one snapshot."""
+        return self.driver.execute_script("""
+            const out = {};
+            document.querySelectorAll('#tt-vars tbody tr').forEach((tr) => {
+              out[tr.dataset.name] = [tr.querySelector('.then').textContent, tr.querySelector('.now').textContent,
+                                      tr.classList.contains('differs')];
+            });
+            return out;""")
+
+    def test_time_travel_shows_the_old_values(self):
+        # "travel": 1 created, 2 a = 1.0, 3 b = 10.0, 4 a = 2.0, 5 b = 20.0, 6 a = 3.0
+        self.use(self.ro)
+        d = self.open(self.ro, '/session?id=travel')
+        slider = wait(d, LOAD_S, 0.05).until(lambda d: d.find_element(By.ID, 'tt-slider'))
+        self.assertEqual('6', slider.get_attribute('max'))
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '6')
+        self.assertEqual({'a': ['3.0', '3.0', False], 'b': ['20.0', '20.0', False]}, self.travel_rows())
+        # the slider moved back two events (keyboard, as a user does): after event 4
+        slider.send_keys(Keys.ARROW_LEFT)
+        slider.send_keys(Keys.ARROW_LEFT)
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '4')
+        self.assertEqual({'a': ['2.0', '3.0', True], 'b': ['10.0', '20.0', True]}, self.travel_rows())
+        self.assertIn('4 of 6', d.find_element(By.ID, 'tt-seq').text)
+        self.shot('session_time_travel')
+        # clicking an event of the timeline travels to it: after event 2, b did not exist
+        row = [tr for tr in d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')
+               if tr.get_attribute('data-sequence') == '2'][0]
+        self.assertEqual('variable_registered', row.get_attribute('data-type'))
+        row.click()
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '2')
+        self.assertEqual({'a': ['1.0', '3.0', True], 'b': ['(not registered)', '20.0', True]}, self.travel_rows())
+        self.assertEqual([], self.console_errors())
+
+    def test_event_timeline_newest_first_filtered_and_paged(self):
+        self.use(self.ro)
+        d = self.open(self.ro, '/session?id=travel')
+        seqs = lambda d: [tr.get_attribute('data-sequence') for tr in d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')]
+        wait(d, LOAD_S, 0.05).until(lambda d: seqs(d) == ['6', '5', '4', '3', '2', '1'])
+        first = d.find_element(By.CSS_SELECTOR, '#timeline-events tbody tr')
+        self.assertEqual(['6', 'variable_updated', 'a', 'carol', '3.0'],
+                         [first.find_elements(By.TAG_NAME, 'td')[i].text for i in (0, 2, 3, 4, 6)])
+        Select(d.find_element(By.ID, 'timeline-type')).select_by_value('variable_updated')
+        wait(d, LOAD_S, 0.05).until(lambda d: seqs(d) == ['6', '5', '4'])
+        # pages through the node's whole log on the events page (25 a page)
+        st, _, body = http(self.ro.base + '/api/timeline?limit=2&id=travel')
+        page = json.loads(body)
+        self.assertEqual(([6, 5], True, 6), ([e['sequence'] for e in page['events']], page['more'], page['last_sequence']))
+        st, _, body = http(self.ro.base + '/api/timeline?limit=2&id=travel&before=%d' % page['events'][-1]['position'])
+        self.assertEqual([4, 3], [e['sequence'] for e in json.loads(body)['events']])
+        d = self.open(self.ro, '/events')
+        wait(d, LOAD_S, 0.05).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')) == 25)
+        top = d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')[-1].get_attribute('data-position')
+        d.find_element(By.ID, 'timeline-older').click()
+        wait(d, LOAD_S, 0.05).until(lambda d: int(d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')[0]
+                                                  .get_attribute('data-position')) < int(top))
+        d.find_element(By.ID, 'timeline-newer').click()
+        wait(d, LOAD_S, 0.05).until(lambda d: d.find_elements(By.CSS_SELECTOR, '#timeline-events tbody tr')[-1]
+                                    .get_attribute('data-position') == top)
+        self.shot('events_paged')
+        self.assertEqual([], self.console_errors())
+
+    def test_timeline_and_slider_follow_live_changes(self):
+        # the writable node's "travel" (only this test writes it): 6 events, then a live write
+        self.use(self.rw, TOKEN)
+        d = self.open(self.rw, '/session?id=travel')
+        slider = wait(d, LOAD_S, 0.05).until(lambda d: d.find_element(By.ID, 'tt-slider'))
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('data-loaded') == '6')
+        auth = {'Authorization': 'Bearer ' + TOKEN}
+        wait(d, LOAD_S, 0.05).until(lambda _: json.loads(http(self.rw.base + '/api/session?id=travel', headers=auth)[2])
+                                    ['diagnostics']['watched'].get('a', 0) > 0)
+        self.assertTrue(self.rw.cmd('set travel a 4.5').startswith('OK'))
+        # left at the newest event, the slider follows to the new one; the timeline shows it on top
+        wait(d, LOAD_S, 0.05).until(lambda d: slider.get_attribute('max') == '7' and slider.get_attribute('data-loaded') == '7')
+        self.assertEqual({'a': ['4.5', '4.5', False], 'b': ['20.0', '20.0', False]}, self.travel_rows())
+        wait(d, LOAD_S, 0.05).until(lambda d: d.find_element(By.CSS_SELECTOR, '#timeline-events tbody tr').get_attribute('data-sequence') == '7')
+        top = d.find_element(By.CSS_SELECTOR, '#timeline-events tbody tr')
+        self.assertEqual(['variable_updated', 'a', 'test', '4.5'], [top.find_elements(By.TAG_NAME, 'td')[i].text for i in (2, 3, 4, 6)])
+        self.assertEqual([], self.console_errors())
+
+    def test_event_log_off_is_said_not_faked(self):
+        self.use(self.wide, TOKEN)
+        d = self.open(self.wide, '/session?id=travel')
+        wait(d, LOAD_S, 0.05).until(lambda d: 'event log is off' in d.find_element(By.ID, 'timetravel-off').text)
+        self.assertIn('event log is off', d.find_element(By.ID, 'timeline-off').text)
+        self.assertEqual([], d.find_elements(By.ID, 'tt-slider'))
+        d = self.open(self.wide, '/events')
+        self.assertIn('event log is off', d.find_element(By.ID, 'timeline-off').text)
+        self.assertEqual([], self.console_errors())
+
+    def models_snapshot(self):
+        """The models page read in one snapshot (it is redrawn every second)."""
+        return self.driver.execute_script("""
+            const txt = (e, sel) => { const x = e.querySelector(sel); return x ? x.textContent : null; };
+            const all = (e, sel) => Array.from(e.querySelectorAll(sel));
+            const section = (sec) => ({
+              id: sec.dataset.id, kind: sec.dataset.kind, status: sec.dataset.status,
+              fields: Object.fromEntries(all(sec, 'tr[data-field]').map((tr) => [tr.dataset.field, txt(tr, 'td')])),
+              traffic: all(sec, '.arms td.traffic').map((td) => td.textContent),
+              n: all(sec, '.arms td.n').map((td) => parseInt(td.textContent, 10)),
+              comparisons: Object.fromEntries(all(sec, '.comparisons tbody tr').map((tr) =>
+                [tr.dataset.model, [txt(tr, '.effect'), txt(tr, '.ci'), txt(tr, '.p')]])),
+              gates: Object.fromEntries(all(sec, '.gates tbody tr').map((tr) => [tr.dataset.metric, txt(tr, '.verdict')])),
+            });
+            return {
+              models: all(document, '#models tbody tr').map((tr) => tr.dataset.model),
+              metadata: Object.fromEntries(all(document, '#models tbody tr').map((tr) => [tr.dataset.model, txt(tr, '.metadata')])),
+              aliases: Object.fromEntries(all(document, '#aliases tbody tr').map((tr) => [tr.dataset.alias, txt(tr, '.target')])),
+              running: all(document, '#running section').map(section),
+              finished: all(document, '#finished section').map(section),
+            };""")
+
+    def test_models_page_shows_registry_experiments_and_rollouts(self):
+        self.use(self.ro)
+        _, _, body = http(self.ro.base + '/api/models')
+        api = {t['name']: t for t in json.loads(body)['tests']}
+        d = self.open(self.ro, '/models')
+        m = self.models_snapshot()
+        self.assertEqual(['old@1', 'old@2', 'ranker@1', 'ranker@2', 'summ@1', 'summ@2'], m['models'])
+        self.assertIn('<img src=x onerror=alert(1)>', m['metadata']['ranker@1'])
+        self.assertEqual([], d.find_elements(By.CSS_SELECTOR, 'main img'))
+        self.assert_no_alert()
+        self.assertEqual({'old:production': 'old@1', 'ranker:production': 'ranker@1', 'ranker:staging': 'ranker@2',
+                          'summ:production': 'summ@1'}, m['aliases'])
+        running = {s['kind']: s for s in m['running']}
+        # the running A/B test: 50/50 split, 400 samples over both arms, the
+        # sequential test's effect, interval and p-value as the node computes them
+        ab = running['ab']
+        self.assertEqual(['50.0 %', '50.0 %'], ab['traffic'])
+        self.assertEqual(400, sum(ab['n']))
+        comp = api['ranker']['comparisons']['ranker@2']
+        self.assertEqual(['%.4f' % comp['effect'], '[%.4f, %.4f]' % tuple(comp['ci']), '%.4f' % comp['p_value']],
+                         ab['comparisons']['ranker@2'])
+        self.assertEqual(api['ranker']['decision'], ab['fields']['decision'])
+        # the rollout: step 1 of 3, 10 % on the new model, both gates pending (too few samples)
+        ro = running['rollout']
+        self.assertEqual('1 of 3', ro['fields']['step'])
+        self.assertEqual('10 %', ro['fields']['on the new model'])
+        self.assertEqual(['90.0 %', '10.0 %'], ro['traffic'])
+        self.assertEqual(400, sum(ro['n']))
+        self.assertEqual({'error_rate': 'pending', 'latency': 'pending'}, ro['gates'])
+        # the test stopped by hand is listed as finished, with its 25/75 split
+        [old] = m['finished']
+        self.assertEqual(('ab', 'finished', 'stopped: manual'), (old['kind'], old['status'], old['fields']['decision']))
+        self.assertEqual(['25.0 %', '75.0 %'], old['traffic'])
+        self.shot('models_seeded')
+        self.assertEqual([], self.console_errors())
+
+    def test_optimizations_page_shows_trials_and_convergence(self):
+        # the seeded run: TPE maximizing -(lr - 0.3)^2 - 0.01 (depth - 4)^2, 12 trials
+        _, _, body = http(self.ro.base + '/api/optimizations')
+        [run] = json.loads(body)['runs']
+        self.assertEqual((12, 12, 'maximize'), (run['info']['budget'], run['info']['told'], run['info']['direction']))
+        expected, best = [], None
+        for t in run['trials']:
+            if t['state'] == 'complete':
+                lr, depth = t['params']['lr'], t['params']['depth']
+                # the score told is the objective of the trial's parameters
+                self.assertAlmostEqual(-(lr - 0.3) ** 2 - 0.01 * (depth - 4) ** 2, t['score'], places=9)
+                best = t['score'] if best is None else max(best, t['score'])
+            expected.append(('%d' % t['id'], '%.6f' % t['score'], '%.6f' % best))
+        self.assertEqual(best, run['best']['score'])
+        self.use(self.ro)
+        d = self.open(self.ro, '/optimizations')
+        snap = "const s = document.querySelector('#runs section.run'); if (!s) return null; " \
+               "const c = s.querySelector('.convergence'); " \
+               "return {rows: Array.from(s.querySelectorAll('.trials tbody tr')).map((tr) => " \
+               "[tr.dataset.trial, tr.querySelector('.score').textContent, tr.querySelector('.best-so-far').textContent]), " \
+               "points: c ? c.dataset.points : null, best: c ? c.dataset.best : null, canvas: !!(c && c.querySelector('canvas')), " \
+               "session: s.querySelector('tr[data-field=session] td').textContent};"
+        got = wait(d, LOAD_S, 0.05).until(lambda d: d.execute_script(snap))
+        self.assertEqual([list(e) for e in expected], got['rows'])
+        self.assertEqual(('12', best, True, 'opt'), (got['points'], float(got['best']), got['canvas'], got['session']))
+        # best so far never gets worse (maximize)
+        bests = [float(r[2]) for r in got['rows']]
+        self.assertEqual(sorted(bests), bests)
+        self.shot('optimizations_run')
+        self.assertEqual([], self.console_errors())
+
+    def test_access_page_shows_rate_limits(self):
+        self.use(self.ro)
+        d = self.open(self.ro, '/access')
+        rows = [[td.text for td in tr.find_elements(By.TAG_NAME, 'td')][:3]
+                for tr in d.find_elements(By.CSS_SELECTOR, '#rate-limits tbody tr')]
+        self.assertEqual([['limited', '12.500', '40']], rows)
+        d = self.open(self.ro, '/access?id=limited')
+        self.assertIn('Session limited: 12.500 operations/s, bursts of 40,', d.find_element(By.ID, 'rate-limit').text)
+        d = self.open(self.ro, '/access?id=demo')
+        self.assertEqual('Session demo: no rate limit.', d.find_element(By.ID, 'rate-limit').text)
+        self.shot('access_rate_limits')
+        self.assertEqual([], self.console_errors())
+
+    def test_session_page_shows_who_changed_each_variable(self):
+        # the current version's changed_by, from the store (not only from live events)
+        self.use(self.ro)
+        d = self.open(self.ro, '/session?id=travel')
+        self.assertEqual({'a': 'carol', 'b': 'bob'},
+                         {n: self.row(n).find_element(By.CSS_SELECTOR, '.changed-by').text for n in ('a', 'b')})
+        d = self.open(self.ro, '/session?id=demo')
+        self.assertEqual('seed', self.row('x').find_element(By.CSS_SELECTOR, '.changed-by').text)
+
     def test_sessions_search_and_pagination(self):
         self.use(self.ro)
         d = self.open(self.ro, '/sessions')
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 121')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '1–50 of 125')
         d.find_element(By.ID, 'next').click()
         wait(d, LOAD_S, 0.05).until(
-            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 121')
+            lambda d: d.find_element(By.ID, 'sessions-info').text == '51–100 of 125')
         d.find_element(By.ID, 'search').send_keys('dem')
         wait(d, LOAD_S, 0.05).until(
             lambda d: d.find_element(By.ID, 'sessions-info').text == '1–1 of 1')
