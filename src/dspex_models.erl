@@ -27,7 +27,7 @@
 -export([start_ab_test/1, results/1, stop_test/1, list_tests/0,
          start_rollout/3, rollout_status/1, pause/1, resume/1, rollback/1,
          evaluate/0]).
--export([registry_session/0, model_id/2]).
+-export([registry_session/0, model_id/2, ensure_session/0]).
 
 -export_type([model_id/0, model/0]).
 
@@ -319,6 +319,8 @@ evaluate() -> dspex_models_server:evaluate().
 
 %%% ------------------------------------------------------------------
 
+%% @doc Creates the registry's store session if it does not exist yet.
+-spec ensure_session() -> ok.
 ensure_session() ->
     case dspex_store:get_session(?SESSION) of
         {ok, _} -> ok;
