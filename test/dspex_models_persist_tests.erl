@@ -110,7 +110,7 @@ rollout_survives_crash() ->
     Good = fun(_) -> {0.98, 20} end,
     R1 = to_step(N, R, 2, Users, Good, rand:seed_s(exsss, {19, 5, 2}), 10),
     {ok, #{step := 2, percent := 20, status := running}} = dspex_models:results(R),
-    ok = dspex_models_server:pause(R, #{principal => <<"ops">>}),
+    ok = dspex_models:pause(R, #{principal => <<"ops">>}),
     Route = routing(N, Users),
     Before = arm_ns(R),
     crash_server(),
@@ -201,8 +201,8 @@ events_rollout() ->
     Users = lists:seq(1, 20000),
     Good = fun(_) -> {0.98, 20} end,
     R1 = traffic(N, Users, Good, rand:seed_s(exsss, {19, 5, 4})),
-    ok = dspex_models_server:pause(R, #{principal => <<"bob">>, changed_by => pager}),
-    ok = dspex_models_server:resume(R, #{principal => <<"bob">>}),
+    ok = dspex_models:pause(R, #{principal => <<"bob">>, changed_by => pager}),
+    ok = dspex_models:resume(R, #{principal => <<"bob">>}),
     ramp(N, R, Users, Good, R1, 10),
     Evs = events(R, all),
     ?assertEqual([{rollout_started, #{percent => 10, decision => continue}},
@@ -231,11 +231,11 @@ events_rollback() ->
                                           decision => {rolled_back, {gate, error_rate}}}}],
                  summary(events(R, [rollout_started, rollout_rolled_back, rollout_step]))),
     {ok, R2} = dspex_models:start_rollout(N, B, #{steps => [5, 100]}),
-    ok = dspex_models_server:rollback(R2, #{principal => <<"cy">>}),
+    ok = dspex_models:rollback(R2, #{principal => <<"cy">>}),
     [#{data := #{reason := manual}, metadata := #{principal := <<"cy">>, changed_by := manual}}] =
         events(R2, [rollout_rolled_back]),
     {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
-    ok = dspex_models_server:stop_test(T, #{principal => <<"dee">>}),
+    ok = dspex_models:stop_test(T, #{principal => <<"dee">>}),
     [#{data := #{decision := {stopped, manual}}, metadata := #{principal := <<"dee">>}}] =
         events(T, [model_decision]),
     %% an SRM stop is a decision too
