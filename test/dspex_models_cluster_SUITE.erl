@@ -121,10 +121,10 @@ experiments_and_rollouts_survive_owner_failover(_Config) ->
     [{_, Starter} | _] = [X || {Node, _} = X <- Peers, Node =/= Owner],
     {N1, A1, B1} = models(Starter, <<"abx">>),
     {N2, A2, B2} = models(Starter, <<"rox">>),
-    {ok, T} = call(Starter, start_ab_test, [#{model => N1, variants => [{A1, 50}, {B1, 50}], mde => 0.05}]),
+    {ok, T} = call(Starter, start_ab_test, [#{salt => <<"c1">>, model => N1, variants => [{A1, 50}, {B1, 50}], mde => 0.05}]),
     %% min_samples 1000: the new model's samples of one node (about 200 a
     %% round at 10%) cannot complete a step alone
-    {ok, R} = call(Starter, start_rollout, [N2, B2, #{steps => [10, 50, 100], step_duration => 0,
+    {ok, R} = call(Starter, start_rollout, [N2, B2, #{salt => <<"cr2">>, steps => [10, 50, 100], step_duration => 0,
                                                        min_samples => 1000,
                                                        gates => [#{metric => error_rate,
                                                                    max_degradation => 0.02}]}]),

@@ -16,6 +16,7 @@ persist_test_() ->
       {"a paused rollout survives a crash at its second step, then resumes to 100%",
        fun rollout_survives_crash/0},
       {"counts recorded after the last checkpoint are the only loss", fun checkpoint_bound/0},
+      {"an application restart (the store lives in the NIF) resumes a rollout", fun app_restart/0},
       {"the event log records an A/B test's start and decision", fun events_ab/0},
       {"the event log records a rollout's steps, pause, resume and completion in order",
        fun events_rollout/0},
@@ -66,7 +67,7 @@ arm_ns(T) ->
 
 ab_survives_crash() ->
     {N, A, B} = setup_name(<<"pab">>),
-    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 50}, {B, 50}], mde => 0.05}),
+    {ok, T} = dspex_models:start_ab_test(#{salt => <<"p1">>, model => N, variants => [{A, 50}, {B, 50}], mde => 0.05}),
     Profile = fun(M) when M =:= A -> {0.80, 20}; (_) -> {0.90, 20} end,
     R1 = traffic(N, lists:seq(1, 300), Profile, rand:seed_s(exsss, {19, 5, 1})),
     ok = dspex_models:evaluate(),
@@ -104,7 +105,7 @@ decide(_, T, _, _, _, _) -> erlang:error({undecided, dspex_models:results(T)}).
 
 rollout_survives_crash() ->
     {N, _A, B} = setup_name(<<"pro">>),
-    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [5, 20, 50, 100], step_duration => 1000,
+    {ok, R} = dspex_models:start_rollout(N, B, #{salt => <<"pr6">>, steps => [5, 20, 50, 100], step_duration => 1000,
                                                   gates => [#{metric => error_rate, max_degradation => 0.02}]}),
     Users = lists:seq(1, 20000),
     Good = fun(_) -> {0.98, 20} end,
@@ -155,7 +156,7 @@ ramp(_, R, _, _, _, _) -> erlang:error({not_finished, dspex_models:results(R)}).
 
 checkpoint_bound() ->
     {N, A, B} = setup_name(<<"pck">>),
-    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    {ok, T} = dspex_models:start_ab_test(#{salt => <<"p2">>, model => N, variants => [{A, 1}, {B, 1}]}),
     [ok = dspex_models:record_inference(A, 10, true, #{}) || _ <- lists:seq(1, 30)],
     %% results/1 evaluates, and an evaluation checkpoints
     [{A, 30, 30}, {B, 0, 0}] = arm_ns(T),
@@ -165,6 +166,23 @@ checkpoint_bound() ->
     %% the 12 inferences recorded after the checkpoint are gone, no more
     ?assertEqual([{A, 30, 30}, {B, 0, 0}], arm_ns(T)),
     ok = dspex_models:stop_test(T).
+
+app_restart() ->
+    {N, _A, B} = setup_name(<<"pap">>),
+    {ok, R} = dspex_models:start_rollout(N, B, #{salt => <<"pr7">>, steps => [5, 20, 50, 100], step_duration => 1000,
+                                                  gates => [#{metric => error_rate, max_degradation => 0.02}]}),
+    Users = lists:seq(1, 20000),
+    Good = fun(_) -> {0.98, 20} end,
+    R1 = to_step(N, R, 2, Users, Good, rand:seed_s(exsss, {19, 5, 7}), 10),
+    Route = routing(N, Users),
+    Before = arm_ns(R),
+    ok = application:stop(dspex_bridge),
+    ok = dspex_models_registry_tests:start(),
+    {ok, #{step := 2, percent := 20, status := running}} = dspex_models:results(R),
+    ?assertEqual(Route, routing(N, Users)),
+    ?assertEqual(Before, arm_ns(R)),
+    ramp(N, R, Users, Good, R1, 10),
+    ?assertEqual({ok, B}, dspex_models:get_alias(N, production)).
 
 %% this test's records in the models session, in log order
 events(Id, Types) ->
@@ -182,7 +200,7 @@ summary(Evs) ->
 
 events_ab() ->
     {N, A, B} = setup_name(<<"pea">>),
-    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 50}, {B, 50}], mde => 0.05,
+    {ok, T} = dspex_models:start_ab_test(#{salt => <<"p3">>, model => N, variants => [{A, 50}, {B, 50}], mde => 0.05,
                                            principal => <<"ann">>}),
     decide(N, T, fun(M) when M =:= A -> {0.80, 20}; (_) -> {0.90, 20} end,
            rand:seed_s(exsss, {19, 5, 3}), 1, 30),
@@ -196,7 +214,7 @@ events_ab() ->
 
 events_rollout() ->
     {N, _A, B} = setup_name(<<"per">>),
-    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [10, 50, 100], step_duration => 1000,
+    {ok, R} = dspex_models:start_rollout(N, B, #{salt => <<"pr8">>, steps => [10, 50, 100], step_duration => 1000,
                                                   gates => [#{metric => error_rate, max_degradation => 0.02}]}),
     Users = lists:seq(1, 20000),
     Good = fun(_) -> {0.98, 20} end,
@@ -221,7 +239,7 @@ events_rollout() ->
 
 events_rollback() ->
     {N, A, B} = setup_name(<<"peb">>),
-    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [5, 100], step_duration => 0,
+    {ok, R} = dspex_models:start_rollout(N, B, #{salt => <<"pr9">>, steps => [5, 100], step_duration => 0,
                                                   gates => [#{metric => error_rate, max_degradation => 0.02}]}),
     _ = traffic(N, lists:seq(1, 20000), fun(M) when M =:= A -> {0.98, 20}; (_) -> {0.80, 20} end,
                 rand:seed_s(exsss, {19, 5, 5})),
@@ -230,16 +248,16 @@ events_rollback() ->
                   {rollout_rolled_back, #{step => 1, reason => {gate, error_rate},
                                           decision => {rolled_back, {gate, error_rate}}}}],
                  summary(events(R, [rollout_started, rollout_rolled_back, rollout_step]))),
-    {ok, R2} = dspex_models:start_rollout(N, B, #{steps => [5, 100]}),
+    {ok, R2} = dspex_models:start_rollout(N, B, #{salt => <<"pr10">>, steps => [5, 100]}),
     ok = dspex_models:rollback(R2, #{principal => <<"cy">>}),
     [#{data := #{reason := manual}, metadata := #{principal := <<"cy">>, changed_by := manual}}] =
         events(R2, [rollout_rolled_back]),
-    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    {ok, T} = dspex_models:start_ab_test(#{salt => <<"p4">>, model => N, variants => [{A, 1}, {B, 1}]}),
     ok = dspex_models:stop_test(T, #{principal => <<"dee">>}),
     [#{data := #{decision := {stopped, manual}}, metadata := #{principal := <<"dee">>}}] =
         events(T, [model_decision]),
     %% an SRM stop is a decision too
-    {ok, T2} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], min_samples => 100}),
+    {ok, T2} = dspex_models:start_ab_test(#{salt => <<"p5">>, model => N, variants => [{A, 1}, {B, 1}], min_samples => 100}),
     _ = traffic(N, lists:seq(1, 2000), fun(_) -> {0.9, 20} end, rand:seed_s(exsss, {19, 5, 6})),
     [ok = dspex_models:record_inference(A, 20, true, #{}) || _ <- lists:seq(1, 600)],
     {ok, #{decision := {stopped, srm}}} = dspex_models:results(T2),
