@@ -333,8 +333,9 @@ rollback(Id) -> dspex_models_server:rollback(Id).
 rollback(Id, By) -> dspex_models_server:rollback(Id, By).
 
 %% @doc Evaluates every running test and rollout now (otherwise done every
-%% `models_check_interval_ms', default 1000) and returns when done.
--spec evaluate() -> ok.
+%% `models_check_interval_ms', default 1000) and returns when done;
+%% `{error, {retry, _}}' while the node running the tests cannot be reached.
+-spec evaluate() -> ok | {error, term()}.
 evaluate() -> dspex_models_server:evaluate().
 
 %%% ------------------------------------------------------------------
