@@ -262,4 +262,18 @@ events_rollback() ->
     [ok = dspex_models:record_inference(A, 20, true, #{}) || _ <- lists:seq(1, 600)],
     {ok, #{decision := {stopped, srm}}} = dspex_models:results(T2),
     [#{data := #{decision := {stopped, srm}, srm := #{p := P}}}] = events(T2, [model_decision]),
-    ?assert(P < 0.001).
+    ?assert(P < 0.001),
+    %% no_difference: both arms at max_samples without a winner
+    {ok, T3} = dspex_models:start_ab_test(#{salt => <<"p6">>, model => N, variants => [{A, 1}, {B, 1}],
+                                            min_samples => 100, max_samples => 150}),
+    _ = traffic(N, lists:seq(1, 600), fun(_) -> {0.9, 20} end, rand:seed_s(exsss, {19, 5, 8})),
+    {ok, #{decision := no_difference}} = dspex_models:results(T3),
+    [#{data := #{decision := no_difference}, metadata := #{changed_by := dspex_models_server}}] =
+        events(T3, [model_decision]),
+    %% max_duration
+    Now = dspex_manual_clock:now_ms(),
+    {ok, T4} = dspex_models:start_ab_test(#{salt => <<"p7">>, model => N, variants => [{A, 1}, {B, 1}],
+                                            max_duration => 5000}),
+    dspex_manual_clock:set(Now + 5000),
+    {ok, #{decision := {stopped, max_duration}}} = dspex_models:results(T4),
+    [#{data := #{decision := {stopped, max_duration}}}] = events(T4, [model_decision]).
