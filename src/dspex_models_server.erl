@@ -71,7 +71,8 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% the test id; nodes running the same test with the same salt assign every
 %% unit alike)}'. The hash salt is `erlang:phash2(Salt)' (an integer:
 %% cheaper to hash on every select than the id). One test or rollout per
-%% name at a time (`{error, {busy, Id}}'). Errors: `{invalid_argument, Key}',
+%% name at a time (`{error, {busy, Id}}'). `principal' and `changed_by' go
+%% into the metadata of its `model_test_started' event. Errors: `{invalid_argument, Key}',
 %% `{not_found, ModelId}', `{archived, ModelId}'.
 -spec start_ab_test(map()) -> {ok, binary()} | {error, term()}.
 start_ab_test(Spec) when is_map(Spec) -> owner_call({start_ab, Spec}).
@@ -93,6 +94,8 @@ start_ab_test(Spec) when is_map(Spec) -> owner_call({start_ab, Spec}).
 %% baseline, telemetry `[dspex, models, rollout, rollback]') as soon as one
 %% gate fails with confidence (the interval lies above D). Reaching 100%
 %% moves `production' to `New' and ends the rollout (`completed').
+%% `principal' and `changed_by' go into the metadata of its
+%% `rollout_started' event.
 -spec start_rollout(binary(), binary(), map()) -> {ok, binary()} | {error, term()}.
 start_rollout(Name, New, Opts) when is_binary(Name), is_binary(New), is_map(Opts) ->
     owner_call({start_rollout, Name, New, Opts}).
