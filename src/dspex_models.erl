@@ -17,17 +17,19 @@
 %% <b>Selection.</b> `select_model/2' reads the routing table of the name from
 %% `persistent_term' (published by `dspex_models_server' when an alias,
 %% experiment or rollout changes) and never calls a server. See
-%% `dspex_models_server' for experiments and rollouts, `dspex_models_stats'
+%% `dspex_models_server' for experiments and rollouts (kept in the same
+%% store session: they survive a restart of their server and a failover, and
+%% each decision and rollout change is an event-log record), `dspex_models_stats'
 %% for the statistics.
 -module(dspex_models).
 
 -export([register_model/1, get_model/1, list_models/1, archive_model/1,
          set_alias/3, set_alias/4, get_alias/2, aliases/1]).
 -export([select_model/2, record_inference/4, bucket/2]).
--export([start_ab_test/1, results/1, stop_test/1, list_tests/0,
-         start_rollout/3, rollout_status/1, pause/1, resume/1, rollback/1,
-         evaluate/0]).
--export([registry_session/0, model_id/2]).
+-export([start_ab_test/1, results/1, stop_test/1, stop_test/2, list_tests/0,
+         start_rollout/3, rollout_status/1, pause/1, pause/2, resume/1, resume/2,
+         rollback/1, rollback/2, evaluate/0]).
+-export([registry_session/0, model_id/2, ensure_session/0]).
 
 -export_type([model_id/0, model/0]).
 
@@ -286,6 +288,12 @@ results(Id) -> dspex_models_server:results(Id).
 -spec stop_test(binary()) -> ok | {error, term()}.
 stop_test(Id) -> dspex_models_server:stop_test(Id).
 
+%% @doc `stop_test/1' on behalf of `#{principal => binary(), changed_by =>
+%% term()}' (recorded in the metadata of its event-log record; likewise for
+%% `pause/2', `resume/2', `rollback/2').
+-spec stop_test(binary(), map()) -> ok | {error, term()}.
+stop_test(Id, By) -> dspex_models_server:stop_test(Id, By).
+
 %% @doc Every test and rollout: id → status.
 -spec list_tests() -> #{binary() => map()}.
 list_tests() -> dspex_models_server:list_tests().
@@ -304,21 +312,36 @@ rollout_status(Id) -> dspex_models_server:results(Id).
 -spec pause(binary()) -> ok | {error, term()}.
 pause(Id) -> dspex_models_server:pause(Id).
 
+%% @doc `pause/1' on behalf of someone (see `stop_test/2').
+-spec pause(binary(), map()) -> ok | {error, term()}.
+pause(Id, By) -> dspex_models_server:pause(Id, By).
+
 %% @doc Resumes a paused rollout.
 -spec resume(binary()) -> ok | {error, term()}.
 resume(Id) -> dspex_models_server:resume(Id).
+
+%% @doc `resume/1' on behalf of someone (see `stop_test/2').
+-spec resume(binary(), map()) -> ok | {error, term()}.
+resume(Id, By) -> dspex_models_server:resume(Id, By).
 
 %% @doc Rolls a rollout back by hand: all traffic to the baseline.
 -spec rollback(binary()) -> ok | {error, term()}.
 rollback(Id) -> dspex_models_server:rollback(Id).
 
+%% @doc `rollback/1' on behalf of someone (see `stop_test/2').
+-spec rollback(binary(), map()) -> ok | {error, term()}.
+rollback(Id, By) -> dspex_models_server:rollback(Id, By).
+
 %% @doc Evaluates every running test and rollout now (otherwise done every
-%% `models_check_interval_ms', default 1000) and returns when done.
--spec evaluate() -> ok.
+%% `models_check_interval_ms', default 1000) and returns when done;
+%% `{error, {retry, _}}' while the node running the tests cannot be reached.
+-spec evaluate() -> ok | {error, term()}.
 evaluate() -> dspex_models_server:evaluate().
 
 %%% ------------------------------------------------------------------
 
+%% @doc Creates the registry's store session if it does not exist yet.
+-spec ensure_session() -> ok.
 ensure_session() ->
     case dspex_store:get_session(?SESSION) of
         {ok, _} -> ok;

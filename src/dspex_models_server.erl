@@ -1,7 +1,6 @@
-%% @doc The process behind `dspex_models' experiments and rollouts. It owns
-%% their definitions and decisions, evaluates them every
-%% `models_check_interval_ms' (application env, default 1000) and on
-%% `results/1', and publishes the routing tables read by
+%% @doc The process behind `dspex_models' experiments and rollouts. It
+%% evaluates them every `models_check_interval_ms' (application env, default
+%% 1000) and on `results/1', and publishes the routing tables read by
 %% `dspex_models:select_model/2' and the ingest sinks read by
 %% `dspex_models:record_inference/4' in `persistent_term' (rewritten only
 %% when a split changes: a test starts or ends, a rollout step, an alias move;
@@ -10,20 +9,51 @@
 %% Samples go straight from the recording process into each test's
 %% `counters' array; this process only reads them.
 %%
+%% <b>Persistence.</b> Every test and rollout lives in the registry's store
+%% session (`dspex_models:registry_session/0', replicated and failed over
+%% like any session): the variable `test:Id' holds its whole definition and
+%% state (status, decision, step, step start, the running minimum p-value
+%% and the last results) in its metadata, its value is the status. The
+%% variable `counts:Id:Node' holds the counts each node recorded for it (a
+%% checkpoint, written at each evaluation when they changed). One node runs
+%% the tests: the owner of the registry session (any node without a
+%% cluster). Every call that changes or evaluates a test goes to that node's
+%% server (`dspex_cluster:call_server/3'); it writes `test:Id' with a
+%% compare-and-set on its version, so a stale owner cannot overwrite a newer
+%% decision. Its evaluation adds its live counters to the other nodes'
+%% checkpoints. Every other node re-reads the `test:*' variables at each tick
+%% (and around each call it forwards), publishes the same routing (so a unit
+%% gets the same model on every node) and checkpoints its own counts. A
+%% restarted server (a crash, or the node that becomes owner after a
+%% failover) reloads everything from the store, publishes the routing again
+%% and restarts each test's counters of its node from that node's checkpoint:
+%% what is lost is what was recorded on the node since its last checkpoint
+%% (at most one check interval) and, after a node's death, the counts of
+%% that node since its last checkpoint.
+%%
+%% <b>Events.</b> Each change of a test is also appended to the event log
+%% of the registry session (`dspex_events:append/4', after the `test:Id'
+%% write that records it): `model_test_started', `model_decision' (an A/B
+%% decision, or a test or rollout stopped by hand: `data' has `decision'),
+%% `rollout_started', `rollout_step' (`step', `percent'),
+%% `rollout_rolled_back' (`reason': `{gate, Metric}' or `manual'),
+%% `rollout_paused', `rollout_resumed' and `rollout_completed', with
+%% `changed_by' (`dspex_models_server' for automatic ones, the caller's
+%% `changed_by' (default `manual') for calls) and the caller's `principal'.
+%%
 %% Time comes from the `models_clock' module (env, default `dspex_clock').
-%% Experiments and rollouts are node-local: they live in this process (a
-%% restart or a failover of the node loses the running ones; the registry and
-%% aliases, in the store, survive).
 -module(dspex_models_server).
 -behaviour(gen_server).
 
--export([start_link/0, start_ab_test/1, start_rollout/3, results/1, stop_test/1,
-         list_tests/0, pause/1, resume/1, rollback/1, evaluate/0, republish/1]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([start_link/0, start_ab_test/1, start_rollout/3, results/1, stop_test/1, stop_test/2,
+         list_tests/0, pause/1, pause/2, resume/1, resume/2, rollback/1, rollback/2,
+         evaluate/0, republish/1, sync/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, handle_continue/2]).
 
 -define(ROUTE(Name), {dspex_models_route, Name}).
 -define(INGEST(Model), {dspex_models_ingest, Model}).
 -define(BUCKETS, 10000).
+-define(SYNC_TIMEOUT, 60000).
 
 %% @doc Starts the server (registered as `dspex_models_server').
 -spec start_link() -> {ok, pid()} | {error, term()}.
@@ -41,10 +71,11 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% the test id; nodes running the same test with the same salt assign every
 %% unit alike)}'. The hash salt is `erlang:phash2(Salt)' (an integer:
 %% cheaper to hash on every select than the id). One test or rollout per
-%% name at a time (`{error, {busy, Id}}'). Errors: `{invalid_argument, Key}',
+%% name at a time (`{error, {busy, Id}}'). `principal' and `changed_by' go
+%% into the metadata of its `model_test_started' event. Errors: `{invalid_argument, Key}',
 %% `{not_found, ModelId}', `{archived, ModelId}'.
 -spec start_ab_test(map()) -> {ok, binary()} | {error, term()}.
-start_ab_test(Spec) when is_map(Spec) -> gen_server:call(?MODULE, {start_ab, Spec}).
+start_ab_test(Spec) when is_map(Spec) -> owner_call({start_ab, Spec}).
 
 %% @doc Starts a rollout of `New' for `Name' against the model `production'
 %% points at: `#{steps => [1, 5, 25, 50, 100] (percent of units on `New'),
@@ -63,111 +94,188 @@ start_ab_test(Spec) when is_map(Spec) -> gen_server:call(?MODULE, {start_ab, Spe
 %% baseline, telemetry `[dspex, models, rollout, rollback]') as soon as one
 %% gate fails with confidence (the interval lies above D). Reaching 100%
 %% moves `production' to `New' and ends the rollout (`completed').
+%% `principal' and `changed_by' go into the metadata of its
+%% `rollout_started' event.
 -spec start_rollout(binary(), binary(), map()) -> {ok, binary()} | {error, term()}.
 start_rollout(Name, New, Opts) when is_binary(Name), is_binary(New), is_map(Opts) ->
-    gen_server:call(?MODULE, {start_rollout, Name, New, Opts}).
+    owner_call({start_rollout, Name, New, Opts}).
 
 %% @doc Evaluates the test or rollout now and returns its state:
 %% `#{id, kind, name, status, decision, ...}' (tests: `p_value',
 %% `comparisons' (per treatment `effect', `ci', `p_value', ...), `srm',
 %% `arms'; rollouts: `step', `percent', `gates').
--spec results(binary()) -> {ok, map()} | {error, not_found}.
-results(Id) -> gen_server:call(?MODULE, {results, Id}).
+-spec results(binary()) -> {ok, map()} | {error, term()}.
+results(Id) -> owner_call({results, Id}).
 
 %% @doc Stops a test or rollout by hand (`{stopped, manual}'; a rollout's
 %% traffic goes back to the baseline).
 -spec stop_test(binary()) -> ok | {error, term()}.
-stop_test(Id) -> gen_server:call(?MODULE, {stop, Id}).
+stop_test(Id) -> stop_test(Id, #{}).
+
+%% @doc `stop_test/1' on behalf of someone: `#{principal => binary(),
+%% changed_by => term()}' go into the metadata of its event (the same
+%% options for `pause/2', `resume/2', `rollback/2').
+-spec stop_test(binary(), map()) -> ok | {error, term()}.
+stop_test(Id, By) when is_map(By) -> owner_call({stop, Id, by(By)}).
 
 %% @doc Id → `#{kind, name, status, decision}' of every test and rollout.
 -spec list_tests() -> #{binary() => map()}.
-list_tests() -> gen_server:call(?MODULE, list).
+list_tests() ->
+    case owner_call(list) of
+        Ts when is_map(Ts) -> Ts;
+        {error, _} -> #{}
+    end.
 
 %% @doc Pauses a running rollout.
 -spec pause(binary()) -> ok | {error, term()}.
-pause(Id) -> gen_server:call(?MODULE, {pause, Id}).
+pause(Id) -> pause(Id, #{}).
+
+%% @doc `pause/1' on behalf of someone (see `stop_test/2').
+-spec pause(binary(), map()) -> ok | {error, term()}.
+pause(Id, By) when is_map(By) -> owner_call({pause, Id, by(By)}).
 
 %% @doc Resumes a paused rollout (its step time restarts).
 -spec resume(binary()) -> ok | {error, term()}.
-resume(Id) -> gen_server:call(?MODULE, {resume, Id}).
+resume(Id) -> resume(Id, #{}).
+
+%% @doc `resume/1' on behalf of someone (see `stop_test/2').
+-spec resume(binary(), map()) -> ok | {error, term()}.
+resume(Id, By) when is_map(By) -> owner_call({resume, Id, by(By)}).
 
 %% @doc Rolls a rollout back by hand.
 -spec rollback(binary()) -> ok | {error, term()}.
-rollback(Id) -> gen_server:call(?MODULE, {rollback, Id}).
+rollback(Id) -> rollback(Id, #{}).
 
-%% @doc Evaluates everything running now.
--spec evaluate() -> ok.
-evaluate() -> gen_server:call(?MODULE, evaluate).
+%% @doc `rollback/1' on behalf of someone (see `stop_test/2').
+-spec rollback(binary(), map()) -> ok | {error, term()}.
+rollback(Id, By) when is_map(By) -> owner_call({rollback, Id, by(By)}).
+
+%% @doc Evaluates everything running now (on the node running the tests,
+%% after this node's checkpoint) and returns when this node's routing
+%% reflects the outcome. `{error, {retry, _}}' while that node cannot be
+%% reached (a failover in progress, see `dspex_cluster:call_server/3').
+-spec evaluate() -> ok | {error, term()}.
+evaluate() -> owner_call(evaluate).
 
 %% @doc Republishes the routing of `Name' (after a `production' move).
 -spec republish(binary()) -> ok.
 republish(Name) -> gen_server:cast(?MODULE, {republish, Name}).
 
+%% @doc This node's part, now: checkpoints its counts and, unless it runs
+%% the tests, re-reads them from the store and republishes their routing.
+-spec sync() -> ok.
+sync() -> gen_server:call(?MODULE, sync, ?SYNC_TIMEOUT).
+
+%% A call for the node running the tests. A node that does not run them
+%% checkpoints its counts first (so that the evaluation sees them) and
+%% re-reads the outcome after.
+owner_call(Msg) ->
+    Follower = follower(),
+    Follower andalso sync(),
+    R = dspex_cluster:call_server(dspex_models:registry_session(), ?MODULE, Msg),
+    Follower andalso sync(),
+    R.
+
+follower() ->
+    dspex_cluster:enabled() andalso not dspex_cluster:is_owner(dspex_models:registry_session()).
+
+by(Opts) ->
+    maps:merge(#{changed_by => manual},
+               maps:filter(fun(principal, P) -> is_binary(P);
+                              (changed_by, _) -> true;
+                              (_, _) -> false
+                           end, Opts)).
+
 %%% ------------------------------------------------------------------
 
 %% @private
--spec init([]) -> {ok, map()}.
+-spec init([]) -> {ok, map(), {continue, load}}.
 init([]) ->
-    %% a restarted server forgets the old splits: start from the aliases
+    %% the routing is rebuilt from the store (handle_continue, before any
+    %% call: the store may be on another node)
     [persistent_term:erase(K) || {K, _} <- persistent_term:get(),
                                  is_tuple(K), tuple_size(K) =:= 2,
                                  element(1, K) =:= dspex_models_route
                                      orelse element(1, K) =:= dspex_models_ingest],
-    S0 = #{tests => #{}, sinks => #{}},
-    refresh_production(S0),
     schedule(),
-    {ok, S0}.
+    {ok, #{tests => #{}, sinks => #{}, vsns => #{}, ckpt => #{}, owner => false}, {continue, load}}.
+
+%% @private
+-spec handle_continue(load, map()) -> {noreply, map()}.
+handle_continue(load, S) ->
+    S1 = load_tests(S),
+    refresh_production(S1),
+    {noreply, S1}.
 
 %% @private
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
-handle_call({start_ab, Spec}, _From, S) ->
+handle_call(sync, _From, S) ->
+    S1 = checkpoint_all(S),
+    S2 = case follower() of
+             true -> load_tests(S1#{owner => false});
+             false -> S1
+         end,
+    refresh_production(S2),
+    {reply, ok, S2};
+handle_call(Msg, From, S) ->
+    owner_handle(Msg, From, as_owner(S)).
+
+owner_handle({start_ab, Spec}, _From, S) ->
     case new_ab(Spec, S) of
-        {ok, T} -> started(T, S);
+        {ok, T} -> started(T, by(Spec), S);
         {error, _} = E -> {reply, E, S}
     end;
-handle_call({start_rollout, Name, New, Opts}, _From, S) ->
+owner_handle({start_rollout, Name, New, Opts}, _From, S) ->
     case new_rollout(Name, New, Opts, S) of
-        {ok, T} -> started(T, S);
+        {ok, T} -> started(T, by(Opts), S);
         {error, _} = E -> {reply, E, S}
     end;
-handle_call({results, Id}, _From, S) ->
+owner_handle({results, Id}, _From, S) ->
     case S of
         #{tests := #{Id := _}} ->
             S1 = eval_one(Id, S),
-            {reply, {ok, view(maps:get(Id, maps:get(tests, S1)))}, S1};
+            case S1 of
+                #{tests := #{Id := T}} -> {reply, {ok, view(T)}, S1};
+                _ -> {reply, {error, not_found}, S1}
+            end;
         _ -> {reply, {error, not_found}, S}
     end;
-handle_call({stop, Id}, _From, S) ->
-    with_test(Id, S, fun(#{status := St} = T) when St =:= running; St =:= paused ->
-                             emit_decision(T, {stopped, manual}),
-                             {ok, T#{status => finished, decision => {stopped, manual}}};
-                        (_) -> {error, finished}
-                     end);
-handle_call({pause, Id}, _From, S) ->
-    with_test(Id, S, fun(#{kind := rollout, status := running} = T) -> {ok, T#{status => paused}};
-                        (#{kind := rollout}) -> {error, not_running};
-                        (_) -> {error, not_a_rollout}
-                     end);
-handle_call({resume, Id}, _From, S) ->
-    with_test(Id, S, fun(#{kind := rollout, status := paused} = T) ->
-                             {ok, T#{status => running, step_started => now_ms()}};
-                        (#{kind := rollout}) -> {error, not_paused};
-                        (_) -> {error, not_a_rollout}
-                     end);
-handle_call({rollback, Id}, _From, S) ->
-    with_test(Id, S, fun(#{kind := rollout, status := St} = T) when St =:= running; St =:= paused ->
-                             {ok, do_rollback(T, manual, #{})};
-                        (#{kind := rollout}) -> {error, finished};
-                        (_) -> {error, not_a_rollout}
-                     end);
-handle_call(list, _From, #{tests := Ts} = S) ->
+owner_handle({stop, Id, By}, _From, S) ->
+    with_test(Id, By, S, fun(#{status := St} = T) when St =:= running; St =:= paused ->
+                                 emit_decision(T, {stopped, manual}),
+                                 {ok, T#{status => finished, decision => {stopped, manual}}};
+                            (_) -> {error, finished}
+                         end);
+owner_handle({pause, Id, By}, _From, S) ->
+    with_test(Id, By, S, fun(#{kind := rollout, status := running} = T) -> {ok, T#{status => paused}};
+                            (#{kind := rollout}) -> {error, not_running};
+                            (_) -> {error, not_a_rollout}
+                         end);
+owner_handle({resume, Id, By}, _From, S) ->
+    with_test(Id, By, S, fun(#{kind := rollout, status := paused} = T) ->
+                                 {ok, T#{status => running, step_started => now_ms()}};
+                            (#{kind := rollout}) -> {error, not_paused};
+                            (_) -> {error, not_a_rollout}
+                         end);
+owner_handle({rollback, Id, By}, _From, S) ->
+    with_test(Id, By, S, fun(#{kind := rollout, status := St} = T) when St =:= running; St =:= paused ->
+                                 {ok, do_rollback(T, manual, #{})};
+                            (#{kind := rollout}) -> {error, finished};
+                            (_) -> {error, not_a_rollout}
+                         end);
+owner_handle(list, _From, #{tests := Ts} = S) ->
     {reply, maps:map(fun(_, T) -> maps:with([kind, name, status, decision], T) end, Ts), S};
-handle_call(evaluate, _From, S) ->
+owner_handle(evaluate, _From, S) ->
     S1 = eval_all(S),
     refresh_production(S1),
     {reply, ok, S1};
-handle_call(_, _From, S) ->
+owner_handle(_, _From, S) ->
     {reply, {error, unknown_call}, S}.
+
+%% This node runs the tests now: after a failover (or a call that reached
+%% it while it thought it did not own the session) it reloads them first.
+as_owner(#{owner := true} = S) -> S;
+as_owner(S) -> load_tests(S#{owner => true}).
 
 %% @private
 -spec handle_cast(term(), map()) -> {noreply, map()}.
@@ -180,7 +288,10 @@ handle_cast(_, S) -> {noreply, S}.
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info(tick, S) ->
     schedule(),
-    S1 = eval_all(S),
+    S1 = case follower() of
+             true -> load_tests(checkpoint_all(S#{owner => false}));
+             false -> eval_all(as_owner(S))
+         end,
     refresh_production(S1),
     {noreply, S1};
 handle_info(_, S) -> {noreply, S}.
@@ -189,13 +300,14 @@ handle_info(_, S) -> {noreply, S}.
 %%% Creation
 %%% ------------------------------------------------------------------
 
-started(#{id := Id, name := Name} = T, #{tests := Ts} = S) ->
-    S1 = S#{tests => Ts#{Id => T}},
-    S2 = publish_sinks(S1),
-    publish(Name, S2),
-    dspex_telemetry:execute([dspex, models, start], #{count => 1},
-                            #{id => Id, name => Name, kind => maps:get(kind, T)}),
-    {reply, {ok, Id}, S2}.
+started(#{id := Id, name := Name} = T, By, S) ->
+    case commit(undefined, T, By, S) of
+        {ok, S1} ->
+            dspex_telemetry:execute([dspex, models, start], #{count => 1},
+                                    #{id => Id, name => Name, kind => maps:get(kind, T)}),
+            {reply, {ok, Id}, S1};
+        {error, E, S1} -> {reply, {error, E}, S1}
+    end.
 
 new_ab(Spec, S) ->
     Metric = maps:get(metric, Spec, success),
@@ -322,14 +434,15 @@ new_id(Kind, Name) ->
     <<Kind/binary, "-", Name/binary, "-", (integer_to_binary(erlang:system_time(millisecond)))/binary,
       "-", (integer_to_binary(N))/binary>>.
 
-with_test(Id, #{tests := Ts} = S, Fun) ->
+with_test(Id, By, #{tests := Ts} = S, Fun) ->
     case Ts of
         #{Id := T} ->
             case Fun(T) of
                 {ok, T1} ->
-                    S1 = publish_sinks(S#{tests => Ts#{Id => T1}}),
-                    publish(maps:get(name, T1), S1),
-                    {reply, ok, S1};
+                    case commit(T, T1, By, S) of
+                        {ok, S1} -> {reply, ok, S1};
+                        {error, E, S1} -> {reply, {error, E}, S1}
+                    end;
                 {error, _} = E -> {reply, E, S}
             end;
         _ -> {reply, {error, not_found}, S}
@@ -342,8 +455,9 @@ with_test(Id, #{tests := Ts} = S, Fun) ->
 eval_all(#{tests := Ts} = S) ->
     lists:foldl(fun eval_one/2, S, maps:keys(Ts)).
 
-eval_one(Id, #{tests := Ts} = S) ->
-    T = maps:get(Id, Ts),
+eval_one(Id, S0) ->
+    S = checkpoint_one(Id, S0),
+    T = maps:get(Id, maps:get(tests, S)),
     %% a failing evaluation of one test must not take the others down with
     %% this process: it is logged and the test stays as it was
     try
@@ -357,20 +471,17 @@ eval_one(Id, #{tests := Ts} = S) ->
             S
     end.
 
-apply_change(Old, New, #{tests := Ts} = S) ->
-    S1 = S#{tests => Ts#{maps:get(id, New) => New}},
-    Split = fun(T) -> maps:with([status, step], T) end,
-    case Split(Old) =:= Split(New) of
-        true -> S1;
-        false ->
-            S2 = publish_sinks(S1),
-            publish(maps:get(name, New), S2),
-            S2
+apply_change(Old, New, S) ->
+    case commit(Old, New, #{changed_by => ?MODULE}, S) of
+        {ok, S1} -> S1;
+        {error, _, S1} -> S1
     end.
 
-arms(#{ref := Ref, models := Models}) ->
+%% each arm: this node's live counters plus the other nodes' checkpoints
+arms(#{models := Models} = T) ->
+    Counts = counts(T),
     Slots = dspex_models_stats:slots(),
-    [{M, dspex_models_stats:snapshot(Ref, I * Slots)} || {I, M} <- lists:enumerate(0, Models)].
+    [{M, dspex_models_stats:from_counts(Counts, I * Slots)} || {I, M} <- lists:enumerate(0, Models)].
 
 eval_ab(#{spec := Spec, last := Last, started := Started, max_duration := MaxD} = T) ->
     Arms = arms(T),
@@ -438,7 +549,7 @@ eval_rollout(#{status := running, step := Step, steps := Steps, step_started := 
         [] -> T1
     end.
 
-new_n(#{ref := Ref}) -> counters:get(Ref, dspex_models_stats:slots() + 1).
+new_n(T) -> element(dspex_models_stats:slots() + 1, counts(T)).
 
 gate_results(#{alpha := Alpha, gates := Gates, min_samples := MinS} = T) ->
     [{_, Base}, {_, New}] = arms(T),
@@ -576,3 +687,187 @@ schedule() ->
 
 now_ms() ->
     (application:get_env(dspex_bridge, models_clock, dspex_clock)):now_ms().
+
+%%% ------------------------------------------------------------------
+%%% Persistence (the registry's store session)
+%%% ------------------------------------------------------------------
+
+session() -> dspex_models:registry_session().
+
+test_var(Id) -> <<"test:", Id/binary>>.
+
+counts_prefix(Id) -> <<"counts:", Id/binary, ":">>.
+
+counts_var(Id, Node) -> <<(counts_prefix(Id))/binary, (atom_to_binary(Node))/binary>>.
+
+%% what is stored of a test: all but this node's counters
+stored(T) -> maps:remove(ref, T).
+
+%% Records a change of a test (`Old' is `undefined' for a new one) in the
+%% store, then in this process, the routing and the event log. The write is a
+%% compare-and-set on the version this node last read or wrote: if another
+%% node wrote since (a stale owner), nothing changes here but a reload.
+commit(Old, #{id := Id} = New, By, #{tests := Ts, vsns := Vs} = S) ->
+    case Old =/= undefined andalso stored(Old) =:= stored(New) of
+        true -> {ok, S};
+        false ->
+            case write_test(New, maps:get(Id, Vs, undefined)) of
+                {ok, V} ->
+                    S1 = S#{tests => Ts#{Id => New}, vsns => Vs#{Id => V}},
+                    log_events(Old, New, By),
+                    Split = fun(undefined) -> undefined;
+                               (T) -> maps:with([status, step], T)
+                            end,
+                    case Split(Old) =:= Split(New) of
+                        true -> {ok, S1};
+                        false ->
+                            S2 = publish_sinks(S1),
+                            publish(maps:get(name, New), S2),
+                            {ok, S2}
+                    end;
+                {error, {version_mismatch, _}} ->
+                    %% another node wrote it since: take its version
+                    logger:warning("dspex_models: ~ts was changed elsewhere; reloading", [Id]),
+                    {error, {conflict, Id}, load_tests(S)};
+                {error, Reason} ->
+                    logger:warning("dspex_models: writing ~ts failed: ~p", [Id, Reason]),
+                    {error, Reason, S}
+            end
+    end.
+
+write_test(#{id := Id, status := St} = T, undefined) ->
+    ok = dspex_models:ensure_session(),
+    case dspex_store:register(session(), test_var(Id), string, atom_to_binary(St),
+                              #{metadata => #{test => stored(T)}, history_limit => 4}) of
+        {ok, _} -> {ok, 0};
+        {error, _} = E -> E
+    end;
+write_test(#{id := Id, status := St} = T, V) ->
+    dspex_store:set(session(), test_var(Id), atom_to_binary(St),
+                    #{metadata => #{test => stored(T)}, expected_version => V}).
+
+%% Every test of the store, each with this node's counters (kept, or
+%% restored from this node's checkpoint); the routing of every name
+%% concerned republished. A store that cannot be read keeps things as
+%% they are (the next tick retries).
+load_tests(#{tests := Old} = S) ->
+    case dspex_store:list(session(), <<"test:*">>) of
+        {ok, Vars} ->
+            {Ts, Vs, Ck} =
+                lists:foldl(
+                  fun(#{metadata := #{test := #{id := Id, models := Ms} = T0}, version := V}, {TA, VA, CA}) ->
+                          {Ref, CA1} = case Old of
+                                           #{Id := #{ref := R}} -> {R, CA};
+                                           _ -> restore(Id, length(Ms), CA)
+                                       end,
+                          {TA#{Id => T0#{ref => Ref}}, VA#{Id => V}, CA1};
+                     (_, Acc) -> Acc
+                  end, {#{}, #{}, maps:get(ckpt, S)}, Vars),
+            S1 = publish_sinks(S#{tests => Ts, vsns => Vs, ckpt => maps:with(maps:keys(Ts), Ck)}),
+            Names = lists:usort([N || #{name := N} <- maps:values(Ts) ++ maps:values(Old)]),
+            [publish(N, S1) || N <- Names],
+            S1;
+        {error, session_not_found} -> S;
+        {error, Reason} ->
+            logger:warning("dspex_models: reading the tests failed: ~p", [Reason]),
+            S
+    end.
+
+%% counters of a test on this node, from this node's checkpoint
+restore(Id, Arms, Ckpt) ->
+    Ref = dspex_models_stats:new_counters(Arms),
+    case dspex_store:get(session(), counts_var(Id, node())) of
+        {ok, #{metadata := #{counts := Sparse}}} ->
+            [counters:add(Ref, I, C) || {I, C} <- Sparse],
+            {Ref, Ckpt#{Id => Sparse}};
+        _ -> {Ref, Ckpt}
+    end.
+
+checkpoint_all(#{tests := Ts} = S) ->
+    lists:foldl(fun checkpoint_one/2, S, maps:keys(Ts)).
+
+%% writes this node's counts of a test when they changed since the last
+%% checkpoint (`counts:Id:Node', only this node writes it)
+checkpoint_one(Id, #{tests := Ts, ckpt := Ck} = S) ->
+    case Ts of
+        #{Id := #{ref := Ref, models := Ms}} ->
+            Sparse = sparse(dspex_models_stats:counts(Ref, length(Ms))),
+            case maps:get(Id, Ck, []) of
+                Sparse -> S;
+                _ ->
+                    Var = counts_var(Id, node()),
+                    Opts = #{metadata => #{counts => Sparse}},
+                    R = case dspex_store:set(session(), Var, atom_to_binary(node()), Opts) of
+                            {error, {not_found, _}} ->
+                                dspex_store:register(session(), Var, string, atom_to_binary(node()),
+                                                     Opts#{history_limit => 0});
+                            R0 -> R0
+                        end,
+                    case R of
+                        {ok, _} -> S#{ckpt => Ck#{Id => Sparse}};
+                        {error, Reason} ->
+                            logger:warning("dspex_models: checkpoint of ~ts failed: ~p", [Id, Reason]),
+                            S
+                    end
+            end;
+        _ -> S
+    end.
+
+sparse(Counts) ->
+    [{I, C} || {I, C} <- lists:enumerate(tuple_to_list(Counts)), C =/= 0].
+
+%% this node's live counts plus the other nodes' checkpoints
+counts(#{id := Id, ref := Ref, models := Ms}) ->
+    Own = dspex_models_stats:counts(Ref, length(Ms)),
+    Prefix = counts_prefix(Id),
+    Mine = counts_var(Id, node()),
+    case dspex_store:list(session(), <<Prefix/binary, "*">>) of
+        {ok, Vars} ->
+            lists:foldl(fun(#{name := N, metadata := #{counts := Sparse}}, Acc) when N =/= Mine ->
+                                lists:foldl(fun({I, C}, A) -> setelement(I, A, element(I, A) + C) end,
+                                            Acc, Sparse);
+                           (_, Acc) -> Acc
+                        end, Own, Vars);
+        {error, _} -> Own
+    end.
+
+%% the event log records of a change (after the store has it)
+log_events(Old, #{id := Id, name := Name, kind := Kind} = New, By) ->
+    Data = #{id => Id, name => Name, kind => Kind, status => maps:get(status, New),
+             decision => maps:get(decision, New)},
+    Evs = case {Old, New} of
+              {undefined, #{kind := ab}} -> [{model_test_started, #{models => maps:get(models, New)}}];
+              {undefined, #{kind := rollout}} ->
+                  [{rollout_started, #{models => maps:get(models, New), percent => percent(New)}}];
+              _ -> change_events(Old, New)
+          end,
+    Meta = maps:merge(#{variable => test_var(Id)}, By),
+    lists:foreach(
+      fun({Type, More}) ->
+              case dspex_events:enabled() of
+                  false -> ok;
+                  true ->
+                      case dspex_events:append(session(), Type, maps:merge(Data, More), Meta) of
+                          {ok, _} -> ok;
+                          {error, Reason} ->
+                              logger:warning("dspex_models: event ~p of ~ts not logged: ~p",
+                                             [Type, Id, Reason])
+                      end
+              end
+      end, Evs).
+
+change_events(#{step := S0, steps := Steps} = Old, #{kind := rollout, step := S1} = New) ->
+    [{rollout_step, #{step => S, percent => lists:nth(S, Steps)}} || S <- lists:seq(S0 + 1, S1)]
+        ++ case {maps:get(status, Old), maps:get(status, New), maps:get(decision, New)} of
+               {running, paused, _} -> [{rollout_paused, #{step => S1}}];
+               {paused, running, _} -> [{rollout_resumed, #{step => S1}}];
+               {St, finished, completed} when St =/= finished -> [{rollout_completed, #{step => S1}}];
+               {St, finished, {rolled_back, R}} when St =/= finished ->
+                   [{rollout_rolled_back, #{step => S1, reason => R}}];
+               {St, finished, D} when St =/= finished -> [{model_decision, #{step => S1, decision => D}}];
+               _ -> []
+           end;
+change_events(#{status := St}, #{kind := ab, status := finished} = New) when St =/= finished ->
+    Last = maps:get(last, New, #{}),
+    [{model_decision, #{p_value => maps:get(p_value, Last, undefined), srm => maps:get(srm, Last, undefined)}}];
+change_events(_, _) -> [].

@@ -25,7 +25,7 @@
 %% an approximation.
 -module(dspex_models_stats).
 
--export([new_counters/1, ingest/5, snapshot/2, slots/0]).
+-export([new_counters/1, ingest/5, snapshot/2, slots/0, counts/2, from_counts/2]).
 -export([arm/2, msprt/4, compare/4, evaluate/3, srm/2,
          z_test_proportions/4, z_test_means/2, normal_sf/1, normal_quantile/1,
          chi2_sf/2, required_samples/1, quantile/2, exceedance/4]).
@@ -93,6 +93,22 @@ ingest(Ref, Base, LatencyMs, Success, Custom) ->
 -spec snapshot(counters:counters_ref(), non_neg_integer()) -> arm().
 snapshot(Ref, Base) ->
     G = fun(I) -> counters:get(Ref, Base + I) end,
+    #{n => G(?N), successes => G(?SUCC),
+      lat_sum => G(?LSUM) / ?SCALE, lat_sumsq => G(?LSQ) / ?SCALE,
+      custom_n => G(?CN), custom_sum => G(?CSUM) / ?SCALE, custom_sumsq => G(?CSQ) / ?SCALE,
+      hist => list_to_tuple([G(?HIST + I) || I <- lists:seq(0, ?HBUCKETS - 1)])}.
+
+%% @doc Every slot of a counters array of `Arms' arms as a tuple (slot `I'
+%% is element `I'): the raw, additive counts, which `from_counts/2' reads
+%% like `snapshot/2' reads the array. Counts of several nodes (or of a
+%% checkpoint and the live array) add up slot by slot.
+-spec counts(counters:counters_ref(), pos_integer()) -> tuple().
+counts(Ref, Arms) -> list_to_tuple([counters:get(Ref, I) || I <- lists:seq(1, Arms * ?SLOTS)]).
+
+%% @doc `snapshot/2' of a tuple of counts (see `counts/2').
+-spec from_counts(tuple(), non_neg_integer()) -> arm().
+from_counts(T, Base) ->
+    G = fun(I) -> element(Base + I, T) end,
     #{n => G(?N), successes => G(?SUCC),
       lat_sum => G(?LSUM) / ?SCALE, lat_sumsq => G(?LSQ) / ?SCALE,
       custom_n => G(?CN), custom_sum => G(?CSUM) / ?SCALE, custom_sumsq => G(?CSQ) / ?SCALE,
