@@ -570,9 +570,12 @@ static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q);
 
 /* events_await() -> ok | {wait, Ref} | {error, {event_store, not_open}}: waits for everything pushed so far. */
 DX_NIF(nif_events_await) {
+    /* counted in flight: a concurrent close waits before it frees the queue */
+    atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
-    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
-    return await_all(env, q);
+    ERL_NIF_TERM r = q ? await_all(env, q) : dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    atomic_fetch_sub(&g_inflight, 1);
+    return r;
 }
 
 /* events_backpressure() -> ok | {wait, Ref}: ok unless the queue holds `capacity' events or more; then the
@@ -580,10 +583,15 @@ DX_NIF(nif_events_await) {
  * written, which would stall every async writer for the whole backlog). Not open: ok. */
 static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket);
 DX_NIF(nif_events_backpressure) {
+    atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
-    if (!q || !dx_evq_full(q)) return ATOM_ok;
-    uint64_t pushed = dx_evq_ticket(q), half = dx_evq_capacity(q) / 2;
-    return await_ticket(env, q, pushed > half ? pushed - half : pushed);
+    ERL_NIF_TERM r = ATOM_ok;
+    if (q && dx_evq_full(q)) {
+        uint64_t pushed = dx_evq_ticket(q), half = dx_evq_capacity(q) / 2;
+        r = await_ticket(env, q, pushed > half ? pushed - half : pushed);
+    }
+    atomic_fetch_sub(&g_inflight, 1);
+    return r;
 }
 
 static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q) { return await_ticket(env, q, dx_evq_ticket(q)); }
@@ -723,10 +731,16 @@ DX_NIF(nif_events_read) {
 }
 
 DX_NIF(nif_events_stats) {
+    atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
-    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     dx_evq_stats s;
-    dx_evq_stats_get(q, &s);
+    bool full = false;
+    if (q) {
+        dx_evq_stats_get(q, &s);
+        full = dx_evq_full(q);
+    }
+    atomic_fetch_sub(&g_inflight, 1);
+    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
     ERL_NIF_TERM k[14] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
                           A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled};
@@ -736,7 +750,7 @@ DX_NIF(nif_events_stats) {
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
                           enif_make_int64(env, lag < 0 ? 0 : lag), enif_make_uint64(env, s.last_position),
                           s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
-                          enif_make_uint64(env, atomic_load(&g_lost)), dx_evq_full(q) ? ATOM_true : ATOM_false,
+                          enif_make_uint64(env, atomic_load(&g_lost)), full ? ATOM_true : ATOM_false,
                           enif_make_uint64(env, s.spooled)};
     return map_of(env, k, v, 14);
 }

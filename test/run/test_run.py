@@ -70,6 +70,19 @@ def cmdline(pid):
         return ""
 
 
+def proc_state(pid):
+    """State, signal masks and wait channel of a process, from /proc."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        with open("/proc/%d/wchan" % pid) as f:
+            wchan = f.read()
+    except OSError:
+        return "gone"
+    return "%s pending=%s blocked=%s ignored=%s caught=%s wchan=%s" % tuple(
+        [fields.get(k, "").strip() for k in ("State", "SigPnd", "SigBlk", "SigIgn", "SigCgt")] + [wchan])
+
+
 def alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -123,8 +136,10 @@ class Node:
         try:
             rc = self.proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
+            # what each process of the tree was doing (shell in wait, node stopping or not)
+            states = [(p, proc_state(p), cmdline(p)[:120]) for p in descendants(self.proc.pid)]
             self.kill()
-            test.fail("still running %ds after signal %d:\n%s" % (STOP_TIMEOUT, sig, self.output()))
+            test.fail("still running %ds after signal %d (%s):\n%s" % (STOP_TIMEOUT, sig, states, self.output()))
         deadline = time.monotonic() + STOP_TIMEOUT
         while [p for p in tree if alive(p)] and time.monotonic() < deadline:
             time.sleep(0.1)
