@@ -45,7 +45,7 @@
 -module(dspex_events).
 -behaviour(gen_server).
 
--export([start_link/0, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
+-export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
@@ -86,6 +86,7 @@ append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
                               {D, M} -> {D, M};
                               error -> {default_durability(), Meta}
                           end,
+    _ = seed(Session),
     case dspex_nif:events_append(Session, Type, Data, Meta1) of
         {ok, Id, _Seq} ->
             case wait_durable(Durability) of
@@ -96,12 +97,29 @@ append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
     end;
 append(_, _, _, _) -> {error, {invalid_argument, append}}.
 
+%% @doc Makes the log know `Session''s last sequence before the session's first
+%% event on this node (the store calls it before creating or importing a
+%% session; `append/4' before appending): the backend is asked here, on a
+%% dirty I/O scheduler, never on the commit path, which holds the store's
+%% locks. `ok' when known already or when the log is off; an error when the
+%% backend cannot answer (the first event then asks again).
+-spec seed(binary()) -> ok | {error, {event_store, term()}}.
+seed(Session) when is_binary(Session), Session =/= <<>> ->
+    case enabled() of
+        true -> dspex_nif:events_seed(Session);
+        false -> ok
+    end;
+seed(_) -> ok.
+
 %% @doc Appends an event on behalf of a module of this application (locks,
 %% graph, access control): never fails the caller; a log that is not open
 %% ignores it.
 -spec emit(binary(), event_type(), term(), map()) -> ok.
 emit(Session, Type, Data, Meta) when is_binary(Session) ->
-    _ = enabled() andalso dspex_nif:events_append(Session, Type, Data, indexable(Meta)),
+    _ = enabled() andalso begin
+                              _ = seed(Session),
+                              dspex_nif:events_append(Session, Type, Data, indexable(Meta))
+                          end,
     ok;
 emit(_, _, _, _) -> ok.
 
@@ -338,7 +356,9 @@ incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
 %% @doc Queue and writer counters: `pushed', `done' (durable), `depth',
 %% `max_depth', `bytes', `batches', `written', `errors', `lag_us' (age of
 %% the oldest queued event), `last_position', `last_error', `lost', `full',
-%% `spooled' (events in the PostgreSQL spool, waiting for the database).
+%% `spooled' (events in the PostgreSQL spool, waiting for the database),
+%% `commit_seeds' (sessions whose last sequence a committing thread had to ask
+%% the backend for, because `seed/1' had not run: 0 in normal operation).
 -spec stats() -> map() | {error, term()}.
 stats() -> dspex_nif:events_stats().
 

@@ -186,6 +186,7 @@ create_session_here(Id, Opts) ->
         not is_map(Meta) ->
             {error, {invalid_argument, metadata}};
         true ->
+            _ = is_binary(Id) andalso dspex_events:seed(Id),
             case dspex_nif:session_create(Id, Meta, Ttl) of
                 {ok, Info, true} ->
                     case Opts of
@@ -591,6 +592,7 @@ import_session(#{id := Id} = Export) ->
 import_session(Export) when is_map(Export) -> dspex_nif:import_session(Export).
 
 import_session_here(Id, Export) ->
+    _ = is_binary(Id) andalso dspex_events:seed(Id),
     case dspex_nif:import_session(Export) of
         ok -> restore_extras(Id, Export);
         Error -> Error

@@ -25,7 +25,8 @@ events_test_() ->
       ?T(erlang_side_events),
       ?T(bad_arguments_are_errors),
       ?T(json_term_of_any_term),
-      ?T(prometheus_and_telemetry)]
+      ?T(prometheus_and_telemetry),
+      ?T(first_events_never_ask_the_backend_on_the_commit_path)]
      %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
      ++ [?T(postgres_down_spools_then_catches_up_in_order) || pg_ctl() =/= false]}.
 
@@ -509,3 +510,25 @@ wait_until(F, N) ->
         false when N > 0 -> timer:sleep(50), wait_until(F, N - 1);
         false -> {error, timeout}
     end.
+
+%% A new session's, an imported session's and an appended-to session's first
+%% events find their last sequence known already (dspex_events:seed/1 ran on
+%% a dirty scheduler): no committing thread asks the backend.
+first_events_never_ask_the_backend_on_the_commit_path() ->
+    #{commit_seeds := C0} = dspex_events:stats(),
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, a, integer, 1),
+    {ok, Export} = dspex_store:export_session(S),
+    S2 = sid(),
+    ok = dspex_store:import_session(Export#{id := S2}),
+    {ok, _} = dspex_events:append(sid(), app_event, #{n => 1}, #{}),
+    ok = dspex_events:emit(sid(), app_event, #{n => 2}, #{}),
+    settle(),
+    ?assertMatch(#{commit_seeds := C0}, dspex_events:stats()),
+    %% and the sequences still continue what the backend holds
+    ?assertMatch([#{sequence := 1}, #{sequence := 2} | _], events(S)),
+    %% without seed/1, the first event asks on the commit path (counted)
+    S3 = sid(),
+    {ok, _, 1} = dspex_nif:events_append(S3, raw, x, #{}),
+    ?assertMatch(#{commit_seeds := C1} when C1 =:= C0 + 1, dspex_events:stats()).

@@ -35,6 +35,7 @@ struct dx_evq {
      * and the batch is full; a waiter for durability sets urgent */
     bool idle, lingering, urgent;
     size_t pending;     /* linked items not yet taken by the writer */
+    uint64_t commit_seeds; /* sessions looked up in the backend on a committing thread */
     int64_t pending_since_us; /* when the first of them was linked */
     pthread_t thr;
     seq_slot *slots;
@@ -136,8 +137,15 @@ static int seq_grow(dx_evq *q) {
     return 0;
 }
 
-/* The slot of a session, created (seeded from the backend) if new. Under q->mu. */
-static seq_slot *seq_slot_of(dx_evq *q, const char *s, size_t n) {
+/* The slot of a known session, or NULL. Under q->mu. */
+static seq_slot *seq_lookup(dx_evq *q, const char *s, size_t n) {
+    if (!q->nslots) return NULL;
+    seq_slot *e = seq_find(q, s, n, str_hash(s, n));
+    return e->hash ? e : NULL;
+}
+
+/* A new slot whose last sequence is `last'. Under q->mu. */
+static seq_slot *seq_insert(dx_evq *q, const char *s, size_t n, uint64_t last) {
     if ((q->used + 1) * 2 > q->nslots && seq_grow(q)) return NULL;
     uint64_t h = str_hash(s, n);
     seq_slot *e = seq_find(q, s, n, h);
@@ -145,21 +153,61 @@ static seq_slot *seq_slot_of(dx_evq *q, const char *s, size_t n) {
     char *k = malloc(n ? n : 1);
     if (!k) return NULL;
     if (n) memcpy(k, s, n);
-    uint64_t last = 0;
-    if (q->seed_st) {
-        char err[256];
-        if (q->seed_mu) pthread_mutex_lock(q->seed_mu);
-        if (q->cfg.ops->session_max_seq(q->seed_st, s, n, &last, err, sizeof err)) last = 0;
-        if (q->seed_mu) pthread_mutex_unlock(q->seed_mu);
-    }
     *e = (seq_slot){k, n, last, h};
     q->used++;
     return e;
 }
 
-uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len) {
+/* The slot of a session, created if new. Under q->mu. A session not seeded
+ * beforehand (dx_evq_seed) is looked up in the backend here, on the committing
+ * thread and under the mutex: counted in commit_seeds, it should not happen. */
+static seq_slot *seq_slot_of(dx_evq *q, const char *s, size_t n) {
+    seq_slot *e = seq_lookup(q, s, n);
+    if (e) return e;
+    uint64_t last = 0;
+    if (q->seed_st) {
+        char err[256];
+        q->commit_seeds++;
+        if (q->seed_mu) pthread_mutex_lock(q->seed_mu);
+        if (q->cfg.ops->session_max_seq(q->seed_st, s, n, &last, err, sizeof err)) last = 0;
+        if (q->seed_mu) pthread_mutex_unlock(q->seed_mu);
+    }
+    return seq_insert(q, s, n, last);
+}
+
+bool dx_evq_known(dx_evq *q, const char *session, size_t len) {
     pthread_mutex_lock(&q->mu);
-    seq_slot *e = seq_slot_of(q, session, len);
+    bool k = seq_lookup(q, session, len) != NULL;
+    pthread_mutex_unlock(&q->mu);
+    return k;
+}
+
+int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t errlen) {
+    if (dx_evq_known(q, session, len)) return 0;
+    uint64_t last = 0;
+    if (q->seed_st) {
+        /* the query runs without the queue mutex: pushes go on meanwhile */
+        if (q->seed_mu) pthread_mutex_lock(q->seed_mu);
+        int rc = q->cfg.ops->session_max_seq(q->seed_st, session, len, &last, err, errlen);
+        if (q->seed_mu) pthread_mutex_unlock(q->seed_mu);
+        if (rc) return -1;
+    }
+    pthread_mutex_lock(&q->mu);
+    /* a push that came first made the slot: it stays */
+    seq_slot *e = seq_lookup(q, session, len) ? (seq_slot *)1 : seq_insert(q, session, len, last);
+    pthread_mutex_unlock(&q->mu);
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len) {
+    char err[256];
+    (void)dx_evq_seed(q, session, len, err, sizeof err);
+    pthread_mutex_lock(&q->mu);
+    seq_slot *e = seq_lookup(q, session, len);
     uint64_t v = e ? e->seq : 0;
     pthread_mutex_unlock(&q->mu);
     return v;
@@ -298,7 +346,7 @@ bool dx_evq_full(dx_evq *q) {
 void dx_evq_stats_get(dx_evq *q, dx_evq_stats *o) {
     pthread_mutex_lock(&q->mu);
     *o = (dx_evq_stats){q->pushed, q->done, q->batches, q->errors, q->written, q->depth, q->max_depth, q->bytes,
-                        q->head ? q->head->rec.ts_us : 0, q->last_pos, q->spooled, {0}};
+                        q->head ? q->head->rec.ts_us : 0, q->last_pos, q->spooled, q->commit_seeds, {0}};
     memcpy(o->last_error, q->last_error, sizeof o->last_error);
     pthread_mutex_unlock(&q->mu);
 }

@@ -84,6 +84,7 @@ typedef struct {
     int64_t oldest_ts_us; /* commit time of the oldest queued event (0: empty) */
     uint64_t last_position;
     uint64_t spooled;     /* records in the spool, waiting for the backend */
+    uint64_t commit_seeds; /* sessions whose last sequence was read from the backend by a push */
     char last_error[256];
 } dx_evq_stats;
 
@@ -105,8 +106,14 @@ uint64_t dx_evq_done(dx_evq *q);   /* highest durable ticket */
 bool dx_evq_full(dx_evq *q);
 size_t dx_evq_capacity(dx_evq *q); /* the configured bound (0: none) */
 void dx_evq_stats_get(dx_evq *q, dx_evq_stats *out);
-/* The session's last assigned sequence (0: none yet). */
+/* The session's last assigned sequence (0: none yet); seeds it first (blocking, see dx_evq_seed). */
 uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len);
+/* Whether the queue knows the session's last sequence already. */
+bool dx_evq_known(dx_evq *q, const char *session, size_t len);
+/* Reads the session's last sequence from the backend (blocking: call it off the commit path, e.g. on a dirty
+ * scheduler, before the session's first event), unless known. 0, or -1 + err when the backend cannot say
+ * (the session's first push then asks again). */
+int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t errlen);
 /* Raises a session's sequence so that the next one is above floor (a replica taking over). */
 void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor);
 /* Blocks the calling thread until done >= ticket or an attempt fails after it was pushed

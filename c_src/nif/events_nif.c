@@ -48,7 +48,7 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch, A_linger_us,
     A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
-    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled;
+    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -742,17 +742,17 @@ DX_NIF(nif_events_stats) {
     atomic_fetch_sub(&g_inflight, 1);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
-    ERL_NIF_TERM k[14] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
-                          A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled};
-    ERL_NIF_TERM v[14] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+    ERL_NIF_TERM k[15] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+                          A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds};
+    ERL_NIF_TERM v[15] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
                           enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
                           enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
                           enif_make_int64(env, lag < 0 ? 0 : lag), enif_make_uint64(env, s.last_position),
                           s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
                           enif_make_uint64(env, atomic_load(&g_lost)), full ? ATOM_true : ATOM_false,
-                          enif_make_uint64(env, s.spooled)};
-    return map_of(env, k, v, 14);
+                          enif_make_uint64(env, s.spooled), enif_make_uint64(env, s.commit_seeds)};
+    return map_of(env, k, v, 15);
 }
 
 /* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
@@ -819,6 +819,32 @@ DX_NIF(nif_events_expire) {
     return rc ? es_error(env, err) : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, n));
 }
 
+/* events_seed(Session) -> ok | {error, {event_store, Reason}}: makes the queue know the session's last
+ * sequence before its first event, so the commit path never asks the backend (a round trip to PostgreSQL,
+ * or a read of SQLite's pages, under the store's locks on a normal scheduler). Known: answered here; else
+ * the backend is asked on a dirty I/O scheduler. Not open: ok. */
+static ERL_NIF_TERM events_seed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    ErlNifBinary sid;
+    if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    char err[256];
+    int rc = q ? dx_evq_seed(q, (const char *)sid.data, sid.size, err, sizeof err) : 0;
+    atomic_fetch_sub(&g_inflight, 1);
+    return rc ? es_error(env, err) : ATOM_ok;
+}
+
+DX_NIF(nif_events_seed) {
+    ErlNifBinary sid;
+    if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0) return enif_make_badarg(env);
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    bool known = !q || dx_evq_known(q, (const char *)sid.data, sid.size);
+    atomic_fetch_sub(&g_inflight, 1);
+    if (known) return ATOM_ok;
+    return enif_schedule_nif(env, "events_seed", ERL_NIF_DIRTY_JOB_IO_BOUND, events_seed_dirty, argc, argv);
+}
+
 /* events_session_seq(Session) -> last assigned sequence (0 = none). */
 DX_NIF(nif_events_session_seq) {
     ErlNifBinary sid;
@@ -846,7 +872,7 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_pos_from, "pos_from"); A(A_pos_to, "pos_to"); A(A_ts_from, "ts_from"); A(A_ts_to, "ts_to");
     A(A_types, "types"); A(A_limit, "limit"); A(A_descending, "descending"); A(A_full, "full");
     A(A_already_open, "already_open"); A(A_snap_due, "dspex_events_snapshot_due");
-    A(A_snapshot_every, "snapshot_every"); A(A_spool, "spool"); A(A_spooled, "spooled"); A(A_sequence_gap, "sequence_gap");
+    A(A_snapshot_every, "snapshot_every"); A(A_spool, "spool"); A(A_spooled, "spooled"); A(A_commit_seeds, "commit_seeds"); A(A_sequence_gap, "sequence_gap");
 #undef A
     for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))
