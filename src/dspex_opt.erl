@@ -26,7 +26,8 @@
 
 -export([start/3, ask/1, tell/3, best/1, trials/1, stop/2, run/2, run/3, info/1]).
 -export([register_algorithm/1, select_algorithm/1, record_performance/3, algorithms/0]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+-export([start_link/1]).
+-export([init/1, handle_continue/2, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -type run() :: pid().
 -type trial_id() :: non_neg_integer().
@@ -57,8 +58,15 @@ start(Session, Vars, Opts) when is_map(Opts) ->
         {ok, Cfg} ->
             case dspex_opt_space:from_variables(Session, Vars) of
                 {ok, Space} ->
-                    case gen_server:start(?MODULE, {Session, Space, Cfg, self()}, []) of
-                        {ok, Pid} -> {ok, Pid};
+                    case dspex_opt_sup:start_run({Session, Space, Cfg, self()}) of
+                        {ok, Pid} ->
+                            %% the locks are taken after the supervisor's start
+                            %% returned (a run waiting for a lock must not block
+                            %% it): this call returns once they are held or not
+                            case call(Pid, started) of
+                                ok -> {ok, Pid};
+                                {error, _} = E -> E
+                            end;
                         {error, _} = E -> E
                     end;
                 Error -> Error
@@ -230,8 +238,21 @@ evaluate(F, Params) ->
 %%% the run process --------------------------------------------------------------
 
 %% @private
--spec init({dspex_store:session_id(), dspex_opt_space:space(), map(), pid()}) -> {ok, map()} | {stop, term()}.
+%% @doc Starts a run process; called by `dspex_opt_sup' (use `start/3').
+-spec start_link({dspex_store:session_id(), dspex_opt_space:space(), map(), pid()}) -> {ok, pid()} | {error, term()}.
+start_link(Args) -> gen_server:start_link(?MODULE, Args, []).
+
+%% @private
+-spec init({dspex_store:session_id(), dspex_opt_space:space(), map(), pid()}) -> {ok, map(), {continue, start}}.
 init({Session, Space, Cfg, Owner}) ->
+    %% a supervisor shutdown runs terminate/2 (locks released at once)
+    process_flag(trap_exit, true),
+    {ok, #{session => Session, space => Space, cfg => Cfg, locks => #{}, starting => ok,
+           owner => erlang:monitor(process, Owner)}, {continue, start}}.
+
+%% @private
+-spec handle_continue(start, map()) -> {noreply, map()}.
+handle_continue(start, #{session := Session, space := Space, cfg := Cfg} = St0) ->
     #{algorithm := Alg, direction := Dir, lock := LockOpts0, acl := Acl, seed := Seed, budget := Budget} = Cfg,
     LockOpts = maps:merge(maps:merge(#{conflict => wait, timeout => 5000}, LockOpts0),
                           Acl#{objective => Dir, metric => score, pid => self()}),
@@ -245,16 +266,15 @@ init({Session, Space, Cfg, Owner}) ->
             Dims = dspex_opt_space:dims(Space),
             case init_impl(Impl, Dims, Seed, Budget) of
                 {ok, Impl1} ->
-                    St = #{session => Session, space => Space, dims => Dims, cfg => Cfg, impl => Impl1,
-                           locks => Locks, next => 0, trials => #{}, told => [], ntold => 0, pending => #{},
-                           best => undefined, owner => erlang:monitor(process, Owner), ask_us => 0},
+                    St = St0#{dims => Dims, impl => Impl1, locks := Locks, next => 0, trials => #{}, told => [],
+                              ntold => 0, pending => #{}, best => undefined, ask_us => 0},
                     event(start, #{count => 1}, St, #{variables => Names, budget => Budget}),
-                    {ok, St};
+                    {noreply, St};
                 {error, R} ->
                     release_all(Locks),
-                    {stop, R}
+                    {noreply, St0#{starting := {error, R}}}
             end;
-        {error, R} -> {stop, R}
+        {error, R} -> {noreply, St0#{starting := {error, R}}}
     end.
 
 acquire(_S, [], _Id, _Opts, Acc) -> {ok, Acc};
@@ -277,6 +297,10 @@ init_impl({plugin, Mod, _}, Dims, Seed, Budget) ->
 
 %% @private
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {stop, normal, term(), map()}.
+handle_call(started, _From, #{starting := ok} = St) ->
+    {reply, ok, St};
+handle_call(started, _From, #{starting := Error} = St) ->
+    {stop, normal, Error, St};
 handle_call(ask, _From, #{next := N, cfg := #{budget := B}} = St) when N >= B ->
     {reply, {error, budget_exhausted}, St};
 handle_call(ask, _From, #{next := N, space := Space} = St) ->

@@ -46,6 +46,7 @@ opt_test_() ->
       {timeout, 300, fun every_algorithm_converges_and_respects_constraints/0}, fun parallel_run_tells_every_trial/0,
       fun maximize_and_apply_best_under_lock/0, fun locks_held_and_progress_reported/0,
       fun failed_trials_and_crashing_objective/0, fun owner_exit_ends_run_and_releases/0,
+      fun runs_are_supervised_and_a_crash_is_contained/0, fun run_waiting_for_a_lock_blocks_no_other_start/0,
       fun telemetry_events/0, fun plugin_registered_and_used/0, fun bad_plugins_refused/0,
       fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
       fun finished_runs_feed_selection/0, fun bad_options/0]}.
@@ -226,6 +227,64 @@ owner_exit_ends_run_and_releases() ->
     receive {'DOWN', MRef, process, R, _} -> ok end,
     %% the lock server saw the holder go (bounded polling on its state)
     ok = await(fun() -> dspex_locks:status(S, x) =:= {ok, #{locked => false, waiters => 0}} end, 1000).
+
+%% Runs are temporary children of dspex_opt_sup: a run that crashes frees its
+%% locks, is not restarted, and takes down neither the other runs, nor the
+%% supervisor, nor the core services.
+runs_are_supervised_and_a_crash_is_contained() ->
+    S1 = session(),
+    S2 = session(),
+    Sup = whereis(dspex_opt_sup),
+    Core = lists:sort(supervisor:which_children(dspex_core_sup)),
+    {ok, R1} = dspex_opt:start(S1, [x, style], #{algorithm => random, budget => 10}),
+    {ok, R2} = dspex_opt:start(S2, [x], #{algorithm => random, budget => 10}),
+    ?assert(lists:member(R1, dspex_opt_sup:runs())),
+    ?assert(lists:member(R2, dspex_opt_sup:runs())),
+    {ok, #{locked := true}} = dspex_locks:status(S1, x),
+    {ok, 0, _} = dspex_opt:ask(R1),
+    MRef = erlang:monitor(process, R1),
+    %% a request the run does not know crashes it (function_clause)
+    ?assertMatch({'EXIT', _}, catch gen_server:call(R1, no_such_request)),
+    receive {'DOWN', MRef, process, R1, Reason} -> ?assertMatch({function_clause, _}, Reason) end,
+    ok = await(fun() -> dspex_locks:status(S1, x) =:= {ok, #{locked => false, waiters => 0}}
+                            andalso dspex_locks:status(S1, style) =:= {ok, #{locked => false, waiters => 0}} end, 5000),
+    ?assertEqual({error, run_not_found}, dspex_opt:ask(R1)),
+    ?assertNot(lists:member(R1, dspex_opt_sup:runs())),
+    %% the other run goes on; nothing else restarted
+    {ok, Id, _} = dspex_opt:ask(R2),
+    ok = dspex_opt:tell(R2, Id, 1.0),
+    ?assertEqual(Sup, whereis(dspex_opt_sup)),
+    ?assertEqual(Core, lists:sort(supervisor:which_children(dspex_core_sup))),
+    %% a killed run likewise
+    MRef2 = erlang:monitor(process, R2),
+    exit(R2, kill),
+    receive {'DOWN', MRef2, process, R2, killed} -> ok end,
+    ok = await(fun() -> dspex_locks:status(S2, x) =:= {ok, #{locked => false, waiters => 0}} end, 5000),
+    ?assertEqual(Sup, whereis(dspex_opt_sup)),
+    %% the variables can be optimized again
+    {ok, R3} = dspex_opt:start(S1, [x, style], #{algorithm => random, budget => 1}),
+    {ok, _} = dspex_opt:stop(R3, #{}).
+
+%% A run waits for its locks in its own process, not in the supervisor's
+%% start: while one waits, other runs start; it starts once the lock is free.
+run_waiting_for_a_lock_blocks_no_other_start() ->
+    S1 = session(),
+    S2 = session(),
+    {ok, L} = dspex_locks:acquire(S1, x, holder, #{}),
+    Self = self(),
+    Waiter = spawn_link(fun() ->
+                                Self ! {waited, dspex_opt:start(S1, [x], #{lock => #{conflict => wait, timeout => 60000}})},
+                                receive stop -> ok end
+                        end),
+    ok = await(fun() -> maps:get(waiters, element(2, dspex_locks:status(S1, x)), 0) =:= 1 end, 5000),
+    {ok, R2} = dspex_opt:start(S2, [x], #{budget => 1}),
+    receive {waited, Early} -> ?assertEqual(still_waiting, Early) after 0 -> ok end,
+    {ok, _} = dspex_opt:stop(R2, #{}),
+    ok = dspex_locks:release(L),
+    {ok, R1} = receive {waited, Res} -> Res end,
+    {ok, #{locked := true, optimizer := {dspex_opt, tpe, R1}}} = dspex_locks:status(S1, x),
+    {ok, _} = dspex_opt:stop(R1, #{}),
+    Waiter ! stop.
 
 await(F, 0) -> {timeout, F()};
 await(F, N) ->
