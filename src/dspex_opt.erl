@@ -13,6 +13,10 @@
 %% told trial through the locks' progress API and, on `stop/2' with
 %% `apply_best', writes the best parameters under the locks. The run ends
 %% (locks released) on `stop/2' or when the process that started it exits.
+%% Runs are temporary children of `dspex_opt_sup': one that crashes is not
+%% restarted, its locks are freed by `dspex_locks' (it is their holder), and
+%% nothing else goes down with it. The locks are taken in the run's process
+%% once the supervisor started it, so waiting for one blocks no other start.
 %%
 %% The search space comes from the variables (`dspex_opt_space'). Candidates
 %% come from a built-in algorithm (numeric kernels in C,
