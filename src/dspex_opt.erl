@@ -124,6 +124,12 @@ run(Run, Objective) -> run(Run, Objective, #{}).
 %% of `Fn' with the parameters, the JSON number it returns being the score),
 %% tells. Options: `parallel' (evaluations in flight, default 1), `timeout'
 %% (ms per evaluation, default 60000). Returns `best/1''s result.
+%%
+%% Every told trial (by `run/3' or `tell/3') emits `[dspex, opt, tell]', is
+%% reported to the locks' progress and, when the event log is on, appended to
+%% the session's log as an `optimization_trial' event (data: `run' (the id of
+%% `info/1'), `algorithm', `trial', `told' (its rank in tell order), `params',
+%% `state', `score' or `reason', `best_trial').
 -spec run(run(), objective(), #{parallel => pos_integer(), timeout => pos_integer()}) ->
           {ok, map()} | {error, term()}.
 run(Run, Objective, Opts) when is_map(Opts) ->
@@ -251,7 +257,8 @@ start_link(Args) -> gen_server:start_link(?MODULE, Args, []).
 init({Session, Space, Cfg, Owner}) ->
     %% a supervisor shutdown runs terminate/2 (locks released at once)
     process_flag(trap_exit, true),
-    {ok, #{session => Session, space => Space, cfg => Cfg, locks => #{}, starting => ok,
+    RunId = iolist_to_binary([atom_to_list(node()), $:, integer_to_list(erlang:unique_integer([positive]))]),
+    {ok, #{session => Session, space => Space, cfg => Cfg, locks => #{}, starting => ok, id => RunId,
            owner => erlang:monitor(process, Owner)}, {continue, start}}.
 
 %% @private
@@ -337,7 +344,7 @@ handle_call(best, _From, St) ->
 handle_call(trials, _From, #{trials := Ts} = St) ->
     {reply, {ok, [maps:without([point], T) || {_, T} <- lists:sort(maps:to_list(Ts))]}, St};
 handle_call(info, _From, #{session := S, space := Sp, cfg := Cfg, next := N, ntold := NT, pending := P} = St) ->
-    {reply, {ok, #{session => S, variables => dspex_opt_space:names(Sp), space => dspex_opt_space:kind(Sp),
+    {reply, {ok, #{id => maps:get(id, St), session => S, variables => dspex_opt_space:names(Sp), space => dspex_opt_space:kind(Sp),
                    algorithm => maps:get(algorithm, Cfg), direction => maps:get(direction, Cfg),
                    budget => maps:get(budget, Cfg), seed => maps:get(seed, Cfg), asked => N, told => NT,
                    pending => map_size(P)}}, St};
@@ -427,7 +434,18 @@ record(Id, T, Y0, Score, Reason, #{cfg := #{direction := Dir}, told := Told, nto
     St2 = St1#{told := [{Id, Point, Y} | Told], ntold := NT + 1, pending := maps:remove(Id, Pend),
                trials := Ts#{Id := T1}, best := Best},
     event(tell, #{count => 1}, St2, #{trial => Id, result => case Y of failed -> failed; _ -> ok end}),
+    trial_event(Id, T1, St2),
     St2.
+
+%% One `optimization_trial' event per told trial in the session's event log
+%% (when the log is on; never fails the run).
+trial_event(Id, T, #{session := S, id := RunId, cfg := #{algorithm := A, acl := Acl}, ntold := NT,
+                     best := {BestId, _}}) ->
+    Data = maps:merge(maps:with([params, state, score, reason], T),
+                      #{run => RunId, algorithm => A, trial => Id, told => NT, best_trial => BestId}),
+    dspex_events:emit(S, optimization_trial, Data, maps:with([principal], #{principal => maps:get(as, Acl, undefined)}));
+trial_event(Id, T, #{best := undefined} = St) ->
+    trial_event(Id, T, St#{best := {undefined, undefined}}).
 
 tell_impl(_Id, _Point, _Y, #{impl := {builtin, _, _}} = St) -> St;
 tell_impl(Id, Point, Y, #{impl := {plugin, Mod, PS}} = St) ->

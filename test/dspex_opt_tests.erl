@@ -46,7 +46,8 @@ opt_test_() ->
       {timeout, 300, fun every_algorithm_converges_and_respects_constraints/0}, fun parallel_run_tells_every_trial/0,
       fun maximize_and_apply_best_under_lock/0, fun locks_held_and_progress_reported/0,
       fun failed_trials_and_crashing_objective/0, fun owner_exit_ends_run_and_releases/0,
-      fun runs_are_supervised_and_a_crash_is_contained/0, fun run_waiting_for_a_lock_blocks_no_other_start/0,
+      fun runs_are_supervised_and_a_crash_is_contained/0,
+      {timeout, 120, fun python_pool_evaluates_asks_in_parallel/0}, fun run_waiting_for_a_lock_blocks_no_other_start/0,
       fun telemetry_events/0, fun plugin_registered_and_used/0, fun bad_plugins_refused/0,
       fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
       fun finished_runs_feed_selection/0, fun bad_options/0]}.
@@ -264,6 +265,72 @@ runs_are_supervised_and_a_crash_is_contained() ->
     %% the variables can be optimized again
     {ok, R3} = dspex_opt:start(S1, [x, style], #{algorithm => random, budget => 1}),
     {ok, _} = dspex_opt:stop(R3, #{}).
+
+%% run/3 with a real Python worker pool (test/python_workers/opt_objective.py):
+%% the first two asks are evaluated at the same time by two workers (their
+%% rendezvous fails otherwise), every score is the objective's, each told trial
+%% is reported to the locks' progress and logged as an optimization_trial event.
+python_pool_evaluates_asks_in_parallel() ->
+    Dir = filename:join(filename:basedir(user_cache, "dspex_opt_tests"),
+                        "rv-" ++ integer_to_list(erlang:unique_integer([positive]))),
+    ok = filelib:ensure_path(Dir),
+    Module = filename:join([code:lib_dir(dspex_bridge), "test", "python_workers", "opt_objective.py"]),
+    try
+        {ok, _} = dspex_workers:start_pool(opt_py, #{module => Module, size => 2, health_interval_ms => infinity,
+                                                     env => [{"DSPEX_OPT_RENDEZVOUS", Dir},
+                                                             {"DSPEX_OPT_RENDEZVOUS_N", "2"}]}),
+        ok = await(fun() -> {ok, #{idle := I}} = dspex_workers:status(opt_py), I >= 2 end, 20000),
+        ?assert(dspex_events:enabled()),
+        S = session(),
+        Self = self(),
+        TId = {?MODULE, make_ref()},
+        ok = dspex_telemetry:attach(TId, [dspex, opt, tell], fun(_, _, #{trial := T}, _) -> Self ! {told, T} end,
+                                    undefined),
+        {ok, R} = dspex_opt:start(S, vars(), #{algorithm => tpe, budget => 24, seed => 3}),
+        {ok, #{id := RunId}} = dspex_opt:info(R),
+        {ok, #{score := Best, params := BestP}} = dspex_opt:run(R, {workers, opt_py, mixed},
+                                                                #{parallel => 2, timeout => 60000}),
+        dspex_telemetry:detach(TId),
+        Ts = dspex_opt:trials(R),
+        ?assertEqual(24, length(Ts)),
+        %% no trial failed (a lone first call fails its rendezvous), and each
+        %% score is the objective's value at its parameters
+        [?assertMatch(#{state := complete}, T) || T <- Ts],
+        [?assert(abs(Sc - objective(P)) < 1.0e-9) || #{params := P, score := Sc} <- Ts],
+        ?assertEqual(lists:min([Sc || #{score := Sc} <- Ts]), Best),
+        ?assert(abs(Best - objective(BestP)) < 1.0e-9),
+        %% the two first calls ran in the two workers
+        {ok, Files} = file:list_dir(Dir),
+        ?assertEqual(24, length(Files)),
+        {ok, Pid0} = file:read_file(filename:join(Dir, "call-00000")),
+        {ok, Pid1} = file:read_file(filename:join(Dir, "call-00001")),
+        ?assertNotEqual(Pid0, Pid1),
+        ?assertEqual(lists:sort(dspex_workers:os_pids(opt_py)),
+                     lists:sort([binary_to_integer(Pid0), binary_to_integer(Pid1)])),
+        %% telemetry: one tell per trial; progress: the locks saw all 24
+        Told = [receive {told, T} -> T after 5000 -> missing end || _ <- Ts],
+        ?assertEqual(lists:seq(0, 23), lists:sort(Told)),
+        {ok, #{iterations := 24, best := #{score := Best}}} = dspex_locks:status(S, x),
+        %% the event log: one optimization_trial per told trial, in tell order
+        ok = dspex_events:await(),
+        {ok, Evs} = dspex_events:read(S, #{types => [optimization_trial]}),
+        ?assertEqual(Told, [T || #{data := #{trial := T}} <- Evs]),
+        ?assertEqual(lists:seq(1, 24), [N || #{data := #{told := N}} <- Evs]),
+        [?assertMatch(#{run := RunId, algorithm := tpe, state := complete, score := _, params := _}, D)
+         || #{data := D} <- Evs],
+        #{data := #{best_trial := LastBest}} = lists:last(Evs),
+        ?assertEqual({ok, BestP}, case lists:keyfind(LastBest, 1, [{I, P} || #{id := I, params := P} <- Ts]) of
+                                      {_, P} -> {ok, P}; false -> error end),
+        {ok, _} = dspex_opt:stop(R, #{}),
+        %% a function that answers something else than a number fails its trials
+        {ok, R2} = dspex_opt:start(S, [x], #{algorithm => random, budget => 2}),
+        ?assertEqual({error, no_trials}, dspex_opt:run(R2, {workers, opt_py, not_a_number})),
+        [?assertMatch(#{state := failed, reason := {not_a_score, <<"high">>}}, T) || T <- dspex_opt:trials(R2)],
+        {ok, _} = dspex_opt:stop(R2, #{})
+    after
+        _ = dspex_workers:stop_pool(opt_py),
+        _ = file:del_dir_r(Dir)
+    end.
 
 %% A run waits for its locks in its own process, not in the supervisor's
 %% start: while one waits, other runs start; it starts once the lock is free.
