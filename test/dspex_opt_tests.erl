@@ -47,7 +47,8 @@ opt_test_() ->
       fun maximize_and_apply_best_under_lock/0, fun locks_held_and_progress_reported/0,
       fun failed_trials_and_crashing_objective/0, fun owner_exit_ends_run_and_releases/0,
       fun runs_are_supervised_and_a_crash_is_contained/0,
-      {timeout, 120, fun python_pool_evaluates_asks_in_parallel/0}, fun run_waiting_for_a_lock_blocks_no_other_start/0,
+      {timeout, 120, fun python_pool_evaluates_asks_in_parallel/0},
+      fun run_without_owner_lives_until_idle/0, fun run_waiting_for_a_lock_blocks_no_other_start/0,
       fun telemetry_events/0, fun plugin_registered_and_used/0, fun bad_plugins_refused/0,
       fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
       fun finished_runs_feed_selection/0, fun bad_options/0]}.
@@ -331,6 +332,31 @@ python_pool_evaluates_asks_in_parallel() ->
         _ = dspex_workers:stop_pool(opt_py),
         _ = file:del_dir_r(Dir)
     end.
+
+%% owner => none: the run outlives its starter, is found by its id, and ends
+%% (locks released, id forgotten) once no call reached it for idle_timeout ms.
+run_without_owner_lives_until_idle() ->
+    S = session(),
+    Self = self(),
+    Starter = spawn(fun() ->
+                            Self ! {started, dspex_opt:start(S, [x], #{owner => none, idle_timeout => 300,
+                                                                       algorithm => random, budget => 5})}
+                    end),
+    {ok, R} = receive {started, Res} -> Res end,
+    SRef = erlang:monitor(process, Starter),
+    receive {'DOWN', SRef, process, Starter, _} -> ok end,
+    MRef = erlang:monitor(process, R),
+    {ok, #{id := Id}} = dspex_opt:info(R),
+    ?assertMatch(<<_:24/binary>>, Id),
+    ?assertEqual({ok, R}, dspex_opt:lookup(Id)),
+    {ok, T, _} = dspex_opt:ask(R),
+    ok = dspex_opt:tell(R, T, 1.0),
+    receive {'DOWN', MRef, process, R, normal} -> ok end,
+    ?assertEqual({error, run_not_found}, dspex_opt:lookup(Id)),
+    ok = await(fun() -> dspex_locks:status(S, x) =:= {ok, #{locked => false, waiters => 0}} end, 5000),
+    ?assertEqual({error, run_not_found}, dspex_opt:lookup(<<"nope">>)),
+    ?assertEqual({error, {invalid_argument, owner}}, dspex_opt:start(S, [x], #{owner => nobody})),
+    ?assertEqual({error, {invalid_argument, idle_timeout}}, dspex_opt:start(S, [x], #{idle_timeout => 0})).
 
 %% A run waits for its locks in its own process, not in the supervisor's
 %% start: while one waits, other runs start; it starts once the lock is free.
