@@ -107,8 +107,9 @@ trials(Run) ->
         {error, _} = E -> E
     end.
 
-%% @doc The run's settings and counts (`id', `session', `variables', `space',
-%% `algorithm', `direction', `budget', `seed', `asked', `told', `pending').
+%% @doc The run's settings and counts (`id', `session', `principal' (its
+%% `as' or `undefined'), `variables', `space', `algorithm', `direction',
+%% `budget', `seed', `asked', `told', `pending').
 -spec info(run()) -> {ok, map()} | {error, term()}.
 info(Run) -> call(Run, info).
 
@@ -373,6 +374,7 @@ do_call(info, _From, #{session := S, space := Sp, cfg := Cfg, next := N, ntold :
     {reply, {ok, #{id => maps:get(id, St), session => S, variables => dspex_opt_space:names(Sp), space => dspex_opt_space:kind(Sp),
                    algorithm => maps:get(algorithm, Cfg), direction => maps:get(direction, Cfg),
                    budget => maps:get(budget, Cfg), seed => maps:get(seed, Cfg), asked => N, told => NT,
+                   principal => maps:get(as, maps:get(acl, Cfg), undefined),
                    pending => map_size(P)}}, St};
 do_call({stop, Apply}, _From, #{locks := Locks} = St) ->
     Results = [dspex_locks:stop(L, #{apply_best => Apply}) || L <- maps:values(Locks)],

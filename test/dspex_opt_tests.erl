@@ -48,7 +48,7 @@ opt_test_() ->
       fun failed_trials_and_crashing_objective/0, fun owner_exit_ends_run_and_releases/0,
       fun runs_are_supervised_and_a_crash_is_contained/0,
       {timeout, 120, fun python_pool_evaluates_asks_in_parallel/0},
-      fun run_without_owner_lives_until_idle/0, fun run_waiting_for_a_lock_blocks_no_other_start/0,
+      fun run_without_owner_lives_until_idle/0, fun grpc_study_handlers/0, fun run_waiting_for_a_lock_blocks_no_other_start/0,
       fun telemetry_events/0, fun plugin_registered_and_used/0, fun bad_plugins_refused/0,
       fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
       fun finished_runs_feed_selection/0, fun bad_options/0]}.
@@ -357,6 +357,60 @@ run_without_owner_lives_until_idle() ->
     ?assertEqual({error, run_not_found}, dspex_opt:lookup(<<"nope">>)),
     ?assertEqual({error, {invalid_argument, owner}}, dspex_opt:start(S, [x], #{owner => nobody})),
     ?assertEqual({error, {invalid_argument, idle_timeout}}, dspex_opt:start(S, [x], #{idle_timeout => 0})).
+
+%% The study RPCs through dspex_grpc_handler (request maps as the port shapes
+%% them): a study outlives the RPC that started it, is usable by its session
+%% and principal only, and maps dspex_opt's errors to their statuses.
+grpc_study_handlers() ->
+    S = session(),
+    H = fun(M, Req, Opts) -> dspex_grpc_handler:handle(M, Req#{session_id => maps:get(session_id, Req, S)},
+                                                        #{opts => Opts}, undefined) end,
+    Start = #{variables => [<<"x">>, <<"style">>], algorithm => <<"tpe">>, direction => <<"maximize">>, budget => 3,
+              seed => 5, idle_timeout_ms => 0, lock_timeout_ms => 0},
+    {reply, #{study_id := Id, space := <<"mixed">>}} = H('StartStudy', Start, #{}),
+    {ok, Run} = dspex_opt:lookup(Id),
+    {ok, #{locked := true}} = dspex_locks:status(S, x),
+    Other = session(),
+    ?assertEqual({error, run_not_found}, H('AskTrial', #{session_id => Other, study_id => Id}, #{})),
+    ?assertEqual({error, run_not_found}, H('AskTrial', #{study_id => Id}, #{as => <<"someone">>})),
+    ?assertEqual({error, run_not_found}, H('AskTrial', #{study_id => <<"nope">>}, #{})),
+    {reply, #{trial_id := 0, params_json := #{<<"x">> := X0, <<"style">> := _} = P0}} =
+        H('AskTrial', #{study_id => Id}, #{}),
+    ?assert(is_float(X0)),
+    {reply, #{trial_id := 1}} = H('AskTrial', #{study_id => Id}, #{}),
+    Tell = #{study_id => Id, trial_id => 0, score => 2.5, failed => false, reason => <<>>},
+    ?assertEqual({reply, #{}}, H('TellTrial', Tell, #{})),
+    ?assertEqual({error, {already_told, 0}}, H('TellTrial', Tell, #{})),
+    ?assertEqual({error, {unknown_trial, 7}}, H('TellTrial', Tell#{trial_id => 7}, #{})),
+    ?assertEqual({reply, #{}}, H('TellTrial', Tell#{trial_id => 1, failed => true, reason => <<"oom">>}, #{})),
+    {reply, #{trial_id := 2}} = H('AskTrial', #{study_id => Id}, #{}),
+    ?assertEqual({error, budget_exhausted}, H('AskTrial', #{study_id => Id}, #{})),
+    {reply, G} = H('GetStudy', #{study_id => Id, include_trials => true}, #{}),
+    ?assertMatch(#{study_id := Id, algorithm := <<"tpe">>, direction := <<"maximize">>, budget := 3, asked := 3,
+                   told := 2, pending := 1, variables := [<<"x">>, <<"style">>], space := <<"mixed">>,
+                   has_best := true, best := #{trial_id := 0, score := 2.5, params_json := P0}}, G),
+    ?assertMatch([#{trial_id := 0, state := <<"complete">>, score := 2.5},
+                  #{trial_id := 1, state := <<"failed">>, reason := <<"oom">>},
+                  #{trial_id := 2, state := <<"pending">>}], maps:get(trials, G)),
+    {reply, Stop} = H('StopStudy', #{study_id => Id, apply_best => true}, #{}),
+    ?assertMatch(#{applied := true, has_best := true, trials := 2, apply_errors := [],
+                   best := #{trial_id := 0, params_json := P0}}, Stop),
+    ?assertEqual({ok, X0}, dspex_store:get_value(S, x)),
+    ?assertNot(is_process_alive(Run)),
+    ?assertEqual({error, run_not_found}, H('GetStudy', #{study_id => Id, include_trials => false}, #{})),
+    %% refusals of StartStudy
+    ?assertEqual({error, {unknown_algorithm, <<"magic">>}}, H('StartStudy', Start#{algorithm => <<"magic">>}, #{})),
+    ?assertEqual({error, {invalid_argument, direction}}, H('StartStudy', Start#{direction => <<"up">>}, #{})),
+    ?assertEqual({error, {invalid_argument, budget}}, H('StartStudy', Start#{budget => -1}, #{})),
+    ?assertEqual({error, {not_found, <<"nope">>}}, H('StartStudy', Start#{variables => [<<"nope">>]}, #{})),
+    ?assertEqual({error, {invalid_argument, session_id}}, H('StartStudy', Start#{session_id => <<>>}, #{})),
+    %% every error maps to its status
+    [?assertEqual(Code, element(1, dspex_grpc_status:of_error(E)))
+     || {E, Code} <- [{run_not_found, not_found}, {{unknown_trial, 1}, not_found},
+                      {{already_told, 1}, failed_precondition}, {budget_exhausted, out_of_range},
+                      {{unknown_algorithm, x}, invalid_argument}, {{unsupported_type, <<"p">>, string}, invalid_argument},
+                      {{unbounded, <<"f">>}, invalid_argument}, {{invalid_log_scale, <<"f">>}, invalid_argument}]],
+    ?assertEqual(#{<<"dspex-error">> => <<"budget_exhausted">>}, dspex_grpc_status:trailers(budget_exhausted)).
 
 %% A run waits for its locks in its own process, not in the supervisor's
 %% start: while one waits, other runs start; it starts once the lock is free.
