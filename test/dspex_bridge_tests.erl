@@ -6,7 +6,7 @@
 -include("dspex_bridge.hrl").
 
 -define(CORE, [dspex_events, dspex_metrics_server, dspex_acl_audit, dspex_session_sweeper, dspex_locks,
-               dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_prometheus, dspex_console]).
+               dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_opt_sup, dspex_prometheus, dspex_console]).
 
 setup() ->
     %% any free ports: other nodes may serve the defaults on this machine
