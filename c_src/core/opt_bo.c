@@ -20,6 +20,7 @@
 #define MAX_OBS 300
 #define N_RANDOM 400
 #define N_LOCAL 300
+#define LOCAL_BATCH 64
 #define N_ITER 12
 #define N_WARM_ITER 3
 #define N_LINE 5
@@ -102,7 +103,31 @@ static void nlml_grad(gp *g, const double *th, double *grad) {
     double *T = g->K2;
     for (int i = 0; i < n; i++) {
         const double *Li = g->L + (size_t)i * n;
-        for (int c = 0; c < i; c++) {
+        int c = 0;
+        /* four columns at a time: each sum starts at its own column, then
+         * the four run together (each in the same order as alone) */
+        for (; c + 3 < i; c += 4) {
+            const double *T0 = T + (size_t)c * n, *T1 = T0 + n, *T2 = T1 + n, *T3 = T2 + n;
+            double t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+            t0 -= Li[c] * T0[c];
+            t0 -= Li[c + 1] * T0[c + 1];
+            t1 -= Li[c + 1] * T1[c + 1];
+            t0 -= Li[c + 2] * T0[c + 2];
+            t1 -= Li[c + 2] * T1[c + 2];
+            t2 -= Li[c + 2] * T2[c + 2];
+            for (int k = c + 3; k < i; k++) {
+                double l = Li[k];
+                t0 -= l * T0[k];
+                t1 -= l * T1[k];
+                t2 -= l * T2[k];
+                t3 -= l * T3[k];
+            }
+            T[(size_t)c * n + i] = t0 / Li[i];
+            T[(size_t)(c + 1) * n + i] = t1 / Li[i];
+            T[(size_t)(c + 2) * n + i] = t2 / Li[i];
+            T[(size_t)(c + 3) * n + i] = t3 / Li[i];
+        }
+        for (; c < i; c++) {
             const double *Tc = T + (size_t)c * n;
             double t = 0;
             for (int k = c; k < i; k++) t -= Li[k] * Tc[k];
@@ -199,27 +224,8 @@ static void fit(gp *g, double *th, int iters) {
     }
 }
 
-/* EI (for minimisation) of x under the fitted GP (L, alpha of th). */
-static double ei(gp *g, const double *th, const double *x, double fbest) {
-    int n = g->n, d = g->d;
-    double ell[DX_OPT_MAX_DIMS];
-    for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
-    double sf2 = exp(th[d]);
-    double mu = 0;
-    for (int i = 0; i < n; i++) {
-        g->tmp[i] = matern(dist2(g, x, g->x + i * d, ell, NULL), sf2);
-        mu += g->tmp[i] * g->alpha[i];
-    }
-    dx_opt_chol_fwd(g->L, n, g->tmp);
-    double v = sf2;
-    for (int i = 0; i < n; i++) v -= g->tmp[i] * g->tmp[i];
-    double s = sqrt(fmax(v, 1e-12));
-    double z = (fbest - mu) / s;
-    return (fbest - mu) * dx_opt_Phi(z) + s * dx_opt_phi(z);
-}
-
-/* EI of the B candidates C (B x d) at once into e: the same arithmetic, in
- * the same order, as ei() for each, but the triangular solves of the
+/* EI (for minimisation) under the fitted GP (L, alpha of th) of the B
+ * candidates C (B x d) at once, into e. The triangular solves of the
  * candidates are interleaved (V: n x B, candidate-major innermost), so that
  * they pipeline and vectorise instead of each waiting on its own running
  * sum. */
@@ -256,16 +262,6 @@ static void ei_batch(gp *g, const double *th, const double *C, int B, double fbe
         double s = sqrt(fmax(e[b], 1e-12));
         double z = (fbest - mu[b]) / s;
         e[b] = (fbest - mu[b]) * dx_opt_Phi(z) + s * dx_opt_phi(z);
-    }
-}
-
-static void perturb(const dx_opt_space *sp, dx_rng *r, const double *c, double scale, double *out) {
-    int d = sp->d;
-    for (int j = 0; j < d; j++) {
-        int k = sp->dims[j].ncat;
-        if (!k) out[j] = dx_opt_clamp01(c[j] + scale * dx_rng_normal(r));
-        else if (dx_rng_unif(r) < 1.0 / d) out[j] = (double)dx_rng_below(r, (uint64_t)k);
-        else out[j] = c[j];
     }
 }
 
@@ -352,18 +348,65 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
             memcpy(bestc, RC + (size_t)c * d, d * sizeof *cand);
         }
     free(RC);
-    for (int c = N_RANDOM; c < N_RANDOM + N_LOCAL; c++) {
-        {
-            /* around the best observed point, with scales from wide to narrow */
-            double scale = 0.2 * pow(0.05, (double)(c - N_RANDOM) / N_LOCAL);
-            perturb(sp, &r, c % 2 && best >= 0 ? bestc : X + (size_t)ibest * d, scale, cand);
-        }
-        double e = ei(&g, th, cand, fbest);
-        if (e > best) {
-            best = e;
-            memcpy(bestc, cand, d * sizeof *cand);
+    /* the local candidates: around the best observed point (even ones) or
+     * the best candidate so far (odd ones), with scales from wide to narrow.
+     * The random draws of each are made first, in order; candidates are
+     * then built and scored in batches assuming the best candidate does not
+     * change within the batch; when one does improve on it, the batch is cut
+     * there (the odd ones after it were built around the old best) and the
+     * next batch starts right after it: the same candidates and choice as
+     * scoring them one by one. */
+    size_t nl = (size_t)N_LOCAL * d;
+    double *LZ = malloc((nl + (size_t)LOCAL_BATCH * d + (size_t)n * LOCAL_BATCH + 2 * (size_t)LOCAL_BATCH) *
+                        sizeof *LZ);
+    unsigned char *LK = malloc(nl);
+    if (!LZ || !LK) {
+        free(LZ);
+        free(LK);
+        free(mem);
+        return DX_OPT_E_NOMEM;
+    }
+    double *LC = LZ + nl, *LV = LC + (size_t)LOCAL_BATCH * d, *Lmu = LV + (size_t)n * LOCAL_BATCH,
+           *Le = Lmu + LOCAL_BATCH;
+    for (int c = 0; c < N_LOCAL; c++) {
+        double scale = 0.2 * pow(0.05, (double)c / N_LOCAL);
+        for (int j = 0; j < d; j++) {
+            size_t q = (size_t)c * d + j;
+            int k = sp->dims[j].ncat;
+            LK[q] = 0;
+            if (!k) LZ[q] = scale * dx_rng_normal(&r);
+            else if (dx_rng_unif(&r) < 1.0 / d) {
+                LZ[q] = (double)dx_rng_below(&r, (uint64_t)k);
+                LK[q] = 1; /* a new category */
+            } else LK[q] = 2; /* the centre's */
         }
     }
+    int c0 = 0, B = 8;
+    while (c0 < N_LOCAL) {
+        int nb = c0 + B > N_LOCAL ? N_LOCAL - c0 : B;
+        for (int b = 0; b < nb; b++) {
+            int c = c0 + b;
+            /* parity as in the candidate numbering after the random ones */
+            const double *ctr = (N_RANDOM + c) % 2 && best >= 0 ? bestc : X + (size_t)ibest * d;
+            for (int j = 0; j < d; j++) {
+                size_t q = (size_t)c * d + j;
+                LC[(size_t)b * d + j] = LK[q] == 0 ? dx_opt_clamp01(ctr[j] + LZ[q]) : LK[q] == 1 ? LZ[q] : ctr[j];
+            }
+        }
+        ei_batch(&g, th, LC, nb, fbest, LV, Lmu, Le);
+        int cut = nb;
+        for (int b = 0; b < nb; b++)
+            if (Le[b] > best) {
+                best = Le[b];
+                memcpy(bestc, LC + (size_t)b * d, d * sizeof *cand);
+                cut = b + 1;
+                break;
+            }
+        c0 += cut;
+        B = cut == nb ? (2 * B > LOCAL_BATCH ? LOCAL_BATCH : 2 * B) : 8;
+    }
+    free(LZ);
+    free(LK);
     memcpy(out, bestc, d * sizeof *out);
     free(mem);
     return DX_OPT_OK;
