@@ -272,8 +272,9 @@ runs_are_supervised_and_a_crash_is_contained() ->
 %% rendezvous fails otherwise), every score is the objective's, each told trial
 %% is reported to the locks' progress and logged as an optimization_trial event.
 python_pool_evaluates_asks_in_parallel() ->
-    Dir = filename:join(filename:basedir(user_cache, "dspex_opt_tests"),
-                        "rv-" ++ integer_to_list(erlang:unique_integer([positive]))),
+    %% a directory of its own, removed at the end
+    Dir = filename:basedir(user_cache, "dspex_opt_tests-rv-" ++ os:getpid() ++ "-"
+                           ++ integer_to_list(erlang:unique_integer([positive]))),
     ok = filelib:ensure_path(Dir),
     Module = filename:join([code:lib_dir(dspex_bridge), "test", "python_workers", "opt_objective.py"]),
     try
