@@ -30,8 +30,11 @@ start_study(#{session_id := S, variables := Vars, algorithm := A, direction := D
                                      lock => #{conflict => wait, timeout => case LockT of 0 -> 5000; _ -> LockT end}}),
             case dspex_opt:start(S, Vars, StartOpts) of
                 {ok, Run} ->
-                    {ok, #{id := Id, space := Space}} = dspex_opt:info(Run),
-                    {reply, #{study_id => Id, space => atom_to_binary(Space)}};
+                    case dspex_opt:info(Run) of
+                        {ok, #{id := Id, space := Space}} ->
+                            {reply, #{study_id => Id, space => atom_to_binary(Space)}};
+                        {error, _} = E -> E     % ended already (a lock preempted)
+                    end;
                 {error, _} = E -> E
             end;
         {{error, _} = E, _} -> E;
