@@ -14,6 +14,7 @@
 %% │   ├── dspex_breaker_server   breaker and retry tables
 %% │   ├── dspex_workers_sup      Python worker pools
 %% │   ├── dspex_propagator_sup   per-session propagators, derive functions
+%% │   ├── dspex_opt_sup          optimization runs (dspex_opt), temporary children
 %% │   ├── dspex_prometheus       /metrics endpoint
 %% │   └── dspex_console          debug console (web page, /api/)
 %% ├── dspex_cluster_sup     routing, ownership, replication, watch relays
@@ -80,6 +81,8 @@ init(core) ->
                   start => {dspex_workers_sup, start_link, []}},
                 #{id => dspex_propagator_sup, type => supervisor, shutdown => infinity,
                   start => {dspex_propagator_sup, start_link, []}},
+                #{id => dspex_opt_sup, type => supervisor, shutdown => infinity,
+                  start => {dspex_opt_sup, start_link, []}},
                 #{id => dspex_prometheus, start => {dspex_prometheus, start_link, []}},
                 #{id => dspex_console, start => {dspex_console, start_link, []}}],
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, Children}}.

@@ -301,6 +301,14 @@ rpc('ReportOptimizationProgress', #{session_id := S, variable_identifier := K, o
                    end
            end]);
 
+%%% optimization studies (dspex_opt) -------------------------------------------
+
+rpc('StartStudy', Req, #{opts := Opts}, _Ctx) -> dspex_opt_grpc:start_study(Req, Opts);
+rpc('AskTrial', Req, #{opts := Opts}, _Ctx) -> dspex_opt_grpc:ask_trial(Req, Opts);
+rpc('TellTrial', Req, #{opts := Opts}, _Ctx) -> dspex_opt_grpc:tell_trial(Req, Opts);
+rpc('GetStudy', Req, #{opts := Opts}, _Ctx) -> dspex_opt_grpc:get_study(Req, Opts);
+rpc('StopStudy', Req, #{opts := Opts}, _Ctx) -> dspex_opt_grpc:stop_study(Req, Opts);
+
 %%% access control -------------------------------------------------------------
 
 rpc('SetVariablePermissions', #{session_id := S, variable_identifier := K, rules := Rules0}, #{opts := Opts}, _Ctx) ->

@@ -11,6 +11,10 @@
 %% | `{tool_not_found, _}' | NOT_FOUND (5) |
 %% | `{unknown_pool, _}', `{not_json, _}' | INVALID_ARGUMENT (3) |
 %% | `circuit_open', `overloaded', `no_pool', `pool_stopped', `flood', `{worker_exit, _}', `{bad_reply, _}', `{load_error, _, _}', `{spawn_failed, _}' (a Python tool's pool) | UNAVAILABLE (14) |
+%% | `run_not_found', `{unknown_trial, _}' (optimization studies) | NOT_FOUND (5) |
+%% | `{already_told, _}' | FAILED_PRECONDITION (9) |
+%% | `budget_exhausted' | OUT_OF_RANGE (11) |
+%% | `{unknown_algorithm, _}', `{unsupported_type, _, _}', `{unbounded, _}', `{invalid_log_scale, _}' | INVALID_ARGUMENT (3) |
 %% | `access_denied' | PERMISSION_DENIED (7) |
 %% | `{limit_exceeded, L}' for `L' = `sessions', `variables' (a capacity is used up) | RESOURCE_EXHAUSTED (8), "limit exceeded: L (...)" |
 %% | `rate_limited' (the session's token bucket is empty: retry later), `enomem' | RESOURCE_EXHAUSTED (8) |
@@ -111,6 +115,16 @@ of_error({load_error, T, M}) -> {unavailable, fmt("worker module does not load: 
 of_error({spawn_failed, R}) -> {unavailable, fmt("worker could not start: ~0p", [R])};
 of_error({unknown_pool, P}) -> {invalid_argument, fmt("unknown worker pool: ~ts", [txt(P)])};
 of_error({not_json, _}) -> {invalid_argument, <<"tool arguments have no JSON form">>};
+%% optimization studies (dspex_opt)
+of_error(run_not_found) -> {not_found, <<"optimization study not found">>};
+of_error({unknown_trial, Id}) -> {not_found, fmt("trial not found: ~p", [Id])};
+of_error({already_told, Id}) -> {failed_precondition, fmt("trial ~p was already told", [Id])};
+of_error(budget_exhausted) -> {out_of_range, <<"the study's budget of trials is exhausted">>};
+of_error({unknown_algorithm, A}) -> {invalid_argument, fmt("unknown algorithm: ~ts", [txt(A)])};
+of_error({unsupported_type, N, T}) ->
+    {invalid_argument, fmt("variable ~ts of type ~ts cannot be optimized", [txt(N), txt(T)])};
+of_error({unbounded, N}) -> {invalid_argument, fmt("variable ~ts needs both min and max to be optimized", [txt(N)])};
+of_error({invalid_log_scale, N}) -> {invalid_argument, fmt("variable ~ts: log scale needs min > 0", [txt(N)])};
 of_error(Other) -> {internal, fmt("internal error: ~0p", [Other])}.
 
 %% @doc Trailing metadata of an error status (see the module doc).

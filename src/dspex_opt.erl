@@ -13,6 +13,10 @@
 %% told trial through the locks' progress API and, on `stop/2' with
 %% `apply_best', writes the best parameters under the locks. The run ends
 %% (locks released) on `stop/2' or when the process that started it exits.
+%% Runs are temporary children of `dspex_opt_sup': one that crashes is not
+%% restarted, its locks are freed by `dspex_locks' (it is their holder), and
+%% nothing else goes down with it. The locks are taken in the run's process
+%% once the supervisor started it, so waiting for one blocks no other start.
 %%
 %% The search space comes from the variables (`dspex_opt_space'). Candidates
 %% come from a built-in algorithm (numeric kernels in C,
@@ -24,15 +28,17 @@
 -module(dspex_opt).
 -behaviour(gen_server).
 
--export([start/3, ask/1, tell/3, best/1, trials/1, stop/2, run/2, run/3, info/1]).
+-export([start/3, ask/1, tell/3, best/1, trials/1, stop/2, run/2, run/3, info/1, lookup/1]).
 -export([register_algorithm/1, select_algorithm/1, record_performance/3, algorithms/0]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+-export([start_link/1]).
+-export([init/1, handle_continue/2, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -type run() :: pid().
 -type trial_id() :: non_neg_integer().
 -type params() :: #{binary() => term()}.
 -type start_opts() :: #{algorithm => atom(), direction => minimize | maximize, budget => pos_integer(),
                         seed => non_neg_integer(), as => term(), context => term(), lock => map(),
+                        owner => pid() | none, idle_timeout => pos_integer() | infinity,
                         noisy => boolean(), optimum => number(), problem => term()}.
 -type objective() :: fun((params()) -> number() | {failed, term()})
                    | {workers, dspex_workers:pool(), binary() | atom()}.
@@ -48,7 +54,10 @@
 %% => 5000}'), `noisy' (the objective is noisy: its task class for selection),
 %% `optimum' (the known optimum, for the normalised regret recorded when the
 %% run stops), `problem' (what runs of the same problem share for that regret;
-%% default the session and the variable names). Errors: those of
+%% default the session and the variable names), `owner' (the process whose
+%% exit ends the run: default the caller; `none': no owner, give an
+%% `idle_timeout'), `idle_timeout' (ms, default `infinity': the run ends,
+%% locks released, when no call reached it for that long). Errors: those of
 %% `dspex_opt_space:from_variables/2', `{unknown_algorithm, A}',
 %% `{invalid_argument, Opt}', and those of `dspex_locks:acquire/4'.
 -spec start(dspex_store:session_id(), [dspex_store:var_key()], start_opts()) -> {ok, run()} | {error, term()}.
@@ -57,8 +66,15 @@ start(Session, Vars, Opts) when is_map(Opts) ->
         {ok, Cfg} ->
             case dspex_opt_space:from_variables(Session, Vars) of
                 {ok, Space} ->
-                    case gen_server:start(?MODULE, {Session, Space, Cfg, self()}, []) of
-                        {ok, Pid} -> {ok, Pid};
+                    case dspex_opt_sup:start_run({Session, Space, Cfg, maps:get(owner, Cfg)}) of
+                        {ok, Pid} ->
+                            %% the locks are taken after the supervisor's start
+                            %% returned (a run waiting for a lock must not block
+                            %% it): this call returns once they are held or not
+                            case call(Pid, started) of
+                                ok -> {ok, Pid};
+                                {error, _} = E -> E
+                            end;
                         {error, _} = E -> E
                     end;
                 Error -> Error
@@ -91,9 +107,16 @@ trials(Run) ->
         {error, _} = E -> E
     end.
 
-%% @doc The run's settings and counts.
+%% @doc The run's settings and counts (`id', `session', `principal' (its
+%% `as' or `undefined'), `variables', `space', `algorithm', `direction',
+%% `budget', `seed', `asked', `told', `pending').
 -spec info(run()) -> {ok, map()} | {error, term()}.
 info(Run) -> call(Run, info).
+
+%% @doc The run of an id (`info/1''s `id', unguessable; how gRPC clients name
+%% their runs).
+-spec lookup(binary()) -> {ok, run()} | {error, run_not_found}.
+lookup(RunId) -> dspex_opt_sup:lookup_run(RunId).
 
 %% @doc Ends the run: with `#{apply_best => true}' writes the best parameters
 %% to the variables under the locks (`dspex_locks:stop/2'), then releases the
@@ -112,6 +135,12 @@ run(Run, Objective) -> run(Run, Objective, #{}).
 %% of `Fn' with the parameters, the JSON number it returns being the score),
 %% tells. Options: `parallel' (evaluations in flight, default 1), `timeout'
 %% (ms per evaluation, default 60000). Returns `best/1''s result.
+%%
+%% Every told trial (by `run/3' or `tell/3') emits `[dspex, opt, tell]', is
+%% reported to the locks' progress and, when the event log is on, appended to
+%% the session's log as an `optimization_trial' event (data: `run' (the id of
+%% `info/1'), `algorithm', `trial', `told' (its rank in tell order), `params',
+%% `state', `score' or `reason', `best_trial').
 -spec run(run(), objective(), #{parallel => pos_integer(), timeout => pos_integer()}) ->
           {ok, map()} | {error, term()}.
 run(Run, Objective, Opts) when is_map(Opts) ->
@@ -154,7 +183,8 @@ check_opts(Opts) ->
             budget => maps:get(budget, Opts, 100), seed => maps:get(seed, Opts, 0),
             lock => maps:get(lock, Opts, #{}), noisy => maps:get(noisy, Opts, false),
             optimum => maps:get(optimum, Opts, undefined), problem => maps:get(problem, Opts, undefined),
-            acl => maps:with([as, context], Opts)},
+            acl => maps:with([as, context], Opts), owner => maps:get(owner, Opts, self()),
+            idle_timeout => maps:get(idle_timeout, Opts, infinity)},
     Checks = [{direction, lists:member(maps:get(direction, Cfg), [minimize, maximize])},
               {budget, is_integer(maps:get(budget, Cfg)) andalso maps:get(budget, Cfg) >= 1
                    andalso maps:get(budget, Cfg) =< 100000},
@@ -162,7 +192,11 @@ check_opts(Opts) ->
                    andalso maps:get(seed, Cfg) < 1 bsl 64},
               {lock, is_map(maps:get(lock, Cfg))},
               {noisy, is_boolean(maps:get(noisy, Cfg))},
-              {optimum, maps:get(optimum, Cfg) =:= undefined orelse is_number(maps:get(optimum, Cfg))}],
+              {optimum, maps:get(optimum, Cfg) =:= undefined orelse is_number(maps:get(optimum, Cfg))},
+              {owner, is_pid(maps:get(owner, Cfg)) orelse maps:get(owner, Cfg) =:= none},
+              {idle_timeout, maps:get(idle_timeout, Cfg) =:= infinity
+                   orelse (is_integer(maps:get(idle_timeout, Cfg)) andalso maps:get(idle_timeout, Cfg) > 0
+                           andalso maps:get(idle_timeout, Cfg) < 1 bsl 32)}],
     case [K || {K, false} <- Checks] of
         [] ->
             case dspex_opt_registry:lookup(maps:get(algorithm, Cfg)) of
@@ -230,8 +264,25 @@ evaluate(F, Params) ->
 %%% the run process --------------------------------------------------------------
 
 %% @private
--spec init({dspex_store:session_id(), dspex_opt_space:space(), map(), pid()}) -> {ok, map()} | {stop, term()}.
+%% @doc Starts a run process; called by `dspex_opt_sup' (use `start/3').
+-spec start_link({dspex_store:session_id(), dspex_opt_space:space(), map(), pid()}) -> {ok, pid()} | {error, term()}.
+start_link(Args) -> gen_server:start_link(?MODULE, Args, []).
+
+%% @private
+-spec init({dspex_store:session_id(), dspex_opt_space:space(), map(), pid()}) -> {ok, map(), {continue, start}}.
 init({Session, Space, Cfg, Owner}) ->
+    %% a supervisor shutdown runs terminate/2 (locks released at once)
+    process_flag(trap_exit, true),
+    %% unguessable: a gRPC client names its run by this id
+    RunId = string:lowercase(binary:encode_hex(crypto:strong_rand_bytes(12))),
+    true = dspex_opt_sup:register_run(RunId, self()),
+    St = #{session => Session, space => Space, cfg => Cfg, locks => #{}, starting => ok, id => RunId,
+           owner => case Owner of none -> none; _ -> erlang:monitor(process, Owner) end, idle_timer => undefined},
+    {ok, rearm(St), {continue, start}}.
+
+%% @private
+-spec handle_continue(start, map()) -> {noreply, map()}.
+handle_continue(start, #{session := Session, space := Space, cfg := Cfg} = St0) ->
     #{algorithm := Alg, direction := Dir, lock := LockOpts0, acl := Acl, seed := Seed, budget := Budget} = Cfg,
     LockOpts = maps:merge(maps:merge(#{conflict => wait, timeout => 5000}, LockOpts0),
                           Acl#{objective => Dir, metric => score, pid => self()}),
@@ -245,16 +296,15 @@ init({Session, Space, Cfg, Owner}) ->
             Dims = dspex_opt_space:dims(Space),
             case init_impl(Impl, Dims, Seed, Budget) of
                 {ok, Impl1} ->
-                    St = #{session => Session, space => Space, dims => Dims, cfg => Cfg, impl => Impl1,
-                           locks => Locks, next => 0, trials => #{}, told => [], ntold => 0, pending => #{},
-                           best => undefined, owner => erlang:monitor(process, Owner), ask_us => 0},
+                    St = St0#{dims => Dims, impl => Impl1, locks := Locks, next => 0, trials => #{}, told => [],
+                              ntold => 0, pending => #{}, best => undefined, ask_us => 0},
                     event(start, #{count => 1}, St, #{variables => Names, budget => Budget}),
-                    {ok, St};
+                    {noreply, St};
                 {error, R} ->
                     release_all(Locks),
-                    {stop, R}
+                    {noreply, St0#{starting := {error, R}}}
             end;
-        {error, R} -> {stop, R}
+        {error, R} -> {noreply, St0#{starting := {error, R}}}
     end.
 
 acquire(_S, [], _Id, _Opts, Acc) -> {ok, Acc};
@@ -277,9 +327,21 @@ init_impl({plugin, Mod, _}, Dims, Seed, Budget) ->
 
 %% @private
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {stop, normal, term(), map()}.
-handle_call(ask, _From, #{next := N, cfg := #{budget := B}} = St) when N >= B ->
+handle_call(Msg, From, St) -> do_call(Msg, From, rearm(St)).
+
+%% The idle timer (option `idle_timeout'): restarted by every call.
+rearm(#{cfg := #{idle_timeout := infinity}} = St) -> St;
+rearm(#{cfg := #{idle_timeout := Ms}, idle_timer := T} = St) ->
+    _ = T =/= undefined andalso erlang:cancel_timer(T, [{async, true}, {info, false}]),
+    St#{idle_timer := erlang:start_timer(Ms, self(), idle)}.
+
+do_call(started, _From, #{starting := ok} = St) ->
+    {reply, ok, St};
+do_call(started, _From, #{starting := Error} = St) ->
+    {stop, normal, Error, St};
+do_call(ask, _From, #{next := N, cfg := #{budget := B}} = St) when N >= B ->
     {reply, {error, budget_exhausted}, St};
-handle_call(ask, _From, #{next := N, space := Space} = St) ->
+do_call(ask, _From, #{next := N, space := Space} = St) ->
     T0 = erlang:monotonic_time(),
     case propose(N, St) of
         {ok, Point0, St1} ->
@@ -294,7 +356,7 @@ handle_call(ask, _From, #{next := N, space := Space} = St) ->
             {reply, {ok, N, Params}, St2};
         {error, _} = E -> {reply, E, St}
     end;
-handle_call({tell, Id, Result}, _From, #{trials := Ts} = St) ->
+do_call({tell, Id, Result}, _From, #{trials := Ts} = St) ->
     case Ts of
         #{Id := #{state := pending} = T} ->
             case result(Result) of
@@ -304,16 +366,17 @@ handle_call({tell, Id, Result}, _From, #{trials := Ts} = St) ->
         #{Id := _} -> {reply, {error, {already_told, Id}}, St};
         _ -> {reply, {error, {unknown_trial, Id}}, St}
     end;
-handle_call(best, _From, St) ->
+do_call(best, _From, St) ->
     {reply, best_of(St), St};
-handle_call(trials, _From, #{trials := Ts} = St) ->
+do_call(trials, _From, #{trials := Ts} = St) ->
     {reply, {ok, [maps:without([point], T) || {_, T} <- lists:sort(maps:to_list(Ts))]}, St};
-handle_call(info, _From, #{session := S, space := Sp, cfg := Cfg, next := N, ntold := NT, pending := P} = St) ->
-    {reply, {ok, #{session => S, variables => dspex_opt_space:names(Sp), space => dspex_opt_space:kind(Sp),
+do_call(info, _From, #{session := S, space := Sp, cfg := Cfg, next := N, ntold := NT, pending := P} = St) ->
+    {reply, {ok, #{id => maps:get(id, St), session => S, variables => dspex_opt_space:names(Sp), space => dspex_opt_space:kind(Sp),
                    algorithm => maps:get(algorithm, Cfg), direction => maps:get(direction, Cfg),
                    budget => maps:get(budget, Cfg), seed => maps:get(seed, Cfg), asked => N, told => NT,
+                   principal => maps:get(as, maps:get(acl, Cfg), undefined),
                    pending => map_size(P)}}, St};
-handle_call({stop, Apply}, _From, #{locks := Locks} = St) ->
+do_call({stop, Apply}, _From, #{locks := Locks} = St) ->
     Results = [dspex_locks:stop(L, #{apply_best => Apply}) || L <- maps:values(Locks)],
     Applied = Apply andalso best_of(St) =/= {error, no_trials}
         andalso lists:all(fun({ok, #{applied := A}}) -> A; (_) -> false end, Results),
@@ -333,6 +396,9 @@ handle_cast(_Msg, St) -> {noreply, St}.
 -spec handle_info(term(), map()) -> {noreply, map()} | {stop, term(), map()}.
 handle_info({'DOWN', MRef, process, _, _}, #{owner := MRef} = St) ->
     {stop, normal, St};
+handle_info({timeout, T, idle}, #{idle_timer := T} = St) ->
+    %% nobody called for `idle_timeout' ms: the run is abandoned
+    {stop, normal, St};
 handle_info({dspex_preempted, _, _, _}, St) ->
     {stop, normal, St};
 handle_info({dspex_lock_expired, _, _, _}, St) ->
@@ -342,7 +408,9 @@ handle_info(_Msg, St) ->
 
 %% @private
 -spec terminate(term(), map()) -> ok.
-terminate(_Reason, #{locks := Locks}) -> release_all(Locks).
+terminate(_Reason, #{locks := Locks, id := RunId}) ->
+    dspex_opt_sup:unregister_run(RunId),
+    release_all(Locks).
 
 %% The candidate of trial N: from the C kernels, or the plugin.
 %% (BO: the GP hyperparameters fitted by one ask start the next one's fit.)
@@ -399,7 +467,18 @@ record(Id, T, Y0, Score, Reason, #{cfg := #{direction := Dir}, told := Told, nto
     St2 = St1#{told := [{Id, Point, Y} | Told], ntold := NT + 1, pending := maps:remove(Id, Pend),
                trials := Ts#{Id := T1}, best := Best},
     event(tell, #{count => 1}, St2, #{trial => Id, result => case Y of failed -> failed; _ -> ok end}),
+    trial_event(Id, T1, St2),
     St2.
+
+%% One `optimization_trial' event per told trial in the session's event log
+%% (when the log is on; never fails the run).
+trial_event(Id, T, #{session := S, id := RunId, cfg := #{algorithm := A, acl := Acl}, ntold := NT,
+                     best := {BestId, _}}) ->
+    Data = maps:merge(maps:with([params, state, score, reason], T),
+                      #{run => RunId, algorithm => A, trial => Id, told => NT, best_trial => BestId}),
+    dspex_events:emit(S, optimization_trial, Data, maps:with([principal], #{principal => maps:get(as, Acl, undefined)}));
+trial_event(Id, T, #{best := undefined} = St) ->
+    trial_event(Id, T, St#{best := {undefined, undefined}}).
 
 tell_impl(_Id, _Point, _Y, #{impl := {builtin, _, _}} = St) -> St;
 tell_impl(Id, Point, Y, #{impl := {plugin, Mod, PS}} = St) ->

@@ -6,7 +6,7 @@
 -include("dspex_bridge.hrl").
 
 -define(CORE, [dspex_events, dspex_metrics_server, dspex_acl_audit, dspex_session_sweeper, dspex_locks,
-               dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_prometheus, dspex_console]).
+               dspex_breaker_server, dspex_workers_sup, dspex_propagator_sup, dspex_opt_sup, dspex_prometheus, dspex_console]).
 
 setup() ->
     %% the whole tree, whatever an earlier module in this VM left configured

@@ -46,6 +46,9 @@ opt_test_() ->
       {timeout, 300, fun every_algorithm_converges_and_respects_constraints/0}, fun parallel_run_tells_every_trial/0,
       fun maximize_and_apply_best_under_lock/0, fun locks_held_and_progress_reported/0,
       fun failed_trials_and_crashing_objective/0, fun owner_exit_ends_run_and_releases/0,
+      fun runs_are_supervised_and_a_crash_is_contained/0,
+      {timeout, 120, fun python_pool_evaluates_asks_in_parallel/0},
+      fun run_without_owner_lives_until_idle/0, fun grpc_study_handlers/0, fun run_waiting_for_a_lock_blocks_no_other_start/0,
       fun telemetry_events/0, fun plugin_registered_and_used/0, fun bad_plugins_refused/0,
       fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
       fun finished_runs_feed_selection/0, fun bad_options/0]}.
@@ -226,6 +229,210 @@ owner_exit_ends_run_and_releases() ->
     receive {'DOWN', MRef, process, R, _} -> ok end,
     %% the lock server saw the holder go (bounded polling on its state)
     ok = await(fun() -> dspex_locks:status(S, x) =:= {ok, #{locked => false, waiters => 0}} end, 1000).
+
+%% Runs are temporary children of dspex_opt_sup: a run that crashes frees its
+%% locks, is not restarted, and takes down neither the other runs, nor the
+%% supervisor, nor the core services.
+runs_are_supervised_and_a_crash_is_contained() ->
+    S1 = session(),
+    S2 = session(),
+    Sup = whereis(dspex_opt_sup),
+    Core = lists:sort(supervisor:which_children(dspex_core_sup)),
+    {ok, R1} = dspex_opt:start(S1, [x, style], #{algorithm => random, budget => 10}),
+    {ok, R2} = dspex_opt:start(S2, [x], #{algorithm => random, budget => 10}),
+    ?assert(lists:member(R1, dspex_opt_sup:runs())),
+    ?assert(lists:member(R2, dspex_opt_sup:runs())),
+    {ok, #{locked := true}} = dspex_locks:status(S1, x),
+    {ok, 0, _} = dspex_opt:ask(R1),
+    MRef = erlang:monitor(process, R1),
+    %% a request the run does not know crashes it (function_clause)
+    ?assertMatch({'EXIT', _}, catch gen_server:call(R1, no_such_request)),
+    receive {'DOWN', MRef, process, R1, Reason} -> ?assertMatch({function_clause, _}, Reason) end,
+    ok = await(fun() -> dspex_locks:status(S1, x) =:= {ok, #{locked => false, waiters => 0}}
+                            andalso dspex_locks:status(S1, style) =:= {ok, #{locked => false, waiters => 0}} end, 5000),
+    ?assertEqual({error, run_not_found}, dspex_opt:ask(R1)),
+    ?assertNot(lists:member(R1, dspex_opt_sup:runs())),
+    %% the other run goes on; nothing else restarted
+    {ok, Id, _} = dspex_opt:ask(R2),
+    ok = dspex_opt:tell(R2, Id, 1.0),
+    ?assertEqual(Sup, whereis(dspex_opt_sup)),
+    ?assertEqual(Core, lists:sort(supervisor:which_children(dspex_core_sup))),
+    %% a killed run likewise
+    MRef2 = erlang:monitor(process, R2),
+    exit(R2, kill),
+    receive {'DOWN', MRef2, process, R2, killed} -> ok end,
+    ok = await(fun() -> dspex_locks:status(S2, x) =:= {ok, #{locked => false, waiters => 0}} end, 5000),
+    ?assertEqual(Sup, whereis(dspex_opt_sup)),
+    %% the variables can be optimized again
+    {ok, R3} = dspex_opt:start(S1, [x, style], #{algorithm => random, budget => 1}),
+    {ok, _} = dspex_opt:stop(R3, #{}).
+
+%% run/3 with a real Python worker pool (test/python_workers/opt_objective.py):
+%% the first two asks are evaluated at the same time by two workers (their
+%% rendezvous fails otherwise), every score is the objective's, each told trial
+%% is reported to the locks' progress and logged as an optimization_trial event.
+python_pool_evaluates_asks_in_parallel() ->
+    %% a directory of its own, removed at the end
+    Dir = filename:basedir(user_cache, "dspex_opt_tests-rv-" ++ os:getpid() ++ "-"
+                           ++ integer_to_list(erlang:unique_integer([positive]))),
+    ok = filelib:ensure_path(Dir),
+    Module = filename:join([code:lib_dir(dspex_bridge), "test", "python_workers", "opt_objective.py"]),
+    try
+        {ok, _} = dspex_workers:start_pool(opt_py, #{module => Module, size => 2, health_interval_ms => infinity,
+                                                     env => [{"DSPEX_OPT_RENDEZVOUS", Dir},
+                                                             {"DSPEX_OPT_RENDEZVOUS_N", "2"}]}),
+        ok = await(fun() -> {ok, #{idle := I}} = dspex_workers:status(opt_py), I >= 2 end, 20000),
+        ?assert(dspex_events:enabled()),
+        S = session(),
+        Self = self(),
+        TId = {?MODULE, make_ref()},
+        ok = dspex_telemetry:attach(TId, [dspex, opt, tell], fun(_, _, #{trial := T}, _) -> Self ! {told, T} end,
+                                    undefined),
+        {ok, R} = dspex_opt:start(S, vars(), #{algorithm => tpe, budget => 24, seed => 3}),
+        {ok, #{id := RunId}} = dspex_opt:info(R),
+        {ok, #{score := Best, params := BestP}} = dspex_opt:run(R, {workers, opt_py, mixed},
+                                                                #{parallel => 2, timeout => 60000}),
+        dspex_telemetry:detach(TId),
+        Ts = dspex_opt:trials(R),
+        ?assertEqual(24, length(Ts)),
+        %% no trial failed (a lone first call fails its rendezvous), and each
+        %% score is the objective's value at its parameters
+        [?assertMatch(#{state := complete}, T) || T <- Ts],
+        [?assert(abs(Sc - objective(P)) < 1.0e-9) || #{params := P, score := Sc} <- Ts],
+        ?assertEqual(lists:min([Sc || #{score := Sc} <- Ts]), Best),
+        ?assert(abs(Best - objective(BestP)) < 1.0e-9),
+        %% the two first calls ran in the two workers
+        {ok, Files} = file:list_dir(Dir),
+        ?assertEqual(24, length(Files)),
+        {ok, Pid0} = file:read_file(filename:join(Dir, "call-00000")),
+        {ok, Pid1} = file:read_file(filename:join(Dir, "call-00001")),
+        ?assertNotEqual(Pid0, Pid1),
+        ?assertEqual(lists:sort(dspex_workers:os_pids(opt_py)),
+                     lists:sort([binary_to_integer(Pid0), binary_to_integer(Pid1)])),
+        %% telemetry: one tell per trial; progress: the locks saw all 24
+        Told = [receive {told, T} -> T after 5000 -> missing end || _ <- Ts],
+        ?assertEqual(lists:seq(0, 23), lists:sort(Told)),
+        {ok, #{iterations := 24, best := #{score := Best}}} = dspex_locks:status(S, x),
+        %% the event log: one optimization_trial per told trial, in tell order
+        ok = dspex_events:await(),
+        {ok, Evs} = dspex_events:read(S, #{types => [optimization_trial]}),
+        ?assertEqual(Told, [T || #{data := #{trial := T}} <- Evs]),
+        ?assertEqual(lists:seq(1, 24), [N || #{data := #{told := N}} <- Evs]),
+        [?assertMatch(#{run := RunId, algorithm := tpe, state := complete, score := _, params := _}, D)
+         || #{data := D} <- Evs],
+        #{data := #{best_trial := LastBest}} = lists:last(Evs),
+        ?assertEqual({ok, BestP}, case lists:keyfind(LastBest, 1, [{I, P} || #{id := I, params := P} <- Ts]) of
+                                      {_, P} -> {ok, P}; false -> error end),
+        {ok, _} = dspex_opt:stop(R, #{}),
+        %% a function that answers something else than a number fails its trials
+        {ok, R2} = dspex_opt:start(S, [x], #{algorithm => random, budget => 2}),
+        ?assertEqual({error, no_trials}, dspex_opt:run(R2, {workers, opt_py, not_a_number})),
+        [?assertMatch(#{state := failed, reason := {not_a_score, <<"high">>}}, T) || T <- dspex_opt:trials(R2)],
+        {ok, _} = dspex_opt:stop(R2, #{})
+    after
+        _ = dspex_workers:stop_pool(opt_py),
+        _ = file:del_dir_r(Dir)
+    end.
+
+%% owner => none: the run outlives its starter, is found by its id, and ends
+%% (locks released, id forgotten) once no call reached it for idle_timeout ms.
+run_without_owner_lives_until_idle() ->
+    S = session(),
+    Self = self(),
+    Starter = spawn(fun() ->
+                            Self ! {started, dspex_opt:start(S, [x], #{owner => none, idle_timeout => 300,
+                                                                       algorithm => random, budget => 5})}
+                    end),
+    {ok, R} = receive {started, Res} -> Res end,
+    SRef = erlang:monitor(process, Starter),
+    receive {'DOWN', SRef, process, Starter, _} -> ok end,
+    MRef = erlang:monitor(process, R),
+    {ok, #{id := Id}} = dspex_opt:info(R),
+    ?assertMatch(<<_:24/binary>>, Id),
+    ?assertEqual({ok, R}, dspex_opt:lookup(Id)),
+    {ok, T, _} = dspex_opt:ask(R),
+    ok = dspex_opt:tell(R, T, 1.0),
+    receive {'DOWN', MRef, process, R, normal} -> ok end,
+    ?assertEqual({error, run_not_found}, dspex_opt:lookup(Id)),
+    ok = await(fun() -> dspex_locks:status(S, x) =:= {ok, #{locked => false, waiters => 0}} end, 5000),
+    ?assertEqual({error, run_not_found}, dspex_opt:lookup(<<"nope">>)),
+    ?assertEqual({error, {invalid_argument, owner}}, dspex_opt:start(S, [x], #{owner => nobody})),
+    ?assertEqual({error, {invalid_argument, idle_timeout}}, dspex_opt:start(S, [x], #{idle_timeout => 0})).
+
+%% The study RPCs through dspex_grpc_handler (request maps as the port shapes
+%% them): a study outlives the RPC that started it, is usable by its session
+%% and principal only, and maps dspex_opt's errors to their statuses.
+grpc_study_handlers() ->
+    S = session(),
+    H = fun(M, Req, Opts) -> dspex_grpc_handler:handle(M, Req#{session_id => maps:get(session_id, Req, S)},
+                                                        #{opts => Opts}, undefined) end,
+    Start = #{variables => [<<"x">>, <<"style">>], algorithm => <<"tpe">>, direction => <<"maximize">>, budget => 3,
+              seed => 5, idle_timeout_ms => 0, lock_timeout_ms => 0},
+    {reply, #{study_id := Id, space := <<"mixed">>}} = H('StartStudy', Start, #{}),
+    {ok, Run} = dspex_opt:lookup(Id),
+    {ok, #{locked := true}} = dspex_locks:status(S, x),
+    Other = session(),
+    ?assertEqual({error, run_not_found}, H('AskTrial', #{session_id => Other, study_id => Id}, #{})),
+    ?assertEqual({error, run_not_found}, H('AskTrial', #{study_id => Id}, #{as => <<"someone">>})),
+    ?assertEqual({error, run_not_found}, H('AskTrial', #{study_id => <<"nope">>}, #{})),
+    {reply, #{trial_id := 0, params_json := #{<<"x">> := X0, <<"style">> := _} = P0}} =
+        H('AskTrial', #{study_id => Id}, #{}),
+    ?assert(is_float(X0)),
+    {reply, #{trial_id := 1}} = H('AskTrial', #{study_id => Id}, #{}),
+    Tell = #{study_id => Id, trial_id => 0, score => 2.5, failed => false, reason => <<>>},
+    ?assertEqual({reply, #{}}, H('TellTrial', Tell, #{})),
+    ?assertEqual({error, {already_told, 0}}, H('TellTrial', Tell, #{})),
+    ?assertEqual({error, {unknown_trial, 7}}, H('TellTrial', Tell#{trial_id => 7}, #{})),
+    ?assertEqual({reply, #{}}, H('TellTrial', Tell#{trial_id => 1, failed => true, reason => <<"oom">>}, #{})),
+    {reply, #{trial_id := 2}} = H('AskTrial', #{study_id => Id}, #{}),
+    ?assertEqual({error, budget_exhausted}, H('AskTrial', #{study_id => Id}, #{})),
+    {reply, G} = H('GetStudy', #{study_id => Id, include_trials => true}, #{}),
+    ?assertMatch(#{study_id := Id, algorithm := <<"tpe">>, direction := <<"maximize">>, budget := 3, asked := 3,
+                   told := 2, pending := 1, variables := [<<"x">>, <<"style">>], space := <<"mixed">>,
+                   has_best := true, best := #{trial_id := 0, score := 2.5, params_json := P0}}, G),
+    ?assertMatch([#{trial_id := 0, state := <<"complete">>, score := 2.5},
+                  #{trial_id := 1, state := <<"failed">>, reason := <<"oom">>},
+                  #{trial_id := 2, state := <<"pending">>}], maps:get(trials, G)),
+    {reply, Stop} = H('StopStudy', #{study_id => Id, apply_best => true}, #{}),
+    ?assertMatch(#{applied := true, has_best := true, trials := 2, apply_errors := [],
+                   best := #{trial_id := 0, params_json := P0}}, Stop),
+    ?assertEqual({ok, X0}, dspex_store:get_value(S, x)),
+    ?assertNot(is_process_alive(Run)),
+    ?assertEqual({error, run_not_found}, H('GetStudy', #{study_id => Id, include_trials => false}, #{})),
+    %% refusals of StartStudy
+    ?assertEqual({error, {unknown_algorithm, <<"magic">>}}, H('StartStudy', Start#{algorithm => <<"magic">>}, #{})),
+    ?assertEqual({error, {invalid_argument, direction}}, H('StartStudy', Start#{direction => <<"up">>}, #{})),
+    ?assertEqual({error, {invalid_argument, budget}}, H('StartStudy', Start#{budget => -1}, #{})),
+    ?assertEqual({error, {not_found, <<"nope">>}}, H('StartStudy', Start#{variables => [<<"nope">>]}, #{})),
+    ?assertEqual({error, {invalid_argument, session_id}}, H('StartStudy', Start#{session_id => <<>>}, #{})),
+    %% every error maps to its status
+    [?assertEqual(Code, element(1, dspex_grpc_status:of_error(E)))
+     || {E, Code} <- [{run_not_found, not_found}, {{unknown_trial, 1}, not_found},
+                      {{already_told, 1}, failed_precondition}, {budget_exhausted, out_of_range},
+                      {{unknown_algorithm, x}, invalid_argument}, {{unsupported_type, <<"p">>, string}, invalid_argument},
+                      {{unbounded, <<"f">>}, invalid_argument}, {{invalid_log_scale, <<"f">>}, invalid_argument}]],
+    ?assertEqual(#{<<"dspex-error">> => <<"budget_exhausted">>}, dspex_grpc_status:trailers(budget_exhausted)).
+
+%% A run waits for its locks in its own process, not in the supervisor's
+%% start: while one waits, other runs start; it starts once the lock is free.
+run_waiting_for_a_lock_blocks_no_other_start() ->
+    S1 = session(),
+    S2 = session(),
+    {ok, L} = dspex_locks:acquire(S1, x, holder, #{}),
+    Self = self(),
+    Waiter = spawn_link(fun() ->
+                                Self ! {waited, dspex_opt:start(S1, [x], #{lock => #{conflict => wait, timeout => 60000}})},
+                                receive stop -> ok end
+                        end),
+    ok = await(fun() -> maps:get(waiters, element(2, dspex_locks:status(S1, x)), 0) =:= 1 end, 5000),
+    {ok, R2} = dspex_opt:start(S2, [x], #{budget => 1}),
+    receive {waited, Early} -> ?assertEqual(still_waiting, Early) after 0 -> ok end,
+    {ok, _} = dspex_opt:stop(R2, #{}),
+    ok = dspex_locks:release(L),
+    {ok, R1} = receive {waited, Res} -> Res end,
+    {ok, #{locked := true, optimizer := {dspex_opt, tpe, R1}}} = dspex_locks:status(S1, x),
+    {ok, _} = dspex_opt:stop(R1, #{}),
+    Waiter ! stop.
 
 await(F, 0) -> {timeout, F()};
 await(F, N) ->

@@ -20,6 +20,7 @@
 #define MAX_OBS 300
 #define N_RANDOM 400
 #define N_LOCAL 300
+#define LOCAL_BATCH 64
 #define N_ITER 12
 #define N_WARM_ITER 3
 #define N_LINE 5
@@ -31,6 +32,7 @@ typedef struct {
     const double *x; /* n x d */
     const double *y; /* standardised */
     double *K, *L, *alpha, *Kinv, *tmp, *K2;
+    double *R, *E; /* per pair of the last K: the scaled distance r and exp(-sqrt(5) r) */
 } gp;
 
 /* squared scaled distance, and per-dimension parts into parts (if not NULL) */
@@ -52,8 +54,10 @@ static double matern(double r2, double sf2) {
     return sf2 * (1.0 + SQ5 * r + 5.0 / 3.0 * r2) * exp(-SQ5 * r);
 }
 
+static void nlml_grad(gp *g, const double *th, double *grad);
+
 /* Negative log marginal likelihood at th (log params); gradient into grad if
- * not NULL. Leaves L and alpha of th. Returns INFINITY if not SPD. */
+ * not NULL. Leaves K, L, alpha, R and E of th. Returns INFINITY if not SPD. */
 static double nlml(gp *g, const double *th, double *grad) {
     int n = g->n, d = g->d;
     double ell[DX_OPT_MAX_DIMS];
@@ -61,8 +65,13 @@ static double nlml(gp *g, const double *th, double *grad) {
     double sf2 = exp(th[d]), sn2 = exp(th[d + 1]);
     for (int i = 0; i < n; i++)
         for (int k = 0; k <= i; k++) {
-            double v = matern(dist2(g, g->x + i * d, g->x + k * d, ell, NULL), sf2);
+            /* matern(), keeping r and the exponential for the gradient */
+            double r2 = dist2(g, g->x + i * d, g->x + k * d, ell, NULL);
+            double r = sqrt(r2), e = exp(-SQ5 * r);
+            double v = sf2 * (1.0 + SQ5 * r + 5.0 / 3.0 * r2) * e;
             g->K[i * n + k] = g->K[k * n + i] = v;
+            g->R[i * n + k] = r;
+            g->E[i * n + k] = e;
         }
     memcpy(g->L, g->K, (size_t)n * n * sizeof *g->L);
     for (int i = 0; i < n; i++) g->L[i * n + i] += sn2 + 1e-8;
@@ -76,25 +85,83 @@ static double nlml(gp *g, const double *th, double *grad) {
     }
     dx_opt_chol_bwd(g->L, n, g->alpha);
     double f = 0.5 * quad + logdet + 0.5 * n * 1.8378770664093453;
-    if (!grad) return f;
-    /* Kinv = L^-T L^-1: first M = L^-1 (lower triangular) in K's storage... */
-    double *M = g->K2;
-    for (int c = 0; c < n; c++) {
-        for (int i = 0; i < c; i++) M[i * n + c] = 0.0;
-        M[c * n + c] = 1.0 / g->L[c * n + c];
-        for (int i = c + 1; i < n; i++) {
-            double t = 0;
-            for (int k = c; k < i; k++) t -= g->L[i * n + k] * M[k * n + c];
-            M[i * n + c] = t / g->L[i * n + i];
+    if (grad) nlml_grad(g, th, grad);
+    return f;
+}
+
+/* The gradient of the NLML at th, from the K, L, alpha, R and E that nlml()
+ * left for the same th. */
+static void nlml_grad(gp *g, const double *th, double *grad) {
+    int n = g->n, d = g->d;
+    double ell[DX_OPT_MAX_DIMS];
+    for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
+    double sf2 = exp(th[d]), sn2 = exp(th[d + 1]);
+    /* Kinv = L^-T L^-1: first M = L^-1 (lower triangular), stored
+     * transposed (T[c][k] = M[k][c]) so that every sum below runs over
+     * contiguous memory; row by row, M[i][c] = -(sum over c <= k < i of
+     * L[i][k] M[k][c]) / L[i][i]... */
+    double *T = g->K2;
+    for (int i = 0; i < n; i++) {
+        const double *Li = g->L + (size_t)i * n;
+        int c = 0;
+        /* four columns at a time: each sum starts at its own column, then
+         * the four run together (each in the same order as alone) */
+        for (; c + 3 < i; c += 4) {
+            const double *T0 = T + (size_t)c * n, *T1 = T0 + n, *T2 = T1 + n, *T3 = T2 + n;
+            double t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+            t0 -= Li[c] * T0[c];
+            t0 -= Li[c + 1] * T0[c + 1];
+            t1 -= Li[c + 1] * T1[c + 1];
+            t0 -= Li[c + 2] * T0[c + 2];
+            t1 -= Li[c + 2] * T1[c + 2];
+            t2 -= Li[c + 2] * T2[c + 2];
+            for (int k = c + 3; k < i; k++) {
+                double l = Li[k];
+                t0 -= l * T0[k];
+                t1 -= l * T1[k];
+                t2 -= l * T2[k];
+                t3 -= l * T3[k];
+            }
+            T[(size_t)c * n + i] = t0 / Li[i];
+            T[(size_t)(c + 1) * n + i] = t1 / Li[i];
+            T[(size_t)(c + 2) * n + i] = t2 / Li[i];
+            T[(size_t)(c + 3) * n + i] = t3 / Li[i];
         }
-    }
-    /* ...then Kinv[i][k] = sum over r >= max(i, k) of M[r][i] M[r][k] */
-    for (int i = 0; i < n; i++)
-        for (int k = 0; k <= i; k++) {
+        for (; c < i; c++) {
+            const double *Tc = T + (size_t)c * n;
             double t = 0;
-            for (int r = i; r < n; r++) t += M[r * n + i] * M[r * n + k];
+            for (int k = c; k < i; k++) t -= Li[k] * Tc[k];
+            T[(size_t)c * n + i] = t / Li[i];
+        }
+        T[(size_t)i * n + i] = 1.0 / Li[i];
+    }
+    /* ...then Kinv[i][k] = sum over r >= i >= k of M[r][i] M[r][k], four k
+     * at a time (four independent sums, each in the same order as alone) */
+    for (int i = 0; i < n; i++) {
+        const double *Ti = T + (size_t)i * n;
+        int k = 0;
+        for (; k + 3 <= i; k += 4) {
+            const double *T0 = T + (size_t)k * n, *T1 = T0 + n, *T2 = T1 + n, *T3 = T2 + n;
+            double t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+            for (int r = i; r < n; r++) {
+                double v = Ti[r];
+                t0 += v * T0[r];
+                t1 += v * T1[r];
+                t2 += v * T2[r];
+                t3 += v * T3[r];
+            }
+            g->Kinv[i * n + k] = g->Kinv[k * n + i] = t0;
+            g->Kinv[i * n + k + 1] = g->Kinv[(k + 1) * n + i] = t1;
+            g->Kinv[i * n + k + 2] = g->Kinv[(k + 2) * n + i] = t2;
+            g->Kinv[i * n + k + 3] = g->Kinv[(k + 3) * n + i] = t3;
+        }
+        for (; k <= i; k++) {
+            const double *Tk = T + (size_t)k * n;
+            double t = 0;
+            for (int r = i; r < n; r++) t += Ti[r] * Tk[r];
             g->Kinv[i * n + k] = g->Kinv[k * n + i] = t;
         }
+    }
     /* dNLML/dth = 0.5 tr((Kinv - alpha alpha^T) dK/dth) */
     for (int p = 0; p < g->np; p++) grad[p] = 0;
     double parts[DX_OPT_MAX_DIMS];
@@ -102,14 +169,13 @@ static double nlml(gp *g, const double *th, double *grad) {
         for (int k = 0; k <= i; k++) {
             double wgt = g->Kinv[i * n + k] - g->alpha[i] * g->alpha[k];
             double mult = i == k ? 0.5 : 1.0; /* symmetric: off-diagonal counted twice */
-            double r2 = dist2(g, g->x + i * d, g->x + k * d, ell, parts);
-            double r = sqrt(r2);
-            double base = sf2 * 5.0 / 3.0 * (1.0 + SQ5 * r) * exp(-SQ5 * r);
+            (void)dist2(g, g->x + i * d, g->x + k * d, ell, parts);
+            double r = g->R[i * n + k];
+            double base = sf2 * 5.0 / 3.0 * (1.0 + SQ5 * r) * g->E[i * n + k];
             for (int j = 0; j < d; j++) grad[j] += mult * wgt * base * parts[j];
             grad[d] += mult * wgt * g->K[i * n + k];
             if (i == k) grad[d + 1] += mult * wgt * sn2;
         }
-    return f;
 }
 
 static void clamp_th(int d, double *th) {
@@ -123,6 +189,7 @@ static void fit(gp *g, double *th, int iters) {
     double grad[DX_OPT_MAX_DIMS + 2], cand[DX_OPT_MAX_DIMS + 2];
     clamp_th(g->d, th);
     double f = nlml(g, th, grad), step = 0.5;
+    int at_th = 1; /* the buffers hold th's factorisation */
     for (int it = 0; it < iters && isfinite(f); it++) {
         double gn = 0;
         for (int p = 0; p < np; p++) gn += grad[p] * grad[p];
@@ -133,9 +200,14 @@ static void fit(gp *g, double *th, int iters) {
             for (int p = 0; p < np; p++) cand[p] = th[p] - step * grad[p] / gn;
             clamp_th(g->d, cand);
             double fc = nlml(g, cand, NULL);
+            at_th = 0;
             if (fc < f - 1e-9) {
+                /* the buffers hold cand's factorisation: its gradient from
+                 * them, without building K again */
                 memcpy(th, cand, np * sizeof *th);
-                f = nlml(g, th, grad);
+                f = fc;
+                nlml_grad(g, th, grad);
+                at_th = 1;
                 step *= 1.5;
                 moved = 1;
                 break;
@@ -144,7 +216,7 @@ static void fit(gp *g, double *th, int iters) {
         }
         if (!moved) break;
     }
-    if (!isfinite(nlml(g, th, NULL))) { /* fall back to a well-conditioned default */
+    if (!isfinite(at_th ? f : nlml(g, th, NULL))) { /* fall back to a well-conditioned default */
         for (int j = 0; j < g->d; j++) th[j] = log(0.5);
         th[g->d] = 0.0;
         th[g->d + 1] = log(0.1);
@@ -152,32 +224,44 @@ static void fit(gp *g, double *th, int iters) {
     }
 }
 
-/* EI (for minimisation) of x under the fitted GP (L, alpha of th). */
-static double ei(gp *g, const double *th, const double *x, double fbest) {
+/* EI (for minimisation) under the fitted GP (L, alpha of th) of the B
+ * candidates C (B x d) at once, into e. The triangular solves of the
+ * candidates are interleaved (V: n x B, candidate-major innermost), so that
+ * they pipeline and vectorise instead of each waiting on its own running
+ * sum. */
+static void ei_batch(gp *g, const double *th, const double *C, int B, double fbest, double *V, double *mu,
+                     double *e) {
     int n = g->n, d = g->d;
     double ell[DX_OPT_MAX_DIMS];
     for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
     double sf2 = exp(th[d]);
-    double mu = 0;
+    for (int b = 0; b < B; b++) mu[b] = 0;
     for (int i = 0; i < n; i++) {
-        g->tmp[i] = matern(dist2(g, x, g->x + i * d, ell, NULL), sf2);
-        mu += g->tmp[i] * g->alpha[i];
+        double *Vi = V + (size_t)i * B;
+        for (int b = 0; b < B; b++) {
+            Vi[b] = matern(dist2(g, C + (size_t)b * d, g->x + i * d, ell, NULL), sf2);
+            mu[b] += Vi[b] * g->alpha[i];
+        }
     }
-    dx_opt_chol_fwd(g->L, n, g->tmp);
-    double v = sf2;
-    for (int i = 0; i < n; i++) v -= g->tmp[i] * g->tmp[i];
-    double s = sqrt(fmax(v, 1e-12));
-    double z = (fbest - mu) / s;
-    return (fbest - mu) * dx_opt_Phi(z) + s * dx_opt_phi(z);
-}
-
-static void perturb(const dx_opt_space *sp, dx_rng *r, const double *c, double scale, double *out) {
-    int d = sp->d;
-    for (int j = 0; j < d; j++) {
-        int k = sp->dims[j].ncat;
-        if (!k) out[j] = dx_opt_clamp01(c[j] + scale * dx_rng_normal(r));
-        else if (dx_rng_unif(r) < 1.0 / d) out[j] = (double)dx_rng_below(r, (uint64_t)k);
-        else out[j] = c[j];
+    for (int i = 0; i < n; i++) {
+        double *Vi = V + (size_t)i * B;
+        const double *Li = g->L + (size_t)i * n;
+        for (int k = 0; k < i; k++) {
+            const double *Vk = V + (size_t)k * B;
+            double l = Li[k];
+            for (int b = 0; b < B; b++) Vi[b] -= l * Vk[b];
+        }
+        for (int b = 0; b < B; b++) Vi[b] /= Li[i];
+    }
+    for (int b = 0; b < B; b++) e[b] = sf2;
+    for (int i = 0; i < n; i++) {
+        const double *Vi = V + (size_t)i * B;
+        for (int b = 0; b < B; b++) e[b] -= Vi[b] * Vi[b];
+    }
+    for (int b = 0; b < B; b++) {
+        double s = sqrt(fmax(e[b], 1e-12));
+        double z = (fbest - mu[b]) / s;
+        e[b] = (fbest - mu[b]) * dx_opt_Phi(z) + s * dx_opt_phi(z);
     }
 }
 
@@ -199,10 +283,10 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
     size_t ntold = h->n > MAX_OBS - npend ? MAX_OBS - npend : h->n; /* the most recent */
     int n = (int)(ntold + npend);
     size_t nn = (size_t)n * n;
-    double *mem = malloc(((size_t)n * d + 4 * (size_t)n + 4 * nn + 2 * (size_t)d) * sizeof(double));
+    double *mem = malloc(((size_t)n * d + 4 * (size_t)n + 6 * nn + 2 * (size_t)d) * sizeof(double));
     if (!mem) return DX_OPT_E_NOMEM;
     double *X = mem, *Y = X + (size_t)n * d, *alpha = Y + n, *tmp = alpha + n, *K = tmp + n, *L = K + nn,
-           *Kinv = L + nn, *K2 = Kinv + nn, *cand = K2 + nn, *bestc = cand + d;
+           *Kinv = L + nn, *K2 = Kinv + nn, *R = K2 + nn, *E = R + nn, *cand = E + nn, *bestc = cand + d;
     double ymin = INFINITY, ymax = -INFINITY;
     for (size_t i = h->n - ntold; i < h->n; i++)
         if (isfinite(h->y[i])) {
@@ -234,7 +318,7 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
             ibest = i;
         }
     }
-    gp g = {sp, n, d, d + 2, X, Y, K, L, alpha, Kinv, tmp, K2};
+    gp g = {sp, n, d, d + 2, X, Y, K, L, alpha, Kinv, tmp, K2, R, E};
     double th[DX_OPT_MAX_DIMS + 2];
     /* every 10th ask refits from scratch, so a warm chain cannot stay stuck */
     int warm = conf->warm != NULL && h->n % 10 != 0;
@@ -249,19 +333,80 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
     fit(&g, th, warm ? N_WARM_ITER : N_ITER);
     if (conf->fitted) memcpy(conf->fitted, th, (d + 2) * sizeof *th);
     double best = -1.0;
-    for (int c = 0; c < N_RANDOM + N_LOCAL; c++) {
-        if (c < N_RANDOM) dx_opt_random_point(sp, &r, cand);
-        else {
-            /* around the best observed point, with scales from wide to narrow */
-            double scale = 0.2 * pow(0.05, (double)(c - N_RANDOM) / N_LOCAL);
-            perturb(sp, &r, c % 2 && best >= 0 ? bestc : X + (size_t)ibest * d, scale, cand);
+    /* the random candidates at once (their EI does not depend on each other) */
+    double *RC = malloc(((size_t)N_RANDOM * d + (size_t)n * N_RANDOM + 2 * (size_t)N_RANDOM) * sizeof *RC);
+    if (!RC) {
+        free(mem);
+        return DX_OPT_E_NOMEM;
+    }
+    double *RV = RC + (size_t)N_RANDOM * d, *Rmu = RV + (size_t)n * N_RANDOM, *Re = Rmu + N_RANDOM;
+    for (int c = 0; c < N_RANDOM; c++) dx_opt_random_point(sp, &r, RC + (size_t)c * d);
+    ei_batch(&g, th, RC, N_RANDOM, fbest, RV, Rmu, Re);
+    for (int c = 0; c < N_RANDOM; c++)
+        if (Re[c] > best) {
+            best = Re[c];
+            memcpy(bestc, RC + (size_t)c * d, d * sizeof *cand);
         }
-        double e = ei(&g, th, cand, fbest);
-        if (e > best) {
-            best = e;
-            memcpy(bestc, cand, d * sizeof *cand);
+    free(RC);
+    /* the local candidates: around the best observed point (even ones) or
+     * the best candidate so far (odd ones), with scales from wide to narrow.
+     * The random draws of each are made first, in order; candidates are
+     * then built and scored in batches assuming the best candidate does not
+     * change within the batch; when one does improve on it, the batch is cut
+     * there (the odd ones after it were built around the old best) and the
+     * next batch starts right after it: the same candidates and choice as
+     * scoring them one by one. */
+    size_t nl = (size_t)N_LOCAL * d;
+    double *LZ = malloc((nl + (size_t)LOCAL_BATCH * d + (size_t)n * LOCAL_BATCH + 2 * (size_t)LOCAL_BATCH) *
+                        sizeof *LZ);
+    unsigned char *LK = malloc(nl);
+    if (!LZ || !LK) {
+        free(LZ);
+        free(LK);
+        free(mem);
+        return DX_OPT_E_NOMEM;
+    }
+    double *LC = LZ + nl, *LV = LC + (size_t)LOCAL_BATCH * d, *Lmu = LV + (size_t)n * LOCAL_BATCH,
+           *Le = Lmu + LOCAL_BATCH;
+    for (int c = 0; c < N_LOCAL; c++) {
+        double scale = 0.2 * pow(0.05, (double)c / N_LOCAL);
+        for (int j = 0; j < d; j++) {
+            size_t q = (size_t)c * d + j;
+            int k = sp->dims[j].ncat;
+            LK[q] = 0;
+            if (!k) LZ[q] = scale * dx_rng_normal(&r);
+            else if (dx_rng_unif(&r) < 1.0 / d) {
+                LZ[q] = (double)dx_rng_below(&r, (uint64_t)k);
+                LK[q] = 1; /* a new category */
+            } else LK[q] = 2; /* the centre's */
         }
     }
+    int c0 = 0, B = 8;
+    while (c0 < N_LOCAL) {
+        int nb = c0 + B > N_LOCAL ? N_LOCAL - c0 : B;
+        for (int b = 0; b < nb; b++) {
+            int c = c0 + b;
+            /* parity as in the candidate numbering after the random ones */
+            const double *ctr = (N_RANDOM + c) % 2 && best >= 0 ? bestc : X + (size_t)ibest * d;
+            for (int j = 0; j < d; j++) {
+                size_t q = (size_t)c * d + j;
+                LC[(size_t)b * d + j] = LK[q] == 0 ? dx_opt_clamp01(ctr[j] + LZ[q]) : LK[q] == 1 ? LZ[q] : ctr[j];
+            }
+        }
+        ei_batch(&g, th, LC, nb, fbest, LV, Lmu, Le);
+        int cut = nb;
+        for (int b = 0; b < nb; b++)
+            if (Le[b] > best) {
+                best = Le[b];
+                memcpy(bestc, LC + (size_t)b * d, d * sizeof *cand);
+                cut = b + 1;
+                break;
+            }
+        c0 += cut;
+        B = cut == nb ? (2 * B > LOCAL_BATCH ? LOCAL_BATCH : 2 * B) : 8;
+    }
+    free(LZ);
+    free(LK);
     memcpy(out, bestc, d * sizeof *out);
     free(mem);
     return DX_OPT_OK;

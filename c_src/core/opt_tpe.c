@@ -35,28 +35,37 @@ static int cmp_vw(const void *a, const void *b) {
 }
 
 /* Builds the mixture of points v[0..k-1] with weights w (NULL: all 1) plus
- * the prior (0.5, 1.0) of weight 1. */
+ * the prior (0.5, 1.0) of weight 1. Bandwidths as Optuna's (3.1) univariate
+ * estimator: the prior's centre counts as a neighbour, each point's
+ * bandwidth is the larger distance to its sorted neighbours (the box's ends
+ * for the extreme ones, except that, endpoints not considered, the extreme
+ * points take the distance to their inner neighbour), clipped to
+ * [1 / min(100, 1 + points), 1]. */
 static void mix_build(mixture *mx, const double *v, const double *w, size_t k, vw *scratch) {
     mx->n = k + 1;
-    double tot = 1.0;
+    double tot = 0.0;
     for (size_t i = 0; i < k; i++) {
         scratch[i].v = v[i];
         scratch[i].w = w ? w[i] : 1.0;
         tot += scratch[i].w;
     }
-    qsort(scratch, k, sizeof *scratch, cmp_vw);
-    double minsg = 1.0 / fmin(100.0, 1.0 + (double)mx->n);
-    for (size_t i = 0; i < k; i++) {
+    scratch[k].v = 0.5;
+    scratch[k].w = -1.0; /* marks the prior */
+    tot += 1.0;
+    size_t m = k + 1;
+    qsort(scratch, m, sizeof *scratch, cmp_vw);
+    double minsg = 1.0 / fmin(100.0, 1.0 + (double)m);
+    for (size_t i = 0; i < m; i++) {
         double left = scratch[i].v - (i ? scratch[i - 1].v : 0.0);
-        double right = (i + 1 < k ? scratch[i + 1].v : 1.0) - scratch[i].v;
+        double right = (i + 1 < m ? scratch[i + 1].v : 1.0) - scratch[i].v;
         double s = fmax(left, right);
+        if (m >= 2 && i == 0) s = scratch[1].v - scratch[0].v;
+        if (m >= 2 && i == m - 1) s = scratch[m - 1].v - scratch[m - 2].v;
+        int prior = scratch[i].w < 0;
         mx->mu[i] = scratch[i].v;
-        mx->sg[i] = fmin(1.0, fmax(minsg, s));
-        mx->lw[i] = log(scratch[i].w / tot);
+        mx->sg[i] = prior ? 1.0 : fmin(1.0, fmax(minsg, s));
+        mx->lw[i] = log((prior ? 1.0 : scratch[i].w) / tot);
     }
-    mx->mu[k] = 0.5;
-    mx->sg[k] = 1.0;
-    mx->lw[k] = log(1.0 / tot);
     for (size_t i = 0; i < mx->n; i++) {
         double z = dx_opt_Phi((1.0 - mx->mu[i]) / mx->sg[i]) - dx_opt_Phi(-mx->mu[i] / mx->sg[i]);
         mx->lz[i] = log(fmax(z, 1e-300));

@@ -96,9 +96,28 @@ int dx_opt_cholesky(double *a, int n) {
         if (!(s > 0.0)) return -1;
         double d = sqrt(s);
         a[j * n + j] = d;
-        for (int i = j + 1; i < n; i++) {
+        /* four rows at a time: four independent running sums (each in the
+         * same order as alone), so that they pipeline */
+        const double *aj = a + (size_t)j * n;
+        int i = j + 1;
+        for (; i + 3 < n; i += 4) {
+            double *a0 = a + (size_t)i * n, *a1 = a0 + n, *a2 = a1 + n, *a3 = a2 + n;
+            double t0 = a0[j], t1 = a1[j], t2 = a2[j], t3 = a3[j];
+            for (int k = 0; k < j; k++) {
+                double v = aj[k];
+                t0 -= a0[k] * v;
+                t1 -= a1[k] * v;
+                t2 -= a2[k] * v;
+                t3 -= a3[k] * v;
+            }
+            a0[j] = t0 / d;
+            a1[j] = t1 / d;
+            a2[j] = t2 / d;
+            a3[j] = t3 / d;
+        }
+        for (; i < n; i++) {
             double t = a[i * n + j];
-            for (int k = 0; k < j; k++) t -= a[i * n + k] * a[j * n + k];
+            for (int k = 0; k < j; k++) t -= a[i * n + k] * aj[k];
             a[i * n + j] = t / d;
         }
         for (int i = 0; i < j; i++) a[i * n + j] = 0.0;

@@ -150,6 +150,50 @@ static void test_tpe_converges(void **st) {
     assert_true(best_of(DX_OPT_TPE, &sp_mixed, mixed, 100, 3, 1) < 0.2);
 }
 
+/* Hartmann6 on the unit cube, min -3.32236801141551 */
+#define H6_MIN (-3.32236801141551)
+static double hartmann6(const double *u, uint64_t t) {
+    static const double al[4] = {1.0, 1.2, 3.0, 3.2};
+    static const double A[4][6] = {{10, 3, 17, 3.5, 1.7, 8}, {0.05, 10, 17, 0.1, 8, 14},
+                                   {3, 3.5, 1.7, 10, 17, 8}, {17, 8, 0.05, 10, 0.1, 14}};
+    static const double P[4][6] = {{1312, 1696, 5569, 124, 8283, 5886}, {2329, 4135, 8307, 3736, 1004, 9991},
+                                   {2348, 1451, 3522, 2883, 3047, 6650}, {4047, 8828, 8732, 5743, 1091, 381}};
+    double s = 0;
+    for (int i = 0; i < 4; i++) {
+        double e = 0;
+        for (int j = 0; j < 6; j++) {
+            double d = u[j] - P[i][j] / 10000;
+            e += A[i][j] * d * d;
+        }
+        s -= al[i] * exp(-e);
+    }
+    return s;
+}
+static const dx_opt_dim num6[6] = {{0}, {0}, {0}, {0}, {0}, {0}};
+static const dx_opt_space sp_num6 = {6, num6};
+
+#define NSEEDS_H6 201
+static int cmp_dbl(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* TPE's Parzen bandwidths follow Optuna's univariate rule (the prior's
+ * centre is a neighbour; the extreme points do not look at the box's ends):
+ * median regret on Hartmann6 at 50 evaluations over 201 seeds 0.747 (0.826
+ * with the box's ends as neighbours and the prior left out) */
+static void test_tpe_hartmann6_median(void **st) {
+    double r[NSEEDS_H6];
+    for (int s = 0; s < NSEEDS_H6; s++) {
+        run_result rr = drive(DX_OPT_TPE, &sp_num6, hartmann6, 50, (uint64_t)s, 1);
+        free(rr.asks);
+        r[s] = rr.best - H6_MIN;
+    }
+    qsort(r, NSEEDS_H6, sizeof r[0], cmp_dbl);
+    print_message("  tpe hartmann6 50 evaluations, %d seeds: median regret %.4f\n", NSEEDS_H6, r[NSEEDS_H6 / 2]);
+    assert_true(r[NSEEDS_H6 / 2] < 0.79);
+}
+
 static void test_bo_converges(void **st) {
     assert_true(best_of(DX_OPT_BO, &sp_num2, branin, 40, 2, 1) - BRANIN_MIN < 0.05);
     assert_true(best_of(DX_OPT_BO, &sp_mixed, mixed, 40, 3, 1) < 0.1);
@@ -256,6 +300,7 @@ int main(void) {
         cmocka_unit_test(test_ga_converges),
         cmocka_unit_test(test_cmaes_converges),
         cmocka_unit_test(test_tpe_converges),
+        cmocka_unit_test(test_tpe_hartmann6_median),
         cmocka_unit_test(test_bo_converges),
         cmocka_unit_test(test_bo_warm_start_converges),
         cmocka_unit_test(test_spsa_converges_on_noisy_sphere),

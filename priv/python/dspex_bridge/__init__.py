@@ -15,13 +15,14 @@ from .errors import (AccessDeniedError, BridgeError, BridgeTimeoutError,
                      LockedError, PreconditionFailedError, DependencyCycleError,
                      LimitExceededError, RateLimitedError, SessionNotFoundError, ToolError, ToolNotFoundError,
                      UnsupportedError, VariableExistsError, VariableNotFoundError,
-                     VersionNotFoundError,
+                     VersionNotFoundError, StudyNotFoundError, BudgetExhaustedError,
                      VersionConflictError)
 from .codec import CodecError
 from .cache import VariableCache
 from .session_context import (AccessCheck, BatchWriter, CacheWatcher, BatchUpdateError, HistoryEntry,
                               OptimizationStatus, SessionContext, StopResult, ToolSpec,
                               Variable, VariableNamespace, VariableUpdate, Watch)
+from .study import Study, StudyResult, Trial
 
 __all__ = [
     "__version__",
@@ -33,4 +34,5 @@ __all__ = [
     "AccessDeniedError", "RateLimitedError", "LimitExceededError", "BridgeUnavailableError",
     "VersionNotFoundError", "BridgeTimeoutError", "CancelledError", "UnsupportedError", "BatchUpdateError",
     "CodecError", "ToolError", "ToolNotFoundError", "ToolSpec",
+    "Study", "StudyResult", "Trial", "StudyNotFoundError", "BudgetExhaustedError",
 ]

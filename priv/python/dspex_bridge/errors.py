@@ -120,6 +120,16 @@ class CancelledError(BridgeError):
     """CANCELLED: the call (e.g. a watch) was cancelled."""
 
 
+class StudyNotFoundError(BridgeError, LookupError):
+    """NOT_FOUND: no such optimization study (stopped, ended by its idle
+    timeout, or started by another session or principal), or no such trial
+    of it (``reason`` "unknown_trial")."""
+
+
+class BudgetExhaustedError(BridgeError):
+    """OUT_OF_RANGE: the study has asked its whole budget of trials."""
+
+
 class UnsupportedError(BridgeError):
     """UNIMPLEMENTED: the server does not offer this RPC."""
 
@@ -149,6 +159,9 @@ def _not_found(message, code, reason):
         return SessionNotFoundError(message, code, reason)
     if reason == "tool_not_found" or (reason is None and low.startswith("tool not found")):
         return ToolNotFoundError(message, code, reason)
+    if reason in ("run_not_found", "unknown_trial") or (reason is None and (
+            low.startswith("optimization study not found") or low.startswith("trial not found"))):
+        return StudyNotFoundError(message, code, reason)
     if reason == "version_not_found" or (reason is None and low.startswith("version ") and "history" in low):
         return VersionNotFoundError(message, code, reason)
     return VariableNotFoundError(message, code, reason)
@@ -163,6 +176,7 @@ _BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: BridgeTimeoutError,
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.UNIMPLEMENTED: UnsupportedError,
+    grpc.StatusCode.OUT_OF_RANGE: BudgetExhaustedError,
 }
 
 

@@ -707,6 +707,26 @@ class SessionContext:
             iteration=iteration, value=any_v, metrics_json=codec.encode_json(metrics or {}),
             binary_value=binary)), "ReportOptimizationProgress")
 
+    def optimize(self, variables, algorithm="tpe", budget=100, direction="minimize", seed=0,
+                 idle_timeout=600.0, lock_timeout=5.0):
+        """Start an optimization study of variables (names) of this session:
+        float/integer with min and max (log scale with metadata scale=log),
+        choice, boolean.  Returns a Study (ask/tell/best/trials/stop/run).
+        The study holds the variables' optimizer locks until ``stop()`` or
+        until no call reached it for ``idle_timeout`` seconds; waits up to
+        ``lock_timeout`` seconds for them."""
+        from .study import Study
+        if isinstance(variables, str):
+            variables = [variables]
+        if direction not in ("minimize", "maximize"):
+            raise ValueError("direction must be 'minimize' or 'maximize'")
+        r = self._call("StartStudy", pb2.StartStudyRequest(
+            session_id=self.session_id, variables=list(variables), algorithm=algorithm or "",
+            direction=direction, budget=int(budget), seed=int(seed),
+            idle_timeout_ms=max(1, int(idle_timeout * 1000)), lock_timeout_ms=max(1, int(lock_timeout * 1000))),
+            timeout=None if self.timeout is None else self.timeout + lock_timeout)
+        return Study(self, r.study_id, r.space)
+
     # ------------------------------------------------------------ history
 
     def get_variable_history(self, name, limit=0):
