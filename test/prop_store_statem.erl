@@ -948,10 +948,12 @@ model_result(St, {call, ?MODULE, drain, []}, _) ->
     {{'$drain', maps:get(events, St)}, St#{events := []}};
 model_result(St, {call, dspex_store, info, [S, K]}, _) ->
     with_var(St, S, K,
-             fun(N, #{hist := H, hl := HL}) ->
+             fun(N, #{hist := H, hl := HL, cur := #{version := V, by := By}}) ->
                      Watchers = length([W || W = #{s := S0, names := Ns} <- maps:get(watches, St),
                                              S0 =:= S, lists:member(N, Ns), is_map(W)]),
-                     {{ok, #{watchers => Watchers, history_size => length(H), history_limit => HL}}, St}
+                     %% the current version and who wrote it
+                     {{ok, #{watchers => Watchers, history_size => length(H), history_limit => HL,
+                             version => V, changed_by => By}}, St}
              end);
 model_result(St, {call, ?MODULE, import_existing, [S]}, _) ->
     case session(St, S) of
