@@ -75,7 +75,7 @@ DX_NIF(nif_opt_ask) {
     if (!x || !tid) {
         free(x);
         free(tid);
-        return dx_error(env, enif_make_atom(env, "nomem"));
+        return dx_error(env, ATOM_enomem);
     }
     double *y = x + (size_t)nt * d, *px = y + nt, *out = px + (size_t)np * d;
     ERL_NIF_TERM res;
@@ -108,16 +108,16 @@ DX_NIF(nif_opt_ask) {
     if (rc == DX_OPT_OK) {
         ERL_NIF_TERM pt = enif_make_list(env, 0);
         for (int j = d; j-- > 0;) pt = enif_make_list_cell(env, enif_make_double(env, out[j]), pt);
-        ERL_NIF_TERM fit = enif_make_atom(env, "undefined");
+        ERL_NIF_TERM fit = ATOM_undefined;
         if (!isnan(fitted[0])) {
             fit = enif_make_list(env, 0);
             for (int j = d + 2; j-- > 0;) fit = enif_make_list_cell(env, enif_make_double(env, fitted[j]), fit);
         }
-        res = enif_make_tuple3(env, enif_make_atom(env, "ok"), pt, fit);
+        res = enif_make_tuple3(env, ATOM_ok, pt, fit);
     } else if (rc == DX_OPT_E_NOMEM) {
-        res = dx_error(env, enif_make_atom(env, "nomem"));
+        res = dx_error(env, ATOM_enomem);
     } else {
-        res = dx_error2(env, enif_make_atom(env, "invalid_argument"), enif_make_atom(env, "history"));
+        res = dx_error2(env, ATOM_invalid_argument, ATOM_history);
     }
     free(x);
     free(tid);
