@@ -460,7 +460,10 @@ static void *writer(void *arg) {
             int64_t now = dx_ev_now_us();
             if (now >= q->next_drain_us) break;
             struct timespec ts = {q->next_drain_us / 1000000, (q->next_drain_us % 1000000) * 1000};
+            /* nothing queued: idle until the spool's next attempt, and a push wakes it as well */
+            q->idle = true;
             pthread_cond_timedwait(&q->nonempty, &q->mu, &ts);
+            q->idle = false;
         }
         bool stopping = q->stop, spooled = q->spooled > 0;
         bool drain_due = spooled && dx_ev_now_us() >= q->next_drain_us;

@@ -332,6 +332,29 @@ static void test_linger_groups_and_urge_ends_it(void **st) {
     dx_ev_sqlite_ops.close(db);
 }
 
+/* While events are spooled the writer waits for the spool's next attempt (an hour here); a push in
+ * the meantime still wakes it and is spooled behind the others at once (if it did not, the second
+ * wait would last the hour). */
+static void test_push_wakes_writer_waiting_to_drain_spool(void **st) {
+    char p[128], sp[128], err[256];
+    path(p, sizeof p, "w.db");
+    path(sp, sizeof sp, "wspool.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .retry_ms = 3600 * 1000, .spool_path = sp,
+                         .linger_us = 1000};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    __atomic_store_n(&g_down, 1, __ATOMIC_SEQ_CST);
+    uint64_t t = 0;
+    push_n(q, "s0", 5, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    assert_int_equal(spooled(q), 5);
+    push_n(q, "s0", 5, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    assert_int_equal(spooled(q), 10);
+    dx_evq_close(q);
+    __atomic_store_n(&g_down, 0, __ATOMIC_SEQ_CST);
+}
+
 /* Closing while the writer lingers writes what is queued. */
 static void test_close_while_lingering_writes_everything(void **st) {
     char p[128], err[256];
@@ -469,6 +492,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_linger_groups_and_urge_ends_it, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_while_lingering_writes_everything, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_push_wakes_writer_waiting_to_drain_spool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
