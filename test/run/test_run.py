@@ -70,6 +70,16 @@ def cmdline(pid):
         return ""
 
 
+def default_signals():
+    """In the child, before exec: the stop signals at their defaults, as a
+    service manager starts a program. A test run started as a background job
+    of a non-interactive shell inherits SIGINT ignored, and a POSIX shell
+    cannot trap a signal that was ignored when it started (the script could
+    then never turn SIGINT into a clean stop)."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def proc_state(pid):
     """State, signal masks and wait channel of a process, from /proc."""
     try:
@@ -111,7 +121,8 @@ class Node:
         self.log = tempfile.NamedTemporaryFile(prefix="dspex_run_", suffix=".log", delete=False)
         env = dict(os.environ, **env(self))
         self.proc = subprocess.Popen(argv(self), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=default_signals)
 
     def output(self):
         with open(self.log.name, errors="replace") as f:
