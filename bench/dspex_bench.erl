@@ -1,15 +1,19 @@
 %% @doc `make bench': the store against the obvious alternatives, in one run.
 %% Ratios are "alternative time / our time": above 1.0 means we are faster.
 -module(dspex_bench).
--export([main/0, main/1, store/1, locks/0, acl/0, writers/0, sched/0]).
+-export([main/0, main/1, store/1, locks/0, acl/0, writers/0, sched/0, event_log_cost/0]).
 
 -define(OPS, 400000).
 
 main() -> main([]).
 
 main(_Args) ->
+    %% The store itself, with the event log (on by default) off: its cost is
+    %% measured by dspex_events_bench and summed up by the last line here.
+    _ = application:load(dspex_bridge),
+    ok = application:set_env(dspex_bridge, event_log, false),
     {ok, _} = application:ensure_all_started(dspex_bridge),
-    io:format("dspex_bridge benchmark (~p schedulers, OTP ~s)~n~n",
+    io:format("dspex_bridge benchmark (~p schedulers, OTP ~s), event log off~n~n",
               [erlang:system_info(schedulers_online), erlang:system_info(otp_release)]),
     Results = [store(N) || N <- [1000, 100000]],
     readers(),
@@ -17,8 +21,9 @@ main(_Args) ->
     sched(),
     LockResults = locks() ++ acl() ++ WriterResults,
     io:format("~nsummary (alternative time / dspex_store time; above 1 = dspex_store faster):~n"),
-    [io:format("  ~-48s ~9.2fx  (target ~s)~n", [L, R, T]) || {L, R, T} <- lists:append(Results)],
-    [io:format("  ~-48s ~9.2f   (target ~s)~n", [L, R, T]) || {L, R, T} <- LockResults],
+    [io:format("  ~-48s ~9.2fx  (target ~s)~n", [L, float(R), T]) || {L, R, T} <- lists:append(Results)],
+    [io:format("  ~-48s ~9.2f   (target ~s)~n", [L, float(R), T]) || {L, R, T} <- LockResults],
+    event_log_cost(),
     case code:ensure_loaded(dspex_graph_bench) of
         {module, _} -> dspex_graph_bench:main();
         _ -> ok
@@ -28,6 +33,31 @@ main(_Args) ->
         _ -> ok
     end,
     ok.
+
+%% set/3 of one variable, 200,000 times in a row, with the event log on (the
+%% default configuration) and off: sustained writes with the log on go at the
+%% rate of its writer thread (a SQLite transaction per batch), which on two
+%% cores also takes one of them.
+event_log_cost() ->
+    [On, Off] = [begin
+                     ok = application:stop(dspex_bridge),
+                     ok = application:set_env(dspex_bridge, event_log, Log),
+                     {ok, _} = application:ensure_all_started(dspex_bridge),
+                     S = iolist_to_binary(["bench_event_log_", atom_to_list(Log)]),
+                     _ = dspex_store:delete_session(S),
+                     {ok, _} = dspex_store:create_session(S, #{ttl => infinity}),
+                     {ok, _} = dspex_store:register(S, x, float, 0.5),
+                     T = best3(fun() -> set_n(S, 200000) end) * 1000 / 200000,
+                     ok = dspex_events:await(),
+                     T
+                 end || Log <- [true, false]],
+    ok = application:stop(dspex_bridge),
+    io:format("~n-- event log (default on): set/3 sustained, 200k sets of one variable: on ~.1f ns/op, "
+              "off ~.1f ns/op (on/off throughput ~.2fx; below saturation see dspex_events_bench)~n",
+              [On, Off, Off / On]).
+
+set_n(_, 0) -> ok;
+set_n(S, N) -> {ok, _} = dspex_store:set(S, x, 0.5), set_n(S, N - 1).
 
 %%% get/set against ETS and a gen_server map store ---------------------------
 
