@@ -165,7 +165,8 @@ await() ->
 %% @private Applies the durability of a store write to its result.
 -spec durable(Result, map()) -> Result | {error, {event_store, term()}} when Result :: term().
 durable({ok, _} = R, Opts) ->
-    case maps:get(durability, Opts, default) of
+    case enabled() andalso maps:get(durability, Opts, default) of
+        false -> R;
         default ->
             case default_durability() of
                 async -> backpressure(R);

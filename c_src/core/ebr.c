@@ -187,9 +187,9 @@ void dx_ebr_retire(void *p, dx_free_fn fn, int heavy) {
     }
     uint64_t e = atomic_load_explicit(&g_epoch, memory_order_seq_cst);
     l->v[l->n++] = (retired_t){p, fn, e, heavy};
-    /* every 512 retires: an advance costs a membarrier, which interrupts every CPU running one of our
-     * threads (the event writer, dirty schedulers) */
-    int run = !heavy && ++l->since >= 512;
+    /* every 64 retires (512 halved the membarriers but doubled a set's cost: a larger set of retired
+     * snapshots churns malloc's heap and comes back cold) */
+    int run = !heavy && ++l->since >= 64;
     /* advancing costs a membarrier: skip it while the oldest can go anyway */
     int advance = run && l->v[l->head].epoch + 2 > e;
     pthread_mutex_unlock(&l->mu);

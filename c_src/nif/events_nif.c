@@ -142,6 +142,8 @@ static int push_one(dx_evq *q, const dx_ev_in *in) {
 }
 
 static void ev_hook(const dx_ev_change *c) {
+    /* log off: no traffic on the shared in-flight counter (the load after the increment decides) */
+    if (!atomic_load_explicit(&g_q, memory_order_acquire)) return;
     atomic_fetch_add_explicit(&g_inflight, 1, memory_order_acq_rel);
     dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
     if (!q) goto out;
@@ -583,6 +585,7 @@ DX_NIF(nif_events_await) {
  * written, which would stall every async writer for the whole backlog). Not open: ok. */
 static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket);
 DX_NIF(nif_events_backpressure) {
+    if (!atomic_load(&g_q)) return ATOM_ok;
     atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
     ERL_NIF_TERM r = ATOM_ok;
