@@ -75,6 +75,21 @@ static int check_cb(void *c_, const dx_ev_rec *r) {
     return 0;
 }
 
+/* The log at path holds exactly rows events, all of session, with gapless sequences from 1,
+ * increasing positions and UUIDv7 ids. */
+static void check_one_session(const char *path, const char *session, size_t rows) {
+    char err[256];
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(path, &db, err, sizeof err), 0);
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "%s", session);
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, rows);
+    assert_int_equal(c.bad, 0);
+    dx_ev_sqlite_ops.close(db);
+}
+
 typedef struct {
     dx_evq *q;
     int id, n;
@@ -176,15 +191,7 @@ static void test_failure_retried_never_dropped(void **st) {
     assert_int_equal(s.errors, 3);
     assert_string_equal(s.last_error, "injected failure");
     dx_evq_close(q);
-    void *db;
-    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
-    check_ctx c = {0};
-    snprintf(c.sess[0], sizeof c.sess[0], "s0");
-    dx_ev_query qq = {0};
-    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
-    assert_int_equal(c.rows, 50);
-    assert_int_equal(c.bad, 0);
-    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "s0", 50);
 }
 
 static uint64_t spooled(dx_evq *q) {
@@ -321,15 +328,7 @@ static void test_linger_groups_and_urge_ends_it(void **st) {
     dx_evq_urge(q);
     assert_int_equal(dx_evq_wait(q, t), 0);
     dx_evq_close(q);
-    void *db;
-    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
-    check_ctx c = {0};
-    snprintf(c.sess[0], sizeof c.sess[0], "s");
-    dx_ev_query qq = {0};
-    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
-    assert_int_equal(c.rows, 101);
-    assert_int_equal(c.bad, 0); /* every id a UUIDv7, sequences gapless */
-    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "s", 101); /* every id a UUIDv7, sequences gapless */
 }
 
 /* While events are spooled the writer waits for the spool's next attempt (an hour here); a push in
@@ -367,14 +366,7 @@ static void test_close_while_lingering_writes_everything(void **st) {
         assert_true(dx_evq_push(q, &e, NULL) > 0);
     }
     dx_evq_close(q);
-    void *db;
-    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
-    check_ctx c = {0};
-    snprintf(c.sess[0], sizeof c.sess[0], "s");
-    dx_ev_query qq = {0};
-    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
-    assert_int_equal(c.rows, 10);
-    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "s", 10);
 }
 
 /* Replicas push explicit sequences: only the next one is accepted. */
