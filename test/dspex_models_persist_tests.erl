@@ -7,7 +7,7 @@
 
 -include_lib("eunit/include/eunit.hrl").
 
--import(dspex_models_registry_tests, [uniq/1]).
+-import(dspex_models_rollout_tests, [setup_name/1]).
 
 persist_test_() ->
     {setup, fun dspex_models_registry_tests:start/0, fun(_) -> ok end,
@@ -22,13 +22,6 @@ persist_test_() ->
        fun events_rollout/0},
       {"the event log records automatic and manual rollbacks and a manual stop",
        fun events_rollback/0}]}.
-
-setup_name(Prefix) ->
-    N = uniq(Prefix),
-    {ok, A} = dspex_models:register_model(#{name => N, version => <<"1">>}),
-    {ok, B} = dspex_models:register_model(#{name => N, version => <<"2">>}),
-    ok = dspex_models:set_alias(N, production, A),
-    {N, A, B}.
 
 %% one request per user; Profile(Model) -> {SuccessProb, MedianMs}
 traffic(N, Users, Profile, Rand0) ->

@@ -6,6 +6,8 @@
 -include_lib("eunit/include/eunit.hrl").
 
 -import(dspex_models_registry_tests, [uniq/1]).
+%% a name with two registered versions, the first in production (also for dspex_models_persist_tests)
+-export([setup_name/1]).
 
 models_test_() ->
     {setup, fun dspex_models_registry_tests:start/0, fun(_) -> ok end,

@@ -193,8 +193,8 @@ int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t er
         if (rc) return -1;
     }
     pthread_mutex_lock(&q->mu);
-    /* a push that came first made the slot: it stays */
-    seq_slot *e = seq_lookup(q, session, len) ? (seq_slot *)1 : seq_insert(q, session, len, last);
+    /* a push that came first made the slot: seq_insert keeps it */
+    seq_slot *e = seq_insert(q, session, len, last);
     pthread_mutex_unlock(&q->mu);
     if (!e) {
         snprintf(err, errlen, "out of memory");
