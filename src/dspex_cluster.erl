@@ -47,7 +47,9 @@
 %% `replica_unavailable', `fenced', `timeout' (the write may or may not have
 %% been committed: retry it, with `expected_version' to make the retry
 %% idempotent), `{error, {unavailable, Why}}' (no owner reachable before the
-%% routing deadline, `route_deadline_ms'; nothing was written). Redirects
+%% routing deadline, `route_deadline_ms'; nothing was written; `Why'
+%% `owner_no_quorum' when this node has a quorum but the owner it names kept
+%% answering that it has none, as while the owner's view lags a heal). Redirects
 %% between nodes whose views differ for a moment, and takeovers that collide,
 %% are retried inside `route/4' (each hop emits `[dspex, cluster, route,
 %% retry]') and are never seen by callers. A redirect to a node this node
@@ -322,6 +324,15 @@ write(S, Op, Args, Deadline, Target0) ->
                         {{error, {retry, replica_unavailable}}, 0, _} ->
                             %% failed during takeover: nothing committed yet
                             again(S, Op, Args, Deadline, undefined, replica_unavailable, fun write/5);
+                        {{error, no_quorum}, 0, By} when By =/= node() ->
+                            %% the owner's view has no quorum while this one has:
+                            %% its view lags a heal (or this one lags a partition,
+                            %% and the owner drops out of it soon); nothing was
+                            %% written either way
+                            case quorum_here(V) of
+                                true -> again(S, Op, Args, Deadline, undefined, owner_no_quorum, fun write/5);
+                                false -> {error, no_quorum}
+                            end;
                         {{dspex_cluster_raise, Class, Reason}, _, _} ->
                             erlang:raise(Class, Reason, []);
                         {Result, Epoch, By} ->
@@ -361,6 +372,12 @@ read(S, Op, Args, Local, Deadline, Target0) ->
                         {dspex_cluster_read, Status, Result} ->
                             put(dspex_cluster_last_read, Status),
                             Result;
+                        {dspex_cluster_refused, no_quorum} = Refused ->
+                            %% as for a write: the owner's view lags this one's
+                            case quorum_here(V) of
+                                true -> again(S, Op, Args, Deadline, undefined, owner_no_quorum, Retry);
+                                false -> Next(Refused)
+                            end;
                         Other -> Next(Other)
                     catch
                         error:{exception, Reason, _} -> erlang:error(Reason);   % the caller's badarg
@@ -451,6 +468,10 @@ wait_view(S, Op, Args, {route, Until, Hops} = D, #{gen := Gen}, Why, Fun) ->
 retried(S, Op, Why, Next, Hops) ->
     dspex_telemetry:execute([dspex, cluster, route, retry], #{count => 1, hops => Hops + 1},
                             #{session => S, op => Op, reason => Why, node => Next}).
+
+%% Whether this node has a quorum now (the ownership backend's own test: a
+%% majority of the nodes live, or a live etcd lease).
+quorum_here(#{backend := Backend} = V) -> Backend:quorum(V).
 
 owner(S, V) ->
     case dspex_cluster_writer:owners(S, V) of

@@ -11,7 +11,7 @@
 -module(dspex_cluster_members).
 -behaviour(gen_server).
 
--export([start_link/1, view/0, set_draining/2, set_override/2, config/0, bump/0]).
+-export([start_link/1, view/0, published_view/0, set_draining/2, set_override/2, config/0, bump/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(SCOPE, dspex_cluster).
@@ -31,6 +31,12 @@ start_link(Config) -> gen_server:start_link({local, ?MODULE}, ?MODULE, Config, [
 %% @doc The current view (no server call).
 -spec view() -> view().
 view() -> persistent_term:get(?VIEW).
+
+%% @doc The current view, or `undefined' while this node's membership server
+%% has not published one yet (it starts after the writers and replicas, which
+%% other nodes may already be calling).
+-spec published_view() -> view() | undefined.
+published_view() -> persistent_term:get(?VIEW, undefined).
 
 %% @doc The configuration the cluster was started with.
 -spec config() -> map().

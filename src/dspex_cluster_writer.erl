@@ -67,25 +67,35 @@ init([]) ->
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call({write, S, Op, Args}, _From, St) ->
-    V = dspex_cluster_members:view(),
-    case ensure(S, V) of
-        {ok, Own} -> {reply, write(S, Op, Args, Own, V), St};
-        {error, _} = E -> {reply, {E, 0, node()}, St}
+    case dspex_cluster_members:published_view() of
+        undefined ->
+            %% this node is starting: nothing written, the caller routes again
+            {reply, {{error, {retry, replica_unavailable}}, 0, node()}, St};
+        V ->
+            case ensure(S, V) of
+                {ok, Own} -> {reply, write(S, Op, Args, Own, V), St};
+                {error, _} = E -> {reply, {E, 0, node()}, St}
+            end
     end;
 handle_call({ensure, S}, _From, St) ->
-    V = dspex_cluster_members:view(),
+    case dspex_cluster_members:published_view() of
+        undefined -> {reply, {error, {retry, replica_unavailable}}, St};
+        V -> {reply, ensure_reply(S, V), St}
+    end.
+
+ensure_reply(S, V) ->
     case ensure(S, V) of
-        {ok, {E, Seq, _}} -> {reply, {ok, #{epoch => E, seq => Seq}}, St};
-        {error, _} = Err -> {reply, Err, St}
+        {ok, {E, Seq, _}} -> {ok, #{epoch => E, seq => Seq}};
+        {error, _} = Err -> Err
     end.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
 handle_cast({release_if_not_owner, S}, St) ->
-    V = dspex_cluster_members:view(),
-    case ensure(S, V) of
-        {error, {not_owner, _}} -> ok;   % ensure released the backend's hold
-        _ -> ok
-    end,
+    %% ensure releases the backend's hold when this node is not the owner
+    _ = case dspex_cluster_members:published_view() of
+            undefined -> ok;
+            V -> ensure(S, V)
+        end,
     {noreply, St};
 handle_cast({expired, S}, St) ->
     %% the sweeper removed a session this node owns: replicate the deletion,
@@ -138,7 +148,13 @@ handle_info(_, St) -> {noreply, St}.
 %% answer) is tried again a few times, 50 ms, 100 ms ... 1.6 s later; past
 %% that the next access settles it.
 reconcile(S, Attempt) ->
-    case ensure(S, dspex_cluster_members:view()) of
+    case dspex_cluster_members:published_view() of
+        undefined -> ok;   % starting: the membership server reconciles once it publishes
+        V -> reconcile(S, Attempt, V)
+    end.
+
+reconcile(S, Attempt, V) ->
+    case ensure(S, V) of
         {error, Why} when Attempt < ?RECONCILE_ATTEMPTS, Why =:= no_quorum orelse element(1, Why) =:= retry ->
             erlang:send_after(?RECONCILE_BACKOFF_MS bsl Attempt, self(), {reconcile, S, Attempt + 1}),
             ok;
@@ -272,7 +288,15 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
                     Seq1 = Seq + 1,
                     ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
                     case replicate(S, Epoch, Seq1, full(S, P), Reps, Mode) of
-                        ok -> Result;
+                        ok ->
+                            %% a takeover that fenced this node meanwhile may have
+                            %% copied the session from here before the change
+                            %% landed (the fence stops the replicas, not this
+                            %% writer): then the change is not acknowledged
+                            case fenced(S, Epoch) of
+                                false -> Result;
+                                true -> {error, {retry, fenced}}
+                            end;
                         {error, Why} ->
                             %% not acknowledged; the next write re-establishes ownership
                             ets:update_element(dspex_cluster_replica:table(), S, {6, 0}),
@@ -282,6 +306,12 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
     dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
                             #{session => S, op => F, module => M, epoch => Epoch, replicas => Reps, mode => Mode}),
     {Reply, Epoch, node()}.
+
+fenced(S, Epoch) ->
+    case dspex_cluster_replica:row(S) of
+        {S, Epoch, _, Me, _, _, F} when Me =:= node(), F =< Epoch -> false;
+        _ -> true
+    end.
 
 full(S, full) -> {full, local_export(S)};
 full(_, P) -> P.
