@@ -51,7 +51,9 @@ host() -> hd(string:split(net_adm:localhost(), ".")).
 %% cluster configuration; returns [{Node, Peer}] once every node sees all three.
 start_cluster(Base, ClusterConf) ->
     Host = host(),
-    Names = [Base ++ "_" ++ X || X <- ["a", "b", "c"]],
+    %% the OS pid in the names: a suite run from another checkout at the same
+    %% time must not meet these nodes under the same names
+    Names = [Base ++ "_" ++ os:getpid() ++ "_" ++ X || X <- ["a", "b", "c"]],
     Nodes = [list_to_atom(N ++ "@" ++ Host) || N <- Names],
     Peers = [start_peer(N, Host) || N <- Names],
     Nodes = [N || {N, _} <- Peers],
