@@ -52,7 +52,8 @@
                     address := string(),
                     port := inet:port_number() | undefined,
                     restarts := non_neg_integer(),
-                    error := listen_error() | {grpc_port, {exit_status, integer()} | {spawn, term()}} | undefined}.
+                    error := listen_error() | {grpc_port, {exit_status, integer()} | {exit, term()} | {spawn, term()}}
+                           | undefined}.
 -export_type([ctx/0, listen_error/0, status/0]).
 
 %% @doc Starts the owner and the port program; returns once it listens or
@@ -239,9 +240,16 @@ handle_info({Port, {data, Bin}}, #{port := Port} = St) ->
     {noreply, command(binary_to_term(Bin), St)};
 handle_info({Port, {exit_status, Status}}, #{port := Port} = St) ->
     {noreply, port_down(Status, St)};
-handle_info({'EXIT', Port, _}, #{port := Port} = St) ->
-    %% exit_status follows (or came first); nothing else to do here
+handle_info({'EXIT', Port, normal}, #{port := Port} = St) ->
+    %% the program exited: exit_status came first (then the port is no longer
+    %% this one) or follows
     {noreply, St};
+handle_info({'EXIT', Port, Why}, #{port := Port} = St) ->
+    %% the port closed on an error, such as `epipe' when a reply was written
+    %% to a program that had just died: no exit_status follows, so this is
+    %% the end of the program (closing our side makes a live one exit)
+    catch port_close(Port),
+    {noreply, port_down({exit, Why}, St)};
 handle_info({'EXIT', _, _}, St) ->
     {noreply, St};
 handle_info({'DOWN', MRef, process, _Pid, Reason}, #{mons := M, calls := C, port := Port} = St) ->
@@ -357,7 +365,8 @@ port_down(Status, #{calls := C, listen_error := E} = St) ->
     dspex_telemetry:execute([dspex, grpc, port, exit], #{in_flight => map_size(C)}, #{status => Status}),
     Reason = case E of
                  {grpc_listen, _, _} -> E;
-                 _ -> {grpc_port, {exit_status, Status}}
+                 _ when is_integer(Status) -> {grpc_port, {exit_status, Status}};
+                 _ -> {grpc_port, Status}
              end,
     down(Reason, St#{port := undefined, listening := undefined, calls := #{}, mons := #{}}, map_size(C)).
 
@@ -397,4 +406,5 @@ down(Reason, #{phase := Phase, since := Since, attempts := A0, backoff := B0} = 
 
 reason_text({grpc_listen, Why, Addr}) -> io_lib:format("cannot listen on ~ts: ~ts", [Addr, why_text(Why)]);
 reason_text({grpc_port, {exit_status, S}}) -> io_lib:format("exited with status ~p", [S]);
+reason_text({grpc_port, {exit, Why}}) -> io_lib:format("the port closed: ~0p", [Why]);
 reason_text({grpc_port, {spawn, Why}}) -> io_lib:format("cannot be started: ~0p", [Why]).

@@ -443,7 +443,8 @@ port_owner_test_() ->
              [application:stop(A) || A <- lists:reverse(Apps)],
              application:unset_env(dspex_bridge, grpc_listen)
      end,
-     {timeout, 60, fun listens_and_restarts/0}}.
+     [{timeout, 60, fun listens_and_restarts/0},
+      {timeout, 60, fun restarts_when_the_port_closes_on_an_error/0}]}.
 
 listens_and_restarts() ->
     {ok, P1} = dspex_grpc:await_listening(20000),
@@ -467,6 +468,39 @@ listens_and_restarts() ->
         ?assertEqual(Owner, whereis(dspex_grpc))
     after
         dspex_telemetry:detach(grpc_test_exit)
+    end.
+
+%% A reply written to a port program that has just died closes the port with
+%% `{'EXIT', Port, epipe}', and then no exit_status comes (the port is gone
+%% before the exit status is read). The owner used to wait for it forever:
+%% gRPC stayed down (a Python test killing the port under load saw no new
+%% port program in 30 s). Here the owner gets that exit signal as the VM
+%% sends it to a process trapping exits.
+restarts_when_the_port_closes_on_an_error() ->
+    {ok, _} = dspex_grpc:await_listening(20000),
+    {ok, Os1} = dspex_grpc:os_pid(),
+    #{port := Port} = sys:get_state(dspex_grpc),
+    dspex_telemetry:attach(grpc_test_epipe, [dspex, grpc, port, exit],
+                           fun(_, _, Meta, Pid) -> Pid ! {port_exit, Meta} end, self()),
+    try
+        dspex_grpc ! {'EXIT', Port, epipe},
+        receive {port_exit, #{status := Status}} -> ?assertEqual({exit, epipe}, Status)
+        after 10000 -> error(no_exit_event)
+        end,
+        {ok, _} = dspex_grpc:await_listening(20000),
+        {ok, Os2} = dspex_grpc:os_pid(),
+        ?assertNotEqual(Os1, Os2),
+        %% the old program was told to end (its stdin closed): it is gone
+        ok = wait_gone(Os1, 200)
+    after
+        dspex_telemetry:detach(grpc_test_epipe)
+    end.
+
+wait_gone(_Os, 0) -> error(old_port_program_still_running);
+wait_gone(Os, N) ->
+    case filelib:is_dir("/proc/" ++ integer_to_list(Os)) of
+        false -> ok;
+        true -> receive after 50 -> wait_gone(Os, N - 1) end
     end.
 
 %%% a busy port ----------------------------------------------------------------------
