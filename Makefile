@@ -174,8 +174,11 @@ python-venv: python-stubs
 
 # Codec/cache/error/CLI unit tests, then integration tests against a real node,
 # all importing dspex_bridge from the venv's installed package, not priv/python.
+# Bounded (about 80 s on a quiet machine): a test that hangs fails the suite
+# with a clear exit instead of holding CI until its own limit.
 test-python: compile python-venv
-	cd test/python && DSPEX_BRIDGE_INSTALLED=1 ../../$(PY_VENV)/bin/python -m unittest discover -v -s . -p 'test_*.py'
+	cd test/python && DSPEX_BRIDGE_INSTALLED=1 timeout --kill-after=30 1200 \
+	  ../../$(PY_VENV)/bin/python -m unittest discover -v -s . -p 'test_*.py'
 
 bench: disk-check compile
 	@mkdir -p _build/bench

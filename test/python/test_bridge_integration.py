@@ -432,7 +432,7 @@ class Concurrency(BridgeCase):
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
-        ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
         for t in ts:
             t.start()
         for t in ts:
@@ -458,7 +458,7 @@ class Concurrency(BridgeCase):
                 writer_ctx.update_variable("w", i, var_type="integer")
                 if i % 50 == 0:
                     writer_ctx.update_variable("w2", "v%d" % i, var_type="string")
-        t = threading.Thread(target=writer)
+        t = threading.Thread(target=writer, daemon=True)
         t.start()
         seen_w, seen_w2 = [], []
         for upd in watch:

@@ -112,7 +112,7 @@ class Events(unittest.TestCase):
             def writer():
                 for v in range(n_live):
                     writer_ctx.update_variable("x", 100 + v, var_type="integer")
-            t = threading.Thread(target=writer)
+            t = threading.Thread(target=writer, daemon=True)
             t.start()
             for e in w:
                 got.append(e)

@@ -71,9 +71,17 @@ class PortKilledMidCall(unittest.TestCase):
                     outcomes[key] += 1
             c.close()
 
-        ts = [threading.Thread(target=hammer) for _ in range(4)]
+        # daemon threads, stopped on every way out: a failed wait must not
+        # leave them hammering, which keeps the interpreter from exiting
+        ts = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
         for t in ts:
             t.start()
+
+        def stop_hammering():
+            stop.set()
+            for t in ts:
+                t.join(timeout=30)
+        self.addCleanup(stop_hammering)
         self.wait_for("calls to flow", lambda: outcomes["ok"] > 20)
         os.kill(old, signal.SIGKILL)
 
@@ -95,9 +103,7 @@ class PortKilledMidCall(unittest.TestCase):
         count_before = outcomes["ok"]
         self.wait_for("hammering threads to succeed again",
                       lambda: outcomes["ok"] > count_before + 20)
-        stop.set()
-        for t in ts:
-            t.join()
+        stop_hammering()
         self.assertGreater(outcomes["unavailable"], 0, "no call saw the port die")
         self.assertEqual(outcomes["other"], [])
         self.assertNotIn(old, self.node.port_program_pids())
