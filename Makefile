@@ -99,6 +99,10 @@ test: disk-check deps-test deps-cluster compile dialyzer test-c test-erlang test
 # writer would retry failing batches and hold writers back instead of a test
 # failing. MIN_FREE_MB on the repository's file system and on TMPDIR.
 MIN_FREE_MB ?= 4096
+
+# The Python-driven suites run under a bound (each takes a few minutes at
+# most): a test that hangs fails its suite instead of holding CI to its limit.
+BOUND = timeout --kill-after=30 1200
 .PHONY: disk-check
 disk-check:
 	@for d in . "$${TMPDIR:-/tmp}"; do \
@@ -116,7 +120,7 @@ dialyzer: deps-test compile
 # `make run' and bin/dspex_bridge without a terminal (serve until SIGTERM /
 # SIGINT, clean stop, nothing left running) and with one (banner, then prompt).
 test-run: compile python-stubs
-	$(PYTHON) -m unittest discover -v -s test/run -p 'test_*.py'
+	$(BOUND) $(PYTHON) -m unittest discover -v -s test/run -p 'test_*.py'
 
 test-c:
 	$(MAKE) -C c_src test test-asan test-valgrind fuzz-glob FUZZ_SECONDS=$${FUZZ_SECONDS:-20}
@@ -140,7 +144,7 @@ test-nif-asan:
 # The Python side of the worker protocol (priv/python/dspex_bridge/worker.py);
 # the Erlang side (dspex_workers_SUITE, breaker, retry, JSON) runs in test-erlang.
 test-workers:
-	/usr/bin/python3 -m unittest discover -s test/python_workers -p 'test_*.py'
+	$(BOUND) /usr/bin/python3 -m unittest discover -s test/python_workers -p 'test_*.py'
 
 # The cluster suites alone (three peer nodes each; the etcd suite starts its own
 # etcd on loopback). `make test' runs them within test-erlang (rebar3 ct).
@@ -177,7 +181,7 @@ python-venv: python-stubs
 # Bounded (about 80 s on a quiet machine): a test that hangs fails the suite
 # with a clear exit instead of holding CI until its own limit.
 test-python: compile python-venv
-	cd test/python && DSPEX_BRIDGE_INSTALLED=1 timeout --kill-after=30 1200 \
+	cd test/python && DSPEX_BRIDGE_INSTALLED=1 $(BOUND) \
 	  ../../$(PY_VENV)/bin/python -m unittest discover -v -s . -p 'test_*.py'
 
 bench: disk-check compile
@@ -260,7 +264,7 @@ $(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py: priv/proto/snakepit_bridge.proto
 	  --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin $<
 
 test-grpc-valgrind: deps-grpc-test compile $(GRPC_TEST_STUBS)/snakepit_bridge_pb2_grpc.py
-	$(PYTHON) test/grpc/valgrind_run.py $(GRPC_TEST_STUBS)
+	$(BOUND) $(PYTHON) test/grpc/valgrind_run.py $(GRPC_TEST_STUBS)
 
 # The debug console's chart library (see UPLOT_*): npm pack fetches the
 # tarball, whose sha512 must equal the pinned integrity.
@@ -280,7 +284,7 @@ $(CONSOLE_VENDOR)/uPlot.iife.min.js: Makefile
 # The debug console in headless Chromium (Selenium) against a node started by
 # the test on free ports; screenshots go to _build/console/.
 test-console: deps-test compile console-vendor
-	$(PYTHON) -m unittest discover -v -s test/console -p "test_*.py"
+	$(BOUND) $(PYTHON) -m unittest discover -v -s test/console -p "test_*.py"
 
 # API server time and Chromium time to first render, 10,000 sessions and a
 # 1,000-variable session.
