@@ -7,10 +7,13 @@
 %% owner against the same calls made on another node (forwarded).
 -module(dspex_cluster_bench).
 
--export([main/0, main/1, writers/3, writers/4, owned_writers/4, failover_probe/2, routed_ops/2]).
+-export([main/0, main/1, start/1, writers/3, writers/4, owned_writers/4, failover_probe/2, routed_ops/2]).
 
 -define(SECONDS, 2).
 -define(LAG_MS, 300).
+%% the peers share the 2 cores with this node and with each other: schedulers
+%% that spin while idle would take the CPU the others need
+-define(PEER_ARGS, ["+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"]).
 
 main() -> main(all).
 
@@ -51,10 +54,10 @@ main(Parts) ->
          #{rate := R} = M = proplists:get_value({N, Same}, [{{A, B}, C} || {A, B, C} <- OwnedN]),
          Base = proplists:get_value({N, Same}, [{{A, B}, C} || {A, B, C} <- SingleN]),
          io:format("  ~2b writer(s), ~-14s ~9b writes/s  single node ~9b/s  (~.3fx)  p50 ~b us  p99 ~b us"
-                   "  replica lag mean ~.1f max ~b versions, drain ~b ms~n",
+                   "  replica lag mean ~.2f max ~b versions, drain ~b ms, ~s~n",
                    [N, case Same of diff -> "own sessions"; same -> "one session" end, round(R), round(Base),
                     R / Base, maps:get(p50, M), maps:get(p99, M), maps:get(lag_mean, M), maps:get(lag_max, M),
-                    maps:get(drain_ms, M)])
+                    maps:get(drain_ms, M), maps:get(link, M)])
      end || {N, Same, _} <- OwnedN],
     Row("cluster, 1 writer on another node (forwarded)", Remote1, Single1),
     Row("cluster, 4 writers on another node, 4 sessions", Remote4, Single4),
@@ -92,9 +95,10 @@ writers(Prefix, N, Secs, Same) ->
 %% the replica takes to catch up once they stop (ms).
 owned_writers(Prefix, N, Secs, Same) ->
     Ss = sessions(Prefix, N, Same, fun(S) -> element(1, dspex_cluster_writer:owners(S, dspex_cluster_members:view())) =:= node() end),
-    [S0 | _] = Ss,
+    [{S0, _} | _] = Ss,
     {_, [Rep]} = dspex_cluster_writer:owners(S0, dspex_cluster_members:view()),
     Lag = fun() -> element(3, dspex_cluster_replica:row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
+    Link0 = link_stats(Rep),
     Parent = self(),
     Sampler = spawn_link(fun() -> Parent ! {lag, sample(Lag, [])} end),
     {Rate, Lats} = run(Ss, Secs, true, fun() -> Sampler ! stop end),
@@ -102,10 +106,17 @@ owned_writers(Prefix, N, Secs, Same) ->
     T0 = erlang:monotonic_time(millisecond),
     catch_up(Lag),
     Drain = erlang:monotonic_time(millisecond) - T0,
+    Link = case {Link0, link_stats(Rep)} of
+               {#{batches := B0, records := R0}, #{batches := B1, records := R1, max_batch := MaxB}} when B1 > B0 ->
+                   io_lib:format("~.1f records/batch (largest ~b)", [(R1 - R0) / (B1 - B0), MaxB]);
+               _ -> "no batches (one call per write)"
+           end,
     Sorted = list_to_tuple(lists:sort(Lats)),
     Pct = fun(P) -> element(max(1, round(P * tuple_size(Sorted))), Sorted) end,
     #{rate => Rate, p50 => Pct(0.50), p99 => Pct(0.99), lag_mean => lists:sum(Lags) / max(1, length(Lags)),
-      lag_max => lists:max([0 | Lags]), drain_ms => Drain}.
+      lag_max => lists:max([0 | Lags]), drain_ms => Drain, link => Link}.
+
+link_stats(Rep) -> catch dspex_cluster_shipper:stats(Rep).
 
 sessions(Prefix, N, Same, Pick) ->
     Ss = pick(Prefix, 0, case Same of same -> 1; diff -> N end, Pick),
@@ -225,7 +236,7 @@ start(Base) ->
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     Peers = [begin
                  {ok, P, Node} = peer:start(#{name => Base ++ "_" ++ X, host => Host, connection => standard_io,
-                                              args => ["-setcookie", "dspex_bench", "-connect_all", "false" | Paths]}),
+                                              args => ["-setcookie", "dspex_bench", "-connect_all", "false" | ?PEER_ARGS ++ Paths]}),
                  {Node, P}
              end || X <- ["a", "b", "c"]],
     Nodes = [N || {N, _} <- Peers],

@@ -44,7 +44,8 @@
 %% == Errors ==
 %% `{error, no_quorum}' (this side of a partition has no majority; nothing was
 %% written), `{error, {retry, Why}}' with `Why' one of `owner_down',
-%% `replica_unavailable', `fenced', `timeout' (the write may or may not have
+%% `replica_unavailable', `replica_slow' (a replica did not confirm within 5 s,
+%% see `dspex_cluster_shipper'), `fenced', `timeout' (the write may or may not have
 %% been committed: retry it, with `expected_version' to make the retry
 %% idempotent), `{error, {unavailable, Why}}' (no owner reachable before the
 %% routing deadline, `route_deadline_ms'; nothing was written; `Why'

@@ -47,6 +47,6 @@ handle_info(_, St) -> {noreply, St}.
 
 %% #{Pool => [{Index, Session, Epoch, Seq, Payload}]} (each list reversed)
 split([], _, Acc) -> Acc;
-split([{_Id, S, E, Seq, P} | T], I, Acc) ->
+split([{S, E, Seq, P} | T], I, Acc) ->
     Pool = dspex_cluster_replica:name(S),
     split(T, I + 1, Acc#{Pool => [{I, S, E, Seq, P} | maps:get(Pool, Acc, [])]}).

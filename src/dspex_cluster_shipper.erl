@@ -2,10 +2,10 @@
 %% shipper per (this node -> replica node) link.
 %%
 %% The writers (`dspex_cluster_writer', any session) commit a change locally
-%% and hand its replication record `{Id, Session, Epoch, Seq, Payload}' to the
-%% shipper of every replica node of the session (`ship/2', a local message),
-%% then go on with the next write: the caller's answer waits in the pending
-%% table (`register_write/8'). The shipper sends what it collected as ONE
+%% and hand its replication record `{Ack, Session, Epoch, Seq, Payload}' to
+%% the shipper of every replica node of the session (`ship/2', a local
+%% message), then go on with the next write: the caller's answer waits in the
+%% record (one replica) or in the pending table (several: `register_write/8'). The shipper sends what it collected as ONE
 %% message (a batch) to the replica node's `dspex_cluster_receiver'; while a
 %% batch is in flight the next one fills. At most `?WINDOW' batches are in
 %% flight and a batch carries at most `?MAX_BATCH' records; the records of
@@ -58,7 +58,12 @@
 -define(PENDING, dspex_cluster_pending).
 -define(RECEIVER, dspex_cluster_receiver).
 
--type record() :: {reference() | none, binary(), pos_integer(), pos_integer(), dspex_cluster_replica:payload()}.
+%% `Ack': who is answered once the replicas confirmed: `{one, From, Result,
+%% T0, Meta}' (a session with one replica: the caller directly), `{many, Id}'
+%% (several replicas: the entry `Id' of the pending table counts them), `none'
+%% (no caller: a replicated expiry).
+-type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | none.
+-type record() :: {ack(), binary(), pos_integer(), pos_integer(), dspex_cluster_replica:payload()}.
 -export_type([record/0]).
 
 %% @doc Starts the shipper of the link to `Node'.
@@ -157,13 +162,18 @@ handle_info(_, St) -> {noreply, St}.
 
 send_batches(#{qlen := 0} = St) -> St;
 send_batches(#{inflight := I} = St) when map_size(I) >= ?WINDOW -> St;
-send_batches(#{node := Node, queue := Qu, qlen := Q, next := No, inflight := I} = St0) ->
-    St = monitor_receiver(St0),
+send_batches(#{node := Node, queue := Qu, qlen := Q, next := No, inflight := I} = St) ->
     N = min(Q, ?MAX_BATCH),
     {Taken, Rest} = queue:split(N, Qu),
     Recs = queue:to_list(Taken),
-    St1 = St#{queue := Rest, qlen := Q - N},
-    case erlang:send({?RECEIVER, Node}, {batch, self(), No, node(), Recs}, [noconnect]) of
+    St1 = monitor_receiver(St#{queue := Rest, qlen := Q - N}),
+    Wire = [{S, E, Seq, P} || {_, S, E, Seq, P} <- Recs],
+    %% never a new connection from here: membership decides about those
+    case St1 of
+        #{mon := undefined} -> Sent = noconnect;
+        _ -> Sent = erlang:send({?RECEIVER, Node}, {batch, self(), No, node(), Wire}, [noconnect])
+    end,
+    case Sent of
         noconnect ->
             [settle(R, {error, replica_unavailable}) || R <- Recs],
             send_batches(bump(failed, N, St1));
@@ -175,7 +185,10 @@ send_batches(#{node := Node, queue := Qu, qlen := Q, next := No, inflight := I} 
     end.
 
 monitor_receiver(#{mon := undefined, node := Node} = St) ->
-    St#{mon := erlang:monitor(process, {?RECEIVER, Node})};
+    case lists:member(Node, nodes()) of
+        true -> St#{mon := erlang:monitor(process, {?RECEIVER, Node})};
+        false -> St
+    end;
 monitor_receiver(St) -> St.
 
 arm_tick(#{tick := true} = St) -> St;
@@ -225,35 +238,44 @@ install_full(Node, {S, E}) ->
     end.
 
 %% One replica's answer for one record. Returns ok when nothing failed.
-settle({Id, S, E, _, _}, {error, Why}) ->
+settle({Ack, S, E, _, _}, {error, Why}) ->
     %% not acknowledged; the next write of the session re-establishes ownership
     case dspex_cluster_replica:row(S) of
         {S, E, _, _, _, _, _} -> ets:update_element(dspex_cluster_replica:table(), S, {6, 0});
         _ -> ok
     end,
-    case Id =/= none andalso ets:take(?PENDING, Id) of
-        [{Id, _, From, S, Epoch, _, T0, Meta}] -> reply(From, {error, {retry, Why}}, Epoch, T0, Meta);
-        _ -> ok
+    case Ack of
+        {one, From, _, T0, Meta} -> reply(From, {error, {retry, Why}}, E, T0, Meta);
+        {many, Id} ->
+            case ets:take(?PENDING, Id) of
+                [{Id, _, From, S, E, _, T0, Meta}] -> reply(From, {error, {retry, Why}}, E, T0, Meta);
+                [] -> ok   % failed by another replica already
+            end;
+        none -> ok
     end,
     error;
 settle({none, _, _, _, _}, ok) ->
     ok;
-settle({Id, _, _, _, _}, ok) ->
+settle({{one, From, Result, T0, Meta}, S, E, _, _}, ok) ->
+    acknowledge(From, S, E, Result, T0, Meta);
+settle({{many, Id}, _, _, _, _}, ok) ->
     case catch ets:update_counter(?PENDING, Id, {2, -1}) of
         0 ->
             case ets:take(?PENDING, Id) of
-                [{Id, _, From, S, Epoch, Result, T0, Meta}] ->
-                    %% a takeover that fenced this node meanwhile may have
-                    %% copied the session from here before the change landed
-                    %% (the fence stops the replicas, not the owner's writer):
-                    %% then the change is not acknowledged
-                    case fenced(S, Epoch) of
-                        false -> reply(From, Result, Epoch, T0, Meta), ok;
-                        true -> reply(From, {error, {retry, fenced}}, Epoch, T0, Meta), error
-                    end;
+                [{Id, _, From, S, E, Result, T0, Meta}] -> acknowledge(From, S, E, Result, T0, Meta);
                 [] -> ok
             end;
         _ -> ok   % other replicas still to confirm, or already failed by one
+    end.
+
+%% Every replica confirmed the write. A takeover that fenced this node
+%% meanwhile may have copied the session from here before the change landed
+%% (the fence stops the replicas, not the owner's writer): then the change is
+%% not acknowledged.
+acknowledge(From, S, E, Result, T0, Meta) ->
+    case fenced(S, E) of
+        false -> reply(From, Result, E, T0, Meta), ok;
+        true -> reply(From, {error, {retry, fenced}}, E, T0, Meta), error
     end.
 
 reply(From, Reply, Epoch, T0, Meta) ->

@@ -306,9 +306,14 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             %% node; the caller is answered when all of them confirmed it
             Seq1 = Seq + 1,
             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
-            Id = make_ref(),
-            dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, Meta),
-            Rec = {Id, S, Epoch, Seq1, full(S, P)},
+            Ack = case Reps of
+                      [_] -> {one, From, Result, T0, Meta};
+                      _ ->
+                          Id = make_ref(),
+                          dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, Meta),
+                          {many, Id}
+                  end,
+            Rec = {Ack, S, Epoch, Seq1, full(S, P)},
             [dspex_cluster_shipper:ship(R, Rec) || R <- Reps],
             shipped;
         P ->
