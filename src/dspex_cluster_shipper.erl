@@ -207,6 +207,8 @@ fail_all(Why, #{inflight := I, queue := Qu, qlen := Q} = St) ->
 bump(K, N, St) -> St#{K := maps:get(K, St) + N}.
 
 %% Settles the records of an answered batch; returns how many failed.
+settle_batch(_Node, Recs, []) ->
+    length([x || R <- Recs, settle(R, ok) =/= ok]);
 settle_batch(Node, Recs, Fails) ->
     FailMap = maps:from_list(Fails),
     Indexed = lists:zip(lists:seq(1, length(Recs)), Recs),

@@ -17,7 +17,8 @@
          failover_converges_when_the_new_owner_lags/1, stuck_servers_end_calls_with_documented_errors/1,
          configuration_is_validated_and_read_mode_is_per_process/1,
          concurrent_writes_are_batched_and_every_replica_converges/1,
-         a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow/1]).
+         a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow/1,
+         a_replica_that_diverged_gets_a_full_copy_before_the_ack/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
@@ -36,7 +37,8 @@ all() ->
      stuck_servers_end_calls_with_documented_errors,
      configuration_is_validated_and_read_mode_is_per_process,
      concurrent_writes_are_batched_and_every_replica_converges,
-     a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow].
+     a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow,
+     a_replica_that_diverged_gets_a_full_copy_before_the_ack].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -1086,4 +1088,38 @@ a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow(Config) ->
     Res2 = peer:call(PO, ?MODULE, parallel_sets, [[{S, x, [3]} || S <- Ss]], 30000),
     ?assertEqual([[{ok, 3}] || _ <- Ss], Res2),
     [?assertEqual({3, 3}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])) || S <- Ss],
+    Config.
+
+%% Issue #21: a record of a batch that the replica cannot replay (its copy
+%% differs: here changed behind the cluster's back, so the version the owner
+%% reached is not the one the replica reaches) is answered `need_full'; the
+%% write is acknowledged only after the owner installed its whole session
+%% there, and the replica then holds the owner's state. A gap in the sequence
+%% (a change the replica never got) is handled the same way.
+a_replica_that_diverged_gets_a_full_copy_before_the_ack(Config) ->
+    Peers = start_cluster("dspex_full", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"full_s">>,
+    [{_, PA} | _] = Peers,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PO = peer_of(Owner, Peers),
+    PR = peer_of(Rep, Peers),
+    ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
+    %% the replica's copy moves on by itself: version 2 there, 1 on the owner
+    ?assertEqual({ok, 2}, peer:call(PR, dspex_cluster, local_apply, [set, [S, x, 99]])),
+    ?assertEqual({ok, 2}, peer:call(PO, dspex_store, set, [S, x, 2])),
+    ?assertEqual({2, 2}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    %% a gap: the replica's row says it missed the last change
+    {S, E, Seq, O, R, G, F} = peer:call(PR, dspex_cluster_replica, row, [S]),
+    true = peer:call(PR, dspex_cluster_replica, put_row, [{S, E, Seq - 1, O, R, G, F}]),
+    ?assertEqual({ok, 3}, peer:call(PO, dspex_store, set, [S, x, 3])),
+    ?assertEqual({3, 3}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    ?assertEqual(element(3, peer:call(PO, dspex_cluster_replica, row, [S])),
+                 element(3, peer:call(PR, dspex_cluster_replica, row, [S]))),
+    %% and the link goes on replaying single changes
+    ?assertEqual({ok, 4}, peer:call(PO, dspex_store, set, [S, x, 4])),
+    ?assertEqual({4, 4}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
+    #{failed := 0} = peer:call(PO, dspex_cluster_shipper, stats, [Rep]),
     Config.
