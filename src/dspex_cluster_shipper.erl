@@ -28,7 +28,8 @@
 %% <ul>
 %% <li>the replica node is not connected, or its receiver is gone: every
 %% batch in flight and every queued record fails, `{retry, replica_unavailable}';</li>
-%% <li>the oldest batch in flight is not answered within `?WRITE_TIMEOUT' ms
+%% <li>the oldest batch in flight is not answered within `replica_timeout_ms'
+%% (cluster configuration, 5000 by default)
 %% (the replica is slow or stuck): every batch in flight and every queued
 %% record fails with `{retry, replica_slow}'; answers that come later for
 %% those batches are ignored (a record a replica applied late is a write whose
@@ -37,7 +38,7 @@
 %% `{retry, fenced}'; any other refusal: `{retry, replica_unavailable}'.</li>
 %% </ul>
 %% Back-pressure: a slow replica fills the window, records wait in the queue
-%% (and their callers wait); past `?MAX_QUEUE' queued records a new record
+%% (and their callers wait, at most the timeout above); past `?MAX_QUEUE' queued records a new record
 %% fails at once with `{retry, replica_slow}', so memory stays bounded.
 %%
 %% Every answered batch emits `[dspex, cluster, batch, stop]' (measurements
@@ -46,13 +47,12 @@
 -module(dspex_cluster_shipper).
 -behaviour(gen_server).
 
--export([start_link/1, name/1, ship/2, register_write/8, stats/1, pending_table/0]).
+-export([start_link/2, name/1, ship/2, register_write/8, stats/1, pending_table/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(WINDOW, 4).
 -define(MAX_BATCH, 1024).
 -define(MAX_QUEUE, 65536).
--define(WRITE_TIMEOUT, 5000).
 -define(TICK_MS, 100).
 -define(RPC_TIMEOUT, 5000).
 -define(PENDING, dspex_cluster_pending).
@@ -66,9 +66,10 @@
 -type record() :: {ack(), binary(), pos_integer(), pos_integer(), dspex_cluster_replica:payload()}.
 -export_type([record/0]).
 
-%% @doc Starts the shipper of the link to `Node'.
--spec start_link(node()) -> {ok, pid()} | {error, term()}.
-start_link(Node) -> gen_server:start_link({local, name(Node)}, ?MODULE, Node, []).
+%% @doc Starts the shipper of the link to `Node'; a batch not answered within
+%% `TimeoutMs' fails its writes with `{retry, replica_slow}'.
+-spec start_link(node(), pos_integer()) -> {ok, pid()} | {error, term()}.
+start_link(Node, TimeoutMs) -> gen_server:start_link({local, name(Node)}, ?MODULE, {Node, TimeoutMs}, []).
 
 %% @doc The registered name of the shipper to `Node'.
 -spec name(node()) -> atom().
@@ -104,10 +105,10 @@ stats(Node) -> gen_server:call(name(Node), stats).
 
 %%% server ----------------------------------------------------------------------
 
--spec init(node()) -> {ok, map()}.
-init(Node) ->
+-spec init({node(), pos_integer()}) -> {ok, map()}.
+init({Node, TimeoutMs}) ->
     put(dspex_cluster_local, true),
-    {ok, #{node => Node, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
+    {ok, #{node => Node, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
            mon => undefined, tick => false,
            batches => 0, records => 0, max_batch => 0, failed => 0}}.
 
@@ -147,10 +148,10 @@ handle_info({'DOWN', Mon, process, _, _}, #{mon := Mon} = St) ->
     {noreply, fail_all(replica_unavailable, St#{mon := undefined})};
 handle_info(tick, #{inflight := I} = St) when map_size(I) =:= 0 ->
     {noreply, St#{tick := false}};
-handle_info(tick, #{inflight := I} = St) ->
+handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
     {Sent, _} = maps:get(lists:min(maps:keys(I)), I),
     Age = erlang:convert_time_unit(erlang:monotonic_time() - Sent, native, millisecond),
-    St1 = case Age >= ?WRITE_TIMEOUT of
+    St1 = case Age >= Timeout of
               true -> fail_all(replica_slow, St);
               false -> St
           end,

@@ -31,13 +31,15 @@ config() ->
             Mode = maps:get(replication, C, sync),
             Read = maps:get(read, C, any),
             Deadline = maps:get(route_deadline_ms, C, 8000),
+            RTimeout = maps:get(replica_timeout_ms, C, 5000),
             if
                 not is_integer(R) orelse R < 0 -> {error, {invalid_argument, replicas}};
                 Mode =/= sync andalso Mode =/= async -> {error, {invalid_argument, replication}};
                 Read =/= any andalso Read =/= majority -> {error, {invalid_argument, read}};
                 not is_integer(Deadline) orelse Deadline < 1 -> {error, {invalid_argument, route_deadline_ms}};
+                not is_integer(RTimeout) orelse RTimeout < 1 -> {error, {invalid_argument, replica_timeout_ms}};
                 true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode, read => Read,
-                           route_deadline_ms => Deadline}
+                           route_deadline_ms => Deadline, replica_timeout_ms => RTimeout}
             end;
         {ok, _} -> {error, {invalid_argument, cluster}}
     end.
@@ -56,7 +58,7 @@ init([]) ->
             Children = [#{id => pg, start => {pg, start_link, [dspex_cluster]}}]
                 ++ Pool(dspex_cluster_replica)
                 ++ [#{id => dspex_cluster_receiver, start => {dspex_cluster_receiver, start_link, []}}]
-                ++ [#{id => {dspex_cluster_shipper, N}, start => {dspex_cluster_shipper, start_link, [N]}}
+                ++ [#{id => {dspex_cluster_shipper, N}, start => {dspex_cluster_shipper, start_link, [N, maps:get(replica_timeout_ms, C)]}}
                     || N <- maps:get(nodes, C), N =/= node()]
                 ++ Pool(dspex_cluster_writer)
                 ++ [#{id => dspex_cluster_watch, start => {dspex_cluster_watch, start_link, []}}]
