@@ -240,6 +240,14 @@ start(Base) ->
                  {Node, P}
              end || X <- ["a", "b", "c"]],
     Nodes = [N || {N, _} <- Peers],
+    %% event logs in a temporary directory stop/1 removes
+    Root = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_cluster_bench_" ++ os:getpid() ++ "_" ++ Base),
+    ok = filelib:ensure_path(Root),
+    put({?MODULE, root}, Root),
+    [begin
+         ok = peer:call(P, application, load, [dspex_bridge]),
+         ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(N))])
+     end || {N, P} <- Peers],
     [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, #{nodes => Nodes, replicas => 1,
                                                                          replication => sync}]) || {_, P} <- Peers],
     [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
@@ -253,4 +261,9 @@ wait_live(Peers, Nodes, Deadline) ->
         false -> receive after 20 -> ok end, wait_live(Peers, Nodes, Deadline)
     end.
 
-stop(Peers) -> [catch peer:stop(P) || {_, P} <- Peers], ok.
+stop(Peers) ->
+    [catch peer:stop(P) || {_, P} <- Peers],
+    case erase({?MODULE, root}) of
+        undefined -> ok;
+        Root -> _ = file:del_dir_r(Root), ok
+    end.

@@ -56,13 +56,19 @@ host() -> hd(string:split(net_adm:localhost(), ".")).
 
 %% Starts three peers named after `Base' with `ClusterConf' merged into the
 %% cluster configuration; returns [{Node, Peer}] once every node sees all three.
+%% Their event logs live in a temporary directory that stop_cluster/1 removes
+%% (a restarted node finds its log there, as a restarted node would).
 start_cluster(Base, ClusterConf) ->
+    Root = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_cluster_ct_" ++ os:getpid() ++ "_" ++
+                             integer_to_list(erlang:unique_integer([positive]))),
+    ok = filelib:ensure_path(Root),
+    put(ct_event_root, Root),
     Host = host(),
     Names = [Base ++ "_" ++ X || X <- ["a", "b", "c"]],
     Nodes = [list_to_atom(N ++ "@" ++ Host) || N <- Names],
     Peers = [start_peer(N, Host) || N <- Names],
     Nodes = [N || {N, _} <- Peers],
-    [configure(P, ClusterConf#{nodes => Nodes}) || {_, P} <- Peers],
+    [configure(N, P, ClusterConf#{nodes => Nodes}) || {N, P} <- Peers],
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers) end, 20000, all_live),
     Peers.
 
@@ -73,7 +79,10 @@ start_peer(Name, Host) ->
                                           "-kernel", "prevent_overlapping_partitions", "false" | Paths]}),
     {Node, P}.
 
-configure(P, Conf) ->
+configure(Node, P, Conf) ->
+    ok = peer:call(P, application, load, [dspex_bridge]),
+    _ = [ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(Node))])
+         || Root <- [get(ct_event_root)], Root =/= undefined],
     ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Conf]),
     {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]),
     ok.
@@ -84,12 +93,15 @@ restart_node(Node, Peers) ->
     [Name, Host] = string:split(atom_to_list(Node), "@"),
     {Node, P} = start_peer(Name, Host),
     [{_, Other} | _] = [X || {N, _} = X <- Peers, N =/= Node],
-    configure(P, peer:call(Other, dspex_cluster_members, config, [])),
+    configure(Node, P, peer:call(Other, dspex_cluster_members, config, [])),
     lists:keyreplace(Node, 1, Peers, {Node, P}).
 
 stop_cluster(Peers) ->
     [catch peer:stop(P) || {_, P} <- Peers],
-    ok.
+    case erase(ct_event_root) of
+        undefined -> ok;
+        Root -> _ = file:del_dir_r(Root), ok
+    end.
 
 live(P) ->
     case catch peer:call(P, dspex_cluster, cluster_status, []) of
