@@ -199,10 +199,9 @@ arm_tick(St) ->
 
 %% Every batch in flight and every queued record fails (the link is reset: a
 %% later answer to one of these batches is ignored).
-fail_all(Why, #{inflight := I, queue := Qu, qlen := Q} = St) ->
+fail_all(Why, #{inflight := I, queue := Qu} = St) ->
     Recs = lists:append([Rs || {_, {_, Rs}} <- lists:sort(maps:to_list(I))]) ++ queue:to_list(Qu),
     [settle(R, {error, Why}) || R <- Recs],
-    _ = Q,
     bump(failed, length(Recs), St#{inflight := #{}, queue := queue:new(), qlen := 0}).
 
 bump(K, N, St) -> St#{K := maps:get(K, St) + N}.
