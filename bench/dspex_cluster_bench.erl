@@ -1,6 +1,10 @@
 %% @doc `make bench' (cluster part): write throughput of a 3-node cluster with
 %% sync replication (R = 1) against a single node without a cluster, in the
-%% same run, and failover time (owner killed with kill -9 -> first successful
+%% same run: on the owner with 1, 4 and 16 writers, on sessions of their own
+%% or on one session, with the first writer's p50/p99 latency, the replica
+%% lag sampled while the writers run (versions) and how long the replica
+%% takes to catch up once they stop (ms), and the batches of the link
+%% (records per batch, issue #21); forwarded from another node; and failover time (owner killed with kill -9 -> first successful
 %% write from another node; also with the new owner's membership lagging
 %% 300 ms). Three `peer' nodes on this machine. Also the
 %% routed graph, access-control, lock and watch calls made on the session's
