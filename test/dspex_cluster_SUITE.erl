@@ -18,7 +18,8 @@
          configuration_is_validated_and_read_mode_is_per_process/1,
          concurrent_writes_are_batched_and_every_replica_converges/1,
          a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow/1,
-         a_replica_that_diverged_gets_a_full_copy_before_the_ack/1]).
+         a_replica_that_diverged_gets_a_full_copy_before_the_ack/1,
+         a_replica_node_dying_fails_its_batches_in_flight/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
@@ -38,7 +39,8 @@ all() ->
      configuration_is_validated_and_read_mode_is_per_process,
      concurrent_writes_are_batched_and_every_replica_converges,
      a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow,
-     a_replica_that_diverged_gets_a_full_copy_before_the_ack].
+     a_replica_that_diverged_gets_a_full_copy_before_the_ack,
+     a_replica_node_dying_fails_its_batches_in_flight].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -1139,4 +1141,37 @@ a_replica_that_diverged_gets_a_full_copy_before_the_ack(Config) ->
     ?assertEqual({ok, 4}, peer:call(PO, dspex_store, set, [S, x, 4])),
     ?assertEqual({4, 4}, peer:call(PR, ?MODULE, node_state, [S, <<"x">>])),
     #{failed := 0} = peer:call(PO, dspex_cluster_shipper, stats, [Rep]),
+    Config.
+
+%% Issue #21: the replica node dies (kill -9) while batches of the link are
+%% in flight (its receiver held): every write in them fails with `{error,
+%% {retry, replica_unavailable}}' (none is acknowledged), and the sessions'
+%% next writes establish ownership again under the new view (the third node
+%% becomes the replica, with the owner's copy).
+a_replica_node_dying_fails_its_batches_in_flight(Config) ->
+    Peers = start_cluster("dspex_rdie", #{replicas => 1, replication => sync, replica_timeout_ms => 60000}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    View = peer:call(PA, dspex_cluster_members, view, []),
+    {Owner, [Rep]} = OR = dspex_cluster_writer:owners(<<"rdie_0">>, View),
+    Ss = same_owners(<<"rdie_">>, 0, 16, OR, View),
+    [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    PO = peer_of(Owner, Peers),
+    [begin {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+           {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0])
+     end || S <- Ss],
+    Stats = fun() -> peer:call(PO, dspex_cluster_shipper, stats, [Rep]) end,
+    #{records := Base} = Stats(),
+    ok = peer:call(peer_of(Rep, Peers), sys, suspend, [dspex_cluster_receiver]),
+    ok = peer:call(PO, ?MODULE, spawn_call, [ct_rdie, ?MODULE, parallel_sets, [[{S, x, [1]} || S <- Ss]]]),
+    ok = wait_until(fun() -> #{records := Sent, queued := Q} = Stats(), Sent - Base + Q >= 16 end, 10000, all_shipped),
+    ok = kill_node(Rep, Peers),
+    ?assertEqual([[{error, {retry, replica_unavailable}}] || _ <- Ss],
+                 peer:call(PO, ?MODULE, await_result, [ct_rdie, 30000], 40000)),
+    ?assertMatch(#{inflight := 0, queued := 0}, Stats()),
+    ok = wait_until(fun() -> live(PO) =:= lists:sort([Owner, Third]) end, 20000, replica_gone),
+    %% the failed writes were committed on the owner (outcome unknown to the
+    %% callers); the next ones take over and find them
+    ?assertEqual([[{ok, 2}] || _ <- Ss], peer:call(PO, ?MODULE, parallel_sets, [[{S, x, [2]} || S <- Ss]], 30000)),
+    [?assertEqual({2, 2}, peer:call(peer_of(Third, Peers), ?MODULE, node_state, [S, <<"x">>])) || S <- Ss],
     Config.
