@@ -1,22 +1,35 @@
 %% @doc `make bench' (cluster part): write throughput of a 3-node cluster with
 %% sync replication (R = 1) against a single node without a cluster, in the
-%% same run, and failover time (owner killed with kill -9 -> first successful
+%% same run: on the owner with 1, 4 and 16 writers, on sessions of their own
+%% or on one session, with the first writer's p50/p99 latency, the replica
+%% lag sampled while the writers run (versions) and how long the replica
+%% takes to catch up once they stop (ms), and the batches of the link
+%% (records per batch, issue #21); forwarded from another node; and failover time (owner killed with kill -9 -> first successful
 %% write from another node; also with the new owner's membership lagging
 %% 300 ms). Three `peer' nodes on this machine. Also the
 %% routed graph, access-control, lock and watch calls made on the session's
 %% owner against the same calls made on another node (forwarded).
 -module(dspex_cluster_bench).
 
--export([main/0, writers/3, failover_probe/2, routed_ops/2]).
+-export([main/0, main/1, start/1, writers/3, writers/4, owned_writers/4, failover_probe/2, routed_ops/2]).
 
 -define(SECONDS, 2).
 -define(LAG_MS, 300).
+%% the peers share the 2 cores with this node and with each other: schedulers
+%% that spin while idle would take the CPU the others need
+-define(PEER_ARGS, ["+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"]).
 
-main() ->
+main() -> main(all).
+
+%% `main(writes)': the write throughput part only (no routed calls, no failover).
+main(Parts) ->
     io:format("~n== dspex_cluster: sync replication (R = 1, 3 peer nodes on this host) ==~n", []),
     {ok, _} = application:ensure_all_started(dspex_bridge),
     Single1 = writers(<<"single">>, 1, ?SECONDS),
     Single4 = writers(<<"single4">>, 4, ?SECONDS),
+    Counts = [1, 4, 16],
+    SingleN = [{N, Same, writers(iolist_to_binary(io_lib:format("sgl~b~s", [N, Same])), N, ?SECONDS, Same)}
+               || N <- Counts, Same <- [diff, same], not (N =:= 1 andalso Same =:= same)],
     application:stop(dspex_bridge),
     Peers = start("dspex_bench"),
     [{_, PA} | _] = Peers,
@@ -24,6 +37,9 @@ main() ->
     POwner = proplists:get_value(Owner, Peers),
     [{_, POther} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
     OnOwner1 = peer:call(POwner, ?MODULE, writers, [<<"c1">>, 1, ?SECONDS], 60000),
+    OwnedN = [{N, Same, peer:call(POwner, ?MODULE, owned_writers,
+                                  [iolist_to_binary(io_lib:format("own~b~s", [N, Same])), N, ?SECONDS, Same], 120000)}
+              || N <- Counts, Same <- [diff, same], not (N =:= 1 andalso Same =:= same)],
     Remote1 = peer:call(POther, ?MODULE, writers, [<<"c2">>, 1, ?SECONDS], 60000),
     Remote4 = peer:call(POther, ?MODULE, writers, [<<"c3">>, 4, ?SECONDS], 60000),
     RS = <<"c1_0">>,   % owned by Owner
@@ -37,12 +53,26 @@ main() ->
     io:format("  ~-48s ~12b writes/s~n", ["single node, no cluster, 1 writer", round(Single1)]),
     io:format("  ~-48s ~12b writes/s~n", ["single node, no cluster, 4 writers", round(Single4)]),
     Row("cluster, 1 writer on the owner", OnOwner1, Single1),
+    io:format("  sync writes on the owner (sessions owned by it) vs single node, same writers:~n", []),
+    [begin
+         #{rate := R} = M = proplists:get_value({N, Same}, [{{A, B}, C} || {A, B, C} <- OwnedN]),
+         Base = proplists:get_value({N, Same}, [{{A, B}, C} || {A, B, C} <- SingleN]),
+         io:format("  ~2b writer(s), ~-14s ~9b writes/s  single node ~9b/s  (~.3fx)  p50 ~b us  p99 ~b us"
+                   "  replica lag mean ~.2f max ~b versions, drain ~b ms, ~s~n",
+                   [N, case Same of diff -> "own sessions"; same -> "one session" end, round(R), round(Base),
+                    R / Base, maps:get(p50, M), maps:get(p99, M), maps:get(lag_mean, M), maps:get(lag_max, M),
+                    maps:get(drain_ms, M), maps:get(link, M)])
+     end || {N, Same, _} <- OwnedN],
     Row("cluster, 1 writer on another node (forwarded)", Remote1, Single1),
     Row("cluster, 4 writers on another node, 4 sessions", Remote4, Single4),
     io:format("  routed calls, on the owner vs on another node (forwarded), 1 caller:~n", []),
     [io:format("  ~-48s ~9b ops/s on the owner, ~9b ops/s forwarded  (~.3fx)~n",
                [K, round(V), round(proplists:get_value(K, OtherOps)), proplists:get_value(K, OtherOps) / V])
      || {K, V} <- OwnerOps],
+    Parts =:= all andalso failovers(),
+    ok.
+
+failovers() ->
     Times = [failover_once("dspex_fo" ++ integer_to_list(I), 0) || I <- lists:seq(1, 3)],
     io:format("  failover (owner kill -9 -> first acknowledged write), 3 runs: ~w ms, median ~w ms~n",
               [Times, lists:nth(2, lists:sort(Times))]),
@@ -55,21 +85,97 @@ main() ->
     ok.
 
 %% N processes, each writing its own session for Secs seconds; writes/s in total.
-writers(Prefix, N, Secs) ->
-    Ss = [<<Prefix/binary, "_", (integer_to_binary(I))/binary>> || I <- lists:seq(0, N - 1)],
-    [begin {ok, _} = dspex_store:create_session(S), {ok, _} = dspex_store:register(S, x, integer, 0) end || S <- Ss],
+writers(Prefix, N, Secs) -> writers(Prefix, N, Secs, diff).
+
+%% As writers/3; `same': the N processes write one session (each its own variable).
+writers(Prefix, N, Secs, Same) ->
+    Ss = sessions(Prefix, N, Same, fun(_) -> true end),
+    element(1, run(Ss, Secs, false, fun() -> ok end)).
+
+%% Runs on a cluster node: like writers/4 on sessions this node owns (so every
+%% write is committed here and replicated), plus the latency percentiles of
+%% the first writer (us) and the replica lag sampled every 10 ms while the
+%% writers run (versions of the first session behind the owner), and how long
+%% the replica takes to catch up once they stop (ms).
+owned_writers(Prefix, N, Secs, Same) ->
+    Ss = sessions(Prefix, N, Same, fun(S) -> element(1, dspex_cluster_writer:owners(S, dspex_cluster_members:view())) =:= node() end),
+    [{S0, _} | _] = Ss,
+    {_, [Rep]} = dspex_cluster_writer:owners(S0, dspex_cluster_members:view()),
+    Lag = fun() -> element(3, dspex_cluster_replica:row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
+    Link0 = link_stats(Rep),
+    Parent = self(),
+    Sampler = spawn_link(fun() -> Parent ! {lag, sample(Lag, [])} end),
+    {Rate, Lats} = run(Ss, Secs, true, fun() -> Sampler ! stop end),
+    Lags = receive {lag, L} -> L end,
+    T0 = erlang:monotonic_time(millisecond),
+    catch_up(Lag),
+    Drain = erlang:monotonic_time(millisecond) - T0,
+    Link = case {Link0, link_stats(Rep)} of
+               {#{batches := B0, records := R0}, #{batches := B1, records := R1, max_batch := MaxB}} when B1 > B0 ->
+                   io_lib:format("~.1f records/batch (largest ~b)", [(R1 - R0) / (B1 - B0), MaxB]);
+               _ -> "no batches (one call per write)"
+           end,
+    Sorted = list_to_tuple(lists:sort(Lats)),
+    Pct = fun(P) -> element(max(1, round(P * tuple_size(Sorted))), Sorted) end,
+    #{rate => Rate, p50 => Pct(0.50), p99 => Pct(0.99), lag_mean => lists:sum(Lags) / max(1, length(Lags)),
+      lag_max => lists:max([0 | Lags]), drain_ms => Drain, link => Link}.
+
+link_stats(Rep) -> catch dspex_cluster_shipper:stats(Rep).
+
+sessions(Prefix, N, Same, Pick) ->
+    Ss = pick(Prefix, 0, case Same of same -> 1; diff -> N end, Pick),
+    [begin {ok, _} = dspex_store:create_session(S),
+           [{ok, _} = dspex_store:register(S, var(I), integer, 0) || I <- lists:seq(0, N - 1)]
+     end || S <- Ss],
+    case Same of
+        same -> [{hd(Ss), var(I)} || I <- lists:seq(0, N - 1)];
+        diff -> [{S, var(0)} || S <- Ss]
+    end.
+
+var(0) -> x;
+var(I) -> list_to_atom("x" ++ integer_to_list(I)).
+
+pick(_, _, 0, _) -> [];
+pick(Prefix, I, K, Pick) ->
+    S = <<Prefix/binary, "_", (integer_to_binary(I))/binary>>,
+    case Pick(S) of
+        true -> [S | pick(Prefix, I + 1, K - 1, Pick)];
+        false -> pick(Prefix, I + 1, K, Pick)
+    end.
+
+run(SKs, Secs, Timed, Stop) ->
     Parent = self(),
     Until = erlang:monotonic_time(millisecond) + Secs * 1000,
-    Pids = [spawn_link(fun() -> Parent ! {done, self(), loop(S, 0, Until)} end) || S <- Ss],
-    Total = lists:sum([receive {done, P, C} -> C end || P <- Pids]),
-    Total / Secs.
+    Pids = [spawn_link(fun() -> Parent ! {done, self(), loop(S, K, 0, Until, Timed andalso I =:= 1, [])} end)
+            || {I, {S, K}} <- lists:zip(lists:seq(1, length(SKs)), SKs)],
+    Res = [receive {done, P, C} -> C end || P <- Pids],
+    Stop(),
+    Total = lists:sum([C || {C, _} <- Res]),
+    {Total / Secs, lists:append([L || {_, L} <- Res])}.
 
-loop(S, C, Until) ->
+loop(S, K, C, Until, Timed, Lats) ->
     case C rem 64 =:= 0 andalso erlang:monotonic_time(millisecond) >= Until of
-        true -> C;
+        true when Timed -> {C, Lats};
+        true -> {C, []};
+        false when Timed ->
+            T0 = erlang:monotonic_time(),
+            {ok, _} = dspex_store:set(S, K, C),
+            Us = erlang:convert_time_unit(erlang:monotonic_time() - T0, native, microsecond),
+            loop(S, K, C + 1, Until, Timed, [Us | Lats]);
         false ->
-            {ok, _} = dspex_store:set(S, x, C),
-            loop(S, C + 1, Until)
+            {ok, _} = dspex_store:set(S, K, C),
+            loop(S, K, C + 1, Until, Timed, Lats)
+    end.
+
+sample(Lag, Acc) ->
+    receive stop -> Acc
+    after 10 -> sample(Lag, [Lag() | Acc])
+    end.
+
+catch_up(Lag) ->
+    case Lag() =< 0 of
+        true -> ok;
+        false -> receive after 1 -> catch_up(Lag) end
     end.
 
 %% Runs on a peer: calls per second of each routed operation on session S
@@ -134,10 +240,18 @@ start(Base) ->
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     Peers = [begin
                  {ok, P, Node} = peer:start(#{name => Base ++ "_" ++ X, host => Host, connection => standard_io,
-                                              args => ["-setcookie", "dspex_bench", "-connect_all", "false" | Paths]}),
+                                              args => ["-setcookie", "dspex_bench", "-connect_all", "false" | ?PEER_ARGS ++ Paths]}),
                  {Node, P}
              end || X <- ["a", "b", "c"]],
     Nodes = [N || {N, _} <- Peers],
+    %% event logs in a temporary directory stop/1 removes
+    Root = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_cluster_bench_" ++ os:getpid() ++ "_" ++ Base),
+    ok = filelib:ensure_path(Root),
+    put({?MODULE, root}, Root),
+    [begin
+         ok = peer:call(P, application, load, [dspex_bridge]),
+         ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(N))])
+     end || {N, P} <- Peers],
     [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, #{nodes => Nodes, replicas => 1,
                                                                          replication => sync}]) || {_, P} <- Peers],
     [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
@@ -151,4 +265,9 @@ wait_live(Peers, Nodes, Deadline) ->
         false -> receive after 20 -> ok end, wait_live(Peers, Nodes, Deadline)
     end.
 
-stop(Peers) -> [catch peer:stop(P) || {_, P} <- Peers], ok.
+stop(Peers) ->
+    [catch peer:stop(P) || {_, P} <- Peers],
+    case erase({?MODULE, root}) of
+        undefined -> ok;
+        Root -> _ = file:del_dir_r(Root), ok
+    end.

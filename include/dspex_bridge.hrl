@@ -74,6 +74,8 @@
 -define(DSPEX_CLUSTER_VIEW_CHANGE, [dspex, cluster, view, change]).
 -define(DSPEX_CLUSTER_LEASE_LOST, [dspex, cluster, lease, lost]).
 -define(DSPEX_CLUSTER_ROUTE_RETRY, [dspex, cluster, route, retry]).
+%% a batch of sync replication records answered by a replica node (dspex_cluster_shipper)
+-define(DSPEX_CLUSTER_BATCH_STOP, [dspex, cluster, batch, stop]).
 -define(DSPEX_GRPC_RPC_STOP, [dspex, grpc, rpc, stop]).
 -define(DSPEX_GRPC_CANCELLED, [dspex, grpc, cancelled]).
 -define(DSPEX_GRPC_OVERLOAD, [dspex, grpc, overload]).
@@ -104,7 +106,7 @@
         ++ [Span__ ++ [Ev__] || Span__ <- [?DSPEX_CLUSTER_MIGRATE, ?DSPEX_CLUSTER_DRAIN],
                                 Ev__ <- [start, stop, exception]]
         ++ [?DSPEX_CLUSTER_UNDRAIN_STOP, ?DSPEX_CLUSTER_VIEW_CHANGE, ?DSPEX_CLUSTER_LEASE_LOST,
-            ?DSPEX_CLUSTER_ROUTE_RETRY,
+            ?DSPEX_CLUSTER_ROUTE_RETRY, ?DSPEX_CLUSTER_BATCH_STOP,
             ?DSPEX_GRPC_RPC_STOP, ?DSPEX_GRPC_CANCELLED, ?DSPEX_GRPC_OVERLOAD,
             ?DSPEX_GRPC_PORT(start), ?DSPEX_GRPC_PORT(exit), ?DSPEX_GRPC_PORT(give_up),
             ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]

@@ -9,6 +9,7 @@
 %%   backend => static | etcd,                  % ownership backend (default static)
 %%   read => any | majority,                    % reads without a quorum: served marked stale, or refused
 %%   route_deadline_ms => 8000,                 % how long routing retries a call
+%%   replica_timeout_ms => 5000,                % sync: a replica slower than this fails writes (replica_slow)
 %%   etcd => #{endpoint => "http://127.0.0.1:2379", ttl => 2}}
 %% '''
 %% Without it (the default) nothing here runs and `dspex_store', `dspex_graph',
@@ -44,7 +45,8 @@
 %% == Errors ==
 %% `{error, no_quorum}' (this side of a partition has no majority; nothing was
 %% written), `{error, {retry, Why}}' with `Why' one of `owner_down',
-%% `replica_unavailable', `fenced', `timeout' (the write may or may not have
+%% `replica_unavailable', `replica_slow' (a replica did not confirm within
+%% `replica_timeout_ms', see `dspex_cluster_shipper'), `fenced', `timeout' (the write may or may not have
 %% been committed: retry it, with `expected_version' to make the retry
 %% idempotent), `{error, {unavailable, Why}}' (no owner reachable before the
 %% routing deadline, `route_deadline_ms'; nothing was written; `Why'

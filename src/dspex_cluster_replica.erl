@@ -11,6 +11,11 @@
 %% `Fence' is the highest epoch announced by a takeover: changes from a lower
 %% epoch are refused with `{error, {stale_epoch, Fence}}'.
 %%
+%% Sync replication arrives in batches (`dspex_cluster_receiver' splits
+%% each one by pool process; a part is applied in one pass with the rules of
+%% `apply_change/5'); async replication and takeovers use the calls and casts
+%% below.
+%%
 %% Watches made on this node while it owned a session (`dspex_cluster_watch')
 %% are told they are lost when another node takes the session over (fence),
 %% or this copy is replaced or dropped.
@@ -159,6 +164,12 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
     {noreply, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info({apply_batch, Receiver, Key, Owner, Recs}, St) ->
+    %% this process's part of a batch (see dspex_cluster_receiver), in order;
+    %% the answer lists the records not applied
+    Fails = [{I, R} || {I, S, E, Seq, P} <- Recs, R <- [do_apply(S, E, Seq, Owner, P)], R =/= ok],
+    Receiver ! {applied, Key, Fails},
+    {noreply, St};
 handle_info(_, St) -> {noreply, St}.
 
 do_apply(S, Epoch, Seq, Owner, P) ->

@@ -1,5 +1,6 @@
 %% @doc Supervises the cluster processes when `dspex_bridge' / `cluster' is
-%% configured: the `pg' scope, the replica and writer pools, the watch relay
+%% configured: the `pg' scope, the replica pool, the batch receiver, a
+%% shipper per other node (sync replication), the writer pool, the watch relay
 %% table and guards, the ownership
 %% backend's processes, then the membership server (which turns routing on).
 %% Without configuration it has no children and routing stays off.
@@ -30,13 +31,15 @@ config() ->
             Mode = maps:get(replication, C, sync),
             Read = maps:get(read, C, any),
             Deadline = maps:get(route_deadline_ms, C, 8000),
+            RTimeout = maps:get(replica_timeout_ms, C, 5000),
             if
                 not is_integer(R) orelse R < 0 -> {error, {invalid_argument, replicas}};
                 Mode =/= sync andalso Mode =/= async -> {error, {invalid_argument, replication}};
                 Read =/= any andalso Read =/= majority -> {error, {invalid_argument, read}};
                 not is_integer(Deadline) orelse Deadline < 1 -> {error, {invalid_argument, route_deadline_ms}};
+                not is_integer(RTimeout) orelse RTimeout < 1 -> {error, {invalid_argument, replica_timeout_ms}};
                 true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode, read => Read,
-                           route_deadline_ms => Deadline}
+                           route_deadline_ms => Deadline, replica_timeout_ms => RTimeout}
             end;
         {ok, _} -> {error, {invalid_argument, cluster}}
     end.
@@ -49,9 +52,15 @@ init([]) ->
         #{backend := Backend} = C ->
             %% the sessions table lives as long as this supervisor
             _ = ets:new(dspex_cluster_replica:table(), [named_table, public, set, {read_concurrency, true}]),
+            %% sync writes waiting for their replicas (dspex_cluster_shipper)
+            _ = ets:new(dspex_cluster_shipper:pending_table(), [named_table, public, set, {write_concurrency, true}]),
             Pool = fun(Mod) -> [#{id => {Mod, I}, start => {Mod, start_link, [I]}} || I <- lists:seq(0, ?POOL - 1)] end,
             Children = [#{id => pg, start => {pg, start_link, [dspex_cluster]}}]
-                ++ Pool(dspex_cluster_replica) ++ Pool(dspex_cluster_writer)
+                ++ Pool(dspex_cluster_replica)
+                ++ [#{id => dspex_cluster_receiver, start => {dspex_cluster_receiver, start_link, []}}]
+                ++ [#{id => {dspex_cluster_shipper, N}, start => {dspex_cluster_shipper, start_link, [N, maps:get(replica_timeout_ms, C)]}}
+                    || N <- maps:get(nodes, C), N =/= node()]
+                ++ Pool(dspex_cluster_writer)
                 ++ [#{id => dspex_cluster_watch, start => {dspex_cluster_watch, start_link, []}}]
                 ++ Backend:child_specs(C)
                 ++ [#{id => dspex_cluster_keeper, start => {dspex_cluster_keeper, start_link, [C]}}]

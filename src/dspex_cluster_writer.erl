@@ -9,7 +9,13 @@
 %% refuse changes from older epochs from then on), installs the newest copy
 %% (the highest `{Epoch, Seq}' any member holds), pushes it to the replicas and
 %% drops the copies of the other nodes. Then it commits locally and ships the
-%% change: `sync' waits until every replica applied it, `async' does not.
+%% change. `sync': the change goes to the `dspex_cluster_shipper' of each
+%% replica node (group commit: the changes of every session of this node
+%% travel to a replica node in batches, pipelined), and the writer goes on
+%% with its next write at once; the caller is answered when every replica
+%% applied the change (and the owner was not fenced meanwhile), or gets the
+%% shipper's error. `async': one cast per replica, the caller is answered at
+%% once (a replica that missed changes asks for a full copy).
 %%
 %% A write is `{Module, Function}' with its arguments (see
 %% `dspex_cluster:class/2'): `dspex_store' writes are replayed on the replicas
@@ -65,17 +71,28 @@ init([]) ->
     put(dspex_cluster_local, true),
     {ok, #{}}.
 
--spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
-handle_call({write, S, Op, Args}, _From, St) ->
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {noreply, map()}.
+handle_call({write, S, Op, Args}, From, St) ->
     case dspex_cluster_members:published_view() of
         undefined ->
             %% this node is starting: nothing written, the caller routes again
             {reply, {{error, {retry, replica_unavailable}}, 0, node()}, St};
         V ->
             case ensure(S, V) of
-                {ok, Own} -> {reply, write(S, Op, Args, Own, V), St};
+                {ok, Own} ->
+                    case write(S, Op, Args, Own, V, From) of
+                        shipped -> {noreply, St};   % answered once the replicas confirmed it
+                        Reply -> {reply, Reply, St}
+                    end;
                 {error, _} = E -> {reply, {E, 0, node()}, St}
             end
+    end;
+handle_call({export_for, S}, _From, St) ->
+    %% a replica missed changes of S (dspex_cluster_shipper): the session as
+    %% of this owner's current {epoch, seq}
+    case dspex_cluster_replica:row(S) of
+        {S, E, Seq, Me, _, _, F} when Me =:= node(), F =< E -> {reply, {ok, E, Seq, local_export(S)}, St};
+        _ -> {reply, {error, not_owner}, St}
     end;
 handle_call({ensure, S}, _From, St) ->
     case dspex_cluster_members:published_view() of
@@ -274,38 +291,49 @@ replace_local(S, Export) ->
 
 %%% writes -----------------------------------------------------------------------
 
-write(S, Op, Args, Own, V) when is_atom(Op) -> write(S, {dspex_store, Op}, Args, Own, V);
-write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}) ->
+write(S, Op, Args, Own, V, From) when is_atom(Op) -> write(S, {dspex_store, Op}, Args, Own, V, From);
+write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
     T0 = erlang:monotonic_time(),
     %% a caller's type error is raised again in the caller, not here
     Result = try erlang:apply(M, F, Args)
              catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
              end,
     _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
-    Reply = case payload(Op, Args, Result) of
-                none -> Result;
-                P ->
-                    Seq1 = Seq + 1,
-                    ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
-                    case replicate(S, Epoch, Seq1, full(S, P), Reps, Mode) of
-                        ok ->
-                            %% a takeover that fenced this node meanwhile may have
-                            %% copied the session from here before the change
-                            %% landed (the fence stops the replicas, not this
-                            %% writer): then the change is not acknowledged
+    Meta = #{session => S, op => F, module => M, replicas => Reps, mode => Mode},
+    case payload(Op, Args, Result) of
+        P when P =/= none, Mode =:= sync, Reps =/= [] ->
+            %% group commit: the record goes to the shipper of every replica
+            %% node; the caller is answered when all of them confirmed it
+            Seq1 = Seq + 1,
+            ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
+            Ack = case Reps of
+                      [_] -> {one, From, Result, T0, Meta};
+                      _ ->
+                          Id = make_ref(),
+                          dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, Meta),
+                          {many, Id}
+                  end,
+            Rec = {Ack, S, Epoch, Seq1, full(S, P)},
+            [dspex_cluster_shipper:ship(R, Rec) || R <- Reps],
+            shipped;
+        P ->
+            Reply = case P of
+                        none -> Result;
+                        _ ->
+                            Seq1 = Seq + 1,
+                            ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
+                            ok = replicate(S, Epoch, Seq1, full(S, P), Reps, Mode),
+                            %% see dspex_cluster_shipper: not acknowledged when
+                            %% a takeover fenced this node meanwhile
                             case fenced(S, Epoch) of
                                 false -> Result;
                                 true -> {error, {retry, fenced}}
-                            end;
-                        {error, Why} ->
-                            %% not acknowledged; the next write re-establishes ownership
-                            ets:update_element(dspex_cluster_replica:table(), S, {6, 0}),
-                            {error, {retry, Why}}
-                    end
-            end,
-    dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
-                            #{session => S, op => F, module => M, epoch => Epoch, replicas => Reps, mode => Mode}),
-    {Reply, Epoch, node()}.
+                            end
+                    end,
+            dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
+                                    Meta#{epoch => Epoch}),
+            {Reply, Epoch, node()}
+    end.
 
 fenced(S, Epoch) ->
     case dspex_cluster_replica:row(S) of
@@ -316,35 +344,17 @@ fenced(S, Epoch) ->
 full(S, full) -> {full, local_export(S)};
 full(_, P) -> P.
 
+%% Without waiting: async (a cast per replica; a replica missing changes
+%% asks for a full copy, see handle_info need_full), or sync without a caller
+%% (through the shippers, like a write).
 replicate(_S, _E, _Seq, _P, [], _Mode) ->
     ok;
 replicate(S, E, Seq, P, Reps, async) ->
     [gen_server:cast({dspex_cluster_replica:name(S), R}, {apply, S, E, Seq, node(), P, self()}) || R <- Reps],
     ok;
 replicate(S, E, Seq, P, Reps, sync) ->
-    %% one request per replica, all in flight at once, straight to the pool process
-    Name = dspex_cluster_replica:name(S),
-    Ids = [gen_server:send_request({Name, R}, {apply, S, E, Seq, node(), P}) || R <- Reps],
-    Res = [case gen_server:wait_response(Id, ?RPC_TIMEOUT) of
-               {reply, X} -> {ok, X};
-               timeout -> {error, timeout};
-               {error, {Why, _}} -> {error, Why}
-           end || Id <- Ids],
-    Fixed = [case R of
-                 {ok, {error, need_full}} ->
-                     Exp = local_export(S),
-                     catch erpc:call(Node, dspex_cluster_replica, install, [S, E, Seq, node(), Exp], ?RPC_TIMEOUT);
-                 {ok, X} -> X;
-                 Other -> {error, Other}
-             end || {Node, R} <- lists:zip(Reps, Res)],
-    case [X || X <- Fixed, X =/= ok] of
-        [] -> ok;
-        Bad ->
-            case [x || {error, {stale_epoch, _}} <- Bad] of
-                [] -> {error, replica_unavailable};
-                _ -> {error, fenced}
-            end
-    end.
+    [dspex_cluster_shipper:ship(R, {none, S, E, Seq, P}) || R <- Reps],
+    ok.
 
 %% What the replicas must do to follow a successful write.
 payload({dspex_store, Op}, Args, Result) ->

@@ -1,0 +1,292 @@
+%% @doc Group commit and pipelining of sync replication, owner side: one
+%% shipper per (this node -> replica node) link.
+%%
+%% The writers (`dspex_cluster_writer', any session) commit a change locally
+%% and hand its replication record `{Ack, Session, Epoch, Seq, Payload}' to
+%% the shipper of every replica node of the session (`ship/2', a local
+%% message), then go on with the next write: the caller's answer waits in the
+%% record (one replica) or in the pending table (several: `register_write/8'). The shipper sends what it collected as ONE
+%% message (a batch) to the replica node's `dspex_cluster_receiver'; while a
+%% batch is in flight the next one fills. At most `?WINDOW' batches are in
+%% flight and a batch carries at most `?MAX_BATCH' records; the records of
+%% one session are in the order the session's writer committed them (one
+%% writer process per session, FIFO messages, batches in order), so a replica
+%% applies them in commit order.
+%%
+%% When the replica node answers a batch (per record: applied, or why not),
+%% each record is settled: a write is acknowledged to its caller once every
+%% replica its session has confirmed it and the owner was not fenced
+%% meanwhile (`{retry, fenced}' otherwise, as a write that replicated without
+%% batching). A record the replica could not apply because it misses earlier
+%% changes (`need_full') is fixed first: the session's writer exports the
+%% session and the shipper installs it on the replica (one call), then the
+%% record counts as applied.
+%%
+%% Failures, each failing the write with the documented error and marking the
+%% session (row generation 0) so that its next write establishes ownership
+%% again (a takeover: fence, newest copy, install on the replicas):
+%% <ul>
+%% <li>the replica node is not connected, or its receiver is gone: every
+%% batch in flight and every queued record fails, `{retry, replica_unavailable}';</li>
+%% <li>the oldest batch in flight is not answered within `replica_timeout_ms'
+%% (cluster configuration, 5000 by default)
+%% (the replica is slow or stuck): every batch in flight and every queued
+%% record fails with `{retry, replica_slow}'; answers that come later for
+%% those batches are ignored (a record a replica applied late is a write whose
+%% outcome was unknown to its caller, as for any retry error);</li>
+%% <li>a record refused for a stale epoch (a takeover fenced the replica):
+%% `{retry, fenced}'; any other refusal: `{retry, replica_unavailable}'.</li>
+%% </ul>
+%% Back-pressure: a slow replica fills the window, records wait in the queue
+%% (and their callers wait, at most the timeout above); past `?MAX_QUEUE' queued records a new record
+%% fails at once with `{retry, replica_slow}', so memory stays bounded.
+%%
+%% Every answered batch emits `[dspex, cluster, batch, stop]' (measurements
+%% `duration' (native units, send to answer) and `records'; metadata
+%% `replica', `failed').
+-module(dspex_cluster_shipper).
+-behaviour(gen_server).
+
+-export([start_link/2, name/1, ship/2, register_write/8, stats/1, pending_table/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+
+-define(WINDOW, 4).
+-define(MAX_BATCH, 1024).
+-define(MAX_QUEUE, 65536).
+-define(TICK_MS, 100).
+-define(RPC_TIMEOUT, 5000).
+-define(PENDING, dspex_cluster_pending).
+-define(RECEIVER, dspex_cluster_receiver).
+
+%% `Ack': who is answered once the replicas confirmed: `{one, From, Result,
+%% T0, Meta}' (a session with one replica: the caller directly), `{many, Id}'
+%% (several replicas: the entry `Id' of the pending table counts them), `none'
+%% (no caller: a replicated expiry).
+-type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | none.
+-type record() :: {ack(), binary(), pos_integer(), pos_integer(), dspex_cluster_replica:payload()}.
+-export_type([record/0]).
+
+%% @doc Starts the shipper of the link to `Node'; a batch not answered within
+%% `TimeoutMs' fails its writes with `{retry, replica_slow}'.
+-spec start_link(node(), pos_integer()) -> {ok, pid()} | {error, term()}.
+start_link(Node, TimeoutMs) -> gen_server:start_link({local, name(Node)}, ?MODULE, {Node, TimeoutMs}, []).
+
+%% @doc The registered name of the shipper to `Node'.
+-spec name(node()) -> atom().
+name(Node) -> list_to_atom("dspex_cluster_shipper_" ++ atom_to_list(Node)).
+
+%% @doc The table of writes waiting for their replicas (created by the cluster supervisor).
+-spec pending_table() -> atom().
+pending_table() -> ?PENDING.
+
+%% @doc Records a write whose caller `From' is answered once `Count' replicas
+%% confirmed it: `{Result, Epoch, node()}', or an error (see the module doc).
+-spec register_write(reference(), pos_integer(), gen_server:from(), binary(), pos_integer(), term(),
+                     integer(), map()) -> true.
+register_write(Id, Count, From, S, Epoch, Result, T0, Meta) ->
+    ets:insert(?PENDING, {Id, Count, From, S, Epoch, Result, T0, Meta}).
+
+%% @doc Hands a replication record to the shipper of `Node' (never blocks).
+-spec ship(node(), record()) -> ok.
+ship(Node, Rec) ->
+    Name = case get({?MODULE, Node}) of
+               undefined -> N = name(Node), put({?MODULE, Node}, N), N;
+               N -> N
+           end,
+    try Name ! {rec, Rec}, ok
+    catch error:badarg -> settle(Rec, {error, replica_unavailable})
+    end.
+
+%% @doc Counters of the link to `Node': `inflight' (batches), `queued'
+%% (records), `batches', `records' (sent), `max_batch' (records in the largest
+%% batch), `failed' (records).
+-spec stats(node()) -> map().
+stats(Node) -> gen_server:call(name(Node), stats).
+
+%%% server ----------------------------------------------------------------------
+
+-spec init({node(), pos_integer()}) -> {ok, map()}.
+init({Node, TimeoutMs}) ->
+    put(dspex_cluster_local, true),
+    {ok, #{node => Node, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
+           mon => undefined, tick => false,
+           batches => 0, records => 0, max_batch => 0, failed => 0}}.
+
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+handle_call(stats, _From, #{qlen := Q, inflight := I} = St) ->
+    {reply, (maps:with([batches, records, max_batch, failed], St))#{queued => Q, inflight => map_size(I)}, St};
+handle_call(_, _From, St) ->
+    {reply, {error, badarg}, St}.
+
+-spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast(_, St) -> {noreply, St}.
+
+-spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info({rec, Rec}, #{qlen := Q} = St) when Q >= ?MAX_QUEUE ->
+    settle(Rec, {error, replica_slow}),
+    {noreply, bump(failed, 1, St)};
+handle_info({rec, Rec}, #{queue := Qu, qlen := Q, posted := Posted, inflight := I} = St) ->
+    St1 = St#{queue := queue:in(Rec, Qu), qlen := Q + 1},
+    %% the records already in the mailbox join this one in the next batch
+    case Posted orelse map_size(I) >= ?WINDOW of
+        true -> {noreply, St1};
+        false -> self() ! flush, {noreply, St1#{posted := true}}
+    end;
+handle_info(flush, St) ->
+    {noreply, send_batches(St#{posted := false})};
+handle_info({batch_done, No, Fails}, #{inflight := I, node := Node} = St) ->
+    case maps:take(No, I) of
+        error -> {noreply, St};   % a batch already failed
+        {{Sent, Recs}, I1} ->
+            Failed = settle_batch(Node, Recs, Fails),
+            dspex_telemetry:execute([dspex, cluster, batch, stop],
+                                    #{duration => erlang:monotonic_time() - Sent, records => length(Recs)},
+                                    #{replica => Node, failed => Failed}),
+            {noreply, send_batches(bump(failed, Failed, St#{inflight := I1}))}
+    end;
+handle_info({'DOWN', Mon, process, _, _}, #{mon := Mon} = St) ->
+    {noreply, fail_all(replica_unavailable, St#{mon := undefined})};
+handle_info(tick, #{inflight := I} = St) when map_size(I) =:= 0 ->
+    {noreply, St#{tick := false}};
+handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
+    {Sent, _} = maps:get(lists:min(maps:keys(I)), I),
+    Age = erlang:convert_time_unit(erlang:monotonic_time() - Sent, native, millisecond),
+    St1 = case Age >= Timeout of
+              true -> fail_all(replica_slow, St);
+              false -> St
+          end,
+    erlang:send_after(?TICK_MS, self(), tick),
+    {noreply, St1};
+handle_info(_, St) -> {noreply, St}.
+
+%%% batches ---------------------------------------------------------------------
+
+send_batches(#{qlen := 0} = St) -> St;
+send_batches(#{inflight := I} = St) when map_size(I) >= ?WINDOW -> St;
+send_batches(#{node := Node, queue := Qu, qlen := Q, next := No, inflight := I} = St) ->
+    N = min(Q, ?MAX_BATCH),
+    {Taken, Rest} = queue:split(N, Qu),
+    Recs = queue:to_list(Taken),
+    St1 = monitor_receiver(St#{queue := Rest, qlen := Q - N}),
+    Wire = [{S, E, Seq, P} || {_, S, E, Seq, P} <- Recs],
+    %% never a new connection from here: membership decides about those
+    case St1 of
+        #{mon := undefined} -> Sent = noconnect;
+        _ -> Sent = erlang:send({?RECEIVER, Node}, {batch, self(), No, node(), Wire}, [noconnect])
+    end,
+    case Sent of
+        noconnect ->
+            [settle(R, {error, replica_unavailable}) || R <- Recs],
+            send_batches(bump(failed, N, St1));
+        _ ->
+            St2 = St1#{next := No + 1, inflight := I#{No => {erlang:monotonic_time(), Recs}},
+                       batches := maps:get(batches, St1) + 1, records := maps:get(records, St1) + N,
+                       max_batch := max(N, maps:get(max_batch, St1))},
+            send_batches(arm_tick(St2))
+    end.
+
+monitor_receiver(#{mon := undefined, node := Node} = St) ->
+    case lists:member(Node, nodes()) of
+        true -> St#{mon := erlang:monitor(process, {?RECEIVER, Node})};
+        false -> St
+    end;
+monitor_receiver(St) -> St.
+
+arm_tick(#{tick := true} = St) -> St;
+arm_tick(St) ->
+    erlang:send_after(?TICK_MS, self(), tick),
+    St#{tick := true}.
+
+%% Every batch in flight and every queued record fails (the link is reset: a
+%% later answer to one of these batches is ignored).
+fail_all(Why, #{inflight := I, queue := Qu} = St) ->
+    Recs = lists:append([Rs || {_, {_, Rs}} <- lists:sort(maps:to_list(I))]) ++ queue:to_list(Qu),
+    [settle(R, {error, Why}) || R <- Recs],
+    bump(failed, length(Recs), St#{inflight := #{}, queue := queue:new(), qlen := 0}).
+
+bump(K, N, St) -> St#{K := maps:get(K, St) + N}.
+
+%% Settles the records of an answered batch; returns how many failed.
+settle_batch(_Node, Recs, []) ->
+    length([x || R <- Recs, settle(R, ok) =/= ok]);
+settle_batch(Node, Recs, Fails) ->
+    FailMap = maps:from_list(Fails),
+    Indexed = lists:zip(lists:seq(1, length(Recs)), Recs),
+    %% one full copy per session that needs one, covering its records
+    Full = lists:usort([{S, E} || {Ix, {_, S, E, _, _}} <- Indexed, maps:get(Ix, FailMap, ok) =:= {error, need_full}]),
+    Fixed = maps:from_list([{SE, install_full(Node, SE)} || SE <- Full]),
+    length([x || {Ix, {_, S, E, _, _} = R} <- Indexed,
+                 Res <- [case maps:get(Ix, FailMap, ok) of
+                             ok -> ok;
+                             {error, need_full} -> maps:get({S, E}, Fixed);
+                             {error, {stale_epoch, _}} -> {error, fenced};
+                             {error, _} -> {error, replica_unavailable}
+                         end],
+                 settle(R, Res) =/= ok]).
+
+%% The replica misses changes of S: its writer exports the session as of its
+%% current {epoch, seq} (it made every change up to there), which is installed
+%% on the replica; the copy covers every record of the epoch shipped so far.
+install_full(Node, {S, E}) ->
+    case catch gen_server:call(dspex_cluster_writer:name(S), {export_for, S}, ?RPC_TIMEOUT) of
+        {ok, E, Seq, Exp} ->
+            case catch erpc:call(Node, dspex_cluster_replica, install, [S, E, Seq, node(), Exp], ?RPC_TIMEOUT) of
+                ok -> ok;
+                {error, {stale_epoch, _}} -> {error, fenced};
+                _ -> {error, replica_unavailable}
+            end;
+        {ok, _, _, _} -> {error, fenced};   % ownership moved on since
+        _ -> {error, replica_unavailable}
+    end.
+
+%% One replica's answer for one record. Returns ok when nothing failed.
+settle({Ack, S, E, _, _}, {error, Why}) ->
+    %% not acknowledged; the next write of the session re-establishes ownership
+    case dspex_cluster_replica:row(S) of
+        {S, E, _, _, _, _, _} -> ets:update_element(dspex_cluster_replica:table(), S, {6, 0});
+        _ -> ok
+    end,
+    case Ack of
+        {one, From, _, T0, Meta} -> reply(From, {error, {retry, Why}}, E, T0, Meta);
+        {many, Id} ->
+            case ets:take(?PENDING, Id) of
+                [{Id, _, From, S, E, _, T0, Meta}] -> reply(From, {error, {retry, Why}}, E, T0, Meta);
+                [] -> ok   % failed by another replica already
+            end;
+        none -> ok
+    end,
+    error;
+settle({none, _, _, _, _}, ok) ->
+    ok;
+settle({{one, From, Result, T0, Meta}, S, E, _, _}, ok) ->
+    acknowledge(From, S, E, Result, T0, Meta);
+settle({{many, Id}, _, _, _, _}, ok) ->
+    case catch ets:update_counter(?PENDING, Id, {2, -1}) of
+        0 ->
+            case ets:take(?PENDING, Id) of
+                [{Id, _, From, S, E, Result, T0, Meta}] -> acknowledge(From, S, E, Result, T0, Meta);
+                [] -> ok
+            end;
+        _ -> ok   % other replicas still to confirm, or already failed by one
+    end.
+
+%% Every replica confirmed the write. A takeover that fenced this node
+%% meanwhile may have copied the session from here before the change landed
+%% (the fence stops the replicas, not the owner's writer): then the change is
+%% not acknowledged.
+acknowledge(From, S, E, Result, T0, Meta) ->
+    case fenced(S, E) of
+        false -> reply(From, Result, E, T0, Meta), ok;
+        true -> reply(From, {error, {retry, fenced}}, E, T0, Meta), error
+    end.
+
+reply(From, Reply, Epoch, T0, Meta) ->
+    gen_server:reply(From, {Reply, Epoch, node()}),
+    dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
+                            Meta#{epoch => Epoch}).
+
+fenced(S, Epoch) ->
+    case dspex_cluster_replica:row(S) of
+        {S, Epoch, _, Me, _, _, F} when Me =:= node(), F =< Epoch -> false;
+        _ -> true
+    end.
