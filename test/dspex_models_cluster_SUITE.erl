@@ -40,7 +40,7 @@ start_cluster(Base, Conf) ->
     Host = hd(string:split(net_adm:localhost(), ".")),
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     Peers = [begin
-                 {ok, P, Node} = peer:start(#{name => Base ++ "_" ++ os:getpid() ++ "_" ++ X, host => Host,
+                 {ok, P, Node} = peer:start(#{name => Base ++ "_" ++ X, host => Host,
                                               connection => standard_io,
                                               args => ["-setcookie", "dspex_ct", "-connect_all", "false",
                                                        "-kernel", "prevent_overlapping_partitions", "false"
