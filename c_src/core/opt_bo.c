@@ -33,16 +33,39 @@ typedef struct {
     const double *y; /* standardised */
     double *K, *L, *alpha, *Kinv, *tmp, *K2;
     double *R, *E; /* per pair of the last K: the scaled distance r and exp(-sqrt(5) r) */
+    double *xs; /* n x d: x with numeric coordinates divided by the length scales of the last K */
+    double inv[DX_OPT_MAX_DIMS]; /* those 1 / length scale (numeric dimensions) */
+    double cw[DX_OPT_MAX_DIMS]; /* 2 / length scale^2 on categorical dimensions, 0 on numeric ones */
+    int ncat; /* number of categorical dimensions */
 } gp;
 
-/* squared scaled distance, and per-dimension parts into parts (if not NULL) */
-static double dist2(const gp *g, const double *a, const double *b, const double *ell, double *parts) {
-    double r2 = 0;
+/* Sets the length scales exp(th[0 .. d-1]) and scales the observations by them. */
+static void set_scales(gp *g, const double *th) {
     for (int j = 0; j < g->d; j++) {
-        double q;
-        if (g->sp->dims[j].ncat) q = a[j] != b[j] ? 2.0 : 0.0;
-        else q = (a[j] - b[j]) * (a[j] - b[j]);
-        q /= ell[j] * ell[j];
+        double ell = exp(th[j]);
+        int cat = g->sp->dims[j].ncat != 0;
+        g->inv[j] = cat ? 1.0 : 1.0 / ell;
+        g->cw[j] = cat ? 2.0 / (ell * ell) : 0.0;
+    }
+    for (int i = 0; i < g->n * g->d; i++) g->xs[i] = g->x[i] * g->inv[i % g->d];
+}
+
+/* a point in scaled coordinates (categories left as they are) */
+static void scale_point(const gp *g, const double *p, double *out) {
+    for (int j = 0; j < g->d; j++) out[j] = p[j] * g->inv[j];
+}
+
+/* squared scaled distance of two scaled points, and per-dimension parts into
+ * parts (if not NULL); categorical dimensions count 2 / length scale^2 when
+ * the categories differ (one-hot encoding) */
+static double dist2(const gp *g, const double *a, const double *b, double *parts) {
+    double r2 = 0;
+    if (!g->ncat && !parts) {
+        for (int j = 0; j < g->d; j++) r2 += (a[j] - b[j]) * (a[j] - b[j]);
+        return r2;
+    }
+    for (int j = 0; j < g->d; j++) {
+        double q = g->cw[j] != 0.0 ? (a[j] != b[j] ? g->cw[j] : 0.0) : (a[j] - b[j]) * (a[j] - b[j]);
         if (parts) parts[j] = q;
         r2 += q;
     }
@@ -60,13 +83,12 @@ static void nlml_grad(gp *g, const double *th, double *grad);
  * not NULL. Leaves K, L, alpha, R and E of th. Returns INFINITY if not SPD. */
 static double nlml(gp *g, const double *th, double *grad) {
     int n = g->n, d = g->d;
-    double ell[DX_OPT_MAX_DIMS];
-    for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
     double sf2 = exp(th[d]), sn2 = exp(th[d + 1]);
+    set_scales(g, th);
     for (int i = 0; i < n; i++)
         for (int k = 0; k <= i; k++) {
             /* matern(), keeping r and the exponential for the gradient */
-            double r2 = dist2(g, g->x + i * d, g->x + k * d, ell, NULL);
+            double r2 = dist2(g, g->xs + i * d, g->xs + k * d, NULL);
             double r = sqrt(r2), e = exp(-SQ5 * r);
             double v = sf2 * (1.0 + SQ5 * r + 5.0 / 3.0 * r2) * e;
             g->K[i * n + k] = g->K[k * n + i] = v;
@@ -89,12 +111,10 @@ static double nlml(gp *g, const double *th, double *grad) {
     return f;
 }
 
-/* The gradient of the NLML at th, from the K, L, alpha, R and E that nlml()
- * left for the same th. */
+/* The gradient of the NLML at th, from the K, L, alpha, R, E and xs that
+ * nlml() left for the same th. */
 static void nlml_grad(gp *g, const double *th, double *grad) {
     int n = g->n, d = g->d;
-    double ell[DX_OPT_MAX_DIMS];
-    for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
     double sf2 = exp(th[d]), sn2 = exp(th[d + 1]);
     /* Kinv = L^-T L^-1: first M = L^-1 (lower triangular), stored
      * transposed (T[c][k] = M[k][c]) so that every sum below runs over
@@ -169,7 +189,7 @@ static void nlml_grad(gp *g, const double *th, double *grad) {
         for (int k = 0; k <= i; k++) {
             double wgt = g->Kinv[i * n + k] - g->alpha[i] * g->alpha[k];
             double mult = i == k ? 0.5 : 1.0; /* symmetric: off-diagonal counted twice */
-            (void)dist2(g, g->x + i * d, g->x + k * d, ell, parts);
+            (void)dist2(g, g->xs + i * d, g->xs + k * d, parts);
             double r = g->R[i * n + k];
             double base = sf2 * 5.0 / 3.0 * (1.0 + SQ5 * r) * g->E[i * n + k];
             for (int j = 0; j < d; j++) grad[j] += mult * wgt * base * parts[j];
@@ -232,26 +252,54 @@ static void fit(gp *g, double *th, int iters) {
 static void ei_batch(gp *g, const double *th, const double *C, int B, double fbest, double *V, double *mu,
                      double *e) {
     int n = g->n, d = g->d;
-    double ell[DX_OPT_MAX_DIMS];
-    for (int j = 0; j < d; j++) ell[j] = exp(th[j]);
     double sf2 = exp(th[d]);
-    for (int b = 0; b < B; b++) mu[b] = 0;
-    for (int i = 0; i < n; i++) {
-        double *Vi = V + (size_t)i * B;
-        for (int b = 0; b < B; b++) {
-            Vi[b] = matern(dist2(g, C + (size_t)b * d, g->x + i * d, ell, NULL), sf2);
-            mu[b] += Vi[b] * g->alpha[i];
+    for (int b = 0; b < B; b++) {
+        double cs[DX_OPT_MAX_DIMS];
+        scale_point(g, C + (size_t)b * d, cs);
+        mu[b] = 0;
+        for (int i = 0; i < n; i++) {
+            double v = matern(dist2(g, cs, g->xs + i * d, NULL), sf2);
+            V[(size_t)i * B + b] = v;
+            mu[b] += v * g->alpha[i];
         }
     }
+    /* forward substitution, eight candidates at a time held in registers
+     * (each candidate's sum over k in the same order as alone: a store per
+     * candidate and row instead of one per term) */
     for (int i = 0; i < n; i++) {
         double *Vi = V + (size_t)i * B;
         const double *Li = g->L + (size_t)i * n;
-        for (int k = 0; k < i; k++) {
-            const double *Vk = V + (size_t)k * B;
-            double l = Li[k];
-            for (int b = 0; b < B; b++) Vi[b] -= l * Vk[b];
+        int b = 0;
+        for (; b + 8 <= B; b += 8) {
+            double t0 = Vi[b], t1 = Vi[b + 1], t2 = Vi[b + 2], t3 = Vi[b + 3];
+            double t4 = Vi[b + 4], t5 = Vi[b + 5], t6 = Vi[b + 6], t7 = Vi[b + 7];
+            const double *Vk = V + b;
+            for (int k = 0; k < i; k++, Vk += B) {
+                double l = Li[k];
+                t0 -= l * Vk[0];
+                t1 -= l * Vk[1];
+                t2 -= l * Vk[2];
+                t3 -= l * Vk[3];
+                t4 -= l * Vk[4];
+                t5 -= l * Vk[5];
+                t6 -= l * Vk[6];
+                t7 -= l * Vk[7];
+            }
+            Vi[b] = t0 / Li[i];
+            Vi[b + 1] = t1 / Li[i];
+            Vi[b + 2] = t2 / Li[i];
+            Vi[b + 3] = t3 / Li[i];
+            Vi[b + 4] = t4 / Li[i];
+            Vi[b + 5] = t5 / Li[i];
+            Vi[b + 6] = t6 / Li[i];
+            Vi[b + 7] = t7 / Li[i];
         }
-        for (int b = 0; b < B; b++) Vi[b] /= Li[i];
+        for (; b < B; b++) {
+            double t = Vi[b];
+            const double *Vk = V + b;
+            for (int k = 0; k < i; k++, Vk += B) t -= Li[k] * Vk[0];
+            Vi[b] = t / Li[i];
+        }
     }
     for (int b = 0; b < B; b++) e[b] = sf2;
     for (int i = 0; i < n; i++) {
@@ -283,10 +331,11 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
     size_t ntold = h->n > MAX_OBS - npend ? MAX_OBS - npend : h->n; /* the most recent */
     int n = (int)(ntold + npend);
     size_t nn = (size_t)n * n;
-    double *mem = malloc(((size_t)n * d + 4 * (size_t)n + 6 * nn + 2 * (size_t)d) * sizeof(double));
+    double *mem = malloc((2 * (size_t)n * d + 4 * (size_t)n + 6 * nn + 2 * (size_t)d) * sizeof(double));
     if (!mem) return DX_OPT_E_NOMEM;
     double *X = mem, *Y = X + (size_t)n * d, *alpha = Y + n, *tmp = alpha + n, *K = tmp + n, *L = K + nn,
-           *Kinv = L + nn, *K2 = Kinv + nn, *R = K2 + nn, *E = R + nn, *cand = E + nn, *bestc = cand + d;
+           *Kinv = L + nn, *K2 = Kinv + nn, *R = K2 + nn, *E = R + nn, *cand = E + nn, *bestc = cand + d,
+           *XS = bestc + d;
     double ymin = INFINITY, ymax = -INFINITY;
     for (size_t i = h->n - ntold; i < h->n; i++)
         if (isfinite(h->y[i])) {
@@ -318,7 +367,8 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
             ibest = i;
         }
     }
-    gp g = {sp, n, d, d + 2, X, Y, K, L, alpha, Kinv, tmp, K2, R, E};
+    gp g = {sp, n, d, d + 2, X, Y, K, L, alpha, Kinv, tmp, K2, R, E, XS, {0}, {0}, 0};
+    for (int j = 0; j < d; j++) g.ncat += sp->dims[j].ncat != 0;
     double th[DX_OPT_MAX_DIMS + 2];
     /* every 10th ask refits from scratch, so a warm chain cannot stay stuck */
     int warm = conf->warm != NULL && h->n % 10 != 0;
