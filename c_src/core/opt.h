@@ -60,6 +60,11 @@ typedef struct {
      * output keeps runs deterministic: it is a function of the same history. */
     const double *warm;
     double *fitted;
+    /* BO only, optional (NULL): where to add the number of multiply-adds
+     * this ask spent in its dense linear algebra (Cholesky factorisations,
+     * the inverse for the likelihood's gradient, the candidates' triangular
+     * solves): a deterministic measure of an ask's cost, for tests. */
+    uint64_t *work;
 } dx_opt_conf;
 
 enum { DX_OPT_OK = 0, DX_OPT_E_ARG = 1, DX_OPT_E_NOMEM = 2 };
