@@ -179,9 +179,11 @@ static int cmp_dbl(const void *a, const void *b) {
 }
 
 /* TPE's Parzen bandwidths follow Optuna's univariate rule (the prior's
- * centre is a neighbour; the extreme points do not look at the box's ends):
- * median regret on Hartmann6 at 50 evaluations over 201 seeds 0.747 (0.826
- * with the box's ends as neighbours and the prior left out) */
+ * centre is a neighbour; the extreme points do not look at the box's ends)
+ * and its components are scored times their bandwidth (Optuna 3.1's
+ * log-pdf): median regret on Hartmann6 at 50 evaluations over 201 seeds
+ * 0.561 (0.747 scoring plain mixture densities; 0.826 also with the box's
+ * ends as neighbours and the prior left out) */
 static void test_tpe_hartmann6_median(void **st) {
     double r[NSEEDS_H6];
     for (int s = 0; s < NSEEDS_H6; s++) {
@@ -191,7 +193,35 @@ static void test_tpe_hartmann6_median(void **st) {
     }
     qsort(r, NSEEDS_H6, sizeof r[0], cmp_dbl);
     print_message("  tpe hartmann6 50 evaluations, %d seeds: median regret %.4f\n", NSEEDS_H6, r[NSEEDS_H6 / 2]);
-    assert_true(r[NSEEDS_H6 / 2] < 0.79);
+    assert_true(r[NSEEDS_H6 / 2] < 0.62);
+}
+
+/* The bench's mixed problem (bench/dspex_opt_bench.erl): two categorical
+ * dimensions (4 and 3 categories, the best costing 0) and Branin / 10 on
+ * [-5, 10] x [0, 15]; minimum 0. */
+static double bench_mixed(const double *u, uint64_t t) {
+    static const double c1[4] = {2.0, 0.0, 1.0, 3.0}, c2[3] = {1.0, 0.5, 0.0};
+    double v[2] = {u[2], u[3]};
+    return c1[(int)u[0]] + c2[(int)u[1]] + (branin(v, t) - BRANIN_MIN) / 10;
+}
+
+/* Issue #18's goal, on the bench's mixed problem at 100 evaluations, seeds
+ * 0-199: Optuna 3.1's TPE reaches a median regret of 0.0090; ours 0.0064
+ * with Optuna's categorical kernels and bandwidth-weighted components
+ * (0.0103 before, with half of each categorical kernel spread uniformly and
+ * plain mixture densities). The test asserts at least Optuna's figure. */
+#define NSEEDS_MIXED 200
+static void test_tpe_mixed_median(void **st) {
+    double r[NSEEDS_MIXED];
+    for (int s = 0; s < NSEEDS_MIXED; s++) {
+        run_result rr = drive(DX_OPT_TPE, &sp_mixed, bench_mixed, 100, (uint64_t)s, 1);
+        free(rr.asks);
+        r[s] = rr.best;
+    }
+    qsort(r, NSEEDS_MIXED, sizeof r[0], cmp_dbl);
+    double med = 0.5 * (r[NSEEDS_MIXED / 2 - 1] + r[NSEEDS_MIXED / 2]);
+    print_message("  tpe bench mixed 100 evaluations, %d seeds: median regret %.5f\n", NSEEDS_MIXED, med);
+    assert_true(med < 0.0090);
 }
 
 static void test_bo_converges(void **st) {
@@ -338,6 +368,7 @@ int main(void) {
         cmocka_unit_test(test_cmaes_converges),
         cmocka_unit_test(test_tpe_converges),
         cmocka_unit_test(test_tpe_hartmann6_median),
+        cmocka_unit_test(test_tpe_mixed_median),
         cmocka_unit_test(test_bo_converges),
         cmocka_unit_test(test_bo_warm_start_converges),
         cmocka_unit_test(test_bo_restart_ask_cost),
