@@ -198,7 +198,7 @@ deps-bench-opt:
 bench-opt: compile deps-bench-opt
 	@mkdir -p _build/bench
 	erlc -o _build/bench bench/dspex_opt_bench.erl
-	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_opt_bench:main(), halt().'
+	$(ERL) +sbwt none +sbwtdcpu none +sbwtdio none -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_opt_bench:main(), halt().'
 	$(PYTHON) bench/opt_validate.py
 	$(MAKE) bench-opt-kernel
 
