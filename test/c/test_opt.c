@@ -284,7 +284,7 @@ static void test_bo_restart_ask_cost(void **st) {
  * dynamic mmap threshold turned off as the Erlang VM leaves it (blocks of
  * 128 KB or more mapped afresh), the asks after the first at 100
  * observations take (almost) no page faults; a fresh allocation per ask
- * faulted ~200 pages each time, which cost more than the ask's arithmetic. */
+ * faulted ~120 pages each time, which cost more than the ask's arithmetic. */
 static void test_bo_ask_reuses_memory(void **st) {
 #if defined(__GLIBC__) && defined(M_MMAP_THRESHOLD)
     mallopt(M_MMAP_THRESHOLD, 128 * 1024);
@@ -306,6 +306,10 @@ static void test_bo_ask_reuses_memory(void **st) {
     getrusage(RUSAGE_SELF, &r1);
     long faults = r1.ru_minflt - r0.ru_minflt + r1.ru_majflt - r0.ru_majflt;
     print_message("  bo: page faults over 4 asks at %d observations after the first: %ld\n", N, faults);
+    /* under valgrind (the Makefile sets DX_TEST_SCALE) its own shadow memory
+     * and translations fault too: the asks ran (memory checked), the count
+     * means nothing there */
+    if (getenv("DX_TEST_SCALE")) skip();
     assert_true(faults < 64);
 }
 
