@@ -28,8 +28,8 @@
 %% Costs at 100 observations (Hartmann6, CPU time of one `ask/1', see the
 %% README's optimizer bench): BO about 3 ms (its refit from scratch every
 %% 10th ask works on a subset), TPE under 0.5 ms. A BO ask's scratch memory
-%% (up to about 6 MB) stays with the dirty scheduler thread that ran it, for
-%% the next ask.
+%% (up to about 6 MB) goes back to a pool of at most 16 blocks for later
+%% asks, freed when the NIF library is unloaded.
 -module(dspex_opt).
 -behaviour(gen_server).
 

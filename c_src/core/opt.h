@@ -78,6 +78,11 @@ int dx_opt_check(const dx_opt_space *sp, const dx_opt_hist *h);
 int dx_opt_ask(dx_opt_alg alg, const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, uint64_t trial,
                const dx_opt_conf *conf, double *out);
 
+/* Frees the scratch memory BO keeps for later asks (up to 16 blocks of up to
+ * about 6 MB). Call it when no ask runs (the NIF's unload does); later asks
+ * allocate again. */
+void dx_opt_release_scratch(void);
+
 /* Name of an algorithm ("random", "sa", "ga", "cmaes", "tpe", "bo",
  * "spsa_momentum", "spsa_adam"); NULL when out of range. */
 const char *dx_opt_alg_name(dx_opt_alg alg);

@@ -323,38 +323,75 @@ static void ei_batch(gp *g, const double *th, const double *C, int B, double fbe
     }
 }
 
-/* The ask's scratch memory (up to about 6 MB at MAX_OBS observations) is
- * kept per thread from one ask to the next and freed when the thread exits.
- * Allocated afresh on every ask, it cost more than the ask's arithmetic
- * inside the Erlang VM: the VM sets glibc's malloc thresholds, which turns
- * off its dynamic mmap threshold, so every block of 128 KB or more was a new
- * mapping whose pages fault on first touch (3.1 -> 5.8 ms an ask at 100
- * observations, measured with the same malloc setting outside the VM). */
-static _Thread_local double *ws_buf; /* also a root for leak checkers */
-static _Thread_local size_t ws_cap;
-static pthread_key_t ws_key;
-static pthread_once_t ws_once = PTHREAD_ONCE_INIT;
-static int ws_key_ok;
+/* The asks' scratch memory (up to about 6 MB at MAX_OBS observations) is
+ * kept in a pool from one ask to the next: at most WS_KEEP blocks, one per
+ * ask running at the same time, grown by a quarter when too small, freed by
+ * dx_opt_release_scratch (the NIF's unload). Allocated afresh on every ask,
+ * it cost more than the ask's arithmetic inside the Erlang VM: the VM sets
+ * glibc's malloc thresholds, which turns off its dynamic mmap threshold, so
+ * every block of 128 KB or more was a new mapping whose pages fault on first
+ * touch (3.1 -> 5.8 ms an ask at 100 observations, measured with the same
+ * malloc setting outside the VM). */
+#define WS_KEEP 16
+typedef struct ws_block {
+    struct ws_block *next;
+    size_t cap; /* doubles in d */
+    double d[];
+} ws_block;
+static pthread_mutex_t ws_lock = PTHREAD_MUTEX_INITIALIZER;
+static ws_block *ws_pool;
+static int ws_kept;
 
-static void ws_release(void *p) {
-    free(p);
-    ws_buf = NULL;
-    ws_cap = 0;
+/* A block of at least n doubles (contents undefined); NULL when out of memory. */
+static ws_block *ws_get(size_t n) {
+    pthread_mutex_lock(&ws_lock);
+    ws_block *b = ws_pool, **pp = &ws_pool;
+    for (ws_block *q = ws_pool, **qq = &ws_pool; q; qq = &q->next, q = q->next)
+        if (q->cap >= n) { /* the first one large enough, else the first one */
+            b = q;
+            pp = qq;
+            break;
+        }
+    if (b) {
+        *pp = b->next;
+        ws_kept--;
+    }
+    pthread_mutex_unlock(&ws_lock);
+    if (b && b->cap >= n) return b;
+    size_t cap = b && b->cap + b->cap / 4 > n ? b->cap + b->cap / 4 : n;
+    ws_block *nb = realloc(b, sizeof *nb + cap * sizeof(double));
+    if (!nb) {
+        free(b);
+        return NULL;
+    }
+    nb->cap = cap;
+    return nb;
 }
 
-static void ws_key_init(void) { ws_key_ok = pthread_key_create(&ws_key, ws_release) == 0; }
+/* Back to the pool (or freed when WS_KEEP blocks are kept already). */
+static void ws_put(ws_block *b) {
+    pthread_mutex_lock(&ws_lock);
+    if (ws_kept < WS_KEEP) {
+        b->next = ws_pool;
+        ws_pool = b;
+        ws_kept++;
+        b = NULL;
+    }
+    pthread_mutex_unlock(&ws_lock);
+    free(b);
+}
 
-/* At least n doubles of this thread's workspace (contents undefined); NULL
- * when out of memory. */
-static double *workspace(size_t n) {
-    if (n <= ws_cap) return ws_buf;
-    pthread_once(&ws_once, ws_key_init);
-    double *b = realloc(ws_buf, n * sizeof *b);
-    if (!b) return NULL;
-    ws_buf = b;
-    ws_cap = n;
-    if (ws_key_ok) pthread_setspecific(ws_key, b);
-    return b;
+void dx_opt_release_scratch(void) {
+    pthread_mutex_lock(&ws_lock);
+    ws_block *b = ws_pool;
+    ws_pool = NULL;
+    ws_kept = 0;
+    pthread_mutex_unlock(&ws_lock);
+    while (b) {
+        ws_block *nx = b->next;
+        free(b);
+        b = nx;
+    }
 }
 
 int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, uint64_t trial,
@@ -380,8 +417,9 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
     size_t n_rc = (size_t)N_RANDOM * d + (size_t)n * N_RANDOM + 2 * (size_t)N_RANDOM;
     size_t n_lz = nl + (size_t)LOCAL_BATCH * d + (size_t)n * LOCAL_BATCH + 2 * (size_t)LOCAL_BATCH;
     size_t n_lk = (nl + sizeof(double) - 1) / sizeof(double);
-    double *mem = workspace(n_mem + n_rc + n_lz + n_lk);
-    if (!mem) return DX_OPT_E_NOMEM;
+    ws_block *wsb = ws_get(n_mem + n_rc + n_lz + n_lk);
+    if (!wsb) return DX_OPT_E_NOMEM;
+    double *mem = wsb->d;
     double *X = mem, *Y = X + (size_t)n * d, *alpha = Y + n, *tmp = alpha + n, *K = tmp + n, *L = K + nn,
            *Kinv = L + nn, *K2 = Kinv + nn, *R = K2 + nn, *E = R + nn, *cand = E + nn, *bestc = cand + d,
            *XS = bestc + d, *SX = XS + (size_t)n * d, *SY = SX + (size_t)FIT_SUBSET * d;
@@ -510,6 +548,7 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
         B = cut == nb ? (2 * B > LOCAL_BATCH ? LOCAL_BATCH : 2 * B) : 8;
     }
     memcpy(out, bestc, d * sizeof *out);
+    ws_put(wsb);
     if (conf->work) *conf->work += g.work;
     return DX_OPT_OK;
 }
