@@ -41,7 +41,7 @@ PY_STUBS := priv/python/dspex_bridge/_proto
 .PHONY: all deps deps-test deps-cluster compile run test test-c test-erlang test-nif-asan test-elixir test-workers test-cluster bench docs clean
 .PHONY: console-vendor test-console bench-console
 .PHONY: deps-python python-stubs python-venv test-python bench-grpc
-.PHONY: bench-opt deps-bench-opt
+.PHONY: bench-opt bench-opt-kernel deps-bench-opt
 .PHONY: deps-grpc-test test-grpc test-grpc-c test-grpc-valgrind
 
 all: compile python-stubs
@@ -205,8 +205,13 @@ deps-bench-opt:
 bench-opt: compile deps-bench-opt
 	@mkdir -p _build/bench
 	erlc -o _build/bench bench/dspex_opt_bench.erl
-	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_opt_bench:main(), halt().'
+	$(ERL) +sbwt none +sbwtdcpu none +sbwtdio none -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_opt_bench:main(), halt().'
 	$(PYTHON) bench/opt_validate.py
+	$(MAKE) bench-opt-kernel
+
+# The optimizer kernels alone (no VM): ask CPU time, TPE's regret over 200 seeds.
+bench-opt-kernel:
+	$(MAKE) -C c_src bench-opt-kernel
 
 # GetVariable round trips/s through our bridge vs a plain python3-grpcio server.
 bench-grpc: compile python-stubs

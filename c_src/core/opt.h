@@ -60,6 +60,11 @@ typedef struct {
      * output keeps runs deterministic: it is a function of the same history. */
     const double *warm;
     double *fitted;
+    /* BO only, optional (NULL): where to add the number of multiply-adds
+     * this ask spent in its dense linear algebra (Cholesky factorisations,
+     * the inverse for the likelihood's gradient, the candidates' triangular
+     * solves): a deterministic measure of an ask's cost, for tests. */
+    uint64_t *work;
 } dx_opt_conf;
 
 enum { DX_OPT_OK = 0, DX_OPT_E_ARG = 1, DX_OPT_E_NOMEM = 2 };
@@ -72,6 +77,11 @@ int dx_opt_check(const dx_opt_space *sp, const dx_opt_hist *h);
  * [0, 1], categorical values integral in [0, ncat). Returns a DX_OPT_ code. */
 int dx_opt_ask(dx_opt_alg alg, const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, uint64_t trial,
                const dx_opt_conf *conf, double *out);
+
+/* Frees the scratch memory BO keeps for later asks (up to 16 blocks of up to
+ * about 6 MB). Call it when no ask runs (the NIF's unload does); later asks
+ * allocate again. */
+void dx_opt_release_scratch(void);
 
 /* Name of an algorithm ("random", "sa", "ga", "cmaes", "tpe", "bo",
  * "spsa_momentum", "spsa_adam"); NULL when out of range. */

@@ -1,17 +1,25 @@
 /* Tree-structured Parzen estimator (a product of univariate estimators):
- * the told trials are split at the gamma quantile of the scores, gamma(n) = min(ceil(0.1 n), 25) trials in the "good" group l, the
- * rest in g. Numeric dimensions: a mixture of Gaussians truncated to [0, 1],
- * one per trial plus a wide prior, bandwidths from the distances to the
- * neighbours; categorical: one kernel per trial, half its weight on its
- * category and half spread uniformly (Optuna's prior weight 1), plus a
- * uniform prior. g weighs its trials by age like Optuna (the 25 most recent
- * 1, older ones ramping up from 1/|g|), so that g follows where the search
- * is now and a category tried often lately loses its appeal. 24 candidates are drawn from l (each dimension
- * independently) and the one maximising the product over dimensions of
- * l(x)/g(x) is proposed (scoring the candidates jointly, rather than
- * dimension by dimension, keeps categorical dimensions from freezing on the
- * first good category). The first 10 trials are uniformly random. Pending trials (asked, not told) join g as if they had
- * failed (Optuna's "constant liar"), so that parallel asks spread out. */
+ * the told trials are split at the gamma quantile of the scores, gamma(n) =
+ * min(ceil(0.1 n), 25) trials in the "good" group l, the rest in g. Numeric
+ * dimensions: a mixture of Gaussians truncated to [0, 1], one per trial plus
+ * a wide prior, bandwidths from the distances to the neighbours; each
+ * component's density is scored times its bandwidth (the 1/sigma of the
+ * normal density left out, as Optuna 3.1's estimator does), so that wide
+ * components count for more and narrow ones less than in a plain mixture
+ * density (over 200 seeds this took Hartmann6/50 from 0.744 to 0.560,
+ * Branin/50 from 0.209 to 0.169, Rosenbrock-5/100 from 12.5 to 8.6).
+ * Categorical: Optuna's kernels: each trial of a group of N puts (1 + v) / (1
+ * + k v) on its category and v / (1 + k v) on each other one (v = 1 / (N +
+ * 1)), plus a uniform prior kernel. g weighs its trials by age like Optuna
+ * (the 25 most recent 1, older ones ramping up from 1/|g|), so that g follows
+ * where the search is now and a category tried often lately loses its
+ * appeal. 24 candidates are drawn from l (each dimension independently) and
+ * the one maximising the product over dimensions of l(x)/g(x) is proposed
+ * (scoring the candidates jointly, rather than dimension by dimension as
+ * Optuna does, keeps categorical dimensions from freezing on the first good
+ * category). The first 10 trials are uniformly random. Pending trials (asked,
+ * not told) join g as if they had failed (Optuna's "constant liar"), so that
+ * parallel asks spread out. */
 #include "opt_internal.h"
 #include <math.h>
 #include <stdlib.h>
@@ -72,17 +80,22 @@ static void mix_build(mixture *mx, const double *v, const double *w, size_t k, v
     }
 }
 
+/* The log of the score density at x: sum over the components of weight x
+ * bandwidth x truncated normal density, i.e. weight x exp(-z^2 / 2) /
+ * (sqrt(2 pi) x truncated mass), with no 1/sigma. It integrates to the
+ * weighted mean bandwidth, not 1: a constant per mixture, the same for every
+ * candidate of an ask, so it does not change which candidate wins. */
 static double mix_logpdf(const mixture *mx, double x) {
     double mxv = -INFINITY;
     for (size_t i = 0; i < mx->n; i++) {
         double z = (x - mx->mu[i]) / mx->sg[i];
-        double l = mx->lw[i] - 0.5 * z * z - 0.9189385332046727 - log(mx->sg[i]) - mx->lz[i];
+        double l = mx->lw[i] - 0.5 * z * z - 0.9189385332046727 - mx->lz[i];
         if (l > mxv) mxv = l;
     }
     double s = 0;
     for (size_t i = 0; i < mx->n; i++) {
         double z = (x - mx->mu[i]) / mx->sg[i];
-        s += exp(mx->lw[i] - 0.5 * z * z - 0.9189385332046727 - log(mx->sg[i]) - mx->lz[i] - mxv);
+        s += exp(mx->lw[i] - 0.5 * z * z - 0.9189385332046727 - mx->lz[i] - mxv);
     }
     return mxv + log(s);
 }
@@ -159,16 +172,19 @@ int dx_opt_ask_tpe(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, 
                 score[c] += mix_logpdf(&l, x) - mix_logpdf(&g, x);
             }
         } else {
-            /* each trial is a kernel putting (1 + 1/k) / 2 on its category and
-             * 1 / (2k) on each other one; plus a uniform prior kernel */
+            /* each trial of a group of N is a kernel putting (1 + v) / (1 + k v)
+             * on its category and v / (1 + k v) on each other one, v = 1 / (N +
+             * 1); plus a uniform prior kernel of weight 1. pl and pg: the
+             * groups' weighted sums, of total tl and tg. */
+            double vl = 1.0 / ((double)nb + 1.0), vg = 1.0 / ((double)na + 1.0);
             double tl = (double)nb + 1.0, tg = 1.0;
             for (size_t i = 0; i < na; i++) tg += wa[i];
             for (int c = 0; c < k; c++) {
-                pl[c] = (1.0 + 0.5 * (double)nb) / k;
-                pg[c] = (1.0 + 0.5 * (tg - 1.0)) / k;
+                pl[c] = (double)nb * vl / (1.0 + k * vl) + 1.0 / k;
+                pg[c] = (tg - 1.0) * vg / (1.0 + k * vg) + 1.0 / k;
             }
-            for (size_t i = 0; i < nb; i++) pl[(int)vb[i]] += 0.5;
-            for (size_t i = 0; i < na; i++) pg[(int)va[i]] += 0.5 * wa[i];
+            for (size_t i = 0; i < nb; i++) pl[(int)vb[i]] += 1.0 / (1.0 + k * vl);
+            for (size_t i = 0; i < na; i++) pg[(int)va[i]] += wa[i] / (1.0 + k * vg);
             for (int c = 0; c < N_CAND; c++) {
                 double u = dx_rng_unif(&r) * tl, acc = 0;
                 int pick = k - 1;

@@ -3,6 +3,7 @@
 #include "events_nif.h"
 #include "metrics_nif.h"
 #include "nif.h"
+#include "opt.h"
 #include <stdlib.h>
 #include <time.h>
 
@@ -84,6 +85,7 @@ static void unload(ErlNifEnv *env, void *priv) {
     dx_events_unload();
     dx_store_shutdown();
     dx_lockreg_clear();
+    dx_opt_release_scratch(); /* no ask runs: the module is being purged */
     atomic_store(&dx_test_hooks, 0);
 }
 

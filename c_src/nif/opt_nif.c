@@ -102,7 +102,7 @@ DX_NIF(nif_opt_ask) {
     }
     dx_opt_space sp = {d, dims};
     dx_opt_hist hist = {nt, x, y, tid, np, px};
-    dx_opt_conf conf = {budget, has_warm ? warm : NULL, fitted};
+    dx_opt_conf conf = {budget, has_warm ? warm : NULL, fitted, NULL};
     fitted[0] = NAN;
     int rc = dx_opt_ask(alg, &sp, &hist, seed, trial, &conf, out);
     if (rc == DX_OPT_OK) {

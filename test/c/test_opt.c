@@ -8,7 +8,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <malloc.h>
 #include <math.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +45,7 @@ static run_result drive(dx_opt_alg alg, const dx_opt_space *sp, objective f, siz
     double *x = calloc(budget * d, sizeof *x), *y = calloc(budget, sizeof *y);
     uint64_t *tid = calloc(budget, sizeof *tid);
     run_result rr = {INFINITY, calloc(budget * d, sizeof(double))};
-    dx_opt_conf conf = {budget, NULL, NULL};
+    dx_opt_conf conf = {budget, NULL, NULL, NULL};
     size_t told = 0;
     for (size_t t = 0; t < budget; t += batch) {
         size_t nb = t + batch > budget ? budget - t : batch;
@@ -179,9 +181,11 @@ static int cmp_dbl(const void *a, const void *b) {
 }
 
 /* TPE's Parzen bandwidths follow Optuna's univariate rule (the prior's
- * centre is a neighbour; the extreme points do not look at the box's ends):
- * median regret on Hartmann6 at 50 evaluations over 201 seeds 0.747 (0.826
- * with the box's ends as neighbours and the prior left out) */
+ * centre is a neighbour; the extreme points do not look at the box's ends)
+ * and its components are scored times their bandwidth (Optuna 3.1's
+ * log-pdf): median regret on Hartmann6 at 50 evaluations over 201 seeds
+ * 0.561 (0.747 scoring plain mixture densities; 0.826 also with the box's
+ * ends as neighbours and the prior left out) */
 static void test_tpe_hartmann6_median(void **st) {
     double r[NSEEDS_H6];
     for (int s = 0; s < NSEEDS_H6; s++) {
@@ -191,7 +195,35 @@ static void test_tpe_hartmann6_median(void **st) {
     }
     qsort(r, NSEEDS_H6, sizeof r[0], cmp_dbl);
     print_message("  tpe hartmann6 50 evaluations, %d seeds: median regret %.4f\n", NSEEDS_H6, r[NSEEDS_H6 / 2]);
-    assert_true(r[NSEEDS_H6 / 2] < 0.79);
+    assert_true(r[NSEEDS_H6 / 2] < 0.62);
+}
+
+/* The bench's mixed problem (bench/dspex_opt_bench.erl): two categorical
+ * dimensions (4 and 3 categories, the best costing 0) and Branin / 10 on
+ * [-5, 10] x [0, 15]; minimum 0. */
+static double bench_mixed(const double *u, uint64_t t) {
+    static const double c1[4] = {2.0, 0.0, 1.0, 3.0}, c2[3] = {1.0, 0.5, 0.0};
+    double v[2] = {u[2], u[3]};
+    return c1[(int)u[0]] + c2[(int)u[1]] + (branin(v, t) - BRANIN_MIN) / 10;
+}
+
+/* Issue #18's goal, on the bench's mixed problem at 100 evaluations, seeds
+ * 0-199: Optuna 3.1's TPE reaches a median regret of 0.0090; ours 0.0064
+ * with Optuna's categorical kernels and bandwidth-weighted components
+ * (0.0103 before, with half of each categorical kernel spread uniformly and
+ * plain mixture densities). The test asserts at least Optuna's figure. */
+#define NSEEDS_MIXED 200
+static void test_tpe_mixed_median(void **st) {
+    double r[NSEEDS_MIXED];
+    for (int s = 0; s < NSEEDS_MIXED; s++) {
+        run_result rr = drive(DX_OPT_TPE, &sp_mixed, bench_mixed, 100, (uint64_t)s, 1);
+        free(rr.asks);
+        r[s] = rr.best;
+    }
+    qsort(r, NSEEDS_MIXED, sizeof r[0], cmp_dbl);
+    double med = 0.5 * (r[NSEEDS_MIXED / 2 - 1] + r[NSEEDS_MIXED / 2]);
+    print_message("  tpe bench mixed 100 evaluations, %d seeds: median regret %.5f\n", NSEEDS_MIXED, med);
+    assert_true(med < 0.0090);
 }
 
 static void test_bo_converges(void **st) {
@@ -209,6 +241,79 @@ static void test_bo_warm_start_converges(void **st) {
     assert_true(b1 < 0.05);
     assert_true(b2 < 0.1);
     assert_true(b3 < 0.05);
+}
+
+/* BO's ask cost (multiply-adds of its dense linear algebra, dx_opt_conf.work:
+ * deterministic, not time) on Hartmann6 with the hyperparameters chained as
+ * dspex_opt does: the ask at 100 observations, where the fit restarts from
+ * scratch, costs at most 1.5 times the median of the warm-started asks at 95
+ * to 99 (the restart fits a subset; on all 100 observations it cost 1.9
+ * times). */
+static void test_bo_restart_ask_cost(void **st) {
+    enum { N = 100 };
+    double x[(N + 1) * 6], y[N + 1], th[DX_OPT_MAX_DIMS + 2], fitted[DX_OPT_MAX_DIMS + 2];
+    uint64_t tid[N + 1], work[N + 1];
+    int have = 0;
+    for (size_t t = 0; t <= N; t++) {
+        dx_opt_hist h = {t, x, y, tid, 0, NULL};
+        work[t] = 0;
+        dx_opt_conf conf = {N + 1, have ? th : NULL, fitted, &work[t]};
+        assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_num6, &h, 4, t, &conf, x + t * 6), DX_OPT_OK);
+        if (!isnan(fitted[0])) {
+            memcpy(th, fitted, sizeof th);
+            have = 1;
+        }
+        y[t] = hartmann6(x + t * 6, t);
+        tid[t] = t;
+    }
+    uint64_t w[5];
+    for (int i = 0; i < 5; i++) w[i] = work[95 + i];
+    for (int i = 1; i < 5; i++)
+        for (int j = i; j > 0 && w[j] < w[j - 1]; j--) {
+            uint64_t tt = w[j];
+            w[j] = w[j - 1];
+            w[j - 1] = tt;
+        }
+    print_message("  bo work: warm asks at 95-99 median %llu, restart at 100: %llu (%.2fx)\n",
+                  (unsigned long long)w[2], (unsigned long long)work[N], (double)work[N] / (double)w[2]);
+    assert_true(work[N] > 0 && w[2] > 0);
+    assert_true((double)work[N] <= 1.5 * (double)w[2]);
+}
+
+/* Repeated BO asks reuse their scratch memory (a pool): with glibc's
+ * dynamic mmap threshold turned off as the Erlang VM leaves it (blocks of
+ * 128 KB or more mapped afresh), the asks after the first at 100
+ * observations take (almost) no page faults; a fresh allocation per ask
+ * faulted ~120 pages each time, which cost more than the ask's arithmetic. */
+static void test_bo_ask_reuses_memory(void **st) {
+#if defined(__GLIBC__) && defined(M_MMAP_THRESHOLD)
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
+    enum { N = 100 };
+    double x[N * 6], y[N], out[6];
+    uint64_t tid[N];
+    for (int t = 0; t < N; t++) {
+        for (int j = 0; j < 6; j++) x[t * 6 + j] = fmod(0.37 * (t + 1) * (j + 2) + 0.11 * j, 1.0);
+        y[t] = hartmann6(x + t * 6, (uint64_t)t);
+        tid[t] = (uint64_t)t;
+    }
+    dx_opt_hist h = {N, x, y, tid, 0, NULL};
+    dx_opt_conf conf = {N + 1, NULL, NULL, NULL};
+    assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_num6, &h, 1, N, &conf, out), DX_OPT_OK);
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
+    for (int k = 0; k < 4; k++) assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_num6, &h, 1, N, &conf, out), DX_OPT_OK);
+    getrusage(RUSAGE_SELF, &r1);
+    long faults = r1.ru_minflt - r0.ru_minflt + r1.ru_majflt - r0.ru_majflt;
+    print_message("  bo: page faults over 4 asks at %d observations after the first: %ld\n", N, faults);
+    /* under valgrind (the Makefile sets DX_TEST_SCALE) its own shadow memory
+     * and translations fault too: the asks ran (memory checked), the count
+     * means nothing there */
+    dx_opt_release_scratch(); /* and asks after it allocate again */
+    assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_num6, &h, 1, N, &conf, out), DX_OPT_OK);
+    dx_opt_release_scratch();
+    if (getenv("DX_TEST_SCALE")) skip();
+    assert_true(faults < 64);
 }
 
 static void test_spsa_converges_on_noisy_sphere(void **st) {
@@ -262,7 +367,7 @@ static void test_failed_trials(void **st) {
 static void test_invalid_input_refused(void **st) {
     double out[4], x[4] = {0, 0, 0.5, 1.5}, y[1] = {1.0};
     uint64_t tid[1] = {0};
-    dx_opt_conf conf = {10, NULL, NULL};
+    dx_opt_conf conf = {10, NULL, NULL, NULL};
     dx_opt_hist h0 = {0, NULL, NULL, NULL, 0, NULL};
     dx_opt_hist hb = {1, x, y, tid, 0, NULL};
     assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_E_ARG); /* 1.5 > 1 */
@@ -301,8 +406,11 @@ int main(void) {
         cmocka_unit_test(test_cmaes_converges),
         cmocka_unit_test(test_tpe_converges),
         cmocka_unit_test(test_tpe_hartmann6_median),
+        cmocka_unit_test(test_tpe_mixed_median),
         cmocka_unit_test(test_bo_converges),
         cmocka_unit_test(test_bo_warm_start_converges),
+        cmocka_unit_test(test_bo_restart_ask_cost),
+        cmocka_unit_test(test_bo_ask_reuses_memory),
         cmocka_unit_test(test_spsa_converges_on_noisy_sphere),
         cmocka_unit_test(test_every_algorithm_beats_random),
         cmocka_unit_test(test_same_seed_same_asks_other_seed_other_asks),
