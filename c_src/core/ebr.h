@@ -19,4 +19,7 @@ size_t dx_ebr_reclaim(int include_heavy);
 size_t dx_ebr_pending(void);
 /* Frees everything at once: only when no reader can exist (unload, tests). */
 void dx_ebr_drain(void);
+/* 1 when readers announce with a plain store ordered by the reclaimer's
+ * membarrier, 0 when with a seq_cst store (decided once, see ebr.c). */
+int dx_ebr_uses_membarrier(void);
 #endif

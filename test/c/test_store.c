@@ -564,8 +564,21 @@ static void test_snapshot_refs_outlive_variable(void **st) {
     dx_snap_release(k.kept_cur);
 }
 
+/* How readers announce is decided once per process: DX_EBR_MEMBARRIER=0
+ * forces seq_cst announcements (make test runs this file once in each mode,
+ * so both paths go through test_concurrent_readers_writers). */
+static void test_ebr_mode_follows_the_environment(void **state) {
+    (void)state;
+    const char *env = getenv("DX_EBR_MEMBARRIER");
+    int m = dx_ebr_uses_membarrier();
+    assert_true(m == 0 || m == 1);
+    if (env && env[0] == '0') assert_int_equal(m, 0);
+    assert_int_equal(dx_ebr_uses_membarrier(), m); /* decided once */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ebr_mode_follows_the_environment),
         cmocka_unit_test(test_session_lifecycle),       cmocka_unit_test(test_ttl_and_sweep),
         cmocka_unit_test(test_touch_refreshes),         cmocka_unit_test(test_register_set_versions),
         cmocka_unit_test(test_history_ring_and_rollback), cmocka_unit_test(test_batches),
