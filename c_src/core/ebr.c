@@ -106,12 +106,12 @@ static int cmp_long(const void *a, const void *b) {
 }
 
 /* Whether the fence is cheap here: the median of 9 with another thread
- * spinning (well under 1 ms in all; no spinner, no measure: assume cheap). */
+ * spinning (well under 1 ms in all; a spinner not running within 5 ms: assume cheap). */
 static int membarrier_cheap(void) {
     pthread_t th;
     atomic_store(&g_spin_state, 0);
     if (pthread_create(&th, NULL, mb_spinner, NULL) != 0) return 1;
-    long spin_deadline = now_ns() + 50000000L;
+    long spin_deadline = now_ns() + 5000000L;
     while (atomic_load(&g_spin_state) != 1 && now_ns() < spin_deadline) sched_yield();
     long t[9];
     for (int i = 0; i < 9; i++) {
