@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "opt_testfn.h"
 #include <time.h>
 
 #include "opt.h"
@@ -41,23 +42,7 @@ static double branin(const double *x) {
     return a * a + 10 * (1 - 1 / (8 * M_PI)) * cos(x[0]) + 10;
 }
 
-static double hartmann6(const double *x) {
-    static const double al[4] = {1.0, 1.2, 3.0, 3.2};
-    static const double A[4][6] = {{10, 3, 17, 3.5, 1.7, 8}, {0.05, 10, 17, 0.1, 8, 14},
-                                   {3, 3.5, 1.7, 10, 17, 8}, {17, 8, 0.05, 10, 0.1, 14}};
-    static const double P[4][6] = {{1312, 1696, 5569, 124, 8283, 5886}, {2329, 4135, 8307, 3736, 1004, 9991},
-                                   {2348, 1451, 3522, 2883, 3047, 6650}, {4047, 8828, 8732, 5743, 1091, 381}};
-    double s = 0;
-    for (int i = 0; i < 4; i++) {
-        double e = 0;
-        for (int j = 0; j < 6; j++) {
-            double dd = x[j] - P[i][j] / 10000;
-            e += A[i][j] * dd * dd;
-        }
-        s -= al[i] * exp(-e);
-    }
-    return s;
-}
+static double hartmann6(const double *x) { return dx_hartmann6(x); }
 
 static double rosenbrock5(const double *x) {
     double s = 0;

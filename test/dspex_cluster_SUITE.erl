@@ -138,6 +138,29 @@ kill_node(Node, Peers) ->
     [] = os:cmd("kill -9 " ++ OsPid),
     ok.
 
+%% Session S with an integer variable x = 0, created through PA: {Owner, Replica}.
+session_with_x(PA, S) ->
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    {Owner, Rep}.
+
+%% Cuts the third node C off from A and B and keeps it apart (two different
+%% wrong cookies: with the same one on both sides the handshake would
+%% succeed); returns once every node's view shows the partition.
+partition_third([{A, PA}, {B, PB}, {C, PC}]) ->
+    [peer:call(PC, erlang, set_cookie, [N, junk_c]) || N <- [A, B]],
+    [peer:call(P, erlang, set_cookie, [C, junk_ab]) || P <- [PA, PB]],
+    peer:call(PC, erlang, disconnect_node, [A]), peer:call(PC, erlang, disconnect_node, [B]),
+    peer:call(PA, erlang, disconnect_node, [C]), peer:call(PB, erlang, disconnect_node, [C]),
+    wait_until(fun() -> live(PC) =:= [C] andalso live(PA) =:= [A, B] andalso live(PB) =:= [A, B] end,
+               10000, partitioned).
+
+%% Undoes partition_third/1's cookies: the nodes reconnect by themselves.
+restore_cookies([{A, PA}, {B, PB}, {C, PC}]) ->
+    [peer:call(P, erlang, set_cookie, [N, dspex_ct]) || {P, N} <- [{PC, A}, {PC, B}, {PA, C}, {PB, C}]],
+    ok.
+
 %%% the client, running on a peer -------------------------------------------------
 
 %% Writes 1, 2, 3... to `x' of `S', each with the version it last saw as
@@ -402,15 +425,8 @@ minority_refuses_writes_and_heals(Config) ->
     ok = peer:call(PA, ?MODULE, client_start, [Load, 0]),
     Count = fun() -> peer:call(PA, ?MODULE, client_count, []) end,
     ok = wait_until(fun() -> Count() >= 200 end, 30000, load_before_partition),
-    %% partition C from A and B, and keep it apart (wrong cookie both ways)
-    %% (two different wrong cookies: with the same one on both sides the
-    %% handshake would succeed)
-    [peer:call(PC, erlang, set_cookie, [N, junk_c]) || N <- [A, B]],
-    [peer:call(P, erlang, set_cookie, [C, junk_ab]) || P <- [PA, PB]],
-    peer:call(PC, erlang, disconnect_node, [A]), peer:call(PC, erlang, disconnect_node, [B]),
-    peer:call(PA, erlang, disconnect_node, [C]), peer:call(PB, erlang, disconnect_node, [C]),
-    ok = wait_until(fun() -> live(PC) =:= [C] andalso live(PA) =:= [A, B] andalso live(PB) =:= [A, B] end,
-                    10000, partitioned),
+    %% partition C from A and B
+    ok = partition_third(Peers),
     %% the minority refuses every write, the majority accepts every write
     [?assertEqual({error, no_quorum}, peer:call(PC, dspex_store, set, [S, x, 100])) || S <- Ss],
     [?assertMatch({ok, 1}, peer:call(PA, dspex_store, set, [S, x, 2])) || S <- Ss],
@@ -436,7 +452,7 @@ minority_refuses_writes_and_heals(Config) ->
     N1 = Count(),
     ok = wait_until(fun() -> Count() >= N1 + 200 end, 30000, load_during_partition),
     %% heal
-    [peer:call(P, erlang, set_cookie, [N, dspex_ct]) || {P, N} <- [{PC, A}, {PC, B}, {PA, C}, {PB, C}]],
+    ok = restore_cookies(Peers),
     Nodes = [A, B, C],
     ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= Nodes end, Peers) end, 20000, healed),
     %% ownership settles on the heal, not on access: no session (the Ss are not
@@ -852,9 +868,7 @@ failover_converges_when_the_new_owner_lags(Config) ->
     put(peers, Peers),
     S = <<"lag_s">>,
     [{_, PA} | _] = Peers,
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
-    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    {Owner, Rep} = session_with_x(PA, S),
     [{_, PC}] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner, Rep])],
     PR = peer_of(Rep, Peers),
     ?assertEqual({ok, 1}, peer:call(PC, dspex_store, set, [S, x, 1])),
@@ -896,16 +910,11 @@ calls_wait_for_an_owner_whose_view_lags_the_heal(Config) ->
                     peer:call(PA, dspex_cluster, owner_of, [X]) =:= {ok, C}],
     {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
     {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
-    [peer:call(PC, erlang, set_cookie, [N, junk_c]) || N <- [A, B]],
-    [peer:call(P, erlang, set_cookie, [C, junk_ab]) || P <- [PA, PB]],
-    peer:call(PC, erlang, disconnect_node, [A]), peer:call(PC, erlang, disconnect_node, [B]),
-    peer:call(PA, erlang, disconnect_node, [C]), peer:call(PB, erlang, disconnect_node, [C]),
-    ok = wait_until(fun() -> live(PC) =:= [C] andalso live(PA) =:= [A, B] andalso live(PB) =:= [A, B] end,
-                    10000, partitioned),
+    ok = partition_third(Peers),
     ?assertMatch({ok, 1}, peer:call(PA, dspex_store, set, [S, x, 1])),
     %% C's view stays without a quorum through the heal
     ok = peer:call(PC, sys, suspend, [dspex_cluster_members]),
-    [peer:call(P, erlang, set_cookie, [N, dspex_ct]) || {P, N} <- [{PC, A}, {PC, B}, {PA, C}, {PB, C}]],
+    ok = restore_cookies(Peers),
     ok = wait_until(fun() -> live(PA) =:= [A, B, C] andalso live(PB) =:= [A, B, C] end, 20000, majority_sees_c),
     ?assertEqual([C], live(PC)),
     ok = peer:call(PA, ?MODULE, events_start, [ct_heal, [[dspex, cluster, route, retry]]]),
@@ -936,9 +945,7 @@ a_write_fenced_while_replicating_is_not_acknowledged(Config) ->
     put(peers, Peers),
     S = <<"fence_s">>,
     [{_, PA} | _] = Peers,
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
-    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    {Owner, Rep} = session_with_x(PA, S),
     PO = peer_of(Owner, Peers),
     PR = peer_of(Rep, Peers),
     RName = dspex_cluster_replica:name(S),
@@ -967,9 +974,7 @@ stuck_servers_end_calls_with_documented_errors(Config) ->
     put(peers, Peers),
     S = <<"stuck_s">>,
     [{_, PA} | _] = Peers,
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
-    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    {Owner, Rep} = session_with_x(PA, S),
     [{_, PC}] = [X || {N, _} = X <- Peers, not lists:member(N, [Owner, Rep])],
     PO = peer_of(Owner, Peers),
     %% the lock server
@@ -1123,9 +1128,7 @@ a_replica_that_diverged_gets_a_full_copy_before_the_ack(Config) ->
     put(peers, Peers),
     S = <<"full_s">>,
     [{_, PA} | _] = Peers,
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
-    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    {Owner, Rep} = session_with_x(PA, S),
     PO = peer_of(Owner, Peers),
     PR = peer_of(Rep, Peers),
     ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
