@@ -88,7 +88,10 @@ static _Atomic int g_spin_state; /* 1: spinning, 2: told to stop */
 
 static void *mb_spinner(void *arg) {
     (void)arg;
-    atomic_store(&g_spin_state, 1);
+    /* 0 -> 1 only: a spinner that starts after the measure is over (state 2)
+     * must not overwrite the stop and spin forever */
+    int idle = 0;
+    if (!atomic_compare_exchange_strong(&g_spin_state, &idle, 1)) return NULL;
     while (atomic_load_explicit(&g_spin_state, memory_order_relaxed) == 1) {
     }
     return NULL;
@@ -107,11 +110,11 @@ static int cmp_long(const void *a, const void *b) {
 
 /* Whether the fence is cheap here: the median of 9 with another thread
  * spinning (well under 1 ms in all; a spinner not running within 5 ms: assume cheap). */
-static int membarrier_cheap(void) {
+static int membarrier_cheap(long wait_ns) {
     pthread_t th;
     atomic_store(&g_spin_state, 0);
     if (pthread_create(&th, NULL, mb_spinner, NULL) != 0) return 1;
-    long spin_deadline = now_ns() + 5000000L;
+    long spin_deadline = now_ns() + wait_ns;
     while (atomic_load(&g_spin_state) != 1 && now_ns() < spin_deadline) sched_yield();
     long t[9];
     for (int i = 0; i < 9; i++) {
@@ -133,7 +136,7 @@ static void membarrier_decide(void) {
     if (m && env && (env[0] == '0' || env[0] == '1'))
         m = env[0] == '1';
     else if (m)
-        m = membarrier_cheap();
+        m = membarrier_cheap(5000000L);
     atomic_store(&g_membarrier, m);
 }
 
@@ -145,6 +148,14 @@ static int membarrier_ready(void) {
 }
 
 int dx_ebr_uses_membarrier(void) { return membarrier_ready(); }
+
+int dx_ebr_membarrier_probe(long wait_ns) {
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* one probe at a time */
+    pthread_mutex_lock(&mu);
+    int r = membarrier_ready() == 1 ? membarrier_cheap(wait_ns) : 0;
+    pthread_mutex_unlock(&mu);
+    return r;
+}
 
 static void heavy_fence(void) {
     if (membarrier_ready() != 1 || syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)

@@ -22,4 +22,7 @@ void dx_ebr_drain(void);
 /* 1 when readers announce with a plain store ordered by the reclaimer's
  * membarrier, 0 when with a seq_cst store (decided once, see ebr.c). */
 int dx_ebr_uses_membarrier(void);
+/* The measure behind that choice, run again (tests): 1 if cheap, 0 if not or
+ * not used; waits at most wait_ns for its spinning thread to start. */
+int dx_ebr_membarrier_probe(long wait_ns);
 #endif
