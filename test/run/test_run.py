@@ -14,6 +14,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,6 +170,14 @@ class Node:
     def close(self):
         self.kill()
         os.unlink(self.log.name)
+        remove_event_log(self.name)
+
+
+def remove_event_log(name):
+    """A named node keeps its event log in data/events/<node>: a test node's
+    is of no use after the test."""
+    for d in glob.glob(os.path.join(ROOT, "data", "events", name + "@*")):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def script_env(node):
@@ -240,6 +249,7 @@ class HeadlessTest(unittest.TestCase):
 class TerminalTest(unittest.TestCase):
     def test_banner_comes_before_the_prompt_and_q_stops(self):
         name = "dspex_run_tty_%d_%d" % (os.getpid(), free_port())
+        self.addCleanup(remove_event_log, name)
         env = dict(os.environ, DSPEX_GRPC="0", DSPEX_METRICS="0", DSPEX_NODE=name)
         pid, fd = pty.fork()
         if pid == 0:
