@@ -140,10 +140,23 @@ kill_node(Node, Peers) ->
 
 %% Session S with an integer variable x = 0, created through PA: {Owner, Replica}.
 session_with_x(PA, S) ->
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    ok = create_with_x(PA, S),
     {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
     {Owner, Rep}.
+
+%% 16 sessions (Prefix followed by 0, 1, ...) that share one owner and one
+%% replica set, each with x = 0, created through PA: {Owner, Replicas, Sessions}.
+sessions_on_one_link(PA, Prefix) ->
+    View = peer:call(PA, dspex_cluster_members, view, []),
+    {Owner, Reps} = OR = dspex_cluster_writer:owners(<<Prefix/binary, "0">>, View),
+    Ss = same_owners(Prefix, 0, 16, OR, View),
+    [ok = create_with_x(PA, S) || S <- Ss],
+    {Owner, Reps, Ss}.
+
+create_with_x(PA, S) ->
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    ok.
 
 %% Cuts the third node C off from A and B and keeps it apart (two different
 %% wrong cookies: with the same one on both sides the handshake would
@@ -1046,13 +1059,8 @@ concurrent_writes_are_batched_and_every_replica_converges(Config) ->
     Peers = start_cluster("dspex_batch", #{replicas => 2, replication => sync, replica_timeout_ms => 60000}),
     put(peers, Peers),
     [{_, PA} | _] = Peers,
-    View = peer:call(PA, dspex_cluster_members, view, []),
-    {Owner, [R1, R2]} = OR = dspex_cluster_writer:owners(<<"batch_0">>, View),
-    Ss = same_owners(<<"batch_">>, 0, 16, OR, View),
+    {Owner, [R1, R2], Ss} = sessions_on_one_link(PA, <<"batch_">>),
     PO = peer_of(Owner, Peers),
-    [begin {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-           {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0])
-     end || S <- Ss],
     ok = peer:call(PO, ?MODULE, events_start, [ct_batch, [[dspex, cluster, batch, stop]]]),
     PR1 = peer_of(R1, Peers),
     Stats = fun() -> peer:call(PO, dspex_cluster_shipper, stats, [R1]) end,
@@ -1087,14 +1095,9 @@ a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow(Config) ->
     Peers = start_cluster("dspex_slow", #{replicas => 1, replication => sync, replica_timeout_ms => 2000}),
     put(peers, Peers),
     [{_, PA} | _] = Peers,
-    View = peer:call(PA, dspex_cluster_members, view, []),
-    {Owner, [Rep]} = OR = dspex_cluster_writer:owners(<<"slow_0">>, View),
-    Ss = same_owners(<<"slow_">>, 0, 16, OR, View),
+    {Owner, [Rep], Ss} = sessions_on_one_link(PA, <<"slow_">>),
     PO = peer_of(Owner, Peers),
     PR = peer_of(Rep, Peers),
-    [begin {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-           {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0])
-     end || S <- Ss],
     Stats = fun() -> peer:call(PO, dspex_cluster_shipper, stats, [Rep]) end,
     #{records := Base} = Stats(),
     ok = peer:call(PR, sys, suspend, [dspex_cluster_receiver]),
@@ -1158,14 +1161,9 @@ a_replica_node_dying_fails_its_batches_in_flight(Config) ->
     Peers = start_cluster("dspex_rdie", #{replicas => 1, replication => sync, replica_timeout_ms => 60000}),
     put(peers, Peers),
     [{_, PA} | _] = Peers,
-    View = peer:call(PA, dspex_cluster_members, view, []),
-    {Owner, [Rep]} = OR = dspex_cluster_writer:owners(<<"rdie_0">>, View),
-    Ss = same_owners(<<"rdie_">>, 0, 16, OR, View),
+    {Owner, [Rep], Ss} = sessions_on_one_link(PA, <<"rdie_">>),
     [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
     PO = peer_of(Owner, Peers),
-    [begin {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-           {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0])
-     end || S <- Ss],
     Stats = fun() -> peer:call(PO, dspex_cluster_shipper, stats, [Rep]) end,
     #{records := Base} = Stats(),
     ok = peer:call(peer_of(Rep, Peers), sys, suspend, [dspex_cluster_receiver]),
