@@ -18,7 +18,8 @@ typedef struct dx_rtab {
     size_t mask;  /* capacity - 1, capacity a power of two */
     size_t used;  /* live entries (writer only) */
     size_t tombs; /* tombstones (writer only) */
-    _Atomic(dx_rkey *) slot[];
+    int untagged; /* slots hold bare addresses (see rtab.c); fixed once published */
+    _Atomic(uintptr_t) slot[];
 } dx_rtab;
 
 typedef _Atomic(dx_rtab *) dx_rtab_ref;
@@ -31,6 +32,9 @@ dx_rkey *dx_rtab_find(dx_rtab_ref *ref, uint64_t hash, const char *key, size_t k
 int dx_rtab_insert(dx_rtab_ref *ref, dx_rkey *e);
 /* Writer: unlinks and returns the entry (the caller retires it), or NULL. */
 dx_rkey *dx_rtab_remove(dx_rtab_ref *ref, uint64_t hash, const char *key, size_t klen);
+/* Writer: republishes the table with untagged slots (what an entry address
+ * using the top 16 bits forces; tests use it to cover that path). */
+int dx_rtab_untag(dx_rtab_ref *ref);
 /* Reader or writer: calls fn for every live entry; stops when fn returns non-zero. */
 void dx_rtab_foreach(dx_rtab_ref *ref, int (*fn)(void *ctx, dx_rkey *e), void *ctx);
 #endif
