@@ -27,7 +27,7 @@
 
 -export([all/0, init_per_testcase/2, end_per_testcase/2]).
 -export([steady_state_history_is_linearizable/1, owner_killed_mid_run_history_is_linearizable/1,
-         migrations_mid_run_history_is_linearizable/1]).
+         migrations_mid_run_history_is_linearizable/1, reads_of_a_lagging_replica_copy_are_a_violation/1]).
 %% run on the peers
 -export([collector_start/0, collector_count/0, collector_stop/1, collector_loop/1,
          clients_start/5, writer_loop/4, reader_loop/4]).
@@ -36,7 +36,7 @@
 
 all() ->
     [steady_state_history_is_linearizable, owner_killed_mid_run_history_is_linearizable,
-     migrations_mid_run_history_is_linearizable].
+     migrations_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -105,6 +105,38 @@ migrations_mid_run_history_is_linearizable(Config) ->
     ct:pal("migrated ~p -> ~p -> ~p", [Owner, T1, T2]),
     {comment, comment(Sum)}.
 
+%% The harness can fail: with async replication and the replica's pool
+%% process suspended (its copy frozen at 0), readers on the replica node
+%% that read the local copy (`dspex_cluster:local_apply/2', not routed to
+%% the owner) return 0 after writes were acknowledged. The checker must
+%% find it and point at such a read.
+reads_of_a_lagging_replica_copy_are_a_violation(_Config) ->
+    Peers = dspex_cluster_SUITE:start_cluster("lin", #{replicas => 1, replication => async}),
+    put(peers, Peers),
+    S = <<"lin_lag">>,
+    [{_, PA} | _] = Peers,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PRep = peer_of(Rep, Peers),
+    ok = dspex_cluster_SUITE:wait_until(fun() -> peer:call(PRep, dspex_cluster, local_apply, [get_value, [S, x]])
+                                                     =:= {ok, 0} end, 10000, replica_copy),
+    ok = peer:call(PRep, sys, suspend, [dspex_cluster_replica:name(S)]),
+    PColl = peer_of(Owner, Peers),
+    start_clients(Peers, S, PColl, fun(N) when N =:= Rep -> [local, local]; (_) -> [any, majority] end),
+    ok = await_ops(PColl, #{ops => 1000, writes => 200}),
+    Ops = stop_clients(PColl),
+    ok = peer:call(PRep, sys, resume, [dspex_cluster_replica:name(S)]),
+    %% a read of the frozen copy invoked after a write was acknowledged
+    FirstAck = lists:min([R || {_, write, _, ok, _, R} <- Ops]),
+    ?assert(lists:any(fun({{N, r, _}, read, _, {ok, 0}, I, _}) -> N =:= Rep andalso I > FirstAck; (_) -> false end,
+                      Ops)),
+    {violation, Info} = dspex_lincheck:check(0, Ops),
+    ct:pal("~p", [Info]),
+    ?assertMatch(#{reason := not_linearizable}, Info),
+    ?assertMatch([#{proc := {Rep, r, _}, op := read, value := 0}], maps:get(blocking, Info)),
+    ok.
+
 %%% helpers -----------------------------------------------------------------------
 
 %% Three peers lin_a, lin_b, lin_c (sync, R = 1), session S with x = 0.
@@ -122,10 +154,14 @@ peer_of(Node, Peers) -> proplists:get_value(Node, Peers).
 other_than(Node, Peers) -> hd([N || {N, _} <- Peers, N =/= Node]).
 
 start_clients(Peers, S, PColl) ->
+    start_clients(Peers, S, PColl, fun(_) -> [any, majority] end).
+
+%% ReadModes(Node): the read modes of the node's readers.
+start_clients(Peers, S, PColl, ReadModes) ->
     CollNode = peer:call(PColl, erlang, node, []),
     ok = peer:call(PColl, ?MODULE, collector_start, []),
-    [ok = peer:call(P, ?MODULE, clients_start, [CollNode, S, I, 2, 2])
-     || {I, {_, P}} <- lists:zip(lists:seq(1, length(Peers)), Peers)],
+    [ok = peer:call(P, ?MODULE, clients_start, [CollNode, S, I, 2, ReadModes(N)])
+     || {I, {N, P}} <- lists:zip(lists:seq(1, length(Peers)), Peers)],
     ok.
 
 count(PColl) -> peer:call(PColl, ?MODULE, collector_count, []).
@@ -256,13 +292,15 @@ collect_rest(Live, Deadline, #{pending := Pend, ops := Ops, notes := Notes} = St
 %%% the clients, on each peer ---------------------------------------------------
 
 %% Writers and readers of `x' of `S' on this node: process names
-%% {node(), w | r, K}; writer values NodeIdx * 10^8 + K * 10^7 + 1, 2, ...
-clients_start(CollNode, S, NodeIdx, Writers, Readers) ->
+%% {node(), w | r, K}; writer values NodeIdx * 10^8 + K * 10^7 + 1, 2, ...;
+%% a reader per read mode given (`any', `majority', or `local': the node's
+%% own copy, not routed).
+clients_start(CollNode, S, NodeIdx, Writers, ReadModes) ->
     Coll = {?COLLECTOR, CollNode},
     [spawn(?MODULE, writer_loop, [Coll, S, {node(), w, K}, NodeIdx * 100000000 + K * 10000000 + 1])
      || K <- lists:seq(1, Writers)],
-    [spawn(?MODULE, reader_loop, [Coll, S, {node(), r, K}, case K rem 2 of 1 -> any; 0 -> majority end])
-     || K <- lists:seq(1, Readers)],
+    [spawn(?MODULE, reader_loop, [Coll, S, {node(), r, K}, Mode])
+     || {K, Mode} <- lists:zip(lists:seq(1, length(ReadModes)), ReadModes)],
     ok.
 
 writer_loop(Coll, S, Proc, V) ->
@@ -289,7 +327,7 @@ writer_loop(Coll, S, Proc, V, go) ->
     end.
 
 reader_loop(Coll, S, Proc, Mode) ->
-    _ = dspex_cluster:read_mode(Mode),
+    _ = Mode =/= local andalso dspex_cluster:read_mode(Mode),
     Coll ! {hello, self(), Proc},
     reader_loop(Coll, S, Proc, Mode, go).
 
@@ -301,9 +339,16 @@ reader_loop(Coll, S, Proc, Mode, go) ->
         %% the history with local reads)
         invoke(Coll, read, undefined),
         I = os:perf_counter(nanosecond),
-        Res = (catch dspex_store:get_value(S, x)),
+        Res = case Mode of
+                  local -> (catch dspex_cluster:local_apply(get_value, [S, x]));
+                  _ -> (catch dspex_store:get_value(S, x))
+              end,
         R = os:perf_counter(nanosecond),
-        {Op, Note} = case {Res, dspex_cluster:last_read()} of
+        Status = case Mode of
+                     local -> #{status => current};
+                     _ -> dspex_cluster:last_read()
+                 end,
+        {Op, Note} = case {Res, Status} of
                          {{ok, V}, #{status := current}} -> {{Proc, read, undefined, {ok, V}, I, R}, none};
                          {{ok, V}, #{status := stale} = St} -> {none, {Proc, stale_read, {V, St}}};
                          {{error, _} = E, _} -> {{Proc, read, undefined, fail, I, R}, {Proc, failed_read, E}};
