@@ -16,8 +16,8 @@
 %% A read that failed took no effect and is dropped. A write whose outcome
 %% is unknown (a timeout, a crash, a `{retry, _}' answer) may or may not
 %% have taken effect, at any time after its invocation: its return time is
-%% taken as `infinity' whatever is given, and it is optional. Two operations
-%% whose times are equal count as concurrent.
+%% taken as `infinity' whatever is given. Two operations whose times are
+%% equal count as concurrent.
 %%
 %% The search is Wing and Gong's, with Lowe's memoization: depth first, it
 %% linearizes one of the operations that may come next (invoked before the
@@ -26,13 +26,14 @@
 %% explored so that none is explored twice. A configuration is the index of
 %% the first operation (by invocation) not yet linearized, a bit set of the
 %% linearized operations after it (usually a few bits: the concurrency) and
-%% a bit set of the optional writes linearized. Partial order reduction: a
-%% read that may come next and returns the current value is linearized at
-%% once without trying the other orders (moving such a read earlier keeps
-%% any linearization valid). Unknown writes whose value no read returns are
-%% dropped (taking effect could only change the value where nobody looks);
-%% one whose value some read returns, written by no other write and not
-%% `Init', must have taken effect and is no longer optional.
+%% the register's value. Partial order reduction: a read that may come next
+%% and returns the current value is linearized at once without trying the
+%% other orders (moving such a read earlier keeps any linearization valid).
+%% Unknown writes whose value no read returns are dropped (taking effect
+%% could only change the value where nobody looks); the others are
+%% linearized like the rest: one that did not take effect is as well placed
+%% last, after every operation (nothing has to follow it: it never
+%% returned), where it changes no read.
 %%
 %% The work is bounded: past `max_states' explored configurations (option
 %% of `check/3', default 1 000 000) the answer is `{gave_up, Info}'.
@@ -151,37 +152,21 @@ overlaps([{P, _, _, _, _, R} | Rest], N) ->
 
 %%% search ----------------------------------------------------------------------
 
-%% Main operations (all must be linearized) in a tuple sorted by invocation;
-%% optional writes in a tuple of their own.
+%% The operations to linearize in a tuple sorted by invocation.
 search(Init, Reads, Writes, Max, T0) ->
     ReadVals = maps:from_list([{V, true} || #o{v = V} <- Reads]),
-    WriteCount = lists:foldl(fun(#o{v = V}, M) -> maps:update_with(V, fun(N) -> N + 1 end, 1, M) end, #{}, Writes),
-    {Required, Optional} =
-        lists:foldl(
-          fun(#o{res = ok} = W, {Req, Opt}) -> {[W | Req], Opt};
-             (#o{v = V} = W, {Req, Opt}) ->
-                  case maps:is_key(V, ReadVals) of
-                      false -> {Req, Opt};  % never observed: dropped
-                      true when V =/= Init ->
-                          case maps:get(V, WriteCount) of
-                              1 -> {[W | Req], Opt};  % observed and its own: it took effect
-                              _ -> {Req, [W | Opt]}
-                          end;
-                      true -> {Req, [W | Opt]}
-                  end
-          end, {[], []}, Writes),
-    Main = list_to_tuple(sort_ops(Reads ++ Required)),
-    Opt = list_to_tuple(sort_ops(Optional)),
-    St0 = #{main => Main, n => tuple_size(Main), opt => Opt, max => Max, seen => #{}, states => 0,
+    Kept = [W || #o{res = Res, v = V} = W <- Writes, Res =:= ok orelse maps:is_key(V, ReadVals)],
+    Main = list_to_tuple(sort_ops(Reads ++ Kept)),
+    St0 = #{main => Main, n => tuple_size(Main), max => Max, seen => #{}, states => 0,
             deepest => {-1, undefined}},
-    try dfs(0, 0, 0, Init, [], St0) of
+    try dfs(0, 0, Init, [], St0) of
         {true, _} -> ok;
         {false, St} -> {violation, violation_info(St, T0)}
     catch
         throw:{gave_up, St} ->
             {Depth, _} = maps:get(deepest, St),
             {gave_up, #{states => maps:get(states, St), max_states => Max, ops => tuple_size(Main),
-                        optional_writes => tuple_size(Opt), linearized => Depth}}
+                        linearized => Depth}}
     end.
 
 sort_ops(Os) ->
@@ -189,44 +174,36 @@ sort_ops(Os) ->
 
 %% P: every main operation before index P (0-based) is linearized; Bits: bit
 %% K set = main operation P + K linearized (bit 0 is never set: canonical);
-%% OBits: optional write K linearized; S: the register's value.
-dfs(P, _Bits, _OBits, _S, _Path, #{n := N} = St) when P =:= N ->
+%% S: the register's value; Path: the operations linearized, last first.
+dfs(P, _Bits, _S, _Path, #{n := N} = St) when P =:= N ->
     {true, St};
-dfs(P, Bits, OBits, S, Path, #{seen := Seen, states := Count, max := Max} = St0) ->
-    Key = {P, Bits, OBits, S},
+dfs(P, Bits, S, Path, #{seen := Seen, states := Count, max := Max} = St0) ->
+    Key = {P, Bits, S},
     case maps:is_key(Key, Seen) of
         true -> {false, St0};
         false when Count >= Max -> throw({gave_up, St0});
         false ->
             St1 = St0#{seen := Seen#{Key => true}, states := Count + 1},
-            {Cands, MinRet} = candidates(P, Bits, St1),
-            OCands = opt_candidates(OBits, MinRet, St1),
-            St = deepest(S, Path, Cands, OCands, St1),
+            Cands = candidates(P, Bits, St1),
+            St = deepest(S, Path, Cands, St1),
             case [C || {_, #o{f = read, v = V}} = C <- Cands, V =:= S] of
                 [{K, Read} | _] ->
                     %% a read that may come next and sees the current value:
                     %% taking it first is as good as any other order
                     {P2, Bits2} = lin(P, Bits, K),
-                    dfs(P2, Bits2, OBits, S, [Read | Path], St);
+                    dfs(P2, Bits2, S, [Read | Path], St);
                 [] ->
-                    Moves = [{main, K, W} || {K, #o{f = write} = W} <- Cands]
-                        ++ [{opt, K, W} || {K, W} <- OCands],
-                    try_moves(Moves, P, Bits, OBits, Path, St)
+                    try_writes([C || {_, #o{f = write}} = C <- Cands], P, Bits, Path, St)
             end
     end.
 
-try_moves([], _P, _Bits, _OBits, _Path, St) ->
+try_writes([], _P, _Bits, _Path, St) ->
     {false, St};
-try_moves([{main, K, #o{v = V} = W} | Rest], P, Bits, OBits, Path, St0) ->
+try_writes([{K, #o{v = V} = W} | Rest], P, Bits, Path, St0) ->
     {P2, Bits2} = lin(P, Bits, K),
-    case dfs(P2, Bits2, OBits, V, [W | Path], St0) of
+    case dfs(P2, Bits2, V, [W | Path], St0) of
         {true, _} = Found -> Found;
-        {false, St} -> try_moves(Rest, P, Bits, OBits, Path, St)
-    end;
-try_moves([{opt, K, #o{v = V} = W} | Rest], P, Bits, OBits, Path, St0) ->
-    case dfs(P, Bits, OBits bor (1 bsl K), V, [W | Path], St0) of
-        {true, _} = Found -> Found;
-        {false, St} -> try_moves(Rest, P, Bits, OBits, Path, St)
+        {false, St} -> try_writes(Rest, P, Bits, Path, St)
     end.
 
 %% Linearizes main operation P + K and makes the configuration canonical.
@@ -236,50 +213,45 @@ lin(P, Bits, K) ->
 canon(P, Bits) when Bits band 1 =:= 1 -> canon(P + 1, Bits bsr 1);
 canon(P, Bits) -> {P, Bits}.
 
-%% The main operations not linearized that may come next, as {K, Op} (index
-%% P + K), and the earliest return among those not linearized. Scanning in
-%% invocation order stops at the first operation invoked after that return:
-%% every later one is invoked (and returns) later still.
+%% The operations not linearized that may come next (invoked before the
+%% earliest return among those not linearized), as {K, Op} (index P + K).
+%% Scanning in invocation order stops at the first operation invoked after
+%% that return: every later one is invoked (and returns) later still.
 candidates(P, Bits, #{main := Main, n := N}) ->
     scan(P, 0, Bits, N, Main, infinity, []).
 
 scan(J, _K, _Bits, N, _Main, Min, Acc) when J >= N ->
-    {[C || {_, #o{inv = I}} = C <- lists:reverse(Acc), I =< Min], Min};
+    [C || {_, #o{inv = I}} = C <- lists:reverse(Acc), I =< Min];
 scan(J, K, Bits, N, Main, Min, Acc) ->
     #o{inv = I, ret = R} = Op = element(J + 1, Main),
     case I =< Min of
         false ->
-            {[C || {_, #o{inv = CI}} = C <- lists:reverse(Acc), CI =< Min], Min};
+            [C || {_, #o{inv = CI}} = C <- lists:reverse(Acc), CI =< Min];
         true when Bits band (1 bsl K) =/= 0 ->
             scan(J + 1, K + 1, Bits, N, Main, Min, Acc);
         true ->
             scan(J + 1, K + 1, Bits, N, Main, min(Min, R), [{K, Op} | Acc])
     end.
 
-opt_candidates(OBits, MinRet, #{opt := Opt}) ->
-    [{K, O} || K <- lists:seq(0, tuple_size(Opt) - 1), OBits band (1 bsl K) =:= 0,
-               #o{inv = I} = O <- [element(K + 1, Opt)], I =< MinRet].
-
 %% Remembers the configuration with the most operations linearized.
-deepest(S, Path, Cands, OCands, #{deepest := {Best, _}} = St) ->
+deepest(S, Path, Cands, #{deepest := {Best, _}} = St) ->
     Depth = length(Path),
     case Depth > Best of
-        true -> St#{deepest := {Depth, {S, Path, Cands, OCands}}};
+        true -> St#{deepest := {Depth, {S, Path, Cands}}};
         false -> St
     end.
 
 %%% reporting -------------------------------------------------------------------
 
-violation_info(#{deepest := {Depth, {S, Path, Cands, OCands}}, main := Main, opt := Opt,
+violation_info(#{deepest := {Depth, {S, Path, Cands}}, main := Main,
                  states := States}, T0) ->
     Tail = lists:reverse(lists:sublist(Path, 8)),
-    Pending = [Op || {_, Op} <- Cands] ++ [Op || {_, Op} <- OCands],
-    Blocking = case [Op || {_, Op} <- Cands] of
+    Pending = [Op || {_, Op} <- Cands],
+    Blocking = case Pending of
                    [] -> [];
-                   Cs -> [lists:foldl(fun(#o{ret = R} = O, #o{ret = BR}) when R < BR -> O; (_, B) -> B end,
-                                      hd(Cs), tl(Cs))]
+                   [C | Cs] -> [lists:foldl(fun(#o{ret = R} = O, #o{ret = BR}) when R < BR -> O; (_, B) -> B end, C, Cs)]
                end,
-    Writers = [show(W, T0) || #o{f = write, v = V} = W <- tuple_to_list(Main) ++ tuple_to_list(Opt),
+    Writers = [show(W, T0) || #o{f = write, v = V} = W <- tuple_to_list(Main),
                               lists:member(V, [RV || #o{f = read, v = RV} <- Pending])],
     #{reason => not_linearizable,
       linearized => Depth,
