@@ -80,7 +80,6 @@ owner_killed_mid_run_history_is_linearizable(Config) ->
     ok = await_ops(PColl, #{ops => Before + 1500, writes => WBefore + 300}),
     {ok, NewOwner} = peer:call(PColl, dspex_cluster, owner_of, [S]),
     ?assertNotEqual(Owner, NewOwner),
-    #{ops := Mid, writes := WMid} = count(PColl),
     Peers2 = dspex_cluster_SUITE:restart_node(Owner, Peers),
     put(peers, Peers2),
     Nodes = [N || {N, _} <- Peers2],
@@ -91,10 +90,12 @@ owner_killed_mid_run_history_is_linearizable(Config) ->
     Back = os:perf_counter(nanosecond),
     ok = peer:call(peer_of(Owner, Peers2), ?MODULE, clients_start,
                    [peer:call(PColl, erlang, node, []), S, node_index(Owner, Peers2), 2, [any, majority], 2]),
-    ok = await_ops(PColl, #{ops => Mid + 1500, writes => WMid + 300}),
     ok = dspex_cluster_SUITE:wait_until(fun() -> peer:call(PColl, dspex_cluster, owner_of, [S]) =:= {ok, Owner} end,
                                         20000, owner_again),
+    #{ops := AtBack, writes := WAtBack} = count(PColl),
+    ok = await_ops(PColl, #{ops => AtBack + 1500, writes => WAtBack + 300}),
     Ops = stop_clients(PColl),
+    ct:pal("after the restart, per client: ~p", [per_client([Op || Op <- Ops, element(5, Op) > Back])]),
     Sum = check(Config, Ops, #{ops => 4500, writes => 900, procs => 16, writers => 8}),
     ?assert(length([x || {{N, _, _}, write, _, ok, I, _} <- Ops, N =:= Owner, I > Back]) > 0),
     %% operations on both sides of the kill, of the survivors' clients
@@ -258,6 +259,15 @@ check(Config, Ops, #{ops := MinOps, writes := MinWrites, procs := Procs} = Need)
     %% reads on every node saw written values
     ?assertEqual(3, length(lists:usort([Node || {{Node, r, _}, read, _, {ok, V}, _, _} <- Ops, V =/= 0]))),
     Sum.
+
+%% {Proc, operations done, reads of a written value (not the initial 0)}
+per_client(Ops) ->
+    lists:sort(maps:to_list(lists:foldl(fun(Op, M) ->
+                                                 K = element(1, Op),
+                                                 {A, B} = maps:get(K, M, {0, 0}),
+                                                 Seen = case Op of {_, read, _, {ok, V}, _, _} when V =/= 0 -> 1; _ -> 0 end,
+                                                 M#{K => {A + 1, B + Seen}}
+                                         end, #{}, Ops))).
 
 comment(#{ops := N, writes_ok := W, writes_unknown := U, overlaps := Ov}) ->
     io_lib:format("~p ops, ~p writes acknowledged, ~p unknown, ~p overlapping pairs: linearizable", [N, W, U, Ov]).
