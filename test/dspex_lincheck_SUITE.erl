@@ -28,7 +28,8 @@
 -export([all/0, init_per_testcase/2, end_per_testcase/2]).
 -export([steady_state_history_is_linearizable/1, owner_killed_mid_run_history_is_linearizable/1,
          migrations_mid_run_history_is_linearizable/1, reads_of_a_lagging_replica_copy_are_a_violation/1,
-         calls_routed_to_a_node_without_a_view_yet_are_routed_again/1]).
+         calls_routed_to_a_node_without_a_view_yet_are_routed_again/1,
+         replica_killed_mid_run_history_is_linearizable/1]).
 %% run on the peers
 -export([collector_start/0, collector_count/0, collector_stop/1, collector_loop/1,
          clients_start/6, writer_loop/4, reader_loop/4]).
@@ -37,7 +38,7 @@
 
 all() ->
     [steady_state_history_is_linearizable, owner_killed_mid_run_history_is_linearizable,
-     migrations_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation,
+     replica_killed_mid_run_history_is_linearizable, migrations_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation,
      calls_routed_to_a_node_without_a_view_yet_are_routed_again].
 
 init_per_testcase(_, Config) -> Config.
@@ -104,6 +105,26 @@ owner_killed_mid_run_history_is_linearizable(Config) ->
     ?assert(length([x || {{N, _, _}, read, _, {ok, _}, I, _} <- Ops, lists:member(N, Survivors), I > At]) >= 300),
     ?assert(length([x || {{N, _, _}, _, _, _, I, _} <- Ops, N =:= Owner, I < At]) > 0),
     ct:pal("owner ~p killed, new owner ~p, then ~p back", [Owner, NewOwner, Owner]),
+    {comment, comment(Sum)}.
+
+%% The replica's node is killed with kill -9 while every client runs: writes
+%% waiting for it end `{retry, replica_unavailable}', the next ones make the
+%% third node the replica; the owner keeps serving.
+replica_killed_mid_run_history_is_linearizable(Config) ->
+    {Peers, S, Owner} = setup(<<"lin_rkill">>),
+    [{_, PA} | _] = Peers,
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PColl = peer_of(Owner, Peers),
+    start_clients(Peers, S, PColl),
+    ok = await_ops(PColl, #{ops => 1500, writes => 300}),
+    #{ops := Before, writes := WBefore} = count(PColl),
+    At = os:perf_counter(nanosecond),
+    ok = dspex_cluster_SUITE:kill_node(Rep, Peers),
+    ok = await_ops(PColl, #{ops => Before + 1500, writes => WBefore + 300}),
+    Ops = stop_clients(PColl),
+    Sum = check(Config, Ops, #{ops => 3000, writes => 600, procs => 12}),
+    ?assert(length([x || {_, write, _, ok, I, _} <- Ops, I > At]) >= 300),
+    ?assertEqual({ok, Owner}, peer:call(PColl, dspex_cluster, owner_of, [S])),
     {comment, comment(Sum)}.
 
 %% The session migrates to another node, then to the third, while every
