@@ -27,7 +27,7 @@
 
 -export([all/0, init_per_testcase/2, end_per_testcase/2]).
 -export([steady_state_history_is_linearizable/1, owner_killed_mid_run_history_is_linearizable/1,
-         migrations_mid_run_history_is_linearizable/1, reads_of_a_lagging_replica_copy_are_a_violation/1,
+         migrations_and_a_drain_mid_run_history_is_linearizable/1, reads_of_a_lagging_replica_copy_are_a_violation/1,
          calls_routed_to_a_node_without_a_view_yet_are_routed_again/1,
          replica_killed_mid_run_history_is_linearizable/1]).
 %% run on the peers
@@ -38,7 +38,7 @@
 
 all() ->
     [steady_state_history_is_linearizable, owner_killed_mid_run_history_is_linearizable,
-     replica_killed_mid_run_history_is_linearizable, migrations_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation,
+     replica_killed_mid_run_history_is_linearizable, migrations_and_a_drain_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation,
      calls_routed_to_a_node_without_a_view_yet_are_routed_again].
 
 init_per_testcase(_, Config) -> Config.
@@ -127,9 +127,11 @@ replica_killed_mid_run_history_is_linearizable(Config) ->
     ?assertEqual({ok, Owner}, peer:call(PColl, dspex_cluster, owner_of, [S])),
     {comment, comment(Sum)}.
 
-%% The session migrates to another node, then to the third, while every
-%% client runs (a write in flight at a switch may be `{retry, fenced}').
-migrations_mid_run_history_is_linearizable(Config) ->
+%% The session migrates to another node, then to the third, then that node
+%% is drained (the session moves on) and undrained (it comes back, pinned
+%% there, on a client's next access), while every client runs (a write in
+%% flight at a switch may be `{retry, fenced}').
+migrations_and_a_drain_mid_run_history_is_linearizable(Config) ->
     {Peers, S, Owner} = setup(<<"lin_mig">>),
     [T1, T2] = [N || {N, _} <- Peers, N =/= Owner],
     PColl = peer_of(T1, Peers),
@@ -142,10 +144,23 @@ migrations_mid_run_history_is_linearizable(Config) ->
            end,
     #{ops := O1, writes := W1} = Step(T1, #{ops => 1000, writes => 200}),
     #{ops := O2, writes := W2} = Step(T2, #{ops => O1 + 1000, writes => W1 + 200}),
+    %% T2 drained: the session moves on at once; undrained: it comes back
+    %% (pinned there) on its next access, made by a client
     ok = await_ops(PColl, #{ops => O2 + 1000, writes => W2 + 200}),
+    {ok, _} = peer:call(PColl, dspex_cluster, drain, [T2]),
+    ok = peer:call(PColl, dspex_cluster, await_drained, [T2, 20000]),
+    {ok, Drained} = peer:call(PColl, dspex_cluster, owner_of, [S]),
+    ?assertNotEqual(T2, Drained),
+    #{ops := O3, writes := W3} = count(PColl),
+    ok = await_ops(PColl, #{ops => O3 + 1000, writes => W3 + 200}),
+    ok = peer:call(PColl, dspex_cluster, undrain, [T2]),
+    #{ops := O4, writes := W4} = count(PColl),
+    ok = await_ops(PColl, #{ops => O4 + 1000, writes => W4 + 200}),
+    ?assertEqual([T2], lists:usort([N || {_, P} <- Peers, {ok, N} <- [peer:call(P, dspex_cluster, owner_of, [S])]])),
+    ?assert(lists:member(S, peer:call(peer_of(T2, Peers), dspex_cluster, owned_sessions, []))),
     Ops = stop_clients(PColl),
-    Sum = check(Config, Ops, #{ops => 3000, writes => 600, procs => 12}),
-    ct:pal("migrated ~p -> ~p -> ~p", [Owner, T1, T2]),
+    Sum = check(Config, Ops, #{ops => 5000, writes => 1000, procs => 12}),
+    ct:pal("migrated ~p -> ~p -> ~p, drained to ~p, back to ~p", [Owner, T1, T2, Drained, T2]),
     {comment, comment(Sum)}.
 
 %% The harness can fail: with async replication and the replica's pool
