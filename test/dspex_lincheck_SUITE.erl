@@ -36,13 +36,16 @@
 
 -define(COLLECTOR, dspex_lincheck_collector).
 
+-spec all() -> [atom()].
 all() ->
     [steady_state_history_is_linearizable, owner_killed_mid_run_history_is_linearizable,
      replica_killed_mid_run_history_is_linearizable, migrations_and_a_drain_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation,
      calls_routed_to_a_node_without_a_view_yet_are_routed_again].
 
+-spec init_per_testcase(atom(), list()) -> list().
 init_per_testcase(_, Config) -> Config.
 
+-spec end_per_testcase(atom(), list()) -> ok.
 end_per_testcase(_, _Config) ->
     case get(peers) of
         undefined -> ok;
@@ -53,6 +56,7 @@ end_per_testcase(_, _Config) ->
 %%% tests -----------------------------------------------------------------------
 
 %% Nothing happens to the cluster: 12 clients on 3 nodes.
+-spec steady_state_history_is_linearizable(list()) -> {comment, iolist()}.
 steady_state_history_is_linearizable(Config) ->
     {Peers, S, Owner} = setup(<<"lin_steady">>),
     PColl = peer_of(other_than(Owner, Peers), Peers),
@@ -68,6 +72,7 @@ steady_state_history_is_linearizable(Config) ->
 %% session's owner again (same name, same rendezvous order), resyncs and
 %% takes the session back, while the clients run, with two new writers and
 %% two new readers on it.
+-spec owner_killed_mid_run_history_is_linearizable(list()) -> {comment, iolist()}.
 owner_killed_mid_run_history_is_linearizable(Config) ->
     {Peers, S, Owner} = setup(<<"lin_kill">>),
     Survivor = other_than(Owner, Peers),
@@ -110,6 +115,7 @@ owner_killed_mid_run_history_is_linearizable(Config) ->
 %% The replica's node is killed with kill -9 while every client runs: writes
 %% waiting for it end `{retry, replica_unavailable}', the next ones make the
 %% third node the replica; the owner keeps serving.
+-spec replica_killed_mid_run_history_is_linearizable(list()) -> {comment, iolist()}.
 replica_killed_mid_run_history_is_linearizable(Config) ->
     {Peers, S, Owner} = setup(<<"lin_rkill">>),
     [{_, PA} | _] = Peers,
@@ -131,6 +137,7 @@ replica_killed_mid_run_history_is_linearizable(Config) ->
 %% is drained (the session moves on) and undrained (it comes back, pinned
 %% there, on a client's next access), while every client runs (a write in
 %% flight at a switch may be `{retry, fenced}').
+-spec migrations_and_a_drain_mid_run_history_is_linearizable(list()) -> {comment, iolist()}.
 migrations_and_a_drain_mid_run_history_is_linearizable(Config) ->
     {Peers, S, Owner} = setup(<<"lin_mig">>),
     [T1, T2] = [N || {N, _} <- Peers, N =/= Owner],
@@ -168,6 +175,7 @@ migrations_and_a_drain_mid_run_history_is_linearizable(Config) ->
 %% that read the local copy (`dspex_cluster:local_apply/2', not routed to
 %% the owner) return 0 after writes were acknowledged. The checker must
 %% find it and point at such a read.
+-spec reads_of_a_lagging_replica_copy_are_a_violation(list()) -> ok.
 reads_of_a_lagging_replica_copy_are_a_violation(_Config) ->
     Peers = dspex_cluster_SUITE:start_cluster("lin", #{replicas => 1, replication => async}),
     put(peers, Peers),
@@ -204,6 +212,7 @@ reads_of_a_lagging_replica_copy_are_a_violation(_Config) ->
 %% starts: a read and a watch from the third node are routed again
 %% (`[dspex, cluster, route, retry]' with reason `starting') and succeed once
 %% the view is there.
+-spec calls_routed_to_a_node_without_a_view_yet_are_routed_again(list()) -> ok.
 calls_routed_to_a_node_without_a_view_yet_are_routed_again(_Config) ->
     {Peers, S, Owner} = setup(<<"lin_start">>),
     [{_, PA} | _] = Peers,
@@ -310,12 +319,14 @@ comment(#{ops := N, writes_ok := W, writes_unknown := U, overlaps := Ov}) ->
 
 %%% the collector, on a peer ------------------------------------------------------
 
+-spec collector_start() -> ok.
 collector_start() ->
     Pid = spawn(?MODULE, collector_loop, [#{clients => #{}, pending => #{}, ops => [], notes => [],
                                             count => 0, writes => 0}]),
     register(?COLLECTOR, Pid),
     ok.
 
+-spec collector_count() -> #{ops := non_neg_integer(), writes := non_neg_integer()}.
 collector_count() ->
     ?COLLECTOR ! {count, self()},
     receive {?COLLECTOR, C} -> C after 30000 -> exit(collector_not_answering) end.
@@ -323,10 +334,12 @@ collector_count() ->
 %% Stops every client (each ends its operation first), waits for them (or
 %% their death), and returns {Ops, Notes}: a write still pending (its node
 %% died) is unknown, a read still pending is dropped.
+-spec collector_stop(non_neg_integer()) -> {[dspex_lincheck:op()], [tuple()]}.
 collector_stop(Timeout) ->
     ?COLLECTOR ! {stop, self(), Timeout},
     receive {?COLLECTOR, R} -> R after Timeout + 5000 -> exit(collector_not_answering) end.
 
+-spec collector_loop(map()) -> term().
 collector_loop(#{clients := Cs, pending := Pend, ops := Ops, notes := Notes, count := N, writes := W} = St) ->
     receive
         {hello, Pid, Proc} ->
@@ -395,6 +408,7 @@ collect_rest(Live, Deadline, #{pending := Pend, ops := Ops, notes := Notes} = St
 %% a reader per read mode given (`any', `majority', or `local': the node's
 %% own copy, not routed). K counts from Base + 1 (clients started again on
 %% a restarted node take new names and values).
+-spec clients_start(node(), binary(), pos_integer(), non_neg_integer(), [any | majority | local], non_neg_integer()) -> ok.
 clients_start(CollNode, S, NodeIdx, Writers, ReadModes, Base) ->
     Coll = {?COLLECTOR, CollNode},
     [spawn(?MODULE, writer_loop, [Coll, S, {node(), w, K}, NodeIdx * 100000000 + K * 10000000 + 1])
@@ -403,6 +417,7 @@ clients_start(CollNode, S, NodeIdx, Writers, ReadModes, Base) ->
      || {K, Mode} <- lists:zip(lists:seq(Base + 1, Base + length(ReadModes)), ReadModes)],
     ok.
 
+-spec writer_loop({atom(), node()}, binary(), tuple(), integer()) -> term().
 writer_loop(Coll, S, Proc, V) ->
     Coll ! {hello, self(), Proc},
     writer_loop(Coll, S, Proc, V, go).
@@ -426,6 +441,7 @@ writer_loop(Coll, S, Proc, V, go) ->
         writer_loop(Coll, S, Proc, V + 1, go)
     end.
 
+-spec reader_loop({atom(), node()}, binary(), tuple(), any | majority | local) -> term().
 reader_loop(Coll, S, Proc, Mode) ->
     _ = Mode =/= local andalso dspex_cluster:read_mode(Mode),
     Coll ! {hello, self(), Proc},

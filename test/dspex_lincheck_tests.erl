@@ -160,6 +160,7 @@ agrees_with_brute_force_test_() ->
 %% twice, equal to the initial value), unknown writes and failed reads: the
 %% answer (ok or not) is the one found by trying every order of every
 %% subset of the unknown writes.
+-spec prop_agrees_with_brute_force() -> proper:test().
 prop_agrees_with_brute_force() ->
     Op = ?BIND({P, I, D}, {choose(1, 4), choose(0, 60), choose(0, 40)},
                frequency([{4, {P, read, undefined, {ok, choose(0, 3)}, I, I + D}},
@@ -212,6 +213,7 @@ steps() ->
                frequency([{5, read}, {4, write}, {1, write_unknown}, {1, write_lost}, {1, read_fail}]),
                choose(0, 350), choose(0, 350)})).
 
+-spec prop_linearizable_histories_pass() -> proper:test().
 prop_linearizable_histories_pass() ->
     ?FORALL(Steps, steps(),
             begin
@@ -222,6 +224,7 @@ prop_linearizable_histories_pass() ->
 
 %% One read corrupted, either to a value no write holds or to the value of
 %% a write that a later write overwrote before the read was invoked.
+-spec prop_corrupted_read_is_found() -> proper:test().
 prop_corrupted_read_is_found() ->
     ?FORALL({Steps, Pick, Kind}, {steps(), choose(0, 1000), oneof([never_written, stale])},
             begin
