@@ -29,7 +29,8 @@
 -export([steady_state_history_is_linearizable/1, owner_killed_mid_run_history_is_linearizable/1,
          migrations_and_a_drain_mid_run_history_is_linearizable/1, reads_of_a_lagging_replica_copy_are_a_violation/1,
          calls_routed_to_a_node_without_a_view_yet_are_routed_again/1,
-         replica_killed_mid_run_history_is_linearizable/1]).
+         replica_killed_mid_run_history_is_linearizable/1,
+         owner_partitioned_away_mid_run_history_is_linearizable/1]).
 %% run on the peers
 -export([collector_start/0, collector_count/0, collector_stop/1, collector_loop/1,
          clients_start/6, writer_loop/4, reader_loop/4]).
@@ -39,7 +40,8 @@
 -spec all() -> [atom()].
 all() ->
     [steady_state_history_is_linearizable, owner_killed_mid_run_history_is_linearizable,
-     replica_killed_mid_run_history_is_linearizable, migrations_and_a_drain_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation,
+     replica_killed_mid_run_history_is_linearizable, migrations_and_a_drain_mid_run_history_is_linearizable,
+     owner_partitioned_away_mid_run_history_is_linearizable, reads_of_a_lagging_replica_copy_are_a_violation,
      calls_routed_to_a_node_without_a_view_yet_are_routed_again].
 
 -spec init_per_testcase(atom(), list()) -> list().
@@ -170,6 +172,55 @@ migrations_and_a_drain_mid_run_history_is_linearizable(Config) ->
     ct:pal("migrated ~p -> ~p -> ~p, drained to ~p, back to ~p", [Owner, T1, T2, Drained, T2]),
     {comment, comment(Sum)}.
 
+%% The owner's node is cut off from the two others (a cookie change, as in
+%% the cluster suite) while every client runs, then the partition heals.
+%% No node dies, so each node records its own clients (a collector per
+%% node: the cut-off node's clients go on recording), and the three
+%% histories are merged. During the partition the majority takes the
+%% session over; the cut-off node refuses writes (`no_quorum': nothing
+%% written) and serves reads marked stale (left out) or refuses them in
+%% `majority' mode; after the heal the node owns the session again.
+-spec owner_partitioned_away_mid_run_history_is_linearizable(list()) -> {comment, iolist()}.
+owner_partitioned_away_mid_run_history_is_linearizable(Config) ->
+    {Peers, S, Owner} = setup(<<"lin_part">>),
+    Others = [X || {N, _} = X <- Peers, N =/= Owner],
+    Ordered = Others ++ [{Owner, peer_of(Owner, Peers)}],  % partition_third/1 cuts off the third
+    Colls = [P || {_, P} <- Peers],
+    [begin
+         ok = peer:call(P, ?MODULE, collector_start, []),
+         ok = peer:call(P, ?MODULE, clients_start, [N, S, node_index(N, Peers), 2, [any, majority], 0])
+     end || {N, P} <- Peers],
+    ok = await_ops(Colls, #{ops => 1000, writes => 200}),
+    ok = dspex_cluster_SUITE:partition_third(Ordered),
+    Cut = os:perf_counter(nanosecond),
+    #{ops := O1, writes := W1} = count(Colls),
+    ok = await_ops(Colls, #{ops => O1 + 1000, writes => W1 + 200}),
+    {ok, During} = peer:call(element(2, hd(Others)), dspex_cluster, owner_of, [S]),
+    ?assertNotEqual(Owner, During),
+    ok = dspex_cluster_SUITE:restore_cookies(Ordered),
+    Nodes = [N || {N, _} <- Peers],
+    ok = dspex_cluster_SUITE:wait_until(
+           fun() -> lists:all(fun({_, P}) -> maps:get(live, peer:call(P, dspex_cluster, cluster_status, [])) =:= Nodes
+                              end, Peers) end, 20000, healed),
+    Healed = os:perf_counter(nanosecond),
+    ok = dspex_cluster_SUITE:wait_until(fun() -> lists:all(fun({_, P}) -> peer:call(P, dspex_cluster, owner_of, [S])
+                                                                           =:= {ok, Owner} end, Peers) end,
+                                        20000, owner_again),
+    #{ops := O2, writes := W2} = count(Colls),
+    ok = await_ops(Colls, #{ops => O2 + 1000, writes => W2 + 200}),
+    {Ops, Notes} = stop_collectors(Colls),
+    Sum = check(Config, Ops, #{ops => 3000, writes => 600, procs => 12}),
+    %% the cut-off node's clients ran during the partition: writes refused,
+    %% reads stale or refused; the majority's wrote
+    ?assert(lists:any(fun({{N, w, _}, nothing_written, no_quorum}) -> N =:= Owner; (_) -> false end, Notes)),
+    ?assert(length([x || {{N, _, _}, write, _, ok, I, R} <- Ops, N =/= Owner, I > Cut, R < Healed]) >= 200),
+    %% for the log: the reads served marked stale, if they counted
+    Stale = [Op || {_, stale_read, _, Op} <- Notes],
+    WithStale = dspex_lincheck:check(0, Ops ++ Stale),
+    ct:pal("owner ~p cut off, ~p owned the session meanwhile; ~p reads served marked stale (left out); "
+           "with them the history would be ~P", [Owner, During, length(Stale), WithStale, 30]),
+    {comment, comment(Sum)}.
+
 %% The harness can fail: with async replication and the replica's pool
 %% process suspended (its copy frozen at 0), readers on the replica node
 %% that read the local copy (`dspex_cluster:local_apply/2', not routed to
@@ -263,6 +314,11 @@ start_clients(Peers, S, PColl, ReadModes) ->
 node_index(Node, Peers) ->
     length(lists:takewhile(fun({N, _}) -> N =/= Node end, Peers)) + 1.
 
+%% The counts of one collector, or the sum of several.
+count(Colls) when is_list(Colls) ->
+    lists:foldl(fun(P, #{ops := O, writes := W}) -> #{ops := O1, writes := W1} = count(P),
+                                                    #{ops => O + O1, writes => W + W1} end,
+                #{ops => 0, writes => 0}, Colls);
 count(PColl) -> peer:call(PColl, ?MODULE, collector_count, []).
 
 %% Bounded polling of the collector's counts (operations returned, writes
@@ -272,10 +328,18 @@ await_ops(PColl, #{ops := N, writes := W}) ->
                                    60000, {ops, N, writes, W}).
 
 stop_clients(PColl) ->
-    {Ops, Notes} = peer:call(PColl, ?MODULE, collector_stop, [60000], 70000),
+    {Ops, _} = stop_collectors([PColl]),
+    Ops.
+
+%% Stops the clients of every collector given: their histories merged, and
+%% the notes (outcomes left out or unknown); none unexpected.
+stop_collectors(Colls) ->
+    Stopped = [peer:call(P, ?MODULE, collector_stop, [60000], 70000) || P <- Colls],
+    Ops = lists:append([O || {O, _} <- Stopped]),
+    Notes = lists:append([N || {_, N} <- Stopped]),
     ct:pal("client notes (outcomes left out of the history or taken as unknown): ~p", [Notes]),
     ?assertEqual([], [N || {_, unexpected, _} = N <- Notes]),
-    Ops.
+    {Ops, Notes}.
 
 %% Checks the history and that it is not trivial: at least `ops' operations
 %% and `writes' acknowledged writes, every client took part, operations of
@@ -420,12 +484,14 @@ clients_start(CollNode, S, NodeIdx, Writers, ReadModes, Base) ->
 -spec writer_loop({atom(), node()}, binary(), tuple(), integer()) -> term().
 writer_loop(Coll, S, Proc, V) ->
     Coll ! {hello, self(), Proc},
-    writer_loop(Coll, S, Proc, V, go).
+    writer_loop(Coll, S, Proc, V, 0).
 
-writer_loop(Coll, S, Proc, V, go) ->
+%% (a write refused at once, `no_quorum' on a cut-off node, is followed by
+%% a pause of 1 ms rather than thousands of refusals)
+writer_loop(Coll, S, Proc, V, Pause) ->
     receive
         stop -> Coll ! {done, self()}
-    after 0 ->
+    after Pause ->
         invoke(Coll, write, V),
         I = os:perf_counter(nanosecond),
         Res = (catch dspex_store:set(S, x, V)),
@@ -438,7 +504,7 @@ writer_loop(Coll, S, Proc, V, go) ->
                          Other -> {{Proc, write, V, unknown, I, infinity}, {Proc, unexpected, Other}}
                      end,
         Coll ! {return, self(), Op, Note},
-        writer_loop(Coll, S, Proc, V + 1, go)
+        writer_loop(Coll, S, Proc, V + 1, case Op of none -> 1; _ -> 0 end)
     end.
 
 -spec reader_loop({atom(), node()}, binary(), tuple(), any | majority | local) -> term().
@@ -466,7 +532,8 @@ reader_loop(Coll, S, Proc, Mode, go) ->
                  end,
         {Op, Note} = case {Res, Status} of
                          {{ok, V}, #{status := current}} -> {{Proc, read, undefined, {ok, V}, I, R}, none};
-                         {{ok, V}, #{status := stale} = St} -> {none, {Proc, stale_read, {V, St}}};
+                         {{ok, V}, #{status := stale} = St} ->
+                             {none, {Proc, stale_read, St, {Proc, read, undefined, {ok, V}, I, R}}};
                          {{error, _} = E, _} -> {{Proc, read, undefined, fail, I, R}, {Proc, failed_read, E}};
                          {Other, _} -> {{Proc, read, undefined, fail, I, R}, {Proc, unexpected, Other}}
                      end,
