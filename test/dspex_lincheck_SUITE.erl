@@ -6,12 +6,16 @@
 %% default read mode `any', one in `majority'), all on the same variable;
 %% every operation's invocation and return is recorded with
 %% `os:perf_counter(nanosecond)' (CLOCK_MONOTONIC, one clock for the
-%% machine), then the history is checked: in a steady state, with the
-%% owner's node killed (kill -9) mid-run, and with the session migrated
-%% twice mid-run.
+%% machine), then the history is checked: in a steady state; with the
+%% owner's node killed (kill -9) mid-run, then started again; with the
+%% replica's node killed; with the session migrated twice, then drained
+%% and undrained; with the owner's node partitioned away, then healed. A
+%% negative control (reads of a lagging replica copy) shows the harness
+%% finds a violation, and one case is the regression test of the bug the
+%% restart found (calls routed to a node that has no view yet).
 %%
 %% Recording: a collector process on a node that is not killed holds the
-%% history. A client announces each operation to it and waits for its
+%% history (in the partition case, one per node, merged at the end). A client announces each operation to it and waits for its
 %% answer before invoking it, so an operation of a node that dies is known
 %% (a write then counts as unknown, a read as failed). Outcomes, by the
 %% README's table of errors: `{ok, _}' is done; a write's `{error, {retry,
