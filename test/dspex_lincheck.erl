@@ -43,10 +43,11 @@
 %% and not `Init' holds, found before any search; else `not_linearizable'),
 %% the longest partial linearization the search found (`linearized': how
 %% many operations, `tail': its last 8 operations in linearization order,
-%% `value': the register value after them), `blocking': the operation that had to come next (the
-%% earliest to return among those not linearized) and `candidates': every
-%% operation that could have come next with the value the register held,
-%% none of which fits. Operations are shown as maps (`proc', `op', `value',
+%% `value': the register value after them), `blocking': the operation that
+%% had to come next (the earliest to return among those not linearized),
+%% `candidates': every operation that could have come next with the value
+%% the register held, none of which fits, and `writes_of_values_read': the
+%% writes of the values those reads returned. Operations are shown as maps (`proc', `op', `value',
 %% `result', `invoke', `return', and `t0'-relative `at' = {Invoke, Return}
 %% in microseconds for reading).
 -module(dspex_lincheck).
@@ -146,8 +147,8 @@ overlaps(Ops) ->
 
 overlaps([], N) -> N;
 overlaps([{P, _, _, _, _, R} | Rest], N) ->
-    Ret = case R of infinity -> infinity; _ -> R end,
-    Concurrent = lists:takewhile(fun(Op) -> element(5, Op) =< Ret end, Rest),
+    %% (R may be `infinity', above every integer)
+    Concurrent = lists:takewhile(fun(Op) -> element(5, Op) =< R end, Rest),
     overlaps(Rest, N + length([x || Op <- Concurrent, element(1, Op) =/= P])).
 
 %%% search ----------------------------------------------------------------------
@@ -159,7 +160,7 @@ search(Init, Reads, Writes, Max, T0) ->
     Main = list_to_tuple(sort_ops(Reads ++ Kept)),
     St0 = #{main => Main, n => tuple_size(Main), max => Max, seen => #{}, states => 0,
             deepest => {-1, undefined}},
-    try dfs(0, 0, Init, [], St0) of
+    try dfs(0, 0, Init, {0, []}, St0) of
         {true, _} -> ok;
         {false, St} -> {violation, violation_info(St, T0)}
     catch
@@ -174,7 +175,8 @@ sort_ops(Os) ->
 
 %% P: every main operation before index P (0-based) is linearized; Bits: bit
 %% K set = main operation P + K linearized (bit 0 is never set: canonical);
-%% S: the register's value; Path: the operations linearized, last first.
+%% S: the register's value; Path: {how many, the operations linearized,
+%% last first}.
 dfs(P, _Bits, _S, _Path, #{n := N} = St) when P =:= N ->
     {true, St};
 dfs(P, Bits, S, Path, #{seen := Seen, states := Count, max := Max} = St0) ->
@@ -191,7 +193,7 @@ dfs(P, Bits, S, Path, #{seen := Seen, states := Count, max := Max} = St0) ->
                     %% a read that may come next and sees the current value:
                     %% taking it first is as good as any other order
                     {P2, Bits2} = lin(P, Bits, K),
-                    dfs(P2, Bits2, S, [Read | Path], St);
+                    dfs(P2, Bits2, S, push(Read, Path), St);
                 [] ->
                     try_writes([C || {_, #o{f = write}} = C <- Cands], P, Bits, Path, St)
             end
@@ -201,10 +203,12 @@ try_writes([], _P, _Bits, _Path, St) ->
     {false, St};
 try_writes([{K, #o{v = V} = W} | Rest], P, Bits, Path, St0) ->
     {P2, Bits2} = lin(P, Bits, K),
-    case dfs(P2, Bits2, V, [W | Path], St0) of
+    case dfs(P2, Bits2, V, push(W, Path), St0) of
         {true, _} = Found -> Found;
         {false, St} -> try_writes(Rest, P, Bits, Path, St)
     end.
+
+push(Op, {D, Ops}) -> {D + 1, [Op | Ops]}.
 
 %% Linearizes main operation P + K and makes the configuration canonical.
 lin(P, Bits, K) ->
@@ -234,10 +238,9 @@ scan(J, K, Bits, N, Main, Min, Acc) ->
     end.
 
 %% Remembers the configuration with the most operations linearized.
-deepest(S, Path, Cands, #{deepest := {Best, _}} = St) ->
-    Depth = length(Path),
+deepest(S, {Depth, Ops}, Cands, #{deepest := {Best, _}} = St) ->
     case Depth > Best of
-        true -> St#{deepest := {Depth, {S, Path, Cands}}};
+        true -> St#{deepest := {Depth, {S, Ops, Cands}}};
         false -> St
     end.
 
