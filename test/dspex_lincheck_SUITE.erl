@@ -269,7 +269,9 @@ reads_of_a_lagging_replica_copy_are_a_violation(_Config) ->
 %% the view is there.
 -spec calls_routed_to_a_node_without_a_view_yet_are_routed_again(list()) -> ok.
 calls_routed_to_a_node_without_a_view_yet_are_routed_again(_Config) ->
-    {Peers, S, Owner} = setup(<<"lin_start">>),
+    %% (the calls retry until the view is back: however loaded the machine,
+    %% well within this deadline)
+    {Peers, S, Owner} = setup(<<"lin_start">>, #{route_deadline_ms => 60000}),
     [{_, PA} | _] = Peers,
     {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
     [{_, PT}] = [X || {N, _} = X <- Peers, N =/= Owner, N =/= Rep],
@@ -290,9 +292,11 @@ calls_routed_to_a_node_without_a_view_yet_are_routed_again(_Config) ->
 
 %%% helpers -----------------------------------------------------------------------
 
-%% Three peers lin_a, lin_b, lin_c (sync, R = 1), session S with x = 0.
-setup(S) ->
-    Peers = dspex_cluster_SUITE:start_cluster("lin", #{replicas => 1, replication => sync}),
+%% Three peers lin_a, lin_b, lin_c (sync, R = 1, and Conf), session S with x = 0.
+setup(S) -> setup(S, #{}).
+
+setup(S, Conf) ->
+    Peers = dspex_cluster_SUITE:start_cluster("lin", maps:merge(#{replicas => 1, replication => sync}, Conf)),
     put(peers, Peers),
     [{_, PA} | _] = Peers,
     {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
