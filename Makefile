@@ -147,9 +147,10 @@ test-workers:
 	$(BOUND) /usr/bin/python3 -m unittest discover -s test/python_workers -p 'test_*.py'
 
 # The cluster suites alone (three peer nodes each; the etcd suite starts its own
-# etcd on loopback). `make test' runs them within test-erlang (rebar3 ct).
+# etcd on loopback; the linearizability suite records and checks histories).
+# `make test' runs them within test-erlang (rebar3 ct).
 test-cluster: deps-test deps-cluster compile
-	$(REBAR3) ct --suite test/dspex_cluster_SUITE,test/dspex_cluster_etcd_SUITE
+	$(REBAR3) ct --suite test/dspex_cluster_SUITE,test/dspex_cluster_etcd_SUITE,test/dspex_lincheck_SUITE
 
 test-elixir: compile
 	cd $(ELIXIR_APP) && MIX_REBAR3=$(REBAR3) MIX_ENV=test mix test

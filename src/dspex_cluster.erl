@@ -135,16 +135,22 @@ local_apply(M, Op, Args) ->
 %% view changed since its epoch began) and `Status' what it was served from
 %% (`last_read/0'); `{dspex_cluster_redirect, Node}' when this node's view
 %% names another owner; `{dspex_cluster_retry, Why}' (`majority' only: the
-%% copy could not be settled yet); `{dspex_cluster_refused, Error}'
+%% copy could not be settled yet; in any mode `starting': this node's
+%% membership server has not published a view yet, while the node starts
+%% and other nodes may already see it live); `{dspex_cluster_refused, Error}'
 %% (`majority' only: no quorum here).
 -spec owner_read(binary(), op(), list(), read_mode()) ->
           {dspex_cluster_read, read_status(), term()} | {dspex_cluster_redirect, node()}
           | {dspex_cluster_retry, term()} | {dspex_cluster_refused, term()}.
 owner_read(S, Op, Args, Mode) when is_atom(Op) -> owner_read(S, {dspex_store, Op}, Args, Mode);
 owner_read(S, {M, F}, Args, Mode) ->
-    case read_here(S, dspex_cluster_members:view(), Mode) of
-        {serve, Status} -> {dspex_cluster_read, Status, local_apply(M, F, Args)};
-        Other -> Other
+    case dspex_cluster_members:published_view() of
+        undefined -> {dspex_cluster_retry, starting};   % nothing read: the caller routes again
+        V ->
+            case read_here(S, V, Mode) of
+                {serve, Status} -> {dspex_cluster_read, Status, local_apply(M, F, Args)};
+                Other -> Other
+            end
     end.
 
 %% Whether this node may serve a read of `S' under view `V', and from what.
@@ -167,12 +173,18 @@ stale_or_refuse(S, any, Why, _) ->
     {serve, #{status => stale, node => node(), epoch => element(2, dspex_cluster_replica:row(S)), reason => Why}}.
 
 %% @doc An owner call sent by another node: `{dspex_cluster_redirect, Node}'
-%% when this node's view names another owner, else `{dspex_cluster_done,
-%% Result}' of `M:F(Args)' run here with routing on.
+%% when this node's view names another owner, `{dspex_cluster_retry,
+%% starting}' (nothing run) while this node has no view yet, else
+%% `{dspex_cluster_done, Result}' of `M:F(Args)' run here with routing on.
 -spec owner_call(binary(), module(), atom(), list()) ->
-          {dspex_cluster_redirect, node()} | {dspex_cluster_done, term()}.
+          {dspex_cluster_redirect, node()} | {dspex_cluster_retry, starting} | {dspex_cluster_done, term()}.
 owner_call(S, M, F, Args) ->
-    V = dspex_cluster_members:view(),
+    case dspex_cluster_members:published_view() of
+        undefined -> {dspex_cluster_retry, starting};
+        V -> owner_call(S, M, F, Args, V)
+    end.
+
+owner_call(S, M, F, Args, V) ->
     case owner(S, V) of
         none -> {dspex_cluster_done, erlang:apply(M, F, Args)};
         Me when Me =:= node() ->
@@ -403,6 +415,7 @@ call(S, {M, F} = Op, Args, Local, Deadline, Target0) ->
                 true ->
                     try erpc:call(Owner, ?MODULE, owner_call, [S, M, F, Args], ?CALL_TIMEOUT) of
                         {dspex_cluster_redirect, Next} -> again(S, Op, Args, Deadline, Next, redirect, Retry);
+                        {dspex_cluster_retry, Why} -> again(S, Op, Args, Deadline, undefined, Why, Retry);
                         {dspex_cluster_done, Result} -> Result
                     catch
                         error:{exception, Reason, _} -> erlang:error(Reason);   % the caller's badarg
