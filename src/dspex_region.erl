@@ -190,10 +190,10 @@ healthy(R) ->
     end.
 
 %% @doc Drops the recorded decision of `Session' (its next route_session/2 decides afresh).
--spec forget_session(binary()) -> ok.
+-spec forget_session(binary()) -> ok | {error, not_running}.
 forget_session(Session) ->
-    try ets:delete(?SESSIONS, Session), ok
-    catch error:badarg -> ok
+    try gen_server:call(?MODULE, {forget, Session})
+    catch exit:{noproc, _} -> {error, not_running}
     end.
 
 %% @doc This region, every peer region with its link status and the RTT
@@ -312,6 +312,9 @@ handle_call({route, Session, Opts}, _From, C) ->
                                       reason => case Why of none -> new; unhealthy -> failover end}),
             {reply, D, C}
     end;
+handle_call({forget, Session}, _From, C) ->
+    ets:delete(?SESSIONS, Session),
+    {reply, ok, C};
 handle_call(_, _From, C) -> {reply, {error, unknown_call}, C}.
 
 %% @private
