@@ -22,7 +22,7 @@
 %%   probe_ms => 1000,                         % one RTT probe per link per period
 %%   window => 64,                             % samples for p50/p99
 %%   ewma_alpha => 0.2,
-%%   down_after_ms => 3 * probe_ms,            % a probe unanswered this long: link down
+%%   down_after_ms => max(1000, 3 * probe_ms), % a probe unanswered this long: link down
 %%   backoff_min_ms => 100, backoff_max_ms => 5000}
 %% '''
 %%
@@ -92,7 +92,7 @@ normalise(C) ->
                 A when is_number(A), A > 0, A =< 1 -> A;
                 _ -> throw(ewma_alpha)
             end,
-    Down = pos_int(maps:get(down_after_ms, C, 3 * Probe), down_after_ms),
+    Down = pos_int(maps:get(down_after_ms, C, max(1000, 3 * Probe)), down_after_ms),
     BMin = pos_int(maps:get(backoff_min_ms, C, 100), backoff_min_ms),
     BMax = pos_int(maps:get(backoff_max_ms, C, 5000), backoff_max_ms),
     BMax >= BMin orelse throw(backoff_max_ms),
