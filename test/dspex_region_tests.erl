@@ -36,6 +36,8 @@ config_test_() ->
      ?_assertEqual({error, {invalid_argument, {coords, bad_coords}}}, Err(B#{coords => {91, 0}})),
      ?_assertEqual({error, {invalid_argument, {weights, <<"us">>}}}, Err(B#{weights => #{<<"us">> => 0}})),
      ?_assertEqual({error, {invalid_argument, probe_ms}}, Err(B#{probe_ms => 0})),
+     %% fast probes still give a slow link a second before it is called down
+     ?_assertMatch(#{down_after_ms := 1000}, Err(B#{probe_ms => 10})),
      ?_assertEqual({error, {invalid_argument, region}}, Err(not_a_map)),
      %% the supervisor refuses to start, saying why
      ?_assertMatch({error, {shutdown, {failed_to_start_child, dspex_region, {invalid_argument, {listen, not_loopback}}}}},
@@ -113,3 +115,33 @@ routing_without_peers_test() ->
         ?assertMatch(#{region := <<"eu">>, sessions := 1, peers := #{}}, dspex_region:topology())
     end),
     ?assertEqual({error, not_running}, dspex_region:topology()).
+
+%% a peer whose gateway refuses connections: its link is down, says why, and retries
+unreachable_peer_test() ->
+    process_flag(trap_exit, true),
+    {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}]),
+    {ok, Port} = inet:port(L),
+    ok = gen_tcp:close(L),
+    C = with_env((base())#{peers => [#{name => <<"us">>, gateway => {{127, 0, 0, 1}, Port}, coords => {40.0, -75.0}}],
+                           backoff_min_ms => 10, backoff_max_ms => 40}, fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C),
+    {ok, G} = dspex_region_gateway:start_link(C),
+    [P] = maps:get(peers, C),
+    {ok, Link} = dspex_region_link:start_link(P, C),
+    try
+        Wait = fun W(0) -> timeout;
+                   W(N) -> case maps:get(<<"us">>, maps:get(peers, dspex_region:topology())) of
+                               #{status := down, last_error := {connect, econnrefused}} = T -> T;
+                               _ -> receive after 10 -> W(N - 1) end
+                           end
+               end,
+        ?assertMatch(#{status := down, rtt := #{samples := 0}}, Wait(500)),
+        %% the session goes to the only healthy region, this one
+        ?assertMatch(#{primary_region := <<"eu">>, backup_regions := []},
+                     dspex_region:route_session(<<"s">>, #{client_location => {40.0, -75.0}})),
+        ?assertEqual(<<"dspex_region_link_up{region=\"eu\",peer=\"us\"} 0">>,
+                     hd([Line || Line <- binary:split(iolist_to_binary(dspex_region:prometheus()), <<"\n">>, [global]),
+                                 binary:match(Line, <<"dspex_region_link_up{">>) =/= nomatch]))
+    after
+        [begin exit(X, shutdown), receive {'EXIT', X, _} -> ok after 5000 -> ok end end || X <- [Link, G, R]]
+    end.
