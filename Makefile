@@ -15,7 +15,7 @@ APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc
                  clang libclang-rt-14-dev
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir erlang-dialyzer postgresql \
-             python3-statsmodels python3-scipy
+             python3-statsmodels python3-scipy openssl
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests

@@ -7,10 +7,12 @@
 %% (`dspex_region_link') to that region's gateway (`dspex_region_gateway'),
 %% carrying length-prefixed frames (`{packet, 4}') of
 %% `term_to_binary({dspex_region, 1, Msg})', decoded with
-%% `binary_to_term(B, [safe])'. Plain TCP is only allowed between loopback
-%% addresses; TLS is not implemented yet, so a non-loopback listen or gateway
-%% address, or a `tls' entry, is refused at start with
-%% `{error, {invalid_argument, {Key, Reason}}}'.
+%% `binary_to_term(B, [safe])'. With `tls => #{certfile, keyfile, cacertfile}'
+%% the gateway and the links speak TLS (OTP `ssl', 1.2/1.3) with mutual
+%% authentication: each side must present a certificate signed by
+%% `cacertfile'. Without `tls' plain TCP is only allowed between loopback
+%% addresses: a non-loopback listen or gateway address is refused at start
+%% with `{error, {invalid_argument, {Key, not_loopback}}}'.
 %%
 %% Configuration (application environment `dspex_bridge' / `region'; off when
 %% absent):
@@ -19,6 +21,7 @@
 %%   listen => {{127,0,0,1}, Port},            % Port 0 picks one: gateway_port/0
 %%   peers => [#{name => <<"us">>, gateway => {Host, Port}, coords => {Lat, Lon}}],
 %%   weights => #{<<"us">> => 2.0},            % cost multiplier per region (default 1.0)
+%%   tls => #{certfile => F, keyfile => F, cacertfile => F},   % mutual TLS (optional)
 %%   probe_ms => 1000,                         % one RTT probe per link per period
 %%   window => 64,                             % samples for p50/p99
 %%   ewma_alpha => 0.2,
@@ -63,17 +66,22 @@ config() ->
     end.
 
 normalise(C) ->
-    maps:is_key(tls, C) andalso throw({tls, not_supported}),
+    Tls = case maps:get(tls, C, undefined) of
+              undefined -> undefined;
+              #{certfile := _, keyfile := _, cacertfile := _} = T ->
+                  maps:from_list([{K, file_option(K, maps:get(K, T))} || K <- [certfile, keyfile, cacertfile]]);
+              _ -> throw({tls, bad_options})
+          end,
     Name = name(maps:get(name, C, undefined), name),
     Coords = coords(maps:get(coords, C, undefined), coords),
     Listen = case maps:get(listen, C, undefined) of
                  {IP, Port} when is_tuple(IP), is_integer(Port), Port >= 0, Port < 65536 ->
-                     loopback(IP, listen) orelse throw({listen, not_loopback}),
+                     Tls =/= undefined orelse loopback(IP, listen) orelse throw({listen, not_loopback}),
                      {IP, Port};
                  _ -> throw({listen, bad_address})
              end,
     Peers = case maps:get(peers, C, []) of
-                L when is_list(L) -> [peer(P) || P <- L];
+                L when is_list(L) -> [peer(P, Tls) || P <- L];
                 _ -> throw({peers, not_a_list})
             end,
     Names = [Name | [N || #{name := N} <- Peers]],
@@ -96,20 +104,25 @@ normalise(C) ->
     BMin = pos_int(maps:get(backoff_min_ms, C, 100), backoff_min_ms),
     BMax = pos_int(maps:get(backoff_max_ms, C, 5000), backoff_max_ms),
     BMax >= BMin orelse throw(backoff_max_ms),
-    #{name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights,
+    #{name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
       probe_ms => Probe, window => Window, ewma_alpha => Alpha, down_after_ms => Down,
       backoff_min_ms => BMin, backoff_max_ms => BMax}.
 
-peer(#{} = P) ->
+peer(#{} = P, Tls) ->
     Name = name(maps:get(name, P, undefined), {peer, name}),
     Gateway = case maps:get(gateway, P, undefined) of
                   {Host, Port} when is_integer(Port), Port > 0, Port < 65536 ->
-                      loopback(Host, {peer, Name}) orelse throw({{peer, Name}, not_loopback}),
+                      Tls =/= undefined orelse loopback(Host, {peer, Name}) orelse throw({{peer, Name}, not_loopback}),
                       {Host, Port};
                   _ -> throw({{peer, Name}, bad_gateway})
               end,
     #{name => Name, gateway => Gateway, coords => coords(maps:get(coords, P, undefined), {peer, Name})};
-peer(_) -> throw({peers, not_a_map}).
+peer(_, _) -> throw({peers, not_a_map}).
+
+file_option(K, F) when is_list(F); is_binary(F) ->
+    filelib:is_regular(F) orelse throw({tls, {no_file, K}}),
+    unicode:characters_to_list(F);
+file_option(K, _) -> throw({tls, {no_file, K}}).
 
 name(N, _) when is_binary(N), byte_size(N) > 0, byte_size(N) =< 255 -> N;
 name(_, Key) -> throw({Key, bad_name}).

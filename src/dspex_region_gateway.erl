@@ -9,6 +9,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, port/0, encode/1, decode/1]).
+-export([tls_options/2, setopts/2, controlling_process/2, close/1, transport/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 -export([acceptor/2, handler/2]).
 
@@ -46,15 +47,52 @@ decode(B) ->
 -spec init(map()) -> {ok, map()} | {stop, term()}.
 init(#{listen := {IP, Port}} = C) ->
     process_flag(trap_exit, true),
-    case gen_tcp:listen(Port, [binary, {ip, IP}, {packet, 4}, {packet_size, ?MAX_FRAME}, {active, false},
-                               {reuseaddr, true}, {nodelay, true}, {backlog, 64},
-                               {send_timeout, 5000}, {send_timeout_close, true}]) of
+    Tls = maps:get(tls, C, undefined),
+    Opts = [binary, {ip, IP}, {packet, 4}, {packet_size, ?MAX_FRAME}, {active, false},
+            {reuseaddr, true}, {nodelay, true}, {backlog, 64}, {send_timeout, 5000}, {send_timeout_close, true}],
+    Listen = case Tls of
+                 undefined -> gen_tcp:listen(Port, Opts);
+                 _ -> {ok, _} = application:ensure_all_started(ssl),
+                      ssl:listen(Port, Opts ++ tls_options(server, Tls))
+             end,
+    case Listen of
         {ok, L} ->
-            {ok, P} = inet:port(L),
+            {ok, {_, P}} = case Tls of undefined -> inet:sockname(L); _ -> ssl:sockname(L) end,
             Acc = proc_lib:spawn_link(?MODULE, acceptor, [self(), L]),
             {ok, #{listen => L, port => P, acceptor => Acc, name => maps:get(name, C), coords => maps:get(coords, C)}};
         {error, E} -> {stop, {gateway_listen, E}}
     end.
+
+%% @private The `ssl' options of either end: mutual authentication against
+%% the configured CA, TLS 1.2 or 1.3.
+-spec tls_options(server | client, map()) -> [ssl:tls_option()].
+tls_options(Role, #{certfile := Cert, keyfile := Key, cacertfile := CA}) ->
+    [{certfile, Cert}, {keyfile, Key}, {cacertfile, CA}, {verify, verify_peer},
+     {versions, ['tlsv1.3', 'tlsv1.2']}]
+        ++ case Role of
+               server -> [{fail_if_no_peer_cert, true}];
+               client -> []
+           end.
+
+%% @private
+-spec transport(term()) -> gen_tcp | ssl.
+transport(S) when is_port(S) -> gen_tcp;
+transport(_) -> ssl.
+
+%% @private
+-spec setopts(term(), list()) -> ok | {error, term()}.
+setopts(S, O) when is_port(S) -> inet:setopts(S, O);
+setopts(S, O) -> ssl:setopts(S, O).
+
+%% @private
+-spec controlling_process(term(), pid()) -> ok | {error, term()}.
+controlling_process(S, P) when is_port(S) -> gen_tcp:controlling_process(S, P);
+controlling_process(S, P) -> ssl:controlling_process(S, P).
+
+%% @private
+-spec close(term()) -> ok.
+close(S) when is_port(S) -> gen_tcp:close(S);
+close(S) -> _ = ssl:close(S), ok.
 
 %% @private
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
@@ -70,9 +108,9 @@ handle_cast(_, St) -> {noreply, St}.
 handle_info({accepted, S}, #{name := N, coords := Co} = St) ->
     %% the socket is ours (the acceptor handed it over); pass it to its handler
     H = proc_lib:spawn_link(?MODULE, handler, [S, {N, Co}]),
-    case gen_tcp:controlling_process(S, H) of
+    case controlling_process(S, H) of
         ok -> H ! go;
-        {error, _} -> gen_tcp:close(S), exit(H, kill)
+        {error, _} -> close(S), exit(H, kill)
     end,
     {noreply, St};
 handle_info({'EXIT', Acc, Why}, #{acceptor := Acc} = St) -> {stop, {acceptor, Why}, St};
@@ -81,31 +119,43 @@ handle_info(_, St) -> {noreply, St}.
 
 %% @private
 -spec terminate(term(), map()) -> ok.
-terminate(_, #{listen := L}) -> _ = gen_tcp:close(L), ok.
+terminate(_, #{listen := L}) -> close(L).
 
 %% @private Accepts connections and hands each to the gateway.
--spec acceptor(pid(), gen_tcp:socket()) -> no_return().
+-spec acceptor(pid(), term()) -> no_return().
 acceptor(Gw, L) ->
-    case gen_tcp:accept(L) of
+    Accepted = case transport(L) of
+                   gen_tcp -> gen_tcp:accept(L);
+                   ssl -> ssl:transport_accept(L)
+               end,
+    case Accepted of
         {ok, S} ->
-            case gen_tcp:controlling_process(S, Gw) of
+            case controlling_process(S, Gw) of
                 ok -> Gw ! {accepted, S};
-                {error, _} -> gen_tcp:close(S)
+                {error, _} -> close(S)
             end,
             acceptor(Gw, L);
         {error, E} -> exit({accept, E})
     end.
 
 %% @private One inbound link: hello, then probes echoed.
--spec handler(gen_tcp:socket(), {binary(), dspex_region:coords()}) -> ok.
+-spec handler(term(), {binary(), dspex_region:coords()}) -> ok.
 handler(S, Me) ->
     receive go -> ok end,
-    loop(S, Me, undefined).
+    case transport(S) of
+        gen_tcp -> loop(S, Me, undefined);
+        ssl ->
+            %% a peer without a certificate of our CA ends here
+            case ssl:handshake(S, 5000) of
+                {ok, S1} -> loop(S1, Me, undefined);
+                {error, E} -> logger:warning("dspex_region gateway: TLS handshake refused: ~p", [E]), close(S)
+            end
+    end.
 
 loop(S, {Name, Coords} = Me, From) ->
-    ok = case inet:setopts(S, [{active, once}]) of ok -> ok; {error, _} -> ok end,
+    _ = setopts(S, [{active, once}]),
     receive
-        {tcp, S, B} ->
+        {T, S, B} when T =:= tcp; T =:= ssl ->
             case decode(B) of
                 {ok, {hello, Peer, _PeerCoords}} when is_binary(Peer) ->
                     send(S, {welcome, Name, Coords}),
@@ -116,10 +166,10 @@ loop(S, {Name, Coords} = Me, From) ->
                     loop(S, Me, From);
                 Bad ->
                     logger:warning("dspex_region gateway: closing the link of ~p: ~p", [From, Bad]),
-                    gen_tcp:close(S)
+                    close(S)
             end;
-        {tcp_closed, S} -> ok;
-        {tcp_error, S, _} -> gen_tcp:close(S)
+        {T, S} when T =:= tcp_closed; T =:= ssl_closed -> ok;
+        {T, S, _} when T =:= tcp_error; T =:= ssl_error -> close(S)
     end.
 
-send(S, Msg) -> _ = gen_tcp:send(S, encode(Msg)), ok.
+send(S, Msg) -> _ = (transport(S)):send(S, encode(Msg)), ok.

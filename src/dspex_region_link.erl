@@ -1,6 +1,7 @@
 %% @doc One long-lived link from this region to a peer region's gateway.
 %%
-%% Connects (plain TCP, loopback only: `dspex_region' refuses anything else),
+%% Connects (mutual TLS when `tls' is configured, else plain TCP to a loopback
+%% address only: `dspex_region' refuses anything else),
 %% sends `{hello, Name, Coords}' and is `up' once the gateway answers
 %% `{welcome, PeerName, PeerCoords}' with the configured peer name. While up
 %% it sends a probe `{ping, Seq, T0}' every `probe_ms' (at most one in
@@ -48,8 +49,16 @@ handle_cast(_, St) -> {noreply, St}.
 handle_info(connect, #{gateway := {Host, Port}, conf := C} = St) ->
     Timeout = min(maps:get(down_after_ms, C), 5000),
     Host1 = case Host of B when is_binary(B) -> binary_to_list(B); _ -> Host end,
-    case gen_tcp:connect(Host1, Port, [binary, {packet, 4}, {packet_size, 65536}, {active, once}, {nodelay, true},
-                                       {send_timeout, 5000}, {send_timeout_close, true}], Timeout) of
+    Opts = [binary, {packet, 4}, {packet_size, 65536}, {active, once}, {nodelay, true},
+            {send_timeout, 5000}, {send_timeout_close, true}],
+    Connected = case maps:get(tls, C, undefined) of
+                    undefined -> gen_tcp:connect(Host1, Port, Opts, Timeout);
+                    Tls ->
+                        %% an address has no host name to check: the CA and the region name identify the peer
+                        Sni = case is_tuple(Host1) of true -> [{server_name_indication, disable}]; false -> [] end,
+                        ssl:connect(Host1, Port, Opts ++ dspex_region_gateway:tls_options(client, Tls) ++ Sni, Timeout)
+                end,
+    case Connected of
         {ok, S} ->
             Conn = make_ref(),
             ok = send(S, {hello, maps:get(me, St), maps:get(coords, St)}),
@@ -57,11 +66,11 @@ handle_info(connect, #{gateway := {Host, Port}, conf := C} = St) ->
             {noreply, St#{sock => S, conn => Conn, status => connecting}};
         {error, E} -> {noreply, retry({connect, E}, St)}
     end;
-handle_info({tcp, S, B}, #{sock := S} = St) ->
-    ok = inet:setopts(S, [{active, once}]),
+handle_info({T, S, B}, #{sock := S} = St) when T =:= tcp; T =:= ssl ->
+    ok = dspex_region_gateway:setopts(S, [{active, once}]),
     {noreply, frame(dspex_region_gateway:decode(B), St)};
-handle_info({tcp_closed, S}, #{sock := S} = St) -> {noreply, down(closed, St)};
-handle_info({tcp_error, S, E}, #{sock := S} = St) -> {noreply, down({tcp_error, E}, St)};
+handle_info({T, S}, #{sock := S} = St) when T =:= tcp_closed; T =:= ssl_closed -> {noreply, down(closed, St)};
+handle_info({T, S, E}, #{sock := S} = St) when T =:= tcp_error; T =:= ssl_error -> {noreply, down({tcp_error, E}, St)};
 handle_info({hello_timeout, Conn}, #{conn := Conn, status := connecting} = St) ->
     {noreply, down(hello_timeout, St)};
 handle_info({tick, Conn}, #{conn := Conn, status := up, conf := C} = St) ->
@@ -79,7 +88,7 @@ handle_info(_, St) -> {noreply, St}.
 
 %% @private
 -spec terminate(term(), map()) -> ok.
-terminate(_, #{sock := S}) when S =/= undefined -> _ = gen_tcp:close(S), ok;
+terminate(_, #{sock := S}) when S =/= undefined -> dspex_region_gateway:close(S);
 terminate(_, _) -> ok.
 
 %%% frames -----------------------------------------------------------------------
@@ -110,7 +119,7 @@ probe(#{sock := S, seq := Seq} = St) ->
 
 send(S, Msg) ->
     %% a failed send shows up as tcp_closed / tcp_error on the socket
-    _ = gen_tcp:send(S, dspex_region_gateway:encode(Msg)),
+    _ = (dspex_region_gateway:transport(S)):send(S, dspex_region_gateway:encode(Msg)),
     ok.
 
 %%% statistics -------------------------------------------------------------------
@@ -144,7 +153,7 @@ publish(#{peer := P, window := W} = St) ->
 %%% down and reconnect -------------------------------------------------------------
 
 down(Why, #{sock := S, status := Was} = St) ->
-    _ = gen_tcp:close(S),
+    ok = dspex_region_gateway:close(S),
     St1 = St#{sock => undefined, conn => undefined, outstanding => undefined},
     case Was of
         up -> dspex_telemetry:execute([dspex, region, link, down], #{count => 1},

@@ -29,8 +29,9 @@ config_test_() ->
      ?_assertEqual({error, {invalid_argument, {listen, not_loopback}}}, Err(B#{listen => {{10, 0, 0, 1}, 0}})),
      ?_assertEqual({error, {invalid_argument, {{peer, <<"us">>}, not_loopback}}},
                    Err(B#{peers => [#{name => <<"us">>, gateway => {{192, 168, 1, 9}, 4000}, coords => {0, 0}}]})),
-     ?_assertEqual({error, {invalid_argument, {tls, not_supported}}},
-                   Err(B#{tls => #{certfile => "c", keyfile => "k", cacertfile => "ca"}})),
+     ?_assertEqual({error, {invalid_argument, {tls, {no_file, certfile}}}},
+                   Err(B#{tls => #{certfile => "/nonexistent/c", keyfile => "k", cacertfile => "ca"}})),
+     ?_assertEqual({error, {invalid_argument, {tls, bad_options}}}, Err(B#{tls => #{certfile => "c"}})),
      ?_assertEqual({error, {invalid_argument, {peers, duplicate_name}}},
                    Err(B#{peers => [#{name => <<"eu">>, gateway => {"localhost", 1}, coords => {0, 0}}]})),
      ?_assertEqual({error, {invalid_argument, {coords, bad_coords}}}, Err(B#{coords => {91, 0}})),
@@ -142,6 +143,91 @@ unreachable_peer_test() ->
         ?assertEqual(<<"dspex_region_link_up{region=\"eu\",peer=\"us\"} 0">>,
                      hd([Line || Line <- binary:split(iolist_to_binary(dspex_region:prometheus()), <<"\n">>, [global]),
                                  binary:match(Line, <<"dspex_region_link_up{">>) =/= nomatch]))
+    after
+        [begin exit(X, shutdown), receive {'EXIT', X, _} -> ok after 5000 -> ok end end || X <- [Link, G, R]]
+    end.
+
+%%% mutual TLS -------------------------------------------------------------------
+
+%% A CA, a region certificate it signed (for 127.0.0.1), and one from another CA.
+certs(Dir) ->
+    Run = fun(Cmd) ->
+                  Out = os:cmd("cd " ++ Dir ++ " && " ++ Cmd ++ " >/dev/null 2>&1; echo $?"),
+                  ?assertEqual("0\n", Out, Cmd)
+          end,
+    ok = file:write_file(filename:join(Dir, "ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n"),
+    [begin
+         Run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 "
+             "-keyout " ++ CA ++ ".key -out " ++ CA ++ ".pem -subj /CN=" ++ CA),
+         Run("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+             "-keyout " ++ R ++ ".key -out " ++ R ++ ".csr -subj /CN=" ++ R),
+         Run("openssl x509 -req -in " ++ R ++ ".csr -CA " ++ CA ++ ".pem -CAkey " ++ CA ++ ".key "
+             "-CAcreateserial -days 2 -extfile ext -out " ++ R ++ ".pem")
+     end || {CA, R} <- [{"ca", "region"}, {"other_ca", "stranger"}]],
+    F = fun(N) -> filename:join(Dir, N) end,
+    {#{certfile => F("region.pem"), keyfile => F("region.key"), cacertfile => F("ca.pem")},
+     #{certfile => F("stranger.pem"), keyfile => F("stranger.key"), cacertfile => F("ca.pem")}}.
+
+with_tls(F) ->
+    Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_tls_" ++ os:getpid() ++ "_" ++
+                            integer_to_list(erlang:unique_integer([positive]))),
+    ok = filelib:ensure_path(Dir),
+    try F(certs(Dir))
+    after file:del_dir_r(Dir)
+    end.
+
+tls_call(Tls, Msg) ->
+    Base = [binary, {packet, 4}, {active, false}],
+    Opts1 = case Tls of
+                none -> [{verify, verify_none} | Base];
+                _ -> [{server_name_indication, disable} | Base] ++ dspex_region_gateway:tls_options(client, Tls)
+            end,
+    case ssl:connect({127, 0, 0, 1}, dspex_region_gateway:port(), Opts1, 5000) of
+        {ok, S} ->
+            R = case ssl:send(S, dspex_region_gateway:encode(Msg)) of
+                    ok -> case ssl:recv(S, 0, 5000) of
+                              {ok, B} -> dspex_region_gateway:decode(B);
+                              E -> E
+                          end;
+                    E -> E
+                end,
+            _ = ssl:close(S),
+            R;
+        E -> E
+    end.
+
+mutual_tls_test_() ->
+    {timeout, 60, fun() -> with_tls(fun mutual_tls/1) end}.
+
+mutual_tls({Tls, Stranger}) ->
+    process_flag(trap_exit, true),
+    {ok, _} = application:ensure_all_started(ssl),
+    %% with TLS, a non-loopback address is accepted
+    ?assertMatch(#{listen := {{0, 0, 0, 0}, 0}}, with_env((base())#{tls => Tls, listen => {{0, 0, 0, 0}, 0}},
+                                                          fun dspex_region:config/0)),
+    C = with_env((base())#{peers => [], tls => Tls, probe_ms => 10}, fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C),
+    {ok, G} = dspex_region_gateway:start_link(C),
+    %% a link over TLS to this region's own gateway (the configuration refuses a
+    %% peer named like the region; the link itself does not care)
+    {ok, Link} = dspex_region_link:start_link(#{name => <<"eu">>, gateway => {{127, 0, 0, 1}, dspex_region_gateway:port()},
+                                                coords => {50.0, 8.0}}, C),
+    try
+        ?assertEqual({ok, {welcome, <<"eu">>, {50.0, 8.0}}}, tls_call(Tls, {hello, <<"us">>, {1, 2}})),
+        %% no client certificate, one from another CA, plain TCP: no answer
+        ?assertMatch({error, _}, tls_call(none, {hello, <<"us">>, {1, 2}})),
+        ?assertMatch({error, _}, tls_call(Stranger, {hello, <<"us">>, {1, 2}})),
+        {ok, S} = gen_tcp:connect({127, 0, 0, 1}, dspex_region_gateway:port(), [binary, {packet, 4}, {active, false}]),
+        ok = gen_tcp:send(S, dspex_region_gateway:encode({hello, <<"us">>, {1, 2}})),
+        ?assertMatch({error, _}, gen_tcp:recv(S, 0, 5000)),
+        %% the link comes up over TLS and measures
+        Wait = fun W(0) -> timeout;
+                   W(N) -> case ets:lookup(dspex_region:links_table(), <<"eu">>) of
+                               [{_, #{status := up, samples := K}}] when K >= 5 -> ok;
+                               _ -> receive after 20 -> W(N - 1) end
+                           end
+               end,
+        ?assertEqual(ok, Wait(500))
     after
         [begin exit(X, shutdown), receive {'EXIT', X, _} -> ok after 5000 -> ok end end || X <- [Link, G, R]]
     end.
