@@ -1,6 +1,8 @@
 %% @doc The region's gateway: listens on the configured `listen' address and
-%% answers the links of peer regions. Each connection gets its own process
-%% that answers `hello' with this region's name and coordinates and echoes
+%% answers the links of peer regions, over TLS with a client certificate of
+%% the configured CA required when `tls' is set (the handshake runs in the
+%% connection's own process, never in the acceptor), else plain TCP on a
+%% loopback address. Each connection gets its own process that answers `hello' with this region's name and coordinates and echoes
 %% every probe at once. Frames are `{packet, 4}' (at most 64 KiB) holding
 %% `term_to_binary({dspex_region, 1, Msg})'; a frame that does not decode with
 %% `binary_to_term(B, [safe])', has another version or an unknown message
