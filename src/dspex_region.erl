@@ -214,7 +214,8 @@ forget_session(Session) ->
 %% samples, `samples' since start, `last_ms'), `last_check_at' (system time in
 %% ms of the last answered probe, `undefined' before the first), `since' (when
 %% the status last changed), and the sessions routed to each region
-%% (decisions recorded on this node). `{error, not_running}' without a region.
+%% (decisions recorded on this node), and the `transport' of the links and
+%% the gateway (`tcp' or `tls'). `{error, not_running}' without a region.
 -spec topology() -> map() | {error, not_running}.
 topology() ->
     try
@@ -233,6 +234,7 @@ topology() ->
                              rtt => rtt_ms(L), sessions => maps:get(N, Counts, 0)}
                        end} || #{name := N, coords := Co, gateway := G} <- maps:get(peers, C)]),
         #{region => Me, coords => maps:get(coords, C), gateway_port => gateway_port(),
+          transport => case maps:get(tls, C) of undefined -> tcp; _ -> tls end,
           sessions => maps:get(Me, Counts, 0), peers => Peers}
     catch error:badarg -> {error, not_running}
     end.

@@ -3,12 +3,15 @@
 %% gateway through delaying TCP proxies (dspex_region_proxy, run by this
 %% node): a<->b 5 ms, b<->c 20 ms, a<->c 60 ms one-way, one proxy per
 %% direction of each link. Measured RTTs, routing by distance and by
-%% measured latency with weights, stability, and a link flap.
+%% measured latency with weights, stability, and a link flap; every case runs
+%% twice: in plain TCP (group `plain') and with mutual TLS between the
+%% gateways (group `tls', certificates made by `openssl' in a temporary
+%% directory).
 -module(dspex_region_SUITE).
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, init_per_suite/1, end_per_suite/1]).
+-export([all/0, groups/0, init_per_group/2, end_per_group/2]).
 -export([measured_rtt_matches_the_injected_delay/1, routes_to_the_nearest_region_by_coordinates/1,
          routes_to_the_lowest_measured_rtt_without_coordinates/1,
          a_link_flap_is_reported_down_then_up_and_probes_resume/1,
@@ -22,7 +25,11 @@
 -define(PROBE_MS, 20).
 -define(WINDOW, 32).
 
-all() ->
+all() -> [{group, plain}, {group, tls}].
+
+groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()}].
+
+cases() ->
     [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
      routes_to_the_lowest_measured_rtt_without_coordinates, topology_and_prometheus_report_every_link,
      a_link_flap_is_reported_down_then_up_and_probes_resume].
@@ -37,7 +44,32 @@ delay(a, c) -> 60.
 weights(c) -> #{<<"b">> => 4.0};
 weights(_) -> #{}.
 
-init_per_suite(Config) ->
+init_per_group(plain, Config) -> start_regions(undefined, Config);
+init_per_group(tls, Config) ->
+    Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_ct_" ++ os:getpid() ++ "_" ++
+                            integer_to_list(erlang:unique_integer([positive]))),
+    ok = filelib:ensure_path(Dir),
+    ok = file:write_file(filename:join(Dir, "ext"), "subjectAltName=IP:127.0.0.1\n"),
+    [begin
+         Out = os:cmd("cd " ++ Dir ++ " && " ++ Cmd ++ " >/dev/null 2>&1; echo $?"),
+         "0\n" = Out
+     end || Cmd <- ["openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 "
+                    "-keyout ca.key -out ca.pem -subj /CN=dspex-region-ct-ca",
+                    "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+                    "-keyout region.key -out region.csr -subj /CN=region",
+                    "openssl x509 -req -in region.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 "
+                    "-extfile ext -out region.pem"]],
+    F = fun(N) -> filename:join(Dir, N) end,
+    start_regions(#{certfile => F("region.pem"), keyfile => F("region.key"), cacertfile => F("ca.pem")},
+                  [{tls_dir, Dir} | Config]).
+
+end_per_group(_, Config) ->
+    [catch peer:stop(P) || P <- maps:values(?config(peers, Config))],
+    [catch dspex_region_proxy:stop(P) || P <- maps:values(?config(proxies, Config))],
+    _ = [file:del_dir_r(D) || D <- [?config(tls_dir, Config)], D =/= undefined],
+    ok.
+
+start_regions(Tls, Config) ->
     Pairs = [{X, Y} || {X, _, _} <- ?REGIONS, {Y, _, _} <- ?REGIONS, X =/= Y],
     Proxies = maps:from_list([{XY, begin {ok, P} = dspex_region_proxy:start(undefined, delay(X, Y)), P end}
                               || {X, Y} = XY <- Pairs]),
@@ -65,7 +97,8 @@ init_per_suite(Config) ->
                           || {Y, YName, YCoords} <- ?REGIONS, Y =/= X],
                 weights => weights(X), probe_ms => ?PROBE_MS, window => ?WINDOW,
                 down_after_ms => 500, backoff_min_ms => 20, backoff_max_ms => 200},
-         ok = peer:call(P, application, set_env, [dspex_bridge, region, RC]),
+         RC1 = case Tls of undefined -> RC; _ -> RC#{tls => Tls} end,
+         ok = peer:call(P, application, set_env, [dspex_bridge, region, RC1]),
          {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge])
      end || {X, Name, Coords} <- ?REGIONS],
     %% each proxy X->Y forwards to Y's gateway
@@ -73,11 +106,6 @@ init_per_suite(Config) ->
      || {{_, Y}, Proxy} <- maps:to_list(Proxies)],
     [ok = wait_until(fun() -> all_up(P) end, 20000, {links_up, X}) || {X, P} <- maps:to_list(Peers)],
     [{peers, Peers}, {proxies, Proxies} | Config].
-
-end_per_suite(Config) ->
-    [catch peer:stop(P) || P <- maps:values(?config(peers, Config))],
-    [catch dspex_region_proxy:stop(P) || P <- maps:values(?config(proxies, Config))],
-    ok.
 
 %%% cases ------------------------------------------------------------------------
 
@@ -130,7 +158,8 @@ routes_to_the_lowest_measured_rtt_without_coordinates(Config) ->
 
 topology_and_prometheus_report_every_link(Config) ->
     #{a := PA} = ?config(peers, Config),
-    #{region := <<"a">>, peers := #{<<"b">> := B, <<"c">> := C}, sessions := Own} = topology(PA),
+    #{region := <<"a">>, peers := #{<<"b">> := B, <<"c">> := C}, sessions := Own, transport := Transport} = topology(PA),
+    ?assertEqual(case ?config(tls_dir, Config) of undefined -> tcp; _ -> tls end, Transport),
     ?assert(Own >= 1),
     [?assertMatch(#{status := up, last_check_at := T, rtt := #{samples := N}} when is_integer(T) andalso N > 0, L)
      || L <- [B, C]],
