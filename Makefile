@@ -15,7 +15,7 @@ APT_GRPC_TEST := valgrind libcmocka-dev protobuf-compiler protobuf-compiler-grpc
                  clang libclang-rt-14-dev
 APT_TEST  := erlang-eunit erlang-common-test erlang-proper erlang-runtime-tools erlang-os-mon \
              libcmocka-dev valgrind clang libclang-rt-14-dev elixir erlang-dialyzer postgresql \
-             python3-statsmodels python3-scipy
+             python3-statsmodels python3-scipy openssl
 # Python workers (dspex_workers): /usr/bin/python3 runs priv/python/dspex_bridge/worker.py
 APT_WORKERS := python3
 # dspex_cluster: OTP's httpc for the etcd backend, and etcd itself for its tests
@@ -187,12 +187,13 @@ test-python: compile python-venv
 
 bench: disk-check compile
 	@mkdir -p _build/bench
-	erlc -o _build/bench bench/*.erl
+	erlc -o _build/bench bench/*.erl test/dspex_region_proxy.erl
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_breaker_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_workers_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_cluster_bench:main(), halt().'
 	$(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_events_bench:main(), halt().'
+	$(ERL) +sbwt none +sbwtdcpu none +sbwtdio none -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_region_bench:main(), halt().'
 	$(ERL) +sbwt none +sbwtdcpu none +sbwtdio none -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'dspex_models_bench:main(), halt().'
 	$(MAKE) bench-grpc
 	$(MAKE) bench-events-pg

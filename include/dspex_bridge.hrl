@@ -89,6 +89,12 @@
 -define(DSPEX_MODELS_ROLLOUT(Ev), [dspex, models, rollout, Ev]).
 %% Ev: start | ask | tell | stop (dspex_opt runs)
 -define(DSPEX_OPT(Ev), [dspex, opt, Ev]).
+%% Ev: up | down (a link to a peer region, dspex_region_link)
+-define(DSPEX_REGION_LINK(Ev), [dspex, region, link, Ev]).
+%% one measured RTT probe on a link to a peer region (measurement rtt_us)
+-define(DSPEX_REGION_PROBE, [dspex, region, probe]).
+%% a session routed to a region (dspex_region:route_session/2)
+-define(DSPEX_REGION_ROUTE, [dspex, region, route]).
 
 %% Every event above, each operation spelt out.
 -define(DSPEX_EVENTS,
@@ -112,6 +118,7 @@
             ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]
         ++ [?DSPEX_MODELS(Ev__) || Ev__ <- [register, archive, alias, start, decision]]
         ++ [?DSPEX_MODELS_ROLLOUT(Ev__) || Ev__ <- [step, complete, rollback]]
-        ++ [?DSPEX_OPT(Ev__) || Ev__ <- [start, ask, tell, stop]]).
+        ++ [?DSPEX_OPT(Ev__) || Ev__ <- [start, ask, tell, stop]]
+        ++ [?DSPEX_REGION_LINK(up), ?DSPEX_REGION_LINK(down), ?DSPEX_REGION_PROBE, ?DSPEX_REGION_ROUTE]).
 
 -endif.

@@ -18,6 +18,7 @@
 %% │   ├── dspex_prometheus       /metrics endpoint
 %% │   └── dspex_console          debug console (web page, /api/)
 %% ├── dspex_cluster_sup     routing, ownership, replication, watch relays
+%% ├── dspex_region_sup      region gateway, links to peer regions, session routing
 %% ├── dspex_models_server   model experiments and rollouts (after the cluster: their registry is a session)
 %% └── dspex_grpc_sup        the gRPC port and its handlers (last: the front door)
 %% '''
@@ -60,6 +61,9 @@ init(top) ->
                   start => {?MODULE, start_link, [core]}},
                 #{id => dspex_cluster_sup, type => supervisor, shutdown => infinity,
                   start => {dspex_cluster_sup, start_link, []}},
+                %% multi-region: gateway, links to the peer regions, routing (off without `region')
+                #{id => dspex_region_sup, type => supervisor, shutdown => infinity,
+                  start => {dspex_region_sup, start_link, []}},
                 %% model experiments and rollouts (their registry is a replicated store session)
                 #{id => dspex_models_server, start => {dspex_models_server, start_link, []}}]
         ++ [#{id => dspex_grpc_sup, type => supervisor, shutdown => infinity,

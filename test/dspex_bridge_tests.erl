@@ -39,7 +39,7 @@ header_test_() ->
 %%% supervision ---------------------------------------------------------------
 
 tree_shape() ->
-    ?assertEqual([dspex_core_sup, dspex_cluster_sup, dspex_models_server, dspex_grpc_sup],
+    ?assertEqual([dspex_core_sup, dspex_cluster_sup, dspex_region_sup, dspex_models_server, dspex_grpc_sup],
                  [Id || {Id, _, _, _} <- lists:reverse(supervisor:which_children(dspex_bridge_sup))]),
     ?assertEqual(lists:sort(?CORE), lists:sort([Id || {Id, _, _, _} <- supervisor:which_children(dspex_core_sup)])).
 

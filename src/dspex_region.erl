@@ -1,0 +1,366 @@
+%% @doc Multi-region, first layer: this node's region, its gateway, one
+%% long-lived link per peer region with measured round-trip times, session
+%% routing and the topology.
+%%
+%% A region is one BEAM cluster. Regions are linked by gateways, never by
+%% Erlang distribution: each peer region gets one outbound TCP link
+%% (`dspex_region_link') to that region's gateway (`dspex_region_gateway'),
+%% carrying length-prefixed frames (`{packet, 4}') of
+%% `term_to_binary({dspex_region, 1, Msg})', decoded with
+%% `binary_to_term(B, [safe])'. With `tls => #{certfile, keyfile, cacertfile}'
+%% the gateway and the links speak TLS (OTP `ssl', 1.2/1.3) with mutual
+%% authentication: each side must present a certificate signed by
+%% `cacertfile'. Without `tls' plain TCP is only allowed between loopback
+%% addresses: a non-loopback listen or gateway address is refused at start
+%% with `{error, {invalid_argument, {Key, not_loopback}}}'.
+%%
+%% Configuration (application environment `dspex_bridge' / `region'; off when
+%% absent):
+%% ```
+%% #{name => <<"eu">>, coords => {Lat, Lon},
+%%   listen => {{127,0,0,1}, Port},            % Port 0 picks one: gateway_port/0
+%%   peers => [#{name => <<"us">>, gateway => {Host, Port}, coords => {Lat, Lon}}],
+%%   weights => #{<<"us">> => 2.0},            % cost multiplier per region (default 1.0)
+%%   tls => #{certfile => F, keyfile => F, cacertfile => F},   % mutual TLS (optional)
+%%   probe_ms => 1000,                         % one RTT probe per link per period
+%%   window => 64,                             % samples for p50/p99
+%%   ewma_alpha => 0.2,
+%%   down_after_ms => max(1000, 3 * probe_ms), % a probe unanswered this long: link down
+%%   backoff_min_ms => 100, backoff_max_ms => 5000}
+%% '''
+%%
+%% This module's process owns two public ETS tables: the links' state (each
+%% link writes its own row after every probe; readers never call a process)
+%% and the routing decisions.
+-module(dspex_region).
+-behaviour(gen_server).
+
+-export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
+         haversine_km/2]).
+-export([start_link/1, links_table/0, link_update/2]).
+-export([init/1, handle_call/3, handle_cast/2, terminate/2]).
+
+-export_type([region/0, coords/0, decision/0]).
+
+-type region() :: binary().
+-type coords() :: {number(), number()}.
+-type decision() :: #{primary_region := region(), backup_regions := [region()],
+                      policy := nearest | lowest_rtt, decided_at := integer()}.
+
+-define(LINKS, dspex_region_links).
+-define(SESSIONS, dspex_region_sessions).
+
+%%% configuration ------------------------------------------------------------
+
+%% @doc The normalised configuration, `undefined' when none is set, or
+%% `{error, {invalid_argument, Detail}}'.
+-spec config() -> map() | undefined | {error, {invalid_argument, term()}}.
+config() ->
+    case application:get_env(dspex_bridge, region) of
+        undefined -> undefined;
+        {ok, C} when is_map(C) ->
+            try normalise(C)
+            catch throw:Detail -> {error, {invalid_argument, Detail}}
+            end;
+        {ok, _} -> {error, {invalid_argument, region}}
+    end.
+
+normalise(C) ->
+    Tls = case maps:get(tls, C, undefined) of
+              undefined -> undefined;
+              #{certfile := _, keyfile := _, cacertfile := _} = T ->
+                  maps:from_list([{K, file_option(K, maps:get(K, T))} || K <- [certfile, keyfile, cacertfile]]);
+              _ -> throw({tls, bad_options})
+          end,
+    Name = name(maps:get(name, C, undefined), name),
+    Coords = coords(maps:get(coords, C, undefined), coords),
+    Listen = case maps:get(listen, C, undefined) of
+                 {IP, Port} when is_tuple(IP), is_integer(Port), Port >= 0, Port < 65536 ->
+                     Tls =/= undefined orelse loopback(IP, listen) orelse throw({listen, not_loopback}),
+                     {IP, Port};
+                 _ -> throw({listen, bad_address})
+             end,
+    Peers = case maps:get(peers, C, []) of
+                L when is_list(L) -> [peer(P, Tls) || P <- L];
+                _ -> throw({peers, not_a_list})
+            end,
+    Names = [Name | [N || #{name := N} <- Peers]],
+    length(lists:usort(Names)) =:= length(Names) orelse throw({peers, duplicate_name}),
+    Weights = case maps:get(weights, C, #{}) of
+                  W when is_map(W) ->
+                      maps:foreach(fun(K, V) when is_binary(K), is_number(V), V > 0 -> ok;
+                                      (K, _) -> throw({weights, K})
+                                   end, W),
+                      W;
+                  _ -> throw({weights, not_a_map})
+              end,
+    Probe = pos_int(maps:get(probe_ms, C, 1000), probe_ms),
+    Window = pos_int(maps:get(window, C, 64), window),
+    Alpha = case maps:get(ewma_alpha, C, 0.2) of
+                A when is_number(A), A > 0, A =< 1 -> A;
+                _ -> throw(ewma_alpha)
+            end,
+    Down = pos_int(maps:get(down_after_ms, C, max(1000, 3 * Probe)), down_after_ms),
+    BMin = pos_int(maps:get(backoff_min_ms, C, 100), backoff_min_ms),
+    BMax = pos_int(maps:get(backoff_max_ms, C, 5000), backoff_max_ms),
+    BMax >= BMin orelse throw(backoff_max_ms),
+    #{name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
+      probe_ms => Probe, window => Window, ewma_alpha => Alpha, down_after_ms => Down,
+      backoff_min_ms => BMin, backoff_max_ms => BMax}.
+
+peer(#{} = P, Tls) ->
+    Name = name(maps:get(name, P, undefined), {peer, name}),
+    Gateway = case maps:get(gateway, P, undefined) of
+                  {Host, Port} when is_integer(Port), Port > 0, Port < 65536 ->
+                      Tls =/= undefined orelse loopback(Host, {peer, Name}) orelse throw({{peer, Name}, not_loopback}),
+                      {Host, Port};
+                  _ -> throw({{peer, Name}, bad_gateway})
+              end,
+    #{name => Name, gateway => Gateway, coords => coords(maps:get(coords, P, undefined), {peer, Name})};
+peer(_, _) -> throw({peers, not_a_map}).
+
+file_option(K, F) when is_list(F); is_binary(F) ->
+    filelib:is_regular(F) orelse throw({tls, {no_file, K}}),
+    unicode:characters_to_list(F);
+file_option(K, _) -> throw({tls, {no_file, K}}).
+
+name(N, _) when is_binary(N), byte_size(N) > 0, byte_size(N) =< 255 -> N;
+name(_, Key) -> throw({Key, bad_name}).
+
+coords({Lat, Lon}, _) when is_number(Lat), is_number(Lon), Lat >= -90, Lat =< 90, Lon >= -180, Lon =< 180 ->
+    {Lat, Lon};
+coords(_, Key) -> throw({Key, bad_coords}).
+
+pos_int(N, _) when is_integer(N), N > 0 -> N;
+pos_int(_, Key) -> throw(Key).
+
+%% Plain TCP is for loopback only: a host name must resolve to a loopback address.
+loopback({127, _, _, _}, _) -> true;
+loopback({0, 0, 0, 0, 0, 0, 0, 1}, _) -> true;
+loopback(T, _) when is_tuple(T) -> false;
+loopback(Host, Key) when is_list(Host); is_atom(Host) ->
+    case inet:getaddr(Host, inet) of
+        {ok, IP} -> loopback(IP, Key);
+        {error, _} -> throw({Key, unresolvable})
+    end;
+loopback(Host, Key) when is_binary(Host) -> loopback(binary_to_list(Host), Key);
+loopback(_, Key) -> throw({Key, bad_address}).
+
+%%% API ----------------------------------------------------------------------
+
+%% @doc Routes `Session' to a region. With `client_location => {Lat, Lon}' the
+%% policy is `nearest': healthy regions ordered by haversine distance from the
+%% client; without it `lowest_rtt': ordered by the EWMA of the RTT measured
+%% from this region (this region costs 0). Each cost is multiplied by the
+%% region's weight. A region is healthy when it is this region or its link is
+%% up. The first region is the primary, the other healthy ones the backups.
+%%
+%% The decision is recorded on this node (not agreed with the peer regions)
+%% and returned unchanged on later calls for the same session while its
+%% primary region stays healthy; once the primary is unhealthy the session
+%% is routed again (telemetry `[dspex, region, route]' with `reason => failover').
+%% `{error, not_running}' when no region is configured.
+-spec route_session(binary(), #{client_location => coords()}) -> decision() | {error, term()}.
+route_session(Session, Opts) when is_binary(Session), is_map(Opts) ->
+    case maps:get(client_location, Opts, none) of
+        none -> route(Session, Opts);
+        Loc -> try coords(Loc, client_location) of
+                   _ -> route(Session, Opts)
+               catch throw:D -> {error, {invalid_argument, D}}
+               end
+    end;
+route_session(_, _) -> {error, {invalid_argument, session}}.
+
+route(Session, Opts) ->
+    case recorded(Session) of
+        {ok, D} -> D;
+        Other when Other =:= none; Other =:= unhealthy ->
+            try gen_server:call(?MODULE, {route, Session, Opts})
+            catch exit:{noproc, _} -> {error, not_running}
+            end;
+        {error, _} = E -> E
+    end.
+
+%% A recorded decision whose primary is still healthy.
+recorded(Session) ->
+    try ets:lookup(?SESSIONS, Session) of
+        [{_, #{primary_region := R} = D}] ->
+            case healthy(R) of
+                true -> {ok, D};
+                false -> unhealthy
+            end;
+        [] -> none
+    catch error:badarg -> {error, not_running}
+    end.
+
+healthy(R) ->
+    case persistent_term:get({?MODULE, name}, undefined) of
+        R -> true;
+        _ -> case ets:lookup(?LINKS, R) of
+                 [{_, #{status := up}}] -> true;
+                 _ -> false
+             end
+    end.
+
+%% @doc Drops the recorded decision of `Session' (its next route_session/2 decides afresh).
+-spec forget_session(binary()) -> ok | {error, not_running}.
+forget_session(Session) ->
+    try gen_server:call(?MODULE, {forget, Session})
+    catch exit:{noproc, _} -> {error, not_running}
+    end.
+
+%% @doc This region, every peer region with its link status and the RTT
+%% measured on the link (`ewma_ms', `p50_ms', `p99_ms' over the last `window'
+%% samples, `samples' since start, `last_ms'), `last_check_at' (system time in
+%% ms of the last answered probe, `undefined' before the first), `since' (when
+%% the status last changed), and the sessions routed to each region
+%% (decisions recorded on this node), and the `transport' of the links and
+%% the gateway (`tcp' or `tls'). `{error, not_running}' without a region.
+-spec topology() -> map() | {error, not_running}.
+topology() ->
+    try
+        Me = persistent_term:get({?MODULE, name}),
+        C = persistent_term:get({?MODULE, config}),
+        Counts = ets:foldl(fun({_, #{primary_region := R}}, Acc) -> maps:update_with(R, fun(N) -> N + 1 end, 1, Acc) end,
+                           #{}, ?SESSIONS),
+        Links = maps:from_list(ets:tab2list(?LINKS)),
+        Peers = maps:from_list(
+                  [{N, begin
+                           L = maps:get(N, Links, #{status => down}),
+                           #{coords => Co, gateway => G, status => maps:get(status, L),
+                             since => maps:get(since, L, undefined),
+                             last_error => maps:get(last_error, L, undefined),
+                             last_check_at => maps:get(last_check_at, L, undefined),
+                             rtt => rtt_ms(L), sessions => maps:get(N, Counts, 0)}
+                       end} || #{name := N, coords := Co, gateway := G} <- maps:get(peers, C)]),
+        #{region => Me, coords => maps:get(coords, C), gateway_port => gateway_port(),
+          transport => case maps:get(tls, C) of undefined -> tcp; _ -> tls end,
+          sessions => maps:get(Me, Counts, 0), peers => Peers}
+    catch error:badarg -> {error, not_running}
+    end.
+
+rtt_ms(L) ->
+    Ms = fun(undefined) -> undefined; (Us) -> Us / 1000 end,
+    #{ewma_ms => Ms(maps:get(ewma_us, L, undefined)), p50_ms => Ms(maps:get(p50_us, L, undefined)),
+      p99_ms => Ms(maps:get(p99_us, L, undefined)), last_ms => Ms(maps:get(last_us, L, undefined)),
+      samples => maps:get(samples, L, 0)}.
+
+%% @doc The port the gateway listens on, or `{error, not_running}'.
+-spec gateway_port() -> inet:port_number() | {error, not_running}.
+gateway_port() -> dspex_region_gateway:port().
+
+%% @doc Prometheus exposition of the links: `dspex_region_rtt_seconds'
+%% (summary over the window: quantiles 0.5 and 0.99, `_sum' and `_count'
+%% since start) and `dspex_region_link_up' (gauge, 1 or 0), labelled
+%% `region' (this one) and `peer'. Empty when no region runs.
+-spec prometheus() -> iodata().
+prometheus() ->
+    case catch ets:tab2list(?LINKS) of
+        Rows when is_list(Rows) ->
+            Me = persistent_term:get({?MODULE, name}, <<>>),
+            Lab = fun(P) -> ["region=\"", Me, "\",peer=\"", P, "\""] end,
+            S = fun(undefined) -> "NaN"; (Us) -> float_to_list(Us / 1.0e6, [short]) end,
+            ["# HELP dspex_region_rtt_seconds Round-trip time measured on each link to a peer region.\n",
+             "# TYPE dspex_region_rtt_seconds summary\n",
+             [[[["dspex_region_rtt_seconds{", Lab(P), ",quantile=\"", Q, "\"} ", S(maps:get(K, L, undefined)), "\n"]
+                || {K, Q} <- [{p50_us, "0.5"}, {p99_us, "0.99"}]],
+               "dspex_region_rtt_seconds_sum{", Lab(P), "} ", S(maps:get(sum_us, L, 0)), "\n",
+               "dspex_region_rtt_seconds_count{", Lab(P), "} ", integer_to_list(maps:get(samples, L, 0)), "\n"]
+              || {P, L} <- lists:sort(Rows)],
+             "# HELP dspex_region_link_up 1 when the link to the peer region is up.\n",
+             "# TYPE dspex_region_link_up gauge\n",
+             [["dspex_region_link_up{", Lab(P), "} ", case maps:get(status, L) of up -> "1"; _ -> "0" end, "\n"]
+              || {P, L} <- lists:sort(Rows)]];
+        _ -> []
+    end.
+
+%% @doc Great-circle distance in km between two `{Lat, Lon}' in degrees.
+-spec haversine_km(coords(), coords()) -> float().
+haversine_km({Lat1, Lon1}, {Lat2, Lon2}) ->
+    Rad = math:pi() / 180,
+    DLat = (Lat2 - Lat1) * Rad,
+    DLon = (Lon2 - Lon1) * Rad,
+    A = math:pow(math:sin(DLat / 2), 2) + math:cos(Lat1 * Rad) * math:cos(Lat2 * Rad) * math:pow(math:sin(DLon / 2), 2),
+    2 * 6371.0088 * math:asin(min(1.0, math:sqrt(A))).
+
+%%% for the links ---------------------------------------------------------------
+
+%% @private
+-spec links_table() -> atom().
+links_table() -> ?LINKS.
+
+%% @private A link's row (its own process is the only writer).
+-spec link_update(region(), map()) -> true.
+link_update(Peer, Row) -> ets:insert(?LINKS, {Peer, Row}).
+
+%%% server: owns the tables, decides routes --------------------------------------
+
+%% @private
+-spec start_link(map() | {error, term()}) -> {ok, pid()} | {error, term()}.
+start_link({error, _} = E) -> E;
+start_link(C) -> gen_server:start_link({local, ?MODULE}, ?MODULE, C, []).
+
+%% @private
+-spec init(map()) -> {ok, map()}.
+init(#{name := Me, peers := Peers} = C) ->
+    process_flag(trap_exit, true),
+    _ = ets:new(?LINKS, [named_table, public, set, {read_concurrency, true}]),
+    _ = ets:new(?SESSIONS, [named_table, protected, set, {read_concurrency, true}]),
+    [ets:insert(?LINKS, {N, #{status => down, since => erlang:system_time(millisecond), samples => 0}})
+     || #{name := N} <- Peers],
+    persistent_term:put({?MODULE, name}, Me),
+    persistent_term:put({?MODULE, config}, C),
+    {ok, C}.
+
+%% @private
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+handle_call({route, Session, Opts}, _From, C) ->
+    %% decided here, one at a time: two callers racing get the same decision
+    case recorded(Session) of
+        {ok, D} -> {reply, D, C};
+        Why ->
+            D = decide(Opts, C),
+            ets:insert(?SESSIONS, {Session, D}),
+            dspex_telemetry:execute([dspex, region, route], #{count => 1},
+                                    #{session => Session, primary_region => maps:get(primary_region, D),
+                                      policy => maps:get(policy, D),
+                                      reason => case Why of none -> new; unhealthy -> failover end}),
+            {reply, D, C}
+    end;
+handle_call({forget, Session}, _From, C) ->
+    ets:delete(?SESSIONS, Session),
+    {reply, ok, C};
+handle_call(_, _From, C) -> {reply, {error, unknown_call}, C}.
+
+%% @private
+-spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast(_, C) -> {noreply, C}.
+
+%% @private
+-spec terminate(term(), map()) -> ok.
+terminate(_, _) ->
+    _ = persistent_term:erase({?MODULE, name}),
+    _ = persistent_term:erase({?MODULE, config}),
+    ok.
+
+decide(Opts, #{name := Me, coords := MyCoords, peers := Peers, weights := W}) ->
+    Healthy = [{Me, MyCoords} | [{N, Co} || #{name := N, coords := Co} <- Peers, healthy(N)]],
+    {Policy, Cost} =
+        case maps:get(client_location, Opts, none) of
+            none ->
+                {lowest_rtt, fun({R, _}) when R =:= Me -> 0.0;
+                                ({R, _}) -> case ets:lookup(?LINKS, R) of
+                                                [{_, #{ewma_us := E}}] -> E / 1000;
+                                                _ -> infinity
+                                            end
+                             end};
+            Loc -> {nearest, fun({_, Co}) -> haversine_km(Loc, Co) end}
+        end,
+    Scored = lists:sort([{weighted(Cost(R), maps:get(N, W, 1.0)), N} || {N, _} = R <- Healthy]),
+    [Primary | Backups] = [N || {_, N} <- Scored],
+    #{primary_region => Primary, backup_regions => Backups, policy => Policy,
+      decided_at => erlang:system_time(millisecond)}.
+
+%% regions without a measurement yet sort after every measured one
+weighted(infinity, _) -> {1, 0};
+weighted(X, Weight) -> {0, X * Weight}.

@@ -1,0 +1,245 @@
+%% Common Test: three regions, each one `peer' node (reg_a, reg_b, reg_c)
+%% running dspex_bridge with a `region' configuration, linked gateway to
+%% gateway through delaying TCP proxies (dspex_region_proxy, run by this
+%% node): a<->b 5 ms, b<->c 20 ms, a<->c 60 ms one-way, one proxy per
+%% direction of each link. Measured RTTs, routing by distance and by
+%% measured latency with weights, stability, and a link flap; every case runs
+%% twice: in plain TCP (group `plain') and with mutual TLS between the
+%% gateways (group `tls', certificates made by `openssl' in a temporary
+%% directory).
+-module(dspex_region_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, groups/0, init_per_group/2, end_per_group/2]).
+-export([measured_rtt_matches_the_injected_delay/1, routes_to_the_nearest_region_by_coordinates/1,
+         routes_to_the_lowest_measured_rtt_without_coordinates/1,
+         a_link_flap_is_reported_down_then_up_and_probes_resume/1,
+         topology_and_prometheus_report_every_link/1]).
+%% run on the peers
+-export([collector_start/0, collector_get/0]).
+
+-define(REGIONS, [{a, <<"a">>, {50.11, 8.68}},      % Frankfurt
+                  {b, <<"b">>, {51.51, -0.13}},     % London
+                  {c, <<"c">>, {40.71, -74.01}}]).  % New York
+-define(PROBE_MS, 20).
+-define(WINDOW, 32).
+
+all() -> [{group, plain}, {group, tls}].
+
+groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()}].
+
+cases() ->
+    [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
+     routes_to_the_lowest_measured_rtt_without_coordinates, topology_and_prometheus_report_every_link,
+     a_link_flap_is_reported_down_then_up_and_probes_resume].
+
+%% one-way delay of the link between two regions
+delay(X, Y) when X > Y -> delay(Y, X);
+delay(a, b) -> 5;
+delay(b, c) -> 20;
+delay(a, c) -> 60.
+
+%% reg_c prefers a over b (weight 4 on b's cost)
+weights(c) -> #{<<"b">> => 4.0};
+weights(_) -> #{}.
+
+init_per_group(plain, Config) -> start_regions(undefined, Config);
+init_per_group(tls, Config) ->
+    Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_ct_" ++ os:getpid() ++ "_" ++
+                            integer_to_list(erlang:unique_integer([positive]))),
+    ok = filelib:ensure_path(Dir),
+    ok = file:write_file(filename:join(Dir, "ext"), "subjectAltName=IP:127.0.0.1\n"),
+    [begin
+         Out = os:cmd("cd " ++ Dir ++ " && " ++ Cmd ++ " >/dev/null 2>&1; echo $?"),
+         "0\n" = Out
+     end || Cmd <- ["openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 "
+                    "-keyout ca.key -out ca.pem -subj /CN=dspex-region-ct-ca",
+                    "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+                    "-keyout region.key -out region.csr -subj /CN=region",
+                    "openssl x509 -req -in region.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 "
+                    "-extfile ext -out region.pem"]],
+    F = fun(N) -> filename:join(Dir, N) end,
+    start_regions(#{certfile => F("region.pem"), keyfile => F("region.key"), cacertfile => F("ca.pem")},
+                  [{tls_dir, Dir} | Config]).
+
+end_per_group(_, Config) ->
+    [catch peer:stop(P) || P <- maps:values(?config(peers, Config))],
+    [catch dspex_region_proxy:stop(P) || P <- maps:values(?config(proxies, Config))],
+    _ = [file:del_dir_r(D) || D <- [?config(tls_dir, Config)], D =/= undefined],
+    ok.
+
+start_regions(Tls, Config) ->
+    Pairs = [{X, Y} || {X, _, _} <- ?REGIONS, {Y, _, _} <- ?REGIONS, X =/= Y],
+    Proxies = maps:from_list([{XY, begin {ok, P} = dspex_region_proxy:start(undefined, delay(X, Y)), P end}
+                              || {X, Y} = XY <- Pairs]),
+    Host = hd(string:split(net_adm:localhost(), ".")),
+    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
+    Peers = maps:from_list(
+              [{X, begin
+                       {ok, P, _} = peer:start(#{name => "reg_" ++ atom_to_list(X), host => Host,
+                                                 connection => standard_io,
+                                                 args => ["-setcookie", "dspex_region_ct", "-connect_all", "false",
+                                                          "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"
+                                                          | Paths]}),
+                       P
+                   end} || {X, _, _} <- ?REGIONS]),
+    [begin
+         P = maps:get(X, Peers),
+         ok = peer:call(P, application, load, [dspex_bridge]),
+         %% nothing on disk, no fixed ports shared by the three nodes
+         [ok = peer:call(P, application, set_env, [dspex_bridge, K, V])
+          || {K, V} <- [{event_log, false}, {grpc_enabled, false}, {console_enabled, false},
+                        {prometheus_port, 0}]],
+         RC = #{name => Name, coords => Coords, listen => {{127, 0, 0, 1}, 0},
+                peers => [#{name => YName, coords => YCoords,
+                            gateway => {{127, 0, 0, 1}, dspex_region_proxy:port(maps:get({X, Y}, Proxies))}}
+                          || {Y, YName, YCoords} <- ?REGIONS, Y =/= X],
+                weights => weights(X), probe_ms => ?PROBE_MS, window => ?WINDOW,
+                down_after_ms => 500, backoff_min_ms => 20, backoff_max_ms => 200},
+         RC1 = case Tls of undefined -> RC; _ -> RC#{tls => Tls} end,
+         ok = peer:call(P, application, set_env, [dspex_bridge, region, RC1]),
+         {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge])
+     end || {X, Name, Coords} <- ?REGIONS],
+    %% each proxy X->Y forwards to Y's gateway
+    [ok = dspex_region_proxy:set_target(Proxy, peer:call(maps:get(Y, Peers), dspex_region, gateway_port, []))
+     || {{_, Y}, Proxy} <- maps:to_list(Proxies)],
+    [ok = wait_until(fun() -> all_up(P) end, 20000, {links_up, X}) || {X, P} <- maps:to_list(Peers)],
+    [{peers, Peers}, {proxies, Proxies} | Config].
+
+%%% cases ------------------------------------------------------------------------
+
+measured_rtt_matches_the_injected_delay(Config) ->
+    Peers = ?config(peers, Config),
+    %% a full window of samples on every link
+    [ok = wait_until(fun() -> lists:all(fun(#{rtt := #{samples := N}}) -> N >= 2 * ?WINDOW end,
+                                        maps:values(maps:get(peers, topology(P))))
+                     end, 60000, {samples, X})
+     || {X, P} <- maps:to_list(Peers)],
+    Rows = [{X, Y, 2 * delay(X, Y), maps:get(rtt, maps:get(atom_to_binary(Y), maps:get(peers, topology(maps:get(X, Peers)))))}
+            || {X, _, _} <- ?REGIONS, {Y, _, _} <- ?REGIONS, X =/= Y],
+    [ct:pal("~s -> ~s: injected RTT ~b ms, measured p50 ~.2f ewma ~.2f p99 ~.2f ms (~b samples)",
+            [X, Y, Inj, P50, E, P99, N])
+     || {X, Y, Inj, #{p50_ms := P50, ewma_ms := E, p99_ms := P99, samples := N}} <- Rows],
+    %% within 10% of the injected RTT, plus 2 ms for a loaded 2-core machine
+    %% (loopback and scheduling add a fraction of a ms when idle)
+    [?assert(abs(P50 - Inj) =< 0.1 * Inj + 2.0, {X, Y, Inj, P50}) || {X, Y, Inj, #{p50_ms := P50}} <- Rows],
+    %% never below what was injected: the delay is real, not a number
+    [?assert(P50 >= Inj - 1.0, {X, Y, Inj, P50}) || {X, Y, Inj, #{p50_ms := P50}} <- Rows].
+
+routes_to_the_nearest_region_by_coordinates(Config) ->
+    #{a := PA, c := PC} = ?config(peers, Config),
+    NewYork = {40.0, -75.0}, Paris = {48.86, 2.35},
+    #{primary_region := <<"c">>, backup_regions := [<<"b">>, <<"a">>], policy := nearest} = D1 =
+        peer:call(PA, dspex_region, route_session, [<<"s_ny">>, #{client_location => NewYork}]),
+    %% Paris: London (344 km) before Frankfurt (479 km)
+    #{primary_region := <<"b">>, backup_regions := [<<"a">>, <<"c">>]} =
+        peer:call(PA, dspex_region, route_session, [<<"s_paris">>, #{client_location => Paris}]),
+    %% reg_c weighs b's cost 4x: Frankfurt wins
+    #{primary_region := <<"a">>, backup_regions := [<<"b">>, <<"c">>]} =
+        peer:call(PC, dspex_region, route_session, [<<"s_paris">>, #{client_location => Paris}]),
+    %% stable: the same session keeps its decision, whatever is asked later
+    ?assertEqual(D1, peer:call(PA, dspex_region, route_session, [<<"s_ny">>, #{client_location => Paris}])),
+    ?assertEqual(D1, peer:call(PA, dspex_region, route_session, [<<"s_ny">>, #{}])),
+    ?assertMatch({error, {invalid_argument, _}},
+                 peer:call(PA, dspex_region, route_session, [<<"s_bad">>, #{client_location => {91, 0}}])).
+
+routes_to_the_lowest_measured_rtt_without_coordinates(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    %% the own region costs 0; then by measured RTT (a-b 10 ms, b-c 40, a-c 120)
+    #{primary_region := <<"a">>, backup_regions := [<<"b">>, <<"c">>], policy := lowest_rtt} =
+        peer:call(PA, dspex_region, route_session, [<<"s_rtt">>, #{}]),
+    #{primary_region := <<"b">>, backup_regions := [<<"a">>, <<"c">>]} =
+        peer:call(PB, dspex_region, route_session, [<<"s_rtt">>, #{}]),
+    %% reg_c: b at 40 ms x 4 = 160 comes after a at 120
+    #{primary_region := <<"c">>, backup_regions := [<<"a">>, <<"b">>]} = D =
+        peer:call(PC, dspex_region, route_session, [<<"s_rtt">>, #{}]),
+    ?assertEqual(D, peer:call(PC, dspex_region, route_session, [<<"s_rtt">>, #{}])).
+
+topology_and_prometheus_report_every_link(Config) ->
+    #{a := PA} = ?config(peers, Config),
+    #{region := <<"a">>, peers := #{<<"b">> := B, <<"c">> := C}, sessions := Own, transport := Transport} = topology(PA),
+    ?assertEqual(case ?config(tls_dir, Config) of undefined -> tcp; _ -> tls end, Transport),
+    ?assert(Own >= 1),
+    [?assertMatch(#{status := up, last_check_at := T, rtt := #{samples := N}} when is_integer(T) andalso N > 0, L)
+     || L <- [B, C]],
+    ?assert(maps:get(sessions, C) >= 1),
+    Text = iolist_to_binary(peer:call(PA, dspex_prometheus, render, [])),
+    [?assertNotEqual(nomatch, binary:match(Text, S), S)
+     || S <- [<<"dspex_region_link_up{region=\"a\",peer=\"b\"} 1">>,
+              <<"dspex_region_link_up{region=\"a\",peer=\"c\"} 1">>,
+              <<"dspex_region_rtt_seconds{region=\"a\",peer=\"c\",quantile=\"0.5\"} 0.1">>,
+              <<"dspex_region_rtt_seconds_count{region=\"a\",peer=\"b\"} ">>]].
+
+a_link_flap_is_reported_down_then_up_and_probes_resume(Config) ->
+    #{a := PA} = ?config(peers, Config),
+    Proxy = maps:get({a, c}, ?config(proxies, Config)),
+    ok = peer:call(PA, ?MODULE, collector_start, []),
+    %% a session routed to c, from a client near New York
+    #{primary_region := <<"c">>} = peer:call(PA, dspex_region, route_session, [<<"s_flap">>, #{client_location => {40.0, -75.0}}]),
+    ok = dspex_region_proxy:drop(Proxy),
+    ok = wait_until(fun() -> status(PA, <<"c">>) =:= down end, 10000, link_down),
+    %% c is unreachable from here: the session goes to the next healthy region
+    #{primary_region := <<"b">>, backup_regions := [<<"a">>]} = Moved =
+        peer:call(PA, dspex_region, route_session, [<<"s_flap">>, #{client_location => {40.0, -75.0}}]),
+    #{rtt := #{samples := Before}} = maps:get(<<"c">>, maps:get(peers, topology(PA))),
+    ok = dspex_region_proxy:restore(Proxy),
+    ok = wait_until(fun() -> status(PA, <<"c">>) =:= up end, 10000, link_up),
+    %% probes resume, and measure the same delay again
+    ok = wait_until(fun() -> samples(PA, <<"c">>) >= Before + 5 end, 10000, probes_resume),
+    #{rtt := #{last_ms := Last}} = maps:get(<<"c">>, maps:get(peers, topology(PA))),
+    ?assert(Last >= 118.5 andalso Last < 120 * 1.1 + 20, Last),
+    %% the moved session stays where it was moved
+    ?assertEqual(Moved, peer:call(PA, dspex_region, route_session, [<<"s_flap">>, #{}])),
+    %% telemetry: down, then up, for the link to c only
+    Events = [{Ev, Peer} || {[dspex, region, link, Ev], _, #{peer := Peer}} <- peer:call(PA, ?MODULE, collector_get, [])],
+    ?assertEqual([{down, <<"c">>}, {up, <<"c">>}], Events),
+    [Route] = [M || {[dspex, region, route], _, #{session := <<"s_flap">>} = M} <- peer:call(PA, ?MODULE, collector_get, []),
+                    maps:get(reason, M) =:= failover],
+    ?assertMatch(#{primary_region := <<"b">>}, Route).
+
+%%% helpers -------------------------------------------------------------------------
+
+topology(P) -> peer:call(P, dspex_region, topology, []).
+
+status(P, R) -> maps:get(status, maps:get(R, maps:get(peers, topology(P)))).
+
+samples(P, R) -> maps:get(samples, maps:get(rtt, maps:get(R, maps:get(peers, topology(P))))).
+
+all_up(P) ->
+    case topology(P) of
+        #{peers := Ps} -> lists:all(fun(#{status := S}) -> S =:= up end, maps:values(Ps));
+        _ -> false
+    end.
+
+wait_until(F, Timeout, What) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    wait_loop(F, Deadline, What).
+
+wait_loop(F, Deadline, What) ->
+    case catch F() of
+        true -> ok;
+        _ ->
+            case erlang:monotonic_time(millisecond) < Deadline of
+                true -> receive after 20 -> ok end, wait_loop(F, Deadline, What);
+                false -> ct:fail({timeout_waiting_for, What})
+            end
+    end.
+
+%% on a peer: a process that keeps the region's link and route events
+collector_start() ->
+    Pid = spawn(fun() -> collector([]) end),
+    register(region_ct_collector, Pid),
+    ok = dspex_telemetry:attach_many(region_ct, [[dspex, region, link, up], [dspex, region, link, down],
+                                                 [dspex, region, route]],
+                                     fun(E, M, Meta, _) -> region_ct_collector ! {event, E, M, Meta} end, []).
+
+collector(Acc) ->
+    receive
+        {event, E, M, Meta} -> collector([{E, M, Meta} | Acc]);
+        {get, From} -> From ! {events, lists:reverse(Acc)}, collector(Acc)
+    end.
+
+collector_get() ->
+    region_ct_collector ! {get, self()},
+    receive {events, Es} -> Es after 5000 -> timeout end.

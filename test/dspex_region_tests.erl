@@ -1,0 +1,233 @@
+%% EUnit: dspex_region's configuration checks, distance and percentile, the
+%% gateway's protocol (a bad frame closes that connection only) and routing
+%% of a region without peers. The three-region tests are dspex_region_SUITE.
+-module(dspex_region_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+base() ->
+    #{name => <<"eu">>, coords => {50.0, 8.0}, listen => {{127, 0, 0, 1}, 0},
+      peers => [#{name => <<"us">>, gateway => {"localhost", 4000}, coords => {40.0, -75.0}}]}.
+
+with_env(C, F) ->
+    Old = application:get_env(dspex_bridge, region),
+    application:set_env(dspex_bridge, region, C),
+    try F()
+    after
+        case Old of
+            undefined -> application:unset_env(dspex_bridge, region);
+            {ok, V} -> application:set_env(dspex_bridge, region, V)
+        end
+    end.
+
+config_test_() ->
+    B = base(),
+    Err = fun(C) -> with_env(C, fun dspex_region:config/0) end,
+    [?_assertEqual(undefined, begin application:unset_env(dspex_bridge, region), dspex_region:config() end),
+     ?_assertMatch(#{name := <<"eu">>, probe_ms := 1000, window := 64, down_after_ms := 3000,
+                     peers := [#{name := <<"us">>}]}, Err(B)),
+     %% plain TCP only between loopback addresses
+     ?_assertEqual({error, {invalid_argument, {listen, not_loopback}}}, Err(B#{listen => {{10, 0, 0, 1}, 0}})),
+     ?_assertEqual({error, {invalid_argument, {{peer, <<"us">>}, not_loopback}}},
+                   Err(B#{peers => [#{name => <<"us">>, gateway => {{192, 168, 1, 9}, 4000}, coords => {0, 0}}]})),
+     ?_assertEqual({error, {invalid_argument, {tls, {no_file, certfile}}}},
+                   Err(B#{tls => #{certfile => "/nonexistent/c", keyfile => "k", cacertfile => "ca"}})),
+     ?_assertEqual({error, {invalid_argument, {tls, bad_options}}}, Err(B#{tls => #{certfile => "c"}})),
+     ?_assertEqual({error, {invalid_argument, {peers, duplicate_name}}},
+                   Err(B#{peers => [#{name => <<"eu">>, gateway => {"localhost", 1}, coords => {0, 0}}]})),
+     ?_assertEqual({error, {invalid_argument, {coords, bad_coords}}}, Err(B#{coords => {91, 0}})),
+     ?_assertEqual({error, {invalid_argument, {weights, <<"us">>}}}, Err(B#{weights => #{<<"us">> => 0}})),
+     ?_assertEqual({error, {invalid_argument, probe_ms}}, Err(B#{probe_ms => 0})),
+     %% fast probes still give a slow link a second before it is called down
+     ?_assertMatch(#{down_after_ms := 1000}, Err(B#{probe_ms => 10})),
+     ?_assertEqual({error, {invalid_argument, region}}, Err(not_a_map)),
+     %% the supervisor refuses to start, saying why
+     ?_assertMatch({error, {shutdown, {failed_to_start_child, dspex_region, {invalid_argument, {listen, not_loopback}}}}},
+                   with_env(B#{listen => {{10, 0, 0, 1}, 0}}, fun() ->
+                       process_flag(trap_exit, true), dspex_region_sup:start_link() end))].
+
+haversine_test() ->
+    %% Paris - London, about 344 km
+    D = dspex_region:haversine_km({48.8566, 2.3522}, {51.5074, -0.1278}),
+    ?assert(D > 340 andalso D < 347, D),
+    ?assertEqual(0.0, dspex_region:haversine_km({10, 10}, {10, 10})).
+
+percentile_test() ->
+    L = lists:seq(1, 100),
+    ?assertEqual(50, dspex_region_link:percentile(L, 0.5)),
+    ?assertEqual(99, dspex_region_link:percentile(L, 0.99)),
+    ?assertEqual(7, dspex_region_link:percentile([7], 0.99)).
+
+%% a region without peers, its tables and gateway only
+standalone(F) ->
+    process_flag(trap_exit, true),
+    C = with_env((base())#{peers => []}, fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C),
+    {ok, G} = dspex_region_gateway:start_link(C),
+    try F(C)
+    after
+        [begin exit(P, shutdown), receive {'EXIT', P, _} -> ok after 5000 -> ok end end || P <- [G, R]],
+        ok
+    end.
+
+connect() ->
+    {ok, S} = gen_tcp:connect({127, 0, 0, 1}, dspex_region_gateway:port(), [binary, {packet, 4}, {active, false}]),
+    S.
+
+call(S, Msg) ->
+    ok = gen_tcp:send(S, dspex_region_gateway:encode(Msg)),
+    case gen_tcp:recv(S, 0, 5000) of
+        {ok, B} -> dspex_region_gateway:decode(B);
+        E -> E
+    end.
+
+gateway_protocol_test() ->
+    standalone(fun(_) ->
+        S = connect(),
+        ?assertEqual({ok, {welcome, <<"eu">>, {50.0, 8.0}}}, call(S, {hello, <<"us">>, {1, 2}})),
+        ?assertEqual({ok, {pong, 1, 12345}}, call(S, {ping, 1, 12345})),
+        %% a frame that is not a term, another version, a probe before hello: that connection closes
+        Bad = connect(),
+        ok = gen_tcp:send(Bad, <<131, 255, 0>>),
+        ?assertEqual({error, closed}, gen_tcp:recv(Bad, 0, 5000)),
+        V2 = connect(),
+        ok = gen_tcp:send(V2, term_to_binary({dspex_region, 2, {hello, <<"x">>, {0, 0}}})),
+        ?assertEqual({error, closed}, gen_tcp:recv(V2, 0, 5000)),
+        Early = connect(),
+        ?assertEqual({error, closed}, call(Early, {ping, 1, 1})),
+        %% the first connection and the gateway are unaffected
+        ?assertEqual({ok, {pong, 2, 7}}, call(S, {ping, 2, 7})),
+        ?assertEqual({ok, {welcome, <<"eu">>, {50.0, 8.0}}}, call(connect(), {hello, <<"us">>, {1, 2}}))
+    end).
+
+decode_is_safe_test() ->
+    %% an atom this node does not know is refused, not created
+    Unknown = <<131, 100, 0, 20, "dspex_no_such_atom_q">>,
+    ?assertEqual({error, bad_frame}, dspex_region_gateway:decode(Unknown)).
+
+routing_without_peers_test() ->
+    ?assertEqual({error, not_running}, dspex_region:route_session(<<"s">>, #{})),
+    standalone(fun(_) ->
+        #{primary_region := <<"eu">>, backup_regions := [], policy := lowest_rtt} = D =
+            dspex_region:route_session(<<"s">>, #{}),
+        ?assertEqual(D, dspex_region:route_session(<<"s">>, #{client_location => {0, 0}})),
+        ok = dspex_region:forget_session(<<"s">>),
+        ?assertMatch(#{policy := nearest}, dspex_region:route_session(<<"s">>, #{client_location => {0, 0}})),
+        ?assertEqual({error, {invalid_argument, session}}, dspex_region:route_session(s, #{})),
+        ?assertMatch(#{region := <<"eu">>, sessions := 1, peers := #{}}, dspex_region:topology())
+    end),
+    ?assertEqual({error, not_running}, dspex_region:topology()).
+
+%% a peer whose gateway refuses connections: its link is down, says why, and retries
+unreachable_peer_test() ->
+    process_flag(trap_exit, true),
+    {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}]),
+    {ok, Port} = inet:port(L),
+    ok = gen_tcp:close(L),
+    C = with_env((base())#{peers => [#{name => <<"us">>, gateway => {{127, 0, 0, 1}, Port}, coords => {40.0, -75.0}}],
+                           backoff_min_ms => 10, backoff_max_ms => 40}, fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C),
+    {ok, G} = dspex_region_gateway:start_link(C),
+    [P] = maps:get(peers, C),
+    {ok, Link} = dspex_region_link:start_link(P, C),
+    try
+        Wait = fun W(0) -> timeout;
+                   W(N) -> case maps:get(<<"us">>, maps:get(peers, dspex_region:topology())) of
+                               #{status := down, last_error := {connect, econnrefused}} = T -> T;
+                               _ -> receive after 10 -> W(N - 1) end
+                           end
+               end,
+        ?assertMatch(#{status := down, rtt := #{samples := 0}}, Wait(500)),
+        %% the session goes to the only healthy region, this one
+        ?assertMatch(#{primary_region := <<"eu">>, backup_regions := []},
+                     dspex_region:route_session(<<"s">>, #{client_location => {40.0, -75.0}})),
+        ?assertEqual(<<"dspex_region_link_up{region=\"eu\",peer=\"us\"} 0">>,
+                     hd([Line || Line <- binary:split(iolist_to_binary(dspex_region:prometheus()), <<"\n">>, [global]),
+                                 binary:match(Line, <<"dspex_region_link_up{">>) =/= nomatch]))
+    after
+        [begin exit(X, shutdown), receive {'EXIT', X, _} -> ok after 5000 -> ok end end || X <- [Link, G, R]]
+    end.
+
+%%% mutual TLS -------------------------------------------------------------------
+
+%% A CA, a region certificate it signed (for 127.0.0.1), and one from another CA.
+certs(Dir) ->
+    Run = fun(Cmd) ->
+                  Out = os:cmd("cd " ++ Dir ++ " && " ++ Cmd ++ " >/dev/null 2>&1; echo $?"),
+                  ?assertEqual("0\n", Out, Cmd)
+          end,
+    ok = file:write_file(filename:join(Dir, "ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n"),
+    [begin
+         Run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 "
+             "-keyout " ++ CA ++ ".key -out " ++ CA ++ ".pem -subj /CN=" ++ CA),
+         Run("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+             "-keyout " ++ R ++ ".key -out " ++ R ++ ".csr -subj /CN=" ++ R),
+         Run("openssl x509 -req -in " ++ R ++ ".csr -CA " ++ CA ++ ".pem -CAkey " ++ CA ++ ".key "
+             "-CAcreateserial -days 2 -extfile ext -out " ++ R ++ ".pem")
+     end || {CA, R} <- [{"ca", "region"}, {"other_ca", "stranger"}]],
+    F = fun(N) -> filename:join(Dir, N) end,
+    {#{certfile => F("region.pem"), keyfile => F("region.key"), cacertfile => F("ca.pem")},
+     #{certfile => F("stranger.pem"), keyfile => F("stranger.key"), cacertfile => F("ca.pem")}}.
+
+with_tls(F) ->
+    Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_tls_" ++ os:getpid() ++ "_" ++
+                            integer_to_list(erlang:unique_integer([positive]))),
+    ok = filelib:ensure_path(Dir),
+    try F(certs(Dir))
+    after file:del_dir_r(Dir)
+    end.
+
+tls_call(Tls, Msg) ->
+    Base = [binary, {packet, 4}, {active, false}],
+    Opts1 = case Tls of
+                none -> [{verify, verify_none} | Base];
+                _ -> [{server_name_indication, disable} | Base] ++ dspex_region_gateway:tls_options(client, Tls)
+            end,
+    case ssl:connect({127, 0, 0, 1}, dspex_region_gateway:port(), Opts1, 5000) of
+        {ok, S} ->
+            R = case ssl:send(S, dspex_region_gateway:encode(Msg)) of
+                    ok -> case ssl:recv(S, 0, 5000) of
+                              {ok, B} -> dspex_region_gateway:decode(B);
+                              E -> E
+                          end;
+                    E -> E
+                end,
+            _ = ssl:close(S),
+            R;
+        E -> E
+    end.
+
+mutual_tls_test_() ->
+    {timeout, 60, fun() -> with_tls(fun mutual_tls/1) end}.
+
+mutual_tls({Tls, Stranger}) ->
+    process_flag(trap_exit, true),
+    {ok, _} = application:ensure_all_started(ssl),
+    %% with TLS, a non-loopback address is accepted
+    ?assertMatch(#{listen := {{0, 0, 0, 0}, 0}}, with_env((base())#{tls => Tls, listen => {{0, 0, 0, 0}, 0}},
+                                                          fun dspex_region:config/0)),
+    C = with_env((base())#{peers => [], tls => Tls, probe_ms => 10}, fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C),
+    {ok, G} = dspex_region_gateway:start_link(C),
+    %% a link over TLS to this region's own gateway (the configuration refuses a
+    %% peer named like the region; the link itself does not care)
+    {ok, Link} = dspex_region_link:start_link(#{name => <<"eu">>, gateway => {{127, 0, 0, 1}, dspex_region_gateway:port()},
+                                                coords => {50.0, 8.0}}, C),
+    try
+        ?assertEqual({ok, {welcome, <<"eu">>, {50.0, 8.0}}}, tls_call(Tls, {hello, <<"us">>, {1, 2}})),
+        %% no client certificate, one from another CA, plain TCP: no answer
+        ?assertMatch({error, _}, tls_call(none, {hello, <<"us">>, {1, 2}})),
+        ?assertMatch({error, _}, tls_call(Stranger, {hello, <<"us">>, {1, 2}})),
+        {ok, S} = gen_tcp:connect({127, 0, 0, 1}, dspex_region_gateway:port(), [binary, {packet, 4}, {active, false}]),
+        ok = gen_tcp:send(S, dspex_region_gateway:encode({hello, <<"us">>, {1, 2}})),
+        ?assertMatch({error, _}, gen_tcp:recv(S, 0, 5000)),
+        %% the link comes up over TLS and measures
+        Wait = fun W(0) -> timeout;
+                   W(N) -> case ets:lookup(dspex_region:links_table(), <<"eu">>) of
+                               [{_, #{status := up, samples := K}}] when K >= 5 -> ok;
+                               _ -> receive after 20 -> W(N - 1) end
+                           end
+               end,
+        ?assertEqual(ok, Wait(500))
+    after
+        [begin exit(X, shutdown), receive {'EXIT', X, _} -> ok after 5000 -> ok end end || X <- [Link, G, R]]
+    end.
