@@ -123,6 +123,7 @@ handle_cast({expired, S}, St) ->
                 false ->
                     #{replication := Mode} = dspex_cluster_members:view(),
                     _ = replicate(S, E, Seq + 1, delete_session, Reps, Mode),
+                    ok = dspex_cache:committed(S, E, Seq + 1),
                     dspex_cluster_watch:lost(S, ended),
                     dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
                 true -> ok
@@ -306,6 +307,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             %% node; the caller is answered when all of them confirmed it
             Seq1 = Seq + 1,
             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
+            ok = dspex_cache:committed(S, Epoch, Seq1),
             Ack = case Reps of
                       [_] -> {one, From, Result, T0, Meta};
                       _ ->
@@ -322,6 +324,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                         _ ->
                             Seq1 = Seq + 1,
                             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
+                            ok = dspex_cache:committed(S, Epoch, Seq1),
                             ok = replicate(S, Epoch, Seq1, full(S, P), Reps, Mode),
                             %% see dspex_cluster_shipper: not acknowledged when
                             %% a takeover fenced this node meanwhile
