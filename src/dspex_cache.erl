@@ -158,7 +158,7 @@ answer(R, _) -> R.
 entry(S, MaxStale) ->
     try ets:lookup(?TAB, S) of
         [{S, Id, _E, _Seq, _Owner, Fill, Ref, Gen, _Bytes}] ->
-            case erlang:monotonic_time(millisecond) - Fill < MaxStale andalso
+            case os:perf_counter(microsecond) - Fill < MaxStale * 1000 andalso
                  Gen =:= maps:get(gen, persistent_term:get(?VIEW)) of
                 true ->
                     _ = Ref =:= 0 andalso ets:update_element(?TAB, S, {7, 1}),
@@ -190,9 +190,10 @@ refresh(S, {expired, S}) ->
     case ets:lookup(?TAB, S) of
         [{S, _Id, E, Seq, Owner, _, _, _, _}] ->
             Gen = maps:get(gen, persistent_term:get(?VIEW)),
+            T0 = os:perf_counter(microsecond),
             case route(S, version_here) of
                 {version, E, Seq, Owner} ->
-                    case gen_server:call(?MODULE, {renew, S, E, Seq, Gen}, ?CALL_TIMEOUT) of
+                    case gen_server:call(?MODULE, {renew, S, E, Seq, Gen, T0}, ?CALL_TIMEOUT) of
                         {ok, Id} -> {ok, Id};
                         stale -> fill(S)
                     end;
@@ -225,11 +226,13 @@ warm(S) when is_binary(S) ->
 fill(S) ->
     gen_server:cast(?MODULE, {filling, S, 1}),
     Gen = maps:get(gen, persistent_term:get(?VIEW)),
+    %% the lease runs from before the owner cut the copy
+    T0 = os:perf_counter(microsecond),
     try route(S, fill_here) of
         {filled, E, Seq, Owner, Export} ->
             case dspex_cluster:last_read() of
                 #{status := current} ->
-                    case gen_server:call(?MODULE, {install, S, E, Seq, Owner, Gen, Export}, ?CALL_TIMEOUT) of
+                    case gen_server:call(?MODULE, {install, S, E, Seq, Owner, Gen, T0, Export}, ?CALL_TIMEOUT) of
                         {ok, Id} -> {ok, Id};
                         _ -> routed
                     end;
@@ -404,7 +407,7 @@ init([]) ->
            delays => {0, []}}}.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
-handle_call({install, S, E, Seq, Owner, Gen, Export}, _From, St) ->
+handle_call({install, S, E, Seq, Owner, Gen, T0, Export}, _From, St) ->
     case {maps:get(S, maps:get(seen, St), {0, 0}), ets:lookup(?TAB, S)} of
         {Seen, _} when {E, Seq} < Seen -> {reply, stale, St};   % invalidated while in flight
         {_, [{S, Id, E0, Seq0, _, _, _, _, _}]} when {E0, Seq0} >= {E, Seq} ->
@@ -417,7 +420,7 @@ handle_call({install, S, E, Seq, Owner, Gen, Export}, _From, St) ->
             case dspex_nif:import_session(Copy) of
                 ok ->
                     Bytes = erlang:external_size(Copy),
-                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, erlang:monotonic_time(millisecond), 0, Gen, Bytes}),
+                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, T0, 0, Gen, Bytes}),
                     counters:add(persistent_term:get(?CTRS), ?FILL, 1),
                     dspex_telemetry:execute([dspex, cache, fill], #{count => 1, bytes => Bytes},
                                             #{session => S, epoch => E, seq => Seq, owner => Owner}),
@@ -429,10 +432,10 @@ handle_call({install, S, E, Seq, Owner, Gen, Export}, _From, St) ->
                 {error, _} = Err -> {reply, Err, St1}
             end
     end;
-handle_call({renew, S, E, Seq, Gen}, _From, St) ->
+handle_call({renew, S, E, Seq, Gen, T0}, _From, St) ->
     case ets:lookup(?TAB, S) of
-        [{S, Id, E, Seq, _, _, _, _, _}] ->
-            ets:update_element(?TAB, S, [{6, erlang:monotonic_time(millisecond)}, {8, Gen}]),
+        [{S, Id, E, Seq, _, Fill, _, _, _}] ->
+            ets:update_element(?TAB, S, [{6, max(T0, Fill)}, {8, Gen}]),
             counters:add(persistent_term:get(?CTRS), ?RENEW, 1),
             {reply, {ok, Id}, St};
         _ -> {reply, stale, St}

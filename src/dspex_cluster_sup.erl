@@ -7,7 +7,7 @@
 -module(dspex_cluster_sup).
 -behaviour(supervisor).
 
--export([start_link/0, init/1, config/0]).
+-export([start_link/0, init/1, config/0, config_of/1]).
 
 -define(POOL, 8).
 
@@ -20,7 +20,15 @@ start_link() -> supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 config() ->
     case application:get_env(dspex_bridge, cluster) of
         undefined -> undefined;
-        {ok, C} when is_map(C) ->
+        {ok, C} -> config_of(C)
+    end.
+
+%% @doc The cluster configuration `C' (the application environment's
+%% `cluster') with its defaults, or `{error, {invalid_argument, Key}}'.
+-spec config_of(term()) -> map() | {error, {invalid_argument, term()}}.
+config_of(C) ->
+    case C of
+        C when is_map(C) ->
             Nodes = lists:usort(maps:get(nodes, C, [node()])),
             Backend = case maps:get(backend, C, static) of
                           static -> dspex_owner_static;
@@ -43,7 +51,7 @@ config() ->
                 true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode, read => Read,
                            route_deadline_ms => Deadline, replica_timeout_ms => RTimeout}
             end;
-        {ok, _} -> {error, {invalid_argument, cluster}}
+        _ -> {error, {invalid_argument, cluster}}
     end.
 
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.

@@ -1,0 +1,303 @@
+%% Common Test: the node-local cache (`dspex_cache', `read => cached') across
+%% three `peer' nodes, with the cluster suite's helpers: hits without a remote
+%% call, invalidations sent only to the caching nodes, bounded staleness when
+%% an invalidation is lost, eviction under the byte bound, owner failover, and
+%% the staleness bound of every read under concurrent writes.
+-module(dspex_cache_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, init_per_testcase/2, end_per_testcase/2]).
+-export([a_second_read_is_a_hit_without_a_remote_call/1, invalidations_reach_only_caching_nodes/1,
+         a_write_is_seen_by_the_next_read_once_invalidated/1,
+         a_lost_invalidation_is_bounded_by_max_staleness/1, eviction_keeps_the_byte_bound/1,
+         owner_kill_drops_copies_and_the_new_owner_refills_them/1,
+         every_stale_read_is_within_max_staleness_of_its_superseding_write/1,
+         default_mode_is_owner_and_config_is_validated/1]).
+%% run on the peers
+-export([read_until/4, reads_for/3, writes/3]).
+
+-define(C, dspex_cluster_SUITE).
+
+all() ->
+    [a_second_read_is_a_hit_without_a_remote_call, invalidations_reach_only_caching_nodes,
+     a_write_is_seen_by_the_next_read_once_invalidated, a_lost_invalidation_is_bounded_by_max_staleness,
+     eviction_keeps_the_byte_bound, owner_kill_drops_copies_and_the_new_owner_refills_them,
+     every_stale_read_is_within_max_staleness_of_its_superseding_write,
+     default_mode_is_owner_and_config_is_validated].
+
+init_per_testcase(_, Config) -> Config.
+
+end_per_testcase(_, _Config) ->
+    case get(peers) of
+        undefined -> ok;
+        Peers -> ?C:stop_cluster(Peers)
+    end,
+    ok.
+
+%%% helpers -----------------------------------------------------------------------
+
+cluster(Base, Cache) ->
+    Peers = ?C:start_cluster(Base, #{replicas => 1, replication => sync, cache => Cache}),
+    put(peers, Peers),
+    Peers.
+
+%% Session S with x = 0 created on the first node: {Owner, Replica, Other} as
+%% {Node, Peer} pairs (Other neither owns nor replicates S).
+roles(Peers, S) ->
+    [{_, PA} | _] = Peers,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {Owner, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    [Other] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    {{Owner, pr(Owner, Peers)}, {Rep, pr(Rep, Peers)}, {Other, pr(Other, Peers)}}.
+
+pr(N, Peers) -> proplists:get_value(N, Peers).
+
+stats(P) -> peer:call(P, dspex_cache, stats, []).
+stat(P, K) -> maps:get(K, stats(P)).
+
+await_stat(P, K, AtLeast) ->
+    ok = ?C:wait_until(fun() -> stat(P, K) >= AtLeast end, 10000, {P, K, AtLeast}).
+
+regs(P, S) -> [N || {_, N} <- peer:call(P, ets, lookup, [dspex_cache_regs, S])].
+
+%%% cases -------------------------------------------------------------------------
+
+%% The first cached read on a non-owner fills the copy (one miss, one fill);
+%% the next reads are hits answered here: the owner serves no read meanwhile
+%% (its fills and its routed reads do not move) and the values are right.
+a_second_read_is_a_hit_without_a_remote_call(_Config) ->
+    Peers = cluster("dspex_cache_hit", #{mode => cached, max_staleness_ms => 60000}),
+    S = <<"hit_s">>,
+    {{_, PO}, _, {C, PC}} = roles(Peers, S),
+    ok = peer:call(PC, dspex_cache, reset_stats, []),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
+    #{misses := 1, fills := 1, hits := 0} = stats(PC),
+    ?assertEqual([C], regs(PO, S)),
+    {ok, #{value := 0, version := 0}} = peer:call(PC, dspex_store, get, [S, x]),
+    %% 100 reads: all hits, no further fill or miss
+    [{ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]) || _ <- lists:seq(1, 100)],
+    #{misses := 1, fills := 1, hits := 101} = stats(PC),
+    {error, {not_found, <<"nope">>}} = peer:call(PC, dspex_store, get_value, [S, <<"nope">>]),
+    %% the copy is not a session of this node's store
+    ?assertNot(lists:member(dspex_cache:cache_id(S), peer:call(PC, dspex_store, list_sessions, []))),
+    %% read => owner per call is routed (a miss neither counted nor filled)
+    {ok, #{value := 0}} = peer:call(PC, dspex_store, get, [S, x, #{read => owner}]),
+    #{misses := 1, fills := 1, hits := 102} = stats(PC),
+    {error, {invalid_argument, read}} = peer:call(PC, dspex_store, get, [S, x, #{read => bogus}]).
+
+%% A write on the owner invalidates the nodes caching the session and no other
+%% (the replica, which did not read, gets nothing); no invalidation is sent
+%% for a session nobody caches.
+invalidations_reach_only_caching_nodes(_Config) ->
+    Peers = cluster("dspex_cache_only", #{mode => cached, max_staleness_ms => 60000}),
+    S = <<"only_s">>,
+    {{_, PO}, {_, PR}, {C, PC}} = roles(Peers, S),
+    [ok = peer:call(P, dspex_cache, reset_stats, []) || {_, P} <- Peers],
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
+    {ok, 1} = peer:call(PO, dspex_store, set, [S, x, 1]),
+    await_stat(PC, invalidations_received, 1),
+    #{invalidations_sent := 1} = stats(PO),
+    #{invalidations_received := 0, invalidations_sent := 0} = stats(PR),
+    ?assertEqual([C], regs(PO, S)),
+    %% an uncached session: no invalidation at all
+    S2 = <<"only_s2">>,
+    {{_, PO2}, _, _} = roles(Peers, S2),
+    Sent = stat(PO2, invalidations_sent),
+    {ok, 1} = peer:call(PO2, dspex_store, set, [S2, x, 1]),
+    ?assertEqual(Sent, stat(PO2, invalidations_sent)),
+    ?assertEqual([], regs(PO2, S2)).
+
+%% With a lease far longer than the test, the next cached read after the
+%% invalidation arrived sees the write (the invalidation, not the lease, made
+%% it fresh); a write made by the caching node itself is seen at once
+%% (read-your-writes); the delay stats are filled.
+a_write_is_seen_by_the_next_read_once_invalidated(_Config) ->
+    Peers = cluster("dspex_cache_inv", #{mode => cached, max_staleness_ms => 600000}),
+    S = <<"inv_s">>,
+    {{_, PO}, _, {_, PC}} = roles(Peers, S),
+    ok = peer:call(PC, dspex_cache, reset_stats, []),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
+    [begin
+         {ok, V} = peer:call(PO, dspex_store, set, [S, x, V]),
+         await_stat(PC, invalidations_received, V),
+         {ok, V} = peer:call(PC, dspex_store, get_value, [S, x]),
+         {ok, #{value := V, version := V}} = peer:call(PC, dspex_store, get, [S, x])
+     end || V <- lists:seq(1, 20)],
+    {ok, 21} = peer:call(PC, dspex_store, set, [S, x, 21]),
+    {ok, 21} = peer:call(PC, dspex_store, get_value, [S, x]),
+    #{invalidation_delay_p50_us := P50, invalidation_delay_p99_us := P99} = St = stats(PC),
+    ct:pal("invalidation delay p50 ~p us, p99 ~p us; ~p", [P50, P99, St]),
+    ?assert(is_number(P50) andalso is_number(P99) andalso P50 =< P99).
+
+%% The owner forgets the caching node (its invalidations are lost): the
+%% cached reads keep the old value only while the copy's lease lasts, never
+%% after max_staleness_ms from the write's acknowledgement, then see it.
+a_lost_invalidation_is_bounded_by_max_staleness(_Config) ->
+    Max = 300,
+    Peers = cluster("dspex_cache_lost", #{mode => cached, max_staleness_ms => Max}),
+    S = <<"lost_s">>,
+    {{_, PO}, _, {C, PC}} = roles(Peers, S),
+    ok = peer:call(PC, dspex_cache, reset_stats, []),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
+    true = peer:call(PO, ets, delete_object, [dspex_cache_regs, {S, C}]),
+    {ok, 1} = peer:call(PO, dspex_store, set, [S, x, 1]),
+    Ack = os:perf_counter(nanosecond),
+    Reads = peer:call(PC, ?MODULE, read_until, [S, x, 1, 20000]),
+    {Stale, [{_, 1} | _]} = lists:splitwith(fun({_, V}) -> V =:= 0 end, Reads),
+    ct:pal("~p stale reads after the lost invalidation; first fresh ~p ms after the ack",
+           [length(Stale), (element(1, lists:last(Reads)) - Ack) / 1.0e6]),
+    [?assert(T - Ack < Max * 1000000) || {T, 0} <- Stale],
+    ?assertEqual(0, stat(PC, invalidations_received)),
+    ?assert(stat(PC, stale_refused) >= 1).
+
+%% Cached reads of many sessions keep the copies' bytes under max_bytes:
+%% the clock evicts, the owners are told to forget the evicted copies, and
+%% every read answers the right value.
+eviction_keeps_the_byte_bound(_Config) ->
+    Max = 6000,
+    Peers = cluster("dspex_cache_evict", #{mode => cached, max_staleness_ms => 60000, max_bytes => Max}),
+    [{_, PA} | _] = Peers,
+    Ss = [<<"ev_", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 24)],
+    Big = binary:copy(<<"v">>, 1000),
+    [begin
+         {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+         {ok, _} = peer:call(PA, dspex_store, register, [S, s, string, <<Big/binary, S/binary>>])
+     end || S <- Ss],
+    %% the node caching: the one owning the fewest of these sessions
+    View = peer:call(PA, dspex_cluster_members, view, []),
+    Owned = fun(N) -> [S || S <- Ss, element(1, dspex_cluster_writer:owners(S, View)) =:= N] end,
+    {_, C} = lists:min([{length(Owned(N)), N} || {N, _} <- Peers]),
+    PC = pr(C, Peers),
+    Remote = Ss -- Owned(C),
+    [begin
+         {ok, V} = peer:call(PC, dspex_store, get_value, [S, s]),
+         ?assertEqual(<<Big/binary, S/binary>>, V),
+         #{bytes := B} = stats(PC),
+         ?assert(B =< Max)
+     end || _ <- [1, 2], S <- Remote],
+    #{evictions := Ev, sessions := N, bytes := B} = stats(PC),
+    ct:pal("~p remote sessions read twice: ~p evictions, ~p cached, ~p bytes", [length(Remote), Ev, N, B]),
+    ?assert(Ev > 0),
+    ?assert(N < length(Remote)),
+    Cached = peer:call(PC, dspex_cache, cached_sessions, []),
+    %% every owner forgets the evicted copies (told by a message: awaited)
+    ok = ?C:wait_until(
+           fun() ->
+                   lists:all(fun(S) ->
+                                     {O, _} = dspex_cluster_writer:owners(S, View),
+                                     lists:member(C, regs(pr(O, Peers), S)) =:= lists:member(S, Cached)
+                             end, Remote)
+           end, 10000, owners_forget_evicted).
+
+%% The owner of a cached session is killed: the caching node drops its copy
+%% (nodedown), the next cached read refills it from the new owner (a higher
+%% epoch) with the last acknowledged value, and the new owner's writes
+%% invalidate it.
+owner_kill_drops_copies_and_the_new_owner_refills_them(_Config) ->
+    Peers = cluster("dspex_cache_kill", #{mode => cached, max_staleness_ms => 600000}),
+    S = <<"kill_s">>,
+    {{O, PO}, {R, PR}, {C, PC}} = roles(Peers, S),
+    {ok, _} = peer:call(PO, dspex_store, set, [S, x, 7]),
+    {ok, 7} = peer:call(PC, dspex_store, get_value, [S, x]),
+    [{S, _, E0, _, O, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    ok = ?C:kill_node(O, Peers),
+    ok = ?C:wait_until(fun() -> peer:call(PC, dspex_cache, cached_sessions, []) =:= [] end, 20000, copy_dropped),
+    {ok, 7} = peer:call(PC, dspex_store, get_value, [S, x]),
+    [{S, _, E1, _, R, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    ?assert(E1 > E0),
+    ?assertEqual([C], regs(PR, S)),
+    Got = stat(PC, invalidations_received),
+    {ok, _} = peer:call(PR, dspex_store, set, [S, x, 8]),
+    await_stat(PC, invalidations_received, Got + 1),
+    {ok, 8} = peer:call(PC, dspex_store, get_value, [S, x]).
+
+%% A writer on the owner and cached readers on the two other nodes, the owner
+%% forgetting the readers now and then (lost invalidations): every read
+%% returns a written value, and a read returning value V that began after
+%% write V+1 was acknowledged began less than max_staleness_ms after it.
+every_stale_read_is_within_max_staleness_of_its_superseding_write(_Config) ->
+    Max = 100,
+    Peers = cluster("dspex_cache_bound", #{mode => cached, max_staleness_ms => Max}),
+    S = <<"bound_s">>,
+    {{_, PO}, {_, PR}, {_, PC}} = roles(Peers, S),
+    N = 300,
+    Self = self(),
+    Readers = [spawn_link(fun() -> Self ! {reads, P, peer:call(P, ?MODULE, reads_for, [S, x, 4000], 60000)} end)
+               || P <- [PR, PC]],
+    Acks = peer:call(PO, ?MODULE, writes, [S, x, N], 60000),
+    Got = [receive {reads, P, Rs} -> Rs end || P <- [PR, PC]],
+    Reads = lists:append([Rs || {_, Rs} <- Got]),
+    Count = lists:sum([C || {C, _} <- Got]),
+    _ = Readers,
+    AckOf = maps:from_list(Acks),
+    Stale = [{T, V, T - maps:get(V + 1, AckOf)} || {T, V} <- Reads, V < N,
+                                                   maps:get(V + 1, AckOf) < T],
+    ?assert(lists:all(fun({_, V}) -> V >= 0 andalso V =< N end, Reads)),
+    Worst = lists:max([0 | [D || {_, _, D} <- Stale]]),
+    ct:pal("~p reads, ~p writes, ~p values read stale, worst ~p us after the superseding ack",
+           [Count, N, length(Stale), Worst div 1000]),
+    ?assert(Worst < Max * 1000000),
+    ?assert(Count > 0).
+
+%% Without a `cache' entry reads are routed as before (no copy, no stats);
+%% a bad `cache' configuration is refused.
+default_mode_is_owner_and_config_is_validated(_Config) ->
+    Peers = ?C:start_cluster("dspex_cache_def", #{replicas => 1}),
+    put(peers, Peers),
+    S = <<"def_s">>,
+    {_, _, {_, PC}} = roles(Peers, S),
+    owner = peer:call(PC, dspex_cache, mode, []),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
+    #{misses := 0, fills := 0, sessions := 0} = stats(PC),
+    %% per call
+    {ok, 0} = peer:call(PC, dspex_cache, get_value, [S, x, #{read => cached}]),
+    #{misses := 1, fills := 1, sessions := 1} = stats(PC),
+    {ok, #{epoch := _, seq := _}} = peer:call(PC, dspex_cache, warm, [S]),
+    [?assertMatch({error, {invalid_argument, {cache, _}}},
+                  peer:call(PC, dspex_cluster_sup, config_of, [#{nodes => [a], cache => Bad}]))
+     || Bad <- [#{mode => fast}, #{max_staleness_ms => -1}, #{max_bytes => big}]],
+    ?assertEqual({error, {invalid_argument, cache}},
+                 peer:call(PC, dspex_cluster_sup, config_of, [#{nodes => [a], cache => []}])).
+
+%%% run on the peers --------------------------------------------------------------
+
+%% Cached reads of K until it is Want (at most Timeout ms): [{InvokeNs, Value}].
+read_until(S, K, Want, Timeout) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    read_until(S, K, Want, Deadline, []).
+
+read_until(S, K, Want, Deadline, Acc) ->
+    T = os:perf_counter(nanosecond),
+    {ok, V} = dspex_store:get_value(S, K),
+    Acc1 = [{T, V} | Acc],
+    case V =:= Want orelse erlang:monotonic_time(millisecond) > Deadline of
+        true -> lists:reverse(Acc1);
+        false -> read_until(S, K, Want, Deadline, Acc1)
+    end.
+
+%% Cached reads for Ms milliseconds: {Count, [{LastInvokeNs, Value}]}, the
+%% invocation time of the last read returning each value (the one that
+%% matters for its staleness), so that little travels back.
+reads_for(S, K, Ms) ->
+    Deadline = erlang:monotonic_time(millisecond) + Ms,
+    reads_loop(S, K, Deadline, 0, #{}).
+
+reads_loop(S, K, Deadline, N, Acc) ->
+    case erlang:monotonic_time(millisecond) > Deadline of
+        true -> {N, [{T, V} || {V, T} <- maps:to_list(Acc)]};
+        false ->
+            T = os:perf_counter(nanosecond),
+            {ok, V} = dspex_store:get_value(S, K),
+            reads_loop(S, K, Deadline, N + 1, Acc#{V => T})
+    end.
+
+%% Writes K = 1..N; every 50th write first makes this owner forget the nodes
+%% caching S (that write's invalidation is lost). [{Value, AckNs}].
+writes(S, K, N) ->
+    [begin
+         _ = I rem 50 =:= 0 andalso ets:delete(dspex_cache_regs, S),
+         {ok, I} = dspex_store:set(S, K, I),
+         {I, os:perf_counter(nanosecond)}
+     end || I <- lists:seq(1, N)].
