@@ -63,7 +63,7 @@
 -module(dspex_cache).
 -behaviour(gen_server).
 
--export([start_link/0, get/3, get_value/3, read/4, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0,
+-export([start_link/0, get/3, get_value/3, read/4, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
          cache_id/1, is_cache_id/1, committed/3, fill_here/2, version_here/2, seen/2, wrote/1,
          drop/1, cached_sessions/0, prometheus/0, tables/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
@@ -71,6 +71,8 @@
 -define(TAB, dspex_cache_entries).
 -define(REGS, dspex_cache_regs).
 -define(CONF, dspex_cache_config).
+-define(MODE, dspex_cache_mode).
+-define(TICKS, dspex_cache_ticks_per_ms).
 -define(CTRS, dspex_cache_counters).
 -define(VIEW, {dspex_cluster, view}).
 -define(PREFIX, "\0cache:").
@@ -102,11 +104,15 @@ tables() -> {?TAB, ?REGS}.
 
 %% @doc The default read mode (`owner' without a cluster or configuration).
 -spec mode() -> mode().
-mode() -> maps:get(mode, persistent_term:get(?CONF, #{}), owner).
+mode() -> element(1, persistent_term:get(?MODE, {owner, 100})).
+
+%% @doc `{mode(), max_staleness_ms()}' in one lookup (the read path).
+-spec read_defaults() -> {mode(), non_neg_integer()}.
+read_defaults() -> persistent_term:get(?MODE, {owner, 100}).
 
 %% @doc The default `max_staleness_ms' of cached reads (100 unless configured).
 -spec max_staleness_ms() -> non_neg_integer().
-max_staleness_ms() -> maps:get(max_staleness_ms, persistent_term:get(?CONF, #{}), 100).
+max_staleness_ms() -> element(2, persistent_term:get(?MODE, {owner, 100})).
 
 %% @doc The NIF session id of the cached copy of `Session'.
 -spec cache_id(binary()) -> binary().
@@ -158,12 +164,16 @@ answer(R, _) -> R.
 entry(S, MaxStale) ->
     try ets:lookup(?TAB, S) of
         [{S, Id, _E, _Seq, _Owner, Fill, Ref, Gen, _Bytes}] ->
-            case os:perf_counter(microsecond) - Fill < MaxStale * 1000 andalso
+            %% lease times are raw os:perf_counter/0 ticks (the cheapest clock read)
+            case os:perf_counter() - Fill < MaxStale * persistent_term:get(?TICKS) andalso
                  Gen =:= maps:get(gen, persistent_term:get(?VIEW)) of
                 true ->
                     _ = Ref =:= 0 andalso ets:update_element(?TAB, S, {7, 1}),
                     counters:add(persistent_term:get(?CTRS), ?HIT, 1),
-                    event(hit, S),
+                    case dspex_telemetry:handlers_at('dspex_telemetry/dspex.cache.hit') of
+                        [] -> ok;
+                        Hs -> dspex_telemetry:emit(Hs, [dspex, cache, hit], #{count => 1}, #{session => S})
+                    end,
                     {hit, Id};
                 false ->
                     counters:add(persistent_term:get(?CTRS), ?STALE, 1),
@@ -190,7 +200,7 @@ refresh(S, {expired, S}) ->
     case ets:lookup(?TAB, S) of
         [{S, _Id, E, Seq, Owner, _, _, _, _}] ->
             Gen = maps:get(gen, persistent_term:get(?VIEW)),
-            T0 = os:perf_counter(microsecond),
+            T0 = os:perf_counter(),
             case route(S, version_here) of
                 {version, E, Seq, Owner} ->
                     case gen_server:call(?MODULE, {renew, S, E, Seq, Gen, T0}, ?CALL_TIMEOUT) of
@@ -198,7 +208,8 @@ refresh(S, {expired, S}) ->
                         stale -> fill(S)
                     end;
                 {version, _, _, _} -> fill(S);
-                _ -> drop(S), routed
+                {error, _} = Err -> drop(S), Err;
+                _ -> drop(S), routed   % this node owns S now, or the owner changed under the call
             end;
         [] -> fill(S)
     end;
@@ -227,7 +238,7 @@ fill(S) ->
     gen_server:cast(?MODULE, {filling, S, 1}),
     Gen = maps:get(gen, persistent_term:get(?VIEW)),
     %% the lease runs from before the owner cut the copy
-    T0 = os:perf_counter(microsecond),
+    T0 = os:perf_counter(),
     try route(S, fill_here) of
         {filled, E, Seq, Owner, Export} ->
             case dspex_cluster:last_read() of
@@ -396,6 +407,8 @@ init([]) ->
     persistent_term:put(?CONF, #{mode => maps:get(mode, C, owner),
                                  max_staleness_ms => maps:get(max_staleness_ms, C, 100),
                                  max_bytes => Max}),
+    persistent_term:put(?TICKS, erlang:convert_time_unit(1, millisecond, perf_counter)),
+    persistent_term:put(?MODE, {maps:get(mode, C, owner), maps:get(max_staleness_ms, C, 100)}),
     case persistent_term:get(?CTRS, undefined) of
         undefined -> persistent_term:put(?CTRS, counters:new(?NCTRS, [write_concurrency]));
         _ -> ok
@@ -421,10 +434,12 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export}, _From, St) ->
                 ok ->
                     Bytes = erlang:external_size(Copy),
                     true = ets:insert(?TAB, {S, Id, E, Seq, Owner, T0, 0, Gen, Bytes}),
+                    %% a later invalidation of this copy records its version again
+                    St1a = St1#{seen := maps:remove(S, maps:get(seen, St1))},
                     counters:add(persistent_term:get(?CTRS), ?FILL, 1),
                     dspex_telemetry:execute([dspex, cache, fill], #{count => 1, bytes => Bytes},
                                             #{session => S, epoch => E, seq => Seq, owner => Owner}),
-                    St2 = evict(enqueue(S, St1#{bytes := maps:get(bytes, St1) + Bytes})),
+                    St2 = evict(enqueue(S, St1a#{bytes := maps:get(bytes, St1a) + Bytes})),
                     case ets:member(?TAB, S) of
                         true -> {reply, {ok, Id}, St2};
                         false -> {reply, stale, St2}   % larger than the whole bound

@@ -267,9 +267,9 @@ register_here(Session, Name, Type, Value, Opts) ->
 get(Session, Key) ->
     case dspex_nif:var_get(Session, Key) of
         slow ->
-            case dspex_cache:mode() of
-                owner -> owner_get(Session, Key);
-                cached -> cached_get(Session, Key, dspex_cache:max_staleness_ms())
+            case dspex_cache:read_defaults() of
+                {owner, _} -> owner_get(Session, Key);
+                {cached, Max} -> cached_get(Session, Key, Max)
             end;
         R -> var_map(R)
     end.
@@ -359,9 +359,9 @@ var_map(Other) ->
 get_value(Session, Key) ->
     case dspex_nif:var_get_value(Session, Key) of
         slow ->
-            case dspex_cache:mode() of
-                owner -> owner_get_value(Session, Key);
-                cached -> cached_get_value(Session, Key, dspex_cache:max_staleness_ms())
+            case dspex_cache:read_defaults() of
+                {owner, _} -> owner_get_value(Session, Key);
+                {cached, Max} -> cached_get_value(Session, Key, Max)
             end;
         R -> R
     end.
