@@ -64,12 +64,17 @@
 -behaviour(gen_server).
 
 -export([start_link/0, get/3, get_value/3, read/4, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
-         cache_id/1, is_cache_id/1, committed/3, fill_here/2, version_here/2, seen/2, wrote/1,
-         drop/1, cached_sessions/0, prometheus/0, tables/0]).
+         cache_id/1, is_cache_id/1, committed/3, fill_here/3, version_here/3, seen/2, wrote/1,
+         drop/1, cached_sessions/0, prometheus/0, tables/0, strong_enabled/0,
+         before_commit/2, after_commit/1, took_over/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(TAB, dspex_cache_entries).
 -define(REGS, dspex_cache_regs).
+-define(LEASES, dspex_cache_leases).
+-define(PENDING, dspex_cache_pending).
+-define(FENCE, dspex_cache_fence).
+-define(STRONG, dspex_cache_strong).
 -define(CONF, dspex_cache_config).
 -define(MODE, dspex_cache_mode).
 -define(TICKS, dspex_cache_ticks_per_ms).
@@ -91,16 +96,27 @@
 -define(REPAIR, 9).
 -define(NCTRS, 9).
 
--type mode() :: owner | cached.
+-type mode() :: owner | cached | strong.
 -type opts() :: #{read => mode(), max_staleness_ms => non_neg_integer()}.
 -export_type([mode/0, opts/0]).
 
 %%% configuration -------------------------------------------------------------
 
-%% @doc The ETS tables (created by `dspex_cluster_sup', living as long as it):
-%% `{Entries, Registrations}'.
--spec tables() -> {atom(), atom()}.
-tables() -> {?TAB, ?REGS}.
+%% @doc The ETS tables (created by `dspex_cluster_sup', living as long as it),
+%% with their type: the copies here, the nodes caching this node's sessions,
+%% the strong leases this node granted as owner, the sessions with a write
+%% being prepared, and the sessions whose first writes wait out the leases of
+%% a previous owner.
+-spec tables() -> [{atom(), set | bag}].
+tables() -> [{?TAB, set}, {?REGS, bag}, {?LEASES, set}, {?PENDING, set}, {?FENCE, set}].
+
+%% @doc Whether `read => strong' (leases) is on: the configured `mode' is
+%% `strong', or `strong => true' in the `cache' configuration.
+-spec strong_enabled() -> boolean().
+strong_enabled() -> persistent_term:get(?STRONG, false).
+
+%% The length of a strong lease (`max_staleness_ms'), in perf_counter ticks.
+lease_ticks() -> max_staleness_ms() * persistent_term:get(?TICKS).
 
 %% @doc The default read mode (`owner' without a cluster or configuration).
 -spec mode() -> mode().
@@ -135,6 +151,11 @@ get(S, K, Opts) when is_map(Opts) ->
 -spec get_value(binary(), dspex_store:var_key(), opts()) -> {ok, dspex_store:value()} | {error, term()}.
 get_value(S, K, Opts) when is_map(Opts) ->
     case {maps:get(read, Opts, mode()), maps:get(max_staleness_ms, Opts, max_staleness_ms())} of
+        {strong, _} ->
+            case strong_enabled() of
+                true -> dspex_store:get_value_mode(S, K, cached, strong);
+                false -> {error, {invalid_argument, read}}
+            end;
         {M, Max} when (M =:= owner orelse M =:= cached), is_integer(Max), Max >= 0 ->
             dspex_store:get_value_mode(S, K, M, Max);
         {M, _} when M =/= owner, M =/= cached -> {error, {invalid_argument, read}};
@@ -144,13 +165,14 @@ get_value(S, K, Opts) when is_map(Opts) ->
 %% @doc A cached read of session `S': `Hit(CacheId)' on a copy whose lease is
 %% younger than `MaxStaleMs' (filled or renewed first if needed), `Routed()'
 %% when there is none (this node owns `S', the owner could not be asked, or
-%% the copy changed under the read).
--spec read(binary(), non_neg_integer(), fun((binary()) -> term()), fun(() -> term())) -> term().
+%% the copy changed under the read). `MaxStaleMs' `strong': only a copy
+%% holding an unexpired lease granted by the owner answers.
+-spec read(binary(), non_neg_integer() | strong, fun((binary()) -> term()), fun(() -> term())) -> term().
 read(S, MaxStale, Hit, Routed) ->
     case entry(S, MaxStale) of
         {hit, Id} -> answer(Hit(Id), Routed);
         Why ->
-            case refresh(S, Why) of
+            case refresh(S, Why, MaxStale =:= strong) of
                 {ok, Id} -> answer(Hit(Id), Routed);
                 routed -> Routed();
                 {error, _} = Err -> Err
@@ -163,10 +185,9 @@ answer(R, _) -> R.
 
 entry(S, MaxStale) ->
     try ets:lookup(?TAB, S) of
-        [{S, Id, _E, _Seq, _Owner, Fill, Ref, Gen, _Bytes}] ->
+        [{S, Id, _E, _Seq, _Owner, Fill, Ref, Gen, _Bytes, Lease}] ->
             %% lease times are raw os:perf_counter/0 ticks (the cheapest clock read)
-            case os:perf_counter() - Fill < MaxStale * persistent_term:get(?TICKS) andalso
-                 Gen =:= maps:get(gen, persistent_term:get(?VIEW)) of
+            case fresh(MaxStale, Fill, Gen, Lease) of
                 true ->
                     _ = Ref =:= 0 andalso ets:update_element(?TAB, S, {7, 1}),
                     counters:add(persistent_term:get(?CTRS), ?HIT, 1),
@@ -187,6 +208,11 @@ entry(S, MaxStale) ->
     catch error:badarg -> routed   % no cluster (tables absent)
     end.
 
+fresh(strong, _Fill, _Gen, Lease) -> os:perf_counter() < Lease;
+fresh(MaxStale, Fill, Gen, _Lease) ->
+    os:perf_counter() - Fill < MaxStale * persistent_term:get(?TICKS) andalso
+        Gen =:= maps:get(gen, persistent_term:get(?VIEW)).
+
 event(What, S) ->
     case dspex_telemetry:handlers([dspex, cache, What]) of
         [] -> ok;
@@ -195,25 +221,29 @@ event(What, S) ->
 
 %% An expired entry: renewed if the owner's version did not change; else (or
 %% on a miss) a new fill.
-refresh(_S, routed) -> routed;
-refresh(S, {expired, S}) ->
+refresh(_S, routed, _) -> routed;
+refresh(S, {expired, S}, Strong) ->
     case ets:lookup(?TAB, S) of
-        [{S, _Id, E, Seq, Owner, _, _, _, _}] ->
+        [{S, _Id, E, Seq, Owner, _, _, _, _, _}] ->
             Gen = maps:get(gen, persistent_term:get(?VIEW)),
+            Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
             T0 = os:perf_counter(),
-            case route(S, version_here) of
-                {version, E, Seq, Owner} ->
-                    case gen_server:call(?MODULE, {renew, S, E, Seq, Gen, T0}, ?CALL_TIMEOUT) of
+            try route(S, version_here, Strong) of
+                {version, E, Seq, Owner, Lease} when Lease orelse not Strong ->
+                    case gen_server:call(?MODULE, {renew, S, E, Seq, Gen, T0, Lease, Token}, ?CALL_TIMEOUT) of
                         {ok, Id} -> {ok, Id};
-                        stale -> fill(S)
+                        stale -> fill(S, Strong)
                     end;
-                {version, _, _, _} -> fill(S);
+                {version, E, Seq, Owner, false} -> routed;   % strong: a write is under way, ask the owner
+                {version, _, _, _, _} -> fill(S, Strong);
                 {error, _} = Err -> drop(S), Err;
                 _ -> drop(S), routed   % this node owns S now, or the owner changed under the call
+            after
+                gen_server:cast(?MODULE, {done_filling, S})
             end;
-        [] -> fill(S)
+        [] -> fill(S, Strong)
     end;
-refresh(S, miss) -> fill(S).
+refresh(S, miss, Strong) -> fill(S, Strong).
 
 %% @doc Fills (or refreshes) the cached copy of `S' from its owner now.
 %% `{ok, #{epoch, seq, bytes}}', or `{error, owner}' when this node owns it
@@ -223,10 +253,10 @@ warm(S) when is_binary(S) ->
     case persistent_term:get(dspex_cluster_routing, false) of
         false -> {error, not_clustered};
         true ->
-            case fill(S) of
+            case fill(S, strong_enabled()) of
                 {ok, _} ->
                     case ets:lookup(?TAB, S) of
-                        [{S, _, E, Seq, _, _, _, _, _}] -> {ok, #{epoch => E, seq => Seq}};
+                        [{S, _, E, Seq, _, _, _, _, _, _}] -> {ok, #{epoch => E, seq => Seq}};
                         [] -> {error, evicted}
                     end;
                 routed -> {error, owner};
@@ -234,16 +264,21 @@ warm(S) when is_binary(S) ->
             end
     end.
 
-fill(S) ->
-    gen_server:cast(?MODULE, {filling, S, 1}),
+fill(S, Strong) ->
+    %% the token says which revocations of S this node had seen: a lease
+    %% revoked after it is not installed
+    Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
     Gen = maps:get(gen, persistent_term:get(?VIEW)),
     %% the lease runs from before the owner cut the copy
     T0 = os:perf_counter(),
-    try route(S, fill_here) of
-        {filled, E, Seq, Owner, Export} ->
+    try route(S, fill_here, Strong) of
+        {filled, E, Seq, Owner, Export, Lease} ->
             case dspex_cluster:last_read() of
                 #{status := current} ->
-                    case gen_server:call(?MODULE, {install, S, E, Seq, Owner, Gen, T0, Export}, ?CALL_TIMEOUT) of
+                    case gen_server:call(?MODULE, {install, S, E, Seq, Owner, Gen, T0, Export, Lease, Token},
+                                         ?CALL_TIMEOUT) of
+                        %% strong without a lease: the copy was cut during
+                        %% this read, so it may answer this read only
                         {ok, Id} -> {ok, Id};
                         _ -> routed
                     end;
@@ -253,28 +288,32 @@ fill(S) ->
         {error, no_quorum} = Err -> Err;
         _ -> routed
     after
-        gen_server:cast(?MODULE, {filling, S, -1})
+        gen_server:cast(?MODULE, {done_filling, S})
     end.
 
 %% A call on the owner of S, routed as a read; `here' when this node is it.
-route(S, F) ->
-    dspex_cluster:route(S, {?MODULE, F}, [S, node()], fun() -> here end).
+route(S, F, Strong) ->
+    dspex_cluster:route(S, {?MODULE, F}, [S, node(), Strong], fun() -> here end).
 
 %%% owner side ------------------------------------------------------------------
 
-%% @doc On the owner (a routed read): registers `Node' as caching `S' and
-%% returns the session's version and a copy cut after it.
--spec fill_here(binary(), node()) -> {filled, non_neg_integer(), non_neg_integer(), node(), map()} | not_owner | {error, term()}.
-fill_here(S, Node) ->
+%% @doc On the owner (a routed read): registers `Node' as caching `S' (with a
+%% strong lease if `Strong' and no write of `S' is being prepared) and
+%% returns the session's version, a copy cut after it and whether the lease
+%% was granted.
+-spec fill_here(binary(), node(), boolean()) ->
+          {filled, non_neg_integer(), non_neg_integer(), node(), map(), boolean()} | not_owner | {error, term()}.
+fill_here(S, Node, Strong) ->
     case owned(S) of
         false -> not_owner;
         true ->
             true = ets:insert(?REGS, {S, Node}),
+            Lease = grant(S, Node, Strong),
             %% the version first, then the cut: the cut holds every commit up
             %% to it, and every later commit finds Node registered
             {S, E, Seq, _, _, _, _} = dspex_cluster_replica:row(S),
             case dspex_nif:export_session(S) of
-                {ok, Export} -> {filled, E, Seq, node(), Export};
+                {ok, Export} -> {filled, E, Seq, node(), Export, Lease};
                 {error, _} = Err ->
                     ets:delete_object(?REGS, {S, Node}),
                     Err
@@ -282,15 +321,108 @@ fill_here(S, Node) ->
     end.
 
 %% @doc On the owner (a routed read): the session's version (a lease renewal
-%% of `Node', registered again).
--spec version_here(binary(), node()) -> {version, non_neg_integer(), non_neg_integer(), node()} | not_owner.
-version_here(S, Node) ->
+%% of `Node', registered again; a strong lease as in `fill_here/3').
+-spec version_here(binary(), node(), boolean()) ->
+          {version, non_neg_integer(), non_neg_integer(), node(), boolean()} | not_owner.
+version_here(S, Node, Strong) ->
     case owned(S) of
         false -> not_owner;
         true ->
             true = ets:insert(?REGS, {S, Node}),
+            Lease = grant(S, Node, Strong),
             {S, E, Seq, _, _, _, _} = dspex_cluster_replica:row(S),
-            {version, E, Seq, node()}
+            {version, E, Seq, node(), Lease}
+    end.
+
+%% A strong lease for Node on S, unless a write of S is being prepared. The
+%% lease is recorded before the pending flag is read, and the writer sets the
+%% flag before it reads the leases: either the writer revokes this lease, or
+%% this call sees the flag and grants none.
+grant(S, Node, true) ->
+    case strong_enabled() of
+        false -> false;
+        true ->
+            true = ets:insert(?LEASES, {{S, Node}, os:perf_counter() + lease_ticks()}),
+            case ets:member(?PENDING, S) of
+                false -> true;
+                true ->
+                    ets:delete(?LEASES, {S, Node}),
+                    false
+            end
+    end;
+grant(_, _, false) -> false.
+
+%% @doc Called by the owner's writer before it applies a write of `S' (strong
+%% mode on): marks the write pending (no lease is granted until
+%% `after_commit/1'), waits out the leases of a previous owner (after a
+%% takeover, `took_over/1') and revokes every unexpired lease of `S': returns
+%% once each holder confirmed it dropped its copy, or its lease expired.
+-spec before_commit(binary(), pid()) -> ok.
+before_commit(S, Self) ->
+    case strong_enabled() of
+        false -> ok;
+        true ->
+            true = ets:insert(?PENDING, {S, true}),
+            case ets:lookup(?FENCE, S) of
+                [{S, Until}] ->
+                    wait_until(Until),
+                    ets:delete(?FENCE, S);
+                [] -> ok
+            end,
+            Now = os:perf_counter(),
+            Held = [{N, Exp} || {{_, N}, Exp} <- ets:match_object(?LEASES, {{S, '_'}, '_'}), Exp > Now],
+            ets:match_delete(?LEASES, {{S, '_'}, '_'}),
+            case Held of
+                [] -> ok;
+                _ ->
+                    Ref = make_ref(),
+                    [erlang:send({?MODULE, N}, {dspex_cache_revoke, S, Self, Ref}, [noconnect]) || {N, _} <- Held],
+                    revoked(Ref, Held)
+            end
+    end.
+
+%% Until every holder answered or its lease expired.
+revoked(_Ref, []) -> ok;
+revoked(Ref, Held) ->
+    Next = lists:min([E || {_, E} <- Held]),
+    Ms = max(0, ceil_ms(Next - os:perf_counter())),
+    receive
+        {dspex_cache_revoked, Ref, N} -> revoked(Ref, lists:keydelete(N, 1, Held))
+    after Ms ->
+        Now = os:perf_counter(),
+        revoked(Ref, [H || {_, E} = H <- Held, E > Now])
+    end.
+
+wait_until(Until) ->
+    case Until - os:perf_counter() of
+        D when D > 0 -> receive after ceil_ms(D) -> wait_until(Until) end;
+        _ -> ok
+    end.
+
+ceil_ms(Ticks) ->
+    T = persistent_term:get(?TICKS),
+    (Ticks + T - 1) div T.
+
+%% @doc Called by the owner's writer once the write of `S' is applied: leases
+%% may be granted again.
+-spec after_commit(binary()) -> ok.
+after_commit(S) ->
+    case strong_enabled() of
+        false -> ok;
+        true -> true = ets:delete(?PENDING, S), ok
+    end.
+
+%% @doc Called by the writer when this node took `S' over: leases granted by
+%% the previous owner may still run for up to a lease length; the first write
+%% of `S' waits them out (strong mode on).
+-spec took_over(binary()) -> ok.
+took_over(S) ->
+    case strong_enabled() of
+        false -> ok;
+        true ->
+            %% 1 ms beyond the lease for the rounding of the holders' clocks
+            true = ets:insert(?FENCE, {S, os:perf_counter() + lease_ticks() + persistent_term:get(?TICKS)}),
+            ok
     end.
 
 owned(S) ->
@@ -321,7 +453,7 @@ committed(S, Epoch, Seq) ->
 -spec seen(binary(), non_neg_integer()) -> ok.
 seen(S, Epoch) ->
     case ets:whereis(?TAB) =/= undefined andalso ets:lookup(?TAB, S) of
-        [{S, _, E, _, _, _, _, _, _}] when E < Epoch ->
+        [{S, _, E, _, _, _, _, _, _, _}] when E < Epoch ->
             counters:add(persistent_term:get(?CTRS), ?REPAIR, 1),
             drop(S);
         _ -> ok
@@ -342,7 +474,7 @@ drop(S) -> gen_server:call(?MODULE, {drop, S}, ?CALL_TIMEOUT).
 
 %% @doc Sessions cached on this node.
 -spec cached_sessions() -> [binary()].
-cached_sessions() -> [S || {S, _, _, _, _, _, _, _, _} <- ets:tab2list(?TAB)].
+cached_sessions() -> [S || {S, _, _, _, _, _, _, _, _, _} <- ets:tab2list(?TAB)].
 
 %%% stats -------------------------------------------------------------------------
 
@@ -408,6 +540,7 @@ init([]) ->
                                  max_staleness_ms => maps:get(max_staleness_ms, C, 100),
                                  max_bytes => Max}),
     persistent_term:put(?TICKS, erlang:convert_time_unit(1, millisecond, perf_counter)),
+    persistent_term:put(?STRONG, maps:get(mode, C, owner) =:= strong orelse maps:get(strong, C, false) =:= true),
     persistent_term:put(?MODE, {maps:get(mode, C, owner), maps:get(max_staleness_ms, C, 100)}),
     case persistent_term:get(?CTRS, undefined) of
         undefined -> persistent_term:put(?CTRS, counters:new(?NCTRS, [write_concurrency]));
@@ -416,14 +549,17 @@ init([]) ->
     ok = net_kernel:monitor_nodes(true),
     %% copies left by a previous incarnation are not covered any more
     [_ = dspex_nif:session_delete(Id) || Id <- dspex_nif:session_list(), is_cache_id(Id)],
-    {ok, #{max => Max, bytes => 0, clock => queue:new(), inq => #{}, filling => #{}, seen => #{},
+    {ok, #{max => Max, bytes => 0, clock => queue:new(), inq => #{}, filling => #{}, seen => #{}, revokes => #{},
            delays => {0, []}}}.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
-handle_call({install, S, E, Seq, Owner, Gen, T0, Export}, _From, St) ->
+handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, St) ->
+    %% a lease revoked since the fill began is not installed
+    Lease = Lease0 andalso maps:get(S, maps:get(revokes, St), 0) =:= Token,
     case {maps:get(S, maps:get(seen, St), {0, 0}), ets:lookup(?TAB, S)} of
         {Seen, _} when {E, Seq} < Seen -> {reply, stale, St};   % invalidated while in flight
-        {_, [{S, Id, E0, Seq0, _, _, _, _, _}]} when {E0, Seq0} >= {E, Seq} ->
+        {_, _} when Lease0, not Lease -> {reply, stale, St};
+        {_, [{S, Id, E0, Seq0, _, _, _, _, _, _}]} when {E0, Seq0} >= {E, Seq} ->
             {reply, {ok, Id}, St};   % as new already
         _ ->
             St1 = remove(S, St),
@@ -433,7 +569,11 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export}, _From, St) ->
             case dspex_nif:import_session(Copy) of
                 ok ->
                     Bytes = erlang:external_size(Copy),
-                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, T0, 0, Gen, Bytes}),
+                    LeaseUntil = case Lease of
+                                     true -> T0 + lease_ticks();
+                                     false -> 0
+                                 end,
+                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, T0, 0, Gen, Bytes, LeaseUntil}),
                     %% a later invalidation of this copy records its version again
                     St1a = St1#{seen := maps:remove(S, maps:get(seen, St1))},
                     counters:add(persistent_term:get(?CTRS), ?FILL, 1),
@@ -447,14 +587,21 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export}, _From, St) ->
                 {error, _} = Err -> {reply, Err, St1}
             end
     end;
-handle_call({renew, S, E, Seq, Gen, T0}, _From, St) ->
+handle_call({renew, S, E, Seq, Gen, T0, Lease, Token}, _From, St) ->
+    Revoked = maps:get(S, maps:get(revokes, St), 0) =/= Token,
     case ets:lookup(?TAB, S) of
-        [{S, Id, E, Seq, _, Fill, _, _, _}] ->
-            ets:update_element(?TAB, S, [{6, max(T0, Fill)}, {8, Gen}]),
+        [{S, Id, E, Seq, _, Fill, _, _, _, L0}] when not (Lease andalso Revoked) ->
+            L = case Lease of
+                    true -> max(L0, T0 + lease_ticks());
+                    false -> L0
+                end,
+            ets:update_element(?TAB, S, [{6, max(T0, Fill)}, {8, Gen}, {10, L}]),
             counters:add(persistent_term:get(?CTRS), ?RENEW, 1),
             {reply, {ok, Id}, St};
         _ -> {reply, stale, St}
     end;
+handle_call({filling, S}, _From, #{filling := F} = St) ->
+    {reply, maps:get(S, maps:get(revokes, St), 0), St#{filling := F#{S => maps:get(S, F, 0) + 1}}};
 handle_call({drop, S}, _From, St) ->
     {reply, ok, remove(S, St)};
 handle_call(stats, _From, #{delays := {_, Ds}} = St) ->
@@ -478,17 +625,19 @@ pct(Sorted, P) ->
     lists:nth(max(1, min(N, round(P * N + 0.5))), Sorted) / 1000.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
-handle_cast({filling, S, D}, #{filling := F} = St) ->
-    N = maps:get(S, F, 0) + D,
-    {noreply, St#{filling := case N > 0 of true -> F#{S => N}; false -> maps:remove(S, F) end}};
+handle_cast({done_filling, S}, St) -> {noreply, done_filling(S, St)};
 handle_cast(_, St) -> {noreply, St}.
+
+done_filling(S, #{filling := F} = St) ->
+    N = maps:get(S, F, 0) - 1,
+    St#{filling := case N > 0 of true -> F#{S => N}; false -> maps:remove(S, F) end}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({dspex_cache_inval, S, E, Seq, Owner, T}, #{seen := Seen} = St) ->
     counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
     St1 = St#{seen := Seen#{S => max(maps:get(S, Seen, {0, 0}), {E, Seq})}},
     St2 = case ets:lookup(?TAB, S) of
-              [{S, _, E0, Seq0, _, _, _, _, _}] when {E0, Seq0} < {E, Seq} -> remove(S, St1);
+              [{S, _, E0, Seq0, _, _, _, _, _, _}] when {E0, Seq0} < {E, Seq} -> remove(S, St1);
               [_] -> St1;
               [] ->
                   %% nothing cached and no fill under way: the owner may forget us
@@ -499,6 +648,11 @@ handle_info({dspex_cache_inval, S, E, Seq, Owner, T}, #{seen := Seen} = St) ->
     dspex_telemetry:execute([dspex, cache, invalidation, received], #{count => 1, delay_ns => Delay},
                             #{session => S, epoch => E, seq => Seq, owner => Owner}),
     {noreply, sample(Delay, St2)};
+handle_info({dspex_cache_revoke, S, From, Ref}, #{revokes := Rv} = St) ->
+    %% strong: a write of S waits for this drop before it commits
+    St1 = remove(S, St#{revokes := Rv#{S => maps:get(S, Rv, 0) + 1}}),
+    From ! {dspex_cache_revoked, Ref, node()},
+    {noreply, St1};
 handle_info({dspex_cache_forget, S, Node}, St) ->
     ets:delete_object(?REGS, {S, Node}),
     {noreply, St};
@@ -506,7 +660,7 @@ handle_info({nodedown, Node}, St) ->
     ets:match_delete(?REGS, {'_', Node}),
     %% copies from that owner: their next read asks the new owner
     St1 = lists:foldl(fun(S, Acc) -> remove(S, Acc) end, St,
-                      [S || {S, _, _, _, O, _, _, _, _} <- ets:tab2list(?TAB), O =:= Node]),
+                      [S || {S, _, _, _, O, _, _, _, _, _} <- ets:tab2list(?TAB), O =:= Node]),
     {noreply, St1};
 handle_info(_, St) -> {noreply, St}.
 
@@ -520,7 +674,7 @@ forget(S, Owner) ->
 %% Drops the copy of S (the NIF session, the entry, its bytes).
 remove(S, #{bytes := B} = St) ->
     case ets:take(?TAB, S) of
-        [{S, Id, _, _, _, _, _, _, Bytes}] ->
+        [{S, Id, _, _, _, _, _, _, Bytes, _}] ->
             _ = dspex_nif:session_delete(Id),
             St#{bytes := B - Bytes};
         [] -> St
@@ -542,10 +696,10 @@ evict(#{clock := Q} = St) ->
         {{value, S}, Q1} ->
             case ets:lookup(?TAB, S) of
                 [] -> evict(St#{clock := Q1, inq := maps:remove(S, maps:get(inq, St))});
-                [{S, _, _, _, _, _, 1, _, _}] ->
+                [{S, _, _, _, _, _, 1, _, _, _}] ->
                     ets:update_element(?TAB, S, {7, 0}),
                     evict(St#{clock := queue:in(S, Q1)});
-                [{S, _, _, _, Owner, _, 0, _, _}] ->
+                [{S, _, _, _, Owner, _, 0, _, _, _}] ->
                     counters:add(persistent_term:get(?CTRS), ?EVICT, 1),
                     dspex_telemetry:execute([dspex, cache, evict], #{count => 1}, #{session => S}),
                     forget(S, Owner),

@@ -65,9 +65,8 @@ init([]) ->
             %% sync writes waiting for their replicas (dspex_cluster_shipper)
             _ = ets:new(dspex_cluster_shipper:pending_table(), [named_table, public, set, {write_concurrency, true}]),
             %% the cache's copies here and the nodes caching this node's sessions (dspex_cache)
-            {CacheTab, CacheRegs} = dspex_cache:tables(),
-            _ = ets:new(CacheTab, [named_table, public, set, {read_concurrency, true}]),
-            _ = ets:new(CacheRegs, [named_table, public, bag, {read_concurrency, true}]),
+            _ = [ets:new(Tab, [named_table, public, Type, {read_concurrency, true}])
+                 || {Tab, Type} <- dspex_cache:tables()],
             Pool = fun(Mod) -> [#{id => {Mod, I}, start => {Mod, start_link, [I]}} || I <- lists:seq(0, ?POOL - 1)] end,
             Children = [#{id => pg, start => {pg, start_link, [dspex_cluster]}}]
                 ++ Pool(dspex_cluster_replica)
@@ -88,8 +87,10 @@ cache_config(Cache) when is_map(Cache) ->
     Mode = maps:get(mode, Cache, owner),
     Stale = maps:get(max_staleness_ms, Cache, 100),
     Max = maps:get(max_bytes, Cache, 0),
+    Strong = maps:get(strong, Cache, false),
     if
-        Mode =/= owner, Mode =/= cached -> {error, {invalid_argument, {cache, mode}}};
+        Mode =/= owner, Mode =/= cached, Mode =/= strong -> {error, {invalid_argument, {cache, mode}}};
+        not is_boolean(Strong) -> {error, {invalid_argument, {cache, strong}}};
         not is_integer(Stale) orelse Stale < 0 -> {error, {invalid_argument, {cache, max_staleness_ms}}};
         not is_integer(Max) orelse Max < 0 -> {error, {invalid_argument, {cache, max_bytes}}};
         true -> ok

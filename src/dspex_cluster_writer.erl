@@ -264,6 +264,9 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                 [] ->
                     _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
+                    %% strong reads: leases the previous owner granted are
+                    %% waited out (none can exist if no member held S)
+                    _ = Copies =/= [] andalso dspex_cache:took_over(S),
                     %% locks do not travel: the old owner's are gone with it, and
                     %% tokens granted here from now on are above any it granted
                     %% (its counter started from its clock, at an earlier time)
@@ -295,9 +298,12 @@ replace_local(S, Export) ->
 write(S, Op, Args, Own, V, From) when is_atom(Op) -> write(S, {dspex_store, Op}, Args, Own, V, From);
 write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
     T0 = erlang:monotonic_time(),
+    %% strong reads (dspex_cache): every lease of S revoked or expired first
+    ok = dspex_cache:before_commit(S, self()),
     %% a caller's type error is raised again in the caller, not here
     Result = try erlang:apply(M, F, Args)
              catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
+             after dspex_cache:after_commit(S)
              end,
     _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
     Meta = #{session => S, op => F, module => M, replicas => Reps, mode => Mode},

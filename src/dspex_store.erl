@@ -269,7 +269,8 @@ get(Session, Key) ->
         slow ->
             case dspex_cache:read_defaults() of
                 {owner, _} -> owner_get(Session, Key);
-                {cached, Max} -> cached_get(Session, Key, Max)
+                {cached, Max} -> cached_get(Session, Key, Max);
+                {strong, _} -> cached_get(Session, Key, strong)
             end;
         R -> var_map(R)
     end.
@@ -312,7 +313,16 @@ read_opts(Opts0) ->
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
 get(Session, Key, Opts0) when is_map_key(read, Opts0); is_map_key(max_staleness_ms, Opts0) ->
     case read_opts(Opts0) of
-        {Mode, _, _} when Mode =/= owner, Mode =/= cached -> {error, {invalid_argument, read}};
+        {Mode, _, _} when Mode =/= owner, Mode =/= cached, Mode =/= strong -> {error, {invalid_argument, read}};
+        {strong, _, _} = R0 when map_size(element(3, R0)) =:= 0 ->
+            case dspex_cache:strong_enabled() of
+                false -> {error, {invalid_argument, read}};
+                true ->
+                    case dspex_nif:var_get(Session, Key) of
+                        slow -> cached_get(Session, Key, strong);
+                        R -> var_map(R)
+                    end
+            end;
         {_, Max, _} when not is_integer(Max); Max < 0 -> {error, {invalid_argument, max_staleness_ms}};
         {Mode, Max, Opts} when map_size(Opts) =:= 0 ->
             case dspex_nif:var_get(Session, Key) of
@@ -361,13 +371,14 @@ get_value(Session, Key) ->
         slow ->
             case dspex_cache:read_defaults() of
                 {owner, _} -> owner_get_value(Session, Key);
-                {cached, Max} -> cached_get_value(Session, Key, Max)
+                {cached, Max} -> cached_get_value(Session, Key, Max);
+                {strong, _} -> cached_get_value(Session, Key, strong)
             end;
         R -> R
     end.
 
 %% @private `get_value/2' in an explicit read mode (`dspex_cache:get_value/3').
--spec get_value_mode(session_id(), var_key(), owner | cached, non_neg_integer()) -> {ok, value()} | {error, error_reason()}.
+-spec get_value_mode(session_id(), var_key(), owner | cached, non_neg_integer() | strong) -> {ok, value()} | {error, error_reason()}.
 get_value_mode(Session, Key, Mode, MaxStale) ->
     case dspex_nif:var_get_value(Session, Key) of
         slow when Mode =:= cached -> cached_get_value(Session, Key, MaxStale);
