@@ -45,15 +45,26 @@
 %% caches like any other node.</li>
 %% </ul>
 %%
+%% == Strong reads ==
+%% `read => strong' (Gray and Cheriton leases; on when `mode' is `strong' or
+%% `strong => true'): a fill or renewal for a strong read also gets a lease of
+%% `max_staleness_ms' from the owner unless a write of the session is being
+%% prepared; a strong read answers from a copy only while its lease runs.
+%% Before applying a write the owner's writer marks the session pending (no
+%% lease granted), revokes every unexpired lease and waits for each holder's
+%% drop or the lease's expiry (`before_commit/2'), then commits
+%% (`after_commit/1'). A node that took a session over waits out the previous
+%% owner's leases before its first write of it (`took_over/1').
+%%
 %% == Configuration ==
-%% In the cluster configuration: `cache => #{mode => owner | cached,
-%% max_staleness_ms => 100, max_bytes => 64 MiB}' (`mode' default `owner':
-%% every read routed to the owner, as without a cache). `max_bytes' (or the
-%% application environment `cache_max_bytes') bounds the cached copies of a
-%% node, measured as the external size of the copies imported; past it
-%% sessions are evicted by a clock (second-chance) sweep. Per call:
-%% `dspex_store:get/3' with `read => cached | owner' and `max_staleness_ms';
-%% `get/3' and `get_value/3' here.
+%% In the cluster configuration: `cache => #{mode => owner | cached | strong,
+%% max_staleness_ms => 100, strong => false, max_bytes => 64 MiB}' (`mode'
+%% default `owner': every read routed to the owner, as without a cache).
+%% `max_bytes' (or the application environment `cache_max_bytes') bounds the
+%% cached copies of a node, measured as the external size of the copies
+%% imported; past it sessions are evicted by a clock (second-chance) sweep.
+%% Per call: `dspex_store:get/3' with `read => cached | owner | strong' and
+%% `max_staleness_ms'; `get/3' and `get_value/3' here.
 %%
 %% == Observability ==
 %% `stats/0'; telemetry `[dspex, cache, hit | miss | stale | fill | evict]'
@@ -486,8 +497,11 @@ cached_sessions() -> [S || {S, _, _, _, _, _, _, _, _, _} <- ets:tab2list(?TAB)]
 %% invalidations, commit on the owner to drop here; `undefined' before the
 %% first), `bytes' (cached now), `max_bytes', `sessions' (cached now),
 %% `registrations' (node-session pairs this node as owner invalidates).
--spec stats() -> map().
-stats() -> gen_server:call(?MODULE, stats, ?CALL_TIMEOUT).
+-spec stats() -> map() | {error, not_clustered}.
+stats() ->
+    try gen_server:call(?MODULE, stats, ?CALL_TIMEOUT)
+    catch exit:{noproc, _} -> {error, not_clustered}
+    end.
 
 %% @doc Zeroes the counters and delay samples.
 -spec reset_stats() -> ok.
@@ -500,6 +514,7 @@ prometheus() ->
         undefined -> [];
         _ ->
             try stats() of
+                {error, _} -> [];
                 St ->
                     C = [{hits, "Cached reads served from this node's copy."},
                          {misses, "Cached reads with no copy here (filled from the owner)."},
@@ -658,6 +673,10 @@ handle_info({dspex_cache_forget, S, Node}, St) ->
     {noreply, St};
 handle_info({nodedown, Node}, St) ->
     ets:match_delete(?REGS, {'_', Node}),
+    %% its leases need no revocation: it holds no copy any more once it is
+    %% back (a restarted node starts empty), and a write already waits out
+    %% the leases of an unreachable holder
+    ets:match_delete(?LEASES, {{'_', Node}, '_'}),
     %% copies from that owner: their next read asks the new owner
     St1 = lists:foldl(fun(S, Acc) -> remove(S, Acc) end, St,
                       [S || {S, _, _, _, O, _, _, _, _, _} <- ets:tab2list(?TAB), O =:= Node]),
