@@ -77,7 +77,8 @@
 -export([start_link/0, get/3, get_value/3, read/4, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
          cache_id/1, is_cache_id/1, committed/3, fill_here/3, version_here/3, seen/2, wrote/1,
          drop/1, cached_sessions/0, prometheus/0, tables/0, strong_enabled/0,
-         before_commit/2, after_commit/1, took_over/1]).
+         before_commit/2, after_commit/1, took_over/1,
+         vv/1, set_vv/2, advance_vv/4, find_conflicts/2, record_conflicts/4, conflicts/1, conflicts_here/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(TAB, dspex_cache_entries).
@@ -86,6 +87,8 @@
 -define(PENDING, dspex_cache_pending).
 -define(FENCE, dspex_cache_fence).
 -define(STRONG, dspex_cache_strong).
+-define(VV, dspex_cache_vv).
+-define(CONFLICTS, dspex_cache_conflicts).
 -define(CONF, dspex_cache_config).
 -define(MODE, dspex_cache_mode).
 -define(TICKS, dspex_cache_ticks_per_ms).
@@ -119,7 +122,8 @@
 %% being prepared, and the sessions whose first writes wait out the leases of
 %% a previous owner.
 -spec tables() -> [{atom(), set | bag}].
-tables() -> [{?TAB, set}, {?REGS, bag}, {?LEASES, set}, {?PENDING, set}, {?FENCE, set}].
+tables() -> [{?TAB, set}, {?REGS, bag}, {?LEASES, set}, {?PENDING, set}, {?FENCE, set}, {?VV, set},
+              {?CONFLICTS, bag}].
 
 %% @doc Whether `read => strong' (leases) is on: the configured `mode' is
 %% `strong', or `strong => true' in the `cache' configuration.
@@ -446,6 +450,7 @@ owned(S) ->
 %% at `Epoch': sends the invalidation to the nodes caching `S', only them.
 -spec committed(binary(), non_neg_integer(), non_neg_integer()) -> ok.
 committed(S, Epoch, Seq) ->
+    ok = advance_vv(S, Epoch, node(), Seq),
     case ets:lookup(?REGS, S) of
         [] -> ok;
         Regs ->
@@ -457,6 +462,124 @@ committed(S, Epoch, Seq) ->
                                     #{session => S, epoch => Epoch, seq => Seq}),
             ok
     end.
+
+%%% version vectors and conflicts -------------------------------------------------
+
+%% @doc The version vector of this node's copy of `S': `#{Epoch => {Owner,
+%% Seq}}', the sequence number its lineage reached in each epoch (each epoch
+%% has one owner node, so this is a node -> counter vector keyed by owner
+%% tenure). `#{}' when unknown.
+-spec vv(binary()) -> #{non_neg_integer() => {node(), non_neg_integer()}}.
+vv(S) ->
+    case ets:whereis(?VV) =/= undefined andalso ets:lookup(?VV, S) of
+        [{S, V}] -> V;
+        _ -> #{}
+    end.
+
+%% @doc Replaces the vector of `S' (a full copy installed here carries its source's).
+-spec set_vv(binary(), map()) -> ok.
+set_vv(S, V) when is_map(V) ->
+    _ = ets:whereis(?VV) =/= undefined andalso ets:insert(?VV, {S, V}),
+    ok.
+
+%% @doc The copy of `S' here reached `Seq' of `Epoch' (owned by `Owner').
+-spec advance_vv(binary(), non_neg_integer(), node(), non_neg_integer()) -> ok.
+advance_vv(S, Epoch, Owner, Seq) when is_atom(Owner), Owner =/= undefined, Owner =/= expired ->
+    V = vv(S),
+    case V of
+        #{Epoch := {_, Old}} when Old >= Seq -> ok;
+        _ -> set_vv(S, V#{Epoch => {Owner, Seq}})
+    end;
+advance_vv(_, _, _, _) -> ok.
+
+%% @doc At a takeover, before the newest copy replaces the others: the copies
+%% (`{{Epoch, Seq}, Present, Node}' as the writer ranks them) whose lineage
+%% holds changes the winner's (the newest copy's) does not: a write made by an
+%% owner whose epoch the winner's lineage left before that write (two sides of
+%% a partition, or an acknowledged async write that no replica had). Returns
+%% one map per such copy: `node', `lost' (`[{Epoch, Owner, FromSeq, ToSeq}]':
+%% changes FromSeq+1..ToSeq of that epoch) and `export' (the losing copy, read
+%% now, before it is replaced).
+-spec find_conflicts(binary(), [{{non_neg_integer(), non_neg_integer()}, boolean(), node()}]) -> [map()].
+find_conflicts(_S, Copies) when length(Copies) < 2 -> [];
+find_conflicts(S, Copies) ->
+    [{_, _, Winner} | _] = lists:reverse(lists:sort(Copies)),
+    Nodes = lists:usort([N || {_, _, N} <- Copies]),
+    Vecs = maps:from_list([{N, V} || {N, {ok, V}} <- lists:zip(Nodes, erpc:multicall(Nodes, ?MODULE, vv, [S], 5000)),
+                                     is_map(V)]),
+    VB = maps:get(Winner, Vecs, #{}),
+    lists:filtermap(
+      fun(N) ->
+              case lost(maps:get(N, Vecs, #{}), VB) of
+                  [] -> false;
+                  Lost ->
+                      Exp = case catch erpc:call(N, dspex_cluster_replica, export, [S], 5000) of
+                                {ok, X, _, _} -> X;
+                                _ -> absent
+                            end,
+                      {true, #{node => N, lost => Lost, export => Exp, winner => Winner}}
+              end
+      end, Nodes -- [Winner]).
+
+%% The changes of the losing lineage VL the winning one VB lacks.
+lost(VL, VB) ->
+    Starts = starts(VL),
+    [{E, O, max(maps:get(E, Starts), seq_in(E, VB)), SL}
+     || {E, {O, SL}} <- lists:sort(maps:to_list(VL)), SL > max(maps:get(E, Starts), seq_in(E, VB))].
+
+seq_in(E, V) ->
+    case V of
+        #{E := {_, Seq}} -> Seq;
+        _ -> 0
+    end.
+
+%% The sequence number each epoch of a lineage started at (the end of the
+%% previous one, as a takeover starts from the newest copy).
+starts(V) ->
+    {M, _} = lists:foldl(fun({E, {_, Seq}}, {Acc, Prev}) -> {Acc#{E => min(Prev, Seq)}, Seq} end,
+                         {#{}, 0}, lists:sort(maps:to_list(V))),
+    M.
+
+%% @doc After a takeover at `Epoch' succeeded: records the conflicts found
+%% (`find_conflicts/2') with the variables whose value differs between each
+%% losing copy and the copy installed here (`variables': `[#{name, lost_value,
+%% lost_version, value, version}]', `value'/`version' `undefined' for a
+%% variable the winner lacks), emits `[dspex, cache, conflict]' per losing copy.
+-spec record_conflicts(binary(), pos_integer(), [map()], map() | absent) -> ok.
+record_conflicts(_S, _Epoch, [], _Winner) -> ok;
+record_conflicts(S, Epoch, Conflicts, Winner) ->
+    WVars = maps:from_list([{N, V} || #{name := N} = V <- vars(Winner)]),
+    [begin
+         Diff = [#{name => Name, lost_value => LV, lost_version => LVer,
+                   value => maps:get(value, maps:get(Name, WVars, #{}), undefined),
+                   version => maps:get(version, maps:get(Name, WVars, #{}), undefined)}
+                 || #{name := Name, value := LV, version := LVer} <- vars(Exp),
+                    maps:get(version, maps:get(Name, WVars, #{}), undefined) =/= LVer orelse
+                        maps:get(value, maps:get(Name, WVars, #{})) =/= LV],
+         Rec = #{session => S, epoch => Epoch, node => N, winner => W, lost => Lost, variables => Diff,
+                 at => erlang:system_time(microsecond)},
+         true = ets:insert(?CONFLICTS, {S, Rec}),
+         dspex_telemetry:execute([dspex, cache, conflict],
+                                 #{count => 1, writes => lists:sum([To - From || {_, _, From, To} <- Lost])},
+                                 maps:without([variables], Rec))
+     end || #{node := N, lost := Lost, export := Exp, winner := W} <- Conflicts],
+    ok.
+
+vars(#{variables := Vs}) -> Vs;
+vars(_) -> [].
+
+%% @doc The conflicts recorded for `Session' by its owner (routed there): one
+%% map per losing copy of a takeover (see `record_conflicts/4'), oldest first.
+-spec conflicts(binary()) -> [map()] | {error, term()}.
+conflicts(S) when is_binary(S) ->
+    case persistent_term:get(dspex_cluster_routing, false) of
+        false -> {error, not_clustered};
+        true -> dspex_cluster:route(S, {?MODULE, conflicts_here}, [S], fun() -> conflicts_here(S) end)
+    end.
+
+%% @doc The conflicts recorded on this node for `Session'.
+-spec conflicts_here(binary()) -> [map()].
+conflicts_here(S) -> [C || {_, C} <- ets:lookup(?CONFLICTS, S)].
 
 %%% read repair -------------------------------------------------------------------
 

@@ -244,6 +244,9 @@ is_fenced({ok, {ok, {_, _, _}}}) -> true;
 is_fenced(_) -> false.
 
 finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
+    %% copies holding writes the newest one lacks (dspex_cache), read before
+    %% they are replaced
+    Conflicts = dspex_cache:find_conflicts(S, Copies),
     %% the newest {epoch, seq}; at equal ones a present copy wins over a
     %% deletion (a replica's copy may have expired locally)
     {Seq, Got} = case lists:reverse(lists:sort(Copies)) of
@@ -264,6 +267,7 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                 [] ->
                     _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
+                    ok = dspex_cache:record_conflicts(S, Epoch, Conflicts, Export),
                     %% strong reads: leases the previous owner granted are
                     %% waited out (none can exist if no member held S)
                     _ = Copies =/= [] andalso dspex_cache:took_over(S),
@@ -282,7 +286,7 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
 
 local_export(S) ->
     case dspex_store:export_session(S) of
-        {ok, X} -> X;
+        {ok, X} -> X#{dspex_vv => dspex_cache:vv(S)};   % its lineage travels with it
         {error, _} -> absent
     end.
 

@@ -17,7 +17,8 @@
          a_strong_write_is_acknowledged_only_after_the_copy_is_dropped_or_its_lease_expired/1,
          a_new_owner_waits_out_the_leases_of_the_old_one/1,
          strong_histories_are_linearizable/1, strong_histories_are_linearizable_across_an_owner_kill/1,
-         strong_histories_are_linearizable_across_a_caching_node_kill/1]).
+         strong_histories_are_linearizable_across_a_caching_node_kill/1,
+         writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal/1]).
 %% run on the peers
 -export([read_until/4, reads_for/3, writes/3, strong_reader/4, strong_writer/4]).
 
@@ -32,7 +33,8 @@ all() ->
      a_strong_write_is_acknowledged_only_after_the_copy_is_dropped_or_its_lease_expired,
      a_new_owner_waits_out_the_leases_of_the_old_one, strong_histories_are_linearizable,
      strong_histories_are_linearizable_across_an_owner_kill,
-     strong_histories_are_linearizable_across_a_caching_node_kill].
+     strong_histories_are_linearizable_across_a_caching_node_kill,
+     writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -383,6 +385,36 @@ writes_made(P, S) ->
         {ok, #{version := V}} -> V;
         _ -> 0
     end.
+
+%% Async replication, the replica missing three acknowledged writes (its
+%% replica process unreachable by name meanwhile); the owner is then cut off,
+%% the majority takes the session over from the replica's older copy and
+%% writes; after the heal the higher epoch's copy wins and the three writes
+%% of the old owner's epoch are reported by `dspex_cache:conflicts/1' (from
+%% any node), with the variable's lost value, never merged.
+writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal(_Config) ->
+    Peers0 = ?C:start_cluster("dspex_cache_vv", #{replicas => 1, replication => async}),
+    put(peers, Peers0),
+    S = <<"vv_s">>,
+    {{O, PO}, {R, PR}, {C, PC}} = roles(Peers0, S),
+    Peers = [{R, PR}, {C, PC}, {O, PO}],   % the owner third: partition_third cuts it off
+    Seq = fun(P) -> element(3, peer:call(P, dspex_cluster_replica, row, [S])) end,
+    ok = ?C:wait_until(fun() -> Seq(PR) =:= Seq(PO) end, 10000, replica_caught_up),
+    Name = dspex_cluster_replica:name(S),
+    Pid = peer:call(PR, erlang, whereis, [Name]),
+    true = peer:call(PR, erlang, unregister, [Name]),
+    [{ok, _} = peer:call(PO, dspex_store, set, [S, x, V]) || V <- [1, 2, 3]],
+    true = peer:call(PR, erlang, register, [Name, Pid]),
+    {ok, 3} = peer:call(PO, dspex_store, get_value, [S, x]),
+    ok = ?C:partition_third(Peers),
+    {ok, _} = peer:call(PC, dspex_store, set, [S, x, 10]),
+    ?assertEqual([], peer:call(PC, dspex_cache, conflicts, [S])),
+    ok = ?C:restore_cookies(Peers),
+    ok = ?C:wait_until(fun() -> peer:call(PC, dspex_cache, conflicts, [S]) =/= [] end, 30000, conflict_reported),
+    [#{node := O, lost := [{1, O, From, To}], variables := Vars}] = peer:call(PC, dspex_cache, conflicts, [S]),
+    ?assertEqual(3, To - From),
+    [#{name := <<"x">>, lost_value := 3, value := 10}] = Vars,
+    [{ok, 10} = peer:call(P, dspex_store, get_value, [S, x]) || {_, P} <- Peers].
 
 %%% run on the peers --------------------------------------------------------------
 

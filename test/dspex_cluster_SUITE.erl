@@ -26,6 +26,8 @@
          client_count/1, client_stop/0, client_stop/1, node_state/2, catch_apply/3]).
 -export([events_start/2, events_get/1, forward_event/4, read_as/4, parallel_sets/1]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, check_history/1, run_kill_test/2]).
+%% used by dspex_cache_SUITE
+-export([partition_third/1, restore_cookies/1]).
 
 all() ->
     [kill_owner_sync_loses_no_acknowledged_write, minority_refuses_writes_and_heals,
