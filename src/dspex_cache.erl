@@ -56,6 +56,14 @@
 %% (`after_commit/1'). A node that took a session over waits out the previous
 %% owner's leases before its first write of it (`took_over/1').
 %%
+%% == Version vectors and conflicts ==
+%% Every copy of a session has a version vector `#{Epoch => {Owner, Seq}}'
+%% (`vv/1'), advanced by commits and applied changes and carried by full
+%% copies. A takeover compares the copies' vectors with the winner's before it
+%% replaces them (`find_conflicts/2'); writes a losing copy holds and the
+%% winner lacks are recorded on the new owner (`record_conflicts/4',
+%% `conflicts/1', telemetry `[dspex, cache, conflict]'), never merged.
+%%
 %% == Configuration ==
 %% In the cluster configuration: `cache => #{mode => owner | cached | strong,
 %% max_staleness_ms => 100, strong => false, max_bytes => 64 MiB}' (`mode'
