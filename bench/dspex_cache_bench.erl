@@ -76,22 +76,19 @@ run(Peers) ->
               " (goal p99 <= 1000 us)~n", [Rcv, P50, P99]),
     %% memory
     M = <<"cbench_mem">>,
-    RssO0 = peer:call(PO, ?MODULE, rss, []),
-    ok = peer:call(PA, ?MODULE, load_session, [M, ?VARS], 120000),
     {ok, MOwner} = peer:call(PA, dspex_cluster, owner_of, [M]),
     PMO = proplists:get_value(MOwner, Peers),
     [{_, PMC} | _] = [X || {N, _} = X <- Peers, N =/= MOwner],
+    RssO0 = peer:call(PMO, ?MODULE, rss, []),
+    ok = peer:call(PA, ?MODULE, load_session, [M, ?VARS], 120000),
     RssO1 = peer:call(PMO, ?MODULE, rss, []),
-    _ = RssO0,
     RssC0 = peer:call(PMC, ?MODULE, rss, []),
     {ok, _} = peer:call(PMC, dspex_cache, warm, [M]),
     RssC1 = peer:call(PMC, ?MODULE, rss, []),
     Acc = maps:get(bytes, peer:call(PMC, dspex_cache, stats, [])),
-    OwnerBase = peer:call(PMO, ?MODULE, rss, []),
     io:format("  memory per variable (~b float variables): cached copy ~b bytes resident (~b accounted),"
               " owner ~b bytes resident~n",
-              [?VARS, (RssC1 - RssC0) div ?VARS, Acc div ?VARS, max(0, OwnerBase - RssO0) div ?VARS]),
-    _ = RssO1,
+              [?VARS, (RssC1 - RssC0) div ?VARS, Acc div ?VARS, (RssO1 - RssO0) div ?VARS]),
     peer:call(PC, ?MODULE, write_latency, [S, x, 500], 120000).
 
 %% N times: a read (the copy here, with a lease in strong mode), then a

@@ -195,10 +195,13 @@ read(S, MaxStale, Hit, Routed) ->
     case entry(S, MaxStale) of
         {hit, Id} -> answer(Hit(Id), Routed);
         Why ->
-            case refresh(S, Why, MaxStale =:= strong) of
+            try refresh(S, Why, MaxStale =:= strong) of
                 {ok, Id} -> answer(Hit(Id), Routed);
                 routed -> Routed();
                 {error, _} = Err -> Err
+            catch
+                %% the cache server is restarting with the cluster: routed
+                exit:{_, {gen_server, call, [?MODULE | _]}} -> Routed()
             end
     end.
 
@@ -248,7 +251,7 @@ refresh(_S, routed, _) -> routed;
 refresh(S, {expired, S}, Strong) ->
     case ets:lookup(?TAB, S) of
         [{S, _Id, E, Seq, Owner, _, _, _, _, _}] ->
-            Gen = maps:get(gen, persistent_term:get(?VIEW)),
+            Gen = maps:get(gen, persistent_term:get(?VIEW, #{gen => 0})),
             Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
             T0 = os:perf_counter(),
             try route(S, version_here, Strong) of
@@ -291,7 +294,7 @@ fill(S, Strong) ->
     %% the token says which revocations of S this node had seen: a lease
     %% revoked after it is not installed
     Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
-    Gen = maps:get(gen, persistent_term:get(?VIEW)),
+    Gen = maps:get(gen, persistent_term:get(?VIEW, #{gen => 0})),
     %% the lease runs from before the owner cut the copy
     T0 = os:perf_counter(),
     try route(S, fill_here, Strong) of
@@ -612,7 +615,10 @@ wrote(S) ->
 
 %% @doc Drops the cached copy of `S' (if any).
 -spec drop(binary()) -> ok.
-drop(S) -> gen_server:call(?MODULE, {drop, S}, ?CALL_TIMEOUT).
+drop(S) ->
+    try gen_server:call(?MODULE, {drop, S}, ?CALL_TIMEOUT)
+    catch exit:{noproc, _} -> ok   % no cache server: no copy either
+    end.
 
 %% @doc Sessions cached on this node.
 -spec cached_sessions() -> [binary()].
