@@ -18,7 +18,8 @@
          a_new_owner_waits_out_the_leases_of_the_old_one/1,
          strong_histories_are_linearizable/1, strong_histories_are_linearizable_across_an_owner_kill/1,
          strong_histories_are_linearizable_across_a_caching_node_kill/1,
-         writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal/1]).
+         writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal/1,
+         a_migrated_session_is_refilled_from_its_new_owner/1]).
 %% run on the peers
 -export([read_until/4, reads_for/3, writes/3, strong_reader/4, strong_writer/4]).
 
@@ -34,7 +35,8 @@ all() ->
      a_new_owner_waits_out_the_leases_of_the_old_one, strong_histories_are_linearizable,
      strong_histories_are_linearizable_across_an_owner_kill,
      strong_histories_are_linearizable_across_a_caching_node_kill,
-     writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal].
+     writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal,
+     a_migrated_session_is_refilled_from_its_new_owner].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -415,6 +417,32 @@ writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal(_Confi
     ?assertEqual(3, To - From),
     [#{name := <<"x">>, lost_value := 3, value := 10}] = Vars,
     [{ok, 10} = peer:call(P, dspex_store, get_value, [S, x]) || {_, P} <- Peers].
+
+%% The session migrates to its replica while another node caches it (a
+%% lease far longer than the test): the view change makes that node's next
+%% cached read ask the new owner, which has taken over at a higher epoch, so
+%% the copy is filled again from it; the new owner's writes invalidate it and
+%% the old owner sends nothing.
+a_migrated_session_is_refilled_from_its_new_owner(_Config) ->
+    Peers = cluster("dspex_cache_mig", #{mode => cached, max_staleness_ms => 600000}),
+    S = <<"mig_s">>,
+    {{O, PO}, {R, PR}, {C, PC}} = roles(Peers, S),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
+    [{S, _, E0, _, O, _, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    {ok, #{epoch := E1}} = peer:call(PO, dspex_cluster, migrate_session, [S, R]),
+    ?assert(E1 > E0),
+    ok = ?C:wait_until(fun() -> peer:call(PC, dspex_cluster, owner_of, [S]) =:= {ok, R} end, 10000, view_moved),
+    Fills = stat(PC, fills),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
+    [{S, _, E1, _, R, _, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    ?assertEqual(Fills + 1, stat(PC, fills)),
+    ?assertEqual([C], regs(PR, S)),
+    SentByOld = stat(PO, invalidations_sent),
+    Got = stat(PC, invalidations_received),
+    {ok, _} = peer:call(PR, dspex_store, set, [S, x, 5]),
+    await_stat(PC, invalidations_received, Got + 1),
+    {ok, 5} = peer:call(PC, dspex_store, get_value, [S, x]),
+    ?assertEqual(SentByOld, stat(PO, invalidations_sent)).
 
 %%% run on the peers --------------------------------------------------------------
 
