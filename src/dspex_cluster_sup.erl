@@ -27,8 +27,8 @@ config() ->
 %% `cluster') with its defaults, or `{error, {invalid_argument, Key}}'.
 -spec config_of(term()) -> map() | {error, {invalid_argument, term()}}.
 config_of(C) ->
-    case C of
-        C when is_map(C) ->
+    case is_map(C) of
+        true ->
             Nodes = lists:usort(maps:get(nodes, C, [node()])),
             Backend = case maps:get(backend, C, static) of
                           static -> dspex_owner_static;
@@ -51,7 +51,7 @@ config_of(C) ->
                 true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode, read => Read,
                            route_deadline_ms => Deadline, replica_timeout_ms => RTimeout}
             end;
-        _ -> {error, {invalid_argument, cluster}}
+        false -> {error, {invalid_argument, cluster}}
     end.
 
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.

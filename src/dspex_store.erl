@@ -304,12 +304,14 @@ read_opts(Opts0) ->
 
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
-%% With a cluster, `read => owner | cached' (default: the cluster's `cache'
-%% `mode', itself `owner' by default) and `max_staleness_ms' (default 100) choose
-%% how the read is served (see `dspex_cache'): `owner' routes it to the
-%% session's owner; `cached' reads this node's cached copy of the session, at
-%% most `max_staleness_ms' old (a read with `as' is always routed: access
-%% rules are checked on the owner). A bad `read' is `{error, {invalid_argument, read}}'.
+%% With a cluster, `read => owner | cached | strong' (default: the cluster's
+%% `cache' `mode', itself `owner' by default) and `max_staleness_ms' (default
+%% 100) choose how the read is served (see `dspex_cache'): `owner' routes it to
+%% the session's owner; `cached' reads this node's cached copy of the session,
+%% at most `max_staleness_ms' old; `strong' reads the copy only under a lease
+%% from the owner (linearizable; only when strong reads are enabled). A read
+%% with `as' is always routed: access rules are checked on the owner. A bad
+%% `read' is `{error, {invalid_argument, read}}'.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
 get(Session, Key, Opts0) when is_map_key(read, Opts0); is_map_key(max_staleness_ms, Opts0) ->
     case read_opts(Opts0) of
