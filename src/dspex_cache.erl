@@ -228,9 +228,13 @@ entry(S, MaxStale) ->
                     {expired, S}
             end;
         [] ->
-            counters:add(persistent_term:get(?CTRS), ?MISS, 1),
-            event(miss, S),
-            miss
+            case owned(S) of
+                true -> routed;   % this node owns S: read here, nothing to cache
+                false ->
+                    counters:add(persistent_term:get(?CTRS), ?MISS, 1),
+                    event(miss, S),
+                    miss
+            end
     catch error:badarg -> routed   % no cluster (tables absent)
     end.
 

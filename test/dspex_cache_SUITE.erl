@@ -97,7 +97,11 @@ a_second_read_is_a_hit_without_a_remote_call(_Config) ->
     %% read => owner per call is routed (a miss neither counted nor filled)
     {ok, #{value := 0}} = peer:call(PC, dspex_store, get, [S, x, #{read => owner}]),
     #{misses := 1, fills := 1, hits := 102} = stats(PC),
-    {error, {invalid_argument, read}} = peer:call(PC, dspex_store, get, [S, x, #{read => bogus}]).
+    {error, {invalid_argument, read}} = peer:call(PC, dspex_store, get, [S, x, #{read => bogus}]),
+    %% on the owner a cached read is a local read: no miss, no fill, no copy
+    ok = peer:call(PO, dspex_cache, reset_stats, []),
+    [{ok, 0} = peer:call(PO, dspex_store, get_value, [S, x]) || _ <- lists:seq(1, 10)],
+    #{misses := 0, fills := 0, hits := 0, sessions := 0} = stats(PO).
 
 %% A write on the owner invalidates the nodes caching the session and no other
 %% (the replica, which did not read, gets nothing); no invalidation is sent
