@@ -516,8 +516,14 @@ advance_vv(_, _, _, _) -> ok.
 %% changes FromSeq+1..ToSeq of that epoch) and `export' (the losing copy, read
 %% now, before it is replaced).
 -spec find_conflicts(binary(), [{{non_neg_integer(), non_neg_integer()}, boolean(), node()}]) -> [map()].
-find_conflicts(_S, Copies) when length(Copies) < 2 -> [];
 find_conflicts(S, Copies) ->
+    %% copies of one epoch are prefixes of one history: nothing to ask then
+    case lists:usort([E || {{E, _}, _, _} <- Copies]) of
+        [_, _ | _] -> find_conflicts1(S, Copies);
+        _ -> []
+    end.
+
+find_conflicts1(S, Copies) ->
     [{_, _, Winner} | _] = lists:reverse(lists:sort(Copies)),
     Nodes = lists:usort([N || {_, _, N} <- Copies]),
     Vecs = maps:from_list([{N, V} || {N, {ok, V}} <- lists:zip(Nodes, erpc:multicall(Nodes, ?MODULE, vv, [S], 5000)),
