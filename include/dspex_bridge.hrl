@@ -76,6 +76,10 @@
 -define(DSPEX_CLUSTER_ROUTE_RETRY, [dspex, cluster, route, retry]).
 %% a batch of sync replication records answered by a replica node (dspex_cluster_shipper)
 -define(DSPEX_CLUSTER_BATCH_STOP, [dspex, cluster, batch, stop]).
+%% Ev: hit | miss | stale | fill | evict | conflict (dspex_cache)
+-define(DSPEX_CACHE(Ev), [dspex, cache, Ev]).
+%% Ev: sent (by an owner, count = nodes) | received (delay_ns: owner commit to drop here)
+-define(DSPEX_CACHE_INVALIDATION(Ev), [dspex, cache, invalidation, Ev]).
 -define(DSPEX_GRPC_RPC_STOP, [dspex, grpc, rpc, stop]).
 -define(DSPEX_GRPC_CANCELLED, [dspex, grpc, cancelled]).
 -define(DSPEX_GRPC_OVERLOAD, [dspex, grpc, overload]).
@@ -116,6 +120,8 @@
             ?DSPEX_GRPC_RPC_STOP, ?DSPEX_GRPC_CANCELLED, ?DSPEX_GRPC_OVERLOAD,
             ?DSPEX_GRPC_PORT(start), ?DSPEX_GRPC_PORT(exit), ?DSPEX_GRPC_PORT(give_up),
             ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]
+        ++ [?DSPEX_CACHE(Ev__) || Ev__ <- [hit, miss, stale, fill, evict, conflict]]
+        ++ [?DSPEX_CACHE_INVALIDATION(sent), ?DSPEX_CACHE_INVALIDATION(received)]
         ++ [?DSPEX_MODELS(Ev__) || Ev__ <- [register, archive, alias, start, decision]]
         ++ [?DSPEX_MODELS_ROLLOUT(Ev__) || Ev__ <- [step, complete, rollback]]
         ++ [?DSPEX_OPT(Ev__) || Ev__ <- [start, ask, tell, stop]]

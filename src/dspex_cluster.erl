@@ -351,6 +351,8 @@ write(S, Op, Args, Deadline, Target0) ->
                             erlang:raise(Class, Reason, []);
                         {Result, Epoch, By} ->
                             put(dspex_cluster_last_write, {Epoch, By}),
+                            %% read-your-writes: this node's cached copy is behind now
+                            ok = dspex_cache:wrote(S),
                             Result
                     catch
                         exit:{noproc, _} -> wait_view(S, Op, Args, Deadline, V, owner_down, fun write/5);
@@ -383,8 +385,10 @@ read(S, Op, Args, Local, Deadline, Target0) ->
                 false -> unreachable(S, Op, Args, Deadline, V, Target0, Retry);
                 true ->
                     try erpc:call(Target, ?MODULE, owner_read, [S, Op, Args, Mode], ?CALL_TIMEOUT) of
-                        {dspex_cluster_read, Status, Result} ->
+                        {dspex_cluster_read, #{epoch := Epoch} = Status, Result} ->
                             put(dspex_cluster_last_read, Status),
+                            %% read repair: a cached copy of an older epoch is dropped
+                            ok = dspex_cache:seen(S, Epoch),
                             Result;
                         {dspex_cluster_refused, no_quorum} = Refused ->
                             %% as for a write: the owner's view lags this one's

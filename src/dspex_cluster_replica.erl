@@ -59,7 +59,10 @@ row(S) ->
 
 %% @doc Replaces the row of a session.
 -spec put_row(tuple()) -> true.
-put_row(R) -> ets:insert(?TAB, R).
+put_row({S, E, Seq, O, _, _, _} = R) ->
+    %% the version vector of the copy follows its {epoch, seq} (dspex_cache)
+    ok = dspex_cache:advance_vv(S, E, O, Seq),
+    ets:insert(?TAB, R).
 
 %% @doc Applies one change sent by the owner at `Epoch'; `Seq' must follow the
 %% last applied one (else `{error, need_full}').
@@ -118,7 +121,7 @@ handle_call({fence, S, Epoch}, _From, St) ->
 handle_call({export, S}, _From, St) ->
     {S, E, Seq, _, _, _, _} = row(S),
     Exp = case dspex_store:export_session(S) of
-              {ok, X} -> X;
+              {ok, X} -> X#{dspex_vv => dspex_cache:vv(S)};   % its lineage travels with it
               {error, _} -> absent
           end,
     {reply, {ok, Exp, E, Seq}, St};
@@ -218,8 +221,11 @@ replace(S, absent) ->
 replace(S, Export) ->
     dspex_cluster_watch:lost(S, lost),
     _ = dspex_store:delete_session(S),
-    try dspex_store:import_session(Export) of
-        ok -> ok;
+    try dspex_store:import_session(maps:remove(dspex_vv, Export)) of
+        ok ->
+            %% the copy's lineage is its source's (dspex_cache version vectors)
+            ok = dspex_cache:set_vv(S, maps:get(dspex_vv, Export, #{})),
+            ok;
         {error, R} -> {error, {import_failed, R}}
     catch _:Why -> {error, {import_failed, Why}}
     end.

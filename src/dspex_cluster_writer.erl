@@ -123,6 +123,7 @@ handle_cast({expired, S}, St) ->
                 false ->
                     #{replication := Mode} = dspex_cluster_members:view(),
                     _ = replicate(S, E, Seq + 1, delete_session, Reps, Mode),
+                    ok = dspex_cache:committed(S, E, Seq + 1),
                     dspex_cluster_watch:lost(S, ended),
                     dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
                 true -> ok
@@ -243,6 +244,9 @@ is_fenced({ok, {ok, {_, _, _}}}) -> true;
 is_fenced(_) -> false.
 
 finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
+    %% copies holding writes the newest one lacks (dspex_cache), read before
+    %% they are replaced
+    Conflicts = dspex_cache:find_conflicts(S, Copies),
     %% the newest {epoch, seq}; at equal ones a present copy wins over a
     %% deletion (a replica's copy may have expired locally)
     {Seq, Got} = case lists:reverse(lists:sort(Copies)) of
@@ -263,6 +267,10 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                 [] ->
                     _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
+                    ok = dspex_cache:record_conflicts(S, Epoch, Conflicts, Export),
+                    %% strong reads: leases the previous owner granted are
+                    %% waited out (none can exist if no member held S)
+                    _ = Copies =/= [] andalso dspex_cache:took_over(S),
                     %% locks do not travel: the old owner's are gone with it, and
                     %% tokens granted here from now on are above any it granted
                     %% (its counter started from its clock, at an earlier time)
@@ -278,7 +286,7 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
 
 local_export(S) ->
     case dspex_store:export_session(S) of
-        {ok, X} -> X;
+        {ok, X} -> X#{dspex_vv => dspex_cache:vv(S)};   % its lineage travels with it
         {error, _} -> absent
     end.
 
@@ -294,9 +302,12 @@ replace_local(S, Export) ->
 write(S, Op, Args, Own, V, From) when is_atom(Op) -> write(S, {dspex_store, Op}, Args, Own, V, From);
 write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
     T0 = erlang:monotonic_time(),
+    %% strong reads (dspex_cache): every lease of S revoked or expired first
+    ok = dspex_cache:before_commit(S, self()),
     %% a caller's type error is raised again in the caller, not here
     Result = try erlang:apply(M, F, Args)
              catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
+             after dspex_cache:after_commit(S)
              end,
     _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
     Meta = #{session => S, op => F, module => M, replicas => Reps, mode => Mode},
@@ -306,6 +317,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             %% node; the caller is answered when all of them confirmed it
             Seq1 = Seq + 1,
             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
+            ok = dspex_cache:committed(S, Epoch, Seq1),
             Ack = case Reps of
                       [_] -> {one, From, Result, T0, Meta};
                       _ ->
@@ -322,6 +334,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                         _ ->
                             Seq1 = Seq + 1,
                             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
+                            ok = dspex_cache:committed(S, Epoch, Seq1),
                             ok = replicate(S, Epoch, Seq1, full(S, P), Reps, Mode),
                             %% see dspex_cluster_shipper: not acknowledged when
                             %% a takeover fenced this node meanwhile

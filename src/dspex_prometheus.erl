@@ -49,7 +49,8 @@ render() ->
      "# TYPE dspex_metrics_dropped_samples_total counter\n",
      "dspex_metrics_dropped_samples_total ", integer_to_list(dspex_metrics:dropped_samples()), "\n",
      dspex_events:prometheus(),
-     dspex_region:prometheus()].
+     dspex_region:prometheus(),
+     dspex_cache:prometheus()].
 
 %% @private httpd callback: answers `GET /metrics'; anything else is 404.
 -spec do(#mod{}) -> {proceed, list()}.

@@ -43,6 +43,7 @@
          history/2, history/3, history/4, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 -export([diagnostics/1]).
+-export([get_value_mode/4]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
               set_opts/0, error_reason/0, cluster_error/0, history_entry/0]).
@@ -207,7 +208,7 @@ get_session(Id) -> ?ROUTED(Id, get_session, [Id], dspex_nif:session_get(Id)).
 
 %% @doc Ids of all live sessions (unordered).
 -spec list_sessions() -> [session_id()].
-list_sessions() -> dspex_nif:session_list().
+list_sessions() -> [S || S <- dspex_nif:session_list(), not dspex_cache:is_cache_id(S)].
 
 %% @doc Refreshes the session's TTL.
 -spec touch(session_id()) -> ok | {error, session_not_found}.
@@ -266,15 +267,73 @@ register_here(Session, Name, Type, Value, Opts) ->
 get(Session, Key) ->
     case dspex_nif:var_get(Session, Key) of
         slow ->
-            ?ROUTED(Session, get, [Session, Key],
-                    ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key},
-                                  var_map(dspex_nif:var_get_here(Session, Key))));
+            case dspex_cache:read_defaults() of
+                {owner, _} -> owner_get(Session, Key);
+                {cached, Max} -> cached_get(Session, Key, Max);
+                {strong, _} -> cached_get(Session, Key, strong)
+            end;
         R -> var_map(R)
     end.
 
+owner_get(Session, Key) ->
+    ?ROUTED(Session, get, [Session, Key],
+            ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key},
+                          var_map(dspex_nif:var_get_here(Session, Key)))).
+
+%% A read of this node's cached copy (see `dspex_cache'), or routed.
+cached_get(Session, Key, MaxStale) ->
+    dspex_cache:read(Session, MaxStale, fun(Id) -> var_map(dspex_nif:var_get_here(Id, Key)) end,
+                     fun() -> owner_get(Session, Key) end).
+
+owner_get_value(Session, Key) ->
+    ?ROUTED(Session, get_value, [Session, Key],
+            ?TIMED_NATIVE(get_value, 'dspex_telemetry/dspex.store.get_value.stop', #{session => Session, variable => Key},
+                          dspex_nif:var_get_value_here(Session, Key))).
+
+%% `read' and `max_staleness_ms' taken out of the options of a read.
+read_opts(Opts0) ->
+    {Mode, O1} = case maps:take(read, Opts0) of
+                     error -> {dspex_cache:mode(), Opts0};
+                     T -> T
+                 end,
+    {Max, O2} = case maps:take(max_staleness_ms, O1) of
+                    error -> {dspex_cache:max_staleness_ms(), O1};
+                    T2 -> T2
+                end,
+    {Mode, Max, O2}.
+
 %% @doc `get/2' on behalf of another session: `#{as => Principal, context =>
 %% Map}' (see `dspex_acl'); `{error, access_denied}' without a `read' rule.
+%% With a cluster, `read => owner | cached | strong' (default: the cluster's
+%% `cache' `mode', itself `owner' by default) and `max_staleness_ms' (default
+%% 100) choose how the read is served (see `dspex_cache'): `owner' routes it to
+%% the session's owner; `cached' reads this node's cached copy of the session,
+%% at most `max_staleness_ms' old; `strong' reads the copy only under a lease
+%% from the owner (linearizable; only when strong reads are enabled). A read
+%% with `as' is always routed: access rules are checked on the owner. A bad
+%% `read' is `{error, {invalid_argument, read}}'.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
+get(Session, Key, Opts0) when is_map_key(read, Opts0); is_map_key(max_staleness_ms, Opts0) ->
+    case read_opts(Opts0) of
+        {Mode, _, _} when Mode =/= owner, Mode =/= cached, Mode =/= strong -> {error, {invalid_argument, read}};
+        {strong, _, _} = R0 when map_size(element(3, R0)) =:= 0 ->
+            case dspex_cache:strong_enabled() of
+                false -> {error, {invalid_argument, read}};
+                true ->
+                    case dspex_nif:var_get(Session, Key) of
+                        slow -> cached_get(Session, Key, strong);
+                        R -> var_map(R)
+                    end
+            end;
+        {_, Max, _} when not is_integer(Max); Max < 0 -> {error, {invalid_argument, max_staleness_ms}};
+        {Mode, Max, Opts} when map_size(Opts) =:= 0 ->
+            case dspex_nif:var_get(Session, Key) of
+                slow when Mode =:= cached -> cached_get(Session, Key, Max);
+                slow -> owner_get(Session, Key);
+                R -> var_map(R)
+            end;
+        {_, _, Opts} -> get(Session, Key, Opts)
+    end;
 get(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
     %% the common case goes as a bare binary: the NIF skips the map lookups
     case dspex_nif:var_get(Session, Key, As) of
@@ -312,11 +371,26 @@ var_map(Other) ->
 get_value(Session, Key) ->
     case dspex_nif:var_get_value(Session, Key) of
         slow ->
-            ?ROUTED(Session, get_value, [Session, Key],
-                    ?TIMED_NATIVE(get_value, 'dspex_telemetry/dspex.store.get_value.stop', #{session => Session, variable => Key},
-                                  dspex_nif:var_get_value_here(Session, Key)));
+            case dspex_cache:read_defaults() of
+                {owner, _} -> owner_get_value(Session, Key);
+                {cached, Max} -> cached_get_value(Session, Key, Max);
+                {strong, _} -> cached_get_value(Session, Key, strong)
+            end;
         R -> R
     end.
+
+%% @private `get_value/2' in an explicit read mode (`dspex_cache:get_value/3').
+-spec get_value_mode(session_id(), var_key(), owner | cached, non_neg_integer() | strong) -> {ok, value()} | {error, error_reason()}.
+get_value_mode(Session, Key, Mode, MaxStale) ->
+    case dspex_nif:var_get_value(Session, Key) of
+        slow when Mode =:= cached -> cached_get_value(Session, Key, MaxStale);
+        slow -> owner_get_value(Session, Key);
+        R -> R
+    end.
+
+cached_get_value(Session, Key, MaxStale) ->
+    dspex_cache:read(Session, MaxStale, fun(Id) -> dspex_nif:var_get_value_here(Id, Key) end,
+                     fun() -> owner_get_value(Session, Key) end).
 
 %% @doc The current value, or `Default' when the session or variable is missing.
 -spec get_value(session_id(), var_key(), Default) -> value() | Default.
