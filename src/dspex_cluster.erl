@@ -69,6 +69,9 @@
 
 -define(STORE_WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
 -define(CALL_TIMEOUT, 10000).
+%% how long a read on the owner waits for the changes it saw to be confirmed
+%% (past replica_timeout_ms the shipper has failed them anyway)
+-define(COMMIT_WAIT_MS, 6000).
 
 -type op() :: atom() | {module(), atom()}.
 -type read_mode() :: any | majority.
@@ -148,10 +151,36 @@ owner_read(S, {M, F}, Args, Mode) ->
         undefined -> {dspex_cluster_retry, starting};   % nothing read: the caller routes again
         V ->
             case read_here(S, V, Mode) of
-                {serve, Status} -> {dspex_cluster_read, Status, local_apply(M, F, Args)};
+                {serve, Status} ->
+                    case committed(S, V, Status, fun() -> local_apply(M, F, Args) end,
+                                   erlang:monotonic_time(millisecond) + ?COMMIT_WAIT_MS) of
+                        {ok, Result} -> {dspex_cluster_read, Status, Result};
+                        Retry -> Retry
+                    end;
                 Other -> Other
             end
     end.
+
+%% A current read returns only what is committed. It runs, then waits until
+%% every change it could have seen (applied here, possibly still waiting for
+%% its replicas: sync group commit) is resolved, and is answered only if this
+%% node is still the settled owner: a change whose replication failed (this
+%% node fenced by a takeover that did not see it, a replica gone) makes the
+%% read route again, so it never returns a value the next owner's copy may
+%% lack. See dspex_cluster_shipper:shipped_table/0. A stale read (served
+%% without settling, marked so) is answered as it is.
+committed(S, #{gen := Gen}, #{status := current, epoch := E}, Read, Until) ->
+    Result = Read(),
+    case dspex_cluster_shipper:await_committed(S, Until) of
+        ok ->
+            case dspex_cluster_replica:row(S) of
+                {S, E, _, Me, _, Gen, F} when Me =:= node(), F =< E -> {ok, Result};
+                _ -> {dspex_cluster_retry, unacked}
+            end;
+        timeout -> {dspex_cluster_retry, unacked}
+    end;
+committed(_S, _V, _Status, Read, _Until) ->
+    {ok, Read()}.
 
 %% Whether this node may serve a read of `S' under view `V', and from what.
 read_here(S, V, Mode) ->
@@ -376,8 +405,13 @@ read(S, Op, Args, Local, Deadline, Target0) ->
         true ->
             case read_here(S, V, Mode) of
                 {serve, Status} ->
-                    put(dspex_cluster_last_read, Status),
-                    Local();
+                    {route, Until, _} = Deadline,
+                    case committed(S, V, Status, Local, Until) of
+                        {ok, Result} ->
+                            put(dspex_cluster_last_read, Status),
+                            Result;
+                        NotYet -> Next(NotYet)
+                    end;
                 Other -> Next(Other)
             end;
         false ->

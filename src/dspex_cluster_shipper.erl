@@ -48,6 +48,7 @@
 -behaviour(gen_server).
 
 -export([start_link/2, name/1, ship/2, register_write/8, stats/1, pending_table/0]).
+-export([shipped_table/0, announce/3, withdraw/3, settled_at/3, await_committed/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(WINDOW, 4).
@@ -56,6 +57,7 @@
 -define(TICK_MS, 100).
 -define(RPC_TIMEOUT, 5000).
 -define(PENDING, dspex_cluster_pending).
+-define(SHIPPED, dspex_cluster_shipped).
 -define(RECEIVER, dspex_cluster_receiver).
 
 %% `Ack': who is answered once the replicas confirmed: `{one, From, Result,
@@ -78,6 +80,66 @@ name(Node) -> list_to_atom("dspex_cluster_shipper_" ++ atom_to_list(Node)).
 %% @doc The table of writes waiting for their replicas (created by the cluster supervisor).
 -spec pending_table() -> atom().
 pending_table() -> ?PENDING.
+
+%% @doc The table of changes applied on this owner and not yet confirmed by
+%% their replicas: `{Session, Announced, Resolved}', both `{Epoch, Seq}'
+%% (created by the cluster supervisor).
+%%
+%% Why: a sync write is applied here before its replicas confirm it, and
+%% that confirmation can still fail (the owner fenced by a takeover that did
+%% not see it, a replica gone). A read served from this copy in between would
+%% return a value that may never be committed (a dirty read: the next owner's
+%% copy may lack it). So the writer announces a change before it applies it,
+%% the shipper resolves it when its caller is answered (either way), and a
+%% current read waits until every change it could have seen is resolved
+%% (`await_committed/2'), like a Raft leader's read index.
+-spec shipped_table() -> atom().
+shipped_table() -> ?SHIPPED.
+
+%% @doc Writer, before applying change `Seq' of epoch `Epoch' of `S' that it
+%% will ship to replicas.
+-spec announce(binary(), pos_integer(), pos_integer()) -> true.
+announce(S, Epoch, Seq) ->
+    ets:update_element(?SHIPPED, S, {2, {Epoch, Seq}})
+        orelse ets:insert(?SHIPPED, {S, {Epoch, Seq}, {Epoch, Seq - 1}}).
+
+%% @doc Writer: the announced change made nothing to ship (an error, or no
+%% change): the announcement goes back to `Seq' (the session's last change).
+-spec withdraw(binary(), pos_integer(), non_neg_integer()) -> true.
+withdraw(S, Epoch, Seq) -> ets:update_element(?SHIPPED, S, {2, {Epoch, Seq}}).
+
+%% @doc `S' was (re)established here at `{Epoch, Seq}': nothing of this epoch
+%% is pending (the copy installed is the committed state).
+-spec settled_at(binary(), pos_integer(), non_neg_integer()) -> true.
+settled_at(S, Epoch, Seq) -> ets:insert(?SHIPPED, {S, {Epoch, Seq}, {Epoch, Seq}}).
+
+%% the caller of change {Epoch, Seq} of S was answered: resolved (in order per
+%% session; an older answer never moves it back)
+resolve(S, Epoch, Seq) ->
+    At = {Epoch, Seq},
+    _ = ets:select_replace(?SHIPPED, [{{S, '$1', '$2'}, [{'<', '$2', {const, At}}], [{{{const, S}, '$1', {const, At}}}]}]),
+    ok.
+
+%% @doc Waits until every change of `S' announced here so far is resolved:
+%% `ok', or `timeout' at `Deadline' (monotonic ms).
+-spec await_committed(binary(), integer()) -> ok | timeout.
+await_committed(S, Deadline) ->
+    case ets:lookup(?SHIPPED, S) of
+        [{_, A, R}] when R < A -> await_committed(S, A, Deadline, 0);
+        _ -> ok
+    end.
+
+await_committed(S, Target, Deadline, N) ->
+    case ets:lookup(?SHIPPED, S) of
+        %% a withdrawn announcement lowers the target
+        [{_, A, R}] when R < Target, R < A ->
+            case erlang:monotonic_time(millisecond) >= Deadline of
+                true -> timeout;
+                false when N < 200 -> erlang:yield(), await_committed(S, Target, Deadline, N + 1);
+                false -> timer:sleep(1), await_committed(S, Target, Deadline, N + 1)
+            end;
+        _ -> ok
+    end.
 
 %% @doc Records a write whose caller `From' is answered once `Count' replicas
 %% confirmed it: `{Result, Epoch, node()}', or an error (see the module doc).
@@ -281,6 +343,10 @@ acknowledge(From, S, E, Result, T0, Meta) ->
     end.
 
 reply(From, Reply, Epoch, T0, Meta) ->
+    _ = case Meta of
+            #{session := S, seq := Seq} -> resolve(S, Epoch, Seq);
+            _ -> ok
+        end,
     gen_server:reply(From, {Reply, Epoch, node()}),
     dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
                             Meta#{epoch => Epoch}).

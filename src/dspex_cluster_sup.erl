@@ -64,6 +64,8 @@ init([]) ->
             _ = ets:new(dspex_cluster_replica:table(), [named_table, public, set, {read_concurrency, true}]),
             %% sync writes waiting for their replicas (dspex_cluster_shipper)
             _ = ets:new(dspex_cluster_shipper:pending_table(), [named_table, public, set, {write_concurrency, true}]),
+            %% changes applied here, not yet confirmed by their replicas (read index)
+            _ = ets:new(dspex_cluster_shipper:shipped_table(), [named_table, public, set, {write_concurrency, true}]),
             %% the cache's copies here and the nodes caching this node's sessions (dspex_cache)
             _ = [ets:new(Tab, [named_table, public, Type, {read_concurrency, true}])
                  || {Tab, Type} <- dspex_cache:tables()],

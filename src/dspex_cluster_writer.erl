@@ -69,6 +69,14 @@ rank(S, Nodes) ->
 init([]) ->
     %% store calls made here run locally instead of being routed again
     put(dspex_cluster_local, true),
+    %% a previous writer of these sessions that crashed between announcing a
+    %% change and shipping it left it announced forever: reads of the
+    %% session would wait for it (see dspex_cluster_shipper:shipped_table/0)
+    {registered_name, Me} = process_info(self(), registered_name),
+    %% (announced, never applied or shipped: the session's seq did not move)
+    _ = [dspex_cluster_shipper:withdraw(S, E, RowSeq)
+         || {S, {E, Seq}, R} <- ets:tab2list(dspex_cluster_shipper:shipped_table()), R < {E, Seq}, name(S) =:= Me,
+            {_, E1, RowSeq, _, _, _, _} <- [dspex_cluster_replica:row(S)], E1 =:= E, Seq =:= RowSeq + 1],
     {ok, #{}}.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {noreply, map()}.
@@ -267,6 +275,7 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                 [] ->
                     _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
+                    true = dspex_cluster_shipper:settled_at(S, Epoch, Seq),
                     ok = dspex_cache:record_conflicts(S, Epoch, Conflicts, Export),
                     %% strong reads: leases the previous owner granted are
                     %% waited out (none can exist if no member held S)
@@ -304,6 +313,10 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
     T0 = erlang:monotonic_time(),
     %% strong reads (dspex_cache): every lease of S revoked or expired first
     ok = dspex_cache:before_commit(S, self()),
+    %% group commit: announced before it is applied, so that a read that can
+    %% see it waits for its replicas (see dspex_cluster_shipper:shipped_table/0)
+    Group = Mode =:= sync andalso Reps =/= [],
+    _ = Group andalso dspex_cluster_shipper:announce(S, Epoch, Seq + 1),
     %% a caller's type error is raised again in the caller, not here
     Result = try erlang:apply(M, F, Args)
              catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
@@ -318,17 +331,19 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             Seq1 = Seq + 1,
             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
             ok = dspex_cache:committed(S, Epoch, Seq1),
+            AckMeta = Meta#{seq => Seq1},
             Ack = case Reps of
-                      [_] -> {one, From, Result, T0, Meta};
+                      [_] -> {one, From, Result, T0, AckMeta};
                       _ ->
                           Id = make_ref(),
-                          dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, Meta),
+                          dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, AckMeta),
                           {many, Id}
                   end,
             Rec = {Ack, S, Epoch, Seq1, full(S, P)},
             [dspex_cluster_shipper:ship(R, Rec) || R <- Reps],
             shipped;
         P ->
+            _ = Group andalso dspex_cluster_shipper:withdraw(S, Epoch, Seq),
             Reply = case P of
                         none -> Result;
                         _ ->
