@@ -32,7 +32,8 @@
 %% module's `{error, timeout}' rather than its own erpc timeout
 -define(CALL_TIMEOUT, 4000).
 
--type payload() :: {op, atom() | {module(), atom()}, list(), term()} | {full, map() | absent} | delete_session.
+-type payload() :: {op, atom() | {module(), atom()}, list(), term()} | {full, map() | absent} | delete_session
+                 | {ev, non_neg_integer() | undefined, non_neg_integer(), payload()}.
 -export_type([payload/0]).
 
 %% @doc Starts replica process `I' of the pool.
@@ -129,7 +130,11 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
         false ->
             %% the row says which {epoch, seq} this node holds (a takeover
             %% picks the newest, absent or not): only once the copy is here
-            Res = replace(S, Export),
+            Res = case replace(S, Export) of
+                      %% the copy's log: the owner's, up to its last event
+                      ok -> dspex_events:follow(S, Owner, latest);
+                      Err -> Err
+                  end,
             _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
             {reply, Res, St}
     end;
@@ -139,7 +144,8 @@ handle_call({drop, S, Epoch, Owner}, _From, St) ->
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
             dspex_cluster_watch:lost(S, lost),
-            _ = dspex_store:delete_session(S),
+            %% the session moved to other nodes: session_deleted, reason migrated
+            _ = dspex_events:delete_copy(S, migrated),
             put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
             {reply, ok, St}
     end;
@@ -159,7 +165,8 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
     case Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
         true -> ok;
         false ->
-            _ = replace(S, Export) =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
+            _ = replace(S, Export) =:= ok andalso dspex_events:follow(S, Owner, latest) =:= ok
+                andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
     end,
     {noreply, St}.
 
@@ -172,6 +179,35 @@ handle_info({apply_batch, Receiver, Key, Owner, Recs}, St) ->
     {noreply, St};
 handle_info(_, St) -> {noreply, St}.
 
+%% A change with the owner's event sequence before (`Pre') and after (`Post')
+%% it: the replica's log is brought to `Pre' first (events the owner logged
+%% between changes), then the change is applied (a replayed change logs the
+%% same events as the owner's commit, numbered from `Pre' + 1), then the log
+%% is brought to `Post' (a full copy logs nothing itself: its events are
+%% copied). `Pre' undefined: the change's own events are copied too.
+do_apply(S, Epoch, Seq, Owner, {ev, Pre, Post, P}) ->
+    {S, E, Seq0, _, _, _, F} = row(S),
+    Full = is_tuple(P) andalso element(1, P) =:= full,
+    %% a stale, repeated or out-of-order change is refused (or ignored) as
+    %% below before anything is copied from its owner's log
+    Known = max(E, F),
+    Skip = Epoch < Known orelse (Epoch =:= E andalso Seq =< Seq0)
+        orelse (not Full andalso (Epoch =/= E orelse Seq =/= Seq0 + 1)),
+    Check = case Skip of
+                true -> skip;
+                false -> before_change(S, Owner, Pre)
+            end,
+    case Check of
+        skip -> do_apply(S, Epoch, Seq, Owner, P);
+        ok ->
+            case do_apply(S, Epoch, Seq, Owner, mute_if(Pre, P)) of
+                ok ->
+                    _ = dspex_events:follow(S, Owner, Post),
+                    ok;
+                Err -> Err
+            end;
+        _ -> {error, need_full}
+    end;
 do_apply(S, Epoch, Seq, Owner, P) ->
     {S, E, Seq0, _, _, _, F} = row(S),
     Known = max(E, F),
@@ -186,9 +222,12 @@ do_apply(S, Epoch, Seq, Owner, P) ->
                         Err -> Err
                     end;
                 _ when Epoch =/= E; Seq =/= Seq0 + 1 -> {error, need_full};
-                delete_session ->
+                _ when P =:= delete_session; P =:= silent_delete_session ->
                     dspex_cluster_watch:lost(S, ended),
-                    _ = dspex_store:delete_session(S),
+                    _ = case P of
+                            delete_session -> dspex_store:delete_session(S);
+                            _ -> dspex_events:delete_copy(S, silent)
+                        end,
                     put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
                     ok;
                 {op, Op, Args, Expect} ->
@@ -206,20 +245,42 @@ do_apply(S, Epoch, Seq, Owner, P) ->
             end
     end.
 
+%% The replica's log must be at the owner's `Pre' for its replay to number
+%% the change's events as the owner did.
+before_change(_S, _Owner, undefined) -> ok;
+before_change(S, Owner, Pre) ->
+    case dspex_events:last_sequence(S) of
+        undefined -> ok;
+        Pre -> ok;
+        L when L < Pre ->
+            case dspex_events:follow(S, Owner, Pre) of
+                ok -> before_change(S, Owner, Pre);
+                Err -> Err
+            end;
+        _ -> {error, ahead}
+    end.
+
+mute_if(undefined, delete_session) -> silent_delete_session;
+mute_if(_, P) -> P.
+
 present(S) -> element(1, dspex_store:get_session(S)) =:= ok.
 
 %% @doc Replaces this node's copy of session S with an export of it (or drops
 %% it for `absent'); watches made on the old copy are told they are lost.
 -spec replace(binary(), map() | absent) -> ok | {error, {import_failed, term()}}.
+%% Neither the deletion nor the import logs events: the copy's log follows
+%% the owner's (dspex_events:follow/3).
 replace(S, absent) ->
     dspex_cluster_watch:lost(S, lost),
-    _ = dspex_store:delete_session(S),
+    _ = dspex_events:delete_copy(S, silent),
     ok;
 replace(S, Export) ->
     dspex_cluster_watch:lost(S, lost),
-    _ = dspex_store:delete_session(S),
+    _ = dspex_events:delete_copy(S, silent),
+    Mute = put(dspex_events_mute, true),
     try dspex_store:import_session(Export) of
         ok -> ok;
         {error, R} -> {error, {import_failed, R}}
     catch _:Why -> {error, {import_failed, Why}}
+    after put(dspex_events_mute, Mute)
     end.

@@ -122,7 +122,12 @@ handle_cast({expired, S}, St) ->
             case lists:member(S, dspex_nif:session_list()) of
                 false ->
                     #{replication := Mode} = dspex_cluster_members:view(),
-                    _ = replicate(S, E, Seq + 1, delete_session, Reps, Mode),
+                    %% the replicas copy the owner's session_deleted (reason expired)
+                    P = case dspex_events:last_sequence(S) of
+                            undefined -> delete_session;
+                            Post -> {ev, undefined, Post, delete_session}
+                        end,
+                    _ = replicate(S, E, Seq + 1, P, Reps, Mode),
                     dspex_cluster_watch:lost(S, ended),
                     dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
                 true -> ok
@@ -251,7 +256,13 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                      [{{_, BestSeq}, false, _} | _] -> {BestSeq, replace_local(S, absent)};
                      [{{_, BestSeq}, true, Best} | _] ->
                          case catch erpc:call(Best, dspex_cluster_replica, export, [S], ?RPC_TIMEOUT) of
-                             {ok, Exp, _, _} -> {BestSeq, replace_local(S, Exp)};
+                             {ok, Exp, _, _} ->
+                                 %% the copy's log too: the events Best has and this node lacks
+                                 Got0 = case replace_local(S, Exp) of
+                                            ok -> follow(S, Best);
+                                            Err0 -> Err0
+                                        end,
+                                 {BestSeq, Got0};
                              Other -> {BestSeq, {error, {retry, {copy_failed, Best, Other}}}}
                          end
                  end,
@@ -282,6 +293,12 @@ local_export(S) ->
         {error, _} -> absent
     end.
 
+follow(S, Node) ->
+    case dspex_events:follow(S, Node, latest) of
+        ok -> ok;
+        {error, R} -> {error, {retry, {copy_failed, Node, R}}}
+    end.
+
 %% The local copy is replaced by a newer one (see dspex_cluster_replica:replace/2).
 replace_local(S, Export) ->
     case dspex_cluster_replica:replace(S, Export) of
@@ -294,13 +311,16 @@ replace_local(S, Export) ->
 write(S, Op, Args, Own, V, From) when is_atom(Op) -> write(S, {dspex_store, Op}, Args, Own, V, From);
 write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
     T0 = erlang:monotonic_time(),
+    %% the session's event sequence before and after the change: the replicas' logs follow it
+    Pre = dspex_events:last_sequence(S),
     %% a caller's type error is raised again in the caller, not here
     Result = try erlang:apply(M, F, Args)
              catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
              end,
+    Post = dspex_events:last_sequence(S),
     _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
     Meta = #{session => S, op => F, module => M, replicas => Reps, mode => Mode},
-    case payload(Op, Args, Result) of
+    case with_events(S, Args, payload(Op, Args, Result), Pre, Post) of
         P when P =/= none, Mode =:= sync, Reps =/= [] ->
             %% group commit: the record goes to the shipper of every replica
             %% node; the caller is answered when all of them confirmed it
@@ -313,7 +333,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                           dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, Meta),
                           {many, Id}
                   end,
-            Rec = {Ack, S, Epoch, Seq1, full(S, P)},
+            Rec = {Ack, S, Epoch, Seq1, P},
             [dspex_cluster_shipper:ship(R, Rec) || R <- Reps],
             shipped;
         P ->
@@ -322,7 +342,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                         _ ->
                             Seq1 = Seq + 1,
                             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
-                            ok = replicate(S, Epoch, Seq1, full(S, P), Reps, Mode),
+                            ok = replicate(S, Epoch, Seq1, P, Reps, Mode),
                             %% see dspex_cluster_shipper: not acknowledged when
                             %% a takeover fenced this node meanwhile
                             case fenced(S, Epoch) of
@@ -343,6 +363,38 @@ fenced(S, Epoch) ->
 
 full(S, full) -> {full, local_export(S)};
 full(_, P) -> P.
+
+%% The payload with the session's event sequence before and after the change
+%% (see dspex_cluster_replica:do_apply/5): a replayed change must log exactly
+%% the events the owner's commit logged, as many and with no principal (the
+%% replay does not act as one); else the replica gets the session's export
+%% and copies the owner's events. The log off: the payload alone.
+with_events(S, _Args, P, Pre, Post) when P =:= none; Pre =:= undefined; Post =:= undefined ->
+    full(S, P);
+with_events(S, Args, P, Pre, Post) ->
+    case P of
+        full -> {ev, Pre, Post, full(S, P)};
+        delete_session when Post - Pre =:= 1 -> {ev, Pre, Post, P};
+        delete_session -> {ev, undefined, Post, P};
+        {op, _, _, _} ->
+            case Post - Pre =:= replayed_events(P) andalso not acts_as(Args) of
+                true -> {ev, Pre, Post, P};
+                false -> {ev, Pre, Post, {full, local_export(S)}}
+            end
+    end.
+
+%% How many events the replica's replay of a change logs.
+replayed_events({op, Op, _, _}) when Op =:= set; Op =:= rollback; Op =:= delete -> 1;
+replayed_events({op, set_many, [_, Ups, #{atomic := true}], _}) -> length(Ups) + 1;
+replayed_events({op, {dspex_acl, set_rate_limit}, _, _}) -> 0;
+replayed_events(_) -> -1.
+
+%% Whether the change was made as a principal (`as' or `context' in its options).
+acts_as(Args) ->
+    lists:any(fun(M) when is_map(M) -> maps:is_key(as, M) orelse maps:is_key(context, M);
+                 (L) when is_list(L) -> acts_as([O || {_, _, O} <- L]);
+                 (_) -> false
+              end, Args).
 
 %% Without waiting: async (a cast per replica; a replica missing changes
 %% asks for a full copy, see handle_info need_full), or sync without a caller

@@ -48,6 +48,7 @@
 -export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
+-export([last_sequence/1, owner_events/3, follow/3, copy_events/1, delete_copy/2, shared_backend/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -116,7 +117,8 @@ seed(_) -> ok.
 %% ignores it.
 -spec emit(binary(), event_type(), term(), map()) -> ok.
 emit(Session, Type, Data, Meta) when is_binary(Session) ->
-    _ = enabled() andalso begin
+    %% a replica installing a copy: its log takes the owner's events instead
+    _ = enabled() andalso get(dspex_events_mute) =/= true andalso begin
                               _ = seed(Session),
                               dspex_nif:events_append(Session, Type, Data, indexable(Meta))
                           end,
@@ -187,6 +189,97 @@ backpressure(R) ->
     case dspex_nif:events_backpressure() of
         ok -> R;
         W -> _ = receive_durable(W), R
+    end.
+
+%%% A replicated session's log (dspex_cluster) ----------------------------------
+%% A replica's log of a session follows its owner's: the same events with the
+%% same sequences, so that after a failover or a migration the new owner's log
+%% continues the session's sequence unchanged. A replica's replayed change
+%% logs the same events as the owner's commit did (same types, versions,
+%% values, numbered by the replica's counter, which equals the owner's before
+%% the change); everything else (a full copy, events the owner logged outside
+%% replicated changes: locks, access denials, appends) is copied from the
+%% owner's log by sequence with `follow/3' (same id, time, node, data).
+
+%% @doc The last sequence of `Session' in this node's log (0: none); `undefined'
+%% when the log is off.
+-spec last_sequence(binary()) -> non_neg_integer() | undefined.
+last_sequence(Session) ->
+    case enabled() andalso dspex_nif:events_session_seq(Session) of
+        N when is_integer(N) -> N;
+        _ -> undefined
+    end.
+
+%% @doc Owner side of `follow/3': the session's events with sequence `From' to
+%% `To' (`latest': to the last), once every event queued so far is durable.
+-spec owner_events(binary(), pos_integer(), pos_integer() | latest) -> {ok, [event()]} | {error, term()}.
+owner_events(Session, From, To) ->
+    case await() of
+        ok ->
+            Q = maps:from_list([{session, Session}, {seq_from, From}] ++ [{seq_to, To} || is_integer(To)]),
+            case fold_pages(Q, fun(E, A) -> [E | A] end, [], forward) of
+                {ok, Rev} -> {ok, lists:reverse(Rev)};
+                Error -> Error
+            end;
+        Error -> Error
+    end.
+
+%% @doc Brings this node's log of `Session' up to sequence `Upto' (`latest':
+%% up to the owner's last) with copies of the events it lacks from `Owner''s
+%% log. `ok' when the log is off or already there.
+-spec follow(binary(), node(), non_neg_integer() | latest) -> ok | {error, term()}.
+follow(_Session, Owner, _Upto) when Owner =:= node() -> ok;
+follow(Session, Owner, Upto) ->
+    case last_sequence(Session) of
+        undefined -> ok;
+        L when is_integer(Upto), L >= Upto -> ok;
+        L ->
+            case catch erpc:call(Owner, ?MODULE, owner_events, [Session, L + 1, Upto], 10000) of
+                {ok, Evs} -> copy_events(Evs);
+                {error, _} = Error -> Error;
+                Other -> {error, {event_store, {follow, Owner, Other}}}
+            end
+    end.
+
+%% @doc Appends copies of another node's events (in sequence order; each must
+%% be its session's next: `{error, {sequence_gap, Last}}' otherwise).
+-spec copy_events([event()]) -> ok | {error, term()}.
+copy_events([]) -> ok;
+copy_events([#{id := Id, type := T, session := S, sequence := N, data := D, metadata := M, timestamp := Ts} | Rest]) ->
+    As = #{sequence => N, id => Id, timestamp => Ts, node => node_bin(maps:get(node, M, undefined))},
+    Meta = maps:without([node], M),
+    case dspex_nif:events_append(S, T, D, indexable(Meta), As) of
+        {ok, _, _, _} -> copy_events(Rest);
+        Error -> Error
+    end.
+
+node_bin(B) when is_binary(B) -> B;
+node_bin(_) -> atom_to_binary(node()).
+
+%% @doc Deletes this node's copy of a session: `migrated' (the session moved
+%% to other nodes: logged as `session_deleted' with that reason in this node's
+%% log, unless the backend is shared, see `shared_backend/0') or `silent' (a
+%% replica replacing its copy: its log follows the owner's, which has no
+%% such event).
+-spec delete_copy(binary(), migrated | silent) -> ok | {error, session_not_found}.
+delete_copy(Session, Reason) ->
+    R = case Reason =:= migrated andalso not shared_backend() of
+            true -> migrated;
+            false -> silent
+        end,
+    Result = dspex_nif:events_session_delete(Session, R),
+    ok = dspex_propagator:stop(Session),
+    Result.
+
+%% @doc Whether every node of a cluster appends to one log (PostgreSQL): there a
+%% session that moves keeps one history, and a node dropping its copy logs
+%% nothing (a `migrated' event would take the sequence number the new owner
+%% uses next).
+-spec shared_backend() -> boolean().
+shared_backend() ->
+    case application:get_env(dspex_bridge, event_backend, sqlite) of
+        {postgres, _} -> true;
+        _ -> false
     end.
 
 %% @doc Reads a session's events (or every session's with `all').

@@ -19,7 +19,9 @@
          concurrent_writes_are_batched_and_every_replica_converges/1,
          a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow/1,
          a_replica_that_diverged_gets_a_full_copy_before_the_ack/1,
-         a_replica_node_dying_fails_its_batches_in_flight/1]).
+         a_replica_node_dying_fails_its_batches_in_flight/1,
+         event_sequence_continues_on_the_new_owner_after_failover/1,
+         event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
@@ -40,7 +42,9 @@ all() ->
      concurrent_writes_are_batched_and_every_replica_converges,
      a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow,
      a_replica_that_diverged_gets_a_full_copy_before_the_ack,
-     a_replica_node_dying_fails_its_batches_in_flight].
+     a_replica_node_dying_fails_its_batches_in_flight,
+     event_sequence_continues_on_the_new_owner_after_failover,
+     event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -1178,4 +1182,115 @@ a_replica_node_dying_fails_its_batches_in_flight(Config) ->
     %% callers); the next ones take over and find them
     ?assertEqual([[{ok, 2}] || _ <- Ss], peer:call(PO, ?MODULE, parallel_sets, [[{S, x, [2]} || S <- Ss]], 30000)),
     [?assertEqual({2, 2}, peer:call(peer_of(Third, Peers), ?MODULE, node_state, [S, <<"x">>])) || S <- Ss],
+    Config.
+
+%%% event log sequences travel with the session (issue #15) ------------------------
+
+%% The log of node P for session S, once everything queued there is durable.
+node_events(P, S) ->
+    ok = peer:call(P, dspex_events, await, []),
+    {ok, Evs} = peer:call(P, dspex_events, read, [S, #{limit => 10000}]),
+    Evs.
+
+%% What a replica's log must share with its owner's: sequence, type and the
+%% event's values (a replayed change has its own commit time, id and node).
+same_events(Evs) ->
+    [{N, T, maps:with([name, value, old_value, version, previous_version, members, reason, step, from, to], D)}
+     || #{sequence := N, type := T, data := D} <- Evs].
+
+assert_gapless(Evs) ->
+    ?assertEqual(lists:seq(1, length(Evs)), [N || #{sequence := N} <- Evs]).
+
+%% The variables of a state_at/2 result as name -> {value, version}.
+state_vars({ok, #{variables := Vs}}) -> lists:sort([{N, V, Ver} || #{name := N, value := V, version := Ver} <- Vs]).
+
+%% Writes of every kind on a session with x: replayed changes (set, atomic
+%% set_many, rollback, delete), changes the replicas copy (register, a
+%% non-atomic set_many, a dependency), and events logged outside replicated
+%% changes (append/4 on the owner, a lock), each followed by a replicated change.
+varied_writes(PA, PO, S) ->
+    {ok, _} = peer:call(PA, dspex_store, register, [S, y, string, <<"a">>]),
+    [{ok, _} = peer:call(PA, dspex_store, set, [S, x, I]) || I <- lists:seq(1, 4)],
+    {ok, _} = peer:call(PA, dspex_store, set_many, [S, #{x => 10, y => <<"b">>}, #{atomic => true}]),
+    {ok, _} = peer:call(PA, dspex_store, set_many, [S, #{x => 11}, #{}]),
+    {ok, _} = peer:call(PA, dspex_store, rollback, [S, x, 2]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, z, integer, 0]),
+    ok = peer:call(PA, dspex_graph, add_dependency, [S, x, z]),
+    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 1}, #{}]),
+    ok = peer:call(PA, dspex_store, delete, [S, y]),
+    {ok, Lock} = peer:call(PO, dspex_locks, acquire, [S, x, opt1, #{pid => peer:call(PO, erlang, whereis, [init])}]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, x, 12, #{lock => Lock}]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, z, 5]),
+    ok.
+
+event_sequence_continues_on_the_new_owner_after_failover(Config) ->
+    Peers = start_cluster("dspex_evf", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"evf_s">>,
+    {Owner, Rep} = session_with_x(PA, S),
+    [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Third, Peers)},
+    ok = varied_writes(PA, PO, S),
+    Old = node_events(PO, S),
+    assert_gapless(Old),
+    Types = [T || #{type := T} <- Old],
+    [?assert(lists:member(T, Types)) || T <- [session_created, variable_registered, variable_updated,
+                                              batch_committed, variable_rolled_back, variable_deleted,
+                                              dependency_added, checkpoint, lock_acquired]],
+    %% the replica logged the same events with the same sequences
+    ?assertEqual(same_events(Old), same_events(node_events(PR, S))),
+    %% events copied from the owner's log are the owner's own (id, time, node)
+    Copied = [maps:with([id, sequence, timestamp, metadata], E) || #{type := T} = E <- Old,
+                                                                   T =:= checkpoint orelse T =:= lock_acquired],
+    ?assertEqual(Copied, [maps:with([id, sequence, timestamp, metadata], E)
+                          || #{type := T} = E <- node_events(PR, S), T =:= checkpoint orelse T =:= lock_acquired]),
+    Mid = length(Old) div 2,
+    OldState = peer:call(PO, dspex_events, state_at, [S, {sequence, Mid}]),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PR)) end, 10000, owner_gone),
+    {ok, _} = peer:call(PT, dspex_store, set, [S, x, 30]),
+    {ok, _} = peer:call(PT, dspex_store, set, [S, x, 31]),
+    ?assertEqual({ok, Rep}, peer:call(PR, dspex_cluster, owner_of, [S])),
+    New = node_events(PR, S),
+    assert_gapless(New),
+    N = length(Old),
+    ?assertEqual(N + 2, length(New)),
+    ?assertEqual(same_events(Old), same_events(lists:sublist(New, N))),
+    ?assertMatch([#{type := variable_updated, data := #{value := 30}}, #{type := variable_updated, data := #{value := 31}}],
+                 lists:nthtail(N, New)),
+    %% time travel to a point the old owner logged works on the new owner
+    ?assertEqual(state_vars(OldState), state_vars(peer:call(PR, dspex_events, state_at, [S, {sequence, Mid}]))),
+    %% the new replica got the log with its copy at the takeover
+    ?assertEqual(same_events(New), same_events(node_events(PT, S))),
+    Config.
+
+event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated(Config) ->
+    Peers = start_cluster("dspex_evm", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"evm_s">>,
+    {Owner, Rep} = session_with_x(PA, S),
+    [Target] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Target, Peers)},
+    ok = varied_writes(PA, PO, S),
+    Old = node_events(PO, S),
+    %% the target held no copy: it takes the session over with the log
+    {ok, _} = peer:call(PA, dspex_cluster, migrate_session, [S, Target]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, x, 40]),
+    {Target, [NewRep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    New = node_events(PT, S),
+    assert_gapless(New),
+    N = length(Old),
+    ?assertEqual(same_events(Old), same_events(lists:sublist(New, N))),
+    ?assertMatch([#{type := variable_updated, data := #{value := 40}}], lists:nthtail(N, New)),
+    ?assertEqual(same_events(New), same_events(node_events(peer_of(NewRep, Peers), S))),
+    %% the node that is neither owner nor replica any more dropped its copy
+    [Dropped] = [X || X <- [Owner, Rep], X =/= NewRep],
+    DEvs = node_events(peer_of(Dropped, Peers), S),
+    ?assertMatch(#{type := session_deleted, data := #{reason := migrated}}, lists:last(DEvs)),
+    ?assertEqual(same_events(Old), same_events(lists:droplast(DEvs))),
+    ?assertEqual({error, session_not_found}, peer:call(peer_of(Dropped, Peers), dspex_cluster, local_apply,
+                                                         [get_session, [S]])),
+    _ = {PR, PO},
     Config.

@@ -213,6 +213,14 @@ uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len) {
     return v;
 }
 
+bool dx_evq_known_seq(dx_evq *q, const char *session, size_t len, uint64_t *seq) {
+    pthread_mutex_lock(&q->mu);
+    seq_slot *e = seq_lookup(q, session, len);
+    if (e) *seq = e->seq;
+    pthread_mutex_unlock(&q->mu);
+    return e != NULL;
+}
+
 void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor) {
     pthread_mutex_lock(&q->mu);
     seq_slot *e = seq_slot_of(q, session, len);
@@ -223,7 +231,7 @@ void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64
 /* ---- push ---------------------------------------------------------------------------- */
 static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
     size_t tl = in->session_len + in->type_len + in->variable_len + in->principal_len + in->changed_by_len +
-                in->data_len + in->meta_len;
+                in->data_len + in->meta_len + in->node_len;
     size_t sz = sizeof(dx_ev_item) + tl;
     dx_ev_item *it = q->cfg.item_alloc(sz);
     if (!it) return NULL;
@@ -244,8 +252,19 @@ static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
     it->rec.meta = (const uint8_t *)p;
     it->rec.meta_len = in->meta_len;
     if (in->meta_len) memcpy(p, in->meta, in->meta_len);
-    it->rec.node = q->node;
-    it->rec.node_len = q->cfg.node_len;
+    p += in->meta_len;
+    if (in->node_len) { /* another node's event (a replica's copy of its owner's log) */
+        memcpy(p, in->node, in->node_len);
+        it->rec.node = p;
+        it->rec.node_len = in->node_len;
+    } else {
+        it->rec.node = q->node;
+        it->rec.node_len = q->cfg.node_len;
+    }
+    if (in->id_in) {
+        memcpy(it->rec.id, in->id_in, 36);
+        it->rec.id[36] = 0;
+    }
     it->payload = in->payload;
     return it;
 }
@@ -256,7 +275,7 @@ static void link_item(dx_evq *q, dx_ev_item *it, uint64_t seq, int64_t ts, bool 
     it->rec.ts_us = ts;
     /* the id is made here only when the caller wants it back (append/4); the writer makes the others,
      * off the commit path */
-    if (want_id) dx_uuid7(ts, it->rec.id);
+    if (want_id && !it->rec.id[0]) dx_uuid7(ts, it->rec.id);
     it->ticket = ++q->pushed;
     if (!q->pending++) q->pending_since_us = dx_ev_now_us();
     if (q->tail) q->tail->next = it;
@@ -301,6 +320,7 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
             int64_t ts = in[i].ts_us ? in[i].ts_us : now;
             link_item(q, items[i], s, ts, in[i].id_out != NULL);
             if (in[i].id_out) memcpy(in[i].id_out, items[i]->rec.id, 37);
+            if (in[i].ts_out) *in[i].ts_out = ts;
             if (tickets) tickets[i] = items[i]->ticket;
             if (seqs) seqs[i] = s;
         }

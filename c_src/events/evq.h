@@ -43,6 +43,10 @@ typedef struct {
     int64_t ts_us;                         /* 0: the queue reads the clock */
     uint64_t sequence;                     /* 0: assign the session's next; else must be exactly next (replicas) */
     char *id_out;                          /* optional: receives the event's UUIDv7 (37 bytes) */
+    const char *id_in;                     /* optional: the event's id (36 chars), kept (a replica copying the
+                                              owner's event); else one is made */
+    const char *node; size_t node_len;     /* optional: the node that made the event (node_len 0: this one) */
+    int64_t *ts_out;                       /* optional: receives the event's time */
 } dx_ev_in;
 
 typedef struct dx_evq dx_evq;
@@ -114,6 +118,8 @@ bool dx_evq_known(dx_evq *q, const char *session, size_t len);
  * scheduler, before the session's first event), unless known. 0, or -1 + err when the backend cannot say
  * (the session's first push then asks again). */
 int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t errlen);
+/* The session's last assigned sequence when the queue knows it (returns true), without asking the backend. */
+bool dx_evq_known_seq(dx_evq *q, const char *session, size_t len, uint64_t *seq);
 /* Raises a session's sequence so that the next one is above floor (a replica taking over). */
 void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor);
 /* Blocks the calling thread until done >= ticket or an attempt fails after it was pushed
