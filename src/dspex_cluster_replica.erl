@@ -22,7 +22,7 @@
 -module(dspex_cluster_replica).
 -behaviour(gen_server).
 
--export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/3,
+-export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/4,
          row/1, put_row/1, table/0, replace/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -86,9 +86,12 @@ export(S) -> call(S, {export, S}).
           ok | {error, term()}.
 install(S, Epoch, Seq, Owner, Export) -> call(S, {install, S, Epoch, Seq, Owner, Export}).
 
-%% @doc Forgets the local copy (this node is neither owner nor replica at `Epoch').
--spec drop(binary(), pos_integer(), node()) -> ok | {error, term()}.
-drop(S, Epoch, Owner) -> call(S, {drop, S, Epoch, Owner}).
+%% @doc Forgets the local copy (this node is neither owner nor replica at
+%% `Epoch'). `Mark': the sequence of the owner's `session_migrated' event (or
+%% `undefined'): the local log follows the owner's up to the event before it,
+%% then logs `session_deleted' (reason `migrated') under that sequence.
+-spec drop(binary(), pos_integer(), node(), pos_integer() | undefined) -> ok | {error, term()}.
+drop(S, Epoch, Owner, Mark) -> call(S, {drop, S, Epoch, Owner, Mark}).
 
 call(S, Msg) ->
     try gen_server:call(name(S), Msg, ?CALL_TIMEOUT)
@@ -138,14 +141,20 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
             _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
             {reply, Res, St}
     end;
-handle_call({drop, S, Epoch, Owner}, _From, St) ->
+handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
     {S, E, _, _, _, _, F} = row(S),
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
             dspex_cluster_watch:lost(S, lost),
-            %% the session moved to other nodes: session_deleted, reason migrated
-            _ = dspex_events:delete_copy(S, migrated),
+            %% the session moved to other nodes: session_deleted, reason
+            %% migrated, under the sequence of the owner's session_migrated
+            Reason = case is_integer(Mark) andalso present(S) andalso dspex_events:follow(S, Owner, Mark - 1) =:= ok
+                         andalso dspex_events:last_sequence(S) =:= Mark - 1 of
+                         true -> migrated;
+                         false -> silent
+                     end,
+            _ = dspex_events:delete_copy(S, Reason),
             put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
             {reply, ok, St}
     end;
@@ -257,7 +266,12 @@ before_change(S, Owner, Pre) ->
                 ok -> before_change(S, Owner, Pre);
                 Err -> Err
             end;
-        _ -> {error, ahead}
+        _ ->
+            %% this log holds events the owner's lacks (the unreplicated tail
+            %% of an owner that died, which this node was): it cannot follow
+            %% the owner's numbering; the change is applied and logged here
+            %% under this log's own next sequences
+            ok
     end.
 
 mute_if(undefined, delete_session) -> silent_delete_session;

@@ -272,7 +272,16 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
             Pushed = erpc:multicall(Reps, dspex_cluster_replica, install, [S, Epoch, Seq, node(), Export], ?RPC_TIMEOUT),
             case [R || R <- Pushed, R =/= {ok, ok}] of
                 [] ->
-                    _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
+                    %% nodes holding a copy they must drop log session_deleted
+                    %% (reason migrated) under the sequence this node's log
+                    %% gives the move (session_migrated), so that the logs stay
+                    %% aligned if one of them holds the session again
+                    Dropping = [N || {_, true, N} <- Copies, N =/= node(), not lists:member(N, Reps)],
+                    Mark = case Dropping of
+                               [] -> undefined;
+                               _ -> dspex_events:mark_migrated(S, #{to => node(), epoch => Epoch, dropped => Dropping})
+                           end,
+                    _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node(), Mark], ?RPC_TIMEOUT),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
                     %% locks do not travel: the old owner's are gone with it, and
                     %% tokens granted here from now on are above any it granted

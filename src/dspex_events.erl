@@ -48,7 +48,7 @@
 -export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
--export([last_sequence/1, owner_events/3, follow/3, copy_events/1, delete_copy/2, shared_backend/0]).
+-export([last_sequence/1, owner_events/3, follow/3, copy_events/1, delete_copy/2, shared_backend/0, mark_migrated/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -57,7 +57,7 @@
                     | variable_deleted | variable_rolled_back | batch_committed | dependency_added
                     | dependency_removed | derived_recomputed | lock_acquired | lock_released
                     | lock_preempted | lock_expired | acl_rule_set | access_denied
-                    | optimization_progress | atom() | binary().
+                    | optimization_progress | session_migrated | atom() | binary().
 -type event() :: #{id := binary(), type := event_type(), session := binary(),
                    sequence := pos_integer(), position := pos_integer(), data := term(),
                    metadata := map(), timestamp := integer()}.
@@ -271,6 +271,18 @@ delete_copy(Session, Reason) ->
     ok = dspex_propagator:stop(Session),
     Result.
 
+%% @doc The new owner of a session whose copies on other nodes are dropped
+%% logs `session_migrated' (`Data': `to', `epoch', `dropped' nodes); its
+%% sequence, under which each dropped copy logs its `session_deleted'
+%% (reason `migrated'). `undefined' when the log is off or failed.
+-spec mark_migrated(binary(), map()) -> pos_integer() | undefined.
+mark_migrated(Session, Data) ->
+    case enabled() andalso seed(Session) =:= ok andalso
+        dspex_nif:events_append(Session, session_migrated, Data, #{}, #{}) of
+        {ok, _, Seq, _} -> Seq;
+        _ -> undefined
+    end.
+
 %% @doc Whether every node of a cluster appends to one log (PostgreSQL): there a
 %% session that moves keeps one history, and a node dropping its copy logs
 %% nothing (a `migrated' event would take the sequence number the new owner
@@ -390,6 +402,9 @@ apply_event(#{type := session_created, session := S, data := D}, _) ->
     #{session => #{format => dspex_session_v1, id => S, metadata => maps:get(metadata, D, #{}),
                    ttl => maps:get(ttl, D, infinity), created_at => maps:get(created_at, D, 0)},
       vars => #{}};
+apply_event(#{type := session_deleted, data := #{reason := migrated}}, St) ->
+    %% this node's copy was dropped; the session lives on (see dspex_cluster)
+    St;
 apply_event(#{type := session_deleted}, _) -> deleted;
 apply_event(_, St) when not is_map(St) -> St;
 apply_event(#{type := variable_registered, data := #{name := N} = V}, #{vars := Vs} = St) ->
