@@ -27,6 +27,8 @@ typedef struct dx_ev_item {
     dx_ev_rec rec;   /* strings point into text[]; data/meta into text[] or set by encode */
     void *payload;   /* opaque; encode turns it into rec.data/rec.meta */
     size_t alloc;    /* bytes of this item, for the memory gauge */
+    bool provisional; /* numbered from 1 because the session's last stored sequence was unknown (the
+                         backend down before its first event here): renumbered before it is written */
     _Alignas(8) char text[];
 } dx_ev_item;
 
@@ -89,6 +91,7 @@ typedef struct {
     uint64_t last_position;
     uint64_t spooled;     /* records in the spool, waiting for the backend */
     uint64_t commit_seeds; /* sessions whose last sequence was read from the backend by a push */
+    uint64_t provisional;  /* sessions numbered provisionally, waiting for the backend's last sequence */
     char last_error[256];
 } dx_evq_stats;
 
@@ -115,8 +118,10 @@ uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len);
 /* Whether the queue knows the session's last sequence already. */
 bool dx_evq_known(dx_evq *q, const char *session, size_t len);
 /* Reads the session's last sequence from the backend (blocking: call it off the commit path, e.g. on a dirty
- * scheduler, before the session's first event), unless known. 0, or -1 + err when the backend cannot say
- * (the session's first push then asks again). */
+ * scheduler, before the session's first event), unless known. 0, or -1 + err when the backend cannot say:
+ * the session is then numbered provisionally from 1, and the writer renumbers its events (adds the
+ * backend's last sequence of the session to each, in the spool, the queue and the batch at hand) as soon as
+ * the backend answers, before any of them is written there: no number collides with a stored one. */
 int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t errlen);
 /* The session's last assigned sequence when the queue knows it (returns true), without asking the backend. */
 bool dx_evq_known_seq(dx_evq *q, const char *session, size_t len, uint64_t *seq);
