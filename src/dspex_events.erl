@@ -467,7 +467,11 @@ incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
 %% the oldest queued event), `last_position', `last_error', `lost', `full',
 %% `spooled' (events in the PostgreSQL spool, waiting for the database),
 %% `commit_seeds' (sessions whose last sequence a committing thread had to ask
-%% the backend for, because `seed/1' had not run: 0 in normal operation).
+%% the backend for, because `seed/1' had not run: 0 in normal operation),
+%% `provisional' (sessions whose last stored sequence was unknown when their
+%% first event here came, the backend being down: their events are numbered
+%% provisionally and renumbered after the backend's last one of the session
+%% before any of them is stored).
 -spec stats() -> map() | {error, term()}.
 stats() -> dspex_nif:events_stats().
 

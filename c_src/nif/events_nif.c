@@ -48,7 +48,7 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch, A_linger_us,
     A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
-    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found;
+    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -816,17 +816,19 @@ DX_NIF(nif_events_stats) {
     atomic_fetch_sub(&g_inflight, 1);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
-    ERL_NIF_TERM k[15] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
-                          A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds};
-    ERL_NIF_TERM v[15] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+    ERL_NIF_TERM k[16] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+                          A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds,
+                          A_provisional};
+    ERL_NIF_TERM v[16] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
                           enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
                           enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
                           enif_make_int64(env, lag < 0 ? 0 : lag), enif_make_uint64(env, s.last_position),
                           s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
                           enif_make_uint64(env, atomic_load(&g_lost)), full ? ATOM_true : ATOM_false,
-                          enif_make_uint64(env, s.spooled), enif_make_uint64(env, s.commit_seeds)};
-    return map_of(env, k, v, 15);
+                          enif_make_uint64(env, s.spooled), enif_make_uint64(env, s.commit_seeds),
+                          enif_make_uint64(env, s.provisional)};
+    return map_of(env, k, v, 16);
 }
 
 /* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
@@ -962,7 +964,7 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_types, "types"); A(A_limit, "limit"); A(A_descending, "descending"); A(A_full, "full");
     A(A_already_open, "already_open"); A(A_snap_due, "dspex_events_snapshot_due");
     A(A_snapshot_every, "snapshot_every"); A(A_spool, "spool"); A(A_spooled, "spooled"); A(A_commit_seeds, "commit_seeds"); A(A_sequence_gap, "sequence_gap");
-    A(A_silent, "silent"); A(A_session_not_found, "session_not_found");
+    A(A_silent, "silent"); A(A_provisional, "provisional"); A(A_session_not_found, "session_not_found");
 #undef A
     for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))
