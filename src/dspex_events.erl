@@ -48,7 +48,7 @@
 -export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
--export([last_sequence/1, owner_events/3, follow/3, copy_events/1, delete_copy/2, shared_backend/0, mark_migrated/2]).
+-export([last_sequence/1, owner_events/4, follow/3, copy_events/1, delete_copy/2, shared_backend/0, mark_migrated/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -210,23 +210,23 @@ last_sequence(Session) ->
         _ -> undefined
     end.
 
-%% @doc Owner side of `follow/3': the session's events with sequence `From' to
-%% `To' (`latest': to the last), once every event queued so far is durable.
--spec owner_events(binary(), pos_integer(), pos_integer() | latest) -> {ok, [event()]} | {error, term()}.
-owner_events(Session, From, To) ->
+%% @doc Owner side of `follow/3': at most `Limit' of the session's events from
+%% sequence `From' to `To' (`latest': to the last), once every event queued
+%% so far is durable.
+-spec owner_events(binary(), pos_integer(), pos_integer() | latest, pos_integer()) ->
+          {ok, [event()]} | {error, term()}.
+owner_events(Session, From, To, Limit) ->
     case await() of
         ok ->
-            Q = maps:from_list([{session, Session}, {seq_from, From}] ++ [{seq_to, To} || is_integer(To)]),
-            case fold_pages(Q, fun(E, A) -> [E | A] end, [], forward) of
-                {ok, Rev} -> {ok, lists:reverse(Rev)};
-                Error -> Error
-            end;
+            Q = maps:from_list([{session, Session}, {seq_from, From}, {limit, min(Limit, ?PAGE)}]
+                               ++ [{seq_to, To} || is_integer(To)]),
+            dspex_nif:events_read(Q);
         Error -> Error
     end.
 
 %% @doc Brings this node's log of `Session' up to sequence `Upto' (`latest':
 %% up to the owner's last) with copies of the events it lacks from `Owner''s
-%% log. `ok' when the log is off or already there.
+%% log, a page of 1,000 per call. `ok' when the log is off or already there.
 -spec follow(binary(), node(), non_neg_integer() | latest) -> ok | {error, term()}.
 follow(_Session, Owner, _Upto) when Owner =:= node() -> ok;
 follow(Session, Owner, Upto) ->
@@ -234,8 +234,14 @@ follow(Session, Owner, Upto) ->
         undefined -> ok;
         L when is_integer(Upto), L >= Upto -> ok;
         L ->
-            case catch erpc:call(Owner, ?MODULE, owner_events, [Session, L + 1, Upto], 10000) of
-                {ok, Evs} -> copy_events(Evs);
+            case catch erpc:call(Owner, ?MODULE, owner_events, [Session, L + 1, Upto, ?PAGE], 10000) of
+                {ok, []} -> ok;
+                {ok, Evs} ->
+                    case copy_events(Evs) of
+                        ok when length(Evs) < ?PAGE -> ok;
+                        ok -> follow(Session, Owner, Upto);
+                        Error -> Error
+                    end;
                 {error, _} = Error -> Error;
                 Other -> {error, {event_store, {follow, Owner, Other}}}
             end
