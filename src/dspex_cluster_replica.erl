@@ -16,6 +16,11 @@
 %% `apply_change/5'); async replication and takeovers use the calls and casts
 %% below.
 %%
+%% With the event log on, this node's log of a replicated session follows
+%% the owner's (`{ev, Pre, Post, Payload}' changes, `dspex_events:follow/3'
+%% after installs); copies are replaced without logging, and a dropped copy
+%% logs `session_deleted' with reason `migrated'.
+%%
 %% Watches made on this node while it owned a session (`dspex_cluster_watch')
 %% are told they are lost when another node takes the session over (fence),
 %% or this copy is replaced or dropped.

@@ -12,6 +12,12 @@
 %% The Erlang modules that own locks, graphs and access rules append theirs
 %% with {@link emit/4}; applications use {@link append/4}.
 %%
+%% In a cluster, a replica's log of a session follows its owner's: the same
+%% events under the same sequences (see `follow/3' and the README, "In a
+%% cluster"); a takeover that drops other nodes' copies logs
+%% `session_migrated' on the new owner, and each dropped copy logs
+%% `session_deleted' (reason `migrated') under that sequence.
+%%
 %% == Event ==
 %% `#{id, type, session, sequence, position, data, metadata, timestamp}':
 %% `id' a UUIDv7 (time-sortable), `sequence' per session from 1, gapless in
@@ -191,7 +197,7 @@ backpressure(R) ->
         W -> _ = receive_durable(W), R
     end.
 
-%%% A replicated session's log (dspex_cluster) ----------------------------------
+%%% A replicated session's log (dspex_cluster) ---------------------------------
 %% A replica's log of a session follows its owner's: the same events with the
 %% same sequences, so that after a failover or a migration the new owner's log
 %% continues the session's sequence unchanged. A replica's replayed change
