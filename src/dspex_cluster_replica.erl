@@ -38,7 +38,7 @@
 -define(CALL_TIMEOUT, 4000).
 
 -type payload() :: {op, atom() | {module(), atom()}, list(), term()} | {full, map() | absent} | delete_session
-                 | {ev, non_neg_integer() | undefined, non_neg_integer(), payload()}.
+                 | {ev, non_neg_integer() | undefined, non_neg_integer(), payload(), [dspex_events:event()]}.
 -export_type([payload/0]).
 
 %% @doc Starts replica process `I' of the pool.
@@ -160,6 +160,7 @@ handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
                          false -> silent
                      end,
             _ = dspex_events:delete_copy(S, Reason),
+            ok = dspex_events:forget_kept(S),
             put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
             {reply, ok, St}
     end;
@@ -199,7 +200,7 @@ handle_info(_, St) -> {noreply, St}.
 %% same events as the owner's commit, numbered from `Pre' + 1), then the log
 %% is brought to `Post' (a full copy logs nothing itself: its events are
 %% copied). `Pre' undefined: the change's own events are copied too.
-do_apply(S, Epoch, Seq, Owner, {ev, Pre, Post, P}) ->
+do_apply(S, Epoch, Seq, Owner, {ev, Pre, Post, P, Kept}) ->
     {S, E, Seq0, _, _, _, F} = row(S),
     Full = is_tuple(P) andalso element(1, P) =:= full,
     %% a stale, repeated or out-of-order change is refused (or ignored) as
@@ -209,14 +210,14 @@ do_apply(S, Epoch, Seq, Owner, {ev, Pre, Post, P}) ->
         orelse (not Full andalso (Epoch =/= E orelse Seq =/= Seq0 + 1)),
     Check = case Skip of
                 true -> skip;
-                false -> before_change(S, Owner, Pre)
+                false -> before_change(S, Owner, Pre, Kept)
             end,
     case Check of
         skip -> do_apply(S, Epoch, Seq, Owner, P);
         ok ->
             case do_apply(S, Epoch, Seq, Owner, mute_if(Pre, P)) of
                 ok ->
-                    _ = dspex_events:follow(S, Owner, Post),
+                    _ = dspex_events:catch_up(S, Owner, Post, Kept),
                     ok;
                 Err -> Err
             end;
@@ -261,14 +262,14 @@ do_apply(S, Epoch, Seq, Owner, P) ->
 
 %% The replica's log must be at the owner's `Pre' for its replay to number
 %% the change's events as the owner did.
-before_change(_S, _Owner, undefined) -> ok;
-before_change(S, Owner, Pre) ->
+before_change(_S, _Owner, undefined, _Kept) -> ok;
+before_change(S, Owner, Pre, Kept) ->
     case dspex_events:last_sequence(S) of
         undefined -> ok;
         Pre -> ok;
         L when L < Pre ->
-            case dspex_events:follow(S, Owner, Pre) of
-                ok -> before_change(S, Owner, Pre);
+            case dspex_events:catch_up(S, Owner, Pre, Kept) of
+                ok -> before_change(S, Owner, Pre, []);
                 Err -> Err
             end;
         _ ->
@@ -291,10 +292,12 @@ present(S) -> element(1, dspex_store:get_session(S)) =:= ok.
 %% the owner's (dspex_events:follow/3).
 replace(S, absent) ->
     dspex_cluster_watch:lost(S, lost),
+    ok = dspex_events:forget_kept(S),
     _ = dspex_events:delete_copy(S, silent),
     ok;
 replace(S, Export) ->
     dspex_cluster_watch:lost(S, lost),
+    ok = dspex_events:forget_kept(S),
     _ = dspex_events:delete_copy(S, silent),
     Mute = put(dspex_events_mute, true),
     try dspex_store:import_session(Export) of

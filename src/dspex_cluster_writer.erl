@@ -125,7 +125,7 @@ handle_cast({expired, S}, St) ->
                     %% the replicas copy the owner's session_deleted (reason expired)
                     P = case dspex_events:last_sequence(S) of
                             undefined -> delete_session;
-                            Post -> {ev, undefined, Post, delete_session}
+                            Post -> {ev, undefined, Post, delete_session, []}
                         end,
                     _ = replicate(S, E, Seq + 1, P, Reps, Mode),
                     dspex_cluster_watch:lost(S, ended),
@@ -381,14 +381,17 @@ full(_, P) -> P.
 with_events(S, _Args, P, Pre, Post) when P =:= none; Pre =:= undefined; Post =:= undefined ->
     full(S, P);
 with_events(S, Args, P, Pre, Post) ->
+    %% the events this node logged on the session outside its store's commits
+    %% (locks, appends, ...; also the graph's and rules' own) travel with it
+    Kept = dspex_events:take_kept(S, Post),
     case P of
-        full -> {ev, Pre, Post, full(S, P)};
-        delete_session when Post - Pre =:= 1 -> {ev, Pre, Post, P};
-        delete_session -> {ev, undefined, Post, P};
+        full -> {ev, Pre, Post, full(S, P), Kept};
+        delete_session when Post - Pre =:= 1 -> {ev, Pre, Post, P, Kept};
+        delete_session -> {ev, undefined, Post, P, Kept};
         {op, _, _, _} ->
             case Post - Pre =:= replayed_events(P) andalso not acts_as(Args) of
-                true -> {ev, Pre, Post, P};
-                false -> {ev, Pre, Post, {full, local_export(S)}}
+                true -> {ev, Pre, Post, P, Kept};
+                false -> {ev, Pre, Post, {full, local_export(S)}, Kept}
             end
     end.
 

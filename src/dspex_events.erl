@@ -54,7 +54,8 @@
 -export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
--export([last_sequence/1, owner_events/4, follow/3, copy_events/1, delete_copy/2, shared_backend/0, mark_migrated/2]).
+-export([last_sequence/1, owner_events/4, follow/3, catch_up/4, copy_events/1, delete_copy/2, shared_backend/0,
+         mark_migrated/2, take_kept/2, forget_kept/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -71,6 +72,10 @@
                | {position, non_neg_integer()}.
 
 -define(PAGE, 1000).
+%% events this node logged outside its store's commits on sessions it owns
+%% with replicas, kept until the session's next replicated change takes them
+-define(KEPT, dspex_events_kept).
+-define(KEPT_MAX, 100000).
 -define(SUB_PAGE, 500).
 
 %%% API ---------------------------------------------------------------------
@@ -94,8 +99,8 @@ append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
                               error -> {default_durability(), Meta}
                           end,
     _ = seed(Session),
-    case dspex_nif:events_append(Session, Type, Data, Meta1) of
-        {ok, Id, _Seq} ->
+    case log_event(Session, Type, Data, Meta1) of
+        {ok, Id} ->
             case wait_durable(Durability) of
                 ok -> {ok, Id};
                 Error -> Error
@@ -103,6 +108,55 @@ append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
         Error -> Error
     end;
 append(_, _, _, _) -> {error, {invalid_argument, append}}.
+
+%% Appends an event; on a session this node owns with replicas (dspex_cluster)
+%% the event is also kept for them: the session's next replicated change
+%% carries it (`take_kept/2'), so a replica's log need not ask for it.
+log_event(Session, Type, Data, Meta) ->
+    case dspex_nif:events_append(Session, Type, Data, Meta, #{}) of
+        {ok, Id, Seq, Ts} ->
+            _ = owns_replicated(Session) andalso keep(Session, Seq, #{id => Id, type => Type, session => Session,
+                                                                    sequence => Seq, data => Data, timestamp => Ts,
+                                                                    metadata => Meta#{node => atom_to_binary(node())}}),
+            {ok, Id};
+        Error -> Error
+    end.
+
+owns_replicated(S) ->
+    case ets:whereis(dspex_cluster_sessions) of
+        undefined -> false;
+        _ ->
+            Me = node(),
+            case ets:lookup(dspex_cluster_sessions, S) of
+                [{_, _, _, Me, [_ | _], _, _}] -> true;
+                _ -> false
+            end
+    end.
+
+%% bounded: past KEPT_MAX events the replicas read them from this node's log
+keep(S, Seq, Ev) ->
+    try ets:info(?KEPT, size) < ?KEPT_MAX andalso ets:insert(?KEPT, {{S, Seq}, Ev})
+    catch error:badarg -> false
+    end.
+
+%% @doc The kept events of `Session' up to sequence `Upto', in order, removed
+%% from the table (see `log_event/4'); `[]' when none or the log is off.
+-spec take_kept(binary(), non_neg_integer()) -> [event()].
+take_kept(Session, Upto) ->
+    Ms = [{{{Session, '$1'}, '$2'}, [{'=<', '$1', Upto}], ['$2']}],
+    try ets:select(?KEPT, Ms) of
+        [] -> [];
+        Evs ->
+            _ = ets:select_delete(?KEPT, [{{{Session, '$1'}, '_'}, [{'=<', '$1', Upto}], [true]}]),
+            Evs
+    catch error:badarg -> []
+    end.
+
+%% @doc Forgets the kept events of a session (this node no longer owns it).
+-spec forget_kept(binary()) -> ok.
+forget_kept(Session) ->
+    _ = (catch ets:match_delete(?KEPT, {{Session, '_'}, '_'})),
+    ok.
 
 %% @doc Makes the log know `Session''s last sequence before the session's first
 %% event on this node (the store calls it before creating or importing a
@@ -126,7 +180,7 @@ emit(Session, Type, Data, Meta) when is_binary(Session) ->
     %% a replica installing a copy: its log takes the owner's events instead
     _ = enabled() andalso get(dspex_events_mute) =/= true andalso begin
                               _ = seed(Session),
-                              dspex_nif:events_append(Session, Type, Data, indexable(Meta))
+                              log_event(Session, Type, Data, indexable(Meta))
                           end,
     ok;
 emit(_, _, _, _) -> ok.
@@ -252,6 +306,26 @@ follow(Session, Owner, Upto) ->
                 Other -> {error, {event_store, {follow, Owner, Other}}}
             end
     end.
+
+%% @doc `follow/3' with `Kept' first: the owner's events carried by a
+%% replicated change (in order); those continuing this log are copied from
+%% there, the rest up to `Upto' is read from the owner's log.
+-spec catch_up(binary(), node(), non_neg_integer(), [event()]) -> ok | {error, term()}.
+catch_up(Session, Owner, Upto, Kept) ->
+    case last_sequence(Session) of
+        undefined -> ok;
+        L when L >= Upto -> ok;
+        L ->
+            Next = contiguous([E || #{sequence := N} = E <- Kept, N > L, N =< Upto], L + 1),
+            case copy_events(Next) of
+                ok when L + length(Next) >= Upto -> ok;
+                ok -> follow(Session, Owner, Upto);
+                Error -> Error
+            end
+    end.
+
+contiguous([#{sequence := N} = E | Rest], N) -> [E | contiguous(Rest, N + 1)];
+contiguous(_, _) -> [].
 
 %% @doc Appends copies of another node's events (in sequence order; each must
 %% be its session's next: `{error, {sequence_gap, Last}}' otherwise).
@@ -685,6 +759,8 @@ init([]) ->
     case dspex_nif:events_open(Cfg) of
         ok ->
             persistent_term:put({?MODULE, durability}, Env(event_durability, async)),
+            _ = ets:whereis(?KEPT) =:= undefined andalso
+                ets:new(?KEPT, [ordered_set, public, named_table, {write_concurrency, true}]),
             persistent_term:put({?MODULE, enabled}, true),
             #{last_position := Last} = dspex_nif:events_stats(),
             Retention = Env(event_retention, {days, 90}),

@@ -1232,19 +1232,28 @@ event_sequence_continues_on_the_new_owner_after_failover(Config) ->
     [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
     {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Third, Peers)},
     ok = varied_writes(PA, PO, S),
-    Old = node_events(PO, S),
-    assert_gapless(Old),
-    Types = [T || #{type := T} <- Old],
+    Old0 = node_events(PO, S),
+    assert_gapless(Old0),
+    Types = [T || #{type := T} <- Old0],
     [?assert(lists:member(T, Types)) || T <- [session_created, variable_registered, variable_updated,
                                               batch_committed, variable_rolled_back, variable_deleted,
                                               dependency_added, checkpoint, lock_acquired]],
     %% the replica logged the same events with the same sequences
-    ?assertEqual(same_events(Old), same_events(node_events(PR, S))),
+    ?assertEqual(same_events(Old0), same_events(node_events(PR, S))),
     %% events copied from the owner's log are the owner's own (id, time, node)
-    Copied = [maps:with([id, sequence, timestamp, metadata], E) || #{type := T} = E <- Old,
+    Copied = [maps:with([id, sequence, timestamp, metadata], E) || #{type := T} = E <- Old0,
                                                                    T =:= checkpoint orelse T =:= lock_acquired],
     ?assertEqual(Copied, [maps:with([id, sequence, timestamp, metadata], E)
                           || #{type := T} = E <- node_events(PR, S), T =:= checkpoint orelse T =:= lock_acquired]),
+    %% events logged outside replicated changes travel with the next change:
+    %% the replica does not read them from the owner's log
+    Count = {dspex_events, owner_events, 4},
+    1 = peer:call(PO, erlang, trace_pattern, [Count, true, [call_count]]),
+    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 2}, #{}]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, z, 6]),
+    ?assertEqual({call_count, 0}, peer:call(PO, erlang, trace_info, [Count, call_count])),
+    _ = peer:call(PO, erlang, trace_pattern, [Count, false, [call_count]]),
+    Old = node_events(PO, S),
     Mid = length(Old) div 2,
     OldState = peer:call(PO, dspex_events, state_at, [S, {sequence, Mid}]),
     ok = kill_node(Owner, Peers),
