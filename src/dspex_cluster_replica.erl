@@ -17,9 +17,11 @@
 %% below.
 %%
 %% With the event log on, this node's log of a replicated session follows
-%% the owner's (`{ev, Pre, Post, Payload}' changes, `dspex_events:follow/3'
-%% after installs); copies are replaced without logging, and a dropped copy
-%% logs `session_deleted' with reason `migrated'.
+%% the owner's (`{ev, Pre, Post, Payload, Kept}' changes: the owner's last
+%% sequences before and after the change and the events it logged outside its
+%% store's commits; `dspex_events:follow/3' after installs); copies are
+%% replaced without logging, and a dropped copy logs `session_deleted' with
+%% reason `migrated'.
 %%
 %% Watches made on this node while it owned a session (`dspex_cluster_watch')
 %% are told they are lost when another node takes the session over (fence),

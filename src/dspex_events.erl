@@ -76,6 +76,7 @@
 %% with replicas, kept until the session's next replicated change takes them
 -define(KEPT, dspex_events_kept).
 -define(KEPT_MAX, 100000).
+-define(KEPT_MAX_WORDS, 8388608). % 64 MiB
 -define(SUB_PAGE, 500).
 
 %%% API ---------------------------------------------------------------------
@@ -133,9 +134,11 @@ owns_replicated(S) ->
             end
     end.
 
-%% bounded: past KEPT_MAX events the replicas read them from this node's log
+%% bounded (100,000 events, 64 MiB): past that the replicas read them from
+%% this node's log
 keep(S, Seq, Ev) ->
-    try ets:info(?KEPT, size) < ?KEPT_MAX andalso ets:insert(?KEPT, {{S, Seq}, Ev})
+    try ets:info(?KEPT, size) < ?KEPT_MAX andalso ets:info(?KEPT, memory) < ?KEPT_MAX_WORDS
+            andalso ets:insert(?KEPT, {{S, Seq}, Ev})
     catch error:badarg -> false
     end.
 
