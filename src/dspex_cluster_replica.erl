@@ -278,8 +278,13 @@ before_change(S, Owner, Pre, Kept) ->
             %% this log holds events the owner's lacks (the unreplicated tail
             %% of an owner that died, which this node was): it cannot follow
             %% the owner's numbering; the change is applied and logged here
-            %% under this log's own next sequences
-            ok
+            %% under this log's own next sequences. With one database for
+            %% every node those numbers are the owner's: a full copy instead
+            %% (it logs nothing)
+            case dspex_events:shared_backend() of
+                true -> {error, ahead};
+                false -> ok
+            end
     end.
 
 mute_if(undefined, delete_session) -> silent_delete_session;

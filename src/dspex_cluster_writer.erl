@@ -282,6 +282,8 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                                _ -> dspex_events:mark_migrated(S, #{to => node(), epoch => Epoch, dropped => Dropping})
                            end,
                     _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node(), Mark], ?RPC_TIMEOUT),
+                    %% one database for every node: continue after what it holds
+                    _ = dspex_events:reseed(S),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
                     %% locks do not travel: the old owner's are gone with it, and
                     %% tokens granted here from now on are above any it granted

@@ -55,7 +55,7 @@
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
 -export([last_sequence/1, owner_events/4, follow/3, catch_up/4, copy_events/1, delete_copy/2, shared_backend/0,
-         mark_migrated/2, take_kept/2, forget_kept/1]).
+         mark_migrated/2, take_kept/2, forget_kept/1, reseed/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
@@ -370,6 +370,18 @@ mark_migrated(Session, Data) ->
         dspex_nif:events_append(Session, session_migrated, Data, #{}, #{}) of
         {ok, _, Seq, _} -> Seq;
         _ -> undefined
+    end.
+
+%% @doc A node taking `Session' over whose log is shared with the other nodes
+%% (`shared_backend/0'): its counter goes up to the database's last sequence
+%% of the session (events the old owner stored after its last replicated
+%% change), so that its own next events do not take those numbers (the
+%% inserts would skip them). `ok' with a log of its own or off.
+-spec reseed(binary()) -> ok | {error, {event_store, term()}}.
+reseed(Session) ->
+    case enabled() andalso shared_backend() of
+        true -> dspex_nif:events_reseed(Session);
+        false -> ok
     end.
 
 %% @doc Whether every node of a cluster appends to one log (PostgreSQL): there a

@@ -21,7 +21,8 @@
          a_replica_that_diverged_gets_a_full_copy_before_the_ack/1,
          a_replica_node_dying_fails_its_batches_in_flight/1,
          event_sequence_continues_on_the_new_owner_after_failover/1,
-         event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1]).
+         event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1,
+         event_sequence_on_one_postgres_database_across_failover/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
@@ -44,7 +45,8 @@ all() ->
      a_replica_that_diverged_gets_a_full_copy_before_the_ack,
      a_replica_node_dying_fails_its_batches_in_flight,
      event_sequence_continues_on_the_new_owner_after_failover,
-     event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated].
+     event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
+     event_sequence_on_one_postgres_database_across_failover].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -93,8 +95,16 @@ configure(Node, P, Conf) ->
     _ = [ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(Node))])
          || Root <- [get(ct_event_root)], Root =/= undefined],
     ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Conf]),
+    %% more application environment for the nodes of a test case (ct_app_env)
+    _ = [ok = peer:call(P, application, set_env, [dspex_bridge, K, V]) || {K, V} <- get_env_list()],
     {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]),
     ok.
+
+get_env_list() ->
+    case get(ct_app_env) of
+        undefined -> [];
+        L -> L
+    end.
 
 %% Starts a node again under the name of one that was killed, with the same
 %% configuration (an empty store): it rejoins and resyncs.
@@ -1315,4 +1325,43 @@ event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated(Config) ->
     %% time travel across the dropped copy's deletion gives the live session
     {ok, Live} = peer:call(PD, dspex_nif, export_session, [S]),
     ?assertEqual(state_vars({ok, Live}), state_vars(peer:call(PD, dspex_events, state_at, [S, {sequence, Last}]))),
+    Config.
+
+%% Every node appends to one PostgreSQL database (DX_EVENTS_PG_URL, set by
+%% `make test-events-pg'): a session's events are stored once per sequence,
+%% gapless across a failover, and the new owner continues after an event the
+%% old owner stored after its last replicated change (it reads the
+%% database's last sequence at the takeover; else its next event took that
+%% number and the insert skipped it).
+event_sequence_on_one_postgres_database_across_failover(Config) ->
+    case os:getenv("DX_EVENTS_PG_URL") of
+        Url when is_list(Url), Url =/= "" -> pg_failover(Url, Config);
+        _ -> {skip, "no PostgreSQL server: make test-events-pg runs this case"}
+    end.
+
+pg_failover(Url, Config) ->
+    put(ct_app_env, [{event_backend, {postgres, Url}}]),
+    Peers = start_cluster("dspex_evpg", #{replicas => 1, replication => sync}),
+    erase(ct_app_env),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"evpg_", (integer_to_binary(erlang:system_time()))/binary>>,
+    {Owner, Rep} = session_with_x(PA, S),
+    [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Third, Peers)},
+    ok = varied_writes(PA, PO, S),
+    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 9}, #{durability => sync}]),
+    Old = node_events(PO, S),
+    assert_gapless(Old),
+    ?assertMatch(#{type := checkpoint, data := #{step := 9}}, lists:last(Old)),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PR)) end, 10000, owner_gone),
+    {ok, _} = peer:call(PT, dspex_store, set, [S, x, 30]),
+    New = node_events(PR, S),
+    assert_gapless(New),
+    N = length(Old),
+    ?assertEqual(same_events(Old), same_events(lists:sublist(New, N))),
+    ?assertMatch([#{type := variable_updated, data := #{value := 30}}], lists:nthtail(N, New)),
+    %% the events copied by the replica are the owner's rows (same id)
+    ?assertEqual([Id || #{type := checkpoint, id := Id} <- Old], [Id || #{type := checkpoint, id := Id} <- New]),
     Config.

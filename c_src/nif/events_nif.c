@@ -921,6 +921,27 @@ DX_NIF(nif_events_seed) {
     return enif_schedule_nif(env, "events_seed", ERL_NIF_DIRTY_JOB_IO_BOUND, events_seed_dirty, argc, argv);
 }
 
+/* events_reseed(Session) -> ok | {error, {event_store, Reason}} (dirty I/O): raises the session's counter to
+ * the backend's last sequence of it, when above (a node taking a session over whose events other nodes
+ * append to the same database). Not open: ok. */
+ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    ErlNifBinary sid;
+    if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0) return enif_make_badarg(env);
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    char err[256];
+    uint64_t last = 0;
+    int rc = 0;
+    if (q && g_seed) {
+        pthread_mutex_lock(&g_seed_mu);
+        rc = g_ops->session_max_seq(g_seed, (const char *)sid.data, sid.size, &last, err, sizeof err);
+        pthread_mutex_unlock(&g_seed_mu);
+        if (!rc) dx_evq_session_seq_raise(q, (const char *)sid.data, sid.size, last);
+    }
+    atomic_fetch_sub(&g_inflight, 1);
+    return rc ? es_error(env, err) : ATOM_ok;
+}
+
 /* events_session_seq(Session) -> last assigned sequence (0 = none). Known to the queue: answered here;
  * else the backend is asked on a dirty I/O scheduler. */
 static ERL_NIF_TERM events_session_seq_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
