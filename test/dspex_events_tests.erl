@@ -26,7 +26,8 @@ events_test_() ->
       ?T(bad_arguments_are_errors),
       ?T(json_term_of_any_term),
       ?T(prometheus_and_telemetry),
-      ?T(first_events_never_ask_the_backend_on_the_commit_path)]
+      ?T(first_events_never_ask_the_backend_on_the_commit_path),
+      ?T(copies_of_another_nodes_events_and_copy_deletions)]
      %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
      ++ [T || pg_ctl() =/= false, T <- [?T(postgres_down_spools_then_catches_up_in_order),
                                         ?T(postgres_down_at_a_sessions_first_event_loses_nothing)]]}.
@@ -180,6 +181,46 @@ session_deleted_reasons() ->
     %% the same id again continues the sequence
     {ok, _} = dspex_store:create_session(S),
     ?assertEqual([1, 2, 3], [N || #{sequence := N} <- events(S)]).
+
+%% A replica's copies of its owner's events (dspex_cluster): the owner's
+%% sequence (which must continue the session's), id, time and node; a copy
+%% deleted without an event, or with reason migrated (and state_at goes on).
+copies_of_another_nodes_events_and_copy_deletions() ->
+    S = sid(),
+    Id = <<"0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b">>,
+    ?assertEqual({error, {sequence_gap, 0}},
+                 dspex_nif:events_append(S, checkpoint, #{n => 0}, #{}, #{sequence => 2})),
+    {ok, Id, 1, 1700000000000000} =
+        dspex_nif:events_append(S, checkpoint, #{n => 1}, #{principal => <<"p">>},
+                                #{sequence => 1, id => Id, timestamp => 1700000000000000, node => <<"owner@h">>}),
+    ?assertEqual({error, {sequence_gap, 1}}, dspex_nif:events_append(S, checkpoint, #{}, #{}, #{sequence => 3})),
+    {ok, _, 2, _} = dspex_nif:events_append(S, checkpoint, #{n => 2}, #{}, #{}),
+    [?assertError(badarg, dspex_nif:events_append(S, checkpoint, #{}, #{}, As))
+     || As <- [#{sequence => 0}, #{id => <<"short">>}, #{timestamp => -1}, #{node => 7}, not_a_map]],
+    ?assertMatch([#{id := Id, sequence := 1, timestamp := 1700000000000000, data := #{n := 1},
+                    metadata := #{node := <<"owner@h">>, principal := <<"p">>}},
+                  #{sequence := 2}], events(S)),
+    %% copies of the events read back are equal to them (a second log)
+    S2 = sid(),
+    Evs = [E#{session := S2} || E <- events(S)],
+    ok = dspex_events:copy_events(Evs),
+    ?assertEqual([maps:without([session, position], E) || E <- Evs],
+                 [maps:without([session, position], E) || E <- events(S2)]),
+    %% deletions of a copy
+    S3 = sid(),
+    {ok, _} = dspex_store:create_session(S3),
+    {ok, _} = dspex_store:register(S3, x, integer, 1),
+    ok = dspex_events:delete_copy(S3, silent),
+    ?assertEqual([session_created, variable_registered], types(S3)),
+    {ok, _} = dspex_store:create_session(S3),
+    ok = dspex_events:delete_copy(S3, migrated),
+    ?assertMatch([_, _, #{type := session_created}, #{type := session_deleted, data := #{reason := migrated}}],
+                 events(S3)),
+    ?assertEqual({error, session_not_found}, dspex_events:delete_copy(S3, migrated)),
+    ?assertError(badarg, dspex_nif:events_session_delete(S3, other)),
+    %% a migrated deletion does not end the session for time travel
+    ?assertMatch({ok, #{variables := []}}, dspex_events:state_at(S3, {sequence, 4})),
+    ?assertEqual({error, not_found}, dspex_events:state_at(sid(), {sequence, 1})).
 
 sequences_gapless_under_8_writers_and_atomic_batches() ->
     S = sid(),
