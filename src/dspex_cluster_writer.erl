@@ -382,7 +382,7 @@ full(_, P) -> P.
 %% and copies the owner's events. The log off: the payload alone.
 with_events(S, _Args, P, Pre, Post) when P =:= none; Pre =:= undefined; Post =:= undefined ->
     full(S, P);
-with_events(S, Args, P, Pre, Post) ->
+with_events(S, _Args, P, Pre, Post) ->
     %% the events this node logged on the session outside its store's commits
     %% (locks, appends, ...; also the graph's and rules' own) travel with it
     Kept = dspex_events:take_kept(S, Post),
@@ -391,7 +391,7 @@ with_events(S, Args, P, Pre, Post) ->
         delete_session when Post - Pre =:= 1 -> {ev, Pre, Post, P, Kept};
         delete_session -> {ev, undefined, Post, P, Kept};
         {op, _, _, _} ->
-            case Post - Pre =:= replayed_events(P) andalso not acts_as(Args) of
+            case Post - Pre =:= replayed_events(P) of
                 true -> {ev, Pre, Post, P, Kept};
                 false -> {ev, Pre, Post, {full, local_export(S)}, Kept}
             end
@@ -403,12 +403,6 @@ replayed_events({op, set_many, [_, Ups, #{atomic := true}], _}) -> length(Ups) +
 replayed_events({op, {dspex_acl, set_rate_limit}, _, _}) -> 0;
 replayed_events(_) -> -1.
 
-%% Whether the change was made as a principal (`as' or `context' in its options).
-acts_as(Args) ->
-    lists:any(fun(M) when is_map(M) -> maps:is_key(as, M) orelse maps:is_key(context, M);
-                 (L) when is_list(L) -> acts_as([O || {_, _, O} <- L]);
-                 (_) -> false
-              end, Args).
 
 %% Without waiting: async (a cast per replica; a replica missing changes
 %% asks for a full copy, see handle_info need_full), or sync without a caller
@@ -441,7 +435,7 @@ payload(Op, _Args, Result) when Op =:= create_session; Op =:= register; Op =:= i
 payload(delete_session, _, ok) ->
     delete_session;
 payload(set, [S, K, V, O], {ok, Ver}) ->
-    {op, set, [S, K, V, (strip(O))#{expected_version => Ver - 1}], {ok, Ver}};
+    {op, set, [S, K, V, (strip_set(O))#{expected_version => Ver - 1}], {ok, Ver}};
 payload(rollback, [S, K, To, O], {ok, Ver}) ->
     {op, rollback, [S, K, To, (strip(O))#{expected_version => Ver - 1}], {ok, Ver}};
 payload(delete, [S, K | _], ok) ->
@@ -462,6 +456,16 @@ payload(_, _, _) ->
 
 %% The owner already checked locks, access rules and versions.
 strip(O) -> maps:without([lock, as, context, propagate, expected_version], O).
+
+%% A set's event records its principal (`as'): with the event log on, the
+%% replay acts as it too, so that the replica logs the same event (the access
+%% check runs again there, on the same rules; a replay it refuses, say for a
+%% rate limit, gets a full copy).
+strip_set(O) ->
+    case dspex_events:enabled() of
+        true -> maps:without([lock, propagate, expected_version], O);
+        false -> strip(O)
+    end.
 
 norm(M) when is_map(M) -> [{K, V, #{}} || {K, V} <- maps:to_list(M)];
 norm(L) -> [case U of {K, V} -> {K, V, #{}}; {_, _, _} -> U end || U <- L].

@@ -1205,8 +1205,9 @@ node_events(P, S) ->
 %% What a replica's log must share with its owner's: sequence, type and the
 %% event's values (a replayed change has its own commit time, id and node).
 same_events(Evs) ->
-    [{N, T, maps:with([name, value, old_value, version, previous_version, members, reason, step, from, to], D)}
-     || #{sequence := N, type := T, data := D} <- Evs].
+    [{N, T, maps:get(principal, M, undefined),
+      maps:with([name, value, old_value, version, previous_version, members, reason, step, from, to], D)}
+     || #{sequence := N, type := T, data := D, metadata := M} <- Evs].
 
 assert_gapless(Evs) ->
     ?assertEqual(lists:seq(1, length(Evs)), [N || #{sequence := N} <- Evs]).
@@ -1226,6 +1227,8 @@ varied_writes(PA, PO, S) ->
     {ok, _} = peer:call(PA, dspex_store, rollback, [S, x, 2]),
     {ok, _} = peer:call(PA, dspex_store, register, [S, z, integer, 0]),
     ok = peer:call(PA, dspex_graph, add_dependency, [S, x, z]),
+    ok = peer:call(PA, dspex_acl, set_permissions, [S, z, [#{session_pattern => <<"alice">>, permissions => [read, write]}]]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, z, 3, #{as => <<"alice">>}]),
     {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 1}, #{}]),
     ok = peer:call(PA, dspex_store, delete, [S, y]),
     {ok, Lock} = peer:call(PO, dspex_locks, acquire, [S, x, opt1, #{pid => peer:call(PO, erlang, whereis, [init])}]),
@@ -1247,7 +1250,8 @@ event_sequence_continues_on_the_new_owner_after_failover(Config) ->
     Types = [T || #{type := T} <- Old0],
     [?assert(lists:member(T, Types)) || T <- [session_created, variable_registered, variable_updated,
                                               batch_committed, variable_rolled_back, variable_deleted,
-                                              dependency_added, checkpoint, lock_acquired]],
+                                              dependency_added, acl_rule_set, checkpoint, lock_acquired]],
+    ?assertMatch([_], [E || #{type := variable_updated, metadata := #{principal := <<"alice">>}} = E <- Old0]),
     %% the replica logged the same events with the same sequences
     ?assertEqual(same_events(Old0), same_events(node_events(PR, S))),
     %% events copied from the owner's log are the owner's own (id, time, node)
