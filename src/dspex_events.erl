@@ -60,6 +60,8 @@
 
 -export_type([event/0, event_type/0]).
 
+-include("dspex_routing.hrl").
+
 -type event_type() :: session_created | session_deleted | variable_registered | variable_updated
                     | variable_deleted | variable_rolled_back | batch_committed | dependency_added
                     | dependency_removed | derived_recomputed | lock_acquired | lock_released
@@ -88,13 +90,19 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 -spec enabled() -> boolean().
 enabled() -> persistent_term:get({?MODULE, enabled}, false).
 
-%% @doc Appends an application event. `Meta' may carry `principal' (binary),
+%% @doc Appends an application event (in a cluster, on the session's owner,
+%% like a write). `Meta' may carry `principal' (binary),
 %% `changed_by', `variable', `request_id' and `durability' (`sync' | `async').
 %% Returns the event's id once it is queued (`async') or fsynced (`sync').
 -spec append(binary(), atom() | binary(), term(), map()) ->
           {ok, binary()} | {error, {event_store, term()} | {invalid_argument, atom()}}.
 append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
                                        (is_atom(Type) orelse is_binary(Type)) ->
+    %% in a cluster, on the session's owner: its log holds the session's sequence
+    ?ROUTED(Session, append, [Session, Type, Data, Meta], append_here(Session, Type, Data, Meta));
+append(_, _, _, _) -> {error, {invalid_argument, append}}.
+
+append_here(Session, Type, Data, Meta) ->
     {Durability, Meta1} = case maps:take(durability, Meta) of
                               {D, M} -> {D, M};
                               error -> {default_durability(), Meta}
@@ -107,8 +115,7 @@ append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
                 Error -> Error
             end;
         Error -> Error
-    end;
-append(_, _, _, _) -> {error, {invalid_argument, append}}.
+    end.
 
 %% Appends an event; on a session this node owns with replicas (dspex_cluster)
 %% the event is also kept for them: the session's next replicated change

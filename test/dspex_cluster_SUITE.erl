@@ -1219,7 +1219,7 @@ state_vars({ok, #{variables := Vs}}) -> lists:sort([{N, V, Ver} || #{name := N, 
 %% set_many, rollback, delete), changes the replicas copy (register, a
 %% non-atomic set_many, a dependency), and events logged outside replicated
 %% changes (append/4 on the owner, a lock), each followed by a replicated change.
-varied_writes(PA, PO, S) ->
+varied_writes(PA, PO, PN, S) ->
     {ok, _} = peer:call(PA, dspex_store, register, [S, y, string, <<"a">>]),
     [{ok, _} = peer:call(PA, dspex_store, set, [S, x, I]) || I <- lists:seq(1, 4)],
     {ok, _} = peer:call(PA, dspex_store, set_many, [S, #{x => 10, y => <<"b">>}, #{atomic => true}]),
@@ -1230,6 +1230,8 @@ varied_writes(PA, PO, S) ->
     ok = peer:call(PA, dspex_acl, set_permissions, [S, z, [#{session_pattern => <<"alice">>, permissions => [read, write]}]]),
     {ok, _} = peer:call(PA, dspex_store, set, [S, z, 3, #{as => <<"alice">>}]),
     {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 1}, #{}]),
+    %% an append on another node goes into the owner's log
+    {ok, _} = peer:call(PN, dspex_events, append, [S, checkpoint, #{step => 2}, #{}]),
     ok = peer:call(PA, dspex_store, delete, [S, y]),
     {ok, Lock} = peer:call(PO, dspex_locks, acquire, [S, x, opt1, #{pid => peer:call(PO, erlang, whereis, [init])}]),
     {ok, _} = peer:call(PA, dspex_store, set, [S, x, 12, #{lock => Lock}]),
@@ -1244,8 +1246,9 @@ event_sequence_continues_on_the_new_owner_after_failover(Config) ->
     {Owner, Rep} = session_with_x(PA, S),
     [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
     {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Third, Peers)},
-    ok = varied_writes(PA, PO, S),
+    ok = varied_writes(PA, PO, PT, S),
     Old0 = node_events(PO, S),
+    ?assertEqual([1, 2], [St || #{type := checkpoint, data := #{step := St}} <- Old0]),
     assert_gapless(Old0),
     Types = [T || #{type := T} <- Old0],
     [?assert(lists:member(T, Types)) || T <- [session_created, variable_registered, variable_updated,
@@ -1263,7 +1266,7 @@ event_sequence_continues_on_the_new_owner_after_failover(Config) ->
     %% the replica does not read them from the owner's log
     Count = {dspex_events, owner_events, 4},
     1 = peer:call(PO, erlang, trace_pattern, [Count, true, [call_count]]),
-    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 2}, #{}]),
+    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 3}, #{}]),
     {ok, _} = peer:call(PA, dspex_store, set, [S, z, 6]),
     ?assertEqual({call_count, 0}, peer:call(PO, erlang, trace_info, [Count, call_count])),
     _ = peer:call(PO, erlang, trace_pattern, [Count, false, [call_count]]),
@@ -1296,7 +1299,7 @@ event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated(Config) ->
     {Owner, Rep} = session_with_x(PA, S),
     [Target] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
     PT = peer_of(Target, Peers),
-    ok = varied_writes(PA, peer_of(Owner, Peers), S),
+    ok = varied_writes(PA, peer_of(Owner, Peers), PT, S),
     Old = node_events(peer_of(Owner, Peers), S),
     N = length(Old),
     %% the target held no copy: it takes the session over with the log, and
@@ -1353,7 +1356,7 @@ pg_failover(Url, Config) ->
     {Owner, Rep} = session_with_x(PA, S),
     [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
     {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Third, Peers)},
-    ok = varied_writes(PA, PO, S),
+    ok = varied_writes(PA, PO, PT, S),
     {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 9}, #{durability => sync}]),
     Old = node_events(PO, S),
     assert_gapless(Old),
