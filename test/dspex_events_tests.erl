@@ -214,12 +214,21 @@ copies_of_another_nodes_events_and_copy_deletions() ->
     ?assertEqual([session_created, variable_registered], types(S3)),
     {ok, _} = dspex_store:create_session(S3),
     ok = dspex_events:delete_copy(S3, migrated),
-    ?assertMatch([_, _, #{type := session_created}, #{type := session_deleted, data := #{reason := migrated}}],
-                 events(S3)),
+    case dspex_events:shared_backend() of
+        true ->
+            %% one database for every node: the session's history goes on there
+            ?assertMatch([_, _, #{type := session_created}], events(S3));
+        false ->
+            ?assertMatch([_, _, #{type := session_created},
+                          #{type := session_deleted, data := #{reason := migrated}}], events(S3)),
+            %% a migrated deletion does not end the session for time travel
+            ?assertMatch({ok, #{variables := []}}, dspex_events:state_at(S3, {sequence, 4}))
+    end,
     ?assertEqual({error, session_not_found}, dspex_events:delete_copy(S3, migrated)),
     ?assertError(badarg, dspex_nif:events_session_delete(S3, other)),
-    %% a migrated deletion does not end the session for time travel
-    ?assertMatch({ok, #{variables := []}}, dspex_events:state_at(S3, {sequence, 4})),
+    {ok, _} = dspex_store:create_session(S3),
+    ok = dspex_nif:events_session_delete(S3, migrated),
+    ?assertMatch(#{type := session_deleted, data := #{reason := migrated}}, lists:last(events(S3))),
     ?assertEqual({error, not_found}, dspex_events:state_at(sid(), {sequence, 1})).
 
 sequences_gapless_under_8_writers_and_atomic_batches() ->
