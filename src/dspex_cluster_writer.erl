@@ -400,6 +400,7 @@ with_events(S, _Args, P, Pre, Post) ->
 %% How many events the replica's replay of a change logs.
 replayed_events({op, Op, _, _}) when Op =:= set; Op =:= rollback; Op =:= delete -> 1;
 replayed_events({op, set_many, [_, Ups, #{atomic := true}], _}) -> length(Ups) + 1;
+replayed_events({op, set_many, [_, Ups, #{atomic := false}], _}) -> length(Ups);
 replayed_events({op, {dspex_acl, set_rate_limit}, _, _}) -> 0;
 replayed_events(_) -> -1.
 
@@ -449,7 +450,14 @@ payload(set_many, [S, Updates, Opts], {ok, Res}) ->
            || {K, V, O} <- norm(Updates), maps:is_key(K, Done)],
     case Ups of
         [] -> none;
-        _ -> {op, set_many, [S, Ups, #{atomic => true}], {ok, Done}}
+        _ ->
+            case maps:get(atomic, Opts, false) =/= true andalso dspex_events:enabled() of
+                %% with the event log on, a batch that was not atomic is not
+                %% replayed as one: the replay logs the same events (no
+                %% batch_committed); all of its updates succeed, as here
+                true -> {op, set_many, [S, Ups, #{atomic => false}], {ok, #{updated => Done, errors => #{}}}};
+                false -> {op, set_many, [S, Ups, #{atomic => true}], {ok, Done}}
+            end
     end;
 payload(_, _, _) ->
     none.
