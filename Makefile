@@ -233,10 +233,13 @@ define with_pg
 endef
 
 test-events-pg: deps-test compile
-	$(call with_pg,$(MAKE) -C c_src test-pg test-pg-asan test-pg-valgrind && $(EVENTS_PG_EUNIT))
+	$(call with_pg,$(MAKE) -C c_src test-pg test-pg-asan test-pg-valgrind && $(EVENTS_PG_EUNIT) && $(EVENTS_PG_CLUSTER))
 
 # The event log's EUnit suite (the same as with SQLite) against PostgreSQL, in a database of its own
 EVENTS_PG_EUNIT = DX_EVENTS_PG_URL="$$($(PG_CTL) url dx_events_eunit)" DX_PG_CTL=$(PG_CTL) $(REBAR3) eunit --module=dspex_events_tests
+
+# Three peer nodes appending to one PostgreSQL database (a cluster suite case that skips without it)
+EVENTS_PG_CLUSTER = DX_EVENTS_PG_URL="$$($(PG_CTL) url dx_events_cluster)" $(REBAR3) ct --suite test/dspex_cluster_SUITE --case event_sequence_on_one_postgres_database_across_failover
 
 # The same EUnit suite alone against a throwaway PostgreSQL server
 test-events-pg-eunit: deps-test compile

@@ -16,13 +16,20 @@
 %% `apply_change/5'); async replication and takeovers use the calls and casts
 %% below.
 %%
+%% With the event log on, this node's log of a replicated session follows
+%% the owner's (`{ev, Pre, Post, Payload, Kept}' changes: the owner's last
+%% sequences before and after the change and the events it logged outside its
+%% store's commits; `dspex_events:follow/3' after installs); copies are
+%% replaced without logging, and a dropped copy logs `session_deleted' with
+%% reason `migrated'.
+%%
 %% Watches made on this node while it owned a session (`dspex_cluster_watch')
 %% are told they are lost when another node takes the session over (fence),
 %% or this copy is replaced or dropped.
 -module(dspex_cluster_replica).
 -behaviour(gen_server).
 
--export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/3,
+-export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/4,
          row/1, put_row/1, table/0, replace/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -32,7 +39,8 @@
 %% module's `{error, timeout}' rather than its own erpc timeout
 -define(CALL_TIMEOUT, 4000).
 
--type payload() :: {op, atom() | {module(), atom()}, list(), term()} | {full, map() | absent} | delete_session.
+-type payload() :: {op, atom() | {module(), atom()}, list(), term()} | {full, map() | absent} | delete_session
+                 | {ev, non_neg_integer() | undefined, non_neg_integer(), payload(), [dspex_events:event()]}.
 -export_type([payload/0]).
 
 %% @doc Starts replica process `I' of the pool.
@@ -88,9 +96,12 @@ export(S) -> call(S, {export, S}).
           ok | {error, term()}.
 install(S, Epoch, Seq, Owner, Export) -> call(S, {install, S, Epoch, Seq, Owner, Export}).
 
-%% @doc Forgets the local copy (this node is neither owner nor replica at `Epoch').
--spec drop(binary(), pos_integer(), node()) -> ok | {error, term()}.
-drop(S, Epoch, Owner) -> call(S, {drop, S, Epoch, Owner}).
+%% @doc Forgets the local copy (this node is neither owner nor replica at
+%% `Epoch'). `Mark': the sequence of the owner's `session_migrated' event (or
+%% `undefined'): the local log follows the owner's up to the event before it,
+%% then logs `session_deleted' (reason `migrated') under that sequence.
+-spec drop(binary(), pos_integer(), node(), pos_integer() | undefined) -> ok | {error, term()}.
+drop(S, Epoch, Owner, Mark) -> call(S, {drop, S, Epoch, Owner, Mark}).
 
 call(S, Msg) ->
     try gen_server:call(name(S), Msg, ?CALL_TIMEOUT)
@@ -132,17 +143,29 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
         false ->
             %% the row says which {epoch, seq} this node holds (a takeover
             %% picks the newest, absent or not): only once the copy is here
-            Res = replace(S, Export),
+            Res = case replace(S, Export) of
+                      %% the copy's log: the owner's, up to its last event
+                      ok -> dspex_events:follow(S, Owner, latest);
+                      Err -> Err
+                  end,
             _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
             {reply, Res, St}
     end;
-handle_call({drop, S, Epoch, Owner}, _From, St) ->
+handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
     {S, E, _, _, _, _, F} = row(S),
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
             dspex_cluster_watch:lost(S, lost),
-            _ = dspex_store:delete_session(S),
+            %% the session moved to other nodes: session_deleted, reason
+            %% migrated, under the sequence of the owner's session_migrated
+            Reason = case is_integer(Mark) andalso present(S) andalso dspex_events:follow(S, Owner, Mark - 1) =:= ok
+                         andalso dspex_events:last_sequence(S) =:= Mark - 1 of
+                         true -> migrated;
+                         false -> silent
+                     end,
+            _ = dspex_events:delete_copy(S, Reason),
+            ok = dspex_events:forget_kept(S),
             put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
             {reply, ok, St}
     end;
@@ -162,7 +185,8 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
     case Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
         true -> ok;
         false ->
-            _ = replace(S, Export) =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
+            _ = replace(S, Export) =:= ok andalso dspex_events:follow(S, Owner, latest) =:= ok
+                andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
     end,
     {noreply, St}.
 
@@ -175,6 +199,35 @@ handle_info({apply_batch, Receiver, Key, Owner, Recs}, St) ->
     {noreply, St};
 handle_info(_, St) -> {noreply, St}.
 
+%% A change with the owner's event sequence before (`Pre') and after (`Post')
+%% it: the replica's log is brought to `Pre' first (events the owner logged
+%% between changes), then the change is applied (a replayed change logs the
+%% same events as the owner's commit, numbered from `Pre' + 1), then the log
+%% is brought to `Post' (a full copy logs nothing itself: its events are
+%% copied). `Pre' undefined: the change's own events are copied too.
+do_apply(S, Epoch, Seq, Owner, {ev, Pre, Post, P, Kept}) ->
+    {S, E, Seq0, _, _, _, F} = row(S),
+    Full = is_tuple(P) andalso element(1, P) =:= full,
+    %% a stale, repeated or out-of-order change is refused (or ignored) as
+    %% below before anything is copied from its owner's log
+    Known = max(E, F),
+    Skip = Epoch < Known orelse (Epoch =:= E andalso Seq =< Seq0)
+        orelse (not Full andalso (Epoch =/= E orelse Seq =/= Seq0 + 1)),
+    Check = case Skip of
+                true -> skip;
+                false -> before_change(S, Owner, Pre, Kept)
+            end,
+    case Check of
+        skip -> do_apply(S, Epoch, Seq, Owner, P);
+        ok ->
+            case do_apply(S, Epoch, Seq, Owner, mute_if(Pre, P)) of
+                ok ->
+                    _ = dspex_events:catch_up(S, Owner, Post, Kept),
+                    ok;
+                Err -> Err
+            end;
+        _ -> {error, need_full}
+    end;
 do_apply(S, Epoch, Seq, Owner, P) ->
     {S, E, Seq0, _, _, _, F} = row(S),
     Known = max(E, F),
@@ -189,9 +242,12 @@ do_apply(S, Epoch, Seq, Owner, P) ->
                         Err -> Err
                     end;
                 _ when Epoch =/= E; Seq =/= Seq0 + 1 -> {error, need_full};
-                delete_session ->
+                _ when P =:= delete_session; P =:= silent_delete_session ->
                     dspex_cluster_watch:lost(S, ended),
-                    _ = dspex_store:delete_session(S),
+                    _ = case P of
+                            delete_session -> dspex_store:delete_session(S);
+                            _ -> dspex_events:delete_copy(S, silent)
+                        end,
                     put_row({S, Epoch, Seq, Owner, [], 0, max(F, Epoch)}),
                     ok;
                 {op, Op, Args, Expect} ->
@@ -209,18 +265,51 @@ do_apply(S, Epoch, Seq, Owner, P) ->
             end
     end.
 
+%% The replica's log must be at the owner's `Pre' for its replay to number
+%% the change's events as the owner did.
+before_change(_S, _Owner, undefined, _Kept) -> ok;
+before_change(S, Owner, Pre, Kept) ->
+    case dspex_events:last_sequence(S) of
+        undefined -> ok;
+        Pre -> ok;
+        L when L < Pre ->
+            case dspex_events:catch_up(S, Owner, Pre, Kept) of
+                ok -> before_change(S, Owner, Pre, []);
+                Err -> Err
+            end;
+        _ ->
+            %% this log holds events the owner's lacks (the unreplicated tail
+            %% of an owner that died, which this node was): it cannot follow
+            %% the owner's numbering; the change is applied and logged here
+            %% under this log's own next sequences. With one database for
+            %% every node those numbers are the owner's: a full copy instead
+            %% (it logs nothing)
+            case dspex_events:shared_backend() of
+                true -> {error, ahead};
+                false -> ok
+            end
+    end.
+
+mute_if(undefined, delete_session) -> silent_delete_session;
+mute_if(_, P) -> P.
+
 present(S) -> element(1, dspex_store:get_session(S)) =:= ok.
 
 %% @doc Replaces this node's copy of session S with an export of it (or drops
 %% it for `absent'); watches made on the old copy are told they are lost.
 -spec replace(binary(), map() | absent) -> ok | {error, {import_failed, term()}}.
+%% Neither the deletion nor the import logs events: the copy's log follows
+%% the owner's (dspex_events:follow/3).
 replace(S, absent) ->
     dspex_cluster_watch:lost(S, lost),
-    _ = dspex_store:delete_session(S),
+    ok = dspex_events:forget_kept(S),
+    _ = dspex_events:delete_copy(S, silent),
     ok;
 replace(S, Export) ->
     dspex_cluster_watch:lost(S, lost),
-    _ = dspex_store:delete_session(S),
+    ok = dspex_events:forget_kept(S),
+    _ = dspex_events:delete_copy(S, silent),
+    Mute = put(dspex_events_mute, true),
     try dspex_store:import_session(maps:remove(dspex_vv, Export)) of
         ok ->
             %% the copy's lineage is its source's (dspex_cache version vectors)
@@ -228,4 +317,5 @@ replace(S, Export) ->
             ok;
         {error, R} -> {error, {import_failed, R}}
     catch _:Why -> {error, {import_failed, Why}}
+    after put(dspex_events_mute, Mute)
     end.

@@ -130,7 +130,12 @@ handle_cast({expired, S}, St) ->
             case lists:member(S, dspex_nif:session_list()) of
                 false ->
                     #{replication := Mode} = dspex_cluster_members:view(),
-                    _ = replicate(S, E, Seq + 1, delete_session, Reps, Mode),
+                    %% the replicas copy the owner's session_deleted (reason expired)
+                    P = case dspex_events:last_sequence(S) of
+                            undefined -> delete_session;
+                            Post -> {ev, undefined, Post, delete_session, []}
+                        end,
+                    _ = replicate(S, E, Seq + 1, P, Reps, Mode),
                     ok = dspex_cache:committed(S, E, Seq + 1),
                     dspex_cluster_watch:lost(S, ended),
                     dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
@@ -263,7 +268,13 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                      [{{_, BestSeq}, false, _} | _] -> {BestSeq, replace_local(S, absent)};
                      [{{_, BestSeq}, true, Best} | _] ->
                          case catch erpc:call(Best, dspex_cluster_replica, export, [S], ?RPC_TIMEOUT) of
-                             {ok, Exp, _, _} -> {BestSeq, replace_local(S, Exp)};
+                             {ok, Exp, _, _} ->
+                                 %% the copy's log too: the events Best has and this node lacks
+                                 Got0 = case replace_local(S, Exp) of
+                                            ok -> follow(S, Best);
+                                            Err0 -> Err0
+                                        end,
+                                 {BestSeq, Got0};
                              Other -> {BestSeq, {error, {retry, {copy_failed, Best, Other}}}}
                          end
                  end,
@@ -273,7 +284,18 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
             Pushed = erpc:multicall(Reps, dspex_cluster_replica, install, [S, Epoch, Seq, node(), Export], ?RPC_TIMEOUT),
             case [R || R <- Pushed, R =/= {ok, ok}] of
                 [] ->
-                    _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node()], ?RPC_TIMEOUT),
+                    %% nodes holding a copy they must drop log session_deleted
+                    %% (reason migrated) under the sequence this node's log
+                    %% gives the move (session_migrated), so that the logs stay
+                    %% aligned if one of them holds the session again
+                    Dropping = [N || {_, true, N} <- Copies, N =/= node(), not lists:member(N, Reps)],
+                    Mark = case Dropping of
+                               [] -> undefined;
+                               _ -> dspex_events:mark_migrated(S, #{to => node(), epoch => Epoch, dropped => Dropping})
+                           end,
+                    _ = erpc:multicall(Others -- Reps, dspex_cluster_replica, drop, [S, Epoch, node(), Mark], ?RPC_TIMEOUT),
+                    %% one database for every node: continue after what it holds
+                    _ = dspex_events:reseed(S),
                     dspex_cluster_replica:put_row({S, Epoch, Seq, node(), Reps, Gen, Epoch}),
                     true = dspex_cluster_shipper:settled_at(S, Epoch, Seq),
                     ok = dspex_cache:record_conflicts(S, Epoch, Conflicts, Export),
@@ -299,6 +321,12 @@ local_export(S) ->
         {error, _} -> absent
     end.
 
+follow(S, Node) ->
+    case dspex_events:follow(S, Node, latest) of
+        ok -> ok;
+        {error, R} -> {error, {retry, {copy_failed, Node, R}}}
+    end.
+
 %% The local copy is replaced by a newer one (see dspex_cluster_replica:replace/2).
 replace_local(S, Export) ->
     case dspex_cluster_replica:replace(S, Export) of
@@ -317,14 +345,17 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
     %% see it waits for its replicas (see dspex_cluster_shipper:shipped_table/0)
     Group = Mode =:= sync andalso Reps =/= [],
     _ = Group andalso dspex_cluster_shipper:announce(S, Epoch, Seq + 1),
+    %% the session's event sequence before and after the change: the replicas' logs follow it
+    Pre = dspex_events:last_sequence(S),
     %% a caller's type error is raised again in the caller, not here
     Result = try erlang:apply(M, F, Args)
              catch Class:Reason -> {dspex_cluster_raise, Class, Reason}
              after dspex_cache:after_commit(S)
              end,
+    Post = dspex_events:last_sequence(S),
     _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
     Meta = #{session => S, op => F, module => M, replicas => Reps, mode => Mode},
-    case payload(Op, Args, Result) of
+    case with_events(S, Args, payload(Op, Args, Result), Pre, Post) of
         P when P =/= none, Mode =:= sync, Reps =/= [] ->
             %% group commit: the record goes to the shipper of every replica
             %% node; the caller is answered when all of them confirmed it
@@ -339,7 +370,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                           dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, AckMeta),
                           {many, Id}
                   end,
-            Rec = {Ack, S, Epoch, Seq1, full(S, P)},
+            Rec = {Ack, S, Epoch, Seq1, P},
             [dspex_cluster_shipper:ship(R, Rec) || R <- Reps],
             shipped;
         P ->
@@ -350,7 +381,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                             Seq1 = Seq + 1,
                             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
                             ok = dspex_cache:committed(S, Epoch, Seq1),
-                            ok = replicate(S, Epoch, Seq1, full(S, P), Reps, Mode),
+                            ok = replicate(S, Epoch, Seq1, P, Reps, Mode),
                             %% see dspex_cluster_shipper: not acknowledged when
                             %% a takeover fenced this node meanwhile
                             case fenced(S, Epoch) of
@@ -371,6 +402,36 @@ fenced(S, Epoch) ->
 
 full(S, full) -> {full, local_export(S)};
 full(_, P) -> P.
+
+%% The payload with the session's event sequence before and after the change
+%% (see dspex_cluster_replica:do_apply/5): a replayed change must log exactly
+%% the events the owner's commit logged, as many and with no principal (the
+%% replay does not act as one); else the replica gets the session's export
+%% and copies the owner's events. The log off: the payload alone.
+with_events(S, _Args, P, Pre, Post) when P =:= none; Pre =:= undefined; Post =:= undefined ->
+    full(S, P);
+with_events(S, _Args, P, Pre, Post) ->
+    %% the events this node logged on the session outside its store's commits
+    %% (locks, appends, ...; also the graph's and rules' own) travel with it
+    Kept = dspex_events:take_kept(S, Post),
+    case P of
+        full -> {ev, Pre, Post, full(S, P), Kept};
+        delete_session when Post - Pre =:= 1 -> {ev, Pre, Post, P, Kept};
+        delete_session -> {ev, undefined, Post, P, Kept};
+        {op, _, _, _} ->
+            case Post - Pre =:= replayed_events(P) of
+                true -> {ev, Pre, Post, P, Kept};
+                false -> {ev, Pre, Post, {full, local_export(S)}, Kept}
+            end
+    end.
+
+%% How many events the replica's replay of a change logs.
+replayed_events({op, Op, _, _}) when Op =:= set; Op =:= rollback; Op =:= delete -> 1;
+replayed_events({op, set_many, [_, Ups, #{atomic := true}], _}) -> length(Ups) + 1;
+replayed_events({op, set_many, [_, Ups, #{atomic := false}], _}) -> length(Ups);
+replayed_events({op, {dspex_acl, set_rate_limit}, _, _}) -> 0;
+replayed_events(_) -> -1.
+
 
 %% Without waiting: async (a cast per replica; a replica missing changes
 %% asks for a full copy, see handle_info need_full), or sync without a caller
@@ -403,7 +464,7 @@ payload(Op, _Args, Result) when Op =:= create_session; Op =:= register; Op =:= i
 payload(delete_session, _, ok) ->
     delete_session;
 payload(set, [S, K, V, O], {ok, Ver}) ->
-    {op, set, [S, K, V, (strip(O))#{expected_version => Ver - 1}], {ok, Ver}};
+    {op, set, [S, K, V, (strip_set(O))#{expected_version => Ver - 1}], {ok, Ver}};
 payload(rollback, [S, K, To, O], {ok, Ver}) ->
     {op, rollback, [S, K, To, (strip(O))#{expected_version => Ver - 1}], {ok, Ver}};
 payload(delete, [S, K | _], ok) ->
@@ -417,13 +478,30 @@ payload(set_many, [S, Updates, Opts], {ok, Res}) ->
            || {K, V, O} <- norm(Updates), maps:is_key(K, Done)],
     case Ups of
         [] -> none;
-        _ -> {op, set_many, [S, Ups, #{atomic => true}], {ok, Done}}
+        _ ->
+            case maps:get(atomic, Opts, false) =/= true andalso dspex_events:enabled() of
+                %% with the event log on, a batch that was not atomic is not
+                %% replayed as one: the replay logs the same events (no
+                %% batch_committed); all of its updates succeed, as here
+                true -> {op, set_many, [S, Ups, #{atomic => false}], {ok, #{updated => Done, errors => #{}}}};
+                false -> {op, set_many, [S, Ups, #{atomic => true}], {ok, Done}}
+            end
     end;
 payload(_, _, _) ->
     none.
 
 %% The owner already checked locks, access rules and versions.
 strip(O) -> maps:without([lock, as, context, propagate, expected_version], O).
+
+%% A set's event records its principal (`as'): with the event log on, the
+%% replay acts as it too, so that the replica logs the same event (the access
+%% check runs again there, on the same rules; a replay it refuses, say for a
+%% rate limit, gets a full copy).
+strip_set(O) ->
+    case dspex_events:enabled() of
+        true -> maps:without([lock, propagate, expected_version], O);
+        false -> strip(O)
+    end.
 
 norm(M) when is_map(M) -> [{K, V, #{}} || {K, V} <- maps:to_list(M)];
 norm(L) -> [case U of {K, V} -> {K, V, #{}}; {_, _, _} -> U end || U <- L].

@@ -12,6 +12,12 @@
 %% The Erlang modules that own locks, graphs and access rules append theirs
 %% with {@link emit/4}; applications use {@link append/4}.
 %%
+%% In a cluster, a replica's log of a session follows its owner's: the same
+%% events under the same sequences (see `follow/3' and the README, "In a
+%% cluster"); a takeover that drops other nodes' copies logs
+%% `session_migrated' on the new owner, and each dropped copy logs
+%% `session_deleted' (reason `migrated') under that sequence.
+%%
 %% == Event ==
 %% `#{id, type, session, sequence, position, data, metadata, timestamp}':
 %% `id' a UUIDv7 (time-sortable), `sequence' per session from 1, gapless in
@@ -48,15 +54,19 @@
 -export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
          audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
+-export([last_sequence/1, owner_events/4, follow/3, catch_up/4, copy_events/1, delete_copy/2, shared_backend/0,
+         mark_migrated/2, take_kept/2, forget_kept/1, reseed/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([event/0, event_type/0]).
+
+-include("dspex_routing.hrl").
 
 -type event_type() :: session_created | session_deleted | variable_registered | variable_updated
                     | variable_deleted | variable_rolled_back | batch_committed | dependency_added
                     | dependency_removed | derived_recomputed | lock_acquired | lock_released
                     | lock_preempted | lock_expired | acl_rule_set | access_denied
-                    | optimization_progress | atom() | binary().
+                    | optimization_progress | session_migrated | atom() | binary().
 -type event() :: #{id := binary(), type := event_type(), session := binary(),
                    sequence := pos_integer(), position := pos_integer(), data := term(),
                    metadata := map(), timestamp := integer()}.
@@ -64,6 +74,11 @@
                | {position, non_neg_integer()}.
 
 -define(PAGE, 1000).
+%% events this node logged outside its store's commits on sessions it owns
+%% with replicas, kept until the session's next replicated change takes them
+-define(KEPT, dspex_events_kept).
+-define(KEPT_MAX, 100000).
+-define(KEPT_MAX_WORDS, 8388608). % 64 MiB
 -define(SUB_PAGE, 500).
 
 %%% API ---------------------------------------------------------------------
@@ -75,27 +90,83 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 -spec enabled() -> boolean().
 enabled() -> persistent_term:get({?MODULE, enabled}, false).
 
-%% @doc Appends an application event. `Meta' may carry `principal' (binary),
+%% @doc Appends an application event (in a cluster, on the session's owner,
+%% like a write). `Meta' may carry `principal' (binary),
 %% `changed_by', `variable', `request_id' and `durability' (`sync' | `async').
 %% Returns the event's id once it is queued (`async') or fsynced (`sync').
 -spec append(binary(), atom() | binary(), term(), map()) ->
           {ok, binary()} | {error, {event_store, term()} | {invalid_argument, atom()}}.
 append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
                                        (is_atom(Type) orelse is_binary(Type)) ->
+    %% in a cluster, on the session's owner: its log holds the session's sequence
+    ?ROUTED(Session, append, [Session, Type, Data, Meta], append_here(Session, Type, Data, Meta));
+append(_, _, _, _) -> {error, {invalid_argument, append}}.
+
+append_here(Session, Type, Data, Meta) ->
     {Durability, Meta1} = case maps:take(durability, Meta) of
                               {D, M} -> {D, M};
                               error -> {default_durability(), Meta}
                           end,
     _ = seed(Session),
-    case dspex_nif:events_append(Session, Type, Data, Meta1) of
-        {ok, Id, _Seq} ->
+    case log_event(Session, Type, Data, Meta1) of
+        {ok, Id} ->
             case wait_durable(Durability) of
                 ok -> {ok, Id};
                 Error -> Error
             end;
         Error -> Error
-    end;
-append(_, _, _, _) -> {error, {invalid_argument, append}}.
+    end.
+
+%% Appends an event; on a session this node owns with replicas (dspex_cluster)
+%% the event is also kept for them: the session's next replicated change
+%% carries it (`take_kept/2'), so a replica's log need not ask for it.
+log_event(Session, Type, Data, Meta) ->
+    case dspex_nif:events_append(Session, Type, Data, Meta, #{}) of
+        {ok, Id, Seq, Ts} ->
+            _ = owns_replicated(Session) andalso keep(Session, Seq, #{id => Id, type => Type, session => Session,
+                                                                    sequence => Seq, data => Data, timestamp => Ts,
+                                                                    metadata => Meta#{node => atom_to_binary(node())}}),
+            {ok, Id};
+        Error -> Error
+    end.
+
+owns_replicated(S) ->
+    case ets:whereis(dspex_cluster_sessions) of
+        undefined -> false;
+        _ ->
+            Me = node(),
+            case ets:lookup(dspex_cluster_sessions, S) of
+                [{_, _, _, Me, [_ | _], _, _}] -> true;
+                _ -> false
+            end
+    end.
+
+%% bounded (100,000 events, 64 MiB): past that the replicas read them from
+%% this node's log
+keep(S, Seq, Ev) ->
+    try ets:info(?KEPT, size) < ?KEPT_MAX andalso ets:info(?KEPT, memory) < ?KEPT_MAX_WORDS
+            andalso ets:insert(?KEPT, {{S, Seq}, Ev})
+    catch error:badarg -> false
+    end.
+
+%% @doc The kept events of `Session' up to sequence `Upto', in order, removed
+%% from the table (see `log_event/4'); `[]' when none or the log is off.
+-spec take_kept(binary(), non_neg_integer()) -> [event()].
+take_kept(Session, Upto) ->
+    Ms = [{{{Session, '$1'}, '$2'}, [{'=<', '$1', Upto}], ['$2']}],
+    try ets:select(?KEPT, Ms) of
+        [] -> [];
+        Evs ->
+            _ = ets:select_delete(?KEPT, [{{{Session, '$1'}, '_'}, [{'=<', '$1', Upto}], [true]}]),
+            Evs
+    catch error:badarg -> []
+    end.
+
+%% @doc Forgets the kept events of a session (this node no longer owns it).
+-spec forget_kept(binary()) -> ok.
+forget_kept(Session) ->
+    _ = (catch ets:match_delete(?KEPT, {{Session, '_'}, '_'})),
+    ok.
 
 %% @doc Makes the log know `Session''s last sequence before the session's first
 %% event on this node (the store calls it before creating or importing a
@@ -116,9 +187,10 @@ seed(_) -> ok.
 %% ignores it.
 -spec emit(binary(), event_type(), term(), map()) -> ok.
 emit(Session, Type, Data, Meta) when is_binary(Session) ->
-    _ = enabled() andalso begin
+    %% a replica installing a copy: its log takes the owner's events instead
+    _ = enabled() andalso get(dspex_events_mute) =/= true andalso begin
                               _ = seed(Session),
-                              dspex_nif:events_append(Session, Type, Data, indexable(Meta))
+                              log_event(Session, Type, Data, indexable(Meta))
                           end,
     ok;
 emit(_, _, _, _) -> ok.
@@ -187,6 +259,147 @@ backpressure(R) ->
     case dspex_nif:events_backpressure() of
         ok -> R;
         W -> _ = receive_durable(W), R
+    end.
+
+%%% A replicated session's log (dspex_cluster) ---------------------------------
+%% A replica's log of a session follows its owner's: the same events with the
+%% same sequences, so that after a failover or a migration the new owner's log
+%% continues the session's sequence unchanged. A replica's replayed change
+%% logs the same events as the owner's commit did (same types, versions,
+%% values, numbered by the replica's counter, which equals the owner's before
+%% the change); everything else (a full copy, events the owner logged outside
+%% replicated changes: locks, access denials, appends) is copied from the
+%% owner's log by sequence with `follow/3' (same id, time, node, data).
+
+%% @doc The last sequence of `Session' in this node's log (0: none); `undefined'
+%% when the log is off.
+-spec last_sequence(binary()) -> non_neg_integer() | undefined.
+last_sequence(Session) ->
+    case enabled() andalso dspex_nif:events_session_seq(Session) of
+        N when is_integer(N) -> N;
+        _ -> undefined
+    end.
+
+%% @doc Owner side of `follow/3': at most `Limit' of the session's events from
+%% sequence `From' to `To' (`latest': to the last), once every event queued
+%% so far is durable.
+-spec owner_events(binary(), pos_integer(), pos_integer() | latest, pos_integer()) ->
+          {ok, [event()]} | {error, term()}.
+owner_events(Session, From, To, Limit) ->
+    case await() of
+        ok ->
+            Q = maps:from_list([{session, Session}, {seq_from, From}, {limit, min(Limit, ?PAGE)}]
+                               ++ [{seq_to, To} || is_integer(To)]),
+            dspex_nif:events_read(Q);
+        Error -> Error
+    end.
+
+%% @doc Brings this node's log of `Session' up to sequence `Upto' (`latest':
+%% up to the owner's last) with copies of the events it lacks from `Owner''s
+%% log, a page of 1,000 per call. `ok' when the log is off or already there.
+-spec follow(binary(), node(), non_neg_integer() | latest) -> ok | {error, term()}.
+follow(_Session, Owner, _Upto) when Owner =:= node() -> ok;
+follow(Session, Owner, Upto) ->
+    case last_sequence(Session) of
+        undefined -> ok;
+        L when is_integer(Upto), L >= Upto -> ok;
+        L ->
+            case catch erpc:call(Owner, ?MODULE, owner_events, [Session, L + 1, Upto, ?PAGE], 10000) of
+                {ok, []} -> ok;
+                {ok, Evs} ->
+                    case copy_events(Evs) of
+                        ok when length(Evs) < ?PAGE -> ok;
+                        ok -> follow(Session, Owner, Upto);
+                        Error -> Error
+                    end;
+                {error, _} = Error -> Error;
+                Other -> {error, {event_store, {follow, Owner, Other}}}
+            end
+    end.
+
+%% @doc `follow/3' with `Kept' first: the owner's events carried by a
+%% replicated change (in order); those continuing this log are copied from
+%% there, the rest up to `Upto' is read from the owner's log.
+-spec catch_up(binary(), node(), non_neg_integer(), [event()]) -> ok | {error, term()}.
+catch_up(Session, Owner, Upto, Kept) ->
+    case last_sequence(Session) of
+        undefined -> ok;
+        L when L >= Upto -> ok;
+        L ->
+            Next = contiguous([E || #{sequence := N} = E <- Kept, N > L, N =< Upto], L + 1),
+            case copy_events(Next) of
+                ok when L + length(Next) >= Upto -> ok;
+                ok -> follow(Session, Owner, Upto);
+                Error -> Error
+            end
+    end.
+
+contiguous([#{sequence := N} = E | Rest], N) -> [E | contiguous(Rest, N + 1)];
+contiguous(_, _) -> [].
+
+%% @doc Appends copies of another node's events (in sequence order; each must
+%% be its session's next: `{error, {sequence_gap, Last}}' otherwise).
+-spec copy_events([event()]) -> ok | {error, term()}.
+copy_events([]) -> ok;
+copy_events([#{id := Id, type := T, session := S, sequence := N, data := D, metadata := M, timestamp := Ts} | Rest]) ->
+    As = #{sequence => N, id => Id, timestamp => Ts, node => node_bin(maps:get(node, M, undefined))},
+    Meta = maps:without([node], M),
+    case dspex_nif:events_append(S, T, D, indexable(Meta), As) of
+        {ok, _, _, _} -> copy_events(Rest);
+        Error -> Error
+    end.
+
+node_bin(B) when is_binary(B) -> B;
+node_bin(_) -> atom_to_binary(node()).
+
+%% @doc Deletes this node's copy of a session: `migrated' (the session moved
+%% to other nodes: logged as `session_deleted' with that reason in this node's
+%% log, unless the backend is shared, see `shared_backend/0') or `silent' (a
+%% replica replacing its copy: its log follows the owner's, which has no
+%% such event).
+-spec delete_copy(binary(), migrated | silent) -> ok | {error, session_not_found}.
+delete_copy(Session, Reason) ->
+    R = case Reason =:= migrated andalso not shared_backend() of
+            true -> migrated;
+            false -> silent
+        end,
+    Result = dspex_nif:events_session_delete(Session, R),
+    ok = dspex_propagator:stop(Session),
+    Result.
+
+%% @doc The new owner of a session whose copies on other nodes are dropped
+%% logs `session_migrated' (`Data': `to', `epoch', `dropped' nodes); its
+%% sequence, under which each dropped copy logs its `session_deleted'
+%% (reason `migrated'). `undefined' when the log is off or failed.
+-spec mark_migrated(binary(), map()) -> pos_integer() | undefined.
+mark_migrated(Session, Data) ->
+    case enabled() andalso seed(Session) =:= ok andalso
+        dspex_nif:events_append(Session, session_migrated, Data, #{}, #{}) of
+        {ok, _, Seq, _} -> Seq;
+        _ -> undefined
+    end.
+
+%% @doc A node taking `Session' over whose log is shared with the other nodes
+%% (`shared_backend/0'): its counter goes up to the database's last sequence
+%% of the session (events the old owner stored after its last replicated
+%% change), so that its own next events do not take those numbers (the
+%% inserts would skip them). `ok' with a log of its own or off.
+-spec reseed(binary()) -> ok | {error, {event_store, term()}}.
+reseed(Session) ->
+    case enabled() andalso shared_backend() of
+        true -> dspex_nif:events_reseed(Session);
+        false -> ok
+    end.
+
+%% @doc Whether every node of a cluster appends to one log (PostgreSQL): there a
+%% session that moves keeps one history, and a node dropping its copy logs
+%% nothing (a `migrated' event would take the sequence number the new owner
+%% uses next).
+-spec shared_backend() -> boolean().
+shared_backend() ->
+    case application:get_env(dspex_bridge, event_backend, sqlite) of
+        {postgres, _} -> true;
+        _ -> false
     end.
 
 %% @doc Reads a session's events (or every session's with `all').
@@ -297,6 +510,9 @@ apply_event(#{type := session_created, session := S, data := D}, _) ->
     #{session => #{format => dspex_session_v1, id => S, metadata => maps:get(metadata, D, #{}),
                    ttl => maps:get(ttl, D, infinity), created_at => maps:get(created_at, D, 0)},
       vars => #{}};
+apply_event(#{type := session_deleted, data := #{reason := migrated}}, St) ->
+    %% this node's copy was dropped; the session lives on (see dspex_cluster)
+    St;
 apply_event(#{type := session_deleted}, _) -> deleted;
 apply_event(_, St) when not is_map(St) -> St;
 apply_event(#{type := variable_registered, data := #{name := N} = V}, #{vars := Vs} = St) ->
@@ -359,7 +575,11 @@ incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
 %% the oldest queued event), `last_position', `last_error', `lost', `full',
 %% `spooled' (events in the PostgreSQL spool, waiting for the database),
 %% `commit_seeds' (sessions whose last sequence a committing thread had to ask
-%% the backend for, because `seed/1' had not run: 0 in normal operation).
+%% the backend for, because `seed/1' had not run: 0 in normal operation),
+%% `provisional' (sessions whose last stored sequence was unknown when their
+%% first event here came, the backend being down: their events are numbered
+%% provisionally and renumbered after the backend's last one of the session
+%% before any of them is stored).
 -spec stats() -> map() | {error, term()}.
 stats() -> dspex_nif:events_stats().
 
@@ -561,6 +781,8 @@ init([]) ->
     case dspex_nif:events_open(Cfg) of
         ok ->
             persistent_term:put({?MODULE, durability}, Env(event_durability, async)),
+            _ = ets:whereis(?KEPT) =:= undefined andalso
+                ets:new(?KEPT, [ordered_set, public, named_table, {write_concurrency, true}]),
             persistent_term:put({?MODULE, enabled}, true),
             #{last_position := Last} = dspex_nif:events_stats(),
             Retention = Env(event_retention, {days, 90}),

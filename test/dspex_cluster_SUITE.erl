@@ -19,7 +19,10 @@
          concurrent_writes_are_batched_and_every_replica_converges/1,
          a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow/1,
          a_replica_that_diverged_gets_a_full_copy_before_the_ack/1,
-         a_replica_node_dying_fails_its_batches_in_flight/1]).
+         a_replica_node_dying_fails_its_batches_in_flight/1,
+         event_sequence_continues_on_the_new_owner_after_failover/1,
+         event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1,
+         event_sequence_on_one_postgres_database_across_failover/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
@@ -43,7 +46,10 @@ all() ->
      concurrent_writes_are_batched_and_every_replica_converges,
      a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow,
      a_replica_that_diverged_gets_a_full_copy_before_the_ack,
-     a_replica_node_dying_fails_its_batches_in_flight].
+     a_replica_node_dying_fails_its_batches_in_flight,
+     event_sequence_continues_on_the_new_owner_after_failover,
+     event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
+     event_sequence_on_one_postgres_database_across_failover].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -92,8 +98,16 @@ configure(Node, P, Conf) ->
     _ = [ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(Node))])
          || Root <- [get(ct_event_root)], Root =/= undefined],
     ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Conf]),
+    %% more application environment for the nodes of a test case (ct_app_env)
+    _ = [ok = peer:call(P, application, set_env, [dspex_bridge, K, V]) || {K, V} <- get_env_list()],
     {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]),
     ok.
+
+get_env_list() ->
+    case get(ct_app_env) of
+        undefined -> [];
+        L -> L
+    end.
 
 %% Starts a node again under the name of one that was killed, with the same
 %% configuration (an empty store): it rejoins and resyncs.
@@ -1240,4 +1254,190 @@ a_replica_node_dying_fails_its_batches_in_flight(Config) ->
     %% callers); the next ones take over and find them
     ?assertEqual([[{ok, 2}] || _ <- Ss], peer:call(PO, ?MODULE, parallel_sets, [[{S, x, [2]} || S <- Ss]], 30000)),
     [?assertEqual({2, 2}, peer:call(peer_of(Third, Peers), ?MODULE, node_state, [S, <<"x">>])) || S <- Ss],
+    Config.
+
+%%% event log sequences travel with the session (issue #15) ------------------------
+
+%% The log of node P for session S, once everything queued there is durable.
+node_events(P, S) ->
+    ok = peer:call(P, dspex_events, await, []),
+    {ok, Evs} = peer:call(P, dspex_events, read, [S, #{limit => 10000}]),
+    Evs.
+
+%% What a replica's log must share with its owner's: sequence, type and the
+%% event's values (a replayed change has its own commit time, id and node).
+same_events(Evs) ->
+    [{N, T, maps:get(principal, M, undefined),
+      maps:with([name, value, old_value, version, previous_version, members, reason, step, from, to], D)}
+     || #{sequence := N, type := T, data := D, metadata := M} <- Evs].
+
+assert_gapless(Evs) ->
+    ?assertEqual(lists:seq(1, length(Evs)), [N || #{sequence := N} <- Evs]).
+
+%% The variables of a state_at/2 result as name -> {value, version}.
+state_vars({ok, #{variables := Vs}}) -> lists:sort([{N, V, Ver} || #{name := N, value := V, version := Ver} <- Vs]).
+
+%% Writes of every kind on a session with x: replayed changes (set, atomic
+%% set_many, rollback, delete), changes the replicas copy (register, a
+%% non-atomic set_many, a dependency), and events logged outside replicated
+%% changes (append/4 on the owner, a lock), each followed by a replicated change.
+varied_writes(PA, PO, PN, S) ->
+    {ok, _} = peer:call(PA, dspex_store, register, [S, y, string, <<"a">>]),
+    [{ok, _} = peer:call(PA, dspex_store, set, [S, x, I]) || I <- lists:seq(1, 4)],
+    {ok, _} = peer:call(PA, dspex_store, set_many, [S, #{x => 10, y => <<"b">>}, #{atomic => true}]),
+    {ok, _} = peer:call(PA, dspex_store, set_many, [S, #{x => 11}, #{}]),
+    {ok, _} = peer:call(PA, dspex_store, rollback, [S, x, 2]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, z, integer, 0]),
+    ok = peer:call(PA, dspex_graph, add_dependency, [S, x, z]),
+    ok = peer:call(PA, dspex_acl, set_permissions, [S, z, [#{session_pattern => <<"alice">>, permissions => [read, write]}]]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, z, 3, #{as => <<"alice">>}]),
+    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 1}, #{}]),
+    %% an append on another node goes into the owner's log
+    {ok, _} = peer:call(PN, dspex_events, append, [S, checkpoint, #{step => 2}, #{}]),
+    ok = peer:call(PA, dspex_store, delete, [S, y]),
+    {ok, Lock} = peer:call(PO, dspex_locks, acquire, [S, x, opt1, #{pid => peer:call(PO, erlang, whereis, [init])}]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, x, 12, #{lock => Lock}]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, z, 5]),
+    ok.
+
+event_sequence_continues_on_the_new_owner_after_failover(Config) ->
+    Peers = start_cluster("dspex_evf", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"evf_s">>,
+    {Owner, Rep} = session_with_x(PA, S),
+    [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Third, Peers)},
+    ok = varied_writes(PA, PO, PT, S),
+    Old0 = node_events(PO, S),
+    ?assertEqual([1, 2], [St || #{type := checkpoint, data := #{step := St}} <- Old0]),
+    assert_gapless(Old0),
+    Types = [T || #{type := T} <- Old0],
+    [?assert(lists:member(T, Types)) || T <- [session_created, variable_registered, variable_updated,
+                                              batch_committed, variable_rolled_back, variable_deleted,
+                                              dependency_added, acl_rule_set, checkpoint, lock_acquired]],
+    ?assertMatch([_], [E || #{type := variable_updated, metadata := #{principal := <<"alice">>}} = E <- Old0]),
+    %% the replica logged the same events with the same sequences
+    ?assertEqual(same_events(Old0), same_events(node_events(PR, S))),
+    %% events copied from the owner's log are the owner's own (id, time, node)
+    Copied = [maps:with([id, sequence, timestamp, metadata], E) || #{type := T} = E <- Old0,
+                                                                   T =:= checkpoint orelse T =:= lock_acquired],
+    ?assertEqual(Copied, [maps:with([id, sequence, timestamp, metadata], E)
+                          || #{type := T} = E <- node_events(PR, S), T =:= checkpoint orelse T =:= lock_acquired]),
+    %% events logged outside replicated changes travel with the next change:
+    %% the replica does not read them from the owner's log
+    %% and changes whose replay logs what the owner logged (a set as a
+    %% principal, a batch that is not atomic) are not shipped as full copies
+    Count = {dspex_events, owner_events, 4},
+    Exports = {dspex_store, export_session, 1},
+    1 = peer:call(PO, erlang, trace_pattern, [Count, true, [call_count]]),
+    1 = peer:call(PO, erlang, trace_pattern, [Exports, true, [call_count]]),
+    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 3}, #{}]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, z, 6]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, z, 7, #{as => <<"alice">>}]),
+    {ok, _} = peer:call(PA, dspex_store, set_many, [S, #{x => 13, z => 8}, #{}]),
+    ?assertEqual({call_count, 0}, peer:call(PO, erlang, trace_info, [Count, call_count])),
+    ?assertEqual({call_count, 0}, peer:call(PO, erlang, trace_info, [Exports, call_count])),
+    _ = [peer:call(PO, erlang, trace_pattern, [C, false, [call_count]]) || C <- [Count, Exports]],
+    Old = node_events(PO, S),
+    Mid = length(Old) div 2,
+    OldState = peer:call(PO, dspex_events, state_at, [S, {sequence, Mid}]),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PR)) end, 10000, owner_gone),
+    {ok, _} = peer:call(PT, dspex_store, set, [S, x, 30]),
+    {ok, _} = peer:call(PT, dspex_store, set, [S, x, 31]),
+    ?assertEqual({ok, Rep}, peer:call(PR, dspex_cluster, owner_of, [S])),
+    New = node_events(PR, S),
+    assert_gapless(New),
+    N = length(Old),
+    ?assertEqual(N + 2, length(New)),
+    ?assertEqual(same_events(Old), same_events(lists:sublist(New, N))),
+    ?assertMatch([#{type := variable_updated, data := #{value := 30}}, #{type := variable_updated, data := #{value := 31}}],
+                 lists:nthtail(N, New)),
+    %% time travel to a point the old owner logged works on the new owner
+    ?assertEqual(state_vars(OldState), state_vars(peer:call(PR, dspex_events, state_at, [S, {sequence, Mid}]))),
+    %% the new replica got the log with its copy at the takeover
+    ?assertEqual(same_events(New), same_events(node_events(PT, S))),
+    Config.
+
+event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated(Config) ->
+    Peers = start_cluster("dspex_evm", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"evm_s">>,
+    {Owner, Rep} = session_with_x(PA, S),
+    [Target] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    PT = peer_of(Target, Peers),
+    ok = varied_writes(PA, peer_of(Owner, Peers), PT, S),
+    Old = node_events(peer_of(Owner, Peers), S),
+    N = length(Old),
+    %% the target held no copy: it takes the session over with the log, and
+    %% logs the move under the sequence the dropped copy's deletion gets
+    {ok, _} = peer:call(PA, dspex_cluster, migrate_session, [S, Target]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, x, 40]),
+    {Target, [NewRep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    New = node_events(PT, S),
+    assert_gapless(New),
+    ?assertEqual(same_events(Old), same_events(lists:sublist(New, N))),
+    [Dropped] = [X || X <- [Owner, Rep], X =/= NewRep],
+    ?assertMatch([#{type := session_migrated, data := #{to := Target, dropped := [Dropped]}},
+                  #{type := variable_updated, data := #{value := 40}}], lists:nthtail(N, New)),
+    ?assertEqual(same_events(New), same_events(node_events(peer_of(NewRep, Peers), S))),
+    %% the node that is neither owner nor replica any more dropped its copy
+    PD = peer_of(Dropped, Peers),
+    DEvs = node_events(PD, S),
+    ?assertMatch(#{sequence := Mark, type := session_deleted, data := #{reason := migrated}} when Mark =:= N + 1,
+                 lists:last(DEvs)),
+    ?assertEqual(same_events(Old), same_events(lists:droplast(DEvs))),
+    ?assertEqual({error, session_not_found}, peer:call(PD, dspex_cluster, local_apply, [get_session, [S]])),
+    %% the session comes back to the dropped node: its log continues in step
+    {ok, _} = peer:call(PA, dspex_cluster, migrate_session, [S, Dropped]),
+    {ok, _} = peer:call(PA, dspex_store, set, [S, x, 41]),
+    Back = node_events(PD, S),
+    assert_gapless(Back),
+    Last = length(Back),
+    ?assertEqual(same_events(lists:nthtail(N + 1, New)), same_events(lists:sublist(Back, N + 2, length(New) - N - 1))),
+    ?assertMatch(#{type := variable_updated, data := #{value := 41}}, lists:last(Back)),
+    %% time travel across the dropped copy's deletion gives the live session
+    {ok, Live} = peer:call(PD, dspex_nif, export_session, [S]),
+    ?assertEqual(state_vars({ok, Live}), state_vars(peer:call(PD, dspex_events, state_at, [S, {sequence, Last}]))),
+    Config.
+
+%% Every node appends to one PostgreSQL database (DX_EVENTS_PG_URL, set by
+%% `make test-events-pg'): a session's events are stored once per sequence,
+%% gapless across a failover, and the new owner continues after an event the
+%% old owner stored after its last replicated change (it reads the
+%% database's last sequence at the takeover; else its next event took that
+%% number and the insert skipped it).
+event_sequence_on_one_postgres_database_across_failover(Config) ->
+    case os:getenv("DX_EVENTS_PG_URL") of
+        Url when is_list(Url), Url =/= "" -> pg_failover(Url, Config);
+        _ -> {skip, "no PostgreSQL server: make test-events-pg runs this case"}
+    end.
+
+pg_failover(Url, Config) ->
+    put(ct_app_env, [{event_backend, {postgres, Url}}]),
+    Peers = start_cluster("dspex_evpg", #{replicas => 1, replication => sync}),
+    erase(ct_app_env),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"evpg_", (integer_to_binary(erlang:system_time()))/binary>>,
+    {Owner, Rep} = session_with_x(PA, S),
+    [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    {PO, PR, PT} = {peer_of(Owner, Peers), peer_of(Rep, Peers), peer_of(Third, Peers)},
+    ok = varied_writes(PA, PO, PT, S),
+    {ok, _} = peer:call(PO, dspex_events, append, [S, checkpoint, #{step => 9}, #{durability => sync}]),
+    Old = node_events(PO, S),
+    assert_gapless(Old),
+    ?assertMatch(#{type := checkpoint, data := #{step := 9}}, lists:last(Old)),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PR)) end, 10000, owner_gone),
+    {ok, _} = peer:call(PT, dspex_store, set, [S, x, 30]),
+    New = node_events(PR, S),
+    assert_gapless(New),
+    N = length(Old),
+    ?assertEqual(same_events(Old), same_events(lists:sublist(New, N))),
+    ?assertMatch([#{type := variable_updated, data := #{value := 30}}], lists:nthtail(N, New)),
+    %% the events copied by the replica are the owner's rows (same id)
+    ?assertEqual([Id || #{type := checkpoint, id := Id} <- Old], [Id || #{type := checkpoint, id := Id} <- New]),
     Config.

@@ -26,9 +26,11 @@ events_test_() ->
       ?T(bad_arguments_are_errors),
       ?T(json_term_of_any_term),
       ?T(prometheus_and_telemetry),
-      ?T(first_events_never_ask_the_backend_on_the_commit_path)]
+      ?T(first_events_never_ask_the_backend_on_the_commit_path),
+      ?T(copies_of_another_nodes_events_and_copy_deletions)]
      %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
-     ++ [?T(postgres_down_spools_then_catches_up_in_order) || pg_ctl() =/= false]}.
+     ++ [T || pg_ctl() =/= false, T <- [?T(postgres_down_spools_then_catches_up_in_order),
+                                        ?T(postgres_down_at_a_sessions_first_event_loses_nothing)]]}.
 
 %% An unnamed node's log lives for the VM's life: in the temp dir, removed at
 %% a clean stop, and a dead VM's leftover is swept at the next start.
@@ -179,6 +181,55 @@ session_deleted_reasons() ->
     %% the same id again continues the sequence
     {ok, _} = dspex_store:create_session(S),
     ?assertEqual([1, 2, 3], [N || #{sequence := N} <- events(S)]).
+
+%% A replica's copies of its owner's events (dspex_cluster): the owner's
+%% sequence (which must continue the session's), id, time and node; a copy
+%% deleted without an event, or with reason migrated (and state_at goes on).
+copies_of_another_nodes_events_and_copy_deletions() ->
+    S = sid(),
+    Id = <<"0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b">>,
+    ?assertEqual({error, {sequence_gap, 0}},
+                 dspex_nif:events_append(S, checkpoint, #{n => 0}, #{}, #{sequence => 2})),
+    {ok, Id, 1, 1700000000000000} =
+        dspex_nif:events_append(S, checkpoint, #{n => 1}, #{principal => <<"p">>},
+                                #{sequence => 1, id => Id, timestamp => 1700000000000000, node => <<"owner@h">>}),
+    ?assertEqual({error, {sequence_gap, 1}}, dspex_nif:events_append(S, checkpoint, #{}, #{}, #{sequence => 3})),
+    {ok, _, 2, _} = dspex_nif:events_append(S, checkpoint, #{n => 2}, #{}, #{}),
+    [?assertError(badarg, dspex_nif:events_append(S, checkpoint, #{}, #{}, As))
+     || As <- [#{sequence => 0}, #{id => <<"short">>}, #{timestamp => -1}, #{node => 7}, not_a_map]],
+    ?assertMatch([#{id := Id, sequence := 1, timestamp := 1700000000000000, data := #{n := 1},
+                    metadata := #{node := <<"owner@h">>, principal := <<"p">>}},
+                  #{sequence := 2}], events(S)),
+    %% copies of the events read back are equal to them (a second log)
+    S2 = sid(),
+    Evs = [E#{session := S2} || E <- events(S)],
+    ok = dspex_events:copy_events(Evs),
+    ?assertEqual([maps:without([session, position], E) || E <- Evs],
+                 [maps:without([session, position], E) || E <- events(S2)]),
+    %% deletions of a copy
+    S3 = sid(),
+    {ok, _} = dspex_store:create_session(S3),
+    {ok, _} = dspex_store:register(S3, x, integer, 1),
+    ok = dspex_events:delete_copy(S3, silent),
+    ?assertEqual([session_created, variable_registered], types(S3)),
+    {ok, _} = dspex_store:create_session(S3),
+    ok = dspex_events:delete_copy(S3, migrated),
+    case dspex_events:shared_backend() of
+        true ->
+            %% one database for every node: the session's history goes on there
+            ?assertMatch([_, _, #{type := session_created}], events(S3));
+        false ->
+            ?assertMatch([_, _, #{type := session_created},
+                          #{type := session_deleted, data := #{reason := migrated}}], events(S3)),
+            %% a migrated deletion does not end the session for time travel
+            ?assertMatch({ok, #{variables := []}}, dspex_events:state_at(S3, {sequence, 4}))
+    end,
+    ?assertEqual({error, session_not_found}, dspex_events:delete_copy(S3, migrated)),
+    ?assertError(badarg, dspex_nif:events_session_delete(S3, other)),
+    {ok, _} = dspex_store:create_session(S3),
+    ok = dspex_nif:events_session_delete(S3, migrated),
+    ?assertMatch(#{type := session_deleted, data := #{reason := migrated}}, lists:last(events(S3))),
+    ?assertEqual({error, not_found}, dspex_events:state_at(sid(), {sequence, 1})).
 
 sequences_gapless_under_8_writers_and_atomic_batches() ->
     S = sid(),
@@ -497,6 +548,38 @@ postgres_down_spools_then_catches_up_in_order() ->
     Live = collect(Ref, 251),
     ?assertEqual(lists:seq(53, 303), [N || #{sequence := N} <- Live]),
     ok = dspex_events:unsubscribe(Ref).
+
+%% A session with events in the database whose first event on this node
+%% (since its log started again) comes while the database is down: its last
+%% sequence is unknown, so its events are numbered provisionally and
+%% renumbered after the database's last one once it answers (they used to
+%% collide with the stored ones, and the inserts skipped them).
+postgres_down_at_a_sessions_first_event_loses_nothing() ->
+    Ctl = pg_ctl(),
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    [{ok, _} = dspex_store:set(S, x, N) || N <- lists:seq(1, 20)],
+    settle(),
+    %% the node's log starts again: S is new to it
+    [Sup] = [P || {_, P, supervisor, _} <- supervisor:which_children(dspex_bridge_sup),
+                  lists:keymember(dspex_events, 1, supervisor:which_children(P))],
+    ok = supervisor:terminate_child(Sup, dspex_events),
+    {ok, _} = supervisor:restart_child(Sup, dspex_events),
+    pg(Ctl, "down"),
+    try
+        [{ok, _} = dspex_store:set(S, x, N) || N <- lists:seq(21, 40)],
+        {ok, _} = dspex_store:set(S, x, 41, #{durability => sync}),
+        ?assertMatch(#{spooled := 21}, dspex_events:stats())
+    after
+        pg(Ctl, "start")
+    end,
+    {ok, _} = dspex_store:set(S, x, 42),
+    ok = wait_until(fun() -> maps:get(spooled, dspex_events:stats()) =:= 0 end, 1200),
+    Evs = events(S),
+    ?assertEqual(lists:seq(1, 2 + 42), [N || #{sequence := N} <- Evs]),
+    ?assertEqual(lists:seq(1, 42), [V || #{type := variable_updated, data := #{value := V}} <- Evs]),
+    ?assertMatch(#{provisional := 0}, dspex_events:stats()).
 
 pg(Ctl, Cmd) ->
     %% the server never inherits a sanitizer runtime preloaded into this VM (test-nif-asan)

@@ -14,6 +14,7 @@ typedef struct {
     size_t len;
     uint64_t seq;
     uint64_t hash;
+    bool provisional; /* seq counts from 0: the backend's last sequence of the session was unknown */
 } seq_slot;
 
 struct dx_evq {
@@ -36,6 +37,7 @@ struct dx_evq {
     bool idle, lingering, urgent;
     size_t pending;     /* linked items not yet taken by the writer */
     uint64_t commit_seeds; /* sessions looked up in the backend on a committing thread */
+    uint64_t nprov;        /* provisional slots (under mu) */
     int64_t pending_since_us; /* when the first of them was linked */
     pthread_t thr;
     seq_slot *slots;
@@ -153,8 +155,19 @@ static seq_slot *seq_insert(dx_evq *q, const char *s, size_t n, uint64_t last) {
     char *k = malloc(n ? n : 1);
     if (!k) return NULL;
     if (n) memcpy(k, s, n);
-    *e = (seq_slot){k, n, last, h};
+    *e = (seq_slot){k, n, last, h, false};
     q->used++;
+    return e;
+}
+
+/* A new slot numbered provisionally (the backend could not say the session's last sequence). Under q->mu. */
+static seq_slot *seq_insert_provisional(dx_evq *q, const char *s, size_t n, uint64_t last) {
+    seq_slot *e = seq_lookup(q, s, n);
+    if (e) return e;
+    if ((e = seq_insert(q, s, n, last))) {
+        e->provisional = true;
+        q->nprov++;
+    }
     return e;
 }
 
@@ -169,8 +182,9 @@ static seq_slot *seq_slot_of(dx_evq *q, const char *s, size_t n) {
         char err[256];
         q->commit_seeds++;
         if (q->seed_mu) pthread_mutex_lock(q->seed_mu);
-        if (q->cfg.ops->session_max_seq(q->seed_st, s, n, &last, err, sizeof err)) last = 0;
+        int rc = q->cfg.ops->session_max_seq(q->seed_st, s, n, &last, err, sizeof err);
         if (q->seed_mu) pthread_mutex_unlock(q->seed_mu);
+        if (rc) return seq_insert_provisional(q, s, n, 0);
     }
     return seq_insert(q, s, n, last);
 }
@@ -190,7 +204,13 @@ int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t er
         if (q->seed_mu) pthread_mutex_lock(q->seed_mu);
         int rc = q->cfg.ops->session_max_seq(q->seed_st, session, len, &last, err, errlen);
         if (q->seed_mu) pthread_mutex_unlock(q->seed_mu);
-        if (rc) return -1;
+        if (rc) {
+            /* numbered provisionally until the backend answers (the commit path never asks it again) */
+            pthread_mutex_lock(&q->mu);
+            (void)seq_insert_provisional(q, session, len, 0);
+            pthread_mutex_unlock(&q->mu);
+            return -1;
+        }
     }
     pthread_mutex_lock(&q->mu);
     /* a push that came first made the slot: seq_insert keeps it */
@@ -213,6 +233,14 @@ uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len) {
     return v;
 }
 
+bool dx_evq_known_seq(dx_evq *q, const char *session, size_t len, uint64_t *seq) {
+    pthread_mutex_lock(&q->mu);
+    seq_slot *e = seq_lookup(q, session, len);
+    if (e) *seq = e->seq;
+    pthread_mutex_unlock(&q->mu);
+    return e != NULL;
+}
+
 void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor) {
     pthread_mutex_lock(&q->mu);
     seq_slot *e = seq_slot_of(q, session, len);
@@ -223,7 +251,7 @@ void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64
 /* ---- push ---------------------------------------------------------------------------- */
 static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
     size_t tl = in->session_len + in->type_len + in->variable_len + in->principal_len + in->changed_by_len +
-                in->data_len + in->meta_len;
+                in->data_len + in->meta_len + in->node_len;
     size_t sz = sizeof(dx_ev_item) + tl;
     dx_ev_item *it = q->cfg.item_alloc(sz);
     if (!it) return NULL;
@@ -244,8 +272,19 @@ static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
     it->rec.meta = (const uint8_t *)p;
     it->rec.meta_len = in->meta_len;
     if (in->meta_len) memcpy(p, in->meta, in->meta_len);
-    it->rec.node = q->node;
-    it->rec.node_len = q->cfg.node_len;
+    p += in->meta_len;
+    if (in->node_len) { /* another node's event (a replica's copy of its owner's log) */
+        memcpy(p, in->node, in->node_len);
+        it->rec.node = p;
+        it->rec.node_len = in->node_len;
+    } else {
+        it->rec.node = q->node;
+        it->rec.node_len = q->cfg.node_len;
+    }
+    if (in->id_in) {
+        memcpy(it->rec.id, in->id_in, 36);
+        it->rec.id[36] = 0;
+    }
     it->payload = in->payload;
     return it;
 }
@@ -256,7 +295,7 @@ static void link_item(dx_evq *q, dx_ev_item *it, uint64_t seq, int64_t ts, bool 
     it->rec.ts_us = ts;
     /* the id is made here only when the caller wants it back (append/4); the writer makes the others,
      * off the commit path */
-    if (want_id) dx_uuid7(ts, it->rec.id);
+    if (want_id && !it->rec.id[0]) dx_uuid7(ts, it->rec.id);
     it->ticket = ++q->pushed;
     if (!q->pending++) q->pending_since_us = dx_ev_now_us();
     if (q->tail) q->tail->next = it;
@@ -298,9 +337,11 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
         for (size_t i = 0; i < n && !rc; i++) {
             seq_slot *e = seq_slot_of(q, in[i].session, in[i].session_len);
             uint64_t s = ++e->seq;
+            items[i]->provisional = e->provisional;
             int64_t ts = in[i].ts_us ? in[i].ts_us : now;
             link_item(q, items[i], s, ts, in[i].id_out != NULL);
             if (in[i].id_out) memcpy(in[i].id_out, items[i]->rec.id, 37);
+            if (in[i].ts_out) *in[i].ts_out = ts;
             if (tickets) tickets[i] = items[i]->ticket;
             if (seqs) seqs[i] = s;
         }
@@ -346,7 +387,7 @@ bool dx_evq_full(dx_evq *q) {
 void dx_evq_stats_get(dx_evq *q, dx_evq_stats *o) {
     pthread_mutex_lock(&q->mu);
     *o = (dx_evq_stats){q->pushed, q->done, q->batches, q->errors, q->written, q->depth, q->max_depth, q->bytes,
-                        q->head ? q->head->rec.ts_us : 0, q->last_pos, q->spooled, q->commit_seeds, {0}};
+                        q->head ? q->head->rec.ts_us : 0, q->last_pos, q->spooled, q->commit_seeds, q->nprov, {0}};
     memcpy(o->last_error, q->last_error, sizeof o->last_error);
     pthread_mutex_unlock(&q->mu);
 }
@@ -391,12 +432,86 @@ static void note_error(dx_evq *q, const char *err) { /* under q->mu */
     snprintf(q->last_error, sizeof q->last_error, "%s", err);
 }
 
+/* Writer thread: ends the provisional numbering of the sessions whose last stored sequence was unknown
+ * (the backend was down before their first event here), now that the backend may answer: adds that last
+ * sequence to each of their events in the spool (durably, first), in the queue and in `batch' (the writer's,
+ * taken off the queue), and to their counters, before any of those events is written to the backend. 0, or
+ * -1 + err when the backend cannot say yet (or the spool fails): nothing is written to the backend then. */
+static int resolve_provisional(dx_evq *q, dx_ev_item *batch, char *err, size_t errlen) {
+    for (;;) {
+        pthread_mutex_lock(&q->mu);
+        seq_slot *e = NULL;
+        for (size_t i = 0; q->nprov && i < q->nslots && !e; i++)
+            if (q->slots[i].hash && q->slots[i].provisional) e = &q->slots[i];
+        if (!e) {
+            q->nprov = 0;
+            pthread_mutex_unlock(&q->mu);
+            return 0;
+        }
+        size_t n = e->len;
+        char *key = malloc(n ? n : 1);
+        if (key && n) memcpy(key, e->key, n);
+        pthread_mutex_unlock(&q->mu);
+        if (!key) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        uint64_t last = 0;
+        if (q->cfg.ops->session_max_seq(q->st, key, n, &last, err, errlen) ||
+            (q->spool && dx_spool_renumber(q->spool, key, n, last, err, errlen))) {
+            free(key);
+            return -1;
+        }
+        pthread_mutex_lock(&q->mu);
+        e = seq_lookup(q, key, n); /* the table may have grown meanwhile */
+        if (e && e->provisional) {
+            e->seq += last;
+            e->provisional = false;
+            q->nprov--;
+            for (dx_ev_item *it = q->head; it; it = it->next)
+                if (it->provisional && dx_str_same(it->rec.session, it->rec.session_len, key, n)) {
+                    it->rec.sequence += last;
+                    it->provisional = false;
+                }
+        }
+        pthread_mutex_unlock(&q->mu);
+        for (dx_ev_item *it = batch; it; it = it->next)
+            if (it->provisional && dx_str_same(it->rec.session, it->rec.session_len, key, n)) {
+                it->rec.sequence += last;
+                it->provisional = false;
+            }
+        free(key);
+    }
+}
+
+/* Writer thread: marks in the spool the sessions of provisionally numbered events about to be spooled. */
+static int mark_provisional(dx_evq *q, dx_ev_item *batch, char *err, size_t errlen) {
+    const dx_ev_item *prev = NULL;
+    for (dx_ev_item *it = batch; it; it = it->next) {
+        if (!it->provisional) continue;
+        if (prev && dx_str_same(prev->rec.session, prev->rec.session_len, it->rec.session, it->rec.session_len))
+            continue;
+        if (dx_spool_mark_provisional(q->spool, it->rec.session, it->rec.session_len, err, errlen)) return -1;
+        prev = it;
+    }
+    return 0;
+}
+
 /* Writer thread: moves the oldest spooled records to the backend, one batch of up to max_batch, and
  * publishes them (on_batch with their positions). 1 when a batch moved, 0 when the spool is empty or the
  * backend failed (retried after a back-off), -1 when the spool itself failed. */
-static int drain_once(dx_evq *q) {
+static int drain_once(dx_evq *q, dx_ev_item *batch) {
     char err[256];
     dx_spool_batch b;
+    if (resolve_provisional(q, batch, err, sizeof err)) {
+        /* the backend cannot say a session's last sequence: nothing moves yet */
+        pthread_mutex_lock(&q->mu);
+        note_error(q, err);
+        q->next_drain_us = dx_ev_now_us() + q->drain_backoff * 1000;
+        if (q->drain_backoff < 2000) q->drain_backoff *= 2;
+        pthread_mutex_unlock(&q->mu);
+        return 0;
+    }
     if (dx_spool_peek(q->spool, q->cfg.max_batch, &b, err, sizeof err)) {
         pthread_mutex_lock(&q->mu);
         note_error(q, err);
@@ -470,7 +585,7 @@ static void *writer(void *arg) {
         if (!q->head && stopping) {
             pthread_mutex_unlock(&q->mu);
             /* one last try to move the spool; what stays is moved by the next open */
-            while (spooled && drain_once(q) == 1) {
+            while (spooled && drain_once(q, NULL) == 1) {
                 pthread_mutex_lock(&q->mu);
                 spooled = q->spooled > 0;
                 pthread_mutex_unlock(&q->mu);
@@ -502,7 +617,7 @@ static void *writer(void *arg) {
         pthread_mutex_unlock(&q->mu);
         /* the spool goes first (order): move one batch of it when due; a batch behind a spool joins it */
         if (drain_due) {
-            (void)drain_once(q);
+            (void)drain_once(q, first);
             pthread_mutex_lock(&q->mu);
             spooled = q->spooled > 0;
             pthread_mutex_unlock(&q->mu);
@@ -512,6 +627,8 @@ static void *writer(void *arg) {
         for (;;) {
             int rc = recs ? 0 : -1, to_spool = 0;
             if (!recs) snprintf(err, sizeof err, "out of memory");
+            /* provisionally numbered events get their final numbers before they reach the backend */
+            int unresolved = !rc && !spooled ? resolve_provisional(q, first, err, sizeof err) : 0;
             size_t i = 0;
             for (dx_ev_item *it = first; it && !rc; it = it->next, i++) {
                 if (it->payload && q->cfg.encode && q->cfg.encode(q->cfg.ctx, it)) {
@@ -523,7 +640,7 @@ static void *writer(void *arg) {
                 recs[i].position = 0;
             }
             if (!rc && !spooled) {
-                rc = q->cfg.ops->write_batch(q->st, recs, n, err, sizeof err);
+                rc = unresolved ? -1 : q->cfg.ops->write_batch(q->st, recs, n, err, sizeof err);
                 if (rc && q->spool) {
                     /* the backend failed: count it, then spool the batch */
                     pthread_mutex_lock(&q->mu);
@@ -534,7 +651,9 @@ static void *writer(void *arg) {
             } else if (!rc) {
                 to_spool = 1;
             }
-            if (to_spool) rc = dx_spool_append(q->spool, recs, n, err, sizeof err);
+            if (to_spool)
+                rc = mark_provisional(q, first, err, sizeof err) || dx_spool_append(q->spool, recs, n, err, sizeof err)
+                         ? -1 : 0;
             size_t nbytes = 0;
             for (dx_ev_item *it = first; it; it = it->next) nbytes += it->alloc;
             pthread_mutex_lock(&q->mu);
@@ -588,10 +707,11 @@ static void *writer(void *arg) {
     return NULL;
 }
 
-/* Seeds the sequence of a spooled session: above both the backend's and the spool's last. */
-static void seed_spooled(void *ctx, const char *session, size_t len, uint64_t max_seq) {
+/* Seeds the sequence of a spooled session: above both the backend's and the spool's last; a session whose
+ * spooled records are numbered provisionally goes on so (renumbered with them, see resolve_provisional). */
+static void seed_spooled(void *ctx, const char *session, size_t len, uint64_t max_seq, int provisional) {
     dx_evq *q = ctx;
-    seq_slot *e = seq_slot_of(q, session, len);
+    seq_slot *e = provisional ? seq_insert_provisional(q, session, len, max_seq) : seq_slot_of(q, session, len);
     if (e && e->seq < max_seq) e->seq = max_seq;
 }
 

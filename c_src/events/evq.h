@@ -27,6 +27,8 @@ typedef struct dx_ev_item {
     dx_ev_rec rec;   /* strings point into text[]; data/meta into text[] or set by encode */
     void *payload;   /* opaque; encode turns it into rec.data/rec.meta */
     size_t alloc;    /* bytes of this item, for the memory gauge */
+    bool provisional; /* numbered from 1 because the session's last stored sequence was unknown (the
+                         backend down before its first event here): renumbered before it is written */
     _Alignas(8) char text[];
 } dx_ev_item;
 
@@ -43,6 +45,10 @@ typedef struct {
     int64_t ts_us;                         /* 0: the queue reads the clock */
     uint64_t sequence;                     /* 0: assign the session's next; else must be exactly next (replicas) */
     char *id_out;                          /* optional: receives the event's UUIDv7 (37 bytes) */
+    const char *id_in;                     /* optional: the event's id (36 chars), kept (a replica copying the
+                                              owner's event); else one is made */
+    const char *node; size_t node_len;     /* optional: the node that made the event (node_len 0: this one) */
+    int64_t *ts_out;                       /* optional: receives the event's time */
 } dx_ev_in;
 
 typedef struct dx_evq dx_evq;
@@ -85,6 +91,7 @@ typedef struct {
     uint64_t last_position;
     uint64_t spooled;     /* records in the spool, waiting for the backend */
     uint64_t commit_seeds; /* sessions whose last sequence was read from the backend by a push */
+    uint64_t provisional;  /* sessions numbered provisionally, waiting for the backend's last sequence */
     char last_error[256];
 } dx_evq_stats;
 
@@ -111,9 +118,13 @@ uint64_t dx_evq_session_seq(dx_evq *q, const char *session, size_t len);
 /* Whether the queue knows the session's last sequence already. */
 bool dx_evq_known(dx_evq *q, const char *session, size_t len);
 /* Reads the session's last sequence from the backend (blocking: call it off the commit path, e.g. on a dirty
- * scheduler, before the session's first event), unless known. 0, or -1 + err when the backend cannot say
- * (the session's first push then asks again). */
+ * scheduler, before the session's first event), unless known. 0, or -1 + err when the backend cannot say:
+ * the session is then numbered provisionally from 1, and the writer renumbers its events (adds the
+ * backend's last sequence of the session to each, in the spool, the queue and the batch at hand) as soon as
+ * the backend answers, before any of them is written there: no number collides with a stored one. */
 int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t errlen);
+/* The session's last assigned sequence when the queue knows it (returns true), without asking the backend. */
+bool dx_evq_known_seq(dx_evq *q, const char *session, size_t len, uint64_t *seq);
 /* Raises a session's sequence so that the next one is above floor (a replica taking over). */
 void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor);
 /* Blocks the calling thread until done >= ticket or an attempt fails after it was pushed

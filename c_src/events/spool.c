@@ -7,7 +7,7 @@
 
 struct dx_spool {
     sqlite3 *db;
-    sqlite3_stmt *ins, *peek, *pop, *count, *begin, *commit, *rollback;
+    sqlite3_stmt *ins, *peek, *pop, *count, *begin, *commit, *rollback, *mark, *renum, *unmark;
 };
 
 static const char *SCHEMA =
@@ -16,7 +16,11 @@ static const char *SCHEMA =
     " id INTEGER PRIMARY KEY AUTOINCREMENT, session BLOB NOT NULL, sequence INTEGER NOT NULL,"
     " ts_us INTEGER NOT NULL, uid TEXT NOT NULL, type BLOB NOT NULL, variable BLOB NOT NULL,"
     " principal BLOB NOT NULL, changed_by BLOB NOT NULL, node BLOB NOT NULL, data BLOB NOT NULL,"
-    " meta BLOB NOT NULL);";
+    " meta BLOB NOT NULL);"
+    /* sessions whose spooled records are numbered provisionally (from 1: the backend's last sequence of
+     * the session was unknown); they are renumbered before any of them is moved */
+    "CREATE TABLE IF NOT EXISTS provisional(session BLOB PRIMARY KEY);"
+    "CREATE INDEX IF NOT EXISTS spool_session ON spool(session);";
 
 static int fail(dx_spool *s, const char *what, char *err, size_t errlen) {
     snprintf(err, errlen, "spool %s: %s", what, s && s->db ? sqlite3_errmsg(s->db) : "no database");
@@ -25,7 +29,8 @@ static int fail(dx_spool *s, const char *what, char *err, size_t errlen) {
 
 void dx_spool_close(dx_spool *s) {
     if (!s) return;
-    sqlite3_stmt *all[] = {s->ins, s->peek, s->pop, s->count, s->begin, s->commit, s->rollback};
+    sqlite3_stmt *all[] = {s->ins, s->peek, s->pop, s->count, s->begin, s->commit, s->rollback, s->mark, s->renum,
+                           s->unmark};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(all[i]);
     sqlite3_close_v2(s->db);
     free(s);
@@ -57,7 +62,10 @@ int dx_spool_open(const char *path, dx_spool **out, char *err, size_t errlen) {
         prep(s, "DELETE FROM spool WHERE id <= ?1", &s->pop) ||
         prep(s, "SELECT count(*) FROM spool", &s->count) ||
         prep(s, "BEGIN IMMEDIATE", &s->begin) || prep(s, "COMMIT", &s->commit) ||
-        prep(s, "ROLLBACK", &s->rollback)) {
+        prep(s, "ROLLBACK", &s->rollback) ||
+        prep(s, "INSERT OR IGNORE INTO provisional(session) VALUES(?1)", &s->mark) ||
+        prep(s, "UPDATE spool SET sequence = sequence + ?2 WHERE session = ?1", &s->renum) ||
+        prep(s, "DELETE FROM provisional WHERE session = ?1", &s->unmark)) {
         fail(s, "schema", err, errlen);
         dx_spool_close(s);
         return -1;
@@ -191,16 +199,45 @@ int dx_spool_pop(dx_spool *s, uint64_t upto, char *err, size_t errlen) {
     return rc == SQLITE_DONE ? 0 : fail(s, "delete", err, errlen);
 }
 
-int dx_spool_sessions(dx_spool *s, void (*cb)(void *ctx, const char *session, size_t len, uint64_t max_seq),
+int dx_spool_sessions(dx_spool *s,
+                      void (*cb)(void *ctx, const char *session, size_t len, uint64_t max_seq, int provisional),
                       void *ctx, char *err, size_t errlen) {
     sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(s->db, "SELECT session, max(sequence) FROM spool GROUP BY session", -1, &st, NULL) !=
-        SQLITE_OK)
+    /* a provisional mark without records (the batch after it was never appended) counts as 0 */
+    if (sqlite3_prepare_v2(s->db,
+                           "SELECT session, max(sequence), max(prov) FROM ("
+                           " SELECT session, sequence, 0 AS prov FROM spool"
+                           " UNION ALL SELECT session, 0, 1 FROM provisional) GROUP BY session",
+                           -1, &st, NULL) != SQLITE_OK)
         return fail(s, "sessions", err, errlen);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
         cb(ctx, sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0),
-           (uint64_t)sqlite3_column_int64(st, 1));
+           (uint64_t)sqlite3_column_int64(st, 1), sqlite3_column_int(st, 2));
     sqlite3_finalize(st);
     return rc == SQLITE_DONE ? 0 : fail(s, "sessions", err, errlen);
+}
+
+int dx_spool_mark_provisional(dx_spool *s, const char *session, size_t len, char *err, size_t errlen) {
+    int bad = blob(s->mark, 1, session, len);
+    int rc = bad ? SQLITE_ERROR : step_reset(s->mark);
+    sqlite3_clear_bindings(s->mark);
+    return rc == SQLITE_DONE ? 0 : fail(s, "mark", err, errlen);
+}
+
+int dx_spool_renumber(dx_spool *s, const char *session, size_t len, uint64_t offset, char *err, size_t errlen) {
+    if (step_reset(s->begin) != SQLITE_DONE) return fail(s, "begin", err, errlen);
+    int bad = blob(s->renum, 1, session, len) || sqlite3_bind_int64(s->renum, 2, (sqlite3_int64)offset) != SQLITE_OK;
+    int rc = bad ? SQLITE_ERROR : step_reset(s->renum);
+    sqlite3_clear_bindings(s->renum);
+    if (rc == SQLITE_DONE) {
+        rc = blob(s->unmark, 1, session, len) ? SQLITE_ERROR : step_reset(s->unmark);
+        sqlite3_clear_bindings(s->unmark);
+    }
+    if (rc != SQLITE_DONE || step_reset(s->commit) != SQLITE_DONE) {
+        fail(s, "renumber", err, errlen);
+        step_reset(s->rollback);
+        return -1;
+    }
+    return 0;
 }

@@ -30,8 +30,16 @@ int dx_spool_peek(dx_spool *s, size_t max, dx_spool_batch *b, char *err, size_t 
 void dx_spool_batch_free(dx_spool_batch *b);
 /* Removes every record up to spool id upto (inclusive), durably. */
 int dx_spool_pop(dx_spool *s, uint64_t upto, char *err, size_t errlen);
-/* Calls cb for every spooled session with its highest spooled sequence (to seed the sequence map). */
-int dx_spool_sessions(dx_spool *s, void (*cb)(void *ctx, const char *session, size_t len, uint64_t max_seq),
+/* Calls cb for every spooled session with its highest spooled sequence (to seed the sequence map) and
+ * whether its spooled records are numbered provisionally (see dx_spool_mark_provisional). */
+int dx_spool_sessions(dx_spool *s,
+                      void (*cb)(void *ctx, const char *session, size_t len, uint64_t max_seq, int provisional),
                       void *ctx, char *err, size_t errlen);
+/* Records that the session's spooled records are numbered provisionally: its last stored sequence was
+ * unknown (the backend was down before its first event here), so they count from 1 (durable). */
+int dx_spool_mark_provisional(dx_spool *s, const char *session, size_t len, char *err, size_t errlen);
+/* Adds offset (the backend's last sequence of the session) to every spooled record of a provisionally
+ * numbered session and ends its provisional mark, in one durable transaction. */
+int dx_spool_renumber(dx_spool *s, const char *session, size_t len, uint64_t offset, char *err, size_t errlen);
 void dx_spool_close(dx_spool *s);
 #endif

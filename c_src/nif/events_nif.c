@@ -48,7 +48,7 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch, A_linger_us,
     A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
-    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds;
+    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -141,9 +141,10 @@ static int push_one(dx_evq *q, const dx_ev_in *in) {
     return dx_evq_push(q, in, NULL) ? 0 : -1;
 }
 
+static _Thread_local bool t_mute; /* events_session_delete(_, silent) */
 static void ev_hook(const dx_ev_change *c) {
     /* log off: no traffic on the shared in-flight counter (the load after the increment decides) */
-    if (!atomic_load_explicit(&g_q, memory_order_acquire)) return;
+    if (t_mute || !atomic_load_explicit(&g_q, memory_order_acquire)) return;
     atomic_fetch_add_explicit(&g_inflight, 1, memory_order_acq_rel);
     dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
     if (!q) goto out;
@@ -517,9 +518,16 @@ static int get_text(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *out, char *buf, size
     return 1;
 }
 
-/* events_append(Session, Type, Data, Meta) -> {ok, Id, Sequence} | {error, ...}
- * Meta keys principal / changed_by / variable fill the indexed columns. */
-DX_NIF(nif_events_append) {
+/* An append's copy of another node's event (a replica following its owner's log): the sequence it must
+ * have, its id, time and node. */
+typedef struct {
+    uint64_t sequence; /* 0: the session's next */
+    int64_t ts_us;     /* 0: now */
+    char id[37];       /* "" : a new one */
+    ErlNifBinary node; /* size 0: this node */
+} append_as;
+
+static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], const append_as *as, int full) {
     ErlNifBinary sid, prin = {0}, var = {0}, data, meta, by = {0};
     char tb[256];
     dx_str type;
@@ -551,21 +559,84 @@ DX_NIF(nif_events_append) {
         return dx_error(env, ATOM_enomem);
     }
     char id[37];
-    uint64_t seq = 0;
+    uint64_t seq = 0, last = 0;
+    int64_t ts = 0;
     dx_ev_in in = {.session = (const char *)sid.data, .session_len = sid.size, .type = type.ptr, .type_len = type.len,
                    .variable = (const char *)var.data, .variable_len = var.size, .principal = (const char *)prin.data,
                    .principal_len = prin.size, .changed_by = (const char *)by.data, .changed_by_len = by.size,
-                   .data = data.data, .data_len = data.size, .meta = meta.data, .meta_len = meta.size, .id_out = id};
+                   .data = data.data, .data_len = data.size, .meta = meta.data, .meta_len = meta.size, .id_out = id,
+                   .ts_out = &ts};
+    if (as) {
+        in.sequence = as->sequence;
+        in.ts_us = as->ts_us;
+        in.id_in = as->id[0] ? as->id : NULL;
+        in.node = (const char *)as->node.data;
+        in.node_len = as->node.size;
+    }
     atomic_fetch_add(&g_inflight, 1);
     q = atomic_load(&g_q);
     uint64_t t = q ? dx_evq_push(q, &in, &seq) : 0;
+    /* an explicit sequence that does not continue the session's: say which one it has */
+    bool gap = q && !t && in.sequence &&
+               !(dx_evq_known_seq(q, in.session, in.session_len, &last) && last + 1 == in.sequence);
     atomic_fetch_sub(&g_inflight, 1);
     if (have_by) enif_release_binary(&by);
     enif_release_binary(&data);
     enif_release_binary(&meta);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    if (gap) return dx_error(env, enif_make_tuple2(env, A_sequence_gap, enif_make_uint64(env, last)));
     if (!t) return dx_error(env, ATOM_enomem);
+    if (full)
+        return enif_make_tuple4(env, ATOM_ok, dx_make_bin(env, id, 36), enif_make_uint64(env, seq),
+                                enif_make_int64(env, ts));
     return enif_make_tuple3(env, ATOM_ok, dx_make_bin(env, id, 36), enif_make_uint64(env, seq));
+}
+
+/* events_append(Session, Type, Data, Meta) -> {ok, Id, Sequence} | {error, ...}
+ * Meta keys principal / changed_by / variable fill the indexed columns. */
+DX_NIF(nif_events_append) { return append_common(env, argv, NULL, 0); }
+
+/* events_append(Session, Type, Data, Meta, As) -> {ok, Id, Sequence, TimestampUs} | {error, ...}
+ * As: #{sequence => N, id => Id, timestamp => Us, node => Bin} (each optional): a copy of an event another
+ * node logged (a replica following its owner's log); a given sequence must be the session's next, else
+ * {error, {sequence_gap, Last}}. */
+DX_NIF(nif_events_append_as) {
+    append_as as = {0};
+    ERL_NIF_TERM v;
+    ErlNifBinary b;
+    if (!enif_is_map(env, argv[4])) return enif_make_badarg(env);
+    if (enif_get_map_value(env, argv[4], A_sequence, &v) &&
+        (!enif_get_uint64(env, v, (ErlNifUInt64 *)&as.sequence) || as.sequence == 0))
+        return enif_make_badarg(env);
+    if (enif_get_map_value(env, argv[4], A_timestamp, &v) &&
+        (!enif_get_int64(env, v, (ErlNifSInt64 *)&as.ts_us) || as.ts_us <= 0))
+        return enif_make_badarg(env);
+    if (enif_get_map_value(env, argv[4], ATOM_id, &v)) {
+        if (!enif_inspect_binary(env, v, &b) || b.size != 36) return enif_make_badarg(env);
+        memcpy(as.id, b.data, 36);
+        as.id[36] = 0;
+    }
+    if (enif_get_map_value(env, argv[4], A_node, &v) && (!enif_inspect_binary(env, v, &as.node) || as.node.size > 255))
+        return enif_make_badarg(env);
+    return append_common(env, argv, &as, 1);
+}
+
+/* events_session_delete(Session, Reason) -> ok | {error, session_not_found}: deletes the session like
+ * session_delete/1, with the reason its session_deleted event records (deleted | migrated), or none
+ * logged (silent: a replica replacing its copy, whose log follows the owner's). */
+DX_NIF(nif_events_session_delete) {
+    ErlNifBinary sid;
+    int reason;
+    bool mute = false;
+    if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
+    if (enif_is_identical(argv[1], A_deleted)) reason = DX_EV_REASON_DELETED;
+    else if (enif_is_identical(argv[1], A_migrated)) reason = DX_EV_REASON_MIGRATED;
+    else if (enif_is_identical(argv[1], A_silent)) reason = DX_EV_REASON_DELETED, mute = true;
+    else return enif_make_badarg(env);
+    t_mute = mute;
+    int rc = dx_session_delete_reason((dx_str){(const char *)sid.data, sid.size}, reason);
+    t_mute = false;
+    return rc ? dx_error(env, A_session_not_found) : ATOM_ok;
 }
 
 static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q);
@@ -745,17 +816,19 @@ DX_NIF(nif_events_stats) {
     atomic_fetch_sub(&g_inflight, 1);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
-    ERL_NIF_TERM k[15] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
-                          A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds};
-    ERL_NIF_TERM v[15] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+    ERL_NIF_TERM k[16] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+                          A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds,
+                          A_provisional};
+    ERL_NIF_TERM v[16] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
                           enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
                           enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
                           enif_make_int64(env, lag < 0 ? 0 : lag), enif_make_uint64(env, s.last_position),
                           s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
                           enif_make_uint64(env, atomic_load(&g_lost)), full ? ATOM_true : ATOM_false,
-                          enif_make_uint64(env, s.spooled), enif_make_uint64(env, s.commit_seeds)};
-    return map_of(env, k, v, 15);
+                          enif_make_uint64(env, s.spooled), enif_make_uint64(env, s.commit_seeds),
+                          enif_make_uint64(env, s.provisional)};
+    return map_of(env, k, v, 16);
 }
 
 /* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
@@ -848,8 +921,30 @@ DX_NIF(nif_events_seed) {
     return enif_schedule_nif(env, "events_seed", ERL_NIF_DIRTY_JOB_IO_BOUND, events_seed_dirty, argc, argv);
 }
 
-/* events_session_seq(Session) -> last assigned sequence (0 = none). */
-DX_NIF(nif_events_session_seq) {
+/* events_reseed(Session) -> ok | {error, {event_store, Reason}} (dirty I/O): raises the session's counter to
+ * the backend's last sequence of it, when above (a node taking a session over whose events other nodes
+ * append to the same database). Not open: ok. */
+ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    ErlNifBinary sid;
+    if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0) return enif_make_badarg(env);
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    char err[256];
+    uint64_t last = 0;
+    int rc = 0;
+    if (q && g_seed) {
+        pthread_mutex_lock(&g_seed_mu);
+        rc = g_ops->session_max_seq(g_seed, (const char *)sid.data, sid.size, &last, err, sizeof err);
+        pthread_mutex_unlock(&g_seed_mu);
+        if (!rc) dx_evq_session_seq_raise(q, (const char *)sid.data, sid.size, last);
+    }
+    atomic_fetch_sub(&g_inflight, 1);
+    return rc ? es_error(env, err) : ATOM_ok;
+}
+
+/* events_session_seq(Session) -> last assigned sequence (0 = none). Known to the queue: answered here;
+ * else the backend is asked on a dirty I/O scheduler. */
+static ERL_NIF_TERM events_session_seq_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     ErlNifBinary sid;
     if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
     atomic_fetch_add(&g_inflight, 1);
@@ -857,6 +952,20 @@ DX_NIF(nif_events_session_seq) {
     uint64_t s = q ? dx_evq_session_seq(q, (const char *)sid.data, sid.size) : 0;
     atomic_fetch_sub(&g_inflight, 1);
     return q ? enif_make_uint64(env, s) : dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+}
+
+DX_NIF(nif_events_session_seq) {
+    ErlNifBinary sid;
+    if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    uint64_t s = 0;
+    bool known = q && dx_evq_known_seq(q, (const char *)sid.data, sid.size, &s);
+    atomic_fetch_sub(&g_inflight, 1);
+    if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    if (known) return enif_make_uint64(env, s);
+    return enif_schedule_nif(env, "events_session_seq", ERL_NIF_DIRTY_JOB_IO_BOUND, events_session_seq_dirty, argc,
+                             argv);
 }
 
 int dx_events_init(ErlNifEnv *env) {
@@ -876,6 +985,7 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_types, "types"); A(A_limit, "limit"); A(A_descending, "descending"); A(A_full, "full");
     A(A_already_open, "already_open"); A(A_snap_due, "dspex_events_snapshot_due");
     A(A_snapshot_every, "snapshot_every"); A(A_spool, "spool"); A(A_spooled, "spooled"); A(A_commit_seeds, "commit_seeds"); A(A_sequence_gap, "sequence_gap");
+    A(A_silent, "silent"); A(A_provisional, "provisional"); A(A_session_not_found, "session_not_found");
 #undef A
     for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))

@@ -13,7 +13,9 @@ void dx_events_principal(dx_str id);
 DX_NIF(nif_events_open); DX_NIF(nif_events_close); DX_NIF(nif_events_append); DX_NIF(nif_events_await);
 DX_NIF(nif_events_read); DX_NIF(nif_events_stats); DX_NIF(nif_events_put_snapshot);
 DX_NIF(nif_events_latest_snapshot); DX_NIF(nif_events_expire); DX_NIF(nif_events_session_seq);
-DX_NIF(nif_events_backpressure); DX_NIF(nif_events_seed);
+DX_NIF(nif_events_backpressure); DX_NIF(nif_events_seed); DX_NIF(nif_events_append_as);
+DX_NIF(nif_events_session_delete);
+ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 #define DX_EVENTS_FUNCS                                                              \
     {"events_open", 1, nif_events_open, ERL_NIF_DIRTY_JOB_IO_BOUND},                 \
@@ -26,6 +28,9 @@ DX_NIF(nif_events_backpressure); DX_NIF(nif_events_seed);
     {"events_put_snapshot", 4, nif_events_put_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
     {"events_latest_snapshot", 3, nif_events_latest_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
     {"events_expire", 1, nif_events_expire, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
-    {"events_session_seq", 1, nif_events_session_seq, ERL_NIF_DIRTY_JOB_IO_BOUND},   \
+    {"events_session_seq", 1, nif_events_session_seq, 0},                            \
+    {"events_append", 5, nif_events_append_as, 0},                                   \
+    {"events_session_delete", 2, nif_events_session_delete, 0},                      \
+    {"events_reseed", 1, events_reseed_dirty, ERL_NIF_DIRTY_JOB_IO_BOUND},           \
     {"events_seed", 1, nif_events_seed, 0}
 #endif

@@ -30,6 +30,14 @@ static int failing_write(void *st, dx_ev_rec *r, size_t n, char *err, size_t err
     return dx_ev_sqlite_ops.write_batch(st, r, n, err, errlen);
 }
 static dx_ev_backend_ops g_ops;
+/* a backend that is down cannot say a session's last sequence either */
+static int downable_max_seq(void *st, const char *s, size_t n, uint64_t *seq, char *err, size_t errlen) {
+    if (__atomic_load_n(&g_down, __ATOMIC_SEQ_CST)) {
+        snprintf(err, errlen, "connection lost: backend down");
+        return -1;
+    }
+    return dx_ev_sqlite_ops.session_max_seq(st, s, n, seq, err, errlen);
+}
 
 static void path(char *out, size_t n, const char *name) { snprintf(out, n, "%s/%s", g_dir, name); }
 
@@ -38,6 +46,7 @@ static int setup(void **st) {
     assert_non_null(mkdtemp(g_dir));
     g_ops = dx_ev_sqlite_ops;
     g_ops.write_batch = failing_write;
+    g_ops.session_max_seq = downable_max_seq;
     g_fails = 0;
     g_down = 0;
     return 0;
@@ -264,6 +273,93 @@ static void test_backend_down_spools_in_order(void **st) {
     dx_ev_sqlite_ops.close(db);
 }
 
+/* A session whose first event here comes while the backend is down cannot be seeded: its events are
+ * numbered provisionally (from 1) and renumbered after the backend's last sequence of the session when
+ * the backend answers, before any of them is stored: spooled ones (also across a close and reopen, the
+ * spool remembers they are provisional), queued ones and later ones. Every event stored once, gapless, in
+ * order after those the backend held (without it they collided with them and were skipped). */
+static void test_unseeded_session_numbered_after_the_backend_when_it_returns(void **st) {
+    char p[128], sp[128], err[256];
+    path(p, sizeof p, "u.db");
+    path(sp, sizeof sp, "uspool.db");
+    void *seed;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &seed, err, sizeof err), 0);
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .retry_ms = 1, .spool_path = sp, .max_batch = 4};
+    dx_evq *q = dx_evq_open(&cfg, seed, &mu, err, sizeof err);
+    assert_non_null(q);
+    uint64_t t = 0;
+    push_n(q, "s0", 10, &t);
+    push_n(q, "s1", 7, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    dx_evq_close(q);
+
+    /* a node's log starts again: the sessions are new to it; the backend goes down */
+    q = dx_evq_open(&cfg, seed, &mu, err, sizeof err);
+    assert_non_null(q);
+    __atomic_store_n(&g_down, 1, __ATOMIC_SEQ_CST);
+    assert_int_equal(dx_evq_seed(q, "s0", 2, err, sizeof err), -1);
+    push_n(q, "s0", 5, &t);
+    uint64_t seq = 0;
+    dx_ev_in e = ev("s1", "variable_updated", "x");
+    t = dx_evq_push(q, &e, &seq); /* not seeded beforehand: the commit path's lookup fails too */
+    assert_int_equal(seq, 1);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    assert_int_equal(spooled(q), 6);
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.provisional, 2);
+    dx_evq_close(q); /* still down: the provisional events stay spooled */
+
+    /* back up: the reopened queue renumbers s0's spooled events before moving them */
+    __atomic_store_n(&g_down, 0, __ATOMIC_SEQ_CST);
+    q = dx_evq_open(&cfg, seed, &mu, err, sizeof err);
+    assert_non_null(q);
+    push_n(q, "s0", 3, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    for (int i = 0; i < 100000 && spooled(q); i++) usleep(1000); /* bounded */
+    assert_int_equal(spooled(q), 0);
+    /* down and back while running: s2 is new to this queue and has events stored by another writer */
+    void *other;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &other, err, sizeof err), 0);
+    dx_ev_rec pre[3];
+    for (int i = 0; i < 3; i++)
+        pre[i] = (dx_ev_rec){.sequence = (uint64_t)i + 1, .ts_us = dx_ev_now_us(), .session = "s2", .session_len = 2,
+                             .type = "e", .type_len = 1, .data = (const uint8_t *)"d", .data_len = 1};
+    for (int i = 0; i < 3; i++) dx_uuid7(pre[i].ts_us, pre[i].id);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(other, pre, 3, err, sizeof err), 0);
+    dx_ev_sqlite_ops.close(other);
+    __atomic_store_n(&g_down, 1, __ATOMIC_SEQ_CST);
+    push_n(q, "s2", 9, &t);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    __atomic_store_n(&g_down, 0, __ATOMIC_SEQ_CST);
+    push_n(q, "s2", 2, &t); /* queued behind the spool, numbered provisionally too */
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    for (int i = 0; i < 100000 && spooled(q); i++) usleep(1000);
+    assert_int_equal(spooled(q), 0);
+    push_n(q, "s2", 1, &t); /* after the renumbering: final at once */
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.provisional, 0);
+    dx_evq_close(q);
+    dx_ev_sqlite_ops.close(seed);
+
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "s0");
+    snprintf(c.sess[1], sizeof c.sess[1], "s1");
+    snprintf(c.sess[2], sizeof c.sess[2], "s2");
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, 10 + 7 + 5 + 1 + 3 + 3 + 9 + 2 + 1);
+    assert_int_equal(c.bad, 0);
+    assert_int_equal(c.last_seq[0], 18);
+    assert_int_equal(c.last_seq[1], 8);
+    assert_int_equal(c.last_seq[2], 15);
+    dx_ev_sqlite_ops.close(db);
+}
+
 /* Back-pressure: at capacity the queue says full (pushes still succeed: a
  * committed change is never dropped); it clears once the writer drains. */
 static void test_capacity_full_until_drained(void **st) {
@@ -480,6 +576,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_reopen_continues_sequence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failure_retried_never_dropped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_down_spools_in_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unseeded_session_numbered_after_the_backend_when_it_returns, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_linger_groups_and_urge_ends_it, setup, teardown),
