@@ -187,15 +187,8 @@ start(Base, Mode) ->
                                                     cache => #{mode => Mode}}])
      end || {N, P} <- Peers],
     [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
-    wait_live(Peers, Nodes, erlang:monotonic_time(millisecond) + 20000),
+    dspex_cluster_bench:wait_live(Peers, Nodes, erlang:monotonic_time(millisecond) + 20000),
     Peers.
-
-wait_live(Peers, Nodes, Deadline) ->
-    Ok = lists:all(fun({_, P}) -> maps:get(live, peer:call(P, dspex_cluster, cluster_status, [])) =:= Nodes end, Peers),
-    case Ok orelse erlang:monotonic_time(millisecond) > Deadline of
-        true -> ok;
-        false -> receive after 50 -> ok end, wait_live(Peers, Nodes, Deadline)
-    end.
 
 stop(Peers) ->
     [catch peer:stop(P) || {_, P} <- Peers],

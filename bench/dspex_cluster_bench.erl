@@ -12,6 +12,7 @@
 -module(dspex_cluster_bench).
 
 -export([main/0, main/1, start/1, writers/3, writers/4, owned_writers/4, failover_probe/2, routed_ops/2]).
+-export([wait_live/3]).
 
 -define(SECONDS, 2).
 -define(LAG_MS, 300).

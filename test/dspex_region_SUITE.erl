@@ -212,19 +212,8 @@ all_up(P) ->
         _ -> false
     end.
 
-wait_until(F, Timeout, What) ->
-    Deadline = erlang:monotonic_time(millisecond) + Timeout,
-    wait_loop(F, Deadline, What).
-
-wait_loop(F, Deadline, What) ->
-    case catch F() of
-        true -> ok;
-        _ ->
-            case erlang:monotonic_time(millisecond) < Deadline of
-                true -> receive after 20 -> ok end, wait_loop(F, Deadline, What);
-                false -> ct:fail({timeout_waiting_for, What})
-            end
-    end.
+%% bounded polling, as in the cluster suite
+wait_until(F, Timeout, What) -> dspex_cluster_SUITE:wait_until(F, Timeout, What).
 
 %% on a peer: a process that keeps the region's link and route events
 collector_start() ->
