@@ -12,7 +12,6 @@
 -export([main/0, reads/4, inval_loop/3, rss/0, load_session/2, write_latency/3]).
 
 -define(SECONDS, 2).
--define(PEER_ARGS, ["+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"]).
 -define(VARS, 5000).
 
 main() ->
@@ -164,35 +163,6 @@ load_session(S, N) ->
     dspex_store:import_session(#{format => dspex_session_v1, id => S, metadata => #{}, ttl => 3600,
                                  created_at => Now, variables => Vars}).
 
-start(Base, Mode) ->
-    Host = hd(string:split(net_adm:localhost(), ".")),
-    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
-    Peers = [begin
-                 {ok, P, Node} = peer:start(#{name => Base ++ "_" ++ X, host => Host, connection => standard_io,
-                                              args => ["-setcookie", "dspex_cbench", "-connect_all", "false"
-                                                       | ?PEER_ARGS ++ Paths]}),
-                 {Node, P}
-             end || X <- ["a", "b", "c"]],
-    Nodes = [N || {N, _} <- Peers],
-    Root = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_cache_bench_" ++ os:getpid()),
-    ok = filelib:ensure_path(Root),
-    put({?MODULE, root}, Root),
-    [begin
-         ok = peer:call(P, application, load, [dspex_bridge]),
-         ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(N))]),
-         [ok = peer:call(P, application, set_env, [dspex_bridge, K, V])
-          || {K, V} <- [{prometheus_port, 0}, {grpc_enabled, false}, {console_enabled, false}]],
-         ok = peer:call(P, application, set_env, [dspex_bridge, cluster,
-                                                  #{nodes => Nodes, replicas => 1, replication => sync,
-                                                    cache => #{mode => Mode}}])
-     end || {N, P} <- Peers],
-    [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
-    dspex_cluster_bench:wait_live(Peers, Nodes, erlang:monotonic_time(millisecond) + 20000),
-    Peers.
+start(Base, Mode) -> dspex_cluster_bench:start(Base, #{cache => #{mode => Mode}}).
 
-stop(Peers) ->
-    [catch peer:stop(P) || {_, P} <- Peers],
-    case erase({?MODULE, root}) of
-        undefined -> ok;
-        Root -> _ = file:del_dir_r(Root), ok
-    end.
+stop(Peers) -> dspex_cluster_bench:stop(Peers).

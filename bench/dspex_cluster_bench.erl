@@ -12,7 +12,7 @@
 -module(dspex_cluster_bench).
 
 -export([main/0, main/1, start/1, writers/3, writers/4, owned_writers/4, failover_probe/2, routed_ops/2]).
--export([wait_live/3]).
+-export([start/2, stop/1]).
 
 -define(SECONDS, 2).
 -define(LAG_MS, 300).
@@ -236,7 +236,12 @@ failover_once(Base, LagMs) ->
     stop(Peers),
     Ms.
 
-start(Base) ->
+start(Base) -> start(Base, #{}).
+
+%% Three peer nodes in one cluster (sync, one replica) whose configuration
+%% also holds `Extra' (say a `cache' map), with their event logs in a
+%% temporary directory stop/1 removes.
+start(Base, Extra) ->
     Host = hd(string:split(net_adm:localhost(), ".")),
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     Peers = [begin
@@ -251,10 +256,13 @@ start(Base) ->
     put({?MODULE, root}, Root),
     [begin
          ok = peer:call(P, application, load, [dspex_bridge]),
-         ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(N))])
+         ok = peer:call(P, application, set_env, [dspex_bridge, event_dir, filename:join(Root, atom_to_list(N))]),
+         %% no listening ports: a node run on this machine keeps its own
+         [ok = peer:call(P, application, set_env, [dspex_bridge, K, V])
+          || {K, V} <- [{prometheus_port, 0}, {grpc_enabled, false}, {console_enabled, false}]]
      end || {N, P} <- Peers],
-    [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, #{nodes => Nodes, replicas => 1,
-                                                                         replication => sync}]) || {_, P} <- Peers],
+    [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Extra#{nodes => Nodes, replicas => 1,
+                                                                               replication => sync}]) || {_, P} <- Peers],
     [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
     wait_live(Peers, Nodes, erlang:monotonic_time(millisecond) + 20000),
     Peers.
