@@ -40,12 +40,7 @@ all() ->
 
 init_per_testcase(_, Config) -> Config.
 
-end_per_testcase(_, _Config) ->
-    case get(peers) of
-        undefined -> ok;
-        Peers -> ?C:stop_cluster(Peers)
-    end,
-    ok.
+end_per_testcase(Case, Config) -> dspex_cluster_SUITE:end_per_testcase(Case, Config).   % stops the peers the case recorded
 
 %%% helpers -----------------------------------------------------------------------
 

@@ -52,12 +52,7 @@ all() ->
 init_per_testcase(_, Config) -> Config.
 
 -spec end_per_testcase(atom(), list()) -> ok.
-end_per_testcase(_, _Config) ->
-    case get(peers) of
-        undefined -> ok;
-        Peers -> dspex_cluster_SUITE:stop_cluster(Peers)
-    end,
-    ok.
+end_per_testcase(Case, Config) -> dspex_cluster_SUITE:end_per_testcase(Case, Config).   % stops the peers the case recorded
 
 %%% tests -----------------------------------------------------------------------
 
