@@ -82,12 +82,12 @@
 -module(dspex_cache).
 -behaviour(gen_server).
 
--export([start_link/0, get/3, get_value/3, read/4, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
+-export([start_link/0, get/3, get_value/3, read/5, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
          cache_id/1, is_cache_id/1, committed/3, fill_here/3, version_here/3, seen/2, wrote/1,
-         drop/1, cached_sessions/0, prometheus/0, tables/0, strong_enabled/0,
+         drop/1, cached_sessions/0, entry/1, clock/0, prometheus/0, tables/0, strong_enabled/0,
          before_commit/2, after_commit/1, took_over/1,
          vv/1, set_vv/2, advance_vv/4, find_conflicts/2, record_conflicts/4, conflicts/1, conflicts_here/1]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(TAB, dspex_cache_entries).
 -define(REGS, dspex_cache_regs).
@@ -101,13 +101,12 @@
 -define(MODE, dspex_cache_mode).
 -define(TICKS, dspex_cache_ticks_per_ms).
 -define(CTRS, dspex_cache_counters).
--define(VIEW, {dspex_cluster, view}).
 -define(PREFIX, "\0cache:").
 -define(SAMPLES, 4096).
 -define(CALL_TIMEOUT, 10000).
 
 %% counter indexes
--define(HIT, 1).
+-define(HIT, 1).   % unused: hits are counted by the NIF (dspex_nif:cache_hits/1)
 -define(MISS, 2).
 -define(SENT, 3).
 -define(RECEIVED, 4).
@@ -138,8 +137,12 @@ tables() -> [{?TAB, set}, {?REGS, bag}, {?LEASES, set}, {?PENDING, set}, {?FENCE
 -spec strong_enabled() -> boolean().
 strong_enabled() -> persistent_term:get(?STRONG, false).
 
-%% The length of a strong lease (`max_staleness_ms'), in perf_counter ticks.
+%% The length of a strong lease (`max_staleness_ms'), in perf_counter ticks
+%% (the owner's record of the leases it granted).
 lease_ticks() -> max_staleness_ms() * persistent_term:get(?TICKS).
+
+%% The same in ns of `dspex_nif:cache_clock/0' (the holder's lease, checked by the NIF).
+lease_ns() -> max_staleness_ms() * 1000000.
 
 %% @doc The default read mode (`owner' without a cluster or configuration).
 -spec mode() -> mode().
@@ -185,17 +188,24 @@ get_value(S, K, Opts) when is_map(Opts) ->
         _ -> {error, {invalid_argument, max_staleness_ms}}
     end.
 
-%% @doc A cached read of session `S': `Hit(CacheId)' on a copy whose lease is
-%% younger than `MaxStaleMs' (filled or renewed first if needed), `Routed()'
+%% @doc The slow path of a cached read of session `S' (the hit path is one
+%% NIF call, `dspex_nif:cache_get/3', made by `dspex_store'): `Why' is what
+%% that call answered. `copy' (the copy is fresh, read it here): `Hit(CacheId)'.
+%% `stale' (the lease expired or the view changed) or `miss' (no copy): the
+%% copy is renewed or filled from the owner, then `Hit(CacheId)'; `Routed()'
 %% when there is none (this node owns `S', the owner could not be asked, or
 %% the copy changed under the read). `MaxStaleMs' `strong': only a copy
 %% holding an unexpired lease granted by the owner answers.
--spec read(binary(), non_neg_integer() | strong, fun((binary()) -> term()), fun(() -> term())) -> term().
-read(S, MaxStale, Hit, Routed) ->
-    case entry(S, MaxStale) of
-        {hit, Id} -> answer(Hit(Id), Routed);
-        Why ->
-            try refresh(S, Why, MaxStale =:= strong) of
+-spec read(binary(), non_neg_integer() | strong, miss | stale | copy, fun((binary()) -> term()), fun(() -> term())) ->
+          term().
+read(S, _MaxStale, copy, Hit, Routed) ->
+    event(hit, S),
+    answer(Hit(cache_id(S)), Routed);
+read(S, MaxStale, Why, Hit, Routed) ->
+    case slow_entry(S, Why) of
+        routed -> Routed();
+        Why1 ->
+            try refresh(S, Why1, MaxStale =:= strong) of
                 {ok, Id} -> answer(Hit(Id), Routed);
                 routed -> Routed();
                 {error, _} = Err -> Err
@@ -205,29 +215,23 @@ read(S, MaxStale, Hit, Routed) ->
             end
     end.
 
-%% The copy was dropped between the lookup and the NIF read.
+%% The copy was dropped between the check and the read.
 answer({error, session_not_found}, Routed) -> Routed();
 answer(R, _) -> R.
 
-entry(S, MaxStale) ->
-    try ets:lookup(?TAB, S) of
-        [{S, Id, _E, _Seq, _Owner, Fill, Ref, Gen, _Bytes, Lease}] ->
-            %% lease times are raw os:perf_counter/0 ticks (the cheapest clock read)
-            case fresh(MaxStale, Fill, Gen, Lease) of
-                true ->
-                    _ = Ref =:= 0 andalso ets:update_element(?TAB, S, {7, 1}),
-                    counters:add(persistent_term:get(?CTRS), ?HIT, 1),
-                    case dspex_telemetry:handlers_at('dspex_telemetry/dspex.cache.hit') of
-                        [] -> ok;
-                        Hs -> dspex_telemetry:emit(Hs, [dspex, cache, hit], #{count => 1}, #{session => S})
-                    end,
-                    {hit, Id};
-                false ->
-                    counters:add(persistent_term:get(?CTRS), ?STALE, 1),
-                    event(stale, S),
-                    {expired, S}
-            end;
-        [] ->
+%% Counts a read the NIF could not answer from a fresh copy.
+slow_entry(S, stale) ->
+    case persistent_term:get(?CTRS, undefined) of
+        undefined -> routed;   % no cluster
+        C ->
+            counters:add(C, ?STALE, 1),
+            event(stale, S),
+            {expired, S}
+    end;
+slow_entry(S, miss) ->
+    case persistent_term:get(?CTRS, undefined) =/= undefined andalso ets:whereis(?TAB) =/= undefined of
+        false -> routed;   % no cluster
+        true ->
             case owned(S) of
                 true -> routed;   % this node owns S: read here, nothing to cache
                 false ->
@@ -235,13 +239,7 @@ entry(S, MaxStale) ->
                     event(miss, S),
                     miss
             end
-    catch error:badarg -> routed   % no cluster (tables absent)
     end.
-
-fresh(strong, _Fill, _Gen, Lease) -> os:perf_counter() < Lease;
-fresh(MaxStale, Fill, Gen, _Lease) ->
-    os:perf_counter() - Fill < MaxStale * persistent_term:get(?TICKS) andalso
-        Gen =:= maps:get(gen, persistent_term:get(?VIEW)).
 
 event(What, S) ->
     case dspex_telemetry:handlers([dspex, cache, What]) of
@@ -254,10 +252,10 @@ event(What, S) ->
 refresh(_S, routed, _) -> routed;
 refresh(S, {expired, S}, Strong) ->
     case ets:lookup(?TAB, S) of
-        [{S, _Id, E, Seq, Owner, _, _, _, _, _}] ->
-            Gen = maps:get(gen, persistent_term:get(?VIEW, #{gen => 0})),
+        [{S, _Id, E, Seq, Owner, _}] ->
+            Gen = dspex_nif:cache_gen(current),
             Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
-            T0 = os:perf_counter(),
+            T0 = dspex_nif:cache_clock(),
             try route(S, version_here, Strong) of
                 {version, E, Seq, Owner, Lease} when Lease orelse not Strong ->
                     case gen_server:call(?MODULE, {renew, S, E, Seq, Gen, T0, Lease, Token}, ?CALL_TIMEOUT) of
@@ -286,7 +284,7 @@ warm(S) when is_binary(S) ->
             case fill(S, strong_enabled()) of
                 {ok, _} ->
                     case ets:lookup(?TAB, S) of
-                        [{S, _, E, Seq, _, _, _, _, _, _}] -> {ok, #{epoch => E, seq => Seq}};
+                        [{S, _, E, Seq, _, _}] -> {ok, #{epoch => E, seq => Seq}};
                         [] -> {error, evicted}
                     end;
                 routed -> {error, owner};
@@ -298,9 +296,9 @@ fill(S, Strong) ->
     %% the token says which revocations of S this node had seen: a lease
     %% revoked after it is not installed
     Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
-    Gen = maps:get(gen, persistent_term:get(?VIEW, #{gen => 0})),
+    Gen = dspex_nif:cache_gen(current),
     %% the lease runs from before the owner cut the copy
-    T0 = os:perf_counter(),
+    T0 = dspex_nif:cache_clock(),
     try route(S, fill_here, Strong) of
         {filled, E, Seq, Owner, Export, Lease} ->
             case dspex_cluster:last_read() of
@@ -565,7 +563,10 @@ starts(V) ->
 %% (`find_conflicts/2') with the variables whose value differs between each
 %% losing copy and the copy installed here (`variables': `[#{name, lost_value,
 %% lost_version, value, version}]', `value'/`version' `undefined' for a
-%% variable the winner lacks), emits `[dspex, cache, conflict]' per losing copy.
+%% variable the winner lacks), emits `[dspex, cache, conflict]' per losing copy
+%% and appends a `cache_conflict' event per losing copy to the session's event
+%% log (data: the record without `session': `epoch', `node', `winner', `lost',
+%% `variables', `at').
 -spec record_conflicts(binary(), pos_integer(), [map()], map() | absent) -> ok.
 record_conflicts(_S, _Epoch, [], _Winner) -> ok;
 record_conflicts(S, Epoch, Conflicts, Winner) ->
@@ -580,6 +581,8 @@ record_conflicts(S, Epoch, Conflicts, Winner) ->
          Rec = #{session => S, epoch => Epoch, node => N, winner => W, lost => Lost, variables => Diff,
                  at => erlang:system_time(microsecond)},
          true = ets:insert(?CONFLICTS, {S, Rec}),
+         %% in the session's event log too (once per losing copy)
+         ok = dspex_events:emit(S, cache_conflict, maps:without([session], Rec), #{}),
          dspex_telemetry:execute([dspex, cache, conflict],
                                  #{count => 1, writes => lists:sum([To - From || {_, _, From, To} <- Lost])},
                                  maps:without([variables], Rec))
@@ -608,7 +611,7 @@ conflicts_here(S) -> [C || {_, C} <- ets:lookup(?CONFLICTS, S)].
 -spec seen(binary(), non_neg_integer()) -> ok.
 seen(S, Epoch) ->
     case ets:whereis(?TAB) =/= undefined andalso ets:lookup(?TAB, S) of
-        [{S, _, E, _, _, _, _, _, _, _}] when E < Epoch ->
+        [{S, _, E, _, _, _}] when E < Epoch ->
             counters:add(persistent_term:get(?CTRS), ?REPAIR, 1),
             drop(S);
         _ -> ok
@@ -632,7 +635,31 @@ drop(S) ->
 
 %% @doc Sessions cached on this node.
 -spec cached_sessions() -> [binary()].
-cached_sessions() -> [S || {S, _, _, _, _, _, _, _, _, _} <- ets:tab2list(?TAB)].
+cached_sessions() -> [S || {S, _, _, _, _, _} <- ets:tab2list(?TAB)].
+
+%% @doc This node's cached copy of `S': its owner's version (`epoch', `seq'),
+%% `owner', `bytes', and its freshness as the NIF checks it: `filled_at' (fill
+%% or last renewal), `lease_until' (strong lease deadline, 0: none), both in
+%% `clock/0' nanoseconds, `view' (the view generation it is valid under) and
+%% `referenced' (read since the eviction hand last passed). `undefined' when
+%% there is none.
+-spec entry(binary()) -> map() | undefined.
+entry(S) ->
+    case ets:whereis(?TAB) =/= undefined andalso ets:lookup(?TAB, S) of
+        [{S, Id, E, Seq, Owner, Bytes}] ->
+            case dspex_nif:cache_info(Id) of
+                {Fill, Gen, Lease, Ref} ->
+                    #{epoch => E, seq => Seq, owner => Owner, bytes => Bytes, filled_at => Fill,
+                      lease_until => Lease, view => Gen, referenced => Ref =:= 1};
+                {error, _} -> undefined
+            end;
+        _ -> undefined
+    end.
+
+%% @doc The clock of cached copies' times (`CLOCK_MONOTONIC' nanoseconds, the
+%% same in the NIF's freshness check; comparable across the nodes of one machine).
+-spec clock() -> integer().
+clock() -> dspex_nif:cache_clock().
 
 %%% stats -------------------------------------------------------------------------
 
@@ -693,6 +720,8 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 
 -spec init([]) -> {ok, map()}.
 init([]) ->
+    %% terminate/2 drops the copies when the cluster stops
+    process_flag(trap_exit, true),
     C = case application:get_env(dspex_bridge, cluster) of
             {ok, #{cache := M}} when is_map(M) -> M;
             _ -> #{}
@@ -711,8 +740,16 @@ init([]) ->
     ok = net_kernel:monitor_nodes(true),
     %% copies left by a previous incarnation are not covered any more
     [_ = dspex_nif:session_delete(Id) || Id <- dspex_nif:session_list(), is_cache_id(Id)],
+    %% the read mode the NIF's get/get_value try first (dspex_store)
+    ok = dspex_store:refresh_fast_path(),
     {ok, #{max => Max, bytes => 0, clock => queue:new(), inq => #{}, filling => #{}, seen => #{}, revokes => #{},
            delays => {0, []}}}.
+
+%% @doc Drops every copy (the cluster stops: nothing invalidates them any more).
+-spec terminate(term(), map()) -> ok.
+terminate(_, _) ->
+    [_ = dspex_nif:session_delete(Id) || Id <- dspex_nif:session_list(), is_cache_id(Id)],
+    ok.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, St) ->
@@ -721,7 +758,7 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, 
     case {maps:get(S, maps:get(seen, St), {0, 0}), ets:lookup(?TAB, S)} of
         {Seen, _} when {E, Seq} < Seen -> {reply, stale, St};   % invalidated while in flight
         {_, _} when Lease0, not Lease -> {reply, stale, St};
-        {_, [{S, Id, E0, Seq0, _, _, _, _, _, _}]} when {E0, Seq0} >= {E, Seq} ->
+        {_, [{S, Id, E0, Seq0, _, _}]} when {E0, Seq0} >= {E, Seq} ->
             {reply, {ok, Id}, St};   % as new already
         _ ->
             St1 = remove(S, St),
@@ -732,10 +769,12 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, 
                 ok ->
                     Bytes = erlang:external_size(Copy),
                     LeaseUntil = case Lease of
-                                     true -> T0 + lease_ticks();
+                                     true -> T0 + lease_ns();
                                      false -> 0
                                  end,
-                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, T0, 0, Gen, Bytes, LeaseUntil}),
+                    %% the copy answers reads (NIF) from here on
+                    ok = dspex_nif:cache_arm(Id, T0, Gen, LeaseUntil),
+                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, Bytes}),
                     %% a later invalidation of this copy records its version again
                     St1a = St1#{seen := maps:remove(S, maps:get(seen, St1))},
                     counters:add(persistent_term:get(?CTRS), ?FILL, 1),
@@ -752,12 +791,13 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, 
 handle_call({renew, S, E, Seq, Gen, T0, Lease, Token}, _From, St) ->
     Revoked = maps:get(S, maps:get(revokes, St), 0) =/= Token,
     case ets:lookup(?TAB, S) of
-        [{S, Id, E, Seq, _, Fill, _, _, _, L0}] when not (Lease andalso Revoked) ->
+        [{S, Id, E, Seq, _, _}] when not (Lease andalso Revoked) ->
+            %% fill time and lease only move forward (in the NIF)
             L = case Lease of
-                    true -> max(L0, T0 + lease_ticks());
-                    false -> L0
+                    true -> T0 + lease_ns();
+                    false -> 0
                 end,
-            ets:update_element(?TAB, S, [{6, max(T0, Fill)}, {8, Gen}, {10, L}]),
+            ok = dspex_nif:cache_arm(Id, T0, Gen, L),
             counters:add(persistent_term:get(?CTRS), ?RENEW, 1),
             {reply, {ok, Id}, St};
         _ -> {reply, stale, St}
@@ -770,7 +810,7 @@ handle_call(stats, _From, #{delays := {_, Ds}} = St) ->
     C = persistent_term:get(?CTRS),
     G = fun(I) -> counters:get(C, I) end,
     Sorted = lists:sort(Ds),
-    {reply, #{hits => G(?HIT), misses => G(?MISS), invalidations_sent => G(?SENT),
+    {reply, #{hits => dspex_nif:cache_hits(false), misses => G(?MISS), invalidations_sent => G(?SENT),
               invalidations_received => G(?RECEIVED), stale_refused => G(?STALE),
               evictions => G(?EVICT), fills => G(?FILL), renewals => G(?RENEW), read_repairs => G(?REPAIR),
               invalidation_delay_p50_us => pct(Sorted, 0.50), invalidation_delay_p99_us => pct(Sorted, 0.99),
@@ -779,6 +819,7 @@ handle_call(stats, _From, #{delays := {_, Ds}} = St) ->
 handle_call(reset_stats, _From, St) ->
     C = persistent_term:get(?CTRS),
     [counters:put(C, I, 0) || I <- lists:seq(1, ?NCTRS)],
+    _ = dspex_nif:cache_hits(true),
     {reply, ok, St#{delays := {0, []}}}.
 
 pct([], _) -> undefined;
@@ -799,7 +840,7 @@ handle_info({dspex_cache_inval, S, E, Seq, Owner, T}, #{seen := Seen} = St) ->
     counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
     St1 = St#{seen := Seen#{S => max(maps:get(S, Seen, {0, 0}), {E, Seq})}},
     St2 = case ets:lookup(?TAB, S) of
-              [{S, _, E0, Seq0, _, _, _, _, _, _}] when {E0, Seq0} < {E, Seq} -> remove(S, St1);
+              [{S, _, E0, Seq0, _, _}] when {E0, Seq0} < {E, Seq} -> remove(S, St1);
               [_] -> St1;
               [] ->
                   %% nothing cached and no fill under way: the owner may forget us
@@ -826,7 +867,7 @@ handle_info({nodedown, Node}, St) ->
     ets:match_delete(?LEASES, {{'_', Node}, '_'}),
     %% copies from that owner: their next read asks the new owner
     St1 = lists:foldl(fun(S, Acc) -> remove(S, Acc) end, St,
-                      [S || {S, _, _, _, O, _, _, _, _, _} <- ets:tab2list(?TAB), O =:= Node]),
+                      [S || {S, _, _, _, O, _} <- ets:tab2list(?TAB), O =:= Node]),
     {noreply, St1};
 handle_info(_, St) -> {noreply, St}.
 
@@ -840,7 +881,7 @@ forget(S, Owner) ->
 %% Drops the copy of S (the NIF session, the entry, its bytes).
 remove(S, #{bytes := B} = St) ->
     case ets:take(?TAB, S) of
-        [{S, Id, _, _, _, _, _, _, Bytes, _}] ->
+        [{S, Id, _, _, _, Bytes}] ->
             _ = dspex_nif:session_delete(Id),
             St#{bytes := B - Bytes};
         [] -> St
@@ -862,13 +903,18 @@ evict(#{clock := Q} = St) ->
         {{value, S}, Q1} ->
             case ets:lookup(?TAB, S) of
                 [] -> evict(St#{clock := Q1, inq := maps:remove(S, maps:get(inq, St))});
-                [{S, _, _, _, _, _, 1, _, _, _}] ->
-                    ets:update_element(?TAB, S, {7, 0}),
-                    evict(St#{clock := queue:in(S, Q1)});
-                [{S, _, _, _, Owner, _, 0, _, _, _}] ->
-                    counters:add(persistent_term:get(?CTRS), ?EVICT, 1),
-                    dspex_telemetry:execute([dspex, cache, evict], #{count => 1}, #{session => S}),
-                    forget(S, Owner),
-                    evict((remove(S, St))#{clock := Q1, inq := maps:remove(S, maps:get(inq, St))})
+                [{S, Id, _, _, Owner, _}] ->
+                    case dspex_nif:cache_take_ref(Id) of
+                        true -> evict(St#{clock := queue:in(S, Q1)});   % read since: second chance
+                        _ -> evict_one(S, Owner, Q1, St)
+                    end
             end
     end.
+
+evict_one(S, Owner, Q1, St) ->
+    counters:add(persistent_term:get(?CTRS), ?EVICT, 1),
+    dspex_telemetry:execute([dspex, cache, evict], #{count => 1}, #{session => S}),
+    forget(S, Owner),
+    evict((remove(S, St))#{clock := Q1, inq := maps:remove(S, maps:get(inq, St))}).
+
+
