@@ -87,8 +87,8 @@ run(Peers) ->
     NRouted = ?CPU_READS div 100,
     CpuRouted = Cpu(PC, owner, NRouted),
     PerRead = fun(Ms, N) -> Ms * 1.0e6 / N end,   % ns
-    io:format("  CPU per read, all three nodes (statistics(runtime)): cached get ~.0f ns, bare NIF read ~.0f ns,"
-              " tier 3 ~.0f ns, routed get ~.0f ns (routed/cached ~.0fx)~n",
+    io:format("  CPU per read, all three nodes (statistics(runtime)): cached get ~.1f ns, bare NIF read ~.1f ns,"
+              " tier 3 ~.1f ns, routed get ~.1f ns (routed/cached ~.1fx)~n",
               [PerRead(CpuCached, ?CPU_READS), PerRead(CpuBare, ?CPU_READS), PerRead(CpuTier3, ?CPU_READS),
                PerRead(CpuRouted, NRouted), PerRead(CpuRouted, NRouted) / max(1.0e-9, PerRead(CpuCached, ?CPU_READS))]),
     %% invalidation delay

@@ -85,7 +85,7 @@
 -export([start_link/0, get/3, get_value/3, read/5, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
          cache_id/1, is_cache_id/1, committed/3, fill_here/3, version_here/3, seen/2, wrote/1,
          drop/1, cached_sessions/0, entry/1, clock/0, prometheus/0, tables/0, strong_enabled/0,
-         before_commit/2, after_commit/1, took_over/1,
+         committed/4, before_commit/2, after_commit/1, took_over/1,
          vv/1, set_vv/2, advance_vv/4, find_conflicts/2, record_conflicts/4, conflicts/1, conflicts_here/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -115,7 +115,8 @@
 -define(FILL, 7).
 -define(RENEW, 8).
 -define(REPAIR, 9).
--define(NCTRS, 9).
+-define(APPLIED, 10).
+-define(NCTRS, 10).
 
 -type mode() :: owner | cached | strong.
 -type opts() :: #{read => mode(), max_staleness_ms => non_neg_integer()}.
@@ -459,22 +460,44 @@ owned(S) ->
         _ -> false
     end.
 
-%% @doc Called by the owner's writer after it committed change `Seq' of `S'
-%% at `Epoch': sends the invalidation to the nodes caching `S', only them.
+%% @equiv committed(S, Epoch, Seq, none)
 -spec committed(binary(), non_neg_integer(), non_neg_integer()) -> ok.
-committed(S, Epoch, Seq) ->
+committed(S, Epoch, Seq) -> committed(S, Epoch, Seq, none).
+
+%% @doc Called by the owner's writer after it committed change `Seq' of `S'
+%% at `Epoch' (`Change': the writer's replication payload of it): sends the
+%% nodes caching `S', only them, an invalidation; when the change is a `set'
+%% whose external size is at most `value_max_bytes' (default 1024; 0: never),
+%% the change itself (`{dspex_cache_update, ...}'), which a copy exactly one
+%% change behind applies in place instead of dropping.
+-spec committed(binary(), non_neg_integer(), non_neg_integer(), term()) -> ok.
+committed(S, Epoch, Seq, Change) ->
     ok = advance_vv(S, Epoch, node(), Seq),
     case ets:lookup(?REGS, S) of
         [] -> ok;
         Regs ->
             T = os:perf_counter(nanosecond),
-            Msg = {dspex_cache_inval, S, Epoch, Seq, node(), T},
+            Msg = case carried(Change) of
+                      none -> {dspex_cache_inval, S, Epoch, Seq, node(), T};
+                      C -> {dspex_cache_update, S, Epoch, Seq, node(), T, C}
+                  end,
             Sent = length([erlang:send({?MODULE, N}, Msg, [noconnect]) || {_, N} <- Regs]),
             counters:add(persistent_term:get(?CTRS), ?SENT, Sent),
             dspex_telemetry:execute([dspex, cache, invalidation, sent], #{count => Sent},
                                     #{session => S, epoch => Epoch, seq => Seq}),
             ok
     end.
+
+%% The change a small invalidation carries: a set of one variable (its key,
+%% value, metadata patch and changed_by, the version it made), or `none'.
+carried({ev, _, _, P, _}) -> carried(P);
+carried({op, set, [_, K, V, O], {ok, Ver}}) when is_map(O), is_integer(Ver) ->
+    C = {set, K, V, maps:with([metadata, changed_by], O), Ver},
+    case erlang:external_size(C) =< maps:get(value_max_bytes, persistent_term:get(?CONF), 1024) of
+        true -> C;
+        false -> none
+    end;
+carried(_) -> none.
 
 %%% version vectors and conflicts -------------------------------------------------
 
@@ -696,7 +719,8 @@ prometheus() ->
                          {fills, "Copies filled from the owner."},
                          {evictions, "Copies evicted by the byte bound."},
                          {invalidations_sent, "Invalidations this node sent as owner."},
-                         {invalidations_received, "Invalidations this node received."}],
+                         {invalidations_received, "Invalidations this node received."},
+                         {updates_applied, "Small changes applied in place to a copy (no refill)."}],
                     G = [{bytes, "Bytes of cached copies on this node."},
                          {sessions, "Sessions cached on this node."},
                          {invalidation_delay_p50_us, "Median delay, owner commit to cache drop (microseconds)."},
@@ -729,7 +753,7 @@ init([]) ->
     Max = maps:get(max_bytes, C, application:get_env(dspex_bridge, cache_max_bytes, 64 * 1024 * 1024)),
     persistent_term:put(?CONF, #{mode => maps:get(mode, C, owner),
                                  max_staleness_ms => maps:get(max_staleness_ms, C, 100),
-                                 max_bytes => Max}),
+                                 max_bytes => Max, value_max_bytes => maps:get(value_max_bytes, C, 1024)}),
     persistent_term:put(?TICKS, erlang:convert_time_unit(1, millisecond, perf_counter)),
     persistent_term:put(?STRONG, maps:get(mode, C, owner) =:= strong orelse maps:get(strong, C, false) =:= true),
     persistent_term:put(?MODE, {maps:get(mode, C, owner), maps:get(max_staleness_ms, C, 100)}),
@@ -813,6 +837,7 @@ handle_call(stats, _From, #{delays := {_, Ds}} = St) ->
     {reply, #{hits => dspex_nif:cache_hits(false), misses => G(?MISS), invalidations_sent => G(?SENT),
               invalidations_received => G(?RECEIVED), stale_refused => G(?STALE),
               evictions => G(?EVICT), fills => G(?FILL), renewals => G(?RENEW), read_repairs => G(?REPAIR),
+              updates_applied => G(?APPLIED),
               invalidation_delay_p50_us => pct(Sorted, 0.50), invalidation_delay_p99_us => pct(Sorted, 0.99),
               bytes => maps:get(bytes, St), max_bytes => maps:get(max, St), sessions => ets:info(?TAB, size),
               registrations => ets:info(?REGS, size)}, St};
@@ -837,7 +862,6 @@ done_filling(S, #{filling := F} = St) ->
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({dspex_cache_inval, S, E, Seq, Owner, T}, #{seen := Seen} = St) ->
-    counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
     St1 = St#{seen := Seen#{S => max(maps:get(S, Seen, {0, 0}), {E, Seq})}},
     St2 = case ets:lookup(?TAB, S) of
               [{S, _, E0, Seq0, _, _}] when {E0, Seq0} < {E, Seq} -> remove(S, St1);
@@ -848,7 +872,40 @@ handle_info({dspex_cache_inval, S, E, Seq, Owner, T}, #{seen := Seen} = St) ->
                   St1
           end,
     Delay = os:perf_counter(nanosecond) - T,
+    %% counted once handled: a reader that saw the count sees its effect
+    counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
     dspex_telemetry:execute([dspex, cache, invalidation, received], #{count => 1, delay_ns => Delay},
+                            #{session => S, epoch => E, seq => Seq, owner => Owner}),
+    {noreply, sample(Delay, St2)};
+handle_info({dspex_cache_update, S, E, Seq, Owner, T, {set, K, V, O, Ver}}, #{seen := Seen} = St) ->
+    %% a small change: applied in place to a copy exactly one change behind
+    %% (same epoch), else handled as an invalidation
+    St1 = St#{seen := Seen#{S => max(maps:get(S, Seen, {0, 0}), {E, Seq})}},
+    {St2, Applied} =
+        case ets:lookup(?TAB, S) of
+            [{S, Id, E, Seq0, _, Bytes}] when Seq0 =:= Seq - 1 ->
+                Old = dspex_nif:var_get_value_here(Id, K),
+                case dspex_nif:var_set_here(Id, K, V, O#{expected_version => Ver - 1}) of
+                    {ok, Ver} ->
+                        Delta = case Old of
+                                    {ok, OldV} -> erlang:external_size(V) - erlang:external_size(OldV);
+                                    _ -> 0
+                                end,
+                        true = ets:update_element(?TAB, S, [{4, Seq}, {6, Bytes + Delta}]),
+                        counters:add(persistent_term:get(?CTRS), ?APPLIED, 1),
+                        {evict(St1#{bytes := maps:get(bytes, St1) + Delta}), true};
+                    _ -> {remove(S, St1), false}   % not as the owner's: refill
+                end;
+            [{S, _, E0, Seq0, _, _}] when {E0, Seq0} < {E, Seq} -> {remove(S, St1), false};
+            [_] -> {St1, false};
+            [] ->
+                _ = maps:is_key(S, maps:get(filling, St1)) orelse forget(S, Owner),
+                {St1, false}
+        end,
+    Delay = os:perf_counter(nanosecond) - T,
+    counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
+    dspex_telemetry:execute([dspex, cache, invalidation, received],
+                            #{count => 1, delay_ns => Delay, applied => case Applied of true -> 1; false -> 0 end},
                             #{session => S, epoch => E, seq => Seq, owner => Owner}),
     {noreply, sample(Delay, St2)};
 handle_info({dspex_cache_revoke, S, From, Ref}, #{revokes := Rv} = St) ->

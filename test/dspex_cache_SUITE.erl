@@ -20,7 +20,8 @@
          strong_histories_are_linearizable_across_a_caching_node_kill/1,
          writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal/1,
          a_migrated_session_is_refilled_from_its_new_owner/1,
-         a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner/1]).
+         a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner/1,
+         a_small_write_travels_with_its_invalidation_and_is_applied_in_place/1]).
 %% run on the peers
 -export([read_until/4, reads_for/3, writes/3, strong_reader/4, strong_writer/4]).
 
@@ -38,7 +39,8 @@ all() ->
      strong_histories_are_linearizable_across_a_caching_node_kill,
      writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal,
      a_migrated_session_is_refilled_from_its_new_owner,
-     a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner].
+     a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner,
+     a_small_write_travels_with_its_invalidation_and_is_applied_in_place].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -569,3 +571,45 @@ a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner(_Config)
     [?assertMatch({'EXIT', _}, catch peer:call(PC, dspex_nif, cache_get, Args))
      || Args <- [[S, x, -1], [S, x, soon], [S, {1}, 1]]],
     {ok, 5} = peer:call(PC, dspex_nif, var_get_value, [S, x]).
+
+%% A set whose change is at most value_max_bytes (1024 by default) travels
+%% with its invalidation: the caching node applies it to its copy in place
+%% (the copy was exactly one change behind), so the next cached read shows
+%% the new value, version and metadata with no fill, miss or renewal. The
+%% copy logs no event of its own. A larger change is an invalidation (the
+%% copy is dropped and filled again), and a change the copy is not exactly one
+%% change behind of drops it.
+a_small_write_travels_with_its_invalidation_and_is_applied_in_place(_Config) ->
+    Peers = cluster("dspex_cache_upd", #{mode => cached, max_staleness_ms => 600000}),
+    S = <<"upd_s">>,
+    {{_, PO}, _, {_, PC}} = roles(Peers, S),
+    {ok, _} = peer:call(PO, dspex_store, register, [S, big, string, <<"a">>]),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),   % the fill
+    #{fills := F0, misses := M0, stale_refused := St0, renewals := Rn0, updates_applied := A0,
+      invalidations_received := R0} = stats(PC),
+    #{seq := Seq0} = peer:call(PC, dspex_cache, entry, [S]),
+    [begin
+         {ok, V} = peer:call(PO, dspex_store, set, [S, x, V * 10, #{metadata => #{step => V}, changed_by => <<"opt">>}]),
+         await_stat(PC, invalidations_received, R0 + V),
+         {ok, #{value := Val, version := V, metadata := #{step := V}}} = peer:call(PC, dspex_store, get, [S, x]),
+         ?assertEqual(V * 10, Val)
+     end || V <- lists:seq(1, 5)],
+    #{fills := F0, misses := M0, stale_refused := St0, renewals := Rn0, updates_applied := A5} = stats(PC),
+    ?assertEqual(A0 + 5, A5),
+    #{seq := Seq5} = peer:call(PC, dspex_cache, entry, [S]),
+    ?assertEqual(Seq0 + 5, Seq5),
+    ok = peer:call(PC, dspex_events, await, []),
+    ?assertEqual({ok, []}, peer:call(PC, dspex_events, read, [dspex_cache:cache_id(S), #{}])),
+    %% above value_max_bytes: dropped, then filled again
+    Big = binary:copy(<<"b">>, 2000),
+    {ok, 1} = peer:call(PO, dspex_store, set, [S, big, Big]),
+    await_stat(PC, invalidations_received, R0 + 6),
+    ?assertEqual([], peer:call(PC, dspex_cache, cached_sessions, [])),
+    {ok, Big} = peer:call(PC, dspex_store, get_value, [S, big]),
+    #{fills := F1, updates_applied := A5} = stats(PC),
+    ?assertEqual(F0 + 1, F1),
+    %% a change two ahead of the copy: dropped, not applied
+    #{epoch := E, seq := Seq, owner := O} = peer:call(PC, dspex_cache, entry, [S]),
+    peer:call(PC, erlang, send, [dspex_cache, {dspex_cache_update, S, E, Seq + 2, O, 0, {set, <<"x">>, 99, #{}, 99}}]),
+    ok = ?C:wait_until(fun() -> peer:call(PC, dspex_cache, cached_sessions, []) =:= [] end, 10000, dropped),
+    {ok, 50} = peer:call(PC, dspex_store, get_value, [S, x]).
