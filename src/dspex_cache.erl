@@ -7,9 +7,15 @@
 %% this node's NIF table under a private id (`cache_id/1': a `0' byte, `cache:'
 %% and the session id; `dspex_store:list_sessions/0' does not list it), without
 %% history (`history_limit' 0), with the owner's variable versions. A cached
-%% `dspex_store:get/2,3' or `get_value/2' is one ETS lookup (the entry's lease
-%% and view generation) plus the NIF read `var_get_here' on that copy: no
-%% server process on the hit path. The unit of caching, invalidation and
+%% `dspex_store:get/2,3' or `get_value/2' is one NIF call: the copy's session
+%% carries its fill time, strong lease deadline (`clock/0', CLOCK_MONOTONIC
+%% ns), the view generation it is valid under (bumped in the NIF on every
+%% view change) and a second-chance bit (`c_src/core/cache.c'); the NIF checks
+%% them and reads the variable (`dspex_nif:var_get/2' under the default mode,
+%% `dspex_nif:cache_get/3' for an explicit one). Only a miss, a stale copy or
+%% a `copy' answer come here (`read/5'). The ETS entry (`{S, Id, Epoch, Seq,
+%% Owner, Bytes}') is the cache server's bookkeeping, read on the slow path
+%% only. The unit of caching, invalidation and
 %% eviction is the session: a fill (first read, or `warm/1') copies the whole
 %% session in one consistent cut from the owner; an invalidation drops it.
 %%
@@ -24,7 +30,9 @@
 %% <li>Directed invalidation: on every commit of a session its owner sends
 %% `{dspex_cache_inval, S, Epoch, Seq, Owner, CommitNs}' to the registered
 %% nodes only (no broadcast). A node drops its copy if it is older than that
-%% version. A node that drops a copy by eviction tells the owner to forget it
+%% version. A `set' whose change is at most `value_max_bytes' (1024) travels
+%% with it (`{dspex_cache_update, ...}', see `committed/4'); a copy exactly one
+%% change behind applies it in place instead of dropping. A node that drops a copy by eviction tells the owner to forget it
 %% (`dspex_cache_forget'); an invalidation for a session a node does not
 %% cache (and is not filling) is answered the same way; the owner forgets
 %% every registration of a node that goes down.</li>
@@ -62,12 +70,14 @@
 %% copies. A takeover compares the copies' vectors with the winner's before it
 %% replaces them (`find_conflicts/2'); writes a losing copy holds and the
 %% winner lacks are recorded on the new owner (`record_conflicts/4',
-%% `conflicts/1', telemetry `[dspex, cache, conflict]'), never merged.
+%% `conflicts/1', telemetry `[dspex, cache, conflict]', a `cache_conflict'
+%% event in the session's event log), never merged.
 %%
 %% == Configuration ==
 %% In the cluster configuration: `cache => #{mode => owner | cached | strong,
-%% max_staleness_ms => 100, strong => false, max_bytes => 64 MiB}' (`mode'
-%% default `owner': every read routed to the owner, as without a cache).
+%% max_staleness_ms => 100, strong => false, value_max_bytes => 1024,
+%% max_bytes => 64 MiB}' (`mode' default `owner': every read routed to the
+%% owner, as without a cache).
 %% `max_bytes' (or the application environment `cache_max_bytes') bounds the
 %% cached copies of a node, measured as the external size of the copies
 %% imported; past it sessions are evicted by a clock (second-chance) sweep.
@@ -250,7 +260,6 @@ event(What, S) ->
 
 %% An expired entry: renewed if the owner's version did not change; else (or
 %% on a miss) a new fill.
-refresh(_S, routed, _) -> routed;
 refresh(S, {expired, S}, Strong) ->
     case ets:lookup(?TAB, S) of
         [{S, _Id, E, Seq, Owner, _}] ->
