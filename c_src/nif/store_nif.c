@@ -485,7 +485,8 @@ static int cache_read(ErlNifEnv *env, ERL_NIF_TERM sidt, ERL_NIF_TERM keyt, int6
     char kbuf[DX_ATOM_TEXT], ibuf[256];
     dx_str key;
     ErlNifBinary b;
-    if (!enif_inspect_binary(env, sidt, &b) || !get_key(env, keyt, &key, kbuf)) return CR_BADARG;
+    if (!enif_inspect_binary(env, sidt, &b)) return CR_MISS; /* no copy of a non-session */
+    if (!get_key(env, keyt, &key, kbuf)) return CR_BADARG;
     char *id = ibuf;
     size_t cap = sizeof ibuf;
     if (b.size + DX_CACHE_PREFIX_LEN > cap) {
