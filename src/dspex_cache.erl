@@ -502,7 +502,7 @@ committed(S, Epoch, Seq, Change) ->
 carried({ev, _, _, P, _}) -> carried(P);
 carried({op, set, [_, K, V, O], {ok, Ver}}) when is_map(O), is_integer(Ver) ->
     C = {set, K, V, maps:with([metadata, changed_by], O), Ver},
-    case erlang:external_size(C) =< maps:get(value_max_bytes, persistent_term:get(?CONF), 1024) of
+    case erlang:external_size(C) =< maps:get(value_max_bytes, persistent_term:get(?CONF, #{}), 1024) of
         true -> C;
         false -> none
     end;
