@@ -9,10 +9,11 @@
 %% copy (resident set growth of each node, and the bytes the cache accounts).
 -module(dspex_cache_bench).
 
--export([main/0, reads/4, inval_loop/3, rss/0, load_session/2, write_latency/3]).
+-export([main/0, reads/4, inval_loop/3, rss/0, load_session/2, write_latency/3, runtime/0, count_reads/4]).
 
 -define(SECONDS, 2).
 -define(VARS, 5000).
+-define(CPU_READS, 1000000).
 
 main() ->
     io:format("~n== dspex_cache: cached reads on a non-owner (3 peer nodes on this host) ==~n", []),
@@ -57,6 +58,8 @@ run(Peers) ->
     Cached = peer:call(PC, ?MODULE, reads, [S, x, get, ?SECONDS], 60000),
     CachedValue = peer:call(PC, ?MODULE, reads, [S, x, get_value, ?SECONDS], 60000),
     Routed = peer:call(PC, ?MODULE, reads, [S, x, owner, ?SECONDS], 60000),
+    Tier3 = peer:call(PC, ?MODULE, reads, [S, x, tier3, ?SECONDS], 60000),
+    Tier3L = peer:call(PC, ?MODULE, reads, [S, x, tier3_lease, ?SECONDS], 60000),
     Hits = maps:get(hits, peer:call(PC, dspex_cache, stats, [])),
     io:format("  ~-52s ~10b gets/s~n", ["get on the owner (cluster on, served locally)", round(OnOwner)]),
     io:format("  ~-52s ~10b gets/s~n", ["bare NIF read on the owner (var_get_here)", round(Bare)]),
@@ -66,6 +69,28 @@ run(Peers) ->
     io:format("  ~-52s ~10b gets/s  (cached is ~.1fx this, goal >= 100x)~n",
               ["routed get from the non-owner (read => owner)", round(Routed), Cached / Routed]),
     io:format("  ~-52s ~10b~n", ["cache hits counted on the non-owner", Hits]),
+    io:format("  ~-52s ~10b gets/s  (~.3fx tier 1's cached get)~n",
+              ["tier 3: process-local copy, version+lease+view checked", round(Tier3), Tier3 / Cached]),
+    io:format("  ~-52s ~10b gets/s  (~.3fx tier 1's cached get)~n",
+              ["tier 3 lease only (misses invalidations)", round(Tier3L), Tier3L / Cached]),
+    %% CPU time per read, summed over the three nodes (does not depend on the
+    %% machine's load the way a rate does)
+    Cpu = fun(P, How, N) ->
+                  R0 = [peer:call(Q, ?MODULE, runtime, []) || {_, Q} <- Peers],
+                  ok = peer:call(P, ?MODULE, count_reads, [S, x, How, N], 300000),
+                  R1 = [peer:call(Q, ?MODULE, runtime, []) || {_, Q} <- Peers],
+                  lists:sum(R1) - lists:sum(R0)   % ms
+          end,
+    CpuCached = Cpu(PC, get, ?CPU_READS),
+    CpuBare = Cpu(PO, nif, ?CPU_READS),
+    CpuTier3 = Cpu(PC, tier3, ?CPU_READS),
+    NRouted = ?CPU_READS div 100,
+    CpuRouted = Cpu(PC, owner, NRouted),
+    PerRead = fun(Ms, N) -> Ms * 1.0e6 / N end,   % ns
+    io:format("  CPU per read, all three nodes (statistics(runtime)): cached get ~.1f ns, bare NIF read ~.1f ns,"
+              " tier 3 ~.1f ns, routed get ~.1f ns (routed/cached ~.1fx)~n",
+              [PerRead(CpuCached, ?CPU_READS), PerRead(CpuBare, ?CPU_READS), PerRead(CpuTier3, ?CPU_READS),
+               PerRead(CpuRouted, NRouted), PerRead(CpuRouted, NRouted) / max(1.0e-9, PerRead(CpuCached, ?CPU_READS))]),
     %% invalidation delay
     ok = peer:call(PC, dspex_cache, reset_stats, []),
     ok = peer:call(PC, ?MODULE, inval_loop, [S, x, 1000], 120000),
@@ -105,17 +130,65 @@ write_latency(S, K, N) ->
 %% (`dspex_store:get/2' in the configured mode), `get_value', `owner'
 %% (`read => owner'), `nif' (the bare local NIF read).
 reads(S, K, How, Secs) ->
-    F = case How of
-            get -> fun() -> {ok, _} = dspex_store:get(S, K) end;
-            get_value -> fun() -> {ok, _} = dspex_store:get_value(S, K) end;
-            owner -> fun() -> {ok, _} = dspex_store:get(S, K, #{read => owner}) end;
-            nif -> fun() -> {var, _, _, _, _, _, _, _, _, _} = dspex_nif:var_get_here(S, K) end
-        end,
+    F = read_fun(S, K, How),
     F(),
     Until = erlang:monotonic_time(millisecond) + Secs * 1000,
     T0 = erlang:monotonic_time(),
     N = loop(F, Until, 0),
     N / (erlang:convert_time_unit(erlang:monotonic_time() - T0, native, microsecond) / 1.0e6).
+
+%% N reads (for CPU time).
+count_reads(S, K, How, N) ->
+    F = read_fun(S, K, How),
+    times(F, N).
+
+%% This node's CPU time so far, ms (all its schedulers).
+runtime() -> element(1, erlang:statistics(runtime)).
+
+read_fun(S, K, How) ->
+    case How of
+        get -> fun() -> {ok, _} = dspex_store:get(S, K) end;
+        get_value -> fun() -> {ok, _} = dspex_store:get_value(S, K) end;
+        owner -> fun() -> {ok, _} = dspex_store:get(S, K, #{read => owner}) end;
+        nif -> fun() -> {var, _, _, _, _, _, _, _, _, _} = dspex_nif:var_get_here(S, K) end;
+        tier3 -> fun() -> {ok, _} = tier3_get(S, K, true) end;
+        tier3_lease -> fun() -> {ok, _} = tier3_get(S, K, false) end
+    end.
+
+%% Tier 3, measured here only (issue #16: a process-local tier earns its place
+%% only if it beats tier 1): the variable kept in the process dictionary with
+%% the version of the node's copy it came from ({Epoch, Seq}, the owner's
+%% session version), the view it was read under and its lease deadline. A hit
+%% checks the lease (the clock), the view (persistent_term) and, when
+%% `Coherent', that the node's copy is still at that version (an ETS lookup of
+%% the cache's entry: an invalidation or a refill changes it); else the
+%% variable is read again through tier 1. Without the version check it would
+%% miss invalidations (its staleness bounded by its lease only).
+tier3_get(S, K, Coherent) ->
+    Now = erlang:monotonic_time(nanosecond),
+    Gen = maps:get(gen, persistent_term:get({dspex_cluster, view})),
+    case get({tier3, S, K}) of
+        {Var, Ver, Gen, Until} when Now < Until ->
+            case not Coherent orelse copy_version(S) =:= Ver of
+                true -> {ok, Var};
+                false -> tier3_fill(S, K, Now, Gen)
+            end;
+        _ -> tier3_fill(S, K, Now, Gen)
+    end.
+
+tier3_fill(S, K, Now, Gen) ->
+    case dspex_store:get(S, K) of
+        {ok, Var} = R ->
+            _ = put({tier3, S, K}, {Var, copy_version(S), Gen, Now + dspex_cache:max_staleness_ms() * 1000000}),
+            R;
+        Err -> Err
+    end.
+
+copy_version(S) ->
+    case ets:lookup(dspex_cache_entries, S) of
+        [{_, _, E, Seq, _, _}] -> {E, Seq};
+        [] -> none
+    end.
 
 loop(F, Until, N) ->
     ok = times(F, 100),   % no list of results: the loop adds no garbage of its own

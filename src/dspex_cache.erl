@@ -7,9 +7,15 @@
 %% this node's NIF table under a private id (`cache_id/1': a `0' byte, `cache:'
 %% and the session id; `dspex_store:list_sessions/0' does not list it), without
 %% history (`history_limit' 0), with the owner's variable versions. A cached
-%% `dspex_store:get/2,3' or `get_value/2' is one ETS lookup (the entry's lease
-%% and view generation) plus the NIF read `var_get_here' on that copy: no
-%% server process on the hit path. The unit of caching, invalidation and
+%% `dspex_store:get/2,3' or `get_value/2' is one NIF call: the copy's session
+%% carries its fill time, strong lease deadline (`clock/0', CLOCK_MONOTONIC
+%% ns), the view generation it is valid under (bumped in the NIF on every
+%% view change) and a second-chance bit (`c_src/core/cache.c'); the NIF checks
+%% them and reads the variable (`dspex_nif:var_get/2' under the default mode,
+%% `dspex_nif:cache_get/3' for an explicit one). Only a miss, a stale copy or
+%% a `copy' answer come here (`read/5'). The ETS entry (`{S, Id, Epoch, Seq,
+%% Owner, Bytes}') is the cache server's bookkeeping, read on the slow path
+%% only. The unit of caching, invalidation and
 %% eviction is the session: a fill (first read, or `warm/1') copies the whole
 %% session in one consistent cut from the owner; an invalidation drops it.
 %%
@@ -24,7 +30,9 @@
 %% <li>Directed invalidation: on every commit of a session its owner sends
 %% `{dspex_cache_inval, S, Epoch, Seq, Owner, CommitNs}' to the registered
 %% nodes only (no broadcast). A node drops its copy if it is older than that
-%% version. A node that drops a copy by eviction tells the owner to forget it
+%% version. A `set' whose change is at most `value_max_bytes' (1024) travels
+%% with it (`{dspex_cache_update, ...}', see `committed/4'); a copy exactly one
+%% change behind applies it in place instead of dropping. A node that drops a copy by eviction tells the owner to forget it
 %% (`dspex_cache_forget'); an invalidation for a session a node does not
 %% cache (and is not filling) is answered the same way; the owner forgets
 %% every registration of a node that goes down.</li>
@@ -62,12 +70,14 @@
 %% copies. A takeover compares the copies' vectors with the winner's before it
 %% replaces them (`find_conflicts/2'); writes a losing copy holds and the
 %% winner lacks are recorded on the new owner (`record_conflicts/4',
-%% `conflicts/1', telemetry `[dspex, cache, conflict]'), never merged.
+%% `conflicts/1', telemetry `[dspex, cache, conflict]', a `cache_conflict'
+%% event in the session's event log), never merged.
 %%
 %% == Configuration ==
 %% In the cluster configuration: `cache => #{mode => owner | cached | strong,
-%% max_staleness_ms => 100, strong => false, max_bytes => 64 MiB}' (`mode'
-%% default `owner': every read routed to the owner, as without a cache).
+%% max_staleness_ms => 100, strong => false, value_max_bytes => 1024,
+%% max_bytes => 64 MiB}' (`mode' default `owner': every read routed to the
+%% owner, as without a cache).
 %% `max_bytes' (or the application environment `cache_max_bytes') bounds the
 %% cached copies of a node, measured as the external size of the copies
 %% imported; past it sessions are evicted by a clock (second-chance) sweep.
@@ -82,12 +92,12 @@
 -module(dspex_cache).
 -behaviour(gen_server).
 
--export([start_link/0, get/3, get_value/3, read/4, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
+-export([start_link/0, get/3, get_value/3, read/5, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
          cache_id/1, is_cache_id/1, committed/3, fill_here/3, version_here/3, seen/2, wrote/1,
-         drop/1, cached_sessions/0, prometheus/0, tables/0, strong_enabled/0,
-         before_commit/2, after_commit/1, took_over/1,
+         drop/1, cached_sessions/0, entry/1, clock/0, prometheus/0, tables/0, strong_enabled/0,
+         committed/4, before_commit/2, after_commit/1, took_over/1,
          vv/1, set_vv/2, advance_vv/4, find_conflicts/2, record_conflicts/4, conflicts/1, conflicts_here/1]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(TAB, dspex_cache_entries).
 -define(REGS, dspex_cache_regs).
@@ -101,13 +111,12 @@
 -define(MODE, dspex_cache_mode).
 -define(TICKS, dspex_cache_ticks_per_ms).
 -define(CTRS, dspex_cache_counters).
--define(VIEW, {dspex_cluster, view}).
 -define(PREFIX, "\0cache:").
 -define(SAMPLES, 4096).
 -define(CALL_TIMEOUT, 10000).
 
 %% counter indexes
--define(HIT, 1).
+-define(HIT, 1).   % unused: hits are counted by the NIF (dspex_nif:cache_hits/1)
 -define(MISS, 2).
 -define(SENT, 3).
 -define(RECEIVED, 4).
@@ -116,7 +125,8 @@
 -define(FILL, 7).
 -define(RENEW, 8).
 -define(REPAIR, 9).
--define(NCTRS, 9).
+-define(APPLIED, 10).
+-define(NCTRS, 10).
 
 -type mode() :: owner | cached | strong.
 -type opts() :: #{read => mode(), max_staleness_ms => non_neg_integer()}.
@@ -138,8 +148,12 @@ tables() -> [{?TAB, set}, {?REGS, bag}, {?LEASES, set}, {?PENDING, set}, {?FENCE
 -spec strong_enabled() -> boolean().
 strong_enabled() -> persistent_term:get(?STRONG, false).
 
-%% The length of a strong lease (`max_staleness_ms'), in perf_counter ticks.
+%% The length of a strong lease (`max_staleness_ms'), in perf_counter ticks
+%% (the owner's record of the leases it granted).
 lease_ticks() -> max_staleness_ms() * persistent_term:get(?TICKS).
+
+%% The same in ns of `dspex_nif:cache_clock/0' (the holder's lease, checked by the NIF).
+lease_ns() -> max_staleness_ms() * 1000000.
 
 %% @doc The default read mode (`owner' without a cluster or configuration).
 -spec mode() -> mode().
@@ -185,17 +199,24 @@ get_value(S, K, Opts) when is_map(Opts) ->
         _ -> {error, {invalid_argument, max_staleness_ms}}
     end.
 
-%% @doc A cached read of session `S': `Hit(CacheId)' on a copy whose lease is
-%% younger than `MaxStaleMs' (filled or renewed first if needed), `Routed()'
+%% @doc The slow path of a cached read of session `S' (the hit path is one
+%% NIF call, `dspex_nif:cache_get/3', made by `dspex_store'): `Why' is what
+%% that call answered. `copy' (the copy is fresh, read it here): `Hit(CacheId)'.
+%% `stale' (the lease expired or the view changed) or `miss' (no copy): the
+%% copy is renewed or filled from the owner, then `Hit(CacheId)'; `Routed()'
 %% when there is none (this node owns `S', the owner could not be asked, or
 %% the copy changed under the read). `MaxStaleMs' `strong': only a copy
 %% holding an unexpired lease granted by the owner answers.
--spec read(binary(), non_neg_integer() | strong, fun((binary()) -> term()), fun(() -> term())) -> term().
-read(S, MaxStale, Hit, Routed) ->
-    case entry(S, MaxStale) of
-        {hit, Id} -> answer(Hit(Id), Routed);
-        Why ->
-            try refresh(S, Why, MaxStale =:= strong) of
+-spec read(binary(), non_neg_integer() | strong, miss | stale | copy, fun((binary()) -> term()), fun(() -> term())) ->
+          term().
+read(S, _MaxStale, copy, Hit, Routed) ->
+    event(hit, S),
+    answer(Hit(cache_id(S)), Routed);
+read(S, MaxStale, Why, Hit, Routed) ->
+    case slow_entry(S, Why) of
+        routed -> Routed();
+        Why1 ->
+            try refresh(S, Why1, MaxStale =:= strong) of
                 {ok, Id} -> answer(Hit(Id), Routed);
                 routed -> Routed();
                 {error, _} = Err -> Err
@@ -205,29 +226,23 @@ read(S, MaxStale, Hit, Routed) ->
             end
     end.
 
-%% The copy was dropped between the lookup and the NIF read.
+%% The copy was dropped between the check and the read.
 answer({error, session_not_found}, Routed) -> Routed();
 answer(R, _) -> R.
 
-entry(S, MaxStale) ->
-    try ets:lookup(?TAB, S) of
-        [{S, Id, _E, _Seq, _Owner, Fill, Ref, Gen, _Bytes, Lease}] ->
-            %% lease times are raw os:perf_counter/0 ticks (the cheapest clock read)
-            case fresh(MaxStale, Fill, Gen, Lease) of
-                true ->
-                    _ = Ref =:= 0 andalso ets:update_element(?TAB, S, {7, 1}),
-                    counters:add(persistent_term:get(?CTRS), ?HIT, 1),
-                    case dspex_telemetry:handlers_at('dspex_telemetry/dspex.cache.hit') of
-                        [] -> ok;
-                        Hs -> dspex_telemetry:emit(Hs, [dspex, cache, hit], #{count => 1}, #{session => S})
-                    end,
-                    {hit, Id};
-                false ->
-                    counters:add(persistent_term:get(?CTRS), ?STALE, 1),
-                    event(stale, S),
-                    {expired, S}
-            end;
-        [] ->
+%% Counts a read the NIF could not answer from a fresh copy.
+slow_entry(S, stale) ->
+    case persistent_term:get(?CTRS, undefined) of
+        undefined -> routed;   % no cluster
+        C ->
+            counters:add(C, ?STALE, 1),
+            event(stale, S),
+            {expired, S}
+    end;
+slow_entry(S, miss) ->
+    case persistent_term:get(?CTRS, undefined) =/= undefined andalso ets:whereis(?TAB) =/= undefined of
+        false -> routed;   % no cluster
+        true ->
             case owned(S) of
                 true -> routed;   % this node owns S: read here, nothing to cache
                 false ->
@@ -235,13 +250,7 @@ entry(S, MaxStale) ->
                     event(miss, S),
                     miss
             end
-    catch error:badarg -> routed   % no cluster (tables absent)
     end.
-
-fresh(strong, _Fill, _Gen, Lease) -> os:perf_counter() < Lease;
-fresh(MaxStale, Fill, Gen, _Lease) ->
-    os:perf_counter() - Fill < MaxStale * persistent_term:get(?TICKS) andalso
-        Gen =:= maps:get(gen, persistent_term:get(?VIEW)).
 
 event(What, S) ->
     case dspex_telemetry:handlers([dspex, cache, What]) of
@@ -251,13 +260,12 @@ event(What, S) ->
 
 %% An expired entry: renewed if the owner's version did not change; else (or
 %% on a miss) a new fill.
-refresh(_S, routed, _) -> routed;
 refresh(S, {expired, S}, Strong) ->
     case ets:lookup(?TAB, S) of
-        [{S, _Id, E, Seq, Owner, _, _, _, _, _}] ->
-            Gen = maps:get(gen, persistent_term:get(?VIEW, #{gen => 0})),
+        [{S, _Id, E, Seq, Owner, _}] ->
+            Gen = dspex_nif:cache_gen(current),
             Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
-            T0 = os:perf_counter(),
+            T0 = dspex_nif:cache_clock(),
             try route(S, version_here, Strong) of
                 {version, E, Seq, Owner, Lease} when Lease orelse not Strong ->
                     case gen_server:call(?MODULE, {renew, S, E, Seq, Gen, T0, Lease, Token}, ?CALL_TIMEOUT) of
@@ -286,7 +294,7 @@ warm(S) when is_binary(S) ->
             case fill(S, strong_enabled()) of
                 {ok, _} ->
                     case ets:lookup(?TAB, S) of
-                        [{S, _, E, Seq, _, _, _, _, _, _}] -> {ok, #{epoch => E, seq => Seq}};
+                        [{S, _, E, Seq, _, _}] -> {ok, #{epoch => E, seq => Seq}};
                         [] -> {error, evicted}
                     end;
                 routed -> {error, owner};
@@ -298,9 +306,9 @@ fill(S, Strong) ->
     %% the token says which revocations of S this node had seen: a lease
     %% revoked after it is not installed
     Token = gen_server:call(?MODULE, {filling, S}, ?CALL_TIMEOUT),
-    Gen = maps:get(gen, persistent_term:get(?VIEW, #{gen => 0})),
+    Gen = dspex_nif:cache_gen(current),
     %% the lease runs from before the owner cut the copy
-    T0 = os:perf_counter(),
+    T0 = dspex_nif:cache_clock(),
     try route(S, fill_here, Strong) of
         {filled, E, Seq, Owner, Export, Lease} ->
             case dspex_cluster:last_read() of
@@ -461,22 +469,44 @@ owned(S) ->
         _ -> false
     end.
 
-%% @doc Called by the owner's writer after it committed change `Seq' of `S'
-%% at `Epoch': sends the invalidation to the nodes caching `S', only them.
+%% @equiv committed(S, Epoch, Seq, none)
 -spec committed(binary(), non_neg_integer(), non_neg_integer()) -> ok.
-committed(S, Epoch, Seq) ->
+committed(S, Epoch, Seq) -> committed(S, Epoch, Seq, none).
+
+%% @doc Called by the owner's writer after it committed change `Seq' of `S'
+%% at `Epoch' (`Change': the writer's replication payload of it): sends the
+%% nodes caching `S', only them, an invalidation; when the change is a `set'
+%% whose external size is at most `value_max_bytes' (default 1024; 0: never),
+%% the change itself (`{dspex_cache_update, ...}'), which a copy exactly one
+%% change behind applies in place instead of dropping.
+-spec committed(binary(), non_neg_integer(), non_neg_integer(), term()) -> ok.
+committed(S, Epoch, Seq, Change) ->
     ok = advance_vv(S, Epoch, node(), Seq),
     case ets:lookup(?REGS, S) of
         [] -> ok;
         Regs ->
             T = os:perf_counter(nanosecond),
-            Msg = {dspex_cache_inval, S, Epoch, Seq, node(), T},
+            Msg = case carried(Change) of
+                      none -> {dspex_cache_inval, S, Epoch, Seq, node(), T};
+                      C -> {dspex_cache_update, S, Epoch, Seq, node(), T, C}
+                  end,
             Sent = length([erlang:send({?MODULE, N}, Msg, [noconnect]) || {_, N} <- Regs]),
             counters:add(persistent_term:get(?CTRS), ?SENT, Sent),
             dspex_telemetry:execute([dspex, cache, invalidation, sent], #{count => Sent},
                                     #{session => S, epoch => Epoch, seq => Seq}),
             ok
     end.
+
+%% The change a small invalidation carries: a set of one variable (its key,
+%% value, metadata patch and changed_by, the version it made), or `none'.
+carried({ev, _, _, P, _}) -> carried(P);
+carried({op, set, [_, K, V, O], {ok, Ver}}) when is_map(O), is_integer(Ver) ->
+    C = {set, K, V, maps:with([metadata, changed_by], O), Ver},
+    case erlang:external_size(C) =< maps:get(value_max_bytes, persistent_term:get(?CONF, #{}), 1024) of
+        true -> C;
+        false -> none
+    end;
+carried(_) -> none.
 
 %%% version vectors and conflicts -------------------------------------------------
 
@@ -565,7 +595,10 @@ starts(V) ->
 %% (`find_conflicts/2') with the variables whose value differs between each
 %% losing copy and the copy installed here (`variables': `[#{name, lost_value,
 %% lost_version, value, version}]', `value'/`version' `undefined' for a
-%% variable the winner lacks), emits `[dspex, cache, conflict]' per losing copy.
+%% variable the winner lacks), emits `[dspex, cache, conflict]' per losing copy
+%% and appends a `cache_conflict' event per losing copy to the session's event
+%% log (data: the record without `session': `epoch', `node', `winner', `lost',
+%% `variables', `at').
 -spec record_conflicts(binary(), pos_integer(), [map()], map() | absent) -> ok.
 record_conflicts(_S, _Epoch, [], _Winner) -> ok;
 record_conflicts(S, Epoch, Conflicts, Winner) ->
@@ -580,6 +613,8 @@ record_conflicts(S, Epoch, Conflicts, Winner) ->
          Rec = #{session => S, epoch => Epoch, node => N, winner => W, lost => Lost, variables => Diff,
                  at => erlang:system_time(microsecond)},
          true = ets:insert(?CONFLICTS, {S, Rec}),
+         %% in the session's event log too (once per losing copy)
+         ok = dspex_events:emit(S, cache_conflict, maps:without([session], Rec), #{}),
          dspex_telemetry:execute([dspex, cache, conflict],
                                  #{count => 1, writes => lists:sum([To - From || {_, _, From, To} <- Lost])},
                                  maps:without([variables], Rec))
@@ -608,7 +643,7 @@ conflicts_here(S) -> [C || {_, C} <- ets:lookup(?CONFLICTS, S)].
 -spec seen(binary(), non_neg_integer()) -> ok.
 seen(S, Epoch) ->
     case ets:whereis(?TAB) =/= undefined andalso ets:lookup(?TAB, S) of
-        [{S, _, E, _, _, _, _, _, _, _}] when E < Epoch ->
+        [{S, _, E, _, _, _}] when E < Epoch ->
             counters:add(persistent_term:get(?CTRS), ?REPAIR, 1),
             drop(S);
         _ -> ok
@@ -632,7 +667,31 @@ drop(S) ->
 
 %% @doc Sessions cached on this node.
 -spec cached_sessions() -> [binary()].
-cached_sessions() -> [S || {S, _, _, _, _, _, _, _, _, _} <- ets:tab2list(?TAB)].
+cached_sessions() -> [S || {S, _, _, _, _, _} <- ets:tab2list(?TAB)].
+
+%% @doc This node's cached copy of `S': its owner's version (`epoch', `seq'),
+%% `owner', `bytes', and its freshness as the NIF checks it: `filled_at' (fill
+%% or last renewal), `lease_until' (strong lease deadline, 0: none), both in
+%% `clock/0' nanoseconds, `view' (the view generation it is valid under) and
+%% `referenced' (read since the eviction hand last passed). `undefined' when
+%% there is none.
+-spec entry(binary()) -> map() | undefined.
+entry(S) ->
+    case ets:whereis(?TAB) =/= undefined andalso ets:lookup(?TAB, S) of
+        [{S, Id, E, Seq, Owner, Bytes}] ->
+            case dspex_nif:cache_info(Id) of
+                {Fill, Gen, Lease, Ref} ->
+                    #{epoch => E, seq => Seq, owner => Owner, bytes => Bytes, filled_at => Fill,
+                      lease_until => Lease, view => Gen, referenced => Ref =:= 1};
+                {error, _} -> undefined
+            end;
+        _ -> undefined
+    end.
+
+%% @doc The clock of cached copies' times (`CLOCK_MONOTONIC' nanoseconds, the
+%% same in the NIF's freshness check; comparable across the nodes of one machine).
+-spec clock() -> integer().
+clock() -> dspex_nif:cache_clock().
 
 %%% stats -------------------------------------------------------------------------
 
@@ -669,7 +728,8 @@ prometheus() ->
                          {fills, "Copies filled from the owner."},
                          {evictions, "Copies evicted by the byte bound."},
                          {invalidations_sent, "Invalidations this node sent as owner."},
-                         {invalidations_received, "Invalidations this node received."}],
+                         {invalidations_received, "Invalidations this node received."},
+                         {updates_applied, "Small changes applied in place to a copy (no refill)."}],
                     G = [{bytes, "Bytes of cached copies on this node."},
                          {sessions, "Sessions cached on this node."},
                          {invalidation_delay_p50_us, "Median delay, owner commit to cache drop (microseconds)."},
@@ -693,6 +753,8 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 
 -spec init([]) -> {ok, map()}.
 init([]) ->
+    %% terminate/2 drops the copies when the cluster stops
+    process_flag(trap_exit, true),
     C = case application:get_env(dspex_bridge, cluster) of
             {ok, #{cache := M}} when is_map(M) -> M;
             _ -> #{}
@@ -700,7 +762,7 @@ init([]) ->
     Max = maps:get(max_bytes, C, application:get_env(dspex_bridge, cache_max_bytes, 64 * 1024 * 1024)),
     persistent_term:put(?CONF, #{mode => maps:get(mode, C, owner),
                                  max_staleness_ms => maps:get(max_staleness_ms, C, 100),
-                                 max_bytes => Max}),
+                                 max_bytes => Max, value_max_bytes => maps:get(value_max_bytes, C, 1024)}),
     persistent_term:put(?TICKS, erlang:convert_time_unit(1, millisecond, perf_counter)),
     persistent_term:put(?STRONG, maps:get(mode, C, owner) =:= strong orelse maps:get(strong, C, false) =:= true),
     persistent_term:put(?MODE, {maps:get(mode, C, owner), maps:get(max_staleness_ms, C, 100)}),
@@ -711,8 +773,16 @@ init([]) ->
     ok = net_kernel:monitor_nodes(true),
     %% copies left by a previous incarnation are not covered any more
     [_ = dspex_nif:session_delete(Id) || Id <- dspex_nif:session_list(), is_cache_id(Id)],
+    %% the read mode the NIF's get/get_value try first (dspex_store)
+    ok = dspex_store:refresh_fast_path(),
     {ok, #{max => Max, bytes => 0, clock => queue:new(), inq => #{}, filling => #{}, seen => #{}, revokes => #{},
            delays => {0, []}}}.
+
+%% @doc Drops every copy (the cluster stops: nothing invalidates them any more).
+-spec terminate(term(), map()) -> ok.
+terminate(_, _) ->
+    [_ = dspex_nif:session_delete(Id) || Id <- dspex_nif:session_list(), is_cache_id(Id)],
+    ok.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, St) ->
@@ -721,7 +791,7 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, 
     case {maps:get(S, maps:get(seen, St), {0, 0}), ets:lookup(?TAB, S)} of
         {Seen, _} when {E, Seq} < Seen -> {reply, stale, St};   % invalidated while in flight
         {_, _} when Lease0, not Lease -> {reply, stale, St};
-        {_, [{S, Id, E0, Seq0, _, _, _, _, _, _}]} when {E0, Seq0} >= {E, Seq} ->
+        {_, [{S, Id, E0, Seq0, _, _}]} when {E0, Seq0} >= {E, Seq} ->
             {reply, {ok, Id}, St};   % as new already
         _ ->
             St1 = remove(S, St),
@@ -732,10 +802,12 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, 
                 ok ->
                     Bytes = erlang:external_size(Copy),
                     LeaseUntil = case Lease of
-                                     true -> T0 + lease_ticks();
+                                     true -> T0 + lease_ns();
                                      false -> 0
                                  end,
-                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, T0, 0, Gen, Bytes, LeaseUntil}),
+                    %% the copy answers reads (NIF) from here on
+                    ok = dspex_nif:cache_arm(Id, T0, Gen, LeaseUntil),
+                    true = ets:insert(?TAB, {S, Id, E, Seq, Owner, Bytes}),
                     %% a later invalidation of this copy records its version again
                     St1a = St1#{seen := maps:remove(S, maps:get(seen, St1))},
                     counters:add(persistent_term:get(?CTRS), ?FILL, 1),
@@ -752,12 +824,13 @@ handle_call({install, S, E, Seq, Owner, Gen, T0, Export, Lease0, Token}, _From, 
 handle_call({renew, S, E, Seq, Gen, T0, Lease, Token}, _From, St) ->
     Revoked = maps:get(S, maps:get(revokes, St), 0) =/= Token,
     case ets:lookup(?TAB, S) of
-        [{S, Id, E, Seq, _, Fill, _, _, _, L0}] when not (Lease andalso Revoked) ->
+        [{S, Id, E, Seq, _, _}] when not (Lease andalso Revoked) ->
+            %% fill time and lease only move forward (in the NIF)
             L = case Lease of
-                    true -> max(L0, T0 + lease_ticks());
-                    false -> L0
+                    true -> T0 + lease_ns();
+                    false -> 0
                 end,
-            ets:update_element(?TAB, S, [{6, max(T0, Fill)}, {8, Gen}, {10, L}]),
+            ok = dspex_nif:cache_arm(Id, T0, Gen, L),
             counters:add(persistent_term:get(?CTRS), ?RENEW, 1),
             {reply, {ok, Id}, St};
         _ -> {reply, stale, St}
@@ -770,15 +843,17 @@ handle_call(stats, _From, #{delays := {_, Ds}} = St) ->
     C = persistent_term:get(?CTRS),
     G = fun(I) -> counters:get(C, I) end,
     Sorted = lists:sort(Ds),
-    {reply, #{hits => G(?HIT), misses => G(?MISS), invalidations_sent => G(?SENT),
+    {reply, #{hits => dspex_nif:cache_hits(false), misses => G(?MISS), invalidations_sent => G(?SENT),
               invalidations_received => G(?RECEIVED), stale_refused => G(?STALE),
               evictions => G(?EVICT), fills => G(?FILL), renewals => G(?RENEW), read_repairs => G(?REPAIR),
+              updates_applied => G(?APPLIED),
               invalidation_delay_p50_us => pct(Sorted, 0.50), invalidation_delay_p99_us => pct(Sorted, 0.99),
               bytes => maps:get(bytes, St), max_bytes => maps:get(max, St), sessions => ets:info(?TAB, size),
               registrations => ets:info(?REGS, size)}, St};
 handle_call(reset_stats, _From, St) ->
     C = persistent_term:get(?CTRS),
     [counters:put(C, I, 0) || I <- lists:seq(1, ?NCTRS)],
+    _ = dspex_nif:cache_hits(true),
     {reply, ok, St#{delays := {0, []}}}.
 
 pct([], _) -> undefined;
@@ -796,10 +871,9 @@ done_filling(S, #{filling := F} = St) ->
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({dspex_cache_inval, S, E, Seq, Owner, T}, #{seen := Seen} = St) ->
-    counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
     St1 = St#{seen := Seen#{S => max(maps:get(S, Seen, {0, 0}), {E, Seq})}},
     St2 = case ets:lookup(?TAB, S) of
-              [{S, _, E0, Seq0, _, _, _, _, _, _}] when {E0, Seq0} < {E, Seq} -> remove(S, St1);
+              [{S, _, E0, Seq0, _, _}] when {E0, Seq0} < {E, Seq} -> remove(S, St1);
               [_] -> St1;
               [] ->
                   %% nothing cached and no fill under way: the owner may forget us
@@ -807,7 +881,40 @@ handle_info({dspex_cache_inval, S, E, Seq, Owner, T}, #{seen := Seen} = St) ->
                   St1
           end,
     Delay = os:perf_counter(nanosecond) - T,
+    %% counted once handled: a reader that saw the count sees its effect
+    counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
     dspex_telemetry:execute([dspex, cache, invalidation, received], #{count => 1, delay_ns => Delay},
+                            #{session => S, epoch => E, seq => Seq, owner => Owner}),
+    {noreply, sample(Delay, St2)};
+handle_info({dspex_cache_update, S, E, Seq, Owner, T, {set, K, V, O, Ver}}, #{seen := Seen} = St) ->
+    %% a small change: applied in place to a copy exactly one change behind
+    %% (same epoch), else handled as an invalidation
+    St1 = St#{seen := Seen#{S => max(maps:get(S, Seen, {0, 0}), {E, Seq})}},
+    {St2, Applied} =
+        case ets:lookup(?TAB, S) of
+            [{S, Id, E, Seq0, _, Bytes}] when Seq0 =:= Seq - 1 ->
+                Old = dspex_nif:var_get_value_here(Id, K),
+                case dspex_nif:var_set_here(Id, K, V, O#{expected_version => Ver - 1}) of
+                    {ok, Ver} ->
+                        Delta = case Old of
+                                    {ok, OldV} -> erlang:external_size(V) - erlang:external_size(OldV);
+                                    _ -> 0
+                                end,
+                        true = ets:update_element(?TAB, S, [{4, Seq}, {6, Bytes + Delta}]),
+                        counters:add(persistent_term:get(?CTRS), ?APPLIED, 1),
+                        {evict(St1#{bytes := maps:get(bytes, St1) + Delta}), true};
+                    _ -> {remove(S, St1), false}   % not as the owner's: refill
+                end;
+            [{S, _, E0, Seq0, _, _}] when {E0, Seq0} < {E, Seq} -> {remove(S, St1), false};
+            [_] -> {St1, false};
+            [] ->
+                _ = maps:is_key(S, maps:get(filling, St1)) orelse forget(S, Owner),
+                {St1, false}
+        end,
+    Delay = os:perf_counter(nanosecond) - T,
+    counters:add(persistent_term:get(?CTRS), ?RECEIVED, 1),
+    dspex_telemetry:execute([dspex, cache, invalidation, received],
+                            #{count => 1, delay_ns => Delay, applied => case Applied of true -> 1; false -> 0 end},
                             #{session => S, epoch => E, seq => Seq, owner => Owner}),
     {noreply, sample(Delay, St2)};
 handle_info({dspex_cache_revoke, S, From, Ref}, #{revokes := Rv} = St) ->
@@ -826,7 +933,7 @@ handle_info({nodedown, Node}, St) ->
     ets:match_delete(?LEASES, {{'_', Node}, '_'}),
     %% copies from that owner: their next read asks the new owner
     St1 = lists:foldl(fun(S, Acc) -> remove(S, Acc) end, St,
-                      [S || {S, _, _, _, O, _, _, _, _, _} <- ets:tab2list(?TAB), O =:= Node]),
+                      [S || {S, _, _, _, O, _} <- ets:tab2list(?TAB), O =:= Node]),
     {noreply, St1};
 handle_info(_, St) -> {noreply, St}.
 
@@ -840,7 +947,7 @@ forget(S, Owner) ->
 %% Drops the copy of S (the NIF session, the entry, its bytes).
 remove(S, #{bytes := B} = St) ->
     case ets:take(?TAB, S) of
-        [{S, Id, _, _, _, _, _, _, Bytes, _}] ->
+        [{S, Id, _, _, _, Bytes}] ->
             _ = dspex_nif:session_delete(Id),
             St#{bytes := B - Bytes};
         [] -> St
@@ -862,13 +969,18 @@ evict(#{clock := Q} = St) ->
         {{value, S}, Q1} ->
             case ets:lookup(?TAB, S) of
                 [] -> evict(St#{clock := Q1, inq := maps:remove(S, maps:get(inq, St))});
-                [{S, _, _, _, _, _, 1, _, _, _}] ->
-                    ets:update_element(?TAB, S, {7, 0}),
-                    evict(St#{clock := queue:in(S, Q1)});
-                [{S, _, _, _, Owner, _, 0, _, _, _}] ->
-                    counters:add(persistent_term:get(?CTRS), ?EVICT, 1),
-                    dspex_telemetry:execute([dspex, cache, evict], #{count => 1}, #{session => S}),
-                    forget(S, Owner),
-                    evict((remove(S, St))#{clock := Q1, inq := maps:remove(S, maps:get(inq, St))})
+                [{S, Id, _, _, Owner, _}] ->
+                    case dspex_nif:cache_take_ref(Id) of
+                        true -> evict(St#{clock := queue:in(S, Q1)});   % read since: second chance
+                        _ -> evict_one(S, Owner, Q1, St)
+                    end
             end
     end.
+
+evict_one(S, Owner, Q1, St) ->
+    counters:add(persistent_term:get(?CTRS), ?EVICT, 1),
+    dspex_telemetry:execute([dspex, cache, evict], #{count => 1}, #{session => S}),
+    forget(S, Owner),
+    evict((remove(S, St))#{clock := Q1, inq := maps:remove(S, maps:get(inq, St))}).
+
+

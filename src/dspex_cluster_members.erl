@@ -139,6 +139,8 @@ publish(#{config := C, pids := P, draining := D, overrides := O, gen := G} = St,
         true -> St;
         false ->
             persistent_term:put(?VIEW, V),
+            %% cached copies (dspex_cache) answer only under the view they were filled in
+            _ = dspex_nif:cache_gen(bump),
             %% nodes joined (a partition healed, a node came back): settle the
             %% ownership of the sessions this node believes it owns now, not on
             %% their next access (see dspex_cluster_keeper)

@@ -90,11 +90,13 @@ cache_config(Cache) when is_map(Cache) ->
     Stale = maps:get(max_staleness_ms, Cache, 100),
     Max = maps:get(max_bytes, Cache, 0),
     Strong = maps:get(strong, Cache, false),
+    ValueMax = maps:get(value_max_bytes, Cache, 1024),
     if
         Mode =/= owner, Mode =/= cached, Mode =/= strong -> {error, {invalid_argument, {cache, mode}}};
         not is_boolean(Strong) -> {error, {invalid_argument, {cache, strong}}};
         not is_integer(Stale) orelse Stale < 0 -> {error, {invalid_argument, {cache, max_staleness_ms}}};
         not is_integer(Max) orelse Max < 0 -> {error, {invalid_argument, {cache, max_bytes}}};
+        not is_integer(ValueMax) orelse ValueMax < 0 -> {error, {invalid_argument, {cache, value_max_bytes}}};
         true -> ok
     end;
 cache_config(_) -> {error, {invalid_argument, cache}}.

@@ -361,7 +361,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             %% node; the caller is answered when all of them confirmed it
             Seq1 = Seq + 1,
             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
-            ok = dspex_cache:committed(S, Epoch, Seq1),
+            ok = dspex_cache:committed(S, Epoch, Seq1, P),
             AckMeta = Meta#{seq => Seq1},
             Ack = case Reps of
                       [_] -> {one, From, Result, T0, AckMeta};
@@ -380,7 +380,7 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                         _ ->
                             Seq1 = Seq + 1,
                             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
-                            ok = dspex_cache:committed(S, Epoch, Seq1),
+                            ok = dspex_cache:committed(S, Epoch, Seq1, P),
                             ok = replicate(S, Epoch, Seq1, P, Reps, Mode),
                             %% see dspex_cluster_shipper: not acknowledged when
                             %% a takeover fenced this node meanwhile

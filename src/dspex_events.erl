@@ -66,7 +66,7 @@
                     | variable_deleted | variable_rolled_back | batch_committed | dependency_added
                     | dependency_removed | derived_recomputed | lock_acquired | lock_released
                     | lock_preempted | lock_expired | acl_rule_set | access_denied
-                    | optimization_progress | session_migrated | atom() | binary().
+                    | optimization_progress | session_migrated | cache_conflict | atom() | binary().
 -type event() :: #{id := binary(), type := event_type(), session := binary(),
                    sequence := pos_integer(), position := pos_integer(), data := term(),
                    metadata := map(), timestamp := integer()}.

@@ -23,6 +23,8 @@
 -export([sched_stats/0, rawbuf_debug/1]).
 -export([opt_ask/8]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
+-export([cache_get/3, cache_get_value/3, cache_arm/4, cache_take_ref/1, cache_clock/0, cache_gen/1, cache_hits/1,
+         cache_config/2, cache_info/1]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -125,6 +127,25 @@ var_get_here(_S, _Key, _Opts) -> ?NOT_LOADED.
 var_get_value_here(_S, _Key) -> ?NOT_LOADED.
 var_set_here(_S, _Key, _Value, _Opts) -> ?NOT_LOADED.
 store_fast_path(_Op, _Fast) -> ?NOT_LOADED.
+%% Cached copies of other nodes' sessions (dspex_cache; c_src/core/cache.h).
+-spec cache_get(binary(), term(), non_neg_integer() | strong) -> term().
+cache_get(_S, _Key, _MaxStale) -> ?NOT_LOADED.
+-spec cache_get_value(binary(), term(), non_neg_integer() | strong) -> term().
+cache_get_value(_S, _Key, _MaxStale) -> ?NOT_LOADED.
+-spec cache_arm(binary(), integer(), non_neg_integer(), integer()) -> ok | {error, session_not_found}.
+cache_arm(_Id, _FillNs, _Gen, _LeaseNs) -> ?NOT_LOADED.
+-spec cache_take_ref(binary()) -> boolean() | {error, session_not_found}.
+cache_take_ref(_Id) -> ?NOT_LOADED.
+-spec cache_clock() -> integer().
+cache_clock() -> ?NOT_LOADED.
+-spec cache_gen(current | bump) -> pos_integer().
+cache_gen(_What) -> ?NOT_LOADED.
+-spec cache_hits(boolean()) -> non_neg_integer().
+cache_hits(_Reset) -> ?NOT_LOADED.
+-spec cache_config(off | strong | non_neg_integer(), boolean()) -> ok.
+cache_config(_Default, _HitEvent) -> ?NOT_LOADED.
+-spec cache_info(binary()) -> {integer(), non_neg_integer(), integer(), 0 | 1} | {error, session_not_found}.
+cache_info(_Id) -> ?NOT_LOADED.
 events_open(_Config) -> ?NOT_LOADED.
 events_close() -> ?NOT_LOADED.
 events_append(_Session, _Type, _Data, _Meta) -> ?NOT_LOADED.

@@ -158,7 +158,15 @@ refresh_fast_path() ->
      || {Op, Key} <- [{get, 'dspex_telemetry/dspex.store.get.stop'},
                       {get_value, 'dspex_telemetry/dspex.store.get_value.stop'},
                       {set, 'dspex_telemetry/dspex.store.set.stop'}]],
-    ok.
+    %% with a cluster whose default read is cached (dspex_cache), get/2 and
+    %% get_value/2 answer from a fresh cached copy in the same NIF call
+    Default = case {Routing, dspex_cache:read_defaults()} of
+                  {true, {cached, Max}} -> Max;
+                  {true, {strong, _}} -> strong;
+                  _ -> off
+              end,
+    HitEvent = Telemetry orelse persistent_term:get('dspex_telemetry/dspex.cache.hit', []) =/= [],
+    ok = dspex_nif:cache_config(Default, HitEvent).
 
 %%% Sessions ----------------------------------------------------------------
 
@@ -280,10 +288,16 @@ owner_get(Session, Key) ->
             ?TIMED_NATIVE(get, 'dspex_telemetry/dspex.store.get.stop', #{session => Session, variable => Key},
                           var_map(dspex_nif:var_get_here(Session, Key)))).
 
-%% A read of this node's cached copy (see `dspex_cache'), or routed.
+%% A read of this node's cached copy (see `dspex_cache'), or routed: one NIF
+%% call answers from a fresh copy; `miss', `stale' or `copy' take
+%% dspex_cache's slow path (fill, renewal, hit event).
 cached_get(Session, Key, MaxStale) ->
-    dspex_cache:read(Session, MaxStale, fun(Id) -> var_map(dspex_nif:var_get_here(Id, Key)) end,
-                     fun() -> owner_get(Session, Key) end).
+    case dspex_nif:cache_get(Session, Key, MaxStale) of
+        R when is_atom(R) ->
+            dspex_cache:read(Session, MaxStale, R, fun(Id) -> var_map(dspex_nif:var_get_here(Id, Key)) end,
+                             fun() -> owner_get(Session, Key) end);
+        R -> var_map(R)
+    end.
 
 owner_get_value(Session, Key) ->
     ?ROUTED(Session, get_value, [Session, Key],
@@ -319,19 +333,11 @@ get(Session, Key, Opts0) when is_map_key(read, Opts0); is_map_key(max_staleness_
         {strong, _, _} = R0 when map_size(element(3, R0)) =:= 0 ->
             case dspex_cache:strong_enabled() of
                 false -> {error, {invalid_argument, read}};
-                true ->
-                    case dspex_nif:var_get(Session, Key) of
-                        slow -> cached_get(Session, Key, strong);
-                        R -> var_map(R)
-                    end
+                true -> mode_get(Session, Key, strong)
             end;
         {_, Max, _} when not is_integer(Max); Max < 0 -> {error, {invalid_argument, max_staleness_ms}};
-        {Mode, Max, Opts} when map_size(Opts) =:= 0 ->
-            case dspex_nif:var_get(Session, Key) of
-                slow when Mode =:= cached -> cached_get(Session, Key, Max);
-                slow -> owner_get(Session, Key);
-                R -> var_map(R)
-            end;
+        {cached, Max, Opts} when map_size(Opts) =:= 0 -> mode_get(Session, Key, Max);
+        {owner, _, Opts} when map_size(Opts) =:= 0 -> mode_get(Session, Key, owner);
         {_, _, Opts} -> get(Session, Key, Opts)
     end;
 get(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
@@ -344,6 +350,15 @@ get(Session, Key, Opts) ->
     case dspex_nif:var_get(Session, Key, Opts) of
         slow -> ?ROUTED(Session, get, [Session, Key, Opts], get_here(Session, Key, Opts));
         R -> var_map(R)
+    end.
+
+%% A read in an explicit mode: without a cluster a local read (the NIF's own
+%% fast path), else cached (at most `Max' ms old, or strong) or routed.
+mode_get(Session, Key, Mode) ->
+    case persistent_term:get(dspex_cluster_routing, false) of
+        false -> get(Session, Key);
+        true when Mode =:= owner -> owner_get(Session, Key);
+        true -> cached_get(Session, Key, Mode)
     end.
 
 get_here(Session, Key, #{as := As} = Opts) when is_binary(As), map_size(Opts) =:= 1 ->
@@ -382,15 +397,19 @@ get_value(Session, Key) ->
 %% @private `get_value/2' in an explicit read mode (`dspex_cache:get_value/3').
 -spec get_value_mode(session_id(), var_key(), owner | cached, non_neg_integer() | strong) -> {ok, value()} | {error, error_reason()}.
 get_value_mode(Session, Key, Mode, MaxStale) ->
-    case dspex_nif:var_get_value(Session, Key) of
-        slow when Mode =:= cached -> cached_get_value(Session, Key, MaxStale);
-        slow -> owner_get_value(Session, Key);
-        R -> R
+    case persistent_term:get(dspex_cluster_routing, false) of
+        false -> get_value(Session, Key);   % no cluster: a local read
+        true when Mode =:= cached -> cached_get_value(Session, Key, MaxStale);
+        true -> owner_get_value(Session, Key)
     end.
 
 cached_get_value(Session, Key, MaxStale) ->
-    dspex_cache:read(Session, MaxStale, fun(Id) -> dspex_nif:var_get_value_here(Id, Key) end,
-                     fun() -> owner_get_value(Session, Key) end).
+    case dspex_nif:cache_get_value(Session, Key, MaxStale) of
+        R when is_atom(R) ->
+            dspex_cache:read(Session, MaxStale, R, fun(Id) -> dspex_nif:var_get_value_here(Id, Key) end,
+                             fun() -> owner_get_value(Session, Key) end);
+        R -> R
+    end.
 
 %% @doc The current value, or `Default' when the session or variable is missing.
 -spec get_value(session_id(), var_key(), Default) -> value() | Default.

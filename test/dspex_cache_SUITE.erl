@@ -19,7 +19,9 @@
          strong_histories_are_linearizable/1, strong_histories_are_linearizable_across_an_owner_kill/1,
          strong_histories_are_linearizable_across_a_caching_node_kill/1,
          writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal/1,
-         a_migrated_session_is_refilled_from_its_new_owner/1]).
+         a_migrated_session_is_refilled_from_its_new_owner/1,
+         a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner/1,
+         a_small_write_travels_with_its_invalidation_and_is_applied_in_place/1]).
 %% run on the peers
 -export([read_until/4, reads_for/3, writes/3, strong_reader/4, strong_writer/4]).
 
@@ -36,7 +38,9 @@ all() ->
      strong_histories_are_linearizable_across_an_owner_kill,
      strong_histories_are_linearizable_across_a_caching_node_kill,
      writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal,
-     a_migrated_session_is_refilled_from_its_new_owner].
+     a_migrated_session_is_refilled_from_its_new_owner,
+     a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner,
+     a_small_write_travels_with_its_invalidation_and_is_applied_in_place].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -212,11 +216,11 @@ owner_kill_drops_copies_and_the_new_owner_refills_them(_Config) ->
     {{O, PO}, {R, PR}, {C, PC}} = roles(Peers, S),
     {ok, _} = peer:call(PO, dspex_store, set, [S, x, 7]),
     {ok, 7} = peer:call(PC, dspex_store, get_value, [S, x]),
-    [{S, _, E0, _, O, _, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    #{epoch := E0, owner := O} = peer:call(PC, dspex_cache, entry, [S]),
     ok = ?C:kill_node(O, Peers),
     ok = ?C:wait_until(fun() -> peer:call(PC, dspex_cache, cached_sessions, []) =:= [] end, 20000, copy_dropped),
     {ok, 7} = peer:call(PC, dspex_store, get_value, [S, x]),
-    [{S, _, E1, _, R, _, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    #{epoch := E1, owner := R} = peer:call(PC, dspex_cache, entry, [S]),
     ?assert(E1 > E0),
     ?assertEqual([C], regs(PR, S)),
     Got = stat(PC, invalidations_received),
@@ -282,15 +286,15 @@ a_strong_write_is_acknowledged_only_after_the_copy_is_dropped_or_its_lease_expir
     S = <<"strong_s">>,
     {{_, PO}, _, {_, PC}} = roles(Peers, S),
     {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
-    [{S, _, _, _, _, _, _, _, _, L1}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
-    ?assert(L1 > peer:call(PC, os, perf_counter, [])),
+    #{lease_until := L1} = peer:call(PC, dspex_cache, entry, [S]),
+    ?assert(L1 > peer:call(PC, dspex_cache, clock, [])),
     {ok, 1} = peer:call(PO, dspex_store, set, [S, x, 1]),
     ?assertEqual([], peer:call(PC, dspex_cache, cached_sessions, [])),
     {ok, 1} = peer:call(PC, dspex_store, get_value, [S, x]),
-    [{S, _, _, _, _, _, _, _, _, L2}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    #{lease_until := L2} = peer:call(PC, dspex_cache, entry, [S]),
     ok = peer:call(PC, sys, suspend, [dspex_cache]),
     {ok, 2} = peer:call(PO, dspex_store, set, [S, x, 2]),
-    Ack = peer:call(PO, os, perf_counter, []),
+    Ack = peer:call(PO, dspex_cache, clock, []),
     ok = peer:call(PC, sys, resume, [dspex_cache]),
     ct:pal("write acknowledged ~p ms after the unanswered lease's expiry", [(Ack - L2) / 1.0e6]),
     ?assert(Ack >= L2),
@@ -307,11 +311,11 @@ a_new_owner_waits_out_the_leases_of_the_old_one(_Config) ->
     S = <<"fence_s">>,
     {{O, _}, {R, PR}, {_, PC}} = roles(Peers, S),
     {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
-    [{S, _, _, _, O, _, _, _, _, Lease}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    #{owner := O, lease_until := Lease} = peer:call(PC, dspex_cache, entry, [S]),
     ok = ?C:kill_node(O, Peers),
     ok = ?C:wait_until(fun() -> {ok, R} =:= peer:call(PR, dspex_cluster, owner_of, [S]) end, 20000, new_owner),
     {ok, 1} = peer:call(PR, dspex_store, set, [S, x, 1]),
-    Ack = peer:call(PR, os, perf_counter, []),
+    Ack = peer:call(PR, dspex_cache, clock, []),
     ct:pal("first write on the new owner acknowledged ~p ms after the old lease's expiry", [(Ack - Lease) / 1.0e6]),
     ?assert(Ack >= Lease),
     {ok, 1} = peer:call(PC, dspex_store, get_value, [S, x]).
@@ -415,7 +419,20 @@ writes_lost_on_the_losing_side_of_a_partition_are_reported_after_the_heal(_Confi
     [#{node := O, lost := [{1, O, From, To}], variables := Vars}] = peer:call(PC, dspex_cache, conflicts, [S]),
     ?assertEqual(3, To - From),
     [#{name := <<"x">>, lost_value := 3, value := 10}] = Vars,
-    [{ok, 10} = peer:call(P, dspex_store, get_value, [S, x]) || {_, P} <- Peers].
+    [{ok, 10} = peer:call(P, dspex_store, get_value, [S, x]) || {_, P} <- Peers],
+    %% the session's event log has it too: one cache_conflict event for the
+    %% losing copy, with its lost writes, on the new owner's log
+    {ok, New} = peer:call(PC, dspex_cluster, owner_of, [S]),
+    PN = pr(New, Peers),
+    ReadConflicts = fun() ->
+                            {ok, Evs} = peer:call(PN, dspex_events, read, [S, #{types => [cache_conflict]}]),
+                            Evs
+                    end,
+    ok = ?C:wait_until(fun() -> ReadConflicts() =/= [] end, 10000, conflict_event),
+    [#{type := cache_conflict, data := #{node := O, epoch := Ep, lost := [{1, O, From, To}],
+                                         variables := [#{name := <<"x">>, lost_value := 3, value := 10}]}}] =
+        ReadConflicts(),
+    ?assert(Ep > 1).
 
 %% The session migrates to its replica while another node caches it (a
 %% lease far longer than the test): the view change makes that node's next
@@ -427,13 +444,13 @@ a_migrated_session_is_refilled_from_its_new_owner(_Config) ->
     S = <<"mig_s">>,
     {{O, PO}, {R, PR}, {C, PC}} = roles(Peers, S),
     {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
-    [{S, _, E0, _, O, _, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    #{epoch := E0, owner := O} = peer:call(PC, dspex_cache, entry, [S]),
     {ok, #{epoch := E1}} = peer:call(PO, dspex_cluster, migrate_session, [S, R]),
     ?assert(E1 > E0),
     ok = ?C:wait_until(fun() -> peer:call(PC, dspex_cluster, owner_of, [S]) =:= {ok, R} end, 10000, view_moved),
     Fills = stat(PC, fills),
     {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),
-    [{S, _, E1, _, R, _, _, _, _, _}] = peer:call(PC, ets, lookup, [dspex_cache_entries, S]),
+    #{epoch := E1, owner := R} = peer:call(PC, dspex_cache, entry, [S]),
     ?assertEqual(Fills + 1, stat(PC, fills)),
     ?assertEqual([C], regs(PR, S)),
     SentByOld = stat(PO, invalidations_sent),
@@ -508,3 +525,91 @@ strong_writer(S, K, Base, N) ->
              _ -> {{w, Base}, write, V, unknown, T0, infinity}
          end
      end || I <- lists:seq(1, N)].
+
+%% The hit path is inside the NIF: with a fresh copy, the NIF's own
+%% var_get/2 and var_get_value/2 (the first call of dspex_store:get/2) answer
+%% the read themselves, counted as a hit, with no `slow'; the copy's second-
+%% chance bit is set by that read. A view change (the NIF's generation is
+%% bumped) makes the copy answer `slow' until the next read renewed it from
+%% the owner under the new view; so does an expired lease (`max_staleness_ms'
+%% per call); a strong read finds no lease in cached mode and answers `stale'.
+a_hit_is_one_nif_call_and_a_view_change_or_expiry_sends_it_to_the_owner(_Config) ->
+    Peers = cluster("dspex_cache_nif", #{mode => cached, max_staleness_ms => 600000}),
+    S = <<"nif_s">>,
+    {{_, PO}, _, {_, PC}} = roles(Peers, S),
+    {ok, 1} = peer:call(PO, dspex_store, set, [S, x, 5]),
+    ok = peer:call(PC, dspex_cache, reset_stats, []),
+    slow = peer:call(PC, dspex_nif, var_get_value, [S, x]),   % no copy yet
+    {ok, 5} = peer:call(PC, dspex_store, get_value, [S, x]),   % fills it
+    #{referenced := false} = peer:call(PC, dspex_cache, entry, [S]),
+    {ok, 5} = peer:call(PC, dspex_nif, var_get_value, [S, x]),
+    {var, _, _, _, _, <<"x">>, integer, _, 5, 1} = peer:call(PC, dspex_nif, var_get, [S, <<"x">>]),
+    {error, {not_found, <<"y">>}} = peer:call(PC, dspex_nif, var_get_value, [S, <<"y">>]),
+    #{hits := 3, misses := 1, fills := 1} = stats(PC),
+    #{referenced := true} = peer:call(PC, dspex_cache, entry, [S]),
+    %% explicit modes: a cached read of at most 600 s hits; 0 ms is stale;
+    %% strong finds no lease
+    {ok, 5} = peer:call(PC, dspex_nif, cache_get_value, [S, x, 600000]),
+    stale = peer:call(PC, dspex_nif, cache_get_value, [S, x, 0]),
+    stale = peer:call(PC, dspex_nif, cache_get_value, [S, x, strong]),
+    miss = peer:call(PC, dspex_nif, cache_get_value, [<<"other">>, x, 100]),
+    %% a view change: not fresh any more, the next read renews under the new view
+    #{view := G0} = peer:call(PC, dspex_cache, entry, [S]),
+    ok = peer:call(PC, dspex_cluster_members, bump, []),
+    slow = peer:call(PC, dspex_nif, var_get_value, [S, x]),
+    Renewals = stat(PC, renewals),
+    {ok, 5} = peer:call(PC, dspex_store, get_value, [S, x]),
+    ?assertEqual(Renewals + 1, stat(PC, renewals)),
+    #{view := G1} = peer:call(PC, dspex_cache, entry, [S]),
+    ?assert(G1 > G0),
+    {ok, 5} = peer:call(PC, dspex_nif, var_get_value, [S, x]),
+    %% an expired lease (a per-call bound of 0 ms) is asked of the owner
+    Stale = stat(PC, stale_refused),
+    {ok, #{value := 5}} = peer:call(PC, dspex_store, get, [S, x, #{max_staleness_ms => 0}]),
+    ?assertEqual(Stale + 1, stat(PC, stale_refused)),
+    %% bad arguments are badarg, not a crash
+    [?assertMatch({'EXIT', _}, catch peer:call(PC, dspex_nif, cache_get, Args))
+     || Args <- [[S, x, -1], [S, x, soon], [S, {1}, 1]]],
+    {ok, 5} = peer:call(PC, dspex_nif, var_get_value, [S, x]).
+
+%% A set whose change is at most value_max_bytes (1024 by default) travels
+%% with its invalidation: the caching node applies it to its copy in place
+%% (the copy was exactly one change behind), so the next cached read shows
+%% the new value, version and metadata with no fill, miss or renewal. The
+%% copy logs no event of its own. A larger change is an invalidation (the
+%% copy is dropped and filled again), and a change the copy is not exactly one
+%% change behind of drops it.
+a_small_write_travels_with_its_invalidation_and_is_applied_in_place(_Config) ->
+    Peers = cluster("dspex_cache_upd", #{mode => cached, max_staleness_ms => 600000}),
+    S = <<"upd_s">>,
+    {{_, PO}, _, {_, PC}} = roles(Peers, S),
+    {ok, _} = peer:call(PO, dspex_store, register, [S, big, string, <<"a">>]),
+    {ok, 0} = peer:call(PC, dspex_store, get_value, [S, x]),   % the fill
+    #{fills := F0, misses := M0, stale_refused := St0, renewals := Rn0, updates_applied := A0,
+      invalidations_received := R0} = stats(PC),
+    #{seq := Seq0} = peer:call(PC, dspex_cache, entry, [S]),
+    [begin
+         {ok, V} = peer:call(PO, dspex_store, set, [S, x, V * 10, #{metadata => #{step => V}, changed_by => <<"opt">>}]),
+         await_stat(PC, invalidations_received, R0 + V),
+         {ok, #{value := Val, version := V, metadata := #{step := V}}} = peer:call(PC, dspex_store, get, [S, x]),
+         ?assertEqual(V * 10, Val)
+     end || V <- lists:seq(1, 5)],
+    #{fills := F0, misses := M0, stale_refused := St0, renewals := Rn0, updates_applied := A5} = stats(PC),
+    ?assertEqual(A0 + 5, A5),
+    #{seq := Seq5} = peer:call(PC, dspex_cache, entry, [S]),
+    ?assertEqual(Seq0 + 5, Seq5),
+    ok = peer:call(PC, dspex_events, await, []),
+    ?assertEqual({ok, []}, peer:call(PC, dspex_events, read, [dspex_cache:cache_id(S), #{}])),
+    %% above value_max_bytes: dropped, then filled again
+    Big = binary:copy(<<"b">>, 2000),
+    {ok, 1} = peer:call(PO, dspex_store, set, [S, big, Big]),
+    await_stat(PC, invalidations_received, R0 + 6),
+    ?assertEqual([], peer:call(PC, dspex_cache, cached_sessions, [])),
+    {ok, Big} = peer:call(PC, dspex_store, get_value, [S, big]),
+    #{fills := F1, updates_applied := A5} = stats(PC),
+    ?assertEqual(F0 + 1, F1),
+    %% a change two ahead of the copy: dropped, not applied
+    #{epoch := E, seq := Seq, owner := O} = peer:call(PC, dspex_cache, entry, [S]),
+    peer:call(PC, erlang, send, [dspex_cache, {dspex_cache_update, S, E, Seq + 2, O, 0, {set, <<"x">>, 99, #{}, 99}}]),
+    ok = ?C:wait_until(fun() -> peer:call(PC, dspex_cache, cached_sessions, []) =:= [] end, 10000, dropped),
+    {ok, 50} = peer:call(PC, dspex_store, get_value, [S, x]).

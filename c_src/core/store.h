@@ -7,6 +7,7 @@
  * write it guards, and a committed snapshot is never changed afterwards. */
 #ifndef DX_STORE_H
 #define DX_STORE_H
+#include "cache.h"
 #include "graph.h"
 #include "rtab.h"
 #include "value.h"
@@ -100,6 +101,9 @@ typedef struct dx_session {
     /* The dependency graph, created on first use; graph_mu serialises it. */
     pthread_mutex_t graph_mu;
     dx_graph *graph;
+    /* Freshness of a cached copy of another node's session (cache.h); zero
+     * (never fresh) for every other session. */
+    dx_cache_meta cache;
     dx_shard shards[DX_SHARDS];
 } dx_session;
 

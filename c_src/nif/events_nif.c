@@ -145,6 +145,9 @@ static _Thread_local bool t_mute; /* events_session_delete(_, silent) */
 static void ev_hook(const dx_ev_change *c) {
     /* log off: no traffic on the shared in-flight counter (the load after the increment decides) */
     if (t_mute || !atomic_load_explicit(&g_q, memory_order_acquire)) return;
+    /* a node's cached copy of another node's session (dspex_cache) has no log
+     * of its own: the owner's log holds the session's events */
+    if (c->s->id_len >= DX_CACHE_PREFIX_LEN && !memcmp(c->s->id, DX_CACHE_PREFIX, DX_CACHE_PREFIX_LEN)) return;
     atomic_fetch_add_explicit(&g_inflight, 1, memory_order_acq_rel);
     dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
     if (!q) goto out;

@@ -75,6 +75,8 @@ DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_
 DX_NIF(nif_session_set_rate);
 DX_NIF(nif_session_get_rate);
 DX_NIF(nif_sched_stats); DX_NIF(nif_rawbuf_debug);
+DX_NIF(nif_cache_get); DX_NIF(nif_cache_get_value); DX_NIF(nif_cache_arm); DX_NIF(nif_cache_take_ref);
+DX_NIF(nif_cache_clock); DX_NIF(nif_cache_gen); DX_NIF(nif_cache_hits); DX_NIF(nif_cache_config); DX_NIF(nif_cache_info);
 /* optimizer kernels (opt_nif.c) */
 DX_NIF(nif_opt_ask);
 #endif

@@ -457,10 +457,207 @@ static _Atomic int g_slow[DX_NATIVE_OPS];
 
 #define SLOW(op) (atomic_load_explicit(&g_slow[op], memory_order_relaxed))
 
-DX_NIF(nif_var_get) { return SLOW(DX_NATIVE_GET) ? ATOM_slow : timed(DX_NATIVE_GET, var_get, env, argc, argv); }
+/* ---- cached copies of other nodes' sessions (issue #16; see core/cache.h) ----
+ * A cached read is one NIF call: the copy (session "\0cache:" ++ S) is looked
+ * up, its freshness checked against the clock and the view generation, and
+ * the variable read, all in one EBR section. Not fresh: `stale'; no copy:
+ * `miss' (dspex_cache then runs its slow path: renewal or fill from the owner).
+ * `copy': fresh, but the caller reads the copy itself with var_get_here (a
+ * value big enough for a dirty scheduler, or a hit event wanted). */
+
+/* The default read of var_get/2 and var_get_value/2 when they are slow (a
+ * cluster is on): CACHE_OFF (every read takes dspex_store's path), or a
+ * cached read of at most that many ns, or DX_CACHE_STRONG. */
+#define CACHE_OFF INT64_MIN
+static _Atomic int64_t g_cache_default = CACHE_OFF;
+/* A handler listens to [dspex, cache, hit]: hits answer `copy' (the event is
+ * emitted in Erlang). */
+static _Atomic int g_cache_hit_event;
+
+enum { CR_HIT, CR_MISS, CR_STALE, CR_COPY, CR_BADARG };
+
+/* The read of keyt in the cached copy of session sidt. On CR_HIT *out is
+ * the answer; `counted_copy' says whether a CR_COPY counts as a hit (the
+ * explicit cache_get does; the default path of var_get leaves it to the
+ * cache_get that follows). */
+static int cache_read(ErlNifEnv *env, ERL_NIF_TERM sidt, ERL_NIF_TERM keyt, int64_t max_stale_ns, int value_only,
+                      int count_copy, ERL_NIF_TERM *out) {
+    char kbuf[DX_ATOM_TEXT], ibuf[256];
+    dx_str key;
+    ErlNifBinary b;
+    if (!enif_inspect_binary(env, sidt, &b)) return CR_MISS; /* no copy of a non-session */
+    if (!get_key(env, keyt, &key, kbuf)) return CR_BADARG;
+    char *id = ibuf;
+    size_t cap = sizeof ibuf;
+    if (b.size + DX_CACHE_PREFIX_LEN > cap) {
+        cap = b.size + DX_CACHE_PREFIX_LEN;
+        if (!(id = enif_alloc(cap))) return CR_MISS;
+    }
+    size_t idlen = dx_cache_id(id, cap, (const char *)b.data, b.size);
+    int rc;
+    dx_ebr_enter();
+    dx_session *s = dx_session_find((dx_str){id, idlen}, dx_now_ms());
+    if (!s) {
+        rc = CR_MISS;
+    } else if (dx_cache_check(&s->cache, dx_cache_now_ns(), dx_cache_gen(), max_stale_ns) != DX_CACHE_HIT) {
+        rc = CR_STALE;
+    } else if (atomic_load_explicit(&g_cache_hit_event, memory_order_relaxed)) {
+        rc = CR_COPY;
+    } else {
+        dx_var *v = dx_var_find(s, key);
+        rc = CR_HIT;
+        if (!v) {
+            *out = dx_error2(env, ATOM_not_found, keyt);
+        } else {
+            dx_snap *cur = dx_var_current(v);
+            if (big_value(cur) && !dx_on_dirty()) {
+                rc = CR_COPY;
+            } else if (value_only) {
+                *out = enif_make_tuple2(env, ATOM_ok, dx_value_to_term(env, &cur->value));
+            } else {
+                int by_name = enif_is_binary(env, keyt) && key.len == v->name_len && !memcmp(key.ptr, v->name, key.len);
+                *out = v->derived ? enif_make_tuple2(env, ATOM_ok, dx_var_to_term_named(env, v, cur, by_name ? &keyt : NULL))
+                                  : dx_var_to_flat(env, v, cur, by_name ? &keyt : NULL);
+            }
+        }
+    }
+    dx_ebr_exit();
+    if (id != ibuf) enif_free(id);
+    if (rc == CR_HIT || (rc == CR_COPY && count_copy)) dx_cache_count_hit();
+    return rc;
+}
+
+/* var_get/2 or var_get_value/2 found slow: a fresh cached copy answers at
+ * once under the default read mode; anything else answers `slow'. */
+static ERL_NIF_TERM slow_read(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], int value_only) {
+    int64_t d = atomic_load_explicit(&g_cache_default, memory_order_relaxed);
+    ERL_NIF_TERM r;
+    if (d != CACHE_OFF && argc == 2 && cache_read(env, argv[0], argv[1], d, value_only, 0, &r) == CR_HIT) return r;
+    return ATOM_slow;
+}
+
+/* The max_staleness argument: ms (integer >= 0) or `strong'. */
+static int get_max_stale(ErlNifEnv *env, ERL_NIF_TERM t, int64_t *ns) {
+    ErlNifSInt64 ms;
+    if (enif_is_identical(t, ATOM_strong)) {
+        *ns = DX_CACHE_STRONG;
+        return 1;
+    }
+    if (!enif_get_int64(env, t, &ms) || ms < 0 || ms > INT64_MAX / 1000000) return 0;
+    *ns = ms * 1000000;
+    return 1;
+}
+
+static ERL_NIF_TERM cache_get(ErlNifEnv *env, const ERL_NIF_TERM argv[], int value_only) {
+    int64_t ns;
+    ERL_NIF_TERM r;
+    if (!get_max_stale(env, argv[2], &ns)) return enif_make_badarg(env);
+    switch (cache_read(env, argv[0], argv[1], ns, value_only, 1, &r)) {
+    case CR_HIT: return r;
+    case CR_MISS: return ATOM_miss;
+    case CR_STALE: return ATOM_stale;
+    case CR_COPY: return ATOM_copy;
+    default: return enif_make_badarg(env);
+    }
+}
+
+/* cache_get(S, Key, MaxStaleMs | strong) -> Var | {error, _} | miss | stale | copy */
+DX_NIF(nif_cache_get) {
+    (void)argc;
+    return cache_get(env, argv, 0);
+}
+/* cache_get_value(S, Key, MaxStaleMs | strong) -> {ok, Value} | {error, _} | miss | stale | copy */
+DX_NIF(nif_cache_get_value) {
+    (void)argc;
+    return cache_get(env, argv, 1);
+}
+
+/* cache_arm(CopyId, FillNs, Gen, LeaseNs) -> ok | {error, session_not_found}:
+ * arms (install) or renews the copy (fill and lease only move forward; 0
+ * leaves a field). */
+DX_NIF(nif_cache_arm) {
+    ErlNifSInt64 fill, lease;
+    ErlNifUInt64 gen;
+    (void)argc;
+    if (!enif_get_int64(env, argv[1], &fill) || !enif_get_uint64(env, argv[2], &gen) ||
+        !enif_get_int64(env, argv[3], &lease))
+        return enif_make_badarg(env);
+    t_res = -1;
+    WITH_SESSION(s, argv[0]);
+    dx_cache_arm(&s->cache, fill, gen, lease);
+    dx_ebr_exit();
+    return ATOM_ok;
+}
+
+/* cache_take_ref(CopyId) -> boolean(): the copy's second-chance bit, cleared
+ * (false when the copy is gone). */
+DX_NIF(nif_cache_take_ref) {
+    (void)argc;
+    t_res = -1;
+    WITH_SESSION(s, argv[0]);
+    int r = dx_cache_take_ref(&s->cache);
+    dx_ebr_exit();
+    return r ? ATOM_true : ATOM_false;
+}
+
+/* cache_info(CopyId) -> {FillNs, Gen, LeaseNs, Ref} | {error, session_not_found}:
+ * the copy's freshness (dspex_cache:entry/1). */
+DX_NIF(nif_cache_info) {
+    (void)argc;
+    t_res = -1;
+    WITH_SESSION(s, argv[0]);
+    ERL_NIF_TERM r = enif_make_tuple4(env, enif_make_int64(env, atomic_load(&s->cache.fill_ns)),
+                                      enif_make_uint64(env, atomic_load(&s->cache.gen)),
+                                      enif_make_int64(env, atomic_load(&s->cache.lease_ns)),
+                                      enif_make_int(env, atomic_load(&s->cache.ref)));
+    dx_ebr_exit();
+    return r;
+}
+
+/* cache_clock() -> Ns: CLOCK_MONOTONIC, the clock of every cache time. */
+DX_NIF(nif_cache_clock) {
+    (void)argc;
+    (void)argv;
+    return enif_make_int64(env, dx_cache_now_ns());
+}
+
+/* cache_gen(bump | current) -> Gen: the view generation (bumped on every view change). */
+DX_NIF(nif_cache_gen) {
+    (void)argc;
+    if (enif_is_identical(argv[0], ATOM_current)) return enif_make_uint64(env, dx_cache_gen());
+    if (enif_is_identical(argv[0], ATOM_bump)) return enif_make_uint64(env, dx_cache_gen_bump());
+    return enif_make_badarg(env);
+}
+
+/* cache_hits(Reset) -> Hits (since load or the last reset); Reset: true zeroes them. */
+DX_NIF(nif_cache_hits) {
+    (void)argc;
+    uint64_t n = dx_cache_hits();
+    if (enif_is_identical(argv[0], ATOM_true)) dx_cache_reset_hits();
+    else if (!enif_is_identical(argv[0], ATOM_false)) return enif_make_badarg(env);
+    return enif_make_uint64(env, n);
+}
+
+/* cache_config(Default, HitEvent) -> ok. Default: off | strong | MaxStaleMs
+ * (the read var_get/2 and var_get_value/2 try when slow); HitEvent: boolean. */
+DX_NIF(nif_cache_config) {
+    int64_t ns;
+    (void)argc;
+    if (enif_is_identical(argv[0], ATOM_off)) ns = CACHE_OFF;
+    else if (!get_max_stale(env, argv[0], &ns)) return enif_make_badarg(env);
+    if (!enif_is_identical(argv[1], ATOM_true) && !enif_is_identical(argv[1], ATOM_false)) return enif_make_badarg(env);
+    atomic_store(&g_cache_hit_event, enif_is_identical(argv[1], ATOM_true));
+    atomic_store(&g_cache_default, ns);
+    return ATOM_ok;
+}
+
+DX_NIF(nif_var_get) {
+    return SLOW(DX_NATIVE_GET) ? slow_read(env, argc, argv, 0) : timed(DX_NATIVE_GET, var_get, env, argc, argv);
+}
 DX_NIF(nif_var_get_here) { return timed(DX_NATIVE_GET, var_get, env, argc, argv); }
 DX_NIF(nif_var_get_value) {
-    return SLOW(DX_NATIVE_GET_VALUE) ? ATOM_slow : timed(DX_NATIVE_GET_VALUE, var_get_value, env, argc, argv);
+    return SLOW(DX_NATIVE_GET_VALUE) ? slow_read(env, argc, argv, 1)
+                                     : timed(DX_NATIVE_GET_VALUE, var_get_value, env, argc, argv);
 }
 DX_NIF(nif_var_get_value_here) { return timed(DX_NATIVE_GET_VALUE, var_get_value, env, argc, argv); }
 
