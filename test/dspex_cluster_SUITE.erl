@@ -20,7 +20,7 @@
          a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow/1,
          a_replica_that_diverged_gets_a_full_copy_before_the_ack/1,
          a_replica_node_dying_fails_its_batches_in_flight/1,
-         a_replica_applies_a_run_of_sets_in_one_nif_call/1,
+         a_replica_applies_a_run_of_sets_in_one_nif_call/1, a_write_ranks_the_nodes_once_per_view/1,
          event_sequence_continues_on_the_new_owner_after_failover/1,
          event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1,
          event_sequence_on_one_postgres_database_across_failover/1]).
@@ -28,7 +28,7 @@
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
          client_count/1, client_stop/0, client_stop/1, node_state/2, catch_apply/3]).
--export([collector_start/1, collected/1, spawn_to/5, runs_start/0, runs_get/0]).
+-export([collector_start/1, collected/1, spawn_to/5, runs_start/0, runs_get/0, counted_writes/3]).
 -export([events_start/2, events_get/1, forward_event/4, read_as/4, parallel_sets/1]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, restart_node/2, partition_third/1, restore_cookies/1,
          check_history/1, run_kill_test/2]).
@@ -48,7 +48,7 @@ all() ->
      a_stuck_replica_bounds_the_window_and_fails_writes_as_replica_slow,
      a_replica_that_diverged_gets_a_full_copy_before_the_ack,
      a_replica_node_dying_fails_its_batches_in_flight,
-     a_replica_applies_a_run_of_sets_in_one_nif_call,
+     a_replica_applies_a_run_of_sets_in_one_nif_call, a_write_ranks_the_nodes_once_per_view,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover].
@@ -1198,6 +1198,43 @@ a_replica_applies_a_run_of_sets_in_one_nif_call(Config) ->
     assert_gapless(OwnerLog),
     ?assertEqual(same_events(OwnerLog), same_events(node_events(PR, S))),
     Config.
+
+%% Issue #21, the owner's per-write work: the caller (routing) and the
+%% session's writer (ensure) each rank the nodes of a session once per view
+%% (dspex_cluster_writer:owners_memo/2), not on every write. A view change
+%% (here a drain of the third node, then undrain) ranks again, and the
+%% writes go on succeeding with the owner of the new view.
+a_write_ranks_the_nodes_once_per_view(Config) ->
+    Peers = start_cluster("dspex_rank", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    S = <<"rank_s">>,
+    {Owner, Rep} = session_with_x(PA, S),
+    PO = peer_of(Owner, Peers),
+    [Third] = [N || {N, _} <- Peers, N =/= Owner, N =/= Rep],
+    %% a process on the owner: one write, then 100 counted (a few calls of
+    %% background work may land in the window; without the memo: 200)
+    {100, C1} = peer:call(PO, ?MODULE, counted_writes, [S, 1, 100]),
+    ?assert(C1 < 10),
+    {ok, _} = peer:call(PO, dspex_cluster, drain, [Third]),
+    %% a new view: ranked again, once in the caller and once in the writer
+    {100, C2} = peer:call(PO, ?MODULE, counted_writes, [S, 0, 100]),
+    ct:pal("owners/2 calls in 100 writes: ~b, after a view change ~b", [C1, C2]),
+    ?assert(C2 >= 2 andalso C2 < 10),
+    ok = peer:call(PO, dspex_cluster, undrain, [Third]),
+    ?assertMatch({ok, _}, peer:call(PA, dspex_store, set, [S, x, -1])),
+    Config.
+
+%% Runs on a peer: `Warm' writes of x on S, then `N' more while the calls of
+%% dspex_cluster_writer:owners/2 are counted: {acknowledged, calls}.
+counted_writes(S, Warm, N) ->
+    [{ok, _} = dspex_store:set(S, x, I) || I <- lists:seq(1, Warm)],
+    MFA = {dspex_cluster_writer, owners, 2},
+    1 = erlang:trace_pattern(MFA, true, [call_count]),
+    Ok = length([ok || I <- lists:seq(1, N), {ok, _} <- [dspex_store:set(S, x, I)]]),
+    {call_count, C} = erlang:trace_info(MFA, call_count),
+    1 = erlang:trace_pattern(MFA, false, [call_count]),
+    {Ok, C}.
 
 %% Runs on a replica: records the length of each run its pool processes
 %% apply in one NIF call, and counts dspex_store:set/4 calls.
