@@ -8,11 +8,14 @@
 %% write from another node; also with the new owner's membership lagging
 %% 300 ms). Three `peer' nodes on this machine. Also the
 %% routed graph, access-control, lock and watch calls made on the session's
-%% owner against the same calls made on another node (forwarded).
+%% owner against the same calls made on another node (forwarded). The writes
+%% part reports the CPU time per write of the owner's and the replica's node
+%% (`erlang:statistics(runtime)': independent of other load on the machine);
+%% `replica_apply/0' measures a replica's apply step alone.
 -module(dspex_cluster_bench).
 
 -export([main/0, main/1, start/1, writers/3, writers/4, owned_writers/4, failover_probe/2, routed_ops/2]).
--export([start/2, stop/1]).
+-export([start/2, stop/1, replica_apply/0, replica_apply_on/4]).
 
 -define(SECONDS, 2).
 -define(LAG_MS, 300).
@@ -59,10 +62,11 @@ main(Parts) ->
          #{rate := R} = M = proplists:get_value({N, Same}, [{{A, B}, C} || {A, B, C} <- OwnedN]),
          Base = proplists:get_value({N, Same}, [{{A, B}, C} || {A, B, C} <- SingleN]),
          io:format("  ~2b writer(s), ~-14s ~9b writes/s  single node ~9b/s  (~.3fx)  p50 ~b us  p99 ~b us"
-                   "  replica lag mean ~.2f max ~b versions, drain ~b ms, ~s~n",
+                   "  replica lag mean ~.2f max ~b versions, drain ~b ms, ~s"
+                   "  CPU per write: owner ~.1f us, replica ~.1f us~n",
                    [N, case Same of diff -> "own sessions"; same -> "one session" end, round(R), round(Base),
                     R / Base, maps:get(p50, M), maps:get(p99, M), maps:get(lag_mean, M), maps:get(lag_max, M),
-                    maps:get(drain_ms, M), maps:get(link, M)])
+                    maps:get(drain_ms, M), maps:get(link, M), maps:get(cpu_owner_us, M), maps:get(cpu_replica_us, M)])
      end || {N, Same, _} <- OwnedN],
     Row("cluster, 1 writer on another node (forwarded)", Remote1, Single1),
     Row("cluster, 4 writers on another node, 4 sessions", Remote4, Single4),
@@ -71,7 +75,68 @@ main(Parts) ->
                [K, round(V), round(proplists:get_value(K, OtherOps)), proplists:get_value(K, OtherOps) / V])
      || {K, V} <- OwnerOps],
     Parts =:= all andalso failovers(),
+    Parts =:= all andalso replica_apply(),
     ok.
+
+%% `replica_apply()': what applying sync batches costs a replica, the
+%% replica's step alone (issue #21): batches of replayed sets of one session,
+%% as the owner ships them (event log on), are handed to the replica pool
+%% process serving the session, as its receiver would, and the node's CPU
+%% time per record is measured: with runs of sets applied by one NIF call
+%% (`dspex_nif:replica_apply_batch/3') and, in the same run, one record at a
+%% time through `dspex_store:set/4' (records carrying an option the NIF path
+%% leaves to the per-record path, which `set' ignores).
+replica_apply() ->
+    io:format("~n== dspex_cluster: a replica applying batches of sets (event log on) ==~n", []),
+    Peers = start("dspex_rapply"),
+    [{_, PA} | _] = Peers,
+    S = <<"rapply">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {_, [Rep]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PR = proplists:get_value(Rep, Peers),
+    [begin
+         R = peer:call(PR, ?MODULE, replica_apply_on, [S, Size, 20000, How], 300000),
+         io:format("  batches of ~4b sets, ~-24s ~6.2f us CPU per record on the node, the pool process's step "
+                   "~5.2f us per record (median batch; ~b records/s)~n",
+                   [Size, case How of nif -> "one NIF call per batch:"; each -> "one set/4 per record:" end,
+                    maps:get(cpu_us, R), maps:get(step_us, R), round(maps:get(rate, R))])
+     end || Size <- [1, 4, 16, 64], How <- [nif, each, nif, each]],
+    stop(Peers),
+    ok.
+
+%% Runs on the replica: `Total' records in batches of `Size', CPU per record.
+replica_apply_on(S, Size, Total, How) ->
+    Pool = dspex_cluster_replica:name(S),
+    T0 = erlang:monotonic_time(),
+    C0 = cpu_ms(node()),
+    Steps = apply_batches(S, Pool, Size, Total div Size, How, []),
+    ok = dspex_events:await(),
+    C1 = cpu_ms(node()),
+    Secs = erlang:convert_time_unit(erlang:monotonic_time() - T0, native, microsecond) / 1.0e6,
+    N = Size * (Total div Size),
+    Step = lists:nth(length(Steps) div 2 + 1, lists:sort(Steps)),
+    #{cpu_us => (C1 - C0) * 1000 / N, rate => N / Secs, step_us => Step / Size}.
+
+%% Returns the time each batch took the pool process (us, from the hand-over
+%% to its answer: the apply step, without the event log's writer thread).
+apply_batches(_, _, _, 0, _, Acc) -> Acc;
+apply_batches(S, Pool, Size, K, How, Acc) ->
+    {S, E, Seq0, Owner, _, _, _} = dspex_cluster_replica:row(S),
+    {ok, #{version := Ver0}} = dspex_cluster:local_apply(get, [S, x]),
+    Pre0 = dspex_events:last_sequence(S),
+    Extra = case How of nif -> #{}; each -> #{bench_per_record => true} end,
+    Recs = [{I, S, E, Seq0 + I, {ev, Pre0 + I - 1, Pre0 + I,
+                                 {op, set, [S, x, I, Extra#{expected_version => Ver0 + I - 1}], {ok, Ver0 + I}}, []}}
+            || I <- lists:seq(1, Size)],
+    Ref = make_ref(),
+    T0 = erlang:monotonic_time(),
+    Pool ! {apply_batch, self(), Ref, Owner, Recs},
+    receive
+        {applied, Ref, []} ->
+            Us = erlang:convert_time_unit(erlang:monotonic_time() - T0, native, nanosecond) / 1000,
+            apply_batches(S, Pool, Size, K - 1, How, [Us | Acc])
+    end.
 
 failovers() ->
     Times = [failover_once("dspex_fo" ++ integer_to_list(I), 0) || I <- lists:seq(1, 3)],
@@ -105,12 +170,19 @@ owned_writers(Prefix, N, Secs, Same) ->
     Lag = fun() -> element(3, dspex_cluster_replica:row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
     Link0 = link_stats(Rep),
     Parent = self(),
+    Cpu0 = {cpu_ms(node()), cpu_ms(Rep)},
     Sampler = spawn_link(fun() -> Parent ! {lag, sample(Lag, [])} end),
     {Rate, Lats} = run(Ss, Secs, true, fun() -> Sampler ! stop end),
     Lags = receive {lag, L} -> L end,
     T0 = erlang:monotonic_time(millisecond),
     catch_up(Lag),
     Drain = erlang:monotonic_time(millisecond) - T0,
+    %% CPU time of each node's emulator over the run and the replica's catch-up
+    %% (including this node's lag sampler), per write: independent of the load
+    %% other programs put on the machine
+    Writes = max(1, round(Rate * Secs)),
+    CpuOwner = (cpu_ms(node()) - element(1, Cpu0)) * 1000 / Writes,
+    CpuRep = (cpu_ms(Rep) - element(2, Cpu0)) * 1000 / Writes,
     Link = case {Link0, link_stats(Rep)} of
                {#{batches := B0, records := R0}, #{batches := B1, records := R1, max_batch := MaxB}} when B1 > B0 ->
                    io_lib:format("~.1f records/batch (largest ~b)", [(R1 - R0) / (B1 - B0), MaxB]);
@@ -119,7 +191,13 @@ owned_writers(Prefix, N, Secs, Same) ->
     Sorted = list_to_tuple(lists:sort(Lats)),
     Pct = fun(P) -> element(max(1, round(P * tuple_size(Sorted))), Sorted) end,
     #{rate => Rate, p50 => Pct(0.50), p99 => Pct(0.99), lag_mean => lists:sum(Lags) / max(1, length(Lags)),
-      lag_max => lists:max([0 | Lags]), drain_ms => Drain, link => Link}.
+      lag_max => lists:max([0 | Lags]), drain_ms => Drain, link => Link,
+      cpu_owner_us => CpuOwner, cpu_replica_us => CpuRep}.
+
+%% The CPU time (user and system, every scheduler and thread) the emulator of
+%% `Node' used so far, ms.
+cpu_ms(Node) when Node =:= node() -> element(1, erlang:statistics(runtime));
+cpu_ms(Node) -> element(1, erpc:call(Node, erlang, statistics, [runtime])).
 
 link_stats(Rep) -> catch dspex_cluster_shipper:stats(Rep).
 

@@ -528,7 +528,7 @@ retried(S, Op, Why, Next, Hops) ->
 quorum_here(#{backend := Backend} = V) -> Backend:quorum(V).
 
 owner(S, V) ->
-    case dspex_cluster_writer:owners(S, V) of
+    case dspex_cluster_writer:owners_memo(S, V) of
         none -> none;
         {O, _} -> O
     end.

@@ -5,9 +5,11 @@
 %% A batch is split by replica pool process (`dspex_cluster_replica:name/1',
 %% the process every other change of the session goes through: fences,
 %% installs, takeovers), keeping the batch order; each pool process applies
-%% its part in one pass, record by record with the rules of a single change
-%% (an older epoch is refused with `{stale_epoch, Fence}', a repeat is
-%% ignored, a gap is `need_full'), and answers here; once every part is back
+%% its part in one pass, in order per session, with the rules of a single
+%% change (an older epoch is refused with `{stale_epoch, Fence}', a repeat is
+%% ignored, a gap is `need_full'): each run of consecutive replayed sets of a
+%% session in one NIF call (`dspex_nif:replica_apply_batch/3'), any other
+%% record by itself (see `dspex_cluster_replica'), and answers here; once every part is back
 %% the shipper gets one answer for the batch: the records that failed and why.
 -module(dspex_cluster_receiver).
 -behaviour(gen_server).

@@ -14,7 +14,17 @@
 %% Sync replication arrives in batches (`dspex_cluster_receiver' splits
 %% each one by pool process; a part is applied in one pass with the rules of
 %% `apply_change/5'); async replication and takeovers use the calls and casts
-%% below.
+%% below. Within a part, the records of each session are taken in order; a
+%% run of consecutive replayed sets of one epoch (with the event log on:
+%% each logging just its own event, right after the previous one's, and the
+%% local log at the first one's `Pre') is applied by ONE NIF call,
+%% `dspex_nif:replica_apply_batch/3', which applies the rules itself and
+%% answers per record; every other record (full copies, deletions, batches,
+%% rollbacks, sets with other options, a log that must catch up first) goes
+%% through `apply_change/5''s path one by one. Replayed sets applied in a
+%% run do not pass through `dspex_store:set/4', so they emit no
+%% `[dspex, store, set, stop]' telemetry and are not counted by the native
+%% store analytics on the replica (they log the same events as before).
 %%
 %% With the event log on, this node's log of a replicated session follows
 %% the owner's (`{ev, Pre, Post, Payload, Kept}' changes: the owner's last
@@ -192,9 +202,9 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({apply_batch, Receiver, Key, Owner, Recs}, St) ->
-    %% this process's part of a batch (see dspex_cluster_receiver), in order;
-    %% the answer lists the records not applied
-    Fails = [{I, R} || {I, S, E, Seq, P} <- Recs, R <- [do_apply(S, E, Seq, Owner, P)], R =/= ok],
+    %% this process's part of a batch (see dspex_cluster_receiver), in order
+    %% per session; the answer lists the records not applied
+    Fails = lists:append([apply_session(S, SRecs, Owner, []) || {S, SRecs} <- by_session(Recs)]),
     Receiver ! {applied, Key, Fails},
     {noreply, St};
 handle_info(_, St) -> {noreply, St}.
@@ -264,6 +274,99 @@ do_apply(S, Epoch, Seq, Owner, P) ->
                     end
             end
     end.
+
+%% The records of a batch part grouped by session, each group in the batch's
+%% order (sessions are independent; a session's order is its commit order).
+by_session(Recs) ->
+    {Order, Groups} = lists:foldl(fun({_, S, _, _, _} = R, {O, G}) ->
+                                          case G of
+                                              #{S := L} -> {O, G#{S := [R | L]}};
+                                              _ -> {[S | O], G#{S => [R]}}
+                                          end
+                                  end, {[], #{}}, Recs),
+    [{S, lists:reverse(maps:get(S, Groups))} || S <- lists:reverse(Order)].
+
+%% A session's records: each run of consecutive sets that one NIF call can
+%% replay (`run/1') is applied by `dspex_nif:replica_apply_batch/3' with the
+%% rules of `do_apply/5' (an older epoch refused, a repeat ignored, a gap
+%% `need_full'); anything else, or a run whose first change the local event
+%% log is not ready for, goes through `do_apply/5' one record at a time.
+%% Returns the failures, `[{Index, {error, Why}}]'.
+apply_session(_S, [], _Owner, Fails) -> lists:reverse(Fails);
+apply_session(S, [{I, S, E, Seq, P} | Rest] = Recs, Owner, Fails) ->
+    case run(Recs) of
+        {[_ | _] = Run, Left} ->
+            case ready(S, Run) of
+                true -> apply_session(S, Left, Owner, lists:reverse(apply_run(S, Run, Owner), Fails));
+                false -> apply_session(S, Rest, Owner, one(I, do_apply(S, E, Seq, Owner, P), Fails))
+            end;
+        {[], _} -> apply_session(S, Rest, Owner, one(I, do_apply(S, E, Seq, Owner, P), Fails))
+    end.
+
+one(_, ok, Fails) -> Fails;
+one(I, Err, Fails) -> [{I, Err} | Fails].
+
+%% The longest prefix of records that are plain replayed sets of one epoch,
+%% with consecutive sequence numbers, and (event log on) each logging exactly
+%% the one event of its set right after the previous one's (`Pre' of each is
+%% `Post' of the one before, nothing kept): `{[{I, Epoch, Seq, Set, Events}], Rest}'.
+run(Recs) -> run(Recs, undefined, []).
+
+run([{I, _, E, Seq, P} | Rest] = Recs, Prev, Acc) ->
+    case {plain_set(P), Prev} of
+        {false, _} -> {lists:reverse(Acc), Recs};
+        {{Set, Ev}, undefined} -> run(Rest, {E, Seq, Ev}, [{I, E, Seq, Set, Ev} | Acc]);
+        {{Set, Ev}, {E, PSeq, PEv}} when Seq =:= PSeq + 1 ->
+            case chained(PEv, Ev) of
+                true -> run(Rest, {E, Seq, Ev}, [{I, E, Seq, Set, Ev} | Acc]);
+                false -> {lists:reverse(Acc), Recs}
+            end;
+        _ -> {lists:reverse(Acc), Recs}
+    end;
+run([], _, Acc) -> {lists:reverse(Acc), []}.
+
+chained(none, none) -> true;
+chained({_, Post}, {Pre, _}) -> Pre =:= Post;
+chained(_, _) -> false.
+
+%% `{{Key, Value, Opts, Version}, Events}' of a replayed set the NIF makes as
+%% `dspex_store:set/4' would (the options the owner's payload carries), or
+%% false. `Events': `none' (log off at the owner) or `{Pre, Post}'.
+plain_set({op, set, [_, K, V, Opts], {ok, Ver}}) when is_map(Opts), is_integer(Ver) ->
+    case maps:size(maps:without([expected_version, metadata, changed_by, as, context], Opts)) of
+        0 -> {{K, V, Opts, Ver}, none};
+        _ -> false
+    end;
+plain_set({ev, Pre, Post, P, []}) when is_integer(Pre), Post =:= Pre + 1 ->
+    case plain_set(P) of
+        {Set, none} -> {Set, {Pre, Post}};
+        false -> false
+    end;
+plain_set(_) -> false.
+
+%% The local log is where the run's first replay must log its event (the
+%% owner's `Pre'), or off here.
+ready(_S, [{_, _, _, _, none} | _]) -> true;
+ready(S, [{_, _, _, _, {Pre, _}} | _]) ->
+    case dspex_events:last_sequence(S) of
+        undefined -> true;
+        L -> L =:= Pre
+    end.
+
+%% One NIF call for the run; the row follows what it applied (as do_apply/5
+%% writes it after each change), then the log is brought to the last applied
+%% change's `Post' (a no-op when every replay logged its one event).
+apply_run(S, Run, Owner) ->
+    {S, E0, Seq0, _, _, _, F0} = row(S),
+    Sets = [{E, Seq, K, V, O, Ver} || {_, E, Seq, {K, V, O, Ver}, _} <- Run],
+    {{E1, Seq1, F1}, Res} = dspex_nif:replica_apply_batch(S, {E0, Seq0, F0}, Sets),
+    _ = Seq1 =/= Seq0 andalso put_row({S, E1, Seq1, Owner, [], 0, F1}),
+    Applied = [Ev || {{_, E, Seq, _, Ev}, ok} <- lists:zip(Run, Res), E =:= E1, Seq =< Seq1, Seq > Seq0],
+    _ = case lists:reverse(Applied) of
+            [{_, Post} | _] -> dspex_events:catch_up(S, Owner, Post, []);
+            _ -> ok
+        end,
+    [{I, R} || {{I, _, _, _, _}, R} <- lists:zip(Run, Res), R =/= ok].
 
 %% The replica's log must be at the owner's `Pre' for its replay to number
 %% the change's events as the owner did.

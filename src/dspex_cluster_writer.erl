@@ -25,13 +25,15 @@
 -module(dspex_cluster_writer).
 -behaviour(gen_server).
 
--export([start_link/1, name/1, owners/2]).
+-export([start_link/1, name/1, owners/2, owners_memo/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
 -define(RPC_TIMEOUT, 5000).
 -define(RECONCILE_ATTEMPTS, 6).
 -define(RECONCILE_BACKOFF_MS, 50).
+%% sessions whose owners/2 a process remembers for the current view
+-define(OWNERS_MEMO, 256).
 
 %% @doc Starts writer `I' of the pool.
 -spec start_link(non_neg_integer()) -> {ok, pid()} | {error, term()}.
@@ -58,6 +60,26 @@ owners(S, #{eligible := El, overrides := O, replicas := R}) ->
     case Ranked of
         [] -> none;
         [Owner | Rest] -> {Owner, lists:sublist(Rest, R)}
+    end.
+
+%% @doc `owners/2', remembered by the calling process for the view it was
+%% computed under (the process dictionary, at most 256 sessions; another view,
+%% or a full memo, starts afresh): a write ranks the nodes of its session once
+%% per view and process, not once in the caller and once in the writer. The
+%% view is compared whole (a `persistent_term' value: the same view is the
+%% same term), so a memo never outlives the view it was computed under.
+-spec owners_memo(binary(), dspex_cluster_members:view()) -> {node(), [node()]} | none.
+owners_memo(S, V) ->
+    case get(dspex_cluster_owners) of
+        {V, #{S := R}} -> R;
+        {V, M} when map_size(M) < ?OWNERS_MEMO ->
+            R = owners(S, V),
+            put(dspex_cluster_owners, {V, M#{S => R}}),
+            R;
+        _ ->
+            R = owners(S, V),
+            put(dspex_cluster_owners, {V, #{S => R}}),
+            R
     end.
 
 rank(S, Nodes) ->
@@ -193,7 +215,7 @@ reconcile(S, Attempt, V) ->
     end.
 
 ensure(S, #{gen := Gen, backend := Backend} = V) ->
-    case Backend:quorum(V) andalso owners(S, V) of
+    case Backend:quorum(V) andalso owners_memo(S, V) of
         false -> {error, no_quorum};
         none -> {error, no_quorum};
         {Owner, _} when Owner =/= node() ->

@@ -16,6 +16,7 @@
          metrics_sketch_stats/1, metrics_sketch_quantile/2, metrics_sketch_to_binary/1,
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
          metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
+-export([replica_apply_batch/3]).
 -export([lock_token_floor/1, var_lock/6, lock_list/0]).
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
          events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1,
@@ -116,6 +117,12 @@ metrics_native_bind(_Op, _Ok, _Miss, _Err) -> ?NOT_LOADED.
 metrics_native_flush() -> ?NOT_LOADED.
 metrics_dropped() -> ?NOT_LOADED.
 lock_token_floor(_Floor) -> ?NOT_LOADED.
+%% A replica applies a batch of its owner's sets of one session (dspex_cluster_replica).
+-spec replica_apply_batch(binary(), {non_neg_integer(), non_neg_integer(), non_neg_integer()},
+                          [{pos_integer(), pos_integer(), term(), term(), map(), pos_integer()}]) ->
+          {{non_neg_integer(), non_neg_integer(), non_neg_integer()},
+           [ok | {error, need_full | {stale_epoch, non_neg_integer()}}]}.
+replica_apply_batch(_Session, _State, _Sets) -> ?NOT_LOADED.
 %% var_lock/5 that also records Meta with the lock in the NIF's lock registry.
 -spec var_lock(binary(), term(), term(), non_neg_integer(), map(), term()) -> {ok, pos_integer()} | {error, term()}.
 var_lock(_S, _Key, _Holder, _Expect, _Opts, _Meta) -> ?NOT_LOADED.

@@ -158,6 +158,7 @@ static ErlNifFunc funcs[] = {
     {"session_get_rate", 1, nif_session_get_rate, 0},
     DX_METRICS_FUNCS,
     {"lock_token_floor", 1, nif_lock_token_floor, 0},
+    {"replica_apply_batch", 3, nif_replica_apply_batch, 0},
     DX_EVENTS_FUNCS,
     {"sched_stats", 0, nif_sched_stats, 0},
     {"rawbuf_debug", 1, nif_rawbuf_debug, 0},

@@ -6,6 +6,7 @@
 #include "glob.h"
 #include "nif.h"
 #include "metrics_nif.h"
+#include "repl.h"
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,7 +117,7 @@ static int big_input(ErlNifEnv *env, ERL_NIF_TERM t) {
 /* Calls moved to a dirty scheduler, per NIF (sched_stats/0 reports them, with
  * the watch notification counters: the tests assert where work ran). */
 enum { RS_SESSION_LIST, RS_REGISTER, RS_GET, RS_GET_VALUE, RS_SET, RS_LIST, RS_GET_MANY, RS_SET_MANY, RS_HISTORY,
-       RS_ROLLBACK, RS_N };
+       RS_ROLLBACK, RS_REPLICA_BATCH, RS_N };
 static _Atomic uint64_t g_resched[RS_N];
 
 static ERL_NIF_TERM resched(ErlNifEnv *env, int op, const char *fname,
@@ -144,7 +145,8 @@ DX_NIF(nif_rawbuf_debug) {
  * NIF, and watch notifications delivered on normal / dirty schedulers. */
 DX_NIF(nif_sched_stats) {
     static const char *const names[RS_N] = {"session_list", "var_register", "var_get", "var_get_value", "var_set",
-                                            "var_list", "var_get_many", "var_set_many", "var_history", "var_rollback"};
+                                            "var_list", "var_get_many", "var_set_many", "var_history", "var_rollback",
+                                            "replica_apply_batch"};
     static const char *const nnames[DX_NOTIFY_STATS] = {"notify_normal", "notify_dirty", "notify_rescheduled",
                                                         "notify_dropped"};
     ERL_NIF_TERM keys[RS_N + DX_NOTIFY_STATS], vals[RS_N + DX_NOTIFY_STATS], m;
@@ -932,6 +934,149 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
 
 DX_NIF(nif_var_set) { return SLOW(DX_NATIVE_SET) ? ATOM_slow : timed(DX_NATIVE_SET, var_set, env, argc, argv); }
 DX_NIF(nif_var_set_here) { return timed(DX_NATIVE_SET, var_set, env, argc, argv); }
+
+/* ---- replicas: a batch of the owner's sets in one call (issue #21) --------
+ *
+ * replica_apply_batch(Session, {Epoch, Seq, Fence}, [{Epoch, Seq, Key, Value, Opts, Version}])
+ *   -> {{Epoch, Seq, Fence}, [ok | {error, need_full} | {error, {stale_epoch, Known}}]}
+ *
+ * The replica's state of the session in (its row in dspex_cluster_sessions),
+ * the owner's replayed sets in commit order; each is taken with the rules of
+ * core/repl.h (an older epoch refused, a repeat ignored (ok), a gap
+ * need_full) and applied as set(Session, Key, Value, Opts) would be: it must
+ * reach the owner's Version, else it is need_full and so is every later one.
+ * The new state and one outcome per set come back; the caller writes the row.
+ * A malformed argument is badarg and changes nothing. More than
+ * REPL_NORMAL_MAX sets (4 us each at most under load: 250 us), or a big value, run on a dirty scheduler. */
+#define REPL_NORMAL_MAX 64
+
+typedef struct {
+    ErlNifEnv *env;
+    dx_session *s; /* NULL: the session is not here (every set fails) */
+    ERL_NIF_TERM sidt;
+    dx_str sid;
+    const ERL_NIF_TERM **tups;
+    dx_notify_ctx *nc;
+} repl_ctx;
+
+/* One set of the batch, as var_set makes it; 0 when it reached the owner's version. */
+static int repl_apply_one(void *vctx, size_t i) {
+    repl_ctx *c = vctx;
+    ErlNifEnv *env = c->env;
+    const ERL_NIF_TERM *t = c->tups[i];
+    if (!c->s) return 1;
+    char kbuf[DX_ATOM_TEXT], err[DX_ERRLEN];
+    dx_str key;
+    ErlNifUInt64 want;
+    get_key(env, t[2], &key, kbuf);
+    enif_get_uint64(env, t[5], &want);
+    set_opts_buf ob;
+    if (parse_set_opts(env, t[4], &ob)) {
+        set_opts_free(&ob);
+        return 1;
+    }
+    arm_acl(env, &ob, c->sid);
+    int failed = 1;
+    dx_var *v = dx_var_find(c->s, key);
+    if (c->s->rate > 0 && dx_session_take(c->s, dx_now_ns())) {
+        dx_audit(env, ATOM_dspex_rate_limited, c->sidt, t[2], &ob.principal, 0);
+    } else if (v) {
+        dx_rawbuf b;
+        dx_value val;
+        if (!dx_term_to_raw(env, t[3], &b, dx_store_limits().max_value_bytes) && !b.too_big &&
+            !dx_value_check(v->type, v->cons, &b.raw, &val, err, sizeof err)) {
+            ERL_NIF_TERM r = do_set(env, c->s, v, c->sidt, t[2], &val, &ob, c->nc);
+            int arity;
+            const ERL_NIF_TERM *el;
+            ErlNifUInt64 got;
+            failed = !(enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok) &&
+                       enif_get_uint64(env, el[1], &got) && got == want);
+        }
+        dx_rawbuf_free(&b);
+    }
+    set_opts_free(&ob);
+    return failed;
+}
+
+static int get_u64(ErlNifEnv *env, ERL_NIF_TERM t, uint64_t *out) {
+    ErlNifUInt64 u;
+    if (!enif_get_uint64(env, t, &u)) return 0;
+    *out = u;
+    return 1;
+}
+
+static void repl_free(void *a, void *b, void *c, void *d) {
+    void *p[4] = {a, b, c, d};
+    for (int i = 0; i < 4; i++)
+        if (p[i]) enif_free(p[i]);
+}
+
+DX_NIF(nif_replica_apply_batch) {
+    dx_str sid;
+    const ERL_NIF_TERM *st;
+    int arity;
+    unsigned n;
+    dx_repl_state state;
+    if (!get_sid(env, argv[0], &sid) || !enif_get_tuple(env, argv[1], &arity, &st) || arity != 3 ||
+        !get_u64(env, st[0], &state.epoch) || !get_u64(env, st[1], &state.seq) || !get_u64(env, st[2], &state.fence) ||
+        !enif_get_list_length(env, argv[2], &n))
+        return enif_make_badarg(env);
+    /* every record checked before anything is applied: a badarg changes nothing */
+    size_t cnt = n ? n : 1;
+    const ERL_NIF_TERM **tups = enif_alloc(cnt * sizeof *tups);
+    dx_repl_rec *recs = enif_alloc(cnt * sizeof *recs);
+    dx_repl_outcome *out = enif_alloc(cnt * sizeof *out);
+    ERL_NIF_TERM *res = enif_alloc(cnt * sizeof *res);
+    ERL_NIF_TERM l = argv[2], h, r;
+    int big = 0;
+    if (!tups || !recs || !out || !res) {
+        r = dx_error(env, ATOM_enomem);
+        goto done;
+    }
+    for (unsigned i = 0; enif_get_list_cell(env, l, &h, &l); i++) {
+        char kbuf[DX_ATOM_TEXT];
+        dx_str k;
+        ErlNifUInt64 ver;
+        if (!enif_get_tuple(env, h, &arity, &tups[i]) || arity != 6 || !get_u64(env, tups[i][0], &recs[i].epoch) ||
+            !get_u64(env, tups[i][1], &recs[i].seq) || !get_key(env, tups[i][2], &k, kbuf) ||
+            !enif_is_map(env, tups[i][4]) || !dx_principal_ok(env, tups[i][4]) || !enif_get_uint64(env, tups[i][5], &ver)) {
+            r = enif_make_badarg(env);
+            goto done;
+        }
+        big |= big_input(env, tups[i][3]);
+    }
+    if (!dx_on_dirty() && (n > REPL_NORMAL_MAX || big)) {
+        repl_free(tups, recs, out, res);
+        return RESCHEDULE(RS_REPLICA_BATCH, "replica_apply_batch", nif_replica_apply_batch);
+    }
+    {
+        dx_notify_ctx nc;
+        dx_notify_ctx_init(&nc, env, n);
+        dx_ebr_enter();
+        repl_ctx c = {env, dx_session_find(sid, dx_now_ms()), argv[0], sid, tups, &nc};
+        dx_repl_apply_batch(&state, recs, n, repl_apply_one, &c, out);
+        dx_ebr_exit();
+        for (unsigned i = 0; i < n; i++) {
+            switch (out[i].verdict) {
+            case DX_REPL_APPLIED:
+            case DX_REPL_REPEAT: res[i] = ATOM_ok; break;
+            case DX_REPL_STALE:
+                res[i] = dx_error2(env, ATOM_stale_epoch, enif_make_uint64(env, out[i].known));
+                break;
+            default: res[i] = dx_error(env, ATOM_need_full); break;
+            }
+        }
+        ERL_NIF_TERM nst = enif_make_tuple3(env, enif_make_uint64(env, state.epoch), enif_make_uint64(env, state.seq),
+                                            enif_make_uint64(env, state.fence));
+        r = enif_make_tuple2(env, nst, enif_make_list_from_array(env, res, n));
+        repl_free(tups, recs, out, res);
+        /* outside the EBR section and every lock: the watch messages */
+        return dx_watch_finish(env, &nc, r);
+    }
+done:
+    repl_free(tups, recs, out, res);
+    return r;
+}
 
 
 DX_NIF(nif_var_delete) {
