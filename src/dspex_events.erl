@@ -776,7 +776,9 @@ init([]) ->
     Cfg = Spool#{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
                  capacity => Env(event_queue_capacity, 65536), snapshot_every => Every,
                  max_batch => Env(event_max_batch, 8192),
-                 linger_us => 1000 * Env(event_flush_interval_ms, 2)},
+                 linger_us => 1000 * Env(event_flush_interval_ms, 2),
+                 %% group-commit gather: 0 adaptive (half the mean commit, at most 5 ms), -1 off, N > 0 at most N µs
+                 gather_us => Env(event_gather_us, 0)},
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of
         ok ->

@@ -48,7 +48,9 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch, A_linger_us,
     A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
-    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional;
+    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional,
+    A_gather_us, A_acked_batches, A_acked, A_gathers, A_gather_timeouts, A_writer_cpu_us, A_write_cpu_us,
+    A_encode_cpu_us, A_write_us, A_commit_avg_us;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -404,6 +406,9 @@ DX_NIF(nif_events_open) {
     ErlNifUInt64 linger = 0;
     if (enif_get_map_value(env, argv[0], A_linger_us, &v) && (!enif_get_uint64(env, v, &linger) || linger > 10000000))
         return enif_make_badarg(env);
+    ErlNifSInt64 gather = 0; /* 0: adaptive, < 0: off, > 0: a fixed bound in µs */
+    if (enif_get_map_value(env, argv[0], A_gather_us, &v) && (!enif_get_int64(env, v, &gather) || gather > 10000000))
+        return enif_make_badarg(env);
     ErlNifUInt64 every = 0;
     if (enif_get_map_value(env, argv[0], A_snapshot_every, &v) && !enif_get_uint64(env, v, &every))
         return enif_make_badarg(env);
@@ -450,7 +455,7 @@ DX_NIF(nif_events_open) {
         goto out;
     }
     dx_evq_config cfg = {.ops = ops, .target = tgt, .node = (const char *)node.data, .node_len = node.size,
-                         .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .encode = ev_encode, .free_payload = ev_free_payload,
+                         .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .gather_us = (int64_t)gather, .encode = ev_encode, .free_payload = ev_free_payload,
                          .item_alloc = enif_alloc, .item_free = enif_free,
                          .on_batch = ev_on_batch, .spool_path = spool_path};
     enif_mutex_lock(g_wait_mu);
@@ -688,7 +693,7 @@ static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket) {
     enif_self(env, &w->pid);
     g_waiters = w;
     enif_mutex_unlock(g_wait_mu);
-    dx_evq_urge(q); /* a caller waits: no lingering */
+    dx_evq_urge(q, ticket); /* a caller waits: no lingering; counted for the group-commit gather */
     return enif_make_tuple2(env, A_wait, ref);
 }
 
@@ -816,10 +821,11 @@ DX_NIF(nif_events_stats) {
     atomic_fetch_sub(&g_inflight, 1);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
-    ERL_NIF_TERM k[16] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+    ERL_NIF_TERM k[25] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
                           A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds,
-                          A_provisional};
-    ERL_NIF_TERM v[16] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+                          A_provisional, A_acked_batches, A_acked, A_gathers, A_gather_timeouts, A_writer_cpu_us,
+                          A_write_cpu_us, A_encode_cpu_us, A_write_us, A_commit_avg_us};
+    ERL_NIF_TERM v[25] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
                           enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
                           enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
@@ -827,8 +833,12 @@ DX_NIF(nif_events_stats) {
                           s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
                           enif_make_uint64(env, atomic_load(&g_lost)), full ? ATOM_true : ATOM_false,
                           enif_make_uint64(env, s.spooled), enif_make_uint64(env, s.commit_seeds),
-                          enif_make_uint64(env, s.provisional)};
-    return map_of(env, k, v, 16);
+                          enif_make_uint64(env, s.provisional), enif_make_uint64(env, s.acked_batches),
+                          enif_make_uint64(env, s.acked), enif_make_uint64(env, s.gathers),
+                          enif_make_uint64(env, s.gather_timeouts), enif_make_uint64(env, s.cpu_ns / 1000),
+                          enif_make_uint64(env, s.write_cpu_ns / 1000), enif_make_uint64(env, s.encode_cpu_ns / 1000),
+                          enif_make_uint64(env, s.write_ns / 1000), enif_make_int64(env, s.commit_avg_us)};
+    return map_of(env, k, v, 25);
 }
 
 /* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
@@ -976,7 +986,10 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_principal, "principal"); A(A_request_id, "request_id"); A(A_variable, "variable"); A(A_reason, "reason");
     A(A_deleted, "deleted"); A(A_expired, "expired"); A(A_migrated, "migrated"); A(A_old_value, "old_value");
     A(A_previous, "previous"); A(A_members, "members"); A(A_backend, "backend"); A(A_sqlite, "sqlite");
-    A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch"); A(A_linger_us, "linger_us");
+    A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch"); A(A_linger_us, "linger_us"); A(A_gather_us, "gather_us");
+    A(A_acked_batches, "acked_batches"); A(A_acked, "acked"); A(A_gathers, "gathers"); A(A_gather_timeouts, "gather_timeouts");
+    A(A_writer_cpu_us, "writer_cpu_us"); A(A_write_cpu_us, "write_cpu_us"); A(A_encode_cpu_us, "encode_cpu_us");
+    A(A_write_us, "write_us"); A(A_commit_avg_us, "commit_avg_us");
     A(A_listener, "listener"); A(A_pushed, "pushed"); A(A_done, "done"); A(A_depth, "depth");
     A(A_max_depth, "max_depth"); A(A_bytes, "bytes"); A(A_batches, "batches"); A(A_written_n, "written");
     A(A_lag_us, "lag_us"); A(A_last_position, "last_position"); A(A_last_error, "last_error"); A(A_lost, "lost");
