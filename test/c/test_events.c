@@ -635,6 +635,68 @@ static int arch_cb(void *c, const dx_ev_rec *r) {
     return 0;
 }
 
+/* Batches go in SQ_MULTI (32) rows a statement; a retried batch whose chunk holds stored records (here the
+ * second batch repeats 45 of the first's 100, then 55 new ones) takes the stored positions for those and
+ * the next positions, gapless, for the new ones; 155 rows in all, each once. */
+static void fill_recs(dx_ev_rec *r, size_t n, uint64_t seq0) {
+    for (size_t i = 0; i < n; i++) {
+        memset(&r[i], 0, sizeof r[i]);
+        r[i].sequence = seq0 + i;
+        r[i].ts_us = (int64_t)(1000 + seq0 + i);
+        dx_uuid7(r[i].ts_us, r[i].id);
+        r[i].session = "m";
+        r[i].session_len = 1;
+        r[i].type = "t";
+        r[i].type_len = 1;
+        r[i].data = (const uint8_t *)"d";
+        r[i].data_len = 1;
+    }
+}
+
+static void test_backend_multi_row_batches_and_retries(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "m.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_rec a[100], b[100];
+    fill_recs(a, 100, 1);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, a, 100, err, sizeof err), 0);
+    for (size_t i = 0; i < 100; i++) assert_int_equal(a[i].position, i + 1);
+    fill_recs(b, 100, 56); /* sequences 56..155: 56..100 stored already */
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, b, 100, err, sizeof err), 0);
+    for (size_t i = 0; i < 45; i++) assert_int_equal(b[i].position, 56 + i);
+    for (size_t i = 45; i < 100; i++) assert_int_equal(b[i].position, 101 + (i - 45));
+    uint64_t mp = 0;
+    assert_int_equal(dx_ev_sqlite_ops.max_position(db, &mp, err, sizeof err), 0);
+    assert_int_equal(mp, 155);
+    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "m", 155); /* gapless sequences, increasing positions, each row once */
+
+    /* a chunk partly stored: 32 new events of session n, then m 90..157 (the chunk of m 90..121 inserts
+     * 21 rows and meets 11 stored ones: taken out again, then row by row) */
+    path(p, sizeof p, "m2.db");
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    fill_recs(a, 100, 1);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, a, 100, err, sizeof err), 0);
+    fill_recs(b, 32, 1);
+    for (size_t i = 0; i < 32; i++) b[i].session = "n";
+    fill_recs(b + 32, 68, 90);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, b, 100, err, sizeof err), 0);
+    for (size_t i = 0; i < 32; i++) assert_int_equal(b[i].position, 101 + i);
+    for (size_t i = 32; i < 43; i++) assert_int_equal(b[i].position, 90 + (i - 32));
+    for (size_t i = 43; i < 100; i++) assert_int_equal(b[i].position, 133 + (i - 43));
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "m");
+    snprintf(c.sess[1], sizeof c.sess[1], "n");
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, 189);
+    assert_int_equal(c.bad, 0);
+    assert_int_equal(c.last_seq[0], 157);
+    assert_int_equal(c.last_seq[1], 32);
+    dx_ev_sqlite_ops.close(db);
+}
+
 static void test_backend_filters_snapshots_retention(void **st) {
     char p[128], err[256];
     path(p, sizeof p, "e.db");
@@ -724,6 +786,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_close_while_lingering_writes_everything, setup, teardown),
         cmocka_unit_test_setup_teardown(test_push_wakes_writer_waiting_to_drain_spool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backend_multi_row_batches_and_retries, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
