@@ -9,7 +9,7 @@
 %%      1,000 sets, each followed by an untimed wait for the log);
 %%   5. state_at of a session with 1,000,000 events (snapshots every 100).
 -module(dspex_events_bench).
--export([main/0]).
+-export([main/0, pg/0]).
 
 -define(SID, <<"evbench">>).
 
@@ -27,15 +27,9 @@ main() ->
 
 run(sync, Root) ->
     Fsync0 = fsync_rate(Root),
-    {Group, GS} = with_log(Root, "group", #{}, fun() -> sync_writers(16, 2000) end),
-    {NoGather, NS} = with_log(Root, "nogather", #{event_gather_us => -1}, fun() -> sync_writers(16, 2000) end),
-    {Single, _} = with_log(Root, "single", #{event_max_batch => 1}, fun() -> sync_writers(16, 300) end),
+    sync_ratio(Root, #{}),
     Fsync = (Fsync0 + fsync_rate(Root)) / 2,
-    io:format("  disk fsync rate (before and after the sync runs, mean): ~.1f fsyncs/s~n", [Fsync]),
-    io:format("  sync acked writes, 16 writers: group commit ~.1f/s, one transaction per event ~.1f/s, "
-              "ratio ~.1fx (goal >= 10x, >= 20000/s)~n", [Group, Single, Group / Single]),
-    io:format("    group commit: ~s~n    without the gather (event_gather_us = -1): ~.1f/s, ~s~n",
-              [sync_stats(GS), NoGather, sync_stats(NS)]);
+    io:format("  disk fsync rate (before and after the sync runs, mean): ~.1f fsyncs/s~n", [Fsync]);
 run(async, Root) ->
     {Async, S} = with_log(Root, "async", #{}, fun() -> async_ingest(4, 100000) end),
     io:format("  async ingest (set/3 from 4 processes until durable): ~.1f events/s (goal >= 300000)~n    ~s~n",
@@ -51,6 +45,29 @@ run(state_at, Root) ->
     {{Build, Worst, Avg}, _} = with_log(Root, "state_at", #{}, fun() -> state_at_bench(1000000) end),
     io:format("  state_at on 1,000,000 events (built in ~.1f s): worst ~.1f ms, mean ~.1f ms over 50 points "
               "(goal <= 100 ms)~n", [Build, Worst, Avg]).
+
+%% `make bench-events-pg': the same sync comparison on PostgreSQL (synchronous_commit = on), conninfo in
+%% DX_EVENTS_PG_URL; the server's own fsyncs are its business (the throwaway server's data is on this disk).
+pg() ->
+    Url = os:getenv("DX_EVENTS_PG_URL"),
+    true = is_list(Url) andalso Url =/= "",
+    Root = "_build/bench/events_pg",
+    io:format("~ndspex_events benchmark on PostgreSQL (~p schedulers)~n", [erlang:system_info(schedulers_online)]),
+    Fsync = fsync_rate(Root),
+    sync_ratio(Root, #{event_backend => {postgres, Url}}),
+    io:format("  disk fsync rate (this process, same disk): ~.1f fsyncs/s~n", [Fsync]),
+    _ = os:cmd("rm -rf " ++ Root),
+    ok.
+
+%% 16 sync writers: group commit (with and without the gather) against one transaction per event.
+sync_ratio(Root, Env) ->
+    {Group, GS} = with_log(Root, "group", Env, fun() -> sync_writers(16, 2000) end),
+    {NoGather, NS} = with_log(Root, "nogather", Env#{event_gather_us => -1}, fun() -> sync_writers(16, 2000) end),
+    {Single, _} = with_log(Root, "single", Env#{event_max_batch => 1}, fun() -> sync_writers(16, 300) end),
+    io:format("  sync acked writes, 16 writers: group commit ~.1f/s, one transaction per event ~.1f/s, "
+              "ratio ~.1fx (goal >= 10x, >= 20000/s)~n", [Group, Single, Group / Single]),
+    io:format("    group commit: ~s~n    without the gather (event_gather_us = -1): ~.1f/s, ~s~n",
+              [sync_stats(GS), NoGather, sync_stats(NS)]).
 
 %% What a group commit carried: acknowledged writes per transaction, gathers, the commits' time.
 sync_stats(#{acked := A, acked_batches := B, gathers := G, gather_timeouts := T, commit_avg_us := C,
@@ -70,7 +87,8 @@ with_log(Root, Name, Env, F) ->
     _ = os:cmd("rm -rf " ++ Dir),
     _ = application:stop(dspex_bridge),
     _ = application:load(dspex_bridge),
-    Defaults = #{event_dir => Dir, event_log => true, event_max_batch => 8192, event_gather_us => 0, grpc_enabled => false,
+    Defaults = #{event_dir => Dir, event_log => true, event_max_batch => 8192, event_gather_us => 0,
+                 event_backend => sqlite, grpc_enabled => false,
                  prometheus_enabled => false, metrics_handlers => false},
     maps:foreach(fun(K, V) -> application:set_env(dspex_bridge, K, V) end, maps:merge(Defaults, Env)),
     {ok, _} = application:ensure_all_started(dspex_bridge),
