@@ -47,8 +47,8 @@ static int fail(sq_t *s, const char *what, char *err, size_t errlen) {
 static void sq_close(void *st) {
     sq_t *s = st;
     if (!s) return;
-    sqlite3_stmt **all[] = {&s->hwm, &s->ins, &s->ins_multi, &s->undo_multi, &s->find, &s->maxpos, &s->maxseq, &s->putsnap, &s->getsnap,
-                            &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
+    sqlite3_stmt **all[] = {&s->hwm, &s->ins, &s->ins_multi, &s->undo_multi, &s->find, &s->maxpos, &s->maxseq,
+                            &s->putsnap, &s->getsnap, &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(*all[i]);
     sqlite3_close_v2(s->db);
     free(s);
