@@ -245,9 +245,14 @@ EVENTS_PG_CLUSTER = DX_EVENTS_PG_URL="$$($(PG_CTL) url dx_events_cluster)" $(REB
 test-events-pg-eunit: deps-test compile
 	$(call with_pg,$(EVENTS_PG_EUNIT))
 
-# events/s with one event per transaction vs batches of 100 and 1000 (durable commits)
-bench-events-pg: deps-test
-	$(call with_pg,$(MAKE) -C c_src bench-pg)
+# events/s with one event per transaction vs batches of 100 and 1000 (durable commits), then the event
+# log's sync group commit (16 writers, with and without the gather) against one transaction per event
+bench-events-pg: deps-test compile
+	@mkdir -p _build/bench
+	erlc -o _build/bench bench/dspex_events_bench.erl
+	$(call with_pg,$(MAKE) -C c_src bench-pg && $(EVENTS_PG_BENCH))
+
+EVENTS_PG_BENCH = DX_EVENTS_PG_URL="$$($(PG_CTL) url dx_events_bench)" $(ERL) -noshell -pa _build/default/lib/*/ebin -pa _build/bench -eval 'logger:set_primary_config(level, error), dspex_events_bench:pg(), halt().'
 
 docs: compile
 	$(REBAR3) edoc

@@ -9,30 +9,77 @@
 %%      1,000 sets, each followed by an untimed wait for the log);
 %%   5. state_at of a session with 1,000,000 events (snapshots every 100).
 -module(dspex_events_bench).
--export([main/0]).
+-export([main/0, pg/0]).
 
 -define(SID, <<"evbench">>).
 
 main() ->
     Root = "_build/bench/events",
+    %% DX_EVENTS_BENCH=sync,async,append,set,state_at runs only those parts (default: all)
+    Parts = case os:getenv("DX_EVENTS_BENCH") of
+                false -> [sync, async, append, set, state_at];
+                P -> [list_to_atom(X) || X <- string:lexemes(P, ",")]
+            end,
     io:format("~ndspex_events benchmark (~p schedulers, dir ~s)~n", [erlang:system_info(schedulers_online), Root]),
+    [run(Part, Root) || Part <- Parts],
+    _ = os:cmd("rm -rf " ++ Root),
+    ok.
+
+run(sync, Root) ->
+    Fsync0 = fsync_rate(Root),
+    sync_ratio(Root, #{}),
+    Fsync = (Fsync0 + fsync_rate(Root)) / 2,
+    io:format("  disk fsync rate (before and after the sync runs, mean): ~.1f fsyncs/s~n", [Fsync]);
+run(async, Root) ->
+    {Async, S} = with_log(Root, "async", #{}, fun() -> async_ingest(4, 100000) end),
+    io:format("  async ingest (set/3 from 4 processes until durable): ~.1f events/s (goal >= 300000)~n    ~s~n",
+              [Async, cpu_stats(S)]);
+run(append, Root) ->
+    {Append, S} = with_log(Root, "append", #{}, fun() -> append_ingest(4, 100000) end),
+    io:format("  async ingest (append/4 from 4 processes until durable): ~.1f events/s~n    ~s~n", [Append, cpu_stats(S)]);
+run(set, Root) ->
+    {On, _} = with_log(Root, "on", #{}, fun() -> set_rate(200000) end),
+    {Off, _} = with_log(Root, "off", #{event_log => false}, fun() -> set_rate(200000) end),
+    io:format("  set/3 one process: log on ~.1f/s, off ~.1f/s, ratio ~.2f (goal >= 0.6)~n", [On, Off, On / Off]);
+run(state_at, Root) ->
+    {{Build, Worst, Avg}, _} = with_log(Root, "state_at", #{}, fun() -> state_at_bench(1000000) end),
+    io:format("  state_at on 1,000,000 events (built in ~.1f s): worst ~.1f ms, mean ~.1f ms over 50 points "
+              "(goal <= 100 ms)~n", [Build, Worst, Avg]).
+
+%% `make bench-events-pg': the same sync comparison on PostgreSQL (synchronous_commit = on), conninfo in
+%% DX_EVENTS_PG_URL; the server's own fsyncs are its business (the throwaway server's data is on this disk).
+pg() ->
+    Url = os:getenv("DX_EVENTS_PG_URL"),
+    true = is_list(Url) andalso Url =/= "",
+    Root = "_build/bench/events_pg",
+    io:format("~ndspex_events benchmark on PostgreSQL (~p schedulers)~n", [erlang:system_info(schedulers_online)]),
     Fsync = fsync_rate(Root),
-    io:format("  disk fsync rate: ~.1f fsyncs/s~n", [Fsync]),
-    Group = with_log(Root, "group", #{}, fun() -> sync_writers(16, 2000) end),
-    Single = with_log(Root, "single", #{event_max_batch => 1}, fun() -> sync_writers(16, 300) end),
+    sync_ratio(Root, #{event_backend => {postgres, Url}}),
+    io:format("  disk fsync rate (this process, same disk): ~.1f fsyncs/s~n", [Fsync]),
+    _ = os:cmd("rm -rf " ++ Root),
+    ok.
+
+%% 16 sync writers: group commit (with and without the gather) against one transaction per event.
+sync_ratio(Root, Env) ->
+    {Group, GS} = with_log(Root, "group", Env, fun() -> sync_writers(16, 2000) end),
+    {NoGather, NS} = with_log(Root, "nogather", Env#{event_gather_us => -1}, fun() -> sync_writers(16, 2000) end),
+    {Single, _} = with_log(Root, "single", Env#{event_max_batch => 1}, fun() -> sync_writers(16, 300) end),
     io:format("  sync acked writes, 16 writers: group commit ~.1f/s, one transaction per event ~.1f/s, "
               "ratio ~.1fx (goal >= 10x, >= 20000/s)~n", [Group, Single, Group / Single]),
-    Async = with_log(Root, "async", #{}, fun() -> async_ingest(4, 100000) end),
-    io:format("  async ingest (set/3 from 4 processes until durable): ~.1f events/s (goal >= 300000)~n", [Async]),
-    Append = with_log(Root, "append", #{}, fun() -> append_ingest(4, 100000) end),
-    io:format("  async ingest (append/4 from 4 processes until durable): ~.1f events/s~n", [Append]),
-    On = with_log(Root, "on", #{}, fun() -> set_rate(200000) end),
-    Off = with_log(Root, "off", #{event_log => false}, fun() -> set_rate(200000) end),
-    io:format("  set/3 one process: log on ~.1f/s, off ~.1f/s, ratio ~.2f (goal >= 0.6)~n", [On, Off, On / Off]),
-    {Build, Worst, Avg} = with_log(Root, "state_at", #{}, fun() -> state_at_bench(1000000) end),
-    io:format("  state_at on 1,000,000 events (built in ~.1f s): worst ~.1f ms, mean ~.1f ms over 50 points "
-              "(goal <= 100 ms)~n", [Build, Worst, Avg]),
-    ok.
+    io:format("    group commit: ~s~n    without the gather (event_gather_us = -1): ~.1f/s, ~s~n",
+              [sync_stats(GS), NoGather, sync_stats(NS)]).
+
+%% What a group commit carried: acknowledged writes per transaction, gathers, the commits' time.
+sync_stats(#{acked := A, acked_batches := B, gathers := G, gather_timeouts := T, commit_avg_us := C,
+             write_us := W, batches := NB}) ->
+    io_lib:format("~.1f acked writes per transaction (~b transactions), ~b gathers (~b ended at the bound), "
+                  "commit ~b us (mean of the last ones), ~b us per transaction in write_batch",
+                  [A / max(B, 1), B, G, T, C, W div max(NB, 1)]).
+
+%% The writer thread's CPU time per event: in all, in the backend's write_batch, encoding.
+cpu_stats(#{writer_cpu_us := C, write_cpu_us := W, encode_cpu_us := E, written := N, batches := B}) ->
+    io_lib:format("writer thread CPU per event: ~.2f us (write_batch ~.2f us, encoding ~.2f us), "
+                  "~b events in ~b transactions", [C / N, W / N, E / N, N, B]).
 
 %% Runs F with the application started on a fresh event directory.
 with_log(Root, Name, Env, F) ->
@@ -40,17 +87,22 @@ with_log(Root, Name, Env, F) ->
     _ = os:cmd("rm -rf " ++ Dir),
     _ = application:stop(dspex_bridge),
     _ = application:load(dspex_bridge),
-    Defaults = #{event_dir => Dir, event_log => true, event_max_batch => 8192, grpc_enabled => false,
+    Defaults = #{event_dir => Dir, event_log => true, event_max_batch => 8192, event_gather_us => 0,
+                 event_backend => sqlite, grpc_enabled => false,
                  prometheus_enabled => false, metrics_handlers => false},
     maps:foreach(fun(K, V) -> application:set_env(dspex_bridge, K, V) end, maps:merge(Defaults, Env)),
     {ok, _} = application:ensure_all_started(dspex_bridge),
     _ = dspex_store:delete_session(?SID),
     {ok, _} = dspex_store:create_session(?SID, #{ttl => infinity}),
-    try F()
+    try
+        R = F(),
+        {R, case event_log_on(Env) of true -> dspex_events:stats(); false -> #{} end}
     after
         application:stop(dspex_bridge),
         _ = os:cmd("rm -rf " ++ Dir)
     end.
+
+event_log_on(Env) -> maps:get(event_log, Env, true).
 
 fsync_rate(Root) ->
     ok = filelib:ensure_dir(filename:join(Root, "x")),
@@ -89,8 +141,11 @@ async_ingest(P, Per) ->
     [{ok, _} = dspex_store:register(?SID, integer_to_binary(I), integer, 0) || I <- lists:seq(1, P)],
     T0 = erlang:monotonic_time(),
     pmap(P, fun(I) -> K = integer_to_binary(I), set_loop(K, Per) end),
+    Pushed = secs(T0),
     ok = dspex_events:await(),
-    P * Per / secs(T0).
+    Total = secs(T0),
+    io:format("    (the writes returned after ~.2f s, all durable after ~.2f s)~n", [Pushed, Total]),
+    P * Per / Total.
 
 set_loop(_, 0) -> ok;
 set_loop(K, N) -> {ok, _} = dspex_store:set(?SID, K, N), set_loop(K, N - 1).

@@ -34,7 +34,11 @@
 %% that interval plus one batch write (see README). `sync' (per call: `#{durability => sync}' in the
 %% options of `dspex_store:set/4', `set_many/3' or in `append/4''s metadata):
 %% the call returns only after the event is fsynced (group commit: callers
-%% waiting together share one fsync). A failed write under `sync' returns
+%% waiting together share one fsync). When the last commit acknowledged two or
+%% more waiting callers and fewer wait now, the writer waits for as many as
+%% last time before it starts the next transaction, at most half the mean
+%% commit time (capped at 5 ms; app env `event_gather_us': 0 this adaptive
+%% bound, N > 0 at most N µs, -1 never); a caller alone never waits. A failed write under `sync' returns
 %% `{error, {event_store, Reason}}' (the change itself is committed and its event
 %% stays queued; the writer retries it, never drops it). Under `async', a full
 %% queue (`event_queue_capacity', default 65,536 events) makes writers wait
@@ -579,7 +583,13 @@ incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
 %% `provisional' (sessions whose last stored sequence was unknown when their
 %% first event here came, the backend being down: their events are numbered
 %% provisionally and renumbered after the backend's last one of the session
-%% before any of them is stored).
+%% before any of them is stored); group commit: `acked_batches' and `acked'
+%% (transactions that acknowledged waiting callers, and how many callers),
+%% `gathers' and `gather_timeouts' (waits for more callers before a
+%% transaction, and those that ended at the bound), `commit_avg_us' (mean
+%% wall time of the recent commits); the writer thread's CPU time in µs:
+%% `writer_cpu_us' in all, `write_cpu_us' in the backend's batch writes,
+%% `encode_cpu_us' encoding, and `write_us' the wall time of the batch writes.
 -spec stats() -> map() | {error, term()}.
 stats() -> dspex_nif:events_stats().
 
@@ -776,7 +786,9 @@ init([]) ->
     Cfg = Spool#{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
                  capacity => Env(event_queue_capacity, 65536), snapshot_every => Every,
                  max_batch => Env(event_max_batch, 8192),
-                 linger_us => 1000 * Env(event_flush_interval_ms, 2)},
+                 linger_us => 1000 * Env(event_flush_interval_ms, 2),
+                 %% group-commit gather: 0 adaptive (half the mean commit, at most 5 ms), -1 off, N > 0 at most N µs
+                 gather_us => Env(event_gather_us, 0)},
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of
         ok ->

@@ -27,7 +27,8 @@ events_test_() ->
       ?T(json_term_of_any_term),
       ?T(prometheus_and_telemetry),
       ?T(first_events_never_ask_the_backend_on_the_commit_path),
-      ?T(copies_of_another_nodes_events_and_copy_deletions)]
+      ?T(copies_of_another_nodes_events_and_copy_deletions),
+      ?T(updated_event_data_for_every_value_kind)]
      %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
      ++ [T || pg_ctl() =/= false, T <- [?T(postgres_down_spools_then_catches_up_in_order),
                                         ?T(postgres_down_at_a_sessions_first_event_loses_nothing)]]}.
@@ -266,6 +267,69 @@ check_batches([_ | T]) -> check_batches(T).
 pmap(N, F) ->
     Refs = [element(2, spawn_monitor(fun() -> F(I) end)) || I <- lists:seq(1, N)],
     [receive {'DOWN', R, process, _, Why} -> ?assertEqual(normal, Why) end || R <- Refs],
+    ok.
+
+%% variable_updated / variable_rolled_back data is written to external term format directly (not through
+%% built terms): for every scalar value kind, integers of every encoding size, floats, metadata and
+%% changed_by of any term, the stored map is exact (=:=), and each event's `previous' is the event
+%% before it. Embeddings take the term path: the same checks hold.
+updated_event_data_for_every_value_kind() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    Big = 1 bsl 62,
+    Cases = [{i, integer, 0, [255, 256, -1, -129, 1 bsl 31 - 1, 1 bsl 31, -(1 bsl 31), -(1 bsl 31) - 1,
+                              Big, -Big, 9223372036854775807, -9223372036854775808]},
+             {f, float, 0.0, [1.5, -0.0, 1.0e300, -2.5e-300, 3.0]},
+             {b, boolean, false, [true, false]},
+             {s, string, <<>>, [<<"h\xc3\xa9llo">>, <<0, 1, 127>>, binary:copy(<<"x">>, 70000)]},
+             {e, embedding, [0.0, 0.0], [[1.0, 2.0], [-1.5, 1.0e10]]}],
+    Bys = [undefined, opt1, <<"run-7">>, {trial, 3}, [a, "b"]],
+    [begin
+         {ok, _} = dspex_store:register(S, K, T, V0),
+         lists:foldl(fun(V, I) ->
+                             By = lists:nth(I rem length(Bys) + 1, Bys),
+                             {ok, _} = dspex_store:set(S, K, V, #{changed_by => By, metadata => #{step => I, tag => {x, I}}}),
+                             I + 1
+                     end, 1, Vs)
+     end || {K, T, V0, Vs} <- Cases],
+    {ok, RbV} = dspex_store:rollback(S, i, 2, #{changed_by => rb}),
+    ok = dspex_events:await(),
+    {ok, Evs} = dspex_events:read(S, #{types => [variable_updated, variable_rolled_back]}),
+    [begin
+         Name = atom_to_binary(K),
+         Mine = [D || #{data := #{name := N} = D} <- Evs, N =:= Name],
+         Expected = Vs ++ case K of i -> [256]; _ -> [] end,  %% register is version 0: version 2 held 256
+         ?assertEqual(length(Expected), length(Mine)),
+         [?assertEqual({K, V}, {K, maps:get(value, D)}) || {V, D} <- lists:zip(Expected, Mine)],
+         check_chain(V0, Mine)
+     end || {K, _, V0, Vs} <- Cases],
+    [#{data := Rb}] = [E || #{type := variable_rolled_back} = E <- Evs],
+    ?assertMatch(#{changed_by := rb, value := 256, old_value := -9223372036854775808}, Rb),
+    ?assertEqual(RbV, maps:get(version, Rb)).
+
+check_chain(V0, [D1 | _] = Ds) ->
+    ?assert(V0 =:= maps:get(old_value, D1)),
+    ?assert(V0 =:= maps:get(value, maps:get(previous, D1))),
+    lists:foldl(fun(D, Prev) ->
+                        #{id := Id, name := Name, version := V, previous_version := PV, updated_at := U,
+                          metadata := M, changed_by := _, previous := P, old_value := Old} = D,
+                        ?assert(is_binary(Id) andalso is_binary(Name) andalso is_integer(U) andalso is_map(M)),
+                        ?assertEqual(V, PV + 1),
+                        ?assertEqual(lists:sort([changed_by, metadata, updated_at, value, version]),
+                                     lists:sort(maps:keys(P))),
+                        ?assertEqual(10, map_size(D)),
+                        case Prev of
+                            none -> ok;
+                            #{} ->
+                                ?assert(maps:get(value, Prev) =:= Old),
+                                ?assert(maps:with([changed_by, metadata, updated_at, value, version], Prev) =:= P)
+                        end,
+                        case maps:get(metadata, D) of
+                            #{step := I} -> ?assertEqual({x, I}, maps:get(tag, M));
+                            _ -> ok
+                        end,
+                        D
+                end, none, Ds),
     ok.
 
 sync_write_returns_after_its_event_is_durable() ->

@@ -1,4 +1,5 @@
 /* Event queue and writer thread (see evq.h). */
+#define _GNU_SOURCE /* pthread_setname_np */
 #include "evq.h"
 #include "spool.h"
 #include <errno.h>
@@ -46,6 +47,14 @@ struct dx_evq {
     uint64_t spooled;      /* records in the spool (under mu; changed by the writer only) */
     int64_t next_drain_us; /* writer only: earliest time of the next attempt to move the spool */
     int64_t drain_backoff; /* writer only, ms */
+    /* group commit (under mu): the tickets callers wait for (dx_evq_urge), not yet done; how many of them
+     * the last commit acknowledged; whether the writer is gathering (waiting for that many again) */
+    uint64_t *wt;
+    size_t nwt, capwt, last_acked;
+    bool gathering;
+    uint64_t acked_batches, acked, gathers, gather_timeouts;
+    uint64_t cpu_ns, write_cpu_ns, encode_cpu_ns, write_ns;
+    int64_t commit_avg_us; /* mean wall time of the recent commits (exponential, 1/8) */
 };
 
 static int dx_str_same(const char *a, size_t al, const char *b, size_t bl) {
@@ -345,8 +354,8 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
             if (tickets) tickets[i] = items[i]->ticket;
             if (seqs) seqs[i] = s;
         }
-        if (!rc && (q->idle || (q->lingering && q->pending >= q->cfg.max_batch))) {
-            q->idle = q->lingering = false; /* one signal per wait */
+        if (!rc && (q->idle || ((q->lingering || q->gathering) && q->pending >= q->cfg.max_batch))) {
+            q->idle = q->lingering = q->gathering = false; /* one signal per wait */
             pthread_cond_signal(&q->nonempty);
         }
         pthread_mutex_unlock(&q->mu);
@@ -387,28 +396,79 @@ bool dx_evq_full(dx_evq *q) {
 void dx_evq_stats_get(dx_evq *q, dx_evq_stats *o) {
     pthread_mutex_lock(&q->mu);
     *o = (dx_evq_stats){q->pushed, q->done, q->batches, q->errors, q->written, q->depth, q->max_depth, q->bytes,
-                        q->head ? q->head->rec.ts_us : 0, q->last_pos, q->spooled, q->commit_seeds, q->nprov, {0}};
+                        q->head ? q->head->rec.ts_us : 0, q->last_pos, q->spooled, q->commit_seeds, q->nprov,
+                        q->acked_batches, q->acked, q->gathers, q->gather_timeouts, q->cpu_ns, q->write_cpu_ns,
+                        q->encode_cpu_ns, q->write_ns, q->commit_avg_us, {0}};
     memcpy(o->last_error, q->last_error, sizeof o->last_error);
     pthread_mutex_unlock(&q->mu);
 }
 
-static void urge_locked(dx_evq *q) {
+static void urge_locked(dx_evq *q, uint64_t ticket) {
     q->urgent = true;
-    if (q->lingering || q->idle) {
-        q->idle = q->lingering = false;
+    if (ticket > q->done) {
+        /* one more caller waiting: counted for the gather (not counted if out of memory: only the gather
+         * is less precise) */
+        if (q->nwt == q->capwt) {
+            size_t nc = q->capwt ? q->capwt * 2 : 64;
+            uint64_t *n = realloc(q->wt, nc * sizeof *n);
+            if (n) {
+                q->wt = n;
+                q->capwt = nc;
+            }
+        }
+        if (q->nwt < q->capwt) q->wt[q->nwt++] = ticket;
+    }
+    /* a gathering writer is woken once, when as many callers wait as the last commit acknowledged */
+    if (q->gathering ? q->nwt >= q->last_acked : q->lingering || q->idle) {
+        q->idle = q->lingering = q->gathering = false;
         pthread_cond_signal(&q->nonempty);
     }
 }
 
-void dx_evq_urge(dx_evq *q) {
+void dx_evq_urge(dx_evq *q, uint64_t ticket) {
     pthread_mutex_lock(&q->mu);
-    urge_locked(q);
+    urge_locked(q, ticket);
     pthread_mutex_unlock(&q->mu);
+}
+
+/* Under mu, after a commit (or a failed attempt: every waiter is told): forgets the waiters of done tickets,
+ * and remembers how many there were (the next gather's target). */
+static void ack_waiters(dx_evq *q, bool failed) {
+    size_t k = 0, acked = 0;
+    for (size_t i = 0; i < q->nwt; i++) {
+        if (!failed && q->wt[i] > q->done) q->wt[k++] = q->wt[i];
+        else acked++;
+    }
+    q->nwt = k;
+    q->last_acked = failed ? 0 : acked;
+    if (acked && !failed) {
+        q->acked_batches++;
+        q->acked += acked;
+    }
+}
+
+/* The gather's bound in µs (see evq.h gather_us). */
+static int64_t gather_bound_us(const dx_evq *q) {
+    if (q->cfg.gather_us > 0) return q->cfg.gather_us;
+    int64_t b = q->commit_avg_us / 2;
+    return b < DX_EVQ_GATHER_CAP_US ? b : DX_EVQ_GATHER_CAP_US;
+}
+
+static uint64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 int dx_evq_wait(dx_evq *q, uint64_t ticket) {
     pthread_mutex_lock(&q->mu);
-    if (q->done < ticket) urge_locked(q);
+    if (q->done < ticket) urge_locked(q, ticket);
     uint64_t e0 = q->errors;
     while (q->done < ticket && q->errors == e0) pthread_cond_wait(&q->progress, &q->mu);
     int rc = q->done >= ticket ? 0 : -1;
@@ -548,14 +608,43 @@ static int drain_once(dx_evq *q, dx_ev_item *batch) {
 
 static void *writer(void *arg) {
     dx_evq *q = arg;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "dx_ev_writer"); /* for perf/top: the event log's writer thread */
+#endif
     size_t cap = q->cfg.max_batch;
     dx_ev_rec *recs = malloc(cap * sizeof *recs);
     char err[256];
     for (;;) {
+        int64_t gather_until = 0; /* 0: not gathering yet; -1: the gather ended at its bound */
         pthread_mutex_lock(&q->mu);
         for (;;) {
             if (q->stop) break;
             if (q->head) {
+                if (q->urgent && q->pending < q->cfg.max_batch && q->cfg.gather_us >= 0 && q->last_acked >= 2 &&
+                    q->nwt < q->last_acked && gather_until >= 0) {
+                    /* group-commit gather: the last commit acknowledged last_acked waiting callers, fewer wait
+                     * now; the others are on their way with their next write (they were just told), so the
+                     * next transaction waits for them, a bounded time (a fraction of a commit), instead of
+                     * carrying the one or two that came first while the rest wait a whole commit more.
+                     * A caller alone (last_acked 1) never waits. */
+                    int64_t now = dx_ev_now_us();
+                    if (!gather_until) {
+                        int64_t b = gather_bound_us(q);
+                        if (b <= 0) break;
+                        gather_until = now + b;
+                        q->gathers++;
+                    }
+                    if (now >= gather_until) {
+                        q->gather_timeouts++;
+                        gather_until = -1;
+                        break;
+                    }
+                    struct timespec ts = {gather_until / 1000000, (gather_until % 1000000) * 1000};
+                    q->gathering = true;
+                    pthread_cond_timedwait(&q->nonempty, &q->mu, &ts);
+                    q->gathering = false;
+                    continue;
+                }
                 /* linger for more events: one transaction (and one fsync) for all of them */
                 int64_t until = q->pending_since_us + q->cfg.linger_us;
                 if (q->urgent || q->pending >= q->cfg.max_batch || q->cfg.linger_us <= 0 || dx_ev_now_us() >= until)
@@ -630,6 +719,7 @@ static void *writer(void *arg) {
             /* provisionally numbered events get their final numbers before they reach the backend */
             int unresolved = !rc && !spooled ? resolve_provisional(q, first, err, sizeof err) : 0;
             size_t i = 0;
+            uint64_t c0 = thread_cpu_ns(), c1 = c0, c2 = c0, w0 = 0, w1 = 0;
             for (dx_ev_item *it = first; it && !rc; it = it->next, i++) {
                 if (it->payload && q->cfg.encode && q->cfg.encode(q->cfg.ctx, it)) {
                     snprintf(err, sizeof err, "encode failed");
@@ -639,8 +729,12 @@ static void *writer(void *arg) {
                 recs[i] = it->rec;
                 recs[i].position = 0;
             }
+            c1 = thread_cpu_ns();
             if (!rc && !spooled) {
+                w0 = mono_ns();
                 rc = unresolved ? -1 : q->cfg.ops->write_batch(q->st, recs, n, err, sizeof err);
+                w1 = mono_ns();
+                c2 = thread_cpu_ns();
                 if (rc && q->spool) {
                     /* the backend failed: count it, then spool the batch */
                     pthread_mutex_lock(&q->mu);
@@ -657,6 +751,15 @@ static void *writer(void *arg) {
             size_t nbytes = 0;
             for (dx_ev_item *it = first; it; it = it->next) nbytes += it->alloc;
             pthread_mutex_lock(&q->mu);
+            q->encode_cpu_ns += c1 - c0;
+            if (w1) {
+                q->write_cpu_ns += c2 - c1;
+                q->write_ns += w1 - w0;
+                if (!rc) {
+                    int64_t us = (int64_t)((w1 - w0) / 1000);
+                    q->commit_avg_us = q->commit_avg_us ? q->commit_avg_us + (us - q->commit_avg_us) / 8 : us;
+                }
+            }
             if (!rc) {
                 q->done = last->ticket;
                 q->depth -= n;
@@ -677,6 +780,8 @@ static void *writer(void *arg) {
             } else {
                 note_error(q, err);
             }
+            ack_waiters(q, rc != 0);
+            q->cpu_ns = thread_cpu_ns(); /* the writer's CPU time so far (on_batch's counts with the next) */
             uint64_t done = q->done;
             pthread_cond_broadcast(&q->progress);
             pthread_mutex_unlock(&q->mu);
@@ -785,6 +890,7 @@ void dx_evq_close(dx_evq *q) {
     free_items(q, q->head);
     for (size_t i = 0; i < q->nslots; i++) free(q->slots[i].key);
     free(q->slots);
+    free(q->wt);
     free(q->node);
     pthread_mutex_destroy(&q->mu);
     pthread_cond_destroy(&q->nonempty);

@@ -64,6 +64,11 @@ typedef struct {
     int64_t linger_us;        /* how long the writer waits for more events after the first of a batch
                                  (0: none): one wake-up and one transaction per linger, not per event.
                                  dx_evq_urge (a caller waiting for durability) and a full batch end it. */
+    int64_t gather_us;        /* group-commit gather (see dx_evq_urge): when the last commit acknowledged w >= 2
+                                 waiting callers and fewer than w wait now, the writer waits for as many as
+                                 last time before it starts the next transaction, at most this long: 0 (the
+                                 default) means the mean duration of the recent commits (half of it, see evq.c)
+                                 capped at DX_EVQ_GATHER_CAP_US; > 0 a fixed bound (tests); < 0 never gathers. */
     /* Writer thread: fill it->rec.data/meta from it->payload (return 0, or -1 to fail the batch). */
     int (*encode)(void *ctx, dx_ev_item *it);
     void (*free_payload)(void *ctx, dx_ev_item *it);
@@ -92,6 +97,15 @@ typedef struct {
     uint64_t spooled;     /* records in the spool, waiting for the backend */
     uint64_t commit_seeds; /* sessions whose last sequence was read from the backend by a push */
     uint64_t provisional;  /* sessions numbered provisionally, waiting for the backend's last sequence */
+    /* group commit: batches that acknowledged at least one waiting caller, and how many callers in all
+       (acked / acked_batches = the mean number of sync writes a transaction carried); gathers = times the
+       writer waited for more waiters before a transaction, gather_timeouts = of those, how many ended at
+       the bound instead of at the count */
+    uint64_t acked_batches, acked, gathers, gather_timeouts;
+    /* writer thread: CPU time in all (CLOCK_THREAD_CPUTIME_ID), of it in the backend's write_batch and in
+       encode; wall time in write_batch (commits and their fsyncs); mean of the recent commits' wall time */
+    uint64_t cpu_ns, write_cpu_ns, encode_cpu_ns, write_ns;
+    int64_t commit_avg_us;
     char last_error[256];
 } dx_evq_stats;
 
@@ -130,8 +144,11 @@ void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64
 /* Blocks the calling thread until done >= ticket or an attempt fails after it was pushed
  * (returns 0 or -1). For C callers and tests; the NIF uses on_batch instead. */
 int dx_evq_wait(dx_evq *q, uint64_t ticket);
-/* Someone waits for durability: the writer writes what is queued now instead of lingering. */
-void dx_evq_urge(dx_evq *q);
+/* A caller waits until ticket is durable: the writer writes what is queued now instead of lingering, and
+ * counts the caller (one per call, until its ticket is done) for the group-commit gather (gather_us): the
+ * callers a commit acknowledges are the ones to wait for before the next transaction. */
+#define DX_EVQ_GATHER_CAP_US 5000
+void dx_evq_urge(dx_evq *q, uint64_t ticket);
 
 /* UUIDv7 text (36 chars + NUL) for ts_us; monotonic within a process. */
 void dx_uuid7(int64_t ts_us, char out[37]);

@@ -14,6 +14,7 @@
  * {dspex_events_failed, Reason} after every failed attempt. */
 #include "events_nif.h"
 #include "evq.h"
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -48,7 +49,9 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_old_value, A_previous, A_members, A_backend, A_sqlite, A_postgres, A_target, A_capacity, A_max_batch, A_linger_us,
     A_listener, A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, A_lag_us,
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
-    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional;
+    A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional,
+    A_gather_us, A_acked_batches, A_acked, A_gathers, A_gather_timeouts, A_writer_cpu_us, A_write_cpu_us,
+    A_encode_cpu_us, A_write_us, A_commit_avg_us;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -241,8 +244,172 @@ static ERL_NIF_TERM map_of(ErlNifEnv *env, ERL_NIF_TERM *k, ERL_NIF_TERM *v, siz
     return m;
 }
 
+/* ---- direct external term format for the frequent events -------------------------------------------
+ * variable_updated / variable_rolled_back data written straight into external term format (the bytes
+ * binary_to_term/1 reads back to the same map as term_to_binary/1 of the built term would), without
+ * building the map terms in an environment and walking them again: the writer thread's encoding was a
+ * quarter of its time per event. Values of the vector types (embedding, tensor) and blobs that are not
+ * plain external term format take the term path below instead. */
+typedef struct {
+    ErlNifBinary bin; /* grown as needed, shrunk to n at the end */
+    size_t n;
+    bool oom;
+} etf_buf;
+
+static void eb_put(etf_buf *b, const void *d, size_t n) {
+    if (b->oom) return;
+    if (b->n + n > b->bin.size) {
+        size_t nc = b->bin.size * 2;
+        while (nc < b->n + n) nc *= 2;
+        if (!enif_realloc_binary(&b->bin, nc)) {
+            b->oom = true;
+            return;
+        }
+    }
+    memcpy(b->bin.data + b->n, d, n);
+    b->n += n;
+}
+static void eb_u8(etf_buf *b, uint8_t v) { eb_put(b, &v, 1); }
+static void eb_u32(etf_buf *b, uint32_t v) {
+    uint8_t d[4] = {(uint8_t)(v >> 24), (uint8_t)(v >> 16), (uint8_t)(v >> 8), (uint8_t)v};
+    eb_put(b, d, 4);
+}
+static void eb_atom(etf_buf *b, const char *a) { /* SMALL_ATOM_UTF8_EXT */
+    size_t n = strlen(a);
+    eb_u8(b, 119);
+    eb_u8(b, (uint8_t)n);
+    eb_put(b, a, n);
+}
+static void eb_big(etf_buf *b, uint64_t mag, int neg) { /* SMALL_BIG_EXT, little-endian digits */
+    uint8_t d[8];
+    int n = 0;
+    while (mag) {
+        d[n++] = (uint8_t)mag;
+        mag >>= 8;
+    }
+    eb_u8(b, 110);
+    eb_u8(b, (uint8_t)n);
+    eb_u8(b, (uint8_t)neg);
+    eb_put(b, d, (size_t)n);
+}
+static void eb_int(etf_buf *b, int64_t v) {
+    if (v >= 0 && v <= 255) {
+        eb_u8(b, 97);
+        eb_u8(b, (uint8_t)v);
+    } else if (v >= INT32_MIN && v <= INT32_MAX) {
+        eb_u8(b, 98);
+        eb_u32(b, (uint32_t)(int32_t)v);
+    } else {
+        eb_big(b, v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v, v < 0);
+    }
+}
+static void eb_uint(etf_buf *b, uint64_t v) {
+    if (v <= INT32_MAX) eb_int(b, (int64_t)v);
+    else eb_big(b, v, 0);
+}
+static void eb_bin(etf_buf *b, const void *p, size_t n) {
+    eb_u8(b, 109);
+    eb_u32(b, (uint32_t)n);
+    eb_put(b, p, n);
+}
+static void eb_map(etf_buf *b, uint32_t arity) {
+    eb_u8(b, 116);
+    eb_u32(b, arity);
+}
+/* An opaque blob the store keeps in external term format (metadata, changed_by), spliced in without its
+ * version byte; empty: dflt_map ? #{} : undefined. -1 when the blob is not plain external term format
+ * (compressed, or not ours): the term path decodes it as it always did. */
+static int eb_blob(etf_buf *b, const uint8_t *p, size_t n, bool dflt_map) {
+    if (!n) {
+        if (dflt_map) eb_map(b, 0);
+        else eb_atom(b, "undefined");
+        return 0;
+    }
+    if (n < 2 || p[0] != 131 || p[1] == 80) return -1;
+    eb_put(b, p + 1, n - 1);
+    return 0;
+}
+static int eb_value(etf_buf *b, const dx_value *v) {
+    switch (v->type) {
+    case DX_T_FLOAT: {
+        double d = v->u.f;
+        if (isnan(d)) eb_atom(b, "nan");
+        else if (isinf(d)) eb_atom(b, d > 0 ? "infinity" : "neg_infinity");
+        else {
+            uint64_t u;
+            memcpy(&u, &d, 8);
+            eb_u8(b, 70); /* NEW_FLOAT_EXT, big-endian IEEE 754 */
+            eb_u32(b, (uint32_t)(u >> 32));
+            eb_u32(b, (uint32_t)u);
+        }
+        return 0;
+    }
+    case DX_T_INTEGER: eb_int(b, v->u.i); return 0;
+    case DX_T_BOOLEAN: eb_atom(b, v->u.b ? "true" : "false"); return 0;
+    case DX_T_STRING:
+    case DX_T_CHOICE:
+    case DX_T_MODULE: eb_bin(b, v->u.s.ptr, v->u.s.len); return 0;
+    default: return -1;
+    }
+}
+static int eb_snap(etf_buf *b, const dx_snap *s) { /* as dx_snap_to_term */
+    eb_map(b, 5);
+    eb_atom(b, "changed_by");
+    if (eb_blob(b, s->by, s->by_len, false)) return -1;
+    eb_atom(b, "metadata");
+    if (eb_blob(b, s->meta, s->meta_len, true)) return -1;
+    eb_atom(b, "updated_at");
+    eb_int(b, s->updated_at);
+    eb_atom(b, "value");
+    if (eb_value(b, &s->value)) return -1;
+    eb_atom(b, "version");
+    eb_uint(b, s->version);
+    return 0;
+}
+/* The data of variable_updated / variable_rolled_back (the same map as the term path's): 0, or -1 to take
+ * the term path. */
+static int eb_updated(etf_buf *b, const ev_payload *p, const dx_ev_item *it) {
+    const dx_snap *c = p->cur, *o = p->old;
+    if (!c || !o) return -1;
+    eb_u8(b, 131);
+    eb_map(b, 10);
+    eb_atom(b, "id");
+    eb_bin(b, p->vid, p->vid_len);
+    eb_atom(b, "name");
+    eb_bin(b, it->rec.variable, it->rec.variable_len);
+    eb_atom(b, "value");
+    if (eb_value(b, &c->value)) return -1;
+    eb_atom(b, "old_value");
+    if (eb_value(b, &o->value)) return -1;
+    eb_atom(b, "version");
+    eb_uint(b, c->version);
+    eb_atom(b, "previous_version");
+    eb_uint(b, o->version);
+    eb_atom(b, "updated_at");
+    eb_int(b, c->updated_at);
+    eb_atom(b, "metadata");
+    if (eb_blob(b, c->meta, c->meta_len, true)) return -1;
+    eb_atom(b, "changed_by");
+    if (eb_blob(b, c->by, c->by_len, false)) return -1;
+    eb_atom(b, "previous");
+    if (eb_snap(b, o)) return -1;
+    return b->oom ? -1 : 0;
+}
+
 static int ev_encode(void *ctx, dx_ev_item *it) {
     ev_payload *p = it->payload;
+    if (p->kind == DX_EV_VAR_UPDATED || p->kind == DX_EV_VAR_ROLLED_BACK) {
+        etf_buf b = {.n = 0, .oom = false};
+        if (!enif_alloc_binary(512, &b.bin)) return -1;
+        if (eb_updated(&b, p, it) == 0 && !b.oom && enif_realloc_binary(&b.bin, b.n)) {
+            p->enc = b.bin;
+            p->have_enc = true;
+            it->rec.data = p->enc.data;
+            it->rec.data_len = p->enc.size;
+            return 0;
+        }
+        enif_release_binary(&b.bin); /* a vector value or a foreign blob: the term path */
+    }
     if (!t_wenv && !(t_wenv = enif_alloc_env())) return -1;
     ErlNifEnv *env = t_wenv;
     ERL_NIF_TERM d;
@@ -407,6 +574,9 @@ DX_NIF(nif_events_open) {
     ErlNifUInt64 linger = 0;
     if (enif_get_map_value(env, argv[0], A_linger_us, &v) && (!enif_get_uint64(env, v, &linger) || linger > 10000000))
         return enif_make_badarg(env);
+    ErlNifSInt64 gather = 0; /* 0: adaptive, < 0: off, > 0: a fixed bound in µs */
+    if (enif_get_map_value(env, argv[0], A_gather_us, &v) && (!enif_get_int64(env, v, &gather) || gather > 10000000))
+        return enif_make_badarg(env);
     ErlNifUInt64 every = 0;
     if (enif_get_map_value(env, argv[0], A_snapshot_every, &v) && !enif_get_uint64(env, v, &every))
         return enif_make_badarg(env);
@@ -453,7 +623,7 @@ DX_NIF(nif_events_open) {
         goto out;
     }
     dx_evq_config cfg = {.ops = ops, .target = tgt, .node = (const char *)node.data, .node_len = node.size,
-                         .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .encode = ev_encode, .free_payload = ev_free_payload,
+                         .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .gather_us = (int64_t)gather, .encode = ev_encode, .free_payload = ev_free_payload,
                          .item_alloc = enif_alloc, .item_free = enif_free,
                          .on_batch = ev_on_batch, .spool_path = spool_path};
     enif_mutex_lock(g_wait_mu);
@@ -691,7 +861,7 @@ static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket) {
     enif_self(env, &w->pid);
     g_waiters = w;
     enif_mutex_unlock(g_wait_mu);
-    dx_evq_urge(q); /* a caller waits: no lingering */
+    dx_evq_urge(q, ticket); /* a caller waits: no lingering; counted for the group-commit gather */
     return enif_make_tuple2(env, A_wait, ref);
 }
 
@@ -819,10 +989,11 @@ DX_NIF(nif_events_stats) {
     atomic_fetch_sub(&g_inflight, 1);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
-    ERL_NIF_TERM k[16] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+    ERL_NIF_TERM k[25] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
                           A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds,
-                          A_provisional};
-    ERL_NIF_TERM v[16] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+                          A_provisional, A_acked_batches, A_acked, A_gathers, A_gather_timeouts, A_writer_cpu_us,
+                          A_write_cpu_us, A_encode_cpu_us, A_write_us, A_commit_avg_us};
+    ERL_NIF_TERM v[25] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
                           enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
                           enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
@@ -830,8 +1001,12 @@ DX_NIF(nif_events_stats) {
                           s.last_error[0] ? dx_make_bin(env, s.last_error, strlen(s.last_error)) : ATOM_undefined,
                           enif_make_uint64(env, atomic_load(&g_lost)), full ? ATOM_true : ATOM_false,
                           enif_make_uint64(env, s.spooled), enif_make_uint64(env, s.commit_seeds),
-                          enif_make_uint64(env, s.provisional)};
-    return map_of(env, k, v, 16);
+                          enif_make_uint64(env, s.provisional), enif_make_uint64(env, s.acked_batches),
+                          enif_make_uint64(env, s.acked), enif_make_uint64(env, s.gathers),
+                          enif_make_uint64(env, s.gather_timeouts), enif_make_uint64(env, s.cpu_ns / 1000),
+                          enif_make_uint64(env, s.write_cpu_ns / 1000), enif_make_uint64(env, s.encode_cpu_ns / 1000),
+                          enif_make_uint64(env, s.write_ns / 1000), enif_make_int64(env, s.commit_avg_us)};
+    return map_of(env, k, v, 25);
 }
 
 /* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
@@ -979,7 +1154,10 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_principal, "principal"); A(A_request_id, "request_id"); A(A_variable, "variable"); A(A_reason, "reason");
     A(A_deleted, "deleted"); A(A_expired, "expired"); A(A_migrated, "migrated"); A(A_old_value, "old_value");
     A(A_previous, "previous"); A(A_members, "members"); A(A_backend, "backend"); A(A_sqlite, "sqlite");
-    A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch"); A(A_linger_us, "linger_us");
+    A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch"); A(A_linger_us, "linger_us"); A(A_gather_us, "gather_us");
+    A(A_acked_batches, "acked_batches"); A(A_acked, "acked"); A(A_gathers, "gathers"); A(A_gather_timeouts, "gather_timeouts");
+    A(A_writer_cpu_us, "writer_cpu_us"); A(A_write_cpu_us, "write_cpu_us"); A(A_encode_cpu_us, "encode_cpu_us");
+    A(A_write_us, "write_us"); A(A_commit_avg_us, "commit_avg_us");
     A(A_listener, "listener"); A(A_pushed, "pushed"); A(A_done, "done"); A(A_depth, "depth");
     A(A_max_depth, "max_depth"); A(A_bytes, "bytes"); A(A_batches, "batches"); A(A_written_n, "written");
     A(A_lag_us, "lag_us"); A(A_last_position, "last_position"); A(A_last_error, "last_error"); A(A_lost, "lost");

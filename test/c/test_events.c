@@ -15,9 +15,28 @@ static char g_dir[64];
 static int g_fails; /* write_batch calls to fail (failure injection) */
 static int g_batches;
 static int g_down; /* while set, every write_batch fails (a backend that is down) */
+/* gate: while g_hold is set, write_batch waits (the test decides when a transaction ends); batch sizes */
+static pthread_mutex_t g_gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_gate_cv = PTHREAD_COND_INITIALIZER;
+static int g_hold, g_in_write;
+static size_t g_sizes[64], g_nsizes;
+
+static void gate_set(int hold) {
+    pthread_mutex_lock(&g_gate_mu);
+    g_hold = hold;
+    pthread_cond_broadcast(&g_gate_cv);
+    pthread_mutex_unlock(&g_gate_mu);
+}
 
 static int failing_write(void *st, dx_ev_rec *r, size_t n, char *err, size_t errlen) {
     __atomic_add_fetch(&g_batches, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&g_gate_mu);
+    if (g_nsizes < 64) g_sizes[g_nsizes++] = n;
+    g_in_write = 1;
+    pthread_cond_broadcast(&g_gate_cv);
+    while (g_hold) pthread_cond_wait(&g_gate_cv, &g_gate_mu);
+    g_in_write = 0;
+    pthread_mutex_unlock(&g_gate_mu);
     if (__atomic_load_n(&g_down, __ATOMIC_SEQ_CST)) {
         snprintf(err, errlen, "connection lost: backend down");
         return -1;
@@ -49,6 +68,8 @@ static int setup(void **st) {
     g_ops.session_max_seq = downable_max_seq;
     g_fails = 0;
     g_down = 0;
+    g_hold = 0;
+    g_nsizes = 0;
     return 0;
 }
 static int teardown(void **st) {
@@ -421,10 +442,127 @@ static void test_linger_groups_and_urge_ends_it(void **st) {
     /* the next batch lingers again; dx_evq_urge alone ends it too */
     dx_ev_in e = ev("s", "e", "x");
     t = dx_evq_push(q, &e, NULL);
-    dx_evq_urge(q);
+    dx_evq_urge(q, t);
     assert_int_equal(dx_evq_wait(q, t), 0);
     dx_evq_close(q);
     check_one_session(p, "s", 101); /* every id a UUIDv7, sequences gapless */
+}
+
+/* Waits until ticket t is durable without counting as a waiting caller (dx_evq_wait counts as one): bounded
+ * polling, at most a minute. */
+static void done_poll(dx_evq *q, uint64_t t) {
+    for (int i = 0; i < 60000 && dx_evq_done(q) < t; i++) usleep(1000);
+    assert_true(dx_evq_done(q) >= t);
+}
+
+/* Group-commit gather: a commit that acknowledged 4 waiting callers makes the next transaction wait until 4
+ * wait again (here the bound is an hour, so only the count ends it): the caller that comes first does not
+ * get a transaction of its own while the 3 others wait a whole commit more (if it did, the second batch
+ * would hold 1 event and there would be 3 batches). Deterministic: the first batch is held in write_batch
+ * until all 4 callers are counted. */
+static void test_gather_waits_for_as_many_waiters_as_last_commit(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "g.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .linger_us = 3600LL * 1000000, .gather_us = 3600LL * 1000000};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    gate_set(1);
+    uint64_t t[8];
+    for (int i = 0; i < 4; i++) {
+        dx_ev_in e = ev("s", "e", "x");
+        t[i] = dx_evq_push(q, &e, NULL);
+    }
+    for (int i = 0; i < 4; i++) dx_evq_urge(q, t[i]); /* 4 callers wait */
+    pthread_mutex_lock(&g_gate_mu);
+    while (!g_in_write) pthread_cond_wait(&g_gate_cv, &g_gate_mu);
+    pthread_mutex_unlock(&g_gate_mu);
+    gate_set(0);
+    done_poll(q, t[3]);
+    dx_evq_stats s;
+    for (int i = 4; i < 8; i++) { /* they come back one at a time */
+        dx_ev_in e = ev("s", "e", "x");
+        t[i] = dx_evq_push(q, &e, NULL);
+        dx_evq_urge(q, t[i]);
+        if (i == 4) { /* the writer waits for the 3 others (bounded polling: a minute at most) */
+            for (int k = 0; k < 60000; k++) {
+                dx_evq_stats_get(q, &s);
+                if (s.gathers) break;
+                usleep(1000);
+            }
+            assert_int_equal(s.gathers, 1);
+            assert_int_equal(s.done, t[3]);
+        }
+    }
+    done_poll(q, t[7]);
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.batches, 2);
+    assert_int_equal(g_nsizes, 2);
+    assert_int_equal(g_sizes[0], 4);
+    assert_int_equal(g_sizes[1], 4);
+    assert_int_equal(s.acked_batches, 2);
+    assert_int_equal(s.acked, 8);
+    assert_int_equal(s.gathers, 1);
+    assert_int_equal(s.gather_timeouts, 0);
+    assert_true(s.write_ns > 0 && s.cpu_ns > 0);
+    dx_evq_close(q);
+    check_one_session(p, "s", 8);
+}
+
+/* A caller alone never waits for others: each of its writes is a transaction of its own, started at once
+ * (with an hour's bound, a gather would stall the test); fewer callers than last time end the gather at its
+ * bound (here 1 ms) and their events are written. */
+static void test_gather_never_delays_a_lone_writer_and_is_bounded(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "g1.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .linger_us = 3600LL * 1000000, .gather_us = 3600LL * 1000000};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    for (int i = 0; i < 20; i++) {
+        dx_ev_in e = ev("s", "e", "x");
+        uint64_t t = dx_evq_push(q, &e, NULL);
+        assert_int_equal(dx_evq_wait(q, t), 0);
+    }
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.batches, 20);
+    assert_int_equal(s.acked, 20);
+    assert_int_equal(s.gathers, 0);
+    dx_evq_close(q);
+    check_one_session(p, "s", 20);
+
+    path(p, sizeof p, "g2.db");
+    cfg.target = p;
+    cfg.gather_us = 1000;
+    q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    g_nsizes = 0;
+    gate_set(1);
+    uint64_t t[3];
+    for (int i = 0; i < 3; i++) {
+        dx_ev_in e = ev("s", "e", "x");
+        t[i] = dx_evq_push(q, &e, NULL);
+    }
+    for (int i = 0; i < 3; i++) dx_evq_urge(q, t[i]);
+    pthread_mutex_lock(&g_gate_mu);
+    while (!g_in_write) pthread_cond_wait(&g_gate_cv, &g_gate_mu);
+    pthread_mutex_unlock(&g_gate_mu);
+    gate_set(0);
+    done_poll(q, t[2]);
+    dx_ev_in e = ev("s", "e", "x"); /* one of the three comes back, the others are gone */
+    uint64_t t4 = dx_evq_push(q, &e, NULL);
+    assert_int_equal(dx_evq_wait(q, t4), 0);
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.batches, 2);
+    assert_int_equal(s.gathers, 1);
+    assert_int_equal(s.gather_timeouts, 1);
+    /* a gather that timed out with one caller: the next commit acknowledged one, so no gather after it */
+    e = ev("s", "e", "x");
+    t4 = dx_evq_push(q, &e, NULL);
+    assert_int_equal(dx_evq_wait(q, t4), 0);
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.gathers, 1);
+    dx_evq_close(q);
+    check_one_session(p, "s", 5);
 }
 
 /* While events are spooled the writer waits for the spool's next attempt (an hour here); a push in
@@ -495,6 +633,68 @@ static int snap_cb(void *c, const dx_ev_snapshot *s) {
 static int arch_cb(void *c, const dx_ev_rec *r) {
     ++*(size_t *)c;
     return 0;
+}
+
+/* Batches go in SQ_MULTI (32) rows a statement; a retried batch whose chunk holds stored records (here the
+ * second batch repeats 45 of the first's 100, then 55 new ones) takes the stored positions for those and
+ * the next positions, gapless, for the new ones; 155 rows in all, each once. */
+static void fill_recs(dx_ev_rec *r, size_t n, uint64_t seq0) {
+    for (size_t i = 0; i < n; i++) {
+        memset(&r[i], 0, sizeof r[i]);
+        r[i].sequence = seq0 + i;
+        r[i].ts_us = (int64_t)(1000 + seq0 + i);
+        dx_uuid7(r[i].ts_us, r[i].id);
+        r[i].session = "m";
+        r[i].session_len = 1;
+        r[i].type = "t";
+        r[i].type_len = 1;
+        r[i].data = (const uint8_t *)"d";
+        r[i].data_len = 1;
+    }
+}
+
+static void test_backend_multi_row_batches_and_retries(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "m.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_rec a[100], b[100];
+    fill_recs(a, 100, 1);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, a, 100, err, sizeof err), 0);
+    for (size_t i = 0; i < 100; i++) assert_int_equal(a[i].position, i + 1);
+    fill_recs(b, 100, 56); /* sequences 56..155: 56..100 stored already */
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, b, 100, err, sizeof err), 0);
+    for (size_t i = 0; i < 45; i++) assert_int_equal(b[i].position, 56 + i);
+    for (size_t i = 45; i < 100; i++) assert_int_equal(b[i].position, 101 + (i - 45));
+    uint64_t mp = 0;
+    assert_int_equal(dx_ev_sqlite_ops.max_position(db, &mp, err, sizeof err), 0);
+    assert_int_equal(mp, 155);
+    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "m", 155); /* gapless sequences, increasing positions, each row once */
+
+    /* a chunk partly stored: 32 new events of session n, then m 90..157 (the chunk of m 90..121 inserts
+     * 21 rows and meets 11 stored ones: taken out again, then row by row) */
+    path(p, sizeof p, "m2.db");
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    fill_recs(a, 100, 1);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, a, 100, err, sizeof err), 0);
+    fill_recs(b, 32, 1);
+    for (size_t i = 0; i < 32; i++) b[i].session = "n";
+    fill_recs(b + 32, 68, 90);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, b, 100, err, sizeof err), 0);
+    for (size_t i = 0; i < 32; i++) assert_int_equal(b[i].position, 101 + i);
+    for (size_t i = 32; i < 43; i++) assert_int_equal(b[i].position, 90 + (i - 32));
+    for (size_t i = 43; i < 100; i++) assert_int_equal(b[i].position, 133 + (i - 43));
+    check_ctx c = {0};
+    snprintf(c.sess[0], sizeof c.sess[0], "m");
+    snprintf(c.sess[1], sizeof c.sess[1], "n");
+    dx_ev_query qq = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.rows, 189);
+    assert_int_equal(c.bad, 0);
+    assert_int_equal(c.last_seq[0], 157);
+    assert_int_equal(c.last_seq[1], 32);
+    dx_ev_sqlite_ops.close(db);
 }
 
 static void test_backend_filters_snapshots_retention(void **st) {
@@ -581,9 +781,12 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_linger_groups_and_urge_ends_it, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_gather_waits_for_as_many_waiters_as_last_commit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_gather_never_delays_a_lone_writer_and_is_bounded, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_while_lingering_writes_everything, setup, teardown),
         cmocka_unit_test_setup_teardown(test_push_wakes_writer_waiting_to_drain_spool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backend_multi_row_batches_and_retries, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
