@@ -362,12 +362,15 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             Seq1 = Seq + 1,
             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
             ok = dspex_cache:committed(S, Epoch, Seq1),
+            %% backup regions (dspex_region_shipper); in sync_all the caller
+            %% is answered once they acknowledged it too
+            From1 = dspex_region_shipper:committed(S, Epoch, Seq1, P, From),
             AckMeta = Meta#{seq => Seq1},
             Ack = case Reps of
-                      [_] -> {one, From, Result, T0, AckMeta};
+                      [_] -> {one, From1, Result, T0, AckMeta};
                       _ ->
                           Id = make_ref(),
-                          dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, AckMeta),
+                          dspex_cluster_shipper:register_write(Id, length(Reps), From1, S, Epoch, Result, T0, AckMeta),
                           {many, Id}
                   end,
             Rec = {Ack, S, Epoch, Seq1, P},
@@ -375,23 +378,29 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             shipped;
         P ->
             _ = Group andalso dspex_cluster_shipper:withdraw(S, Epoch, Seq),
-            Reply = case P of
-                        none -> Result;
+            {Reply, From1} =
+                case P of
+                        none -> {Result, From};
                         _ ->
                             Seq1 = Seq + 1,
                             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
                             ok = dspex_cache:committed(S, Epoch, Seq1),
                             ok = replicate(S, Epoch, Seq1, P, Reps, Mode),
                             %% see dspex_cluster_shipper: not acknowledged when
-                            %% a takeover fenced this node meanwhile
-                            case fenced(S, Epoch) of
-                                false -> Result;
-                                true -> {error, {retry, fenced}}
-                            end
-                    end,
+                            %% a takeover fenced this node meanwhile; backup
+                            %% regions (dspex_region_shipper): in sync_all the
+                            %% caller is answered once they acknowledged it too
+                            {case fenced(S, Epoch) of
+                                 false -> Result;
+                                 true -> {error, {retry, fenced}}
+                             end, dspex_region_shipper:committed(S, Epoch, Seq1, P, From)}
+                end,
             dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
                                     Meta#{epoch => Epoch}),
-            {Reply, Epoch, node()}
+            case From1 of
+                From -> {Reply, Epoch, node()};
+                _ -> gen_server:reply(From1, {Reply, Epoch, node()}), shipped
+            end
     end.
 
 fenced(S, Epoch) ->

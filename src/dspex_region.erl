@@ -26,8 +26,19 @@
 %%   window => 64,                             % samples for p50/p99
 %%   ewma_alpha => 0.2,
 %%   down_after_ms => max(1000, 3 * probe_ms), % a probe unanswered this long: link down
-%%   backoff_min_ms => 100, backoff_max_ms => 5000}
+%%   backoff_min_ms => 100, backoff_max_ms => 5000,
+%%   replication => async_primary_backup,      % or sync_all (see dspex_region_shipper)
+%%   sync_timeout_ms => 5000,                  % sync_all: {error, {region_timeout, Regions}} after
+%%   repl_window => 8,                         % batches in flight per backup region
+%%   repl_batch_max => 1000,                   % records per batch
+%%   repl_max_pending => 100000}               % records queued per backup region
 %% '''
+%%
+%% Cross-region replication (`dspex_region_shipper', `dspex_region_receiver')
+%% ships the committed changes of each session whose recorded primary is this
+%% region to its backup regions; it needs this region's `dspex_cluster' (a
+%% one-node cluster for a one-node region): the cluster's writer hands it the
+%% changes. Reads in a backup region: `get/3'.
 %%
 %% This module's process owns two public ETS tables: the links' state (each
 %% link writes its own row after every probe; readers never call a process)
@@ -36,7 +47,8 @@
 -behaviour(gen_server).
 
 -export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
-         haversine_km/2]).
+         haversine_km/2, get/3, set_replication/1, replication/0]).
+-export([decision/1, adopt/2]).
 -export([start_link/1, links_table/0, link_update/2]).
 -export([init/1, handle_call/3, handle_cast/2, terminate/2]).
 
@@ -104,7 +116,15 @@ normalise(C) ->
     BMin = pos_int(maps:get(backoff_min_ms, C, 100), backoff_min_ms),
     BMax = pos_int(maps:get(backoff_max_ms, C, 5000), backoff_max_ms),
     BMax >= BMin orelse throw(backoff_max_ms),
-    #{name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
+    Repl = case maps:get(replication, C, async_primary_backup) of
+               M when M =:= async_primary_backup; M =:= sync_all -> M;
+               _ -> throw(replication)
+           end,
+    #{replication => Repl, sync_timeout_ms => pos_int(maps:get(sync_timeout_ms, C, 5000), sync_timeout_ms),
+      repl_window => pos_int(maps:get(repl_window, C, 8), repl_window),
+      repl_batch_max => pos_int(maps:get(repl_batch_max, C, 1000), repl_batch_max),
+      repl_max_pending => pos_int(maps:get(repl_max_pending, C, 100000), repl_max_pending),
+      name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
       probe_ms => Probe, window => Window, ewma_alpha => Alpha, down_after_ms => Down,
       backoff_min_ms => BMin, backoff_max_ms => BMax}.
 
@@ -215,7 +235,11 @@ forget_session(Session) ->
 %% ms of the last answered probe, `undefined' before the first), `since' (when
 %% the status last changed), and the sessions routed to each region
 %% (decisions recorded on this node), and the `transport' of the links and
-%% the gateway (`tcp' or `tls'). `{error, not_running}' without a region.
+%% the gateway (`tcp' or `tls'). Replication: each peer's `replication' (as a
+%% backup region of this one: `lag_versions', `lag_ms', `in_flight',
+%% `batches', `records', `full_copies', see `dspex_region_shipper:stats/0'),
+%% the mode (`replication') and `backup_sessions' (sessions of other
+%% regions replicated here). `{error, not_running}' without a region.
 -spec topology() -> map() | {error, not_running}.
 topology() ->
     try
@@ -224,6 +248,7 @@ topology() ->
         Counts = ets:foldl(fun({_, #{primary_region := R}}, Acc) -> maps:update_with(R, fun(N) -> N + 1 end, 1, Acc) end,
                            #{}, ?SESSIONS),
         Links = maps:from_list(ets:tab2list(?LINKS)),
+        Repl = dspex_region_shipper:stats(),
         Peers = maps:from_list(
                   [{N, begin
                            L = maps:get(N, Links, #{status => down}),
@@ -231,11 +256,14 @@ topology() ->
                              since => maps:get(since, L, undefined),
                              last_error => maps:get(last_error, L, undefined),
                              last_check_at => maps:get(last_check_at, L, undefined),
-                             rtt => rtt_ms(L), sessions => maps:get(N, Counts, 0)}
+                             rtt => rtt_ms(L), sessions => maps:get(N, Counts, 0),
+                             replication => maps:get(N, Repl, #{lag_versions => 0, lag_ms => 0})}
                        end} || #{name := N, coords := Co, gateway := G} <- maps:get(peers, C)]),
         #{region => Me, coords => maps:get(coords, C), gateway_port => gateway_port(),
           transport => case maps:get(tls, C) of undefined -> tcp; _ -> tls end,
-          sessions => maps:get(Me, Counts, 0), peers => Peers}
+          sessions => maps:get(Me, Counts, 0), peers => Peers,
+          replication => replication(),
+          backup_sessions => map_size(dspex_region_receiver:sessions())}
     catch error:badarg -> {error, not_running}
     end.
 
@@ -244,6 +272,80 @@ rtt_ms(L) ->
     #{ewma_ms => Ms(maps:get(ewma_us, L, undefined)), p50_ms => Ms(maps:get(p50_us, L, undefined)),
       p99_ms => Ms(maps:get(p99_us, L, undefined)), last_ms => Ms(maps:get(last_us, L, undefined)),
       samples => maps:get(samples, L, 0)}.
+
+%% @doc The replication mode in force: `async_primary_backup' or `sync_all'
+%% (`{error, not_running}' without a region).
+-spec replication() -> async_primary_backup | sync_all | {error, not_running}.
+replication() ->
+    case persistent_term:get({?MODULE, replication}, undefined) of
+        undefined -> {error, not_running};
+        M -> M
+    end.
+
+%% @doc Switches the replication mode of this node's writes from now on (the
+%% configuration's `replication' at start). Writes already waiting keep theirs.
+-spec set_replication(async_primary_backup | sync_all) -> ok | {error, not_running | {invalid_argument, replication}}.
+set_replication(M) when M =:= async_primary_backup; M =:= sync_all ->
+    case replication() of
+        {error, _} = E -> E;
+        _ -> persistent_term:put({?MODULE, replication}, M)
+    end;
+set_replication(_) -> {error, {invalid_argument, replication}}.
+
+%% @doc Reads variable `Key' of `Session' in this region with the lag of the
+%% copy it was read from: `{ok, Variable, #{region, primary_region,
+%% lag_versions, lag_ms}}' (see `dspex_region_receiver:lag/1').
+%% `read => local' (default) serves it from this region (the primary's own
+%% copy has no lag; a session not replicated into this region is read as
+%% this region's own); `read => primary' forwards it over the link to the
+%% session's primary region when that is another one, and answers with that
+%% region's copy (lag 0), or `{error, {region_unavailable, Region}}' (link
+%% down) or `{error, {region_timeout, [Region]}}' (no answer within
+%% `sync_timeout_ms').
+-spec get(binary(), term(), #{read => local | primary}) -> {ok, map(), map()} | {error, term()}.
+get(Session, Key, Opts) when is_binary(Session), is_map(Opts) ->
+    case persistent_term:get({?MODULE, name}, undefined) of
+        undefined -> {error, not_running};
+        Me ->
+            Primary = case decision(Session) of
+                          #{primary_region := P} -> P;
+                          undefined -> Me
+                      end,
+            case maps:get(read, Opts, local) of
+                local -> dspex_region_receiver:read_local(Session, Key, Me);
+                primary when Primary =:= Me -> dspex_region_receiver:read_local(Session, Key, Me);
+                primary ->
+                    Timeout = maps:get(sync_timeout_ms, persistent_term:get({?MODULE, config})),
+                    case ets:lookup(?LINKS, Primary) of
+                        [{_, #{status := up, pid := Link}}] ->
+                            try gen_server:call(Link, {read, Session, Key}, Timeout)
+                            catch exit:{timeout, _} -> {error, {region_timeout, [Primary]}};
+                                  exit:_ -> {error, {region_unavailable, Primary}}
+                            end;
+                        _ -> {error, {region_unavailable, Primary}}
+                    end;
+                _ -> {error, {invalid_argument, read}}
+            end
+    end;
+get(_, _, _) -> {error, {invalid_argument, session}}.
+
+%% @private The recorded decision of `Session', or `undefined'.
+-spec decision(binary()) -> decision() | undefined.
+decision(Session) ->
+    try ets:lookup(?SESSIONS, Session) of
+        [{_, D}] -> D;
+        [] -> undefined
+    catch error:badarg -> undefined
+    end.
+
+%% @private Records the decision a primary region made for `Session' (its
+%% records carry it, see dspex_region_receiver).
+-spec adopt(binary(), decision()) -> ok.
+adopt(Session, D) ->
+    case decision(Session) of
+        D -> ok;
+        _ -> gen_server:call(?MODULE, {adopt, Session, D})
+    end.
 
 %% @doc The port the gateway listens on, or `{error, not_running}'.
 -spec gateway_port() -> inet:port_number() | {error, not_running}.
@@ -258,6 +360,7 @@ prometheus() ->
     case catch ets:tab2list(?LINKS) of
         Rows when is_list(Rows) ->
             Me = persistent_term:get({?MODULE, name}, <<>>),
+            Repl = dspex_region_shipper:stats(),
             Lab = fun(P) -> ["region=\"", Me, "\",peer=\"", P, "\""] end,
             S = fun(undefined) -> "NaN"; (Us) -> float_to_list(Us / 1.0e6, [short]) end,
             ["# HELP dspex_region_rtt_seconds Round-trip time measured on each link to a peer region.\n",
@@ -270,7 +373,15 @@ prometheus() ->
              "# HELP dspex_region_link_up 1 when the link to the peer region is up.\n",
              "# TYPE dspex_region_link_up gauge\n",
              [["dspex_region_link_up{", Lab(P), "} ", case maps:get(status, L) of up -> "1"; _ -> "0" end, "\n"]
-              || {P, L} <- lists:sort(Rows)]];
+              || {P, L} <- lists:sort(Rows)],
+             "# HELP dspex_region_replication_lag_versions Changes not yet acknowledged by each backup region.\n",
+             "# TYPE dspex_region_replication_lag_versions gauge\n",
+             [["dspex_region_replication_lag_versions{", Lab(P), "} ", integer_to_list(V), "\n"]
+              || {P, #{lag_versions := V}} <- lists:sort(maps:to_list(Repl))],
+             "# HELP dspex_region_replication_lag_seconds Age of the oldest change not yet acknowledged by each backup region.\n",
+             "# TYPE dspex_region_replication_lag_seconds gauge\n",
+             [["dspex_region_replication_lag_seconds{", Lab(P), "} ", float_to_list(Ms / 1000, [short]), "\n"]
+              || {P, #{lag_ms := Ms}} <- lists:sort(maps:to_list(Repl))]];
         _ -> []
     end.
 
@@ -306,6 +417,9 @@ init(#{name := Me, peers := Peers} = C) ->
     process_flag(trap_exit, true),
     _ = ets:new(?LINKS, [named_table, public, set, {read_concurrency, true}]),
     _ = ets:new(?SESSIONS, [named_table, protected, set, {read_concurrency, true}]),
+    %% written by the gateway's connections (dspex_region_receiver)
+    _ = ets:new(dspex_region_applied, [named_table, public, set, {read_concurrency, true}]),
+    persistent_term:put({?MODULE, replication}, maps:get(replication, C)),
     [ets:insert(?LINKS, {N, #{status => down, since => erlang:system_time(millisecond), samples => 0}})
      || #{name := N} <- Peers],
     persistent_term:put({?MODULE, name}, Me),
@@ -327,6 +441,9 @@ handle_call({route, Session, Opts}, _From, C) ->
                                       reason => case Why of none -> new; unhealthy -> failover end}),
             {reply, D, C}
     end;
+handle_call({adopt, Session, D}, _From, C) ->
+    ets:insert(?SESSIONS, {Session, D}),
+    {reply, ok, C};
 handle_call({forget, Session}, _From, C) ->
     ets:delete(?SESSIONS, Session),
     {reply, ok, C};
@@ -341,6 +458,7 @@ handle_cast(_, C) -> {noreply, C}.
 terminate(_, _) ->
     _ = persistent_term:erase({?MODULE, name}),
     _ = persistent_term:erase({?MODULE, config}),
+    _ = persistent_term:erase({?MODULE, replication}),
     ok.
 
 decide(Opts, #{name := Me, coords := MyCoords, peers := Peers, weights := W}) ->
@@ -350,7 +468,8 @@ decide(Opts, #{name := Me, coords := MyCoords, peers := Peers, weights := W}) ->
             none ->
                 {lowest_rtt, fun({R, _}) when R =:= Me -> 0.0;
                                 ({R, _}) -> case ets:lookup(?LINKS, R) of
-                                                [{_, #{ewma_us := E}}] -> E / 1000;
+                                                %% up, but no probe answered yet: unmeasured
+                                                [{_, #{ewma_us := E}}] when is_number(E) -> E / 1000;
                                                 _ -> infinity
                                             end
                              end};

@@ -16,6 +16,13 @@
          routes_to_the_lowest_measured_rtt_without_coordinates/1,
          a_link_flap_is_reported_down_then_up_and_probes_resume/1,
          topology_and_prometheus_report_every_link/1]).
+-export([async_replication_converges_in_order_with_lag_bounded/1,
+         a_session_routed_after_its_creation_is_copied_whole/1,
+         sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch/1,
+         sync_all_times_out_naming_the_region_that_did_not_answer/1,
+         a_link_flap_converges_without_duplicate_or_reordered_apply/1,
+         a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1]).
+-export([concurrent_sets/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
 
@@ -25,9 +32,18 @@
 -define(PROBE_MS, 20).
 -define(WINDOW, 32).
 
-all() -> [{group, plain}, {group, tls}].
+all() -> [{group, plain}, {group, tls}, {group, replication}].
 
-groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()}].
+groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()},
+             {replication, [sequence], replication_cases()}].
+
+%% cross-region replication: each region a one-node cluster, plain TCP
+replication_cases() ->
+    [async_replication_converges_in_order_with_lag_bounded, a_session_routed_after_its_creation_is_copied_whole,
+     sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch,
+     sync_all_times_out_naming_the_region_that_did_not_answer,
+     a_link_flap_converges_without_duplicate_or_reordered_apply,
+     a_read_in_a_backup_returns_the_lag_and_read_primary_forwards].
 
 cases() ->
     [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
@@ -45,6 +61,7 @@ weights(c) -> #{<<"b">> => 4.0};
 weights(_) -> #{}.
 
 init_per_group(plain, Config) -> start_regions(undefined, Config);
+init_per_group(replication, Config) -> start_regions(undefined, [{replication, true} | Config]);
 init_per_group(tls, Config) ->
     Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_ct_" ++ os:getpid() ++ "_" ++
                             integer_to_list(erlang:unique_integer([positive]))),
@@ -98,7 +115,18 @@ start_regions(Tls, Config) ->
                 weights => weights(X), probe_ms => ?PROBE_MS, window => ?WINDOW,
                 down_after_ms => 500, backoff_min_ms => 20, backoff_max_ms => 200},
          RC1 = case Tls of undefined -> RC; _ -> RC#{tls => Tls} end,
-         ok = peer:call(P, application, set_env, [dspex_bridge, region, RC1]),
+         _ = case ?config(replication, Config) of
+                 true ->
+                     %% a region is a cluster: here of one node, whose writer ships to the backups
+                     ok = peer:call(P, application, set_env,
+                                    [dspex_bridge, cluster, #{nodes => [peer:call(P, erlang, node, [])], replicas => 0}]);
+                 _ -> ok
+             end,
+         RC2 = case ?config(replication, Config) of
+                   true -> RC1#{sync_timeout_ms => 2000, repl_window => 2};
+                   _ -> RC1
+               end,
+         ok = peer:call(P, application, set_env, [dspex_bridge, region, RC2]),
          {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge])
      end || {X, Name, Coords} <- ?REGIONS],
     %% each proxy X->Y forwards to Y's gateway
@@ -197,6 +225,173 @@ a_link_flap_is_reported_down_then_up_and_probes_resume(Config) ->
     [Route] = [M || {[dspex, region, route], _, #{session := <<"s_flap">>} = M} <- peer:call(PA, ?MODULE, collector_get, []),
                     maps:get(reason, M) =:= failover],
     ?assertMatch(#{primary_region := <<"b">>}, Route).
+
+%%% replication ------------------------------------------------------------------------
+
+%% a session routed from a (own region first: backups b at 10 ms RTT, c at 120 ms)
+routed_at_a(PA, S) ->
+    #{primary_region := <<"a">>, backup_regions := [<<"b">>, <<"c">>]} =
+        peer:call(PA, dspex_region, route_session, [S, #{}]).
+
+seq(P, S) -> element(3, peer:call(P, dspex_cluster_replica, row, [S])).
+
+applied(P, S) -> peer:call(P, dspex_region_receiver, row, [S]).
+
+repl(P, Peer) -> maps:get(replication, maps:get(Peer, maps:get(peers, topology(P)))).
+
+history(P, S, K) ->
+    {ok, H} = peer:call(P, dspex_store, history, [S, K, all]),
+    [{maps:get(version, E), maps:get(value, E)} || E <- H].
+
+converged(PA, Backups, S) ->
+    Seq = seq(PA, S),
+    lists:all(fun(P) -> maps:get(seq, applied(P, S)) =:= Seq end, Backups).
+
+async_replication_converges_in_order_with_lag_bounded(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_async">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 200)],
+    %% acknowledged after the local commit: the backups follow
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+    Seq = seq(PA, S),
+    ?assertEqual(202, Seq),   % create, register, 200 sets
+    %% every change applied once, in order (a replay must reach the version
+    %% the primary reached), no full copy needed
+    [?assertMatch(#{applies := Seq, full_copies := 0, primary := <<"a">>}, applied(P, S)) || P <- [PB, PC]],
+    [?assertEqual(history(PA, S, <<"k">>), history(P, S, <<"k">>)) || P <- [PB, PC]],
+    [?assertMatch({ok, #{value := 200, version := 200}}, peer:call(P, dspex_store, get, [S, <<"k">>])) || P <- [PB, PC]],
+    %% the lag, measured at the primary, goes back to nothing once the acks are in
+    [ok = wait_until(fun() -> case repl(PA, R) of #{lag_versions := 0, lag_ms := 0} -> true; _ -> false end end,
+                     10000, {lag, R}) || R <- [<<"b">>, <<"c">>]],
+    %% the backups adopted the primary's decision
+    ?assertMatch(#{primary_region := <<"a">>}, peer:call(PC, dspex_region, route_session, [S, #{}])),
+    Text = iolist_to_binary(peer:call(PA, dspex_prometheus, render, [])),
+    ?assertNotEqual(nomatch, binary:match(Text, <<"dspex_region_replication_lag_versions{region=\"a\",peer=\"c\"} 0">>)).
+
+a_session_routed_after_its_creation_is_copied_whole(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_late">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
+    routed_at_a(PA, S),
+    {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 6]),
+    %% the backups miss the first changes: the gap brings one full copy
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+    [?assertMatch(#{full_copies := 1}, applied(P, S)) || P <- [PB, PC]],
+    [?assertEqual(history(PA, S, <<"k">>), history(P, S, <<"k">>)) || P <- [PB, PC]].
+
+sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_sync">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    Keys = [<<"k", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 20)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{}]) || K <- Keys],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, registered),
+    #{batches := B0} = repl(PA, <<"c">>),
+    ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
+    try
+        %% 20 writers, 10 sets each, concurrently
+        Acked = peer:call(PA, ?MODULE, concurrent_sets, [S, Keys, 10], 60000),
+        ?assertEqual(200, length(Acked)),
+        %% read at once, no waiting: every acknowledged write is in both backups
+        [begin
+             Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
+             [?assertMatch({ok, #{version := Final}}, peer:call(P, dspex_store, get, [S, K])) || P <- [PB, PC]]
+         end || K <- Keys],
+        %% group commit: concurrent writes shared batches (at most repl_window,
+        %% here 2, in flight), far fewer round trips to c than writes
+        #{batches := B1} = repl(PA, <<"c">>),
+        ct:pal("sync_all: 200 writes to c in ~b batches", [B1 - B0]),
+        ?assert(B1 - B0 < 100, B1 - B0)
+    after
+        ok = peer:call(PA, dspex_region, set_replication, [async_primary_backup])
+    end.
+
+%% on a peer: Keys' writers, N sets each; every answer
+concurrent_sets(S, Keys, N) ->
+    Me = self(),
+    Pids = [spawn_link(fun() ->
+                               Me ! {self(), [{K, dspex_store:set(S, K, I)} || I <- lists:seq(1, N)]}
+                       end) || K <- Keys],
+    lists:append([receive {P, R} -> R end || P <- Pids]).
+
+sync_all_times_out_naming_the_region_that_did_not_answer(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxy = maps:get({a, c}, ?config(proxies, Config)),
+    S = <<"r_timeout">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
+    try
+        ok = dspex_region_proxy:drop(Proxy),
+        ok = wait_until(fun() -> status(PA, <<"c">>) =:= down end, 10000, link_down),
+        %% committed in a and b, c cannot answer: sync_timeout_ms (2 s) later
+        ?assertEqual({error, {region_timeout, [<<"c">>]}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 1], 30000)),
+        ?assertMatch({ok, #{value := 1}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
+        ?assertMatch(#{lag_versions := N} when N >= 1, repl(PA, <<"c">>)),
+        ok = dspex_region_proxy:restore(Proxy),
+        %% still shipped once c is back
+        ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+        ?assertMatch({ok, #{value := 1}}, peer:call(PC, dspex_store, get, [S, <<"k">>]))
+    after
+        ok = peer:call(PA, dspex_region, set_replication, [async_primary_backup]),
+        dspex_region_proxy:restore(Proxy)
+    end.
+
+a_link_flap_converges_without_duplicate_or_reordered_apply(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxy = maps:get({a, c}, ?config(proxies, Config)),
+    S = <<"r_flap">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 100)],
+    %% dropped while batches to c (120 ms RTT) are in flight
+    ok = dspex_region_proxy:drop(Proxy),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(101, 200)],
+    ok = wait_until(fun() -> status(PA, <<"c">>) =:= down end, 10000, link_down),
+    ok = dspex_region_proxy:restore(Proxy),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, converged),
+    Seq = seq(PA, S),
+    %% batches sent again after the flap: repeats ignored, nothing applied twice or out of order
+    [?assertMatch(#{applies := Seq, full_copies := 0}, applied(P, S)) || P <- [PB, PC]],
+    [?assertEqual(history(PA, S, <<"k">>), history(P, S, <<"k">>)) || P <- [PB, PC]].
+
+a_read_in_a_backup_returns_the_lag_and_read_primary_forwards(Config) ->
+    #{a := PA, b := PB} = ?config(peers, Config),
+    Proxy = maps:get({a, b}, ?config(proxies, Config)),
+    S = <<"r_read">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 7, #{}]),
+    ok = wait_until(fun() -> converged(PA, [PB], S) end, 20000, converged),
+    ?assertMatch({ok, #{value := 7}, #{region := <<"b">>, primary_region := <<"a">>, lag_versions := 0, lag_ms := 0}},
+                 peer:call(PB, dspex_region, get, [S, <<"k">>, #{read => local}])),
+    %% the primary's own copy has no lag
+    ?assertMatch({ok, #{value := 7}, #{region := <<"a">>, lag_versions := 0, lag_ms := 0}},
+                 peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
+    %% a -> b cut: b keeps serving its copy, with a growing lag
+    ok = dspex_region_proxy:drop(Proxy),
+    try
+        {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 8]),
+        ok = wait_until(fun() ->
+                                {ok, #{value := 7}, #{lag_ms := Ms}} = peer:call(PB, dspex_region, get, [S, <<"k">>, #{}]),
+                                Ms > 0
+                        end, 10000, lag_grows),
+        %% read => primary: forwarded over b's own link to a
+        ?assertMatch({ok, #{value := 8}, #{region := <<"a">>, lag_versions := 0}},
+                     peer:call(PB, dspex_region, get, [S, <<"k">>, #{read => primary}]))
+    after
+        dspex_region_proxy:restore(Proxy)
+    end,
+    ok = wait_until(fun() -> converged(PA, [PB], S) end, 20000, converged),
+    ?assertMatch({ok, #{value := 8}, #{lag_versions := 0}}, peer:call(PB, dspex_region, get, [S, <<"k">>, #{}])).
 
 %%% helpers -------------------------------------------------------------------------
 
