@@ -29,7 +29,7 @@
 %%   backoff_min_ms => 100, backoff_max_ms => 5000,
 %%   replication => async_primary_backup,      % or sync_all (see dspex_region_shipper)
 %%   sync_timeout_ms => 5000,                  % sync_all: {error, {region_timeout, Regions}} after
-%%   repl_window => 8,                         % batches in flight per backup region
+%%   repl_window => 32,                        % batches in flight per backup region
 %%   repl_batch_max => 1000,                   % records per batch
 %%   repl_max_pending => 100000}               % records queued per backup region
 %% '''
@@ -121,7 +121,7 @@ normalise(C) ->
                _ -> throw(replication)
            end,
     #{replication => Repl, sync_timeout_ms => pos_int(maps:get(sync_timeout_ms, C, 5000), sync_timeout_ms),
-      repl_window => pos_int(maps:get(repl_window, C, 8), repl_window),
+      repl_window => pos_int(maps:get(repl_window, C, 32), repl_window),
       repl_batch_max => pos_int(maps:get(repl_batch_max, C, 1000), repl_batch_max),
       repl_max_pending => pos_int(maps:get(repl_max_pending, C, 100000), repl_max_pending),
       name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
