@@ -18,6 +18,7 @@
          topology_and_prometheus_report_every_link/1]).
 -export([async_replication_converges_in_order_with_lag_bounded/1,
          a_session_routed_after_its_creation_is_copied_whole/1,
+         a_change_larger_than_a_frame_travels_in_parts/1,
          sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch/1,
          sync_all_times_out_naming_the_region_that_did_not_answer/1,
          a_link_flap_converges_without_duplicate_or_reordered_apply/1,
@@ -40,6 +41,7 @@ groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()},
 %% cross-region replication: each region a one-node cluster, plain TCP
 replication_cases() ->
     [async_replication_converges_in_order_with_lag_bounded, a_session_routed_after_its_creation_is_copied_whole,
+     a_change_larger_than_a_frame_travels_in_parts,
      sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch,
      sync_all_times_out_naming_the_region_that_did_not_answer,
      a_link_flap_converges_without_duplicate_or_reordered_apply,
@@ -283,6 +285,21 @@ a_session_routed_after_its_creation_is_copied_whole(Config) ->
     ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
     [?assertMatch(#{full_copies := 1}, applied(P, S)) || P <- [PB, PC]],
     [?assertEqual(history(PA, S, <<"k">>), history(P, S, <<"k">>)) || P <- [PB, PC]].
+
+a_change_larger_than_a_frame_travels_in_parts(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_big">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    %% frames are at most 64 KiB: a 200 KB registration (a full copy) and a
+    %% 300 KB set each leave as several frames, reassembled by the gateway
+    Big1 = binary:copy(<<"x">>, 200000),
+    Big2 = binary:copy(<<"y">>, 300000),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"big">>, string, Big1, #{}]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"big">>, Big2]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+    [?assertMatch({ok, #{value := Big2, version := 1}}, peer:call(P, dspex_store, get, [S, <<"big">>])) || P <- [PB, PC]],
+    [?assertMatch(#{applies := 3, full_copies := 0}, applied(P, S)) || P <- [PB, PC]].
 
 sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),
