@@ -232,3 +232,84 @@ mutual_tls({Tls, Stranger}) ->
     after
         [begin exit(X, shutdown), receive {'EXIT', X, _} -> ok after 5000 -> ok end end || X <- [Link, G, R]]
     end.
+
+%%% replication -------------------------------------------------------------------
+
+replication_config_test() ->
+    B = base(),
+    ?assertMatch(#{replication := async_primary_backup, sync_timeout_ms := 5000, repl_window := 32,
+                   repl_batch_max := 1000, repl_max_pending := 100000},
+                 with_env(B, fun dspex_region:config/0)),
+    ?assertMatch(#{replication := sync_all}, with_env(B#{replication => sync_all}, fun dspex_region:config/0)),
+    ?assertEqual({error, {invalid_argument, replication}},
+                 with_env(B#{replication => sometimes}, fun dspex_region:config/0)),
+    ?assertEqual({error, {invalid_argument, repl_window}}, with_env(B#{repl_window => 0}, fun dspex_region:config/0)),
+    %% no region: the hook hands back the caller, nothing else
+    From = {self(), make_ref()},
+    ?assertEqual(From, dspex_region_shipper:committed(<<"s">>, 1, 1, delete_session, From)),
+    ?assertEqual({error, not_running}, dspex_region:get(<<"s">>, <<"k">>, #{})).
+
+%% A backup region away: its queue is bounded by repl_max_pending; past it the
+%% queued records make way for one full copy per session, sent (taken from
+%% the session's writer when it leaves) once the link is up; a sync_all write
+%% among the dropped records is answered once its session's copy is acknowledged.
+shipper_back_pressure_test() ->
+    Us = <<"us">>,
+    C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
+          repl_batch_max => 1000, sync_timeout_ms => 60000},
+    Sessions = [<<"bp_", (integer_to_binary(I))/binary>> || I <- [1, 2, 3]],
+    %% stand-ins for the sessions' writers: each answers export_for at seq 7
+    Writers = lists:usort([dspex_cluster_writer:name(S) || S <- Sessions]),
+    Fakes = [begin
+                 P = spawn(fun Loop() ->
+                                   receive
+                                       {'$gen_call', F, {export_for, S}} ->
+                                           gen_server:reply(F, {ok, 1, 7, #{id => S, variables => []}}),
+                                           Loop();
+                                       stop -> ok
+                                   end
+                           end),
+                 true = register(N, P),
+                 P
+             end || N <- Writers],
+    {ok, Sh} = dspex_region_shipper:start_link(C),
+    try
+        At = erlang:monotonic_time(millisecond),
+        Tag = make_ref(),
+        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}}, At, [Us], none}
+         || I <- lists:seq(1, 500)],
+        Sh ! {rec, {hd(Sessions), 1, 501, delete_session}, At, [Us], {wait1, {self(), Tag}}},
+        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}}, At, [Us], none}
+         || I <- lists:seq(502, 700)],
+        %% the writer's own answer to the sync write
+        Sh ! {{dspex_region_ack, wait1}, {ok, 1, node()}},
+        %% bounded: one full copy per session is all that is left
+        #{Us := #{lag_versions := Lag, link := down}} = dspex_region_shipper:stats(),
+        ?assert(Lag =< 100),
+        %% the link comes up: the copies leave
+        Sh ! {link_up, Us, self()},
+        Recs = collect(Sh, Us, []),
+        %% first the copies, then the records queued after the last overflow
+        {Copies, Later} = lists:split(3, Recs),
+        ?assert(lists:all(fun({_, 1, 7, {region_full, #{}}}) -> true; (_) -> false end, Copies)),
+        ?assertEqual(Sessions, lists:usort([S || {S, _, _, _} <- Copies])),
+        ?assert(length(Recs) =< 100),
+        ?assertEqual([700], lists:usort([lists:max([Seq || {_, _, Seq, _} <- Later])])),
+        ?assertMatch(#{Us := #{lag_versions := 0}}, dspex_region_shipper:stats()),
+        %% the sync write is answered once its session's copy was acknowledged
+        ?assertEqual({ok, 1, node()}, receive {Tag, R} -> R after 5000 -> timeout end)
+    after
+        unlink(Sh),
+        exit(Sh, kill),
+        [P ! stop || P <- Fakes]
+    end.
+
+%% every batch the shipper sends, acknowledged, until nothing is left
+collect(Sh, Us, Acc) ->
+    receive
+        {ship, Id, Chunks} ->
+            #{recs := Recs} = binary_to_term(iolist_to_binary([B || {_, B} <- Chunks])),
+            Sh ! {repl_ack, Us, Id, #{need_full => []}},
+            collect(Sh, Us, Acc ++ Recs)
+    after 500 -> Acc
+    end.
