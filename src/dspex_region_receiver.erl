@@ -5,7 +5,9 @@
 %% A batch is applied by the gateway connection it arrived on (one per peer
 %% region: a primary's batches are applied one at a time, in the order sent),
 %% record by record, idempotently by the session's `{Epoch, Seq}': a record at
-%% or below the sequence applied here is a repeat and is ignored; the next
+%% or below the sequence applied here is a repeat and is ignored (unless its
+%% epoch is newer than the one applied: the primary's cluster went on from
+%% an older copy, and the session is reported for a full copy); the next
 %% sequence is replayed through `dspex_store' (so it reaches the session's
 %% owner in this region and its in-region replicas, like any write), and the
 %% replay must reach the version the primary reached (`expected_version'), else
@@ -62,7 +64,7 @@ sessions() -> maps:from_list([{S, R} || {S, R} <- ets:tab2list(?APPLIED), is_bin
 heard(From) -> ets:insert(?APPLIED, {{heard, From}, erlang:monotonic_time(millisecond)}).
 
 apply_rec(From, {S, E, Seq, P}, NF) when is_binary(S), is_integer(E), is_integer(Seq) ->
-    #{seq := Have} = Row = row(S),
+    #{seq := Have, epoch := HaveE} = Row = row(S),
     case P of
         {region_full, Export} when Seq >= Have ->
             case install(S, Export) of
@@ -71,7 +73,11 @@ apply_rec(From, {S, E, Seq, P}, NF) when is_binary(S), is_integer(E), is_integer
                     logger:warning("dspex_region: full copy of ~p from ~s not installed: ~p", [S, From, Why]),
                     [S | NF]
             end;
-        _ when Seq =< Have -> NF;   % a repeat
+        %% a sequence already applied, from a newer epoch of the primary's
+        %% cluster: its new owner went on from an older copy (an async
+        %% in-region replica missed changes): the histories differ
+        _ when Seq =< Have, E > HaveE -> [S | NF];
+        _ when Seq =< Have -> NF;   % a repeat (or a late record of an older epoch)
         _ when Seq =:= Have + 1 ->
             case lists:member(S, NF) of
                 true -> NF;   % behind already: the full copy brings it

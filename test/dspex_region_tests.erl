@@ -313,3 +313,40 @@ collect(Sh, Us, Acc) ->
             collect(Sh, Us, Acc ++ Recs)
     after 500 -> Acc
     end.
+
+%% The backup side alone: a primary's records applied by {Epoch, Seq}:
+%% repeats ignored, a gap or a diverged history reported for a full copy, a
+%% replay that does not reach the primary's version reported too, a full copy
+%% installed whatever was there.
+receiver_applies_by_version_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        S = <<"recv_s">>,
+        _ = dspex_store:delete_session(S),
+        Apply = fun(Recs) -> dspex_region_receiver:apply_batch(<<"us">>, #{recs => Recs, heads => #{}, decisions => #{}}) end,
+        {ok, _} = dspex_store:create_session(S),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        Set = fun(V, Ver) -> {op, set, [S, <<"k">>, V, #{expected_version => Ver - 1}], {ok, Ver}} end,
+        %% created by a full copy (create_session's record), then registered
+        ?assertEqual(#{need_full => []}, Apply([{S, 1, 1, {full, Export}}])),
+        {ok, _} = dspex_store:register(S, <<"k">>, integer, 0, #{}),   % stands for seq 2
+        ets:insert(dspex_region_applied, {S, (dspex_region_receiver:row(S))#{seq => 2}}),
+        ?assertEqual(#{need_full => []}, Apply([{S, 1, 3, Set(10, 1)}, {S, 1, 4, Set(11, 2)}])),
+        %% the same batch again (an ack lost on a flap): nothing applied twice
+        ?assertEqual(#{need_full => []}, Apply([{S, 1, 3, Set(10, 1)}, {S, 1, 4, Set(11, 2)}])),
+        ?assertMatch(#{seq := 4, applies := 3}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, #{value := 11, version := 2}}, dspex_store:get(S, <<"k">>)),
+        %% a gap: not applied, a full copy asked
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 1, 6, Set(13, 4)}])),
+        %% seq 4 again from a newer epoch: another history
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 2, 4, Set(99, 2)}])),
+        %% the next seq, but the replay does not end at the primary's version
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 1, 5, Set(12, 7)}])),
+        ?assertMatch({ok, #{value := 11, version := 2}}, dspex_store:get(S, <<"k">>)),
+        %% the full copy replaces the session and sets the sequence
+        ?assertEqual(#{need_full => []}, Apply([{S, 2, 9, {region_full, Export}}])),
+        ?assertMatch(#{seq := 9, epoch := 2, full_copies := 1}, dspex_region_receiver:row(S)),
+        ?assertEqual({error, {not_found, <<"k">>}}, dspex_store:get(S, <<"k">>)),
+        ok = dspex_store:delete_session(S)
+    end).
