@@ -67,7 +67,7 @@ apply_rec(From, {S, E, Seq, P}, NF) when is_binary(S), is_integer(E), is_integer
     #{seq := Have, epoch := HaveE} = Row = row(S),
     case P of
         {region_full, Export} when Seq >= Have ->
-            case install(S, Export) of
+            case replay(S, {full, Export}) of
                 ok -> done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From), NF;
                 {error, Why} ->
                     logger:warning("dspex_region: full copy of ~p from ~s not installed: ~p", [S, From, Why]),
@@ -111,11 +111,18 @@ deleted(ok) -> ok;
 deleted({error, session_not_found}) -> ok;
 deleted(E) -> E.
 
-%% A change replayed here must end where the primary's ended.
-replay(S, {ev, _, _, P, _}) -> replay(S, P);
-replay(S, {full, Export}) -> install(S, Export);
-replay(S, delete_session) -> deleted(dspex_store:delete_session(S));
-replay(S, {op, Op, [S | _] = Args, Expected}) ->
+%% A change replayed here must end where the primary's ended. A replay that
+%% raises (say a caller's type error the primary raised too) is reported
+%% for a full copy: the connection that applies the batches goes on.
+replay(S, P) ->
+    try replay1(S, P)
+    catch Class:Reason -> {error, {Class, Reason}}
+    end.
+
+replay1(S, {ev, _, _, P, _}) -> replay1(S, P);
+replay1(S, {full, Export}) -> install(S, Export);
+replay1(S, delete_session) -> deleted(dspex_store:delete_session(S));
+replay1(S, {op, Op, [S | _] = Args, Expected}) ->
     Got = case Op of
               set -> apply(dspex_store, set, Args);
               rollback -> apply(dspex_store, rollback, Args);
@@ -128,7 +135,7 @@ replay(S, {op, Op, [S | _] = Args, Expected}) ->
         true -> ok;
         false -> {error, {diverged, Got}}
     end;
-replay(_, P) -> {error, {unknown_payload, element(1, P)}}.
+replay1(_, P) -> {error, {unknown_payload, P}}.
 
 same(set_many, {ok, #{updated := U}}, {ok, #{updated := U}}) -> true;
 same(_, X, X) -> true;

@@ -344,6 +344,8 @@ receiver_applies_by_version_test() ->
         %% the next seq, but the replay does not end at the primary's version
         ?assertEqual(#{need_full => [S]}, Apply([{S, 1, 5, Set(12, 7)}])),
         ?assertMatch({ok, #{value := 11, version := 2}}, dspex_store:get(S, <<"k">>)),
+        %% a replay that raises: reported, the batch goes on
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 1, 5, {op, set, [S, {bad}, 1, #{expected_version => 2}], {ok, 3}}}])),
         %% the full copy replaces the session and sets the sequence
         ?assertEqual(#{need_full => []}, Apply([{S, 2, 9, {region_full, Export}}])),
         ?assertMatch(#{seq := 9, epoch := 2, full_copies := 1}, dspex_region_receiver:row(S)),
