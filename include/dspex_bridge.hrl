@@ -101,6 +101,7 @@
 -define(DSPEX_REGION_ROUTE, [dspex, region, route]).
 %% Ev: batch (a batch of changes shipped to a backup region: records, bytes)
 %% | ack (a backup region acknowledged a batch: records; need_full in metadata)
+%% | fenced (a backup refused a change of a primary the session was moved from)
 -define(DSPEX_REGION_REPLICATION(Ev), [dspex, region, replication, Ev]).
 
 %% Every event above, each operation spelt out.
@@ -129,6 +130,7 @@
         ++ [?DSPEX_MODELS_ROLLOUT(Ev__) || Ev__ <- [step, complete, rollback]]
         ++ [?DSPEX_OPT(Ev__) || Ev__ <- [start, ask, tell, stop]]
         ++ [?DSPEX_REGION_LINK(up), ?DSPEX_REGION_LINK(down), ?DSPEX_REGION_PROBE, ?DSPEX_REGION_ROUTE,
-            ?DSPEX_REGION_REPLICATION(batch), ?DSPEX_REGION_REPLICATION(ack)]).
+            ?DSPEX_REGION_REPLICATION(batch), ?DSPEX_REGION_REPLICATION(ack),
+            ?DSPEX_REGION_REPLICATION(fenced)]).
 
 -endif.

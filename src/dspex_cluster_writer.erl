@@ -86,7 +86,8 @@ handle_call({write, S, Op, Args}, From, St) ->
             %% this node is starting: nothing written, the caller routes again
             {reply, {{error, {retry, replica_unavailable}}, 0, node()}, St};
         V ->
-            case ensure(S, V) of
+            %% a session moved to another region (dspex_region:move_session/2) takes no writes here
+            case dspex_region_shipper:admit(S, ensure(S, V)) of
                 {ok, Own} ->
                     case write(S, Op, Args, Own, V, From) of
                         shipped -> {noreply, St};   % answered once the replicas confirmed it

@@ -48,7 +48,7 @@
 
 -export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
          haversine_km/2, get/3, set_replication/1, replication/0]).
--export([decision/1, adopt/2]).
+-export([decision/1, adopt/2, moved/1, move_session/2]).
 -export([start_link/1, links_table/0, link_update/2]).
 -export([init/1, handle_call/3, handle_cast/2, terminate/2]).
 
@@ -57,7 +57,8 @@
 -type region() :: binary().
 -type coords() :: {number(), number()}.
 -type decision() :: #{primary_region := region(), backup_regions := [region()],
-                      policy := nearest | lowest_rtt, decided_at := integer()}.
+                      policy := nearest | lowest_rtt | moved, decided_at := integer(),
+                      region_epoch => non_neg_integer()}.
 
 -define(LINKS, dspex_region_links).
 -define(SESSIONS, dspex_region_sessions).
@@ -312,7 +313,11 @@ get(Session, Key, Opts) when is_binary(Session), is_map(Opts) ->
                           undefined -> Me
                       end,
             case maps:get(read, Opts, local) of
-                local -> dspex_region_receiver:read_local(Session, Key, Me);
+                local ->
+                    case moved(Session) of
+                        undefined -> dspex_region_receiver:read_local(Session, Key, Me);
+                        To -> {error, {region_moved, To}}
+                    end;
                 primary when Primary =:= Me -> dspex_region_receiver:read_local(Session, Key, Me);
                 primary ->
                     Timeout = maps:get(sync_timeout_ms, persistent_term:get({?MODULE, config})),
@@ -329,6 +334,46 @@ get(Session, Key, Opts) when is_binary(Session), is_map(Opts) ->
     end;
 get(_, _, _) -> {error, {invalid_argument, session}}.
 
+%% @doc Moves the primary of a live `Session' from this region (it must be
+%% its primary here) to the peer region `Region': from the call on this
+%% region refuses the session's writes with `{error, {region_moved, Region}}'
+%% (reads here too: `get/3' with `read => local'; `read => primary' forwards to
+%% `Region'), and ships the whole session (its writer's export, after every
+%% write it committed) to `Region' with the new decision: primary `Region', the
+%% other backups unchanged, this region none, `policy => moved' and a higher
+%% `region_epoch'. `Region' installs it, becomes the primary (its
+%% `route_session/2' answers so) and sends each backup a full copy, which a
+%% backup accepts only at the higher region epoch: changes of the old
+%% primary arriving later are ignored and counted (`fenced' in
+%% `dspex_region_receiver:row/1'). `ok' once `Region' acknowledged the copy;
+%% `{error, {region_timeout, [Region]}}' after `sync_timeout_ms' (the move is
+%% under way: the copy is sent again until it is through, writes stay
+%% refused here); `{error, {not_primary, Region}}', `{error, {not_routed,
+%% Session}}', `{error, {region_unavailable, Region}}' (link down, or
+%% this region), `{error, not_running}'.
+-spec move_session(binary(), region()) -> ok | {error, term()}.
+move_session(Session, Region) when is_binary(Session), is_binary(Region) ->
+    try gen_server:call(?MODULE, {move, Session, Region}) of
+        {ok, _New} ->
+            Timeout = maps:get(sync_timeout_ms, persistent_term:get({?MODULE, config})),
+            dspex_region_shipper:move(Session, Region, Timeout);
+        {error, _} = E -> E
+    catch exit:{noproc, _} -> {error, not_running}
+    end;
+move_session(_, _) -> {error, {invalid_argument, session}}.
+
+%% @private The region `Session' was moved to from this one, or `undefined'.
+-spec moved(binary()) -> region() | undefined.
+moved(Session) ->
+    try ets:lookup(dspex_region_moved, Session) of
+        [{_, R}] -> R;
+        [] -> undefined
+    catch error:badarg -> undefined
+    end.
+
+region_epoch(#{region_epoch := E}) -> E;
+region_epoch(_) -> 0.
+
 %% @private The recorded decision of `Session', or `undefined'.
 -spec decision(binary()) -> decision() | undefined.
 decision(Session) ->
@@ -340,7 +385,7 @@ decision(Session) ->
 
 %% @private Records the decision a primary region made for `Session' (its
 %% records carry it, see dspex_region_receiver).
--spec adopt(binary(), decision()) -> ok.
+-spec adopt(binary(), decision()) -> ok | stale.
 adopt(Session, D) ->
     case decision(Session) of
         D -> ok;
@@ -419,6 +464,8 @@ init(#{name := Me, peers := Peers} = C) ->
     _ = ets:new(?SESSIONS, [named_table, protected, set, {read_concurrency, true}]),
     %% written by the gateway's connections (dspex_region_receiver)
     _ = ets:new(dspex_region_applied, [named_table, public, set, {read_concurrency, true}]),
+    %% sessions moved from this region to another: {Session, Region}
+    _ = ets:new(dspex_region_moved, [named_table, protected, set, {read_concurrency, true}]),
     persistent_term:put({?MODULE, replication}, maps:get(replication, C)),
     [ets:insert(?LINKS, {N, #{status => down, since => erlang:system_time(millisecond), samples => 0}})
      || #{name := N} <- Peers],
@@ -441,9 +488,37 @@ handle_call({route, Session, Opts}, _From, C) ->
                                       reason => case Why of none -> new; unhealthy -> failover end}),
             {reply, D, C}
     end;
-handle_call({adopt, Session, D}, _From, C) ->
-    ets:insert(?SESSIONS, {Session, D}),
-    {reply, ok, C};
+handle_call({adopt, Session, D}, _From, #{name := Me} = C) ->
+    %% a decision of an older region epoch never replaces a newer one
+    case region_epoch(decision(Session)) =< region_epoch(D) of
+        true ->
+            ets:insert(?SESSIONS, {Session, D}),
+            %% moved back here: writable again
+            _ = maps:get(primary_region, D) =:= Me andalso ets:delete(dspex_region_moved, Session),
+            {reply, ok, C};
+        false -> {reply, stale, C}
+    end;
+handle_call({move, Session, Region}, _From, #{name := Me} = C) ->
+    case decision(Session) of
+        #{primary_region := Me, backup_regions := Backups} = D ->
+            case healthy(Region) andalso Region =/= Me of
+                true ->
+                    %% from now on this region takes no write of the session
+                    %% (dspex_region_shipper:admit/2), and names the new primary
+                    %% in a higher region epoch; the old primary is no backup
+                    New = #{primary_region => Region, backup_regions => Backups -- [Region], policy => moved,
+                            decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(D) + 1},
+                    ets:insert(dspex_region_moved, {Session, Region}),
+                    ets:insert(?SESSIONS, {Session, New}),
+                    dspex_telemetry:execute([dspex, region, route], #{count => 1},
+                                            #{session => Session, primary_region => Region, policy => moved,
+                                              reason => moved}),
+                    {reply, {ok, New}, C};
+                false -> {reply, {error, {region_unavailable, Region}}, C}
+            end;
+        #{primary_region := Other} -> {reply, {error, {not_primary, Other}}, C};
+        undefined -> {reply, {error, {not_routed, Session}}, C}
+    end;
 handle_call({forget, Session}, _From, C) ->
     ets:delete(?SESSIONS, Session),
     {reply, ok, C};

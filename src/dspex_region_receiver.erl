@@ -29,17 +29,32 @@
 
 %% @doc Applies a batch from region `From'; the sessions that need a full copy.
 -spec apply_batch(binary(), map()) -> #{need_full := [binary()]}.
-apply_batch(From, #{recs := Recs, heads := Heads, decisions := Ds}) when is_list(Recs), is_map(Heads), is_map(Ds) ->
-    _ = maps:foreach(fun(S, D) when is_binary(S), is_map(D) -> dspex_region:adopt(S, D);
-                        (_, _) -> ok
-                     end, Ds),
-    NF = lists:foldl(fun(Rec, Acc) -> apply_rec(From, Rec, Acc) end, [], Recs),
+apply_batch(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_list(Recs), is_map(Heads), is_map(Ds0) ->
+    Me = persistent_term:get({dspex_region, name}, undefined),
+    Ds = maps:filter(fun(S, D) -> is_binary(S) andalso is_map(D) end, Ds0),
+    %% a session moved here: this region is its primary once its copy is in
+    {Here, There} = maps:fold(fun(S, #{primary_region := P} = D, {H, T}) when P =:= Me -> {[{S, D} | H], T};
+                                 (S, D, {H, T}) -> {H, [{S, D} | T]}
+                              end, {[], []}, Ds),
+    _ = [dspex_region:adopt(S, D) || {S, D} <- There],
+    NF = lists:foldl(fun({S, _, _, _} = Rec, Acc) when is_binary(S) ->
+                             apply_rec(From, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
+                        (_, Acc) -> Acc
+                     end, [], Recs),
+    [case dspex_region:adopt(S, D) of
+         ok -> dspex_region_shipper:resync(S);
+         stale -> ok
+     end || {S, D} <- Here, not lists:member(S, NF)],
     Now = erlang:monotonic_time(millisecond),
     Touched = lists:usort([S || {S, _, _, _} <- Recs] ++ maps:keys(Heads)),
     [begin
          #{seq := Seq, head := H0} = Row = row(S),
-         H = max(H0, maps:get(S, Heads, 0)),
-         Row1 = Row#{head => max(H, Seq), primary => From},
+         %% the newest sequences announced by this primary, in its numbering
+         H = case region_epoch(Row) =:= region_epoch(maps:get(S, Ds, undefined)) of
+                 true -> max(H0, maps:get(S, Heads, 0));
+                 false -> H0
+             end,
+         Row1 = Row#{head => max(H, Seq)},
          ets:insert(?APPLIED, {S, case Seq >= H of true -> Row1#{current_at => Now}; false -> Row1 end})
      end || S <- Touched, is_binary(S)],
     heard(From),
@@ -52,7 +67,7 @@ row(S) ->
     case ets:lookup(?APPLIED, S) of
         [{_, R}] -> R;
         [] -> #{epoch => 0, seq => 0, head => 0, applies => 0, full_copies => 0, current_at => undefined,
-                primary => undefined}
+                primary => undefined, region_epoch => 0, fenced => 0}
     end.
 
 %% @doc Sessions replicated into this region: `Session => row'.
@@ -63,8 +78,37 @@ sessions() -> maps:from_list([{S, R} || {S, R} <- ets:tab2list(?APPLIED), is_bin
 -spec heard(binary()) -> true.
 heard(From) -> ets:insert(?APPLIED, {{heard, From}, erlang:monotonic_time(millisecond)}).
 
-apply_rec(From, {S, E, Seq, P}, NF) when is_binary(S), is_integer(E), is_integer(Seq) ->
-    #{seq := Have, epoch := HaveE} = Row = row(S),
+apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), is_integer(Seq) ->
+    Row = row(S),
+    case region_epoch(Row) of
+        RE -> apply_seq(From, Rec, Row, NF);
+        Newer when Newer > RE ->
+            %% a primary this session was moved away from: its change is
+            %% refused and reported, never merged
+            logger:warning("dspex_region: change ~p of ~p from ~s refused: region epoch ~p, the session is at ~p",
+                           [Seq, S, From, RE, Newer]),
+            dspex_telemetry:execute([dspex, region, replication, fenced], #{count => 1},
+                                    #{session => S, peer => From, seq => Seq, region_epoch => RE}),
+            ets:insert(?APPLIED, {S, Row#{fenced => maps:get(fenced, Row, 0) + 1}}),
+            NF;
+        _Older ->
+            %% a new primary: its numbering starts with a full copy
+            case P of
+                {region_full, Export} ->
+                    case replay(S, {full, Export}) of
+                        ok ->
+                            done(S, Row#{epoch => E, seq => Seq, head => Seq, region_epoch => RE,
+                                         full_copies => maps:get(full_copies, Row) + 1}, From),
+                            NF;
+                        {error, _} -> [S | NF]
+                    end;
+                _ -> [S | NF]
+            end
+    end;
+apply_rec(_, _, _, NF) -> NF.
+
+apply_seq(From, {S, E, Seq, P}, Row, NF) ->
+    #{seq := Have, epoch := HaveE} = Row,
     case P of
         {region_full, Export} when Seq >= Have ->
             case replay(S, {full, Export}) of
@@ -91,8 +135,10 @@ apply_rec(From, {S, E, Seq, P}, NF) when is_binary(S), is_integer(E), is_integer
                     end
             end;
         _ -> [S | NF]   % a gap
-    end;
-apply_rec(_, _, NF) -> NF.
+    end.
+
+region_epoch(#{region_epoch := E}) -> E;
+region_epoch(_) -> 0.
 
 done(S, Row, From) ->
     ets:insert(?APPLIED, {S, Row#{applies => maps:get(applies, Row) + 1, primary => From}}).
@@ -167,9 +213,10 @@ lag(S) ->
 %% @doc A read of this region's copy, with its lag (see `dspex_region:get/3').
 -spec read_local(binary(), term(), binary()) -> {ok, map(), map()} | {error, term()}.
 read_local(S, K, Me) ->
-    Lag = case lag(S) of
-              undefined -> #{lag_versions => 0, lag_ms => 0, primary_region => Me};
-              L -> L
+    Lag = case dspex_region:decision(S) =/= undefined andalso maps:get(primary_region, dspex_region:decision(S)) =/= Me
+              andalso lag(S) of
+              L when is_map(L) -> L;
+              _ -> #{lag_versions => 0, lag_ms => 0, primary_region => Me}
           end,
     case dspex_store:get(S, K) of
         {ok, V} -> {ok, V, Lag#{region => Me}};

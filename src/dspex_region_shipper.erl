@@ -39,7 +39,8 @@
 -module(dspex_region_shipper).
 -behaviour(gen_server).
 
--export([committed/5, stats/0, stats_table/0]).
+-export([committed/5, admit/2, stats/0, stats_table/0]).
+-export([move/3, resync/1]).
 -export([start_link/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -89,6 +90,38 @@ wire(P) -> P.
 strip(Export) when is_map(Export) -> maps:remove(dspex_vv, Export);
 strip(Other) -> Other.
 
+%% @doc Called by the session's writer before a write, with the result of
+%% its ownership check: a session this region moved to another one
+%% (`dspex_region:move_session/2') is `{error, {region_moved, Region}}'.
+%% Without a region: `Owned' itself, after one `persistent_term' read.
+-spec admit(binary(), T) -> T | {error, {region_moved, binary()}}.
+admit(Session, {ok, _} = Owned) ->
+    case persistent_term:get({dspex_region, name}, undefined) of
+        undefined -> Owned;
+        _ ->
+            case dspex_region:moved(Session) of
+                undefined -> Owned;
+                Region -> {error, {region_moved, Region}}
+            end
+    end;
+admit(_, Other) -> Other.
+
+%% @private A full copy of `Session' to `Region', its new primary (the
+%% session's decision here already names it): answered `ok' once `Region'
+%% acknowledged it, else `{error, {region_timeout, [Region]}}' after
+%% `sync_timeout_ms' (the copy stays queued until it is through).
+-spec move(binary(), binary(), timeout()) -> ok | {error, term()}.
+move(Session, Region, Timeout) ->
+    try gen_server:call(?MODULE, {move, Session, Region}, Timeout)
+    catch exit:{timeout, _} -> {error, {region_timeout, [Region]}};
+          exit:{noproc, _} -> {error, not_running}
+    end.
+
+%% @private One full copy of `Session' to each of its backup regions (this
+%% region just became its primary).
+-spec resync(binary()) -> ok.
+resync(Session) -> gen_server:cast(?MODULE, {resync, Session}).
+
 %% @doc Replication per backup region: `lag_versions' (records queued or in
 %% flight), `lag_ms' (age of the oldest, 0 when none), `in_flight' (batches),
 %% `batches', `records' and `full_copies' sent since start, `link' (up | down).
@@ -127,10 +160,28 @@ peer_state() ->
 
 %% @private
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+handle_call({move, S, Region}, From, #{peers := Ps} = St) when is_map_key(Region, Ps) ->
+    Ref = make_ref(),
+    T = erlang:send_after(maps:get(sync_timeout_ms, maps:get(conf, St)), self(), {wait_timeout, Ref}),
+    W = #{from => From, reply => {value, ok}, pending => [Region], timer => T, epoch => 0, plain => true},
+    St1 = St#{waits => maps:put(Ref, W, maps:get(waits, St))},
+    St2 = update_peer(Region, fun(#{queue := Q, qlen := N} = PS) ->
+                                      PS#{queue => queue:in({full, S, erlang:monotonic_time(millisecond), [Ref]}, Q),
+                                          qlen => N + 1}
+                              end, St1),
+    {noreply, pump(Region, St2)};
+handle_call({move, _, Region}, _From, St) -> {reply, {error, {invalid_argument, {region, Region}}}, St};
 handle_call(_, _From, St) -> {reply, {error, unknown_call}, St}.
 
 %% @private
 -spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast({resync, S}, #{peers := Ps} = St) ->
+    Backups = case dspex_region:decision(S) of
+                  #{backup_regions := B} -> [R || R <- B, is_map_key(R, Ps)];
+                  _ -> []
+              end,
+    St1 = lists:foldl(fun(R, A) -> update_peer(R, fun(PS) -> resync(S, PS) end, A) end, St, Backups),
+    {noreply, lists:foldl(fun pump/2, St1, Backups)};
 handle_cast(_, St) -> {noreply, St}.
 
 %% @private
@@ -152,8 +203,9 @@ handle_info({{dspex_region_ack, Ref}, Reply}, St) ->
     {noreply, local_reply(Ref, Reply, St)};
 handle_info({wait_timeout, Ref}, #{waits := Ws} = St) ->
     case Ws of
-        #{Ref := #{from := From, pending := Pending, epoch := E}} ->
-            gen_server:reply(From, {{error, {region_timeout, lists:sort(Pending)}}, E, node()}),
+        #{Ref := #{from := From, pending := Pending, epoch := E} = W} ->
+            Err = {error, {region_timeout, lists:sort(Pending)}},
+            gen_server:reply(From, case W of #{plain := true} -> Err; _ -> {Err, E, node()} end),
             {noreply, St#{waits => maps:remove(Ref, Ws)}};
         _ -> {noreply, St}
     end;

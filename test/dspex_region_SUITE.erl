@@ -22,7 +22,8 @@
          sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch/1,
          sync_all_times_out_naming_the_region_that_did_not_answer/1,
          a_link_flap_converges_without_duplicate_or_reordered_apply/1,
-         a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1]).
+         a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1,
+         move_session_moves_the_primary_and_the_old_one_refuses_writes/1]).
 -export([concurrent_sets/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
@@ -45,7 +46,8 @@ replication_cases() ->
      sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch,
      sync_all_times_out_naming_the_region_that_did_not_answer,
      a_link_flap_converges_without_duplicate_or_reordered_apply,
-     a_read_in_a_backup_returns_the_lag_and_read_primary_forwards].
+     a_read_in_a_backup_returns_the_lag_and_read_primary_forwards,
+     move_session_moves_the_primary_and_the_old_one_refuses_writes].
 
 cases() ->
     [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
@@ -409,6 +411,35 @@ a_read_in_a_backup_returns_the_lag_and_read_primary_forwards(Config) ->
     end,
     ok = wait_until(fun() -> converged(PA, [PB], S) end, 20000, converged),
     ?assertMatch({ok, #{value := 8}, #{lag_versions := 0}}, peer:call(PB, dspex_region, get, [S, <<"k">>, #{}])).
+
+move_session_moves_the_primary_and_the_old_one_refuses_writes(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_move">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 10)],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    ?assertEqual({error, {not_primary, <<"a">>}}, peer:call(PB, dspex_region, move_session, [S, <<"c">>])),
+    ok = peer:call(PA, dspex_region, move_session, [S, <<"b">>]),
+    %% the old primary refuses writes (and local reads) with a redirect
+    ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99])),
+    ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
+    ?assertEqual({error, {not_primary, <<"b">>}}, peer:call(PA, dspex_region, move_session, [S, <<"c">>])),
+    %% b is the primary, in a higher region epoch, c its backup
+    ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>], policy := moved, region_epoch := 1},
+                 peer:call(PB, dspex_region, route_session, [S, #{}])),
+    ?assertMatch({ok, #{value := 10, version := 10}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
+    [{ok, I} = peer:call(PB, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(11, 20)],
+    %% c follows b: a full copy at the new region epoch, then b's changes
+    ok = wait_until(fun() -> converged(PB, [PC], S) end, 20000, converged),
+    ?assertMatch(#{region_epoch := 1, primary := <<"b">>}, applied(PC, S)),
+    ?assertEqual(history(PB, S, <<"k">>), history(PC, S, <<"k">>)),
+    ?assertMatch({ok, #{value := 20}}, peer:call(PC, dspex_store, get, [S, <<"k">>])),
+    ?assertMatch(#{primary_region := <<"b">>}, peer:call(PC, dspex_region, route_session, [S, #{}])),
+    %% a's reads go to the new primary
+    ?assertMatch({ok, #{value := 20}, #{region := <<"b">>}},
+                 peer:call(PA, dspex_region, get, [S, <<"k">>, #{read => primary}])).
 
 %%% helpers -------------------------------------------------------------------------
 

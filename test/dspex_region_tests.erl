@@ -350,5 +350,19 @@ receiver_applies_by_version_test() ->
         ?assertEqual(#{need_full => []}, Apply([{S, 2, 9, {region_full, Export}}])),
         ?assertMatch(#{seq := 9, epoch := 2, full_copies := 1}, dspex_region_receiver:row(S)),
         ?assertEqual({error, {not_found, <<"k">>}}, dspex_store:get(S, <<"k">>)),
+        %% moved to another primary (region epoch 1): its numbering starts with
+        %% a full copy; the old primary's late changes are refused and counted
+        Moved = #{primary_region => <<"mx">>, backup_regions => [<<"eu">>], policy => moved, decided_at => 0,
+                  region_epoch => 1},
+        Old = #{primary_region => <<"us">>, backup_regions => [<<"eu">>], policy => lowest_rtt, decided_at => 0},
+        ApplyD = fun(D, Recs) -> dspex_region_receiver:apply_batch(<<"us">>, #{recs => Recs, heads => #{}, decisions => #{S => D}}) end,
+        ?assertEqual(#{need_full => [S]}, ApplyD(Moved, [{S, 5, 2, delete_session}])),
+        ?assertEqual(#{need_full => []}, ApplyD(Moved, [{S, 5, 2, {region_full, Export}}])),
+        ?assertMatch(#{region_epoch := 1, seq := 2, epoch := 5}, dspex_region_receiver:row(S)),
+        ?assertEqual(#{need_full => []}, ApplyD(Old, [{S, 2, 10, delete_session}])),
+        ?assertMatch(#{region_epoch := 1, seq := 2, fenced := 1}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, _}, dspex_store:get_session(S)),
+        %% and the older decision does not replace the newer one
+        ?assertMatch(#{primary_region := <<"mx">>}, dspex_region:decision(S)),
         ok = dspex_store:delete_session(S)
     end).
