@@ -14,6 +14,13 @@
 %% reconnect. After every change the link writes its row into
 %% `dspex_region''s links table (readers never call this process) and emits
 %% `[dspex, region, link, up | down]' and `[dspex, region, probe]'.
+%%
+%% The link also carries cross-region replication: it tells
+%% `dspex_region_shipper' when it is up (with its pid) or down, sends the
+%% shipper's batches (`{repl, Id, Last, Part}' frames) and hands it the peer's
+%% acknowledgements (`{repl_ack, Id, #{need_full}}'); and reads forwarded to
+%% the peer (`dspex_region:get/3' with `read => primary'), numbered, answered
+%% `{error, {region_unavailable, Peer}}' when the link goes down first.
 -module(dspex_region_link).
 -behaviour(gen_server).
 
