@@ -37,7 +37,11 @@ apply_batch(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_lis
                                  (S, D, {H, T}) -> {H, [{S, D} | T]}
                               end, {[], []}, Ds),
     _ = [dspex_region:adopt(S, D) || {S, D} <- There],
-    NF = lists:foldl(fun({S, _, _, _} = Rec, Acc) when is_binary(S) ->
+    %% each record in the region epoch it was committed in (the batch's
+    %% decision gives it for records that do not say)
+    NF = lists:foldl(fun({S, E, Seq, P, RE}, Acc) when is_binary(S), is_integer(RE) ->
+                             apply_rec(From, {S, E, Seq, P}, RE, Acc);
+                        ({S, _, _, _} = Rec, Acc) when is_binary(S) ->
                              apply_rec(From, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
                         (_, Acc) -> Acc
                      end, [], Recs),
@@ -46,7 +50,7 @@ apply_batch(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_lis
          stale -> ok
      end || {S, D} <- Here, not lists:member(S, NF)],
     Now = erlang:monotonic_time(millisecond),
-    Touched = lists:usort([S || {S, _, _, _} <- Recs] ++ maps:keys(Heads)),
+    Touched = lists:usort([element(1, R) || R <- Recs, is_tuple(R), tuple_size(R) >= 4] ++ maps:keys(Heads)),
     [begin
          #{seq := Seq, head := H0} = Row = row(S),
          %% the newest sequences announced by this primary, in its numbering

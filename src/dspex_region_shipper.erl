@@ -61,7 +61,9 @@ committed(Session, Epoch, Seq, Payload, From) ->
         undefined -> From;
         Me ->
             case dspex_region:decision(Session) of
-                #{primary_region := Me, backup_regions := [_ | _] = Backups} ->
+                #{primary_region := Me, backup_regions := [_ | _] = Backups} = D ->
+                    %% the record carries the region epoch it was committed in
+                    RE = maps:get(region_epoch, D, 0),
                     case whereis(?MODULE) of
                         undefined -> From;
                         Pid ->
@@ -69,10 +71,10 @@ committed(Session, Epoch, Seq, Payload, From) ->
                             case persistent_term:get({dspex_region, replication}, async_primary_backup) of
                                 sync_all when From =/= none ->
                                     Ref = make_ref(),
-                                    Pid ! {rec, {Session, Epoch, Seq, wire(Payload)}, At, Backups, {Ref, From}},
+                                    Pid ! {rec, {Session, Epoch, Seq, wire(Payload), RE}, At, Backups, {Ref, From}},
                                     {Pid, {dspex_region_ack, Ref}};
                                 _ ->
-                                    Pid ! {rec, {Session, Epoch, Seq, wire(Payload)}, At, Backups, none},
+                                    Pid ! {rec, {Session, Epoch, Seq, wire(Payload), RE}, At, Backups, none},
                                     From
                             end
                     end;
@@ -186,7 +188,7 @@ handle_cast(_, St) -> {noreply, St}.
 
 %% @private
 -spec handle_info(term(), map()) -> {noreply, map()}.
-handle_info({rec, {S, _, Seq, _} = Rec, At, Backups, Wait}, #{peers := Ps} = St) ->
+handle_info({rec, {S, _, Seq, _, _} = Rec, At, Backups, Wait}, #{peers := Ps} = St) ->
     Targets = [B || B <- Backups, is_map_key(B, Ps)],
     St1 = case Wait of
               none -> St;
@@ -239,8 +241,8 @@ enqueue(P, S, Seq, Item, #{peers := Ps, conf := C} = St) ->
 %% The queue is full: its records make way for one full copy per session.
 overflow(#{queue := Q, resyncing := R, resync_waits := RW} = PS) ->
     Items = queue:to_list(Q),
-    Sessions = lists:usort([S || {rec, {S, _, _, _}, _, _} <- Items] ++ [S || {full, S, _, _} <- Items]),
-    RW1 = lists:foldl(fun({rec, {S, _, _, _}, _, Ws}, Acc) -> add_waits(S, Ws, Acc);
+    Sessions = lists:usort([S || {rec, {S, _, _, _, _}, _, _} <- Items] ++ [S || {full, S, _, _} <- Items]),
+    RW1 = lists:foldl(fun({rec, {S, _, _, _, _}, _, Ws}, Acc) -> add_waits(S, Ws, Acc);
                          ({full, S, _, Ws}, Acc) -> add_waits(S, Ws, Acc)
                       end, RW, Items),
     At = erlang:monotonic_time(millisecond),
@@ -271,13 +273,13 @@ send_batch(P, Link, #{queue := Q, qlen := N, heads := H, resyncing := R} = PS, #
     %% a copy this node can no longer take (not the owner any more) is dropped
     R1 = maps:without([S || {skip, S} <- Items0], R),
     Recs = [Rec || {rec, Rec, _, _} <- Items],
-    Sessions = lists:usort([S || {S, _, _, _} <- Recs]),
+    Sessions = lists:usort([S || {S, _, _, _, _} <- Recs]),
     Batch = #{from => Me, recs => Recs,
               heads => maps:with(Sessions, H),
               decisions => maps:from_list([{S, D} || S <- Sessions, #{} = D <- [dspex_region:decision(S)]])},
     Bin = term_to_binary(Batch),
     Link ! {ship, Id, chunks(Bin)},
-    Full = length([x || {rec, {_, _, _, {region_full, _}}, _, _} <- Items]),
+    Full = length([x || {rec, {_, _, _, {region_full, _}, _}, _, _} <- Items]),
     dspex_telemetry:execute([dspex, region, replication, batch],
                             #{records => length(Recs), bytes => byte_size(Bin)},
                             #{region => Me, peer => P, id => Id}),
@@ -287,10 +289,20 @@ send_batch(P, Link, #{queue := Q, qlen := N, heads := H, resyncing := R} = PS, #
     St#{next_id => Id + 1, peers => (maps:get(peers, St))#{P => PS1}}.
 
 %% A full copy is taken when it leaves: the session as of the writer's
-%% current {Epoch, Seq} (later records follow it in the queue).
+%% current {Epoch, Seq} (later records follow it in the queue), in the
+%% region epoch of the session's decision; none once this region is no
+%% longer the session's primary, except the copy of a move (whose waits name
+%% the new primary's acknowledgement).
 materialise({full, S, At, Ws}) ->
-    case catch gen_server:call(dspex_cluster_writer:name(S), {export_for, S}, 5000) of
-        {ok, E, Seq, Export} -> {rec, {S, E, Seq, {region_full, strip(Export)}}, At, Ws};
+    Me = persistent_term:get({dspex_region, name}, undefined),
+    D = dspex_region:decision(S),
+    Mine = case D of
+               #{primary_region := Me} -> true;
+               _ -> Ws =/= [] andalso dspex_region:moved(S) =/= undefined
+           end,
+    case Mine andalso catch gen_server:call(dspex_cluster_writer:name(S), {export_for, S}, 5000) of
+        {ok, E, Seq, Export} ->
+            {rec, {S, E, Seq, {region_full, strip(Export)}, maps:get(region_epoch, D, 0)}, At, Ws};
         _ -> {skip, S}
     end;
 materialise(I) -> I.
@@ -307,7 +319,7 @@ requeue(P, Which, St) ->
                    end, St).
 
 %% a full copy sent again is taken again
-back(Items) -> [case I of {rec, {S, _, _, {region_full, _}}, At, Ws} -> {full, S, At, Ws}; _ -> I end || I <- Items].
+back(Items) -> [case I of {rec, {S, _, _, {region_full, _}, _}, At, Ws} -> {full, S, At, Ws}; _ -> I end || I <- Items].
 
 acked(P, Id, NF, #{peers := Ps} = St) ->
     case Ps of
@@ -327,7 +339,7 @@ acked(P, Id, NF, #{peers := Ps} = St) ->
         _ -> St
     end.
 
-acked_item({rec, {S, _, Seq, P}, _, Ws}, Need, {#{heads := H, resyncing := R, resync_waits := RW} = PS, Done}) ->
+acked_item({rec, {S, _, Seq, P, _}, _, Ws}, Need, {#{heads := H, resyncing := R, resync_waits := RW} = PS, Done}) ->
     H1 = case H of #{S := Seq} -> maps:remove(S, H); _ -> H end,
     case {P, Need} of
         {{region_full, _}, #{S := _}} ->

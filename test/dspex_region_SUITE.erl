@@ -23,7 +23,8 @@
          sync_all_times_out_naming_the_region_that_did_not_answer/1,
          a_link_flap_converges_without_duplicate_or_reordered_apply/1,
          a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1,
-         move_session_moves_the_primary_and_the_old_one_refuses_writes/1]).
+         move_session_moves_the_primary_and_the_old_one_refuses_writes/1,
+         late_changes_of_the_old_primary_are_fenced_and_reported/1]).
 -export([concurrent_sets/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
@@ -47,7 +48,8 @@ replication_cases() ->
      sync_all_times_out_naming_the_region_that_did_not_answer,
      a_link_flap_converges_without_duplicate_or_reordered_apply,
      a_read_in_a_backup_returns_the_lag_and_read_primary_forwards,
-     move_session_moves_the_primary_and_the_old_one_refuses_writes].
+     move_session_moves_the_primary_and_the_old_one_refuses_writes,
+     late_changes_of_the_old_primary_are_fenced_and_reported].
 
 cases() ->
     [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
@@ -440,6 +442,35 @@ move_session_moves_the_primary_and_the_old_one_refuses_writes(Config) ->
     %% a's reads go to the new primary
     ?assertMatch({ok, #{value := 20}, #{region := <<"b">>}},
                  peer:call(PA, dspex_region, get, [S, <<"k">>, #{read => primary}])).
+
+late_changes_of_the_old_primary_are_fenced_and_reported(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxy = maps:get({a, c}, ?config(proxies, Config)),
+    S = <<"r_fence">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    %% a's changes for c wait in a's queue (a -> c cut) while the session moves to b
+    ok = dspex_region_proxy:drop(Proxy),
+    try
+        ok = wait_until(fun() -> status(PA, <<"c">>) =:= down end, 10000, link_down),
+        [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
+        ok = peer:call(PA, dspex_region, move_session, [S, <<"b">>]),
+        %% c takes b's copy, at region epoch 1
+        ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 end, 20000, copy_from_b),
+        ?assertMatch({ok, #{value := 5}}, peer:call(PC, dspex_store, get, [S, <<"k">>])),
+        {ok, 6} = peer:call(PB, dspex_store, set, [S, <<"k">>, 60])
+    after
+        dspex_region_proxy:restore(Proxy)
+    end,
+    %% a's late changes (region epoch 0) reach c: refused and counted, never applied
+    ok = wait_until(fun() -> maps:get(fenced, applied(PC, S)) >= 1 end, 20000, fenced),
+    ok = wait_until(fun() -> converged(PB, [PC], S) end, 20000, converged),
+    ?assertEqual(history(PB, S, <<"k">>), history(PC, S, <<"k">>)),
+    ?assertMatch({ok, #{value := 60, version := 6}}, peer:call(PC, dspex_store, get, [S, <<"k">>])),
+    ok = wait_until(fun() -> case repl(PA, <<"c">>) of #{lag_versions := 0} -> true; _ -> false end end,
+                    20000, a_queue_drained).
 
 %%% helpers -------------------------------------------------------------------------
 

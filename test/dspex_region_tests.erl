@@ -254,6 +254,9 @@ replication_config_test() ->
 %% the session's writer when it leaves) once the link is up; a sync_all write
 %% among the dropped records is answered once its session's copy is acknowledged.
 shipper_back_pressure_test() ->
+    standalone(fun(_) -> shipper_back_pressure() end).
+
+shipper_back_pressure() ->
     Us = <<"us">>,
     C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
           repl_batch_max => 1000, sync_timeout_ms => 60000},
@@ -272,14 +275,17 @@ shipper_back_pressure_test() ->
                  true = register(N, P),
                  P
              end || N <- Writers],
+    %% this region (eu) is their primary
+    [ok = dspex_region:adopt(S, #{primary_region => <<"eu">>, backup_regions => [Us], policy => lowest_rtt,
+                                  decided_at => 0}) || S <- Sessions],
     {ok, Sh} = dspex_region_shipper:start_link(C),
     try
         At = erlang:monotonic_time(millisecond),
         Tag = make_ref(),
-        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}}, At, [Us], none}
+        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}, 0}, At, [Us], none}
          || I <- lists:seq(1, 500)],
-        Sh ! {rec, {hd(Sessions), 1, 501, delete_session}, At, [Us], {wait1, {self(), Tag}}},
-        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}}, At, [Us], none}
+        Sh ! {rec, {hd(Sessions), 1, 501, delete_session, 0}, At, [Us], {wait1, {self(), Tag}}},
+        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}, 0}, At, [Us], none}
          || I <- lists:seq(502, 700)],
         %% the writer's own answer to the sync write
         Sh ! {{dspex_region_ack, wait1}, {ok, 1, node()}},
@@ -291,10 +297,10 @@ shipper_back_pressure_test() ->
         Recs = collect(Sh, Us, []),
         %% first the copies, then the records queued after the last overflow
         {Copies, Later} = lists:split(3, Recs),
-        ?assert(lists:all(fun({_, 1, 7, {region_full, #{}}}) -> true; (_) -> false end, Copies)),
-        ?assertEqual(Sessions, lists:usort([S || {S, _, _, _} <- Copies])),
+        ?assert(lists:all(fun({_, 1, 7, {region_full, #{}}, 0}) -> true; (_) -> false end, Copies)),
+        ?assertEqual(Sessions, lists:usort([S || {S, _, _, _, _} <- Copies])),
         ?assert(length(Recs) =< 100),
-        ?assertEqual([700], lists:usort([lists:max([Seq || {_, _, Seq, _} <- Later])])),
+        ?assertEqual([700], lists:usort([lists:max([Seq || {_, _, Seq, _, _} <- Later])])),
         ?assertMatch(#{Us := #{lag_versions := 0}}, dspex_region_shipper:stats()),
         %% the sync write is answered once its session's copy was acknowledged
         ?assertEqual({ok, 1, node()}, receive {Tag, R} -> R after 5000 -> timeout end)
