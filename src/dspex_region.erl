@@ -31,7 +31,8 @@
 %%   sync_timeout_ms => 5000,                  % sync_all: {error, {region_timeout, Regions}} after
 %%   repl_window => 32,                        % batches in flight per backup region
 %%   repl_batch_max => 1000,                   % records per batch
-%%   repl_max_pending => 100000}               % records queued per backup region
+%%   repl_max_pending => 100000,               % records queued per backup region
+%%   region_failover_ms => 0}                  % a primary's link down this long: failover
 %% '''
 %%
 %% Cross-region replication (`dspex_region_shipper', `dspex_region_receiver')
@@ -50,14 +51,14 @@
          haversine_km/2, get/3, set_replication/1, replication/0]).
 -export([decision/1, adopt/2, moved/1, move_session/2]).
 -export([start_link/1, links_table/0, link_update/2]).
--export([init/1, handle_call/3, handle_cast/2, terminate/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([region/0, coords/0, decision/0]).
 
 -type region() :: binary().
 -type coords() :: {number(), number()}.
 -type decision() :: #{primary_region := region(), backup_regions := [region()],
-                      policy := nearest | lowest_rtt | moved, decided_at := integer(),
+                      policy := nearest | lowest_rtt | moved | failover, decided_at := integer(),
                       region_epoch => non_neg_integer()}.
 
 -define(LINKS, dspex_region_links).
@@ -125,6 +126,10 @@ normalise(C) ->
       repl_window => pos_int(maps:get(repl_window, C, 32), repl_window),
       repl_batch_max => pos_int(maps:get(repl_batch_max, C, 1000), repl_batch_max),
       repl_max_pending => pos_int(maps:get(repl_max_pending, C, 100000), repl_max_pending),
+      region_failover_ms => case maps:get(region_failover_ms, C, 0) of
+                                F when is_integer(F), F >= 0 -> F;
+                                _ -> throw(region_failover_ms)
+                            end,
       name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
       probe_ms => Probe, window => Window, ewma_alpha => Alpha, down_after_ms => Down,
       backoff_min_ms => BMin, backoff_max_ms => BMax}.
@@ -206,12 +211,22 @@ route(Session, Opts) ->
 recorded(Session) ->
     try ets:lookup(?SESSIONS, Session) of
         [{_, #{primary_region := R} = D}] ->
-            case healthy(R) of
+            case healthy(R) orelse not failed(R) of
                 true -> {ok, D};
                 false -> unhealthy
             end;
         [] -> none
     catch error:badarg -> {error, not_running}
+    end.
+
+%% A region whose link has been down for region_failover_ms.
+failed(R) ->
+    case ets:lookup(?LINKS, R) of
+        [{_, #{status := up}}] -> false;
+        [{_, #{since := Since}}] ->
+            C = persistent_term:get({?MODULE, config}),
+            erlang:system_time(millisecond) - Since >= maps:get(region_failover_ms, C, 0);
+        _ -> true
     end.
 
 healthy(R) ->
@@ -467,6 +482,7 @@ init(#{name := Me, peers := Peers} = C) ->
     %% sessions moved from this region to another: {Session, Region}
     _ = ets:new(dspex_region_moved, [named_table, protected, set, {read_concurrency, true}]),
     persistent_term:put({?MODULE, replication}, maps:get(replication, C)),
+    _ = Peers =/= [] andalso erlang:send_after(failover_tick_ms(C), self(), failover_tick),
     [ets:insert(?LINKS, {N, #{status => down, since => erlang:system_time(millisecond), samples => 0}})
      || #{name := N} <- Peers],
     persistent_term:put({?MODULE, name}, Me),
@@ -479,14 +495,8 @@ handle_call({route, Session, Opts}, _From, C) ->
     %% decided here, one at a time: two callers racing get the same decision
     case recorded(Session) of
         {ok, D} -> {reply, D, C};
-        Why ->
-            D = decide(Opts, C),
-            ets:insert(?SESSIONS, {Session, D}),
-            dspex_telemetry:execute([dspex, region, route], #{count => 1},
-                                    #{session => Session, primary_region => maps:get(primary_region, D),
-                                      policy => maps:get(policy, D),
-                                      reason => case Why of none -> new; unhealthy -> failover end}),
-            {reply, D, C}
+        none -> {reply, record(Session, decide(Opts, C), new), C};
+        unhealthy -> {reply, failover(Session, Opts, C), C}
     end;
 handle_call({adopt, Session, D}, _From, #{name := Me} = C) ->
     %% a decision of an older region epoch never replaces a newer one
@@ -527,6 +537,56 @@ handle_call(_, _From, C) -> {reply, {error, unknown_call}, C}.
 %% @private
 -spec handle_cast(term(), map()) -> {noreply, map()}.
 handle_cast(_, C) -> {noreply, C}.
+
+%% @private
+-spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info(failover_tick, #{name := Me} = C) ->
+    %% sessions replicated into this region whose primary region has been
+    %% unreachable for region_failover_ms, and whose first healthy backup is
+    %% this region: taken over here
+    _ = [failover(S, #{}, C)
+         || S <- maps:keys(dspex_region_receiver:sessions()),
+            #{primary_region := P, backup_regions := Bs} <- [decision(S)],
+            P =/= Me, not healthy(P), failed(P),
+            lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me],
+    erlang:send_after(failover_tick_ms(C), self(), failover_tick),
+    {noreply, C};
+handle_info(_, C) -> {noreply, C}.
+
+failover_tick_ms(#{region_failover_ms := F}) -> max(100, F div 4).
+
+record(Session, D, Reason) ->
+    ets:insert(?SESSIONS, {Session, D}),
+    dspex_telemetry:execute([dspex, region, route], #{count => 1},
+                            #{session => Session, primary_region => maps:get(primary_region, D),
+                              policy => maps:get(policy, D), reason => Reason}),
+    D.
+
+%% The primary of a session is unreachable (for region_failover_ms): its
+%% first healthy backup region takes over, in a higher region epoch (the
+%% old primary's later changes are refused by the backups, see
+%% dspex_region_receiver); a session without backups is routed afresh.
+failover(Session, Opts, #{name := Me} = C) ->
+    Old = decision(Session),
+    D = case Old of
+            #{backup_regions := Bs} ->
+                case [B || B <- Bs, healthy(B)] of
+                    [New | Rest] ->
+                        Old#{primary_region => New, backup_regions => Rest, policy => failover,
+                             decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(Old) + 1};
+                    [] -> (decide(Opts, C))#{region_epoch => region_epoch(Old) + 1}
+                end;
+            _ -> decide(Opts, C)
+        end,
+    _ = record(Session, D, failover),
+    %% this region's copy is at the new region epoch: the old primary's later
+    %% changes are refused here too
+    _ = maps:get(primary_region, D) =:= Me andalso dspex_region_receiver:took_over(Session, region_epoch(D)),
+    %% primary here of a session replicated here: its backups get a full copy
+    %% at the new region epoch
+    _ = maps:get(primary_region, D) =:= Me andalso ets:member(dspex_region_applied, Session)
+        andalso dspex_region_shipper:resync(Session),
+    D.
 
 %% @private
 -spec terminate(term(), map()) -> ok.

@@ -23,7 +23,7 @@
 %% replayed changes anywhere.
 -module(dspex_region_receiver).
 
--export([apply_batch/2, heard/1, lag/1, read_local/3, sessions/0, row/1]).
+-export([apply_batch/2, heard/1, lag/1, read_local/3, sessions/0, row/1, took_over/2]).
 
 -define(APPLIED, dspex_region_applied).
 
@@ -72,6 +72,15 @@ row(S) ->
         [{_, R}] -> R;
         [] -> #{epoch => 0, seq => 0, head => 0, applies => 0, full_copies => 0, current_at => undefined,
                 primary => undefined, region_epoch => 0, fenced => 0}
+    end.
+
+%% @doc This region took `Session' over at region epoch `RE' (failover):
+%% changes of older region epochs are refused from now on.
+-spec took_over(binary(), non_neg_integer()) -> true | false.
+took_over(S, RE) ->
+    case ets:lookup(?APPLIED, S) of
+        [{_, Row}] -> ets:insert(?APPLIED, {S, Row#{region_epoch => RE}});
+        [] -> false
     end.
 
 %% @doc Sessions replicated into this region: `Session => row'.

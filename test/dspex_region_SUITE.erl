@@ -24,7 +24,8 @@
          a_link_flap_converges_without_duplicate_or_reordered_apply/1,
          a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1,
          move_session_moves_the_primary_and_the_old_one_refuses_writes/1,
-         late_changes_of_the_old_primary_are_fenced_and_reported/1]).
+         late_changes_of_the_old_primary_are_fenced_and_reported/1,
+         an_unreachable_primary_region_fails_over_to_its_first_backup/1]).
 -export([concurrent_sets/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
@@ -49,7 +50,8 @@ replication_cases() ->
      a_link_flap_converges_without_duplicate_or_reordered_apply,
      a_read_in_a_backup_returns_the_lag_and_read_primary_forwards,
      move_session_moves_the_primary_and_the_old_one_refuses_writes,
-     late_changes_of_the_old_primary_are_fenced_and_reported].
+     late_changes_of_the_old_primary_are_fenced_and_reported,
+     an_unreachable_primary_region_fails_over_to_its_first_backup].
 
 cases() ->
     [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
@@ -129,7 +131,7 @@ start_regions(Tls, Config) ->
                  _ -> ok
              end,
          RC2 = case ?config(replication, Config) of
-                   true -> RC1#{sync_timeout_ms => 2000, repl_window => 2};
+                   true -> RC1#{sync_timeout_ms => 2000, repl_window => 2, region_failover_ms => 1000};
                    _ -> RC1
                end,
          ok = peer:call(P, application, set_env, [dspex_bridge, region, RC2]),
@@ -472,6 +474,47 @@ late_changes_of_the_old_primary_are_fenced_and_reported(Config) ->
     ok = wait_until(fun() -> case repl(PA, <<"c">>) of #{lag_versions := 0} -> true; _ -> false end end,
                     20000, a_queue_drained).
 
+an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxies = ?config(proxies, Config),
+    Cut = [maps:get(XY, Proxies) || XY <- [{a, b}, {b, a}, {a, c}, {c, a}]],
+    S = <<"r_failover">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    ok = peer:call(PC, ?MODULE, collector_start, []),
+    %% a cut off from both other regions
+    [ok = dspex_region_proxy:drop(P) || P <- Cut],
+    try
+        %% a, alone, still takes a write (async): it will be refused later
+        {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 666]),
+        %% after region_failover_ms (1 s) of a unreachable, b (a's first backup) takes over
+        ok = wait_until(fun() ->
+                                case peer:call(PB, dspex_region, decision, [S]) of
+                                    #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                                    _ -> false
+                                end
+                        end, 20000, b_takes_over),
+        ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>], policy := failover},
+                     peer:call(PB, dspex_region, route_session, [S, #{}])),
+        %% c (second backup) does not take over; it follows b at region epoch 1
+        ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 end, 20000, c_follows_b),
+        ?assertMatch(#{primary_region := <<"b">>}, peer:call(PC, dspex_region, decision, [S])),
+        {ok, 6} = peer:call(PB, dspex_store, set, [S, <<"k">>, 60])
+    after
+        [dspex_region_proxy:restore(P) || P <- Cut]
+    end,
+    %% a's write made after it lost its regions reaches them: refused and reported
+    ok = wait_until(fun() -> maps:get(fenced, applied(PB, S)) + maps:get(fenced, applied(PC, S)) >= 1 end,
+                    20000, fenced),
+    ok = wait_until(fun() -> converged(PB, [PC], S) end, 20000, converged),
+    [?assertMatch({ok, #{value := 60, version := 6}}, peer:call(P, dspex_store, get, [S, <<"k">>])) || P <- [PB, PC]],
+    ?assert(lists:any(fun({[dspex, region, replication, fenced], _, #{session := S1}}) -> S1 =:= S; (_) -> false end,
+                      peer:call(PC, ?MODULE, collector_get, []))
+            orelse maps:get(fenced, applied(PB, S)) >= 1).
+
 %%% helpers -------------------------------------------------------------------------
 
 topology(P) -> peer:call(P, dspex_region, topology, []).
@@ -494,7 +537,7 @@ collector_start() ->
     Pid = spawn(fun() -> collector([]) end),
     register(region_ct_collector, Pid),
     ok = dspex_telemetry:attach_many(region_ct, [[dspex, region, link, up], [dspex, region, link, down],
-                                                 [dspex, region, route]],
+                                                 [dspex, region, route], [dspex, region, replication, fenced]],
                                      fun(E, M, Meta, _) -> region_ct_collector ! {event, E, M, Meta} end, []).
 
 collector(Acc) ->
