@@ -25,7 +25,8 @@
          a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1,
          move_session_moves_the_primary_and_the_old_one_refuses_writes/1,
          late_changes_of_the_old_primary_are_fenced_and_reported/1,
-         an_unreachable_primary_region_fails_over_to_its_first_backup/1]).
+         an_unreachable_primary_region_fails_over_to_its_first_backup/1,
+         sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1]).
 -export([concurrent_sets/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
@@ -51,7 +52,9 @@ replication_cases() ->
      a_read_in_a_backup_returns_the_lag_and_read_primary_forwards,
      move_session_moves_the_primary_and_the_old_one_refuses_writes,
      late_changes_of_the_old_primary_are_fenced_and_reported,
-     an_unreachable_primary_region_fails_over_to_its_first_backup].
+     an_unreachable_primary_region_fails_over_to_its_first_backup,
+     %% last: region a is gone after it
+     sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region].
 
 cases() ->
     [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
@@ -238,6 +241,8 @@ a_link_flap_is_reported_down_then_up_and_probes_resume(Config) ->
 
 %% a session routed from a (own region first: backups b at 10 ms RTT, c at 120 ms)
 routed_at_a(PA, S) ->
+    %% (a case before may have cut a link: both back up first)
+    ok = wait_until(fun() -> all_up(PA) end, 20000, links_up),
     #{primary_region := <<"a">>, backup_regions := [<<"b">>, <<"c">>]} =
         peer:call(PA, dspex_region, route_session, [S, #{}]).
 
@@ -514,6 +519,37 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
     ?assert(lists:any(fun({[dspex, region, replication, fenced], _, #{session := S1}}) -> S1 =:= S; (_) -> false end,
                       peer:call(PC, ?MODULE, collector_get, []))
             orelse maps:get(fenced, applied(PB, S)) >= 1).
+
+sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_kill">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    Keys = [<<"k", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 10)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{}]) || K <- Keys],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, registered),
+    ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
+    Acked = peer:call(PA, ?MODULE, concurrent_sets, [S, Keys, 10], 60000),
+    ?assertEqual(100, length(Acked)),
+    %% region a's only node, kill -9, right after the acknowledgements
+    ok = dspex_cluster_SUITE:kill_node(a, [{a, PA}]),
+    %% b takes over (link down after down_after_ms, then region_failover_ms)
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
+                                #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                                _ -> false
+                            end
+                    end, 20000, b_takes_over),
+    %% no acknowledged write is lost, in either region
+    [begin
+         Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
+         [?assertMatch({ok, #{value := 10, version := Final}}, peer:call(P, dspex_store, get, [S, K])) || P <- [PB, PC]]
+     end || K <- Keys],
+    %% and the session goes on in b, followed by c
+    {ok, 11} = peer:call(PB, dspex_store, set, [S, hd(Keys), 11]),
+    ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
+                    20000, c_follows_b),
+    ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])).
 
 %%% helpers -------------------------------------------------------------------------
 
