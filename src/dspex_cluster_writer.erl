@@ -379,25 +379,28 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             shipped;
         P ->
             _ = Group andalso dspex_cluster_shipper:withdraw(S, Epoch, Seq),
-            {Reply, From1} =
-                case P of
-                        none -> {Result, From};
+            Reply = case P of
+                        none -> Result;
                         _ ->
                             Seq1 = Seq + 1,
                             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
                             ok = dspex_cache:committed(S, Epoch, Seq1),
                             ok = replicate(S, Epoch, Seq1, P, Reps, Mode),
                             %% see dspex_cluster_shipper: not acknowledged when
-                            %% a takeover fenced this node meanwhile; backup
-                            %% regions (dspex_region_shipper): in sync_all the
-                            %% caller is answered once they acknowledged it too
-                            {case fenced(S, Epoch) of
-                                 false -> Result;
-                                 true -> {error, {retry, fenced}}
-                             end, dspex_region_shipper:committed(S, Epoch, Seq1, P, From)}
-                end,
+                            %% a takeover fenced this node meanwhile
+                            case fenced(S, Epoch) of
+                                false -> Result;
+                                true -> {error, {retry, fenced}}
+                            end
+                    end,
             dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
                                     Meta#{epoch => Epoch}),
+            %% backup regions (dspex_region_shipper): in sync_all the caller
+            %% is answered once they acknowledged it too
+            From1 = case P of
+                        none -> From;
+                        _ -> dspex_region_shipper:committed(S, Epoch, Seq + 1, P, From)
+                    end,
             case From1 of
                 From -> {Reply, Epoch, node()};
                 _ -> gen_server:reply(From1, {Reply, Epoch, node()}), shipped
