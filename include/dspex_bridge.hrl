@@ -99,6 +99,10 @@
 -define(DSPEX_REGION_PROBE, [dspex, region, probe]).
 %% a session routed to a region (dspex_region:route_session/2)
 -define(DSPEX_REGION_ROUTE, [dspex, region, route]).
+%% Ev: batch (a batch of changes shipped to a backup region: records, bytes)
+%% | ack (a backup region acknowledged a batch: records; need_full in metadata)
+%% | fenced (a backup refused a change of a primary the session was moved from)
+-define(DSPEX_REGION_REPLICATION(Ev), [dspex, region, replication, Ev]).
 
 %% Every event above, each operation spelt out.
 -define(DSPEX_EVENTS,
@@ -125,6 +129,8 @@
         ++ [?DSPEX_MODELS(Ev__) || Ev__ <- [register, archive, alias, start, decision]]
         ++ [?DSPEX_MODELS_ROLLOUT(Ev__) || Ev__ <- [step, complete, rollback]]
         ++ [?DSPEX_OPT(Ev__) || Ev__ <- [start, ask, tell, stop]]
-        ++ [?DSPEX_REGION_LINK(up), ?DSPEX_REGION_LINK(down), ?DSPEX_REGION_PROBE, ?DSPEX_REGION_ROUTE]).
+        ++ [?DSPEX_REGION_LINK(up), ?DSPEX_REGION_LINK(down), ?DSPEX_REGION_PROBE, ?DSPEX_REGION_ROUTE,
+            ?DSPEX_REGION_REPLICATION(batch), ?DSPEX_REGION_REPLICATION(ack),
+            ?DSPEX_REGION_REPLICATION(fenced)]).
 
 -endif.

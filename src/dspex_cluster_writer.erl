@@ -108,7 +108,8 @@ handle_call({write, S, Op, Args}, From, St) ->
             %% this node is starting: nothing written, the caller routes again
             {reply, {{error, {retry, replica_unavailable}}, 0, node()}, St};
         V ->
-            case ensure(S, V) of
+            %% a session moved to another region (dspex_region:move_session/2) takes no writes here
+            case dspex_region_shipper:admit(S, ensure(S, V)) of
                 {ok, Own} ->
                     case write(S, Op, Args, Own, V, From) of
                         shipped -> {noreply, St};   % answered once the replicas confirmed it
@@ -384,12 +385,15 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
             Seq1 = Seq + 1,
             ets:update_element(dspex_cluster_replica:table(), S, {3, Seq1}),
             ok = dspex_cache:committed(S, Epoch, Seq1, P),
+            %% backup regions (dspex_region_shipper); in sync_all the caller
+            %% is answered once they acknowledged it too
+            From1 = dspex_region_shipper:committed(S, Epoch, Seq1, P, From),
             AckMeta = Meta#{seq => Seq1},
             Ack = case Reps of
-                      [_] -> {one, From, Result, T0, AckMeta};
+                      [_] -> {one, From1, Result, T0, AckMeta};
                       _ ->
                           Id = make_ref(),
-                          dspex_cluster_shipper:register_write(Id, length(Reps), From, S, Epoch, Result, T0, AckMeta),
+                          dspex_cluster_shipper:register_write(Id, length(Reps), From1, S, Epoch, Result, T0, AckMeta),
                           {many, Id}
                   end,
             Rec = {Ack, S, Epoch, Seq1, P},
@@ -413,7 +417,16 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
                     end,
             dspex_telemetry:execute([dspex, cluster, write, stop], #{duration => erlang:monotonic_time() - T0},
                                     Meta#{epoch => Epoch}),
-            {Reply, Epoch, node()}
+            %% backup regions (dspex_region_shipper): in sync_all the caller
+            %% is answered once they acknowledged it too
+            From1 = case P of
+                        none -> From;
+                        _ -> dspex_region_shipper:committed(S, Epoch, Seq + 1, P, From)
+                    end,
+            case From1 of
+                From -> {Reply, Epoch, node()};
+                _ -> gen_server:reply(From1, {Reply, Epoch, node()}), shipped
+            end
     end.
 
 fenced(S, Epoch) ->

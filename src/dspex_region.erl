@@ -26,8 +26,20 @@
 %%   window => 64,                             % samples for p50/p99
 %%   ewma_alpha => 0.2,
 %%   down_after_ms => max(1000, 3 * probe_ms), % a probe unanswered this long: link down
-%%   backoff_min_ms => 100, backoff_max_ms => 5000}
+%%   backoff_min_ms => 100, backoff_max_ms => 5000,
+%%   replication => async_primary_backup,      % or sync_all (see dspex_region_shipper)
+%%   sync_timeout_ms => 5000,                  % sync_all: {error, {region_timeout, Regions}} after
+%%   repl_window => 32,                        % batches in flight per backup region
+%%   repl_batch_max => 1000,                   % records per batch
+%%   repl_max_pending => 100000,               % records queued per backup region
+%%   region_failover_ms => 0}                  % a primary's link down this long: failover
 %% '''
+%%
+%% Cross-region replication (`dspex_region_shipper', `dspex_region_receiver')
+%% ships the committed changes of each session whose recorded primary is this
+%% region to its backup regions; it needs this region's `dspex_cluster' (a
+%% one-node cluster for a one-node region): the cluster's writer hands it the
+%% changes. Reads in a backup region: `get/3'.
 %%
 %% This module's process owns two public ETS tables: the links' state (each
 %% link writes its own row after every probe; readers never call a process)
@@ -36,16 +48,18 @@
 -behaviour(gen_server).
 
 -export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
-         haversine_km/2]).
+         haversine_km/2, get/3, set_replication/1, replication/0]).
+-export([decision/1, adopt/2, moved/1, move_session/2]).
 -export([start_link/1, links_table/0, link_update/2]).
--export([init/1, handle_call/3, handle_cast/2, terminate/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([region/0, coords/0, decision/0]).
 
 -type region() :: binary().
 -type coords() :: {number(), number()}.
 -type decision() :: #{primary_region := region(), backup_regions := [region()],
-                      policy := nearest | lowest_rtt, decided_at := integer()}.
+                      policy := nearest | lowest_rtt | moved | failover, decided_at := integer(),
+                      region_epoch => non_neg_integer()}.
 
 -define(LINKS, dspex_region_links).
 -define(SESSIONS, dspex_region_sessions).
@@ -104,7 +118,19 @@ normalise(C) ->
     BMin = pos_int(maps:get(backoff_min_ms, C, 100), backoff_min_ms),
     BMax = pos_int(maps:get(backoff_max_ms, C, 5000), backoff_max_ms),
     BMax >= BMin orelse throw(backoff_max_ms),
-    #{name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
+    Repl = case maps:get(replication, C, async_primary_backup) of
+               M when M =:= async_primary_backup; M =:= sync_all -> M;
+               _ -> throw(replication)
+           end,
+    #{replication => Repl, sync_timeout_ms => pos_int(maps:get(sync_timeout_ms, C, 5000), sync_timeout_ms),
+      repl_window => pos_int(maps:get(repl_window, C, 32), repl_window),
+      repl_batch_max => pos_int(maps:get(repl_batch_max, C, 1000), repl_batch_max),
+      repl_max_pending => pos_int(maps:get(repl_max_pending, C, 100000), repl_max_pending),
+      region_failover_ms => case maps:get(region_failover_ms, C, 0) of
+                                F when is_integer(F), F >= 0 -> F;
+                                _ -> throw(region_failover_ms)
+                            end,
+      name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
       probe_ms => Probe, window => Window, ewma_alpha => Alpha, down_after_ms => Down,
       backoff_min_ms => BMin, backoff_max_ms => BMax}.
 
@@ -185,12 +211,22 @@ route(Session, Opts) ->
 recorded(Session) ->
     try ets:lookup(?SESSIONS, Session) of
         [{_, #{primary_region := R} = D}] ->
-            case healthy(R) of
+            case healthy(R) orelse not failed(R) of
                 true -> {ok, D};
                 false -> unhealthy
             end;
         [] -> none
     catch error:badarg -> {error, not_running}
+    end.
+
+%% A region whose link has been down for region_failover_ms.
+failed(R) ->
+    case ets:lookup(?LINKS, R) of
+        [{_, #{status := up}}] -> false;
+        [{_, #{since := Since}}] ->
+            C = persistent_term:get({?MODULE, config}),
+            erlang:system_time(millisecond) - Since >= maps:get(region_failover_ms, C, 0);
+        _ -> true
     end.
 
 healthy(R) ->
@@ -215,7 +251,11 @@ forget_session(Session) ->
 %% ms of the last answered probe, `undefined' before the first), `since' (when
 %% the status last changed), and the sessions routed to each region
 %% (decisions recorded on this node), and the `transport' of the links and
-%% the gateway (`tcp' or `tls'). `{error, not_running}' without a region.
+%% the gateway (`tcp' or `tls'). Replication: each peer's `replication' (as a
+%% backup region of this one: `lag_versions', `lag_ms', `in_flight',
+%% `batches', `records', `full_copies', see `dspex_region_shipper:stats/0'),
+%% the mode (`replication') and `backup_sessions' (sessions of other
+%% regions replicated here). `{error, not_running}' without a region.
 -spec topology() -> map() | {error, not_running}.
 topology() ->
     try
@@ -224,6 +264,7 @@ topology() ->
         Counts = ets:foldl(fun({_, #{primary_region := R}}, Acc) -> maps:update_with(R, fun(N) -> N + 1 end, 1, Acc) end,
                            #{}, ?SESSIONS),
         Links = maps:from_list(ets:tab2list(?LINKS)),
+        Repl = dspex_region_shipper:stats(),
         Peers = maps:from_list(
                   [{N, begin
                            L = maps:get(N, Links, #{status => down}),
@@ -231,11 +272,14 @@ topology() ->
                              since => maps:get(since, L, undefined),
                              last_error => maps:get(last_error, L, undefined),
                              last_check_at => maps:get(last_check_at, L, undefined),
-                             rtt => rtt_ms(L), sessions => maps:get(N, Counts, 0)}
+                             rtt => rtt_ms(L), sessions => maps:get(N, Counts, 0),
+                             replication => maps:get(N, Repl, #{lag_versions => 0, lag_ms => 0})}
                        end} || #{name := N, coords := Co, gateway := G} <- maps:get(peers, C)]),
         #{region => Me, coords => maps:get(coords, C), gateway_port => gateway_port(),
           transport => case maps:get(tls, C) of undefined -> tcp; _ -> tls end,
-          sessions => maps:get(Me, Counts, 0), peers => Peers}
+          sessions => maps:get(Me, Counts, 0), peers => Peers,
+          replication => replication(),
+          backup_sessions => map_size(dspex_region_receiver:sessions())}
     catch error:badarg -> {error, not_running}
     end.
 
@@ -244,6 +288,124 @@ rtt_ms(L) ->
     #{ewma_ms => Ms(maps:get(ewma_us, L, undefined)), p50_ms => Ms(maps:get(p50_us, L, undefined)),
       p99_ms => Ms(maps:get(p99_us, L, undefined)), last_ms => Ms(maps:get(last_us, L, undefined)),
       samples => maps:get(samples, L, 0)}.
+
+%% @doc The replication mode in force: `async_primary_backup' or `sync_all'
+%% (`{error, not_running}' without a region).
+-spec replication() -> async_primary_backup | sync_all | {error, not_running}.
+replication() ->
+    case persistent_term:get({?MODULE, replication}, undefined) of
+        undefined -> {error, not_running};
+        M -> M
+    end.
+
+%% @doc Switches the replication mode of this node's writes from now on (the
+%% configuration's `replication' at start). Writes already waiting keep theirs.
+-spec set_replication(async_primary_backup | sync_all) -> ok | {error, not_running | {invalid_argument, replication}}.
+set_replication(M) when M =:= async_primary_backup; M =:= sync_all ->
+    case replication() of
+        {error, _} = E -> E;
+        _ -> persistent_term:put({?MODULE, replication}, M)
+    end;
+set_replication(_) -> {error, {invalid_argument, replication}}.
+
+%% @doc Reads variable `Key' of `Session' in this region with the lag of the
+%% copy it was read from: `{ok, Variable, #{region, primary_region,
+%% lag_versions, lag_ms}}' (see `dspex_region_receiver:lag/1').
+%% `read => local' (default) serves it from this region (the primary's own
+%% copy has no lag; a session not replicated into this region is read as
+%% this region's own); `read => primary' forwards it over the link to the
+%% session's primary region when that is another one, and answers with that
+%% region's copy (lag 0), or `{error, {region_unavailable, Region}}' (link
+%% down) or `{error, {region_timeout, [Region]}}' (no answer within
+%% `sync_timeout_ms').
+-spec get(binary(), term(), #{read => local | primary}) -> {ok, map(), map()} | {error, term()}.
+get(Session, Key, Opts) when is_binary(Session), is_map(Opts) ->
+    case persistent_term:get({?MODULE, name}, undefined) of
+        undefined -> {error, not_running};
+        Me ->
+            Primary = case decision(Session) of
+                          #{primary_region := P} -> P;
+                          undefined -> Me
+                      end,
+            case maps:get(read, Opts, local) of
+                local ->
+                    case moved(Session) of
+                        undefined -> dspex_region_receiver:read_local(Session, Key, Me);
+                        To -> {error, {region_moved, To}}
+                    end;
+                primary when Primary =:= Me -> dspex_region_receiver:read_local(Session, Key, Me);
+                primary ->
+                    Timeout = maps:get(sync_timeout_ms, persistent_term:get({?MODULE, config})),
+                    case ets:lookup(?LINKS, Primary) of
+                        [{_, #{status := up, pid := Link}}] ->
+                            try gen_server:call(Link, {read, Session, Key}, Timeout)
+                            catch exit:{timeout, _} -> {error, {region_timeout, [Primary]}};
+                                  exit:_ -> {error, {region_unavailable, Primary}}
+                            end;
+                        _ -> {error, {region_unavailable, Primary}}
+                    end;
+                _ -> {error, {invalid_argument, read}}
+            end
+    end;
+get(_, _, _) -> {error, {invalid_argument, session}}.
+
+%% @doc Moves the primary of a live `Session' from this region (it must be
+%% its primary here) to the peer region `Region': from the call on this
+%% region refuses the session's writes with `{error, {region_moved, Region}}'
+%% (reads here too: `get/3' with `read => local'; `read => primary' forwards to
+%% `Region'), and ships the whole session (its writer's export, after every
+%% write it committed) to `Region' with the new decision: primary `Region', the
+%% other backups unchanged, this region none, `policy => moved' and a higher
+%% `region_epoch'. `Region' installs it, becomes the primary (its
+%% `route_session/2' answers so) and sends each backup a full copy, which a
+%% backup accepts only at the higher region epoch: changes of the old
+%% primary arriving later are ignored and counted (`fenced' in
+%% `dspex_region_receiver:row/1'). `ok' once `Region' acknowledged the copy;
+%% `{error, {region_timeout, [Region]}}' after `sync_timeout_ms' (the move is
+%% under way: the copy is sent again until it is through, writes stay
+%% refused here); `{error, {not_primary, Region}}', `{error, {not_routed,
+%% Session}}', `{error, {region_unavailable, Region}}' (link down, or
+%% this region), `{error, not_running}'.
+-spec move_session(binary(), region()) -> ok | {error, term()}.
+move_session(Session, Region) when is_binary(Session), is_binary(Region) ->
+    try gen_server:call(?MODULE, {move, Session, Region}) of
+        {ok, _New} ->
+            Timeout = maps:get(sync_timeout_ms, persistent_term:get({?MODULE, config})),
+            dspex_region_shipper:move(Session, Region, Timeout);
+        {error, _} = E -> E
+    catch exit:{noproc, _} -> {error, not_running}
+    end;
+move_session(_, _) -> {error, {invalid_argument, session}}.
+
+%% @private The region `Session' was moved to from this one, or `undefined'.
+-spec moved(binary()) -> region() | undefined.
+moved(Session) ->
+    try ets:lookup(dspex_region_moved, Session) of
+        [{_, R}] -> R;
+        [] -> undefined
+    catch error:badarg -> undefined
+    end.
+
+region_epoch(#{region_epoch := E}) -> E;
+region_epoch(_) -> 0.
+
+%% @private The recorded decision of `Session', or `undefined'.
+-spec decision(binary()) -> decision() | undefined.
+decision(Session) ->
+    try ets:lookup(?SESSIONS, Session) of
+        [{_, D}] -> D;
+        [] -> undefined
+    catch error:badarg -> undefined
+    end.
+
+%% @private Records the decision a primary region made for `Session' (its
+%% records carry it, see dspex_region_receiver).
+-spec adopt(binary(), decision()) -> ok | stale.
+adopt(Session, D) ->
+    case decision(Session) of
+        D -> ok;
+        _ -> gen_server:call(?MODULE, {adopt, Session, D})
+    end.
 
 %% @doc The port the gateway listens on, or `{error, not_running}'.
 -spec gateway_port() -> inet:port_number() | {error, not_running}.
@@ -258,6 +420,7 @@ prometheus() ->
     case catch ets:tab2list(?LINKS) of
         Rows when is_list(Rows) ->
             Me = persistent_term:get({?MODULE, name}, <<>>),
+            Repl = dspex_region_shipper:stats(),
             Lab = fun(P) -> ["region=\"", Me, "\",peer=\"", P, "\""] end,
             S = fun(undefined) -> "NaN"; (Us) -> float_to_list(Us / 1.0e6, [short]) end,
             ["# HELP dspex_region_rtt_seconds Round-trip time measured on each link to a peer region.\n",
@@ -270,7 +433,15 @@ prometheus() ->
              "# HELP dspex_region_link_up 1 when the link to the peer region is up.\n",
              "# TYPE dspex_region_link_up gauge\n",
              [["dspex_region_link_up{", Lab(P), "} ", case maps:get(status, L) of up -> "1"; _ -> "0" end, "\n"]
-              || {P, L} <- lists:sort(Rows)]];
+              || {P, L} <- lists:sort(Rows)],
+             "# HELP dspex_region_replication_lag_versions Changes not yet acknowledged by each backup region.\n",
+             "# TYPE dspex_region_replication_lag_versions gauge\n",
+             [["dspex_region_replication_lag_versions{", Lab(P), "} ", integer_to_list(V), "\n"]
+              || {P, #{lag_versions := V}} <- lists:sort(maps:to_list(Repl))],
+             "# HELP dspex_region_replication_lag_seconds Age of the oldest change not yet acknowledged by each backup region.\n",
+             "# TYPE dspex_region_replication_lag_seconds gauge\n",
+             [["dspex_region_replication_lag_seconds{", Lab(P), "} ", float_to_list(Ms / 1000, [short]), "\n"]
+              || {P, #{lag_ms := Ms}} <- lists:sort(maps:to_list(Repl))]];
         _ -> []
     end.
 
@@ -306,6 +477,12 @@ init(#{name := Me, peers := Peers} = C) ->
     process_flag(trap_exit, true),
     _ = ets:new(?LINKS, [named_table, public, set, {read_concurrency, true}]),
     _ = ets:new(?SESSIONS, [named_table, protected, set, {read_concurrency, true}]),
+    %% written by the gateway's connections (dspex_region_receiver)
+    _ = ets:new(dspex_region_applied, [named_table, public, set, {read_concurrency, true}]),
+    %% sessions moved from this region to another: {Session, Region}
+    _ = ets:new(dspex_region_moved, [named_table, protected, set, {read_concurrency, true}]),
+    persistent_term:put({?MODULE, replication}, maps:get(replication, C)),
+    _ = Peers =/= [] andalso erlang:send_after(failover_tick_ms(C), self(), failover_tick),
     [ets:insert(?LINKS, {N, #{status => down, since => erlang:system_time(millisecond), samples => 0}})
      || #{name := N} <- Peers],
     persistent_term:put({?MODULE, name}, Me),
@@ -318,14 +495,39 @@ handle_call({route, Session, Opts}, _From, C) ->
     %% decided here, one at a time: two callers racing get the same decision
     case recorded(Session) of
         {ok, D} -> {reply, D, C};
-        Why ->
-            D = decide(Opts, C),
+        none -> {reply, record(Session, decide(Opts, C), new), C};
+        unhealthy -> {reply, failover(Session, Opts, C), C}
+    end;
+handle_call({adopt, Session, D}, _From, #{name := Me} = C) ->
+    %% a decision of an older region epoch never replaces a newer one
+    case region_epoch(decision(Session)) =< region_epoch(D) of
+        true ->
             ets:insert(?SESSIONS, {Session, D}),
-            dspex_telemetry:execute([dspex, region, route], #{count => 1},
-                                    #{session => Session, primary_region => maps:get(primary_region, D),
-                                      policy => maps:get(policy, D),
-                                      reason => case Why of none -> new; unhealthy -> failover end}),
-            {reply, D, C}
+            %% moved back here: writable again
+            _ = maps:get(primary_region, D) =:= Me andalso ets:delete(dspex_region_moved, Session),
+            {reply, ok, C};
+        false -> {reply, stale, C}
+    end;
+handle_call({move, Session, Region}, _From, #{name := Me} = C) ->
+    case decision(Session) of
+        #{primary_region := Me, backup_regions := Backups} = D ->
+            case healthy(Region) andalso Region =/= Me of
+                true ->
+                    %% from now on this region takes no write of the session
+                    %% (dspex_region_shipper:admit/2), and names the new primary
+                    %% in a higher region epoch; the old primary is no backup
+                    New = #{primary_region => Region, backup_regions => Backups -- [Region], policy => moved,
+                            decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(D) + 1},
+                    ets:insert(dspex_region_moved, {Session, Region}),
+                    ets:insert(?SESSIONS, {Session, New}),
+                    dspex_telemetry:execute([dspex, region, route], #{count => 1},
+                                            #{session => Session, primary_region => Region, policy => moved,
+                                              reason => moved}),
+                    {reply, {ok, New}, C};
+                false -> {reply, {error, {region_unavailable, Region}}, C}
+            end;
+        #{primary_region := Other} -> {reply, {error, {not_primary, Other}}, C};
+        undefined -> {reply, {error, {not_routed, Session}}, C}
     end;
 handle_call({forget, Session}, _From, C) ->
     ets:delete(?SESSIONS, Session),
@@ -337,10 +539,61 @@ handle_call(_, _From, C) -> {reply, {error, unknown_call}, C}.
 handle_cast(_, C) -> {noreply, C}.
 
 %% @private
+-spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info(failover_tick, #{name := Me} = C) ->
+    %% sessions replicated into this region whose primary region has been
+    %% unreachable for region_failover_ms, and whose first healthy backup is
+    %% this region: taken over here
+    _ = [failover(S, #{}, C)
+         || S <- maps:keys(dspex_region_receiver:sessions()),
+            #{primary_region := P, backup_regions := Bs} <- [decision(S)],
+            P =/= Me, not healthy(P), failed(P),
+            lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me],
+    erlang:send_after(failover_tick_ms(C), self(), failover_tick),
+    {noreply, C};
+handle_info(_, C) -> {noreply, C}.
+
+failover_tick_ms(#{region_failover_ms := F}) -> max(100, F div 4).
+
+record(Session, D, Reason) ->
+    ets:insert(?SESSIONS, {Session, D}),
+    dspex_telemetry:execute([dspex, region, route], #{count => 1},
+                            #{session => Session, primary_region => maps:get(primary_region, D),
+                              policy => maps:get(policy, D), reason => Reason}),
+    D.
+
+%% The primary of a session is unreachable (for region_failover_ms): its
+%% first healthy backup region takes over, in a higher region epoch (the
+%% old primary's later changes are refused by the backups, see
+%% dspex_region_receiver); a session without backups is routed afresh.
+failover(Session, Opts, #{name := Me} = C) ->
+    Old = decision(Session),
+    D = case Old of
+            #{backup_regions := Bs} ->
+                case [B || B <- Bs, healthy(B)] of
+                    [New | Rest] ->
+                        Old#{primary_region => New, backup_regions => Rest, policy => failover,
+                             decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(Old) + 1};
+                    [] -> (decide(Opts, C))#{region_epoch => region_epoch(Old) + 1}
+                end;
+            _ -> decide(Opts, C)
+        end,
+    _ = record(Session, D, failover),
+    %% this region's copy is at the new region epoch: the old primary's later
+    %% changes are refused here too
+    _ = maps:get(primary_region, D) =:= Me andalso dspex_region_receiver:took_over(Session, region_epoch(D)),
+    %% primary here of a session replicated here: its backups get a full copy
+    %% at the new region epoch
+    _ = maps:get(primary_region, D) =:= Me andalso ets:member(dspex_region_applied, Session)
+        andalso dspex_region_shipper:resync(Session),
+    D.
+
+%% @private
 -spec terminate(term(), map()) -> ok.
 terminate(_, _) ->
     _ = persistent_term:erase({?MODULE, name}),
     _ = persistent_term:erase({?MODULE, config}),
+    _ = persistent_term:erase({?MODULE, replication}),
     ok.
 
 decide(Opts, #{name := Me, coords := MyCoords, peers := Peers, weights := W}) ->
@@ -350,7 +603,8 @@ decide(Opts, #{name := Me, coords := MyCoords, peers := Peers, weights := W}) ->
             none ->
                 {lowest_rtt, fun({R, _}) when R =:= Me -> 0.0;
                                 ({R, _}) -> case ets:lookup(?LINKS, R) of
-                                                [{_, #{ewma_us := E}}] -> E / 1000;
+                                                %% up, but no probe answered yet: unmeasured
+                                                [{_, #{ewma_us := E}}] when is_number(E) -> E / 1000;
                                                 _ -> infinity
                                             end
                              end};

@@ -2,8 +2,10 @@
 %% answers the links of peer regions, over TLS with a client certificate of
 %% the configured CA required when `tls' is set (the handshake runs in the
 %% connection's own process, never in the acceptor), else plain TCP on a
-%% loopback address. Each connection gets its own process that answers `hello' with this region's name and coordinates and echoes
-%% every probe at once. Frames are `{packet, 4}' (at most 64 KiB) holding
+%% loopback address. Each connection gets its own process that answers `hello' with this region's name and coordinates, echoes
+%% every probe at once, applies the replication batches the peer (a primary
+%% region) sends and acknowledges each (`dspex_region_receiver'), and answers
+%% reads it forwards (`read => primary'). Frames are `{packet, 4}' (at most 64 KiB) holding
 %% `term_to_binary({dspex_region, 1, Msg})'; a frame that does not decode with
 %% `binary_to_term(B, [safe])', has another version or an unknown message
 %% closes that connection (logged), nothing else.
@@ -145,27 +147,49 @@ acceptor(Gw, L) ->
 handler(S, Me) ->
     receive go -> ok end,
     case transport(S) of
-        gen_tcp -> loop(S, Me, undefined);
+        gen_tcp -> loop(S, Me, undefined, []);
         ssl ->
             %% a peer without a certificate of our CA ends here
             case ssl:handshake(S, 5000) of
-                {ok, S1} -> loop(S1, Me, undefined);
+                {ok, S1} -> loop(S1, Me, undefined, []);
                 {error, E} -> logger:warning("dspex_region gateway: TLS handshake refused: ~p", [E]), close(S)
             end
     end.
 
-loop(S, {Name, Coords} = Me, From) ->
+%% Parts: the frames received so far of a batch sent in several (newest first).
+loop(S, {Name, Coords} = Me, From, Parts) ->
     _ = setopts(S, [{active, once}]),
     receive
         {T, S, B} when T =:= tcp; T =:= ssl ->
             case decode(B) of
                 {ok, {hello, Peer, _PeerCoords}} when is_binary(Peer) ->
                     send(S, {welcome, Name, Coords}),
-                    loop(S, Me, Peer);
+                    loop(S, Me, Peer, []);
                 {ok, {ping, _Seq, _T0} = Ping} when From =/= undefined ->
                     %% echoed as is: the link measures with its own clock
                     send(S, setelement(1, Ping, pong)),
-                    loop(S, Me, From);
+                    _ = dspex_region_receiver:heard(From),
+                    loop(S, Me, From, Parts);
+                {ok, {repl, _Id, false, Part}} when From =/= undefined, is_binary(Part) ->
+                    loop(S, Me, From, [Part | Parts]);
+                {ok, {repl, Id, true, Part}} when From =/= undefined, is_binary(Part) ->
+                    %% a whole batch: applied here, in the order the primary sent it
+                    Res = try binary_to_term(iolist_to_binary(lists:reverse([Part | Parts])), [safe]) of
+                              Batch -> dspex_region_receiver:apply_batch(From, Batch)
+                          catch error:badarg -> bad_frame
+                          end,
+                    case Res of
+                        bad_frame ->
+                            logger:warning("dspex_region gateway: closing the link of ~p: bad batch ~p", [From, Id]),
+                            close(S);
+                        _ ->
+                            send(S, {repl_ack, Id, Res}),
+                            loop(S, Me, From, [])
+                    end;
+                {ok, {read, Ref, Session, Key}} when From =/= undefined, is_binary(Session) ->
+                    %% read => primary from a backup region
+                    send(S, {read_reply, Ref, dspex_region_receiver:read_local(Session, Key, Name)}),
+                    loop(S, Me, From, Parts);
                 Bad ->
                     logger:warning("dspex_region gateway: closing the link of ~p: ~p", [From, Bad]),
                     close(S)

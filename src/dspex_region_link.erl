@@ -14,6 +14,13 @@
 %% reconnect. After every change the link writes its row into
 %% `dspex_region''s links table (readers never call this process) and emits
 %% `[dspex, region, link, up | down]' and `[dspex, region, probe]'.
+%%
+%% The link also carries cross-region replication: it tells
+%% `dspex_region_shipper' when it is up (with its pid) or down, sends the
+%% shipper's batches (`{repl, Id, Last, Part}' frames) and hands it the peer's
+%% acknowledgements (`{repl_ack, Id, #{need_full}}'); and reads forwarded to
+%% the peer (`dspex_region:get/3' with `read => primary'), numbered, answered
+%% `{error, {region_unavailable, Peer}}' when the link goes down first.
 -module(dspex_region_link).
 -behaviour(gen_server).
 
@@ -34,10 +41,17 @@ init({#{name := PeerName, gateway := Gw}, C}) ->
            backoff => maps:get(backoff_min_ms, C), seq => 0, outstanding => undefined,
            window => queue:new(), wlen => 0, ewma => undefined, samples => 0, sum_us => 0,
            last_us => undefined, last_check_at => undefined, since => erlang:system_time(millisecond),
-           last_error => undefined}}.
+           last_error => undefined, reads => #{}}}.
 
 %% @private
--spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {noreply, map()}.
+handle_call({read, S, K}, From, #{status := up, sock := Sock, reads := R} = St) ->
+    %% a read forwarded to this peer region (dspex_region:get/3, read => primary)
+    %% (a number: a reference names this node, an atom the peer would refuse)
+    Ref = erlang:unique_integer([positive]),
+    ok = send(Sock, {read, Ref, S, K}),
+    {noreply, St#{reads => R#{Ref => From}}};
+handle_call({read, _, _}, _From, #{peer := P} = St) -> {reply, {error, {region_unavailable, P}}, St};
 handle_call(_, _From, St) -> {reply, {error, unknown_call}, St}.
 
 %% @private
@@ -71,6 +85,13 @@ handle_info({T, S, B}, #{sock := S} = St) when T =:= tcp; T =:= ssl ->
     {noreply, frame(dspex_region_gateway:decode(B), St)};
 handle_info({T, S}, #{sock := S} = St) when T =:= tcp_closed; T =:= ssl_closed -> {noreply, down(closed, St)};
 handle_info({T, S, E}, #{sock := S} = St) when T =:= tcp_error; T =:= ssl_error -> {noreply, down({tcp_error, E}, St)};
+handle_info({ship, Id, Chunks}, #{status := up, sock := S} = St) ->
+    %% a batch of dspex_region_shipper: one frame, or consecutive parts
+    [ok = send(S, {repl, Id, Last, Part}) || {Last, Part} <- Chunks],
+    {noreply, St};
+handle_info({ship, Id, _}, #{peer := P} = St) ->
+    notify({ship_failed, P, Id}),
+    {noreply, St};
 handle_info({hello_timeout, Conn}, #{conn := Conn, status := connecting} = St) ->
     {noreply, down(hello_timeout, St)};
 handle_info({tick, Conn}, #{conn := Conn, status := up, conf := C} = St) ->
@@ -100,6 +121,7 @@ frame({ok, {welcome, Peer, _Coords}}, #{peer := Peer, status := connecting, conn
     dspex_telemetry:execute([dspex, region, link, up], #{count => 1},
                             #{region => maps:get(me, St), peer => Peer}),
     self() ! {tick, Conn},
+    notify({link_up, Peer, self()}),
     St1;
 frame({ok, {welcome, Other, _}}, #{status := connecting} = St) -> down({wrong_region, Other}, St);
 frame({ok, {pong, Seq, T0}}, #{status := up, outstanding := {Seq, T0}} = St) ->
@@ -109,6 +131,14 @@ frame({ok, {pong, Seq, T0}}, #{status := up, outstanding := {Seq, T0}} = St) ->
     dspex_telemetry:execute([dspex, region, probe], #{rtt_us => Us},
                             #{region => maps:get(me, St), peer => maps:get(peer, St)}),
     St1;
+frame({ok, {repl_ack, Id, #{need_full := NF} = Res}}, #{status := up, peer := P} = St) when is_list(NF) ->
+    notify({repl_ack, P, Id, Res}),
+    St;
+frame({ok, {read_reply, Ref, Reply}}, #{status := up, reads := R} = St) ->
+    case maps:take(Ref, R) of
+        {From, R1} -> gen_server:reply(From, Reply), St#{reads => R1};
+        error -> St
+    end;
 frame({ok, Msg}, St) -> down({unexpected, Msg}, St);
 frame({error, E}, St) -> down(E, St).
 
@@ -121,6 +151,13 @@ send(S, Msg) ->
     %% a failed send shows up as tcp_closed / tcp_error on the socket
     _ = (dspex_region_gateway:transport(S)):send(S, dspex_region_gateway:encode(Msg)),
     ok.
+
+%% to the replication shipper, when it runs
+notify(Msg) ->
+    case whereis(dspex_region_shipper) of
+        undefined -> ok;
+        Pid -> Pid ! Msg, ok
+    end.
 
 %%% statistics -------------------------------------------------------------------
 
@@ -144,7 +181,7 @@ percentile(Sorted, Q) ->
 publish(#{peer := P, window := W} = St) ->
     Sorted = lists:sort(queue:to_list(W)),
     Pct = fun(_) when Sorted =:= [] -> undefined; (Q) -> percentile(Sorted, Q) end,
-    dspex_region:link_update(P, #{status => case maps:get(status, St) of up -> up; _ -> down end,
+    dspex_region:link_update(P, #{pid => self(), status => case maps:get(status, St) of up -> up; _ -> down end,
                                   since => maps:get(since, St), last_error => maps:get(last_error, St),
                                   ewma_us => maps:get(ewma, St), p50_us => Pct(0.5), p99_us => Pct(0.99),
                                   samples => maps:get(samples, St), sum_us => maps:get(sum_us, St),
@@ -154,7 +191,11 @@ publish(#{peer := P, window := W} = St) ->
 
 down(Why, #{sock := S, status := Was} = St) ->
     ok = dspex_region_gateway:close(S),
-    St1 = St#{sock => undefined, conn => undefined, outstanding => undefined},
+    St1 = St#{sock => undefined, conn => undefined, outstanding => undefined, reads => #{}},
+    %% forwarded reads get no answer on a new connection
+    maps:foreach(fun(_, From) -> gen_server:reply(From, {error, {region_unavailable, maps:get(peer, St)}}) end,
+                 maps:get(reads, St)),
+    notify({link_down, maps:get(peer, St)}),
     case Was of
         up -> dspex_telemetry:execute([dspex, region, link, down], #{count => 1},
                                       #{region => maps:get(me, St), peer => maps:get(peer, St), reason => Why});

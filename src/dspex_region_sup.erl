@@ -1,6 +1,6 @@
 %% @doc Supervises the multi-region processes when `dspex_bridge' / `region'
 %% is configured (see `dspex_region'): the table owner and router
-%% (`dspex_region'), the gateway (`dspex_region_gateway') and one link per
+%% (`dspex_region'), the replication shipper (`dspex_region_shipper'), the gateway (`dspex_region_gateway') and one link per
 %% peer region (`dspex_region_link'). `rest_for_one': the links write into
 %% the router's tables, so a restart of the router restarts them. Without
 %% configuration it has no children; a configuration that does not validate
@@ -24,6 +24,7 @@ init([]) ->
                                 [#{id => dspex_region, start => {dspex_region, start_link, [E]}}]}};
         #{peers := Peers} = C ->
             Children = [#{id => dspex_region, start => {dspex_region, start_link, [C]}},
+                        #{id => dspex_region_shipper, start => {dspex_region_shipper, start_link, [C]}},
                         #{id => dspex_region_gateway, start => {dspex_region_gateway, start_link, [C]}}]
                 ++ [#{id => {dspex_region_link, N}, start => {dspex_region_link, start_link, [P, C]}}
                     || #{name := N} = P <- Peers],

@@ -16,6 +16,18 @@
          routes_to_the_lowest_measured_rtt_without_coordinates/1,
          a_link_flap_is_reported_down_then_up_and_probes_resume/1,
          topology_and_prometheus_report_every_link/1]).
+-export([async_replication_converges_in_order_with_lag_bounded/1,
+         a_session_routed_after_its_creation_is_copied_whole/1,
+         a_change_larger_than_a_frame_travels_in_parts/1,
+         sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch/1,
+         sync_all_times_out_naming_the_region_that_did_not_answer/1,
+         a_link_flap_converges_without_duplicate_or_reordered_apply/1,
+         a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1,
+         move_session_moves_the_primary_and_the_old_one_refuses_writes/1,
+         late_changes_of_the_old_primary_are_fenced_and_reported/1,
+         an_unreachable_primary_region_fails_over_to_its_first_backup/1,
+         sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1]).
+-export([concurrent_sets/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
 
@@ -25,9 +37,24 @@
 -define(PROBE_MS, 20).
 -define(WINDOW, 32).
 
-all() -> [{group, plain}, {group, tls}].
+all() -> [{group, plain}, {group, tls}, {group, replication}].
 
-groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()}].
+groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()},
+             {replication, [sequence], replication_cases()}].
+
+%% cross-region replication: each region a one-node cluster, plain TCP
+replication_cases() ->
+    [async_replication_converges_in_order_with_lag_bounded, a_session_routed_after_its_creation_is_copied_whole,
+     a_change_larger_than_a_frame_travels_in_parts,
+     sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch,
+     sync_all_times_out_naming_the_region_that_did_not_answer,
+     a_link_flap_converges_without_duplicate_or_reordered_apply,
+     a_read_in_a_backup_returns_the_lag_and_read_primary_forwards,
+     move_session_moves_the_primary_and_the_old_one_refuses_writes,
+     late_changes_of_the_old_primary_are_fenced_and_reported,
+     an_unreachable_primary_region_fails_over_to_its_first_backup,
+     %% last: region a is gone after it
+     sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region].
 
 cases() ->
     [measured_rtt_matches_the_injected_delay, routes_to_the_nearest_region_by_coordinates,
@@ -45,6 +72,7 @@ weights(c) -> #{<<"b">> => 4.0};
 weights(_) -> #{}.
 
 init_per_group(plain, Config) -> start_regions(undefined, Config);
+init_per_group(replication, Config) -> start_regions(undefined, [{replication, true} | Config]);
 init_per_group(tls, Config) ->
     Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_ct_" ++ os:getpid() ++ "_" ++
                             integer_to_list(erlang:unique_integer([positive]))),
@@ -98,7 +126,18 @@ start_regions(Tls, Config) ->
                 weights => weights(X), probe_ms => ?PROBE_MS, window => ?WINDOW,
                 down_after_ms => 500, backoff_min_ms => 20, backoff_max_ms => 200},
          RC1 = case Tls of undefined -> RC; _ -> RC#{tls => Tls} end,
-         ok = peer:call(P, application, set_env, [dspex_bridge, region, RC1]),
+         _ = case ?config(replication, Config) of
+                 true ->
+                     %% a region is a cluster: here of one node, whose writer ships to the backups
+                     ok = peer:call(P, application, set_env,
+                                    [dspex_bridge, cluster, #{nodes => [peer:call(P, erlang, node, [])], replicas => 0}]);
+                 _ -> ok
+             end,
+         RC2 = case ?config(replication, Config) of
+                   true -> RC1#{sync_timeout_ms => 2000, repl_window => 2, region_failover_ms => 1000};
+                   _ -> RC1
+               end,
+         ok = peer:call(P, application, set_env, [dspex_bridge, region, RC2]),
          {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge])
      end || {X, Name, Coords} <- ?REGIONS],
     %% each proxy X->Y forwards to Y's gateway
@@ -198,6 +237,320 @@ a_link_flap_is_reported_down_then_up_and_probes_resume(Config) ->
                     maps:get(reason, M) =:= failover],
     ?assertMatch(#{primary_region := <<"b">>}, Route).
 
+%%% replication ------------------------------------------------------------------------
+
+%% a session routed from a (own region first: backups b at 10 ms RTT, c at 120 ms)
+routed_at_a(PA, S) ->
+    %% (a case before may have cut a link: both back up first)
+    ok = wait_until(fun() -> all_up(PA) end, 20000, links_up),
+    #{primary_region := <<"a">>, backup_regions := [<<"b">>, <<"c">>]} =
+        peer:call(PA, dspex_region, route_session, [S, #{}]).
+
+seq(P, S) -> element(3, peer:call(P, dspex_cluster_replica, row, [S])).
+
+applied(P, S) -> peer:call(P, dspex_region_receiver, row, [S]).
+
+repl(P, Peer) -> maps:get(replication, maps:get(Peer, maps:get(peers, topology(P)))).
+
+history(P, S, K) ->
+    {ok, H} = peer:call(P, dspex_store, history, [S, K, all]),
+    [{maps:get(version, E), maps:get(value, E)} || E <- H].
+
+converged(PA, Backups, S) ->
+    Seq = seq(PA, S),
+    lists:all(fun(P) -> maps:get(seq, applied(P, S)) =:= Seq end, Backups).
+
+async_replication_converges_in_order_with_lag_bounded(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_async">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 200)],
+    %% acknowledged after the local commit: the backups follow
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+    Seq = seq(PA, S),
+    ?assertEqual(202, Seq),   % create, register, 200 sets
+    %% every change applied once, in order (a replay must reach the version
+    %% the primary reached), no full copy needed
+    [?assertMatch(#{applies := Seq, full_copies := 0, primary := <<"a">>}, applied(P, S)) || P <- [PB, PC]],
+    [?assertEqual(history(PA, S, <<"k">>), history(P, S, <<"k">>)) || P <- [PB, PC]],
+    [?assertMatch({ok, #{value := 200, version := 200}}, peer:call(P, dspex_store, get, [S, <<"k">>])) || P <- [PB, PC]],
+    %% the lag, measured at the primary, goes back to nothing once the acks are in
+    [ok = wait_until(fun() -> case repl(PA, R) of #{lag_versions := 0, lag_ms := 0} -> true; _ -> false end end,
+                     10000, {lag, R}) || R <- [<<"b">>, <<"c">>]],
+    %% the backups adopted the primary's decision
+    ?assertMatch(#{primary_region := <<"a">>}, peer:call(PC, dspex_region, route_session, [S, #{}])),
+    Text = iolist_to_binary(peer:call(PA, dspex_prometheus, render, [])),
+    ?assertNotEqual(nomatch, binary:match(Text, <<"dspex_region_replication_lag_versions{region=\"a\",peer=\"c\"} 0">>)).
+
+a_session_routed_after_its_creation_is_copied_whole(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_late">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
+    routed_at_a(PA, S),
+    {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 6]),
+    %% the backups miss the first changes: the gap brings one full copy
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+    [?assertMatch(#{full_copies := 1}, applied(P, S)) || P <- [PB, PC]],
+    [?assertEqual(history(PA, S, <<"k">>), history(P, S, <<"k">>)) || P <- [PB, PC]].
+
+a_change_larger_than_a_frame_travels_in_parts(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_big">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    %% frames are at most 64 KiB: a 200 KB registration (a full copy) and a
+    %% 300 KB set each leave as several frames, reassembled by the gateway
+    Big1 = binary:copy(<<"x">>, 200000),
+    Big2 = binary:copy(<<"y">>, 300000),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"big">>, string, Big1, #{}]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"big">>, Big2]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+    [?assertMatch({ok, #{value := Big2, version := 1}}, peer:call(P, dspex_store, get, [S, <<"big">>])) || P <- [PB, PC]],
+    [?assertMatch(#{applies := 3, full_copies := 0}, applied(P, S)) || P <- [PB, PC]].
+
+sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_sync">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    Keys = [<<"k", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 20)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{}]) || K <- Keys],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, registered),
+    #{batches := B0} = repl(PA, <<"c">>),
+    ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
+    try
+        %% 20 writers, 10 sets each, concurrently
+        Acked = peer:call(PA, ?MODULE, concurrent_sets, [S, Keys, 10], 60000),
+        ?assertEqual(200, length(Acked)),
+        %% read at once, no waiting: every acknowledged write is in both backups
+        [begin
+             Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
+             [?assertMatch({ok, #{version := Final}}, peer:call(P, dspex_store, get, [S, K])) || P <- [PB, PC]]
+         end || K <- Keys],
+        %% group commit: concurrent writes shared batches (at most repl_window,
+        %% here 2, in flight), far fewer round trips to c than writes
+        #{batches := B1} = repl(PA, <<"c">>),
+        ct:pal("sync_all: 200 writes to c in ~b batches", [B1 - B0]),
+        ?assert(B1 - B0 < 100, B1 - B0)
+    after
+        ok = peer:call(PA, dspex_region, set_replication, [async_primary_backup])
+    end.
+
+%% on a peer: Keys' writers, N sets each; every answer
+concurrent_sets(S, Keys, N) ->
+    Me = self(),
+    Pids = [spawn_link(fun() ->
+                               Me ! {self(), [{K, dspex_store:set(S, K, I)} || I <- lists:seq(1, N)]}
+                       end) || K <- Keys],
+    lists:append([receive {P, R} -> R end || P <- Pids]).
+
+sync_all_times_out_naming_the_region_that_did_not_answer(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxy = maps:get({a, c}, ?config(proxies, Config)),
+    S = <<"r_timeout">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
+    try
+        ok = dspex_region_proxy:drop(Proxy),
+        ok = wait_until(fun() -> status(PA, <<"c">>) =:= down end, 10000, link_down),
+        %% committed in a and b, c cannot answer: sync_timeout_ms (2 s) later
+        ?assertEqual({error, {region_timeout, [<<"c">>]}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 1], 30000)),
+        ?assertMatch({ok, #{value := 1}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
+        ?assertMatch(#{lag_versions := N} when N >= 1, repl(PA, <<"c">>)),
+        ok = dspex_region_proxy:restore(Proxy),
+        %% still shipped once c is back
+        ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, converged),
+        ?assertMatch({ok, #{value := 1}}, peer:call(PC, dspex_store, get, [S, <<"k">>]))
+    after
+        ok = peer:call(PA, dspex_region, set_replication, [async_primary_backup]),
+        dspex_region_proxy:restore(Proxy)
+    end.
+
+a_link_flap_converges_without_duplicate_or_reordered_apply(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxy = maps:get({a, c}, ?config(proxies, Config)),
+    S = <<"r_flap">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 100)],
+    %% dropped while batches to c (120 ms RTT) are in flight
+    ok = dspex_region_proxy:drop(Proxy),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(101, 200)],
+    ok = wait_until(fun() -> status(PA, <<"c">>) =:= down end, 10000, link_down),
+    ok = dspex_region_proxy:restore(Proxy),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, converged),
+    Seq = seq(PA, S),
+    %% batches sent again after the flap: repeats ignored, nothing applied twice or out of order
+    [?assertMatch(#{applies := Seq, full_copies := 0}, applied(P, S)) || P <- [PB, PC]],
+    [?assertEqual(history(PA, S, <<"k">>), history(P, S, <<"k">>)) || P <- [PB, PC]].
+
+a_read_in_a_backup_returns_the_lag_and_read_primary_forwards(Config) ->
+    #{a := PA, b := PB} = ?config(peers, Config),
+    Proxy = maps:get({a, b}, ?config(proxies, Config)),
+    S = <<"r_read">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 7, #{}]),
+    ok = wait_until(fun() -> converged(PA, [PB], S) end, 20000, converged),
+    ?assertMatch({ok, #{value := 7}, #{region := <<"b">>, primary_region := <<"a">>, lag_versions := 0, lag_ms := 0}},
+                 peer:call(PB, dspex_region, get, [S, <<"k">>, #{read => local}])),
+    %% the primary's own copy has no lag
+    ?assertMatch({ok, #{value := 7}, #{region := <<"a">>, lag_versions := 0, lag_ms := 0}},
+                 peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
+    %% a -> b cut: b keeps serving its copy, with a growing lag
+    ok = dspex_region_proxy:drop(Proxy),
+    try
+        {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 8]),
+        ok = wait_until(fun() ->
+                                {ok, #{value := 7}, #{lag_ms := Ms}} = peer:call(PB, dspex_region, get, [S, <<"k">>, #{}]),
+                                Ms > 0
+                        end, 10000, lag_grows),
+        %% read => primary: forwarded over b's own link to a
+        ?assertMatch({ok, #{value := 8}, #{region := <<"a">>, lag_versions := 0}},
+                     peer:call(PB, dspex_region, get, [S, <<"k">>, #{read => primary}]))
+    after
+        dspex_region_proxy:restore(Proxy)
+    end,
+    ok = wait_until(fun() -> converged(PA, [PB], S) end, 20000, converged),
+    ?assertMatch({ok, #{value := 8}, #{lag_versions := 0}}, peer:call(PB, dspex_region, get, [S, <<"k">>, #{}])).
+
+move_session_moves_the_primary_and_the_old_one_refuses_writes(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_move">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 10)],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    ?assertEqual({error, {not_primary, <<"a">>}}, peer:call(PB, dspex_region, move_session, [S, <<"c">>])),
+    ok = peer:call(PA, dspex_region, move_session, [S, <<"b">>]),
+    %% the old primary refuses writes (and local reads) with a redirect
+    ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99])),
+    ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
+    ?assertEqual({error, {not_primary, <<"b">>}}, peer:call(PA, dspex_region, move_session, [S, <<"c">>])),
+    %% b is the primary, in a higher region epoch, c its backup
+    ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>], policy := moved, region_epoch := 1},
+                 peer:call(PB, dspex_region, route_session, [S, #{}])),
+    ?assertMatch({ok, #{value := 10, version := 10}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
+    [{ok, I} = peer:call(PB, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(11, 20)],
+    %% c follows b: a full copy at the new region epoch, then b's changes
+    ok = wait_until(fun() -> converged(PB, [PC], S) end, 20000, converged),
+    ?assertMatch(#{region_epoch := 1, primary := <<"b">>}, applied(PC, S)),
+    ?assertEqual(history(PB, S, <<"k">>), history(PC, S, <<"k">>)),
+    ?assertMatch({ok, #{value := 20}}, peer:call(PC, dspex_store, get, [S, <<"k">>])),
+    ?assertMatch(#{primary_region := <<"b">>}, peer:call(PC, dspex_region, route_session, [S, #{}])),
+    %% a's reads go to the new primary
+    ?assertMatch({ok, #{value := 20}, #{region := <<"b">>}},
+                 peer:call(PA, dspex_region, get, [S, <<"k">>, #{read => primary}])).
+
+late_changes_of_the_old_primary_are_fenced_and_reported(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxy = maps:get({a, c}, ?config(proxies, Config)),
+    S = <<"r_fence">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    %% a's changes for c wait in a's queue (a -> c cut) while the session moves to b
+    ok = dspex_region_proxy:drop(Proxy),
+    try
+        ok = wait_until(fun() -> status(PA, <<"c">>) =:= down end, 10000, link_down),
+        [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
+        ok = peer:call(PA, dspex_region, move_session, [S, <<"b">>]),
+        %% c takes b's copy, at region epoch 1
+        ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 end, 20000, copy_from_b),
+        ?assertMatch({ok, #{value := 5}}, peer:call(PC, dspex_store, get, [S, <<"k">>])),
+        {ok, 6} = peer:call(PB, dspex_store, set, [S, <<"k">>, 60])
+    after
+        dspex_region_proxy:restore(Proxy)
+    end,
+    %% a's late changes (region epoch 0) reach c: refused and counted, never applied
+    ok = wait_until(fun() -> maps:get(fenced, applied(PC, S)) >= 1 end, 20000, fenced),
+    ok = wait_until(fun() -> converged(PB, [PC], S) end, 20000, converged),
+    ?assertEqual(history(PB, S, <<"k">>), history(PC, S, <<"k">>)),
+    ?assertMatch({ok, #{value := 60, version := 6}}, peer:call(PC, dspex_store, get, [S, <<"k">>])),
+    ok = wait_until(fun() -> case repl(PA, <<"c">>) of #{lag_versions := 0} -> true; _ -> false end end,
+                    20000, a_queue_drained).
+
+an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxies = ?config(proxies, Config),
+    Cut = [maps:get(XY, Proxies) || XY <- [{a, b}, {b, a}, {a, c}, {c, a}]],
+    S = <<"r_failover">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    ok = peer:call(PC, ?MODULE, collector_start, []),
+    %% a cut off from both other regions
+    [ok = dspex_region_proxy:drop(P) || P <- Cut],
+    try
+        %% a, alone, still takes a write (async): it will be refused later
+        {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 666]),
+        %% after region_failover_ms (1 s) of a unreachable, b (a's first backup) takes over
+        ok = wait_until(fun() ->
+                                case peer:call(PB, dspex_region, decision, [S]) of
+                                    #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                                    _ -> false
+                                end
+                        end, 20000, b_takes_over),
+        ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>], policy := failover},
+                     peer:call(PB, dspex_region, route_session, [S, #{}])),
+        %% c (second backup) does not take over; it follows b at region epoch 1
+        ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 end, 20000, c_follows_b),
+        ?assertMatch(#{primary_region := <<"b">>}, peer:call(PC, dspex_region, decision, [S])),
+        {ok, 6} = peer:call(PB, dspex_store, set, [S, <<"k">>, 60])
+    after
+        [dspex_region_proxy:restore(P) || P <- Cut]
+    end,
+    %% a's write made after it lost its regions reaches them: refused and reported
+    ok = wait_until(fun() -> maps:get(fenced, applied(PB, S)) + maps:get(fenced, applied(PC, S)) >= 1 end,
+                    20000, fenced),
+    ok = wait_until(fun() -> converged(PB, [PC], S) end, 20000, converged),
+    [?assertMatch({ok, #{value := 60, version := 6}}, peer:call(P, dspex_store, get, [S, <<"k">>])) || P <- [PB, PC]],
+    ?assert(lists:any(fun({[dspex, region, replication, fenced], _, #{session := S1}}) -> S1 =:= S; (_) -> false end,
+                      peer:call(PC, ?MODULE, collector_get, []))
+            orelse maps:get(fenced, applied(PB, S)) >= 1).
+
+sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_kill">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    Keys = [<<"k", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 10)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{}]) || K <- Keys],
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, registered),
+    ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
+    Acked = peer:call(PA, ?MODULE, concurrent_sets, [S, Keys, 10], 60000),
+    ?assertEqual(100, length(Acked)),
+    %% region a's only node, kill -9, right after the acknowledgements
+    ok = dspex_cluster_SUITE:kill_node(a, [{a, PA}]),
+    %% b takes over (link down after down_after_ms, then region_failover_ms)
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
+                                #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                                _ -> false
+                            end
+                    end, 20000, b_takes_over),
+    %% no acknowledged write is lost, in either region
+    [begin
+         Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
+         [?assertMatch({ok, #{value := 10, version := Final}}, peer:call(P, dspex_store, get, [S, K])) || P <- [PB, PC]]
+     end || K <- Keys],
+    %% and the session goes on in b, followed by c
+    {ok, 11} = peer:call(PB, dspex_store, set, [S, hd(Keys), 11]),
+    ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
+                    20000, c_follows_b),
+    ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])).
+
 %%% helpers -------------------------------------------------------------------------
 
 topology(P) -> peer:call(P, dspex_region, topology, []).
@@ -220,7 +573,7 @@ collector_start() ->
     Pid = spawn(fun() -> collector([]) end),
     register(region_ct_collector, Pid),
     ok = dspex_telemetry:attach_many(region_ct, [[dspex, region, link, up], [dspex, region, link, down],
-                                                 [dspex, region, route]],
+                                                 [dspex, region, route], [dspex, region, replication, fenced]],
                                      fun(E, M, Meta, _) -> region_ct_collector ! {event, E, M, Meta} end, []).
 
 collector(Acc) ->

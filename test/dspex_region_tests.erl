@@ -232,3 +232,143 @@ mutual_tls({Tls, Stranger}) ->
     after
         [begin exit(X, shutdown), receive {'EXIT', X, _} -> ok after 5000 -> ok end end || X <- [Link, G, R]]
     end.
+
+%%% replication -------------------------------------------------------------------
+
+replication_config_test() ->
+    B = base(),
+    ?assertMatch(#{replication := async_primary_backup, sync_timeout_ms := 5000, repl_window := 32,
+                   repl_batch_max := 1000, repl_max_pending := 100000},
+                 with_env(B, fun dspex_region:config/0)),
+    ?assertMatch(#{replication := sync_all}, with_env(B#{replication => sync_all}, fun dspex_region:config/0)),
+    ?assertEqual({error, {invalid_argument, replication}},
+                 with_env(B#{replication => sometimes}, fun dspex_region:config/0)),
+    ?assertEqual({error, {invalid_argument, repl_window}}, with_env(B#{repl_window => 0}, fun dspex_region:config/0)),
+    %% no region: the hook hands back the caller, nothing else
+    From = {self(), make_ref()},
+    ?assertEqual(From, dspex_region_shipper:committed(<<"s">>, 1, 1, delete_session, From)),
+    ?assertEqual({error, not_running}, dspex_region:get(<<"s">>, <<"k">>, #{})).
+
+%% A backup region away: its queue is bounded by repl_max_pending; past it the
+%% queued records make way for one full copy per session, sent (taken from
+%% the session's writer when it leaves) once the link is up; a sync_all write
+%% among the dropped records is answered once its session's copy is acknowledged.
+shipper_back_pressure_test() ->
+    standalone(fun(_) -> shipper_back_pressure() end).
+
+shipper_back_pressure() ->
+    Us = <<"us">>,
+    C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
+          repl_batch_max => 1000, sync_timeout_ms => 60000},
+    Sessions = [<<"bp_", (integer_to_binary(I))/binary>> || I <- [1, 2, 3]],
+    %% stand-ins for the sessions' writers: each answers export_for at seq 7
+    Writers = lists:usort([dspex_cluster_writer:name(S) || S <- Sessions]),
+    Fakes = [begin
+                 P = spawn(fun Loop() ->
+                                   receive
+                                       {'$gen_call', F, {export_for, S}} ->
+                                           gen_server:reply(F, {ok, 1, 7, #{id => S, variables => []}}),
+                                           Loop();
+                                       stop -> ok
+                                   end
+                           end),
+                 true = register(N, P),
+                 P
+             end || N <- Writers],
+    %% this region (eu) is their primary
+    [ok = dspex_region:adopt(S, #{primary_region => <<"eu">>, backup_regions => [Us], policy => lowest_rtt,
+                                  decided_at => 0}) || S <- Sessions],
+    {ok, Sh} = dspex_region_shipper:start_link(C),
+    try
+        At = erlang:monotonic_time(millisecond),
+        Tag = make_ref(),
+        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}, 0}, At, [Us], none}
+         || I <- lists:seq(1, 500)],
+        Sh ! {rec, {hd(Sessions), 1, 501, delete_session, 0}, At, [Us], {wait1, {self(), Tag}}},
+        [Sh ! {rec, {lists:nth(1 + I rem 3, Sessions), 1, I, {op, delete, [x, y], ok}, 0}, At, [Us], none}
+         || I <- lists:seq(502, 700)],
+        %% the writer's own answer to the sync write
+        Sh ! {{dspex_region_ack, wait1}, {ok, 1, node()}},
+        %% bounded: one full copy per session is all that is left
+        #{Us := #{lag_versions := Lag, link := down}} = dspex_region_shipper:stats(),
+        ?assert(Lag =< 100),
+        %% the link comes up: the copies leave
+        Sh ! {link_up, Us, self()},
+        Recs = collect(Sh, Us, []),
+        %% first the copies, then the records queued after the last overflow
+        {Copies, Later} = lists:split(3, Recs),
+        ?assert(lists:all(fun({_, 1, 7, {region_full, #{}}, 0}) -> true; (_) -> false end, Copies)),
+        ?assertEqual(Sessions, lists:usort([S || {S, _, _, _, _} <- Copies])),
+        ?assert(length(Recs) =< 100),
+        ?assertEqual([700], lists:usort([lists:max([Seq || {_, _, Seq, _, _} <- Later])])),
+        ?assertMatch(#{Us := #{lag_versions := 0}}, dspex_region_shipper:stats()),
+        %% the sync write is answered once its session's copy was acknowledged
+        ?assertEqual({ok, 1, node()}, receive {Tag, R} -> R after 5000 -> timeout end)
+    after
+        unlink(Sh),
+        exit(Sh, kill),
+        [P ! stop || P <- Fakes]
+    end.
+
+%% every batch the shipper sends, acknowledged, until nothing is left
+collect(Sh, Us, Acc) ->
+    receive
+        {ship, Id, Chunks} ->
+            #{recs := Recs} = binary_to_term(iolist_to_binary([B || {_, B} <- Chunks])),
+            Sh ! {repl_ack, Us, Id, #{need_full => []}},
+            collect(Sh, Us, Acc ++ Recs)
+    after 500 -> Acc
+    end.
+
+%% The backup side alone: a primary's records applied by {Epoch, Seq}:
+%% repeats ignored, a gap or a diverged history reported for a full copy, a
+%% replay that does not reach the primary's version reported too, a full copy
+%% installed whatever was there.
+receiver_applies_by_version_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        S = <<"recv_s">>,
+        _ = dspex_store:delete_session(S),
+        Apply = fun(Recs) -> dspex_region_receiver:apply_batch(<<"us">>, #{recs => Recs, heads => #{}, decisions => #{}}) end,
+        {ok, _} = dspex_store:create_session(S),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        Set = fun(V, Ver) -> {op, set, [S, <<"k">>, V, #{expected_version => Ver - 1}], {ok, Ver}} end,
+        %% created by a full copy (create_session's record), then registered
+        ?assertEqual(#{need_full => []}, Apply([{S, 1, 1, {full, Export}}])),
+        {ok, _} = dspex_store:register(S, <<"k">>, integer, 0, #{}),   % stands for seq 2
+        ets:insert(dspex_region_applied, {S, (dspex_region_receiver:row(S))#{seq => 2}}),
+        ?assertEqual(#{need_full => []}, Apply([{S, 1, 3, Set(10, 1)}, {S, 1, 4, Set(11, 2)}])),
+        %% the same batch again (an ack lost on a flap): nothing applied twice
+        ?assertEqual(#{need_full => []}, Apply([{S, 1, 3, Set(10, 1)}, {S, 1, 4, Set(11, 2)}])),
+        ?assertMatch(#{seq := 4, applies := 3}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, #{value := 11, version := 2}}, dspex_store:get(S, <<"k">>)),
+        %% a gap: not applied, a full copy asked
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 1, 6, Set(13, 4)}])),
+        %% seq 4 again from a newer epoch: another history
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 2, 4, Set(99, 2)}])),
+        %% the next seq, but the replay does not end at the primary's version
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 1, 5, Set(12, 7)}])),
+        ?assertMatch({ok, #{value := 11, version := 2}}, dspex_store:get(S, <<"k">>)),
+        %% a replay that raises: reported, the batch goes on
+        ?assertEqual(#{need_full => [S]}, Apply([{S, 1, 5, {op, set, [S, {bad}, 1, #{expected_version => 2}], {ok, 3}}}])),
+        %% the full copy replaces the session and sets the sequence
+        ?assertEqual(#{need_full => []}, Apply([{S, 2, 9, {region_full, Export}}])),
+        ?assertMatch(#{seq := 9, epoch := 2, full_copies := 1}, dspex_region_receiver:row(S)),
+        ?assertEqual({error, {not_found, <<"k">>}}, dspex_store:get(S, <<"k">>)),
+        %% moved to another primary (region epoch 1): its numbering starts with
+        %% a full copy; the old primary's late changes are refused and counted
+        Moved = #{primary_region => <<"mx">>, backup_regions => [<<"eu">>], policy => moved, decided_at => 0,
+                  region_epoch => 1},
+        Old = #{primary_region => <<"us">>, backup_regions => [<<"eu">>], policy => lowest_rtt, decided_at => 0},
+        ApplyD = fun(D, Recs) -> dspex_region_receiver:apply_batch(<<"us">>, #{recs => Recs, heads => #{}, decisions => #{S => D}}) end,
+        ?assertEqual(#{need_full => [S]}, ApplyD(Moved, [{S, 5, 2, delete_session}])),
+        ?assertEqual(#{need_full => []}, ApplyD(Moved, [{S, 5, 2, {region_full, Export}}])),
+        ?assertMatch(#{region_epoch := 1, seq := 2, epoch := 5}, dspex_region_receiver:row(S)),
+        ?assertEqual(#{need_full => []}, ApplyD(Old, [{S, 2, 10, delete_session}])),
+        ?assertMatch(#{region_epoch := 1, seq := 2, fenced := 1}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, _}, dspex_store:get_session(S)),
+        %% and the older decision does not replace the newer one
+        ?assertMatch(#{primary_region := <<"mx">>}, dspex_region:decision(S)),
+        ok = dspex_store:delete_session(S)
+    end).

@@ -1,0 +1,237 @@
+%% @doc Cross-region replication, backup side: applies the batches a primary
+%% region ships (see `dspex_region_shipper'), and serves reads with the lag
+%% of the copy attached.
+%%
+%% A batch is applied by the gateway connection it arrived on (one per peer
+%% region: a primary's batches are applied one at a time, in the order sent),
+%% record by record, idempotently by the session's `{Epoch, Seq}': a record at
+%% or below the sequence applied here is a repeat and is ignored (unless its
+%% epoch is newer than the one applied: the primary's cluster went on from
+%% an older copy, and the session is reported for a full copy); the next
+%% sequence is replayed through `dspex_store' (so it reaches the session's
+%% owner in this region and its in-region replicas, like any write), and the
+%% replay must reach the version the primary reached (`expected_version'), else
+%% the session is reported for a full copy; a later sequence (a gap) is
+%% reported for a full copy too. A full copy replaces the session
+%% (`delete_session' then `import_session' of the primary's export) and sets
+%% the applied sequence to the copy's. Each session's row counts its applies,
+%% so tests can see that nothing was applied twice.
+%%
+%% The primary's routing decision of each session travels with its records and
+%% is recorded here (`dspex_region:adopt/2'), so that `route_session/2' in this
+%% region answers the same primary, and this region's writers do not ship the
+%% replayed changes anywhere.
+-module(dspex_region_receiver).
+
+-export([apply_batch/2, heard/1, lag/1, read_local/3, sessions/0, row/1, took_over/2]).
+
+-define(APPLIED, dspex_region_applied).
+
+%% @doc Applies a batch from region `From'; the sessions that need a full copy.
+-spec apply_batch(binary(), map()) -> #{need_full := [binary()]}.
+apply_batch(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_list(Recs), is_map(Heads), is_map(Ds0) ->
+    Me = persistent_term:get({dspex_region, name}, undefined),
+    Ds = maps:filter(fun(S, D) -> is_binary(S) andalso is_map(D) end, Ds0),
+    %% a session moved here: this region is its primary once its copy is in
+    {Here, There} = maps:fold(fun(S, #{primary_region := P} = D, {H, T}) when P =:= Me -> {[{S, D} | H], T};
+                                 (S, D, {H, T}) -> {H, [{S, D} | T]}
+                              end, {[], []}, Ds),
+    _ = [dspex_region:adopt(S, D) || {S, D} <- There],
+    %% each record in the region epoch it was committed in (the batch's
+    %% decision gives it for records that do not say)
+    NF = lists:foldl(fun({S, E, Seq, P, RE}, Acc) when is_binary(S), is_integer(RE) ->
+                             apply_rec(From, {S, E, Seq, P}, RE, Acc);
+                        ({S, _, _, _} = Rec, Acc) when is_binary(S) ->
+                             apply_rec(From, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
+                        (_, Acc) -> Acc
+                     end, [], Recs),
+    [case dspex_region:adopt(S, D) of
+         ok -> dspex_region_shipper:resync(S);
+         stale -> ok
+     end || {S, D} <- Here, not lists:member(S, NF)],
+    Now = erlang:monotonic_time(millisecond),
+    Touched = lists:usort([element(1, R) || R <- Recs, is_tuple(R), tuple_size(R) >= 4] ++ maps:keys(Heads)),
+    [begin
+         #{seq := Seq, head := H0} = Row = row(S),
+         %% the newest sequences announced by this primary, in its numbering
+         H = case region_epoch(Row) =:= region_epoch(maps:get(S, Ds, undefined)) of
+                 true -> max(H0, maps:get(S, Heads, 0));
+                 false -> H0
+             end,
+         Row1 = Row#{head => max(H, Seq)},
+         ets:insert(?APPLIED, {S, case Seq >= H of true -> Row1#{current_at => Now}; false -> Row1 end})
+     end || S <- Touched, is_binary(S)],
+    heard(From),
+    #{need_full => lists:usort(NF)};
+apply_batch(_, _) -> #{need_full => []}.
+
+%% @doc The applied row of `Session' (zeros when none).
+-spec row(binary()) -> map().
+row(S) ->
+    case ets:lookup(?APPLIED, S) of
+        [{_, R}] -> R;
+        [] -> #{epoch => 0, seq => 0, head => 0, applies => 0, full_copies => 0, current_at => undefined,
+                primary => undefined, region_epoch => 0, fenced => 0}
+    end.
+
+%% @doc This region took `Session' over at region epoch `RE' (failover):
+%% changes of older region epochs are refused from now on.
+-spec took_over(binary(), non_neg_integer()) -> true | false.
+took_over(S, RE) ->
+    case ets:lookup(?APPLIED, S) of
+        [{_, Row}] -> ets:insert(?APPLIED, {S, Row#{region_epoch => RE}});
+        [] -> false
+    end.
+
+%% @doc Sessions replicated into this region: `Session => row'.
+-spec sessions() -> #{binary() => map()}.
+sessions() -> maps:from_list([{S, R} || {S, R} <- ets:tab2list(?APPLIED), is_binary(S)]).
+
+%% @doc Notes a frame from region `From' (a batch or a probe).
+-spec heard(binary()) -> true.
+heard(From) -> ets:insert(?APPLIED, {{heard, From}, erlang:monotonic_time(millisecond)}).
+
+apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), is_integer(Seq) ->
+    Row = row(S),
+    case region_epoch(Row) of
+        RE -> apply_seq(From, Rec, Row, NF);
+        Newer when Newer > RE ->
+            %% a primary this session was moved away from: its change is
+            %% refused and reported, never merged
+            logger:warning("dspex_region: change ~p of ~p from ~s refused: region epoch ~p, the session is at ~p",
+                           [Seq, S, From, RE, Newer]),
+            dspex_telemetry:execute([dspex, region, replication, fenced], #{count => 1},
+                                    #{session => S, peer => From, seq => Seq, region_epoch => RE}),
+            ets:insert(?APPLIED, {S, Row#{fenced => maps:get(fenced, Row, 0) + 1}}),
+            NF;
+        _Older ->
+            %% a new primary: its numbering starts with a full copy
+            case P of
+                {region_full, Export} ->
+                    case replay(S, {full, Export}) of
+                        ok ->
+                            done(S, Row#{epoch => E, seq => Seq, head => Seq, region_epoch => RE,
+                                         full_copies => maps:get(full_copies, Row) + 1}, From),
+                            NF;
+                        {error, _} -> [S | NF]
+                    end;
+                _ -> [S | NF]
+            end
+    end;
+apply_rec(_, _, _, NF) -> NF.
+
+apply_seq(From, {S, E, Seq, P}, Row, NF) ->
+    #{seq := Have, epoch := HaveE} = Row,
+    case P of
+        {region_full, Export} when Seq >= Have ->
+            case replay(S, {full, Export}) of
+                ok -> done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From), NF;
+                {error, Why} ->
+                    logger:warning("dspex_region: full copy of ~p from ~s not installed: ~p", [S, From, Why]),
+                    [S | NF]
+            end;
+        %% a sequence already applied, from a newer epoch of the primary's
+        %% cluster: its new owner went on from an older copy (an async
+        %% in-region replica missed changes): the histories differ
+        _ when Seq =< Have, E > HaveE -> [S | NF];
+        _ when Seq =< Have -> NF;   % a repeat (or a late record of an older epoch)
+        _ when Seq =:= Have + 1 ->
+            case lists:member(S, NF) of
+                true -> NF;   % behind already: the full copy brings it
+                false ->
+                    case replay(S, P) of
+                        ok -> done(S, Row#{epoch => E, seq => Seq}, From), NF;
+                        {error, Why} ->
+                            logger:notice("dspex_region: change ~p of ~p from ~s not replayed (~p): full copy asked",
+                                          [Seq, S, From, Why]),
+                            [S | NF]
+                    end
+            end;
+        _ -> [S | NF]   % a gap
+    end.
+
+region_epoch(#{region_epoch := E}) -> E;
+region_epoch(_) -> 0.
+
+done(S, Row, From) ->
+    ets:insert(?APPLIED, {S, Row#{applies => maps:get(applies, Row) + 1, primary => From}}).
+
+install(S, skip) -> _ = S, ok;
+install(S, absent) -> deleted(dspex_store:delete_session(S));
+install(S, Export) when is_map(Export) ->
+    _ = dspex_store:delete_session(S),
+    case dspex_store:import_session(maps:remove(dspex_vv, Export#{id => S})) of
+        ok -> ok;
+        {error, _} = E -> E
+    end;
+install(_, _) -> {error, bad_copy}.
+
+deleted(ok) -> ok;
+deleted({error, session_not_found}) -> ok;
+deleted(E) -> E.
+
+%% A change replayed here must end where the primary's ended. A replay that
+%% raises (say a caller's type error the primary raised too) is reported
+%% for a full copy: the connection that applies the batches goes on.
+replay(S, P) ->
+    try replay1(S, P)
+    catch Class:Reason -> {error, {Class, Reason}}
+    end.
+
+replay1(S, {ev, _, _, P, _}) -> replay1(S, P);
+replay1(S, {full, Export}) -> install(S, Export);
+replay1(S, delete_session) -> deleted(dspex_store:delete_session(S));
+replay1(S, {op, Op, [S | _] = Args, Expected}) ->
+    Got = case Op of
+              set -> apply(dspex_store, set, Args);
+              rollback -> apply(dspex_store, rollback, Args);
+              delete -> apply(dspex_store, delete, Args);
+              set_many -> apply(dspex_store, set_many, Args);
+              {dspex_acl, set_rate_limit} -> apply(dspex_acl, set_rate_limit, Args);
+              _ -> {error, {unknown_op, Op}}
+          end,
+    case same(Op, Got, Expected) of
+        true -> ok;
+        false -> {error, {diverged, Got}}
+    end;
+replay1(_, P) -> {error, {unknown_payload, P}}.
+
+same(set_many, {ok, #{updated := U}}, {ok, #{updated := U}}) -> true;
+same(_, X, X) -> true;
+same(_, _, _) -> false.
+
+%% @doc The lag of this region's copy of `Session': `lag_versions' (the
+%% primary's newest sequence it announced minus the one applied here) and
+%% `lag_ms': 0 while the copy is current and the primary was heard within
+%% `down_after_ms'; else the time since the copy was last known current (or
+%% since the primary was last heard). `undefined' when the session is not
+%% replicated into this region.
+-spec lag(binary()) -> #{lag_versions := non_neg_integer(), lag_ms := non_neg_integer(), primary_region := binary()}
+                       | undefined.
+lag(S) ->
+    case ets:lookup(?APPLIED, S) of
+        [{_, #{seq := Seq, head := H, current_at := Cur, primary := P}}] ->
+            Now = erlang:monotonic_time(millisecond),
+            Heard = case ets:lookup(?APPLIED, {heard, P}) of [{_, T}] -> T; [] -> Cur end,
+            Down = maps:get(down_after_ms, persistent_term:get({dspex_region, config})),
+            Ms = if H > Seq, Cur =:= undefined -> 0;
+                    H > Seq -> Now - Cur;
+                    Now - Heard > Down -> Now - Heard;
+                    true -> 0
+                 end,
+            #{lag_versions => max(0, H - Seq), lag_ms => max(0, Ms), primary_region => P};
+        [] -> undefined
+    end.
+
+%% @doc A read of this region's copy, with its lag (see `dspex_region:get/3').
+-spec read_local(binary(), term(), binary()) -> {ok, map(), map()} | {error, term()}.
+read_local(S, K, Me) ->
+    Lag = case dspex_region:decision(S) =/= undefined andalso maps:get(primary_region, dspex_region:decision(S)) =/= Me
+              andalso lag(S) of
+              L when is_map(L) -> L;
+              _ -> #{lag_versions => 0, lag_ms => 0, primary_region => Me}
+          end,
+    case dspex_store:get(S, K) of
+        {ok, V} -> {ok, V, Lag#{region => Me}};
+        {error, _} = E -> E
+    end.
