@@ -155,16 +155,25 @@ measured_rtt_matches_the_injected_delay(Config) ->
                                         maps:values(maps:get(peers, topology(P))))
                      end, 60000, {samples, X})
      || {X, P} <- maps:to_list(Peers)],
-    Rows = [{X, Y, 2 * delay(X, Y), maps:get(rtt, maps:get(atom_to_binary(Y), maps:get(peers, topology(maps:get(X, Peers)))))}
-            || {X, _, _} <- ?REGIONS, {Y, _, _} <- ?REGIONS, X =/= Y],
+    Rows = fun() ->
+                   [{X, Y, 2 * delay(X, Y), maps:get(rtt, maps:get(atom_to_binary(Y), maps:get(peers, topology(maps:get(X, Peers)))))}
+                    || {X, _, _} <- ?REGIONS, {Y, _, _} <- ?REGIONS, X =/= Y]
+           end,
+    %% within 10% of the injected RTT, plus 2 ms (loopback and scheduling add
+    %% a fraction of a ms when idle). A load spike on a shared 2-core machine
+    %% can hold a window's p50 above that for a while, so the window gets the
+    %% time to slide past it; a wrong measurement never converges.
+    Within = fun() -> [R || {_, _, Inj, #{p50_ms := P50}} = R <- Rows(), abs(P50 - Inj) > 0.1 * Inj + 2.0] end,
+    try wait_until(fun() -> Within() =:= [] end, 60000, rtt_within)
+    catch exit:_ -> ?assertEqual([], Within())
+    end,
+    Final = Rows(),
     [ct:pal("~s -> ~s: injected RTT ~b ms, measured p50 ~.2f ewma ~.2f p99 ~.2f ms (~b samples)",
             [X, Y, Inj, P50, E, P99, N])
-     || {X, Y, Inj, #{p50_ms := P50, ewma_ms := E, p99_ms := P99, samples := N}} <- Rows],
-    %% within 10% of the injected RTT, plus 2 ms for a loaded 2-core machine
-    %% (loopback and scheduling add a fraction of a ms when idle)
-    [?assert(abs(P50 - Inj) =< 0.1 * Inj + 2.0, {X, Y, Inj, P50}) || {X, Y, Inj, #{p50_ms := P50}} <- Rows],
-    %% never below what was injected: the delay is real, not a number
-    [?assert(P50 >= Inj - 1.0, {X, Y, Inj, P50}) || {X, Y, Inj, #{p50_ms := P50}} <- Rows].
+     || {X, Y, Inj, #{p50_ms := P50, ewma_ms := E, p99_ms := P99, samples := N}} <- Final],
+    %% never below what was injected: the delay is real, not a number (load
+    %% only adds to it)
+    [?assert(P50 >= Inj - 1.0, {X, Y, Inj, P50}) || {X, Y, Inj, #{p50_ms := P50}} <- Final].
 
 routes_to_the_nearest_region_by_coordinates(Config) ->
     #{a := PA, c := PC} = ?config(peers, Config),
@@ -226,8 +235,14 @@ a_link_flap_is_reported_down_then_up_and_probes_resume(Config) ->
     ok = wait_until(fun() -> status(PA, <<"c">>) =:= up end, 10000, link_up),
     %% probes resume, and measure the same delay again
     ok = wait_until(fun() -> samples(PA, <<"c">>) >= Before + 5 end, 10000, probes_resume),
-    #{rtt := #{last_ms := Last}} = maps:get(<<"c">>, maps:get(peers, topology(PA))),
-    ?assert(Last >= 118.5 andalso Last < 120 * 1.1 + 20, Last),
+    %% ... with the same delay: a probe of the restored link measures about
+    %% 120 ms again (polled: one probe delayed by a load spike measures more,
+    %% never less)
+    LastMs = fun() -> maps:get(last_ms, maps:get(rtt, maps:get(<<"c">>, maps:get(peers, topology(PA))))) end,
+    try wait_until(fun() -> L = LastMs(), L >= 118.5 andalso L < 120 * 1.1 + 20 end, 30000, same_delay)
+    catch exit:_ -> ?assertEqual(in_range, LastMs())
+    end,
+    ?assert(LastMs() >= 118.5),
     %% the moved session stays where it was moved
     ?assertEqual(Moved, peer:call(PA, dspex_region, route_session, [<<"s_flap">>, #{}])),
     %% telemetry: down, then up, for the link to c only
