@@ -544,8 +544,10 @@ handle_info(failover_tick, #{name := Me} = C) ->
     %% sessions replicated into this region whose primary region has been
     %% unreachable for region_failover_ms, and whose first healthy backup is
     %% this region: taken over here
+    %% (only with a majority of the regions reachable from here, this one
+    %% counted: two backups cut off from each other cannot both take over)
     _ = [failover(S, #{}, C)
-         || S <- maps:keys(dspex_region_receiver:sessions()),
+         || majority(C), S <- maps:keys(dspex_region_receiver:sessions()),
             #{primary_region := P, backup_regions := Bs} <- [decision(S)],
             P =/= Me, not healthy(P), failed(P),
             lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me],
@@ -554,6 +556,12 @@ handle_info(failover_tick, #{name := Me} = C) ->
 handle_info(_, C) -> {noreply, C}.
 
 failover_tick_ms(#{region_failover_ms := F}) -> max(100, F div 4).
+
+%% A strict majority of all the regions (this one and its peers) is this
+%% one plus the peers whose link is up.
+majority(#{peers := Peers}) ->
+    Up = length([N || #{name := N} <- Peers, healthy(N)]),
+    2 * (Up + 1) > length(Peers) + 1.
 
 record(Session, D, Reason) ->
     ets:insert(?SESSIONS, {Session, D}),
@@ -568,17 +576,25 @@ record(Session, D, Reason) ->
 %% dspex_region_receiver); a session without backups is routed afresh.
 failover(Session, Opts, #{name := Me} = C) ->
     Old = decision(Session),
-    D = case Old of
-            #{backup_regions := Bs} ->
-                case [B || B <- Bs, healthy(B)] of
-                    [New | Rest] ->
-                        Old#{primary_region => New, backup_regions => Rest, policy => failover,
-                             decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(Old) + 1};
-                    [] -> (decide(Opts, C))#{region_epoch => region_epoch(Old) + 1}
-                end;
-            _ -> decide(Opts, C)
+    D0 = case Old of
+             #{backup_regions := Bs} ->
+                 case [B || B <- Bs, healthy(B)] of
+                     [New | Rest] ->
+                         Old#{primary_region => New, backup_regions => Rest, policy => failover,
+                              decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(Old) + 1};
+                     [] -> (decide(Opts, C))#{region_epoch => region_epoch(Old) + 1}
+                 end;
+             _ -> decide(Opts, C)
+         end,
+    %% taking over a session replicated here needs a majority of the regions
+    %% (this one counted) reachable from here; without one the decision stays
+    %% (the primary may be alive on the other side of a partition)
+    D = case is_map(Old) andalso maps:get(primary_region, D0) =:= Me andalso ets:member(dspex_region_applied, Session)
+             andalso not majority(C) of
+            true -> Old;
+            false -> D0
         end,
-    _ = record(Session, D, failover),
+    _ = D =/= Old andalso record(Session, D, failover),
     %% this region's copy is at the new region epoch: the old primary's later
     %% changes are refused here too
     _ = maps:get(primary_region, D) =:= Me andalso dspex_region_receiver:took_over(Session, region_epoch(D)),

@@ -15,6 +15,7 @@
 -export([measured_rtt_matches_the_injected_delay/1, routes_to_the_nearest_region_by_coordinates/1,
          routes_to_the_lowest_measured_rtt_without_coordinates/1,
          a_link_flap_is_reported_down_then_up_and_probes_resume/1,
+         a_backup_cut_off_from_the_majority_does_not_take_over/1,
          topology_and_prometheus_report_every_link/1]).
 -export([async_replication_converges_in_order_with_lag_bounded/1,
          a_session_routed_after_its_creation_is_copied_whole/1,
@@ -53,6 +54,7 @@ replication_cases() ->
      move_session_moves_the_primary_and_the_old_one_refuses_writes,
      late_changes_of_the_old_primary_are_fenced_and_reported,
      an_unreachable_primary_region_fails_over_to_its_first_backup,
+     a_backup_cut_off_from_the_majority_does_not_take_over,
      %% last: region a is gone after it
      sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region].
 
@@ -534,6 +536,43 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
     ?assert(lists:any(fun({[dspex, region, replication, fenced], _, #{session := S1}}) -> S1 =:= S; (_) -> false end,
                       peer:call(PC, ?MODULE, collector_get, []))
             orelse maps:get(fenced, applied(PB, S)) >= 1).
+
+%% b, a's first backup, is cut off from a and from c: a is unreachable from b
+%% for longer than region_failover_ms, but b alone is no majority of the
+%% three regions, so it does not take over (a is still the primary, and c
+%% still reaches it); after the heal b follows a again, nothing fenced.
+a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxies = ?config(proxies, Config),
+    Cut = [maps:get(XY, Proxies) || XY <- [{a, b}, {b, a}, {b, c}, {c, b}]],
+    S = <<"r_minority">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    [ok = dspex_region_proxy:drop(P) || P <- Cut],
+    try
+        %% from b, a has been down for more than region_failover_ms (1 s)
+        DownFor = fun(R) ->
+                          #{status := St, since := Since} = maps:get(R, maps:get(peers, topology(PB))),
+                          St =:= down andalso erlang:system_time(millisecond) - Since > 1000
+                  end,
+        ok = wait_until(fun() -> DownFor(<<"a">>) andalso DownFor(<<"c">>) end, 20000, b_isolated),
+        %% asked to route the session, b keeps a as its primary (without
+        %% the majority rule it took the session over here, region epoch 1)
+        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, route_session, [S, #{}])),
+        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, decision, [S])),
+        ?assertEqual(0, maps:get(region_epoch, applied(PB, S))),
+        %% a goes on taking writes, replicated to c
+        [{ok, _} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 3)],
+        ok = wait_until(fun() -> converged(PA, [PC], S) end, 20000, c_follows_a)
+    after
+        [dspex_region_proxy:restore(P) || P <- Cut]
+    end,
+    %% healed: b catches up with a's writes, none of them refused
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, b_catches_up),
+    ?assertEqual(0, maps:get(fenced, applied(PB, S))),
+    ?assertMatch({ok, #{value := 3}}, peer:call(PB, dspex_store, get, [S, <<"k">>])).
 
 sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),
