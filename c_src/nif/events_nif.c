@@ -977,6 +977,70 @@ DX_NIF(nif_events_read) {
     return enif_make_tuple2(env, ATOM_ok, rev);
 }
 
+/* ---- events_replay: the lean read of state_at and the snapshotter ----------------------------------------
+ * Only what rebuilding a session's state needs: the events of the types that change it, as
+ * {Sequence, TimestampUs, Type, Data}, in sequence order. The others (locks, access denials, batch markers,
+ * applications' events) are skipped without building a term, and no event's id, session, node or metadata is
+ * decoded: events_read/1 builds all of that for every row, which was most of the snapshotter's CPU. */
+static const char *const STATE_TYPES[6] = {"session_created", "session_deleted", "variable_registered",
+                                           "variable_updated", "variable_deleted", "variable_rolled_back"};
+
+static int state_type(const char *t, size_t n) {
+    for (int i = 0; i < 6; i++)
+        if (strlen(STATE_TYPES[i]) == n && !memcmp(STATE_TYPES[i], t, n)) return i + 1;
+    return 0;
+}
+
+typedef struct {
+    ErlNifEnv *env;
+    ERL_NIF_TERM list;
+    uint64_t scanned, last_seq, mark;
+} replay_ctx;
+
+static int replay_cb(void *ctx, const dx_ev_rec *r) {
+    replay_ctx *c = ctx;
+    c->scanned++;
+    c->last_seq = r->sequence;
+    int st = state_type(r->type, r->type_len);
+    if (!st && !(c->mark && r->sequence % c->mark == 0)) return 0;
+    ERL_NIF_TERM e = enif_make_tuple4(c->env, enif_make_uint64(c->env, r->sequence), enif_make_int64(c->env, r->ts_us),
+                                      type_term(c->env, r->type, r->type_len),
+                                      st ? dx_blob_to_term(c->env, r->data, r->data_len, ATOM_undefined) : ATOM_undefined);
+    c->list = enif_make_list_cell(c->env, e, c->list);
+    return 0;
+}
+
+/* events_replay(Session, SeqFrom, SeqTo, TsTo, Limit, Mark) -> {ok, [{Seq, Ts, Type, Data}], Scanned, LastSeq}
+ * (dirty I/O): the session's events with SeqFrom =< sequence (=< SeqTo unless 0) (and timestamp =< TsTo unless
+ * 0), at most Limit (1..100,000) rows scanned, in sequence order; Scanned rows were read, LastSeq is the last
+ * one's sequence (0: none). Listed: those of the types that change the state, and (Mark > 0) the others whose
+ * sequence is a multiple of Mark, with Data `undefined' (the snapshotter stores a snapshot there). */
+DX_NIF(nif_events_replay) {
+    ErlNifBinary sid;
+    ErlNifUInt64 from, to, lim, mark;
+    ErlNifSInt64 tsto;
+    if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0 || !enif_get_uint64(env, argv[1], &from) ||
+        !enif_get_uint64(env, argv[2], &to) || !enif_get_int64(env, argv[3], &tsto) || tsto < 0 ||
+        !enif_get_uint64(env, argv[4], &lim) || lim == 0 || lim > MAX_READ || !enif_get_uint64(env, argv[5], &mark))
+        return enif_make_badarg(env);
+    dx_ev_query q = {0};
+    q.session = (const char *)sid.data;
+    q.session_len = sid.size;
+    q.seq_from = from;
+    q.seq_to = to;
+    q.ts_to = tsto;
+    q.limit = lim;
+    replay_ctx c = {env, enif_make_list(env, 0), 0, 0, mark};
+    char err[256];
+    pthread_mutex_lock(&g_rd_mu);
+    int rc = g_rd ? g_ops->query(g_rd, &q, replay_cb, &c, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
+    pthread_mutex_unlock(&g_rd_mu);
+    if (rc) return es_error(env, err);
+    ERL_NIF_TERM rev;
+    enif_make_reverse_list(env, c.list, &rev);
+    return enif_make_tuple4(env, ATOM_ok, rev, enif_make_uint64(env, c.scanned), enif_make_uint64(env, c.last_seq));
+}
+
 DX_NIF(nif_events_stats) {
     atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
