@@ -474,7 +474,8 @@ unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
 %% that point (`format', `id', `metadata', `ttl', `created_at', `variables'
 %% with values, versions and histories; the Erlang-side extras of
 %% `dspex_store:export_session/1' are not part of it). Built from the latest
-%% snapshot at or before the point plus the events after it.
+%% snapshot at or before the point plus the events after it, read with the
+%% lean `dspex_nif:events_replay/6' (only the events that change the state).
 -spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
 state_at(Session, Point) when is_binary(Session) ->
     case replay_to(Session, Point) of
@@ -939,6 +940,10 @@ deliver(Ref, #{subs := Subs, last := Last} = St) ->
 %% The snapshot process: for every session that reached a multiple of
 %% snapshot_every, replays from its latest snapshot and stores a snapshot at
 %% every multiple on the way (notices that arrive while it works are merged).
+%% The replay reads only the events that change the state, plus those on a
+%% multiple of snapshot_every without their data (see `replay_pages/7'), and
+%% keeps histories newest first (see `apply_event/3'); a snapshot holds the
+%% stored form (`to_state/1'), the same term as before these were made lean.
 snapshotter(Every) ->
     receive
         {dspex_events_snapshot_due, Due} ->
