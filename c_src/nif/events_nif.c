@@ -985,6 +985,8 @@ DX_NIF(nif_events_read) {
 static const char *const STATE_TYPES[6] = {"session_created", "session_deleted", "variable_registered",
                                            "variable_updated", "variable_deleted", "variable_rolled_back"};
 
+static ERL_NIF_TERM A_state_types[6];
+
 static int state_type(const char *t, size_t n) {
     for (int i = 0; i < 6; i++)
         if (strlen(STATE_TYPES[i]) == n && !memcmp(STATE_TYPES[i], t, n)) return i + 1;
@@ -1202,7 +1204,7 @@ static int replay_cb(void *ctx, const dx_ev_rec *r) {
     int st = state_type(r->type, r->type_len);
     if (!st && !(c->mark && r->sequence % c->mark == 0)) return 0;
     ERL_NIF_TERM e = enif_make_tuple4(c->env, enif_make_uint64(c->env, r->sequence), enif_make_int64(c->env, r->ts_us),
-                                      type_term(c->env, r->type, r->type_len),
+                                      st ? A_state_types[st - 1] : type_term(c->env, r->type, r->type_len),
                                       st ? fast_blob_to_term(c->env, r->data, r->data_len, ATOM_undefined) : ATOM_undefined);
     c->list = enif_make_list_cell(c->env, e, c->list);
     return 0;
@@ -1432,6 +1434,7 @@ int dx_events_init(ErlNifEnv *env) {
 #undef A
     for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
     fd_init(env);
+    for (int i = 0; i < 6; i++) A_state_types[i] = enif_make_atom(env, STATE_TYPES[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))
         return -1;
     dx_store_set_event_hook(ev_hook);
