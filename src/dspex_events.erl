@@ -564,8 +564,8 @@ cut(X) -> X.
 from_var(#{history := H} = V) -> {V, length(H), lists:reverse(H)}.
 
 to_var({V, C, R}) ->
-    L = maps:get(history_limit, V),
-    V#{history := lists:reverse(case C > L of
+    L = maps:get(history_limit, V, C),
+    V#{history := lists:reverse(case is_integer(L) andalso C > L of
                                     true -> lists:sublist(R, max(L, 0));
                                     false -> R
                                 end)}.
