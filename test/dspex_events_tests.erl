@@ -539,8 +539,8 @@ snapshot_at_every_multiple_equals_export() ->
         dspex_events:state_at(S, {sequence, Last}),
     ?assertEqual(3, length(HX)).
 
-%% The replay's own decoder of the event data gives what binary_to_term/1
-%% gives, for every kind of term (those it leaves to the VM included: pids,
+%% The NIF's own decoder of the event data (the replay's, and read/2's data
+%% and metadata) gives what binary_to_term/1 gives, for every kind of term (those it leaves to the VM included: pids,
 %% references, funs, bit strings, big integers beyond 64 bits, non-ASCII
 %% atoms, deep nesting).
 replay_decodes_data_as_binary_to_term() ->
@@ -564,14 +564,16 @@ replay_decodes_data_as_binary_to_term() ->
                       begin
                           S1 = sid(),
                           {ok, _} = dspex_events:append(S1, variable_registered, T, #{}),
-                          {ok, _} = dspex_events:append(S1, note, T, #{}),
+                          {ok, _} = dspex_events:append(S1, note, T, #{extra => T}),
                           settle(),
+                          %% read/2 decodes data and metadata the same way
+                          {ok, [#{data := RD, metadata := #{extra := RM}}]} = dspex_events:read(S1, #{types => [note]}),
                           %% the other type is listed at a multiple of Mark only, without its data
                           {ok, R1, 2, 2} = dspex_nif:events_replay(S1, 1, 0, 0, 10, 0),
                           {ok, R2, 2, 2} = dspex_nif:events_replay(S1, 1, 0, 0, 10, 2),
                           [{1, _, variable_registered, D1}] = R1,
                           [{1, _, variable_registered, D1}, {2, _, note, undefined}] = R2,
-                          D1 =:= T
+                          D1 =:= T andalso RD =:= T andalso RM =:= T
                       end), [{numtests, 200}, {to_file, user}])).
 
 audit_trail_summary() ->

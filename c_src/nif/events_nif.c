@@ -875,9 +875,11 @@ static ERL_NIF_TERM type_term(ErlNifEnv *env, const char *p, size_t n) {
     return dx_make_bin(env, p, n);
 }
 
+static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t len, ERL_NIF_TERM dflt);
+
 /* #{id, type, session, sequence, position, data, metadata, timestamp} */
 static ERL_NIF_TERM event_term(ErlNifEnv *env, const dx_ev_rec *r) {
-    ERL_NIF_TERM meta = dx_blob_to_term(env, r->meta, r->meta_len, enif_make_new_map(env));
+    ERL_NIF_TERM meta = fast_blob_to_term(env, r->meta, r->meta_len, enif_make_new_map(env));
     if (!enif_is_map(env, meta)) meta = enif_make_new_map(env);
     enif_make_map_put(env, meta, A_node, bytes_or_undefined(env, r->node, r->node_len), &meta);
     ERL_NIF_TERM pv;
@@ -885,7 +887,7 @@ static ERL_NIF_TERM event_term(ErlNifEnv *env, const dx_ev_rec *r) {
         enif_make_map_put(env, meta, A_principal, bytes_or_undefined(env, r->principal, r->principal_len), &meta);
     if (!enif_get_map_value(env, meta, A_request_id, &pv)) enif_make_map_put(env, meta, A_request_id, ATOM_undefined, &meta);
     enif_make_map_put(env, meta, ATOM_changed_by,
-                      dx_blob_to_term(env, (const uint8_t *)r->changed_by, r->changed_by_len, ATOM_undefined), &meta);
+                      fast_blob_to_term(env, (const uint8_t *)r->changed_by, r->changed_by_len, ATOM_undefined), &meta);
     if (r->variable_len) enif_make_map_put(env, meta, A_variable, dx_make_bin(env, r->variable, r->variable_len), &meta);
     ERL_NIF_TERM k[8] = {ATOM_id, ATOM_type, A_session, A_sequence, A_position, ATOM_data, ATOM_metadata, A_timestamp};
     ERL_NIF_TERM v[8] = {dx_make_bin(env, r->id, strlen(r->id)),
@@ -893,7 +895,7 @@ static ERL_NIF_TERM event_term(ErlNifEnv *env, const dx_ev_rec *r) {
                          dx_make_bin(env, r->session, r->session_len),
                          enif_make_uint64(env, r->sequence),
                          enif_make_uint64(env, r->position),
-                         dx_blob_to_term(env, r->data, r->data_len, ATOM_undefined),
+                         fast_blob_to_term(env, r->data, r->data_len, ATOM_undefined),
                          meta,
                          enif_make_int64(env, r->ts_us)};
     return map_of(env, k, v, 8);
@@ -993,7 +995,7 @@ static int state_type(const char *t, size_t n) {
     return 0;
 }
 
-/* A decoder of the external term format for the replay: what binary_to_term(B, [safe]) makes of the event data
+/* A decoder of the external term format for the log's reads: what binary_to_term(B, [safe]) makes of the event data
  * the log holds (maps, atoms, integers, floats, binaries, lists, tuples), with the atoms looked up in a small
  * per-thread cache instead of the VM's atom table (its lock and hash were a third of a replayed event's
  * decoding). Anything else (pids, references, funs, compressed or foreign terms, a big integer beyond 64 bits, a
@@ -1013,7 +1015,8 @@ static const char *const FD_NAMES[] = {
     "previous", "type", "constraints", "created_at", "history_limit", "history", "derived", "ttl", "reason",
     "members", "true", "false", "undefined", "infinity", "nan", "neg_infinity", "float", "integer", "string",
     "boolean", "choice", "module", "embedding", "tensor", "deleted", "expired", "migrated", "min", "max",
-    "choices", "dimensions", "shape", "pattern", "min_length", "max_length", "nil", "null"};
+    "choices", "dimensions", "shape", "pattern", "min_length", "max_length", "nil", "null", "node", "principal",
+    "request_id", "variable", "session", "vars", "format", "dspex_session_v1"};
 
 static uint32_t fd_hash(const uint8_t *t, size_t n) {
     uint32_t h = 2166136261u;
@@ -1181,7 +1184,8 @@ static int fd_term(fd_in *d, ERL_NIF_TERM *out, int depth) {
     }
 }
 
-/* binary_to_term(Blob, [safe]), or dflt when empty or not decodable: the cached-atom decoder first. */
+/* binary_to_term(Blob, [safe]), or dflt when empty or not decodable: the cached-atom decoder first (the
+ * replay's data, and every event's data and metadata that events_read/1 returns, and snapshots). */
 static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t len, ERL_NIF_TERM dflt) {
     if (len >= 2 && p[0] == 131) {
         fd_in d = {env, p + 1, p + len};
@@ -1299,7 +1303,7 @@ typedef struct {
 static int snap_cb(void *ctx, const dx_ev_snapshot *s) {
     snap_ctx *c = ctx;
     c->r = enif_make_tuple4(c->env, ATOM_ok, enif_make_uint64(c->env, s->sequence), enif_make_int64(c->env, s->ts_us),
-                            dx_blob_to_term(c->env, s->blob, s->blob_len, ATOM_undefined));
+                            fast_blob_to_term(c->env, s->blob, s->blob_len, ATOM_undefined));
     return 0;
 }
 
