@@ -7,7 +7,10 @@
 %%   3. `async' sustained ingest (events/s from the commit path, until durable);
 %%   4. set/3 with the log on vs off (one process, below saturation: bursts of
 %%      1,000 sets, each followed by an untimed wait for the log);
-%%   5. state_at of a session with 1,000,000 events (snapshots every 100).
+%%   5. state_at of a session with 1,000,000 events (snapshots every 100);
+%%   6. the whole VM's CPU time per event (erlang:statistics(runtime): schedulers,
+%%      dirty schedulers, the writer thread) of 300,000 set/3 with snapshots every
+%%      100 events and without (snapshot_every 1e9): what the snapshotter costs.
 -module(dspex_events_bench).
 -export([main/0, pg/0]).
 
@@ -15,9 +18,9 @@
 
 main() ->
     Root = "_build/bench/events",
-    %% DX_EVENTS_BENCH=sync,async,append,set,state_at runs only those parts (default: all)
+    %% DX_EVENTS_BENCH=sync,async,append,set,state_at,snapshots runs only those parts (default: all)
     Parts = case os:getenv("DX_EVENTS_BENCH") of
-                false -> [sync, async, append, set, state_at];
+                false -> [sync, async, append, set, state_at, snapshots];
                 P -> [list_to_atom(X) || X <- string:lexemes(P, ",")]
             end,
     io:format("~ndspex_events benchmark (~p schedulers, dir ~s)~n", [erlang:system_info(schedulers_online), Root]),
@@ -44,7 +47,12 @@ run(set, Root) ->
 run(state_at, Root) ->
     {{Build, Worst, Avg}, _} = with_log(Root, "state_at", #{}, fun() -> state_at_bench(1000000) end),
     io:format("  state_at on 1,000,000 events (built in ~.1f s): worst ~.1f ms, mean ~.1f ms over 50 points "
-              "(goal <= 100 ms)~n", [Build, Worst, Avg]).
+              "(goal <= 100 ms)~n", [Build, Worst, Avg]);
+run(snapshots, Root) ->
+    {With, _} = with_log(Root, "snap100", #{snapshot_every => 100}, fun() -> snapshot_cpu(300) end),
+    {Without, _} = with_log(Root, "snapoff", #{snapshot_every => 1000000000}, fun() -> snapshot_cpu(300) end),
+    io:format("  VM CPU per set/3 event, 300,000 in chunks of 1,000 (each awaited): snapshots every 100 ~.2f us, "
+              "none ~.2f us: the snapshotter ~.2f us per event~n", [With, Without, With - Without]).
 
 %% `make bench-events-pg': the same sync comparison on PostgreSQL (synchronous_commit = on), conninfo in
 %% DX_EVENTS_PG_URL; the server's own fsyncs are its business (the throwaway server's data is on this disk).
@@ -87,7 +95,7 @@ with_log(Root, Name, Env, F) ->
     _ = os:cmd("rm -rf " ++ Dir),
     _ = application:stop(dspex_bridge),
     _ = application:load(dspex_bridge),
-    Defaults = #{event_dir => Dir, event_log => true, event_max_batch => 8192, event_gather_us => 0,
+    Defaults = #{event_dir => Dir, event_log => true, event_max_batch => 8192, event_gather_us => 0, snapshot_every => 100,
                  event_backend => sqlite, grpc_enabled => false,
                  prometheus_enabled => false, metrics_handlers => false},
     maps:foreach(fun(K, V) -> application:set_env(dspex_bridge, K, V) end, maps:merge(Defaults, Env)),
@@ -178,6 +186,17 @@ set_rate(N) ->
 %% 1,000,000 events in one session (sets of 10 variables), then state_at at 50
 %% random sequences; each result is checked against the replay from the start
 %% for the last point (equal to the export taken then).
+%% CPU time of the whole VM per event: Chunks x 1,000 set/3 of one variable, each chunk awaited
+%% (durable), then every snapshot due stored.
+snapshot_cpu(Chunks) ->
+    {ok, _} = dspex_store:register(?SID, x, integer, 0),
+    {R0, _} = erlang:statistics(runtime),
+    [begin set_loop(x, 1000), ok = dspex_events:await() end || _ <- lists:seq(1, Chunks)],
+    _ = sys:get_state(dspex_events),
+    ok = dspex_events:snapshots_sync(),
+    {R1, _} = erlang:statistics(runtime),
+    (R1 - R0) * 1000 / (Chunks * 1000).
+
 state_at_bench(N) ->
     Vars = [integer_to_binary(I) || I <- lists:seq(1, 10)],
     [{ok, _} = dspex_store:register(?SID, K, integer, 0, #{history_limit => 5}) || K <- Vars],

@@ -474,7 +474,8 @@ unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
 %% that point (`format', `id', `metadata', `ttl', `created_at', `variables'
 %% with values, versions and histories; the Erlang-side extras of
 %% `dspex_store:export_session/1' are not part of it). Built from the latest
-%% snapshot at or before the point plus the events after it.
+%% snapshot at or before the point plus the events after it, read with the
+%% lean `dspex_nif:events_replay/6' (only the events that change the state).
 -spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
 state_at(Session, Point) when is_binary(Session) ->
     case replay_to(Session, Point) of
@@ -498,47 +499,83 @@ replay_to(Session, Point) ->
             end
     end.
 
-replay(Session, State0, FromSeq, MaxSeq, MaxTs) ->
-    Q = maps:from_list([{session, Session}, {seq_from, FromSeq + 1}]
-                       ++ [{seq_to, MaxSeq} || MaxSeq > 0] ++ [{ts_to, MaxTs} || MaxTs > 0]),
-    case fold_pages(Q, fun apply_event/2, State0, forward) of
+replay(Session, Snap, FromSeq, MaxSeq, MaxTs) ->
+    case replay_pages(Session, FromSeq + 1, MaxSeq, MaxTs, 0, from_state(Snap), fun(_, _, St) -> St end) of
         {ok, undefined} -> {error, not_found};
         {ok, deleted} -> {error, not_found};
-        {ok, State} -> {ok, State};
+        {ok, State} -> {ok, to_state(State)};
         Error -> Error
     end.
 
-%% The replay state: #{session := Export-without-variables, vars := #{Name => VarMap}}
-%% (or undefined before session_created, deleted after session_deleted).
-apply_event(#{type := session_created, session := S, data := D}, _) ->
+%% Applies the session's events from sequence `From' (to `To' and time `TsTo'
+%% when not 0) to the replay state, a page of ?PAGE rows per read of the lean
+%% `events_replay' (only the events that change the state, undecoded metadata
+%% never built); `After(Seq, Ts, State)' sees the state after each of them,
+%% and after every other event whose sequence is a multiple of `Mark' (> 0).
+replay_pages(Session, From, To, TsTo, Mark, St0, After) ->
+    case dspex_nif:events_replay(Session, From, To, TsTo, ?PAGE, Mark) of
+        {ok, Evs, Scanned, Last} ->
+            St1 = lists:foldl(fun({Seq, Ts, _, _} = E, St) -> After(Seq, Ts, apply_event(Session, E, St)) end,
+                              St0, Evs),
+            case Scanned < ?PAGE of
+                true -> {ok, St1};
+                false -> replay_pages(Session, Last + 1, To, TsTo, Mark, St1, After)
+            end;
+        Error -> Error
+    end.
+
+%% The replay state: #{session := Export-without-variables, vars := #{Name => {VarMap, Count, RevHistory}}}
+%% (or undefined before session_created, deleted after session_deleted). A
+%% variable's history is kept newest first with its length: an update adds
+%% one element at the head (O(1)), and the list is cut to the last
+%% `history_limit' when it reaches twice that plus 8 (O(1) amortised), where
+%% `H ++ [Previous]' and two `length/1' copied and walked the whole history
+%% every update. `to_state/1' gives the stored form (`history' oldest first,
+%% the last `history_limit' entries: exactly what trimming after every update
+%% left), which is what snapshots hold and `state_at/2' exports.
+apply_event(S, {_, _, session_created, D}, _) ->
     #{session => #{format => dspex_session_v1, id => S, metadata => maps:get(metadata, D, #{}),
                    ttl => maps:get(ttl, D, infinity), created_at => maps:get(created_at, D, 0)},
       vars => #{}};
-apply_event(#{type := session_deleted, data := #{reason := migrated}}, St) ->
+apply_event(_, {_, _, session_deleted, #{reason := migrated}}, St) ->
     %% this node's copy was dropped; the session lives on (see dspex_cluster)
     St;
-apply_event(#{type := session_deleted}, _) -> deleted;
-apply_event(_, St) when not is_map(St) -> St;
-apply_event(#{type := variable_registered, data := #{name := N} = V}, #{vars := Vs} = St) ->
-    St#{vars := Vs#{N => V}};
-apply_event(#{type := T, data := #{name := N} = D}, #{vars := Vs} = St)
+apply_event(_, {_, _, session_deleted, _}, _) -> deleted;
+apply_event(_, _, St) when not is_map(St) -> St;
+apply_event(_, {_, _, variable_registered, #{name := N} = V}, #{vars := Vs} = St) ->
+    St#{vars := Vs#{N => from_var(V)}};
+apply_event(_, {_, _, T, #{name := N} = D}, #{vars := Vs} = St)
   when T =:= variable_updated; T =:= variable_rolled_back ->
     case Vs of
-        #{N := V} ->
-            #{history := H, history_limit := L} = V,
-            H1 = trim(H ++ [maps:get(previous, D)], L),
-            St#{vars := Vs#{N => V#{value := maps:get(value, D), version := maps:get(version, D),
-                                    updated_at := maps:get(updated_at, D),
-                                    metadata := maps:get(metadata, D),
-                                    changed_by := maps:get(changed_by, D), history := H1}}};
+        #{N := {V, C, R}} ->
+            V1 = V#{value := maps:get(value, D), version := maps:get(version, D),
+                    updated_at := maps:get(updated_at, D), metadata := maps:get(metadata, D),
+                    changed_by := maps:get(changed_by, D)},
+            St#{vars := Vs#{N := cut({V1, C + 1, [maps:get(previous, D) | R]})}};
         _ -> St
     end;
-apply_event(#{type := variable_deleted, data := #{name := N}}, #{vars := Vs} = St) ->
+apply_event(_, {_, _, variable_deleted, #{name := N}}, #{vars := Vs} = St) ->
     St#{vars := maps:remove(N, Vs)};
-apply_event(_, St) -> St.
+apply_event(_, _, St) -> St.
 
-trim(H, L) when length(H) > L -> lists:nthtail(length(H) - L, H);
-trim(H, _) -> H.
+cut({#{history_limit := L} = V, C, R}) when is_integer(L), C >= 2 * L + 8 -> {V, L, lists:sublist(R, L)};
+cut(X) -> X.
+
+from_var(#{history := H} = V) -> {V, length(H), lists:reverse(H)}.
+
+to_var({V, C, R}) ->
+    L = maps:get(history_limit, V, C),
+    V#{history := lists:reverse(case is_integer(L) andalso C > L of
+                                    true -> lists:sublist(R, max(L, 0));
+                                    false -> R
+                                end)}.
+
+%% stored form <-> replay state
+from_state(#{vars := Vs} = St) -> St#{vars := maps:map(fun(_, V) -> from_var(V) end, Vs)};
+from_state(St) -> St.
+
+to_state(#{vars := Vs} = St) -> St#{vars := maps:map(fun(_, V) -> to_var(V) end, Vs)};
+to_state(St) -> St.
 
 to_export(#{session := S, vars := Vs}) ->
     S#{variables => [V || {_, V} <- lists:sort(maps:to_list(Vs))]}.
@@ -903,6 +940,10 @@ deliver(Ref, #{subs := Subs, last := Last} = St) ->
 %% The snapshot process: for every session that reached a multiple of
 %% snapshot_every, replays from its latest snapshot and stores a snapshot at
 %% every multiple on the way (notices that arrive while it works are merged).
+%% The replay reads only the events that change the state, plus those on a
+%% multiple of snapshot_every without their data (see `replay_pages/7'), and
+%% keeps histories newest first (see `apply_event/3'); a snapshot holds the
+%% stored form (`to_state/1'), the same term as before these were made lean.
 snapshotter(Every) ->
     receive
         {dspex_events_snapshot_due, Due} ->
@@ -926,13 +967,12 @@ take_snapshots(Session, Due, Every) ->
                          {ok, Seq, _, Snap} -> {Seq, Snap};
                          _ -> {0, undefined}
                      end,
-    Put = fun(#{sequence := N, timestamp := Ts} = E, St) ->
-                  St1 = apply_event(E, St),
-                  _ = N rem Every =:= 0 andalso is_map(St1)
-                      andalso dspex_nif:events_put_snapshot(Session, N, Ts, St1),
-                  St1
+    Put = fun(N, Ts, St) ->
+                  _ = N rem Every =:= 0 andalso is_map(St)
+                      andalso dspex_nif:events_put_snapshot(Session, N, Ts, to_state(St)),
+                  St
           end,
-    _ = From < Due andalso fold_pages(#{session => Session, seq_from => From + 1, seq_to => Due}, Put, State0, forward),
+    _ = From < Due andalso replay_pages(Session, From + 1, Due, 0, Every, from_state(State0), Put),
     ok.
 
 expire(Ts) ->

@@ -20,7 +20,8 @@
 -export([lock_token_floor/1, var_lock/6, lock_list/0]).
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
          events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1,
-         events_seed/1, events_append/5, events_session_delete/2, events_reseed/1]).
+         events_seed/1, events_append/5, events_session_delete/2, events_reseed/1,
+         events_replay/6]).
 -export([sched_stats/0, rawbuf_debug/1]).
 -export([opt_ask/8]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
@@ -168,6 +169,11 @@ events_seed(_Session) -> ?NOT_LOADED.
 events_append(_Session, _Type, _Data, _Meta, _As) -> ?NOT_LOADED.
 events_session_delete(_Session, _Reason) -> ?NOT_LOADED.
 events_reseed(_Session) -> ?NOT_LOADED.
+-spec events_replay(binary(), non_neg_integer(), non_neg_integer(), non_neg_integer(), pos_integer(),
+                    non_neg_integer()) ->
+          {ok, [{pos_integer(), integer(), atom() | binary(), term()}], non_neg_integer(), non_neg_integer()}
+          | {error, {event_store, term()}}.
+events_replay(_Session, _SeqFrom, _SeqTo, _TsTo, _Limit, _Mark) -> ?NOT_LOADED.
 sched_stats() -> ?NOT_LOADED.
 rawbuf_debug(_FailNth) -> ?NOT_LOADED.
 

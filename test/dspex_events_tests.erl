@@ -20,6 +20,8 @@ events_test_() ->
       ?T(slow_subscriber_is_told_and_dropped),
       ?T(state_at_equals_export_for_random_histories),
       ?T(state_at_by_time_and_snapshots),
+      ?T(snapshot_at_every_multiple_equals_export),
+      ?T(replay_decodes_data_as_binary_to_term),
       ?T(audit_trail_summary),
       ?T(archive_round_trip),
       ?T(erlang_side_events),
@@ -492,6 +494,88 @@ state_at_by_time_and_snapshots() ->
     ?assertEqual({ok, E1}, dspex_events:state_at(S, {time, T})),
     ?assertEqual({error, not_found}, dspex_events:state_at(<<"no_such_session">>, {sequence, 3})).
 
+%% Every multiple of snapshot_every (10 here) gets a snapshot, also where the
+%% event there does not change the state (an application's event), and each
+%% equals the export taken right after that event, with histories cut to
+%% their limit many times over (history_limit 3, 60 updates of one variable).
+snapshot_at_every_multiple_equals_export() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0, #{history_limit => 3}),
+    {ok, _} = dspex_store:register(S, y, string, <<"a">>, #{history_limit => 0}),
+    Seq = fun() -> dspex_nif:events_session_seq(S) end,
+    Step = fun(I) ->
+                   %% the event before a multiple of 10 is followed by an application's event
+                   case (Seq() + 1) rem 10 of
+                       0 -> {ok, _} = dspex_events:append(S, note, #{i => I}, #{});
+                       _ when I rem 3 =:= 0 -> {ok, _} = dspex_store:set(S, y, integer_to_binary(I));
+                       _ -> {ok, _} = dspex_store:set(S, x, I, #{changed_by => {step, I}})
+                   end,
+                   {ok, E} = dspex_nif:export_session(S),
+                   {Seq(), E}
+           end,
+    Exports = [Step(I) || I <- lists:seq(1, 90)],
+    settle(),
+    Last = Seq(),
+    {ok, Evs} = dspex_events:read(S, #{limit => 1000}),
+    Ts = maps:from_list([{N, T} || #{sequence := N, timestamp := T} <- Evs]),
+    Notes = [N || #{sequence := N, type := note} <- Evs],
+    ?assert(length(Notes) >= 5),
+    ?assert(lists:all(fun(N) -> N rem 10 =:= 0 end, Notes)),
+    Multiples = [K || K <- lists:seq(10, Last, 10)],
+    ?assertEqual(Last div 10, length(Multiples)),
+    lists:foreach(
+      fun(K) ->
+              {ok, K, TsK, Snap} = dspex_nif:events_latest_snapshot(S, K, 0),
+              ?assertEqual(maps:get(K, Ts), TsK),
+              #{session := Sess, vars := Vs} = Snap,
+              Export = Sess#{variables => [V || {_, V} <- lists:sort(maps:to_list(Vs))]},
+              {K, Expected} = lists:keyfind(K, 1, Exports),
+              ?assertEqual({K, Expected}, {K, Export}),
+              ?assertEqual({ok, Expected}, dspex_events:state_at(S, {sequence, K}))
+      end, [K || K <- Multiples, lists:keymember(K, 1, Exports)]),
+    %% the last variable state went through many cuts of its history
+    {ok, #{variables := [#{name := <<"x">>, history := HX}, #{name := <<"y">>, history := []}]}} =
+        dspex_events:state_at(S, {sequence, Last}),
+    ?assertEqual(3, length(HX)).
+
+%% The NIF's own decoder of the event data (the replay's, and read/2's data
+%% and metadata) gives what binary_to_term/1 gives, for every kind of term (those it leaves to the VM included: pids,
+%% references, funs, bit strings, big integers beyond 64 bits, non-ASCII
+%% atoms, deep nesting).
+replay_decodes_data_as_binary_to_term() ->
+    S = sid(),
+    Deep = lists:foldl(fun(_, A) -> [A] end, x, lists:seq(1, 100)),
+    Fixed = [0, 255, 256, -1, 1 bsl 31, -(1 bsl 31), 1 bsl 32, (1 bsl 63) - 1, -(1 bsl 63), 1 bsl 63, (1 bsl 64) - 1,
+             1 bsl 64, -(1 bsl 64), 1 bsl 200, 0.0, -0.0, 1.5, -2.5e300, <<>>, <<"abc">>, <<1:3>>, [], "abc",
+             [1 | 2], {}, {a, b}, list_to_tuple(lists:seq(1, 300)), #{}, #{a => 1, <<"b">> => [c]},
+             maps:from_list([{I, I} || I <- lists:seq(1, 40)]), true, false, undefined, 'ä', 'a b', self(),
+             make_ref(), fun() -> ok end, fun lists:map/2, Deep, lists:seq(1, 1000), #{value => 1, version => 2,
+             previous => #{changed_by => undefined, metadata => #{}, updated_at => 1, value => 0, version => 1}}],
+    [{ok, _} = dspex_events:append(S, variable_updated, T, #{}) || T <- Fixed],
+    settle(),
+    {ok, Rows, Scanned, LastSeq} = dspex_nif:events_replay(S, 1, 0, 0, 100000, 0),
+    ?assertEqual(length(Fixed), Scanned),
+    ?assertEqual(length(Fixed), LastSeq),
+    lists:foreach(fun({T, {_, _, variable_updated, D}}) -> ?assertEqual(T, D), ?assert(T =:= D) end,
+                  lists:zip(Fixed, Rows)),
+    ?assert(proper:quickcheck(
+              ?FORALL(T, proper_types:any(),
+                      begin
+                          S1 = sid(),
+                          {ok, _} = dspex_events:append(S1, variable_registered, T, #{}),
+                          {ok, _} = dspex_events:append(S1, note, T, #{extra => T}),
+                          settle(),
+                          %% read/2 decodes data and metadata the same way
+                          {ok, [#{data := RD, metadata := #{extra := RM}}]} = dspex_events:read(S1, #{types => [note]}),
+                          %% the other type is listed at a multiple of Mark only, without its data
+                          {ok, R1, 2, 2} = dspex_nif:events_replay(S1, 1, 0, 0, 10, 0),
+                          {ok, R2, 2, 2} = dspex_nif:events_replay(S1, 1, 0, 0, 10, 2),
+                          [{1, _, variable_registered, D1}] = R1,
+                          [{1, _, variable_registered, D1}, {2, _, note, undefined}] = R2,
+                          D1 =:= T andalso RD =:= T andalso RM =:= T
+                      end), [{numtests, 200}, {to_file, user}])).
+
 audit_trail_summary() ->
     S = sid(),
     {ok, _} = dspex_store:create_session(S),
@@ -551,6 +635,11 @@ bad_arguments_are_errors() ->
     ?assertError(badarg, dspex_nif:events_append(<<"s">>, <<>>, x, #{})),
     ?assertEqual({error, {invalid_argument, since}}, dspex_events:read(<<"s">>, #{since => {bad, 1}})),
     ?assertError(badarg, dspex_nif:events_read(#{types => [{not_a_type}]})),
+    ?assertError(badarg, dspex_nif:events_replay(<<>>, 1, 0, 0, 10, 0)),
+    ?assertError(badarg, dspex_nif:events_replay(<<"s">>, 1, 0, 0, 0, 0)),
+    ?assertError(badarg, dspex_nif:events_replay(<<"s">>, 1, 0, -1, 10, 0)),
+    ?assertError(badarg, dspex_nif:events_replay(<<"s">>, 1, 0, 0, 100001, 0)),
+    ?assertError(badarg, dspex_nif:events_replay(<<"s">>, -1, 0, 0, 10, 0)),
     ?assertMatch({error, {event_store, already_open}},
                  dspex_nif:events_open(#{backend => sqlite, target => <<"/tmp/x.db">>})),
     ?assertMatch({error, {event_store, {backend, nope}}},

@@ -875,9 +875,11 @@ static ERL_NIF_TERM type_term(ErlNifEnv *env, const char *p, size_t n) {
     return dx_make_bin(env, p, n);
 }
 
+static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t len, ERL_NIF_TERM dflt);
+
 /* #{id, type, session, sequence, position, data, metadata, timestamp} */
 static ERL_NIF_TERM event_term(ErlNifEnv *env, const dx_ev_rec *r) {
-    ERL_NIF_TERM meta = dx_blob_to_term(env, r->meta, r->meta_len, enif_make_new_map(env));
+    ERL_NIF_TERM meta = fast_blob_to_term(env, r->meta, r->meta_len, enif_make_new_map(env));
     if (!enif_is_map(env, meta)) meta = enif_make_new_map(env);
     enif_make_map_put(env, meta, A_node, bytes_or_undefined(env, r->node, r->node_len), &meta);
     ERL_NIF_TERM pv;
@@ -885,7 +887,7 @@ static ERL_NIF_TERM event_term(ErlNifEnv *env, const dx_ev_rec *r) {
         enif_make_map_put(env, meta, A_principal, bytes_or_undefined(env, r->principal, r->principal_len), &meta);
     if (!enif_get_map_value(env, meta, A_request_id, &pv)) enif_make_map_put(env, meta, A_request_id, ATOM_undefined, &meta);
     enif_make_map_put(env, meta, ATOM_changed_by,
-                      dx_blob_to_term(env, (const uint8_t *)r->changed_by, r->changed_by_len, ATOM_undefined), &meta);
+                      fast_blob_to_term(env, (const uint8_t *)r->changed_by, r->changed_by_len, ATOM_undefined), &meta);
     if (r->variable_len) enif_make_map_put(env, meta, A_variable, dx_make_bin(env, r->variable, r->variable_len), &meta);
     ERL_NIF_TERM k[8] = {ATOM_id, ATOM_type, A_session, A_sequence, A_position, ATOM_data, ATOM_metadata, A_timestamp};
     ERL_NIF_TERM v[8] = {dx_make_bin(env, r->id, strlen(r->id)),
@@ -893,7 +895,7 @@ static ERL_NIF_TERM event_term(ErlNifEnv *env, const dx_ev_rec *r) {
                          dx_make_bin(env, r->session, r->session_len),
                          enif_make_uint64(env, r->sequence),
                          enif_make_uint64(env, r->position),
-                         dx_blob_to_term(env, r->data, r->data_len, ATOM_undefined),
+                         fast_blob_to_term(env, r->data, r->data_len, ATOM_undefined),
                          meta,
                          enif_make_int64(env, r->ts_us)};
     return map_of(env, k, v, 8);
@@ -977,6 +979,272 @@ DX_NIF(nif_events_read) {
     return enif_make_tuple2(env, ATOM_ok, rev);
 }
 
+/* ---- events_replay: the lean read of state_at and the snapshotter ----------------------------------------
+ * Only what rebuilding a session's state needs: the events of the types that change it, as
+ * {Sequence, TimestampUs, Type, Data}, in sequence order. The others (locks, access denials, batch markers,
+ * applications' events) are skipped without building a term, and no event's id, session, node or metadata is
+ * decoded: events_read/1 builds all of that for every row, which was most of the snapshotter's CPU. */
+static const char *const STATE_TYPES[6] = {"session_created", "session_deleted", "variable_registered",
+                                           "variable_updated", "variable_deleted", "variable_rolled_back"};
+
+static ERL_NIF_TERM A_state_types[6];
+
+static int state_type(const char *t, size_t n) {
+    for (int i = 0; i < 6; i++)
+        if (strlen(STATE_TYPES[i]) == n && !memcmp(STATE_TYPES[i], t, n)) return i + 1;
+    return 0;
+}
+
+/* A decoder of the external term format for the log's reads: what binary_to_term(B, [safe]) makes of the event data
+ * the log holds (maps, atoms, integers, floats, binaries, lists, tuples), with the atoms looked up in a small
+ * per-thread cache instead of the VM's atom table (its lock and hash were a third of a replayed event's
+ * decoding). Anything else (pids, references, funs, compressed or foreign terms, a big integer beyond 64 bits, a
+ * non-ASCII atom, nesting deeper than 64) returns 0 and the caller takes enif_binary_to_term, so the result is
+ * always the same term. */
+#define FD_ATOMS 128 /* a power of 2, over twice FD_NAMES */
+typedef struct {
+    uint8_t len; /* 0: empty slot */
+    char text[31];
+    ERL_NIF_TERM atom;
+} fd_atom;
+/* The atoms of the state-changing events' data (keys and atom values), made at load and read-only after:
+ * no lock. Others are looked up in the VM's table (existing atoms only, as binary_to_term(B, [safe])). */
+static fd_atom g_fd_atoms[FD_ATOMS];
+static const char *const FD_NAMES[] = {
+    "id", "name", "value", "old_value", "version", "previous_version", "updated_at", "metadata", "changed_by",
+    "previous", "type", "constraints", "created_at", "history_limit", "history", "derived", "ttl", "reason",
+    "members", "true", "false", "undefined", "infinity", "nan", "neg_infinity", "float", "integer", "string",
+    "boolean", "choice", "module", "embedding", "tensor", "deleted", "expired", "migrated", "min", "max",
+    "choices", "dimensions", "shape", "pattern", "min_length", "max_length", "nil", "null", "node", "principal",
+    "request_id", "variable", "session", "vars", "format", "dspex_session_v1"};
+
+static uint32_t fd_hash(const uint8_t *t, size_t n) {
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ t[i]) * 16777619u;
+    return h;
+}
+
+static void fd_init(ErlNifEnv *env) {
+    memset(g_fd_atoms, 0, sizeof g_fd_atoms);
+    for (size_t k = 0; k < sizeof FD_NAMES / sizeof FD_NAMES[0]; k++) {
+        size_t n = strlen(FD_NAMES[k]);
+        for (uint32_t i = fd_hash((const uint8_t *)FD_NAMES[k], n);; i++) {
+            fd_atom *e = &g_fd_atoms[i % FD_ATOMS];
+            if (e->len) continue;
+            e->len = (uint8_t)n;
+            memcpy(e->text, FD_NAMES[k], n);
+            e->atom = enif_make_atom_len(env, FD_NAMES[k], n);
+            break;
+        }
+    }
+}
+
+typedef struct {
+    ErlNifEnv *env;
+    const uint8_t *p, *end;
+} fd_in;
+
+static int fd_need(fd_in *d, size_t n) { return (size_t)(d->end - d->p) >= n; }
+static uint32_t fd_u16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
+static uint32_t fd_u32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+/* An existing atom (never a new one, as binary_to_term(B, [safe])); ASCII only (else 0: the VM decodes it). */
+static int fd_atom_of(fd_in *d, size_t n, ERL_NIF_TERM *out) {
+    if (!fd_need(d, n)) return 0;
+    const uint8_t *t = d->p;
+    for (size_t i = 0; i < n; i++)
+        if (t[i] >= 128) return 0;
+    if (n && n <= sizeof g_fd_atoms[0].text)
+        for (uint32_t i = fd_hash(t, n);; i++) {
+            const fd_atom *e = &g_fd_atoms[i % FD_ATOMS];
+            if (!e->len) break;
+            if (e->len == n && !memcmp(e->text, t, n)) {
+                *out = e->atom;
+                d->p += n;
+                return 1;
+            }
+        }
+    if (!enif_make_existing_atom_len(d->env, (const char *)t, n, out, ERL_NIF_LATIN1)) return 0;
+    d->p += n;
+    return 1;
+}
+
+static int fd_term(fd_in *d, ERL_NIF_TERM *out, int depth) {
+    if (depth > 64 || !fd_need(d, 1)) return 0;
+    uint8_t tag = *d->p++;
+    ErlNifEnv *env = d->env;
+    switch (tag) {
+    case 97: /* SMALL_INTEGER_EXT */
+        if (!fd_need(d, 1)) return 0;
+        *out = enif_make_int(env, *d->p++);
+        return 1;
+    case 98: /* INTEGER_EXT */
+        if (!fd_need(d, 4)) return 0;
+        *out = enif_make_int(env, (int32_t)fd_u32(d->p));
+        d->p += 4;
+        return 1;
+    case 70: { /* NEW_FLOAT_EXT */
+        if (!fd_need(d, 8)) return 0;
+        uint64_t u = (uint64_t)fd_u32(d->p) << 32 | fd_u32(d->p + 4);
+        double f;
+        memcpy(&f, &u, 8);
+        if (!isfinite(f)) return 0;
+        *out = enif_make_double(env, f);
+        d->p += 8;
+        return 1;
+    }
+    case 110: { /* SMALL_BIG_EXT: n, sign, little-endian digits */
+        if (!fd_need(d, 2)) return 0;
+        size_t n = d->p[0];
+        int neg = d->p[1];
+        if (n > 8 || !fd_need(d, 2 + n)) return 0;
+        uint64_t m = 0;
+        for (size_t i = n; i > 0; i--) m = m << 8 | d->p[2 + i - 1];
+        if (neg) {
+            if (m > (uint64_t)INT64_MAX + 1) return 0;
+            *out = enif_make_int64(env, m == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)m);
+        } else {
+            *out = enif_make_uint64(env, m);
+        }
+        d->p += 2 + n;
+        return 1;
+    }
+    case 119: /* SMALL_ATOM_UTF8_EXT */
+    case 115: /* SMALL_ATOM_EXT */
+        if (!fd_need(d, 1)) return 0;
+        return fd_atom_of(d, *d->p++, out);
+    case 118: /* ATOM_UTF8_EXT */
+    case 100: { /* ATOM_EXT */
+        if (!fd_need(d, 2)) return 0;
+        size_t n = fd_u16(d->p);
+        d->p += 2;
+        return fd_atom_of(d, n, out);
+    }
+    case 109: { /* BINARY_EXT */
+        if (!fd_need(d, 4)) return 0;
+        size_t n = fd_u32(d->p);
+        if (!fd_need(d, 4 + n)) return 0;
+        unsigned char *b = enif_make_new_binary(env, n, out);
+        if (!b) return 0;
+        if (n) memcpy(b, d->p + 4, n);
+        d->p += 4 + n;
+        return 1;
+    }
+    case 106: /* NIL_EXT */
+        *out = enif_make_list(env, 0);
+        return 1;
+    case 107: { /* STRING_EXT: a list of bytes */
+        if (!fd_need(d, 2)) return 0;
+        size_t n = fd_u16(d->p);
+        if (!fd_need(d, 2 + n)) return 0;
+        *out = enif_make_string_len(env, (const char *)d->p + 2, n, ERL_NIF_LATIN1);
+        d->p += 2 + n;
+        return 1;
+    }
+    case 104: /* SMALL_TUPLE_EXT */
+    case 105: /* LARGE_TUPLE_EXT */
+    case 108: /* LIST_EXT */
+    case 116: { /* MAP_EXT */
+        size_t hl = tag == 104 ? 1 : 4;
+        if (!fd_need(d, hl)) return 0;
+        size_t n = tag == 104 ? d->p[0] : fd_u32(d->p);
+        d->p += hl;
+        size_t k = tag == 116 ? 2 * n : n;
+        if (k > (size_t)(d->end - d->p)) return 0; /* every element takes a byte at least */
+        ERL_NIF_TERM stack[32], *a = k <= 32 ? stack : enif_alloc(k * sizeof *a);
+        if (!a) return 0;
+        int ok = 1;
+        for (size_t i = 0; ok && i < k; i++) ok = fd_term(d, &a[i], depth + 1);
+        if (ok) {
+            if (tag == 116) {
+                /* keys at even, values at odd indexes */
+                ERL_NIF_TERM *ks = enif_alloc((n ? n : 1) * 2 * sizeof *ks);
+                if (!ks) ok = 0;
+                else {
+                    for (size_t i = 0; i < n; i++) {
+                        ks[i] = a[2 * i];
+                        ks[n + i] = a[2 * i + 1];
+                    }
+                    ok = enif_make_map_from_arrays(env, ks, ks + n, n, out);
+                    enif_free(ks);
+                }
+            } else if (tag == 108) {
+                ERL_NIF_TERM tail;
+                ok = fd_term(d, &tail, depth + 1);
+                for (size_t i = n; ok && i > 0; i--) tail = enif_make_list_cell(env, a[i - 1], tail);
+                if (ok) *out = tail;
+            } else {
+                *out = enif_make_tuple_from_array(env, a, (unsigned)n);
+            }
+        }
+        if (a != stack) enif_free(a);
+        return ok;
+    }
+    default: return 0;
+    }
+}
+
+/* binary_to_term(Blob, [safe]), or dflt when empty or not decodable: the cached-atom decoder first (the
+ * replay's data, and every event's data and metadata that events_read/1 returns, and snapshots). */
+static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t len, ERL_NIF_TERM dflt) {
+    if (len >= 2 && p[0] == 131) {
+        fd_in d = {env, p + 1, p + len};
+        ERL_NIF_TERM t;
+        if (fd_term(&d, &t, 0) && d.p == d.end) return t;
+    }
+    return dx_blob_to_term(env, p, len, dflt);
+}
+
+typedef struct {
+    ErlNifEnv *env;
+    ERL_NIF_TERM list;
+    uint64_t scanned, last_seq, mark;
+} replay_ctx;
+
+static int replay_cb(void *ctx, const dx_ev_rec *r) {
+    replay_ctx *c = ctx;
+    c->scanned++;
+    c->last_seq = r->sequence;
+    int st = state_type(r->type, r->type_len);
+    if (!st && !(c->mark && r->sequence % c->mark == 0)) return 0;
+    ERL_NIF_TERM e = enif_make_tuple4(c->env, enif_make_uint64(c->env, r->sequence), enif_make_int64(c->env, r->ts_us),
+                                      st ? A_state_types[st - 1] : type_term(c->env, r->type, r->type_len),
+                                      st ? fast_blob_to_term(c->env, r->data, r->data_len, ATOM_undefined) : ATOM_undefined);
+    c->list = enif_make_list_cell(c->env, e, c->list);
+    return 0;
+}
+
+/* events_replay(Session, SeqFrom, SeqTo, TsTo, Limit, Mark) -> {ok, [{Seq, Ts, Type, Data}], Scanned, LastSeq}
+ * (dirty I/O): the session's events with SeqFrom =< sequence (=< SeqTo unless 0) (and timestamp =< TsTo unless
+ * 0), at most Limit (1..100,000) rows scanned, in sequence order; Scanned rows were read, LastSeq is the last
+ * one's sequence (0: none). Listed: those of the types that change the state, and (Mark > 0) the others whose
+ * sequence is a multiple of Mark, with Data `undefined' (the snapshotter stores a snapshot there). */
+DX_NIF(nif_events_replay) {
+    ErlNifBinary sid;
+    ErlNifUInt64 from, to, lim, mark;
+    ErlNifSInt64 tsto;
+    if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0 || !enif_get_uint64(env, argv[1], &from) ||
+        !enif_get_uint64(env, argv[2], &to) || !enif_get_int64(env, argv[3], &tsto) || tsto < 0 ||
+        !enif_get_uint64(env, argv[4], &lim) || lim == 0 || lim > MAX_READ || !enif_get_uint64(env, argv[5], &mark))
+        return enif_make_badarg(env);
+    dx_ev_query q = {0};
+    q.session = (const char *)sid.data;
+    q.session_len = sid.size;
+    q.seq_from = from;
+    q.seq_to = to;
+    q.ts_to = tsto;
+    q.limit = lim;
+    replay_ctx c = {env, enif_make_list(env, 0), 0, 0, mark};
+    char err[256];
+    pthread_mutex_lock(&g_rd_mu);
+    int rc = g_rd ? g_ops->query(g_rd, &q, replay_cb, &c, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
+    pthread_mutex_unlock(&g_rd_mu);
+    if (rc) return es_error(env, err);
+    ERL_NIF_TERM rev;
+    enif_make_reverse_list(env, c.list, &rev);
+    return enif_make_tuple4(env, ATOM_ok, rev, enif_make_uint64(env, c.scanned), enif_make_uint64(env, c.last_seq));
+}
+
 DX_NIF(nif_events_stats) {
     atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
@@ -1035,7 +1303,7 @@ typedef struct {
 static int snap_cb(void *ctx, const dx_ev_snapshot *s) {
     snap_ctx *c = ctx;
     c->r = enif_make_tuple4(c->env, ATOM_ok, enif_make_uint64(c->env, s->sequence), enif_make_int64(c->env, s->ts_us),
-                            dx_blob_to_term(c->env, s->blob, s->blob_len, ATOM_undefined));
+                            fast_blob_to_term(c->env, s->blob, s->blob_len, ATOM_undefined));
     return 0;
 }
 
@@ -1169,6 +1437,8 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_silent, "silent"); A(A_provisional, "provisional"); A(A_session_not_found, "session_not_found");
 #undef A
     for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
+    fd_init(env);
+    for (int i = 0; i < 6; i++) A_state_types[i] = enif_make_atom(env, STATE_TYPES[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))
         return -1;
     dx_store_set_event_hook(ev_hook);
