@@ -110,7 +110,12 @@ route(S, {M, F} = Op, Args, Local) ->
         _ ->
             Deadline = deadline(),
             case class(M, F) of
-                write -> write(S, Op, Args, Deadline, undefined);
+                write ->
+                    %% in a region that is not the session's primary: refused
+                    case dspex_region:writable(S) of
+                        ok -> write(S, Op, Args, Deadline, undefined);
+                        {error, _} = E -> E
+                    end;
                 read -> read(S, Op, Args, Local, Deadline, undefined);
                 call -> call(S, Op, Args, Local, Deadline, undefined)
             end

@@ -49,7 +49,7 @@
 
 -export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
          haversine_km/2, get/3, set_replication/1, replication/0]).
--export([decision/1, adopt/2, moved/1, move_session/2]).
+-export([decision/1, adopt/2, moved/1, move_session/2, writable/1]).
 -export([start_link/1, links_table/0, link_update/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -388,6 +388,33 @@ moved(Session) ->
 
 region_epoch(#{region_epoch := E}) -> E;
 region_epoch(_) -> 0.
+
+%% @private Whether a write of `Session' may be made in this region (checked
+%% by `dspex_cluster' before it routes a write): `ok' without regions, for a
+%% session this node has no decision for, or whose primary is this region;
+%% `{error, {region_moved, R}}' for a session moved away from here;
+%% `{error, {not_primary_region, P}}' in a backup region (the change would
+%% diverge from its primary's and be overwritten by its next full copy). The
+%% backup's own replay of the primary's changes (dspex_region_receiver) passes.
+-spec writable(term()) -> ok | {error, {region_moved | not_primary_region, binary()}}.
+writable(Session) ->
+    case persistent_term:get({?MODULE, name}, undefined) of
+        undefined -> ok;
+        Me ->
+            case get(dspex_region_replay) of
+                true -> ok;
+                _ ->
+                    case decision(Session) of
+                        #{primary_region := Me} -> ok;
+                        #{primary_region := P} ->
+                            case moved(Session) of
+                                undefined -> {error, {not_primary_region, P}};
+                                R -> {error, {region_moved, R}}
+                            end;
+                        undefined -> ok
+                    end
+            end
+    end.
 
 %% @private The recorded decision of `Session', or `undefined'.
 -spec decision(binary()) -> decision() | undefined.

@@ -29,7 +29,19 @@
 
 %% @doc Applies a batch from region `From'; the sessions that need a full copy.
 -spec apply_batch(binary(), map()) -> #{need_full := [binary()]}.
-apply_batch(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_list(Recs), is_map(Heads), is_map(Ds0) ->
+apply_batch(From, Batch) ->
+    %% the writes below replay the primary's changes: dspex_region:writable/1
+    %% lets them through in a backup region (a client's write is refused there)
+    Was = put(dspex_region_replay, true),
+    try apply_batch1(From, Batch)
+    after
+        case Was of
+            undefined -> erase(dspex_region_replay);
+            _ -> put(dspex_region_replay, Was)
+        end
+    end.
+
+apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_list(Recs), is_map(Heads), is_map(Ds0) ->
     Me = persistent_term:get({dspex_region, name}, undefined),
     Ds = maps:filter(fun(S, D) -> is_binary(S) andalso is_map(D) end, Ds0),
     %% a session moved here: this region is its primary once its copy is in
@@ -63,7 +75,7 @@ apply_batch(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_lis
      end || S <- Touched, is_binary(S)],
     heard(From),
     #{need_full => lists:usort(NF)};
-apply_batch(_, _) -> #{need_full => []}.
+apply_batch1(_, _) -> #{need_full => []}.
 
 %% @doc The applied row of `Session' (zeros when none).
 -spec row(binary()) -> map().

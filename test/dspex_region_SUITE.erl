@@ -16,6 +16,7 @@
          routes_to_the_lowest_measured_rtt_without_coordinates/1,
          a_link_flap_is_reported_down_then_up_and_probes_resume/1,
          a_backup_cut_off_from_the_majority_does_not_take_over/1,
+         a_client_write_in_a_backup_region_is_refused/1,
          topology_and_prometheus_report_every_link/1]).
 -export([async_replication_converges_in_order_with_lag_bounded/1,
          a_session_routed_after_its_creation_is_copied_whole/1,
@@ -55,6 +56,7 @@ replication_cases() ->
      late_changes_of_the_old_primary_are_fenced_and_reported,
      an_unreachable_primary_region_fails_over_to_its_first_backup,
      a_backup_cut_off_from_the_majority_does_not_take_over,
+     a_client_write_in_a_backup_region_is_refused,
      %% last: region a is gone after it
      sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region].
 
@@ -573,6 +575,28 @@ a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
     ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, b_catches_up),
     ?assertEqual(0, maps:get(fenced, applied(PB, S))),
     ?assertMatch({ok, #{value := 3}}, peer:call(PB, dspex_store, get, [S, <<"k">>])).
+
+%% b and c hold replicas of a session whose primary is a: a client's write
+%% there is refused with the primary's name (it would diverge from a's
+%% history), nothing changes, the replay of a's changes goes on, and reads
+%% in the backup are served.
+a_client_write_in_a_backup_region_is_refused(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_backup_write">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 1]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    [?assertEqual({error, {not_primary_region, <<"a">>}}, peer:call(P, dspex_store, set, [S, <<"k">>, 99]))
+     || P <- [PB, PC]],
+    ?assertEqual({error, {not_primary_region, <<"a">>}},
+                 peer:call(PB, dspex_store, register, [S, <<"k2">>, integer, 0, #{}])),
+    {ok, 2} = peer:call(PA, dspex_store, set, [S, <<"k">>, 2]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated_again),
+    [?assertMatch({ok, #{value := 2, version := 2}}, peer:call(P, dspex_store, get, [S, <<"k">>])) || P <- [PB, PC]],
+    ?assertMatch({error, _}, peer:call(PB, dspex_store, get, [S, <<"k2">>])),
+    ?assertEqual(0, maps:get(fenced, applied(PB, S))).
 
 sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),
