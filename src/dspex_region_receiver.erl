@@ -27,8 +27,10 @@
 
 -define(APPLIED, dspex_region_applied).
 
-%% @doc Applies a batch from region `From'; the sessions that need a full copy.
--spec apply_batch(binary(), map()) -> #{need_full := [binary()]}.
+%% @doc Applies a batch from region `From'; the sessions that need a full
+%% copy, and (`decisions') this region's newer decision of each session whose
+%% changes were refused for an older region epoch.
+-spec apply_batch(binary(), map()) -> #{need_full := [binary()], decisions => #{binary() => map()}}.
 apply_batch(From, Batch) ->
     %% the writes below replay the primary's changes: dspex_region:writable/1
     %% lets them through in a backup region (a client's write is refused there)
@@ -74,7 +76,17 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
          ets:insert(?APPLIED, {S, case Seq >= H of true -> Row1#{current_at => Now}; false -> Row1 end})
      end || S <- Touched, is_binary(S)],
     heard(From),
-    #{need_full => lists:usort(NF)};
+    %% changes refused for an older region epoch: their sender is an old
+    %% primary that has not learned the newer decision; the answer carries it
+    RecRE = fun({S, _, _, _, RE}) when is_binary(S), is_integer(RE) -> [{S, RE}];
+               ({S, _, _, _}) when is_binary(S) -> [{S, region_epoch(maps:get(S, Ds, undefined))}];
+               (_) -> []
+            end,
+    Newer = lists:usort([S || R <- Recs, {S, RE} <- RecRE(R), region_epoch(row(S)) > RE]),
+    case [{S, D} || S <- Newer, D <- [dspex_region:decision(S)], is_map(D)] of
+        [] -> #{need_full => lists:usort(NF)};
+        Decisions -> #{need_full => lists:usort(NF), decisions => maps:from_list(Decisions)}
+    end;
 apply_batch1(_, _) -> #{need_full => []}.
 
 %% @doc The applied row of `Session' (zeros when none).

@@ -217,7 +217,11 @@ handle_info({link_down, P}, St) ->
     {noreply, publish(P, requeue(P, all, update_peer(P, fun(PS) -> PS#{link => undefined} end, St)))};
 handle_info({ship_failed, P, Id}, St) ->
     {noreply, publish(P, requeue(P, Id, St))};
-handle_info({repl_ack, P, Id, #{need_full := NF}}, St) ->
+handle_info({repl_ack, P, Id, #{need_full := NF} = Res}, St) ->
+    %% sessions the peer took over from this region meanwhile (it refused
+    %% their changes): their newer decision is adopted here, so this region
+    %% takes no more writes of them (dspex_region:writable/1)
+    _ = [dspex_region:adopt(S, D) || {S, D} <- maps:to_list(maps:get(decisions, Res, #{})), is_binary(S), is_map(D)],
     {noreply, pump(P, acked(P, Id, NF, St))};
 handle_info(_, St) -> {noreply, St}.
 

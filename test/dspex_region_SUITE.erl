@@ -537,7 +537,13 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
     [?assertMatch({ok, #{value := 60, version := 6}}, peer:call(P, dspex_store, get, [S, <<"k">>])) || P <- [PB, PC]],
     ?assert(lists:any(fun({[dspex, region, replication, fenced], _, #{session := S1}}) -> S1 =:= S; (_) -> false end,
                       peer:call(PC, ?MODULE, collector_get, []))
-            orelse maps:get(fenced, applied(PB, S)) >= 1).
+            orelse maps:get(fenced, applied(PB, S)) >= 1),
+    %% the refusal's answer carries the newer decision: a adopts it and takes
+    %% no more writes of the session
+    ok = wait_until(fun() -> maps:get(primary_region, peer:call(PA, dspex_region, decision, [S])) =:= <<"b">> end,
+                    20000, a_learns_the_new_primary),
+    ?assertEqual({error, {not_primary_region, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 7])),
+    ?assertMatch({ok, #{value := 60}}, peer:call(PB, dspex_store, get, [S, <<"k">>])).
 
 %% b, a's first backup, is cut off from a and from c: a is unreachable from b
 %% for longer than region_failover_ms, but b alone is no majority of the
