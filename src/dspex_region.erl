@@ -576,13 +576,23 @@ handle_info(failover_tick, #{name := Me} = C) ->
     _ = [failover(S, #{}, C)
          || majority(C), S <- maps:keys(dspex_region_receiver:sessions()),
             #{primary_region := P, backup_regions := Bs} <- [decision(S)],
-            P =/= Me, not healthy(P), failed(P),
+            P =/= Me, not healthy(P), failed(P), silent(P, C),
             lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me],
     erlang:send_after(failover_tick_ms(C), self(), failover_tick),
     {noreply, C};
 handle_info(_, C) -> {noreply, C}.
 
 failover_tick_ms(#{region_failover_ms := F}) -> max(100, F div 4).
+
+%% Nothing (batch or probe) came in from region R for down_after_ms: this
+%% node's own link to R can be down (in its reconnect backoff, or one way
+%% cut) while R's link to this region still delivers, and a primary heard
+%% from is alive: no takeover then.
+silent(R, #{down_after_ms := Down}) ->
+    case dspex_region_receiver:silent_ms(R) of
+        infinity -> true;
+        Ms -> Ms >= Down
+    end.
 
 %% A strict majority of all the regions (this one and its peers) is this
 %% one plus the peers whose link is up.
@@ -614,10 +624,11 @@ failover(Session, Opts, #{name := Me} = C) ->
              _ -> decide(Opts, C)
          end,
     %% taking over a session replicated here needs a majority of the regions
-    %% (this one counted) reachable from here; without one the decision stays
-    %% (the primary may be alive on the other side of a partition)
+    %% (this one counted) reachable from here and the primary silent here;
+    %% else the decision stays (the primary may be alive on the other side of
+    %% a partition, or reach this region while this node's link to it is down)
     D = case is_map(Old) andalso maps:get(primary_region, D0) =:= Me andalso ets:member(dspex_region_applied, Session)
-             andalso not majority(C) of
+             andalso not (majority(C) andalso silent(maps:get(primary_region, Old), C)) of
             true -> Old;
             false -> D0
         end,

@@ -23,7 +23,7 @@
 %% replayed changes anywhere.
 -module(dspex_region_receiver).
 
--export([apply_batch/2, heard/1, lag/1, read_local/3, sessions/0, row/1, took_over/2]).
+-export([apply_batch/2, heard/1, silent_ms/1, lag/1, read_local/3, sessions/0, row/1, took_over/2]).
 
 -define(APPLIED, dspex_region_applied).
 
@@ -110,6 +110,16 @@ took_over(S, RE) ->
 %% @doc Sessions replicated into this region: `Session => row'.
 -spec sessions() -> #{binary() => map()}.
 sessions() -> maps:from_list([{S, R} || {S, R} <- ets:tab2list(?APPLIED), is_binary(S)]).
+
+%% @doc Milliseconds since a frame from region `From' (a batch or a probe)
+%% last arrived here, `infinity' if none did.
+-spec silent_ms(binary()) -> non_neg_integer() | infinity.
+silent_ms(From) ->
+    try ets:lookup(?APPLIED, {heard, From}) of
+        [{_, T}] -> erlang:monotonic_time(millisecond) - T;
+        [] -> infinity
+    catch error:badarg -> infinity
+    end.
 
 %% @doc Notes a frame from region `From' (a batch or a probe).
 -spec heard(binary()) -> true.

@@ -17,6 +17,7 @@
          a_link_flap_is_reported_down_then_up_and_probes_resume/1,
          a_backup_cut_off_from_the_majority_does_not_take_over/1,
          a_client_write_in_a_backup_region_is_refused/1,
+         a_backup_whose_own_link_is_down_but_hears_the_primary_does_not_take_over/1,
          topology_and_prometheus_report_every_link/1]).
 -export([async_replication_converges_in_order_with_lag_bounded/1,
          a_session_routed_after_its_creation_is_copied_whole/1,
@@ -57,6 +58,7 @@ replication_cases() ->
      an_unreachable_primary_region_fails_over_to_its_first_backup,
      a_backup_cut_off_from_the_majority_does_not_take_over,
      a_client_write_in_a_backup_region_is_refused,
+     a_backup_whose_own_link_is_down_but_hears_the_primary_does_not_take_over,
      %% last: region a is gone after it
      sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region].
 
@@ -265,6 +267,13 @@ routed_at_a(PA, S) ->
     #{primary_region := <<"a">>, backup_regions := [<<"b">>, <<"c">>]} =
         peer:call(PA, dspex_region, route_session, [S, #{}]).
 
+%% a session routed at a, with integer variables Keys (0), replicated to b and c
+replicated_at_a(#{a := PA, b := PB, c := PC}, S, Keys) ->
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{}]) || K <- Keys],
+    wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated).
+
 seq(P, S) -> element(3, peer:call(P, dspex_cluster_replica, row, [S])).
 
 applied(P, S) -> peer:call(P, dspex_region_receiver, row, [S]).
@@ -334,11 +343,8 @@ a_change_larger_than_a_frame_travels_in_parts(Config) ->
 sync_all_acknowledged_writes_are_in_every_backup_one_round_trip_per_batch(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),
     S = <<"r_sync">>,
-    routed_at_a(PA, S),
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
     Keys = [<<"k", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 20)],
-    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{}]) || K <- Keys],
-    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, registered),
+    ok = replicated_at_a(?config(peers, Config), S, Keys),
     #{batches := B0} = repl(PA, <<"c">>),
     ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
     try
@@ -473,10 +479,7 @@ late_changes_of_the_old_primary_are_fenced_and_reported(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),
     Proxy = maps:get({a, c}, ?config(proxies, Config)),
     S = <<"r_fence">>,
-    routed_at_a(PA, S),
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
-    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    ok = replicated_at_a(?config(peers, Config), S, [<<"k">>]),
     %% a's changes for c wait in a's queue (a -> c cut) while the session moves to b
     ok = dspex_region_proxy:drop(Proxy),
     try
@@ -554,10 +557,7 @@ a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
     Proxies = ?config(proxies, Config),
     Cut = [maps:get(XY, Proxies) || XY <- [{a, b}, {b, a}, {b, c}, {c, b}]],
     S = <<"r_minority">>,
-    routed_at_a(PA, S),
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
-    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
-    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    ok = replicated_at_a(?config(peers, Config), S, [<<"k">>]),
     [ok = dspex_region_proxy:drop(P) || P <- Cut],
     try
         %% from b, a has been down for more than region_failover_ms (1 s)
@@ -604,14 +604,34 @@ a_client_write_in_a_backup_region_is_refused(Config) ->
     ?assertMatch({error, _}, peer:call(PB, dspex_store, get, [S, <<"k2">>])),
     ?assertEqual(0, maps:get(fenced, applied(PB, S))).
 
+%% only b's own link to a is cut (b -> a): b sees a down for longer than
+%% region_failover_ms and still reaches c (a majority), but a's link to b
+%% delivers a's batches and probes, so a is alive: b does not take over.
+a_backup_whose_own_link_is_down_but_hears_the_primary_does_not_take_over(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    Proxy = maps:get({b, a}, ?config(proxies, Config)),
+    S = <<"r_one_way">>,
+    ok = replicated_at_a(?config(peers, Config), S, [<<"k">>]),
+    ok = dspex_region_proxy:drop(Proxy),
+    try
+        ok = wait_until(fun() ->
+                                #{status := St, since := Since} = maps:get(<<"a">>, maps:get(peers, topology(PB))),
+                                St =:= down andalso erlang:system_time(millisecond) - Since > 1000
+                        end, 20000, b_sees_a_down),
+        %% (without the check b took the session over here, region epoch 1)
+        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, route_session, [S, #{}])),
+        {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 1]),
+        ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, b_still_follows_a),
+        ?assertEqual(0, maps:get(region_epoch, applied(PB, S)))
+    after
+        dspex_region_proxy:restore(Proxy)
+    end.
+
 sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),
     S = <<"r_kill">>,
-    routed_at_a(PA, S),
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
     Keys = [<<"k", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 10)],
-    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{}]) || K <- Keys],
-    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, registered),
+    ok = replicated_at_a(?config(peers, Config), S, Keys),
     ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
     Acked = peer:call(PA, ?MODULE, concurrent_sets, [S, Keys, 10], 60000),
     ?assertEqual(100, length(Acked)),
