@@ -44,6 +44,15 @@
 %% This module's process owns two public ETS tables: the links' state (each
 %% link writes its own row after every probe; readers never call a process)
 %% and the routing decisions.
+%%
+%% A region of several nodes (its cluster has more than one node): each
+%% session's decision is made by the session's owner in the region's cluster
+%% (`route_session/2' and `move_session/2' are routed there) and every node of
+%% the region holds every decision (given to the other live nodes before the
+%% call is answered; a node that starts or reconnects asks the others for
+%% theirs), as it holds the rows of the sessions replicated into the region
+%% (`dspex_region_receiver', sent by the node whose gateway received them). A
+%% session's failover is decided by its owner in the region.
 -module(dspex_region).
 -behaviour(gen_server).
 
@@ -182,10 +191,16 @@ loopback(_, Key) -> throw({Key, bad_address}).
 %% region's weight. A region is healthy when it is this region or its link is
 %% up. The first region is the primary, the other healthy ones the backups.
 %%
-%% The decision is recorded on this node (not agreed with the peer regions)
+%% The decision is recorded in this region (not agreed with the peer regions)
 %% and returned unchanged on later calls for the same session while its
 %% primary region stays healthy; once the primary is unhealthy the session
 %% is routed again (telemetry `[dspex, region, route]' with `reason => failover').
+%% In a region of several nodes (its `dspex_cluster' configured with more
+%% than one node) a session not decided here yet is routed to its owner in
+%% the region's cluster (`dspex_cluster' routing), which decides, one call at
+%% a time, and gives the decision to every other live node of the region
+%% before answering: every node answers the same, and the decision survives
+%% the loss of the node that made it (the session's next owner holds it).
 %% `{error, not_running}' when no region is configured.
 -spec route_session(binary(), #{client_location => coords()}) -> decision() | {error, term()}.
 route_session(Session, Opts) when is_binary(Session), is_map(Opts) ->
