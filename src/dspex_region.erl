@@ -689,14 +689,9 @@ handle_cast({rows, Then, Rows}, C) ->
     %% another node's receiver rows, its times made ages, then times here
     Now = erlang:monotonic_time(millisecond),
     Here = fun(T) when is_integer(T) -> Now - (Then - T); (T) -> T end,
-    _ = [ets:insert(dspex_region_applied,
-                    case K of
-                        {heard, _} -> {K, Here(R)};
-                        %% a region epoch never goes back (a takeover here raised it)
-                        _ when is_map(R) -> {K, R#{current_at => Here(maps:get(current_at, R, undefined)),
-                                                   region_epoch => max(maps:get(region_epoch, R, 0),
-                                                                       region_epoch(dspex_region_receiver:row(K)))}}
-                    end) || {K, R} <- Rows, is_binary(K) orelse (is_tuple(K) andalso element(1, K) =:= heard)],
+    _ = [ets:insert(dspex_region_applied, {K, merge_row(K, R, Here)})
+         || {K, R} <- Rows, (is_binary(K) andalso is_map(R))
+                                orelse (is_tuple(K) andalso element(1, K) =:= heard andalso is_integer(R))],
     {noreply, C};
 handle_cast({pull, From}, C) when is_atom(From) ->
     case lists:member(From, region_nodes()) orelse lists:member(From, configured_nodes()) of
@@ -711,6 +706,26 @@ handle_cast({merge, Then, Decisions, Moved, Rows}, C) ->
     %% rows this node has not got (its own are as new as any)
     handle_cast({rows, Then, [R || {K, _} = R <- Rows, not ets:member(dspex_region_applied, K)]}, C);
 handle_cast(_, C) -> {noreply, C}.
+
+%% A row (or heard time) from another node against this node's: the one
+%% that applied more of the session wins, a region epoch never goes back (a
+%% takeover here raised it), a primary last heard is the latest heard.
+merge_row({heard, _} = K, T, Here) ->
+    case ets:lookup(dspex_region_applied, K) of
+        [{_, Mine}] when is_integer(Mine) -> max(Mine, Here(T));
+        _ -> Here(T)
+    end;
+merge_row(S, R0, Here) when is_map(R0) ->
+    R = R0#{current_at => Here(maps:get(current_at, R0, undefined))},
+    case ets:lookup(dspex_region_applied, S) of
+        [{_, #{seq := MySeq} = Mine}] ->
+            Keep = case MySeq > maps:get(seq, R, 0) of
+                       true -> Mine;
+                       false -> R
+                   end,
+            Keep#{region_epoch => max(region_epoch(Mine), region_epoch(R))};
+        _ -> R
+    end.
 
 %% A decision (and move) another node of this region recorded: kept unless
 %% this node holds a newer region epoch; a session whose primary is this
