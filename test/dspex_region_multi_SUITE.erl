@@ -25,6 +25,7 @@
          sync_all_writes_on_either_node_of_a_are_in_every_backup/1,
          a_client_write_on_either_node_of_a_backup_region_is_refused/1,
          kill_9_of_the_owner_in_a_keeps_the_decision_and_the_shipping/1,
+         a_node_started_again_gets_the_region_s_decisions/1,
          kill_9_of_both_nodes_of_a_makes_b_the_primary_on_both_its_nodes/1]).
 %% run on the peers
 -export([concurrent_sets/3]).
@@ -39,6 +40,7 @@ all() ->
      sync_all_writes_on_either_node_of_a_are_in_every_backup,
      a_client_write_on_either_node_of_a_backup_region_is_refused,
      kill_9_of_the_owner_in_a_keeps_the_decision_and_the_shipping,
+     a_node_started_again_gets_the_region_s_decisions,
      kill_9_of_both_nodes_of_a_makes_b_the_primary_on_both_its_nodes].
 
 %%% setup ------------------------------------------------------------------------------
@@ -64,19 +66,8 @@ start_all(Config) ->
     Proxies = maps:from_list([{XY, begin {ok, P} = dspex_region_proxy:start(undefined, delay(X, Y)), P end}
                               || {X, Y} = XY <- Pairs]),
     put(proxies, Proxies),
-    Host = hd(string:split(net_adm:localhost(), ".")),
-    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     Names = [N || {_, _, _, Ns} <- ?REGIONS, N <- Ns],
-    Peers = maps:from_list(
-              [{N, begin
-                       {ok, P, Node} = peer:start(#{name => "rm_" ++ atom_to_list(N), host => Host,
-                                                    connection => standard_io,
-                                                    args => ["-setcookie", "dspex_region_multi_ct",
-                                                             "-connect_all", "false",
-                                                             "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"
-                                                             | Paths]}),
-                       {P, Node}
-                   end} || N <- Names]),
+    Peers = maps:from_list([{N, start_peer(N)} || N <- Names]),
     put(peers, Peers),
     [configure(X, Name, Coords, Ns, Peers, Proxies, Endpoint) || {X, Name, Coords, Ns} <- ?REGIONS],
     %% each proxy X->Y forwards to the gateway of Y's first node
@@ -86,9 +77,21 @@ start_all(Config) ->
     %% every node of a two-node region sees the other live
     [ok = wait_until(fun() -> length(maps:get(live, peer:call(p(N, Peers), dspex_cluster_members, view, []))) =:= 2 end,
                      30000, {cluster_live, N}) || N <- [a1, a2, b1, b2]],
-    [{peers, Peers}, {proxies, Proxies} | Config1].
+    [{peers, Peers}, {proxies, Proxies}, {endpoint, Endpoint} | Config1].
+
+start_peer(N) ->
+    Host = hd(string:split(net_adm:localhost(), ".")),
+    Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
+    {ok, P, Node} = peer:start(#{name => "rm_" ++ atom_to_list(N), host => Host, connection => standard_io,
+                                 args => ["-setcookie", "dspex_region_multi_ct", "-connect_all", "false",
+                                          "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none" | Paths]}),
+    {P, Node}.
 
 configure(X, Name, Coords, Ns, Peers, Proxies, Endpoint) ->
+    configure(X, Name, Coords, Ns, Peers, Proxies, Endpoint, Ns).
+
+%% starts the nodes Start of region X (of nodes Ns)
+configure(X, Name, Coords, Start, Peers, Proxies, Endpoint, Ns) ->
     Nodes = [node_of(N, Peers) || N <- Ns],
     Cluster = case Ns of
                   [_] -> #{nodes => Nodes, replicas => 0};
@@ -109,7 +112,7 @@ configure(X, Name, Coords, Ns, Peers, Proxies, Endpoint) ->
           || {K, V} <- [{event_log, false}, {grpc_enabled, false}, {console_enabled, false},
                         {prometheus_port, 0}, {cluster, Cluster}, {region, RC}]],
          {ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge], 30000)
-     end || N <- Ns],
+     end || N <- Start],
     ok.
 
 end_per_suite(Config) ->
@@ -119,6 +122,10 @@ end_per_suite(Config) ->
                              end
           end,
     [catch peer:stop(P) || {P, _} <- maps:values(Get(peers, #{}))],
+    %% a node started again by a case
+    _ = [catch peer:stop(P) || D <- [?config(tmp_dir, Config)], D =/= undefined,
+                               {ok, B} <- [file:read_file(filename:join(D, "restarted"))],
+                               {P, _} <- maps:values(binary_to_term(B))],
     [catch dspex_region_proxy:stop(P) || P <- maps:values(Get(proxies, #{}))],
     _ = [stop_etcd(E) || E <- [Get(etcd, undefined)], E =/= undefined],
     _ = [file:del_dir_r(D) || D <- [?config(tmp_dir, Config)], D =/= undefined],
@@ -289,12 +296,46 @@ kill_9_of_the_owner_in_a_keeps_the_decision_and_the_shipping(Config) ->
     ok = peer:call(p(a2, Peers), dspex_region, set_replication, [async_primary_backup]),
     put_env(Config, kill_owner_session, S).
 
+%% rm_a1 (killed above) is started again, empty: it asks rm_a2 for the
+%% region's decisions, so it holds the one of a session decided while it was
+%% down (given to no one then) and the one of the session it had decided,
+%% and refuses a client's write of a session whose primary is another region.
+a_node_started_again_gets_the_region_s_decisions(Config) ->
+    Peers0 = ?config(peers, Config),
+    S = get_env(Config, kill_owner_session),
+    %% decided on rm_a2 while rm_a1 is down, and a session routed to c
+    S2 = <<"decided_while_a1_down">>,
+    D2 = peer:call(p(a2, Peers0), dspex_region, route_session, [S2, #{}]),
+    S3 = <<"routed_to_c_while_a1_down">>,
+    #{primary_region := <<"c">>} = D3 =
+        peer:call(p(a2, Peers0), dspex_region, route_session, [S3, #{client_location => {40.0, -75.0}}]),
+    {P1, _} = New = start_peer(a1),
+    Peers = Peers0#{a1 => New},
+    ok = file:write_file(filename:join(?config(tmp_dir, Config), "restarted"), term_to_binary(#{a1 => New})),
+    {a, Name, Coords, Ns} = lists:keyfind(a, 1, ?REGIONS),
+    ok = configure(a, Name, Coords, [a1], Peers#{a2 => maps:get(a2, Peers)}, ?config(proxies, Config),
+                   ?config(endpoint, Config), Ns),
+    %% the other regions' links to a reach its gateway node again
+    [ok = dspex_region_proxy:set_target(maps:get({Y, a}, ?config(proxies, Config)),
+                                        peer:call(P1, dspex_region, gateway_port, [])) || Y <- [b, c]],
+    ok = wait_until(fun() -> length(maps:get(live, peer:call(P1, dspex_cluster_members, view, []))) =:= 2 end,
+                    30000, a1_live_again),
+    ok = wait_until(fun() ->
+                            [peer:call(P1, dspex_region, decision, [X]) || X <- [S, S2, S3]] =:=
+                                [peer:call(p(a2, Peers), dspex_region, decision, [X]) || X <- [S, S2, S3]]
+                    end, 10000, a1_pulled),
+    ?assertEqual(D2, peer:call(P1, dspex_region, decision, [S2])),
+    ?assertEqual(D3, peer:call(P1, dspex_region, decision, [S3])),
+    ?assertEqual({error, {not_primary_region, <<"c">>}}, peer:call(P1, dspex_store, create_session, [S3])).
+
 %% Both nodes of a are gone: b takes the session over at region epoch 1,
 %% decided by the session's owner in b and held by both of b's nodes (each
 %% answers b), c follows b; b's writes, on either node, reach c.
 kill_9_of_both_nodes_of_a_makes_b_the_primary_on_both_its_nodes(Config) ->
     Peers = ?config(peers, Config),
     S = get_env(Config, kill_owner_session),
+    {ok, B} = file:read_file(filename:join(?config(tmp_dir, Config), "restarted")),
+    ok = kill(a1, maps:merge(Peers, binary_to_term(B))),
     ok = kill(a2, Peers),
     ok = wait_until(fun() ->
                             lists:all(fun(N) ->
