@@ -246,7 +246,7 @@ sync_all_writes_on_either_node_of_a_are_in_every_backup(Config) ->
 %% only on the node whose gateway received the changes), and nothing changes.
 a_client_write_on_either_node_of_a_backup_region_is_refused(Config) ->
     Peers = ?config(peers, Config),
-    S = <<"backup_write">>,
+    S = owned_by(a1, Peers, <<"backup_write">>),
     ok = replicated_at_a(Peers, a1, S, [<<"k">>]),
     [?assertEqual({error, {not_primary_region, <<"a">>}}, peer:call(p(N, Peers), dspex_store, set, [S, <<"k">>, 99]))
      || N <- [b1, b2, c1]],
@@ -373,15 +373,18 @@ other(a2) -> a1;
 other(b1) -> b2;
 other(b2) -> b1.
 
-%% A session name with Prefix whose owner in its region's cluster is node N.
+%% A session name with Prefix whose owner in its region's cluster is node N
+%% (and, for a session of a, whose owner in b is rm_b2, not b's gateway
+%% node: the backup applies there what rm_b1's gateway receives, and decides
+%% its failover there).
 owned_by(N, Peers, Prefix) -> owned_by(N, Peers, Prefix, 0).
 
 owned_by(N, Peers, Prefix, I) ->
     S = <<Prefix/binary, "_", (integer_to_binary(I))/binary>>,
-    Want = node_of(N, Peers),
-    case peer:call(p(N, Peers), dspex_cluster, owner_of, [S]) of
-        {ok, Want} -> S;
-        _ -> owned_by(N, Peers, Prefix, I + 1)
+    Want = [{N, node_of(N, Peers)} | [{b2, node_of(b2, Peers)} || lists:member(N, [a1, a2])]],
+    case lists:all(fun({M, W}) -> peer:call(p(M, Peers), dspex_cluster, owner_of, [S]) =:= {ok, W} end, Want) of
+        true -> S;
+        false -> owned_by(N, Peers, Prefix, I + 1)
     end.
 
 %% S routed on node N of a (primary a, backups b then c), created there with
