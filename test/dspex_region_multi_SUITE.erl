@@ -288,6 +288,17 @@ kill_9_of_the_owner_in_a_keeps_the_decision_and_the_shipping(Config) ->
     ?assert(converged(Peers, a2, S, [b1, b2, c1])),
     [[?assertMatch({ok, #{value := 11}}, peer:call(p(N, Peers), dspex_store, get, [S, K]))
       || K <- Keys] || N <- [b1, b2, c1]],
+    %% b's links to a reach rm_a1's gateway, dead: down for longer than
+    %% region_failover_ms (and b reaches c, a majority); yet b hears a
+    %% through rm_a2's links (probes and batches into rm_b1's gateway, whose
+    %% heard times reach rm_b2, the session's owner in b): no takeover
+    ok = wait_until(fun() ->
+                            lists:all(fun(N) ->
+                                              #{status := St, since := Since} =
+                                                  maps:get(<<"a">>, maps:get(peers, topology(p(N, Peers)))),
+                                              St =:= down andalso erlang:system_time(millisecond) - Since > 2000
+                                      end, [b1, b2])
+                    end, 20000, b_sees_a_gateway_down),
     %% in order, no gap, nothing refused, no takeover in b
     [?assertMatch(#{full_copies := 0, fenced := 0, region_epoch := 0, primary := <<"a">>}, applied(p(N, Peers), S))
      || N <- [b1, c1]],
