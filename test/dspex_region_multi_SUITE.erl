@@ -24,6 +24,7 @@
 -export([route_session_is_the_same_on_every_node_of_a_region/1,
          sync_all_writes_on_either_node_of_a_are_in_every_backup/1,
          a_client_write_on_either_node_of_a_backup_region_is_refused/1,
+         move_session_on_the_node_that_does_not_own_it_moves_it_for_the_whole_region/1,
          kill_9_of_the_owner_in_a_keeps_the_decision_and_the_shipping/1,
          a_node_started_again_gets_the_region_s_decisions/1,
          kill_9_of_both_nodes_of_a_makes_b_the_primary_on_both_its_nodes/1]).
@@ -39,6 +40,7 @@ all() ->
     [route_session_is_the_same_on_every_node_of_a_region,
      sync_all_writes_on_either_node_of_a_are_in_every_backup,
      a_client_write_on_either_node_of_a_backup_region_is_refused,
+     move_session_on_the_node_that_does_not_own_it_moves_it_for_the_whole_region,
      kill_9_of_the_owner_in_a_keeps_the_decision_and_the_shipping,
      a_node_started_again_gets_the_region_s_decisions,
      kill_9_of_both_nodes_of_a_makes_b_the_primary_on_both_its_nodes].
@@ -256,6 +258,37 @@ a_client_write_on_either_node_of_a_backup_region_is_refused(Config) ->
     ok = wait_until(fun() -> converged(Peers, S, [b1, b2, c1]) end, 20000, replicated_again),
     [?assertMatch({ok, #{value := 1, version := 1}}, peer:call(p(N, Peers), dspex_store, get, [S, <<"k">>]))
      || N <- [b1, b2, c1]].
+
+%% move_session/2 called on rm_a2 for a session owned by rm_a1 (which made
+%% its decision): routed to rm_a1, whose writer's export goes to b; both of
+%% a's nodes refuse the session's writes from then on, both of b's nodes
+%% answer b (region epoch 1), c follows b through a full copy, and b's
+%% writes, on either node, reach c.
+move_session_on_the_node_that_does_not_own_it_moves_it_for_the_whole_region(Config) ->
+    Peers = ?config(peers, Config),
+    S = owned_by(a1, Peers, <<"move">>),
+    ok = replicated_at_a(Peers, a1, S, [<<"k">>]),
+    {ok, 1} = peer:call(p(a2, Peers), dspex_store, set, [S, <<"k">>, 1]),
+    ok = peer:call(p(a2, Peers), dspex_region, move_session, [S, <<"b">>]),
+    [?assertEqual({error, {region_moved, <<"b">>}}, peer:call(p(N, Peers), dspex_store, set, [S, <<"k">>, 2]))
+     || N <- [a1, a2]],
+    [?assertMatch(#{primary_region := <<"b">>, region_epoch := 1}, peer:call(p(N, Peers), dspex_region, decision, [S]))
+     || N <- [a1, a2]],
+    ok = wait_until(fun() ->
+                            lists:all(fun(N) ->
+                                              case peer:call(p(N, Peers), dspex_region, route_session, [S, #{}]) of
+                                                  #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                                                  _ -> false
+                                              end
+                                      end, [b1, b2])
+                    end, 10000, b_is_the_primary_on_both_nodes),
+    {ok, 2} = peer:call(p(b1, Peers), dspex_store, set, [S, <<"k">>, 2]),
+    {ok, 3} = peer:call(p(b2, Peers), dspex_store, set, [S, <<"k">>, 3]),
+    ok = wait_until(fun() ->
+                            maps:get(region_epoch, applied(p(c1, Peers), S)) =:= 1 andalso
+                                peer:call(p(c1, Peers), dspex_store, get_value, [S, <<"k">>]) =:= {ok, 3}
+                    end, 20000, c_follows_b),
+    ?assertEqual(history(p(b1, Peers), S, <<"k">>), history(p(c1, Peers), S, <<"k">>)).
 
 %% The session's owner in a (here rm_a1: it made the decision, it ships, and
 %% it is a's gateway) is killed with kill -9 after sync_all writes: rm_a2
