@@ -201,6 +201,8 @@ loopback(_, Key) -> throw({Key, bad_address}).
 %% a time, and gives the decision to every other live node of the region
 %% before answering: every node answers the same, and the decision survives
 %% the loss of the node that made it (the session's next owner holds it).
+%% A session not decided yet whose owner cannot be reached: the routing's
+%% `{error, {unavailable, Why}}' or `{error, {retry, Why}}' (see dspex_cluster).
 %% `{error, not_running}' when no region is configured.
 -spec route_session(binary(), #{client_location => coords()}) -> decision() | {error, term()}.
 route_session(Session, Opts) when is_binary(Session), is_map(Opts) ->
