@@ -96,6 +96,7 @@ class(dspex_graph, define_derived) -> call;
 class(dspex_acl, Op) when Op =:= set_permissions; Op =:= set_rate_limit -> write;
 class(dspex_cluster_watch, _) -> call;
 class(dspex_events, append) -> call;   % into the session's log, on its owner
+class(dspex_region, _) -> call;        % a session's region decision, made on its owner
 class(_, _) -> read.
 
 %% @doc Runs a call on session `S' where the session lives (see the module

@@ -44,12 +44,22 @@
 %% This module's process owns two public ETS tables: the links' state (each
 %% link writes its own row after every probe; readers never call a process)
 %% and the routing decisions.
+%%
+%% A region of several nodes (its cluster has more than one node): each
+%% session's decision is made by the session's owner in the region's cluster
+%% (`route_session/2' and `move_session/2' are routed there) and every node of
+%% the region holds every decision (given to the other live nodes before the
+%% call is answered; a node that starts or reconnects asks the others for
+%% theirs), as it holds the rows of the sessions replicated into the region
+%% (`dspex_region_receiver', sent by the node whose gateway received them). A
+%% session's failover is decided by its owner in the region.
 -module(dspex_region).
 -behaviour(gen_server).
 
 -export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
          haversine_km/2, get/3, set_replication/1, replication/0]).
 -export([decision/1, adopt/2, moved/1, move_session/2, writable/1]).
+-export([route_owned/2, move_owned/2, rows_changed/1, region_nodes/0]).
 -export([start_link/1, links_table/0, link_update/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -181,10 +191,18 @@ loopback(_, Key) -> throw({Key, bad_address}).
 %% region's weight. A region is healthy when it is this region or its link is
 %% up. The first region is the primary, the other healthy ones the backups.
 %%
-%% The decision is recorded on this node (not agreed with the peer regions)
+%% The decision is recorded in this region (not agreed with the peer regions)
 %% and returned unchanged on later calls for the same session while its
 %% primary region stays healthy; once the primary is unhealthy the session
 %% is routed again (telemetry `[dspex, region, route]' with `reason => failover').
+%% In a region of several nodes (its `dspex_cluster' configured with more
+%% than one node) a session not decided here yet is routed to its owner in
+%% the region's cluster (`dspex_cluster' routing), which decides, one call at
+%% a time, and gives the decision to every other live node of the region
+%% before answering: every node answers the same, and the decision survives
+%% the loss of the node that made it (the session's next owner holds it).
+%% A session not decided yet whose owner cannot be reached: the routing's
+%% `{error, {unavailable, Why}}' or `{error, {retry, Why}}' (see dspex_cluster).
 %% `{error, not_running}' when no region is configured.
 -spec route_session(binary(), #{client_location => coords()}) -> decision() | {error, term()}.
 route_session(Session, Opts) when is_binary(Session), is_map(Opts) ->
@@ -201,10 +219,81 @@ route(Session, Opts) ->
     case recorded(Session) of
         {ok, D} -> D;
         Other when Other =:= none; Other =:= unhealthy ->
-            try gen_server:call(?MODULE, {route, Session, Opts})
-            catch exit:{noproc, _} -> {error, not_running}
+            %% in a region of several nodes the session's owner in the
+            %% region's cluster decides (dspex_cluster routing, class call)
+            case multi_node() of
+                true -> dspex_cluster:route(Session, {?MODULE, route_owned}, [Session, Opts],
+                                            fun() -> route_owned(Session, Opts) end);
+                false -> decide_here(Session, Opts)
             end;
         {error, _} = E -> E
+    end.
+
+decide_here(Session, Opts) ->
+    try gen_server:call(?MODULE, {route, Session, Opts})
+    catch exit:{noproc, _} -> {error, not_running}
+    end.
+
+%% @private route_session/2 on the node owning `Session' in this region's
+%% cluster (where dspex_cluster routes it): decided by this node's router,
+%% one call at a time, and given to every other live node of the region
+%% before it is answered (so it survives the loss of this node).
+-spec route_owned(binary(), map()) -> decision() | {error, term()}.
+route_owned(Session, Opts) ->
+    case decide_here(Session, Opts) of
+        #{} = D -> share(Session), D;
+        Other -> Other
+    end.
+
+%% A region of more than one node: its cluster is configured with others.
+multi_node() ->
+    dspex_cluster:enabled() andalso
+        case dspex_cluster_members:published_view() of
+            #{nodes := [_, _ | _]} -> true;
+            _ -> false
+        end.
+
+%% @private The other live nodes of this region (its cluster's members).
+-spec region_nodes() -> [node()].
+region_nodes() ->
+    case dspex_cluster:enabled() andalso dspex_cluster_members:published_view() of
+        #{live := Live} -> Live -- [node()];
+        _ -> []
+    end.
+
+%% The decision of `Session' recorded here (and its move, if any) given to
+%% the region's other live nodes, waiting for their answers (bounded); they
+%% keep it unless they hold a newer region epoch. Called by the process that
+%% asked for the change, never by this module's server (which only casts:
+%% two servers never wait for each other).
+share(Session) ->
+    case region_nodes() of
+        [] -> ok;
+        Nodes ->
+            _ = gen_server:multi_call(Nodes, ?MODULE, {shared, Session, decision(Session), moved(Session)}, 5000),
+            ok
+    end.
+
+%% From this module's server: the same, without waiting (casts to one peer
+%% server arrive in the order sent).
+announce(Session) ->
+    _ = [gen_server:abcast(Nodes, ?MODULE, {shared, Session, decision(Session), moved(Session)})
+         || Nodes <- [region_nodes()], Nodes =/= []],
+    ok.
+
+%% @private The rows of `dspex_region_receiver' (sessions replicated into
+%% this region, by the node whose gateway received them) given to the
+%% region's other live nodes, so that the node owning a session, which
+%% decides its failover, and reads there (get/3) see them. Times are sent as
+%% ages (each node has its own monotonic clock).
+-spec rows_changed([{term(), term()}]) -> ok.
+rows_changed([]) -> ok;
+rows_changed(Rows) ->
+    case region_nodes() of
+        [] -> ok;
+        Nodes ->
+            _ = gen_server:abcast(Nodes, ?MODULE, {rows, erlang:monotonic_time(millisecond), Rows}),
+            ok
     end.
 
 %% A recorded decision whose primary is still healthy.
@@ -368,14 +457,26 @@ get(_, _, _) -> {error, {invalid_argument, session}}.
 %% this region), `{error, not_running}'.
 -spec move_session(binary(), region()) -> ok | {error, term()}.
 move_session(Session, Region) when is_binary(Session), is_binary(Region) ->
+    case multi_node() of
+        true -> dspex_cluster:route(Session, {?MODULE, move_owned}, [Session, Region],
+                                    fun() -> move_owned(Session, Region) end);
+        false -> move_owned(Session, Region)
+    end;
+move_session(_, _) -> {error, {invalid_argument, session}}.
+
+%% @private move_session/2 on the node owning `Session' in this region's
+%% cluster (its writer takes the export the move ships); the new decision
+%% and the move reach the region's other live nodes before the copy leaves.
+-spec move_owned(binary(), region()) -> ok | {error, term()}.
+move_owned(Session, Region) ->
     try gen_server:call(?MODULE, {move, Session, Region}) of
         {ok, _New} ->
+            share(Session),
             Timeout = maps:get(sync_timeout_ms, persistent_term:get({?MODULE, config})),
             dspex_region_shipper:move(Session, Region, Timeout);
         {error, _} = E -> E
     catch exit:{noproc, _} -> {error, not_running}
-    end;
-move_session(_, _) -> {error, {invalid_argument, session}}.
+    end.
 
 %% @private The region `Session' was moved to from this one, or `undefined'.
 -spec moved(binary()) -> region() | undefined.
@@ -431,7 +532,11 @@ decision(Session) ->
 adopt(Session, D) ->
     case decision(Session) of
         D -> ok;
-        _ -> gen_server:call(?MODULE, {adopt, Session, D})
+        _ ->
+            case gen_server:call(?MODULE, {adopt, Session, D}) of
+                ok -> share(Session), ok;
+                Stale -> Stale
+            end
     end.
 
 %% @doc The port the gateway listens on, or `{error, not_running}'.
@@ -514,7 +619,14 @@ init(#{name := Me, peers := Peers} = C) ->
      || #{name := N} <- Peers],
     persistent_term:put({?MODULE, name}, Me),
     persistent_term:put({?MODULE, config}, C),
+    %% the decisions and rows of the region's other nodes, for a node that
+    %% (re)joins: asked at start from the nodes connected, and from each
+    %% node that connects later
+    _ = catch net_kernel:monitor_nodes(true),
+    _ = [pull(N) || N <- nodes()],
     {ok, C}.
+
+pull(N) -> gen_server:cast({?MODULE, N}, {pull, node()}).
 
 %% @private
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
@@ -532,6 +644,7 @@ handle_call({adopt, Session, D}, _From, #{name := Me} = C) ->
             ets:insert(?SESSIONS, {Session, D}),
             %% moved back here: writable again
             _ = maps:get(primary_region, D) =:= Me andalso ets:delete(dspex_region_moved, Session),
+            ok = announce(Session),
             {reply, ok, C};
         false -> {reply, stale, C}
     end;
@@ -547,6 +660,7 @@ handle_call({move, Session, Region}, _From, #{name := Me} = C) ->
                             decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(D) + 1},
                     ets:insert(dspex_region_moved, {Session, Region}),
                     ets:insert(?SESSIONS, {Session, New}),
+                    ok = announce(Session),
                     dspex_telemetry:execute([dspex, region, route], #{count => 1},
                                             #{session => Session, primary_region => Region, policy => moved,
                                               reason => moved}),
@@ -558,12 +672,85 @@ handle_call({move, Session, Region}, _From, #{name := Me} = C) ->
     end;
 handle_call({forget, Session}, _From, C) ->
     ets:delete(?SESSIONS, Session),
+    _ = [gen_server:abcast(Nodes, ?MODULE, {forgotten, Session}) || Nodes <- [region_nodes()], Nodes =/= []],
+    {reply, ok, C};
+handle_call({shared, Session, D, Moved}, _From, C) ->
+    take_shared(Session, D, Moved, C),
     {reply, ok, C};
 handle_call(_, _From, C) -> {reply, {error, unknown_call}, C}.
 
 %% @private
 -spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast({shared, Session, D, Moved}, C) ->
+    take_shared(Session, D, Moved, C),
+    {noreply, C};
+handle_cast({forgotten, Session}, C) ->
+    ets:delete(?SESSIONS, Session),
+    {noreply, C};
+handle_cast({rows, Then, Rows}, C) ->
+    %% another node's receiver rows, its times made ages, then times here
+    Now = erlang:monotonic_time(millisecond),
+    Here = fun(T) when is_integer(T) -> Now - (Then - T); (T) -> T end,
+    _ = [ets:insert(dspex_region_applied, {K, merge_row(K, R, Here)})
+         || {K, R} <- Rows, (is_binary(K) andalso is_map(R))
+                                orelse (is_tuple(K) andalso element(1, K) =:= heard andalso is_integer(R))],
+    {noreply, C};
+handle_cast({pull, From}, C) when is_atom(From) ->
+    case lists:member(From, region_nodes()) orelse lists:member(From, configured_nodes()) of
+        true ->
+            gen_server:cast({?MODULE, From}, {merge, erlang:monotonic_time(millisecond), ets:tab2list(?SESSIONS),
+                                              ets:tab2list(dspex_region_moved), ets:tab2list(dspex_region_applied)});
+        false -> ok
+    end,
+    {noreply, C};
+handle_cast({merge, Then, Decisions, Moved, Rows}, C) ->
+    _ = [take_shared(S, D, proplists:get_value(S, Moved), C) || {S, D} <- Decisions],
+    %% rows this node has not got (its own are as new as any)
+    handle_cast({rows, Then, [R || {K, _} = R <- Rows, not ets:member(dspex_region_applied, K)]}, C);
 handle_cast(_, C) -> {noreply, C}.
+
+%% A row (or heard time) from another node against this node's: the one
+%% that applied more of the session wins, a region epoch never goes back (a
+%% takeover here raised it), a primary last heard is the latest heard.
+merge_row({heard, _} = K, T, Here) ->
+    case ets:lookup(dspex_region_applied, K) of
+        [{_, Mine}] when is_integer(Mine) -> max(Mine, Here(T));
+        _ -> Here(T)
+    end;
+merge_row(S, R0, Here) when is_map(R0) ->
+    R = R0#{current_at => Here(maps:get(current_at, R0, undefined))},
+    case ets:lookup(dspex_region_applied, S) of
+        [{_, #{seq := MySeq} = Mine}] ->
+            Keep = case MySeq > maps:get(seq, R, 0) of
+                       true -> Mine;
+                       false -> R
+                   end,
+            Keep#{region_epoch => max(region_epoch(Mine), region_epoch(R))};
+        _ -> R
+    end.
+
+%% A decision (and move) another node of this region recorded: kept unless
+%% this node holds a newer region epoch; a session whose primary is this
+%% region again is writable again.
+take_shared(Session, D, Moved, #{name := Me}) when is_binary(Session), is_map(D) ->
+    case region_epoch(decision(Session)) =< region_epoch(D) of
+        true ->
+            ets:insert(?SESSIONS, {Session, D}),
+            case {maps:get(primary_region, D, undefined), Moved} of
+                {Me, _} -> ets:delete(dspex_region_moved, Session);
+                {_, R} when is_binary(R) -> ets:insert(dspex_region_moved, {Session, R});
+                _ -> true
+            end;
+        false -> false
+    end;
+take_shared(_, _, _, _) -> false.
+
+%% the nodes of this region's cluster, as configured
+configured_nodes() ->
+    case dspex_cluster:enabled() andalso dspex_cluster_members:published_view() of
+        #{nodes := Ns} -> Ns;
+        _ -> []
+    end.
 
 %% @private
 -spec handle_info(term(), map()) -> {noreply, map()}.
@@ -577,10 +764,22 @@ handle_info(failover_tick, #{name := Me} = C) ->
          || majority(C), S <- maps:keys(dspex_region_receiver:sessions()),
             #{primary_region := P, backup_regions := Bs} <- [decision(S)],
             P =/= Me, not healthy(P), failed(P), silent(P, C),
-            lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me],
+            lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me, owns(S)],
     erlang:send_after(failover_tick_ms(C), self(), failover_tick),
     {noreply, C};
+handle_info({nodeup, N}, C) ->
+    _ = lists:member(N, configured_nodes()) andalso pull(N),
+    {noreply, C};
 handle_info(_, C) -> {noreply, C}.
+
+%% In a region of several nodes a session's failover is decided by the node
+%% owning it in the region's cluster (the others' ticks leave it alone).
+owns(S) ->
+    case dspex_cluster:owner_of(S) of
+        {ok, N} -> N =:= node();
+        {error, not_clustered} -> true;
+        {error, _} -> false
+    end.
 
 failover_tick_ms(#{region_failover_ms := F}) -> max(100, F div 4).
 
@@ -602,6 +801,7 @@ majority(#{peers := Peers}) ->
 
 record(Session, D, Reason) ->
     ets:insert(?SESSIONS, {Session, D}),
+    ok = announce(Session),
     dspex_telemetry:execute([dspex, region, route], #{count => 1},
                             #{session => Session, primary_region => maps:get(primary_region, D),
                               policy => maps:get(policy, D), reason => Reason}),

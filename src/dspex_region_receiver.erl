@@ -75,6 +75,9 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
          Row1 = Row#{head => max(H, Seq)},
          ets:insert(?APPLIED, {S, case Seq >= H of true -> Row1#{current_at => Now}; false -> Row1 end})
      end || S <- Touched, is_binary(S)],
+    %% the region's other nodes get the rows (the session's owner there
+    %% decides its failover)
+    ok = dspex_region:rows_changed([{S, row(S)} || S <- Touched, is_binary(S)]),
     heard(From),
     %% changes refused for an older region epoch: their sender is an old
     %% primary that has not learned the newer decision; the answer carries it
@@ -103,7 +106,10 @@ row(S) ->
 -spec took_over(binary(), non_neg_integer()) -> true | false.
 took_over(S, RE) ->
     case ets:lookup(?APPLIED, S) of
-        [{_, Row}] -> ets:insert(?APPLIED, {S, Row#{region_epoch => RE}});
+        [{_, Row}] ->
+            ets:insert(?APPLIED, {S, Row#{region_epoch => RE}}),
+            ok = dspex_region:rows_changed([{S, Row#{region_epoch => RE}}]),
+            true;
         [] -> false
     end.
 
@@ -123,7 +129,15 @@ silent_ms(From) ->
 
 %% @doc Notes a frame from region `From' (a batch or a probe).
 -spec heard(binary()) -> true.
-heard(From) -> ets:insert(?APPLIED, {{heard, From}, erlang:monotonic_time(millisecond)}).
+heard(From) ->
+    Now = erlang:monotonic_time(millisecond),
+    %% and, at most every 100 ms, on the region's other nodes
+    _ = case ets:lookup(?APPLIED, {heard_shared, From}) of
+            [{_, T}] when Now - T < 100 -> ok;
+            _ -> ets:insert(?APPLIED, {{heard_shared, From}, Now}),
+                 dspex_region:rows_changed([{{heard, From}, Now}])
+        end,
+    ets:insert(?APPLIED, {{heard, From}, Now}).
 
 apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), is_integer(Seq) ->
     Row = row(S),

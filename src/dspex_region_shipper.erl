@@ -121,8 +121,15 @@ move(Session, Region, Timeout) ->
 
 %% @private One full copy of `Session' to each of its backup regions (this
 %% region just became its primary).
+%% In a region of several nodes it goes to the shipper of the node owning
+%% the session in the region's cluster (its writer takes the copy).
 -spec resync(binary()) -> ok.
-resync(Session) -> gen_server:cast(?MODULE, {resync, Session}).
+resync(Session) ->
+    Owner = case dspex_cluster:owner_of(Session) of
+                {ok, N} -> N;
+                {error, _} -> node()
+            end,
+    gen_server:cast({?MODULE, Owner}, {resync, Session}).
 
 %% @doc Replication per backup region: `lag_versions' (records queued or in
 %% flight), `lag_ms' (age of the oldest, 0 when none), `in_flight' (batches),
