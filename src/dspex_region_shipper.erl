@@ -33,9 +33,13 @@
 %% `{error, {region_timeout, Regions}}' (the regions that did not acknowledge;
 %% the change is committed in this region and still shipped).
 %%
-%% Lag per backup region: `lag_versions' is the number of records queued or
-%% in flight, `lag_ms' the age of the oldest of them (0 when none), in
-%% `dspex_region:topology/0' and Prometheus.
+%% Lag per backup region: `lag_versions' is the number of records committed
+%% and not yet acknowledged by it: handed to this process (counted by
+%% `committed/5' before the writer answers its caller, while the message
+%% still waits in this process's mailbox), queued or in flight; `lag_ms' the
+%% age of the oldest record queued or in flight (0 when none), in
+%% `dspex_region:topology/0' and Prometheus. So a change acknowledged to its
+%% writer is counted in `lag_versions' until its backup region applied it.
 -module(dspex_region_shipper).
 -behaviour(gen_server).
 
@@ -68,6 +72,9 @@ committed(Session, Epoch, Seq, Payload, From) ->
                         undefined -> From;
                         Pid ->
                             At = erlang:monotonic_time(millisecond),
+                            %% counted in the lag from now on, before the
+                            %% writer acknowledges it (see handed/2)
+                            handed(Backups, 1),
                             case persistent_term:get({dspex_region, replication}, async_primary_backup) of
                                 sync_all when From =/= none ->
                                     Ref = make_ref(),
@@ -80,6 +87,22 @@ committed(Session, Epoch, Seq, Payload, From) ->
                     end;
                 _ -> From
             end
+    end.
+
+%% Records handed to this process and not yet taken into its queues, per
+%% backup region: counted in `lag_versions' (stats/0) so that a change
+%% acknowledged to its writer is in the measured lag from that moment on,
+%% even while its message waits in this process's mailbox.
+handed(Backups, N) ->
+    case persistent_term:get({?MODULE, handed}, undefined) of
+        {Ref, Ix} -> [counters:add(Ref, I, N) || B <- Backups, #{B := I} <- [Ix]], ok;
+        undefined -> ok
+    end.
+
+handed_count(P) ->
+    case persistent_term:get({?MODULE, handed}, undefined) of
+        {Ref, #{P := I}} -> max(0, counters:get(Ref, I));
+        _ -> 0
     end.
 
 %% What crosses to another region: no events (each region's log is its own:
@@ -130,12 +153,13 @@ resync(Session) -> gen_server:cast(?MODULE, {resync, Session}).
 -spec stats() -> #{binary() => map()}.
 stats() ->
     Now = erlang:monotonic_time(millisecond),
-    try maps:from_list([{P, view(Row, Now)} || {P, Row} <- ets:tab2list(?STATS)])
+    try maps:from_list([{P, view(P, Row, Now)} || {P, Row} <- ets:tab2list(?STATS)])
     catch error:badarg -> #{}
     end.
 
-view(#{oldest_at := O} = Row, Now) ->
-    (maps:remove(oldest_at, Row))#{lag_ms => case O of undefined -> 0; _ -> max(0, Now - O) end}.
+view(P, #{oldest_at := O, lag_versions := L} = Row, Now) ->
+    (maps:remove(oldest_at, Row))#{lag_versions => L + handed_count(P),
+                                   lag_ms => case O of undefined -> 0; _ -> max(0, Now - O) end}.
 
 %% @private
 -spec stats_table() -> atom().
@@ -151,6 +175,10 @@ start_link(C) -> gen_server:start_link({local, ?MODULE}, ?MODULE, C, []).
 -spec init(map()) -> {ok, map()}.
 init(#{name := Me, peers := Peers} = C) ->
     _ = ets:new(?STATS, [named_table, protected, set, {read_concurrency, true}]),
+    Names = [N || #{name := N} <- Peers],
+    persistent_term:put({?MODULE, handed},
+                        {counters:new(max(1, length(Names)), [write_concurrency]),
+                         maps:from_list(lists:zip(Names, lists:seq(1, length(Names))))}),
     St = #{me => Me, conf => C, next_id => 1, waits => #{},
            peers => maps:from_list([{N, peer_state()} || #{name := N} <- Peers])},
     [publish(N, St) || #{name := N} <- Peers],
@@ -199,7 +227,10 @@ handle_info({rec, {S, _, Seq, _, _} = Rec, At, Backups, Wait}, #{peers := Ps} = 
           end,
     Item = {rec, Rec, At, case Wait of none -> []; {R, _} -> [R] end},
     St2 = lists:foldl(fun(P, Acc) -> enqueue(P, S, Seq, Item, Acc) end, St1, Targets),
-    {noreply, lists:foldl(fun pump/2, St2, Targets)};
+    St3 = lists:foldl(fun pump/2, St2, Targets),
+    %% queued and published (pump/2): no longer counted as handed
+    handed(Backups, -1),
+    {noreply, St3};
 handle_info({{dspex_region_ack, Ref}, Reply}, St) ->
     %% the writer's (or the cluster shipper's) answer to a sync_all write
     {noreply, local_reply(Ref, Reply, St)};

@@ -29,8 +29,9 @@
          move_session_moves_the_primary_and_the_old_one_refuses_writes/1,
          late_changes_of_the_old_primary_are_fenced_and_reported/1,
          an_unreachable_primary_region_fails_over_to_its_first_backup/1,
-         sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1]).
--export([concurrent_sets/3]).
+         sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1,
+         async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag/1]).
+-export([concurrent_sets/3, set_with_lag/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
 
@@ -40,10 +41,12 @@
 -define(PROBE_MS, 20).
 -define(WINDOW, 32).
 
-all() -> [{group, plain}, {group, tls}, {group, replication}].
+all() -> [{group, plain}, {group, tls}, {group, replication}, {group, replication_async_kill}].
 
 groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()},
-             {replication, [sequence], replication_cases()}].
+             {replication, [sequence], replication_cases()},
+             %% regions of their own: region a is killed
+             {replication_async_kill, [sequence], [async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag]}].
 
 %% cross-region replication: each region a one-node cluster, plain TCP
 replication_cases() ->
@@ -79,6 +82,7 @@ weights(_) -> #{}.
 
 init_per_group(plain, Config) -> start_regions(undefined, Config);
 init_per_group(replication, Config) -> start_regions(undefined, [{replication, true} | Config]);
+init_per_group(replication_async_kill, Config) -> start_regions(undefined, [{replication, true} | Config]);
 init_per_group(tls, Config) ->
     Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_ct_" ++ os:getpid() ++ "_" ++
                             integer_to_list(erlang:unique_integer([positive]))),
@@ -654,6 +658,79 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
                     20000, c_follows_b),
     ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])).
+
+%% async_primary_backup: writers keep writing one variable of a session whose
+%% primary is a; each acknowledgement comes back with the lag to b measured on
+%% a right after it (dspex_region_shipper:stats/0, the records committed and
+%% not yet applied by b). kill -9 of a's only node in mid-stream; b takes over.
+%% The acknowledged writes b lacks are a suffix (every acknowledged version up
+%% to b's is in b with its value, in order) and, for every sample (V, L) (the
+%% write of version V acknowledged, then L measured), there are at most
+%% L + (acknowledged writes of a version above V) of them.
+async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_async_kill">>,
+    K = <<"k">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    %% every version kept: the whole history is compared
+    {ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{history_limit => 1000}]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    OsPid = peer:call(PA, os, getpid, []),
+    Me = self(),
+    Writers = [spawn_monitor(fun() -> lag_writer(PA, S, K, W, 1, Me) end) || W <- lists:seq(1, 4)],
+    %% 200 acknowledgements, then kill -9 while the writers go on
+    First = [receive {acked, _, _, _} = A -> A end || _ <- lists:seq(1, 200)],
+    [] = os:cmd("kill -9 " ++ OsPid),
+    Acked = [{V, X, L} || {acked, V, X, L} <- First ++ drain_writers(Writers, [])],
+    ?assert(length(Acked) >= 200),
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
+                                #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                                _ -> false
+                            end
+                    end, 20000, b_takes_over),
+    {ok, #{version := Vb, value := Xb}} = peer:call(PB, dspex_store, get, [S, K]),
+    HistB = [{Vb, Xb} | history(PB, S, K)],
+    %% b's history is whole (0..Vb, no version missing)
+    ?assertEqual(lists:seq(0, Vb), lists:sort([V || {V, _} <- HistB])),
+    %% no gap: every acknowledged write up to b's version is there, with its value
+    ?assertEqual([], [{V, X} || {V, X, _} <- Acked, V =< Vb, not lists:member({V, X}, HistB)]),
+    %% the rest, acknowledged and not in b, is a suffix bounded by the measured lag
+    Lost = length([V || {V, _, _} <- Acked, V > Vb]),
+    Bounds = [{L + length([V1 || {V1, _, _} <- Acked, V1 > V]), V, L} || {V, _, L} <- Acked],
+    {Bound, AtV, AtL} = lists:min(Bounds),
+    ct:pal("async kill -9: ~b writes acknowledged, b at version ~b, ~b acknowledged lost; "
+           "tightest bound ~b (lag ~b sampled after version ~b); max lag sampled ~b",
+           [length(Acked), Vb, Lost, Bound, AtL, AtV, lists:max([L || {_, _, L} <- Acked])]),
+    [?assert(Lost =< B, {Lost, B, V, L}) || {B, V, L} <- Bounds],
+    %% c follows b
+    ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
+                    20000, c_follows_b),
+    ?assertMatch({ok, #{version := Vb}}, peer:call(PC, dspex_store, get, [S, K])).
+
+%% a writer of the test node: one set at a time through a, each answer with
+%% the lag to b measured there right after it, until a is gone
+lag_writer(PA, S, K, W, I, Parent) ->
+    X = W * 1000000 + I,
+    case catch peer:call(PA, ?MODULE, set_with_lag, [S, K, X]) of
+        {{ok, V}, L} -> Parent ! {acked, V, X, L}, lag_writer(PA, S, K, W, I + 1, Parent);
+        _ -> done
+    end.
+
+drain_writers([], Acc) -> lists:reverse(Acc);
+drain_writers(Writers, Acc) ->
+    receive
+        {acked, _, _, _} = A -> drain_writers(Writers, [A | Acc]);
+        {'DOWN', Ref, process, Pid, _} -> drain_writers(Writers -- [{Pid, Ref}], Acc)
+    after 30000 -> error({writers_stuck, Writers})
+    end.
+
+%% on a peer: a set, then the lag to b measured right after its acknowledgement
+set_with_lag(S, K, X) ->
+    R = dspex_store:set(S, K, X),
+    #{<<"b">> := #{lag_versions := L}} = dspex_region_shipper:stats(),
+    {R, L}.
 
 %%% helpers -------------------------------------------------------------------------
 

@@ -374,3 +374,31 @@ receiver_applies_by_version_test() ->
         ?assertMatch(#{primary_region := <<"mx">>}, dspex_region:decision(S)),
         ok = dspex_store:delete_session(S)
     end).
+
+%% A change acknowledged to its writer is in the measured lag at once, even
+%% while its record still waits in the shipper's mailbox (the lost suffix of
+%% an async primary killed at that moment is bounded by that lag).
+shipper_counts_handed_records_in_the_lag_test() ->
+    standalone(fun(_) ->
+        Us = <<"us">>,
+        C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
+              repl_batch_max => 1000, sync_timeout_ms => 60000},
+        S = <<"handed_s">>,
+        ok = dspex_region:adopt(S, #{primary_region => <<"eu">>, backup_regions => [Us], policy => lowest_rtt,
+                                     decided_at => 0}),
+        {ok, Sh} = dspex_region_shipper:start_link(C),
+        try
+            ok = sys:suspend(Sh),
+            [none = dspex_region_shipper:committed(S, 1, I, {op, delete, [S, <<"k">>], ok}, none) || I <- [1, 2, 3]],
+            %% three records in the mailbox, none taken in yet
+            ?assertMatch(#{Us := #{lag_versions := 3}}, dspex_region_shipper:stats()),
+            ok = sys:resume(Sh),
+            %% taken into the queue (the link is down): still three, not six
+            _ = sys:get_state(Sh),
+            ?assertMatch(#{Us := #{lag_versions := 3, link := down}}, dspex_region_shipper:stats())
+        after
+            unlink(Sh),
+            exit(Sh, kill),
+            _ = dspex_region:forget_session(S)
+        end
+    end).
