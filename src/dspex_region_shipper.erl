@@ -44,7 +44,7 @@
 -behaviour(gen_server).
 
 -export([committed/5, admit/2, stats/0, stats_table/0]).
--export([move/3, resync/1]).
+-export([move/3, resync/1, resync_to/2]).
 -export([start_link/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -147,6 +147,11 @@ move(Session, Region, Timeout) ->
 -spec resync(binary()) -> ok.
 resync(Session) -> gen_server:cast(?MODULE, {resync, Session}).
 
+%% @private One full copy of `Session' to each of `Regions' (backup regions
+%% just added to the session's decision here, its primary).
+-spec resync_to(binary(), [binary()]) -> ok.
+resync_to(Session, Regions) -> gen_server:cast(?MODULE, {resync, Session, Regions}).
+
 %% @doc Replication per backup region: `lag_versions' (records queued or in
 %% flight), `lag_ms' (age of the oldest, 0 when none), `in_flight' (batches),
 %% `batches', `records' and `full_copies' sent since start, `link' (up | down).
@@ -212,6 +217,10 @@ handle_cast({resync, S}, #{peers := Ps} = St) ->
               end,
     St1 = lists:foldl(fun(R, A) -> update_peer(R, fun(PS) -> resync(S, PS) end, A) end, St, Backups),
     {noreply, lists:foldl(fun pump/2, St1, Backups)};
+handle_cast({resync, S, Regions}, #{peers := Ps} = St) ->
+    Rs = [R || R <- Regions, is_map_key(R, Ps)],
+    St1 = lists:foldl(fun(R, A) -> update_peer(R, fun(PS) -> resync(S, PS) end, A) end, St, Rs),
+    {noreply, lists:foldl(fun pump/2, St1, Rs)};
 handle_cast(_, St) -> {noreply, St}.
 
 %% @private

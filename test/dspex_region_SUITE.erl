@@ -515,12 +515,20 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
     {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
     [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
     ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
-    ok = peer:call(PC, ?MODULE, collector_start, []),
+    [ok = peer:call(P, ?MODULE, collector_start, []) || P <- [PB, PC]],
     %% a cut off from both other regions
     [ok = dspex_region_proxy:drop(P) || P <- Cut],
+    %% a, alone, still takes a write (async) before it notices: it will
+    %% be refused later
+    {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 666]),
+    Late = seq(PA, S),
     try
-        %% a, alone, still takes a write (async): it will be refused later
-        {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 666]),
+        %% a fences itself once it has been without a majority for
+        %% region_failover_ms / 2: its clients' writes are refused, reads served
+        ok = wait_until(fun() -> peer:call(PA, dspex_region, fenced, []) =/= false end, 20000, a_fenced),
+        ?assertEqual({error, {region_fenced, [<<"a">>]}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 777])),
+        ?assertEqual(Late, seq(PA, S)),
+        ?assertMatch({ok, #{value := 666}, #{region := <<"a">>}}, peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
         %% after region_failover_ms (1 s) of a unreachable, b (a's first backup) takes over
         ok = wait_until(fun() ->
                                 case peer:call(PB, dspex_region, decision, [S]) of
@@ -550,7 +558,31 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
     ok = wait_until(fun() -> maps:get(primary_region, peer:call(PA, dspex_region, decision, [S])) =:= <<"b">> end,
                     20000, a_learns_the_new_primary),
     ?assertEqual({error, {not_primary_region, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 7])),
-    ?assertMatch({ok, #{value := 60}}, peer:call(PB, dspex_store, get, [S, <<"k">>])).
+    ?assertMatch({ok, #{value := 60}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
+    %% the only change refused in b and c is a's write made before it fenced
+    %% itself: nothing of the fenced period was shipped
+    FencedSeqs = [Q || P <- [PB, PC], {[dspex, region, replication, fenced], _, #{session := S1, seq := Q}}
+                                          <- peer:call(P, ?MODULE, collector_get, []), S1 =:= S],
+    ?assertEqual([Late], lists:usort(FencedSeqs)),
+    [?assertNot(lists:keymember(777, 2, history(P, S, <<"k">>))) || P <- [PB, PC]],
+    %% a, reachable again, is b's last backup: a full copy, then b's changes
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
+                                #{backup_regions := [<<"c">>, <<"a">>]} -> true;
+                                _ -> false
+                            end
+                    end, 20000, a_is_a_backup_of_b),
+    {ok, 7} = peer:call(PB, dspex_store, set, [S, <<"k">>, 70]),
+    ok = wait_until(fun() -> maps:get(region_epoch, applied(PA, S)) =:= 1 andalso converged(PB, [PA, PC], S) end,
+                    20000, a_follows_b),
+    ?assertEqual(history(PB, S, <<"k">>), history(PA, S, <<"k">>)),
+    ?assertMatch(#{primary := <<"b">>, full_copies := 1}, applied(PA, S)),
+    ?assertMatch({ok, #{value := 70, version := 7}, #{region := <<"a">>, primary_region := <<"b">>,
+                                                      lag_versions := 0, lag_ms := 0}},
+                 peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
+    ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>, <<"a">>], region_epoch := 1},
+                 peer:call(PA, dspex_region, decision, [S])),
+    ?assertEqual({error, {not_primary_region, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 8])).
 
 %% b, a's first backup, is cut off from a and from c: a is unreachable from b
 %% for longer than region_failover_ms, but b alone is no majority of the
@@ -570,6 +602,13 @@ a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
                           St =:= down andalso erlang:system_time(millisecond) - Since > 1000
                   end,
         ok = wait_until(fun() -> DownFor(<<"a">>) andalso DownFor(<<"c">>) end, 20000, b_isolated),
+        %% a lost b but still reaches c: a majority of 3, it does not fence
+        %% itself (once b has been down for it longer than region_failover_ms)
+        ok = wait_until(fun() ->
+                                #{status := St, since := Since} = maps:get(<<"b">>, maps:get(peers, topology(PA))),
+                                St =:= down andalso erlang:system_time(millisecond) - Since > 1000
+                        end, 20000, a_sees_b_down),
+        ?assertEqual(false, peer:call(PA, dspex_region, fenced, [])),
         %% asked to route the session, b keeps a as its primary (without
         %% the majority rule it took the session over here, region epoch 1)
         ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, route_session, [S, #{}])),
