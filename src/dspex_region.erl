@@ -636,6 +636,13 @@ handle_info(_, C) -> {noreply, C}.
 
 failover_tick_ms(#{region_failover_ms := F}) -> max(100, F div 4).
 
+resume_ttl(Session) ->
+    case dspex_region_receiver:resume_ttl(Session) of
+        ok -> ok;
+        {error, Why} ->
+            logger:warning("dspex_region: the TTL of ~p taken over here not resumed: ~p", [Session, Why])
+    end.
+
 %% The old primary P of a session taken over here is reachable again: it
 %% becomes the session's last backup (same region epoch), and gets a full
 %% copy, then the session's changes. It adopts the decision from that copy's
@@ -707,6 +714,11 @@ failover(Session, Opts, #{name := Me} = C) ->
             true -> Old;
             false -> D0
         end,
+    %% taken over here: this region's copy expires on its own clock from now
+    %% on (a backup's copy has no expiry, dspex_region_receiver); done before
+    %% the decision names this region, so that nothing of it is shipped
+    _ = D =/= Old andalso maps:get(primary_region, D) =:= Me andalso is_map(Old)
+        andalso resume_ttl(Session),
     _ = D =/= Old andalso record(Session, D, failover),
     %% the old primary, once reachable again, follows this region (rejoin/3)
     _ = case {Old, D} of

@@ -24,6 +24,7 @@
 -module(dspex_region_receiver).
 
 -export([apply_batch/2, heard/1, silent_ms/1, lag/1, read_local/3, sessions/0, row/1, took_over/2]).
+-export([resume_ttl/1]).
 
 -define(APPLIED, dspex_region_applied).
 
@@ -37,6 +38,7 @@ apply_batch(From, Batch) ->
     Was = put(dspex_region_replay, true),
     try apply_batch1(From, Batch)
     after
+        _ = erase(dspex_region_primary_here),
         case Was of
             undefined -> erase(dspex_region_replay);
             _ -> put(dspex_region_replay, Was)
@@ -51,6 +53,8 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
                                  (S, D, {H, T}) -> {H, [{S, D} | T]}
                               end, {[], []}, Ds),
     _ = [dspex_region:adopt(S, D) || {S, D} <- There],
+    %% a copy installed for a session moved here keeps its TTL (install/2)
+    _ = put(dspex_region_primary_here, [S || {S, _} <- Here]),
     %% each record in the region epoch it was committed in (the batch's
     %% decision gives it for records that do not say)
     NF = lists:foldl(fun({S, E, Seq, P, RE}, Acc) when is_binary(S), is_integer(RE) ->
@@ -105,6 +109,36 @@ took_over(S, RE) ->
     case ets:lookup(?APPLIED, S) of
         [{_, Row}] -> ets:insert(?APPLIED, {S, Row#{region_epoch => RE}});
         [] -> false
+    end.
+
+%% @doc This region becomes the primary of `Session' (a takeover): its copy,
+%% installed without expiry as a backup's (the primary's deletion removes
+%% it), gets the primary's TTL back (counted from now): exported and
+%% installed again with it, as a replay (not shipped: called before the
+%% decision names this region). `ok' when there is nothing to resume.
+-spec resume_ttl(binary()) -> ok | {error, term()}.
+resume_ttl(S) ->
+    case ets:lookup(?APPLIED, {ttl, S}) of
+        [{_, Ttl}] ->
+            Was = put(dspex_region_replay, true),
+            try
+                case Ttl =:= infinity orelse dspex_store:export_session(S) of
+                    true -> ets:delete(?APPLIED, {ttl, S}), ok;
+                    {ok, Export} ->
+                        _ = dspex_store:delete_session(S),
+                        case dspex_store:import_session(maps:remove(dspex_vv, Export#{id => S, ttl => Ttl})) of
+                            ok -> ets:delete(?APPLIED, {ttl, S}), ok;
+                            {error, _} = E -> E
+                        end;
+                    {error, _} = E -> E
+                end
+            after
+                case Was of
+                    undefined -> erase(dspex_region_replay);
+                    _ -> put(dspex_region_replay, Was)
+                end
+            end;
+        [] -> ok
     end.
 
 %% @doc Sessions replicated into this region: `Session => row'.
@@ -194,8 +228,23 @@ install(S, skip) -> _ = S, ok;
 install(S, absent) -> deleted(dspex_store:delete_session(S));
 install(S, Export) when is_map(Export) ->
     _ = dspex_store:delete_session(S),
-    case dspex_store:import_session(maps:remove(dspex_vv, Export#{id => S})) of
-        ok -> ok;
+    %% a backup's copy does not expire on this region's clock: the primary
+    %% ships its deletion when its own copy expires (the TTL is kept aside
+    %% and resumed if this region takes the session over, resume_ttl/1); a
+    %% copy of a session moved here is the primary's: its TTL as it is
+    Mine = lists:member(S, case get(dspex_region_primary_here) of L when is_list(L) -> L; _ -> [] end),
+    Ttl = maps:get(ttl, Export, infinity),
+    Copy = case Mine of
+               true -> Export#{id => S};
+               false -> Export#{id => S, ttl => infinity}
+           end,
+    case dspex_store:import_session(maps:remove(dspex_vv, Copy)) of
+        ok ->
+            _ = case Mine of
+                    true -> ets:delete(?APPLIED, {ttl, S});
+                    false -> ets:insert(?APPLIED, {{ttl, S}, Ttl})
+                end,
+            ok;
         {error, _} = E -> E
     end;
 install(_, _) -> {error, bad_copy}.
@@ -214,7 +263,10 @@ replay(S, P) ->
 
 replay1(S, {ev, _, _, P, _}) -> replay1(S, P);
 replay1(S, {full, Export}) -> install(S, Export);
-replay1(S, delete_session) -> deleted(dspex_store:delete_session(S));
+replay1(S, delete_session) ->
+    %% (the primary's deletion, by a client or by its TTL)
+    _ = ets:delete(?APPLIED, {ttl, S}),
+    deleted(dspex_store:delete_session(S));
 replay1(S, {op, Op, [S | _] = Args, Expected}) ->
     Got = case Op of
               set -> apply(dspex_store, set, Args);

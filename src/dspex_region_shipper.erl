@@ -59,7 +59,8 @@
 %% `From'. Returns the `From' the writer must answer: `From' itself (nothing to
 %% wait for), or, in `sync_all', a reply address of this process, which
 %% answers `From' once every backup region acknowledged the change.
--spec committed(binary(), non_neg_integer(), non_neg_integer(), term(), gen_server:from()) -> gen_server:from().
+-spec committed(binary(), non_neg_integer(), non_neg_integer(), term(), gen_server:from() | none) ->
+          gen_server:from() | none.
 committed(Session, Epoch, Seq, Payload, From) ->
     case persistent_term:get({dspex_region, name}, undefined) of
         undefined -> From;

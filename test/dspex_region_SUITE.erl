@@ -30,7 +30,8 @@
          late_changes_of_the_old_primary_are_fenced_and_reported/1,
          an_unreachable_primary_region_fails_over_to_its_first_backup/1,
          sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1,
-         async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag/1]).
+         async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag/1,
+         a_session_expired_by_ttl_in_the_primary_is_deleted_in_its_backups/1]).
 -export([concurrent_sets/3, set_with_lag/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
@@ -62,6 +63,7 @@ replication_cases() ->
      a_backup_cut_off_from_the_majority_does_not_take_over,
      a_client_write_in_a_backup_region_is_refused,
      a_backup_whose_own_link_is_down_but_hears_the_primary_does_not_take_over,
+     a_session_expired_by_ttl_in_the_primary_is_deleted_in_its_backups,
      %% last: region a is gone after it
      sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region].
 
@@ -115,7 +117,8 @@ start_regions(Tls, Config) ->
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     Peers = maps:from_list(
               [{X, begin
-                       {ok, P, _} = peer:start(#{name => "reg_" ++ atom_to_list(X), host => Host,
+                       {ok, P, _} = peer:start(#{name => "reg_" ++ atom_to_list(X) ++ "_" ++ os:getpid(), host => Host,
+                                                 %% (named after this OS process: other runs on the machine use reg_a too)
                                                  connection => standard_io,
                                                  args => ["-setcookie", "dspex_region_ct", "-connect_all", "false",
                                                           "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"
@@ -678,6 +681,8 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
     Acked = peer:call(PA, ?MODULE, concurrent_sets, [S, Keys, 10], 60000),
     ?assertEqual(100, length(Acked)),
+    %% a backup's copy does not expire on its own clock
+    ?assertMatch({ok, #{ttl := infinity}}, peer:call(PB, dspex_store, diagnostics, [S])),
     %% region a's only node, kill -9, right after the acknowledgements
     ok = dspex_cluster_SUITE:kill_node(a, [{a, PA}]),
     %% b takes over (link down after down_after_ms, then region_failover_ms)
@@ -692,11 +697,50 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
          Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
          [?assertMatch({ok, #{value := 10, version := Final}}, peer:call(P, dspex_store, get, [S, K])) || P <- [PB, PC]]
      end || K <- Keys],
+    %% taken over, b's copy has the session's TTL again (the default 3600 s)
+    ?assertMatch({ok, #{ttl := 3600}}, peer:call(PB, dspex_store, diagnostics, [S])),
+    [?assertMatch({ok, #{value := 10}}, peer:call(PB, dspex_store, get, [S, K])) || K <- Keys],
     %% and the session goes on in b, followed by c
     {ok, 11} = peer:call(PB, dspex_store, set, [S, hd(Keys), 11]),
     ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
                     20000, c_follows_b),
     ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])).
+
+%% A session with a TTL of 1 s whose primary is a, kept alive there by
+%% touches: the copies in b and c, never accessed, are not swept on their
+%% own clock; once a's copy expires (a's sweeper, then its cluster keeper),
+%% its deletion is shipped in order after its last change and removes them.
+a_session_expired_by_ttl_in_the_primary_is_deleted_in_its_backups(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_ttl">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S, #{ttl => 1}]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 1]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    %% (listing refreshes no TTL)
+    Listed = fun(P) -> lists:member(S, peer:call(P, dspex_nif, session_list, [])) end,
+    %% a's copy touched every 200 ms for 2.5 s: more than the TTL and two
+    %% sweeps (sweep_interval_ms 1000); the backups' copies stay
+    keep_alive(PA, S, erlang:monotonic_time(millisecond) + 2500),
+    [?assert(Listed(P), P) || P <- [PA, PB, PC]],
+    ?assertMatch({ok, #{ttl := infinity}}, peer:call(PB, dspex_store, diagnostics, [S])),
+    ?assertMatch({ok, #{ttl := 1}}, peer:call(PA, dspex_store, diagnostics, [S])),
+    %% left alone, a's copy expires; its deletion reaches b and c
+    ok = wait_until(fun() -> not lists:any(Listed, [PA, PB, PC]) end, 30000, deleted_everywhere),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, deletion_applied),
+    Seq = seq(PA, S),
+    ?assertEqual(4, Seq),   % create, register, set, expiry
+    [?assertMatch(#{applies := Seq, fenced := 0}, applied(P, S)) || P <- [PB, PC]].
+
+keep_alive(P, S, Until) ->
+    case erlang:monotonic_time(millisecond) < Until of
+        true ->
+            ok = peer:call(P, dspex_store, touch, [S]),
+            timer:sleep(200),
+            keep_alive(P, S, Until);
+        false -> ok
+    end.
 
 %% async_primary_backup: writers keep writing one variable of a session whose
 %% primary is a; each acknowledgement comes back with the lag to b measured on
