@@ -41,6 +41,15 @@
 %% one-node cluster for a one-node region): the cluster's writer hands it the
 %% changes. Reads in a backup region: `get/3'.
 %%
+%% Failover: a backup region takes a session over once its primary region
+%% has been unreachable for `region_failover_ms' (with a majority of the
+%% regions reachable, and the primary silent); the decision names the old
+%% primary's last change it had (`taken_at'). A primary region without a
+%% majority for `region_failover_ms div 2' fences itself (`fenced/0'): its
+%% clients' writes of the sessions it replicates are refused with
+%% `{error, {region_fenced, Reachable}}'. The old primary, reachable again,
+%% becomes the session's last backup (a full copy, then the changes).
+%%
 %% This module's process owns two public ETS tables: the links' state (each
 %% link writes its own row after every probe; readers never call a process)
 %% and the routing decisions.
@@ -59,7 +68,7 @@
 -type coords() :: {number(), number()}.
 -type decision() :: #{primary_region := region(), backup_regions := [region()],
                       policy := nearest | lowest_rtt | moved | failover, decided_at := integer(),
-                      region_epoch => non_neg_integer()}.
+                      region_epoch => non_neg_integer(), taken_at => non_neg_integer()}.
 
 -define(LINKS, dspex_region_links).
 -define(SESSIONS, dspex_region_sessions).
@@ -709,10 +718,18 @@ failover(Session, Opts, #{name := Me} = C) ->
     %% (this one counted) reachable from here and the primary silent here;
     %% else the decision stays (the primary may be alive on the other side of
     %% a partition, or reach this region while this node's link to it is down)
+    %% taken over here: the decision names the old primary's last change
+    %% this region had (its numbering), so that every region can tell that
+    %% primary's late writes (refused and reported) from repeats of changes
+    %% the new primary has (ignored; see dspex_region_receiver)
+    D1 = case maps:get(primary_region, D0) =:= Me andalso ets:lookup(dspex_region_applied, Session) of
+             [{_, #{seq := TakenAt}}] when is_map(Old) -> D0#{taken_at => TakenAt};
+             _ -> D0
+         end,
     D = case is_map(Old) andalso maps:get(primary_region, D0) =:= Me andalso ets:member(dspex_region_applied, Session)
              andalso not (majority(C) andalso silent(maps:get(primary_region, Old), C)) of
             true -> Old;
-            false -> D0
+            false -> D1
         end,
     %% taken over here: this region's copy expires on its own clock from now
     %% on (a backup's copy has no expiry, dspex_region_receiver); done before

@@ -17,6 +17,16 @@
 %% the applied sequence to the copy's. Each session's row counts its applies,
 %% so tests can see that nothing was applied twice.
 %%
+%% A change of an older region epoch is refused and reported (telemetry
+%% `[dspex, region, replication, fenced]', `fenced' in the row), unless the
+%% decision of a takeover says the new primary had it (`taken_at'): then it
+%% is a repeat, ignored. The answer names the newer decision.
+%%
+%% A copy installed here for a session whose primary is another region has
+%% no expiry (`ttl => infinity'): the primary ships its deletion when its own
+%% copy expires; the TTL is kept aside and `resume_ttl/1' restores it when
+%% this region takes the session over.
+%%
 %% The primary's routing decision of each session travels with its records and
 %% is recorded here (`dspex_region:adopt/2'), so that `route_session/2' in this
 %% region answers the same primary, and this region's writers do not ship the
@@ -57,12 +67,19 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
     _ = put(dspex_region_primary_here, [S || {S, _} <- Here]),
     %% each record in the region epoch it was committed in (the batch's
     %% decision gives it for records that do not say)
-    NF = lists:foldl(fun({S, E, Seq, P, RE}, Acc) when is_binary(S), is_integer(RE) ->
-                             apply_rec(From, {S, E, Seq, P}, RE, Acc);
-                        ({S, _, _, _} = Rec, Acc) when is_binary(S) ->
-                             apply_rec(From, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
-                        (_, Acc) -> Acc
-                     end, [], Recs),
+    %% (and the sessions whose changes were refused for an older region epoch)
+    Step = fun(S, Rec, RE, {NF0, Refused}) ->
+                   case apply_rec(From, Rec, RE, NF0) of
+                       {refused, NF1} -> {NF1, [S | Refused]};
+                       NF1 -> {NF1, Refused}
+                   end
+           end,
+    {NF, RefusedIn} = lists:foldl(fun({S, E, Seq, P, RE}, Acc) when is_binary(S), is_integer(RE) ->
+                                          Step(S, {S, E, Seq, P}, RE, Acc);
+                                     ({S, _, _, _} = Rec, Acc) when is_binary(S) ->
+                                          Step(S, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
+                                     (_, Acc) -> Acc
+                                  end, {[], []}, Recs),
     [case dspex_region:adopt(S, D) of
          ok -> dspex_region_shipper:resync(S);
          stale -> ok
@@ -82,11 +99,7 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
     heard(From),
     %% changes refused for an older region epoch: their sender is an old
     %% primary that has not learned the newer decision; the answer carries it
-    RecRE = fun({S, _, _, _, RE}) when is_binary(S), is_integer(RE) -> [{S, RE}];
-               ({S, _, _, _}) when is_binary(S) -> [{S, region_epoch(maps:get(S, Ds, undefined))}];
-               (_) -> []
-            end,
-    Newer = lists:usort([S || R <- Recs, {S, RE} <- RecRE(R), region_epoch(row(S)) > RE]),
+    Newer = lists:usort(RefusedIn),
     case [{S, D} || S <- Newer, D <- [dspex_region:decision(S)], is_map(D)] of
         [] -> #{need_full => lists:usort(NF)};
         Decisions -> #{need_full => lists:usort(NF), decisions => maps:from_list(Decisions)}
@@ -163,15 +176,16 @@ apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), 
     Row = row(S),
     case region_epoch(Row) of
         RE -> apply_seq(From, Rec, Row, NF);
-        Newer when Newer > RE ->
-            %% a primary this session was moved away from: its change is
-            %% refused and reported, never merged
-            logger:warning("dspex_region: change ~p of ~p from ~s refused: region epoch ~p, the session is at ~p",
-                           [Seq, S, From, RE, Newer]),
-            dspex_telemetry:execute([dspex, region, replication, fenced], #{count => 1},
-                                    #{session => S, peer => From, seq => Seq, region_epoch => RE}),
-            ets:insert(?APPLIED, {S, Row#{fenced => maps:get(fenced, Row, 0) + 1}}),
-            NF;
+        Newer when Newer > RE, Newer =:= RE + 1, is_integer(Seq) ->
+            case dspex_region:decision(S) of
+                #{region_epoch := Newer, taken_at := TakenAt} when Seq =< TakenAt ->
+                    %% a change the new primary had when it took over (say
+                    %% a batch sent again after a flap): a repeat, ignored;
+                    %% the answer still names the newer decision
+                    {refused, NF};
+                _ -> fence(From, S, Seq, RE, Newer, Row, NF)
+            end;
+        Newer when Newer > RE -> fence(From, S, Seq, RE, Newer, Row, NF);
         _Older ->
             %% a new primary: its numbering starts with a full copy
             case P of
@@ -187,6 +201,16 @@ apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), 
             end
     end;
 apply_rec(_, _, _, NF) -> NF.
+
+%% A change of an older region epoch (the session was moved away from its
+%% sender, or taken over from it): refused and reported, never merged.
+fence(From, S, Seq, RE, Newer, Row, NF) ->
+    logger:warning("dspex_region: change ~p of ~p from ~s refused: region epoch ~p, the session is at ~p",
+                   [Seq, S, From, RE, Newer]),
+    dspex_telemetry:execute([dspex, region, replication, fenced], #{count => 1},
+                            #{session => S, peer => From, seq => Seq, region_epoch => RE}),
+    ets:insert(?APPLIED, {S, Row#{fenced => maps:get(fenced, Row, 0) + 1}}),
+    {refused, NF}.
 
 apply_seq(From, {S, E, Seq, P}, Row, NF) ->
     #{seq := Have, epoch := HaveE} = Row,

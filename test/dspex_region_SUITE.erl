@@ -624,7 +624,14 @@ a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
         [dspex_region_proxy:restore(P) || P <- Cut]
     end,
     %% healed: b catches up with a's writes, none of them refused
-    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, b_catches_up),
+    try wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, b_catches_up)
+    catch C:R ->
+            %% (what each side holds, for the log)
+            ct:pal("b did not catch up: a at ~p, b ~p, c ~p~na -> b ~p~nb's decision ~p~nb ~p~na ~p",
+                   [seq(PA, S), applied(PB, S), applied(PC, S), repl(PA, <<"b">>), peer:call(PB, dspex_region, decision, [S]),
+                    topology(PB), topology(PA)]),
+            erlang:raise(C, R, [])
+    end,
     ?assertEqual(0, maps:get(fenced, applied(PB, S))),
     ?assertMatch({ok, #{value := 3}}, peer:call(PB, dspex_store, get, [S, <<"k">>])).
 
@@ -685,6 +692,17 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     ?assertMatch({ok, #{ttl := infinity}}, peer:call(PB, dspex_store, diagnostics, [S])),
     %% region a's only node, kill -9, right after the acknowledgements
     ok = dspex_cluster_SUITE:kill_node(a, [{a, PA}]),
+    %% no acknowledged write is lost, in either region: read at once (b takes
+    %% over only after down_after_ms + region_failover_ms, then replaces c's
+    %% copy with its own, see below)
+    Have = fun(P) ->
+                   [begin
+                        Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
+                        ?assertMatch({P, {ok, #{value := 10, version := Final}}},
+                                     {P, peer:call(P, dspex_store, get, [S, K])})
+                    end || K <- Keys]
+           end,
+    _ = [Have(P) || P <- [PB, PC]],
     %% b takes over (link down after down_after_ms, then region_failover_ms)
     ok = wait_until(fun() ->
                             case peer:call(PB, dspex_region, decision, [S]) of
@@ -692,11 +710,8 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
                                 _ -> false
                             end
                     end, 20000, b_takes_over),
-    %% no acknowledged write is lost, in either region
-    [begin
-         Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
-         [?assertMatch({ok, #{value := 10, version := Final}}, peer:call(P, dspex_store, get, [S, K])) || P <- [PB, PC]]
-     end || K <- Keys],
+    %% the new primary has them all
+    _ = Have(PB),
     %% taken over, b's copy has the session's TTL again (the default 3600 s)
     ?assertMatch({ok, #{ttl := 3600}}, peer:call(PB, dspex_store, diagnostics, [S])),
     [?assertMatch({ok, #{value := 10}}, peer:call(PB, dspex_store, get, [S, K])) || K <- Keys],
@@ -704,7 +719,9 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     {ok, 11} = peer:call(PB, dspex_store, set, [S, hd(Keys), 11]),
     ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
                     20000, c_follows_b),
-    ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])).
+    ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])),
+    VV = fun(P, K) -> {ok, #{value := V, version := Ver}} = peer:call(P, dspex_store, get, [S, K]), {V, Ver} end,
+    [?assertEqual(VV(PB, K), VV(PC, K)) || K <- Keys].
 
 %% A session with a TTL of 1 s whose primary is a, kept alive there by
 %% touches: the copies in b and c, never accessed, are not swept on their
