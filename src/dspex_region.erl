@@ -686,10 +686,18 @@ silent(R, #{down_after_ms := Down}) ->
     end.
 
 %% A strict majority of all the regions (this one and its peers) is this
-%% one plus the peers whose link is up.
-majority(#{peers := Peers}) ->
-    Up = length([N || #{name := N} <- Peers, healthy(N)]),
-    2 * (Up + 1) > length(Peers) + 1.
+%% one plus the peers whose link is up, held for region_failover_ms: a
+%% region that has just regained a majority (a heal reconnects its links
+%% one by one) does not take over a primary the others may have reached all
+%% along; its link to that primary comes back meanwhile. Counted from the
+%% time the links that make the majority were up together (the latest
+%% `since' among the earliest up ones it needs).
+majority(#{peers := Peers, region_failover_ms := F}) ->
+    Need = (length(Peers) + 1) div 2,
+    Ups = lists:sort([maps:get(since, Row, 0) || #{name := N} <- Peers,
+                                                 {_, #{status := up} = Row} <- ets:lookup(?LINKS, N)]),
+    length(Ups) >= Need andalso
+        (Need =:= 0 orelse erlang:system_time(millisecond) - lists:nth(Need, Ups) >= F).
 
 record(Session, D, Reason) ->
     ets:insert(?SESSIONS, {Session, D}),

@@ -619,7 +619,20 @@ a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
         ?assertEqual(0, maps:get(region_epoch, applied(PB, S))),
         %% a goes on taking writes, replicated to c
         [{ok, _} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 3)],
-        ok = wait_until(fun() -> converged(PA, [PC], S) end, 20000, c_follows_a)
+        ok = wait_until(fun() -> converged(PA, [PC], S) end, 20000, c_follows_a),
+        %% the heal, b <-> c first: b has a majority again (b and c) while a is
+        %% still unreachable from it, down for longer than region_failover_ms
+        %% and silent; c has heard a all along. b's link to c is up for more
+        %% than a failover check period (250 ms) before a comes back: b does
+        %% not take over on a majority it has just regained (without the
+        %% rule it took the session over here at region epoch 1, and a's
+        %% changes were refused here)
+        [ok = dspex_region_proxy:restore(maps:get(XY, Proxies)) || XY <- [{b, c}, {c, b}]],
+        ok = wait_until(fun() ->
+                                #{status := St, since := Since} = maps:get(<<"c">>, maps:get(peers, topology(PB))),
+                                St =:= up andalso erlang:system_time(millisecond) - Since > 400
+                        end, 20000, b_reaches_c),
+        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, decision, [S]))
     after
         [dspex_region_proxy:restore(P) || P <- Cut]
     end,
