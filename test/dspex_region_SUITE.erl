@@ -736,7 +736,7 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     VV = fun(P, K) -> {ok, #{value := V, version := Ver}} = peer:call(P, dspex_store, get, [S, K]), {V, Ver} end,
     [?assertEqual(VV(PB, K), VV(PC, K)) || K <- Keys].
 
-%% A session with a TTL of 1 s whose primary is a, kept alive there by
+%% A session with a TTL of 2 s whose primary is a, kept alive there by
 %% touches: the copies in b and c, never accessed, are not swept on their
 %% own clock; once a's copy expires (a's sweeper, then its cluster keeper),
 %% its deletion is shipped in order after its last change and removes them.
@@ -744,18 +744,18 @@ a_session_expired_by_ttl_in_the_primary_is_deleted_in_its_backups(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),
     S = <<"r_ttl">>,
     routed_at_a(PA, S),
-    {ok, _} = peer:call(PA, dspex_store, create_session, [S, #{ttl => 1}]),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S, #{ttl => 2}]),
     {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
     {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 1]),
     ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
     %% (listing refreshes no TTL)
     Listed = fun(P) -> lists:member(S, peer:call(P, dspex_nif, session_list, [])) end,
-    %% a's copy touched every 200 ms for 2.5 s: more than the TTL and two
+    %% a's copy touched every 200 ms for 4.5 s: more than the TTL and two
     %% sweeps (sweep_interval_ms 1000); the backups' copies stay
-    keep_alive(PA, S, erlang:monotonic_time(millisecond) + 2500),
+    keep_alive(PA, S, erlang:monotonic_time(millisecond) + 4500),
     [?assert(Listed(P), P) || P <- [PA, PB, PC]],
     ?assertMatch({ok, #{ttl := infinity}}, peer:call(PB, dspex_store, diagnostics, [S])),
-    ?assertMatch({ok, #{ttl := 1}}, peer:call(PA, dspex_store, diagnostics, [S])),
+    ?assertMatch({ok, #{ttl := 2}}, peer:call(PA, dspex_store, diagnostics, [S])),
     %% left alone, a's copy expires; its deletion reaches b and c
     ok = wait_until(fun() -> not lists:any(Listed, [PA, PB, PC]) end, 30000, deleted_everywhere),
     ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, deletion_applied),
