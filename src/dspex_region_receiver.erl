@@ -217,7 +217,10 @@ apply_seq(From, {S, E, Seq, P}, Row, NF) ->
     case P of
         {region_full, Export} when Seq >= Have ->
             case replay(S, {full, Export}) of
-                ok -> done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From), NF;
+                ok ->
+                    done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From),
+                    %% the copy covers what was reported before it in this batch
+                    [X || X <- NF, X =/= S];
                 {error, Why} ->
                     logger:warning("dspex_region: full copy of ~p from ~s not installed: ~p", [S, From, Why]),
                     [S | NF]

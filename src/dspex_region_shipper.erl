@@ -388,7 +388,9 @@ acked_item({rec, {S, _, Seq, P, _}, _, Ws}, Need, {#{heads := H, resyncing := R,
     H1 = case H of #{S := Seq} -> maps:remove(S, H); _ -> H end,
     case {P, Need} of
         {{region_full, _}, #{S := _}} ->
-            {PS#{heads => H1, resync_waits => add_waits(S, Ws, RW)}, Done};
+            %% the copy was not installed: no longer on its way, so that
+            %% acked/4 sends another (its waits go with the next one)
+            {PS#{heads => H1, resyncing => maps:remove(S, R), resync_waits => add_waits(S, Ws, RW)}, Done};
         {{region_full, _}, _} ->
             %% the copy is in: so is every change it holds
             {PS#{heads => H1, resyncing => maps:remove(S, R), resync_waits => maps:remove(S, RW)},
