@@ -159,6 +159,8 @@ handle_cast({expired, S}, St) ->
                             Post -> {ev, undefined, Post, delete_session, []}
                         end,
                     _ = replicate(S, E, Seq + 1, P, Reps, Mode),
+                    %% and to the backup regions, in order after its last change
+                    _ = dspex_region_shipper:committed(S, E, Seq + 1, P, none),
                     ok = dspex_cache:committed(S, E, Seq + 1),
                     dspex_cluster_watch:lost(S, ended),
                     dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});

@@ -41,6 +41,15 @@
 %% one-node cluster for a one-node region): the cluster's writer hands it the
 %% changes. Reads in a backup region: `get/3'.
 %%
+%% Failover: a backup region takes a session over once its primary region
+%% has been unreachable for `region_failover_ms' (with a majority of the
+%% regions reachable, and the primary silent); the decision names the old
+%% primary's last change it had (`taken_at'). A primary region without a
+%% majority for `region_failover_ms div 2' fences itself (`fenced/0'): its
+%% clients' writes of the sessions it replicates are refused with
+%% `{error, {region_fenced, Reachable}}'. The old primary, reachable again,
+%% becomes the session's last backup (a full copy, then the changes).
+%%
 %% This module's process owns two public ETS tables: the links' state (each
 %% link writes its own row after every probe; readers never call a process)
 %% and the routing decisions.
@@ -58,7 +67,7 @@
 
 -export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
          haversine_km/2, get/3, set_replication/1, replication/0]).
--export([decision/1, adopt/2, moved/1, move_session/2, writable/1]).
+-export([decision/1, adopt/2, moved/1, move_session/2, writable/1, fenced/0]).
 -export([route_owned/2, move_owned/2, rows_changed/1, region_nodes/0]).
 -export([start_link/1, links_table/0, link_update/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
@@ -69,7 +78,7 @@
 -type coords() :: {number(), number()}.
 -type decision() :: #{primary_region := region(), backup_regions := [region()],
                       policy := nearest | lowest_rtt | moved | failover, decided_at := integer(),
-                      region_epoch => non_neg_integer()}.
+                      region_epoch => non_neg_integer(), taken_at => non_neg_integer()}.
 
 -define(LINKS, dspex_region_links).
 -define(SESSIONS, dspex_region_sessions).
@@ -497,7 +506,11 @@ region_epoch(_) -> 0.
 %% `{error, {not_primary_region, P}}' in a backup region (the change would
 %% diverge from its primary's and be overwritten by its next full copy). The
 %% backup's own replay of the primary's changes (dspex_region_receiver) passes.
--spec writable(term()) -> ok | {error, {region_moved | not_primary_region, binary()}}.
+%% A session replicated from here (its decision has backup regions) is
+%% refused with `{error, {region_fenced, Reachable}}' while this region is
+%% fenced (`fenced/0'): a backup may be about to take it over.
+-spec writable(term()) -> ok | {error, {region_moved | not_primary_region, binary()}}
+                              | {error, {region_fenced, [region()]}}.
 writable(Session) ->
     case persistent_term:get({?MODULE, name}, undefined) of
         undefined -> ok;
@@ -506,6 +519,11 @@ writable(Session) ->
                 true -> ok;
                 _ ->
                     case decision(Session) of
+                        #{primary_region := Me, backup_regions := [_ | _]} ->
+                            case fenced() of
+                                false -> ok;
+                                {true, Reachable} -> {error, {region_fenced, Reachable}}
+                            end;
                         #{primary_region := Me} -> ok;
                         #{primary_region := P} ->
                             case moved(Session) of
@@ -515,6 +533,45 @@ writable(Session) ->
                         undefined -> ok
                     end
             end
+    end.
+
+%% @doc Whether this region fences itself: `{true, Reachable}' once it has
+%% not reached a strict majority of all the regions (itself and the peers
+%% whose link is up, the rule a backup's takeover needs) for
+%% `region_failover_ms div 2' ms, else `false' (also without a region).
+%% While fenced, the sessions it is the primary of and that have backup
+%% regions refuse their clients' writes with `{error, {region_fenced,
+%% Reachable}}' (`Reachable': this region and the peers whose link is up,
+%% sorted); reads are served. A backup takes such a session over only after
+%% its own link to this region has been down for `region_failover_ms', so
+%% this region stops writing about `region_failover_ms div 2' before (each
+%% side measures from its own link going down, after `down_after_ms' without
+%% an answer, on its own clock: only durations are compared, and the half
+%% is the margin for the two detections and the takeover check's period).
+%% Computed on each call from the links' rows: the majority was lost when
+%% the last link it needed went down (the `since' of that link's row).
+-spec fenced() -> false | {true, [region()]}.
+fenced() ->
+    case persistent_term:get({?MODULE, config}, undefined) of
+        #{name := Me, peers := [_ | _] = Peers, region_failover_ms := F} ->
+            Rows = [{N, case ets:lookup(?LINKS, N) of [{_, Row}] -> Row; [] -> #{status => down, since => 0} end}
+                    || #{name := N} <- Peers],
+            Up = [N || {N, #{status := up}} <- Rows],
+            %% peers needed up for a strict majority, this region counted
+            Need = (length(Peers) + 1) div 2,
+            case Need - length(Up) of
+                Short when Short =< 0 -> false;
+                Short ->
+                    %% the majority held until the Short-th most recent link down
+                    Downs = lists:reverse(lists:sort([maps:get(since, Row, 0) || {_, Row} <- Rows,
+                                                                                maps:get(status, Row) =/= up])),
+                    LostAt = lists:nth(Short, Downs),
+                    case erlang:system_time(millisecond) - LostAt >= F div 2 of
+                        true -> {true, lists:sort([Me | Up])};
+                        false -> false
+                    end
+            end;
+        _ -> false
     end.
 
 %% @private The recorded decision of `Session', or `undefined'.
@@ -613,6 +670,8 @@ init(#{name := Me, peers := Peers} = C) ->
     _ = ets:new(dspex_region_applied, [named_table, public, set, {read_concurrency, true}]),
     %% sessions moved from this region to another: {Session, Region}
     _ = ets:new(dspex_region_moved, [named_table, protected, set, {read_concurrency, true}]),
+    %% sessions taken over here whose old primary is not a backup yet: {Session, OldPrimary}
+    _ = ets:new(dspex_region_rejoin, [named_table, protected, set]),
     persistent_term:put({?MODULE, replication}, maps:get(replication, C)),
     _ = Peers =/= [] andalso erlang:send_after(failover_tick_ms(C), self(), failover_tick),
     [ets:insert(?LINKS, {N, #{status => down, since => erlang:system_time(millisecond), samples => 0}})
@@ -765,6 +824,8 @@ handle_info(failover_tick, #{name := Me} = C) ->
             #{primary_region := P, backup_regions := Bs} <- [decision(S)],
             P =/= Me, not healthy(P), failed(P), silent(P, C),
             lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me, owns(S)],
+    %% old primaries of sessions taken over here that are reachable again
+    _ = [rejoin(S, P, C) || {S, P} <- ets:tab2list(dspex_region_rejoin), healthy(P)],
     erlang:send_after(failover_tick_ms(C), self(), failover_tick),
     {noreply, C};
 handle_info({nodeup, N}, C) ->
@@ -783,6 +844,36 @@ owns(S) ->
 
 failover_tick_ms(#{region_failover_ms := F}) -> max(100, F div 4).
 
+resume_ttl(Session) ->
+    case dspex_region_receiver:resume_ttl(Session) of
+        ok -> ok;
+        {error, Why} ->
+            logger:warning("dspex_region: the TTL of ~p taken over here not resumed: ~p", [Session, Why])
+    end.
+
+%% The old primary P of a session taken over here is reachable again: it
+%% becomes the session's last backup (same region epoch), and gets a full
+%% copy, then the session's changes. It adopts the decision from that copy's
+%% batch (or earlier, from the refusal of its own late changes), so its
+%% clients' writes are refused there from then on, and its copy converges
+%% to this region's history.
+rejoin(S, P, #{name := Me}) ->
+    ets:delete(dspex_region_rejoin, S),
+    case decision(S) of
+        #{primary_region := Me, backup_regions := Bs} = D when P =/= Me ->
+            case lists:member(P, Bs) of
+                true -> ok;
+                false ->
+                    %% the copy is queued first: a change committed once the
+                    %% decision names P follows it in P's queue (the copy is
+                    %% taken when it leaves, with every change before)
+                    ok = dspex_region_shipper:resync_to(S, [P]),
+                    _ = record(S, D#{backup_regions => Bs ++ [P]}, rejoin),
+                    ok
+            end;
+        _ -> ok
+    end.
+
 %% Nothing (batch or probe) came in from region R for down_after_ms: this
 %% node's own link to R can be down (in its reconnect backoff, or one way
 %% cut) while R's link to this region still delivers, and a primary heard
@@ -794,10 +885,18 @@ silent(R, #{down_after_ms := Down}) ->
     end.
 
 %% A strict majority of all the regions (this one and its peers) is this
-%% one plus the peers whose link is up.
-majority(#{peers := Peers}) ->
-    Up = length([N || #{name := N} <- Peers, healthy(N)]),
-    2 * (Up + 1) > length(Peers) + 1.
+%% one plus the peers whose link is up, held for region_failover_ms: a
+%% region that has just regained a majority (a heal reconnects its links
+%% one by one) does not take over a primary the others may have reached all
+%% along; its link to that primary comes back meanwhile. Counted from the
+%% time the links that make the majority were up together (the latest
+%% `since' among the earliest up ones it needs).
+majority(#{peers := Peers, region_failover_ms := F}) ->
+    Need = (length(Peers) + 1) div 2,
+    Ups = lists:sort([maps:get(since, Row, 0) || #{name := N} <- Peers,
+                                                 {_, #{status := up} = Row} <- ets:lookup(?LINKS, N)]),
+    length(Ups) >= Need andalso
+        (Need =:= 0 orelse erlang:system_time(millisecond) - lists:nth(Need, Ups) >= F).
 
 record(Session, D, Reason) ->
     ets:insert(?SESSIONS, {Session, D}),
@@ -827,12 +926,32 @@ failover(Session, Opts, #{name := Me} = C) ->
     %% (this one counted) reachable from here and the primary silent here;
     %% else the decision stays (the primary may be alive on the other side of
     %% a partition, or reach this region while this node's link to it is down)
+    %% taken over here: the decision names the old primary's last change
+    %% this region had (its numbering), so that every region can tell that
+    %% primary's late writes (refused and reported) from repeats of changes
+    %% the new primary has (ignored; see dspex_region_receiver)
+    D1 = case maps:get(primary_region, D0) =:= Me andalso ets:lookup(dspex_region_applied, Session) of
+             [{_, #{seq := TakenAt}}] when is_map(Old) -> D0#{taken_at => TakenAt};
+             _ -> D0
+         end,
     D = case is_map(Old) andalso maps:get(primary_region, D0) =:= Me andalso ets:member(dspex_region_applied, Session)
              andalso not (majority(C) andalso silent(maps:get(primary_region, Old), C)) of
             true -> Old;
-            false -> D0
+            false -> D1
         end,
+    %% taken over here: this region's copy expires on its own clock from now
+    %% on (a backup's copy has no expiry, dspex_region_receiver); done before
+    %% the decision names this region, so that nothing of it is shipped
+    _ = D =/= Old andalso maps:get(primary_region, D) =:= Me andalso is_map(Old)
+        andalso resume_ttl(Session),
     _ = D =/= Old andalso record(Session, D, failover),
+    %% the old primary, once reachable again, follows this region (rejoin/3)
+    _ = case {Old, D} of
+            {#{primary_region := OldP}, #{primary_region := Me, backup_regions := NewBs}}
+              when D =/= Old, OldP =/= Me ->
+                not lists:member(OldP, NewBs) andalso ets:insert(dspex_region_rejoin, {Session, OldP});
+            _ -> false
+        end,
     %% this region's copy is at the new region epoch: the old primary's later
     %% changes are refused here too
     _ = maps:get(primary_region, D) =:= Me andalso dspex_region_receiver:took_over(Session, region_epoch(D)),

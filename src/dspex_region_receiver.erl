@@ -17,6 +17,16 @@
 %% the applied sequence to the copy's. Each session's row counts its applies,
 %% so tests can see that nothing was applied twice.
 %%
+%% A change of an older region epoch is refused and reported (telemetry
+%% `[dspex, region, replication, fenced]', `fenced' in the row), unless the
+%% decision of a takeover says the new primary had it (`taken_at'): then it
+%% is a repeat, ignored. The answer names the newer decision.
+%%
+%% A copy installed here for a session whose primary is another region has
+%% no expiry (`ttl => infinity'): the primary ships its deletion when its own
+%% copy expires; the TTL is kept aside and `resume_ttl/1' restores it when
+%% this region takes the session over.
+%%
 %% The primary's routing decision of each session travels with its records and
 %% is recorded here (`dspex_region:adopt/2'), so that `route_session/2' in this
 %% region answers the same primary, and this region's writers do not ship the
@@ -24,6 +34,7 @@
 -module(dspex_region_receiver).
 
 -export([apply_batch/2, heard/1, silent_ms/1, lag/1, read_local/3, sessions/0, row/1, took_over/2]).
+-export([resume_ttl/1]).
 
 -define(APPLIED, dspex_region_applied).
 
@@ -37,6 +48,7 @@ apply_batch(From, Batch) ->
     Was = put(dspex_region_replay, true),
     try apply_batch1(From, Batch)
     after
+        _ = erase(dspex_region_primary_here),
         case Was of
             undefined -> erase(dspex_region_replay);
             _ -> put(dspex_region_replay, Was)
@@ -51,14 +63,23 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
                                  (S, D, {H, T}) -> {H, [{S, D} | T]}
                               end, {[], []}, Ds),
     _ = [dspex_region:adopt(S, D) || {S, D} <- There],
+    %% a copy installed for a session moved here keeps its TTL (install/2)
+    _ = put(dspex_region_primary_here, [S || {S, _} <- Here]),
     %% each record in the region epoch it was committed in (the batch's
     %% decision gives it for records that do not say)
-    NF = lists:foldl(fun({S, E, Seq, P, RE}, Acc) when is_binary(S), is_integer(RE) ->
-                             apply_rec(From, {S, E, Seq, P}, RE, Acc);
-                        ({S, _, _, _} = Rec, Acc) when is_binary(S) ->
-                             apply_rec(From, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
-                        (_, Acc) -> Acc
-                     end, [], Recs),
+    %% (and the sessions whose changes were refused for an older region epoch)
+    Step = fun(S, Rec, RE, {NF0, Refused}) ->
+                   case apply_rec(From, Rec, RE, NF0) of
+                       {refused, NF1} -> {NF1, [S | Refused]};
+                       NF1 -> {NF1, Refused}
+                   end
+           end,
+    {NF, RefusedIn} = lists:foldl(fun({S, E, Seq, P, RE}, Acc) when is_binary(S), is_integer(RE) ->
+                                          Step(S, {S, E, Seq, P}, RE, Acc);
+                                     ({S, _, _, _} = Rec, Acc) when is_binary(S) ->
+                                          Step(S, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
+                                     (_, Acc) -> Acc
+                                  end, {[], []}, Recs),
     [case dspex_region:adopt(S, D) of
          ok -> dspex_region_shipper:resync(S);
          stale -> ok
@@ -81,11 +102,7 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
     heard(From),
     %% changes refused for an older region epoch: their sender is an old
     %% primary that has not learned the newer decision; the answer carries it
-    RecRE = fun({S, _, _, _, RE}) when is_binary(S), is_integer(RE) -> [{S, RE}];
-               ({S, _, _, _}) when is_binary(S) -> [{S, region_epoch(maps:get(S, Ds, undefined))}];
-               (_) -> []
-            end,
-    Newer = lists:usort([S || R <- Recs, {S, RE} <- RecRE(R), region_epoch(row(S)) > RE]),
+    Newer = lists:usort(RefusedIn),
     case [{S, D} || S <- Newer, D <- [dspex_region:decision(S)], is_map(D)] of
         [] -> #{need_full => lists:usort(NF)};
         Decisions -> #{need_full => lists:usort(NF), decisions => maps:from_list(Decisions)}
@@ -111,6 +128,36 @@ took_over(S, RE) ->
             ok = dspex_region:rows_changed([{S, Row#{region_epoch => RE}}]),
             true;
         [] -> false
+    end.
+
+%% @doc This region becomes the primary of `Session' (a takeover): its copy,
+%% installed without expiry as a backup's (the primary's deletion removes
+%% it), gets the primary's TTL back (counted from now): exported and
+%% installed again with it, as a replay (not shipped: called before the
+%% decision names this region). `ok' when there is nothing to resume.
+-spec resume_ttl(binary()) -> ok | {error, term()}.
+resume_ttl(S) ->
+    case ets:lookup(?APPLIED, {ttl, S}) of
+        [{_, Ttl}] ->
+            Was = put(dspex_region_replay, true),
+            try
+                case Ttl =:= infinity orelse dspex_store:export_session(S) of
+                    true -> ets:delete(?APPLIED, {ttl, S}), ok;
+                    {ok, Export} ->
+                        _ = dspex_store:delete_session(S),
+                        case dspex_store:import_session(maps:remove(dspex_vv, Export#{id => S, ttl => Ttl})) of
+                            ok -> ets:delete(?APPLIED, {ttl, S}), ok;
+                            {error, _} = E -> E
+                        end;
+                    {error, _} = E -> E
+                end
+            after
+                case Was of
+                    undefined -> erase(dspex_region_replay);
+                    _ -> put(dspex_region_replay, Was)
+                end
+            end;
+        [] -> ok
     end.
 
 %% @doc Sessions replicated into this region: `Session => row'.
@@ -143,15 +190,16 @@ apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), 
     Row = row(S),
     case region_epoch(Row) of
         RE -> apply_seq(From, Rec, Row, NF);
-        Newer when Newer > RE ->
-            %% a primary this session was moved away from: its change is
-            %% refused and reported, never merged
-            logger:warning("dspex_region: change ~p of ~p from ~s refused: region epoch ~p, the session is at ~p",
-                           [Seq, S, From, RE, Newer]),
-            dspex_telemetry:execute([dspex, region, replication, fenced], #{count => 1},
-                                    #{session => S, peer => From, seq => Seq, region_epoch => RE}),
-            ets:insert(?APPLIED, {S, Row#{fenced => maps:get(fenced, Row, 0) + 1}}),
-            NF;
+        Newer when Newer > RE, Newer =:= RE + 1, is_integer(Seq) ->
+            case dspex_region:decision(S) of
+                #{region_epoch := Newer, taken_at := TakenAt} when Seq =< TakenAt ->
+                    %% a change the new primary had when it took over (say
+                    %% a batch sent again after a flap): a repeat, ignored;
+                    %% the answer still names the newer decision
+                    {refused, NF};
+                _ -> fence(From, S, Seq, RE, Newer, Row, NF)
+            end;
+        Newer when Newer > RE -> fence(From, S, Seq, RE, Newer, Row, NF);
         _Older ->
             %% a new primary: its numbering starts with a full copy
             case P of
@@ -168,12 +216,25 @@ apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), 
     end;
 apply_rec(_, _, _, NF) -> NF.
 
+%% A change of an older region epoch (the session was moved away from its
+%% sender, or taken over from it): refused and reported, never merged.
+fence(From, S, Seq, RE, Newer, Row, NF) ->
+    logger:warning("dspex_region: change ~p of ~p from ~s refused: region epoch ~p, the session is at ~p",
+                   [Seq, S, From, RE, Newer]),
+    dspex_telemetry:execute([dspex, region, replication, fenced], #{count => 1},
+                            #{session => S, peer => From, seq => Seq, region_epoch => RE}),
+    ets:insert(?APPLIED, {S, Row#{fenced => maps:get(fenced, Row, 0) + 1}}),
+    {refused, NF}.
+
 apply_seq(From, {S, E, Seq, P}, Row, NF) ->
     #{seq := Have, epoch := HaveE} = Row,
     case P of
         {region_full, Export} when Seq >= Have ->
             case replay(S, {full, Export}) of
-                ok -> done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From), NF;
+                ok ->
+                    done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From),
+                    %% the copy covers what was reported before it in this batch
+                    [X || X <- NF, X =/= S];
                 {error, Why} ->
                     logger:warning("dspex_region: full copy of ~p from ~s not installed: ~p", [S, From, Why]),
                     [S | NF]
@@ -208,8 +269,23 @@ install(S, skip) -> _ = S, ok;
 install(S, absent) -> deleted(dspex_store:delete_session(S));
 install(S, Export) when is_map(Export) ->
     _ = dspex_store:delete_session(S),
-    case dspex_store:import_session(maps:remove(dspex_vv, Export#{id => S})) of
-        ok -> ok;
+    %% a backup's copy does not expire on this region's clock: the primary
+    %% ships its deletion when its own copy expires (the TTL is kept aside
+    %% and resumed if this region takes the session over, resume_ttl/1); a
+    %% copy of a session moved here is the primary's: its TTL as it is
+    Mine = lists:member(S, case get(dspex_region_primary_here) of L when is_list(L) -> L; _ -> [] end),
+    Ttl = maps:get(ttl, Export, infinity),
+    Copy = case Mine of
+               true -> Export#{id => S};
+               false -> Export#{id => S, ttl => infinity}
+           end,
+    case dspex_store:import_session(maps:remove(dspex_vv, Copy)) of
+        ok ->
+            _ = case Mine of
+                    true -> ets:delete(?APPLIED, {ttl, S});
+                    false -> ets:insert(?APPLIED, {{ttl, S}, Ttl})
+                end,
+            ok;
         {error, _} = E -> E
     end;
 install(_, _) -> {error, bad_copy}.
@@ -228,7 +304,10 @@ replay(S, P) ->
 
 replay1(S, {ev, _, _, P, _}) -> replay1(S, P);
 replay1(S, {full, Export}) -> install(S, Export);
-replay1(S, delete_session) -> deleted(dspex_store:delete_session(S));
+replay1(S, delete_session) ->
+    %% (the primary's deletion, by a client or by its TTL)
+    _ = ets:delete(?APPLIED, {ttl, S}),
+    deleted(dspex_store:delete_session(S));
 replay1(S, {op, Op, [S | _] = Args, Expected}) ->
     Got = case Op of
               set -> apply(dspex_store, set, Args);

@@ -33,14 +33,18 @@
 %% `{error, {region_timeout, Regions}}' (the regions that did not acknowledge;
 %% the change is committed in this region and still shipped).
 %%
-%% Lag per backup region: `lag_versions' is the number of records queued or
-%% in flight, `lag_ms' the age of the oldest of them (0 when none), in
-%% `dspex_region:topology/0' and Prometheus.
+%% Lag per backup region: `lag_versions' is the number of records committed
+%% and not yet acknowledged by it: handed to this process (counted by
+%% `committed/5' before the writer answers its caller, while the message
+%% still waits in this process's mailbox), queued or in flight; `lag_ms' the
+%% age of the oldest record queued or in flight (0 when none), in
+%% `dspex_region:topology/0' and Prometheus. So a change acknowledged to its
+%% writer is counted in `lag_versions' until its backup region applied it.
 -module(dspex_region_shipper).
 -behaviour(gen_server).
 
 -export([committed/5, admit/2, stats/0, stats_table/0]).
--export([move/3, resync/1]).
+-export([move/3, resync/1, resync_to/2]).
 -export([start_link/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -55,7 +59,8 @@
 %% `From'. Returns the `From' the writer must answer: `From' itself (nothing to
 %% wait for), or, in `sync_all', a reply address of this process, which
 %% answers `From' once every backup region acknowledged the change.
--spec committed(binary(), non_neg_integer(), non_neg_integer(), term(), gen_server:from()) -> gen_server:from().
+-spec committed(binary(), non_neg_integer(), non_neg_integer(), term(), gen_server:from() | none) ->
+          gen_server:from() | none.
 committed(Session, Epoch, Seq, Payload, From) ->
     case persistent_term:get({dspex_region, name}, undefined) of
         undefined -> From;
@@ -68,6 +73,9 @@ committed(Session, Epoch, Seq, Payload, From) ->
                         undefined -> From;
                         Pid ->
                             At = erlang:monotonic_time(millisecond),
+                            %% counted in the lag from now on, before the
+                            %% writer acknowledges it (see handed/2)
+                            handed(Backups, 1),
                             case persistent_term:get({dspex_region, replication}, async_primary_backup) of
                                 sync_all when From =/= none ->
                                     Ref = make_ref(),
@@ -80,6 +88,22 @@ committed(Session, Epoch, Seq, Payload, From) ->
                     end;
                 _ -> From
             end
+    end.
+
+%% Records handed to this process and not yet taken into its queues, per
+%% backup region: counted in `lag_versions' (stats/0) so that a change
+%% acknowledged to its writer is in the measured lag from that moment on,
+%% even while its message waits in this process's mailbox.
+handed(Backups, N) ->
+    case persistent_term:get({?MODULE, handed}, undefined) of
+        {Ref, Ix} -> [counters:add(Ref, I, N) || B <- Backups, #{B := I} <- [Ix]], ok;
+        undefined -> ok
+    end.
+
+handed_count(P) ->
+    case persistent_term:get({?MODULE, handed}, undefined) of
+        {Ref, #{P := I}} -> max(0, counters:get(Ref, I));
+        _ -> 0
     end.
 
 %% What crosses to another region: no events (each region's log is its own:
@@ -131,18 +155,24 @@ resync(Session) ->
             end,
     gen_server:cast({?MODULE, Owner}, {resync, Session}).
 
+%% @private One full copy of `Session' to each of `Regions' (backup regions
+%% just added to the session's decision here, its primary).
+-spec resync_to(binary(), [binary()]) -> ok.
+resync_to(Session, Regions) -> gen_server:cast(?MODULE, {resync, Session, Regions}).
+
 %% @doc Replication per backup region: `lag_versions' (records queued or in
 %% flight), `lag_ms' (age of the oldest, 0 when none), `in_flight' (batches),
 %% `batches', `records' and `full_copies' sent since start, `link' (up | down).
 -spec stats() -> #{binary() => map()}.
 stats() ->
     Now = erlang:monotonic_time(millisecond),
-    try maps:from_list([{P, view(Row, Now)} || {P, Row} <- ets:tab2list(?STATS)])
+    try maps:from_list([{P, view(P, Row, Now)} || {P, Row} <- ets:tab2list(?STATS)])
     catch error:badarg -> #{}
     end.
 
-view(#{oldest_at := O} = Row, Now) ->
-    (maps:remove(oldest_at, Row))#{lag_ms => case O of undefined -> 0; _ -> max(0, Now - O) end}.
+view(P, #{oldest_at := O, lag_versions := L} = Row, Now) ->
+    (maps:remove(oldest_at, Row))#{lag_versions => L + handed_count(P),
+                                   lag_ms => case O of undefined -> 0; _ -> max(0, Now - O) end}.
 
 %% @private
 -spec stats_table() -> atom().
@@ -158,6 +188,10 @@ start_link(C) -> gen_server:start_link({local, ?MODULE}, ?MODULE, C, []).
 -spec init(map()) -> {ok, map()}.
 init(#{name := Me, peers := Peers} = C) ->
     _ = ets:new(?STATS, [named_table, protected, set, {read_concurrency, true}]),
+    Names = [N || #{name := N} <- Peers],
+    persistent_term:put({?MODULE, handed},
+                        {counters:new(max(1, length(Names)), [write_concurrency]),
+                         maps:from_list(lists:zip(Names, lists:seq(1, length(Names))))}),
     St = #{me => Me, conf => C, next_id => 1, waits => #{},
            peers => maps:from_list([{N, peer_state()} || #{name := N} <- Peers])},
     [publish(N, St) || #{name := N} <- Peers],
@@ -191,6 +225,10 @@ handle_cast({resync, S}, #{peers := Ps} = St) ->
               end,
     St1 = lists:foldl(fun(R, A) -> update_peer(R, fun(PS) -> resync(S, PS) end, A) end, St, Backups),
     {noreply, lists:foldl(fun pump/2, St1, Backups)};
+handle_cast({resync, S, Regions}, #{peers := Ps} = St) ->
+    Rs = [R || R <- Regions, is_map_key(R, Ps)],
+    St1 = lists:foldl(fun(R, A) -> update_peer(R, fun(PS) -> resync(S, PS) end, A) end, St, Rs),
+    {noreply, lists:foldl(fun pump/2, St1, Rs)};
 handle_cast(_, St) -> {noreply, St}.
 
 %% @private
@@ -206,7 +244,10 @@ handle_info({rec, {S, _, Seq, _, _} = Rec, At, Backups, Wait}, #{peers := Ps} = 
           end,
     Item = {rec, Rec, At, case Wait of none -> []; {R, _} -> [R] end},
     St2 = lists:foldl(fun(P, Acc) -> enqueue(P, S, Seq, Item, Acc) end, St1, Targets),
-    {noreply, lists:foldl(fun pump/2, St2, Targets)};
+    St3 = lists:foldl(fun pump/2, St2, Targets),
+    %% queued and published (pump/2): no longer counted as handed
+    handed(Backups, -1),
+    {noreply, St3};
 handle_info({{dspex_region_ack, Ref}, Reply}, St) ->
     %% the writer's (or the cluster shipper's) answer to a sync_all write
     {noreply, local_reply(Ref, Reply, St)};
@@ -354,7 +395,9 @@ acked_item({rec, {S, _, Seq, P, _}, _, Ws}, Need, {#{heads := H, resyncing := R,
     H1 = case H of #{S := Seq} -> maps:remove(S, H); _ -> H end,
     case {P, Need} of
         {{region_full, _}, #{S := _}} ->
-            {PS#{heads => H1, resync_waits => add_waits(S, Ws, RW)}, Done};
+            %% the copy was not installed: no longer on its way, so that
+            %% acked/4 sends another (its waits go with the next one)
+            {PS#{heads => H1, resyncing => maps:remove(S, R), resync_waits => add_waits(S, Ws, RW)}, Done};
         {{region_full, _}, _} ->
             %% the copy is in: so is every change it holds
             {PS#{heads => H1, resyncing => maps:remove(S, R), resync_waits => maps:remove(S, RW)},

@@ -29,8 +29,10 @@
          move_session_moves_the_primary_and_the_old_one_refuses_writes/1,
          late_changes_of_the_old_primary_are_fenced_and_reported/1,
          an_unreachable_primary_region_fails_over_to_its_first_backup/1,
-         sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1]).
--export([concurrent_sets/3]).
+         sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1,
+         async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag/1,
+         a_session_expired_by_ttl_in_the_primary_is_deleted_in_its_backups/1]).
+-export([concurrent_sets/3, set_with_lag/3]).
 %% run on the peers
 -export([collector_start/0, collector_get/0]).
 
@@ -40,10 +42,12 @@
 -define(PROBE_MS, 20).
 -define(WINDOW, 32).
 
-all() -> [{group, plain}, {group, tls}, {group, replication}].
+all() -> [{group, plain}, {group, tls}, {group, replication}, {group, replication_async_kill}].
 
 groups() -> [{plain, [sequence], cases()}, {tls, [sequence], cases()},
-             {replication, [sequence], replication_cases()}].
+             {replication, [sequence], replication_cases()},
+             %% regions of their own: region a is killed
+             {replication_async_kill, [sequence], [async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag]}].
 
 %% cross-region replication: each region a one-node cluster, plain TCP
 replication_cases() ->
@@ -59,6 +63,7 @@ replication_cases() ->
      a_backup_cut_off_from_the_majority_does_not_take_over,
      a_client_write_in_a_backup_region_is_refused,
      a_backup_whose_own_link_is_down_but_hears_the_primary_does_not_take_over,
+     a_session_expired_by_ttl_in_the_primary_is_deleted_in_its_backups,
      %% last: region a is gone after it
      sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region].
 
@@ -79,6 +84,7 @@ weights(_) -> #{}.
 
 init_per_group(plain, Config) -> start_regions(undefined, Config);
 init_per_group(replication, Config) -> start_regions(undefined, [{replication, true} | Config]);
+init_per_group(replication_async_kill, Config) -> start_regions(undefined, [{replication, true} | Config]);
 init_per_group(tls, Config) ->
     Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "dspex_region_ct_" ++ os:getpid() ++ "_" ++
                             integer_to_list(erlang:unique_integer([positive]))),
@@ -111,7 +117,8 @@ start_regions(Tls, Config) ->
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     Peers = maps:from_list(
               [{X, begin
-                       {ok, P, _} = peer:start(#{name => "reg_" ++ atom_to_list(X), host => Host,
+                       {ok, P, _} = peer:start(#{name => "reg_" ++ atom_to_list(X) ++ "_" ++ os:getpid(), host => Host,
+                                                 %% (named after this OS process: other runs on the machine use reg_a too)
                                                  connection => standard_io,
                                                  args => ["-setcookie", "dspex_region_ct", "-connect_all", "false",
                                                           "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"
@@ -511,12 +518,20 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
     {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
     [{ok, I} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 5)],
     ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
-    ok = peer:call(PC, ?MODULE, collector_start, []),
+    [ok = peer:call(P, ?MODULE, collector_start, []) || P <- [PB, PC]],
     %% a cut off from both other regions
     [ok = dspex_region_proxy:drop(P) || P <- Cut],
+    %% a, alone, still takes a write (async) before it notices: it will
+    %% be refused later
+    {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 666]),
+    Late = seq(PA, S),
     try
-        %% a, alone, still takes a write (async): it will be refused later
-        {ok, 6} = peer:call(PA, dspex_store, set, [S, <<"k">>, 666]),
+        %% a fences itself once it has been without a majority for
+        %% region_failover_ms / 2: its clients' writes are refused, reads served
+        ok = wait_until(fun() -> peer:call(PA, dspex_region, fenced, []) =/= false end, 20000, a_fenced),
+        ?assertEqual({error, {region_fenced, [<<"a">>]}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 777])),
+        ?assertEqual(Late, seq(PA, S)),
+        ?assertMatch({ok, #{value := 666}, #{region := <<"a">>}}, peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
         %% after region_failover_ms (1 s) of a unreachable, b (a's first backup) takes over
         ok = wait_until(fun() ->
                                 case peer:call(PB, dspex_region, decision, [S]) of
@@ -546,7 +561,31 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
     ok = wait_until(fun() -> maps:get(primary_region, peer:call(PA, dspex_region, decision, [S])) =:= <<"b">> end,
                     20000, a_learns_the_new_primary),
     ?assertEqual({error, {not_primary_region, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 7])),
-    ?assertMatch({ok, #{value := 60}}, peer:call(PB, dspex_store, get, [S, <<"k">>])).
+    ?assertMatch({ok, #{value := 60}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
+    %% the only change refused in b and c is a's write made before it fenced
+    %% itself: nothing of the fenced period was shipped
+    FencedSeqs = [Q || P <- [PB, PC], {[dspex, region, replication, fenced], _, #{session := S1, seq := Q}}
+                                          <- peer:call(P, ?MODULE, collector_get, []), S1 =:= S],
+    ?assertEqual([Late], lists:usort(FencedSeqs)),
+    [?assertNot(lists:keymember(777, 2, history(P, S, <<"k">>))) || P <- [PB, PC]],
+    %% a, reachable again, is b's last backup: a full copy, then b's changes
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
+                                #{backup_regions := [<<"c">>, <<"a">>]} -> true;
+                                _ -> false
+                            end
+                    end, 20000, a_is_a_backup_of_b),
+    {ok, 7} = peer:call(PB, dspex_store, set, [S, <<"k">>, 70]),
+    ok = wait_until(fun() -> maps:get(region_epoch, applied(PA, S)) =:= 1 andalso converged(PB, [PA, PC], S) end,
+                    20000, a_follows_b),
+    ?assertEqual(history(PB, S, <<"k">>), history(PA, S, <<"k">>)),
+    ?assertMatch(#{primary := <<"b">>, full_copies := 1}, applied(PA, S)),
+    ?assertMatch({ok, #{value := 70, version := 7}, #{region := <<"a">>, primary_region := <<"b">>,
+                                                      lag_versions := 0, lag_ms := 0}},
+                 peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
+    ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>, <<"a">>], region_epoch := 1},
+                 peer:call(PA, dspex_region, decision, [S])),
+    ?assertEqual({error, {not_primary_region, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 8])).
 
 %% b, a's first backup, is cut off from a and from c: a is unreachable from b
 %% for longer than region_failover_ms, but b alone is no majority of the
@@ -566,6 +605,13 @@ a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
                           St =:= down andalso erlang:system_time(millisecond) - Since > 1000
                   end,
         ok = wait_until(fun() -> DownFor(<<"a">>) andalso DownFor(<<"c">>) end, 20000, b_isolated),
+        %% a lost b but still reaches c: a majority of 3, it does not fence
+        %% itself (once b has been down for it longer than region_failover_ms)
+        ok = wait_until(fun() ->
+                                #{status := St, since := Since} = maps:get(<<"b">>, maps:get(peers, topology(PA))),
+                                St =:= down andalso erlang:system_time(millisecond) - Since > 1000
+                        end, 20000, a_sees_b_down),
+        ?assertEqual(false, peer:call(PA, dspex_region, fenced, [])),
         %% asked to route the session, b keeps a as its primary (without
         %% the majority rule it took the session over here, region epoch 1)
         ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, route_session, [S, #{}])),
@@ -573,12 +619,32 @@ a_backup_cut_off_from_the_majority_does_not_take_over(Config) ->
         ?assertEqual(0, maps:get(region_epoch, applied(PB, S))),
         %% a goes on taking writes, replicated to c
         [{ok, _} = peer:call(PA, dspex_store, set, [S, <<"k">>, I]) || I <- lists:seq(1, 3)],
-        ok = wait_until(fun() -> converged(PA, [PC], S) end, 20000, c_follows_a)
+        ok = wait_until(fun() -> converged(PA, [PC], S) end, 20000, c_follows_a),
+        %% the heal, b <-> c first: b has a majority again (b and c) while a is
+        %% still unreachable from it, down for longer than region_failover_ms
+        %% and silent; c has heard a all along. b's link to c is up for more
+        %% than a failover check period (250 ms) before a comes back: b does
+        %% not take over on a majority it has just regained (without the
+        %% rule it took the session over here at region epoch 1, and a's
+        %% changes were refused here)
+        [ok = dspex_region_proxy:restore(maps:get(XY, Proxies)) || XY <- [{b, c}, {c, b}]],
+        ok = wait_until(fun() ->
+                                #{status := St, since := Since} = maps:get(<<"c">>, maps:get(peers, topology(PB))),
+                                St =:= up andalso erlang:system_time(millisecond) - Since > 400
+                        end, 20000, b_reaches_c),
+        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, decision, [S]))
     after
         [dspex_region_proxy:restore(P) || P <- Cut]
     end,
     %% healed: b catches up with a's writes, none of them refused
-    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, b_catches_up),
+    try wait_until(fun() -> converged(PA, [PB, PC], S) end, 30000, b_catches_up)
+    catch C:R ->
+            %% (what each side holds, for the log)
+            ct:pal("b did not catch up: a at ~p, b ~p, c ~p~na -> b ~p~nb's decision ~p~nb ~p~na ~p",
+                   [seq(PA, S), applied(PB, S), applied(PC, S), repl(PA, <<"b">>), peer:call(PB, dspex_region, decision, [S]),
+                    topology(PB), topology(PA)]),
+            erlang:raise(C, R, [])
+    end,
     ?assertEqual(0, maps:get(fenced, applied(PB, S))),
     ?assertMatch({ok, #{value := 3}}, peer:call(PB, dspex_store, get, [S, <<"k">>])).
 
@@ -635,8 +701,21 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
     ok = peer:call(PA, dspex_region, set_replication, [sync_all]),
     Acked = peer:call(PA, ?MODULE, concurrent_sets, [S, Keys, 10], 60000),
     ?assertEqual(100, length(Acked)),
+    %% a backup's copy does not expire on its own clock
+    ?assertMatch({ok, #{ttl := infinity}}, peer:call(PB, dspex_store, diagnostics, [S])),
     %% region a's only node, kill -9, right after the acknowledgements
     ok = dspex_cluster_SUITE:kill_node(a, [{a, PA}]),
+    %% no acknowledged write is lost, in either region: read at once (b takes
+    %% over only after down_after_ms + region_failover_ms, then replaces c's
+    %% copy with its own, see below)
+    Have = fun(P) ->
+                   [begin
+                        Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
+                        ?assertMatch({P, {ok, #{value := 10, version := Final}}},
+                                     {P, peer:call(P, dspex_store, get, [S, K])})
+                    end || K <- Keys]
+           end,
+    _ = [Have(P) || P <- [PB, PC]],
     %% b takes over (link down after down_after_ms, then region_failover_ms)
     ok = wait_until(fun() ->
                             case peer:call(PB, dspex_region, decision, [S]) of
@@ -644,16 +723,127 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
                                 _ -> false
                             end
                     end, 20000, b_takes_over),
-    %% no acknowledged write is lost, in either region
-    [begin
-         Final = lists:max([V || {K1, {ok, V}} <- Acked, K1 =:= K]),
-         [?assertMatch({ok, #{value := 10, version := Final}}, peer:call(P, dspex_store, get, [S, K])) || P <- [PB, PC]]
-     end || K <- Keys],
+    %% the new primary has them all
+    _ = Have(PB),
+    %% taken over, b's copy has the session's TTL again (the default 3600 s)
+    ?assertMatch({ok, #{ttl := 3600}}, peer:call(PB, dspex_store, diagnostics, [S])),
+    [?assertMatch({ok, #{value := 10}}, peer:call(PB, dspex_store, get, [S, K])) || K <- Keys],
     %% and the session goes on in b, followed by c
     {ok, 11} = peer:call(PB, dspex_store, set, [S, hd(Keys), 11]),
     ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
                     20000, c_follows_b),
-    ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])).
+    ?assertMatch({ok, #{value := 11}}, peer:call(PC, dspex_store, get, [S, hd(Keys)])),
+    VV = fun(P, K) -> {ok, #{value := V, version := Ver}} = peer:call(P, dspex_store, get, [S, K]), {V, Ver} end,
+    [?assertEqual(VV(PB, K), VV(PC, K)) || K <- Keys].
+
+%% A session with a TTL of 2 s whose primary is a, kept alive there by
+%% touches: the copies in b and c, never accessed, are not swept on their
+%% own clock; once a's copy expires (a's sweeper, then its cluster keeper),
+%% its deletion is shipped in order after its last change and removes them.
+a_session_expired_by_ttl_in_the_primary_is_deleted_in_its_backups(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_ttl">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S, #{ttl => 2}]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, <<"k">>, integer, 0, #{}]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 1]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    %% (listing refreshes no TTL)
+    Listed = fun(P) -> lists:member(S, peer:call(P, dspex_nif, session_list, [])) end,
+    %% a's copy touched every 200 ms for 4.5 s: more than the TTL and two
+    %% sweeps (sweep_interval_ms 1000); the backups' copies stay
+    keep_alive(PA, S, erlang:monotonic_time(millisecond) + 4500),
+    [?assert(Listed(P), P) || P <- [PA, PB, PC]],
+    ?assertMatch({ok, #{ttl := infinity}}, peer:call(PB, dspex_store, diagnostics, [S])),
+    ?assertMatch({ok, #{ttl := 2}}, peer:call(PA, dspex_store, diagnostics, [S])),
+    %% left alone, a's copy expires; its deletion reaches b and c
+    ok = wait_until(fun() -> not lists:any(Listed, [PA, PB, PC]) end, 30000, deleted_everywhere),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, deletion_applied),
+    Seq = seq(PA, S),
+    ?assertEqual(4, Seq),   % create, register, set, expiry
+    [?assertMatch(#{applies := Seq, fenced := 0}, applied(P, S)) || P <- [PB, PC]].
+
+keep_alive(P, S, Until) ->
+    case erlang:monotonic_time(millisecond) < Until of
+        true ->
+            ok = peer:call(P, dspex_store, touch, [S]),
+            timer:sleep(200),
+            keep_alive(P, S, Until);
+        false -> ok
+    end.
+
+%% async_primary_backup: writers keep writing one variable of a session whose
+%% primary is a; each acknowledgement comes back with the lag to b measured on
+%% a right after it (dspex_region_shipper:stats/0, the records committed and
+%% not yet applied by b). kill -9 of a's only node in mid-stream; b takes over.
+%% The acknowledged writes b lacks are a suffix (every acknowledged version up
+%% to b's is in b with its value, in order) and, for every sample (V, L) (the
+%% write of version V acknowledged, then L measured), there are at most
+%% L + (acknowledged writes of a version above V) of them.
+async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag(Config) ->
+    #{a := PA, b := PB, c := PC} = ?config(peers, Config),
+    S = <<"r_async_kill">>,
+    K = <<"k">>,
+    routed_at_a(PA, S),
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    %% every version kept: the whole history is compared
+    {ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0, #{history_limit => 1000}]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    OsPid = peer:call(PA, os, getpid, []),
+    Me = self(),
+    Writers = [spawn_monitor(fun() -> lag_writer(PA, S, K, W, 1, Me) end) || W <- lists:seq(1, 4)],
+    %% 200 acknowledgements, then kill -9 while the writers go on
+    First = [receive {acked, _, _, _} = A -> A end || _ <- lists:seq(1, 200)],
+    [] = os:cmd("kill -9 " ++ OsPid),
+    Acked = [{V, X, L} || {acked, V, X, L} <- First ++ drain_writers(Writers, [])],
+    ?assert(length(Acked) >= 200),
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
+                                #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                                _ -> false
+                            end
+                    end, 20000, b_takes_over),
+    {ok, #{version := Vb, value := Xb}} = peer:call(PB, dspex_store, get, [S, K]),
+    HistB = [{Vb, Xb} | history(PB, S, K)],
+    %% b's history is whole (0..Vb, no version missing)
+    ?assertEqual(lists:seq(0, Vb), lists:sort([V || {V, _} <- HistB])),
+    %% no gap: every acknowledged write up to b's version is there, with its value
+    ?assertEqual([], [{V, X} || {V, X, _} <- Acked, V =< Vb, not lists:member({V, X}, HistB)]),
+    %% the rest, acknowledged and not in b, is a suffix bounded by the measured lag
+    Lost = length([V || {V, _, _} <- Acked, V > Vb]),
+    Bounds = [{L + length([V1 || {V1, _, _} <- Acked, V1 > V]), V, L} || {V, _, L} <- Acked],
+    {Bound, AtV, AtL} = lists:min(Bounds),
+    ct:pal("async kill -9: ~b writes acknowledged, b at version ~b, ~b acknowledged lost; "
+           "tightest bound ~b (lag ~b sampled after version ~b); max lag sampled ~b",
+           [length(Acked), Vb, Lost, Bound, AtL, AtV, lists:max([L || {_, _, L} <- Acked])]),
+    [?assert(Lost =< B, {Lost, B, V, L}) || {B, V, L} <- Bounds],
+    %% c follows b
+    ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
+                    20000, c_follows_b),
+    ?assertMatch({ok, #{version := Vb}}, peer:call(PC, dspex_store, get, [S, K])).
+
+%% a writer of the test node: one set at a time through a, each answer with
+%% the lag to b measured there right after it, until a is gone
+lag_writer(PA, S, K, W, I, Parent) ->
+    X = W * 1000000 + I,
+    case catch peer:call(PA, ?MODULE, set_with_lag, [S, K, X]) of
+        {{ok, V}, L} -> Parent ! {acked, V, X, L}, lag_writer(PA, S, K, W, I + 1, Parent);
+        _ -> done
+    end.
+
+drain_writers([], Acc) -> lists:reverse(Acc);
+drain_writers(Writers, Acc) ->
+    receive
+        {acked, _, _, _} = A -> drain_writers(Writers, [A | Acc]);
+        {'DOWN', Ref, process, Pid, _} -> drain_writers(Writers -- [{Pid, Ref}], Acc)
+    after 30000 -> error({writers_stuck, Writers})
+    end.
+
+%% on a peer: a set, then the lag to b measured right after its acknowledgement
+set_with_lag(S, K, X) ->
+    R = dspex_store:set(S, K, X),
+    #{<<"b">> := #{lag_versions := L}} = dspex_region_shipper:stats(),
+    {R, L}.
 
 %%% helpers -------------------------------------------------------------------------
 

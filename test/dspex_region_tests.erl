@@ -374,3 +374,103 @@ receiver_applies_by_version_test() ->
         ?assertMatch(#{primary_region := <<"mx">>}, dspex_region:decision(S)),
         ok = dspex_store:delete_session(S)
     end).
+
+%% A change acknowledged to its writer is in the measured lag at once, even
+%% while its record still waits in the shipper's mailbox (the lost suffix of
+%% an async primary killed at that moment is bounded by that lag).
+shipper_counts_handed_records_in_the_lag_test() ->
+    standalone(fun(_) ->
+        Us = <<"us">>,
+        C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
+              repl_batch_max => 1000, sync_timeout_ms => 60000},
+        S = <<"handed_s">>,
+        ok = dspex_region:adopt(S, #{primary_region => <<"eu">>, backup_regions => [Us], policy => lowest_rtt,
+                                     decided_at => 0}),
+        {ok, Sh} = dspex_region_shipper:start_link(C),
+        try
+            ok = sys:suspend(Sh),
+            [none = dspex_region_shipper:committed(S, 1, I, {op, delete, [S, <<"k">>], ok}, none) || I <- [1, 2, 3]],
+            %% three records in the mailbox, none taken in yet
+            ?assertMatch(#{Us := #{lag_versions := 3}}, dspex_region_shipper:stats()),
+            ok = sys:resume(Sh),
+            %% taken into the queue (the link is down): still three, not six
+            _ = sys:get_state(Sh),
+            ?assertMatch(#{Us := #{lag_versions := 3, link := down}}, dspex_region_shipper:stats())
+        after
+            unlink(Sh),
+            exit(Sh, kill),
+            _ = dspex_region:forget_session(S)
+        end
+    end).
+
+%% A full copy installed in the batch that also held the gap it answers
+%% (records queued before the copy left): the copy covers the gap, the
+%% session is not reported again, and the next change applies on top.
+receiver_a_full_copy_covers_a_gap_in_its_batch_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        S = <<"recv_gap_s">>,
+        _ = dspex_store:delete_session(S),
+        {ok, _} = dspex_store:create_session(S),
+        {ok, _} = dspex_store:register(S, <<"k">>, integer, 0, #{}),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        Set = {op, set, [S, <<"k">>, 1, #{expected_version => 0}], {ok, 1}},
+        ?assertEqual(#{need_full => []},
+                     dspex_region_receiver:apply_batch(<<"us">>, #{recs => [{S, 1, 3, delete_session},
+                                                                           {S, 1, 5, {region_full, Export}},
+                                                                           {S, 1, 6, Set}],
+                                                                  heads => #{}, decisions => #{}})),
+        ?assertMatch(#{seq := 6, full_copies := 1}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, #{value := 1, version := 1}}, dspex_store:get(S, <<"k">>)),
+        ok = dspex_store:delete_session(S)
+    end).
+
+%% A full copy the backup answers with need_full (it could not install it)
+%% is sent again: the session is not left marked as "copy on its way".
+shipper_sends_a_refused_full_copy_again_test() ->
+    standalone(fun(_) ->
+        Us = <<"us">>,
+        C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
+              repl_batch_max => 1000, sync_timeout_ms => 60000},
+        S = <<"refused_copy_s">>,
+        W = spawn(fun Loop() ->
+                          receive
+                              {'$gen_call', F, {export_for, S1}} ->
+                                  gen_server:reply(F, {ok, 1, 7, #{id => S1, variables => []}}),
+                                  Loop();
+                              stop -> ok
+                          end
+                  end),
+        true = register(dspex_cluster_writer:name(S), W),
+        ok = dspex_region:adopt(S, #{primary_region => <<"eu">>, backup_regions => [Us], policy => lowest_rtt,
+                                     decided_at => 0}),
+        {ok, Sh} = dspex_region_shipper:start_link(C),
+        try
+            Sh ! {link_up, Us, self()},
+            ok = dspex_region_shipper:resync(S),
+            Copy = fun() ->
+                           receive
+                               {ship, Id, Chunks} ->
+                                   #{recs := [{S, 1, 7, {region_full, _}, 0}]} =
+                                       binary_to_term(iolist_to_binary([B || {_, B} <- Chunks])),
+                                   Id
+                           after 2000 -> none
+                           end
+                   end,
+            Id1 = Copy(),
+            ?assert(is_integer(Id1)),
+            Sh ! {repl_ack, Us, Id1, #{need_full => [S]}},
+            %% sent again
+            Id2 = Copy(),
+            ?assert(is_integer(Id2)),
+            Sh ! {repl_ack, Us, Id2, #{need_full => []}},
+            _ = sys:get_state(Sh),
+            ?assertMatch(#{Us := #{lag_versions := 0}}, dspex_region_shipper:stats())
+        after
+            unlink(Sh),
+            exit(Sh, kill),
+            W ! stop,
+            _ = dspex_region:forget_session(S)
+        end
+    end).
