@@ -4,15 +4,44 @@
  * from a high-water mark kept in the `meta' table (written once per batch), so
  * they only ever grow, also after retention deletes the newest-but-old rows. */
 #include "backend.h"
+#include "sqlite.h"
+#include <pthread.h>
 #include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The checkpointer: the log's WAL is copied into the database file by a thread of its own, on a connection of
+ * its own, not by the connection that committed (SQLite's automatic checkpoint runs inside the committing
+ * COMMIT, i.e. on the event writer thread: reading the WAL's pages, writing and fsyncing the database file).
+ * Each connection's WAL hook (called after every commit with the WAL's size in pages) wakes it when the WAL grew
+ * by SQ_CKPT_PAGES since its last checkpoint; it runs PASSIVE checkpoints (they never wait for nor block the
+ * writer or the readers). A WAL is reused from its start by the first transaction that begins after a
+ * checkpoint copied all of it; under a sustained stream of transactions that moment may not come (the next one
+ * begins before the checkpoint ends), so when a commit leaves SQ_CKPT_LIMIT_PAGES or more in the WAL the
+ * committing thread waits (idle, its locks released) until a checkpoint asked then has ended: the WAL file
+ * stays below about SQ_CKPT_LIMIT_PAGES plus one transaction's pages (more only while a reader keeps a snapshot
+ * older than the WAL's start: it keeps its pages from being copied, as with SQLite's own checkpoints). */
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv, done_cv;
+    bool started, stop;
+    uint64_t asked, finished; /* checkpoints asked for / the last asked one that has ended (or stop) */
+    int wal_pages;       /* the WAL's size after the last commit that asked (pages); 0 = nothing asked */
+    int ckpt_upto;       /* the WAL's size when the last checkpoint ended: a commit asks again once the WAL grew
+                            SQ_CKPT_PAGES past it (or started over below it) */
+    char *path;          /* the database file */
+    dx_ev_sqlite_ckpt_stats st;
+} sq_ckpt;
 
 typedef struct {
     sqlite3 *db;
     sqlite3_stmt *hwm, *ins, *ins_multi, *undo_multi, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin,
         *begin_deferred, *commit, *rollback;
+    sq_ckpt ck;
 } sq_t;
 
 /* Rows per multi-row INSERT: one statement step (cursors opened, the program run) per SQ_MULTI rows instead
@@ -44,13 +73,121 @@ static int fail(sq_t *s, const char *what, char *err, size_t errlen) {
     return -1;
 }
 
+static long g_ckpt_pages = SQ_CKPT_PAGES, g_ckpt_limit = SQ_CKPT_LIMIT_PAGES;
+
+static bool g_ckpt_inline;
+
+void dx_ev_sqlite_ckpt_config(long pages, long limit_pages) {
+    g_ckpt_inline = pages < 0;
+    g_ckpt_pages = pages > 0 ? pages : SQ_CKPT_PAGES;
+    g_ckpt_limit = limit_pages > 0 ? limit_pages : SQ_CKPT_LIMIT_PAGES;
+}
+
+static void *ckpt_main(void *arg) {
+    sq_ckpt *c = arg;
+    sqlite3 *db = NULL;
+    /* its own connection: a checkpoint on the writer's connection would run on the writer's thread */
+    if (sqlite3_open_v2(c->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+        sqlite3_close_v2(db);
+        db = NULL;
+    } else {
+        sqlite3_exec(db, "PRAGMA synchronous=FULL", NULL, NULL, NULL); /* the database file is fsynced */
+    }
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        while (!c->stop && c->wal_pages == 0) pthread_cond_wait(&c->cv, &c->mu);
+        if (c->stop) break;
+        int pages = c->wal_pages;
+        c->wal_pages = 0;
+        uint64_t gen = c->asked;
+        pthread_mutex_unlock(&c->mu);
+        int log = 0, done = 0;
+        int rc = db ? sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done) : SQLITE_CANTOPEN;
+        pthread_mutex_lock(&c->mu);
+        c->ckpt_upto = log;
+        c->st.passive++;
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY) c->st.errors++;
+        if ((uint64_t)pages > c->st.max_wal_pages) c->st.max_wal_pages = (uint64_t)pages;
+        c->finished = gen;
+        pthread_cond_broadcast(&c->done_cv);
+    }
+    c->finished = c->asked; /* nobody waits for a stopped checkpointer */
+    pthread_cond_broadcast(&c->done_cv);
+    pthread_mutex_unlock(&c->mu);
+    sqlite3_close_v2(db);
+    return NULL;
+}
+
+/* After every commit on a connection (SQLite's WAL hook, on the committing thread, its locks released): the
+ * log's WAL wakes the checkpointer thread (started the first time) when it grew by SQ_CKPT_PAGES since the last
+ * checkpoint; at SQ_CKPT_LIMIT_PAGES the committing thread also waits (idle) until a checkpoint asked now has
+ * ended: with no transaction running it copies the whole WAL (unless a reader still uses older pages), so the
+ * next transaction starts the WAL over. An attached database's WAL (the snapshots) is checkpointed here as
+ * SQLite's automatic checkpoint would (its commits are not the writer's). */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages) {
+    sq_t *s = arg;
+    if (strcmp(name, "main") != 0) {
+        if (pages >= SQ_CKPT_PAGES) sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        return SQLITE_OK;
+    }
+    if (pages < g_ckpt_pages) return SQLITE_OK;
+    sq_ckpt *c = &s->ck;
+    pthread_mutex_lock(&c->mu);
+    if (pages < c->ckpt_upto) c->ckpt_upto = 0; /* the WAL started over */
+    bool at_limit = pages >= g_ckpt_limit;
+    if (pages - c->ckpt_upto < g_ckpt_pages && !at_limit) {
+        pthread_mutex_unlock(&c->mu);
+        return SQLITE_OK;
+    }
+    if (!c->started && !c->stop && c->path) {
+        if (pthread_create(&c->thread, NULL, ckpt_main, c) == 0) c->started = true;
+    }
+    bool started = c->started && !c->stop;
+    if (started) {
+        c->wal_pages = pages;
+        uint64_t gen = ++c->asked;
+        pthread_cond_signal(&c->cv);
+        if (at_limit) {
+            c->st.waits++;
+            while (c->finished < gen) pthread_cond_wait(&c->done_cv, &c->mu);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    /* no thread (out of resources): checkpoint here rather than let the WAL grow */
+    if (!started) sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    return SQLITE_OK;
+}
+
+static void ckpt_stop(sq_t *s) {
+    sq_ckpt *c = &s->ck;
+    pthread_mutex_lock(&c->mu);
+    c->stop = true;
+    pthread_cond_signal(&c->cv);
+    bool started = c->started;
+    pthread_mutex_unlock(&c->mu);
+    if (started) pthread_join(c->thread, NULL);
+}
+
+int dx_ev_sqlite_ckpt_stats_get(void *st, dx_ev_sqlite_ckpt_stats *out) {
+    sq_t *s = st;
+    pthread_mutex_lock(&s->ck.mu);
+    *out = s->ck.st;
+    pthread_mutex_unlock(&s->ck.mu);
+    return 0;
+}
+
 static void sq_close(void *st) {
     sq_t *s = st;
     if (!s) return;
+    ckpt_stop(s); /* before the connection: the last one to close checkpoints what is left */
     sqlite3_stmt **all[] = {&s->hwm, &s->ins, &s->ins_multi, &s->undo_multi, &s->find, &s->maxpos, &s->maxseq,
                             &s->putsnap, &s->getsnap, &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(*all[i]);
     sqlite3_close_v2(s->db);
+    pthread_mutex_destroy(&s->ck.mu);
+    pthread_cond_destroy(&s->ck.cv);
+    pthread_cond_destroy(&s->ck.done_cv);
+    free(s->ck.path);
     free(s);
 }
 
@@ -80,6 +217,10 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         return -1;
     }
     *st = NULL;
+    pthread_mutex_init(&s->ck.mu, NULL);
+    pthread_cond_init(&s->ck.cv, NULL);
+    pthread_cond_init(&s->ck.done_cv, NULL);
+    s->ck.path = strdup(target);
     if (sqlite3_open_v2(target, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) !=
         SQLITE_OK) {
         fail(s, "open", err, errlen);
@@ -131,6 +272,8 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         sq_close(s);
         return -1;
     }
+    /* replaces SQLite's automatic checkpoint (which is a WAL hook too) */
+    if (!g_ckpt_inline) sqlite3_wal_hook(s->db, wal_hook, s);
     *st = s;
     return 0;
 }
@@ -168,6 +311,15 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
     sq_t *s = st;
     /* deferred: the first insert locks the events file only (not the attached snapshots) */
     if (step_done(s->begin_deferred)) return fail(s, "begin", err, errlen);
+    /* a write first: it takes the events file's write lock waiting (the busy handler) for whoever holds it (a
+     * RESTART checkpoint, a retention delete). A read first would open a read transaction, and SQLite does not
+     * call the busy handler to upgrade one to a write: the batch would fail at once with "database is locked" */
+    sqlite3_bind_int64(s->hwm, 1, 0);
+    if (step_done(s->hwm)) {
+        fail(s, "begin", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
     /* the high-water mark as stored now (another instance may have written since this one last did) */
     uint64_t next;
     if (sq_max_position(s, &next, err, errlen)) {
