@@ -10,6 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 #include "evq.h"
+#include "sqlite.h"
+#include <sqlite3.h>
+#include <sys/stat.h>
 
 static char g_dir[64];
 static int g_fails; /* write_batch calls to fail (failure injection) */
@@ -770,6 +773,88 @@ static void test_backend_filters_snapshots_retention(void **st) {
     assert_true(strlen(err) > 0);
 }
 
+/* Records of n_each 250-byte events of session "k", sequences from seq0. */
+static void fill_big(dx_ev_rec *r, size_t n, uint64_t seq0) {
+    static const uint8_t data[250] = {1};
+    fill_recs(r, n, seq0);
+    for (size_t i = 0; i < n; i++) {
+        r[i].session = "k";
+        r[i].data = data;
+        r[i].data_len = sizeof data;
+    }
+}
+
+static long long file_size(const char *p) {
+    struct stat sb;
+    return stat(p, &sb) == 0 ? (long long)sb.st_size : 0;
+}
+
+/* The WAL is checkpointed by the checkpointer thread (its counters), and back-to-back transactions, which
+ * leave it no moment where the whole WAL is copied before the next one begins, still keep the WAL file near
+ * the limit: a commit at the limit waits for a checkpoint, so the next one starts the WAL over. */
+static void test_checkpointer_keeps_the_wal_bounded(void **st) {
+    char p[128], wal[160], err[256];
+    path(p, sizeof p, "ck.db");
+    snprintf(wal, sizeof wal, "%s-wal", p);
+    dx_ev_sqlite_ckpt_config(8, 64); /* pages: small, so that a short test crosses both */
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_rec r[40];
+    long long max_wal = 0;
+    for (uint64_t b = 0; b < 300; b++) {
+        fill_big(r, 40, 1 + b * 40);
+        assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 40, err, sizeof err), 0);
+        long long w = file_size(wal);
+        if (w > max_wal) max_wal = w;
+    }
+    dx_ev_sqlite_ckpt_stats cs;
+    assert_int_equal(dx_ev_sqlite_ckpt_stats_get(db, &cs), 0);
+    assert_true(cs.passive > 0);
+    assert_true(cs.waits > 0);
+    assert_int_equal(cs.errors, 0);
+    /* a 40-event transaction writes well under 64 pages (4 KiB + 24-byte frame headers; 32-byte WAL header) */
+    assert_true(max_wal <= (64 + 64) * (4096 + 24) + 32);
+    dx_ev_sqlite_ops.close(db);
+    dx_ev_sqlite_ckpt_config(0, 0);
+    check_one_session(p, "k", 300 * 40);
+}
+
+typedef struct {
+    sqlite3 *db;
+    int release_after_ms;
+} holder_arg;
+static void *release_later(void *a_) {
+    holder_arg *a = a_;
+    usleep((useconds_t)a->release_after_ms * 1000); /* how long the lock is held, not a synchronisation */
+    sqlite3_exec(a->db, "COMMIT", NULL, NULL, NULL);
+    return NULL;
+}
+
+/* A batch that finds the log's write lock taken (a checkpoint holding writers back, a retention delete on
+ * another connection) waits for it (the busy timeout) and goes in: it used to read first, and SQLite does not
+ * wait to upgrade a read transaction, so the batch failed at once with "database is locked". */
+static void test_batch_waits_for_the_write_lock(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "lk.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_rec r[4];
+    fill_recs(r, 4, 1);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 4, err, sizeof err), 0);
+    holder_arg h = {NULL, 300};
+    assert_int_equal(sqlite3_open(p, &h.db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(h.db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+    pthread_t t;
+    pthread_create(&t, NULL, release_later, &h);
+    fill_recs(r, 4, 5);
+    int rc = dx_ev_sqlite_ops.write_batch(db, r, 4, err, sizeof err);
+    pthread_join(t, NULL);
+    sqlite3_close(h.db);
+    assert_int_equal(rc, 0);
+    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "m", 8);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
@@ -787,6 +872,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_push_wakes_writer_waiting_to_drain_spool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_multi_row_batches_and_retries, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_checkpointer_keeps_the_wal_bounded, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_batch_waits_for_the_write_lock, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
