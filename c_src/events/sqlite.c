@@ -57,7 +57,7 @@ static const char *SCHEMA =
     "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events(session, sequence);"
     "CREATE INDEX IF NOT EXISTS events_ts ON events(ts_us);"
     "CREATE INDEX IF NOT EXISTS events_type ON events(type, position);"
-    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position);"
+    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position) WHERE principal <> x'';"
     "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
 
 /* Snapshots live in a second file, attached as `snap', without fsync: they
@@ -210,6 +210,43 @@ static int prep_multi(sq_t *s) {
     return prep(s, sql, &s->ins_multi);
 }
 
+/* Whether the principal index is the full one of the builds before the partial one (its SQL has no WHERE). */
+static int principal_index_is_full(sq_t *s, int *full) {
+    sqlite3_stmt *q = NULL;
+    if (sqlite3_prepare_v2(s->db, "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'events_principal'", -1,
+                           &q, NULL) != SQLITE_OK)
+        return -1;
+    int rc = sqlite3_step(q);
+    const char *sql = rc == SQLITE_ROW ? (const char *)sqlite3_column_text(q, 0) : NULL;
+    *full = sql && !strstr(sql, "WHERE");
+    sqlite3_finalize(q);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+/* A log written by a build before the partial principal index has the full one (every row in it, most with an
+ * empty principal): it is replaced, once, in one transaction, at the first open by this build (the rows with a
+ * principal are indexed again; the time it takes grows with their number). Every other table and index is as
+ * it was, so an older log opens and keeps every event; nothing is refused. */
+static int migrate_principal_index(sq_t *s, char *err, size_t errlen) {
+    int full = 0;
+    if (principal_index_is_full(s, &full)) return fail(s, "schema", err, errlen);
+    if (!full) return 0;
+    char *msg = NULL;
+    if (sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, &msg) != SQLITE_OK) goto failed;
+    if (principal_index_is_full(s, &full)) goto failed; /* another connection may have done it meanwhile */
+    if (full && sqlite3_exec(s->db, "DROP INDEX events_principal;"
+                                    "CREATE INDEX events_principal ON events(principal, position) WHERE principal <> x'';",
+                             NULL, NULL, &msg) != SQLITE_OK)
+        goto failed;
+    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, &msg) != SQLITE_OK) goto failed;
+    return 0;
+failed:
+    snprintf(err, errlen, "schema: principal index: %s", msg ? msg : sqlite3_errmsg(s->db));
+    sqlite3_free(msg);
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
 static int sq_open(const char *target, void **st, char *err, size_t errlen) {
     sq_t *s = calloc(1, sizeof *s);
     if (!s) {
@@ -250,6 +287,10 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         sqlite3_exec(s->db, SNAP_SCHEMA, NULL, NULL, &msg) != SQLITE_OK) {
         snprintf(err, errlen, "schema: %s", msg ? msg : sqlite3_errmsg(s->db));
         sqlite3_free(msg);
+        sq_close(s);
+        return -1;
+    }
+    if (migrate_principal_index(s, err, errlen)) {
         sq_close(s);
         return -1;
     }
@@ -430,37 +471,40 @@ static void row_rec(sqlite3_stmt *q, dx_ev_rec *r) {
 
 #define COLS "position,sequence,ts_us,id,session,type,variable,principal,changed_by,node,data,meta"
 
-static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
-    sq_t *s = st;
-    char sql[1024 + 8 * 64];
-    size_t o = (size_t)snprintf(sql, sizeof sql, "SELECT " COLS " FROM events WHERE 1");
-    if (qq->session_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND session=?1");
-    if (qq->seq_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND sequence>=?2");
-    if (qq->seq_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND sequence<=?3");
-    if (qq->pos_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND position>=?4");
-    if (qq->pos_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND position<=?5");
-    if (qq->ts_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND ts_us>=?6");
-    if (qq->ts_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND ts_us<=?7");
-    if (qq->principal_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND principal=?8");
-    if (qq->variable_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND variable=?9");
+/* The SQL of a query (sq_query, dx_ev_sqlite_query_plan); 0, or -1 with err. */
+static int query_sql(const dx_ev_query *qq, char *sql, size_t len, char *err, size_t errlen) {
+    size_t o = (size_t)snprintf(sql, len, "SELECT " COLS " FROM events WHERE 1");
+    if (qq->session_len) o += (size_t)snprintf(sql + o, len - o, " AND session=?1");
+    if (qq->seq_from) o += (size_t)snprintf(sql + o, len - o, " AND sequence>=?2");
+    if (qq->seq_to) o += (size_t)snprintf(sql + o, len - o, " AND sequence<=?3");
+    if (qq->pos_from) o += (size_t)snprintf(sql + o, len - o, " AND position>=?4");
+    if (qq->pos_to) o += (size_t)snprintf(sql + o, len - o, " AND position<=?5");
+    if (qq->ts_from) o += (size_t)snprintf(sql + o, len - o, " AND ts_us>=?6");
+    if (qq->ts_to) o += (size_t)snprintf(sql + o, len - o, " AND ts_us<=?7");
+    /* the principal index holds only the rows with a principal (a filter always names one): SQLite uses a
+     * partial index only when the query's WHERE holds the index's own condition, so it is repeated here */
+    if (qq->principal_len) o += (size_t)snprintf(sql + o, len - o, " AND principal=?8 AND principal <> x''");
+    if (qq->variable_len) o += (size_t)snprintf(sql + o, len - o, " AND variable=?9");
     if (qq->ntypes > 64) {
         snprintf(err, errlen, "too many types");
         return -1;
     }
     if (qq->ntypes) {
-        o += (size_t)snprintf(sql + o, sizeof sql - o, " AND type IN (");
+        o += (size_t)snprintf(sql + o, len - o, " AND type IN (");
         for (size_t i = 0; i < qq->ntypes; i++)
-            o += (size_t)snprintf(sql + o, sizeof sql - o, "%s?%zu", i ? "," : "", 10 + i);
-        o += (size_t)snprintf(sql + o, sizeof sql - o, ")");
+            o += (size_t)snprintf(sql + o, len - o, "%s?%zu", i ? "," : "", 10 + i);
+        o += (size_t)snprintf(sql + o, len - o, ")");
     }
     /* one session's events: by sequence (backend.h), which is their position order here (one writer numbers and
      * stores them in commit order): the (session, sequence) index hands the rows over in that order, where
      * ORDER BY position made SQLite copy every row of the range into a temporary B-tree and sort it */
-    o += (size_t)snprintf(sql + o, sizeof sql - o, " ORDER BY %s %s", qq->session_len ? "sequence" : "position",
+    o += (size_t)snprintf(sql + o, len - o, " ORDER BY %s %s", qq->session_len ? "sequence" : "position",
                           qq->descending ? "DESC" : "ASC");
-    if (qq->limit) snprintf(sql + o, sizeof sql - o, " LIMIT %zu", qq->limit);
-    sqlite3_stmt *q;
-    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query", err, errlen);
+    if (qq->limit) snprintf(sql + o, len - o, " LIMIT %zu", qq->limit);
+    return 0;
+}
+
+static void query_bind(sqlite3_stmt *q, const dx_ev_query *qq) {
     if (qq->session_len) bind_blob(q, 1, qq->session, qq->session_len);
     if (qq->seq_from) sqlite3_bind_int64(q, 2, (sqlite3_int64)qq->seq_from);
     if (qq->seq_to) sqlite3_bind_int64(q, 3, (sqlite3_int64)qq->seq_to);
@@ -472,6 +516,15 @@ static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx,
     if (qq->variable_len) bind_blob(q, 9, qq->variable, qq->variable_len);
     for (size_t i = 0; i < qq->ntypes; i++)
         sqlite3_bind_text(q, (int)(10 + i), qq->types[i], (int)qq->type_lens[i], SQLITE_STATIC);
+}
+
+static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
+    sq_t *s = st;
+    char sql[1024 + 8 * 64];
+    if (query_sql(qq, sql, sizeof sql, err, errlen)) return -1;
+    sqlite3_stmt *q;
+    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query", err, errlen);
+    query_bind(q, qq);
     int rc;
     dx_ev_rec r;
     while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
@@ -484,6 +537,25 @@ static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx,
     int ret = rc == SQLITE_DONE ? 0 : fail(s, "query", err, errlen);
     sqlite3_finalize(q);
     return ret;
+}
+
+int dx_ev_sqlite_query_plan(void *st, const dx_ev_query *qq, char *out, size_t outlen, char *err, size_t errlen) {
+    sq_t *s = st;
+    char sql[1100 + 8 * 64];
+    size_t o = (size_t)snprintf(sql, sizeof sql, "EXPLAIN QUERY PLAN ");
+    if (query_sql(qq, sql + o, sizeof sql - o, err, errlen)) return -1;
+    sqlite3_stmt *q;
+    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query plan", err, errlen);
+    query_bind(q, qq);
+    size_t w = 0;
+    out[0] = 0;
+    int rc;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        const char *d = (const char *)sqlite3_column_text(q, 3);
+        if (w < outlen) w += (size_t)snprintf(out + w, outlen - w, "%s%s", w ? "; " : "", d ? d : "");
+    }
+    sqlite3_finalize(q);
+    return rc == SQLITE_DONE ? 0 : fail(s, "query plan", err, errlen);
 }
 
 static int sq_put_snapshot(void *st, const dx_ev_snapshot *sn, char *err, size_t errlen) {

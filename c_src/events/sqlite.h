@@ -2,6 +2,8 @@
  * settings and counters. Pure C. */
 #ifndef DX_EVENTS_SQLITE_H
 #define DX_EVENTS_SQLITE_H
+#include "backend.h"
+#include <stddef.h>
 #include <stdint.h>
 
 /* The checkpointer thread (see sqlite.c) runs a PASSIVE checkpoint whenever the WAL grew by SQ_CKPT_PAGES
@@ -22,4 +24,6 @@ typedef struct {
 void dx_ev_sqlite_ckpt_config(long pages, long limit_pages);
 /* The checkpointer counters of one backend instance (what dx_ev_sqlite_ops.open returned). */
 int dx_ev_sqlite_ckpt_stats_get(void *st, dx_ev_sqlite_ckpt_stats *out);
+/* For tests: SQLite's plan of the query `query' would run for q (EXPLAIN QUERY PLAN's lines, "; "-separated). */
+int dx_ev_sqlite_query_plan(void *st, const dx_ev_query *q, char *out, size_t outlen, char *err, size_t errlen);
 #endif

@@ -855,6 +855,131 @@ static void test_batch_waits_for_the_write_lock(void **st) {
     check_one_session(p, "m", 8);
 }
 
+/* Rows of sessions "a" and "b", every 7th with principal "p7", types "variable_updated" / "lock_acquired". */
+static void write_mixed(void *db, size_t n) {
+    char err[256];
+    dx_ev_rec r[64];
+    uint64_t seq[2] = {0, 0};
+    for (size_t done = 0; done < n;) {
+        size_t k = n - done < 64 ? n - done : 64;
+        for (size_t i = 0; i < k; i++) {
+            size_t g = done + i, sx = g % 2;
+            memset(&r[i], 0, sizeof r[i]);
+            r[i].sequence = ++seq[sx];
+            r[i].ts_us = (int64_t)(1000000 + g);
+            dx_uuid7(r[i].ts_us, r[i].id);
+            r[i].session = sx ? "b" : "a", r[i].session_len = 1;
+            r[i].type = g % 5 ? "variable_updated" : "lock_acquired";
+            r[i].type_len = strlen(r[i].type);
+            r[i].variable = "x", r[i].variable_len = 1;
+            r[i].principal = g % 7 ? "" : "p7", r[i].principal_len = g % 7 ? 0 : 2;
+            r[i].data = (const uint8_t *)"d", r[i].data_len = 1;
+        }
+        assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, k, err, sizeof err), 0);
+        done += k;
+    }
+}
+
+/* The plan of q uses an index or the rowid (SEARCH, or SCAN ... USING ... INDEX), never a scan of the table. */
+static void assert_indexed(void *db, const dx_ev_query *q, const char *must, const char *what) {
+    char plan[1024], err[256];
+    assert_int_equal(dx_ev_sqlite_query_plan(db, q, plan, sizeof plan, err, sizeof err), 0);
+    int scan = 0;
+    for (const char *p = plan; (p = strstr(p, "SCAN events")); p++)
+        if (strncmp(p, "SCAN events USING", 17) != 0) scan = 1;
+    if (scan || (must && !strstr(plan, must))) fail_msg("%s: plan \"%s\" (wanted %s)", what, plan, must ? must : "no scan");
+}
+
+/* Every query shape the API sends (read/2 and fold/4 of a session or of all, since/until by sequence, time or
+ * position, types, principal, variable; audit_trail by period, principal, type, variable; the console's pages;
+ * state_at's replay) is served by an index, on a log where most rows have no principal. */
+static void test_every_query_uses_an_index(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "plan.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    write_mixed(db, 2000);
+    const char *vu[1] = {"variable_updated"}, *two[2] = {"variable_updated", "lock_acquired"};
+    size_t vul[1] = {16}, twol[2] = {16, 13};
+    struct {
+        dx_ev_query q;
+        const char *must;
+        const char *what;
+    } cases[] = {
+        {{.session = "a", .session_len = 1}, "events_session_seq", "session"},
+        {{.session = "a", .session_len = 1, .descending = 1, .limit = 1}, "events_session_seq", "session, last"},
+        {{.session = "a", .session_len = 1, .seq_from = 10, .seq_to = 20}, "events_session_seq", "session, sequences"},
+        {{.session = "a", .session_len = 1, .ts_from = 1000100, .ts_to = 1000200}, NULL, "session, times"},
+        {{.session = "a", .session_len = 1, .pos_from = 100}, NULL, "session, positions"},
+        {{.session = "a", .session_len = 1, .types = vu, .type_lens = vul, .ntypes = 1}, NULL, "session, type"},
+        {{.session = "a", .session_len = 1, .principal = "p7", .principal_len = 2}, NULL, "session, principal"},
+        {{.session = "a", .session_len = 1, .variable = "x", .variable_len = 1}, NULL, "session, variable"},
+        {{.pos_from = 100, .limit = 1000}, "PRIMARY KEY", "all, from a position (subscriptions, fold)"},
+        {{.ts_from = 1000100, .ts_to = 1000200}, "events_ts", "all, period"},
+        {{.types = vu, .type_lens = vul, .ntypes = 1}, "events_type", "all, type"},
+        {{.types = two, .type_lens = twol, .ntypes = 2}, "events_type", "all, types"},
+        {{.principal = "p7", .principal_len = 2}, "events_principal", "all, principal"},
+        {{.principal = "p7", .principal_len = 2, .ts_from = 1000100, .ts_to = 1000900}, NULL, "principal, period"},
+        {{.types = vu, .type_lens = vul, .ntypes = 1, .ts_from = 1000100, .ts_to = 1000900}, NULL, "type, period"},
+        {{.variable = "x", .variable_len = 1, .ts_from = 1000100, .ts_to = 1000900}, NULL, "variable, period"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) assert_indexed(db, &cases[i].q, cases[i].must, cases[i].what);
+    /* no filter at all (the console's newest events of every session): the table in rowid order, read from its
+     * end and stopped at the limit, without a sort */
+    char plan[1024];
+    dx_ev_query qn = {.descending = 1, .limit = 50};
+    assert_int_equal(dx_ev_sqlite_query_plan(db, &qn, plan, sizeof plan, err, sizeof err), 0);
+    assert_string_equal(plan, "SCAN events");
+    /* and they find the rows: the principal's events (every 7th), also of one session */
+    size_t n = 0;
+    dx_ev_query qp = {.principal = "p7", .principal_len = 2};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qp, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, (2000 + 6) / 7);
+    dx_ev_sqlite_ops.close(db);
+}
+
+/* A log made by a build with the full principal index (every row in it) gets the partial one at its first open,
+ * keeps every event, and its principal queries find the same rows through the new index. */
+static void test_old_log_gets_the_partial_principal_index(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "old.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    write_mixed(db, 700);
+    dx_ev_sqlite_ops.close(db);
+    sqlite3 *raw;
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(raw, "DROP INDEX events_principal;"
+                                       "CREATE INDEX events_principal ON events(principal, position);",
+                                  NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(raw);
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_query qp = {.principal = "p7", .principal_len = 2};
+    assert_indexed(db, &qp, "events_principal", "principal, after the migration");
+    size_t n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qp, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 100);
+    n = 0;
+    dx_ev_query qa = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qa, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 700);
+    dx_ev_sqlite_ops.close(db);
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    sqlite3_stmt *q;
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT sql FROM sqlite_master WHERE name = 'events_principal'", -1, &q, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    assert_non_null(strstr((const char *)sqlite3_column_text(q, 0), "WHERE principal <> x''"));
+    sqlite3_finalize(q);
+    /* rows with an empty principal are not in it */
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT count(*) FROM events INDEXED BY events_principal WHERE principal <> x''",
+                                        -1, &q, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(q, 0), 100);
+    sqlite3_finalize(q);
+    sqlite3_close(raw);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
@@ -874,6 +999,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_backend_multi_row_batches_and_retries, setup, teardown),
         cmocka_unit_test_setup_teardown(test_checkpointer_keeps_the_wal_bounded, setup, teardown),
         cmocka_unit_test_setup_teardown(test_batch_waits_for_the_write_lock, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_every_query_uses_an_index, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_old_log_gets_the_partial_principal_index, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
