@@ -40,22 +40,21 @@ typedef struct {
 typedef struct {
     sqlite3 *db;
     sqlite3_stmt *hwm, *ins, *ins_multi, *undo_multi, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin,
-        *begin_deferred, *commit, *rollback;
+        *begin_deferred, *commit, *rollback, *lastmax, *probe, *posrange;
     sq_ckpt ck;
 } sq_t;
 
 /* Rows per multi-row INSERT: one statement step (cursors opened, the program run) per SQ_MULTI rows instead
  * of per row; 12 parameters a row stay far below SQLite's limit (32766; 999 before 3.32). */
 #define SQ_MULTI 32
-#define SQ_COLS 12
+#define SQ_COLS 13
 
 static const char *SCHEMA =
     "CREATE TABLE IF NOT EXISTS events("
     " position INTEGER PRIMARY KEY, session BLOB NOT NULL, sequence INTEGER NOT NULL,"
     " ts_us INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, variable BLOB NOT NULL,"
-    " principal BLOB NOT NULL, changed_by BLOB NOT NULL, node BLOB NOT NULL, data BLOB, meta BLOB);"
+    " principal BLOB NOT NULL, changed_by BLOB NOT NULL, node BLOB NOT NULL, data BLOB, meta BLOB, tmax INTEGER);"
     "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events(session, sequence);"
-    "CREATE INDEX IF NOT EXISTS events_ts ON events(ts_us);"
     "CREATE INDEX IF NOT EXISTS events_type ON events(type, position);"
     "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position) WHERE principal <> x'';"
     "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
@@ -181,7 +180,8 @@ static void sq_close(void *st) {
     if (!s) return;
     ckpt_stop(s); /* before the connection: the last one to close checkpoints what is left */
     sqlite3_stmt **all[] = {&s->hwm, &s->ins, &s->ins_multi, &s->undo_multi, &s->find, &s->maxpos, &s->maxseq,
-                            &s->putsnap, &s->getsnap, &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
+                            &s->putsnap, &s->getsnap, &s->begin, &s->begin_deferred, &s->commit, &s->rollback,
+                            &s->lastmax, &s->probe, &s->posrange};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(*all[i]);
     sqlite3_close_v2(s->db);
     pthread_mutex_destroy(&s->ck.mu);
@@ -200,7 +200,7 @@ static int prep(sq_t *s, const char *sql, sqlite3_stmt **out) {
 static int prep_multi(sq_t *s) {
     char sql[256 + SQ_MULTI * (SQ_COLS * 2 + 4)];
     size_t o = (size_t)snprintf(sql, sizeof sql, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,"
-                                                 "principal,changed_by,node,data,meta) VALUES");
+                                                 "principal,changed_by,node,data,meta,tmax) VALUES");
     for (int k = 0; k < SQ_MULTI; k++) {
         o += (size_t)snprintf(sql + o, sizeof sql - o, "%s(", k ? "," : "");
         for (int c = 0; c < SQ_COLS; c++) o += (size_t)snprintf(sql + o, sizeof sql - o, "%s?", c ? "," : "");
@@ -245,6 +245,110 @@ failed:
     sqlite3_free(msg);
     sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
     return -1;
+}
+
+/* The time index. Times are not in position order in general (a replica copies its owner's events with their
+ * own times; a clock can step back), so instead of an index of every row's time (a b-tree insert per row: the
+ * indexes beyond the first cost the writer about 1.2 us per event each, bench/events_sqlite_bench.c) each row
+ * stores `tmax', the largest time of the rows up to its position (the writer assigns both, in order: a running
+ * maximum, non-decreasing in position), and only the rows whose time is below it (late rows: rare) are indexed
+ * (events_late, a partial index). A row with ts_us >= T has tmax >= T: it is at or after the first position
+ * whose tmax >= T (found by a binary search on the rowid, see time_bound) or it is late; a row with
+ * ts_us <= T and ts_us = tmax (not late) is before the first position whose tmax > T. So a time range is a
+ * position range plus the late rows of that range of times (sq_query, sq_expire_before).
+ * A log written before (a full events_ts index, no tmax column) is migrated at its first open by this build, in
+ * one transaction: the column is added and filled in position order (every row is rewritten once: the time
+ * grows with the log's size), events_ts dropped, events_late made. Nothing is refused. */
+static int migrate_time_index(sq_t *s, char *err, size_t errlen) {
+    char *msg = NULL;
+    int has = 0;
+    sqlite3_stmt *q = NULL;
+    const char *col = "SELECT 1 FROM pragma_table_info('events') WHERE name = 'tmax'";
+    if (sqlite3_prepare_v2(s->db, col, -1, &q, NULL) != SQLITE_OK) goto failed;
+    has = sqlite3_step(q) == SQLITE_ROW;
+    sqlite3_finalize(q);
+    q = NULL;
+    if (!has) {
+        if (sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, &msg) != SQLITE_OK) goto failed;
+        if (sqlite3_prepare_v2(s->db, col, -1, &q, NULL) != SQLITE_OK) goto failed_tx;
+        has = sqlite3_step(q) == SQLITE_ROW; /* another connection may have done it meanwhile */
+        sqlite3_finalize(q);
+        q = NULL;
+        if (!has && sqlite3_exec(s->db,
+                                 "ALTER TABLE events ADD COLUMN tmax INTEGER;"
+                                 "UPDATE events SET tmax = w.m FROM (SELECT position AS p, MAX(ts_us) OVER (ORDER BY"
+                                 " position ROWS UNBOUNDED PRECEDING) AS m FROM events) AS w WHERE events.position = w.p;"
+                                 "DROP INDEX IF EXISTS events_ts;"
+                                 "CREATE INDEX IF NOT EXISTS events_late ON events(ts_us) WHERE ts_us < tmax;",
+                                 NULL, NULL, &msg) != SQLITE_OK)
+            goto failed_tx;
+        if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, &msg) != SQLITE_OK) goto failed_tx;
+    }
+    if (sqlite3_exec(s->db, "CREATE INDEX IF NOT EXISTS events_late ON events(ts_us) WHERE ts_us < tmax;", NULL, NULL,
+                     &msg) != SQLITE_OK)
+        goto failed;
+    return 0;
+failed_tx:
+    sqlite3_finalize(q);
+    snprintf(err, errlen, "schema: time index: %s", msg ? msg : sqlite3_errmsg(s->db));
+    sqlite3_free(msg);
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+failed:
+    snprintf(err, errlen, "schema: time index: %s", msg ? msg : sqlite3_errmsg(s->db));
+    sqlite3_free(msg);
+    return -1;
+}
+
+/* The first position p (of [lo, hi + 1]) such that the first row at or after p has tmax > t (strict) or
+ * >= t (!strict), or there is none; tmax being non-decreasing in position, a binary search of rowid probes. */
+static int time_bound(sq_t *s, int64_t t, int strict, uint64_t lo, uint64_t hi, uint64_t *out) {
+    uint64_t a = lo, b = hi + 1;
+    while (a < b) {
+        uint64_t mid = a + (b - a) / 2;
+        sqlite3_bind_int64(s->probe, 1, (sqlite3_int64)mid);
+        int rc = sqlite3_step(s->probe);
+        int yes = 1;
+        if (rc == SQLITE_ROW) {
+            int64_t tm = sqlite3_column_type(s->probe, 0) == SQLITE_NULL ? INT64_MAX : sqlite3_column_int64(s->probe, 0);
+            yes = strict ? tm > t : tm >= t;
+        }
+        sqlite3_reset(s->probe);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE) return -1;
+        if (yes) b = mid;
+        else a = mid + 1;
+    }
+    *out = a;
+    return 0;
+}
+
+/* A time range of a query over every session, as positions: [p0, p1) holds every row of the range that is not
+ * late (see migrate_time_index). */
+typedef struct {
+    int on;
+    uint64_t p0, p1;
+} sq_trange;
+
+static int time_range(sq_t *s, int64_t from, int64_t to, sq_trange *tr) {
+    tr->on = 1;
+    int rc = sqlite3_step(s->posrange);
+    uint64_t lo = 0, hi = 0;
+    int empty = rc != SQLITE_ROW || sqlite3_column_type(s->posrange, 0) == SQLITE_NULL;
+    if (!empty) {
+        lo = (uint64_t)sqlite3_column_int64(s->posrange, 0);
+        hi = (uint64_t)sqlite3_column_int64(s->posrange, 1);
+    }
+    sqlite3_reset(s->posrange);
+    if (rc != SQLITE_ROW) return -1;
+    if (empty) {
+        tr->p0 = tr->p1 = 0;
+        return 0;
+    }
+    tr->p0 = lo;
+    tr->p1 = hi + 1;
+    if (from && time_bound(s, from, 0, lo, hi, &tr->p0)) return -1;
+    if (to && time_bound(s, to, 1, lo, hi, &tr->p1)) return -1;
+    return 0;
 }
 
 static int sq_open(const char *target, void **st, char *err, size_t errlen) {
@@ -294,14 +398,17 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         sq_close(s);
         return -1;
     }
-    if (migrate_principal_index(s, err, errlen)) {
+    if (migrate_principal_index(s, err, errlen) || migrate_time_index(s, err, errlen)) {
         sq_close(s);
         return -1;
     }
     if (prep(s, "INSERT INTO meta(k, v) VALUES('position', ?1) ON CONFLICT(k) DO UPDATE SET v = MAX(v, ?1)",
              &s->hwm) ||
-        prep(s, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,principal,changed_by,node,data,meta)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(session,sequence) DO NOTHING", &s->ins) ||
+        prep(s, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,principal,changed_by,node,data,meta,"
+                "tmax) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(session,sequence) DO NOTHING", &s->ins) ||
+        prep(s, "SELECT tmax FROM events ORDER BY position DESC LIMIT 1", &s->lastmax) ||
+        prep(s, "SELECT tmax FROM events WHERE position >= ?1 ORDER BY position LIMIT 1", &s->probe) ||
+        prep(s, "SELECT MIN(position), MAX(position) FROM events", &s->posrange) ||
         prep_multi(s) ||
         prep(s, "DELETE FROM events WHERE position BETWEEN ?1 AND ?2", &s->undo_multi) ||
         prep(s, "SELECT position FROM events WHERE session=? AND sequence=?", &s->find) ||
@@ -336,8 +443,8 @@ static void bind_blob(sqlite3_stmt *st, int i, const void *p, size_t n) {
 }
 
 /* Binds one record at parameters b+1 .. b+SQ_COLS (position, session, sequence, ts_us, id, type, variable,
- * principal, changed_by, node, data, meta). */
-static void bind_row(sqlite3_stmt *q, int b, const dx_ev_rec *r, uint64_t position) {
+ * principal, changed_by, node, data, meta, tmax). */
+static void bind_row(sqlite3_stmt *q, int b, const dx_ev_rec *r, uint64_t position, int64_t tmax) {
     sqlite3_bind_int64(q, b + 1, (sqlite3_int64)position);
     bind_blob(q, b + 2, r->session, r->session_len);
     sqlite3_bind_int64(q, b + 3, (sqlite3_int64)r->sequence);
@@ -350,6 +457,7 @@ static void bind_row(sqlite3_stmt *q, int b, const dx_ev_rec *r, uint64_t positi
     bind_blob(q, b + 10, r->node, r->node_len);
     bind_blob(q, b + 11, r->data, r->data_len);
     bind_blob(q, b + 12, r->meta, r->meta_len);
+    sqlite3_bind_int64(q, b + 13, tmax);
 }
 
 static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t errlen) {
@@ -371,13 +479,27 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
         step_done(s->rollback);
         return -1;
     }
+    /* the running maximum of the times in position order (see migrate_time_index): the last row's */
+    int64_t tm = INT64_MIN;
+    int lrc = sqlite3_step(s->lastmax);
+    if (lrc == SQLITE_ROW && sqlite3_column_type(s->lastmax, 0) != SQLITE_NULL) tm = sqlite3_column_int64(s->lastmax, 0);
+    sqlite3_reset(s->lastmax);
+    if (lrc != SQLITE_ROW && lrc != SQLITE_DONE) {
+        fail(s, "insert", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
     size_t i = 0;
     /* SQ_MULTI rows a statement while they all go in (the normal case); a chunk in which some row was stored
      * already (a retried batch) is taken out again and written row by row below, so that every record gets
      * its position (the stored one, or the next) and positions stay gapless */
     for (; n - i >= SQ_MULTI; i += SQ_MULTI) {
         sqlite3_stmt *q = s->ins_multi;
-        for (int k = 0; k < SQ_MULTI; k++) bind_row(q, k * SQ_COLS, &r[i + k], next + 1 + (uint64_t)k);
+        int64_t tk = tm;
+        for (int k = 0; k < SQ_MULTI; k++) {
+            if (r[i + k].ts_us > tk) tk = r[i + k].ts_us;
+            bind_row(q, k * SQ_COLS, &r[i + k], next + 1 + (uint64_t)k, tk);
+        }
         int rc = sqlite3_step(q);
         sqlite3_reset(q);
         if (rc != SQLITE_DONE) {
@@ -396,10 +518,12 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
             break;
         }
         for (int k = 0; k < SQ_MULTI; k++) r[i + k].position = ++next;
+        tm = tk;
     }
     for (; i < n; i++) {
         sqlite3_stmt *q = s->ins;
-        bind_row(q, 0, &r[i], next + 1);
+        int64_t tk = r[i].ts_us > tm ? r[i].ts_us : tm;
+        bind_row(q, 0, &r[i], next + 1, tk);
         if (sqlite3_step(q) != SQLITE_DONE) {
             fail(s, "insert", err, errlen);
             sqlite3_reset(q);
@@ -409,6 +533,7 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
         sqlite3_reset(q);
         if (sqlite3_changes(s->db) == 1) {
             r[i].position = ++next;
+            tm = tk;
         } else { /* already stored (a retry): report where */
             bind_blob(s->find, 1, r[i].session, r[i].session_len);
             sqlite3_bind_int64(s->find, 2, (sqlite3_int64)r[i].sequence);
@@ -476,7 +601,7 @@ static void row_rec(sqlite3_stmt *q, dx_ev_rec *r) {
 #define COLS "position,sequence,ts_us,id,session,type,variable,principal,changed_by,node,data,meta"
 
 /* The SQL of a query (sq_query, dx_ev_sqlite_query_plan); 0, or -1 with err. */
-static int query_sql(const dx_ev_query *qq, char *sql, size_t len, char *err, size_t errlen) {
+static int query_sql(const dx_ev_query *qq, const sq_trange *tr, char *sql, size_t len, char *err, size_t errlen) {
     size_t o = (size_t)snprintf(sql, len, "SELECT " COLS " FROM events WHERE 1");
     if (qq->session_len) o += (size_t)snprintf(sql + o, len - o, " AND session=?1");
     if (qq->seq_from) o += (size_t)snprintf(sql + o, len - o, " AND sequence>=?2");
@@ -485,6 +610,14 @@ static int query_sql(const dx_ev_query *qq, char *sql, size_t len, char *err, si
     if (qq->pos_to) o += (size_t)snprintf(sql + o, len - o, " AND position<=?5");
     if (qq->ts_from) o += (size_t)snprintf(sql + o, len - o, " AND ts_us>=?6");
     if (qq->ts_to) o += (size_t)snprintf(sql + o, len - o, " AND ts_us<=?7");
+    /* every session's events of a time range: the rows of a position range, and the late rows of the time range
+     * (migrate_time_index); one session's go through (session, sequence), their times a filter */
+    /* (the late rows' range has both ends, an open one as the extreme value: SQLite takes a range open on one
+     * side for a large share of the index and would rather scan the table) */
+    if (tr->on)
+        o += (size_t)snprintf(sql + o, len - o, " AND (position>=%llu AND position<%llu OR ts_us<tmax AND ts_us>=%s"
+                              " AND ts_us<=%s)", (unsigned long long)tr->p0, (unsigned long long)tr->p1,
+                              qq->ts_from ? "?6" : "-9223372036854775808", qq->ts_to ? "?7" : "9223372036854775807");
     /* the principal index holds only the rows with a principal (a filter always names one): SQLite uses a
      * partial index only when the query's WHERE holds the index's own condition, so it is repeated here */
     if (qq->principal_len) o += (size_t)snprintf(sql + o, len - o, " AND principal=?8 AND principal <> x''");
@@ -524,10 +657,26 @@ static void query_bind(sqlite3_stmt *q, const dx_ev_query *qq) {
 
 static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
     sq_t *s = st;
-    char sql[1024 + 8 * 64];
-    if (query_sql(qq, sql, sizeof sql, err, errlen)) return -1;
-    sqlite3_stmt *q;
-    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query", err, errlen);
+    char sql[1200 + 8 * 64];
+    sq_trange tr = {0};
+    /* the time range's positions and the rows: one read transaction */
+    int tx = !qq->session_len && (qq->ts_from || qq->ts_to) && sqlite3_get_autocommit(s->db);
+    if (tx && step_done(s->begin_deferred)) return fail(s, "query", err, errlen);
+    if (!qq->session_len && (qq->ts_from || qq->ts_to) && time_range(s, qq->ts_from, qq->ts_to, &tr)) {
+        fail(s, "query", err, errlen);
+        if (tx) step_done(s->rollback);
+        return -1;
+    }
+    sqlite3_stmt *q = NULL;
+    if (query_sql(qq, &tr, sql, sizeof sql, err, errlen)) {
+        if (tx) step_done(s->rollback);
+        return -1;
+    }
+    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) {
+        fail(s, "query", err, errlen);
+        if (tx) step_done(s->rollback);
+        return -1;
+    }
     query_bind(q, qq);
     int rc;
     dx_ev_rec r;
@@ -540,14 +689,18 @@ static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx,
     }
     int ret = rc == SQLITE_DONE ? 0 : fail(s, "query", err, errlen);
     sqlite3_finalize(q);
+    if (tx) step_done(s->commit);
     return ret;
 }
 
 int dx_ev_sqlite_query_plan(void *st, const dx_ev_query *qq, char *out, size_t outlen, char *err, size_t errlen) {
     sq_t *s = st;
-    char sql[1100 + 8 * 64];
+    char sql[1300 + 8 * 64];
     size_t o = (size_t)snprintf(sql, sizeof sql, "EXPLAIN QUERY PLAN ");
-    if (query_sql(qq, sql + o, sizeof sql - o, err, errlen)) return -1;
+    sq_trange tr = {0};
+    if (!qq->session_len && (qq->ts_from || qq->ts_to) && time_range(s, qq->ts_from, qq->ts_to, &tr))
+        return fail(s, "query plan", err, errlen);
+    if (query_sql(qq, &tr, sql + o, sizeof sql - o, err, errlen)) return -1;
     sqlite3_stmt *q;
     if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query plan", err, errlen);
     query_bind(q, qq);
@@ -591,9 +744,21 @@ static int sq_latest_snapshot(void *st, const char *session, size_t len, uint64_
 static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
     sq_t *s = st;
     if (step_done(s->begin)) return fail(s, "begin", err, errlen);
+    /* rows older than ts_us: those before the first position whose tmax >= ts_us, and the late ones (see
+     * migrate_time_index) */
+    sq_trange tr = {0};
+    if (ts_us > 0 && time_range(s, ts_us, 0, &tr)) {
+        fail(s, "expire", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
+    char where[160];
+    snprintf(where, sizeof where, "WHERE (position < %llu OR ts_us < tmax AND ts_us < ?1) AND ts_us < ?1",
+             (unsigned long long)(ts_us > 0 ? tr.p0 : 0));
+    char sel[400];
+    snprintf(sel, sizeof sel, "SELECT " COLS " FROM events %s ORDER BY position", where);
     sqlite3_stmt *q;
-    if (sqlite3_prepare_v2(s->db, "SELECT " COLS " FROM events WHERE ts_us < ?1 ORDER BY position", -1, &q, NULL) !=
-        SQLITE_OK) {
+    if (sqlite3_prepare_v2(s->db, sel, -1, &q, NULL) != SQLITE_OK) {
         fail(s, "expire", err, errlen);
         step_done(s->rollback);
         return -1;
@@ -615,10 +780,14 @@ static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx,
         step_done(s->rollback);
         return -1;
     }
-    char sql[160];
+    char sql[400];
     /* snapshots stay: state_at keeps working from the oldest event still in the log */
-    snprintf(sql, sizeof sql, "DELETE FROM events WHERE ts_us < %lld", (long long)ts_us);
-    if (sqlite3_exec(s->db, sql, NULL, NULL, NULL) != SQLITE_OK || step_done(s->commit)) {
+    snprintf(sql, sizeof sql, "DELETE FROM events %s", where);
+    sqlite3_stmt *d = NULL;
+    int drc = sqlite3_prepare_v2(s->db, sql, -1, &d, NULL) == SQLITE_OK &&
+              sqlite3_bind_int64(d, 1, ts_us) == SQLITE_OK && sqlite3_step(d) == SQLITE_DONE;
+    sqlite3_finalize(d);
+    if (!drc || step_done(s->commit)) {
         fail(s, "expire", err, errlen);
         step_done(s->rollback);
         return -1;

@@ -890,7 +890,7 @@ static void assert_indexed(void *db, const dx_ev_query *q, const char *must, con
     if (scan || (must && !strstr(plan, must))) fail_msg("%s: plan \"%s\" (wanted %s)", what, plan, must ? must : "no scan");
 }
 
-/* Every query shape the API sends (read/2 and fold/4 of a session or of all, since/until by sequence, time or
+/* Every query shape the API sends (retention's is test_time_ranges_with_late_rows'; read/2 and fold/4 of a session or of all, since/until by sequence, time or
  * position, types, principal, variable; audit_trail by period, principal, type, variable; the console's pages;
  * state_at's replay) is served by an index, on a log where most rows have no principal. */
 static void test_every_query_uses_an_index(void **st) {
@@ -915,7 +915,8 @@ static void test_every_query_uses_an_index(void **st) {
         {{.session = "a", .session_len = 1, .principal = "p7", .principal_len = 2}, NULL, "session, principal"},
         {{.session = "a", .session_len = 1, .variable = "x", .variable_len = 1}, NULL, "session, variable"},
         {{.pos_from = 100, .limit = 1000}, "PRIMARY KEY", "all, from a position (subscriptions, fold)"},
-        {{.ts_from = 1000100, .ts_to = 1000200}, "events_ts", "all, period"},
+        {{.ts_from = 1000100, .ts_to = 1000200}, "events_late", "all, period (a rowid range and the late rows)"},
+        {{.ts_from = 1000100}, "events_late", "all, since a time"},
         {{.types = vu, .type_lens = vul, .ntypes = 1}, "events_type", "all, type"},
         {{.types = two, .type_lens = twol, .ntypes = 2}, "events_type", "all, types"},
         {{.principal = "p7", .principal_len = 2}, "events_principal", "all, principal"},
@@ -980,6 +981,138 @@ static void test_old_log_gets_the_partial_principal_index(void **st) {
     sqlite3_close(raw);
 }
 
+typedef struct {
+    uint64_t pos[4096];
+    size_t n;
+} pos_list;
+static int collect_cb(void *c_, const dx_ev_rec *r) {
+    pos_list *c = c_;
+    if (c->n < 4096) c->pos[c->n++] = r->position;
+    return 0;
+}
+
+/* Times out of position order (a replica's copies of its owner's events, a clock stepping back: every 9th row
+ * 5 000 us late, every 13th 100 us late): a time range over every session finds exactly the rows whose time is
+ * in it, in position order, as a filter of all rows does; retention removes exactly the older ones. */
+static void test_time_ranges_with_late_rows(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "late.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    enum { N = 3000 };
+    static int64_t ts[N + 1];
+    dx_ev_rec r[50];
+    for (size_t b = 0; b < N / 50; b++) {
+        fill_recs(r, 50, 1 + b * 50);
+        for (size_t i = 0; i < 50; i++) {
+            size_t g = b * 50 + i;
+            r[i].ts_us = (int64_t)(100000 + 10 * g) - (g % 9 == 0 ? 5000 : 0) - (g % 13 == 0 ? 100 : 0);
+        }
+        assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 50, err, sizeof err), 0);
+        for (size_t i = 0; i < 50; i++) ts[r[i].position] = r[i].ts_us;
+    }
+    const int64_t ranges[][2] = {{100000, 101000}, {95000, 96000}, {110000, 110000}, {0, 120000}, {118000, 0},
+                                 {103000, 0},      {0, 99500},     {125000, 0},      {104321, 107654}};
+    for (size_t k = 0; k < sizeof ranges / sizeof ranges[0]; k++) {
+        for (int desc = 0; desc < 2; desc++) {
+            dx_ev_query q = {.ts_from = ranges[k][0], .ts_to = ranges[k][1], .descending = desc};
+            pos_list got = {.n = 0};
+            assert_int_equal(dx_ev_sqlite_ops.query(db, &q, collect_cb, &got, err, sizeof err), 0);
+            size_t want = 0;
+            for (size_t i = 0; i < N; i++) {
+                uint64_t pos = desc ? N - i : i + 1;
+                if ((q.ts_from && ts[pos] < q.ts_from) || (q.ts_to && ts[pos] > q.ts_to)) continue;
+                if (want >= got.n || got.pos[want] != pos)
+                    fail_msg("range %zu (%s): row %zu is position %llu, wanted %llu", k, desc ? "desc" : "asc", want,
+                             (unsigned long long)(want < got.n ? got.pos[want] : 0), (unsigned long long)pos);
+                want++;
+            }
+            assert_int_equal(got.n, want);
+        }
+    }
+    /* a limit stops in position order */
+    dx_ev_query ql = {.ts_from = 100000, .limit = 5};
+    pos_list got = {.n = 0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &ql, collect_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got.n, 5);
+    /* retention: exactly the rows older than the bound, late ones too */
+    size_t archived = 0, older = 0;
+    for (size_t pos = 1; pos <= N; pos++) older += ts[pos] < 112000;
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 112000, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(archived, older);
+    dx_ev_query qa = {0};
+    got.n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qa, collect_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got.n, N - older);
+    for (size_t i = 0; i < got.n; i++) assert_true(ts[got.pos[i]] >= 112000);
+    dx_ev_sqlite_ops.close(db);
+}
+
+/* A log of a build with the time index of every row (events_ts, no tmax column) is migrated at its first open:
+ * every event kept, the running maximum filled in, events_ts dropped, time ranges answered from the new
+ * access path, and new events continue it. */
+static void test_old_log_gets_the_running_time_maximum(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "oldts.db");
+    sqlite3 *raw;
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(raw,
+                                  "PRAGMA journal_mode=WAL;"
+                                  "CREATE TABLE events(position INTEGER PRIMARY KEY, session BLOB NOT NULL,"
+                                  " sequence INTEGER NOT NULL, ts_us INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL,"
+                                  " variable BLOB NOT NULL, principal BLOB NOT NULL, changed_by BLOB NOT NULL,"
+                                  " node BLOB NOT NULL, data BLOB, meta BLOB);"
+                                  "CREATE UNIQUE INDEX events_session_seq ON events(session, sequence);"
+                                  "CREATE INDEX events_ts ON events(ts_us);"
+                                  "CREATE INDEX events_type ON events(type, position);"
+                                  "CREATE INDEX events_principal ON events(principal, position);"
+                                  "CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+                                  "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)"
+                                  " INSERT INTO events SELECT i, 'o', i, 1000 * i - (CASE WHEN i % 7 = 0 THEN 3500 ELSE 0 END),"
+                                  " printf('00000000-0000-7000-8000-%012d', i), 't', '', '', '', 'n', x'01', NULL FROM n;"
+                                  "INSERT INTO meta VALUES('position', 500);",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(raw);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_query q = {.ts_from = 100000, .ts_to = 200000};
+    pos_list got = {.n = 0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &q, collect_cb, &got, err, sizeof err), 0);
+    size_t want = 0;
+    for (uint64_t i = 1; i <= 500; i++) {
+        int64_t t = 1000 * (int64_t)i - (i % 7 == 0 ? 3500 : 0);
+        if (t < 100000 || t > 200000) continue;
+        assert_true(want < got.n);
+        assert_int_equal(got.pos[want], i);
+        want++;
+    }
+    assert_int_equal(got.n, want);
+    dx_ev_rec r[10];
+    fill_recs(r, 10, 501);
+    for (size_t i = 0; i < 10; i++) r[i].session = "o", r[i].ts_us = 600000 + (int64_t)i;
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 10, err, sizeof err), 0);
+    assert_int_equal(r[0].position, 501);
+    dx_ev_query q2 = {.ts_from = 499000};
+    got.n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &q2, collect_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got.n, 12); /* 499, 500 and the 10 new ones */
+    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "o", 510);
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    sqlite3_stmt *s;
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT count(*) FROM sqlite_master WHERE name = 'events_ts'", -1, &s, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(s, 0), 0);
+    sqlite3_finalize(s);
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT count(*) FROM events WHERE tmax IS NULL", -1, &s, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(s, 0), 0);
+    sqlite3_finalize(s);
+    sqlite3_close(raw);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
@@ -1001,6 +1134,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_batch_waits_for_the_write_lock, setup, teardown),
         cmocka_unit_test_setup_teardown(test_every_query_uses_an_index, setup, teardown),
         cmocka_unit_test_setup_teardown(test_old_log_gets_the_partial_principal_index, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_time_ranges_with_late_rows, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_old_log_gets_the_running_time_maximum, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
