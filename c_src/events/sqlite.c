@@ -7,7 +7,6 @@
 #include "sqlite.h"
 #include <pthread.h>
 #include <sqlite3.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
