@@ -4,31 +4,58 @@
  * from a high-water mark kept in the `meta' table (written once per batch), so
  * they only ever grow, also after retention deletes the newest-but-old rows. */
 #include "backend.h"
+#include "sqlite.h"
+#include <pthread.h>
 #include <sqlite3.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* The checkpointer: the log's WAL is copied into the database file by a thread of its own, on a connection of
+ * its own, not by the connection that committed (SQLite's automatic checkpoint runs inside the committing
+ * COMMIT, i.e. on the event writer thread: reading the WAL's pages, writing and fsyncing the database file).
+ * Each connection's WAL hook (called after every commit with the WAL's size in pages) wakes it when the WAL grew
+ * by SQ_CKPT_PAGES since its last checkpoint; it runs PASSIVE checkpoints (they never wait for nor block the
+ * writer or the readers). A WAL is reused from its start by the first transaction that begins after a
+ * checkpoint copied all of it; under a sustained stream of transactions that moment may not come (the next one
+ * begins before the checkpoint ends), so when a commit leaves SQ_CKPT_LIMIT_PAGES or more in the WAL the
+ * committing thread waits (idle, its locks released) until a checkpoint asked then has ended: the WAL file
+ * stays below about SQ_CKPT_LIMIT_PAGES plus one transaction's pages (more only while a reader keeps a snapshot
+ * older than the WAL's start: it keeps its pages from being copied, as with SQLite's own checkpoints). */
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv, done_cv;
+    bool started, stop;
+    uint64_t asked, finished; /* checkpoints asked for / the last asked one that has ended (or stop) */
+    int wal_pages;       /* the WAL's size after the last commit that asked (pages); 0 = nothing asked */
+    int ckpt_upto;       /* the WAL's size when the last checkpoint ended: a commit asks again once the WAL grew
+                            SQ_CKPT_PAGES past it (or started over below it) */
+    char *path;          /* the database file */
+    dx_ev_sqlite_ckpt_stats st;
+} sq_ckpt;
+
 typedef struct {
     sqlite3 *db;
     sqlite3_stmt *hwm, *ins, *ins_multi, *undo_multi, *find, *maxpos, *maxseq, *putsnap, *getsnap, *begin,
-        *begin_deferred, *commit, *rollback;
+        *begin_deferred, *commit, *rollback, *lastmax, *probe, *posrange;
+    sq_ckpt ck;
 } sq_t;
 
 /* Rows per multi-row INSERT: one statement step (cursors opened, the program run) per SQ_MULTI rows instead
  * of per row; 12 parameters a row stay far below SQLite's limit (32766; 999 before 3.32). */
 #define SQ_MULTI 32
-#define SQ_COLS 12
+#define SQ_COLS 13
 
 static const char *SCHEMA =
     "CREATE TABLE IF NOT EXISTS events("
     " position INTEGER PRIMARY KEY, session BLOB NOT NULL, sequence INTEGER NOT NULL,"
     " ts_us INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, variable BLOB NOT NULL,"
-    " principal BLOB NOT NULL, changed_by BLOB NOT NULL, node BLOB NOT NULL, data BLOB, meta BLOB);"
+    " principal BLOB NOT NULL, changed_by BLOB NOT NULL, node BLOB NOT NULL, data BLOB, meta BLOB, tmax INTEGER);"
     "CREATE UNIQUE INDEX IF NOT EXISTS events_session_seq ON events(session, sequence);"
-    "CREATE INDEX IF NOT EXISTS events_ts ON events(ts_us);"
     "CREATE INDEX IF NOT EXISTS events_type ON events(type, position);"
-    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position);"
+    "CREATE INDEX IF NOT EXISTS events_principal ON events(principal, position) WHERE principal <> x'';"
     "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
 
 /* Snapshots live in a second file, attached as `snap', without fsync: they
@@ -44,13 +71,122 @@ static int fail(sq_t *s, const char *what, char *err, size_t errlen) {
     return -1;
 }
 
+static long g_ckpt_pages = SQ_CKPT_PAGES, g_ckpt_limit = SQ_CKPT_LIMIT_PAGES;
+
+static bool g_ckpt_inline;
+
+void dx_ev_sqlite_ckpt_config(long pages, long limit_pages) {
+    g_ckpt_inline = pages < 0;
+    g_ckpt_pages = pages > 0 ? pages : SQ_CKPT_PAGES;
+    g_ckpt_limit = limit_pages > 0 ? limit_pages : SQ_CKPT_LIMIT_PAGES;
+}
+
+static void *ckpt_main(void *arg) {
+    sq_ckpt *c = arg;
+    sqlite3 *db = NULL;
+    /* its own connection: a checkpoint on the writer's connection would run on the writer's thread */
+    if (sqlite3_open_v2(c->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+        sqlite3_close_v2(db);
+        db = NULL;
+    } else {
+        sqlite3_exec(db, "PRAGMA synchronous=FULL", NULL, NULL, NULL); /* the database file is fsynced */
+    }
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        while (!c->stop && c->wal_pages == 0) pthread_cond_wait(&c->cv, &c->mu);
+        if (c->stop) break;
+        int pages = c->wal_pages;
+        c->wal_pages = 0;
+        uint64_t gen = c->asked;
+        pthread_mutex_unlock(&c->mu);
+        int log = 0, done = 0;
+        int rc = db ? sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done) : SQLITE_CANTOPEN;
+        pthread_mutex_lock(&c->mu);
+        c->ckpt_upto = log;
+        c->st.passive++;
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY) c->st.errors++;
+        if ((uint64_t)pages > c->st.max_wal_pages) c->st.max_wal_pages = (uint64_t)pages;
+        c->finished = gen;
+        pthread_cond_broadcast(&c->done_cv);
+    }
+    c->finished = c->asked; /* nobody waits for a stopped checkpointer */
+    pthread_cond_broadcast(&c->done_cv);
+    pthread_mutex_unlock(&c->mu);
+    sqlite3_close_v2(db);
+    return NULL;
+}
+
+/* After every commit on a connection (SQLite's WAL hook, on the committing thread, its locks released): the
+ * log's WAL wakes the checkpointer thread (started the first time) when it grew by SQ_CKPT_PAGES since the last
+ * checkpoint; at SQ_CKPT_LIMIT_PAGES the committing thread also waits (idle) until a checkpoint asked now has
+ * ended: with no transaction running it copies the whole WAL (unless a reader still uses older pages), so the
+ * next transaction starts the WAL over. An attached database's WAL (the snapshots) is checkpointed here as
+ * SQLite's automatic checkpoint would (its commits are not the writer's). */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages) {
+    sq_t *s = arg;
+    if (strcmp(name, "main") != 0) {
+        if (pages >= SQ_CKPT_PAGES) sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        return SQLITE_OK;
+    }
+    if (pages < g_ckpt_pages) return SQLITE_OK;
+    sq_ckpt *c = &s->ck;
+    pthread_mutex_lock(&c->mu);
+    if (pages < c->ckpt_upto) c->ckpt_upto = 0; /* the WAL started over */
+    bool at_limit = pages >= g_ckpt_limit;
+    if (pages - c->ckpt_upto < g_ckpt_pages && !at_limit) {
+        pthread_mutex_unlock(&c->mu);
+        return SQLITE_OK;
+    }
+    if (!c->started && !c->stop && c->path) {
+        if (pthread_create(&c->thread, NULL, ckpt_main, c) == 0) c->started = true;
+    }
+    bool started = c->started && !c->stop;
+    if (started) {
+        c->wal_pages = pages;
+        uint64_t gen = ++c->asked;
+        pthread_cond_signal(&c->cv);
+        if (at_limit) {
+            c->st.waits++;
+            while (c->finished < gen) pthread_cond_wait(&c->done_cv, &c->mu);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    /* no thread (out of resources): checkpoint here rather than let the WAL grow */
+    if (!started) sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    return SQLITE_OK;
+}
+
+static void ckpt_stop(sq_t *s) {
+    sq_ckpt *c = &s->ck;
+    pthread_mutex_lock(&c->mu);
+    c->stop = true;
+    pthread_cond_signal(&c->cv);
+    bool started = c->started;
+    pthread_mutex_unlock(&c->mu);
+    if (started) pthread_join(c->thread, NULL);
+}
+
+int dx_ev_sqlite_ckpt_stats_get(void *st, dx_ev_sqlite_ckpt_stats *out) {
+    sq_t *s = st;
+    pthread_mutex_lock(&s->ck.mu);
+    *out = s->ck.st;
+    pthread_mutex_unlock(&s->ck.mu);
+    return 0;
+}
+
 static void sq_close(void *st) {
     sq_t *s = st;
     if (!s) return;
+    ckpt_stop(s); /* before the connection: the last one to close checkpoints what is left */
     sqlite3_stmt **all[] = {&s->hwm, &s->ins, &s->ins_multi, &s->undo_multi, &s->find, &s->maxpos, &s->maxseq,
-                            &s->putsnap, &s->getsnap, &s->begin, &s->begin_deferred, &s->commit, &s->rollback};
+                            &s->putsnap, &s->getsnap, &s->begin, &s->begin_deferred, &s->commit, &s->rollback,
+                            &s->lastmax, &s->probe, &s->posrange};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) sqlite3_finalize(*all[i]);
     sqlite3_close_v2(s->db);
+    pthread_mutex_destroy(&s->ck.mu);
+    pthread_cond_destroy(&s->ck.cv);
+    pthread_cond_destroy(&s->ck.done_cv);
+    free(s->ck.path);
     free(s);
 }
 
@@ -63,7 +199,7 @@ static int prep(sq_t *s, const char *sql, sqlite3_stmt **out) {
 static int prep_multi(sq_t *s) {
     char sql[256 + SQ_MULTI * (SQ_COLS * 2 + 4)];
     size_t o = (size_t)snprintf(sql, sizeof sql, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,"
-                                                 "principal,changed_by,node,data,meta) VALUES");
+                                                 "principal,changed_by,node,data,meta,tmax) VALUES");
     for (int k = 0; k < SQ_MULTI; k++) {
         o += (size_t)snprintf(sql + o, sizeof sql - o, "%s(", k ? "," : "");
         for (int c = 0; c < SQ_COLS; c++) o += (size_t)snprintf(sql + o, sizeof sql - o, "%s?", c ? "," : "");
@@ -73,6 +209,147 @@ static int prep_multi(sq_t *s) {
     return prep(s, sql, &s->ins_multi);
 }
 
+/* Whether the principal index is the full one of the builds before the partial one (its SQL has no WHERE). */
+static int principal_index_is_full(sq_t *s, int *full) {
+    sqlite3_stmt *q = NULL;
+    if (sqlite3_prepare_v2(s->db, "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'events_principal'", -1,
+                           &q, NULL) != SQLITE_OK)
+        return -1;
+    int rc = sqlite3_step(q);
+    const char *sql = rc == SQLITE_ROW ? (const char *)sqlite3_column_text(q, 0) : NULL;
+    *full = sql && !strstr(sql, "WHERE");
+    sqlite3_finalize(q);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+/* A log written by a build before the partial principal index has the full one (every row in it, most with an
+ * empty principal): it is replaced, once, in one transaction, at the first open by this build (the rows with a
+ * principal are indexed again; the time it takes grows with their number). Every other table and index is as
+ * it was, so an older log opens and keeps every event; nothing is refused. */
+static int migrate_principal_index(sq_t *s, char *err, size_t errlen) {
+    int full = 0;
+    if (principal_index_is_full(s, &full)) return fail(s, "schema", err, errlen);
+    if (!full) return 0;
+    char *msg = NULL;
+    if (sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, &msg) != SQLITE_OK) goto failed;
+    if (principal_index_is_full(s, &full)) goto failed; /* another connection may have done it meanwhile */
+    if (full && sqlite3_exec(s->db, "DROP INDEX events_principal;"
+                                    "CREATE INDEX events_principal ON events(principal, position) WHERE principal <> x'';",
+                             NULL, NULL, &msg) != SQLITE_OK)
+        goto failed;
+    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, &msg) != SQLITE_OK) goto failed;
+    return 0;
+failed:
+    snprintf(err, errlen, "schema: principal index: %s", msg ? msg : sqlite3_errmsg(s->db));
+    sqlite3_free(msg);
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+/* The time index. Times are not in position order in general (a replica copies its owner's events with their
+ * own times; a clock can step back), so instead of an index of every row's time (a b-tree insert per row: the
+ * indexes beyond the first cost the writer about 1.2 us per event each, bench/events_sqlite_bench.c) each row
+ * stores `tmax', the largest time of the rows up to its position (the writer assigns both, in order: a running
+ * maximum, non-decreasing in position), and only the rows whose time is below it (late rows: rare) are indexed
+ * (events_late, a partial index). A row with ts_us >= T has tmax >= T: it is at or after the first position
+ * whose tmax >= T (found by a binary search on the rowid, see time_bound) or it is late; a row with
+ * ts_us <= T and ts_us = tmax (not late) is before the first position whose tmax > T. So a time range is a
+ * position range plus the late rows of that range of times (sq_query, sq_expire_before).
+ * A log written before (a full events_ts index, no tmax column) is migrated at its first open by this build, in
+ * one transaction: the column is added and filled in position order (every row is rewritten once: the time
+ * grows with the log's size), events_ts dropped, events_late made. Nothing is refused. */
+static int migrate_time_index(sq_t *s, char *err, size_t errlen) {
+    char *msg = NULL;
+    int has = 0;
+    sqlite3_stmt *q = NULL;
+    const char *col = "SELECT 1 FROM pragma_table_info('events') WHERE name = 'tmax'";
+    if (sqlite3_prepare_v2(s->db, col, -1, &q, NULL) != SQLITE_OK) goto failed;
+    has = sqlite3_step(q) == SQLITE_ROW;
+    sqlite3_finalize(q);
+    q = NULL;
+    if (!has) {
+        if (sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, &msg) != SQLITE_OK) goto failed;
+        if (sqlite3_prepare_v2(s->db, col, -1, &q, NULL) != SQLITE_OK) goto failed_tx;
+        has = sqlite3_step(q) == SQLITE_ROW; /* another connection may have done it meanwhile */
+        sqlite3_finalize(q);
+        q = NULL;
+        if (!has && sqlite3_exec(s->db,
+                                 "ALTER TABLE events ADD COLUMN tmax INTEGER;"
+                                 "UPDATE events SET tmax = w.m FROM (SELECT position AS p, MAX(ts_us) OVER (ORDER BY"
+                                 " position ROWS UNBOUNDED PRECEDING) AS m FROM events) AS w WHERE events.position = w.p;"
+                                 "DROP INDEX IF EXISTS events_ts;"
+                                 "CREATE INDEX IF NOT EXISTS events_late ON events(ts_us) WHERE ts_us < tmax;",
+                                 NULL, NULL, &msg) != SQLITE_OK)
+            goto failed_tx;
+        if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, &msg) != SQLITE_OK) goto failed_tx;
+    }
+    if (sqlite3_exec(s->db, "CREATE INDEX IF NOT EXISTS events_late ON events(ts_us) WHERE ts_us < tmax;", NULL, NULL,
+                     &msg) != SQLITE_OK)
+        goto failed;
+    return 0;
+failed_tx:
+    sqlite3_finalize(q);
+    snprintf(err, errlen, "schema: time index: %s", msg ? msg : sqlite3_errmsg(s->db));
+    sqlite3_free(msg);
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+failed:
+    snprintf(err, errlen, "schema: time index: %s", msg ? msg : sqlite3_errmsg(s->db));
+    sqlite3_free(msg);
+    return -1;
+}
+
+/* The first position p (of [lo, hi + 1]) such that the first row at or after p has tmax > t (strict) or
+ * >= t (!strict), or there is none; tmax being non-decreasing in position, a binary search of rowid probes. */
+static int time_bound(sq_t *s, int64_t t, int strict, uint64_t lo, uint64_t hi, uint64_t *out) {
+    uint64_t a = lo, b = hi + 1;
+    while (a < b) {
+        uint64_t mid = a + (b - a) / 2;
+        sqlite3_bind_int64(s->probe, 1, (sqlite3_int64)mid);
+        int rc = sqlite3_step(s->probe);
+        int yes = 1;
+        if (rc == SQLITE_ROW) {
+            int64_t tm = sqlite3_column_type(s->probe, 0) == SQLITE_NULL ? INT64_MAX : sqlite3_column_int64(s->probe, 0);
+            yes = strict ? tm > t : tm >= t;
+        }
+        sqlite3_reset(s->probe);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE) return -1;
+        if (yes) b = mid;
+        else a = mid + 1;
+    }
+    *out = a;
+    return 0;
+}
+
+/* A time range of a query over every session, as positions: [p0, p1) holds every row of the range that is not
+ * late (see migrate_time_index). */
+typedef struct {
+    int on;
+    uint64_t p0, p1;
+} sq_trange;
+
+static int time_range(sq_t *s, int64_t from, int64_t to, sq_trange *tr) {
+    tr->on = 1;
+    int rc = sqlite3_step(s->posrange);
+    uint64_t lo = 0, hi = 0;
+    int empty = rc != SQLITE_ROW || sqlite3_column_type(s->posrange, 0) == SQLITE_NULL;
+    if (!empty) {
+        lo = (uint64_t)sqlite3_column_int64(s->posrange, 0);
+        hi = (uint64_t)sqlite3_column_int64(s->posrange, 1);
+    }
+    sqlite3_reset(s->posrange);
+    if (rc != SQLITE_ROW) return -1;
+    if (empty) {
+        tr->p0 = tr->p1 = 0;
+        return 0;
+    }
+    tr->p0 = lo;
+    tr->p1 = hi + 1;
+    if (from && time_bound(s, from, 0, lo, hi, &tr->p0)) return -1;
+    if (to && time_bound(s, to, 1, lo, hi, &tr->p1)) return -1;
+    return 0;
+}
+
 static int sq_open(const char *target, void **st, char *err, size_t errlen) {
     sq_t *s = calloc(1, sizeof *s);
     if (!s) {
@@ -80,6 +357,10 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         return -1;
     }
     *st = NULL;
+    pthread_mutex_init(&s->ck.mu, NULL);
+    pthread_cond_init(&s->ck.cv, NULL);
+    pthread_cond_init(&s->ck.done_cv, NULL);
+    s->ck.path = strdup(target);
     if (sqlite3_open_v2(target, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) !=
         SQLITE_OK) {
         fail(s, "open", err, errlen);
@@ -103,7 +384,11 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
     /* SQLite's default 4 KiB pages: 16 KiB ones took a quarter less CPU per event in large batches (fewer WAL
      * frames and write calls) but made a small sync commit (16 events) some 40% slower (more bytes to write
      * and fsync per commit), and sync commits are the latency that callers wait for */
-    if (sqlite3_exec(s->db, "PRAGMA main.journal_mode=WAL; PRAGMA main.synchronous=FULL;", NULL, NULL, &msg) !=
+    /* a 16 MiB page cache (SQLite's default is 2 MiB): the writer's inserts find more of the pages they touch in
+     * memory instead of reading them back from the WAL (some 0.1-0.3 us less system time per event in batches
+     * of 8 192; bench/events_sqlite_bench.c); it fills only as far as a connection's work needs */
+    if (sqlite3_exec(s->db, "PRAGMA main.journal_mode=WAL; PRAGMA main.synchronous=FULL; PRAGMA main.cache_size=-16384;",
+                     NULL, NULL, &msg) !=
             SQLITE_OK ||
         sqlite3_exec(s->db, SCHEMA, NULL, NULL, &msg) != SQLITE_OK ||
         sqlite3_exec(s->db, SNAP_SCHEMA, NULL, NULL, &msg) != SQLITE_OK) {
@@ -112,10 +397,17 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         sq_close(s);
         return -1;
     }
+    if (migrate_principal_index(s, err, errlen) || migrate_time_index(s, err, errlen)) {
+        sq_close(s);
+        return -1;
+    }
     if (prep(s, "INSERT INTO meta(k, v) VALUES('position', ?1) ON CONFLICT(k) DO UPDATE SET v = MAX(v, ?1)",
              &s->hwm) ||
-        prep(s, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,principal,changed_by,node,data,meta)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(session,sequence) DO NOTHING", &s->ins) ||
+        prep(s, "INSERT INTO events(position,session,sequence,ts_us,id,type,variable,principal,changed_by,node,data,meta,"
+                "tmax) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(session,sequence) DO NOTHING", &s->ins) ||
+        prep(s, "SELECT tmax FROM events ORDER BY position DESC LIMIT 1", &s->lastmax) ||
+        prep(s, "SELECT tmax FROM events WHERE position >= ?1 ORDER BY position LIMIT 1", &s->probe) ||
+        prep(s, "SELECT MIN(position), MAX(position) FROM events", &s->posrange) ||
         prep_multi(s) ||
         prep(s, "DELETE FROM events WHERE position BETWEEN ?1 AND ?2", &s->undo_multi) ||
         prep(s, "SELECT position FROM events WHERE session=? AND sequence=?", &s->find) ||
@@ -131,6 +423,8 @@ static int sq_open(const char *target, void **st, char *err, size_t errlen) {
         sq_close(s);
         return -1;
     }
+    /* replaces SQLite's automatic checkpoint (which is a WAL hook too) */
+    if (!g_ckpt_inline) sqlite3_wal_hook(s->db, wal_hook, s);
     *st = s;
     return 0;
 }
@@ -148,8 +442,8 @@ static void bind_blob(sqlite3_stmt *st, int i, const void *p, size_t n) {
 }
 
 /* Binds one record at parameters b+1 .. b+SQ_COLS (position, session, sequence, ts_us, id, type, variable,
- * principal, changed_by, node, data, meta). */
-static void bind_row(sqlite3_stmt *q, int b, const dx_ev_rec *r, uint64_t position) {
+ * principal, changed_by, node, data, meta, tmax). */
+static void bind_row(sqlite3_stmt *q, int b, const dx_ev_rec *r, uint64_t position, int64_t tmax) {
     sqlite3_bind_int64(q, b + 1, (sqlite3_int64)position);
     bind_blob(q, b + 2, r->session, r->session_len);
     sqlite3_bind_int64(q, b + 3, (sqlite3_int64)r->sequence);
@@ -162,15 +456,35 @@ static void bind_row(sqlite3_stmt *q, int b, const dx_ev_rec *r, uint64_t positi
     bind_blob(q, b + 10, r->node, r->node_len);
     bind_blob(q, b + 11, r->data, r->data_len);
     bind_blob(q, b + 12, r->meta, r->meta_len);
+    sqlite3_bind_int64(q, b + 13, tmax);
 }
 
 static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t errlen) {
     sq_t *s = st;
     /* deferred: the first insert locks the events file only (not the attached snapshots) */
     if (step_done(s->begin_deferred)) return fail(s, "begin", err, errlen);
+    /* a write first: it takes the events file's write lock waiting (the busy handler) for whoever holds it (a
+     * RESTART checkpoint, a retention delete). A read first would open a read transaction, and SQLite does not
+     * call the busy handler to upgrade one to a write: the batch would fail at once with "database is locked" */
+    sqlite3_bind_int64(s->hwm, 1, 0);
+    if (step_done(s->hwm)) {
+        fail(s, "begin", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
     /* the high-water mark as stored now (another instance may have written since this one last did) */
     uint64_t next;
     if (sq_max_position(s, &next, err, errlen)) {
+        step_done(s->rollback);
+        return -1;
+    }
+    /* the running maximum of the times in position order (see migrate_time_index): the last row's */
+    int64_t tm = INT64_MIN;
+    int lrc = sqlite3_step(s->lastmax);
+    if (lrc == SQLITE_ROW && sqlite3_column_type(s->lastmax, 0) != SQLITE_NULL) tm = sqlite3_column_int64(s->lastmax, 0);
+    sqlite3_reset(s->lastmax);
+    if (lrc != SQLITE_ROW && lrc != SQLITE_DONE) {
+        fail(s, "insert", err, errlen);
         step_done(s->rollback);
         return -1;
     }
@@ -180,7 +494,11 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
      * its position (the stored one, or the next) and positions stay gapless */
     for (; n - i >= SQ_MULTI; i += SQ_MULTI) {
         sqlite3_stmt *q = s->ins_multi;
-        for (int k = 0; k < SQ_MULTI; k++) bind_row(q, k * SQ_COLS, &r[i + k], next + 1 + (uint64_t)k);
+        int64_t tk = tm;
+        for (int k = 0; k < SQ_MULTI; k++) {
+            if (r[i + k].ts_us > tk) tk = r[i + k].ts_us;
+            bind_row(q, k * SQ_COLS, &r[i + k], next + 1 + (uint64_t)k, tk);
+        }
         int rc = sqlite3_step(q);
         sqlite3_reset(q);
         if (rc != SQLITE_DONE) {
@@ -199,10 +517,12 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
             break;
         }
         for (int k = 0; k < SQ_MULTI; k++) r[i + k].position = ++next;
+        tm = tk;
     }
     for (; i < n; i++) {
         sqlite3_stmt *q = s->ins;
-        bind_row(q, 0, &r[i], next + 1);
+        int64_t tk = r[i].ts_us > tm ? r[i].ts_us : tm;
+        bind_row(q, 0, &r[i], next + 1, tk);
         if (sqlite3_step(q) != SQLITE_DONE) {
             fail(s, "insert", err, errlen);
             sqlite3_reset(q);
@@ -212,6 +532,7 @@ static int sq_write_batch(void *st, dx_ev_rec *r, size_t n, char *err, size_t er
         sqlite3_reset(q);
         if (sqlite3_changes(s->db) == 1) {
             r[i].position = ++next;
+            tm = tk;
         } else { /* already stored (a retry): report where */
             bind_blob(s->find, 1, r[i].session, r[i].session_len);
             sqlite3_bind_int64(s->find, 2, (sqlite3_int64)r[i].sequence);
@@ -278,37 +599,48 @@ static void row_rec(sqlite3_stmt *q, dx_ev_rec *r) {
 
 #define COLS "position,sequence,ts_us,id,session,type,variable,principal,changed_by,node,data,meta"
 
-static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
-    sq_t *s = st;
-    char sql[1024 + 8 * 64];
-    size_t o = (size_t)snprintf(sql, sizeof sql, "SELECT " COLS " FROM events WHERE 1");
-    if (qq->session_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND session=?1");
-    if (qq->seq_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND sequence>=?2");
-    if (qq->seq_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND sequence<=?3");
-    if (qq->pos_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND position>=?4");
-    if (qq->pos_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND position<=?5");
-    if (qq->ts_from) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND ts_us>=?6");
-    if (qq->ts_to) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND ts_us<=?7");
-    if (qq->principal_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND principal=?8");
-    if (qq->variable_len) o += (size_t)snprintf(sql + o, sizeof sql - o, " AND variable=?9");
+/* The SQL of a query (sq_query, dx_ev_sqlite_query_plan); 0, or -1 with err. */
+static int query_sql(const dx_ev_query *qq, const sq_trange *tr, char *sql, size_t len, char *err, size_t errlen) {
+    size_t o = (size_t)snprintf(sql, len, "SELECT " COLS " FROM events WHERE 1");
+    if (qq->session_len) o += (size_t)snprintf(sql + o, len - o, " AND session=?1");
+    if (qq->seq_from) o += (size_t)snprintf(sql + o, len - o, " AND sequence>=?2");
+    if (qq->seq_to) o += (size_t)snprintf(sql + o, len - o, " AND sequence<=?3");
+    if (qq->pos_from) o += (size_t)snprintf(sql + o, len - o, " AND position>=?4");
+    if (qq->pos_to) o += (size_t)snprintf(sql + o, len - o, " AND position<=?5");
+    if (qq->ts_from) o += (size_t)snprintf(sql + o, len - o, " AND ts_us>=?6");
+    if (qq->ts_to) o += (size_t)snprintf(sql + o, len - o, " AND ts_us<=?7");
+    /* every session's events of a time range: the rows of a position range, and the late rows of the time range
+     * (migrate_time_index); one session's go through (session, sequence), their times a filter */
+    /* (the late rows' range has both ends, an open one as the extreme value: SQLite takes a range open on one
+     * side for a large share of the index and would rather scan the table) */
+    if (tr->on)
+        o += (size_t)snprintf(sql + o, len - o, " AND (position>=%llu AND position<%llu OR ts_us<tmax AND ts_us>=%s"
+                              " AND ts_us<=%s)", (unsigned long long)tr->p0, (unsigned long long)tr->p1,
+                              qq->ts_from ? "?6" : "-9223372036854775808", qq->ts_to ? "?7" : "9223372036854775807");
+    /* the principal index holds only the rows with a principal (a filter always names one): SQLite uses a
+     * partial index only when the query's WHERE holds the index's own condition, so it is repeated here */
+    if (qq->principal_len) o += (size_t)snprintf(sql + o, len - o, " AND principal=?8 AND principal <> x''");
+    if (qq->variable_len) o += (size_t)snprintf(sql + o, len - o, " AND variable=?9");
     if (qq->ntypes > 64) {
         snprintf(err, errlen, "too many types");
         return -1;
     }
     if (qq->ntypes) {
-        o += (size_t)snprintf(sql + o, sizeof sql - o, " AND type IN (");
+        o += (size_t)snprintf(sql + o, len - o, " AND type IN (");
         for (size_t i = 0; i < qq->ntypes; i++)
-            o += (size_t)snprintf(sql + o, sizeof sql - o, "%s?%zu", i ? "," : "", 10 + i);
-        o += (size_t)snprintf(sql + o, sizeof sql - o, ")");
+            o += (size_t)snprintf(sql + o, len - o, "%s?%zu", i ? "," : "", 10 + i);
+        o += (size_t)snprintf(sql + o, len - o, ")");
     }
     /* one session's events: by sequence (backend.h), which is their position order here (one writer numbers and
      * stores them in commit order): the (session, sequence) index hands the rows over in that order, where
      * ORDER BY position made SQLite copy every row of the range into a temporary B-tree and sort it */
-    o += (size_t)snprintf(sql + o, sizeof sql - o, " ORDER BY %s %s", qq->session_len ? "sequence" : "position",
+    o += (size_t)snprintf(sql + o, len - o, " ORDER BY %s %s", qq->session_len ? "sequence" : "position",
                           qq->descending ? "DESC" : "ASC");
-    if (qq->limit) snprintf(sql + o, sizeof sql - o, " LIMIT %zu", qq->limit);
-    sqlite3_stmt *q;
-    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query", err, errlen);
+    if (qq->limit) snprintf(sql + o, len - o, " LIMIT %zu", qq->limit);
+    return 0;
+}
+
+static void query_bind(sqlite3_stmt *q, const dx_ev_query *qq) {
     if (qq->session_len) bind_blob(q, 1, qq->session, qq->session_len);
     if (qq->seq_from) sqlite3_bind_int64(q, 2, (sqlite3_int64)qq->seq_from);
     if (qq->seq_to) sqlite3_bind_int64(q, 3, (sqlite3_int64)qq->seq_to);
@@ -320,6 +652,31 @@ static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx,
     if (qq->variable_len) bind_blob(q, 9, qq->variable, qq->variable_len);
     for (size_t i = 0; i < qq->ntypes; i++)
         sqlite3_bind_text(q, (int)(10 + i), qq->types[i], (int)qq->type_lens[i], SQLITE_STATIC);
+}
+
+static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
+    sq_t *s = st;
+    char sql[1200 + 8 * 64];
+    sq_trange tr = {0};
+    /* the time range's positions and the rows: one read transaction */
+    int tx = !qq->session_len && (qq->ts_from || qq->ts_to) && sqlite3_get_autocommit(s->db);
+    if (tx && step_done(s->begin_deferred)) return fail(s, "query", err, errlen);
+    if (!qq->session_len && (qq->ts_from || qq->ts_to) && time_range(s, qq->ts_from, qq->ts_to, &tr)) {
+        fail(s, "query", err, errlen);
+        if (tx) step_done(s->rollback);
+        return -1;
+    }
+    sqlite3_stmt *q = NULL;
+    if (query_sql(qq, &tr, sql, sizeof sql, err, errlen)) {
+        if (tx) step_done(s->rollback);
+        return -1;
+    }
+    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) {
+        fail(s, "query", err, errlen);
+        if (tx) step_done(s->rollback);
+        return -1;
+    }
+    query_bind(q, qq);
     int rc;
     dx_ev_rec r;
     while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
@@ -331,7 +688,30 @@ static int sq_query(void *st, const dx_ev_query *qq, dx_ev_row_cb cb, void *ctx,
     }
     int ret = rc == SQLITE_DONE ? 0 : fail(s, "query", err, errlen);
     sqlite3_finalize(q);
+    if (tx) step_done(s->commit);
     return ret;
+}
+
+int dx_ev_sqlite_query_plan(void *st, const dx_ev_query *qq, char *out, size_t outlen, char *err, size_t errlen) {
+    sq_t *s = st;
+    char sql[1300 + 8 * 64];
+    size_t o = (size_t)snprintf(sql, sizeof sql, "EXPLAIN QUERY PLAN ");
+    sq_trange tr = {0};
+    if (!qq->session_len && (qq->ts_from || qq->ts_to) && time_range(s, qq->ts_from, qq->ts_to, &tr))
+        return fail(s, "query plan", err, errlen);
+    if (query_sql(qq, &tr, sql + o, sizeof sql - o, err, errlen)) return -1;
+    sqlite3_stmt *q;
+    if (sqlite3_prepare_v2(s->db, sql, -1, &q, NULL) != SQLITE_OK) return fail(s, "query plan", err, errlen);
+    query_bind(q, qq);
+    size_t w = 0;
+    out[0] = 0;
+    int rc;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        const char *d = (const char *)sqlite3_column_text(q, 3);
+        if (w < outlen) w += (size_t)snprintf(out + w, outlen - w, "%s%s", w ? "; " : "", d ? d : "");
+    }
+    sqlite3_finalize(q);
+    return rc == SQLITE_DONE ? 0 : fail(s, "query plan", err, errlen);
 }
 
 static int sq_put_snapshot(void *st, const dx_ev_snapshot *sn, char *err, size_t errlen) {
@@ -363,9 +743,21 @@ static int sq_latest_snapshot(void *st, const char *session, size_t len, uint64_
 static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
     sq_t *s = st;
     if (step_done(s->begin)) return fail(s, "begin", err, errlen);
+    /* rows older than ts_us: those before the first position whose tmax >= ts_us, and the late ones (see
+     * migrate_time_index) */
+    sq_trange tr = {0};
+    if (ts_us > 0 && time_range(s, ts_us, 0, &tr)) {
+        fail(s, "expire", err, errlen);
+        step_done(s->rollback);
+        return -1;
+    }
+    char where[160];
+    snprintf(where, sizeof where, "WHERE (position < %llu OR ts_us < tmax AND ts_us < ?1) AND ts_us < ?1",
+             (unsigned long long)(ts_us > 0 ? tr.p0 : 0));
+    char sel[400];
+    snprintf(sel, sizeof sel, "SELECT " COLS " FROM events %s ORDER BY position", where);
     sqlite3_stmt *q;
-    if (sqlite3_prepare_v2(s->db, "SELECT " COLS " FROM events WHERE ts_us < ?1 ORDER BY position", -1, &q, NULL) !=
-        SQLITE_OK) {
+    if (sqlite3_prepare_v2(s->db, sel, -1, &q, NULL) != SQLITE_OK) {
         fail(s, "expire", err, errlen);
         step_done(s->rollback);
         return -1;
@@ -387,10 +779,14 @@ static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx,
         step_done(s->rollback);
         return -1;
     }
-    char sql[160];
+    char sql[400];
     /* snapshots stay: state_at keeps working from the oldest event still in the log */
-    snprintf(sql, sizeof sql, "DELETE FROM events WHERE ts_us < %lld", (long long)ts_us);
-    if (sqlite3_exec(s->db, sql, NULL, NULL, NULL) != SQLITE_OK || step_done(s->commit)) {
+    snprintf(sql, sizeof sql, "DELETE FROM events %s", where);
+    sqlite3_stmt *d = NULL;
+    int drc = sqlite3_prepare_v2(s->db, sql, -1, &d, NULL) == SQLITE_OK &&
+              sqlite3_bind_int64(d, 1, ts_us) == SQLITE_OK && sqlite3_step(d) == SQLITE_DONE;
+    sqlite3_finalize(d);
+    if (!drc || step_done(s->commit)) {
         fail(s, "expire", err, errlen);
         step_done(s->rollback);
         return -1;

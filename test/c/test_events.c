@@ -10,6 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 #include "evq.h"
+#include "sqlite.h"
+#include <sqlite3.h>
+#include <sys/stat.h>
 
 static char g_dir[64];
 static int g_fails; /* write_batch calls to fail (failure injection) */
@@ -770,6 +773,346 @@ static void test_backend_filters_snapshots_retention(void **st) {
     assert_true(strlen(err) > 0);
 }
 
+/* Records of n_each 250-byte events of session "k", sequences from seq0. */
+static void fill_big(dx_ev_rec *r, size_t n, uint64_t seq0) {
+    static const uint8_t data[250] = {1};
+    fill_recs(r, n, seq0);
+    for (size_t i = 0; i < n; i++) {
+        r[i].session = "k";
+        r[i].data = data;
+        r[i].data_len = sizeof data;
+    }
+}
+
+static long long file_size(const char *p) {
+    struct stat sb;
+    return stat(p, &sb) == 0 ? (long long)sb.st_size : 0;
+}
+
+/* The WAL is checkpointed by the checkpointer thread (its counters), and back-to-back transactions, which
+ * leave it no moment where the whole WAL is copied before the next one begins, still keep the WAL file near
+ * the limit: a commit at the limit waits for a checkpoint, so the next one starts the WAL over. */
+static void test_checkpointer_keeps_the_wal_bounded(void **st) {
+    char p[128], wal[160], err[256];
+    path(p, sizeof p, "ck.db");
+    snprintf(wal, sizeof wal, "%s-wal", p);
+    dx_ev_sqlite_ckpt_config(8, 64); /* pages: small, so that a short test crosses both */
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_rec r[40];
+    long long max_wal = 0;
+    for (uint64_t b = 0; b < 300; b++) {
+        fill_big(r, 40, 1 + b * 40);
+        assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 40, err, sizeof err), 0);
+        long long w = file_size(wal);
+        if (w > max_wal) max_wal = w;
+    }
+    dx_ev_sqlite_ckpt_stats cs;
+    assert_int_equal(dx_ev_sqlite_ckpt_stats_get(db, &cs), 0);
+    assert_true(cs.passive > 0);
+    assert_true(cs.waits > 0);
+    assert_int_equal(cs.errors, 0);
+    /* a 40-event transaction writes well under 64 pages (4 KiB + 24-byte frame headers; 32-byte WAL header) */
+    assert_true(max_wal <= (64 + 64) * (4096 + 24) + 32);
+    dx_ev_sqlite_ops.close(db);
+    dx_ev_sqlite_ckpt_config(0, 0);
+    check_one_session(p, "k", 300 * 40);
+}
+
+typedef struct {
+    sqlite3 *db;
+    int release_after_ms;
+} holder_arg;
+static void *release_later(void *a_) {
+    holder_arg *a = a_;
+    usleep((useconds_t)a->release_after_ms * 1000); /* how long the lock is held, not a synchronisation */
+    sqlite3_exec(a->db, "COMMIT", NULL, NULL, NULL);
+    return NULL;
+}
+
+/* A batch that finds the log's write lock taken (a checkpoint holding writers back, a retention delete on
+ * another connection) waits for it (the busy timeout) and goes in: it used to read first, and SQLite does not
+ * wait to upgrade a read transaction, so the batch failed at once with "database is locked". */
+static void test_batch_waits_for_the_write_lock(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "lk.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_rec r[4];
+    fill_recs(r, 4, 1);
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 4, err, sizeof err), 0);
+    holder_arg h = {NULL, 300};
+    assert_int_equal(sqlite3_open(p, &h.db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(h.db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+    pthread_t t;
+    pthread_create(&t, NULL, release_later, &h);
+    fill_recs(r, 4, 5);
+    int rc = dx_ev_sqlite_ops.write_batch(db, r, 4, err, sizeof err);
+    pthread_join(t, NULL);
+    sqlite3_close(h.db);
+    assert_int_equal(rc, 0);
+    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "m", 8);
+}
+
+/* Rows of sessions "a" and "b", every 7th with principal "p7", types "variable_updated" / "lock_acquired". */
+static void write_mixed(void *db, size_t n) {
+    char err[256];
+    dx_ev_rec r[64];
+    uint64_t seq[2] = {0, 0};
+    for (size_t done = 0; done < n;) {
+        size_t k = n - done < 64 ? n - done : 64;
+        for (size_t i = 0; i < k; i++) {
+            size_t g = done + i, sx = g % 2;
+            memset(&r[i], 0, sizeof r[i]);
+            r[i].sequence = ++seq[sx];
+            r[i].ts_us = (int64_t)(1000000 + g);
+            dx_uuid7(r[i].ts_us, r[i].id);
+            r[i].session = sx ? "b" : "a", r[i].session_len = 1;
+            r[i].type = g % 5 ? "variable_updated" : "lock_acquired";
+            r[i].type_len = strlen(r[i].type);
+            r[i].variable = "x", r[i].variable_len = 1;
+            r[i].principal = g % 7 ? "" : "p7", r[i].principal_len = g % 7 ? 0 : 2;
+            r[i].data = (const uint8_t *)"d", r[i].data_len = 1;
+        }
+        assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, k, err, sizeof err), 0);
+        done += k;
+    }
+}
+
+/* The plan of q uses an index or the rowid (SEARCH, or SCAN ... USING ... INDEX), never a scan of the table. */
+static void assert_indexed(void *db, const dx_ev_query *q, const char *must, const char *what) {
+    char plan[1024], err[256];
+    assert_int_equal(dx_ev_sqlite_query_plan(db, q, plan, sizeof plan, err, sizeof err), 0);
+    int scan = 0;
+    for (const char *p = plan; (p = strstr(p, "SCAN events")); p++)
+        if (strncmp(p, "SCAN events USING", 17) != 0) scan = 1;
+    if (scan || (must && !strstr(plan, must))) fail_msg("%s: plan \"%s\" (wanted %s)", what, plan, must ? must : "no scan");
+}
+
+/* Every query shape the API sends (retention's is test_time_ranges_with_late_rows'; read/2 and fold/4 of a session or of all, since/until by sequence, time or
+ * position, types, principal, variable; audit_trail by period, principal, type, variable; the console's pages;
+ * state_at's replay) is served by an index, on a log where most rows have no principal. */
+static void test_every_query_uses_an_index(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "plan.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    write_mixed(db, 2000);
+    const char *vu[1] = {"variable_updated"}, *two[2] = {"variable_updated", "lock_acquired"};
+    size_t vul[1] = {16}, twol[2] = {16, 13};
+    struct {
+        dx_ev_query q;
+        const char *must;
+        const char *what;
+    } cases[] = {
+        {{.session = "a", .session_len = 1}, "events_session_seq", "session"},
+        {{.session = "a", .session_len = 1, .descending = 1, .limit = 1}, "events_session_seq", "session, last"},
+        {{.session = "a", .session_len = 1, .seq_from = 10, .seq_to = 20}, "events_session_seq", "session, sequences"},
+        {{.session = "a", .session_len = 1, .ts_from = 1000100, .ts_to = 1000200}, NULL, "session, times"},
+        {{.session = "a", .session_len = 1, .pos_from = 100}, NULL, "session, positions"},
+        {{.session = "a", .session_len = 1, .types = vu, .type_lens = vul, .ntypes = 1}, NULL, "session, type"},
+        {{.session = "a", .session_len = 1, .principal = "p7", .principal_len = 2}, NULL, "session, principal"},
+        {{.session = "a", .session_len = 1, .variable = "x", .variable_len = 1}, NULL, "session, variable"},
+        {{.pos_from = 100, .limit = 1000}, "PRIMARY KEY", "all, from a position (subscriptions, fold)"},
+        {{.ts_from = 1000100, .ts_to = 1000200}, "events_late", "all, period (a rowid range and the late rows)"},
+        {{.ts_from = 1000100}, "events_late", "all, since a time"},
+        {{.types = vu, .type_lens = vul, .ntypes = 1}, "events_type", "all, type"},
+        {{.types = two, .type_lens = twol, .ntypes = 2}, "events_type", "all, types"},
+        {{.principal = "p7", .principal_len = 2}, "events_principal", "all, principal"},
+        {{.principal = "p7", .principal_len = 2, .ts_from = 1000100, .ts_to = 1000900}, NULL, "principal, period"},
+        {{.types = vu, .type_lens = vul, .ntypes = 1, .ts_from = 1000100, .ts_to = 1000900}, NULL, "type, period"},
+        {{.variable = "x", .variable_len = 1, .ts_from = 1000100, .ts_to = 1000900}, NULL, "variable, period"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) assert_indexed(db, &cases[i].q, cases[i].must, cases[i].what);
+    /* no filter at all (the console's newest events of every session): the table in rowid order, read from its
+     * end and stopped at the limit, without a sort */
+    char plan[1024];
+    dx_ev_query qn = {.descending = 1, .limit = 50};
+    assert_int_equal(dx_ev_sqlite_query_plan(db, &qn, plan, sizeof plan, err, sizeof err), 0);
+    assert_string_equal(plan, "SCAN events");
+    /* and they find the rows: the principal's events (every 7th), also of one session */
+    size_t n = 0;
+    dx_ev_query qp = {.principal = "p7", .principal_len = 2};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qp, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, (2000 + 6) / 7);
+    dx_ev_sqlite_ops.close(db);
+}
+
+/* A log made by a build with the full principal index (every row in it) gets the partial one at its first open,
+ * keeps every event, and its principal queries find the same rows through the new index. */
+static void test_old_log_gets_the_partial_principal_index(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "old.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    write_mixed(db, 700);
+    dx_ev_sqlite_ops.close(db);
+    sqlite3 *raw;
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(raw, "DROP INDEX events_principal;"
+                                       "CREATE INDEX events_principal ON events(principal, position);",
+                                  NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(raw);
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_query qp = {.principal = "p7", .principal_len = 2};
+    assert_indexed(db, &qp, "events_principal", "principal, after the migration");
+    size_t n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qp, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 100);
+    n = 0;
+    dx_ev_query qa = {0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qa, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 700);
+    dx_ev_sqlite_ops.close(db);
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    sqlite3_stmt *q;
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT sql FROM sqlite_master WHERE name = 'events_principal'", -1, &q, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    assert_non_null(strstr((const char *)sqlite3_column_text(q, 0), "WHERE principal <> x''"));
+    sqlite3_finalize(q);
+    /* rows with an empty principal are not in it */
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT count(*) FROM events INDEXED BY events_principal WHERE principal <> x''",
+                                        -1, &q, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(q, 0), 100);
+    sqlite3_finalize(q);
+    sqlite3_close(raw);
+}
+
+typedef struct {
+    uint64_t pos[4096];
+    size_t n;
+} pos_list;
+static int collect_cb(void *c_, const dx_ev_rec *r) {
+    pos_list *c = c_;
+    if (c->n < 4096) c->pos[c->n++] = r->position;
+    return 0;
+}
+
+/* Times out of position order (a replica's copies of its owner's events, a clock stepping back: every 9th row
+ * 5 000 us late, every 13th 100 us late): a time range over every session finds exactly the rows whose time is
+ * in it, in position order, as a filter of all rows does; retention removes exactly the older ones. */
+static void test_time_ranges_with_late_rows(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "late.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    enum { N = 3000 };
+    static int64_t ts[N + 1];
+    dx_ev_rec r[50];
+    for (size_t b = 0; b < N / 50; b++) {
+        fill_recs(r, 50, 1 + b * 50);
+        for (size_t i = 0; i < 50; i++) {
+            size_t g = b * 50 + i;
+            r[i].ts_us = (int64_t)(100000 + 10 * g) - (g % 9 == 0 ? 5000 : 0) - (g % 13 == 0 ? 100 : 0);
+        }
+        assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 50, err, sizeof err), 0);
+        for (size_t i = 0; i < 50; i++) ts[r[i].position] = r[i].ts_us;
+    }
+    const int64_t ranges[][2] = {{100000, 101000}, {95000, 96000}, {110000, 110000}, {0, 120000}, {118000, 0},
+                                 {103000, 0},      {0, 99500},     {125000, 0},      {104321, 107654}};
+    for (size_t k = 0; k < sizeof ranges / sizeof ranges[0]; k++) {
+        for (int desc = 0; desc < 2; desc++) {
+            dx_ev_query q = {.ts_from = ranges[k][0], .ts_to = ranges[k][1], .descending = desc};
+            pos_list got = {.n = 0};
+            assert_int_equal(dx_ev_sqlite_ops.query(db, &q, collect_cb, &got, err, sizeof err), 0);
+            size_t want = 0;
+            for (size_t i = 0; i < N; i++) {
+                uint64_t pos = desc ? N - i : i + 1;
+                if ((q.ts_from && ts[pos] < q.ts_from) || (q.ts_to && ts[pos] > q.ts_to)) continue;
+                if (want >= got.n || got.pos[want] != pos)
+                    fail_msg("range %zu (%s): row %zu is position %llu, wanted %llu", k, desc ? "desc" : "asc", want,
+                             (unsigned long long)(want < got.n ? got.pos[want] : 0), (unsigned long long)pos);
+                want++;
+            }
+            assert_int_equal(got.n, want);
+        }
+    }
+    /* a limit stops in position order */
+    dx_ev_query ql = {.ts_from = 100000, .limit = 5};
+    pos_list got = {.n = 0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &ql, collect_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got.n, 5);
+    /* retention: exactly the rows older than the bound, late ones too */
+    size_t archived = 0, older = 0;
+    for (size_t pos = 1; pos <= N; pos++) older += ts[pos] < 112000;
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 112000, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(archived, older);
+    dx_ev_query qa = {0};
+    got.n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qa, collect_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got.n, N - older);
+    for (size_t i = 0; i < got.n; i++) assert_true(ts[got.pos[i]] >= 112000);
+    dx_ev_sqlite_ops.close(db);
+}
+
+/* A log of a build with the time index of every row (events_ts, no tmax column) is migrated at its first open:
+ * every event kept, the running maximum filled in, events_ts dropped, time ranges answered from the new
+ * access path, and new events continue it. */
+static void test_old_log_gets_the_running_time_maximum(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "oldts.db");
+    sqlite3 *raw;
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(raw,
+                                  "PRAGMA journal_mode=WAL;"
+                                  "CREATE TABLE events(position INTEGER PRIMARY KEY, session BLOB NOT NULL,"
+                                  " sequence INTEGER NOT NULL, ts_us INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL,"
+                                  " variable BLOB NOT NULL, principal BLOB NOT NULL, changed_by BLOB NOT NULL,"
+                                  " node BLOB NOT NULL, data BLOB, meta BLOB);"
+                                  "CREATE UNIQUE INDEX events_session_seq ON events(session, sequence);"
+                                  "CREATE INDEX events_ts ON events(ts_us);"
+                                  "CREATE INDEX events_type ON events(type, position);"
+                                  "CREATE INDEX events_principal ON events(principal, position);"
+                                  "CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+                                  "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)"
+                                  " INSERT INTO events SELECT i, 'o', i, 1000 * i - (CASE WHEN i % 7 = 0 THEN 3500 ELSE 0 END),"
+                                  " printf('00000000-0000-7000-8000-%012d', i), 't', '', '', '', 'n', x'01', NULL FROM n;"
+                                  "INSERT INTO meta VALUES('position', 500);",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(raw);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    dx_ev_query q = {.ts_from = 100000, .ts_to = 200000};
+    pos_list got = {.n = 0};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &q, collect_cb, &got, err, sizeof err), 0);
+    size_t want = 0;
+    for (uint64_t i = 1; i <= 500; i++) {
+        int64_t t = 1000 * (int64_t)i - (i % 7 == 0 ? 3500 : 0);
+        if (t < 100000 || t > 200000) continue;
+        assert_true(want < got.n);
+        assert_int_equal(got.pos[want], i);
+        want++;
+    }
+    assert_int_equal(got.n, want);
+    dx_ev_rec r[10];
+    fill_recs(r, 10, 501);
+    for (size_t i = 0; i < 10; i++) r[i].session = "o", r[i].ts_us = 600000 + (int64_t)i;
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 10, err, sizeof err), 0);
+    assert_int_equal(r[0].position, 501);
+    dx_ev_query q2 = {.ts_from = 499000};
+    got.n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &q2, collect_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got.n, 12); /* 499, 500 and the 10 new ones */
+    dx_ev_sqlite_ops.close(db);
+    check_one_session(p, "o", 510);
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    sqlite3_stmt *s;
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT count(*) FROM sqlite_master WHERE name = 'events_ts'", -1, &s, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(s, 0), 0);
+    sqlite3_finalize(s);
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT count(*) FROM events WHERE tmax IS NULL", -1, &s, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(s, 0), 0);
+    sqlite3_finalize(s);
+    sqlite3_close(raw);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
@@ -787,6 +1130,12 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_push_wakes_writer_waiting_to_drain_spool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_filters_snapshots_retention, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_multi_row_batches_and_retries, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_checkpointer_keeps_the_wal_bounded, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_batch_waits_for_the_write_lock, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_every_query_uses_an_index, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_old_log_gets_the_partial_principal_index, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_time_ranges_with_late_rows, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_old_log_gets_the_running_time_maximum, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
