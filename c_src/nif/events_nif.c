@@ -33,6 +33,7 @@ static ErlNifMutex *g_wait_mu;
 static ErlNifPid g_listener;
 static int g_have_listener;
 static uint64_t g_snap_every; /* 0: no snapshot notices */
+static _Atomic bool g_default_sync; /* the log's default durability is sync (events_open's `durability') */
 static _Thread_local dx_str t_principal;
 
 typedef struct waiter {
@@ -51,7 +52,8 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
     A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional,
     A_gather_us, A_acked_batches, A_acked, A_gathers, A_gather_timeouts, A_writer_cpu_us, A_write_cpu_us,
-    A_encode_cpu_us, A_write_us, A_commit_avg_us, A_reused, A_spare;
+    A_encode_cpu_us, A_write_us, A_commit_avg_us, A_reused, A_spare, A_durability, A_sync, A_async, A_event_wait,
+    A_backpressure;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -621,6 +623,11 @@ DX_NIF(nif_events_open) {
     ErlNifUInt64 every = 0;
     if (enif_get_map_value(env, argv[0], A_snapshot_every, &v) && !enif_get_uint64(env, v, &every))
         return enif_make_badarg(env);
+    bool dsync = false; /* the default durability: async unless `durability => sync' */
+    if (enif_get_map_value(env, argv[0], A_durability, &v)) {
+        if (!enif_is_identical(v, A_sync) && !enif_is_identical(v, A_async)) return enif_make_badarg(env);
+        dsync = enif_is_identical(v, A_sync);
+    }
     if (enif_get_map_value(env, argv[0], A_listener, &v)) {
         if (!enif_get_local_pid(env, v, &lp)) return enif_make_badarg(env);
         have_lp = 1;
@@ -673,6 +680,7 @@ DX_NIF(nif_events_open) {
     if (have_lp) g_listener = lp;
     g_snap_every = every;
     enif_mutex_unlock(g_wait_mu);
+    atomic_store(&g_default_sync, dsync);
     dx_evq *q = dx_evq_open(&cfg, seed, &g_seed_mu, err, sizeof err);
     if (!q) {
         ops->close(rd);
@@ -870,17 +878,43 @@ DX_NIF(nif_events_await) {
  * caller waits until the queue is down to half its capacity (a low-water mark: not until all of it is
  * written, which would stall every async writer for the whole backlog). Not open: ok. */
 static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket);
+static ERL_NIF_TERM backpressure(ErlNifEnv *env, dx_evq *q) {
+    if (!dx_evq_full(q)) return ATOM_ok;
+    uint64_t pushed = dx_evq_ticket(q), half = dx_evq_capacity(q) / 2;
+    return await_ticket(env, q, pushed > half ? pushed - half : pushed);
+}
+
 DX_NIF(nif_events_backpressure) {
     if (!atomic_load(&g_q)) return ATOM_ok;
     atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
-    ERL_NIF_TERM r = ATOM_ok;
-    if (q && dx_evq_full(q)) {
-        uint64_t pushed = dx_evq_ticket(q), half = dx_evq_capacity(q) / 2;
-        r = await_ticket(env, q, pushed > half ? pushed - half : pushed);
-    }
+    ERL_NIF_TERM r = q ? backpressure(env, q) : ATOM_ok;
     atomic_fetch_sub(&g_inflight, 1);
     return r;
+}
+
+/* The durability of a write the calling NIF has just committed (dspex_store:set/4's fast path, issue #15):
+ * decided here, in the same call, instead of by a second NIF call from Erlang. Result (the write's reply)
+ * comes back unchanged when there is nothing to wait for: the log closed, a failed write, or `async' (Opts'
+ * `durability', else the log's default) with the queue below its capacity, the high-water mark. Else
+ * {event_wait, sync | backpressure, Result, ok | {wait, Ref} | {error, _}}: dspex_events:settle/3 waits as
+ * dspex_events:durable/2 would (sync: until everything pushed so far, this write's event included, is
+ * durable; back-pressure: until the queue is down to half its capacity). */
+ERL_NIF_TERM dx_events_settle(ErlNifEnv *env, ERL_NIF_TERM opts, ERL_NIF_TERM result) {
+    /* log off: one load, no traffic on the shared in-flight counter */
+    if (!atomic_load_explicit(&g_q, memory_order_acquire)) return result;
+    int arity;
+    const ERL_NIF_TERM *el;
+    if (!enif_get_tuple(env, result, &arity, &el) || arity != 2 || !enif_is_identical(el[0], ATOM_ok)) return result;
+    ERL_NIF_TERM d;
+    bool sync = enif_get_map_value(env, opts, A_durability, &d) ? enif_is_identical(d, A_sync)
+                                                                 : atomic_load_explicit(&g_default_sync, memory_order_relaxed);
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    ERL_NIF_TERM w = !q ? ATOM_ok : sync ? await_all(env, q) : backpressure(env, q);
+    atomic_fetch_sub(&g_inflight, 1);
+    if (enif_is_identical(w, ATOM_ok)) return result;
+    return enif_make_tuple4(env, A_event_wait, sync ? A_sync : A_backpressure, result, w);
 }
 
 static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q) { return await_ticket(env, q, dx_evq_ticket(q)); }
@@ -1469,6 +1503,8 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_acked_batches, "acked_batches"); A(A_acked, "acked"); A(A_gathers, "gathers"); A(A_gather_timeouts, "gather_timeouts");
     A(A_writer_cpu_us, "writer_cpu_us"); A(A_write_cpu_us, "write_cpu_us"); A(A_encode_cpu_us, "encode_cpu_us");
     A(A_write_us, "write_us"); A(A_commit_avg_us, "commit_avg_us"); A(A_reused, "reused"); A(A_spare, "spare");
+    A(A_durability, "durability"); A(A_sync, "sync"); A(A_async, "async"); A(A_event_wait, "event_wait");
+    A(A_backpressure, "backpressure");
     A(A_listener, "listener"); A(A_pushed, "pushed"); A(A_done, "done"); A(A_depth, "depth");
     A(A_max_depth, "max_depth"); A(A_bytes, "bytes"); A(A_batches, "batches"); A(A_written_n, "written");
     A(A_lag_us, "lag_us"); A(A_last_position, "last_position"); A(A_last_error, "last_error"); A(A_lost, "lost");
