@@ -163,6 +163,9 @@ static int push_one(dx_evq *q, const dx_ev_in *in) {
 }
 
 static _Thread_local bool t_mute; /* events_session_delete(_, silent) */
+/* The last push of this thread found the queue at its capacity (the high-water mark): read and cleared by
+ * dx_events_settle right after the commit, which then needs no look at the queue when it is false. */
+static _Thread_local bool t_over_mark;
 static void ev_hook(const dx_ev_change *c) {
     /* log off: no traffic on the shared in-flight counter (the load after the increment decides) */
     if (t_mute || !atomic_load_explicit(&g_q, memory_order_acquire)) return;
@@ -252,6 +255,7 @@ static void ev_hook(const dx_ev_change *c) {
         goto lost;
     }
     if (c->kind == DX_EV_BATCH_COMMITTED && t_batch.on) batch_flush(q);
+    t_over_mark = dx_evq_full(q);
     goto out;
 lost:
     /* out of memory in the commit path: counted and reported (events_stats lost), never silent */
@@ -899,7 +903,9 @@ DX_NIF(nif_events_backpressure) {
  * `durability', else the log's default) with the queue below its capacity, the high-water mark. Else
  * {event_wait, sync | backpressure, Result, ok | {wait, Ref} | {error, _}}: dspex_events:settle/3 waits as
  * dspex_events:durable/2 would (sync: until everything pushed so far, this write's event included, is
- * durable; back-pressure: until the queue is down to half its capacity). */
+ * durable; back-pressure: until the queue is down to half its capacity). Whether the queue reached its
+ * capacity is what the commit's own push saw (t_over_mark): an async write below it touches no shared
+ * line here. */
 ERL_NIF_TERM dx_events_settle(ErlNifEnv *env, ERL_NIF_TERM opts, ERL_NIF_TERM result) {
     /* log off: one load, no traffic on the shared in-flight counter */
     if (!atomic_load_explicit(&g_q, memory_order_acquire)) return result;
@@ -909,6 +915,11 @@ ERL_NIF_TERM dx_events_settle(ErlNifEnv *env, ERL_NIF_TERM opts, ERL_NIF_TERM re
     ERL_NIF_TERM d;
     bool sync = enif_get_map_value(env, opts, A_durability, &d) ? enif_is_identical(d, A_sync)
                                                                  : atomic_load_explicit(&g_default_sync, memory_order_relaxed);
+    bool over = t_over_mark;
+    t_over_mark = false;
+    /* async, and the commit's push left the queue below its capacity: nothing to wait for (the common case,
+     * decided without touching the queue) */
+    if (!sync && !over) return result;
     atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
     ERL_NIF_TERM w = !q ? ATOM_ok : sync ? await_all(env, q) : backpressure(env, q);
