@@ -16,6 +16,7 @@ typedef struct {
     uint64_t seq;
     uint64_t hash;
     bool provisional; /* seq counts from 0: the backend's last sequence of the session was unknown */
+    int64_t last_ts;  /* time of the session's last event timed by the queue (never goes back) */
 } seq_slot;
 
 struct dx_evq {
@@ -170,7 +171,7 @@ static seq_slot *seq_insert(dx_evq *q, const char *s, size_t n, uint64_t last) {
     char *k = malloc(n ? n : 1);
     if (!k) return NULL;
     if (n) memcpy(k, s, n);
-    *e = (seq_slot){k, n, last, h, false};
+    *e = (seq_slot){k, n, last, h, false, 0};
     q->used++;
     return e;
 }
@@ -374,7 +375,9 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
     if (k < n) {
         rc = -1;
     } else {
-        int64_t now = dx_ev_now_us();
+        bool need_now = false; /* one clock reading, only when an event has no time of its own */
+        for (size_t i = 0; i < n; i++) need_now |= !in[i].ts_us && !in[i].commit_us;
+        int64_t now = need_now ? dx_ev_now_us() : 0;
         pthread_mutex_lock(&q->mu);
         /* check every explicit sequence first: all or nothing */
         for (size_t i = 0; i < n && !rc; i++) {
@@ -395,7 +398,12 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
             seq_slot *e = seq_slot_of(q, in[i].session, in[i].session_len);
             uint64_t s = ++e->seq;
             items[i]->provisional = e->provisional;
-            int64_t ts = in[i].ts_us ? in[i].ts_us : now;
+            int64_t ts = in[i].ts_us;
+            if (!ts) { /* timed here: the commit's time or now, not before the session's previous event */
+                ts = in[i].commit_us ? in[i].commit_us : now;
+                if (ts < e->last_ts) ts = e->last_ts;
+                e->last_ts = ts;
+            }
             link_item(q, items[i], s, ts, in[i].id_out != NULL);
             if (in[i].id_out) memcpy(in[i].id_out, items[i]->rec.id, 37);
             if (in[i].ts_out) *in[i].ts_out = ts;

@@ -45,7 +45,10 @@ typedef struct {
     size_t payload_len;                    /* > 0: payload points to that many bytes (e.g. on the caller's stack),
                                               copied into the item's own allocation; it->payload then points at
                                               the copy (free_payload must not free that block itself) */
-    int64_t ts_us;                         /* 0: the queue reads the clock */
+    int64_t ts_us;                         /* 0: the queue reads the clock (or takes commit_us); else kept as is */
+    int64_t commit_us;                     /* with ts_us 0: the commit's own reading of the clock (0: none), taken
+                                              as the event's time instead of a second reading; an event timed
+                                              here never gets an earlier time than the session's previous one */
     uint64_t sequence;                     /* 0: assign the session's next; else must be exactly next (replicas) */
     char *id_out;                          /* optional: receives the event's UUIDv7 (37 bytes) */
     const char *id_in;                     /* optional: the event's id (36 chars), kept (a replica copying the

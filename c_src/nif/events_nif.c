@@ -227,6 +227,10 @@ static void ev_hook(const dx_ev_change *c) {
         const dx_var *v = c->v;
         in.variable = v->name;
         in.variable_len = v->name_len;
+        /* an update's new snapshot carries the commit's clock reading (dx_var_set, set_many, rollback: the
+         * same CLOCK_REALTIME µs): the event's time, no second reading */
+        if ((c->kind == DX_EV_VAR_UPDATED || c->kind == DX_EV_VAR_ROLLED_BACK) && c->cur)
+            in.commit_us = c->cur->updated_at;
         const dx_snap *by = c->cur; /* a delete has no writer of its own */
         if (by && by->by_len) {
             in.changed_by = (const char *)by->by;

@@ -517,6 +517,60 @@ static void test_items_recycled_payloads_freed_once(void **st) {
     check_one_session(p, "s", 171);
 }
 
+/* An event's time: the commit's own clock reading when it gives one (commit_us), never before the
+ * session's previous event timed by the queue (another session's times do not count); an explicit time
+ * (a copy of another node's event) is kept as is; no time at all: the clock, not before the previous. */
+typedef struct {
+    int64_t ts[16];
+    size_t n;
+} ts_ctx;
+static int ts_cb(void *c_, const dx_ev_rec *r) {
+    ts_ctx *c = c_;
+    if (c->n < 16) c->ts[c->n++] = r->ts_us;
+    return 0;
+}
+static void test_event_time_from_commit_never_back_in_a_session(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "t.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    int64_t now = dx_ev_now_us();
+    struct {
+        const char *s;
+        int64_t commit, ts;
+    } evs[] = {{"a", now - 1000, 0}, {"a", now - 2000, 0}, {"b", now - 5000, 0}, {"a", now - 500, 0},
+               {"a", 0, now - 9000}, {"a", 0, 0}, {"a", now - 100, 0}};
+    int64_t got[7];
+    uint64_t t = 0;
+    for (size_t i = 0; i < 7; i++) {
+        dx_ev_in e = ev(evs[i].s, "variable_updated", "x");
+        e.commit_us = evs[i].commit;
+        e.ts_us = evs[i].ts;
+        e.ts_out = &got[i];
+        t = dx_evq_push(q, &e, NULL);
+        assert_true(t > 0);
+    }
+    assert_int_equal(got[0], now - 1000);
+    assert_int_equal(got[1], now - 1000); /* not before a's previous event */
+    assert_int_equal(got[2], now - 5000); /* b's own */
+    assert_int_equal(got[3], now - 500);
+    assert_int_equal(got[4], now - 9000); /* explicit: kept */
+    assert_true(got[5] >= now);           /* the clock */
+    assert_int_equal(got[6], got[5]);     /* the commit's time was before the clock's: not back */
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    dx_evq_close(q);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    ts_ctx c = {0};
+    dx_ev_query qq = {.session = "a", .session_len = 1};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, ts_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.n, 6);
+    int64_t want[6] = {got[0], got[1], got[3], got[4], got[5], got[6]};
+    for (size_t i = 0; i < 6; i++) assert_int_equal(c.ts[i], want[i]);
+    dx_ev_sqlite_ops.close(db);
+}
+
 /* The writer lingers after the first event of a batch (linger_us: an hour here), so events pushed
  * meanwhile share one transaction; a caller waiting for durability ends the linger (if it did not,
  * dx_evq_wait would not return within the test's run). Ids are made by the writer when the caller
@@ -886,6 +940,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_items_recycled_payloads_freed_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_event_time_from_commit_never_back_in_a_session, setup, teardown),
         cmocka_unit_test_setup_teardown(test_linger_groups_and_urge_ends_it, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gather_waits_for_as_many_waiters_as_last_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gather_never_delays_a_lone_writer_and_is_bounded, setup, teardown),
