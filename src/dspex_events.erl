@@ -56,7 +56,7 @@
 -behaviour(gen_server).
 
 -export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
-         audit_trail/1, await/0, durable/2, stats/0, expire_now/0, expire_before/1, enabled/0,
+         audit_trail/1, await/0, durable/2, settle/3, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
 -export([last_sequence/1, owner_events/4, follow/3, catch_up/4, copy_events/1, delete_copy/2, shared_backend/0,
          mark_migrated/2, take_kept/2, forget_kept/1, reseed/1]).
@@ -252,6 +252,21 @@ durable({ok, _} = R, Opts) ->
         _ -> backpressure(R)
     end;
 durable(R, _) -> R.
+
+%% @private The wait the store's commit NIF asked for after a write (the fast path of `dspex_store:set/4'
+%% decides the durability in the same NIF call as the commit, see `dx_events_settle'): `sync' returns the
+%% write's result once its event is durable, or `{error, {event_store, Reason}}'; `backpressure' (async, the
+%% queue at its capacity) returns it once the queue is down to half its capacity.
+-spec settle(sync | backpressure, Result, ok | {wait, reference()} | {error, term()}) ->
+          Result | {error, {event_store, term()}} when Result :: term().
+settle(sync, R, Wait) ->
+    case receive_durable(Wait) of
+        ok -> R;
+        Error -> Error
+    end;
+settle(backpressure, R, Wait) ->
+    _ = receive_durable(Wait),
+    R.
 
 durable_sync(R) ->
     case await() of
@@ -821,6 +836,7 @@ init([]) ->
                                end,
     Every = Env(snapshot_every, 100),
     Cfg = Spool#{backend => Backend, target => Target, node => atom_to_binary(node()), listener => self(),
+                 durability => Env(event_durability, async),
                  capacity => Env(event_queue_capacity, 65536), snapshot_every => Every,
                  max_batch => Env(event_max_batch, 8192),
                  linger_us => 1000 * Env(event_flush_interval_ms, 2),

@@ -482,9 +482,12 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
           {ok, non_neg_integer()} | {error, error_reason()}.
 set(Session, Key, Value, #{propagate := sync} = Opts) -> set_routed(Session, Key, Value, Opts);
 set(Session, Key, Value, Opts) ->
+    %% the fast path's NIF also decides the event log's durability (dspex_events:settle/3): a write with
+    %% nothing to wait for is done in one call
     case dspex_nif:var_set(Session, Key, Value, Opts) of
         slow -> dspex_events:durable(set_routed(Session, Key, Value, Opts), Opts); %% event log durability
-        R -> dspex_events:durable(R, Opts)
+        {event_wait, Mode, R, Wait} -> dspex_events:settle(Mode, R, Wait);
+        R -> R
     end.
 
 set_routed(Session, Key, Value, Opts) ->

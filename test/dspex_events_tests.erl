@@ -79,6 +79,87 @@ unnamed_node_log_is_ephemeral() ->
          end || {K, V} <- Saved]
     end.
 
+%% dspex_store:set/3,4 decides the event log's durability in the commit's NIF
+%% call (dx_events_settle): the guarantees of dspex_events:durable/2 hold. The
+%% writer lingers 10 s here, so only a caller's wait makes it write: an
+%% event is durable when a set returns only if that set waited for it.
+commit_settles_durability_test_() ->
+    {timeout, 120, fun commit_settles_durability/0}.
+
+commit_settles_durability() ->
+    Cap = 8,
+    Env = #{event_queue_capacity => Cap, event_flush_interval_ms => 10000}, %% the longest linger
+    with_log(Env#{event_durability => async},
+             fun() ->
+                     S = sid(),
+                     {ok, _} = dspex_store:create_session(S),
+                     {ok, _} = dspex_store:register(S, x, integer, 0),
+                     ok = dspex_events:await(),
+                     %% async: back-pressure past the high-water mark. Without it the
+                     %% queue would hold all 40 events (nothing else makes the writer write)
+                     Depths = [begin
+                                   {ok, _} = dspex_store:set(S, x, N),
+                                   maps:get(depth, dspex_events:stats())
+                               end || N <- lists:seq(1, 5 * Cap)],
+                     ?assert(lists:max(Depths) < Cap),
+                     ?assert(lists:member(Cap - 1, Depths)),          %% async below the mark: no wait
+                     ?assert(lists:any(fun(D) -> D =< Cap div 2 end, Depths)), %% waited down to the low mark
+                     %% sync per call: returns once its event is durable
+                     {ok, _} = dspex_store:set(S, x, 100),
+                     ?assertMatch(#{depth := D} when D > 0, dspex_events:stats()),
+                     {ok, V} = dspex_store:set(S, x, 101, #{durability => sync}),
+                     ?assertMatch(#{depth := 0}, dspex_events:stats()),
+                     ?assertMatch({ok, [#{type := variable_updated, data := #{value := 101, version := V}}]},
+                                  dspex_events:read(S, #{since => {sequence, V + 2}})),
+                     %% a big value goes to a dirty scheduler: the durability goes with it
+                     {ok, _} = dspex_store:register(S, big, string, <<>>),
+                     {ok, _} = dspex_store:set(S, x, 102),
+                     #{var_set := R0} = dspex_nif:sched_stats(),
+                     Big = binary:copy(<<"b">>, (1 bsl 20) + 1),
+                     {ok, _} = dspex_store:set(S, big, Big, #{durability => sync}),
+                     ?assertMatch(#{var_set := R1} when R1 =:= R0 + 1, dspex_nif:sched_stats()),
+                     ?assertMatch(#{depth := 0}, dspex_events:stats()),
+                     %% a failed write waits for nothing
+                     {ok, _} = dspex_store:set(S, x, 103),
+                     ?assertMatch({error, _}, dspex_store:set(S, nope, 1, #{durability => sync})),
+                     ?assertMatch(#{depth := 1}, dspex_events:stats())
+             end),
+    %% the log's default durability, sync: set/3 returns once its event is durable
+    with_log(Env#{event_durability => sync},
+             fun() ->
+                     S = sid(),
+                     {ok, _} = dspex_store:create_session(S),
+                     {ok, _} = dspex_store:register(S, x, integer, 0),
+                     [begin
+                          {ok, _} = dspex_store:set(S, x, N),
+                          ?assertMatch(#{depth := 0}, dspex_events:stats())
+                      end || N <- lists:seq(1, 5)],
+                     %% async per call under a sync default: no wait
+                     {ok, _} = dspex_store:set(S, x, 6, #{durability => async}),
+                     ?assertMatch(#{depth := 1}, dspex_events:stats())
+             end).
+
+%% Runs F with the application started on a fresh log with Env, then restores the env.
+with_log(Env, F) ->
+    Dir = "/tmp/dspex_events_eunit_settle_" ++ os:getpid(),
+    _ = os:cmd("rm -rf " ++ Dir),
+    _ = application:stop(dspex_bridge),
+    _ = application:load(dspex_bridge),
+    All = Env#{event_dir => Dir, grpc_enabled => false, prometheus_enabled => false},
+    Saved = [{K, application:get_env(dspex_bridge, K)} || K <- maps:keys(All)],
+    maps:foreach(fun(K, V) -> application:set_env(dspex_bridge, K, V) end, All),
+    try
+        {ok, _} = application:ensure_all_started(dspex_bridge),
+        F()
+    after
+        _ = application:stop(dspex_bridge),
+        _ = os:cmd("rm -rf " ++ Dir),
+        [case V of
+             {ok, X} -> application:set_env(dspex_bridge, K, X);
+             undefined -> application:unset_env(dspex_bridge, K)
+         end || {K, V} <- Saved]
+    end.
+
 pg_ctl() ->
     case {os:getenv("DX_EVENTS_PG_URL"), os:getenv("DX_PG_CTL")} of
         {U, C} when is_list(U), U =/= "", is_list(C), C =/= "" -> C;

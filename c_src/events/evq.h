@@ -42,7 +42,13 @@ typedef struct {
     const uint8_t *data; size_t data_len; /* already encoded, or 0 with payload */
     const uint8_t *meta; size_t meta_len;
     void *payload;                         /* owned by the queue once pushed */
-    int64_t ts_us;                         /* 0: the queue reads the clock */
+    size_t payload_len;                    /* > 0: payload points to that many bytes (e.g. on the caller's stack),
+                                              copied into the item's own allocation; it->payload then points at
+                                              the copy (free_payload must not free that block itself) */
+    int64_t ts_us;                         /* 0: the queue reads the clock (or takes commit_us); else kept as is */
+    int64_t commit_us;                     /* with ts_us 0: the commit's own reading of the clock (0: none), taken
+                                              as the event's time instead of a second reading; an event timed
+                                              here never gets an earlier time than the session's previous one */
     uint64_t sequence;                     /* 0: assign the session's next; else must be exactly next (replicas) */
     char *id_out;                          /* optional: receives the event's UUIDv7 (37 bytes) */
     const char *id_in;                     /* optional: the event's id (36 chars), kept (a replica copying the
@@ -77,6 +83,16 @@ typedef struct {
        by another thread back without the malloc arena's consolidation work. */
     void *(*item_alloc)(size_t size);
     void (*item_free)(void *p);
+    /* Optional recycling of the items (0: none): an item of up to item_slot bytes is allocated at that size
+       and, once written, handed back by the writer to a spare list (at most spare_max items, default 4096)
+       instead of being freed; a committing thread takes its next item from there (no allocator call, no
+       block freed by one thread and reused by another's allocator). Before an item goes back, recycle
+       (writer thread, optional) drops what the writer added (its encoding) and says whether the item may
+       be kept (false: freed at once, payload included). The payload of a kept item is freed (free_payload)
+       by the committing thread that reuses the item, or at close: its memory (the store's snapshots) is
+       released on the thread that allocated it. */
+    size_t item_slot, spare_max;
+    bool (*recycle)(void *ctx, dx_ev_item *it);
     /* Writer thread, after every attempt: done = highest durable ticket; err NULL on success, else
        the failure (the batch is retried; nothing is dropped). recs are the written records (n of them,
        positions assigned) on success. */
@@ -106,6 +122,9 @@ typedef struct {
        encode; wall time in write_batch (commits and their fsyncs); mean of the recent commits' wall time */
     uint64_t cpu_ns, write_cpu_ns, encode_cpu_ns, write_ns;
     int64_t commit_avg_us;
+    /* item recycling (item_slot): items taken from the spare list by pushes, items in it now */
+    uint64_t reused;
+    size_t spare;
     char last_error[256];
 } dx_evq_stats;
 

@@ -33,6 +33,7 @@ static ErlNifMutex *g_wait_mu;
 static ErlNifPid g_listener;
 static int g_have_listener;
 static uint64_t g_snap_every; /* 0: no snapshot notices */
+static _Atomic bool g_default_sync; /* the log's default durability is sync (events_open's `durability') */
 static _Thread_local dx_str t_principal;
 
 typedef struct waiter {
@@ -51,7 +52,8 @@ static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_pos
     A_last_position, A_last_error, A_lost, A_none, A_not_open, A_seq_from, A_seq_to, A_pos_from, A_pos_to,
     A_ts_from, A_ts_to, A_types, A_limit, A_descending, A_full, A_already_open, A_sequence_gap, A_snap_due, A_snapshot_every, A_spool, A_spooled, A_commit_seeds, A_silent, A_session_not_found, A_provisional,
     A_gather_us, A_acked_batches, A_acked, A_gathers, A_gather_timeouts, A_writer_cpu_us, A_write_cpu_us,
-    A_encode_cpu_us, A_write_us, A_commit_avg_us;
+    A_encode_cpu_us, A_write_us, A_commit_avg_us, A_reused, A_spare, A_durability, A_sync, A_async, A_event_wait,
+    A_backpressure;
 static ERL_NIF_TERM A_types_tab[8];
 static const char *const TYPE_NAMES[8] = {"",
                                           "session_created",
@@ -61,6 +63,7 @@ static const char *const TYPE_NAMES[8] = {"",
                                           "variable_deleted",
                                           "variable_rolled_back",
                                           "batch_committed"};
+static const size_t TYPE_LENS[8] = {0, 15, 15, 19, 16, 16, 20, 15};
 
 void dx_events_principal(dx_str id) { t_principal = id; }
 
@@ -70,11 +73,11 @@ typedef struct {
     dx_snap *old, *cur;
     dx_type type;
     uint32_t history_limit;
-    bool derived, have_cons;
+    bool derived;
+    bool embedded; /* copied into the queue's item (dx_ev_in.payload_len): not a block of its own */
     int64_t created_at, ttl_ms;
-    char *vid; /* variable id: in vid_buf, the tail of this allocation */
-    size_t vid_len;
-    dx_constraints cons;
+    size_t vid_len; /* variable id: vid_buf, the tail of this payload */
+    dx_constraints *cons; /* variable_registered only */
     uint8_t *smeta; /* session metadata (ETF) */
     size_t smeta_len;
     size_t n; /* batch members */
@@ -85,20 +88,35 @@ typedef struct {
     char vid_buf[];
 } ev_payload;
 
+/* A variable id this long or shorter: the payload is built on the committing thread's stack and copied
+ * into the queue's item (one allocation per event, or none when the item is a recycled one). */
+#define EV_VID_INLINE 64
+/* Items of up to this many bytes are recycled (see dx_evq_config.item_slot): an event of a variable with
+ * an id of up to EV_VID_INLINE bytes and up to 256 bytes of text (session, type, name, principal,
+ * changed_by). */
+#define EV_ITEM_SLOT (((sizeof(dx_ev_item) + 256 + 16 + sizeof(ev_payload) + EV_VID_INLINE) + 63) & ~(size_t)63)
+/* A written item is kept for reuse only when its event's data was this small: a kept item holds its
+ * snapshots until it is reused (at most spare_max items). */
+#define EV_RECYCLE_MAX_DATA 1024
+
 /* Snapshots are held by reference (taken in the commit path, under the shard
- * mutex, so they are reachable), not copied: one allocation per event besides
- * the queue's item. */
+ * mutex, so they are reachable), not copied. Releasing the last reference
+ * frees a snapshot: the committing thread does it for a recycled item (its
+ * allocator's own block), the writer for the others. */
 static void payload_free(ev_payload *p) {
     if (!p) return;
     dx_snap_release((dx_snap *)p->old);
     dx_snap_release((dx_snap *)p->cur);
-    if (p->have_cons) dx_constraints_free(&p->cons);
+    if (p->cons) {
+        dx_constraints_free(p->cons);
+        free(p->cons);
+    }
     free(p->smeta);
     for (size_t i = 0; i < p->n && p->names; i++) free((void *)p->names[i].ptr);
     free(p->names);
     free(p->versions);
     if (p->have_enc) enif_release_binary(&p->enc);
-    enif_free(p);
+    if (!p->embedded) enif_free(p);
 }
 
 static dx_snap *snap_ref(const dx_snap *s) {
@@ -145,6 +163,9 @@ static int push_one(dx_evq *q, const dx_ev_in *in) {
 }
 
 static _Thread_local bool t_mute; /* events_session_delete(_, silent) */
+/* The last push of this thread found the queue at its capacity (the high-water mark): read and cleared by
+ * dx_events_settle right after the commit, which then needs no look at the queue when it is false. */
+static _Thread_local bool t_over_mark;
 static void ev_hook(const dx_ev_change *c) {
     /* log off: no traffic on the shared in-flight counter (the load after the increment decides) */
     if (t_mute || !atomic_load_explicit(&g_q, memory_order_acquire)) return;
@@ -160,13 +181,21 @@ static void ev_hook(const dx_ev_change *c) {
         goto out;
     }
     size_t vid_len = c->kind >= DX_EV_VAR_REGISTERED && c->kind <= DX_EV_VAR_ROLLED_BACK && c->v ? c->v->id_len : 0;
-    ev_payload *p = enif_alloc(sizeof *p + vid_len);
+    /* one event at a time: the payload on this stack, copied into the item by the push; an atomic batch's
+     * events wait for the batch's end, each in a block of its own */
+    union {
+        ev_payload p;
+        char bytes[sizeof(ev_payload) + EV_VID_INLINE];
+    } local;
+    bool inline_p = !t_batch.on && vid_len <= EV_VID_INLINE;
+    ev_payload *p = inline_p ? &local.p : enif_alloc(sizeof *p + vid_len);
     if (!p) goto lost;
     memset(p, 0, sizeof *p);
+    p->embedded = inline_p;
     p->kind = c->kind;
     p->reason = c->reason;
     dx_ev_in in = {.session = c->s->id, .session_len = c->s->id_len, .type = TYPE_NAMES[c->kind],
-                   .type_len = strlen(TYPE_NAMES[c->kind]), .payload = p,
+                   .type_len = TYPE_LENS[c->kind], .payload = p, .payload_len = inline_p ? sizeof *p + vid_len : 0,
                    .principal = t_principal.ptr, .principal_len = t_principal.len};
     int ok = 1;
     switch (c->kind) {
@@ -198,13 +227,16 @@ static void ev_hook(const dx_ev_change *c) {
         const dx_var *v = c->v;
         in.variable = v->name;
         in.variable_len = v->name_len;
+        /* an update's new snapshot carries the commit's clock reading (dx_var_set, set_many, rollback: the
+         * same CLOCK_REALTIME µs): the event's time, no second reading */
+        if ((c->kind == DX_EV_VAR_UPDATED || c->kind == DX_EV_VAR_ROLLED_BACK) && c->cur)
+            in.commit_us = c->cur->updated_at;
         const dx_snap *by = c->cur; /* a delete has no writer of its own */
         if (by && by->by_len) {
             in.changed_by = (const char *)by->by;
             in.changed_by_len = by->by_len;
         }
-        p->vid = p->vid_buf;
-        memcpy(p->vid, v->id, vid_len);
+        memcpy(p->vid_buf, v->id, vid_len);
         p->vid_len = vid_len;
         p->type = v->type;
         p->history_limit = v->history_limit;
@@ -213,9 +245,12 @@ static void ev_hook(const dx_ev_change *c) {
         p->cur = snap_ref(c->cur);
         p->old = snap_ref(c->old);
         if (ok && c->kind == DX_EV_VAR_REGISTERED) {
-            dx_constraints_init(&p->cons);
-            p->have_cons = true;
-            if (v->cons && dx_constraints_copy(&p->cons, v->cons) != DX_OK) ok = 0;
+            if (!(p->cons = malloc(sizeof *p->cons))) {
+                ok = 0;
+                break;
+            }
+            dx_constraints_init(p->cons);
+            if (v->cons && dx_constraints_copy(p->cons, v->cons) != DX_OK) ok = 0;
         }
     }
     }
@@ -224,6 +259,7 @@ static void ev_hook(const dx_ev_change *c) {
         goto lost;
     }
     if (c->kind == DX_EV_BATCH_COMMITTED && t_batch.on) batch_flush(q);
+    t_over_mark = dx_evq_full(q);
     goto out;
 lost:
     /* out of memory in the commit path: counted and reported (events_stats lost), never silent */
@@ -374,7 +410,7 @@ static int eb_updated(etf_buf *b, const ev_payload *p, const dx_ev_item *it) {
     eb_u8(b, 131);
     eb_map(b, 10);
     eb_atom(b, "id");
-    eb_bin(b, p->vid, p->vid_len);
+    eb_bin(b, p->vid_buf, p->vid_len);
     eb_atom(b, "name");
     eb_bin(b, it->rec.variable, it->rec.variable_len);
     eb_atom(b, "value");
@@ -445,11 +481,11 @@ static int ev_encode(void *ctx, dx_ev_item *it) {
         ERL_NIF_TERM k[13] = {ATOM_id, ATOM_name, ATOM_type, ATOM_value, ATOM_constraints, ATOM_metadata,
                               ATOM_version, ATOM_created_at, ATOM_updated_at, ATOM_changed_by, ATOM_history_limit,
                               ATOM_history, ATOM_derived};
-        ERL_NIF_TERM v[13] = {dx_make_bin(env, p->vid, p->vid_len),
+        ERL_NIF_TERM v[13] = {dx_make_bin(env, p->vid_buf, p->vid_len),
                               dx_make_bin(env, it->rec.variable, it->rec.variable_len),
                               dx_type_atom(p->type),
                               dx_value_to_term(env, &c->value),
-                              dx_constraints_to_term(env, p->type, &p->cons),
+                              dx_constraints_to_term(env, p->type, p->cons),
                               dx_blob_to_term(env, c->meta, c->meta_len, enif_make_new_map(env)),
                               enif_make_uint64(env, c->version),
                               enif_make_int64(env, p->created_at),
@@ -463,7 +499,7 @@ static int ev_encode(void *ctx, dx_ev_item *it) {
     }
     case DX_EV_VAR_DELETED: {
         ERL_NIF_TERM k[3] = {ATOM_id, ATOM_name, ATOM_version};
-        ERL_NIF_TERM v[3] = {dx_make_bin(env, p->vid, p->vid_len), dx_make_bin(env, it->rec.variable, it->rec.variable_len),
+        ERL_NIF_TERM v[3] = {dx_make_bin(env, p->vid_buf, p->vid_len), dx_make_bin(env, it->rec.variable, it->rec.variable_len),
                              enif_make_uint64(env, p->old ? p->old->version : 0)};
         d = map_of(env, k, v, 3);
         break;
@@ -472,7 +508,7 @@ static int ev_encode(void *ctx, dx_ev_item *it) {
         const dx_snap *c = p->cur, *o = p->old;
         ERL_NIF_TERM k[10] = {ATOM_id, ATOM_name, ATOM_value, A_old_value, ATOM_version, ATOM_previous_version,
                               ATOM_updated_at, ATOM_metadata, ATOM_changed_by, A_previous};
-        ERL_NIF_TERM v[10] = {dx_make_bin(env, p->vid, p->vid_len),
+        ERL_NIF_TERM v[10] = {dx_make_bin(env, p->vid_buf, p->vid_len),
                               dx_make_bin(env, it->rec.variable, it->rec.variable_len),
                               dx_value_to_term(env, &c->value),
                               dx_value_to_term(env, &o->value),
@@ -495,6 +531,21 @@ static int ev_encode(void *ctx, dx_ev_item *it) {
 }
 
 static void ev_free_payload(void *ctx, dx_ev_item *it) { payload_free(it->payload); }
+
+/* Writer thread, a written item about to be recycled: the encoding (the writer's block) goes now; the
+ * snapshots stay referenced until a committing thread reuses the item (payload_free there), unless they
+ * are big (the event's data): then the item is freed at once. */
+static bool ev_recycle(void *ctx, dx_ev_item *it) {
+    ev_payload *p = it->payload;
+    if (!p || !p->embedded || it->rec.data_len > EV_RECYCLE_MAX_DATA) return false;
+    if (p->have_enc) {
+        enif_release_binary(&p->enc);
+        p->have_enc = false;
+    }
+    it->rec.data = NULL;
+    it->rec.data_len = 0;
+    return true;
+}
 
 static void ev_on_batch(void *ctx, uint64_t done, const char *err, const dx_ev_rec *recs, size_t n) {
     ErlNifEnv *env = enif_alloc_env();
@@ -580,6 +631,11 @@ DX_NIF(nif_events_open) {
     ErlNifUInt64 every = 0;
     if (enif_get_map_value(env, argv[0], A_snapshot_every, &v) && !enif_get_uint64(env, v, &every))
         return enif_make_badarg(env);
+    bool dsync = false; /* the default durability: async unless `durability => sync' */
+    if (enif_get_map_value(env, argv[0], A_durability, &v)) {
+        if (!enif_is_identical(v, A_sync) && !enif_is_identical(v, A_async)) return enif_make_badarg(env);
+        dsync = enif_is_identical(v, A_sync);
+    }
     if (enif_get_map_value(env, argv[0], A_listener, &v)) {
         if (!enif_get_local_pid(env, v, &lp)) return enif_make_badarg(env);
         have_lp = 1;
@@ -625,12 +681,14 @@ DX_NIF(nif_events_open) {
     dx_evq_config cfg = {.ops = ops, .target = tgt, .node = (const char *)node.data, .node_len = node.size,
                          .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .gather_us = (int64_t)gather, .encode = ev_encode, .free_payload = ev_free_payload,
                          .item_alloc = enif_alloc, .item_free = enif_free,
+                         .item_slot = EV_ITEM_SLOT, .recycle = ev_recycle,
                          .on_batch = ev_on_batch, .spool_path = spool_path};
     enif_mutex_lock(g_wait_mu);
     g_have_listener = have_lp;
     if (have_lp) g_listener = lp;
     g_snap_every = every;
     enif_mutex_unlock(g_wait_mu);
+    atomic_store(&g_default_sync, dsync);
     dx_evq *q = dx_evq_open(&cfg, seed, &g_seed_mu, err, sizeof err);
     if (!q) {
         ops->close(rd);
@@ -828,17 +886,50 @@ DX_NIF(nif_events_await) {
  * caller waits until the queue is down to half its capacity (a low-water mark: not until all of it is
  * written, which would stall every async writer for the whole backlog). Not open: ok. */
 static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket);
+static ERL_NIF_TERM backpressure(ErlNifEnv *env, dx_evq *q) {
+    if (!dx_evq_full(q)) return ATOM_ok;
+    uint64_t pushed = dx_evq_ticket(q), half = dx_evq_capacity(q) / 2;
+    return await_ticket(env, q, pushed > half ? pushed - half : pushed);
+}
+
 DX_NIF(nif_events_backpressure) {
     if (!atomic_load(&g_q)) return ATOM_ok;
     atomic_fetch_add(&g_inflight, 1);
     dx_evq *q = atomic_load(&g_q);
-    ERL_NIF_TERM r = ATOM_ok;
-    if (q && dx_evq_full(q)) {
-        uint64_t pushed = dx_evq_ticket(q), half = dx_evq_capacity(q) / 2;
-        r = await_ticket(env, q, pushed > half ? pushed - half : pushed);
-    }
+    ERL_NIF_TERM r = q ? backpressure(env, q) : ATOM_ok;
     atomic_fetch_sub(&g_inflight, 1);
     return r;
+}
+
+/* The durability of a write the calling NIF has just committed (dspex_store:set/4's fast path, issue #15):
+ * decided here, in the same call, instead of by a second NIF call from Erlang. Result (the write's reply)
+ * comes back unchanged when there is nothing to wait for: the log closed, a failed write, or `async' (Opts'
+ * `durability', else the log's default) with the queue below its capacity, the high-water mark. Else
+ * {event_wait, sync | backpressure, Result, ok | {wait, Ref} | {error, _}}: dspex_events:settle/3 waits as
+ * dspex_events:durable/2 would (sync: until everything pushed so far, this write's event included, is
+ * durable; back-pressure: until the queue is down to half its capacity). Whether the queue reached its
+ * capacity is what the commit's own push saw (t_over_mark): an async write below it touches no shared
+ * line here. */
+ERL_NIF_TERM dx_events_settle(ErlNifEnv *env, ERL_NIF_TERM opts, ERL_NIF_TERM result) {
+    /* log off: one load, no traffic on the shared in-flight counter */
+    if (!atomic_load_explicit(&g_q, memory_order_acquire)) return result;
+    int arity;
+    const ERL_NIF_TERM *el;
+    if (!enif_get_tuple(env, result, &arity, &el) || arity != 2 || !enif_is_identical(el[0], ATOM_ok)) return result;
+    ERL_NIF_TERM d;
+    bool sync = enif_get_map_value(env, opts, A_durability, &d) ? enif_is_identical(d, A_sync)
+                                                                 : atomic_load_explicit(&g_default_sync, memory_order_relaxed);
+    bool over = t_over_mark;
+    t_over_mark = false;
+    /* async, and the commit's push left the queue below its capacity: nothing to wait for (the common case,
+     * decided without touching the queue) */
+    if (!sync && !over) return result;
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    ERL_NIF_TERM w = !q ? ATOM_ok : sync ? await_all(env, q) : backpressure(env, q);
+    atomic_fetch_sub(&g_inflight, 1);
+    if (enif_is_identical(w, ATOM_ok)) return result;
+    return enif_make_tuple4(env, A_event_wait, sync ? A_sync : A_backpressure, result, w);
 }
 
 static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q) { return await_ticket(env, q, dx_evq_ticket(q)); }
@@ -1257,11 +1348,11 @@ DX_NIF(nif_events_stats) {
     atomic_fetch_sub(&g_inflight, 1);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
-    ERL_NIF_TERM k[25] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
+    ERL_NIF_TERM k[27] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
                           A_lag_us, A_last_position, A_last_error, A_lost, A_full, A_spooled, A_commit_seeds,
                           A_provisional, A_acked_batches, A_acked, A_gathers, A_gather_timeouts, A_writer_cpu_us,
-                          A_write_cpu_us, A_encode_cpu_us, A_write_us, A_commit_avg_us};
-    ERL_NIF_TERM v[25] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
+                          A_write_cpu_us, A_encode_cpu_us, A_write_us, A_commit_avg_us, A_reused, A_spare};
+    ERL_NIF_TERM v[27] = {enif_make_uint64(env, s.pushed), enif_make_uint64(env, s.done),
                           enif_make_uint64(env, s.depth), enif_make_uint64(env, s.max_depth),
                           enif_make_uint64(env, s.bytes), enif_make_uint64(env, s.batches),
                           enif_make_uint64(env, s.written), enif_make_uint64(env, s.errors),
@@ -1273,8 +1364,9 @@ DX_NIF(nif_events_stats) {
                           enif_make_uint64(env, s.acked), enif_make_uint64(env, s.gathers),
                           enif_make_uint64(env, s.gather_timeouts), enif_make_uint64(env, s.cpu_ns / 1000),
                           enif_make_uint64(env, s.write_cpu_ns / 1000), enif_make_uint64(env, s.encode_cpu_ns / 1000),
-                          enif_make_uint64(env, s.write_ns / 1000), enif_make_int64(env, s.commit_avg_us)};
-    return map_of(env, k, v, 25);
+                          enif_make_uint64(env, s.write_ns / 1000), enif_make_int64(env, s.commit_avg_us),
+                          enif_make_uint64(env, s.reused), enif_make_uint64(env, s.spare)};
+    return map_of(env, k, v, 27);
 }
 
 /* events_put_snapshot(Session, Sequence, TsUs, Term) -> ok */
@@ -1425,7 +1517,9 @@ int dx_events_init(ErlNifEnv *env) {
     A(A_postgres, "postgres"); A(A_target, "target"); A(A_capacity, "capacity"); A(A_max_batch, "max_batch"); A(A_linger_us, "linger_us"); A(A_gather_us, "gather_us");
     A(A_acked_batches, "acked_batches"); A(A_acked, "acked"); A(A_gathers, "gathers"); A(A_gather_timeouts, "gather_timeouts");
     A(A_writer_cpu_us, "writer_cpu_us"); A(A_write_cpu_us, "write_cpu_us"); A(A_encode_cpu_us, "encode_cpu_us");
-    A(A_write_us, "write_us"); A(A_commit_avg_us, "commit_avg_us");
+    A(A_write_us, "write_us"); A(A_commit_avg_us, "commit_avg_us"); A(A_reused, "reused"); A(A_spare, "spare");
+    A(A_durability, "durability"); A(A_sync, "sync"); A(A_async, "async"); A(A_event_wait, "event_wait");
+    A(A_backpressure, "backpressure");
     A(A_listener, "listener"); A(A_pushed, "pushed"); A(A_done, "done"); A(A_depth, "depth");
     A(A_max_depth, "max_depth"); A(A_bytes, "bytes"); A(A_batches, "batches"); A(A_written_n, "written");
     A(A_lag_us, "lag_us"); A(A_last_position, "last_position"); A(A_last_error, "last_error"); A(A_lost, "lost");

@@ -877,15 +877,19 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
     }
 }
 
-/* set(Session, Key, Value, Opts) */
-static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+static ERL_NIF_TERM nif_var_set_settled(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+
+/* set(Session, Key, Value, Opts); settle: dspex_store:set/4's fast path, which leaves the event log's
+ * durability to this call (dx_events_settle) */
+static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], int settle) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3]) || !dx_principal_ok(env, argv[3]))
         return enif_make_badarg(env);
     if (!dx_on_dirty() && big_input(env, argv[2])) {
         t_res = -1;
-        return RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
+        return settle ? RESCHEDULE(RS_SET, "var_set", nif_var_set_settled)
+                      : RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
     }
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
@@ -929,11 +933,24 @@ static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[])
     t_res = enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok) ? DX_NATIVE_OK
                                                                                              : DX_NATIVE_ERROR;
     /* outside the EBR section and every lock: the watch messages */
-    return dx_watch_finish(env, &nc, r);
+    r = dx_watch_finish(env, &nc, r);
+    return settle ? dx_events_settle(env, argv[3], r) : r;
 }
 
-DX_NIF(nif_var_set) { return SLOW(DX_NATIVE_SET) ? ATOM_slow : timed(DX_NATIVE_SET, var_set, env, argc, argv); }
+static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    return var_set_common(env, argc, argv, 0);
+}
+static ERL_NIF_TERM var_set_settle(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    return var_set_common(env, argc, argv, 1);
+}
+
+/* var_set/4 (dspex_store:set/4 only): the write and its event log durability in one call */
+DX_NIF(nif_var_set) { return SLOW(DX_NATIVE_SET) ? ATOM_slow : timed(DX_NATIVE_SET, var_set_settle, env, argc, argv); }
 DX_NIF(nif_var_set_here) { return timed(DX_NATIVE_SET, var_set, env, argc, argv); }
+/* var_set/4 of a big value, moved to a dirty scheduler */
+static ERL_NIF_TERM nif_var_set_settled(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    return timed(DX_NATIVE_SET, var_set_settle, env, argc, argv);
+}
 
 /* ---- replicas: a batch of the owner's sets in one call (issue #21) --------
  *

@@ -415,6 +415,165 @@ static void test_capacity_full_until_drained(void **st) {
     dx_evq_close(q);
 }
 
+/* Item recycling (item_slot): payloads copied into the item (payload_len), the written items reused by the
+ * next pushes (no new allocation), each payload freed exactly once (on reuse, when the recycle callback
+ * refuses an item, or at close: valgrind/ASan see no leak), at most spare_max items kept, items too big for
+ * a slot never recycled; the events written are the ones pushed. */
+typedef struct {
+    char *owned; /* a block the payload owns: freed by free_payload */
+    int mark;
+} rc_payload;
+static int g_rc_allocs, g_rc_frees, g_rc_payload_frees, g_rc_refuse;
+static void *rc_alloc(size_t n) {
+    __atomic_add_fetch(&g_rc_allocs, 1, __ATOMIC_SEQ_CST);
+    return malloc(n);
+}
+static void rc_free(void *p) {
+    __atomic_add_fetch(&g_rc_frees, 1, __ATOMIC_SEQ_CST);
+    free(p);
+}
+static void rc_free_payload(void *ctx, dx_ev_item *it) {
+    rc_payload *p = it->payload;
+    assert_true(p->mark == 0x5eed);
+    p->mark = 0; /* freed twice would fail the assertion above */
+    free(p->owned);
+    __atomic_add_fetch(&g_rc_payload_frees, 1, __ATOMIC_SEQ_CST);
+}
+static bool rc_recycle(void *ctx, dx_ev_item *it) { return !__atomic_load_n(&g_rc_refuse, __ATOMIC_SEQ_CST); }
+/* the writer recycles a batch's items after it acknowledged them: bounded polling until it did */
+#define EVENTUALLY(cond)                                                      \
+    do {                                                                      \
+        int n_ = 0;                                                           \
+        while (!(cond) && n_++ < 10000) usleep(1000);                         \
+        assert_true(cond);                                                    \
+    } while (0)
+static size_t rc_spare(dx_evq *q) {
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    return s.spare;
+}
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
+
+static uint64_t rc_push(dx_evq *q, size_t varlen) {
+    char var[600];
+    memset(var, 'v', sizeof var);
+    rc_payload p = {.owned = malloc(32), .mark = 0x5eed};
+    dx_ev_in e = ev("s", "variable_updated", "");
+    e.variable = var;
+    e.variable_len = varlen;
+    e.payload = &p;
+    e.payload_len = sizeof p;
+    uint64_t t = dx_evq_push(q, &e, NULL);
+    assert_true(t > 0);
+    return t;
+}
+
+static void test_items_recycled_payloads_freed_once(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "r.db");
+    g_rc_allocs = g_rc_frees = g_rc_payload_frees = g_rc_refuse = 0;
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .item_slot = 512, .spare_max = 50, .free_payload = rc_free_payload,
+                         .recycle = rc_recycle, .item_alloc = rc_alloc, .item_free = rc_free};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    uint64_t t = 0;
+    for (int i = 0; i < 40; i++) t = rc_push(q, 1);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    EVENTUALLY(rc_spare(q) == 40);
+    assert_int_equal(g_rc_allocs, 40);
+    assert_int_equal(g_rc_payload_frees, 0); /* kept with their items, for the pushes that reuse them */
+    /* the next 40 reuse the 40 written items: no allocation; each reuse frees the previous payload */
+    for (int i = 0; i < 40; i++) t = rc_push(q, 1);
+    assert_int_equal(g_rc_allocs, 40);
+    assert_int_equal(g_rc_payload_frees, 40);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    EVENTUALLY(rc_spare(q) == 40);
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.reused, 40);
+    /* 80 more (40 reused, 40 new): of the 80 written only spare_max (50) are kept, the others freed with their
+     * payloads */
+    for (int i = 0; i < 80; i++) t = rc_push(q, 1);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    EVENTUALLY(LOAD(g_rc_frees) == 30);
+    EVENTUALLY(rc_spare(q) == 50);
+    assert_int_equal(g_rc_allocs, 80);
+    assert_int_equal(LOAD(g_rc_payload_frees), 40 + 40 + 30);
+    /* an event too big for a slot: allocated at its size, freed after it is written */
+    t = rc_push(q, 600);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    EVENTUALLY(LOAD(g_rc_frees) == 31);
+    assert_int_equal(rc_spare(q), 50);
+    assert_int_equal(g_rc_allocs, 81);
+    /* the recycle callback refuses: items and payloads freed by the writer */
+    __atomic_store_n(&g_rc_refuse, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < 10; i++) t = rc_push(q, 1);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    EVENTUALLY(LOAD(g_rc_frees) == 41);
+    assert_int_equal(rc_spare(q), 40);
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.written, 171);
+    assert_int_equal(s.reused, 90);
+    dx_evq_close(q); /* the spare items' payloads are freed here */
+    assert_int_equal(g_rc_payload_frees, 171);
+    assert_int_equal(g_rc_frees, g_rc_allocs);
+    check_one_session(p, "s", 171);
+}
+
+/* An event's time: the commit's own clock reading when it gives one (commit_us), never before the
+ * session's previous event timed by the queue (another session's times do not count); an explicit time
+ * (a copy of another node's event) is kept as is; no time at all: the clock, not before the previous. */
+typedef struct {
+    int64_t ts[16];
+    size_t n;
+} ts_ctx;
+static int ts_cb(void *c_, const dx_ev_rec *r) {
+    ts_ctx *c = c_;
+    if (c->n < 16) c->ts[c->n++] = r->ts_us;
+    return 0;
+}
+static void test_event_time_from_commit_never_back_in_a_session(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "t.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    int64_t now = dx_ev_now_us();
+    struct {
+        const char *s;
+        int64_t commit, ts;
+    } evs[] = {{"a", now - 1000, 0}, {"a", now - 2000, 0}, {"b", now - 5000, 0}, {"a", now - 500, 0},
+               {"a", 0, now - 9000}, {"a", 0, 0}, {"a", now - 100, 0}};
+    int64_t got[7];
+    uint64_t t = 0;
+    for (size_t i = 0; i < 7; i++) {
+        dx_ev_in e = ev(evs[i].s, "variable_updated", "x");
+        e.commit_us = evs[i].commit;
+        e.ts_us = evs[i].ts;
+        e.ts_out = &got[i];
+        t = dx_evq_push(q, &e, NULL);
+        assert_true(t > 0);
+    }
+    assert_int_equal(got[0], now - 1000);
+    assert_int_equal(got[1], now - 1000); /* not before a's previous event */
+    assert_int_equal(got[2], now - 5000); /* b's own */
+    assert_int_equal(got[3], now - 500);
+    assert_int_equal(got[4], now - 9000); /* explicit: kept */
+    assert_true(got[5] >= now);           /* the clock */
+    assert_int_equal(got[6], got[5]);     /* the commit's time was before the clock's: not back */
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    dx_evq_close(q);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    ts_ctx c = {0};
+    dx_ev_query qq = {.session = "a", .session_len = 1};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, ts_cb, &c, err, sizeof err), 0);
+    assert_int_equal(c.n, 6);
+    int64_t want[6] = {got[0], got[1], got[3], got[4], got[5], got[6]};
+    for (size_t i = 0; i < 6; i++) assert_int_equal(c.ts[i], want[i]);
+    dx_ev_sqlite_ops.close(db);
+}
+
 /* The writer lingers after the first event of a batch (linger_us: an hour here), so events pushed
  * meanwhile share one transaction; a caller waiting for durability ends the linger (if it did not,
  * dx_evq_wait would not return within the test's run). Ids are made by the writer when the caller
@@ -1123,6 +1282,8 @@ int main(void) {
                                         teardown),
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_items_recycled_payloads_freed_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_event_time_from_commit_never_back_in_a_session, setup, teardown),
         cmocka_unit_test_setup_teardown(test_linger_groups_and_urge_ends_it, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gather_waits_for_as_many_waiters_as_last_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gather_never_delays_a_lone_writer_and_is_bounded, setup, teardown),
