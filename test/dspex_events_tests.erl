@@ -119,8 +119,23 @@ commit_settles_durability() ->
                      {ok, _} = dspex_store:set(S, big, Big, #{durability => sync}),
                      ?assertMatch(#{var_set := R1} when R1 =:= R0 + 1, dspex_nif:sched_stats()),
                      ?assertMatch(#{depth := 0}, dspex_events:stats()),
+                     %% watch messages too many for a normal scheduler: their drain
+                     %% goes on on a dirty scheduler (enif_schedule_nif), with the
+                     %% settled answer (settling the rescheduled call's return
+                     %% value instead crashed the VM)
+                     {ok, _} = dspex_store:register(S, e, embedding, [float(I) || I <- lists:seq(1, 30000)]),
+                     Self = self(),
+                     Ws = [spawn_link(fun() -> receive {dspex_variable, _, _, _, _, N, _} -> Self ! {seen, self(), N} end end)
+                           || _ <- lists:seq(1, 20)],
+                     [true = is_reference(dspex_store:watch(S, [e], W)) || W <- Ws],
+                     #{notify_rescheduled := N0} = dspex_nif:sched_stats(),
+                     {ok, EV} = dspex_store:set(S, e, [1.0, 2.0], #{durability => sync}),
+                     ?assertMatch(#{notify_rescheduled := N1} when N1 =:= N0 + 1, dspex_nif:sched_stats()),
+                     ?assertMatch(#{depth := 0}, dspex_events:stats()),
+                     [receive {seen, W, New} -> ?assertEqual([1.0, 2.0], New) end || W <- Ws],
+                     {ok, _} = dspex_store:set(S, x, 103, #{durability => async}),
+                     ?assertMatch({ok, #{version := EV}}, dspex_store:get(S, e)),
                      %% a failed write waits for nothing
-                     {ok, _} = dspex_store:set(S, x, 103),
                      ?assertMatch({error, _}, dspex_store:set(S, nope, 1, #{durability => sync})),
                      ?assertMatch(#{depth := 1}, dspex_events:stats())
              end),

@@ -932,9 +932,11 @@ static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM 
     const ERL_NIF_TERM *el;
     t_res = enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok) ? DX_NATIVE_OK
                                                                                              : DX_NATIVE_ERROR;
+    /* the durability first: dx_watch_finish may return enif_schedule_nif's result (the rest of the drain on a
+     * dirty scheduler), which is no term to inspect, only to return; the settled reply travels with it */
+    if (settle) r = dx_events_settle(env, argv[3], r);
     /* outside the EBR section and every lock: the watch messages */
-    r = dx_watch_finish(env, &nc, r);
-    return settle ? dx_events_settle(env, argv[3], r) : r;
+    return dx_watch_finish(env, &nc, r);
 }
 
 static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
