@@ -533,12 +533,7 @@ an_unreachable_primary_region_fails_over_to_its_first_backup(Config) ->
         ?assertEqual(Late, seq(PA, S)),
         ?assertMatch({ok, #{value := 666}, #{region := <<"a">>}}, peer:call(PA, dspex_region, get, [S, <<"k">>, #{}])),
         %% after region_failover_ms (1 s) of a unreachable, b (a's first backup) takes over
-        ok = wait_until(fun() ->
-                                case peer:call(PB, dspex_region, decision, [S]) of
-                                    #{primary_region := <<"b">>, region_epoch := 1} -> true;
-                                    _ -> false
-                                end
-                        end, 20000, b_takes_over),
+        ok = b_takes_over(PB, S),
         ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>], policy := failover},
                      peer:call(PB, dspex_region, route_session, [S, #{}])),
         %% c (second backup) does not take over; it follows b at region epoch 1
@@ -723,12 +718,7 @@ sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region(Config) ->
            end,
     _ = [Have(P) || P <- [PB, PC]],
     %% b takes over (link down after down_after_ms, then region_failover_ms)
-    ok = wait_until(fun() ->
-                            case peer:call(PB, dspex_region, decision, [S]) of
-                                #{primary_region := <<"b">>, region_epoch := 1} -> true;
-                                _ -> false
-                            end
-                    end, 20000, b_takes_over),
+    ok = b_takes_over(PB, S),
     %% the new primary has them all
     _ = Have(PB),
     %% taken over, b's copy has the session's TTL again (the default 3600 s)
@@ -803,12 +793,7 @@ async_writes_lost_in_a_kill_9_are_a_suffix_within_the_measured_lag(Config) ->
     [] = os:cmd("kill -9 " ++ OsPid),
     Acked = [{V, X, L} || {acked, V, X, L} <- First ++ drain_writers(Writers, [])],
     ?assert(length(Acked) >= 200),
-    ok = wait_until(fun() ->
-                            case peer:call(PB, dspex_region, decision, [S]) of
-                                #{primary_region := <<"b">>, region_epoch := 1} -> true;
-                                _ -> false
-                            end
-                    end, 20000, b_takes_over),
+    ok = b_takes_over(PB, S),
     {ok, #{version := Vb, value := Xb}} = peer:call(PB, dspex_store, get, [S, K]),
     HistB = [{Vb, Xb} | history(PB, S, K)],
     %% b's history is whole (0..Vb, no version missing)
@@ -867,6 +852,15 @@ all_up(P) ->
 
 %% bounded polling, as in the cluster suite
 wait_until(F, Timeout, What) -> dspex_cluster_SUITE:wait_until(F, Timeout, What).
+
+%% b's decision of S names b the primary at region epoch 1 (its takeover)
+b_takes_over(PB, S) ->
+    wait_until(fun() ->
+                       case peer:call(PB, dspex_region, decision, [S]) of
+                           #{primary_region := <<"b">>, region_epoch := 1} -> true;
+                           _ -> false
+                       end
+               end, 20000, b_takes_over).
 
 %% on a peer: a process that keeps the region's link and route events
 collector_start() ->
