@@ -44,10 +44,21 @@
 %%     and denial counts of the last hour, the session's rules and rate limit
 %%     (`dspex_acl:get_rate_limit/1'), and `rate_limits': every session
 %%     whose limit is on (500 at most, by id).</li>
+%% <li>`/api/regions': this node's region (`dspex_region:topology/0' made
+%%     JSON-safe): `configured' (`true'), `region', `coords' (`[Lat, Lon]'),
+%%     `gateway_port', `transport', `replication' (the mode), `sessions',
+%%     `backup_sessions', `fenced' (`dspex_region:fenced/0': `true' or
+%%     `false') with `reachable' (the regions of the fenced minority, else
+%%     `null'), and `peers': one object per peer region sorted by name:
+%%     `name', `status', `since' and `last_check_at' (system time in ms),
+%%     `last_error' (printed), `gateway' (`"host:port"'), `coords', `sessions',
+%%     `rtt' (`ewma_ms', `p50_ms', `p99_ms', `last_ms', `samples') and
+%%     `replication' (`lag_versions', `lag_ms', ...). Only
+%%     `{"configured": false}' when no region runs on this node.</li>
 %% <li>`POST /api/rollback' (`id', `var', `version' as a form or query):
 %%     `dspex_store:rollback/4' with `changed_by => console'.</li>
-%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1&amp;models=1': a
-%%     `text/event-stream': `overview', `optimizations' and `models' (as their endpoints
+%% <li>`/api/events?id=&amp;overview=1&amp;optimizations=1&amp;models=1&amp;regions=1': a
+%%     `text/event-stream': `overview', `optimizations', `models' and `regions' (as their endpoints
 %%     answer) every second when asked for,
 %%     and with `id' a `variable' event per committed change of the session
 %%     (a watch) and `session' when its variables change in number.</li>
@@ -210,6 +221,7 @@ api("GET", "/api/state_at", #{<<"id">> := S, <<"seq">> := Seq}, _Mod) ->
     end;
 api("GET", "/api/models", _P, _Mod) -> json(200, models());
 api("GET", "/api/optimizations", _P, _Mod) -> json(200, optimizations());
+api("GET", "/api/regions", _P, _Mod) -> json(200, regions());
 api("GET", "/api/access", P, _Mod) -> json(200, access(maps:get(<<"id">>, P, undefined)));
 api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := Ver}, _Mod) ->
     case string:to_integer(Ver) of
@@ -222,7 +234,7 @@ api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := V
     end;
 api("GET", "/api/events", P, Mod) ->
     Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations},
-                             {<<"models">>, models}], maps:is_key(K, P)],
+                             {<<"models">>, models}, {<<"regions">>, regions}], maps:is_key(K, P)],
     sse(Mod, maps:get(<<"id">>, P, undefined), Feeds);
 api(_, _, _, _) -> json(404, #{error => not_found}).
 
@@ -330,6 +342,43 @@ models() ->
               tests => [dspex_events:json_term(maps:without([started], R))
                         || {Id, _} <- Tests, {ok, R} <- [catch dspex_models:results(Id)]]}
     end.
+
+%% This node's region: `dspex_region:topology/0' with tuples made JSON
+%% (coordinates `[Lat, Lon]', a gateway `"host:port"'), the peers a list
+%% sorted by name, and `dspex_region:fenced/0'. `#{configured => false}'
+%% when no region runs here (no `region' configured, or a build without it).
+regions() ->
+    Topology = case absent(dspex_region) of
+                   true -> {error, not_running};
+                   false -> dspex_region:topology()
+               end,
+    case Topology of
+        {error, not_running} -> #{configured => false};
+        #{peers := Peers, coords := Coords} = T ->
+            {Fenced, Reachable} = case dspex_region:fenced() of
+                                      false -> {false, null};
+                                      {true, R} -> {true, R}
+                                  end,
+            (maps:with([region, gateway_port, transport, sessions, replication, backup_sessions], T))#{
+              configured => true, coords => coords(Coords), fenced => Fenced, reachable => Reachable,
+              peers => [(maps:without([coords, gateway], P))#{name => N, coords => coords(maps:get(coords, P, undefined)),
+                                                              gateway => gateway(maps:get(gateway, P, undefined))}
+                        || {N, P} <- lists:sort(maps:to_list(Peers))]}
+    end.
+
+coords({Lat, Lon}) -> [Lat, Lon];
+coords(Other) -> Other.
+
+gateway({Host, Port}) when is_integer(Port) ->
+    H = case Host of
+            _ when is_tuple(Host) -> inet:ntoa(Host);
+            _ -> Host
+        end,
+    case unicode:characters_to_binary([H, ":", integer_to_list(Port)]) of
+        B when is_binary(B) -> B;
+        _ -> printed(Host)
+    end;
+gateway(Other) -> Other.
 
 %% A page of the event log, newest first: the session's (`id') or every
 %% session's, before the global position `before', of one type or all. It
@@ -496,7 +545,8 @@ continue(Results, Mod, Session, Feeds, Watch, Deadline) ->
 
 feed(overview) -> overview();
 feed(optimizations) -> optimizations();
-feed(models) -> models().
+feed(models) -> models();
+feed(regions) -> regions().
 
 worst(Results) ->
     case lists:all(fun(R) -> R =:= ok end, Results) of

@@ -11,11 +11,22 @@
 %%                                       "big" of <vars> variables with edges
 %%   quit                                halts
 %% Stdin closing halts the node too, so it never outlives its test.
+%% With `-console_region_peer Port' the node is region "eu" (gateway on a free
+%% loopback port) with one peer region "us" whose gateway is 127.0.0.1:Port
+%% (the Regions page; the command line cannot carry a map for `region').
 -module(console_node).
 -export([main/0, copy_x/1]).
 
 -spec main() -> no_return().
 main() ->
+    case init:get_argument(console_region_peer) of
+        {ok, [[PeerPort]]} ->
+            application:set_env(dspex_bridge, region,
+                                #{name => <<"eu">>, coords => {50.11, 8.68}, listen => {{127, 0, 0, 1}, 0},
+                                  peers => [#{name => <<"us">>, gateway => {{127, 0, 0, 1}, list_to_integer(PeerPort)},
+                                              coords => {40.71, -74.01}}]});
+        _ -> ok
+    end,
     {ok, _} = application:ensure_all_started(dspex_bridge),
     S = <<"demo">>,
     {ok, _} = dspex_store:create_session(S, #{metadata => #{<<"note">> => <<"<script>alert(2)</script>">>}}),

@@ -214,3 +214,103 @@ busy_port_or_missing_token_is_no_console_test() ->
          end || {K, V} <- Old],
         gen_tcp:close(L)
     end.
+
+%%% /api/regions ---------------------------------------------------------------
+
+%% The endpoint on a node without a region ("configured": false) and on one
+%% whose region has a loopback gateway and one peer region whose gateway is
+%% unreachable: its link is down, with the reason, no RTT sample, and the
+%% region fenced (one region of two is no majority). Restarts the
+%% application with the console on a free port; the environment and the
+%% application's state are restored afterwards.
+regions_endpoint_with_and_without_a_region_test_() ->
+    {timeout, 120, fun regions_endpoint/0}.
+
+regions_endpoint() ->
+    Keys = [console_port, console_token, console_enabled, region],
+    Old = [{K, application:get_env(dspex_bridge, K)} || K <- Keys],
+    WasRunning = lists:keymember(dspex_bridge, 1, application:which_applications()),
+    {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}]),
+    {ok, Dead} = inet:port(L),
+    ok = gen_tcp:close(L),
+    try
+        application:set_env(dspex_bridge, console_port, 0),
+        application:set_env(dspex_bridge, console_enabled, true),
+        application:unset_env(dspex_bridge, console_token),
+        application:unset_env(dspex_bridge, region),
+        restart(),
+        ?assertEqual({200, #{<<"configured">> => false}}, get_json("/api/regions")),
+        application:set_env(dspex_bridge, region,
+                            #{name => <<"eu">>, coords => {50.11, 8.68}, listen => {{127, 0, 0, 1}, 0},
+                              peers => [#{name => <<"us">>, gateway => {{127, 0, 0, 1}, Dead},
+                                          coords => {40.71, -74.01}}],
+                              backoff_min_ms => 10, backoff_max_ms => 40}),
+        restart(),
+        %% bounded polling until the link has tried (and failed) to connect
+        Poll = fun W(0) -> timeout;
+                   W(N) -> case get_json("/api/regions") of
+                               {200, #{<<"peers">> := [#{<<"last_error">> := E}]} = Answer} when E =/= null ->
+                                   Answer;
+                               _ -> receive after 20 -> W(N - 1) end
+                           end
+               end,
+        R = Poll(1000),
+        GwPort = dspex_region:gateway_port(),
+        ?assertMatch(#{<<"configured">> := true, <<"region">> := <<"eu">>, <<"coords">> := [50.11, 8.68],
+                       <<"gateway_port">> := GwPort, <<"transport">> := <<"tcp">>,
+                       <<"replication">> := <<"async_primary_backup">>, <<"sessions">> := 0,
+                       <<"backup_sessions">> := 0, <<"fenced">> := true, <<"reachable">> := [<<"eu">>]}, R),
+        [Peer] = maps:get(<<"peers">>, R),
+        DeadGw = iolist_to_binary(["127.0.0.1:", integer_to_list(Dead)]),
+        ?assertMatch(#{<<"name">> := <<"us">>, <<"status">> := <<"down">>, <<"gateway">> := DeadGw,
+                       <<"coords">> := [40.71, -74.01], <<"sessions">> := 0, <<"last_check_at">> := null,
+                       <<"last_error">> := <<"{connect,econnrefused}">>,
+                       <<"rtt">> := #{<<"samples">> := 0, <<"p50_ms">> := null, <<"p99_ms">> := null,
+                                      <<"ewma_ms">> := null},
+                       <<"replication">> := #{<<"lag_versions">> := 0, <<"lag_ms">> := 0}}, Peer),
+        ?assert(is_integer(maps:get(<<"since">>, Peer))),
+        %% the same answer as a stream event
+        ?assertMatch({ok, #{<<"configured">> := true, <<"region">> := <<"eu">>}}, first_sse_event("regions"))
+    after
+        [case V of
+             undefined -> application:unset_env(dspex_bridge, K);
+             {ok, X} -> application:set_env(dspex_bridge, K, X)
+         end || {K, V} <- Old],
+        ok = application:stop(dspex_bridge),
+        case WasRunning of
+            true -> {ok, _} = application:ensure_all_started(dspex_bridge);
+            false -> ok
+        end
+    end.
+
+restart() ->
+    _ = application:stop(dspex_bridge),
+    {ok, _} = application:ensure_all_started(dspex_bridge).
+
+get_json(Path) ->
+    Url = "http://127.0.0.1:" ++ integer_to_list(dspex_console:port()) ++ Path,
+    {ok, {{_, Status, _}, _, Body}} = httpc:request(get, {Url, []}, [{timeout, 30000}], [{body_format, binary}]),
+    {ok, Json} = dspex_json:decode(Body),
+    {Status, Json}.
+
+%% The data of the first `Event' of /api/events?<Event>=1 (the stream's
+%% first tick comes at once).
+first_sse_event(Event) ->
+    {ok, S} = gen_tcp:connect({127, 0, 0, 1}, dspex_console:port(), [binary, {active, false}]),
+    try
+        ok = gen_tcp:send(S, ["GET /api/events?", Event, "=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"]),
+        Marker = iolist_to_binary(["event: ", Event, "\ndata: "]),
+        Read = fun R(Acc) ->
+                       case binary:split(Acc, Marker) of
+                           [_, Rest] ->
+                               case binary:split(Rest, <<"\n">>) of
+                                   [Data, _] -> dspex_json:decode(Data);
+                                   [_] -> {ok, More} = gen_tcp:recv(S, 0, 30000), R(<<Acc/binary, More/binary>>)
+                               end;
+                           [_] -> {ok, More} = gen_tcp:recv(S, 0, 30000), R(<<Acc/binary, More/binary>>)
+                       end
+               end,
+        Read(<<>>)
+    after
+        gen_tcp:close(S)
+    end.

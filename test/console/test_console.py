@@ -3,8 +3,9 @@ against bridge nodes started by the test (console on a free port).
 
 Nodes (each an `erl' running test/console_node.erl, seeded with the
 session "demo", whose variable names include an XSS attempt):
-  rw   loopback, bearer token, console_write => true
-  ro   loopback, no token, read-only
+  rw   loopback, bearer token, console_write => true; region "eu" with one
+       peer region "us" whose gateway is a closed loopback port (link down)
+  ro   loopback, no token, read-only, no region
   wide bind 0.0.0.0 with a token
   open bind 0.0.0.0 without a token: the console must refuse to start
 Screenshots of every page go to _build/console/.
@@ -13,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -46,15 +48,24 @@ def wait(driver, timeout, poll):
                          ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
 
 
+def closed_port():
+    """A loopback port nothing listens on (bound, then released)."""
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 class Node:
-    def __init__(self, **env):
+    def __init__(self, extra=(), **env):
         args = ['erl', '-noshell', '-pa'] + glob.glob(os.path.join(ROOT, '_build/default/lib/*/ebin')) + ['-pa', EBIN]
         base = {'prometheus_enabled': 'false', 'grpc_enabled': 'false', 'console_port': '0',
                 'metrics_handlers': 'true'}
         base.update(env)
         for k, v in base.items():
             args += ['-dspex_bridge', k, v]
-        args += ['-s', 'console_node', 'main']
+        args += list(extra) + ['-s', 'console_node', 'main']
         self.proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
         self.port = None
@@ -114,12 +125,26 @@ def browser(profile):
     return d
 
 
+# The Regions page's tables as data: this region's fields, and per peer row
+# its data attributes and each classed cell's text.
+REGIONS_VIEW = '''
+  const f = {};
+  document.querySelectorAll('#region tr').forEach((tr) => { f[tr.dataset.field] = tr.querySelector('td').textContent; });
+  const peers = Array.from(document.querySelectorAll('#peers tbody tr')).map((tr) => {
+    const c = { peer: tr.dataset.peer, 'data-status': tr.dataset.status, text: tr.textContent };
+    tr.querySelectorAll('td[class]').forEach((td) => { c[td.className.split(' ')[0]] = td.textContent; });
+    return c;
+  });
+  return { fields: f, peers: peers };'''
+
+
 class ConsoleTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         os.makedirs(EBIN, exist_ok=True)
         subprocess.check_call(['erlc', '-o', EBIN, os.path.join(ROOT, 'test/console_node.erl')])
-        cls.rw = Node(console_token='"%s"' % TOKEN, console_write='true')
+        cls.us_port = closed_port()
+        cls.rw = Node(extra=['-console_region_peer', str(cls.us_port)], console_token='"%s"' % TOKEN, console_write='true')
         cls.ro = Node()
         # the event log off: the timeline and time travel say so
         cls.wide = Node(console_bind='{0,0,0,0}', console_token='"%s"' % TOKEN, event_log='false')
@@ -195,16 +220,49 @@ class ConsoleTest(unittest.TestCase):
                 self.assert_no_alert()
                 name = path.strip('/').replace('?id=', '_') or 'overview'
                 self.shot(name)
-        # the parts of other issues are shown as absent, never faked; parts this
-        # build has but the console has no page for yet say so
+        # the parts of other issues are shown as absent, never faked
         _, _, body = http(self.rw.base + '/api/config', headers={'Authorization': 'Bearer ' + TOKEN})
         absent = {p['module'] for p in json.loads(body)['absent']}
-        for path, module in [('/regions', 'dspex_region')]:
-            d = self.open(self.rw, path)
-            want = 'Absent' if module in absent else 'is present in this build'
-            self.assertTrue(wait(d, LOAD_S, 0.05).until(lambda d: want in d.find_element(By.ID, 'main').text), path)
         # dspex_region (issue #17's first layer) is in this build: listed as present
         self.assertNotIn('dspex_region', absent)
+
+    def test_regions_page_shows_this_region_and_its_peers(self):
+        self.use(self.rw, TOKEN)
+        st, _, body = http(self.rw.base + '/api/regions', headers={'Authorization': 'Bearer ' + TOKEN})
+        self.assertEqual(200, st)
+        api = json.loads(body)
+        self.assertEqual((True, 'eu', [50.11, 8.68], 'tcp'), (api['configured'], api['region'], api['coords'], api['transport']))
+        d = self.open(self.rw, '/regions')
+        # the page re-renders every second: read it in one script, not element by element
+        view = lambda d: d.execute_script(REGIONS_VIEW)
+        # the link has tried and failed (refreshed every second by the stream)
+        v = wait(d, LOAD_S, 0.05).until(lambda d: (lambda v: v if v['peers'] and v['peers'][0].get('last-error') else None)(view(d)))
+        fields = v['fields']
+        self.assertEqual('eu', fields['region'])
+        self.assertEqual('50.1100, 8.6800', fields['coordinates'])
+        self.assertEqual('port %d (tcp)' % api['gateway_port'], fields['gateway'])
+        self.assertEqual('async_primary_backup', fields['replication mode'])
+        # one region of two, its only peer unreachable: no majority, fenced
+        self.assertTrue(fields['fenced'].startswith('yes: only eu reachable'), fields['fenced'])
+        self.assertEqual('0', fields['sessions (primary here)'])
+        self.assertEqual(['us'], [p['peer'] for p in v['peers']])
+        us = v['peers'][0]
+        self.assertEqual(('down', 'down'), (us['data-status'], us['status']))
+        self.assertEqual('{connect,econnrefused}', us['last-error'])
+        self.assertRegex(us['since'], r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \(\d+ s ago\)$')
+        self.assertEqual(['—', '—', '—', '0', '—', '0', '0', '0'],
+                         [us[c] for c in ['p50', 'p99', 'ewma', 'samples', 'checked', 'lag-versions', 'lag-ms', 'sessions']])
+        self.assertIn('127.0.0.1:%d' % self.us_port, us['text'])
+        self.shot('regions_peers')
+        self.assertEqual([], self.console_errors())
+        # a node without a region says so
+        self.use(self.ro)
+        st, _, body = http(self.ro.base + '/api/regions')
+        self.assertEqual((200, {'configured': False}), (st, json.loads(body)))
+        d = self.open(self.ro, '/regions')
+        self.assertIn('Regions not configured', d.find_element(By.ID, 'regions-off').text)
+        self.assertEqual([], d.find_elements(By.ID, 'peers'))
+        self.assertEqual([], self.console_errors())
 
     def test_overview_updates_live(self):
         self.use(self.ro)

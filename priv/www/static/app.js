@@ -587,18 +587,49 @@
     await tl.ready;
   }
 
-  function absentPage(module, title) {
-    return async function () {
-      const part = state.config.absent.find((p) => p.module === module);
-      main.replaceChildren(el('h1', {}, title), part ? absent(part) :
-        el('p', {}, `${module} is present in this build, but the console has no page for it yet.`));
+  // ---- regions ---------------------------------------------------------------------
+  // dspex_region:topology/0 and fenced/0 (/api/regions), refreshed every
+  // second by the stream's `regions' event. Times are system time in ms.
+  const msTime = (ms) => (typeof ms === 'number' && ms > 0) ? new Date(ms).toISOString().replace('T', ' ').replace('Z', '') : '—';
+  const ago = (ms) => (typeof ms === 'number' && ms > 0) ? ` (${fmt(Math.max(0, Date.now() - ms) / 1000, 0)} s ago)` : '';
+  const NO_REGION = 'Regions not configured: this node has no region (no `region` in the dspex_bridge application environment), so it is not part of a multi-region deployment.';
+  async function regions() {
+    const r = await api('/api/regions');
+    const part = state.config.absent.find((p) => p.module === 'dspex_region');
+    if (part) { main.replaceChildren(el('h1', {}, 'Regions'), absent(part)); return; }
+    const me = el('div', { id: 'region' }), peers = el('div', { id: 'peers' });
+    const off = el('p', { id: 'regions-off', class: 'absent' }, NO_REGION);
+    const update = (r) => {
+      if (!r.configured) { main.replaceChildren(el('h1', {}, 'Regions'), off); return; }
+      if (!me.isConnected) main.replaceChildren(el('h1', {}, 'Regions'), el('h2', {}, 'This region'), me, el('h2', {}, 'Peer regions'), peers);
+      const coords = (c) => Array.isArray(c) ? `${fmt(c[0], 4)}, ${fmt(c[1], 4)}` : show(c);
+      me.replaceChildren(el('table', {}, el('tbody', {}, [
+        ['region', r.region], ['coordinates', coords(r.coords)], ['gateway', `port ${show(r.gateway_port)} (${show(r.transport)})`],
+        ['replication mode', show(r.replication)],
+        ['fenced', r.fenced ? `yes: only ${(r.reachable || []).join(', ')} reachable, no majority: writes of its sessions that have backup regions are refused` : 'no'],
+        ['sessions (primary here)', show(r.sessions)], ['backup sessions (of other regions)', show(r.backup_sessions)]]
+        .map(([k, v]) => el('tr', { dataset: { field: k } }, el('th', {}, k), el('td', {}, v))))));
+      peers.replaceChildren(r.peers.length === 0 ? el('p', {}, 'No peer regions.') :
+        table(['region', 'link', 'since', 'last error', 'gateway', 'coordinates', 'RTT p50 ms', 'RTT p99 ms', 'RTT EWMA ms', 'samples',
+          'last health check', 'replication lag (versions)', 'replication lag (ms)', 'sessions'],
+        r.peers.map((p) => {
+          const rtt = p.rtt || {}, rep = p.replication || {};
+          return el('tr', { dataset: { peer: p.name, status: p.status } }, el('td', {}, p.name),
+            el('td', { class: 'status status-' + p.status }, p.status), el('td', { class: 'since' }, msTime(p.since) + ago(p.since)),
+            el('td', { class: 'last-error' }, p.last_error === null ? '' : show(p.last_error)), el('td', {}, show(p.gateway)), el('td', {}, coords(p.coords)),
+            el('td', { class: 'p50' }, fmt(rtt.p50_ms, 2)), el('td', { class: 'p99' }, fmt(rtt.p99_ms, 2)), el('td', { class: 'ewma' }, fmt(rtt.ewma_ms, 2)),
+            el('td', { class: 'samples' }, show(rtt.samples)), el('td', { class: 'checked' }, msTime(p.last_check_at)),
+            el('td', { class: 'lag-versions' }, show(rep.lag_versions)), el('td', { class: 'lag-ms' }, show(rep.lag_ms)),
+            el('td', { class: 'sessions' }, show(p.sessions)));
+        })));
     };
+    update(r);
+    stream('/api/events?regions=1', { regions: update });
   }
 
   const routes = {
     '/': overview, '/sessions': sessions, '/session': session, '/optimizations': optimizations, '/access': access,
-    '/events': events, '/models': models,
-    '/regions': absentPage('dspex_region', 'Regions'),
+    '/events': events, '/models': models, '/regions': regions,
   };
 
   async function route() {
