@@ -997,6 +997,14 @@ typedef struct {
     ERL_NIF_TERM list;
 } read_ctx;
 
+/* A query on the reading connection (one reader at a time); "not_open" when the log is closed. */
+static int rd_query(const dx_ev_query *q, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
+    pthread_mutex_lock(&g_rd_mu);
+    int rc = g_rd ? g_ops->query(g_rd, q, cb, ctx, err, errlen) : (snprintf(err, errlen, "not_open"), -1);
+    pthread_mutex_unlock(&g_rd_mu);
+    return rc;
+}
+
 static int read_cb(void *ctx, const dx_ev_rec *r) {
     read_ctx *c = ctx;
     c->list = enif_make_list_cell(c->env, event_term(c->env, r), c->list);
@@ -1061,9 +1069,7 @@ DX_NIF(nif_events_read) {
     }
     read_ctx c = {env, enif_make_list(env, 0)};
     char err[256];
-    pthread_mutex_lock(&g_rd_mu);
-    int rc = g_rd ? g_ops->query(g_rd, &q, read_cb, &c, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
-    pthread_mutex_unlock(&g_rd_mu);
+    int rc = rd_query(&q, read_cb, &c, err, sizeof err);
     if (rc) return es_error(env, err);
     ERL_NIF_TERM rev;
     enif_make_reverse_list(env, c.list, &rev);
@@ -1327,9 +1333,7 @@ DX_NIF(nif_events_replay) {
     q.limit = lim;
     replay_ctx c = {env, enif_make_list(env, 0), 0, 0, mark};
     char err[256];
-    pthread_mutex_lock(&g_rd_mu);
-    int rc = g_rd ? g_ops->query(g_rd, &q, replay_cb, &c, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
-    pthread_mutex_unlock(&g_rd_mu);
+    int rc = rd_query(&q, replay_cb, &c, err, sizeof err);
     if (rc) return es_error(env, err);
     ERL_NIF_TERM rev;
     enif_make_reverse_list(env, c.list, &rev);
