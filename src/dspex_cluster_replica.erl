@@ -92,6 +92,11 @@ apply_change(S, Epoch, Seq, Owner, P) -> call(S, {apply, S, Epoch, Seq, Owner, P
 -spec state(binary()) -> {non_neg_integer(), non_neg_integer(), non_neg_integer(), boolean()} | {error, timeout}.
 state(S) -> call(S, {state, S}).
 
+%% The seq this owner's fast-path sets reached (dspex_cluster_writer), when
+%% ahead of the row's.
+fast_seq({_, E, N, _}, E, Seq) when N > Seq -> N;
+fast_seq(_, _, Seq) -> Seq.
+
 %% @doc Refuses every later change from an epoch below `Epoch'; returns the state.
 -spec fence(binary(), pos_integer()) ->
           {ok, {non_neg_integer(), non_neg_integer(), boolean()}} | {error, {stale_epoch, non_neg_integer()} | timeout}.
@@ -128,9 +133,16 @@ init([]) ->
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call({state, S}, _From, St) ->
     {S, E, Seq, _, _, _, F} = row(S),
-    {reply, {E, Seq, F, present(S)}, St};
+    {reply, {E, fast_seq(dspex_nif:repl_info(S), E, Seq), F, present(S)}, St};
 handle_call({fence, S, Epoch}, _From, St) ->
-    {S, E, Seq, O, R, G, F} = row(S),
+    %% this node as the owner: no more fast-path sets (dspex_cluster_writer),
+    %% and the seq they reached counts
+    Fast = dspex_nif:repl_unsettle(S),
+    {S, E, Seq0, O, R, G, F} = row(S),
+    Seq = case Fast of
+              {E, N} when N > Seq0 -> N;
+              _ -> Seq0
+          end,
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
@@ -140,7 +152,13 @@ handle_call({fence, S, Epoch}, _From, St) ->
             {reply, {ok, {E, Seq, present(S)}}, St}
     end;
 handle_call({export, S}, _From, St) ->
-    {S, E, Seq, _, _, _, _} = row(S),
+    %% this node as the owner: the fast path stops, the seq it reached counts
+    Fast = dspex_nif:repl_unsettle(S),
+    {S, E, Seq0, _, _, _, _} = row(S),
+    Seq = case Fast of
+              {E, N} when N > Seq0 -> N;
+              _ -> Seq0
+          end,
     Exp = case dspex_store:export_session(S) of
               {ok, X} -> X#{dspex_vv => dspex_cache:vv(S)};   % its lineage travels with it
               {error, _} -> absent
