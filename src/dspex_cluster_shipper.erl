@@ -271,8 +271,15 @@ post(St) -> self() ! flush, St#{posted := true}.
 %% it, and whose change the nodes caching the session hear of here (the
 %% writer tells them itself, `dspex_cache:committed/4').
 record(_Node, {_, _, _, _, _} = Rec) -> Rec;
-record(Node, {From, S, K, V, Ver, E, Seq, T0}) ->
-    P = {op, set, [S, K, V, #{expected_version => Ver - 1}], {ok, Ver}},
+record(Node, {From, S, K, V, Ver, E, Seq, T0, Post}) ->
+    Op = {op, set, [S, K, V, #{expected_version => Ver - 1}], {ok, Ver}},
+    %% with the event log on: the set logged event Post of the session, right
+    %% after Post - 1 (see dspex_cluster_writer:with_events/5); the events
+    %% logged outside the store's commits up to it travel with it
+    P = case Post of
+            0 -> Op;
+            _ -> {ev, Post - 1, Post, Op, dspex_events:take_kept(S, Post)}
+        end,
     ok = dspex_cache:committed(S, E, Seq, P),
     Meta = #{session => S, op => set, module => dspex_store, replicas => [Node], mode => sync, seq => Seq},
     {{one, From, {ok, Ver}, T0, Meta}, S, E, Seq, P}.

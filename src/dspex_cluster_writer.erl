@@ -280,9 +280,9 @@ hold(_) -> ok.
 %% After a write: `S' takes the fast path (`fast_set/4') from now on when this
 %% node owns it settled under view `V', with sync replication to one replica
 %% whose shipper runs, and nothing the set NIF cannot do alone is configured:
-%% no event log (the replicas' logs follow the owner's sequences), no strong
-%% reads (leases to revoke before a commit), no regions (a backup region gets
-%% every change from the writer).
+%% no strong reads (leases to revoke before a commit), no regions (a backup
+%% region gets every change from the writer). With the event log on, the
+%% record carries the sequence of the set's event (the replicas' logs follow).
 publish(S, #{gen := Gen, replication := sync}) ->
     case dspex_cluster_replica:row(S) of
         {S, E, Seq, Me, [Rep], Gen, F} = Row when Me =:= node(), F =< E ->
@@ -303,7 +303,7 @@ publish(S, #{gen := Gen, replication := sync}) ->
 publish(_, _) -> ok.
 
 fast_allowed() ->
-    not dspex_events:enabled() andalso not dspex_cache:strong_enabled()
+    not dspex_cache:strong_enabled()
         andalso persistent_term:get({dspex_region, name}, undefined) =:= undefined.
 
 %%% ownership ---------------------------------------------------------------------

@@ -143,6 +143,16 @@ static void batch_flush(dx_evq *q) {
     t_batch.on = false;
 }
 
+/* The session sequence the last event this thread queued one at a time got
+ * (0: none since dx_events_take_pushed): the replication fast path
+ * (repl_nif.c) ships it with the set that logged it. */
+static _Thread_local uint64_t t_pushed;
+uint64_t dx_events_take_pushed(void) {
+    uint64_t s = t_pushed;
+    t_pushed = 0;
+    return s;
+}
+
 /* Queues one event, or adds it to the batch being collected. */
 static int push_one(dx_evq *q, const dx_ev_in *in) {
     if (t_batch.on) {
@@ -159,7 +169,7 @@ static int push_one(dx_evq *q, const dx_ev_in *in) {
         t_batch.ins[t_batch.n++] = *in;
         return 0;
     }
-    return dx_evq_push(q, in, NULL) ? 0 : -1;
+    return (t_pushed = dx_evq_push(q, in, NULL)) ? 0 : -1;
 }
 
 static _Thread_local bool t_mute; /* events_session_delete(_, silent) */

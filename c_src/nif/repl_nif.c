@@ -19,6 +19,7 @@
  * flight finishes (commit and append) first; from then on repl_set/6 answers
  * `slow' and the caller goes through the writer. The entry stays (its epoch,
  * seq and announced readable) until repl_forget/1. */
+#include "events_nif.h"
 #include "nif.h"
 #include <pthread.h>
 #include <stdlib.h>
@@ -193,8 +194,11 @@ static ERL_NIF_TERM drain(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     return list;
 }
 
-/* repl_drain(LinkId) -> [{From, Session, Key, Value, Version, Epoch, Seq, T0}] in
- * commit order; the next record appended wakes the shipper again. */
+/* repl_drain(LinkId) -> the queued records in append order: the writer's
+ * (dspex_cluster_shipper:record()) and the fast path's {From, Session, Key,
+ * Value, Version, Epoch, Seq, T0, EventSeq} (EventSeq: the session sequence of
+ * the set's event, 0 with the log off); the next record appended wakes the
+ * shipper again. */
 DX_NIF(nif_repl_drain) {
     rlink *l;
     if (!get_link(env, argv[0], &l)) return enif_make_badarg(env);
@@ -378,16 +382,18 @@ DX_NIF(nif_repl_set) {
         atomic_store(&d->announced, seq);
         dx_notify_ctx_init(&nc, env, 1);
         ran = 1;
+        (void)dx_events_take_pushed();
         r = dx_set_plain(env, argv[0], argv[1], argv[2], &nc);
+        uint64_t post = dx_events_take_pushed(); /* the set's event, if the log is on */
         const ERL_NIF_TERM *el;
         ErlNifUInt64 ver;
         if (enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok) &&
             enif_get_uint64(env, el[1], &ver)) {
             d->seq = seq;
             pthread_mutex_lock(&l->mu);
-            ERL_NIF_TERM rec[8] = {argv[4], argv[0], argv[1], argv[2], el[1], enif_make_uint64(env, d->epoch),
-                                   enif_make_uint64(env, seq), argv[5]};
-            int room = !push(env, l, enif_make_tuple_from_array(env, rec, 8));
+            ERL_NIF_TERM rec[9] = {argv[4], argv[0], argv[1], argv[2], el[1], enif_make_uint64(env, d->epoch),
+                                   enif_make_uint64(env, seq), argv[5], enif_make_uint64(env, post)};
+            int room = !push(env, l, enif_make_tuple_from_array(env, rec, 9));
             pthread_mutex_unlock(&l->mu);
             if (room) {
                 atomic_fetch_add(&g_fast_sets, 1);
