@@ -288,6 +288,8 @@ publish(S, #{gen := Gen, replication := sync}) ->
         {S, E, Seq, Me, [Rep], Gen, F} = Row when Me =:= node(), F =< E ->
             case fast_allowed() andalso dspex_cluster_shipper:link(Rep) of
                 L when is_integer(L) ->
+                    %% the event log numbers the session's next event without its backend
+                    _ = dspex_events:last_sequence(S),
                     ok = dspex_nif:repl_publish(S, E, Seq, Gen, L),
                     %% a fence (dspex_cluster_replica) or a failed record (the
                     %% shipper) changes the row, then unsettles: if it changed

@@ -351,6 +351,8 @@ DX_NIF(nif_repl_set) {
     dx_str key;
     /* a bad key or a big value: the writer's path (and its errors) */
     if (!dx_get_name(env, argv[1], &key, kbuf, DX_ATOM_TEXT) || dx_set_plain_big(env, argv[2])) return slow;
+    /* the log must number the set's event without asking its backend (the writer seeds it) */
+    if (!dx_events_known((const char *)b.data, b.size)) return slow;
     pthread_rwlock_rdlock(&g_desc_lock);
     rdesc *d = desc_find((const char *)b.data, b.size, sid_hash((const char *)b.data, b.size));
     if (!d) {
