@@ -1180,7 +1180,8 @@ concurrent_writes_are_batched_and_every_replica_converges(Config) ->
 %% one session at once (8 on x, 8 on a variable each): every set is
 %% acknowledged, each process sees its versions rise, x gets 1600 distinct
 %% versions, every set took the fast path (dspex_nif:repl_stats/0), and once
-%% the writers stop the replica holds exactly the owner's values and versions.
+%% the writers stop the replica holds exactly the owner's values and versions
+%% and the owner's event log (gapless, same sequences, types and values).
 fast_path_sets_of_one_session_reach_the_replica_in_commit_order(Config) ->
     Peers = start_cluster("dspex_fast", #{replicas => 1, replication => sync}),
     put(peers, Peers),
@@ -1203,6 +1204,10 @@ fast_path_sets_of_one_session_reach_the_replica_in_commit_order(Config) ->
     State = fun(P) -> [peer:call(P, ?MODULE, node_state, [S, atom_to_binary(K)]) || K <- [x | Keys]] end,
     ?assertEqual(State(PO), State(PR)),
     ?assertEqual({200, 1600}, hd(State(PR))),
+    %% the replica's event log follows the owner's (the records carry the sets' sequences)
+    OwnerLog = node_events(PO, S),
+    assert_gapless(OwnerLog),
+    ?assertEqual(same_events(OwnerLog), same_events(node_events(PR, S))),
     Config.
 
 %% Issue #21: a fast-path set is acknowledged only once the replica applied
