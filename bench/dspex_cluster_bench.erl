@@ -167,7 +167,7 @@ owned_writers(Prefix, N, Secs, Same) ->
     Ss = sessions(Prefix, N, Same, fun(S) -> element(1, dspex_cluster_writer:owners(S, dspex_cluster_members:view())) =:= node() end),
     [{S0, _} | _] = Ss,
     {_, [Rep]} = dspex_cluster_writer:owners(S0, dspex_cluster_members:view()),
-    Lag = fun() -> element(3, dspex_cluster_replica:row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
+    Lag = fun() -> element(3, dspex_cluster_replica:current_row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
     Link0 = link_stats(Rep),
     Parent = self(),
     Cpu0 = {cpu_ms(node()), cpu_ms(Rep)},

@@ -40,7 +40,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/4,
-         row/1, put_row/1, table/0, replace/2]).
+         row/1, current_row/1, put_row/1, table/0, replace/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
@@ -73,6 +73,18 @@ row(S) ->
     case ets:lookup(?TAB, S) of
         [R] -> R;
         [] -> {S, 0, 0, undefined, [], 0, 0}
+    end.
+
+%% @doc `row/1', with the seq this node's fast-path sets of the session
+%% reached when it owns it (`dspex_cluster_writer:fast_set/4' keeps it in the
+%% NIF's descriptor; the row catches up when the writer next acts): the
+%% session's version as of now, for what reports or labels it.
+-spec current_row(binary()) -> tuple().
+current_row(S) ->
+    {S, E, Seq, O, R, G, F} = Row = row(S),
+    case O =:= node() andalso dspex_nif:repl_info(S) of
+        {_, E, N, _} when N > Seq -> {S, E, N, O, R, G, F};
+        _ -> Row
     end.
 
 %% @doc Replaces the row of a session.
