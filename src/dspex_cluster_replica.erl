@@ -87,6 +87,9 @@ current_row(S) ->
         _ -> Row
     end.
 
+forget_fast(S, Owner) when Owner =/= node() -> dspex_nif:repl_forget(S);
+forget_fast(_, _) -> ok.
+
 %% @doc Replaces the row of a session.
 -spec put_row(tuple()) -> true.
 put_row({S, E, Seq, O, _, _, _} = R) ->
@@ -189,6 +192,8 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
                       Err -> Err
                   end,
             _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
+            %% another node owns it now: this node's fast-path descriptor goes
+            ok = forget_fast(S, Owner),
             {reply, Res, St}
     end;
 handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
@@ -207,6 +212,7 @@ handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
             _ = dspex_events:delete_copy(S, Reason),
             ok = dspex_events:forget_kept(S),
             put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
+            ok = forget_fast(S, Owner),
             {reply, ok, St}
     end;
 handle_call({apply, S, Epoch, Seq, Owner, P}, _From, St) ->

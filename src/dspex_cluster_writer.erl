@@ -286,7 +286,9 @@ hold(_) -> ok.
 publish(S, #{gen := Gen, replication := sync}) ->
     case dspex_cluster_replica:row(S) of
         {S, E, Seq, Me, [Rep], Gen, F} = Row when Me =:= node(), F =< E ->
-            case fast_allowed() andalso dspex_cluster_shipper:link(Rep) of
+            %% (a deleted session is not published again)
+            case fast_allowed() andalso element(1, dspex_nif:session_get(S)) =:= ok
+                andalso dspex_cluster_shipper:link(Rep) of
                 L when is_integer(L) ->
                     %% the event log numbers the session's next event without its backend
                     _ = dspex_events:last_sequence(S),
@@ -491,6 +493,8 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
              end,
     Post = dspex_events:last_sequence(S),
     _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
+    %% a deleted session's fast-path descriptor goes (its writer holds it: no set in flight)
+    _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_nif:repl_forget(S),
     Meta = #{session => S, op => F, module => M, replicas => Reps, mode => Mode},
     case with_events(S, Args, payload(Op, Args, Result), Pre, Post) of
         P when P =/= none, Mode =:= sync, Reps =/= [] ->

@@ -220,8 +220,14 @@ DX_NIF(nif_repl_publish) {
         !enif_get_uint64(env, argv[3], &gen) || !get_link(env, argv[4], &l) || !enif_get_int(env, argv[4], &lid))
         return enif_make_badarg(env);
     uint64_t h = sid_hash((const char *)b.data, b.size);
-    pthread_rwlock_wrlock(&g_desc_lock);
+    /* an existing entry under the read lock (the fast path's sets go on); a new one under the write lock */
+    pthread_rwlock_rdlock(&g_desc_lock);
     rdesc *d = desc_find((const char *)b.data, b.size, h);
+    if (!d) {
+        pthread_rwlock_unlock(&g_desc_lock);
+        pthread_rwlock_wrlock(&g_desc_lock);
+        d = desc_find((const char *)b.data, b.size, h);
+    }
     if (!d) {
         if (!(d = calloc(1, sizeof *d + b.size))) {
             pthread_rwlock_unlock(&g_desc_lock);
