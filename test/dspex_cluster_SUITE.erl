@@ -33,7 +33,8 @@
 -export([fast_path_sets_of_one_session_reach_the_replica_in_commit_order/1,
          a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it/1,
          a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions/1,
-         sets_checking_the_replica/4, set_and_last_write/3]).
+         fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it/1,
+         sets_checking_the_replica/4, set_and_last_write/3, fast_writers_start/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, restart_node/2, partition_third/1, restore_cookies/1,
          check_history/1, run_kill_test/2]).
 
@@ -56,6 +57,7 @@ all() ->
      fast_path_sets_of_one_session_reach_the_replica_in_commit_order,
      a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it,
      a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions,
+     fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover].
@@ -1260,6 +1262,56 @@ a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions(Config)
     {ok, [NewRep]} = {ok, element(2, dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])))},
     [?assertEqual({61, 61}, peer:call(peer_of(N, Peers), ?MODULE, node_state, [S, <<"x">>])) || N <- [Target, NewRep]],
     Config.
+
+%% Issue #21: the kill -9 test for the fast path. 16 processes on the owner
+%% set 16 variables of one session (every set on the fast path) and report
+%% each acknowledgement to a collector on another node; the owner is killed.
+%% Every version acknowledged before the kill is on the new owner (nothing
+%% acknowledged is lost), and writes go on there from the next version.
+fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it(Config) ->
+    Peers = start_cluster("dspex_fastkill", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"fastkill_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, _Rep} = session_with_x(PA, S),
+    PO = peer_of(Owner, Peers),
+    [{Watcher, PW} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    Keys = [list_to_atom("k" ++ integer_to_list(I)) || I <- lists:seq(1, 16)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0]) || K <- Keys],
+    ok = peer:call(PW, ?MODULE, collector_start, [fastkill_c]),
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ok = peer:call(PO, ?MODULE, fast_writers_start, [S, Keys, {fastkill_c, Watcher}]),
+    ok = wait_until(fun() -> length(peer:call(PW, ?MODULE, collected, [fastkill_c])) >= 16 * 30 end, 30000,
+                    acks_before_kill),
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assert(F1 - F0 >= 16 * 30),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PW)) end, 10000, owner_gone),
+    Acked = peer:call(PW, ?MODULE, collected, [fastkill_c]),
+    ?assertEqual([], [E || {err, _, _} = E <- Acked]),
+    MaxAcked = lists:foldl(fun({acked, K, V}, M) -> maps:update_with(K, fun(W) -> max(V, W) end, V, M) end, #{},
+                           Acked),
+    ?assertEqual(16, map_size(MaxAcked)),
+    Now = maps:from_list([{K, V} || K <- Keys,
+                                    {ok, #{version := V}} <- [peer:call(PW, dspex_store, get, [S, K])]]),
+    ct:pal("fast-path kill: ~p acknowledged before the kill; highest acked ~p; on the new owner ~p",
+           [length(Acked), MaxAcked, Now]),
+    ?assertEqual([], [{K, A, maps:get(K, Now, none)} || {K, A} <- maps:to_list(MaxAcked),
+                                                         not (maps:get(K, Now, 0) >= A)]),
+    [?assertEqual({ok, maps:get(K, Now) + 1}, peer:call(PW, dspex_store, set, [S, K, -1])) || K <- Keys],
+    Config.
+
+%% 16 processes on this node setting S.K (one key each) 1, 2, ... until an
+%% error, each acknowledgement sent to `To' (`{acked, K, Version}').
+fast_writers_start(S, Keys, To) ->
+    [spawn(fun() -> fast_writer(S, K, 1, To) end) || K <- Keys],
+    ok.
+
+fast_writer(S, K, V, To) ->
+    case dspex_store:set(S, K, V) of
+        {ok, Ver} -> To ! {acked, K, Ver}, fast_writer(S, K, V + 1, To);
+        E -> To ! {err, K, E}
+    end.
 
 set_and_last_write(S, K, V) ->
     R = dspex_store:set(S, K, V),
