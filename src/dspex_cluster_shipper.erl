@@ -181,10 +181,21 @@ ship(Node, Rec) ->
                    end;
                L -> L
            end,
-    case Link =/= undefined andalso dspex_nif:repl_push(Link, Rec) of
+    case Link =/= undefined andalso push(Link, Rec) of
         ok -> ok;
         full -> _ = settle(Rec, {error, replica_slow}), ok;
+        false ->
+            %% no native queue for the link (its shipper could not open one,
+            %% or none runs): the shipper's mailbox, as before the fast path
+            try name(Node) ! {rec, Rec}, ok
+            catch error:badarg -> _ = settle(Rec, {error, replica_unavailable}), ok
+            end;
         _ -> _ = settle(Rec, {error, replica_unavailable}), ok
+    end.
+
+push(Link, Rec) ->
+    try dspex_nif:repl_push(Link, Rec)
+    catch error:badarg -> down   % the library was reloaded: no such link there
     end.
 
 %% @doc The link id of the shipper to `Node' (`undefined' while none runs):
@@ -205,8 +216,12 @@ init({Node, TimeoutMs}) ->
     put(dspex_cluster_local, true),
     %% records queued for a previous shipper of the link fail (their writers
     %% are answered; a fast-path caller already saw that shipper go down)
-    {ok, Link, Old} = dspex_nif:repl_link_open(Node),
-    _ = [settle(record(Node, R), {error, replica_unavailable}) || R <- Old],
+    Link = case dspex_nif:repl_link_open(Node) of
+               {ok, L, Old} ->
+                   _ = [settle(record(Node, R), {error, replica_unavailable}) || R <- Old],
+                   L;
+               {error, _} -> undefined   % records come by message, no fast path on this link
+           end,
     {ok, #{node => Node, link => Link, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
            mon => undefined, tick => false,
            batches => 0, records => 0, max_batch => 0, failed => 0}}.
@@ -221,7 +236,9 @@ handle_call(_, _From, St) ->
 handle_cast(_, St) -> {noreply, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
-handle_info(dspex_repl_wake, #{link := Link, node := Node} = St) ->
+handle_info({rec, Rec}, St) ->
+    {noreply, post(enqueue(Rec, St))};
+handle_info(dspex_repl_wake, #{link := Link, node := Node} = St) when Link =/= undefined ->
     %% the link's native queue went non-empty: everything in it, in order
     St1 = lists:foldl(fun(R, Acc) -> enqueue(record(Node, R), Acc) end, St, dspex_nif:repl_drain(Link)),
     {noreply, post(St1)};

@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RL_MAX_LINKS 64
+#define RL_MAX_LINKS 1024 /* replica nodes ever linked to in the VM's life */
 #define RL_MAX_QUEUE 65536
 #define RL_DRAIN_NORMAL 2048 /* more records than this are copied on a dirty scheduler */
 #define RD_BUCKETS 4096
