@@ -3,8 +3,14 @@
 %%
 %% The writers (`dspex_cluster_writer', any session) commit a change locally
 %% and hand its replication record `{Ack, Session, Epoch, Seq, Payload}' to
-%% the shipper of every replica node of the session (`ship/2', a local
-%% message), then go on with the next write: the caller's answer waits in the
+%% the shipper of every replica node of the session (`ship/2': the link's
+%% native queue, `dspex_nif:repl_push/2'; by message when the link has none),
+%% then go on with the next write. A plain set made on the owner of a settled
+%% session appends its record to the same queue from the set NIF itself, in
+%% the commit's critical section (the fast path, see
+%% `dspex_cluster_writer:fast_set/4'), and its caller waits for this shipper's
+%% answer. The first record of an empty queue wakes the shipper
+%% (`dspex_repl_wake'); it drains the queue with one NIF call, in order: the caller's answer waits in the
 %% record (one replica) or in the pending table (several: `register_write/8'). The shipper sends what it collected as ONE
 %% message (a batch) to the replica node's `dspex_cluster_receiver'; while a
 %% batch is in flight the next one fills. At most `?WINDOW' batches are in

@@ -17,6 +17,14 @@
 %% shipper's error. `async': one cast per replica, the caller is answered at
 %% once (a replica that missed changes asks for a full copy).
 %%
+%% The fast path (issue #21): once a write left the session settled here
+%% (sync, one replica, no strong reads, no regions), the writer publishes a
+%% native descriptor of it, and a plain `dspex_store:set' made on this node
+%% runs the set NIF itself, which commits and queues the replication record
+%% in one critical section (`fast_set/4'); before the writer does anything
+%% for the session it unsettles the descriptor (`hold/1'), so its own writes
+%% and the fast path's never interleave.
+%%
 %% A write is `{Module, Function}' with its arguments (see
 %% `dspex_cluster:class/2'): `dspex_store' writes are replayed on the replicas
 %% (`set' and friends with the version they reached), `dspex_acl:set_rate_limit'
