@@ -289,9 +289,12 @@ hold(_) -> ok.
 %% node owns it settled under view `V', with sync replication to one replica
 %% whose shipper runs, and nothing the set NIF cannot do alone is configured:
 %% no strong reads (leases to revoke before a commit), no regions (a backup
-%% region gets every change from the writer). With the event log on, the
+%% region gets every change from the writer), and the static ownership
+%% backend (its quorum follows from the view, whose generation the fast path
+%% checks; etcd's depends on a lease that can lapse at any time, which only
+%% the writer's checks see). With the event log on, the
 %% record carries the sequence of the set's event (the replicas' logs follow).
-publish(S, #{gen := Gen, replication := sync}) ->
+publish(S, #{gen := Gen, replication := sync, backend := dspex_owner_static}) ->
     case dspex_cluster_replica:row(S) of
         {S, E, Seq, Me, [Rep], Gen, F} = Row when Me =:= node(), F =< E ->
             %% (a deleted session is not published again)
