@@ -63,10 +63,11 @@ main(Parts) ->
          Base = proplists:get_value({N, Same}, [{{A, B}, C} || {A, B, C} <- SingleN]),
          io:format("  ~2b writer(s), ~-14s ~9b writes/s  single node ~9b/s  (~.3fx)  p50 ~b us  p99 ~b us"
                    "  replica lag mean ~.2f max ~b versions, drain ~b ms, ~s"
-                   "  CPU per write: owner ~.1f us, replica ~.1f us~n",
+                   "  CPU per write: owner ~.1f us, replica ~.1f us, fast path ~b%~n",
                    [N, case Same of diff -> "own sessions"; same -> "one session" end, round(R), round(Base),
                     R / Base, maps:get(p50, M), maps:get(p99, M), maps:get(lag_mean, M), maps:get(lag_max, M),
-                    maps:get(drain_ms, M), maps:get(link, M), maps:get(cpu_owner_us, M), maps:get(cpu_replica_us, M)])
+                    maps:get(drain_ms, M), maps:get(link, M), maps:get(cpu_owner_us, M), maps:get(cpu_replica_us, M),
+                    maps:get(fast_pct, M)])
      end || {N, Same, _} <- OwnedN],
     Row("cluster, 1 writer on another node (forwarded)", Remote1, Single1),
     Row("cluster, 4 writers on another node, 4 sessions", Remote4, Single4),
@@ -167,10 +168,11 @@ owned_writers(Prefix, N, Secs, Same) ->
     Ss = sessions(Prefix, N, Same, fun(S) -> element(1, dspex_cluster_writer:owners(S, dspex_cluster_members:view())) =:= node() end),
     [{S0, _} | _] = Ss,
     {_, [Rep]} = dspex_cluster_writer:owners(S0, dspex_cluster_members:view()),
-    Lag = fun() -> element(3, dspex_cluster_replica:row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
+    Lag = fun() -> element(3, dspex_cluster_replica:current_row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
     Link0 = link_stats(Rep),
     Parent = self(),
     Cpu0 = {cpu_ms(node()), cpu_ms(Rep)},
+    Fast0 = fast_sets(),
     Sampler = spawn_link(fun() -> Parent ! {lag, sample(Lag, [])} end),
     {Rate, Lats} = run(Ss, Secs, true, fun() -> Sampler ! stop end),
     Lags = receive {lag, L} -> L end,
@@ -183,6 +185,9 @@ owned_writers(Prefix, N, Secs, Same) ->
     Writes = max(1, round(Rate * Secs)),
     CpuOwner = (cpu_ms(node()) - element(1, Cpu0)) * 1000 / Writes,
     CpuRep = (cpu_ms(Rep) - element(2, Cpu0)) * 1000 / Writes,
+    %% the share of the writes the owner's fast path took (issue #21: the set
+    %% NIF queued their replication record, no writer hop)
+    FastPct = round(100 * (fast_sets() - Fast0) / Writes),
     Link = case {Link0, link_stats(Rep)} of
                {#{batches := B0, records := R0}, #{batches := B1, records := R1, max_batch := MaxB}} when B1 > B0 ->
                    io_lib:format("~.1f records/batch (largest ~b)", [(R1 - R0) / (B1 - B0), MaxB]);
@@ -192,7 +197,11 @@ owned_writers(Prefix, N, Secs, Same) ->
     Pct = fun(P) -> element(max(1, round(P * tuple_size(Sorted))), Sorted) end,
     #{rate => Rate, p50 => Pct(0.50), p99 => Pct(0.99), lag_mean => lists:sum(Lags) / max(1, length(Lags)),
       lag_max => lists:max([0 | Lags]), drain_ms => Drain, link => Link,
-      cpu_owner_us => CpuOwner, cpu_replica_us => CpuRep}.
+      cpu_owner_us => CpuOwner, cpu_replica_us => CpuRep, fast_pct => FastPct}.
+
+%% Sets the owner's fast path took so far (0 on code without it).
+fast_sets() ->
+    try element(1, dspex_nif:repl_stats()) catch error:undef -> 0 end.
 
 %% The CPU time (user and system, every scheduler and thread) the emulator of
 %% `Node' used so far, ms.

@@ -349,7 +349,7 @@ fill_here(S, Node, Strong) ->
             Lease = grant(S, Node, Strong),
             %% the version first, then the cut: the cut holds every commit up
             %% to it, and every later commit finds Node registered
-            {S, E, Seq, _, _, _, _} = dspex_cluster_replica:row(S),
+            {S, E, Seq, _, _, _, _} = dspex_cluster_replica:current_row(S),
             case dspex_nif:export_session(S) of
                 {ok, Export} -> {filled, E, Seq, node(), Export, Lease};
                 {error, _} = Err ->
@@ -368,7 +368,7 @@ version_here(S, Node, Strong) ->
         true ->
             true = ets:insert(?REGS, {S, Node}),
             Lease = grant(S, Node, Strong),
-            {S, E, Seq, _, _, _, _} = dspex_cluster_replica:row(S),
+            {S, E, Seq, _, _, _, _} = dspex_cluster_replica:current_row(S),
             {version, E, Seq, node(), Lease}
     end.
 

@@ -364,7 +364,7 @@ write(S, Op, Args, Deadline, Target0) ->
             case Owner =:= node() orelse lists:member(Owner, nodes()) of
                 false -> unreachable(S, Op, Args, Deadline, V, Target0, fun write/5);
                 true ->
-                    try gen_server:call({dspex_cluster_writer:name(S), Owner}, {write, S, Op, Args}, ?CALL_TIMEOUT) of
+                    try call_writer(S, Op, Args, Owner, V) of
                         {{error, {not_owner, Next}}, _, _} ->
                             again(S, Op, Args, Deadline, Next, redirect, fun write/5);
                         {{error, {retry, contended}}, _, _} ->
@@ -398,6 +398,19 @@ write(S, Op, Args, Deadline, Target0) ->
                     end
             end
     end.
+
+%% A write on the owner: a plain set of a session this node owns settled
+%% takes the fast path (the set NIF commits and queues its replication record,
+%% see dspex_cluster_writer:fast_set/4); anything else, or a session not
+%% settled, goes through the session's writer.
+call_writer(S, {dspex_store, set} = Op, [S, K, Val, Opts] = Args, Owner, #{gen := Gen})
+  when Owner =:= node(), Opts =:= #{} ->
+    case dspex_cluster_writer:fast_set(S, K, Val, Gen) of
+        slow -> gen_server:call(dspex_cluster_writer:name(S), {write, S, Op, Args}, ?CALL_TIMEOUT);
+        Reply -> Reply
+    end;
+call_writer(S, Op, Args, Owner, _V) ->
+    gen_server:call({dspex_cluster_writer:name(S), Owner}, {write, S, Op, Args}, ?CALL_TIMEOUT).
 
 read(S, Op, Args, Local, Deadline, Target0) ->
     V = dspex_cluster_members:view(),

@@ -40,7 +40,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/4,
-         row/1, put_row/1, table/0, replace/2]).
+         row/1, current_row/1, put_row/1, table/0, replace/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
@@ -75,6 +75,21 @@ row(S) ->
         [] -> {S, 0, 0, undefined, [], 0, 0}
     end.
 
+%% @doc `row/1', with the seq this node's fast-path sets of the session
+%% reached when it owns it (`dspex_cluster_writer:fast_set/4' keeps it in the
+%% NIF's descriptor; the row catches up when the writer next acts): the
+%% session's version as of now, for what reports or labels it.
+-spec current_row(binary()) -> tuple().
+current_row(S) ->
+    {S, E, Seq, O, R, G, F} = Row = row(S),
+    case O =:= node() andalso dspex_nif:repl_info(S) of
+        {_, E, N, _} when N > Seq -> {S, E, N, O, R, G, F};
+        _ -> Row
+    end.
+
+forget_fast(S, Owner) when Owner =/= node() -> dspex_nif:repl_forget(S);
+forget_fast(_, _) -> ok.
+
 %% @doc Replaces the row of a session.
 -spec put_row(tuple()) -> true.
 put_row({S, E, Seq, O, _, _, _} = R) ->
@@ -91,6 +106,11 @@ apply_change(S, Epoch, Seq, Owner, P) -> call(S, {apply, S, Epoch, Seq, Owner, P
 %% @doc `{Epoch, Seq, Fence, Present}' of the session here.
 -spec state(binary()) -> {non_neg_integer(), non_neg_integer(), non_neg_integer(), boolean()} | {error, timeout}.
 state(S) -> call(S, {state, S}).
+
+%% The seq this owner's fast-path sets reached (dspex_cluster_writer), when
+%% ahead of the row's.
+fast_seq({_, E, N, _}, E, Seq) when N > Seq -> N;
+fast_seq(_, _, Seq) -> Seq.
 
 %% @doc Refuses every later change from an epoch below `Epoch'; returns the state.
 -spec fence(binary(), pos_integer()) ->
@@ -128,9 +148,16 @@ init([]) ->
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call({state, S}, _From, St) ->
     {S, E, Seq, _, _, _, F} = row(S),
-    {reply, {E, Seq, F, present(S)}, St};
+    {reply, {E, fast_seq(dspex_nif:repl_info(S), E, Seq), F, present(S)}, St};
 handle_call({fence, S, Epoch}, _From, St) ->
-    {S, E, Seq, O, R, G, F} = row(S),
+    %% this node as the owner: no more fast-path sets (dspex_cluster_writer),
+    %% and the seq they reached counts
+    Fast = dspex_nif:repl_unsettle(S),
+    {S, E, Seq0, O, R, G, F} = row(S),
+    Seq = case Fast of
+              {E, N} when N > Seq0 -> N;
+              _ -> Seq0
+          end,
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
@@ -140,7 +167,13 @@ handle_call({fence, S, Epoch}, _From, St) ->
             {reply, {ok, {E, Seq, present(S)}}, St}
     end;
 handle_call({export, S}, _From, St) ->
-    {S, E, Seq, _, _, _, _} = row(S),
+    %% this node as the owner: the fast path stops, the seq it reached counts
+    Fast = dspex_nif:repl_unsettle(S),
+    {S, E, Seq0, _, _, _, _} = row(S),
+    Seq = case Fast of
+              {E, N} when N > Seq0 -> N;
+              _ -> Seq0
+          end,
     Exp = case dspex_store:export_session(S) of
               {ok, X} -> X#{dspex_vv => dspex_cache:vv(S)};   % its lineage travels with it
               {error, _} -> absent
@@ -159,6 +192,8 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
                       Err -> Err
                   end,
             _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
+            %% another node owns it now: this node's fast-path descriptor goes
+            ok = forget_fast(S, Owner),
             {reply, Res, St}
     end;
 handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
@@ -177,6 +212,7 @@ handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
             _ = dspex_events:delete_copy(S, Reason),
             ok = dspex_events:forget_kept(S),
             put_row({S, Epoch, 0, Owner, [], 0, Epoch}),
+            ok = forget_fast(S, Owner),
             {reply, ok, St}
     end;
 handle_call({apply, S, Epoch, Seq, Owner, P}, _From, St) ->

@@ -3,8 +3,14 @@
 %%
 %% The writers (`dspex_cluster_writer', any session) commit a change locally
 %% and hand its replication record `{Ack, Session, Epoch, Seq, Payload}' to
-%% the shipper of every replica node of the session (`ship/2', a local
-%% message), then go on with the next write: the caller's answer waits in the
+%% the shipper of every replica node of the session (`ship/2': the link's
+%% native queue, `dspex_nif:repl_push/2'; by message when the link has none),
+%% then go on with the next write. A plain set made on the owner of a settled
+%% session appends its record to the same queue from the set NIF itself, in
+%% the commit's critical section (the fast path, see
+%% `dspex_cluster_writer:fast_set/4'), and its caller waits for this shipper's
+%% answer. The first record of an empty queue wakes the shipper
+%% (`dspex_repl_wake'); it drains the queue with one NIF call, in order: the caller's answer waits in the
 %% record (one replica) or in the pending table (several: `register_write/8'). The shipper sends what it collected as ONE
 %% message (a batch) to the replica node's `dspex_cluster_receiver'; while a
 %% batch is in flight the next one fills. At most `?WINDOW' batches are in
@@ -47,7 +53,7 @@
 -module(dspex_cluster_shipper).
 -behaviour(gen_server).
 
--export([start_link/2, name/1, ship/2, register_write/8, stats/1, pending_table/0]).
+-export([start_link/2, name/1, ship/2, link/1, register_write/8, stats/1, pending_table/0]).
 -export([shipped_table/0, announce/3, withdraw/3, settled_at/3, await_committed/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
@@ -125,20 +131,39 @@ resolve(S, Epoch, Seq) ->
 -spec await_committed(binary(), integer()) -> ok | timeout.
 await_committed(S, Deadline) ->
     case ets:lookup(?SHIPPED, S) of
-        [{_, A, R}] when R < A -> await_committed(S, A, Deadline, 0);
+        [{_, A0, R}] ->
+            A = announced(S, A0),
+            case R < A of
+                true -> await_committed(S, A, Deadline, 0);
+                false -> ok
+            end;
         _ -> ok
+    end.
+
+%% The announced change: the writer's (the table), or the fast path's
+%% (dspex_nif:repl_set/6 announces in the commit's critical section), the later.
+announced(S, A) ->
+    case dspex_nif:repl_announced(S) of
+        none -> A;
+        N -> max(A, N)
     end.
 
 await_committed(S, Target, Deadline, N) ->
     case ets:lookup(?SHIPPED, S) of
         %% a withdrawn announcement lowers the target
-        [{_, A, R}] when R < Target, R < A ->
-            case erlang:monotonic_time(millisecond) >= Deadline of
-                true -> timeout;
-                false when N < 200 -> erlang:yield(), await_committed(S, Target, Deadline, N + 1);
-                false -> timer:sleep(1), await_committed(S, Target, Deadline, N + 1)
+        [{_, A0, R}] when R < Target ->
+            case R < announced(S, A0) of
+                false -> ok;
+                true -> await_more(S, Target, Deadline, N)
             end;
         _ -> ok
+    end.
+
+await_more(S, Target, Deadline, N) ->
+    case erlang:monotonic_time(millisecond) >= Deadline of
+        true -> timeout;
+        false when N < 200 -> erlang:yield(), await_committed(S, Target, Deadline, N + 1);
+        false -> timer:sleep(1), await_committed(S, Target, Deadline, N + 1)
     end.
 
 %% @doc Records a write whose caller `From' is answered once `Count' replicas
@@ -149,15 +174,40 @@ register_write(Id, Count, From, S, Epoch, Result, T0, Meta) ->
     ets:insert(?PENDING, {Id, Count, From, S, Epoch, Result, T0, Meta}).
 
 %% @doc Hands a replication record to the shipper of `Node' (never blocks).
+%% The record joins the link's native queue (`dspex_nif:repl_push/2'), where
+%% the fast path's records (`dspex_nif:repl_set/6') join too: one order per
+%% link, the commit order of each session.
 -spec ship(node(), record()) -> ok.
 ship(Node, Rec) ->
-    Name = case get({?MODULE, Node}) of
-               undefined -> N = name(Node), put({?MODULE, Node}, N), N;
-               N -> N
+    Link = case get({?MODULE, Node}) of
+               undefined ->
+                   case dspex_nif:repl_link_id(Node) of
+                       undefined -> undefined;
+                       L -> put({?MODULE, Node}, L), L   % a link's id never changes
+                   end;
+               L -> L
            end,
-    try Name ! {rec, Rec}, ok
-    catch error:badarg -> settle(Rec, {error, replica_unavailable})
+    case Link =/= undefined andalso push(Link, Rec) of
+        ok -> ok;
+        full -> _ = settle(Rec, {error, replica_slow}), ok;
+        false ->
+            %% no native queue for the link (its shipper could not open one,
+            %% or none runs): the shipper's mailbox, as before the fast path
+            try name(Node) ! {rec, Rec}, ok
+            catch error:badarg -> _ = settle(Rec, {error, replica_unavailable}), ok
+            end;
+        _ -> _ = settle(Rec, {error, replica_unavailable}), ok
     end.
+
+push(Link, Rec) ->
+    try dspex_nif:repl_push(Link, Rec)
+    catch error:badarg -> down   % the library was reloaded: no such link there
+    end.
+
+%% @doc The link id of the shipper to `Node' (`undefined' while none runs):
+%% what the session's writer publishes for the fast path.
+-spec link(node()) -> non_neg_integer() | undefined.
+link(Node) -> dspex_nif:repl_link_id(Node).
 
 %% @doc Counters of the link to `Node': `inflight' (batches), `queued'
 %% (records), `batches', `records' (sent), `max_batch' (records in the largest
@@ -170,7 +220,15 @@ stats(Node) -> gen_server:call(name(Node), stats).
 -spec init({node(), pos_integer()}) -> {ok, map()}.
 init({Node, TimeoutMs}) ->
     put(dspex_cluster_local, true),
-    {ok, #{node => Node, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
+    %% records queued for a previous shipper of the link fail (their writers
+    %% are answered; a fast-path caller already saw that shipper go down)
+    Link = case dspex_nif:repl_link_open(Node) of
+               {ok, L, Old} ->
+                   _ = [settle(record(Node, R), {error, replica_unavailable}) || R <- Old],
+                   L;
+               {error, _} -> undefined   % records come by message, no fast path on this link
+           end,
+    {ok, #{node => Node, link => Link, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
            mon => undefined, tick => false,
            batches => 0, records => 0, max_batch => 0, failed => 0}}.
 
@@ -184,16 +242,12 @@ handle_call(_, _From, St) ->
 handle_cast(_, St) -> {noreply, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
-handle_info({rec, Rec}, #{qlen := Q} = St) when Q >= ?MAX_QUEUE ->
-    settle(Rec, {error, replica_slow}),
-    {noreply, bump(failed, 1, St)};
-handle_info({rec, Rec}, #{queue := Qu, qlen := Q, posted := Posted, inflight := I} = St) ->
-    St1 = St#{queue := queue:in(Rec, Qu), qlen := Q + 1},
-    %% the records already in the mailbox join this one in the next batch
-    case Posted orelse map_size(I) >= ?WINDOW of
-        true -> {noreply, St1};
-        false -> self() ! flush, {noreply, St1#{posted := true}}
-    end;
+handle_info({rec, Rec}, St) ->
+    {noreply, post(enqueue(Rec, St))};
+handle_info(dspex_repl_wake, #{link := Link, node := Node} = St) when Link =/= undefined ->
+    %% the link's native queue went non-empty: everything in it, in order
+    St1 = lists:foldl(fun(R, Acc) -> enqueue(record(Node, R), Acc) end, St, dspex_nif:repl_drain(Link)),
+    {noreply, post(St1)};
 handle_info(flush, St) ->
     {noreply, send_batches(St#{posted := false})};
 handle_info({batch_done, No, Fails}, #{inflight := I, node := Node} = St) ->
@@ -222,6 +276,36 @@ handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
 handle_info(_, St) -> {noreply, St}.
 
 %%% batches ---------------------------------------------------------------------
+
+enqueue(Rec, #{qlen := Q} = St) when Q >= ?MAX_QUEUE ->
+    _ = settle(Rec, {error, replica_slow}),
+    bump(failed, 1, St);
+enqueue(Rec, #{queue := Qu, qlen := Q} = St) ->
+    St#{queue := queue:in(Rec, Qu), qlen := Q + 1}.
+
+%% the records still arriving meanwhile join these in the next batch
+post(#{posted := true} = St) -> St;
+post(#{inflight := I} = St) when map_size(I) >= ?WINDOW -> St;
+post(#{qlen := 0} = St) -> St;
+post(St) -> self() ! flush, St#{posted := true}.
+
+%% A record of the native queue: the writer's, or a set of the fast path
+%% (`dspex_nif:repl_set/6'), whose payload is made here, as the writer makes
+%% it, and whose change the nodes caching the session hear of here (the
+%% writer tells them itself, `dspex_cache:committed/4').
+record(_Node, {_, _, _, _, _} = Rec) -> Rec;
+record(Node, {From, S, K, V, Ver, E, Seq, T0, Post}) ->
+    Op = {op, set, [S, K, V, #{expected_version => Ver - 1}], {ok, Ver}},
+    %% with the event log on: the set logged event Post of the session, right
+    %% after Post - 1 (see dspex_cluster_writer:with_events/5); the events
+    %% logged outside the store's commits up to it travel with it
+    P = case Post of
+            0 -> Op;
+            _ -> {ev, Post - 1, Post, Op, dspex_events:take_kept(S, Post)}
+        end,
+    ok = dspex_cache:committed(S, E, Seq, P),
+    Meta = #{session => S, op => set, module => dspex_store, replicas => [Node], mode => sync, seq => Seq},
+    {{one, From, {ok, Ver}, T0, Meta}, S, E, Seq, P}.
 
 send_batches(#{qlen := 0} = St) -> St;
 send_batches(#{inflight := I} = St) when map_size(I) >= ?WINDOW -> St;
@@ -304,6 +388,8 @@ install_full(Node, {S, E}) ->
 %% One replica's answer for one record. Returns ok when nothing failed.
 settle({Ack, S, E, _, _}, {error, Why}) ->
     %% not acknowledged; the next write of the session re-establishes ownership
+    %% (through its writer: no more fast path until it does)
+    _ = dspex_nif:repl_unsettle(S),
     case dspex_cluster_replica:row(S) of
         {S, E, _, _, _, _, _} -> ets:update_element(dspex_cluster_replica:table(), S, {6, 0});
         _ -> ok

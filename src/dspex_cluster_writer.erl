@@ -17,6 +17,14 @@
 %% shipper's error. `async': one cast per replica, the caller is answered at
 %% once (a replica that missed changes asks for a full copy).
 %%
+%% The fast path (issue #21): once a write left the session settled here
+%% (sync, one replica, no strong reads, no regions), the writer publishes a
+%% native descriptor of it, and a plain `dspex_store:set' made on this node
+%% runs the set NIF itself, which commits and queues the replication record
+%% in one critical section (`fast_set/4'); before the writer does anything
+%% for the session it unsettles the descriptor (`hold/1'), so its own writes
+%% and the fast path's never interleave.
+%%
 %% A write is `{Module, Function}' with its arguments (see
 %% `dspex_cluster:class/2'): `dspex_store' writes are replayed on the replicas
 %% (`set' and friends with the version they reached), `dspex_acl:set_rate_limit'
@@ -25,7 +33,7 @@
 -module(dspex_cluster_writer).
 -behaviour(gen_server).
 
--export([start_link/1, name/1, owners/2, owners_memo/2]).
+-export([start_link/1, name/1, owners/2, owners_memo/2, fast_set/4]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
@@ -102,7 +110,21 @@ init([]) ->
     {ok, #{}}.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {noreply, map()}.
-handle_call({write, S, Op, Args}, From, St) ->
+handle_call(Msg, From, St) ->
+    %% no fast-path set of the session runs while its writer works on it
+    hold(case Msg of
+             {_, S0} -> S0;
+             {_, S0, _, _} -> S0;
+             _ -> none
+         end),
+    Reply = call(Msg, From, St),
+    _ = case {Msg, dspex_cluster_members:published_view()} of
+            {{write, S, _, _}, #{} = V} -> publish(S, V);
+            _ -> ok
+        end,
+    Reply.
+
+call({write, S, Op, Args}, From, St) ->
     case dspex_cluster_members:published_view() of
         undefined ->
             %% this node is starting: nothing written, the caller routes again
@@ -118,14 +140,14 @@ handle_call({write, S, Op, Args}, From, St) ->
                 {error, _} = E -> {reply, {E, 0, node()}, St}
             end
     end;
-handle_call({export_for, S}, _From, St) ->
+call({export_for, S}, _From, St) ->
     %% a replica missed changes of S (dspex_cluster_shipper): the session as
     %% of this owner's current {epoch, seq}
     case dspex_cluster_replica:row(S) of
         {S, E, Seq, Me, _, _, F} when Me =:= node(), F =< E -> {reply, {ok, E, Seq, local_export(S)}, St};
         _ -> {reply, {error, not_owner}, St}
     end;
-handle_call({ensure, S}, _From, St) ->
+call({ensure, S}, _From, St) ->
     case dspex_cluster_members:published_view() of
         undefined -> {reply, {error, {retry, replica_unavailable}}, St};
         V -> {reply, ensure_reply(S, V), St}
@@ -138,14 +160,22 @@ ensure_reply(S, V) ->
     end.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
-handle_cast({release_if_not_owner, S}, St) ->
+handle_cast({_, S} = Msg, St) when is_binary(S) ->
+    hold(S),
+    cast(Msg, St);
+handle_cast({_, S, _} = Msg, St) when is_binary(S) ->
+    hold(S),
+    cast(Msg, St);
+handle_cast(_, St) -> {noreply, St}.
+
+cast({release_if_not_owner, S}, St) ->
     %% ensure releases the backend's hold when this node is not the owner
     _ = case dspex_cluster_members:published_view() of
             undefined -> ok;
             V -> ensure(S, V)
         end,
     {noreply, St};
-handle_cast({expired, S}, St) ->
+cast({expired, S}, St) ->
     %% the sweeper removed a session this node owns: replicate the deletion,
     %% then stop owning it (the next access takes over again)
     case dspex_cluster_replica:row(S) of
@@ -163,22 +193,25 @@ handle_cast({expired, S}, St) ->
                     _ = dspex_region_shipper:committed(S, E, Seq + 1, P, none),
                     ok = dspex_cache:committed(S, E, Seq + 1),
                     dspex_cluster_watch:lost(S, ended),
-                    dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F});
+                    dspex_cluster_replica:put_row({S, E, Seq + 1, expired, Reps, G, F}),
+                    ok = dspex_nif:repl_forget(S);
                 true -> ok
             end;
         _ -> ok
     end,
     {noreply, St};
-handle_cast({reconcile, S, Attempt}, St) ->
+cast({reconcile, S, Attempt}, St) ->
     reconcile(S, Attempt),
     {noreply, St};
-handle_cast(_, St) -> {noreply, St}.
+cast(_, St) -> {noreply, St}.
 
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({reconcile, S, Attempt}, St) ->
+    hold(S),
     reconcile(S, Attempt),
     {noreply, St};
 handle_info({need_full, S, Node}, St) ->
+    hold(S),
     %% an async replica missed a change: send it the whole session
     case dspex_cluster_replica:row(S) of
         {S, E, Seq, Me, Reps, _, _} when Me =:= node() ->
@@ -195,6 +228,98 @@ handle_info({need_full, S, Node}, St) ->
     end,
     {noreply, St};
 handle_info(_, St) -> {noreply, St}.
+
+%%% the fast path (issue #21) -------------------------------------------------------
+
+%% @doc `dspex_store:set(S, K, V)' (no options) made by the caller itself on
+%% this node, the session's owner, when its writer published it as settled
+%% under view generation `Gen' (`publish/2'): the set NIF commits and appends
+%% the replication record to the replica link's native queue in one critical
+%% section (`dspex_nif:repl_set/6'), and the caller waits for the link's
+%% shipper to answer, as it waits for the writer otherwise: `{Reply, Epoch,
+%% node()}' like a write call, or `slow' (nothing done: go through the
+%% writer). The shipper going down is `{retry, replica_unavailable}'; no answer
+%% within 10 s `{retry, timeout}'.
+-spec fast_set(binary(), term(), term(), non_neg_integer()) -> slow | {term(), non_neg_integer(), node()}.
+fast_set(S, K, V, Gen) ->
+    Alias = alias(),
+    case dspex_nif:repl_set(S, K, V, Gen, {Alias, Alias}, erlang:monotonic_time()) of
+        {queued, Shipper, E, _Seq, _} ->
+            Mon = erlang:monitor(process, Shipper),
+            receive
+                {Alias, Reply} ->
+                    erlang:demonitor(Mon, [flush]),
+                    unalias(Alias),
+                    Reply;
+                {'DOWN', Mon, process, _, _} ->
+                    unalias(Alias),
+                    {{error, {retry, replica_unavailable}}, E, node()}
+            after ?RPC_TIMEOUT * 2 ->
+                erlang:demonitor(Mon, [flush]),
+                unalias(Alias),
+                %% an answer that came in meanwhile is dropped, later ones are never delivered
+                receive {Alias, _} -> ok after 0 -> ok end,
+                {{error, {retry, timeout}}, E, node()}
+            end;
+        {done, E, R} ->
+            unalias(Alias),
+            {R, E, node()};
+        slow ->
+            unalias(Alias),
+            slow
+    end.
+
+%% Before the writer does anything for `S': no fast-path set of it runs from
+%% now on (one in flight has committed and queued its record when this
+%% returns), and the row's seq catches up with the fast path's.
+hold(S) when is_binary(S) ->
+    case dspex_nif:repl_unsettle(S) of
+        none -> ok;
+        {E, NSeq} ->
+            case dspex_cluster_replica:row(S) of
+                {S, E, Seq, _, _, _, _} when Seq < NSeq ->
+                    true = ets:update_element(dspex_cluster_replica:table(), S, {3, NSeq}),
+                    ok;
+                _ -> ok
+            end
+    end;
+hold(_) -> ok.
+
+%% After a write: `S' takes the fast path (`fast_set/4') from now on when this
+%% node owns it settled under view `V', with sync replication to one replica
+%% whose shipper runs, and nothing the set NIF cannot do alone is configured:
+%% no strong reads (leases to revoke before a commit), no regions (a backup
+%% region gets every change from the writer), and the static ownership
+%% backend (its quorum follows from the view, whose generation the fast path
+%% checks; etcd's depends on a lease that can lapse at any time, which only
+%% the writer's checks see). With the event log on, the
+%% record carries the sequence of the set's event (the replicas' logs follow).
+publish(S, #{gen := Gen, replication := sync, backend := dspex_owner_static}) ->
+    case dspex_cluster_replica:row(S) of
+        {S, E, Seq, Me, [Rep], Gen, F} = Row when Me =:= node(), F =< E ->
+            %% (a deleted session is not published again)
+            case fast_allowed() andalso element(1, dspex_nif:session_get(S)) =:= ok
+                andalso dspex_cluster_shipper:link(Rep) of
+                L when is_integer(L) ->
+                    %% the event log numbers the session's next event without its backend
+                    _ = dspex_events:last_sequence(S),
+                    ok = dspex_nif:repl_publish(S, E, Seq, Gen, L),
+                    %% a fence (dspex_cluster_replica) or a failed record (the
+                    %% shipper) changes the row, then unsettles: if it changed
+                    %% before the publication, unsettle here
+                    case dspex_cluster_replica:row(S) of
+                        Row -> ok;
+                        _ -> _ = dspex_nif:repl_unsettle(S), ok
+                    end;
+                _ -> ok
+            end;
+        _ -> ok
+    end;
+publish(_, _) -> ok.
+
+fast_allowed() ->
+    not dspex_cache:strong_enabled()
+        andalso persistent_term:get({dspex_region, name}, undefined) =:= undefined.
 
 %%% ownership ---------------------------------------------------------------------
 
@@ -379,6 +504,8 @@ write(S, {M, F} = Op, Args, {Epoch, Seq, Reps}, #{replication := Mode}, From) ->
              end,
     Post = dspex_events:last_sequence(S),
     _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_cluster_watch:lost(S, ended),
+    %% a deleted session's fast-path descriptor goes (its writer holds it: no set in flight)
+    _ = Op =:= {dspex_store, delete_session} andalso Result =:= ok andalso dspex_nif:repl_forget(S),
     Meta = #{session => S, op => F, module => M, replicas => Reps, mode => Mode},
     case with_events(S, Args, payload(Op, Args, Result), Pre, Post) of
         P when P =/= none, Mode =:= sync, Reps =/= [] ->

@@ -17,6 +17,8 @@
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
          metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
 -export([replica_apply_batch/3]).
+-export([repl_link_open/1, repl_link_id/1, repl_drain/1, repl_push/2, repl_publish/5, repl_unsettle/1,
+         repl_forget/1, repl_info/1, repl_announced/1, repl_stats/0, repl_set/6]).
 -export([lock_token_floor/1, var_lock/6, lock_list/0]).
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
          events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1,
@@ -124,6 +126,39 @@ lock_token_floor(_Floor) -> ?NOT_LOADED.
           {{non_neg_integer(), non_neg_integer(), non_neg_integer()},
            [ok | {error, need_full | {stale_epoch, non_neg_integer()}}]}.
 replica_apply_batch(_Session, _State, _Sets) -> ?NOT_LOADED.
+
+%% The owner's replication fast path (issue #21, c_src/nif/repl_nif.c; see
+%% dspex_cluster_shipper and dspex_cluster_writer).
+%% The caller becomes the shipper of the link to Node: its id and the records
+%% queued for a previous shipper.
+-spec repl_link_open(node()) -> {ok, non_neg_integer(), [tuple()]} | {error, too_many_links}.
+repl_link_open(_Node) -> ?NOT_LOADED.
+-spec repl_link_id(node()) -> non_neg_integer() | undefined.
+repl_link_id(_Node) -> ?NOT_LOADED.
+%% The link's queued records, in append order.
+-spec repl_drain(non_neg_integer()) -> [tuple()].
+repl_drain(_Link) -> ?NOT_LOADED.
+-spec repl_push(non_neg_integer(), tuple()) -> ok | full | down.
+repl_push(_Link, _Rec) -> ?NOT_LOADED.
+%% Session settled at {Epoch, Seq} under view generation Gen, replicated over Link.
+-spec repl_publish(binary(), pos_integer(), non_neg_integer(), non_neg_integer(), non_neg_integer()) ->
+          ok | {error, enomem}.
+repl_publish(_S, _Epoch, _Seq, _Gen, _Link) -> ?NOT_LOADED.
+-spec repl_unsettle(binary()) -> {non_neg_integer(), non_neg_integer()} | none.
+repl_unsettle(_S) -> ?NOT_LOADED.
+-spec repl_forget(binary()) -> ok.
+repl_forget(_S) -> ?NOT_LOADED.
+-spec repl_info(binary()) ->
+          none | {boolean(), non_neg_integer(), non_neg_integer(), {non_neg_integer(), non_neg_integer()}}.
+repl_info(_S) -> ?NOT_LOADED.
+-spec repl_announced(binary()) -> {non_neg_integer(), non_neg_integer()} | none.
+repl_announced(_S) -> ?NOT_LOADED.
+%% {sets taken by the fast path, sets refused for a full link queue} since the library loaded.
+-spec repl_stats() -> {non_neg_integer(), non_neg_integer()}.
+repl_stats() -> ?NOT_LOADED.
+-spec repl_set(binary(), term(), term(), non_neg_integer(), {reference(), reference()}, integer()) ->
+          slow | {queued, pid(), pos_integer(), pos_integer(), {ok, pos_integer()}} | {done, non_neg_integer(), term()}.
+repl_set(_S, _Key, _Value, _Gen, _From, _T0) -> ?NOT_LOADED.
 %% var_lock/5 that also records Meta with the lock in the NIF's lock registry.
 -spec var_lock(binary(), term(), term(), non_neg_integer(), map(), term()) -> {ok, pos_integer()} | {error, term()}.
 var_lock(_S, _Key, _Holder, _Expect, _Opts, _Meta) -> ?NOT_LOADED.

@@ -30,6 +30,11 @@
          client_count/1, client_stop/0, client_stop/1, node_state/2, catch_apply/3]).
 -export([collector_start/1, collected/1, spawn_to/5, runs_start/0, runs_get/0, counted_writes/3]).
 -export([events_start/2, events_get/1, forward_event/4, read_as/4, parallel_sets/1]).
+-export([fast_path_sets_of_one_session_reach_the_replica_in_commit_order/1,
+         a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it/1,
+         a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions/1,
+         fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it/1,
+         sets_checking_the_replica/4, set_and_last_write/3, fast_writers_start/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, restart_node/2, partition_third/1, restore_cookies/1,
          check_history/1, run_kill_test/2]).
 
@@ -49,6 +54,10 @@ all() ->
      a_replica_that_diverged_gets_a_full_copy_before_the_ack,
      a_replica_node_dying_fails_its_batches_in_flight,
      a_replica_applies_a_run_of_sets_in_one_nif_call, a_write_ranks_the_nodes_once_per_view,
+     fast_path_sets_of_one_session_reach_the_replica_in_commit_order,
+     a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it,
+     a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions,
+     fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover].
@@ -1038,6 +1047,7 @@ a_read_returns_a_change_only_once_its_replicas_confirmed_it(Config) ->
     ok = peer:call(PT, ?MODULE, collector_start, [dirty_c]),
     RName = dspex_cluster_replica:name(S),
     ok = peer:call(PR, sys, suspend, [RName]),
+    {Fast0, _} = peer:call(PO, dspex_nif, repl_stats, []),
     ok = peer:call(PO, ?MODULE, spawn_to, [dirty_c, write, dspex_store, set, [S, x, 1]]),
     ok = wait_until(fun() -> peer:call(PO, ?MODULE, node_state, [S, <<"x">>]) =:= {1, 1} end, 4000, applied_on_owner),
     ok = peer:call(PO, ?MODULE, spawn_to, [dirty_c, read, dspex_store, get_value, [S, x]]),
@@ -1052,6 +1062,9 @@ a_read_returns_a_change_only_once_its_replicas_confirmed_it(Config) ->
     ?assertEqual([{read, {ok, 1}}, {write, {ok, 1}}], lists:sort(peer:call(PO, ?MODULE, collected, [dirty_c]))),
     ok = wait_until(fun() -> peer:call(PT, ?MODULE, collected, [dirty_c]) =/= [] end, 20000, routed_answer),
     ?assertEqual([{read, {ok, 1}}], peer:call(PT, ?MODULE, collected, [dirty_c])),
+    %% the write took the owner's fast path (issue #21: the set NIF queued its
+    %% record; the read index counted its announcement)
+    ?assertMatch({F, _} when F =:= Fast0 + 1, peer:call(PO, dspex_nif, repl_stats, [])),
     Config.
 
 %% Issue #14: no call of the cluster waits forever on a server that does not
@@ -1162,6 +1175,147 @@ concurrent_writes_are_batched_and_every_replica_converges(Config) ->
     [?assertEqual({101, 101}, peer:call(peer_of(N, Peers), ?MODULE, node_state, [S, <<"x">>]))
      || S <- Ss, N <- [Owner, R1, R2]],
     Config.
+
+%% Issue #21, the owner's fast path: a plain set of a session its owner holds
+%% settled is committed and queued for the replica by the set NIF in one
+%% critical section, without the writer's hop. 16 processes on the owner set
+%% one session at once (8 on x, 8 on a variable each): every set is
+%% acknowledged, each process sees its versions rise, x gets 1600 distinct
+%% versions, every set took the fast path (dspex_nif:repl_stats/0), and once
+%% the writers stop the replica holds exactly the owner's values and versions
+%% and the owner's event log (gapless, same sequences, types and values).
+fast_path_sets_of_one_session_reach_the_replica_in_commit_order(Config) ->
+    Peers = start_cluster("dspex_fast", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"fast_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, Rep} = session_with_x(PA, S),
+    PO = peer_of(Owner, Peers),
+    PR = peer_of(Rep, Peers),
+    Keys = [list_to_atom("k" ++ integer_to_list(I)) || I <- lists:seq(1, 8)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0]) || K <- Keys],
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    Jobs = [{S, x, lists:seq(1, 200)} || _ <- lists:seq(1, 8)] ++ [{S, K, lists:seq(1, 200)} || K <- Keys],
+    Results = peer:call(PO, ?MODULE, parallel_sets, [Jobs], 120000),
+    ?assertEqual([], [R || Rs <- Results, R <- Rs, element(1, R) =/= ok]),
+    [?assertEqual(lists:sort(Vs), Vs) || Rs <- Results, Vs <- [[V || {ok, V} <- Rs]]],
+    ?assertEqual(lists:seq(1, 1600), lists:sort(lists:append([[V || {ok, V} <- Rs] || Rs <- lists:sublist(Results, 8)]))),
+    [?assertEqual([{ok, V} || V <- lists:seq(1, 200)], Rs) || Rs <- lists:nthtail(8, Results)],
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual(3200, F1 - F0),
+    State = fun(P) -> [peer:call(P, ?MODULE, node_state, [S, atom_to_binary(K)]) || K <- [x | Keys]] end,
+    ?assertEqual(State(PO), State(PR)),
+    ?assertEqual({200, 1600}, hd(State(PR))),
+    %% the replica's event log follows the owner's (the records carry the sets' sequences)
+    OwnerLog = node_events(PO, S),
+    assert_gapless(OwnerLog),
+    ?assertEqual(same_events(OwnerLog), same_events(node_events(PR, S))),
+    Config.
+
+%% Issue #21: a fast-path set is acknowledged only once the replica applied
+%% it: after each acknowledgement the replica already has that version.
+a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it(Config) ->
+    Peers = start_cluster("dspex_fastack", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"fastack_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, Rep} = session_with_x(PA, S),
+    PO = peer_of(Owner, Peers),
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual([{V, V} || V <- lists:seq(1, 50)], peer:call(PO, ?MODULE, sets_checking_the_replica, [S, x, Rep, 50])),
+    ?assertMatch({F, _} when F =:= F0 + 50, peer:call(PO, dspex_nif, repl_stats, [])),
+    Config.
+
+%% Sets S.K to 1..N; after each acknowledgement, the replica's version of it.
+sets_checking_the_replica(S, K, Rep, N) ->
+    [begin
+         {ok, V} = dspex_store:set(S, K, I),
+         {_, RV} = erpc:call(Rep, ?MODULE, node_state, [S, atom_to_binary(K)]),
+         {V, RV}
+     end || I <- lists:seq(1, N)].
+
+%% Issue #21: a migration unsettles the old owner's fast path (the takeover
+%% fences it): a write made on the old owner afterwards goes through the new
+%% owner, and the versions go on with none lost or repeated; the new owner
+%% takes the fast path for its own writes.
+a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions(Config) ->
+    Peers = start_cluster("dspex_fastmig", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"fastmig_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, _Rep} = session_with_x(PA, S),
+    PO = peer_of(Owner, Peers),
+    ?assertEqual([{ok, V} || V <- lists:seq(1, 20)], [peer:call(PO, dspex_store, set, [S, x, V]) || V <- lists:seq(1, 20)]),
+    ?assertMatch({true, _, _, _}, peer:call(PO, dspex_nif, repl_info, [S])),
+    [Target | _] = [N || {N, _} <- Peers, N =/= Owner],
+    PT = peer_of(Target, Peers),
+    {ok, #{epoch := Epoch}} = peer:call(PA, dspex_cluster, migrate_session, [S, Target]),
+    %% unsettled by the fence (or gone: the old owner holds a copy of the new owner's now)
+    ?assertNotMatch({true, _, _, _}, peer:call(PO, dspex_nif, repl_info, [S])),
+    ?assertEqual({{ok, 21}, {Epoch, Target}}, peer:call(PO, ?MODULE, set_and_last_write, [S, x, 21])),
+    {FT0, _} = peer:call(PT, dspex_nif, repl_stats, []),
+    Acks = lists:append([[peer:call(PO, dspex_store, set, [S, x, V]), peer:call(PT, dspex_store, set, [S, x, V + 1])]
+                         || V <- lists:seq(22, 60, 2)]),
+    ?assertEqual([{ok, V} || V <- lists:seq(22, 61)], Acks),
+    {FT1, _} = peer:call(PT, dspex_nif, repl_stats, []),
+    ?assert(FT1 - FT0 >= 19),
+    {ok, [NewRep]} = {ok, element(2, dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])))},
+    [?assertEqual({61, 61}, peer:call(peer_of(N, Peers), ?MODULE, node_state, [S, <<"x">>])) || N <- [Target, NewRep]],
+    Config.
+
+%% Issue #21: the kill -9 test for the fast path. 16 processes on the owner
+%% set 16 variables of one session (every set on the fast path) and report
+%% each acknowledgement to a collector on another node; the owner is killed.
+%% Every version acknowledged before the kill is on the new owner (nothing
+%% acknowledged is lost), and writes go on there from the next version.
+fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it(Config) ->
+    Peers = start_cluster("dspex_fastkill", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"fastkill_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, _Rep} = session_with_x(PA, S),
+    PO = peer_of(Owner, Peers),
+    [{Watcher, PW} | _] = [X || {N, _} = X <- Peers, N =/= Owner],
+    Keys = [list_to_atom("k" ++ integer_to_list(I)) || I <- lists:seq(1, 16)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0]) || K <- Keys],
+    ok = peer:call(PW, ?MODULE, collector_start, [fastkill_c]),
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ok = peer:call(PO, ?MODULE, fast_writers_start, [S, Keys, {fastkill_c, Watcher}]),
+    ok = wait_until(fun() -> length(peer:call(PW, ?MODULE, collected, [fastkill_c])) >= 16 * 30 end, 30000,
+                    acks_before_kill),
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assert(F1 - F0 >= 16 * 30),
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> not lists:member(Owner, live(PW)) end, 10000, owner_gone),
+    Acked = peer:call(PW, ?MODULE, collected, [fastkill_c]),
+    ?assertEqual([], [E || {err, _, _} = E <- Acked]),
+    MaxAcked = lists:foldl(fun({acked, K, V}, M) -> maps:update_with(K, fun(W) -> max(V, W) end, V, M) end, #{},
+                           Acked),
+    ?assertEqual(16, map_size(MaxAcked)),
+    Now = maps:from_list([{K, V} || K <- Keys,
+                                    {ok, #{version := V}} <- [peer:call(PW, dspex_store, get, [S, K])]]),
+    ct:pal("fast-path kill: ~p acknowledged before the kill; highest acked ~p; on the new owner ~p",
+           [length(Acked), MaxAcked, Now]),
+    ?assertEqual([], [{K, A, maps:get(K, Now, none)} || {K, A} <- maps:to_list(MaxAcked),
+                                                         not (maps:get(K, Now, 0) >= A)]),
+    [?assertEqual({ok, maps:get(K, Now) + 1}, peer:call(PW, dspex_store, set, [S, K, -1])) || K <- Keys],
+    Config.
+
+%% 16 processes on this node setting S.K (one key each) 1, 2, ... until an
+%% error, each acknowledgement sent to `To' (`{acked, K, Version}').
+fast_writers_start(S, Keys, To) ->
+    [spawn(fun() -> fast_writer(S, K, 1, To) end) || K <- Keys],
+    ok.
+
+fast_writer(S, K, V, To) ->
+    case dspex_store:set(S, K, V) of
+        {ok, Ver} -> To ! {acked, K, Ver}, fast_writer(S, K, V + 1, To);
+        E -> To ! {err, K, E}
+    end.
+
+set_and_last_write(S, K, V) ->
+    R = dspex_store:set(S, K, V),
+    {R, dspex_cluster:last_write()}.
 
 %% Issue #21: a replica applies the consecutive sets of a session that a
 %% batch brings in one NIF call (dspex_nif:replica_apply_batch/3), not one

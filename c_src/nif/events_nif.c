@@ -143,6 +143,27 @@ static void batch_flush(dx_evq *q) {
     t_batch.on = false;
 }
 
+/* The session sequence the last event this thread queued one at a time got
+ * (0: none since dx_events_take_pushed): the replication fast path
+ * (repl_nif.c) ships it with the set that logged it. */
+static _Thread_local uint64_t t_pushed;
+uint64_t dx_events_take_pushed(void) {
+    uint64_t s = t_pushed;
+    t_pushed = 0;
+    return s;
+}
+
+/* 1 when the log is off, or knows the session's last sequence (its next
+ * event is numbered after it without asking the backend); 0 otherwise (the
+ * first event would have to seed it: dspex_events:last_sequence/1 does). */
+int dx_events_known(const char *session, size_t len) {
+    atomic_fetch_add(&g_inflight, 1);
+    dx_evq *q = atomic_load(&g_q);
+    int k = !q || dx_evq_known(q, session, len);
+    atomic_fetch_sub(&g_inflight, 1);
+    return k;
+}
+
 /* Queues one event, or adds it to the batch being collected. */
 static int push_one(dx_evq *q, const dx_ev_in *in) {
     if (t_batch.on) {
@@ -159,7 +180,10 @@ static int push_one(dx_evq *q, const dx_ev_in *in) {
         t_batch.ins[t_batch.n++] = *in;
         return 0;
     }
-    return dx_evq_push(q, in, NULL) ? 0 : -1;
+    uint64_t seq = 0;
+    int rc = dx_evq_push(q, in, &seq) ? 0 : -1;
+    t_pushed = rc ? 0 : seq;
+    return rc;
 }
 
 static _Thread_local bool t_mute; /* events_session_delete(_, silent) */

@@ -12,6 +12,10 @@ void dx_events_principal(dx_str id);
 /* The durability of the write the calling NIF has just committed (see events_nif.c): result, or
  * {event_wait, sync | backpressure, result, Wait} for dspex_events:settle/3. */
 ERL_NIF_TERM dx_events_settle(ErlNifEnv *env, ERL_NIF_TERM opts, ERL_NIF_TERM result);
+/* The session sequence of the last event the calling thread queued (0: none, or the log is off), cleared. */
+uint64_t dx_events_take_pushed(void);
+/* 1: the log is off or knows the session's last sequence; 0: its next event would need seeding first. */
+int dx_events_known(const char *session, size_t len);
 
 DX_NIF(nif_events_open); DX_NIF(nif_events_close); DX_NIF(nif_events_append); DX_NIF(nif_events_await);
 DX_NIF(nif_events_read); DX_NIF(nif_events_stats); DX_NIF(nif_events_put_snapshot);

@@ -77,6 +77,12 @@ DX_NIF(nif_session_get_rate);
 DX_NIF(nif_sched_stats); DX_NIF(nif_rawbuf_debug);
 DX_NIF(nif_cache_get); DX_NIF(nif_cache_get_value); DX_NIF(nif_cache_arm); DX_NIF(nif_cache_take_ref);
 DX_NIF(nif_cache_clock); DX_NIF(nif_cache_gen); DX_NIF(nif_cache_hits); DX_NIF(nif_cache_config); DX_NIF(nif_cache_info);
+/* replication fast path (repl_nif.c; the set itself in store_nif.c) */
+DX_NIF(nif_repl_link_open); DX_NIF(nif_repl_link_id); DX_NIF(nif_repl_drain); DX_NIF(nif_repl_publish);
+DX_NIF(nif_repl_unsettle); DX_NIF(nif_repl_forget); DX_NIF(nif_repl_info); DX_NIF(nif_repl_announced);
+DX_NIF(nif_repl_stats); DX_NIF(nif_repl_set); DX_NIF(nif_repl_push);
+int dx_set_plain_big(ErlNifEnv *env, ERL_NIF_TERM value);
+ERL_NIF_TERM dx_set_plain(ErlNifEnv *env, ERL_NIF_TERM sidt, ERL_NIF_TERM keyt, ERL_NIF_TERM valt, dx_notify_ctx *nc);
 /* optimizer kernels (opt_nif.c) */
 DX_NIF(nif_opt_ask);
 #endif

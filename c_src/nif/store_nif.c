@@ -954,6 +954,46 @@ static ERL_NIF_TERM nif_var_set_settled(ErlNifEnv *env, int argc, const ERL_NIF_
     return timed(DX_NATIVE_SET, var_set_settle, env, argc, argv);
 }
 
+/* ---- owner: the replication fast path's set (repl_nif.c, issue #21) ------ */
+
+/* True when set(_, _, Value, _) would move to a dirty scheduler: the fast path leaves it to the writer. */
+int dx_set_plain_big(ErlNifEnv *env, ERL_NIF_TERM value) { return big_input(env, value); }
+
+/* set(Session, Key, Value, #{}) as var_set makes it, inside the caller's critical section: the reply
+ * ({ok, Version} or the error); the watch messages are queued on nc (the caller passes nc to
+ * dx_watch_finish outside its locks). Bad arguments are {error, badarg}-free: badarg terms. */
+ERL_NIF_TERM dx_set_plain(ErlNifEnv *env, ERL_NIF_TERM sidt, ERL_NIF_TERM keyt, ERL_NIF_TERM valt, dx_notify_ctx *nc) {
+    char kbuf[DX_ATOM_TEXT], err[DX_ERRLEN];
+    dx_str key, sid;
+    if (!get_key(env, keyt, &key, kbuf) || !get_sid(env, sidt, &sid)) return enif_make_badarg(env);
+    set_opts_buf ob;
+    memset(&ob, 0, sizeof ob);
+    dx_rawbuf b;
+    ERL_NIF_TERM r;
+    dx_ebr_enter();
+    dx_session *s = dx_session_find(sid, dx_now_ms());
+    dx_var *v = s ? dx_var_find(s, key) : NULL;
+    if (!s) {
+        r = dx_error(env, ATOM_session_not_found);
+    } else if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {
+        r = dx_error(env, ATOM_rate_limited);
+        dx_audit(env, ATOM_dspex_rate_limited, sidt, keyt, &ob.principal, 0);
+    } else if (!v) {
+        r = dx_error2(env, ATOM_not_found, keyt);
+    } else if (dx_term_to_raw(env, valt, &b, dx_store_limits().max_value_bytes)) {
+        dx_rawbuf_free(&b);
+        r = dx_error(env, ATOM_enomem);
+    } else {
+        dx_value val;
+        if (b.too_big) r = dx_limit_error(env, DX_L_VALUE_SIZE);
+        else if (dx_value_check(v->type, v->cons, &b.raw, &val, err, sizeof err)) r = dx_error_msg(env, ATOM_invalid_value, err);
+        else r = do_set(env, s, v, sidt, keyt, &val, &ob, nc);
+        dx_rawbuf_free(&b);
+    }
+    dx_ebr_exit();
+    return r;
+}
+
 /* ---- replicas: a batch of the owner's sets in one call (issue #21) --------
  *
  * replica_apply_batch(Session, {Epoch, Seq, Fence}, [{Epoch, Seq, Key, Value, Opts, Version}])
