@@ -402,11 +402,14 @@ write(S, Op, Args, Deadline, Target0) ->
 %% A write on the owner: a plain set of a session this node owns settled
 %% takes the fast path (the set NIF commits and queues its replication record,
 %% see dspex_cluster_writer:fast_set/4); anything else, or a session not
-%% settled, goes through the session's writer.
+%% settled, goes through the session's writer; so does every set while a
+%% telemetry handler other than the native analytics listens to
+%% `[dspex, store, set, stop]' (the writer's set emits it, the fast path does not).
 call_writer(S, {dspex_store, set} = Op, [S, K, Val, Opts] = Args, Owner, #{gen := Gen})
   when Owner =:= node(), Opts =:= #{} ->
-    case dspex_cluster_writer:fast_set(S, K, Val, Gen) of
-        slow -> gen_server:call(dspex_cluster_writer:name(S), {write, S, Op, Args}, ?CALL_TIMEOUT);
+    case persistent_term:get(dspex_store_set_observed, true) orelse dspex_cluster_writer:fast_set(S, K, Val, Gen) of
+        Slow when Slow =:= true; Slow =:= slow ->
+            gen_server:call(dspex_cluster_writer:name(S), {write, S, Op, Args}, ?CALL_TIMEOUT);
         Reply -> Reply
     end;
 call_writer(S, Op, Args, Owner, _V) ->

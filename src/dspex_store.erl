@@ -158,6 +158,11 @@ refresh_fast_path() ->
      || {Op, Key} <- [{get, 'dspex_telemetry/dspex.store.get.stop'},
                       {get_value, 'dspex_telemetry/dspex.store.get_value.stop'},
                       {set, 'dspex_telemetry/dspex.store.set.stop'}]],
+    %% the cluster's replication fast path (dspex_cluster_writer:fast_set/4) emits
+    %% no set event of its own: it is taken only while nothing but the analytics listens
+    Observed = Telemetry orelse not Only('dspex_telemetry/dspex.store.set.stop'),
+    _ = persistent_term:get(dspex_store_set_observed, undefined) =:= Observed orelse
+        persistent_term:put(dspex_store_set_observed, Observed),
     %% with a cluster whose default read is cached (dspex_cache), get/2 and
     %% get_value/2 answer from a fresh cached copy in the same NIF call
     Default = case {Routing, dspex_cache:read_defaults()} of

@@ -34,6 +34,7 @@
          a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it/1,
          a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions/1,
          fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it/1,
+         fast_path_sets_are_counted_and_give_way_to_a_telemetry_handler/1, native_set_count/0,
          sets_checking_the_replica/4, set_and_last_write/3, fast_writers_start/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, restart_node/2, partition_third/1, restore_cookies/1,
          check_history/1, run_kill_test/2]).
@@ -58,6 +59,7 @@ all() ->
      a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it,
      a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions,
      fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it,
+     fast_path_sets_are_counted_and_give_way_to_a_telemetry_handler,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover].
@@ -1225,6 +1227,52 @@ a_fast_path_write_is_acknowledged_only_after_the_replica_applied_it(Config) ->
     ?assertEqual([{V, V} || V <- lists:seq(1, 50)], peer:call(PO, ?MODULE, sets_checking_the_replica, [S, x, Rep, 50])),
     ?assertMatch({F, _} when F =:= F0 + 50, peer:call(PO, dspex_nif, repl_stats, [])),
     Config.
+
+%% Issue #21: the fast path keeps the owner's instrumentation. Its sets are
+%% counted by the native analytics like any set (the owner's dashboards and
+%% Prometheus see them); while a telemetry handler other than the analytics
+%% listens to [dspex, store, set, stop] on the owner, plain sets go through
+%% the writer, which emits the event, and take the fast path again once it is
+%% detached.
+fast_path_sets_are_counted_and_give_way_to_a_telemetry_handler(Config) ->
+    Peers = start_cluster("dspex_fasttel", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    S = <<"fasttel_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, _Rep} = session_with_x(PA, S),
+    PO = peer_of(Owner, Peers),
+    Fast = fun() -> element(1, peer:call(PO, dspex_nif, repl_stats, [])) end,
+    Sets = fun(From, To) -> [{ok, _} = peer:call(PO, dspex_store, set, [S, x, I]) || I <- lists:seq(From, To)], ok end,
+    C0 = peer:call(PO, ?MODULE, native_set_count, []),
+    F0 = Fast(),
+    ok = Sets(1, 20),
+    ?assertEqual(F0 + 20, Fast()),
+    %% the native samples reach their series in the background: bounded polling
+    ?assertEqual(C0 + 20, wait_for(fun() -> peer:call(PO, ?MODULE, native_set_count, []) end, C0 + 20, 250)),
+    ok = peer:call(PO, ?MODULE, events_start, [fasttel_events, [[dspex, store, set, stop]]]),
+    ok = Sets(21, 30),
+    ?assertEqual(F0 + 20, Fast()),
+    Seen = [I || {[dspex, store, set, stop], _, #{session := Se, variable := x, result := ok}} <-
+                     peer:call(PO, ?MODULE, events_get, [fasttel_events]), Se =:= S, I <- [1]],
+    ?assertEqual(10, length(Seen)),
+    ok = peer:call(PO, dspex_telemetry, detach, [{ct_events, fasttel_events}]),
+    ok = Sets(31, 35),
+    ?assertEqual(F0 + 25, Fast()),
+    Config.
+
+%% The owner's count of successful sets in its native analytics (the last hour).
+native_set_count() ->
+    Now = erlang:system_time(second),
+    {ok, N} = dspex_metrics:query({dspex_store_duration_us, #{op => set, result => ok}}, Now - 3600, Now + 60, count),
+    N.
+
+%% F() polled every 20 ms until it returns Want, at most Tries times; its last value.
+wait_for(F, Want, Tries) ->
+    case F() of
+        Want -> Want;
+        _ when Tries =< 1 -> F();
+        _ -> timer:sleep(20), wait_for(F, Want, Tries - 1)
+    end.
 
 %% Sets S.K to 1..N; after each acknowledgement, the replica's version of it.
 sets_checking_the_replica(S, K, Rep, N) ->

@@ -970,6 +970,9 @@ ERL_NIF_TERM dx_set_plain(ErlNifEnv *env, ERL_NIF_TERM sidt, ERL_NIF_TERM keyt, 
     memset(&ob, 0, sizeof ob);
     dx_rawbuf b;
     ERL_NIF_TERM r;
+    /* counted by the native analytics like a set through var_set (the owner's dashboards see these sets) */
+    int timing = atomic_load_explicit(&dx_native_enabled[DX_NATIVE_SET], memory_order_relaxed);
+    uint64_t t0 = timing ? dx_native_ticks() : 0;
     dx_ebr_enter();
     dx_session *s = dx_session_find(sid, dx_now_ms());
     dx_var *v = s ? dx_var_find(s, key) : NULL;
@@ -991,6 +994,15 @@ ERL_NIF_TERM dx_set_plain(ErlNifEnv *env, ERL_NIF_TERM sidt, ERL_NIF_TERM keyt, 
         dx_rawbuf_free(&b);
     }
     dx_ebr_exit();
+    if (timing) {
+        int arity;
+        const ERL_NIF_TERM *el;
+        dx_native_record(DX_NATIVE_SET,
+                         enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok)
+                             ? DX_NATIVE_OK
+                             : DX_NATIVE_ERROR,
+                         t0);
+    }
     return r;
 }
 
