@@ -816,9 +816,13 @@ static void *writer(void *arg) {
             size_t i = 0;
             uint64_t c0 = thread_cpu_ns(), c1 = c0, c2 = c0, w0 = 0, w1 = 0;
             for (dx_ev_item *it = first; it && !rc; it = it->next, i++) {
-                if (it->payload && q->cfg.encode && q->cfg.encode(q->cfg.ctx, it)) {
-                    snprintf(err, sizeof err, "encode failed");
-                    rc = -1;
+                if (it->payload && q->cfg.encode && !it->encoded) {
+                    if (q->cfg.encode(q->cfg.ctx, it)) {
+                        snprintf(err, sizeof err, "encode failed");
+                        rc = -1;
+                    } else {
+                        it->encoded = true; /* once: a retry of this batch writes the same bytes */
+                    }
                 }
                 if (!it->rec.id[0]) dx_uuid7(it->rec.ts_us, it->rec.id);
                 recs[i] = it->rec;

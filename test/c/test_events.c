@@ -227,6 +227,43 @@ static void test_failure_retried_never_dropped(void **st) {
     check_one_session(p, "s0", 50);
 }
 
+static int g_encodes;
+static int counting_encode(void *ctx, dx_ev_item *it) {
+    (void)ctx;
+    __atomic_add_fetch(&g_encodes, 1, __ATOMIC_SEQ_CST);
+    it->rec.data = (const uint8_t *)"e";
+    it->rec.data_len = 1;
+    return 0;
+}
+
+/* A retried batch is not encoded again: each event's payload is encoded once, however many attempts its
+ * batch takes (an encoding per attempt replaced, and leaked, the one before: the VM's binaries). */
+static void test_failure_retried_encodes_once(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "enc.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .retry_ms = 1, .encode = counting_encode};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    g_encodes = 0;
+    g_fails = 3;
+    static int payload;
+    uint64_t t = 0;
+    for (int i = 0; i < 20; i++) {
+        dx_ev_in e = ev("s0", "variable_updated", "x");
+        e.data = NULL;
+        e.data_len = 0;
+        e.payload = &payload;
+        t = dx_evq_push(q, &e, NULL);
+    }
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.errors, 3);
+    assert_int_equal(__atomic_load_n(&g_encodes, __ATOMIC_SEQ_CST), 20);
+    dx_evq_close(q);
+    check_one_session(p, "s0", 20);
+}
+
 static uint64_t spooled(dx_evq *q) {
     dx_evq_stats s;
     dx_evq_stats_get(q, &s);
@@ -1342,6 +1379,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_continues_sequence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failure_retried_never_dropped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failure_retried_encodes_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_down_spools_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unseeded_session_numbered_after_the_backend_when_it_returns, setup,
                                         teardown),
