@@ -27,6 +27,8 @@ typedef struct dx_ev_item {
     dx_ev_rec rec;   /* strings point into text[]; data/meta into text[] or set by encode */
     void *payload;   /* opaque; encode turns it into rec.data/rec.meta */
     size_t alloc;    /* bytes of this item, for the memory gauge */
+    bool encoded;    /* the writer encoded the payload (a retried batch is not encoded again: the encoding
+                        would replace, and leak, the one made for the failed attempt) */
     bool provisional; /* numbered from 1 because the session's last stored sequence was unknown (the
                          backend down before its first event here): renumbered before it is written */
     _Alignas(8) char text[];

@@ -227,6 +227,43 @@ static void test_failure_retried_never_dropped(void **st) {
     check_one_session(p, "s0", 50);
 }
 
+static int g_encodes;
+static int counting_encode(void *ctx, dx_ev_item *it) {
+    (void)ctx;
+    __atomic_add_fetch(&g_encodes, 1, __ATOMIC_SEQ_CST);
+    it->rec.data = (const uint8_t *)"e";
+    it->rec.data_len = 1;
+    return 0;
+}
+
+/* A retried batch is not encoded again: each event's payload is encoded once, however many attempts its
+ * batch takes (an encoding per attempt replaced, and leaked, the one before: the VM's binaries). */
+static void test_failure_retried_encodes_once(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "enc.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .retry_ms = 1, .encode = counting_encode};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    g_encodes = 0;
+    g_fails = 3;
+    static int payload;
+    uint64_t t = 0;
+    for (int i = 0; i < 20; i++) {
+        dx_ev_in e = ev("s0", "variable_updated", "x");
+        e.data = NULL;
+        e.data_len = 0;
+        e.payload = &payload;
+        t = dx_evq_push(q, &e, NULL);
+    }
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    dx_evq_stats s;
+    dx_evq_stats_get(q, &s);
+    assert_int_equal(s.errors, 3);
+    assert_int_equal(__atomic_load_n(&g_encodes, __ATOMIC_SEQ_CST), 20);
+    dx_evq_close(q);
+    check_one_session(p, "s0", 20);
+}
+
 static uint64_t spooled(dx_evq *q) {
     dx_evq_stats s;
     dx_evq_stats_get(q, &s);
@@ -1058,8 +1095,9 @@ static void test_every_query_uses_an_index(void **st) {
     void *db;
     assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
     write_mixed(db, 2000);
-    const char *vu[1] = {"variable_updated"}, *two[2] = {"variable_updated", "lock_acquired"};
-    size_t vul[1] = {16}, twol[2] = {16, 13};
+    const char *vu[1] = {"variable_updated"}, *two[2] = {"variable_updated", "lock_acquired"},
+               *lk[1] = {"lock_acquired"}, *rare[2] = {"lock_acquired", "access_denied"};
+    size_t vul[1] = {16}, twol[2] = {16, 13}, lkl[1] = {13}, rarel[2] = {13, 13};
     struct {
         dx_ev_query q;
         const char *must;
@@ -1076,8 +1114,11 @@ static void test_every_query_uses_an_index(void **st) {
         {{.pos_from = 100, .limit = 1000}, "PRIMARY KEY", "all, from a position (subscriptions, fold)"},
         {{.ts_from = 1000100, .ts_to = 1000200}, "events_late", "all, period (a rowid range and the late rows)"},
         {{.ts_from = 1000100}, "events_late", "all, since a time"},
-        {{.types = vu, .type_lens = vul, .ntypes = 1}, "events_type", "all, type"},
-        {{.types = two, .type_lens = twol, .ntypes = 2}, "events_type", "all, types"},
+        {{.types = lk, .type_lens = lkl, .ntypes = 1}, "events_type", "all, type"},
+        {{.types = rare, .type_lens = rarel, .ntypes = 2}, "events_type", "all, types"},
+        {{.types = two, .type_lens = twol, .ntypes = 2, .pos_from = 100, .limit = 1000}, "PRIMARY KEY",
+         "all, types with variable_updated, from a position"},
+        {{.types = lk, .type_lens = lkl, .ntypes = 1, .ts_from = 1000100, .ts_to = 1000900}, NULL, "rare type, period"},
         {{.principal = "p7", .principal_len = 2}, "events_principal", "all, principal"},
         {{.principal = "p7", .principal_len = 2, .ts_from = 1000100, .ts_to = 1000900}, NULL, "principal, period"},
         {{.types = vu, .type_lens = vul, .ntypes = 1, .ts_from = 1000100, .ts_to = 1000900}, NULL, "type, period"},
@@ -1090,12 +1131,73 @@ static void test_every_query_uses_an_index(void **st) {
     dx_ev_query qn = {.descending = 1, .limit = 50};
     assert_int_equal(dx_ev_sqlite_query_plan(db, &qn, plan, sizeof plan, err, sizeof err), 0);
     assert_string_equal(plan, "SCAN events");
+    /* variable_updated of every session, no range: most rows are of that type and it has no index entries
+     * (migrate_partial_index): the table in position order, no sort; with another type too, the same */
+    dx_ev_query qv = {.types = vu, .type_lens = vul, .ntypes = 1, .limit = 50};
+    assert_int_equal(dx_ev_sqlite_query_plan(db, &qv, plan, sizeof plan, err, sizeof err), 0);
+    assert_string_equal(plan, "SCAN events");
+    dx_ev_query q2 = {.types = two, .type_lens = twol, .ntypes = 2};
+    assert_int_equal(dx_ev_sqlite_query_plan(db, &q2, plan, sizeof plan, err, sizeof err), 0);
+    assert_string_equal(plan, "SCAN events");
+    /* each type query finds its rows: every 5th is lock_acquired */
+    size_t nt = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qv, count_cb, &nt, err, sizeof err), 0);
+    assert_int_equal(nt, 50);
+    nt = 0;
+    dx_ev_query ql = {.types = lk, .type_lens = lkl, .ntypes = 1};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &ql, count_cb, &nt, err, sizeof err), 0);
+    assert_int_equal(nt, 400);
+    nt = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &q2, count_cb, &nt, err, sizeof err), 0);
+    assert_int_equal(nt, 2000);
     /* and they find the rows: the principal's events (every 7th), also of one session */
     size_t n = 0;
     dx_ev_query qp = {.principal = "p7", .principal_len = 2};
     assert_int_equal(dx_ev_sqlite_ops.query(db, &qp, count_cb, &n, err, sizeof err), 0);
     assert_int_equal(n, (2000 + 6) / 7);
     dx_ev_sqlite_ops.close(db);
+}
+
+/* A log made by a build with the full type index (every row in it) gets the partial one (without
+ * variable_updated) at its first open, keeps every event, and its type queries find the same rows. */
+static void test_old_log_gets_the_partial_type_index(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "oldtype.db");
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    write_mixed(db, 700);
+    dx_ev_sqlite_ops.close(db);
+    sqlite3 *raw;
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(raw, "DROP INDEX events_type; CREATE INDEX events_type ON events(type, position);",
+                                  NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(raw);
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    const char *lk[1] = {"lock_acquired"}, *vu[1] = {"variable_updated"};
+    size_t lkl[1] = {13}, vul[1] = {16};
+    dx_ev_query ql = {.types = lk, .type_lens = lkl, .ntypes = 1}, qv = {.types = vu, .type_lens = vul, .ntypes = 1};
+    assert_indexed(db, &ql, "events_type", "type, after the migration");
+    size_t n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &ql, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 140);
+    n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qv, count_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 560);
+    dx_ev_sqlite_ops.close(db);
+    assert_int_equal(sqlite3_open(p, &raw), SQLITE_OK);
+    sqlite3_stmt *q;
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT sql FROM sqlite_master WHERE name = 'events_type'", -1, &q, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    assert_non_null(strstr((const char *)sqlite3_column_text(q, 0), "WHERE type <> 'variable_updated'"));
+    sqlite3_finalize(q);
+    /* the variable_updated rows are not in it */
+    assert_int_equal(sqlite3_prepare_v2(raw, "SELECT count(*) FROM events INDEXED BY events_type"
+                                             " WHERE type <> 'variable_updated'", -1, &q, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(q, 0), 140);
+    sqlite3_finalize(q);
+    sqlite3_close(raw);
 }
 
 /* A log made by a build with the full principal index (every row in it) gets the partial one at its first open,
@@ -1277,6 +1379,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_concurrent_producers_gapless, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_continues_sequence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failure_retried_never_dropped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failure_retried_encodes_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_down_spools_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unseeded_session_numbered_after_the_backend_when_it_returns, setup,
                                         teardown),
@@ -1295,6 +1398,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_batch_waits_for_the_write_lock, setup, teardown),
         cmocka_unit_test_setup_teardown(test_every_query_uses_an_index, setup, teardown),
         cmocka_unit_test_setup_teardown(test_old_log_gets_the_partial_principal_index, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_old_log_gets_the_partial_type_index, setup, teardown),
         cmocka_unit_test_setup_teardown(test_time_ranges_with_late_rows, setup, teardown),
         cmocka_unit_test_setup_teardown(test_old_log_gets_the_running_time_maximum, setup, teardown),
     };
