@@ -154,10 +154,7 @@ handle_call({fence, S, Epoch}, _From, St) ->
     %% and the seq they reached counts
     Fast = dspex_nif:repl_unsettle(S),
     {S, E, Seq0, O, R, G, F} = row(S),
-    Seq = case Fast of
-              {E, N} when N > Seq0 -> N;
-              _ -> Seq0
-          end,
+    Seq = unsettled_seq(Fast, E, Seq0),
     case Epoch < max(E, F) of
         true -> {reply, {error, {stale_epoch, max(E, F)}}, St};
         false ->
@@ -170,10 +167,7 @@ handle_call({export, S}, _From, St) ->
     %% this node as the owner: the fast path stops, the seq it reached counts
     Fast = dspex_nif:repl_unsettle(S),
     {S, E, Seq0, _, _, _, _} = row(S),
-    Seq = case Fast of
-              {E, N} when N > Seq0 -> N;
-              _ -> Seq0
-          end,
+    Seq = unsettled_seq(Fast, E, Seq0),
     Exp = case dspex_store:export_session(S) of
               {ok, X} -> X#{dspex_vv => dspex_cache:vv(S)};   % its lineage travels with it
               {error, _} -> absent
@@ -428,6 +422,11 @@ before_change(S, Owner, Pre, Kept) ->
                 false -> ok
             end
     end.
+
+%% The row's seq, or the one the fast path reached in the row's epoch
+%% (`dspex_nif:repl_unsettle/1''s answer) when it got further.
+unsettled_seq({E, N}, E, Seq0) when N > Seq0 -> N;
+unsettled_seq(_, _, Seq0) -> Seq0.
 
 mute_if(undefined, delete_session) -> silent_delete_session;
 mute_if(_, P) -> P.
