@@ -44,6 +44,12 @@ typedef struct waiter {
     uint64_t ticket;
 } waiter;
 static waiter *g_waiters;
+/* Under g_wait_mu: the highest ticket whose batch the listener (dspex_events) has been told of. Durability
+ * waits answer from it rather than from the queue's own `done' (which moves before on_batch runs), so a
+ * caller that awaited its events finds the listener's messages of them (written positions, snapshots due)
+ * already queued: a call to dspex_events after the wait sees them (dspex_events:await/0, then
+ * snapshots_sync/0). Reset when a log is opened (tickets start again from 1). */
+static uint64_t g_pub_done;
 
 static ERL_NIF_TERM A_event_store, A_wait, A_durable, A_written, A_failed, A_position, A_sequence, A_timestamp,
     A_session, A_node, A_principal, A_request_id, A_variable, A_reason, A_deleted, A_expired, A_migrated,
@@ -574,29 +580,11 @@ static bool ev_recycle(void *ctx, dx_ev_item *it) {
 static void ev_on_batch(void *ctx, uint64_t done, const char *err, const dx_ev_rec *recs, size_t n) {
     ErlNifEnv *env = enif_alloc_env();
     if (!env) return;
-    ERL_NIF_TERM res = err ? enif_make_tuple2(env, ATOM_error,
-                                              enif_make_tuple2(env, A_event_store, dx_make_bin(env, err, strlen(err))))
-                           : ATOM_ok;
     enif_mutex_lock(g_wait_mu);
-    for (waiter **pw = &g_waiters; *pw;) {
-        waiter *w = *pw;
-        if (err || w->ticket <= done) {
-            ERL_NIF_TERM msg = enif_make_tuple3(env, A_durable, enif_make_copy(env, w->ref), res);
-            enif_send(NULL, &w->pid, env, msg);
-            enif_clear_env(env);
-            res = err ? enif_make_tuple2(env, ATOM_error,
-                                         enif_make_tuple2(env, A_event_store, dx_make_bin(env, err, strlen(err))))
-                      : ATOM_ok;
-            *pw = w->next;
-            enif_free_env(w->env);
-            enif_free(w);
-        } else {
-            pw = &w->next;
-        }
-    }
     ErlNifPid lp = g_listener;
     int have = g_have_listener;
     enif_mutex_unlock(g_wait_mu);
+    /* the listener first, then the waiters (see g_pub_done) */
     if (have) {
         ERL_NIF_TERM msg =
             err ? enif_make_tuple2(env, A_failed, dx_make_bin(env, err, strlen(err)))
@@ -616,7 +604,30 @@ static void ev_on_batch(void *ctx, uint64_t done, const char *err, const dx_ev_r
                 }
             if (nd) enif_send(NULL, &lp, env, enif_make_tuple2(env, A_snap_due, due));
         }
+        enif_clear_env(env);
     }
+    ERL_NIF_TERM res = err ? enif_make_tuple2(env, ATOM_error,
+                                              enif_make_tuple2(env, A_event_store, dx_make_bin(env, err, strlen(err))))
+                           : ATOM_ok;
+    enif_mutex_lock(g_wait_mu);
+    if (done > g_pub_done) g_pub_done = done;
+    for (waiter **pw = &g_waiters; *pw;) {
+        waiter *w = *pw;
+        if (err || w->ticket <= done) {
+            ERL_NIF_TERM msg = enif_make_tuple3(env, A_durable, enif_make_copy(env, w->ref), res);
+            enif_send(NULL, &w->pid, env, msg);
+            enif_clear_env(env);
+            res = err ? enif_make_tuple2(env, ATOM_error,
+                                         enif_make_tuple2(env, A_event_store, dx_make_bin(env, err, strlen(err))))
+                      : ATOM_ok;
+            *pw = w->next;
+            enif_free_env(w->env);
+            enif_free(w);
+        } else {
+            pw = &w->next;
+        }
+    }
+    enif_mutex_unlock(g_wait_mu);
     enif_free_env(env);
 }
 
@@ -711,6 +722,7 @@ DX_NIF(nif_events_open) {
     g_have_listener = have_lp;
     if (have_lp) g_listener = lp;
     g_snap_every = every;
+    g_pub_done = 0;
     enif_mutex_unlock(g_wait_mu);
     atomic_store(&g_default_sync, dsync);
     dx_evq *q = dx_evq_open(&cfg, seed, &g_seed_mu, err, sizeof err);
@@ -960,7 +972,7 @@ static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q) { return await_ticket(e
 
 static ERL_NIF_TERM await_ticket(ErlNifEnv *env, dx_evq *q, uint64_t ticket) {
     enif_mutex_lock(g_wait_mu);
-    if (dx_evq_done(q) >= ticket) {
+    if (g_pub_done >= ticket) {
         enif_mutex_unlock(g_wait_mu);
         return ATOM_ok;
     }
