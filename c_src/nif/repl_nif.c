@@ -74,6 +74,12 @@ static rdesc *desc_find(const char *sid, size_t n, uint64_t h) {
     return NULL;
 }
 
+/* Takes g_desc_lock for reading (the caller unlocks it) and returns the descriptor of session b, or NULL. */
+static rdesc *desc_rdlock(const ErlNifBinary *b) {
+    pthread_rwlock_rdlock(&g_desc_lock);
+    return desc_find((const char *)b->data, b->size, sid_hash((const char *)b->data, b->size));
+}
+
 static int get_bin(ErlNifEnv *env, ERL_NIF_TERM t, ErlNifBinary *b) { return enif_inspect_binary(env, t, b); }
 
 static int get_link(ErlNifEnv *env, ERL_NIF_TERM t, rlink **out) {
@@ -262,8 +268,7 @@ DX_NIF(nif_repl_unsettle) {
     ErlNifBinary b;
     if (!get_bin(env, argv[0], &b)) return enif_make_badarg(env);
     ERL_NIF_TERM r = enif_make_atom(env, "none");
-    pthread_rwlock_rdlock(&g_desc_lock);
-    rdesc *d = desc_find((const char *)b.data, b.size, sid_hash((const char *)b.data, b.size));
+    rdesc *d = desc_rdlock(&b);
     if (d) {
         pthread_mutex_lock(&d->mu);
         d->settled = 0;
@@ -298,8 +303,7 @@ DX_NIF(nif_repl_info) {
     ErlNifBinary b;
     if (!get_bin(env, argv[0], &b)) return enif_make_badarg(env);
     ERL_NIF_TERM r = enif_make_atom(env, "none");
-    pthread_rwlock_rdlock(&g_desc_lock);
-    rdesc *d = desc_find((const char *)b.data, b.size, sid_hash((const char *)b.data, b.size));
+    rdesc *d = desc_rdlock(&b);
     if (d) {
         uint64_t ae = atomic_load(&d->aepoch), a = atomic_load(&d->announced);
         pthread_mutex_lock(&d->mu);
@@ -318,8 +322,7 @@ DX_NIF(nif_repl_announced) {
     ErlNifBinary b;
     if (!get_bin(env, argv[0], &b)) return enif_make_badarg(env);
     ERL_NIF_TERM r = enif_make_atom(env, "none");
-    pthread_rwlock_rdlock(&g_desc_lock);
-    rdesc *d = desc_find((const char *)b.data, b.size, sid_hash((const char *)b.data, b.size));
+    rdesc *d = desc_rdlock(&b);
     if (d) {
         uint64_t a = atomic_load(&d->announced);
         r = enif_make_tuple2(env, enif_make_uint64(env, atomic_load(&d->aepoch)), enif_make_uint64(env, a));
@@ -359,8 +362,7 @@ DX_NIF(nif_repl_set) {
     if (!dx_get_name(env, argv[1], &key, kbuf, DX_ATOM_TEXT) || dx_set_plain_big(env, argv[2])) return slow;
     /* the log must number the set's event without asking its backend (the writer seeds it) */
     if (!dx_events_known((const char *)b.data, b.size)) return slow;
-    pthread_rwlock_rdlock(&g_desc_lock);
-    rdesc *d = desc_find((const char *)b.data, b.size, sid_hash((const char *)b.data, b.size));
+    rdesc *d = desc_rdlock(&b);
     if (!d) {
         pthread_rwlock_unlock(&g_desc_lock);
         return slow;
