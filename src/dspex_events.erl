@@ -515,23 +515,26 @@ replay_to(Session, Point) ->
     end.
 
 replay(Session, Snap, FromSeq, MaxSeq, MaxTs) ->
-    case replay_pages(Session, FromSeq + 1, MaxSeq, MaxTs, 0, from_state(Snap), fun(_, _, St) -> St end) of
-        {ok, undefined} -> {error, not_found};
-        {ok, deleted} -> {error, not_found};
-        {ok, State} -> {ok, to_state(State)};
+    case replay_pages(Session, FromSeq + 1, MaxSeq, MaxTs, 0, {from_state(Snap), none}, fun(_, _, _, A) -> A end) of
+        {ok, {undefined, _}} -> {error, not_found};
+        {ok, {deleted, _}} -> {error, not_found};
+        {ok, {State, _}} -> {ok, to_state(State)};
         Error -> Error
     end.
 
 %% Applies the session's events from sequence `From' (to `To' and time `TsTo'
 %% when not 0) to the replay state, a page of ?PAGE rows per read of the lean
 %% `events_replay' (only the events that change the state, undecoded metadata
-%% never built); `After(Seq, Ts, State)' sees the state after each of them,
-%% and after every other event whose sequence is a multiple of `Mark' (> 0).
+%% never built); `After(Seq, Ts, State, Acc)' sees the state after each of
+%% them, and after every other event whose sequence is a multiple of `Mark'
+%% (> 0), and returns the new `Acc'. Returns `{ok, {State, Acc}}'.
 replay_pages(Session, From, To, TsTo, Mark, St0, After) ->
     case dspex_nif:events_replay(Session, From, To, TsTo, ?PAGE, Mark) of
         {ok, Evs, Scanned, Last} ->
-            St1 = lists:foldl(fun({Seq, Ts, _, _} = E, St) -> After(Seq, Ts, apply_event(Session, E, St)) end,
-                              St0, Evs),
+            St1 = lists:foldl(fun({Seq, Ts, _, _} = E, {St, Acc}) ->
+                                      St2 = apply_event(Session, E, St),
+                                      {St2, After(Seq, Ts, St2, Acc)}
+                              end, St0, Evs),
             case Scanned < ?PAGE of
                 true -> {ok, St1};
                 false -> replay_pages(Session, Last + 1, To, TsTo, Mark, St1, After)
@@ -960,15 +963,29 @@ deliver(Ref, #{subs := Subs, last := Last} = St) ->
 %% multiple of snapshot_every without their data (see `replay_pages/7'), and
 %% keeps histories newest first (see `apply_event/3'); a snapshot holds the
 %% stored form (`to_state/1'), the same term as before these were made lean.
+%%
+%% It keeps the replay state of the last snapshot it stored for each of the
+%% `snapshot_cache_sessions' (default 1,000) sessions it stored one for most
+%% recently (least recently stored evicted first): the next snapshot of such a
+%% session starts from it instead of reading and decoding the stored one. The
+%% log is append-only by sequence, so the kept state is the stored snapshot's
+%% (the same `to_state/1'); a session not kept (evicted, or the process
+%% restarted with the log) reads its latest snapshot as before.
 snapshotter(Every) ->
+    snapshotter(Every, #{max => 0, tick => 0, states => #{}, lru => gb_trees:empty()}).
+
+snapshotter(Every, Cache) ->
     receive
         {dspex_events_snapshot_due, Due} ->
             D = merge_due(lists:foldl(fun({S, Seq}, Acc) -> due(S, Seq, Acc) end, #{}, Due)),
-            maps:foreach(fun(S, Seq) -> take_snapshots(S, Seq, Every) end, D),
-            snapshotter(Every);
+            Max = application:get_env(dspex_bridge, snapshot_cache_sessions, 1000),
+            #{states := States, lru := Lru} = Cache,
+            {States1, Lru1} = evict(Max, States, Lru),
+            snapshotter(Every, maps:fold(fun(S, Seq, C) -> take_snapshots(S, Seq, Every, C) end,
+                                         Cache#{max := Max, states := States1, lru := Lru1}, D));
         {snapshots_sync, From, Tag} ->
             From ! {Tag, ok},
-            snapshotter(Every)
+            snapshotter(Every, Cache)
     end.
 
 due(S, Seq, Acc) -> maps:update_with(S, fun(O) -> max(O, Seq) end, Seq, Acc).
@@ -978,18 +995,54 @@ merge_due(D) ->
     after 0 -> D
     end.
 
-take_snapshots(Session, Due, Every) ->
-    {From, State0} = case dspex_nif:events_latest_snapshot(Session, Due, 0) of
-                         {ok, Seq, _, Snap} -> {Seq, Snap};
-                         _ -> {0, undefined}
+take_snapshots(Session, Due, Every, #{states := States} = Cache) ->
+    {From, State0} = case States of
+                         #{Session := {KSeq, KState, _}} when KSeq =< Due -> {KSeq, KState};
+                         _ ->
+                             case dspex_nif:events_latest_snapshot(Session, Due, 0) of
+                                 {ok, Seq, _, Snap} -> {Seq, from_state(Snap)};
+                                 _ -> {0, undefined}
+                             end
                      end,
-    Put = fun(N, Ts, St) ->
-                  _ = N rem Every =:= 0 andalso is_map(St)
-                      andalso dspex_nif:events_put_snapshot(Session, N, Ts, to_state(St)),
-                  St
+    Put = fun(N, Ts, St, Last) ->
+                  case N rem Every =:= 0 andalso is_map(St) of
+                      true ->
+                          _ = dspex_nif:events_put_snapshot(Session, N, Ts, to_state(St)),
+                          {N, St};
+                      false -> Last
+                  end
           end,
-    _ = From < Due andalso replay_pages(Session, From + 1, Due, 0, Every, from_state(State0), Put),
-    ok.
+    Stored = case From < Due of
+                 true ->
+                     %% the last snapshot stored on the way, with its state
+                     case replay_pages(Session, From + 1, Due, 0, Every, {State0, none}, Put) of
+                         {ok, {_, Last}} -> Last;
+                         _ -> none
+                     end;
+                 false -> none
+             end,
+    case Stored of
+        {N, St} -> keep(Session, N, St, Cache);
+        none -> Cache
+    end.
+
+%% The snapshotter's kept states: at most `max' sessions, the least recently stored evicted.
+keep(Session, Seq, St, #{max := Max, tick := T, states := States, lru := Lru} = Cache) when Max > 0 ->
+    Lru1 = case States of
+               #{Session := {_, _, OldT}} -> gb_trees:delete(OldT, Lru);
+               _ -> Lru
+           end,
+    {States2, Lru2} = evict(Max - 1, maps:remove(Session, States), Lru1),
+    Cache#{tick := T + 1, states := States2#{Session => {Seq, St, T}}, lru := gb_trees:insert(T, Session, Lru2)};
+keep(_, _, _, Cache) -> Cache.
+
+evict(Max, States, Lru) ->
+    case gb_trees:size(Lru) > Max of
+        true ->
+            {_, Old, Lru1} = gb_trees:take_smallest(Lru),
+            evict(Max, maps:remove(Old, States), Lru1);
+        false -> {States, Lru}
+    end.
 
 expire(Ts) ->
     try expire_(Ts)

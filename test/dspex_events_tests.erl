@@ -21,6 +21,7 @@ events_test_() ->
       ?T(state_at_equals_export_for_random_histories),
       ?T(state_at_by_time_and_snapshots),
       ?T(snapshot_at_every_multiple_equals_export),
+      ?T(snapshotter_starts_from_the_state_it_kept),
       ?T(await_returns_after_the_listener_was_told),
       ?T(replay_decodes_data_as_binary_to_term),
       ?T(audit_trail_summary),
@@ -660,6 +661,60 @@ snapshot_at_every_multiple_equals_export() ->
     {ok, #{variables := [#{name := <<"x">>, history := HX}, #{name := <<"y">>, history := []}]}} =
         dspex_events:state_at(S, {sequence, Last}),
     ?assertEqual(3, length(HX)).
+
+%% The snapshotter keeps the state of the last snapshot it stored for each
+%% session (at most snapshot_cache_sessions, least recently stored evicted):
+%% the next snapshots of a kept session start from it without reading the
+%% stored one (events_latest_snapshot/3, call-traced in the snapshotter), a
+%% session evicted reads it; every snapshot equals the export taken then.
+snapshotter_starts_from_the_state_it_kept() ->
+    #{snapshotter := P} = sys:get_state(dspex_events),
+    erlang:trace_pattern({dspex_nif, events_latest_snapshot, 3}, true, [local]),
+    erlang:trace(P, true, [call, {tracer, self()}]),
+    Reads = fun() ->
+                    settle(),
+                    length(drain_traces(P, []))
+            end,
+    [A, B] = [sid(), sid()],
+    Exports = fun(S, N) ->
+                      [begin
+                           {ok, _} = dspex_store:set(S, x, I, #{changed_by => {k, I}}),
+                           {ok, E} = dspex_nif:export_session(S),
+                           {dspex_nif:events_session_seq(S), E}
+                       end || I <- lists:seq(1, N)]
+              end,
+    try
+        [begin {ok, _} = dspex_store:create_session(S), {ok, _} = dspex_store:register(S, x, integer, 0, #{history_limit => 4}) end
+         || S <- [A, B]],
+        E0 = Exports(A, 18),
+        ?assertEqual(1, Reads()),
+        %% A kept: four more snapshots without a read
+        E1 = Exports(A, 40),
+        ?assertEqual(0, Reads()),
+        %% one session kept: A and B take turns, each evicts the other
+        application:set_env(dspex_bridge, snapshot_cache_sessions, 1),
+        E2 = lists:append([begin E = Exports(S, 10), settle(), E end || _ <- [1, 2, 3], S <- [B, A]]),
+        ?assertEqual(6, Reads()),
+        application:set_env(dspex_bridge, snapshot_cache_sessions, 0),
+        E3 = lists:append([begin E = Exports(A, 10), settle(), E end || _ <- [1, 2]]),
+        ?assertEqual(2, Reads()),
+        Snaps = [{K, E} || {K, E} <- E0 ++ E1 ++ E2 ++ E3, K rem 10 =:= 0],
+        ?assertEqual(14, length(Snaps)),
+        [begin
+             #{id := Id} = E,
+             {ok, K, _, #{session := Sess, vars := Vs}} = dspex_nif:events_latest_snapshot(Id, K, 0),
+             ?assertEqual({K, E}, {K, Sess#{variables => [V || {_, V} <- lists:sort(maps:to_list(Vs))]}})
+         end || {K, E} <- Snaps]
+    after
+        erlang:trace(P, false, [call]),
+        erlang:trace_pattern({dspex_nif, events_latest_snapshot, 3}, false, [local]),
+        application:unset_env(dspex_bridge, snapshot_cache_sessions)
+    end.
+
+drain_traces(P, Acc) ->
+    receive {trace, P, call, {dspex_nif, events_latest_snapshot, _}} = T -> drain_traces(P, [T | Acc])
+    after 0 -> Acc
+    end.
 
 %% The NIF's own decoder of the event data (the replay's, and read/2's data
 %% and metadata) gives what binary_to_term/1 gives, for every kind of term (those it leaves to the VM included: pids,
