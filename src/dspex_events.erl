@@ -528,8 +528,8 @@ replay(Session, Snap, FromSeq, MaxSeq, MaxTs) ->
 %% never built); `After(Seq, Ts, State, Acc)' sees the state after each of
 %% them, and after every other event whose sequence is a multiple of `Mark'
 %% (> 0), and returns the new `Acc'. Returns `{ok, {State, Acc}}'.
-replay_pages(Session, From, To, TsTo, Mark, St0, After) ->
-    case dspex_nif:events_replay(Session, From, To, TsTo, ?PAGE, Mark) of
+replay_pages(Session, From, To, TsTo, Mark, {State0, _} = St0, After) ->
+    case dspex_nif:events_replay(Session, From, To, TsTo, ?PAGE, Mark, history_limits(State0)) of
         {ok, Evs, Scanned, Last} ->
             St1 = lists:foldl(fun({Seq, Ts, _, _} = E, {St, Acc}) ->
                                       St2 = apply_event(Session, E, St),
@@ -572,9 +572,32 @@ apply_event(_, {_, _, T, #{name := N} = D}, #{vars := Vs} = St)
             St#{vars := Vs#{N := cut({V1, C + 1, [maps:get(previous, D) | R]})}};
         _ -> St
     end;
+apply_event(_, {_, _, {updates, Count, Prevs}, #{name := N} = D}, #{vars := Vs} = St) ->
+    %% a run of Count updates of one variable (events_replay/7): the last one's
+    %% fields, and the run's `previous' entries, of which the NIF kept the last
+    %% history_limit (the whole history then) or all
+    case Vs of
+        #{N := {V, C, R}} ->
+            V1 = V#{value := maps:get(value, D), version := maps:get(version, D),
+                    updated_at := maps:get(updated_at, D), metadata := maps:get(metadata, D),
+                    changed_by := maps:get(changed_by, D)},
+            Kept = length(Prevs),
+            St#{vars := Vs#{N := case Kept < Count of
+                                     true -> {V1, Kept, Prevs};
+                                     false -> cut({V1, C + Count, Prevs ++ R})
+                                 end}};
+        _ -> St
+    end;
 apply_event(_, {_, _, variable_deleted, #{name := N}}, #{vars := Vs} = St) ->
     St#{vars := maps:remove(N, Vs)};
 apply_event(_, _, St) -> St.
+
+%% The variables' history limits for events_replay/7.
+history_limits(#{vars := Vs}) ->
+    maps:fold(fun(N, {#{history_limit := L}, _, _}, Acc) when is_integer(L), L >= 0 -> [{N, L} | Acc];
+                 (_, _, Acc) -> Acc
+              end, [], Vs);
+history_limits(_) -> [].
 
 cut({#{history_limit := L} = V, C, R}) when is_integer(L), C >= 2 * L + 8 -> {V, L, lists:sublist(R, L)};
 cut(X) -> X.

@@ -22,6 +22,8 @@ events_test_() ->
       ?T(state_at_by_time_and_snapshots),
       ?T(snapshot_at_every_multiple_equals_export),
       ?T(snapshotter_starts_from_the_state_it_kept),
+      ?T(replay_folds_runs_of_updates),
+      ?T(state_at_equals_export_for_runs_of_updates),
       ?T(await_returns_after_the_listener_was_told),
       ?T(replay_decodes_data_as_binary_to_term),
       ?T(audit_trail_summary),
@@ -661,6 +663,82 @@ snapshot_at_every_multiple_equals_export() ->
     {ok, #{variables := [#{name := <<"x">>, history := HX}, #{name := <<"y">>, history := []}]}} =
         dspex_events:state_at(S, {sequence, Last}),
     ?assertEqual(3, length(HX)).
+
+%% events_replay/7 lists a run of updates of one variable as one
+%% {Seq, Ts, {updates, Count, Previous}, Data}: the last event's sequence,
+%% time and data, and the `previous' of its last history_limit events
+%% (newest first); a run ends at another variable's update, at an event that
+%% changes the state otherwise, at a multiple of Mark (other events between
+%% its updates do not end it); a variable the caller
+%% did not give a limit for (and that was not registered in the call) is not
+%% folded; an update whose data is not the writer's map is listed alone.
+replay_folds_runs_of_updates() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0, #{history_limit => 3}),   % 2
+    {ok, _} = dspex_store:register(S, y, integer, 0, #{history_limit => 0}),   % 3
+    [{ok, _} = dspex_store:set(S, x, I) || I <- lists:seq(1, 12)],             % 4..15
+    {ok, _} = dspex_events:append(S, note, 1, #{}),                            % 16
+    [{ok, _} = dspex_store:set(S, x, I) || I <- lists:seq(13, 14)],            % 17, 18
+    [{ok, _} = dspex_store:set(S, y, I) || I <- lists:seq(1, 4)],              % 19..22
+    {ok, _} = dspex_store:rollback(S, x, 13),                                  % 23
+    {ok, _} = dspex_store:set(S, x, 100),                                      % 24
+    %% not the writer's map (an extra key): listed alone
+    {ok, _} = dspex_events:append(S, variable_updated, #{name => <<"x">>, value => 7, old_value => 100, version => 99,
+                                                         previous_version => 98, updated_at => 1, metadata => #{},
+                                                         changed_by => app, previous => #{value => 0}, id => <<>>,
+                                                         extra => 1}, #{}), % 25
+    {ok, _} = dspex_store:set(S, x, 101),                                      % 26
+    settle(),
+    {ok, All, 26, 26} = dspex_nif:events_replay(S, 1, 0, 0, 1000, 10, []),
+    Shape = [case T of
+                 {updates, N, Ps} -> {Seq, updates, N, [V || #{value := V} <- Ps]};
+                 _ -> {Seq, T}
+             end || {Seq, _, T, _} <- All],
+    ?assertEqual([{1, session_created}, {2, variable_registered}, {3, variable_registered},
+                  {10, updates, 7, [6, 5, 4]}, {18, updates, 7, [13, 12, 11]}, {20, updates, 2, []}, {22, updates, 2, []},
+                  {24, updates, 2, [13, 14]}, {25, variable_updated}, {26, variable_updated}], Shape),
+    %% the last event's data, as events_replay/6 gives it
+    {ok, Plain, 26, 26} = dspex_nif:events_replay(S, 1, 0, 0, 1000, 10),
+    [?assertEqual(lists:keyfind(Seq, 1, Plain), {Seq, Ts, variable_updated, D}) || {Seq, Ts, {updates, _, _}, D} <- All],
+    ?assertMatch(#{previous := #{value := 1}}, element(4, lists:keyfind(5, 1, Plain))),
+    %% from the middle: the caller's limits; without them nothing is folded
+    {ok, Mid, _, 26} = dspex_nif:events_replay(S, 5, 0, 0, 1000, 0, [{<<"x">>, 1}]),
+    ?assertMatch([{18, _, {updates, 13, [#{value := 13}]}, #{value := 14}}, {19, _, variable_updated, _} | _], Mid),
+    {ok, Unfolded, _, 26} = dspex_nif:events_replay(S, 5, 0, 0, 1000, 0, []),
+    ?assertEqual(0, length([T || {_, _, {updates, _, _} = T, _} <- Unfolded])),
+    ?assertError(badarg, dspex_nif:events_replay(S, 1, 0, 0, 10, 0, [{<<"x">>, -1}])),
+    ?assertError(badarg, dspex_nif:events_replay(S, 1, 0, 0, 10, 0, nope)).
+
+%% state_at equals the export for random histories made of runs of one
+%% variable's updates (history limits 0-3, re-registered on the way, deleted,
+%% rolled back, other events between them), from snapshots every 10 events.
+state_at_equals_export_for_runs_of_updates() ->
+    Op = proper_types:frequency([{12, {set, a, integer(-5, 5)}}, {3, {set, b, integer(-5, 5)}},
+                                 {1, {register, elements([a, b]), integer(0, 3)}}, {1, {delete, elements([a, b])}},
+                                 {1, {rollback, elements([a, b]), integer(0, 3)}}, {1, note}]),
+    ?assert(proper:quickcheck(
+              ?FORALL(Ops, non_empty(list(Op)),
+                      begin
+                          S = sid(),
+                          {ok, _} = dspex_store:create_session(S),
+                          Exports = [begin
+                                         _ = case O of
+                                                 {register, K, L} -> dspex_store:register(S, K, integer, 0, #{history_limit => L});
+                                                 note -> dspex_events:append(S, note, 1, #{});
+                                                 _ -> apply_op(S, O)
+                                             end,
+                                         {ok, E} = dspex_nif:export_session(S),
+                                         {dspex_nif:events_session_seq(S), E}
+                                     end || O <- [{register, a, 2}, {register, b, 1} | Ops]],
+                          settle(),
+                          lists:all(fun({Seq, E}) ->
+                                            case dspex_events:state_at(S, {sequence, Seq}) of
+                                                {ok, E} -> true;
+                                                Other -> io:format("seq ~p:~n~p~n~p~n", [Seq, E, Other]), false
+                                            end
+                                    end, Exports)
+                      end), [{numtests, list_to_integer(os:getenv("DSPEX_PROP_EVENTS_N", "40"))}, {to_file, user}])).
 
 %% The snapshotter keeps the state of the last snapshot it stored for each
 %% session (at most snapshot_cache_sessions, least recently stored evicted):

@@ -32,6 +32,7 @@ ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
     {"events_backpressure", 0, nif_events_backpressure, 0},                          \
     {"events_read", 1, nif_events_read, ERL_NIF_DIRTY_JOB_IO_BOUND},                 \
     {"events_replay", 6, nif_events_replay, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
+    {"events_replay", 7, nif_events_replay, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
     {"events_stats", 0, nif_events_stats, 0},                                        \
     {"events_put_snapshot", 4, nif_events_put_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
     {"events_latest_snapshot", 3, nif_events_latest_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
