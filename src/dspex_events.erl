@@ -1027,19 +1027,25 @@ take_snapshots(Session, Due, Every, #{states := States} = Cache) ->
                                  _ -> {0, undefined}
                              end
                      end,
-    Put = fun(N, Ts, St, Last) ->
+    %% the snapshots go in transactions of up to 64 (one per snapshot cost more than the snapshot's
+    %% encoding); Acc: {the last one with its replay state, those not stored yet}
+    Put = fun(N, Ts, St, {Last, Pending}) ->
                   case N rem Every =:= 0 andalso is_map(St) of
                       true ->
-                          _ = dspex_nif:events_put_snapshot(Session, N, Ts, to_state(St)),
-                          {N, St};
-                      false -> Last
+                          P1 = [{Session, N, Ts, to_state(St)} | Pending],
+                          {{N, St}, case length(P1) >= 64 of
+                                        true -> put_snapshots(P1);
+                                        false -> P1
+                                    end};
+                      false -> {Last, Pending}
                   end
           end,
     Stored = case From < Due of
                  true ->
-                     %% the last snapshot stored on the way, with its state
-                     case replay_pages(Session, From + 1, Due, 0, Every, {State0, none}, Put) of
-                         {ok, {_, Last}} -> Last;
+                     case replay_pages(Session, From + 1, Due, 0, Every, {State0, {none, []}}, Put) of
+                         {ok, {_, {Last, Pending}}} ->
+                             [] = put_snapshots(Pending),
+                             Last;
                          _ -> none
                      end;
                  false -> none
@@ -1048,6 +1054,10 @@ take_snapshots(Session, Due, Every, #{states := States} = Cache) ->
         {N, St} -> keep(Session, N, St, Cache);
         none -> Cache
     end.
+
+put_snapshots(Pending) ->
+    _ = dspex_nif:events_put_snapshots(lists:reverse(Pending)),
+    [].
 
 %% The snapshotter's kept states: at most `max' sessions, the least recently stored evicted.
 keep(Session, Seq, St, #{max := Max, tick := T, states := States, lru := Lru} = Cache) when Max > 0 ->

@@ -23,6 +23,7 @@ events_test_() ->
       ?T(snapshot_at_every_multiple_equals_export),
       ?T(snapshotter_starts_from_the_state_it_kept),
       ?T(replay_folds_runs_of_updates),
+      ?T(put_snapshots_stores_each),
       ?T(state_at_equals_export_for_runs_of_updates),
       ?T(await_returns_after_the_listener_was_told),
       ?T(replay_decodes_data_as_binary_to_term),
@@ -709,6 +710,23 @@ replay_folds_runs_of_updates() ->
     ?assertEqual(0, length([T || {_, _, {updates, _, _} = T, _} <- Unfolded])),
     ?assertError(badarg, dspex_nif:events_replay(S, 1, 0, 0, 10, 0, [{<<"x">>, -1}])),
     ?assertError(badarg, dspex_nif:events_replay(S, 1, 0, 0, 10, 0, nope)).
+
+%% events_put_snapshots/1 (the snapshotter's, one transaction) stores each
+%% snapshot as events_put_snapshot/4 does.
+put_snapshots_stores_each() ->
+    [A, B] = [sid(), sid()],
+    ?assertEqual(ok, dspex_nif:events_put_snapshots([{A, 10, 5, #{n => 10}}, {A, 20, 6, #{n => 20}},
+                                                     {B, 10, 7, [b]}])),
+    ?assertEqual({ok, 10, 5, #{n => 10}}, dspex_nif:events_latest_snapshot(A, 19, 0)),
+    ?assertEqual({ok, 20, 6, #{n => 20}}, dspex_nif:events_latest_snapshot(A, 0, 0)),
+    ?assertEqual({ok, 10, 7, [b]}, dspex_nif:events_latest_snapshot(B, 0, 0)),
+    ?assertEqual(ok, dspex_nif:events_put_snapshots([])),
+    ?assertError(badarg, dspex_nif:events_put_snapshots([{A, -1, 0, x}])),
+    ?assertError(badarg, dspex_nif:events_put_snapshots([{A, 1, 0}])),
+    ?assertError(badarg, dspex_nif:events_put_snapshots(nope)),
+    ?assertError(badarg, dspex_nif:events_put_snapshots([{A, I, 0, x} || I <- lists:seq(1, 1001)])),
+    %% nothing of a bad list was stored
+    ?assertEqual({ok, 20, 6, #{n => 20}}, dspex_nif:events_latest_snapshot(A, 0, 0)).
 
 %% state_at equals the export for random histories made of runs of one
 %% variable's updates (history limits 0-3, re-registered on the way, deleted,

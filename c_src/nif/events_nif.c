@@ -1787,6 +1787,55 @@ DX_NIF(nif_events_put_snapshot) {
     return rc ? es_error(env, err) : ATOM_ok;
 }
 
+/* events_put_snapshots([{Session, Sequence, TsUs, Term}]) -> ok: in one transaction where the backend can (the
+ * snapshotter's snapshots of one replay; at most 1,000) */
+DX_NIF(nif_events_put_snapshots) {
+    unsigned n;
+    if (!enif_get_list_length(env, argv[0], &n) || n > 1000) return enif_make_badarg(env);
+    if (!n) return ATOM_ok;
+    dx_ev_snapshot *ss = enif_alloc(n * sizeof *ss);
+    ErlNifBinary *bs = enif_alloc(n * sizeof *bs);
+    if (!ss || !bs) {
+        enif_free(ss);
+        enif_free(bs);
+        return dx_error(env, ATOM_enomem);
+    }
+    ERL_NIF_TERM l = argv[0], h, r = 0;
+    unsigned k = 0;
+    for (; enif_get_list_cell(env, l, &h, &l); k++) {
+        const ERL_NIF_TERM *t;
+        int ar;
+        ErlNifBinary sid;
+        ErlNifUInt64 seq;
+        ErlNifSInt64 ts;
+        if (!enif_get_tuple(env, h, &ar, &t) || ar != 4 || !enif_inspect_binary(env, t[0], &sid) ||
+            !enif_get_uint64(env, t[1], &seq) || !enif_get_int64(env, t[2], &ts)) {
+            r = enif_make_badarg(env);
+            break;
+        }
+        if (!enif_term_to_binary(env, t[3], &bs[k])) {
+            r = dx_error(env, ATOM_enomem);
+            break;
+        }
+        ss[k] = (dx_ev_snapshot){(const char *)sid.data, sid.size, seq, ts, bs[k].data, bs[k].size};
+    }
+    if (!r) {
+        char err[256];
+        int rc = 0;
+        pthread_mutex_lock(&g_rd_mu);
+        if (!g_rd) rc = (snprintf(err, sizeof err, "not_open"), -1);
+        else if (g_ops->put_snapshots) rc = g_ops->put_snapshots(g_rd, ss, n, err, sizeof err);
+        else
+            for (unsigned i = 0; !rc && i < n; i++) rc = g_ops->put_snapshot(g_rd, &ss[i], err, sizeof err);
+        pthread_mutex_unlock(&g_rd_mu);
+        r = rc ? es_error(env, err) : ATOM_ok;
+    }
+    for (unsigned i = 0; i < k; i++) enif_release_binary(&bs[i]);
+    enif_free(ss);
+    enif_free(bs);
+    return r;
+}
+
 typedef struct {
     ErlNifEnv *env;
     ERL_NIF_TERM r;
