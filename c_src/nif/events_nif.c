@@ -1122,9 +1122,11 @@ static const char *const STATE_TYPES[6] = {"session_created", "session_deleted",
 
 static ERL_NIF_TERM A_state_types[6], A_updates;
 
+static size_t STATE_TYPE_LENS[6]; /* set at load */
+
 static int state_type(const char *t, size_t n) {
     for (int i = 0; i < 6; i++)
-        if (strlen(STATE_TYPES[i]) == n && !memcmp(STATE_TYPES[i], t, n)) return i + 1;
+        if (STATE_TYPE_LENS[i] == n && !memcmp(STATE_TYPES[i], t, n)) return i + 1;
     return 0;
 }
 
@@ -1345,6 +1347,7 @@ static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t l
 enum { UK_ID, UK_NAME, UK_VALUE, UK_OLD, UK_VERSION, UK_PREVV, UK_UPDATED, UK_META, UK_BY, UK_PREV, UK_N };
 static const char *const UPD_KEYS[UK_N] = {"id",         "name",     "value",     "old_value",  "version",
                                            "previous_version", "updated_at", "metadata", "changed_by", "previous"};
+static size_t UPD_KEY_LENS[UK_N]; /* set at load */
 
 /* Checks that fd_term would decode the term at d->p, and skips it; 0 when not (or not sure). */
 static int fd_check(fd_in *d, int depth) {
@@ -1449,7 +1452,7 @@ static int upd_parse(ErlNifEnv *env, const uint8_t *b, size_t len, upd_view *v) 
         if (!fd_need(&d, 2 + kn)) return 0;
         int k = -1;
         for (int j = 0; j < UK_N; j++)
-            if (strlen(UPD_KEYS[j]) == kn && !memcmp(UPD_KEYS[j], d.p + 2, kn)) k = j;
+            if (UPD_KEY_LENS[j] == kn && !memcmp(UPD_KEYS[j], d.p + 2, kn)) k = j;
         if (k < 0 || (seen & 1u << k)) return 0;
         seen |= 1u << k;
         d.p += 2 + kn;
@@ -1983,6 +1986,8 @@ int dx_events_init(ErlNifEnv *env) {
     fd_init(env);
     for (int i = 0; i < 6; i++) A_state_types[i] = enif_make_atom(env, STATE_TYPES[i]);
     A_updates = enif_make_atom(env, "updates");
+    for (int i = 0; i < 6; i++) STATE_TYPE_LENS[i] = strlen(STATE_TYPES[i]);
+    for (int i = 0; i < UK_N; i++) UPD_KEY_LENS[i] = strlen(UPD_KEYS[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))
         return -1;
     dx_store_set_event_hook(ev_hook);

@@ -947,6 +947,19 @@ static void test_backend_filters_snapshots_retention(void **st) {
     got = 0;
     dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 1, 0, snap_cb, &got, err, sizeof err);
     assert_int_equal(got, 0);
+    /* several in one transaction (the snapshotter's): each stored */
+    dx_ev_snapshot sns[3] = {{"s", 1, 4, 2100, (const uint8_t *)"y", 1}, {"s", 1, 6, 2200, (const uint8_t *)"z", 1},
+                             {"t", 1, 6, 2300, (const uint8_t *)"w", 1}};
+    assert_int_equal(dx_ev_sqlite_ops.put_snapshots(db, sns, 3, err, sizeof err), 0);
+    got = 0;
+    assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 5, 0, snap_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got, 4);
+    got = 0;
+    assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 0, 0, snap_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got, 6);
+    got = 0;
+    assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "t", 1, 0, 0, snap_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got, 6);
     size_t archived = 0;
     assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 2500, arch_cb, &archived, err, sizeof err), 0);
     assert_int_equal(archived, 2);
