@@ -33,6 +33,7 @@ typedef struct {
     const char *variable;  size_t variable_len;   /* 0 = any */
     size_t limit;                                 /* 0 = no limit */
     int descending;                               /* order by position (per session: by sequence) */
+    int lean;  /* only position, sequence, ts_us, type and data are needed (a backend may leave the rest empty) */
 } dx_ev_query;
 
 /* Called once per row, in order; the record's pointers are valid only during the call.

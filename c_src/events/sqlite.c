@@ -614,7 +614,9 @@ static void row_rec(sqlite3_stmt *q, dx_ev_rec *r) {
 
 /* The SQL of a query (sq_query, dx_ev_sqlite_query_plan); 0, or -1 with err. */
 static int query_sql(const dx_ev_query *qq, const sq_trange *tr, char *sql, size_t len, char *err, size_t errlen) {
-    size_t o = (size_t)snprintf(sql, len, "SELECT " COLS " FROM events WHERE 1");
+    /* lean (the replays): the columns not needed as NULL, not read from the row */
+    size_t o = (size_t)snprintf(sql, len, "SELECT %s FROM events WHERE 1",
+                                qq->lean ? "position,sequence,ts_us,NULL,NULL,type,NULL,NULL,NULL,NULL,data,NULL" : COLS);
     if (qq->session_len) o += (size_t)snprintf(sql + o, len - o, " AND session=?1");
     if (qq->seq_from) o += (size_t)snprintf(sql + o, len - o, " AND sequence>=?2");
     if (qq->seq_to) o += (size_t)snprintf(sql + o, len - o, " AND sequence<=?3");

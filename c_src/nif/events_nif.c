@@ -1706,6 +1706,7 @@ DX_NIF(nif_events_replay) {
     q.seq_to = to;
     q.ts_to = tsto;
     q.limit = lim;
+    q.lean = 1;
     for (int fold = argc > 6;; fold = 0) {
         replay_ctx c;
         memset(&c, 0, sizeof c);
