@@ -490,7 +490,8 @@ unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
 %% with values, versions and histories; the Erlang-side extras of
 %% `dspex_store:export_session/1' are not part of it). Built from the latest
 %% snapshot at or before the point plus the events after it, read with the
-%% lean `dspex_nif:events_replay/6' (only the events that change the state).
+%% lean `dspex_nif:events_replay/7' (only the events that change the state,
+%% a run of one variable's updates folded into one).
 -spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
 state_at(Session, Point) when is_binary(Session) ->
     case replay_to(Session, Point) of
