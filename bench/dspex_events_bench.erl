@@ -156,9 +156,14 @@ async_ingest(P, Per) ->
     ok = dspex_events:await(),
     Total = secs(T0),
     {R1, _} = erlang:statistics(runtime),
+    %% the snapshotter may still be storing the last batches' snapshots: its CPU counted too, until it is done
+    _ = sys:get_state(dspex_events),
+    ok = dspex_events:snapshots_sync(),
+    {R2, _} = erlang:statistics(runtime),
     io:format("    (the writes returned after ~.2f s, all durable after ~.2f s; the whole VM's CPU "
-              "(statistics(runtime): schedulers, the writer and checkpointer threads): ~.2f us per event)~n",
-              [Pushed, Total, (R1 - R0) * 1000 / (P * Per)]),
+              "(statistics(runtime): schedulers, the writer and checkpointer threads): ~.2f us per event, "
+              "~.2f us until every snapshot due was stored)~n",
+              [Pushed, Total, (R1 - R0) * 1000 / (P * Per), (R2 - R0) * 1000 / (P * Per)]),
     P * Per / Total.
 
 set_loop(_, 0) -> ok;

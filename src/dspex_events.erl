@@ -490,7 +490,8 @@ unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
 %% with values, versions and histories; the Erlang-side extras of
 %% `dspex_store:export_session/1' are not part of it). Built from the latest
 %% snapshot at or before the point plus the events after it, read with the
-%% lean `dspex_nif:events_replay/6' (only the events that change the state).
+%% lean `dspex_nif:events_replay/7' (only the events that change the state,
+%% a run of one variable's updates folded into one).
 -spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
 state_at(Session, Point) when is_binary(Session) ->
     case replay_to(Session, Point) of
@@ -515,23 +516,26 @@ replay_to(Session, Point) ->
     end.
 
 replay(Session, Snap, FromSeq, MaxSeq, MaxTs) ->
-    case replay_pages(Session, FromSeq + 1, MaxSeq, MaxTs, 0, from_state(Snap), fun(_, _, St) -> St end) of
-        {ok, undefined} -> {error, not_found};
-        {ok, deleted} -> {error, not_found};
-        {ok, State} -> {ok, to_state(State)};
+    case replay_pages(Session, FromSeq + 1, MaxSeq, MaxTs, 0, {from_state(Snap), none}, fun(_, _, _, A) -> A end) of
+        {ok, {undefined, _}} -> {error, not_found};
+        {ok, {deleted, _}} -> {error, not_found};
+        {ok, {State, _}} -> {ok, to_state(State)};
         Error -> Error
     end.
 
 %% Applies the session's events from sequence `From' (to `To' and time `TsTo'
 %% when not 0) to the replay state, a page of ?PAGE rows per read of the lean
 %% `events_replay' (only the events that change the state, undecoded metadata
-%% never built); `After(Seq, Ts, State)' sees the state after each of them,
-%% and after every other event whose sequence is a multiple of `Mark' (> 0).
-replay_pages(Session, From, To, TsTo, Mark, St0, After) ->
-    case dspex_nif:events_replay(Session, From, To, TsTo, ?PAGE, Mark) of
+%% never built); `After(Seq, Ts, State, Acc)' sees the state after each of
+%% them, and after every other event whose sequence is a multiple of `Mark'
+%% (> 0), and returns the new `Acc'. Returns `{ok, {State, Acc}}'.
+replay_pages(Session, From, To, TsTo, Mark, {State0, _} = St0, After) ->
+    case dspex_nif:events_replay(Session, From, To, TsTo, ?PAGE, Mark, history_limits(State0)) of
         {ok, Evs, Scanned, Last} ->
-            St1 = lists:foldl(fun({Seq, Ts, _, _} = E, St) -> After(Seq, Ts, apply_event(Session, E, St)) end,
-                              St0, Evs),
+            St1 = lists:foldl(fun({Seq, Ts, _, _} = E, {St, Acc}) ->
+                                      St2 = apply_event(Session, E, St),
+                                      {St2, After(Seq, Ts, St2, Acc)}
+                              end, St0, Evs),
             case Scanned < ?PAGE of
                 true -> {ok, St1};
                 false -> replay_pages(Session, Last + 1, To, TsTo, Mark, St1, After)
@@ -569,9 +573,32 @@ apply_event(_, {_, _, T, #{name := N} = D}, #{vars := Vs} = St)
             St#{vars := Vs#{N := cut({V1, C + 1, [maps:get(previous, D) | R]})}};
         _ -> St
     end;
+apply_event(_, {_, _, {updates, Count, Prevs}, #{name := N} = D}, #{vars := Vs} = St) ->
+    %% a run of Count updates of one variable (events_replay/7): the last one's
+    %% fields, and the run's `previous' entries, of which the NIF kept the last
+    %% history_limit (the whole history then) or all
+    case Vs of
+        #{N := {V, C, R}} ->
+            V1 = V#{value := maps:get(value, D), version := maps:get(version, D),
+                    updated_at := maps:get(updated_at, D), metadata := maps:get(metadata, D),
+                    changed_by := maps:get(changed_by, D)},
+            Kept = length(Prevs),
+            St#{vars := Vs#{N := case Kept < Count of
+                                     true -> {V1, Kept, Prevs};
+                                     false -> cut({V1, C + Count, Prevs ++ R})
+                                 end}};
+        _ -> St
+    end;
 apply_event(_, {_, _, variable_deleted, #{name := N}}, #{vars := Vs} = St) ->
     St#{vars := maps:remove(N, Vs)};
 apply_event(_, _, St) -> St.
+
+%% The variables' history limits for events_replay/7.
+history_limits(#{vars := Vs}) ->
+    maps:fold(fun(N, {#{history_limit := L}, _, _}, Acc) when is_integer(L), L >= 0 -> [{N, L} | Acc];
+                 (_, _, Acc) -> Acc
+              end, [], Vs);
+history_limits(_) -> [].
 
 cut({#{history_limit := L} = V, C, R}) when is_integer(L), C >= 2 * L + 8 -> {V, L, lists:sublist(R, L)};
 cut(X) -> X.
@@ -960,15 +987,29 @@ deliver(Ref, #{subs := Subs, last := Last} = St) ->
 %% multiple of snapshot_every without their data (see `replay_pages/7'), and
 %% keeps histories newest first (see `apply_event/3'); a snapshot holds the
 %% stored form (`to_state/1'), the same term as before these were made lean.
+%%
+%% It keeps the replay state of the last snapshot it stored for each of the
+%% `snapshot_cache_sessions' (default 1,000) sessions it stored one for most
+%% recently (least recently stored evicted first): the next snapshot of such a
+%% session starts from it instead of reading and decoding the stored one. The
+%% log is append-only by sequence, so the kept state is the stored snapshot's
+%% (the same `to_state/1'); a session not kept (evicted, or the process
+%% restarted with the log) reads its latest snapshot as before.
 snapshotter(Every) ->
+    snapshotter(Every, #{max => 0, tick => 0, states => #{}, lru => gb_trees:empty()}).
+
+snapshotter(Every, Cache) ->
     receive
         {dspex_events_snapshot_due, Due} ->
             D = merge_due(lists:foldl(fun({S, Seq}, Acc) -> due(S, Seq, Acc) end, #{}, Due)),
-            maps:foreach(fun(S, Seq) -> take_snapshots(S, Seq, Every) end, D),
-            snapshotter(Every);
+            Max = application:get_env(dspex_bridge, snapshot_cache_sessions, 1000),
+            #{states := States, lru := Lru} = Cache,
+            {States1, Lru1} = evict(Max, States, Lru),
+            snapshotter(Every, maps:fold(fun(S, Seq, C) -> take_snapshots(S, Seq, Every, C) end,
+                                         Cache#{max := Max, states := States1, lru := Lru1}, D));
         {snapshots_sync, From, Tag} ->
             From ! {Tag, ok},
-            snapshotter(Every)
+            snapshotter(Every, Cache)
     end.
 
 due(S, Seq, Acc) -> maps:update_with(S, fun(O) -> max(O, Seq) end, Seq, Acc).
@@ -978,18 +1019,64 @@ merge_due(D) ->
     after 0 -> D
     end.
 
-take_snapshots(Session, Due, Every) ->
-    {From, State0} = case dspex_nif:events_latest_snapshot(Session, Due, 0) of
-                         {ok, Seq, _, Snap} -> {Seq, Snap};
-                         _ -> {0, undefined}
+take_snapshots(Session, Due, Every, #{states := States} = Cache) ->
+    {From, State0} = case States of
+                         #{Session := {KSeq, KState, _}} when KSeq =< Due -> {KSeq, KState};
+                         _ ->
+                             case dspex_nif:events_latest_snapshot(Session, Due, 0) of
+                                 {ok, Seq, _, Snap} -> {Seq, from_state(Snap)};
+                                 _ -> {0, undefined}
+                             end
                      end,
-    Put = fun(N, Ts, St) ->
-                  _ = N rem Every =:= 0 andalso is_map(St)
-                      andalso dspex_nif:events_put_snapshot(Session, N, Ts, to_state(St)),
-                  St
+    %% the snapshots go in transactions of up to 64 (one per snapshot cost more than the snapshot's
+    %% encoding); Acc: {the last one with its replay state, those not stored yet}
+    Put = fun(N, Ts, St, {Last, Pending}) ->
+                  case N rem Every =:= 0 andalso is_map(St) of
+                      true ->
+                          P1 = [{Session, N, Ts, to_state(St)} | Pending],
+                          {{N, St}, case length(P1) >= 64 of
+                                        true -> put_snapshots(P1);
+                                        false -> P1
+                                    end};
+                      false -> {Last, Pending}
+                  end
           end,
-    _ = From < Due andalso replay_pages(Session, From + 1, Due, 0, Every, from_state(State0), Put),
-    ok.
+    Stored = case From < Due of
+                 true ->
+                     case replay_pages(Session, From + 1, Due, 0, Every, {State0, {none, []}}, Put) of
+                         {ok, {_, {Last, Pending}}} ->
+                             [] = put_snapshots(Pending),
+                             Last;
+                         _ -> none
+                     end;
+                 false -> none
+             end,
+    case Stored of
+        {N, St} -> keep(Session, N, St, Cache);
+        none -> Cache
+    end.
+
+put_snapshots(Pending) ->
+    _ = dspex_nif:events_put_snapshots(lists:reverse(Pending)),
+    [].
+
+%% The snapshotter's kept states: at most `max' sessions, the least recently stored evicted.
+keep(Session, Seq, St, #{max := Max, tick := T, states := States, lru := Lru} = Cache) when Max > 0 ->
+    Lru1 = case States of
+               #{Session := {_, _, OldT}} -> gb_trees:delete(OldT, Lru);
+               _ -> Lru
+           end,
+    {States2, Lru2} = evict(Max - 1, maps:remove(Session, States), Lru1),
+    Cache#{tick := T + 1, states := States2#{Session => {Seq, St, T}}, lru := gb_trees:insert(T, Session, Lru2)};
+keep(_, _, _, Cache) -> Cache.
+
+evict(Max, States, Lru) ->
+    case gb_trees:size(Lru) > Max of
+        true ->
+            {_, Old, Lru1} = gb_trees:take_smallest(Lru),
+            evict(Max, maps:remove(Old, States), Lru1);
+        false -> {States, Lru}
+    end.
 
 expire(Ts) ->
     try expire_(Ts)

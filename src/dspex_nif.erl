@@ -23,7 +23,7 @@
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
          events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1,
          events_seed/1, events_append/5, events_session_delete/2, events_reseed/1,
-         events_replay/6]).
+         events_replay/6, events_replay/7, events_put_snapshots/1]).
 -export([sched_stats/0, rawbuf_debug/1]).
 -export([opt_ask/8]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
@@ -198,6 +198,9 @@ events_read(_Query) -> ?NOT_LOADED.
 events_stats() -> ?NOT_LOADED.
 events_put_snapshot(_Session, _Seq, _TsUs, _Term) -> ?NOT_LOADED.
 events_latest_snapshot(_Session, _MaxSeq, _MaxTs) -> ?NOT_LOADED.
+%% Snapshots in one transaction where the backend can (SQLite; PostgreSQL one each), at most 1,000.
+-spec events_put_snapshots([{binary(), non_neg_integer(), integer(), term()}]) -> ok | {error, term()}.
+events_put_snapshots(_Snapshots) -> ?NOT_LOADED.
 events_expire(_TsUs) -> ?NOT_LOADED.
 events_session_seq(_Session) -> ?NOT_LOADED.
 events_seed(_Session) -> ?NOT_LOADED.
@@ -209,6 +212,16 @@ events_reseed(_Session) -> ?NOT_LOADED.
           {ok, [{pos_integer(), integer(), atom() | binary(), term()}], non_neg_integer(), non_neg_integer()}
           | {error, {event_store, term()}}.
 events_replay(_Session, _SeqFrom, _SeqTo, _TsTo, _Limit, _Mark) -> ?NOT_LOADED.
+%% The same with the runs of one variable's updates folded into one
+%% `{Seq, Ts, {updates, Count, Previous}, LastData}' (Previous: the last
+%% min(Count, history_limit) `previous' entries, newest first); `Limits' are
+%% the `{Name, HistoryLimit}' of the variables the caller's state has.
+-spec events_replay(binary(), non_neg_integer(), non_neg_integer(), non_neg_integer(), pos_integer(),
+                    non_neg_integer(), [{term(), non_neg_integer()}]) ->
+          {ok, [{pos_integer(), integer(), atom() | binary() | {updates, pos_integer(), [map()]}, term()}],
+           non_neg_integer(), non_neg_integer()}
+          | {error, {event_store, term()}}.
+events_replay(_Session, _SeqFrom, _SeqTo, _TsTo, _Limit, _Mark, _Limits) -> ?NOT_LOADED.
 sched_stats() -> ?NOT_LOADED.
 rawbuf_debug(_FailNth) -> ?NOT_LOADED.
 

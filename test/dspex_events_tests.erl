@@ -21,6 +21,10 @@ events_test_() ->
       ?T(state_at_equals_export_for_random_histories),
       ?T(state_at_by_time_and_snapshots),
       ?T(snapshot_at_every_multiple_equals_export),
+      ?T(snapshotter_starts_from_the_state_it_kept),
+      ?T(replay_folds_runs_of_updates),
+      ?T(put_snapshots_stores_each),
+      ?T(state_at_equals_export_for_runs_of_updates),
       ?T(await_returns_after_the_listener_was_told),
       ?T(replay_decodes_data_as_binary_to_term),
       ?T(audit_trail_summary),
@@ -660,6 +664,153 @@ snapshot_at_every_multiple_equals_export() ->
     {ok, #{variables := [#{name := <<"x">>, history := HX}, #{name := <<"y">>, history := []}]}} =
         dspex_events:state_at(S, {sequence, Last}),
     ?assertEqual(3, length(HX)).
+
+%% events_replay/7 lists a run of updates of one variable as one
+%% {Seq, Ts, {updates, Count, Previous}, Data}: the last event's sequence,
+%% time and data, and the `previous' of its last history_limit events
+%% (newest first); a run ends at another variable's update, at an event that
+%% changes the state otherwise, at a multiple of Mark (other events between
+%% its updates do not end it); a variable the caller
+%% did not give a limit for (and that was not registered in the call) is not
+%% folded; an update whose data is not the writer's map is listed alone.
+replay_folds_runs_of_updates() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0, #{history_limit => 3}),   % 2
+    {ok, _} = dspex_store:register(S, y, integer, 0, #{history_limit => 0}),   % 3
+    [{ok, _} = dspex_store:set(S, x, I) || I <- lists:seq(1, 12)],             % 4..15
+    {ok, _} = dspex_events:append(S, note, 1, #{}),                            % 16
+    [{ok, _} = dspex_store:set(S, x, I) || I <- lists:seq(13, 14)],            % 17, 18
+    [{ok, _} = dspex_store:set(S, y, I) || I <- lists:seq(1, 4)],              % 19..22
+    {ok, _} = dspex_store:rollback(S, x, 13),                                  % 23
+    {ok, _} = dspex_store:set(S, x, 100),                                      % 24
+    %% not the writer's map (an extra key): listed alone
+    {ok, _} = dspex_events:append(S, variable_updated, #{name => <<"x">>, value => 7, old_value => 100, version => 99,
+                                                         previous_version => 98, updated_at => 1, metadata => #{},
+                                                         changed_by => app, previous => #{value => 0}, id => <<>>,
+                                                         extra => 1}, #{}), % 25
+    {ok, _} = dspex_store:set(S, x, 101),                                      % 26
+    settle(),
+    {ok, All, 26, 26} = dspex_nif:events_replay(S, 1, 0, 0, 1000, 10, []),
+    Shape = [case T of
+                 {updates, N, Ps} -> {Seq, updates, N, [V || #{value := V} <- Ps]};
+                 _ -> {Seq, T}
+             end || {Seq, _, T, _} <- All],
+    ?assertEqual([{1, session_created}, {2, variable_registered}, {3, variable_registered},
+                  {10, updates, 7, [6, 5, 4]}, {18, updates, 7, [13, 12, 11]}, {20, updates, 2, []}, {22, updates, 2, []},
+                  {24, updates, 2, [13, 14]}, {25, variable_updated}, {26, variable_updated}], Shape),
+    %% the last event's data, as events_replay/6 gives it
+    {ok, Plain, 26, 26} = dspex_nif:events_replay(S, 1, 0, 0, 1000, 10),
+    [?assertEqual(lists:keyfind(Seq, 1, Plain), {Seq, Ts, variable_updated, D}) || {Seq, Ts, {updates, _, _}, D} <- All],
+    ?assertMatch(#{previous := #{value := 1}}, element(4, lists:keyfind(5, 1, Plain))),
+    %% from the middle: the caller's limits; without them nothing is folded
+    {ok, Mid, _, 26} = dspex_nif:events_replay(S, 5, 0, 0, 1000, 0, [{<<"x">>, 1}]),
+    ?assertMatch([{18, _, {updates, 13, [#{value := 13}]}, #{value := 14}}, {19, _, variable_updated, _} | _], Mid),
+    {ok, Unfolded, _, 26} = dspex_nif:events_replay(S, 5, 0, 0, 1000, 0, []),
+    ?assertEqual(0, length([T || {_, _, {updates, _, _} = T, _} <- Unfolded])),
+    ?assertError(badarg, dspex_nif:events_replay(S, 1, 0, 0, 10, 0, [{<<"x">>, -1}])),
+    ?assertError(badarg, dspex_nif:events_replay(S, 1, 0, 0, 10, 0, nope)).
+
+%% events_put_snapshots/1 (the snapshotter's, one transaction) stores each
+%% snapshot as events_put_snapshot/4 does.
+put_snapshots_stores_each() ->
+    [A, B] = [sid(), sid()],
+    ?assertEqual(ok, dspex_nif:events_put_snapshots([{A, 10, 5, #{n => 10}}, {A, 20, 6, #{n => 20}},
+                                                     {B, 10, 7, [b]}])),
+    ?assertEqual({ok, 10, 5, #{n => 10}}, dspex_nif:events_latest_snapshot(A, 19, 0)),
+    ?assertEqual({ok, 20, 6, #{n => 20}}, dspex_nif:events_latest_snapshot(A, 0, 0)),
+    ?assertEqual({ok, 10, 7, [b]}, dspex_nif:events_latest_snapshot(B, 0, 0)),
+    ?assertEqual(ok, dspex_nif:events_put_snapshots([])),
+    ?assertError(badarg, dspex_nif:events_put_snapshots([{A, -1, 0, x}])),
+    ?assertError(badarg, dspex_nif:events_put_snapshots([{A, 1, 0}])),
+    ?assertError(badarg, dspex_nif:events_put_snapshots(nope)),
+    ?assertError(badarg, dspex_nif:events_put_snapshots([{A, I, 0, x} || I <- lists:seq(1, 1001)])),
+    %% nothing of a bad list was stored
+    ?assertEqual({ok, 20, 6, #{n => 20}}, dspex_nif:events_latest_snapshot(A, 0, 0)).
+
+%% state_at equals the export for random histories made of runs of one
+%% variable's updates (history limits 0-3, re-registered on the way, deleted,
+%% rolled back, other events between them), from snapshots every 10 events.
+state_at_equals_export_for_runs_of_updates() ->
+    Op = proper_types:frequency([{12, {set, a, integer(-5, 5)}}, {3, {set, b, integer(-5, 5)}},
+                                 {1, {register, elements([a, b]), integer(0, 3)}}, {1, {delete, elements([a, b])}},
+                                 {1, {rollback, elements([a, b]), integer(0, 3)}}, {1, note}]),
+    ?assert(proper:quickcheck(
+              ?FORALL(Ops, non_empty(list(Op)),
+                      begin
+                          S = sid(),
+                          {ok, _} = dspex_store:create_session(S),
+                          Exports = [begin
+                                         _ = case O of
+                                                 {register, K, L} -> dspex_store:register(S, K, integer, 0, #{history_limit => L});
+                                                 note -> dspex_events:append(S, note, 1, #{});
+                                                 _ -> apply_op(S, O)
+                                             end,
+                                         {ok, E} = dspex_nif:export_session(S),
+                                         {dspex_nif:events_session_seq(S), E}
+                                     end || O <- [{register, a, 2}, {register, b, 1} | Ops]],
+                          settle(),
+                          lists:all(fun({Seq, E}) ->
+                                            case dspex_events:state_at(S, {sequence, Seq}) of
+                                                {ok, E} -> true;
+                                                Other -> io:format("seq ~p:~n~p~n~p~n", [Seq, E, Other]), false
+                                            end
+                                    end, Exports)
+                      end), [{numtests, list_to_integer(os:getenv("DSPEX_PROP_EVENTS_N", "40"))}, {to_file, user}])).
+
+%% The snapshotter keeps the state of the last snapshot it stored for each
+%% session (at most snapshot_cache_sessions, least recently stored evicted):
+%% the next snapshots of a kept session start from it without reading the
+%% stored one (events_latest_snapshot/3, call-traced in the snapshotter), a
+%% session evicted reads it; every snapshot equals the export taken then.
+snapshotter_starts_from_the_state_it_kept() ->
+    #{snapshotter := P} = sys:get_state(dspex_events),
+    erlang:trace_pattern({dspex_nif, events_latest_snapshot, 3}, true, [local]),
+    erlang:trace(P, true, [call, {tracer, self()}]),
+    Reads = fun() ->
+                    settle(),
+                    length(drain_traces(P, []))
+            end,
+    [A, B] = [sid(), sid()],
+    Exports = fun(S, N) ->
+                      [begin
+                           {ok, _} = dspex_store:set(S, x, I, #{changed_by => {k, I}}),
+                           {ok, E} = dspex_nif:export_session(S),
+                           {dspex_nif:events_session_seq(S), E}
+                       end || I <- lists:seq(1, N)]
+              end,
+    try
+        [begin {ok, _} = dspex_store:create_session(S), {ok, _} = dspex_store:register(S, x, integer, 0, #{history_limit => 4}) end
+         || S <- [A, B]],
+        E0 = Exports(A, 18),
+        ?assertEqual(1, Reads()),
+        %% A kept: four more snapshots without a read
+        E1 = Exports(A, 40),
+        ?assertEqual(0, Reads()),
+        %% one session kept: A and B take turns, each evicts the other
+        application:set_env(dspex_bridge, snapshot_cache_sessions, 1),
+        E2 = lists:append([begin E = Exports(S, 10), settle(), E end || _ <- [1, 2, 3], S <- [B, A]]),
+        ?assertEqual(6, Reads()),
+        application:set_env(dspex_bridge, snapshot_cache_sessions, 0),
+        E3 = lists:append([begin E = Exports(A, 10), settle(), E end || _ <- [1, 2]]),
+        ?assertEqual(2, Reads()),
+        Snaps = [{K, E} || {K, E} <- E0 ++ E1 ++ E2 ++ E3, K rem 10 =:= 0],
+        ?assertEqual(14, length(Snaps)),
+        [begin
+             #{id := Id} = E,
+             {ok, K, _, #{session := Sess, vars := Vs}} = dspex_nif:events_latest_snapshot(Id, K, 0),
+             ?assertEqual({K, E}, {K, Sess#{variables => [V || {_, V} <- lists:sort(maps:to_list(Vs))]}})
+         end || {K, E} <- Snaps]
+    after
+        erlang:trace(P, false, [call]),
+        erlang:trace_pattern({dspex_nif, events_latest_snapshot, 3}, false, [local]),
+        application:unset_env(dspex_bridge, snapshot_cache_sessions)
+    end.
+
+drain_traces(P, Acc) ->
+    receive {trace, P, call, {dspex_nif, events_latest_snapshot, _}} = T -> drain_traces(P, [T | Acc])
+    after 0 -> Acc
+    end.
 
 %% The NIF's own decoder of the event data (the replay's, and read/2's data
 %% and metadata) gives what binary_to_term/1 gives, for every kind of term (those it leaves to the VM included: pids,

@@ -33,6 +33,7 @@ typedef struct {
     const char *variable;  size_t variable_len;   /* 0 = any */
     size_t limit;                                 /* 0 = no limit */
     int descending;                               /* order by position (per session: by sequence) */
+    int lean;  /* only position, sequence, ts_us, type and data are needed (a backend may leave the rest empty) */
 } dx_ev_query;
 
 /* Called once per row, in order; the record's pointers are valid only during the call.
@@ -63,6 +64,8 @@ typedef struct {
     /* Highest stored sequence of one session (0 when none). */
     int (*session_max_seq)(void *st, const char *session, size_t len, uint64_t *seq, char *err, size_t errlen);
     int (*put_snapshot)(void *st, const dx_ev_snapshot *s, char *err, size_t errlen);
+    /* n snapshots in one transaction (all or none); NULL: the caller calls put_snapshot for each. */
+    int (*put_snapshots)(void *st, const dx_ev_snapshot *s, size_t n, char *err, size_t errlen);
     /* The latest snapshot with sequence <= max_seq (max_seq 0 = no bound) and ts_us <= max_ts (0 = no bound);
      * cb is not called when there is none. */
     int (*latest_snapshot)(void *st, const char *session, size_t len, uint64_t max_seq, int64_t max_ts,

@@ -614,7 +614,9 @@ static void row_rec(sqlite3_stmt *q, dx_ev_rec *r) {
 
 /* The SQL of a query (sq_query, dx_ev_sqlite_query_plan); 0, or -1 with err. */
 static int query_sql(const dx_ev_query *qq, const sq_trange *tr, char *sql, size_t len, char *err, size_t errlen) {
-    size_t o = (size_t)snprintf(sql, len, "SELECT " COLS " FROM events WHERE 1");
+    /* lean (the replays): the columns not needed as NULL, not read from the row */
+    size_t o = (size_t)snprintf(sql, len, "SELECT %s FROM events WHERE 1",
+                                qq->lean ? "position,sequence,ts_us,NULL,NULL,type,NULL,NULL,NULL,NULL,data,NULL" : COLS);
     if (qq->session_len) o += (size_t)snprintf(sql + o, len - o, " AND session=?1");
     if (qq->seq_from) o += (size_t)snprintf(sql + o, len - o, " AND sequence>=?2");
     if (qq->seq_to) o += (size_t)snprintf(sql + o, len - o, " AND sequence<=?3");
@@ -743,6 +745,25 @@ static int sq_put_snapshot(void *st, const dx_ev_snapshot *sn, char *err, size_t
     return step_done(s->putsnap) ? fail(s, "put_snapshot", err, errlen) : 0;
 }
 
+/* One transaction for the snapshotter's snapshots of a replay: a transaction per snapshot took some 100 us each
+ * (its WAL frames, locks and index), most of the cost of storing one. Deferred: the first insert locks the
+ * attached snapshots database only, never the events (the writer's). */
+static int sq_put_snapshots(void *st, const dx_ev_snapshot *sn, size_t n, char *err, size_t errlen) {
+    sq_t *s = st;
+    if (step_done(s->begin_deferred)) return fail(s, "put_snapshots", err, errlen);
+    for (size_t i = 0; i < n; i++)
+        if (sq_put_snapshot(st, &sn[i], err, errlen)) {
+            (void)step_done(s->rollback);
+            return -1;
+        }
+    if (step_done(s->commit)) {
+        fail(s, "put_snapshots", err, errlen);
+        (void)step_done(s->rollback);
+        return -1;
+    }
+    return 0;
+}
+
 static int sq_latest_snapshot(void *st, const char *session, size_t len, uint64_t max_seq, int64_t max_ts,
                               dx_ev_snap_cb cb, void *ctx, char *err, size_t errlen) {
     sq_t *s = st;
@@ -822,6 +843,7 @@ const dx_ev_backend_ops dx_ev_sqlite_ops = {
     .max_position = sq_max_position,
     .session_max_seq = sq_session_max_seq,
     .put_snapshot = sq_put_snapshot,
+    .put_snapshots = sq_put_snapshots,
     .latest_snapshot = sq_latest_snapshot,
     .expire_before = sq_expire_before,
     .close = sq_close,

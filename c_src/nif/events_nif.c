@@ -1120,11 +1120,13 @@ DX_NIF(nif_events_read) {
 static const char *const STATE_TYPES[6] = {"session_created", "session_deleted", "variable_registered",
                                            "variable_updated", "variable_deleted", "variable_rolled_back"};
 
-static ERL_NIF_TERM A_state_types[6];
+static ERL_NIF_TERM A_state_types[6], A_updates;
+
+static size_t STATE_TYPE_LENS[6]; /* set at load */
 
 static int state_type(const char *t, size_t n) {
     for (int i = 0; i < 6; i++)
-        if (strlen(STATE_TYPES[i]) == n && !memcmp(STATE_TYPES[i], t, n)) return i + 1;
+        if (STATE_TYPE_LENS[i] == n && !memcmp(STATE_TYPES[i], t, n)) return i + 1;
     return 0;
 }
 
@@ -1328,37 +1330,374 @@ static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t l
     return dx_blob_to_term(env, p, len, dflt);
 }
 
+/* ---- the fold of runs of updates (events_replay/7) ------------------------------------------------------
+ * A run of consecutive variable_updated / variable_rolled_back events of one variable (other types that do not
+ * change the state may come between) leaves that variable with the last event's fields and, in its history,
+ * the `previous' of each event of the run, of which only the last history_limit matter. Such a run is listed as
+ * one {Seq, Ts, {updates, Count, Previous}, Data}: the last event's sequence, time and data, the run's length
+ * and the `previous' of its last min(Count, history_limit) events, newest first; the other events of the run
+ * are neither decoded nor built as terms (their `previous' is copied, the rest only checked).
+ *
+ * An event joins a run only when its data is exactly the writer's map (the ten keys below, each once) and
+ * every term in it decodes (fd_check: the tags fast_blob_to_term takes, existing atoms, finite floats, no
+ * map with two keys of the same encoding), so that the event alone would have been decoded and applied;
+ * and when the variable's history_limit is known: given by the caller (the variables of its state) or read
+ * from a variable_registered event of this call (a variable_deleted or session_created forgets). Anything
+ * else ends the run and is listed as events_replay/6 lists it. A run ends at a multiple of Mark too. */
+enum { UK_ID, UK_NAME, UK_VALUE, UK_OLD, UK_VERSION, UK_PREVV, UK_UPDATED, UK_META, UK_BY, UK_PREV, UK_N };
+static const char *const UPD_KEYS[UK_N] = {"id",         "name",     "value",     "old_value",  "version",
+                                           "previous_version", "updated_at", "metadata", "changed_by", "previous"};
+static size_t UPD_KEY_LENS[UK_N]; /* set at load */
+
+/* Checks that fd_term would decode the term at d->p, and skips it; 0 when not (or not sure). */
+static int fd_check(fd_in *d, int depth) {
+    if (depth > 64 || !fd_need(d, 1)) return 0;
+    uint8_t tag = *d->p++;
+    ERL_NIF_TERM a;
+    switch (tag) {
+    case 97: return fd_need(d, 1) ? (d->p += 1, 1) : 0;
+    case 98: return fd_need(d, 4) ? (d->p += 4, 1) : 0;
+    case 70: {
+        if (!fd_need(d, 8)) return 0;
+        uint64_t u = (uint64_t)fd_u32(d->p) << 32 | fd_u32(d->p + 4);
+        double f;
+        memcpy(&f, &u, 8);
+        if (!isfinite(f)) return 0;
+        d->p += 8;
+        return 1;
+    }
+    case 110: {
+        if (!fd_need(d, 2)) return 0;
+        size_t n = d->p[0];
+        int neg = d->p[1];
+        if (n > 8 || !fd_need(d, 2 + n)) return 0;
+        uint64_t m = 0;
+        for (size_t i = n; i > 0; i--) m = m << 8 | d->p[2 + i - 1];
+        if (neg && m > (uint64_t)INT64_MAX + 1) return 0;
+        d->p += 2 + n;
+        return 1;
+    }
+    case 119:
+    case 115:
+        if (!fd_need(d, 1)) return 0;
+        return fd_atom_of(d, *d->p++, &a);
+    case 118:
+    case 100: {
+        if (!fd_need(d, 2)) return 0;
+        size_t n = fd_u16(d->p);
+        d->p += 2;
+        return fd_atom_of(d, n, &a);
+    }
+    case 109: {
+        if (!fd_need(d, 4)) return 0;
+        size_t n = fd_u32(d->p);
+        if (!fd_need(d, 4 + n)) return 0;
+        d->p += 4 + n;
+        return 1;
+    }
+    case 106: return 1;
+    case 107: {
+        if (!fd_need(d, 2)) return 0;
+        size_t n = fd_u16(d->p);
+        if (!fd_need(d, 2 + n)) return 0;
+        d->p += 2 + n;
+        return 1;
+    }
+    case 104:
+    case 105:
+    case 108: {
+        size_t hl = tag == 104 ? 1 : 4;
+        if (!fd_need(d, hl)) return 0;
+        size_t n = tag == 104 ? d->p[0] : fd_u32(d->p);
+        d->p += hl;
+        if (n > (size_t)(d->end - d->p)) return 0;
+        for (size_t i = 0; i < n; i++)
+            if (!fd_check(d, depth + 1)) return 0;
+        return tag == 108 ? fd_check(d, depth + 1) : 1;
+    }
+    case 116: {
+        if (!fd_need(d, 4)) return 0;
+        size_t n = fd_u32(d->p);
+        d->p += 4;
+        if (n > 32) return 0; /* keys compared pairwise below: small maps only */
+        const uint8_t *ks[32];
+        size_t kl[32];
+        for (size_t i = 0; i < n; i++) {
+            ks[i] = d->p;
+            if (!fd_check(d, depth + 1)) return 0;
+            kl[i] = (size_t)(d->p - ks[i]);
+            for (size_t j = 0; j < i; j++)
+                if (kl[j] == kl[i] && !memcmp(ks[j], ks[i], kl[i])) return 0;
+            if (!fd_check(d, depth + 1)) return 0;
+        }
+        return 1;
+    }
+    default: return 0;
+    }
+}
+
+/* The spans of the writer's variable_updated data; 0 when the data is not exactly that map or not decodable. */
+typedef struct {
+    const uint8_t *p[UK_N];
+    size_t n[UK_N];
+} upd_view;
+
+static int upd_parse(ErlNifEnv *env, const uint8_t *b, size_t len, upd_view *v) {
+    if (len < 6 || b[0] != 131 || b[1] != 116 || fd_u32(b + 2) != UK_N) return 0;
+    fd_in d = {env, b + 6, b + len};
+    unsigned seen = 0;
+    for (int i = 0; i < UK_N; i++) {
+        if (!fd_need(&d, 2) || (d.p[0] != 119 && d.p[0] != 115)) return 0;
+        size_t kn = d.p[1];
+        if (!fd_need(&d, 2 + kn)) return 0;
+        int k = -1;
+        for (int j = 0; j < UK_N; j++)
+            if (UPD_KEY_LENS[j] == kn && !memcmp(UPD_KEYS[j], d.p + 2, kn)) k = j;
+        if (k < 0 || (seen & 1u << k)) return 0;
+        seen |= 1u << k;
+        d.p += 2 + kn;
+        v->p[k] = d.p;
+        if (!fd_check(&d, 1)) return 0;
+        v->n[k] = (size_t)(d.p - v->p[k]);
+    }
+    return d.p == d.end;
+}
+
+/* history_limit by variable name (its external format without the 131): open addressing */
+typedef struct {
+    uint8_t *name; /* NULL: empty; (uint8_t *)1 with len 0: deleted */
+    size_t len;
+    uint64_t limit;
+} lim_ent;
+typedef struct {
+    lim_ent *t;
+    size_t cap, used;
+} lim_tab;
+
+static lim_ent *lim_find(lim_tab *lt, const uint8_t *n, size_t len) {
+    if (!lt->cap) return NULL;
+    for (size_t i = fd_hash(n, len) & (lt->cap - 1), k = 0; k < lt->cap; i = (i + 1) & (lt->cap - 1), k++) {
+        lim_ent *e = &lt->t[i];
+        if (!e->name) return NULL;
+        if (e->len == len && e->name != (uint8_t *)1 && !memcmp(e->name, n, len)) return e;
+    }
+    return NULL;
+}
+
+static int lim_put(lim_tab *lt, const uint8_t *n, size_t len, uint64_t limit) {
+    lim_ent *e = lim_find(lt, n, len);
+    if (e) return e->limit = limit, 0;
+    if ((lt->used + 1) * 2 > lt->cap) {
+        size_t nc = lt->cap ? lt->cap * 2 : 16;
+        lim_ent *nt = enif_alloc(nc * sizeof *nt);
+        if (!nt) return -1;
+        memset(nt, 0, nc * sizeof *nt);
+        lim_tab o = *lt;
+        *lt = (lim_tab){nt, nc, 0};
+        for (size_t i = 0; i < o.cap; i++)
+            if (o.t[i].name && o.t[i].name != (uint8_t *)1) {
+                for (size_t j = fd_hash(o.t[i].name, o.t[i].len) & (nc - 1);; j = (j + 1) & (nc - 1))
+                    if (!nt[j].name) {
+                        nt[j] = o.t[i];
+                        lt->used++;
+                        break;
+                    }
+            }
+        enif_free(o.t);
+    }
+    uint8_t *c = enif_alloc(len ? len : 1);
+    if (!c) return -1;
+    memcpy(c, n, len);
+    for (size_t j = fd_hash(n, len) & (lt->cap - 1);; j = (j + 1) & (lt->cap - 1))
+        if (!lt->t[j].name || lt->t[j].name == (uint8_t *)1) {
+            lt->used += !lt->t[j].name;
+            lt->t[j] = (lim_ent){c, len, limit};
+            return 0;
+        }
+}
+
+static void lim_del(lim_tab *lt, const uint8_t *n, size_t len) {
+    lim_ent *e = lim_find(lt, n, len);
+    if (e) {
+        enif_free(e->name);
+        *e = (lim_ent){(uint8_t *)1, 0, 0};
+    }
+}
+
+static void lim_free(lim_tab *lt) {
+    for (size_t i = 0; i < lt->cap; i++)
+        if (lt->t[i].name && lt->t[i].name != (uint8_t *)1) enif_free(lt->t[i].name);
+    enif_free(lt->t);
+    *lt = (lim_tab){NULL, 0, 0};
+}
+
+/* a name term's key in the table: its external format without the version byte */
+static int lim_put_term(ErlNifEnv *env, lim_tab *lt, ERL_NIF_TERM name, uint64_t limit, int del) {
+    ErlNifBinary b;
+    if (!enif_term_to_binary(env, name, &b)) return -1;
+    int rc = 0;
+    if (del) lim_del(lt, b.data + 1, b.size - 1);
+    else rc = lim_put(lt, b.data + 1, b.size - 1, limit);
+    enif_release_binary(&b);
+    return rc;
+}
+
+typedef struct {
+    uint8_t *p;
+    size_t n, cap;
+} byte_buf;
+
+static int bb_set(byte_buf *b, const uint8_t *p, size_t n) {
+    if (n > b->cap) {
+        uint8_t *q = enif_realloc(b->p, n);
+        if (!q) return -1;
+        b->p = q;
+        b->cap = n;
+    }
+    memcpy(b->p, p, n);
+    b->n = n;
+    return 0;
+}
+
 typedef struct {
     ErlNifEnv *env;
     ERL_NIF_TERM list;
     uint64_t scanned, last_seq, mark;
+    int fold, failed;
+    lim_tab lims;
+    /* the run: its variable (a copy of the name's encoding), length, limit, the last event, and a ring of the
+     * last min(count, limit) `previous' encodings (ring[(start + i) % ring_cap], i < ring_n, oldest first) */
+    byte_buf name, last;
+    uint64_t count, limit, seq;
+    int64_t ts;
+    int type;
+    byte_buf *ring;
+    size_t ring_cap, ring_n, ring_start;
 } replay_ctx;
+
+static void run_push(replay_ctx *c, ERL_NIF_TERM e) { c->list = enif_make_list_cell(c->env, e, c->list); }
+
+/* Lists the run (the event as it is when alone). */
+static void run_flush(replay_ctx *c) {
+    if (!c->count) return;
+    ErlNifEnv *env = c->env;
+    ERL_NIF_TERM data = fast_blob_to_term(env, c->last.p, c->last.n, ATOM_undefined), type;
+    if (c->count == 1) {
+        type = A_state_types[c->type - 1];
+    } else {
+        ERL_NIF_TERM prevs = enif_make_list(env, 0);
+        for (size_t i = 0; i < c->ring_n; i++) { /* oldest first: the list ends newest first */
+            byte_buf *b = &c->ring[(c->ring_start + i) % c->ring_cap];
+            fd_in d = {env, b->p, b->p + b->n};
+            ERL_NIF_TERM t;
+            if (!fd_term(&d, &t, 1) || d.p != d.end) c->failed = 1;
+            else prevs = enif_make_list_cell(env, t, prevs);
+        }
+        type = enif_make_tuple3(env, A_updates, enif_make_uint64(env, c->count), prevs);
+    }
+    run_push(c, enif_make_tuple4(env, enif_make_uint64(env, c->seq), enif_make_int64(env, c->ts), type, data));
+    c->count = 0;
+    c->ring_n = 0;
+    c->ring_start = 0;
+}
+
+/* Adds an update to the run (a new one when another variable's); 0, or -1 when it cannot be folded (and
+ * nothing changed). Out of memory: `failed' (the call is made again unfolded). */
+static int run_add(replay_ctx *c, const dx_ev_rec *r, int st) {
+    upd_view v;
+    if (!upd_parse(c->env, r->data, r->data_len, &v)) return -1;
+    if (!c->count || c->name.n != v.n[UK_NAME] || memcmp(c->name.p, v.p[UK_NAME], c->name.n)) {
+        lim_ent *e = lim_find(&c->lims, v.p[UK_NAME], v.n[UK_NAME]);
+        if (!e) return -1;
+        uint64_t limit = e->limit;
+        run_flush(c);
+        if (bb_set(&c->name, v.p[UK_NAME], v.n[UK_NAME])) return c->failed = 1, -1;
+        c->limit = limit;
+    }
+    if (c->limit) {
+        if (c->ring_n < c->limit && c->ring_n == c->ring_cap) { /* grow, keeping the order */
+            size_t nc = c->ring_cap ? c->ring_cap * 2 : 8;
+            if (nc > c->limit) nc = c->limit;
+            byte_buf *nr = enif_alloc(nc * sizeof *nr);
+            if (!nr) return c->failed = 1, -1;
+            memset(nr, 0, nc * sizeof *nr);
+            for (size_t i = 0; i < c->ring_cap; i++) nr[i] = c->ring[(c->ring_start + i) % c->ring_cap];
+            enif_free(c->ring);
+            c->ring = nr;
+            c->ring_cap = nc;
+            c->ring_start = 0;
+        }
+        /* after the newest; at the limit the oldest goes */
+        byte_buf *slot = &c->ring[(c->ring_start + c->ring_n) % c->ring_cap];
+        if (bb_set(slot, v.p[UK_PREV], v.n[UK_PREV])) return c->failed = 1, -1;
+        if (c->ring_n < c->limit) c->ring_n++;
+        else c->ring_start = (c->ring_start + 1) % c->ring_cap;
+    }
+    if (bb_set(&c->last, r->data, r->data_len)) return c->failed = 1, -1;
+    c->count++;
+    c->seq = r->sequence;
+    c->ts = r->ts_us;
+    c->type = st;
+    return 0;
+}
 
 static int replay_cb(void *ctx, const dx_ev_rec *r) {
     replay_ctx *c = ctx;
     c->scanned++;
     c->last_seq = r->sequence;
     int st = state_type(r->type, r->type_len);
-    if (!st && !(c->mark && r->sequence % c->mark == 0)) return 0;
-    ERL_NIF_TERM e = enif_make_tuple4(c->env, enif_make_uint64(c->env, r->sequence), enif_make_int64(c->env, r->ts_us),
-                                      st ? A_state_types[st - 1] : type_term(c->env, r->type, r->type_len),
-                                      st ? fast_blob_to_term(c->env, r->data, r->data_len, ATOM_undefined) : ATOM_undefined);
-    c->list = enif_make_list_cell(c->env, e, c->list);
+    int marked = c->mark && r->sequence % c->mark == 0;
+    if (!st && !marked) return 0;
+    if (c->fold && (st == 4 || st == 6)) {
+        if (run_add(c, r, st) == 0) {
+            if (marked) run_flush(c);
+            return 0;
+        }
+    }
+    if (c->fold) run_flush(c);
+    ERL_NIF_TERM data = st ? fast_blob_to_term(c->env, r->data, r->data_len, ATOM_undefined) : ATOM_undefined;
+    run_push(c, enif_make_tuple4(c->env, enif_make_uint64(c->env, r->sequence), enif_make_int64(c->env, r->ts_us),
+                                 st ? A_state_types[st - 1] : type_term(c->env, r->type, r->type_len), data));
+    if (c->fold && (st == 1 || st == 3 || st == 5)) {
+        /* what the caller's state learns or forgets of its variables' history_limit */
+        ERL_NIF_TERM n, l;
+        ErlNifUInt64 lim;
+        if (st == 1) {
+            lim_free(&c->lims);
+        } else if (enif_is_map(c->env, data) && enif_get_map_value(c->env, data, ATOM_name, &n)) {
+            if (st == 3 && enif_get_map_value(c->env, data, ATOM_history_limit, &l) && enif_get_uint64(c->env, l, &lim)) {
+                if (lim_put_term(c->env, &c->lims, n, lim, 0)) c->failed = 1;
+            } else if (lim_put_term(c->env, &c->lims, n, 0, 1)) {
+                c->failed = 1;
+            }
+        }
+    }
     return 0;
+}
+
+static void replay_ctx_free(replay_ctx *c) {
+    lim_free(&c->lims);
+    enif_free(c->name.p);
+    enif_free(c->last.p);
+    for (size_t i = 0; i < c->ring_cap; i++) enif_free(c->ring[i].p);
+    enif_free(c->ring);
 }
 
 /* events_replay(Session, SeqFrom, SeqTo, TsTo, Limit, Mark) -> {ok, [{Seq, Ts, Type, Data}], Scanned, LastSeq}
  * (dirty I/O): the session's events with SeqFrom =< sequence (=< SeqTo unless 0) (and timestamp =< TsTo unless
  * 0), at most Limit (1..100,000) rows scanned, in sequence order; Scanned rows were read, LastSeq is the last
  * one's sequence (0: none). Listed: those of the types that change the state, and (Mark > 0) the others whose
- * sequence is a multiple of Mark, with Data `undefined' (the snapshotter stores a snapshot there). */
+ * sequence is a multiple of Mark, with Data `undefined' (the snapshotter stores a snapshot there).
+ * events_replay(..., Mark, Limits): the same, with the runs of updates folded (see above); Limits is the list
+ * of {Name, HistoryLimit} of the variables of the caller's state before SeqFrom. */
 DX_NIF(nif_events_replay) {
     ErlNifBinary sid;
     ErlNifUInt64 from, to, lim, mark;
     ErlNifSInt64 tsto;
     if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0 || !enif_get_uint64(env, argv[1], &from) ||
         !enif_get_uint64(env, argv[2], &to) || !enif_get_int64(env, argv[3], &tsto) || tsto < 0 ||
-        !enif_get_uint64(env, argv[4], &lim) || lim == 0 || lim > MAX_READ || !enif_get_uint64(env, argv[5], &mark))
+        !enif_get_uint64(env, argv[4], &lim) || lim == 0 || lim > MAX_READ || !enif_get_uint64(env, argv[5], &mark) ||
+        (argc > 6 && !enif_is_list(env, argv[6])))
         return enif_make_badarg(env);
     dx_ev_query q = {0};
     q.session = (const char *)sid.data;
@@ -1367,13 +1706,38 @@ DX_NIF(nif_events_replay) {
     q.seq_to = to;
     q.ts_to = tsto;
     q.limit = lim;
-    replay_ctx c = {env, enif_make_list(env, 0), 0, 0, mark};
-    char err[256];
-    int rc = rd_query(&q, replay_cb, &c, err, sizeof err);
-    if (rc) return es_error(env, err);
-    ERL_NIF_TERM rev;
-    enif_make_reverse_list(env, c.list, &rev);
-    return enif_make_tuple4(env, ATOM_ok, rev, enif_make_uint64(env, c.scanned), enif_make_uint64(env, c.last_seq));
+    q.lean = 1;
+    for (int fold = argc > 6;; fold = 0) {
+        replay_ctx c;
+        memset(&c, 0, sizeof c);
+        c.env = env;
+        c.list = enif_make_list(env, 0);
+        c.mark = mark;
+        c.fold = fold;
+        if (fold) {
+            ERL_NIF_TERM l = argv[6], h, t;
+            const ERL_NIF_TERM *kv;
+            int ar;
+            ErlNifUInt64 hl;
+            while (enif_get_list_cell(env, l, &h, &t)) {
+                if (!enif_get_tuple(env, h, &ar, &kv) || ar != 2 || !enif_get_uint64(env, kv[1], &hl)) {
+                    replay_ctx_free(&c);
+                    return enif_make_badarg(env);
+                }
+                if (lim_put_term(env, &c.lims, kv[0], hl, 0)) c.failed = 1;
+                l = t;
+            }
+        }
+        char err[256];
+        int rc = c.failed ? 0 : rd_query(&q, replay_cb, &c, err, sizeof err);
+        if (!rc && fold && !c.failed) run_flush(&c);
+        replay_ctx_free(&c);
+        if (rc) return es_error(env, err);
+        if (fold && c.failed) continue; /* out of memory, or a `previous' not decoded after all: unfolded */
+        ERL_NIF_TERM rev;
+        enif_make_reverse_list(env, c.list, &rev);
+        return enif_make_tuple4(env, ATOM_ok, rev, enif_make_uint64(env, c.scanned), enif_make_uint64(env, c.last_seq));
+    }
 }
 
 DX_NIF(nif_events_stats) {
@@ -1425,6 +1789,55 @@ DX_NIF(nif_events_put_snapshot) {
     pthread_mutex_unlock(&g_rd_mu);
     enif_release_binary(&blob);
     return rc ? es_error(env, err) : ATOM_ok;
+}
+
+/* events_put_snapshots([{Session, Sequence, TsUs, Term}]) -> ok: in one transaction where the backend can (the
+ * snapshotter's snapshots of one replay; at most 1,000) */
+DX_NIF(nif_events_put_snapshots) {
+    unsigned n;
+    if (!enif_get_list_length(env, argv[0], &n) || n > 1000) return enif_make_badarg(env);
+    if (!n) return ATOM_ok;
+    dx_ev_snapshot *ss = enif_alloc(n * sizeof *ss);
+    ErlNifBinary *bs = enif_alloc(n * sizeof *bs);
+    if (!ss || !bs) {
+        enif_free(ss);
+        enif_free(bs);
+        return dx_error(env, ATOM_enomem);
+    }
+    ERL_NIF_TERM l = argv[0], h, r = 0;
+    unsigned k = 0;
+    for (; enif_get_list_cell(env, l, &h, &l); k++) {
+        const ERL_NIF_TERM *t;
+        int ar;
+        ErlNifBinary sid;
+        ErlNifUInt64 seq;
+        ErlNifSInt64 ts;
+        if (!enif_get_tuple(env, h, &ar, &t) || ar != 4 || !enif_inspect_binary(env, t[0], &sid) ||
+            !enif_get_uint64(env, t[1], &seq) || !enif_get_int64(env, t[2], &ts)) {
+            r = enif_make_badarg(env);
+            break;
+        }
+        if (!enif_term_to_binary(env, t[3], &bs[k])) {
+            r = dx_error(env, ATOM_enomem);
+            break;
+        }
+        ss[k] = (dx_ev_snapshot){(const char *)sid.data, sid.size, seq, ts, bs[k].data, bs[k].size};
+    }
+    if (!r) {
+        char err[256];
+        int rc = 0;
+        pthread_mutex_lock(&g_rd_mu);
+        if (!g_rd) rc = (snprintf(err, sizeof err, "not_open"), -1);
+        else if (g_ops->put_snapshots) rc = g_ops->put_snapshots(g_rd, ss, n, err, sizeof err);
+        else
+            for (unsigned i = 0; !rc && i < n; i++) rc = g_ops->put_snapshot(g_rd, &ss[i], err, sizeof err);
+        pthread_mutex_unlock(&g_rd_mu);
+        r = rc ? es_error(env, err) : ATOM_ok;
+    }
+    for (unsigned i = 0; i < k; i++) enif_release_binary(&bs[i]);
+    enif_free(ss);
+    enif_free(bs);
+    return r;
 }
 
 typedef struct {
@@ -1573,6 +1986,9 @@ int dx_events_init(ErlNifEnv *env) {
     for (int i = 1; i < 8; i++) A_types_tab[i] = enif_make_atom(env, TYPE_NAMES[i]);
     fd_init(env);
     for (int i = 0; i < 6; i++) A_state_types[i] = enif_make_atom(env, STATE_TYPES[i]);
+    A_updates = enif_make_atom(env, "updates");
+    for (int i = 0; i < 6; i++) STATE_TYPE_LENS[i] = strlen(STATE_TYPES[i]);
+    for (int i = 0; i < UK_N; i++) UPD_KEY_LENS[i] = strlen(UPD_KEYS[i]);
     if (!(g_open_mu = enif_mutex_create("dspex_events_open")) || !(g_wait_mu = enif_mutex_create("dspex_events_wait")))
         return -1;
     dx_store_set_event_hook(ev_hook);

@@ -21,7 +21,7 @@ DX_NIF(nif_events_open); DX_NIF(nif_events_close); DX_NIF(nif_events_append); DX
 DX_NIF(nif_events_read); DX_NIF(nif_events_stats); DX_NIF(nif_events_put_snapshot);
 DX_NIF(nif_events_latest_snapshot); DX_NIF(nif_events_expire); DX_NIF(nif_events_session_seq);
 DX_NIF(nif_events_backpressure); DX_NIF(nif_events_seed); DX_NIF(nif_events_append_as);
-DX_NIF(nif_events_session_delete); DX_NIF(nif_events_replay);
+DX_NIF(nif_events_session_delete); DX_NIF(nif_events_replay); DX_NIF(nif_events_put_snapshots);
 ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 #define DX_EVENTS_FUNCS                                                              \
@@ -32,8 +32,10 @@ ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
     {"events_backpressure", 0, nif_events_backpressure, 0},                          \
     {"events_read", 1, nif_events_read, ERL_NIF_DIRTY_JOB_IO_BOUND},                 \
     {"events_replay", 6, nif_events_replay, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
+    {"events_replay", 7, nif_events_replay, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
     {"events_stats", 0, nif_events_stats, 0},                                        \
     {"events_put_snapshot", 4, nif_events_put_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
+    {"events_put_snapshots", 1, nif_events_put_snapshots, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
     {"events_latest_snapshot", 3, nif_events_latest_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
     {"events_expire", 1, nif_events_expire, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
     {"events_session_seq", 1, nif_events_session_seq, 0},                            \

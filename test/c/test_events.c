@@ -829,6 +829,14 @@ static int snap_cb(void *c, const dx_ev_snapshot *s) {
     *(uint64_t *)c = s->sequence;
     return 0;
 }
+/* a lean read: sequence, time, type (and data) as stored; id, session, principal and meta left empty */
+static int lean_cb(void *c, const dx_ev_rec *r) {
+    size_t *n = c;
+    if (r->sequence == *n + 1 && r->ts_us == (int64_t)(1000 * r->sequence) && r->type_len == 1 && !r->id[0] &&
+        !r->session_len && !r->principal_len && !r->meta_len)
+        ++*n;
+    return 0;
+}
 static int arch_cb(void *c, const dx_ev_rec *r) {
     ++*(size_t *)c;
     return 0;
@@ -933,6 +941,10 @@ static void test_backend_filters_snapshots_retention(void **st) {
     n = 0;
     dx_ev_sqlite_ops.query(db, &qp, count_cb, &n, err, sizeof err);
     assert_int_equal(n, 1);
+    dx_ev_query ql = {.session = "s", .session_len = 1, .lean = 1};
+    n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &ql, lean_cb, &n, err, sizeof err), 0);
+    assert_int_equal(n, 4);
     dx_ev_query qs = {.seq_from = 2, .seq_to = 3, .limit = 1, .descending = 1};
     n = 0;
     dx_ev_sqlite_ops.query(db, &qs, count_cb, &n, err, sizeof err);
@@ -947,6 +959,19 @@ static void test_backend_filters_snapshots_retention(void **st) {
     got = 0;
     dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 1, 0, snap_cb, &got, err, sizeof err);
     assert_int_equal(got, 0);
+    /* several in one transaction (the snapshotter's): each stored */
+    dx_ev_snapshot sns[3] = {{"s", 1, 4, 2100, (const uint8_t *)"y", 1}, {"s", 1, 6, 2200, (const uint8_t *)"z", 1},
+                             {"t", 1, 6, 2300, (const uint8_t *)"w", 1}};
+    assert_int_equal(dx_ev_sqlite_ops.put_snapshots(db, sns, 3, err, sizeof err), 0);
+    got = 0;
+    assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 5, 0, snap_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got, 4);
+    got = 0;
+    assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "s", 1, 0, 0, snap_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got, 6);
+    got = 0;
+    assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "t", 1, 0, 0, snap_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got, 6);
     size_t archived = 0;
     assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 2500, arch_cb, &archived, err, sizeof err), 0);
     assert_int_equal(archived, 2);
