@@ -84,6 +84,9 @@
 -define(KEPT_MAX, 100000).
 -define(KEPT_MAX_WORDS, 8388608). % 64 MiB
 -define(SUB_PAGE, 500).
+%% the types of the store's own changes (see append/4)
+-define(STORE_TYPES, [session_created, session_deleted, variable_registered, variable_updated, variable_deleted,
+                      variable_rolled_back, batch_committed]).
 
 %%% API ---------------------------------------------------------------------
 
@@ -98,13 +101,25 @@ enabled() -> persistent_term:get({?MODULE, enabled}, false).
 %% like a write). `Meta' may carry `principal' (binary),
 %% `changed_by', `variable', `request_id' and `durability' (`sync' | `async').
 %% Returns the event's id once it is queued (`async') or fsynced (`sync').
+%% The types the store logs for its own changes (`session_created',
+%% `session_deleted', `variable_registered', `variable_updated',
+%% `variable_deleted', `variable_rolled_back', `batch_committed', as atoms or
+%% binaries) are `{error, {reserved_type, Type}}', nothing appended: `state_at/2'
+%% and the snapshots replay them, so only the store may log them.
 -spec append(binary(), atom() | binary(), term(), map()) ->
-          {ok, binary()} | {error, {event_store, term()} | {invalid_argument, atom()}}.
+          {ok, binary()} | {error, {event_store, term()} | {invalid_argument, atom()} | {reserved_type, atom() | binary()}}.
 append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
                                        (is_atom(Type) orelse is_binary(Type)) ->
-    %% in a cluster, on the session's owner: its log holds the session's sequence
-    ?ROUTED(Session, append, [Session, Type, Data, Meta], append_here(Session, Type, Data, Meta));
+    case reserved_type(Type) of
+        true -> {error, {reserved_type, Type}};
+        %% in a cluster, on the session's owner: its log holds the session's sequence
+        false -> ?ROUTED(Session, append, [Session, Type, Data, Meta], append_here(Session, Type, Data, Meta))
+    end;
 append(_, _, _, _) -> {error, {invalid_argument, append}}.
+
+reserved_type(T) when is_binary(T) ->
+    lists:member(T, [atom_to_binary(R) || R <- ?STORE_TYPES]);
+reserved_type(T) -> lists:member(T, ?STORE_TYPES).
 
 append_here(Session, Type, Data, Meta) ->
     {Durability, Meta1} = case maps:take(durability, Meta) of
@@ -552,7 +567,7 @@ replay_pages(Session, From, To, TsTo, Mark, {State0, _} = St0, After) ->
 %% every update. `to_state/1' gives the stored form (`history' oldest first,
 %% the last `history_limit' entries: exactly what trimming after every update
 %% left), which is what snapshots hold and `state_at/2' exports.
-apply_event(S, {_, _, session_created, D}, _) ->
+apply_event(S, {_, _, session_created, D}, _) when is_map(D) ->
     #{session => #{format => dspex_session_v1, id => S, metadata => maps:get(metadata, D, #{}),
                    ttl => maps:get(ttl, D, infinity), created_at => maps:get(created_at, D, 0)},
       vars => #{}};
@@ -561,27 +576,21 @@ apply_event(_, {_, _, session_deleted, #{reason := migrated}}, St) ->
     St;
 apply_event(_, {_, _, session_deleted, _}, _) -> deleted;
 apply_event(_, _, St) when not is_map(St) -> St;
-apply_event(_, {_, _, variable_registered, #{name := N} = V}, #{vars := Vs} = St) ->
+apply_event(_, {_, _, variable_registered, #{name := N, history := H} = V}, #{vars := Vs} = St) when is_list(H) ->
     St#{vars := Vs#{N => from_var(V)}};
-apply_event(_, {_, _, T, #{name := N} = D}, #{vars := Vs} = St)
+apply_event(_, {_, _, T, #{name := N, previous := P} = D}, #{vars := Vs} = St)
   when T =:= variable_updated; T =:= variable_rolled_back ->
-    case Vs of
-        #{N := {V, C, R}} ->
-            V1 = V#{value := maps:get(value, D), version := maps:get(version, D),
-                    updated_at := maps:get(updated_at, D), metadata := maps:get(metadata, D),
-                    changed_by := maps:get(changed_by, D)},
-            St#{vars := Vs#{N := cut({V1, C + 1, [maps:get(previous, D) | R]})}};
+    case {Vs, updated(D)} of
+        {#{N := {V, C, R}}, #{} = U} -> St#{vars := Vs#{N := cut({maps:merge(V, U), C + 1, [P | R]})}};
         _ -> St
     end;
 apply_event(_, {_, _, {updates, Count, Prevs}, #{name := N} = D}, #{vars := Vs} = St) ->
     %% a run of Count updates of one variable (events_replay/7): the last one's
     %% fields, and the run's `previous' entries, of which the NIF kept the last
     %% history_limit (the whole history then) or all
-    case Vs of
-        #{N := {V, C, R}} ->
-            V1 = V#{value := maps:get(value, D), version := maps:get(version, D),
-                    updated_at := maps:get(updated_at, D), metadata := maps:get(metadata, D),
-                    changed_by := maps:get(changed_by, D)},
+    case {Vs, updated(D)} of
+        {#{N := {V, C, R}}, #{} = U} ->
+            V1 = maps:merge(V, U),
             Kept = length(Prevs),
             St#{vars := Vs#{N := case Kept < Count of
                                      true -> {V1, Kept, Prevs};
@@ -591,7 +600,14 @@ apply_event(_, {_, _, {updates, Count, Prevs}, #{name := N} = D}, #{vars := Vs} 
     end;
 apply_event(_, {_, _, variable_deleted, #{name := N}}, #{vars := Vs} = St) ->
     St#{vars := maps:remove(N, Vs)};
+%% anything else, and a state event without the fields the store gives it
+%% (which append/4 no longer lets an application log), changes nothing
 apply_event(_, _, St) -> St.
+
+%% The fields an update sets, when its data has them all (the store's events do).
+updated(#{value := _, version := _, updated_at := _, metadata := _, changed_by := _} = D) ->
+    maps:with([value, version, updated_at, metadata, changed_by], D);
+updated(_) -> none.
 
 %% The variables' history limits for events_replay/7.
 history_limits(#{vars := Vs}) ->
@@ -685,9 +701,13 @@ expire_before(TsUs) when is_integer(TsUs) -> gen_server:call(?MODULE, {expire_be
 -spec snapshots_sync() -> ok.
 snapshots_sync() ->
     #{snapshotter := P} = sys:get_state(?MODULE),
-    Tag = make_ref(),
-    P ! {snapshots_sync, self(), Tag},
-    receive {Tag, ok} -> ok end.
+    Mon = erlang:monitor(process, P),
+    P ! {snapshots_sync, self(), Mon},
+    receive
+        {Mon, ok} -> erlang:demonitor(Mon, [flush]), ok;
+        %% it died (dspex_events starts another, which takes the notices from then on)
+        {'DOWN', Mon, process, P, _} -> ok
+    end.
 
 %% @doc The event log's Prometheus gauges and counters (part of
 %% `dspex_prometheus:render/0'); empty when the log is not open.
@@ -930,6 +950,12 @@ handle_info(retention, #{retention := {days, D}} = St) ->
     _ = expire(erlang:system_time(microsecond) - D * 86400000000),
     erlang:send_after(3600000, self(), retention),
     {noreply, St};
+handle_info({'EXIT', P, Reason}, #{snapshotter := P, every := Every} = St) ->
+    %% a session it could not snapshot is skipped (take_snapshots_safe/4): this is
+    %% anything else; a new one takes the next notices, and each replays from its
+    %% session's latest snapshot, so no multiple is left without one
+    logger:error("dspex_events: the snapshotter stopped: ~tp; started again", [Reason]),
+    {noreply, St#{snapshotter := spawn_link(fun() -> snapshotter(Every) end)}};
 handle_info(_, St) -> {noreply, St}.
 
 %% @private
@@ -1005,7 +1031,7 @@ snapshotter(Every, Cache) ->
             Max = application:get_env(dspex_bridge, snapshot_cache_sessions, 1000),
             #{states := States, lru := Lru} = Cache,
             {States1, Lru1} = evict(Max, States, Lru),
-            snapshotter(Every, maps:fold(fun(S, Seq, C) -> take_snapshots(S, Seq, Every, C) end,
+            snapshotter(Every, maps:fold(fun(S, Seq, C) -> take_snapshots_safe(S, Seq, Every, C) end,
                                          Cache#{max := Max, states := States1, lru := Lru1}, D));
         {snapshots_sync, From, Tag} ->
             From ! {Tag, ok},
@@ -1017,6 +1043,20 @@ due(S, Seq, Acc) -> maps:update_with(S, fun(O) -> max(O, Seq) end, Seq, Acc).
 merge_due(D) ->
     receive {dspex_events_snapshot_due, Due} -> merge_due(lists:foldl(fun({S, Seq}, Acc) -> due(S, Seq, Acc) end, D, Due))
     after 0 -> D
+    end.
+
+%% One session's failure (its log unreadable now, an event the replay cannot
+%% take) is logged and leaves the other sessions' snapshots to be taken; the
+%% session's next notice tries again from its latest snapshot.
+take_snapshots_safe(Session, Due, Every, Cache) ->
+    try take_snapshots(Session, Due, Every, Cache)
+    catch C:R:Stack ->
+            logger:error("dspex_events: snapshots of ~ts up to ~b failed: ~tp", [Session, Due, {C, R, Stack}]),
+            #{states := States, lru := Lru} = Cache,
+            case States of
+                #{Session := {_, _, T}} -> Cache#{states := maps:remove(Session, States), lru := gb_trees:delete(T, Lru)};
+                _ -> Cache
+            end
     end.
 
 take_snapshots(Session, Due, Every, #{states := States} = Cache) ->
