@@ -70,7 +70,9 @@
 %% T0, Meta}' (a session with one replica: the caller directly), `{many, Id}'
 %% (several replicas: the entry `Id' of the pending table counts them), `none'
 %% (no caller: a replicated expiry).
--type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | none.
+%% `{all, Id}' (a fast-path set with several replicas: every link's record
+%% counts in the pending table's entry `Id', see `settle/2').
+-type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | {all, reference()} | none.
 -type record() :: {ack(), binary(), pos_integer(), pos_integer(), dspex_cluster_replica:payload()}.
 -export_type([record/0]).
 
@@ -292,20 +294,44 @@ post(St) -> self() ! flush, St#{posted := true}.
 %% A record of the native queue: the writer's, or a set of the fast path
 %% (`dspex_nif:repl_set/6'), whose payload is made here, as the writer makes
 %% it, and whose change the nodes caching the session hear of here (the
-%% writer tells them itself, `dspex_cache:committed/4').
+%% writer tells them itself, `dspex_cache:committed/4'; for a session with
+%% several replicas, the shipper of the first one, so once and in order).
+%% `Count': the replicas its caller waits for; 1: answered from this record;
+%% more: the records of the other links count in the pending table too (the
+%% first shipper to see the record inserts the entry, see `settle/2'); 0:
+%% async, nobody waits.
 record(_Node, {_, _, _, _, _} = Rec) -> Rec;
-record(Node, {From, S, K, V, Ver, E, Seq, T0, Post}) ->
+record(Node, {From, S, K, V, Ver, E, Seq, T0, Post, Count}) ->
     Op = {op, set, [S, K, V, #{expected_version => Ver - 1}], {ok, Ver}},
     %% with the event log on: the set logged event Post of the session, right
     %% after Post - 1 (see dspex_cluster_writer:with_events/5); the events
-    %% logged outside the store's commits up to it travel with it
+    %% logged outside the store's commits up to it travel with it (with
+    %% several replicas, in the record of the shipper that takes them first:
+    %% the other replicas read them from this node's log, as when the kept
+    %% events overflow)
     P = case Post of
             0 -> Op;
             _ -> {ev, Post - 1, Post, Op, dspex_events:take_kept(S, Post)}
         end,
-    ok = dspex_cache:committed(S, E, Seq, P),
-    Meta = #{session => S, op => set, module => dspex_store, replicas => [Node], mode => sync, seq => Seq},
-    {{one, From, {ok, Ver}, T0, Meta}, S, E, Seq, P}.
+    Reps = case dspex_cluster_replica:row(S) of
+               {S, _, _, _, [_ | _] = Rs, _, _} -> Rs;
+               _ -> [Node]
+           end,
+    _ = hd(Reps) =:= Node andalso dspex_cache:committed(S, E, Seq, P),
+    Mode = case Count of
+               0 -> async;
+               _ -> sync
+           end,
+    Meta = #{session => S, op => set, module => dspex_store, replicas => Reps, mode => Mode, seq => Seq},
+    Ack = case Count of
+              0 -> none;
+              1 -> {one, From, {ok, Ver}, T0, Meta};
+              _ ->
+                  {Id, _} = From,
+                  _ = ets:insert_new(?PENDING, {Id, Count, From, S, E, {ok, Ver}, T0, Meta, 0}),
+                  {all, Id}
+          end,
+    {Ack, S, E, Seq, P}.
 
 send_batches(#{qlen := 0} = St) -> St;
 send_batches(#{inflight := I} = St) when map_size(I) >= ?WINDOW -> St;
@@ -386,6 +412,10 @@ install_full(Node, {S, E}) ->
     end.
 
 %% One replica's answer for one record. Returns ok when nothing failed.
+%% `{all, Id}' (a fast-path set with several replicas): the pending entry
+%% `{Id, Left, From, S, E, Result, T0, Meta, Failed}' counts the answers of
+%% every link; the first failure answers the caller, the last answer
+%% acknowledges it if none failed, and removes the entry.
 settle({Ack, S, E, _, _}, {error, Why}) ->
     %% not acknowledged; the next write of the session re-establishes ownership
     %% (through its writer: no more fast path until it does)
@@ -400,6 +430,16 @@ settle({Ack, S, E, _, _}, {error, Why}) ->
             case ets:take(?PENDING, Id) of
                 [{Id, _, From, S, E, _, T0, Meta}] -> reply(From, {error, {retry, Why}}, E, T0, Meta);
                 [] -> ok   % failed by another replica already
+            end;
+        {all, Id} ->
+            %% read before this answer counts: the entry stays until every link answered
+            Entry = ets:lookup(?PENDING, Id),
+            case {catch ets:update_counter(?PENDING, Id, [{2, -1}, {9, 1}]), Entry} of
+                {[Left, 1], [{Id, _, From, S, E, _, T0, Meta, _}]} ->
+                    reply(From, {error, {retry, Why}}, E, T0, Meta),
+                    Left =:= 0 andalso ets:delete(?PENDING, Id);
+                {[0, _], _} -> ets:delete(?PENDING, Id);
+                _ -> ok
             end;
         none -> ok
     end,
@@ -416,6 +456,15 @@ settle({{many, Id}, _, _, _, _}, ok) ->
                 [] -> ok
             end;
         _ -> ok   % other replicas still to confirm, or already failed by one
+    end;
+settle({{all, Id}, _, _, _, _}, ok) ->
+    case catch ets:update_counter(?PENDING, Id, {2, -1}) of
+        0 ->
+            case ets:take(?PENDING, Id) of
+                [{Id, _, From, S, E, Result, T0, Meta, 0}] -> acknowledge(From, S, E, Result, T0, Meta);
+                _ -> ok   % a failure answered it
+            end;
+        _ -> ok   % other replicas still to answer
     end.
 
 %% Every replica confirmed the write. A takeover that fenced this node
