@@ -145,7 +145,7 @@ call({export_for, S}, _From, St) ->
     %% a replica missed changes of S (dspex_cluster_shipper): the session as
     %% of this owner's current {epoch, seq}
     case dspex_cluster_replica:row(S) of
-        {S, E, Seq, Me, _, _, F} when Me =:= node(), F =< E -> {reply, {ok, E, Seq, local_export(S)}, St};
+        {S, E, Seq, Me, _, _, F} when Me =:= node(), F =< E -> {reply, {ok, E, Seq, log_mark(S, local_export(S))}, St};
         _ -> {reply, {error, not_owner}, St}
     end;
 call({ensure, S}, _From, St) ->
@@ -470,6 +470,18 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
                 _ -> {error, {retry, replica_unavailable}}
             end;
         {error, _} = Err -> Err
+    end.
+
+%% An export the shipper installs on a replica while this node goes on
+%% committing: the copy's log must follow this node's only up to the event
+%% of the export's last change (dspex_cluster_replica:install/5), not to
+%% whatever this log holds by then, or the changes after the export would
+%% find their events already copied and log them a second time.
+log_mark(_S, absent) -> absent;
+log_mark(S, Exp) ->
+    case dspex_events:last_sequence(S) of
+        undefined -> Exp;
+        N -> Exp#{dspex_log_seq => N}
     end.
 
 local_export(S) ->
