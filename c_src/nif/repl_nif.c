@@ -1,19 +1,24 @@
-/* Owner-side sync replication fast path (issue #21): per-session descriptors
+/* Owner-side replication fast path (issue #21): per-session descriptors
  * and per-link native queues of replication records.
  *
  * A session's writer (dspex_cluster_writer) publishes a descriptor once it
  * owns the session settled under the current view: epoch, the session's
- * replication seq, the view generation, the replica link. A caller setting
- * such a session runs repl_set/6 itself: under the descriptor's mutex the
- * store commits the set and the record (the caller's reply address, session,
- * key, value, version, epoch, seq, start time) is appended to the link's
- * queue, so two callers of one session ship in commit order. The link's
+ * replication seq, the view generation, the replica links (one per replica,
+ * at most RD_MAX_LINKS) and the mode (sync or async). A caller setting such a
+ * session runs repl_set/6 itself: under the descriptor's mutex the store
+ * commits the set and the record (the caller's reply address, session, key,
+ * value, version, epoch, seq, start time, event seq, how many links answer
+ * the caller) is appended to every link's queue, all or nothing (the links
+ * locked in ascending id order, room made in each before any append), so
+ * two callers of one session ship in commit order on each link. A link's
  * shipper is woken by one message when its queue goes non-empty and drains
- * it with repl_drain/1.
+ * it with repl_drain/1. Sync: the caller waits for the shippers' answer;
+ * async: it is answered once the record is queued.
  *
- * Read index: `announced' is raised before the commit (and lowered again if
- * the set fails) under the same mutex, so a read that sees the change also
- * sees it announced (dspex_cluster_shipper:await_committed/2).
+ * Read index (sync): `announced' is raised before the commit (and lowered
+ * again if the set fails) under the same mutex, so a read that sees the
+ * change also sees it announced (dspex_cluster_shipper:await_committed/2).
+ * Async sets announce nothing (async reads never wait).
  *
  * Unsettling (repl_unsettle/1) takes the descriptor's mutex, so a set in
  * flight finishes (commit and append) first; from then on repl_set/6 answers
