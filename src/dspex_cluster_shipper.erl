@@ -317,7 +317,9 @@ record(Node, {From, S, K, V, Ver, E, Seq, T0, Post, Count}) ->
                {S, _, _, _, [_ | _] = Rs, _, _} -> Rs;
                _ -> [Node]
            end,
-    _ = hd(Reps) =:= Node andalso dspex_cache:committed(S, E, Seq, P),
+    %% (a link that is not among the row's other replicas tells them too: the
+    %% row may have changed since the set)
+    _ = lists:member(Node, tl(Reps)) orelse dspex_cache:committed(S, E, Seq, P),
     Mode = case Count of
                0 -> async;
                _ -> sync
