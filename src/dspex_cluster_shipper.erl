@@ -44,8 +44,11 @@
 %% `{retry, fenced}'; any other refusal: `{retry, replica_unavailable}'.</li>
 %% </ul>
 %% Back-pressure: a slow replica fills the window, records wait in the queue
-%% (and their callers wait, at most the timeout above); past `?MAX_QUEUE' queued records a new record
-%% fails at once with `{retry, replica_slow}', so memory stays bounded.
+%% (and their callers wait, at most the timeout above); past `?MAX_QUEUE'
+%% records in this queue the shipper leaves the link's native queue alone
+%% until batches leave, and once that one holds 65536 records too a new sync
+%% record fails at once with `{retry, replica_slow}' while an async set waits
+%% for room (`dspex_cluster_writer:fast_set/4'), so memory stays bounded.
 %%
 %% Every answered batch emits `[dspex, cluster, batch, stop]' (measurements
 %% `duration' (native units, send to answer) and `records'; metadata
@@ -231,6 +234,7 @@ init({Node, TimeoutMs}) ->
                {error, _} -> undefined   % records come by message, no fast path on this link
            end,
     {ok, #{node => Node, link => Link, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
+           wake => false,
            mon => undefined, tick => false,
            batches => 0, records => 0, max_batch => 0, failed => 0}}.
 
@@ -246,10 +250,8 @@ handle_cast(_, St) -> {noreply, St}.
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({rec, Rec}, St) ->
     {noreply, post(enqueue(Rec, St))};
-handle_info(dspex_repl_wake, #{link := Link, node := Node} = St) when Link =/= undefined ->
-    %% the link's native queue went non-empty: everything in it, in order
-    St1 = lists:foldl(fun(R, Acc) -> enqueue(record(Node, R), Acc) end, St, dspex_nif:repl_drain(Link)),
-    {noreply, post(St1)};
+handle_info(dspex_repl_wake, #{link := Link} = St) when Link =/= undefined ->
+    {noreply, post(drain_native(St#{wake := true}))};
 handle_info(flush, St) ->
     {noreply, send_batches(St#{posted := false})};
 handle_info({batch_done, No, Fails}, #{inflight := I, node := Node} = St) ->
@@ -260,17 +262,17 @@ handle_info({batch_done, No, Fails}, #{inflight := I, node := Node} = St) ->
             dspex_telemetry:execute([dspex, cluster, batch, stop],
                                     #{duration => erlang:monotonic_time() - Sent, records => length(Recs)},
                                     #{replica => Node, failed => Failed}),
-            {noreply, send_batches(bump(failed, Failed, St#{inflight := I1}))}
+            {noreply, post(drain_native(send_batches(bump(failed, Failed, St#{inflight := I1}))))}
     end;
 handle_info({'DOWN', Mon, process, _, _}, #{mon := Mon} = St) ->
-    {noreply, fail_all(replica_unavailable, St#{mon := undefined})};
+    {noreply, post(drain_native(fail_all(replica_unavailable, St#{mon := undefined})))};
 handle_info(tick, #{inflight := I} = St) when map_size(I) =:= 0 ->
     {noreply, St#{tick := false}};
 handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
     {Sent, _} = maps:get(lists:min(maps:keys(I)), I),
     Age = erlang:convert_time_unit(erlang:monotonic_time() - Sent, native, millisecond),
     St1 = case Age >= Timeout of
-              true -> fail_all(replica_slow, St);
+              true -> post(drain_native(fail_all(replica_slow, St)));
               false -> St
           end,
     erlang:send_after(?TICK_MS, self(), tick),
@@ -278,6 +280,18 @@ handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
 handle_info(_, St) -> {noreply, St}.
 
 %%% batches ---------------------------------------------------------------------
+
+%% The link's native queue went non-empty (`wake'): everything in it, in
+%% order, unless this queue is full: then the records wait there (the next
+%% append finds it full: a sync write fails at once with replica_slow, an
+%% async one waits for room, see dspex_cluster_writer:fast_set/4) until
+%% batches leave this queue. At most ?MAX_QUEUE records here plus what the
+%% native queue holds (65536): bounded either way.
+drain_native(#{wake := false} = St) -> St;
+drain_native(#{qlen := Q} = St) when Q >= ?MAX_QUEUE -> St;
+drain_native(#{link := Link, node := Node} = St) ->
+    lists:foldl(fun(R, #{queue := Qu, qlen := Q} = Acc) -> Acc#{queue := queue:in(record(Node, R), Qu), qlen := Q + 1} end,
+                St#{wake := false}, dspex_nif:repl_drain(Link)).
 
 enqueue(Rec, #{qlen := Q} = St) when Q >= ?MAX_QUEUE ->
     _ = settle(Rec, {error, replica_slow}),

@@ -242,9 +242,16 @@ handle_info(_, St) -> {noreply, St}.
 %% otherwise: `{Reply, Epoch, node()}' like a write call, or `slow' (nothing
 %% done: go through the writer). A shipper going down is `{retry,
 %% replica_unavailable}'; no answer within 10 s `{retry, timeout}'. `async':
-%% answered once committed and queued.
+%% answered once committed and queued; while a link's queue is full (65536
+%% records: the replica is that far behind) the caller waits for room,
+%% nothing committed, and gets `{retry, replica_slow}' after 10 s
+%% (back-pressure: memory stays bounded, writers slow down to the replica's
+%% pace instead of failing).
 -spec fast_set(binary(), term(), term(), non_neg_integer()) -> slow | {term(), non_neg_integer(), node()}.
 fast_set(S, K, V, Gen) ->
+    fast_set(S, K, V, Gen, erlang:monotonic_time(millisecond) + ?RPC_TIMEOUT * 2, 0).
+
+fast_set(S, K, V, Gen, Deadline, Waited) ->
     Alias = alias(),
     case dspex_nif:repl_set(S, K, V, Gen, {Alias, Alias}, erlang:monotonic_time()) of
         {queued, Shippers, E, _Seq, _} ->
@@ -269,6 +276,18 @@ fast_set(S, K, V, Gen) ->
         {done, E, R} ->
             unalias(Alias),
             {R, E, node()};
+        {wait, E} ->
+            %% async, a link queue full (nothing committed): back-pressure,
+            %% the caller waits for room (polled: the shipper drains the
+            %% queue a batch at a time), at most the write timeout
+            unalias(Alias),
+            case erlang:monotonic_time(millisecond) >= Deadline of
+                true -> {{error, {retry, replica_slow}}, E, node()};
+                false ->
+                    _ = Waited < 100 andalso erlang:yield(),
+                    _ = Waited >= 100 andalso timer:sleep(1),
+                    fast_set(S, K, V, Gen, Deadline, Waited + 1)
+            end;
         slow ->
             unalias(Alias),
             slow

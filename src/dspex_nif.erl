@@ -162,7 +162,8 @@ repl_announced(_S) -> ?NOT_LOADED.
 -spec repl_stats() -> {non_neg_integer(), non_neg_integer()}.
 repl_stats() -> ?NOT_LOADED.
 -spec repl_set(binary(), term(), term(), non_neg_integer(), {reference(), reference()}, integer()) ->
-          slow | {queued, [pid()], pos_integer(), pos_integer(), {ok, pos_integer()}} | {done, non_neg_integer(), term()}.
+          slow | {queued, [pid()], pos_integer(), pos_integer(), {ok, pos_integer()}} | {done, non_neg_integer(), term()}
+          | {wait, non_neg_integer()}.
 repl_set(_S, _Key, _Value, _Gen, _From, _T0) -> ?NOT_LOADED.
 %% var_lock/5 that also records Meta with the lock in the NIF's lock registry.
 -spec var_lock(binary(), term(), term(), non_neg_integer(), map(), term()) -> {ok, pos_integer()} | {error, term()}.

@@ -38,6 +38,7 @@
          fast_path_sets_with_two_replicas_reach_both_in_commit_order/1,
          a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it/1,
          async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy/1, rewind_row/1,
+         async_writers_wait_for_a_slow_replica_instead_of_failing/1, counting_sets/3,
          sets_checking_the_replica/4, set_and_last_write/3, fast_writers_start/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, restart_node/2, partition_third/1, restore_cookies/1,
          check_history/1, run_kill_test/2]).
@@ -66,6 +67,7 @@ all() ->
      fast_path_sets_with_two_replicas_reach_both_in_commit_order,
      a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it,
      async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy,
+     async_writers_wait_for_a_slow_replica_instead_of_failing,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover].
@@ -1361,6 +1363,51 @@ async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy(Config
     ok = wait_until(fun() -> same_events(node_events(PR, S)) =:= same_events(node_events(PO, S)) end, 30000,
                     log_after_failure),
     Config.
+
+%% Issue #21, back-pressure for async: async callers do not wait for their
+%% replicas, so they can outrun one. The replica's receiver held: 4 batches
+%% in flight, the shipper's queue (65536 records) and the link's native
+%% queue (65536) fill, then the writer waits for room (the set NIF refuses
+%% with nothing committed, counted) instead of failing with replica_slow;
+%% resumed, it goes on, every set is acknowledged with consecutive
+%% versions, and the replica ends equal to the owner.
+async_writers_wait_for_a_slow_replica_instead_of_failing(Config) ->
+    Peers = start_cluster("dspex_asyncbp", #{replicas => 1, replication => async, replica_timeout_ms => 60000}),
+    put(peers, Peers),
+    S = <<"asyncbp_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, Rep} = session_with_x(PA, S),
+    {PO, PR} = {peer_of(Owner, Peers), peer_of(Rep, Peers)},
+    ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
+    {F0, Full0} = peer:call(PO, dspex_nif, repl_stats, []),
+    ok = peer:call(PR, sys, suspend, [dspex_cluster_receiver]),
+    N = 160000,
+    ok = peer:call(PO, ?MODULE, spawn_call, [asyncbp_w, ?MODULE, counting_sets, [S, x, N]]),
+    %% the writer waits: refused for a full queue, and not finished
+    ok = wait_until(fun() -> element(2, peer:call(PO, dspex_nif, repl_stats, [])) > Full0 end, 60000, queue_full),
+    {_, Ver} = peer:call(PO, ?MODULE, node_state, [S, <<"x">>]),
+    ?assert(Ver < N + 1),
+    ok = peer:call(PR, sys, resume, [dspex_cluster_receiver]),
+    ?assertEqual({ok, N}, peer:call(PO, ?MODULE, await_result, [asyncbp_w, 120000], 130000)),
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual(N, F1 - F0),
+    ?assertEqual({N, N + 1}, peer:call(PO, ?MODULE, node_state, [S, <<"x">>])),
+    ok = wait_until(fun() -> peer:call(PR, ?MODULE, node_state, [S, <<"x">>]) =:= {N, N + 1} end, 60000,
+                    replica_caught_up),
+    Config.
+
+%% Sets S.K to 1..N (from this process); `{ok, N}' when each was acknowledged
+%% with the version after the previous one, else the first unexpected answer.
+counting_sets(S, K, N) ->
+    {ok, V0} = dspex_store:set(S, K, 1),
+    counting_sets(S, K, 2, N, V0).
+
+counting_sets(_S, _K, I, N, _V) when I > N -> {ok, N};
+counting_sets(S, K, I, N, V) ->
+    case dspex_store:set(S, K, I) of
+        {ok, V1} when V1 =:= V + 1 -> counting_sets(S, K, I + 1, N, V1);
+        Other -> {I, Other}
+    end.
 
 %% Runs on a replica: its row of S one change back (a missed record).
 rewind_row(S) ->

@@ -398,7 +398,7 @@ static ERL_NIF_TERM done(ErlNifEnv *env, uint64_t epoch, ERL_NIF_TERM r) {
     return enif_make_tuple3(env, enif_make_atom(env, "done"), enif_make_uint64(env, epoch), r);
 }
 
-/* repl_set(Session, Key, Value, Gen, From, T0) -> slow | {queued, Shippers, Epoch, Seq, {ok, Version}} | {done, Epoch, Reply}
+/* repl_set(Session, Key, Value, Gen, From, T0) -> slow | {queued, Shippers, Epoch, Seq, {ok, Version}} | {done, Epoch, Reply} | {wait, Epoch}
  *
  * set(Session, Key, Value, #{}) of a settled session under view generation
  * Gen: commit and append in one critical section. `slow': not settled, another
@@ -406,7 +406,9 @@ static ERL_NIF_TERM done(ErlNifEnv *env, uint64_t epoch, ERL_NIF_TERM r) {
  * writer. The record goes to every replica link of the session (all or
  * nothing, under the descriptor's mutex, so each link gets the session's
  * records in commit order): a full link queue is {done, Epoch, {error,
- * {retry, replica_slow}}} with nothing committed; a set that fails is {done,
+ * {retry, replica_slow}}} with nothing committed (async: {wait, Epoch},
+ * nothing committed: async callers outrun their replicas, so they wait for
+ * room rather than fail); a set that fails is {done,
  * Epoch, Error}, with nothing shipped. Sync: {queued, Shippers, ...}, the
  * caller waits for one answer (the last replica's, or the first failure);
  * Shippers, the shipper pid of each link, to monitor. Async: {done, Epoch,
@@ -461,7 +463,8 @@ DX_NIF(nif_repl_set) {
     int ran = 0, async = d->async;
     if (nl && full) {
         atomic_fetch_add(&g_refused_full, 1);
-        r = done(env, d->epoch, dx_error2(env, enif_make_atom(env, "retry"), enif_make_atom(env, "replica_slow")));
+        r = async ? enif_make_tuple2(env, enif_make_atom(env, "wait"), enif_make_uint64(env, d->epoch))
+                  : done(env, d->epoch, dx_error2(env, enif_make_atom(env, "retry"), enif_make_atom(env, "replica_slow")));
     } else if (nl) {
         /* announced before the commit: a read that sees the change waits for it (sync) */
         uint64_t seq = d->seq + 1;
