@@ -75,7 +75,11 @@
 %% (no caller: a replicated expiry).
 %% `{all, Id}' (a fast-path set with several replicas: every link's record
 %% counts in the pending table's entry `Id', see `settle/2').
--type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | {all, reference()} | none.
+%% `async': an async change (the writer's or the fast path's); nobody waits,
+%% and a failure only counts (the replica misses it and gets a full copy at
+%% its next change, as async replication always did).
+-type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | {all, reference()} | none
+             | async.
 -type record() :: {ack(), binary(), pos_integer(), pos_integer(), dspex_cluster_replica:payload()}.
 -export_type([record/0]).
 
@@ -313,7 +317,7 @@ post(St) -> self() ! flush, St#{posted := true}.
 %% `Count': the replicas its caller waits for; 1: answered from this record;
 %% more: the records of the other links count in the pending table too (the
 %% first shipper to see the record inserts the entry, see `settle/2'); 0:
-%% async, nobody waits.
+%% async, nobody waits (`async' ack).
 record(_Node, {_, _, _, _, _} = Rec) -> Rec;
 record(Node, {From, S, K, V, Ver, E, Seq, T0, Post, Count}) ->
     Op = {op, set, [S, K, V, #{expected_version => Ver - 1}], {ok, Ver}},
@@ -340,7 +344,7 @@ record(Node, {From, S, K, V, Ver, E, Seq, T0, Post, Count}) ->
            end,
     Meta = #{session => S, op => set, module => dspex_store, replicas => Reps, mode => Mode, seq => Seq},
     Ack = case Count of
-              0 -> none;
+              0 -> async;
               1 -> {one, From, {ok, Ver}, T0, Meta};
               _ ->
                   {Id, _} = From,
@@ -428,10 +432,17 @@ install_full(Node, {S, E}) ->
     end.
 
 %% One replica's answer for one record. Returns ok when nothing failed.
+%% An async change that failed is only counted: the replica misses it, sees
+%% the gap at the session's next change and gets a full copy then (async
+%% writes go on while a replica is away, as before the fast path).
 %% `{all, Id}' (a fast-path set with several replicas): the pending entry
 %% `{Id, Left, From, S, E, Result, T0, Meta, Failed}' counts the answers of
 %% every link; the first failure answers the caller, the last answer
 %% acknowledges it if none failed, and removes the entry.
+settle({async, _, _, _, _}, {error, _}) ->
+    error;
+settle({async, _, _, _, _}, ok) ->
+    ok;
 settle({Ack, S, E, _, _}, {error, Why}) ->
     %% not acknowledged; the next write of the session re-establishes ownership
     %% (through its writer: no more fast path until it does)

@@ -638,12 +638,16 @@ replayed_events(_) -> -1.
 %% Without waiting: async, or sync without a caller: through the shippers,
 %% like a sync write, with nobody to answer (the fast path's async sets join
 %% the same link queues, so a replica gets a session's changes in commit
-%% order; a record a replica misses changes for is fixed by a full copy, a
-%% failure makes the session re-establish ownership, see
-%% dspex_cluster_shipper).
+%% order; a record a replica misses changes for is fixed by a full copy).
+%% A failed sync record makes the session re-establish ownership; a failed
+%% async one is only counted (the replica gets a full copy at its next
+%% change, see dspex_cluster_shipper).
 replicate(_S, _E, _Seq, _P, [], _Mode) ->
     ok;
-replicate(S, E, Seq, P, Reps, _Mode) ->
+replicate(S, E, Seq, P, Reps, async) ->
+    [dspex_cluster_shipper:ship(R, {async, S, E, Seq, P}) || R <- Reps],
+    ok;
+replicate(S, E, Seq, P, Reps, sync) ->
     [dspex_cluster_shipper:ship(R, {none, S, E, Seq, P}) || R <- Reps],
     ok.
 
