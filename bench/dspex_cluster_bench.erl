@@ -75,8 +75,32 @@ main(Parts) ->
     [io:format("  ~-48s ~9b ops/s on the owner, ~9b ops/s forwarded  (~.3fx)~n",
                [K, round(V), round(proplists:get_value(K, OtherOps)), proplists:get_value(K, OtherOps) / V])
      || {K, V} <- OwnerOps],
+    other_modes(),
     Parts =:= all andalso failovers(),
     Parts =:= all andalso replica_apply(),
+    ok.
+
+%% 16 writers on the owner (own sessions, then one session) with two
+%% replicas (sync) and with async replication (R = 1), a cluster each: the
+%% owner's fast path covers both (issue #21).
+other_modes() ->
+    io:format("  16 writers on the owner, other replication modes (a cluster each):~n", []),
+    [begin
+         Peers = start("dspex_bench_" ++ Name, Conf),
+         [{_, PA} | _] = Peers,
+         {ok, Owner} = peer:call(PA, dspex_cluster, owner_of, [<<"m_0">>]),
+         POwner = proplists:get_value(Owner, Peers),
+         [begin
+              M = peer:call(POwner, ?MODULE, owned_writers,
+                            [iolist_to_binary(io_lib:format("~s~s", [Name, Same])), 16, ?SECONDS, Same], 120000),
+              io:format("  ~-10s 16 writers, ~-14s ~9b writes/s  p50 ~b us  p99 ~b us  replica drain ~b ms"
+                        "  CPU per write: owner ~.1f us, replica ~.1f us, fast path ~b%~n",
+                        [Tag, case Same of diff -> "own sessions"; same -> "one session" end, round(maps:get(rate, M)),
+                         maps:get(p50, M), maps:get(p99, M), maps:get(drain_ms, M), maps:get(cpu_owner_us, M),
+                         maps:get(cpu_replica_us, M), maps:get(fast_pct, M)])
+          end || Same <- [diff, same]],
+         stop(Peers)
+     end || {Name, Tag, Conf} <- [{"r2", "sync R=2", #{replicas => 2}}, {"async", "async R=1", #{replication => async}}]],
     ok.
 
 %% `replica_apply()': what applying sync batches costs a replica, the
@@ -167,7 +191,8 @@ writers(Prefix, N, Secs, Same) ->
 owned_writers(Prefix, N, Secs, Same) ->
     Ss = sessions(Prefix, N, Same, fun(S) -> element(1, dspex_cluster_writer:owners(S, dspex_cluster_members:view())) =:= node() end),
     [{S0, _} | _] = Ss,
-    {_, [Rep]} = dspex_cluster_writer:owners(S0, dspex_cluster_members:view()),
+    %% the lag and CPU of the first replica (R = 2: the other one does the same work)
+    {_, [Rep | _]} = dspex_cluster_writer:owners(S0, dspex_cluster_members:view()),
     Lag = fun() -> element(3, dspex_cluster_replica:current_row(S0)) - element(3, erpc:call(Rep, dspex_cluster_replica, row, [S0])) end,
     Link0 = link_stats(Rep),
     Parent = self(),
@@ -330,8 +355,8 @@ failover_once(Base, LagMs) ->
 
 start(Base) -> start(Base, #{}).
 
-%% Three peer nodes in one cluster (sync, one replica) whose configuration
-%% also holds `Extra' (say a `cache' map), with their event logs in a
+%% Three peer nodes in one cluster (sync, one replica, unless `Extra' says
+%% otherwise) whose configuration also holds `Extra' (say a `cache' map), with their event logs in a
 %% temporary directory stop/1 removes.
 start(Base, Extra) ->
     Host = hd(string:split(net_adm:localhost(), ".")),
@@ -353,8 +378,9 @@ start(Base, Extra) ->
          [ok = peer:call(P, application, set_env, [dspex_bridge, K, V])
           || {K, V} <- [{prometheus_port, 0}, {grpc_enabled, false}, {console_enabled, false}]]
      end || {N, P} <- Peers],
-    [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Extra#{nodes => Nodes, replicas => 1,
-                                                                               replication => sync}]) || {_, P} <- Peers],
+    %% `Extra' may set replicas and replication too
+    Conf = (maps:merge(#{replicas => 1, replication => sync}, Extra))#{nodes => Nodes},
+    [ok = peer:call(P, application, set_env, [dspex_bridge, cluster, Conf]) || {_, P} <- Peers],
     [{ok, _} = peer:call(P, application, ensure_all_started, [dspex_bridge]) || {_, P} <- Peers],
     wait_live(Peers, Nodes, erlang:monotonic_time(millisecond) + 20000),
     Peers.

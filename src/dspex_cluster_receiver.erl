@@ -11,6 +11,9 @@
 %% session in one NIF call (`dspex_nif:replica_apply_batch/3'), any other
 %% record by itself (see `dspex_cluster_replica'), and answers here; once every part is back
 %% the shipper gets one answer for the batch: the records that failed and why.
+%% A pool process that is not registered (it is restarting) fails its part
+%% (`replica_unavailable') rather than this process. Async replication
+%% travels the same way (nobody waits for its answer).
 -module(dspex_cluster_receiver).
 -behaviour(gen_server).
 
@@ -34,8 +37,22 @@ handle_cast(_, St) -> {noreply, St}.
 handle_info({batch, Shipper, No, Owner, Recs}, St) ->
     Parts = split(Recs, 1, #{}),
     Key = {Shipper, No},
-    maps:foreach(fun(Pool, Rev) -> Pool ! {apply_batch, self(), Key, Owner, lists:reverse(Rev)} end, Parts),
-    {noreply, St#{Key => {map_size(Parts), []}}};
+    %% a pool process not registered (restarting) fails its records
+    %% (replica_unavailable at the owner) instead of this process
+    {Sent, Failed} = maps:fold(fun(Pool, Rev, {N, F}) ->
+                                       Part = lists:reverse(Rev),
+                                       try Pool ! {apply_batch, self(), Key, Owner, Part} of
+                                           _ -> {N + 1, F}
+                                       catch error:badarg ->
+                                               {N, [{I, {error, replica_unavailable}} || {I, _, _, _, _} <- Part] ++ F}
+                                       end
+                               end, {0, []}, Parts),
+    case Sent of
+        0 ->
+            Shipper ! {batch_done, No, Failed},
+            {noreply, St};
+        _ -> {noreply, St#{Key => {Sent, Failed}}}
+    end;
 handle_info({applied, {Shipper, No} = Key, Fails}, St) ->
     case St of
         #{Key := {1, Acc}} ->

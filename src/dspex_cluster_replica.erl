@@ -181,8 +181,9 @@ handle_call({install, S, Epoch, Seq, Owner, Export}, _From, St) ->
             %% the row says which {epoch, seq} this node holds (a takeover
             %% picks the newest, absent or not): only once the copy is here
             Res = case replace(S, Export) of
-                      %% the copy's log: the owner's, up to its last event
-                      ok -> dspex_events:follow(S, Owner, latest);
+                      %% the copy's log: the owner's, up to the export's last
+                      %% event (dspex_log_seq) or its last event
+                      ok -> dspex_events:follow(S, Owner, log_upto(Export));
                       Err -> Err
                   end,
             _ = Res =:= ok andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch}),
@@ -225,7 +226,7 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
     case Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
         true -> ok;
         false ->
-            _ = replace(S, Export) =:= ok andalso dspex_events:follow(S, Owner, latest) =:= ok
+            _ = replace(S, Export) =:= ok andalso dspex_events:follow(S, Owner, log_upto(Export)) =:= ok
                 andalso put_row({S, Epoch, Seq, Owner, [], 0, Epoch})
     end,
     {noreply, St}.
@@ -428,6 +429,12 @@ before_change(S, Owner, Pre, Kept) ->
 unsettled_seq({E, N}, E, Seq0) when N > Seq0 -> N;
 unsettled_seq(_, _, Seq0) -> Seq0.
 
+%% How far an installed copy's log follows its owner's: up to the event of
+%% the export's last change when the owner said (an owner that goes on
+%% committing meanwhile, see dspex_cluster_writer's export_for), else all of it.
+log_upto(#{dspex_log_seq := N}) when is_integer(N) -> N;
+log_upto(_) -> latest.
+
 mute_if(undefined, delete_session) -> silent_delete_session;
 mute_if(_, P) -> P.
 
@@ -448,7 +455,7 @@ replace(S, Export) ->
     ok = dspex_events:forget_kept(S),
     _ = dspex_events:delete_copy(S, silent),
     Mute = put(dspex_events_mute, true),
-    try dspex_store:import_session(maps:remove(dspex_vv, Export)) of
+    try dspex_store:import_session(maps:without([dspex_vv, dspex_log_seq], Export)) of
         ok ->
             %% the copy's lineage is its source's (dspex_cache version vectors)
             ok = dspex_cache:set_vv(S, maps:get(dspex_vv, Export, #{})),

@@ -44,8 +44,11 @@
 %% `{retry, fenced}'; any other refusal: `{retry, replica_unavailable}'.</li>
 %% </ul>
 %% Back-pressure: a slow replica fills the window, records wait in the queue
-%% (and their callers wait, at most the timeout above); past `?MAX_QUEUE' queued records a new record
-%% fails at once with `{retry, replica_slow}', so memory stays bounded.
+%% (and their callers wait, at most the timeout above); past `?MAX_QUEUE'
+%% records in this queue the shipper leaves the link's native queue alone
+%% until batches leave, and once that one holds 65536 records too a new sync
+%% record fails at once with `{retry, replica_slow}' while an async set waits
+%% for room (`dspex_cluster_writer:fast_set/4'), so memory stays bounded.
 %%
 %% Every answered batch emits `[dspex, cluster, batch, stop]' (measurements
 %% `duration' (native units, send to answer) and `records'; metadata
@@ -70,7 +73,13 @@
 %% T0, Meta}' (a session with one replica: the caller directly), `{many, Id}'
 %% (several replicas: the entry `Id' of the pending table counts them), `none'
 %% (no caller: a replicated expiry).
--type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | none.
+%% `{all, Id}' (a fast-path set with several replicas: every link's record
+%% counts in the pending table's entry `Id', see `settle/2').
+%% `async': an async change (the writer's or the fast path's); nobody waits,
+%% and a failure only counts (the replica misses it and gets a full copy at
+%% its next change, as async replication always did).
+-type ack() :: {one, gen_server:from(), term(), integer(), map()} | {many, reference()} | {all, reference()} | none
+             | async.
 -type record() :: {ack(), binary(), pos_integer(), pos_integer(), dspex_cluster_replica:payload()}.
 -export_type([record/0]).
 
@@ -229,6 +238,7 @@ init({Node, TimeoutMs}) ->
                {error, _} -> undefined   % records come by message, no fast path on this link
            end,
     {ok, #{node => Node, link => Link, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
+           wake => false,
            mon => undefined, tick => false,
            batches => 0, records => 0, max_batch => 0, failed => 0}}.
 
@@ -244,10 +254,8 @@ handle_cast(_, St) -> {noreply, St}.
 -spec handle_info(term(), map()) -> {noreply, map()}.
 handle_info({rec, Rec}, St) ->
     {noreply, post(enqueue(Rec, St))};
-handle_info(dspex_repl_wake, #{link := Link, node := Node} = St) when Link =/= undefined ->
-    %% the link's native queue went non-empty: everything in it, in order
-    St1 = lists:foldl(fun(R, Acc) -> enqueue(record(Node, R), Acc) end, St, dspex_nif:repl_drain(Link)),
-    {noreply, post(St1)};
+handle_info(dspex_repl_wake, #{link := Link} = St) when Link =/= undefined ->
+    {noreply, post(drain_native(St#{wake := true}))};
 handle_info(flush, St) ->
     {noreply, send_batches(St#{posted := false})};
 handle_info({batch_done, No, Fails}, #{inflight := I, node := Node} = St) ->
@@ -258,17 +266,17 @@ handle_info({batch_done, No, Fails}, #{inflight := I, node := Node} = St) ->
             dspex_telemetry:execute([dspex, cluster, batch, stop],
                                     #{duration => erlang:monotonic_time() - Sent, records => length(Recs)},
                                     #{replica => Node, failed => Failed}),
-            {noreply, send_batches(bump(failed, Failed, St#{inflight := I1}))}
+            {noreply, post(drain_native(send_batches(bump(failed, Failed, St#{inflight := I1}))))}
     end;
 handle_info({'DOWN', Mon, process, _, _}, #{mon := Mon} = St) ->
-    {noreply, fail_all(replica_unavailable, St#{mon := undefined})};
+    {noreply, post(drain_native(fail_all(replica_unavailable, St#{mon := undefined})))};
 handle_info(tick, #{inflight := I} = St) when map_size(I) =:= 0 ->
     {noreply, St#{tick := false}};
 handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
     {Sent, _} = maps:get(lists:min(maps:keys(I)), I),
     Age = erlang:convert_time_unit(erlang:monotonic_time() - Sent, native, millisecond),
     St1 = case Age >= Timeout of
-              true -> fail_all(replica_slow, St);
+              true -> post(drain_native(fail_all(replica_slow, St)));
               false -> St
           end,
     erlang:send_after(?TICK_MS, self(), tick),
@@ -276,6 +284,18 @@ handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
 handle_info(_, St) -> {noreply, St}.
 
 %%% batches ---------------------------------------------------------------------
+
+%% The link's native queue went non-empty (`wake'): everything in it, in
+%% order, unless this queue is full: then the records wait there (the next
+%% append finds it full: a sync write fails at once with replica_slow, an
+%% async one waits for room, see dspex_cluster_writer:fast_set/4) until
+%% batches leave this queue. At most ?MAX_QUEUE records here plus what the
+%% native queue holds (65536): bounded either way.
+drain_native(#{wake := false} = St) -> St;
+drain_native(#{qlen := Q} = St) when Q >= ?MAX_QUEUE -> St;
+drain_native(#{link := Link, node := Node} = St) ->
+    lists:foldl(fun(R, #{queue := Qu, qlen := Q} = Acc) -> Acc#{queue := queue:in(record(Node, R), Qu), qlen := Q + 1} end,
+                St#{wake := false}, dspex_nif:repl_drain(Link)).
 
 enqueue(Rec, #{qlen := Q} = St) when Q >= ?MAX_QUEUE ->
     _ = settle(Rec, {error, replica_slow}),
@@ -292,20 +312,46 @@ post(St) -> self() ! flush, St#{posted := true}.
 %% A record of the native queue: the writer's, or a set of the fast path
 %% (`dspex_nif:repl_set/6'), whose payload is made here, as the writer makes
 %% it, and whose change the nodes caching the session hear of here (the
-%% writer tells them itself, `dspex_cache:committed/4').
+%% writer tells them itself, `dspex_cache:committed/4'; for a session with
+%% several replicas, the shipper of the first one, so once and in order).
+%% `Count': the replicas its caller waits for; 1: answered from this record;
+%% more: the records of the other links count in the pending table too (the
+%% first shipper to see the record inserts the entry, see `settle/2'); 0:
+%% async, nobody waits (`async' ack).
 record(_Node, {_, _, _, _, _} = Rec) -> Rec;
-record(Node, {From, S, K, V, Ver, E, Seq, T0, Post}) ->
+record(Node, {From, S, K, V, Ver, E, Seq, T0, Post, Count}) ->
     Op = {op, set, [S, K, V, #{expected_version => Ver - 1}], {ok, Ver}},
     %% with the event log on: the set logged event Post of the session, right
     %% after Post - 1 (see dspex_cluster_writer:with_events/5); the events
-    %% logged outside the store's commits up to it travel with it
+    %% logged outside the store's commits up to it travel with it (with
+    %% several replicas, in the record of the shipper that takes them first:
+    %% the other replicas read them from this node's log, as when the kept
+    %% events overflow)
     P = case Post of
             0 -> Op;
             _ -> {ev, Post - 1, Post, Op, dspex_events:take_kept(S, Post)}
         end,
-    ok = dspex_cache:committed(S, E, Seq, P),
-    Meta = #{session => S, op => set, module => dspex_store, replicas => [Node], mode => sync, seq => Seq},
-    {{one, From, {ok, Ver}, T0, Meta}, S, E, Seq, P}.
+    Reps = case dspex_cluster_replica:row(S) of
+               {S, _, _, _, [_ | _] = Rs, _, _} -> Rs;
+               _ -> [Node]
+           end,
+    %% (a link that is not among the row's other replicas tells them too: the
+    %% row may have changed since the set)
+    _ = lists:member(Node, tl(Reps)) orelse dspex_cache:committed(S, E, Seq, P),
+    Mode = case Count of
+               0 -> async;
+               _ -> sync
+           end,
+    Meta = #{session => S, op => set, module => dspex_store, replicas => Reps, mode => Mode, seq => Seq},
+    Ack = case Count of
+              0 -> async;
+              1 -> {one, From, {ok, Ver}, T0, Meta};
+              _ ->
+                  {Id, _} = From,
+                  _ = ets:insert_new(?PENDING, {Id, Count, From, S, E, {ok, Ver}, T0, Meta, 0}),
+                  {all, Id}
+          end,
+    {Ack, S, E, Seq, P}.
 
 send_batches(#{qlen := 0} = St) -> St;
 send_batches(#{inflight := I} = St) when map_size(I) >= ?WINDOW -> St;
@@ -386,6 +432,17 @@ install_full(Node, {S, E}) ->
     end.
 
 %% One replica's answer for one record. Returns ok when nothing failed.
+%% An async change that failed is only counted: the replica misses it, sees
+%% the gap at the session's next change and gets a full copy then (async
+%% writes go on while a replica is away, as before the fast path).
+%% `{all, Id}' (a fast-path set with several replicas): the pending entry
+%% `{Id, Left, From, S, E, Result, T0, Meta, Failed}' counts the answers of
+%% every link; the first failure answers the caller, the last answer
+%% acknowledges it if none failed, and removes the entry.
+settle({async, _, _, _, _}, {error, _}) ->
+    error;
+settle({async, _, _, _, _}, ok) ->
+    ok;
 settle({Ack, S, E, _, _}, {error, Why}) ->
     %% not acknowledged; the next write of the session re-establishes ownership
     %% (through its writer: no more fast path until it does)
@@ -400,6 +457,16 @@ settle({Ack, S, E, _, _}, {error, Why}) ->
             case ets:take(?PENDING, Id) of
                 [{Id, _, From, S, E, _, T0, Meta}] -> reply(From, {error, {retry, Why}}, E, T0, Meta);
                 [] -> ok   % failed by another replica already
+            end;
+        {all, Id} ->
+            %% read before this answer counts: the entry stays until every link answered
+            Entry = ets:lookup(?PENDING, Id),
+            case {catch ets:update_counter(?PENDING, Id, [{2, -1}, {9, 1}]), Entry} of
+                {[Left, 1], [{Id, _, From, S, E, _, T0, Meta, _}]} ->
+                    reply(From, {error, {retry, Why}}, E, T0, Meta),
+                    Left =:= 0 andalso ets:delete(?PENDING, Id);
+                {[0, _], _} -> ets:delete(?PENDING, Id);
+                _ -> ok
             end;
         none -> ok
     end,
@@ -416,6 +483,15 @@ settle({{many, Id}, _, _, _, _}, ok) ->
                 [] -> ok
             end;
         _ -> ok   % other replicas still to confirm, or already failed by one
+    end;
+settle({{all, Id}, _, _, _, _}, ok) ->
+    case catch ets:update_counter(?PENDING, Id, {2, -1}) of
+        0 ->
+            case ets:take(?PENDING, Id) of
+                [{Id, _, From, S, E, Result, T0, Meta, 0}] -> acknowledge(From, S, E, Result, T0, Meta);
+                _ -> ok   % a failure answered it
+            end;
+        _ -> ok   % other replicas still to answer
     end.
 
 %% Every replica confirmed the write. A takeover that fenced this node

@@ -14,12 +14,13 @@
 %% travel to a replica node in batches, pipelined), and the writer goes on
 %% with its next write at once; the caller is answered when every replica
 %% applied the change (and the owner was not fenced meanwhile), or gets the
-%% shipper's error. `async': one cast per replica, the caller is answered at
-%% once (a replica that missed changes asks for a full copy).
+%% shipper's error. `async': the change goes to the same shippers with nobody
+%% to answer, the caller is answered at once (a replica that missed changes
+%% gets a full copy from the shipper).
 %%
 %% The fast path (issue #21): once a write left the session settled here
-%% (sync, one replica, no strong reads, no regions), the writer publishes a
-%% native descriptor of it, and a plain `dspex_store:set' made on this node
+%% (sync or async, any number of replicas up to 16, no strong reads, no
+%% regions), the writer publishes a native descriptor of it, and a plain `dspex_store:set' made on this node
 %% runs the set NIF itself, which commits and queues the replication record
 %% in one critical section (`fast_set/4'); before the writer does anything
 %% for the session it unsettles the descriptor (`hold/1'), so its own writes
@@ -144,7 +145,7 @@ call({export_for, S}, _From, St) ->
     %% a replica missed changes of S (dspex_cluster_shipper): the session as
     %% of this owner's current {epoch, seq}
     case dspex_cluster_replica:row(S) of
-        {S, E, Seq, Me, _, _, F} when Me =:= node(), F =< E -> {reply, {ok, E, Seq, local_export(S)}, St};
+        {S, E, Seq, Me, _, _, F} when Me =:= node(), F =< E -> {reply, {ok, E, Seq, log_mark(S, local_export(S))}, St};
         _ -> {reply, {error, not_owner}, St}
     end;
 call({ensure, S}, _From, St) ->
@@ -234,29 +235,40 @@ handle_info(_, St) -> {noreply, St}.
 %% @doc `dspex_store:set(S, K, V)' (no options) made by the caller itself on
 %% this node, the session's owner, when its writer published it as settled
 %% under view generation `Gen' (`publish/2'): the set NIF commits and appends
-%% the replication record to the replica link's native queue in one critical
-%% section (`dspex_nif:repl_set/6'), and the caller waits for the link's
-%% shipper to answer, as it waits for the writer otherwise: `{Reply, Epoch,
-%% node()}' like a write call, or `slow' (nothing done: go through the
-%% writer). The shipper going down is `{retry, replica_unavailable}'; no answer
-%% within 10 s `{retry, timeout}'.
+%% the replication record to the native queue of every replica link of the
+%% session in one critical section (`dspex_nif:repl_set/6'). `sync': the
+%% caller waits for the shippers' answer (one answer: the write's, once every
+%% replica applied it, or the first failure), as it waits for the writer
+%% otherwise: `{Reply, Epoch, node()}' like a write call, or `slow' (nothing
+%% done: go through the writer). A shipper going down is `{retry,
+%% replica_unavailable}'; no answer within 10 s `{retry, timeout}'. `async':
+%% answered once committed and queued; while a link's queue is full (65536
+%% records: the replica is that far behind) the caller waits for room,
+%% nothing committed, and gets `{retry, replica_slow}' after 10 s
+%% (back-pressure: memory stays bounded, writers slow down to the replica's
+%% pace instead of failing).
 -spec fast_set(binary(), term(), term(), non_neg_integer()) -> slow | {term(), non_neg_integer(), node()}.
 fast_set(S, K, V, Gen) ->
+    fast_set(S, K, V, Gen, erlang:monotonic_time(millisecond) + ?RPC_TIMEOUT * 2, 0).
+
+fast_set(S, K, V, Gen, Deadline, Waited) ->
     Alias = alias(),
     case dspex_nif:repl_set(S, K, V, Gen, {Alias, Alias}, erlang:monotonic_time()) of
-        {queued, Shipper, E, _Seq, _} ->
-            Mon = erlang:monitor(process, Shipper),
+        {queued, Shippers, E, _Seq, _} ->
+            Mons = maps:from_list([{erlang:monitor(process, P), P} || P <- Shippers]),
+            Done = fun() ->
+                           _ = [erlang:demonitor(M, [flush]) || M <- maps:keys(Mons)],
+                           unalias(Alias)
+                   end,
             receive
                 {Alias, Reply} ->
-                    erlang:demonitor(Mon, [flush]),
-                    unalias(Alias),
+                    Done(),
                     Reply;
-                {'DOWN', Mon, process, _, _} ->
-                    unalias(Alias),
+                {'DOWN', Mon, process, _, _} when is_map_key(Mon, Mons) ->
+                    Done(),
                     {{error, {retry, replica_unavailable}}, E, node()}
             after ?RPC_TIMEOUT * 2 ->
-                erlang:demonitor(Mon, [flush]),
-                unalias(Alias),
+                Done(),
                 %% an answer that came in meanwhile is dropped, later ones are never delivered
                 receive {Alias, _} -> ok after 0 -> ok end,
                 {{error, {retry, timeout}}, E, node()}
@@ -264,6 +276,18 @@ fast_set(S, K, V, Gen) ->
         {done, E, R} ->
             unalias(Alias),
             {R, E, node()};
+        {wait, E} ->
+            %% async, a link queue full (nothing committed): back-pressure,
+            %% the caller waits for room (polled: the shipper drains the
+            %% queue a batch at a time), at most the write timeout
+            unalias(Alias),
+            case erlang:monotonic_time(millisecond) >= Deadline of
+                true -> {{error, {retry, replica_slow}}, E, node()};
+                false ->
+                    _ = Waited < 100 andalso erlang:yield(),
+                    _ = Waited >= 100 andalso timer:sleep(1),
+                    fast_set(S, K, V, Gen, Deadline, Waited + 1)
+            end;
         slow ->
             unalias(Alias),
             slow
@@ -286,24 +310,26 @@ hold(S) when is_binary(S) ->
 hold(_) -> ok.
 
 %% After a write: `S' takes the fast path (`fast_set/4') from now on when this
-%% node owns it settled under view `V', with sync replication to one replica
-%% whose shipper runs, and nothing the set NIF cannot do alone is configured:
+%% node owns it settled under view `V', with sync or async replication to
+%% replicas whose shippers run (at most 16; the record goes to each), and
+%% nothing the set NIF cannot do alone is configured:
 %% no strong reads (leases to revoke before a commit), no regions (a backup
 %% region gets every change from the writer), and the static ownership
 %% backend (its quorum follows from the view, whose generation the fast path
 %% checks; etcd's depends on a lease that can lapse at any time, which only
 %% the writer's checks see). With the event log on, the
 %% record carries the sequence of the set's event (the replicas' logs follow).
-publish(S, #{gen := Gen, replication := sync, backend := dspex_owner_static}) ->
+publish(S, #{gen := Gen, replication := Mode, backend := dspex_owner_static}) ->
     case dspex_cluster_replica:row(S) of
-        {S, E, Seq, Me, [Rep], Gen, F} = Row when Me =:= node(), F =< E ->
+        {S, E, Seq, Me, [_ | _] = Reps, Gen, F} = Row when Me =:= node(), F =< E, length(Reps) =< 16 ->
             %% (a deleted session is not published again)
-            case fast_allowed() andalso element(1, dspex_nif:session_get(S)) =:= ok
-                andalso dspex_cluster_shipper:link(Rep) of
-                L when is_integer(L) ->
+            Links = fast_allowed() andalso element(1, dspex_nif:session_get(S)) =:= ok
+                andalso [dspex_cluster_shipper:link(Rep) || Rep <- Reps],
+            case is_list(Links) andalso lists:all(fun is_integer/1, Links) of
+                true ->
                     %% the event log numbers the session's next event without its backend
                     _ = dspex_events:last_sequence(S),
-                    ok = dspex_nif:repl_publish(S, E, Seq, Gen, L),
+                    ok = dspex_nif:repl_publish(S, E, Seq, Gen, Links, Mode),
                     %% a fence (dspex_cluster_replica) or a failed record (the
                     %% shipper) changes the row, then unsettles: if it changed
                     %% before the publication, unsettle here
@@ -311,7 +337,7 @@ publish(S, #{gen := Gen, replication := sync, backend := dspex_owner_static}) ->
                         Row -> ok;
                         _ -> _ = dspex_nif:repl_unsettle(S), ok
                     end;
-                _ -> ok
+                false -> ok
             end;
         _ -> ok
     end;
@@ -465,6 +491,18 @@ finish_takeover(S, Reps, Epoch, Gen, Copies, Others, T0) ->
         {error, _} = Err -> Err
     end.
 
+%% An export the shipper installs on a replica while this node goes on
+%% committing: the copy's log must follow this node's only up to the event
+%% of the export's last change (dspex_cluster_replica:install/5), not to
+%% whatever this log holds by then, or the changes after the export would
+%% find their events already copied and log them a second time.
+log_mark(_S, absent) -> absent;
+log_mark(S, Exp) ->
+    case dspex_events:last_sequence(S) of
+        undefined -> Exp;
+        N -> Exp#{dspex_log_seq => N}
+    end.
+
 local_export(S) ->
     case dspex_store:export_session(S) of
         {ok, X} -> X#{dspex_vv => dspex_cache:vv(S)};   % its lineage travels with it
@@ -597,13 +635,17 @@ replayed_events({op, {dspex_acl, set_rate_limit}, _, _}) -> 0;
 replayed_events(_) -> -1.
 
 
-%% Without waiting: async (a cast per replica; a replica missing changes
-%% asks for a full copy, see handle_info need_full), or sync without a caller
-%% (through the shippers, like a write).
+%% Without waiting: async, or sync without a caller: through the shippers,
+%% like a sync write, with nobody to answer (the fast path's async sets join
+%% the same link queues, so a replica gets a session's changes in commit
+%% order; a record a replica misses changes for is fixed by a full copy).
+%% A failed sync record makes the session re-establish ownership; a failed
+%% async one is only counted (the replica gets a full copy at its next
+%% change, see dspex_cluster_shipper).
 replicate(_S, _E, _Seq, _P, [], _Mode) ->
     ok;
 replicate(S, E, Seq, P, Reps, async) ->
-    [gen_server:cast({dspex_cluster_replica:name(S), R}, {apply, S, E, Seq, node(), P, self()}) || R <- Reps],
+    [dspex_cluster_shipper:ship(R, {async, S, E, Seq, P}) || R <- Reps],
     ok;
 replicate(S, E, Seq, P, Reps, sync) ->
     [dspex_cluster_shipper:ship(R, {none, S, E, Seq, P}) || R <- Reps],

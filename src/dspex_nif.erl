@@ -17,7 +17,7 @@
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
          metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
 -export([replica_apply_batch/3]).
--export([repl_link_open/1, repl_link_id/1, repl_drain/1, repl_push/2, repl_publish/5, repl_unsettle/1,
+-export([repl_link_open/1, repl_link_id/1, repl_drain/1, repl_push/2, repl_publish/5, repl_publish/6, repl_unsettle/1,
          repl_forget/1, repl_info/1, repl_announced/1, repl_stats/0, repl_set/6]).
 -export([lock_token_floor/1, var_lock/6, lock_list/0]).
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
@@ -140,10 +140,15 @@ repl_link_id(_Node) -> ?NOT_LOADED.
 repl_drain(_Link) -> ?NOT_LOADED.
 -spec repl_push(non_neg_integer(), tuple()) -> ok | full | down.
 repl_push(_Link, _Rec) -> ?NOT_LOADED.
-%% Session settled at {Epoch, Seq} under view generation Gen, replicated over Link.
--spec repl_publish(binary(), pos_integer(), non_neg_integer(), non_neg_integer(), non_neg_integer()) ->
-          ok | {error, enomem}.
-repl_publish(_S, _Epoch, _Seq, _Gen, _Link) -> ?NOT_LOADED.
+%% Session settled at {Epoch, Seq} under view generation Gen, replicated
+%% over Links (a link id, or a list of 1..16 distinct ones), sync.
+-spec repl_publish(binary(), pos_integer(), non_neg_integer(), non_neg_integer(),
+                   non_neg_integer() | [non_neg_integer()]) -> ok | {error, enomem}.
+repl_publish(_S, _Epoch, _Seq, _Gen, _Links) -> ?NOT_LOADED.
+%% repl_publish/5 with the replication mode (async: repl_set/6 answers at once).
+-spec repl_publish(binary(), pos_integer(), non_neg_integer(), non_neg_integer(),
+                   non_neg_integer() | [non_neg_integer()], sync | async) -> ok | {error, enomem}.
+repl_publish(_S, _Epoch, _Seq, _Gen, _Links, _Mode) -> ?NOT_LOADED.
 -spec repl_unsettle(binary()) -> {non_neg_integer(), non_neg_integer()} | none.
 repl_unsettle(_S) -> ?NOT_LOADED.
 -spec repl_forget(binary()) -> ok.
@@ -157,7 +162,8 @@ repl_announced(_S) -> ?NOT_LOADED.
 -spec repl_stats() -> {non_neg_integer(), non_neg_integer()}.
 repl_stats() -> ?NOT_LOADED.
 -spec repl_set(binary(), term(), term(), non_neg_integer(), {reference(), reference()}, integer()) ->
-          slow | {queued, pid(), pos_integer(), pos_integer(), {ok, pos_integer()}} | {done, non_neg_integer(), term()}.
+          slow | {queued, [pid()], pos_integer(), pos_integer(), {ok, pos_integer()}} | {done, non_neg_integer(), term()}
+          | {wait, non_neg_integer()}.
 repl_set(_S, _Key, _Value, _Gen, _From, _T0) -> ?NOT_LOADED.
 %% var_lock/5 that also records Meta with the lock in the NIF's lock registry.
 -spec var_lock(binary(), term(), term(), non_neg_integer(), map(), term()) -> {ok, pos_integer()} | {error, term()}.

@@ -35,6 +35,10 @@
          a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions/1,
          fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it/1,
          fast_path_sets_are_counted_and_give_way_to_a_telemetry_handler/1, native_set_count/0,
+         fast_path_sets_with_two_replicas_reach_both_in_commit_order/1,
+         a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it/1,
+         async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy/1, rewind_row/1,
+         async_writers_wait_for_a_slow_replica_instead_of_failing/1, counting_sets/3,
          sets_checking_the_replica/4, set_and_last_write/3, fast_writers_start/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, restart_node/2, partition_third/1, restore_cookies/1,
          check_history/1, run_kill_test/2]).
@@ -60,6 +64,10 @@ all() ->
      a_migration_unsettles_the_fast_path_without_losing_or_repeating_versions,
      fast_path_writes_acknowledged_before_a_kill_of_their_owner_survive_it,
      fast_path_sets_are_counted_and_give_way_to_a_telemetry_handler,
+     fast_path_sets_with_two_replicas_reach_both_in_commit_order,
+     a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it,
+     async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy,
+     async_writers_wait_for_a_slow_replica_instead_of_failing,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover].
@@ -1213,6 +1221,199 @@ fast_path_sets_of_one_session_reach_the_replica_in_commit_order(Config) ->
     assert_gapless(OwnerLog),
     ?assertEqual(same_events(OwnerLog), same_events(node_events(PR, S))),
     Config.
+
+%% Issue #21, the fast path with several replicas: R = 2, 16 processes on
+%% the owner set one session at once (8 on x, 8 on a variable each). The set
+%% NIF appends each record to both links' queues in the commit's critical
+%% section: every set is acknowledged and took the fast path, x gets 1600
+%% distinct versions, both replicas end with the owner's values, versions
+%% and event log, and no write is left in the pending table.
+fast_path_sets_with_two_replicas_reach_both_in_commit_order(Config) ->
+    Peers = start_cluster("dspex_fast2", #{replicas => 2, replication => sync}),
+    put(peers, Peers),
+    S = <<"fast2_s">>,
+    [{_, PA} | _] = Peers,
+    ok = create_with_x(PA, S),
+    {Owner, [R1, R2]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    PO = peer_of(Owner, Peers),
+    Keys = [list_to_atom("k" ++ integer_to_list(I)) || I <- lists:seq(1, 8)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0]) || K <- Keys],
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    Jobs = [{S, x, lists:seq(1, 200)} || _ <- lists:seq(1, 8)] ++ [{S, K, lists:seq(1, 200)} || K <- Keys],
+    Results = peer:call(PO, ?MODULE, parallel_sets, [Jobs], 120000),
+    ?assertEqual([], [R || Rs <- Results, R <- Rs, element(1, R) =/= ok]),
+    [?assertEqual(lists:sort(Vs), Vs) || Rs <- Results, Vs <- [[V || {ok, V} <- Rs]]],
+    ?assertEqual(lists:seq(1, 1600), lists:sort(lists:append([[V || {ok, V} <- Rs] || Rs <- lists:sublist(Results, 8)]))),
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual(3200, F1 - F0),
+    ?assertEqual(0, peer:call(PO, ets, info, [dspex_cluster_shipper:pending_table(), size])),
+    State = fun(P) -> [peer:call(P, ?MODULE, node_state, [S, atom_to_binary(K)]) || K <- [x | Keys]] end,
+    OwnerState = State(PO),
+    ?assertEqual({200, 1600}, hd(OwnerState)),
+    OwnerLog = node_events(PO, S),
+    assert_gapless(OwnerLog),
+    [begin
+         ?assertEqual(OwnerState, State(peer_of(R, Peers))),
+         ?assertEqual(same_events(OwnerLog), same_events(node_events(peer_of(R, Peers), S)))
+     end || R <- [R1, R2]],
+    Config.
+
+%% Issue #21: with R = 2 a fast-path set is acknowledged only once BOTH
+%% replicas applied it, and a read on the owner returns it only then (the
+%% read index resolves a change when all its replicas answered). The second
+%% replica's receiver held: the first applies the set and its shipper has
+%% the answer, yet neither the write nor the read is answered; resumed, both
+%% are, and the second replica has the version.
+a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it(Config) ->
+    Peers = start_cluster("dspex_fast2ack", #{replicas => 2, replication => sync, replica_timeout_ms => 60000}),
+    put(peers, Peers),
+    S = <<"fast2ack_s">>,
+    [{_, PA} | _] = Peers,
+    ok = create_with_x(PA, S),
+    {Owner, [R1, R2]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    {PO, PR1, PR2} = {peer_of(Owner, Peers), peer_of(R1, Peers), peer_of(R2, Peers)},
+    %% a first write publishes the descriptor
+    ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
+    ?assertMatch({true, _, _, _}, peer:call(PO, dspex_nif, repl_info, [S])),
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ok = peer:call(PO, ?MODULE, collector_start, [fast2_c]),
+    ok = peer:call(PR2, sys, suspend, [dspex_cluster_receiver]),
+    ok = peer:call(PO, ?MODULE, spawn_to, [fast2_c, write, dspex_store, set, [S, x, 2]]),
+    ok = wait_until(fun() -> peer:call(PR1, ?MODULE, node_state, [S, <<"x">>]) =:= {2, 2} end, 10000, first_applied),
+    %% the first replica's answer reached its shipper
+    ok = wait_until(fun() -> maps:get(inflight, peer:call(PO, dspex_cluster_shipper, stats, [R1])) =:= 0 end, 10000,
+                    first_answered),
+    ok = peer:call(PO, ?MODULE, spawn_to, [fast2_c, read, dspex_store, get_value, [S, x]]),
+    %% the absence of an answer while the second replica is held (a loaded
+    %% machine can only make this pass on a wrong implementation, never fail here)
+    timer:sleep(300),
+    ?assertEqual([], peer:call(PO, ?MODULE, collected, [fast2_c])),
+    ?assertEqual({1, 1}, peer:call(PR2, ?MODULE, node_state, [S, <<"x">>])),
+    ok = peer:call(PR2, sys, resume, [dspex_cluster_receiver]),
+    ok = wait_until(fun() -> length(peer:call(PO, ?MODULE, collected, [fast2_c])) =:= 2 end, 20000, answered),
+    ?assertEqual([{read, {ok, 2}}, {write, {ok, 2}}], lists:sort(peer:call(PO, ?MODULE, collected, [fast2_c]))),
+    ?assertEqual({2, 2}, peer:call(PR2, ?MODULE, node_state, [S, <<"x">>])),
+    ?assertMatch({F, _} when F =:= F0 + 1, peer:call(PO, dspex_nif, repl_stats, [])),
+    ?assertEqual(0, peer:call(PO, ets, info, [dspex_cluster_shipper:pending_table(), size])),
+    Config.
+
+%% Issue #21, the fast path of `async' sessions: the caller is answered once
+%% the set NIF committed and queued the record. 16 processes on the owner
+%% set one session (every set on the fast path); once the writers stopped,
+%% the replica catches up (polled) with the owner's values, versions and
+%% event log. Then the replica's row is set one change back (as if it had
+%% missed a record): its next record is `need_full', the shipper installs a
+%% full copy, and the copies end equal again (values, versions and event
+%% log: the copy's log follows the owner's only up to the export's last
+%% event, so the changes after it are not logged twice). Then the replica's
+%% receiver is held past replica_timeout_ms: the sets are answered at once,
+%% the shipper fails (counts) their records, the writes go on, and once the
+%% receiver resumes the copies end equal again.
+async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy(Config) ->
+    Peers = start_cluster("dspex_fastasync", #{replicas => 1, replication => async, replica_timeout_ms => 2000}),
+    put(peers, Peers),
+    S = <<"fastasync_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, Rep} = session_with_x(PA, S),
+    {PO, PR} = {peer_of(Owner, Peers), peer_of(Rep, Peers)},
+    Keys = [list_to_atom("k" ++ integer_to_list(I)) || I <- lists:seq(1, 8)],
+    [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0]) || K <- Keys],
+    %% a first write through the writer publishes the descriptor
+    ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
+    ?assertMatch({true, _, _, {0, 0}}, peer:call(PO, dspex_nif, repl_info, [S])),
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    Jobs = [{S, x, lists:seq(1, 200)} || _ <- lists:seq(1, 8)] ++ [{S, K, lists:seq(1, 200)} || K <- Keys],
+    Results = peer:call(PO, ?MODULE, parallel_sets, [Jobs], 120000),
+    ?assertEqual([], [R || Rs <- Results, R <- Rs, element(1, R) =/= ok]),
+    ?assertEqual(lists:seq(2, 1601), lists:sort(lists:append([[V || {ok, V} <- Rs] || Rs <- lists:sublist(Results, 8)]))),
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual(3200, F1 - F0),
+    State = fun(P) -> [peer:call(P, ?MODULE, node_state, [S, atom_to_binary(K)]) || K <- [x | Keys]] end,
+    ?assertEqual({200, 1601}, hd(State(PO))),
+    ok = wait_until(fun() -> State(PR) =:= State(PO) end, 30000, async_caught_up),
+    OwnerLog = node_events(PO, S),
+    assert_gapless(OwnerLog),
+    ok = wait_until(fun() -> same_events(node_events(PR, S)) =:= same_events(OwnerLog) end, 30000, async_log_caught_up),
+    %% a missed record: the next one is need_full, fixed by a full copy
+    ok = peer:call(PR, ?MODULE, rewind_row, [S]),
+    ?assertEqual([{ok, V} || V <- lists:seq(1602, 1621)], [peer:call(PO, dspex_store, set, [S, x, V]) || V <- lists:seq(1, 20)]),
+    ok = wait_until(fun() -> State(PR) =:= State(PO) end, 30000, full_copy_installed),
+    ?assertEqual({20, 1621}, hd(State(PR))),
+    ok = wait_until(fun() -> same_events(node_events(PR, S)) =:= same_events(node_events(PO, S)) end, 30000,
+                    log_after_full_copy),
+    %% the fast path goes on once the writer published the session again
+    ?assertEqual({ok, 1622}, peer:call(PO, dspex_store, set, [S, x, 21])),
+    {F2, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual({ok, 1623}, peer:call(PO, dspex_store, set, [S, x, 22])),
+    ?assertMatch({F, _} when F =:= F2 + 1, peer:call(PO, dspex_nif, repl_stats, [])),
+    ok = wait_until(fun() -> State(PR) =:= State(PO) end, 30000, caught_up_again),
+    %% a failure: the replica's receiver held past replica_timeout_ms; the
+    %% callers are answered at once all the same, the shipper fails (counts)
+    %% the records, and the writes go on; the copies end equal (the held
+    %% batches applied late, or a gap fixed by a full copy)
+    #{failed := Failed0} = peer:call(PO, dspex_cluster_shipper, stats, [Rep]),
+    ok = peer:call(PR, sys, suspend, [dspex_cluster_receiver]),
+    ?assertEqual([{ok, V} || V <- lists:seq(1624, 1643)], [peer:call(PO, dspex_store, set, [S, x, V]) || V <- lists:seq(1, 20)]),
+    ok = wait_until(fun() -> maps:get(failed, peer:call(PO, dspex_cluster_shipper, stats, [Rep])) > Failed0 end, 30000,
+                    records_failed),
+    ok = peer:call(PR, sys, resume, [dspex_cluster_receiver]),
+    ?assertEqual([{ok, V} || V <- lists:seq(1644, 1653)], [peer:call(PO, dspex_store, set, [S, x, V]) || V <- lists:seq(1, 10)]),
+    ok = wait_until(fun() -> State(PR) =:= State(PO) end, 30000, caught_up_after_failure),
+    ?assertEqual({10, 1653}, hd(State(PR))),
+    ok = wait_until(fun() -> same_events(node_events(PR, S)) =:= same_events(node_events(PO, S)) end, 30000,
+                    log_after_failure),
+    Config.
+
+%% Issue #21, back-pressure for async: async callers do not wait for their
+%% replicas, so they can outrun one. The replica's receiver held: 4 batches
+%% in flight, the shipper's queue (65536 records) and the link's native
+%% queue (65536) fill, then the writer waits for room (the set NIF refuses
+%% with nothing committed, counted) instead of failing with replica_slow;
+%% resumed, it goes on, every set is acknowledged with consecutive
+%% versions, and the replica ends equal to the owner.
+async_writers_wait_for_a_slow_replica_instead_of_failing(Config) ->
+    Peers = start_cluster("dspex_asyncbp", #{replicas => 1, replication => async, replica_timeout_ms => 60000}),
+    put(peers, Peers),
+    S = <<"asyncbp_s">>,
+    [{_, PA} | _] = Peers,
+    {Owner, Rep} = session_with_x(PA, S),
+    {PO, PR} = {peer_of(Owner, Peers), peer_of(Rep, Peers)},
+    ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
+    {F0, Full0} = peer:call(PO, dspex_nif, repl_stats, []),
+    ok = peer:call(PR, sys, suspend, [dspex_cluster_receiver]),
+    N = 160000,
+    ok = peer:call(PO, ?MODULE, spawn_call, [asyncbp_w, ?MODULE, counting_sets, [S, x, N]]),
+    %% the writer waits: refused for a full queue, and not finished
+    ok = wait_until(fun() -> element(2, peer:call(PO, dspex_nif, repl_stats, [])) > Full0 end, 60000, queue_full),
+    {_, Ver} = peer:call(PO, ?MODULE, node_state, [S, <<"x">>]),
+    ?assert(Ver < N + 1),
+    ok = peer:call(PR, sys, resume, [dspex_cluster_receiver]),
+    ?assertEqual({ok, N}, peer:call(PO, ?MODULE, await_result, [asyncbp_w, 120000], 130000)),
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual(N, F1 - F0),
+    ?assertEqual({N, N + 1}, peer:call(PO, ?MODULE, node_state, [S, <<"x">>])),
+    ok = wait_until(fun() -> peer:call(PR, ?MODULE, node_state, [S, <<"x">>]) =:= {N, N + 1} end, 60000,
+                    replica_caught_up),
+    Config.
+
+%% Sets S.K to 1..N (from this process); `{ok, N}' when each was acknowledged
+%% with the version after the previous one, else the first unexpected answer.
+counting_sets(S, K, N) ->
+    {ok, V0} = dspex_store:set(S, K, 1),
+    counting_sets(S, K, 2, N, V0).
+
+counting_sets(_S, _K, I, N, _V) when I > N -> {ok, N};
+counting_sets(S, K, I, N, V) ->
+    case dspex_store:set(S, K, I) of
+        {ok, V1} when V1 =:= V + 1 -> counting_sets(S, K, I + 1, N, V1);
+        Other -> {I, Other}
+    end.
+
+%% Runs on a replica: its row of S one change back (a missed record).
+rewind_row(S) ->
+    {S, E, Seq, O, R, G, F} = dspex_cluster_replica:row(S),
+    dspex_cluster_replica:put_row({S, E, Seq - 1, O, R, G, F}),
+    ok.
 
 %% Issue #21: a fast-path set is acknowledged only once the replica applied
 %% it: after each acknowledgement the replica already has that version.

@@ -12,7 +12,8 @@
 repl_nif_test_() ->
     {setup, fun() -> application:ensure_all_started(dspex_bridge) end,
      fun(_) -> ok end,
-     [fun descriptors/0, fun link_queue/0, fun fast_set/0, fun bad_arguments/0]}.
+     [fun descriptors/0, fun link_queue/0, fun fast_set/0, fun multi_link_set/0, fun async_set/0,
+      fun bad_arguments/0]}.
 
 session(S) ->
     _ = dspex_nif:session_delete(S),
@@ -124,8 +125,8 @@ fast_set() ->
     %% another view generation, a big value: slow
     slow = dspex_nif:repl_set(S, x, 1, 8, From, 0),
     slow = dspex_nif:repl_set(S, x, binary:copy(<<"a">>, (1 bsl 20) + 1), 7, From, 0),
-    {queued, Pid, 2, 6, {ok, 1}} = dspex_nif:repl_set(S, x, 1, 7, From, 11),
-    {queued, Pid, 2, 7, {ok, 2}} = dspex_nif:repl_set(S, x, 2, 7, From, 12),
+    {queued, [Pid], 2, 6, {ok, 1}} = dspex_nif:repl_set(S, x, 1, 7, From, 11),
+    {queued, [Pid], 2, 7, {ok, 2}} = dspex_nif:repl_set(S, x, 2, 7, From, 12),
     {ok, #{value := 2, version := 2}} = dspex_store:get(S, x),
     {2, 7} = dspex_nif:repl_announced(S),
     %% a failed set: its error, nothing queued, the announcement withdrawn
@@ -133,7 +134,7 @@ fast_set() ->
     {done, 2, {error, {not_found, y}}} = dspex_nif:repl_set(S, y, 1, 7, From, 13),
     {2, 7} = dspex_nif:repl_announced(S),
     Post = fun(N) -> case dspex_events:enabled() of true -> N; false -> 0 end end,
-    [{From, S, x, 1, 1, 2, 6, 11, P1}, {From, S, x, 2, 2, 2, 7, 12, P2}] = drain(Pid, Id),
+    [{From, S, x, 1, 1, 2, 6, 11, P1, 1}, {From, S, x, 2, 2, 2, 7, 12, P2, 1}] = drain(Pid, Id),
     ?assertEqual({P1 =:= 0, P2 =:= 0}, {Post(1) =:= 0, Post(1) =:= 0}),
     ?assert(P1 =:= 0 orelse P2 =:= P1 + 1),
     ?assertEqual(1, wakes(Pid)),
@@ -158,6 +159,86 @@ fast_set() ->
     ok = dspex_nif:repl_forget(S),
     ok = dspex_store:delete_session(S).
 
+%% Several replica links: the record goes to every link's queue, in commit
+%% order on each, with the count of links the caller waits for; the caller
+%% gets every link's shipper to monitor. One full queue: replica_slow,
+%% nothing committed and nothing queued on any link (all or nothing). One
+%% link without its shipper: slow.
+multi_link_set() ->
+    S = session(<<"replnif_multi">>),
+    {IdA, _, PidA} = open_link('replnif_multi_a@nowhere'),
+    {IdB, _, PidB} = open_link('replnif_multi_b@nowhere'),
+    {IdC, _, PidC} = open_link('replnif_multi_c@nowhere'),
+    Alias = alias(),
+    From = {Alias, Alias},
+    %% the order of the list does not matter
+    ok = dspex_nif:repl_publish(S, 5, 0, 9, [IdC, IdA, IdB]),
+    {true, 5, 0, {5, 0}} = dspex_nif:repl_info(S),
+    {queued, Pids, 5, 1, {ok, 1}} = dspex_nif:repl_set(S, x, 10, 9, From, 1),
+    ?assertEqual(lists:sort([PidA, PidB, PidC]), lists:sort(Pids)),
+    {queued, _, 5, 2, {ok, 2}} = dspex_nif:repl_set(S, x, 20, 9, From, 2),
+    {5, 2} = dspex_nif:repl_announced(S),
+    [?assertMatch([{From, S, x, 10, 1, 5, 1, 1, _, 3}, {From, S, x, 20, 2, 5, 2, 2, _, 3}], drain(P, Id))
+     || {Id, P} <- [{IdA, PidA}, {IdB, PidB}, {IdC, PidC}]],
+    %% one wake per link (the forwarders share this mailbox: counted together)
+    ?assertEqual(3, lists:sum([wakes(P) || P <- [PidA, PidB, PidC]])),
+    %% one link full: nothing committed, nothing queued anywhere
+    [ok = dspex_nif:repl_push(IdB, {r, I}) || I <- lists:seq(1, 65536)],
+    {done, 5, {error, {retry, replica_slow}}} = dspex_nif:repl_set(S, x, 30, 9, From, 3),
+    {ok, #{value := 20, version := 2}} = dspex_store:get(S, x),
+    {5, 2} = dspex_nif:repl_announced(S),
+    {true, 5, 2, _} = dspex_nif:repl_info(S),
+    [] = drain(PidA, IdA),
+    [] = drain(PidC, IdC),
+    65536 = length(drain(PidB, IdB)),
+    _ = wakes(PidB),
+    %% room again: the next set reaches all three with the next seq
+    {queued, _, 5, 3, {ok, 3}} = dspex_nif:repl_set(S, x, 30, 9, From, 4),
+    [?assertMatch([{From, S, x, 30, 3, 5, 3, 4, _, 3}], drain(P, Id)) || {Id, P} <- [{IdA, PidA}, {IdB, PidB}, {IdC, PidC}]],
+    %% one shipper gone: slow, nothing committed
+    unlink(PidC),
+    Mon = monitor(process, PidC),
+    PidC ! stop,
+    receive {'DOWN', Mon, _, _, _} -> ok end,
+    slow = dspex_nif:repl_set(S, x, 40, 9, From, 5),
+    {ok, #{version := 3}} = dspex_store:get(S, x),
+    unalias(Alias),
+    PidA ! stop,
+    PidB ! stop,
+    ok = dspex_nif:repl_forget(S),
+    ok = dspex_store:delete_session(S).
+
+%% Async: answered once committed and queued ({done, Epoch, {ok, Version}}),
+%% the record's count 0 (nobody waits), nothing announced for reads; a full
+%% queue is `wait' (the caller waits for room) with nothing committed.
+async_set() ->
+    S = session(<<"replnif_async">>),
+    {IdA, _, PidA} = open_link('replnif_async_a@nowhere'),
+    {IdB, _, PidB} = open_link('replnif_async_b@nowhere'),
+    Alias = alias(),
+    From = {Alias, Alias},
+    ok = dspex_nif:repl_publish(S, 2, 4, 3, [IdA, IdB], async),
+    {true, 2, 4, {0, 0}} = dspex_nif:repl_info(S),
+    {done, 2, {ok, 1}} = dspex_nif:repl_set(S, x, 1, 3, From, 1),
+    {done, 2, {ok, 2}} = dspex_nif:repl_set(S, x, 2, 3, From, 2),
+    {0, 0} = dspex_nif:repl_announced(S),
+    {true, 2, 6, _} = dspex_nif:repl_info(S),
+    [?assertMatch([{From, S, x, 1, 1, 2, 5, 1, _, 0}, {From, S, x, 2, 2, 2, 6, 2, _, 0}], drain(P, Id))
+     || {Id, P} <- [{IdA, PidA}, {IdB, PidB}]],
+    [ok = dspex_nif:repl_push(IdA, {r, I}) || I <- lists:seq(1, 65536)],
+    {wait, 2} = dspex_nif:repl_set(S, x, 3, 3, From, 3),
+    {ok, #{version := 2}} = dspex_store:get(S, x),
+    [] = drain(PidB, IdB),
+    65536 = length(drain(PidA, IdA)),
+    %% published sync again: announces again
+    ok = dspex_nif:repl_publish(S, 2, 6, 3, [IdA, IdB], sync),
+    {2, 6} = dspex_nif:repl_announced(S),
+    unalias(Alias),
+    PidA ! stop,
+    PidB ! stop,
+    ok = dspex_nif:repl_forget(S),
+    ok = dspex_store:delete_session(S).
+
 bad_arguments() ->
     Bad = fun(F) -> ?assertError(badarg, F()) end,
     Bad(fun() -> dspex_nif:repl_link_open(<<"n">>) end),
@@ -168,6 +249,17 @@ bad_arguments() ->
     Bad(fun() -> dspex_nif:repl_publish(s, 1, 1, 1, 0) end),
     Bad(fun() -> dspex_nif:repl_publish(<<"s">>, -1, 1, 1, 0) end),
     Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, 1 bsl 20) end),
+    %% links: a non-empty list of at most 16 distinct open links; the mode sync or async
+    {L0, _, P0} = open_link('replnif_bad@nowhere'),
+    Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, []) end),
+    Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, [L0, L0]) end),
+    Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, [L0, 1 bsl 20]) end),
+    Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, [L0 | L0]) end),
+    Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, lists:duplicate(17, L0)) end),
+    Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, L0, maybe) end),
+    Bad(fun() -> dspex_nif:repl_publish(<<"s">>, 1, 1, 1, [L0], "sync") end),
+    none = dspex_nif:repl_info(<<"s">>),
+    P0 ! stop,
     Bad(fun() -> dspex_nif:repl_unsettle(s) end),
     Bad(fun() -> dspex_nif:repl_forget(s) end),
     Bad(fun() -> dspex_nif:repl_info(s) end),

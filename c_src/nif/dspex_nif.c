@@ -163,6 +163,7 @@ static ErlNifFunc funcs[] = {
     {"repl_link_id", 1, nif_repl_link_id, 0},
     {"repl_drain", 1, nif_repl_drain, 0},
     {"repl_publish", 5, nif_repl_publish, 0},
+    {"repl_publish", 6, nif_repl_publish, 0},
     {"repl_unsettle", 1, nif_repl_unsettle, 0},
     {"repl_forget", 1, nif_repl_forget, 0},
     {"repl_info", 1, nif_repl_info, 0},

@@ -1,19 +1,24 @@
-/* Owner-side sync replication fast path (issue #21): per-session descriptors
+/* Owner-side replication fast path (issue #21): per-session descriptors
  * and per-link native queues of replication records.
  *
  * A session's writer (dspex_cluster_writer) publishes a descriptor once it
  * owns the session settled under the current view: epoch, the session's
- * replication seq, the view generation, the replica link. A caller setting
- * such a session runs repl_set/6 itself: under the descriptor's mutex the
- * store commits the set and the record (the caller's reply address, session,
- * key, value, version, epoch, seq, start time) is appended to the link's
- * queue, so two callers of one session ship in commit order. The link's
+ * replication seq, the view generation, the replica links (one per replica,
+ * at most RD_MAX_LINKS) and the mode (sync or async). A caller setting such a
+ * session runs repl_set/6 itself: under the descriptor's mutex the store
+ * commits the set and the record (the caller's reply address, session, key,
+ * value, version, epoch, seq, start time, event seq, how many links answer
+ * the caller) is appended to every link's queue, all or nothing (the links
+ * locked in ascending id order, room made in each before any append), so
+ * two callers of one session ship in commit order on each link. A link's
  * shipper is woken by one message when its queue goes non-empty and drains
- * it with repl_drain/1.
+ * it with repl_drain/1. Sync: the caller waits for the shippers' answer;
+ * async: it is answered once the record is queued.
  *
- * Read index: `announced' is raised before the commit (and lowered again if
- * the set fails) under the same mutex, so a read that sees the change also
- * sees it announced (dspex_cluster_shipper:await_committed/2).
+ * Read index (sync): `announced' is raised before the commit (and lowered
+ * again if the set fails) under the same mutex, so a read that sees the
+ * change also sees it announced (dspex_cluster_shipper:await_committed/2).
+ * Async sets announce nothing (async reads never wait).
  *
  * Unsettling (repl_unsettle/1) takes the descriptor's mutex, so a set in
  * flight finishes (commit and append) first; from then on repl_set/6 answers
@@ -29,6 +34,7 @@
 #define RL_MAX_QUEUE 65536
 #define RL_DRAIN_NORMAL 2048 /* more records than this are copied on a dirty scheduler */
 #define RD_BUCKETS 4096
+#define RD_MAX_LINKS 16 /* replicas of one session on the fast path */
 
 typedef struct {
     pthread_mutex_t mu;
@@ -47,8 +53,10 @@ typedef struct rdesc {
     size_t sidlen;
     pthread_mutex_t mu; /* held across commit and append */
     int settled;
+    int async; /* async replication: the caller does not wait, reads do not either */
     uint64_t epoch, seq, gen;
-    int link;
+    int nlinks;
+    int links[RD_MAX_LINKS]; /* ascending: locked in that order */
     _Atomic uint64_t announced; /* seq announced for reads (>= seq) */
     _Atomic uint64_t aepoch;
     char sid[];
@@ -140,9 +148,8 @@ DX_NIF(nif_repl_link_open) {
     return enif_make_tuple3(env, ATOM_ok, enif_make_int(env, id), old);
 }
 
-/* Appends rec to l's queue (l->mu held); wakes the shipper when the queue was
- * empty. 0, or -1 out of memory. */
-static int push(ErlNifEnv *env, rlink *l, ERL_NIF_TERM rec) {
+/* Makes room for one more record in l's queue (l->mu held): 0, or -1 out of memory. */
+static int reserve(rlink *l) {
     if (!l->qenv && !(l->qenv = enif_alloc_env())) return -1;
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 64;
@@ -151,8 +158,19 @@ static int push(ErlNifEnv *env, rlink *l, ERL_NIF_TERM rec) {
         l->q = q;
         l->cap = cap;
     }
+    return 0;
+}
+
+/* Appends rec to l's queue (l->mu held, room reserved); wakes the shipper when the queue was empty. */
+static void append(ErlNifEnv *env, rlink *l, ERL_NIF_TERM rec) {
     l->q[l->n++] = enif_make_copy(l->qenv, rec);
     if (l->n == 1) enif_send(env, &l->pid, NULL, enif_make_atom(env, "dspex_repl_wake"));
+}
+
+/* Appends rec to l's queue (l->mu held): 0, or -1 out of memory. */
+static int push(ErlNifEnv *env, rlink *l, ERL_NIF_TERM rec) {
+    if (reserve(l)) return -1;
+    append(env, l, rec);
     return 0;
 }
 
@@ -216,15 +234,52 @@ DX_NIF(nif_repl_drain) {
     return drain(env, argc, argv);
 }
 
-/* repl_publish(Session, Epoch, Seq, Gen, LinkId) -> ok: settled. */
+/* The replica links of a descriptor: LinkId, or a list of 1..RD_MAX_LINKS
+ * distinct LinkIds; stored ascending (the order repl_set/6 locks them in). */
+static int get_links(ErlNifEnv *env, ERL_NIF_TERM t, int *links, int *n) {
+    rlink *l;
+    unsigned len;
+    *n = 0;
+    if (enif_is_number(env, t)) {
+        if (!get_link(env, t, &l)) return 0;
+        enif_get_int(env, t, &links[0]);
+        *n = 1;
+        return 1;
+    }
+    if (!enif_get_list_length(env, t, &len) || len == 0 || len > RD_MAX_LINKS) return 0;
+    ERL_NIF_TERM h;
+    while (enif_get_list_cell(env, t, &h, &t)) {
+        int id;
+        if (!get_link(env, h, &l)) return 0;
+        enif_get_int(env, h, &id);
+        int i = *n;
+        while (i > 0 && links[i - 1] > id) {
+            links[i] = links[i - 1];
+            i--;
+        }
+        if (i > 0 && links[i - 1] == id) return 0; /* twice */
+        links[i] = id;
+        (*n)++;
+    }
+    return 1;
+}
+
+/* repl_publish(Session, Epoch, Seq, Gen, Links) -> ok: settled, sync;
+ * repl_publish(Session, Epoch, Seq, Gen, Links, sync | async) -> ok.
+ * Links: a LinkId or a list of distinct LinkIds (at most 16), the replica
+ * links of the session. async: repl_set/6 answers at once and does not
+ * announce its change for reads (async reads never wait). */
 DX_NIF(nif_repl_publish) {
     ErlNifBinary b;
     ErlNifUInt64 e, seq, gen;
-    rlink *l;
-    int lid;
+    int links[RD_MAX_LINKS], nl, async = 0;
     if (!get_bin(env, argv[0], &b) || !enif_get_uint64(env, argv[1], &e) || !enif_get_uint64(env, argv[2], &seq) ||
-        !enif_get_uint64(env, argv[3], &gen) || !get_link(env, argv[4], &l) || !enif_get_int(env, argv[4], &lid))
+        !enif_get_uint64(env, argv[3], &gen) || !get_links(env, argv[4], links, &nl))
         return enif_make_badarg(env);
+    if (argc == 6) {
+        if (enif_is_identical(argv[5], enif_make_atom(env, "async"))) async = 1;
+        else if (!enif_is_identical(argv[5], enif_make_atom(env, "sync"))) return enif_make_badarg(env);
+    }
     uint64_t h = sid_hash((const char *)b.data, b.size);
     /* an existing entry under the read lock (the fast path's sets go on); a new one under the write lock */
     pthread_rwlock_rdlock(&g_desc_lock);
@@ -250,9 +305,11 @@ DX_NIF(nif_repl_publish) {
     d->epoch = e;
     d->seq = seq;
     d->gen = gen;
-    d->link = lid;
-    /* announced never goes back within an epoch */
-    if (atomic_load(&d->aepoch) != e || atomic_load(&d->announced) < seq) {
+    d->nlinks = nl;
+    memcpy(d->links, links, (size_t)nl * sizeof *links);
+    d->async = async;
+    /* announced never goes back within an epoch; async sets announce nothing */
+    if (!async && (atomic_load(&d->aepoch) != e || atomic_load(&d->announced) < seq)) {
         atomic_store(&d->announced, seq);
         atomic_store(&d->aepoch, e);
     }
@@ -337,14 +394,28 @@ DX_NIF(nif_repl_stats) {
                             enif_make_uint64(env, atomic_load(&g_refused_full)));
 }
 
-/* repl_set(Session, Key, Value, Gen, From, T0) -> slow | {queued, Shipper, Epoch, Seq, {ok, Version}} | {done, Epoch, Error}
+static ERL_NIF_TERM done(ErlNifEnv *env, uint64_t epoch, ERL_NIF_TERM r) {
+    return enif_make_tuple3(env, enif_make_atom(env, "done"), enif_make_uint64(env, epoch), r);
+}
+
+/* repl_set(Session, Key, Value, Gen, From, T0) -> slow | {queued, Shippers, Epoch, Seq, {ok, Version}} | {done, Epoch, Reply} | {wait, Epoch}
  *
  * set(Session, Key, Value, #{}) of a settled session under view generation
  * Gen: commit and append in one critical section. `slow': not settled, another
- * view, a big value, no shipper: the caller goes through the writer. A full
- * link queue is {done, Epoch, {error, {retry, replica_slow}}} with nothing
- * committed; a set that fails is {done, Epoch, Error}, with nothing shipped.
- * From is {Alias, Alias} (the shipper answers with gen_server:reply/2). */
+ * view, a big value, a link without a shipper: the caller goes through the
+ * writer. The record goes to every replica link of the session (all or
+ * nothing, under the descriptor's mutex, so each link gets the session's
+ * records in commit order): a full link queue is {done, Epoch, {error,
+ * {retry, replica_slow}}} with nothing committed (async: {wait, Epoch},
+ * nothing committed: async callers outrun their replicas, so they wait for
+ * room rather than fail); a set that fails is {done,
+ * Epoch, Error}, with nothing shipped. Sync: {queued, Shippers, ...}, the
+ * caller waits for one answer (the last replica's, or the first failure);
+ * Shippers, the shipper pid of each link, to monitor. Async: {done, Epoch,
+ * {ok, Version}} once queued, nothing announced for reads. From is {Alias,
+ * Alias} (the shipper answers with gen_server:reply/2). The record is {From,
+ * Session, Key, Value, Version, Epoch, Seq, T0, EventSeq, Count}: Count, the
+ * links a sync caller waits for, 0 for async. */
 DX_NIF(nif_repl_set) {
     ErlNifBinary b;
     ErlNifUInt64 gen;
@@ -368,28 +439,36 @@ DX_NIF(nif_repl_set) {
         return slow;
     }
     pthread_mutex_lock(&d->mu);
-    rlink *l = d->settled && d->gen == gen && d->link < atomic_load(&g_nlinks) ? g_links[d->link] : NULL;
-    ERL_NIF_TERM r = slow;
-    ErlNifPid shipper;
-    int full = 0;
-    if (l) {
+    rlink *ls[RD_MAX_LINKS];
+    ERL_NIF_TERM pids[RD_MAX_LINKS];
+    int nl = d->settled && d->gen == gen ? d->nlinks : 0, full = 0, nlinks = atomic_load(&g_nlinks);
+    for (int i = 0; i < nl; i++) {
+        if (d->links[i] >= nlinks) {
+            nl = 0;
+            break;
+        }
+        rlink *l = ls[i] = g_links[d->links[i]];
         pthread_mutex_lock(&l->mu);
-        shipper = l->pid;
-        full = l->n >= RL_MAX_QUEUE;
+        pids[i] = enif_make_pid(env, &l->pid);
+        full |= l->n >= RL_MAX_QUEUE;
         int open = l->open && enif_is_process_alive(env, &l->pid);
         pthread_mutex_unlock(&l->mu);
-        if (!open) l = NULL;
+        if (!open) {
+            nl = 0; /* one link without its shipper: the writer's path */
+            break;
+        }
     }
+    ERL_NIF_TERM r = slow;
     dx_notify_ctx nc;
-    int ran = 0;
-    if (l && full) {
+    int ran = 0, async = d->async;
+    if (nl && full) {
         atomic_fetch_add(&g_refused_full, 1);
-        r = enif_make_tuple3(env, enif_make_atom(env, "done"), enif_make_uint64(env, d->epoch),
-                             dx_error2(env, enif_make_atom(env, "retry"), enif_make_atom(env, "replica_slow")));
-    } else if (l) {
-        /* announced before the commit: a read that sees the change waits for it */
+        r = async ? enif_make_tuple2(env, enif_make_atom(env, "wait"), enif_make_uint64(env, d->epoch))
+                  : done(env, d->epoch, dx_error2(env, enif_make_atom(env, "retry"), enif_make_atom(env, "replica_slow")));
+    } else if (nl) {
+        /* announced before the commit: a read that sees the change waits for it (sync) */
         uint64_t seq = d->seq + 1;
-        atomic_store(&d->announced, seq);
+        if (!async) atomic_store(&d->announced, seq);
         dx_notify_ctx_init(&nc, env, 1);
         ran = 1;
         (void)dx_events_take_pushed();
@@ -400,26 +479,31 @@ DX_NIF(nif_repl_set) {
         if (enif_get_tuple(env, r, &arity, &el) && arity == 2 && enif_is_identical(el[0], ATOM_ok) &&
             enif_get_uint64(env, el[1], &ver)) {
             d->seq = seq;
-            pthread_mutex_lock(&l->mu);
-            ERL_NIF_TERM rec[9] = {argv[4], argv[0], argv[1], argv[2], el[1], enif_make_uint64(env, d->epoch),
-                                   enif_make_uint64(env, seq), argv[5], enif_make_uint64(env, post)};
-            int room = !push(env, l, enif_make_tuple_from_array(env, rec, 9));
-            pthread_mutex_unlock(&l->mu);
+            ERL_NIF_TERM rec[10] = {argv[4], argv[0], argv[1], argv[2], el[1], enif_make_uint64(env, d->epoch),
+                                    enif_make_uint64(env, seq), argv[5], enif_make_uint64(env, post),
+                                    enif_make_int(env, async ? 0 : nl)};
+            ERL_NIF_TERM t = enif_make_tuple_from_array(env, rec, 10);
+            /* every link or none: all locked (ascending ids), room made in each, then appended */
+            int room = 1;
+            for (int i = 0; i < nl; i++) pthread_mutex_lock(&ls[i]->mu);
+            for (int i = 0; i < nl && room; i++) room = !reserve(ls[i]);
+            for (int i = 0; i < nl && room; i++) append(env, ls[i], t);
+            for (int i = nl; i > 0; i--) pthread_mutex_unlock(&ls[i - 1]->mu);
             if (room) {
                 atomic_fetch_add(&g_fast_sets, 1);
-                ERL_NIF_TERM pid = enif_make_pid(env, &shipper);
-                r = enif_make_tuple5(env, enif_make_atom(env, "queued"), pid, enif_make_uint64(env, d->epoch),
-                                     enif_make_uint64(env, seq), r);
+                r = async ? done(env, d->epoch, r)
+                          : enif_make_tuple5(env, enif_make_atom(env, "queued"), enif_make_list_from_array(env, pids, nl),
+                                             enif_make_uint64(env, d->epoch), enif_make_uint64(env, seq), r);
             } else {
-                /* committed, not shipped (out of memory): the replica sees a gap at the
-                 * session's next change and gets a full copy; the writer takes over */
+                /* committed, not shipped (out of memory): the replicas see a gap at the
+                 * session's next change and get a full copy; the writer takes over */
                 d->settled = 0;
-                r = enif_make_tuple3(env, enif_make_atom(env, "done"), enif_make_uint64(env, d->epoch),
-                                     dx_error2(env, enif_make_atom(env, "retry"), enif_make_atom(env, "replica_unavailable")));
+                r = done(env, d->epoch,
+                         dx_error2(env, enif_make_atom(env, "retry"), enif_make_atom(env, "replica_unavailable")));
             }
         } else {
-            atomic_store(&d->announced, d->seq); /* withdrawn: nothing committed */
-            r = enif_make_tuple3(env, enif_make_atom(env, "done"), enif_make_uint64(env, d->epoch), r);
+            if (!async) atomic_store(&d->announced, d->seq); /* withdrawn: nothing committed */
+            r = done(env, d->epoch, r);
         }
     }
     pthread_mutex_unlock(&d->mu);
