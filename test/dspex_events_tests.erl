@@ -23,6 +23,7 @@ events_test_() ->
       ?T(snapshot_at_every_multiple_equals_export),
       ?T(snapshotter_starts_from_the_state_it_kept),
       ?T(state_event_types_are_the_stores_and_a_malformed_one_is_ignored),
+      ?T(take_kept_takes_a_sessions_events_up_to_a_sequence),
       ?T(replay_folds_runs_of_updates),
       ?T(put_snapshots_stores_each),
       ?T(state_at_equals_export_for_runs_of_updates),
@@ -853,6 +854,28 @@ state_event_types_are_the_stores_and_a_malformed_one_is_ignored() ->
                   end, Multiples),
     {Last, LastExport} = lists:last(Exports),
     ?assertEqual({ok, LastExport}, dspex_events:state_at(S, {sequence, Last})).
+
+%% The events kept for a session's next replicated change (take_kept/2):
+%% that session's only (not those of a session whose id it is a prefix of, or
+%% that sorts next to it), up to the given sequence, in order, each once.
+take_kept_takes_a_sessions_events_up_to_a_sequence() ->
+    T = dspex_events_kept,
+    [A, AB, B] = [<<"kept_a">>, <<"kept_ab">>, <<"kept_b">>],
+    true = ets:insert(T, [{{AB, 1}, ab1}, {{AB, 2}, ab2}, {{B, 5}, b5}, {{A, 3}, a3}, {{A, 4}, a4}, {{A, 9}, a9}]),
+    try
+        ?assertEqual([], dspex_events:take_kept(A, 2)),
+        ?assertEqual([a3, a4], dspex_events:take_kept(A, 4)),
+        ?assertEqual([], dspex_events:take_kept(A, 8)),
+        ?assertEqual([], dspex_events:take_kept(<<"kept_">>, 100)),
+        ?assertEqual([a9], dspex_events:take_kept(A, 100)),
+        ?assertEqual([], dspex_events:take_kept(A, 100)),
+        ?assertEqual([ab1, ab2], dspex_events:take_kept(AB, 2)),
+        ?assertEqual([b5], dspex_events:take_kept(B, 5)),
+        %% taken ones are gone
+        ?assertEqual([], [K || {{S, _} = K, _} <- ets:tab2list(T), lists:member(S, [A, AB, B])])
+    after
+        [ets:match_delete(T, {{S, '_'}, '_'}) || S <- [A, AB, B]]
+    end.
 
 drain_traces(P, Acc) ->
     receive {trace, P, call, {dspex_nif, events_latest_snapshot, _}} = T -> drain_traces(P, [T | Acc])
