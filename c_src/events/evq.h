@@ -95,6 +95,10 @@ typedef struct {
        released on the thread that allocated it. */
     size_t item_slot, spare_max;
     bool (*recycle)(void *ctx, dx_ev_item *it);
+    /* Optional, with item_slot: starts fetching the memory free_payload will touch for a kept item's payload
+       (a committing thread, one item ahead of its reuse, with the spare list's mutex held: the item is
+       still in the list, so its payload is alive; only prefetches, no access beyond it->payload's fields). */
+    void (*prefetch_payload)(void *ctx, const dx_ev_item *it);
     /* Writer thread, after every attempt: done = highest durable ticket; err NULL on success, else
        the failure (the batch is retried; nothing is dropped). recs are the written records (n of them,
        positions assigned) on success. */
