@@ -355,7 +355,7 @@ static dx_ev_item *item_get(dx_evq *q, size_t sz) {
     dx_ev_item *after = next ? next->next : NULL;
     if (next && q->cfg.prefetch_payload && next->payload) q->cfg.prefetch_payload(q->cfg.ctx, next);
     if (after)
-        for (size_t off = 0; off < q->cfg.item_slot; off += 64) __builtin_prefetch((char *)after + off, 1, 3);
+        for (size_t off = 0; off < q->cfg.item_slot; off += 64) dx_prefetch_w((char *)after + off);
     if (it) {
         if (it->payload && q->cfg.free_payload) q->cfg.free_payload(q->cfg.ctx, it);
     } else if ((it = q->cfg.item_alloc(q->cfg.item_slot))) {

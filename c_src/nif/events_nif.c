@@ -625,8 +625,8 @@ static void ev_prefetch_payload(void *ctx, const dx_ev_item *it) {
     const dx_snap *s[2] = {p->old, p->cur};
     for (int i = 0; i < 2; i++)
         if (s[i]) {
-            __builtin_prefetch((const char *)s[i] - 16, 1, 3);
-            __builtin_prefetch((const char *)&s[i]->refs, 1, 3);
+            dx_prefetch_w((const char *)s[i] - 16);
+            dx_prefetch_w(&s[i]->refs);
         }
 }
 
