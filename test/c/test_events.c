@@ -536,9 +536,11 @@ static void test_items_recycled_payloads_freed_once(void **st) {
     for (int i = 0; i < 40; i++) t = rc_push(q, 1);
     assert_int_equal(g_rc_allocs, 40);
     assert_int_equal(g_rc_payload_frees, 40);
-    /* the 40 came back in two chunks (32 and 8), each taken whole into this thread's cache: every reuse
-     * with another item after it in the cache prefetched that one's payload, while it was still alive */
-    assert_int_equal(LOAD(g_rc_prefetches), 40 - 2);
+    /* the 40 came back in chunks of up to 32 per written batch (the first round was written in one or two
+     * batches: the first item(s) taken while the gate held the writer, then the rest), each chunk taken
+     * whole into this thread's cache: every reuse with another item after it in the cache prefetched that
+     * one's payload, while it was still alive (asserted in rc_prefetch): 40 less one per chunk, 2 or 3 */
+    assert_in_range(LOAD(g_rc_prefetches), 40 - 3, 40 - 2);
     gate_set(0);
     assert_int_equal(dx_evq_wait(q, t), 0);
     EVENTUALLY(rc_spare(q) == 40);
