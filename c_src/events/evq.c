@@ -364,16 +364,23 @@ static dx_ev_item *item_get(dx_evq *q, size_t sz) {
     return it;
 }
 
-static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
+/* The bytes of the item of in; *poff: where its payload copy goes (0: none). */
+static size_t item_size(const dx_ev_in *in, size_t *poff) {
     size_t tl = in->session_len + in->type_len + in->variable_len + in->principal_len + in->changed_by_len +
                 in->data_len + in->meta_len + in->node_len;
-    size_t sz = sizeof(dx_ev_item) + tl, poff = 0;
+    size_t sz = sizeof(dx_ev_item) + tl;
+    *poff = 0;
     if (in->payload_len) { /* the payload in the same allocation, after the text */
-        poff = (sz + PAYLOAD_ALIGN - 1) & ~(size_t)(PAYLOAD_ALIGN - 1);
-        sz = poff + in->payload_len;
+        *poff = (sz + PAYLOAD_ALIGN - 1) & ~(size_t)(PAYLOAD_ALIGN - 1);
+        sz = *poff + in->payload_len;
     }
-    dx_ev_item *it = item_get(q, sz);
-    if (!it) return NULL;
+    return sz;
+}
+
+/* Fills an item (of item_size(in) bytes at least) with the event's bytes. */
+static void item_fill(dx_evq *q, dx_ev_item *it, const dx_ev_in *in) {
+    size_t poff;
+    (void)item_size(in, &poff);
     size_t alloc = it->alloc;
     memset(it, 0, sizeof *it);
     it->alloc = alloc;
@@ -411,7 +418,6 @@ static dx_ev_item *item_new(dx_evq *q, const dx_ev_in *in) {
     } else {
         it->payload = in->payload;
     }
-    return it;
 }
 
 /* Under q->mu: stamps and links a prepared item. */
@@ -440,7 +446,7 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
     seq_slot *slot_stack[16], **slots = n <= 16 ? slot_stack : (seq_slot **)(items + n);
     size_t k = 0;
     for (; k < n; k++)
-        if (!(items[k] = item_new(q, &in[k]))) break;
+        if (!(items[k] = item_get(q, item_size(&in[k], &(size_t){0})))) break;
     int rc = 0;
     if (k < n) {
         rc = -1;
@@ -449,6 +455,10 @@ int dx_evq_push_many(dx_evq *q, const dx_ev_in *in, size_t n, uint64_t *tickets,
         for (size_t i = 0; i < n; i++) need_now |= !in[i].ts_us && !in[i].commit_us;
         int64_t now = need_now ? dx_ev_now_us() : 0;
         pthread_mutex_lock(&q->mu);
+        /* the event's bytes are copied into its item with the mutex held: the lock's atomic instruction then
+         * waits only for the stores before it, not for these (the item's lines, last written on the writer's
+         * core, may still be on their way); they drain after the unlock, ahead of it in store order */
+        for (size_t i = 0; i < n; i++) item_fill(q, items[i], &in[i]);
         size_t nslots0 = q->nslots;
         /* check every explicit sequence first: all or nothing */
         for (size_t i = 0; i < n && !rc; i++) {
