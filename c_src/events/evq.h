@@ -21,6 +21,18 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 
+/* Starts fetching the cache line of p for writing (its other copies invalidated), for a line written soon
+ * that another core wrote last. __builtin_prefetch(p, 1, 3) alone emits a read prefetch unless the build
+ * targets PREFETCHW: the line then arrives shared, and the first store still waits for a second exchange
+ * with the other core. PREFETCHW decodes as a no-op hint on x86-64 processors without it. */
+static inline void dx_prefetch_w(const void *p) {
+#if defined(__x86_64__)
+    __asm__ volatile("prefetchw %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 1, 3);
+#endif
+}
+
 typedef struct dx_ev_item {
     struct dx_ev_item *next;
     uint64_t ticket;
@@ -88,13 +100,19 @@ typedef struct {
     /* Optional recycling of the items (0: none): an item of up to item_slot bytes is allocated at that size
        and, once written, handed back by the writer to a spare list (at most spare_max items, default 4096)
        instead of being freed; a committing thread takes its next item from there (no allocator call, no
-       block freed by one thread and reused by another's allocator). Before an item goes back, recycle
+       block freed by one thread and reused by another's allocator): the writer hands them back in chunks of
+       up to 32, and a committing thread takes a whole chunk at a time into a cache of its own, so that one
+       lock serves a chunk's pushes (spare_max counts the items in the threads' caches too). Before an item goes back, recycle
        (writer thread, optional) drops what the writer added (its encoding) and says whether the item may
        be kept (false: freed at once, payload included). The payload of a kept item is freed (free_payload)
        by the committing thread that reuses the item, or at close: its memory (the store's snapshots) is
        released on the thread that allocated it. */
     size_t item_slot, spare_max;
     bool (*recycle)(void *ctx, dx_ev_item *it);
+    /* Optional, with item_slot: starts fetching the memory free_payload will touch for a kept item's payload
+       (a committing thread, one item ahead of its reuse: the item is in that thread's own cache of spare
+       items, so its payload is alive; only prefetches, no access beyond it->payload's fields). */
+    void (*prefetch_payload)(void *ctx, const dx_ev_item *it);
     /* Writer thread, after every attempt: done = highest durable ticket; err NULL on success, else
        the failure (the batch is retried; nothing is dropped). recs are the written records (n of them,
        positions assigned) on success. */

@@ -20,7 +20,47 @@
 
 static ErlNifMutex *g_open_mu;
 static _Atomic(dx_evq *) g_q;
-static _Atomic long g_inflight; /* hooks running (close waits for them) */
+/* NIF calls using the queue right now (close waits for them): one counter per thread, each on a cache line
+ * of its own, so that the commit path's locked increment touches a line no other thread reads or writes (a
+ * shared counter shared its line with g_q, g_ops and g_rd, read by every other thread of the log: the hook's
+ * increment had to take the line back from them, the costliest instruction of the hook in perf annotate).
+ * Threads beyond the slots share one counter. Only the owner thread writes a slot; close reads them all. */
+#define EV_INFLIGHT_SLOTS 256
+typedef struct {
+    _Atomic long n;
+    char pad[64 - sizeof(long)];
+} inflight_slot;
+static inflight_slot g_inflight_slots[EV_INFLIGHT_SLOTS] __attribute__((aligned(64)));
+static _Atomic int g_inflight_used; /* slots handed out */
+static inflight_slot g_inflight_shared __attribute__((aligned(64)));
+static _Thread_local inflight_slot *t_inflight;
+
+static inline inflight_slot *inflight_enter(void) {
+    inflight_slot *c = t_inflight;
+    if (!c) {
+        int i = atomic_load_explicit(&g_inflight_used, memory_order_relaxed);
+        while (i < EV_INFLIGHT_SLOTS && !atomic_compare_exchange_weak(&g_inflight_used, &i, i + 1)) {}
+        t_inflight = c = i < EV_INFLIGHT_SLOTS ? &g_inflight_slots[i] : &g_inflight_shared;
+    }
+    /* seq_cst: ordered before the caller's load of g_q (close exchanges g_q, then reads the counters) */
+    atomic_fetch_add_explicit(&c->n, 1, memory_order_seq_cst);
+    return c;
+}
+
+static inline void inflight_exit(inflight_slot *c) {
+    if (c == &g_inflight_shared) atomic_fetch_sub_explicit(&c->n, 1, memory_order_release);
+    else /* the owner is the only writer: no locked instruction */
+        atomic_store_explicit(&c->n, atomic_load_explicit(&c->n, memory_order_relaxed) - 1, memory_order_release);
+}
+
+/* close: waits until no call that may have loaded the queue before it was unpublished is still in it */
+static void inflight_wait(void) {
+    int used = atomic_load(&g_inflight_used);
+    for (int i = 0; i <= used && i <= EV_INFLIGHT_SLOTS; i++) {
+        inflight_slot *c = i < used && i < EV_INFLIGHT_SLOTS ? &g_inflight_slots[i] : &g_inflight_shared;
+        while (atomic_load_explicit(&c->n, memory_order_acquire)) sched_yield();
+    }
+}
 static _Atomic uint64_t g_lost;  /* pushes that failed for lack of memory */
 static const dx_ev_backend_ops *g_ops;
 static void *g_rd; /* the readers' backend instance */
@@ -163,10 +203,10 @@ uint64_t dx_events_take_pushed(void) {
  * event is numbered after it without asking the backend); 0 otherwise (the
  * first event would have to seed it: dspex_events:last_sequence/1 does). */
 int dx_events_known(const char *session, size_t len) {
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     int k = !q || dx_evq_known(q, session, len);
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     return k;
 }
 
@@ -202,7 +242,7 @@ static void ev_hook(const dx_ev_change *c) {
     /* a node's cached copy of another node's session (dspex_cache) has no log
      * of its own: the owner's log holds the session's events */
     if (c->s->id_len >= DX_CACHE_PREFIX_LEN && !memcmp(c->s->id, DX_CACHE_PREFIX, DX_CACHE_PREFIX_LEN)) return;
-    atomic_fetch_add_explicit(&g_inflight, 1, memory_order_acq_rel);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
     if (!q) goto out;
     if (c->kind == DX_EV_BATCH_BEGIN) {
@@ -296,7 +336,7 @@ lost:
     atomic_fetch_add(&g_lost, 1);
     if (c->kind == DX_EV_BATCH_COMMITTED && t_batch.on) batch_flush(q); /* the members still go in */
 out:
-    atomic_fetch_sub_explicit(&g_inflight, 1, memory_order_acq_rel);
+    inflight_exit(ifl);
 }
 
 /* ---- writer callbacks (writer thread) ---------------------------------------------------- */
@@ -577,6 +617,19 @@ static bool ev_recycle(void *ctx, dx_ev_item *it) {
     return true;
 }
 
+/* A committing thread, one kept item ahead of its reuse (evq.h prefetch_payload): the lines the release of
+ * its snapshots writes (the reference count; the allocator's header and the first words when it frees). */
+static void ev_prefetch_payload(void *ctx, const dx_ev_item *it) {
+    const ev_payload *p = it->payload;
+    if (!p->embedded) return;
+    const dx_snap *s[2] = {p->old, p->cur};
+    for (int i = 0; i < 2; i++)
+        if (s[i]) {
+            dx_prefetch_w((const char *)s[i] - 16);
+            dx_prefetch_w(&s[i]->refs);
+        }
+}
+
 static void ev_on_batch(void *ctx, uint64_t done, const char *err, const dx_ev_rec *recs, size_t n) {
     ErlNifEnv *env = enif_alloc_env();
     if (!env) return;
@@ -716,7 +769,7 @@ DX_NIF(nif_events_open) {
     dx_evq_config cfg = {.ops = ops, .target = tgt, .node = (const char *)node.data, .node_len = node.size,
                          .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .gather_us = (int64_t)gather, .encode = ev_encode, .free_payload = ev_free_payload,
                          .item_alloc = enif_alloc, .item_free = enif_free,
-                         .item_slot = EV_ITEM_SLOT, .recycle = ev_recycle,
+                         .item_slot = EV_ITEM_SLOT, .recycle = ev_recycle, .prefetch_payload = ev_prefetch_payload,
                          .on_batch = ev_on_batch, .spool_path = spool_path};
     enif_mutex_lock(g_wait_mu);
     g_have_listener = have_lp;
@@ -748,7 +801,7 @@ static void close_queue(void) {
     dx_evq *q = atomic_exchange(&g_q, NULL);
     if (!q) return;
     /* hooks that loaded q before the exchange finish their push first */
-    while (atomic_load_explicit(&g_inflight, memory_order_acquire)) sched_yield();
+    inflight_wait();
     dx_evq_close(q); /* drains: every queued event is written (or the backend failed for good) */
     pthread_mutex_lock(&g_rd_mu);
     g_ops->close(g_rd);
@@ -840,13 +893,13 @@ static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], con
         in.node = (const char *)as->node.data;
         in.node_len = as->node.size;
     }
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     q = atomic_load(&g_q);
     uint64_t t = q ? dx_evq_push(q, &in, &seq) : 0;
     /* an explicit sequence that does not continue the session's: say which one it has */
     bool gap = q && !t && in.sequence &&
                !(dx_evq_known_seq(q, in.session, in.session_len, &last) && last + 1 == in.sequence);
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     if (have_by) enif_release_binary(&by);
     enif_release_binary(&data);
     enif_release_binary(&meta);
@@ -911,10 +964,10 @@ static ERL_NIF_TERM await_all(ErlNifEnv *env, dx_evq *q);
 /* events_await() -> ok | {wait, Ref} | {error, {event_store, not_open}}: waits for everything pushed so far. */
 DX_NIF(nif_events_await) {
     /* counted in flight: a concurrent close waits before it frees the queue */
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     ERL_NIF_TERM r = q ? await_all(env, q) : dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     return r;
 }
 
@@ -930,10 +983,10 @@ static ERL_NIF_TERM backpressure(ErlNifEnv *env, dx_evq *q) {
 
 DX_NIF(nif_events_backpressure) {
     if (!atomic_load(&g_q)) return ATOM_ok;
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     ERL_NIF_TERM r = q ? backpressure(env, q) : ATOM_ok;
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     return r;
 }
 
@@ -960,10 +1013,10 @@ ERL_NIF_TERM dx_events_settle(ErlNifEnv *env, ERL_NIF_TERM opts, ERL_NIF_TERM re
     /* async, and the commit's push left the queue below its capacity: nothing to wait for (the common case,
      * decided without touching the queue) */
     if (!sync && !over) return result;
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     ERL_NIF_TERM w = !q ? ATOM_ok : sync ? await_all(env, q) : backpressure(env, q);
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     if (enif_is_identical(w, ATOM_ok)) return result;
     return enif_make_tuple4(env, A_event_wait, sync ? A_sync : A_backpressure, result, w);
 }
@@ -1741,7 +1794,7 @@ DX_NIF(nif_events_replay) {
 }
 
 DX_NIF(nif_events_stats) {
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     dx_evq_stats s;
     bool full = false;
@@ -1749,7 +1802,7 @@ DX_NIF(nif_events_stats) {
         dx_evq_stats_get(q, &s);
         full = dx_evq_full(q);
     }
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     int64_t lag = s.oldest_ts_us ? dx_now_us() - s.oldest_ts_us : 0;
     ERL_NIF_TERM k[27] = {A_pushed, A_done, A_depth, A_max_depth, A_bytes, A_batches, A_written_n, ATOM_errors,
@@ -1893,21 +1946,21 @@ DX_NIF(nif_events_expire) {
 static ERL_NIF_TERM events_seed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     ErlNifBinary sid;
     if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     char err[256];
     int rc = q ? dx_evq_seed(q, (const char *)sid.data, sid.size, err, sizeof err) : 0;
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     return rc ? es_error(env, err) : ATOM_ok;
 }
 
 DX_NIF(nif_events_seed) {
     ErlNifBinary sid;
     if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0) return enif_make_badarg(env);
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     bool known = !q || dx_evq_known(q, (const char *)sid.data, sid.size);
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     if (known) return ATOM_ok;
     return enif_schedule_nif(env, "events_seed", ERL_NIF_DIRTY_JOB_IO_BOUND, events_seed_dirty, argc, argv);
 }
@@ -1918,7 +1971,7 @@ DX_NIF(nif_events_seed) {
 ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     ErlNifBinary sid;
     if (!enif_inspect_binary(env, argv[0], &sid) || sid.size == 0) return enif_make_badarg(env);
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     char err[256];
     uint64_t last = 0;
@@ -1929,7 +1982,7 @@ ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
         pthread_mutex_unlock(&g_seed_mu);
         if (!rc) dx_evq_session_seq_raise(q, (const char *)sid.data, sid.size, last);
     }
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     return rc ? es_error(env, err) : ATOM_ok;
 }
 
@@ -1938,21 +1991,21 @@ ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
 static ERL_NIF_TERM events_session_seq_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     ErlNifBinary sid;
     if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     uint64_t s = q ? dx_evq_session_seq(q, (const char *)sid.data, sid.size) : 0;
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     return q ? enif_make_uint64(env, s) : dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
 }
 
 DX_NIF(nif_events_session_seq) {
     ErlNifBinary sid;
     if (!enif_inspect_binary(env, argv[0], &sid)) return enif_make_badarg(env);
-    atomic_fetch_add(&g_inflight, 1);
+    inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load(&g_q);
     uint64_t s = 0;
     bool known = q && dx_evq_known_seq(q, (const char *)sid.data, sid.size, &s);
-    atomic_fetch_sub(&g_inflight, 1);
+    inflight_exit(ifl);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
     if (known) return enif_make_uint64(env, s);
     return enif_schedule_nif(env, "events_session_seq", ERL_NIF_DIRTY_JOB_IO_BOUND, events_session_seq_dirty, argc,
