@@ -1257,18 +1257,26 @@ static int fd_atom_of(fd_in *d, size_t n, ERL_NIF_TERM *out) {
     return 1;
 }
 
+static int fd_check_elements(fd_in *d, uint8_t tag, size_t n, int depth);
+
+/* Decodes the term at d->p into *out and skips it; 0 when it cannot (the VM's decoder is asked then). With out
+ * NULL it only checks that it would decode, building nothing (the replay's fold, see run_add): then a map of
+ * more than 32 pairs or with two keys of the same encoding is 0 too (keys compared pairwise; a map built would
+ * refuse term-equal keys). */
 static int fd_term(fd_in *d, ERL_NIF_TERM *out, int depth) {
     if (depth > 64 || !fd_need(d, 1)) return 0;
     uint8_t tag = *d->p++;
     ErlNifEnv *env = d->env;
+    ERL_NIF_TERM atom;
     switch (tag) {
     case 97: /* SMALL_INTEGER_EXT */
         if (!fd_need(d, 1)) return 0;
-        *out = enif_make_int(env, *d->p++);
+        if (out) *out = enif_make_int(env, *d->p);
+        d->p++;
         return 1;
     case 98: /* INTEGER_EXT */
         if (!fd_need(d, 4)) return 0;
-        *out = enif_make_int(env, (int32_t)fd_u32(d->p));
+        if (out) *out = enif_make_int(env, (int32_t)fd_u32(d->p));
         d->p += 4;
         return 1;
     case 70: { /* NEW_FLOAT_EXT */
@@ -1277,7 +1285,7 @@ static int fd_term(fd_in *d, ERL_NIF_TERM *out, int depth) {
         double f;
         memcpy(&f, &u, 8);
         if (!isfinite(f)) return 0;
-        *out = enif_make_double(env, f);
+        if (out) *out = enif_make_double(env, f);
         d->p += 8;
         return 1;
     }
@@ -1288,44 +1296,45 @@ static int fd_term(fd_in *d, ERL_NIF_TERM *out, int depth) {
         if (n > 8 || !fd_need(d, 2 + n)) return 0;
         uint64_t m = 0;
         for (size_t i = n; i > 0; i--) m = m << 8 | d->p[2 + i - 1];
-        if (neg) {
-            if (m > (uint64_t)INT64_MAX + 1) return 0;
-            *out = enif_make_int64(env, m == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)m);
-        } else {
-            *out = enif_make_uint64(env, m);
-        }
+        if (neg && m > (uint64_t)INT64_MAX + 1) return 0;
+        if (out)
+            *out = !neg ? enif_make_uint64(env, m)
+                        : enif_make_int64(env, m == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)m);
         d->p += 2 + n;
         return 1;
     }
     case 119: /* SMALL_ATOM_UTF8_EXT */
     case 115: /* SMALL_ATOM_EXT */
         if (!fd_need(d, 1)) return 0;
-        return fd_atom_of(d, *d->p++, out);
+        d->p++;
+        return fd_atom_of(d, d->p[-1], out ? out : &atom);
     case 118: /* ATOM_UTF8_EXT */
     case 100: { /* ATOM_EXT */
         if (!fd_need(d, 2)) return 0;
         size_t n = fd_u16(d->p);
         d->p += 2;
-        return fd_atom_of(d, n, out);
+        return fd_atom_of(d, n, out ? out : &atom);
     }
     case 109: { /* BINARY_EXT */
         if (!fd_need(d, 4)) return 0;
         size_t n = fd_u32(d->p);
         if (!fd_need(d, 4 + n)) return 0;
-        unsigned char *b = enif_make_new_binary(env, n, out);
-        if (!b) return 0;
-        if (n) memcpy(b, d->p + 4, n);
+        if (out) {
+            unsigned char *b = enif_make_new_binary(env, n, out);
+            if (!b) return 0;
+            if (n) memcpy(b, d->p + 4, n);
+        }
         d->p += 4 + n;
         return 1;
     }
     case 106: /* NIL_EXT */
-        *out = enif_make_list(env, 0);
+        if (out) *out = enif_make_list(env, 0);
         return 1;
     case 107: { /* STRING_EXT: a list of bytes */
         if (!fd_need(d, 2)) return 0;
         size_t n = fd_u16(d->p);
         if (!fd_need(d, 2 + n)) return 0;
-        *out = enif_make_string_len(env, (const char *)d->p + 2, n, ERL_NIF_LATIN1);
+        if (out) *out = enif_make_string_len(env, (const char *)d->p + 2, n, ERL_NIF_LATIN1);
         d->p += 2 + n;
         return 1;
     }
@@ -1339,6 +1348,7 @@ static int fd_term(fd_in *d, ERL_NIF_TERM *out, int depth) {
         d->p += hl;
         size_t k = tag == 116 ? 2 * n : n;
         if (k > (size_t)(d->end - d->p)) return 0; /* every element takes a byte at least */
+        if (!out) return fd_check_elements(d, tag, n, depth);
         ERL_NIF_TERM stack[32], *a = k <= 32 ? stack : enif_alloc(k * sizeof *a);
         if (!a) return 0;
         int ok = 1;
@@ -1372,6 +1382,27 @@ static int fd_term(fd_in *d, ERL_NIF_TERM *out, int depth) {
     }
 }
 
+/* fd_term's check of a tuple's, list's or map's n elements (pairs for a map), the header read. */
+static int fd_check_elements(fd_in *d, uint8_t tag, size_t n, int depth) {
+    if (tag != 116) {
+        for (size_t i = 0; i < n; i++)
+            if (!fd_term(d, NULL, depth + 1)) return 0;
+        return tag == 108 ? fd_term(d, NULL, depth + 1) : 1; /* a list's tail */
+    }
+    if (n > 32) return 0;
+    const uint8_t *ks[32];
+    size_t kl[32];
+    for (size_t i = 0; i < n; i++) {
+        ks[i] = d->p;
+        if (!fd_term(d, NULL, depth + 1)) return 0;
+        kl[i] = (size_t)(d->p - ks[i]);
+        for (size_t j = 0; j < i; j++)
+            if (kl[j] == kl[i] && !memcmp(ks[j], ks[i], kl[i])) return 0;
+        if (!fd_term(d, NULL, depth + 1)) return 0;
+    }
+    return 1;
+}
+
 /* binary_to_term(Blob, [safe]), or dflt when empty or not decodable: the cached-atom decoder first (the
  * replay's data, and every event's data and metadata that events_read/1 returns, and snapshots). */
 static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t len, ERL_NIF_TERM dflt) {
@@ -1392,7 +1423,7 @@ static ERL_NIF_TERM fast_blob_to_term(ErlNifEnv *env, const uint8_t *p, size_t l
  * are neither decoded nor built as terms (their `previous' is copied, the rest only checked).
  *
  * An event joins a run only when its data is exactly the writer's map (the ten keys below, each once) and
- * every term in it decodes (fd_check: the tags fast_blob_to_term takes, existing atoms, finite floats, no
+ * every term in it decodes (fd_term with no term to build: the tags fast_blob_to_term takes, existing atoms, finite floats, no
  * map with two keys of the same encoding), so that the event alone would have been decoded and applied;
  * and when the variable's history_limit is known: given by the caller (the variables of its state) or read
  * from a variable_registered event of this call (a variable_deleted or session_created forgets). Anything
@@ -1401,93 +1432,6 @@ enum { UK_ID, UK_NAME, UK_VALUE, UK_OLD, UK_VERSION, UK_PREVV, UK_UPDATED, UK_ME
 static const char *const UPD_KEYS[UK_N] = {"id",         "name",     "value",     "old_value",  "version",
                                            "previous_version", "updated_at", "metadata", "changed_by", "previous"};
 static size_t UPD_KEY_LENS[UK_N]; /* set at load */
-
-/* Checks that fd_term would decode the term at d->p, and skips it; 0 when not (or not sure). */
-static int fd_check(fd_in *d, int depth) {
-    if (depth > 64 || !fd_need(d, 1)) return 0;
-    uint8_t tag = *d->p++;
-    ERL_NIF_TERM a;
-    switch (tag) {
-    case 97: return fd_need(d, 1) ? (d->p += 1, 1) : 0;
-    case 98: return fd_need(d, 4) ? (d->p += 4, 1) : 0;
-    case 70: {
-        if (!fd_need(d, 8)) return 0;
-        uint64_t u = (uint64_t)fd_u32(d->p) << 32 | fd_u32(d->p + 4);
-        double f;
-        memcpy(&f, &u, 8);
-        if (!isfinite(f)) return 0;
-        d->p += 8;
-        return 1;
-    }
-    case 110: {
-        if (!fd_need(d, 2)) return 0;
-        size_t n = d->p[0];
-        int neg = d->p[1];
-        if (n > 8 || !fd_need(d, 2 + n)) return 0;
-        uint64_t m = 0;
-        for (size_t i = n; i > 0; i--) m = m << 8 | d->p[2 + i - 1];
-        if (neg && m > (uint64_t)INT64_MAX + 1) return 0;
-        d->p += 2 + n;
-        return 1;
-    }
-    case 119:
-    case 115:
-        if (!fd_need(d, 1)) return 0;
-        return fd_atom_of(d, *d->p++, &a);
-    case 118:
-    case 100: {
-        if (!fd_need(d, 2)) return 0;
-        size_t n = fd_u16(d->p);
-        d->p += 2;
-        return fd_atom_of(d, n, &a);
-    }
-    case 109: {
-        if (!fd_need(d, 4)) return 0;
-        size_t n = fd_u32(d->p);
-        if (!fd_need(d, 4 + n)) return 0;
-        d->p += 4 + n;
-        return 1;
-    }
-    case 106: return 1;
-    case 107: {
-        if (!fd_need(d, 2)) return 0;
-        size_t n = fd_u16(d->p);
-        if (!fd_need(d, 2 + n)) return 0;
-        d->p += 2 + n;
-        return 1;
-    }
-    case 104:
-    case 105:
-    case 108: {
-        size_t hl = tag == 104 ? 1 : 4;
-        if (!fd_need(d, hl)) return 0;
-        size_t n = tag == 104 ? d->p[0] : fd_u32(d->p);
-        d->p += hl;
-        if (n > (size_t)(d->end - d->p)) return 0;
-        for (size_t i = 0; i < n; i++)
-            if (!fd_check(d, depth + 1)) return 0;
-        return tag == 108 ? fd_check(d, depth + 1) : 1;
-    }
-    case 116: {
-        if (!fd_need(d, 4)) return 0;
-        size_t n = fd_u32(d->p);
-        d->p += 4;
-        if (n > 32) return 0; /* keys compared pairwise below: small maps only */
-        const uint8_t *ks[32];
-        size_t kl[32];
-        for (size_t i = 0; i < n; i++) {
-            ks[i] = d->p;
-            if (!fd_check(d, depth + 1)) return 0;
-            kl[i] = (size_t)(d->p - ks[i]);
-            for (size_t j = 0; j < i; j++)
-                if (kl[j] == kl[i] && !memcmp(ks[j], ks[i], kl[i])) return 0;
-            if (!fd_check(d, depth + 1)) return 0;
-        }
-        return 1;
-    }
-    default: return 0;
-    }
-}
 
 /* The spans of the writer's variable_updated data; 0 when the data is not exactly that map or not decodable. */
 typedef struct {
@@ -1510,7 +1454,7 @@ static int upd_parse(ErlNifEnv *env, const uint8_t *b, size_t len, upd_view *v) 
         seen |= 1u << k;
         d.p += 2 + kn;
         v->p[k] = d.p;
-        if (!fd_check(&d, 1)) return 0;
+        if (!fd_term(&d, NULL, 1)) return 0;
         v->n[k] = (size_t)(d.p - v->p[k]);
     }
     return d.p == d.end;
