@@ -1204,15 +1204,8 @@ fast_path_sets_of_one_session_reach_the_replica_in_commit_order(Config) ->
     PR = peer_of(Rep, Peers),
     Keys = [list_to_atom("k" ++ integer_to_list(I)) || I <- lists:seq(1, 8)],
     [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0]) || K <- Keys],
-    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
-    Jobs = [{S, x, lists:seq(1, 200)} || _ <- lists:seq(1, 8)] ++ [{S, K, lists:seq(1, 200)} || K <- Keys],
-    Results = peer:call(PO, ?MODULE, parallel_sets, [Jobs], 120000),
-    ?assertEqual([], [R || Rs <- Results, R <- Rs, element(1, R) =/= ok]),
-    [?assertEqual(lists:sort(Vs), Vs) || Rs <- Results, Vs <- [[V || {ok, V} <- Rs]]],
-    ?assertEqual(lists:seq(1, 1600), lists:sort(lists:append([[V || {ok, V} <- Rs] || Rs <- lists:sublist(Results, 8)]))),
+    Results = fast_path_burst(PO, S, Keys, 1),
     [?assertEqual([{ok, V} || V <- lists:seq(1, 200)], Rs) || Rs <- lists:nthtail(8, Results)],
-    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
-    ?assertEqual(3200, F1 - F0),
     State = fun(P) -> [peer:call(P, ?MODULE, node_state, [S, atom_to_binary(K)]) || K <- [x | Keys]] end,
     ?assertEqual(State(PO), State(PR)),
     ?assertEqual({200, 1600}, hd(State(PR))),
@@ -1221,6 +1214,22 @@ fast_path_sets_of_one_session_reach_the_replica_in_commit_order(Config) ->
     assert_gapless(OwnerLog),
     ?assertEqual(same_events(OwnerLog), same_events(node_events(PR, S))),
     Config.
+
+%% 16 processes on the owner `PO' set session `S' at once, 200 sets each: 8
+%% on x, one on each variable of `Keys'. Every set succeeds and took the
+%% fast path, each process saw its versions increase, and x got the 1,600
+%% versions from `First' on, each once. Returns each process's results.
+fast_path_burst(PO, S, Keys, First) ->
+    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    Jobs = [{S, x, lists:seq(1, 200)} || _ <- lists:seq(1, 8)] ++ [{S, K, lists:seq(1, 200)} || K <- Keys],
+    Results = peer:call(PO, ?MODULE, parallel_sets, [Jobs], 120000),
+    ?assertEqual([], [R || Rs <- Results, R <- Rs, element(1, R) =/= ok]),
+    [?assertEqual(lists:sort(Vs), Vs) || Rs <- Results, Vs <- [[V || {ok, V} <- Rs]]],
+    ?assertEqual(lists:seq(First, First + 1599),
+                 lists:sort(lists:append([[V || {ok, V} <- Rs] || Rs <- lists:sublist(Results, 8)]))),
+    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
+    ?assertEqual(3200, F1 - F0),
+    Results.
 
 %% Issue #21, the fast path with several replicas: R = 2, 16 processes on
 %% the owner set one session at once (8 on x, 8 on a variable each). The set
@@ -1238,14 +1247,7 @@ fast_path_sets_with_two_replicas_reach_both_in_commit_order(Config) ->
     PO = peer_of(Owner, Peers),
     Keys = [list_to_atom("k" ++ integer_to_list(I)) || I <- lists:seq(1, 8)],
     [{ok, _} = peer:call(PA, dspex_store, register, [S, K, integer, 0]) || K <- Keys],
-    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
-    Jobs = [{S, x, lists:seq(1, 200)} || _ <- lists:seq(1, 8)] ++ [{S, K, lists:seq(1, 200)} || K <- Keys],
-    Results = peer:call(PO, ?MODULE, parallel_sets, [Jobs], 120000),
-    ?assertEqual([], [R || Rs <- Results, R <- Rs, element(1, R) =/= ok]),
-    [?assertEqual(lists:sort(Vs), Vs) || Rs <- Results, Vs <- [[V || {ok, V} <- Rs]]],
-    ?assertEqual(lists:seq(1, 1600), lists:sort(lists:append([[V || {ok, V} <- Rs] || Rs <- lists:sublist(Results, 8)]))),
-    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
-    ?assertEqual(3200, F1 - F0),
+    _ = fast_path_burst(PO, S, Keys, 1),
     ?assertEqual(0, peer:call(PO, ets, info, [dspex_cluster_shipper:pending_table(), size])),
     State = fun(P) -> [peer:call(P, ?MODULE, node_state, [S, atom_to_binary(K)]) || K <- [x | Keys]] end,
     OwnerState = State(PO),
@@ -1321,13 +1323,7 @@ async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy(Config
     %% a first write through the writer publishes the descriptor
     ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
     ?assertMatch({true, _, _, {0, 0}}, peer:call(PO, dspex_nif, repl_info, [S])),
-    {F0, _} = peer:call(PO, dspex_nif, repl_stats, []),
-    Jobs = [{S, x, lists:seq(1, 200)} || _ <- lists:seq(1, 8)] ++ [{S, K, lists:seq(1, 200)} || K <- Keys],
-    Results = peer:call(PO, ?MODULE, parallel_sets, [Jobs], 120000),
-    ?assertEqual([], [R || Rs <- Results, R <- Rs, element(1, R) =/= ok]),
-    ?assertEqual(lists:seq(2, 1601), lists:sort(lists:append([[V || {ok, V} <- Rs] || Rs <- lists:sublist(Results, 8)]))),
-    {F1, _} = peer:call(PO, dspex_nif, repl_stats, []),
-    ?assertEqual(3200, F1 - F0),
+    _ = fast_path_burst(PO, S, Keys, 2),
     State = fun(P) -> [peer:call(P, ?MODULE, node_state, [S, atom_to_binary(K)]) || K <- [x | Keys]] end,
     ?assertEqual({200, 1601}, hd(State(PO))),
     ok = wait_until(fun() -> State(PR) =:= State(PO) end, 30000, async_caught_up),
