@@ -118,7 +118,11 @@ append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
 append(_, _, _, _) -> {error, {invalid_argument, append}}.
 
 reserved_type(T) when is_binary(T) ->
-    lists:member(T, [atom_to_binary(R) || R <- ?STORE_TYPES]);
+    %% an existing atom only: a binary naming none is no store type (and makes no atom)
+    try binary_to_existing_atom(T) of
+        A -> lists:member(A, ?STORE_TYPES)
+    catch error:badarg -> false
+    end;
 reserved_type(T) -> lists:member(T, ?STORE_TYPES).
 
 append_here(Session, Type, Data, Meta) ->

@@ -563,14 +563,20 @@ prop_state_at() ->
                                {ok, E} = dspex_nif:export_session(S),
                                {dspex_nif:events_session_seq(S), E}
                            end || Op <- Ops],
-                settle(),
-                lists:all(fun({Seq, E}) ->
-                                  case dspex_events:state_at(S, {sequence, Seq}) of
-                                      {ok, E} -> true;
-                                      Other -> io:format("seq ~p:~n~p~n~p~n", [Seq, E, Other]), false
-                                  end
-                          end, Exports)
+                states_at_equal_exports(S, Exports)
             end).
+
+%% Once the log has everything: state_at/2 at each {Sequence, Export} taken
+%% right after that sequence's change equals the export (false, and the
+%% first difference printed, otherwise).
+states_at_equal_exports(S, Exports) ->
+    settle(),
+    lists:all(fun({Seq, E}) ->
+                      case dspex_events:state_at(S, {sequence, Seq}) of
+                          {ok, E} -> true;
+                          Other -> io:format("seq ~p:~n~p~n~p~n", [Seq, E, Other]), false
+                      end
+              end, Exports).
 
 apply_op(S, {register, K, T}) ->
     dspex_store:register(S, K, T, case T of integer -> 1; float -> 1.5; string -> <<"s">> end,
@@ -752,13 +758,7 @@ state_at_equals_export_for_runs_of_updates() ->
                                          {ok, E} = dspex_nif:export_session(S),
                                          {dspex_nif:events_session_seq(S), E}
                                      end || O <- [{register, a, 2}, {register, b, 1} | Ops]],
-                          settle(),
-                          lists:all(fun({Seq, E}) ->
-                                            case dspex_events:state_at(S, {sequence, Seq}) of
-                                                {ok, E} -> true;
-                                                Other -> io:format("seq ~p:~n~p~n~p~n", [Seq, E, Other]), false
-                                            end
-                                    end, Exports)
+                          states_at_equal_exports(S, Exports)
                       end), [{numtests, list_to_integer(os:getenv("DSPEX_PROP_EVENTS_N", "40"))}, {to_file, user}])).
 
 %% The snapshotter keeps the state of the last snapshot it stored for each
