@@ -78,7 +78,8 @@
 -type coords() :: {number(), number()}.
 -type decision() :: #{primary_region := region(), backup_regions := [region()],
                       policy := nearest | lowest_rtt | moved | failover, decided_at := integer(),
-                      region_epoch => non_neg_integer(), taken_at => non_neg_integer()}.
+                      region_epoch => non_neg_integer(), taken_at => non_neg_integer(),
+                      revision => non_neg_integer()}.
 
 -define(LINKS, dspex_region_links).
 -define(SESSIONS, dspex_region_sessions).
@@ -499,6 +500,13 @@ moved(Session) ->
 region_epoch(#{region_epoch := E}) -> E;
 region_epoch(_) -> 0.
 
+%% Decisions ordered: by region epoch, then by revision within it (the
+%% primary of an epoch revises its decision, say adding the old primary back
+%% as a backup; a peer's answer can still carry the earlier revision, which
+%% must not replace the later one).
+order(undefined) -> {-1, 0};
+order(D) -> {region_epoch(D), maps:get(revision, D, 0)}.
+
 %% @private Whether a write of `Session' may be made in this region (checked
 %% by `dspex_cluster' before it routes a write): `ok' without regions, for a
 %% session this node has no decision for, or whose primary is this region;
@@ -697,8 +705,9 @@ handle_call({route, Session, Opts}, _From, C) ->
         unhealthy -> {reply, failover(Session, Opts, C), C}
     end;
 handle_call({adopt, Session, D}, _From, #{name := Me} = C) ->
-    %% a decision of an older region epoch never replaces a newer one
-    case region_epoch(decision(Session)) =< region_epoch(D) of
+    %% a decision of an older region epoch (or an earlier revision of the
+    %% same epoch's) never replaces a newer one
+    case order(decision(Session)) =< order(D) of
         true ->
             ets:insert(?SESSIONS, {Session, D}),
             %% moved back here: writable again
@@ -792,7 +801,7 @@ merge_row(S, R0, Here) when is_map(R0) ->
 %% this node holds a newer region epoch; a session whose primary is this
 %% region again is writable again.
 take_shared(Session, D, Moved, #{name := Me}) when is_binary(Session), is_map(D) ->
-    case region_epoch(decision(Session)) =< region_epoch(D) of
+    case order(decision(Session)) =< order(D) of
         true ->
             ets:insert(?SESSIONS, {Session, D}),
             case {maps:get(primary_region, D, undefined), Moved} of
@@ -868,7 +877,8 @@ rejoin(S, P, #{name := Me}) ->
                     %% decision names P follows it in P's queue (the copy is
                     %% taken when it leaves, with every change before)
                     ok = dspex_region_shipper:resync_to(S, [P]),
-                    _ = record(S, D#{backup_regions => Bs ++ [P]}, rejoin),
+                    _ = record(S, D#{backup_regions => Bs ++ [P], revision => maps:get(revision, D, 0) + 1},
+                               rejoin),
                     ok
             end;
         _ -> ok
@@ -916,7 +926,7 @@ failover(Session, Opts, #{name := Me} = C) ->
              #{backup_regions := Bs} ->
                  case [B || B <- Bs, healthy(B)] of
                      [New | Rest] ->
-                         Old#{primary_region => New, backup_regions => Rest, policy => failover,
+                         Old#{primary_region => New, backup_regions => Rest, policy => failover, revision => 0,
                               decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(Old) + 1};
                      [] -> (decide(Opts, C))#{region_epoch => region_epoch(Old) + 1}
                  end;

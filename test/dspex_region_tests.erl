@@ -118,6 +118,25 @@ routing_without_peers_test() ->
     end),
     ?assertEqual({error, not_running}, dspex_region:topology()).
 
+%% the primary of an epoch revises its decision (the old primary rejoins as
+%% its last backup): a peer's answer still carrying the earlier revision of
+%% that epoch does not replace it; a newer epoch replaces any revision
+decision_revisions_are_ordered_within_an_epoch_test() ->
+    standalone(fun(_) ->
+        S = <<"rev_s">>,
+        D0 = #{primary_region => <<"us">>, backup_regions => [<<"ap">>], policy => failover, decided_at => 1,
+               region_epoch => 1, taken_at => 7},
+        D1 = D0#{backup_regions => [<<"ap">>, <<"eu">>], revision => 1},
+        ok = dspex_region:adopt(S, D0),
+        ok = dspex_region:adopt(S, D1),
+        ?assertEqual(stale, dspex_region:adopt(S, D0)),
+        ?assertEqual(D1, dspex_region:decision(S)),
+        D2 = #{primary_region => <<"ap">>, backup_regions => [], policy => moved, decided_at => 2, region_epoch => 2},
+        ok = dspex_region:adopt(S, D2),
+        ?assertEqual(stale, dspex_region:adopt(S, D1)),
+        ?assertEqual(D2, dspex_region:decision(S))
+    end).
+
 %% a peer whose gateway refuses connections: its link is down, says why, and retries
 unreachable_peer_test() ->
     process_flag(trap_exit, true),
