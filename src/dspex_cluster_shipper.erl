@@ -42,6 +42,10 @@
 %% outcome was unknown to its caller, as for any retry error);</li>
 %% <li>a record refused for a stale epoch (a takeover fenced the replica):
 %% `{retry, fenced}'; any other refusal: `{retry, replica_unavailable}'.</li>
+%% <li>this shipper stops: `terminate/2' fails what it holds,
+%% `{retry, replica_unavailable}'; killed, its successor fails the changes
+%% it took with it (`recover/1'), and a periodic sweep fails pending entries
+%% whose callers gave up long ago (`sweep/1').</li>
 %% </ul>
 %% Back-pressure: a slow replica fills the window, records wait in the queue
 %% (and their callers wait, at most the timeout above); past `?MAX_QUEUE'
@@ -58,12 +62,14 @@
 
 -export([start_link/2, name/1, ship/2, link/1, register_write/8, stats/1, pending_table/0]).
 -export([shipped_table/0, announce/3, withdraw/3, settled_at/3, await_committed/2]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(WINDOW, 4).
 -define(MAX_BATCH, 1024).
 -define(MAX_QUEUE, 65536).
 -define(TICK_MS, 100).
+%% how often the pending table is swept of abandoned writes (see sweep/1)
+-define(SWEEP_MS, 5000).
 -define(RPC_TIMEOUT, 5000).
 -define(PENDING, dspex_cluster_pending).
 -define(SHIPPED, dspex_cluster_shipped).
@@ -229,6 +235,9 @@ stats(Node) -> gen_server:call(name(Node), stats).
 -spec init({node(), pos_integer()}) -> {ok, map()}.
 init({Node, TimeoutMs}) ->
     put(dspex_cluster_local, true),
+    %% terminate/2 runs on the supervisor's shutdown too: the writes held
+    %% here are answered, not left waiting
+    process_flag(trap_exit, true),
     %% records queued for a previous shipper of the link fail (their writers
     %% are answered; a fast-path caller already saw that shipper go down)
     Link = case dspex_nif:repl_link_open(Node) of
@@ -237,6 +246,8 @@ init({Node, TimeoutMs}) ->
                    L;
                {error, _} -> undefined   % records come by message, no fast path on this link
            end,
+    ok = recover(Node),
+    erlang:send_after(?SWEEP_MS, self(), sweep),
     {ok, #{node => Node, link => Link, timeout => TimeoutMs, queue => queue:new(), qlen => 0, inflight => #{}, next => 1, posted => false,
            wake => false,
            mon => undefined, tick => false,
@@ -281,7 +292,108 @@ handle_info(tick, #{inflight := I, timeout := Timeout} = St) ->
           end,
     erlang:send_after(?TICK_MS, self(), tick),
     {noreply, St1};
+handle_info(sweep, #{timeout := Timeout} = St) ->
+    ok = sweep(max(3 * ?RPC_TIMEOUT, 2 * Timeout)),
+    erlang:send_after(?SWEEP_MS, self(), sweep),
+    {noreply, St};
 handle_info(_, St) -> {noreply, St}.
+
+%% @private Stopped (the supervisor's shutdown, or a crash in a callback):
+%% every write held here fails `{retry, replica_unavailable}' now, with the
+%% failure's usual effects (the session unsettled, its read index resolved),
+%% instead of being lost with this process. The records left in the link's
+%% native queue are failed by the next shipper of the link (init/1), or here
+%% when none follows.
+-spec terminate(term(), map()) -> ok.
+terminate(_Reason, #{node := Node, link := Link} = St) ->
+    try
+        _ = fail_all(replica_unavailable, St),
+        _ = Link =/= undefined
+            andalso [settle(record(Node, R), {error, replica_unavailable}) || R <- dspex_nif:repl_drain(Link)],
+        ok
+    catch _:_ -> ok   % the cluster's tables already gone (the node stopping)
+    end;
+terminate(_, _) -> ok.
+
+%%% writes lost with a killed shipper -------------------------------------------
+
+%% A previous shipper of this link killed (no terminate/2) took the records it
+%% held with it: their callers got its 'DOWN' (the fast path) or time out,
+%% but the sessions stay settled with those changes announced and never
+%% resolved, so every current read of them would wait and route again until
+%% the next write, and their pending entries (several replicas) would stay.
+%% Each session replicated to `Node' from here with a change announced and
+%% not resolved is failed as a lost record is: unsettled (its next write or
+%% read establishes ownership again, installing the owner's copy on the
+%% replicas), its read index resolved, its pending writes answered
+%% `{retry, replica_unavailable}'. A change in flight on another link of
+%% such a session is one whose write also went to this link: it cannot be
+%% acknowledged either.
+recover(Node) ->
+    Me = node(),
+    Shipped = try ets:tab2list(?SHIPPED) catch error:badarg -> [] end,
+    Lost = maps:from_list(
+             [{S, A} || {S, A0, R} <- Shipped, A <- [announced(S, A0)], R < A,
+                        {_, _, _, Owner, Reps, _, _} <- [dspex_cluster_replica:row(S)],
+                        Owner =:= Me, lists:member(Node, Reps)]),
+    case map_size(Lost) of
+        0 -> ok;
+        N ->
+            logger:warning("dspex_cluster_shipper: the link to ~p restarted; ~b sessions had writes in flight "
+                           "there, failed", [Node, N]),
+            Entries = ets:foldl(fun(E, Acc) when is_map_key(element(4, E), Lost) -> [E | Acc];
+                                   (_, Acc) -> Acc
+                                end, [], ?PENDING),
+            _ = [abandon(E) || E <- Entries],
+            maps:foreach(fun(S, {E, Seq}) -> lost(S, E, Seq) end, Lost)
+    end.
+
+%% Pending entries older than `MaxAgeMs': their callers gave up long ago (a
+%% fast-path caller waits 2 * ?RPC_TIMEOUT, a batch fails after the link's
+%% timeout), and only a record lost with a killed shipper leaves one behind.
+%% Each is failed as above, so that the table never grows without bound.
+sweep(MaxAgeMs) ->
+    case ets:info(?PENDING, size) of
+        N when not is_integer(N); N =:= 0 -> ok;
+        _ ->
+            Before = erlang:monotonic_time() - erlang:convert_time_unit(MaxAgeMs, millisecond, native),
+            Old = ets:select(?PENDING, [{{'_', '_', '_', '_', '_', '_', '$1', '_'}, [{'<', '$1', Before}], ['$_']},
+                                        {{'_', '_', '_', '_', '_', '_', '$1', '_', '_'}, [{'<', '$1', Before}], ['$_']}]),
+            _ = [begin
+                     abandon(E),
+                     %% (session at 4, epoch at 5, meta at 8 in both shapes)
+                     case element(8, E) of
+                         #{seq := Seq} -> lost(element(4, E), element(5, E), Seq);
+                         _ -> ok
+                     end
+                 end || E <- Old],
+            ok
+    end.
+
+%% A pending write whose record is lost: taken out of the table and, unless a
+%% failure answered it already, answered {retry, replica_unavailable}.
+abandon(Entry) ->
+    Id = element(1, Entry),
+    case ets:take(?PENDING, Id) of
+        [{Id, _, From, _, E, _, T0, Meta}] -> reply(From, {error, {retry, replica_unavailable}}, E, T0, Meta);
+        [{Id, _, From, _, E, _, T0, Meta, 0}] -> reply(From, {error, {retry, replica_unavailable}}, E, T0, Meta);
+        _ -> ok
+    end.
+
+%% Change `Seq' of epoch `E' of `S' will never be acknowledged: the session
+%% unsettled, its read index past the change.
+lost(S, E, Seq) ->
+    unsettle(S, E),
+    resolve(S, E, Seq).
+
+%% As a failed record does: no more fast path, and the next write of the
+%% session establishes ownership again.
+unsettle(S, E) ->
+    _ = dspex_nif:repl_unsettle(S),
+    case dspex_cluster_replica:row(S) of
+        {S, E, _, _, _, _, _} -> ets:update_element(dspex_cluster_replica:table(), S, {6, 0});
+        _ -> ok
+    end.
 
 %%% batches ---------------------------------------------------------------------
 
@@ -446,11 +558,7 @@ settle({async, _, _, _, _}, ok) ->
 settle({Ack, S, E, _, _}, {error, Why}) ->
     %% not acknowledged; the next write of the session re-establishes ownership
     %% (through its writer: no more fast path until it does)
-    _ = dspex_nif:repl_unsettle(S),
-    case dspex_cluster_replica:row(S) of
-        {S, E, _, _, _, _, _} -> ets:update_element(dspex_cluster_replica:table(), S, {6, 0});
-        _ -> ok
-    end,
+    unsettle(S, E),
     case Ack of
         {one, From, _, T0, Meta} -> reply(From, {error, {retry, Why}}, E, T0, Meta);
         {many, Id} ->

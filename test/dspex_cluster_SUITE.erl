@@ -38,7 +38,8 @@
          fast_path_sets_with_two_replicas_reach_both_in_commit_order/1,
          a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it/1,
          async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy/1, rewind_row/1,
-         async_writers_wait_for_a_slow_replica_instead_of_failing/1, counting_sets/3,
+         async_writers_wait_for_a_slow_replica_instead_of_failing/1,
+         a_shipper_that_stops_or_is_killed_leaves_no_write_waiting/1, counting_sets/3,
          sets_checking_the_replica/4, set_and_last_write/3, fast_writers_start/3]).
 -export([start_cluster/2, stop_cluster/1, wait_until/3, kill_node/2, restart_node/2, partition_third/1, restore_cookies/1,
          check_history/1, run_kill_test/2]).
@@ -68,6 +69,7 @@ all() ->
      a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it,
      async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy,
      async_writers_wait_for_a_slow_replica_instead_of_failing,
+     a_shipper_that_stops_or_is_killed_leaves_no_write_waiting,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover].
@@ -1297,6 +1299,69 @@ a_fast_path_write_with_two_replicas_is_acknowledged_only_after_both_applied_it(C
     ?assertEqual({2, 2}, peer:call(PR2, ?MODULE, node_state, [S, <<"x">>])),
     ?assertMatch({F, _} when F =:= F0 + 1, peer:call(PO, dspex_nif, repl_stats, [])),
     ?assertEqual(0, peer:call(PO, ets, info, [dspex_cluster_shipper:pending_table(), size])),
+    Config.
+
+%% Issue #21: a shipper that stops takes no write with it. R = 2, the second
+%% replica's receiver held: a fast-path set (its entry counts both links) and
+%% a writer's register (its own entry) wait in the owner's pending table for
+%% the second link. Its shipper is then stopped, once through its terminate
+%% (sys:terminate/2, as a crash in a callback or the supervisor's shutdown
+%% would), once killed (no terminate: its successor's init finds the lost
+%% changes). Each time both callers are answered with a retry error, the
+%% pending table is empty and the session's read index is resolved (a
+%% current read would otherwise wait for changes nobody will settle) before
+%% the receiver resumes; then reads and writes of the session succeed and
+%% the three copies converge.
+a_shipper_that_stops_or_is_killed_leaves_no_write_waiting(Config) ->
+    Peers = start_cluster("dspex_shipdown", #{replicas => 2, replication => sync, replica_timeout_ms => 60000}),
+    put(peers, Peers),
+    S = <<"shipdown_s">>,
+    [{_, PA} | _] = Peers,
+    ok = create_with_x(PA, S),
+    {Owner, [R1, R2]} = dspex_cluster_writer:owners(S, peer:call(PA, dspex_cluster_members, view, [])),
+    {PO, PR2} = {peer_of(Owner, Peers), peer_of(R2, Peers)},
+    Pending = fun() -> peer:call(PO, ets, info, [dspex_cluster_shipper:pending_table(), size]) end,
+    Shipper = fun() -> peer:call(PO, erlang, whereis, [dspex_cluster_shipper:name(R2)]) end,
+    Round = fun(Stop, Tag, V, SlowWhy) ->
+                    %% a write first publishes the descriptor (the fast path)
+                    {ok, _} = peer:call(PO, dspex_store, set, [S, x, V - 1]),
+                    ok = wait_until(fun() -> element(1, peer:call(PO, dspex_nif, repl_info, [S])) =:= true end,
+                                    10000, {settled, Tag}),
+                    Old = Shipper(),
+                    ok = peer:call(PR2, sys, suspend, [dspex_cluster_receiver]),
+                    ok = peer:call(PO, ?MODULE, collector_start, [Tag]),
+                    ok = peer:call(PO, ?MODULE, spawn_to, [Tag, fast, dspex_store, set, [S, x, V]]),
+                    ok = wait_until(fun() -> Pending() =:= 1 end, 10000, {fast_pending, Tag}),
+                    K = list_to_atom("z" ++ integer_to_list(V)),
+                    ok = peer:call(PO, ?MODULE, spawn_to, [Tag, slow, dspex_store, register, [S, K, integer, 0]]),
+                    ok = wait_until(fun() -> Pending() =:= 2 end, 10000, {slow_pending, Tag}),
+                    %% the first replica answered both: the entries wait for the second link only
+                    ok = wait_until(fun() -> maps:get(inflight, peer:call(PO, dspex_cluster_shipper, stats, [R1])) =:= 0 end,
+                                    10000, {first_answered, Tag}),
+                    Stop(Old),
+                    ok = wait_until(fun() -> length(peer:call(PO, ?MODULE, collected, [Tag])) =:= 2 end, 20000,
+                                    {answered, Tag}),
+                    ?assertEqual({Tag, [{fast, {error, {retry, replica_unavailable}}}, {slow, {error, {retry, SlowWhy}}}]},
+                                 {Tag, lists:sort(peer:call(PO, ?MODULE, collected, [Tag]))}),
+                    ok = wait_until(fun() -> Pending() =:= 0 end, 10000, {pending_empty, Tag}),
+                    Deadline = fun() -> erlang:monotonic_time(millisecond) + 2000 end,
+                    ?assertEqual(ok, peer:call(PO, dspex_cluster_shipper, await_committed, [S, Deadline()])),
+                    ok = wait_until(fun() -> is_pid(Shipper()) andalso Shipper() =/= Old end, 10000, {restarted, Tag}),
+                    ok = peer:call(PR2, sys, resume, [dspex_cluster_receiver]),
+                    %% the session works again: a current read, a write, and the copies converge
+                    ?assertMatch({ok, _}, peer:call(PO, dspex_store, get_value, [S, x])),
+                    {ok, _} = peer:call(PO, dspex_store, set, [S, x, V + 1]),
+                    ?assertEqual({ok, V + 1}, peer:call(PO, dspex_store, get_value, [S, x])),
+                    Want = peer:call(PO, ?MODULE, node_state, [S, <<"x">>]),
+                    ok = wait_until(fun() -> lists:all(fun({_, P}) -> peer:call(P, ?MODULE, node_state, [S, <<"x">>]) =:= Want end,
+                                                       Peers) end, 20000, {converged, Tag}),
+                    ?assertEqual(0, Pending())
+            end,
+    %% (the shipper's death restarts the node's cluster layer, one_for_all:
+    %% killed, it cannot answer first, and the writer's caller sees its writer
+    %% stop, owner_down; the fast-path caller sees the shipper go down)
+    Round(fun(P) -> ok = peer:call(PO, sys, terminate, [P, crash]) end, shipdown_t, 10, replica_unavailable),
+    Round(fun(P) -> true = peer:call(PO, erlang, exit, [P, kill]) end, shipdown_k, 20, owner_down),
     Config.
 
 %% Issue #21, the fast path of `async' sessions: the caller is answered once
