@@ -25,7 +25,7 @@
          event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1,
          event_sequence_on_one_postgres_database_across_failover/1]).
 %% run on the peers
--export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2]).
+-export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2, has_result/1]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
          client_count/1, client_stop/0, client_stop/1, node_state/2, catch_apply/3]).
 -export([collector_start/1, collected/1, spawn_to/5, runs_start/0, runs_get/0, counted_writes/3]).
@@ -112,8 +112,10 @@ start_cluster(Base, ClusterConf) ->
 start_peer(Name, Host) ->
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
     {ok, P, Node} = peer:start(#{name => Name, host => Host, connection => standard_io,
+                                 %% (no busy-waiting schedulers: three nodes share this machine's cores)
                                  args => ["-setcookie", "dspex_ct", "-connect_all", "false",
-                                          "-kernel", "prevent_overlapping_partitions", "false" | Paths]}),
+                                          "-kernel", "prevent_overlapping_partitions", "false",
+                                          "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none" | Paths]}),
     {Node, P}.
 
 configure(Node, P, Conf) ->
@@ -774,10 +776,16 @@ spawn_to(Name, Tag, M, F, A) ->
 spawn_call(Tag, M, F, A) ->
     Pid = spawn(fun() ->
                         R = (catch erlang:apply(M, F, A)),
+                        put(dspex_ct_result_ready, true),
                         receive {result, From} -> From ! {self(), R} end
                 end),
     register(Tag, Pid),
     ok.
+
+%% Whether the process spawn_call/4 registered as `Tag' has its result.
+has_result(Tag) ->
+    {dictionary, D} = process_info(whereis(Tag), dictionary),
+    proplists:get_value(dspex_ct_result_ready, D, false).
 
 await_result(Tag, Timeout) ->
     Pid = whereis(Tag),
@@ -1444,8 +1452,19 @@ async_writers_wait_for_a_slow_replica_instead_of_failing(Config) ->
     ok = peer:call(PR, sys, suspend, [dspex_cluster_receiver]),
     N = 160000,
     ok = peer:call(PO, ?MODULE, spawn_call, [asyncbp_w, ?MODULE, counting_sets, [S, x, N]]),
-    %% the writer waits: refused for a full queue, and not finished
-    ok = wait_until(fun() -> element(2, peer:call(PO, dspex_nif, repl_stats, [])) > Full0 end, 60000, queue_full),
+    %% the writer waits: refused for a full queue, and not finished (a writer
+    %% that finished first, or is still going after a minute, fails the case
+    %% with what it and the link were doing)
+    Full = fun() -> element(2, peer:call(PO, dspex_nif, repl_stats, [])) > Full0 end,
+    _ = wait_until(fun() -> Full() orelse peer:call(PO, ?MODULE, has_result, [asyncbp_w]) end, 60000, queue_full),
+    Full() orelse ct:fail({queue_not_full, #{writer => case peer:call(PO, ?MODULE, has_result, [asyncbp_w]) of
+                                                          true -> peer:call(PO, ?MODULE, await_result, [asyncbp_w, 1000]);
+                                                          false -> running
+                                                      end,
+                                             repl_stats => peer:call(PO, dspex_nif, repl_stats, []),
+                                             repl_info => peer:call(PO, dspex_nif, repl_info, [S]),
+                                             shipper => peer:call(PO, dspex_cluster_shipper, stats, [Rep]),
+                                             x => peer:call(PO, ?MODULE, node_state, [S, <<"x">>])}}),
     {_, Ver} = peer:call(PO, ?MODULE, node_state, [S, <<"x">>]),
     ?assert(Ver < N + 1),
     ok = peer:call(PR, sys, resume, [dspex_cluster_receiver]),

@@ -43,7 +43,8 @@ start_cluster(Base, Conf) ->
                  {ok, P, Node} = peer:start(#{name => Base ++ "_" ++ X, host => Host,
                                               connection => standard_io,
                                               args => ["-setcookie", "dspex_ct", "-connect_all", "false",
-                                                       "-kernel", "prevent_overlapping_partitions", "false"
+                                                       "-kernel", "prevent_overlapping_partitions", "false",
+                                                       "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"
                                                        | Paths]}),
                  {Node, P}
              end || X <- ["a", "b", "c"]],
