@@ -459,6 +459,7 @@ shared_backend() ->
 read(Session, Opts) when is_map(Opts) ->
     case query(Session, Opts) of
         {ok, Q} ->
+            ok = visible(),
             Limit = maps:get(limit, Opts, ?PAGE),
             Live = dspex_nif:events_read(Q#{limit => Limit}),
             case {maps:get(include_archive, Opts, false), Live} of
@@ -476,6 +477,18 @@ read(Session, Opts) when is_map(Opts) ->
         Error -> Error
     end.
 
+%% Read-your-writes: a read (read/2, fold/4, audit_trail/1, state_at/2) sees
+%% every event queued before it, durable or not yet (an async event waits up
+%% to event_flush_interval_ms for its batch): it first waits until what is
+%% queued now is written, which makes the writer thread write at once (a
+%% waiter cuts its linger short). Nothing queued: no wait. A failing backend
+%% answers the wait with its error; the read then returns what is stored.
+visible() ->
+    case enabled() andalso dspex_nif:events_await() of
+        {wait, Ref} -> receive {dspex_events_durable, Ref, _} -> ok end;
+        _ -> ok
+    end.
+
 sort_events(Evs) -> lists:sort(fun(A, B) -> key(A) =< key(B) end, Evs).
 key(#{session := S, sequence := N, position := P}) -> {P, S, N}.
 
@@ -484,7 +497,9 @@ key(#{session := S, sequence := N, position := P}) -> {P, S, N}.
 -spec fold(binary() | all, fun((event(), Acc) -> Acc), Acc, map()) -> {ok, Acc} | {error, term()}.
 fold(Session, Fun, Acc, Opts) when is_function(Fun, 2), is_map(Opts) ->
     case query(Session, maps:remove(limit, Opts)) of
-        {ok, Q} -> fold_pages(Q, Fun, Acc, maps:get(direction, Opts, forward));
+        {ok, Q} ->
+            ok = visible(),
+            fold_pages(Q, Fun, Acc, maps:get(direction, Opts, forward));
         Error -> Error
     end.
 
@@ -536,6 +551,7 @@ replay_to(Session, Point) ->
     case MaxSeq =:= 0 andalso MaxTs =:= 0 of
         true -> {error, not_found};
         false ->
+            ok = visible(),
             case dspex_nif:events_latest_snapshot(Session, MaxSeq, MaxTs) of
                 {ok, SSeq, _, Snap} -> replay(Session, Snap, SSeq, MaxSeq, MaxTs);
                 none -> replay(Session, undefined, 0, MaxSeq, MaxTs);

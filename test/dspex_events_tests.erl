@@ -161,6 +161,36 @@ commit_settles_durability() ->
                      ?assertMatch(#{depth := 1}, dspex_events:stats())
              end).
 
+%% Read-your-writes: the writer lingers 10 s here, so an async event is not
+%% written by the time the read comes; the read, fold, audit trail and
+%% state_at still see every event queued before them (they make the writer
+%% write first).
+reads_see_the_events_queued_before_them_test_() ->
+    {timeout, 60, fun reads_see_the_events_queued_before_them/0}.
+
+reads_see_the_events_queued_before_them() ->
+    with_log(#{event_flush_interval_ms => 10000, event_durability => async},
+             fun() ->
+                     S = sid(),
+                     {ok, _} = dspex_store:create_session(S),
+                     {ok, _} = dspex_store:register(S, x, integer, 0),
+                     {ok, 1} = dspex_store:set(S, x, 7),
+                     ?assertMatch(#{depth := D} when D > 0, dspex_events:stats()),
+                     {ok, Evs} = dspex_events:read(S, #{}),
+                     ?assertEqual([session_created, variable_registered, variable_updated],
+                                  [T || #{type := T} <- Evs]),
+                     ?assertMatch(#{depth := 0}, dspex_events:stats()),
+                     {ok, 2} = dspex_store:set(S, x, 8),
+                     ?assertEqual({ok, 4}, dspex_events:fold(S, fun(_, N) -> N + 1 end, 0, #{})),
+                     {ok, 3} = dspex_store:set(S, x, 9),
+                     {ok, #{summary := #{by_type := #{variable_updated := 3}}}} =
+                         dspex_events:audit_trail(#{session => S}),
+                     {ok, 4} = dspex_store:set(S, x, 10),
+                     {ok, Export} = dspex_store:export_session(S),
+                     {ok, At} = dspex_events:state_at(S, {sequence, 6}),
+                     ?assertEqual(maps:get(variables, Export), maps:get(variables, At))
+             end).
+
 %% Runs F with the application started on a fresh log with Env, then restores the env.
 with_log(Env, F) ->
     Dir = "/tmp/dspex_events_eunit_settle_" ++ os:getpid(),
