@@ -199,7 +199,25 @@ heard(From) ->
     ets:insert(?APPLIED, {{heard, From}, Now}).
 
 apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), is_integer(Seq) ->
-    Row = row(S),
+    case is_tuple(P) andalso element(1, P) =:= region_full andalso primary_here(S, RE) of
+        %% the copy that moved the session here, sent again (the link went
+        %% down before the old primary had the acknowledgement): this region
+        %% has been the primary since the first one and took writes, the
+        %% copy is not installed over them (acknowledged: the move's wait ends)
+        true -> NF;
+        false -> apply_rec1(From, Rec, RE, NF, row(S))
+    end;
+apply_rec(_, _, _, NF) -> NF.
+
+%% this region is the primary of S at region epoch RE
+primary_here(S, RE) ->
+    Me = persistent_term:get({dspex_region, name}, undefined),
+    case dspex_region:decision(S) of
+        #{primary_region := Me, region_epoch := RE} when Me =/= undefined -> true;
+        _ -> false
+    end.
+
+apply_rec1(From, {S, E, Seq, P} = Rec, RE, NF, Row) ->
     case region_epoch(Row) of
         RE -> apply_seq(From, Rec, Row, NF);
         Newer when Newer > RE, Newer =:= RE + 1, is_integer(Seq) ->
@@ -225,8 +243,7 @@ apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), 
                     end;
                 _ -> [S | NF]
             end
-    end;
-apply_rec(_, _, _, NF) -> NF.
+    end.
 
 %% A change of an older region epoch (the session was moved away from its
 %% sender, or taken over from it): refused and reported, never merged.

@@ -558,3 +558,31 @@ receiver_resyncs_only_a_session_whose_copy_the_batch_brought_in_test() ->
             _ = dspex_store:delete_session(S)
         end
     end).
+
+%% The batch that moved a session here is sent again (the link went down
+%% before its acknowledgement reached the old primary, which sends it again
+%% until it is through): this region is the session's primary since the
+%% first one, and its copy is not installed again over the writes this
+%% region took meanwhile.
+receiver_a_move_sent_again_does_not_replace_the_new_primary_s_writes_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        Us = <<"us">>,
+        S = <<"moved_twice_s">>,
+        _ = dspex_store:delete_session(S),
+        {ok, _} = dspex_store:create_session(S),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        Moved = #{primary_region => <<"eu">>, backup_regions => [], policy => moved, decided_at => 0,
+                  region_epoch => 1},
+        Batch = #{recs => [{S, 3, 4, {region_full, Export}, 1}], heads => #{}, decisions => #{S => Moved}},
+        ?assertEqual(#{need_full => []}, dspex_region_receiver:apply_batch(Us, Batch)),
+        ?assertEqual(Moved, dspex_region:decision(S)),
+        %% the primary here takes a client's write
+        {ok, _} = dspex_store:register(S, <<"k">>, integer, 5, #{}),
+        %% the same batch again: a repeat
+        ?assertEqual(#{need_full => []}, dspex_region_receiver:apply_batch(Us, Batch)),
+        ?assertMatch({ok, #{value := 5}}, dspex_store:get(S, <<"k">>)),
+        ?assertMatch(#{full_copies := 1}, dspex_region_receiver:row(S)),
+        ok = dspex_store:delete_session(S)
+    end).
