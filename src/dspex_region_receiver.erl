@@ -59,12 +59,15 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
     Me = persistent_term:get({dspex_region, name}, undefined),
     Ds = maps:filter(fun(S, D) -> is_binary(S) andalso is_map(D) end, Ds0),
     %% a session moved here: this region is its primary once its copy is in
+    %% (see below)
     {Here, There} = maps:fold(fun(S, #{primary_region := P} = D, {H, T}) when P =:= Me -> {[{S, D} | H], T};
                                  (S, D, {H, T}) -> {H, [{S, D} | T]}
                               end, {[], []}, Ds),
     _ = [dspex_region:adopt(S, D) || {S, D} <- There],
     %% a copy installed for a session moved here keeps its TTL (install/2)
     _ = put(dspex_region_primary_here, [S || {S, _} <- Here]),
+    Copies = fun() -> [{S, maps:get(full_copies, row(S))} || {S, _} <- Here] end,
+    Before = Copies(),
     %% each record in the region epoch it was committed in (the batch's
     %% decision gives it for records that do not say)
     %% (and the sessions whose changes were refused for an older region epoch)
@@ -80,10 +83,19 @@ apply_batch1(From, #{recs := Recs, heads := Heads, decisions := Ds0}) when is_li
                                           Step(S, Rec, region_epoch(maps:get(S, Ds, undefined)), Acc);
                                      (_, Acc) -> Acc
                                   end, {[], []}, Recs),
+    %% moved here: the batch brought the session's copy in (a full copy
+    %% installed from it), this region is the primary and sends its backups a
+    %% copy. A batch naming this region the primary without the copy changes
+    %% nothing: the old primary's late changes, sent once it adopted the
+    %% decision from a refusal's answer (refused above), or its changes queued
+    %% before the move (applied above as a backup's, the copy follows them).
+    %% Adopted on those, the decision made this region the primary before its
+    %% copy was in, or, already adopted, sent every backup another full copy.
+    CopiedIn = [S || {{S, N}, {S, N0}} <- lists:zip(Copies(), Before), N > N0],
     [case dspex_region:adopt(S, D) of
          ok -> dspex_region_shipper:resync(S);
          stale -> ok
-     end || {S, D} <- Here, not lists:member(S, NF)],
+     end || {S, D} <- Here, lists:member(S, CopiedIn), not lists:member(S, NF)],
     Now = erlang:monotonic_time(millisecond),
     Touched = lists:usort([element(1, R) || R <- Recs, is_tuple(R), tuple_size(R) >= 4] ++ maps:keys(Heads)),
     [begin
@@ -187,7 +199,25 @@ heard(From) ->
     ets:insert(?APPLIED, {{heard, From}, Now}).
 
 apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), is_integer(Seq) ->
-    Row = row(S),
+    case is_tuple(P) andalso element(1, P) =:= region_full andalso primary_here(S, RE) of
+        %% the copy that moved the session here, sent again (the link went
+        %% down before the old primary had the acknowledgement): this region
+        %% has been the primary since the first one and took writes, the
+        %% copy is not installed over them (acknowledged: the move's wait ends)
+        true -> NF;
+        false -> apply_rec1(From, Rec, RE, NF, row(S))
+    end;
+apply_rec(_, _, _, NF) -> NF.
+
+%% this region is the primary of S at region epoch RE
+primary_here(S, RE) ->
+    Me = persistent_term:get({dspex_region, name}, undefined),
+    case dspex_region:decision(S) of
+        #{primary_region := Me, region_epoch := RE} when Me =/= undefined -> true;
+        _ -> false
+    end.
+
+apply_rec1(From, {S, E, Seq, P} = Rec, RE, NF, Row) ->
     case region_epoch(Row) of
         RE -> apply_seq(From, Rec, Row, NF);
         Newer when Newer > RE, Newer =:= RE + 1, is_integer(Seq) ->
@@ -213,8 +243,7 @@ apply_rec(From, {S, E, Seq, P} = Rec, RE, NF) when is_binary(S), is_integer(E), 
                     end;
                 _ -> [S | NF]
             end
-    end;
-apply_rec(_, _, _, NF) -> NF.
+    end.
 
 %% A change of an older region epoch (the session was moved away from its
 %% sender, or taken over from it): refused and reported, never merged.

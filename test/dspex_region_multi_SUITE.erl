@@ -84,7 +84,10 @@ start_all(Config) ->
 start_peer(N) ->
     Host = hd(string:split(net_adm:localhost(), ".")),
     Paths = lists:append([["-pa", D] || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
-    {ok, P, Node} = peer:start(#{name => "rm_" ++ atom_to_list(N), host => Host, connection => standard_io,
+    %% (named after this OS process, as in dspex_region_SUITE: another run on
+    %% the machine, say a CI run, starts rm_a1 too)
+    {ok, P, Node} = peer:start(#{name => "rm_" ++ atom_to_list(N) ++ "_" ++ os:getpid(), host => Host,
+                                 connection => standard_io,
                                  args => ["-setcookie", "dspex_region_multi_ct", "-connect_all", "false",
                                           "+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none" | Paths]}),
     {P, Node}.

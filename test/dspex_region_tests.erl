@@ -493,3 +493,96 @@ shipper_sends_a_refused_full_copy_again_test() ->
             _ = dspex_region:forget_session(S)
         end
     end).
+
+%% A batch from a session's old primary whose decision names this region the
+%% primary: with the session's full copy in it (a move), this region becomes
+%% the primary and sends its backups a copy; without one (the old primary's
+%% late change, sent after it adopted the decision from a refusal's answer:
+%% refused here) nothing changes and no copy leaves again (one did, to every
+%% backup: the rejoined old primary got two, a CI flake of
+%% an_unreachable_primary_region_fails_over_to_its_first_backup).
+receiver_resyncs_only_a_session_whose_copy_the_batch_brought_in_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        Us = <<"us">>,
+        C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
+              repl_batch_max => 1000, sync_timeout_ms => 60000},
+        S = <<"moved_in_s">>,
+        _ = dspex_store:delete_session(S),
+        {ok, _} = dspex_store:create_session(S),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        %% the session's writer here, for the copies this region sends
+        W = spawn(fun Loop() ->
+                          receive
+                              {'$gen_call', F, {export_for, S1}} ->
+                                  gen_server:reply(F, {ok, 1, 7, #{id => S1, variables => []}}),
+                                  Loop();
+                              stop -> ok
+                          end
+                  end),
+        true = register(dspex_cluster_writer:name(S), W),
+        {ok, Sh} = dspex_region_shipper:start_link(C),
+        try
+            Sh ! {link_up, Us, self()},
+            %% the copies this region's shipper sent (resync is a cast: the
+            %% call after it returns once it was handled)
+            Sent = fun() ->
+                           _ = sys:get_state(Sh),
+                           receive
+                               {ship, Id, Chunks} ->
+                                   #{recs := Recs} = binary_to_term(iolist_to_binary([B || {_, B} <- Chunks])),
+                                   Sh ! {repl_ack, Us, Id, #{need_full => []}},
+                                   _ = sys:get_state(Sh),
+                                   [Sx || {Sx, _, _, {region_full, _}, _} <- Recs]
+                           after 0 -> []
+                           end
+                   end,
+            Moved = #{primary_region => <<"eu">>, backup_regions => [Us], policy => moved, decided_at => 0,
+                      region_epoch => 1},
+            Batch = fun(Recs) -> dspex_region_receiver:apply_batch(Us, #{recs => Recs, heads => #{}, decisions => #{S => Moved}}) end,
+            %% moved here: the copy is in, this region is the primary, its backup gets a copy
+            ?assertEqual(#{need_full => []}, Batch([{S, 3, 4, {region_full, Export}, 1}])),
+            ?assertEqual(Moved, dspex_region:decision(S)),
+            ?assertEqual([S], Sent()),
+            %% the old primary's late change (region epoch 0), its batch naming
+            %% this region the primary: refused, answered with the decision, no copy
+            ?assertEqual(#{need_full => [], decisions => #{S => Moved}}, Batch([{S, 1, 9, delete_session, 0}])),
+            ?assertMatch(#{region_epoch := 1, fenced := 1, full_copies := 1}, dspex_region_receiver:row(S)),
+            ?assertEqual([], Sent()),
+            ?assertEqual(Moved, dspex_region:decision(S))
+        after
+            unlink(Sh),
+            exit(Sh, kill),
+            W ! stop,
+            _ = dspex_store:delete_session(S)
+        end
+    end).
+
+%% The batch that moved a session here is sent again (the link went down
+%% before its acknowledgement reached the old primary, which sends it again
+%% until it is through): this region is the session's primary since the
+%% first one, and its copy is not installed again over the writes this
+%% region took meanwhile.
+receiver_a_move_sent_again_does_not_replace_the_new_primary_s_writes_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        Us = <<"us">>,
+        S = <<"moved_twice_s">>,
+        _ = dspex_store:delete_session(S),
+        {ok, _} = dspex_store:create_session(S),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        Moved = #{primary_region => <<"eu">>, backup_regions => [], policy => moved, decided_at => 0,
+                  region_epoch => 1},
+        Batch = #{recs => [{S, 3, 4, {region_full, Export}, 1}], heads => #{}, decisions => #{S => Moved}},
+        ?assertEqual(#{need_full => []}, dspex_region_receiver:apply_batch(Us, Batch)),
+        ?assertEqual(Moved, dspex_region:decision(S)),
+        %% the primary here takes a client's write
+        {ok, _} = dspex_store:register(S, <<"k">>, integer, 5, #{}),
+        %% the same batch again: a repeat
+        ?assertEqual(#{need_full => []}, dspex_region_receiver:apply_batch(Us, Batch)),
+        ?assertMatch({ok, #{value := 5}}, dspex_store:get(S, <<"k">>)),
+        ?assertMatch(#{full_copies := 1}, dspex_region_receiver:row(S)),
+        ok = dspex_store:delete_session(S)
+    end).
