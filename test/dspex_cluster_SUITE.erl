@@ -1435,11 +1435,17 @@ async_fast_path_sets_converge_and_a_missed_record_is_fixed_by_a_full_copy(Config
 
 %% Issue #21, back-pressure for async: async callers do not wait for their
 %% replicas, so they can outrun one. The replica's receiver held: 4 batches
-%% in flight, the shipper's queue (65536 records) and the link's native
-%% queue (65536) fill, then the writer waits for room (the set NIF refuses
-%% with nothing committed, counted) instead of failing with replica_slow;
-%% resumed, it goes on, every set is acknowledged with consecutive
-%% versions, and the replica ends equal to the owner.
+%% in flight, the shipper's queue and the link's native queue (65536) fill,
+%% then the writer waits for room (the set NIF refuses with nothing
+%% committed, counted) instead of failing with replica_slow; resumed, it
+%% goes on, every set is acknowledged with consecutive versions, and the
+%% replica ends equal to the owner. The shipper stops draining the native
+%% queue once its own holds 65536 records, but a drain takes all the native
+%% queue holds, so its own can reach 131071: with 4 x 1024 in flight the
+%% link holds at most 200703 records before a set is refused, and the
+%% writer makes more sets than that (with 160000 it finished without ever
+%% waiting in a run where the shipper, slowed by a loaded machine, drained
+%% late).
 async_writers_wait_for_a_slow_replica_instead_of_failing(Config) ->
     Peers = start_cluster("dspex_asyncbp", #{replicas => 1, replication => async, replica_timeout_ms => 60000}),
     put(peers, Peers),
@@ -1450,7 +1456,7 @@ async_writers_wait_for_a_slow_replica_instead_of_failing(Config) ->
     ?assertEqual({ok, 1}, peer:call(PO, dspex_store, set, [S, x, 1])),
     {F0, Full0} = peer:call(PO, dspex_nif, repl_stats, []),
     ok = peer:call(PR, sys, suspend, [dspex_cluster_receiver]),
-    N = 160000,
+    N = 4 * 1024 + 2 * 65536 - 1 + 65536 + 40000,
     ok = peer:call(PO, ?MODULE, spawn_call, [asyncbp_w, ?MODULE, counting_sets, [S, x, N]]),
     %% the writer waits: refused for a full queue, and not finished (a writer
     %% that finished first, or is still going after a minute, fails the case
