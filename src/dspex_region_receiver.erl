@@ -238,7 +238,9 @@ apply_rec1(From, {S, E, Seq, P} = Rec, RE, NF, Row) ->
                         ok ->
                             done(S, Row#{epoch => E, seq => Seq, head => Seq, region_epoch => RE,
                                          full_copies => maps:get(full_copies, Row) + 1}, From),
-                            NF;
+                            %% the copy covers what was reported before it in
+                            %% this batch (as in apply_seq/4)
+                            [X || X <- NF, X =/= S];
                         {error, _} -> [S | NF]
                     end;
                 _ -> [S | NF]

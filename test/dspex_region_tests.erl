@@ -586,3 +586,28 @@ receiver_a_move_sent_again_does_not_replace_the_new_primary_s_writes_test() ->
         ?assertMatch(#{full_copies := 1}, dspex_region_receiver:row(S)),
         ok = dspex_store:delete_session(S)
     end).
+
+%% A new primary's first batch of a session (it took the session over, a
+%% higher region epoch): a change of its numbering that this region cannot
+%% apply yet (that primary's copy is not in), then the copy. The copy covers
+%% the change: the batch asks for no other copy (before, it asked for one
+%% more; for a session moved here, that also left it not adopted).
+receiver_a_new_primarys_copy_covers_the_changes_before_it_in_its_batch_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        Us = <<"us">>,
+        S = <<"covered_s">>,
+        _ = dspex_store:delete_session(S),
+        {ok, _} = dspex_store:create_session(S),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        D = #{primary_region => Us, backup_regions => [<<"eu">>], policy => failover, decided_at => 0,
+              region_epoch => 1},
+        Batch = #{recs => [{S, 3, 5, {op, delete, [S, x], ok}, 1}, {S, 3, 6, {region_full, Export}, 1}],
+                  heads => #{}, decisions => #{S => D}},
+        ?assertEqual(#{need_full => []}, dspex_region_receiver:apply_batch(Us, Batch)),
+        ?assertMatch(#{seq := 6, region_epoch := 1, full_copies := 1}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, _}, dspex_store:export_session(S)),
+        ?assertEqual(D, dspex_region:decision(S)),
+        ok = dspex_store:delete_session(S)
+    end).
