@@ -70,6 +70,15 @@ standalone(F) ->
         ok
     end.
 
+%% The export of an empty session `S' (a full copy's payload); `S' is not
+%% left in the store.
+empty_export(S) ->
+    _ = dspex_store:delete_session(S),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, Export} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    Export.
+
 connect() ->
     {ok, S} = gen_tcp:connect({127, 0, 0, 1}, dspex_region_gateway:port(), [binary, {packet, 4}, {active, false}]),
     S.
@@ -347,11 +356,8 @@ receiver_applies_by_version_test() ->
     {ok, _} = application:ensure_all_started(dspex_bridge),
     standalone(fun(_) ->
         S = <<"recv_s">>,
-        _ = dspex_store:delete_session(S),
         Apply = fun(Recs) -> dspex_region_receiver:apply_batch(<<"us">>, #{recs => Recs, heads => #{}, decisions => #{}}) end,
-        {ok, _} = dspex_store:create_session(S),
-        {ok, Export} = dspex_store:export_session(S),
-        ok = dspex_store:delete_session(S),
+        Export = empty_export(S),
         Set = fun(V, Ver) -> {op, set, [S, <<"k">>, V, #{expected_version => Ver - 1}], {ok, Ver}} end,
         %% created by a full copy (create_session's record), then registered
         ?assertEqual(#{need_full => []}, Apply([{S, 1, 1, {full, Export}}])),
@@ -508,10 +514,7 @@ receiver_resyncs_only_a_session_whose_copy_the_batch_brought_in_test() ->
         C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
               repl_batch_max => 1000, sync_timeout_ms => 60000},
         S = <<"moved_in_s">>,
-        _ = dspex_store:delete_session(S),
-        {ok, _} = dspex_store:create_session(S),
-        {ok, Export} = dspex_store:export_session(S),
-        ok = dspex_store:delete_session(S),
+        Export = empty_export(S),
         %% the session's writer here, for the copies this region sends
         W = spawn(fun Loop() ->
                           receive
@@ -569,10 +572,7 @@ receiver_a_move_sent_again_does_not_replace_the_new_primary_s_writes_test() ->
     standalone(fun(_) ->
         Us = <<"us">>,
         S = <<"moved_twice_s">>,
-        _ = dspex_store:delete_session(S),
-        {ok, _} = dspex_store:create_session(S),
-        {ok, Export} = dspex_store:export_session(S),
-        ok = dspex_store:delete_session(S),
+        Export = empty_export(S),
         Moved = #{primary_region => <<"eu">>, backup_regions => [], policy => moved, decided_at => 0,
                   region_epoch => 1},
         Batch = #{recs => [{S, 3, 4, {region_full, Export}, 1}], heads => #{}, decisions => #{S => Moved}},
@@ -597,10 +597,7 @@ receiver_a_new_primarys_copy_covers_the_changes_before_it_in_its_batch_test() ->
     standalone(fun(_) ->
         Us = <<"us">>,
         S = <<"covered_s">>,
-        _ = dspex_store:delete_session(S),
-        {ok, _} = dspex_store:create_session(S),
-        {ok, Export} = dspex_store:export_session(S),
-        ok = dspex_store:delete_session(S),
+        Export = empty_export(S),
         D = #{primary_region => Us, backup_regions => [<<"eu">>], policy => failover, decided_at => 0,
               region_epoch => 1},
         Batch = #{recs => [{S, 3, 5, {op, delete, [S, x], ok}, 1}, {S, 3, 6, {region_full, Export}, 1}],
