@@ -485,8 +485,12 @@ sync_write_returns_after_its_event_is_durable() ->
 
 append_read_filters_and_directions() ->
     S = sid(),
+    %% each event in a microsecond of its own (a session's times never go
+    %% back but can repeat): the time filters below tell them apart
     {ok, Id1} = dspex_events:append(S, my_event, #{n => 1}, #{principal => <<"alice">>, request_id => <<"r1">>}),
+    ok = clock_past(os:system_time(microsecond)),
     {ok, _} = dspex_events:append(S, <<"other_type_not_an_atom">>, #{n => 2}, #{principal => <<"bob">>, variable => v}),
+    ok = clock_past(os:system_time(microsecond)),
     {ok, _} = dspex_events:append(S, my_event, #{n => 3}, #{changed_by => {opt, 7}}),
     settle(),
     {ok, [E1, E2, E3]} = dspex_events:read(S, #{}),
@@ -624,7 +628,11 @@ state_at_by_time_and_snapshots() ->
     settle(),
     {ok, E1} = dspex_nif:export_session(S),
     settle(),
-    T = erlang:system_time(microsecond),
+    %% the events' times are the OS clock's (CLOCK_REALTIME at the commit),
+    %% which erlang:system_time/1 can be ahead of (time correction): T is
+    %% read from the OS clock, and the next set's commit comes after it
+    T = os:system_time(microsecond),
+    ok = clock_past(T),
     {ok, _} = dspex_store:set(S, x, 99),
     settle(),
     %% snapshots every 10 events (this suite's snapshot_every) exist
@@ -632,6 +640,13 @@ state_at_by_time_and_snapshots() ->
     ?assertEqual({ok, E1}, dspex_events:state_at(S, T)),
     ?assertEqual({ok, E1}, dspex_events:state_at(S, {time, T})),
     ?assertEqual({error, not_found}, dspex_events:state_at(<<"no_such_session">>, {sequence, 3})).
+
+%% Returns once the OS clock reads more than T (microseconds).
+clock_past(T) ->
+    case os:system_time(microsecond) > T of
+        true -> ok;
+        false -> clock_past(T)
+    end.
 
 %% dspex_events:await/0 returns only once the listener has been told of the
 %% batches it waited for: await + a call to the listener + snapshots_sync
@@ -972,7 +987,8 @@ archive_round_trip() ->
     [{ok, _} = dspex_events:append(S, e, #{n => N, t => {tuple, [N]}}, #{}) || N <- lists:seq(1, 30)],
     settle(),
     {ok, Before} = dspex_events:read(S, #{}),
-    {ok, N} = dspex_events:expire_before(erlang:system_time(microsecond) + 1),
+    %% (the OS clock, as the events' times: see state_at_by_time_and_snapshots)
+    {ok, N} = dspex_events:expire_before(os:system_time(microsecond) + 1),
     ?assert(N >= 30),
     ?assertEqual({ok, []}, dspex_events:read(S, #{})),
     ?assertEqual({ok, Before}, dspex_events:read(S, #{include_archive => true, limit => 100})),
