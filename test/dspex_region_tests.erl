@@ -70,6 +70,20 @@ standalone(F) ->
         ok
     end.
 
+%% A stand-in for a session writer registered as `Name': answers every
+%% export_for with an empty session at epoch 1, seq 7, until sent `stop'.
+fake_writer(Name) ->
+    P = spawn(fun Loop() ->
+                      receive
+                          {'$gen_call', F, {export_for, S}} ->
+                              gen_server:reply(F, {ok, 1, 7, #{id => S, variables => []}}),
+                              Loop();
+                          stop -> ok
+                      end
+              end),
+    true = register(Name, P),
+    P.
+
 %% The export of an empty session `S' (a full copy's payload); `S' is not
 %% left in the store.
 empty_export(S) ->
@@ -291,18 +305,7 @@ shipper_back_pressure() ->
     Sessions = [<<"bp_", (integer_to_binary(I))/binary>> || I <- [1, 2, 3]],
     %% stand-ins for the sessions' writers: each answers export_for at seq 7
     Writers = lists:usort([dspex_cluster_writer:name(S) || S <- Sessions]),
-    Fakes = [begin
-                 P = spawn(fun Loop() ->
-                                   receive
-                                       {'$gen_call', F, {export_for, S}} ->
-                                           gen_server:reply(F, {ok, 1, 7, #{id => S, variables => []}}),
-                                           Loop();
-                                       stop -> ok
-                                   end
-                           end),
-                 true = register(N, P),
-                 P
-             end || N <- Writers],
+    Fakes = [fake_writer(N) || N <- Writers],
     %% this region (eu) is their primary
     [ok = dspex_region:adopt(S, #{primary_region => <<"eu">>, backup_regions => [Us], policy => lowest_rtt,
                                   decided_at => 0}) || S <- Sessions],
@@ -459,15 +462,7 @@ shipper_sends_a_refused_full_copy_again_test() ->
         C = #{name => <<"eu">>, peers => [#{name => Us}], repl_max_pending => 100, repl_window => 2,
               repl_batch_max => 1000, sync_timeout_ms => 60000},
         S = <<"refused_copy_s">>,
-        W = spawn(fun Loop() ->
-                          receive
-                              {'$gen_call', F, {export_for, S1}} ->
-                                  gen_server:reply(F, {ok, 1, 7, #{id => S1, variables => []}}),
-                                  Loop();
-                              stop -> ok
-                          end
-                  end),
-        true = register(dspex_cluster_writer:name(S), W),
+        W = fake_writer(dspex_cluster_writer:name(S)),
         ok = dspex_region:adopt(S, #{primary_region => <<"eu">>, backup_regions => [Us], policy => lowest_rtt,
                                      decided_at => 0}),
         {ok, Sh} = dspex_region_shipper:start_link(C),
@@ -516,15 +511,7 @@ receiver_resyncs_only_a_session_whose_copy_the_batch_brought_in_test() ->
         S = <<"moved_in_s">>,
         Export = empty_export(S),
         %% the session's writer here, for the copies this region sends
-        W = spawn(fun Loop() ->
-                          receive
-                              {'$gen_call', F, {export_for, S1}} ->
-                                  gen_server:reply(F, {ok, 1, 7, #{id => S1, variables => []}}),
-                                  Loop();
-                              stop -> ok
-                          end
-                  end),
-        true = register(dspex_cluster_writer:name(S), W),
+        W = fake_writer(dspex_cluster_writer:name(S)),
         {ok, Sh} = dspex_region_shipper:start_link(C),
         try
             Sh ! {link_up, Us, self()},
