@@ -260,16 +260,15 @@ fence(From, S, Seq, RE, Newer, Row, NF) ->
 apply_seq(From, {S, E, Seq, P}, Row, NF) ->
     #{seq := Have, epoch := HaveE} = Row,
     case P of
-        {region_full, Export} when Seq >= Have ->
-            case replay(S, {full, Export}) of
-                ok ->
-                    done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From),
-                    %% the copy covers what was reported before it in this batch
-                    [X || X <- NF, X =/= S];
-                {error, Why} ->
-                    logger:warning("dspex_region: full copy of ~p from ~s not installed: ~p", [S, From, Why]),
-                    [S | NF]
+        {region_full, Export} when Seq =:= Have, E =:= HaveE ->
+            case has_copy(S, Export) of
+                %% the copy this region installed last, sent again (its ack was
+                %% lost on a flap): the same state, not installed twice; it
+                %% covers what was reported before it in this batch
+                true -> [X || X <- NF, X =/= S];
+                false -> install_full(From, S, E, Seq, Export, Row, NF)
             end;
+        {region_full, Export} when Seq >= Have -> install_full(From, S, E, Seq, Export, Row, NF);
         %% a sequence already applied, from a newer epoch of the primary's
         %% cluster: its new owner went on from an older copy (an async
         %% in-region replica missed changes): the histories differ
@@ -289,6 +288,23 @@ apply_seq(From, {S, E, Seq, P}, Row, NF) ->
             end;
         _ -> [S | NF]   % a gap
     end.
+
+%% A full copy at a newer sequence (or another epoch's) replaces the session.
+install_full(From, S, E, Seq, Export, Row, NF) ->
+    case replay(S, {full, Export}) of
+        ok ->
+            done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From),
+            %% the copy covers what was reported before it in this batch
+            [X || X <- NF, X =/= S];
+        {error, Why} ->
+            logger:warning("dspex_region: full copy of ~p from ~s not installed: ~p", [S, From, Why]),
+            [S | NF]
+    end.
+
+%% The session is here as the copy says (present, or absent for a deleted one).
+has_copy(S, Export) when is_map(Export) -> element(1, dspex_store:get_session(S)) =:= ok;
+has_copy(S, absent) -> element(1, dspex_store:get_session(S)) =/= ok;
+has_copy(_, _) -> false.
 
 region_epoch(#{region_epoch := E}) -> E;
 region_epoch(_) -> 0.

@@ -454,6 +454,37 @@ receiver_a_full_copy_covers_a_gap_in_its_batch_test() ->
         ok = dspex_store:delete_session(S)
     end).
 
+%% The same full copy sent again (its acknowledgement lost on a flap) is not
+%% installed and counted twice; sent again after the copy here was lost, or
+%% from another epoch at the same sequence, it is installed.
+receiver_installs_a_repeated_full_copy_once_test() ->
+    {ok, _} = application:ensure_all_started(dspex_bridge),
+    standalone(fun(_) ->
+        S = <<"recv_repeat_s">>,
+        _ = dspex_store:delete_session(S),
+        {ok, _} = dspex_store:create_session(S),
+        {ok, _} = dspex_store:register(S, <<"k">>, integer, 7, #{}),
+        {ok, Export} = dspex_store:export_session(S),
+        ok = dspex_store:delete_session(S),
+        Apply = fun(Recs) -> dspex_region_receiver:apply_batch(<<"us">>, #{recs => Recs, heads => #{}, decisions => #{}}) end,
+        Copy = {S, 1, 4, {region_full, Export}},
+        ?assertEqual(#{need_full => []}, Apply([Copy])),
+        ?assertMatch(#{seq := 4, full_copies := 1, applies := 1}, dspex_region_receiver:row(S)),
+        %% again, after a change reported in the same batch at a sequence it covers
+        ?assertEqual(#{need_full => []}, Apply([{S, 1, 3, delete_session}, Copy])),
+        ?assertMatch(#{seq := 4, full_copies := 1, applies := 1}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, #{value := 7}}, dspex_store:get(S, <<"k">>)),
+        %% the copy here is gone: the same copy is installed again
+        ok = dspex_store:delete_session(S),
+        ?assertEqual(#{need_full => []}, Apply([Copy])),
+        ?assertMatch(#{seq := 4, full_copies := 2}, dspex_region_receiver:row(S)),
+        ?assertMatch({ok, #{value := 7}}, dspex_store:get(S, <<"k">>)),
+        %% the same sequence from a newer epoch of the primary's cluster: another history, installed
+        ?assertEqual(#{need_full => []}, Apply([{S, 2, 4, {region_full, Export}}])),
+        ?assertMatch(#{seq := 4, epoch := 2, full_copies := 3}, dspex_region_receiver:row(S)),
+        ok = dspex_store:delete_session(S)
+    end).
+
 %% A full copy the backup answers with need_full (it could not install it)
 %% is sent again: the session is not left marked as "copy on its way".
 shipper_sends_a_refused_full_copy_again_test() ->
