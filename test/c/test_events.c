@@ -998,6 +998,37 @@ static void test_backend_multi_row_batches_and_retries(void **st) {
     assert_int_equal(c.last_seq[0], 157);
     assert_int_equal(c.last_seq[1], 32);
     dx_ev_sqlite_ops.close(db);
+
+    /* the smaller chunks (16, 8, 4): 29 events of q 1..29 over stored 20..21 (the 8-row chunk of 17..24 meets
+     * them: taken out again, then row by row) */
+    path(p, sizeof p, "m3.db");
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    fill_recs(a, 2, 20);
+    for (size_t i = 0; i < 2; i++) a[i].session = "q";
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, a, 2, err, sizeof err), 0);
+    fill_recs(b, 29, 1);
+    for (size_t i = 0; i < 29; i++) b[i].session = "q";
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, b, 29, err, sizeof err), 0);
+    for (size_t i = 0; i < 19; i++) assert_int_equal(b[i].position, 3 + i);
+    assert_int_equal(b[19].position, 1);
+    assert_int_equal(b[20].position, 2);
+    for (size_t i = 21; i < 29; i++) assert_int_equal(b[i].position, 22 + (i - 21));
+    /* and 13 more (8 + 4 + 1), all new */
+    fill_recs(b, 13, 30);
+    for (size_t i = 0; i < 13; i++) b[i].session = "q";
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(db, b, 13, err, sizeof err), 0);
+    for (size_t i = 0; i < 13; i++) assert_int_equal(b[i].position, 30 + i);
+    assert_int_equal(dx_ev_sqlite_ops.max_position(db, &mp, err, sizeof err), 0);
+    assert_int_equal(mp, 42);
+    check_ctx c3 = {0};
+    snprintf(c3.sess[0], sizeof c3.sess[0], "q");
+    dx_ev_query q3 = {0};
+    q3.session = "q";
+    q3.session_len = 1;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &q3, check_cb, &c3, err, sizeof err), 0);
+    assert_int_equal(c3.rows, 42); /* each sequence once (positions are not in sequence order here) */
+    assert_int_equal(c3.last_seq[0], 42);
+    dx_ev_sqlite_ops.close(db);
 }
 
 static void test_backend_filters_snapshots_retention(void **st) {
