@@ -108,14 +108,40 @@ enabled() -> persistent_term:get({?MODULE, enabled}, false).
 %% and the snapshots replay them, so only the store may log them.
 -spec append(binary(), atom() | binary(), term(), map()) ->
           {ok, binary()} | {error, {event_store, term()} | {invalid_argument, atom()} | {reserved_type, atom() | binary()}}.
-append(Session, Type, Data, Meta) when is_binary(Session), is_map(Meta),
+append(Session, Type, Data, Meta) when is_binary(Session), byte_size(Session) > 0, is_map(Meta),
                                        (is_atom(Type) orelse is_binary(Type)) ->
-    case reserved_type(Type) of
-        true -> {error, {reserved_type, Type}};
+    case {reserved_type(Type), type_ok(Type), meta_error(Meta)} of
+        {true, _, _} -> {error, {reserved_type, Type}};
+        {false, false, _} -> {error, {invalid_argument, type}};
+        {false, true, {error, _} = Bad} -> Bad;
         %% in a cluster, on the session's owner: its log holds the session's sequence
-        false -> ?ROUTED(Session, append, [Session, Type, Data, Meta], append_here(Session, Type, Data, Meta))
+        {false, true, ok} -> ?ROUTED(Session, append, [Session, Type, Data, Meta], append_here(Session, Type, Data, Meta))
     end;
 append(_, _, _, _) -> {error, {invalid_argument, append}}.
+
+%% The metadata keys the log indexes or acts on, checked before anything is queued.
+meta_error(#{principal := P}) when P =/= undefined, not is_binary(P) -> {error, {invalid_argument, principal}};
+meta_error(#{variable := V}) when V =/= undefined, not is_atom(V), not is_binary(V) ->
+    {error, {invalid_argument, variable}};
+meta_error(#{durability := D}) when D =/= sync, D =/= async -> {error, {invalid_argument, durability}};
+meta_error(_) -> ok.
+
+%% An event type the log can store: a name of 1 to 255 bytes (an atom's in Latin-1, as the log writes it).
+type_ok(T) ->
+    case type_text(T) of
+        {ok, _} -> true;
+        error -> false
+    end.
+
+%% A type, principal or variable filter as the log stores it: a binary of 1 to 255 bytes, or an atom (its
+%% Latin-1 name, as the log writes an atom type; a variable named by an atom is stored by its name).
+type_text(T) when is_binary(T), byte_size(T) >= 1, byte_size(T) =< 255 -> {ok, T};
+type_text(T) when is_atom(T) ->
+    try atom_to_binary(T, latin1) of
+        B -> type_text(B)
+    catch error:badarg -> error
+    end;
+type_text(_) -> error.
 
 reserved_type(T) when is_binary(T) ->
     %% an existing atom only: a binary naming none is no store type (and makes no atom)
@@ -144,7 +170,10 @@ append_here(Session, Type, Data, Meta) ->
 %% the event is also kept for them: the session's next replicated change
 %% carries it (`take_kept/2'), so a replica's log need not ask for it.
 log_event(Session, Type, Data, Meta) ->
-    case dspex_nif:events_append(Session, Type, Data, Meta, #{}) of
+    %% everything else was checked (append/4): the log refuses only a variable name it cannot take
+    case try dspex_nif:events_append(Session, Type, Data, Meta, #{})
+         catch error:badarg -> {error, {invalid_argument, variable}}
+         end of
         {ok, Id, Seq, Ts} ->
             _ = owns_replicated(Session) andalso keep(Session, Seq, #{id => Id, type => Type, session => Session,
                                                                     sequence => Seq, data => Data, timestamp => Ts,
@@ -522,7 +551,29 @@ fold_pages(Q, Fun, Acc, Dir) ->
 -spec subscribe(all | map(), pid(), #{from => pos_integer() | live, max_queue => pos_integer()}) ->
           {ok, reference()} | {error, term()}.
 subscribe(Filter, Pid, Opts) when is_pid(Pid), is_map(Opts), (Filter =:= all orelse is_map(Filter)) ->
-    gen_server:call(?MODULE, {subscribe, Filter, Pid, Opts}, infinity).
+    %% checked here: the server reads the log with the filter for every page it delivers
+    case sub_filter(Filter) of
+        {ok, F} ->
+            case {maps:get(from, Opts, live), maps:get(max_queue, Opts, 1)} of
+                {From, _} when From =/= live, not (is_integer(From) andalso From >= 1) ->
+                    {error, {invalid_argument, from}};
+                {_, M} when not (is_integer(M) andalso M >= 1) -> {error, {invalid_argument, max_queue}};
+                _ -> gen_server:call(?MODULE, {subscribe, F, Pid, Opts}, infinity)
+            end;
+        Error -> Error
+    end;
+subscribe(_, _, _) -> {error, {invalid_argument, subscribe}}.
+
+sub_filter(all) -> {ok, all};
+sub_filter(F) ->
+    case maps:get(session, F, all) of
+        S when S =:= all; is_binary(S) ->
+            case query(S, maps:with([types], F)) of
+                {ok, Q} -> {ok, maps:with([session, types], Q)};
+                Error -> Error
+            end;
+        _ -> {error, {invalid_argument, session}}
+    end.
 
 -spec unsubscribe(reference()) -> ok.
 unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
@@ -537,17 +588,23 @@ unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
 %% a run of one variable's updates folded into one).
 -spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
 state_at(Session, Point) when is_binary(Session) ->
-    case replay_to(Session, Point) of
-        {ok, State} -> {ok, to_export(State)};
-        Error -> Error
-    end.
+    case point(Point) of
+        {ok, P} ->
+            case replay_to(Session, P) of
+                {ok, State} -> {ok, to_export(State)};
+                Error -> Error
+            end;
+        error -> {error, {invalid_argument, point}}
+    end;
+state_at(_, _) -> {error, {invalid_argument, session}}.
 
-replay_to(Session, Point) ->
-    {MaxSeq, MaxTs} = case Point of
-                          {sequence, N} when is_integer(N), N >= 0 -> {N, 0};
-                          {time, T} when is_integer(T) -> {0, T};
-                          T when is_integer(T) -> {0, T}
-                      end,
+%% {MaxSeq, MaxTs}: a time at or before the epoch is before every event (not found)
+point({sequence, N}) when is_integer(N), N >= 0 -> {ok, {N, 0}};
+point({time, T}) when is_integer(T) -> {ok, {0, max(T, 0)}};
+point(T) when is_integer(T) -> point({time, T});
+point(_) -> error.
+
+replay_to(Session, {MaxSeq, MaxTs}) ->
     case MaxSeq =:= 0 andalso MaxTs =:= 0 of
         true -> {error, not_found};
         false ->
@@ -873,14 +930,38 @@ query(Session, Opts) ->
     try
         Q0 = case Session of
                  all -> #{};
-                 S when is_binary(S) -> #{session => S}
+                 S when is_binary(S) -> #{session => S};
+                 _ -> throw(session)
              end,
         Q1 = bound(since, maps:get(since, Opts, undefined), Q0),
         Q2 = bound(until, maps:get(until, Opts, undefined), Q1),
-        Q3 = maps:merge(Q2, maps:with([types, principal, variable], Opts)),
-        {ok, Q3#{descending => maps:get(direction, Opts, forward) =:= backward}}
+        Q3 = filters(maps:with([types, principal, variable], Opts), Q2),
+        Desc = case maps:get(direction, Opts, forward) of
+                   forward -> false;
+                   backward -> true;
+                   _ -> throw(direction)
+               end,
+        _ = case maps:get(limit, Opts, 1) of
+                L when is_integer(L), L >= 1 -> ok;
+                _ -> throw(limit)
+            end,
+        {ok, Q3#{descending => Desc}}
     catch throw:Bad -> {error, {invalid_argument, Bad}}
     end.
+
+%% The filters a read or a subscription passes to the log, checked: `types' a list of at most 64 type names
+%% (as append/4 takes them), `principal' and `variable' one name each. A filter the log could not apply is
+%% an error, never a read of everything.
+filters(F, Q) ->
+    maps:fold(fun(types, Ts, Acc) when is_list(Ts), length(Ts) =< 64 ->
+                      Acc#{types => [case type_text(T) of {ok, B} -> B; error -> throw(types) end || T <- Ts]};
+                 (types, _, _) -> throw(types);
+                 (K, V, Acc) ->
+                      case type_text(V) of
+                          {ok, B} -> Acc#{K => B};
+                          error -> throw(K)
+                      end
+              end, Q, F).
 
 bound(_, undefined, Q) -> Q;
 bound(since, {sequence, N}, Q) when is_integer(N), N >= 0 -> Q#{seq_from => N};

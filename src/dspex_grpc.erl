@@ -128,13 +128,28 @@ close({Port, Id}) -> send(Port, {close, Id}).
 
 %% @doc Ends the call with a status (a name such as `not_found') and message.
 -spec fail(ctx(), atom(), binary()) -> ok.
-fail({Port, Id}, Status, Msg) -> send(Port, {error, Id, dspex_grpc_status:code(Status), Msg}).
+fail({Port, Id}, Status, Msg) -> send(Port, {error, Id, dspex_grpc_status:code(Status), bounded(Msg)}).
 
 %% @doc `fail/3' with trailing metadata (header name => printable ASCII
 %% binary), such as `dspex_grpc_status:trailers/1' gives for an error.
 -spec fail(ctx(), atom(), binary(), #{binary() => binary()}) -> ok.
 fail({Port, Id}, Status, Msg, Trailers) ->
-    send(Port, {error, Id, dspex_grpc_status:code(Status), Msg, Trailers}).
+    send(Port, {error, Id, dspex_grpc_status:code(Status), bounded(Msg), Trailers}).
+
+%% The status message travels in the trailers, and clients cap a response's metadata (gRPC's default: 8 KiB,
+%% counted after the message's percent-encoding): a message that echoes a long request (a session id of
+%% 100 KB, a crash's arguments) is cut to ?MAX_MESSAGE bytes, at a character's start, so that the client
+%% still gets the status rather than RESOURCE_EXHAUSTED.
+-define(MAX_MESSAGE, 1024).
+bounded(Msg) when is_binary(Msg), byte_size(Msg) > ?MAX_MESSAGE ->
+    <<(utf8_prefix(Msg, ?MAX_MESSAGE - 3))/binary, "...">>;
+bounded(Msg) -> Msg.
+
+utf8_prefix(B, N) ->
+    case B of
+        <<_:N/binary, 2#10:2, _/bitstring>> when N > 0 -> utf8_prefix(B, N - 1); % a continuation byte
+        <<P:N/binary, _/binary>> -> P
+    end.
 
 send(Port, Term) ->
     try erlang:port_command(Port, term_to_binary(Term)), ok

@@ -125,7 +125,7 @@ of_error({unsupported_type, N, T}) ->
     {invalid_argument, fmt("variable ~ts of type ~ts cannot be optimized", [txt(N), txt(T)])};
 of_error({unbounded, N}) -> {invalid_argument, fmt("variable ~ts needs both min and max to be optimized", [txt(N)])};
 of_error({invalid_log_scale, N}) -> {invalid_argument, fmt("variable ~ts: log scale needs min > 0", [txt(N)])};
-of_error(Other) -> {internal, fmt("internal error: ~0p", [Other])}.
+of_error(Other) -> {internal, fmt("internal error: ~0P", [Other, 30])}.
 
 %% @doc Trailing metadata of an error status (see the module doc).
 -spec trailers(term()) -> #{binary() => binary()}.

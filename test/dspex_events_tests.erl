@@ -1032,7 +1032,43 @@ bad_arguments_are_errors() ->
     ?assertMatch({error, {event_store, already_open}},
                  dspex_nif:events_open(#{backend => sqlite, target => <<"/tmp/x.db">>})),
     ?assertMatch({error, {event_store, {backend, nope}}},
-                 dspex_nif:events_open(#{backend => nope, target => <<"/tmp/x.db">>})).
+                 dspex_nif:events_open(#{backend => nope, target => <<"/tmp/x.db">>})),
+    %% what a caller (a gRPC client) can send is checked before the log or the server sees it: an error,
+    %% never an exception, a crash of the events server or a read of everything
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    {ok, _} = dspex_store:register(S, <<"y">>, integer, 0),
+    {ok, _} = dspex_store:set(S, <<"y">>, 1),
+    Long = binary:copy(<<"t">>, 256),
+    [?assertEqual({error, {invalid_argument, type}}, dspex_events:append(S, T, x, #{})) || T <- [<<>>, Long, 'é中']],
+    ?assertEqual({error, {invalid_argument, append}}, dspex_events:append(<<>>, t, x, #{})),
+    ?assertEqual({error, {invalid_argument, principal}}, dspex_events:append(S, t, x, #{principal => 1})),
+    ?assertEqual({error, {invalid_argument, variable}}, dspex_events:append(S, t, x, #{variable => 1})),
+    ?assertEqual({error, {invalid_argument, durability}}, dspex_events:append(S, t, x, #{durability => soon})),
+    {ok, _} = dspex_events:append(S, binary:copy(<<"t">>, 255), x, #{variable => x, principal => <<"p">>}),
+    [?assertEqual({error, {invalid_argument, types}}, dspex_events:read(S, #{types => Ts}))
+     || Ts <- [[<<>>], [Long], [1], foo, lists:duplicate(65, t)]],
+    [?assertEqual({error, {invalid_argument, K}}, dspex_events:read(S, #{K => V}))
+     || {K, V} <- [{variable, 1}, {principal, 1}, {principal, <<>>}, {direction, sideways}, {limit, 0}]],
+    ?assertEqual({error, {invalid_argument, session}}, dspex_events:read(1, #{})),
+    ?assertEqual({error, {invalid_argument, types}}, dspex_events:fold(S, fun(_, A) -> A end, 0, #{types => [<<>>]})),
+    ?assertEqual({error, {invalid_argument, types}}, dspex_events:audit_trail(#{types => [Long]})),
+    %% a variable named by an atom filters on its name, as a binary does
+    {ok, ByAtom} = dspex_events:read(S, #{variable => x}),
+    ?assertEqual([variable_registered, binary:copy(<<"t">>, 255)], [T || #{type := T} <- ByAtom]),
+    ?assertEqual({ok, ByAtom}, dspex_events:read(S, #{variable => <<"x">>})),
+    Server = whereis(dspex_events),
+    [?assertEqual({error, {invalid_argument, K}}, dspex_events:subscribe(F, self(), O))
+     || {K, F, O} <- [{from, all, #{from => 0}}, {from, all, #{from => x}}, {max_queue, all, #{max_queue => x}},
+                      {session, #{session => 1}, #{}}, {types, #{session => S, types => [<<>>]}, #{from => 1}},
+                      {types, #{types => [Long]}, #{}}]],
+    ?assertEqual(Server, whereis(dspex_events)),
+    [?assertEqual({error, {invalid_argument, point}}, dspex_events:state_at(S, P))
+     || P <- [{sequence, -1}, {sequence, x}, foo, {time, 1.5}]],
+    ?assertEqual({error, {invalid_argument, session}}, dspex_events:state_at(1, {sequence, 1})),
+    ?assertEqual({error, not_found}, dspex_events:state_at(S, {time, -5})),
+    ok = dspex_store:delete_session(S).
 
 prometheus_and_telemetry() ->
     Self = self(),

@@ -102,6 +102,41 @@ class Events(unittest.TestCase):
             self.stub.GetEvents(pb2.GetEventsRequest(session_id=""))
         self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
 
+    def test_bad_type_filters_are_invalid_and_leave_other_watches_running(self):
+        """A type name the log cannot hold ("", over 255 bytes) is INVALID_ARGUMENT for GetEvents and
+        WatchEvents; a watch running meanwhile goes on (the events server did not crash)."""
+        self.history()
+        got = []
+        with self.ctx.watch_events(from_sequence=1, timeout=60) as w:
+            got.append(next(w))
+            for types in ([""], ["x" * 256], ["ok", "x" * 5000]):
+                with self.assertRaises(grpc.RpcError) as cm:
+                    self.stub.GetEvents(pb2.GetEventsRequest(session_id=self.session, types=types))
+                self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+                call = self.stub.WatchEvents(pb2.WatchEventsRequest(session_id=self.session, types=types,
+                                                                    from_sequence=1), timeout=30)
+                with self.assertRaises(grpc.RpcError) as cm:
+                    next(call)
+                self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.ctx.update_variable("x", 4)            # sequence 6, after the bad calls
+            for e in w:
+                got.append(e)
+                if e.sequence == 6:
+                    break
+        self.assertEqual([e.sequence for e in got], list(range(1, 7)))
+
+    def test_a_status_message_is_bounded(self):
+        """An error that echoes a long request still reaches the client as its status (the message is cut
+        to 1 KiB), not as RESOURCE_EXHAUSTED for metadata over the client's limit."""
+        long_id = "\u00e9" * 50000                     # 100 KB of UTF-8
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.GetStateAt(pb2.GetStateAtRequest(session_id=long_id, sequence=1))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+        details = cm.exception.details()
+        self.assertLessEqual(len(details.encode("utf-8")), 1024)
+        self.assertTrue(details.startswith("session not found: \u00e9"), details[:40])
+        self.assertTrue(details.endswith("..."), details[-10:])
+
     def test_watch_events_catch_up_then_live_without_gap_or_duplicate(self):
         self.history()                                   # sequences 1..5 stored
         n_live = 100
