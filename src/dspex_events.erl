@@ -599,10 +599,12 @@ state_at(Session, Point) when is_binary(Session) ->
 state_at(_, _) -> {error, {invalid_argument, session}}.
 
 %% {MaxSeq, MaxTs}: a time at or before the epoch is before every event (not found)
-point({sequence, N}) when is_integer(N), N >= 0 -> {ok, {N, 0}};
-point({time, T}) when is_integer(T) -> {ok, {0, max(T, 0)}};
+point({sequence, N}) when is_integer(N), N >= 0 -> {ok, {cap(N), 0}};
+point({time, T}) when is_integer(T) -> {ok, {0, cap(max(T, 0))}};
 point(T) when is_integer(T) -> point({time, T});
 point(_) -> error.
+
+cap(N) -> min(N, 16#7FFFFFFFFFFFFFFF).
 
 replay_to(Session, {MaxSeq, MaxTs}) ->
     case MaxSeq =:= 0 andalso MaxTs =:= 0 of
@@ -963,13 +965,14 @@ filters(F, Q) ->
                       end
               end, Q, F).
 
+%% (a bound past what the log can number, 2^63 - 1, is that: nothing is after it)
 bound(_, undefined, Q) -> Q;
-bound(since, {sequence, N}, Q) when is_integer(N), N >= 0 -> Q#{seq_from => N};
-bound(until, {sequence, N}, Q) when is_integer(N), N > 0 -> Q#{seq_to => N};
-bound(since, {position, N}, Q) when is_integer(N), N >= 0 -> Q#{pos_from => N};
-bound(until, {position, N}, Q) when is_integer(N), N > 0 -> Q#{pos_to => N};
-bound(since, {time, T}, Q) when is_integer(T), T >= 0 -> Q#{ts_from => T};
-bound(until, {time, T}, Q) when is_integer(T), T > 0 -> Q#{ts_to => T};
+bound(since, {sequence, N}, Q) when is_integer(N), N >= 0 -> Q#{seq_from => cap(N)};
+bound(until, {sequence, N}, Q) when is_integer(N), N > 0 -> Q#{seq_to => cap(N)};
+bound(since, {position, N}, Q) when is_integer(N), N >= 0 -> Q#{pos_from => cap(N)};
+bound(until, {position, N}, Q) when is_integer(N), N > 0 -> Q#{pos_to => cap(N)};
+bound(since, {time, T}, Q) when is_integer(T), T >= 0 -> Q#{ts_from => cap(T)};
+bound(until, {time, T}, Q) when is_integer(T), T > 0 -> Q#{ts_to => cap(T)};
 bound(W, T, Q) when is_integer(T) -> bound(W, {time, T}, Q);
 bound(W, _, _) -> throw(W).
 

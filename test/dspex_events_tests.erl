@@ -1068,6 +1068,14 @@ bad_arguments_are_errors() ->
      || P <- [{sequence, -1}, {sequence, x}, foo, {time, 1.5}]],
     ?assertEqual({error, {invalid_argument, session}}, dspex_events:state_at(1, {sequence, 1})),
     ?assertEqual({error, not_found}, dspex_events:state_at(S, {time, -5})),
+    %% past what the log numbers (2^63 - 1): after every event, not an exception
+    Huge = 1 bsl 80,
+    {ok, Now} = dspex_events:state_at(S, {sequence, 5}),
+    ?assertEqual({ok, Now}, dspex_events:state_at(S, {sequence, Huge})),
+    ?assertEqual({ok, Now}, dspex_events:state_at(S, {time, Huge})),
+    ?assertEqual({ok, []}, dspex_events:read(S, #{since => {sequence, Huge}})),
+    ?assertEqual({ok, []}, dspex_events:read(S, #{since => {time, Huge}})),
+    ?assertMatch({ok, [_ | _]}, dspex_events:read(S, #{until => {position, Huge}})),
     ok = dspex_store:delete_session(S).
 
 prometheus_and_telemetry() ->
