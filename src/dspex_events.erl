@@ -734,8 +734,15 @@ to_export(#{session := S, vars := Vs}) ->
 -spec audit_trail(map()) -> {ok, #{period := {integer() | undefined, integer() | undefined},
                                    events := [event()], summary := map()}} | {error, term()}.
 audit_trail(Filters) when is_map(Filters) ->
-    {From, To} = maps:get(period, Filters, {undefined, undefined}),
-    Limit = maps:get(limit, Filters, 10000),
+    case {maps:get(period, Filters, {undefined, undefined}), maps:get(limit, Filters, 10000)} of
+        {{From, To}, Limit} when (From =:= undefined orelse is_integer(From)),
+                                 (To =:= undefined orelse is_integer(To)), is_integer(Limit), Limit >= 0 ->
+            audit_trail(Filters, From, To, Limit);
+        {{_, _}, _} -> {error, {invalid_argument, limit}};
+        _ -> {error, {invalid_argument, period}}
+    end.
+
+audit_trail(Filters, From, To, Limit) ->
     Opts = maps:from_list([{since, {time, From}} || is_integer(From)] ++ [{until, {time, To}} || is_integer(To)]
                           ++ [{K, V} || K <- [types, principal, variable], {ok, V} <- [maps:find(K, Filters)]]),
     Session = maps:get(session, Filters, all),

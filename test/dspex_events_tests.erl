@@ -1054,6 +1054,9 @@ bad_arguments_are_errors() ->
     ?assertEqual({error, {invalid_argument, session}}, dspex_events:read(1, #{})),
     ?assertEqual({error, {invalid_argument, types}}, dspex_events:fold(S, fun(_, A) -> A end, 0, #{types => [<<>>]})),
     ?assertEqual({error, {invalid_argument, types}}, dspex_events:audit_trail(#{types => [Long]})),
+    [?assertEqual({error, {invalid_argument, K}}, dspex_events:audit_trail(F))
+     || {K, F} <- [{period, #{period => foo}}, {period, #{period => {x, 1}}}, {limit, #{limit => -1}},
+                   {session, #{session => 1}}]],
     %% a variable named by an atom filters on its name, as a binary does
     {ok, ByAtom} = dspex_events:read(S, #{variable => x}),
     ?assertEqual([variable_registered, binary:copy(<<"t">>, 255)], [T || #{type := T} <- ByAtom]),
