@@ -736,9 +736,11 @@ to_export(#{session := S, vars := Vs}) ->
 audit_trail(Filters) when is_map(Filters) ->
     case {maps:get(period, Filters, {undefined, undefined}), maps:get(limit, Filters, 10000)} of
         {{From, To}, Limit} when (From =:= undefined orelse is_integer(From)),
-                                 (To =:= undefined orelse is_integer(To)), is_integer(Limit), Limit >= 0 ->
-            audit_trail(Filters, From, To, Limit);
-        {{_, _}, _} -> {error, {invalid_argument, limit}};
+                                 (To =:= undefined orelse is_integer(To)) ->
+            case is_integer(Limit) andalso Limit >= 0 of
+                true -> audit_trail(Filters, From, To, Limit);
+                false -> {error, {invalid_argument, limit}}
+            end;
         _ -> {error, {invalid_argument, period}}
     end.
 
