@@ -93,6 +93,16 @@ empty_export(S) ->
     ok = dspex_store:delete_session(S),
     Export.
 
+%% A full copy of session S holding the integer variable <<"k">> = V (the
+%% session itself removed again).
+k_export(S, V) ->
+    _ = dspex_store:delete_session(S),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, <<"k">>, integer, V, #{}),
+    {ok, Export} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    Export.
+
 connect() ->
     {ok, S} = gen_tcp:connect({127, 0, 0, 1}, dspex_region_gateway:port(), [binary, {packet, 4}, {active, false}]),
     S.
@@ -438,11 +448,7 @@ receiver_a_full_copy_covers_a_gap_in_its_batch_test() ->
     {ok, _} = application:ensure_all_started(dspex_bridge),
     standalone(fun(_) ->
         S = <<"recv_gap_s">>,
-        _ = dspex_store:delete_session(S),
-        {ok, _} = dspex_store:create_session(S),
-        {ok, _} = dspex_store:register(S, <<"k">>, integer, 0, #{}),
-        {ok, Export} = dspex_store:export_session(S),
-        ok = dspex_store:delete_session(S),
+        Export = k_export(S, 0),
         Set = {op, set, [S, <<"k">>, 1, #{expected_version => 0}], {ok, 1}},
         ?assertEqual(#{need_full => []},
                      dspex_region_receiver:apply_batch(<<"us">>, #{recs => [{S, 1, 3, delete_session},
@@ -461,11 +467,7 @@ receiver_installs_a_repeated_full_copy_once_test() ->
     {ok, _} = application:ensure_all_started(dspex_bridge),
     standalone(fun(_) ->
         S = <<"recv_repeat_s">>,
-        _ = dspex_store:delete_session(S),
-        {ok, _} = dspex_store:create_session(S),
-        {ok, _} = dspex_store:register(S, <<"k">>, integer, 7, #{}),
-        {ok, Export} = dspex_store:export_session(S),
-        ok = dspex_store:delete_session(S),
+        Export = k_export(S, 7),
         Apply = fun(Recs) -> dspex_region_receiver:apply_batch(<<"us">>, #{recs => Recs, heads => #{}, decisions => #{}}) end,
         Copy = {S, 1, 4, {region_full, Export}},
         ?assertEqual(#{need_full => []}, Apply([Copy])),
