@@ -234,15 +234,7 @@ apply_rec1(From, {S, E, Seq, P} = Rec, RE, NF, Row) ->
             %% a new primary: its numbering starts with a full copy
             case P of
                 {region_full, Export} ->
-                    case replay(S, {full, Export}) of
-                        ok ->
-                            done(S, Row#{epoch => E, seq => Seq, head => Seq, region_epoch => RE,
-                                         full_copies => maps:get(full_copies, Row) + 1}, From),
-                            %% the copy covers what was reported before it in
-                            %% this batch (as in apply_seq/4)
-                            [X || X <- NF, X =/= S];
-                        {error, _} -> [S | NF]
-                    end;
+                    install_full(From, S, Export, Row#{epoch => E, seq => Seq, head => Seq, region_epoch => RE}, NF);
                 _ -> [S | NF]
             end
     end.
@@ -266,9 +258,9 @@ apply_seq(From, {S, E, Seq, P}, Row, NF) ->
                 %% lost on a flap): the same state, not installed twice; it
                 %% covers what was reported before it in this batch
                 true -> [X || X <- NF, X =/= S];
-                false -> install_full(From, S, E, Seq, Export, Row, NF)
+                false -> install_full(From, S, Export, Row#{epoch => E, seq => Seq}, NF)
             end;
-        {region_full, Export} when Seq >= Have -> install_full(From, S, E, Seq, Export, Row, NF);
+        {region_full, Export} when Seq >= Have -> install_full(From, S, Export, Row#{epoch => E, seq => Seq}, NF);
         %% a sequence already applied, from a newer epoch of the primary's
         %% cluster: its new owner went on from an older copy (an async
         %% in-region replica missed changes): the histories differ
@@ -289,11 +281,12 @@ apply_seq(From, {S, E, Seq, P}, Row, NF) ->
         _ -> [S | NF]   % a gap
     end.
 
-%% A full copy at a newer sequence (or another epoch's) replaces the session.
-install_full(From, S, E, Seq, Export, Row, NF) ->
+%% A full copy replaces the session; Row is its row as the copy leaves it
+%% (the copy's epoch and sequence; a new primary's region epoch).
+install_full(From, S, Export, Row, NF) ->
     case replay(S, {full, Export}) of
         ok ->
-            done(S, Row#{epoch => E, seq => Seq, full_copies => maps:get(full_copies, Row) + 1}, From),
+            done(S, Row#{full_copies => maps:get(full_copies, Row) + 1}, From),
             %% the copy covers what was reported before it in this batch
             [X || X <- NF, X =/= S];
         {error, Why} ->
