@@ -14,7 +14,7 @@
 %% | `run_not_found', `{unknown_trial, _}' (optimization studies) | NOT_FOUND (5) |
 %% | `{already_told, _}' | FAILED_PRECONDITION (9) |
 %% | `budget_exhausted' | OUT_OF_RANGE (11) |
-%% | `{unknown_algorithm, _}', `{unsupported_type, _, _}', `{unbounded, _}', `{invalid_log_scale, _}' | INVALID_ARGUMENT (3) |
+%% | `{unknown_algorithm, _}', `{unsupported_type, _, _}', `{unbounded, _}', `{invalid_log_scale, _}', `{too_many_dimensions, _, _}', `{too_many_choices, _, _}' | INVALID_ARGUMENT (3) |
 %% | `access_denied' | PERMISSION_DENIED (7) |
 %% | `{limit_exceeded, L}' for `L' = `sessions', `variables' (a capacity is used up) | RESOURCE_EXHAUSTED (8), "limit exceeded: L (...)" |
 %% | `rate_limited' (the session's token bucket is empty: retry later), `enomem' | RESOURCE_EXHAUSTED (8) |
@@ -125,6 +125,10 @@ of_error({unsupported_type, N, T}) ->
     {invalid_argument, fmt("variable ~ts of type ~ts cannot be optimized", [txt(N), txt(T)])};
 of_error({unbounded, N}) -> {invalid_argument, fmt("variable ~ts needs both min and max to be optimized", [txt(N)])};
 of_error({invalid_log_scale, N}) -> {invalid_argument, fmt("variable ~ts: log scale needs min > 0", [txt(N)])};
+of_error({too_many_dimensions, N, Max}) ->
+    {invalid_argument, fmt("~b variables to optimize: the built-in algorithms take at most ~b", [N, Max])};
+of_error({too_many_choices, N, Max}) ->
+    {invalid_argument, fmt("variable ~ts has more than ~b choices: the built-in algorithms take at most ~b", [txt(N), Max, Max])};
 of_error(Other) -> {internal, fmt("internal error: ~0P", [Other, 30])}.
 
 %% @doc Trailing metadata of an error status (see the module doc).

@@ -38,6 +38,10 @@
 -export([start_link/1]).
 -export([init/1, handle_continue/2, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
+%% the built-in kernels' bounds (c_src/core/opt.h: DX_OPT_MAX_DIMS, DX_OPT_MAX_CATS)
+-define(MAX_DIMS, 64).
+-define(MAX_CATS, 4096).
+
 -type run() :: pid().
 -type trial_id() :: non_neg_integer().
 -type params() :: #{binary() => term()}.
@@ -67,9 +71,11 @@
 %% `{invalid_argument, Opt}', and those of `dspex_locks:acquire/4'.
 -spec start(dspex_store:session_id(), [dspex_store:var_key()], start_opts()) -> {ok, run()} | {error, term()}.
 start(Session, Vars, Opts) when is_map(Opts) ->
+    %% a principal that does not parse raises here, in the caller, as every call taking one does
+    check_principal(Opts),
     case check_opts(Opts) of
         {ok, Cfg} ->
-            case dspex_opt_space:from_variables(Session, Vars) of
+            case space(Session, Vars, maps:get(algorithm, Cfg)) of
                 {ok, Space} ->
                     case dspex_opt_sup:start_run({Session, Space, Cfg, maps:get(owner, Cfg)}) of
                         {ok, Pid} ->
@@ -128,7 +134,8 @@ lookup(RunId) -> dspex_opt_sup:lookup_run(RunId).
 %% locks and records the run's normalised regret for `select_algorithm/1'.
 %% Returns `{ok, #{best => Best | undefined, applied => boolean(), trials => N}}'.
 -spec stop(run(), #{apply_best => boolean()}) -> {ok, map()} | {error, term()}.
-stop(Run, Opts) when is_map(Opts) -> call(Run, {stop, maps:get(apply_best, Opts, false) =:= true}).
+stop(Run, Opts) when is_map(Opts) -> call(Run, {stop, maps:get(apply_best, Opts, false) =:= true});
+stop(_Run, _Opts) -> {error, {invalid_argument, options}}.
 
 %% @doc `run(Run, Objective, #{})'.
 -spec run(run(), objective()) -> {ok, map()} | {error, term()}.
@@ -139,7 +146,10 @@ run(Run, Objective) -> run(Run, Objective, #{}).
 %% exception is a failed trial; or `{workers, Pool, Fn}': `dspex_workers:call/3'
 %% of `Fn' with the parameters, the JSON number it returns being the score),
 %% tells. Options: `parallel' (evaluations in flight, default 1), `timeout'
-%% (ms per evaluation, default 60000). Returns `best/1''s result.
+%% (ms per evaluation, default 60000, below 2^32: a fun's evaluation still
+%% running then is killed and its trial failed with reason `timeout'; a pool's
+%% call is bounded by it). A score that is no float (an integer past the float
+%% range) fails its trial with `{not_a_score, S}'. Returns `best/1''s result.
 %%
 %% Every told trial (by `run/3' or `tell/3') emits `[dspex, opt, tell]', is
 %% reported to the locks' progress and, when the event log is on, appended to
@@ -151,10 +161,14 @@ run(Run, Objective) -> run(Run, Objective, #{}).
 run(Run, Objective, Opts) when is_map(Opts) ->
     P = maps:get(parallel, Opts, 1),
     T = maps:get(timeout, Opts, 60000),
-    case is_integer(P) andalso P >= 1 andalso is_integer(T) andalso T > 0 andalso valid_objective(Objective) of
+    case is_integer(P) andalso P >= 1 andalso is_integer(T) andalso T > 0 andalso T < 1 bsl 32
+        andalso valid_objective(Objective) of
         false -> {error, {invalid_argument, run}};
-        true -> drive(Run, eval_fun(Objective, T), P, #{}, false)
-    end.
+        %% a fun's evaluation is bounded here (its process killed at `timeout'); a pool's by its call
+        true -> drive(Run, eval_fun(Objective, T), P, #{}, false, case is_function(Objective) of true -> T; false -> infinity end)
+    end;
+run(_Run, _Objective, _Opts) ->
+    {error, {invalid_argument, options}}.
 
 %% @doc Registers a plugin algorithm; see `dspex_opt_registry:register/1'.
 -spec register_algorithm(map()) -> ok | {error, term()}.
@@ -174,6 +188,32 @@ record_performance(Alg, Class, Regret) -> dspex_opt_registry:record_performance(
 algorithms() -> dspex_opt_registry:all().
 
 %%% internals of the API ---------------------------------------------------------
+
+%% A principal (`as', also inside `lock') that is not a binary, or a `context' that is not a map: badarg,
+%% raised before the run process exists (in it, dspex_locks:acquire/4 would crash the run instead).
+check_principal(Opts) ->
+    Ok = fun(O) -> (not is_map_key(as, O) orelse is_binary(map_get(as, O)))
+                       andalso (not is_map_key(context, O) orelse is_map(map_get(context, O)))
+         end,
+    case Ok(Opts) andalso (not is_map(maps:get(lock, Opts, #{})) orelse Ok(maps:get(lock, Opts, #{}))) of
+        true -> ok;
+        false -> erlang:error(badarg)
+    end.
+
+%% The search space, within what a built-in kernel takes (dspex_nif:opt_ask/8 refuses more than
+%% ?MAX_DIMS free dimensions or ?MAX_CATS categories in one: refused here, before any lock is taken).
+space(Session, Vars, Alg) ->
+    case dspex_opt_space:from_variables(Session, Vars) of
+        {ok, Space} ->
+            Builtin = element(1, dspex_opt_registry:lookup(Alg)) =:= builtin,
+            Dims = dspex_opt_space:dims(Space),
+            Wide = [N || #{name := N, choices := Cs} = D <- Space, not is_map_key(fixed, D), length(Cs) > ?MAX_CATS],
+            if Builtin, length(Dims) > ?MAX_DIMS -> {error, {too_many_dimensions, length(Dims), ?MAX_DIMS}};
+               Builtin, Wide =/= [] -> {error, {too_many_choices, hd(Wide), ?MAX_CATS}};
+               true -> {ok, Space}
+            end;
+        Error -> Error
+    end.
 
 call(Run, Msg) when is_pid(Run) ->
     try gen_server:call(Run, Msg, infinity)
@@ -219,48 +259,74 @@ eval_fun(F, _T) when is_function(F, 1) -> F;
 eval_fun({workers, Pool, Fn}, T) ->
     fun(Params) ->
             case dspex_workers:call(Pool, {Fn, [Params]}, T) of
-                {ok, Score} when is_number(Score) -> Score;
+                {ok, Score} when is_number(Score) ->
+                    case score(Score) of
+                        {ok, _} -> Score;
+                        error -> {failed, {not_a_score, Score}}
+                    end;
                 {ok, Other} -> {failed, {not_a_score, Other}};
                 {error, Reason} -> {failed, Reason}
             end
     end.
 
-%% Keeps up to P evaluations in flight; each in its own monitored process.
-drive(Run, F, P, InFlight, Done) when not Done, map_size(InFlight) < P ->
+%% Keeps up to P evaluations in flight; each in its own monitored process, killed (a failed trial,
+%% `timeout') when it outlives Limit ms.
+drive(Run, F, P, InFlight, Done, Limit) when not Done, map_size(InFlight) < P ->
     case ask(Run) of
         {ok, Id, Params} ->
             Self = self(),
             {Pid, MRef} = spawn_monitor(fun() -> Self ! {self(), dspex_opt_eval, evaluate(F, Params)} end),
-            drive(Run, F, P, InFlight#{Pid => {MRef, Id}}, false);
-        {error, budget_exhausted} -> drive(Run, F, P, InFlight, true);
+            TRef = case Limit of
+                       infinity -> undefined;
+                       _ -> erlang:start_timer(Limit, self(), {dspex_opt_eval_timeout, Pid})
+                   end,
+            drive(Run, F, P, InFlight#{Pid => {MRef, Id, TRef}}, false, Limit);
+        {error, budget_exhausted} -> drive(Run, F, P, InFlight, true, Limit);
         {error, _} = E -> abandon(InFlight), E
     end;
-drive(Run, _F, _P, InFlight, true) when map_size(InFlight) =:= 0 ->
+drive(Run, _F, _P, InFlight, true, _Limit) when map_size(InFlight) =:= 0 ->
     best(Run);
-drive(Run, F, P, InFlight, Done) ->
-    receive
-        {Pid, dspex_opt_eval, Result} when is_map_key(Pid, InFlight) ->
-            {{MRef, Id}, Rest} = maps:take(Pid, InFlight),
-            erlang:demonitor(MRef, [flush]),
-            case tell(Run, Id, Result) of
-                ok -> drive(Run, F, P, Rest, Done);
-                {error, _} = E -> abandon(Rest), E
-            end;
-        {'DOWN', MRef, process, Pid, Reason} when is_map_key(Pid, InFlight) ->
-            {{MRef, Id}, Rest} = maps:take(Pid, InFlight),
-            case tell(Run, Id, {failed, {evaluator_down, Reason}}) of
-                ok -> drive(Run, F, P, Rest, Done);
-                {error, _} = E -> abandon(Rest), E
-            end
+drive(Run, F, P, InFlight, Done, Limit) ->
+    {Id, Result, Rest} =
+        receive
+            {Pid, dspex_opt_eval, R} when is_map_key(Pid, InFlight) ->
+                {{MRef, I, TRef}, Rest0} = maps:take(Pid, InFlight),
+                erlang:demonitor(MRef, [flush]),
+                cancel_timer(TRef),
+                {I, R, Rest0};
+            {'DOWN', MRef, process, Pid, Reason} when is_map_key(Pid, InFlight) ->
+                {{MRef, I, TRef}, Rest0} = maps:take(Pid, InFlight),
+                cancel_timer(TRef),
+                {I, {failed, {evaluator_down, Reason}}, Rest0};
+            {timeout, TRef, {dspex_opt_eval_timeout, Pid}} when is_map_key(Pid, InFlight) ->
+                {{MRef, I, TRef}, Rest0} = maps:take(Pid, InFlight),
+                erlang:demonitor(MRef, [flush]),
+                exit(Pid, kill),
+                {I, {failed, timeout}, Rest0}
+        end,
+    case tell(Run, Id, Result) of
+        ok -> drive(Run, F, P, Rest, Done, Limit);
+        {error, _} = E -> abandon(Rest), E
     end.
 
+cancel_timer(undefined) -> ok;
+cancel_timer(TRef) ->
+    %% a timeout already sent is taken out of the mailbox
+    _ = erlang:cancel_timer(TRef, [{async, false}, {info, false}]),
+    receive {timeout, TRef, _} -> ok after 0 -> ok end.
+
 abandon(InFlight) ->
-    _ = [begin erlang:demonitor(M, [flush]), exit(Pid, kill) end || {Pid, {M, _}} <- maps:to_list(InFlight)],
+    _ = [begin erlang:demonitor(M, [flush]), cancel_timer(T), exit(Pid, kill) end
+         || {Pid, {M, _, T}} <- maps:to_list(InFlight)],
     ok.
 
 evaluate(F, Params) ->
     try F(Params) of
-        S when is_number(S) -> S;
+        S when is_number(S) ->
+            case score(S) of
+                {ok, _} -> S;
+                error -> {failed, {not_a_score, S}}
+            end;
         {failed, _} = Failed -> Failed;
         Other -> {failed, {not_a_score, Other}}
     catch C:R -> {failed, {C, R}}
@@ -421,7 +487,8 @@ terminate(_Reason, #{locks := Locks, id := RunId}) ->
 %% (BO: the GP hyperparameters fitted by one ask start the next one's fit.)
 propose(N, #{impl := {builtin, Alg, Warm}, dims := Dims, told := Told, pending := Pend,
              cfg := #{seed := Seed, budget := B}} = St) ->
-    case dspex_nif:opt_ask(Alg, Dims, lists:reverse(Told), maps:values(Pend), Seed, N, B, Warm) of
+    %% start/3 keeps spaces within the kernels' bounds; a refusal all the same fails this ask, not the run
+    case catch_badarg(fun() -> dspex_nif:opt_ask(Alg, Dims, lists:reverse(Told), maps:values(Pend), Seed, N, B, Warm) end) of
         {ok, Point, Fitted} ->
             Warm1 = case Fitted of undefined -> Warm; _ -> Fitted end,
             {ok, [case K of 0 -> U; _ -> round(U) end || {K, U} <- lists:zip(Dims, Point)],
@@ -440,12 +507,26 @@ propose(N, #{impl := {plugin, Mod, PS}, space := Space} = St) ->
     catch C:R -> {error, {algorithm_failed, {C, R}}}
     end.
 
+catch_badarg(F) ->
+    try F()
+    catch error:badarg -> {error, {algorithm_failed, badarg}}
+    end.
+
 result({failed, Reason}) -> {ok, failed, undefined, Reason};
-result(S) when is_number(S) ->
-    F = float(S),
-    %% a float out of range cannot be built; every Erlang float is finite
-    {ok, F, F, undefined};
-result(_) -> error.
+result(S) ->
+    case score(S) of
+        {ok, F} -> {ok, F, F, undefined};
+        error -> error
+    end.
+
+%% A score as a float: every Erlang float is finite, but an integer past the float range (a bignum of
+%% over 1024 bits) has none and is no score.
+score(S) when is_float(S) -> {ok, S};
+score(S) when is_integer(S) ->
+    try {ok, float(S)}
+    catch error:badarg -> error
+    end;
+score(_) -> error.
 
 record(Id, T, Y0, Score, Reason, #{cfg := #{direction := Dir}, told := Told, ntold := NT, pending := Pend,
                                    trials := Ts, locks := Locks} = St) ->
@@ -509,7 +590,9 @@ feed_performance(#{best := {_, Best}, told := Told, cfg := Cfg, space := Space, 
                                undefined -> {S, lists:sort(dspex_opt_space:names(Space))};
                                K -> K
                            end,
-                     dspex_opt_registry:problem_regret(Key, Best, Ys);
+                     %% the best is kept minimised (a maximising run's negated): runs of the same
+                     %% problem in the other direction have another best
+                     dspex_opt_registry:problem_regret({Key, maps:get(direction, Cfg)}, Best, Ys);
                  Opt0 ->
                      Opt = case maps:get(direction, Cfg) of minimize -> Opt0; maximize -> -Opt0 end,
                      dspex_opt_registry:regret(Best, Opt, Ys)

@@ -71,10 +71,14 @@ all() ->
 %% space: `{error, {invalid_plugin, Why}}'.
 -spec register(map()) -> ok | {error, term()}.
 register(#{id := Id, module := Mod} = Spec) when is_atom(Mod) ->
-    Caps = maps:merge(#{spaces => [continuous, discrete, mixed], noisy => false, max_dims => 64,
-                        min_budget => 1, max_budget => infinity, cost => linear},
-                      maps:get(capabilities, Spec, #{})),
-    case lookup(Id) of
+    Given = maps:get(capabilities, Spec, #{}),
+    Caps = case is_map(Given) of
+               true -> maps:merge(#{spaces => [continuous, discrete, mixed], noisy => false, max_dims => 64,
+                                    min_budget => 1, max_budget => infinity, cost => linear}, Given);
+               false -> Given
+           end,
+    case check_caps(Caps) =:= ok andalso lookup(Id) of
+        false -> {error, {invalid_argument, capabilities}};
         error ->
             case validate_plugin(Mod) of
                 ok ->
@@ -88,6 +92,18 @@ register(#{id := Id, module := Mod} = Spec) when is_atom(Mod) ->
     end;
 register(_) ->
     {error, {invalid_argument, spec}}.
+
+%% Capabilities that selection can read (why_not/5, speed/2): a row it could not compare would make every
+%% later select/1 fail.
+check_caps(#{spaces := Sps, noisy := N, max_dims := MD, min_budget := MinB, max_budget := MaxB, cost := Cost})
+  when is_list(Sps), Sps =/= [], is_boolean(N), is_integer(MD), MD >= 1, is_integer(MinB), MinB >= 1,
+       MaxB =:= infinity orelse (is_integer(MaxB) andalso MaxB >= MinB),
+       is_atom(Cost) ->
+    case Sps -- [continuous, discrete, mixed] of
+        [] -> ok;
+        _ -> error
+    end;
+check_caps(_) -> error.
 
 validate_plugin(Mod) ->
     _ = code:ensure_loaded(Mod),
@@ -138,7 +154,13 @@ trial_loop(Mod, Space, F, S, T) ->
 %% `{Space, DimsBucket, BudgetBucket, Noisy}', buckets being the upper bounds
 %% 2, 5, 10, 20, 64 (dims) and 50, 200, 1000, 100000 (budget).
 -spec task_class(map() | class()) -> {ok, class()} | {error, term()}.
-task_class({Sp, D, B, N} = C) when is_atom(Sp), is_integer(D), is_integer(B), is_boolean(N) -> {ok, C};
+task_class({Sp, D, B, N} = C)
+  when (Sp =:= continuous orelse Sp =:= discrete orelse Sp =:= mixed), is_integer(D), is_integer(B), is_boolean(N) ->
+    %% a class is what a request maps to (its buckets): any other tuple could never be selected from
+    case task_class(#{space => Sp, dims => D, budget => B, noisy => N}) of
+        {ok, C} -> {ok, C};
+        _ -> {error, {invalid_argument, task_class}}
+    end;
 task_class(#{space := Sp, dims := D, budget := B} = Req)
   when (Sp =:= continuous orelse Sp =:= discrete orelse Sp =:= mixed), is_integer(D), D >= 1,
        is_integer(B), B >= 1 ->
@@ -215,14 +237,18 @@ select(Req) when is_map(Req) ->
             D = maps:get(dims, Req),
             B = maps:get(budget, Req),
             Pri = maps:get(priorities, Req, #{}),
-            Q = maps:get(quality, Pri, 1.0),
-            S = maps:get(speed, Pri, 0.0),
+            {Q, S} = case is_map(Pri) of
+                         true -> {maps:get(quality, Pri, 1.0), maps:get(speed, Pri, 0.0)};
+                         false -> {bad, bad}
+                     end,
+            Seed = maps:get(seed, Req, undefined),
             case is_number(Q) andalso is_number(S) andalso Q >= 0 andalso S >= 0 andalso Q + S > 0 of
                 false -> {error, {invalid_argument, priorities}};
+                true when Seed =/= undefined, not is_integer(Seed) -> {error, {invalid_argument, seed}};
                 true ->
-                    Rand0 = case maps:get(seed, Req, undefined) of
+                    Rand0 = case Seed of
                                 undefined -> rand:seed_s(exsss);
-                                Seed -> rand:seed_s(exsss, Seed)
+                                _ -> rand:seed_s(exsss, Seed)
                             end,
                     {Cands, Excl} = lists:foldr(
                                       fun({Id, C}, {In, Out}) ->

@@ -129,7 +129,9 @@ decode([#{name := N, type := T, min := Lo, max := Hi, scale := Sc} | Ds], [U0 | 
     X = case Sc of
             _ when U =:= 0.0 -> Lo;
             _ when U =:= 1.0 -> Hi;
-            linear -> Lo + U * (Hi - Lo);
+            linear when Hi / 2 - Lo / 2 < 8.0e307 -> Lo + U * (Hi - Lo);
+            %% Hi - Lo would overflow (bounds near the float range's ends): a convex combination
+            linear -> Lo * (1.0 - U) + Hi * U;
             log -> math:exp(math:log(Lo) + U * (math:log(Hi) - math:log(Lo)))
         end,
     V = case T of
@@ -145,7 +147,8 @@ encode(Space, Params) ->
     [enc(D, maps:get(N, Params)) || #{name := N} = D <- Space, not maps:is_key(fixed, D)].
 
 enc(#{choices := Cs}, V) -> index(V, Cs, 0);
-enc(#{min := Lo, max := Hi, scale := linear}, V) -> clamp((V - Lo) / (Hi - Lo), 0.0, 1.0);
+%% halves: V - Lo and Hi - Lo overflow for bounds near the float range's ends
+enc(#{min := Lo, max := Hi, scale := linear}, V) -> clamp((V / 2 - Lo / 2) / (Hi / 2 - Lo / 2), 0.0, 1.0);
 enc(#{min := Lo, max := Hi, scale := log}, V) ->
     clamp((math:log(V) - math:log(Lo)) / (math:log(Hi) - math:log(Lo)), 0.0, 1.0).
 

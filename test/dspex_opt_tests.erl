@@ -51,7 +51,9 @@ opt_test_() ->
       fun run_without_owner_lives_until_idle/0, fun grpc_study_handlers/0, fun run_waiting_for_a_lock_blocks_no_other_start/0,
       fun telemetry_events/0, fun plugin_registered_and_used/0, fun bad_plugins_refused/0,
       fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
-      fun finished_runs_feed_selection/0, fun bad_options/0]}.
+      fun finished_runs_feed_selection/0, fun bad_options/0, fun spaces_past_the_kernels_bounds_refused_at_start/0,
+      fun extreme_bounds_and_scores/0, fun regret_is_kept_per_direction/0, fun bad_principal_raises_in_the_caller/0,
+      fun run_timeout_bounds_a_fun_evaluation/0, fun registry_arguments_checked/0]}.
 
 space_refuses_unsupported_and_unbounded() ->
     S = session(),
@@ -558,3 +560,118 @@ bad_options() ->
     Told = [{I, [I / 10], (I / 10 - 0.3) * (I / 10 - 0.3)} || I <- lists:seq(0, 9)],
     {ok, [_], [_, _, _] = Fitted} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, undefined),
     {ok, [_], [_, _, _]} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, Fitted).
+
+%% The kernels take at most 64 free dimensions and 4096 categories in one: more is refused by start/3
+%% (the first ask crashed the run with a NIF badarg).
+spaces_past_the_kernels_bounds_refused_at_start() ->
+    S = session(),
+    Names = [iolist_to_binary(["v", integer_to_list(I)]) || I <- lists:seq(1, 65)],
+    [{ok, _} = dspex_store:register(S, N, float, 0.5, #{constraints => #{min => 0.0, max => 1.0}}) || N <- Names],
+    Runs0 = length(dspex_opt_sup:runs()),
+    ?assertEqual({error, {too_many_dimensions, 65, 64}}, dspex_opt:start(S, Names, #{algorithm => random})),
+    {ok, R64} = dspex_opt:start(S, tl(Names), #{algorithm => random}),
+    {ok, _, P64} = dspex_opt:ask(R64),
+    ?assertEqual(64, map_size(P64)),
+    {ok, _} = dspex_opt:stop(R64, #{}),
+    Cs = [integer_to_binary(I) || I <- lists:seq(1, 4097)],
+    {ok, _} = dspex_store:register(S, wide, choice, <<"1">>, #{constraints => #{choices => Cs}}),
+    ?assertEqual({error, {too_many_choices, <<"wide">>, 4096}}, dspex_opt:start(S, [wide], #{algorithm => tpe})),
+    ?assertEqual(Runs0, length(dspex_opt_sup:runs())),
+    %% nothing locked by the refused starts
+    {ok, #{locked := false}} = dspex_locks:status(S, wide),
+    {ok, #{locked := false}} = dspex_locks:status(S, hd(Names)).
+
+%% Bounds near the float range's ends (Hi - Lo overflows) and scores that are no float (a bignum past the
+%% float range) used to crash the run process; a huge but finite score stays a score.
+extreme_bounds_and_scores() ->
+    S = session(),
+    {ok, _} = dspex_store:register(S, big, float, 0.0, #{constraints => #{min => -1.0e308, max => 1.0e308}}),
+    {ok, R} = dspex_opt:start(S, [big], #{algorithm => random, budget => 20}),
+    Vs = [begin {ok, I, #{<<"big">> := V}} = dspex_opt:ask(R), ok = dspex_opt:tell(R, I, 1.0e308), V end
+          || _ <- lists:seq(1, 5)],
+    ?assert(lists:all(fun(V) -> is_float(V) andalso V >= -1.0e308 andalso V =< 1.0e308 end, Vs)),
+    ?assert(length(lists:usort(Vs)) > 1),
+    {ok, I6, _} = dspex_opt:ask(R),
+    ?assertEqual({error, {invalid_argument, score}}, dspex_opt:tell(R, I6, 1 bsl 1100)),
+    %% the run is alive, the trial still pending, the history kept
+    ok = dspex_opt:tell(R, I6, 1 bsl 1000),
+    {ok, #{told := 6}} = dspex_opt:info(R),
+    {ok, _} = dspex_opt:stop(R, #{}),
+    {ok, R2} = dspex_opt:start(S, [x], #{algorithm => random, budget => 3}),
+    C = counters:new(1, []),
+    First = fun(_) -> counters:add(C, 1, 1), case counters:get(C, 1) of 1 -> 1 bsl 1100; _ -> 1.0 end end,
+    {ok, #{score := 1.0}} = dspex_opt:run(R2, First),
+    Ts = dspex_opt:trials(R2),
+    ?assertEqual(3, length(Ts)),
+    ?assertEqual([{not_a_score, 1 bsl 1100}], [Re || #{state := failed, reason := Re} <- Ts]),
+    {ok, _} = dspex_opt:stop(R2, #{}).
+
+%% The best score ever seen on a problem is kept per direction: a maximising run's (negated) best made the
+%% regret of a later minimising run of the same variables wrong.
+regret_is_kept_per_direction() ->
+    S = session(),
+    Scores = [float(I) || I <- lists:seq(1, 9)],
+    Run = fun(Dir) ->
+                  {ok, R} = dspex_opt:start(S, [x], #{algorithm => random, direction => Dir, budget => 9}),
+                  [begin {ok, I, _} = dspex_opt:ask(R), ok = dspex_opt:tell(R, I, Y) end || Y <- Scores],
+                  {ok, _} = dspex_opt:stop(R, #{})
+          end,
+    Key = fun(Dir) -> {{S, [<<"x">>]}, Dir} end,
+    Run(minimize),
+    ?assertEqual(0.0, dspex_opt_registry:problem_regret(Key(minimize), 1.0, Scores)),
+    Run(maximize),
+    Run(minimize),
+    %% the minimising runs' best (1.0) is still the problem's best known value: regret 0
+    ?assertEqual(0.0, dspex_opt_registry:problem_regret(Key(minimize), 1.0, Scores)),
+    ?assertEqual(0.0, dspex_opt_registry:problem_regret(Key(maximize), -9.0, [-Y || Y <- Scores])).
+
+%% A principal that does not parse raises badarg in the caller (as every call that takes one does); it
+%% crashed the run process and was reported as run_not_found.
+bad_principal_raises_in_the_caller() ->
+    S = session(),
+    Runs0 = dspex_opt_sup:runs(),
+    ?assertError(badarg, dspex_opt:start(S, [x], #{as => "other"})),
+    ?assertError(badarg, dspex_opt:start(S, [x], #{context => foo})),
+    ?assertError(badarg, dspex_opt:start(S, [x], #{lock => #{as => "other"}})),
+    ?assertEqual(Runs0, dspex_opt_sup:runs()),
+    {ok, R} = dspex_opt:start(S, [x], #{}),
+    ?assertEqual({error, {invalid_argument, options}}, dspex_opt:stop(R, foo)),
+    ?assertEqual({error, {invalid_argument, options}}, dspex_opt:run(R, fun(_) -> 1.0 end, foo)),
+    {ok, _} = dspex_opt:stop(R, #{}).
+
+%% run/3's `timeout' bounds a fun's evaluation too (it applied to pools only): the evaluation is killed
+%% and its trial fails with `timeout'.
+run_timeout_bounds_a_fun_evaluation() ->
+    S = session(),
+    {ok, R} = dspex_opt:start(S, [x], #{algorithm => random, budget => 3}),
+    Self = self(),
+    Hang = fun(_) -> Self ! {evaluating, self()}, receive never -> 1.0 end end,
+    ?assertEqual({error, no_trials}, dspex_opt:run(R, Hang, #{timeout => 20, parallel => 2})),
+    Ts = dspex_opt:trials(R),
+    ?assertEqual([failed, failed, failed], [St || #{state := St} <- Ts]),
+    ?assertEqual([timeout, timeout, timeout], [Re || #{reason := Re} <- Ts]),
+    %% every evaluation process was killed (by this process, which run/3 runs in: its exit signals are
+    %% delivered before is_process_alive/1 looks)
+    Pids = [receive {evaluating, P} -> P end || _ <- Ts],
+    ?assertEqual([false, false, false], [is_process_alive(P) || P <- Pids]),
+    ?assertEqual({error, {invalid_argument, run}}, dspex_opt:run(R, Hang, #{timeout => 1 bsl 32})),
+    {ok, _} = dspex_opt:stop(R, #{}).
+
+registry_arguments_checked() ->
+    Req = #{space => continuous, dims => 2, budget => 10},
+    ?assertEqual({error, {invalid_argument, seed}}, dspex_opt:select_algorithm(Req#{seed => foo})),
+    ?assertEqual({error, {invalid_argument, seed}}, dspex_opt:select_algorithm(Req#{seed => 1.5})),
+    {ok, _, _} = dspex_opt:select_algorithm(Req#{seed => 3}),
+    ?assertEqual({error, {invalid_argument, priorities}}, dspex_opt:select_algorithm(Req#{priorities => foo})),
+    ?assertEqual({error, {invalid_argument, capabilities}},
+                 dspex_opt:register_algorithm(#{id => capfoo, module => dspex_opt_test_plugin, capabilities => foo})),
+    ?assertEqual({error, {invalid_argument, capabilities}},
+                 dspex_opt:register_algorithm(#{id => capfoo, module => dspex_opt_test_plugin,
+                                                capabilities => #{max_dims => foo, noisy => 7, spaces => foo}})),
+    ?assertEqual({error, {invalid_argument, capabilities}},
+                 dspex_opt:register_algorithm(#{id => capfoo, module => dspex_opt_test_plugin,
+                                                capabilities => #{spaces => [continuous, nope]}})),
+    ?assertEqual(error, dspex_opt_registry:lookup(capfoo)),
+    ?assertEqual({error, {invalid_argument, task_class}}, dspex_opt:record_performance(tpe, {foo, -5, 0, true}, 0.2)),
+    ?assertEqual({error, {invalid_argument, task_class}}, dspex_opt:record_performance(tpe, {continuous, 3, 7, false}, 0.2)),
+    ok = dspex_opt:record_performance(tpe, {continuous, 5, 50, false}, 0.2).

@@ -439,16 +439,21 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
         memcpy(X + (ntold + i) * d, h->px + i * (size_t)d, d * sizeof *X);
         Y[ntold + i] = ymin;
     }
+    /* scores near the float range's ends (|y| > 1e150) are scaled down first: their sum, differences and
+     * squares would overflow, making every standardised Y and expected improvement NaN */
+    double big = 0;
+    for (int i = 0; i < n; i++) big = fmax(big, fabs(Y[i]));
+    double scale = big > 1e150 ? big : 1.0;
     double mean = 0, var = 0;
-    for (int i = 0; i < n; i++) mean += Y[i];
+    for (int i = 0; i < n; i++) mean += Y[i] / scale;
     mean /= n;
-    for (int i = 0; i < n; i++) var += (Y[i] - mean) * (Y[i] - mean);
+    for (int i = 0; i < n; i++) var += (Y[i] / scale - mean) * (Y[i] / scale - mean);
     double sd = sqrt(var / n);
     if (!(sd > 0)) sd = 1.0;
     double fbest = INFINITY;
     int ibest = 0;
     for (int i = 0; i < n; i++) {
-        Y[i] = (Y[i] - mean) / sd;
+        Y[i] = (Y[i] / scale - mean) / sd;
         if (Y[i] < fbest) {
             fbest = Y[i];
             ibest = i;
@@ -492,6 +497,9 @@ int dx_opt_ask_bo(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, u
     double *RC = mem + n_mem;
     double *RV = RC + (size_t)N_RANDOM * d, *Rmu = RV + (size_t)n * N_RANDOM, *Re = Rmu + N_RANDOM;
     for (int c = 0; c < N_RANDOM; c++) dx_opt_random_point(sp, &r, RC + (size_t)c * d);
+    /* the answer when no expected improvement compares (all NaN): the first random candidate, never the
+     * scratch block's leftovers */
+    memcpy(bestc, RC, d * sizeof *bestc);
     ei_batch(&g, th, RC, N_RANDOM, fbest, RV, Rmu, Re);
     for (int c = 0; c < N_RANDOM; c++)
         if (Re[c] > best) {

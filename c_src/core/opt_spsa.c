@@ -26,6 +26,14 @@ static double dec(const dx_opt_space *sp, int j, double u) {
     return c > k - 1 ? k - 1 : c;
 }
 
+/* A gradient estimate's component, at most 1e150 in magnitude: scores near the float range's ends make
+ * (y+ - y-) / dx infinite, and a square of it (the norms, Adam's second moment) too, which turned the state
+ * into NaN for the rest of the run. Both variants normalise their steps, so the clip keeps the direction. */
+static double clip(double g) {
+    if (isnan(g)) return 0.0;
+    return g > 1e150 ? 1e150 : g < -1e150 ? -1e150 : g;
+}
+
 static double ck(uint64_t k) { return 0.1 / pow((double)k + 1.0, 0.101); }
 
 static void delta(uint64_t seed, uint64_t k, int d, double *D) {
@@ -67,7 +75,7 @@ int dx_opt_ask_spsa(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed,
         double gn = 0;
         for (int j = 0; j < d; j++) {
             double dx = enc(sp, j, h->x[ip * (size_t)d + j]) - enc(sp, j, h->x[im * (size_t)d + j]);
-            gr[j] = isfinite(yp) && isfinite(ym) && fabs(dx) > 1e-12 ? (yp - ym) / dx : 0.0;
+            gr[j] = isfinite(yp) && isfinite(ym) && fabs(dx) > 1e-12 ? clip(isfinite(yp - ym) ? (yp - ym) / dx : (yp / 2 - ym / 2) / dx * 2) : 0.0;
             gn += gr[j] * gr[j];
         }
         double prog = fmin(1.0, 2.0 * (double)k / budget);

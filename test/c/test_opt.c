@@ -350,6 +350,31 @@ static void test_failed_trials(void **st) {
     }
 }
 
+/* scores near the float range's end: BO's standardisation overflowed (every expected improvement NaN) and
+ * its answer came from the scratch block's leftovers, so two identical runs differed after another run used
+ * that block; SPSA's gradient became infinite, then NaN, and every later ask was the same point */
+static double huge_scores(const double *u, uint64_t t) { return 1e308 * (1.0 - (double)(t % 3) / 3.0) + u[0]; }
+static double huge_first(const double *u, uint64_t t) { return t == 0 ? 1e308 : sphere5(u, t); }
+static void test_huge_scores(void **st) {
+    run_result r1 = drive(DX_OPT_BO, &sp_num2, huge_scores, 20, 3, 1);
+    (void)best_of(DX_OPT_BO, &sp_num5, sphere5, 30, 9, 1); /* another run reuses (and rewrites) the scratch block */
+    run_result r2 = drive(DX_OPT_BO, &sp_num2, huge_scores, 20, 3, 1);
+    assert_memory_equal(r1.asks, r2.asks, 20 * 2 * sizeof(double));
+    free(r1.asks);
+    free(r2.asks);
+    for (int a = DX_OPT_SPSA_MOMENTUM; a <= DX_OPT_SPSA_ADAM; a++) {
+        run_result r = drive((dx_opt_alg)a, &sp_num5, huge_first, 40, 1, 1);
+        int distinct = 0;
+        for (int t = 2; t < 40; t++) {
+            int seen = 0;
+            for (int u = 2; u < t && !seen; u++) seen = !memcmp(r.asks + t * 5, r.asks + u * 5, 5 * sizeof(double));
+            distinct += !seen;
+        }
+        assert_true(distinct >= 30);
+        free(r.asks);
+    }
+}
+
 static void test_invalid_input_refused(void **st) {
     double out[4], x[4] = {0, 0, 0.5, 1.5}, y[1] = {1.0};
     uint64_t tid[1] = {0};
@@ -402,6 +427,7 @@ int main(void) {
         cmocka_unit_test(test_same_seed_same_asks_other_seed_other_asks),
         cmocka_unit_test(test_parallel_asks),
         cmocka_unit_test(test_failed_trials),
+        cmocka_unit_test(test_huge_scores),
         cmocka_unit_test(test_invalid_input_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
