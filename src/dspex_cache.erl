@@ -77,7 +77,8 @@
 %% In the cluster configuration: `cache => #{mode => owner | cached | strong,
 %% max_staleness_ms => 100, strong => false, value_max_bytes => 1024,
 %% max_bytes => 64 MiB}' (`mode' default `owner': every read routed to the
-%% owner, as without a cache).
+%% owner, as without a cache; `max_staleness_ms' at most 86 400 000,
+%% `max_staleness_limit/0').
 %% `max_bytes' (or the application environment `cache_max_bytes') bounds the
 %% cached copies of a node, measured as the external size of the copies
 %% imported; past it sessions are evicted by a clock (second-chance) sweep.
@@ -93,6 +94,7 @@
 -behaviour(gen_server).
 
 -export([start_link/0, get/3, get_value/3, read/5, warm/1, stats/0, reset_stats/0, mode/0, max_staleness_ms/0, read_defaults/0,
+         max_staleness_limit/0, max_bytes_config/1,
          cache_id/1, is_cache_id/1, committed/3, fill_here/3, version_here/3, seen/2, wrote/1,
          drop/1, cached_sessions/0, entry/1, clock/0, prometheus/0, tables/0, strong_enabled/0,
          committed/4, before_commit/2, after_commit/1, took_over/1,
@@ -114,6 +116,10 @@
 -define(PREFIX, "\0cache:").
 -define(SAMPLES, 4096).
 -define(CALL_TIMEOUT, 10000).
+%% The largest `max_staleness_ms' (one day): its ns (lease deadlines, the
+%% NIF's freshness check) and perf_counter ticks stay far inside 64 bits, and
+%% its ms inside an Erlang timeout.
+-define(MAX_STALENESS_MS, 86400000).
 
 %% counter indexes
 -define(HIT, 1).   % unused: hits are counted by the NIF (dspex_nif:cache_hits/1)
@@ -129,7 +135,7 @@
 -define(NCTRS, 10).
 
 -type mode() :: owner | cached | strong.
--type opts() :: #{read => mode(), max_staleness_ms => non_neg_integer()}.
+-type opts() :: #{read => mode(), max_staleness_ms => non_neg_integer(), as => binary(), context => map()}.
 -export_type([mode/0, opts/0]).
 
 %%% configuration -------------------------------------------------------------
@@ -167,12 +173,31 @@ read_defaults() -> persistent_term:get(?MODE, {owner, 100}).
 -spec max_staleness_ms() -> non_neg_integer().
 max_staleness_ms() -> element(2, persistent_term:get(?MODE, {owner, 100})).
 
+%% @doc The largest `max_staleness_ms' accepted, configured or per call
+%% (86 400 000, one day); above it `{invalid_argument, max_staleness_ms}'.
+-spec max_staleness_limit() -> pos_integer().
+max_staleness_limit() -> ?MAX_STALENESS_MS.
+
+%% @doc The byte bound of the copies from the `cache' map of the cluster
+%% configuration: its `max_bytes', else the application environment
+%% `cache_max_bytes', else 64 MiB. `{error, {invalid_argument, Key}}' when
+%% the one set is not a non-negative integer (the environment is checked
+%% whenever it is set).
+-spec max_bytes_config(map()) -> {ok, non_neg_integer()} | {error, {invalid_argument, term()}}.
+max_bytes_config(C) ->
+    Env = application:get_env(dspex_bridge, cache_max_bytes, 64 * 1024 * 1024),
+    case maps:get(max_bytes, C, Env) of
+        _ when not is_integer(Env); Env < 0 -> {error, {invalid_argument, cache_max_bytes}};
+        Max when is_integer(Max), Max >= 0 -> {ok, Max};
+        _ -> {error, {invalid_argument, {cache, max_bytes}}}
+    end.
+
 %% @doc The NIF session id of the cached copy of `Session'.
 -spec cache_id(binary()) -> binary().
 cache_id(S) -> <<?PREFIX, S/binary>>.
 
 %% @doc Whether a NIF session id is a cached copy's.
--spec is_cache_id(binary()) -> boolean().
+-spec is_cache_id(term()) -> boolean().
 is_cache_id(<<?PREFIX, _/binary>>) -> true;
 is_cache_id(_) -> false.
 
@@ -184,20 +209,30 @@ is_cache_id(_) -> false.
 get(S, K, Opts) when is_map(Opts) ->
     dspex_store:get(S, K, Opts#{read => maps:get(read, Opts, mode())}).
 
-%% @doc `dspex_store:get_value/2' with a read mode (as `get/3').
+%% @doc `dspex_store:get_value/2' with a read mode and the other options of
+%% `dspex_store:get/3' (as `get/3'): with `as' or `context' it is that read
+%% (access rules checked on the owner), its value only.
 -spec get_value(binary(), dspex_store:var_key(), opts()) -> {ok, dspex_store:value()} | {error, term()}.
 get_value(S, K, Opts) when is_map(Opts) ->
-    case {maps:get(read, Opts, mode()), maps:get(max_staleness_ms, Opts, max_staleness_ms())} of
-        {strong, _} ->
-            case strong_enabled() of
-                true -> dspex_store:get_value_mode(S, K, cached, strong);
-                false -> {error, {invalid_argument, read}}
+    case maps:without([read, max_staleness_ms], Opts) of
+        Rest when map_size(Rest) > 0 ->
+            case get(S, K, Opts) of
+                {ok, #{value := V}} -> {ok, V};
+                Other -> Other
             end;
-        {M, Max} when (M =:= owner orelse M =:= cached), is_integer(Max), Max >= 0 ->
-            dspex_store:get_value_mode(S, K, M, Max);
-        {M, _} when M =/= owner, M =/= cached -> {error, {invalid_argument, read}};
-        _ -> {error, {invalid_argument, max_staleness_ms}}
+        _ -> mode_get_value(S, K, maps:get(read, Opts, mode()), maps:get(max_staleness_ms, Opts, max_staleness_ms()))
     end.
+
+mode_get_value(S, K, strong, Max) ->
+    case strong_enabled() of
+        false -> {error, {invalid_argument, read}};
+        true when is_integer(Max), Max >= 0, Max =< ?MAX_STALENESS_MS -> dspex_store:get_value_mode(S, K, cached, strong);
+        true -> {error, {invalid_argument, max_staleness_ms}}
+    end;
+mode_get_value(_S, _K, M, _Max) when M =/= owner, M =/= cached -> {error, {invalid_argument, read}};
+mode_get_value(S, K, M, Max) when is_integer(Max), Max >= 0, Max =< ?MAX_STALENESS_MS ->
+    dspex_store:get_value_mode(S, K, M, Max);
+mode_get_value(_, _, _, _) -> {error, {invalid_argument, max_staleness_ms}}.
 
 %% @doc The slow path of a cached read of session `S' (the hit path is one
 %% NIF call, `dspex_nif:cache_get/3', made by `dspex_store'): `Why' is what
@@ -665,9 +700,14 @@ drop(S) ->
     catch exit:{noproc, _} -> ok   % no cache server: no copy either
     end.
 
-%% @doc Sessions cached on this node.
--spec cached_sessions() -> [binary()].
-cached_sessions() -> [S || {S, _, _, _, _, _} <- ets:tab2list(?TAB)].
+%% @doc Sessions cached on this node (`{error, not_clustered}' without a
+%% cluster, as `stats/0').
+-spec cached_sessions() -> [binary()] | {error, not_clustered}.
+cached_sessions() ->
+    case ets:whereis(?TAB) of
+        undefined -> {error, not_clustered};
+        _ -> [S || {S, _, _, _, _, _} <- ets:tab2list(?TAB)]
+    end.
 
 %% @doc This node's cached copy of `S': its owner's version (`epoch', `seq'),
 %% `owner', `bytes', and its freshness as the NIF checks it: `filled_at' (fill
@@ -709,9 +749,13 @@ stats() ->
     catch exit:{noproc, _} -> {error, not_clustered}
     end.
 
-%% @doc Zeroes the counters and delay samples.
--spec reset_stats() -> ok.
-reset_stats() -> gen_server:call(?MODULE, reset_stats, ?CALL_TIMEOUT).
+%% @doc Zeroes the counters and delay samples (`{error, not_clustered}'
+%% without a cluster, as `stats/0').
+-spec reset_stats() -> ok | {error, not_clustered}.
+reset_stats() ->
+    try gen_server:call(?MODULE, reset_stats, ?CALL_TIMEOUT)
+    catch exit:{noproc, _} -> {error, not_clustered}
+    end.
 
 %% @doc The Prometheus exposition of `stats/0' (empty without a cluster).
 -spec prometheus() -> iodata().
@@ -759,7 +803,8 @@ init([]) ->
             {ok, #{cache := M}} when is_map(M) -> M;
             _ -> #{}
         end,
-    Max = maps:get(max_bytes, C, application:get_env(dspex_bridge, cache_max_bytes, 64 * 1024 * 1024)),
+    %% checked by dspex_cluster_sup before this server starts
+    {ok, Max} = max_bytes_config(C),
     persistent_term:put(?CONF, #{mode => maps:get(mode, C, owner),
                                  max_staleness_ms => maps:get(max_staleness_ms, C, 100),
                                  max_bytes => Max, value_max_bytes => maps:get(value_max_bytes, C, 1024)}),

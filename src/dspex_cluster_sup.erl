@@ -84,19 +84,24 @@ init([]) ->
             {ok, {#{strategy => one_for_all, intensity => 5, period => 10}, Children}}
     end.
 
-%% The `cache' map of the configuration (see dspex_cache).
+%% The `cache' map of the configuration (see dspex_cache), with the
+%% application environment's `cache_max_bytes'.
 cache_config(Cache) when is_map(Cache) ->
     Mode = maps:get(mode, Cache, owner),
     Stale = maps:get(max_staleness_ms, Cache, 100),
-    Max = maps:get(max_bytes, Cache, 0),
     Strong = maps:get(strong, Cache, false),
     ValueMax = maps:get(value_max_bytes, Cache, 1024),
+    Limit = dspex_cache:max_staleness_limit(),
     if
         Mode =/= owner, Mode =/= cached, Mode =/= strong -> {error, {invalid_argument, {cache, mode}}};
         not is_boolean(Strong) -> {error, {invalid_argument, {cache, strong}}};
-        not is_integer(Stale) orelse Stale < 0 -> {error, {invalid_argument, {cache, max_staleness_ms}}};
-        not is_integer(Max) orelse Max < 0 -> {error, {invalid_argument, {cache, max_bytes}}};
+        not is_integer(Stale) orelse Stale < 0 orelse Stale > Limit ->
+            {error, {invalid_argument, {cache, max_staleness_ms}}};
         not is_integer(ValueMax) orelse ValueMax < 0 -> {error, {invalid_argument, {cache, value_max_bytes}}};
-        true -> ok
+        true ->
+            case dspex_cache:max_bytes_config(Cache) of
+                {ok, _} -> ok;
+                {error, _} = E -> E
+            end
     end;
 cache_config(_) -> {error, {invalid_argument, cache}}.

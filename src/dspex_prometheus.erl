@@ -17,7 +17,7 @@
 
 -include_lib("inets/include/httpd.hrl").
 
--export([start_link/0, port/0, render/0, do/1]).
+-export([start_link/0, port/0, render/0, do/1, escape/1]).
 -export([init/1, handle_call/3, handle_cast/2, terminate/2]).
 
 -define(QUANTILES, [{p50, "0.5"}, {p90, "0.9"}, {p95, "0.95"}, {p99, "0.99"}]).
@@ -145,6 +145,9 @@ label_value(V) when is_binary(V) -> V;
 label_value(V) when is_integer(V) -> integer_to_binary(V);
 label_value(V) when is_float(V) -> float_to_binary(V, [short]).
 
+%% @doc A label value escaped for the text exposition format (backslash,
+%% double quote and newline), so that no value can end its label or line.
+-spec escape(binary()) -> binary().
 escape(B) -> binary:replace(binary:replace(binary:replace(B, <<"\\">>, <<"\\\\">>, [global]),
                                            <<"\"">>, <<"\\\"">>, [global]),
                             <<"\n">>, <<"\\n">>, [global]).

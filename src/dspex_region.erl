@@ -20,7 +20,7 @@
 %% #{name => <<"eu">>, coords => {Lat, Lon},
 %%   listen => {{127,0,0,1}, Port},            % Port 0 picks one: gateway_port/0
 %%   peers => [#{name => <<"us">>, gateway => {Host, Port}, coords => {Lat, Lon}}],
-%%   weights => #{<<"us">> => 2.0},            % cost multiplier per region (default 1.0)
+%%   weights => #{<<"us">> => 2.0},            % cost multiplier per region, 0.001..1000 (default 1.0)
 %%   tls => #{certfile => F, keyfile => F, cacertfile => F},   % mutual TLS (optional)
 %%   probe_ms => 1000,                         % one RTT probe per link per period
 %%   window => 64,                             % samples for p50/p99
@@ -83,6 +83,13 @@
 
 -define(LINKS, dspex_region_links).
 -define(SESSIONS, dspex_region_sessions).
+%% Every *_ms setting is used as an Erlang timer or call timeout: below 2^32.
+-define(MAX_MS, 4294967295).
+%% The range of a weight (cost multiplier).
+-define(MIN_WEIGHT, 0.001).
+-define(MAX_WEIGHT, 1000).
+%% A score that does not fit a float sorts as this (after every finite one).
+-define(MAX_COST, 1.0e300).
 
 %%% configuration ------------------------------------------------------------
 
@@ -110,6 +117,7 @@ normalise(C) ->
     Coords = coords(maps:get(coords, C, undefined), coords),
     Listen = case maps:get(listen, C, undefined) of
                  {IP, Port} when is_tuple(IP), is_integer(Port), Port >= 0, Port < 65536 ->
+                     address(IP, listen),
                      Tls =/= undefined orelse loopback(IP, listen) orelse throw({listen, not_loopback}),
                      {IP, Port};
                  _ -> throw({listen, bad_address})
@@ -122,32 +130,32 @@ normalise(C) ->
     length(lists:usort(Names)) =:= length(Names) orelse throw({peers, duplicate_name}),
     Weights = case maps:get(weights, C, #{}) of
                   W when is_map(W) ->
-                      maps:foreach(fun(K, V) when is_binary(K), is_number(V), V > 0 -> ok;
+                      maps:foreach(fun(K, V) when is_binary(K), is_number(V), V >= ?MIN_WEIGHT, V =< ?MAX_WEIGHT -> ok;
                                       (K, _) -> throw({weights, K})
                                    end, W),
                       W;
                   _ -> throw({weights, not_a_map})
               end,
-    Probe = pos_int(maps:get(probe_ms, C, 1000), probe_ms),
+    Probe = ms(maps:get(probe_ms, C, 1000), probe_ms),
     Window = pos_int(maps:get(window, C, 64), window),
     Alpha = case maps:get(ewma_alpha, C, 0.2) of
                 A when is_number(A), A > 0, A =< 1 -> A;
                 _ -> throw(ewma_alpha)
             end,
-    Down = pos_int(maps:get(down_after_ms, C, max(1000, 3 * Probe)), down_after_ms),
-    BMin = pos_int(maps:get(backoff_min_ms, C, 100), backoff_min_ms),
-    BMax = pos_int(maps:get(backoff_max_ms, C, 5000), backoff_max_ms),
+    Down = ms(maps:get(down_after_ms, C, min(?MAX_MS, max(1000, 3 * Probe))), down_after_ms),
+    BMin = ms(maps:get(backoff_min_ms, C, 100), backoff_min_ms),
+    BMax = ms(maps:get(backoff_max_ms, C, 5000), backoff_max_ms),
     BMax >= BMin orelse throw(backoff_max_ms),
     Repl = case maps:get(replication, C, async_primary_backup) of
                M when M =:= async_primary_backup; M =:= sync_all -> M;
                _ -> throw(replication)
            end,
-    #{replication => Repl, sync_timeout_ms => pos_int(maps:get(sync_timeout_ms, C, 5000), sync_timeout_ms),
+    #{replication => Repl, sync_timeout_ms => ms(maps:get(sync_timeout_ms, C, 5000), sync_timeout_ms),
       repl_window => pos_int(maps:get(repl_window, C, 32), repl_window),
       repl_batch_max => pos_int(maps:get(repl_batch_max, C, 1000), repl_batch_max),
       repl_max_pending => pos_int(maps:get(repl_max_pending, C, 100000), repl_max_pending),
       region_failover_ms => case maps:get(region_failover_ms, C, 0) of
-                                F when is_integer(F), F >= 0 -> F;
+                                F when is_integer(F), F >= 0, F =< ?MAX_MS -> F;
                                 _ -> throw(region_failover_ms)
                             end,
       name => Name, coords => Coords, listen => Listen, peers => Peers, weights => Weights, tls => Tls,
@@ -158,6 +166,7 @@ peer(#{} = P, Tls) ->
     Name = name(maps:get(name, P, undefined), {peer, name}),
     Gateway = case maps:get(gateway, P, undefined) of
                   {Host, Port} when is_integer(Port), Port > 0, Port < 65536 ->
+                      address(Host, {peer, Name}),
                       Tls =/= undefined orelse loopback(Host, {peer, Name}) orelse throw({{peer, Name}, not_loopback}),
                       {Host, Port};
                   _ -> throw({{peer, Name}, bad_gateway})
@@ -170,7 +179,16 @@ file_option(K, F) when is_list(F); is_binary(F) ->
     unicode:characters_to_list(F);
 file_option(K, _) -> throw({tls, {no_file, K}}).
 
-name(N, _) when is_binary(N), byte_size(N) > 0, byte_size(N) =< 255 -> N;
+%% Printable UTF-8: a name is a label value of the Prometheus exposition
+%% and a field of log lines.
+name(N, Key) when is_binary(N), byte_size(N) > 0, byte_size(N) =< 255 ->
+    case unicode:characters_to_list(N, utf8) of
+        L when is_list(L) ->
+            lists:all(fun(Ch) -> Ch >= 32 andalso not (Ch >= 127 andalso Ch < 160) end, L)
+                orelse throw({Key, bad_name}),
+            N;
+        _ -> throw({Key, bad_name})
+    end;
 name(_, Key) -> throw({Key, bad_name}).
 
 coords({Lat, Lon}, _) when is_number(Lat), is_number(Lon), Lat >= -90, Lat =< 90, Lon >= -180, Lon =< 180 ->
@@ -179,6 +197,23 @@ coords(_, Key) -> throw({Key, bad_coords}).
 
 pos_int(N, _) when is_integer(N), N > 0 -> N;
 pos_int(_, Key) -> throw(Key).
+
+%% A period or timeout: a timer (send_after) or call takes at most ?MAX_MS.
+ms(N, _) when is_integer(N), N > 0, N =< ?MAX_MS -> N;
+ms(_, Key) -> throw(Key).
+
+%% An address tuple of integer octets (words for IPv6) in range, which
+%% loopback/2 and the socket options take as given; names and strings as is.
+address(T, Key) when is_tuple(T) ->
+    Max = case tuple_size(T) of
+              4 -> 255;
+              8 -> 65535;
+              _ -> throw({Key, bad_address})
+          end,
+    lists:all(fun(X) -> is_integer(X) andalso X >= 0 andalso X =< Max end, tuple_to_list(T))
+        orelse throw({Key, bad_address}),
+    ok;
+address(_, _) -> ok.
 
 %% Plain TCP is for loopback only: a host name must resolve to a loopback address.
 loopback({127, _, _, _}, _) -> true;
@@ -213,7 +248,9 @@ loopback(_, Key) -> throw({Key, bad_address}).
 %% the loss of the node that made it (the session's next owner holds it).
 %% A session not decided yet whose owner cannot be reached: the routing's
 %% `{error, {unavailable, Why}}' or `{error, {retry, Why}}' (see dspex_cluster).
-%% `{error, not_running}' when no region is configured.
+%% `{error, not_running}' when no region is configured. A session not
+%% decided yet whose id the store refuses: the store's error
+%% (`dspex_store:check_session_id/1'), nothing recorded.
 -spec route_session(binary(), #{client_location => coords()}) -> decision() | {error, term()}.
 route_session(Session, Opts) when is_binary(Session), is_map(Opts) ->
     case maps:get(client_location, Opts, none) of
@@ -228,15 +265,23 @@ route_session(_, _) -> {error, {invalid_argument, session}}.
 route(Session, Opts) ->
     case recorded(Session) of
         {ok, D} -> D;
-        Other when Other =:= none; Other =:= unhealthy ->
-            %% in a region of several nodes the session's owner in the
-            %% region's cluster decides (dspex_cluster routing, class call)
-            case multi_node() of
-                true -> dspex_cluster:route(Session, {?MODULE, route_owned}, [Session, Opts],
-                                            fun() -> route_owned(Session, Opts) end);
-                false -> decide_here(Session, Opts)
+        none ->
+            %% no decision for an id the store would refuse (never cleaned up)
+            case dspex_store:check_session_id(Session) of
+                ok -> route_new(Session, Opts);
+                {error, _} = E -> E
             end;
+        unhealthy -> route_new(Session, Opts);
         {error, _} = E -> E
+    end.
+
+%% in a region of several nodes the session's owner in the region's
+%% cluster decides (dspex_cluster routing, class call)
+route_new(Session, Opts) ->
+    case multi_node() of
+        true -> dspex_cluster:route(Session, {?MODULE, route_owned}, [Session, Opts],
+                                    fun() -> route_owned(Session, Opts) end);
+        false -> decide_here(Session, Opts)
     end.
 
 decide_here(Session, Opts) ->
@@ -464,7 +509,8 @@ get(_, _, _) -> {error, {invalid_argument, session}}.
 %% under way: the copy is sent again until it is through, writes stay
 %% refused here); `{error, {not_primary, Region}}', `{error, {not_routed,
 %% Session}}', `{error, {region_unavailable, Region}}' (link down, or
-%% this region), `{error, not_running}'.
+%% this region, or the shipper died during the call: the move stays
+%% recorded), `{error, not_running}'.
 -spec move_session(binary(), region()) -> ok | {error, term()}.
 move_session(Session, Region) when is_binary(Session), is_binary(Region) ->
     case multi_node() of
@@ -479,13 +525,19 @@ move_session(_, _) -> {error, {invalid_argument, session}}.
 %% and the move reach the region's other live nodes before the copy leaves.
 -spec move_owned(binary(), region()) -> ok | {error, term()}.
 move_owned(Session, Region) ->
-    try gen_server:call(?MODULE, {move, Session, Region}) of
-        {ok, _New} ->
-            share(Session),
-            Timeout = maps:get(sync_timeout_ms, persistent_term:get({?MODULE, config})),
-            dspex_region_shipper:move(Session, Region, Timeout);
-        {error, _} = E -> E
-    catch exit:{noproc, _} -> {error, not_running}
+    %% read before the move is recorded: a call that cannot wait for the
+    %% copy must not leave the session unwritable here
+    case persistent_term:get({?MODULE, config}, undefined) of
+        #{sync_timeout_ms := Timeout} when is_integer(Timeout), Timeout > 0, Timeout =< ?MAX_MS ->
+            try gen_server:call(?MODULE, {move, Session, Region}) of
+                {ok, _New} ->
+                    share(Session),
+                    dspex_region_shipper:move(Session, Region, Timeout);
+                {error, _} = E -> E
+            catch exit:{noproc, _} -> {error, not_running}
+            end;
+        undefined -> {error, not_running};
+        _ -> {error, {invalid_argument, sync_timeout_ms}}
     end.
 
 %% @private The region `Session' was moved to from this one, or `undefined'.
@@ -616,9 +668,10 @@ gateway_port() -> dspex_region_gateway:port().
 prometheus() ->
     case catch ets:tab2list(?LINKS) of
         Rows when is_list(Rows) ->
-            Me = persistent_term:get({?MODULE, name}, <<>>),
+            Me = dspex_prometheus:escape(persistent_term:get({?MODULE, name}, <<>>)),
             Repl = dspex_region_shipper:stats(),
-            Lab = fun(P) -> ["region=\"", Me, "\",peer=\"", P, "\""] end,
+            %% names are checked printable at start; escaped all the same
+            Lab = fun(P) -> ["region=\"", Me, "\",peer=\"", dspex_prometheus:escape(P), "\""] end,
             S = fun(undefined) -> "NaN"; (Us) -> float_to_list(Us / 1.0e6, [short]) end,
             ["# HELP dspex_region_rtt_seconds Round-trip time measured on each link to a peer region.\n",
              "# TYPE dspex_region_rtt_seconds summary\n",
@@ -998,6 +1051,10 @@ decide(Opts, #{name := Me, coords := MyCoords, peers := Peers, weights := W}) ->
     #{primary_region => Primary, backup_regions => Backups, policy => Policy,
       decided_at => erlang:system_time(millisecond)}.
 
-%% regions without a measurement yet sort after every measured one
+%% regions without a measurement yet sort after every measured one; a
+%% product too large for a float sorts as the largest cost, never raises
 weighted(infinity, _) -> {1, 0};
-weighted(X, Weight) -> {0, X * Weight}.
+weighted(X, Weight) ->
+    try {0, min(X * Weight, ?MAX_COST)}
+    catch error:badarith -> {0, ?MAX_COST}
+    end.

@@ -135,12 +135,16 @@ admit(_, Other) -> Other.
 %% @private A full copy of `Session' to `Region', its new primary (the
 %% session's decision here already names it): answered `ok' once `Region'
 %% acknowledged it, else `{error, {region_timeout, [Region]}}' after
-%% `sync_timeout_ms' (the copy stays queued until it is through).
+%% `sync_timeout_ms' (the copy stays queued until it is through);
+%% `{error, {region_unavailable, Region}}' when the shipper died during the
+%% call (the copy went with it).
 -spec move(binary(), binary(), timeout()) -> ok | {error, term()}.
 move(Session, Region, Timeout) ->
     try gen_server:call(?MODULE, {move, Session, Region}, Timeout)
     catch exit:{timeout, _} -> {error, {region_timeout, [Region]}};
-          exit:{noproc, _} -> {error, not_running}
+          exit:{noproc, _} -> {error, not_running};
+          %% the shipper died with the copy: an error, never the caller's crash
+          exit:{_, {gen_server, call, _}} -> {error, {region_unavailable, Region}}
     end.
 
 %% @private One full copy of `Session' to each of its backup regions (this

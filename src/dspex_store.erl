@@ -43,7 +43,7 @@
          history/2, history/3, history/4, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 -export([diagnostics/1]).
--export([get_value_mode/4]).
+-export([get_value_mode/4, check_session_id/1]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
               set_opts/0, error_reason/0, cluster_error/0, history_entry/0]).
@@ -184,12 +184,17 @@ create_session(Id) -> create_session(Id, #{}).
 %% Options: `ttl' seconds (default 3600, or `infinity'): a session not accessed
 %% for that long is removed by the sweeper; every access refreshes it.
 %% `metadata': a map. `rate_limit => #{rate => PerSecond, burst => N}': see
-%% `dspex_acl:set_rate_limit/3'.
+%% `dspex_acl:set_rate_limit/3'. An id beginning with `<<0, "cache:">>' (the
+%% cache's copies, `dspex_cache:cache_id/1') is `{error, {invalid_argument, name}}'.
 -spec create_session(session_id(), #{ttl => non_neg_integer() | infinity, metadata => map(),
                                     rate_limit => #{rate := number(), burst := number()}}) ->
           {ok, session_info()} | {error, error_reason()}.
 create_session(Id, Opts) when is_map(Opts) ->
-    ?ROUTED(Id, create_session, [Id, Opts], create_session_here(Id, Opts)).
+    case dspex_cache:is_cache_id(Id) of
+        %% the cache's private ids: such a session would be hidden and deleted
+        true -> {error, {invalid_argument, name}};
+        false -> ?ROUTED(Id, create_session, [Id, Opts], create_session_here(Id, Opts))
+    end.
 
 create_session_here(Id, Opts) ->
     Ttl = maps:get(ttl, Opts, 3600),
@@ -212,6 +217,24 @@ create_session_here(Id, Opts) ->
                 Error -> Error
             end
     end.
+
+%% @doc Whether `Id' can name a new session, checked as `create_session/2'
+%% does: `{error, {limit_exceeded, name_length}}' when empty or longer than
+%% `max_name_length', `{error, {invalid_argument, name}}' when not UTF-8 or
+%% a cache copy's private id (`dspex_cache:cache_id/1'). For callers that
+%% record something per session id before any session exists.
+-spec check_session_id(term()) -> ok | {error, {limit_exceeded, name_length} | {invalid_argument, name}}.
+check_session_id(Id) when is_binary(Id) ->
+    Max = maps:get(max_name_length, dspex_nif:get_limits()),
+    case byte_size(Id) of
+        N when N =:= 0; N > Max -> {error, {limit_exceeded, name_length}};
+        _ ->
+            case unicode:characters_to_binary(Id, utf8, utf8) =:= Id andalso not dspex_cache:is_cache_id(Id) of
+                true -> ok;
+                false -> {error, {invalid_argument, name}}
+            end
+    end;
+check_session_id(_) -> {error, {invalid_argument, name}}.
 
 %% @doc The session's information, or `{error, session_not_found}'.
 %% `last_accessed_at' has one-second resolution (accesses refresh it at most
@@ -330,17 +353,18 @@ read_opts(Opts0) ->
 %% at most `max_staleness_ms' old; `strong' reads the copy only under a lease
 %% from the owner (linearizable; only when strong reads are enabled). A read
 %% with `as' is always routed: access rules are checked on the owner. A bad
-%% `read' is `{error, {invalid_argument, read}}'.
+%% `read' (or `strong' while disabled, with `as' too) is `{error,
+%% {invalid_argument, read}}'; `max_staleness_ms' outside 0..86 400 000
+%% (`dspex_cache:max_staleness_limit/0') `{error, {invalid_argument,
+%% max_staleness_ms}}'.
 -spec get(session_id(), var_key(), map()) -> {ok, var()} | {error, error_reason()}.
 get(Session, Key, Opts0) when is_map_key(read, Opts0); is_map_key(max_staleness_ms, Opts0) ->
+    Limit = dspex_cache:max_staleness_limit(),
     case read_opts(Opts0) of
         {Mode, _, _} when Mode =/= owner, Mode =/= cached, Mode =/= strong -> {error, {invalid_argument, read}};
-        {strong, _, _} = R0 when map_size(element(3, R0)) =:= 0 ->
-            case dspex_cache:strong_enabled() of
-                false -> {error, {invalid_argument, read}};
-                true -> mode_get(Session, Key, strong)
-            end;
-        {_, Max, _} when not is_integer(Max); Max < 0 -> {error, {invalid_argument, max_staleness_ms}};
+        %% with `as' too: a disabled mode is refused, not read another way
+        {strong, _, _} = R0 -> strong_get(Session, Key, R0, Limit);
+        {_, Max, _} when not is_integer(Max); Max < 0; Max > Limit -> {error, {invalid_argument, max_staleness_ms}};
         {cached, Max, Opts} when map_size(Opts) =:= 0 -> mode_get(Session, Key, Max);
         {owner, _, Opts} when map_size(Opts) =:= 0 -> mode_get(Session, Key, owner);
         {_, _, Opts} -> get(Session, Key, Opts)
@@ -355,6 +379,15 @@ get(Session, Key, Opts) ->
     case dspex_nif:var_get(Session, Key, Opts) of
         slow -> ?ROUTED(Session, get, [Session, Key, Opts], get_here(Session, Key, Opts));
         R -> var_map(R)
+    end.
+
+%% `read => strong': only when enabled; a read with `as' is routed (no copy).
+strong_get(Session, Key, {strong, Max, Opts}, Limit) ->
+    case dspex_cache:strong_enabled() of
+        false -> {error, {invalid_argument, read}};
+        true when not is_integer(Max); Max < 0; Max > Limit -> {error, {invalid_argument, max_staleness_ms}};
+        true when map_size(Opts) =:= 0 -> mode_get(Session, Key, strong);
+        true -> get(Session, Key, Opts)
     end.
 
 %% A read in an explicit mode: without a cluster a local read (the NIF's own
@@ -689,7 +722,10 @@ export_session_here(Id) ->
 %% value is validated again. `{error, {already_exists, Id}}' if the id is taken.
 -spec import_session(map()) -> ok | {error, term()}.
 import_session(#{id := Id} = Export) ->
-    ?ROUTED(Id, import_session, [Export], import_session_here(Id, Export));
+    case dspex_cache:is_cache_id(Id) of
+        true -> {error, {invalid_argument, name}};   % as create_session/2
+        false -> ?ROUTED(Id, import_session, [Export], import_session_here(Id, Export))
+    end;
 import_session(Export) when is_map(Export) -> dspex_nif:import_session(Export).
 
 import_session_here(Id, Export) ->

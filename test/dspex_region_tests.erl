@@ -46,6 +46,42 @@ config_test_() ->
                        %% unregistered: the application (started by other test modules) may run its own
                        process_flag(trap_exit, true), supervisor:start_link(dspex_region_sup, []) end))].
 
+%% every value config/0 accepts must be one the processes can use: octets,
+%% timers below 2^32 ms, bounded weights, printable names
+config_bounds_test_() ->
+    B = base(),
+    Err = fun(C) -> with_env(C, fun dspex_region:config/0) end,
+    Peer = fun(GW) -> B#{peers => [#{name => <<"us">>, gateway => GW, coords => {0, 0}}]} end,
+    Big = 1 bsl 32,
+    [?_assertEqual({error, {invalid_argument, {listen, bad_address}}}, Err(B#{listen => {{127, a, b, c}, 0}})),
+     ?_assertEqual({error, {invalid_argument, {listen, bad_address}}}, Err(B#{listen => {{127, 0, 0, 256}, 0}})),
+     ?_assertEqual({error, {invalid_argument, {listen, bad_address}}}, Err(B#{listen => {{127, 0, 0}, 0}})),
+     ?_assertEqual({error, {invalid_argument, {{peer, <<"us">>}, bad_address}}}, Err(Peer({{127, 999, 0, 1}, 4000}))),
+     ?_assertEqual({error, {invalid_argument, {{peer, <<"us">>}, bad_address}}}, Err(Peer({{127, a, b, c}, 4000}))),
+     ?_assertEqual({error, {invalid_argument, {{peer, <<"us">>}, bad_address}}},
+                   Err(Peer({{0, 0, 0, 0, 0, 0, 0, 1 bsl 16}, 4000}))),
+     ?_assertMatch(#{peers := [#{gateway := {{0, 0, 0, 0, 0, 0, 0, 1}, 4000}}]}, Err(Peer({{0, 0, 0, 0, 0, 0, 0, 1}, 4000}))),
+     ?_assertMatch(#{listen := {{127, 255, 255, 255}, 0}}, Err(B#{listen => {{127, 255, 255, 255}, 0}})),
+     [?_assertEqual({error, {invalid_argument, K}}, Err(B#{K => Big}))
+      || K <- [probe_ms, down_after_ms, backoff_max_ms, sync_timeout_ms, region_failover_ms]],
+     ?_assertEqual({error, {invalid_argument, backoff_min_ms}}, Err(B#{backoff_min_ms => Big, backoff_max_ms => Big})),
+     ?_assertEqual({error, {invalid_argument, sync_timeout_ms}}, Err(B#{sync_timeout_ms => 5000000000})),
+     ?_assertMatch(#{sync_timeout_ms := 4294967295, region_failover_ms := 4294967295, probe_ms := 4294967295,
+                     down_after_ms := 4294967295},
+                   Err(B#{sync_timeout_ms => Big - 1, region_failover_ms => Big - 1, probe_ms => Big - 1})),
+     %% weights: a cost multiplier in [0.001, 1000]
+     ?_assertEqual({error, {invalid_argument, {weights, <<"eu">>}}}, Err(B#{weights => #{<<"eu">> => 1.0e306}})),
+     ?_assertEqual({error, {invalid_argument, {weights, <<"us">>}}}, Err(B#{weights => #{<<"us">> => 1000.5}})),
+     ?_assertEqual({error, {invalid_argument, {weights, <<"us">>}}}, Err(B#{weights => #{<<"us">> => 0.0001}})),
+     ?_assertMatch(#{weights := #{<<"us">> := 1000, <<"eu">> := 0.001}},
+                   Err(B#{weights => #{<<"us">> => 1000, <<"eu">> => 0.001}})),
+     %% names: printable UTF-8 (label values of /metrics)
+     [?_assertEqual({error, {invalid_argument, {name, bad_name}}}, Err(B#{name => N}))
+      || N <- [<<"eu\"} 1\nfake_metric{x=\"">>, <<"eu\n">>, <<255>>, <<"eu", 0>>, <<"eu", 16#c2, 16#85>>]],
+     ?_assertEqual({error, {invalid_argument, {{peer, name}, bad_name}}},
+                   Err(B#{peers => [#{name => <<"us\r">>, gateway => {"localhost", 1}, coords => {0, 0}}]})),
+     ?_assertMatch(#{name := <<"eu-west \"1\" \\ é"/utf8>>}, Err(B#{name => <<"eu-west \"1\" \\ é"/utf8>>}))].
+
 haversine_test() ->
     %% Paris - London, about 344 km
     D = dspex_region:haversine_km({48.8566, 2.3522}, {51.5074, -0.1278}),
@@ -150,6 +186,80 @@ routing_without_peers_test() ->
         ?assertMatch(#{region := <<"eu">>, sessions := 1, peers := #{}}, dspex_region:topology())
     end),
     ?assertEqual({error, not_running}, dspex_region:topology()).
+
+%% a cost times a weight that overflows a float (only a configuration
+%% given to start_link/1 as is can hold such a weight): sorted last, the
+%% router lives on with its decisions
+routing_survives_an_overflowing_score_test() ->
+    process_flag(trap_exit, true),
+    C0 = with_env((base())#{peers => []}, fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C0#{weights => #{<<"eu">> => 1.0e306}}),
+    try
+        #{primary_region := <<"eu">>} = D = dspex_region:route_session(<<"a">>, #{}),
+        ?assertMatch(#{primary_region := <<"eu">>, policy := nearest},
+                     dspex_region:route_session(<<"c">>, #{client_location => {-50.0, -170.0}})),
+        ?assert(is_process_alive(R)),
+        ?assertEqual(D, dspex_region:decision(<<"a">>))
+    after
+        exit(R, shutdown),
+        receive {'EXIT', R, _} -> ok after 5000 -> ok end
+    end.
+
+%% no decision is recorded for a session id the store refuses
+route_session_checks_the_session_id_test() ->
+    standalone(fun(_) ->
+        Max = maps:get(max_name_length, dspex_store:limits()),
+        [?assertEqual(dspex_store:create_session(Id), dspex_region:route_session(Id, #{}))
+         || Id <- [<<>>, <<255, 254>>, binary:copy(<<"a">>, 100000), binary:copy(<<"a">>, Max + 1)]],
+        ?assertEqual({error, {invalid_argument, name}}, dspex_region:route_session(<<0, "cache:s">>, #{})),
+        [?assertEqual(undefined, dspex_region:decision(Id)) || Id <- [<<>>, <<255, 254>>, <<0, "cache:s">>]],
+        ?assertMatch(#{sessions := 0}, dspex_region:topology()),
+        ?assertMatch(#{primary_region := <<"eu">>}, dspex_region:route_session(binary:copy(<<"a">>, Max), #{}))
+    end).
+
+%% the exposition escapes the names it is given, whatever their source
+prometheus_escapes_region_names_test() ->
+    process_flag(trap_exit, true),
+    C0 = with_env(base(), fun dspex_region:config/0),
+    Me = <<"eu\"} 1\nfake_metric{x=\"">>,
+    {ok, R} = dspex_region:start_link(C0#{name => Me,
+                                          peers => [#{name => <<"us\\west\n">>, gateway => {"localhost", 4000},
+                                                      coords => {40.0, -75.0}}]}),
+    try
+        Lines = [L || L <- binary:split(iolist_to_binary(dspex_region:prometheus()), <<"\n">>, [global]), L =/= <<>>],
+        %% every line a comment or one of the series, none injected
+        [?assert(binary:match(L, [<<"# ">>, <<"dspex_region_">>]) =:= {0, 2} orelse
+                 binary:longest_common_prefix([L, <<"dspex_region_">>]) =:= 13, L) || L <- Lines],
+        ?assert(lists:member(<<"dspex_region_link_up{region=\"eu\\\"} 1\\nfake_metric{x=\\\"\",peer=\"us\\\\west\\n\"} 0">>,
+                             Lines), Lines)
+    after
+        exit(R, shutdown),
+        receive {'EXIT', R, _} -> ok after 5000 -> ok end
+    end.
+
+%% a move whose shipper call cannot wait (a timeout no timer takes) is
+%% refused before it is recorded: the session stays writable here
+move_with_an_unusable_timeout_records_nothing_test() ->
+    process_flag(trap_exit, true),
+    C0 = with_env(base(), fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C0#{sync_timeout_ms => 5000000000}),
+    try
+        #{primary_region := <<"eu">>} = dspex_region:route_session(<<"m">>, #{client_location => {50.0, 8.0}}),
+        true = dspex_region:link_update(<<"us">>, #{status => up, since => erlang:system_time(millisecond),
+                                                    samples => 0, pid => self()}),
+        ?assertEqual({error, {invalid_argument, sync_timeout_ms}}, dspex_region:move_session(<<"m">>, <<"us">>)),
+        ?assertEqual(undefined, dspex_region:moved(<<"m">>)),
+        ?assertMatch(#{primary_region := <<"eu">>}, dspex_region:decision(<<"m">>))
+    after
+        exit(R, shutdown),
+        receive {'EXIT', R, _} -> ok after 5000 -> ok end
+    end.
+
+%% the shipper dying during a move's call: an error, not the caller's crash
+shipper_crash_during_a_move_is_an_error_test() ->
+    P = spawn(fun() -> receive {'$gen_call', _, {move, _, _}} -> exit(crashed) end end),
+    true = register(dspex_region_shipper, P),
+    ?assertEqual({error, {region_unavailable, <<"us">>}}, dspex_region_shipper:move(<<"s">>, <<"us">>, 5000)).
 
 %% the primary of an epoch revises its decision (the old primary rejoins as
 %% its last backup): a peer's answer still carrying the earlier revision of

@@ -378,6 +378,35 @@ names_must_be_utf8_and_bounded_test() ->
     {ok, _} = dspex_store:register(S, <<"température"/utf8>>, float, 1.0),
     ?assertEqual({ok, 1.0}, dspex_store:get_value(S, <<"température"/utf8>>)).
 
+%% <<0, "cache:", _>> names the cache's copies (dspex_cache:cache_id/1): a
+%% client's session so named would be hidden and deleted at the cache's start
+cache_copy_ids_are_reserved_test() ->
+    S = <<0, "cache:t_reserved">>,
+    Bad = {error, {invalid_argument, name}},
+    ?assertEqual(Bad, dspex_store:create_session(S)),
+    ?assertEqual(Bad, dspex_store:create_session(S, #{ttl => 5})),
+    ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+    %% an import under such an id, from an export of a real session
+    Src = new(),
+    {ok, _} = dspex_store:register(Src, x, integer, 1),
+    {ok, Export} = dspex_store:export_session(Src),
+    ?assertEqual(Bad, dspex_store:import_session(Export#{id => S})),
+    ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+    ?assertEqual(Bad, dspex_store:check_session_id(S)),
+    %% the NUL byte alone, or the prefix elsewhere, is an ordinary name
+    Ok = <<0, "cachex:t_", (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+    ?assertEqual(ok, dspex_store:check_session_id(Ok)),
+    {ok, _} = dspex_store:create_session(Ok),
+    ok = dspex_store:delete_session(Ok),
+    ok = dspex_store:delete_session(Src).
+
+check_session_id_answers_as_create_session_test() ->
+    Max = maps:get(max_name_length, dspex_store:limits()),
+    [?assertEqual(dspex_store:create_session(Id), dspex_store:check_session_id(Id))
+     || Id <- [<<>>, <<255, 254>>, <<"bad", 16#c0, 16#80>>, binary:copy(<<"a">>, Max + 1)]],
+    ?assertEqual(ok, dspex_store:check_session_id(binary:copy(<<"a">>, Max))),
+    ?assertEqual({error, {invalid_argument, name}}, dspex_store:check_session_id(not_a_binary)).
+
 type_errors_raise_badarg_test() ->
     S = new(),
     ?assertError(badarg, dspex_store:get(S, 42)),

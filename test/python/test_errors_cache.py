@@ -1,11 +1,14 @@
 """gRPC status -> exception mapping, and the client cache."""
+import threading
 import unittest
 
 import _paths  # noqa: F401
 import grpc
 
-from dspex_bridge import errors
+from dspex_bridge import codec, errors
+from dspex_bridge._stubs import pb2
 from dspex_bridge.cache import VariableCache
+from dspex_bridge.session_context import SessionContext
 
 
 class StatusMapping(unittest.TestCase):
@@ -168,6 +171,85 @@ class Cache(unittest.TestCase):
         c = VariableCache(0)
         c.put(Rec("x", "i", 0))
         self.assertIsNone(c.get("x"))
+
+
+class RacingServer:
+    """A stand-in for the BridgeService stub holding one float variable x.
+
+    A GetVariable marked to be held is answered with the version current
+    when it arrived, but its reply is only handed back once ``release`` is
+    set: the reply of a read that crossed a write of another thread.
+    """
+
+    def __init__(self):
+        self.version, self.value = 1, 1.0
+        self.hold = False
+        self.in_flight = threading.Event()   # the held read was answered
+        self.release = threading.Event()     # ... and may be delivered
+
+    def _var(self):
+        any_v, binary = codec.encode("float", self.value)
+        return pb2.Variable(id="var_x_1", name="x", type="float", value=any_v,
+                            binary_value=binary, version=self.version)
+
+    def GetVariable(self, req, timeout=None, metadata=None):
+        resp = pb2.GetVariableResponse(variable=self._var())
+        if self.hold:
+            self.hold = False
+            self.in_flight.set()
+            if not self.release.wait(10):
+                raise AssertionError("the held read was never released")
+        return resp
+
+    def _write(self, value):
+        self.version, self.value = self.version + 1, value
+
+    def SetVariable(self, req, timeout=None, metadata=None):
+        self._write(2.0)
+        return pb2.SetVariableResponse(success=True, new_version=self.version)
+
+    def SetVariables(self, req, timeout=None, metadata=None):
+        self._write(2.0)
+        resp = pb2.BatchSetVariablesResponse(success=True)
+        resp.new_versions["x"] = self.version
+        return resp
+
+    def RollbackVariable(self, req, timeout=None, metadata=None):
+        self._write(1.0)
+        return pb2.RollbackVariableResponse(success=True, variable=self._var())
+
+
+class ContextCache(unittest.TestCase):
+    """SessionContext's writes leave no room for an older read to be cached."""
+
+    def race(self, write):
+        """Thread A's GetVariable is answered before write (thread B) and
+        delivered after it returned; B then reads its own write."""
+        channel = grpc.insecure_channel("127.0.0.1:1")   # never used: the stub is replaced
+        self.addCleanup(channel.close)
+        ctx = SessionContext(channel, "s", create=False)
+        server = ctx.stub = RacingServer()
+        ctx._remember_type("x", "var_x_1", "float")
+        server.hold = True
+        reader = threading.Thread(target=ctx.get_variable_info, args=("x",))
+        reader.start()
+        self.assertTrue(server.in_flight.wait(10))
+        written = write(ctx)
+        server.release.set()
+        reader.join(10)
+        self.assertFalse(reader.is_alive())
+        got = ctx.get_variable_info("x")
+        self.assertEqual((got.version, got.value), (server.version, server.value))
+        return written
+
+    def test_update_variable_sets_the_version_floor(self):
+        self.assertEqual(self.race(lambda ctx: ctx.update_variable("x", 2.0)), 2)
+
+    def test_update_variables_sets_the_version_floor(self):
+        self.assertEqual(self.race(lambda ctx: ctx.update_variables({"x": 2.0})), {"x": 2})
+
+    def test_rollback_variable_sets_the_version_floor(self):
+        self.assertEqual(self.race(lambda ctx: ctx.rollback_variable("x", 1)).version, 2)
 
 
 if __name__ == "__main__":

@@ -492,11 +492,16 @@ class SessionContext:
             req.expected_version = expected_version
             req.expect_version_zero = expected_version == 0
         self.cache.invalidate(name)
+        written = None
         try:
             r = self._call("SetVariable", req)
             self._check(r, "SetVariable")
+            written = r.new_version
         finally:
-            self.cache.invalidate(name)
+            # the new version is the floor, as for a watch event: another
+            # thread's GetVariable answered before this write cannot cache
+            # the older version once this returned
+            self.cache.invalidate(name, min_version=written)
         return r.new_version
 
     def list_variables(self, pattern=None):
@@ -577,11 +582,14 @@ class SessionContext:
                 req.binary_updates[name] = binary
         for name in updates:
             self.cache.invalidate(name)
+        r = None
         try:
             r = self._call("SetVariables", req)
         finally:
+            # each committed version is its variable's floor (see update_variable)
+            written = dict(r.new_versions) if r is not None else {}
             for name in updates:
-                self.cache.invalidate(name)
+                self.cache.invalidate(name, min_version=written.get(name) or None)
         versions = dict(r.new_versions)
         if r.errors or not r.success:
             errs = dict(r.errors)
@@ -740,11 +748,16 @@ class SessionContext:
     def rollback_variable(self, name, target_version):
         """Write the value of an old version as a new version; returns the Variable."""
         self.cache.invalidate(name)
-        r = self._call("RollbackVariable", pb2.RollbackVariableRequest(
-            session_id=self.session_id, variable_identifier=name,
-            target_version=target_version))
-        self._check(r, "RollbackVariable")
-        self.cache.invalidate(name)
+        written = None
+        try:
+            r = self._call("RollbackVariable", pb2.RollbackVariableRequest(
+                session_id=self.session_id, variable_identifier=name,
+                target_version=target_version))
+            self._check(r, "RollbackVariable")
+            written = r.variable.version
+        finally:
+            # the rollback's new version is the floor (see update_variable)
+            self.cache.invalidate(name, min_version=written)
         return self._variable(r.variable)
 
     # ------------------------------------------------------------ access control
