@@ -41,6 +41,11 @@
 %% `dspex_locks': the holder's lease ran out before `dspex_locks:renew/1'.
 -record(dspex_lock_expired, {session :: binary(), variable :: binary(), token :: integer()}).
 
+%% `dspex_locks': the holder's lock went with its variable or session;
+%% `reason' is `variable_deleted', `session_deleted' or `session_expired'.
+-record(dspex_lock_lost, {session :: binary(), variable :: binary(), token :: integer(),
+                          reason :: variable_deleted | session_deleted | session_expired}).
+
 %%% Telemetry events (see the README's table for measurements and metadata) ---
 
 %% Op: register | get | get_value | get_many | set | batch | delete | rollback | watch

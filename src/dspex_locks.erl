@@ -43,15 +43,35 @@
 %% if the server dies.
 %% `as' must be a binary (or `undefined'), `context' a map: any other
 %% principal raises `badarg' in the caller, as in `dspex_store'.
+%%
+%% A lock goes with its session. A locked variable cannot be deleted
+%% (`{error, {locked, Holder}}'), but when its session is deleted or expires
+%% (or a new session of that id is created or imported over an expired one)
+%% the lock is freed, its holder receives
+%% `{dspex_lock_lost, Session, Var, Token, Reason}' (`Reason':
+%% `session_deleted' or `session_expired'), every waiter gets
+%% `{error, session_not_found}', and the event `released' carries that
+%% `reason'. The store tells the server (`dspex_store:delete_session/1', a
+%% created or imported session; the sweeper after expiring sessions), as it
+%% tells no process itself. A lock found on a variable that is no longer the
+%% one it was granted on (seen by a later `acquire/4' or `status/2' of the
+%% name) is dropped so too, with `Reason' `variable_deleted' and waiters
+%% answered `{error, {not_found, Var}}'. A variable registered again under the
+%% name starts unlocked, and the old lock is no longer its holder's
+%% (`release/1', `renew/1', ... answer `{error, not_lock_owner}').
 -module(dspex_locks).
 -behaviour(gen_server).
 
 -export([start_link/0, acquire/4, release/1, renew/1, report_progress/4, status/2, active/0, stop/2]).
+-export([session_gone/2, swept/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 %% How long a call may wait for the server beyond its own waiting time (ms):
 %% application env `lock_call_timeout_ms', default 5000.
 -define(CALL_MARGIN, application:get_env(dspex_bridge, lock_call_timeout_ms, 5000)).
+%% The longest timer and call timeout the runtime takes (ms, about 49.7 days):
+%% the bound of the `timeout' and `lease' options.
+-define(MAX_MS, 16#FFFFFFFF).
 
 -type lock() :: #{session := dspex_store:session_id(), variable := binary(), optimizer := term(),
                   token := pos_integer(), pid := pid()}.
@@ -70,8 +90,9 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% `min_iterations_before_preempt' iterations (application env, default 0) the
 %% holder receives `{dspex_preempted, Session, Var, Token}' and loses the lock,
 %% otherwise it waits), `timeout' ms for waiting (`{error, timeout}', the waiter
-%% is gone; default `infinity': as long as it takes), `priority' (integer, default 0), `pid' (the holder, default the
-%% caller), `lease' ms (expires unless `renew/1'd; the holder then receives
+%% is gone; default `infinity': as long as it takes; at most 4294967295),
+%% `priority' (integer, default 0), `pid' (the holder, default the
+%% caller), `lease' ms (at most 4294967295; expires unless `renew/1'd; the holder then receives
 %% `{dspex_lock_expired, Session, Var, Token}'), `objective' (`minimize' or
 %% `maximize') and `metric' (the key of the metrics map that
 %% `report_progress/4' ranks by; default: the reported value itself), and
@@ -87,9 +108,11 @@ acquire(Session, Var, OptimizerId, Opts) when is_map(Opts) ->
             %% registry too): a request cut off by a timeout or by the death of
             %% the server is withdrawn by it, granted or not
             Req = make_ref(),
+            %% capped: gen_server takes no longer timeout (a longer one
+            %% would exit at once, as if the server were down)
             Wait = case maps:get(timeout, Cfg) of
                        infinity -> infinity;
-                       T -> T + ?CALL_MARGIN
+                       T -> min(T + ?CALL_MARGIN, ?MAX_MS)
                    end,
             case call(Session, {acquire, Session, Var, OptimizerId, Cfg#{req => Req}}, Wait) of
                 {error, {lock_server, _}} = E ->
@@ -127,8 +150,9 @@ check_opts(Opts) ->
         [K | _] -> {error, {invalid_argument, K}}
     end.
 
+%% Bounded by what erlang:send_after/3 takes: a longer timer would crash the server.
 valid_ms(infinity) -> true;
-valid_ms(N) -> is_integer(N) andalso N >= 0.
+valid_ms(N) -> is_integer(N) andalso N >= 0 andalso N =< ?MAX_MS.
 
 %% @doc Releases the lock; only its holder process may (`{error, not_lock_owner}').
 %% The next waiter is granted at once.
@@ -151,8 +175,8 @@ report_progress(Lock, Iteration, Value, Metrics) when is_integer(Iteration), Ite
 %% `undefined'), `waiters'.
 -spec status(dspex_store:session_id(), dspex_store:var_key()) -> {ok, map()} | {error, term()}.
 status(Session, Var) ->
-    case name_of(Session, Var) of
-        {ok, Name} -> call(Session, {status, {Session, Name}});
+    case var_of(Session, Var) of
+        {ok, Name, Id} -> call(Session, {status, {Session, Name}, Id});
         Error -> Error
     end.
 
@@ -222,11 +246,24 @@ abandon_local(_Session, Req, _N) ->
 session_of(#{session := S}) -> S;
 session_of(_) -> undefined.
 
-name_of(Session, Var) ->
+%% The variable's name and id (the id tells a variable registered again
+%% under the name from the one a lock was granted on).
+var_of(Session, Var) ->
     case dspex_store:get(Session, Var) of
-        {ok, #{name := Name}} -> {ok, Name};
+        {ok, #{name := Name, id := Id}} -> {ok, Name, Id};
         {error, _} = E -> E
     end.
+
+%% @private The session was deleted, expired (`Reason' `session_expired') or
+%% created anew under its id: its locks go (see the module documentation).
+%% Called by the store on the node that ran the change.
+-spec session_gone(dspex_store:session_id(), session_deleted | session_expired) -> ok.
+session_gone(Session, Reason) -> gen_server:cast(?MODULE, {session_gone, Session, Reason}).
+
+%% @private The sweeper expired sessions: the locks of sessions no longer
+%% here go.
+-spec swept() -> ok.
+swept() -> gen_server:cast(?MODULE, swept).
 
 %%% server ----------------------------------------------------------------------
 %% locks: {Session, Name} => #{holder => Holder | none, waiters => queue()}
@@ -247,7 +284,8 @@ adopt({S, N, Token, Id, #{pid := Pid, priority := P, lease := Lease, objective :
     Mon = monitor(process, Pid),
     H = arm_lease(Key, #{optimizer => Id, pid => Pid, mon => Mon, token => Token, priority => P, lease => Lease,
                          lease_timer => undefined, iterations => 0, best => undefined,
-                         objective => Obj, metric => Metric, req => maps:get(req, Meta, undefined)}),
+                         objective => Obj, metric => Metric, req => maps:get(req, Meta, undefined),
+                         var_id => maps:get(var_id, Meta, undefined)}),
     St#{locks := L#{Key => #{holder => H, waiters => queue:new()}}, mons := M#{Mon => {holder, Key}}};
 adopt({S, N, Token, _, _}, St) ->
     %% not one of ours (a lock taken with another meta): nobody could release it
@@ -256,8 +294,8 @@ adopt({S, N, Token, _, _}, St) ->
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()} | {noreply, map()}.
 handle_call({acquire, S, Var, Id, Cfg}, From, St) ->
-    case name_of(S, Var) of
-        {ok, Name} -> acquire_named({S, Name}, Id, Cfg, From, St);
+    case var_of(S, Var) of
+        {ok, Name, VarId} -> acquire_named({S, Name}, Id, Cfg#{var_id => VarId}, From, drop_ghost({S, Name}, VarId, St));
         Error -> {reply, Error, St}
     end;
 handle_call({release, Lock, Caller}, _From, St) ->
@@ -281,7 +319,8 @@ handle_call({progress, Lock, Iter, Value, Metrics}, _From, St) ->
             {reply, ok, set_holder(Key, H1, St)};
         _ -> {reply, {error, not_lock_owner}, St}
     end;
-handle_call({status, Key}, _From, #{locks := L} = St) ->
+handle_call({status, Key, VarId}, _From, St0) ->
+    #{locks := L} = St = drop_ghost(Key, VarId, St0),
     Reply = case maps:get(Key, L, undefined) of
                 #{holder := #{} = H, waiters := Q} ->
                     maps:merge(#{locked => true, waiters => queue:len(Q)},
@@ -330,7 +369,66 @@ handle_cast({abandon, Req}, #{locks := L} = St) ->
                               grant_next(Key, Acc1)
                       end, St1, Holding),
     {noreply, St2};
+handle_cast({session_gone, S, Reason}, #{locks := L} = St) ->
+    %% this notice is a cast: another process may have made the session again and taken a lock on its new
+    %% variable before it arrived; such a lock (its variable still the current one) stays
+    Gone = [K || {S1, _} = K <- maps:keys(L), S1 =:= S, not live(K, maps:get(K, L))],
+    {noreply, lists:foldl(fun(Key, Acc) -> drop(Key, Reason, Acc) end, St, Gone)};
+handle_cast(swept, #{locks := L} = St) ->
+    %% listing does not refresh TTLs (looking each session up would)
+    Here = sets:from_list(dspex_nif:session_list(), [{version, 2}]),
+    Gone = [K || {S, _} = K <- maps:keys(L), not sets:is_element(S, Here)],
+    {noreply, lists:foldl(fun(Key, Acc) -> drop(Key, session_expired, Acc) end, St, Gone)};
 handle_cast(_Msg, St) -> {noreply, St}.
+
+live(Key, #{holder := #{var_id := VarId}}) -> current(Key, VarId);
+live(_Key, _Lock) -> false.
+
+%% Whether the variable `Key' names is still the one of id `VarId'.
+current({S, N}, VarId) ->
+    VarId =/= undefined andalso
+        case dspex_nif:var_get_here(S, N) of
+            {ok, #{id := VarId}} -> true;
+            V when is_tuple(V), element(1, V) =:= var -> element(4, V) =:= VarId;
+            _ -> false
+        end.
+
+%% A lock whose variable is no longer `VarId' (the current variable of the
+%% name) was granted on a deleted one: it goes before the request is served.
+drop_ghost({_, _} = Key, VarId, #{locks := L} = St) ->
+    case maps:get(Key, L, undefined) of
+        #{holder := #{var_id := Old}} when Old =/= undefined, Old =/= VarId -> drop(Key, variable_deleted, St);
+        _ -> St
+    end.
+
+%% Frees a lock whose variable or session is gone: the holder is told, the
+%% waiters get the error a new acquire would.
+drop({S, N} = Key, Reason, St0) ->
+    case maps:get(Key, maps:get(locks, St0), undefined) of
+        undefined -> St0;
+        #{holder := H, waiters := Q} ->
+            St1 = case H of
+                      #{token := T, pid := Pid} ->
+                          %% unlocked in the store (if it still holds it) before the notice
+                          St = free(Key, St0),
+                          Pid ! {dspex_lock_lost, S, N, T, Reason},
+                          event(released, Key, #{reason => Reason, token => T}),
+                          St;
+                      none -> St0
+                  end,
+            Err = case Reason of
+                      variable_deleted -> {not_found, N};
+                      _ -> session_not_found
+                  end,
+            #{locks := L, mons := M} = St1,
+            M1 = lists:foldl(fun(#{from := From, mon := Mon, timer := Timer}, Acc) ->
+                                     cancel_timer(Timer),
+                                     demonitor(Mon, [flush]),
+                                     gen_server:reply(From, {error, Err}),
+                                     maps:remove(Mon, Acc)
+                             end, M, queue:to_list(Q)),
+            St1#{locks := maps:remove(Key, L), mons := M1}
+    end.
 
 %% Stopped on purpose (the supervisor's shutdown, application:stop), the
 %% server releases every lock it granted. After a crash it leaves them: its
@@ -413,7 +511,7 @@ grant({S, N} = Key, Id, Cfg, Expect, Entry, #{locks := L, mons := M} = St) ->
     %% what a successor needs to adopt the lock (see init/1)
     Meta = #{pid => Pid, priority => maps:get(priority, Cfg), lease => maps:get(lease, Cfg),
              objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg),
-             req => maps:get(req, Cfg, undefined)},
+             req => maps:get(req, Cfg, undefined), var_id => maps:get(var_id, Cfg, undefined)},
     case dspex_nif:var_lock(S, N, Id, Expect, maps:get(acl, Cfg, #{}), Meta) of
         {ok, Token} ->
             Mon = monitor(process, Pid),
@@ -421,7 +519,7 @@ grant({S, N} = Key, Id, Cfg, Expect, Entry, #{locks := L, mons := M} = St) ->
                                  priority => maps:get(priority, Cfg), lease => maps:get(lease, Cfg),
                                  lease_timer => undefined, iterations => 0, best => undefined,
                                  objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg),
-                                 req => maps:get(req, Cfg, undefined)}),
+                                 req => maps:get(req, Cfg, undefined), var_id => maps:get(var_id, Cfg, undefined)}),
             event(acquired, Key, #{optimizer => Id, token => Token}),
             {ok, #{session => S, variable => N, optimizer => Id, token => Token, pid => Pid},
              St#{locks := L#{Key => Entry#{holder := H}}, mons := M#{Mon => {holder, Key}}}};
@@ -463,7 +561,13 @@ grant_next(Key, #{locks := L} = St) ->
                     cancel_timer(T),
                     demonitor(Mon, [flush]),
                     St1 = St#{mons := maps:remove(Mon, maps:get(mons, St))},
-                    case grant(Key, Id, Cfg, 0, E#{waiters := Q1}, St1) of
+                    %% a waiter asked for the variable it resolved, not for
+                    %% one registered under the name since
+                    Granted = case current(Key, maps:get(var_id, Cfg, undefined)) of
+                                  true -> grant(Key, Id, Cfg, 0, E#{waiters := Q1}, St1);
+                                  false -> {error, {not_found, element(2, Key)}}
+                              end,
+                    case Granted of
                         {ok, Lock, St2} ->
                             gen_server:reply(From, {ok, Lock}),
                             St2;

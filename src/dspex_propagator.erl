@@ -10,7 +10,12 @@
 %% With a cluster the propagator of the owner node recomputes (its writes go
 %% through the owner's writer and are replicated); the propagators that
 %% replicas start when they import the session keep the definitions and their
-%% own local watches but stay idle until their node owns the session. The
+%% own local watches but stay idle until their node owns the session.
+%%
+%% A definition goes with its variable: `dspex_store:delete/2,3' tells the
+%% propagator (the store sends no message of a deletion), and recomputed
+%% values are written by the variable's id, so a variable registered again
+%% under the name (a plain one, say) is never written as if derived. The
 %% definitions are also kept in the registry table, so that exporting a
 %% session (done by cluster processes while this process may be waiting for
 %% them) never calls this process.
@@ -41,7 +46,7 @@
 -include("dspex_bridge.hrl").
 
 -export([start_link/1, define/6, sync/1, sync/2, stop/1, whereis_session/1, definitions/1, adopt/2,
-         timeout/0]).
+         timeout/0, deleted/2, valid_definition/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(TAB, dspex_propagators).
@@ -115,6 +120,30 @@ stop(Session) ->
             gen_server:cast(Pid, stop)
     end.
 
+%% @private Called by `dspex_store:delete/2,3' once `Key' (a name or an id)
+%% was deleted: the session's propagator drops the definition of that
+%% variable, and forgets its watch on it (the deletion ended it).
+-spec deleted(dspex_store:session_id(), dspex_store:var_key()) -> ok.
+deleted(Session, Key) ->
+    case whereis_session(Session) of
+        undefined -> ok;
+        Pid -> gen_server:cast(Pid, {deleted, Key})
+    end.
+
+%% @doc Whether a term is a definition as `definitions/1' lists it (and
+%% `adopt/2' takes it): `{Name, Inputs, Fun}', a name, a proper list of
+%% variable keys, a fun of arity 1 or `{Module, Function}'.
+-spec valid_definition(term()) -> boolean().
+valid_definition({N, Inputs, Fun}) when is_binary(N); is_atom(N) ->
+    keys(Inputs) andalso (is_function(Fun, 1) orelse
+                          (is_tuple(Fun) andalso tuple_size(Fun) =:= 2 andalso
+                           is_atom(element(1, Fun)) andalso is_atom(element(2, Fun))));
+valid_definition(_) -> false.
+
+keys([K | T]) when is_binary(K); is_atom(K) -> keys(T);
+keys([]) -> true;
+keys(_) -> false.
+
 %% @doc The derived variables of a session with their inputs and functions
 %% (for export).
 -spec definitions(dspex_store:session_id()) -> [{binary(), [dspex_store:var_key()], dspex_graph:derive_fun()}].
@@ -130,14 +159,21 @@ definitions(Session) ->
     end.
 
 %% @doc Takes over exported definitions for variables that already exist (an
-%% import): no registration, no recomputation until an input changes.
-%% `{error, timeout}' after `timeout/0' milliseconds.
+%% import): no registration, no recomputation until an input changes. A
+%% definition of a variable that is not derived (or missing) is skipped.
+%% `{error, {invalid_argument, derived_functions}}' unless every element is a
+%% `valid_definition/1' (nothing is adopted then); `{error, timeout}' after
+%% `timeout/0' milliseconds.
 -spec adopt(dspex_store:session_id(), list()) -> ok | {error, term()}.
 adopt(_Session, []) -> ok;
 adopt(Session, Defs) ->
-    case ensure(Session) of
-        {ok, Pid} -> call(Pid, {adopt, Defs}, timeout());
-        Error -> Error
+    case is_list(Defs) andalso lists:all(fun valid_definition/1, Defs) of
+        false -> {error, {invalid_argument, derived_functions}};
+        true ->
+            case ensure(Session) of
+                {ok, Pid} -> call(Pid, {adopt, Defs}, timeout());
+                Error -> Error
+            end
     end.
 
 %% @private See dspex_graph:define_derived/6. `{error, timeout}' after
@@ -197,8 +233,9 @@ init(Session) ->
     case ets:insert_new(?TAB, {Session, self()}) of
         true ->
             erlang:send_after(?CHECK_MS, self(), check_session),
-            %% derived: Name => {Inputs, Fun}; watched: input name => true
-            {ok, #{session => Session, derived => #{}, watched => #{}}};
+            %% derived: Name => {Inputs, Fun}; ids: Name => the derived
+            %% variable's id; watched: input name => the watched variable's id
+            {ok, #{session => Session, derived => #{}, ids => #{}, watched => #{}}};
         false ->
             [{_, Pid}] = ets:lookup(?TAB, Session),
             {stop, {already_registered, Pid}}
@@ -218,7 +255,8 @@ handle_call({define, Name, Type, Value, Inputs, Fun, Opts}, _From, #{session := 
             {ok, #{name := NameBin}} = dspex_store:get(S, Id),
             case add_edges(S, Inputs, NameBin) of
                 ok ->
-                    St1 = watch_inputs(Inputs, publish(St#{derived := (maps:get(derived, St))#{NameBin => {Inputs, Fun}}})),
+                    St1 = watch_inputs(Inputs, publish(St#{derived := (maps:get(derived, St))#{NameBin => {Inputs, Fun}},
+                                                           ids := (maps:get(ids, St))#{NameBin => Id}})),
                     %% an input may have committed between the first computation
                     %% and the watch: catch up, writing only if the value moved
                     St2 = case compute(S, Inputs, Fun) of
@@ -235,9 +273,13 @@ handle_call({define, Name, Type, Value, Inputs, Fun, Opts}, _From, #{session := 
     end;
 handle_call(definitions, _From, #{derived := D} = St) ->
     {reply, [{N, I, F} || {N, {I, F}} <- lists:sort(maps:to_list(D))], St};
-handle_call({adopt, Defs}, _From, St) ->
-    St1 = lists:foldl(fun({N, Inputs, Fun}, Acc = #{derived := D}) ->
-                              watch_inputs(Inputs, Acc#{derived := D#{N => {Inputs, Fun}}})
+handle_call({adopt, Defs}, _From, #{session := S} = St) ->
+    St1 = lists:foldl(fun({N, Inputs, Fun}, Acc = #{derived := D, ids := Ids}) ->
+                              case var_of(S, N) of
+                                  {ok, Name, Id, true} ->
+                                      watch_inputs(Inputs, Acc#{derived := D#{Name => {Inputs, Fun}}, ids := Ids#{Name => Id}});
+                                  _ -> Acc
+                              end
                       end, St, Defs),
     {reply, ok, publish(St1)};
 handle_call(sync, _From, St) ->
@@ -257,7 +299,24 @@ publish(D, #{session := S}) ->
     ets:insert(?TAB, {{defs, S}, self(), [{N, I, F} || {N, {I, F}} <- lists:sort(maps:to_list(D)), N =/= undefined]}).
 
 -spec handle_cast(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
-handle_cast(stop, St) -> {stop, normal, St}.
+handle_cast(stop, St) -> {stop, normal, St};
+handle_cast({deleted, Key}, #{session := S, derived := D, ids := Ids, watched := W} = St) ->
+    %% Key named the variable deleted (by name or id); an entry of that name
+    %% whose variable still has the recorded id was not it
+    Bin = key_bin(Key),
+    Gone = fun(N, Id) -> (N =:= Bin orelse Id =:= Key) andalso
+                             case var_of(S, N) of
+                                 {ok, _, Id, _} -> false;
+                                 _ -> true
+                             end
+           end,
+    GoneDefs = [N || {N, Id} <- maps:to_list(Ids), Gone(N, Id)],
+    GoneWatches = [N || {N, Id} <- maps:to_list(W), Gone(N, Id)],
+    St1 = St#{watched := maps:without(GoneWatches, W)},
+    case GoneDefs of
+        [] -> {noreply, St1};
+        _ -> {noreply, publish(St1#{derived := maps:without(GoneDefs, D), ids := maps:without(GoneDefs, Ids)})}
+    end.
 
 -spec handle_info(term(), map()) -> {noreply, map()} | {stop, normal, map()}.
 handle_info(#dspex_variable{session = S, name = Name}, #{session := S, derived := D} = St) ->
@@ -294,27 +353,37 @@ add_edges(S, [I | Is], To) ->
 
 %% Watches on this node's copy (a replica's propagator must not watch the
 %% owner's, nor wait for it while the owner's writer waits for the replica).
-watch_inputs(Inputs, #{session := S, derived := D, watched := W} = St) ->
-    New = [I || I <- Inputs, not maps:is_key(name_of(S, I), W), not maps:is_key(name_of(S, I), D)],
-    lists:foldl(fun(I, Acc = #{watched := W1}) ->
-                        case dspex_cluster:local_apply(dspex_store, watch, [S, [I], self()]) of
-                            {error, _} -> Acc;
-                            _Ref -> Acc#{watched := W1#{name_of(S, I) => true}}
+watch_inputs(Inputs, #{session := S, derived := D} = St) ->
+    lists:foldl(fun(I, Acc = #{watched := W}) ->
+                        case var_of(S, I) of
+                            {ok, N, Id, _} when not is_map_key(N, W), not is_map_key(N, D) ->
+                                case dspex_cluster:local_apply(dspex_store, watch, [S, [Id], self()]) of
+                                    {error, _} -> Acc;
+                                    _Ref -> Acc#{watched := W#{N => Id}}
+                                end;
+                            _ -> Acc
                         end
-                end, St, New).
+                end, St, Inputs).
 
-name_of(S, Key) ->
+%% This node's copy of a variable: `{ok, Name, Id, Derived}'.
+var_of(S, Key) ->
     case dspex_cluster:local_apply(dspex_store, get, [S, Key]) of
-        {ok, #{name := N}} -> N;
-        {error, _} -> Key
+        {ok, #{name := N, id := Id} = V} -> {ok, N, Id, maps:get(derived, V, false) =:= true};
+        {error, _} = E -> E
     end.
 
+key_bin(K) when is_binary(K) -> K;
+key_bin(K) when is_atom(K) -> atom_to_binary(K, utf8);
+key_bin(K) -> K.
+
 %% Recomputes one derived variable (a no-op for variables that are not ours).
-recompute(Name, #{session := S, derived := D} = St) when is_map_key(Name, D) ->
+%% Written by id: a variable that took the name since is not ours.
+recompute(Name, #{session := S, derived := D, ids := Ids} = St) when is_map_key(Name, D) ->
     {Inputs, Fun} = maps:get(Name, D),
+    Key = maps:get(Name, Ids, Name),
     Result = case compute(S, Inputs, Fun) of
                  {ok, V} ->
-                     case dspex_store:set(S, Name, V, #{propagation => true, changed_by => propagation}) of
+                     case dspex_store:set(S, Key, V, #{propagation => true, changed_by => propagation}) of
                          {ok, Ver} -> dspex_events:emit(S, derived_recomputed, #{variable => Name, version => Ver}, #{variable => Name}); %% event log
                          {error, {not_found, _}} -> gone;
                          {error, R} -> {error, R}
@@ -324,12 +393,12 @@ recompute(Name, #{session := S, derived := D} = St) when is_map_key(Name, D) ->
              end,
     case Result of
         ok ->
-            _ = clear_error(S, Name),
+            _ = clear_error(S, Key),
             St;
         gone ->
-            publish(St#{derived := maps:remove(Name, D)});
+            publish(St#{derived := maps:remove(Name, D), ids := maps:remove(Name, Ids)});
         {error, Reason} ->
-            _ = dspex_nif:var_set_error(S, Name, Reason),
+            _ = dspex_nif:var_set_error(S, Key, Reason),
             dspex_telemetry:execute(?DSPEX_PROPAGATION_ERROR, #{count => 1},
                                     #{session => S, variable => Name, reason => Reason}),
             St

@@ -19,14 +19,21 @@ init(Interval) ->
     {ok, Interval}.
 
 -spec handle_call(sweep_now, gen_server:from(), pos_integer()) -> {reply, non_neg_integer(), pos_integer()}.
-handle_call(sweep_now, _From, Interval) -> {reply, dspex_nif:sweep(), Interval}.
+handle_call(sweep_now, _From, Interval) -> {reply, sweep(), Interval}.
 
 -spec handle_cast(term(), pos_integer()) -> {noreply, pos_integer()}.
 handle_cast(_Msg, Interval) -> {noreply, Interval}.
 
 -spec handle_info(term(), pos_integer()) -> {noreply, pos_integer()}.
 handle_info(sweep, Interval) ->
-    _ = dspex_nif:sweep(),
+    _ = sweep(),
     erlang:send_after(Interval, self(), sweep),
     {noreply, Interval};
 handle_info(_Other, Interval) -> {noreply, Interval}.
+
+%% The lock server keeps no lock of an expired session (the store tells no
+%% process of an expiry).
+sweep() ->
+    N = dspex_nif:sweep(),
+    _ = N > 0 andalso dspex_locks:swept(),
+    N.

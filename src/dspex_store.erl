@@ -184,7 +184,9 @@ create_session(Id) -> create_session(Id, #{}).
 %% Options: `ttl' seconds (default 3600, or `infinity'): a session not accessed
 %% for that long is removed by the sweeper; every access refreshes it.
 %% `metadata': a map. `rate_limit => #{rate => PerSecond, burst => N}': see
-%% `dspex_acl:set_rate_limit/3'. An id beginning with `<<0, "cache:">>' (the
+%% `dspex_acl:set_rate_limit/3' (`Rate' >= 0, `Burst' >= 1, both numbers a
+%% float can hold; else `{error, {invalid_argument, rate_limit}}'). A bad
+%% option creates nothing. An id beginning with `<<0, "cache:">>' (the
 %% cache's copies, `dspex_cache:cache_id/1') is `{error, {invalid_argument, name}}'.
 -spec create_session(session_id(), #{ttl => non_neg_integer() | infinity, metadata => map(),
                                     rate_limit => #{rate := number(), burst := number()}}) ->
@@ -199,20 +201,35 @@ create_session(Id, Opts) when is_map(Opts) ->
 create_session_here(Id, Opts) ->
     Ttl = maps:get(ttl, Opts, 3600),
     Meta = maps:get(metadata, Opts, #{}),
+    Rate = maps:get(rate_limit, Opts, none),
+    RateOk = Rate =:= none orelse is_tuple(rate_limit(Rate)),
     if
         not (Ttl =:= infinity orelse (is_integer(Ttl) andalso Ttl >= 0)) ->
             {error, {invalid_argument, ttl}};
         not is_map(Meta) ->
             {error, {invalid_argument, metadata}};
+        not RateOk ->
+            {error, {invalid_argument, rate_limit}};
         true ->
             _ = is_binary(Id) andalso dspex_events:seed(Id),
             case dspex_nif:session_create(Id, Meta, Ttl) of
                 {ok, Info, true} ->
-                    case Opts of
-                        #{rate_limit := #{rate := R, burst := B}} -> ok = dspex_acl:set_rate_limit(Id, R, B);
-                        _ -> ok
-                    end,
-                    {ok, Info};
+                    %% a new session under this id: whatever the propagator and
+                    %% the lock server kept of an earlier one (expired, not yet
+                    %% swept) belongs to that one
+                    ok = dspex_propagator:stop(Id),
+                    ok = dspex_locks:session_gone(Id, session_deleted),
+                    case Rate of
+                        none -> {ok, Info};
+                        _ ->
+                            {R, B} = rate_limit(Rate),
+                            case dspex_acl:set_rate_limit(Id, R, B) of
+                                ok -> {ok, Info};
+                                Error ->
+                                    _ = delete_session(Id),
+                                    Error
+                            end
+                    end;
                 {ok, Info, false} -> {ok, Info};
                 Error -> Error
             end
@@ -236,6 +253,15 @@ check_session_id(Id) when is_binary(Id) ->
     end;
 check_session_id(_) -> {error, {invalid_argument, name}}.
 
+%% `{Rate, Burst}' of a valid `rate_limit' (what dspex_acl:set_rate_limit/3
+%% takes, as numbers a C double holds), else `error'.
+rate_limit(#{rate := R, burst := B} = M) when map_size(M) =:= 2, is_number(R), R >= 0, is_number(B), B >= 1 ->
+    try {float(R), float(B)} of
+        _ -> {R, B}
+    catch error:badarg -> error
+    end;
+rate_limit(_) -> error.
+
 %% @doc The session's information, or `{error, session_not_found}'.
 %% `last_accessed_at' has one-second resolution (accesses refresh it at most
 %% once a second, which keeps readers on different cores from contending).
@@ -257,6 +283,7 @@ delete_session(Id) -> ?ROUTED(Id, delete_session, [Id], delete_session_here(Id))
 delete_session_here(Id) ->
     Result = dspex_nif:session_delete(Id),
     ok = dspex_propagator:stop(Id),
+    _ = Result =:= ok andalso dspex_locks:session_gone(Id, session_deleted),
     Result.
 
 %%% Variables ---------------------------------------------------------------
@@ -465,19 +492,31 @@ exists(Session, Key) ->
         B -> B
     end.
 
-%% @doc Deletes the variable, its history and its watches.
+%% @doc Deletes the variable, its history and its watches; with it goes its
+%% derive function (a derived variable). A variable locked by an optimizer is
+%% not deleted (`{error, {locked, Holder}}').
 -spec delete(session_id(), var_key()) -> ok | {error, error_reason()}.
 delete(Session, Key) ->
     ?ROUTED(Session, delete, [Session, Key],
-            ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key},
-                   dspex_nif:var_delete(Session, Key))).
+            deleted(Session, Key,
+                    ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key},
+                           dspex_nif:var_delete(Session, Key)))).
 
 %% @doc `delete/2' on behalf of another session (`write' permission).
 -spec delete(session_id(), var_key(), map()) -> ok | {error, error_reason()}.
 delete(Session, Key, Opts) ->
     ?ROUTED(Session, delete, [Session, Key, Opts],
-            ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
-                   dspex_nif:var_delete(Session, Key, Opts))).
+            deleted(Session, Key,
+                    ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
+                           dspex_nif:var_delete(Session, Key, Opts)))).
+
+%% The store tells no process of a deletion (it ends the variable's watches
+%% silently): the propagator of this node (the owner's) is told here, so that
+%% no definition outlives its variable. A locked variable is never deleted.
+deleted(Session, Key, ok) ->
+    ok = dspex_propagator:deleted(Session, Key),
+    ok;
+deleted(_Session, _Key, Result) -> Result.
 
 %% @doc All variables of the session, sorted by name.
 -spec list(session_id()) -> {ok, [var()]} | {error, error_reason()}.
@@ -699,7 +738,9 @@ unwatch(Ref) ->
 
 %% @doc The whole session as one term: every variable with its value,
 %% constraints, metadata, version, timestamps and history (format
-%% `dspex_session_v1'). Taken under all the session's shard locks, so it is a
+%% `dspex_session_v1'), with the session's `dependencies', `permissions',
+%% `derived_functions' and, when one is set, its `rate_limit'
+%% (`#{rate, burst}'). Taken under all the session's shard locks, so it is a
 %% consistent cut. Runs on a dirty scheduler.
 -spec export_session(session_id()) -> {ok, map()} | {error, error_reason()}.
 export_session(Id) -> ?ROUTED(Id, export_session, [Id], export_session_here(Id)).
@@ -707,19 +748,31 @@ export_session(Id) -> ?ROUTED(Id, export_session, [Id], export_session_here(Id))
 export_session_here(Id) ->
     case dspex_nif:export_session(Id) of
         {ok, #{variables := Vars} = E} ->
-            %% the graph, the access rules and the derive functions travel too
+            %% the graph, the access rules, the derive functions and the rate limit travel too
             {ok, #{edges := Edges}} = dspex_graph:to_map(Id),
             Perms = maps:from_list([{N, R} || #{name := N} <- Vars,
                                               {ok, R} <- [dspex_acl:get_permissions(Id, N)], R =/= []]),
-            {ok, E#{dependencies => [{F, T, Ty} || #{from := F, to := T, type := Ty} <- Edges],
+            %% only functions of variables of the cut that are derived: a
+            %% definition the propagator has not dropped yet is not exported
+            Derived = [N || #{name := N, derived := true} <- Vars],
+            Defs = [D || {N, _, _} = D <- dspex_propagator:definitions(Id), lists:member(N, Derived)],
+            E1 = E#{dependencies => [{F, T, Ty} || #{from := F, to := T, type := Ty} <- Edges],
                     permissions => Perms,
-                    derived_functions => dspex_propagator:definitions(Id)}};
+                    derived_functions => Defs},
+            case dspex_nif:session_get_rate(Id) of
+                {ok, #{rate := R, burst := B}} when R > 0 -> {ok, E1#{rate_limit => #{rate => R, burst => B}}};
+                _ -> {ok, E1}
+            end;
         Error -> Error
     end.
 
 %% @doc Recreates an exported session exactly (ids, versions, history,
-%% dependencies, access rules, derived variables and their functions). Every
-%% value is validated again. `{error, {already_exists, Id}}' if the id is taken.
+%% dependencies, access rules, derived variables and their functions, rate
+%% limit: the token bucket starts full). Every value is validated again, and
+%% the extras (`dependencies', `permissions', `derived_functions',
+%% `rate_limit', each optional) before anything is created: a malformed or
+%% invalid export is `{error, {invalid_export, Message}}' and leaves no
+%% session. `{error, {already_exists, Id}}' if the id is taken.
 -spec import_session(map()) -> ok | {error, term()}.
 import_session(#{id := Id} = Export) ->
     case dspex_cache:is_cache_id(Id) of
@@ -729,17 +782,82 @@ import_session(#{id := Id} = Export) ->
 import_session(Export) when is_map(Export) -> dspex_nif:import_session(Export).
 
 import_session_here(Id, Export) ->
-    _ = is_binary(Id) andalso dspex_events:seed(Id),
-    case dspex_nif:import_session(Export) of
-        ok -> restore_extras(Id, Export);
-        Error -> Error
+    case check_extras(Export) of
+        ok ->
+            _ = is_binary(Id) andalso dspex_events:seed(Id),
+            case dspex_nif:import_session(Export) of
+                ok ->
+                    %% a new session under this id (see create_session_here/2)
+                    ok = dspex_propagator:stop(Id),
+                    ok = dspex_locks:session_gone(Id, session_deleted),
+                    restore_extras(Id, Export);
+                Error -> Error
+            end;
+        {error, Msg} -> {error, {invalid_export, Msg}}
     end.
 
-%% Edges, rules and derive functions, on the freshly imported session.
+%% The extras the NIF does not import, checked before it does: their shape,
+%% and that they name variables of the export. What only the restore can
+%% tell (a cycle, a rule the store refuses) still deletes the session again.
+check_extras(Export) ->
+    Vars = case maps:get(variables, Export, []) of
+               L when is_list(L) -> L;
+               _ -> []
+           end,
+    Names = [N || #{name := N} <- Vars],
+    Known = fun(K) -> lists:member(key_bin(K), Names) orelse
+                          lists:any(fun(#{id := I}) -> I =:= K; (_) -> false end, Vars)
+            end,
+    Derived = [N || #{name := N, derived := true} <- Vars],
+    Checks = [{<<"dependencies must be a list of {From, To, Type} of variables of the export">>,
+               fun() -> all(fun({F, T, Ty}) -> Known(F) andalso Known(T) andalso is_atom(Ty);
+                               (_) -> false
+                            end, maps:get(dependencies, Export, []))
+               end},
+              {<<"permissions must map variables of the export to valid rules">>,
+               fun() -> case maps:get(permissions, Export, #{}) of
+                            P when is_map(P) ->
+                                lists:all(fun({N, R}) -> Known(N) andalso dspex_acl:validate_rules(R) =:= ok end,
+                                          maps:to_list(P));
+                            _ -> false
+                        end
+               end},
+              {<<"derived_functions must be a list of {Name, Inputs, Fun} of derived variables of the export">>,
+               fun() -> all(fun(D) -> dspex_propagator:valid_definition(D) andalso
+                                          lists:member(key_bin(element(1, D)), Derived)
+                            end, maps:get(derived_functions, Export, []))
+               end},
+              {<<"rate_limit must be #{rate => Rate >= 0, burst => Burst >= 1}">>,
+               fun() -> case maps:get(rate_limit, Export, none) of
+                            none -> true;
+                            RL -> is_tuple(rate_limit(RL))
+                        end
+               end}],
+    case [Msg || {Msg, Check} <- Checks, not Check()] of
+        [] -> ok;
+        [Msg | _] -> {error, Msg}
+    end.
+
+%% lists:all/2 of a proper list; false for anything else.
+all(Pred, [H | T]) -> Pred(H) andalso all(Pred, T);
+all(_, []) -> true;
+all(_, _) -> false.
+
+key_bin(K) when is_binary(K) -> K;
+key_bin(K) when is_atom(K) -> atom_to_binary(K, utf8);
+key_bin(_) -> undefined.
+
+%% Edges, rules, derive functions and the rate limit, on the freshly
+%% imported session; a failure deletes it again.
 restore_extras(Id, Export) ->
+    Rate = case maps:get(rate_limit, Export, none) of
+               none -> [];
+               RL -> {R, B} = rate_limit(RL), [dspex_acl:set_rate_limit(Id, R, B)]
+           end,
     Steps = [dspex_graph:add_dependency(Id, F, T, Ty) || {F, T, Ty} <- maps:get(dependencies, Export, [])]
         ++ [dspex_acl:set_permissions(Id, N, R) || {N, R} <- maps:to_list(maps:get(permissions, Export, #{}))]
-        ++ [dspex_propagator:adopt(Id, maps:get(derived_functions, Export, []))],
+        ++ [dspex_propagator:adopt(Id, maps:get(derived_functions, Export, []))]
+        ++ Rate,
     case [E || {error, _} = E <- Steps] of
         [] -> ok;
         [First | _] ->

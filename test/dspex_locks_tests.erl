@@ -16,7 +16,9 @@ locks_test_() ->
       fun only_holder_releases/0, fun tokens_strictly_increase/0, fun writes_need_the_current_token/0,
       fun preemption/0, fun preemption_respects_min_iterations/0, fun lease_expires_unless_renewed/0,
       fun progress_and_apply_best/0, fun racing_acquirers_never_overlap/0, fun bad_options/0,
-      fun principal_that_does_not_parse_is_refused/0, fun acquire_cut_by_a_call_timeout_is_withdrawn/0]}.
+      fun principal_that_does_not_parse_is_refused/0, fun acquire_cut_by_a_call_timeout_is_withdrawn/0,
+      fun lock_goes_with_its_deleted_session/0,
+      fun lock_goes_with_its_expired_session/0, fun longest_timeout_waits/0]}.
 
 %% Each test kills the lock server (the supervisor allows 5 restarts in 10 s):
 %% a fresh application per test.
@@ -204,7 +206,11 @@ bad_options() ->
     S = session(),
     ?assertEqual({error, {invalid_argument, conflict}}, dspex_locks:acquire(S, x, a, #{conflict => maybe})),
     ?assertEqual({error, {invalid_argument, timeout}}, dspex_locks:acquire(S, x, a, #{timeout => -1})),
-    ?assertEqual({error, {invalid_argument, objective}}, dspex_locks:acquire(S, x, a, #{objective => best})).
+    ?assertEqual({error, {invalid_argument, objective}}, dspex_locks:acquire(S, x, a, #{objective => best})),
+    %% past what a timer takes (the server would crash on it)
+    ?assertEqual({error, {invalid_argument, timeout}}, dspex_locks:acquire(S, x, a, #{timeout => 16#100000000})),
+    ?assertEqual({error, {invalid_argument, lease}}, dspex_locks:acquire(S, x, a, #{lease => 16#100000000})),
+    ?assertMatch({ok, #{locked := false}}, dspex_locks:status(S, x)).
 
 %% A principal that does not parse (a charlist, an atom, ...) never acts as
 %% anyone: `#{as => "intruder"}' used to be ignored by the NIF and got the
@@ -404,3 +410,88 @@ acquire_cut_by_a_call_timeout_is_withdrawn() ->
         _ = (catch sys:resume(Server)),
         application:unset_env(dspex_bridge, lock_call_timeout_ms)
     end.
+
+%% A holder in its own process: reports its lock, then every message it gets.
+holder(S, Var) ->
+    Parent = self(),
+    Pid = spawn_link(fun() ->
+                             Parent ! {held, self(), dspex_locks:acquire(S, Var, old_holder, #{})},
+                             holder_loop(Parent)
+                     end),
+    {ok, Lock} = next(held, Pid),
+    {Pid, Lock}.
+
+holder_loop(Parent) ->
+    receive
+        stop -> ok;
+        M -> Parent ! {holder_got, self(), M}, holder_loop(Parent)
+    end.
+
+%% A waiter in its own process, queued (by the server's count) before returning.
+queued_waiter(S, Var) ->
+    Parent = self(),
+    Pid = spawn_link(fun() -> Parent ! {waited, self(), dspex_locks:acquire(S, Var, waiter, #{})} end),
+    await_queued(S, Var, Pid),
+    Pid.
+
+%% Polls the server until the waiter is queued; fails if it was answered instead.
+await_queued(S, Var, Pid) ->
+    receive {waited, Pid, R} -> erlang:error({not_queued, R})
+    after 0 ->
+            case dspex_locks:status(S, Var) of
+                {ok, #{waiters := N}} when N >= 1 -> ok;
+                _ -> erlang:yield(), await_queued(S, Var, Pid)
+            end
+    end.
+
+%% The next `{Tag, Pid, Msg}'; 2 s without one is a failure, not a hang.
+next(Tag, Pid) ->
+    receive {Tag, Pid, M} -> M
+    after 2000 -> erlang:error({no_message, Tag})
+    end.
+
+%% A deleted session's lock does not survive it: the holder is told, the
+%% waiter answered, and a session of the same id starts unlocked.
+lock_goes_with_its_deleted_session() ->
+    S = session(),
+    {H, #{token := T} = Lock} = holder(S, x),
+    W = queued_waiter(S, x),
+    ok = dspex_store:delete_session(S),
+    ?assertEqual({dspex_lock_lost, S, <<"x">>, T, session_deleted}, next(holder_got, H)),
+    ?assertEqual({error, session_not_found}, next(waited, W)),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    ?assertEqual({ok, #{locked => false, waiters => 0}}, dspex_locks:status(S, x)),
+    {ok, New} = dspex_locks:acquire(S, x, new_holder, #{conflict => abort}),
+    %% the old lock is nobody's now: no release, renewal or write with it
+    ?assertEqual({error, not_lock_owner}, dspex_locks:release(Lock)),
+    ?assertEqual({error, not_lock_owner}, dspex_locks:renew(Lock)),
+    ?assertEqual({error, {locked, new_holder}}, dspex_store:set(S, x, 0.7, #{lock => Lock})),
+    ok = dspex_locks:release(New),
+    H ! stop.
+
+lock_goes_with_its_expired_session() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    {H, #{token := T}} = holder(S, x),
+    ok = dspex_test_hooks:enable(),
+    ok = dspex_nif:advance_clock(5000),
+    ?assert(dspex_session_sweeper:sweep_now() >= 1),
+    ?assertEqual({dspex_lock_lost, S, <<"x">>, T, session_expired}, next(holder_got, H)),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    ?assertEqual({ok, #{locked => false, waiters => 0}}, dspex_locks:status(S, x)),
+    H ! stop.
+
+%% The longest wait the option takes is a wait, not an error: the call's own
+%% bound (the wait plus a margin) is capped at what gen_server takes.
+longest_timeout_waits() ->
+    S = session(),
+    {ok, L} = dspex_locks:acquire(S, x, a, #{}),
+    Parent = self(),
+    %% the waiter's lock is freed by its death, once it reported it
+    W = spawn_link(fun() -> Parent ! {waited, self(), dspex_locks:acquire(S, x, b, #{timeout => 4294962296})} end),
+    await_queued(S, x, W),
+    ok = dspex_locks:release(L),
+    ?assertMatch({ok, #{optimizer := b}}, next(waited, W)).

@@ -27,7 +27,9 @@ propagator_test_() ->
      end,
      [fun timeout_is_configured/0,
       fun held_up_propagator_times_out_callers/0,
-      fun sync_of_a_stopped_propagator_is_ok/0]}.
+      fun sync_of_a_stopped_propagator_is_ok/0,
+      fun deleted_derived_variable_loses_its_definition/0,
+      fun deleted_input_is_watched_again/0]}.
 
 default(grpc_listen) -> "127.0.0.1:50051";
 default(prometheus_port) -> 9568.
@@ -88,3 +90,39 @@ sync_of_a_stopped_propagator_is_ok() ->
     ok = dspex_store:delete_session(S),
     receive {'DOWN', Mon, process, Prop, normal} -> ok end,
     ?assertEqual(ok, dspex_propagator:sync(S, 1000)).
+
+%% A derived variable deleted and registered again as a plain one is plain:
+%% the propagator never writes it, may watch it as an input, and the export
+%% lists no function for it.
+deleted_derived_variable_loses_its_definition() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, a, float, 1.0),
+    {ok, _} = dspex_graph:define_derived(S, d, float, [a], fun(#{a := A}) -> A * 2 end),
+    ok = dspex_store:delete(S, d),
+    {ok, _} = dspex_store:register(S, d, float, 1000.0),
+    ok = dspex_graph:add_dependency(S, a, d),
+    {ok, _} = dspex_store:set(S, a, 6.0, #{propagate => sync}),
+    ?assertMatch({ok, #{value := 1000.0, version := 0}}, dspex_store:get(S, d)),
+    {ok, _} = dspex_graph:define_derived(S, e, float, [d], fun(#{d := D}) -> D + 1 end),
+    {ok, _} = dspex_store:set(S, d, 10.0, #{propagate => sync}),
+    ?assertEqual({ok, 11.0}, dspex_store:get_value(S, e)),
+    {ok, #{derived_functions := Defs}} = dspex_store:export_session(S),
+    ?assertEqual([<<"e">>], [N || {N, _, _} <- Defs]),
+    ?assertEqual([<<"e">>], [N || {N, _, _} <- dspex_propagator:definitions(S)]),
+    ok = dspex_store:delete_session(S).
+
+%% The deletion of an input ends the propagator's watch on it: an input
+%% registered again under the name is watched for the next definition.
+deleted_input_is_watched_again() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, a, float, 1.0),
+    {ok, _} = dspex_graph:define_derived(S, b, float, [a], fun(#{a := A}) -> A end),
+    ok = dspex_store:delete(S, b),
+    ok = dspex_store:delete(S, a),
+    {ok, _} = dspex_store:register(S, a, float, 2.0),
+    {ok, _} = dspex_graph:define_derived(S, c, float, [a], fun(#{a := A}) -> A * 3 end),
+    {ok, _} = dspex_store:set(S, a, 5.0, #{propagate => sync}),
+    ?assertEqual({ok, 15.0}, dspex_store:get_value(S, c)),
+    ok = dspex_store:delete_session(S).

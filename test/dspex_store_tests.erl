@@ -350,6 +350,54 @@ import_validates_test() ->
     ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
     ?assertMatch({error, {invalid_export, _}}, dspex_store:import_session(#{format => other})).
 
+%% Malformed extras are refused before the session is created: no session,
+%% no propagator (a bad derived function used to crash one).
+import_checks_extras_before_creating_test() ->
+    S = sid(),
+    E = #{format => dspex_session_v1, id => S, created_at => 1, ttl => infinity, metadata => #{}, variables => []},
+    [begin
+         ?assertMatch({error, {invalid_export, Msg}} when is_binary(Msg), dspex_store:import_session(E#{K => V})),
+         ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+         ?assertEqual(undefined, dspex_propagator:whereis_session(S))
+     end || {K, V} <- [{dependencies, foo}, {dependencies, [foo]}, {dependencies, [{a, b, data}]},
+                       {permissions, [a]}, {permissions, #{a => []}}, {derived_functions, [foo]},
+                       {derived_functions, foo}, {rate_limit, foo}, {rate_limit, #{rate => -1, burst => 2}}]],
+    %% a function for a variable that is not derived is refused too
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, a, float, 1.0),
+    {ok, Good} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    ?assertMatch({error, {invalid_export, _}},
+                 dspex_store:import_session(Good#{derived_functions => [{<<"a">>, [a], fun(_) -> 1.0 end}]})),
+    ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
+    ok = dspex_store:import_session(Good),
+    ok = dspex_store:delete_session(S).
+
+%% The export carries the rate limit; an export without one (older, or of a
+%% session without a limit) imports without one.
+export_import_keeps_the_rate_limit_test() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{rate_limit => #{rate => 1, burst => 2}}),
+    {ok, E} = dspex_store:export_session(S),
+    ?assertEqual(#{rate => 1.0, burst => 2.0}, maps:get(rate_limit, E)),
+    ok = dspex_store:delete_session(S),
+    ok = dspex_store:import_session(E),
+    ?assertMatch({ok, #{rate := 1.0, burst := 2.0}}, dspex_acl:get_rate_limit(S)),
+    ok = dspex_store:delete_session(S),
+    ok = dspex_store:import_session(maps:remove(rate_limit, E)),
+    ?assertMatch({ok, #{rate := 0.0}}, dspex_acl:get_rate_limit(S)),
+    {ok, E2} = dspex_store:export_session(S),
+    ?assertNot(maps:is_key(rate_limit, E2)),
+    ok = dspex_store:delete_session(S).
+
+create_session_checks_the_rate_limit_first_test() ->
+    [begin
+         S = sid(),
+         ?assertEqual({error, {invalid_argument, rate_limit}}, dspex_store:create_session(S, #{rate_limit => R})),
+         ?assertEqual({error, session_not_found}, dspex_store:get_session(S))
+     end || R <- [#{rate => -1, burst => 2}, #{rate => nan, burst => 2}, #{rate => 1, burst => 0},
+                  #{rate => 1 bsl 1100, burst => 2}, #{rate => 1}, foo]].
+
 %%% limits and bad input --------------------------------------------------------------
 
 limits_test_() ->
