@@ -777,7 +777,8 @@ load_tests(#{tests := Old} = S) ->
 restore(Id, Arms, Ckpt) ->
     Ref = dspex_models_stats:new_counters(Arms),
     case dspex_store:get(session(), counts_var(Id, node())) of
-        {ok, #{metadata := #{counts := Sparse}}} ->
+        {ok, #{metadata := #{counts := _} = M}} ->
+            Sparse = ckpt_counts(M),
             [counters:add(Ref, I, C) || {I, C} <- Sparse],
             {Ref, Ckpt#{Id => Sparse}};
         _ -> {Ref, Ckpt}
@@ -796,7 +797,8 @@ checkpoint_one(Id, #{tests := Ts, ckpt := Ck} = S) ->
                 Sparse -> S;
                 _ ->
                     Var = counts_var(Id, node()),
-                    Opts = #{metadata => #{counts => Sparse}},
+                    Opts = #{metadata => #{counts => Sparse,
+                                           layout => dspex_models_stats:counts_layout()}},
                     R = case dspex_store:set(session(), Var, atom_to_binary(node()), Opts) of
                             {error, {not_found, _}} ->
                                 dspex_store:register(session(), Var, string, atom_to_binary(node()),
@@ -813,6 +815,11 @@ checkpoint_one(Id, #{tests := Ts, ckpt := Ck} = S) ->
         _ -> S
     end.
 
+%% a checkpoint's counts in the current layout (one written before the
+%% layout was recorded is layout 1)
+ckpt_counts(#{counts := Sparse} = M) ->
+    dspex_models_stats:upgrade_counts(maps:get(layout, M, 1), Sparse).
+
 sparse(Counts) ->
     [{I, C} || {I, C} <- lists:enumerate(tuple_to_list(Counts)), C =/= 0].
 
@@ -823,9 +830,9 @@ counts(#{id := Id, ref := Ref, models := Ms}) ->
     Mine = counts_var(Id, node()),
     case dspex_store:list(session(), <<Prefix/binary, "*">>) of
         {ok, Vars} ->
-            lists:foldl(fun(#{name := N, metadata := #{counts := Sparse}}, Acc) when N =/= Mine ->
+            lists:foldl(fun(#{name := N, metadata := #{counts := _} = M}, Acc) when N =/= Mine ->
                                 lists:foldl(fun({I, C}, A) -> setelement(I, A, element(I, A) + C) end,
-                                            Acc, Sparse);
+                                            Acc, ckpt_counts(M));
                            (_, Acc) -> Acc
                         end, Own, Vars);
         {error, _} -> Own
