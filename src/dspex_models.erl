@@ -29,7 +29,7 @@
 -export([start_ab_test/1, results/1, stop_test/1, stop_test/2, list_tests/0,
          start_rollout/3, rollout_status/1, pause/1, pause/2, resume/1, resume/2,
          rollback/1, rollback/2, evaluate/0]).
--export([registry_session/0, model_id/2, ensure_session/0]).
+-export([registry_session/0, model_id/2, ensure_session/0, archive_unchecked/1]).
 
 -export_type([model_id/0, model/0]).
 
@@ -115,8 +115,21 @@ list_models(Name) ->
 
 %% @doc Marks a model archived: it stays readable, but it can no longer be the
 %% target of an alias, an experiment variant or a rollout. Idempotent.
+%% Refused while a running or paused test or rollout has it as a variant,
+%% baseline or new model: `{error, {in_use, TestId}}' (stop it, or let it
+%% end, first). Aliases already pointing at it stay where they are.
 -spec archive_model(model_id()) -> ok | {error, term()}.
 archive_model(Id) when is_binary(Id) ->
+    case get_model(Id) of
+        {ok, #{status := archived}} -> ok;
+        {ok, _} -> dspex_models_server:archive(Id);
+        {error, _} = E -> E
+    end.
+
+%% @private The store write of `archive_model/1', once the server has
+%% checked that no test uses the model.
+-spec archive_unchecked(model_id()) -> ok | {error, term()}.
+archive_unchecked(Id) ->
     case get_model(Id) of
         {ok, #{status := archived}} -> ok;
         {ok, _} ->

@@ -16,6 +16,8 @@ select_test_() ->
       {"a finished test stops routing and ingesting", fun finished/0},
       {"bad arguments", fun bad_args/0},
       {"the SelectModel and RecordInference RPC handlers", fun grpc_handlers/0},
+      {"out-of-range weights, mde, alpha, power are refused; the server and its counts live on",
+       fun extreme_specs/0},
       {timeout, 60, {"another node running the same test with the same salt routes every unit alike",
                      fun across_nodes/0}}]}.
 
@@ -180,3 +182,32 @@ across_nodes() ->
     after
         peer:stop(Peer)
     end.
+
+extreme_specs() ->
+    {N, A, B} = two_models(<<"ext">>),
+    {N2, C, D} = two_models(<<"ext2">>),
+    %% another test with samples its server holds and has not checkpointed yet
+    {ok, T0} = dspex_models:start_ab_test(#{model => N2, variants => [{C, 1}, {D, 1}], min_samples => 1000}),
+    [ok = dspex_models:record_inference(C, 10, true, #{}) || _ <- lists:seq(1, 50)],
+    Pid = whereis(dspex_models_server),
+    Spec = #{model => N, variants => [{A, 1}, {B, 1}], baseline => 0.5},
+    %% each of these crashed the server: the weights after the test was
+    %% stored (so every restart crashed again and the application stopped),
+    %% the others in required_samples/1
+    [?assertEqual({error, {invalid_argument, K}}, dspex_models:start_ab_test(Spec#{K => V}))
+     || {K, V} <- [{variants, [{A, 1.0e308}, {B, 1.0e308}]}, {variants, [{A, 1 bsl 1100}, {B, 1}]},
+                   {variants, [{A, 1.0e6 + 1}, {B, 1}]}, {mde, 1.0e-200}, {mde, 1.0e7},
+                   {alpha, 5.0e-324}, {alpha, 0.6}, {power, 5.0e-324}, {power, 0.99999},
+                   {metric, {custom, experiment}}]],
+    ?assertEqual(Pid, whereis(dspex_models_server)),
+    ?assertEqual([], [Id || {Id, _} <- maps:to_list(dspex_models:list_tests()),
+                            binary:match(Id, N) =/= nomatch]),
+    {ok, #{arm_summary := [{C, #{n := 50}}, {D, #{n := 0}}], status := running}} = dspex_models:results(T0),
+    %% the bounds themselves are fine
+    {ok, T} = dspex_models:start_ab_test(Spec#{variants => [{A, 1.0e6}, {B, 1}], mde => 1.0e-6,
+                                               alpha => 1.0e-9, power => 0.9999}),
+    {ok, #{spec := #{max_samples := MaxS}}} = dspex_models:results(T),
+    ?assert(is_integer(MaxS)),
+    ok = dspex_models:stop_test(T),
+    ok = dspex_models:stop_test(T0).
+
