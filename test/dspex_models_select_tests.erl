@@ -18,6 +18,8 @@ select_test_() ->
       {"the SelectModel and RecordInference RPC handlers", fun grpc_handlers/0},
       {"out-of-range weights, mde, alpha, power are refused; the server and its counts live on",
        fun extreme_specs/0},
+      {"RecordInference: the bad field is named; custom values are kept apart from experiment "
+       "and checked like record_inference/4", fun grpc_record_fields/0},
       {timeout, 60, {"another node running the same test with the same salt routes every unit alike",
                      fun across_nodes/0}}]}.
 
@@ -211,3 +213,23 @@ extreme_specs() ->
     ok = dspex_models:stop_test(T),
     ok = dspex_models:stop_test(T0).
 
+grpc_record_fields() ->
+    {N, A, B} = two_models(<<"rpcf">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}],
+                                           metric => {custom, score}, min_samples => 1000}),
+    Rec = #{session_id => <<>>, model_id => A, latency_ms => 10.0, success => true, experiment => <<>>,
+            custom => #{}},
+    R = fun dspex_models_grpc:record_inference/1,
+    ?assertEqual({error, {invalid_argument, success}}, R(Rec#{success => 1})),
+    ?assertEqual({error, {invalid_argument, latency_ms}}, R(Rec#{latency_ms => -1})),
+    ?assertEqual({error, {invalid_argument, custom}}, R(Rec#{custom => [x]})),
+    %% a custom value named `experiment' is not the experiment filter: recorded
+    ?assertEqual({reply, #{}}, R(Rec#{custom => #{<<"experiment">> => 1.0, <<"score">> => 5.0}})),
+    ?assertEqual({reply, #{}}, R(Rec#{experiment => T, custom => #{<<"experiment">> => 1.0}})),
+    %% only a value a running test records is range-checked, as in Erlang
+    ?assertEqual({reply, #{}}, R(Rec#{custom => #{<<"some_unrelated_key_7">> => 3000.0}})),
+    ok = dspex_models:record_inference(A, 10.0, true, #{some_unrelated_key_8 => 3000.0}),
+    ?assertEqual({error, {invalid_argument, custom}}, R(Rec#{custom => #{<<"score">> => 3000.0}})),
+    ?assertError(badarg, dspex_models:record_inference(A, 10.0, true, #{score => 3000.0})),
+    {ok, #{arm_summary := [{A, #{n := 4}}, {B, #{n := 0}}]}} = dspex_models:results(T),
+    ok = dspex_models:stop_test(T).
