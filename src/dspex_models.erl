@@ -29,7 +29,7 @@
 -export([start_ab_test/1, results/1, stop_test/1, stop_test/2, list_tests/0,
          start_rollout/3, rollout_status/1, pause/1, pause/2, resume/1, resume/2,
          rollback/1, rollback/2, evaluate/0]).
--export([registry_session/0, model_id/2, ensure_session/0]).
+-export([registry_session/0, model_id/2, ensure_session/0, archive_unchecked/1]).
 
 -export_type([model_id/0, model/0]).
 
@@ -59,9 +59,12 @@ model_id(Name, Version) -> <<Name/binary, "@", Version/binary>>.
 %% artifact => URI binary, params => map(), metadata => map()}' →
 %% `{ok, ModelId}'. Names and versions are non-empty UTF-8 binaries without
 %% `@', `:', `*' or `?'. Errors: `{already_exists, ModelId}',
-%% `{invalid_argument, Field}'.
+%% `{invalid_argument, Field}' (the first of `name', `version', `artifact',
+%% `params', `metadata' that is missing or bad; `name' for a non-map).
 -spec register_model(map()) -> {ok, model_id()} | {error, term()}.
-register_model(#{name := Name, version := Version} = Spec) ->
+register_model(Spec) when is_map(Spec) ->
+    Name = maps:get(name, Spec, undefined),
+    Version = maps:get(version, Spec, undefined),
     Artifact = maps:get(artifact, Spec, undefined),
     Params = maps:get(params, Spec, #{}),
     Meta = maps:get(metadata, Spec, #{}),
@@ -100,23 +103,42 @@ get_model(Id) when is_binary(Id) ->
     end.
 
 %% @doc Every version of `Name' (or of every name with `all'), oldest id
-%% first, archived ones included (see `status').
--spec list_models(binary() | all) -> {ok, [model()]}.
+%% first, archived ones included (see `status'). A `Name' that no model can
+%% have (see `register_model/1': `*' or `?' would be store wildcards) is
+%% `{error, {invalid_argument, name}}'.
+-spec list_models(binary() | all) -> {ok, [model()]} | {error, {invalid_argument, name}}.
 list_models(Name) ->
-    Pattern = case Name of
-                  all -> <<"model:*">>;
-                  _ when is_binary(Name) -> <<"model:", Name/binary, "@*">>
-              end,
-    case dspex_store:list(?SESSION, Pattern) of
-        {ok, Vars} -> {ok, lists:sort(fun(A, B) -> maps:get(id, A) =< maps:get(id, B) end,
-                                      [to_model(V) || V <- Vars])};
-        {error, session_not_found} -> {ok, []}
+    case Name =:= all orelse valid_part(Name) of
+        true ->
+            Pattern = case Name of
+                          all -> <<"model:*">>;
+                          _ -> <<"model:", Name/binary, "@*">>
+                      end,
+            case dspex_store:list(?SESSION, Pattern) of
+                {ok, Vars} -> {ok, lists:sort(fun(A, B) -> maps:get(id, A) =< maps:get(id, B) end,
+                                              [to_model(V) || V <- Vars])};
+                {error, session_not_found} -> {ok, []}
+            end;
+        false -> {error, {invalid_argument, name}}
     end.
 
 %% @doc Marks a model archived: it stays readable, but it can no longer be the
 %% target of an alias, an experiment variant or a rollout. Idempotent.
+%% Refused while a running or paused test or rollout has it as a variant,
+%% baseline or new model: `{error, {in_use, TestId}}' (stop it, or let it
+%% end, first). Aliases already pointing at it stay where they are.
 -spec archive_model(model_id()) -> ok | {error, term()}.
 archive_model(Id) when is_binary(Id) ->
+    case get_model(Id) of
+        {ok, #{status := archived}} -> ok;
+        {ok, _} -> dspex_models_server:archive(Id);
+        {error, _} = E -> E
+    end.
+
+%% @private The store write of `archive_model/1', once the server has
+%% checked that no test uses the model.
+-spec archive_unchecked(model_id()) -> ok | {error, term()}.
+archive_unchecked(Id) ->
     case get_model(Id) of
         {ok, #{status := archived}} -> ok;
         {ok, _} ->
@@ -190,15 +212,20 @@ get_alias(Name, Alias0) ->
         {error, _} -> {error, {not_found, Alias}}
     end.
 
-%% @doc Every alias of `Name' → model id.
+%% @doc Every alias of `Name' → model id (none for a name no model can
+%% have: its `*' or `?' would be store wildcards).
 -spec aliases(binary()) -> #{binary() => model_id()}.
 aliases(Name) ->
-    Prefix = <<"alias:", Name/binary, ":">>,
-    case dspex_store:list(?SESSION, <<Prefix/binary, "*">>) of
-        {ok, Vars} ->
-            maps:from_list([{binary:part(N, byte_size(Prefix), byte_size(N) - byte_size(Prefix)), V}
-                            || #{name := N, value := V} <- Vars]);
-        {error, _} -> #{}
+    case valid_part(Name) of
+        true ->
+            Prefix = <<"alias:", Name/binary, ":">>,
+            case dspex_store:list(?SESSION, <<Prefix/binary, "*">>) of
+                {ok, Vars} ->
+                    maps:from_list([{binary:part(N, byte_size(Prefix), byte_size(N) - byte_size(Prefix)), V}
+                                    || #{name := N, value := V} <- Vars]);
+                {error, _} -> #{}
+            end;
+        false -> #{}
     end.
 
 %%% ------------------------------------------------------------------
@@ -244,25 +271,27 @@ bucket(Salt, Unit) -> erlang:phash2({Salt, Unit}, ?BUCKETS).
 %% it takes part in: `LatencyMs' (a positive number), `Success' (boolean),
 %% `Meta' (`#{experiment => TestId}' restricts it to one test; a custom
 %% metric's value is `Meta''s entry under its name, a number within
-%% [-1000, 1000] (sums are fixed point at 1e-6 in 64-bit counters; outside
-%% that range: `badarg')). No message, no server:
-%% a `persistent_term' read and a few `counters:add/3' on the test's own
-%% counters (write-concurrency). A model in no running test is ignored: `ok'.
+%% [-1000, 1000] (sums are fixed point at 1e-6); a value outside that range
+%% for a metric of a test that would record this inference is `badarg', and
+%% then no test records it; values under other keys are not looked at. No
+%% message, no server: a `persistent_term' read and a few `counters:add/3'
+%% on the test's own counters (write-concurrency). A model in no running
+%% test is ignored: `ok'.
 -spec record_inference(model_id(), number(), boolean(), map()) -> ok.
 record_inference(ModelId, LatencyMs, Success, Meta)
   when is_number(LatencyMs), LatencyMs > 0, is_boolean(Success), is_map(Meta) ->
     case persistent_term:get(?INGEST(ModelId), []) of
         [] -> ok;
         Sinks ->
-            ingest(Sinks, maps:get(experiment, Meta, any), LatencyMs, Success, Meta)
+            Only = maps:get(experiment, Meta, any),
+            %% every value is checked before the first add: bad input records nothing
+            Adds = [{Ref, Base, custom_value(Custom, Meta)}
+                    || {TestId, Ref, Base, Custom} <- Sinks, Only =:= any orelse Only =:= TestId],
+            lists:foreach(fun({Ref, Base, C}) ->
+                                  dspex_models_stats:ingest(Ref, Base, LatencyMs, Success, C)
+                          end, Adds)
     end;
 record_inference(_, _, _, _) -> erlang:error(badarg).
-
-ingest([], _Only, _Lat, _Success, _Meta) -> ok;
-ingest([{TestId, Ref, Base, Custom} | Rest], Only, Lat, Success, Meta) ->
-    (Only =:= any orelse Only =:= TestId) andalso
-        dspex_models_stats:ingest(Ref, Base, Lat, Success, custom_value(Custom, Meta)),
-    ingest(Rest, Only, Lat, Success, Meta).
 
 custom_value(undefined, _) -> undefined;
 custom_value(Name, Meta) ->

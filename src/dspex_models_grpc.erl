@@ -29,24 +29,45 @@ select_model(#{name := Name} = Req) ->
     end;
 select_model(_) -> {error, {invalid_argument, name}}.
 
-%% @doc `RecordInference': `{reply, #{}}' or `{error, {invalid_argument, F}}'.
+%% @doc `RecordInference': `{reply, #{}}' or `{error, {invalid_argument, F}}'
+%% with `F' the first bad field of `model_id', `latency_ms', `success',
+%% `custom'. The `experiment' field alone restricts the inference to a test:
+%% a `custom' entry named `experiment' is ignored (no test's metric can have
+%% that name). `custom' values are checked as `dspex_models:record_inference/4'
+%% checks them: only a value a running test would record must be within
+%% [-1000, 1000]; other entries are not looked at.
 -spec record_inference(map()) -> {reply, map()} | {error, term()}.
-record_inference(#{model_id := Id, latency_ms := L, success := S} = Req)
-  when is_binary(Id), Id =/= <<>>, is_number(L), L > 0, is_boolean(S) ->
-    Meta0 = maps:fold(fun(K, V, Acc) when is_number(V) ->
-                              Key = try binary_to_existing_atom(K, utf8) catch error:badarg -> K end,
-                              Acc#{Key => V};
-                         (_, _, Acc) -> Acc
-                      end, #{}, maps:get(custom, Req, #{})),
-    Meta = case maps:get(experiment, Req, <<>>) of
-               <<>> -> Meta0;
-               E -> Meta0#{experiment => E}
-           end,
-    case lists:all(fun(V) -> V >= -1000 andalso V =< 1000 end, maps:values(Meta0)) of
+record_inference(Req) when is_map(Req) ->
+    Id = maps:get(model_id, Req, undefined),
+    L = maps:get(latency_ms, Req, undefined),
+    S = maps:get(success, Req, undefined),
+    Custom = maps:get(custom, Req, #{}),
+    if
+        not is_binary(Id); Id =:= <<>> -> {error, {invalid_argument, model_id}};
+        not is_number(L) -> {error, {invalid_argument, latency_ms}};
+        L =< 0 -> {error, {invalid_argument, latency_ms}};
+        not is_boolean(S) -> {error, {invalid_argument, success}};
+        not is_map(Custom) -> {error, {invalid_argument, custom}};
         true ->
-            ok = dspex_models:record_inference(Id, L, S, Meta),
-            {reply, #{}};
-        false -> {error, {invalid_argument, custom}}
+            Meta0 = maps:fold(fun(K, V, Acc) when is_number(V) ->
+                                      case custom_key(K) of
+                                          experiment -> Acc;
+                                          Key -> Acc#{Key => V}
+                                      end;
+                                 (_, _, Acc) -> Acc
+                              end, #{}, Custom),
+            Meta = case maps:get(experiment, Req, <<>>) of
+                       <<>> -> Meta0;
+                       E -> Meta0#{experiment => E}
+                   end,
+            %% with the other fields checked, badarg is a custom value out of range
+            try dspex_models:record_inference(Id, L, S, Meta) of
+                ok -> {reply, #{}}
+            catch error:badarg -> {error, {invalid_argument, custom}}
+            end
     end;
-record_inference(#{model_id := Id}) when not is_binary(Id); Id =:= <<>> -> {error, {invalid_argument, model_id}};
-record_inference(_) -> {error, {invalid_argument, latency_ms}}.
+record_inference(_) -> {error, {invalid_argument, model_id}}.
+
+custom_key(K) when is_binary(K) ->
+    try binary_to_existing_atom(K, utf8) catch error:badarg -> K end;
+custom_key(K) -> K.

@@ -47,13 +47,22 @@
 
 -export([start_link/0, start_ab_test/1, start_rollout/3, results/1, stop_test/1, stop_test/2,
          list_tests/0, pause/1, pause/2, resume/1, resume/2, rollback/1, rollback/2,
-         evaluate/0, republish/1, sync/0]).
+         evaluate/0, republish/1, sync/0, archive/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, handle_continue/2]).
 
 -define(ROUTE(Name), {dspex_models_route, Name}).
 -define(INGEST(Model), {dspex_models_ingest, Model}).
 -define(BUCKETS, 10000).
 -define(SYNC_TIMEOUT, 60000).
+%% ranges of the specs' numbers (README, "A/B tests" and "Rollouts")
+-define(MAX_WEIGHT, 1.0e6).
+-define(MIN_ALPHA, 1.0e-9).
+-define(MAX_ALPHA, 0.5).
+-define(MIN_POWER, 0.01).
+-define(MAX_POWER, 0.9999).
+-define(MIN_MDE, 1.0e-6).
+-define(MAX_MDE, 1.0e6).
+-define(MAX_DEGRADATION, 1.0e6).
 
 %% @doc Starts the server (registered as `dspex_models_server').
 -spec start_link() -> {ok, pid()} | {error, term()}.
@@ -72,8 +81,13 @@ start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 %% unit alike)}'. The hash salt is `erlang:phash2(Salt)' (an integer:
 %% cheaper to hash on every select than the id). One test or rollout per
 %% name at a time (`{error, {busy, Id}}'). `principal' and `changed_by' go
-%% into the metadata of its `model_test_started' event. Errors: `{invalid_argument, Key}',
-%% `{not_found, ModelId}', `{archived, ModelId}'.
+%% into the metadata of its `model_test_started' event. Ranges: weights in
+%% (0, 1e6], `alpha' a float in [1e-9, 0.5], `power' a float in
+%% [0.01, 0.9999], `mde' in [1e-6, 1e6], `baseline' in (0, 1); the metric
+%% `{custom, experiment}' is refused (`experiment' names the test in
+%% `record_inference/4''s Meta). Errors: `{invalid_argument, Key}',
+%% `{not_found, ModelId}', `{archived, ModelId}', `{internal, Reason}' (a
+%% failure inside the server, logged; nothing changed).
 -spec start_ab_test(map()) -> {ok, binary()} | {error, term()}.
 start_ab_test(Spec) when is_map(Spec) -> owner_call({start_ab, Spec}).
 
@@ -93,7 +107,11 @@ start_ab_test(Spec) when is_map(Spec) -> owner_call({start_ab, Spec}).
 %% rollout's samples, lies below D); it rolls back (all units to the
 %% baseline, telemetry `[dspex, models, rollout, rollback]') as soon as one
 %% gate fails with confidence (the interval lies above D). Reaching 100%
-%% moves `production' to `New' and ends the rollout (`completed').
+%% moves `production' to `New' and ends the rollout (`completed'); a first
+%% step of 100 is reached at once (completed at the first evaluation). A
+%% move refused for good (`New' archived behind the server's back) rolls
+%% back: `{rolled_back, {promote_failed, Reason}}'. `max_degradation' is in
+%% (0, 1e6], `alpha' a float in [1e-9, 0.5].
 %% `principal' and `changed_by' go into the metadata of its
 %% `rollout_started' event.
 -spec start_rollout(binary(), binary(), map()) -> {ok, binary()} | {error, term()}.
@@ -157,6 +175,13 @@ rollback(Id, By) when is_map(By) -> owner_call({rollback, Id, by(By)}).
 -spec evaluate() -> ok | {error, term()}.
 evaluate() -> owner_call(evaluate).
 
+%% @doc Archives a model unless a running or paused test or rollout uses it
+%% (`{error, {in_use, TestId}}'): decided on the node running the tests, in
+%% the same process that starts them, so no test can start with a model
+%% being archived. `dspex_models:archive_model/1' calls it.
+-spec archive(binary()) -> ok | {error, term()}.
+archive(ModelId) when is_binary(ModelId) -> owner_call({archive, ModelId}).
+
 %% @doc Republishes the routing of `Name' (after a `production' move).
 -spec republish(binary()) -> ok.
 republish(Name) -> gen_server:cast(?MODULE, {republish, Name}).
@@ -218,7 +243,13 @@ handle_call(sync, _From, S) ->
     refresh_production(S2),
     {reply, ok, S2};
 handle_call(Msg, From, S) ->
-    owner_handle(Msg, From, as_owner(S)).
+    %% a bug reached by one call's input (statistics on extreme numbers, say)
+    %% fails that call, not the process holding every test's live counters
+    try owner_handle(Msg, From, as_owner(S))
+    catch Class:Reason:Stack ->
+            logger:error("dspex_models: call ~P failed: ~p", [Msg, 20, {Class, Reason, Stack}]),
+            {reply, {error, {internal, Reason}}, S}
+    end.
 
 owner_handle({start_ab, Spec}, _From, S) ->
     case new_ab(Spec, S) of
@@ -265,6 +296,12 @@ owner_handle({rollback, Id, By}, _From, S) ->
                          end);
 owner_handle(list, _From, #{tests := Ts} = S) ->
     {reply, maps:map(fun(_, T) -> maps:with([kind, name, status, decision], T) end, Ts), S};
+owner_handle({archive, Model}, _From, #{tests := Ts} = S) ->
+    case [Id || {Id, #{models := Ms, status := St}} <- maps:to_list(Ts), St =/= finished,
+                lists:member(Model, Ms)] of
+        [] -> {reply, dspex_models:archive_unchecked(Model), S};
+        [Id | _] -> {reply, {error, {in_use, Id}}, S}
+    end;
 owner_handle(evaluate, _From, S) ->
     S1 = eval_all(S),
     refresh_production(S1),
@@ -321,14 +358,17 @@ new_ab(Spec, S) ->
     Name = maps:get(model, Spec, undefined),
     check([{model, is_binary(Name)},
            {variants, is_list(Variants) andalso length(Variants) >= 2 andalso
-                lists:all(fun({M, W}) -> is_binary(M) andalso is_number(W) andalso W > 0;
+                lists:all(fun({M, W}) -> is_binary(M) andalso valid_weight(W);
                              (_) -> false end, Variants)
                 andalso length(lists:usort([M || {M, _} <- Variants])) =:= length(Variants)},
+           %% `experiment' in record_inference's Meta names the test, so it
+           %% cannot also be a custom metric's key
            {metric, Metric =:= success orelse Metric =:= latency
-                orelse (is_tuple(Metric) andalso tuple_size(Metric) =:= 2 andalso element(1, Metric) =:= custom)},
-           {alpha, is_float(Alpha) andalso Alpha > 0 andalso Alpha < 1},
-           {power, is_float(Power) andalso Power > 0 andalso Power < 1},
-           {mde, is_number(Mde) andalso Mde > 0},
+                orelse (is_tuple(Metric) andalso tuple_size(Metric) =:= 2 andalso element(1, Metric) =:= custom
+                        andalso element(2, Metric) =/= experiment)},
+           {alpha, valid_alpha(Alpha)},
+           {power, is_float(Power) andalso Power >= ?MIN_POWER andalso Power =< ?MAX_POWER},
+           {mde, is_number(Mde) andalso Mde >= ?MIN_MDE andalso Mde =< ?MAX_MDE},
            {min_samples, is_integer(MinS) andalso MinS >= 2},
            {max_duration, MaxD =:= infinity orelse (is_integer(MaxD) andalso MaxD > 0)},
            {max_samples, case maps:get(max_samples, Spec, infinity) of
@@ -381,9 +421,10 @@ new_rollout(Name, New, Opts, S) ->
            {step_duration, is_integer(Dur) andalso Dur >= 0},
            {gates, is_list(Gates) andalso Gates =/= [] andalso
                 lists:all(fun(#{metric := M, max_degradation := D}) ->
-                                  lists:member(M, [error_rate, latency, latency_p95]) andalso is_number(D) andalso D > 0;
+                                  lists:member(M, [error_rate, latency, latency_p95]) andalso is_number(D)
+                                      andalso D > 0 andalso D =< ?MAX_DEGRADATION;
                              (_) -> false end, Gates)},
-           {alpha, is_float(Alpha) andalso Alpha > 0 andalso Alpha < 1},
+           {alpha, valid_alpha(Alpha)},
            {min_samples, is_integer(MinS) andalso MinS >= 2}],
           fun() ->
                   case dspex_models:get_alias(Name, production) of
@@ -408,6 +449,13 @@ new_rollout(Name, New, Opts, S) ->
                           end)
                   end
           end).
+
+%% The documented ranges: every statistic stays a finite float inside them.
+%% Weights: only their ratios matter; the bound keeps the routing table's
+%% arithmetic far from overflow.
+valid_weight(W) -> is_number(W) andalso W > 0 andalso W =< ?MAX_WEIGHT.
+
+valid_alpha(A) -> is_float(A) andalso A >= ?MIN_ALPHA andalso A =< ?MAX_ALPHA.
 
 check([], Then) -> Then();
 check([{_, true} | Rest], Then) -> check(Rest, Then);
@@ -523,30 +571,55 @@ eval_rollout(#{status := running, step := Step, steps := Steps, step_started := 
     T1 = T#{gate_results => Gs},
     Failed = [G || #{verdict := fail} = G <- Gs],
     AllPass = lists:all(fun(#{verdict := V}) -> V =:= pass end, Gs),
+    AtFull = lists:nth(Step, Steps) == 100,
     case Failed of
         [G | _] -> do_rollback(T1, {gate, maps:get(metric, G)}, G);
+        %% a step at 100 (only a first one, `steps => [100]', is ever
+        %% current: later ones complete when reached): everyone is on the new
+        %% model already, the baseline gets no traffic for a gate to pass on,
+        %% and 100% is reached: complete
+        [] when AtFull -> complete(T1, Step);
         [] when AllPass ->
             NewN = new_n(T),
             case now_ms() - SS >= Dur andalso NewN - maps:get(step_base_n, T, 0) >= maps:get(min_samples, T) of
                 false -> T1;
                 true ->
+                    %% the last step is 100, and a step at 100 completes
+                    %% when it is reached, so Step is never the last here
                     Next = Step + 1,
                     Pct = lists:nth(Next, Steps),
-                    dspex_telemetry:execute([dspex, models, rollout, step], #{count => 1},
-                                            #{id => Id, name => Name, step => Next, percent => Pct}),
                     case Pct == 100 of
-                        true ->
-                            [_, New] = maps:get(models, T),
-                            Promote = dspex_models:set_alias(Name, production, New),
-                            dspex_telemetry:execute([dspex, models, rollout, complete], #{count => 1},
-                                                    #{id => Id, name => Name, model => New,
-                                                      result => Promote}),
-                            T1#{step => Next, status => finished, decision => completed};
+                        true -> complete(T1, Next);
                         false ->
+                            dspex_telemetry:execute([dspex, models, rollout, step], #{count => 1},
+                                                    #{id => Id, name => Name, step => Next, percent => Pct}),
                             T1#{step => Next, step_started => now_ms(), step_base_n => NewN}
                     end
             end;
         [] -> T1
+    end.
+
+%% 100% reached: `production' moves to the new model, then the rollout is
+%% `completed'. A move refused for good (the model was archived or removed
+%% meanwhile) rolls back (`{rolled_back, {promote_failed, Reason}}'); any
+%% other failure (the store unreachable) leaves the rollout where it is,
+%% for the next evaluation to retry.
+complete(#{id := Id, name := Name, models := [_, New], step := Step} = T, Next) ->
+    case dspex_models:set_alias(Name, production, New) of
+        ok ->
+            Next =/= Step andalso
+                dspex_telemetry:execute([dspex, models, rollout, step], #{count => 1},
+                                        #{id => Id, name => Name, step => Next, percent => 100}),
+            dspex_telemetry:execute([dspex, models, rollout, complete], #{count => 1},
+                                    #{id => Id, name => Name, model => New, result => ok}),
+            T#{step => Next, status => finished, decision => completed};
+        {error, {Why, _} = Reason} when Why =:= archived; Why =:= not_found; Why =:= invalid_argument ->
+            logger:warning("dspex_models: rollout ~ts cannot promote ~ts: ~p", [Id, New, Reason]),
+            do_rollback(T, {promote_failed, Reason}, #{});
+        {error, Reason} ->
+            logger:warning("dspex_models: rollout ~ts: promoting ~ts failed, retried at the next "
+                           "evaluation: ~p", [Id, New, Reason]),
+            T
     end.
 
 new_n(T) -> element(dspex_models_stats:slots() + 1, counts(T)).
@@ -639,28 +712,59 @@ publish(Name, #{tests := Ts}) ->
     Active = [T || {_, #{name := N, status := St} = T} <- maps:to_list(Ts), N =:= Name,
                    St =/= finished],
     Route = case Active of
-                [#{kind := ab, salt := Salt, unit := U, models := Ms, weights := Ws}] ->
-                    {split, U, Salt, table(lists:zip(Ms, Ws))};
-                [#{kind := rollout, salt := Salt, unit := U, models := [Base, New]} = T] ->
-                    Cut = round(percent(T) * ?BUCKETS / 100),
-                    {split, U, Salt, list_to_tuple(lists:duplicate(Cut, New) ++
-                                                     lists:duplicate(?BUCKETS - Cut, Base))};
-                [] ->
-                    case dspex_models:get_alias(Name, production) of
-                        {ok, Id} -> {single, Id};
-                        {error, _} -> undefined
-                    end
+                [T] ->
+                    %% load_tests/1 finishes a test whose split cannot be
+                    %% built; this is the last guard of a shared process
+                    try split(T)
+                    catch Class:Reason ->
+                            logger:error("dspex_models: no split for ~ts: ~p",
+                                         [maps:get(id, T), {Class, Reason}]),
+                            production(Name)
+                    end;
+                [] -> production(Name)
             end,
     put_changed(?ROUTE(Name), Route).
 
+production(Name) ->
+    case dspex_models:get_alias(Name, production) of
+        {ok, Id} -> {single, Id};
+        {error, _} -> undefined
+    end.
+
+split(#{kind := ab, salt := Salt, unit := U, models := Ms, weights := Ws}) ->
+    {split, U, Salt, table(lists:zip(Ms, Ws))};
+split(#{kind := rollout, salt := Salt, unit := U, models := [Base, New]} = T) ->
+    Cut = round(percent(T) * ?BUCKETS / 100),
+    {split, U, Salt, list_to_tuple(lists:duplicate(Cut, New) ++
+                                       lists:duplicate(?BUCKETS - Cut, Base))}.
+
+%% Bucket boundaries at the rounded cumulative shares. Integer weights use
+%% exact integer arithmetic (no size limit); float weights above the
+%% documented 1e6 (a test stored by an older release) are first divided by
+%% the largest, so no sum overflows; within it the float formula of earlier
+%% releases is kept, so their tests keep their splits.
 table(Weighted) ->
-    Total = lists:sum([W || {_, W} <- Weighted]),
+    Ws = [W || {_, W} <- Weighted],
+    Scaled = case lists:all(fun is_integer/1, Ws) of
+                 true -> Weighted;
+                 false ->
+                     case lists:max(Ws) of
+                         Max when Max =< ?MAX_WEIGHT -> Weighted;
+                         Max -> [{M, W / Max} || {M, W} <- Weighted]
+                     end
+             end,
+    Total = lists:sum([W || {_, W} <- Scaled]),
     {L, _, _} = lists:foldl(
                   fun({M, W}, {Acc, CumW, Used}) ->
-                          Upto = round((CumW + W) * ?BUCKETS / Total),
+                          Upto = upto(CumW + W, Total),
                           {[lists:duplicate(Upto - Used, M) | Acc], CumW + W, Upto}
-                  end, {[], 0, 0}, Weighted),
+                  end, {[], 0, 0}, Scaled),
     list_to_tuple(lists:append(lists:reverse(L))).
+
+%% round(Cum * ?BUCKETS / Total), half up, exactly for integers
+upto(Cum, Total) when is_integer(Cum), is_integer(Total) ->
+    (2 * Cum * ?BUCKETS + Total) div (2 * Total);
+upto(Cum, Total) -> round(Cum * ?BUCKETS / Total).
 
 publish_sinks(#{tests := Ts, sinks := Old} = S) ->
     Slots = dspex_models_stats:slots(),
@@ -760,7 +864,8 @@ load_tests(#{tests := Old} = S) ->
                                            #{Id := #{ref := R}} -> {R, CA};
                                            _ -> restore(Id, length(Ms), CA)
                                        end,
-                          {TA#{Id => T0#{ref => Ref}}, VA#{Id => V}, CA1};
+                          T1 = publishable(T0#{ref => Ref}, maps:get(Id, Old, undefined)),
+                          {TA#{Id => T1}, VA#{Id => V}, CA1};
                      (_, Acc) -> Acc
                   end, {#{}, #{}, maps:get(ckpt, S)}, Vars),
             S1 = publish_sinks(S#{tests => Ts, vsns => Vs, ckpt => maps:with(maps:keys(Ts), Ck)}),
@@ -773,11 +878,31 @@ load_tests(#{tests := Old} = S) ->
             S
     end.
 
+%% A stored test whose split cannot be built (written by an older release
+%% without today's checks: weights of 1.0e308 made every load crash, so the
+%% supervisor gave up and the application stopped, for the VM's life) is
+%% taken as finished, `{stopped, invalid}', with a warning; the store keeps
+%% the record as it was.
+publishable(#{status := finished} = T, _Old) -> T;
+publishable(T, Old) ->
+    try split(T) of
+        _ -> T
+    catch Class:Reason ->
+            case Old of
+                #{decision := {stopped, invalid}} -> ok;
+                _ -> logger:warning("dspex_models: stored test ~ts cannot be routed (~p); "
+                                    "taken as finished, {stopped, invalid}",
+                                    [maps:get(id, T, undefined), {Class, Reason}])
+            end,
+            T#{status => finished, decision => {stopped, invalid}}
+    end.
+
 %% counters of a test on this node, from this node's checkpoint
 restore(Id, Arms, Ckpt) ->
     Ref = dspex_models_stats:new_counters(Arms),
     case dspex_store:get(session(), counts_var(Id, node())) of
-        {ok, #{metadata := #{counts := Sparse}}} ->
+        {ok, #{metadata := #{counts := _} = M}} ->
+            Sparse = ckpt_counts(M),
             [counters:add(Ref, I, C) || {I, C} <- Sparse],
             {Ref, Ckpt#{Id => Sparse}};
         _ -> {Ref, Ckpt}
@@ -796,7 +921,8 @@ checkpoint_one(Id, #{tests := Ts, ckpt := Ck} = S) ->
                 Sparse -> S;
                 _ ->
                     Var = counts_var(Id, node()),
-                    Opts = #{metadata => #{counts => Sparse}},
+                    Opts = #{metadata => #{counts => Sparse,
+                                           layout => dspex_models_stats:counts_layout()}},
                     R = case dspex_store:set(session(), Var, atom_to_binary(node()), Opts) of
                             {error, {not_found, _}} ->
                                 dspex_store:register(session(), Var, string, atom_to_binary(node()),
@@ -813,6 +939,11 @@ checkpoint_one(Id, #{tests := Ts, ckpt := Ck} = S) ->
         _ -> S
     end.
 
+%% a checkpoint's counts in the current layout (one written before the
+%% layout was recorded is layout 1)
+ckpt_counts(#{counts := Sparse} = M) ->
+    dspex_models_stats:upgrade_counts(maps:get(layout, M, 1), Sparse).
+
 sparse(Counts) ->
     [{I, C} || {I, C} <- lists:enumerate(tuple_to_list(Counts)), C =/= 0].
 
@@ -823,9 +954,9 @@ counts(#{id := Id, ref := Ref, models := Ms}) ->
     Mine = counts_var(Id, node()),
     case dspex_store:list(session(), <<Prefix/binary, "*">>) of
         {ok, Vars} ->
-            lists:foldl(fun(#{name := N, metadata := #{counts := Sparse}}, Acc) when N =/= Mine ->
+            lists:foldl(fun(#{name := N, metadata := #{counts := _} = M}, Acc) when N =/= Mine ->
                                 lists:foldl(fun({I, C}, A) -> setelement(I, A, element(I, A) + C) end,
-                                            Acc, Sparse);
+                                            Acc, ckpt_counts(M));
                            (_, Acc) -> Acc
                         end, Own, Vars);
         {error, _} -> Own

@@ -20,19 +20,26 @@
 %% minimum detectable effect (`mde'), where the test has most power. A
 %% zero estimated variance (e.g. a custom metric that is constant in both
 %% arms) gives no evidence (`p = 1', unbounded interval) rather than an
-%% infinitely confident one. The mixture is exact for Gaussian data with a
+%% infinitely confident one; an estimate within the reach of the fixed-point
+%% rounding of the sums, `(0.5 + |mean|) * 1e-6 * n/(n-1)', counts as zero. The mixture is exact for Gaussian data with a
 %% fixed split between the arms; when the split changes (rollout ramps) it is
 %% an approximation.
 -module(dspex_models_stats).
 
--export([new_counters/1, ingest/5, snapshot/2, slots/0, counts/2, from_counts/2]).
+-export([new_counters/1, ingest/5, snapshot/2, slots/0, counts/2, from_counts/2,
+         counts_layout/0, upgrade_counts/2]).
 -export([arm/2, msprt/4, compare/4, evaluate/3, srm/2,
          z_test_proportions/4, z_test_means/2, normal_sf/1, normal_quantile/1,
          chi2_sf/2, required_samples/1, quantile/2, exceedance/4]).
 
 -export_type([arm/0, spec/0]).
 
-%% counters slots of one arm (1-based offsets from Base)
+%% counters slots of one arm (1-based offsets from Base). Each sum is two
+%% slots, `Lo' (the fixed-point value's remainder mod ?SCALE, or any value
+%% read from a layout-1 checkpoint) and `Hi' (its quotient): a sample adds
+%% at most ?SCALE to either, so no realistic count wraps the 64-bit counters
+%% (|custom| =< 1000 put up to 1e12 per sample into one slot: wrapped after
+%% 9.2M samples).
 -define(N, 1).
 -define(SUCC, 2).
 -define(LSUM, 3).
@@ -42,7 +49,15 @@
 -define(CSQ, 7).
 -define(HIST, 8).
 -define(HBUCKETS, 256).         % 8 per octave from 2^-7 ms to 2^25 ms
--define(SLOTS, (7 + ?HBUCKETS)).
+-define(LSUM_HI, (?HIST + ?HBUCKETS)).
+-define(LSQ_HI, (?LSUM_HI + 1)).
+-define(CSUM_HI, (?LSUM_HI + 2)).
+-define(CSQ_HI, (?LSUM_HI + 3)).
+-define(SLOTS, (11 + ?HBUCKETS)).
+%% layout 1 (checkpoints written before the Hi slots): 263 slots per arm,
+%% the same offsets 1..263
+-define(SLOTS_V1, (7 + ?HBUCKETS)).
+-define(LAYOUT, 2).
 -define(SCALE, 1000000).
 
 -type arm() :: #{n := non_neg_integer(), successes := non_neg_integer(),
@@ -69,33 +84,52 @@ new_counters(Arms) -> counters:new(Arms * ?SLOTS, [write_concurrency]).
 %% @doc Adds one inference to the arm starting at `Base' (0-based arm index
 %% times `slots()'): count, success, ln(latency) and its square (fixed point,
 %% 1e-6), a log-scale latency histogram bucket (8 per octave, for quantiles
-%% within 4.4%), and the custom value when given.
+%% within 4.4%), and the custom value when given (the caller keeps it
+%% within [-1000, 1000]). Each sum is split over two 64-bit slots, so an arm
+%% takes more than 9e12 samples before any slot could wrap.
 -spec ingest(counters:counters_ref(), non_neg_integer(), number(), boolean(), number() | undefined) -> ok.
 ingest(Ref, Base, LatencyMs, Success, Custom) ->
     X = math:log(LatencyMs),
     counters:add(Ref, Base + ?N, 1),
     Success andalso counters:add(Ref, Base + ?SUCC, 1),
-    counters:add(Ref, Base + ?LSUM, round(X * ?SCALE)),
-    counters:add(Ref, Base + ?LSQ, round(X * X * ?SCALE)),
+    add_fixed(Ref, Base + ?LSUM, Base + ?LSUM_HI, round(X * ?SCALE)),
+    add_fixed(Ref, Base + ?LSQ, Base + ?LSQ_HI, round(X * X * ?SCALE)),
     H = min(?HBUCKETS - 1, max(0, trunc((X / 0.6931471805599453 + 7) * 8))),
     counters:add(Ref, Base + ?HIST + H, 1),
     case Custom of
         undefined -> ok;
         C ->
             counters:add(Ref, Base + ?CN, 1),
-            counters:add(Ref, Base + ?CSUM, round(C * ?SCALE)),
-            counters:add(Ref, Base + ?CSQ, round(C * C * ?SCALE)),
+            add_fixed(Ref, Base + ?CSUM, Base + ?CSUM_HI, round(C * ?SCALE)),
+            add_fixed(Ref, Base + ?CSQ, Base + ?CSQ_HI, round(C * C * ?SCALE)),
             ok
+    end.
+
+%% V = Hi * ?SCALE + Lo, |Lo| < ?SCALE (rem keeps V's sign); a zero part
+%% costs no add
+add_fixed(Ref, LoSlot, HiSlot, V) ->
+    case V rem ?SCALE of
+        0 -> ok;
+        Lo -> counters:add(Ref, LoSlot, Lo)
+    end,
+    case V div ?SCALE of
+        0 -> ok;
+        Hi -> counters:add(Ref, HiSlot, Hi)
     end.
 
 %% @doc The arm's totals (not atomic across slots: a concurrent record may be
 %% half counted, which moves a count by one at most).
 -spec snapshot(counters:counters_ref(), non_neg_integer()) -> arm().
-snapshot(Ref, Base) ->
-    G = fun(I) -> counters:get(Ref, Base + I) end,
+snapshot(Ref, Base) -> arm_of(fun(I) -> counters:get(Ref, Base + I) end).
+
+%% the sums are exact integers (Hi * ?SCALE + Lo, bignums if need be) until
+%% the one division
+arm_of(G) ->
+    Sum = fun(Lo, Hi) -> (G(Hi) * ?SCALE + G(Lo)) / ?SCALE end,
     #{n => G(?N), successes => G(?SUCC),
-      lat_sum => G(?LSUM) / ?SCALE, lat_sumsq => G(?LSQ) / ?SCALE,
-      custom_n => G(?CN), custom_sum => G(?CSUM) / ?SCALE, custom_sumsq => G(?CSQ) / ?SCALE,
+      lat_sum => Sum(?LSUM, ?LSUM_HI), lat_sumsq => Sum(?LSQ, ?LSQ_HI),
+      custom_n => G(?CN), custom_sum => Sum(?CSUM, ?CSUM_HI),
+      custom_sumsq => Sum(?CSQ, ?CSQ_HI),
       hist => list_to_tuple([G(?HIST + I) || I <- lists:seq(0, ?HBUCKETS - 1)])}.
 
 %% @doc Every slot of a counters array of `Arms' arms as a tuple (slot `I'
@@ -107,12 +141,21 @@ counts(Ref, Arms) -> list_to_tuple([counters:get(Ref, I) || I <- lists:seq(1, Ar
 
 %% @doc `snapshot/2' of a tuple of counts (see `counts/2').
 -spec from_counts(tuple(), non_neg_integer()) -> arm().
-from_counts(T, Base) ->
-    G = fun(I) -> element(Base + I, T) end,
-    #{n => G(?N), successes => G(?SUCC),
-      lat_sum => G(?LSUM) / ?SCALE, lat_sumsq => G(?LSQ) / ?SCALE,
-      custom_n => G(?CN), custom_sum => G(?CSUM) / ?SCALE, custom_sumsq => G(?CSQ) / ?SCALE,
-      hist => list_to_tuple([G(?HIST + I) || I <- lists:seq(0, ?HBUCKETS - 1)])}.
+from_counts(T, Base) -> arm_of(fun(I) -> element(Base + I, T) end).
+
+%% @doc The layout of `counts/2' that checkpoints record (`layout' in their
+%% metadata; a checkpoint without it is layout 1).
+-spec counts_layout() -> pos_integer().
+counts_layout() -> ?LAYOUT.
+
+%% @doc A checkpoint's sparse counts (`[{Slot, Count}]', slots of `counts/2')
+%% in the current layout. Layout 1 had 263 slots per arm with the same
+%% offsets and each sum whole in its (now Lo) slot, which stays exact: only
+%% the arm's stride changes.
+-spec upgrade_counts(pos_integer(), [{pos_integer(), integer()}]) -> [{pos_integer(), integer()}].
+upgrade_counts(?LAYOUT, Sparse) -> Sparse;
+upgrade_counts(1, Sparse) ->
+    [{(I - 1) div ?SLOTS_V1 * ?SLOTS + (I - 1) rem ?SLOTS_V1 + 1, C} || {I, C} <- Sparse].
 
 %% @doc The latency quantile `Q' of an arm from its histogram (the geometric
 %% middle of the bucket holding rank `ceil(Q n)'), or `undefined' if empty.
@@ -145,8 +188,9 @@ exceedance(#{hist := HB} = Base, #{hist := HN}, Q, Factor) ->
             #{exceed => 0, n => N, threshold_ms => undefined, p95_baseline_ms => undefined};
         I ->
             Thr = math:pow(2, (I + 1) / 8 - 7) * Factor,
-            First = ceil((math:log2(Thr) + 7) * 8),
-            X = lists:sum([element(J + 1, HN) || J <- lists:seq(max(0, First), ?HBUCKETS - 1)]),
+            %% a threshold above the top bucket (a large Factor): none exceed
+            First = min(?HBUCKETS, max(0, ceil((math:log2(Thr) + 7) * 8))),
+            X = lists:sum([element(J + 1, HN) || J <- lists:seq(First, ?HBUCKETS - 1)]),
             #{exceed => X, n => N, threshold_ms => Thr, p95_baseline_ms => quantile(Base, Q)}
     end.
 
@@ -181,21 +225,37 @@ moments(0, _, _) -> {0, 0.0, 0.0};
 moments(1, Sum, _) -> {1, float(Sum), 0.0};
 moments(N, Sum, Sq) ->
     Mean = Sum / N,
-    {N, Mean, max(0.0, (Sq - Sum * Sum / N) / (N - 1))}.
+    Var = (Sq - Sum * Sum / N) / (N - 1),
+    %% x and x^2 are rounded to 1e-6 separately, which moves this estimate
+    %% by up to (0.5 + |mean|) * 1e-6 * N/(N-1): below that it cannot be told
+    %% from 0 (a constant latency left ~3e-7 and looked infinitely precise)
+    Resolution = (0.5 + abs(Mean)) / ?SCALE * N / (N - 1),
+    {N, Mean, if Var =< Resolution -> 0.0; true -> Var end}.
 
 %% @doc The mixture SPRT at one look: `Delta' (estimate), `V' (its variance),
 %% `Tau' (mixing standard deviation), `Alpha'. Returns the likelihood ratio's
 %% log, `1/Lambda' (capped at 1) and the confidence-sequence interval.
+%% Total: inputs whose terms leave the float range (a `Tau' whose square
+%% underflows, say) give no evidence rather than an exception.
 -spec msprt(float(), float(), float(), float()) ->
           #{log_lambda := float(), p := float(), ci := {float(), float()}}.
 msprt(Delta, V0, Tau, Alpha) when V0 > 0, Tau > 0, Alpha > 0, Alpha < 1 ->
-    T2 = Tau * Tau,
-    %% a floor far below any real variance keeps every term finite
-    V = max(V0, T2 * 1.0e-12),
-    LogL = 0.5 * (math:log(V) - math:log(V + T2)) + T2 * Delta * Delta / (2 * V * (V + T2)),
-    Half = math:sqrt(2 * V * (V + T2) / T2 * (math:log(1 / Alpha) + 0.5 * math:log((V + T2) / V))),
-    #{log_lambda => LogL, p => min(1.0, math:exp(-LogL)), ci => {Delta - Half, Delta + Half}};
-msprt(Delta, _V, _Tau, _Alpha) ->
+    try
+        T2 = Tau * Tau,
+        true = T2 > 0,
+        %% a floor far below any real variance keeps every term finite
+        V = max(V0, T2 * 1.0e-12),
+        LogL = 0.5 * (math:log(V) - math:log(V + T2)) + T2 * Delta * Delta / (2 * V * (V + T2)),
+        %% -ln(alpha), not ln(1/alpha): 1/alpha overflows for a subnormal alpha
+        Half = math:sqrt(2 * V * (V + T2) / T2 * (-math:log(Alpha) + 0.5 * math:log((V + T2) / V))),
+        #{log_lambda => LogL, p => min(1.0, math:exp(-LogL)), ci => {Delta - Half, Delta + Half}}
+    catch
+        error:badarith -> no_evidence(Delta);
+        error:{badmatch, false} -> no_evidence(Delta)
+    end;
+msprt(Delta, _V, _Tau, _Alpha) -> no_evidence(Delta).
+
+no_evidence(Delta) ->
     #{log_lambda => 0.0, p => 1.0, ci => {Delta - 1.0e300, Delta + 1.0e300}}.
 
 %% @doc Treatment against control for a metric: `effect' (treatment minus
@@ -345,14 +405,19 @@ z_test_means({N1, M1, V1}, {N0, M0, V0}) ->
 normal_sf(X) -> 0.5 * math:erfc(X / math:sqrt(2)).
 
 %% @doc The standard normal quantile (Acklam's rational approximation, then
-%% two Newton steps on `erfc': accurate to ~1e-15).
+%% two Halley steps on `erfc': accurate to ~1e-15). Total on (0, 1): beyond
+%% |x| = 37.4 (P below 1e-300) the refinement would overflow and Acklam's
+%% value (relative error 1.2e-9) is returned.
 -spec normal_quantile(float()) -> float().
 normal_quantile(P) when P > 0, P < 1 ->
     X0 = acklam(P),
     newton(newton(X0, P), P).
 
+newton(X, _P) when X * X / 2 > 700 -> X;
 newton(X, P) ->
-    E = (1 - normal_sf(X)) - P,
+    %% the CDF as erfc(-x/sqrt 2)/2 keeps its relative precision in the
+    %% lower tail (1 - sf(x) is 0 below x = -8.3)
+    E = 0.5 * math:erfc(-X / math:sqrt(2)) - P,
     U = E * math:sqrt(2 * math:pi()) * math:exp(X * X / 2),
     X - U / (1 + X * U / 2).
 
@@ -446,6 +511,9 @@ lgamma(X0) ->
 %% `mde/sqrt(V(n)) >= b(n) + z(power)', where `b(n)' is the mSPRT's
 %% boundary for the z statistic at `n' (Tau = mde). It counts only the last
 %% look, so the real power (earlier crossings count too) is at least `power'.
+%% Total for `alpha' and `power' in (0, 1): an `n' whose terms leave the
+%% float range (an `mde' so small that its square underflows) counts as too
+%% small, and the answer is capped at 2^50 (what an undetectable effect gets).
 -spec required_samples(#{baseline := float(), mde := float(), alpha => float(),
                          power => float(), k => pos_integer()}) -> pos_integer().
 required_samples(#{baseline := P0, mde := Mde} = Spec) ->
@@ -455,13 +523,19 @@ required_samples(#{baseline := P0, mde := Mde} = Spec) ->
     Var = P0 * (1 - P0) + P1 * (1 - P1),
     Zp = normal_quantile(Power),
     Ok = fun(N) ->
-                 V = Var / N, T2 = Mde * Mde,
-                 B = math:sqrt(2 * (1 + V / T2) * (math:log(1 / Alpha) + 0.5 * math:log(1 + T2 / V))),
-                 Mde / math:sqrt(V) >= B + Zp
+                 try
+                     V = Var / N, T2 = Mde * Mde,
+                     B = math:sqrt(2 * (1 + V / T2) * (-math:log(Alpha) + 0.5 * math:log(1 + T2 / V))),
+                     Mde / math:sqrt(V) >= B + Zp
+                 catch error:badarith -> false
+                 end
          end,
     Hi = grow(Ok, 16),
     bisect(Ok, Hi div 2, Hi).
 
+-define(MAX_SAMPLES, (1 bsl 50)).
+
+grow(_Ok, N) when N >= ?MAX_SAMPLES -> ?MAX_SAMPLES;
 grow(Ok, N) -> case Ok(N) of true -> N; false -> grow(Ok, N * 2) end.
 
 bisect(_Ok, Lo, Hi) when Hi - Lo =< 1 -> Hi;

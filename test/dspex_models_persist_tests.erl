@@ -16,6 +16,11 @@ persist_test_() ->
       {"a paused rollout survives a crash at its second step, then resumes to 100%",
        fun rollout_survives_crash/0},
       {"counts recorded after the last checkpoint are the only loss", fun checkpoint_bound/0},
+      {"a stored test with overflowing or broken weights never crash-loops the server",
+       fun poisoned_stored_test/0},
+      {"checkpoints written before the sums were split (layout 1) still count", fun layout1_checkpoints/0},
+      {"a call failing on a broken stored record fails alone: the server and its state live on",
+       fun call_fails_alone/0},
       {"an application restart (the store lives in the NIF) resumes a rollout", fun app_restart/0},
       {"the event log records an A/B test's start and decision", fun events_ab/0},
       {"the event log records a rollout's steps, pause, resume and completion in order",
@@ -47,6 +52,15 @@ crash_server() ->
     New = wait_new(Old, 1000),
     _ = dspex_models:list_tests(),
     New.
+
+%% a new server that loads everything from the store, as after a crash,
+%% without counting towards the supervisor's restart intensity (the other
+%% tests' kills use it up)
+reload_server() ->
+    ok = supervisor:terminate_child(dspex_bridge_sup, dspex_models_server),
+    {ok, _} = supervisor:restart_child(dspex_bridge_sup, dspex_models_server),
+    _ = dspex_models:list_tests(),
+    ok.
 
 wait_new(Old, Tries) when Tries > 0 ->
     case whereis(dspex_models_server) of
@@ -270,3 +284,77 @@ events_rollback() ->
     dspex_manual_clock:set(Now + 5000),
     {ok, #{decision := {stopped, max_duration}}} = dspex_models:results(T4),
     [#{data := #{decision := {stopped, max_duration}}}] = events(T4, [model_decision]).
+
+poisoned_stored_test() ->
+    {N, A, B} = setup_name(<<"poi">>),
+    {N2, C, D} = setup_name(<<"poi2">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    {ok, T2} = dspex_models:start_ab_test(#{model => N2, variants => [{C, 1}, {D, 1}]}),
+    [ok = dspex_models:record_inference(C, 10, true, #{}) || _ <- lists:seq(1, 20)],
+    ok = dspex_models:evaluate(),
+    Session = dspex_models:registry_session(),
+    Var = <<"test:", T/binary>>,
+    {ok, #{metadata := #{test := Stored}}} = dspex_store:get(Session, Var),
+    Poison = fun(Ws) ->
+                     {ok, _} = dspex_store:set(Session, Var, <<"running">>,
+                                               #{metadata => #{test => Stored#{weights => Ws}}}),
+                     reload_server()
+             end,
+    %% what an older release stored: weights whose sum overflows (each load
+    %% crashed, the supervisor gave up and the application stopped). The
+    %% split only needs their ratio: it runs.
+    Poison([1.0e308, 1.0e308]),
+    ?assertMatch(#{T := #{status := running}, T2 := #{status := running}}, dspex_models:list_tests()),
+    ?assertEqual([{ok, A}, {ok, B}], lists:usort(routing(N, lists:seq(1, 200)))),
+    %% weights no split can be built from: finished, the name back on production
+    Poison([1 bsl 1100, 0.5]),
+    ?assertMatch(#{T := #{status := finished, decision := {stopped, invalid}}, T2 := #{status := running}},
+                 dspex_models:list_tests()),
+    ?assertEqual([{ok, A}], lists:usort(routing(N, lists:seq(1, 200)))),
+    [{C, 20, 20}, {D, 0, 0}] = arm_ns(T2),
+    {ok, T3} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    ok = dspex_models:stop_test(T3),
+    ok = dspex_models:stop_test(T2),
+    %% later tests' crashes need not log it again
+    ok = dspex_store:delete(Session, Var).
+
+layout1_checkpoints() ->
+    {N, A, B} = setup_name(<<"pl1">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], min_samples => 1000}),
+    [ok = dspex_models:record_inference(B, 10, true, #{}) || _ <- lists:seq(1, 3)],
+    [{A, 0, 0}, {B, 3, 3}] = arm_ns(T),
+    %% another node's checkpoint as an older release wrote it: 263 slots an
+    %% arm, no `layout'; slot 264 is the second arm's count
+    Session = dspex_models:registry_session(),
+    Old = [{1, 7}, {2, 5}, {263 + 1, 4}, {263 + 2, 4}, {263 + 3, 9210340}],
+    {ok, _} = dspex_store:register(Session, <<"counts:", T/binary, ":old@host">>, string, <<"old@host">>,
+                                   #{metadata => #{counts => Old}, history_limit => 0}),
+    [{A, 7, 5}, {B, 7, 7}] = arm_ns(T),
+    %% and this node's own, restored after a crash
+    Mine = <<"counts:", T/binary, ":", (atom_to_binary(node()))/binary>>,
+    ok = dspex_store:delete(Session, Mine),
+    {ok, _} = dspex_store:register(Session, Mine, string, atom_to_binary(node()),
+                                   #{metadata => #{counts => [{263 + 1, 3}, {263 + 2, 3}]}, history_limit => 0}),
+    reload_server(),
+    [{A, 7, 5}, {B, 7, 7}] = arm_ns(T),
+    ok = dspex_models:stop_test(T).
+
+call_fails_alone() ->
+    {N, A, B} = setup_name(<<"pcf">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    Session = dspex_models:registry_session(),
+    Var = <<"test:", T/binary>>,
+    {ok, #{metadata := #{test := Stored}}} = dspex_store:get(Session, Var),
+    %% routable, but without the statistics' spec and last look
+    {ok, _} = dspex_store:set(Session, Var, <<"running">>,
+                              #{metadata => #{test => maps:without([spec, last], Stored)}}),
+    reload_server(),
+    Pid = whereis(dspex_models_server),
+    [ok = dspex_models:record_inference(A, 10, true, #{}) || _ <- lists:seq(1, 5)],
+    ?assertMatch({error, {internal, _}}, dspex_models:results(T)),
+    ?assertEqual(Pid, whereis(dspex_models_server)),
+    %% its live counts were not lost with a process
+    {ok, #{metadata := #{counts := [{1, 5}, {2, 5} | _]}}} =
+        dspex_store:get(Session, <<"counts:", T/binary, ":", (atom_to_binary(node()))/binary>>),
+    ok = dspex_models:stop_test(T),
+    ok = dspex_store:delete(Session, Var).

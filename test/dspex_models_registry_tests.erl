@@ -23,6 +23,7 @@ registry_test_() ->
     {setup, fun start/0, fun(_) -> ok end,
      [{"register, get, list; name+version unique", fun register_get_list/0},
       {"invalid fields are refused", fun invalid/0},
+      {"list_models and aliases take a name, not a store wildcard", fun no_wildcards/0},
       {"a registered model is immutable; archive only changes its status", fun immutable_archive/0},
       {"aliases move in one write, with compare-and-set", fun aliases/0},
       {"the registry is a store session: its history is the audit trail", fun audit/0},
@@ -54,7 +55,12 @@ invalid() ->
     ?assertEqual({error, {invalid_argument, version}}, dspex_models:register_model(#{name => <<"a">>, version => <<"*">>})),
     ?assertEqual({error, {invalid_argument, params}},
                  dspex_models:register_model(#{name => <<"a">>, version => <<"1">>, params => [x]})),
-    ?assertEqual({error, {invalid_argument, name}}, dspex_models:register_model(#{})).
+    ?assertEqual({error, {invalid_argument, name}}, dspex_models:register_model(#{})),
+    %% the missing or bad field is the one named
+    ?assertEqual({error, {invalid_argument, version}}, dspex_models:register_model(#{name => <<"x">>})),
+    ?assertEqual({error, {invalid_argument, version}},
+                 dspex_models:register_model(#{name => <<"x">>, version => 1})),
+    ?assertEqual({error, {invalid_argument, name}}, dspex_models:register_model(#{version => <<"1">>})).
 
 immutable_archive() ->
     N = uniq(<<"imm">>),
@@ -118,3 +124,14 @@ select_production() ->
     ?assertEqual({ok, B}, dspex_models:select_model(N, #{user_id => 1})),
     ok = dspex_models:evaluate(),
     ?assertEqual({ok, A}, dspex_models:select_model(N, #{user_id => 1})).
+
+no_wildcards() ->
+    N = uniq(<<"wc">>),
+    {ok, A} = dspex_models:register_model(#{name => N, version => <<"1">>}),
+    ok = dspex_models:set_alias(N, champion, A),
+    [?assertEqual({error, {invalid_argument, name}}, dspex_models:list_models(Bad))
+     || Bad <- [<<"*">>, <<"wc*">>, <<N/binary, "?">>, <<>>, <<"a:b">>, 5]],
+    ?assertEqual(#{}, dspex_models:aliases(<<"*">>)),
+    ?assertEqual(#{}, dspex_models:aliases(<<"wc*">>)),
+    ?assertEqual(#{<<"champion">> => A}, dspex_models:aliases(N)),
+    {ok, [#{id := A}]} = dspex_models:list_models(N).

@@ -23,7 +23,12 @@ models_test_() ->
       {"rollout: a good model reaches 100% and becomes production; units stay put across ramps",
        fun rollout_good/0},
       {"rollout: a step lasts at least step_duration", fun rollout_step_duration/0},
-      {"rollout: pause, resume, rollback by hand", fun rollout_manual/0}]}.
+      {"rollout: pause, resume, rollback by hand", fun rollout_manual/0},
+      {"rollout: steps [100] moves everyone and completes at its first evaluation", fun rollout_all_at_once/0},
+      {"rollout: a p95 gate with a huge max_degradation passes", fun rollout_p95_huge/0},
+      {"archiving a model of a running test or rollout is refused", fun archive_in_use/0},
+      {"rollout: a new model archived behind the server's back is not promoted", fun rollout_archived_new/0},
+      {"A/B on a constant latency: no evidence, no winner", fun ab_constant_latency/0}]}.
 
 setup_name(Prefix) ->
     N = uniq(Prefix),
@@ -268,3 +273,70 @@ rollout_manual() ->
     ?assertEqual({error, {already_production, A}}, dspex_models:start_rollout(N, A, #{})),
     ?assertEqual({error, {invalid_argument, steps}}, dspex_models:start_rollout(N, B, #{steps => [50, 10]})),
     ?assertEqual({error, {no_production, <<"nobody">>}}, dspex_models:start_rollout(<<"nobody">>, B, #{})).
+
+rollout_all_at_once() ->
+    {N, _A, B} = setup_name(<<"all">>),
+    H = listen([[dspex, models, rollout, complete]]),
+    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [100], step_duration => 0, min_samples => 10}),
+    ?assertEqual([{ok, B}], lists:usort([dspex_models:select_model(N, #{user_id => U}) || U <- lists:seq(1, 200)])),
+    ok = dspex_models:evaluate(),
+    {ok, #{status := finished, decision := completed, percent := 100, step := 1}} = dspex_models:results(R),
+    ?assertEqual({ok, B}, dspex_models:get_alias(N, production)),
+    receive {tel, [dspex, models, rollout, complete], _, #{id := R, model := B}} -> ok
+    after 5000 -> erlang:error(no_complete_event)
+    end,
+    dspex_telemetry:detach(H).
+
+rollout_p95_huge() ->
+    {N, _A, B} = setup_name(<<"p95h">>),
+    ?assertEqual({error, {invalid_argument, gates}},
+                 dspex_models:start_rollout(N, B, #{gates => [#{metric => latency_p95, max_degradation => 1.0e7}]})),
+    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [50, 100], step_duration => 0, min_samples => 10,
+                                                  gates => [#{metric => latency_p95, max_degradation => 1.0e6}]}),
+    _ = traffic(N, lists:seq(1, 2000), fun(_) -> {0.99, 20} end, rand:seed_s(exsss, {19, 2, 8})),
+    ok = dspex_models:evaluate(),
+    %% a threshold of 1e6 times the baseline's p95 is above every bucket: none exceed
+    {ok, #{status := finished, decision := completed, gates := [#{verdict := pass, exceed_rate := 0.0}]}} =
+        dspex_models:results(R),
+    ?assertEqual({ok, B}, dspex_models:get_alias(N, production)).
+
+archive_in_use() ->
+    {N, A, B} = setup_name(<<"arch">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}]}),
+    ?assertEqual({error, {in_use, T}}, dspex_models:archive_model(B)),
+    ?assertEqual({error, {in_use, T}}, dspex_models:archive_model(A)),
+    {ok, #{status := active}} = dspex_models:get_model(B),
+    ok = dspex_models:stop_test(T),
+    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [50, 100], step_duration => 0}),
+    ?assertEqual({error, {in_use, R}}, dspex_models:archive_model(B)),
+    ok = dspex_models:pause(R),
+    ?assertEqual({error, {in_use, R}}, dspex_models:archive_model(B)),
+    ok = dspex_models:rollback(R),
+    ok = dspex_models:archive_model(B),
+    {ok, #{status := archived}} = dspex_models:get_model(B),
+    ?assertEqual({error, {archived, B}}, dspex_models:start_rollout(N, B, #{})).
+
+rollout_archived_new() ->
+    {N, A, B} = setup_name(<<"parch">>),
+    {ok, R} = dspex_models:start_rollout(N, B, #{steps => [50, 100], step_duration => 0,
+                                                  gates => [#{metric => error_rate, max_degradation => 0.05}]}),
+    %% archived by a write that did not go through the server (an older node)
+    {ok, _} = dspex_store:set(dspex_models:registry_session(), <<"model:", B/binary>>, B,
+                              #{metadata => #{status => archived}}),
+    _ = traffic(N, lists:seq(1, 20000), fun(_) -> {0.99, 20} end, rand:seed_s(exsss, {19, 2, 9})),
+    ok = dspex_models:evaluate(),
+    %% it was `completed' with production left on A
+    {ok, #{status := finished, decision := {rolled_back, {promote_failed, {archived, B}}}, percent := 0}} =
+        dspex_models:results(R),
+    ?assertEqual({ok, A}, dspex_models:get_alias(N, production)),
+    ?assertEqual([{ok, A}], lists:usort([dspex_models:select_model(N, #{user_id => U}) || U <- lists:seq(1, 500)])).
+
+ab_constant_latency() ->
+    {N, A, B} = setup_name(<<"cl">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}], metric => latency,
+                                           min_samples => 100}),
+    [ok = dspex_models:record_inference(A, 10, true, #{}) || _ <- lists:seq(1, 200)],
+    [ok = dspex_models:record_inference(B, 11, true, #{}) || _ <- lists:seq(1, 200)],
+    %% was p 0.0 and {winner, A}
+    {ok, #{status := running, decision := continue, p_value := 1.0}} = dspex_models:results(T),
+    ok = dspex_models:stop_test(T).

@@ -16,6 +16,10 @@ select_test_() ->
       {"a finished test stops routing and ingesting", fun finished/0},
       {"bad arguments", fun bad_args/0},
       {"the SelectModel and RecordInference RPC handlers", fun grpc_handlers/0},
+      {"out-of-range weights, mde, alpha, power are refused; the server and its counts live on",
+       fun extreme_specs/0},
+      {"RecordInference: the bad field is named; custom values are kept apart from experiment "
+       "and checked like record_inference/4", fun grpc_record_fields/0},
       {timeout, 60, {"another node running the same test with the same salt routes every unit alike",
                      fun across_nodes/0}}]}.
 
@@ -180,3 +184,52 @@ across_nodes() ->
     after
         peer:stop(Peer)
     end.
+
+extreme_specs() ->
+    {N, A, B} = two_models(<<"ext">>),
+    {N2, C, D} = two_models(<<"ext2">>),
+    %% another test with samples its server holds and has not checkpointed yet
+    {ok, T0} = dspex_models:start_ab_test(#{model => N2, variants => [{C, 1}, {D, 1}], min_samples => 1000}),
+    [ok = dspex_models:record_inference(C, 10, true, #{}) || _ <- lists:seq(1, 50)],
+    Pid = whereis(dspex_models_server),
+    Spec = #{model => N, variants => [{A, 1}, {B, 1}], baseline => 0.5},
+    %% each of these crashed the server: the weights after the test was
+    %% stored (so every restart crashed again and the application stopped),
+    %% the others in required_samples/1
+    [?assertEqual({error, {invalid_argument, K}}, dspex_models:start_ab_test(Spec#{K => V}))
+     || {K, V} <- [{variants, [{A, 1.0e308}, {B, 1.0e308}]}, {variants, [{A, 1 bsl 1100}, {B, 1}]},
+                   {variants, [{A, 1.0e6 + 1}, {B, 1}]}, {mde, 1.0e-200}, {mde, 1.0e7},
+                   {alpha, 5.0e-324}, {alpha, 0.6}, {power, 5.0e-324}, {power, 0.99999},
+                   {metric, {custom, experiment}}]],
+    ?assertEqual(Pid, whereis(dspex_models_server)),
+    ?assertEqual([], [Id || {Id, _} <- maps:to_list(dspex_models:list_tests()),
+                            binary:match(Id, N) =/= nomatch]),
+    {ok, #{arm_summary := [{C, #{n := 50}}, {D, #{n := 0}}], status := running}} = dspex_models:results(T0),
+    %% the bounds themselves are fine
+    {ok, T} = dspex_models:start_ab_test(Spec#{variants => [{A, 1.0e6}, {B, 1}], mde => 1.0e-6,
+                                               alpha => 1.0e-9, power => 0.9999}),
+    {ok, #{spec := #{max_samples := MaxS}}} = dspex_models:results(T),
+    ?assert(is_integer(MaxS)),
+    ok = dspex_models:stop_test(T),
+    ok = dspex_models:stop_test(T0).
+
+grpc_record_fields() ->
+    {N, A, B} = two_models(<<"rpcf">>),
+    {ok, T} = dspex_models:start_ab_test(#{model => N, variants => [{A, 1}, {B, 1}],
+                                           metric => {custom, score}, min_samples => 1000}),
+    Rec = #{session_id => <<>>, model_id => A, latency_ms => 10.0, success => true, experiment => <<>>,
+            custom => #{}},
+    R = fun dspex_models_grpc:record_inference/1,
+    ?assertEqual({error, {invalid_argument, success}}, R(Rec#{success => 1})),
+    ?assertEqual({error, {invalid_argument, latency_ms}}, R(Rec#{latency_ms => -1})),
+    ?assertEqual({error, {invalid_argument, custom}}, R(Rec#{custom => [x]})),
+    %% a custom value named `experiment' is not the experiment filter: recorded
+    ?assertEqual({reply, #{}}, R(Rec#{custom => #{<<"experiment">> => 1.0, <<"score">> => 5.0}})),
+    ?assertEqual({reply, #{}}, R(Rec#{experiment => T, custom => #{<<"experiment">> => 1.0}})),
+    %% only a value a running test records is range-checked, as in Erlang
+    ?assertEqual({reply, #{}}, R(Rec#{custom => #{<<"some_unrelated_key_7">> => 3000.0}})),
+    ok = dspex_models:record_inference(A, 10.0, true, #{some_unrelated_key_8 => 3000.0}),
+    ?assertEqual({error, {invalid_argument, custom}}, R(Rec#{custom => #{<<"score">> => 3000.0}})),
+    ?assertError(badarg, dspex_models:record_inference(A, 10.0, true, #{score => 3000.0})),
+    {ok, #{arm_summary := [{A, #{n := 4}}, {B, #{n := 0}}]}} = dspex_models:results(T),
+    ok = dspex_models:stop_test(T).

@@ -18,7 +18,13 @@ stats_test_() ->
      {timeout, 120, {"power >= 80% for 90% -> 88% within required_samples/1", fun power_simulation/0}},
      {timeout, 120, {"the confidence sequence covers the true effect at every look", fun coverage_simulation/0}},
      {timeout, 120, {"400 A/A latency tests peeked every 100 samples keep alpha", fun aa_latency_simulation/0}},
-     {timeout, 60, {"fixed-horizon figures and the mixture match statsmodels/scipy", fun python_agreement/0}}].
+     {timeout, 60, {"fixed-horizon figures and the mixture match statsmodels/scipy", fun python_agreement/0}},
+     {"extreme alpha, power and mde: every function returns a finite answer", fun extreme_inputs/0},
+     {"the normal quantile keeps its precision in the lower tail", fun lower_tail_quantile/0},
+     {"a constant latency is no evidence although its log is rounded", fun constant_latency/0},
+     {timeout, 120, {"9.3M custom values of +-1000 in one arm: the sums do not wrap", fun custom_sums_no_wrap/0}},
+     {"a layout-1 checkpoint's counts read as they were written", fun layout1_counts/0},
+     {"the p95 exceedance of a threshold above the top bucket is 0", fun exceedance_huge_factor/0}].
 
 special_functions() ->
     ?assert(abs(dspex_models_stats:normal_quantile(0.975) - 1.959963984540054) < 1.0e-12),
@@ -282,3 +288,108 @@ root() ->
     %% rebar3 runs eunit from the project root
     {ok, Cwd} = file:get_cwd(),
     Cwd.
+
+%%% ------------------------------------------------------------------
+%%% Extreme inputs and counter ranges
+%%% ------------------------------------------------------------------
+
+%% each of these raised badarith inside dspex_models_server (no try there)
+extreme_inputs() ->
+    Req = fun(M) -> dspex_models_stats:required_samples(maps:merge(#{baseline => 0.5, mde => 0.02}, M)) end,
+    %% mde^2 underflows to 0: no sample size detects it, the cap is returned
+    ?assertEqual(1 bsl 50, Req(#{mde => 1.0e-200})),
+    %% 1/alpha overflowed; -ln(alpha) = 744.4 does not
+    NA = Req(#{alpha => 5.0e-324}),
+    ?assert(is_integer(NA) andalso NA > Req(#{})),
+    %% the quantile of a subnormal power overflowed in its refinement
+    ?assert(is_integer(Req(#{power => 5.0e-324}))),
+    ?assertEqual(7438, dspex_models_stats:required_samples(#{baseline => 0.9, mde => 0.02})),
+    Q = dspex_models_stats:normal_quantile(5.0e-324),
+    ?assert(Q < -38.4 andalso Q > -38.6),
+    %% the mixture: a tau whose square underflows, a subnormal alpha
+    ?assertMatch(#{p := 1.0}, dspex_models_stats:msprt(0.1, 1.0e-4, 1.0e-200, 0.05)),
+    #{p := P, ci := {Lo, Hi}} = dspex_models_stats:msprt(0.1, 1.0e-4, 0.02, 5.0e-324),
+    ?assert(is_float(P) andalso Lo < 0.1 andalso Hi > 0.1),
+    %% a whole evaluation with such an mde: continue, not an exception
+    Arm = fun(N, S) -> #{n => N, successes => S} end,
+    #{decision := continue, p_value := 1.0} =
+        dspex_models_stats:evaluate([{a, Arm(50, 50)}, {b, Arm(50, 0)}],
+                                    #{metric => success, alpha => 0.05, mde => 1.0e-200, min_samples => 10}, #{}).
+
+lower_tail_quantile() ->
+    %% Python's statistics.NormalDist().inv_cdf (Wichura AS241); 1 - sf(x) is
+    %% 0 below -8.3, so the refinement on it moved these to -9.147 and worse
+    [?assert(abs(dspex_models_stats:normal_quantile(P) - X) < 1.0e-12 * abs(X))
+     || {P, X} <- [{1.0e-20, -9.262340089798405}, {1.0e-100, -21.27345356096532},
+                   {1.0e-300, -37.0470962993612}]].
+
+%% one arm of N inferences at LatencyMs, through the ingest path
+latency_arm(N, LatencyMs) ->
+    Ref = dspex_models_stats:new_counters(1),
+    [dspex_models_stats:ingest(Ref, 0, LatencyMs, true, undefined) || _ <- lists:seq(1, N)],
+    dspex_models_stats:snapshot(Ref, 0).
+
+constant_latency() ->
+    A = latency_arm(200, 10), B = latency_arm(200, 11),
+    %% ln 10 and ln^2 10 rounded apart left a variance of ~3e-7
+    ?assertMatch({200, _, 0.0}, dspex_models_stats:arm(A, latency)),
+    #{decision := continue, p_value := 1.0} =
+        dspex_models_stats:evaluate([{a, A}, {b, B}], #{metric => latency, alpha => 0.05, mde => 0.02,
+                                                        min_samples => 100}, #{}),
+    %% a real spread is kept: 10 and 11 ms alternating
+    Ref = dspex_models_stats:new_counters(1),
+    [dspex_models_stats:ingest(Ref, 0, 10 + I rem 2, true, undefined) || I <- lists:seq(1, 200)],
+    {200, _, V} = dspex_models_stats:arm(dspex_models_stats:snapshot(Ref, 0), latency),
+    Expected = math:pow(math:log(1.1) / 2, 2) * 200 / 199,
+    ?assert(abs(V - Expected) / Expected < 1.0e-3).
+
+%% 1e12 per sample went into one 64-bit slot for |custom| = 1000: it wrapped
+%% after 9.2M samples and the variance became negative (clamped to 0)
+custom_sums_no_wrap() ->
+    Ref = dspex_models_stats:new_counters(1),
+    Procs = max(2, erlang:system_info(schedulers_online)),
+    Each = 9300000 div Procs div 2,
+    Self = self(),
+    Pids = [spawn_link(fun() -> ingest_pairs(Ref, Each), Self ! {done, self()} end)
+            || _ <- lists:seq(1, Procs)],
+    [receive {done, P} -> ok end || P <- Pids],
+    N = Procs * Each * 2,
+    Arm = dspex_models_stats:snapshot(Ref, 0),
+    #{custom_n := N, custom_sum := Sum, custom_sumsq := Sq} = Arm,
+    ?assert(N > 9223372),
+    ?assertEqual(0.0, Sum),
+    ?assertEqual(N * 1.0e6, Sq),
+    {N, Mean, Var} = dspex_models_stats:arm(Arm, {custom, score}),
+    ?assertEqual(0.0, Mean),
+    ?assert(abs(Var - 1.0e6 * N / (N - 1)) < 1.0e-3),
+    %% and from the tuple a checkpoint holds
+    ?assertEqual(Arm, dspex_models_stats:from_counts(dspex_models_stats:counts(Ref, 1), 0)).
+
+ingest_pairs(_, 0) -> ok;
+ingest_pairs(Ref, K) ->
+    dspex_models_stats:ingest(Ref, 0, 10, true, 1000),
+    dspex_models_stats:ingest(Ref, 0, 10, true, -1000),
+    ingest_pairs(Ref, K - 1).
+
+%% a checkpoint written before the sums were split (263 slots per arm, no
+%% `layout'): its slots move to the same offsets of the wider arms
+layout1_counts() ->
+    Old = [{1, 40}, {2, 30}, {3, 92103404}, {7, 5000000}, {5, 2}, {263 + 1, 5}, {263 + 3, 11512925}],
+    Sparse = dspex_models_stats:upgrade_counts(1, Old),
+    Slots = dspex_models_stats:slots(),
+    Counts = lists:foldl(fun({I, C}, T) -> setelement(I, T, C) end,
+                         erlang:make_tuple(2 * Slots, 0), Sparse),
+    A = dspex_models_stats:from_counts(Counts, 0),
+    B = dspex_models_stats:from_counts(Counts, Slots),
+    ?assertMatch(#{n := 40, successes := 30, custom_n := 2}, A),
+    ?assertEqual(92.103404, maps:get(lat_sum, A)),
+    ?assertEqual(5.0, maps:get(custom_sumsq, A)),
+    ?assertMatch(#{n := 5, successes := 0}, B),
+    ?assertEqual(11.512925, maps:get(lat_sum, B)),
+    ?assertEqual(Sparse, dspex_models_stats:upgrade_counts(dspex_models_stats:counts_layout(), Sparse)).
+
+exceedance_huge_factor() ->
+    Base = latency_arm(100, 100), New = latency_arm(100, 100),
+    %% lists:seq(First, 255) raised for First > 256 (max_degradation 1e6)
+    ?assertMatch(#{exceed := 0, n := 100}, dspex_models_stats:exceedance(Base, New, 0.95, 1.0e6 + 1)),
+    ?assertMatch(#{exceed := 100}, dspex_models_stats:exceedance(Base, latency_arm(100, 1.0e9), 0.95, 1.2)).
