@@ -471,8 +471,10 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% `{error, {version_mismatch, Current}}'), `metadata' (a map merged into the
 %% variable's metadata), `changed_by' (recorded in history and watch events).
 %% `lock => Lock' (from `dspex_locks:acquire/4'): required while the variable
-%% is locked by an optimizer; without the current token a write is
-%% `{error, {locked, Holder}}', with an outdated one `{error, stale_lock}'.
+%% is locked by an optimizer; a write without token is
+%% `{error, {locked, Holder}}', one with a token that is not the current one
+%% (released, expired or preempted) `{error, stale_lock}', also while another
+%% optimizer holds the variable.
 %% `propagate => sync': return only after derived dependents were recomputed
 %% (see `dspex_graph:define_derived/6'; default: they are recomputed
 %% asynchronously). Setting a derived variable is `{error, derived_variable}'.

@@ -516,8 +516,9 @@ static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64
     if (o && o->acl_check && !o->acl_check(o->acl_ctx, v, atomic_load_explicit(&v->acl, memory_order_relaxed)))
         return DX_E_DENIED;
     if (v->derived && !(o && o->propagation)) return DX_E_DERIVED;
-    if (o && o->lock_token && o->lock_token != v->lock_token)
-        return v->lock_token ? refuse_locked(v) : DX_E_STALE_LOCK;
+    /* A token that is not the current one is stale whoever holds the lock
+     * now; {locked, Holder} is for a write that presented no token. */
+    if (o && o->lock_token && o->lock_token != v->lock_token) return DX_E_STALE_LOCK;
     if (v->lock_token && !(o && o->lock_token == v->lock_token)) return refuse_locked(v);
     if (o && o->if_current && o->if_current != cur) return DX_E_RETRY;
     if (o && o->has_expected && o->expected != cur->version) {

@@ -313,7 +313,13 @@ static void test_optimizer_locks(void **st) {
     /* preemption: locking with the holder's token hands over to a newer token */
     assert_int_equal(dx_var_lock(s, v, t1, (const uint8_t *)"opt2", 4, &t2, NULL), DX_OK);
     assert_true(t2 > t1);
-    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_LOCKED); /* old token */
+    /* the old token while another holds the lock: stale, not {locked, Holder} */
+    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_STALE_LOCK);
+    assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US, &ver, NULL, NULL), DX_E_LOCKED); /* no token */
+    dx_set_item it = {.var = v, .value = nv, .opts = o};
+    assert_int_equal(dx_var_set_many(s, &it, 1, true, false, T_US, NULL, NULL), DX_E_BATCH);
+    assert_int_equal(it.rc, DX_E_STALE_LOCK);
+    assert_int_equal(dx_var_rollback(s, v, 1, &o, T_US, &ver, NULL, NULL), DX_E_STALE_LOCK);
     assert_int_equal(dx_var_unlock(s, v, t1), DX_E_STALE_LOCK);
     assert_int_equal(dx_var_unlock(s, v, t2), DX_OK);
     o.lock_token = t2;
