@@ -565,9 +565,42 @@ ttl_expiry_by_sweeper_test_() ->
              {ok, _} = dspex_store:register(S, x, integer, 1),
              Keep = new(), %% default ttl 3600 s
              ok = dspex_test_hooks:enable(),
-             ok = dspex_nif:advance_clock(1500), %% the TTL clock, not the wall clock
+             %% the TTL clock, not the wall clock: past ttl + the 1 s touch granularity
+             ok = dspex_nif:advance_clock(2100),
              ?assertEqual({error, session_not_found}, dspex_store:get(S, x)),
              ?assert(dspex_session_sweeper:sweep_now() >= 1),
              ?assertNot(lists:member(S, dspex_store:list_sessions())),
              ?assertMatch({ok, _}, dspex_store:get_session(Keep))
      end}.
+
+%% The probe's case: ttl 1 s and a set every 600 ms (of the TTL clock). An
+%% access less than a second after the last recorded one is not recorded, yet
+%% each access keeps the session for a full ttl (and it goes within ttl + 1 s).
+%% Only the TTL clock is advanced by the test; the real clock moves as well, so
+%% a run in which 700 ms or more of real time passed (a stalled scheduler)
+%% proves nothing either way and is made again, at most 5 times.
+ttl_counts_from_the_last_access_test_() ->
+    {setup, fun() -> application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
+     fun() -> ok = dspex_test_hooks:enable(), ttl_every_600ms(5) end}.
+
+ttl_every_600ms(0) -> erlang:error(every_run_stalled);
+ttl_every_600ms(Tries) ->
+    S = sid(),
+    T0 = erlang:monotonic_time(millisecond),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    ok = dspex_nif:advance_clock(600),
+    R1 = dspex_store:set(S, x, 1),
+    ok = dspex_nif:advance_clock(600),
+    R2 = dspex_store:set(S, x, 2),
+    case erlang:monotonic_time(millisecond) - T0 < 700 of
+        true ->
+            ?assertEqual({ok, 1}, R1),
+            ?assertEqual({ok, 2}, R2),
+            %% gone once ttl + the granularity passed without an access
+            ok = dspex_nif:advance_clock(2001),
+            ?assertEqual({error, session_not_found}, dspex_store:set(S, x, 3));
+        false ->
+            _ = dspex_store:delete_session(S),
+            ttl_every_600ms(Tries - 1)
+    end.

@@ -277,8 +277,13 @@ static dx_session *session_new(dx_str id, const uint8_t *meta, size_t meta_len, 
     return s;
 }
 
-static int expired(dx_session *s, int64_t now_ms) {
-    return s->ttl_ms >= 0 && now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) > s->ttl_ms;
+/* last_access is refreshed at most once per DX_TOUCH_GRANULARITY_MS (see
+ * dx_session_touch), so the last real access may be up to that much later
+ * than the recorded one: the grace keeps a session for at least ttl after its
+ * last access (and at most ttl + the granularity). */
+int dx_session_expired(const dx_session *s, int64_t now_ms) {
+    return s->ttl_ms >= 0 &&
+           now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) > s->ttl_ms + DX_TOUCH_GRANULARITY_MS;
 }
 
 int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
@@ -291,7 +296,7 @@ int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t t
     pthread_mutex_lock(&g_sessions_mu);
     uint64_t h = dx_hash(id.ptr, id.len);
     s = (dx_session *)dx_rtab_find(&g_sessions, h, id.ptr, id.len);
-    if (s && expired(s, now_ms)) {
+    if (s && dx_session_expired(s, now_ms)) {
         /* An expired session the sweeper has not reached yet: replace it. */
         dx_rtab_remove(&g_sessions, h, id.ptr, id.len);
         session_unlinked();
@@ -322,8 +327,9 @@ int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t t
 
 void dx_session_touch(dx_session *s, int64_t now_ms) {
     /* Write only when the value moves by a second: a store on every read would
-     * bounce this cache line between readers on different cores. */
-    if (now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) >= 1000)
+     * bounce this cache line between readers on different cores. The expiry
+     * check allows for the accesses this skips. */
+    if (now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) >= DX_TOUCH_GRANULARITY_MS)
         atomic_store_explicit(&s->last_access, now_ms, memory_order_relaxed);
 }
 
@@ -339,7 +345,7 @@ dx_session *dx_session_find(dx_str id, int64_t now_ms) {
             t_last.gen = gen;
         }
     }
-    if (!s || expired(s, now_ms)) return NULL;
+    if (!s || dx_session_expired(s, now_ms)) return NULL;
     dx_session_touch(s, now_ms);
     return s;
 }
@@ -367,7 +373,7 @@ typedef struct {
 static int sweep_cb(void *ctx, dx_rkey *e) {
     sweep_ctx *c = ctx;
     dx_session *s = (dx_session *)e;
-    if (!expired(s, c->now)) return 0;
+    if (!dx_session_expired(s, c->now)) return 0;
     if (c->n == c->cap) {
         size_t cap = c->cap ? c->cap * 2 : 16;
         dx_session **l = realloc(c->list, cap * sizeof *l);

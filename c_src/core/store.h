@@ -130,7 +130,12 @@ void dx_store_set_watcher_release(void (*fn)(void *w));
 int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
                       int64_t now_ms, dx_session **out, int *created, int *limit);
 dx_session *dx_session_find(dx_str id, int64_t now_ms); /* NULL if absent or expired; refreshes */
+/* Accesses refresh last_access at most once per this many ms; a session
+ * expires once now - last_access > ttl + this, so it lives at least ttl after
+ * its last access and at most ttl + this. */
+#define DX_TOUCH_GRANULARITY_MS 1000
 void dx_session_touch(dx_session *s, int64_t now_ms);
+int dx_session_expired(const dx_session *s, int64_t now_ms);
 int dx_session_delete(dx_str id);
 size_t dx_session_sweep(int64_t now_ms);
 size_t dx_session_count(void);

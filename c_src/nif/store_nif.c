@@ -237,7 +237,7 @@ typedef struct {
 
 static int sess_list_cb(void *ctx, dx_session *s) {
     sess_list_ctx *c = ctx;
-    if (s->ttl_ms < 0 || c->now - atomic_load(&s->last_access) <= s->ttl_ms)
+    if (!dx_session_expired(s, c->now))
         c->list = enif_make_list_cell(c->env, dx_make_bin(c->env, s->id, s->id_len), c->list);
     return 0;
 }

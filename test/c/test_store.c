@@ -71,7 +71,8 @@ static void test_ttl_and_sweep(void **st) {
     mk_session("short", 1000);
     mk_session("forever", -1);
     assert_non_null(dx_session_find(S("short"), T_MS + 900));
-    /* the find at +900 refreshed nothing (under a second); at +1500 it's expired */
+    /* the find at +900 refreshed nothing (under a second), yet counts: the
+     * session lives until ttl + the touch granularity after the last refresh */
     assert_null(dx_session_find(S("short"), T_MS + 2001));
     assert_int_equal(dx_session_sweep(T_MS + 2001), 1);
     assert_non_null(dx_session_find(S("forever"), T_MS + 1000000));
@@ -84,10 +85,36 @@ static void test_touch_refreshes(void **st) {
     dx_ebr_enter();
     dx_session *s = mk_session("t", 2000);
     dx_session_touch(s, T_MS + 1500);
-    assert_non_null(dx_session_find(S("t"), T_MS + 3000)); /* 1500 ms after the touch */
-    assert_null(dx_session_find(S("t"), T_MS + 6000));
+    assert_non_null(dx_session_find(S("t"), T_MS + 3000)); /* 1500 ms after the touch; refreshes */
+    /* gone after ttl + the touch granularity since that find */
+    assert_non_null(dx_session_find(S("t"), T_MS + 6000));
+    assert_null(dx_session_find(S("t"), T_MS + 9001));
     dx_session_delete(S("t"));
     dx_ebr_exit();
+}
+
+/* The probe's case: ttl 1 s, an access every 600 ms. Accesses within a
+ * second of the last refresh are not recorded; the session must still live
+ * ttl after each of them (and not much longer). */
+static void test_ttl_counts_from_the_last_access(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("every600", 1000);
+    assert_non_null(dx_session_find(S("every600"), T_MS + 600));
+    assert_non_null(dx_session_find(S("every600"), T_MS + 1200));
+    /* accesses at gaps of 1..ttl ms, some recorded, most not */
+    int64_t now = T_MS + 1200;
+    for (int i = 0; i < 5000; i++) {
+        now += (i * 37) % 1000 + 1;
+        assert_ptr_equal(dx_session_find(S("every600"), now), s);
+        assert_false(dx_session_expired(s, now + 1000)); /* a full ttl after this access */
+        assert_int_equal(dx_session_sweep(now + 1000), 0);
+    }
+    /* and gone once ttl + the granularity passed since the last access */
+    assert_true(dx_session_expired(s, now + 1000 + DX_TOUCH_GRANULARITY_MS + 1));
+    assert_int_equal(dx_session_sweep(now + 1000 + DX_TOUCH_GRANULARITY_MS + 1), 1);
+    assert_null(dx_session_find(S("every600"), now + 1000 + DX_TOUCH_GRANULARITY_MS + 1));
+    dx_ebr_exit();
+    dx_ebr_reclaim(1);
 }
 
 static void test_register_set_versions(void **st) {
@@ -600,6 +627,7 @@ int main(void) {
         cmocka_unit_test(test_ebr_probe_with_a_late_spinner_returns),
         cmocka_unit_test(test_session_lifecycle),       cmocka_unit_test(test_ttl_and_sweep),
         cmocka_unit_test(test_touch_refreshes),         cmocka_unit_test(test_register_set_versions),
+        cmocka_unit_test(test_ttl_counts_from_the_last_access),
         cmocka_unit_test(test_history_ring_and_rollback), cmocka_unit_test(test_batches),
         cmocka_unit_test(test_watchers_notify_and_release), cmocka_unit_test(test_limits),
         cmocka_unit_test(test_import_roundtrip),        cmocka_unit_test(test_concurrent_readers_writers),
