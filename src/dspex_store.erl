@@ -18,7 +18,8 @@
 %% a string), `embedding' (list of numbers, stored as floats), `tensor' (`#{shape => [N], data => [Number]}', data length equal to
 %% the product of the shape). For `string', `choice' and `module' an ASCII atom
 %% is accepted and means its text (`true' is then `<<"true">>'). An integer beyond
-%% 64 bits given for a float is stored as the nearest float.
+%% 64 bits given for a float, or in an embedding or tensor, is stored as the
+%% nearest float (ties to even; beyond the float range it is refused).
 %%
 %% == Cluster ==
 %% When a cluster is configured (see `dspex_cluster'), every call taking a

@@ -537,6 +537,76 @@ big_replies_run_on_dirty_schedulers_test_() ->
 
 %% A conversion that runs out of memory half way (a list of 40 atoms: the
 %% string table is allocated, then its atom text is not) leaks nothing, in
+%% An integer beyond 64 bits is stored as the nearest float (ties to even):
+%% rounding its top 64 bits first and then the rest rounded 2^71 + 2^18 + 1
+%% down, to a float that is not float/1's. float/1 is no oracle beyond two
+%% 64-bit words (it rounds word by word: float(2^200 + 2^147 + 1) is 2^200),
+%% so the expected floats come from nearest/1, exact integer arithmetic.
+%% Float bounds convert the same way.
+bignum_floats_are_the_nearest_float_test() ->
+    S = new(),
+    rand:seed(exsss, {7, 11, 13}),
+    Tricky = [(1 bsl 71) + (1 bsl 18) + 1, (1 bsl 71) + (1 bsl 18), (1 bsl 71) + (3 bsl 18),
+              (1 bsl 200) + (1 bsl 147) + 1, ((1 bsl 63) + (1 bsl 10)) * 256 + 1, (1 bsl 64) - 1,
+              (1 bsl 1024) - (1 bsl 970) - 1],
+    %% near-ties: a 53-bit mantissa, half an ulp, and a little more (or not) far below
+    Random = [(M bsl K) + (1 bsl (K - 1)) + Extra
+              || _ <- lists:seq(1, 200),
+                 M <- [(1 bsl 52) + rand:uniform(1 bsl 52) - 1],
+                 K <- [rand:uniform(900) + 12],
+                 Extra <- [rand:uniform(2) - 1]],
+    Ns = Tricky ++ [-N || N <- Tricky] ++ Random,
+    {ok, _} = dspex_store:register(S, f, float, 0.0),
+    [?assertEqual({N, {ok, nearest(N)}}, {N, begin {ok, _} = dspex_store:set(S, f, N), dspex_store:get_value(S, f) end})
+     || N <- Ns],
+    N1 = hd(Tricky),
+    ?assertEqual(float(N1), nearest(N1)),
+    {ok, _} = dspex_store:register(S, g, float, N1),
+    ?assertEqual({ok, float(N1)}, dspex_store:get_value(S, g)),
+    %% a bound given as that integer admits exactly float(N1)
+    {ok, _} = dspex_store:register(S, b, float, float(N1), #{constraints => #{max => N1, min => N1}}),
+    ?assertMatch({ok, #{constraints := #{max := Max, min := Max}}} when Max =:= float(N1), dspex_store:get(S, b)).
+
+%% The float nearest to integer N (ties to even), by integer arithmetic:
+%% float/1 is only applied to integers it represents exactly.
+nearest(N) when N < 0 -> -nearest(-N);
+nearest(N) ->
+    case bit_size(binary:encode_unsigned(N)) - length(lists:takewhile(fun(B) -> B =:= 0 end, bits_of(N))) of
+        L when L =< 53 -> float(N);
+        L ->
+            Shift = L - 53,
+            M = N bsr Shift,
+            R = N band ((1 bsl Shift) - 1),
+            Half = 1 bsl (Shift - 1),
+            M2 = case R > Half orelse (R =:= Half andalso M band 1 =:= 1) of
+                     true -> M + 1;
+                     false -> M
+                 end,
+            float(M2 bsl Shift)
+    end.
+
+bits_of(N) -> [B || <<B:1>> <= binary:encode_unsigned(N)].
+
+%% Embeddings and tensors take any integer, converted as for a float variable.
+bignums_in_embeddings_and_tensors_test() ->
+    S = new(),
+    N = (1 bsl 71) + (1 bsl 18) + 1,
+    {ok, _} = dspex_store:register(S, e, embedding, [1 bsl 64, N, -N, 1.5]),
+    ?assertEqual({ok, [float(1 bsl 64), float(N), float(-N), 1.5]}, dspex_store:get_value(S, e)),
+    {ok, 1} = dspex_store:set(S, e, [1, 1 bsl 100]),
+    ?assertEqual({ok, [1.0, float(1 bsl 100)]}, dspex_store:get_value(S, e)),
+    ?assertMatch({ok, #{updated := #{e := 2}}}, dspex_store:set_many(S, [{e, [N]}])),
+    ?assertEqual({ok, [float(N)]}, dspex_store:get_value(S, e)),
+    {ok, _} = dspex_store:register(S, t, tensor, #{shape => [2], data => [1 bsl 64, 2]}),
+    ?assertEqual({ok, #{shape => [2], data => [float(1 bsl 64), 2.0]}}, dspex_store:get_value(S, t)),
+    %% beyond the float range: refused as for a float variable, nothing changed
+    ?assertEqual({error, {invalid_value, <<"expected a list of numbers, got a list containing an integer too large to store as a float">>}},
+                 dspex_store:set(S, e, [1.0, 1 bsl 1100])),
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, t, #{shape => [1], data => [1 bsl 1100]})),
+    ?assertEqual({ok, [float(N)]}, dspex_store:get_value(S, e)),
+    ?assertEqual({error, {invalid_value, <<"expected a list of numbers, got a list containing a non-number">>}},
+                 dspex_store:set(S, e, [1.0, x])).
+
 %% set/3 as in set_many/2 and register. Run under ASan by test-nif-asan.
 failed_conversion_frees_its_buffers_test() ->
     S = new(),
