@@ -182,7 +182,8 @@ create_session(Id) -> create_session(Id, #{}).
 
 %% @doc Creates a session, or returns the existing one with that id (idempotent;
 %% the options of an existing session are not changed).
-%% Options: `ttl' seconds (default 3600, or `infinity'): a session not accessed
+%% Options: `ttl' seconds (default 3600, below 2^40 (else `{error,
+%% {invalid_argument, ttl}}'), or `infinity'): a session not accessed
 %% for that long is removed by the sweeper; every access refreshes it. It is
 %% never removed earlier than `ttl' after its last access, and may live up to
 %% about a second longer (accesses are recorded at most once a second).

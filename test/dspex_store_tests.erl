@@ -44,8 +44,22 @@ delete_session_frees_variables_test() ->
 
 invalid_session_options_test() ->
     ?assertEqual({error, {invalid_argument, ttl}}, dspex_store:create_session(sid(), #{ttl => -1})),
+    %% a ttl past the largest one (2^40 - 1 s) is a bad value, never badarg
+    [?assertEqual({error, {invalid_argument, ttl}}, dspex_store:create_session(sid(), #{ttl => T}))
+     || T <- [1 bsl 40, 1 bsl 63, 1 bsl 64, 1 bsl 200]],
+    Max = sid(),
+    ?assertMatch({ok, #{ttl := T}} when T =:= (1 bsl 40) - 1, dspex_store:create_session(Max, #{ttl => (1 bsl 40) - 1})),
+    ok = dspex_store:delete_session(Max),
     ?assertEqual({error, {invalid_argument, metadata}}, dspex_store:create_session(sid(), #{metadata => x})),
     ?assertError(badarg, dspex_store:create_session("not a binary", #{})).
+
+%% history_limit beyond 64 bits is over the limit like any other too big one.
+huge_history_limit_is_limit_exceeded_test() ->
+    S = new(),
+    [?assertEqual({error, {limit_exceeded, history_limit}},
+                  dspex_store:register(S, z, float, 0.0, #{history_limit => HL}))
+     || HL <- [1 bsl 32, (1 bsl 63) - 1, 1 bsl 63, 1 bsl 64, 1 bsl 100]],
+    ?assertNot(dspex_store:exists(S, z)).
 
 %%% types and conversions ----------------------------------------------------
 

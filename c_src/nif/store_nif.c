@@ -192,13 +192,20 @@ static int get_sid(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *out) {
     return 1;
 }
 
+/* Whole seconds in ms stay far from int64 overflow below this. */
+#define DX_MAX_TTL_S (1LL << 40)
+
 /* session_create(Id :: binary(), Metadata :: map(), TtlSeconds :: integer() | infinity) */
 DX_NIF(nif_session_create) {
     dx_str id;
     ErlNifSInt64 ttl = -1;
+    int is_int = enif_term_type(env, argv[2]) == ERL_NIF_TERM_TYPE_INTEGER;
     if (!get_sid(env, argv[0], &id) || !enif_is_map(env, argv[1]) ||
-        !(enif_is_identical(argv[2], ATOM_infinity) || (enif_get_int64(env, argv[2], &ttl) && ttl >= 0 && ttl < (1LL << 40))))
+        !(enif_is_identical(argv[2], ATOM_infinity) || is_int))
         return enif_make_badarg(env);
+    /* an integer out of range is a bad option value, not a type error */
+    if (is_int && !(enif_get_int64(env, argv[2], &ttl) && ttl >= 0 && ttl < DX_MAX_TTL_S))
+        return dx_error2(env, ATOM_invalid_argument, ATOM_ttl);
     ErlNifBinary meta = {0};
     size_t mlen = 0;
     size_t msize;
@@ -363,9 +370,14 @@ DX_NIF(nif_var_register) {
     dx_str name;
     dx_type type;
     ErlNifSInt64 hl = -1;
+    /* a history_limit beyond int64 is over every max_history: the same
+     * {limit_exceeded, history_limit} as any other limit too big */
+    int huge_hl = enif_term_type(env, argv[6]) == ERL_NIF_TERM_TYPE_INTEGER && !enif_get_int64(env, argv[6], &hl) &&
+                  enif_compare(argv[6], enif_make_int(env, 0)) > 0;
+    if (huge_hl) hl = INT64_MAX;
     if (!dx_get_name(env, argv[1], &name, nbuf, sizeof nbuf) || !enif_is_map(env, argv[4]) ||
         !enif_is_map(env, argv[5]) ||
-        !(enif_is_identical(argv[6], ATOM_undefined) || (enif_get_int64(env, argv[6], &hl) && hl >= 0)) ||
+        !(enif_is_identical(argv[6], ATOM_undefined) || huge_hl || (enif_get_int64(env, argv[6], &hl) && hl >= 0)) ||
         !(enif_is_identical(argv[8], ATOM_true) || enif_is_identical(argv[8], ATOM_false)))
         return enif_make_badarg(env);
     dx_str sid;
