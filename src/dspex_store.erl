@@ -69,7 +69,7 @@
                       changed_by => term(), atom() => term()}.
 -type history_entry() :: #{version := non_neg_integer(), value := value(),
                            updated_at := integer(), metadata := map(), changed_by := term()}.
--type limit() :: sessions | variables | value_size | name_length | history_limit.
+-type limit() :: sessions | variables | value_size | name_length | history_limit | version.
 -type error_reason() :: session_not_found
                       | {not_found, var_key()}
                       | {already_exists, binary()}
@@ -488,7 +488,8 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% itself is committed), see `dspex_events'.
 %% Other keys are ignored; a bad option value is `{error, {invalid_argument, Key}}'.
 %% Validation, the version check and the commit happen in one critical
-%% section; a failed set changes nothing.
+%% section; a failed set changes nothing. Versions stop at 2^63 - 1: a set of
+%% a variable there is `{error, {limit_exceeded, version}}' (never wraps).
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 set(Session, Key, Value, #{propagate := sync} = Opts) -> set_routed(Session, Key, Value, Opts);
@@ -692,7 +693,12 @@ export_session_here(Id) ->
 
 %% @doc Recreates an exported session exactly (ids, versions, history,
 %% dependencies, access rules, derived variables and their functions). Every
-%% value is validated again. `{error, {already_exists, Id}}' if the id is taken.
+%% value is validated again, the session id and variable names as
+%% `create_session/2' and `register/5' check them (with their errors). A
+%% variable id must be `var_<Name>_<Digits>' for its name (what `register/5'
+%% gives; an id lookup resolves the name from it) and versions below 2^63,
+%% else `{error, {invalid_export, Message}}'. `{error, {already_exists, Id}}'
+%% if the id is taken. A refused import creates nothing.
 -spec import_session(map()) -> ok | {error, term()}.
 import_session(#{id := Id} = Export) ->
     ?ROUTED(Id, import_session, [Export], import_session_here(Id, Export));

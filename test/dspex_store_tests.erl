@@ -364,6 +364,51 @@ import_validates_test() ->
     ?assertEqual({error, session_not_found}, dspex_store:get_session(S)),
     ?assertMatch({error, {invalid_export, _}}, dspex_store:import_session(#{format => other})).
 
+%% An import is held to the checks of create_session and register (with
+%% their errors), and to what the copy must satisfy: a variable id an id lookup
+%% finds (`var_<Name>_<Digits>', which also keeps ids distinct) and versions
+%% below 2^63. A refused import creates nothing.
+import_refuses_what_create_and_register_would_test() ->
+    S = new(),
+    {ok, Id} = dspex_store:register(S, f, float, 0.5),
+    {ok, _} = dspex_store:register(S, g, float, 0.5),
+    {ok, E = #{variables := [V, W]}} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    Refused = fun(Bad, Why) ->
+                      ?assertMatch({Why, {error, _}}, {Why, dspex_store:import_session(Bad)}),
+                      ?assertEqual({Why, {error, session_not_found}}, {Why, dspex_store:get_session(maps:get(id, Bad))})
+              end,
+    %% the session id: as create_session answers
+    ?assertEqual({error, {limit_exceeded, name_length}}, dspex_store:import_session(E#{id := <<>>})),
+    ?assertEqual({error, {invalid_argument, name}}, dspex_store:import_session(E#{id := <<255>>})),
+    Refused(E#{id := <<>>}, empty_id),
+    %% a variable name: as register answers
+    ?assertEqual({error, {invalid_argument, name}},
+                 dspex_store:import_session(E#{variables := [V#{name := <<255, 1>>, id := <<"var_", 255, 1, "_1">>}, W]})),
+    Refused(E#{variables := [V#{name := <<255, 1>>, id := <<"var_", 255, 1, "_1">>}, W]}, bad_name),
+    %% ids an id lookup cannot find, or shared
+    [?assertEqual({Bad, {error, {invalid_export, <<"a variable id must be var_<name>_<digits>">>}}},
+                  {Bad, dspex_store:import_session(E#{variables := [V#{id := Bad}, W]})})
+     || Bad <- [<<"whatever">>, <<"var_g_1">>, <<"var_f_">>, <<"var_f_1x">>, maps:get(id, W)]],
+    %% versions: below 2^63, so that a set never wraps
+    ?assertEqual({error, {invalid_export, <<"a version must be below 2^63">>}},
+                 dspex_store:import_session(E#{variables := [V#{version := (1 bsl 64) - 1}, W]})),
+    ?assertEqual({error, {invalid_export, <<"a version must be below 2^63">>}},
+                 dspex_store:import_session(E#{variables := [V#{version := 1 bsl 63}, W]})),
+    Refused(E#{variables := [V#{version := 1 bsl 63}, W]}, version),
+    %% history_limit past 64 bits is over the limit (never the default)
+    ?assertEqual({error, {limit_exceeded, history_limit}},
+                 dspex_store:import_session(E#{variables := [V#{history_limit := (1 bsl 64) - 1}, W]})),
+    %% the highest version imports, found by its id; the next set is refused, not wrapped
+    Top = (1 bsl 63) - 1,
+    ok = dspex_store:import_session(E#{variables := [V#{version := Top}, W]}),
+    ?assertMatch({ok, #{version := Top}}, dspex_store:get(S, Id)),
+    ?assertEqual({error, {limit_exceeded, version}}, dspex_store:set(S, f, 0.7)),
+    ?assertEqual({error, {limit_exceeded, version}}, dspex_store:rollback(S, f, Top)),
+    ?assertMatch({ok, #{errors := #{f := {limit_exceeded, version}}}}, dspex_store:set_many(S, [{f, 0.7}])),
+    ?assertMatch({ok, #{version := Top, value := 0.5}}, dspex_store:get(S, f)),
+    ok = dspex_store:delete_session(S).
+
 %%% limits and bad input --------------------------------------------------------------
 
 limits_test_() ->

@@ -77,6 +77,7 @@ static ERL_NIF_TERM rc_reason(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t
     case DX_E_RATE_LIMITED: return ATOM_rate_limited;
     case DX_E_INVALID_NAME: return enif_make_tuple2(env, ATOM_invalid_argument, ATOM_name);
     case DX_E_LOCKED: return enif_make_tuple2(env, ATOM_locked, ATOM_undefined);
+    case DX_E_VERSION_LIMIT: return enif_make_tuple2(env, ATOM_limit_exceeded, ATOM_version);
     default: return ATOM_enomem;
     }
 }
