@@ -45,6 +45,8 @@
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 -export([diagnostics/1]).
 -export([get_value_mode/4]).
+%% the propagator's writes of derived variables (dspex_propagator only)
+-export([register_derived/5, set_derived/4]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
               set_opts/0, error_reason/0, cluster_error/0, history_entry/0]).
@@ -254,12 +256,22 @@ register(Session, Name, Type, Value) -> register(Session, Name, Type, Value, #{}
 %% `history_limit' (archived versions kept, default 50), `changed_by' (any term).
 %% Errors: `{already_exists, Name}', `{unknown_type, T}', `{invalid_value, Msg}',
 %% `{invalid_constraints, Msg}', `{limit_exceeded, L}', `session_not_found'.
+%% Other keys are ignored (`derived' too: a derived variable is made by
+%% `dspex_graph:define_derived/6' only, with the function that writes it).
 -spec register(session_id(), var_key(), var_type(), value(), map()) ->
           {ok, binary()} | {error, error_reason()}.
 register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
-    ?ROUTED(Session, register, [Session, Name, Type, Value, Opts], register_here(Session, Name, Type, Value, Opts)).
+    ?ROUTED(Session, register, [Session, Name, Type, Value, Opts], register_here(Session, Name, Type, Value, Opts, false)).
 
-register_here(Session, Name, Type, Value, Opts) ->
+%% @private `register/5' of a derived variable, which only `set_derived/4'
+%% writes: for `dspex_propagator' (`dspex_graph:define_derived/6') only.
+-spec register_derived(session_id(), var_key(), var_type(), value(), map()) ->
+          {ok, binary()} | {error, error_reason()}.
+register_derived(Session, Name, Type, Value, Opts) when is_map(Opts) ->
+    ?ROUTED(Session, register_derived, [Session, Name, Type, Value, Opts],
+            register_here(Session, Name, Type, Value, Opts, true)).
+
+register_here(Session, Name, Type, Value, Opts, Derived) ->
     Cons = maps:get(constraints, Opts, #{}),
     Meta0 = maps:get(metadata, Opts, #{}),
     HL = maps:get(history_limit, Opts, undefined),
@@ -275,8 +287,7 @@ register_here(Session, Name, Type, Value, Opts) ->
                        _ -> Meta0
                    end,
             ?TIMED(register, 'dspex_telemetry/dspex.store.register.stop', #{session => Session, variable => Name, type => Type},
-                   dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By,
-                                          maps:get(derived, Opts, false) =:= true))
+                   dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By, Derived))
     end.
 
 %% @doc The variable as a map (see `var()').
@@ -481,7 +492,8 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% optimizer holds the variable.
 %% `propagate => sync': return only after derived dependents were recomputed
 %% (see `dspex_graph:define_derived/6'; default: they are recomputed
-%% asynchronously). Setting a derived variable is `{error, derived_variable}'.
+%% asynchronously). Setting a derived variable is `{error, derived_variable}'
+%% whatever the options (only its propagator writes it).
 %% `durability => sync | async' (default: app env `event_durability', `async'):
 %% with `sync' the call returns only once the change's event is fsynced in the
 %% event log (`{error, {event_store, Reason}}' if that write failed; the change
@@ -531,6 +543,19 @@ set_here(Session, Key, Value, Opts) -> set_timed(Session, Key, Value, Opts).
 
 set_timed(Session, Key, Value, Opts) ->
     ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set_here(Session, Key, Value, Opts)).
+
+%% @private `set/4' of a derived variable, the one write it accepts: for
+%% `dspex_propagator' only (a separate entry, so that no option of the public
+%% writes lets a client write a derived variable). Routed, replicated and
+%% timed as a set; `propagate' does not apply.
+-spec set_derived(session_id(), var_key(), value(), set_opts()) ->
+          {ok, non_neg_integer()} | {error, error_reason()}.
+set_derived(Session, Key, Value, Opts) when is_map(Opts) ->
+    dspex_events:durable(?ROUTED(Session, set_derived, [Session, Key, Value, Opts],
+                                 ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop',
+                                               #{session => Session, variable => Key},
+                                               dspex_nif:var_set_derived(Session, Key, Value, Opts))),
+                         Opts). %% event log durability
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its
 %% variable; `missing' lists the others in the order given.

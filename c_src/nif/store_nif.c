@@ -771,7 +771,9 @@ DX_NIF(nif_var_exists) {
     return r;
 }
 
-/* Options of set/rollback: expected_version, metadata (merged), changed_by. */
+/* Options of set/rollback: expected_version, metadata (merged), changed_by,
+ * lock, as, context. Never `propagation': the right to write a derived
+ * variable comes only with var_set_derived (the propagator's entry). */
 typedef struct {
     dx_set_opts o;
     ERL_NIF_TERM meta_patch; /* 0: none */
@@ -821,10 +823,6 @@ static ERL_NIF_TERM parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf 
         left--;
         if (!enif_is_map(env, v)) return ATOM_metadata;
         b->meta_patch = v;
-    }
-    if (left && enif_get_map_value(env, m, ATOM_propagation, &v)) {
-        left--;
-        b->o.propagation = enif_is_identical(v, ATOM_true);
     }
     if (left && enif_get_map_value(env, m, ATOM_as, &v)) {
         left--;
@@ -891,18 +889,20 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
 }
 
 static ERL_NIF_TERM nif_var_set_settled(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+static ERL_NIF_TERM nif_var_set_derived_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 /* set(Session, Key, Value, Opts); settle: dspex_store:set/4's fast path, which leaves the event log's
- * durability to this call (dx_events_settle) */
-static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], int settle) {
+ * durability to this call (dx_events_settle); derived: the propagator's write of a derived variable */
+static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], int settle, int derived) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3]) || !dx_principal_ok(env, argv[3]))
         return enif_make_badarg(env);
     if (!dx_on_dirty() && big_input(env, argv[2])) {
         t_res = -1;
-        return settle ? RESCHEDULE(RS_SET, "var_set", nif_var_set_settled)
-                      : RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
+        return settle    ? RESCHEDULE(RS_SET, "var_set", nif_var_set_settled)
+               : derived ? RESCHEDULE(RS_SET, "var_set", nif_var_set_derived_dirty)
+                         : RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
     }
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
@@ -913,6 +913,7 @@ static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM 
         t_res = DX_NATIVE_ERROR;
         return dx_error2(env, ATOM_invalid_argument, bad);
     }
+    ob.o.propagation = derived;
     dx_rawbuf b;
     char err[DX_ERRLEN];
     ERL_NIF_TERM r;
@@ -953,10 +954,13 @@ static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM 
 }
 
 static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
-    return var_set_common(env, argc, argv, 0);
+    return var_set_common(env, argc, argv, 0, 0);
 }
 static ERL_NIF_TERM var_set_settle(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
-    return var_set_common(env, argc, argv, 1);
+    return var_set_common(env, argc, argv, 1, 0);
+}
+static ERL_NIF_TERM var_set_derived(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    return var_set_common(env, argc, argv, 0, 1);
 }
 
 /* var_set/4 (dspex_store:set/4 only): the write and its event log durability in one call */
@@ -965,6 +969,12 @@ DX_NIF(nif_var_set_here) { return timed(DX_NATIVE_SET, var_set, env, argc, argv)
 /* var_set/4 of a big value, moved to a dirty scheduler */
 static ERL_NIF_TERM nif_var_set_settled(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     return timed(DX_NATIVE_SET, var_set_settle, env, argc, argv);
+}
+/* var_set_derived/4 (dspex_store:set_derived/4, the propagator's only): like
+ * var_set_here, and the one write a derived variable accepts */
+DX_NIF(nif_var_set_derived) { return timed(DX_NATIVE_SET, var_set_derived, env, argc, argv); }
+static ERL_NIF_TERM nif_var_set_derived_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    return timed(DX_NATIVE_SET, var_set_derived, env, argc, argv);
 }
 
 /* ---- owner: the replication fast path's set (repl_nif.c, issue #21) ------ */
