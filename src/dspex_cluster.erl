@@ -67,7 +67,8 @@
          await_drained/2, undrain/1, last_write/0, last_read/0, read_mode/1, read_status/1, served/0,
          owned_sessions/0, handoff_all/0, enabled/0]).
 
--define(STORE_WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session]).
+-define(STORE_WRITES, [create_session, delete_session, register, set, set_many, delete, rollback, import_session,
+                       register_derived, set_derived]).
 -define(CALL_TIMEOUT, 10000).
 %% how long a read on the owner waits for the changes it saw to be confirmed
 %% (past replica_timeout_ms the shipper has failed them anyway)

@@ -628,7 +628,7 @@ with_events(S, _Args, P, Pre, Post) ->
     end.
 
 %% How many events the replica's replay of a change logs.
-replayed_events({op, Op, _, _}) when Op =:= set; Op =:= rollback; Op =:= delete -> 1;
+replayed_events({op, Op, _, _}) when Op =:= set; Op =:= set_derived; Op =:= rollback; Op =:= delete -> 1;
 replayed_events({op, set_many, [_, Ups, #{atomic := true}], _}) -> length(Ups) + 1;
 replayed_events({op, set_many, [_, Ups, #{atomic := false}], _}) -> length(Ups);
 replayed_events({op, {dspex_acl, set_rate_limit}, _, _}) -> 0;
@@ -661,7 +661,8 @@ payload({M, _}, _Args, ok) when M =:= dspex_graph; M =:= dspex_acl ->
     full;
 payload({_, _}, _Args, _) ->
     none;
-payload(Op, _Args, Result) when Op =:= create_session; Op =:= register; Op =:= import_session ->
+payload(Op, _Args, Result) when Op =:= create_session; Op =:= register; Op =:= register_derived;
+                                Op =:= import_session ->
     case Result of
         ok -> full;
         {ok, _} -> full;
@@ -669,8 +670,9 @@ payload(Op, _Args, Result) when Op =:= create_session; Op =:= register; Op =:= i
     end;
 payload(delete_session, _, ok) ->
     delete_session;
-payload(set, [S, K, V, O], {ok, Ver}) ->
-    {op, set, [S, K, V, (strip_set(O))#{expected_version => Ver - 1}], {ok, Ver}};
+payload(Op, [S, K, V, O], {ok, Ver}) when Op =:= set; Op =:= set_derived ->
+    %% a derived variable's replay takes the propagator's entry on the replica too
+    {op, Op, [S, K, V, (strip_set(O))#{expected_version => Ver - 1}], {ok, Ver}};
 payload(rollback, [S, K, To, O], {ok, Ver}) ->
     {op, rollback, [S, K, To, (strip(O))#{expected_version => Ver - 1}], {ok, Ver}};
 payload(delete, [S, K | _], ok) ->

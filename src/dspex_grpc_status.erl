@@ -16,7 +16,7 @@
 %% | `budget_exhausted' | OUT_OF_RANGE (11) |
 %% | `{unknown_algorithm, _}', `{unsupported_type, _, _}', `{unbounded, _}', `{invalid_log_scale, _}', `{too_many_dimensions, _, _}', `{too_many_choices, _, _}' | INVALID_ARGUMENT (3) |
 %% | `access_denied' | PERMISSION_DENIED (7) |
-%% | `{limit_exceeded, L}' for `L' = `sessions', `variables' (a capacity is used up) | RESOURCE_EXHAUSTED (8), "limit exceeded: L (...)" |
+%% | `{limit_exceeded, L}' for `L' = `sessions', `variables', `version' (a capacity is used up) | RESOURCE_EXHAUSTED (8), "limit exceeded: L (...)" |
 %% | `rate_limited' (the session's token bucket is empty: retry later), `enomem' | RESOURCE_EXHAUSTED (8) |
 %% | `overload', `unavailable' | UNAVAILABLE (14) |
 %% | `timeout' | DEADLINE_EXCEEDED (4) |
@@ -95,6 +95,7 @@ of_error({limit_exceeded, L}) ->
     Status = case L of
                  sessions -> resource_exhausted;
                  variables -> resource_exhausted;
+                 version -> resource_exhausted;   % the variable's versions are used up
                  _ -> invalid_argument
              end,
     {Status, fmt("limit exceeded: ~ts~ts", [txt(L), limit_text(L)])};

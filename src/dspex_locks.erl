@@ -4,7 +4,8 @@
 %% (per variable and across restarts). While a variable is locked, the store
 %% refuses any write without the current token (`{error, {locked, Holder}}'),
 %% checked inside the write's critical section in the NIF; a write with a token
-%% that is no longer current is refused too. Writes made by the holder pass the
+%% that is no longer current is `{error, stale_lock}', whether or not another
+%% optimizer holds the variable now. Writes made by the holder pass the
 %% lock: `dspex_store:set(S, Var, V, #{lock => Lock})'.
 %%
 %% This server serialises lock decisions and watches holders and waiters: when

@@ -27,6 +27,7 @@
 -export([sched_stats/0, rawbuf_debug/1]).
 -export([opt_ask/8]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
+-export([var_set_derived/4]).
 -export([cache_get/3, cache_get_value/3, cache_arm/4, cache_take_ref/1, cache_clock/0, cache_gen/1, cache_hits/1,
          cache_config/2, cache_info/1]).
 
@@ -72,6 +73,10 @@ var_get(_S, _Key) -> ?NOT_LOADED.
 var_get_value(_S, _Key) -> ?NOT_LOADED.
 var_exists(_S, _Key) -> ?NOT_LOADED.
 var_set(_S, _Key, _Value, _Opts) -> ?NOT_LOADED.
+%% `var_set_here/4' that may write a derived variable: dspex_store:set_derived/4
+%% (the propagator) only; no option of the public writes grants that.
+-spec var_set_derived(binary(), term(), term(), map()) -> {ok, non_neg_integer()} | {error, term()}.
+var_set_derived(_S, _Key, _Value, _Opts) -> ?NOT_LOADED.
 var_delete(_S, _Key) -> ?NOT_LOADED.
 var_list(_S, _Pattern) -> ?NOT_LOADED.
 var_get_many(_S, _Keys) -> ?NOT_LOADED.

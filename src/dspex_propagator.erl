@@ -250,7 +250,7 @@ handle_call({define, Name, Type, Value, Inputs, Fun, Opts}, _From, #{session := 
                     _ -> undefined
                 end,
     publish(maps:put(Tentative, {Inputs, Fun}, maps:get(derived, St)), St),
-    case dspex_store:register(S, Name, Type, Value, Opts#{derived => true}) of
+    case dspex_store:register_derived(S, Name, Type, Value, Opts) of
         {ok, Id} ->
             {ok, #{name := NameBin}} = dspex_store:get(S, Id),
             case add_edges(S, Inputs, NameBin) of
@@ -383,7 +383,7 @@ recompute(Name, #{session := S, derived := D, ids := Ids} = St) when is_map_key(
     Key = maps:get(Name, Ids, Name),
     Result = case compute(S, Inputs, Fun) of
                  {ok, V} ->
-                     case dspex_store:set(S, Key, V, #{propagation => true, changed_by => propagation}) of
+                     case dspex_store:set_derived(S, Key, V, #{changed_by => propagation}) of
                          {ok, Ver} -> dspex_events:emit(S, derived_recomputed, #{variable => Name, version => Ver}, #{variable => Name}); %% event log
                          {error, {not_found, _}} -> gone;
                          {error, R} -> {error, R}

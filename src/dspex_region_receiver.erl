@@ -351,6 +351,7 @@ replay1(S, delete_session) ->
 replay1(S, {op, Op, [S | _] = Args, Expected}) ->
     Got = case Op of
               set -> apply(dspex_store, set, Args);
+              set_derived -> apply(dspex_store, set_derived, Args);
               rollback -> apply(dspex_store, rollback, Args);
               delete -> apply(dspex_store, delete, Args);
               set_many -> apply(dspex_store, set_many, Args);

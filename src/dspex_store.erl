@@ -18,7 +18,8 @@
 %% a string), `embedding' (list of numbers, stored as floats), `tensor' (`#{shape => [N], data => [Number]}', data length equal to
 %% the product of the shape). For `string', `choice' and `module' an ASCII atom
 %% is accepted and means its text (`true' is then `<<"true">>'). An integer beyond
-%% 64 bits given for a float is stored as the nearest float.
+%% 64 bits given for a float, or in an embedding or tensor, is stored as the
+%% nearest float (ties to even; beyond the float range it is refused).
 %%
 %% == Cluster ==
 %% When a cluster is configured (see `dspex_cluster'), every call taking a
@@ -44,6 +45,8 @@
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 -export([diagnostics/1]).
 -export([get_value_mode/4, check_session_id/1]).
+%% the propagator's writes of derived variables (dspex_propagator only)
+-export([register_derived/5, set_derived/4]).
 
 -export_type([session_id/0, var_key/0, var_type/0, value/0, var/0, session_info/0,
               set_opts/0, error_reason/0, cluster_error/0, history_entry/0]).
@@ -68,7 +71,7 @@
                       changed_by => term(), atom() => term()}.
 -type history_entry() :: #{version := non_neg_integer(), value := value(),
                            updated_at := integer(), metadata := map(), changed_by := term()}.
--type limit() :: sessions | variables | value_size | name_length | history_limit.
+-type limit() :: sessions | variables | value_size | name_length | history_limit | version.
 -type error_reason() :: session_not_found
                       | {not_found, var_key()}
                       | {already_exists, binary()}
@@ -181,8 +184,11 @@ create_session(Id) -> create_session(Id, #{}).
 
 %% @doc Creates a session, or returns the existing one with that id (idempotent;
 %% the options of an existing session are not changed).
-%% Options: `ttl' seconds (default 3600, or `infinity'): a session not accessed
-%% for that long is removed by the sweeper; every access refreshes it.
+%% Options: `ttl' seconds (default 3600, below 2^40 (else `{error,
+%% {invalid_argument, ttl}}'), or `infinity'): a session not accessed
+%% for that long is removed by the sweeper; every access refreshes it. It is
+%% never removed earlier than `ttl' after its last access, and may live up to
+%% about a second longer (accesses are recorded at most once a second).
 %% `metadata': a map. `rate_limit => #{rate => PerSecond, burst => N}': see
 %% `dspex_acl:set_rate_limit/3' (`Rate' >= 0, `Burst' >= 1, both numbers a
 %% float can hold; else `{error, {invalid_argument, rate_limit}}'). A bad
@@ -300,12 +306,22 @@ register(Session, Name, Type, Value) -> register(Session, Name, Type, Value, #{}
 %% `history_limit' (archived versions kept, default 50), `changed_by' (any term).
 %% Errors: `{already_exists, Name}', `{unknown_type, T}', `{invalid_value, Msg}',
 %% `{invalid_constraints, Msg}', `{limit_exceeded, L}', `session_not_found'.
+%% Other keys are ignored (`derived' too: a derived variable is made by
+%% `dspex_graph:define_derived/6' only, with the function that writes it).
 -spec register(session_id(), var_key(), var_type(), value(), map()) ->
           {ok, binary()} | {error, error_reason()}.
 register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
-    ?ROUTED(Session, register, [Session, Name, Type, Value, Opts], register_here(Session, Name, Type, Value, Opts)).
+    ?ROUTED(Session, register, [Session, Name, Type, Value, Opts], register_here(Session, Name, Type, Value, Opts, false)).
 
-register_here(Session, Name, Type, Value, Opts) ->
+%% @private `register/5' of a derived variable, which only `set_derived/4'
+%% writes: for `dspex_propagator' (`dspex_graph:define_derived/6') only.
+-spec register_derived(session_id(), var_key(), var_type(), value(), map()) ->
+          {ok, binary()} | {error, error_reason()}.
+register_derived(Session, Name, Type, Value, Opts) when is_map(Opts) ->
+    ?ROUTED(Session, register_derived, [Session, Name, Type, Value, Opts],
+            register_here(Session, Name, Type, Value, Opts, true)).
+
+register_here(Session, Name, Type, Value, Opts, Derived) ->
     Cons = maps:get(constraints, Opts, #{}),
     Meta0 = maps:get(metadata, Opts, #{}),
     HL = maps:get(history_limit, Opts, undefined),
@@ -321,8 +337,7 @@ register_here(Session, Name, Type, Value, Opts) ->
                        _ -> Meta0
                    end,
             ?TIMED(register, 'dspex_telemetry/dspex.store.register.stop', #{session => Session, variable => Name, type => Type},
-                   dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By,
-                                          maps:get(derived, Opts, false) =:= true))
+                   dspex_nif:var_register(Session, Name, Type, Value, Cons, Meta, HL, By, Derived))
     end.
 
 %% @doc The variable as a map (see `var()').
@@ -543,18 +558,22 @@ set(Session, Key, Value) -> set(Session, Key, Value, #{}).
 %% `{error, {version_mismatch, Current}}'), `metadata' (a map merged into the
 %% variable's metadata), `changed_by' (recorded in history and watch events).
 %% `lock => Lock' (from `dspex_locks:acquire/4'): required while the variable
-%% is locked by an optimizer; without the current token a write is
-%% `{error, {locked, Holder}}', with an outdated one `{error, stale_lock}'.
+%% is locked by an optimizer; a write without token is
+%% `{error, {locked, Holder}}', one with a token that is not the current one
+%% (released, expired or preempted) `{error, stale_lock}', also while another
+%% optimizer holds the variable.
 %% `propagate => sync': return only after derived dependents were recomputed
 %% (see `dspex_graph:define_derived/6'; default: they are recomputed
-%% asynchronously). Setting a derived variable is `{error, derived_variable}'.
+%% asynchronously). Setting a derived variable is `{error, derived_variable}'
+%% whatever the options (only its propagator writes it).
 %% `durability => sync | async' (default: app env `event_durability', `async'):
 %% with `sync' the call returns only once the change's event is fsynced in the
 %% event log (`{error, {event_store, Reason}}' if that write failed; the change
 %% itself is committed), see `dspex_events'.
 %% Other keys are ignored; a bad option value is `{error, {invalid_argument, Key}}'.
 %% Validation, the version check and the commit happen in one critical
-%% section; a failed set changes nothing.
+%% section; a failed set changes nothing. Versions stop at 2^63 - 1: a set of
+%% a variable there is `{error, {limit_exceeded, version}}' (never wraps).
 -spec set(session_id(), var_key(), value(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 set(Session, Key, Value, #{propagate := sync} = Opts) -> set_routed(Session, Key, Value, Opts);
@@ -596,6 +615,19 @@ set_here(Session, Key, Value, Opts) -> set_timed(Session, Key, Value, Opts).
 
 set_timed(Session, Key, Value, Opts) ->
     ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop', #{session => Session, variable => Key}, dspex_nif:var_set_here(Session, Key, Value, Opts)).
+
+%% @private `set/4' of a derived variable, the one write it accepts: for
+%% `dspex_propagator' only (a separate entry, so that no option of the public
+%% writes lets a client write a derived variable). Routed, replicated and
+%% timed as a set; `propagate' does not apply.
+-spec set_derived(session_id(), var_key(), value(), set_opts()) ->
+          {ok, non_neg_integer()} | {error, error_reason()}.
+set_derived(Session, Key, Value, Opts) when is_map(Opts) ->
+    dspex_events:durable(?ROUTED(Session, set_derived, [Session, Key, Value, Opts],
+                                 ?TIMED_NATIVE(set, 'dspex_telemetry/dspex.store.set.stop',
+                                               #{session => Session, variable => Key},
+                                               dspex_nif:var_set_derived(Session, Key, Value, Opts))),
+                         Opts). %% event log durability
 
 %% @doc Several variables at once: `found' maps each found key (as given) to its
 %% variable; `missing' lists the others in the order given.
@@ -768,11 +800,15 @@ export_session_here(Id) ->
 
 %% @doc Recreates an exported session exactly (ids, versions, history,
 %% dependencies, access rules, derived variables and their functions, rate
-%% limit: the token bucket starts full). Every value is validated again, and
-%% the extras (`dependencies', `permissions', `derived_functions',
-%% `rate_limit', each optional) before anything is created: a malformed or
-%% invalid export is `{error, {invalid_export, Message}}' and leaves no
-%% session. `{error, {already_exists, Id}}' if the id is taken.
+%% limit: the token bucket starts full). Every value is validated again, the
+%% session id and variable names as `create_session/2' and `register/5' check
+%% them (with their errors), and the extras (`dependencies', `permissions',
+%% `derived_functions', `rate_limit', each optional) before anything is
+%% created. A variable id must be `var_<Name>_<Digits>' for its name (what
+%% `register/5' gives; an id lookup resolves the name from it) and versions
+%% below 2^63. A malformed or invalid export is `{error, {invalid_export,
+%% Message}}' and leaves no session. `{error, {already_exists, Id}}' if the id
+%% is taken.
 -spec import_session(map()) -> ok | {error, term()}.
 import_session(#{id := Id} = Export) ->
     case dspex_cache:is_cache_id(Id) of

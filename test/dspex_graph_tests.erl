@@ -18,7 +18,7 @@ graph_test_() ->
       fun diamond_recomputes_once_in_order/0, fun chain_propagates/0, fun derived_cannot_be_set/0,
       fun failing_fun_keeps_value_and_records_error/0, fun mf_form_and_sync/0,
       fun deleted_input_records_error/0, fun delete_session_stops_propagator/0,
-      fun export_import_keeps_graph_rules_and_derivations/0]}.
+      fun export_import_keeps_graph_rules_and_derivations/0, fun register_cannot_make_a_derived_variable/0]}.
 
 %% A migrated session keeps its edges, access rules and derived functions.
 export_import_keeps_graph_rules_and_derivations() ->
@@ -133,7 +133,31 @@ derived_cannot_be_set() ->
     ?assertEqual({error, derived_variable}, dspex_store:set(S, b, 3.0)),
     ?assertEqual({error, {batch_failed, #{b => derived_variable}}},
                  dspex_store:set_many(S, [{b, 3.0}], #{atomic => true})),
-    ?assertEqual({error, derived_variable}, dspex_store:rollback(S, b, 0)).
+    ?assertEqual({error, derived_variable}, dspex_store:rollback(S, b, 0)),
+    %% nor with the propagator's old internal option: only its own entry
+    %% (dspex_store:set_derived/4) writes a derived variable
+    P = #{propagation => true},
+    ?assertEqual({error, derived_variable}, dspex_store:set(S, b, 100.0, P)),
+    ?assertEqual({error, derived_variable}, dspex_store:set(S, b, 100.0, P#{propagate => sync})),
+    ?assertMatch({ok, #{errors := #{b := derived_variable}, updated := #{}}},
+                 dspex_store:set_many(S, [{b, 100.0, P}])),
+    ?assertEqual({error, {batch_failed, #{b => derived_variable}}},
+                 dspex_store:set_many(S, [{b, 100.0, P}], #{atomic => true})),
+    ?assertEqual({error, derived_variable}, dspex_store:rollback(S, b, 0, P)),
+    ?assertMatch({ok, #{value := 1.0, version := 0}}, dspex_store:get(S, b)),
+    %% the propagator still writes it
+    {ok, 1} = dspex_store:set(S, a, 5.0, #{propagate => sync}),
+    ?assertMatch({ok, #{value := 5.0, version := 1}}, dspex_store:get(S, b)).
+
+%% `derived' is no option of register/5: only define_derived makes a derived
+%% variable (one with a function to write it); the flag is ignored, as any
+%% unknown option, and the variable is a plain one.
+register_cannot_make_a_derived_variable() ->
+    S = session([]),
+    {ok, _} = dspex_store:register(S, v, float, 1.0, #{derived => true}),
+    {ok, V} = dspex_store:get(S, v),
+    ?assertNot(maps:is_key(derived, V)),
+    ?assertEqual({ok, 1}, dspex_store:set(S, v, 2.0)).
 
 failing_fun_keeps_value_and_records_error() ->
     S = session([a]),

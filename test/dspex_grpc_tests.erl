@@ -23,7 +23,7 @@ status_mapping_test_() ->
              {derived_variable, failed_precondition},
              {access_denied, permission_denied},
              {rate_limited, resource_exhausted}, {{limit_exceeded, variables}, resource_exhausted},
-             {{limit_exceeded, sessions}, resource_exhausted},
+             {{limit_exceeded, sessions}, resource_exhausted}, {{limit_exceeded, version}, resource_exhausted},
              %% a request over a size limit is refused whatever the state: not "retry later"
              {{limit_exceeded, value_size}, invalid_argument}, {{limit_exceeded, name_length}, invalid_argument},
              {{limit_exceeded, history_limit}, invalid_argument},

@@ -71,7 +71,7 @@ killed_holder_frees_lock() ->
     exit(Holder, kill),
     receive {granted, w, {ok, #{optimizer := w, token := T1}}} -> ?assert(T1 > T0) end,
     {ok, #{locked := true, optimizer := w, waiters := 0}} = dspex_locks:status(S, x),
-    ?assertEqual({error, {locked, w}}, dspex_store:set(S, x, 0.1, #{lock => Dead})),
+    ?assertEqual({error, stale_lock}, dspex_store:set(S, x, 0.1, #{lock => Dead})),
     W ! release.
 
 abort_and_timeout() ->
@@ -112,7 +112,17 @@ writes_need_the_current_token() ->
     ok = dspex_locks:release(L),
     ?assertEqual({error, stale_lock}, dspex_store:set(S, x, 0.4, #{lock => L})),
     {ok, 3} = dspex_store:set(S, x, 0.4),
-    ?assertEqual({error, {invalid_argument, lock}}, dspex_store:set(S, x, 0.4, #{lock => nope})).
+    ?assertEqual({error, {invalid_argument, lock}}, dspex_store:set(S, x, 0.4, #{lock => nope})),
+    %% an outdated token while another optimizer holds the lock is stale too
+    %% (the Errors table): {locked, Holder} is only for a write without token
+    {ok, L2} = dspex_locks:acquire(S, x, {opt, 2}, #{}),
+    ?assertEqual({error, stale_lock}, dspex_store:set(S, x, 0.5, #{lock => L})),
+    ?assertMatch({error, {batch_failed, #{x := stale_lock}}},
+                 dspex_store:set_many(S, [{x, 0.5, #{lock => L}}], #{atomic => true})),
+    ?assertEqual({error, stale_lock}, dspex_store:rollback(S, x, 2, #{lock => L})),
+    ?assertEqual({error, {locked, {opt, 2}}}, dspex_store:set(S, x, 0.5)),
+    {ok, 4} = dspex_store:set(S, x, 0.5, #{lock => L2}),
+    ok = dspex_locks:release(L2).
 
 preemption() ->
     S = session(),
@@ -126,7 +136,7 @@ preemption() ->
     LowLock = receive {low_has, L0} -> L0 end,
     {ok, High} = dspex_locks:acquire(S, x, high, #{conflict => preempt, priority => 5}),
     receive {preempted, T, _} -> ?assertEqual(maps:get(token, LowLock), T) after 1000 -> ?assert(false) end,
-    receive {late_write, W} -> ?assertEqual({error, {locked, high}}, W) after 1000 -> ?assert(false) end,
+    receive {late_write, W} -> ?assertEqual({error, stale_lock}, W) after 1000 -> ?assert(false) end,
     ?assert(maps:get(token, High) > maps:get(token, LowLock)),
     %% a lower priority does not preempt: it waits (here, until its timeout)
     ?assertEqual({error, timeout}, dspex_locks:acquire(S, x, lower, #{conflict => preempt, priority => 0,
@@ -466,7 +476,7 @@ lock_goes_with_its_deleted_session() ->
     %% the old lock is nobody's now: no release, renewal or write with it
     ?assertEqual({error, not_lock_owner}, dspex_locks:release(Lock)),
     ?assertEqual({error, not_lock_owner}, dspex_locks:renew(Lock)),
-    ?assertEqual({error, {locked, new_holder}}, dspex_store:set(S, x, 0.7, #{lock => Lock})),
+    ?assertEqual({error, stale_lock}, dspex_store:set(S, x, 0.7, #{lock => Lock})),
     ok = dspex_locks:release(New),
     H ! stop.
 

@@ -44,8 +44,22 @@ delete_session_frees_variables_test() ->
 
 invalid_session_options_test() ->
     ?assertEqual({error, {invalid_argument, ttl}}, dspex_store:create_session(sid(), #{ttl => -1})),
+    %% a ttl past the largest one (2^40 - 1 s) is a bad value, never badarg
+    [?assertEqual({error, {invalid_argument, ttl}}, dspex_store:create_session(sid(), #{ttl => T}))
+     || T <- [1 bsl 40, 1 bsl 63, 1 bsl 64, 1 bsl 200]],
+    Max = sid(),
+    ?assertMatch({ok, #{ttl := T}} when T =:= (1 bsl 40) - 1, dspex_store:create_session(Max, #{ttl => (1 bsl 40) - 1})),
+    ok = dspex_store:delete_session(Max),
     ?assertEqual({error, {invalid_argument, metadata}}, dspex_store:create_session(sid(), #{metadata => x})),
     ?assertError(badarg, dspex_store:create_session("not a binary", #{})).
+
+%% history_limit beyond 64 bits is over the limit like any other too big one.
+huge_history_limit_is_limit_exceeded_test() ->
+    S = new(),
+    [?assertEqual({error, {limit_exceeded, history_limit}},
+                  dspex_store:register(S, z, float, 0.0, #{history_limit => HL}))
+     || HL <- [1 bsl 32, (1 bsl 63) - 1, 1 bsl 63, 1 bsl 64, 1 bsl 100]],
+    ?assertNot(dspex_store:exists(S, z)).
 
 %%% types and conversions ----------------------------------------------------
 
@@ -398,6 +412,52 @@ create_session_checks_the_rate_limit_first_test() ->
      end || R <- [#{rate => -1, burst => 2}, #{rate => nan, burst => 2}, #{rate => 1, burst => 0},
                   #{rate => 1 bsl 1100, burst => 2}, #{rate => 1}, foo]].
 
+
+%% An import is held to the checks of create_session and register (with
+%% their errors), and to what the copy must satisfy: a variable id an id lookup
+%% finds (`var_<Name>_<Digits>', which also keeps ids distinct) and versions
+%% below 2^63. A refused import creates nothing.
+import_refuses_what_create_and_register_would_test() ->
+    S = new(),
+    {ok, Id} = dspex_store:register(S, f, float, 0.5),
+    {ok, _} = dspex_store:register(S, g, float, 0.5),
+    {ok, E = #{variables := [V, W]}} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    Refused = fun(Bad, Why) ->
+                      ?assertMatch({Why, {error, _}}, {Why, dspex_store:import_session(Bad)}),
+                      ?assertEqual({Why, {error, session_not_found}}, {Why, dspex_store:get_session(maps:get(id, Bad))})
+              end,
+    %% the session id: as create_session answers
+    ?assertEqual({error, {limit_exceeded, name_length}}, dspex_store:import_session(E#{id := <<>>})),
+    ?assertEqual({error, {invalid_argument, name}}, dspex_store:import_session(E#{id := <<255>>})),
+    Refused(E#{id := <<>>}, empty_id),
+    %% a variable name: as register answers
+    ?assertEqual({error, {invalid_argument, name}},
+                 dspex_store:import_session(E#{variables := [V#{name := <<255, 1>>, id := <<"var_", 255, 1, "_1">>}, W]})),
+    Refused(E#{variables := [V#{name := <<255, 1>>, id := <<"var_", 255, 1, "_1">>}, W]}, bad_name),
+    %% ids an id lookup cannot find, or shared
+    [?assertEqual({Bad, {error, {invalid_export, <<"a variable id must be var_<name>_<digits>">>}}},
+                  {Bad, dspex_store:import_session(E#{variables := [V#{id := Bad}, W]})})
+     || Bad <- [<<"whatever">>, <<"var_g_1">>, <<"var_f_">>, <<"var_f_1x">>, maps:get(id, W)]],
+    %% versions: below 2^63, so that a set never wraps
+    ?assertEqual({error, {invalid_export, <<"a version must be below 2^63">>}},
+                 dspex_store:import_session(E#{variables := [V#{version := (1 bsl 64) - 1}, W]})),
+    ?assertEqual({error, {invalid_export, <<"a version must be below 2^63">>}},
+                 dspex_store:import_session(E#{variables := [V#{version := 1 bsl 63}, W]})),
+    Refused(E#{variables := [V#{version := 1 bsl 63}, W]}, version),
+    %% history_limit past 64 bits is over the limit (never the default)
+    ?assertEqual({error, {limit_exceeded, history_limit}},
+                 dspex_store:import_session(E#{variables := [V#{history_limit := (1 bsl 64) - 1}, W]})),
+    %% the highest version imports, found by its id; the next set is refused, not wrapped
+    Top = (1 bsl 63) - 1,
+    ok = dspex_store:import_session(E#{variables := [V#{version := Top}, W]}),
+    ?assertMatch({ok, #{version := Top}}, dspex_store:get(S, Id)),
+    ?assertEqual({error, {limit_exceeded, version}}, dspex_store:set(S, f, 0.7)),
+    ?assertEqual({error, {limit_exceeded, version}}, dspex_store:rollback(S, f, Top)),
+    ?assertMatch({ok, #{errors := #{f := {limit_exceeded, version}}}}, dspex_store:set_many(S, [{f, 0.7}])),
+    ?assertMatch({ok, #{version := Top, value := 0.5}}, dspex_store:get(S, f)),
+    ok = dspex_store:delete_session(S).
+
 %%% limits and bad input --------------------------------------------------------------
 
 limits_test_() ->
@@ -614,6 +674,76 @@ big_replies_run_on_dirty_schedulers_test_() ->
 
 %% A conversion that runs out of memory half way (a list of 40 atoms: the
 %% string table is allocated, then its atom text is not) leaks nothing, in
+%% An integer beyond 64 bits is stored as the nearest float (ties to even):
+%% rounding its top 64 bits first and then the rest rounded 2^71 + 2^18 + 1
+%% down, to a float that is not float/1's. float/1 is no oracle beyond two
+%% 64-bit words (it rounds word by word: float(2^200 + 2^147 + 1) is 2^200),
+%% so the expected floats come from nearest/1, exact integer arithmetic.
+%% Float bounds convert the same way.
+bignum_floats_are_the_nearest_float_test() ->
+    S = new(),
+    rand:seed(exsss, {7, 11, 13}),
+    Tricky = [(1 bsl 71) + (1 bsl 18) + 1, (1 bsl 71) + (1 bsl 18), (1 bsl 71) + (3 bsl 18),
+              (1 bsl 200) + (1 bsl 147) + 1, ((1 bsl 63) + (1 bsl 10)) * 256 + 1, (1 bsl 64) - 1,
+              (1 bsl 1024) - (1 bsl 970) - 1],
+    %% near-ties: a 53-bit mantissa, half an ulp, and a little more (or not) far below
+    Random = [(M bsl K) + (1 bsl (K - 1)) + Extra
+              || _ <- lists:seq(1, 200),
+                 M <- [(1 bsl 52) + rand:uniform(1 bsl 52) - 1],
+                 K <- [rand:uniform(900) + 12],
+                 Extra <- [rand:uniform(2) - 1]],
+    Ns = Tricky ++ [-N || N <- Tricky] ++ Random,
+    {ok, _} = dspex_store:register(S, f, float, 0.0),
+    [?assertEqual({N, {ok, nearest(N)}}, {N, begin {ok, _} = dspex_store:set(S, f, N), dspex_store:get_value(S, f) end})
+     || N <- Ns],
+    N1 = hd(Tricky),
+    ?assertEqual(float(N1), nearest(N1)),
+    {ok, _} = dspex_store:register(S, g, float, N1),
+    ?assertEqual({ok, float(N1)}, dspex_store:get_value(S, g)),
+    %% a bound given as that integer admits exactly float(N1)
+    {ok, _} = dspex_store:register(S, b, float, float(N1), #{constraints => #{max => N1, min => N1}}),
+    ?assertMatch({ok, #{constraints := #{max := Max, min := Max}}} when Max =:= float(N1), dspex_store:get(S, b)).
+
+%% The float nearest to integer N (ties to even), by integer arithmetic:
+%% float/1 is only applied to integers it represents exactly.
+nearest(N) when N < 0 -> -nearest(-N);
+nearest(N) ->
+    case bit_size(binary:encode_unsigned(N)) - length(lists:takewhile(fun(B) -> B =:= 0 end, bits_of(N))) of
+        L when L =< 53 -> float(N);
+        L ->
+            Shift = L - 53,
+            M = N bsr Shift,
+            R = N band ((1 bsl Shift) - 1),
+            Half = 1 bsl (Shift - 1),
+            M2 = case R > Half orelse (R =:= Half andalso M band 1 =:= 1) of
+                     true -> M + 1;
+                     false -> M
+                 end,
+            float(M2 bsl Shift)
+    end.
+
+bits_of(N) -> [B || <<B:1>> <= binary:encode_unsigned(N)].
+
+%% Embeddings and tensors take any integer, converted as for a float variable.
+bignums_in_embeddings_and_tensors_test() ->
+    S = new(),
+    N = (1 bsl 71) + (1 bsl 18) + 1,
+    {ok, _} = dspex_store:register(S, e, embedding, [1 bsl 64, N, -N, 1.5]),
+    ?assertEqual({ok, [float(1 bsl 64), float(N), float(-N), 1.5]}, dspex_store:get_value(S, e)),
+    {ok, 1} = dspex_store:set(S, e, [1, 1 bsl 100]),
+    ?assertEqual({ok, [1.0, float(1 bsl 100)]}, dspex_store:get_value(S, e)),
+    ?assertMatch({ok, #{updated := #{e := 2}}}, dspex_store:set_many(S, [{e, [N]}])),
+    ?assertEqual({ok, [float(N)]}, dspex_store:get_value(S, e)),
+    {ok, _} = dspex_store:register(S, t, tensor, #{shape => [2], data => [1 bsl 64, 2]}),
+    ?assertEqual({ok, #{shape => [2], data => [float(1 bsl 64), 2.0]}}, dspex_store:get_value(S, t)),
+    %% beyond the float range: refused as for a float variable, nothing changed
+    ?assertEqual({error, {invalid_value, <<"expected a list of numbers, got a list containing an integer too large to store as a float">>}},
+                 dspex_store:set(S, e, [1.0, 1 bsl 1100])),
+    ?assertMatch({error, {invalid_value, _}}, dspex_store:set(S, t, #{shape => [1], data => [1 bsl 1100]})),
+    ?assertEqual({ok, [float(N)]}, dspex_store:get_value(S, e)),
+    ?assertEqual({error, {invalid_value, <<"expected a list of numbers, got a list containing a non-number">>}},
+                 dspex_store:set(S, e, [1.0, x])).
+
 %% set/3 as in set_many/2 and register. Run under ASan by test-nif-asan.
 failed_conversion_frees_its_buffers_test() ->
     S = new(),
@@ -642,9 +772,42 @@ ttl_expiry_by_sweeper_test_() ->
              {ok, _} = dspex_store:register(S, x, integer, 1),
              Keep = new(), %% default ttl 3600 s
              ok = dspex_test_hooks:enable(),
-             ok = dspex_nif:advance_clock(1500), %% the TTL clock, not the wall clock
+             %% the TTL clock, not the wall clock: past ttl + the 1 s touch granularity
+             ok = dspex_nif:advance_clock(2100),
              ?assertEqual({error, session_not_found}, dspex_store:get(S, x)),
              ?assert(dspex_session_sweeper:sweep_now() >= 1),
              ?assertNot(lists:member(S, dspex_store:list_sessions())),
              ?assertMatch({ok, _}, dspex_store:get_session(Keep))
      end}.
+
+%% The probe's case: ttl 1 s and a set every 600 ms (of the TTL clock). An
+%% access less than a second after the last recorded one is not recorded, yet
+%% each access keeps the session for a full ttl (and it goes within ttl + 1 s).
+%% Only the TTL clock is advanced by the test; the real clock moves as well, so
+%% a run in which 700 ms or more of real time passed (a stalled scheduler)
+%% proves nothing either way and is made again, at most 5 times.
+ttl_counts_from_the_last_access_test_() ->
+    {setup, fun() -> application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
+     fun() -> ok = dspex_test_hooks:enable(), ttl_every_600ms(5) end}.
+
+ttl_every_600ms(0) -> erlang:error(every_run_stalled);
+ttl_every_600ms(Tries) ->
+    S = sid(),
+    T0 = erlang:monotonic_time(millisecond),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    ok = dspex_nif:advance_clock(600),
+    R1 = dspex_store:set(S, x, 1),
+    ok = dspex_nif:advance_clock(600),
+    R2 = dspex_store:set(S, x, 2),
+    case erlang:monotonic_time(millisecond) - T0 < 700 of
+        true ->
+            ?assertEqual({ok, 1}, R1),
+            ?assertEqual({ok, 2}, R2),
+            %% gone once ttl + the granularity passed without an access
+            ok = dspex_nif:advance_clock(2001),
+            ?assertEqual({error, session_not_found}, dspex_store:set(S, x, 3));
+        false ->
+            _ = dspex_store:delete_session(S),
+            ttl_every_600ms(Tries - 1)
+    end.

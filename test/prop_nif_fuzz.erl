@@ -522,6 +522,7 @@ shaped_args(F, 2) when F =:= var_get; F =:= var_get_value; F =:= var_exists; F =
                        F =:= var_info ->
     [sid(), key()];
 shaped_args(var_set, 4) -> ?LET({K, V}, typed_kv(), [sid(), K, V, set_opts()]);
+shaped_args(var_set_derived, 4) -> ?LET({K, V}, typed_kv(), [sid(), K, V, set_opts()]);
 shaped_args(var_list, 2) -> [sid(), pattern()];
 shaped_args(var_get_many, 2) ->
     [sid(), frequency([{5, list(key())}, {1, ?LET(N, elements([201, 5000, 30000]), {'$big_list', N, keys})},

@@ -30,6 +30,7 @@ enum {
     DX_E_DENIED,           /* access control refused the operation */
     DX_E_RATE_LIMITED,     /* the session's token bucket is empty */
     DX_E_INVALID_NAME,     /* a name or session id that is not UTF-8 */
+    DX_E_VERSION_LIMIT,    /* the variable is at DX_VERSION_MAX: no further version */
 };
 
 #define DX_ERRLEN 256

@@ -277,21 +277,31 @@ static dx_session *session_new(dx_str id, const uint8_t *meta, size_t meta_len, 
     return s;
 }
 
-static int expired(dx_session *s, int64_t now_ms) {
-    return s->ttl_ms >= 0 && now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) > s->ttl_ms;
+/* last_access is refreshed at most once per DX_TOUCH_GRANULARITY_MS (see
+ * dx_session_touch), so the last real access may be up to that much later
+ * than the recorded one: the grace keeps a session for at least ttl after its
+ * last access (and at most ttl + the granularity). */
+int dx_session_expired(const dx_session *s, int64_t now_ms) {
+    return s->ttl_ms >= 0 &&
+           now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) > s->ttl_ms + DX_TOUCH_GRANULARITY_MS;
+}
+
+int dx_session_id_check(dx_str id, int *limit) {
+    if (id.len > g_limits.max_name_len || id.len == 0) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    return dx_utf8_valid(id.ptr, id.len) ? DX_OK : DX_E_INVALID_NAME;
 }
 
 int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
                       int64_t now_ms, dx_session **out, int *created, int *limit) {
     *created = 0;
-    if (id.len > g_limits.max_name_len || id.len == 0) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
-    if (!dx_utf8_valid(id.ptr, id.len)) return DX_E_INVALID_NAME;
+    int crc = dx_session_id_check(id, limit);
+    if (crc) return crc;
     dx_session *s = dx_session_find(id, now_ms);
     if (s) { *out = s; return DX_OK; }
     pthread_mutex_lock(&g_sessions_mu);
     uint64_t h = dx_hash(id.ptr, id.len);
     s = (dx_session *)dx_rtab_find(&g_sessions, h, id.ptr, id.len);
-    if (s && expired(s, now_ms)) {
+    if (s && dx_session_expired(s, now_ms)) {
         /* An expired session the sweeper has not reached yet: replace it. */
         dx_rtab_remove(&g_sessions, h, id.ptr, id.len);
         session_unlinked();
@@ -322,8 +332,9 @@ int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t t
 
 void dx_session_touch(dx_session *s, int64_t now_ms) {
     /* Write only when the value moves by a second: a store on every read would
-     * bounce this cache line between readers on different cores. */
-    if (now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) >= 1000)
+     * bounce this cache line between readers on different cores. The expiry
+     * check allows for the accesses this skips. */
+    if (now_ms - atomic_load_explicit(&s->last_access, memory_order_relaxed) >= DX_TOUCH_GRANULARITY_MS)
         atomic_store_explicit(&s->last_access, now_ms, memory_order_relaxed);
 }
 
@@ -339,7 +350,7 @@ dx_session *dx_session_find(dx_str id, int64_t now_ms) {
             t_last.gen = gen;
         }
     }
-    if (!s || expired(s, now_ms)) return NULL;
+    if (!s || dx_session_expired(s, now_ms)) return NULL;
     dx_session_touch(s, now_ms);
     return s;
 }
@@ -367,7 +378,7 @@ typedef struct {
 static int sweep_cb(void *ctx, dx_rkey *e) {
     sweep_ctx *c = ctx;
     dx_session *s = (dx_session *)e;
-    if (!expired(s, c->now)) return 0;
+    if (!dx_session_expired(s, c->now)) return 0;
     if (c->n == c->cap) {
         size_t cap = c->cap ? c->cap * 2 : 16;
         dx_session **l = realloc(c->list, cap * sizeof *l);
@@ -458,6 +469,16 @@ dx_var *dx_var_find_name(dx_session *s, dx_str name) {
     return (dx_var *)dx_rtab_find(&shard_of(s, h)->tab, h, name.ptr, name.len);
 }
 
+int dx_var_id_valid(dx_str name, dx_str id) {
+    size_t pre = 4 + name.len + 1;
+    if (id.len <= pre || memcmp(id.ptr, "var_", 4) != 0 || (name.len && memcmp(id.ptr + 4, name.ptr, name.len) != 0) ||
+        id.ptr[pre - 1] != '_')
+        return 0;
+    for (size_t i = pre; i < id.len; i++)
+        if (id.ptr[i] < '0' || id.ptr[i] > '9') return 0;
+    return 1;
+}
+
 /* Ids are "var_<name>_<digits>": the name is recoverable, so no second index. */
 dx_var *dx_var_find(dx_session *s, dx_str key) {
     dx_var *v = dx_var_find_name(s, key);
@@ -516,8 +537,9 @@ static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64
     if (o && o->acl_check && !o->acl_check(o->acl_ctx, v, atomic_load_explicit(&v->acl, memory_order_relaxed)))
         return DX_E_DENIED;
     if (v->derived && !(o && o->propagation)) return DX_E_DERIVED;
-    if (o && o->lock_token && o->lock_token != v->lock_token)
-        return v->lock_token ? refuse_locked(v) : DX_E_STALE_LOCK;
+    /* A token that is not the current one is stale whoever holds the lock
+     * now; {locked, Holder} is for a write that presented no token. */
+    if (o && o->lock_token && o->lock_token != v->lock_token) return DX_E_STALE_LOCK;
     if (v->lock_token && !(o && o->lock_token == v->lock_token)) return refuse_locked(v);
     if (o && o->if_current && o->if_current != cur) return DX_E_RETRY;
     if (o && o->has_expected && o->expected != cur->version) {
@@ -526,6 +548,7 @@ static int precheck(dx_var *v, const dx_value *val, const dx_set_opts *o, uint64
     }
     if (val->type != v->type) return DX_E_INVALID;
     if (dx_value_payload_size(val) > g_limits.max_value_bytes) return DX_E_LIMIT;
+    if (cur->version >= DX_VERSION_MAX) return DX_E_VERSION_LIMIT; /* prepare's +1 must not wrap */
     return DX_OK;
 }
 
@@ -949,13 +972,17 @@ void dx_session_unlock_all(dx_session *s) {
 
 dx_session *dx_import_begin(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t created_at,
                             int64_t now_ms) {
-    if (id.len > g_limits.max_name_len) return NULL;
+    int limit;
+    if (dx_session_id_check(id, &limit)) return NULL;
     return session_new(id, meta, meta_len, ttl_ms, created_at, now_ms);
 }
 
 int dx_import_var_add(dx_session *s, const dx_import_var *iv, const dx_import_hist *hist, size_t nhist, int *limit) {
     const dx_var_spec *sp = &iv->spec;
     if (sp->name.len > g_limits.max_name_len || sp->name.len == 0) { *limit = DX_L_NAME_LENGTH; return DX_E_LIMIT; }
+    if (!dx_utf8_valid(sp->name.ptr, sp->name.len)) return DX_E_INVALID_NAME;
+    /* an id lookup resolves the name from the id: any other id is unreachable */
+    if (!dx_var_id_valid(sp->name, iv->id) || iv->version > DX_VERSION_MAX) return DX_E_INVALID;
     if (dx_value_payload_size(sp->value) > g_limits.max_value_bytes) { *limit = DX_L_VALUE_SIZE; return DX_E_LIMIT; }
     if ((uint64_t)dx_session_nvars(s) >= g_limits.max_vars) { *limit = DX_L_VARS; return DX_E_LIMIT; }
     dx_var *v = var_new(sp, iv->id, iv->version, iv->created_at, iv->updated_at, limit);

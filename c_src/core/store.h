@@ -116,6 +116,11 @@ typedef struct {
     uint32_t default_history;
 } dx_limits;
 
+/* The highest version a variable reaches: a write past it is refused
+ * (DX_E_VERSION_LIMIT) rather than wrapping to 0, and an import above it is
+ * invalid. Below 2^63, so versions stay non-negative int64 everywhere. */
+#define DX_VERSION_MAX ((uint64_t)INT64_MAX)
+
 /* Which limit a DX_E_LIMIT refers to. */
 enum { DX_L_SESSIONS = 1, DX_L_VARS, DX_L_VALUE_SIZE, DX_L_NAME_LENGTH, DX_L_HISTORY };
 
@@ -127,10 +132,18 @@ dx_limits dx_store_limits(void);
 void dx_store_set_watcher_release(void (*fn)(void *w));
 
 /* ---- sessions (callers of find/foreach must be inside an EBR section) ---- */
+/* What create and import require of a session id: DX_OK, DX_E_LIMIT
+ * (*limit = DX_L_NAME_LENGTH: empty or too long) or DX_E_INVALID_NAME. */
+int dx_session_id_check(dx_str id, int *limit);
 int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
                       int64_t now_ms, dx_session **out, int *created, int *limit);
 dx_session *dx_session_find(dx_str id, int64_t now_ms); /* NULL if absent or expired; refreshes */
+/* Accesses refresh last_access at most once per this many ms; a session
+ * expires once now - last_access > ttl + this, so it lives at least ttl after
+ * its last access and at most ttl + this. */
+#define DX_TOUCH_GRANULARITY_MS 1000
 void dx_session_touch(dx_session *s, int64_t now_ms);
+int dx_session_expired(const dx_session *s, int64_t now_ms);
 int dx_session_delete(dx_str id);
 size_t dx_session_sweep(int64_t now_ms);
 size_t dx_session_count(void);
@@ -152,6 +165,9 @@ typedef struct {
 } dx_var_spec;
 
 /* Registers a new variable; its id is "var_<name>_<n>". */
+/* Whether id is one a variable named name can have: "var_" name "_" digits
+ * (what dx_var_find resolves back to the name). */
+int dx_var_id_valid(dx_str name, dx_str id);
 int dx_var_register(dx_session *s, const dx_var_spec *spec, int64_t now_us, dx_var **out, int *limit);
 /* By name, then by id. Inside an EBR section. */
 dx_var *dx_var_find(dx_session *s, dx_str key);
@@ -284,6 +300,7 @@ void dx_session_unlock_all(dx_session *s);
 size_t dx_var_history_locked(dx_var *v, dx_snap **out, size_t max);
 
 /* ---- import: builds a detached session, then publishes it whole ----------- */
+/* NULL if the id fails dx_session_id_check, or out of memory. */
 dx_session *dx_import_begin(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t created_at,
                             int64_t now_ms);
 typedef struct {
@@ -303,6 +320,9 @@ typedef struct {
     const uint8_t *by;
     size_t by_len;
 } dx_import_hist;
+/* The checks of register (name length, UTF-8, value size, variable count),
+ * and of the copy: iv->id valid for the name (dx_var_id_valid) and
+ * iv->version <= DX_VERSION_MAX, else DX_E_INVALID. */
 int dx_import_var_add(dx_session *s, const dx_import_var *iv, const dx_import_hist *hist, size_t nhist, int *limit);
 /* DX_OK, DX_E_EXISTS, DX_E_LIMIT. On error the detached session is freed. */
 int dx_import_commit(dx_session *s, int *limit);

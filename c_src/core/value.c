@@ -77,6 +77,24 @@ static long utf8_length(const char *p, size_t len) {
 
 int dx_utf8_valid(const char *p, size_t len) { return utf8_length(p, len) >= 0; }
 
+double dx_bigmag_to_double(const uint8_t *dig, size_t n) {
+    while (n && !dig[n - 1]) n--;
+    if (n > 128) return INFINITY; /* >= 2^1024 */
+    size_t top = n < 8 ? n : 8;
+    uint64_t hi = 0;
+    for (size_t i = 0; i < top; i++) hi = (hi << 8) | dig[n - 1 - i];
+    /* The top 64 bits hold at least 57 significant bits when anything was cut
+     * off, so bit 0 lies below the rounding point: a sticky 1 there for any
+     * non-zero cut-off digit makes the one rounding (double)hi does exact
+     * (rounding the top 64 bits alone, then the rest, rounds twice). */
+    for (size_t i = 0; i < n - top; i++)
+        if (dig[i]) {
+            hi |= 1;
+            break;
+        }
+    return ldexp((double)hi, (int)(8 * (n - top))); /* exact, or inf past the range */
+}
+
 /* ---- messages ------------------------------------------------------------- */
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -130,6 +130,11 @@ void dx_value_copy_into(dx_value *dst, const dx_value *v, char *buf);
 /* Whether the bytes are valid UTF-8 (no overlongs, surrogates or > U+10FFFF). */
 int dx_utf8_valid(const char *p, size_t len);
 
+/* The magnitude of an integer given as n little-endian base-256 digits as the
+ * nearest double (ties to even, as erlang:float/1); INFINITY when it rounds
+ * beyond the double range. */
+double dx_bigmag_to_double(const uint8_t *dig, size_t n);
+
 /* Formats a double the way Erlang's float_to_list(F, [short]) does:
  * shortest round-trip digits, always with a '.', "nan"/"infinity". */
 void dx_format_double(double d, char *buf, size_t len);

@@ -30,10 +30,18 @@ int dx_get_name(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *out, char *buf, size_t b
     return 0;
 }
 
+static double bignum_to_double(ErlNifEnv *env, ERL_NIF_TERM t);
+
+/* 1: a number (any integer, as the nearest double, as for float variables),
+ * 2: an integer too large for a double, 0: not a number. */
 static int get_number(ErlNifEnv *env, ERL_NIF_TERM t, double *d) {
     ErlNifSInt64 i;
     if (enif_get_double(env, t, d)) return 1;
     if (enif_get_int64(env, t, &i)) { *d = (double)i; return 1; }
+    if (enif_is_number(env, t)) {
+        *d = bignum_to_double(env, t);
+        return isfinite(*d) ? 1 : 2;
+    }
     if (enif_is_identical(t, ATOM_nan)) { *d = NAN; return 1; }
     if (enif_is_identical(t, ATOM_infinity)) { *d = INFINITY; return 1; }
     if (enif_is_identical(t, ATOM_neg_infinity)) { *d = -INFINITY; return 1; }
@@ -86,7 +94,8 @@ long dx_rawbuf_debug(long fail_nth) {
     return atomic_load(&g_raw_live);
 }
 
-/* A list of numbers into doubles; 0 ok, 1 not all numbers, -1 nomem, 2 too big. */
+/* A list of numbers into doubles; 0 ok, 1 not all numbers, -1 nomem, 2 too big,
+ * 3 an integer beyond the double range. */
 static int get_numlist(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_bytes, double **out, size_t *n) {
     unsigned len;
     if (!enif_get_list_length(env, t, &len)) return 1;
@@ -98,8 +107,10 @@ static int get_numlist(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_
         if (!d) return -1;
     }
     ERL_NIF_TERM h;
-    for (unsigned i = 0; enif_get_list_cell(env, t, &h, &t); i++)
-        if (!get_number(env, h, &d[i])) return 1;
+    for (unsigned i = 0; enif_get_list_cell(env, t, &h, &t); i++) {
+        int k = get_number(env, h, &d[i]);
+        if (k != 1) return k ? 3 : 1;
+    }
     *out = d;
     *n = len;
     return 0;
@@ -153,7 +164,7 @@ static int map_get2(ErlNifEnv *env, ERL_NIF_TERM m, ERL_NIF_TERM atom, const cha
 }
 
 /* A bignum as the nearest double (inf when beyond the double range), read from
- * its external format: the top 64 bits of the magnitude, scaled. */
+ * its external format (little-endian base-256 magnitude). */
 static double bignum_to_double(ErlNifEnv *env, ERL_NIF_TERM t) {
     ErlNifBinary ext;
     double d = INFINITY;
@@ -168,12 +179,7 @@ static double bignum_to_double(ErlNifEnv *env, ERL_NIF_TERM t) {
     if (off && off + 1 + n <= ext.size && n > 0) {
         int neg = p[off];
         const unsigned char *dig = p + off + 1; /* little-endian base-256 digits */
-        if (n <= 128) {
-            size_t top = n < 8 ? n : 8;
-            uint64_t hi = 0;
-            for (size_t i = 0; i < top; i++) hi = (hi << 8) | dig[n - 1 - i];
-            d = ldexp((double)hi, (int)(8 * (n - top)));
-        }
+        d = dx_bigmag_to_double(dig, n);
         if (neg) d = -d;
     }
     enif_release_binary(&ext);
@@ -240,6 +246,10 @@ static int term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_
             r->n = n;
             return 0;
         }
+        if (rc == 3) {
+            r->desc = "a list containing an integer too large to store as a float";
+            return 0;
+        }
         rc = get_strlist(env, t, b);
         if (rc == -1) return -1;
         if (rc == 1) r->desc = "a list containing a non-number";
@@ -262,6 +272,7 @@ static int term_to_raw(ErlNifEnv *env, ERL_NIF_TERM t, dx_rawbuf *b, size_t max_
             int rc = get_numlist(env, data, b, max_bytes, &d, &n);
             if (rc == -1) return -1;
             if (rc == 2) { b->too_big = 1; return 0; }
+            if (rc == 3) r->desc = "a tensor whose data holds an integer too large to store as a float";
             if (rc) return 0;
             r->kind = DX_RAW_TENSOR;
             r->nums = d;

@@ -122,6 +122,7 @@ static ErlNifFunc funcs[] = {
     {"var_get_value", 2, nif_var_get_value, 0},
     {"var_exists", 2, nif_var_exists, 0},
     {"var_set", 4, nif_var_set, 0},
+    {"var_set_derived", 4, nif_var_set_derived, 0}, /* dspex_store:set_derived/4 (the propagator) only */
     {"var_delete", 2, nif_var_delete, 0},
     {"var_delete", 3, nif_var_delete, 0},
     {"var_list", 2, nif_var_list, 0},

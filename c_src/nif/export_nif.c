@@ -209,13 +209,24 @@ static ERL_NIF_TERM import_var(ErlNifEnv *env, dx_session *s, ERL_NIF_TERM m) {
         hist[i].by_len = have[nblobs + 1] ? blobs[nblobs + 1].size : 0;
         nblobs += 2;
     }
+    dx_str name = {(const char *)nameb.data, nameb.size}, id = {(const char *)idb.data, idb.size};
+    /* ids are what register makes: dx_var_find resolves an id through its name */
+    if (name.len && name.len <= dx_store_limits().max_name_len && !dx_var_id_valid(name, id)) {
+        r = invalid(env, "a variable id must be var_<name>_<digits>");
+        goto out;
+    }
+    if (version > DX_VERSION_MAX) {
+        r = invalid(env, "a version must be below 2^63");
+        goto out;
+    }
     ERL_NIF_TERM dv;
     bool derived = enif_get_map_value(env, m, ATOM_derived, &dv) && enif_is_identical(dv, ATOM_true);
     dx_import_var iv = {
-        .id = {(const char *)idb.data, idb.size},
-        .spec = {{(const char *)nameb.data, nameb.size}, type, &cons, &val, have[0] ? blobs[0].data : NULL,
+        .id = id,
+        .spec = {name, type, &cons, &val, have[0] ? blobs[0].data : NULL,
                  have[0] ? blobs[0].size : 0, have[1] ? blobs[1].data : NULL, have[1] ? blobs[1].size : 0,
-                 (int64_t)hlimit, derived},
+                 /* past uint32 is past every max_history (never cast to a negative "default") */
+                 hlimit > UINT32_MAX ? (int64_t)UINT32_MAX + 1 : (int64_t)hlimit, derived},
         .version = version,
         .created_at = created,
         .updated_at = updated,
@@ -223,6 +234,7 @@ static ERL_NIF_TERM import_var(ErlNifEnv *env, dx_session *s, ERL_NIF_TERM m) {
     int limit = 0;
     rc = dx_import_var_add(s, &iv, hist, nh, &limit);
     if (rc == DX_E_EXISTS) r = invalid(env, "two variables share a name");
+    else if (rc == DX_E_INVALID) r = invalid(env, "a variable id or version the store cannot hold");
     else if (rc) r = dx_rc_error(env, rc, ATOM_undefined, 0, limit, NULL);
 out:
     for (size_t i = 0; i < nbufs; i++) dx_rawbuf_free(&bufs[i]);
@@ -252,12 +264,16 @@ DX_NIF(nif_import_session) {
         if (!enif_get_int64(env, t, &tt) || tt < 0 || tt >= (1LL << 40)) return invalid(env, "ttl must be seconds or infinity");
         ttl = tt * 1000;
     }
+    /* the id checks of create_session, with its errors */
+    int limit = 0;
+    int crc = dx_session_id_check((dx_str){(const char *)idb.data, idb.size}, &limit);
+    if (crc) return dx_rc_error(env, crc, ATOM_undefined, 0, limit, NULL);
     int have_meta = 0;
     if (!get_blob(env, m, ATOM_metadata, 1, &meta, &have_meta)) return invalid(env, "metadata must be a map");
     dx_session *s = dx_import_begin((dx_str){(const char *)idb.data, idb.size}, have_meta ? meta.data : NULL,
                                     have_meta ? meta.size : 0, ttl, created, dx_now_ms());
     if (have_meta) enif_release_binary(&meta);
-    if (!s) return idb.size > dx_store_limits().max_name_len ? dx_limit_error(env, DX_L_NAME_LENGTH) : dx_error(env, ATOM_enomem);
+    if (!s) return dx_error(env, ATOM_enomem);
     unsigned nvars;
     if (!enif_get_list_length(env, vars, &nvars)) {
         dx_import_abort(s);
@@ -270,7 +286,6 @@ DX_NIF(nif_import_session) {
             return e;
         }
     }
-    int limit = 0;
     int rc = dx_import_commit(s, &limit);
     if (rc == DX_E_EXISTS) return dx_error2(env, ATOM_already_exists, argv[0] == 0 ? ATOM_undefined : dx_make_bin(env, (const char *)idb.data, idb.size));
     if (rc) return dx_rc_error(env, rc, ATOM_undefined, 0, limit, NULL);

@@ -64,7 +64,7 @@ DX_NIF(nif_session_delete); DX_NIF(nif_sweep); DX_NIF(nif_reclaim); DX_NIF(nif_a
 DX_NIF(nif_set_limits); DX_NIF(nif_get_limits); DX_NIF(nif_stats);
 DX_NIF(nif_var_register); DX_NIF(nif_var_get); DX_NIF(nif_var_get_value); DX_NIF(nif_var_exists);
 DX_NIF(nif_var_get_here); DX_NIF(nif_var_get_value_here); DX_NIF(nif_var_set_here); DX_NIF(nif_store_fast_path);
-DX_NIF(nif_var_set); DX_NIF(nif_var_delete); DX_NIF(nif_var_list); DX_NIF(nif_var_get_many);
+DX_NIF(nif_var_set); DX_NIF(nif_var_set_derived); DX_NIF(nif_var_delete); DX_NIF(nif_var_list); DX_NIF(nif_var_get_many);
 DX_NIF(nif_var_set_many); DX_NIF(nif_var_history); DX_NIF(nif_var_rollback);
 DX_NIF(nif_watch); DX_NIF(nif_var_info); DX_NIF(nif_unwatch);
 DX_NIF(nif_export_session); DX_NIF(nif_import_session);

@@ -77,6 +77,7 @@ static ERL_NIF_TERM rc_reason(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t
     case DX_E_RATE_LIMITED: return ATOM_rate_limited;
     case DX_E_INVALID_NAME: return enif_make_tuple2(env, ATOM_invalid_argument, ATOM_name);
     case DX_E_LOCKED: return enif_make_tuple2(env, ATOM_locked, ATOM_undefined);
+    case DX_E_VERSION_LIMIT: return enif_make_tuple2(env, ATOM_limit_exceeded, ATOM_version);
     default: return ATOM_enomem;
     }
 }
@@ -192,13 +193,20 @@ static int get_sid(ErlNifEnv *env, ERL_NIF_TERM t, dx_str *out) {
     return 1;
 }
 
+/* Whole seconds in ms stay far from int64 overflow below this. */
+#define DX_MAX_TTL_S (1LL << 40)
+
 /* session_create(Id :: binary(), Metadata :: map(), TtlSeconds :: integer() | infinity) */
 DX_NIF(nif_session_create) {
     dx_str id;
     ErlNifSInt64 ttl = -1;
+    int is_int = enif_term_type(env, argv[2]) == ERL_NIF_TERM_TYPE_INTEGER;
     if (!get_sid(env, argv[0], &id) || !enif_is_map(env, argv[1]) ||
-        !(enif_is_identical(argv[2], ATOM_infinity) || (enif_get_int64(env, argv[2], &ttl) && ttl >= 0 && ttl < (1LL << 40))))
+        !(enif_is_identical(argv[2], ATOM_infinity) || is_int))
         return enif_make_badarg(env);
+    /* an integer out of range is a bad option value, not a type error */
+    if (is_int && !(enif_get_int64(env, argv[2], &ttl) && ttl >= 0 && ttl < DX_MAX_TTL_S))
+        return dx_error2(env, ATOM_invalid_argument, ATOM_ttl);
     ErlNifBinary meta = {0};
     size_t mlen = 0;
     size_t msize;
@@ -237,7 +245,7 @@ typedef struct {
 
 static int sess_list_cb(void *ctx, dx_session *s) {
     sess_list_ctx *c = ctx;
-    if (s->ttl_ms < 0 || c->now - atomic_load(&s->last_access) <= s->ttl_ms)
+    if (!dx_session_expired(s, c->now))
         c->list = enif_make_list_cell(c->env, dx_make_bin(c->env, s->id, s->id_len), c->list);
     return 0;
 }
@@ -363,9 +371,14 @@ DX_NIF(nif_var_register) {
     dx_str name;
     dx_type type;
     ErlNifSInt64 hl = -1;
+    /* a history_limit beyond int64 is over every max_history: the same
+     * {limit_exceeded, history_limit} as any other limit too big */
+    int huge_hl = enif_term_type(env, argv[6]) == ERL_NIF_TERM_TYPE_INTEGER && !enif_get_int64(env, argv[6], &hl) &&
+                  enif_compare(argv[6], enif_make_int(env, 0)) > 0;
+    if (huge_hl) hl = INT64_MAX;
     if (!dx_get_name(env, argv[1], &name, nbuf, sizeof nbuf) || !enif_is_map(env, argv[4]) ||
         !enif_is_map(env, argv[5]) ||
-        !(enif_is_identical(argv[6], ATOM_undefined) || (enif_get_int64(env, argv[6], &hl) && hl >= 0)) ||
+        !(enif_is_identical(argv[6], ATOM_undefined) || huge_hl || (enif_get_int64(env, argv[6], &hl) && hl >= 0)) ||
         !(enif_is_identical(argv[8], ATOM_true) || enif_is_identical(argv[8], ATOM_false)))
         return enif_make_badarg(env);
     dx_str sid;
@@ -758,7 +771,9 @@ DX_NIF(nif_var_exists) {
     return r;
 }
 
-/* Options of set/rollback: expected_version, metadata (merged), changed_by. */
+/* Options of set/rollback: expected_version, metadata (merged), changed_by,
+ * lock, as, context. Never `propagation': the right to write a derived
+ * variable comes only with var_set_derived (the propagator's entry). */
 typedef struct {
     dx_set_opts o;
     ERL_NIF_TERM meta_patch; /* 0: none */
@@ -808,10 +823,6 @@ static ERL_NIF_TERM parse_set_opts(ErlNifEnv *env, ERL_NIF_TERM m, set_opts_buf 
         left--;
         if (!enif_is_map(env, v)) return ATOM_metadata;
         b->meta_patch = v;
-    }
-    if (left && enif_get_map_value(env, m, ATOM_propagation, &v)) {
-        left--;
-        b->o.propagation = enif_is_identical(v, ATOM_true);
     }
     if (left && enif_get_map_value(env, m, ATOM_as, &v)) {
         left--;
@@ -878,18 +889,20 @@ static ERL_NIF_TERM do_set(ErlNifEnv *env, dx_session *s, dx_var *v, ERL_NIF_TER
 }
 
 static ERL_NIF_TERM nif_var_set_settled(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
+static ERL_NIF_TERM nif_var_set_derived_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]);
 
 /* set(Session, Key, Value, Opts); settle: dspex_store:set/4's fast path, which leaves the event log's
- * durability to this call (dx_events_settle) */
-static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], int settle) {
+ * durability to this call (dx_events_settle); derived: the propagator's write of a derived variable */
+static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], int settle, int derived) {
     char kbuf[DX_ATOM_TEXT];
     dx_str key;
     if (!get_key(env, argv[1], &key, kbuf) || !enif_is_map(env, argv[3]) || !dx_principal_ok(env, argv[3]))
         return enif_make_badarg(env);
     if (!dx_on_dirty() && big_input(env, argv[2])) {
         t_res = -1;
-        return settle ? RESCHEDULE(RS_SET, "var_set", nif_var_set_settled)
-                      : RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
+        return settle    ? RESCHEDULE(RS_SET, "var_set", nif_var_set_settled)
+               : derived ? RESCHEDULE(RS_SET, "var_set", nif_var_set_derived_dirty)
+                         : RESCHEDULE(RS_SET, "var_set", nif_var_set_here);
     }
     dx_str sid;
     if (!get_sid(env, argv[0], &sid)) return enif_make_badarg(env);
@@ -900,6 +913,7 @@ static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM 
         t_res = DX_NATIVE_ERROR;
         return dx_error2(env, ATOM_invalid_argument, bad);
     }
+    ob.o.propagation = derived;
     dx_rawbuf b;
     char err[DX_ERRLEN];
     ERL_NIF_TERM r;
@@ -940,10 +954,13 @@ static ERL_NIF_TERM var_set_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM 
 }
 
 static ERL_NIF_TERM var_set(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
-    return var_set_common(env, argc, argv, 0);
+    return var_set_common(env, argc, argv, 0, 0);
 }
 static ERL_NIF_TERM var_set_settle(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
-    return var_set_common(env, argc, argv, 1);
+    return var_set_common(env, argc, argv, 1, 0);
+}
+static ERL_NIF_TERM var_set_derived(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    return var_set_common(env, argc, argv, 0, 1);
 }
 
 /* var_set/4 (dspex_store:set/4 only): the write and its event log durability in one call */
@@ -952,6 +969,12 @@ DX_NIF(nif_var_set_here) { return timed(DX_NATIVE_SET, var_set, env, argc, argv)
 /* var_set/4 of a big value, moved to a dirty scheduler */
 static ERL_NIF_TERM nif_var_set_settled(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     return timed(DX_NATIVE_SET, var_set_settle, env, argc, argv);
+}
+/* var_set_derived/4 (dspex_store:set_derived/4, the propagator's only): like
+ * var_set_here, and the one write a derived variable accepts */
+DX_NIF(nif_var_set_derived) { return timed(DX_NATIVE_SET, var_set_derived, env, argc, argv); }
+static ERL_NIF_TERM nif_var_set_derived_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+    return timed(DX_NATIVE_SET, var_set_derived, env, argc, argv);
 }
 
 /* ---- owner: the replication fast path's set (repl_nif.c, issue #21) ------ */

@@ -71,7 +71,8 @@ static void test_ttl_and_sweep(void **st) {
     mk_session("short", 1000);
     mk_session("forever", -1);
     assert_non_null(dx_session_find(S("short"), T_MS + 900));
-    /* the find at +900 refreshed nothing (under a second); at +1500 it's expired */
+    /* the find at +900 refreshed nothing (under a second), yet counts: the
+     * session lives until ttl + the touch granularity after the last refresh */
     assert_null(dx_session_find(S("short"), T_MS + 2001));
     assert_int_equal(dx_session_sweep(T_MS + 2001), 1);
     assert_non_null(dx_session_find(S("forever"), T_MS + 1000000));
@@ -84,10 +85,36 @@ static void test_touch_refreshes(void **st) {
     dx_ebr_enter();
     dx_session *s = mk_session("t", 2000);
     dx_session_touch(s, T_MS + 1500);
-    assert_non_null(dx_session_find(S("t"), T_MS + 3000)); /* 1500 ms after the touch */
-    assert_null(dx_session_find(S("t"), T_MS + 6000));
+    assert_non_null(dx_session_find(S("t"), T_MS + 3000)); /* 1500 ms after the touch; refreshes */
+    /* gone after ttl + the touch granularity since that find */
+    assert_non_null(dx_session_find(S("t"), T_MS + 6000));
+    assert_null(dx_session_find(S("t"), T_MS + 9001));
     dx_session_delete(S("t"));
     dx_ebr_exit();
+}
+
+/* The probe's case: ttl 1 s, an access every 600 ms. Accesses within a
+ * second of the last refresh are not recorded; the session must still live
+ * ttl after each of them (and not much longer). */
+static void test_ttl_counts_from_the_last_access(void **st) {
+    dx_ebr_enter();
+    dx_session *s = mk_session("every600", 1000);
+    assert_non_null(dx_session_find(S("every600"), T_MS + 600));
+    assert_non_null(dx_session_find(S("every600"), T_MS + 1200));
+    /* accesses at gaps of 1..ttl ms, some recorded, most not */
+    int64_t now = T_MS + 1200;
+    for (int i = 0; i < 5000; i++) {
+        now += (i * 37) % 1000 + 1;
+        assert_ptr_equal(dx_session_find(S("every600"), now), s);
+        assert_false(dx_session_expired(s, now + 1000)); /* a full ttl after this access */
+        assert_int_equal(dx_session_sweep(now + 1000), 0);
+    }
+    /* and gone once ttl + the granularity passed since the last access */
+    assert_true(dx_session_expired(s, now + 1000 + DX_TOUCH_GRANULARITY_MS + 1));
+    assert_int_equal(dx_session_sweep(now + 1000 + DX_TOUCH_GRANULARITY_MS + 1), 1);
+    assert_null(dx_session_find(S("every600"), now + 1000 + DX_TOUCH_GRANULARITY_MS + 1));
+    dx_ebr_exit();
+    dx_ebr_reclaim(1);
 }
 
 static void test_register_set_versions(void **st) {
@@ -289,6 +316,55 @@ static void test_import_roundtrip(void **st) {
     dx_session_delete(S("imp"));
 }
 
+/* An import is held to what create and register enforce, plus what the copy
+ * itself must satisfy: ids an id lookup resolves, versions a set can follow. */
+static void test_import_refuses_what_register_would(void **st) {
+    int limit = 0;
+    assert_null(dx_import_begin(S(""), NULL, 0, -1, 42, T_MS));
+    assert_int_equal(dx_session_id_check(S(""), &limit), DX_E_LIMIT);
+    assert_int_equal(limit, DX_L_NAME_LENGTH);
+    assert_null(dx_import_begin(S("\xff"), NULL, 0, -1, 42, T_MS));
+    assert_int_equal(dx_session_id_check(S("\xff"), &limit), DX_E_INVALID_NAME);
+    dx_session *s = dx_import_begin(S("imp2"), NULL, 0, -1, 42, T_MS);
+    assert_non_null(s);
+    dx_constraints c;
+    dx_constraints_init(&c);
+    dx_value cur = {.type = DX_T_INTEGER, .u.i = 1};
+    dx_import_var iv = {.id = S("var_\xff\x01_1"), .spec = {.name = S("\xff\x01"), .type = DX_T_INTEGER, .cons = &c,
+                                                             .value = &cur, .history_limit = 2}};
+    assert_int_equal(dx_import_var_add(s, &iv, NULL, 0, &limit), DX_E_INVALID_NAME);
+    iv.spec.name = S("x");
+    const char *bad_ids[] = {"whatever", "var_x_", "var_x", "var_y_1", "var_x_1a", "var_x__1", "vax_x_1", "var_xx_1"};
+    for (size_t i = 0; i < sizeof bad_ids / sizeof *bad_ids; i++) {
+        iv.id = S(bad_ids[i]);
+        assert_int_equal(dx_import_var_add(s, &iv, NULL, 0, &limit), DX_E_INVALID);
+    }
+    iv.id = S("var_x_12");
+    iv.version = DX_VERSION_MAX + 1;
+    assert_int_equal(dx_import_var_add(s, &iv, NULL, 0, &limit), DX_E_INVALID);
+    assert_int_equal(dx_session_nvars(s), 0);
+    /* the highest version imports; a set past it is refused, never wraps to 0 */
+    iv.version = DX_VERSION_MAX;
+    assert_int_equal(dx_import_var_add(s, &iv, NULL, 0, &limit), DX_OK);
+    iv.id = S("var_x_13"); /* same name: refused, so no two variables share an id */
+    assert_int_equal(dx_import_var_add(s, &iv, NULL, 0, &limit), DX_E_EXISTS);
+    assert_int_equal(dx_import_commit(s, &limit), DX_OK);
+    dx_ebr_enter();
+    dx_var *v = dx_var_find(s, S("var_x_12"));
+    assert_non_null(v);
+    dx_value nv = {.type = DX_T_INTEGER, .u.i = 2};
+    uint64_t ver = 0;
+    assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US, &ver, NULL, NULL), DX_E_VERSION_LIMIT);
+    assert_int_equal(dx_var_rollback(s, v, DX_VERSION_MAX, NULL, T_US, &ver, NULL, NULL), DX_E_VERSION_LIMIT);
+    dx_set_item it = {.var = v, .value = nv};
+    assert_int_equal(dx_var_set_many(s, &it, 1, false, false, T_US, NULL, NULL), DX_OK);
+    assert_int_equal(it.rc, DX_E_VERSION_LIMIT);
+    assert_true(dx_var_current(v)->version == DX_VERSION_MAX);
+    assert_int_equal(dx_var_current(v)->value.u.i, 1);
+    dx_ebr_exit();
+    dx_session_delete(S("imp2"));
+}
+
 static void test_optimizer_locks(void **st) {
     dx_ebr_enter();
     dx_session *s = mk_session("locks", -1);
@@ -313,7 +389,13 @@ static void test_optimizer_locks(void **st) {
     /* preemption: locking with the holder's token hands over to a newer token */
     assert_int_equal(dx_var_lock(s, v, t1, (const uint8_t *)"opt2", 4, &t2, NULL), DX_OK);
     assert_true(t2 > t1);
-    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_LOCKED); /* old token */
+    /* the old token while another holds the lock: stale, not {locked, Holder} */
+    assert_int_equal(dx_var_set(s, v, &nv, &o, T_US, &ver, NULL, NULL), DX_E_STALE_LOCK);
+    assert_int_equal(dx_var_set(s, v, &nv, NULL, T_US, &ver, NULL, NULL), DX_E_LOCKED); /* no token */
+    dx_set_item it = {.var = v, .value = nv, .opts = o};
+    assert_int_equal(dx_var_set_many(s, &it, 1, true, false, T_US, NULL, NULL), DX_E_BATCH);
+    assert_int_equal(it.rc, DX_E_STALE_LOCK);
+    assert_int_equal(dx_var_rollback(s, v, 1, &o, T_US, &ver, NULL, NULL), DX_E_STALE_LOCK);
     assert_int_equal(dx_var_unlock(s, v, t1), DX_E_STALE_LOCK);
     assert_int_equal(dx_var_unlock(s, v, t2), DX_OK);
     o.lock_token = t2;
@@ -594,9 +676,10 @@ int main(void) {
         cmocka_unit_test(test_ebr_probe_with_a_late_spinner_returns),
         cmocka_unit_test(test_session_lifecycle),       cmocka_unit_test(test_ttl_and_sweep),
         cmocka_unit_test(test_touch_refreshes),         cmocka_unit_test(test_register_set_versions),
+        cmocka_unit_test(test_ttl_counts_from_the_last_access),
         cmocka_unit_test(test_history_ring_and_rollback), cmocka_unit_test(test_batches),
         cmocka_unit_test(test_watchers_notify_and_release), cmocka_unit_test(test_limits),
-        cmocka_unit_test(test_import_roundtrip),        cmocka_unit_test(test_concurrent_readers_writers),
+        cmocka_unit_test(test_import_roundtrip),        cmocka_unit_test(test_import_refuses_what_register_would),        cmocka_unit_test(test_concurrent_readers_writers),
         cmocka_unit_test(test_optimizer_locks),         cmocka_unit_test(test_token_bucket),
         cmocka_unit_test(test_acl_hook_in_write_path),
         cmocka_unit_test(test_ebr_per_thread_lists),    cmocka_unit_test(test_ebr_heavy_only_on_full_reclaim),

@@ -233,6 +233,51 @@ static void test_format_double(void **st) {
     assert_string_equal(b, "neg_infinity");
 }
 
+/* n little-endian digits of sum of 2^e for each e in exps (distinct). */
+static size_t pow2_sum(uint8_t *dig, size_t cap, const int *exps, size_t k) {
+    memset(dig, 0, cap);
+    size_t n = 0;
+    for (size_t i = 0; i < k; i++) {
+        dig[exps[i] / 8] |= (uint8_t)(1u << (exps[i] % 8));
+        if ((size_t)exps[i] / 8 + 1 > n) n = (size_t)exps[i] / 8 + 1;
+    }
+    return n;
+}
+
+/* Rounded once, to nearest, ties to even (as erlang:float/1): truncating to
+ * the top 64 bits first rounded 2^71 + 2^18 + 1 down (a tie, then even). */
+static void test_bignum_to_double_rounds_once(void **st) {
+    uint8_t d[160];
+    size_t n;
+    n = pow2_sum(d, sizeof d, (int[]){71, 18, 0}, 3); /* above the half ulp (2^18) */
+    assert_true(dx_bigmag_to_double(d, n) == ldexp(1, 71) + ldexp(1, 19));
+    n = pow2_sum(d, sizeof d, (int[]){71, 18}, 2); /* a tie: to even, down */
+    assert_true(dx_bigmag_to_double(d, n) == ldexp(1, 71));
+    n = pow2_sum(d, sizeof d, (int[]){71, 19, 18}, 3); /* a tie with an odd mantissa: up */
+    assert_true(dx_bigmag_to_double(d, n) == ldexp(1, 71) + ldexp(1, 20));
+    n = pow2_sum(d, sizeof d, (int[]){200, 147, 0}, 3); /* the sticky bit 140 digits below */
+    assert_true(dx_bigmag_to_double(d, n) == ldexp(1, 200) + ldexp(1, 148));
+    n = pow2_sum(d, sizeof d, (int[]){200, 147}, 2);
+    assert_true(dx_bigmag_to_double(d, n) == ldexp(1, 200));
+    /* 2^64 - 1 fits the top word: one rounding, up to 2^64 */
+    memset(d, 0xff, 8);
+    assert_true(dx_bigmag_to_double(d, 8) == ldexp(1, 64));
+    /* the top of the range: 2^1024 - 2^970 - 1 is below the tie (DBL_MAX),
+     * 2^1024 - 2^970 a tie (to even: out of range), 2^1024 and beyond inf */
+    memset(d, 0, sizeof d);
+    memset(d, 0xff, 128);
+    for (int b = 0; b < 970; b++) d[b / 8] &= (uint8_t)~(1u << (b % 8));
+    assert_true(isinf(dx_bigmag_to_double(d, 128)));
+    for (int b = 0; b < 970; b++) d[b / 8] |= (uint8_t)(1u << (b % 8));
+    d[970 / 8] &= (uint8_t)~(1u << (970 % 8)); /* 2^1024 - 2^970 - 1: bits 0..969 set, 970 clear */
+    assert_true(dx_bigmag_to_double(d, 128) == 0x1.fffffffffffffp+1023);
+    n = pow2_sum(d, sizeof d, (int[]){1024}, 1);
+    assert_true(isinf(dx_bigmag_to_double(d, n)));
+    /* leading zero digits change nothing */
+    n = pow2_sum(d, sizeof d, (int[]){71, 18, 0}, 3);
+    assert_true(dx_bigmag_to_double(d, n + 5) == ldexp(1, 71) + ldexp(1, 19));
+}
+
 static void test_type_names(void **st) {
     dx_type t;
     for (int i = 0; i < DX_T_COUNT; i++) {
@@ -250,7 +295,7 @@ int main(void) {
         cmocka_unit_test(test_integer_coercion),         cmocka_unit_test(test_string_constraints),
         cmocka_unit_test(test_bad_pattern_and_inapplicable), cmocka_unit_test(test_choice_module_enum),
         cmocka_unit_test(test_embedding_and_tensor),     cmocka_unit_test(test_format_double),
-        cmocka_unit_test(test_type_names),
+        cmocka_unit_test(test_type_names),               cmocka_unit_test(test_bignum_to_double_rounds_once),
     };
     return cmocka_run_group_tests_name("value", tests, NULL, NULL);
 }
