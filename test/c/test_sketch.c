@@ -1160,6 +1160,59 @@ static void test_sum_survives_overflow(void **st) {
     assert_true(dx_sum_mean(&a, 2000001) == 5.0 / 2000001);
 }
 
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The documented collapse rule (README, sketch.h): 2048 buckets at 1% cover
+ * ~17.7 decades of |v| in all, summed over both signs; beyond that the
+ * smallest magnitudes of both signs fold into one bucket per sign, at
+ * magnitude L = dx_sketch_collapsed_limit. A quantile whose true sample has
+ * |x| > L keeps the 1% bound; one with |x| <= L reads a value of its sign
+ * with |estimate| <= L * gamma (the folded bucket's upper end). */
+static void test_collapse_rule(void **st) {
+    const int n = 5000;
+    double *v = malloc(n * sizeof *v);
+    assert_non_null(v);
+    rng_seed(77);
+    /* within the budget: one sign over 17.5 decades, or two over 8.8 each */
+    for (int k = 0; k < 2; k++) {
+        dx_sketch *s = dx_sketch_new(0, 0);
+        assert_non_null(s);
+        for (int i = 0; i < n; i++) {
+            double m = pow(10, k ? rng_open01() * 8.8 - 4 : rng_open01() * 17.5 - 8);
+            assert_int_equal(dx_sketch_add(s, k && (rng_u64() & 1) ? -m : m), 0);
+        }
+        assert_true(dx_sketch_collapsed_limit(s) == 0.0);
+        dx_sketch_free(s);
+    }
+    /* +-10^U(-8, 8): 2 x 16 decades, the lowest collapse */
+    dx_sketch *s = dx_sketch_new(0, 0);
+    assert_non_null(s);
+    for (int i = 0; i < n; i++) {
+        double m = pow(10, rng_open01() * 16 - 8);
+        v[i] = rng_u64() & 1 ? -m : m;
+        assert_int_equal(dx_sketch_add(s, v[i]), 0);
+    }
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    double L = dx_sketch_collapsed_limit(s), g = 1.01 / 0.99;
+    assert_true(L > 0.05 && L < 0.5);
+    int inside = 0;
+    for (int i = 1; i < 100; i++) {
+        double q = i / 100.0, x = v[(int)floor(q * (n - 1))], e = dx_sketch_quantile(s, q);
+        if (fabs(x) > L) {
+            assert_true(fabs(e - x) <= 0.01 * fabs(x));
+        } else {
+            inside++;
+            assert_true((e < 0) == (x < 0) && fabs(e) <= L * g);
+        }
+    }
+    assert_true(inside > 10); /* the median region is in the folded buckets */
+    dx_sketch_free(s);
+    free(v);
+}
+
 static void test_max_buckets_reported(void **st) {
     dx_sketch *s = dx_sketch_new(0.01, 0);
     assert_int_equal(dx_sketch_max_buckets(s), DX_SKETCH_DEFAULT_BUCKETS);
@@ -1244,6 +1297,7 @@ static void test_series_merge_equals_records(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sum_survives_overflow),
+        cmocka_unit_test(test_collapse_rule),
         cmocka_unit_test(test_max_buckets_reported),
         cmocka_unit_test(test_accuracy_uniform),
         cmocka_unit_test(test_accuracy_exponential),
