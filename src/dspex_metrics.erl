@@ -8,33 +8,52 @@
 %% call that takes the series' own mutex; queries run on dirty schedulers.
 %%
 %% Times are whole seconds since the Unix epoch (`now' by default: the OS
-%% clock). Tests and replays pass explicit times (`record/4', `query/5').
+%% clock, see `clock/0'). Tests and replays pass explicit times (`record/4',
+%% `query/5'); a sample may be at most 5 seconds ahead of `clock/0'.
+%%
+%% Names and tags are checked for the Prometheus text format when a series
+%% is created, and tags are normalised: keys and values become binaries
+%% (atoms by name, numbers by their shortest text), so `#{r => a}' and
+%% `#{r => <<"a">>}' are one series.
 %%
 %% Errors: `{error, {invalid_argument, What}}' (`metric', `tags', `value',
-%% `time', `range', `aggregation'), `{error, {limit_exceeded, series}}'
+%% `time' (also: more than 5 s ahead of `clock/0'), `range', `aggregation'),
+%% `{error, {name_conflict, Other}}' (a summary's `_sum'/`_count' sample name
+%% would equal metric `Other''s name or vice versa),
+%% `{error, {limit_exceeded, series}}'
 %% (more than `metrics_max_series' distinct series, default 10 000),
-%% `{error, rejected}' (a time older than every retained window),
+%% `{error, rejected}' (a time older than every window retains as of
+%% `clock/0' or the series' latest sample, whichever is later),
 %% `{error, not_started}' (the application is not running),
 %% `{error, invalid_sketch}', `{error, incompatible}' (merge).
 -module(dspex_metrics).
 
 -export([record/3, record/4, query/4, query/5, dashboard/0, dashboard/1,
          merge/2, summary/1, series/0, series/1, memory/0, clock/0, series_ref/2, all_series/0,
-         dropped_samples/0]).
+         dropped_samples/0, is_counter/1]).
 -export([detailed/3, detailed/4]).
 
 -type metric() :: atom() | binary() | [atom() | binary()].
 -type tags() :: #{atom() | binary() => atom() | binary() | number()}.
+-type sum() :: float() | infinity | neg_infinity.
 -type time() :: integer() | now.
 -type aggregation() :: count | sum | min | max | mean | p50 | p90 | p95 | p99
                      | {quantile, float()} | summary | sketch.
--type summary() :: #{count := non_neg_integer(), sum := float(), min := float() | undefined,
+-type summary() :: #{count := non_neg_integer(), sum := sum(), min := float() | undefined,
                      max := float() | undefined, mean := float() | undefined,
                      p50 := float() | undefined, p90 := float() | undefined,
                      p95 := float() | undefined, p99 := float() | undefined}.
--export_type([metric/0, tags/0, aggregation/0, summary/0]).
+-export_type([metric/0, tags/0, aggregation/0, summary/0, sum/0]).
 
 -define(TAB, dspex_metrics_series).
+%% Which metric owns each sample name it exposes (see claim/1).
+-define(NAMES, dspex_metrics_names).
+%% The bridge's own series; every other `dspex_' name is reserved for the
+%% exporter's built-in families (gauges, counters of the event log, regions,
+%% the cache, ...).
+-define(OWN, [<<"dspex_store_duration_us">>, <<"dspex_graph_duration_us">>, <<"dspex_events_total">>,
+              <<"dspex_optimization_success">>]).
+-define(INT64(I), (I >= -16#8000000000000000 andalso I =< 16#7fffffffffffffff)).
 
 %% @equiv record(Metric, Value, Tags, #{})
 -spec record(metric(), number(), tags()) -> ok | {error, term()}.
@@ -43,19 +62,28 @@ record(Metric, Value, Tags) -> record(Metric, Value, Tags, #{}).
 %% @doc Records one sample of `Metric' with tag set `Tags'. Option `time':
 %% the second it belongs to (default: now). A late sample goes into every
 %% window that still retains its time; one older than all of them is
-%% `{error, rejected}'.
+%% `{error, rejected}', one more than 5 s ahead of `clock/0'
+%% `{error, {invalid_argument, time}}'. An integer value beyond 64 bits is
+%% recorded as the nearest float.
 -spec record(metric(), number(), tags(), #{time => time()}) -> ok | {error, term()}.
-record(Metric, Value, Tags, Opts) when is_map(Opts) ->
+record(Metric, Value0, Tags, Opts) when is_map(Opts) ->
     Time = maps:get(time, Opts, now),
-    if
-        not is_number(Value) -> {error, {invalid_argument, value}};
-        not (Time =:= now orelse is_integer(Time)) -> {error, {invalid_argument, time}};
-        true ->
+    case {value(Value0), Time =:= now orelse is_integer(Time)} of
+        {error, _} -> {error, {invalid_argument, value}};
+        {_, false} -> {error, {invalid_argument, time}};
+        {{ok, Value}, true} ->
             case series_ref(Metric, Tags) of
                 {ok, Ref} -> dspex_nif:metrics_record(Ref, Value, Time);
                 Error -> Error
             end
     end.
+
+%% The NIF takes floats and 64-bit integers.
+value(V) when is_float(V) -> {ok, V};
+value(V) when is_integer(V), ?INT64(V) -> {ok, V};
+value(V) when is_integer(V) ->
+    try {ok, float(V)} catch error:badarg -> error end; %% beyond the float range
+value(_) -> error.
 
 %% @equiv query(Metric, From, To, Aggregation, #{})
 -spec query(metric() | {metric(), tags()}, integer(), integer(), aggregation()) ->
@@ -86,12 +114,17 @@ query(Metric, From, To, Aggregation, Opts) when is_map(Opts) ->
         {_, false} -> {error, {invalid_argument, aggregation}};
         _ when not (is_integer(From) andalso is_integer(To) andalso From =< To) ->
             {error, {invalid_argument, range}};
-        _ when not (Now =:= now orelse is_integer(Now)) -> {error, {invalid_argument, time}};
+        _ when not (Now =:= now orelse (is_integer(Now) andalso abs(Now) =< 1 bsl 62)) ->
+            {error, {invalid_argument, time}};
         {{ok, Name}, true} ->
-            case dspex_nif:metrics_query(refs(Name, Filter), From, To, Now) of
-                {ok, Sketch} -> {ok, aggregate(Sketch, Aggregation)};
-                {error, bad_range} -> {error, {invalid_argument, range}};
-                Error -> Error
+            case refs(Name, Filter) of
+                error -> {error, {invalid_argument, tags}};
+                Refs ->
+                    case dspex_nif:metrics_query(Refs, From, To, Now) of
+                        {ok, Sketch} -> {ok, aggregate(Sketch, Aggregation)};
+                        {error, bad_range} -> {error, {invalid_argument, range}};
+                        Error -> Error
+                    end
             end
     end.
 
@@ -127,12 +160,14 @@ summary(Bin) when is_binary(Bin) ->
         Error -> Error
     end.
 
-%% @doc Every series as `{Name, Tags}' (`Name' is the normalised binary).
--spec series() -> [{binary(), tags()}].
+%% @doc Every series as `{Name, Tags}' (`Name' and the tags are the
+%% normalised binaries).
+-spec series() -> [{binary(), #{binary() => binary()}}].
 series() -> [K || {K, _} <- entries()].
 
-%% @doc The series of one metric with their native handles (for exporters).
--spec series(metric()) -> [{tags(), term()}].
+%% @doc The series of one metric with their native handles (for exporters;
+%% tags normalised).
+-spec series(metric()) -> [{#{binary() => binary()}, term()}].
 series(Metric) ->
     case metric_name(Metric) of
         {ok, Name} -> of_name(Name);
@@ -141,7 +176,7 @@ series(Metric) ->
 
 %% @doc Every series with its native handle, grouped by name (for exporters:
 %% one pass over the table).
--spec all_series() -> [{binary(), [{tags(), term()}]}].
+-spec all_series() -> [{binary(), [{#{binary() => binary()}, term()}]}].
 all_series() ->
     Groups = lists:foldl(fun({{N, T}, R}, Acc) -> maps:update_with(N, fun(L) -> [{T, R} | L] end, [{T, R}], Acc) end,
                          #{}, entries()),
@@ -159,7 +194,8 @@ memory() -> lists:sum([dspex_nif:metrics_series_memory(R) || {_, R} <- entries()
 -spec dropped_samples() -> non_neg_integer().
 dropped_samples() -> dspex_nif:metrics_dropped().
 
-%% @doc The clock `now' means, in seconds since the epoch.
+%% @doc The clock `now' means, in seconds since the epoch (the OS clock;
+%% tests may freeze it with `dspex_nif:metrics_set_clock/1').
 -spec clock() -> integer().
 clock() -> dspex_nif:metrics_now().
 
@@ -168,11 +204,13 @@ clock() -> dspex_nif:metrics_now().
 %% @doc The native series of a name and tag set, created on first use (for
 %% handlers that keep it and record with `dspex_nif:metrics_record/3'). Creation
 %% races are settled by `ets:insert_new' (the loser uses the winner's series).
+%% Tags are normalised first (see the module doc).
 -spec series_ref(metric(), tags()) -> {ok, term()} | {error, term()}.
-series_ref(Metric, Tags) ->
-    case metric_name(Metric) of
-        error -> {error, {invalid_argument, metric}};
-        {ok, Name} ->
+series_ref(Metric, Tags0) ->
+    case {metric_name(Metric), norm_tags(Tags0)} of
+        {error, _} -> {error, {invalid_argument, metric}};
+        {_, error} -> {error, {invalid_argument, tags}};
+        {{ok, Name}, {ok, Tags}} ->
             Key = {Name, Tags},
             try ets:lookup(?TAB, Key) of
                 [{_, Ref}] -> {ok, Ref};
@@ -181,28 +219,62 @@ series_ref(Metric, Tags) ->
             end
     end.
 
-create({_, Tags} = Key) ->
-    case valid_tags(Tags) of
-        false -> {error, {invalid_argument, tags}};
-        true ->
-            Max = application:get_env(dspex_bridge, metrics_max_series, 10000),
-            case ets:info(?TAB, size) >= Max of
-                true -> {error, {limit_exceeded, series}};
-                false ->
+create({Name, _} = Key) ->
+    Max = application:get_env(dspex_bridge, metrics_max_series, 10000),
+    case ets:info(?TAB, size) >= Max of
+        true -> {error, {limit_exceeded, series}};
+        false ->
+            case claim(Name) of
+                ok ->
                     Hours = application:get_env(dspex_bridge, metrics_retention_hours, 24),
                     Ref = dspex_nif:metrics_series_new(Hours),
                     case ets:insert_new(?TAB, {Key, Ref}) of
                         true -> {ok, Ref};
                         false -> [{_, Won}] = ets:lookup(?TAB, Key), {ok, Won}
+                    end;
+                Error -> Error
+            end
+    end.
+
+%% A summary `X' is exposed as the samples `X', `X_sum' and `X_count', a
+%% counter (`_total') as itself: no two metrics may expose one sample name,
+%% or the exposition would mix their samples. The names a metric exposes
+%% are claimed together and atomically (`insert_new' of a list), so two
+%% racing creators of `lat' and `lat_count' cannot both win.
+claim(Name) ->
+    case ets:lookup(?NAMES, Name) of
+        [{_, Name}] -> ok;
+        _ ->
+            Exposed = exposed(Name),
+            case ets:insert_new(?NAMES, [{E, Name} || E <- Exposed]) of
+                true -> ok;
+                false ->
+                    case [O || E <- Exposed, {_, O} <- ets:lookup(?NAMES, E), O =/= Name] of
+                        [] -> ok; %% a racing creator of the same name
+                        [Other | _] -> {error, {name_conflict, Other}}
                     end
             end
     end.
 
+exposed(Name) ->
+    case is_counter(Name) of
+        true -> [Name];
+        false -> [Name, <<Name/binary, "_sum">>, <<Name/binary, "_count">>]
+    end.
+
+%% @doc Whether the exposition renders `Name' as a counter (its name ends in
+%% `_total') rather than a summary.
+-spec is_counter(binary()) -> boolean().
+is_counter(Name) -> binary:longest_common_suffix([Name, <<"_total">>]) =:= 6.
+
 entries() ->
     try ets:tab2list(?TAB) catch error:badarg -> [] end.
 
-refs(Name, Filter) ->
-    [R || {T, R} <- of_name(Name), maps:with(maps:keys(Filter), T) =:= Filter].
+refs(Name, Filter0) ->
+    case norm_tags(Filter0) of
+        {ok, Filter} -> [R || {T, R} <- of_name(Name), maps:with(maps:keys(Filter), T) =:= Filter];
+        error -> error
+    end.
 
 %% The set table cannot look up by half a key, but select copies out only
 %% the matching series.
@@ -212,7 +284,8 @@ of_name(Name) ->
     end.
 
 %% Names are normalised to one binary: `[dspex, store]' and `dspex_store'
-%% are the same metric. Prometheus' name rule applies.
+%% are the same metric. Prometheus' name rule applies, and `dspex_' names
+%% other than the bridge's own series are reserved for its built-in families.
 metric_name(M) when is_atom(M) -> check_name(atom_to_binary(M));
 metric_name(M) when is_binary(M) -> check_name(M);
 metric_name([_ | _] = L) ->
@@ -225,24 +298,59 @@ metric_name(_) -> error.
 part(P) when is_atom(P) -> atom_to_binary(P);
 part(P) -> P.
 
+check_name(<<"dspex_", _/binary>> = B) ->
+    case lists:member(B, ?OWN) of
+        true -> {ok, B};
+        false -> error
+    end;
 check_name(<<C, Rest/binary>> = B) when C =:= $_; C =:= $:; C >= $a, C =< $z; C >= $A, C =< $Z ->
-    case name_chars(Rest) of
+    case name_chars(Rest, true) of
         true -> {ok, B};
         false -> error
     end;
 check_name(_) -> error.
 
-name_chars(<<>>) -> true;
-name_chars(<<C, R/binary>>) when C =:= $_; C =:= $:; C >= $a, C =< $z; C >= $A, C =< $Z; C >= $0, C =< $9 ->
-    name_chars(R);
-name_chars(_) -> false.
+%% Colon is allowed in metric names only.
+name_chars(<<>>, _) -> true;
+name_chars(<<C, R/binary>>, Colon) when C =:= $_; C >= $a, C =< $z; C >= $A, C =< $Z; C >= $0, C =< $9 ->
+    name_chars(R, Colon);
+name_chars(<<$:, R/binary>>, true) -> name_chars(R, true);
+name_chars(_, _) -> false.
 
-valid_tags(T) when is_map(T), map_size(T) =< 16 ->
-    lists:all(fun({K, V}) ->
-                      (is_atom(K) orelse is_binary(K)) andalso check_name(part(K)) =/= error
-                          andalso (is_atom(V) orelse is_binary(V) orelse is_number(V))
-              end, maps:to_list(T));
-valid_tags(_) -> false.
+%% Tags as the exposition will print them: binary keys that are valid label
+%% names (not `__'-prefixed, which Prometheus reserves, and not `quantile',
+%% which the summary adds) and UTF-8 binary values. Two keys that print the
+%% same (`r' and `<<"r">>') are an error, not a silent merge.
+norm_tags(T) when is_map(T), map_size(T) =< 16 ->
+    try maps:fold(fun(K0, V0, Acc) ->
+                          K = label_name(K0),
+                          is_map_key(K, Acc) andalso throw(duplicate),
+                          Acc#{K => label_value(V0)}
+                  end, #{}, T) of
+        Norm -> {ok, Norm}
+    catch throw:_ -> error
+    end;
+norm_tags(_) -> error.
+
+label_name(K) when is_atom(K) -> label_name(atom_to_binary(K));
+label_name(<<"__", _/binary>>) -> throw(reserved);
+label_name(<<"quantile">>) -> throw(reserved);
+label_name(<<C, Rest/binary>> = K) when C =:= $_; C >= $a, C =< $z; C >= $A, C =< $Z ->
+    case name_chars(Rest, false) of
+        true -> K;
+        false -> throw(label_name)
+    end;
+label_name(_) -> throw(label_name).
+
+label_value(V) when is_atom(V) -> atom_to_binary(V);
+label_value(V) when is_integer(V) -> integer_to_binary(V);
+label_value(V) when is_float(V) -> float_to_binary(V, [short]);
+label_value(V) when is_binary(V) ->
+    case unicode:characters_to_binary(V) of
+        V -> V;
+        _ -> throw(utf8)
+    end;
+label_value(_) -> throw(label_value).
 
 valid_aggregation(A) when A =:= count; A =:= sum; A =:= min; A =:= max; A =:= mean; A =:= p50;
                           A =:= p90; A =:= p95; A =:= p99; A =:= summary; A =:= sketch -> true;
@@ -284,14 +392,18 @@ detailed(Metric, From, To, Opts) when is_map(Opts) ->
                       end,
     if
         not (is_integer(From) andalso is_integer(To) andalso From =< To) -> {error, {invalid_argument, range}};
-        not is_integer(Now) -> {error, {invalid_argument, time}};
+        not (is_integer(Now) andalso abs(Now) =< 1 bsl 62) -> {error, {invalid_argument, time}};
         true ->
             Step = if Now - From < 60 -> 1; Now - From < 3600 -> 60; true -> 3600 end,
             Start = From - (From rem Step),
             case {metric_name(Name0), (To - Start) div Step + 1} of
                 {error, _} -> {error, {invalid_argument, metric}};
                 {_, Count} when Count > 3600 -> {error, {invalid_argument, range}};
-                {{ok, Name}, Count} -> detailed_points(refs(Name, Filter), Start, Step, Count, Now)
+                {{ok, Name}, Count} ->
+                    case refs(Name, Filter) of
+                        error -> {error, {invalid_argument, tags}};
+                        Refs -> detailed_points(Refs, Start, Step, Count, Now)
+                    end
             end
     end.
 

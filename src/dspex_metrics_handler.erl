@@ -141,7 +141,9 @@ count_event(_Event, _M, _Meta, {plain, Ref}) ->
 count_event(_Event, _M, Meta, {acl_check, Ok, Err}) ->
     dspex_nif:metrics_record(case Meta of #{result := ok} -> Ok; _ -> Err end, 1, now);
 count_event([dspex, locks, Ev], _M, Meta, {optimization, Count, Success}) ->
-    ok = dspex_nif:metrics_record(Count, 1, now),
+    %% a refused sample is counted by the NIF (dropped_samples); crashing
+    %% here would detach the handler and lose every later event
+    _ = dspex_nif:metrics_record(Count, 1, now),
     Outcome = case {Ev, Meta} of
                   {released, #{reason := _}} -> 0;
                   {released, _} -> 1;

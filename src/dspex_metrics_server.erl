@@ -1,6 +1,7 @@
 %% @private
 %% @doc Keeps the analytics handlers attached while it runs. The table of
-%% metric series (name and tags to native series) is made by `new_table/0'
+%% metric series (name and tags to native series), and the table of the
+%% sample names each metric claimed (see `dspex_metrics'), are made by `new_table/0'
 %% in the top supervisor, which outlives this server: a crash of the server
 %% loses no series, and its replacement attaches the handlers to the same
 %% series again. Recording and queries never call it: they read the public
@@ -11,19 +12,21 @@
 -export([start_link/0, new_table/0, init/1, handle_call/3, handle_cast/2, terminate/2]).
 
 -define(TAB, dspex_metrics_series).
+-define(NAMES, dspex_metrics_names).
 
 %% @doc Starts the owner (registered as `dspex_metrics_server').
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() -> gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 
-%% @doc Creates the series table, owned by the calling process (the top
-%% supervisor calls it in its `init/1'); `ok' if it exists already.
+%% @doc Creates the series and names tables, owned by the calling process
+%% (the top supervisor calls it in its `init/1'); `ok' if they exist already.
 -spec new_table() -> ok.
 new_table() ->
-    case ets:whereis(?TAB) of
-        undefined -> _ = ets:new(?TAB, [named_table, public, set, {read_concurrency, true}]), ok;
-        _ -> ok
-    end.
+    [case ets:whereis(T) of
+         undefined -> _ = ets:new(T, [named_table, public, set, {read_concurrency, true}]);
+         _ -> ok
+     end || T <- [?TAB, ?NAMES]],
+    ok.
 
 %% @private
 -spec init([]) -> {ok, map()}.

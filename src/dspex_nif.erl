@@ -15,7 +15,8 @@
          metrics_series_new/1, metrics_record/3, metrics_query/4, metrics_totals/1, metrics_series_memory/1,
          metrics_sketch_stats/1, metrics_sketch_quantile/2, metrics_sketch_to_binary/1,
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
-         metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0]).
+         metrics_native_bind/4, metrics_native_flush/0, metrics_dropped/0,
+         metrics_set_clock/1]).
 -export([replica_apply_batch/3]).
 -export([repl_link_open/1, repl_link_id/1, repl_drain/1, repl_push/2, repl_publish/5, repl_publish/6, repl_unsettle/1,
          repl_forget/1, repl_info/1, repl_announced/1, repl_stats/0, repl_set/6]).
@@ -124,6 +125,11 @@ metrics_now() -> ?NOT_LOADED.
 metrics_native_bind(_Op, _Ok, _Miss, _Err) -> ?NOT_LOADED.
 metrics_native_flush() -> ?NOT_LOADED.
 metrics_dropped() -> ?NOT_LOADED.
+%% Testing only: freezes the metrics clock (`dspex_metrics:clock/0', `now'
+%% in records, natively timed samples, the bound on future times) at
+%% Seconds (|Seconds| =< 2^40); `now' returns to the OS clock.
+-spec metrics_set_clock(integer() | now) -> ok.
+metrics_set_clock(_SecondsOrNow) -> ?NOT_LOADED.
 lock_token_floor(_Floor) -> ?NOT_LOADED.
 %% A replica applies a batch of its owner's sets of one session (dspex_cluster_replica).
 -spec replica_apply_batch(binary(), {non_neg_integer(), non_neg_integer(), non_neg_integer()},

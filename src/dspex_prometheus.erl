@@ -102,10 +102,12 @@ terminate(_Reason, #{httpd := Pid}) ->
 
 %%% rendering ----------------------------------------------------------------
 
+%% Names and tags were checked when each series was created (dspex_metrics):
+%% valid, unique label names, UTF-8 values, no name shared by two families.
 family(Name, Series, Now) ->
-    case binary:longest_common_suffix([Name, <<"_total">>]) of
-        6 -> counter(Name, Series);
-        _ -> summary(Name, Series, Now)
+    case dspex_metrics:is_counter(Name) of
+        true -> counter(Name, Series);
+        false -> summary(Name, Series, Now)
     end.
 
 counter(Name, Series) ->
@@ -153,5 +155,7 @@ escape(B) -> binary:replace(binary:replace(binary:replace(B, <<"\\">>, <<"\\\\">
                             <<"\n">>, <<"\\n">>, [global]).
 
 number(undefined) -> "NaN";
+number(infinity) -> "+Inf"; %% a sum beyond the float range
+number(neg_infinity) -> "-Inf";
 number(F) when is_float(F) -> float_to_list(F, [short]);
 number(I) when is_integer(I) -> integer_to_list(I).

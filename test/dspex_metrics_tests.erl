@@ -6,6 +6,8 @@
 
 %% An hour-aligned base time, so minute and hour buckets are predictable.
 -define(T0, (1700000000 div 3600 * 3600)).
+%% The metrics clock during these tests (samples may not be ahead of it).
+-define(CLOCK, (?T0 + 600)).
 
 metric() -> list_to_atom("m_" ++ integer_to_list(erlang:unique_integer([positive]))).
 
@@ -18,12 +20,22 @@ restart(Env) ->
     {ok, _} = application:ensure_all_started(dspex_bridge),
     ok.
 
+%% Freezes the metrics clock at T for F, then back at the suite's clock.
+at_clock(T, F) ->
+    ok = dspex_nif:metrics_set_clock(T),
+    try F() after ok = dspex_nif:metrics_set_clock(?CLOCK) end.
+
 metrics_test_() ->
-    {setup, fun() -> restart([]) end, fun(_) -> ok end,
+    {setup, fun() -> restart([]), ok = dspex_nif:metrics_set_clock(?CLOCK) end,
+     fun(_) -> ok = dspex_nif:metrics_set_clock(now) end,
      [fun exact_aggregates/0, fun accuracy_uniform/0, fun accuracy_skewed/0, fun accuracy_heavy_tail/0,
       fun tag_filters/0, fun rollup_to_minutes_and_hours/0, fun retention_drops_old_data/0,
       fun configurable_retention/0, fun memory_is_bounded/0, fun merge_across_nodes/0,
-      fun concurrent_recording_is_exact/0, fun bad_arguments/0, fun series_limit/0]}.
+      fun concurrent_recording_is_exact/0, fun bad_arguments/0, fun series_limit/0,
+      fun future_time_is_refused_and_cannot_blind_a_series/0, fun refused_sample_keeps_the_handler/0,
+      fun too_old_first_sample_is_rejected/0, fun integers_beyond_64_bits/0,
+      fun overflowing_sum_is_kept/0, fun labels_are_checked_and_normalised/0,
+      fun colliding_family_names_are_refused/0, fun exposition_is_valid/0]}.
 
 %% Samples at successive seconds from T0 (so no single second holds them all).
 record_all(M, Vals) ->
@@ -88,7 +100,10 @@ tag_filters() ->
     ?assertEqual(50.0, q({M, #{node => a}}, sum)),
     ?assertEqual(40.0, q({M, #{node => a, op => set}}, sum)),
     ?assertEqual(0, q({M, #{node => c}}, count)),
-    ?assertEqual(lists:sort([#{op => get, node => a}, #{op => get, node => b}, #{op => set, node => a}]),
+    %% tags come back normalised to binaries
+    ?assertEqual(lists:sort([#{<<"op">> => <<"get">>, <<"node">> => <<"a">>},
+                             #{<<"op">> => <<"get">>, <<"node">> => <<"b">>},
+                             #{<<"op">> => <<"set">>, <<"node">> => <<"a">>}]),
                  lists:sort([T || {T, _} <- dspex_metrics:series(M)])).
 
 rollup_to_minutes_and_hours() ->
@@ -117,8 +132,10 @@ retention_drops_old_data() ->
     ?assertEqual(1, Q(?T0 + 24 * 3600 + 3599)),   %% the default 24 h (plus the current hour)
     ?assertEqual(0, Q(?T0 + 25 * 3600)),
     %% once the windows moved on, a sample that old is refused
-    ok = dspex_metrics:record(M, 5, #{}, #{time => ?T0 + 25 * 3600}),
-    ?assertEqual({error, rejected}, dspex_metrics:record(M, 5, #{}, #{time => ?T0})).
+    at_clock(?T0 + 25 * 3600, fun() ->
+        ok = dspex_metrics:record(M, 5, #{}, #{time => ?T0 + 25 * 3600}),
+        ?assertEqual({error, rejected}, dspex_metrics:record(M, 5, #{}, #{time => ?T0}))
+    end).
 
 configurable_retention() ->
     application:set_env(dspex_bridge, metrics_retention_hours, 2),
@@ -136,9 +153,13 @@ memory_is_bounded() ->
     {ok, Ref} = dspex_metrics:series_ref(M, #{}),
     rand:seed(exsss, {9, 9, 9}),
     %% two days of data, a wide value range in every second
-    [ok = dspex_nif:metrics_record(Ref, math:exp(rand:uniform() * 40 - 20), ?T0 + S * 97)
-     || S <- lists:seq(0, 2 * 24 * 3600 div 97), _ <- [1, 2, 3]],
-    Mem = dspex_nif:metrics_series_memory(Ref),
+    Mem = at_clock(?T0, fun() ->
+        [begin
+             ok = dspex_nif:metrics_set_clock(?T0 + S * 97),
+             [ok = dspex_nif:metrics_record(Ref, math:exp(rand:uniform() * 40 - 20), ?T0 + S * 97) || _ <- [1, 2, 3]]
+         end || S <- lists:seq(0, 2 * 24 * 3600 div 97)],
+        dspex_nif:metrics_series_memory(Ref)
+    end),
     %% per shard (one per scheduler thread that recorded, at most 8):
     %% 60 + 61 + 25 sketches of at most 2048 counters (8 bytes) plus headers
     Shards = min(erlang:system_info(schedulers), 8),
@@ -221,6 +242,176 @@ series_limit() ->
         application:unset_env(dspex_bridge, metrics_max_series)
     end.
 
+%% A time in milliseconds where seconds are meant (far in the future) is
+%% refused; before, it moved the series' windows there, so every later sample
+%% of the present was rejected and the earlier ones vanished from queries.
+future_time_is_refused_and_cannot_blind_a_series() ->
+    M = metric(),
+    ok = dspex_metrics:record(M, 10, #{r => a}),
+    ok = dspex_metrics:record(M, 20, #{r => a}),
+    ?assertEqual({error, {invalid_argument, time}},
+                 dspex_metrics:record(M, 5, #{r => a}, #{time => ?CLOCK * 1000})),
+    ok = dspex_metrics:record(M, 30, #{r => a}),
+    %% a few seconds ahead is tolerated (other clocks), further is not
+    ok = dspex_metrics:record(M, 40, #{r => a}, #{time => ?CLOCK + 5}),
+    ?assertEqual({error, {invalid_argument, time}}, dspex_metrics:record(M, 1, #{r => a}, #{time => ?CLOCK + 6})),
+    {ok, #{count := 4, sum := 100.0}} = dspex_metrics:query(M, ?CLOCK - 59, ?CLOCK + 5, summary, #{now => ?CLOCK}).
+
+%% The optimization handler recorded its count with `ok = ...': a refused
+%% sample crashed it (and telemetry detaches a crashing handler).
+refused_sample_keeps_the_handler() ->
+    [Refusing, Success] = [dspex_nif:metrics_series_new(1) || _ <- [1, 2]],
+    %% a series that saw a time 3 h ahead refuses `now' with its 1 h retention
+    at_clock(?CLOCK + 3 * 3600, fun() -> ok = dspex_nif:metrics_record(Refusing, 1, now) end),
+    D0 = dspex_metrics:dropped_samples(),
+    _ = dspex_metrics_handler:count_event([dspex, locks, released], #{count => 1}, #{},
+                                          {optimization, Refusing, Success}),
+    ?assertEqual(D0 + 1, dspex_metrics:dropped_samples()),
+    {ok, Sk} = dspex_nif:metrics_query([Success], ?CLOCK, ?CLOCK, ?CLOCK),
+    ?assertMatch(#{count := 1, sum := 1.0}, dspex_nif:metrics_sketch_stats(Sk)).
+
+%% A series' first sample was judged against its own time: one older than
+%% every window was answered ok and never seen by any query.
+too_old_first_sample_is_rejected() ->
+    M = metric(),
+    ?assertEqual({error, rejected}, dspex_metrics:record(M, 1, #{}, #{time => ?CLOCK - 25 * 3600})),
+    ?assertEqual({error, rejected}, dspex_metrics:record(M, 1, #{}, #{time => -(1 bsl 64)})),
+    %% the oldest hour still retained (24 h back) is accepted, and seen
+    ok = dspex_metrics:record(M, 1, #{}, #{time => ?CLOCK - 24 * 3600}),
+    ?assertEqual({ok, 1}, dspex_metrics:query(M, ?CLOCK - 26 * 3600, ?CLOCK, count, #{now => ?CLOCK})).
+
+%% Integers the NIF cannot take as int64 used to raise badarg.
+integers_beyond_64_bits() ->
+    M = metric(),
+    ok = dspex_metrics:record(M, 1 bsl 64, #{}),
+    ?assertEqual({ok, float(1 bsl 64)}, dspex_metrics:query(M, ?CLOCK, ?CLOCK, max, #{now => ?CLOCK})),
+    ?assertEqual({error, {invalid_argument, value}}, dspex_metrics:record(M, 1 bsl 1100, #{})),
+    ?assertEqual({error, {invalid_argument, time}}, dspex_metrics:record(M, 1, #{}, #{time => 1 bsl 64})),
+    ?assertEqual({ok, 1}, dspex_metrics:query(M, 0, 1 bsl 64, count, #{now => ?CLOCK})),
+    ?assertEqual({ok, 1}, dspex_metrics:query(M, -(1 bsl 70), 1 bsl 70, count)),
+    ?assertEqual({error, {invalid_argument, time}}, dspex_metrics:query(M, 0, 1, count, #{now => 1 bsl 64})),
+    {ok, Ref} = dspex_metrics:series_ref(M, #{}),
+    ?assertEqual({error, {invalid_argument, value}}, dspex_nif:metrics_record(Ref, 1 bsl 64, now)),
+    ?assertEqual({error, {invalid_argument, time}}, dspex_nif:metrics_record(Ref, 1, 1 bsl 64)),
+    ?assertEqual({ok, 1}, dspex_metrics:query(M, ?CLOCK, ?CLOCK, count, #{now => ?CLOCK})).
+
+%% 1e308 + 1e308 overflows a double: the sum read 0.0 and the mean undefined,
+%% even after a -1e308 made the true sum representable again.
+overflowing_sum_is_kept() ->
+    M = metric(),
+    Q = fun() -> {ok, S} = dspex_metrics:query(M, ?CLOCK, ?CLOCK, summary, #{now => ?CLOCK}), S end,
+    Prom = fun() -> maps:get({iolist_to_binary([atom_to_list(M), "_sum"]), []}, parse(iolist_to_binary(dspex_prometheus:render()))) end,
+    ok = dspex_metrics:record(M, 1.0e308, #{}),
+    ok = dspex_metrics:record(M, 1.0e308, #{}),
+    ?assertMatch(#{sum := infinity, mean := 1.0e308}, Q()),
+    ?assertEqual(inf, Prom()),
+    ok = dspex_metrics:record(M, -1.0e308, #{}),
+    #{sum := Sum, mean := Mean} = Q(),
+    ?assertEqual(1.0e308, Sum),
+    ?assert(abs(Mean - 1.0e308 / 3) =< 1.0e-15 * 1.0e308),
+    ?assertEqual(1.0e308, Prom()),
+    %% and through a serialised sketch
+    {ok, Sk} = dspex_metrics:query(M, ?CLOCK, ?CLOCK, sketch, #{now => ?CLOCK}),
+    {ok, Both} = dspex_metrics:merge(Sk, Sk),
+    ?assertMatch({ok, #{sum := infinity, count := 6}}, dspex_metrics:summary(Both)).
+
+%% Label names and values must be valid for the exposition, and tags that
+%% print the same are the same series.
+labels_are_checked_and_normalised() ->
+    M = metric(),
+    Bad = fun(Tags) -> ?assertEqual({error, {invalid_argument, tags}}, dspex_metrics:record(M, 1, Tags)) end,
+    Bad(#{quantile => <<"x">>}),        %% the summary's own label
+    Bad(#{<<"r">> => a, r => b}),       %% two keys printed as r
+    Bad(#{<<"a:b">> => 1}),             %% colons are for metric names only
+    Bad(#{<<"__name__">> => 1}),        %% reserved by Prometheus
+    Bad(#{'__x' => 1}),
+    Bad(#{r => <<255, 0>>}),            %% not UTF-8
+    Bad(#{<<>> => 1}),
+    ?assertEqual([], dspex_metrics:series(M)),
+    ok = dspex_metrics:record(M, 1, #{r => a}),
+    ok = dspex_metrics:record(M, 2, #{r => <<"a">>}),
+    ok = dspex_metrics:record(M, 3, #{<<"r">> => a}),
+    ok = dspex_metrics:record(M, 4, #{n => 7}),
+    ok = dspex_metrics:record(M, 5, #{n => <<"7">>}),
+    ok = dspex_metrics:record(M, 6, #{r => <<"é"/utf8>>}),
+    ?assertEqual([#{<<"n">> => <<"7">>}, #{<<"r">> => <<"a">>}, #{<<"r">> => <<"é"/utf8>>}],
+                 lists:sort([T || {T, _} <- dspex_metrics:series(M)])),
+    %% filters are normalised the same way
+    ?assertEqual({ok, 6.0}, dspex_metrics:query({M, #{r => a}}, ?CLOCK, ?CLOCK, sum, #{now => ?CLOCK})),
+    ?assertEqual({ok, 2}, dspex_metrics:query({M, #{<<"n">> => 7}}, ?CLOCK, ?CLOCK, count, #{now => ?CLOCK})),
+    ?assertEqual({error, {invalid_argument, tags}},
+                 dspex_metrics:query({M, #{r => {x}}}, ?CLOCK, ?CLOCK, count, #{now => ?CLOCK})).
+
+%% A summary `lat' exposes `lat_sum' and `lat_count': a metric of one of
+%% those names, or a built-in family's name, would make a second family of
+%% the same sample name (or two TYPE lines).
+colliding_family_names_are_refused() ->
+    M = atom_to_binary(metric()),
+    ok = dspex_metrics:record(M, 1, #{}),
+    ?assertEqual({error, {name_conflict, M}}, dspex_metrics:record(<<M/binary, "_count">>, 1, #{})),
+    ?assertEqual({error, {name_conflict, M}}, dspex_metrics:record(<<M/binary, "_sum">>, 1, #{a => b})),
+    %% the other way round
+    N = atom_to_binary(metric()),
+    ok = dspex_metrics:record(<<N/binary, "_sum">>, 1, #{}),
+    ?assertEqual({error, {name_conflict, <<N/binary, "_sum">>}}, dspex_metrics:record(N, 1, #{})),
+    %% a counter exposes only its own name
+    ok = dspex_metrics:record(<<N/binary, "_total">>, 1, #{}),
+    ok = dspex_metrics:record(<<N/binary, "_total_count">>, 1, #{}),
+    %% built-in families: `dspex_' names other than the analytics' own series
+    [?assertEqual({error, {invalid_argument, metric}}, dspex_metrics:record(B, 1, #{}))
+     || B <- [dspex_active_sessions, dspex_metrics_dropped_samples_total, dspex_events_queue_depth,
+              dspex_store_duration_us_count, [dspex, cache, hits, total]]],
+    ok = dspex_metrics:record(dspex_events_total, 1, #{event => <<"mine">>}),
+    ?assertEqual([], dspex_metrics:series(<<M/binary, "_count">>)).
+
+%% The whole exposition, including series made by the cases above, is valid
+%% text format 0.0.4: one TYPE line per family, every sample in its family,
+%% unique label names, no sample twice, UTF-8 throughout.
+exposition_is_valid() ->
+    ok = dspex_metrics:record(metric(), 1, #{r => a, s => <<"x\"\n\\">>}),
+    Body = iolist_to_binary(dspex_prometheus:render()),
+    ?assertEqual(ok, check_exposition(Body)).
+
+check_exposition(Body) ->
+    Body = unicode:characters_to_binary(Body), %% UTF-8
+    Lines = [L || L <- binary:split(Body, <<"\n">>, [global]), L =/= <<>>],
+    {_, _, Seen} =
+        lists:foldl(
+          fun(<<"# HELP ", _/binary>>, Acc) -> Acc;
+             (<<"# TYPE ", T/binary>>, {Types, _, Seen}) ->
+                  [Fam, Type] = binary:split(T, <<" ">>),
+                  ?assertNot(is_map_key(Fam, Types)),
+                  {Types#{Fam => Type}, {Fam, Type}, Seen};
+             (Line, {Types, {Fam, Type}, Seen}) ->
+                  {Name, Labels} =
+                      case re:run(Line, "^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\\{(.*)\\})? \\S+$", [{capture, all_but_first, binary}]) of
+                          {match, [N]} -> {N, <<>>};
+                          {match, [N, L]} -> {N, L}
+                      end,
+                  Allowed = case Type of
+                                <<"summary">> -> [Fam, <<Fam/binary, "_sum">>, <<Fam/binary, "_count">>];
+                                _ -> [Fam]
+                            end,
+                  ?assert(lists:member(Name, Allowed)),
+                  Pairs = label_pairs(Labels),
+                  Keys = [K || {K, _} <- Pairs],
+                  ?assertEqual(length(Keys), length(lists:usort(Keys))),
+                  [?assertMatch({match, _}, re:run(K, "^[a-zA-Z_][a-zA-Z0-9_]*$")) || K <- Keys],
+                  Sample = {Name, lists:sort(Pairs)},
+                  ?assertNot(is_map_key(Sample, Seen)),
+                  {Types, {Fam, Type}, Seen#{Sample => true}}
+          end, {#{}, none, #{}}, Lines),
+    true = map_size(Seen) > 0,
+    ok.
+
+%% Parses `k="v",...' exactly: every byte of the label list must be consumed.
+label_pairs(<<>>) -> [];
+label_pairs(Labels) ->
+    case re:run(Labels, "^([^=]+)=\"((?:[^\"\\\\]|\\\\.)*)\"(?:,(.+))?$", [{capture, all_but_first, binary}, dotall]) of
+        {match, [K, V]} -> [{K, V}];
+        {match, [K, V, Rest]} -> [{K, V} | label_pairs(Rest)]
+    end.
+
 %%% dashboard and Prometheus (fresh application each) ------------------------
 
 dashboard_test_() ->
@@ -298,8 +489,12 @@ refused_native_samples_are_counted() ->
     {ok, _} = dspex_store:create_session(S),
     {ok, _} = dspex_store:register(S, x, float, 0.5),
     with_fresh_get_series(1, fun(Ok, _, _) ->
-        %% the series has seen a time 3 h ahead: its 1 h retention no longer covers now
-        ok = dspex_nif:metrics_record(Ok, 1.0, dspex_metrics:clock() + 3 * 3600),
+        %% the series has seen a time 3 h ahead (recorded while the clock was
+        %% there): its 1 h retention no longer covers now
+        ok = dspex_nif:metrics_set_clock(dspex_metrics:clock() + 3 * 3600),
+        try ok = dspex_nif:metrics_record(Ok, 1.0, now)
+        after ok = dspex_nif:metrics_set_clock(now)
+        end,
         D0 = dspex_metrics:dropped_samples(),
         [{ok, _} = dspex_store:get(S, x) || _ <- lists:seq(1, 5)],
         ok = dspex_nif:metrics_native_flush(),
@@ -483,6 +678,8 @@ parse_line(Line) ->
     {{Name, lists:sort(LabelList)}, number(Value)}.
 
 number(<<"NaN">>) -> nan;
+number(<<"+Inf">>) -> inf;
+number(<<"-Inf">>) -> neg_inf;
 number(B) ->
     try binary_to_float(B) catch error:badarg -> float(binary_to_integer(B)) end.
 
@@ -504,11 +701,18 @@ merge_with_a_peer_node_test_() ->
 
 merge_with_a_peer_node() ->
     restart([]),
+    ok = dspex_nif:metrics_set_clock(?CLOCK),
+    try merge_with_a_peer_node_()
+    after ok = dspex_nif:metrics_set_clock(now)
+    end.
+
+merge_with_a_peer_node_() ->
     Paths = lists:append([["-pa", P] || P <- code:get_path(), string:find(P, "_build") =/= nomatch]),
     {ok, Peer, _Node} = peer:start_link(#{connection => standard_io, args => Paths}),
     try
         ok = peer:call(Peer, application, set_env, [dspex_bridge, prometheus_enabled, false]),
         {ok, _} = peer:call(Peer, application, ensure_all_started, [dspex_bridge]),
+        ok = peer:call(Peer, dspex_nif, metrics_set_clock, [?CLOCK]),
         rand:seed(exsss, {2, 7, 1}),
         Local = [math:exp(rand:normal(2.0, 1.0)) || _ <- lists:seq(1, 5000)],
         Remote = [math:exp(rand:normal(4.0, 0.7)) || _ <- lists:seq(1, 5000)],

@@ -41,7 +41,7 @@ struct dx_sketch {
     int64_t floor;       /* collapse floor or NO_FLOOR */
     struct store st[2];
     uint64_t zero, count;
-    double sum, sumc;    /* Neumaier compensated sum: sum + sumc */
+    dx_sum sum;
     double min, max;
 };
 
@@ -96,17 +96,77 @@ static void *xcalloc(size_t n, size_t sz) {
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-static void sum_add(dx_sketch *s, double x) {
-    double t = s->sum + x;
-    if (!isfinite(t)) { /* overflowed: compensation is meaningless now */
-        s->sum = t;
-        s->sumc = 0.0;
+/* ---- sums ------------------------------------------------------------- */
+
+#define SUM_DOWN 0x1p-64 /* the scaled unit: no 2^64 finite doubles overflow it */
+#define SUM_UP 0x1p64
+
+/* Neumaier step; the caller guarantees hi + x cannot overflow. */
+static void neumaier(dx_sum *a, double x) {
+    double t = a->hi + x;
+    double c = fabs(a->hi) >= fabs(x) ? (a->hi - t) + x : (x - t) + a->hi;
+    if (isfinite(a->lo + c)) /* keeps lo finite even from odd inputs */
+        a->lo += c;
+    a->hi = t;
+}
+
+/* Exact (a power of two) and for good: a sum that overflowed once can come
+ * back into range by cancellation, which the scaled form still sees. */
+static void sum_scale(dx_sum *a) {
+    if (!a->scaled) {
+        a->hi *= SUM_DOWN;
+        a->lo *= SUM_DOWN;
+        a->scaled = 1;
+    }
+}
+
+void dx_sum_add(dx_sum *a, double x) {
+    if (!a->scaled) {
+        if (isfinite(a->hi + x)) {
+            neumaier(a, x);
+            return;
+        }
+        sum_scale(a);
+    }
+    neumaier(a, x * SUM_DOWN);
+}
+
+void dx_sum_add_n(dx_sum *a, double x, uint64_t n) {
+    if (n == 1) {
+        dx_sum_add(a, x);
         return;
     }
-    double c = fabs(s->sum) >= fabs(x) ? (s->sum - t) + x : (x - t) + s->sum;
-    if (isfinite(s->sumc + c)) /* keeps sumc finite even from odd inputs */
-        s->sumc += c;
-    s->sum = t;
+    double p = x * (double)n;
+    if (!a->scaled && isfinite(p)) {
+        dx_sum_add(a, p);
+        return;
+    }
+    sum_scale(a);
+    neumaier(a, x * SUM_DOWN * (double)n);
+}
+
+void dx_sum_merge(dx_sum *a, const dx_sum *b) {
+    dx_sum c = *b; /* a == b is allowed */
+    if (c.scaled) {
+        sum_scale(a);
+        neumaier(a, c.hi);
+        neumaier(a, c.lo);
+    } else {
+        dx_sum_add(a, c.hi);
+        dx_sum_add(a, c.lo);
+    }
+}
+
+double dx_sum_value(const dx_sum *a) {
+    double v = a->hi + a->lo;
+    return a->scaled ? v * SUM_UP : v;
+}
+
+double dx_sum_mean(const dx_sum *a, uint64_t n) {
+    if (n == 0)
+        return NAN;
+    double m = (a->hi + a->lo) / (double)n;
+    return a->scaled ? m * SUM_UP : m;
 }
 
 /* ---- lifecycle -------------------------------------------------------- */
@@ -118,7 +178,7 @@ static void reset_stats(dx_sketch *s) {
         s->st[k].lo = s->st[k].hi = 0;
     }
     s->zero = s->count = 0;
-    s->sum = s->sumc = 0.0;
+    s->sum = (dx_sum){0.0, 0.0, 0};
     s->min = s->max = 0.0;
 }
 
@@ -397,7 +457,7 @@ static void note_value(dx_sketch *s, double v, uint64_t n) {
             s->max = v;
     }
     s->count += n;
-    sum_add(s, n == 1 ? v : v * (double)n);
+    dx_sum_add_n(&s->sum, v, n);
 }
 
 static void ins_commit(dx_sketch *s, double v, struct slotref r, uint64_t n, struct plan *p, int planned) {
@@ -459,9 +519,10 @@ int dx_sketch_merge(dx_sketch *dst, const dx_sketch *src) {
         }
         dst->zero *= 2;
         dst->count *= 2;
-        dst->sum *= 2;
-        /* sumc stays finite (the serialized form requires it) */
-        dst->sumc = isfinite(dst->sum) && isfinite(dst->sumc * 2) ? dst->sumc * 2 : 0.0;
+        if (!isfinite(dst->sum.hi * 2)) /* doubling is exact unless it overflows */
+            sum_scale(&dst->sum);
+        dst->sum.hi *= 2;
+        dst->sum.lo *= 2;
         return 0;
     }
     struct want w[2];
@@ -506,9 +567,7 @@ int dx_sketch_merge(dx_sketch *dst, const dx_sketch *src) {
             dst->max = src->max;
     }
     dst->count += src->count;
-    sum_add(dst, src->sum);
-    if (isfinite(src->sum))
-        sum_add(dst, src->sumc);
+    dx_sum_merge(&dst->sum, &src->sum);
     return 0;
 }
 
@@ -516,10 +575,16 @@ int dx_sketch_merge(dx_sketch *dst, const dx_sketch *src) {
 
 uint64_t dx_sketch_count(const dx_sketch *s) { return s ? s->count : 0; }
 
-double dx_sketch_sum(const dx_sketch *s) {
-    if (!s)
-        return 0.0;
-    return isfinite(s->sum) ? s->sum + s->sumc : s->sum;
+double dx_sketch_sum(const dx_sketch *s) { return s ? dx_sum_value(&s->sum) : 0.0; }
+
+const dx_sum *dx_sketch_sum_acc(const dx_sketch *s) { return &s->sum; }
+
+double dx_sketch_mean(const dx_sketch *s) {
+    if (!s || s->count == 0)
+        return NAN;
+    double m = dx_sum_mean(&s->sum, s->count);
+    /* rounding can step just outside; the mean of the samples cannot */
+    return m < s->min ? s->min : m > s->max ? s->max : m;
 }
 
 double dx_sketch_min(const dx_sketch *s) { return s && s->count ? s->min : NAN; }
@@ -591,6 +656,7 @@ done:
 #define SER_VERSION 1
 #define FL_COLLAPSED 1u
 #define FL_NONEMPTY 2u
+#define FL_SCALED 4u /* the sum is kept in units of 2^64 (it overflowed once) */
 
 /* Writer that only counts when out is NULL (first pass sizes the buffer). */
 struct wr {
@@ -651,7 +717,8 @@ static size_t encode(const dx_sketch *s, uint8_t *out) {
     w_u8(&w, 'X');
     w_u8(&w, 'Q');
     w_u8(&w, SER_VERSION);
-    w_u8(&w, (uint8_t)((s->floor != NO_FLOOR ? FL_COLLAPSED : 0) | (s->count ? FL_NONEMPTY : 0)));
+    w_u8(&w, (uint8_t)((s->floor != NO_FLOOR ? FL_COLLAPSED : 0) | (s->count ? FL_NONEMPTY : 0) |
+                       (s->count && s->sum.scaled ? FL_SCALED : 0)));
     w_f64(&w, s->acc);
     w_varint(&w, s->max_buckets);
     w_varint(&w, s->zero);
@@ -660,8 +727,8 @@ static size_t encode(const dx_sketch *s, uint8_t *out) {
     w_store(&w, &s->st[NEG]);
     w_store(&w, &s->st[POS]);
     if (s->count) {
-        w_f64(&w, s->sum);
-        w_f64(&w, s->sumc);
+        w_f64(&w, s->sum.hi);
+        w_f64(&w, s->sum.lo);
         w_f64(&w, s->min);
         w_f64(&w, s->max);
     }
@@ -767,7 +834,7 @@ dx_sketch *dx_sketch_deserialize(const uint8_t *buf, size_t len) {
             return NULL;
     if (m[0] != 'D' || m[1] != 'X' || m[2] != 'Q' || m[3] != SER_VERSION)
         return NULL;
-    if (r_u8(&r, &flags) != 0 || (flags & ~(FL_COLLAPSED | FL_NONEMPTY)))
+    if (r_u8(&r, &flags) != 0 || (flags & ~(FL_COLLAPSED | FL_NONEMPTY | FL_SCALED)))
         return NULL;
     double a;
     uint64_t mb, zero;
@@ -805,13 +872,14 @@ dx_sketch *dx_sketch_deserialize(const uint8_t *buf, size_t len) {
     if (n[NEG] > UINT64_MAX - n[POS] || zero > UINT64_MAX - n[NEG] - n[POS])
         return NULL;
     uint64_t count = zero + n[NEG] + n[POS];
-    if (!!(flags & FL_NONEMPTY) != (count > 0))
+    if (!!(flags & FL_NONEMPTY) != (count > 0) || ((flags & FL_SCALED) && !count))
         return NULL;
     double sum = 0, sumc = 0, mn = 0, mx = 0;
     if (count) {
         if (r_f64(&r, &sum) != 0 || r_f64(&r, &sumc) != 0 || r_f64(&r, &mn) != 0 || r_f64(&r, &mx) != 0)
             return NULL;
-        if (!isfinite(sumc) || !isfinite(mn) || !isfinite(mx) || mn > mx)
+        /* A sum never overflows (it is scaled instead), so it is finite. */
+        if (!isfinite(sum) || !isfinite(sumc) || !isfinite(mn) || !isfinite(mx) || mn > mx)
             return NULL;
         /* Signs must agree with where the counts are, as they do for any
          * sketch built by adding values. */
@@ -849,8 +917,7 @@ dx_sketch *dx_sketch_deserialize(const uint8_t *buf, size_t len) {
     r_store(&r2, s, s->st[POS].c ? &s->st[POS] : NULL, &dummy, &t);
     s->zero = zero;
     s->count = count;
-    s->sum = sum;
-    s->sumc = sumc;
+    s->sum = (dx_sum){sum, sumc, !!(flags & FL_SCALED)};
     s->min = mn;
     s->max = mx;
     return s;

@@ -10,8 +10,10 @@
  * within a relative error a of every value the bucket can hold. Positive and
  * negative values have separate bucket stores (negatives mirrored by |v|),
  * zeros (+0 and -0) have their own counter. NaN and +-inf are refused.
- * count, sum, min and max are kept exactly (sum: compensated double
- * summation, it can still overflow to +-inf).
+ * count, sum, min and max are kept exactly (sum: a dx_sum, compensated
+ * double summation that switches to units of 2^64 instead of overflowing, so
+ * 1e308 + 1e308 - 1e308 is 1e308; dx_sketch_sum is +-inf only while the true
+ * sum is beyond the double range, and dx_sketch_mean is always finite).
  *
  * Quantile rank. For q in [0, 1] and n = count, the estimate is taken for the
  * 0-based rank
@@ -40,12 +42,13 @@
  * union, so its quantiles have the same error bound.
  *
  * Serialized form (little-endian, all lengths checked on input):
- *   "DXQ" version(1) flags(1)  bit0: collapsed, bit1: non-empty, others 0
+ *   "DXQ" version(1) flags(1)  bit0: collapsed, bit1: non-empty,
+ *                              bit2: sum scaled by 2^-64 (only if non-empty), others 0
  *   f64 rel_accuracy, varint max_buckets, varint zero_count,
  *   [zigzag varint floor]                         if collapsed
  *   neg store, pos store: varint k, then k entries of
  *       index (first: zigzag varint, then varint gap-1), varint count >= 1
- *   [f64 sum, f64 sum_compensation, f64 min, f64 max]   if non-empty
+ *   [f64 sum, f64 sum_compensation, f64 min, f64 max]   if non-empty (all finite)
  * varints are unsigned LEB128 (at most 10 bytes).
  *
  * ---- Series -------------------------------------------------------------
@@ -64,6 +67,18 @@
 #define DX_SKETCH_MAX_BUCKETS (1u << 20)  /* 8 MiB of counters */
 
 typedef struct dx_sketch dx_sketch;
+
+/* Sum of finite doubles that cannot overflow (see the top of the file):
+ * value = (hi + lo) * (scaled ? 2^64 : 1). Zero-initialise to start. */
+typedef struct {
+    double hi, lo;
+    int scaled;
+} dx_sum;
+void dx_sum_add(dx_sum *a, double x);               /* x finite */
+void dx_sum_add_n(dx_sum *a, double x, uint64_t n); /* n copies of finite x */
+void dx_sum_merge(dx_sum *a, const dx_sum *b);      /* a == b allowed */
+double dx_sum_value(const dx_sum *a);               /* +-inf beyond the double range */
+double dx_sum_mean(const dx_sum *a, uint64_t n);    /* NaN for n == 0 */
 
 /* rel_accuracy in [DX_SKETCH_MIN_ACCURACY, 1), or 0 for the default;
  * max_buckets in [MIN, MAX], or 0 for the default. NULL on bad args or OOM. */
@@ -84,7 +99,9 @@ int dx_sketch_merge(dx_sketch *dst, const dx_sketch *src);
 int64_t dx_sketch_key(const dx_sketch *s, double v);
 int dx_sketch_add_keyed(dx_sketch *s, double v, int64_t key);
 uint64_t dx_sketch_count(const dx_sketch *s);
-double dx_sketch_sum(const dx_sketch *s);  /* 0 when empty */
+double dx_sketch_sum(const dx_sketch *s);  /* 0 when empty; +-inf beyond the double range */
+const dx_sum *dx_sketch_sum_acc(const dx_sketch *s); /* s != NULL */
+double dx_sketch_mean(const dx_sketch *s); /* NaN when empty, else finite, in [min, max] */
 double dx_sketch_min(const dx_sketch *s);  /* NaN when empty */
 double dx_sketch_max(const dx_sketch *s);  /* NaN when empty */
 /* q in [0,1]; NaN if empty or q invalid. Rank rule: see the top of the file. */

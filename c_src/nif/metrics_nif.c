@@ -29,7 +29,7 @@ typedef struct {
     int64_t latest;    /* largest time recorded here (valid if series) */
     /* Since creation, never windowed: what Prometheus wants for _count/_sum. */
     uint64_t total_count;
-    double total_sum;
+    dx_sum total_sum;
 } __attribute__((aligned(64))) shard_t;
 
 typedef struct {
@@ -64,7 +64,8 @@ static ErlNifResourceType *series_type, *sketch_type;
 static ERL_NIF_TERM A_get, A_get_value, A_set;
 static void calibrate(void);
 static ERL_NIF_TERM A_ok, A_error, A_now, A_undefined, A_rejected, A_bad_range, A_enomem, A_invalid_sketch,
-    A_incompatible, A_count, A_sum, A_min, A_max, A_mean, A_p50, A_p90, A_p95, A_p99;
+    A_incompatible, A_count, A_sum, A_min, A_max, A_mean, A_p50, A_p90, A_p95, A_p99, A_invalid_argument,
+    A_time, A_value, A_infinity, A_neg_infinity;
 
 static void series_dtor(ErlNifEnv *env, void *obj) {
     series_res *r = obj;
@@ -92,6 +93,8 @@ int dx_metrics_init(ErlNifEnv *env) {
     MK(A_count, "count"); MK(A_sum, "sum"); MK(A_min, "min"); MK(A_max, "max"); MK(A_mean, "mean");
     MK(A_p50, "p50"); MK(A_p90, "p90"); MK(A_p95, "p95"); MK(A_p99, "p99");
     MK(A_get, "get"); MK(A_get_value, "get_value"); MK(A_set, "set");
+    MK(A_invalid_argument, "invalid_argument"); MK(A_time, "time"); MK(A_value, "value");
+    MK(A_infinity, "infinity"); MK(A_neg_infinity, "neg_infinity");
 #undef MK
     calibrate();
     return 0;
@@ -111,9 +114,17 @@ int dx_metrics_takeover(ErlNifEnv *env) {
 
 static ERL_NIF_TERM err(ErlNifEnv *env, ERL_NIF_TERM reason) { return enif_make_tuple2(env, A_error, reason); }
 
+/* Testing only (metrics_set_clock/1): the second the metrics clock is frozen
+ * at, or INT64_MIN for the OS clock. One relaxed load on the hot path. */
+static _Atomic int64_t g_fixed_clock = INT64_MIN;
+#define FIXED_CLOCK_LIMIT ((int64_t)1 << 40) /* far inside the core's 2^62 */
+
 /* Whole seconds only: the coarse clock (a few ms resolution) is several
  * times cheaper than CLOCK_REALTIME and exact enough for 1 s buckets. */
 static int64_t wall_sec(void) {
+    int64_t fixed = atomic_load_explicit(&g_fixed_clock, memory_order_relaxed);
+    if (fixed != INT64_MIN)
+        return fixed;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
     return (int64_t)ts.tv_sec;
@@ -130,6 +141,26 @@ static int get_time(ErlNifEnv *env, ERL_NIF_TERM t, int64_t *out) {
     if (!enif_get_int64(env, t, &v))
         return 0;
     *out = v;
+    return 1;
+}
+
+/* An integer beyond 64 bits (a number that is not a float), by its sign. */
+static int big_integer_sign(ErlNifEnv *env, ERL_NIF_TERM t) {
+    double d;
+    if (!enif_is_number(env, t) || enif_get_double(env, t, &d))
+        return 0;
+    return enif_compare(t, enif_make_int(env, 0)) < 0 ? -1 : 1;
+}
+
+/* get_time, with integers beyond 64 bits saturated: as a bound or a sample
+ * time they are simply "before / after everything". */
+static int get_time_sat(ErlNifEnv *env, ERL_NIF_TERM t, int64_t *out) {
+    if (get_time(env, t, out))
+        return 1;
+    int sign = big_integer_sign(env, t);
+    if (!sign)
+        return 0;
+    *out = sign < 0 ? INT64_MIN : INT64_MAX;
     return 1;
 }
 
@@ -188,15 +219,27 @@ DX_METRICS_NIF(nif_metrics_series_new) {
     return t;
 }
 
-/* metrics_record(Series, Value, Time) -> ok | {error, rejected}. rejected:
- * NaN/inf (cannot be passed from Erlang anyway), a time outside every
- * retained window, or out of memory. */
-/* Adds one sample v, or the batch sketch b when b is not NULL, at second t. */
-static int record_into_(series_res *r, int64_t t, double v, const dx_sketch *b) {
+/* How far ahead of the metrics clock a sample may be: callers' clocks (a
+ * peer node, erlang:system_time/1 against the coarse clock) can run a little
+ * ahead. A sample moves its series' windows to its time, so this is also the
+ * most the windows can ever be ahead of `now'. */
+#define FUTURE_TOLERANCE_S 5
+
+enum { REC_OK = 0, REC_REJECTED = -1, REC_FUTURE = -2 };
+
+/* Adds one sample v, or the batch sketch b when b is not NULL, at second t;
+ * now is the metrics clock. REC_FUTURE: t is beyond now + tolerance;
+ * REC_REJECTED: older than every window retains as of max(now, the series'
+ * latest time) (judged against the clock too, so a fresh series refuses a
+ * sample it would drop at the next query), NaN/inf, or out of memory. */
+static int record_into_(series_res *r, int64_t t, int64_t now, double v, const dx_sketch *b) {
+    if (t > now + FUTURE_TOLERANCE_S)
+        return REC_FUTURE;
     /* the hour ring is the coarsest: it keeps hours [L/3600 - H, L/3600] */
     int64_t L = atomic_load_explicit(&r->latest, memory_order_relaxed);
-    if (L != INT64_MIN && t < L && floor_div(t, 3600) < floor_div(L, 3600) - (int64_t)r->hours)
-        return -1;
+    int64_t ref = L > now ? L : now;
+    if (floor_div(t, 3600) < floor_div(ref, 3600) - (int64_t)r->hours)
+        return REC_REJECTED;
     shard_t *sh = pick_shard(r);
     int rc = -1;
     pthread_mutex_lock(&sh->mu);
@@ -208,32 +251,66 @@ static int record_into_(series_res *r, int64_t t, double v, const dx_sketch *b) 
         if (sh->total_count == 0 || t > sh->latest)
             sh->latest = t;
         sh->total_count += b ? dx_sketch_count(b) : 1;
-        sh->total_sum += b ? dx_sketch_sum(b) : v;
+        if (b)
+            dx_sum_merge(&sh->total_sum, dx_sketch_sum_acc(b));
+        else
+            dx_sum_add(&sh->total_sum, v);
     }
     pthread_mutex_unlock(&sh->mu);
     if (rc != 0)
-        return -1;
+        return REC_REJECTED;
     while (t > L && !atomic_compare_exchange_weak(&r->latest, &L, t))
         ; /* L is reloaded by a failed exchange */
-    return 0;
+    return REC_OK;
 }
 
-static int record_into(series_res *r, int64_t t, double v) { return record_into_(r, t, v, NULL); }
-static int record_batch_into(series_res *r, int64_t t, const dx_sketch *b) { return record_into_(r, t, 0.0, b); }
+static int record_into(series_res *r, int64_t t, int64_t now, double v) { return record_into_(r, t, now, v, NULL); }
+static int record_batch_into(series_res *r, int64_t t, const dx_sketch *b) {
+    return record_into_(r, t, wall_sec(), 0.0, b);
+}
 
+/* metrics_record(Series, Value, Time) -> ok | {error, rejected} |
+ * {error, {invalid_argument, value | time}}. rejected: a time older than
+ * every retained window, or out of memory. invalid_argument: an integer
+ * value beyond 64 bits (dspex_metrics converts those to floats) or a time
+ * more than FUTURE_TOLERANCE_S ahead of the metrics clock. Integer times
+ * beyond 64 bits are just very old or very far ahead. */
 DX_METRICS_NIF(nif_metrics_record) {
     series_res *r;
     double v;
     int64_t t;
-    if (!enif_get_resource(env, argv[0], series_type, (void **)&r) || !get_number(env, argv[1], &v) ||
-        !get_time(env, argv[2], &t))
+    if (!enif_get_resource(env, argv[0], series_type, (void **)&r) || !get_time_sat(env, argv[2], &t))
         return enif_make_badarg(env);
-    if (record_into(r, t, v) == 0)
+    if (!get_number(env, argv[1], &v)) {
+        if (!big_integer_sign(env, argv[1]))
+            return enif_make_badarg(env);
+        return err(env, enif_make_tuple2(env, A_invalid_argument, A_value));
+    }
+    int is_now = enif_is_identical(argv[2], A_now);
+    int rc = record_into(r, t, is_now ? t : wall_sec(), v);
+    if (rc == REC_OK)
         return A_ok;
+    if (rc == REC_FUTURE)
+        return err(env, enif_make_tuple2(env, A_invalid_argument, A_time));
     /* a handler records `now' and ignores the answer: count what it lost */
-    if (enif_is_identical(argv[2], A_now))
+    if (is_now)
         dropped(1);
     return err(env, A_rejected);
+}
+
+/* metrics_set_clock(Seconds | now) -> ok. Testing only: freezes the
+ * metrics clock (`now', clock/0, native timing, the future bound) at
+ * Seconds, |Seconds| <= 2^40; `now' returns to the OS clock. */
+DX_METRICS_NIF(nif_metrics_set_clock) {
+    ErlNifSInt64 v;
+    if (enif_is_identical(argv[0], A_now)) {
+        atomic_store(&g_fixed_clock, INT64_MIN);
+        return A_ok;
+    }
+    if (!enif_get_int64(env, argv[0], &v) || v > FIXED_CLOCK_LIMIT || v < -FIXED_CLOCK_LIMIT)
+        return enif_make_badarg(env);
+    atomic_store(&g_fixed_clock, (int64_t)v);
+    return A_ok;
 }
 
 /* ---- native recording of the hottest store operations (get, get_value, set) ----
@@ -469,8 +546,8 @@ void dx_metrics_unload(void) {
 DX_METRICS_NIF(nif_metrics_query) {
     int64_t from, to, now;
     unsigned len;
-    if (!enif_get_list_length(env, argv[0], &len) || !get_time(env, argv[1], &from) ||
-        !get_time(env, argv[2], &to) || !get_time(env, argv[3], &now))
+    if (!enif_get_list_length(env, argv[0], &len) || !get_time_sat(env, argv[1], &from) ||
+        !get_time_sat(env, argv[2], &to) || !get_time(env, argv[3], &now))
         return enif_make_badarg(env);
     if (from > to)
         return err(env, A_bad_range);
@@ -515,21 +592,28 @@ DX_METRICS_NIF(nif_metrics_query) {
     return enif_is_tuple(env, s) ? s : enif_make_tuple2(env, A_ok, s);
 }
 
-/* metrics_totals(Series) -> {Count, Sum} since the series was created. */
+/* A sum as a float, or infinity / neg_infinity while it is beyond the
+ * double range (it is kept scaled, so it can come back by cancellation). */
+static ERL_NIF_TERM sum_term(ErlNifEnv *env, double s) {
+    return isfinite(s) ? enif_make_double(env, s) : s > 0 ? A_infinity : A_neg_infinity;
+}
+
+/* metrics_totals(Series) -> {Count, Sum} since the series was created; Sum
+ * as in sum_term. */
 DX_METRICS_NIF(nif_metrics_totals) {
     series_res *r;
     if (!enif_get_resource(env, argv[0], series_type, (void **)&r))
         return enif_make_badarg(env);
     drain_all();
     uint64_t c = 0;
-    double s = 0.0;
+    dx_sum s = {0};
     for (unsigned i = 0; i < r->nshards; i++) {
         pthread_mutex_lock(&r->shards[i].mu);
         c += r->shards[i].total_count;
-        s += r->shards[i].total_sum;
+        dx_sum_merge(&s, &r->shards[i].total_sum);
         pthread_mutex_unlock(&r->shards[i].mu);
     }
-    return enif_make_tuple2(env, enif_make_uint64(env, c), enif_make_double(env, isfinite(s) ? s : 0.0));
+    return enif_make_tuple2(env, enif_make_uint64(env, c), sum_term(env, dx_sum_value(&s)));
 }
 
 DX_METRICS_NIF(nif_metrics_series_memory) {
@@ -550,7 +634,8 @@ static ERL_NIF_TERM num_or_undef(ErlNifEnv *env, double d) {
 }
 
 /* metrics_sketch_stats(Sketch) -> #{count, sum, min, max, mean, p50, p90,
- * p95, p99}; everything but count and sum is undefined when empty. */
+ * p95, p99}; everything but count and sum is undefined when empty; sum as
+ * in sum_term; the mean is always a float (from the scaled sum). */
 DX_METRICS_NIF(nif_metrics_sketch_stats) {
     sketch_res *r;
     if (!enif_get_resource(env, argv[0], sketch_type, (void **)&r))
@@ -560,10 +645,10 @@ DX_METRICS_NIF(nif_metrics_sketch_stats) {
     double sum = dx_sketch_sum(s);
     ERL_NIF_TERM k[9] = {A_count, A_sum, A_min, A_max, A_mean, A_p50, A_p90, A_p95, A_p99};
     ERL_NIF_TERM v[9] = {enif_make_uint64(env, n),
-                         enif_make_double(env, isfinite(sum) ? sum : 0.0),
+                         sum_term(env, sum),
                          num_or_undef(env, dx_sketch_min(s)),
                          num_or_undef(env, dx_sketch_max(s)),
-                         n ? num_or_undef(env, sum / (double)n) : A_undefined,
+                         num_or_undef(env, dx_sketch_mean(s)),
                          num_or_undef(env, dx_sketch_quantile(s, 0.50)),
                          num_or_undef(env, dx_sketch_quantile(s, 0.90)),
                          num_or_undef(env, dx_sketch_quantile(s, 0.95)),

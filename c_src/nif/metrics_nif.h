@@ -25,6 +25,7 @@ DX_METRICS_NIF(nif_metrics_now);
 DX_METRICS_NIF(nif_metrics_native_bind);
 DX_METRICS_NIF(nif_metrics_native_flush);
 DX_METRICS_NIF(nif_metrics_dropped);
+DX_METRICS_NIF(nif_metrics_set_clock);
 
 /* Native timing of store reads and sets (see metrics_nif.c): a NIF that serves op
  * takes t0 = dx_native_ticks() when dx_native_enabled[op] is set, and calls
@@ -51,5 +52,6 @@ void dx_metrics_unload(void);
     {"metrics_now", 0, nif_metrics_now, 0},                                       \
     {"metrics_native_bind", 4, nif_metrics_native_bind, 0},                       \
     {"metrics_native_flush", 0, nif_metrics_native_flush, ERL_NIF_DIRTY_JOB_CPU_BOUND}, \
-    {"metrics_dropped", 0, nif_metrics_dropped, 0}
+    {"metrics_dropped", 0, nif_metrics_dropped, 0},                               \
+    {"metrics_set_clock", 1, nif_metrics_set_clock, 0}
 #endif

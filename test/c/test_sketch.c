@@ -605,8 +605,8 @@ static void test_deserialize_rules(void **st) {
     w.b[3] = 2;
     assert_null(bb_parse(&w));
     w.b[3] = 1;
-    /* unknown flag bit / nonempty flag missing */
-    w.b[4] = 6;
+    /* unknown flag bit (bit2, scaled sum, is known) / nonempty flag missing */
+    w.b[4] = 10;
     assert_null(bb_parse(&w));
     w.b[4] = 0;
     assert_null(bb_parse(&w));
@@ -1112,6 +1112,107 @@ static void test_series_invalid(void **st) {
 
 /* The bucket budget is reported and survives serialisation (the NIF refuses
  * foreign sketches with a larger budget by reading it). */
+/* A sum that overflows a double is kept scaled, not lost: it comes back by
+ * cancellation, the mean stays finite, and serialisation and merge keep it. */
+static void test_sum_survives_overflow(void **st) {
+    dx_sketch *s = dx_sketch_new(0, 0);
+    assert_non_null(s);
+    assert_int_equal(dx_sketch_add(s, 1e308), 0);
+    assert_int_equal(dx_sketch_add(s, 1e308), 0);
+    assert_true(isinf(dx_sketch_sum(s)) && dx_sketch_sum(s) > 0); /* 2e308: beyond a double */
+    assert_true(dx_sketch_mean(s) == 1e308);
+    assert_int_equal(dx_sketch_add(s, -1e308), 0);
+    assert_true(dx_sketch_sum(s) == 1e308); /* representable again */
+    assert_true(fabs(dx_sketch_mean(s) - 1e308 / 3) <= 1e-15 * 1e308);
+    /* the scaled sum crosses the wire */
+    size_t n = dx_sketch_serialize(s, NULL, 0);
+    uint8_t *buf = malloc(n);
+    assert_non_null(buf);
+    dx_sketch_serialize(s, buf, n);
+    assert_true(buf[4] & 4);
+    dx_sketch *d = dx_sketch_deserialize(buf, n);
+    assert_non_null(d);
+    assert_true(dx_sketch_sum(d) == 1e308);
+    /* merging an unscaled sketch into a scaled one and vice versa */
+    dx_sketch *u = dx_sketch_new(0, 0);
+    assert_non_null(u);
+    assert_int_equal(dx_sketch_add(u, -1e308), 0);
+    assert_int_equal(dx_sketch_merge(u, d), 0);
+    assert_true(dx_sketch_sum(u) == 0.0 && dx_sketch_mean(u) == 0.0);
+    assert_int_equal(dx_sketch_merge(d, d), 0); /* doubling: 2e308 */
+    assert_true(isinf(dx_sketch_sum(d)));
+    assert_int_equal(dx_sketch_add_n(d, -1e308, 2), 0); /* n copies: 0 */
+    assert_true(dx_sketch_sum(d) == 0.0);
+    /* the sum is always finite on the wire: an infinite one is malformed */
+    buf[n - 32] = 0, buf[n - 31] = 0, buf[n - 30] = 0, buf[n - 29] = 0;
+    buf[n - 28] = 0, buf[n - 27] = 0, buf[n - 26] = 0xf0, buf[n - 25] = 0x7f; /* +inf */
+    assert_null(dx_sketch_deserialize(buf, n));
+    free(buf);
+    dx_sketch_free(u);
+    dx_sketch_free(d);
+    dx_sketch_free(s);
+    /* the accumulator alone: n copies that overflow only as a product */
+    dx_sum a = {0};
+    dx_sum_add_n(&a, 1e300, 1000000);
+    dx_sum_add(&a, 5.0);
+    dx_sum_add_n(&a, -1e300, 1000000);
+    assert_true(dx_sum_value(&a) == 5.0);
+    assert_true(dx_sum_mean(&a, 2000001) == 5.0 / 2000001);
+}
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The documented collapse rule (README, sketch.h): 2048 buckets at 1% cover
+ * ~17.7 decades of |v| in all, summed over both signs; beyond that the
+ * smallest magnitudes of both signs fold into one bucket per sign, at
+ * magnitude L = dx_sketch_collapsed_limit. A quantile whose true sample has
+ * |x| > L keeps the 1% bound; one with |x| <= L reads a value of its sign
+ * with |estimate| <= L * gamma (the folded bucket's upper end). */
+static void test_collapse_rule(void **st) {
+    const int n = 5000;
+    double *v = malloc(n * sizeof *v);
+    assert_non_null(v);
+    rng_seed(77);
+    /* within the budget: one sign over 17.5 decades, or two over 8.8 each */
+    for (int k = 0; k < 2; k++) {
+        dx_sketch *s = dx_sketch_new(0, 0);
+        assert_non_null(s);
+        for (int i = 0; i < n; i++) {
+            double m = pow(10, k ? rng_open01() * 8.8 - 4 : rng_open01() * 17.5 - 8);
+            assert_int_equal(dx_sketch_add(s, k && (rng_u64() & 1) ? -m : m), 0);
+        }
+        assert_true(dx_sketch_collapsed_limit(s) == 0.0);
+        dx_sketch_free(s);
+    }
+    /* +-10^U(-8, 8): 2 x 16 decades, the lowest collapse */
+    dx_sketch *s = dx_sketch_new(0, 0);
+    assert_non_null(s);
+    for (int i = 0; i < n; i++) {
+        double m = pow(10, rng_open01() * 16 - 8);
+        v[i] = rng_u64() & 1 ? -m : m;
+        assert_int_equal(dx_sketch_add(s, v[i]), 0);
+    }
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    double L = dx_sketch_collapsed_limit(s), g = 1.01 / 0.99;
+    assert_true(L > 0.05 && L < 0.5);
+    int inside = 0;
+    for (int i = 1; i < 100; i++) {
+        double q = i / 100.0, x = v[(int)floor(q * (n - 1))], e = dx_sketch_quantile(s, q);
+        if (fabs(x) > L) {
+            assert_true(fabs(e - x) <= 0.01 * fabs(x));
+        } else {
+            inside++;
+            assert_true((e < 0) == (x < 0) && fabs(e) <= L * g);
+        }
+    }
+    assert_true(inside > 10); /* the median region is in the folded buckets */
+    dx_sketch_free(s);
+    free(v);
+}
+
 static void test_max_buckets_reported(void **st) {
     dx_sketch *s = dx_sketch_new(0.01, 0);
     assert_int_equal(dx_sketch_max_buckets(s), DX_SKETCH_DEFAULT_BUCKETS);
@@ -1195,6 +1296,8 @@ static void test_series_merge_equals_records(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_sum_survives_overflow),
+        cmocka_unit_test(test_collapse_rule),
         cmocka_unit_test(test_max_buckets_reported),
         cmocka_unit_test(test_accuracy_uniform),
         cmocka_unit_test(test_accuracy_exponential),
