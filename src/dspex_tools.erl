@@ -277,7 +277,8 @@ star(P, S) ->
 %% `metadata'. Returns each tool's id (`<<"Session/Name">>').
 -spec register_python(binary(), atom(), [map()]) -> {ok, #{name() => binary()}} | {error, term()}.
 register_python(Session, Pool, Specs) when is_binary(Session), Session =/= <<>>, is_atom(Pool), is_list(Specs) ->
-    case whereis(Pool) =/= undefined andalso dspex_workers:status(Pool) of
+    %% only a running worker pool (not merely some process of that name)
+    case dspex_workers:status(Pool) of
         {ok, _} ->
             case lists:foldr(fun(Spec, {ok, Acc}) ->
                                      case py_tool(Session, Pool, Spec) of

@@ -33,6 +33,7 @@ start_link(Name, Opts) -> gen_server:start_link({local, Name}, ?MODULE, {Name, O
 %% @private
 init({Name, Opts}) ->
     process_flag(trap_exit, true),
+    ok = dspex_workers_sup:register_pool(Name),
     Size = maps:get(size, Opts),
     S0 = #{name => Name, opts => Opts, slots => #{}, pids => #{}, idle => [],
            queue => queue:new(), waiting => #{}, restarts => 0,
@@ -102,7 +103,8 @@ handle_info(_Msg, S) -> {noreply, S}.
 
 %% @private Every worker stops (and kills its OS process) in parallel; the
 %% pool waits for all of them.
-terminate(_Reason, #{pids := Pids, waiting := W}) ->
+terminate(_Reason, #{pids := Pids, waiting := W, name := Name}) ->
+    ok = dspex_workers_sup:unregister_pool(Name),
     [gen_server:reply(From, {error, pool_stopped}) || {From, _, _, _} <- maps:values(W)],
     [exit(Pid, shutdown) || Pid <- maps:keys(Pids)],
     Deadline = now_ms() + 10000,

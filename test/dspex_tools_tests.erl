@@ -118,7 +118,8 @@ python_tools_test_() ->
              [application:stop(A) || A <- lists:reverse(Apps)]
      end,
      [fun python_tool_register_call_stream/0, fun python_tool_errors_and_access/0,
-      fun python_tools_over_grpc_handlers/0]}.
+      fun python_tools_over_grpc_handlers/0, fun only_running_pools_are_addressed/0,
+      fun failed_duplicate_start_keeps_the_breaker/0]}.
 
 python_tool_register_call_stream() ->
     S = <<"py_tools_s1">>,
@@ -177,3 +178,46 @@ python_tools_over_grpc_handlers() ->
         Call('ExecuteTool', #{session_id => S, tool_name => <<"add">>, parameters => #{<<"a">> => Arg(2), <<"b">> => Arg(3)}}),
     ?assertEqual({unavailable, <<"worker pool circuit breaker is open, retry later">>},
                  dspex_grpc_status:of_error(circuit_open)).
+
+tools_mod() -> filename:join([code:lib_dir(dspex_bridge), "test", "python_workers", "tools_mod.py"]).
+
+%% Naming some other registered process as a pool reaches nothing: the
+%% supervisors would crash on a call they do not know.
+only_running_pools_are_addressed() ->
+    Sups = [{N, whereis(N)} || N <- [dspex_bridge_sup, dspex_workers_sup]],
+    ?assertEqual({error, no_pool}, dspex_workers:call(dspex_workers_sup, {f, []}, 2000)),
+    ?assertEqual({error, no_pool}, dspex_workers:call(dspex_bridge_sup, {f, []}, 2000)),
+    ?assertEqual({error, no_pool}, dspex_workers:status(dspex_workers_sup)),
+    ?assertEqual([], dspex_workers:os_pids(dspex_bridge_sup)),
+    ?assertEqual({error, {unknown_pool, dspex_bridge_sup}},
+                 dspex_tools:register_python(<<"s1">>, dspex_bridge_sup, [])),
+    ?assertEqual({error, {unknown_pool, dspex_workers_sup}},
+                 dspex_tools:register_python(<<"s1">>, dspex_workers_sup, [#{name => add}])),
+    Call = fun(M, Req) -> dspex_grpc_handler:handle(M, Req, #{meta => #{}, deadline => 5000, opts => #{}}, undefined) end,
+    ?assertEqual({error, {unknown_pool, dspex_bridge_sup}},
+                 Call('RegisterTools', #{session_id => <<"s1">>, worker_id => <<"dspex_bridge_sup/1">>, tools => []})),
+    ?assertMatch({invalid_argument, _}, dspex_grpc_status:of_error({unknown_pool, dspex_bridge_sup})),
+    %% nothing crashed: the same supervisors, and the pool still answers
+    ?assertEqual(Sups, [{N, whereis(N)} || {N, _} <- Sups]),
+    ?assertEqual({ok, 3}, dspex_workers:call(py_tools, {add, [1, 2]}, 5000)).
+
+%% A start that fails because the name is taken leaves the running pool's
+%% breaker (and options) as they were.
+failed_duplicate_start_keeps_the_breaker() ->
+    B = dspex_workers:breaker(py_tools),
+    {ok, #{opts := #{threshold := 3}}} = dspex_breaker:status(B),
+    ?assertMatch({error, {already_started, _}}, dspex_workers:start_pool(py_tools, #{module => tools_mod(), size => 1})),
+    ?assertMatch({error, {already_started, _}},
+                 dspex_workers:start_pool(py_tools, #{module => tools_mod(), size => 1, breaker => #{threshold => 9}})),
+    ?assertMatch({ok, #{state := closed, opts := #{threshold := 3}}}, dspex_breaker:status(B)),
+    %% a name some other process holds: refused, and that process untouched
+    Sup = whereis(dspex_workers_sup),
+    ?assertMatch({error, _}, dspex_workers:start_pool(dspex_workers_sup, #{module => tools_mod(), size => 1,
+                                                                         breaker => #{threshold => 2}})),
+    ?assertEqual({error, not_found}, dspex_breaker:status(dspex_workers:breaker(dspex_workers_sup))),
+    ?assertEqual(Sup, whereis(dspex_workers_sup)),
+    %% bad breaker options are refused before any worker starts
+    ?assertEqual({error, {invalid_option, threshold}},
+                 dspex_workers:start_pool(py_tools_other, #{module => tools_mod(), breaker => #{threshold => 0}})),
+    ?assertEqual({error, no_pool}, dspex_workers:status(py_tools_other)),
+    ?assertEqual({ok, 3}, dspex_workers:call(py_tools, {add, [1, 2]}, 5000)).
