@@ -13,7 +13,8 @@
 %% deadline passes, so a tool that hangs or crashes harms nothing else.
 %%
 %% Access: option `allow' lists glob patterns (`*' any run, `?' one
-%% character) matched against the caller's principal: the `dspex-principal'
+%% character; see `glob/2'; at most 1024 bytes each) matched against the
+%% caller's principal: the `dspex-principal'
 %% request metadata, or the session id when there is none (as for
 %% variables). Default `[<<"*">>]' (every principal). A tool a principal may
 %% not call is also absent from the list it is shown.
@@ -239,7 +240,10 @@ param(P) ->
     #{name => maps:get(name, P), type => maps:get(type, P, <<>>),
       description => maps:get(description, P, <<>>), required => maps:get(required, P, false)}.
 
-valid_allow(L) when is_list(L) -> lists:all(fun(P) -> is_binary(P) andalso P =/= <<>> end, L);
+%% the bound of c_src/core/glob.c: matching costs pattern length times
+%% principal length, and patterns may come from clients (RegisterTools)
+valid_allow(L) when is_list(L) ->
+    lists:all(fun(P) -> is_binary(P) andalso P =/= <<>> andalso byte_size(P) =< 1024 end, L);
 valid_allow(_) -> false.
 
 valid_timeout(T) -> is_integer(T) andalso T > 0.
@@ -254,19 +258,43 @@ allowed(#{allow := Patterns}, Principal) ->
     lists:any(fun(P) -> glob(P, Principal) end, Patterns).
 
 %% @doc Whether `Subject' matches the glob `Pattern': `*' matches any run
-%% of bytes (also empty), `?' exactly one byte, anything else itself.
+%% of characters (also empty), `?' exactly one character, anything else
+%% itself. Characters are UTF-8 code points; a byte that is not part of
+%% valid UTF-8 is one character of its own (never equal to a code point), as
+%% in `c_src/core/glob.c'. Time is at most proportional to the pattern's
+%% length times the subject's, whatever the stars.
 -spec glob(binary(), binary()) -> boolean().
-glob(<<>>, <<>>) -> true;
-glob(<<"*", P/binary>>, S) -> star(P, S);
-glob(<<"?", P/binary>>, <<_, S/binary>>) -> glob(P, S);
-glob(<<C, P/binary>>, <<C, S/binary>>) -> glob(P, S);
-glob(_, _) -> false.
+glob(Pattern, Subject) when is_binary(Pattern), is_binary(Subject) ->
+    match(pattern(Pattern), chars(Subject), none).
 
-star(P, S) ->
-    glob(P, S) orelse case S of
-                          <<_, Rest/binary>> -> star(P, Rest);
-                          <<>> -> false
-                      end.
+%% Greedy, with one backtrack point: the last star seen. When a later star
+%% matched, every choice made for the earlier ones is final (anything they
+%% could still absorb, the later star absorbs too), so one point suffices and
+%% nothing is retried exponentially.
+match([star], _, _) -> true;
+match([star | P], S, _) -> match(P, S, {P, S});
+match([any | P], [_ | S], Back) -> match(P, S, Back);
+match([C | P], [C | S], Back) -> match(P, S, Back);
+match([], [], _) -> true;
+match(_, _, {P, [_ | S]}) -> match(P, S, {P, S});
+match(_, _, _) -> false.
+
+pattern(<<"*", Rest/binary>>) ->
+    case pattern(Rest) of
+        [star | _] = P -> P;    % a run of stars is one star
+        P -> [star | P]
+    end;
+pattern(<<"?", Rest/binary>>) -> [any | pattern(Rest)];
+pattern(B) ->
+    case B of
+        <<>> -> [];
+        <<C/utf8, Rest/binary>> -> [C | pattern(Rest)];
+        <<Byte, Rest/binary>> -> [{byte, Byte} | pattern(Rest)]
+    end.
+
+chars(<<C/utf8, Rest/binary>>) -> [C | chars(Rest)];
+chars(<<Byte, Rest/binary>>) -> [{byte, Byte} | chars(Rest)];
+chars(<<>>) -> [].
 
 %%% Python tools ----------------------------------------------------------------
 

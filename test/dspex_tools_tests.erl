@@ -46,6 +46,8 @@ validation_refuses_and_changes_nothing() ->
     ?assertEqual({error, {invalid_argument, function}}, dspex_tools:expose(t, fun() -> ok end, #{})),
     ?assertEqual({error, {invalid_argument, parameters}}, dspex_tools:expose(t, F, #{parameters => [#{}]})),
     ?assertEqual({error, {invalid_argument, allow}}, dspex_tools:expose(t, F, #{allow => [<<>>]})),
+    %% the pattern bound of the C matcher: a client-registered glob stays cheap
+    ?assertEqual({error, {invalid_argument, allow}}, dspex_tools:expose(t, F, #{allow => [binary:copy(<<"*a">>, 513)]})),
     ?assertEqual({error, {invalid_argument, timeout}}, dspex_tools:expose(t, F, #{timeout => 0})),
     ?assertEqual({error, {invalid_argument, metadata}}, dspex_tools:expose(t, F, #{metadata => #{a => 1}})),
     ?assertEqual({error, {invalid_argument, colour}}, dspex_tools:expose(t, F, #{colour => red})),
@@ -221,3 +223,43 @@ failed_duplicate_start_keeps_the_breaker() ->
                  dspex_workers:start_pool(py_tools_other, #{module => tools_mod(), breaker => #{threshold => 0}})),
     ?assertEqual({error, no_pool}, dspex_workers:status(py_tools_other)),
     ?assertEqual({ok, 3}, dspex_workers:call(py_tools, {add, [1, 2]}, 5000)).
+
+%%% Globs: linear time, characters are code points
+
+%% Stars that the old backtracking matcher retried exponentially (22 s for
+%% seven stars and 50 bytes; this pattern and subject would take far longer).
+glob_stars_do_not_backtrack_exponentially_test() ->
+    Pattern = <<"*a*a*a*a*a*a*a*a*a*a*a*a*b">>,
+    Subject = binary:copy(<<"a">>, 2000),
+    {Pid, MRef} = spawn_monitor(fun() -> exit({matched, dspex_tools:glob(Pattern, Subject)}) end),
+    receive {'DOWN', MRef, process, Pid, Result} -> ?assertEqual({matched, false}, Result)
+    after 5000 -> exit(Pid, kill), error(glob_too_slow)
+    end,
+    ?assert(dspex_tools:glob(Pattern, <<Subject/binary, "b">>)).
+
+glob_characters_test() ->
+    ?assert(dspex_tools:glob(<<"?">>, <<"é"/utf8>>)),
+    ?assertNot(dspex_tools:glob(<<"??">>, <<"é"/utf8>>)),
+    %% an invalid byte is one character, equal to no code point
+    ?assert(dspex_tools:glob(<<"a?b">>, <<$a, 16#E9, $b>>)),
+    ?assertNot(dspex_tools:glob(<<"é"/utf8>>, <<16#E9>>)),
+    ?assert(dspex_tools:glob(<<"**">>, <<>>)),
+    ?assertNot(dspex_tools:glob(<<"*?">>, <<>>)),
+    ?assert(dspex_tools:glob(<<"*ab*">>, <<"xaxbab">>)).
+
+%% Random patterns and subjects agree with a regular expression built from
+%% the pattern (the definition of the matcher's semantics).
+glob_agrees_with_regex_test() ->
+    rand:seed(exsss, {1, 2, 3}),
+    Alphabet = [<<"a">>, <<"b">>, <<"é"/utf8>>],
+    Gen = fun(Extra, N) -> iolist_to_binary([lists:nth(rand:uniform(length(Alphabet ++ Extra)), Alphabet ++ Extra)
+                                             || _ <- lists:seq(1, rand:uniform(N + 1) - 1)])
+          end,
+    [begin
+         P = Gen([<<"*">>, <<"?">>], 7),
+         S = Gen([], 8),
+         Re = ["^", [case C of $* -> ".*"; $? -> "."; _ -> [C] end || C <- unicode:characters_to_list(P)], "$"],
+         Expected = re:run(S, unicode:characters_to_binary(Re), [unicode, dotall, {capture, none}]) =:= match,
+         ?assertEqual({P, S, Expected}, {P, S, dspex_tools:glob(P, S)})
+     end || _ <- lists:seq(1, 3000)],
+    ok.
