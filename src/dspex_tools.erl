@@ -42,6 +42,8 @@
 
 -define(TAB, dspex_tools).
 -define(DEFAULT_TIMEOUT, 30000).
+%% a caller's `timeout' option (absent is `infinity')
+-define(VALID_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0))).
 
 -type name() :: binary().
 -type tool_fun() :: fun((map()) -> term()) | fun((map(), map()) -> term()).
@@ -108,20 +110,25 @@ lookup(Name0) ->
 
 %% @doc Runs tool `Name' with `Args' (a map with binary keys). Options:
 %% `principal' (who calls; checked against `allow'), `session',
-%% `metadata', `timeout' (ms or `infinity' for the tool's own timeout).
+%% `metadata', `timeout' (ms or `infinity' for the tool's own timeout; any
+%% other value is `{error, {invalid_argument, timeout}}', and nothing runs).
+%% The tool's process never outlives the call: it is killed at the
+%% deadline, and also when the caller dies first (say a cancelled RPC).
 -spec call(name() | atom(), map(), #{principal => binary(), session => binary(), metadata => map(),
                                      timeout => non_neg_integer() | infinity}) ->
           {ok, term()} | {error, term()}.
 call(Name0, Args, Opts) when is_map(Args), is_map(Opts) ->
     Name = to_name(Name0),
+    TimeoutOpt = maps:get(timeout, Opts, infinity),
     case ets:lookup(table(), Name) of
         [] -> {error, {tool_not_found, Name}};
+        [_] when not ?VALID_TIMEOUT(TimeoutOpt) -> {error, {invalid_argument, timeout}};
         [{_, T}] ->
             Principal = maps:get(principal, Opts, maps:get(session, Opts, <<>>)),
             case allowed(T, Principal) of
                 false -> {error, access_denied};
                 true ->
-                    Timeout = case maps:get(timeout, Opts, infinity) of
+                    Timeout = case TimeoutOpt of
                                   infinity -> maps:get(timeout, T);
                                   Ms -> Ms
                               end,
@@ -142,31 +149,47 @@ table() ->
 
 %% The tool runs in its own process: a crash is reported, a deadline kills it.
 run(Fun, Args, Ctx, Timeout) ->
-    Self = self(),
+    Caller = self(),
     Tag = make_ref(),
-    {Pid, MRef} = spawn_monitor(fun() ->
-                                        R = try case erlang:fun_info(Fun, arity) of
-                                                    {arity, 1} -> Fun(Args);
-                                                    {arity, 2} -> Fun(Args, Ctx)
-                                                end
-                                            catch Class:Reason:Stack -> {'$crashed', {Class, Reason, Stack}}
-                                            end,
-                                        Self ! {Tag, R}
-                                end),
+    {Pid, MRef} = spawn_monitor(fun() -> tool(Caller, Tag, Fun, Args, Ctx) end),
+    %% however the wait ends (an answer, the deadline, an exception here),
+    %% the tool process does not outlive it
+    try await(Pid, MRef, Tag, Timeout)
+    after
+        exit(Pid, kill),
+        erlang:demonitor(MRef, [flush])
+    end.
+
+await(Pid, MRef, Tag, Timeout) ->
     receive
-        {Tag, {'$crashed', {_, Reason, _}}} ->
-            erlang:demonitor(MRef, [flush]),
-            {error, {tool_crashed, Reason}};
-        {Tag, R} ->
-            erlang:demonitor(MRef, [flush]),
-            result(R);
-        {'DOWN', MRef, process, Pid, Reason} ->
-            {error, {tool_crashed, Reason}}
+        {Tag, {'$crashed', {_, Reason, _}}} -> {error, {tool_crashed, Reason}};
+        {Tag, R} -> result(R);
+        {'DOWN', MRef, process, Pid, Reason} -> {error, {tool_crashed, Reason}}
     after Timeout ->
             exit(Pid, kill),
-            erlang:demonitor(MRef, [flush]),
             receive {Tag, _} -> ok after 0 -> ok end,
             {error, timeout}
+    end.
+
+tool(Caller, Tag, Fun, Args, Ctx) ->
+    Self = self(),
+    %% the caller cannot kill the tool once it is dead itself: a watcher
+    %% does (monitoring a process already gone fires at once, so no window)
+    _ = spawn(fun() -> reap_with(Caller, Self) end),
+    R = try case erlang:fun_info(Fun, arity) of
+                {arity, 1} -> Fun(Args);
+                {arity, 2} -> Fun(Args, Ctx)
+            end
+        catch Class:Reason:Stack -> {'$crashed', {Class, Reason, Stack}}
+        end,
+    Caller ! {Tag, R}.
+
+reap_with(Caller, Tool) ->
+    MC = erlang:monitor(process, Caller),
+    MT = erlang:monitor(process, Tool),
+    receive
+        {'DOWN', MC, process, _, _} -> exit(Tool, kill);
+        {'DOWN', MT, process, _, _} -> ok
     end.
 
 result({ok, V}) -> json_result(V);
@@ -362,7 +385,8 @@ list_python(Session, Principal) ->
 
 %% @doc Runs Python tool `Name' of `Session' with keyword arguments `Args'
 %% (binary keys, JSON values). Options: `principal' (default the session),
-%% `timeout' (ms; default 30000).
+%% `timeout' (ms; default 30000; any other value than a non-negative integer
+%% or `infinity' is `{error, {invalid_argument, timeout}}').
 -spec call_python(binary(), name() | atom(), map(), map()) -> {ok, term()} | {error, term()}.
 call_python(Session, Name, Args, Opts) ->
     with_py_tool(Session, Name, Opts, fun(#{pool := Pool}, Timeout) ->
@@ -386,11 +410,11 @@ with_py_tool(Session, Name0, Opts, Run) when is_binary(Session) ->
             case py_allowed(T, maps:get(principal, Opts, Session)) of
                 false -> {error, access_denied};
                 true ->
-                    Timeout = case maps:get(timeout, Opts, infinity) of
-                                  infinity -> ?DEFAULT_TIMEOUT;
-                                  Ms -> Ms
-                              end,
-                    Run(T, Timeout)
+                    case maps:get(timeout, Opts, infinity) of
+                        infinity -> Run(T, ?DEFAULT_TIMEOUT);
+                        Ms when ?VALID_TIMEOUT(Ms) -> Run(T, Ms);
+                        _ -> {error, {invalid_argument, timeout}}
+                    end
             end
     end.
 

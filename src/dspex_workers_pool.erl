@@ -245,10 +245,16 @@ restart_event(Slot, Failures, Delay, Error, #{name := Name}) ->
                             #{pool => Name, slot => Slot, failures => Failures, reason => Error}).
 
 %% backoff_min_ms * 2^(F-1), at most backoff_max_ms, with up to 10% jitter
-%% so slots failing together do not restart in lockstep.
+%% so slots failing together do not restart in lockstep. The jitter goes up
+%% from the base while that stays within backoff_max_ms, else down from
+%% backoff_max_ms (never below backoff_min_ms): both bounds are promises.
 backoff(F, #{backoff_min_ms := Min, backoff_max_ms := Max}) ->
     Base = min(Max, Min * (1 bsl min(F - 1, 30))),
-    Base + rand:uniform(max(1, Base div 10)) - 1.
+    Jitter = rand:uniform(max(1, Base div 10)) - 1,
+    case Base + Jitter =< Max of
+        true -> Base + Jitter;
+        false -> max(min(Min, Max), Max - Jitter)
+    end.
 
 start_slot(Slot, #{opts := O, slots := Slots, pids := Pids} = S) ->
     Failures = case Slots of

@@ -8,7 +8,8 @@ tools_test_() ->
      fun(Apps) -> [application:stop(A) || A <- lists:reverse(Apps)] end,
      {foreach, fun() -> [dspex_tools:unexpose(maps:get(name, T)) || T <- dspex_tools:list()] end,
       [fun expose_list_and_call/0, fun errors_of_tools/0, fun validation_refuses_and_changes_nothing/0,
-       fun access_by_principal_glob/0, fun deadline_kills_the_tool/0, fun grpc_handlers/0]}}.
+       fun access_by_principal_glob/0, fun deadline_kills_the_tool/0, fun grpc_handlers/0,
+       fun bad_timeout_is_refused/0, fun dead_caller_takes_its_tool_along/0]}}.
 
 expose_list_and_call() ->
     ok = dspex_tools:expose(add, fun(#{<<"a">> := A, <<"b">> := B}) -> A + B end,
@@ -74,6 +75,29 @@ deadline_kills_the_tool() ->
     %% the caller's deadline wins over the tool's own
     ?assertEqual({error, timeout}, dspex_tools:call(hang, #{}, #{timeout => 10})).
 
+bad_timeout_is_refused() ->
+    Self = self(),
+    ok = dspex_tools:expose(t, fun(_) -> Self ! ran, ok end),
+    [?assertEqual({error, {invalid_argument, timeout}}, dspex_tools:call(t, #{}, #{timeout => T}))
+     || T <- [-5, 1.5, forever]],
+    %% refused before anything ran: the one run is this call's
+    ?assertEqual({ok, <<"ok">>}, dspex_tools:call(t, #{}, #{timeout => 1000})),
+    receive ran -> ok end,
+    receive ran -> error(tool_ran_for_a_bad_timeout) after 0 -> ok end.
+
+%% A caller killed while its tool runs (a cancelled RPC's handler) takes the
+%% tool process along; nobody else would ever stop it.
+dead_caller_takes_its_tool_along() ->
+    Self = self(),
+    ok = dspex_tools:expose(hang, fun(_) -> Self ! {running, self()}, receive after infinity -> ok end end),
+    Caller = spawn(fun() -> dspex_tools:call(hang, #{}, #{timeout => 600000}) end),
+    Tool = receive {running, P} -> P end,
+    MRef = erlang:monitor(process, Tool),
+    exit(Caller, kill),
+    receive {'DOWN', MRef, process, Tool, Reason} -> ?assertEqual(killed, Reason)
+    after 5000 -> exit(Tool, kill), error(tool_outlived_its_caller)
+    end.
+
 grpc_handlers() ->
     ok = dspex_tools:expose(add, fun(#{<<"a">> := A, <<"b">> := B}) -> A + B end,
                             #{description => <<"adds">>, parameters => [#{name => <<"a">>, required => true}]}),
@@ -121,7 +145,8 @@ python_tools_test_() ->
      end,
      [fun python_tool_register_call_stream/0, fun python_tool_errors_and_access/0,
       fun python_tools_over_grpc_handlers/0, fun only_running_pools_are_addressed/0,
-      fun failed_duplicate_start_keeps_the_breaker/0]}.
+      fun failed_duplicate_start_keeps_the_breaker/0, fun restart_backoff_stays_within_the_cap/0,
+      fun python_tool_bad_timeout/0]}.
 
 python_tool_register_call_stream() ->
     S = <<"py_tools_s1">>,
@@ -263,3 +288,30 @@ glob_agrees_with_regex_test() ->
          ?assertEqual({P, S, Expected}, {P, S, dspex_tools:glob(P, S)})
      end || _ <- lists:seq(1, 3000)],
     ok.
+
+python_tool_bad_timeout() ->
+    S = <<"py_tools_s4">>,
+    {ok, _} = dspex_tools:register_python(S, py_tools, [#{name => add}]),
+    ?assertEqual({error, {invalid_argument, timeout}},
+                 dspex_tools:call_python(S, add, #{<<"a">> => 1, <<"b">> => 1}, #{timeout => -5})),
+    ?assertEqual({ok, 2}, dspex_tools:call_python(S, add, #{<<"a">> => 1, <<"b">> => 1}, #{timeout => 5000})).
+
+%% Jitter never takes a restart's delay past backoff_max_ms. Eight slots
+%% whose interpreter cannot run each schedule a restart at the cap (1000 ms,
+%% jitter up to 100 ms); the old code added the jitter on top.
+restart_backoff_stays_within_the_cap() ->
+    Self = self(),
+    Id = {?MODULE, restart},
+    ok = dspex_telemetry:attach(Id, [dspex, workers, worker, restart],
+                                fun(_, #{delay_ms := D}, #{pool := backoff_pool}, _) -> Self ! {delay, D};
+                                   (_, _, _, _) -> ok
+                                end, []),
+    try
+        ?assertMatch({error, {spawn_failed, _}},
+                     dspex_workers:start_pool(backoff_pool, #{module => tools_mod(), size => 8,
+                                                              python => "/nonexistent/python3",
+                                                              backoff_min_ms => 1000, backoff_max_ms => 1000})),
+        Delays = [receive {delay, D} -> D after 5000 -> error(no_restart_event) end || _ <- lists:seq(1, 8)],
+        ?assertEqual([], [D || D <- Delays, D > 1000])
+    after dspex_telemetry:detach(Id)
+    end.
