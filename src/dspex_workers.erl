@@ -28,6 +28,10 @@
 %% Detail}' (not a frame, not JSON, not a protocol message), `flood' (too
 %% many unsolicited frames), `{python, Type, Message}' (the function raised;
 %% the worker lives on), `{not_json, Term}' (arguments with no JSON form),
+%% `{too_large, Bytes}' (the request's frame is over 64 MiB, the most the
+%% worker reads, and was not sent; or the function's reply or a streamed
+%% chunk is over `max_frame', and the worker did not send it: either way the
+%% worker lives on and the breaker does not count it),
 %% `{load_error, Type, Message}' and `{spawn_failed, Why}' (no worker is
 %% ready and they cannot start: answered at once, see `start_pool/2'),
 %% `circuit_open', `no_pool', `pool_stopped'.
@@ -47,7 +51,8 @@
 -type request() :: {Fn :: binary() | atom(), Args :: list()}
                  | {Fn :: binary() | atom(), Args :: list(), Kwargs :: #{binary() | atom() => term()}}.
 -type call_error() :: timeout | overloaded | {worker_exit, term()} | {bad_reply, term()} | flood
-                    | {python, binary(), binary()} | {not_json, term()} | circuit_open | no_pool
+                    | {python, binary(), binary()} | {not_json, term()} | {too_large, pos_integer()}
+                    | circuit_open | no_pool
                     | pool_stopped | start_error().
 -type start_error() :: {load_error, Type :: binary(), Message :: binary()} | {spawn_failed, term()}.
 -export_type([pool/0, request/0, call_error/0, start_error/0]).

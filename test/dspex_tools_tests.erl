@@ -146,7 +146,7 @@ python_tools_test_() ->
      [fun python_tool_register_call_stream/0, fun python_tool_errors_and_access/0,
       fun python_tools_over_grpc_handlers/0, fun only_running_pools_are_addressed/0,
       fun failed_duplicate_start_keeps_the_breaker/0, fun restart_backoff_stays_within_the_cap/0,
-      fun python_tool_bad_timeout/0]}.
+      fun python_tool_bad_timeout/0, {timeout, 120, fun frames_over_the_limit_spare_the_worker/0}]}.
 
 python_tool_register_call_stream() ->
     S = <<"py_tools_s1">>,
@@ -315,3 +315,26 @@ restart_backoff_stays_within_the_cap() ->
         ?assertEqual([], [D || D <- Delays, D > 1000])
     after dspex_telemetry:detach(Id)
     end.
+
+%% Arguments over worker.py's 64 MiB frame limit are refused before they are
+%% sent, and a result over max_frame (16 MiB here) is refused by the worker:
+%% an error for that call, not a dead worker or a breaker failure.
+frames_over_the_limit_spare_the_worker() ->
+    Pids = dspex_workers:os_pids(py_tools),
+    {ok, #{restarts := Restarts}} = dspex_workers:status(py_tools),
+    ok = dspex_breaker:reset(dspex_workers:breaker(py_tools)),
+    Big = binary:copy(<<"a">>, 64 * 1024 * 1024),
+    ?assertMatch({error, {too_large, N}} when N > 64 * 1024 * 1024,
+                 dspex_workers:call(py_tools, {size, [Big]}, 60000)),
+    ?assertMatch({error, {too_large, N}} when N > 16 * 1024 * 1024,
+                 dspex_workers:call(py_tools, {big, [17 * 1024 * 1024]}, 60000)),
+    Tag = make_ref(),
+    ?assertMatch({error, {too_large, _}},
+                 dspex_workers:stream(py_tools, {big_chunks, [17 * 1024 * 1024]}, 60000, {self(), Tag})),
+    ?assertEqual(<<"small">>, receive {Tag, {chunk, C}} -> C after 0 -> none end),
+    %% the same worker, never restarted, and the breaker counted nothing
+    ?assertEqual({ok, 5}, dspex_workers:call(py_tools, {size, [<<"abcde">>]}, 5000)),
+    ?assertEqual(Pids, dspex_workers:os_pids(py_tools)),
+    ?assertMatch({ok, #{restarts := Restarts}}, dspex_workers:status(py_tools)),
+    ?assertMatch({ok, #{state := closed, failures := 0}}, dspex_breaker:status(dspex_workers:breaker(py_tools))),
+    ?assertMatch({resource_exhausted, _}, dspex_grpc_status:of_error({too_large, 1})).
