@@ -4,19 +4,31 @@
 %% with `{error, circuit_open}') or `half_open' (a few probe calls go through).
 %% `closed → open' after `threshold' failures within `window_ms';
 %% `open → half_open' at the first `ask' after `reset_ms' (that caller holds
-%% the first of `probes' probe permits; no timer, no server); `half_open →
-%% closed' after `probes' successful probes; `half_open → open' at a failed
-%% probe. Failures reported while `open' (before the first probe) change
-%% nothing; a result reported for an earlier episode (the breaker moved on
-%% meanwhile) is ignored.
+%% the first of `probes' probe permits; no timer); `half_open → closed' after
+%% `probes' successful probes; `half_open → open' at a failed probe.
+%% Failures reported while `open' (before the first probe) change nothing; a
+%% result reported for an earlier episode (the breaker moved on meanwhile) is
+%% ignored.
 %%
-%% Readers never call a server: `ask/1' and `status/1' read the breaker's row
-%% in a public ETS table; taking a probe permit is one `ets:update_counter'.
-%% State changes (failures, probe results, reset, install) are serialised by
+%% A probe permit taken is always given back: `call/2,3' reports the outcome
+%% whatever `Fun' or `is_failure' do (an exception in either counts as a
+%% failure and is re-raised), and the server monitors every permit's holder:
+%% a holder that dies before reporting (killed, say, while its call ran)
+%% counts as a failed probe, since the call it probed did not come back. So a
+%% half-open breaker never stays stuck with all its permits taken. Report a
+%% permit from `ask/1' (`success/1', `melt/1') from the process that asked.
+%%
+%% Readers never call a server in the common cases: `ask/1' and `status/1'
+%% read the breaker's row in a public ETS table, and only taking a half-open
+%% probe permit is a server call (so the server can watch its holder). State
+%% changes (failures, probe results, reset, install) are serialised by
 %% `dspex_breaker_server', which owns the table.
 %%
 %% Time comes from the breaker's `clock' module (`now_ms/0', default
-%% `dspex_clock'), so tests move it by hand.
+%% `dspex_clock'), so tests move it by hand. `install/2' calls it once and
+%% refuses one that raises or answers anything but an integer; a clock that
+%% fails later fails only that breaker's calls (`{error, {clock_failed,
+%% Why}}'), never the server or other breakers.
 %%
 %% Telemetry: `[dspex, breaker, state_change]' (`#{system_time}',
 %% `#{name, from, to}') on every state change; `[dspex, breaker, call, stop]'
@@ -26,15 +38,16 @@
 -module(dspex_breaker).
 
 -export([install/2, remove/1, ask/1, call/2, call/3, melt/1, success/1, reset/1, status/1]).
--export([names/0]).
+-export([names/0, check_opts/1]).
 %% for dspex_breaker_server
--export([emit_change/3, row/3]).
+-export([emit_change/3, row/3, clock_ms/1]).
 
 -type name() :: term().
 -type state() :: closed | open | half_open.
 -type opts() :: #{threshold => pos_integer(), window_ms => pos_integer(), reset_ms => non_neg_integer(),
                   probes => pos_integer(), clock => module()}.
 -type call_opts() :: #{is_failure => fun((term()) -> boolean())}.
+-type clock_error() :: {clock_failed, term()}.
 -export_type([name/0, state/0, opts/0]).
 
 -define(T, dspex_breaker).
@@ -51,9 +64,10 @@
 %% @doc Creates (or replaces, closed) the breaker `Name'. Options, with their
 %% defaults: `threshold' 5 failures within `window_ms' 10000 open it;
 %% `reset_ms' 30000 until probes are let through; `probes' 1 success needed
-%% to close; `clock' `dspex_clock'. `{error, {invalid_option, Key}}' for a bad
-%% value (nothing changes).
--spec install(name(), opts()) -> ok | {error, {invalid_option, atom()}}.
+%% to close; `clock' `dspex_clock' (called once here: it must answer an
+%% integer). `{error, {invalid_option, Key}}' for a bad value (nothing
+%% changes).
+-spec install(name(), opts()) -> ok | {error, {invalid_option, atom()} | clock_error()}.
 install(Name, Opts) when is_map(Opts) ->
     span(install, Name, fun() ->
         case validate(Opts) of
@@ -62,15 +76,25 @@ install(Name, Opts) when is_map(Opts) ->
         end
     end).
 
+%% @doc Checks breaker options as `install/2' does, installing nothing.
+-spec check_opts(term()) -> ok | {error, {invalid_option, atom()}}.
+check_opts(Opts) when is_map(Opts) ->
+    case validate(Opts) of
+        {ok, _} -> ok;
+        Error -> Error
+    end;
+check_opts(_) -> {error, {invalid_option, breaker}}.
+
 %% @doc Forgets the breaker. `{error, not_found}' if there is none.
 -spec remove(name()) -> ok | {error, not_found}.
 remove(Name) -> gen_server:call(?SERVER, {remove, Name}).
 
 %% @doc `ok' when a call may go through now, `{error, circuit_open}' when not,
 %% `{error, not_found}' for an unknown breaker. In `half_open' an `ok' is a
-%% probe permit: report its result with `success/1' or `melt/1' (`call/2,3'
-%% does both for you). No server call.
--spec ask(name()) -> ok | {error, circuit_open | not_found}.
+%% probe permit: report its result with `success/1' or `melt/1' from this
+%% process (`call/2,3' does both for you); if this process dies first, the
+%% probe counts as failed. No server call, except to take a probe permit.
+-spec ask(name()) -> ok | {error, circuit_open | not_found | clock_error()}.
 ask(Name) ->
     %% closed: one small read (the state atom), nothing copied
     try ets:lookup_element(?T, Name, 2) of
@@ -84,33 +108,48 @@ ask(Name) ->
     end.
 
 %% @doc `call(Name, Fun, #{})'.
--spec call(name(), fun(() -> Result)) -> Result | {error, circuit_open | not_found}.
+-spec call(name(), fun(() -> Result)) -> Result | {error, circuit_open | not_found | clock_error()}.
 call(Name, Fun) -> call(Name, Fun, #{}).
 
 %% @doc Runs `Fun' if the breaker lets it through and reports the outcome: a
 %% failure is a result for which `is_failure' is true (default: `error' and
-%% `{error, _}') or an exception (re-raised after it is counted). Refused:
+%% `{error, _}') or an exception (re-raised after it is counted). An
+%% `is_failure' that raises, or answers anything but a boolean, also counts
+%% as a failure and raises (`error({bad_is_failure, Answer})' for a
+%% non-boolean): the outcome is reported in every case. Refused:
 %% `{error, circuit_open}' at once.
--spec call(name(), fun(() -> Result), call_opts()) -> Result | {error, circuit_open | not_found}.
+-spec call(name(), fun(() -> Result), call_opts()) ->
+          Result | {error, circuit_open | not_found | clock_error()}.
 call(Name, Fun, Opts) when is_function(Fun, 0), is_map(Opts) ->
     IsFailure = maps:get(is_failure, Opts, fun default_failure/1),
     Start = erlang:monotonic_time(),
     case permit(Name) of
-        {ok, Mode, Gen} ->
-            Result = try Fun()
-                     catch Class:Reason:Stack ->
-                             report(Name, Mode, Gen, failure),
-                             stop_event(call, Name, Start, #{result => failure}),
-                             erlang:raise(Class, Reason, Stack)
-                     end,
-            Outcome = case IsFailure(Result) of true -> failure; false -> ok end,
-            report(Name, Mode, Gen, Outcome),
-            stop_event(call, Name, Start, #{result => Outcome}),
-            Result;
+        {ok, Mode, Gen} -> run_permitted(Name, Mode, Gen, Fun, IsFailure, Start);
         {error, circuit_open} = E ->
             stop_event(call, Name, Start, #{result => rejected}),
             E;
         E -> E
+    end.
+
+%% Reports exactly once whatever happens in this process; the server covers
+%% the one case left, this process dying meanwhile.
+run_permitted(Name, Mode, Gen, Fun, IsFailure, Start) ->
+    Done = fun(Outcome) ->
+                   report(Name, Mode, Gen, Outcome),
+                   stop_event(call, Name, Start, #{result => Outcome})
+           end,
+    Result = try Fun()
+             catch Class:Reason:Stack ->
+                     Done(failure),
+                     erlang:raise(Class, Reason, Stack)
+             end,
+    try IsFailure(Result) of
+        false -> Done(ok), Result;
+        true -> Done(failure), Result;
+        Other -> Done(failure), erlang:error({bad_is_failure, Other})
+    catch Class2:Reason2:Stack2 ->
+            Done(failure),
+            erlang:raise(Class2, Reason2, Stack2)
     end.
 
 %% @doc Reports a failure: counts it while closed (opening the breaker at the
@@ -141,23 +180,33 @@ reset(Name) -> span(reset, Name, fun() -> gen_server:call(?SERVER, {reset, Name}
 %% @doc The breaker's state, failures counted in the window (closed),
 %% probes taken and succeeded (half-open), and `retry_in_ms' (open: time left
 %% before probes are let through). No server call.
--spec status(name()) -> {ok, #{state := state(), atom() => term()}} | {error, not_found}.
+-spec status(name()) -> {ok, #{state := state(), atom() => term()}} | {error, not_found | clock_error()}.
 status(Name) ->
+    try status_(Name)
+    catch throw:{clock_failed, _} = Why -> {error, Why}
+    end.
+
+status_(Name) ->
     case ets:lookup(?T, Name) of
         [] -> {error, not_found};
         [{_, closed, _, _, _, _, Fs, #{window_ms := W, clock := C} = O}] ->
-            Now = C:now_ms(),
+            Now = clock_ms(C),
             {ok, #{state => closed, failures => length([T || T <- Fs, Now - T < W]), opts => O}};
         [{_, open, _, Since, 0, _, _, #{reset_ms := R, clock := C} = O}] ->
-            {ok, #{state => open, retry_in_ms => max(0, Since + R - C:now_ms()), opts => O}};
+            {ok, #{state => open, retry_in_ms => max(0, Since + R - clock_ms(C)), opts => O}};
         [{_, open, _, _, Issued, Oks, _, #{probes := K} = O}] ->
             {ok, #{state => half_open, probes_taken => min(Issued, K), probes_ok => Oks, opts => O}}
     end.
 
 %%% Internals ------------------------------------------------------------------
 
-%% {ok, closed | half_open, Gen} | {error, circuit_open | not_found}
+%% {ok, closed | half_open, Gen} | {error, circuit_open | not_found | clock_error()}
 permit(Name) ->
+    try permit_(Name)
+    catch throw:{clock_failed, _} = Why -> {error, Why}
+    end.
+
+permit_(Name) ->
     try ets:lookup_element(?T, Name, 2) of
         closed ->
             %% Gen may already be a later episode's: a failure reported
@@ -167,25 +216,19 @@ permit(Name) ->
     catch error:badarg -> {error, not_found}
     end.
 
+%% Refusals are read from the table; a permit that may be free is asked of
+%% the server, which hands it out and monitors its holder.
 permit_open(Name) ->
     case ets:lookup(?T, Name) of
         [] -> {error, not_found};
         [{_, closed, Gen, _, _, _, _, _}] -> {ok, closed, Gen};
-        [{_, open, Gen, Since, _, _, _, #{reset_ms := R, probes := K, clock := C}}] ->
-            case C:now_ms() - Since >= R of
+        [{_, open, _, _, Issued, _, _, #{probes := K}}] when Issued >= K -> {error, circuit_open};
+        [{_, open, _, Since, _, _, _, #{reset_ms := R, clock := C}}] ->
+            case clock_ms(C) - Since >= R of
                 false -> {error, circuit_open};
                 true ->
-                    try ets:update_counter(?T, Name, [{?ISSUED, 1, K, K + 1}, {?GEN, 0}]) of
-                        [I, Gen] when I =< K ->
-                            I =:= 1 andalso emit_change(Name, open, half_open),
-                            {ok, half_open, Gen};
-                        [_, Gen] -> {error, circuit_open};
-                        [_, _] ->
-                            %% the row moved on between the read and the
-                            %% update: give the permit back and look again
-                            _ = (catch ets:update_counter(?T, Name, {?ISSUED, -1, 0, 0})),
-                            permit(Name)
-                    catch error:badarg -> {error, not_found}
+                    try gen_server:call(?SERVER, {probe, Name})
+                    catch exit:{noproc, _} -> {error, not_found}
                     end
             end
     end.
@@ -208,7 +251,18 @@ emit_change(Name, From, To) ->
 
 %% @private A fresh closed row.
 -spec row(name(), non_neg_integer(), map()) -> tuple().
-row(Name, Gen, #{clock := C} = Opts) -> {Name, closed, Gen, C:now_ms(), 0, 0, [], Opts}.
+row(Name, Gen, #{clock := C} = Opts) -> {Name, closed, Gen, clock_ms(C), 0, 0, [], Opts}.
+
+%% @private The clock's time. Throws `{clock_failed, Why}' when the clock
+%% raises or answers anything but an integer: it is the caller's module, and
+%% must fail only the call that used it.
+-spec clock_ms(module()) -> integer().
+clock_ms(C) ->
+    try C:now_ms() of
+        T when is_integer(T) -> T;
+        Other -> throw({clock_failed, {not_integer, Other}})
+    catch Class:Reason -> throw({clock_failed, {Class, Reason}})
+    end.
 
 -spec validate(map()) -> {ok, map()} | {error, {invalid_option, atom()}}.
 validate(Opts) ->
@@ -225,7 +279,9 @@ valid(window_ms, V) -> is_integer(V) andalso V > 0;
 valid(reset_ms, V) -> is_integer(V) andalso V >= 0;
 valid(probes, V) -> is_integer(V) andalso V > 0;
 valid(clock, V) -> is_atom(V) andalso (code:ensure_loaded(V) =:= {module, V})
-                       andalso erlang:function_exported(V, now_ms, 0);
+                       andalso erlang:function_exported(V, now_ms, 0)
+                       %% called once now, so a broken clock is refused here
+                       andalso (try is_integer(clock_ms(V)) catch throw:{clock_failed, _} -> false end);
 valid(_, _) -> false.
 
 span(Op, Name, Fun) ->

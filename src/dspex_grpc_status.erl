@@ -10,6 +10,7 @@
 %% | `{locked, _}', `stale_lock', `{lock_held_by, _}', `not_lock_owner', `derived_variable', `{would_create_cycle, _}', `not_optimizing' | FAILED_PRECONDITION (9) |
 %% | `{tool_not_found, _}' | NOT_FOUND (5) |
 %% | `{unknown_pool, _}', `{not_json, _}' | INVALID_ARGUMENT (3) |
+%% | `{too_large, Bytes}' (a Python tool's arguments or result over the worker frame limit) | RESOURCE_EXHAUSTED (8) |
 %% | `circuit_open', `overloaded', `no_pool', `pool_stopped', `flood', `{worker_exit, _}', `{bad_reply, _}', `{load_error, _, _}', `{spawn_failed, _}' (a Python tool's pool) | UNAVAILABLE (14) |
 %% | `run_not_found', `{unknown_trial, _}' (optimization studies) | NOT_FOUND (5) |
 %% | `{already_told, _}' | FAILED_PRECONDITION (9) |
@@ -116,6 +117,7 @@ of_error({load_error, T, M}) -> {unavailable, fmt("worker module does not load: 
 of_error({spawn_failed, R}) -> {unavailable, fmt("worker could not start: ~0p", [R])};
 of_error({unknown_pool, P}) -> {invalid_argument, fmt("unknown worker pool: ~ts", [txt(P)])};
 of_error({not_json, _}) -> {invalid_argument, <<"tool arguments have no JSON form">>};
+of_error({too_large, N}) -> {resource_exhausted, fmt("a frame of ~b bytes is over the worker frame limit", [N])};
 %% optimization studies (dspex_opt)
 of_error(run_not_found) -> {not_found, <<"optimization study not found">>};
 of_error({unknown_trial, Id}) -> {not_found, fmt("trial not found: ~p", [Id])};

@@ -31,14 +31,27 @@
 -define(EVKEY(Event), key(Event)).
 
 %% @doc Calls `Fun(Event, Measurements, Metadata, Config)' for every execution
-%% of `Event'. `{error, already_exists}' if the id is taken.
--spec attach(handler_id(), event_name(), handler_fun(), term()) -> ok | {error, already_exists}.
+%% of `Event'. `{error, already_exists}' if the id is taken; `{error,
+%% {invalid_event, Event}}' unless `Event' is a non-empty list of atoms
+%% (nothing is attached then).
+-spec attach(handler_id(), event_name(), handler_fun(), term()) ->
+          ok | {error, already_exists | {invalid_event, term()}}.
 attach(Id, Event, Fun, Config) -> attach_many(Id, [Event], Fun, Config).
 
-%% @doc `attach/4' for several events with one handler id.
--spec attach_many(handler_id(), [event_name()], handler_fun(), term()) -> ok | {error, already_exists}.
+%% @doc `attach/4' for several events with one handler id; every event is
+%% checked before anything is attached.
+-spec attach_many(handler_id(), [event_name()], handler_fun(), term()) ->
+          ok | {error, already_exists | {invalid_event, term()}}.
 attach_many(Id, Events, Fun, Config) when is_list(Events), is_function(Fun, 4) ->
-    fast_path_changed(attach_many_(Id, Events, Fun, Config)).
+    case [E || E <- Events, not valid_event(E)] of
+        [] -> fast_path_changed(attach_many_(Id, Events, Fun, Config));
+        [Bad | _] -> {error, {invalid_event, Bad}}
+    end.
+
+%% What key/1 and list_handlers/1 need of an event: a stored handler with
+%% any other event would make them raise for every later caller.
+valid_event([_ | _] = E) -> lists:all(fun erlang:is_atom/1, E);
+valid_event(_) -> false.
 
 attach_many_(Id, Events, Fun, Config) ->
     case telemetry_loaded() of
@@ -50,8 +63,9 @@ attach_many_(Id, Events, Fun, Config) ->
                     true -> {error, already_exists};
                     false ->
                         New = [{Id, Events, Fun, Config} | Hs],
+                        PerEvent = [{?EVKEY(E), by_event(E, New)} || E <- lists:usort(Events)],
                         persistent_term:put(?KEY, New),
-                        [persistent_term:put(?EVKEY(E), by_event(E, New)) || E <- lists:usort(Events)],
+                        [persistent_term:put(K, L) || {K, L} <- PerEvent],
                         put_by_event(New)
                 end
             end, [node()])

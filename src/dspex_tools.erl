@@ -13,7 +13,8 @@
 %% deadline passes, so a tool that hangs or crashes harms nothing else.
 %%
 %% Access: option `allow' lists glob patterns (`*' any run, `?' one
-%% character) matched against the caller's principal: the `dspex-principal'
+%% character; see `glob/2'; at most 1024 bytes each) matched against the
+%% caller's principal: the `dspex-principal'
 %% request metadata, or the session id when there is none (as for
 %% variables). Default `[<<"*">>]' (every principal). A tool a principal may
 %% not call is also absent from the list it is shown.
@@ -41,6 +42,8 @@
 
 -define(TAB, dspex_tools).
 -define(DEFAULT_TIMEOUT, 30000).
+%% a caller's `timeout' option (absent is `infinity')
+-define(VALID_TIMEOUT(T), (T =:= infinity orelse (is_integer(T) andalso T >= 0))).
 
 -type name() :: binary().
 -type tool_fun() :: fun((map()) -> term()) | fun((map(), map()) -> term()).
@@ -107,20 +110,25 @@ lookup(Name0) ->
 
 %% @doc Runs tool `Name' with `Args' (a map with binary keys). Options:
 %% `principal' (who calls; checked against `allow'), `session',
-%% `metadata', `timeout' (ms or `infinity' for the tool's own timeout).
+%% `metadata', `timeout' (ms or `infinity' for the tool's own timeout; any
+%% other value is `{error, {invalid_argument, timeout}}', and nothing runs).
+%% The tool's process never outlives the call: it is killed at the
+%% deadline, and also when the caller dies first (say a cancelled RPC).
 -spec call(name() | atom(), map(), #{principal => binary(), session => binary(), metadata => map(),
                                      timeout => non_neg_integer() | infinity}) ->
           {ok, term()} | {error, term()}.
 call(Name0, Args, Opts) when is_map(Args), is_map(Opts) ->
     Name = to_name(Name0),
+    TimeoutOpt = maps:get(timeout, Opts, infinity),
     case ets:lookup(table(), Name) of
         [] -> {error, {tool_not_found, Name}};
+        [_] when not ?VALID_TIMEOUT(TimeoutOpt) -> {error, {invalid_argument, timeout}};
         [{_, T}] ->
             Principal = maps:get(principal, Opts, maps:get(session, Opts, <<>>)),
             case allowed(T, Principal) of
                 false -> {error, access_denied};
                 true ->
-                    Timeout = case maps:get(timeout, Opts, infinity) of
+                    Timeout = case TimeoutOpt of
                                   infinity -> maps:get(timeout, T);
                                   Ms -> Ms
                               end,
@@ -141,31 +149,47 @@ table() ->
 
 %% The tool runs in its own process: a crash is reported, a deadline kills it.
 run(Fun, Args, Ctx, Timeout) ->
-    Self = self(),
+    Caller = self(),
     Tag = make_ref(),
-    {Pid, MRef} = spawn_monitor(fun() ->
-                                        R = try case erlang:fun_info(Fun, arity) of
-                                                    {arity, 1} -> Fun(Args);
-                                                    {arity, 2} -> Fun(Args, Ctx)
-                                                end
-                                            catch Class:Reason:Stack -> {'$crashed', {Class, Reason, Stack}}
-                                            end,
-                                        Self ! {Tag, R}
-                                end),
+    {Pid, MRef} = spawn_monitor(fun() -> tool(Caller, Tag, Fun, Args, Ctx) end),
+    %% however the wait ends (an answer, the deadline, an exception here),
+    %% the tool process does not outlive it
+    try await(Pid, MRef, Tag, Timeout)
+    after
+        exit(Pid, kill),
+        erlang:demonitor(MRef, [flush])
+    end.
+
+await(Pid, MRef, Tag, Timeout) ->
     receive
-        {Tag, {'$crashed', {_, Reason, _}}} ->
-            erlang:demonitor(MRef, [flush]),
-            {error, {tool_crashed, Reason}};
-        {Tag, R} ->
-            erlang:demonitor(MRef, [flush]),
-            result(R);
-        {'DOWN', MRef, process, Pid, Reason} ->
-            {error, {tool_crashed, Reason}}
+        {Tag, {'$crashed', {_, Reason, _}}} -> {error, {tool_crashed, Reason}};
+        {Tag, R} -> result(R);
+        {'DOWN', MRef, process, Pid, Reason} -> {error, {tool_crashed, Reason}}
     after Timeout ->
             exit(Pid, kill),
-            erlang:demonitor(MRef, [flush]),
             receive {Tag, _} -> ok after 0 -> ok end,
             {error, timeout}
+    end.
+
+tool(Caller, Tag, Fun, Args, Ctx) ->
+    Self = self(),
+    %% the caller cannot kill the tool once it is dead itself: a watcher
+    %% does (monitoring a process already gone fires at once, so no window)
+    _ = spawn(fun() -> reap_with(Caller, Self) end),
+    R = try case erlang:fun_info(Fun, arity) of
+                {arity, 1} -> Fun(Args);
+                {arity, 2} -> Fun(Args, Ctx)
+            end
+        catch Class:Reason:Stack -> {'$crashed', {Class, Reason, Stack}}
+        end,
+    Caller ! {Tag, R}.
+
+reap_with(Caller, Tool) ->
+    MC = erlang:monitor(process, Caller),
+    MT = erlang:monitor(process, Tool),
+    receive
+        {'DOWN', MC, process, _, _} -> exit(Tool, kill);
+        {'DOWN', MT, process, _, _} -> ok
     end.
 
 result({ok, V}) -> json_result(V);
@@ -239,7 +263,10 @@ param(P) ->
     #{name => maps:get(name, P), type => maps:get(type, P, <<>>),
       description => maps:get(description, P, <<>>), required => maps:get(required, P, false)}.
 
-valid_allow(L) when is_list(L) -> lists:all(fun(P) -> is_binary(P) andalso P =/= <<>> end, L);
+%% the bound of c_src/core/glob.c: matching costs pattern length times
+%% principal length, and patterns may come from clients (RegisterTools)
+valid_allow(L) when is_list(L) ->
+    lists:all(fun(P) -> is_binary(P) andalso P =/= <<>> andalso byte_size(P) =< 1024 end, L);
 valid_allow(_) -> false.
 
 valid_timeout(T) -> is_integer(T) andalso T > 0.
@@ -254,19 +281,43 @@ allowed(#{allow := Patterns}, Principal) ->
     lists:any(fun(P) -> glob(P, Principal) end, Patterns).
 
 %% @doc Whether `Subject' matches the glob `Pattern': `*' matches any run
-%% of bytes (also empty), `?' exactly one byte, anything else itself.
+%% of characters (also empty), `?' exactly one character, anything else
+%% itself. Characters are UTF-8 code points; a byte that is not part of
+%% valid UTF-8 is one character of its own (never equal to a code point), as
+%% in `c_src/core/glob.c'. Time is at most proportional to the pattern's
+%% length times the subject's, whatever the stars.
 -spec glob(binary(), binary()) -> boolean().
-glob(<<>>, <<>>) -> true;
-glob(<<"*", P/binary>>, S) -> star(P, S);
-glob(<<"?", P/binary>>, <<_, S/binary>>) -> glob(P, S);
-glob(<<C, P/binary>>, <<C, S/binary>>) -> glob(P, S);
-glob(_, _) -> false.
+glob(Pattern, Subject) when is_binary(Pattern), is_binary(Subject) ->
+    match(pattern(Pattern), chars(Subject), none).
 
-star(P, S) ->
-    glob(P, S) orelse case S of
-                          <<_, Rest/binary>> -> star(P, Rest);
-                          <<>> -> false
-                      end.
+%% Greedy, with one backtrack point: the last star seen. When a later star
+%% matched, every choice made for the earlier ones is final (anything they
+%% could still absorb, the later star absorbs too), so one point suffices and
+%% nothing is retried exponentially.
+match([star], _, _) -> true;
+match([star | P], S, _) -> match(P, S, {P, S});
+match([any | P], [_ | S], Back) -> match(P, S, Back);
+match([C | P], [C | S], Back) -> match(P, S, Back);
+match([], [], _) -> true;
+match(_, _, {P, [_ | S]}) -> match(P, S, {P, S});
+match(_, _, _) -> false.
+
+pattern(<<"*", Rest/binary>>) ->
+    case pattern(Rest) of
+        [star | _] = P -> P;    % a run of stars is one star
+        P -> [star | P]
+    end;
+pattern(<<"?", Rest/binary>>) -> [any | pattern(Rest)];
+pattern(B) ->
+    case B of
+        <<>> -> [];
+        <<C/utf8, Rest/binary>> -> [C | pattern(Rest)];
+        <<Byte, Rest/binary>> -> [{byte, Byte} | pattern(Rest)]
+    end.
+
+chars(<<C/utf8, Rest/binary>>) -> [C | chars(Rest)];
+chars(<<Byte, Rest/binary>>) -> [{byte, Byte} | chars(Rest)];
+chars(<<>>) -> [].
 
 %%% Python tools ----------------------------------------------------------------
 
@@ -277,7 +328,8 @@ star(P, S) ->
 %% `metadata'. Returns each tool's id (`<<"Session/Name">>').
 -spec register_python(binary(), atom(), [map()]) -> {ok, #{name() => binary()}} | {error, term()}.
 register_python(Session, Pool, Specs) when is_binary(Session), Session =/= <<>>, is_atom(Pool), is_list(Specs) ->
-    case whereis(Pool) =/= undefined andalso dspex_workers:status(Pool) of
+    %% only a running worker pool (not merely some process of that name)
+    case dspex_workers:status(Pool) of
         {ok, _} ->
             case lists:foldr(fun(Spec, {ok, Acc}) ->
                                      case py_tool(Session, Pool, Spec) of
@@ -333,7 +385,8 @@ list_python(Session, Principal) ->
 
 %% @doc Runs Python tool `Name' of `Session' with keyword arguments `Args'
 %% (binary keys, JSON values). Options: `principal' (default the session),
-%% `timeout' (ms; default 30000).
+%% `timeout' (ms; default 30000; any other value than a non-negative integer
+%% or `infinity' is `{error, {invalid_argument, timeout}}').
 -spec call_python(binary(), name() | atom(), map(), map()) -> {ok, term()} | {error, term()}.
 call_python(Session, Name, Args, Opts) ->
     with_py_tool(Session, Name, Opts, fun(#{pool := Pool}, Timeout) ->
@@ -357,11 +410,11 @@ with_py_tool(Session, Name0, Opts, Run) when is_binary(Session) ->
             case py_allowed(T, maps:get(principal, Opts, Session)) of
                 false -> {error, access_denied};
                 true ->
-                    Timeout = case maps:get(timeout, Opts, infinity) of
-                                  infinity -> ?DEFAULT_TIMEOUT;
-                                  Ms -> Ms
-                              end,
-                    Run(T, Timeout)
+                    case maps:get(timeout, Opts, infinity) of
+                        infinity -> Run(T, ?DEFAULT_TIMEOUT);
+                        Ms when ?VALID_TIMEOUT(Ms) -> Run(T, Ms);
+                        _ -> {error, {invalid_argument, timeout}}
+                    end
             end
     end.
 

@@ -19,6 +19,12 @@
 %%
 %% A `load_error' frame instead of `ready' (the module did not load) ends
 %% the worker with `{load_error, Type, Message}'.
+%%
+%% Frame limits: a request whose frame is over 64 MiB (what worker.py reads)
+%% is answered `{error, {too_large, Bytes}}' without being sent; the worker
+%% is told `max_frame' (`DSPEX_WORKER_MAX_FRAME') and answers a call whose
+%% reply or chunk would exceed it with `too_large' too, instead of sending a
+%% frame that would get it killed. Either way the worker lives on.
 -module(dspex_worker).
 -behaviour(gen_server).
 
@@ -29,6 +35,9 @@
 %% is looked at meanwhile
 -define(REAP_MS, 5000).
 -define(POLL_MS, 5).
+%% the largest frame worker.py reads (its MAX_FRAME): a larger one would
+%% make it exit, so such a request is refused here instead
+-define(MAX_REQUEST, 64 * 1024 * 1024).
 
 %% @doc Starts a worker for slot `Slot' of `Pool' (linked to the caller, the
 %% pool). `Opts' are the pool's (see `dspex_workers:start_pool/2').
@@ -58,7 +67,9 @@ init({Pool, Slot, Opts}) ->
             "--worker-id", integer_to_list(Slot), "--pool", atom_to_list(Name)],
     PortEnv = [{"DSPEX_BRIDGE_ADDRESS", Address}, {"DSPEX_SESSION_ID", Session},
                {"DSPEX_WORKER_ID", integer_to_list(Slot)}, {"DSPEX_WORKER_POOL", atom_to_list(Name)},
-               {"PYTHONUNBUFFERED", "1"} | Env],
+               {"PYTHONUNBUFFERED", "1"},
+               %% the worker refuses replies this process would kill it for
+               {"DSPEX_WORKER_MAX_FRAME", integer_to_list(maps:get(max_frame, Opts))} | Env],
     try open_port({spawn_executable, Python},
                   [binary, stream, exit_status, use_stdio, hide, {args, Args}, {env, PortEnv}]) of
         Port ->
@@ -177,6 +188,7 @@ message(<<"load_error">>, Msg, #{phase := {starting, _}} = S) ->
 message(<<"reply">>, #{<<"id">> := Id} = Msg, #{call := {From, Id, TRef, _}, pool := Pool} = S) ->
     _ = erlang:cancel_timer(TRef),
     Reply = case Msg of
+                #{<<"too_large">> := N} when is_integer(N) -> {error, {too_large, N}};
                 #{<<"ok">> := V} -> {ok, V};
                 #{<<"error">> := #{<<"type">> := T, <<"message">> := M}} -> {error, {python, T, M}};
                 _ -> bad
@@ -230,6 +242,11 @@ start_call(From, Fn, Args, Deadline, #{next_id := Id} = S) ->
                       _ -> {#{type => call, id => Id, fn => Fn, args => Args}, none}
                   end,
     case dspex_json:encode(Msg) of
+        {ok, Json} when byte_size(Json) > ?MAX_REQUEST ->
+            %% the caller's mistake: answered, and the worker stays
+            gen_server:reply(From, {error, {too_large, byte_size(Json)}}),
+            maps:get(pool, S) ! {worker_idle, self(), ok},
+            {noreply, S};
         {ok, Json} ->
             send_raw(Json, S),
             TRef = erlang:start_timer(Deadline, self(), {call_timeout, Id}, [{abs, true}]),

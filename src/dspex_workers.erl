@@ -28,6 +28,10 @@
 %% Detail}' (not a frame, not JSON, not a protocol message), `flood' (too
 %% many unsolicited frames), `{python, Type, Message}' (the function raised;
 %% the worker lives on), `{not_json, Term}' (arguments with no JSON form),
+%% `{too_large, Bytes}' (the request's frame is over 64 MiB, the most the
+%% worker reads, and was not sent; or the function's reply or a streamed
+%% chunk is over `max_frame', and the worker did not send it: either way the
+%% worker lives on and the breaker does not count it),
 %% `{load_error, Type, Message}' and `{spawn_failed, Why}' (no worker is
 %% ready and they cannot start: answered at once, see `start_pool/2'),
 %% `circuit_open', `no_pool', `pool_stopped'.
@@ -47,7 +51,8 @@
 -type request() :: {Fn :: binary() | atom(), Args :: list()}
                  | {Fn :: binary() | atom(), Args :: list(), Kwargs :: #{binary() | atom() => term()}}.
 -type call_error() :: timeout | overloaded | {worker_exit, term()} | {bad_reply, term()} | flood
-                    | {python, binary(), binary()} | {not_json, term()} | circuit_open | no_pool
+                    | {python, binary(), binary()} | {not_json, term()} | {too_large, pos_integer()}
+                    | circuit_open | no_pool
                     | pool_stopped | start_error().
 -type start_error() :: {load_error, Type :: binary(), Message :: binary()} | {spawn_failed, term()}.
 -export_type([pool/0, request/0, call_error/0, start_error/0]).
@@ -76,12 +81,21 @@
 start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
     span(start_pool, Name, fun() ->
         case complete(Name, Opts) of
-            {ok, Full} ->
-                case install_breaker(Name, maps:get(breaker, Full)) of
+            {ok, #{breaker := BOpts} = Full} ->
+                case check_breaker(BOpts) of
                     ok ->
+                        %% the breaker is installed only once this call started
+                        %% the pool: a failed start (the name is taken, by a
+                        %% pool or anything else) leaves every breaker alone
                         case dspex_workers_sup:start_pool(Name, Full) of
-                            {ok, Pid} -> await_started(Name, Pid, Full);
-                            Error -> forget_breaker(Name), Error
+                            {ok, Pid} ->
+                                case install_breaker(Name, BOpts) of
+                                    ok -> await_started(Name, Pid, Full);
+                                    Error ->
+                                        _ = dspex_workers_sup:stop_pool(Name),
+                                        Error
+                                end;
+                            Error -> Error
                         end;
                     Error -> Error
                 end;
@@ -167,10 +181,18 @@ run(Pool, Fn, Args, Kwargs, Sink, Timeout) when is_atom(Pool), is_list(Args), is
 %% restarts so far, each slot's state and OS pid, and `load_error': `none',
 %% or the `{load_error, Type, Message}' / `{spawn_failed, Why}' with which
 %% workers last failed to start (until one is ready again).
--spec status(pool()) -> {ok, map()} | {error, no_pool}.
+%% `{error, no_pool}' when no pool has that name (whatever else may be
+%% registered under it), `{error, timeout}' when the pool does not answer
+%% within 5 s.
+-spec status(pool()) -> {ok, map()} | {error, no_pool | timeout}.
 status(Pool) ->
-    try {ok, gen_server:call(Pool, status, 5000)}
-    catch exit:{noproc, _} -> {error, no_pool}
+    case dspex_workers_sup:pool(Pool) of
+        error -> {error, no_pool};
+        {ok, Pid} ->
+            try {ok, gen_server:call(Pid, status, 5000)}
+            catch exit:{timeout, _} -> {error, timeout};
+                  exit:_ -> {error, no_pool}     % it stopped meanwhile
+            end
     end.
 
 %% @doc OS pids of the pool's live workers (started, ready or busy).
@@ -199,9 +221,9 @@ pool_call(Pool, Fn, Args, Timeout) ->
     %% the pool and the worker answer by the deadline, but the caller does
     %% not depend on it: it stops waiting at the deadline whatever they do
     %% (a later answer is dropped with the request's alias)
-    case whereis(Pool) of
-        undefined -> {error, no_pool};
-        Pid ->
+    case dspex_workers_sup:pool(Pool) of
+        error -> {error, no_pool};
+        {ok, Pid} ->
             Req = gen_server:send_request(Pid, {call, Fn, Args, Deadline}),
             case gen_server:receive_response(Req, {abs, Deadline}) of
                 {reply, Reply} -> Reply;
@@ -227,6 +249,9 @@ result_tag({ok, _}) -> ok;
 result_tag({error, T}) when is_atom(T) -> T;
 result_tag({error, T}) when is_tuple(T) -> element(1, T);
 result_tag(_) -> error.
+
+check_breaker(false) -> ok;
+check_breaker(BOpts) -> dspex_breaker:check_opts(BOpts).
 
 install_breaker(_Name, false) -> ok;
 install_breaker(Name, BOpts) ->

@@ -33,6 +33,7 @@ start_link(Name, Opts) -> gen_server:start_link({local, Name}, ?MODULE, {Name, O
 %% @private
 init({Name, Opts}) ->
     process_flag(trap_exit, true),
+    ok = dspex_workers_sup:register_pool(Name),
     Size = maps:get(size, Opts),
     S0 = #{name => Name, opts => Opts, slots => #{}, pids => #{}, idle => [],
            queue => queue:new(), waiting => #{}, restarts => 0,
@@ -102,7 +103,8 @@ handle_info(_Msg, S) -> {noreply, S}.
 
 %% @private Every worker stops (and kills its OS process) in parallel; the
 %% pool waits for all of them.
-terminate(_Reason, #{pids := Pids, waiting := W}) ->
+terminate(_Reason, #{pids := Pids, waiting := W, name := Name}) ->
+    ok = dspex_workers_sup:unregister_pool(Name),
     [gen_server:reply(From, {error, pool_stopped}) || {From, _, _, _} <- maps:values(W)],
     [exit(Pid, shutdown) || Pid <- maps:keys(Pids)],
     Deadline = now_ms() + 10000,
@@ -243,10 +245,16 @@ restart_event(Slot, Failures, Delay, Error, #{name := Name}) ->
                             #{pool => Name, slot => Slot, failures => Failures, reason => Error}).
 
 %% backoff_min_ms * 2^(F-1), at most backoff_max_ms, with up to 10% jitter
-%% so slots failing together do not restart in lockstep.
+%% so slots failing together do not restart in lockstep. The jitter goes up
+%% from the base while that stays within backoff_max_ms, else down from
+%% backoff_max_ms (never below backoff_min_ms): both bounds are promises.
 backoff(F, #{backoff_min_ms := Min, backoff_max_ms := Max}) ->
     Base = min(Max, Min * (1 bsl min(F - 1, 30))),
-    Base + rand:uniform(max(1, Base div 10)) - 1.
+    Jitter = rand:uniform(max(1, Base div 10)) - 1,
+    case Base + Jitter =< Max of
+        true -> Base + Jitter;
+        false -> max(min(Min, Max), Max - Jitter)
+    end.
 
 start_slot(Slot, #{opts := O, slots := Slots, pids := Pids} = S) ->
     Failures = case Slots of

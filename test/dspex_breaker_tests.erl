@@ -6,7 +6,11 @@
 
 -include_lib("eunit/include/eunit.hrl").
 
+%% this module is also a clock that breaks on demand (see now_ms/0)
+-export([now_ms/0]).
+
 -define(B, dspex_breaker_tests_b).
+-define(CLOCK, {?MODULE, clock}).
 
 numtests() ->
     case os:getenv("DSPEX_PROP_BREAKER_N") of
@@ -20,7 +24,18 @@ setup() ->
     ok = dspex_breaker:install(?B, #{threshold => 3, window_ms => 100, reset_ms => 50, probes => 2,
                                      clock => dspex_manual_clock}).
 
-cleanup(_) -> dspex_breaker:remove(?B).
+cleanup(_) ->
+    persistent_term:erase(?CLOCK),
+    _ = dspex_breaker:remove({?B, 2}),
+    dspex_breaker:remove(?B).
+
+%% The manual clock, until a test makes it raise or answer a float.
+now_ms() ->
+    case persistent_term:get(?CLOCK, fine) of
+        fine -> dspex_manual_clock:now_ms();
+        raise -> error(clock_broke);
+        float -> 1.5
+    end.
 
 breaker_test_() ->
     {foreach, fun setup/0, fun cleanup/1,
@@ -34,7 +49,11 @@ breaker_test_() ->
       {"reset closes; melt while open changes nothing", fun reset_and_melt/0},
       {"telemetry on every state change", fun telemetry_events/0},
       {"concurrent askers get exactly K probe permits", fun concurrent_probes/0},
-      {"ask/1 and status/1 make no server call", fun no_server_call/0}]}.
+      {"ask/1 and status/1 make no server call", fun no_server_call/0},
+      {"a probe whose holder dies counts as a failed probe", fun dead_probe_holder_fails_the_probe/0},
+      {"a raising or non-boolean is_failure still reports the probe", fun bad_is_failure_reports/0},
+      {"install refuses a clock that raises or answers a non-integer", fun install_refuses_broken_clock/0},
+      {"a clock failing later fails that breaker's calls, not the server", fun failing_clock_spares_server/0}]}.
 
 fail_call() -> dspex_breaker:call(?B, fun() -> {error, nope} end).
 
@@ -179,3 +198,102 @@ property_can_fail_test_() ->
                ?assertNot(proper:quickcheck(prop_breaker:prop_breaker(F),
                                             [{numtests, 500}, quiet, noshrink]))
        end} || F <- [reset_strict, extra_probe, no_window, reset_on_success]]}.
+
+%%% A probe permit is never lost; a breaker's clock never crashes the server
+
+%% Forwards this breaker's state changes to the calling process.
+watch_changes(Name) ->
+    Self = self(),
+    Id = {?MODULE, watch, make_ref()},
+    ok = dspex_telemetry:attach(Id, [dspex, breaker, state_change],
+                                fun(_, _, #{name := N, from := F, to := T}, _) when N =:= Name ->
+                                        Self ! {change, F, T};
+                                   (_, _, _, _) -> ok
+                                end, []),
+    Id.
+
+await_change(F, T) ->
+    receive {change, F, T} -> ok
+    after 5000 -> error({no_state_change, F, T})
+    end.
+
+%% A process holding a probe: it runs `call/2' and never returns.
+hung_probe() ->
+    Self = self(),
+    {Pid, MRef} = spawn_monitor(fun() ->
+                                        dspex_breaker:call(?B, fun() -> Self ! {probing, self()},
+                                                                        receive never -> ok end
+                                                               end)
+                                end),
+    receive {probing, Pid} -> {Pid, MRef} end.
+
+dead_probe_holder_fails_the_probe() ->
+    trip(),
+    dspex_manual_clock:advance(50),
+    Id = watch_changes(?B),
+    try
+        {P1, M1} = hung_probe(),
+        {_P2, _} = hung_probe(),
+        ?assertMatch({ok, #{state := half_open, probes_taken := 2}}, dspex_breaker:status(?B)),
+        ?assertEqual({error, circuit_open}, dspex_breaker:ask(?B)),
+        exit(P1, kill),
+        receive {'DOWN', M1, process, P1, killed} -> ok end,
+        %% the server saw the holder die: the probe failed, the breaker reopened
+        await_change(half_open, open),
+        ?assertMatch({ok, #{state := open, retry_in_ms := 50}}, dspex_breaker:status(?B)),
+        %% and probes are let through again after the reset timeout
+        dspex_manual_clock:advance(50),
+        ?assertEqual(ok, dspex_breaker:call(?B, fun() -> ok end)),
+        ?assertMatch({ok, #{state := half_open, probes_ok := 1}}, dspex_breaker:status(?B))
+    after dspex_telemetry:detach(Id)
+    end.
+
+bad_is_failure_reports() ->
+    trip(),
+    dspex_manual_clock:advance(50),
+    ?assertError(oops, dspex_breaker:call(?B, fun() -> ok end, #{is_failure => fun(_) -> error(oops) end})),
+    ?assertMatch({ok, #{state := open, retry_in_ms := 50}}, dspex_breaker:status(?B)),
+    dspex_manual_clock:advance(50),
+    ?assertError({bad_is_failure, maybe},
+                 dspex_breaker:call(?B, fun() -> ok end, #{is_failure => fun(_) -> maybe end})),
+    ?assertMatch({ok, #{state := open, retry_in_ms := 50}}, dspex_breaker:status(?B)),
+    %% not stuck: the next probes close it
+    dspex_manual_clock:advance(50),
+    ok = dspex_breaker:call(?B, fun() -> ok end),
+    ok = dspex_breaker:call(?B, fun() -> ok end),
+    ?assertMatch({ok, #{state := closed}}, dspex_breaker:status(?B)).
+
+install_refuses_broken_clock() ->
+    Server = whereis(dspex_breaker_server),
+    persistent_term:put(?CLOCK, raise),
+    ?assertEqual({error, {invalid_option, clock}}, dspex_breaker:install({?B, 2}, #{clock => ?MODULE})),
+    persistent_term:put(?CLOCK, float),
+    ?assertEqual({error, {invalid_option, clock}}, dspex_breaker:install({?B, 2}, #{clock => ?MODULE})),
+    ?assertEqual({error, not_found}, dspex_breaker:status({?B, 2})),
+    ?assertEqual(Server, whereis(dspex_breaker_server)),
+    ?assertMatch({ok, #{state := closed}}, dspex_breaker:status(?B)).
+
+failing_clock_spares_server() ->
+    Server = whereis(dspex_breaker_server),
+    B2 = {?B, 2},
+    ok = dspex_breaker:install(B2, #{threshold => 2, clock => ?MODULE}),
+    ok = dspex_breaker:melt(B2),
+    ok = dspex_breaker:melt(?B),
+    ok = dspex_retry:forget(dspex_breaker_tests_key),
+    {ok, 1} = dspex_retry:run(fun() -> {ok, 1} end, #{fallback => dspex_breaker_tests_key}),
+    persistent_term:put(?CLOCK, raise),
+    ?assertMatch({error, {clock_failed, {error, clock_broke}}}, dspex_breaker:melt(B2)),
+    ?assertMatch({error, {clock_failed, _}}, dspex_breaker:status(B2)),
+    ?assertMatch({error, {clock_failed, _}}, dspex_breaker:reset(B2)),
+    %% a closed breaker lets the call run; the failure it reports is lost
+    ?assertEqual({error, x}, dspex_breaker:call(B2, fun() -> {error, x} end)),
+    persistent_term:put(?CLOCK, float),
+    ?assertMatch({error, {clock_failed, {not_integer, 1.5}}}, dspex_breaker:melt(B2)),
+    %% the server, the other breakers and the retry values all live on
+    ?assertEqual(Server, whereis(dspex_breaker_server)),
+    ?assertMatch({ok, #{state := closed, failures := 1}}, dspex_breaker:status(?B)),
+    ?assertMatch({ok, 1, _}, dspex_retry:last_known(dspex_breaker_tests_key)),
+    %% a mended clock mends the breaker, which changed nothing meanwhile
+    persistent_term:erase(?CLOCK),
+    ?assertMatch({ok, #{state := closed, failures := 1}}, dspex_breaker:status(B2)),
+    ok = dspex_retry:forget(dspex_breaker_tests_key).

@@ -33,6 +33,7 @@ no_more(Id) ->
 api_test_() ->
     {setup, fun() -> application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
      [fun attach_execute_detach/0, fun attach_many_and_list_handlers/0, fun span_events/0,
+      fun bad_event_names_attach_nothing/0,
       fun crashing_handler_is_detached_and_reported/0, fun handlers_lookup/0]}.
 
 attach_execute_detach() ->
@@ -67,6 +68,20 @@ attach_many_and_list_handlers() ->
     no_more(Id),
     ok = dspex_telemetry:detach(Other),
     ?assertEqual([], dspex_telemetry:list_handlers([t, many])).
+
+%% An event that is not a list of atoms is refused before anything is
+%% stored: no half-attached handler, nothing that breaks later callers.
+bad_event_names_attach_nothing() ->
+    F = fun(_, _, _, _) -> ok end,
+    Before = dspex_telemetry:list_handlers([]),
+    ?assertEqual({error, {invalid_event, [a, <<"b">>]}}, dspex_telemetry:attach(bad_ev, [a, <<"b">>], F, [])),
+    ?assertEqual({error, {invalid_event, foo}}, dspex_telemetry:attach(bad_ev, foo, F, [])),
+    ?assertEqual({error, {invalid_event, []}}, dspex_telemetry:attach_many(bad_ev, [[t, ok], []], F, [])),
+    ?assertEqual(Before, dspex_telemetry:list_handlers([])),
+    ?assertEqual({error, not_found}, dspex_telemetry:detach(bad_ev)),
+    %% the id is still free
+    ok = dspex_telemetry:attach(bad_ev, [t, fine], F, []),
+    ok = dspex_telemetry:detach(bad_ev).
 
 span_events() ->
     Id = listen([[t, span, start], [t, span, stop], [t, span, exception]]),

@@ -26,9 +26,10 @@ def alive(pid):
 
 
 class Worker:
-    def __init__(self, *extra, module=CHAOS):
+    def __init__(self, *extra, module=CHAOS, env=None):
         self.proc = subprocess.Popen(["/usr/bin/python3", WORKER, "--module", module] + list(extra),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=dict(os.environ, **(env or {})))
 
     def send(self, obj):
         body = json.dumps(obj).encode()
@@ -124,6 +125,23 @@ class ProtocolTest(unittest.TestCase):
         self.w.recv()
         self.w.send({"type": "stop"})
         self.assertEqual(self.w.proc.wait(timeout=10), 0)
+
+    def test_reply_over_the_frame_limit_is_refused(self):
+        # the BEAM kills a worker whose frame is over max_frame: it is not sent
+        w = Worker(module=os.path.join(HERE, "tools_mod.py"), env={"DSPEX_WORKER_MAX_FRAME": "1000"})
+        try:
+            self.assertEqual(w.recv()["type"], "ready")
+            w.send({"type": "call", "id": 1, "fn": "big", "args": [2000]})
+            reply = w.recv()
+            self.assertEqual((reply["id"], reply["type"]), (1, "reply"))
+            self.assertGreater(reply["too_large"], 2000)
+            w.send({"type": "call", "id": 2, "fn": "big_chunks", "args": [2000], "stream": True})
+            self.assertEqual(w.recv(), {"type": "chunk", "id": 2, "data": "small"})
+            self.assertGreater(w.recv()["too_large"], 2000)
+            w.send({"type": "call", "id": 3, "fn": "add", "args": [1, 2]})
+            self.assertEqual(w.recv(), {"type": "reply", "id": 3, "ok": 3})
+        finally:
+            w.close()
 
     def test_oversized_frame_ends_the_worker(self):
         self.w.recv()

@@ -28,4 +28,21 @@ def sleep(seconds):
     return seconds
 
 
-FUNCTIONS = {"add": add, "count": count, "count_then_fail": count_then_fail, "boom": boom, "sleep": sleep}
+def size(s):
+    """The length of its argument (requests of any size)."""
+    return len(s)
+
+
+def big(n):
+    """A result of n characters (replies of any size)."""
+    return "x" * n
+
+
+def big_chunks(n):
+    """A small chunk, then one of n characters."""
+    yield "small"
+    yield "x" * n
+
+
+FUNCTIONS = {"add": add, "count": count, "count_then_fail": count_then_fail, "boom": boom, "sleep": sleep,
+             "size": size, "big": big, "big_chunks": big_chunks}

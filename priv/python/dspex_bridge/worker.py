@@ -19,6 +19,7 @@ worker -> BEAM:  {"type": "ready", "pid": P, "functions": [...], "session": S}
                  {"type": "reply", "id": N, "ok": RESULT}
                  {"type": "chunk", "id": N, "data": ITEM}   (stream calls, before the reply)
                  {"type": "reply", "id": N, "error": {"type": T, "message": M}}
+                 {"type": "reply", "id": N, "too_large": BYTES}
                  {"type": "pong", "id": N}
                  {"type": "log", "level": L, "message": M}
 
@@ -34,6 +35,13 @@ thread. A call with ``"stream": true`` sends each item a generator function
 yields as a ``chunk`` frame, then the reply ``{"chunks": count}`` (a
 non-generator result is one chunk); without it a generator is collected into
 a list.
+
+Frame limits: a frame read over MAX_FRAME (64 MiB) ends the worker (the BEAM
+refuses larger requests before sending them, so only a broken peer does
+that). A reply or chunk whose frame would exceed DSPEX_WORKER_MAX_FRAME (the
+pool's ``max_frame``, which the BEAM enforces by killing the worker) is not
+sent: the call is answered ``too_large`` with the frame's size instead, and
+the worker lives on.
 
 The bridge address and session are also in the environment
 (DSPEX_BRIDGE_ADDRESS, DSPEX_SESSION_ID, DSPEX_WORKER_ID, DSPEX_WORKER_POOL)
@@ -65,6 +73,7 @@ import threading
 import traceback
 import types
 
+# frames read; dspex_worker.erl's MAX_REQUEST matches it
 MAX_FRAME = 64 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
 
@@ -114,13 +123,31 @@ def reader(fd, inbox):
         inbox.put(msg)
 
 
+class FrameTooLarge(Exception):
+    """A frame over the limit the BEAM reads (it would kill the worker)."""
+
+    def __init__(self, size):
+        super().__init__("frame of %d bytes is over the limit" % size)
+        self.size = size
+
+
+def frame_limit():
+    try:
+        return int(os.environ.get("DSPEX_WORKER_MAX_FRAME", ""))
+    except ValueError:
+        return MAX_FRAME
+
+
 class Channel:
-    def __init__(self, fd):
+    def __init__(self, fd, limit=MAX_FRAME):
         self.fd = fd
+        self.limit = limit
         self.lock = threading.Lock()
 
     def send(self, obj):
         body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if len(body) > self.limit:
+            raise FrameTooLarge(len(body))
         frame = struct.pack(">I", len(body)) + body
         with self.lock:
             view = memoryview(frame)
@@ -202,10 +229,14 @@ def serve(functions, channel, inbox):
                         if isinstance(result, types.GeneratorType):
                             result = list(result)  # a generator called without streaming: all at once
                         reply = {"type": "reply", "id": call_id, "ok": result}
+                except FrameTooLarge as exc:  # a streamed chunk: the chunks before it stay sent
+                    reply = {"type": "reply", "id": call_id, "too_large": exc.size}
                 except Exception as exc:  # the function's failure is the caller's answer
                     reply = {"type": "reply", "id": call_id, "error": error_of(exc)}
             try:
                 channel.send(reply)
+            except FrameTooLarge as exc:  # refused here rather than kill the worker there
+                channel.send({"type": "reply", "id": call_id, "too_large": exc.size})
             except (TypeError, ValueError) as exc:  # result not JSON
                 channel.send({"type": "reply", "id": call_id,
                               "error": {"type": "bad_result", "message": str(exc)}})
@@ -234,7 +265,7 @@ def main(argv):
     os.environ["DSPEX_SESSION_ID"] = args.session
     os.environ["DSPEX_WORKER_ID"] = str(args.worker_id)
     os.environ["DSPEX_WORKER_POOL"] = args.pool
-    channel = Channel(frame_fd)
+    channel = Channel(frame_fd, frame_limit())
 
     inbox = queue.Queue()
     threading.Thread(target=reader, args=(0, inbox), daemon=True, name="dspex-stdin").start()
