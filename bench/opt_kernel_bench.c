@@ -123,7 +123,7 @@ typedef struct {
 static void ask_one(dx_opt_alg alg, const problem *p, const dx_opt_space *sp, run_state *rs, size_t n, size_t budget,
                     uint64_t seed, double *out, int keep) {
     dx_opt_hist h = {n, rs->x, rs->y, rs->tid, 0, NULL};
-    dx_opt_conf conf = {budget, rs->have_warm ? rs->warm : NULL, rs->fitted, NULL};
+    dx_opt_conf conf = {.budget = budget, .warm = rs->have_warm ? rs->warm : NULL, .fitted = rs->fitted};
     if (dx_opt_ask(alg, sp, &h, seed, n, &conf, out) != DX_OPT_OK) {
         fprintf(stderr, "ask failed\n");
         exit(1);

@@ -484,7 +484,8 @@ terminate(_Reason, #{locks := Locks, id := RunId}) ->
     release_all(Locks).
 
 %% The candidate of trial N: from the C kernels, or the plugin.
-%% (BO: the GP hyperparameters fitted by one ask start the next one's fit.)
+%% (BO: the GP hyperparameters fitted by one ask start the next one's fit; CMA-ES: the state after
+%% one ask's complete generations starts the next one's replay.)
 propose(N, #{impl := {builtin, Alg, Warm}, dims := Dims, told := Told, pending := Pend,
              cfg := #{seed := Seed, budget := B}} = St) ->
     %% start/3 keeps spaces within the kernels' bounds; a refusal all the same fails this ask, not the run

@@ -559,7 +559,15 @@ bad_options() ->
     {ok, [_], undefined} = dspex_nif:opt_ask(bo, [0], [], [], 1, 0, 10, undefined),
     Told = [{I, [I / 10], (I / 10 - 0.3) * (I / 10 - 0.3)} || I <- lists:seq(0, 9)],
     {ok, [_], [_, _, _] = Fitted} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, undefined),
-    {ok, [_], [_, _, _]} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, Fitted).
+    {ok, [_], [_, _, _]} = dspex_nif:opt_ask(bo, [0], Told, [], 1, 10, 20, Fitted),
+    %% CMA-ES: its state (a binary) resumes the replay, with the same ask as the whole replay
+    {ok, _, State} = dspex_nif:opt_ask(cmaes, [0], lists:sublist(Told, 6), [], 1, 6, 20, undefined),
+    ?assert(is_binary(State)),
+    {ok, P10, _} = dspex_nif:opt_ask(cmaes, [0], Told, [], 1, 10, 20, undefined),
+    ?assertMatch({ok, P10, _}, dspex_nif:opt_ask(cmaes, [0], Told, [], 1, 10, 20, State)),
+    ?assertError(badarg, dspex_nif:opt_ask(cmaes, [0], Told, [], 1, 10, 20, <<1, 2, 3>>)),
+    ?assertError(badarg, dspex_nif:opt_ask(cmaes, [0], Told, [], 1, 10, 20, [1.0, 2.0, 3.0])).
+
 
 %% The kernels take at most 64 free dimensions and 4096 categories in one: more is refused by start/3
 %% (the first ask crashed the run with a NIF badarg).

@@ -65,7 +65,22 @@ typedef struct {
      * the inverse for the likelihood's gradient, the candidates' triangular
      * solves): a deterministic measure of an ask's cost, for tests. */
     uint64_t *work;
+    /* CMA-ES only, both optional (NULL): the state after the complete
+     * generations of the previous ask's history (cma_in_len doubles, see
+     * dx_opt_cma_state_len), to resume the replay from instead of the first
+     * generation, and where to write this ask's (dx_opt_cma_state_len(d)
+     * doubles). The told history only grows at its end, so the state after its
+     * first generations stays valid: resuming gives the very same asks as the
+     * whole replay, whose cost grew with every told trial. A state that does
+     * not fit this space and history is ignored (the whole replay runs). */
+    const double *cma_in;
+    size_t cma_in_len;
+    double *cma_out;
 } dx_opt_conf;
+
+/* Doubles in a CMA-ES state of a d-dimensional space: generations replayed,
+ * step size, mean, the two evolution paths and the covariance matrix. */
+size_t dx_opt_cma_state_len(int d);
 
 enum { DX_OPT_OK = 0, DX_OPT_E_ARG = 1, DX_OPT_E_NOMEM = 2 };
 

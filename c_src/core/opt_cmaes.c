@@ -20,6 +20,46 @@ static double dec(const dx_opt_space *sp, int j, double u) {
     return c > k - 1 ? k - 1 : c;
 }
 
+size_t dx_opt_cma_state_len(int d) { return 2 + 3 * (size_t)d + (size_t)d * d; }
+
+/* The sampling basis of covariance C: eigenvectors B, the square roots of its
+ * eigenvalues dd, and C^-1/2 (work: n x n scratch). */
+static void eigen(int n, const double *C, double *work, double *dd, double *B, double *invsqrt) {
+    memcpy(work, C, (size_t)n * n * sizeof *C);
+    dx_opt_eigen_sym(work, n, dd, B);
+    for (int j = 0; j < n; j++) dd[j] = sqrt(fmax(dd[j], 1e-20));
+    for (int a = 0; a < n; a++)
+        for (int b = 0; b < n; b++) {
+            double s = 0;
+            for (int k = 0; k < n; k++) s += B[a * n + k] * B[b * n + k] / dd[k];
+            invsqrt[a * n + b] = s;
+        }
+}
+
+/* Loads conf's state when it fits (this space's size, at most the complete
+ * generations of this history, finite, a symmetric matrix and a step size
+ * the replay can reach); returns the generations it covers, 0 otherwise. */
+static size_t resume(const dx_opt_conf *conf, int n, size_t gens, double *sigma, double *m, double *ps, double *pc,
+                     double *C) {
+    const double *in = conf->cma_in;
+    size_t len = dx_opt_cma_state_len(n);
+    if (!in || conf->cma_in_len != len) return 0;
+    for (size_t i = 0; i < len; i++)
+        if (!isfinite(in[i])) return 0;
+    double g = in[0];
+    if (!(g >= 1 && g <= (double)gens && g == floor(g)) || !(in[1] >= 1e-12 && in[1] <= 1.0)) return 0;
+    const double *cin = in + 2 + 3 * n;
+    for (int a = 0; a < n; a++)
+        for (int b = 0; b < a; b++)
+            if (cin[a * n + b] != cin[b * n + a]) return 0;
+    *sigma = in[1];
+    memcpy(m, in + 2, n * sizeof *m);
+    memcpy(ps, in + 2 + n, n * sizeof *ps);
+    memcpy(pc, in + 2 + 2 * n, n * sizeof *pc);
+    memcpy(C, cin, (size_t)n * n * sizeof *C);
+    return (size_t)g;
+}
+
 int dx_opt_ask_cmaes(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed, uint64_t trial,
                      const dx_opt_conf *conf, double *out) {
     int n = sp->d;
@@ -56,8 +96,9 @@ int dx_opt_ask_cmaes(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed
         dd[i] = 1.0;
         C[i * n + i] = B[i * n + i] = invsqrt[i * n + i] = 1.0;
     }
-    size_t gens = h->n / (size_t)lambda;
-    for (size_t g = 0; g < gens; g++) {
+    size_t gens = h->n / (size_t)lambda, g0 = resume(conf, n, gens, &sigma, m, ps, pc, C);
+    if (g0 > 0) eigen(n, C, work, dd, B, invsqrt);
+    for (size_t g = g0; g < gens; g++) {
         const double *yv = h->y + g * lambda;
         dx_opt_argsort(yv, (size_t)lambda, idx);
         for (int k = 0; k < lambda; k++)
@@ -94,15 +135,16 @@ int dx_opt_ask_cmaes(const dx_opt_space *sp, const dx_opt_hist *h, uint64_t seed
         sigma *= exp((cs / damps) * (psn / chin - 1.0));
         if (sigma > 1.0) sigma = 1.0;
         if (sigma < 1e-12) sigma = 1e-12;
-        memcpy(work, C, nn * sizeof *C);
-        dx_opt_eigen_sym(work, n, dd, B);
-        for (int j = 0; j < n; j++) dd[j] = sqrt(fmax(dd[j], 1e-20));
-        for (int a = 0; a < n; a++)
-            for (int b = 0; b < n; b++) {
-                double s = 0;
-                for (int k = 0; k < n; k++) s += B[a * n + k] * B[b * n + k] / dd[k];
-                invsqrt[a * n + b] = s;
-            }
+        eigen(n, C, work, dd, B, invsqrt);
+    }
+    if (conf->cma_out) {
+        double *o = conf->cma_out;
+        o[0] = (double)gens;
+        o[1] = sigma;
+        memcpy(o + 2, m, n * sizeof *m);
+        memcpy(o + 2 + n, ps, n * sizeof *ps);
+        memcpy(o + 2 + 2 * n, pc, n * sizeof *pc);
+        memcpy(o + 2 + 3 * n, C, nn * sizeof *C);
     }
     dx_rng r;
     dx_rng_init(&r, seed, DX_S_CMA, trial);

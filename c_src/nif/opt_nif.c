@@ -41,9 +41,10 @@ static int get_alg(ErlNifEnv *env, ERL_NIF_TERM t, dx_opt_alg *alg) {
 /* opt_ask(Algorithm, Dims, Told, Pending, Seed, Trial, Budget, Warm):
  * Dims = [0 | Ncat]; Told = [{TrialId, Point, Score | failed}] in the order
  * told; Pending = [Point]; Warm = undefined | the Fitted of the previous ask
- * (BO's GP hyperparameters, d + 2 floats); returns {ok, Point, Fitted}
- * (Point: numeric values in [0, 1], categorical ones integral indices as
- * floats; Fitted: undefined or d + 2 floats). */
+ * (BO's GP hyperparameters, d + 2 floats; CMA-ES's state after the complete
+ * generations, a binary); returns {ok, Point, Fitted} (Point: numeric values
+ * in [0, 1], categorical ones integral indices as floats; Fitted: undefined,
+ * d + 2 floats (BO) or a binary (CMA-ES)). */
 DX_NIF(nif_opt_ask) {
     dx_opt_alg alg;
     unsigned nd, nt, np;
@@ -55,9 +56,17 @@ DX_NIF(nif_opt_ask) {
         return enif_make_badarg(env);
     int d = (int)nd;
     double warm[DX_OPT_MAX_DIMS + 2], fitted[DX_OPT_MAX_DIMS + 2];
-    int has_warm = !enif_is_atom(env, argv[7]);
+    /* CMA-ES: Warm is the previous ask's state, a binary of native doubles (the run keeps it as given) */
+    ErlNifBinary cma_in;
+    int cma = alg == DX_OPT_CMAES, has_cma = 0;
+    if (cma && enif_inspect_binary(env, argv[7], &cma_in)) {
+        if (cma_in.size != dx_opt_cma_state_len(d) * sizeof(double)) return enif_make_badarg(env);
+        has_cma = 1;
+    }
+    int has_warm = !has_cma && !enif_is_atom(env, argv[7]);
+    if (cma && has_warm) return enif_make_badarg(env); /* a BO fit is no CMA-ES state */
     if (has_warm && !get_point(env, argv[7], d + 2, warm)) return enif_make_badarg(env);
-    if (!has_warm) {
+    if (!has_warm && !has_cma) {
         char a[16];
         if (enif_get_atom(env, argv[7], a, sizeof a, ERL_NIF_LATIN1) <= 0 || strcmp(a, "undefined"))
             return enif_make_badarg(env);
@@ -72,11 +81,16 @@ DX_NIF(nif_opt_ask) {
     }
     double *x = malloc(((size_t)nt * d + nt + (size_t)np * d + d) * sizeof(double) + 1);
     uint64_t *tid = malloc((size_t)nt * sizeof *tid + 1);
-    if (!x || !tid) {
+    /* the state in, copied (a binary's bytes need not be aligned for doubles), and out */
+    size_t cma_len = cma ? dx_opt_cma_state_len(d) : 0;
+    double *cma_buf = cma ? malloc(2 * cma_len * sizeof(double)) : NULL;
+    if (!x || !tid || (cma && !cma_buf)) {
         free(x);
         free(tid);
+        free(cma_buf);
         return dx_error(env, ATOM_enomem);
     }
+    if (has_cma) memcpy(cma_buf, cma_in.data, cma_in.size);
     double *y = x + (size_t)nt * d, *px = y + nt, *out = px + (size_t)np * d;
     ERL_NIF_TERM res;
     l = argv[2];
@@ -102,14 +116,18 @@ DX_NIF(nif_opt_ask) {
     }
     dx_opt_space sp = {d, dims};
     dx_opt_hist hist = {nt, x, y, tid, np, px};
-    dx_opt_conf conf = {budget, has_warm ? warm : NULL, fitted, NULL};
+    dx_opt_conf conf = {.budget = budget, .warm = has_warm ? warm : NULL, .fitted = fitted,
+                        .cma_in = has_cma ? cma_buf : NULL, .cma_in_len = cma_len, .cma_out = cma ? cma_buf + cma_len : NULL};
     fitted[0] = NAN;
     int rc = dx_opt_ask(alg, &sp, &hist, seed, trial, &conf, out);
     if (rc == DX_OPT_OK) {
         ERL_NIF_TERM pt = enif_make_list(env, 0);
         for (int j = d; j-- > 0;) pt = enif_make_list_cell(env, enif_make_double(env, out[j]), pt);
         ERL_NIF_TERM fit = ATOM_undefined;
-        if (!isnan(fitted[0])) {
+        if (cma) {
+            unsigned char *b = enif_make_new_binary(env, cma_len * sizeof(double), &fit);
+            memcpy(b, cma_buf + cma_len, cma_len * sizeof(double));
+        } else if (!isnan(fitted[0])) {
             fit = enif_make_list(env, 0);
             for (int j = d + 2; j-- > 0;) fit = enif_make_list_cell(env, enif_make_double(env, fitted[j]), fit);
         }
@@ -121,9 +139,11 @@ DX_NIF(nif_opt_ask) {
     }
     free(x);
     free(tid);
+    free(cma_buf);
     return res;
 bad:
     free(x);
     free(tid);
+    free(cma_buf);
     return enif_make_badarg(env);
 }

@@ -36,6 +36,8 @@ static int in_space(const dx_opt_space *sp, const double *p) {
 
 /* When set, BO asks chain their fitted hyperparameters (dx_opt_conf.warm). */
 static int warm_chain = 0;
+/* When set, CMA-ES asks chain their states (dx_opt_conf.cma_in / cma_out). */
+static int cma_chain = 0;
 
 /* Drives a run: batches of `batch' asks outstanding, told in reverse order. */
 static run_result drive(dx_opt_alg alg, const dx_opt_space *sp, objective f, size_t budget, uint64_t seed,
@@ -46,7 +48,10 @@ static run_result drive(dx_opt_alg alg, const dx_opt_space *sp, objective f, siz
     double *x = calloc(budget * d, sizeof *x), *y = calloc(budget, sizeof *y);
     uint64_t *tid = calloc(budget, sizeof *tid);
     run_result rr = {INFINITY, calloc(budget * d, sizeof(double))};
-    dx_opt_conf conf = {budget, NULL, NULL, NULL};
+    dx_opt_conf conf = {.budget = budget};
+    size_t cl = dx_opt_cma_state_len(d);
+    double *cma[2] = {calloc(cl, sizeof(double)), calloc(cl, sizeof(double))};
+    int cur = 0, have_cma = 0;
     size_t told = 0;
     for (size_t t = 0; t < budget; t += batch) {
         size_t nb = t + batch > budget ? budget - t : batch;
@@ -56,7 +61,16 @@ static run_result drive(dx_opt_alg alg, const dx_opt_space *sp, objective f, siz
                 conf.warm = have ? th : NULL;
                 conf.fitted = th_out;
             }
+            if (cma_chain) {
+                conf.cma_in = have_cma ? cma[cur] : NULL;
+                conf.cma_in_len = cl;
+                conf.cma_out = cma[1 - cur];
+            }
             assert_int_equal(dx_opt_ask(alg, sp, &h, seed, t + b, &conf, rr.asks + (t + b) * d), DX_OPT_OK);
+            if (cma_chain) {
+                cur = 1 - cur;
+                have_cma = 1;
+            }
             if (warm_chain && alg == DX_OPT_BO && !isnan(th_out[0])) {
                 memcpy(th, th_out, sizeof th);
                 have = 1;
@@ -74,6 +88,8 @@ static run_result drive(dx_opt_alg alg, const dx_opt_space *sp, objective f, siz
     free(x);
     free(y);
     free(tid);
+    free(cma[0]);
+    free(cma[1]);
     return rr;
 }
 
@@ -243,7 +259,7 @@ static void test_bo_restart_ask_cost(void **st) {
     for (size_t t = 0; t <= N; t++) {
         dx_opt_hist h = {t, x, y, tid, 0, NULL};
         work[t] = 0;
-        dx_opt_conf conf = {N + 1, have ? th : NULL, fitted, &work[t]};
+        dx_opt_conf conf = {.budget = N + 1, .warm = have ? th : NULL, .fitted = fitted, .work = &work[t]};
         assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_num6, &h, 4, t, &conf, x + t * 6), DX_OPT_OK);
         if (!isnan(fitted[0])) {
             memcpy(th, fitted, sizeof th);
@@ -284,7 +300,7 @@ static void test_bo_ask_reuses_memory(void **st) {
         tid[t] = (uint64_t)t;
     }
     dx_opt_hist h = {N, x, y, tid, 0, NULL};
-    dx_opt_conf conf = {N + 1, NULL, NULL, NULL};
+    dx_opt_conf conf = {.budget = N + 1};
     assert_int_equal(dx_opt_ask(DX_OPT_BO, &sp_num6, &h, 1, N, &conf, out), DX_OPT_OK);
     struct rusage r0, r1;
     getrusage(RUSAGE_SELF, &r0);
@@ -375,10 +391,66 @@ static void test_huge_scores(void **st) {
     }
 }
 
+/* CMA-ES resumed from the previous ask's state asks exactly what the whole replay asks (one ask at a time and
+ * four outstanding, told out of order), and a state that does not fit (more generations than the history
+ * has, a damaged matrix) is ignored, not trusted */
+static void test_cmaes_resumed_state_same_asks(void **st) {
+    const dx_opt_space *sps[2] = {&sp_num5, &sp_mixed};
+    objective fs[2] = {sphere5, mixed};
+    for (int k = 0; k < 2; k++)
+        for (size_t batch = 1; batch <= 4; batch += 3) {
+            int d = sps[k]->d;
+            run_result r1 = drive(DX_OPT_CMAES, sps[k], fs[k], 120, 5, batch);
+            cma_chain = 1;
+            run_result r2 = drive(DX_OPT_CMAES, sps[k], fs[k], 120, 5, batch);
+            cma_chain = 0;
+            assert_memory_equal(r1.asks, r2.asks, 120 * d * sizeof(double));
+            free(r1.asks);
+            free(r2.asks);
+        }
+    /* a 5-dimensional history of 3 generations (lambda 8) and states that do not fit it */
+    double x[40 * 5], y[40], out1[5], out2[5];
+    uint64_t tid[40];
+    for (int i = 0; i < 40; i++) {
+        for (int j = 0; j < 5; j++) x[i * 5 + j] = (double)((i * 7 + j * 3) % 11) / 10.0;
+        y[i] = sphere5(x + i * 5, (uint64_t)i);
+        tid[i] = (uint64_t)i;
+    }
+    dx_opt_hist h = {24, x, y, tid, 0, NULL};
+    size_t cl = dx_opt_cma_state_len(5);
+    double good[cl], bad[cl];
+    dx_opt_conf c0 = {.budget = 100, .cma_out = good};
+    assert_int_equal(dx_opt_ask(DX_OPT_CMAES, &sp_num5, &h, 1, 24, &c0, out1), DX_OPT_OK);
+    assert_true(good[0] == 3.0);
+    memcpy(bad, good, sizeof bad);
+    bad[0] = 4.0; /* claims a generation the history does not have */
+    dx_opt_conf c1 = {.budget = 100, .cma_in = bad, .cma_in_len = cl};
+    assert_int_equal(dx_opt_ask(DX_OPT_CMAES, &sp_num5, &h, 1, 24, &c1, out2), DX_OPT_OK);
+    assert_memory_equal(out1, out2, sizeof out1);
+    memcpy(bad, good, sizeof bad);
+    bad[2 + 3 * 5 + 1] += 1.0; /* C no longer symmetric */
+    assert_int_equal(dx_opt_ask(DX_OPT_CMAES, &sp_num5, &h, 1, 24, &c1, out2), DX_OPT_OK);
+    assert_memory_equal(out1, out2, sizeof out1);
+    memcpy(bad, good, sizeof bad);
+    bad[2] += 0.25; /* a state that fits is used, not replayed over: another mean, another ask */
+    assert_int_equal(dx_opt_ask(DX_OPT_CMAES, &sp_num5, &h, 1, 24, &c1, out2), DX_OPT_OK);
+    assert_true(memcmp(out1, out2, sizeof out1) != 0);
+    memcpy(bad, good, sizeof bad);
+    c1.cma_in_len = cl - 1; /* another space's size */
+    assert_int_equal(dx_opt_ask(DX_OPT_CMAES, &sp_num5, &h, 1, 24, &c1, out2), DX_OPT_OK);
+    assert_memory_equal(out1, out2, sizeof out1);
+    /* resumed from its own state after 3 generations, on 5 more told: the whole replay's ask */
+    dx_opt_hist h2 = {40, x, y, tid, 0, NULL};
+    dx_opt_conf c2 = {.budget = 100, .cma_in = good, .cma_in_len = cl}, c3 = {.budget = 100};
+    assert_int_equal(dx_opt_ask(DX_OPT_CMAES, &sp_num5, &h2, 1, 40, &c2, out1), DX_OPT_OK);
+    assert_int_equal(dx_opt_ask(DX_OPT_CMAES, &sp_num5, &h2, 1, 40, &c3, out2), DX_OPT_OK);
+    assert_memory_equal(out1, out2, sizeof out1);
+}
+
 static void test_invalid_input_refused(void **st) {
     double out[4], x[4] = {0, 0, 0.5, 1.5}, y[1] = {1.0};
     uint64_t tid[1] = {0};
-    dx_opt_conf conf = {10, NULL, NULL, NULL};
+    dx_opt_conf conf = {.budget = 10};
     dx_opt_hist h0 = {0, NULL, NULL, NULL, 0, NULL};
     dx_opt_hist hb = {1, x, y, tid, 0, NULL};
     assert_int_equal(dx_opt_ask(DX_OPT_TPE, &sp_mixed, &hb, 1, 1, &conf, out), DX_OPT_E_ARG); /* 1.5 > 1 */
@@ -428,6 +500,7 @@ int main(void) {
         cmocka_unit_test(test_parallel_asks),
         cmocka_unit_test(test_failed_trials),
         cmocka_unit_test(test_huge_scores),
+        cmocka_unit_test(test_cmaes_resumed_state_same_asks),
         cmocka_unit_test(test_invalid_input_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
