@@ -164,9 +164,13 @@ concurrent_probes() ->
     trip(),
     dspex_manual_clock:advance(50),
     Self = self(),
-    Pids = [spawn_monitor(fun() -> Self ! {asked, dspex_breaker:ask(?B)} end) || _ <- lists:seq(1, 50)],
-    [receive {'DOWN', R, process, P, normal} -> ok end || {P, R} <- Pids],
+    %% the askers live until every one asked: a permit holder that dies unreported fails its probe (and
+    %% reopens the breaker), which would cut the count short
+    Pids = [spawn_monitor(fun() -> Self ! {asked, dspex_breaker:ask(?B)}, receive done -> ok end end)
+            || _ <- lists:seq(1, 50)],
     Answers = [receive {asked, A} -> A end || _ <- Pids],
+    [P ! done || {P, _} <- Pids],
+    [receive {'DOWN', R, process, P, normal} -> ok end || {P, R} <- Pids],
     ?assertEqual(2, length([ok || ok <- Answers])),
     ?assertEqual(48, length([x || {error, circuit_open} <- Answers])).
 
