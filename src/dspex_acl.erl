@@ -85,7 +85,10 @@ check_access(Session, Var, Principal, Permission, Context) when is_map(Context) 
 
 check_access_here(Session, Var, Principal, Permission, Context) ->
     %% a denial is also recorded in the audit log by the NIF's report
-    Result = dspex_nif:acl_check(Session, Var, Principal, Permission, Context),
+    Result = case dspex_nif:session_take(Session) of
+                 ok -> dspex_nif:acl_check(Session, Var, Principal, Permission, Context);
+                 Limited -> Limited
+             end,
     dspex_telemetry:execute([dspex, acl, check], #{count => 1},
                             #{session => Session, variable => Var, principal => Principal,
                               permission => Permission, result => outcome(Result)}),
@@ -103,20 +106,26 @@ filter_accessible(Session, Principal, Permission) -> filter_accessible(Session, 
 -spec filter_accessible(dspex_store:session_id(), binary(), permission(), map()) -> {ok, [binary()]} | {error, term()}.
 filter_accessible(Session, Principal, Permission, Context) ->
     ?ROUTED(Session, filter_accessible, [Session, Principal, Permission, Context],
-            dspex_nif:acl_filter(Session, Principal, Permission, Context)).
+            case dspex_nif:session_take(Session) of
+                ok -> dspex_nif:acl_filter(Session, Principal, Permission, Context);
+                Limited -> Limited
+            end).
 
 %% @doc A token bucket on the session's operations: `Rate' operations per
 %% second on average, bursts up to `Burst'; past it `{error, rate_limited}'.
 %% `Rate' 0 turns limiting off (the default; it then costs nothing). What
 %% counts: every data read and write (`dspex_store' get/set/list/history/
-%% rollback/delete/register/watch/`export_session/1'), lock grants, graph
-%% reads and writes (`dspex_graph'), reads of the session's event log
-%% (`dspex_events' read/fold/state_at/subscribe) and access queries
+%% rollback/delete/register/watch), lock grants, graph reads and writes
+%% (`dspex_graph'), reads of the session's event log (`dspex_events'
+%% read/fold/state_at/subscribe/audit_trail) and access queries
 %% (`check_access/5', `filter_accessible/3,4'). What does not: keeping the
 %% session alive or looking at it (`touch/1', `get_session/1', gRPC
 %% Heartbeat: a limited session must not expire for being limited), deleting
-%% it, and the owner's administration (`set_permissions', `get_permissions',
-%% `set_rate_limit', `get_rate_limit': the owner can always lift a limit).
+%% it, the owner's administration (`set_permissions', `get_permissions',
+%% `set_rate_limit', `get_rate_limit': the owner can always lift a limit),
+%% and `dspex_store:export_session/1' (replication and region fail-over take
+%% their full copies with it: a limit must never stop a copy), and the
+%% recomputation of derived variables a metered write triggers.
 %% Values as `create_session/2''s `rate_limit' option takes them: `Rate' a
 %% number >= 0, `Burst' a number >= 1, both within a C double; anything else
 %% is `{error, {invalid_argument, rate_limit}}' and changes nothing.

@@ -564,18 +564,24 @@ subscribe(Filter, Pid, Opts) when is_pid(Pid), is_map(Opts), (Filter =:= all ore
                   #{session := S} -> S;
                   _ -> all
               end,
-    case dspex_acl:check_owner(Session, Opts) =:= ok andalso sub_filter(Filter) of
-        false -> {error, access_denied};
-        {ok, F} ->
-            case {maps:get(from, Opts, live), maps:get(max_queue, Opts, 1)} of
-                {From, _} when From =/= live, not (is_integer(From) andalso From >= 1) ->
-                    {error, {invalid_argument, from}};
-                {_, M} when not (is_integer(M) andalso M >= 1) -> {error, {invalid_argument, max_queue}};
-                _ -> gen_server:call(?MODULE, {subscribe, F, Pid, Opts}, infinity)
+    case dspex_acl:check_owner(Session, Opts) of
+        ok ->
+            case metered(Session) of
+                ok -> subscribe_checked(sub_filter(Filter), Pid, Opts);
+                Limited -> Limited
             end;
-        Error -> Error
+        Denied -> Denied
     end;
 subscribe(_, _, _) -> {error, {invalid_argument, subscribe}}.
+
+subscribe_checked({ok, F}, Pid, Opts) ->
+    case {maps:get(from, Opts, live), maps:get(max_queue, Opts, 1)} of
+        {From, _} when From =/= live, not (is_integer(From) andalso From >= 1) ->
+            {error, {invalid_argument, from}};
+        {_, M} when not (is_integer(M) andalso M >= 1) -> {error, {invalid_argument, max_queue}};
+        _ -> gen_server:call(?MODULE, {subscribe, F, Pid, Opts}, infinity)
+    end;
+subscribe_checked(Error, _Pid, _Opts) -> Error.
 
 sub_filter(all) -> {ok, all};
 sub_filter(F) ->
@@ -606,9 +612,10 @@ state_at(Session, Point) -> state_at(Session, Point, #{}).
 %% `read/2': a state holds every variable's value).
 -spec state_at(binary(), point(), map()) -> {ok, map()} | {error, not_found | access_denied | term()}.
 state_at(Session, Point, Opts) when is_binary(Session), is_map(Opts) ->
-    case dspex_acl:check_owner(Session, Opts) of
+    case dspex_acl:check_owner(Session, Opts) =:= ok andalso metered(Session) of
+        false -> {error, access_denied};
         ok -> state_at_(Session, Point);
-        Denied -> Denied
+        Limited -> Limited
     end;
 state_at(_, _, _) -> {error, {invalid_argument, session}}.
 
@@ -965,9 +972,22 @@ sweep_ephemeral() ->
 %% `query/2' of a read acting as the session itself (see read/2).
 owner_query(Session, Opts) ->
     case dspex_acl:check_owner(Session, Opts) of
-        ok -> query(Session, Opts);
+        ok ->
+            case metered(Session) of
+                ok -> query(Session, Opts);
+                Limited -> Limited
+            end;
         Denied -> Denied
     end.
+
+%% A read of a session's log takes a token of its rate limit (dspex_acl:set_rate_limit/3);
+%% the log outlives its session, whose gone bucket limits nothing.
+metered(Session) when is_binary(Session) ->
+    case dspex_nif:session_take(Session) of
+        {error, rate_limited} = Limited -> Limited;
+        _ -> ok
+    end;
+metered(_) -> ok.
 
 query(Session, Opts) ->
     try

@@ -786,7 +786,7 @@ export_session_here(Id) ->
     case dspex_nif:export_session(Id) of
         {ok, #{variables := Vars} = E} ->
             %% the graph, the access rules, the derive functions and the rate limit travel too
-            {ok, #{edges := Edges}} = dspex_graph:to_map(Id),
+            {ok, #{edges := Edges}} = dspex_graph:to_map_here(Id),
             Perms = maps:from_list([{N, R} || #{name := N} <- Vars,
                                               {ok, R} <- [dspex_acl:get_permissions(Id, N)], R =/= []]),
             %% only functions of variables of the cut that are derived: a

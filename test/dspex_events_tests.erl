@@ -38,7 +38,8 @@ events_test_() ->
       ?T(first_events_never_ask_the_backend_on_the_commit_path),
       ?T(copies_of_another_nodes_events_and_copy_deletions),
       ?T(updated_event_data_for_every_value_kind),
-      ?T(only_the_session_reads_its_log)]
+      ?T(only_the_session_reads_its_log),
+      ?T(reading_the_log_takes_a_token)]
      %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
      ++ [T || pg_ctl() =/= false, T <- [?T(postgres_down_spools_then_catches_up_in_order),
                                         ?T(postgres_down_at_a_sessions_first_event_loses_nothing)]]}.
@@ -1237,3 +1238,20 @@ only_the_session_reads_its_log() ->
 
 flush_all() ->
     receive M -> [M | flush_all()] after 0 -> [] end.
+
+%% The session's rate limit covers its log: read, fold, subscribe, state_at
+%% and audit_trail each take a token; the log of a deleted session has no
+%% bucket left and reads.
+reading_the_log_takes_a_token() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    ok = dspex_acl:set_rate_limit(S, 0.001, 1),
+    {ok, [_ | _]} = dspex_events:read(S, #{}),   %% the one token of the burst
+    ?assertEqual({error, rate_limited}, dspex_events:read(S, #{})),
+    ?assertEqual({error, rate_limited}, dspex_events:fold(S, fun(E, A) -> [E | A] end, [], #{})),
+    ?assertEqual({error, rate_limited}, dspex_events:subscribe(#{session => S}, self(), #{from => 1})),
+    ?assertEqual({error, rate_limited}, dspex_events:state_at(S, {sequence, 100})),
+    ?assertEqual({error, rate_limited}, dspex_events:audit_trail(#{session => S})),
+    ok = dspex_store:delete_session(S),
+    {ok, [_ | _]} = dspex_events:read(S, #{}).
