@@ -55,7 +55,7 @@
 -module(dspex_events).
 -behaviour(gen_server).
 
--export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2,
+-export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2, state_at/3,
          audit_trail/1, await/0, durable/2, settle/3, stats/0, expire_now/0, expire_before/1, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
 -export([last_sequence/1, owner_events/4, follow/3, catch_up/4, copy_events/1, delete_copy/2, shared_backend/0,
@@ -483,10 +483,16 @@ shared_backend() ->
 %% `{time, Us}', `{sequence, N}' or `{position, N}'; `types' (list);
 %% `principal'; `variable'; `limit' (default 1000, at most 100,000);
 %% `direction' (`forward' | `backward'); `include_archive' (also read archive
-%% files of retention, first).
+%% files of retention, first); `as' / `context': the log is the session's
+%% own (it holds every value written, the rules and the denials, which no
+%% per-variable rule can split), so a principal other than the session is
+%% `{error, access_denied}' (`dspex_acl:check_owner/2'), and `all' is
+%% refused to every principal. The same holds for `fold/4', `subscribe/3',
+%% `state_at/3' and `audit_trail/1'. `principal' is not `as': it filters
+%% the events by who caused them.
 -spec read(binary() | all, map()) -> {ok, [event()]} | {error, term()}.
 read(Session, Opts) when is_map(Opts) ->
-    case query(Session, Opts) of
+    case owner_query(Session, Opts) of
         {ok, Q} ->
             ok = visible(),
             Limit = maps:get(limit, Opts, ?PAGE),
@@ -525,7 +531,7 @@ key(#{session := S, sequence := N, position := P}) -> {P, S, N}.
 %% whole log is never in memory). Options as `read/2' (`limit' is ignored).
 -spec fold(binary() | all, fun((event(), Acc) -> Acc), Acc, map()) -> {ok, Acc} | {error, term()}.
 fold(Session, Fun, Acc, Opts) when is_function(Fun, 2), is_map(Opts) ->
-    case query(Session, maps:remove(limit, Opts)) of
+    case owner_query(Session, maps:remove(limit, Opts)) of
         {ok, Q} ->
             ok = visible(),
             fold_pages(Q, Fun, Acc, maps:get(direction, Opts, forward));
@@ -548,21 +554,34 @@ fold_pages(Q, Fun, Acc, Dir) ->
 
 %% @doc Subscribes `Pid' to the events matching `Filter' (`all' or a map with
 %% `session' and/or `types'). See the module documentation for the messages.
--spec subscribe(all | map(), pid(), #{from => pos_integer() | live, max_queue => pos_integer()}) ->
+%% `as' / `context' in `Opts': as `read/2' (only the session itself).
+-spec subscribe(all | map(), pid(), #{from => pos_integer() | live, max_queue => pos_integer(),
+                                      as => binary() | undefined, context => map()}) ->
           {ok, reference()} | {error, term()}.
 subscribe(Filter, Pid, Opts) when is_pid(Pid), is_map(Opts), (Filter =:= all orelse is_map(Filter)) ->
     %% checked here: the server reads the log with the filter for every page it delivers
-    case sub_filter(Filter) of
-        {ok, F} ->
-            case {maps:get(from, Opts, live), maps:get(max_queue, Opts, 1)} of
-                {From, _} when From =/= live, not (is_integer(From) andalso From >= 1) ->
-                    {error, {invalid_argument, from}};
-                {_, M} when not (is_integer(M) andalso M >= 1) -> {error, {invalid_argument, max_queue}};
-                _ -> gen_server:call(?MODULE, {subscribe, F, Pid, Opts}, infinity)
+    Session = case Filter of
+                  #{session := S} -> S;
+                  _ -> all
+              end,
+    case dspex_acl:check_owner(Session, Opts) of
+        ok ->
+            case metered(Session) of
+                ok -> subscribe_checked(sub_filter(Filter), Pid, Opts);
+                Limited -> Limited
             end;
-        Error -> Error
+        Denied -> Denied
     end;
 subscribe(_, _, _) -> {error, {invalid_argument, subscribe}}.
+
+subscribe_checked({ok, F}, Pid, Opts) ->
+    case {maps:get(from, Opts, live), maps:get(max_queue, Opts, 1)} of
+        {From, _} when From =/= live, not (is_integer(From) andalso From >= 1) ->
+            {error, {invalid_argument, from}};
+        {_, M} when not (is_integer(M) andalso M >= 1) -> {error, {invalid_argument, max_queue}};
+        _ -> gen_server:call(?MODULE, {subscribe, F, Pid, Opts}, infinity)
+    end;
+subscribe_checked(Error, _Pid, _Opts) -> Error.
 
 sub_filter(all) -> {ok, all};
 sub_filter(F) ->
@@ -587,7 +606,20 @@ unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
 %% lean `dspex_nif:events_replay/7' (only the events that change the state,
 %% a run of one variable's updates folded into one).
 -spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
-state_at(Session, Point) when is_binary(Session) ->
+state_at(Session, Point) -> state_at(Session, Point, #{}).
+
+%% @doc `state_at/2' with `as' / `context' (only the session itself, as
+%% `read/2': a state holds every variable's value).
+-spec state_at(binary(), point(), map()) -> {ok, map()} | {error, not_found | access_denied | term()}.
+state_at(Session, Point, Opts) when is_binary(Session), is_map(Opts) ->
+    case dspex_acl:check_owner(Session, Opts) =:= ok andalso metered(Session) of
+        false -> {error, access_denied};
+        ok -> state_at_(Session, Point);
+        Limited -> Limited
+    end;
+state_at(_, _, _) -> {error, {invalid_argument, session}}.
+
+state_at_(Session, Point) ->
     case point(Point) of
         {ok, P} ->
             case replay_to(Session, P) of
@@ -595,8 +627,7 @@ state_at(Session, Point) when is_binary(Session) ->
                 Error -> Error
             end;
         error -> {error, {invalid_argument, point}}
-    end;
-state_at(_, _) -> {error, {invalid_argument, session}}.
+    end.
 
 %% {MaxSeq, MaxTs}: a time at or before the epoch is before every event (not found)
 point({sequence, N}) when is_integer(N), N >= 0 -> {ok, {cap(N), 0}};
@@ -728,7 +759,8 @@ to_export(#{session := S, vars := Vs}) ->
 
 %% @doc An audit trail. Filters: `period' `{FromUs, ToUs}' (inclusive;
 %% `undefined' ends are open), `session', `principal', `types', `variable',
-%% `limit' (events listed, default 10,000; the summary counts all).
+%% `limit' (events listed, default 10,000; the summary counts all), `as' /
+%% `context' (as `read/2': only the session itself, never with `all').
 %% Returns `#{period, events, summary}' where summary has `count', `by_type',
 %% `by_principal', `denied' (access_denied events) and `writes_by_changed_by'.
 -spec audit_trail(map()) -> {ok, #{period := {integer() | undefined, integer() | undefined},
@@ -746,7 +778,7 @@ audit_trail(Filters) when is_map(Filters) ->
 
 audit_trail(Filters, From, To, Limit) ->
     Opts = maps:from_list([{since, {time, From}} || is_integer(From)] ++ [{until, {time, To}} || is_integer(To)]
-                          ++ [{K, V} || K <- [types, principal, variable], {ok, V} <- [maps:find(K, Filters)]]),
+                          ++ [{K, V} || K <- [types, principal, variable, as, context], {ok, V} <- [maps:find(K, Filters)]]),
     Session = maps:get(session, Filters, all),
     Fun = fun(E, {N, Es, Sum}) -> {N + 1, case N < Limit of true -> [E | Es]; false -> Es end, summarize(E, Sum)} end,
     Sum0 = #{count => 0, by_type => #{}, by_principal => #{}, denied => 0, writes_by_changed_by => #{}},
@@ -936,6 +968,26 @@ sweep_ephemeral() ->
                  (_) -> ok
               end, case file:list_dir(Root) of {ok, L} -> L; _ -> [] end)
     end.
+
+%% `query/2' of a read acting as the session itself (see read/2).
+owner_query(Session, Opts) ->
+    case dspex_acl:check_owner(Session, Opts) of
+        ok ->
+            case metered(Session) of
+                ok -> query(Session, Opts);
+                Limited -> Limited
+            end;
+        Denied -> Denied
+    end.
+
+%% A read of a session's log takes a token of its rate limit (dspex_acl:set_rate_limit/3);
+%% the log outlives its session, whose gone bucket limits nothing.
+metered(Session) when is_binary(Session) ->
+    case dspex_nif:session_take(Session) of
+        {error, rate_limited} = Limited -> Limited;
+        _ -> ok
+    end;
+metered(_) -> ok.
 
 query(Session, Opts) ->
     try

@@ -24,6 +24,7 @@
          all_dependents/2, update_order/2, clear/1, to_dot/1, to_map/1,
          define_derived/5, define_derived/6]).
 -export([to_svg/1, to_svg/2]).
+-export([to_map_here/1]).
 
 -type session_id() :: dspex_store:session_id().
 -type var_key() :: dspex_store:var_key().
@@ -45,6 +46,9 @@ add_dependency(Session, From, To, Type) when is_atom(Type) ->
     ?ROUTED(Session, add_dependency, [Session, From, To, Type], add_dependency_here(Session, From, To, Type)).
 
 add_dependency_here(Session, From, To, Type) ->
+    metered(Session, fun() -> add_dependency_timed(Session, From, To, Type) end).
+
+add_dependency_timed(Session, From, To, Type) ->
     timed(add_dependency, #{session => Session, from => From, to => To, type => Type},
           fun() -> dspex_events:recorded(dspex_nif:graph_add(Session, From, To, Type), Session, dependency_added, %% event log
                                          #{from => From, to => To, type => Type}) end).
@@ -55,9 +59,22 @@ remove_dependency(Session, From, To) ->
     ?ROUTED(Session, remove_dependency, [Session, From, To], remove_dependency_here(Session, From, To)).
 
 remove_dependency_here(Session, From, To) ->
+    metered(Session, fun() -> remove_dependency_timed(Session, From, To) end).
+
+remove_dependency_timed(Session, From, To) ->
     timed(remove_dependency, #{session => Session, from => From, to => To},
           fun() -> dspex_events:recorded(dspex_nif:graph_remove(Session, From, To), Session, dependency_removed, %% event log
                                          #{from => From, to => To}) end).
+
+%% One token of the session's rate limit (dspex_acl:set_rate_limit/3) per
+%% graph operation, taken on the owner before it runs.
+metered(Session, Op) ->
+    case dspex_nif:session_take(Session) of
+        ok -> Op();
+        Error -> Error
+    end.
+
+query(Session, Var, What) -> metered(Session, fun() -> dspex_nif:graph_query(Session, Var, What) end).
 
 %% `[dspex, graph, Op, stop]' with the duration and `result => ok | error'.
 timed(Op, Meta, Call) ->
@@ -76,20 +93,20 @@ timed(Op, Meta, Call) ->
 
 %% @doc What the variable depends on directly (its predecessors).
 -spec dependencies(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-dependencies(Session, Var) -> ?ROUTED(Session, dependencies, [Session, Var], dspex_nif:graph_query(Session, Var, dependencies)).
+dependencies(Session, Var) -> ?ROUTED(Session, dependencies, [Session, Var], query(Session, Var, dependencies)).
 
 %% @doc What depends on the variable directly (its successors).
 -spec dependents(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-dependents(Session, Var) -> ?ROUTED(Session, dependents, [Session, Var], dspex_nif:graph_query(Session, Var, dependents)).
+dependents(Session, Var) -> ?ROUTED(Session, dependents, [Session, Var], query(Session, Var, dependents)).
 
 %% @doc Every transitive dependent, in topological order.
 -spec all_dependents(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-all_dependents(Session, Var) -> ?ROUTED(Session, all_dependents, [Session, Var], dspex_nif:graph_query(Session, Var, all_dependents)).
+all_dependents(Session, Var) -> ?ROUTED(Session, all_dependents, [Session, Var], query(Session, Var, all_dependents)).
 
 %% @doc The variable followed by all its transitive dependents, in an order in
 %% which every variable comes after everything it depends on.
 -spec update_order(session_id(), var_key()) -> {ok, [binary()]} | {error, term()}.
-update_order(Session, Var) -> ?ROUTED(Session, update_order, [Session, Var], dspex_nif:graph_query(Session, Var, update_order)).
+update_order(Session, Var) -> ?ROUTED(Session, update_order, [Session, Var], query(Session, Var, update_order)).
 
 %% @doc Removes every edge of the session (variables stay).
 -spec clear(session_id()) -> ok | {error, session_not_found}.
@@ -98,8 +115,11 @@ clear(Session) -> ?ROUTED(Session, clear, [Session], dspex_nif:graph_clear(Sessi
 %% @doc The graph as JSON-friendly data: `#{nodes => [Name], edges =>
 %% [#{from => Name, to => Name, type => Type}]}', both sorted.
 -spec to_map(session_id()) -> {ok, #{nodes := [binary()], edges := [map()]}} | {error, term()}.
-to_map(Session) -> ?ROUTED(Session, to_map, [Session], to_map_here(Session)).
+to_map(Session) -> ?ROUTED(Session, to_map, [Session], metered(Session, fun() -> to_map_here(Session) end)).
 
+%% @private `to_map/1' without taking a token: for `dspex_store:export_session/1',
+%% on the owner.
+-spec to_map_here(session_id()) -> {ok, #{nodes := [binary()], edges := [map()]}} | {error, term()}.
 to_map_here(Session) ->
     case dspex_nif:graph_edges(Session) of
         {ok, Nodes, Edges} ->

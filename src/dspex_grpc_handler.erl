@@ -8,7 +8,13 @@
 %% keys, Any values as `#{type_url, value}' with the JSON parsed, timestamps
 %% in microseconds, `*_json' fields parsed). Request metadata
 %% `dspex-principal' acts as another session (`as'), `dspex-context' is the
-%% access-control context.
+%% access-control context. Every RPC has one of three principal rules
+%% (`principal_rule/1'): `rules' (the principal goes to the store, locks,
+%% runs or tools, whose per-variable or per-tool rules decide), `owner'
+%% (the session as a whole: only the session itself, any other principal is
+%% PERMISSION_DENIED before anything runs; for node-wide views, which name
+%% no session, any principal is) or `none' (no session data: Ping and the
+%% model router).
 %%
 %% The event log RPCs (`GetEvents', `WatchEvents', `GetStateAt') read
 %% `dspex_events'; event data, metadata and states travel as JSON made by
@@ -17,7 +23,7 @@
 %% subscription dropped for overflow right after its last event.
 -module(dspex_grpc_handler).
 
--export([run/5, handle/4, var_to_pb/3]).
+-export([run/5, handle/4, var_to_pb/3, principal_rule/1]).
 
 %% The type_url of a tool result: JSON text, as snakepit clients expect it.
 -define(TOOL_RESULT_URL, <<"type.googleapis.com/google.protobuf.StringValue">>).
@@ -58,25 +64,55 @@ acl_opts(Meta) ->
         _ -> As
     end.
 
+%% @doc How an RPC treats `dspex-principal': `rules' (passed as `as' /
+%% `context' to calls whose access rules decide), `owner' (only the session
+%% itself: register, cleanup, session info and heartbeat, dependencies and
+%% the graph, tool registration, the dashboard, the event log, access checks;
+%% node-wide `ListSessions' and the node dashboard: no principal at all) or
+%% `none' (touches no session). An unknown method is `rules' (it is answered
+%% INVALID_ARGUMENT anyway).
+-spec principal_rule(atom()) -> rules | owner | none.
+principal_rule(M) when M =:= 'Ping'; M =:= 'SelectModel'; M =:= 'RecordInference' -> none;
+principal_rule(M) when M =:= 'InitializeSession'; M =:= 'CleanupSession'; M =:= 'GetSession';
+                       M =:= 'Heartbeat'; M =:= 'ListSessions'; M =:= 'RegisterVariable';
+                       M =:= 'AddDependency'; M =:= 'RemoveDependency'; M =:= 'GetDependencies';
+                       M =:= 'GetDependents'; M =:= 'GetUpdateOrder'; M =:= 'CheckVariableAccess';
+                       M =:= 'RegisterTools'; M =:= 'GetDashboard'; M =:= 'GetEvents';
+                       M =:= 'WatchEvents'; M =:= 'GetStateAt' -> owner;
+principal_rule(_) -> rules.
+
 %% @doc Runs one RPC: `{reply, Map}', `streamed' (WatchVariables, which sent
 %% its messages itself) or `{error, Reason}'.
 -spec handle(atom(), map(), map(), dspex_grpc:ctx()) -> {reply, map()} | streamed | {error, term()}.
-handle('Ping', #{message := Msg}, _Call, _Ctx) ->
+handle(M, Req, Call, Ctx) ->
+    %% default deny: a principal never reaches an `owner' RPC of another session
+    case principal_rule(M) of
+        owner ->
+            %% no session (node-wide views): no principal may act as it
+            case dspex_acl:check_owner(case maps:get(session_id, Req, <<>>) of <<>> -> all; S -> S end,
+                                       maps:get(opts, Call, #{})) of
+                ok -> handle_(M, Req, Call, Ctx);
+                Denied -> Denied
+            end;
+        _ -> handle_(M, Req, Call, Ctx)
+    end.
+
+handle_('Ping', #{message := Msg}, _Call, _Ctx) ->
     %% the reference server's answer, which snakepit clients know
     {reply, #{message => <<"pong: ", Msg/binary>>, server_time => now_us()}};
-handle('ListSessions', #{pattern := P, limit := L}, _Call, _Ctx) when L >= 0 ->
+handle_('ListSessions', #{pattern := P, limit := L}, _Call, _Ctx) when L >= 0 ->
     Ids = lists:sort([S || S <- dspex_store:list_sessions(), P =:= <<>> orelse dspex_tools:glob(P, S)]),
     Shown = case L of 0 -> Ids; _ -> lists:sublist(Ids, L) end,
     {reply, #{total => length(Ids),
               sessions => [#{session_id => S, variable_count => N, created_at => C}
                            || S <- Shown, {ok, #{variable_count := N, created_at := C}} <- [dspex_store:get_session(S)]]}};
-handle('ListSessions', _Req, _Call, _Ctx) ->
+handle_('ListSessions', _Req, _Call, _Ctx) ->
     {error, {invalid_argument, limit}};
-handle('SelectModel', Req, _Call, _Ctx) -> dspex_models_grpc:select_model(Req);
-handle('RecordInference', Req, _Call, _Ctx) -> dspex_models_grpc:record_inference(Req);
-handle(M, #{session_id := <<>>}, _Call, _Ctx) when M =/= 'GetDashboard' ->
+handle_('SelectModel', Req, _Call, _Ctx) -> dspex_models_grpc:select_model(Req);
+handle_('RecordInference', Req, _Call, _Ctx) -> dspex_models_grpc:record_inference(Req);
+handle_(M, #{session_id := <<>>}, _Call, _Ctx) when M =/= 'GetDashboard' ->
     {error, {invalid_argument, session_id}};
-handle(M, Req, Call, Ctx) ->
+handle_(M, Req, Call, Ctx) ->
     rpc(M, Req, Call, Ctx).
 
 %%% sessions -----------------------------------------------------------------
@@ -407,9 +443,10 @@ rpc('GetDashboard', #{session_id := S}, _Call, _Ctx) ->
 
 %%% event log (dspex_events) ------------------------------------------------------
 
-rpc(M, Req, _Call, Ctx) when M =:= 'GetEvents'; M =:= 'WatchEvents'; M =:= 'GetStateAt' ->
+rpc(M, Req, Call, Ctx) when M =:= 'GetEvents'; M =:= 'WatchEvents'; M =:= 'GetStateAt' ->
     case dspex_events:enabled() of
-        true -> events_rpc(M, Req, Ctx);
+        %% the principal goes to dspex_events too, which applies the same rule
+        true -> events_rpc(M, Req, maps:with([as, context], maps:get(opts, Call, #{})), Ctx);
         false -> {error, unavailable}
     end;
 
@@ -418,50 +455,50 @@ rpc(M, _Req, _Call, _Ctx) ->
 
 %%% event log ----------------------------------------------------------------------
 
-events_rpc('GetEvents', #{since_sequence := From, until_sequence := To, limit := L}, _Ctx)
+events_rpc('GetEvents', #{since_sequence := From, until_sequence := To, limit := L}, _Acl, _Ctx)
   when From < 0; To < 0; L < 0; L > 100000 ->
     {error, {invalid_argument, <<"since_sequence and until_sequence must be >= 0, limit 0..100000">>}};
-events_rpc('GetEvents', #{since_sequence := From, until_sequence := To, since_time := T0, until_time := T1}, _Ctx)
+events_rpc('GetEvents', #{since_sequence := From, until_sequence := To, since_time := T0, until_time := T1}, _Acl, _Ctx)
   when From > 0, is_integer(T0); To > 0, is_integer(T1) ->
     {error, {invalid_argument, <<"a bound is a sequence or a time, not both">>}};
 events_rpc('GetEvents', #{session_id := S, since_sequence := From, until_sequence := To, since_time := T0,
                           until_time := T1, types := Types, limit := L, descending := Desc,
-                          include_archive := Arch}, _Ctx) ->
-    Opts = maps:from_list([{since, {sequence, From}} || From > 0] ++ [{until, {sequence, To}} || To > 0]
+                          include_archive := Arch}, Acl, _Ctx) ->
+    Opts = maps:merge(Acl, maps:from_list([{since, {sequence, From}} || From > 0] ++ [{until, {sequence, To}} || To > 0]
                           ++ [{since, {time, T0}} || is_integer(T0)] ++ [{until, {time, T1}} || is_integer(T1)]
                           ++ [{types, Types} || Types =/= []]
                           ++ [{limit, case L of 0 -> 1000; _ -> L end},
                               {direction, case Desc of true -> backward; false -> forward end},
-                              {include_archive, Arch}]),
+                              {include_archive, Arch}])),
     case dspex_events:read(S, Opts) of
         {ok, Evs} -> {reply, #{events => [event_to_pb(E) || E <- Evs]}};
         Error -> Error
     end;
-events_rpc('GetStateAt', #{sequence := N}, _Ctx) when N < 0 ->
+events_rpc('GetStateAt', #{sequence := N}, _Acl, _Ctx) when N < 0 ->
     {error, {invalid_argument, <<"sequence must be >= 0">>}};
-events_rpc('GetStateAt', #{session_id := S, sequence := N, time := T}, _Ctx) ->
+events_rpc('GetStateAt', #{session_id := S, sequence := N, time := T}, Acl, _Ctx) ->
     Point = if N > 0 -> {ok, {sequence, N}};
                is_integer(T), T > 0 -> {ok, {time, T}};
                true -> {error, {invalid_argument, <<"a sequence (> 0) or a time is required">>}}
             end,
     case Point of
         {ok, P} ->
-            case dspex_events:state_at(S, P) of
+            case dspex_events:state_at(S, P, Acl) of
                 {ok, State} -> {reply, #{state_json => dspex_events:json_term(State)}};
                 {error, not_found} -> {error, {session_not_found, S}};
                 Error -> Error
             end;
         Error -> Error
     end;
-events_rpc('WatchEvents', #{from_position := P, from_sequence := N}, _Ctx) when P < 0; N < 0 ->
+events_rpc('WatchEvents', #{from_position := P, from_sequence := N}, _Acl, _Ctx) when P < 0; N < 0 ->
     {error, {invalid_argument, <<"from_position and from_sequence must be >= 0">>}};
-events_rpc('WatchEvents', #{session_id := S, types := Types, from_position := P, from_sequence := N},
+events_rpc('WatchEvents', #{session_id := S, types := Types, from_position := P, from_sequence := N}, Acl,
            {Port, _} = Ctx) ->
     _ = is_port(Port) andalso erlang:monitor(port, Port),
     Filter = maps:from_list([{session, S}] ++ [{types, Types} || Types =/= []]),
-    case watch_events_from(S, P, N) of
+    case watch_events_from(S, P, N, Acl) of
         {ok, From} ->
-            case dspex_events:subscribe(Filter, self(), #{from => From}) of
+            case dspex_events:subscribe(Filter, self(), Acl#{from => From}) of
                 {ok, Ref} -> watch_events_loop(Filter, Ref, N, Ctx);
                 Error -> Error
             end;
@@ -471,13 +508,13 @@ events_rpc('WatchEvents', #{session_id := S, types := Types, from_position := P,
 %% The position to subscribe from. From a sequence: that event's position when
 %% it is stored; else the position after the session's last stored event (any
 %% event with a higher sequence comes later), events below the sequence skipped.
-watch_events_from(_S, P, _N) when P > 0 -> {ok, P};
-watch_events_from(_S, 0, 0) -> {ok, live};
-watch_events_from(S, 0, N) ->
-    case dspex_events:read(S, #{since => {sequence, N}, limit => 1}) of
+watch_events_from(_S, P, _N, _Acl) when P > 0 -> {ok, P};
+watch_events_from(_S, 0, 0, _Acl) -> {ok, live};
+watch_events_from(S, 0, N, Acl) ->
+    case dspex_events:read(S, Acl#{since => {sequence, N}, limit => 1}) of
         {ok, [#{position := P}]} -> {ok, P};
         {ok, []} ->
-            case dspex_events:read(S, #{direction => backward, limit => 1}) of
+            case dspex_events:read(S, Acl#{direction => backward, limit => 1}) of
                 {ok, [#{position := Last}]} -> {ok, Last + 1};
                 {ok, []} -> {ok, 1};
                 Error -> Error

@@ -188,7 +188,11 @@ active() -> gen_server:call(?MODULE, active, ?CALL_MARGIN).
 
 %% @doc Ends an optimization: with `#{apply_best => true}' writes the best
 %% reported value (under the lock), then releases.
-%% Returns `{ok, #{best => Best, applied => boolean()}}'.
+%% Returns `{ok, #{best => Best, applied => boolean()}}'. The write acts as
+%% the lock's principal (the `as' / `context' it was acquired with), so it
+%% needs `write' as any write does: a principal with only `optimize' gets
+%% `applied => false, apply_error => access_denied' (the lock is released
+%% all the same).
 -spec stop(lock(), #{apply_best => boolean()}) -> {ok, map()} | {error, term()}.
 stop(Lock, Opts) when is_map(Opts) ->
     call(session_of(Lock), {stop, Lock, self(), maps:get(apply_best, Opts, false) =:= true}).
@@ -286,7 +290,7 @@ adopt({S, N, Token, Id, #{pid := Pid, priority := P, lease := Lease, objective :
     H = arm_lease(Key, #{optimizer => Id, pid => Pid, mon => Mon, token => Token, priority => P, lease => Lease,
                          lease_timer => undefined, iterations => 0, best => undefined,
                          objective => Obj, metric => Metric, req => maps:get(req, Meta, undefined),
-                         var_id => maps:get(var_id, Meta, undefined)}),
+                         var_id => maps:get(var_id, Meta, undefined), acl => maps:get(acl, Meta, #{})}),
     St#{locks := L#{Key => #{holder => H, waiters => queue:new()}}, mons := M#{Mon => {holder, Key}}};
 adopt({S, N, Token, _, _}, St) ->
     %% not one of ours (a lock taken with another meta): nobody could release it
@@ -334,12 +338,15 @@ handle_call(active, _From, #{locks := L} = St) ->
              || {{S, N}, #{holder := #{} = H}} <- maps:to_list(L)], St};
 handle_call({stop, Lock, Caller, Apply}, _From, St) ->
     case holder_of(Lock, St) of
-        {ok, {S, N} = Key, #{pid := Caller, token := T, best := Best, optimizer := Id}} ->
+        {ok, {S, N} = Key, #{pid := Caller, token := T, best := Best, optimizer := Id} = H} ->
             %% the lock is released whatever the write says; a refused write
-            %% (the best value no longer fits, say) is reported, not raised
+            %% (the best value no longer fits, say) is reported, not raised.
+            %% It is the holder's write: its principal needs `write' (the
+            %% lock itself only took `optimize').
+            Acl = maps:get(acl, H, #{}),
             {Applied, Extra} = case {Apply, Best} of
                                    {true, #{value := V}} ->
-                                       case dspex_store:set(S, N, V, #{lock => T, changed_by => {optimizer, Id}}) of
+                                       case dspex_store:set(S, N, V, Acl#{lock => T, changed_by => {optimizer, Id}}) of
                                            {ok, _} -> {true, #{}};
                                            {error, R} -> {false, #{apply_error => R}}
                                        end;
@@ -512,7 +519,8 @@ grant({S, N} = Key, Id, Cfg, Expect, Entry, #{locks := L, mons := M} = St) ->
     %% what a successor needs to adopt the lock (see init/1)
     Meta = #{pid => Pid, priority => maps:get(priority, Cfg), lease => maps:get(lease, Cfg),
              objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg),
-             req => maps:get(req, Cfg, undefined), var_id => maps:get(var_id, Cfg, undefined)},
+             req => maps:get(req, Cfg, undefined), var_id => maps:get(var_id, Cfg, undefined),
+             acl => maps:get(acl, Cfg, #{})},
     case dspex_nif:var_lock(S, N, Id, Expect, maps:get(acl, Cfg, #{}), Meta) of
         {ok, Token} ->
             Mon = monitor(process, Pid),
@@ -520,7 +528,8 @@ grant({S, N} = Key, Id, Cfg, Expect, Entry, #{locks := L, mons := M} = St) ->
                                  priority => maps:get(priority, Cfg), lease => maps:get(lease, Cfg),
                                  lease_timer => undefined, iterations => 0, best => undefined,
                                  objective => maps:get(objective, Cfg), metric => maps:get(metric, Cfg),
-                                 req => maps:get(req, Cfg, undefined), var_id => maps:get(var_id, Cfg, undefined)}),
+                                 req => maps:get(req, Cfg, undefined), var_id => maps:get(var_id, Cfg, undefined),
+                                 acl => maps:get(acl, Cfg, #{})}),
             event(acquired, Key, #{optimizer => Id, token => Token}),
             {ok, #{session => S, variable => N, optimizer => Id, token => Token, pid => Pid},
              St#{locks := L#{Key => Entry#{holder := H}}, mons := M#{Mon => {holder, Key}}}};

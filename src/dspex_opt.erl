@@ -11,8 +11,13 @@
 %% A run is a process that holds the optimizer lock (`dspex_locks') of every
 %% variable of the run, so no one else writes them meanwhile; it reports each
 %% told trial through the locks' progress API and, on `stop/2' with
-%% `apply_best', writes the best parameters under the locks. The run ends
-%% (locks released) on `stop/2' or when the process that started it exits.
+%% `apply_best', writes the best parameters under the locks (as the run's
+%% principal: with `as', that principal needs `write' too, else the run
+%% stops with `applied => false' and `apply_errors => [access_denied]'). The
+%% run ends (locks released) on `stop/2', when the process that started it
+%% exits, or when it loses a lock (preempted, lease expired, or its session
+%% deleted or expired: `{dspex_lock_lost, ...}'); calls on an ended run are
+%% `{error, run_not_found}'.
 %% Runs are temporary children of `dspex_opt_sup': one that crashes is not
 %% restarted, its locks are freed by `dspex_locks' (it is their holder), and
 %% nothing else goes down with it. The locks are taken in the run's process
@@ -473,6 +478,9 @@ handle_info({timeout, T, idle}, #{idle_timer := T} = St) ->
 handle_info({dspex_preempted, _, _, _}, St) ->
     {stop, normal, St};
 handle_info({dspex_lock_expired, _, _, _}, St) ->
+    {stop, normal, St};
+handle_info({dspex_lock_lost, _, _, _, _}, St) ->
+    %% the session was deleted or expired: nothing left to optimize or apply
     {stop, normal, St};
 handle_info(_Msg, St) ->
     {noreply, St}.

@@ -323,7 +323,8 @@ handle_info(#dspex_variable{session = S, name = Name}, #{session := S, derived :
     case maps:is_key(Name, D) orelse not dspex_cluster:is_owner(S) of
         true -> {noreply, St}; %% our own write, or a replica's copy
         false ->
-            case dspex_graph:update_order(S, Name) of
+            %% the write that triggers this paid its token: the graph read is not metered again
+            case dspex_nif:graph_query(S, Name, update_order) of
                 {ok, [_ | Order]} ->
                     T0 = erlang:monotonic_time(),
                     St1 = lists:foldl(fun recompute/2, St, Order),

@@ -44,7 +44,7 @@
          history/2, history/3, history/4, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
 -export([diagnostics/1]).
--export([get_value_mode/4, check_session_id/1]).
+-export([get_value_mode/4, check_session_id/1, rate_limit/1]).
 %% the propagator's writes of derived variables (dspex_propagator only)
 -export([register_derived/5, set_derived/4]).
 
@@ -259,8 +259,9 @@ check_session_id(Id) when is_binary(Id) ->
     end;
 check_session_id(_) -> {error, {invalid_argument, name}}.
 
-%% `{Rate, Burst}' of a valid `rate_limit' (what dspex_acl:set_rate_limit/3
+%% @private `{Rate, Burst}' of a valid `rate_limit' (what dspex_acl:set_rate_limit/3
 %% takes, as numbers a C double holds), else `error'.
+-spec rate_limit(term()) -> {number(), number()} | error.
 rate_limit(#{rate := R, burst := B} = M) when map_size(M) =:= 2, is_number(R), R >= 0, is_number(B), B >= 1 ->
     try {float(R), float(B)} of
         _ -> {R, B}
@@ -654,6 +655,9 @@ set_many(Session, Updates) -> set_many(Session, Updates, #{}).
 %% `{Key, Value}' / `{Key, Value, SetOpts}'. A variable named twice (by name,
 %% atom or id) refuses the whole batch: `{error, {duplicate_variable, Key}}'.
 %%
+%% The call's `as' / `context' apply to every update, over any an update's
+%% `SetOpts' give (an update's own apply only when the call gives none).
+%%
 %% `#{atomic => true}': all or nothing. Success is `{ok, #{Key => NewVersion}}';
 %% failure `{error, {batch_failed, #{Key => Reason}}}' listing every failing
 %% update, and nothing is committed.
@@ -669,9 +673,10 @@ set_many(Session, Updates, Opts) when is_map(Opts) ->
 
 set_many_here(Session, Updates, Opts) ->
     Atomic = maps:get(atomic, Opts, false) =:= true,
-    %% `as' and `context' of the call apply to every update
+    %% `as' and `context' of the call apply to every update and win over an
+    %% update's own: an update cannot act as someone the call does not
     Who = maps:with([as, context], Opts),
-    Norm = [{K, V, maps:merge(Who, O)} || {K, V, O} <- normalize_updates(Updates)],
+    Norm = [{K, V, maps:merge(O, Who)} || {K, V, O} <- normalize_updates(Updates)],
     ?TIMED(batch, 'dspex_telemetry/dspex.store.batch.stop', #{session => Session, variables => [K || {K, _, _} <- Norm], atomic => Atomic},
            dspex_nif:var_set_many(Session, Norm, Atomic)).
 
@@ -781,7 +786,7 @@ export_session_here(Id) ->
     case dspex_nif:export_session(Id) of
         {ok, #{variables := Vars} = E} ->
             %% the graph, the access rules, the derive functions and the rate limit travel too
-            {ok, #{edges := Edges}} = dspex_graph:to_map(Id),
+            {ok, #{edges := Edges}} = dspex_graph:to_map_here(Id),
             Perms = maps:from_list([{N, R} || #{name := N} <- Vars,
                                               {ok, R} <- [dspex_acl:get_permissions(Id, N)], R =/= []]),
             %% only functions of variables of the cut that are derived: a

@@ -19,6 +19,8 @@ acl_test_() ->
       fun only_owner_sets_permissions/0, fun glob_patterns_are_literal/0, fun list_and_filter/0,
       fun watch_and_locks_need_their_permission/0, fun rate_limiting/0, fun audit_trail/0,
       fun principal_that_does_not_parse_raises_badarg/0, fun delete_checks_access_with_the_delete/0,
+      fun bad_rate_limits_and_audit_filters_are_errors/0, fun audit_records_variables_by_name/0,
+      fun session_level_calls_refuse_other_principals/0, fun rate_limit_covers_what_it_says/0,
       {timeout, 120, fun isolation_property/0}]}.
 
 %% The reference examples: the owner has all permissions; `any' may read but
@@ -256,3 +258,86 @@ delete_checks_access_with_the_delete() ->
     ok = dspex_store:delete(S, x, #{as => <<"w">>}),
     ?assertEqual({error, {not_found, x}}, dspex_store:get(S, x)),
     ?assertEqual({error, {not_found, x}}, dspex_store:delete(S, x, #{as => <<"w">>})).
+
+%% set_rate_limit/3 takes what create_session/2's rate_limit takes; anything
+%% else is an error and the bucket stays as it was.
+bad_rate_limits_and_audit_filters_are_errors() ->
+    S = owned([]),
+    ok = dspex_acl:set_rate_limit(S, 5, 2),
+    {ok, Before} = dspex_acl:get_rate_limit(S),
+    [?assertEqual({Rate, Burst, {error, {invalid_argument, rate_limit}}},
+                  {Rate, Burst, dspex_acl:set_rate_limit(S, Rate, Burst)})
+     || {Rate, Burst} <- [{-1, 5}, {1, 0}, {1 bsl 2000, 5}, {1, 1 bsl 2000}, {one, 1}, {1, "1"}]],
+    {ok, After} = dspex_acl:get_rate_limit(S),
+    ?assertEqual(maps:with([rate, burst], Before), maps:with([rate, burst], After)),
+    ?assertEqual({error, {invalid_argument, rate_limit}},
+                 dspex_store:create_session(sid("rl_"), #{rate_limit => #{rate => 1 bsl 2000, burst => 1}})),
+    ?assertEqual({error, {invalid_argument, limit}}, dspex_acl:audit_log(#{limit => -1})),
+    ?assertEqual({error, {invalid_argument, limit}}, dspex_acl:audit_log(#{limit => many})),
+    ?assertEqual({error, {invalid_argument, filter}}, dspex_acl:audit_log(foo)),
+    ?assertEqual([], dspex_acl:audit_log(#{limit => 0})),
+    ok = dspex_acl:set_rate_limit(S, 0, 1).
+
+%% Every audit entry names its variable by its name as a binary, whichever
+%% way the call named it (an atom here) and whichever check refused it.
+audit_records_variables_by_name() ->
+    S = owned([]),
+    P = <<"auditee">>,
+    {error, access_denied} = dspex_store:get(S, x, #{as => P}),
+    {error, access_denied} = dspex_store:set(S, x, 0.1, #{as => P}),
+    {error, access_denied} = dspex_locks:acquire(S, x, bot, #{as => P, conflict => abort}),
+    ok = dspex_acl:set_permissions(S, x, []),
+    ok = gen_server:call(dspex_acl_audit, sync),   %% the NIF's reports are in
+    Es = dspex_acl:audit_log(#{session => S}),
+    ?assertEqual(5, length(Es)),   %% two permission changes (owned/1 and here), three denials
+    ?assertEqual([<<"x">>], lists:usort([V || #{variable := V} <- Es])).
+
+%% Operations on the session as a whole know no per-variable rule: only the
+%% session itself passes check_owner/2, and the refusal is audited.
+session_level_calls_refuse_other_principals() ->
+    S = owned([#{session_pattern => any, permissions => [read, write, observe, optimize]}]),
+    ?assertEqual(ok, dspex_acl:check_owner(S, #{})),
+    ?assertEqual(ok, dspex_acl:check_owner(S, #{as => S})),
+    ?assertEqual(ok, dspex_acl:check_owner(S, #{as => undefined})),
+    ?assertEqual({error, access_denied}, dspex_acl:check_owner(S, #{as => <<"x">>})),
+    ?assertEqual({error, access_denied}, dspex_acl:check_owner(all, #{as => S})),
+    ?assertError(badarg, dspex_acl:check_owner(S, #{as => "x"})),
+    ?assertError(badarg, dspex_acl:check_owner(S, #{context => 1})),
+    ?assertMatch([#{principal := <<"x">>, permission := session}],
+                 dspex_acl:audit_log(#{session => S, principal => <<"x">>})).
+
+%% An empty bucket refuses every metered operation with {error, rate_limited}
+%% (watches, graph reads and writes, the event log, access queries included)
+%% and lets keep-alive, deletion and the owner's administration through.
+rate_limit_covers_what_it_says() ->
+    S = owned([#{session_pattern => any, permissions => [read]}]),
+    {ok, _} = dspex_store:register(S, w, float, 0.5),
+    ok = dspex_graph:add_dependency(S, x, w),
+    ok = dspex_acl:set_rate_limit(S, 0.001, 1),
+    _ = dspex_store:get(S, x),   %% the one token of the burst
+    {error, rate_limited} = dspex_store:get(S, x),
+    Metered = [{watch, fun() -> dspex_store:watch(S, [x], self()) end},
+               {watch_as, fun() -> dspex_store:watch(S, [x], self(), #{as => <<"o">>}) end},
+               {add_dependency, fun() -> dspex_graph:add_dependency(S, w, x) end},
+               {remove_dependency, fun() -> dspex_graph:remove_dependency(S, x, w) end},
+               {dependencies, fun() -> dspex_graph:dependencies(S, w) end},
+               {dependents, fun() -> dspex_graph:dependents(S, x) end},
+               {all_dependents, fun() -> dspex_graph:all_dependents(S, x) end},
+               {update_order, fun() -> dspex_graph:update_order(S, x) end},
+               {to_map, fun() -> dspex_graph:to_map(S) end},
+               {check_access, fun() -> dspex_acl:check_access(S, x, <<"o">>, read, #{}) end},
+               {filter_accessible, fun() -> dspex_acl:filter_accessible(S, <<"o">>, read) end}]
+        ++ [{events, fun() -> dspex_events:read(S, #{}) end} || dspex_events:enabled()],
+    [?assertEqual({Name, {error, rate_limited}}, {Name, F()}) || {Name, F} <- Metered],
+    {ok, #{edges := [_]}} = dspex_graph:to_map_here(S),   %% nothing changed
+    Free = [{touch, fun() -> dspex_store:touch(S) end},
+            {get_session, fun() -> element(1, dspex_store:get_session(S)) end},
+            {get_permissions, fun() -> element(1, dspex_acl:get_permissions(S, x)) end},
+            {set_permissions, fun() -> dspex_acl:set_permissions(S, x, []) end},
+            {get_rate_limit, fun() -> element(1, dspex_acl:get_rate_limit(S)) end},
+            {export_session, fun() -> element(1, dspex_store:export_session(S)) end},
+            {set_rate_limit, fun() -> dspex_acl:set_rate_limit(S, 0, 1) end}],
+    [?assertEqual({Name, ok}, {Name, F()}) || {Name, F} <- Free],
+    %% lifted: the metered calls work again
+    {ok, [<<"x">>]} = dspex_graph:dependencies(S, w),
+    ok = dspex_store:delete_session(S).

@@ -37,7 +37,9 @@ events_test_() ->
       ?T(prometheus_and_telemetry),
       ?T(first_events_never_ask_the_backend_on_the_commit_path),
       ?T(copies_of_another_nodes_events_and_copy_deletions),
-      ?T(updated_event_data_for_every_value_kind)]
+      ?T(updated_event_data_for_every_value_kind),
+      ?T(only_the_session_reads_its_log),
+      ?T(reading_the_log_takes_a_token)]
      %% PostgreSQL only (make test-events-pg): the server is stopped mid-run
      ++ [T || pg_ctl() =/= false, T <- [?T(postgres_down_spools_then_catches_up_in_order),
                                         ?T(postgres_down_at_a_sessions_first_event_loses_nothing)]]}.
@@ -1204,3 +1206,52 @@ first_events_never_ask_the_backend_on_the_commit_path() ->
     S3 = sid(),
     {ok, _, 1} = dspex_nif:events_append(S3, raw, x, #{}),
     ?assertMatch(#{commit_seeds := C1} when C1 =:= C0 + 1, dspex_events:stats()).
+
+%% The log holds every value written: a principal other than the session
+%% (`as') reads, folds, watches and replays none of it, and every call says
+%% so as data; the session itself (`as' itself or `undefined') still reads.
+only_the_session_reads_its_log() ->
+    S = sid(),
+    P = <<"ev_mallory">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, secret, string, <<"hunter2">>),
+    {ok, 1} = dspex_store:set(S, secret, <<"s3cr3t">>),
+    As = #{as => P},
+    ?assertEqual({error, access_denied}, dspex_events:read(S, As)),
+    ?assertEqual({error, access_denied}, dspex_events:read(S, As#{context => #{role => admin}})),
+    ?assertEqual({error, access_denied}, dspex_events:read(all, As)),
+    ?assertEqual({error, access_denied}, dspex_events:fold(S, fun(E, A) -> [E | A] end, [], As)),
+    ?assertEqual({error, access_denied}, dspex_events:subscribe(#{session => S}, self(), As#{from => 1})),
+    ?assertEqual({error, access_denied}, dspex_events:subscribe(all, self(), As)),
+    ?assertEqual({error, access_denied}, dspex_events:state_at(S, {sequence, 100}, As)),
+    ?assertEqual({error, access_denied}, dspex_events:audit_trail(#{session => S, as => P})),
+    %% nothing was delivered to the refused subscriber
+    ?assertEqual([], [M || {dspex_event, _, _} = M <- flush_all()]),
+    %% the refusals are recorded as denials of the session as a whole
+    ?assertMatch([#{principal := P, permission := session, variable := undefined} | _],
+                 lists:reverse(dspex_acl:audit_log(#{session => S, principal => P}))),
+    ?assertError(badarg, dspex_events:read(S, #{as => "ev_mallory"})),
+    %% the session itself
+    {ok, [_ | _]} = dspex_events:read(S, #{as => S}),
+    {ok, [_ | _]} = dspex_events:read(S, #{as => undefined}),
+    {ok, #{variables := [#{value := <<"s3cr3t">>}]}} = dspex_events:state_at(S, {sequence, 100}, #{as => S}).
+
+flush_all() ->
+    receive M -> [M | flush_all()] after 0 -> [] end.
+
+%% The session's rate limit covers its log: read, fold, subscribe, state_at
+%% and audit_trail each take a token; the log of a deleted session has no
+%% bucket left and reads.
+reading_the_log_takes_a_token() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    ok = dspex_acl:set_rate_limit(S, 0.001, 1),
+    {ok, [_ | _]} = dspex_events:read(S, #{}),   %% the one token of the burst
+    ?assertEqual({error, rate_limited}, dspex_events:read(S, #{})),
+    ?assertEqual({error, rate_limited}, dspex_events:fold(S, fun(E, A) -> [E | A] end, [], #{})),
+    ?assertEqual({error, rate_limited}, dspex_events:subscribe(#{session => S}, self(), #{from => 1})),
+    ?assertEqual({error, rate_limited}, dspex_events:state_at(S, {sequence, 100})),
+    ?assertEqual({error, rate_limited}, dspex_events:audit_trail(#{session => S})),
+    ok = dspex_store:delete_session(S),
+    {ok, [_ | _]} = dspex_events:read(S, #{}).

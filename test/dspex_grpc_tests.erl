@@ -140,7 +140,7 @@ handlers_test_() ->
     {setup, fun store_setup/0, fun store_cleanup/1,
      [fun sessions_and_variables/0, fun error_statuses/0, fun batches/0, fun graph_and_history/0,
       fun optimization/0, fun access_control/0, fun dashboard_and_tools/0, fun wire_messages_and_watch/0,
-      fun wire_numbers_checked/0]}.
+      fun wire_numbers_checked/0, fun every_rpc_honours_the_principal/0]}.
 
 sessions_and_variables() ->
     S = <<"grpc_t1">>,
@@ -698,3 +698,108 @@ log(#{msg := Msg}, #{config := #{pid := Pid}}) ->
            end,
     Pid ! {grpc_test_log, lists:flatten(Text)},
     ok.
+
+%% Every RPC of the service, read from the .proto, has a principal rule, and
+%% called by a principal no rule names it neither shows nor changes anything
+%% of another session: `owner' RPCs are PERMISSION_DENIED before they run,
+%% `rules' ones are refused by the rules (or see only what the principal may).
+every_rpc_honours_the_principal() ->
+    Proto = filename:join([code:priv_dir(dspex_bridge), "proto", "snakepit_bridge.proto"]),
+    {ok, Text} = file:read_file(Proto),
+    {match, Ms} = re:run(Text, "^\\s*rpc\\s+(\\w+)\\s*\\(", [multiline, global, {capture, all_but_first, binary}]),
+    Rpcs = lists:usort([binary_to_atom(M) || [M] <- Ms]),
+    S = <<"grpc_victim">>, P = <<"grpc_mallory">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, secret, string, <<"hunter2">>),
+    {ok, _} = dspex_store:register(S, other, float, 1.0, #{constraints => #{min => 0.0, max => 2.0}}),
+    {ok, _} = dspex_store:register(S, knob, float, 1.0, #{constraints => #{min => 0.0, max => 2.0}}),
+    ok = dspex_graph:add_dependency(S, other, secret),
+    %% a study of the victim's own, which the principal must not reach
+    {reply, #{study_id := Study}} =
+        call('StartStudy', #{session_id => S, variables => [<<"other">>], algorithm => <<"random">>,
+                             direction => <<"minimize">>, budget => 5, seed => 1, idle_timeout_ms => 60000,
+                             lock_timeout_ms => 1000}),
+    Before = dspex_store:export_session(S),
+    V = #{session_id => S, variable_identifier => <<"secret">>},
+    Denied = fun(R) -> R =:= {error, access_denied} end,
+    NotFound = fun(R) -> R =:= {error, run_not_found} end,
+    Table = #{
+      'Ping' => {none, #{message => <<"x">>}, fun(R) -> element(1, R) =:= reply end},
+      'SelectModel' => {none, skip, undefined},
+      'RecordInference' => {none, skip, undefined},
+      'ListSessions' => {owner, #{pattern => <<>>, limit => 0}, Denied},
+      'InitializeSession' => {owner, #{session_id => S, metadata => #{}}, Denied},
+      'CleanupSession' => {owner, #{session_id => S}, Denied},
+      'GetSession' => {owner, #{session_id => S}, Denied},
+      'Heartbeat' => {owner, #{session_id => S}, Denied},
+      'RegisterVariable' => {owner, register_req(S, <<"planted">>, <<"float">>, 1.0), Denied},
+      'AddDependency' => {owner, #{session_id => S, from_variable => <<"secret">>, to_variable => <<"other">>,
+                                   dependency_type => <<"data">>}, Denied},
+      'RemoveDependency' => {owner, #{session_id => S, from_variable => <<"other">>, to_variable => <<"secret">>}, Denied},
+      'GetDependencies' => {owner, V, Denied},
+      'GetDependents' => {owner, V#{transitive => true}, Denied},
+      'GetUpdateOrder' => {owner, V, Denied},
+      'CheckVariableAccess' => {owner, V#{principal => P, permission => <<"read">>, context_json => undefined}, Denied},
+      'RegisterTools' => {owner, #{session_id => S, worker_id => <<"nopool">>, tools => []}, Denied},
+      'GetDashboard' => {owner, #{session_id => S}, Denied},
+      'GetEvents' => {owner, #{session_id => S, since_sequence => 0, until_sequence => 0, since_time => undefined,
+                               until_time => undefined, types => [], limit => 0, descending => false,
+                               include_archive => false}, Denied},
+      'WatchEvents' => {owner, #{session_id => S, types => [], from_position => 0, from_sequence => 0}, Denied},
+      'GetStateAt' => {owner, #{session_id => S, sequence => 100, time => undefined}, Denied},
+      'GetVariable' => {rules, V, Denied},
+      'SetVariable' => {rules, set_req(S, <<"secret">>, any(<<"string">>, <<"x">>), 0), Denied},
+      'GetVariables' => {rules, #{session_id => S, variable_identifiers => [<<"secret">>]},
+                         fun({reply, #{variables := Vs, missing_variables := [<<"secret">>]}}) -> Vs =:= #{};
+                            (_) -> false end},
+      'SetVariables' => {rules, #{session_id => S, updates => #{<<"secret">> => any(<<"string">>, <<"x">>)},
+                                  binary_updates => #{}, metadata => #{}, atomic => true},
+                         fun({reply, #{success := false}}) -> true; (_) -> false end},
+      'ListVariables' => {rules, #{session_id => S, pattern => <<>>}, fun(R) -> R =:= {reply, #{variables => []}} end},
+      'DeleteVariable' => {rules, V, Denied},
+      'WatchVariables' => {rules, #{session_id => S, variable_identifiers => [<<"secret">>],
+                                    include_initial_values => true}, Denied},
+      'GetVariableHistory' => {rules, V#{limit => 0}, Denied},
+      'RollbackVariable' => {rules, V#{target_version => 0}, Denied},
+      'StartOptimization' => {rules, V#{optimizer_id => <<"o">>, optimizer_config => #{}}, Denied},
+      'StopOptimization' => {rules, V#{force => true, optimizer_id => <<"o">>, apply_best => true}, Denied},
+      'GetOptimizationStatus' => {rules, V, Denied},
+      'ReportOptimizationProgress' => {rules, V#{optimizer_id => <<"o">>, iteration => 1,
+                                                 value => any(<<"string">>, <<"x">>), metrics_json => undefined,
+                                                 binary_value => <<>>}, Denied},
+      'SetVariablePermissions' => {rules, V#{rules => [#{session_pattern => <<"*">>, permissions => [<<"read">>],
+                                                         conditions_json => undefined}]}, Denied},
+      'StartStudy' => {rules, #{session_id => S, variables => [<<"knob">>], algorithm => <<"random">>,
+                                direction => <<"minimize">>, budget => 5, seed => 1, idle_timeout_ms => 0,
+                                lock_timeout_ms => 100}, Denied},
+      'AskTrial' => {rules, #{session_id => S, study_id => Study}, NotFound},
+      'TellTrial' => {rules, #{session_id => S, study_id => Study, trial_id => 0, failed => false, score => 1.0}, NotFound},
+      'GetStudy' => {rules, #{session_id => S, study_id => Study, include_trials => true}, NotFound},
+      'StopStudy' => {rules, #{session_id => S, study_id => Study, apply_best => true}, NotFound},
+      %% the tools' own allow lists decide (dspex_tools); no tool here allows anyone
+      'GetExposedElixirTools' => {rules, #{session_id => S}, fun({reply, #{tools := Ts}}) -> is_list(Ts); (_) -> false end},
+      'ExecuteElixirTool' => {rules, #{session_id => S, tool_name => <<"nope">>, parameters => #{}},
+                              fun(R) -> element(1, R) =:= error end},
+      'ExecuteTool' => {rules, #{session_id => S, tool_name => <<"nope">>, parameters => #{}},
+                        fun(R) -> element(1, R) =:= error end},
+      'ExecuteStreamingTool' => {rules, #{session_id => S, tool_name => <<"nope">>, parameters => #{}}, skip}},
+    %% a new RPC in the .proto must be added here (and given a rule) before this passes
+    ?assertEqual(Rpcs, lists:sort(maps:keys(Table))),
+    As = #{<<"dspex-principal">> => P},
+    [begin
+         ?assertEqual({M, Rule}, {M, dspex_grpc_handler:principal_rule(M)}),
+         case {Req, Check} of
+             {skip, _} -> ok;
+             {_, skip} -> ok;
+             _ ->
+                 R = dspex_grpc_handler:handle(M, Req, #{ctx => {undefined, undefined}, meta => As,
+                                                         deadline => infinity, opts => acl(As)},
+                                               {undefined, undefined}),
+                 ?assertEqual({M, true, R}, {M, Check(R), R})
+         end
+     end || {M, {Rule, Req, Check}} <- maps:to_list(Table)],
+    %% nothing of the victim changed: same variables, values, versions and graph
+    ?assertEqual(Before, dspex_store:export_session(S)),
+    {reply, _} = dspex_opt_grpc:stop_study(#{session_id => S, study_id => Study, apply_best => false}, #{}),
+    %% the session itself is not refused by the gate
+    {reply, #{variables := [<<"other">>]}} = call('GetDependencies', V, #{<<"dspex-principal">> => S}).

@@ -18,7 +18,8 @@ locks_test_() ->
       fun progress_and_apply_best/0, fun racing_acquirers_never_overlap/0, fun bad_options/0,
       fun principal_that_does_not_parse_is_refused/0, fun acquire_cut_by_a_call_timeout_is_withdrawn/0,
       fun lock_goes_with_its_deleted_session/0,
-      fun lock_goes_with_its_expired_session/0, fun longest_timeout_waits/0]}.
+      fun lock_goes_with_its_expired_session/0, fun longest_timeout_waits/0,
+      fun apply_best_writes_as_the_locks_principal/0]}.
 
 %% Each test kills the lock server (the supervisor allows 5 restarts in 10 s):
 %% a fresh application per test.
@@ -505,3 +506,22 @@ longest_timeout_waits() ->
     await_queued(S, x, W),
     ok = dspex_locks:release(L),
     ?assertMatch({ok, #{optimizer := b}}, next(waited, W)).
+
+%% apply_best is a write by the lock's holder: a principal allowed only to
+%% optimize cannot write through it (the lock is released all the same);
+%% with write permission too, it applies.
+apply_best_writes_as_the_locks_principal() ->
+    S = session(),
+    P = <<"opt_bot">>,
+    ok = dspex_acl:set_permissions(S, x, [#{session_pattern => P, permissions => [optimize]}]),
+    {ok, L} = dspex_locks:acquire(S, x, bot, #{as => P, conflict => abort}),
+    ?assertEqual({error, access_denied}, dspex_store:set(S, x, 0.9, #{as => P, lock => L})),
+    ok = dspex_locks:report_progress(L, 1, 0.99, #{}),
+    ?assertMatch({ok, #{applied := false, apply_error := access_denied}}, dspex_locks:stop(L, #{apply_best => true})),
+    ?assertEqual({ok, 0.5}, dspex_store:get_value(S, x)),
+    ?assertEqual({ok, #{locked => false, waiters => 0}}, dspex_locks:status(S, x)),
+    ok = dspex_acl:set_permissions(S, x, [#{session_pattern => P, permissions => [optimize, write]}]),
+    {ok, L2} = dspex_locks:acquire(S, x, bot, #{as => P, conflict => abort}),
+    ok = dspex_locks:report_progress(L2, 1, 0.75, #{}),
+    ?assertMatch({ok, #{applied := true}}, dspex_locks:stop(L2, #{apply_best => true})),
+    ?assertEqual({ok, 0.75}, dspex_store:get_value(S, x)).

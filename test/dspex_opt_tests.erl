@@ -53,7 +53,8 @@ opt_test_() ->
       fun selection_filters_by_capability/0, fun selection_learns_from_performance/0,
       fun finished_runs_feed_selection/0, fun bad_options/0, fun spaces_past_the_kernels_bounds_refused_at_start/0,
       fun extreme_bounds_and_scores/0, fun regret_is_kept_per_direction/0, fun bad_principal_raises_in_the_caller/0,
-      fun run_timeout_bounds_a_fun_evaluation/0, fun registry_arguments_checked/0]}.
+      fun run_timeout_bounds_a_fun_evaluation/0, fun registry_arguments_checked/0,
+      fun run_ends_when_its_session_is_deleted/0, fun apply_best_needs_write_for_a_principal/0]}.
 
 space_refuses_unsupported_and_unbounded() ->
     S = session(),
@@ -683,3 +684,25 @@ registry_arguments_checked() ->
     ?assertEqual({error, {invalid_argument, task_class}}, dspex_opt:record_performance(tpe, {foo, -5, 0, true}, 0.2)),
     ?assertEqual({error, {invalid_argument, task_class}}, dspex_opt:record_performance(tpe, {continuous, 3, 7, false}, 0.2)),
     ok = dspex_opt:record_performance(tpe, {continuous, 5, 50, false}, 0.2).
+
+%% Deleting the session takes the run's locks: the run ends with them, and
+%% every later call says so instead of asking on for nothing.
+run_ends_when_its_session_is_deleted() ->
+    S = session(),
+    {ok, Run} = dspex_opt:start(S, [x], #{budget => 5}),
+    MRef = monitor(process, Run),
+    ok = dspex_store:delete_session(S),
+    receive {'DOWN', MRef, process, Run, normal} -> ok end,
+    ?assertEqual({error, run_not_found}, dspex_opt:ask(Run)),
+    ?assertEqual({error, run_not_found}, dspex_opt:stop(Run, #{apply_best => true})).
+
+%% A run started `as' a principal applies its best as that principal: with
+%% only `optimize' nothing is written.
+apply_best_needs_write_for_a_principal() ->
+    S = session(),
+    P = <<"opt_bot">>,
+    ok = dspex_acl:set_permissions(S, x, [#{session_pattern => P, permissions => [optimize]}]),
+    {ok, Run} = dspex_opt:start(S, [x], #{as => P, budget => 3, seed => 1, algorithm => random}),
+    [begin {ok, Id, _} = dspex_opt:ask(Run), ok = dspex_opt:tell(Run, Id, 1.0) end || _ <- [1, 2, 3]],
+    ?assertMatch({ok, #{applied := false, apply_errors := [access_denied]}}, dspex_opt:stop(Run, #{apply_best => true})),
+    ?assertEqual({ok, 0.0}, dspex_store:get_value(S, x)).

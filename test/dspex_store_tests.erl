@@ -811,3 +811,19 @@ ttl_every_600ms(Tries) ->
             _ = dspex_store:delete_session(S),
             ttl_every_600ms(Tries - 1)
     end.
+
+%% The call's principal applies to every update of a batch: an update's own
+%% `as' cannot lift it (here: back to the session itself).
+set_many_call_principal_wins_test() ->
+    application:ensure_all_started(dspex_bridge),
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    ok = dspex_acl:set_permissions(S, x, [#{session_pattern => any, permissions => [read]}]),
+    As = #{as => <<"other">>},
+    ?assertMatch({ok, #{updated := Up, errors := #{x := access_denied}}} when map_size(Up) =:= 0,
+                 dspex_store:set_many(S, [{x, 0.72, #{as => undefined}}], As)),
+    ?assertMatch({error, {batch_failed, #{x := access_denied}}},
+                 dspex_store:set_many(S, [{x, 0.72, #{as => S}}], As#{atomic => true})),
+    ?assertEqual({ok, 0.5}, dspex_store:get_value(S, x)),
+    %% no principal in the call: an update may still restrict itself
+    ?assertMatch({ok, #{errors := #{x := access_denied}}}, dspex_store:set_many(S, [{x, 0.6, As}], #{})).

@@ -378,6 +378,23 @@ DX_NIF(nif_session_get_rate) {
     return enif_make_tuple2(env, ATOM_ok, m);
 }
 
+/* session_take(Session) -> ok | {error, rate_limited | session_not_found}: one
+ * token of the session's bucket, for the operations metered outside the store's
+ * own NIFs (graph, event log, access queries; see dspex_acl:set_rate_limit/3).
+ * A refusal is audited as the store's are. */
+DX_NIF(nif_session_take) {
+    dx_str sid;
+    if (!enif_is_binary(env, argv[0])) return enif_make_badarg(env);
+    dx_ebr_enter();
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
+    int limited = s && s->rate > 0 && dx_session_take(s, dx_now_ns());
+    dx_ebr_exit();
+    if (!s) return dx_error(env, ATOM_session_not_found);
+    if (!limited) return ATOM_ok;
+    dx_audit(env, ATOM_dspex_rate_limited, argv[0], ATOM_undefined, NULL, 0);
+    return dx_error(env, ATOM_rate_limited);
+}
+
 /* session_set_rate(Session, Rate, Burst): 0 rate turns limiting off. */
 DX_NIF(nif_session_set_rate) {
     dx_str sid;

@@ -157,6 +157,7 @@ static ErlNifFunc funcs[] = {
     {"acl_validate", 1, nif_acl_validate, 0},
     {"session_set_rate", 3, nif_session_set_rate, 0},
     {"session_get_rate", 1, nif_session_get_rate, 0},
+    {"session_take", 1, nif_session_take, 0},
     DX_METRICS_FUNCS,
     {"lock_token_floor", 1, nif_lock_token_floor, 0},
     {"replica_apply_batch", 3, nif_replica_apply_batch, 0},

@@ -74,6 +74,7 @@ DX_NIF(nif_lock_token_floor); DX_NIF(nif_replica_apply_batch); DX_NIF(nif_lock_l
 DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_filter); DX_NIF(nif_acl_validate);
 DX_NIF(nif_session_set_rate);
 DX_NIF(nif_session_get_rate);
+DX_NIF(nif_session_take);
 DX_NIF(nif_sched_stats); DX_NIF(nif_rawbuf_debug);
 DX_NIF(nif_cache_get); DX_NIF(nif_cache_get_value); DX_NIF(nif_cache_arm); DX_NIF(nif_cache_take_ref);
 DX_NIF(nif_cache_clock); DX_NIF(nif_cache_gen); DX_NIF(nif_cache_hits); DX_NIF(nif_cache_config); DX_NIF(nif_cache_info);

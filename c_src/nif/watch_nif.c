@@ -332,6 +332,12 @@ DX_NIF(nif_watch) {
         r = dx_error(env, ATOM_session_not_found);
         goto out;
     }
+    /* a watch is an operation on the session like a read: one token */
+    if (s->rate > 0 && dx_session_take(s, dx_now_ns())) {
+        r = dx_error(env, ATOM_rate_limited);
+        dx_audit(env, ATOM_dspex_rate_limited, argv[0], ATOM_undefined, &p, 0);
+        goto out;
+    }
     l = argv[1];
     for (unsigned i = 0; enif_get_list_cell(env, l, &h, &l); i++) {
         char kb[DX_ATOM_TEXT];

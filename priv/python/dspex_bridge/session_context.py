@@ -151,7 +151,9 @@ class SessionContext:
     timeout: default deadline of each call, in seconds (None: no deadline).
     principal / context: act as another session (request metadata
     ``dspex-principal`` / ``dspex-context``) on this session's variables; the
-    server checks its access rules.
+    server checks its access rules. Calls on the session as a whole
+    (registering, cleanup, dependencies, the event log, the dashboard) are
+    the session's own: another principal gets AccessDeniedError.
     strict: ``ctx[name] = value`` never registers a missing variable.
     binary_threshold: embeddings/tensors whose float64 size exceeds it travel
     in binary_value (None: always JSON).
