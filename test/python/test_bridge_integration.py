@@ -646,6 +646,22 @@ class Access(BridgeCase):
             intruder.set_variable_permissions("secret", [{"session_pattern": "*",
                                                           "permissions": ["write"]}])
 
+    def test_a_context_of_another_principal_reads_by_the_rules_and_owns_nothing(self):
+        self.ctx.register_variable("shared", "float", 0.25)
+        self.ctx.set_variable_permissions("shared", [{"session_pattern": "reader_*", "permissions": ["read"]}])
+        # built directly with a principal: no InitializeSession (the session's own call)
+        reader = SessionContext(self.channel, self.session, principal="reader_1", cache_ttl=0)
+        self.assertEqual(reader["shared"], 0.25)
+        with self.assertRaises(AccessDeniedError):
+            reader.update_variable("shared", 0.5)
+        for own in (lambda: reader.register_variable("planted", "float", 0.0),
+                    lambda: reader.get_events(),
+                    lambda: reader.state_at(sequence=1),
+                    lambda: reader.initialize()):
+            with self.assertRaises(AccessDeniedError):
+                own()
+        self.assertNotIn("planted", self.ctx.list_variables())
+
 
 class Dashboard(BridgeCase):
     def test_dashboard(self):

@@ -146,7 +146,9 @@ class SessionContext:
 
     target: a ``grpc.Channel``, or an address ("host:port") for which the
     context opens (and ``close()`` closes) its own channel.
-    create: call InitializeSession first (idempotent on the server).
+    create: call InitializeSession first (idempotent on the server); by
+    default only when the context acts as the session itself (a context with
+    another ``principal`` may not create or initialise the session).
     cache_ttl: seconds a read may be served from the client cache (0: never).
     timeout: default deadline of each call, in seconds (None: no deadline).
     principal / context: act as another session (request metadata
@@ -159,7 +161,7 @@ class SessionContext:
     in binary_value (None: always JSON).
     """
 
-    def __init__(self, target=DEFAULT_ADDRESS, session_id="default", *, create=True,
+    def __init__(self, target=DEFAULT_ADDRESS, session_id="default", *, create=None,
                  metadata=None, cache_ttl=5.0, timeout=30.0, principal=None,
                  context=None, strict=False, binary_threshold=codec.DEFAULT_BINARY_THRESHOLD,
                  max_message_bytes=DEFAULT_MAX_MESSAGE, cleanup_on_exit=False):
@@ -185,6 +187,8 @@ class SessionContext:
             self._metadata.append(("dspex-context", json.dumps(context)))
         self._principal = principal
         self._context = context
+        if create is None:
+            create = principal is None or principal == session_id
         if create:
             try:
                 self.initialize(metadata)
