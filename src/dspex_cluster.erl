@@ -7,6 +7,7 @@
 %%   replicas => 1,                             % R (default 1)
 %%   replication => sync | async,               % default sync
 %%   backend => static | etcd,                  % ownership backend (default static)
+%%   keepalive_ms => 5000,                      % replica TTL refresh / expiry period
 %%   read => any | majority,                    % reads without a quorum: served marked stale, or refused
 %%   route_deadline_ms => 8000,                 % how long routing retries a call
 %%   replica_timeout_ms => 5000,                % sync: a replica slower than this fails writes (replica_slow)
