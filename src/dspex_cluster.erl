@@ -7,6 +7,7 @@
 %%   replicas => 1,                             % R (default 1)
 %%   replication => sync | async,               % default sync
 %%   backend => static | etcd,                  % ownership backend (default static)
+%%   keepalive_ms => 5000,                      % replica TTL refresh / expiry period
 %%   read => any | majority,                    % reads without a quorum: served marked stale, or refused
 %%   route_deadline_ms => 8000,                 % how long routing retries a call
 %%   replica_timeout_ms => 5000,                % sync: a replica slower than this fails writes (replica_slow)
@@ -177,6 +178,9 @@ owner_read(S, {M, F}, Args, Mode) ->
 %% read route again, so it never returns a value the next owner's copy may
 %% lack. See dspex_cluster_shipper:shipped_table/0. A stale read (served
 %% without settling, marked so) is answered as it is.
+committed(_S, _V, #{status := current, epoch := 0}, Read, _Until) ->
+    %% a session no live member holds: nothing committed to wait for
+    {ok, Read()};
 committed(S, #{gen := Gen}, #{status := current, epoch := E}, Read, Until) ->
     Result = Read(),
     case dspex_cluster_shipper:await_committed(S, Until) of
@@ -197,6 +201,9 @@ read_here(S, V, Mode) ->
         Me when Me =:= node() ->
             case settle(S, V) of
                 {ok, Epoch} -> {serve, #{status => current, node => node(), epoch => Epoch}};
+                %% no live member holds it (see dspex_cluster_writer:ensure/3):
+                %% served here, as current, without taking it over (epoch 0)
+                {error, session_not_found} -> {serve, #{status => current, node => node(), epoch => 0}};
                 {error, {not_owner, Next}} -> {dspex_cluster_redirect, Next};
                 {error, no_quorum} -> stale_or_refuse(S, Mode, no_quorum, {dspex_cluster_refused, no_quorum});
                 {error, {retry, Why}} -> stale_or_refuse(S, Mode, Why, {dspex_cluster_retry, Why});
@@ -360,7 +367,12 @@ unreachable(S, Op, Args, D, _V, Redirected, Fun) -> again(S, Op, Args, D, undefi
 write(S, Op, Args, Deadline, Target0) ->
     V = dspex_cluster_members:view(),
     case target(S, V, Target0) of
-        none -> {error, no_quorum};
+        %% no eligible node: without a quorum, or every live node draining
+        none ->
+            case quorum_here(V) of
+                true -> {error, {unavailable, draining}};
+                false -> {error, no_quorum}
+            end;
         Owner ->
             case Owner =:= node() orelse lists:member(Owner, nodes()) of
                 false -> unreachable(S, Op, Args, Deadline, V, Target0, fun write/5);
@@ -491,17 +503,29 @@ call(S, {M, F} = Op, Args, Local, Deadline, Target0) ->
 
 %% Before serving a call as owner, re-establish ownership if the view changed
 %% (the newest copy may be on another node): `{ok, Epoch}' of the copy here,
-%% or why it could not be (`no_quorum', `{not_owner, Node}', `{retry, Why}').
-settle(S, #{gen := Gen}) ->
+%% or why it could not be (`no_quorum', `{not_owner, Node}', `{retry, Why}'),
+%% or `session_not_found' when no live member ever held a copy: checked here
+%% in the caller first, so that reads of unknown ids (any client can send
+%% them) take no writer's time and leave nothing behind; the writer checks
+%% again (dspex_cluster_writer:ensure/3) before taking anything over.
+settle(S, #{gen := Gen, live := Live} = V) ->
     case dspex_cluster_replica:row(S) of
         {S, E, _, Me, _, Gen, F} when Me =:= node(), F =< E -> {ok, E};
-        _ ->
-            try gen_server:call(dspex_cluster_writer:name(S), {ensure, S}, ?CALL_TIMEOUT) of
-                {ok, #{epoch := E}} -> {ok, E};
-                {error, _} = Err -> Err
-            catch exit:{timeout, _} -> {error, {retry, timeout}};
-                  exit:{Why, _} -> {error, {retry, {writer_down, Why}}}
+        {S, E, Seq, _, _, _, F} ->
+            Here = {E, Seq, F, element(1, dspex_nif:session_get(S)) =:= ok},
+            case dspex_cluster_replica:never_held(Here) andalso quorum_here(V)
+                andalso not held_anywhere(S, Live -- [node()]) of
+                true -> {error, session_not_found};
+                false -> ensure_here(S)
             end
+    end.
+
+ensure_here(S) ->
+    try gen_server:call(dspex_cluster_writer:name(S), {ensure, S}, ?CALL_TIMEOUT) of
+        {ok, #{epoch := E}} -> {ok, E};
+        {error, _} = Err -> Err
+    catch exit:{timeout, _} -> {error, {retry, timeout}};
+          exit:{Why, _} -> {error, {retry, {writer_down, Why}}}
     end.
 
 %% The routing state of one call: until when it may be retried (the view's
@@ -593,6 +617,8 @@ cluster_status() ->
 %% pushes it to its replicas) and returns the epoch and sequence number it
 %% took over at. Writes meanwhile are redirected to the new owner by
 %% `route/4'; a write in flight at the switch may see `{error, {retry, fenced}}'.
+%% A session no live member holds is `{error, session_not_found}', with
+%% nothing pinned.
 -spec migrate_session(binary(), node()) -> {ok, #{epoch := pos_integer(), seq := non_neg_integer()}} | {error, term()}.
 migrate_session(S, Node) when is_binary(S), is_atom(Node) ->
     dspex_telemetry:span([dspex, cluster, migrate], #{session => S, node => Node}, fun() ->
@@ -602,12 +628,31 @@ migrate_session(S, Node) when is_binary(S), is_atom(Node) ->
                     case lists:member(Node, El) of
                         false -> {error, {not_eligible, Node}};
                         true ->
-                            _ = erpc:multicall(Live, dspex_cluster_members, set_override, [S, Node], ?CALL_TIMEOUT),
-                            ensure_on(Node, S)
+                            case held_anywhere(S, Live) of
+                                false -> {error, session_not_found};
+                                true ->
+                                    _ = erpc:multicall(Live, dspex_cluster_members, set_override, [S, Node], ?CALL_TIMEOUT),
+                                    case ensure_on(Node, S) of
+                                        {error, session_not_found} = NotFound ->
+                                            %% gone meanwhile: the pin goes too
+                                            _ = erpc:multicall(Live, dspex_cluster_members, set_override,
+                                                               [S, undefined], ?CALL_TIMEOUT),
+                                            NotFound;
+                                        Other -> Other
+                                    end
+                            end
                     end
             end,
         {R, #{session => S, node => Node, result => R}}
     end).
+
+%% Whether a live member may hold (or have held) a copy of `S': false only
+%% when every one answered that it never did.
+held_anywhere(S, Live) ->
+    Answers = erpc:multicall(Live, dspex_cluster_replica, state, [S], ?CALL_TIMEOUT),
+    not lists:all(fun({ok, {_, _, _, _} = St}) -> dspex_cluster_replica:never_held(St);
+                     (_) -> false
+                  end, Answers).
 
 ensure_on(Node, S) ->
     try gen_server:call({dspex_cluster_writer:name(S), Node}, {ensure, S}, ?CALL_TIMEOUT)
@@ -617,15 +662,23 @@ ensure_on(Node, S) ->
 %% @doc Drains `Node': marks it draining on every live member (it owns and
 %% replicates nothing from then on) and has it hand each session it owns to
 %% the session's new owner. `{ok, Moved}' with the number of sessions moved.
+%% Refused with nothing changed: `{error, not_clustered}', `{error,
+%% {not_live, Node}}', `{error, no_other_owner}' (no other live node that is
+%% not draining could own its sessions: every write would be refused). A
+%% handoff that fails midway (`{error, Reason}' of the first session that
+%% could not move) leaves `Node' draining: the sessions moved so far stay
+%% moved, the others move on their next access or on a repeated `drain/1';
+%% `undrain/1' ends the drain.
 -spec drain(node()) -> {ok, non_neg_integer()} | {error, term()}.
 drain(Node) when is_atom(Node) ->
     dspex_telemetry:span([dspex, cluster, drain], #{node => Node}, fun() ->
         R = case enabled() andalso dspex_cluster_members:view() of
                 false -> {error, not_clustered};
-                #{live := Live} ->
-                    case lists:member(Node, Live) of
-                        false -> {error, {not_live, Node}};
-                        true ->
+                #{live := Live, eligible := El} ->
+                    case {lists:member(Node, Live), El -- [Node]} of
+                        {false, _} -> {error, {not_live, Node}};
+                        {true, []} -> {error, no_other_owner};
+                        {true, _} ->
                             _ = erpc:multicall(Live, dspex_cluster_members, set_draining, [Node, true], ?CALL_TIMEOUT),
                             Moved = try erpc:call(Node, ?MODULE, handoff_all, [], 60000)
                                     catch error:Why -> {error, {unavailable, Why}}

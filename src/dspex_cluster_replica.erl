@@ -40,7 +40,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/4,
-         row/1, current_row/1, put_row/1, table/0, replace/2]).
+         row/1, current_row/1, put_row/1, table/0, replace/2, never_held/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
@@ -106,6 +106,13 @@ apply_change(S, Epoch, Seq, Owner, P) -> call(S, {apply, S, Epoch, Seq, Owner, P
 %% @doc `{Epoch, Seq, Fence, Present}' of the session here.
 -spec state(binary()) -> {non_neg_integer(), non_neg_integer(), non_neg_integer(), boolean()} | {error, timeout}.
 state(S) -> call(S, {state, S}).
+
+%% @doc Whether a `state/1' answer is that of a node that never held a copy
+%% of the session (a fence alone, from a takeover, leaves epoch and seq at 0;
+%% a deletion replicated here has seq > 0).
+-spec never_held({non_neg_integer(), non_neg_integer(), non_neg_integer(), boolean()}) -> boolean().
+never_held({0, 0, _, false}) -> true;
+never_held({_, _, _, _}) -> false.
 
 %% The seq this owner's fast-path sets reached (dspex_cluster_writer), when
 %% ahead of the row's.

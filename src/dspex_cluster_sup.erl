@@ -10,6 +10,10 @@
 -export([start_link/0, init/1, config/0, config_of/1]).
 
 -define(POOL, 8).
+%% the keys of the configuration (see dspex_cluster's module doc and the README)
+-define(KEYS, [nodes, replicas, replication, backend, keepalive_ms, read, route_deadline_ms,
+               replica_timeout_ms, etcd, cache]).
+-define(MAX_MS, 4294967295).
 
 %% @doc Starts the supervisor.
 -spec start_link() -> {ok, pid()} | {error, term()}.
@@ -24,35 +28,80 @@ config() ->
     end.
 
 %% @doc The cluster configuration `C' (the application environment's
-%% `cluster') with its defaults, or `{error, {invalid_argument, Key}}'.
+%% `cluster') with its defaults, or `{error, {invalid_argument, Key}}' (the
+%% cluster does not start): every key is checked here, so that a bad value
+%% is this error at start rather than a crash in the process that first uses
+%% it, or a cluster that starts and refuses every write (`nodes' without this
+%% node); a key this module does not know is `{invalid_argument, {unknown_key,
+%% Key}}' (a typo such as `replicaz' would otherwise be ignored silently).
 -spec config_of(term()) -> map() | {error, {invalid_argument, term()}}.
-config_of(C) ->
-    case is_map(C) of
+config_of(C) when is_map(C) ->
+    case [K || K <- maps:keys(C), not lists:member(K, ?KEYS)] of
+        [] -> checked(C);
+        [K | _] -> {error, {invalid_argument, {unknown_key, K}}}
+    end;
+config_of(_) -> {error, {invalid_argument, cluster}}.
+
+checked(C) ->
+    Nodes0 = maps:get(nodes, C, [node()]),
+    Backend = case maps:get(backend, C, static) of
+                  static -> dspex_owner_static;
+                  etcd -> dspex_owner_etcd;
+                  M -> M
+              end,
+    R = maps:get(replicas, C, 1),
+    Mode = maps:get(replication, C, sync),
+    Read = maps:get(read, C, any),
+    Keepalive = maps:get(keepalive_ms, C, 5000),
+    Deadline = maps:get(route_deadline_ms, C, 8000),
+    RTimeout = maps:get(replica_timeout_ms, C, 5000),
+    Etcd = maps:get(etcd, C, #{}),
+    CacheOk = cache_config(maps:get(cache, C, #{})),
+    if
+        %% this node among them: a node outside its own list never counts
+        %% itself live, so it would have no quorum and refuse every write
+        not is_list(Nodes0) orelse Nodes0 =:= [] -> {error, {invalid_argument, nodes}};
         true ->
-            Nodes = lists:usort(maps:get(nodes, C, [node()])),
-            Backend = case maps:get(backend, C, static) of
-                          static -> dspex_owner_static;
-                          etcd -> dspex_owner_etcd;
-                          M -> M
-                      end,
-            R = maps:get(replicas, C, 1),
-            Mode = maps:get(replication, C, sync),
-            Read = maps:get(read, C, any),
-            Deadline = maps:get(route_deadline_ms, C, 8000),
-            RTimeout = maps:get(replica_timeout_ms, C, 5000),
-            CacheOk = cache_config(maps:get(cache, C, #{})),
-            if
-                not is_integer(R) orelse R < 0 -> {error, {invalid_argument, replicas}};
-                Mode =/= sync andalso Mode =/= async -> {error, {invalid_argument, replication}};
-                Read =/= any andalso Read =/= majority -> {error, {invalid_argument, read}};
-                not is_integer(Deadline) orelse Deadline < 1 -> {error, {invalid_argument, route_deadline_ms}};
-                not is_integer(RTimeout) orelse RTimeout < 1 -> {error, {invalid_argument, replica_timeout_ms}};
-                CacheOk =/= ok -> CacheOk;
-                true -> C#{nodes => Nodes, backend => Backend, replicas => R, replication => Mode, read => Read,
-                           route_deadline_ms => Deadline, replica_timeout_ms => RTimeout}
-            end;
-        false -> {error, {invalid_argument, cluster}}
+            case atoms(Nodes0) andalso lists:member(node(), Nodes0) of
+                false -> {error, {invalid_argument, nodes}};
+                true when not is_integer(R) orelse R < 0 -> {error, {invalid_argument, replicas}};
+                true when Mode =/= sync, Mode =/= async -> {error, {invalid_argument, replication}};
+                true when Read =/= any, Read =/= majority -> {error, {invalid_argument, read}};
+                true ->
+                    case backend_ok(Backend) of
+                        false -> {error, {invalid_argument, backend}};
+                        %% erlang:send_after/3 takes at most 2^32 - 1 ms
+                        true when not is_integer(Keepalive) orelse Keepalive < 1 orelse Keepalive > ?MAX_MS ->
+                            {error, {invalid_argument, keepalive_ms}};
+                        true when not is_integer(Deadline) orelse Deadline < 1 ->
+                            {error, {invalid_argument, route_deadline_ms}};
+                        true when not is_integer(RTimeout) orelse RTimeout < 1 ->
+                            {error, {invalid_argument, replica_timeout_ms}};
+                        true when not is_map(Etcd) ->
+                            {error, {invalid_argument, etcd}};
+                        true when CacheOk =/= ok -> CacheOk;
+                        true ->
+                            C#{nodes => lists:usort(Nodes0), backend => Backend, replicas => R,
+                               replication => Mode, read => Read, keepalive_ms => Keepalive,
+                               route_deadline_ms => Deadline, replica_timeout_ms => RTimeout}
+                    end
+            end
     end.
+
+%% A proper list of atoms.
+atoms([N | T]) when is_atom(N) -> atoms(T);
+atoms(L) -> L =:= [].
+
+%% `static', `etcd', or a loadable module implementing the
+%% dspex_cluster_owner behaviour (the supervisor calls its child_specs/1).
+backend_ok(M) when is_atom(M) ->
+    case code:ensure_loaded(M) of
+        {module, M} ->
+            lists:all(fun({F, A}) -> erlang:function_exported(M, F, A) end,
+                      [{child_specs, 1}, {quorum, 1}, {claim, 3}, {release, 1}]);
+        _ -> false
+    end;
+backend_ok(_) -> false.
 
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->

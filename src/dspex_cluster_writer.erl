@@ -132,7 +132,7 @@ call({write, S, Op, Args}, From, St) ->
             {reply, {{error, {retry, replica_unavailable}}, 0, node()}, St};
         V ->
             %% a session moved to another region (dspex_region:move_session/2) takes no writes here
-            case dspex_region_shipper:admit(S, ensure(S, V)) of
+            case dspex_region_shipper:admit(S, ensure(S, V, need(Op))) of
                 {ok, Own} ->
                     case write(S, Op, Args, Own, V, From) of
                         shipped -> {noreply, St};   % answered once the replicas confirmed it
@@ -155,7 +155,7 @@ call({ensure, S}, _From, St) ->
     end.
 
 ensure_reply(S, V) ->
-    case ensure(S, V) of
+    case ensure(S, V, existing) of
         {ok, {E, Seq, _}} -> {ok, #{epoch => E, seq => Seq}};
         {error, _} = Err -> Err
     end.
@@ -173,7 +173,7 @@ cast({release_if_not_owner, S}, St) ->
     %% ensure releases the backend's hold when this node is not the owner
     _ = case dspex_cluster_members:published_view() of
             undefined -> ok;
-            V -> ensure(S, V)
+            V -> ensure(S, V, existing)
         end,
     {noreply, St};
 cast({expired, S}, St) ->
@@ -361,17 +361,23 @@ reconcile(S, Attempt) ->
     end.
 
 reconcile(S, Attempt, V) ->
-    case ensure(S, V) of
+    case ensure(S, V, existing) of
         {error, Why} when Attempt < ?RECONCILE_ATTEMPTS, Why =:= no_quorum orelse element(1, Why) =:= retry ->
             erlang:send_after(?RECONCILE_BACKOFF_MS bsl Attempt, self(), {reconcile, S, Attempt + 1}),
             ok;
         _ -> ok
     end.
 
-ensure(S, #{gen := Gen, backend := Backend} = V) ->
+%% Only a write that creates the session (`create'; `need/1') takes over a
+%% session no live member knows: anything else (`existing': reads, owner
+%% calls, other writes, migrations) answers `{error, session_not_found}'
+%% then, so that requests naming unknown sessions (any client can send
+%% ids) leave no row, fence or pin behind on any node.
+ensure(S, #{gen := Gen, backend := Backend} = V, Need) ->
     case Backend:quorum(V) andalso owners_memo(S, V) of
         false -> {error, no_quorum};
-        none -> {error, no_quorum};
+        %% a quorum but no eligible node: every live node is draining
+        none -> {error, {unavailable, draining}};
         {Owner, _} when Owner =/= node() ->
             case dspex_cluster_replica:row(S) of
                 {S, _, _, Me, _, _, _} when Me =:= node() -> ok = Backend:release(S);
@@ -381,21 +387,33 @@ ensure(S, #{gen := Gen, backend := Backend} = V) ->
         {_, Reps} ->
             case dspex_cluster_replica:row(S) of
                 {S, E, Seq, Me, Reps, Gen, F} when Me =:= node(), F =< E -> {ok, {E, Seq, Reps}};
-                _ -> takeover(S, Reps, V)
+                _ -> takeover(S, Reps, V, Need)
             end
     end.
 
-takeover(S, Reps, #{live := Live} = V) ->
+%% What a write needs: the session created by it, or existing already.
+need({dspex_store, Op}) -> need(Op);
+need(Op) when Op =:= create_session; Op =:= import_session -> create;
+need(_) -> existing.
+
+takeover(S, Reps, #{live := Live} = V, Need) ->
     case dspex_cluster_replica:state(S) of
         {error, timeout} -> {error, {retry, replica_unavailable}};
-        Here -> takeover(S, Reps, V, Here, Live -- [node()])
+        Here -> takeover(S, Reps, V, Here, Live -- [node()], Need)
     end.
 
-takeover(S, Reps, #{gen := Gen, backend := Backend} = V, {E0, Seq0, F0, Present0}, Others) ->
+takeover(S, Reps, #{gen := Gen, backend := Backend} = V, {E0, Seq0, F0, Present0} = Here, Others, Need) ->
     T0 = erlang:monotonic_time(),
-    States = [St || {ok, St} <- erpc:multicall(Others, dspex_cluster_replica, state, [S], ?RPC_TIMEOUT)],
+    Answers = erpc:multicall(Others, dspex_cluster_replica, state, [S], ?RPC_TIMEOUT),
+    States = [St || {ok, {_, _, _, _} = St} <- Answers],
     Proposed = 1 + lists:max([E0, F0 | [max(E, F) || {E, _, F, _} <- States]]),
-    case Backend:claim(S, Proposed, V) of
+    %% every live member (a majority: this node has a quorum) answered that
+    %% it never held a copy: the session does not exist, and a takeover would
+    %% only install an empty one
+    Unknown = Need =:= existing andalso length(States) =:= length(Others)
+        andalso lists:all(fun dspex_cluster_replica:never_held/1, [Here | States]),
+    case Unknown orelse Backend:claim(S, Proposed, V) of
+        true -> {error, session_not_found};
         {ok, Epoch} ->
             Fenced = lists:zip(Others, erpc:multicall(Others, dspex_cluster_replica, fence, [S, Epoch], ?RPC_TIMEOUT)),
             Unfenced = [N || {N, R} <- Fenced, not is_fenced(R)],

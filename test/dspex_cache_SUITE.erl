@@ -271,10 +271,10 @@ default_mode_is_owner_and_config_is_validated(_Config) ->
     #{misses := 1, fills := 1, sessions := 1} = stats(PC),
     {ok, #{epoch := _, seq := _}} = peer:call(PC, dspex_cache, warm, [S]),
     [?assertMatch({error, {invalid_argument, {cache, _}}},
-                  peer:call(PC, dspex_cluster_sup, config_of, [#{nodes => [a], cache => Bad}]))
+                  peer:call(PC, dspex_cluster_sup, config_of, [#{cache => Bad}]))
      || Bad <- [#{mode => fast}, #{max_staleness_ms => -1}, #{max_bytes => big}]],
     ?assertEqual({error, {invalid_argument, cache}},
-                 peer:call(PC, dspex_cluster_sup, config_of, [#{nodes => [a], cache => []}])).
+                 peer:call(PC, dspex_cluster_sup, config_of, [#{cache => []}])).
 
 %% Strong mode: a write returns only after the caching node dropped its copy
 %% (checked right after the acknowledgement, without waiting); with the

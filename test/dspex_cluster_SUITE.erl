@@ -23,7 +23,8 @@
          a_replica_applies_a_run_of_sets_in_one_nif_call/1, a_write_ranks_the_nodes_once_per_view/1,
          event_sequence_continues_on_the_new_owner_after_failover/1,
          event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1,
-         event_sequence_on_one_postgres_database_across_failover/1]).
+         event_sequence_on_one_postgres_database_across_failover/1,
+         a_drain_that_would_leave_no_owner_is_refused/1, unknown_sessions_leave_no_row_on_any_node/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2, has_result/1]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
@@ -72,7 +73,8 @@ all() ->
      a_shipper_that_stops_or_is_killed_leaves_no_write_waiting,
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
-     event_sequence_on_one_postgres_database_across_failover].
+     event_sequence_on_one_postgres_database_across_failover,
+     a_drain_that_would_leave_no_owner_is_refused, unknown_sessions_leave_no_row_on_any_node].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -2030,4 +2032,64 @@ pg_failover(Url, Config) ->
     ?assertMatch([#{type := variable_updated, data := #{value := 30}}], lists:nthtail(N, New)),
     %% the events copied by the replica are the owner's rows (same id)
     ?assertEqual([Id || #{type := checkpoint, id := Id} <- Old], [Id || #{type := checkpoint, id := Id} <- New]),
+    Config.
+
+%% Two nodes drained, the third is the only owner left: its drain is refused
+%% with nothing changed (it used to mark it draining everywhere, then fail
+%% with no_owner, and every write of the cluster was no_quorum until undrain).
+a_drain_that_would_leave_no_owner_is_refused(Config) ->
+    Peers = start_cluster("dspex_drain1", #{replicas => 1, replication => sync}),
+    put(peers, Peers),
+    [{A, PA}, {B, _}, {C, _}] = Peers,
+    S = <<"drain1_s">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 0]),
+    {ok, _} = peer:call(PA, dspex_cluster, drain, [B]),
+    {ok, _} = peer:call(PA, dspex_cluster, drain, [C]),
+    ?assertEqual({error, no_other_owner}, peer:call(PA, dspex_cluster, drain, [A])),
+    [?assertMatch(#{draining := [_, _], quorum := true}, peer:call(P, dspex_cluster, cluster_status, []))
+     || {_, P} <- Peers],
+    [?assertEqual(lists:sort([B, C]), maps:get(draining, peer:call(P, dspex_cluster, cluster_status, [])))
+     || {_, P} <- Peers],
+    %% A owns everything and takes writes from every node
+    [?assertMatch({ok, _}, peer:call(P, dspex_store, set, [S, x, 1])) || {_, P} <- Peers],
+    ?assertEqual({ok, A}, peer:call(PA, dspex_cluster, owner_of, [S])),
+    [ok = peer:call(PA, dspex_cluster, undrain, [N]) || N <- [B, C]],
+    Config.
+
+%% Reads, exists, read_status, writes and migrations of sessions that do not
+%% exist, made on every node of a three-node cluster (R = 2: every node is a
+%% replica of everything), leave no row on any node and take nothing over;
+%% a session that exists is served as before, also after its owner died
+%% (only its replicas hold it then).
+unknown_sessions_leave_no_row_on_any_node(Config) ->
+    Peers = start_cluster("dspex_ghost", #{replicas => 2, replication => sync}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    Tab = dspex_cluster_replica:table(),
+    S = <<"ghost_real">>,
+    {ok, _} = peer:call(PA, dspex_store, create_session, [S]),
+    {ok, _} = peer:call(PA, dspex_store, register, [S, x, integer, 5]),
+    Rows = fun() -> [peer:call(P, ets, info, [Tab, size]) || {_, P} <- Peers] end,
+    Rows0 = Rows(),
+    Ids = [<<"ghost_", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 100)],
+    [begin
+         ?assertEqual({error, session_not_found}, peer:call(P, dspex_store, get, [G, x])),
+         ?assertEqual(false, peer:call(P, dspex_store, exists, [G, x])),
+         ?assertMatch({ok, #{status := current, epoch := 0}}, peer:call(P, dspex_cluster, read_status, [G])),
+         ?assertEqual({error, session_not_found}, peer:call(P, dspex_store, set, [G, x, 1]))
+     end || {_, P} <- Peers, G <- Ids],
+    [?assertEqual({error, session_not_found}, peer:call(P, dspex_cluster, migrate_session, [hd(Ids), N]))
+     || {N, P} <- Peers],
+    ?assertEqual(Rows0, Rows()),
+    [?assertEqual(#{}, maps:get(overrides, peer:call(P, dspex_cluster_members, view, []))) || {_, P} <- Peers],
+    %% the real session, from every node
+    [?assertEqual({ok, 5}, peer:call(P, dspex_store, get_value, [S, x])) || {_, P} <- Peers],
+    %% its owner killed: a replica takes over on the first read
+    {ok, Owner} = peer:call(PA, dspex_cluster, owner_of, [S]),
+    [{_, PR} | _] = Rest = [NP || {N, _} = NP <- Peers, N =/= Owner],
+    ok = kill_node(Owner, Peers),
+    ok = wait_until(fun() -> peer:call(PR, dspex_cluster, owner_of, [S]) =/= {ok, Owner} end, 20000, view_moved),
+    [?assertEqual({ok, 5}, peer:call(P, dspex_store, get_value, [S, x])) || {_, P} <- Rest],
+    ?assertEqual({error, session_not_found}, peer:call(PR, dspex_store, get, [hd(Ids), x])),
     Config.

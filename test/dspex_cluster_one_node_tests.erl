@@ -1,0 +1,144 @@
+%% EUnit: the cluster layer on a one-node cluster (this node, not
+%% distributed, `replicas => 0'): the configuration is checked before
+%% anything starts, a drain that would leave no owner is refused with nothing
+%% changed, and calls naming sessions that do not exist leave no state behind.
+-module(dspex_cluster_one_node_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+-define(ONE, #{nodes => [node()], replicas => 0}).
+
+one_node_test_() ->
+    {setup, fun() -> {ok, _} = application:ensure_all_started(dspex_bridge) end,
+     fun(_) -> ok end,
+     [{"the configuration is checked at start", fun configuration_is_checked/0},
+      {"a bad configuration stops the cluster from starting", fun bad_configuration_does_not_start/0},
+      {"drain of the only owner is refused, nothing changed",
+       fun() -> with_cluster(fun drain_of_the_only_owner_is_refused/0) end},
+      {"writes while every node drains say so",
+       fun() -> with_cluster(fun writes_while_every_node_drains_say_so/0) end},
+      {"calls on unknown sessions leave nothing behind",
+       fun() -> with_cluster(fun unknown_sessions_leave_nothing_behind/0) end}]}.
+
+%% The application's cluster supervisor restarted as a one-node cluster, F
+%% run, then restarted without a cluster again.
+with_cluster(F) ->
+    application:set_env(dspex_bridge, cluster, ?ONE),
+    try
+        restart_cluster(),
+        true = dspex_cluster:enabled(),
+        %% the membership server publishes its first view on start
+        ok = wait_until(fun() -> dspex_cluster_members:published_view() =/= undefined end, 5000),
+        F()
+    after
+        application:unset_env(dspex_bridge, cluster),
+        restart_cluster()
+    end.
+
+restart_cluster() ->
+    ok = supervisor:terminate_child(dspex_bridge_sup, dspex_cluster_sup),
+    {ok, _} = supervisor:restart_child(dspex_bridge_sup, dspex_cluster_sup).
+
+wait_until(F, Ms) ->
+    Deadline = erlang:monotonic_time(millisecond) + Ms,
+    wait_loop(F, Deadline).
+
+wait_loop(F, Deadline) ->
+    case F() of
+        true -> ok;
+        false ->
+            case erlang:monotonic_time(millisecond) < Deadline of
+                true -> receive after 5 -> ok end, wait_loop(F, Deadline);
+                false -> timeout
+            end
+    end.
+
+configuration_is_checked() ->
+    Bad = fun(K, C) -> ?assertEqual({error, {invalid_argument, K}}, dspex_cluster_sup:config_of(C)) end,
+    Bad(nodes, #{nodes => []}),
+    Bad(nodes, #{nodes => ['other@host']}),   % this node missing: never a quorum
+    Bad(nodes, #{nodes => foo}),
+    Bad(nodes, #{nodes => [<<"a">>]}),
+    Bad(nodes, #{nodes => [node() | foo]}),
+    Bad(keepalive_ms, ?ONE#{keepalive_ms => -5}),
+    Bad(keepalive_ms, ?ONE#{keepalive_ms => 0}),
+    Bad(keepalive_ms, ?ONE#{keepalive_ms => foo}),
+    Bad(keepalive_ms, ?ONE#{keepalive_ms => 1 bsl 32}),
+    Bad(backend, ?ONE#{backend => bogus}),
+    Bad(backend, ?ONE#{backend => lists}),   % loadable, not an ownership backend
+    Bad(backend, ?ONE#{backend => "static"}),
+    Bad(etcd, ?ONE#{backend => etcd, etcd => "http://127.0.0.1:2379"}),
+    Bad({unknown_key, replicaz}, ?ONE#{replicaz => 3}),
+    Bad(cluster, [{nodes, [node()]}]),
+    ?assertMatch(#{nodes := [_], keepalive_ms := 5000, backend := dspex_owner_static}, dspex_cluster_sup:config_of(?ONE)),
+    ?assertMatch(#{keepalive_ms := 250, backend := dspex_owner_etcd},
+                 dspex_cluster_sup:config_of(?ONE#{keepalive_ms => 250, backend => etcd})),
+    %% duplicates are one node
+    ?assertMatch(#{nodes := [_]}, dspex_cluster_sup:config_of(#{nodes => [node(), node()]})).
+
+bad_configuration_does_not_start() ->
+    [begin
+         application:set_env(dspex_bridge, cluster, C),
+         try
+             ok = supervisor:terminate_child(dspex_bridge_sup, dspex_cluster_sup),
+             ?assertEqual({error, {bad_return, {dspex_cluster_sup, init, {error, {invalid_argument, K}}}}},
+                          supervisor:restart_child(dspex_bridge_sup, dspex_cluster_sup))
+         after
+             application:unset_env(dspex_bridge, cluster),
+             restart_cluster()
+         end
+     end || {K, C} <- [{nodes, #{nodes => foo}}, {nodes, #{nodes => [<<"a">>]}},
+                       {keepalive_ms, ?ONE#{keepalive_ms => -5}}, {backend, ?ONE#{backend => bogus}},
+                       {{unknown_key, replicaz}, ?ONE#{replicaz => 3}}]],
+    ?assertNot(dspex_cluster:enabled()).
+
+drain_of_the_only_owner_is_refused() ->
+    S = <<"one_drain">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 1),
+    ?assertEqual({error, no_other_owner}, dspex_cluster:drain(node())),
+    ?assertMatch(#{draining := [], quorum := true}, dspex_cluster:cluster_status()),
+    ?assertEqual({ok, 1}, dspex_store:set(S, x, 2)),
+    ?assertEqual([S], dspex_cluster:owned_sessions()),
+    ok = dspex_store:delete_session(S).
+
+writes_while_every_node_drains_say_so() ->
+    S = <<"one_draining">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 1),
+    %% as when the drains of two nodes cross (each saw the other eligible)
+    ok = dspex_cluster_members:set_draining(node(), true),
+    try
+        ?assertMatch(#{quorum := true, draining := [_]}, dspex_cluster:cluster_status()),
+        ?assertEqual({error, {unavailable, draining}}, dspex_store:set(S, x, 2)),
+        ?assertEqual({error, {unavailable, draining}}, dspex_store:create_session(<<"one_draining2">>))
+    after
+        ok = dspex_cluster_members:set_draining(node(), false)
+    end,
+    ?assertEqual({ok, 1}, dspex_store:set(S, x, 2)),
+    ok = dspex_store:delete_session(S).
+
+unknown_sessions_leave_nothing_behind() ->
+    Tab = dspex_cluster_replica:table(),
+    Rows0 = ets:info(Tab, size),
+    Owned0 = dspex_cluster:owned_sessions(),
+    Shipped0 = ets:info(dspex_cluster_shipper:shipped_table(), size),
+    Ids = [<<"one_ghost", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 300)],
+    [?assertEqual({error, session_not_found}, dspex_store:get(G, x)) || G <- Ids],
+    [?assertEqual(false, dspex_store:exists(G, x)) || G <- Ids],
+    Me = node(),
+    [?assertMatch({ok, #{status := current, node := Me, epoch := 0}}, dspex_cluster:read_status(G)) || G <- Ids],
+    %% a write that needs the session finds none, and takes nothing over
+    [?assertEqual({error, session_not_found}, dspex_store:set(G, x, 1)) || G <- Ids],
+    ?assertEqual({error, session_not_found}, dspex_cluster:migrate_session(hd(Ids), node())),
+    ?assertEqual(Rows0, ets:info(Tab, size)),
+    ?assertEqual(Owned0, dspex_cluster:owned_sessions()),
+    ?assertEqual(#{}, maps:get(overrides, dspex_cluster_members:view())),
+    ?assertEqual(Shipped0, ets:info(dspex_cluster_shipper:shipped_table(), size)),
+    %% the same ids work as sessions once created
+    G1 = hd(Ids),
+    {ok, _} = dspex_store:create_session(G1),
+    {ok, _} = dspex_store:register(G1, x, integer, 1),
+    ?assertMatch({ok, #{value := 1}}, dspex_store:get(G1, x)),
+    ?assertMatch({ok, #{epoch := E}} when E > 0, dspex_cluster:read_status(G1)),
+    ?assertMatch({ok, #{epoch := _}}, dspex_cluster:migrate_session(G1, node())),
+    ok = dspex_store:delete_session(G1).
