@@ -970,6 +970,8 @@ sweep_ephemeral() ->
     end.
 
 %% `query/2' of a read acting as the session itself (see read/2).
+owner_query(Session, _Opts) when Session =/= all, not is_binary(Session) ->
+    {error, {invalid_argument, session}};
 owner_query(Session, Opts) ->
     case dspex_acl:check_owner(Session, Opts) of
         ok ->
@@ -991,10 +993,10 @@ metered(_) -> ok.
 
 query(Session, Opts) ->
     try
+        %% the callers let only `all' and binaries through
         Q0 = case Session of
                  all -> #{};
-                 S when is_binary(S) -> #{session => S};
-                 _ -> throw(session)
+                 S when is_binary(S) -> #{session => S}
              end,
         Q1 = bound(since, maps:get(since, Opts, undefined), Q0),
         Q2 = bound(until, maps:get(until, Opts, undefined), Q1),
