@@ -56,7 +56,7 @@
 -behaviour(gen_server).
 
 -export([start_link/0, seed/1, append/4, emit/4, recorded/4, lock_event/3, read/2, fold/4, subscribe/3, unsubscribe/1, state_at/2, state_at/3,
-         audit_trail/1, await/0, durable/2, settle/3, stats/0, expire_now/0, expire_before/1, enabled/0,
+         audit_trail/1, await/0, durable/2, settle/3, stats/0, expire_now/0, expire_before/1, expire_before/2, enabled/0,
          archive_dir/0, snapshots_sync/0, prometheus/0, json_term/1]).
 -export([last_sequence/1, owner_events/4, follow/3, catch_up/4, copy_events/1, delete_copy/2, shared_backend/0,
          mark_migrated/2, take_kept/2, forget_kept/1, reseed/1]).
@@ -297,7 +297,7 @@ await() ->
 
 %% @private Applies the durability of a store write to its result.
 -spec durable(Result, map()) -> Result | {error, {event_store, term()}} when Result :: term().
-durable({ok, _} = R, Opts) ->
+durable(R, Opts) when R =:= ok; element(1, R) =:= ok ->
     case enabled() andalso maps:get(durability, Opts, default) of
         false -> R;
         default ->
@@ -499,7 +499,8 @@ read(Session, Opts) when is_map(Opts) ->
             Live = dspex_nif:events_read(Q#{limit => Limit}),
             case {maps:get(include_archive, Opts, false), Live} of
                 {true, {ok, Evs}} ->
-                    Arch = dspex_events_archive:read(archive_dir(), Session, Opts),
+                    %% the same query as the log's: every filter applies to archived events alike
+                    Arch = dspex_events_archive:read(archive_dir(), Session, Q),
                     Ids = maps:from_list([{maps:get(id, E), true} || E <- Evs]),
                     All = [E || E <- Arch, not maps:is_key(maps:get(id, E), Ids)] ++ Evs,
                     Sorted = case maps:get(direction, Opts, forward) of
@@ -822,9 +823,20 @@ stats() -> dspex_nif:events_stats().
 -spec expire_now() -> {ok, non_neg_integer()} | {error, term()}.
 expire_now() -> gen_server:call(?MODULE, expire_now, infinity).
 
-%% @doc Archives and deletes every event older than `TsUs'.
+%% @doc Archives and deletes every event older than `TsUs'. A page of up to
+%% 1,000 such events is archived (and synced), then exactly those are deleted
+%% (by position range, checked by count): an event committed meanwhile, also
+%% a late one (a replica's copy with its owner's older time), is never deleted
+%% unarchived; it stays in the log for the next run.
 -spec expire_before(integer()) -> {ok, non_neg_integer()} | {error, term()}.
-expire_before(TsUs) when is_integer(TsUs) -> gen_server:call(?MODULE, {expire_before, TsUs}, infinity).
+expire_before(TsUs) when is_integer(TsUs) -> expire_before(TsUs, #{}).
+
+%% @private `expire_before/1' with a test hook: `after_archive' is called
+%% with each page once it is archived and before its events are deleted.
+-spec expire_before(integer(), #{after_archive => fun(([map()]) -> term())}) ->
+          {ok, non_neg_integer()} | {error, term()}.
+expire_before(TsUs, Hooks) when is_integer(TsUs), is_map(Hooks) ->
+    gen_server:call(?MODULE, {expire_before, TsUs, Hooks}, infinity).
 
 %% @doc Returns once the snapshots due so far are stored (for tests and benchmarks).
 -spec snapshots_sync() -> ok.
@@ -1101,8 +1113,8 @@ handle_call({unsubscribe, Ref}, _From, #{subs := Subs} = St) ->
     {reply, ok, St#{subs := maps:remove(Ref, Subs)}};
 handle_call(expire_now, _From, #{retention := {days, D}} = St) ->
     {reply, expire(erlang:system_time(microsecond) - D * 86400000000), St};
-handle_call({expire_before, Ts}, _From, St) ->
-    {reply, expire(Ts), St};
+handle_call({expire_before, Ts, Hooks}, _From, St) ->
+    {reply, expire(Ts, maps:get(after_archive, Hooks, fun(_) -> ok end)), St};
 handle_call(_, _From, St) -> {reply, {error, unknown_call}, St}.
 
 %% @private
@@ -1294,15 +1306,33 @@ evict(Max, States, Lru) ->
         false -> {States, Lru}
     end.
 
-expire(Ts) ->
-    try expire_(Ts)
+expire(Ts) -> expire(Ts, fun(_) -> ok end).
+
+expire(Ts, Hook) ->
+    try expire_(archive_dir(), Ts, Hook, 0, 0)
     catch C:R -> {error, {archive, {C, R}}}
     end.
 
-expire_(Ts) ->
-    Dir = archive_dir(),
-    case dspex_events_archive:write(Dir, fun(Pos) -> dspex_nif:events_read(#{ts_to => Ts - 1, pos_from => Pos,
-                                                                               limit => ?PAGE}) end) of
-        {ok, _} -> dspex_nif:events_expire(Ts);
+%% One page at a time: archive it (synced), then delete exactly its events.
+%% The delete is bounded by the page's position range and refused when that
+%% range holds more old events than the page (positions become visible in
+%% order, so none can appear inside a range already read): nothing is
+%% deleted that was not archived, whatever commits between the two steps.
+%% A failed delete leaves the page in both (the archive reader drops the copy).
+expire_(Dir, Ts, Hook, Pos, N) ->
+    case dspex_nif:events_read(#{ts_to => Ts - 1, pos_from => Pos, limit => ?PAGE}) of
+        {ok, []} -> {ok, N};
+        {ok, Evs} ->
+            #{position := First} = hd(Evs),
+            #{position := Last} = lists:last(Evs),
+            case dspex_events_archive:write_page(Dir, Evs) of
+                ok ->
+                    _ = Hook(Evs),
+                    case dspex_nif:events_expire(Ts, First, Last, length(Evs)) of
+                        {ok, D} -> expire_(Dir, Ts, Hook, Last + 1, N + D);
+                        Error -> Error
+                    end;
+                Error -> Error
+            end;
         Error -> Error
     end.

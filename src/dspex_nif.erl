@@ -22,7 +22,7 @@
          repl_forget/1, repl_info/1, repl_announced/1, repl_stats/0, repl_set/6]).
 -export([lock_token_floor/1, var_lock/6, lock_list/0]).
 -export([events_open/1, events_close/0, events_append/4, events_await/0, events_backpressure/0, events_read/1,
-         events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/1, events_session_seq/1,
+         events_stats/0, events_put_snapshot/4, events_latest_snapshot/3, events_expire/4, events_session_seq/1,
          events_seed/1, events_append/5, events_session_delete/2, events_reseed/1,
          events_replay/6, events_replay/7, events_put_snapshots/1]).
 -export([sched_stats/0, rawbuf_debug/1]).
@@ -219,7 +219,7 @@ events_latest_snapshot(_Session, _MaxSeq, _MaxTs) -> ?NOT_LOADED.
 %% Snapshots in one transaction where the backend can (SQLite; PostgreSQL one each), at most 1,000.
 -spec events_put_snapshots([{binary(), non_neg_integer(), integer(), term()}]) -> ok | {error, term()}.
 events_put_snapshots(_Snapshots) -> ?NOT_LOADED.
-events_expire(_TsUs) -> ?NOT_LOADED.
+events_expire(_TsUs, _PosFrom, _PosTo, _Archived) -> ?NOT_LOADED.
 events_session_seq(_Session) -> ?NOT_LOADED.
 events_seed(_Session) -> ?NOT_LOADED.
 events_append(_Session, _Type, _Data, _Meta, _As) -> ?NOT_LOADED.

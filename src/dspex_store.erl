@@ -201,7 +201,8 @@ create_session(Id, Opts) when is_map(Opts) ->
     case dspex_cache:is_cache_id(Id) of
         %% the cache's private ids: such a session would be hidden and deleted
         true -> {error, {invalid_argument, name}};
-        false -> ?ROUTED(Id, create_session, [Id, Opts], create_session_here(Id, Opts))
+        false -> dspex_events:durable(?ROUTED(Id, create_session, [Id, Opts], create_session_here(Id, Opts)),
+                                      Opts) %% event log durability
     end.
 
 create_session_here(Id, Opts) ->
@@ -285,7 +286,8 @@ touch(Id) -> ?ROUTED(Id, touch, [Id], dspex_nif:session_touch(Id)).
 
 %% @doc Deletes the session and frees all its variables.
 -spec delete_session(session_id()) -> ok | {error, session_not_found | cluster_error()}.
-delete_session(Id) -> ?ROUTED(Id, delete_session, [Id], delete_session_here(Id)).
+delete_session(Id) ->
+    dspex_events:durable(?ROUTED(Id, delete_session, [Id], delete_session_here(Id)), #{}). %% the default durability
 
 delete_session_here(Id) ->
     Result = dspex_nif:session_delete(Id),
@@ -312,15 +314,18 @@ register(Session, Name, Type, Value) -> register(Session, Name, Type, Value, #{}
 -spec register(session_id(), var_key(), var_type(), value(), map()) ->
           {ok, binary()} | {error, error_reason()}.
 register(Session, Name, Type, Value, Opts) when is_map(Opts) ->
-    ?ROUTED(Session, register, [Session, Name, Type, Value, Opts], register_here(Session, Name, Type, Value, Opts, false)).
+    dspex_events:durable(?ROUTED(Session, register, [Session, Name, Type, Value, Opts],
+                                 register_here(Session, Name, Type, Value, Opts, false)),
+                         Opts). %% event log durability
 
 %% @private `register/5' of a derived variable, which only `set_derived/4'
 %% writes: for `dspex_propagator' (`dspex_graph:define_derived/6') only.
 -spec register_derived(session_id(), var_key(), var_type(), value(), map()) ->
           {ok, binary()} | {error, error_reason()}.
 register_derived(Session, Name, Type, Value, Opts) when is_map(Opts) ->
-    ?ROUTED(Session, register_derived, [Session, Name, Type, Value, Opts],
-            register_here(Session, Name, Type, Value, Opts, true)).
+    dspex_events:durable(?ROUTED(Session, register_derived, [Session, Name, Type, Value, Opts],
+                                 register_here(Session, Name, Type, Value, Opts, true)),
+                         Opts). %% event log durability
 
 register_here(Session, Name, Type, Value, Opts, Derived) ->
     Cons = maps:get(constraints, Opts, #{}),
@@ -513,18 +518,22 @@ exists(Session, Key) ->
 %% not deleted (`{error, {locked, Holder}}').
 -spec delete(session_id(), var_key()) -> ok | {error, error_reason()}.
 delete(Session, Key) ->
-    ?ROUTED(Session, delete, [Session, Key],
-            deleted(Session, Key,
-                    ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key},
-                           dspex_nif:var_delete(Session, Key)))).
+    dspex_events:durable(?ROUTED(Session, delete, [Session, Key],
+                                 deleted(Session, Key,
+                                         ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop',
+                                                #{session => Session, variable => Key},
+                                                dspex_nif:var_delete(Session, Key)))),
+                         #{}). %% the default durability
 
 %% @doc `delete/2' on behalf of another session (`write' permission).
 -spec delete(session_id(), var_key(), map()) -> ok | {error, error_reason()}.
 delete(Session, Key, Opts) ->
-    ?ROUTED(Session, delete, [Session, Key, Opts],
-            deleted(Session, Key,
-                    ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop', #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
-                           dspex_nif:var_delete(Session, Key, Opts)))).
+    dspex_events:durable(?ROUTED(Session, delete, [Session, Key, Opts],
+                                 deleted(Session, Key,
+                                         ?TIMED(delete, 'dspex_telemetry/dspex.store.delete.stop',
+                                                #{session => Session, variable => Key, as => maps:get(as, Opts, Session)},
+                                                dspex_nif:var_delete(Session, Key, Opts)))),
+                         Opts). %% event log durability
 
 %% The store tells no process of a deletion (it ends the variable's watches
 %% silently): the propagator of this node (the owner's) is told here, so that
@@ -718,9 +727,11 @@ rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
 -spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 rollback(Session, Key, Version, Opts) ->
-    ?ROUTED(Session, rollback, [Session, Key, Version, Opts],
-            ?TIMED(rollback, 'dspex_telemetry/dspex.store.rollback.stop', #{session => Session, variable => Key, to_version => Version},
-                   dspex_nif:var_rollback(Session, Key, Version, Opts))).
+    dspex_events:durable(?ROUTED(Session, rollback, [Session, Key, Version, Opts],
+                                 ?TIMED(rollback, 'dspex_telemetry/dspex.store.rollback.stop',
+                                        #{session => Session, variable => Key, to_version => Version},
+                                        dspex_nif:var_rollback(Session, Key, Version, Opts))),
+                         Opts). %% event log durability
 
 %% @equiv watch(Session, Keys, Pid, #{})
 -spec watch(session_id(), [var_key()], pid()) -> reference() | {error, error_reason()}.

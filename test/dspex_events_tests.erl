@@ -31,6 +31,10 @@ events_test_() ->
       ?T(replay_decodes_data_as_binary_to_term),
       ?T(audit_trail_summary),
       ?T(archive_round_trip),
+      ?T(expire_never_deletes_an_event_it_did_not_archive),
+      ?T(archive_reads_apply_every_filter_as_the_log),
+      ?T(archive_file_is_gzip_members_readable_as_one_stream),
+      ?T(writes_made_as_a_principal_name_it_in_their_events),
       ?T(erlang_side_events),
       ?T(bad_arguments_are_errors),
       ?T(json_term_of_any_term),
@@ -220,7 +224,19 @@ pg_ctl() ->
         _ -> false
     end.
 
-start() ->
+%% Writes with durability sync, the log's batches left to wait ten seconds (the longest linger): each
+%% event is in the backend (read without read/2's wait) when its write returns.
+sync_durability_per_call_test_() ->
+    {setup, fun() -> start(#{event_flush_interval_ms => 10000}) end, fun stop/1,
+     [?T(every_write_with_sync_returns_after_its_event_is_durable)]}.
+
+sync_durability_default_test_() ->
+    {setup, fun() -> start(#{event_flush_interval_ms => 10000, event_durability => sync}) end, fun stop/1,
+     [?T(every_write_returns_after_its_event_is_durable_when_sync_is_the_default)]}.
+
+start() -> start(#{}).
+
+start(Env) ->
     Dir = "/tmp/dspex_events_eunit_" ++ os:getpid(),
     _ = os:cmd("rm -rf " ++ Dir),
     _ = application:stop(dspex_bridge),
@@ -236,11 +252,14 @@ start() ->
     application:set_env(dspex_bridge, grpc_enabled, false),
     application:set_env(dspex_bridge, prometheus_enabled, false),
     application:set_env(dspex_bridge, snapshot_every, 10),
+    maps:foreach(fun(K, V) -> application:set_env(dspex_bridge, K, V) end, Env),
     {ok, _} = application:ensure_all_started(dspex_bridge),
     Dir.
 
 stop(Dir) ->
     application:stop(dspex_bridge),
+    application:unset_env(dspex_bridge, event_flush_interval_ms),
+    application:unset_env(dspex_bridge, event_durability),
     application:set_env(dspex_bridge, snapshot_every, 100),
     application:unset_env(dspex_bridge, event_dir),
     application:unset_env(dspex_bridge, event_backend),
@@ -1004,6 +1023,162 @@ archive_round_trip() ->
     %% new events continue after the archived ones
     {ok, _} = dspex_events:append(S, e, 31, #{}),
     ?assertMatch([#{sequence := 31}], events(S)).
+
+%% Retention archives a page, then deletes exactly that page: events that
+%% commit between the two (a sync write, a late copy with an older time) stay
+%% in the log for the next page; every event ends in log or archive, once.
+expire_never_deletes_an_event_it_did_not_archive() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, a, integer, 0),
+    [{ok, _} = dspex_store:set(S, a, I, #{durability => sync}) || I <- lists:seq(1, 5)],
+    settle(),
+    Late = sid(),
+    Cut = os:system_time(microsecond) + 1000000, % after every event written by the hook too
+    Once = counters:new(1, []),
+    Test = self(),
+    Hook = fun(_Page) ->
+                   case counters:get(Once, 1) of
+                       0 ->
+                           counters:add(Once, 1, 1),
+                           %% (in a process of its own: the hook runs in dspex_events)
+                           {Pid, Ref} = spawn_monitor(
+                                          fun() ->
+                                                  {ok, 6} = dspex_store:set(S, a, 6, #{durability => sync}),
+                                                  {ok, _, 1, _} = dspex_nif:events_append(
+                                                                    Late, checkpoint, #{}, #{},
+                                                                    #{sequence => 1, timestamp => Cut - 60000000}),
+                                                  ok = dspex_events:await()
+                                          end),
+                           receive {'DOWN', Ref, process, Pid, Why} -> Test ! {hook, Why} end;
+                       _ -> ok
+                   end
+           end,
+    {ok, _} = dspex_events:expire_before(Cut, #{after_archive => Hook}),
+    receive {hook, Why} -> ?assertEqual(normal, Why) after 0 -> ?assert(false) end,
+    {ok, All} = dspex_events:read(S, #{include_archive => true, limit => 100000}),
+    ?assertEqual(lists:seq(1, 8), [Q || #{sequence := Q} <- All]),
+    ?assertMatch({ok, [#{sequence := 1, type := checkpoint}]},
+                 dspex_events:read(Late, #{include_archive => true, limit => 100000})).
+
+%% read/2 with include_archive answers the same before and after retention
+%% moved the events (all, or the older half) to the archive, for every filter.
+archive_reads_apply_every_filter_as_the_log() ->
+    S = sid(),
+    T0 = 1500000000000000 + erlang:unique_integer([positive]) * 1000000, % older than every other test's events
+    Evs = [{mark, #{principal => <<"alice">>, variable => b}}, {<<"bin_t">>, #{principal => <<"bob">>}},
+           {variable_updated, #{variable => <<"a">>}}, {mark, #{}}, {<<"bin_t">>, #{variable => a}},
+           {mark, #{principal => <<"bob">>, variable => <<"b">>}}, {other, #{}}, {mark, #{principal => <<"alice">>}}],
+    [{ok, _, N, _} = dspex_nif:events_append(S, T, #{n => N}, M, #{sequence => N, timestamp => T0 + N * 1000})
+     || {N, {T, M}} <- lists:zip(lists:seq(1, length(Evs)), Evs)],
+    settle(),
+    {ok, [_, _, #{position := P3} | _]} = dspex_events:read(S, #{}),
+    Opts = [#{}, #{types => [mark]}, #{types => [<<"mark">>]}, #{types => [<<"bin_t">>, other]},
+            #{types => [variable_updated]}, #{principal => <<"alice">>}, #{principal => <<"bob">>},
+            #{variable => b}, #{variable => <<"b">>}, #{variable => <<"a">>},
+            #{direction => backward, limit => 3}, #{limit => 3}, #{limit => 5, types => [mark]},
+            #{since => {sequence, 4}, until => {sequence, 6}}, #{since => {sequence, 3}, direction => backward, limit => 2},
+            #{since => {time, T0 + 3000}}, #{until => T0 + 5000}, #{since => {position, P3}},
+            #{until => {position, P3}, principal => <<"alice">>}, #{principal => <<"bob">>, types => [mark]}],
+    Live = [{O, dspex_events:read(S, O)} || O <- Opts],
+    Check = fun() -> [?assertEqual({O, R}, {O, dspex_events:read(S, O#{include_archive => true})}) || {O, R} <- Live] end,
+    {ok, 4} = dspex_events:expire_before(T0 + 4500),   % sequences 1-4 archived, 5-8 live
+    ?assertMatch({ok, [#{sequence := 5} | _]}, dspex_events:read(S, #{})),
+    Check(),
+    {ok, 4} = dspex_events:expire_before(T0 + 100000), % all archived
+    ?assertEqual({ok, []}, dspex_events:read(S, #{})),
+    Check().
+
+%% One gzip member per page archived: the file stays one NDJSON stream for
+%% zlib:gunzip/1 (and zcat), and archiving a day costs its size once.
+archive_file_is_gzip_members_readable_as_one_stream() ->
+    S = sid(),
+    T0 = 1400000000000000 + erlang:unique_integer([positive]) * 1000000,
+    N = 2500, % three pages
+    [{ok, _, I, _} = dspex_nif:events_append(S, e, #{i => I}, #{}, #{sequence => I, timestamp => T0 + I})
+     || I <- lists:seq(1, N)],
+    settle(),
+    {ok, Before} = dspex_events:read(S, #{limit => N}),
+    {ok, N} = dspex_events:expire_before(T0 + N + 1),
+    [File] = filelib:wildcard(filename:join([dspex_events:archive_dir(), binary_to_list(binary:encode_hex(S)),
+                                             "*.ndjson.gz"])),
+    {ok, Z} = file:read_file(File),
+    Lines = binary:split(zlib:gunzip(Z), <<"\n">>, [global, trim_all]),
+    ?assertEqual(lists:seq(1, N), [Q || L <- Lines, {ok, #{<<"sequence">> := Q}} <- [dspex_json:decode(L)]]),
+    ?assertEqual({ok, Before}, dspex_events:read(S, #{include_archive => true, limit => N})),
+    %% a member torn by a crash mid-append: dropped by the reader, cut off by the next append
+    ok = file:write_file(File, [Z, binary:part(Z, 0, 40)]),
+    ?assertEqual({ok, Before}, dspex_events:read(S, #{include_archive => true, limit => N})),
+    {ok, _, _, _} = dspex_nif:events_append(S, e, #{i => N + 1}, #{}, #{sequence => N + 1, timestamp => T0 + N + 1}),
+    settle(),
+    {ok, 1} = dspex_events:expire_before(T0 + N + 2),
+    {ok, Z2} = file:read_file(File),
+    ?assertEqual(N + 1, length(binary:split(zlib:gunzip(Z2), <<"\n">>, [global, trim_all]))).
+
+%% Every write made `as' another principal names it in its event (set,
+%% set_many atomic or not, per update, rollback, delete), and the audit
+%% trail counts it.
+writes_made_as_a_principal_name_it_in_their_events() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    {ok, _} = dspex_store:register(S, y, integer, 0),
+    [ok = dspex_acl:set_permissions(S, V, [#{session_pattern => <<"bob">>, permissions => [read, write]}])
+     || V <- [x, y]],
+    settle(),
+    {ok, [#{sequence := Seq0}]} = dspex_events:read(S, #{direction => backward, limit => 1}),
+    As = #{as => <<"bob">>},
+    {ok, 1} = dspex_store:set(S, x, 1, As),
+    {ok, _} = dspex_store:set_many(S, #{x => 2, y => 2}, As#{atomic => true}),
+    {ok, #{updated := #{x := 3}}} = dspex_store:set_many(S, #{x => 3}, As),
+    {ok, #{updated := #{x := 4}}} = dspex_store:set_many(S, [{x, 4, As}]),
+    {ok, _} = dspex_store:rollback(S, x, 1, As),
+    ok = dspex_store:delete(S, y, As),
+    Mine = [E || E = #{sequence := Q} <- events(S), Q > Seq0],
+    ?assertEqual([variable_updated, variable_updated, variable_updated, batch_committed, variable_updated,
+                  variable_updated, variable_rolled_back, variable_deleted], [T || #{type := T} <- Mine]),
+    ?assertEqual([<<"bob">>], lists:usort([maps:get(principal, M, undefined) || #{metadata := M} <- Mine])),
+    {ok, Bob} = dspex_events:read(S, #{principal => <<"bob">>}),
+    ?assertEqual(length(Mine), length(Bob)),
+    {ok, #{summary := #{by_principal := ByP}}} = dspex_events:audit_trail(#{session => S}),
+    ?assertEqual(length(Mine), maps:get(<<"bob">>, ByP)).
+
+%% In the backend now: read without read/2's wait for queued events.
+durable_types(S) ->
+    {ok, Evs} = dspex_nif:events_read(#{session => S, limit => 1000}),
+    [T || #{type := T} <- Evs].
+
+every_write_with_sync_returns_after_its_event_is_durable() ->
+    S = sid(),
+    Sync = #{durability => sync},
+    {ok, _} = dspex_store:create_session(S, Sync),
+    ?assertEqual([session_created], durable_types(S)),
+    {ok, _} = dspex_store:register(S, a, integer, 0, Sync),
+    {ok, 1} = dspex_store:set(S, a, 1, Sync),
+    {ok, _} = dspex_store:set_many(S, #{a => 2}, Sync),
+    {ok, 3} = dspex_store:rollback(S, a, 1, Sync),
+    ?assertEqual([session_created, variable_registered, variable_updated, variable_updated, variable_rolled_back],
+                 durable_types(S)),
+    ok = dspex_store:delete(S, a, Sync),
+    ?assertEqual(variable_deleted, lists:last(durable_types(S))),
+    %% async (the default here) is not waited for: the ten seconds' linger holds it
+    {ok, _} = dspex_store:register(S, b, integer, 0),
+    ?assertEqual(variable_deleted, lists:last(durable_types(S))),
+    ok = dspex_events:await().
+
+every_write_returns_after_its_event_is_durable_when_sync_is_the_default() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    ?assertEqual([session_created], durable_types(S)),
+    {ok, _} = dspex_store:register(S, a, integer, 0),
+    {ok, 1} = dspex_store:set(S, a, 1),
+    {ok, _} = dspex_store:set_many(S, #{a => 2}),
+    {ok, 3} = dspex_store:rollback(S, a, 1),
+    ok = dspex_store:delete(S, a),
+    ?assertEqual([session_created, variable_registered, variable_updated, variable_updated, variable_rolled_back,
+                  variable_deleted], durable_types(S)),
+    ok = dspex_store:delete_session(S),
+    ?assertEqual(session_deleted, lists:last(durable_types(S))).
 
 erlang_side_events() ->
     S = sid(),

@@ -563,10 +563,11 @@ static dx_snap *prepare(dx_var *v, const dx_value *val, const dx_set_opts *o, in
     return dx_snap_new(val, cur->version + 1, now_us, meta, meta_len, o ? o->by : NULL, o ? o->by_len : 0);
 }
 
-static uint64_t commit(dx_session *s, dx_var *v, dx_snap *next, dx_notify_fn nf, void *nctx) {
+static uint64_t commit(dx_session *s, dx_var *v, dx_snap *next, const dx_set_opts *o, dx_notify_fn nf, void *nctx) {
     dx_snap *old = atomic_load_explicit(&v->cur, memory_order_relaxed);
     atomic_store_explicit(&v->cur, next, memory_order_release);
-    EV_EMIT(.kind = t_ev_kind ? t_ev_kind : DX_EV_VAR_UPDATED, .s = s, .v = v, .old = old, .cur = next);
+    EV_EMIT(.kind = t_ev_kind ? t_ev_kind : DX_EV_VAR_UPDATED, .s = s, .v = v, .old = old, .cur = next,
+            .principal = o ? o->principal : NULL, .principal_len = o ? o->principal_len : 0);
     if (nf) nf(nctx, s, v, old, next);
     hist_push(v, old);
     return next->version;
@@ -579,7 +580,7 @@ int dx_var_set(dx_session *s, dx_var *v, const dx_value *val, const dx_set_opts 
     int rc = precheck(v, val, o, version);
     dx_snap *next = rc ? NULL : prepare(v, val, o, now_us);
     if (!rc && !next) rc = DX_E_NOMEM;
-    if (!rc) *version = commit(s, v, next, nf, nctx);
+    if (!rc) *version = commit(s, v, next, o, nf, nctx);
     pthread_mutex_unlock(&sh->mu);
     return rc;
 }
@@ -618,7 +619,7 @@ int dx_var_set_many(dx_session *s, dx_set_item *it, size_t n, bool atomic, bool 
     if (atomic && !failed) EV_EMIT(.kind = DX_EV_BATCH_BEGIN, .s = s, .items = it, .nitems = n);
     if (!(atomic && failed))
         for (size_t i = 0; i < n; i++)
-            if (!it[i].rc) it[i].version = commit(s, it[i].var, next[i], nf, nctx);
+            if (!it[i].rc) it[i].version = commit(s, it[i].var, next[i], &it[i].opts, nf, nctx);
     if (atomic && !failed) EV_EMIT(.kind = DX_EV_BATCH_COMMITTED, .s = s, .items = it, .nitems = n);
     for (int k = nidx - 1; k >= 0; k--) pthread_mutex_unlock(&s->shards[idx[k]].mu);
     if (atomic && failed && next)
@@ -651,7 +652,8 @@ int dx_var_delete_checked(dx_session *s, dx_var *v, const dx_set_opts *o) {
         atomic_fetch_sub(&s->nvars, 1);
         rc = DX_OK;
         /* in the critical section of the delete, as dx_var_delete: commit order */
-        EV_EMIT(.kind = DX_EV_VAR_DELETED, .s = s, .v = v, .old = atomic_load_explicit(&v->cur, memory_order_relaxed));
+        EV_EMIT(.kind = DX_EV_VAR_DELETED, .s = s, .v = v, .old = atomic_load_explicit(&v->cur, memory_order_relaxed),
+                .principal = o ? o->principal : NULL, .principal_len = o ? o->principal_len : 0);
         /* lock order: shard, then graph (as dx_var_delete) */
         pthread_mutex_lock(&s->graph_mu);
         if (s->graph) dx_graph_remove_node(s->graph, v->name, v->name_len);
@@ -842,7 +844,7 @@ int dx_var_rollback(dx_session *s, dx_var *v, uint64_t target, const dx_set_opts
         if (!next) rc = DX_E_NOMEM;
         else {
             t_ev_kind = DX_EV_VAR_ROLLED_BACK;
-            *version = commit(s, v, next, nf, nctx);
+            *version = commit(s, v, next, o, nf, nctx);
             t_ev_kind = 0;
         }
     }

@@ -188,6 +188,9 @@ typedef struct {
     /* Access check run under the shard mutex (NULL: the owner is writing). */
     int (*acl_check)(void *ctx, const struct dx_var *v, void *acl);
     void *acl_ctx;
+    /* Who writes (`as'), for the event log only: the store neither checks nor keeps it. */
+    const char *principal;
+    size_t principal_len;
 } dx_set_opts;
 
 #define DX_E_RETRY 100
@@ -351,6 +354,8 @@ typedef struct {
     int reason;               /* session_deleted */
     const dx_set_item *items; /* batch_committed: the committed members */
     size_t nitems;
+    const char *principal; /* the writer's dx_set_opts principal (NULL: none given) */
+    size_t principal_len;
 } dx_ev_change;
 void dx_store_set_event_hook(void (*fn)(const dx_ev_change *c));
 /* dx_session_delete with the reason the event log records. */

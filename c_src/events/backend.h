@@ -70,9 +70,13 @@ typedef struct {
      * cb is not called when there is none. */
     int (*latest_snapshot)(void *st, const char *session, size_t len, uint64_t max_seq, int64_t max_ts,
                            dx_ev_snap_cb cb, void *ctx, char *err, size_t errlen);
-    /* Retention: calls cb (in position order) for every event older than ts_us, then deletes them in the same
-     * transaction if every cb returned 0 (the caller archives them in cb). */
-    int (*expire_before)(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen);
+    /* Retention: calls cb (in position order) for every event older than ts_us whose position is in
+     * [pos_from, pos_to], then deletes exactly those in the same transaction if every cb returned 0 (the
+     * caller archives them in cb, or archived them before and checks them in cb). The position bound keeps a
+     * caller that archived a range from deleting a row committed after it read that range (a late row:
+     * a replica's copy with its owner's older time). */
+    int (*expire_before)(void *st, int64_t ts_us, uint64_t pos_from, uint64_t pos_to, dx_ev_row_cb cb, void *ctx,
+                         char *err, size_t errlen);
     void (*close)(void *st);
 } dx_ev_backend_ops;
 

@@ -1167,7 +1167,8 @@ fail:
     return -1;
 }
 
-static int pg_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen)
+static int pg_expire_before(void *st, int64_t ts_us, uint64_t pos_from, uint64_t pos_to, dx_ev_row_cb cb, void *ctx,
+                            char *err, size_t errlen)
 {
     pg_st *s = st;
     if (!cb) {
@@ -1181,9 +1182,13 @@ static int pg_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx,
     memset(&del, 0, sizeof del);
     sql_add(&q, "SELECT " EVENT_COLS " FROM dspex_events WHERE ");
     bind_i64(&q, "ts < ", OID_TIMESTAMPTZ, ts_us - PG_EPOCH_US);
+    bind_i64(&q, " AND position >= ", OID_INT8, u64_to_i64_sat(pos_from));
+    bind_i64(&q, " AND position <= ", OID_INT8, u64_to_i64_sat(pos_to));
     sql_add(&q, " ORDER BY position");
     sql_add(&del, "DELETE FROM dspex_events WHERE ");
     bind_i64(&del, "ts < ", OID_TIMESTAMPTZ, ts_us - PG_EPOCH_US);
+    bind_i64(&del, " AND position >= ", OID_INT8, u64_to_i64_sat(pos_from));
+    bind_i64(&del, " AND position <= ", OID_INT8, u64_to_i64_sat(pos_to));
     for (int attempt = 0;; attempt++) {
         size_t called = 0;
         if (ensure_conn(s, err, errlen))

@@ -790,7 +790,8 @@ static int sq_latest_snapshot(void *st, const char *session, size_t len, uint64_
     return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : fail(s, "latest_snapshot", err, errlen);
 }
 
-static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx, char *err, size_t errlen) {
+static int sq_expire_before(void *st, int64_t ts_us, uint64_t pos_from, uint64_t pos_to, dx_ev_row_cb cb, void *ctx,
+                            char *err, size_t errlen) {
     sq_t *s = st;
     if (step_done(s->begin)) return fail(s, "begin", err, errlen);
     /* rows older than ts_us: those before the first position whose tmax >= ts_us, and the late ones (see
@@ -801,9 +802,13 @@ static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx,
         step_done(s->rollback);
         return -1;
     }
-    char where[160];
-    snprintf(where, sizeof where, "WHERE (position < %llu OR ts_us < tmax AND ts_us < ?1) AND ts_us < ?1",
+    char where[200];
+    snprintf(where, sizeof where,
+             "WHERE (position < %llu OR ts_us < tmax AND ts_us < ?1) AND ts_us < ?1 AND position BETWEEN ?2 AND ?3",
              (unsigned long long)(ts_us > 0 ? tr.p0 : 0));
+    /* positions are below 2^63 (rowids): a larger bound is no bound */
+    sqlite3_int64 lo = pos_from > INT64_MAX ? INT64_MAX : (sqlite3_int64)pos_from,
+                  hi = pos_to > INT64_MAX ? INT64_MAX : (sqlite3_int64)pos_to;
     char sel[400];
     snprintf(sel, sizeof sel, "SELECT " COLS " FROM events %s ORDER BY position", where);
     sqlite3_stmt *q;
@@ -813,6 +818,8 @@ static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx,
         return -1;
     }
     sqlite3_bind_int64(q, 1, ts_us);
+    sqlite3_bind_int64(q, 2, lo);
+    sqlite3_bind_int64(q, 3, hi);
     int rc, stopped = 0;
     dx_ev_rec r;
     while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
@@ -834,7 +841,8 @@ static int sq_expire_before(void *st, int64_t ts_us, dx_ev_row_cb cb, void *ctx,
     snprintf(sql, sizeof sql, "DELETE FROM events %s", where);
     sqlite3_stmt *d = NULL;
     int drc = sqlite3_prepare_v2(s->db, sql, -1, &d, NULL) == SQLITE_OK &&
-              sqlite3_bind_int64(d, 1, ts_us) == SQLITE_OK && sqlite3_step(d) == SQLITE_DONE;
+              sqlite3_bind_int64(d, 1, ts_us) == SQLITE_OK && sqlite3_bind_int64(d, 2, lo) == SQLITE_OK &&
+              sqlite3_bind_int64(d, 3, hi) == SQLITE_OK && sqlite3_step(d) == SQLITE_DONE;
     sqlite3_finalize(d);
     if (!drc || step_done(s->commit)) {
         fail(s, "expire", err, errlen);

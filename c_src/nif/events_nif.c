@@ -264,9 +264,18 @@ static void ev_hook(const dx_ev_change *c) {
     p->embedded = inline_p;
     p->kind = c->kind;
     p->reason = c->reason;
+    /* who wrote: the write's own `as' (set, set_many, rollback, delete), else the thread's (set/4); an atomic
+     * batch's event names its members' principal when they agree */
+    dx_str who = c->principal_len ? (dx_str){c->principal, c->principal_len} : t_principal;
+    if (c->kind == DX_EV_BATCH_COMMITTED && c->nitems) {
+        who = (dx_str){c->items[0].opts.principal, c->items[0].opts.principal_len};
+        for (size_t i = 1; i < c->nitems && who.len; i++)
+            if (c->items[i].opts.principal_len != who.len || memcmp(c->items[i].opts.principal, who.ptr, who.len))
+                who = (dx_str){0};
+    }
     dx_ev_in in = {.session = c->s->id, .session_len = c->s->id_len, .type = TYPE_NAMES[c->kind],
                    .type_len = TYPE_LENS[c->kind], .payload = p, .payload_len = inline_p ? sizeof *p + vid_len : 0,
-                   .principal = t_principal.ptr, .principal_len = t_principal.len};
+                   .principal = who.ptr, .principal_len = who.len};
     int ok = 1;
     switch (c->kind) {
     case DX_EV_SESSION_CREATED:
@@ -1866,21 +1875,37 @@ DX_NIF(nif_events_latest_snapshot) {
     return rc ? es_error(env, err) : c.r;
 }
 
-static int keep_cb(void *ctx, const dx_ev_rec *r) {
-    ++*(uint64_t *)ctx;
-    return 0;
+typedef struct {
+    uint64_t n, archived;
+    bool extra;
+} expire_ctx;
+
+/* A row past the caller's count is one it did not archive: refused, nothing is deleted. */
+static int expire_cb(void *ctx, const dx_ev_rec *r) {
+    expire_ctx *c = ctx;
+    (void)r;
+    if (++c->n > c->archived) c->extra = true;
+    return c->extra;
 }
 
-/* events_expire(TsUs) -> {ok, Deleted}: deletes events older than TsUs (the caller archived them). */
+/* events_expire(TsUs, PosFrom, PosTo, Archived) -> {ok, Deleted} | {error, {event_store, Reason}}: deletes
+ * the events older than TsUs with a position in [PosFrom, PosTo], the range the caller archived (Archived
+ * events): more such rows than that (one committed after the caller read the range) deletes nothing. */
 DX_NIF(nif_events_expire) {
     ErlNifSInt64 ts;
-    if (!enif_get_int64(env, argv[0], &ts)) return enif_make_badarg(env);
-    uint64_t n = 0;
+    ErlNifUInt64 from, to, archived;
+    if (!enif_get_int64(env, argv[0], &ts) || !enif_get_uint64(env, argv[1], &from) ||
+        !enif_get_uint64(env, argv[2], &to) || !enif_get_uint64(env, argv[3], &archived))
+        return enif_make_badarg(env);
+    expire_ctx c = {0, archived, false};
     char err[256];
     pthread_mutex_lock(&g_rd_mu);
-    int rc = g_rd ? g_ops->expire_before(g_rd, ts, keep_cb, &n, err, sizeof err) : (snprintf(err, sizeof err, "not_open"), -1);
+    int rc = g_rd ? g_ops->expire_before(g_rd, ts, from, to, expire_cb, &c, err, sizeof err)
+                  : (snprintf(err, sizeof err, "not_open"), -1);
     pthread_mutex_unlock(&g_rd_mu);
-    return rc ? es_error(env, err) : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, n));
+    /* the backends differ on a refusal (SQLite fails, PostgreSQL keeps everything and succeeds): the flag decides */
+    if (c.extra) return es_error(env, "expire: the range holds rows that were not archived");
+    return rc ? es_error(env, err) : enif_make_tuple2(env, ATOM_ok, enif_make_uint64(env, c.n));
 }
 
 /* events_seed(Session) -> ok | {error, {event_store, Reason}}: makes the queue know the session's last

@@ -37,7 +37,7 @@ ERL_NIF_TERM events_reseed_dirty(ErlNifEnv *env, int argc, const ERL_NIF_TERM ar
     {"events_put_snapshot", 4, nif_events_put_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
     {"events_put_snapshots", 1, nif_events_put_snapshots, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
     {"events_latest_snapshot", 3, nif_events_latest_snapshot, ERL_NIF_DIRTY_JOB_IO_BOUND}, \
-    {"events_expire", 1, nif_events_expire, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
+    {"events_expire", 4, nif_events_expire, ERL_NIF_DIRTY_JOB_IO_BOUND},             \
     {"events_session_seq", 1, nif_events_session_seq, 0},                            \
     {"events_append", 5, nif_events_append_as, 0},                                   \
     {"events_session_delete", 2, nif_events_session_delete, 0},                      \

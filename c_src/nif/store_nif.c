@@ -786,6 +786,8 @@ typedef struct {
 /* Arms the write-path access check when the write is made `as' another session. */
 static void arm_acl(ErlNifEnv *env, set_opts_buf *b, dx_str owner) {
     if (!b->principal.set) return;
+    b->o.principal = b->principal.id.ptr; /* the event log records who wrote */
+    b->o.principal_len = b->principal.id.len;
     b->acl = (dx_acl_ctx){env, owner, &b->principal, DX_PERM_WRITE};
     b->o.acl_check = dx_acl_write_check;
     b->o.acl_ctx = &b->acl;
@@ -1184,7 +1186,8 @@ DX_NIF(nif_var_delete) {
     dx_var *v = dx_var_find(s, key);
     /* the access check runs under the shard mutex, on the variable deleted */
     dx_acl_ctx actx = {env, (dx_str){s->id, s->id_len}, &p, DX_PERM_WRITE};
-    dx_set_opts o = {.acl_check = p.set ? dx_acl_write_check : NULL, .acl_ctx = &actx};
+    dx_set_opts o = {.acl_check = p.set ? dx_acl_write_check : NULL, .acl_ctx = &actx,
+                     .principal = p.set ? p.id.ptr : NULL, .principal_len = p.set ? p.id.len : 0};
     int rc = v ? dx_var_delete_checked(s, v, &o) : DX_E_NOT_FOUND;
     if (rc == DX_E_LOCKED) r = dx_error(env, locked_reason(env));
     else if (rc == DX_E_DENIED) {

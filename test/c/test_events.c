@@ -1100,7 +1100,7 @@ static void test_backend_filters_snapshots_retention(void **st) {
     assert_int_equal(dx_ev_sqlite_ops.latest_snapshot(db, "t", 1, 0, 0, snap_cb, &got, err, sizeof err), 0);
     assert_int_equal(got, 6);
     size_t archived = 0;
-    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 2500, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 2500, 0, UINT64_MAX, arch_cb, &archived, err, sizeof err), 0);
     assert_int_equal(archived, 2);
     n = 0;
     dx_ev_sqlite_ops.query(db, &q, count_cb, &n, err, sizeof err);
@@ -1110,7 +1110,7 @@ static void test_backend_filters_snapshots_retention(void **st) {
     assert_int_equal(mp, r[3].position);
     /* positions never go back, even once retention removed every event */
     archived = 0;
-    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, INT64_MAX, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, INT64_MAX, 0, UINT64_MAX, arch_cb, &archived, err, sizeof err), 0);
     assert_int_equal(archived, 2);
     r[0].sequence = 5;
     assert_int_equal(dx_ev_sqlite_ops.write_batch(db, r, 1, err, sizeof err), 0);
@@ -1448,11 +1448,22 @@ static void test_time_ranges_with_late_rows(void **st) {
     pos_list got = {.n = 0};
     assert_int_equal(dx_ev_sqlite_ops.query(db, &ql, collect_cb, &got, err, sizeof err), 0);
     assert_int_equal(got.n, 5);
-    /* retention: exactly the rows older than the bound, late ones too */
-    size_t archived = 0, older = 0;
+    /* retention bounded by position (what the caller archived): older rows past the bound stay, late ones too */
+    size_t archived = 0, older = 0, first_half = 0;
     for (size_t pos = 1; pos <= N; pos++) older += ts[pos] < 112000;
-    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 112000, arch_cb, &archived, err, sizeof err), 0);
-    assert_int_equal(archived, older);
+    for (size_t pos = 11; pos <= N / 2; pos++) first_half += ts[pos] < 112000;
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 112000, 11, N / 2, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(archived, first_half);
+    dx_ev_query qh = {0};
+    got.n = 0;
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qh, collect_cb, &got, err, sizeof err), 0);
+    assert_int_equal(got.n, N - first_half);
+    for (size_t i = 0; i < got.n; i++)
+        assert_true(got.pos[i] < 11 || got.pos[i] > N / 2 || ts[got.pos[i]] >= 112000);
+    /* retention: exactly the rows older than the bound, late ones too */
+    archived = 0;
+    assert_int_equal(dx_ev_sqlite_ops.expire_before(db, 112000, 0, UINT64_MAX, arch_cb, &archived, err, sizeof err), 0);
+    assert_int_equal(archived, older - first_half);
     dx_ev_query qa = {0};
     got.n = 0;
     assert_int_equal(dx_ev_sqlite_ops.query(db, &qa, collect_cb, &got, err, sizeof err), 0);

@@ -735,12 +735,12 @@ static void expire_before_archives_then_deletes(void **state)
 
     /* the archiver refuses at the 700th row: nothing is deleted */
     archive a = {.refuse_at = 700};
-    assert_int_equal(B->expire_before(st, cut, archive_row, &a, err, sizeof err), 0);
+    assert_int_equal(B->expire_before(st, cut, 0, UINT64_MAX, archive_row, &a, err, sizeof err), 0);
     assert_int_equal(a.n, 700);
     assert_int_equal(count_rows(&f), (long)n);
 
     archive b = {0};
-    assert_int_equal(B->expire_before(st, cut, archive_row, &b, err, sizeof err), 0);
+    assert_int_equal(B->expire_before(st, cut, 0, UINT64_MAX, archive_row, &b, err, sizeof err), 0);
     assert_int_equal(b.n, 1200);
     for (size_t i = 0; i < b.n; i++)
         assert_int_equal(b.pos[i], d.r[i].position); /* every older event, in position order */
@@ -753,9 +753,9 @@ static void expire_before_archives_then_deletes(void **state)
 
     /* nothing older left: the callback is not called */
     archive c = {0};
-    assert_int_equal(B->expire_before(st, cut, archive_row, &c, err, sizeof err), 0);
+    assert_int_equal(B->expire_before(st, cut, 0, UINT64_MAX, archive_row, &c, err, sizeof err), 0);
     assert_int_equal(c.n, 0);
-    assert_int_equal(B->expire_before(st, INT64_MIN, archive_row, &c, err, sizeof err), 0);
+    assert_int_equal(B->expire_before(st, INT64_MIN, 0, UINT64_MAX, archive_row, &c, err, sizeof err), 0);
     assert_int_equal(c.n, 0);
     free_dataset(&d);
     B->close(st);
@@ -850,7 +850,7 @@ static void reconnects_after_server_restart(void **state)
     free_dataset(&more);
     /* ... and in the middle of an expire: nothing is deleted */
     restarter ex = {.at = 10};
-    assert_int_equal(B->expire_before(st, BASE_TS + 100 * 1000, restart_at, &ex, err, sizeof err), -1);
+    assert_int_equal(B->expire_before(st, BASE_TS + 100 * 1000, 0, UINT64_MAX, restart_at, &ex, err, sizeof err), -1);
     assert_int_equal(ex.seen, 100); /* the page was read; the delete found the server gone */
     assert_complete_session(st, SESSIONS[0], SESSION_LENS[0], 400);
     free_dataset(&d);
