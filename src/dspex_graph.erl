@@ -37,7 +37,8 @@ add_dependency(Session, From, To) -> add_dependency(Session, From, To, data).
 
 %% @doc Adds `From -> To' with an edge type (an atom such as `data' or
 %% `control'; at most 64 distinct types per node). Adding an existing edge again
-%% is `ok' (its type is updated). A self-loop or an edge closing a cycle is
+%% is `ok' (its type is updated; the event log records a `dependency_added'
+%% only when the edge is new or its type changed). A self-loop or an edge closing a cycle is
 %% `{error, {would_create_cycle, Path}}' where Path is `[From, To, ..., From]'
 %% (the new edge followed by the existing path back); nothing changes then.
 %% Unknown variables: `{error, {not_found, Key}}'.
@@ -50,8 +51,14 @@ add_dependency_here(Session, From, To, Type) ->
 
 add_dependency_timed(Session, From, To, Type) ->
     timed(add_dependency, #{session => Session, from => From, to => To, type => Type},
-          fun() -> dspex_events:recorded(dspex_nif:graph_add(Session, From, To, Type), Session, dependency_added, %% event log
-                                         #{from => From, to => To, type => Type}) end).
+          fun() ->
+                  case dspex_nif:graph_add(Session, From, To, Type) of
+                      %% the same edge with the same type: nothing changed, nothing logged
+                      unchanged -> ok;
+                      R -> dspex_events:recorded(R, Session, dependency_added, %% event log
+                                                 #{from => From, to => To, type => Type})
+                  end
+          end).
 
 %% @doc Removes the edge; `{error, {not_found, {From, To}}}' if there is none.
 -spec remove_dependency(session_id(), var_key(), var_key()) -> ok | {error, term()}.

@@ -36,6 +36,8 @@ events_test_() ->
       ?T(archive_file_is_gzip_members_readable_as_one_stream),
       ?T(writes_made_as_a_principal_name_it_in_their_events),
       ?T(erlang_side_events),
+      ?T(same_edge_again_logs_nothing),
+      ?T(ids_grow_with_positions),
       ?T(bad_arguments_are_errors),
       ?T(json_term_of_any_term),
       ?T(prometheus_and_telemetry),
@@ -1195,6 +1197,40 @@ erlang_side_events() ->
     [?assert(lists:member(T, Types)) || T <- [dependency_added, dependency_removed, lock_acquired,
                                                optimization_progress, lock_released, acl_rule_set]],
     ?assertEqual(lists:seq(1, length(Types)), [N || #{sequence := N} <- events(S)]).
+
+%% An edge added again with the same type changes nothing: no second dependency_added (a consumer
+%% counting adds and removes would think it still there after one remove); another type is a change.
+same_edge_again_logs_nothing() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, a, integer, 0),
+    {ok, _} = dspex_store:register(S, b, integer, 0),
+    ok = dspex_graph:add_dependency(S, a, b),
+    ok = dspex_graph:add_dependency(S, a, b),
+    ok = dspex_graph:add_dependency(S, a, b, control),
+    ok = dspex_graph:remove_dependency(S, a, b),
+    ?assertEqual([data, control], [T || #{type := dependency_added, data := #{type := T}} <- events(S)]),
+    ?assertEqual(1, length([x || dependency_removed <- types(S)])).
+
+%% Ids grow with positions, append/4's (made when it is queued, to be returned) and the commit path's
+%% (made by the writer) alike, also with writers on other processes.
+ids_grow_with_positions() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    Self = self(),
+    Ws = [spawn_link(fun() ->
+                             [case I rem 2 of
+                                  0 -> {ok, _} = dspex_store:set(S, x, I);
+                                  1 -> {ok, _} = dspex_events:append(S, mark, I, #{})
+                              end || I <- lists:seq(1, 200)],
+                             Self ! {done, self()}
+                     end) || _ <- [1, 2, 3]],
+    [receive {done, W} -> ok end || W <- Ws],
+    Evs = events(S),
+    ?assertEqual(2 + 600, length(Evs)),
+    Ids = [Id || #{id := Id} <- Evs],
+    ?assertEqual(Ids, lists:usort(Ids)).
 
 bad_arguments_are_errors() ->
     ?assertEqual({error, {invalid_argument, append}}, dspex_events:append(not_a_binary, t, x, #{})),

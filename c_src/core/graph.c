@@ -406,6 +406,15 @@ int dx_graph_has_node(const dx_graph *g, const char *name, size_t len)
     return node_lookup(g, name, len) != NONE;
 }
 
+int dx_graph_edge_type(const dx_graph *g, const char *from, size_t flen, const char *to, size_t tlen)
+{
+    if (!g || bad_name(from, flen) || bad_name(to, tlen))
+        return -1;
+    uint32_t f = node_lookup(g, from, flen), t = node_lookup(g, to, tlen);
+    uint32_t e = f != NONE && t != NONE ? edge_find(g, f, t) : NONE;
+    return e == NONE ? -1 : g->edges[e].type;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Pearce-Kelly                                                              */
 

@@ -59,6 +59,8 @@ int dx_graph_add_edge(dx_graph *g, const char *from, size_t flen, const char *to
 int dx_graph_remove_edge(dx_graph *g, const char *from, size_t flen, const char *to, size_t tlen); /* OK / NOT_FOUND */
 int dx_graph_remove_node(dx_graph *g, const char *name, size_t len);   /* node + all its edges; OK / NOT_FOUND */
 int dx_graph_has_node(const dx_graph *g, const char *name, size_t len); /* 1 / 0 */
+/* The type of the edge from -> to, or -1 when there is none. */
+int dx_graph_edge_type(const dx_graph *g, const char *from, size_t flen, const char *to, size_t tlen);
 
 /* Direct neighbours: dependencies = X with X->name, dependents = X with name->X.
  * `types` may be NULL when the edge types are not wanted. NOT_FOUND if no such node. */

@@ -32,6 +32,7 @@ struct dx_evq {
     _Atomic size_t adepth; /* depth, readable without the mutex (back-pressure checks) */
     uint64_t pushed, done, batches, errors, written, last_pos;
     uint64_t failed_upto; /* tickets <= this saw a failed attempt */
+    uint64_t id_ms, id_ctr; /* the last id key taken (under mu, in the queue's order) */
     char last_error[256];
     bool stop, started;
     /* wake-ups: pushers signal the writer only when it sleeps on an empty queue (idle), or lingers
@@ -127,15 +128,19 @@ static uint64_t rng_next(void) { /* xorshift128+ */
 
 /* 48-bit ms time, version 7, 12-bit counter (rand_a, monotonic within a ms; a
  * counter overflow borrows the next ms), variant 10, 62 random bits. */
-void dx_uuid7(int64_t ts_us, char out[37]) {
-    uint8_t b[16];
-    pthread_mutex_lock(&g_uuid_mu);
-    if (!g_rng[0] && !g_rng[1]) {
-        if (getrandom(g_rng, sizeof g_rng, 0) != (ssize_t)sizeof g_rng || (!g_rng[0] && !g_rng[1])) {
-            g_rng[0] = (uint64_t)dx_ev_now_us() * 0x9e3779b97f4a7c15ull;
-            g_rng[1] = (uint64_t)(uintptr_t)&b | 1;
-        }
+/* Under g_uuid_mu. */
+static void rng_seed(void) {
+    if (getrandom(g_rng, sizeof g_rng, 0) != (ssize_t)sizeof g_rng || (!g_rng[0] && !g_rng[1])) {
+        g_rng[0] = (uint64_t)dx_ev_now_us() * 0x9e3779b97f4a7c15ull;
+        g_rng[1] = (uint64_t)(uintptr_t)&g_rng | 1;
     }
+}
+
+static void uuid7_text(uint64_t ms, uint64_t ctr, uint64_t r, char out[37]);
+
+void dx_uuid7(int64_t ts_us, char out[37]) {
+    pthread_mutex_lock(&g_uuid_mu);
+    if (!g_rng[0] && !g_rng[1]) rng_seed();
     uint64_t ms = ts_us > 0 ? (uint64_t)ts_us / 1000 : 0;
     if (ms <= g_uuid_ms) {
         ms = g_uuid_ms;
@@ -149,6 +154,19 @@ void dx_uuid7(int64_t ts_us, char out[37]) {
     g_uuid_ms = ms;
     uint64_t ctr = g_uuid_ctr, r = rng_next();
     pthread_mutex_unlock(&g_uuid_mu);
+    uuid7_text(ms, ctr, r, out);
+}
+
+void dx_uuid7_format(uint64_t key, char out[37]) {
+    pthread_mutex_lock(&g_uuid_mu);
+    if (!g_rng[0] && !g_rng[1]) rng_seed();
+    uint64_t r = rng_next();
+    pthread_mutex_unlock(&g_uuid_mu);
+    uuid7_text(key >> 12, key & 0xfff, r, out);
+}
+
+static void uuid7_text(uint64_t ms, uint64_t ctr, uint64_t r, char out[37]) {
+    uint8_t b[16];
     for (int i = 0; i < 6; i++) b[i] = (uint8_t)(ms >> (40 - 8 * i));
     b[6] = (uint8_t)(0x70 | ((ctr >> 8) & 0x0f));
     b[7] = (uint8_t)ctr;
@@ -424,9 +442,23 @@ static void item_fill(dx_evq *q, dx_ev_item *it, const dx_ev_in *in) {
 static void link_item(dx_evq *q, dx_ev_item *it, uint64_t seq, int64_t ts, bool want_id) {
     it->rec.sequence = seq;
     it->rec.ts_us = ts;
-    /* the id is made here only when the caller wants it back (append/4); the writer makes the others,
-     * off the commit path */
-    if (want_id && !it->rec.id[0]) dx_uuid7(ts, it->rec.id);
+    /* the id's key is taken here, in the queue's order (ids grow with positions); its text is made here
+     * only when the caller wants it back (append/4), the writer makes the others, off the commit path */
+    if (!it->rec.id[0]) {
+        uint64_t ms = ts > 0 ? (uint64_t)ts / 1000 : 0;
+        if (ms <= q->id_ms) {
+            ms = q->id_ms;
+            if (++q->id_ctr > 0xfff) { /* a counter overflow borrows the next ms */
+                ms++;
+                q->id_ctr = 0;
+            }
+        } else {
+            q->id_ctr = 0;
+        }
+        q->id_ms = ms;
+        it->id_key = ms << 12 | q->id_ctr;
+        if (want_id) dx_uuid7_format(it->id_key, it->rec.id);
+    }
     it->ticket = ++q->pushed;
     if (!q->pending++) q->pending_since_us = dx_ev_now_us();
     if (q->tail) q->tail->next = it;
@@ -926,7 +958,10 @@ static void *writer(void *arg) {
                         it->encoded = true; /* once: a retry of this batch writes the same bytes */
                     }
                 }
-                if (!it->rec.id[0]) dx_uuid7(it->rec.ts_us, it->rec.id);
+                if (!it->rec.id[0]) {
+                    if (it->id_key) dx_uuid7_format(it->id_key, it->rec.id);
+                    else dx_uuid7(it->rec.ts_us, it->rec.id);
+                }
                 recs[i] = it->rec;
                 recs[i].position = 0;
             }

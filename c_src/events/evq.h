@@ -43,6 +43,8 @@ typedef struct dx_ev_item {
                         would replace, and leak, the one made for the failed attempt) */
     bool provisional; /* numbered from 1 because the session's last stored sequence was unknown (the
                          backend down before its first event here): renumbered before it is written */
+    uint64_t id_key;  /* the id's time and counter, taken when the item was queued (0: none): ids then
+                         grow with the queue's order, whichever thread writes the id's text */
     _Alignas(8) char text[];
 } dx_ev_item;
 
@@ -191,5 +193,7 @@ void dx_evq_urge(dx_evq *q, uint64_t ticket);
 
 /* UUIDv7 text (36 chars + NUL) for ts_us; monotonic within a process. */
 void dx_uuid7(int64_t ts_us, char out[37]);
+/* The UUIDv7 text of a key (48-bit ms << 12 | 12-bit counter) with fresh random bits. */
+void dx_uuid7_format(uint64_t key, char out[37]);
 int64_t dx_ev_now_us(void);
 #endif

@@ -70,8 +70,12 @@ DX_NIF(nif_graph_add) {
         else {
             dx_gname *cycle = NULL;
             size_t clen = 0;
-            int rc = dx_graph_add_edge(g, fv->name, fv->name_len, tv->name, tv->name_len, type, &cycle, &clen);
-            if (rc == DX_G_OK || rc == DX_G_EXISTS) r = ATOM_ok;
+            /* the same edge with the same type again changes nothing: `unchanged' (no event is logged) */
+            int same = dx_graph_edge_type(g, fv->name, fv->name_len, tv->name, tv->name_len) == type;
+            int rc = same ? DX_G_EXISTS
+                          : dx_graph_add_edge(g, fv->name, fv->name_len, tv->name, tv->name_len, type, &cycle, &clen);
+            if (same) r = ATOM_unchanged;
+            else if (rc == DX_G_OK || rc == DX_G_EXISTS) r = ATOM_ok;
             else if (rc == DX_G_CYCLE) r = dx_error2(env, ATOM_would_create_cycle, names_list(env, cycle, clen));
             else r = dx_error(env, ATOM_enomem);
             free(cycle);

@@ -92,6 +92,8 @@ typedef struct {
     size_t rows;
     int bad;
     char sess[8][16];
+    char last_id[37];
+    int ids_ordered; /* one writer: ids grow with positions (another writer's ids need not) */
 } check_ctx;
 
 static int check_cb(void *c_, const dx_ev_rec *r) {
@@ -99,9 +101,11 @@ static int check_cb(void *c_, const dx_ev_rec *r) {
     int k = -1;
     for (int i = 0; i < 8; i++)
         if (r->session_len == strlen(c->sess[i]) && memcmp(r->session, c->sess[i], r->session_len) == 0) k = i;
+    /* ids grow with positions (UUIDv7 text sorts by time, then counter) */
     if (k < 0 || r->sequence != c->last_seq[k] + 1 || r->position <= c->last_pos || strlen(r->id) != 36 ||
-        r->id[14] != '7')
+        r->id[14] != '7' || (c->ids_ordered && strcmp(r->id, c->last_id) <= 0))
         c->bad++;
+    memcpy(c->last_id, r->id, 37);
     if (k >= 0) c->last_seq[k] = r->sequence;
     c->last_pos = r->position;
     c->rows++;
@@ -114,7 +118,7 @@ static void check_one_session(const char *path, const char *session, size_t rows
     char err[256];
     void *db;
     assert_int_equal(dx_ev_sqlite_ops.open(path, &db, err, sizeof err), 0);
-    check_ctx c = {0};
+    check_ctx c = {.ids_ordered = 1};
     snprintf(c.sess[0], sizeof c.sess[0], "%s", session);
     dx_ev_query qq = {0};
     assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, check_cb, &c, err, sizeof err), 0);
@@ -630,6 +634,30 @@ static void test_event_time_from_commit_never_back_in_a_session(void **st) {
     int64_t want[6] = {got[0], got[1], got[3], got[4], got[5], got[6]};
     for (size_t i = 0; i < 6; i++) assert_int_equal(c.ts[i], want[i]);
     dx_ev_sqlite_ops.close(db);
+}
+
+/* Ids grow with positions whoever makes their text: the push for an event whose caller wants its id back
+ * (append/4), the writer for the others, here after every push (the writer is held): ids made at write time
+ * sorted after the pushes' own, against the log's order. */
+static void test_ids_grow_with_positions(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "ids.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p};
+    dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+    assert_non_null(q);
+    gate_set(1);
+    uint64_t t = 0;
+    char ids[200][37];
+    for (int i = 0; i < 200; i++) {
+        dx_ev_in e = ev("ids", "variable_updated", "x");
+        if (i % 2) e.id_out = ids[i];
+        t = dx_evq_push(q, &e, NULL);
+        assert_true(t > 0);
+    }
+    gate_set(0);
+    assert_int_equal(dx_evq_wait(q, t), 0);
+    dx_evq_close(q);
+    check_one_session(p, "ids", 200);
 }
 
 /* The writer lingers after the first event of a batch (linger_us: an hour here), so events pushed
@@ -1551,6 +1579,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_items_recycled_payloads_freed_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_event_time_from_commit_never_back_in_a_session, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ids_grow_with_positions, setup, teardown),
         cmocka_unit_test_setup_teardown(test_linger_groups_and_urge_ends_it, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gather_waits_for_as_many_waiters_as_last_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_gather_never_delays_a_lone_writer_and_is_bounded, setup, teardown),

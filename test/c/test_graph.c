@@ -307,7 +307,11 @@ static void test_duplicate_edge(void **state)
     int *ty;
     size_t n;
     assert_int_equal(dx_graph_add_edge(g, S("a"), S("b"), 1, NULL, NULL), DX_G_OK);
+    assert_int_equal(dx_graph_edge_type(g, S("a"), S("b")), 1);
     assert_int_equal(dx_graph_add_edge(g, S("a"), S("b"), 7, NULL, NULL), DX_G_EXISTS);
+    assert_int_equal(dx_graph_edge_type(g, S("a"), S("b")), 7);
+    assert_int_equal(dx_graph_edge_type(g, S("b"), S("a")), -1);  /* the other direction: none */
+    assert_int_equal(dx_graph_edge_type(g, S("a"), S("zz")), -1); /* an unknown node */
     assert_int_equal(dx_graph_edge_count(g), 1);
     assert_int_equal(dx_graph_dependents(g, S("a"), &o, &ty, &n), DX_G_OK);
     assert_int_equal(n, 1);
