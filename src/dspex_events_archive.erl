@@ -16,6 +16,8 @@
 %% field) is rewritten once as one such member (temporary file, then rename)
 %% before the first append to it.
 -module(dspex_events_archive).
+
+-include_lib("kernel/include/file.hrl").
 -export([write_page/2, read/3, file_of/2]).
 
 -define(XLEN, 12). % the extra field: "DX", its length (8), the member's length (64 bits)
@@ -68,7 +70,7 @@ truncate_at(F, End) ->
 valid_end(File) ->
     case file:read_file_info(File) of
         {error, enoent} -> {ok, 0};
-        {ok, #{size := 0}} -> {ok, 0};
+        {ok, #file_info{size = 0}} -> {ok, 0};
         {ok, _} ->
             {ok, Z} = file:read_file(File),
             case walk(Z, 0, []) of
