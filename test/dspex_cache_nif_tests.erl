@@ -125,20 +125,9 @@ long_ids_big_values_and_bad_arguments() ->
 
 %% The application's cluster supervisor restarted under `Cluster' (a one-node
 %% cluster), F run, then restarted without a cluster again.
-with_cluster(Cluster, F) ->
-    application:set_env(dspex_bridge, cluster, Cluster#{nodes => [node()], replicas => 0}),
-    try
-        restart_cluster(),
-        true = persistent_term:get(dspex_cluster_routing, false),
-        F()
-    after
-        application:unset_env(dspex_bridge, cluster),
-        restart_cluster()
-    end.
+with_cluster(Cluster, F) -> dspex_one_node_cluster:with(Cluster, F).
 
-restart_cluster() ->
-    ok = supervisor:terminate_child(dspex_bridge_sup, dspex_cluster_sup),
-    {ok, _} = supervisor:restart_child(dspex_bridge_sup, dspex_cluster_sup).
+restart_cluster() -> dspex_one_node_cluster:restart().
 
 api_test_() ->
     Cached = #{cache => #{mode => cached}},

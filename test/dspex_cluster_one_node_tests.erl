@@ -21,36 +21,7 @@ one_node_test_() ->
 
 %% The application's cluster supervisor restarted as a one-node cluster, F
 %% run, then restarted without a cluster again.
-with_cluster(F) ->
-    application:set_env(dspex_bridge, cluster, ?ONE),
-    try
-        restart_cluster(),
-        true = dspex_cluster:enabled(),
-        %% the membership server publishes its first view on start
-        ok = wait_until(fun() -> dspex_cluster_members:published_view() =/= undefined end, 5000),
-        F()
-    after
-        application:unset_env(dspex_bridge, cluster),
-        restart_cluster()
-    end.
-
-restart_cluster() ->
-    ok = supervisor:terminate_child(dspex_bridge_sup, dspex_cluster_sup),
-    {ok, _} = supervisor:restart_child(dspex_bridge_sup, dspex_cluster_sup).
-
-wait_until(F, Ms) ->
-    Deadline = erlang:monotonic_time(millisecond) + Ms,
-    wait_loop(F, Deadline).
-
-wait_loop(F, Deadline) ->
-    case F() of
-        true -> ok;
-        false ->
-            case erlang:monotonic_time(millisecond) < Deadline of
-                true -> receive after 5 -> ok end, wait_loop(F, Deadline);
-                false -> timeout
-            end
-    end.
+with_cluster(F) -> dspex_one_node_cluster:with(#{}, F).
 
 configuration_is_checked() ->
     Bad = fun(K, C) -> ?assertEqual({error, {invalid_argument, K}}, dspex_cluster_sup:config_of(C)) end,
@@ -84,7 +55,7 @@ bad_configuration_does_not_start() ->
                           supervisor:restart_child(dspex_bridge_sup, dspex_cluster_sup))
          after
              application:unset_env(dspex_bridge, cluster),
-             restart_cluster()
+             dspex_one_node_cluster:restart()
          end
      end || {K, C} <- [{nodes, #{nodes => foo}}, {nodes, #{nodes => [<<"a">>]}},
                        {keepalive_ms, ?ONE#{keepalive_ms => -5}}, {backend, ?ONE#{backend => bogus}},
