@@ -80,9 +80,9 @@ of_error({batch_failed, Errs}) when is_map(Errs) ->
                            [lists:join(", ", [[txt(K), ": ", element(2, of_error(R))] || {K, R} <- maps:to_list(Errs)])])};
 of_error({already_exists, N}) -> {already_exists, fmt("already exists: ~ts", [txt(N)])};
 of_error({version_mismatch, Cur}) -> {aborted, fmt("version mismatch: current version is ~p", [Cur])};
-of_error({locked, H}) -> {failed_precondition, fmt("variable is locked by optimizer ~ts", [txt(H)])};
+of_error({locked, H}) -> {failed_precondition, fmt("variable is locked by optimizer ~ts", [holder(H)])};
 of_error(stale_lock) -> {failed_precondition, <<"stale optimizer lock token">>};
-of_error({lock_held_by, H}) -> {failed_precondition, fmt("variable is locked by optimizer ~ts", [txt(H)])};
+of_error({lock_held_by, H}) -> {failed_precondition, fmt("variable is locked by optimizer ~ts", [holder(H)])};
 of_error(not_lock_owner) -> {failed_precondition, <<"not the optimizer holding the lock">>};
 of_error(not_optimizing) -> {failed_precondition, <<"no optimization runs on the variable">>};
 of_error(derived_variable) -> {failed_precondition, <<"derived variables cannot be written directly">>};
@@ -163,6 +163,11 @@ limit_text(L) ->
         N when is_integer(N) -> io_lib:format(" (~ts = ~b)", [Key, N]);
         _ -> ""
     end.
+
+%% A lock holder as a client can read it: a study's holder is its algorithm
+%% (the study's process id means nothing outside the node).
+holder({dspex_opt, Alg, Pid}) when is_pid(Pid) -> ["study (", txt(Alg), ")"];
+holder(H) -> txt(H).
 
 txt(B) when is_binary(B) -> B;
 txt(A) when is_atom(A) -> atom_to_binary(A, utf8);

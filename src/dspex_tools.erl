@@ -203,6 +203,14 @@ json_result(V) ->
     end.
 
 %% The JSON form of a result, or error: maps need binary or atom keys.
+%% Integers go exact at any size up to 4300 digits (the port's limit, and
+%% Python's default int parsing limit): a longer one has no JSON form a
+%% client could read.
+json_form(V) when is_integer(V), (V > 16#7FFFFFFFFFFFFFFF orelse V < -16#8000000000000000) ->
+    case byte_size(integer_to_binary(abs(V))) =< 4300 of
+        true -> {ok, V};
+        false -> error
+    end;
 json_form(V) when is_binary(V); is_number(V); is_boolean(V); V =:= null -> {ok, V};
 json_form(V) when is_atom(V) -> {ok, atom_to_binary(V, utf8)};
 json_form(L) when is_list(L) ->

@@ -36,6 +36,11 @@ status_messages_test() ->
     ?assertEqual(<<"version mismatch: current version is 7">>, M),
     {failed_precondition, C} = dspex_grpc_status:of_error({would_create_cycle, [<<"a">>, <<"b">>, <<"a">>]}),
     ?assertMatch({_, _}, binary:match(C, <<"cycle: a -> b -> a">>)),
+    %% a study's lock: its algorithm, not an Erlang term with a pid
+    ?assertEqual({failed_precondition, <<"variable is locked by optimizer study (tpe)">>},
+                 dspex_grpc_status:of_error({lock_held_by, {dspex_opt, tpe, self()}})),
+    ?assertEqual({failed_precondition, <<"variable is locked by optimizer opt1">>},
+                 dspex_grpc_status:of_error({locked, <<"opt1">>})),
     ?assertEqual(10, dspex_grpc_status:code(aborted)),
     [?assertEqual(N, dspex_grpc_status:code(dspex_grpc_status:name(N))) || N <- lists:seq(0, 16)].
 

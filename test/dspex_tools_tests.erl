@@ -38,6 +38,13 @@ errors_of_tools() ->
     ?assertEqual({error, {tool_error, <<"no luck">>}}, dspex_tools:call(fails, #{}, #{})),
     ?assertMatch({error, {tool_crashed, boom}}, dspex_tools:call(crashes, #{}, #{})),
     ?assertMatch({error, {bad_result, P}} when is_pid(P), dspex_tools:call(odd, #{}, #{})),
+    %% big integers are exact JSON up to 4300 digits; longer ones no client can read
+    ok = dspex_tools:expose(pow10, fun(#{<<"n">> := N}) -> binary_to_integer(<<"1", (binary:copy(<<"0">>, N))/binary>>) end),
+    Big = binary_to_integer(<<"1", (binary:copy(<<"0">>, 4299))/binary>>),
+    ?assertEqual({ok, Big}, dspex_tools:call(pow10, #{<<"n">> => 4299}, #{})),
+    ok = dspex_tools:expose(neg_big, fun(_) -> #{n => [-(1 bsl 64)]} end),
+    ?assertEqual({ok, #{<<"n">> => [-(1 bsl 64)]}}, dspex_tools:call(neg_big, #{}, #{})),
+    ?assertMatch({error, {bad_result, _}}, dspex_tools:call(pow10, #{<<"n">> => 4300}, #{})),
     %% the caller survives and gets no stray message
     receive Stray -> error({stray, Stray}) after 0 -> ok end.
 

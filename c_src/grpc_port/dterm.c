@@ -50,7 +50,7 @@ int dt_map(dterm *t, size_t n) {
 void dt_free(dterm *t) {
     size_t i;
     switch (t->kind) {
-    case DT_ATOM: case DT_BIN: free(t->u.s.p); break;
+    case DT_ATOM: case DT_BIN: case DT_BIG: free(t->u.s.p); break;
     case DT_LIST: case DT_TUPLE:
         for (i = 0; i < t->u.seq.n; i++) dt_free(&t->u.seq.v[i]);
         free(t->u.seq.v);
@@ -93,6 +93,13 @@ int dt_compare(const dterm *a, const dterm *b) {
         c = n ? memcmp(a->u.s.p, b->u.s.p, n) : 0;
         if (c) return c < 0 ? -1 : 1;
         return a->u.s.n < b->u.s.n ? -1 : a->u.s.n > b->u.s.n;
+    case DT_BIG: { /* numeric order: sign, then length, then digits */
+        int an = a->u.s.p[0] == '-', bn = b->u.s.p[0] == '-', r;
+        if (an != bn) return an ? -1 : 1;
+        if (a->u.s.n != b->u.s.n) r = a->u.s.n < b->u.s.n ? -1 : 1;
+        else r = (c = memcmp(a->u.s.p, b->u.s.p, a->u.s.n)) < 0 ? -1 : c > 0;
+        return an ? -r : r;
+    }
     case DT_LIST: case DT_TUPLE:
         if (a->u.seq.n != b->u.seq.n) return a->u.seq.n < b->u.seq.n ? -1 : 1;
         for (i = 0; i < a->u.seq.n; i++)
@@ -207,6 +214,88 @@ static uint32_t be32(const unsigned char *p) {
 
 static int etf_term(rd *r, dterm *t, int depth);
 
+/* A bignum's little-endian magnitude: DT_INT when it fits int64, else its
+ * decimal text (DT_BIG), by repeated division by 10^9 over 32-bit limbs,
+ * bounded by DT_BIG_MAX_BYTES. */
+static int etf_bignum(dterm *t, const unsigned char *p, size_t n, unsigned sign) {
+    uint32_t limbs[(DT_BIG_MAX_BYTES + 3) / 4];
+    char digits[DT_BIG_MAX_DIGITS + 16], *out;
+    size_t nl, nd = 0, k;
+    while (n && p[n - 1] == 0) n--; /* a non-canonical zero-padded magnitude */
+    if (n <= 8) {
+        uint64_t mag = 0;
+        for (k = 0; k < n; k++) mag |= (uint64_t)p[k] << (8 * k);
+        if (sign && mag <= (uint64_t)INT64_MAX + 1) {
+            dt_int(t, mag == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)mag);
+            return 0;
+        }
+        if (!sign && mag <= (uint64_t)INT64_MAX) { dt_int(t, (int64_t)mag); return 0; }
+    }
+    if (n > DT_BIG_MAX_BYTES) return -1;
+    nl = (n + 3) / 4;
+    memset(limbs, 0, nl * sizeof *limbs);
+    for (k = 0; k < n; k++) limbs[k / 4] |= (uint32_t)p[k] << (8 * (k % 4));
+    while (nl) {
+        uint64_t rem = 0;
+        for (size_t i = nl; i-- > 0;) {
+            uint64_t cur = (rem << 32) | limbs[i];
+            limbs[i] = (uint32_t)(cur / 1000000000u);
+            rem = cur % 1000000000u;
+        }
+        while (nl && limbs[nl - 1] == 0) nl--;
+        for (int d = 0; d < 9 && (nl || rem); d++) { /* the last chunk without leading zeros */
+            if (nd >= DT_BIG_MAX_DIGITS) return -1;
+            digits[nd++] = (char)('0' + rem % 10);
+            rem /= 10;
+        }
+    }
+    if (nd == 0) digits[nd++] = '0';
+    if (!(out = malloc(nd + 2))) return -1;
+    k = 0;
+    if (sign && !(nd == 1 && digits[0] == '0')) out[k++] = '-';
+    while (nd) out[k++] = digits[--nd];
+    out[k] = 0;
+    t->kind = DT_BIG;
+    t->u.s.p = out;
+    t->u.s.n = k;
+    return 0;
+}
+
+int dt_big_magnitude(const dterm *t, unsigned char *out, size_t *n, int *neg) {
+    uint32_t limbs[(DT_BIG_MAX_BYTES + 3) / 4];
+    size_t nl = 0, i = 0, len;
+    const char *d;
+    if (t->kind != DT_BIG) return -1;
+    d = t->u.s.p;
+    len = t->u.s.n;
+    *neg = d[0] == '-';
+    if (*neg) { d++; len--; }
+    if (len == 0 || len > DT_BIG_MAX_DIGITS) return -1;
+    while (i < len) { /* limbs = limbs * 10^k + next k digits, k <= 9 */
+        uint32_t chunk = 0, mul = 1;
+        for (int k = 0; k < 9 && i < len; k++, i++) {
+            if (d[i] < '0' || d[i] > '9') return -1;
+            chunk = chunk * 10 + (uint32_t)(d[i] - '0');
+            mul *= 10;
+        }
+        uint64_t carry = chunk;
+        for (size_t j = 0; j < nl; j++) {
+            uint64_t cur = (uint64_t)limbs[j] * mul + carry;
+            limbs[j] = (uint32_t)cur;
+            carry = cur >> 32;
+        }
+        if (carry) {
+            if (nl == sizeof limbs / sizeof *limbs) return -1;
+            limbs[nl++] = (uint32_t)carry;
+        }
+    }
+    *n = 0;
+    for (size_t j = 0; j < nl; j++)
+        for (int b = 0; b < 4; b++) out[(*n)++] = (unsigned char)(limbs[j] >> (8 * b));
+    while (*n && out[*n - 1] == 0) (*n)--;
+    return 0;
+}
+
 static int etf_items(rd *r, dterm *t, dt_kind kind, size_t n, int depth) {
     /* every item takes at least one byte: a count beyond the bytes left is a lie */
     if (n > r->len - r->pos) return -1;
@@ -242,24 +331,16 @@ static int etf_term(rd *r, dterm *t, int depth) {
         dt_float(t, d);
         return 0;
     }
-    case 110: case 111: { /* SMALL_BIG_EXT, LARGE_BIG_EXT: only what fits int64 */
-        uint64_t mag = 0;
-        unsigned sign;
+    case 110: case 111: { /* SMALL_BIG_EXT, LARGE_BIG_EXT */
+        int rc;
         if (tag == 110) { if (!need(r, 1)) return -1; n = r->p[r->pos++]; }
         else { if (!need(r, 4)) return -1; n = be32(r->p + r->pos); r->pos += 4; }
         if (!need(r, 1)) return -1;
-        sign = r->p[r->pos++];
-        if (n > 8 || !need(r, n)) return -1;
-        for (uint32_t i = 0; i < n; i++) mag |= (uint64_t)r->p[r->pos + i] << (8 * i);
+        unsigned sign = r->p[r->pos++];
+        if (!need(r, n)) return -1;
+        rc = etf_bignum(t, r->p + r->pos, n, sign);
         r->pos += n;
-        if (sign) {
-            if (mag > (uint64_t)INT64_MAX + 1) return -1;
-            dt_int(t, mag == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)mag);
-        } else {
-            if (mag > (uint64_t)INT64_MAX) return -1;
-            dt_int(t, (int64_t)mag);
-        }
-        return 0;
+        return rc;
     }
     case 100: case 118: /* ATOM_EXT, ATOM_UTF8_EXT */
         if (!need(r, 2)) return -1;
@@ -335,6 +416,50 @@ int dt_decode_etf(const unsigned char *buf, size_t len, dterm *out) {
     r.pos = 1;
     if (etf_term(&r, out, 0) || r.pos != len) { dt_free(out); return -1; }
     return 0;
+}
+
+int dt_etf_peek_call_id(const unsigned char *buf, size_t len, uint64_t *id) {
+    rd r = {buf, len, 1};
+    unsigned tag;
+    uint32_t n;
+    if (len < 3 || buf[0] != 131) return -1;
+    tag = r.p[r.pos++];
+    if (tag == 104) n = r.p[r.pos++];
+    else if (tag == 105) { if (!need(&r, 4)) return -1; n = be32(r.p + r.pos); r.pos += 4; }
+    else return -1;
+    if (n < 2 || !need(&r, 1)) return -1;
+    tag = r.p[r.pos++];
+    if (tag == 100 || tag == 118) { /* the command's atom: skipped, not trusted */
+        if (!need(&r, 2)) return -1;
+        n = ((uint32_t)r.p[r.pos] << 8) | r.p[r.pos + 1];
+        r.pos += 2;
+    } else if (tag == 115 || tag == 119) {
+        if (!need(&r, 1)) return -1;
+        n = r.p[r.pos++];
+    } else return -1;
+    if (!need(&r, n)) return -1;
+    r.pos += n;
+    if (!need(&r, 1)) return -1;
+    tag = r.p[r.pos++];
+    if (tag == 97) { if (!need(&r, 1)) return -1; *id = r.p[r.pos]; return 0; }
+    if (tag == 98) {
+        int32_t v;
+        if (!need(&r, 4)) return -1;
+        v = (int32_t)be32(r.p + r.pos);
+        if (v < 0) return -1;
+        *id = (uint64_t)v;
+        return 0;
+    }
+    if (tag == 110) { /* ids beyond 2^27 are small bignums */
+        uint64_t v = 0;
+        if (!need(&r, 2)) return -1;
+        n = r.p[r.pos];
+        if (r.p[r.pos + 1] != 0 || n > 8 || !need(&r, 2 + (size_t)n)) return -1;
+        for (uint32_t i = 0; i < n; i++) v |= (uint64_t)r.p[r.pos + 2 + i] << (8 * i);
+        *id = v;
+        return 0;
+    }
+    return -1;
 }
 
 /* ------------------------------------------------------------ JSON reader */
@@ -459,7 +584,13 @@ static int jnumber(jr *j, dterm *t) {
     if (is_int) {
         long long v = strtoll(txt, &end, 10);
         if (errno == 0) { dt_int(t, v); free(heap); return 0; }
-        errno = 0; /* beyond int64: a float, as JSON readers usually do */
+        /* beyond int64: exact (DT_BIG), never silently a float */
+        if (len - (txt[0] == '-') > DT_BIG_MAX_DIGITS) { free(heap); return jfail(j, "integer has too many digits"); }
+        {
+            int rc = dt_str(t, DT_BIG, txt, len);
+            free(heap);
+            return rc ? jfail(j, "out of memory") : 0;
+        }
     }
     {
         double d = strtod(txt, &end);
@@ -656,6 +787,7 @@ static int wvalue(const dterm *t, dt_buf *b, const char **err, int depth) {
         if (dt_buf_put(b, tmp, strlen(tmp))) goto oom;
         return 0;
     case DT_FLOAT: return wfloat(b, t->u.f, err);
+    case DT_BIG: return dt_buf_put(b, t->u.s.p, t->u.s.n) ? (*err = "out of memory", -1) : 0;
     case DT_ATOM: {
         const char *a = t->u.s.p, *lit = NULL;
         if (!strcmp(a, "true") || !strcmp(a, "false") || !strcmp(a, "null")) lit = a;
@@ -685,6 +817,8 @@ static int wvalue(const dterm *t, dt_buf *b, const char **err, int depth) {
             } else if (k->kind == DT_INT) {
                 snprintf(tmp, sizeof tmp, "\"%lld\"", (long long)k->u.i);
                 if (dt_buf_put(b, tmp, strlen(tmp))) goto oom;
+            } else if (k->kind == DT_BIG) {
+                if (dt_buf_put(b, "\"", 1) || dt_buf_put(b, k->u.s.p, k->u.s.n) || dt_buf_put(b, "\"", 1)) goto oom;
             } else {
                 *err = "map key is not a string";
                 return -1;

@@ -10,20 +10,28 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { DT_INT, DT_FLOAT, DT_ATOM, DT_BIN, DT_LIST, DT_TUPLE, DT_MAP } dt_kind;
+/* DT_BIG: an integer beyond int64 (an Erlang bignum, a long JSON integer),
+ * kept exact as its decimal text in u.s ("-" then digits, no leading zero):
+ * a tool's result of 2^64 must reach the client as 2^64, not as a float. */
+typedef enum { DT_INT, DT_FLOAT, DT_ATOM, DT_BIN, DT_LIST, DT_TUPLE, DT_MAP, DT_BIG } dt_kind;
 
 typedef struct dterm {
     dt_kind kind;
     union {
         int64_t i;
         double f;
-        struct { char *p; size_t n; } s;               /* atom / binary, NUL-terminated copy */
+        struct { char *p; size_t n; } s;               /* atom / binary / big, NUL-terminated copy */
         struct { struct dterm *v; size_t n; } seq;     /* list / tuple */
         struct { struct dterm *k, *v; size_t n; } map; /* keys unique */
     } u;
 } dterm;
 
 #define DT_MAX_DEPTH 100
+/* The longest DT_BIG, in decimal digits: Python's default int/str conversion
+ * limit, so whatever we accept a Python client can read (and the quadratic
+ * base conversion stays in the microseconds). */
+#define DT_BIG_MAX_DIGITS 4300
+#define DT_BIG_MAX_BYTES 1800 /* its magnitude in bytes: 4300 * log256(10) < 1787 */
 
 /* Constructors: all return 0 on success, -1 on allocation failure. */
 void dt_int(dterm *t, int64_t i);
@@ -42,11 +50,22 @@ int dt_is_atom(const dterm *t, const char *name);
 void dt_map_dedupe(dterm *map);
 int dt_compare(const dterm *a, const dterm *b);
 
-/* External term format (with the 131 version byte). Returns 0 or -1. */
+/* External term format (with the 131 version byte). Returns 0 or -1.
+ * Integers beyond int64 become DT_BIG (more than DT_BIG_MAX_DIGITS: -1). */
 int dt_decode_etf(const unsigned char *buf, size_t len, dterm *out);
+/* For a frame dt_decode_etf refused: if it starts as a tuple whose first
+ * element is an atom and whose second is a non-negative integer (every
+ * command that names a call: {reply, Id, ...}, {error, Id, ...}), sets *id
+ * and returns 0, so the call can be failed instead of left unanswered. */
+int dt_etf_peek_call_id(const unsigned char *buf, size_t len, uint64_t *id);
+/* DT_BIG's decimal text as a bignum's little-endian magnitude: *n bytes in
+ * out (room for DT_BIG_MAX_BYTES), *neg the sign.
+ * Returns 0 or -1 (not a DT_BIG). For the ei encoder. */
+int dt_big_magnitude(const dterm *t, unsigned char *out, size_t *n, int *neg);
 
 /* JSON (RFC 8259, UTF-8 validated, depth-limited). Objects become maps with
  * binary keys, arrays lists, strings binaries, integers that fit int64 DT_INT,
+ * longer integers DT_BIG (more than DT_BIG_MAX_DIGITS digits: an error),
  * other numbers DT_FLOAT (an overflowing number becomes the atom infinity or
  * neg_infinity), true/false/null atoms. Returns 0, or -1 with *err set to a
  * static description. */
@@ -59,8 +78,8 @@ void dt_buf_free(dt_buf *b);
 
 /* JSON writer: atoms true/false/null are literals, undefined is null, nan /
  * infinity / neg_infinity the strings "NaN" / "Infinity" / "-Infinity", other
- * atoms their text; tuples are arrays; map keys must be binaries, atoms or
- * integers. Binaries must be valid UTF-8. Returns 0 or -1 (*err set). */
+ * atoms their text; tuples are arrays; DT_BIG its digits; map keys must be
+ * binaries, atoms or integers. Binaries must be valid UTF-8. Returns 0 or -1 (*err set). */
 int dt_write_json(const dterm *t, dt_buf *out, const char **err);
 
 int dt_utf8_valid(const unsigned char *p, size_t n);

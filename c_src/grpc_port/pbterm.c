@@ -189,6 +189,7 @@ static int get_int(const dterm *t, int64_t lo, int64_t hi, int64_t *v) {
 static int get_double(const dterm *t, double *v) {
     if (t->kind == DT_FLOAT) { *v = t->u.f; return 0; }
     if (t->kind == DT_INT) { *v = (double)t->u.i; return 0; }
+    if (t->kind == DT_BIG) { *v = strtod(t->u.s.p, NULL); return 0; } /* nearest, or +-inf */
     if (dt_is_atom(t, "nan")) { *v = NAN; return 0; }
     if (dt_is_atom(t, "infinity")) { *v = INFINITY; return 0; }
     if (dt_is_atom(t, "neg_infinity")) { *v = -INFINITY; return 0; }

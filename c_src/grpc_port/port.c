@@ -735,6 +735,30 @@ static void dispatch(const dterm *t) {
     call_unref(c);
 }
 
+/* A command that does not decode (a term the port cannot represent) but names
+ * its call: the call ends INTERNAL at once instead of waiting, unanswered, for
+ * its deadline (or forever without one), and the BEAM is told, as for a
+ * cancel, so a streaming handler stops. */
+static void fail_undecodable(const unsigned char *frame, size_t n) {
+    uint64_t id;
+    call_t *c;
+    batch_t b = {.n = 0};
+    if (dt_etf_peek_call_id(frame, n, &id) || !(c = table_get(id))) {
+        fprintf(stderr, "dspex_grpc_port: undecodable command ignored\n");
+        return;
+    }
+    fprintf(stderr, "dspex_grpc_port: undecodable command for call %llu: call failed\n", (unsigned long long)id);
+    pthread_mutex_lock(&c->mu);
+    if (!c->finishing) {
+        drop_queue(c);
+        finish_unpackable(c, GRPC_STATUS_INTERNAL, "reply could not be encoded (a term with no protobuf/JSON form)", &b);
+    }
+    pthread_mutex_unlock(&c->mu);
+    start_prepared(c, &b);
+    send_simple("cancelled", c->id);
+    call_unref(c);
+}
+
 /* Commands are read in big chunks: under load one read() brings several. */
 static void read_loop(void) {
     /* a reply can carry a max-size message plus term overhead */
@@ -767,7 +791,7 @@ static void read_loop(void) {
                 dispatch(&t);
                 dt_free(&t);
             } else {
-                fprintf(stderr, "dspex_grpc_port: undecodable command ignored\n");
+                fail_undecodable(buf + off + 4, n);
             }
             off += 4 + (size_t)n;
         }

@@ -41,6 +41,8 @@ def setUpModule():
         "                   #{name => <<\"b\">>, type => <<\"number\">>, required => true}]}),"
         "ok = dspex_tools:expose(echo, fun(Args, #{session := S}) -> #{args => Args, session => S} end),"
         "ok = dspex_tools:expose(fails, fun(_) -> {error, <<\"model unavailable\">>} end),"
+        "ok = dspex_tools:expose(pow10, fun(#{<<\"n\">> := N}) -> "
+        "  binary_to_integer(<<\"1\", (binary:copy(<<\"0\">>, N))/binary>>) end),"
         "ok = dspex_tools:expose(crashes, fun(_) -> erlang:error(boom) end),"
         "ok = dspex_tools:expose(sleepy, fun(_) -> receive after infinity -> ok end end),"
         "ok = dspex_tools:expose(admin_only, fun(_) -> <<\"secret\">> end, #{allow => [<<\"admin_*\">>]}),"
@@ -321,6 +323,57 @@ class Variables(BridgeCase):
         self.assertEqual(cm.exception.new_versions, {"a": 2})
         self.assertEqual(self.ctx.get_variables(["a", "b"]), {"a": 4, "b": 0.75})
 
+    def test_batch_update_unknown_names_are_errors_of_the_batch(self):
+        """An unknown name is the server's to refuse, whether or not the
+        caller gave its type: BatchUpdateError, the others of a non-atomic
+        batch committed, nothing of an atomic one."""
+        self.ctx.register_variable("a", "float", 0.1)
+        for types in (None, {"zz": "integer"}):
+            with self.assertRaises(BatchUpdateError) as cm:
+                self.ctx.update_variables({"a": 0.2, "zz": 1}, types=types)
+            self.assertEqual(list(cm.exception.errors), ["zz"])
+            self.assertIn("a", cm.exception.new_versions)
+        self.assertEqual(self.ctx["a"], 0.2)
+        for zz in (1, [object()]):                         # [object()]: no type fits it either
+            with self.assertRaises(BatchUpdateError) as cm:
+                self.ctx.update_variables({"a": 0.3, "zz": zz}, atomic=True)
+            self.assertEqual((list(cm.exception.errors), cm.exception.new_versions), (["zz"], {}))
+        with self.assertRaises(BatchUpdateError) as cm:
+            self.ctx.update_variables({"a": 0.25, "zz": [object()]})
+        self.assertEqual((list(cm.exception.errors), list(cm.exception.new_versions)), (["zz"], ["a"]))
+        self.ctx["a"] = 0.2
+        with self.assertRaises(BatchUpdateError) as cm:
+            with self.ctx.batch() as b:
+                b["a"] = 0.4
+                b["zz"] = 1
+        self.assertEqual(list(cm.exception.errors), ["zz"])
+        self.assertEqual(self.ctx["a"], 0.2)
+        self.assertNotIn("zz", self.ctx)
+
+    def test_setitem_on_a_fresh_name_from_many_threads(self):
+        """ctx[n] = v registers if missing: threads racing on the first write
+        all succeed (a lost register race becomes an update)."""
+        results = []
+        barrier = threading.Barrier(4)
+
+        def writer(k):
+            ctx = SessionContext(self.channel, self.session, create=False, cache_ttl=0)
+            barrier.wait()
+            for i in range(10):
+                try:
+                    ctx["fresh"] = float(k * 100 + i)
+                    results.append(None)
+                except Exception as e:  # noqa: BLE001 - collected and asserted below
+                    results.append(e)
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual([r for r in results if r is not None], [])
+        self.assertEqual(len(results), 40)
+        self.assertEqual(self.ctx.get_variable_info("fresh").version, 39)
+
     def test_batch_block_writes_all_or_nothing(self):
         self.ctx.register_variable("p", "integer", 1)
         self.ctx.register_variable("q", "choice", "a", constraints={"choices": ["a", "b"]})
@@ -505,6 +558,11 @@ class Concurrency(BridgeCase):
                 self.assertEqual(cached["y"], v)
         finally:
             watcher.stop()
+
+    def test_cache_watcher_of_a_name_and_its_id(self):
+        vid = self.ctx.register_variable("y", "float", 0.0)
+        watcher = self.ctx.watch_cache(["y", vid, "y"], ready_timeout=10)   # one variable
+        watcher.stop()
 
     def test_watch_deadline(self):
         self.ctx.register_variable("quiet", "integer", 0)
@@ -739,6 +797,23 @@ class ElixirTools(unittest.TestCase):
             self.assertEqual(ctx.call_elixir_tool("add", a=1, b=1), 2)   # the server is fine after
         finally:
             ctx.close()
+
+    def test_big_integers_are_exact_both_ways(self):
+        """Integers beyond int64, results and arguments: exact, never a float,
+        and never a reply the port drops (the call used to hang until its
+        deadline)."""
+        from dspex_bridge import ToolError
+        self.assertEqual(self.ctx.call_elixir_tool("add", a=2 ** 62, b=2 ** 62), 2 ** 63)
+        self.assertEqual(self.ctx.call_elixir_tool("add", a=-(2 ** 63), b=-1), -(2 ** 63) - 1)
+        self.assertEqual(self.ctx.call_elixir_tool("add", a=10 ** 40, b=1), 10 ** 40 + 1)
+        echoed = self.ctx.call_elixir_tool("echo", x=2 ** 64 + 1, y=[-(10 ** 300)])["args"]
+        self.assertEqual(echoed, {"x": 2 ** 64 + 1, "y": [-(10 ** 300)]})
+        self.assertIs(type(echoed["x"]), int)
+        # over 4300 digits no client could read it: the tool's failure, not a hang
+        with self.assertRaises(ToolError) as cm:
+            self.ctx.call_elixir_tool("pow10", n=4300)
+        self.assertEqual(cm.exception.kind, "bad_result")
+        self.assertEqual(self.ctx.call_elixir_tool("pow10", n=4299), 10 ** 4299)
 
     def test_principal_decides(self):
         admin = self.ctx.as_principal("admin_root")

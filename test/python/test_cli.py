@@ -119,6 +119,30 @@ class Cli(unittest.TestCase):
         rc, _, err = cli("frobnicate")
         self.assertEqual(rc, 2)
         self.assertIn("invalid choice", err)
+        for args in (["sessions", "--limit", "-1"], ["history", self.sid, "x", "--limit", "-1"],
+                     ["watch", self.sid, "x", "--count", "-2"], ["--timeout", "nan", "ping"]):
+            rc, _, err = cli(*args)
+            self.assertEqual(rc, 2, args)                 # usage, not "another error"
+            self.assertIn("usage:", err)
+
+    def test_json_is_standard_json(self):
+        """Non-finite floats as the wire contract's strings, never NaN/Infinity literals."""
+        self.ctx.register_variable("f", "float", float("nan"))
+        self.ctx.register_variable("e", "embedding", [1.0, float("inf"), float("-inf")])
+        self.ctx.update_variable("f", float("inf"))
+
+        def strict(text):
+            return json.loads(text, parse_constant=lambda c: self.fail("non-standard JSON: " + c))
+        rc, out, err = cli("--json", "vars", self.sid)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual({v["name"]: v["value"] for v in strict(out)},
+                         {"f": "Infinity", "e": [1.0, "Infinity", "-Infinity"]})
+        rc, out, err = cli("--json", "history", self.sid, "f")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual([e["value"] for e in strict(out)], ["NaN"])
+        rc, out, err = cli("--json", "watch", self.sid, "e", "--initial", "--count", "1")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(strict(out)["value"], [1.0, "Infinity", "-Infinity"])
 
 
 class Package(unittest.TestCase):

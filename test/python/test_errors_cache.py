@@ -133,15 +133,20 @@ class Clock:
 
 
 class Cache(unittest.TestCase):
+    def assertSameRecord(self, got, want):
+        # the cache hands out copies (test_reads_are_copies): compare contents
+        self.assertIsNotNone(got)
+        self.assertEqual((got.name, got.id, got.version), (want.name, want.id, want.version))
+
     def test_entries_expire_after_the_ttl(self):
         clock = Clock()
         c = VariableCache(2.0, clock)
         r = Rec("x", "var_x_1", 0)
         c.put(r)
-        self.assertIs(c.get("x"), r)
-        self.assertIs(c.get("var_x_1"), r)
+        self.assertSameRecord(c.get("x"), r)
+        self.assertSameRecord(c.get("var_x_1"), r)
         clock.t = 1.99
-        self.assertIs(c.get("x"), r)
+        self.assertSameRecord(c.get("x"), r)
         clock.t = 2.0
         self.assertIsNone(c.get("x"))
         self.assertIsNone(c.get("var_x_1"))
@@ -162,7 +167,7 @@ class Cache(unittest.TestCase):
         self.assertIsNone(c.get("id1"))
         fresh = Rec("x", "id1", 5)
         c.put(fresh)
-        self.assertIs(c.get("x"), fresh)
+        self.assertSameRecord(c.get("x"), fresh)
         c.forget("x")                          # deleted: a new variable restarts at 0
         c.put(Rec("x", "id2", 0))
         self.assertEqual(c.get("x").id, "id2")
@@ -250,6 +255,169 @@ class ContextCache(unittest.TestCase):
 
     def test_rollback_variable_sets_the_version_floor(self):
         self.assertEqual(self.race(lambda ctx: ctx.rollback_variable("x", 1)).version, 2)
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return ()
+
+
+class ScriptedServer:
+    """A stand-in stub holding typed variables by name; ``script`` lists
+    errors (a status code and message) to raise, per RPC, before answering."""
+
+    def __init__(self, variables=None):
+        self.vars = dict(variables or {})     # name -> (type, value, version)
+        self.script = {}
+        self.calls = []
+        self.before_register = lambda: None
+
+    def _maybe_fail(self, rpc):
+        self.calls.append(rpc)
+        todo = self.script.get(rpc)
+        if todo:
+            code, msg = todo.pop(0)
+            raise FakeRpcError(code, msg)
+
+    def _var(self, name):
+        t, v, ver = self.vars[name]
+        any_v, binary = codec.encode(t, v)
+        return pb2.Variable(id="var_" + name, name=name, type=t, value=any_v, binary_value=binary, version=ver)
+
+    def GetVariable(self, req, timeout=None, metadata=None):
+        self._maybe_fail("GetVariable")
+        if req.variable_identifier not in self.vars:
+            raise FakeRpcError(grpc.StatusCode.NOT_FOUND, "variable not found: " + req.variable_identifier)
+        return pb2.GetVariableResponse(variable=self._var(req.variable_identifier))
+
+    def SetVariable(self, req, timeout=None, metadata=None):
+        self._maybe_fail("SetVariable")
+        name = req.variable_identifier
+        if name not in self.vars:
+            raise FakeRpcError(grpc.StatusCode.NOT_FOUND, "variable not found: " + name)
+        t, _, ver = self.vars[name]
+        if codec.type_from_url(req.value.type_url) != t:
+            raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "invalid value: not a " + t)
+        self.vars[name] = (t, codec.decode(req.value, req.binary_value), ver + 1)
+        return pb2.SetVariableResponse(success=True, new_version=ver + 1)
+
+    def RegisterVariable(self, req, timeout=None, metadata=None):
+        self._maybe_fail("RegisterVariable")
+        self.before_register()
+        if req.name in self.vars:
+            raise FakeRpcError(grpc.StatusCode.ALREADY_EXISTS, "already exists: " + req.name)
+        self.vars[req.name] = (req.type, codec.decode(req.initial_value, req.initial_binary_value), 0)
+        return pb2.RegisterVariableResponse(success=True, variable_id="var_" + req.name)
+
+
+def scripted_context(server, **kw):
+    channel = grpc.insecure_channel("127.0.0.1:1")   # never used: the stub is replaced
+    ctx = SessionContext(channel, "s", create=False, **kw)
+    ctx.stub = server
+    return ctx, channel
+
+
+class ClientBehaviour(unittest.TestCase):
+    """Client-side fixes, each against a scripted server (no node)."""
+
+    def context(self, server, **kw):
+        ctx, channel = scripted_context(server, **kw)
+        self.addCleanup(channel.close)
+        return ctx
+
+    def test_setitem_updates_when_a_concurrent_register_wins(self):
+        # another writer registers "n" between our failed update and our
+        # register: ours must become an update, not VariableExistsError
+        server = ScriptedServer()
+        server.before_register = lambda: server.vars.setdefault("n", ("float", 0.5, 0))
+        ctx = self.context(server)
+        ctx["n"] = 0.75
+        self.assertEqual(server.vars["n"], ("float", 0.75, 1))
+        del server.vars["n"]
+        ctx.v.n = 0.25                                      # the attribute form shares the path
+        self.assertEqual(server.vars["n"], ("float", 0.25, 1))
+
+    def test_setitem_retries_are_bounded(self):
+        server = ScriptedServer()
+        # every round: the update finds no variable, the register finds one
+        server.script["RegisterVariable"] = [(grpc.StatusCode.ALREADY_EXISTS, "already exists: n")] * 10
+        ctx = self.context(server)
+        with self.assertRaises(errors.VariableExistsError):
+            ctx["n"] = 1.0
+        # it did retry, and gave up after a few rounds
+        self.assertIn(server.calls.count("RegisterVariable"), range(2, 6))
+
+    def test_a_stale_remembered_type_is_refreshed_not_trusted(self):
+        # "y" was an integer when this client saw it; another client deleted
+        # it and registered a float "y"
+        server = ScriptedServer({"y": ("float", 0.0, 0)})
+        ctx = self.context(server)
+        ctx._remember_type("y", "var_y", "integer")
+        self.assertEqual(ctx.update_variable("y", 2.5), 1)     # refused client-side before
+        self.assertEqual(server.vars["y"][:2], ("float", 2.5))
+        self.assertEqual(ctx._types.get("y"), "float")
+        # refused by the server (the value encodes as the stale type)
+        server.vars["y"] = ("integer", 1, 1)
+        self.assertEqual(ctx.update_variable("y", 3.0), 2)
+        self.assertEqual(server.vars["y"][:2], ("integer", 3))
+        # a real refusal is still raised, after one look at the type
+        with self.assertRaises(errors.InvalidValueError):
+            ctx.update_variable("y", "text")
+
+    def test_a_deleted_event_forgets_the_type(self):
+        from dspex_bridge.session_context import VariableUpdate
+        ctx = self.context(ScriptedServer())
+        ctx._remember_type("y", "var_y", "integer")
+        ctx._on_event(VariableUpdate(name="y", id="var_y", update_type="deleted", value=None, version=-1,
+                                     source="", metadata={}, timestamp=None, variable=None))
+        self.assertNotIn("y", ctx._types)
+        self.assertNotIn("var_y", ctx._types)
+
+    def test_cached_reads_are_copies(self):
+        server = ScriptedServer({"e": ("embedding", [1.0, 2.0], 0),
+                                 "t": ("tensor", {"shape": [2], "data": [1.0, 2.0]}, 0)})
+        ctx = self.context(server, cache_ttl=60)
+        first = ctx["e"]                      # the read that filled the cache
+        first.append(99.0)
+        ctx["e"].append(42.0)                 # a cached read
+        info = ctx.get_variable_info("e")
+        info.version = 7
+        info.value[0] = -1.0
+        tensor = ctx["t"]
+        tensor["data"][0] = -1.0
+        tensor["shape"].append(5)
+        self.assertEqual(ctx["e"], [1.0, 2.0])
+        self.assertEqual(ctx.get_variable_info("e").version, 0)
+        self.assertEqual(ctx["t"], {"shape": [2], "data": [1.0, 2.0]})
+        self.assertEqual(server.calls.count("GetVariable"), 2)   # the rest were cache hits
+
+    def test_overflowing_numbers_are_invalid_values(self):
+        server = ScriptedServer({"f": ("float", 0.5, 0), "e": ("embedding", [0.5], 0)})
+        ctx = self.context(server)
+        for name, value in (("f", 10 ** 400), ("e", [10 ** 400]), ("e", [-(10 ** 400)] * 2000)):
+            with self.assertRaises(errors.InvalidValueError) as cm:
+                ctx.update_variable(name, value)
+            self.assertIsInstance(cm.exception, ValueError)
+        with self.assertRaises(codec.CodecError):
+            codec.encode("embedding", [10 ** 400], binary_threshold=0)
+        self.assertNotIn("SetVariable", server.calls)
+
+    def test_a_closed_context_raises_a_bridge_error(self):
+        ctx = SessionContext("127.0.0.1:1", "s", create=False)
+        ctx.close()
+        for call in (ctx.ping, lambda: ctx.get_variable("x"), lambda: ctx.watch(["x"])):
+            with self.assertRaises(errors.ClosedError) as cm:
+                call()
+            self.assertIsInstance(cm.exception, errors.BridgeError)
 
 
 if __name__ == "__main__":

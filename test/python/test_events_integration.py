@@ -6,6 +6,7 @@ directory and `sync` durability, so an acknowledged write's event is already
 in the log when the next call reads it (no polling needed).
 """
 
+import math
 import os
 import shutil
 import tempfile
@@ -188,6 +189,27 @@ class Events(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             self.stub.GetStateAt(pb2.GetStateAtRequest(session_id=self.session))
         self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+
+    def test_state_at_and_events_decode_values_by_type(self):
+        """Non-finite floats, embeddings and tensors as every other read gives
+        them, not as the wire's strings; only events without the variable's
+        type (variable_updated) keep the wire's JSON."""
+        inf = float("inf")
+        self.ctx.register_variable("f", "float", float("nan"))
+        self.ctx.register_variable("e", "embedding", [1.0, inf])
+        self.ctx.register_variable("t", "tensor", {"shape": [2], "data": [-inf, 2.0]})
+        self.ctx.update_variable("f", -inf)
+        last = self.ctx.get_events()[-1].sequence
+        vars_ = self.ctx.state_at(sequence=last)["variables"]
+        self.assertEqual(vars_["f"]["value"], -inf)
+        self.assertTrue(math.isnan(vars_["f"]["history"][0]["value"]))
+        self.assertEqual(vars_["e"]["value"], [1.0, inf])
+        self.assertEqual(vars_["t"]["value"], {"shape": [2], "data": [-inf, 2.0]})
+        registered = {e.data["name"]: e.data for e in self.ctx.get_events(types=["variable_registered"])}
+        self.assertTrue(math.isnan(registered["f"]["value"]))
+        self.assertEqual(registered["e"]["value"], [1.0, inf])
+        updated = self.ctx.get_events(types=["variable_updated"])[-1].data
+        self.assertEqual((updated["value"], updated["old_value"]), ("-Infinity", "NaN"))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,48 @@ class OptimizeTest(unittest.TestCase):
         with self.assertRaises(StudyNotFoundError):
             study.ask()
 
+    def test_any_real_number_is_a_score(self):
+        """numpy scalars, Fraction, anything whose float() is finite; an
+        objective's non-number (an int beyond the float range, a broken
+        __float__) fails its trial inside run(), never escapes it."""
+        from fractions import Fraction
+
+        class Score:
+            def __init__(self, x):
+                self.x = x
+
+            def __float__(self):
+                return self.x
+
+        class Broken:
+            def __float__(self):
+                raise RuntimeError("no float today")
+
+        scores = [Fraction(1, 4), Score(0.5)]
+        try:
+            import numpy
+            scores.append(numpy.float32(0.25))
+        except ImportError:  # the package never needs numpy; the test uses it when present
+            pass
+        results = [Fraction(1, 8), 10 ** 400, Broken(), Score(0.125), Score(float("inf"))]
+        with self.ctx.optimize(["x"], budget=len(scores) + 1 + len(results), seed=2) as study:
+            for s in scores:
+                tid, _ = study.ask()
+                study.tell(tid, s)
+            tid, _ = study.ask()
+            for bad in (10 ** 400, Score(float("nan")), Broken(), "0.5", True, 1j):
+                with self.assertRaises(ValueError):
+                    study.tell(tid, bad)
+            study.tell(tid, failed="refused")
+            feed = iter(results)
+            study.run(lambda p: next(feed))
+            info = study.info()
+            trials = study.trials()
+        self.assertEqual((info["pending"], info["told"]), (0, len(trials)))
+        told = [t.score if t.state == "complete" else t.state for t in trials]
+        self.assertEqual(told, [float(s) for s in scores] + ["failed", 0.125, "failed", "failed", 0.125,
+                                                             "failed"])
+
     def test_ask_tell_errors(self):
         study = self.ctx.optimize(["x", "style"], algorithm="random", budget=2, seed=0)
         tid, params = study.ask()

@@ -42,8 +42,10 @@ static void json_scalars(void **state) {
     assert_int_equal(t.u.i, 42);
     assert_int_equal(parse(" -9223372036854775808 ", &t), 0);
     assert_true(t.u.i == INT64_MIN);
-    assert_int_equal(parse("9223372036854775808", &t), 0); /* beyond int64: float */
-    assert_int_equal(t.kind, DT_FLOAT);
+    assert_int_equal(parse("9223372036854775808", &t), 0); /* beyond int64: exact, never a float */
+    assert_int_equal(t.kind, DT_BIG);
+    assert_string_equal(t.u.s.p, "9223372036854775808");
+    dt_free(&t);
     assert_int_equal(parse("0.5e1", &t), 0);
     assert_int_equal(t.kind, DT_FLOAT);
     assert_true(t.u.f == 5.0);
@@ -238,7 +240,7 @@ static void etf_known_bytes(void **state) {
     static const unsigned char improper[] = {131, 108, 0, 0, 0, 1, 97, 1, 97, 2};
     /* a pid: never expected */
     static const unsigned char pid[] = {131, 88, 100, 0, 0};
-    /* big integer beyond 64 bits */
+    /* big integer beyond 64 bits: 0x090807060504030201 */
     static const unsigned char big[] = {131, 110, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
     dterm t;
     (void)state;
@@ -251,7 +253,104 @@ static void etf_known_bytes(void **state) {
     assert_int_equal(dt_decode_etf(liar, sizeof liar, &t), -1);
     assert_int_equal(dt_decode_etf(improper, sizeof improper, &t), -1);
     assert_int_equal(dt_decode_etf(pid, sizeof pid, &t), -1);
-    assert_int_equal(dt_decode_etf(big, sizeof big, &t), -1);
+    assert_int_equal(dt_decode_etf(big, sizeof big, &t), 0);
+    assert_int_equal(t.kind, DT_BIG);
+    assert_string_equal(t.u.s.p, "166599134359138271745");
+    dt_free(&t);
+}
+
+/* Integers beyond int64 stay exact both ways (a tool returning 2^64 once
+ * made the port drop the whole reply), within DT_BIG_MAX_DIGITS. */
+static void big_integers_exact(void **state) {
+    /* -(1 bsl 64) and 1 bsl 63 as term_to_binary writes them */
+    static const unsigned char neg64[] = {131, 110, 9, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+    static const unsigned char pos63[] = {131, 110, 8, 0, 0, 0, 0, 0, 0, 0, 0, 128};
+    static const unsigned char min63[] = {131, 110, 8, 1, 0, 0, 0, 0, 0, 0, 0, 128};
+    static const unsigned char padded[] = {131, 110, 9, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0};
+    const char *err = NULL;
+    char *json, *long_int;
+    dterm t, back;
+    ei_x_buff x;
+    dt_buf b = {0};
+    (void)state;
+    assert_int_equal(dt_decode_etf(neg64, sizeof neg64, &t), 0);
+    assert_string_equal(t.u.s.p, "-18446744073709551616");
+    assert_int_equal(dt_write_json(&t, &b, &err), 0);
+    assert_string_equal(b.p, "-18446744073709551616");
+    dt_buf_free(&b);
+    /* and back to the very bytes the BEAM wrote */
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(dt_encode_ei(&x, &t), 0);
+    assert_int_equal(x.index, sizeof neg64);
+    assert_memory_equal(x.buff, neg64, sizeof neg64);
+    ei_x_free(&x);
+    dt_free(&t);
+    assert_int_equal(dt_decode_etf(pos63, sizeof pos63, &t), 0);
+    assert_int_equal(t.kind, DT_BIG);
+    assert_string_equal(t.u.s.p, "9223372036854775808");
+    dt_free(&t);
+    assert_int_equal(dt_decode_etf(min63, sizeof min63, &t), 0);
+    assert_int_equal(t.kind, DT_INT);
+    assert_true(t.u.i == INT64_MIN);
+    assert_int_equal(dt_decode_etf(padded, sizeof padded, &t), 0); /* zero-padded: still a small int */
+    assert_int_equal(t.kind, DT_INT);
+    assert_int_equal(t.u.i, 5);
+
+    /* JSON -> ETF -> JSON, small and large bignum headers, map keys */
+    json = roundtrip("[18446744073709551617,-99999999999999999999999999999999999999,{\"k\":1}]");
+    assert_string_equal(json, "[18446744073709551617,-99999999999999999999999999999999999999,{\"k\":1}]");
+    free(json);
+    long_int = malloc(DT_BIG_MAX_DIGITS + 2);
+    for (int i = 0; i < DT_BIG_MAX_DIGITS; i++) long_int[i] = (char)('1' + i % 9);
+    long_int[DT_BIG_MAX_DIGITS] = 0;
+    assert_int_equal(parse(long_int, &t), 0);
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(dt_encode_ei(&x, &t), 0);
+    assert_int_equal((unsigned char)x.buff[1], 111); /* LARGE_BIG_EXT */
+    assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &back), 0);
+    assert_int_equal(back.kind, DT_BIG);
+    assert_string_equal(back.u.s.p, long_int);
+    assert_int_equal(dt_compare(&t, &back), 0);
+    ei_x_free(&x);
+    dt_free(&t);
+    dt_free(&back);
+    long_int[DT_BIG_MAX_DIGITS] = '7'; /* one digit too many: refused, not rounded */
+    long_int[DT_BIG_MAX_DIGITS + 1] = 0;
+    assert_int_equal(dt_parse_json(long_int, strlen(long_int), &t, &err), -1);
+    assert_string_equal(err, "integer has too many digits");
+    free(long_int);
+    /* numeric order for dedupe */
+    assert_int_equal(parse("-100000000000000000000", &t), 0);
+    assert_int_equal(parse("-99999999999999999999", &back), 0);
+    assert_int_equal(dt_compare(&t, &back), -1);
+    dt_free(&t);
+    dt_free(&back);
+}
+
+/* A reply the port cannot decode still names its call, so the call is failed
+ * rather than left hanging until its deadline. */
+static void undecodable_frame_names_its_call(void **state) {
+    /* {error, 123456789, 13, <<>>} with a pid appended as a fifth element */
+    static const unsigned char err_call[] = {131, 104, 5, 100, 0, 5, 'e', 'r', 'r', 'o', 'r', 98, 7, 91, 205, 21,
+                                             97, 13, 109, 0, 0, 0, 0, 88, 100, 0, 0};
+    static const unsigned char small_id[] = {131, 104, 2, 119, 5, 'r', 'e', 'p', 'l', 'y', 97, 7};
+    static const unsigned char big_id[] = {131, 104, 2, 100, 0, 1, 'x', 110, 5, 0, 0, 0, 0, 0, 1};
+    static const unsigned char no_id[] = {131, 104, 2, 100, 0, 1, 'x', 100, 0, 1, 'y'};
+    static const unsigned char neg_id[] = {131, 104, 2, 100, 0, 1, 'x', 98, 255, 255, 255, 255};
+    uint64_t id = 0;
+    dterm t;
+    (void)state;
+    assert_int_equal(dt_decode_etf(err_call, sizeof err_call, &t), -1);
+    assert_int_equal(dt_etf_peek_call_id(err_call, sizeof err_call, &id), 0);
+    assert_int_equal(id, 123456789);
+    assert_int_equal(dt_etf_peek_call_id(small_id, sizeof small_id, &id), 0);
+    assert_int_equal(id, 7);
+    assert_int_equal(dt_etf_peek_call_id(big_id, sizeof big_id, &id), 0);
+    assert_true(id == 1ull << 32);
+    assert_int_equal(dt_etf_peek_call_id(no_id, sizeof no_id, &id), -1);
+    assert_int_equal(dt_etf_peek_call_id(neg_id, sizeof neg_id, &id), -1);
+    for (size_t n = 0; n < sizeof small_id; n++) /* every truncation fails cleanly */
+        assert_int_equal(dt_etf_peek_call_id(small_id, n, &id), -1);
 }
 
 /* ---------------------------------------------------------------- protobuf walker */
@@ -535,6 +634,8 @@ int main(void) {
         cmocka_unit_test(json_float_shortest),
         cmocka_unit_test(etf_roundtrip_via_ei),
         cmocka_unit_test(etf_known_bytes),
+        cmocka_unit_test(big_integers_exact),
+        cmocka_unit_test(undecodable_frame_names_its_call),
         cmocka_unit_test(pb_request_to_term),
         cmocka_unit_test(pb_timestamp_range_checked),
         cmocka_unit_test(pb_reply_from_term),

@@ -11,7 +11,7 @@ and shipped inside the package (see pyproject.toml and _stubs.py).
 
 from ._version import __version__
 from .errors import (AccessDeniedError, BridgeError, BridgeTimeoutError,
-                     BridgeUnavailableError, CancelledError, InvalidValueError,
+                     BridgeUnavailableError, CancelledError, ClosedError, InvalidValueError,
                      LockedError, PreconditionFailedError, DependencyCycleError,
                      LimitExceededError, RateLimitedError, SessionNotFoundError, ToolError, ToolNotFoundError,
                      UnsupportedError, VariableExistsError, VariableNotFoundError,
@@ -32,7 +32,7 @@ __all__ = [
     "VariableExistsError", "InvalidValueError", "VersionConflictError", "LockedError",
     "PreconditionFailedError", "DependencyCycleError",
     "AccessDeniedError", "RateLimitedError", "LimitExceededError", "BridgeUnavailableError",
-    "VersionNotFoundError", "BridgeTimeoutError", "CancelledError", "UnsupportedError", "BatchUpdateError",
+    "VersionNotFoundError", "BridgeTimeoutError", "CancelledError", "ClosedError", "UnsupportedError", "BatchUpdateError",
     "CodecError", "ToolError", "ToolNotFoundError", "ToolSpec",
     "Study", "StudyResult", "Trial", "StudyNotFoundError", "BudgetExhaustedError",
 ]

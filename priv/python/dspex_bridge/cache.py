@@ -6,10 +6,40 @@ for it arrives (``invalidate``).  An event carrying a version never lets an
 older read be stored afterwards (``put`` ignores versions not newer than the
 last invalidation), so a read racing a watch event cannot resurrect a stale
 value.
+
+Records go in and come out as copies (``snapshot``): a caller mutating what it
+was handed (a list value, a record's version) never changes what later reads
+get.
 """
 
+import copy
+import dataclasses
 import threading
 import time
+
+
+def _copy_value(v):
+    """A copy of a decoded value deep enough that mutating it is harmless.
+    Values are scalars, flat lists (embeddings) or dicts of flat lists
+    (tensors): a slice per list, not a generic deepcopy of every float."""
+    if isinstance(v, list):
+        if v and isinstance(v[0], (list, dict)):
+            return [_copy_value(x) for x in v]
+        return v[:]
+    if isinstance(v, dict):
+        return {k: _copy_value(x) for k, x in v.items()}
+    return v
+
+
+def snapshot(record):
+    """A copy of a cached record the caller may mutate freely."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        changes = {f.name: (_copy_value(getattr(record, f.name)) if f.name == "value"
+                            else copy.deepcopy(getattr(record, f.name)))
+                   for f in dataclasses.fields(record)
+                   if f.init and isinstance(getattr(record, f.name), (list, dict))}
+        return dataclasses.replace(record, **changes)
+    return copy.copy(record)
 
 
 class VariableCache:
@@ -41,12 +71,14 @@ class VariableCache:
                 self.misses += 1
                 return None
             self.hits += 1
-            return entry[0]
+            record = entry[0]
+        return snapshot(record)
 
     def put(self, record):
         """Cache a record (anything with .name, .id and .version)."""
         if not self.enabled:
             return
+        record = snapshot(record)  # the caller keeps (and may mutate) the original
         with self._lock:
             floor = max(self._floor.get(record.name, -1), self._floor.get(record.id, -1))
             if record.version < floor:

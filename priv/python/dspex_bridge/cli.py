@@ -18,6 +18,7 @@ Commands:
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -33,30 +34,67 @@ from .session_context import SessionContext
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 1, 2, 3, 4
 
 
+def _count(text: str) -> int:
+    """An argparse type: an int >= 0 (a bad one is a usage error, exit 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an integer: %r" % text) from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be >= 0, got %d" % n)
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError("must be a finite number >= 0, got %s" % text)
+    return x
+
+
+def _wire(v):
+    """v with non-finite floats as the wire contract's strings: standard JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {k: _wire(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_wire(x) for x in v]
+    return v
+
+
+def _json(obj) -> str:
+    # allow_nan=False: NaN/Infinity literals are not JSON; _wire already replaced them
+    return json.dumps(_wire(obj), default=str, allow_nan=False)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m dspex_bridge",
                                 description="Inspect a running dspex_bridge node over gRPC.")
     p.add_argument("--address", default=os.environ.get("DSPEX_BRIDGE_ADDRESS", "127.0.0.1:50051"),
                    help="host:port of the node (default $DSPEX_BRIDGE_ADDRESS or 127.0.0.1:50051)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per call (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("ping", help="round trip to the node")
     s = sub.add_parser("sessions", help="list sessions")
     s.add_argument("--pattern", default="", help="glob over session ids")
-    s.add_argument("--limit", type=int, default=0, help="at most N (0: all)")
+    s.add_argument("--limit", type=_count, default=0, help="at most N (0: all)")
     v = sub.add_parser("vars", help="a session's variables")
     v.add_argument("session")
     h = sub.add_parser("history", help="a variable's archived versions")
     h.add_argument("session")
     h.add_argument("name")
-    h.add_argument("--limit", type=int, default=0)
+    h.add_argument("--limit", type=_count, default=0)
     w = sub.add_parser("watch", help="stream changes of variables")
     w.add_argument("session")
     w.add_argument("names", nargs="+")
     w.add_argument("--initial", action="store_true", help="first print the current values")
-    w.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
-    w.add_argument("--seconds", type=float, default=0, help="stop after S seconds (0: never)")
+    w.add_argument("--count", type=_count, default=0, help="stop after N events (0: never)")
+    w.add_argument("--seconds", type=_seconds, default=0, help="stop after S seconds (0: never)")
     return p
 
 
@@ -92,15 +130,13 @@ def _ping(args, out) -> int:
     finally:
         ctx.close()
     if args.json:
-        out.write(json.dumps({"address": args.address, "reply": reply, "ms": round(ms, 3)}) + "\n")
+        out.write(_json({"address": args.address, "reply": reply, "ms": round(ms, 3)}) + "\n")
     else:
         out.write("%s: %s in %.1f ms\n" % (args.address, reply, ms))
     return 0
 
 
 def _sessions(args, out) -> int:
-    if args.limit < 0:
-        raise ValueError("--limit must be >= 0")
     channel = grpc.insecure_channel(args.address)
     try:
         r = pb2_grpc.BridgeServiceStub(channel).ListSessions(
@@ -113,7 +149,7 @@ def _sessions(args, out) -> int:
              "created_at": _ts(s.created_at.seconds + s.created_at.nanos / 1e9 if s.HasField("created_at") else None)}
             for s in r.sessions]
     if args.json:
-        out.write(json.dumps({"total": r.total, "sessions": rows}) + "\n")
+        out.write(_json({"total": r.total, "sessions": rows}) + "\n")
     else:
         _table([["SESSION", "VARIABLES", "CREATED"]] +
                [[x["session_id"], str(x["variables"]), x["created_at"]] for x in rows], out)
@@ -130,8 +166,8 @@ def _vars(args, out) -> int:
     finally:
         ctx.close()
     if args.json:
-        out.write(json.dumps([{"name": v.name, "type": v.type, "version": v.version, "value": v.value,
-                               "updated_at": v.updated_at} for v in variables], default=str) + "\n")
+        out.write(_json([{"name": v.name, "type": v.type, "version": v.version, "value": v.value,
+                          "updated_at": v.updated_at} for v in variables]) + "\n")
     else:
         _table([["NAME", "TYPE", "VERSION", "UPDATED", "VALUE"]] +
                [[v.name, v.type, str(v.version), _ts(v.updated_at), _value(v.value)] for v in variables], out)
@@ -145,8 +181,8 @@ def _history(args, out) -> int:
     finally:
         ctx.close()
     if args.json:
-        out.write(json.dumps([{"version": e.version, "timestamp": e.timestamp, "changed_by": e.changed_by,
-                               "value": e.value} for e in entries], default=str) + "\n")
+        out.write(_json([{"version": e.version, "timestamp": e.timestamp, "changed_by": e.changed_by,
+                          "value": e.value} for e in entries]) + "\n")
     else:
         _table([["VERSION", "TIME", "CHANGED_BY", "VALUE"]] +
                [[str(e.version), _ts(e.timestamp), e.changed_by or "-", _value(e.value)] for e in entries], out)
@@ -162,9 +198,8 @@ def _watch(args, out) -> int:
         try:
             for u in w:
                 if args.json:
-                    out.write(json.dumps({"name": u.name, "update_type": u.update_type, "version": u.version,
-                                          "value": u.value, "source": u.source, "timestamp": u.timestamp},
-                                         default=str) + "\n")
+                    out.write(_json({"name": u.name, "update_type": u.update_type, "version": u.version,
+                                     "value": u.value, "source": u.source, "timestamp": u.timestamp}) + "\n")
                 else:
                     out.write("%s %s v%d %s %s\n" % (_ts(u.timestamp), u.name, u.version, u.update_type,
                                                      _value(u.value)))

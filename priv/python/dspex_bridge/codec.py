@@ -79,12 +79,20 @@ def _float_out(x):
     """A float as it appears in JSON: a number, or a string if non-finite."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise CodecError("expected a number, got %r" % (x,))
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:  # an int beyond the float range: a bad value, as the server says
+        raise CodecError("number out of the float range: %s" % _short_int(x)) from None
     if math.isnan(x):
         return "NaN"
     if math.isinf(x):
         return "Infinity" if x > 0 else "-Infinity"
     return x
+
+
+def _short_int(x):
+    # str() of a huge int is slow and may hit Python's digit limit
+    return "an integer of %d bits" % x.bit_length() if isinstance(x, int) else repr(x)
 
 
 def _float_in(x):
@@ -215,6 +223,8 @@ def pack_floats(data, dtype="float64"):
         arr = array.array(code, (float(x) for x in data))
     except (TypeError, ValueError):
         raise CodecError("binary values must be numbers") from None
+    except OverflowError:
+        raise CodecError("binary values must be in the float range") from None
     if sys.byteorder != "little":
         arr.byteswap()
     return arr.tobytes()

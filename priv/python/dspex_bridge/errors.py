@@ -134,6 +134,12 @@ class UnsupportedError(BridgeError):
     """UNIMPLEMENTED: the server does not offer this RPC."""
 
 
+class ClosedError(BridgeError):
+    """A call on a SessionContext whose channel was closed (``close()``, or
+    the context it was made from by ``as_principal`` closed it).  Not a
+    server answer: ``code`` is None.  Make a new context."""
+
+
 _CURRENT_VERSION = re.compile(r"current(?:[ _]version)?\D{0,20}?(-?\d+)", re.I)
 
 

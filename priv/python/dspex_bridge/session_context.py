@@ -28,8 +28,8 @@ from google.protobuf import any_pb2, timestamp_pb2
 from . import codec
 from ._stubs import pb2, pb2_grpc
 from .cache import VariableCache
-from .errors import (BridgeError, InvalidValueError, ToolError, ToolNotFoundError,
-                     VariableNotFoundError, from_rpc_error)
+from .errors import (BridgeError, ClosedError, InvalidValueError, ToolError, ToolNotFoundError,
+                     VariableExistsError, VariableNotFoundError, from_rpc_error)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: Matches the server's default maximum message size (64 MiB).
@@ -199,12 +199,20 @@ class SessionContext:
     # ------------------------------------------------------------ plumbing
 
     def _call(self, rpc, request, timeout=None):
+        return self._invoke(getattr(self.stub, rpc), request,
+                            timeout=self.timeout if timeout is None else timeout)
+
+    def _invoke(self, method, request, timeout):
+        """One call of a stub method, its failures as BridgeErrors."""
         try:
-            return getattr(self.stub, rpc)(
-                request, timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata or None)
+            return method(request, timeout=timeout, metadata=self._metadata or None)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        except ValueError as e:
+            # grpc's own "Cannot invoke RPC on closed channel!": not ours to leak raw
+            if "closed" in str(e).lower():
+                raise ClosedError("session context is closed: %s" % e) from None
+            raise
 
     @staticmethod
     def _check(resp, what):
@@ -226,6 +234,22 @@ class SessionContext:
         if t is None:
             t = self.get_variable_info(key, bypass_cache=True).type
         return t
+
+    def _remembered_type(self, key):
+        with self._types_lock:
+            return self._types.get(key)
+
+    def _forget_type(self, *keys):
+        with self._types_lock:
+            for k in keys:
+                if k:
+                    self._types.pop(k, None)
+
+    def _fresh_type(self, key):
+        """The variable's type as the server has it now (the remembered one
+        may be stale: another client may have deleted and re-registered it)."""
+        self._forget_type(key)
+        return self.get_variable_info(key, bypass_cache=True).type
 
     def _encode(self, var_type, value):
         try:
@@ -408,10 +432,10 @@ class SessionContext:
         """ExecuteStreamingTool: iterator of the items a Python generator tool
         yields, each as soon as the worker produced it.  Raises ToolError at
         the end if the function raised after its last item."""
-        call = self.stub.ExecuteStreamingTool(
-            pb2.ExecuteToolRequest(session_id=self.session_id, tool_name=tool_name,
-                                   parameters=self._tool_params(kwargs), stream=True),
-            timeout=self.timeout, metadata=self._metadata or None)
+        call = self._invoke(self.stub.ExecuteStreamingTool,
+                            pb2.ExecuteToolRequest(session_id=self.session_id, tool_name=tool_name,
+                                                   parameters=self._tool_params(kwargs), stream=True),
+                            timeout=self.timeout)
         try:
             for chunk in call:
                 if chunk.is_final:
@@ -487,14 +511,32 @@ class SessionContext:
         expected_version: commit only if the variable is at that version, else
         VersionConflictError (whose current_version is the server's).
         """
-        var_type = var_type or self._type_of(name)
+        if expected_version is not None and expected_version < 0:
+            raise InvalidValueError("expected_version must be >= 0")
+        if var_type is not None:
+            return self._set_variable(name, value, var_type, expected_version, metadata)
+        remembered = self._remembered_type(name)
+        if remembered is None:
+            return self._set_variable(name, value, self._type_of(name), expected_version, metadata)
+        # The remembered type only saves a round trip; it is never the reason
+        # for a refusal: a write refused as a bad value (client- or
+        # server-side) or as not found is retried once with the server's
+        # current type if that differs (the variable may have been deleted
+        # and registered again with another type by someone else).
+        try:
+            return self._set_variable(name, value, remembered, expected_version, metadata)
+        except (InvalidValueError, VariableNotFoundError) as first:
+            fresh = self._fresh_type(name)
+            if fresh == remembered:
+                raise first
+        return self._set_variable(name, value, fresh, expected_version, metadata)
+
+    def _set_variable(self, name, value, var_type, expected_version, metadata):
         any_v, binary = self._encode(var_type, value)
         req = pb2.SetVariableRequest(session_id=self.session_id, variable_identifier=name,
                                      value=any_v, metadata=metadata or {},
                                      binary_value=binary)
         if expected_version is not None:
-            if expected_version < 0:
-                raise InvalidValueError("expected_version must be >= 0")
             req.expected_version = expected_version
             req.expect_version_zero = expected_version == 0
         self.cache.invalidate(name)
@@ -529,8 +571,7 @@ class SessionContext:
             self._check(r, "DeleteVariable")
         finally:
             self.cache.forget(name)
-            with self._types_lock:
-                self._types.pop(name, None)
+            self._forget_type(name)
 
     def get_variables_info(self, names, bypass_cache=False):
         """(found {name: Variable}, missing [name]) in one round trip for the uncached."""
@@ -573,14 +614,25 @@ class SessionContext:
         (errors by name; for a non-atomic batch the others did commit).
         """
         types = dict(types or {})
-        unknown = [n for n in updates if n not in types and n not in self._types]
+        unfit = {}   # names the server does not know whose value has no type to send it by
+        unknown = [n for n in updates if n not in types and self._remembered_type(n) is None]
         if unknown:
             found, missing = self.get_variables_info(unknown, bypass_cache=True)
-            if missing:
-                raise VariableNotFoundError("variables not found: %s" % ", ".join(missing))
+            # A name the server does not know still goes to it, typed by its
+            # value: the server's answer (not found) is then an error of the
+            # batch like any other, and the rest of a non-atomic batch commits.
+            for n in missing:
+                try:
+                    types[n] = codec.infer_type(updates[n])
+                except codec.CodecError:
+                    unfit[n] = "variable not found: %s" % n
+        if unfit and atomic:
+            raise self._batch_error(unfit, {}, atomic)
         req = pb2.BatchSetVariablesRequest(session_id=self.session_id,
                                            metadata=metadata or {}, atomic=atomic)
         for name, value in updates.items():
+            if name in unfit:
+                continue
             t = types.get(name) or self._type_of(name)
             any_v, binary = self._encode(t, value)
             req.updates[name].CopyFrom(any_v)
@@ -590,20 +642,23 @@ class SessionContext:
             self.cache.invalidate(name)
         r = None
         try:
-            r = self._call("SetVariables", req)
+            r = self._call("SetVariables", req) if req.updates else pb2.BatchSetVariablesResponse(success=True)
         finally:
             # each committed version is its variable's floor (see update_variable)
             written = dict(r.new_versions) if r is not None else {}
             for name in updates:
                 self.cache.invalidate(name, min_version=written.get(name) or None)
         versions = dict(r.new_versions)
-        if r.errors or not r.success:
-            errs = dict(r.errors)
-            raise BatchUpdateError(
-                "batch update failed%s: %s" % (" (nothing committed)" if atomic else "",
-                                               "; ".join("%s: %s" % kv for kv in sorted(errs.items()))),
-                errs, versions, atomic)
+        if r.errors or not r.success or unfit:
+            raise self._batch_error(dict(r.errors, **unfit), versions, atomic)
         return versions
+
+    @staticmethod
+    def _batch_error(errs, versions, atomic):
+        return BatchUpdateError(
+            "batch update failed%s: %s" % (" (nothing committed)" if atomic else "",
+                                           "; ".join("%s: %s" % kv for kv in sorted(errs.items()))),
+            errs, versions, atomic)
 
     def batch(self, atomic=True, metadata=None):
         """Collect writes, sent as one SetVariables when the block ends without error.
@@ -620,13 +675,27 @@ class SessionContext:
     def __getitem__(self, name):
         return self.get_variable(name)
 
+    # how often ctx[n] = v goes round update -> not found -> register -> exists
+    _SETITEM_ATTEMPTS = 3
+
     def __setitem__(self, name, value):
-        try:
-            self.update_variable(name, value)
-        except VariableNotFoundError:
-            if self.strict:
-                raise
-            self.register_variable(name, codec.infer_type(value), value)
+        # Update, else register.  Another writer may register the name between
+        # our update and our register: then ours is just a later write, so the
+        # update is tried again (bounded: a name deleted and re-registered in a
+        # loop by others does not hold us forever).
+        for attempt in range(self._SETITEM_ATTEMPTS):
+            try:
+                self.update_variable(name, value)
+                return
+            except VariableNotFoundError:
+                if self.strict:
+                    raise
+            try:
+                self.register_variable(name, codec.infer_type(value), value)
+                return
+            except VariableExistsError:
+                if attempt == self._SETITEM_ATTEMPTS - 1:
+                    raise
 
     def __delitem__(self, name):
         self.delete_variable(name)
@@ -842,11 +911,11 @@ class SessionContext:
         or timeout seconds pass (BridgeTimeoutError).  Events invalidate this
         context's cache.
         """
-        call = self.stub.WatchVariables(
-            pb2.WatchVariablesRequest(session_id=self.session_id,
-                                      variable_identifiers=list(names),
-                                      include_initial_values=include_initial),
-            timeout=timeout, metadata=self._metadata or None)
+        call = self._invoke(self.stub.WatchVariables,
+                            pb2.WatchVariablesRequest(session_id=self.session_id,
+                                                      variable_identifiers=list(names),
+                                                      include_initial_values=include_initial),
+                            timeout=timeout)
         return Watch(self, call)
 
     def watch_cache(self, names, ready_timeout=30.0):
@@ -897,10 +966,10 @@ class SessionContext:
         (``w.cancel()``, or leaving ``with ctx.watch_events() as w``) or
         timeout seconds pass (BridgeTimeoutError).
         """
-        call = self.stub.WatchEvents(
-            pb2.WatchEventsRequest(session_id=self.session_id, types=list(types or []),
-                                   from_position=from_position, from_sequence=from_sequence),
-            timeout=timeout, metadata=self._metadata or None)
+        call = self._invoke(self.stub.WatchEvents,
+                            pb2.WatchEventsRequest(session_id=self.session_id, types=list(types or []),
+                                                   from_position=from_position, from_sequence=from_sequence),
+                            timeout=timeout)
         return EventWatch(call)
 
     def state_at(self, sequence=None, time=None, timeout=None):
@@ -922,12 +991,13 @@ class SessionContext:
             req.time.CopyFrom(_timestamp(time))
         r = self._call("GetStateAt", req, timeout=timeout)
         state = codec.decode_json(r.state_json, {})
-        state["variables"] = {v["name"]: v for v in state.get("variables") or []}
+        state["variables"] = {v["name"]: _decode_typed(v) for v in state.get("variables") or []}
         return state
 
     def _on_event(self, upd):
         if upd.update_type == "deleted":
             self.cache.forget(upd.name)
+            self._forget_type(upd.name, upd.id)  # a new variable of that name may have another type
         else:
             self.cache.invalidate(upd.name, min_version=upd.version)
             if upd.id:
@@ -1008,7 +1078,32 @@ class Event:
 def _event(m):
     return Event(id=m.id, type=m.type, session_id=m.session_id, sequence=m.sequence,
                  position=m.position, timestamp=_ts_seconds(m.timestamp),
-                 data=codec.decode_json(m.data_json), metadata=codec.decode_json(m.metadata_json, {}))
+                 data=_decode_typed(codec.decode_json(m.data_json)),
+                 metadata=codec.decode_json(m.metadata_json, {}))
+
+
+def _decode_typed(d):
+    """A variable's JSON (a state_at entry, an event's data) with its values
+    decoded by its ``type`` as every other read decodes them ("NaN" -> nan,
+    tensors flattened, ...): ``value``, ``old_value``, ``previous.value`` and
+    each ``history[i].value``.  Without a ``type`` (e.g. variable_updated
+    events, which do not carry it) the values stay as the wire's JSON."""
+    if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+        return d
+    t = d["type"]
+
+    def dec(holder, key):
+        if isinstance(holder, dict) and key in holder:
+            try:
+                holder[key] = codec.from_json_value(t, holder[key])
+            except codec.CodecError:
+                pass  # not of its type (a server bug): left as sent rather than lost
+    dec(d, "value")
+    dec(d, "old_value")
+    dec(d.get("previous"), "value")
+    for h in d.get("history") or []:
+        dec(h, "value")
+    return d
 
 
 def _timestamp(t):
@@ -1059,16 +1154,19 @@ class CacheWatcher:
         self.error = None
         self._cond = threading.Condition()
         self._watch = ctx.watch(names, include_initial=True)
-        self._initial_left = len(set(names))
+        # Live once every requested name or id has its initial value.  The
+        # server sends one per variable, and a name and its id are one
+        # variable: a count of the names would wait for values never sent.
+        self._awaiting = set(names)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="dspex-cache-watch")
         self._thread.start()
         with self._cond:
-            if not self._cond.wait_for(lambda: self._initial_left <= 0 or self.error,
+            if not self._cond.wait_for(lambda: not self._awaiting or self.error,
                                        ready_timeout):
                 self.stop()
                 raise BridgeError("cache watch not live after %ss" % ready_timeout)
-        if self.error is not None and self._initial_left > 0:
+        if self.error is not None and self._awaiting:
             raise self.error
 
     def _run(self):
@@ -1076,7 +1174,8 @@ class CacheWatcher:
             for upd in self._watch:
                 with self._cond:
                     if upd.update_type == "initial_value":
-                        self._initial_left -= 1
+                        self._awaiting.discard(upd.name)
+                        self._awaiting.discard(upd.id)
                     else:
                         self.events += 1
                     self._cond.notify_all()

@@ -15,6 +15,7 @@ sa, ga, cmaes, tpe, bo, spsa_momentum, spsa_adam, or a registered plugin.
 
 import json
 import math
+import numbers
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,17 +72,20 @@ class Study:
         return r.trial_id, json.loads(r.params_json)
 
     def tell(self, trial_id, score=None, *, failed=None):
-        """The result of a trial: a finite number, or ``failed=`` a reason (a
-        string or an exception)."""
+        """The result of a trial: a finite real number (an int, a float, or
+        anything ``float()`` takes without loss of finiteness: numpy scalars,
+        Fraction, Decimal), or ``failed=`` a reason (a string or an exception).
+        Anything else is a ValueError."""
         if failed is not None and failed is not False:
             reason = failed if isinstance(failed, str) else (
                 "%s: %s" % (type(failed).__name__, failed) if isinstance(failed, BaseException) else "failed")
             self._ctx._call("TellTrial", self._req(pb2.TellTrialRequest, trial_id=trial_id, failed=True,
                                                    reason=reason))
             return
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise ValueError("score must be a finite number (or give failed=...): %r" % (score,))
-        self._ctx._call("TellTrial", self._req(pb2.TellTrialRequest, trial_id=trial_id, score=float(score)))
+        value = _finite_score(score)
+        if value is None:
+            raise ValueError("score must be a finite real number (or give failed=...): %r" % (score,))
+        self._ctx._call("TellTrial", self._req(pb2.TellTrialRequest, trial_id=trial_id, score=value))
 
     def _get(self, include_trials):
         return self._ctx._call("GetStudy", self._req(pb2.GetStudyRequest, include_trials=include_trials))
@@ -117,7 +121,8 @@ class Study:
     def run(self, objective: Callable[[Dict[str, Any]], float], n_parallel=1):
         """Asks, evaluates ``objective(params)`` and tells until the budget is
         used up, with ``n_parallel`` evaluations in flight (threads).  An
-        objective that raises, or returns no finite number, fails its trial.
+        objective that raises, or returns no finite real number (see
+        ``tell``), fails its trial.
         Returns ``best()``."""
         if n_parallel < 1:
             raise ValueError("n_parallel must be >= 1")
@@ -134,10 +139,11 @@ class Study:
                 except Exception as exc:  # the trial failed, not the study
                     self.tell(trial_id, failed=exc)
                     continue
-                if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-                    self.tell(trial_id, failed="not a finite number: %r" % (score,))
+                value = _finite_score(score)
+                if value is None:
+                    self.tell(trial_id, failed="not a finite number: %s" % (_short_repr(score),))
                 else:
-                    self.tell(trial_id, score)
+                    self.tell(trial_id, value)
 
         def guarded():
             try:
@@ -161,3 +167,26 @@ class Study:
     def __exit__(self, *exc):
         if not self._stopped:
             self.stop()
+
+
+def _finite_score(score):
+    """score as a finite float, or None.  Duck-typed (no numpy import): any
+    real number float() converts finitely; bools, strings, complex numbers and
+    an int too large for a float (OverflowError) are not scores."""
+    if isinstance(score, (bool, str, bytes)) or score is None:
+        return None
+    if isinstance(score, numbers.Complex) and not isinstance(score, numbers.Real):
+        return None
+    try:
+        value = float(score)
+    except Exception:  # TypeError, OverflowError, or a broken __float__: not a score
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _short_repr(x):
+    try:
+        r = repr(x)
+    except Exception:  # a broken __repr__ must not escape run() either
+        r = "<%s>" % type(x).__name__
+    return r if len(r) <= 80 else r[:77] + "..."
