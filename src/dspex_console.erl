@@ -27,11 +27,11 @@
 -module(dspex_console).
 -behaviour(gen_server).
 
--export([start_link/0, port/0, config/0, check_config/2]).
+-export([start_link/0, port/0, config/0, check_config/2, allowed_hosts/3]).
 -export([init/1, handle_call/3, handle_cast/2, terminate/2]).
 
 -type config() :: #{token := binary() | undefined, write := boolean(), csrf := binary(),
-                    bind := term(), www := file:filename()}.
+                    bind := term(), www := file:filename(), hosts := [string()] | any}.
 -export_type([config/0]).
 
 %% @doc Starts the console, or `ignore' when disabled (or when its
@@ -75,6 +75,27 @@ loopback(S) when is_list(S) ->
         _ -> false
     end;
 loopback(_) -> false.
+
+%% @doc The `Host' names a request may carry (lower case, without the port),
+%% or `any': without a token, the loopback names and the bind address, plus
+%% `Extra' (`console_allowed_hosts'); with a token, `any' unless `Extra' names
+%% some (the token is what stops another site's page then).
+-spec allowed_hosts(term(), binary() | undefined, [string() | binary()]) -> [string()] | any.
+allowed_hosts(_Bind, Token, []) when Token =/= undefined -> any;
+allowed_hosts(Bind, _Token, Extra) ->
+    Own = case Bind of
+              {_, _, _, _} -> [inet:ntoa(Bind)];
+              {_, _, _, _, _, _, _, _} -> ["[" ++ inet:ntoa(Bind) ++ "]"];
+              _ when is_atom(Bind) -> [atom_to_list(Bind)];
+              _ when is_list(Bind) -> [Bind];
+              _ -> []
+          end,
+    %% names that are not text are left out
+    lists:usort([string:lowercase(L) || H <- ["127.0.0.1", "localhost", "[::1]" | Own] ++ list(Extra),
+                                        L <- [catch unicode:characters_to_list(H)], is_list(L), L =/= ""]).
+
+list(L) when is_list(L) -> L;
+list(_) -> [].
 
 %%% server: owns the httpd instance -------------------------------------------
 
@@ -124,11 +145,16 @@ serve(Bind, Port, Token) ->
     persistent_term:put(?MODULE, #{token => Token,
                                    write => application:get_env(dspex_bridge, console_write, false) =:= true,
                                    csrf => base64url(crypto_bytes(24)), bind => Bind,
-                                   www => filename:join(code:priv_dir(dspex_bridge), "www")}),
+                                   www => filename:join(code:priv_dir(dspex_bridge), "www"),
+                                   hosts => allowed_hosts(Bind, Token,
+                                                          application:get_env(dspex_bridge, console_allowed_hosts, []))}),
     Root = code:lib_dir(dspex_bridge),
+    %% an idle keep-alive connection holds one of the max_clients slots: a
+    %% short timeout keeps idle clients from locking the console out for long
     Conf = [{port, Port}, {bind_address, Bind}, {server_name, "dspex_console"},
             {server_root, Root}, {document_root, Root}, {modules, [dspex_console_http]},
-            {keep_alive_timeout, 60}, {max_clients, 200} | tls()],
+            {customize, dspex_console_http},
+            {keep_alive_timeout, 5}, {max_clients, 200} | tls()],
     case inets:start(httpd, Conf) of
         {ok, Pid} ->
             [{port, Actual}] = httpd:info(Pid, [port]),

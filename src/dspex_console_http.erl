@@ -69,6 +69,7 @@
 -include_lib("inets/include/httpd.hrl").
 
 -export([do/1, authorize/4, jsonable/1]).
+-export([response_default_headers/0]).
 
 -define(CSP, "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
              "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'").
@@ -79,20 +80,33 @@
                 {dspex_models, 15, <<"models, experiments and rollouts">>},
                 {dspex_region, 13, <<"regions, links and lag">>}]).
 -define(SSE_MAX_MS, 600000).
+%% The parameters each endpoint needs: `{Method, Path, Names}'.
+-define(REQUIRED, [{"GET", "/api/session", [id]}, {"GET", "/api/history", [id, var]},
+                   {"GET", "/api/graph.svg", [id]}, {"GET", "/api/state_at", [id, seq]},
+                   {"POST", "/api/rollback", [id, var, version]}]).
+%% /api/session: variables per page, by default and at most.
+-define(VARS_PAGE, 500).
+-define(VARS_PAGE_MAX, 1000).
 
 %% @private httpd callback.
 -spec do(#mod{}) -> {proceed, list()}.
-do(#mod{method = Method, request_uri = Uri, parsed_header = Headers, entity_body = Body} = Mod) ->
+do(#mod{method = Method0, request_uri = Uri, parsed_header = Headers, entity_body = Body} = Mod) ->
     T0 = erlang:monotonic_time(microsecond),
     {Path, Query} = split_uri(Uri),
     Conf = dspex_console:config(),
+    %% HEAD is answered as GET, without the body (see below)
+    Method = case Method0 of
+                 "HEAD" -> "GET";
+                 _ -> Method0
+             end,
     R = case Path of
+            "/api/events" when Method0 =:= "HEAD" -> json(405, #{error => method_not_allowed}, [{"allow", "GET"}]);
             "/api/" ++ _ ->
-                case authorize(Method, Path, Headers, Conf) of
+                case authorize(Method0, Path, Headers, Conf) of
                     ok -> api(Method, Path, params(Query, Method, Headers, Body), Mod);
                     {deny, Status, Reason} -> json(Status, #{error => Reason})
                 end;
-            _ when Method =:= "GET"; Method =:= "HEAD" -> static(Path, Conf);
+            _ when Method =:= "GET" -> static(Path, Conf);
             _ -> json(405, #{error => method_not_allowed})
         end,
     case R of
@@ -103,18 +117,32 @@ do(#mod{method = Method, request_uri = Uri, parsed_header = Headers, entity_body
             Head = [{code, Code}, {content_type, Type}, {content_length, integer_to_list(byte_size(Bin))},
                     {"server-timing", "app;dur=" ++ float_to_list(Dur, [{decimals, 3}])}
                     | security_headers() ++ Extra],
-            {proceed, [{response, {response, Head, [Bin]}} | Mod#mod.data]}
+            %% HEAD: the GET's headers (its length included), no body
+            Out = case Method0 of
+                      "HEAD" -> [];
+                      _ -> [Bin]
+                  end,
+            {proceed, [{response, {response, Head, Out}} | Mod#mod.data]}
     end.
+
+%% @private httpd_custom callback: the security headers also on the answers
+%% inets makes itself (its error pages: a malformed request, a URI too long).
+-spec response_default_headers() -> [{string(), string()}].
+response_default_headers() ->
+    [{case K of cache_control -> "cache-control"; _ -> K end, V} || {K, V} <- security_headers()].
 
 security_headers() ->
     [{"content-security-policy", ?CSP}, {"x-content-type-options", "nosniff"},
      {"referrer-policy", "no-referrer"}, {"x-frame-options", "DENY"}, {cache_control, "no-store"}].
 
 %% @doc The request policy (see `dspex_console'): `ok' or `{deny, Status,
-%% Reason}'. `Headers' are the lower-case request headers.
+%% Reason}'. `Headers' are the lower-case request headers. The `Host' header
+%% is checked first (when the configuration's `hosts' is a list): a page of
+%% another site whose name was rebound to 127.0.0.1 (DNS rebinding) sends its
+%% own name, and is refused with 403 `host_not_allowed'.
 -spec authorize(string(), string(), [{string(), string()}], dspex_console:config()) ->
           ok | {deny, 401 | 403, atom()}.
-authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf}) ->
+authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf, hosts := Hosts}) ->
     Bearer = case lists:keyfind("authorization", 1, Headers) of
                  {_, "Bearer " ++ T} -> list_to_binary(T);
                  _ -> undefined
@@ -122,6 +150,11 @@ authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf}
     Authenticated = Token =/= undefined andalso is_binary(Bearer) andalso equal(Bearer, Token),
     IsWrite = Method =/= "GET" andalso Method =/= "HEAD",
     if
+        Hosts =/= any ->
+            case host_allowed(lists:keyfind("host", 1, Headers), Hosts) of
+                true -> authorize(Method, Path, Headers, #{token => Token, write => Write, csrf => Csrf, hosts => any});
+                false -> {deny, 403, host_not_allowed}
+            end;
         Token =/= undefined, not Authenticated -> {deny, 401, unauthorized};
         not IsWrite -> ok;
         Path =/= "/api/rollback" -> {deny, 403, method_not_allowed};
@@ -136,6 +169,34 @@ authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf}
                 false -> {deny, 403, csrf}
             end
     end.
+
+%% `Host: Name' or `Host: Name:Port' (`[v6]:Port' for IPv6), Name one of
+%% `Hosts' (lower case); no Host header (no browser sends none) is refused.
+host_allowed({_, Value}, Hosts) ->
+    V = string:lowercase(Value),
+    Name = case V of
+               "[" ++ _ ->
+                   case string:split(V, "]") of
+                       [H, Rest] -> port_suffix(H ++ "]", Rest);
+                       _ -> error
+                   end;
+               _ ->
+                   case string:split(V, ":") of
+                       [H] -> H;
+                       [H, P] -> port_suffix(H, ":" ++ P);
+                       _ -> error
+                   end
+           end,
+    lists:member(Name, Hosts);
+host_allowed(false, _) -> false.
+
+port_suffix(Host, "") -> Host;
+port_suffix(Host, ":" ++ Port) when Port =/= "" ->
+    case lists:all(fun(C) -> C >= $0 andalso C =< $9 end, Port) of
+        true -> Host;
+        false -> error
+    end;
+port_suffix(_, _) -> error.
 
 %% constant time in the length of the secret
 equal(A, B) when byte_size(A) =:= byte_size(B) -> crypto:hash_equals(A, B);
@@ -184,8 +245,8 @@ api("GET", "/api/config", _P, _Mod) ->
                 absent => [#{module => M, issue => I, what => What} || {M, I, What} <- ?PARTS, absent(M)]});
 api("GET", "/api/overview", _P, _Mod) -> json(200, overview());
 api("GET", "/api/sessions", P, _Mod) -> json(200, sessions(P));
-api("GET", "/api/session", #{<<"id">> := S}, _Mod) ->
-    case session(S) of
+api("GET", "/api/session", #{<<"id">> := S} = P, _Mod) ->
+    case session(S, P) of
         {ok, M} -> json(200, M);
         {error, R} -> json(404, #{error => R})
     end;
@@ -200,6 +261,7 @@ api("GET", "/api/graph.svg", #{<<"id">> := S}, _Mod) ->
         {error, session_not_found} -> json(404, #{error => session_not_found});
         {error, R} -> json(503, #{error => R})
     end;
+api("GET", "/api/timeline", #{<<"id">> := <<>>}, _Mod) -> json(400, #{error => {invalid_argument, id}});
 api("GET", "/api/timeline", P, _Mod) ->
     case timeline(P) of
         {ok, M} -> json(200, M);
@@ -216,6 +278,7 @@ api("GET", "/api/state_at", #{<<"id">> := S, <<"seq">> := Seq}, _Mod) ->
                     json(200, #{enabled => true, session => S, sequence => N,
                                 variables => [maps:with([name, type, value, version, updated_at, changed_by], V)
                                               || V <- Vars]});
+                {error, {invalid_argument, _} = R} -> json(400, #{error => R});
                 {error, R} -> json(404, #{error => R})
             end
     end;
@@ -228,6 +291,7 @@ api("POST", "/api/rollback", #{<<"id">> := S, <<"var">> := V, <<"version">> := V
         {N, <<>>} when N >= 0 ->
             case dspex_store:rollback(S, V, N, #{changed_by => console}) of
                 {ok, New} -> json(200, #{version => New});
+                {error, {invalid_argument, _} = R} -> json(400, #{error => R});
                 {error, R} -> json(409, #{error => R})
             end;
         _ -> json(400, #{error => {invalid_argument, version}})
@@ -236,7 +300,12 @@ api("GET", "/api/events", P, Mod) ->
     Feeds = [F || {K, F} <- [{<<"overview">>, overview}, {<<"optimizations">>, optimizations},
                              {<<"models">>, models}, {<<"regions">>, regions}], maps:is_key(K, P)],
     sse(Mod, maps:get(<<"id">>, P, undefined), Feeds);
-api(_, _, _, _) -> json(404, #{error => not_found}).
+api(Method, Path, P, _Mod) ->
+    %% a known endpoint without a parameter it needs is a bad request
+    case [K || {M, Pa, Ks} <- ?REQUIRED, M =:= Method, Pa =:= Path, K <- Ks, not maps:is_key(atom_to_binary(K), P)] of
+        [K | _] -> json(400, #{error => {missing_parameter, K}});
+        [] -> json(404, #{error => not_found})
+    end.
 
 absent(M) -> code:which(M) =:= non_existing.
 
@@ -285,19 +354,35 @@ int(B, Default) ->
         _ -> Default
     end.
 
-session(S) ->
+%% One page of the session's variables (sorted by name; `offset', `limit'
+%% at most ?VARS_PAGE_MAX, default ?VARS_PAGE) with `total', and the
+%% diagnostics and graph cut to that page's variables: the answer's size is
+%% bounded whatever the session's.
+session(S, P) ->
+    Offset = int(maps:get(<<"offset">>, P, <<"0">>), 0),
+    Limit = min(?VARS_PAGE_MAX, max(1, int(maps:get(<<"limit">>, P, <<"500">>), ?VARS_PAGE))),
     case {dspex_store:diagnostics(S), dspex_store:list(S)} of
         {{ok, D}, {ok, Vars}} ->
+            Page = lists:sublist(Vars, Offset + 1, Limit),
+            Names = [N || #{name := N} <- Page],
             Holders = maps:from_list([{N, #{optimizer => O, token => T}}
                                       || #{variable := N, optimizer := O, token := T} <- maps:get(locks, D)]),
             Graph = case dspex_graph:to_map(S) of
-                        {ok, G} -> G;
+                        {ok, #{edges := Es}} ->
+                            In = maps:from_keys(Names, true),
+                            #{nodes => Names,
+                              edges => [E || #{from := F, to := T} = E <- Es,
+                                             maps:is_key(F, In) orelse maps:is_key(T, In)]};
                         _ -> #{nodes => [], edges => []}
                     end,
-            {ok, #{diagnostics => D, graph => Graph,
+            Cut = maps:map(fun(K, M) when K =:= watched; K =:= changed_by; K =:= errors; K =:= rules ->
+                                   maps:with(Names, M);
+                              (_, V) -> V
+                           end, D),
+            {ok, #{diagnostics => Cut, graph => Graph, total => length(Vars), offset => Offset, limit => Limit,
                    variables => [(maps:with([id, name, type, value, version, updated_at, created_at, metadata,
                                              constraints, derived, error], V))#{lock => maps:get(N, Holders, null)}
-                                 || #{name := N} = V <- Vars]}};
+                                 || #{name := N} = V <- Page]}};
         {{error, _} = Error, _} -> Error;
         {_, Error} -> Error      % deleted between the two reads
     end.
@@ -579,9 +664,11 @@ send_raw(Mod, Data) ->
 
 %%% JSON -------------------------------------------------------------------------
 
-json(Code, Term) ->
+json(Code, Term) -> json(Code, Term, []).
+
+json(Code, Term, Extra) ->
     {ok, Json} = dspex_json:encode(jsonable(Term)),
-    {Code, "application/json", [], Json}.
+    {Code, "application/json", Extra, Json}.
 
 text(Code, Text) -> {Code, "text/plain; charset=utf-8", [], Text}.
 
@@ -589,7 +676,8 @@ text(Code, Text) -> {Code, "text/plain; charset=utf-8", [], Text}.
 %% `null', pids, references, ports, funs and tuples are their printed text
 %% (`{error, R}' reasons included), a binary that is not UTF-8 is its
 %% printed text, map keys that are not atoms, binaries or integers are
-%% printed too.
+%% printed too, and every key is a binary: of two keys with the same text
+%% (`5' and `<<"5">>') the later in term order is printed (`<<"5">>').
 -spec jsonable(term()) -> term().
 jsonable(undefined) -> null;
 jsonable(A) when is_atom(A) -> A;
@@ -604,14 +692,27 @@ jsonable(L) when is_list(L) ->
     catch error:_ -> printed(L)     % an improper list
     end;
 jsonable(M) when is_map(M) ->
-    maps:from_list([{key(K), jsonable(V)} || {K, V} <- maps:to_list(M)]);
+    %% keys in term order (numbers, atoms, ..., binaries): the first key of
+    %% a text is that text, a later one that prints the same (5 and <<"5">>,
+    %% a and <<"a">>) its printed term, so no JSON object has a key twice
+    {L, _} = lists:foldl(fun({K, V}, {Acc, Seen}) ->
+                                 Text = unique_key(key(K), K, Seen, 0),
+                                 {[{Text, jsonable(V)} | Acc], Seen#{Text => true}}
+                         end, {[], #{}}, lists:sort(maps:to_list(M))),
+    maps:from_list(L);
 jsonable(T) -> printed(T).
 
-key(K) when is_atom(K); is_binary(K); is_integer(K) -> jsonable_key(K);
+key(K) when is_atom(K) -> atom_to_binary(K);
+key(K) when is_integer(K) -> integer_to_binary(K);
+key(K) when is_binary(K) -> jsonable(K);
 key(K) -> printed(K).
 
-jsonable_key(K) when is_binary(K) -> jsonable(K);
-jsonable_key(K) -> K.
+unique_key(Text, K, Seen, N) ->
+    case maps:is_key(Text, Seen) of
+        false -> Text;
+        true when N =:= 0 -> unique_key(printed(K), K, Seen, 1);
+        true -> unique_key(<<(printed(K))/binary, "#", (integer_to_binary(N))/binary>>, K, Seen, N + 1)
+    end.
 
 printed(T) -> unicode:characters_to_binary(io_lib:format("~0tp", [T])).
 

@@ -605,13 +605,15 @@ unsubscribe(Ref) -> gen_server:call(?MODULE, {unsubscribe, Ref}, infinity).
 %% `dspex_store:export_session/1' are not part of it). Built from the latest
 %% snapshot at or before the point plus the events after it, read with the
 %% lean `dspex_nif:events_replay/7' (only the events that change the state,
-%% a run of one variable's updates folded into one).
+%% a run of one variable's updates folded into one). A session id that is
+%% not a non-empty binary is `{error, {invalid_argument, session}}'.
 -spec state_at(binary(), point()) -> {ok, map()} | {error, not_found | term()}.
 state_at(Session, Point) -> state_at(Session, Point, #{}).
 
 %% @doc `state_at/2' with `as' / `context' (only the session itself, as
 %% `read/2': a state holds every variable's value).
 -spec state_at(binary(), point(), map()) -> {ok, map()} | {error, not_found | access_denied | term()}.
+state_at(<<>>, _, _) -> {error, {invalid_argument, session}};   % no session has the empty id
 state_at(Session, Point, Opts) when is_binary(Session), is_map(Opts) ->
     case dspex_acl:check_owner(Session, Opts) =:= ok andalso metered(Session) of
         false -> {error, access_denied};

@@ -147,8 +147,11 @@ to_dot(Session) ->
         Error -> Error
     end.
 
+%% A DOT string: `\\' and `"' escaped, and `&' as `&amp;' (Graphviz reads
+%% `&name;' in a string as an HTML entity: `a&amp;b' would be drawn `a&b').
 quote(Bin) ->
-    Escaped = binary:replace(binary:replace(Bin, <<"\\">>, <<"\\\\">>, [global]), <<"\"">>, <<"\\\"">>, [global]),
+    Escaped = lists:foldl(fun({From, To}, B) -> binary:replace(B, From, To, [global]) end, Bin,
+                          [{<<"\\">>, <<"\\\\">>}, {<<"\"">>, <<"\\\"">>}, {<<"&">>, <<"&amp;">>}]),
     [$", Escaped, $"].
 
 %% @equiv define_derived(Session, Name, Type, Inputs, Fun, #{})

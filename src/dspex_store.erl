@@ -80,7 +80,7 @@
                       | {invalid_constraints, binary()}
                       | {invalid_argument, atom()}
                       | {version_mismatch, non_neg_integer()}
-                      | {version_not_found, non_neg_integer()}
+                      | {version_not_found, integer()}
                       | {limit_exceeded, limit()}
                       | {duplicate_variable, var_key()}
                       | derived_variable
@@ -95,6 +95,8 @@
 
 -include("dspex_routing.hrl").
 
+%% versions stop at 2^63 - 1
+-define(MAX_VERSION, 16#8000000000000000).
 -define(TYPES, [float, integer, string, boolean, choice, module, embedding, tensor]).
 
 %% Emits `[dspex, store, Op, stop]' around Call with `duration' (native
@@ -715,17 +717,22 @@ history(Session, Key, Limit, Opts) ->
     ?ROUTED(Session, history, [Session, Key, Limit, Opts], dspex_nif:var_history(Session, Key, Limit, Opts)).
 
 %% @equiv rollback(Session, Key, Version, #{})
--spec rollback(session_id(), var_key(), non_neg_integer()) ->
+-spec rollback(session_id(), var_key(), integer()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
 rollback(Session, Key, Version) -> rollback(Session, Key, Version, #{}).
 
 %% @doc Makes the value (and metadata) of an earlier version current again, as a
-%% NEW version. A version no longer in history is `{error, {version_not_found, V}}'.
+%% NEW version. A version no longer (or never) in history is `{error,
+%% {version_not_found, V}}', also any integer below 0 or at 2^63 and above.
 %% Accepts the options of `set/4'; a `metadata' option is merged into the
 %% metadata of the version brought back. Rolling back to the current version
 %% commits its value again as a new version.
--spec rollback(session_id(), var_key(), non_neg_integer(), set_opts()) ->
+-spec rollback(session_id(), var_key(), integer(), set_opts()) ->
           {ok, non_neg_integer()} | {error, error_reason()}.
+rollback(_Session, _Key, Version, _Opts) when is_integer(Version), (Version < 0 orelse Version >= ?MAX_VERSION) ->
+    %% no version is negative or at 2^63 and above: never in history (the NIF
+    %% takes only unsigned 64-bit integers)
+    {error, {version_not_found, Version}};
 rollback(Session, Key, Version, Opts) ->
     dspex_events:durable(?ROUTED(Session, rollback, [Session, Key, Version, Opts],
                                  ?TIMED(rollback, 'dspex_telemetry/dspex.store.rollback.stop',

@@ -63,7 +63,8 @@ diagnostics_of_unknown_session() ->
 xss() -> <<"<img src=x onerror=alert(1)>">>.
 
 %% names with quotes, backslashes, angle brackets and a newline
-odd_names() -> [xss(), <<"q\"uote">>, <<"back\\slash">>, <<"two\nlines">>, <<"plain">>].
+%% (and an entity: Graphviz would draw `a&amp;b' as `a&b')
+odd_names() -> [xss(), <<"q\"uote">>, <<"back\\slash">>, <<"two\nlines">>, <<"a&amp;b">>, <<"plain">>].
 
 seed_graph() ->
     S = sid(),
@@ -154,7 +155,28 @@ detailed_refuses_bad_ranges() ->
 
 %%% security policy (pure) ---------------------------------------------------
 
-conf(Token, Write) -> #{token => Token, write => Write, csrf => <<"csrf123">>, bind => {127, 0, 0, 1}, www => "."}.
+conf(Token, Write) -> #{token => Token, write => Write, csrf => <<"csrf123">>, bind => {127, 0, 0, 1}, www => ".",
+                        hosts => any}.
+
+%% DNS rebinding: a page of attacker.example, its name rebound to 127.0.0.1,
+%% sends `Host: attacker.example'; only the console's own names pass.
+host_header_must_name_the_console_test() ->
+    Hosts = dspex_console:allowed_hosts({127, 0, 0, 1}, undefined, []),
+    C = (conf(undefined, false))#{hosts => Hosts},
+    A = fun(H) -> dspex_console_http:authorize("GET", "/api/sessions", H, C) end,
+    [?assertEqual(ok, A([{"host", H}])) || H <- ["127.0.0.1", "127.0.0.1:9570", "localhost:9570", "LocalHost",
+                                                   "[::1]", "[::1]:9570"]],
+    [?assertEqual({deny, 403, host_not_allowed}, A(H))
+     || H <- [[{"host", "attacker.example:9570"}], [{"host", "attacker.example"}], [{"host", "127.0.0.1:x"}],
+              [{"host", "127.0.0.1:"}], [{"host", "localhost.attacker.example"}], [{"host", "[::1]x"}], []]],
+    %% the bind address and console_allowed_hosts are accepted too
+    ?assertEqual(["127.0.0.1", "127.0.0.2", "[::1]", "console.lan", "localhost"],
+                 dspex_console:allowed_hosts({127, 0, 0, 2}, undefined, ["Console.LAN", 42])),
+    %% with a token any name passes unless console_allowed_hosts lists some
+    ?assertEqual(any, dspex_console:allowed_hosts({0, 0, 0, 0}, <<"tok">>, [])),
+    ?assertEqual({deny, 403, host_not_allowed},
+                 dspex_console_http:authorize("GET", "/api/sessions", [{"host", "evil"}, {"authorization", "Bearer tok"}],
+                                              (conf(<<"tok">>, false))#{hosts => ["console.lan"]})).
 
 non_loopback_bind_needs_a_token_test() ->
     ?assertEqual(ok, dspex_console:check_config({127, 0, 0, 1}, undefined)),
@@ -201,6 +223,17 @@ jsonable_turns_any_term_into_json_test() ->
     ?assertMatch([1, <<"<<", _/binary>>], maps:get(<<"{k,1}">>, M)),
     ?assertEqual(<<"[1|2]">>, maps:get(<<"d">>, M)),
     ?assertEqual(<<"nan">>, maps:get(<<"e">>, M)).
+
+%% metadata #{5 => .., <<"5">> => ..} printed one JSON key twice
+jsonable_keys_are_unique_test() ->
+    T = #{5 => int, <<"5">> => bin, a => atom, <<"a">> => abin, {k} => tuple, <<"{k}">> => tbin},
+    J = dspex_console_http:jsonable(T),
+    ?assertEqual(6, map_size(J)),
+    ?assertEqual(#{<<"5">> => int, <<"<<\"5\">>">> => bin, <<"a">> => atom, <<"<<\"a\">>">> => abin,
+                   <<"{k}">> => tuple, <<"<<\"{k}\">>">> => tbin}, J),
+    {ok, Json} = dspex_json:encode(J),
+    {ok, M} = dspex_json:decode(Json),
+    ?assertEqual(6, map_size(M)).
 
 %%% start-up ------------------------------------------------------------------
 
@@ -292,6 +325,121 @@ regions_endpoint() ->
             true -> {ok, _} = application:ensure_all_started(dspex_bridge);
             false -> ok
         end
+    end.
+
+%% The HTTP answers of the console's defects: a foreign Host (DNS rebinding),
+%% bad or missing parameters (400, never 500 or 404), HEAD, the page of
+%% /api/session, a rollback to a huge version, inets' own error pages.
+console_http_test_() ->
+    {timeout, 120, fun console_http/0}.
+
+console_http() ->
+    Keys = [console_port, console_token, console_enabled, console_write, console_allowed_hosts, region],
+    Old = [{K, application:get_env(dspex_bridge, K)} || K <- Keys],
+    WasRunning = lists:keymember(dspex_bridge, 1, application:which_applications()),
+    try
+        application:set_env(dspex_bridge, console_port, 0),
+        application:set_env(dspex_bridge, console_enabled, true),
+        [application:unset_env(dspex_bridge, K) || K <- [console_token, console_write, console_allowed_hosts, region]],
+        restart(),
+        console_http_answers()
+    after
+        [case V of
+             undefined -> application:unset_env(dspex_bridge, K);
+             {ok, X} -> application:set_env(dspex_bridge, K, X)
+         end || {K, V} <- Old],
+        ok = application:stop(dspex_bridge),
+        case WasRunning of
+            true -> {ok, _} = application:ensure_all_started(dspex_bridge);
+            false -> ok
+        end
+    end.
+
+console_http_answers() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    Names = [iolist_to_binary(io_lib:format("v~4..0b", [I])) || I <- lists:seq(1, 1205)],
+    [{ok, _} = dspex_store:register(S, N, integer, 1) || N <- Names],
+    Port = integer_to_list(dspex_console:port()),
+    Q = fun(Path) -> Path ++ "?id=" ++ binary_to_list(S) end,
+    %% DNS rebinding: the attacker's name is refused, with the security headers
+    {403, H403, B403} = raw("GET", "/api/sessions", [{"Host", "attacker.example:" ++ Port}]),
+    ?assertEqual({ok, #{<<"error">> => <<"host_not_allowed">>}}, dspex_json:decode(B403)),
+    ?assertEqual("DENY", proplists:get_value("x-frame-options", H403)),
+    {200, _, _} = raw("GET", "/api/sessions", [{"Host", "localhost:" ++ Port}]),
+    {200, _, _} = raw("GET", "/api/sessions", [{"Host", "127.0.0.1:" ++ Port}]),
+    %% the empty id: state_at answered 500, timeline every session's events
+    ?assertMatch({400, #{<<"error">> := <<"{invalid_argument,session}">>}}, get_json("/api/state_at?id=&seq=1")),
+    ?assertMatch({400, #{<<"error">> := <<"{invalid_argument,id}">>}}, get_json("/api/timeline?id=")),
+    %% a missing parameter is named (it was 404 not_found)
+    ?assertMatch({400, #{<<"error">> := <<"{missing_parameter,var}">>}}, get_json(Q("/api/history"))),
+    ?assertMatch({400, #{<<"error">> := <<"{missing_parameter,id}">>}}, get_json("/api/session")),
+    ?assertMatch({404, #{<<"error">> := <<"not_found">>}}, get_json("/api/nothing")),
+    %% HEAD: the GET's status and headers, no body (it was 404)
+    {200, HHead, <<>>} = raw("HEAD", "/api/config", []),
+    {200, _, BGet} = raw("GET", "/api/config", []),
+    ?assertEqual(integer_to_list(byte_size(BGet)), proplists:get_value("content-length", HHead)),
+    {405, HEv, _} = raw("HEAD", "/api/events", []),
+    ?assertEqual("GET", proplists:get_value("allow", HEv)),
+    %% /api/session: one page of 500 (at most 1000) and the total
+    {200, P1} = get_json(Q("/api/session")),
+    ?assertMatch(#{<<"total">> := 1205, <<"offset">> := 0, <<"limit">> := 500}, P1),
+    ?assertEqual(lists:sublist(Names, 500), [N || #{<<"name">> := N} <- maps:get(<<"variables">>, P1)]),
+    ?assertEqual(500, map_size(maps:get(<<"changed_by">>, maps:get(<<"diagnostics">>, P1)))),
+    {200, P2} = get_json(Q("/api/session") ++ "&offset=1200&limit=5000"),
+    ?assertMatch(#{<<"total">> := 1205, <<"offset">> := 1200, <<"limit">> := 1000}, P2),
+    ?assertEqual(lists:nthtail(1200, Names), [N || #{<<"name">> := N} <- maps:get(<<"variables">>, P2)]),
+    %% inets' own error page (no Host in HTTP/1.1) has the security headers
+    {400, HBad, _} = raw("GET", "/api/config", [], "HTTP/1.1", false),
+    ?assertEqual("DENY", proplists:get_value("x-frame-options", HBad)),
+    %% a rollback to 2^64 was a 500 (badarg from the NIF): now 409, nothing written
+    Conf = dspex_console:config(),
+    persistent_term:put(dspex_console, Conf#{token => <<"tok">>, write => true}),
+    try
+        Auth = [{"Authorization", "Bearer tok"}, {"X-DSPex-CSRF", binary_to_list(maps:get(csrf, Conf))},
+                {"Content-Type", "application/x-www-form-urlencoded"}],
+        Body = "id=" ++ binary_to_list(S) ++ "&var=v0001&version=",
+        [begin
+             {409, _, B} = raw("POST", "/api/rollback", Auth, Body ++ V),
+             ?assertEqual({ok, #{<<"error">> => iolist_to_binary(["{version_not_found,", V, "}"])}},
+                          dspex_json:decode(B))
+         end || V <- ["18446744073709551616", "100000000000000000000000"]],
+        {400, _, _} = raw("POST", "/api/rollback", Auth, Body ++ "-1"),
+        {200, _, _} = raw("POST", "/api/rollback", Auth, Body ++ "0")
+    after
+        persistent_term:put(dspex_console, Conf)
+    end,
+    ok = dspex_store:delete_session(S).
+
+%% One request on its own connection: `{Status, LowerCaseHeaders, Body}'.
+raw(Method, Path, Headers) -> raw(Method, Path, Headers, "").
+
+raw(Method, Path, Headers, Body) when is_list(Body) ->
+    Length = [{"Content-Length", integer_to_list(length(Body))} || Method =:= "POST"],
+    raw(Method, Path, Headers ++ Length, "HTTP/1.1", true, Body).
+
+raw(Method, Path, Headers, Version, WithHost) -> raw(Method, Path, Headers, Version, WithHost, "").
+
+raw(Method, Path, Headers, Version, WithHost, Body) ->
+    {ok, Sock} = gen_tcp:connect({127, 0, 0, 1}, dspex_console:port(), [binary, {active, false}]),
+    try
+        Host = [{"Host", "127.0.0.1"} || WithHost, not lists:keymember("Host", 1, Headers)],
+        ok = gen_tcp:send(Sock, [Method, " ", Path, " ", Version, "\r\n",
+                                 [[K, ": ", V, "\r\n"] || {K, V} <- Host ++ Headers ++ [{"Connection", "close"}]],
+                                 "\r\n", Body]),
+        Read = fun R(Acc) ->
+                       case gen_tcp:recv(Sock, 0, 30000) of
+                           {ok, More} -> R(<<Acc/binary, More/binary>>);
+                           {error, closed} -> Acc
+                       end
+               end,
+        [Head, Rest] = binary:split(Read(<<>>), <<"\r\n\r\n">>),
+        [StatusLine | Lines] = string:split(binary_to_list(Head), "\r\n", all),
+        [_, Code | _] = string:split(StatusLine, " ", all),
+        Hs = [{string:lowercase(K), string:trim(V)} || L <- Lines, [K, V] <- [string:split(L, ":")]],
+        {list_to_integer(Code), Hs, Rest}
+    after
+        gen_tcp:close(Sock)
     end.
 
 restart() ->

@@ -254,6 +254,15 @@ rollback_creates_new_version_test() ->
     {ok, #{value := 2, version := 4}} = dspex_store:get(S, x),
     ?assertEqual({error, {version_mismatch, 4}}, dspex_store:rollback(S, x, 3, #{expected_version => 1})).
 
+%% versions are below 2^63: a rollback to a negative version or one at 2^63,
+%% 2^64 or 10^23 is version_not_found (the NIF raised badarg from 2^64 on)
+rollback_to_a_version_out_of_range_is_version_not_found_test() ->
+    S = new(),
+    {ok, _} = dspex_store:register(S, x, integer, 0),
+    [?assertEqual({error, {version_not_found, V}}, dspex_store:rollback(S, x, V))
+     || V <- [-1, 1 bsl 63, 1 bsl 64, 100000000000000000000000]],
+    ?assertMatch({ok, #{value := 0, version := 0}}, dspex_store:get(S, x)).
+
 %%% batches ---------------------------------------------------------------------------
 
 get_many_test() ->
