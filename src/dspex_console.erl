@@ -13,9 +13,17 @@
 %% `{127,0,0,1}'), `console_token' (a bearer token, string or binary;
 %% default none), `console_write' (default `false': read-only),
 %% `console_certfile' and `console_keyfile' (PEM files: the console then
-%% speaks HTTPS only, through OTP `ssl', TLS 1.2 and 1.3).
+%% speaks HTTPS only, through OTP `ssl', TLS 1.2 and 1.3),
+%% `console_allowed_hosts' (extra names the `Host' header may carry).
+%% At most 200 connections; an idle keep-alive one is closed after 5 s.
 %%
-%% Security: any bind address other than a loopback one requires
+%% Security: without a token an `/api/' request must name the console in
+%% its `Host' header (`127.0.0.1', `localhost', `[::1]', the bind address or
+%% a name of `console_allowed_hosts', with or without the port), else 403
+%% `host_not_allowed': a page of another site whose name was rebound to
+%% 127.0.0.1 (DNS rebinding) sends its own name. With a token the header is
+%% checked only when `console_allowed_hosts' names some.
+%% Any bind address other than a loopback one requires
 %% `console_token' (without it the console does not start: the error is
 %% logged). When a token is configured every `/api/' request must carry
 %% `Authorization: Bearer Token' (else 401). Writes (the rollback of a
@@ -23,7 +31,8 @@
 %% token presented by the request (else 401), and the header
 %% `X-DSPex-CSRF' equal to this node's CSRF token, which `GET /api/config'
 %% returns (else 403 `csrf'). Every response carries a
-%% Content-Security-Policy that forbids inline scripts and any other origin.
+%% Content-Security-Policy that forbids inline scripts and any other origin,
+%% inets' own error pages too.
 -module(dspex_console).
 -behaviour(gen_server).
 

@@ -13,8 +13,11 @@
 %%     (`dspex_metrics:detailed/3').</li>
 %% <li>`/api/sessions?q=&amp;offset=&amp;limit=': sessions whose id contains `q',
 %%     sorted, one page (`limit' at most 500) with their info, and `total'.</li>
-%% <li>`/api/session?id=': `dspex_store:diagnostics/1', every variable (type,
-%%     value, version, updated_at, derived, error, lock holder) and the graph.</li>
+%% <li>`/api/session?id=&amp;offset=&amp;limit=': `dspex_store:diagnostics/1'
+%%     and one page of the variables by name (type, value, version,
+%%     updated_at, derived, error, lock holder; `limit' default 500, at most
+%%     1000) with `total', the diagnostics' per-variable maps and the graph
+%%     cut to the page.</li>
 %% <li>`/api/history?id=&amp;var=': the variable's archived versions.</li>
 %% <li>`/api/graph.svg?id=': `dspex_graph:to_svg/1' (`image/svg+xml').</li>
 %% <li>`/api/timeline?id=&amp;before=&amp;type=&amp;limit=': a page of the
@@ -64,6 +67,9 @@
 %%     (a watch) and `session' when its variables change in number.</li>
 %% </ul>
 %% Every answer has `Server-Timing: app;dur=Ms' (the time spent building it).
+%% A parameter an endpoint needs and did not get is 400
+%% `{missing_parameter, Name}'; an empty `id' of `timeline' or `state_at'
+%% 400 `{invalid_argument, _}'. `HEAD' answers as `GET' without the body.
 -module(dspex_console_http).
 
 -include_lib("inets/include/httpd.hrl").
@@ -142,7 +148,7 @@ security_headers() ->
 %% own name, and is refused with 403 `host_not_allowed'.
 -spec authorize(string(), string(), [{string(), string()}], dspex_console:config()) ->
           ok | {deny, 401 | 403, atom()}.
-authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf, hosts := Hosts}) ->
+authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf, hosts := Hosts} = Conf) ->
     Bearer = case lists:keyfind("authorization", 1, Headers) of
                  {_, "Bearer " ++ T} -> list_to_binary(T);
                  _ -> undefined
@@ -152,7 +158,7 @@ authorize(Method, Path, Headers, #{token := Token, write := Write, csrf := Csrf,
     if
         Hosts =/= any ->
             case host_allowed(lists:keyfind("host", 1, Headers), Hosts) of
-                true -> authorize(Method, Path, Headers, #{token => Token, write => Write, csrf => Csrf, hosts => any});
+                true -> authorize(Method, Path, Headers, Conf#{hosts := any});
                 false -> {deny, 403, host_not_allowed}
             end;
         Token =/= undefined, not Authenticated -> {deny, 401, unauthorized};

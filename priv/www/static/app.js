@@ -278,9 +278,22 @@
   }
   function unescapeDot(t) { return t.replace(/\\(["\\])/g, '$1'); }
 
+  // "variables A–B of N" with links to the previous and next pages
+  function pager(s, id) {
+    const shown = s.variables.length;
+    const link = (off, text) => el('a', { href: '/session?id=' + encodeURIComponent(id) + '&offset=' + off }, text);
+    return el('p', { id: 'variables-page' },
+      shown === 0 ? `no variables of ${s.total}` : `variables ${s.offset + 1}–${s.offset + shown} of ${s.total}`,
+      s.offset > 0 ? [' ', link(Math.max(0, s.offset - s.limit), '« previous')] : [],
+      s.offset + shown < s.total ? [' ', link(s.offset + shown, 'next »')] : []);
+  }
+
   async function session() {
-    const id = new URLSearchParams(location.search).get('id') || '';
-    const s = await api('/api/session?id=' + encodeURIComponent(id));
+    const params = new URLSearchParams(location.search);
+    const id = params.get('id') || '';
+    // the variables come a page at a time (500; the answer stays small for a big session)
+    const offset = Math.max(0, parseInt(params.get('offset'), 10) || 0);
+    const s = await api('/api/session?id=' + encodeURIComponent(id) + '&offset=' + offset);
     const d = s.diagnostics;
     const rows = new Map();
     const changedBy = new Map();
@@ -320,7 +333,7 @@
     const watchers = watched.length === 0 ? el('p', { id: 'watchers' }, 'No watchers.') :
       el('div', { id: 'watchers' }, table(['variable', 'watches'], watched.map((w) => el('tr', {}, el('td', {}, w[0]), el('td', {}, w[1])))));
     main.replaceChildren(el('h1', {}, 'Session ', el('span', { id: 'session-id' }, id)), summaryTable,
-      el('h2', {}, 'Variables'),
+      el('h2', {}, 'Variables'), pager(s, id),
       el('table', {}, el('thead', {}, el('tr', {}, ['name', 'type', 'value', 'version', 'updated', 'changed by', 'lock holder', 'error'].map((c) => el('th', {}, c)))), tbody),
       el('h2', {}, 'History'), status, historyBox, el('h2', {}, 'Dependency graph'), graph, el('h2', {}, 'Watchers'), watchers,
       el('h2', {}, 'Time travel'), travelBox, el('h2', {}, 'Event timeline (newest first; click an event to travel to it)'), tl.box);
