@@ -287,7 +287,8 @@ class ConsoleTest(unittest.TestCase):
         self.assertNotRegex(body.decode(), r'<script>(?!</script>)|<script(?![^>]*src=)[^>]*>')
 
     def test_bad_requests_are_answered_not_crashed(self):
-        for path, code in [('/api/session?id=%FF%FE', 404), ('/api/session?id=nope', 404), ('/api/session', 404),
+        # a malformed or missing parameter is the request's fault (400); an unknown session is 404
+        for path, code in [('/api/session?id=%FF%FE', 400), ('/api/session?id=nope', 404), ('/api/session', 400),
                            ('/api/graph.svg?id=nope', 404), ('/api/history?id=demo&var=nope', 404),
                            ('/api/nothing', 404), ('/static/..%2Fapp.js', 404), ('/static/../index.html', 404),
                            ('/vendor/.hidden', 404), ('/api/sessions?offset=-5&limit=abc', 200)]:
