@@ -569,6 +569,36 @@ class Concurrency(BridgeCase):
         with self.assertRaises(BridgeTimeoutError):
             next(self.ctx.watch(["quiet"], timeout=0.3))
 
+    def test_streams_cut_by_a_tiny_deadline_leave_no_handler(self):
+        # The port announced a call after arming its close notice, so a call
+        # cancelled at once could be reported cancelled before it existed on
+        # the BEAM: its watch loop then ran forever. 500 streams cut by a 1 ms
+        # deadline, from 20 threads (most runs leaked one before the fix); every handler must end.
+        self.ctx.register_variable("cut", "integer", 0)
+        calls = [lambda: self.stub.WatchVariables(pb2.WatchVariablesRequest(
+                     session_id=self.session, variable_identifiers=["cut"]), timeout=0.001),
+                 lambda: self.stub.WatchEvents(pb2.WatchEventsRequest(session_id=self.session),
+                                               timeout=0.001)]
+
+        def caller(k):
+            for i in range(25):
+                try:
+                    for _ in calls[(k + i) % 2]():
+                        pass
+                except grpc.RpcError:
+                    pass
+        threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # cancel notices travel on their own: poll (bounded) until only the
+        # dashboard call itself is in flight
+        end = time.monotonic() + 20
+        while self.ctx.get_dashboard(whole_node=True)["grpc"]["in_flight"] > 1:
+            self.assertLess(time.monotonic(), end, "a cancelled stream's handler never ended")
+            time.sleep(0.01)
+
     def test_watch_unknown_variable_or_empty_list_fails(self):
         with self.assertRaises(VariableNotFoundError):
             next(self.ctx.watch(["nope"]))
