@@ -700,6 +700,24 @@ class Optimization(BridgeCase):
 
 
 class Access(BridgeCase):
+    def test_deepest_conditions_accepted_stay_readable(self):
+        # conditions 99 deep were accepted, then the session's reads failed
+        # INTERNAL for good: the reply nests them a few levels further
+        self.ctx.register_variable("deep", "float", 0.5)
+        nest = "1"
+        for _ in range(99):
+            nest = "[" + nest + "]"
+        self.stub.SetVariablePermissions(pb2.SetVariablePermissionsRequest(
+            session_id=self.session, variable_identifier="deep",
+            rules=[pb2.AccessRule(session_pattern="x*", permissions=["read"],
+                                  conditions_json='{"k":' + nest + '}')]), timeout=10)
+        got = self.stub.GetVariable(pb2.GetVariableRequest(session_id=self.session,
+                                                           variable_identifier="deep"), timeout=10)
+        rules = json.loads(got.variable.access_control_json)
+        self.assertIn(nest, json.dumps(rules, separators=(",", ":")))
+        events = self.stub.GetEvents(pb2.GetEventsRequest(session_id=self.session), timeout=10)
+        self.assertGreater(len(events.events), 0)
+
     def test_rules_checks_and_denials(self):
         owner = self.ctx
         owner.register_variable("secret", "float", 0.5)
@@ -782,6 +800,16 @@ class ElixirTools(unittest.TestCase):
     def tearDown(self):
         self.ctx.cleanup()
         self.ctx.close()
+
+    def test_deepest_parameter_accepted_echoes_back(self):
+        # a parameter 98 deep (the reader takes 100) came back INTERNAL
+        deep = "[" * 98 + "]" * 98
+        r = self.ctx.stub.ExecuteElixirTool(pb2.ExecuteElixirToolRequest(
+            session_id=self.ctx.session_id, tool_name="echo",
+            parameters={"x": codec.any_pb2.Any(type_url="type.googleapis.com/snakepit.x",
+                                               value=deep.encode())}), timeout=10)
+        self.assertTrue(r.success, r)
+        self.assertIn(deep, r.result.value.decode().replace(" ", ""))
 
     def test_list_and_call(self):
         names = [t.name for t in self.ctx.list_elixir_tools()]

@@ -99,6 +99,51 @@ static void json_depth_limit(void **state) {
     dt_free(&t);
 }
 
+/* Wraps *t in `levels' one-entry maps {"w": ...}, as a reply wraps a value. */
+static void wrap(dterm *t, int levels) {
+    for (int i = 0; i < levels; i++) {
+        dterm m;
+        assert_int_equal(dt_map(&m, 1), 0);
+        assert_int_equal(dt_bin(&m.u.map.k[0], "w", 1), 0);
+        m.u.map.v[0] = *t;
+        *t = m;
+    }
+}
+
+/* The deepest JSON the reader accepts, inside a reply's own nesting, still
+ * decodes from the BEAM and writes back as JSON (a conditions_json 99 deep
+ * was accepted, then every read of the session failed INTERNAL). */
+static void accepted_json_can_be_sent_back(void **state) {
+    char deep[2 * (DT_MAX_DEPTH + 1) + 1];
+    size_t n = DT_MAX_DEPTH + 1; /* depths 0 .. DT_MAX_DEPTH */
+    dterm t, back;
+    dt_buf b = {0};
+    const char *err = NULL;
+    ei_x_buff x;
+    (void)state;
+    memset(deep, '[', n);
+    memset(deep + n, ']', n);
+    deep[2 * n] = 0;
+    assert_int_equal(parse(deep, &t), 0);
+    wrap(&t, DT_REPLY_NESTING);
+    assert_int_equal(dt_write_json(&t, &b, &err), 0);
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(dt_encode_ei(&x, &t), 0);
+    assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &back), 0);
+    dt_free(&back);
+    ei_x_free(&x);
+    dt_buf_free(&b);
+    /* still bounded: one level more is refused by both */
+    wrap(&t, 1);
+    assert_int_equal(dt_write_json(&t, &b, &err), -1);
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(dt_encode_ei(&x, &t), 0);
+    assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &back), -1);
+    ei_x_free(&x);
+    dt_buf_free(&b);
+    dt_free(&t);
+}
+
 static void json_objects_dedupe_last_wins(void **state) {
     dterm t;
     const dterm *v;
@@ -629,6 +674,7 @@ int main(void) {
         cmocka_unit_test(json_scalars),
         cmocka_unit_test(json_rejects),
         cmocka_unit_test(json_depth_limit),
+        cmocka_unit_test(accepted_json_can_be_sent_back),
         cmocka_unit_test(json_objects_dedupe_last_wins),
         cmocka_unit_test(json_writer),
         cmocka_unit_test(json_float_shortest),
