@@ -106,6 +106,22 @@ value_encode_test() ->
     {J, <<>>} = dspex_grpc_value:encode(tensor, #{shape => [1], data => [1.0]}, 2),
     ?assertEqual(#{<<"shape">> => [1], <<"data">> => [1.0]}, maps:get(value, J)).
 
+%% A shape of many huge dimensions is refused at once, without multiplying
+%% them out (that took minutes) and without printing them into the message.
+huge_tensor_shape_refused_cheaply_test() ->
+    Huge = binary_to_integer(binary:copy(<<"7">>, 4300)),
+    Any = #{type_url => <<"type.googleapis.com/snakepit.tensor">>,
+            value => #{<<"dtype">> => <<"float64">>, <<"shape">> => lists:duplicate(1000, Huge)}},
+    {error, {invalid_value, Msg}} = dspex_grpc_value:decode(tensor, Any, binary:copy(<<0>>, 4096)),
+    ?assert(byte_size(Msg) < 200),
+    %% still exact for shapes that fit
+    Ok = fun(Shape, Bytes) -> dspex_grpc_value:decode(tensor, Any#{value := #{<<"shape">> => Shape}}, Bytes) end,
+    ?assertEqual({ok, #{shape => [2, 1], data => [0.0, 0.0]}}, Ok([2, 1], <<0:128>>)),
+    {error, {invalid_value, Msg0}} = Ok([Huge, 0], <<0:64>>),
+    ?assert(byte_size(Msg0) < 200),
+    ?assertMatch({error, {invalid_value, _}}, Ok([2, 2], <<0:128>>)),
+    ?assertMatch({error, {invalid_value, _}}, Ok([1], <<0:128>>)).
+
 %%% handlers ----------------------------------------------------------------------
 
 store_setup() ->
