@@ -479,11 +479,11 @@ static void on_request(call_t *c) {
     grpc_byte_buffer_reader_destroy(&rdr);
     grpc_byte_buffer_destroy(c->recv_buf);
     c->recv_buf = NULL;
-    req = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    req = pb_unpack(d, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
     grpc_slice_unref(s);
     if (!req) { finish(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed request message"); return; }
     ok = pb_to_term(req, &term, err, sizeof err) == 0;
-    protobuf_c_message_free_unpacked(req, NULL);
+    pb_free_unpacked(req);
     if (!ok) { finish(c, GRPC_STATUS_INVALID_ARGUMENT, err); return; }
     if ((ok = metadata_term(&c->req_md, &md)) != 0) {
         dt_free(&term);

@@ -151,6 +151,18 @@ class Sessions(BridgeCase):
         for _ in range(10):
             self.ctx.get_variable("free")
 
+    def test_a_name_with_a_nul_byte_is_refused_not_cut_short(self):
+        # protobuf-c keeps no string length: "a\x00b" was registered as "a"
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.RegisterVariable(pb2.RegisterVariableRequest(
+                session_id=self.session, name="a\x00b", type="float",
+                initial_value=codec.any_pb2.Any(type_url="type.googleapis.com/snakepit.float",
+                                                value=b"1.0")), timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("name", cm.exception.details())
+        with self.assertRaises(VariableNotFoundError):
+            self.ctx.get_variable_info("a")
+
     def test_empty_name_is_invalid_argument_not_a_limit(self):
         with self.assertRaises(InvalidValueError) as cm:
             self.ctx.register_variable("", "integer", 1)
