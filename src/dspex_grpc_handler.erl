@@ -305,7 +305,8 @@ rpc('StartOptimization', #{session_id := S, variable_identifier := K, optimizer_
 rpc('StopOptimization', #{session_id := S, variable_identifier := K, force := Force, optimizer_id := Id,
                           apply_best := Apply}, #{opts := Opts}, _Ctx) ->
     steps([fun() -> name_of(S, K, Opts) end,
-           fun(Name) -> with(dspex_grpc_opt:stop(S, Name, Id, Force, Apply), Name) end,
+           fun(Name) -> principal_may(S, Name, Opts, [optimize | [write || Apply]], Name) end,
+           fun(Name) -> with(dspex_grpc_opt:stop(S, Name, Id, Force, Apply, Opts), Name) end,
            fun({#{applied := Applied} = R, _Name}) ->
                    case dspex_store:get(S, K, Opts) of
                        {ok, #{type := Type, value := V}} ->
@@ -330,8 +331,9 @@ rpc('ReportOptimizationProgress', #{session_id := S, variable_identifier := K, o
                    with(dspex_grpc_value:decode(Type, Any, Bin), Name);
               (_) -> {error, {invalid_argument, <<"metrics_json must be a JSON object and iteration >= 0">>}}
            end,
+           fun({_, Name} = VN) -> principal_may(S, Name, Opts, [optimize], VN) end,
            fun({V, Name}) ->
-                   case dspex_grpc_opt:progress(S, Name, Id, I, V, Metrics) of
+                   case dspex_grpc_opt:progress(S, Name, Id, I, V, Metrics, Opts) of
                        ok -> {ok, {reply, #{success => true}}};
                        E -> E
                    end
@@ -722,6 +724,21 @@ with_lock(S, K, #{<<"optimizer_id">> := Id}, Opts) ->
         _ -> Opts
     end;
 with_lock(_, _, _, Opts) -> Opts.
+
+%% A principal steering an optimization needs what starting one needs
+%% (`optimize', which the lock checks at grant) and, to apply its best, `write'
+%% of its own: the write itself runs as the lock's principal, who may be the
+%% session. The session itself needs nothing. `{ok, Pass}' when allowed.
+principal_may(S, Name, Opts, Perms, Pass) ->
+    case maps:get(as, Opts, S) of
+        S -> {ok, Pass};
+        P ->
+            Ctx = maps:get(context, Opts, #{}),
+            case [E || Perm <- Perms, {error, _} = E <- [dspex_acl:check_access(S, Name, P, Perm, Ctx)]] of
+                [] -> {ok, Pass};
+                [E | _] -> E
+            end
+    end.
 
 name_of(S, K, Opts) ->
     case dspex_store:get(S, K, Opts) of

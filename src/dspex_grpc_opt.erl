@@ -6,7 +6,7 @@
 -module(dspex_grpc_opt).
 -behaviour(gen_server).
 
--export([start_link/0, start/5, lookup/2, progress/6, stop/5, best_metrics/2]).
+-export([start_link/0, start/5, lookup/2, progress/7, stop/6, best_metrics/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, runner/6]).
 
 -define(TAB, dspex_grpc_opt).
@@ -40,19 +40,23 @@ lookup(Session, Name) ->
         [] -> error
     end.
 
-%% @doc Records an iteration of the running optimization; `OptimizerId' must
-%% be the one running it.
--spec progress(dspex_store:session_id(), binary(), binary(), non_neg_integer(), dspex_store:value(), map()) ->
+%% @doc Records an iteration of the running optimization by the caller acting
+%% as `Acl' (`as' / `context', as the lock takes them); `OptimizerId' must be
+%% the one running it, or empty (see `stop/6' for who may leave it empty).
+%% The caller's permissions are the caller's to check (`dspex_grpc_handler').
+-spec progress(dspex_store:session_id(), binary(), binary(), non_neg_integer(), dspex_store:value(), map(), map()) ->
           ok | {error, term()}.
-progress(Session, Name, OptimizerId, Iter, Value, Metrics) ->
-    with_runner(Session, Name, OptimizerId, false, {progress, Iter, Value, Metrics}).
+progress(Session, Name, OptimizerId, Iter, Value, Metrics, Acl) ->
+    with_runner(Session, Name, OptimizerId, false, Acl, {progress, Iter, Value, Metrics}).
 
-%% @doc Stops the running optimization (only `OptimizerId''s unless `Force'
-%% or `OptimizerId' is empty), optionally writing the best candidate.
--spec stop(dspex_store:session_id(), binary(), binary(), boolean(), boolean()) ->
+%% @doc Stops the running optimization, optionally writing the best candidate.
+%% Only `OptimizerId''s; `Force' or an empty `OptimizerId' reach any
+%% optimizer's, but only for the session itself or the principal that started
+%% it (`Acl''s `as'): another principal gets `{error, access_denied}'.
+-spec stop(dspex_store:session_id(), binary(), binary(), boolean(), boolean(), map()) ->
           {ok, map()} | {error, term()}.
-stop(Session, Name, OptimizerId, Force, ApplyBest) ->
-    with_runner(Session, Name, OptimizerId, Force, {stop, ApplyBest}).
+stop(Session, Name, OptimizerId, Force, ApplyBest, Acl) ->
+    with_runner(Session, Name, OptimizerId, Force, Acl, {stop, ApplyBest}).
 
 %% @doc The metrics reported with the best candidate so far (`#{}' if none).
 -spec best_metrics(dspex_store:session_id(), binary()) -> map().
@@ -70,13 +74,22 @@ best_metrics(Session, Name) ->
         error -> #{}
     end.
 
-with_runner(Session, Name, OptimizerId, Force, Msg) ->
+with_runner(Session, Name, OptimizerId, Force, Acl, Msg) ->
+    Caller = maps:get(as, Acl, Session),
     case lookup(Session, Name) of
-        {ok, #{pid := Pid, optimizer_id := Id}} when Force; OptimizerId =:= <<>>; OptimizerId =:= Id ->
-            try gen_server:call(Pid, Msg, infinity)
-            catch exit:_ -> {error, not_optimizing}
+        {ok, #{pid := Pid, optimizer_id := Id} = Info} ->
+            Bypass = Force orelse OptimizerId =:= <<>>,
+            %% naming no optimizer (or forcing) reaches whoever runs it: only
+            %% the session and the optimization's own principal may do that
+            Starter = maps:get(principal, Info, Session),
+            if
+                OptimizerId =:= Id; Bypass andalso (Caller =:= Session orelse Caller =:= Starter) ->
+                    try gen_server:call(Pid, Msg, infinity)
+                    catch exit:_ -> {error, not_optimizing}
+                    end;
+                Bypass -> {error, access_denied};
+                true -> {error, {lock_held_by, Id}}
             end;
-        {ok, #{optimizer_id := Id}} -> {error, {lock_held_by, Id}};
         error -> {error, not_optimizing}
     end.
 
@@ -135,7 +148,8 @@ runner(S, N, Id, Opts, Caller, Registry) ->
                     Started = erlang:system_time(microsecond),
                     #{token := T} = Lock,
                     ok = gen_server:call(Registry, {register, {S, N}, #{optimizer_id => Id, token => T,
-                                                                       started_at => Started}}),
+                                                                       started_at => Started,
+                                                                       principal => maps:get(as, Opts, S)}}),
                     Caller ! {self(), {ok, #{token => T, started_at => Started}}},
                     loop(#{lock => Lock, key => {S, N}, registry => Registry, metrics => #{}})
             end;

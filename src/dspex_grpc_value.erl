@@ -97,8 +97,14 @@ invalid(Msg) -> {error, {invalid_value, Msg}}.
 decode_binary(Type, Meta, Bin) when Type =:= embedding; Type =:= tensor ->
     case binary_meta(Meta) of
         {ok, Size, Shape} ->
-            Count = lists:foldl(fun(D, A) -> D * A end, 1, Shape),
+            Count = shape_count(Shape, byte_size(Bin) div Size),
             if
+                Count =:= too_big ->
+                    %% the shape's own numbers may be huge: never multiplied out nor printed
+                    invalid(iolist_to_binary(io_lib:format("binary_value has ~b bytes, which a shape of ~b "
+                                                           "dimensions of ~s (one over ~b) does not match",
+                                                           [byte_size(Bin), length(Shape), dtype_name(Size),
+                                                            byte_size(Bin) div Size])));
                 byte_size(Bin) =/= Count * Size ->
                     invalid(iolist_to_binary(io_lib:format("binary_value has ~b bytes, shape ~w of ~s needs ~b",
                                                            [byte_size(Bin), Shape, dtype_name(Size), Count * Size])));
@@ -110,6 +116,16 @@ decode_binary(Type, Meta, Bin) when Type =:= embedding; Type =:= tensor ->
     end;
 decode_binary(Type, _, _) ->
     invalid(<<"binary_value is only for embedding and tensor, not ", (atom_to_binary(Type, utf8))/binary>>).
+
+%% The element count of a shape, or `too_big' once a dimension or the running
+%% product passes `Max' (the elements the bytes given hold: the bytes cannot
+%% match). Bounded before each multiplication, so a thousand 4300-digit
+%% dimensions cost a thousand comparisons, not one enormous product.
+shape_count(Shape, Max) -> shape_count(Shape, Max, 1).
+
+shape_count([], _Max, N) -> N;
+shape_count([D | _], Max, N) when D > Max; N * D > Max -> too_big;
+shape_count([D | T], Max, N) -> shape_count(T, Max, N * D).
 
 binary_meta(#{} = M) ->
     Fmt = maps:get(<<"binary_format">>, M, <<"raw_le">>),

@@ -106,6 +106,22 @@ value_encode_test() ->
     {J, <<>>} = dspex_grpc_value:encode(tensor, #{shape => [1], data => [1.0]}, 2),
     ?assertEqual(#{<<"shape">> => [1], <<"data">> => [1.0]}, maps:get(value, J)).
 
+%% A shape of many huge dimensions is refused at once, without multiplying
+%% them out (that took minutes) and without printing them into the message.
+huge_tensor_shape_refused_cheaply_test() ->
+    Huge = binary_to_integer(binary:copy(<<"7">>, 4300)),
+    Any = #{type_url => <<"type.googleapis.com/snakepit.tensor">>,
+            value => #{<<"dtype">> => <<"float64">>, <<"shape">> => lists:duplicate(1000, Huge)}},
+    {error, {invalid_value, Msg}} = dspex_grpc_value:decode(tensor, Any, binary:copy(<<0>>, 4096)),
+    ?assert(byte_size(Msg) < 200),
+    %% still exact for shapes that fit
+    Ok = fun(Shape, Bytes) -> dspex_grpc_value:decode(tensor, Any#{value := #{<<"shape">> => Shape}}, Bytes) end,
+    ?assertEqual({ok, #{shape => [2, 1], data => [0.0, 0.0]}}, Ok([2, 1], <<0:128>>)),
+    {error, {invalid_value, Msg0}} = Ok([Huge, 0], <<0:64>>),
+    ?assert(byte_size(Msg0) < 200),
+    ?assertMatch({error, {invalid_value, _}}, Ok([2, 2], <<0:128>>)),
+    ?assertMatch({error, {invalid_value, _}}, Ok([1], <<0:128>>)).
+
 %%% handlers ----------------------------------------------------------------------
 
 store_setup() ->
@@ -145,7 +161,8 @@ handlers_test_() ->
     {setup, fun store_setup/0, fun store_cleanup/1,
      [fun sessions_and_variables/0, fun error_statuses/0, fun batches/0, fun graph_and_history/0,
       fun optimization/0, fun access_control/0, fun dashboard_and_tools/0, fun wire_messages_and_watch/0,
-      fun wire_numbers_checked/0, fun every_rpc_honours_the_principal/0]}.
+      fun wire_numbers_checked/0, fun every_rpc_honours_the_principal/0,
+      fun optimization_rpcs_need_the_principals_permissions/0]}.
 
 sessions_and_variables() ->
     S = <<"grpc_t1">>,
@@ -708,6 +725,43 @@ log(#{msg := Msg}, #{config := #{pid := Pid}}) ->
 %% called by a principal no rule names it neither shows nor changes anything
 %% of another session: `owner' RPCs are PERMISSION_DENIED before they run,
 %% `rules' ones are refused by the rules (or see only what the principal may).
+%% A principal that may only read a variable can neither feed the owner's
+%% optimization a candidate (empty optimizer_id) nor stop it (force) and apply
+%% it: steering needs `optimize', applying needs `write', and forcing someone
+%% else's optimization is the session's (or its starter's) alone.
+optimization_rpcs_need_the_principals_permissions() ->
+    S = <<"grpc_opt_victim">>, P = <<"grpc_opt_reader">>, Q = <<"grpc_opt_tuner">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, v, float, 1.0),
+    ok = dspex_acl:set_permissions(S, <<"v">>, [#{session_pattern => P, permissions => [read]},
+                                                #{session_pattern => Q, permissions => [read, optimize]}]),
+    V = #{session_id => S, variable_identifier => <<"v">>},
+    {reply, #{success := true}} =
+        call('StartOptimization', V#{optimizer_id => <<"owner_opt">>, optimizer_config => #{}}),
+    Report = V#{optimizer_id => <<>>, iteration => 1, value => any(<<"float">>, 666.0),
+                metrics_json => #{<<"score">> => 1}, binary_value => <<>>},
+    Stop = V#{force => true, optimizer_id => <<>>, apply_best => true},
+    AsP = #{<<"dspex-principal">> => P}, AsQ = #{<<"dspex-principal">> => Q},
+    ?assertEqual({error, access_denied}, call('ReportOptimizationProgress', Report, AsP)),
+    ?assertEqual({error, access_denied}, call('StopOptimization', Stop, AsP)),
+    ?assertEqual({error, access_denied}, call('StopOptimization', Stop#{apply_best => false}, AsP)),
+    %% `optimize' without `write': no applying, and no forcing the owner's optimizer
+    ?assertEqual({error, access_denied}, call('StopOptimization', Stop, AsQ)),
+    ?assertEqual({error, access_denied}, call('StopOptimization', Stop#{apply_best => false}, AsQ)),
+    ?assertEqual({error, access_denied}, call('ReportOptimizationProgress', Report, AsQ)),
+    %% naming the optimizer is steering it, which `optimize' allows
+    {reply, #{success := true}} =
+        call('ReportOptimizationProgress', Report#{optimizer_id => <<"owner_opt">>, value => any(<<"float">>, 0.5)}, AsQ),
+    {reply, #{status := #{optimizing := true, optimizer_id := <<"owner_opt">>}, iterations := 1}} =
+        call('GetOptimizationStatus', V),
+    {ok, 1.0} = dspex_store:get_value(S, <<"v">>),
+    %% the session itself may force it and apply the best
+    {reply, #{success := true, applied := true, final_value := #{value := 0.5}}} = call('StopOptimization', Stop),
+    %% an optimization the principal started is its own to stop without naming it
+    {reply, #{success := true}} =
+        call('StartOptimization', V#{optimizer_id => <<"q_opt">>, optimizer_config => #{}}, AsQ),
+    {reply, #{success := true, applied := false}} = call('StopOptimization', Stop#{apply_best => false}, AsQ).
+
 every_rpc_honours_the_principal() ->
     Proto = filename:join([code:priv_dir(dspex_bridge), "proto", "snakepit_bridge.proto"]),
     {ok, Text} = file:read_file(Proto),

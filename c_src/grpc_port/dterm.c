@@ -309,7 +309,7 @@ static int etf_term(rd *r, dterm *t, int depth) {
     unsigned tag;
     uint32_t n;
     dt_int(t, 0);
-    if (depth > DT_MAX_DEPTH || !need(r, 1)) return -1;
+    if (depth > DT_MAX_OUT_DEPTH || !need(r, 1)) return -1;
     tag = r->p[r->pos++];
     switch (tag) {
     case 97: /* SMALL_INTEGER_EXT */
@@ -780,7 +780,7 @@ static int wfloat(dt_buf *b, double d, const char **err) {
 static int wvalue(const dterm *t, dt_buf *b, const char **err, int depth) {
     char tmp[32];
     size_t i;
-    if (depth > DT_MAX_DEPTH) { *err = "nested too deeply"; return -1; }
+    if (depth > DT_MAX_OUT_DEPTH) { *err = "nested too deeply"; return -1; }
     switch (t->kind) {
     case DT_INT:
         snprintf(tmp, sizeof tmp, "%lld", (long long)t->u.i);

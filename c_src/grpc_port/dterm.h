@@ -26,7 +26,13 @@ typedef struct dterm {
     } u;
 } dterm;
 
-#define DT_MAX_DEPTH 100
+#define DT_MAX_DEPTH 100 /* JSON read from the wire */
+/* A value the reader took comes back inside the reply's own shape (the
+ * {reply, Id, Map} tuple, the message map, a list of events, an event's data,
+ * a rule's conditions): the ETF decoder and the JSON writer allow that much
+ * more, so anything the server accepted stays readable. */
+#define DT_REPLY_NESTING 28
+#define DT_MAX_OUT_DEPTH (DT_MAX_DEPTH + DT_REPLY_NESTING)
 /* The longest DT_BIG, in decimal digits: Python's default int/str conversion
  * limit, so whatever we accept a Python client can read (and the quadratic
  * base conversion stays in the microseconds). */

@@ -1,6 +1,8 @@
 #include "pbterm.h"
 
 #include <math.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +13,42 @@
 
 #define MEMBER(T, msg, off) (*(T *)((char *)(msg) + (off)))
 #define CMEMBER(T, msg, off) (*(const T *)((const char *)(msg) + (off)))
+
+/* protobuf-c unpacks a string into a NUL-terminated copy and keeps no length,
+ * so "a\0b" read as "a". Each of its string copies is one allocation
+ * of exactly length + 1 bytes: pb_unpack's allocator records every size in a
+ * header before the block, and pb_str_len reads the real length back. */
+typedef union { size_t n; max_align_t align; } pb_hdr;
+
+static void *pb_alloc(void *data, size_t size) {
+    pb_hdr *h;
+    (void)data;
+    if (size > SIZE_MAX - sizeof *h || !(h = malloc(sizeof *h + size))) return NULL;
+    h->n = size;
+    return h + 1;
+}
+
+static void pb_dealloc(void *data, void *p) {
+    (void)data;
+    if (p) free((pb_hdr *)p - 1);
+}
+
+static ProtobufCAllocator pb_allocator = {pb_alloc, pb_dealloc, NULL};
+
+ProtobufCMessage *pb_unpack(const ProtobufCMessageDescriptor *d, size_t len, const uint8_t *data) {
+    return protobuf_c_message_unpack(d, &pb_allocator, len, data);
+}
+
+void pb_free_unpacked(ProtobufCMessage *m) {
+    if (m) protobuf_c_message_free_unpacked(m, &pb_allocator);
+}
+
+/* The length of string field f's value s in a message from pb_unpack: the
+ * shared defaults were not allocated (and hold no NUL), every other string was. */
+static size_t pb_str_len(const ProtobufCFieldDescriptor *f, const char *s) {
+    if (s == protobuf_c_empty_string || s == f->default_value) return strlen(s);
+    return ((const pb_hdr *)s - 1)->n - 1;
+}
 
 static int ferr(char *err, size_t errlen, const char *field, const char *what) {
     snprintf(err, errlen, "%s: %s", field, what);
@@ -89,12 +127,16 @@ static int value_to_term(const ProtobufCFieldDescriptor *f, const void *p, dterm
     }
     case PROTOBUF_C_TYPE_STRING: {
         const char *s = *(char *const *)p;
+        size_t n = s ? pb_str_len(f, s) : 0;
         if (!s) s = "";
+        /* a reply cannot carry it back (protobuf-c packs C strings), so a
+         * string holding a NUL would be cut short or make what it names unreadable */
+        if (memchr(s, 0, n)) return ferr(err, errlen, f->name, "string holds a NUL byte");
         if (is_json_field(f)) {
-            if (!*s) return dt_atom(t, "undefined") ? ferr(err, errlen, f->name, "out of memory") : 0;
-            return json_to_term(f->name, s, strlen(s), t, err, errlen);
+            if (n == 0) return dt_atom(t, "undefined") ? ferr(err, errlen, f->name, "out of memory") : 0;
+            return json_to_term(f->name, s, n, t, err, errlen);
         }
-        return dt_bin(t, s, strlen(s)) ? ferr(err, errlen, f->name, "out of memory") : 0;
+        return dt_bin(t, s, n) ? ferr(err, errlen, f->name, "out of memory") : 0;
     }
     case PROTOBUF_C_TYPE_BYTES: {
         const ProtobufCBinaryData *b = p;
@@ -109,9 +151,11 @@ static int value_to_term(const ProtobufCFieldDescriptor *f, const void *p, dterm
             const ProtobufCBinaryData *body = &CMEMBER(ProtobufCBinaryData, sm, d->fields[1].offset);
             if (strcmp(d->fields[0].name, "type_url") || strcmp(d->fields[1].name, "value"))
                 return ferr(err, errlen, f->name, "unexpected Any layout");
+            if (url && memchr(url, 0, pb_str_len(&d->fields[0], url)))
+                return ferr(err, errlen, f->name, "type_url holds a NUL byte");
             if (dt_map(t, 2)) return ferr(err, errlen, f->name, "out of memory");
             if (dt_atom(&t->u.map.k[0], "type_url") || dt_atom(&t->u.map.k[1], "value") ||
-                dt_bin(&t->u.map.v[0], url ? url : "", url ? strlen(url) : 0))
+                dt_bin(&t->u.map.v[0], url ? url : "", url ? pb_str_len(&d->fields[0], url) : 0))
                 return ferr(err, errlen, f->name, "out of memory");
             if (body->len == 0) return dt_atom(&t->u.map.v[1], "null") ? ferr(err, errlen, f->name, "out of memory") : 0;
             return json_to_term(f->name, (const char *)body->data, body->len, &t->u.map.v[1], err, errlen);

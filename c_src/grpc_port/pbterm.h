@@ -21,6 +21,12 @@
 #include <protobuf-c/protobuf-c.h>
 #include "dterm.h"
 
+/* Unpacks a message for pb_to_term (which needs its allocator to know each
+ * string's real length: a string may hold NUL bytes); NULL if malformed.
+ * Free it with pb_free_unpacked. */
+ProtobufCMessage *pb_unpack(const ProtobufCMessageDescriptor *d, size_t len, const uint8_t *data);
+void pb_free_unpacked(ProtobufCMessage *m);
+/* m must come from pb_unpack. */
 int pb_to_term(const ProtobufCMessage *m, dterm *out, char *err, size_t errlen);
 int pb_from_term(const ProtobufCMessageDescriptor *d, const dterm *t, ProtobufCMessage **out,
                  char *err, size_t errlen);

@@ -105,6 +105,7 @@ typedef struct call {
     pthread_mutex_t mu;
     /* under mu */
     int md_sent, finishing, finish_started, send_busy, in_table;
+    int announced, closed; /* {call} sent to the BEAM; T_CLOSE seen */
     outmsg *qh, *qt;
     size_t qlen;
     grpc_status_code fin_code;
@@ -450,6 +451,19 @@ static int encode_deadline(ei_x_buff *x, gpr_timespec dl) {
     return ei_x_encode_longlong(x, (long long)gpr_time_to_millis(gpr_time_sub(mono, now)));
 }
 
+/* The close notice is armed before the call is announced (it must be, to
+ * see every cancel), so it may complete first: {cancelled, Id} then waits for
+ * {call, Id}, else the BEAM ignores it and the late call's handler (a watch
+ * loop) runs forever. Whichever of the two comes second under c->mu sends it. */
+static void mark_announced(call_t *c) {
+    int tell;
+    pthread_mutex_lock(&c->mu);
+    c->announced = 1;
+    tell = c->closed && c->close_cancelled;
+    pthread_mutex_unlock(&c->mu);
+    if (tell) send_simple("cancelled", c->id);
+}
+
 static void on_request(call_t *c) {
     grpc_byte_buffer_reader rdr;
     grpc_slice s;
@@ -465,11 +479,11 @@ static void on_request(call_t *c) {
     grpc_byte_buffer_reader_destroy(&rdr);
     grpc_byte_buffer_destroy(c->recv_buf);
     c->recv_buf = NULL;
-    req = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    req = pb_unpack(d, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
     grpc_slice_unref(s);
     if (!req) { finish(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed request message"); return; }
     ok = pb_to_term(req, &term, err, sizeof err) == 0;
-    protobuf_c_message_free_unpacked(req, NULL);
+    pb_free_unpacked(req);
     if (!ok) { finish(c, GRPC_STATUS_INVALID_ARGUMENT, err); return; }
     if ((ok = metadata_term(&c->req_md, &md)) != 0) {
         dt_free(&term);
@@ -487,6 +501,8 @@ static void on_request(call_t *c) {
     if (!ok) { ei_x_free(&x); finish(c, GRPC_STATUS_INVALID_ARGUMENT, "request cannot be represented"); return; }
     if (atomic_load(&g_shutdown) || send_packet(&x) != 0)
         finish(c, GRPC_STATUS_UNAVAILABLE, "dspex bridge is shutting down");
+    else
+        mark_announced(c);
     ei_x_free(&x);
 }
 
@@ -530,16 +546,20 @@ static void on_event(tag_t *t, int ok) {
         if (ok) on_new_call(c);
         call_unref(c); /* the request's reference */
         return;
-    case T_CLOSE:
+    case T_CLOSE: {
+        int tell;
         pthread_mutex_lock(&c->mu);
         if (c->close_cancelled && !c->finish_started) {
             c->finishing = 1; /* nothing more goes out */
             drop_queue(c);
         }
+        c->closed = 1;
+        tell = c->close_cancelled && c->announced; /* else mark_announced() tells */
         pthread_mutex_unlock(&c->mu);
-        if (c->close_cancelled && c->method >= 0) send_simple("cancelled", c->id);
+        if (tell) send_simple("cancelled", c->id);
         table_remove(c);
         break;
+    }
     case T_SEND:
         pthread_mutex_lock(&c->mu);
         grpc_byte_buffer_destroy(c->send_buf);

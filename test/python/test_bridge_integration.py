@@ -151,6 +151,18 @@ class Sessions(BridgeCase):
         for _ in range(10):
             self.ctx.get_variable("free")
 
+    def test_a_name_with_a_nul_byte_is_refused_not_cut_short(self):
+        # protobuf-c keeps no string length: "a\x00b" was registered as "a"
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.RegisterVariable(pb2.RegisterVariableRequest(
+                session_id=self.session, name="a\x00b", type="float",
+                initial_value=codec.any_pb2.Any(type_url="type.googleapis.com/snakepit.float",
+                                                value=b"1.0")), timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("name", cm.exception.details())
+        with self.assertRaises(VariableNotFoundError):
+            self.ctx.get_variable_info("a")
+
     def test_empty_name_is_invalid_argument_not_a_limit(self):
         with self.assertRaises(InvalidValueError) as cm:
             self.ctx.register_variable("", "integer", 1)
@@ -569,6 +581,36 @@ class Concurrency(BridgeCase):
         with self.assertRaises(BridgeTimeoutError):
             next(self.ctx.watch(["quiet"], timeout=0.3))
 
+    def test_streams_cut_by_a_tiny_deadline_leave_no_handler(self):
+        # The port announced a call after arming its close notice, so a call
+        # cancelled at once could be reported cancelled before it existed on
+        # the BEAM: its watch loop then ran forever. 500 streams cut by a 1 ms
+        # deadline, from 20 threads (most runs leaked one before the fix); every handler must end.
+        self.ctx.register_variable("cut", "integer", 0)
+        calls = [lambda: self.stub.WatchVariables(pb2.WatchVariablesRequest(
+                     session_id=self.session, variable_identifiers=["cut"]), timeout=0.001),
+                 lambda: self.stub.WatchEvents(pb2.WatchEventsRequest(session_id=self.session),
+                                               timeout=0.001)]
+
+        def caller(k):
+            for i in range(25):
+                try:
+                    for _ in calls[(k + i) % 2]():
+                        pass
+                except grpc.RpcError:
+                    pass
+        threads = [threading.Thread(target=caller, args=(k,), daemon=True) for k in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # cancel notices travel on their own: poll (bounded) until only the
+        # dashboard call itself is in flight
+        end = time.monotonic() + 20
+        while self.ctx.get_dashboard(whole_node=True)["grpc"]["in_flight"] > 1:
+            self.assertLess(time.monotonic(), end, "a cancelled stream's handler never ended")
+            time.sleep(0.01)
+
     def test_watch_unknown_variable_or_empty_list_fails(self):
         with self.assertRaises(VariableNotFoundError):
             next(self.ctx.watch(["nope"]))
@@ -670,6 +712,24 @@ class Optimization(BridgeCase):
 
 
 class Access(BridgeCase):
+    def test_deepest_conditions_accepted_stay_readable(self):
+        # conditions 99 deep were accepted, then the session's reads failed
+        # INTERNAL for good: the reply nests them a few levels further
+        self.ctx.register_variable("deep", "float", 0.5)
+        nest = "1"
+        for _ in range(99):
+            nest = "[" + nest + "]"
+        self.stub.SetVariablePermissions(pb2.SetVariablePermissionsRequest(
+            session_id=self.session, variable_identifier="deep",
+            rules=[pb2.AccessRule(session_pattern="x*", permissions=["read"],
+                                  conditions_json='{"k":' + nest + '}')]), timeout=10)
+        got = self.stub.GetVariable(pb2.GetVariableRequest(session_id=self.session,
+                                                           variable_identifier="deep"), timeout=10)
+        rules = json.loads(got.variable.access_control_json)
+        self.assertIn(nest, json.dumps(rules, separators=(",", ":")))
+        events = self.stub.GetEvents(pb2.GetEventsRequest(session_id=self.session), timeout=10)
+        self.assertGreater(len(events.events), 0)
+
     def test_rules_checks_and_denials(self):
         owner = self.ctx
         owner.register_variable("secret", "float", 0.5)
@@ -752,6 +812,16 @@ class ElixirTools(unittest.TestCase):
     def tearDown(self):
         self.ctx.cleanup()
         self.ctx.close()
+
+    def test_deepest_parameter_accepted_echoes_back(self):
+        # a parameter 98 deep (the reader takes 100) came back INTERNAL
+        deep = "[" * 98 + "]" * 98
+        r = self.ctx.stub.ExecuteElixirTool(pb2.ExecuteElixirToolRequest(
+            session_id=self.ctx.session_id, tool_name="echo",
+            parameters={"x": codec.any_pb2.Any(type_url="type.googleapis.com/snakepit.x",
+                                               value=deep.encode())}), timeout=10)
+        self.assertTrue(r.success, r)
+        self.assertIn(deep, r.result.value.decode().replace(" ", ""))
 
     def test_list_and_call(self):
         names = [t.name for t in self.ctx.list_elixir_tools()]

@@ -55,7 +55,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!ei_ready) { ei_init(); ei_ready = 1; }
     if (size < 1) return 0;
     d = svc->methods[data[0] % svc->n_methods].input;
-    m = protobuf_c_message_unpack(d, NULL, size - 1, data + 1);
+    m = pb_unpack(d, size - 1, data + 1);
     if (!m) return 0;
     if (pb_to_term(m, &t, err, sizeof err) == 0) {
         etf_roundtrip(&t);
@@ -67,10 +67,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             CHECK(buf);
             CHECK(protobuf_c_message_pack(again, buf) == n);
             protobuf_c_message_free_unpacked(again, NULL);
-            again = protobuf_c_message_unpack(d, NULL, n, buf);
+            again = pb_unpack(d, n, buf);
             CHECK(again);
             if (pb_to_term(again, &t2, err, sizeof err) == 0) dt_free(&t2);
-            protobuf_c_message_free_unpacked(again, NULL);
+            pb_free_unpacked(again);
             free(buf);
         } else {
             CHECK(err[0]);
@@ -79,7 +79,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     } else {
         CHECK(err[0]);
     }
-    protobuf_c_message_free_unpacked(m, NULL);
+    pb_free_unpacked(m);
     return 0;
 }
 

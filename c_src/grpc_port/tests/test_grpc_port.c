@@ -99,6 +99,51 @@ static void json_depth_limit(void **state) {
     dt_free(&t);
 }
 
+/* Wraps *t in `levels' one-entry maps {"w": ...}, as a reply wraps a value. */
+static void wrap(dterm *t, int levels) {
+    for (int i = 0; i < levels; i++) {
+        dterm m;
+        assert_int_equal(dt_map(&m, 1), 0);
+        assert_int_equal(dt_bin(&m.u.map.k[0], "w", 1), 0);
+        m.u.map.v[0] = *t;
+        *t = m;
+    }
+}
+
+/* The deepest JSON the reader accepts, inside a reply's own nesting, still
+ * decodes from the BEAM and writes back as JSON (a conditions_json 99 deep
+ * was accepted, then every read of the session failed INTERNAL). */
+static void accepted_json_can_be_sent_back(void **state) {
+    char deep[2 * (DT_MAX_DEPTH + 1) + 1];
+    size_t n = DT_MAX_DEPTH + 1; /* depths 0 .. DT_MAX_DEPTH */
+    dterm t, back;
+    dt_buf b = {0};
+    const char *err = NULL;
+    ei_x_buff x;
+    (void)state;
+    memset(deep, '[', n);
+    memset(deep + n, ']', n);
+    deep[2 * n] = 0;
+    assert_int_equal(parse(deep, &t), 0);
+    wrap(&t, DT_REPLY_NESTING);
+    assert_int_equal(dt_write_json(&t, &b, &err), 0);
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(dt_encode_ei(&x, &t), 0);
+    assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &back), 0);
+    dt_free(&back);
+    ei_x_free(&x);
+    dt_buf_free(&b);
+    /* still bounded: one level more is refused by both */
+    wrap(&t, 1);
+    assert_int_equal(dt_write_json(&t, &b, &err), -1);
+    assert_int_equal(ei_x_new_with_version(&x), 0);
+    assert_int_equal(dt_encode_ei(&x, &t), 0);
+    assert_int_equal(dt_decode_etf((unsigned char *)x.buff, (size_t)x.index, &back), -1);
+    ei_x_free(&x);
+    dt_buf_free(&b);
+    dt_free(&t);
+}
+
 static void json_objects_dedupe_last_wins(void **state) {
     dterm t;
     const dterm *v;
@@ -379,10 +424,10 @@ static void pb_request_to_term(void **state) {
     req.n_metadata = 1;
     req.metadata = es;
     n = protobuf_c_message_pack(&req.base, buf);
-    back = protobuf_c_message_unpack(&snakepit__bridge__set_variable_request__descriptor, NULL, n, buf);
+    back = pb_unpack(&snakepit__bridge__set_variable_request__descriptor, n, buf);
     assert_non_null(back);
     assert_int_equal(pb_to_term(back, &t, err, sizeof err), 0);
-    protobuf_c_message_free_unpacked(back, NULL);
+    pb_free_unpacked(back);
     assert_int_equal(dt_map_get(&t, "expected_version")->u.i, 3);
     assert_true(dt_is_atom(dt_map_get(&t, "expect_version_zero"), "false"));
     v = dt_map_get(&t, "value");
@@ -396,10 +441,72 @@ static void pb_request_to_term(void **state) {
     any.value.data = (uint8_t *)"{oops";
     any.value.len = 5;
     n = protobuf_c_message_pack(&req.base, buf);
-    back = protobuf_c_message_unpack(&snakepit__bridge__set_variable_request__descriptor, NULL, n, buf);
+    back = pb_unpack(&snakepit__bridge__set_variable_request__descriptor, n, buf);
     assert_int_equal(pb_to_term(back, &t, err, sizeof err), -1);
     assert_non_null(strstr(err, "value"));
-    protobuf_c_message_free_unpacked(back, NULL);
+    pb_free_unpacked(back);
+}
+
+/* Packs req with every '#' of its strings turned into a NUL on the wire
+ * (protobuf-c itself packs C strings), then reads it back. */
+static int nul_request(Snakepit__Bridge__RegisterVariableRequest *req, dterm *t, char *err, size_t errlen) {
+    unsigned char buf[512], *w;
+    ProtobufCMessage *back;
+    size_t n = protobuf_c_message_pack(&req->base, buf);
+    int rc;
+    while ((w = memchr(buf, '#', n))) *w = 0;
+    back = pb_unpack(&snakepit__bridge__register_variable_request__descriptor, n, buf);
+    assert_non_null(back);
+    rc = pb_to_term(back, t, err, errlen);
+    pb_free_unpacked(back);
+    return rc;
+}
+
+/* A string holding a NUL byte is refused naming its field, not cut short at
+ * it (protobuf-c keeps no length: name "a\0b" registered "a"); a reply could
+ * not carry it back. In plain fields, map entries, the Any's type_url and
+ * *_json fields alike; the shared empty default still reads as "". */
+static void pb_strings_with_nul_bytes_refused(void **state) {
+    Snakepit__Bridge__RegisterVariableRequest req = SNAKEPIT__BRIDGE__REGISTER_VARIABLE_REQUEST__INIT;
+    Snakepit__Bridge__RegisterVariableRequest__MetadataEntry e1 =
+        SNAKEPIT__BRIDGE__REGISTER_VARIABLE_REQUEST__METADATA_ENTRY__INIT;
+    Snakepit__Bridge__RegisterVariableRequest__MetadataEntry *es[1] = {&e1};
+    Google__Protobuf__Any any = GOOGLE__PROTOBUF__ANY__INIT;
+    dterm t;
+    char err[256];
+    struct { const char **slot, *bad, *field; } cases[] = {
+        {(const char **)&req.name, "a#b", "name"},
+        {(const char **)&req.name, "ab#", "name"},
+        {(const char **)&any.type_url, "t#u", "initial_value"},
+        {(const char **)&e1.key, "k#", "key"},
+        {(const char **)&e1.value, "#v", "value"},
+        {(const char **)&req.constraints_json, "{}#", "constraints_json"},
+    };
+    (void)state;
+    req.session_id = "s";
+    req.name = "ab";
+    req.type = "float";
+    any.type_url = "tu";
+    any.value.data = (uint8_t *)"1";
+    any.value.len = 1;
+    req.initial_value = &any;
+    e1.key = "k";
+    e1.value = "v";
+    req.n_metadata = 1;
+    req.metadata = es;
+    assert_int_equal(nul_request(&req, &t, err, sizeof err), 0);
+    assert_int_equal(dt_map_get(&t, "name")->u.s.n, 2);
+    assert_int_equal(dt_map_get(&t, "session_id")->u.s.n, 1);
+    assert_true(dt_is_atom(dt_map_get(&t, "constraints_json"), "undefined"));
+    assert_int_equal(dt_map_get(&t, "initial_binary_value")->u.s.n, 0);
+    dt_free(&t);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *good = *cases[i].slot;
+        *cases[i].slot = cases[i].bad;
+        if (nul_request(&req, &t, err, sizeof err) != -1) fail_msg("accepted %s with a NUL", cases[i].field);
+        if (!strstr(err, cases[i].field)) fail_msg("error \"%s\" does not name %s", err, cases[i].field);
+        *cases[i].slot = good;
+    }
 }
 
 /* A Timestamp from the wire is checked against the range the protobuf spec
@@ -434,10 +541,10 @@ static void pb_timestamp_range_checked(void **state) {
         req.session_id = "s";
         req.client_time = &ts;
         n = protobuf_c_message_pack(&req.base, buf);
-        back = protobuf_c_message_unpack(&snakepit__bridge__heartbeat_request__descriptor, NULL, n, buf);
+        back = pb_unpack(&snakepit__bridge__heartbeat_request__descriptor, n, buf);
         assert_non_null(back);
         rc = pb_to_term(back, &t, err, sizeof err);
-        protobuf_c_message_free_unpacked(back, NULL);
+        pb_free_unpacked(back);
         if (cases[i].ok) {
             assert_int_equal(rc, 0);
             assert_true(dt_map_get(&t, "client_time")->u.i == cases[i].us);
@@ -486,10 +593,10 @@ static void pb_reply_from_term(void **state) {
     assert_int_equal(r->variable->binary_value.len, 3);
     n = protobuf_c_message_pack(m, buf);
     protobuf_c_message_free_unpacked(m, NULL);
-    m = protobuf_c_message_unpack(&snakepit__bridge__get_variable_response__descriptor, NULL, n, buf);
+    m = pb_unpack(&snakepit__bridge__get_variable_response__descriptor, n, buf);
     assert_int_equal(pb_to_term(m, &back_t, err, sizeof err), 0);
     assert_int_equal(dt_map_get(dt_map_get(&back_t, "variable"), "last_updated_at")->u.i, -1500001);
-    protobuf_c_message_free_unpacked(m, NULL);
+    pb_free_unpacked(m);
     dt_free(&back_t);
     dt_free(&t);
 }
@@ -614,12 +721,12 @@ static void random_protobuf_never_crashes(void **state) {
         size_t len = next_rand() % sizeof buf;
         ProtobufCMessage *m;
         for (size_t k = 0; k < len; k++) buf[k] = (unsigned char)next_rand();
-        m = protobuf_c_message_unpack(&snakepit__bridge__register_variable_request__descriptor, NULL, len, buf);
+        m = pb_unpack(&snakepit__bridge__register_variable_request__descriptor, len, buf);
         if (m) {
             dterm t;
             char err[128];
             if (pb_to_term(m, &t, err, sizeof err) == 0) dt_free(&t);
-            protobuf_c_message_free_unpacked(m, NULL);
+            pb_free_unpacked(m);
         }
     }
 }
@@ -629,6 +736,8 @@ int main(void) {
         cmocka_unit_test(json_scalars),
         cmocka_unit_test(json_rejects),
         cmocka_unit_test(json_depth_limit),
+        cmocka_unit_test(accepted_json_can_be_sent_back),
+        cmocka_unit_test(pb_strings_with_nul_bytes_refused),
         cmocka_unit_test(json_objects_dedupe_last_wins),
         cmocka_unit_test(json_writer),
         cmocka_unit_test(json_float_shortest),
