@@ -316,15 +316,7 @@ regions_endpoint() ->
         %% the same answer as a stream event
         ?assertMatch({ok, #{<<"configured">> := true, <<"region">> := <<"eu">>}}, first_sse_event("regions"))
     after
-        [case V of
-             undefined -> application:unset_env(dspex_bridge, K);
-             {ok, X} -> application:set_env(dspex_bridge, K, X)
-         end || {K, V} <- Old],
-        ok = application:stop(dspex_bridge),
-        case WasRunning of
-            true -> {ok, _} = application:ensure_all_started(dspex_bridge);
-            false -> ok
-        end
+        restore(Old, WasRunning)
     end.
 
 %% The HTTP answers of the console's defects: a foreign Host (DNS rebinding),
@@ -344,15 +336,20 @@ console_http() ->
         restart(),
         console_http_answers()
     after
-        [case V of
-             undefined -> application:unset_env(dspex_bridge, K);
-             {ok, X} -> application:set_env(dspex_bridge, K, X)
-         end || {K, V} <- Old],
-        ok = application:stop(dspex_bridge),
-        case WasRunning of
-            true -> {ok, _} = application:ensure_all_started(dspex_bridge);
-            false -> ok
-        end
+        restore(Old, WasRunning)
+    end.
+
+%% The application environment `Old' ({Key, get_env result}) put back, and the application
+%% stopped, then started again if it was running before.
+restore(Old, WasRunning) ->
+    [case V of
+         undefined -> application:unset_env(dspex_bridge, K);
+         {ok, X} -> application:set_env(dspex_bridge, K, X)
+     end || {K, V} <- Old],
+    ok = application:stop(dspex_bridge),
+    case WasRunning of
+        true -> {ok, _} = application:ensure_all_started(dspex_bridge), ok;
+        false -> ok
     end.
 
 console_http_answers() ->
