@@ -222,12 +222,14 @@ create_session_here(Id, Opts) ->
         true ->
             _ = is_binary(Id) andalso dspex_events:seed(Id),
             case dspex_nif:session_create(Id, Meta, Ttl) of
-                {ok, Info, true} ->
-                    %% a new session under this id: whatever the propagator and
-                    %% the lock server kept of an earlier one (expired, not yet
-                    %% swept) belongs to that one
+                {ok, Info, New} when New =/= false ->
+                    %% a new session under this id: whatever the propagator kept
+                    %% of an earlier one belongs to that one; the lock server is
+                    %% told only when the new one replaced an expired session not
+                    %% yet swept (a deleted or swept one was announced then), so
+                    %% creating a session costs it no scan of its locks
                     ok = dspex_propagator:stop(Id),
-                    ok = dspex_locks:session_gone(Id, session_deleted),
+                    _ = New =:= replaced andalso dspex_locks:session_gone(Id, session_expired),
                     case Rate of
                         none -> {ok, Info};
                         _ ->

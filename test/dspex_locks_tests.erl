@@ -18,7 +18,7 @@ locks_test_() ->
       fun progress_and_apply_best/0, fun racing_acquirers_never_overlap/0, fun bad_options/0,
       fun principal_that_does_not_parse_is_refused/0, fun acquire_cut_by_a_call_timeout_is_withdrawn/0,
       fun lock_goes_with_its_deleted_session/0,
-      fun lock_goes_with_its_expired_session/0, fun longest_timeout_waits/0,
+      fun lock_goes_with_its_expired_session/0, fun lock_goes_when_its_expired_session_is_made_again/0, fun longest_timeout_waits/0,
       fun apply_best_writes_as_the_locks_principal/0]}.
 
 %% Each test kills the lock server (the supervisor allows 5 restarts in 10 s):
@@ -493,6 +493,27 @@ lock_goes_with_its_expired_session() ->
     {ok, _} = dspex_store:create_session(S),
     {ok, _} = dspex_store:register(S, x, float, 0.5),
     ?assertEqual({ok, #{locked => false, waiters => 0}}, dspex_locks:status(S, x)),
+    H ! stop.
+
+%% Expired and made again before the sweeper came by (it is suspended here):
+%% creating the new session tells the lock server, the old lock goes as
+%% expired, and the new variable of that name is free.
+lock_goes_when_its_expired_session_is_made_again() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 1}),
+    {ok, _} = dspex_store:register(S, x, float, 0.5),
+    {H, #{token := T}} = holder(S, x),
+    ok = dspex_test_hooks:enable(),
+    ok = sys:suspend(dspex_session_sweeper),
+    try
+        ok = dspex_nif:advance_clock(5000),
+        {ok, _} = dspex_store:create_session(S),
+        ?assertEqual({dspex_lock_lost, S, <<"x">>, T, session_expired}, next(holder_got, H)),
+        {ok, _} = dspex_store:register(S, x, float, 0.5),
+        ?assertEqual({ok, #{locked => false, waiters => 0}}, dspex_locks:status(S, x))
+    after
+        ok = sys:resume(dspex_session_sweeper)
+    end,
     H ! stop.
 
 %% The longest wait the option takes is a wait, not an error: the call's own

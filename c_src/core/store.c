@@ -301,8 +301,10 @@ int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t t
     pthread_mutex_lock(&g_sessions_mu);
     uint64_t h = dx_hash(id.ptr, id.len);
     s = (dx_session *)dx_rtab_find(&g_sessions, h, id.ptr, id.len);
+    int replaced = 0;
     if (s && dx_session_expired(s, now_ms)) {
         /* An expired session the sweeper has not reached yet: replace it. */
+        replaced = 1;
         dx_rtab_remove(&g_sessions, h, id.ptr, id.len);
         session_unlinked();
         atomic_store(&s->dead, true);
@@ -322,7 +324,7 @@ int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t t
         session_free(s);
         s = NULL;
     } else {
-        *created = 1;
+        *created = replaced ? 2 : 1;
         EV_EMIT(.kind = DX_EV_SESSION_CREATED, .s = s);
     }
     pthread_mutex_unlock(&g_sessions_mu);

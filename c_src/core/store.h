@@ -135,6 +135,8 @@ void dx_store_set_watcher_release(void (*fn)(void *w));
 /* What create and import require of a session id: DX_OK, DX_E_LIMIT
  * (*limit = DX_L_NAME_LENGTH: empty or too long) or DX_E_INVALID_NAME. */
 int dx_session_id_check(dx_str id, int *limit);
+/* *created: 0 (the live session of that id), 1 (a new one), 2 (a new one replacing an expired session
+ * the sweeper had not reached). */
 int dx_session_create(dx_str id, const uint8_t *meta, size_t meta_len, int64_t ttl_ms, int64_t now_us,
                       int64_t now_ms, dx_session **out, int *created, int *limit);
 dx_session *dx_session_find(dx_str id, int64_t now_ms); /* NULL if absent or expired; refreshes */

@@ -221,7 +221,8 @@ DX_NIF(nif_session_create) {
     int rc = dx_session_create(id, meta.data, mlen, ttl < 0 ? -1 : ttl * 1000, dx_now_us(), dx_now_ms(), &s, &created,
                                &limit);
     ERL_NIF_TERM r = rc ? dx_rc_error(env, rc, argv[0], 0, limit, NULL)
-                        : enif_make_tuple3(env, ATOM_ok, session_info(env, s), created ? ATOM_true : ATOM_false);
+                        : enif_make_tuple3(env, ATOM_ok, session_info(env, s),
+                                                         created == 2 ? ATOM_replaced : created ? ATOM_true : ATOM_false);
     dx_ebr_exit();
     if (msize) enif_release_binary(&meta);
     return r;

@@ -113,6 +113,18 @@ static void test_ttl_counts_from_the_last_access(void **st) {
     assert_true(dx_session_expired(s, now + 1000 + DX_TOUCH_GRANULARITY_MS + 1));
     assert_int_equal(dx_session_sweep(now + 1000 + DX_TOUCH_GRANULARITY_MS + 1), 1);
     assert_null(dx_session_find(S("every600"), now + 1000 + DX_TOUCH_GRANULARITY_MS + 1));
+    /* made again after it expired but before the sweeper came by: `created' says it replaced an expired
+     * session (the lock server is told only then); then it is the live one; a new id is just new */
+    dx_session *again;
+    int created = -1, limit = 0;
+    int64_t late = T_MS + 1000 + DX_TOUCH_GRANULARITY_MS + 1;
+    (void)mk_session("replaced600", 1000);
+    assert_int_equal(dx_session_create(S("replaced600"), NULL, 0, 1000, T_US, late, &again, &created, &limit), DX_OK);
+    assert_int_equal(created, 2);
+    assert_int_equal(dx_session_create(S("replaced600"), NULL, 0, 1000, T_US, late, &again, &created, &limit), DX_OK);
+    assert_int_equal(created, 0);
+    assert_int_equal(dx_session_create(S("fresh600"), NULL, 0, 1000, T_US, late, &again, &created, &limit), DX_OK);
+    assert_int_equal(created, 1);
     dx_ebr_exit();
     dx_ebr_reclaim(1);
 }
