@@ -713,12 +713,20 @@ value_for(S, K, Any, Bin, Opts) ->
 typed_url(#{type_url := U}) when U =/= <<>> -> dspex_grpc_value:type_of(U);
 typed_url(_) -> error.
 
-%% A write that names the running optimizer (metadata optimizer_id) passes its lock.
+%% A write that names the running optimizer (metadata optimizer_id) passes its
+%% lock, when it comes from the principal that started the optimization (or
+%% the session itself): the optimizer id travels in clear, so naming it is no
+%% proof of being that optimizer; another principal's write stays locked out.
 with_lock(S, K, #{<<"optimizer_id">> := Id}, Opts) ->
+    Caller = maps:get(as, Opts, S),
     case name_of(S, K, #{}) of
         {ok, Name} ->
             case dspex_grpc_opt:lookup(S, Name) of
-                {ok, #{optimizer_id := Id, token := T}} -> Opts#{lock => T};
+                {ok, #{optimizer_id := Id, token := T} = Info} ->
+                    case Caller =:= S orelse Caller =:= maps:get(principal, Info, S) of
+                        true -> Opts#{lock => T};
+                        false -> Opts
+                    end;
                 _ -> Opts
             end;
         _ -> Opts

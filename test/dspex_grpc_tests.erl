@@ -730,11 +730,12 @@ log(#{msg := Msg}, #{config := #{pid := Pid}}) ->
 %% it: steering needs `optimize', applying needs `write', and forcing someone
 %% else's optimization is the session's (or its starter's) alone.
 optimization_rpcs_need_the_principals_permissions() ->
-    S = <<"grpc_opt_victim">>, P = <<"grpc_opt_reader">>, Q = <<"grpc_opt_tuner">>,
+    S = <<"grpc_opt_victim">>, P = <<"grpc_opt_reader">>, Q = <<"grpc_opt_tuner">>, W = <<"grpc_opt_writer">>,
     {ok, _} = dspex_store:create_session(S),
     {ok, _} = dspex_store:register(S, v, float, 1.0),
     ok = dspex_acl:set_permissions(S, <<"v">>, [#{session_pattern => P, permissions => [read]},
-                                                #{session_pattern => Q, permissions => [read, optimize]}]),
+                                                #{session_pattern => Q, permissions => [read, optimize]},
+                                                #{session_pattern => W, permissions => [read, write, optimize]}]),
     V = #{session_id => S, variable_identifier => <<"v">>},
     {reply, #{success := true}} =
         call('StartOptimization', V#{optimizer_id => <<"owner_opt">>, optimizer_config => #{}}),
@@ -755,12 +756,24 @@ optimization_rpcs_need_the_principals_permissions() ->
     {reply, #{status := #{optimizing := true, optimizer_id := <<"owner_opt">>}, iterations := 1}} =
         call('GetOptimizationStatus', V),
     {ok, 1.0} = dspex_store:get_value(S, <<"v">>),
+    %% naming the owner's optimizer in a write's metadata is no pass through its
+    %% lock for another principal, even one that may write
+    AsW = #{<<"dspex-principal">> => W},
+    Named = (set_req(S, <<"v">>, any(<<"float">>, 7.0), 0))#{metadata => #{<<"optimizer_id">> => <<"owner_opt">>}},
+    ?assertMatch({error, {locked, _}}, call('SetVariable', Named, AsW)),
+    {ok, 1.0} = dspex_store:get_value(S, <<"v">>),
     %% the session itself may force it and apply the best
     {reply, #{success := true, applied := true, final_value := #{value := 0.5}}} = call('StopOptimization', Stop),
     %% an optimization the principal started is its own to stop without naming it
     {reply, #{success := true}} =
         call('StartOptimization', V#{optimizer_id => <<"q_opt">>, optimizer_config => #{}}, AsQ),
-    {reply, #{success := true, applied := false}} = call('StopOptimization', Stop#{apply_best => false}, AsQ).
+    {reply, #{success := true, applied := false}} = call('StopOptimization', Stop#{apply_best => false}, AsQ),
+    %% an optimization's own principal writes through its lock by naming it
+    {reply, #{success := true}} =
+        call('StartOptimization', V#{optimizer_id => <<"w_opt">>, optimizer_config => #{}}, AsW),
+    ?assertMatch({error, {locked, _}}, call('SetVariable', Named#{metadata => #{}}, AsW)),
+    {reply, #{success := true}} = call('SetVariable', Named#{metadata => #{<<"optimizer_id">> => <<"w_opt">>}}, AsW),
+    {ok, 7.0} = dspex_store:get_value(S, <<"v">>).
 
 every_rpc_honours_the_principal() ->
     Proto = filename:join([code:priv_dir(dspex_bridge), "proto", "snakepit_bridge.proto"]),
