@@ -1035,7 +1035,8 @@ class SessionContext:
         types: event types to keep (e.g. ["variable_updated"]); limit: at most
         this many (0: 1000, at most 100000); direction "backward" gives the
         newest first; include_archive also reads retention's archive files.
-        Returns a list of Event.
+        Returns a list of Event, values in their data decoded by their type
+        (a value change's ``value_type``; see Event).
         """
         if direction not in ("forward", "backward"):
             raise ValueError("direction must be 'forward' or 'backward'")
@@ -1062,7 +1063,8 @@ class SessionContext:
         log; both 0 streams only events committed after the call.  No gap
         and no duplicate at the switch to live.  Runs until cancelled
         (``w.cancel()``, or leaving ``with ctx.watch_events() as w``) or
-        timeout seconds pass (BridgeTimeoutError).
+        timeout seconds pass (BridgeTimeoutError).  Values in the events'
+        data are decoded as ``get_events`` decodes them.
         """
         call = self._invoke(self.stub.WatchEvents,
                             pb2.WatchEventsRequest(session_id=self.session_id, types=list(types or []),
@@ -1162,7 +1164,17 @@ class Watch(_Stream):
 
 @dataclass
 class Event:
-    """One event of the session's event log (dspex_events)."""
+    """One event of the session's event log (dspex_events).
+
+    ``data`` is the event's JSON with its values decoded as every other read
+    decodes them (``nan``/``inf`` floats, embeddings, tensors) when the data
+    says their type: ``type`` (``variable_registered``) or, for the value
+    changes ``variable_updated`` and ``variable_rolled_back``, ``value_type``
+    (float, integer, boolean, string (also for choice and module
+    variables), embedding or tensor), which the server adds to their data.
+    Data naming neither (an application's event, or a value change from a
+    server older than ``value_type``) keeps the wire's JSON, where a float's
+    NaN is the string "NaN"."""
     id: str                   # UUIDv7
     type: str                 # e.g. "variable_updated"
     session_id: str
@@ -1173,22 +1185,32 @@ class Event:
     metadata: Dict[str, Any]  # node, principal, request_id, changed_by, ...
 
 
+#: The events whose data is a value change typed by ``value_type``.
+_VALUE_EVENTS = ("variable_updated", "variable_rolled_back")
+
+
 def _event(m):
+    data = codec.decode_json(m.data_json)
     return Event(id=m.id, type=m.type, session_id=m.session_id, sequence=m.sequence,
                  position=m.position, timestamp=_ts_seconds(m.timestamp),
-                 data=_decode_typed(codec.decode_json(m.data_json)),
+                 data=_decode_typed(data, "value_type" if m.type in _VALUE_EVENTS else "type"),
                  metadata=codec.decode_json(m.metadata_json, {}))
 
 
-def _decode_typed(d):
+def _decode_typed(d, type_key="type"):
     """A variable's JSON (a state_at entry, an event's data) with its values
-    decoded by its ``type`` as every other read decodes them ("NaN" -> nan,
+    decoded by its type as every other read decodes them ("NaN" -> nan,
     tensors flattened, ...): ``value``, ``old_value``, ``previous.value`` and
-    each ``history[i].value``.  Without a ``type`` (e.g. variable_updated
-    events, which do not carry it) the values stay as the wire's JSON."""
-    if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+    each ``history[i].value``.  The type is ``d["type"]``, else (a value
+    change event's data) ``d[type_key]``; without one the values stay as the
+    wire's JSON."""
+    if not isinstance(d, dict):
         return d
-    t = d["type"]
+    t = d.get("type")
+    if not isinstance(t, str):
+        t = d.get(type_key)
+    if not isinstance(t, str):
+        return d
 
     def dec(holder, key):
         if isinstance(holder, dict) and key in holder:
