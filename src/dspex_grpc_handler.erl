@@ -18,9 +18,11 @@
 %%
 %% The event log RPCs (`GetEvents', `WatchEvents', `GetStateAt') read
 %% `dspex_events'; event data, metadata and states travel as JSON made by
-%% `dspex_events:json_term/1'. `WatchEvents' subscribes the handler process
-%% (catch-up from a position or sequence, then live) and resumes a
-%% subscription dropped for overflow right after its last event.
+%% `dspex_events:json_term/1' (events through `dspex_grpc_event:to_pb/1',
+%% which adds `value_type' to a value change's data). `WatchEvents'
+%% subscribes the handler process (catch-up from a position or sequence,
+%% then live) and resumes a subscription dropped for overflow right after
+%% its last event.
 -module(dspex_grpc_handler).
 
 -export([run/5, handle/4, var_to_pb/3, principal_rule/1]).
@@ -473,7 +475,7 @@ events_rpc('GetEvents', #{session_id := S, since_sequence := From, until_sequenc
                               {direction, case Desc of true -> backward; false -> forward end},
                               {include_archive, Arch}])),
     case dspex_events:read(S, Opts) of
-        {ok, Evs} -> {reply, #{events => [event_to_pb(E) || E <- Evs]}};
+        {ok, Evs} -> {reply, #{events => [dspex_grpc_event:to_pb(E) || E <- Evs]}};
         Error -> Error
     end;
 events_rpc('GetStateAt', #{sequence := N}, _Acl, _Ctx) when N < 0 ->
@@ -533,7 +535,7 @@ watch_events_loop(Filter, Ref, MinSeq, Ctx) ->
         {dspex_event, Ref, #{sequence := Seq}} when Seq < MinSeq ->
             watch_events_loop(Filter, Ref, MinSeq, Ctx);
         {dspex_event, Ref, E} ->
-            dspex_grpc:stream(Ctx, event_to_pb(E)),
+            dspex_grpc:stream(Ctx, dspex_grpc_event:to_pb(E)),
             watch_events_loop(Filter, Ref, MinSeq, Ctx);
         {dspex_event_overflow, Ref, Last} ->
             case dspex_events:subscribe(Filter, self(), #{from => Last + 1}) of
@@ -546,12 +548,6 @@ watch_events_loop(Filter, Ref, MinSeq, Ctx) ->
         _Other ->
             watch_events_loop(Filter, Ref, MinSeq, Ctx)
     end.
-
-event_to_pb(#{id := Id, type := T, session := S, sequence := Seq, position := P, timestamp := Ts,
-              data := D, metadata := M}) ->
-    #{id => Id, type => if is_atom(T) -> atom_to_binary(T, utf8); true -> T end, session_id => S,
-      sequence => Seq, position => P, timestamp => Ts,
-      data_json => dspex_events:json_term(D), metadata_json => dspex_events:json_term(M)}.
 
 %%% watch --------------------------------------------------------------------------
 

@@ -362,6 +362,62 @@ class Variables(BridgeCase):
         self.assertEqual(self.ctx["a"], 0.2)
         self.assertNotIn("zz", self.ctx)
 
+    def test_every_write_path_retries_a_type_changed_by_another_client(self):
+        """Another client deletes "y" and "z" and registers them again with
+        other types, so the types this client remembers are stale: a float
+        2.5 cannot be encoded as the old integer (refused here), a list sent
+        as the old embedding is refused by the server (now a tensor).  Each
+        write path retries once with the server's type; none registers."""
+        other = SessionContext(self.channel, self.session, create=False, cache_ttl=0)
+        tensor = {"shape": [2], "data": [1.0, 2.0]}
+
+        def stale():
+            for name, old, new in (("y", ("integer", 1), ("float", 0.0)),
+                                   ("z", ("embedding", [0.0]), ("tensor", {"shape": [1], "data": [0.0]}))):
+                if name in other:
+                    other.delete_variable(name)
+                other.register_variable(name, *old)
+                self.assertEqual(self.ctx.get_variable_info(name).type, old[0])   # remembered
+                other.delete_variable(name)
+                other.register_variable(name, *new)
+
+        def check(version=1):
+            y, z = self.ctx.get_variable_info("y"), self.ctx.get_variable_info("z")
+            self.assertEqual((y.type, y.value, y.version), ("float", 2.5, version))
+            self.assertEqual((z.type, z.value, z.version), ("tensor", tensor, version))
+
+        stale()
+        self.ctx["y"] = 2.5
+        self.ctx.v.z = [1.0, 2.0]
+        check()
+        stale()
+        self.assertEqual(self.ctx.update_variable("y", 2.5, expected_version=0), 1)
+        self.assertEqual(self.ctx.update_variable("z", [1.0, 2.0], expected_version=0), 1)
+        check()
+        for atomic in (False, True):
+            stale()
+            self.assertEqual(self.ctx.update_variables({"y": 2.5, "z": [1.0, 2.0]}, atomic=atomic),
+                             {"y": 1, "z": 1})
+            check()
+        stale()
+        with self.ctx.batch() as b:
+            b["y"] = 2.5
+            b["z"] = [1.0, 2.0]
+        check()
+        stale()
+        for name, value in (("y", 2.5), ("z", [1.0, 2.0])):
+            self.ctx.start_optimization(name, "opt1", {"objective": "minimize", "metric": "loss"})
+            self.ctx.report_progress(name, "opt1", 1, value, {"loss": 0.1})
+            self.assertTrue(self.ctx.stop_optimization(name, optimizer_id="opt1", apply_best=True).applied)
+        check()
+        # still refused: a value of no use to the real type (nothing written)
+        stale()
+        with self.assertRaises(InvalidValueError):
+            self.ctx["y"] = "text"
+        with self.assertRaises(InvalidValueError):
+            self.ctx.update_variables({"z": [1.0, 2.0], "y": "text"}, atomic=True)
+        self.assertEqual(self.ctx.get_variables(["y", "z"]), {"y": 0.0, "z": {"shape": [1], "data": [0.0]}})
+
     def test_setitem_on_a_fresh_name_from_many_threads(self):
         """ctx[n] = v registers if missing: threads racing on the first write
         all succeed (a lost register race becomes an update)."""

@@ -8,7 +8,7 @@ import grpc
 from dspex_bridge import codec, errors
 from dspex_bridge._stubs import pb2
 from dspex_bridge.cache import VariableCache
-from dspex_bridge.session_context import SessionContext
+from dspex_bridge.session_context import BatchUpdateError, SessionContext
 
 
 class StatusMapping(unittest.TestCase):
@@ -279,6 +279,8 @@ class ScriptedServer:
         self.vars = dict(variables or {})     # name -> (type, value, version)
         self.script = {}
         self.calls = []
+        self.batches = []
+        self.progress = []
         self.before_register = lambda: None
 
     def _maybe_fail(self, rpc):
@@ -299,16 +301,67 @@ class ScriptedServer:
             raise FakeRpcError(grpc.StatusCode.NOT_FOUND, "variable not found: " + req.variable_identifier)
         return pb2.GetVariableResponse(variable=self._var(req.variable_identifier))
 
+    def _refusal(self, name, any_v):
+        """(code, message) of the server's refusal of a write of any_v to
+        name, or None: a value encoded as another type is refused."""
+        if name not in self.vars:
+            return grpc.StatusCode.NOT_FOUND, "variable not found: " + name
+        t = self.vars[name][0]
+        if codec.type_from_url(any_v.type_url) != t:
+            return grpc.StatusCode.INVALID_ARGUMENT, "invalid value: not a " + t
+        return None
+
     def SetVariable(self, req, timeout=None, metadata=None):
         self._maybe_fail("SetVariable")
         name = req.variable_identifier
-        if name not in self.vars:
-            raise FakeRpcError(grpc.StatusCode.NOT_FOUND, "variable not found: " + name)
+        refusal = self._refusal(name, req.value)
+        if refusal:
+            raise FakeRpcError(*refusal)
         t, _, ver = self.vars[name]
-        if codec.type_from_url(req.value.type_url) != t:
-            raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "invalid value: not a " + t)
+        if (req.expected_version or req.expect_version_zero) and req.expected_version != ver:
+            raise FakeRpcError(grpc.StatusCode.ABORTED, "version mismatch: current version is %d" % ver)
         self.vars[name] = (t, codec.decode(req.value, req.binary_value), ver + 1)
         return pb2.SetVariableResponse(success=True, new_version=ver + 1)
+
+    def GetVariables(self, req, timeout=None, metadata=None):
+        self._maybe_fail("GetVariables")
+        resp = pb2.BatchGetVariablesResponse()
+        for n in req.variable_identifiers:
+            if n in self.vars:
+                resp.variables[n].CopyFrom(self._var(n))
+            else:
+                resp.missing_variables.append(n)
+        return resp
+
+    def SetVariables(self, req, timeout=None, metadata=None):
+        """As the server: refused updates are errors by name; atomic, any
+        refusal commits nothing.  ``batches`` records each batch's names."""
+        self._maybe_fail("SetVariables")
+        self.batches.append(sorted(req.updates))
+        errs = {}
+        for n, any_v in req.updates.items():
+            refusal = self._refusal(n, any_v)
+            if refusal:
+                errs[n] = refusal[1]
+        resp = pb2.BatchSetVariablesResponse(success=not errs)
+        resp.errors.update(errs)
+        if req.atomic and errs:
+            return resp
+        for n, any_v in req.updates.items():
+            if n not in errs:
+                t, _, ver = self.vars[n]
+                self.vars[n] = (t, codec.decode(any_v, req.binary_updates.get(n, b"")), ver + 1)
+                resp.new_versions[n] = ver + 1
+        return resp
+
+    def ReportOptimizationProgress(self, req, timeout=None, metadata=None):
+        self._maybe_fail("ReportOptimizationProgress")
+        refusal = self._refusal(req.variable_identifier, req.value)
+        if refusal:
+            raise FakeRpcError(*refusal)
+        self.progress.append((req.variable_identifier, req.iteration,
+                              codec.decode(req.value, req.binary_value)))
+        return pb2.ReportOptimizationProgressResponse(success=True)
 
     def RegisterVariable(self, req, timeout=None, metadata=None):
         self._maybe_fail("RegisterVariable")
@@ -372,6 +425,107 @@ class ClientBehaviour(unittest.TestCase):
         # a real refusal is still raised, after one look at the type
         with self.assertRaises(errors.InvalidValueError):
             ctx.update_variable("y", "text")
+
+    # When this client saw them, "y" was an integer, "z" an embedding and "w"
+    # a float; another client deleted them and registered them again as a
+    # float, a tensor and a string.  A value the stale type cannot encode is
+    # refused client-side (y = 2.5); one it encodes is refused by the server
+    # (z = [1.0, 2.0] sent as an embedding): each write path must retry once
+    # with the server's type, and still refuse a value of no use to it
+    # (w = 1.5 is sent as a float, refused, and no string).
+
+    def stale_context(self):
+        server = ScriptedServer({"y": ("float", 0.0, 0), "z": ("tensor", {"shape": [1], "data": [0.0]}, 0),
+                                 "w": ("string", "a", 0), "c": ("integer", 1, 0)})
+        ctx = self.context(server)
+        for name, stale in (("y", "integer"), ("z", "embedding"), ("w", "float"), ("c", "integer")):
+            ctx._remember_type(name, "var_" + name, stale)
+        return server, ctx
+
+    TENSOR = ("tensor", {"shape": [2], "data": [1.0, 2.0]}, 1)
+
+    def test_setitem_retries_a_stale_remembered_type(self):
+        server, ctx = self.stale_context()
+        ctx["y"] = 2.5
+        ctx["z"] = [1.0, 2.0]
+        self.assertEqual((server.vars["y"], server.vars["z"]), (("float", 2.5, 1), self.TENSOR))
+        self.assertNotIn("RegisterVariable", server.calls)   # an update, not a register
+        server.vars["y"] = ("integer", 1, 1)             # and again, the other way round
+        ctx.v.y = 7                                      # the attribute form shares the path
+        self.assertEqual(server.vars["y"], ("integer", 7, 2))
+        with self.assertRaises(errors.InvalidValueError):
+            ctx["w"] = 1.5
+        with self.assertRaises(errors.InvalidValueError):
+            ctx["y"] = "text"
+        self.assertEqual((server.vars["y"], server.vars["w"]), (("integer", 7, 2), ("string", "a", 0)))
+
+    def test_update_with_expected_version_retries_a_stale_remembered_type(self):
+        server, ctx = self.stale_context()
+        self.assertEqual(ctx.update_variable("y", 2.5, expected_version=0), 1)
+        self.assertEqual(ctx.update_variable("z", [1.0, 2.0], expected_version=0), 1)
+        self.assertEqual((server.vars["y"], server.vars["z"]), (("float", 2.5, 1), self.TENSOR))
+        ctx._remember_type("z", "var_z", "embedding")
+        with self.assertRaises(errors.VersionConflictError):   # the guard holds on the retry too
+            ctx.update_variable("z", [3.0], expected_version=0)
+        self.assertEqual(server.vars["z"], self.TENSOR)
+
+    def test_update_variables_retries_stale_remembered_types(self):
+        for atomic in (False, True):
+            server, ctx = self.stale_context()
+            versions = ctx.update_variables({"y": 2.5, "z": [1.0, 2.0], "c": 5}, atomic=atomic)
+            self.assertEqual(versions, {"y": 1, "z": 1, "c": 1})
+            self.assertEqual((server.vars["y"], server.vars["z"], server.vars["c"]),
+                             (("float", 2.5, 1), self.TENSOR, ("integer", 5, 1)))
+            # y is looked up before sending; z is refused by the server, then
+            # sent again: alone, or (atomic, nothing committed) with the batch
+            self.assertEqual(server.batches, [["c", "y", "z"], ["c", "y", "z"] if atomic else ["z"]])
+            self.assertEqual((ctx._types.get("y"), ctx._types.get("z")), ("float", "tensor"))
+
+    def test_update_variables_keeps_real_refusals(self):
+        server, ctx = self.stale_context()
+        # w's fresh type cannot take 1.5 either: its error, the others committed
+        with self.assertRaises(BatchUpdateError) as cm:
+            ctx.update_variables({"y": 2.5, "z": [1.0, 2.0], "w": 1.5, "c": 5})
+        self.assertEqual(list(cm.exception.errors), ["w"])
+        self.assertEqual(cm.exception.new_versions, {"y": 1, "z": 1, "c": 1})
+        self.assertEqual(server.vars["w"], ("string", "a", 0))
+        # atomic: nothing committed, and not sent a second time for nothing
+        server, ctx = self.stale_context()
+        with self.assertRaises(BatchUpdateError) as cm:
+            ctx.update_variables({"y": 2.5, "z": [1.0, 2.0], "w": 1.5, "c": 5}, atomic=True)
+        self.assertEqual(cm.exception.new_versions, {})
+        self.assertIn("w", cm.exception.errors)
+        self.assertEqual(len(server.batches), 1)
+        self.assertEqual([server.vars[n][2] for n in "yzwc"], [0, 0, 0, 0])
+        # a value no type takes, client-side: nothing sent
+        server, ctx = self.stale_context()
+        with self.assertRaises(errors.InvalidValueError):
+            ctx.update_variables({"y": "text", "c": 5})
+        self.assertEqual(server.batches, [])
+        # a variable deleted (not registered again): its not-found error stands
+        server, ctx = self.stale_context()
+        del server.vars["z"]
+        with self.assertRaises(BatchUpdateError) as cm:
+            ctx.update_variables({"z": [1.0], "c": 5})
+        self.assertEqual(cm.exception.errors, {"z": "variable not found: z"})
+        self.assertEqual(server.batches, [["c", "z"]])
+
+    def test_batch_block_retries_stale_remembered_types(self):
+        server, ctx = self.stale_context()
+        with ctx.batch() as b:
+            b["y"] = 2.5
+            b["z"] = [1.0, 2.0]
+        self.assertEqual(b.new_versions, {"y": 1, "z": 1})
+        self.assertEqual((server.vars["y"], server.vars["z"]), (("float", 2.5, 1), self.TENSOR))
+
+    def test_report_progress_retries_a_stale_remembered_type(self):
+        server, ctx = self.stale_context()
+        ctx.report_progress("y", "opt", 1, 2.5)
+        ctx.report_progress("z", "opt", 2, [1.0, 2.0])
+        self.assertEqual(server.progress, [("y", 1, 2.5), ("z", 2, self.TENSOR[1])])
+        with self.assertRaises(errors.InvalidValueError):
+            ctx.report_progress("w", "opt", 3, 1.5)
+        self.assertEqual(len(server.progress), 2)
 
     def test_a_deleted_event_forgets_the_type(self):
         from dspex_bridge.session_context import VariableUpdate

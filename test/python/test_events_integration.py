@@ -192,12 +192,15 @@ class Events(unittest.TestCase):
 
     def test_state_at_and_events_decode_values_by_type(self):
         """Non-finite floats, embeddings and tensors as every other read gives
-        them, not as the wire's strings; only events without the variable's
-        type (variable_updated) keep the wire's JSON."""
+        them, not as the wire's strings: in state_at, in variable_registered
+        (its type) and in the value changes (value_type, which the server adds
+        to their data), from get_events and watch_events alike."""
         inf = float("inf")
         self.ctx.register_variable("f", "float", float("nan"))
         self.ctx.register_variable("e", "embedding", [1.0, inf])
         self.ctx.register_variable("t", "tensor", {"shape": [2], "data": [-inf, 2.0]})
+        self.ctx.register_variable("s", "string", "NaN")     # a string, not a float
+        self.ctx.register_variable("i", "integer", 1)
         self.ctx.update_variable("f", -inf)
         last = self.ctx.get_events()[-1].sequence
         vars_ = self.ctx.state_at(sequence=last)["variables"]
@@ -208,8 +211,33 @@ class Events(unittest.TestCase):
         registered = {e.data["name"]: e.data for e in self.ctx.get_events(types=["variable_registered"])}
         self.assertTrue(math.isnan(registered["f"]["value"]))
         self.assertEqual(registered["e"]["value"], [1.0, inf])
-        updated = self.ctx.get_events(types=["variable_updated"])[-1].data
-        self.assertEqual((updated["value"], updated["old_value"]), ("-Infinity", "NaN"))
+        self.ctx.update_variable("e", [-inf, 3.0])
+        self.ctx.update_variable("t", {"shape": [1, 1], "data": [inf]})
+        self.ctx.update_variable("s", "Infinity")
+        self.ctx.update_variable("i", 2)
+        self.ctx.rollback_variable("f", 0)
+        with self.ctx.watch_events(types=["variable_updated", "variable_rolled_back"], from_sequence=1,
+                                   timeout=60) as w:
+            watched = [next(w) for _ in range(6)]
+        for updates in (self.ctx.get_events(types=["variable_updated", "variable_rolled_back"]), watched):
+            data = {(e.type, e.data["name"]): e.data for e in updates}
+            f = data["variable_updated", "f"]
+            self.assertEqual(f["value_type"], "float")
+            self.assertEqual(f["value"], -inf)
+            self.assertTrue(math.isnan(f["old_value"]) and math.isnan(f["previous"]["value"]))
+            back = data["variable_rolled_back", "f"]
+            self.assertTrue(math.isnan(back["value"]))
+            self.assertEqual(back["old_value"], -inf)
+            e = data["variable_updated", "e"]
+            self.assertEqual((e["value_type"], e["value"], e["old_value"]), ("embedding", [-inf, 3.0], [1.0, inf]))
+            t = data["variable_updated", "t"]
+            self.assertEqual((t["value_type"], t["value"], t["old_value"]),
+                             ("tensor", {"shape": [1, 1], "data": [inf]}, {"shape": [2], "data": [-inf, 2.0]}))
+            st = data["variable_updated", "s"]
+            self.assertEqual((st["value_type"], st["value"], st["old_value"]), ("string", "Infinity", "NaN"))
+            i = data["variable_updated", "i"]
+            self.assertEqual((i["value_type"], i["value"], i["old_value"]), ("integer", 2, 1))
+            self.assertIs(type(i["value"]), int)
 
 
 if __name__ == "__main__":

@@ -510,26 +510,37 @@ class SessionContext:
 
         expected_version: commit only if the variable is at that version, else
         VersionConflictError (whose current_version is the server's).
+        var_type: encode the value as this type (else the type this client
+        remembers, retried once with the server's current type if the write
+        is refused as an invalid value or not found and that type differs).
         """
         if expected_version is not None and expected_version < 0:
             raise InvalidValueError("expected_version must be >= 0")
+        return self._write_typed(
+            name, lambda t: self._set_variable(name, value, t, expected_version, metadata), var_type)
+
+    def _write_typed(self, name, write, var_type=None):
+        """``write(type)`` with name's type: var_type if given, else the
+        remembered one, else the server's.
+
+        The remembered type only saves a round trip; it is never the reason
+        for a refusal: a write under it refused as a bad value (client- or
+        server-side) or as not found is retried once with the server's
+        current type if that differs (the variable may have been deleted and
+        registered again with another type by someone else).  A refused write
+        committed nothing, so the retry cannot apply a value twice."""
         if var_type is not None:
-            return self._set_variable(name, value, var_type, expected_version, metadata)
+            return write(var_type)
         remembered = self._remembered_type(name)
         if remembered is None:
-            return self._set_variable(name, value, self._type_of(name), expected_version, metadata)
-        # The remembered type only saves a round trip; it is never the reason
-        # for a refusal: a write refused as a bad value (client- or
-        # server-side) or as not found is retried once with the server's
-        # current type if that differs (the variable may have been deleted
-        # and registered again with another type by someone else).
+            return write(self._type_of(name))
         try:
-            return self._set_variable(name, value, remembered, expected_version, metadata)
+            return write(remembered)
         except (InvalidValueError, VariableNotFoundError) as first:
             fresh = self._fresh_type(name)
             if fresh == remembered:
                 raise first
-        return self._set_variable(name, value, fresh, expected_version, metadata)
+        return write(fresh)
 
     def _set_variable(self, name, value, var_type, expected_version, metadata):
         any_v, binary = self._encode(var_type, value)
@@ -612,46 +623,126 @@ class SessionContext:
 
         atomic=True: all or nothing.  Any failure raises BatchUpdateError
         (errors by name; for a non-atomic batch the others did commit).
+        types: {name: type} to encode values by; the other names go by the
+        type this client remembers, or the server's.  As in
+        ``update_variable``, a remembered type is never the reason for a
+        refusal: a value it cannot encode, or an update the server refuses,
+        is tried once more with the server's current type when that differs
+        (atomic: the whole batch again, nothing having committed; else the
+        refused updates only).
         """
         types = dict(types or {})
-        unfit = {}   # names the server does not know whose value has no type to send it by
-        unknown = [n for n in updates if n not in types and self._remembered_type(n) is None]
-        if unknown:
-            found, missing = self.get_variables_info(unknown, bypass_cache=True)
-            # A name the server does not know still goes to it, typed by its
-            # value: the server's answer (not found) is then an error of the
-            # batch like any other, and the rest of a non-atomic batch commits.
-            for n in missing:
-                try:
-                    types[n] = codec.infer_type(updates[n])
-                except codec.CodecError:
-                    unfit[n] = "variable not found: %s" % n
+        # the names typed from memory: the only types that may be stale
+        remembered = {}
+        for n in updates:
+            if n not in types:
+                t = self._remembered_type(n)
+                if t is not None:
+                    remembered[n] = types[n] = t
+        unfit = self._lookup_types([n for n in updates if n not in types], updates, types)
         if unfit and atomic:
             raise self._batch_error(unfit, {}, atomic)
-        req = pb2.BatchSetVariablesRequest(session_id=self.session_id,
-                                           metadata=metadata or {}, atomic=atomic)
+        encoded, stale = {}, []
         for name, value in updates.items():
             if name in unfit:
                 continue
-            t = types.get(name) or self._type_of(name)
-            any_v, binary = self._encode(t, value)
+            try:
+                encoded[name] = self._encode(types[name], value)
+            except InvalidValueError:
+                if name not in remembered:
+                    raise
+                stale.append(name)
+        if stale:
+            # refused here under a remembered type: the server's type decides
+            for n in stale:
+                del remembered[n]
+                self._forget_type(n)
+            unfit.update(self._lookup_types(stale, updates, types))
+            if unfit and atomic:
+                raise self._batch_error(unfit, {}, atomic)
+            for n in stale:
+                if n not in unfit:
+                    encoded[n] = self._encode(types[n], updates[n])
+        versions, errs, ok = self._send_batch(encoded, atomic, metadata)
+        retry = self._retyped([n for n in errs if n in remembered], types)
+        refused = set()
+        for n in sorted(retry):
+            try:
+                encoded[n] = self._encode(types[n], updates[n])
+            except InvalidValueError as e:
+                # of no use to the variable's real type: its error, as the
+                # server's for a bad value (and an atomic batch stays refused)
+                errs[n] = str(e)
+                refused.add(n)
+        retry -= refused
+        if retry and not (atomic and refused):
+            again = encoded if atomic else {n: encoded[n] for n in retry}
+            more_versions, more_errs, ok = self._send_batch(again, atomic, metadata)
+            errs = {n: m for n, m in errs.items() if n not in again}
+            errs.update(more_errs)
+            versions.update(more_versions)
+            ok = ok and not errs
+        if errs or unfit or not ok:
+            raise self._batch_error(dict(errs, **unfit), versions, atomic)
+        return versions
+
+    def _lookup_types(self, names, updates, types):
+        """Fill types with the server's type of each of names (one round
+        trip); returns {name: error} for those it does not know and whose
+        value has no type to send it by."""
+        unfit = {}
+        if not names:
+            return unfit
+        found, missing = self.get_variables_info(names, bypass_cache=True)
+        for n, var in found.items():
+            types[n] = var.type
+        # A name the server does not know still goes to it, typed by its
+        # value: the server's answer (not found) is then an error of the
+        # batch like any other, and the rest of a non-atomic batch commits.
+        for n in missing:
+            try:
+                types[n] = codec.infer_type(updates[n])
+            except codec.CodecError:
+                unfit[n] = "variable not found: %s" % n
+        return unfit
+
+    def _retyped(self, names, types):
+        """Those of names (refused under a remembered type) whose type on
+        the server now differs; types gets the new ones."""
+        if not names:
+            return set()
+        for n in names:
+            self._forget_type(n)
+        found, _missing = self.get_variables_info(names, bypass_cache=True)
+        changed = set()
+        for n, var in found.items():
+            if var.type != types[n]:
+                types[n] = var.type
+                changed.add(n)
+        return changed
+
+    def _send_batch(self, encoded, atomic, metadata):
+        """One SetVariables of {name: (Any, binary)}: ({name: version},
+        {name: error}, whether the server reported success)."""
+        if not encoded:
+            return {}, {}, True
+        req = pb2.BatchSetVariablesRequest(session_id=self.session_id,
+                                           metadata=metadata or {}, atomic=atomic)
+        for name, (any_v, binary) in encoded.items():
             req.updates[name].CopyFrom(any_v)
             if binary:
                 req.binary_updates[name] = binary
-        for name in updates:
+        for name in encoded:
             self.cache.invalidate(name)
         r = None
         try:
-            r = self._call("SetVariables", req) if req.updates else pb2.BatchSetVariablesResponse(success=True)
+            r = self._call("SetVariables", req)
         finally:
             # each committed version is its variable's floor (see update_variable)
             written = dict(r.new_versions) if r is not None else {}
-            for name in updates:
+            for name in encoded:
                 self.cache.invalidate(name, min_version=written.get(name) or None)
-        versions = dict(r.new_versions)
-        if r.errors or not r.success or unfit:
-            raise self._batch_error(dict(r.errors, **unfit), versions, atomic)
-        return versions
+        return dict(r.new_versions), dict(r.errors), r.success
 
     @staticmethod
     def _batch_error(errs, versions, atomic):
@@ -783,12 +874,19 @@ class SessionContext:
             best_iteration=r.best_iteration)
 
     def report_progress(self, name, optimizer_id, iteration, value, metrics=None):
-        """Report a candidate value (and its metrics) of a running optimization."""
-        any_v, binary = self._encode(self._type_of(name), value)
-        self._check(self._call("ReportOptimizationProgress", pb2.ReportOptimizationProgressRequest(
-            session_id=self.session_id, variable_identifier=name, optimizer_id=optimizer_id,
-            iteration=iteration, value=any_v, metrics_json=codec.encode_json(metrics or {}),
-            binary_value=binary)), "ReportOptimizationProgress")
+        """Report a candidate value (and its metrics) of a running optimization.
+
+        The value is encoded by the variable's type as ``update_variable``
+        encodes it (a stale remembered type is refreshed and retried once):
+        the best candidate is what ``stop_optimization(apply_best=True)``
+        writes."""
+        def report(var_type):
+            any_v, binary = self._encode(var_type, value)
+            self._check(self._call("ReportOptimizationProgress", pb2.ReportOptimizationProgressRequest(
+                session_id=self.session_id, variable_identifier=name, optimizer_id=optimizer_id,
+                iteration=iteration, value=any_v, metrics_json=codec.encode_json(metrics or {}),
+                binary_value=binary)), "ReportOptimizationProgress")
+        self._write_typed(name, report)
 
     def optimize(self, variables, algorithm="tpe", budget=100, direction="minimize", seed=0,
                  idle_timeout=600.0, lock_timeout=5.0):
@@ -937,7 +1035,8 @@ class SessionContext:
         types: event types to keep (e.g. ["variable_updated"]); limit: at most
         this many (0: 1000, at most 100000); direction "backward" gives the
         newest first; include_archive also reads retention's archive files.
-        Returns a list of Event.
+        Returns a list of Event, values in their data decoded by their type
+        (a value change's ``value_type``; see Event).
         """
         if direction not in ("forward", "backward"):
             raise ValueError("direction must be 'forward' or 'backward'")
@@ -964,7 +1063,8 @@ class SessionContext:
         log; both 0 streams only events committed after the call.  No gap
         and no duplicate at the switch to live.  Runs until cancelled
         (``w.cancel()``, or leaving ``with ctx.watch_events() as w``) or
-        timeout seconds pass (BridgeTimeoutError).
+        timeout seconds pass (BridgeTimeoutError).  Values in the events'
+        data are decoded as ``get_events`` decodes them.
         """
         call = self._invoke(self.stub.WatchEvents,
                             pb2.WatchEventsRequest(session_id=self.session_id, types=list(types or []),
@@ -1064,7 +1164,17 @@ class Watch(_Stream):
 
 @dataclass
 class Event:
-    """One event of the session's event log (dspex_events)."""
+    """One event of the session's event log (dspex_events).
+
+    ``data`` is the event's JSON with its values decoded as every other read
+    decodes them (``nan``/``inf`` floats, embeddings, tensors) when the data
+    says their type: ``type`` (``variable_registered``) or, for the value
+    changes ``variable_updated`` and ``variable_rolled_back``, ``value_type``
+    (float, integer, boolean, string (also for choice and module
+    variables), embedding or tensor), which the server adds to their data.
+    Data naming neither (an application's event, or a value change from a
+    server older than ``value_type``) keeps the wire's JSON, where a float's
+    NaN is the string "NaN"."""
     id: str                   # UUIDv7
     type: str                 # e.g. "variable_updated"
     session_id: str
@@ -1075,22 +1185,32 @@ class Event:
     metadata: Dict[str, Any]  # node, principal, request_id, changed_by, ...
 
 
+#: The events whose data is a value change typed by ``value_type``.
+_VALUE_EVENTS = ("variable_updated", "variable_rolled_back")
+
+
 def _event(m):
+    data = codec.decode_json(m.data_json)
     return Event(id=m.id, type=m.type, session_id=m.session_id, sequence=m.sequence,
                  position=m.position, timestamp=_ts_seconds(m.timestamp),
-                 data=_decode_typed(codec.decode_json(m.data_json)),
+                 data=_decode_typed(data, "value_type" if m.type in _VALUE_EVENTS else "type"),
                  metadata=codec.decode_json(m.metadata_json, {}))
 
 
-def _decode_typed(d):
+def _decode_typed(d, type_key="type"):
     """A variable's JSON (a state_at entry, an event's data) with its values
-    decoded by its ``type`` as every other read decodes them ("NaN" -> nan,
+    decoded by its type as every other read decodes them ("NaN" -> nan,
     tensors flattened, ...): ``value``, ``old_value``, ``previous.value`` and
-    each ``history[i].value``.  Without a ``type`` (e.g. variable_updated
-    events, which do not carry it) the values stay as the wire's JSON."""
-    if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+    each ``history[i].value``.  The type is ``d["type"]``, else (a value
+    change event's data) ``d[type_key]``; without one the values stay as the
+    wire's JSON."""
+    if not isinstance(d, dict):
         return d
-    t = d["type"]
+    t = d.get("type")
+    if not isinstance(t, str):
+        t = d.get(type_key)
+    if not isinstance(t, str):
+        return d
 
     def dec(holder, key):
         if isinstance(holder, dict) and key in holder:
