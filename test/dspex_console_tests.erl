@@ -17,6 +17,7 @@ app_test_() ->
       fun diagnostics_page_refuses_bad_input/0,
       fun diagnostics_page_takes_one_token/0,
       fun diagnostics_page_of_a_big_session_lists_nothing_whole/0,
+      fun diagnostics_page_while_variables_change/0,
       fun to_dot_escapes_names/0,
       fun to_svg_draws_every_variable_as_a_node/0,
       fun to_svg_is_killed_at_its_timeout/0,
@@ -213,6 +214,44 @@ diagnostics_page_of_a_big_session_lists_nothing_whole() ->
     ?assertEqual(lists:sublist(Names, 1201, 7), [N || #{name := N} <- Page]),
     ?assertMatch(#{var_list := Lists0}, dspex_nif:sched_stats()),
     ok = dspex_store:delete_session(S).
+
+%% Pages read while two processes write, register and delete variables
+%% (the walk runs beside commits and deletions, on a dirty scheduler above
+%% 2000 variables): every page is sorted, unique, at most the limit, and its
+%% total between the fewest and the most variables there were.
+diagnostics_page_while_variables_change() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    Name = fun(I) -> iolist_to_binary(io_lib:format("w~5..0b", [I])) end,
+    [{ok, _} = dspex_store:register(S, Name(I), embedding, [1.0, 2.0]) || I <- lists:seq(1, 2200)],
+    Parent = self(),
+    Writer = fun(From) ->
+                     fun Loop(I) ->
+                             receive stop -> Parent ! {stopped, self()}
+                             after 0 ->
+                                     N = Name(From + I rem 200),
+                                     _ = dspex_store:delete(S, N),
+                                     _ = dspex_store:register(S, N, embedding, [float(I), nan]),
+                                     {ok, _} = dspex_store:set(S, Name(I rem 2000 + 1), [float(I), infinity]),
+                                     Loop(I + 1)
+                             end
+                     end
+             end,
+    Ws = [spawn_link(fun() -> (Writer(F))(0) end) || F <- [3000, 4000]],
+    try
+        [begin
+             {ok, #{variables := Page, diagnostics := #{variables := Total}}} =
+                 dspex_store:diagnostics_page(S, Offset, 300),
+             Names = [N || #{name := N} <- Page],
+             ?assertEqual(lists:usort(Names), Names),
+             ?assert(length(Names) =< 300),
+             ?assert(Total >= 2200 andalso Total =< 2600)
+         end || _ <- lists:seq(1, 20), Offset <- [0, 1000, 2300]]
+    after
+        [W ! stop || W <- Ws],
+        [receive {stopped, W} -> ok end || W <- Ws],
+        ok = dspex_store:delete_session(S)
+    end.
 
 xss() -> <<"<img src=x onerror=alert(1)>">>.
 
