@@ -13,8 +13,8 @@
 %%     (`dspex_metrics:detailed/3').</li>
 %% <li>`/api/sessions?q=&amp;offset=&amp;limit=': sessions whose id contains `q',
 %%     sorted, one page (`limit' at most 500) with their info, and `total'.</li>
-%% <li>`/api/session?id=&amp;offset=&amp;limit=': `dspex_store:diagnostics/1'
-%%     and one page of the variables by name (type, value, version,
+%% <li>`/api/session?id=&amp;offset=&amp;limit=': `dspex_store:diagnostics_page/3':
+%%     the session's diagnostics and one page of the variables by name (type, value, version,
 %%     updated_at, derived, error, lock holder; `limit' default 500, at most
 %%     1000) with `total', the diagnostics' per-variable maps and the graph
 %%     cut to the page.</li>
@@ -363,34 +363,21 @@ int(B, Default) ->
 %% One page of the session's variables (sorted by name; `offset', `limit'
 %% at most ?VARS_PAGE_MAX, default ?VARS_PAGE) with `total', and the
 %% diagnostics and graph cut to that page's variables: the answer's size is
-%% bounded whatever the session's.
+%% bounded whatever the session's, and so is its cost
+%% (`dspex_store:diagnostics_page/3' copies the page's values only).
 session(S, P) ->
     Offset = int(maps:get(<<"offset">>, P, <<"0">>), 0),
     Limit = min(?VARS_PAGE_MAX, max(1, int(maps:get(<<"limit">>, P, <<"500">>), ?VARS_PAGE))),
-    case {dspex_store:diagnostics(S), dspex_store:list(S)} of
-        {{ok, D}, {ok, Vars}} ->
-            Page = lists:sublist(Vars, Offset + 1, Limit),
-            Names = [N || #{name := N} <- Page],
+    case dspex_store:diagnostics_page(S, Offset, Limit) of
+        {ok, #{diagnostics := D, variables := Page, edges := Edges}} ->
             Holders = maps:from_list([{N, #{optimizer => O, token => T}}
                                       || #{variable := N, optimizer := O, token := T} <- maps:get(locks, D)]),
-            Graph = case dspex_graph:to_map(S) of
-                        {ok, #{edges := Es}} ->
-                            In = maps:from_keys(Names, true),
-                            #{nodes => Names,
-                              edges => [E || #{from := F, to := T} = E <- Es,
-                                             maps:is_key(F, In) orelse maps:is_key(T, In)]};
-                        _ -> #{nodes => [], edges => []}
-                    end,
-            Cut = maps:map(fun(K, M) when K =:= watched; K =:= changed_by; K =:= errors; K =:= rules ->
-                                   maps:with(Names, M);
-                              (_, V) -> V
-                           end, D),
-            {ok, #{diagnostics => Cut, graph => Graph, total => length(Vars), offset => Offset, limit => Limit,
+            {ok, #{diagnostics => D, graph => #{nodes => [N || #{name := N} <- Page], edges => Edges},
+                   total => maps:get(variables, D), offset => Offset, limit => Limit,
                    variables => [(maps:with([id, name, type, value, version, updated_at, created_at, metadata,
                                              constraints, derived, error], V))#{lock => maps:get(N, Holders, null)}
                                  || #{name := N} = V <- Page]}};
-        {{error, _} = Error, _} -> Error;
-        {_, Error} -> Error      % deleted between the two reads
+        {error, _} = Error -> Error
     end.
 
 %% The `dspex_opt' runs on this node: the holders of locks whose optimizer is

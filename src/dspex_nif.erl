@@ -26,6 +26,7 @@
          events_seed/1, events_append/5, events_session_delete/2, events_reseed/1,
          events_replay/6, events_replay/7, events_put_snapshots/1]).
 -export([sched_stats/0, rawbuf_debug/1]).
+-export([session_page/3]).
 -export([opt_ask/8]).
 -export([var_get_here/2, var_get_here/3, var_get_value_here/2, var_set_here/4, store_fast_path/2]).
 -export([var_set_derived/4]).
@@ -88,6 +89,19 @@ watch(_S, _Keys, _Pid) -> ?NOT_LOADED.
 unwatch(_Ref) -> ?NOT_LOADED.
 var_info(_S, _Key) -> ?NOT_LOADED.
 export_session(_S) -> ?NOT_LOADED.
+%% One page of a session's variables by name (ranks [Offset, Offset + Limit);
+%% an integer beyond 64 bits counts as past the end), with the session-wide
+%% figures of `dspex_store:diagnostics/1' and the graph edges touching the
+%% page (unsorted, an edge between two page variables twice). One token of
+%% the session's rate limit. badarg: a session id that is not a binary, an
+%% Offset or Limit that is not an integer >= 0.
+-spec session_page(binary(), non_neg_integer(), non_neg_integer()) ->
+          {ok, #{total := non_neg_integer(), bytes := non_neg_integer(), history_entries := non_neg_integer(),
+                 watchers := non_neg_integer(), last_writes := [map()], variables := [map()],
+                 watched := #{binary() => pos_integer()}, changed_by := #{binary() => term()},
+                 edges := [{binary(), binary(), atom()}]}}
+          | {error, session_not_found | rate_limited | enomem}.
+session_page(_S, _Offset, _Limit) -> ?NOT_LOADED.
 import_session(_Term) -> ?NOT_LOADED.
 graph_add(_S, _From, _To, _Type) -> ?NOT_LOADED.
 graph_remove(_S, _From, _To) -> ?NOT_LOADED.

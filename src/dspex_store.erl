@@ -43,7 +43,7 @@
          list/1, list/2, list/3, set/3, set/4, get_many/2, get_many/3, set_many/2, set_many/3,
          history/2, history/3, history/4, rollback/3, rollback/4, watch/3, watch/4, unwatch/1, info/2,
          export_session/1, import_session/1, limits/0, set_limits/1, types/0]).
--export([diagnostics/1]).
+-export([diagnostics/1, diagnostics_page/3]).
 -export([get_value_mode/4, check_session_id/1, rate_limit/1]).
 %% the propagator's writes of derived variables (dspex_propagator only)
 -export([register_derived/5, set_derived/4]).
@@ -978,9 +978,22 @@ diagnostics(Session) when is_binary(Session) ->
 diagnostics_of(Session, Info, Vars) ->
     Infos = [{N, I} || #{name := N} <- Vars, {ok, I} <- [dspex_nif:var_info(Session, N)]],
     Watched = [{N, W} || {N, #{watchers := W}} <- Infos, W > 0],
+    Latest = lists:sublist(lists:reverse(lists:keysort(2, [{V, maps:get(updated_at, V)} || V <- Vars])), 10),
+    session_diagnostics(Session, Info, Vars,
+                        #{variables => length(Vars),
+                          bytes => lists:sum([erlang:external_size(maps:get(value, V)) || V <- Vars]),
+                          history_entries => lists:sum([H || {_, #{history_size := H}} <- Infos]),
+                          watchers => lists:sum([W || {_, W} <- Watched]),
+                          watched => maps:from_list(Watched),
+                          last_writes => [(maps:with([name, version, updated_at], V))#{changed_by => changed_by(N, Infos)}
+                                          || {#{name := N} = V, _} <- Latest],
+                          changed_by => maps:from_list([{N, By} || {N, #{changed_by := By}} <- Infos])}).
+
+%% The diagnostics map: Figures (the counts, `watched', `last_writes' and
+%% `changed_by') with the session's facts, and the `rules' and `errors' of Vars.
+session_diagnostics(Session, Info, Vars, Figures) ->
     Rules = maps:from_list([{N, R} || #{name := N} <- Vars,
                                       {ok, R} <- [dspex_acl:get_permissions(Session, N)], R =/= []]),
-    Latest = lists:sublist(lists:reverse(lists:keysort(2, [{V, maps:get(updated_at, V)} || V <- Vars])), 10),
     Locks = try [L || #{session := S} = L <- dspex_locks:active(), S =:= Session]
             catch exit:_ -> []
             end,
@@ -990,22 +1003,45 @@ diagnostics_of(Session, Info, Vars) ->
                   infinity -> infinity;
                   _ -> max(0, Ttl * 1000 - (Now - Last) div 1000)
               end,
-    #{session => Session,
-      metadata => maps:get(metadata, Info, #{}),
-      variables => length(Vars),
-      bytes => lists:sum([erlang:external_size(maps:get(value, V)) || V <- Vars]),
-      history_entries => lists:sum([H || {_, #{history_size := H}} <- Infos]),
-      watchers => lists:sum([W || {_, W} <- Watched]),
-      watched => maps:from_list(Watched),
-      locks => Locks,
-      rules => Rules,
-      last_writes => [(maps:with([name, version, updated_at], V))#{changed_by => changed_by(N, Infos)}
-                      || {#{name := N} = V, _} <- Latest],
-      changed_by => maps:from_list([{N, By} || {N, #{changed_by := By}} <- Infos]),
-      errors => maps:from_list([{N, E} || #{name := N, derived := true, error := E} <- Vars, E =/= undefined]),
-      ttl => Ttl, ttl_left_ms => TtlLeft,
-      created_at => maps:get(created_at, Info), last_accessed_at => Last,
-      cluster => cluster_diagnostics(Session)}.
+    Figures#{session => Session,
+             metadata => maps:get(metadata, Info, #{}),
+             locks => Locks,
+             rules => Rules,
+             errors => maps:from_list([{N, E} || #{name := N, derived := true, error := E} <- Vars, E =/= undefined]),
+             ttl => Ttl, ttl_left_ms => TtlLeft,
+             created_at => maps:get(created_at, Info), last_accessed_at => Last,
+             cluster => cluster_diagnostics(Session)}.
+
+%% @doc `diagnostics/1' for one page of the session's variables: those of
+%% ranks `[Offset, Offset + Limit)' by name (the order of `list/1'), for the
+%% debug console. `diagnostics' has every key of `diagnostics/1' with the
+%% same session-wide figures (`variables', `bytes', `history_entries',
+%% `watchers', `last_writes', `locks', ...) while its per-variable maps
+%% (`watched', `changed_by', `rules', `errors') hold the page's variables
+%% only; `variables' is the page as `list/1' gives it; `edges' the graph's
+%% edges with an end in the page, as `dspex_graph:to_map/1' gives them
+%% (sorted). The cost follows the page: the rest of the session is walked
+%% without copying a value (`list/1' and `diagnostics/1' copy every one).
+%% An `Offset' at or past the end is an empty page. Takes one token of the
+%% session's rate limit (`{error, rate_limited}'); `{error,
+%% session_not_found}'. Runs on this node, as `diagnostics/1'.
+-spec diagnostics_page(session_id(), non_neg_integer(), non_neg_integer()) ->
+          {ok, #{diagnostics := map(), variables := [var()], edges := [map()]}} | {error, error_reason()}.
+diagnostics_page(Session, Offset, Limit)
+  when is_binary(Session), is_integer(Offset), Offset >= 0, is_integer(Limit), Limit >= 0 ->
+    case dspex_nif:session_get(Session) of
+        {ok, Info} ->
+            case dspex_nif:session_page(Session, Offset, Limit) of
+                {ok, #{variables := Page, edges := Edges} = P} ->
+                    D = session_diagnostics(Session, Info, Page,
+                                            (maps:with([bytes, history_entries, watchers, watched, last_writes,
+                                                        changed_by], P))#{variables => maps:get(total, P)}),
+                    {ok, #{diagnostics => D, variables => Page,
+                           edges => [#{from => F, to => T, type => Ty} || {F, T, Ty} <- lists:usort(Edges)]}};
+                Error -> Error
+            end;
+        Error -> Error
+    end.
 
 changed_by(Name, Infos) ->
     case lists:keyfind(Name, 1, Infos) of

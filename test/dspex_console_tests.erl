@@ -12,6 +12,12 @@ app_test_() ->
     {setup, fun() -> {ok, _} = application:ensure_all_started(dspex_bridge) end, fun(_) -> ok end,
      [fun diagnostics_counts_variables_watchers_locks_rules_and_errors/0,
       fun diagnostics_of_unknown_session/0,
+      fun diagnostics_page_is_diagnostics_cut_to_the_page/0,
+      fun diagnostics_page_bytes_is_the_external_size_of_the_values/0,
+      fun diagnostics_page_refuses_bad_input/0,
+      fun diagnostics_page_takes_one_token/0,
+      fun diagnostics_page_of_a_big_session_lists_nothing_whole/0,
+      fun diagnostics_page_while_variables_change/0,
       fun to_dot_escapes_names/0,
       fun to_svg_draws_every_variable_as_a_node/0,
       fun to_svg_is_killed_at_its_timeout/0,
@@ -59,6 +65,193 @@ flush() -> receive _ -> flush() after 0 -> ok end.
 diagnostics_of_unknown_session() ->
     ?assertEqual({error, session_not_found}, dspex_store:diagnostics(sid())),
     ?assertError(function_clause, dspex_store:diagnostics(not_a_binary)).
+
+%% What the console built before diagnostics_page/3 (from diagnostics/1,
+%% list/1 and dspex_graph:to_map/1, each a copy of the whole session): the
+%% reference the page must equal.
+page_by_whole_copies(S, Offset, Limit) ->
+    {ok, D} = dspex_store:diagnostics(S),
+    {ok, Vars} = dspex_store:list(S),
+    {ok, #{edges := Es}} = dspex_graph:to_map(S),
+    Page = lists:sublist(Vars, Offset + 1, Limit),
+    In = maps:from_keys([N || #{name := N} <- Page], true),
+    Cut = maps:map(fun(K, M) when K =:= watched; K =:= changed_by; K =:= errors; K =:= rules ->
+                           maps:with(maps:keys(In), M);
+                      (_, V) -> V
+                   end, D),
+    #{diagnostics => steady(Cut), variables => Page,
+      edges => [E || #{from := F, to := T} = E <- Es, maps:is_key(F, In) orelse maps:is_key(T, In)]}.
+
+%% the two figures that follow the clock
+steady(D) -> maps:without([last_accessed_at, ttl_left_ms], D).
+
+page(S, Offset, Limit) ->
+    {ok, #{diagnostics := D} = P} = dspex_store:diagnostics_page(S, Offset, Limit),
+    P#{diagnostics => steady(D)}.
+
+%% A session with every type (NaN and infinities inside embeddings and
+%% tensors, integers at each encoding's bounds), history, watchers, a lock,
+%% rules, edges, a derived variable whose last propagation failed, and
+%% changed_by: each page equals the old copies' cut, at every offset.
+diagnostics_page_is_diagnostics_cut_to_the_page() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{ttl => 600, metadata => #{owner => <<"me">>}}),
+    seed_every_type(S),
+    {ok, _} = dspex_store:set(S, i1, 7, #{changed_by => <<"alice">>}),
+    {ok, _} = dspex_store:set(S, i1, 8, #{changed_by => {robot, 1}}),
+    {ok, _} = dspex_graph:define_derived(S, <<"d">>, float, [f1], fun(#{f1 := A}) when A > 2.5 -> error(boom);
+                                                                      (#{f1 := A}) -> A end),
+    ok = dspex_graph:add_dependency(S, i1, f1),
+    ok = dspex_graph:add_dependency(S, b1, i2),
+    {ok, _} = dspex_store:set(S, f1, 3.0, #{propagate => sync}),
+    Ref = dspex_store:watch(S, [f1, s1], self()),
+    ok = dspex_acl:set_permissions(S, s1, [#{session_pattern => any, permissions => [read]}]),
+    {ok, Lock} = dspex_locks:acquire(S, i2, opt1, #{}),
+    {ok, Vars} = dspex_store:list(S),
+    N = length(Vars),
+    try
+        [?assertEqual({O, L, page_by_whole_copies(S, O, L)}, {O, L, page(S, O, L)})
+         || {O, L} <- [{0, 500}, {0, 1}, {3, 4}, {N - 2, 10}, {N, 5}, {N + 100, 5}, {0, 0}]],
+        %% a page names its edges and its variables' maps only
+        #{diagnostics := D, edges := Es} = page(S, 0, 1),
+        [#{name := First} | _] = Vars,
+        ?assert(lists:all(fun(#{from := F, to := T}) -> F =:= First orelse T =:= First end, Es)),
+        ?assert(lists:all(fun(M) -> lists:all(fun(K) -> K =:= First end, maps:keys(M)) end,
+                          [maps:get(K, D) || K <- [watched, changed_by, errors, rules]])),
+        ?assertEqual(N, maps:get(variables, D))
+    after
+        ok = dspex_locks:release(Lock),
+        dspex_store:unwatch(Ref),
+        ok = dspex_store:delete_session(S),
+        flush()
+    end.
+
+seed_every_type(S) ->
+    Ints = [0, 255, 256, -1, 2147483647, 2147483648, -2147483648, -2147483649, 9223372036854775807,
+            -9223372036854775808, 1 bsl 40],
+    [{ok, _} = dspex_store:register(S, iolist_to_binary(["i", integer_to_list(K)]), integer, V)
+     || {K, V} <- lists:zip(lists:seq(1, length(Ints)), Ints)],
+    Floats = [1.0, nan, infinity, neg_infinity, -0.0, 1.0e300],
+    [{ok, _} = dspex_store:register(S, iolist_to_binary(["f", integer_to_list(K)]), float, V)
+     || {K, V} <- lists:zip(lists:seq(1, length(Floats)), Floats)],
+    {ok, _} = dspex_store:register(S, e1, embedding, [1.0, nan, infinity, neg_infinity, 2]),
+    {ok, _} = dspex_store:register(S, e2, embedding, [0.5 || _ <- lists:seq(1, 40)]),
+    {ok, _} = dspex_store:register(S, e3, embedding, []),
+    {ok, _} = dspex_store:register(S, t1, tensor, #{shape => [2, 3], data => [1, 2, 3, nan, 5, infinity]}),
+    {ok, _} = dspex_store:register(S, t2, tensor, #{shape => [256], data => [float(I) || I <- lists:seq(1, 256)]}),
+    {ok, _} = dspex_store:register(S, t3, tensor, #{shape => [1, 300], data => [neg_infinity || _ <- lists:seq(1, 300)]}),
+    {ok, _} = dspex_store:register(S, t4, tensor, #{shape => [0], data => []}),
+    {ok, _} = dspex_store:register(S, b1, boolean, true),
+    {ok, _} = dspex_store:register(S, b2, boolean, false),
+    {ok, _} = dspex_store:register(S, s1, string, <<"hello">>),
+    {ok, _} = dspex_store:register(S, s2, string, <<>>),
+    {ok, _} = dspex_store:register(S, s3, string, binary:copy(<<"x">>, 70000)),
+    {ok, _} = dspex_store:register(S, c1, choice, <<"b">>, #{constraints => #{choices => [<<"a">>, <<"b">>]}}),
+    {ok, _} = dspex_store:register(S, m1, module, <<"Elixir.Foo">>),
+    ok.
+
+%% `bytes' is the sum of erlang:external_size/1 of the values, computed in
+%% C without building them: every encoding (small and big integers, atoms
+%% for NaN and the infinities, STRING_EXT shapes, empty lists) must agree.
+diagnostics_page_bytes_is_the_external_size_of_the_values() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    seed_every_type(S),
+    {ok, Vars} = dspex_store:list(S),
+    Sum = lists:sum([erlang:external_size(V) || #{value := V} <- Vars]),
+    {ok, #{diagnostics := #{bytes := Bytes}}} = dspex_store:diagnostics_page(S, 0, 1),
+    ?assertEqual(Sum, Bytes),
+    %% one variable at a time, so that a wrong size is named
+    [begin
+         S1 = sid(),
+         {ok, _} = dspex_store:create_session(S1, #{}),
+         {ok, _} = dspex_store:register(S1, N, T, V, #{constraints => C}),
+         {ok, #{diagnostics := #{bytes := B}}} = dspex_store:diagnostics_page(S1, 0, 1),
+         ?assertEqual({N, erlang:external_size(V)}, {N, B}),
+         ok = dspex_store:delete_session(S1)
+     end || #{name := N, type := T, value := V, constraints := C} <- Vars],
+    ok = dspex_store:delete_session(S).
+
+diagnostics_page_refuses_bad_input() ->
+    ?assertEqual({error, session_not_found}, dspex_store:diagnostics_page(sid(), 0, 10)),
+    [?assertError(function_clause, dspex_store:diagnostics_page(S, O, L))
+     || {S, O, L} <- [{not_a_binary, 0, 1}, {<<"s">>, -1, 1}, {<<"s">>, 0, -1}, {<<"s">>, 1.0, 1}, {<<"s">>, 0, x}]],
+    [?assertError(badarg, dspex_nif:session_page(S, O, L))
+     || {S, O, L} <- [{"list", 0, 1}, {<<"s">>, -1, 1}, {<<"s">>, 0, -(1 bsl 70)}, {<<"s">>, 0.0, 1}, {<<"s">>, 0, x}]],
+    %% an offset or limit beyond 64 bits is past any end, not an error
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    {ok, _} = dspex_store:register(S, a, integer, 1),
+    ?assertMatch({ok, #{variables := [], diagnostics := #{variables := 1}}},
+                 dspex_store:diagnostics_page(S, 1 bsl 70, 1)),
+    ?assertMatch({ok, #{variables := [#{name := <<"a">>}]}}, dspex_store:diagnostics_page(S, 0, 1 bsl 70)),
+    ok = dspex_store:delete_session(S).
+
+%% A page is one operation on the session's data: one token of its rate
+%% limit, whatever the session's size (the copies took one per variable).
+diagnostics_page_takes_one_token() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{rate_limit => #{rate => 0.001, burst => 3}}),
+    ok = dspex_acl:set_rate_limit(S, 0, 1),
+    [{ok, _} = dspex_store:register(S, integer_to_binary(I), integer, I) || I <- lists:seq(1, 20)],
+    ok = dspex_acl:set_rate_limit(S, 0.001, 3),
+    [?assertMatch({ok, #{variables := [_, _, _, _, _]}}, dspex_store:diagnostics_page(S, 0, 5))
+     || _ <- lists:seq(1, 3)],
+    ?assertEqual({error, rate_limited}, dspex_store:diagnostics_page(S, 0, 5)),
+    ok = dspex_store:delete_session(S).
+
+%% The page of a session above the NIF's dirty threshold (2000 variables)
+%% lists no whole session (no var_list, moved to a dirty scheduler or not)
+%% and answers the page and the totals.
+diagnostics_page_of_a_big_session_lists_nothing_whole() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    Names = [iolist_to_binary(io_lib:format("n~5..0b", [I])) || I <- lists:seq(1, 2500)],
+    [{ok, _} = dspex_store:register(S, N, integer, 1) || N <- lists:reverse(Names)],
+    #{var_list := Lists0} = dspex_nif:sched_stats(),
+    {ok, #{variables := Page, diagnostics := #{variables := 2500, history_entries := 0}}} =
+        dspex_store:diagnostics_page(S, 1200, 7),
+    ?assertEqual(lists:sublist(Names, 1201, 7), [N || #{name := N} <- Page]),
+    ?assertMatch(#{var_list := Lists0}, dspex_nif:sched_stats()),
+    ok = dspex_store:delete_session(S).
+
+%% Pages read while two processes write, register and delete variables
+%% (the walk runs beside commits and deletions, on a dirty scheduler above
+%% 2000 variables): every page is sorted, unique, at most the limit, and its
+%% total between the fewest and the most variables there were.
+diagnostics_page_while_variables_change() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    Name = fun(I) -> iolist_to_binary(io_lib:format("w~5..0b", [I])) end,
+    [{ok, _} = dspex_store:register(S, Name(I), embedding, [1.0, 2.0]) || I <- lists:seq(1, 2200)],
+    Parent = self(),
+    Writer = fun(From) ->
+                     fun Loop(I) ->
+                             receive stop -> Parent ! {stopped, self()}
+                             after 0 ->
+                                     N = Name(From + I rem 200),
+                                     _ = dspex_store:delete(S, N),
+                                     _ = dspex_store:register(S, N, embedding, [float(I), nan]),
+                                     {ok, _} = dspex_store:set(S, Name(I rem 2000 + 1), [float(I), infinity]),
+                                     Loop(I + 1)
+                             end
+                     end
+             end,
+    Ws = [spawn_link(fun() -> (Writer(F))(0) end) || F <- [3000, 4000]],
+    try
+        [begin
+             {ok, #{variables := Page, diagnostics := #{variables := Total}}} =
+                 dspex_store:diagnostics_page(S, Offset, 300),
+             Names = [N || #{name := N} <- Page],
+             ?assertEqual(lists:usort(Names), Names),
+             ?assert(length(Names) =< 300),
+             ?assert(Total >= 2200 andalso Total =< 2600)
+         end || _ <- lists:seq(1, 20), Offset <- [0, 1000, 2300]]
+    after
+        [W ! stop || W <- Ws],
+        [receive {stopped, W} -> ok end || W <- Ws],
+        ok = dspex_store:delete_session(S)
+    end.
 
 xss() -> <<"<img src=x onerror=alert(1)>">>.
 
@@ -386,6 +579,7 @@ console_http_answers() ->
     {200, P2} = get_json(Q("/api/session") ++ "&offset=1200&limit=5000"),
     ?assertMatch(#{<<"total">> := 1205, <<"offset">> := 1200, <<"limit">> := 1000}, P2),
     ?assertEqual(lists:nthtail(1200, Names), [N || #{<<"name">> := N} <- maps:get(<<"variables">>, P2)]),
+    session_page_answers(),
     %% inets' own error page (no Host in HTTP/1.1) has the security headers
     {400, HBad, _} = raw("GET", "/api/config", [], "HTTP/1.1", false),
     ?assertEqual("DENY", proplists:get_value("x-frame-options", HBad)),
@@ -407,6 +601,79 @@ console_http_answers() ->
         persistent_term:put(dspex_console, Conf)
     end,
     ok = dspex_store:delete_session(S).
+
+%% /api/session answers byte for byte what it answered when it was built
+%% from whole copies of the session (diagnostics/1, list/1, to_map/1),
+%% the two figures that follow the clock aside; a rate-limited session's
+%% page costs one token (the copies took one per variable: 404
+%% rate_limited); a big session's page lists no whole session.
+session_page_answers() ->
+    S = sid(),
+    {ok, _} = dspex_store:create_session(S, #{}),
+    seed_every_type(S),
+    {ok, _} = dspex_store:set(S, i1, 7, #{changed_by => <<"alice">>}),
+    {ok, _} = dspex_graph:define_derived(S, <<"d">>, float, [f1], fun(#{f1 := A}) when A > 2.5 -> error(boom);
+                                                                      (#{f1 := A}) -> A end),
+    ok = dspex_graph:add_dependency(S, i1, f1),
+    {ok, _} = dspex_store:set(S, f1, 3.0, #{propagate => sync}),
+    Ref = dspex_store:watch(S, [f1, s1], self()),
+    ok = dspex_acl:set_permissions(S, s1, [#{session_pattern => any, permissions => [read]}]),
+    {ok, Lock} = dspex_locks:acquire(S, i2, opt1, #{}),
+    Get = fun(Params) -> {200, _, B} = raw("GET", "/api/session?id=" ++ binary_to_list(S) ++ Params, []), B end,
+    try
+        [?assertEqual({Params, steady_json(old_session_reply(S, O, L))}, {Params, steady_json(Get(Params))})
+         || {Params, O, L} <- [{"", 0, 500}, {"&offset=3&limit=4", 3, 4}, {"&offset=20&limit=1", 20, 1},
+                               {"&offset=5000", 5000, 500}]]
+    after
+        ok = dspex_locks:release(Lock),
+        dspex_store:unwatch(Ref),
+        ok = dspex_store:delete_session(S),
+        flush()
+    end,
+    Limited = sid(),
+    {ok, _} = dspex_store:create_session(Limited, #{}),
+    [{ok, _} = dspex_store:register(Limited, integer_to_binary(I), integer, I) || I <- lists:seq(1, 20)],
+    ok = dspex_acl:set_rate_limit(Limited, 0.001, 5),
+    Q = "/api/session?id=" ++ binary_to_list(Limited),
+    ?assertMatch({200, #{<<"total">> := 20}}, get_json(Q)),
+    ?assertMatch({200, #{<<"total">> := 20}}, get_json(Q)),
+    {ok, #{tokens := Left}} = dspex_acl:get_rate_limit(Limited),
+    ?assert(Left >= 3.0 andalso Left < 3.01),
+    ok = dspex_store:delete_session(Limited),
+    Big = sid(),
+    {ok, _} = dspex_store:create_session(Big, #{}),
+    [{ok, _} = dspex_store:register(Big, iolist_to_binary(io_lib:format("n~5..0b", [I])), integer, I)
+     || I <- lists:seq(1, 2500)],
+    #{var_list := Lists0} = dspex_nif:sched_stats(),
+    ?assertMatch({200, #{<<"total">> := 2500, <<"variables">> := [#{<<"name">> := <<"n02001">>} | _]}},
+                 get_json("/api/session?id=" ++ binary_to_list(Big) ++ "&offset=2000&limit=3")),
+    ?assertMatch(#{var_list := Lists0}, dspex_nif:sched_stats()),
+    ok = dspex_store:delete_session(Big).
+
+%% The JSON the console answered before diagnostics_page/3, built as it was.
+old_session_reply(S, Offset, Limit) ->
+    {ok, D} = dspex_store:diagnostics(S),
+    {ok, Vars} = dspex_store:list(S),
+    Page = lists:sublist(Vars, Offset + 1, Limit),
+    Names = [N || #{name := N} <- Page],
+    Holders = maps:from_list([{N, #{optimizer => O, token => T}}
+                              || #{variable := N, optimizer := O, token := T} <- maps:get(locks, D)]),
+    {ok, #{edges := Es}} = dspex_graph:to_map(S),
+    In = maps:from_keys(Names, true),
+    Graph = #{nodes => Names, edges => [E || #{from := F, to := T} = E <- Es, maps:is_key(F, In) orelse maps:is_key(T, In)]},
+    Cut = maps:map(fun(K, M) when K =:= watched; K =:= changed_by; K =:= errors; K =:= rules -> maps:with(Names, M);
+                      (_, V) -> V
+                   end, D),
+    M = #{diagnostics => Cut, graph => Graph, total => length(Vars), offset => Offset, limit => Limit,
+          variables => [(maps:with([id, name, type, value, version, updated_at, created_at, metadata,
+                                    constraints, derived, error], V))#{lock => maps:get(N, Holders, null)}
+                        || #{name := N} = V <- Page]},
+    {ok, Json} = dspex_json:encode(dspex_console_http:jsonable(M)),
+    Json.
+
+%% The body with the clock's two figures (the last access, the TTL left) zeroed.
+steady_json(Body) ->
+    re:replace(Body, <<"\"(last_accessed_at|ttl_left_ms)\":[0-9]+">>, <<"\"\\1\":0">>, [global, {return, binary}]).
 
 %% One request on its own connection: `{Status, LowerCaseHeaders, Body}'.
 raw(Method, Path, Headers) -> raw(Method, Path, Headers, "").

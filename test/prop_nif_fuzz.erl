@@ -540,7 +540,12 @@ shaped_args(watch, 3) ->
      frequency([{6, elements(['$pid', '$self'])}, {1, elements(['$dead_pid', self(), '$ref', a])}])];
 shaped_args(unwatch, 1) -> [elements(['$watch', '$ref', '$pid', '$fun', a, 1])];
 shaped_args(import_session, 1) -> [export()];
+shaped_args(session_page, 3) -> [sid(), page_count(), page_count()];
 shaped_args(_, A) -> lists:duplicate(A, ?LAZY(term())).
+
+%% An offset or limit of session_page/3: in range, at the edges, beyond 64 bits, or not a count.
+page_count() ->
+    frequency([{4, choose(0, 12)}, {1, elements([-1, 1 bsl 63, 1 bsl 64, 1 bsl 70, -(1 bsl 70), 1.0, all])}]).
 
 sid() ->
     frequency([{20, '$sid'}, {1, <<>>}, {1, binary()},

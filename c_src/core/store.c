@@ -87,6 +87,18 @@ static void release_acl(void *acl) {
 
 /* ---- snapshots -------------------------------------------------------------- */
 
+/* Branch-free: the exponent bits all ones is NaN or an infinity. */
+static uint32_t count_nonfinite(const dx_value *v) {
+    if (v->type != DX_T_EMBEDDING && v->type != DX_T_TENSOR) return 0;
+    size_t odd = 0;
+    for (size_t i = 0; i < v->u.v.n; i++) {
+        uint64_t b;
+        memcpy(&b, &v->u.v.data[i], sizeof b);
+        odd += (b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    }
+    return odd > UINT32_MAX ? UINT32_MAX : (uint32_t)odd;
+}
+
 dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const uint8_t *meta, size_t meta_len,
                      const uint8_t *by, size_t by_len) {
     size_t pay = dx_value_payload_size(v);
@@ -99,6 +111,7 @@ dx_snap *dx_snap_new(const dx_value *v, uint64_t version, int64_t now_us, const 
     s->size = size;
     atomic_init(&s->refs, 1);
     dx_value_copy_into(&s->value, v, s->data);
+    s->nonfinite = count_nonfinite(&s->value);
     char *p = s->data + pay_al;
     s->meta = meta_len ? (const uint8_t *)p : NULL;
     s->meta_len = meta_len;
@@ -963,6 +976,127 @@ dx_var **dx_session_vars_sorted(dx_session *s, size_t *n) {
     if (c.n) qsort(c.v, c.n, sizeof *c.v, cmp_name);
     *n = c.n;
     return c.v;
+}
+
+/* ---- one page of a session ------------------------------------------------- */
+
+typedef struct {
+    dx_var_stat *v;
+    size_t n, cap;
+    int oom;
+} stat_ctx;
+
+static int stat_cb(void *ctx, dx_rkey *e) {
+    stat_ctx *c = ctx;
+    dx_var *v = (dx_var *)e;
+    if (v->dead) return 0;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 64;
+        dx_var_stat *nv = realloc(c->v, cap * sizeof *nv);
+        if (!nv) { c->oom = 1; return 1; }
+        c->v = nv;
+        c->cap = cap;
+    }
+    uint64_t key = 0;
+    for (size_t i = 0; i < 8; i++) key = key << 8 | (i < v->name_len ? (uint8_t)v->name[i] : 0);
+    /* updated_at is read after the shard is released (dx_session_var_stats) */
+    c->v[c->n++] = (dx_var_stat){v, dx_var_current(v), key, 0, v->hist_n,
+                                 v->nwatchers > UINT32_MAX ? UINT32_MAX : (uint32_t)v->nwatchers};
+    return 0;
+}
+
+dx_var_stat *dx_session_var_stats(dx_session *s, size_t *n, void (*each)(void *ctx, const dx_var_stat *e),
+                                  void *ctx) {
+    stat_ctx c = {0};
+    /* sized up front, so the shards are not held across a realloc in the usual case */
+    int64_t hint = dx_session_nvars(s);
+    c.cap = (hint > 0 ? (size_t)hint : 0) + 64;
+    c.v = malloc(c.cap * sizeof *c.v);
+    if (!c.v) c.oom = 1;
+    for (int i = 0; i < DX_SHARDS && !c.oom; i++) {
+        size_t from = c.n;
+        pthread_mutex_lock(&s->shards[i].mu);
+        dx_rtab_foreach(&s->shards[i].tab, stat_cb, &c);
+        pthread_mutex_unlock(&s->shards[i].mu);
+        for (size_t j = from; j < c.n && !c.oom; j++) {
+            c.v[j].updated_at = c.v[j].cur->updated_at;
+            if (each) each(ctx, &c.v[j]);
+        }
+    }
+    if (c.oom) {
+        free(c.v);
+        *n = 1;
+        return NULL;
+    }
+    *n = c.n;
+    return c.v;
+}
+
+/* The prefix keys order two names unless they are equal (then the names do):
+ * a name that ends inside the prefix is padded with zeros, below any byte
+ * but 0, and a tie there falls through to the bytes themselves. */
+static int cmp_stat_name(const void *a, const void *b) {
+    const dx_var_stat *x = a, *y = b;
+    if (x->key != y->key) return x->key < y->key ? -1 : 1;
+    return cmp_name(&x->var, &y->var);
+}
+
+static void swap_stat(dx_var_stat *a, size_t i, size_t j) {
+    dx_var_stat t = a[i];
+    a[i] = a[j];
+    a[j] = t;
+}
+
+/* Quickselect: afterwards a[k] holds the entry of rank k within a[lo..hi),
+ * the entries before it smaller, those after it greater (names are unique).
+ * Random pivots, as names come from clients; after 2 log2 n + 8 rounds (an
+ * unlucky run) the rest is sorted instead, so the worst case is O(n log n). */
+static void select_rank(dx_var_stat *a, size_t lo, size_t hi, size_t k) {
+    uint64_t r = (uint64_t)(uintptr_t)a ^ ((uint64_t)hi << 32) ^ 0x9e3779b97f4a7c15ull;
+    int budget = 8;
+    for (size_t m = hi - lo; m > 1; m >>= 1) budget += 2;
+    while (hi - lo > 1) {
+        if (budget-- == 0) {
+            qsort(a + lo, hi - lo, sizeof *a, cmp_stat_name);
+            return;
+        }
+        r ^= r << 13, r ^= r >> 7, r ^= r << 17; /* xorshift64 */
+        swap_stat(a, lo + (size_t)(r % (hi - lo)), hi - 1);
+        size_t p = lo;
+        for (size_t i = lo; i < hi - 1; i++)
+            if (cmp_stat_name(&a[i], &a[hi - 1]) < 0) swap_stat(a, i, p++);
+        swap_stat(a, p, hi - 1);
+        if (k == p) return;
+        if (k < p) hi = p;
+        else lo = p + 1;
+    }
+}
+
+size_t dx_var_stats_page(dx_var_stat *a, size_t n, size_t offset, size_t limit) {
+    if (offset >= n || limit == 0) return 0;
+    size_t end = limit > n - offset ? n : offset + limit;
+    select_rank(a, 0, n, offset);
+    if (end < n) select_rank(a, offset, n, end); /* a[offset..end) now the page, unordered */
+    qsort(a + offset, end - offset, sizeof *a, cmp_stat_name);
+    return end - offset;
+}
+
+/* Whether x comes before y in the newest-first order of dx_var_stats_latest. */
+static int newer(const dx_var_stat *x, const dx_var_stat *y) {
+    if (x->updated_at != y->updated_at) return x->updated_at > y->updated_at;
+    return cmp_stat_name(x, y) > 0;
+}
+
+size_t dx_var_stats_latest(const dx_var_stat *a, size_t n, dx_var_stat *out, size_t k) {
+    size_t m = 0;
+    if (k == 0) return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (m == k && !newer(&a[i], &out[k - 1])) continue;
+        size_t j = m < k ? m++ : k - 1;
+        for (; j > 0 && newer(&a[i], &out[j - 1]); j--) out[j] = out[j - 1];
+        out[j] = a[i];
+    }
+    return m;
 }
 
 void dx_session_lock_all(dx_session *s) {

@@ -30,6 +30,11 @@ typedef struct dx_snap {
     /* References: the variable's (as current or archived version) plus one per
      * holder that outlives its EBR section (a pending watch notification). */
     _Atomic uint32_t refs;
+    /* NaNs and infinities among the value's doubles (embedding, tensor),
+     * counted once at creation (in what was padding): they leave the VM as
+     * atoms, so a value without any has an external size that needs no read
+     * of its data (diagnostics' `bytes'). */
+    uint32_t nonfinite;
     _Alignas(8) char data[];
 } dx_snap;
 
@@ -296,6 +301,40 @@ void dx_session_foreach_var(dx_session *s, int (*fn)(void *ctx, dx_var *v), void
 /* Live variables sorted by name (bytewise), malloc'd array; NULL with *n > 0 on
  * allocation failure. Reader (EBR section). */
 dx_var **dx_session_vars_sorted(dx_session *s, size_t *n);
+
+/* One live variable as a page of the session sees it: its current snapshot,
+ * watcher count and archived versions, read together under its shard mutex.
+ * The name's first 8 bytes (big-endian, zero-padded) and the snapshot's
+ * updated_at are copied in, so sorting and ranking mostly stay in the array. */
+typedef struct {
+    dx_var *var;
+    dx_snap *cur;
+    uint64_t key;
+    int64_t updated_at;
+    uint32_t nhist;
+    uint32_t nwatchers;
+} dx_var_stat;
+
+/* Every live variable of the session (no order), each shard read under its
+ * own mutex in turn: no value is read or copied, so a shard is held for a
+ * pointer walk only. Then, that shard released, each entry's snapshot is read
+ * once (updated_at) and each (may be NULL) is called with the entry, the one
+ * pass over the snapshots a caller needs. malloc'd; NULL with *n > 0 on
+ * allocation failure. Reader (EBR section): the snapshots stay valid until
+ * the section ends. */
+dx_var_stat *dx_session_var_stats(dx_session *s, size_t *n, void (*each)(void *ctx, const dx_var_stat *e),
+                                  void *ctx);
+
+/* Moves the entries of ranks [offset, offset + limit) by name (bytewise, the
+ * order of dx_session_vars_sorted) to a[offset..], sorted; the others are left
+ * in no order. Returns how many there are (0 when offset >= n). Expected
+ * O(n + limit log limit): a page costs no sort of the whole session. */
+size_t dx_var_stats_page(dx_var_stat *a, size_t n, size_t offset, size_t limit);
+
+/* The k entries written last into out, newest first: by updated_at, then by
+ * name, both descending (a stable sort by updated_at of the name-sorted list,
+ * reversed). Returns min(k, n). O(n k). */
+size_t dx_var_stats_latest(const dx_var_stat *a, size_t n, dx_var_stat *out, size_t k);
 
 /* Export support: holds every shard mutex of the session, so nothing commits
  * while the caller reads all variables and their histories. */

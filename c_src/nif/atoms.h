@@ -17,7 +17,8 @@
     X(float) X(integer) X(string) X(boolean) X(choice) X(module) X(embedding) X(tensor) \
     X(derived_variable) X(locked) X(stale_lock) X(lock) X(token) X(read) X(write) X(observe) X(optimize) X(as) X(context) X(access_denied) X(rate_limited) X(invalid_rule) X(rules) X(session_pattern) X(permissions) X(conditions) X(any) X(dspex_acl_audit) X(dspex_denied) X(dspex_rate_limited) X(denied) X(derived) X(propagation) X(would_create_cycle) X(min) X(max) X(min_length) X(max_length) X(pattern) X(enum) X(choices) X(allowed_modules) X(dimensions) \
     X(dependencies) X(dependents) X(all_dependents) X(update_order) X(reclaim_pending) X(history_size) X(watchers) \
-    X(unchanged) X(replaced) X(test_hooks) X(test_hooks_disabled) X(miss) X(stale) X(copy) X(strong) X(current) X(bump) X(off) X(need_full) X(stale_epoch)
+    X(unchanged) X(replaced) X(test_hooks) X(test_hooks_disabled) X(miss) X(stale) X(copy) X(strong) X(current) X(bump) X(off) X(need_full) X(stale_epoch) \
+    X(bytes) X(edges) X(history_entries) X(last_writes) X(total) X(watched)
 
 #define DX_ATOM_DECL(a) extern ERL_NIF_TERM ATOM_##a;
 DX_ATOM_LIST(DX_ATOM_DECL)

@@ -127,6 +127,7 @@ static ErlNifFunc funcs[] = {
     {"var_delete", 3, nif_var_delete, 0},
     {"var_list", 2, nif_var_list, 0},
     {"var_list", 3, nif_var_list, 0},
+    {"session_page", 3, nif_session_page, 0}, /* dspex_store:diagnostics_page/3 */
     {"var_get_many", 2, nif_var_get_many, 0},
     {"var_get_many", 3, nif_var_get_many, 0},
     {"var_set_many", 3, nif_var_set_many, 0},

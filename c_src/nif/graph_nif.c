@@ -241,3 +241,38 @@ DX_NIF(nif_var_set_error) {
     if (have) enif_release_binary(&blob);
     return r;
 }
+
+/* The edges with an end among the n variables of page, as {From, To, Type}
+ * (no order; an edge between two of them comes twice): each variable's
+ * neighbours, under the graph mutex, so the work follows the page, not the
+ * graph. Sets *oom (and stops) when out of memory. Inside an EBR section. */
+ERL_NIF_TERM dx_graph_page_edges(ErlNifEnv *env, dx_session *s, const dx_var_stat *page, size_t n, int *oom) {
+    ERL_NIF_TERM l = enif_make_list(env, 0);
+    dx_graph *g = dx_graph_lock(s);
+    *oom = !g;
+    for (size_t i = 0; g && i < n && !*oom; i++) {
+        const dx_var *v = page[i].var;
+        ERL_NIF_TERM self = dx_make_bin(env, v->name, v->name_len);
+        for (int dir = 0; dir < 2 && !*oom; dir++) {
+            dx_gname *out = NULL;
+            int *types = NULL;
+            size_t k = 0;
+            int rc = dir == 0 ? dx_graph_dependencies(g, v->name, v->name_len, &out, &types, &k)
+                              : dx_graph_dependents(g, v->name, v->name_len, &out, &types, &k);
+            if (rc == DX_G_OK) {
+                for (size_t j = 0; j < k; j++) {
+                    ERL_NIF_TERM other = dx_make_bin(env, out[j].ptr, out[j].len);
+                    /* dependencies: other -> v; dependents: v -> other */
+                    l = enif_make_list_cell(env, enif_make_tuple3(env, dir == 0 ? other : self, dir == 0 ? self : other,
+                                                                  type_atom(types[j])), l);
+                }
+            } else if (rc != DX_G_NOT_FOUND) {
+                *oom = 1;
+            }
+            free(out);
+            free(types);
+        }
+    }
+    dx_graph_unlock(s);
+    return l;
+}

@@ -46,6 +46,9 @@ ERL_NIF_TERM dx_limit_error(ErlNifEnv *env, int limit);
 /* Maps a core result code (not OK) to its error term; key names the variable. */
 ERL_NIF_TERM dx_rc_error(ErlNifEnv *env, int rc, ERL_NIF_TERM key, uint64_t version, int limit, const char *msg);
 
+/* The graph edges touching a page of variables (graph_nif.c, for session_page/3). */
+ERL_NIF_TERM dx_graph_page_edges(ErlNifEnv *env, dx_session *s, const dx_var_stat *page, size_t n, int *oom);
+
 /* Test hooks (advance_clock) are served only when the library was loaded
  * with them enabled (load info #{test_hooks => true}). */
 extern _Atomic int dx_test_hooks;
@@ -67,7 +70,7 @@ DX_NIF(nif_var_get_here); DX_NIF(nif_var_get_value_here); DX_NIF(nif_var_set_her
 DX_NIF(nif_var_set); DX_NIF(nif_var_set_derived); DX_NIF(nif_var_delete); DX_NIF(nif_var_list); DX_NIF(nif_var_get_many);
 DX_NIF(nif_var_set_many); DX_NIF(nif_var_history); DX_NIF(nif_var_rollback);
 DX_NIF(nif_watch); DX_NIF(nif_var_info); DX_NIF(nif_unwatch);
-DX_NIF(nif_export_session); DX_NIF(nif_import_session);
+DX_NIF(nif_export_session); DX_NIF(nif_import_session); DX_NIF(nif_session_page);
 DX_NIF(nif_graph_add); DX_NIF(nif_graph_remove); DX_NIF(nif_graph_query); DX_NIF(nif_graph_clear);
 DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error); DX_NIF(nif_var_lock); DX_NIF(nif_var_unlock);
 DX_NIF(nif_lock_token_floor); DX_NIF(nif_replica_apply_batch); DX_NIF(nif_lock_list);

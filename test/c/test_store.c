@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -443,6 +444,132 @@ static void test_token_bucket(void **st) {
     dx_ebr_exit();
 }
 
+/* A snapshot counts its value's NaNs and infinities once, at creation (the
+ * external size of the value follows from the count without its data). */
+static void test_snapshot_counts_nonfinite(void **st) {
+    double d[] = {1.0, NAN, INFINITY, -INFINITY, -0.0, 1e308, -NAN};
+    int64_t shape[] = {7};
+    dx_value e = {.type = DX_T_EMBEDDING, .u.v = {.data = d, .n = 7}};
+    dx_value t = {.type = DX_T_TENSOR, .u.v = {.data = d, .n = 7, .shape = shape, .ndim = 1}};
+    dx_value few = {.type = DX_T_EMBEDDING, .u.v = {.data = d, .n = 1}};
+    dx_value f = {.type = DX_T_FLOAT, .u.f = NAN}; /* a scalar needs no count */
+    dx_value none = {.type = DX_T_EMBEDDING, .u.v = {.data = NULL, .n = 0}};
+    const struct {
+        dx_value *v;
+        uint32_t want;
+    } cases[] = {{&e, 4}, {&t, 4}, {&few, 0}, {&f, 0}, {&none, 0}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        dx_snap *sn = dx_snap_new(cases[i].v, 1, T_US, NULL, 0, NULL, 0);
+        assert_non_null(sn);
+        assert_int_equal(sn->nonfinite, cases[i].want);
+        dx_snap_release(sn);
+    }
+}
+
+static void count_visit(void *ctx, const dx_var_stat *e) {
+    assert_int_equal(e->updated_at, e->cur->updated_at); /* filled before the call */
+    (*(size_t *)ctx)++;
+}
+
+/* A page of the session by name, from dx_session_var_stats +
+ * dx_var_stats_page, is the same slice as dx_session_vars_sorted gives; the
+ * stats carry each variable's watchers and archived versions; latest is
+ * newest first, ties by the greater name. */
+static void test_page_of_a_session(void **st) {
+    static int w;
+    dx_store_set_watcher_release(NULL);
+    dx_ebr_enter();
+    dx_session *s = mk_session("page", -1);
+    /* names registered in a scrambled order; some prefixes of others, some
+     * with bytes >= 0x80 (bytewise order, shorter first) */
+    enum { N = 300 };
+    char name[32];
+    for (int i = 0; i < N; i++) {
+        int j = (i * 97) % N;
+        snprintf(name, sizeof name, j % 3 == 0 ? "v%d" : j % 3 == 1 ? "v%d\xc3\xa9" : "v%dx", j / 3);
+        dx_constraints c;
+        dx_constraints_init(&c);
+        dx_value val = {.type = DX_T_INTEGER, .u.i = j};
+        dx_var_spec sp = {.name = S(name), .type = DX_T_INTEGER, .cons = &c, .value = &val, .history_limit = -1};
+        dx_var *out = NULL;
+        int limit = 0;
+        /* two variables per microsecond: ties of updated_at */
+        assert_int_equal(dx_var_register(s, &sp, T_US + j / 2, &out, &limit), DX_OK);
+    }
+    /* names equal in their first 8 bytes, or ending in NUL bytes (the
+     * prefix key pads with zeros: only the bytes themselves can order them) */
+    static const dx_str odd[] = {{"p", 1}, {"p\0", 2}, {"p\0\0\0\0\0\0\0\0", 9}, {"p\1", 2},
+                                 {"longprefix_b", 12}, {"longprefix_a", 12}, {"longprefi", 9}};
+    enum { NODD = sizeof odd / sizeof odd[0] };
+    for (int i = 0; i < NODD; i++) {
+        dx_constraints c;
+        dx_constraints_init(&c);
+        dx_value val = {.type = DX_T_INTEGER, .u.i = i};
+        dx_var_spec sp = {.name = odd[i], .type = DX_T_INTEGER, .cons = &c, .value = &val, .history_limit = -1};
+        dx_var *out = NULL;
+        int limit = 0;
+        assert_int_equal(dx_var_register(s, &sp, T_US, &out, &limit), DX_OK);
+    }
+    dx_var *a = dx_var_find(s, S("v7x")), *b = dx_var_find(s, S("v0"));
+    assert_int_equal(dx_var_add_watcher(s, a, &w), DX_OK);
+    assert_int_equal(dx_var_add_watcher(s, a, &w), DX_OK);
+    uint64_t ver;
+    dx_value nv = {.type = DX_T_INTEGER, .u.i = -1};
+    for (int i = 0; i < 3; i++) assert_int_equal(dx_var_set(s, b, &nv, NULL, T_US + 1000 + i, &ver, NULL, NULL), DX_OK);
+    assert_int_equal(dx_var_delete(s, S("v1")), DX_OK); /* a deleted variable is in no page */
+
+    size_t n = 0, total = 0;
+    dx_var **sorted = dx_session_vars_sorted(s, &n);
+    assert_non_null(sorted);
+    assert_int_equal(n, N - 1 + NODD);
+    size_t cases[][2] = {{0, 10}, {0, N + NODD}, {5, 1}, {100, 50}, {N - 11, 500}, {N - 2, 1}, {N - 1, 5},
+                         {N + NODD - 2, 1}, {N + 7, 5}, {0, 0}, {42, SIZE_MAX}, {280, 20}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        dx_var_stat *st_ = dx_session_var_stats(s, &total, NULL, NULL);
+        assert_non_null(st_);
+        assert_int_equal(total, N - 1 + NODD);
+        size_t off = cases[c][0], lim = cases[c][1];
+        size_t got = dx_var_stats_page(st_, total, off, lim);
+        size_t want = off >= n ? 0 : (lim > n - off ? n - off : lim);
+        assert_int_equal(got, want);
+        for (size_t i = 0; i < got; i++) assert_ptr_equal(st_[off + i].var, sorted[off + i]);
+        free(st_);
+    }
+    size_t visited = 0;
+    dx_var_stat *all = dx_session_var_stats(s, &total, count_visit, &visited);
+    assert_int_equal(visited, total);
+    size_t watched = 0, hist = 0;
+    for (size_t i = 0; i < total; i++) {
+        assert_ptr_equal(all[i].cur, dx_var_current(all[i].var));
+        assert_int_equal(all[i].updated_at, all[i].cur->updated_at);
+        watched += all[i].nwatchers;
+        hist += all[i].nhist;
+        if (all[i].var == a) assert_int_equal(all[i].nwatchers, 2);
+        if (all[i].var == b) assert_int_equal(all[i].nhist, 3);
+    }
+    assert_int_equal(watched, 2);
+    assert_int_equal(hist, 3);
+    /* newest first: v0 (written last), then the two of the last microsecond,
+     * the greater name first */
+    dx_var_stat top[4];
+    assert_int_equal(dx_var_stats_latest(all, total, top, 4), 4);
+    assert_ptr_equal(top[0].var, b);
+    for (int i = 1; i < 4; i++) {
+        assert_true(top[i - 1].cur->updated_at >= top[i].cur->updated_at);
+        if (i > 1 && top[i - 1].cur->updated_at == top[i].cur->updated_at)
+            assert_true(strcmp(top[i - 1].var->name, top[i].var->name) > 0);
+    }
+    assert_int_equal(top[1].cur->updated_at, T_US + (N - 1) / 2);
+    assert_int_equal(dx_var_stats_latest(all, total, top, 0), 0);
+    assert_int_equal(dx_var_stats_latest(all, 2, top, 4), 2);
+    free(all);
+    free(sorted);
+    dx_ebr_exit();
+    dx_session_delete(S("page"));
+    dx_ebr_reclaim(1);
+    dx_ebr_reclaim(1);
+}
+
 static int deny_all(void *ctx, const dx_var *v, void *acl) {
     (*(int *)ctx)++;
     return 0;
@@ -696,6 +823,7 @@ int main(void) {
         cmocka_unit_test(test_acl_hook_in_write_path),
         cmocka_unit_test(test_ebr_per_thread_lists),    cmocka_unit_test(test_ebr_heavy_only_on_full_reclaim),
         cmocka_unit_test(test_snapshot_refs_outlive_variable),
+        cmocka_unit_test(test_page_of_a_session),       cmocka_unit_test(test_snapshot_counts_nonfinite),
     };
     return cmocka_run_group_tests_name("store", tests, setup, teardown);
 }
