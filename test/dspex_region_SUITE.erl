@@ -525,28 +525,34 @@ a_move_survives_the_death_of_its_shipper(Config) ->
         ct:pal("move_session while its shipper was killed: ~p", [Moved]),
         ?assert(lists:member(Moved, [{error, {region_unavailable, <<"b">>}}, {error, {region_timeout, [<<"b">>]}}]),
                 Moved),
-        %% started again: b and c reach a's new gateway
-        ok = wait_until(fun() ->
-                                case peer:call(PA, erlang, whereis, [dspex_region_gateway]) of
-                                    G when is_pid(G), G =/= Gw -> is_integer(peer:call(PA, dspex_region, gateway_port, []));
-                                    _ -> false
-                                end
-                        end, 10000, gateway_again),
-        Port = peer:call(PA, dspex_region, gateway_port, []),
-        [ok = dspex_region_proxy:set_target(maps:get({X, a}, Proxies), Port) || X <- [b, c]],
-        ?assertNotEqual(Sh, peer:call(PA, erlang, whereis, [dspex_region_shipper])),
-        ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99])),
-        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, decision, [S]))
+        %% the copy went with it: b has not got it
+        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, decision, [S])),
+        ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99]))
     after
+        %% a -> b back at once: b hears a again (a's gateway restarts on a new
+        %% port, cutting b's link to a until the proxies follow it: a b that
+        %% heard nothing from a for region_failover_ms would take S over)
         dspex_region_proxy:restore(Proxy)
     end,
-    %% a -> b back: the copy reaches b, which becomes the primary
+    %% started again: b and c reach a's new gateway
     ok = wait_until(fun() ->
-                            case peer:call(PB, dspex_region, route_session, [S, #{}]) of
+                            case peer:call(PA, erlang, whereis, [dspex_region_gateway]) of
+                                G when is_pid(G), G =/= Gw -> is_integer(peer:call(PA, dspex_region, gateway_port, []));
+                                _ -> false
+                            end
+                    end, 10000, gateway_again),
+    Port = peer:call(PA, dspex_region, gateway_port, []),
+    [ok = dspex_region_proxy:set_target(maps:get({X, a}, Proxies), Port) || X <- [b, c]],
+    ?assertNotEqual(Sh, peer:call(PA, erlang, whereis, [dspex_region_shipper])),
+    %% the new shipper's copy reaches b, which becomes the primary
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
                                 #{primary_region := <<"b">>, region_epoch := 1, policy := moved} -> true;
                                 _ -> false
                             end
                     end, 20000, b_is_the_primary),
+    ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>]},
+                 peer:call(PB, dspex_region, route_session, [S, #{}])),
     ?assertMatch({ok, #{value := 1, version := 1}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
     {ok, 2} = peer:call(PB, dspex_store, set, [S, <<"k">>, 2]),
     ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99])),
