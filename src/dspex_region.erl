@@ -388,7 +388,8 @@ healthy(R) ->
              end
     end.
 
-%% @doc Drops the recorded decision of `Session' (its next route_session/2 decides afresh).
+%% @doc Drops the recorded decision of `Session' (its next route_session/2 decides afresh),
+%% and a move of it still pending (`moving/1'): its copy is sent no more.
 -spec forget_session(binary()) -> ok | {error, not_running}.
 forget_session(Session) ->
     try gen_server:call(?MODULE, {forget, Session})
@@ -850,6 +851,8 @@ handle_call({move, Session, Region}, _From, #{name := Me} = C) ->
     end;
 handle_call({forget, Session}, _From, C) ->
     ets:delete(?SESSIONS, Session),
+    %% (a copy is taken with the decision it names: none left to send)
+    ets:delete(dspex_region_moving, Session),
     _ = [gen_server:abcast(Nodes, ?MODULE, {forgotten, Session}) || Nodes <- [region_nodes()], Nodes =/= []],
     {reply, ok, C};
 handle_call({shared, Session, D, Moved, Pending}, _From, C) ->
@@ -870,6 +873,7 @@ handle_cast({move_copied, Region, Done}, C) ->
     {noreply, C};
 handle_cast({forgotten, Session}, C) ->
     ets:delete(?SESSIONS, Session),
+    ets:delete(dspex_region_moving, Session),
     {noreply, C};
 handle_cast({rows, Then, Rows}, C) ->
     %% another node's receiver rows, its times made ages, then times here

@@ -855,7 +855,7 @@ flush_shipped() ->
 %% started again and asked the others): this node, owning the session, has
 %% its running shipper send the copy (the failover check); the owner's word
 %% that the move is done (`none') ends it here too, as does a decision of a
-%% higher region epoch.
+%% higher region epoch, or forget_session/1.
 a_move_pending_on_another_node_is_resumed_by_the_owner_here_test_() ->
     %% (waits bounded at 5 s each: more than eunit's default for a whole test)
     {timeout, 60, fun a_move_pending_on_another_node_is_resumed_by_the_owner_here/0}.
@@ -882,5 +882,10 @@ a_move_pending_on_another_node_is_resumed_by_the_owner_here() ->
         gen_server:cast(dspex_region, {shared, S, D, Us, {Us, 1}}),
         ok = until(fun() -> dspex_region:moving(S) =:= Us end, 5000, pending_again),
         ok = dspex_region:adopt(S, D#{primary_region => <<"ap">>, region_epoch => 2}),
+        ?assertEqual(undefined, dspex_region:moving(S)),
+        %% and a forgotten decision takes its pending move with it
+        gen_server:cast(dspex_region, {shared, S, D#{region_epoch => 3}, Us, {Us, 3}}),
+        ok = until(fun() -> dspex_region:moving(S) =:= Us end, 5000, pending_once_more),
+        ok = dspex_region:forget_session(S),
         ?assertEqual(undefined, dspex_region:moving(S))
     end).
