@@ -67,7 +67,8 @@
 
 -export([config/0, route_session/2, forget_session/1, topology/0, gateway_port/0, prometheus/0,
          haversine_km/2, get/3, set_replication/1, replication/0]).
--export([decision/1, adopt/2, moved/1, move_session/2, writable/1, fenced/0]).
+-export([decision/1, adopt/2, moved/1, moving/1, move_session/2, writable/1, fenced/0]).
+-export([pending_moves/0, moves_copied/2]).
 -export([route_owned/2, move_owned/2, rows_changed/1, region_nodes/0]).
 -export([start_link/1, links_table/0, link_update/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
@@ -325,16 +326,21 @@ share(Session) ->
     case region_nodes() of
         [] -> ok;
         Nodes ->
-            _ = gen_server:multi_call(Nodes, ?MODULE, {shared, Session, decision(Session), moved(Session)}, 5000),
+            _ = gen_server:multi_call(Nodes, ?MODULE, shared(Session), 5000),
             ok
     end.
 
 %% From this module's server: the same, without waiting (casts to one peer
 %% server arrive in the order sent).
 announce(Session) ->
-    _ = [gen_server:abcast(Nodes, ?MODULE, {shared, Session, decision(Session), moved(Session)})
-         || Nodes <- [region_nodes()], Nodes =/= []],
+    _ = [gen_server:abcast(Nodes, ?MODULE, shared(Session)) || Nodes <- [region_nodes()], Nodes =/= []],
     ok.
+
+%% What the region's other nodes are given of `Session': its decision, the
+%% region it was moved to, and that move's copy not yet acknowledged
+%% (`{Region, RegionEpoch}') or `none'.
+shared(Session) ->
+    {shared, Session, decision(Session), moved(Session), pending(Session)}.
 
 %% @private The rows of `dspex_region_receiver' (sessions replicated into
 %% this region, by the node whose gateway received them) given to the
@@ -382,7 +388,8 @@ healthy(R) ->
              end
     end.
 
-%% @doc Drops the recorded decision of `Session' (its next route_session/2 decides afresh).
+%% @doc Drops the recorded decision of `Session' (its next route_session/2 decides afresh),
+%% and a move of it still pending (`moving/1'): its copy is sent no more.
 -spec forget_session(binary()) -> ok | {error, not_running}.
 forget_session(Session) ->
     try gen_server:call(?MODULE, {forget, Session})
@@ -508,9 +515,18 @@ get(_, _, _) -> {error, {invalid_argument, session}}.
 %% `{error, {region_timeout, [Region]}}' after `sync_timeout_ms' (the move is
 %% under way: the copy is sent again until it is through, writes stay
 %% refused here); `{error, {not_primary, Region}}', `{error, {not_routed,
-%% Session}}', `{error, {region_unavailable, Region}}' (link down, or
-%% this region, or the shipper died during the call: the move stays
-%% recorded), `{error, not_running}'.
+%% Session}}', `{error, {region_unavailable, Region}}' (link down, or this
+%% region: nothing recorded; or the shipper died during the call: the move
+%% is recorded and under way as after a timeout), `{error, not_running}'.
+%%
+%% A move is driven to completion: until `Region' acknowledged a copy at the
+%% move's region epoch, the move is pending (`moving/1'), held next to the
+%% decision by this module's process (which outlives the shipper) and by the
+%% region's other nodes; the shipper of the session's owner in this region
+%% sends the copy again after a link flap, after it restarts (its start
+%% queues a copy of every pending move of a session owned here) and, should
+%% none be on its way, at each failover check (`pending_moves/0'). Once
+%% acknowledged the move is no longer pending and nothing is sent again.
 -spec move_session(binary(), region()) -> ok | {error, term()}.
 move_session(Session, Region) when is_binary(Session), is_binary(Region) ->
     case multi_node() of
@@ -547,6 +563,42 @@ moved(Session) ->
         [{_, R}] -> R;
         [] -> undefined
     catch error:badarg -> undefined
+    end.
+
+%% @private The region `Session' is being moved to from this one, whose copy
+%% it has not acknowledged yet, or `undefined' (not moved, or acknowledged).
+-spec moving(binary()) -> region() | undefined.
+moving(Session) ->
+    case pending(Session) of
+        {R, _} -> R;
+        none -> undefined
+    end.
+
+pending(Session) ->
+    try ets:lookup(dspex_region_moving, Session) of
+        [{_, R, E}] -> {R, E};
+        [] -> none
+    catch error:badarg -> none
+    end.
+
+%% @private The pending moves (`moving/1') of the sessions this node owns in
+%% the region's cluster (every one in a one-node region): `[{Session,
+%% Region}]', each a copy its shipper must get through to `Region'.
+-spec pending_moves() -> [{binary(), region()}].
+pending_moves() ->
+    try ets:tab2list(dspex_region_moving) of
+        Rows -> [{S, R} || {S, R, _} <- Rows, owns(S)]
+    catch error:badarg -> []
+    end.
+
+%% @private Full copies of sessions that `Region' acknowledged, each with the
+%% region epoch it was taken at (from the shipper): a pending move of one of
+%% them to `Region', at that epoch or below, is done.
+-spec moves_copied(region(), [{binary(), non_neg_integer()}]) -> ok.
+moves_copied(Region, Copies) ->
+    case [SE || {S, RE} = SE <- Copies, {R, E} <- [pending(S)], R =:= Region, RE >= E] of
+        [] -> ok;
+        Done -> gen_server:cast(?MODULE, {move_copied, Region, Done})
     end.
 
 region_epoch(#{region_epoch := E}) -> E;
@@ -731,6 +783,9 @@ init(#{name := Me, peers := Peers} = C) ->
     _ = ets:new(dspex_region_applied, [named_table, public, set, {read_concurrency, true}]),
     %% sessions moved from this region to another: {Session, Region}
     _ = ets:new(dspex_region_moved, [named_table, protected, set, {read_concurrency, true}]),
+    %% those moves whose copy Region has not acknowledged yet (sent again
+    %% until it has, also by a restarted shipper): {Session, Region, RegionEpoch}
+    _ = ets:new(dspex_region_moving, [named_table, protected, set, {read_concurrency, true}]),
     %% sessions taken over here whose old primary is not a backup yet: {Session, OldPrimary}
     _ = ets:new(dspex_region_rejoin, [named_table, protected, set]),
     persistent_term:put({?MODULE, replication}, maps:get(replication, C)),
@@ -764,7 +819,8 @@ handle_call({adopt, Session, D}, _From, #{name := Me} = C) ->
         true ->
             ets:insert(?SESSIONS, {Session, D}),
             %% moved back here: writable again
-            _ = maps:get(primary_region, D) =:= Me andalso ets:delete(dspex_region_moved, Session),
+            _ = maps:get(primary_region, D) =:= Me andalso unmove(Session),
+            superseded(Session, D),
             ok = announce(Session),
             {reply, ok, C};
         false -> {reply, stale, C}
@@ -780,6 +836,8 @@ handle_call({move, Session, Region}, _From, #{name := Me} = C) ->
                     New = #{primary_region => Region, backup_regions => Backups -- [Region], policy => moved,
                             decided_at => erlang:system_time(millisecond), region_epoch => region_epoch(D) + 1},
                     ets:insert(dspex_region_moved, {Session, Region}),
+                    %% pending until Region acknowledged a copy at this epoch
+                    ets:insert(dspex_region_moving, {Session, Region, maps:get(region_epoch, New)}),
                     ets:insert(?SESSIONS, {Session, New}),
                     ok = announce(Session),
                     dspex_telemetry:execute([dspex, region, route], #{count => 1},
@@ -793,20 +851,29 @@ handle_call({move, Session, Region}, _From, #{name := Me} = C) ->
     end;
 handle_call({forget, Session}, _From, C) ->
     ets:delete(?SESSIONS, Session),
+    %% (a copy is taken with the decision it names: none left to send)
+    ets:delete(dspex_region_moving, Session),
     _ = [gen_server:abcast(Nodes, ?MODULE, {forgotten, Session}) || Nodes <- [region_nodes()], Nodes =/= []],
     {reply, ok, C};
-handle_call({shared, Session, D, Moved}, _From, C) ->
-    take_shared(Session, D, Moved, C),
+handle_call({shared, Session, D, Moved, Pending}, _From, C) ->
+    take_shared(Session, D, Moved, Pending, C),
     {reply, ok, C};
 handle_call(_, _From, C) -> {reply, {error, unknown_call}, C}.
 
 %% @private
 -spec handle_cast(term(), map()) -> {noreply, map()}.
-handle_cast({shared, Session, D, Moved}, C) ->
-    take_shared(Session, D, Moved, C),
+handle_cast({shared, Session, D, Moved, Pending}, C) ->
+    take_shared(Session, D, Moved, Pending, C),
+    {noreply, C};
+handle_cast({move_copied, Region, Done}, C) ->
+    %% checked again here, where the table is written: the move is still the
+    %% one that copy was taken for; the region's other nodes learn it is done
+    _ = [begin ets:delete(dspex_region_moving, S), announce(S) end
+         || {S, RE} <- Done, {R, E} <- [pending(S)], R =:= Region, RE >= E],
     {noreply, C};
 handle_cast({forgotten, Session}, C) ->
     ets:delete(?SESSIONS, Session),
+    ets:delete(dspex_region_moving, Session),
     {noreply, C};
 handle_cast({rows, Then, Rows}, C) ->
     %% another node's receiver rows, its times made ages, then times here
@@ -820,12 +887,17 @@ handle_cast({pull, From}, C) when is_atom(From) ->
     case lists:member(From, region_nodes()) orelse lists:member(From, configured_nodes()) of
         true ->
             gen_server:cast({?MODULE, From}, {merge, erlang:monotonic_time(millisecond), ets:tab2list(?SESSIONS),
-                                              ets:tab2list(dspex_region_moved), ets:tab2list(dspex_region_applied)});
+                                              ets:tab2list(dspex_region_moved), ets:tab2list(dspex_region_applied),
+                                              ets:tab2list(dspex_region_moving)});
         false -> ok
     end,
     {noreply, C};
-handle_cast({merge, Then, Decisions, Moved, Rows}, C) ->
-    _ = [take_shared(S, D, proplists:get_value(S, Moved), C) || {S, D} <- Decisions],
+handle_cast({merge, Then, Decisions, Moved, Rows, Pending}, C) ->
+    %% a move another node holds as pending is pending here too; one it does
+    %% not hold as pending leaves this node's as it is (at worst the copy is
+    %% sent once more, and acknowledged as a repeat)
+    P = maps:from_list([{S, {R, E}} || {S, R, E} <- Pending]),
+    _ = [take_shared(S, D, proplists:get_value(S, Moved), maps:get(S, P, keep), C) || {S, D} <- Decisions],
     %% rows this node has not got (its own are as new as any)
     handle_cast({rows, Then, [R || {K, _} = R <- Rows, not ets:member(dspex_region_applied, K)]}, C);
 handle_cast(_, C) -> {noreply, C}.
@@ -852,19 +924,43 @@ merge_row(S, R0, Here) when is_map(R0) ->
 
 %% A decision (and move) another node of this region recorded: kept unless
 %% this node holds a newer region epoch; a session whose primary is this
-%% region again is writable again.
-take_shared(Session, D, Moved, #{name := Me}) when is_binary(Session), is_map(D) ->
+%% region again is writable again. `Pending': the move's copy not yet
+%% acknowledged (`{Region, RegionEpoch}'), acknowledged (`none'), or not
+%% said (`keep').
+take_shared(Session, D, Moved, Pending, #{name := Me}) when is_binary(Session), is_map(D) ->
     case order(decision(Session)) =< order(D) of
         true ->
             ets:insert(?SESSIONS, {Session, D}),
             case {maps:get(primary_region, D, undefined), Moved} of
-                {Me, _} -> ets:delete(dspex_region_moved, Session);
-                {_, R} when is_binary(R) -> ets:insert(dspex_region_moved, {Session, R});
+                {Me, _} -> unmove(Session);
+                {_, R} when is_binary(R) ->
+                    ets:insert(dspex_region_moved, {Session, R}),
+                    case Pending of
+                        {R, E} when is_integer(E) -> ets:insert(dspex_region_moving, {Session, R, E});
+                        none -> ets:delete(dspex_region_moving, Session);
+                        _ -> true
+                    end;
                 _ -> true
-            end;
+            end,
+            superseded(Session, D);
         false -> false
     end;
-take_shared(_, _, _, _) -> false.
+take_shared(_, _, _, _, _) -> false.
+
+%% the session's primary is this region again: writable, nothing to ship
+unmove(Session) ->
+    ets:delete(dspex_region_moved, Session),
+    ets:delete(dspex_region_moving, Session).
+
+%% A decision of a higher region epoch than a pending move's replaced it
+%% (the session went on from the new primary): that move's copy is sent no
+%% more (it would name a decision that is no longer the move's).
+superseded(Session, D) ->
+    RE = region_epoch(D),
+    case pending(Session) of
+        {_, E} when E < RE -> ets:delete(dspex_region_moving, Session);
+        _ -> true
+    end.
 
 %% the nodes of this region's cluster, as configured
 configured_nodes() ->
@@ -888,6 +984,10 @@ handle_info(failover_tick, #{name := Me} = C) ->
             lists:member(Me, Bs), hd([B || B <- Bs, healthy(B)]) =:= Me, owns(S)],
     %% old primaries of sessions taken over here that are reachable again
     _ = [rejoin(S, P, C) || {S, P} <- ets:tab2list(dspex_region_rejoin), healthy(P)],
+    %% moves whose copy is not acknowledged yet: this node's shipper sends
+    %% it should none be on its way (say this node became the session's
+    %% owner, or got the move from another node after its own restart)
+    _ = [dspex_region_shipper:resync_to(S, [R]) || {S, R} <- pending_moves()],
     erlang:send_after(failover_tick_ms(C), self(), failover_tick),
     {noreply, C};
 handle_info({nodeup, N}, C) ->

@@ -133,11 +133,12 @@ admit(Session, {ok, _} = Owned) ->
 admit(_, Other) -> Other.
 
 %% @private A full copy of `Session' to `Region', its new primary (the
-%% session's decision here already names it): answered `ok' once `Region'
-%% acknowledged it, else `{error, {region_timeout, [Region]}}' after
-%% `sync_timeout_ms' (the copy stays queued until it is through);
-%% `{error, {region_unavailable, Region}}' when the shipper died during the
-%% call (the copy went with it).
+%% session's decision here already names it, and `dspex_region:moving/1'):
+%% answered `ok' once `Region' acknowledged it, else `{error,
+%% {region_timeout, [Region]}}' after `sync_timeout_ms' (the copy stays
+%% queued until it is through); `{error, {region_unavailable, Region}}' when
+%% the shipper died during the call: the copy went with it, and the shipper
+%% started again queues it again (the move is still pending, see init/1).
 -spec move(binary(), binary(), timeout()) -> ok | {error, term()}.
 move(Session, Region, Timeout) ->
     try gen_server:call(?MODULE, {move, Session, Region}, Timeout)
@@ -199,6 +200,9 @@ init(#{name := Me, peers := Peers} = C) ->
     St = #{me => Me, conf => C, next_id => 1, waits => #{},
            peers => maps:from_list([{N, peer_state()} || #{name := N} <- Peers])},
     [publish(N, St) || #{name := N} <- Peers],
+    %% the copies of the moves not acknowledged yet went with the shipper
+    %% before this one (if any): queued again first thing
+    self() ! resume_moves,
     {ok, St}.
 
 peer_state() ->
@@ -212,9 +216,11 @@ handle_call({move, S, Region}, From, #{peers := Ps} = St) when is_map_key(Region
     T = erlang:send_after(maps:get(sync_timeout_ms, maps:get(conf, St)), self(), {wait_timeout, Ref}),
     W = #{from => From, reply => {value, ok}, pending => [Region], timer => T, epoch => 0, plain => true},
     St1 = St#{waits => maps:put(Ref, W, maps:get(waits, St))},
-    St2 = update_peer(Region, fun(#{queue := Q, qlen := N} = PS) ->
+    %% (marked on its way: the failover check's resync_to/2 of the pending
+    %% move adds no second copy)
+    St2 = update_peer(Region, fun(#{queue := Q, qlen := N, resyncing := R} = PS) ->
                                       PS#{queue => queue:in({full, S, erlang:monotonic_time(millisecond), [Ref]}, Q),
-                                          qlen => N + 1}
+                                          qlen => N + 1, resyncing => R#{S => true}}
                               end, St1),
     {noreply, pump(Region, St2)};
 handle_call({move, _, Region}, _From, St) -> {reply, {error, {invalid_argument, {region, Region}}}, St};
@@ -237,6 +243,12 @@ handle_cast(_, St) -> {noreply, St}.
 
 %% @private
 -spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info(resume_moves, #{peers := Ps} = St) ->
+    %% one copy (unless one is on its way) per move pending for a session
+    %% owned here; sent once the link to its region is up
+    Moves = [M || {_, R} = M <- dspex_region:pending_moves(), is_map_key(R, Ps)],
+    St1 = lists:foldl(fun({S, R}, A) -> update_peer(R, fun(PS) -> resync(S, PS) end, A) end, St, Moves),
+    {noreply, lists:foldl(fun pump/2, St1, lists:usort([R || {_, R} <- Moves]))};
 handle_info({rec, {S, _, Seq, _, _} = Rec, At, Backups, Wait}, #{peers := Ps} = St) ->
     Targets = [B || B <- Backups, is_map_key(B, Ps)],
     St1 = case Wait of
@@ -324,7 +336,7 @@ pump(P, #{peers := Ps, conf := C} = St) ->
 send_batch(P, Link, #{queue := Q, qlen := N, heads := H, resyncing := R} = PS, #{next_id := Id, conf := C, me := Me} = St) ->
     Take = min(N, maps:get(repl_batch_max, C)),
     {Taken, Rest} = queue:split(Take, Q),
-    Items0 = [materialise(I) || I <- queue:to_list(Taken)],
+    Items0 = [materialise(P, I) || I <- queue:to_list(Taken)],
     Items = [I || {rec, _, _, _} = I <- Items0],
     %% a copy this node can no longer take (not the owner any more) is dropped
     R1 = maps:without([S || {skip, S} <- Items0], R),
@@ -344,24 +356,25 @@ send_batch(P, Link, #{queue := Q, qlen := N, heads := H, resyncing := R} = PS, #
               full_copies => maps:get(full_copies, PS) + Full},
     St#{next_id => Id + 1, peers => (maps:get(peers, St))#{P => PS1}}.
 
-%% A full copy is taken when it leaves: the session as of the writer's
-%% current {Epoch, Seq} (later records follow it in the queue), in the
-%% region epoch of the session's decision; none once this region is no
-%% longer the session's primary, except the copy of a move (whose waits name
-%% the new primary's acknowledgement).
-materialise({full, S, At, Ws}) ->
+%% A full copy to region P is taken when it leaves: the session as of the
+%% writer's current {Epoch, Seq} (later records follow it in the queue), in
+%% the region epoch of the session's decision; none once this region is no
+%% longer the session's primary, except the copy of a move to P not yet
+%% acknowledged (dspex_region:moving/1).
+materialise(P, {full, S, At, Ws}) ->
     Me = persistent_term:get({dspex_region, name}, undefined),
     D = dspex_region:decision(S),
     Mine = case D of
                #{primary_region := Me} -> true;
-               _ -> Ws =/= [] andalso dspex_region:moved(S) =/= undefined
+               #{} -> dspex_region:moving(S) =:= P;
+               _ -> false
            end,
     case Mine andalso catch gen_server:call(dspex_cluster_writer:name(S), {export_for, S}, 5000) of
         {ok, E, Seq, Export} ->
             {rec, {S, E, Seq, {region_full, strip(Export)}, maps:get(region_epoch, D, 0)}, At, Ws};
         _ -> {skip, S}
     end;
-materialise(I) -> I.
+materialise(_, I) -> I.
 
 chunks(Bin) when byte_size(Bin) =< ?CHUNK -> [{true, Bin}];
 chunks(<<Part:?CHUNK/binary, Rest/binary>>) -> [{false, Part} | chunks(Rest)].
@@ -386,6 +399,10 @@ acked(P, Id, NF, #{peers := Ps} = St) ->
                     {PS1, Done} = lists:foldl(fun(I, Acc) -> acked_item(I, Need, Acc) end, {PS#{inflight => In1}, []}, Items),
                     %% sessions the peer could not follow get one full copy each
                     PS2 = lists:foldl(fun(S, A) -> resync(S, A) end, PS1, NF),
+                    %% the copies it took: a move to it is done once it has one
+                    %% at the move's region epoch (dspex_region forgets it)
+                    ok = dspex_region:moves_copied(P, [{S, RE} || {rec, {S, _, _, {region_full, _}, RE}, _, _} <- Items,
+                                                                 not is_map_key(S, Need)]),
                     St1 = St#{peers => Ps#{P => PS2}},
                     dspex_telemetry:execute([dspex, region, replication, ack], #{records => length(Items)},
                                             #{region => maps:get(me, St), peer => P, id => Id, need_full => NF}),

@@ -27,6 +27,7 @@
          a_link_flap_converges_without_duplicate_or_reordered_apply/1,
          a_read_in_a_backup_returns_the_lag_and_read_primary_forwards/1,
          move_session_moves_the_primary_and_the_old_one_refuses_writes/1,
+         a_move_survives_the_death_of_its_shipper/1,
          late_changes_of_the_old_primary_are_fenced_and_reported/1,
          an_unreachable_primary_region_fails_over_to_its_first_backup/1,
          sync_all_acknowledged_writes_survive_kill_9_of_the_primary_region/1,
@@ -58,6 +59,7 @@ replication_cases() ->
      a_link_flap_converges_without_duplicate_or_reordered_apply,
      a_read_in_a_backup_returns_the_lag_and_read_primary_forwards,
      move_session_moves_the_primary_and_the_old_one_refuses_writes,
+     a_move_survives_the_death_of_its_shipper,
      late_changes_of_the_old_primary_are_fenced_and_reported,
      an_unreachable_primary_region_fails_over_to_its_first_backup,
      a_backup_cut_off_from_the_majority_does_not_take_over,
@@ -479,6 +481,88 @@ move_session_moves_the_primary_and_the_old_one_refuses_writes(Config) ->
     ?assertMatch(#{primary_region := <<"b">>}, peer:call(PC, dspex_region, route_session, [S, #{}])),
     %% a's reads go to the new primary
     ?assertMatch({ok, #{value := 20}, #{region := <<"b">>}}, read_primary(PA, S, <<"k">>)).
+
+%% a's shipper is killed while the copy of a move to b waits in its queue
+%% (the shipper is held while the move's call reaches it, a -> b is cut, then
+%% it queues the copy): its supervisor starts it again (and, rest_for_one,
+%% a's gateway, on a new port, and links); once a -> b is back, the new
+%% shipper sends the copy: b installs the session, is its primary at region
+%% epoch 1 and takes writes, c follows b, a still refuses writes with
+%% region_moved and no longer holds the move as pending. Before, the copy
+%% went with the shipper: b never got the session.
+a_move_survives_the_death_of_its_shipper(Config) ->
+    #{a := PA, b := PB, c := PC} = Peers = ?config(peers, Config),
+    Proxies = ?config(proxies, Config),
+    Proxy = maps:get({a, b}, Proxies),
+    S = <<"r_move_restart">>,
+    ok = replicated_at_a(Peers, S, [<<"k">>]),
+    {ok, 1} = peer:call(PA, dspex_store, set, [S, <<"k">>, 1]),
+    ok = wait_until(fun() -> converged(PA, [PB, PC], S) end, 20000, replicated),
+    Sh = peer:call(PA, erlang, whereis, [dspex_region_shipper]),
+    Gw = peer:call(PA, erlang, whereis, [dspex_region_gateway]),
+    ok = peer:call(PA, sys, suspend, [Sh]),
+    Self = self(),
+    _ = spawn(fun() -> Self ! {moved, catch peer:call(PA, dspex_region, move_session, [S, <<"b">>], 30000)} end),
+    try
+        %% the move is recorded (a refuses writes) and its call waits at the shipper
+        ok = wait_until(fun() ->
+                                {messages, Ms} = peer:call(PA, erlang, process_info, [Sh, messages]),
+                                lists:any(fun({'$gen_call', _, {move, S1, <<"b">>}}) -> S1 =:= S; (_) -> false end, Ms)
+                        end, 10000, move_call_waits),
+        ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99])),
+        %% a -> b cut (nothing sent from now on reaches b), then the copy is queued
+        ok = dspex_region_proxy:drop(Proxy),
+        ok = peer:call(PA, sys, resume, [Sh]),
+        ok = wait_until(fun() -> case repl(PA, <<"b">>) of
+                                     #{link := down, lag_versions := N} when N >= 1 -> true;
+                                     _ -> false
+                                 end
+                        end, 10000, copy_queued),
+        ?assertEqual(<<"b">>, peer:call(PA, dspex_region, moving, [S])),
+        true = peer:call(PA, erlang, exit, [Sh, kill]),
+        %% the shipper died during the call (or its sync_timeout_ms passed first)
+        Moved = receive {moved, M} -> M after 30000 -> timeout end,
+        ct:pal("move_session while its shipper was killed: ~p", [Moved]),
+        ?assert(lists:member(Moved, [{error, {region_unavailable, <<"b">>}}, {error, {region_timeout, [<<"b">>]}}]),
+                Moved),
+        %% the copy went with it: b has not got it
+        ?assertMatch(#{primary_region := <<"a">>}, peer:call(PB, dspex_region, decision, [S])),
+        ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99]))
+    after
+        %% a -> b back at once: b hears a again (a's gateway restarts on a new
+        %% port, cutting b's link to a until the proxies follow it: a b that
+        %% heard nothing from a for region_failover_ms would take S over)
+        dspex_region_proxy:restore(Proxy)
+    end,
+    %% started again: b and c reach a's new gateway
+    ok = wait_until(fun() ->
+                            case peer:call(PA, erlang, whereis, [dspex_region_gateway]) of
+                                G when is_pid(G), G =/= Gw -> is_integer(peer:call(PA, dspex_region, gateway_port, []));
+                                _ -> false
+                            end
+                    end, 10000, gateway_again),
+    Port = peer:call(PA, dspex_region, gateway_port, []),
+    [ok = dspex_region_proxy:set_target(maps:get({X, a}, Proxies), Port) || X <- [b, c]],
+    ?assertNotEqual(Sh, peer:call(PA, erlang, whereis, [dspex_region_shipper])),
+    %% the new shipper's copy reaches b, which becomes the primary
+    ok = wait_until(fun() ->
+                            case peer:call(PB, dspex_region, decision, [S]) of
+                                #{primary_region := <<"b">>, region_epoch := 1, policy := moved} -> true;
+                                _ -> false
+                            end
+                    end, 20000, b_is_the_primary),
+    ?assertMatch(#{primary_region := <<"b">>, backup_regions := [<<"c">>]},
+                 peer:call(PB, dspex_region, route_session, [S, #{}])),
+    ?assertMatch({ok, #{value := 1, version := 1}}, peer:call(PB, dspex_store, get, [S, <<"k">>])),
+    {ok, 2} = peer:call(PB, dspex_store, set, [S, <<"k">>, 2]),
+    ?assertEqual({error, {region_moved, <<"b">>}}, peer:call(PA, dspex_store, set, [S, <<"k">>, 99])),
+    %% the acknowledgement reached a: the move is done there
+    ok = wait_until(fun() -> peer:call(PA, dspex_region, moving, [S]) =:= undefined end, 20000, move_done),
+    ok = wait_until(fun() -> maps:get(region_epoch, applied(PC, S)) =:= 1 andalso converged(PB, [PC], S) end,
+                    20000, c_follows_b),
+    ?assertMatch({ok, #{value := 2}}, peer:call(PC, dspex_store, get, [S, <<"k">>])),
+    %% every link up again (b's and c's to a go through the proxies set above)
+    [ok = wait_until(fun() -> all_up(P) end, 20000, {links_up, X}) || {X, P} <- maps:to_list(Peers)].
 
 late_changes_of_the_old_primary_are_fenced_and_reported(Config) ->
     #{a := PA, b := PB, c := PC} = ?config(peers, Config),

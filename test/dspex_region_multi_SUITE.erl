@@ -266,7 +266,8 @@ a_client_write_on_either_node_of_a_backup_region_is_refused(Config) ->
 %% its decision): routed to rm_a1, whose writer's export goes to b; both of
 %% a's nodes refuse the session's writes from then on, both of b's nodes
 %% answer b (region epoch 1), c follows b through a full copy, and b's
-%% writes, on either node, reach c.
+%% writes, on either node, reach c; the move is no longer pending on either
+%% node of a once b acknowledged the copy.
 move_session_on_the_node_that_does_not_own_it_moves_it_for_the_whole_region(Config) ->
     Peers = ?config(peers, Config),
     S = owned_by(a1, Peers, <<"move">>),
@@ -291,7 +292,11 @@ move_session_on_the_node_that_does_not_own_it_moves_it_for_the_whole_region(Conf
                             maps:get(region_epoch, applied(p(c1, Peers), S)) =:= 1 andalso
                                 peer:call(p(c1, Peers), dspex_store, get_value, [S, <<"k">>]) =:= {ok, 3}
                     end, 20000, c_follows_b),
-    ?assertEqual(history(p(b1, Peers), S, <<"k">>), history(p(c1, Peers), S, <<"k">>)).
+    ?assertEqual(history(p(b1, Peers), S, <<"k">>), history(p(c1, Peers), S, <<"k">>)),
+    %% b acknowledged the copy to rm_a1, which shipped it: the move is done
+    %% on both of a's nodes (a node that becomes the owner sends nothing again)
+    ok = wait_until(fun() -> [undefined, undefined] =:= [peer:call(p(N, Peers), dspex_region, moving, [S]) || N <- [a1, a2]]
+                    end, 10000, move_done_on_both_nodes).
 
 %% The session's owner in a (here rm_a1: it made the decision, it ships, and
 %% it is a's gateway) is killed with kill -9 after sync_all writes: rm_a2

@@ -738,3 +738,154 @@ receiver_a_new_primarys_copy_covers_the_changes_before_it_in_its_batch_test() ->
         ?assertEqual(D, dspex_region:decision(S)),
         ok = dspex_store:delete_session(S)
     end).
+
+%% F() true within Ms milliseconds (bounded polling), else fails naming What.
+until(F, Ms, What) ->
+    Deadline = erlang:monotonic_time(millisecond) + Ms,
+    Loop = fun L() ->
+                   case F() of
+                       true -> ok;
+                       false ->
+                           case erlang:monotonic_time(millisecond) >= Deadline of
+                               true -> error({timeout, What});
+                               false -> receive after 5 -> L() end
+                           end
+                   end
+           end,
+    Loop().
+
+%% A region (eu) with one peer (us) whose link is up, this process standing
+%% for it, and a writer for session S; F(Config, Start) gets a function that
+%% starts a shipper (unlinked: the test kills it, as a crash would).
+moving(S, F) ->
+    process_flag(trap_exit, true),
+    %% (an address: no name to resolve)
+    C = with_env((base())#{peers => [#{name => <<"us">>, gateway => {{127, 0, 0, 1}, 4000}, coords => {40.0, -75.0}}]},
+                 fun dspex_region:config/0),
+    {ok, R} = dspex_region:start_link(C),
+    W = fake_writer(dspex_cluster_writer:name(S)),
+    Shippers = ets:new(shippers, [public, bag]),
+    Start = fun() ->
+                    {ok, Sh} = dspex_region_shipper:start_link(C),
+                    unlink(Sh),
+                    ets:insert(Shippers, {sh, Sh}),
+                    Sh
+            end,
+    try
+        %% eu the primary (nearest), then us reachable
+        #{primary_region := <<"eu">>} = dspex_region:route_session(S, #{client_location => {50.0, 8.0}}),
+        true = dspex_region:link_update(<<"us">>, #{status => up, since => erlang:system_time(millisecond),
+                                                    samples => 0, pid => self()}),
+        F(C, Start)
+    after
+        [exit(Sh, kill) || {_, Sh} <- ets:tab2list(Shippers)],
+        W ! stop,
+        exit(R, shutdown),
+        receive {'EXIT', R, _} -> ok after 5000 -> ok end
+    end.
+
+%% the first batch this process (the link) gets: its id and records
+shipped() ->
+    receive
+        {ship, Id, Chunks} ->
+            #{recs := Recs, decisions := Ds} = binary_to_term(iolist_to_binary([B || {_, B} <- Chunks])),
+            {Id, Recs, Ds}
+    after 5000 -> error(nothing_shipped)
+    end.
+
+%% The shipper dies while a move's copy waits in its queue for the link to
+%% the new primary (the caller gets region_unavailable): the shipper started
+%% again sends that copy once the link is up (before, the move stayed
+%% recorded, writes refused here, and the copy was never sent: the new
+%% primary never had the session). Once acknowledged, the move is no longer
+%% pending, writes stay refused, and a shipper started later sends nothing.
+a_move_s_copy_is_sent_again_by_a_restarted_shipper_test_() ->
+    %% (waits bounded at 5 s each: more than eunit's default for a whole test)
+    {timeout, 60, fun a_move_s_copy_is_sent_again_by_a_restarted_shipper/0}.
+
+a_move_s_copy_is_sent_again_by_a_restarted_shipper() ->
+    Us = <<"us">>,
+    S = <<"move_restart_s">>,
+    moving(S, fun(_, Start) ->
+        Sh1 = Start(),
+        {Caller, Ref} = spawn_monitor(fun() -> exit({moved, dspex_region:move_session(S, Us)}) end),
+        %% the copy is queued (the shipper has no link to us)
+        ok = until(fun() -> case dspex_region_shipper:stats() of
+                                #{Us := #{lag_versions := 1, link := down}} -> true;
+                                _ -> false
+                            end
+                   end, 5000, copy_queued),
+        kill(Sh1),
+        ?assertEqual({moved, {error, {region_unavailable, Us}}},
+                     receive {'DOWN', Ref, process, Caller, Why} -> Why after 5000 -> timeout end),
+        ?assertEqual(Us, dspex_region:moved(S)),
+        ?assertEqual(Us, dspex_region:moving(S)),
+        %% started again (as by its supervisor), then the link comes up
+        Sh2 = Start(),
+        Sh2 ! {link_up, Us, self()},
+        {Id, Recs, Ds} = shipped(),
+        ?assertMatch([{S, 1, 7, {region_full, #{}}, 1}], Recs),
+        ?assertMatch(#{S := #{primary_region := Us, policy := moved, region_epoch := 1}}, Ds),
+        %% still pending until us acknowledged it
+        ?assertEqual(Us, dspex_region:moving(S)),
+        Sh2 ! {repl_ack, Us, Id, #{need_full => []}},
+        ok = until(fun() -> dspex_region:moving(S) =:= undefined end, 5000, move_done),
+        ?assertEqual(Us, dspex_region:moved(S)),
+        ?assertEqual({error, {region_moved, Us}}, dspex_region_shipper:admit(S, {ok, owned})),
+        kill(Sh2),
+        flush_shipped(),
+        %% a shipper started after the acknowledgement has nothing to send again
+        Sh3 = Start(),
+        Sh3 ! {link_up, Us, self()},
+        _ = sys:get_state(Sh3),
+        ?assertEqual(none, receive {ship, _, _} = M -> M after 0 -> none end),
+        ?assertMatch(#{Us := #{lag_versions := 0, link := up}}, dspex_region_shipper:stats())
+    end).
+
+kill(P) ->
+    Ref = monitor(process, P),
+    exit(P, kill),
+    receive {'DOWN', Ref, process, P, _} -> ok end.
+
+flush_shipped() ->
+    receive {ship, _, _} -> flush_shipped() after 0 -> ok end.
+
+%% A move pending on another node of the region (its decision, the move and
+%% the copy not yet acknowledged), merged here (this node's dspex_region
+%% started again and asked the others): this node, owning the session, has
+%% its running shipper send the copy (the failover check); the owner's word
+%% that the move is done (`none') ends it here too, as does a decision of a
+%% higher region epoch, or forget_session/1.
+a_move_pending_on_another_node_is_resumed_by_the_owner_here_test_() ->
+    %% (waits bounded at 5 s each: more than eunit's default for a whole test)
+    {timeout, 60, fun a_move_pending_on_another_node_is_resumed_by_the_owner_here/0}.
+
+a_move_pending_on_another_node_is_resumed_by_the_owner_here() ->
+    Us = <<"us">>,
+    S = <<"move_merged_s">>,
+    moving(S, fun(_, Start) ->
+        Sh = Start(),
+        Sh ! {link_up, Us, self()},
+        _ = sys:get_state(Sh),
+        D = (dspex_region:decision(S))#{primary_region => Us, backup_regions => [], policy => moved,
+                                        region_epoch => 1},
+        gen_server:cast(dspex_region, {merge, erlang:monotonic_time(millisecond), [{S, D}], [{S, Us}], [],
+                                       [{S, Us, 1}]}),
+        {_, Recs, _} = shipped(),
+        ?assertMatch([{S, 1, 7, {region_full, #{}}, 1}], Recs),
+        ?assertEqual(Us, dspex_region:moving(S)),
+        gen_server:cast(dspex_region, {shared, S, D, Us, none}),
+        ok = until(fun() -> dspex_region:moving(S) =:= undefined end, 5000, move_done),
+        ?assertEqual(Us, dspex_region:moved(S)),
+        %% pending again; then a decision of a higher region epoch (the new
+        %% primary moved the session on): the move's copy is sent no more
+        gen_server:cast(dspex_region, {shared, S, D, Us, {Us, 1}}),
+        ok = until(fun() -> dspex_region:moving(S) =:= Us end, 5000, pending_again),
+        ok = dspex_region:adopt(S, D#{primary_region => <<"ap">>, region_epoch => 2}),
+        ?assertEqual(undefined, dspex_region:moving(S)),
+        %% and a forgotten decision takes its pending move with it
+        gen_server:cast(dspex_region, {shared, S, D#{region_epoch => 3}, Us, {Us, 3}}),
+        ok = until(fun() -> dspex_region:moving(S) =:= Us end, 5000, pending_once_more),
+        ok = dspex_region:forget_session(S),
+        ?assertEqual(undefined, dspex_region:moving(S))
+    end).
