@@ -858,12 +858,19 @@ handle_call({forget, Session}, _From, C) ->
 handle_call({shared, Session, D, Moved, Pending}, _From, C) ->
     take_shared(Session, D, Moved, Pending, C),
     {reply, ok, C};
+handle_call({shared, Session, D, Moved}, _From, C) ->
+    %% a node of the previous release (rolling upgrade): no pending state
+    take_shared(Session, D, Moved, keep, C),
+    {reply, ok, C};
 handle_call(_, _From, C) -> {reply, {error, unknown_call}, C}.
 
 %% @private
 -spec handle_cast(term(), map()) -> {noreply, map()}.
 handle_cast({shared, Session, D, Moved, Pending}, C) ->
     take_shared(Session, D, Moved, Pending, C),
+    {noreply, C};
+handle_cast({shared, Session, D, Moved}, C) ->
+    take_shared(Session, D, Moved, keep, C),
     {noreply, C};
 handle_cast({move_copied, Region, Done}, C) ->
     %% checked again here, where the table is written: the move is still the
@@ -900,6 +907,9 @@ handle_cast({merge, Then, Decisions, Moved, Rows, Pending}, C) ->
     _ = [take_shared(S, D, proplists:get_value(S, Moved), maps:get(S, P, keep), C) || {S, D} <- Decisions],
     %% rows this node has not got (its own are as new as any)
     handle_cast({rows, Then, [R || {K, _} = R <- Rows, not ets:member(dspex_region_applied, K)]}, C);
+handle_cast({merge, Then, Decisions, Moved, Rows}, C) ->
+    %% from a node of the previous release: it holds no pending moves
+    handle_cast({merge, Then, Decisions, Moved, Rows, []}, C);
 handle_cast(_, C) -> {noreply, C}.
 
 %% A row (or heard time) from another node against this node's: the one
