@@ -887,5 +887,17 @@ a_move_pending_on_another_node_is_resumed_by_the_owner_here() ->
         gen_server:cast(dspex_region, {shared, S, D#{region_epoch => 3}, Us, {Us, 3}}),
         ok = until(fun() -> dspex_region:moving(S) =:= Us end, 5000, pending_once_more),
         ok = dspex_region:forget_session(S),
+        ?assertEqual(undefined, dspex_region:moving(S)),
+        %% a node of the previous release (rolling upgrade) shares decisions
+        %% without the pending state: they are still taken
+        gen_server:cast(dspex_region, {shared, S, D#{region_epoch => 4}, Us}),
+        Epoch = fun() -> case dspex_region:decision(S) of #{region_epoch := E} -> E; _ -> none end end,
+        ok = until(fun() -> Epoch() =:= 4 end, 5000, old_shared_cast),
+        ok = gen_server:call(dspex_region, {shared, S, D#{region_epoch => 5}, Us}),
+        ?assertMatch(#{region_epoch := 5}, dspex_region:decision(S)),
+        gen_server:cast(dspex_region, {merge, erlang:monotonic_time(millisecond), [{S, D#{region_epoch => 6}}],
+                                       [{S, Us}], []}),
+        ok = until(fun() -> Epoch() =:= 6 end, 5000, old_merge),
+        ?assertEqual(Us, dspex_region:moved(S)),
         ?assertEqual(undefined, dspex_region:moving(S))
     end).
