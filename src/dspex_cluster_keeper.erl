@@ -37,6 +37,10 @@
 %% too, and the next tick tries again; the backend's hold of each forgotten
 %% session is released (`etcd': its owner key).</li>
 %% </ol>
+%% `[dspex, cluster, tombstones, waiting]' (`count'; `missing', the nodes
+%% away) is emitted on a tick that finds tombstones it cannot remove yet, and
+%% `[dspex, cluster, tombstones, removed]' (`count', `kept') when a reaper ends.
+%%
 %% Why no resurrection: a session comes back only from a copy, and when the
 %% last tombstone goes no node holds one (each configured node dropped its
 %% copy in step 1; a node that restarts comes back empty); a change still in
@@ -119,11 +123,15 @@ reap(Rows, Here, St) ->
                     end,
     Tombs = lists:sublist([{S, E, Seq} || {S, E, Seq, expired, _, _, F} <- Rows, F =< E,
                                           not sets:is_element(S, Here), resolved(S)], ?REAP_MAX),
-    case Tombs =/= [] andalso Nodes -- Live =:= [] of
-        true ->
+    case {Tombs, Nodes -- Live} of
+        {[], _} -> St;
+        {_, []} ->
             {Pid, _} = spawn_monitor(fun() -> reap(Tombs, Nodes -- [node()]) end),
             St#{reaper := Pid};
-        false -> St
+        {_, Missing} ->
+            dspex_telemetry:execute([dspex, cluster, tombstones, waiting], #{count => length(Tombs)},
+                                    #{missing => Missing}),
+            St
     end.
 
 %% No change of `S' announced here still waits for its replicas.
@@ -141,6 +149,8 @@ reap(Tombs, Others) ->
     %% the backend's hold too (etcd: the owner key, left by the deletion)
     #{backend := Backend} = dspex_cluster_members:view(),
     _ = [Backend:release(S) || S <- Gone],
+    dspex_telemetry:execute([dspex, cluster, tombstones, removed],
+                            #{count => length(Gone), kept => length(Tombs) - length(Gone)}, #{}),
     ok.
 
 %% The sessions of `All' that every node of `Others' returned from
