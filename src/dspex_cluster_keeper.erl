@@ -37,6 +37,12 @@
 %% too, and the next tick tries again; the backend's hold of each forgotten
 %% session is released (`etcd': its owner key).</li>
 %% </ol>
+%% A deletion whose owner died before removing its tombstones leaves them on
+%% the other nodes, with no owner to remove them: when nodes join the view,
+%% each node has the sessions it holds such a tombstone of, whose owner is
+%% back without a row of them, settled by their owner under the view (a
+%% takeover: the deletion, newest, wins), which then removes them as above.
+%%
 %% `[dspex, cluster, tombstones, waiting]' (`count'; `missing', the nodes
 %% away) is emitted on a tick that finds tombstones it cannot remove yet, and
 %% `[dspex, cluster, tombstones, removed]' (`count', `kept') when a reaper ends.
@@ -84,6 +90,7 @@ handle_cast(reconcile, St) ->
     V = dspex_cluster_members:view(),
     [gen_server:cast({dspex_cluster_writer:name(S), Owner}, {reconcile, S, 0})
      || S <- dspex_cluster:owned_sessions(), {Owner, _} <- [dspex_cluster_writer:owners(S, V)]],
+    _ = spawn(fun() -> orphans(V) end),
     {noreply, St};
 handle_cast(_, St) -> {noreply, St}.
 
@@ -151,6 +158,26 @@ reap(Tombs, Others) ->
     _ = [Backend:release(S) || S <- Gone],
     dspex_telemetry:execute([dspex, cluster, tombstones, removed],
                             #{count => length(Gone), kept => length(Tombs) - length(Gone)}, #{}),
+    ok.
+
+%% Tombstones whose owner died before removing them (see the module doc):
+%% rows here of a deletion applied here (seq above 0, no copy) whose owner
+%% node is live and has no row of the session (it restarted empty) are
+%% settled by the session's owner under the view, which takes the deletion
+%% over and so removes it as its own. (A copy that only expired here, whose
+%% owner restarted, is settled early the same way: the newest copy wins.)
+orphans(#{live := Live} = V) ->
+    Here = sets:from_list(dspex_nif:session_list(), [{version, 2}]),
+    ByOwner = maps:groups_from_list(
+                fun({_, O}) -> O end, fun({S, _}) -> S end,
+                [{S, O} || {S, _, Seq, O, _, _, _} <- ets:tab2list(dspex_cluster_replica:table()),
+                           Seq > 0, O =/= node(), lists:member(O, Live), not sets:is_element(S, Here)]),
+    [gen_server:cast({dspex_cluster_writer:name(S), Owner}, {reconcile, S, 0})
+     || {O, Ss} <- maps:to_list(ByOwner),
+        Known <- [try sets:from_list(erpc:call(O, dspex_cluster_replica, known, [Ss], ?REAP_TIMEOUT), [{version, 2}])
+                  catch _:_ -> sets:from_list(Ss, [{version, 2}])   % no answer: nothing is settled
+                  end],
+        S <- Ss, not sets:is_element(S, Known), {Owner, _} <- [dspex_cluster_writer:owners(S, V)]],
     ok.
 
 %% The sessions of `All' that every node of `Others' returned from

@@ -51,7 +51,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/4,
-         row/1, current_row/1, put_row/1, table/0, replace/2, never_held/1, bury/2, forget/1]).
+         row/1, current_row/1, put_row/1, table/0, replace/2, never_held/1, bury/2, forget/1, known/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
@@ -171,6 +171,10 @@ bury(Tombs, Owner) -> per_process(Tombs, fun(Part) -> {bury, Part, Owner} end).
 %% sessions with no row left here.
 -spec forget([{binary(), pos_integer(), pos_integer()}]) -> [binary()].
 forget(Tombs) -> per_process(Tombs, fun(Part) -> {forget, Part} end).
+
+%% @doc The sessions of `Sessions' this node has a row of.
+-spec known([binary()]) -> [binary()].
+known(Ss) -> [S || S <- Ss, ets:member(?TAB, S)].
 
 %% The sessions of each pool process in one call to it (ordered with the
 %% session's other changes); a process that does not answer in time counts

@@ -25,7 +25,8 @@
          event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1,
          event_sequence_on_one_postgres_database_across_failover/1,
          a_drain_that_would_leave_no_owner_is_refused/1, unknown_sessions_leave_no_row_on_any_node/1,
-         deleted_sessions_leave_no_rows_on_any_node/1, a_session_deleted_while_a_node_was_cut_off_stays_deleted/1]).
+         deleted_sessions_leave_no_rows_on_any_node/1, a_session_deleted_while_a_node_was_cut_off_stays_deleted/1,
+         tombstones_of_an_owner_that_died_are_removed_when_it_returns/1]).
 -export([churn/2, session_rows/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2, has_result/1]).
@@ -77,7 +78,8 @@ all() ->
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover,
      a_drain_that_would_leave_no_owner_is_refused, unknown_sessions_leave_no_row_on_any_node,
-     deleted_sessions_leave_no_rows_on_any_node, a_session_deleted_while_a_node_was_cut_off_stays_deleted].
+     deleted_sessions_leave_no_rows_on_any_node, a_session_deleted_while_a_node_was_cut_off_stays_deleted,
+     tombstones_of_an_owner_that_died_are_removed_when_it_returns].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -2207,3 +2209,36 @@ a_session_deleted_while_a_node_was_cut_off_stays_deleted(Config) ->
 
 is_expired_somewhere(S, Ps) ->
     lists:any(fun(P) -> element(4, peer:call(P, dspex_cluster_replica, row, [S])) =:= expired end, Ps).
+
+%% The owner of a deleted session is killed before its keeper removed the
+%% tombstones (its keeper held suspended from before the deletion): the
+%% replica's tombstone has no owner to remove it. Once the owner is back
+%% (restarted, empty), the session is settled by its owner under the view,
+%% which removes the tombstones as its own: no row is left on any node, and
+%% the session reads as not found everywhere.
+tombstones_of_an_owner_that_died_are_removed_when_it_returns(Config) ->
+    Peers = start_cluster("dspex_orph", #{replicas => 1, replication => sync, keepalive_ms => 200}),
+    put(peers, Peers),
+    [{A, PA}, {B, PB}, {C, _}] = Peers,
+    View = peer:call(PB, dspex_cluster_members, view, []),
+    [S | _] = [X || I <- lists:seq(1, 1000), X <- [<<"orph_", (integer_to_binary(I))/binary>>],
+                    element(1, dspex_cluster_writer:owners(X, View)) =:= A],
+    {A, [Rep]} = dspex_cluster_writer:owners(S, View),
+    ok = create_with_x(PB, S),
+    ok = peer:call(PA, sys, suspend, [dspex_cluster_keeper]),
+    ?assertEqual(ok, peer:call(PB, dspex_store, delete_session, [S])),
+    %% the replica applied the deletion: its tombstone
+    ?assertMatch({S, _, Seq, A, _, _, _} when Seq > 0, peer:call(peer_of(Rep, Peers), dspex_cluster_replica, row, [S])),
+    ok = kill_node(A, Peers),
+    ok = wait_until(fun() -> live(PB) =:= [B, C] end, 20000, owner_gone),
+    Peers1 = restart_node(A, Peers),
+    put(peers, Peers1),
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= [A, B, C] end, Peers1) end, 30000, owner_back),
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> prefixed_rows(P, S) =:= 0 end, Peers1) end, 30000,
+                    tombstones_removed),
+    [begin
+         ?assertEqual({error, session_not_found}, peer:call(P, dspex_store, get_session, [S])),
+         ?assertEqual(false, lists:member(S, peer:call(P, dspex_cluster, owned_sessions, [])))
+     end || {_, P} <- Peers1],
+    ?assert(lists:all(fun({_, P}) -> prefixed_rows(P, S) =:= 0 end, Peers1)),
+    Config.
