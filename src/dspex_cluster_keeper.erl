@@ -39,9 +39,10 @@
 %% </ol>
 %% A deletion whose owner died before removing its tombstones leaves them on
 %% the other nodes, with no owner to remove them: when nodes join the view,
-%% each node has the sessions it holds such a tombstone of, whose owner is
-%% back without a row of them, settled by their owner under the view (a
-%% takeover: the deletion, newest, wins), which then removes them as above.
+%% and on each tick while every configured node is live (in the reaper's
+%% process), each node has the sessions it holds such a tombstone of, whose
+%% owner is back without a row of them, settled by their owner under the view
+%% (a takeover: the deletion, newest, wins), which then removes them as above.
 %%
 %% `[dspex, cluster, tombstones, waiting]' (`count'; `missing', the nodes
 %% away) is emitted on a tick that finds tombstones it cannot remove yet, and
@@ -90,7 +91,10 @@ handle_cast(reconcile, St) ->
     V = dspex_cluster_members:view(),
     [gen_server:cast({dspex_cluster_writer:name(S), Owner}, {reconcile, S, 0})
      || S <- dspex_cluster:owned_sessions(), {Owner, _} <- [dspex_cluster_writer:owners(S, V)]],
-    _ = spawn(fun() -> orphans(V) end),
+    _ = spawn(fun() ->
+                      Here = sets:from_list(dspex_nif:session_list(), [{version, 2}]),
+                      orphans(orphaned(ets:tab2list(dspex_cluster_replica:table()), Here, V), V)
+              end),
     {noreply, St};
 handle_cast(_, St) -> {noreply, St}.
 
@@ -122,18 +126,28 @@ handle_info(_, St) -> {noreply, St}.
 
 %% Starts a reaper of this node's tombstones when none runs and every
 %% configured node is live (only they can acknowledge a deletion).
+%% The same process then looks for tombstones of other owners that died
+%% (`orphans/2'): after a join, a first attempt may not finish (the owner
+%% still starting, a takeover that could not), so every tick tries again.
 reap(_Rows, _Here, #{reaper := Pid} = St) when is_pid(Pid) -> St;
 reap(Rows, Here, St) ->
-    {Nodes, Live} = case dspex_cluster_members:published_view() of
-                        #{nodes := N, live := L} -> {N, L};
-                        undefined -> {[node()], []}   % starting: no view yet
-                    end,
+    {Nodes, Live, V} = case dspex_cluster_members:published_view() of
+                           #{nodes := N, live := L} = V0 -> {N, L, V0};
+                           undefined -> {[node()], [], undefined}   % starting: no view yet
+                       end,
     Tombs = lists:sublist([{S, E, Seq} || {S, E, Seq, expired, _, _, F} <- Rows, F =< E,
                                           not sets:is_element(S, Here), resolved(S)], ?REAP_MAX),
+    Orphaned = case Nodes -- Live of
+                   [] -> orphaned(Rows, Here, V);
+                   _ -> #{}
+               end,
     case {Tombs, Nodes -- Live} of
-        {[], _} -> St;
+        {[], _} when Orphaned =:= #{} -> St;
         {_, []} ->
-            {Pid, _} = spawn_monitor(fun() -> reap(Tombs, Nodes -- [node()]) end),
+            {Pid, _} = spawn_monitor(fun() ->
+                                             _ = Tombs =/= [] andalso reap(Tombs, Nodes -- [node()]),
+                                             orphans(Orphaned, V)
+                                     end),
             St#{reaper := Pid};
         {_, Missing} ->
             dspex_telemetry:execute([dspex, cluster, tombstones, waiting], #{count => length(Tombs)},
@@ -166,12 +180,15 @@ reap(Tombs, Others) ->
 %% settled by the session's owner under the view, which takes the deletion
 %% over and so removes it as its own. (A copy that only expired here, whose
 %% owner restarted, is settled early the same way: the newest copy wins.)
-orphans(#{live := Live} = V) ->
-    Here = sets:from_list(dspex_nif:session_list(), [{version, 2}]),
-    ByOwner = maps:groups_from_list(
-                fun({_, O}) -> O end, fun({S, _}) -> S end,
-                [{S, O} || {S, _, Seq, O, _, _, _} <- ets:tab2list(dspex_cluster_replica:table()),
-                           Seq > 0, O =/= node(), lists:member(O, Live), not sets:is_element(S, Here)]),
+%% `orphaned/3' lists the candidates of `Rows' by owner node, `orphans/2'
+%% asks each owner which it has no row of and settles those.
+orphaned(Rows, Here, #{live := Live}) ->
+    maps:groups_from_list(
+      fun({_, O}) -> O end, fun({S, _}) -> S end,
+      lists:sublist([{S, O} || {S, _, Seq, O, _, _, _} <- Rows, Seq > 0, O =/= node(), lists:member(O, Live),
+                               not sets:is_element(S, Here)], ?REAP_MAX)).
+
+orphans(ByOwner, V) ->
     [gen_server:cast({dspex_cluster_writer:name(S), Owner}, {reconcile, S, 0})
      || {O, Ss} <- maps:to_list(ByOwner),
         Known <- [try sets:from_list(erpc:call(O, dspex_cluster_replica, known, [Ss], ?REAP_TIMEOUT), [{version, 2}])
