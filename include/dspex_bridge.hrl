@@ -81,6 +81,9 @@
 -define(DSPEX_CLUSTER_ROUTE_RETRY, [dspex, cluster, route, retry]).
 %% a batch of sync replication records answered by a replica node (dspex_cluster_shipper)
 -define(DSPEX_CLUSTER_BATCH_STOP, [dspex, cluster, batch, stop]).
+%% Ev: waiting (tombstones kept while configured nodes are away) | removed
+%% (a reaper ended), dspex_cluster_keeper
+-define(DSPEX_CLUSTER_TOMBSTONES(Ev), [dspex, cluster, tombstones, Ev]).
 %% Ev: hit | miss | stale | fill | evict | conflict (dspex_cache)
 -define(DSPEX_CACHE(Ev), [dspex, cache, Ev]).
 %% Ev: sent (by an owner, count = nodes) | received (delay_ns: owner commit to drop here)
@@ -126,6 +129,7 @@
                                 Ev__ <- [start, stop, exception]]
         ++ [?DSPEX_CLUSTER_UNDRAIN_STOP, ?DSPEX_CLUSTER_VIEW_CHANGE, ?DSPEX_CLUSTER_LEASE_LOST,
             ?DSPEX_CLUSTER_ROUTE_RETRY, ?DSPEX_CLUSTER_BATCH_STOP,
+            ?DSPEX_CLUSTER_TOMBSTONES(waiting), ?DSPEX_CLUSTER_TOMBSTONES(removed),
             ?DSPEX_GRPC_RPC_STOP, ?DSPEX_GRPC_CANCELLED, ?DSPEX_GRPC_OVERLOAD,
             ?DSPEX_GRPC_PORT(start), ?DSPEX_GRPC_PORT(exit), ?DSPEX_GRPC_PORT(give_up),
             ?DSPEX_EVENTS_LOG(written), ?DSPEX_EVENTS_LOG(error)]

@@ -98,7 +98,8 @@
          cache_id/1, is_cache_id/1, committed/3, fill_here/3, version_here/3, seen/2, wrote/1,
          drop/1, cached_sessions/0, entry/1, clock/0, prometheus/0, tables/0, strong_enabled/0,
          committed/4, before_commit/2, after_commit/1, took_over/1,
-         vv/1, set_vv/2, advance_vv/4, find_conflicts/2, record_conflicts/4, conflicts/1, conflicts_here/1]).
+         vv/1, set_vv/2, advance_vv/4, find_conflicts/2, record_conflicts/4, conflicts/1, conflicts_here/1,
+         forget_deleted/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(TAB, dspex_cache_entries).
@@ -571,6 +572,23 @@ advance_vv(S, Epoch, Owner, Seq) when is_atom(Owner), Owner =/= undefined, Owner
         _ -> set_vv(S, V#{Epoch => {Owner, Seq}})
     end;
 advance_vv(_, _, _, _) -> ok.
+
+%% @doc The rows of deleted session `S' went (`dspex_cluster_replica:forget/1',
+%% epochs up to `Epoch'): its version vector, recorded conflicts and the
+%% registrations of nodes caching it go too, unless a newer epoch of the id
+%% began here meanwhile (its vector names that epoch, or the sessions table
+%% has a row again).
+-spec forget_deleted(binary(), non_neg_integer()) -> ok.
+forget_deleted(S, Epoch) ->
+    case ets:whereis(?VV) =/= undefined andalso ets:lookup(?VV, S) of
+        [{S, V} = Obj] ->
+            _ = lists:all(fun(E) -> E =< Epoch end, maps:keys(V)) andalso ets:delete_object(?VV, Obj),
+            ok;
+        _ -> ok
+    end,
+    _ = not ets:member(dspex_cluster_replica:table(), S) andalso ets:whereis(?REGS) =/= undefined
+        andalso ets:delete(?REGS, S) andalso ets:delete(?CONFLICTS, S),
+    ok.
 
 %% @doc At a takeover, before the newest copy replaces the others: the copies
 %% (`{{Epoch, Seq}, Present, Node}' as the writer ranks them) whose lineage

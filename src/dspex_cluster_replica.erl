@@ -33,6 +33,17 @@
 %% replaced without logging, and a dropped copy logs `session_deleted' with
 %% reason `migrated'.
 %%
+%% A change for a session this node has no row of is `{error, need_full}'
+%% (a full copy too): every legitimate sender fenced or installed the node
+%% first (a takeover fences every live member), so a change arriving at a
+%% node without a row is either from an owner whose sessions table here was
+%% lost (it then installs a copy through `install/5', after the writer checked
+%% it still owns the session) or a straggler of a deleted session whose rows
+%% were removed (`forget/1'): applying it would bring the session back.
+%%
+%% Deleted sessions leave no rows (see `dspex_cluster_keeper'): `bury/2' and
+%% `forget/1' are the two phases of their removal on each node.
+%%
 %% Watches made on this node while it owned a session (`dspex_cluster_watch')
 %% are told they are lost when another node takes the session over (fence),
 %% or this copy is replaced or dropped.
@@ -40,7 +51,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, name/1, apply_change/5, state/1, fence/2, export/1, install/5, drop/4,
-         row/1, current_row/1, put_row/1, table/0, replace/2, never_held/1]).
+         row/1, current_row/1, put_row/1, table/0, replace/2, never_held/1, bury/2, forget/1, known/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(POOL, 8).
@@ -140,6 +151,40 @@ install(S, Epoch, Seq, Owner, Export) -> call(S, {install, S, Epoch, Seq, Owner,
 -spec drop(binary(), pos_integer(), node(), pos_integer() | undefined) -> ok | {error, term()}.
 drop(S, Epoch, Owner, Mark) -> call(S, {drop, S, Epoch, Owner, Mark}).
 
+%% @doc Phase one of removing deleted sessions (the owner's keeper, see
+%% `dspex_cluster_keeper'): `Tombs' are `{Session, Epoch, Seq}', each deleted
+%% by `Owner' at `{Epoch, Seq}'. For each session this node knows nothing
+%% newer of (no epoch or fence above `Epoch', no later seq in it), any copy
+%% held here is dropped without logging (an old copy of a node that was cut
+%% off or down during the deletion), and a row is made a tombstone at
+%% `{Epoch, Seq}' fenced at `Epoch'; a node without a row gets none. Returns
+%% the sessions that are so (the others are left as they are: a newer
+%% epoch began, say the id was created again).
+-spec bury([{binary(), pos_integer(), pos_integer()}], node()) -> [binary()].
+bury(Tombs, Owner) -> per_process(Tombs, fun(Part) -> {bury, Part, Owner} end).
+
+%% @doc Phase two, once every configured node buried them: removes every row
+%% of the sessions `Tombs' (as for `bury/2') still a tombstone at their
+%% `{Epoch, Seq}' with no copy here: the sessions table's, the read index's
+%% (`dspex_cluster_shipper'), the version vector and cache registrations
+%% (`dspex_cache'), the fast path's descriptor, and a pin. Returns the
+%% sessions with no row left here.
+-spec forget([{binary(), pos_integer(), pos_integer()}]) -> [binary()].
+forget(Tombs) -> per_process(Tombs, fun(Part) -> {forget, Part} end).
+
+%% @doc The sessions of `Sessions' this node has a row of.
+-spec known([binary()]) -> [binary()].
+known(Ss) -> [S || S <- Ss, ets:member(?TAB, S)].
+
+%% The sessions of each pool process in one call to it (ordered with the
+%% session's other changes); a process that does not answer in time counts
+%% as having done none of its part.
+per_process(Tombs, Msg) ->
+    Parts = maps:groups_from_list(fun({S, _, _}) -> name(S) end, Tombs),
+    lists:append([try gen_server:call(P, Msg(Part), ?CALL_TIMEOUT)
+                  catch exit:_ -> []
+                  end || {P, Part} <- maps:to_list(Parts)]).
+
 call(S, Msg) ->
     try gen_server:call(name(S), Msg, ?CALL_TIMEOUT)
     catch exit:{timeout, _} -> {error, timeout}
@@ -218,19 +263,60 @@ handle_call({drop, S, Epoch, Owner, Mark}, _From, St) ->
             {reply, ok, St}
     end;
 handle_call({apply, S, Epoch, Seq, Owner, P}, _From, St) ->
-    {reply, do_apply(S, Epoch, Seq, Owner, P), St}.
+    {reply, apply_one(S, Epoch, Seq, Owner, P), St};
+handle_call({bury, Tombs, Owner}, _From, St) ->
+    {reply, [S || {S, E, Seq} <- Tombs, bury_one(S, E, Seq, Owner)], St};
+handle_call({forget, Tombs}, _From, St) ->
+    {reply, [S || {S, E, Seq} <- Tombs, forget_one(S, E, Seq)], St}.
+
+bury_one(S, E, Seq, Owner) ->
+    case ets:lookup(?TAB, S) of
+        [{S, Ex, SeqX, _, _, _, Fx}] when Fx > E; Ex > E; Ex =:= E, SeqX > Seq -> false;
+        Found ->
+            %% this node's fast-path descriptor (it may have owned the copy) goes first
+            _ = dspex_nif:repl_unsettle(S),
+            ok = dspex_nif:repl_forget(S),
+            _ = present(S) andalso replace(S, absent),
+            _ = Found =/= [] andalso ets:insert(?TAB, {S, E, Seq, Owner, [], 0, E}),
+            true
+    end.
+
+forget_one(S, E, Seq) ->
+    case ets:lookup(?TAB, S) of
+        [] -> true;
+        [{S, E, Seq, _, _, _, F} = Row] when F =< E ->
+            %% compared whole: a takeover of the id that began meanwhile
+            %% (it writes the row first) keeps it
+            not present(S) andalso ets:delete_object(?TAB, Row) andalso forgotten(S, E);
+        _ -> false
+    end.
+
+%% What else keys on a forgotten session here: only what belongs to epochs up
+%% to `E' (a new epoch of the id, begun since, keeps its own).
+forgotten(S, E) ->
+    _ = ets:select_delete(dspex_cluster_shipper:shipped_table(),
+                          [{{S, {'$1', '_'}, '_'}, [{'=<', '$1', E}], [true]}]),
+    ok = dspex_cache:forget_deleted(S, E),
+    _ = dspex_nif:repl_unsettle(S),
+    ok = dspex_nif:repl_forget(S),
+    _ = case dspex_cluster_members:published_view() of
+            #{overrides := #{S := _}} -> dspex_cluster_members:set_override(S, undefined);
+            _ -> ok
+        end,
+    true.
 
 -spec handle_cast(term(), map()) -> {noreply, map()}.
 handle_cast({apply, S, Epoch, Seq, Owner, P, Notify}, St) ->
     %% asynchronous replication: the owner's writer is told when a full copy is needed
-    case do_apply(S, Epoch, Seq, Owner, P) of
+    case apply_one(S, Epoch, Seq, Owner, P) of
         {error, need_full} -> Notify ! {need_full, S, node()};
         _ -> ok
     end,
     {noreply, St};
 handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
     {S, E, Seq0, _, _, _, F} = row(S),
-    case Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
+    %% (no row: see the module doc; the owner's next change finds the gap)
+    case not ets:member(?TAB, S) orelse Epoch < max(E, F) orelse (Epoch =:= E andalso Seq =< Seq0) of
         true -> ok;
         false ->
             _ = replace(S, Export) =:= ok andalso dspex_events:follow(S, Owner, log_upto(Export)) =:= ok
@@ -242,10 +328,20 @@ handle_cast({install, S, Epoch, Seq, Owner, Export}, St) ->
 handle_info({apply_batch, Receiver, Key, Owner, Recs}, St) ->
     %% this process's part of a batch (see dspex_cluster_receiver), in order
     %% per session; the answer lists the records not applied
-    Fails = lists:append([apply_session(S, SRecs, Owner, []) || {S, SRecs} <- by_session(Recs)]),
+    Fails = lists:append([case ets:member(?TAB, S) of
+                              true -> apply_session(S, SRecs, Owner, []);
+                              false -> [{I, {error, need_full}} || {I, _, _, _, _} <- SRecs]   % no row: see the module doc
+                          end || {S, SRecs} <- by_session(Recs)]),
     Receiver ! {applied, Key, Fails},
     {noreply, St};
 handle_info(_, St) -> {noreply, St}.
+
+%% A change of a session with a row here (see the module doc).
+apply_one(S, Epoch, Seq, Owner, P) ->
+    case ets:member(?TAB, S) of
+        true -> do_apply(S, Epoch, Seq, Owner, P);
+        false -> {error, need_full}
+    end.
 
 %% A change with the owner's event sequence before (`Pre') and after (`Post')
 %% it: the replica's log is brought to `Pre' first (events the owner logged

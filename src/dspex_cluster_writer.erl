@@ -356,7 +356,13 @@ fast_allowed() ->
 %% that the next access settles it.
 reconcile(S, Attempt) ->
     case dspex_cluster_members:published_view() of
-        undefined -> ok;   % starting: the membership server reconciles once it publishes
+        %% starting: asked by another node (its keeper settles the tombstones
+        %% of a deletion this node owned before it restarted, see
+        %% dspex_cluster_keeper), tried again as a takeover that cannot finish
+        undefined when Attempt < ?RECONCILE_ATTEMPTS ->
+            erlang:send_after(?RECONCILE_BACKOFF_MS bsl Attempt, self(), {reconcile, S, Attempt + 1}),
+            ok;
+        undefined -> ok;
         V -> reconcile(S, Attempt, V)
     end.
 

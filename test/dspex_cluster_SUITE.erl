@@ -24,7 +24,10 @@
          event_sequence_continues_on_the_new_owner_after_failover/1,
          event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated/1,
          event_sequence_on_one_postgres_database_across_failover/1,
-         a_drain_that_would_leave_no_owner_is_refused/1, unknown_sessions_leave_no_row_on_any_node/1]).
+         a_drain_that_would_leave_no_owner_is_refused/1, unknown_sessions_leave_no_row_on_any_node/1,
+         deleted_sessions_leave_no_rows_on_any_node/1, a_session_deleted_while_a_node_was_cut_off_stays_deleted/1,
+         tombstones_of_an_owner_that_died_are_removed_when_it_returns/1]).
+-export([churn/2, session_rows/1]).
 %% run on the peers
 -export([sum_values/1, holder_start/1, holder_stop/1, run_as/4, holder_take/2, spawn_call/4, await_result/2, has_result/1]).
 -export([client_start/2, client_start/3, client_start/5, client_more/1, client_more/2, client_loop/1, client_count/0,
@@ -74,7 +77,9 @@ all() ->
      event_sequence_continues_on_the_new_owner_after_failover,
      event_sequence_follows_a_migration_and_the_dropped_copy_logs_migrated,
      event_sequence_on_one_postgres_database_across_failover,
-     a_drain_that_would_leave_no_owner_is_refused, unknown_sessions_leave_no_row_on_any_node].
+     a_drain_that_would_leave_no_owner_is_refused, unknown_sessions_leave_no_row_on_any_node,
+     deleted_sessions_leave_no_rows_on_any_node, a_session_deleted_while_a_node_was_cut_off_stays_deleted,
+     tombstones_of_an_owner_that_died_are_removed_when_it_returns].
 
 init_per_testcase(_, Config) -> Config.
 
@@ -2092,4 +2097,148 @@ unknown_sessions_leave_no_row_on_any_node(Config) ->
     ok = wait_until(fun() -> peer:call(PR, dspex_cluster, owner_of, [S]) =/= {ok, Owner} end, 20000, view_moved),
     [?assertEqual({ok, 5}, peer:call(P, dspex_store, get_value, [S, x])) || {_, P} <- Rest],
     ?assertEqual({error, session_not_found}, peer:call(PR, dspex_store, get, [hd(Ids), x])),
+    Config.
+
+%%% deleted sessions leave no rows -----------------------------------------------
+
+%% On a peer: creates, writes and deletes sessions Prefix1 .. PrefixN, as a
+%% client would (a `{retry, _}' error is retried; a retried call may find
+%% its first attempt committed). Returns the retries made.
+churn(Prefix, N) ->
+    lists:sum([begin
+                   S = <<Prefix/binary, (integer_to_binary(I))/binary>>,
+                   churn_call(fun() -> dspex_store:create_session(S) end, [already_exists], 0)
+                       + churn_call(fun() -> dspex_store:register(S, x, integer, 1) end, [already_exists], 0)
+                       + churn_call(fun() -> dspex_store:delete_session(S) end, [session_not_found], 0)
+               end || I <- lists:seq(1, N)]).
+
+churn_call(F, AfterRetry, Retries) ->
+    case F() of
+        ok -> Retries;
+        {ok, _} -> Retries;
+        {error, {retry, _}} when Retries < 10 -> churn_call(F, AfterRetry, Retries + 1);
+        {error, {R, _}} = E when Retries > 0 -> true = lists:member(R, AfterRetry) orelse E, Retries;
+        {error, R} = E when Retries > 0 -> true = lists:member(R, AfterRetry) orelse E, Retries
+    end.
+
+%% On a peer: per table keyed by session id, {Table, rows whose id starts
+%% with Prefix, rows, bytes}.
+session_rows(Prefix) ->
+    L = byte_size(Prefix),
+    [{T, length([K || K <- ets:select(T, [{Pat, [], ['$1']}]), is_binary(K), binary:longest_common_prefix([K, Prefix]) =:= L]),
+      ets:info(T, size), ets:info(T, memory) * erlang:system_info(wordsize)}
+     || {T, Pat} <- [{dspex_cluster_replica:table(), {'$1', '_', '_', '_', '_', '_', '_'}},
+                     {dspex_cluster_shipper:shipped_table(), {'$1', '_', '_'}},
+                     {dspex_cache_vv, {'$1', '_'}}, {dspex_cache_regs, {'$1', '_'}}]].
+
+prefixed_rows(P, Prefix) -> lists:sum([N || {_, N, _, _} <- peer:call(P, ?MODULE, session_rows, [Prefix])]).
+
+%% Create-and-delete churn through one node of three (R = 1, sync): once the
+%% owners' keepers reaped the tombstones, no table keyed by session id holds
+%% a row of them on any node; the ids read as not found and can be created again.
+deleted_sessions_leave_no_rows_on_any_node(Config) ->
+    Peers = start_cluster("dspex_rows", #{replicas => 1, replication => sync, keepalive_ms => 200}),
+    put(peers, Peers),
+    [{_, PA} | _] = Peers,
+    N = list_to_integer(os:getenv("DSPEX_ROWS_N", "300")),
+    Prefix = <<"rows_">>,
+    Before = [{Node, peer:call(P, ?MODULE, session_rows, [Prefix])} || {Node, P} <- Peers],
+    T0 = erlang:monotonic_time(millisecond),
+    Retries = peer:call(PA, ?MODULE, churn, [Prefix, N], 600000),
+    T1 = erlang:monotonic_time(millisecond),
+    After = [{Node, peer:call(P, ?MODULE, session_rows, [Prefix])} || {Node, P} <- Peers],
+    ct:pal("~p sessions created and deleted in ~p ms (~p calls retried)~n{Table, rows of them, rows, bytes} "
+           "before ~p~nright after ~p", [N, T1 - T0, Retries, Before, After]),
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> prefixed_rows(P, Prefix) =:= 0 end, Peers) end,
+                    60000, rows_reaped),
+    T2 = erlang:monotonic_time(millisecond),
+    Reaped = [{Node, peer:call(P, ?MODULE, session_rows, [Prefix])} || {Node, P} <- Peers],
+    ct:pal("rows reaped ~p ms after the churn: ~p", [T2 - T1, Reaped]),
+    S1 = <<Prefix/binary, "1">>,
+    [?assertEqual({error, session_not_found}, peer:call(P, dspex_store, get, [S1, x])) || {_, P} <- Peers],
+    [?assertEqual(0, prefixed_rows(P, Prefix)) || {_, P} <- Peers],
+    ok = create_with_x(PA, S1),
+    [?assertEqual({ok, 0}, peer:call(P, dspex_store, get_value, [S1, x])) || {_, P} <- Peers],
+    Config.
+
+%% Sessions deleted by the majority while the third node C was cut off,
+%% one owned by C and one C replicated: C's old copies do not bring them back
+%% when it returns (reads say not found everywhere, no node owns them), and
+%% their rows go from every node once C acknowledged the deletion (not
+%% before: C's copy must be dropped first).
+a_session_deleted_while_a_node_was_cut_off_stays_deleted(Config) ->
+    Peers = start_cluster("dspex_tomb", #{replicas => 1, replication => sync, keepalive_ms => 200}),
+    put(peers, Peers),
+    [{A, PA}, {B, _}, {C, PC}] = Peers,
+    View = peer:call(PA, dspex_cluster_members, view, []),
+    Pick = fun(Want) -> hd([X || I <- lists:seq(1, 1000), X <- [<<"tomb_", (integer_to_binary(I))/binary>>],
+                                 Want(dspex_cluster_writer:owners(X, View))]) end,
+    OwnedByC = Pick(fun({O, _}) -> O =:= C end),
+    ReplicaC = Pick(fun({O, Reps}) -> O =/= C andalso lists:member(C, Reps) end),
+    Del = [OwnedByC, ReplicaC],
+    [ok = create_with_x(PA, S) || S <- Del],
+    [?assertEqual({0, 0}, peer:call(PC, ?MODULE, node_state, [S, <<"x">>])) || S <- Del],
+    Majority = [PA, peer_of(B, Peers)],
+    [ok = peer:call(P, ?MODULE, events_start, [ct_tomb, [[dspex, cluster, tombstones, waiting]]]) || P <- Majority],
+    ok = partition_third(Peers),
+    [?assertEqual(ok, peer:call(PA, dspex_store, delete_session, [S])) || S <- Del],
+    %% the majority keeps its tombstones while C, which holds copies, is
+    %% away: a keeper tick saw both (marked expired, the step before their
+    %% removal) and left them, waiting for C
+    Waiting = fun() -> lists:sum([case [M || {_, M, #{missing := [Mi]}} <- peer:call(P, ?MODULE, events_get, [ct_tomb]),
+                                            Mi =:= C] of
+                                      [] -> 0;
+                                      Ms -> maps:get(count, lists:last(Ms))
+                                  end || P <- Majority]) end,
+    ok = wait_until(fun() -> Waiting() >= 2 end, 20000, tombstones_waiting_for_c),
+    [?assertMatch({0, 0}, peer:call(PC, ?MODULE, node_state, [S, <<"x">>])) || S <- Del],
+    [?assert(is_expired_somewhere(S, Majority)) || S <- Del],
+    [?assertNotEqual([], [P || P <- Majority, prefixed_rows(P, S) > 0]) || S <- Del],
+    ok = restore_cookies(Peers),
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= [A, B, C] end, Peers) end, 20000, healed),
+    Gone = fun() -> lists:all(fun({_, P}) -> lists:all(fun(S) -> prefixed_rows(P, S) =:= 0 end, Del) end, Peers) end,
+    ok = wait_until(Gone, 30000, rows_reaped_after_heal),
+    [begin
+         ?assertEqual({error, session_not_found}, peer:call(P, dspex_cluster, local_apply, [get_session, [S]])),
+         ?assertEqual({error, session_not_found}, peer:call(P, dspex_store, get_session, [S])),
+         ?assertEqual(false, lists:member(S, peer:call(P, dspex_cluster, owned_sessions, [])))
+     end || {_, P} <- Peers, S <- Del],
+    %% the reads above took nothing over
+    ?assert(Gone()),
+    Config.
+
+is_expired_somewhere(S, Ps) ->
+    lists:any(fun(P) -> element(4, peer:call(P, dspex_cluster_replica, row, [S])) =:= expired end, Ps).
+
+%% The owner of a deleted session is killed before its keeper removed the
+%% tombstones (its keeper held suspended from before the deletion): the
+%% replica's tombstone has no owner to remove it. Once the owner is back
+%% (restarted, empty), the session is settled by its owner under the view,
+%% which removes the tombstones as its own: no row is left on any node, and
+%% the session reads as not found everywhere.
+tombstones_of_an_owner_that_died_are_removed_when_it_returns(Config) ->
+    Peers = start_cluster("dspex_orph", #{replicas => 1, replication => sync, keepalive_ms => 200}),
+    put(peers, Peers),
+    [{A, PA}, {B, PB}, {C, _}] = Peers,
+    View = peer:call(PB, dspex_cluster_members, view, []),
+    [S | _] = [X || I <- lists:seq(1, 1000), X <- [<<"orph_", (integer_to_binary(I))/binary>>],
+                    element(1, dspex_cluster_writer:owners(X, View)) =:= A],
+    {A, [Rep]} = dspex_cluster_writer:owners(S, View),
+    ok = create_with_x(PB, S),
+    ok = peer:call(PA, sys, suspend, [dspex_cluster_keeper]),
+    ?assertEqual(ok, peer:call(PB, dspex_store, delete_session, [S])),
+    %% the replica applied the deletion: its tombstone
+    ?assertMatch({S, _, Seq, A, _, _, _} when Seq > 0, peer:call(peer_of(Rep, Peers), dspex_cluster_replica, row, [S])),
+    ok = kill_node(A, Peers),
+    ok = wait_until(fun() -> live(PB) =:= [B, C] end, 20000, owner_gone),
+    Peers1 = restart_node(A, Peers),
+    put(peers, Peers1),
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> live(P) =:= [A, B, C] end, Peers1) end, 30000, owner_back),
+    ok = wait_until(fun() -> lists:all(fun({_, P}) -> prefixed_rows(P, S) =:= 0 end, Peers1) end, 30000,
+                    tombstones_removed),
+    [begin
+         ?assertEqual({error, session_not_found}, peer:call(P, dspex_store, get_session, [S])),
+         ?assertEqual(false, lists:member(S, peer:call(P, dspex_cluster, owned_sessions, [])))
+     end || {_, P} <- Peers1],
+    ?assert(lists:all(fun({_, P}) -> prefixed_rows(P, S) =:= 0 end, Peers1)),
     Config.

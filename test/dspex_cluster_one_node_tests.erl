@@ -1,7 +1,9 @@
 %% EUnit: the cluster layer on a one-node cluster (this node, not
 %% distributed, `replicas => 0'): the configuration is checked before
 %% anything starts, a drain that would leave no owner is refused with nothing
-%% changed, and calls naming sessions that do not exist leave no state behind.
+%% changed, calls naming sessions that do not exist leave no state behind, and
+%% deleted sessions (deleted or expired) leave no rows once their tombstones
+%% are reaped.
 -module(dspex_cluster_one_node_tests).
 -include_lib("eunit/include/eunit.hrl").
 
@@ -17,7 +19,11 @@ one_node_test_() ->
       {"writes while every node drains say so",
        fun() -> with_cluster(fun writes_while_every_node_drains_say_so/0) end},
       {"calls on unknown sessions leave nothing behind",
-       fun() -> with_cluster(fun unknown_sessions_leave_nothing_behind/0) end}]}.
+       fun() -> with_cluster(fun unknown_sessions_leave_nothing_behind/0) end},
+      {timeout, 60, {"deleted and expired sessions leave no rows",
+       fun() -> dspex_one_node_cluster:with(#{keepalive_ms => 50}, fun deleted_sessions_leave_no_rows/0) end}},
+      {"a change for a session without a row is refused, nothing created",
+       fun() -> with_cluster(fun a_change_without_a_row_is_refused/0) end}]}.
 
 %% The application's cluster supervisor restarted as a one-node cluster, F
 %% run, then restarted without a cluster again.
@@ -113,3 +119,65 @@ unknown_sessions_leave_nothing_behind() ->
     ?assertMatch({ok, #{epoch := E}} when E > 0, dspex_cluster:read_status(G1)),
     ?assertMatch({ok, #{epoch := _}}, dspex_cluster:migrate_session(G1, node())),
     ok = dspex_store:delete_session(G1).
+
+%% The rows of what keys on a session id in the cluster layer.
+row_counts() ->
+    [{T, ets:info(T, size)} || T <- [dspex_cluster_replica:table(), dspex_cluster_shipper:shipped_table(),
+                                     dspex_cache_vv, dspex_cache_regs]].
+
+rows_of(S) ->
+    [T || T <- [dspex_cluster_replica:table(), dspex_cluster_shipper:shipped_table(), dspex_cache_vv],
+          ets:member(T, S)].
+
+deleted_sessions_leave_no_rows() ->
+    Counts0 = row_counts(),
+    Ids = [<<"one_churn", (integer_to_binary(I))/binary>> || I <- lists:seq(1, 500)],
+    [begin
+         {ok, _} = dspex_store:create_session(S),
+         {ok, _} = dspex_store:register(S, x, integer, 1),
+         ok = dspex_store:delete_session(S)
+     end || S <- Ids],
+    %% one expired by its TTL, its deletion replicated by the keeper
+    Exp = <<"one_churn_ttl">>,
+    {ok, _} = dspex_store:create_session(Exp, #{ttl => 1}),
+    {ok, _} = dspex_store:register(Exp, x, integer, 1),
+    All = [Exp | Ids],
+    ?assertNotEqual([], rows_of(hd(Ids))),   % the tombstone, until reaped
+    ok = wait_until(fun() -> lists:all(fun(S) -> rows_of(S) =:= [] end, All) end, 20000),
+    ?assertEqual(Counts0, row_counts()),
+    %% gone for reads, leaving nothing behind; the id can be created again
+    [?assertEqual({error, session_not_found}, dspex_store:get(S, x)) || S <- All],
+    ?assertEqual([], rows_of(hd(Ids))),
+    S1 = hd(Ids),
+    {ok, _} = dspex_store:create_session(S1),
+    {ok, _} = dspex_store:register(S1, x, integer, 7),
+    ?assertEqual({ok, 7}, dspex_store:get_value(S1, x)),
+    ?assertEqual([S1], [S || S <- dspex_cluster:owned_sessions(), lists:member(S, All)]),
+    ok = dspex_store:delete_session(S1),
+    ok = wait_until(fun() -> rows_of(S1) =:= [] end, 20000).
+
+a_change_without_a_row_is_refused() ->
+    S = <<"one_rowless">>,
+    {ok, _} = dspex_store:create_session(S),
+    {ok, _} = dspex_store:register(S, x, integer, 1),
+    {ok, Export} = dspex_store:export_session(S),
+    ok = dspex_store:delete_session(S),
+    Gone = <<"one_rowless_gone">>,
+    %% a straggler full copy of a session whose rows were removed: applying it
+    %% would bring the session back
+    ?assertEqual({error, need_full},
+                 dspex_cluster_replica:apply_change(Gone, 3, 2, node(), {full, Export#{id => Gone}})),
+    ?assertEqual({error, session_not_found}, dspex_cluster:local_apply(get_session, [Gone])),
+    ?assertEqual([], rows_of(Gone)).
+
+wait_until(F, Timeout) -> wait_loop(F, erlang:monotonic_time(millisecond) + Timeout).
+
+wait_loop(F, Deadline) ->
+    case F() of
+        true -> ok;
+        false ->
+            case erlang:monotonic_time(millisecond) < Deadline of
+                true -> receive after 10 -> ok end, wait_loop(F, Deadline);
+                false -> timeout
+            end
+    end.
