@@ -23,7 +23,7 @@
 %% (`dspex_events_archive').
 -module(dspex_events_retention).
 
--export([new/0, request/4, finished/3, exited/3, stop/1, stop_stale/0, run/3]).
+-export([new/0, request/4, finished/3, exited/3, stop/1, stop_stale/0]).
 -export_type([passes/0, hook/0]).
 
 -define(PAGE, 1000).
@@ -97,6 +97,7 @@ kill(Pid) ->
     receive {'DOWN', M, process, Pid, _} -> ok end.
 
 answer(timer, {ok, _}) -> ok;
+answer(timer, {error, {archive, {exit, _}}}) -> ok; % logged by exited/3
 answer(timer, Error) -> logger:error("dspex_events: the retention pass failed: ~tp", [Error]);
 answer(From, Result) -> gen_server:reply(From, Result).
 
@@ -116,7 +117,7 @@ start(Ts, Hook) ->
                        Server ! {?MODULE, self(), run(Dir, Ts, Hook)}
                end).
 
-%% @doc One pass: archives and deletes every event older than `Ts', a page
+%% One pass: archives and deletes every event older than `Ts', a page
 %% at a time; `Hook' is called with each page once it is archived and before
 %% its events are deleted. `{ok, Deleted}' or the first error.
 -spec run(file:filename(), integer(), hook()) -> {ok, non_neg_integer()} | {error, term()}.
