@@ -821,7 +821,8 @@ incr(K, M) -> maps:update_with(K, fun(N) -> N + 1 end, 1, M).
 stats() -> dspex_nif:events_stats().
 
 %% @doc Runs retention now: events older than the retention period move to
-%% archive files. Returns how many were archived.
+%% archive files. Returns how many were archived. Runs as `expire_before/1'
+%% does (beside the server, one pass at a time, the same errors).
 -spec expire_now() -> {ok, non_neg_integer()} | {error, term()}.
 expire_now() -> gen_server:call(?MODULE, expire_now, infinity).
 
@@ -830,11 +831,23 @@ expire_now() -> gen_server:call(?MODULE, expire_now, infinity).
 %% (by position range, checked by count): an event committed meanwhile, also
 %% a late one (a replica's copy with its owner's older time), is never deleted
 %% unarchived; it stays in the log for the next run.
+%%
+%% The pass runs in a process of its own beside the server (see
+%% `dspex_events_retention'): subscriptions are served and calls answered
+%% while it works. One pass runs at a time: a call made while one runs (also
+%% the hourly retention's) waits for it, then runs its own pass with its own
+%% cutoff. Errors: the backend's or the archive's (`{error, {event_store, _}}',
+%% a file error, `{error, {archive, {Class, Reason}}}' for an exception);
+%% `{error, {archive, {exit, Reason}}}' when the pass process died; `{error,
+%% {archive, stopped}}' when the server stopped (the application, or the log
+%% closing) before the pass ended. In every case the events not yet deleted
+%% stay in the log, and the next pass archives them.
 -spec expire_before(integer()) -> {ok, non_neg_integer()} | {error, term()}.
 expire_before(TsUs) when is_integer(TsUs) -> expire_before(TsUs, #{}).
 
 %% @private `expire_before/1' with a test hook: `after_archive' is called
-%% with each page once it is archived and before its events are deleted.
+%% with each page once it is archived and before its events are deleted (in
+%% the pass's process).
 -spec expire_before(integer(), #{after_archive => fun(([map()]) -> term())}) ->
           {ok, non_neg_integer()} | {error, term()}.
 expire_before(TsUs, Hooks) when is_integer(TsUs), is_map(Hooks) ->
@@ -1079,6 +1092,8 @@ init([]) ->
                  linger_us => 1000 * Env(event_flush_interval_ms, 5),
                  %% group-commit gather: 0 adaptive (half the mean commit, at most 5 ms), -1 off, N > 0 at most N µs
                  gather_us => Env(event_gather_us, 0)},
+    %% a pass of a server killed without terminate/2 must not outlive it into the new log
+    ok = dspex_events_retention:stop_stale(),
     _ = dspex_nif:events_close(),
     case dspex_nif:events_open(Cfg) of
         ok ->
@@ -1091,7 +1106,7 @@ init([]) ->
             erlang:send_after(60000, self(), retention),
             Snapshotter = spawn_link(fun() -> snapshotter(Every) end),
             {ok, #{subs => #{}, last => Last, retention => Retention, snapshotter => Snapshotter, every => Every,
-                   failures => 0, dir => Dir, ephemeral => Ephemeral}};
+                   failures => 0, dir => Dir, ephemeral => Ephemeral, passes => dspex_events_retention:new()}};
         {error, Reason} -> {stop, Reason}
     end.
 
@@ -1113,10 +1128,11 @@ handle_call({unsubscribe, Ref}, _From, #{subs := Subs} = St) ->
         _ -> ok
     end,
     {reply, ok, St#{subs := maps:remove(Ref, Subs)}};
-handle_call(expire_now, _From, #{retention := {days, D}} = St) ->
-    {reply, expire(erlang:system_time(microsecond) - D * 86400000000), St};
-handle_call({expire_before, Ts, Hooks}, _From, St) ->
-    {reply, expire(Ts, maps:get(after_archive, Hooks, fun(_) -> ok end)), St};
+%% retention runs beside the server (dspex_events_retention): the caller is answered when its pass ends
+handle_call(expire_now, From, #{retention := {days, D}} = St) ->
+    {noreply, retention(retention_cutoff(D), fun no_hook/1, From, St)};
+handle_call({expire_before, Ts, Hooks}, From, St) ->
+    {noreply, retention(Ts, maps:get(after_archive, Hooks, fun no_hook/1), From, St)};
 handle_call(_, _From, St) -> {reply, {error, unknown_call}, St}.
 
 %% @private
@@ -1137,20 +1153,26 @@ handle_info({continue, Ref}, St) -> {noreply, deliver(Ref, St)};
 handle_info({'DOWN', M, process, _, _}, #{subs := Subs} = St) ->
     {noreply, St#{subs := maps:filter(fun(_, #sub{mon = M1}) -> M1 =/= M end, Subs)}};
 handle_info(retention, #{retention := {days, D}} = St) ->
-    _ = expire(erlang:system_time(microsecond) - D * 86400000000),
     erlang:send_after(3600000, self(), retention),
-    {noreply, St};
+    {noreply, retention(retention_cutoff(D), fun no_hook/1, timer, St)};
+handle_info({dspex_events_retention, Pid, Result}, #{passes := Ps} = St) ->
+    {noreply, St#{passes := dspex_events_retention:finished(Pid, Result, Ps)}};
 handle_info({'EXIT', P, Reason}, #{snapshotter := P, every := Every} = St) ->
     %% a session it could not snapshot is skipped (take_snapshots_safe/4): this is
     %% anything else; a new one takes the next notices, and each replays from its
     %% session's latest snapshot, so no multiple is left without one
     logger:error("dspex_events: the snapshotter stopped: ~tp; started again", [Reason]),
     {noreply, St#{snapshotter := spawn_link(fun() -> snapshotter(Every) end)}};
+handle_info({'EXIT', P, Reason}, #{passes := Ps} = St) ->
+    %% a retention pass that died before it answered (one that answered is no longer running)
+    {noreply, St#{passes := dspex_events_retention:exited(P, Reason, Ps)}};
 handle_info(_, St) -> {noreply, St}.
 
 %% @private
 terminate(Why, St) ->
     persistent_term:put({?MODULE, enabled}, false),
+    %% the pass is gone before the log closes: none of its steps runs on a closed or reopened log
+    ok = dspex_events_retention:stop(maps:get(passes, St, dspex_events_retention:new())),
     R = dspex_nif:events_close(),
     %% an unnamed VM's log goes with a clean stop only: after a crash the
     %% restarted server reopens it
@@ -1308,33 +1330,9 @@ evict(Max, States, Lru) ->
         false -> {States, Lru}
     end.
 
-expire(Ts) -> expire(Ts, fun(_) -> ok end).
+retention(Ts, Hook, Who, #{passes := Ps} = St) ->
+    St#{passes := dspex_events_retention:request(Ts, Hook, Who, Ps)}.
 
-expire(Ts, Hook) ->
-    try expire_(archive_dir(), Ts, Hook, 0, 0)
-    catch C:R -> {error, {archive, {C, R}}}
-    end.
+retention_cutoff(Days) -> erlang:system_time(microsecond) - Days * 86400000000.
 
-%% One page at a time: archive it (synced), then delete exactly its events.
-%% The delete is bounded by the page's position range and refused when that
-%% range holds more old events than the page (positions become visible in
-%% order, so none can appear inside a range already read): nothing is
-%% deleted that was not archived, whatever commits between the two steps.
-%% A failed delete leaves the page in both (the archive reader drops the copy).
-expire_(Dir, Ts, Hook, Pos, N) ->
-    case dspex_nif:events_read(#{ts_to => Ts - 1, pos_from => Pos, limit => ?PAGE}) of
-        {ok, []} -> {ok, N};
-        {ok, Evs} ->
-            #{position := First} = hd(Evs),
-            #{position := Last} = lists:last(Evs),
-            case dspex_events_archive:write_page(Dir, Evs) of
-                ok ->
-                    _ = Hook(Evs),
-                    case dspex_nif:events_expire(Ts, First, Last, length(Evs)) of
-                        {ok, D} -> expire_(Dir, Ts, Hook, Last + 1, N + D);
-                        Error -> Error
-                    end;
-                Error -> Error
-            end;
-        Error -> Error
-    end.
+no_hook(_) -> ok.

@@ -34,6 +34,8 @@ events_test_() ->
       ?T(expire_never_deletes_an_event_it_did_not_archive),
       ?T(archive_reads_apply_every_filter_as_the_log),
       ?T(archive_file_is_gzip_members_readable_as_one_stream),
+      ?T(retention_pass_runs_beside_the_server),
+      ?T(a_retention_pass_that_dies_deletes_nothing_it_did_not_archive),
       ?T(writes_made_as_a_principal_name_it_in_their_events),
       ?T(erlang_side_events),
       ?T(same_edge_again_logs_nothing),
@@ -254,6 +256,9 @@ start(Env) ->
     application:set_env(dspex_bridge, grpc_enabled, false),
     application:set_env(dspex_bridge, prometheus_enabled, false),
     application:set_env(dspex_bridge, snapshot_every, 10),
+    %% the hourly retention (first 60 s after the start) never takes the old-dated
+    %% events of the tests that run their own passes
+    application:set_env(dspex_bridge, event_retention, {days, 36500}),
     maps:foreach(fun(K, V) -> application:set_env(dspex_bridge, K, V) end, Env),
     {ok, _} = application:ensure_all_started(dspex_bridge),
     Dir.
@@ -263,6 +268,7 @@ stop(Dir) ->
     application:unset_env(dspex_bridge, event_flush_interval_ms),
     application:unset_env(dspex_bridge, event_durability),
     application:set_env(dspex_bridge, snapshot_every, 100),
+    application:set_env(dspex_bridge, event_retention, {days, 90}),
     application:unset_env(dspex_bridge, event_dir),
     application:unset_env(dspex_bridge, event_backend),
     application:set_env(dspex_bridge, grpc_enabled, true),
@@ -1046,7 +1052,7 @@ expire_never_deletes_an_event_it_did_not_archive() ->
                    case counters:get(Once, 1) of
                        0 ->
                            counters:add(Once, 1, 1),
-                           %% (in a process of its own: the hook runs in dspex_events)
+                           %% (a writer of its own, beside the pass that runs the hook)
                            {Pid, Ref} = spawn_monitor(
                                           fun() ->
                                                   {ok, 6} = dspex_store:set(S, a, 6, #{durability => sync}),
@@ -1119,6 +1125,135 @@ archive_file_is_gzip_members_readable_as_one_stream() ->
     {ok, 1} = dspex_events:expire_before(T0 + N + 2),
     {ok, Z2} = file:read_file(File),
     ?assertEqual(N + 1, length(binary:split(zlib:gunzip(Z2), <<"\n">>, [global, trim_all]))).
+
+%% While a retention pass holds a page (blocked in after_archive), the server
+%% serves its subscribers and calls: a live event reaches its subscriber and
+%% subscribe/3 answers. A second pass asked for meanwhile waits for the first:
+%% it starts after the first deleted the page, so it finds nothing.
+retention_pass_runs_beside_the_server() ->
+    S = sid(),
+    Live = sid(),
+    T0 = old_time(),
+    {ok, _, 1, _} = dspex_nif:events_append(S, e, #{}, #{}, #{sequence => 1, timestamp => T0}),
+    settle(),
+    Self = self(),
+    {ok, Ref} = dspex_events:subscribe(#{session => Live}, Self, #{from => live}),
+    ReqA = gen_server:send_request(dspex_events, {expire_before, T0 + 1, #{after_archive => holding_hook(Self)}}),
+    Pass = holding(S),
+    try
+        {ok, _} = dspex_events:append(Live, e, meanwhile, #{durability => sync}),
+        receive {dspex_event, Ref, E} -> ?assertMatch(#{session := Live, data := meanwhile}, E)
+        after 10000 -> erlang:error(live_event_held_up_by_the_retention_pass)
+        end,
+        ?assertMatch({ok, _}, within(10000, fun() -> dspex_events:subscribe(#{session => Live}, self(), #{from => live}) end)),
+        ReqB = gen_server:send_request(dspex_events, {expire_before, T0 + 1,
+                                                      #{after_archive => fun(_) -> Self ! {second_pass_page, self()} end}}),
+        _ = sys:get_state(dspex_events), % (ReqB is in: the same sender's messages come in order)
+        Pass ! go,
+        ?assertEqual({reply, {ok, 1}}, gen_server:receive_response(ReqA, 30000)),
+        ?assertEqual({reply, {ok, 0}}, gen_server:receive_response(ReqB, 30000)),
+        receive {second_pass_page, _} -> erlang:error(second_pass_ran_beside_the_first) after 0 -> ok end,
+        ?assertMatch({ok, [#{sequence := 1}]}, dspex_events:read(S, #{include_archive => true}))
+    after
+        Pass ! go,
+        ok = dspex_events:unsubscribe(Ref),
+        %% (a delivery the failing case made late must not reach the next test)
+        receive {dspex_event, Ref, _} -> ok after 0 -> ok end
+    end.
+
+%% A pass that dies (killed while it holds an archived page, or an exception
+%% in it) answers its caller with an error; the server goes on, the page's
+%% events stay in the log, and the next pass archives and deletes them: each
+%% event once in the archive.
+a_retention_pass_that_dies_deletes_nothing_it_did_not_archive() ->
+    S = sid(),
+    T0 = old_time(),
+    {ok, _, 1, _} = dspex_nif:events_append(S, e, #{}, #{}, #{sequence => 1, timestamp => T0}),
+    settle(),
+    Server = whereis(dspex_events),
+    Req = gen_server:send_request(dspex_events, {expire_before, T0 + 1, #{after_archive => holding_hook(self())}}),
+    Pass = holding(S),
+    %% (the pass in the server itself: killing it would end the log of every test after this one)
+    released_if_fails(Pass, fun() -> ?assertNotEqual(Server, Pass) end),
+    exit(Pass, kill),
+    ?assertEqual({reply, {error, {archive, {exit, killed}}}}, gen_server:receive_response(Req, 30000)),
+    ?assertEqual(Server, whereis(dspex_events)),
+    ?assertMatch({ok, [#{sequence := 1}]}, dspex_events:read(S, #{})),
+    ?assertEqual({error, {archive, {error, boom}}}, dspex_events:expire_before(T0 + 1, #{after_archive => fun(_) -> error(boom) end})),
+    ?assertMatch({ok, [#{sequence := 1}]}, dspex_events:read(S, #{})),
+    ?assertEqual({ok, 1}, dspex_events:expire_before(T0 + 1)),
+    ?assertEqual({ok, []}, dspex_events:read(S, #{})),
+    ?assertMatch({ok, [#{sequence := 1}]}, dspex_events:read(S, #{include_archive => true})).
+
+%% Stopping the server (the log closes) while a pass holds a page ends the
+%% pass first: its caller gets {error, {archive, stopped}}, the page's events
+%% are still in the reopened log, and the next pass takes them. The hourly
+%% timer's message runs a pass too (one a day old here), which a call made
+%% after it waits for.
+retention_pass_stops_with_the_server_test_() ->
+    {timeout, 120, fun retention_pass_stops_with_the_server/0}.
+
+retention_pass_stops_with_the_server() ->
+    with_log(#{event_retention => {days, 1}},
+             fun() ->
+                     S = sid(),
+                     T0 = old_time(),
+                     [{ok, _, N, _} = dspex_nif:events_append(S, e, #{}, #{}, #{sequence => N, timestamp => T0 + N})
+                      || N <- [1, 2]],
+                     ok = dspex_events:await(),
+                     Req = gen_server:send_request(dspex_events,
+                                                   {expire_before, T0 + 3, #{after_archive => holding_hook(self())}}),
+                     Pass = holding(S),
+                     %% (else the stop below would wait 30 s for it)
+                     released_if_fails(Pass, fun() -> ?assertNotEqual(whereis(dspex_events), Pass) end),
+                     ok = supervisor:terminate_child(dspex_core_sup, dspex_events),
+                     ?assertNot(is_process_alive(Pass)),
+                     ?assertEqual({reply, {error, {archive, stopped}}}, gen_server:receive_response(Req, 30000)),
+                     {ok, _} = supervisor:restart_child(dspex_core_sup, dspex_events),
+                     ?assertMatch({ok, [#{sequence := 1}, #{sequence := 2}]}, dspex_events:read(S, #{})),
+                     dspex_events ! retention,
+                     ?assertEqual({ok, 0}, dspex_events:expire_before(T0 + 3)),
+                     ?assertEqual({ok, []}, dspex_events:read(S, #{})),
+                     ?assertMatch({ok, [#{sequence := 1}, #{sequence := 2}]},
+                                  dspex_events:read(S, #{include_archive => true}))
+             end).
+
+%% A time older than every other test's events (2011), distinct per call.
+old_time() -> 1300000000000000 + erlang:unique_integer([positive]) * 1000000.
+
+%% An after_archive hook that tells Test which page it holds, then waits for
+%% `go' (bounded: a failing test must not leave a pass held for ever).
+holding_hook(Test) ->
+    fun(Page) ->
+            Test ! {holding, self(), Page},
+            receive go -> ok after 60000 -> ok end
+    end.
+
+%% Check(), releasing the held Pass only when it fails (a held pass must stay
+%% held until the test ends it: released, it would go on and delete its page).
+released_if_fails(Pass, Check) ->
+    try Check()
+    catch C:R:St ->
+            Pass ! go,
+            erlang:raise(C, R, St)
+    end.
+
+%% The pass (its process) holding the page of session S's events.
+holding(S) ->
+    receive {holding, Pass, [#{session := S} | _]} -> Pass
+    after 30000 -> erlang:error(no_pass_holds_a_page)
+    end.
+
+%% F() in a process of its own: its result within Ms, else `blocked' (a call
+%% that blocks fails the test, not the whole run).
+within(Ms, F) ->
+    Self = self(),
+    {Pid, Mon} = spawn_monitor(fun() -> Self ! {within, self(), F()} end),
+    receive
+        {within, Pid, R} -> erlang:demonitor(Mon, [flush]), R;
+        {'DOWN', Mon, process, Pid, Why} -> {crashed, Why}
+    after Ms -> erlang:demonitor(Mon, [flush]), blocked
+    end.
 
 %% Every write made `as' another principal names it in its event (set,
 %% set_many atomic or not, per update, rollback, delete), and the audit
