@@ -176,9 +176,26 @@ static dx_snap *snap_ref(const dx_snap *s) {
  * ends: the batch's shard mutexes are held throughout. */
 static _Thread_local struct {
     bool on;
+    bool dead; /* the log closed during this batch: none of its events is logged (see batch_abandon) */
     size_t n, cap;
     dx_ev_in *ins;
 } t_batch;
+
+/* Drops what the thread collected of an atomic batch (the payloads freed). */
+static void batch_clear(void) {
+    for (size_t i = 0; i < t_batch.n; i++) payload_free(t_batch.ins[i].payload);
+    t_batch.n = 0;
+}
+
+/* The log closed between a batch's begin and this event of it: the batch ends after the close, so none of
+ * its events is logged, like any change made then (a log reopened before its batch_committed gets none of
+ * it either: it did not see the batch begin). The thread stays in the batch until its batch_committed, then
+ * logs one event at a time again: a batch left `on' would hold back every later event of the thread. */
+static void batch_abandon(int kind) {
+    batch_clear();
+    t_batch.dead = kind != DX_EV_BATCH_COMMITTED;
+    t_batch.on = t_batch.dead;
+}
 
 static void batch_flush(dx_evq *q) {
     if (t_batch.n && dx_evq_push_many(q, t_batch.ins, t_batch.n, NULL, NULL)) {
@@ -237,17 +254,29 @@ static _Thread_local bool t_mute; /* events_session_delete(_, silent) */
  * dx_events_settle right after the commit, which then needs no look at the queue when it is false. */
 static _Thread_local bool t_over_mark;
 static void ev_hook(const dx_ev_change *c) {
+    if (t_mute) return;
     /* log off: no traffic on the shared in-flight counter (the load after the increment decides) */
-    if (t_mute || !atomic_load_explicit(&g_q, memory_order_acquire)) return;
+    if (!atomic_load_explicit(&g_q, memory_order_acquire)) {
+        if (t_batch.on) batch_abandon(c->kind);
+        return;
+    }
     /* a node's cached copy of another node's session (dspex_cache) has no log
      * of its own: the owner's log holds the session's events */
     if (c->s->id_len >= DX_CACHE_PREFIX_LEN && !memcmp(c->s->id, DX_CACHE_PREFIX, DX_CACHE_PREFIX_LEN)) return;
     inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
-    if (!q) goto out;
+    if (!q) {
+        if (t_batch.on) batch_abandon(c->kind);
+        goto out;
+    }
     if (c->kind == DX_EV_BATCH_BEGIN) {
+        batch_clear(); /* nothing is left over from an earlier batch (every batch ends in batch_committed) */
         t_batch.on = true;
-        t_batch.n = 0;
+        t_batch.dead = false;
+        goto out;
+    }
+    if (t_batch.dead) { /* the rest of a batch the log closed during */
+        if (c->kind == DX_EV_BATCH_COMMITTED) t_batch.on = t_batch.dead = false;
         goto out;
     }
     size_t vid_len = c->kind >= DX_EV_VAR_REGISTERED && c->kind <= DX_EV_VAR_ROLLED_BACK && c->v ? c->v->id_len : 0;
