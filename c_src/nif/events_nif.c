@@ -885,7 +885,58 @@ typedef struct {
     ErlNifBinary node; /* size 0: this node */
 } append_as;
 
-static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], const append_as *as, int full) {
+/* An append's data and metadata are encoded (term_to_binary) and copied in the NIF call: past these bounds
+ * (some 50 ms for 64 MiB of data) that is done on a dirty scheduler. The check walks at most EV_SMALL_TERMS
+ * terms, nested at most EV_SMALL_DEPTH deep, and binaries of EV_SMALL_BYTES in all: beyond any of them the
+ * term counts as big. */
+#define EV_SMALL_TERMS 4096
+#define EV_SMALL_DEPTH 32
+#define EV_SMALL_BYTES (256 * 1024)
+
+typedef struct {
+    size_t terms, bytes;
+} small_budget;
+
+/* 1 when t is beyond the budget (what is left of it is spent by the walk). */
+static int big_term(ErlNifEnv *env, ERL_NIF_TERM t, small_budget *b, int depth) {
+    ErlNifBinary bin;
+    ERL_NIF_TERM h, k, v;
+    const ERL_NIF_TERM *el;
+    int arity;
+    if (depth > EV_SMALL_DEPTH || !b->terms) return 1;
+    b->terms--;
+    if (enif_is_binary(env, t)) {
+        if (!enif_inspect_binary(env, t, &bin) || bin.size > b->bytes) return 1;
+        b->bytes -= bin.size;
+        return 0;
+    }
+    if (enif_is_list(env, t)) {
+        while (enif_get_list_cell(env, t, &h, &t))
+            if (big_term(env, h, b, depth + 1)) return 1;
+        return !enif_is_empty_list(env, t) && big_term(env, t, b, depth + 1); /* an improper tail */
+    }
+    if (enif_get_tuple(env, t, &arity, &el)) {
+        for (int i = 0; i < arity; i++)
+            if (big_term(env, el[i], b, depth + 1)) return 1;
+        return 0;
+    }
+    if (enif_is_map(env, t)) {
+        size_t n;
+        ErlNifMapIterator it;
+        if (!enif_get_map_size(env, t, &n) || n > b->terms || !enif_map_iterator_create(env, t, &it, ERL_NIF_MAP_ITERATOR_FIRST))
+            return 1;
+        int big = 0;
+        while (!big && enif_map_iterator_get_pair(env, &it, &k, &v)) {
+            big = big_term(env, k, b, depth + 1) || big_term(env, v, b, depth + 1);
+            enif_map_iterator_next(env, &it);
+        }
+        enif_map_iterator_destroy(env, &it);
+        return big;
+    }
+    return 0; /* atoms, numbers, pids, references, funs: small (a fun's environment aside) */
+}
+
+static ERL_NIF_TERM append_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], const append_as *as, int full) {
     ErlNifBinary sid, prin = {0}, var = {0}, data, meta, by = {0};
     char tb[256];
     dx_str type;
@@ -905,6 +956,10 @@ static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], con
     }
     dx_evq *q = atomic_load(&g_q);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    small_budget budget = {EV_SMALL_TERMS, EV_SMALL_BYTES};
+    if (!dx_on_dirty() && (big_term(env, argv[2], &budget, 0) || big_term(env, argv[3], &budget, 0)))
+        return enif_schedule_nif(env, "events_append", ERL_NIF_DIRTY_JOB_CPU_BOUND,
+                                 full ? nif_events_append_as : nif_events_append, argc, argv);
     int have_by = enif_get_map_value(env, argv[3], ATOM_changed_by, &v) && !enif_is_identical(v, ATOM_undefined);
     if (have_by && !enif_term_to_binary(env, v, &by)) return dx_error(env, ATOM_enomem);
     if (!enif_term_to_binary(env, argv[2], &data)) {
@@ -952,7 +1007,7 @@ static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], con
 
 /* events_append(Session, Type, Data, Meta) -> {ok, Id, Sequence} | {error, ...}
  * Meta keys principal / changed_by / variable fill the indexed columns. */
-DX_NIF(nif_events_append) { return append_common(env, argv, NULL, 0); }
+DX_NIF(nif_events_append) { return append_common(env, argc, argv, NULL, 0); }
 
 /* events_append(Session, Type, Data, Meta, As) -> {ok, Id, Sequence, TimestampUs} | {error, ...}
  * As: #{sequence => N, id => Id, timestamp => Us, node => Bin} (each optional): a copy of an event another
@@ -976,7 +1031,7 @@ DX_NIF(nif_events_append_as) {
     }
     if (enif_get_map_value(env, argv[4], A_node, &v) && (!enif_inspect_binary(env, v, &as.node) || as.node.size > 255))
         return enif_make_badarg(env);
-    return append_common(env, argv, &as, 1);
+    return append_common(env, argc, argv, &as, 1);
 }
 
 /* events_session_delete(Session, Reason) -> ok | {error, session_not_found}: deletes the session like
