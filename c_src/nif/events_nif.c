@@ -905,22 +905,21 @@ static int big_term(ErlNifEnv *env, ERL_NIF_TERM t, small_budget *b, int depth) 
     int arity;
     if (depth > EV_SMALL_DEPTH || !b->terms) return 1;
     b->terms--;
-    if (enif_is_binary(env, t)) {
+    switch (enif_term_type(env, t)) {
+    case ERL_NIF_TERM_TYPE_BITSTRING: /* a binary's bytes count; a bit string that is no binary is big */
         if (!enif_inspect_binary(env, t, &bin) || bin.size > b->bytes) return 1;
         b->bytes -= bin.size;
         return 0;
-    }
-    if (enif_is_list(env, t)) {
+    case ERL_NIF_TERM_TYPE_LIST:
         while (enif_get_list_cell(env, t, &h, &t))
             if (big_term(env, h, b, depth + 1)) return 1;
         return !enif_is_empty_list(env, t) && big_term(env, t, b, depth + 1); /* an improper tail */
-    }
-    if (enif_get_tuple(env, t, &arity, &el)) {
+    case ERL_NIF_TERM_TYPE_TUPLE:
+        enif_get_tuple(env, t, &arity, &el);
         for (int i = 0; i < arity; i++)
             if (big_term(env, el[i], b, depth + 1)) return 1;
         return 0;
-    }
-    if (enif_is_map(env, t)) {
+    case ERL_NIF_TERM_TYPE_MAP: {
         size_t n;
         ErlNifMapIterator it;
         if (!enif_get_map_size(env, t, &n) || n > b->terms || !enif_map_iterator_create(env, t, &it, ERL_NIF_MAP_ITERATOR_FIRST))
@@ -933,7 +932,9 @@ static int big_term(ErlNifEnv *env, ERL_NIF_TERM t, small_budget *b, int depth) 
         enif_map_iterator_destroy(env, &it);
         return big;
     }
-    return 0; /* atoms, numbers, pids, references, funs: small (a fun's environment aside) */
+    case ERL_NIF_TERM_TYPE_FUN: return 1; /* its environment unread: big */
+    default: return 0; /* atoms, numbers, pids, ports, references */
+    }
 }
 
 static ERL_NIF_TERM append_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], const append_as *as, int full) {
