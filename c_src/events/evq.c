@@ -319,7 +319,9 @@ void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64
      * (seq_slot_of would read it again, here under the mutex every push takes) */
     seq_slot *e = seq_lookup(q, session, len);
     if (!e) e = seq_insert(q, session, len, floor);
-    if (e && e->seq < floor) e->seq = floor;
+    /* provisional numbers count from 0: the writer adds the backend's last sequence to them (and to the
+     * counter) once the backend answers; raised here as well, that last sequence was counted twice */
+    if (e && !e->provisional && e->seq < floor) e->seq = floor;
     pthread_mutex_unlock(&q->mu);
 }
 
