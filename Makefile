@@ -139,7 +139,7 @@ test-nif-asan:
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  DSPEX_PROP_STATEM_N=500 DSPEX_PROP_FUZZ_N=500 DSPEX_PROP_PARALLEL_N=200 DSPEX_PROP_GRAPH_N=200 DSPEX_PROP_LOCKS_N=100 DSPEX_PROP_EVENTS_N=20 DSPEX_PROP_PRINCIPAL_N=100 \
 	  $(ERL) -noshell -pa _build/test/lib/*/ebin -pa _build/test/lib/dspex_bridge/test -eval \
-	  'case eunit:test([dspex_store_tests, dspex_cache_nif_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests, dspex_metrics_tests, dspex_telemetry_tests, dspex_events_tests, prop_principal, dspex_nif_lifecycle_tests, dspex_replica_batch_tests, dspex_repl_nif_tests], []) of ok -> halt(0); _ -> halt(1) end.'
+	  'case eunit:test([dspex_store_tests, dspex_cache_nif_tests, dspex_graph_tests, dspex_locks_tests, dspex_acl_tests, dspex_props_tests, dspex_graph_props_tests, dspex_locks_props_tests, dspex_metrics_tests, dspex_telemetry_tests, dspex_events_tests, dspex_events_batch_tests, prop_principal, dspex_nif_lifecycle_tests, dspex_replica_batch_tests, dspex_repl_nif_tests], []) of ok -> halt(0); _ -> halt(1) end.'
 
 # The Python side of the worker protocol (priv/python/dspex_bridge/worker.py);
 # the Erlang side (dspex_workers_SUITE, breaker, retry, JSON) runs in test-erlang.

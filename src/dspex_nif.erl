@@ -156,12 +156,13 @@ replica_apply_batch(_Session, _State, _Sets) -> ?NOT_LOADED.
 %% The owner's replication fast path (issue #21, c_src/nif/repl_nif.c; see
 %% dspex_cluster_shipper and dspex_cluster_writer).
 %% The caller becomes the shipper of the link to Node: its id and the records
-%% queued for a previous shipper.
+%% queued for a previous shipper (more than 2048 copied on a dirty scheduler).
 -spec repl_link_open(node()) -> {ok, non_neg_integer(), [tuple()]} | {error, too_many_links}.
 repl_link_open(_Node) -> ?NOT_LOADED.
 -spec repl_link_id(node()) -> non_neg_integer() | undefined.
 repl_link_id(_Node) -> ?NOT_LOADED.
-%% The link's queued records, in append order.
+%% The link's queued records, in append order (more than 2048 copied on a
+%% dirty scheduler).
 -spec repl_drain(non_neg_integer()) -> [tuple()].
 repl_drain(_Link) -> ?NOT_LOADED.
 -spec repl_push(non_neg_integer(), tuple()) -> ok | full | down.

@@ -41,6 +41,7 @@ events_test_() ->
       ?T(same_edge_again_logs_nothing),
       ?T(ids_grow_with_positions),
       ?T(bad_arguments_are_errors),
+      ?T(a_big_append_runs_off_the_normal_scheduler),
       ?T(json_term_of_any_term),
       ?T(prometheus_and_telemetry),
       ?T(first_events_never_ask_the_backend_on_the_commit_path),
@@ -291,6 +292,31 @@ events(S) ->
     Evs.
 
 types(S) -> [T || #{type := T} <- events(S)].
+
+%% An application event's data and metadata are encoded and copied in the
+%% append's NIF call: for a big one (16 MiB here, tens of ms) on a dirty
+%% scheduler, not on the caller's normal one. The appender and a probe are
+%% bound to scheduler 1; the appender yields first (a fresh time slice), lets
+%% the probe go and appends. Before, the probe ran only once the append had
+%% returned; now it runs while the dirty scheduler encodes.
+a_big_append_runs_off_the_normal_scheduler() ->
+    Big = binary:copy(<<"x">>, 16 bsl 20),
+    S = sid(),
+    Self = self(),
+    Probe = spawn_opt(fun() -> receive go -> Self ! {probe, erlang:monotonic_time()} end end, [{scheduler, 1}]),
+    _ = spawn_opt(fun() ->
+                          erlang:yield(),
+                          Probe ! go,
+                          R = dspex_nif:events_append(S, big_app_event, Big, #{}),
+                          Self ! {appended, erlang:monotonic_time(), R}
+                  end, [{scheduler, 1}]),
+    TProbe = receive {probe, T1} -> T1 end,
+    {TAppended, R} = receive {appended, T2, R0} -> {T2, R0} end,
+    ?assertMatch({ok, _, 1}, R),
+    ?assert(TProbe < TAppended),
+    %% small ones stay on the caller's scheduler; both are logged
+    {ok, _, 2} = dspex_nif:events_append(S, small_app_event, #{n => 1}, #{}),
+    ?assertMatch([#{type := big_app_event, data := Big}, #{type := small_app_event}], events(S)).
 
 %% Under DX_EVENTS_PG_URL the events go to PostgreSQL: no SQLite file is created.
 the_configured_backend_is_used() ->
@@ -1554,7 +1580,18 @@ first_events_never_ask_the_backend_on_the_commit_path() ->
     %% without seed/1, the first event asks on the commit path (counted)
     S3 = sid(),
     {ok, _, 1} = dspex_nif:events_append(S3, raw, x, #{}),
-    ?assertMatch(#{commit_seeds := C1} when C1 =:= C0 + 1, dspex_events:stats()).
+    ?assertMatch(#{commit_seeds := C1} when C1 =:= C0 + 1, dspex_events:stats()),
+    %% events_reseed/1 (dspex_events:reseed/1 on a shared PostgreSQL log) of a
+    %% session the queue does not know yet (a new owner taking it over) reads
+    %% the backend once, off the queue's mutex: it asked again under the mutex
+    %% (counted), every commit of the node waiting for that round trip
+    #{commit_seeds := C2} = dspex_events:stats(),
+    S4 = sid(),
+    ok = dspex_nif:events_reseed(S4),
+    ?assertMatch(#{commit_seeds := C2}, dspex_events:stats()),
+    %% and it is known from then on: its first event asks nothing either
+    {ok, _, 1} = dspex_nif:events_append(S4, raw, y, #{}),
+    ?assertMatch(#{commit_seeds := C2}, dspex_events:stats()).
 
 %% The log holds every value written: a principal other than the session
 %% (`as') reads, folds, watches and replays none of it, and every call says

@@ -13,6 +13,7 @@ repl_nif_test_() ->
     {setup, fun() -> application:ensure_all_started(dspex_bridge) end,
      fun(_) -> ok end,
      [fun descriptors/0, fun link_queue/0, fun fast_set/0, fun multi_link_set/0, fun async_set/0,
+      {timeout, 60, fun many_records_are_handed_over_off_the_normal_scheduler/0},
       fun bad_arguments/0]}.
 
 session(S) ->
@@ -111,6 +112,39 @@ link_queue() ->
     down = dspex_nif:repl_push(Id, {r, 4}),
     {Id, [], Pid3} = open_link(Node),
     Pid3 ! stop.
+
+%% A new shipper takes the records the previous one left with repl_link_open/1;
+%% copying many of them (65536 here, 15-50 ms) runs on a dirty scheduler, not
+%% on the opener's normal one: a process bound to the opener's scheduler runs
+%% before the copy ends. Both bound to scheduler 1; the opener yields first (a
+%% fresh time slice), lets the probe go and calls, and its heap holds the
+%% records (no garbage collection after the call, which a large heap's would
+%% run on a dirty scheduler and let the probe in): on a normal scheduler
+%% nothing but the end of the call lets the probe run. It ran after the call
+%% before the fix, some 10 us after its start since.
+many_records_are_handed_over_off_the_normal_scheduler() ->
+    Node = 'replnif_many@nowhere',
+    {Id, [], Pid} = open_link(Node),
+    Rec = {r, lists:seq(1, 20)},
+    [ok = dspex_nif:repl_push(Id, Rec) || _ <- lists:seq(1, 65536)],
+    unlink(Pid),
+    Mon = monitor(process, Pid),
+    Pid ! stop,
+    receive {'DOWN', Mon, _, _, _} -> ok end,
+    Self = self(),
+    Probe = spawn_opt(fun() -> receive go -> Self ! {probe, erlang:monotonic_time()} end end, [{scheduler, 1}]),
+    Opener = spawn_opt(fun() ->
+                               erlang:yield(),
+                               Probe ! go,
+                               {ok, Id, Old} = dspex_nif:repl_link_open(Node),
+                               Self ! {opened, erlang:monotonic_time(), length(Old), lists:last(Old)},
+                               receive stop -> ok end
+                       end, [{scheduler, 1}, {min_heap_size, 4000000}]),
+    TProbe = receive {probe, T1} -> T1 end,
+    {TOpened, N, Last} = receive {opened, T2, N0, L0} -> {T2, N0, L0} end,
+    ?assertEqual({65536, Rec}, {N, Last}),
+    ?assert(TProbe < TOpened),
+    Opener ! stop.
 
 fast_set() ->
     S = session(<<"replnif_set">>),

@@ -101,9 +101,17 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 #define SUM_DOWN 0x1p-64 /* the scaled unit: no 2^64 finite doubles overflow it */
 #define SUM_UP 0x1p64
 
-/* Neumaier step; the caller guarantees hi + x cannot overflow. */
+/* Neumaier step. hi + x cannot overflow for sums of samples (scaled, that
+ * takes some 2^64 samples near the largest double), but a scaled sum read
+ * from the wire is only known to be finite: beyond the largest double hi
+ * saturates there (the value stays beyond every double), so that a sum stays
+ * finite and its sketch serialisable. */
 static void neumaier(dx_sum *a, double x) {
     double t = a->hi + x;
+    if (!isfinite(t)) {
+        a->hi = copysign(DBL_MAX, t);
+        return;
+    }
     double c = fabs(a->hi) >= fabs(x) ? (a->hi - t) + x : (x - t) + a->hi;
     if (isfinite(a->lo + c)) /* keeps lo finite even from odd inputs */
         a->lo += c;
@@ -521,8 +529,11 @@ int dx_sketch_merge(dx_sketch *dst, const dx_sketch *src) {
         dst->count *= 2;
         if (!isfinite(dst->sum.hi * 2)) /* doubling is exact unless it overflows */
             sum_scale(&dst->sum);
-        dst->sum.hi *= 2;
-        dst->sum.lo *= 2;
+        double hi = dst->sum.hi;
+        dst->sum.hi = 0.0; /* added twice: saturates as neumaier does (a scaled sum from the wire) */
+        dst->sum.lo = isfinite(dst->sum.lo * 2) ? dst->sum.lo * 2 : copysign(DBL_MAX, dst->sum.lo);
+        neumaier(&dst->sum, hi);
+        neumaier(&dst->sum, hi);
         return 0;
     }
     struct want w[2];

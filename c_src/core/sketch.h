@@ -69,7 +69,9 @@
 typedef struct dx_sketch dx_sketch;
 
 /* Sum of finite doubles that cannot overflow (see the top of the file):
- * value = (hi + lo) * (scaled ? 2^64 : 1). Zero-initialise to start. */
+ * value = (hi + lo) * (scaled ? 2^64 : 1); hi and lo stay finite (a scaled
+ * sum saturates at +-DBL_MAX * 2^64, beyond any sum of samples but not of a
+ * foreign sketch's). Zero-initialise to start. */
 typedef struct {
     double hi, lo;
     int scaled;

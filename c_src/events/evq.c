@@ -315,8 +315,13 @@ bool dx_evq_known_seq(dx_evq *q, const char *session, size_t len, uint64_t *seq)
 
 void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor) {
     pthread_mutex_lock(&q->mu);
-    seq_slot *e = seq_slot_of(q, session, len);
-    if (e && e->seq < floor) e->seq = floor;
+    /* a session not known yet starts at floor, the backend's last sequence of it as the caller just read it
+     * (seq_slot_of would read it again, here under the mutex every push takes) */
+    seq_slot *e = seq_lookup(q, session, len);
+    if (!e) e = seq_insert(q, session, len, floor);
+    /* provisional numbers count from 0: the writer adds the backend's last sequence to them (and to the
+     * counter) once the backend answers; raised here as well, that last sequence was counted twice */
+    if (e && !e->provisional && e->seq < floor) e->seq = floor;
     pthread_mutex_unlock(&q->mu);
 }
 

@@ -180,7 +180,10 @@ bool dx_evq_known(dx_evq *q, const char *session, size_t len);
 int dx_evq_seed(dx_evq *q, const char *session, size_t len, char *err, size_t errlen);
 /* The session's last assigned sequence when the queue knows it (returns true), without asking the backend. */
 bool dx_evq_known_seq(dx_evq *q, const char *session, size_t len, uint64_t *seq);
-/* Raises a session's sequence so that the next one is above floor (a replica taking over). */
+/* Raises a session's sequence so that the next one is above floor (a replica taking over); floor is the
+ * backend's last sequence of the session, read by the caller: an unknown session starts there (no second
+ * read of the backend, which would be under the mutex every push takes); a session numbered provisionally
+ * is left to the writer, which numbers it after the backend's last sequence anyway. */
 void dx_evq_session_seq_raise(dx_evq *q, const char *session, size_t len, uint64_t floor);
 /* Blocks the calling thread until done >= ticket or an attempt fails after it was pushed
  * (returns 0 or -1). For C callers and tests; the NIF uses on_batch instead. */

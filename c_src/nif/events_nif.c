@@ -176,9 +176,26 @@ static dx_snap *snap_ref(const dx_snap *s) {
  * ends: the batch's shard mutexes are held throughout. */
 static _Thread_local struct {
     bool on;
+    bool dead; /* the log closed during this batch: none of its events is logged (see batch_abandon) */
     size_t n, cap;
     dx_ev_in *ins;
 } t_batch;
+
+/* Drops what the thread collected of an atomic batch (the payloads freed). */
+static void batch_clear(void) {
+    for (size_t i = 0; i < t_batch.n; i++) payload_free(t_batch.ins[i].payload);
+    t_batch.n = 0;
+}
+
+/* The log closed between a batch's begin and this event of it: the batch ends after the close, so none of
+ * its events is logged, like any change made then (a log reopened before its batch_committed gets none of
+ * it either: it did not see the batch begin). The thread stays in the batch until its batch_committed, then
+ * logs one event at a time again: a batch left `on' would hold back every later event of the thread. */
+static void batch_abandon(int kind) {
+    batch_clear();
+    t_batch.dead = kind != DX_EV_BATCH_COMMITTED;
+    t_batch.on = t_batch.dead;
+}
 
 static void batch_flush(dx_evq *q) {
     if (t_batch.n && dx_evq_push_many(q, t_batch.ins, t_batch.n, NULL, NULL)) {
@@ -237,17 +254,29 @@ static _Thread_local bool t_mute; /* events_session_delete(_, silent) */
  * dx_events_settle right after the commit, which then needs no look at the queue when it is false. */
 static _Thread_local bool t_over_mark;
 static void ev_hook(const dx_ev_change *c) {
+    if (t_mute) return;
     /* log off: no traffic on the shared in-flight counter (the load after the increment decides) */
-    if (t_mute || !atomic_load_explicit(&g_q, memory_order_acquire)) return;
+    if (!atomic_load_explicit(&g_q, memory_order_acquire)) {
+        if (t_batch.on) batch_abandon(c->kind);
+        return;
+    }
     /* a node's cached copy of another node's session (dspex_cache) has no log
      * of its own: the owner's log holds the session's events */
     if (c->s->id_len >= DX_CACHE_PREFIX_LEN && !memcmp(c->s->id, DX_CACHE_PREFIX, DX_CACHE_PREFIX_LEN)) return;
     inflight_slot *ifl = inflight_enter();
     dx_evq *q = atomic_load_explicit(&g_q, memory_order_acquire);
-    if (!q) goto out;
+    if (!q) {
+        if (t_batch.on) batch_abandon(c->kind);
+        goto out;
+    }
     if (c->kind == DX_EV_BATCH_BEGIN) {
+        batch_clear(); /* nothing is left over from an earlier batch (every batch ends in batch_committed) */
         t_batch.on = true;
-        t_batch.n = 0;
+        t_batch.dead = false;
+        goto out;
+    }
+    if (t_batch.dead) { /* the rest of a batch the log closed during */
+        if (c->kind == DX_EV_BATCH_COMMITTED) t_batch.on = t_batch.dead = false;
         goto out;
     }
     size_t vid_len = c->kind >= DX_EV_VAR_REGISTERED && c->kind <= DX_EV_VAR_ROLLED_BACK && c->v ? c->v->id_len : 0;
@@ -856,7 +885,59 @@ typedef struct {
     ErlNifBinary node; /* size 0: this node */
 } append_as;
 
-static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], const append_as *as, int full) {
+/* An append's data and metadata are encoded (term_to_binary) and copied in the NIF call: past these bounds
+ * (some 50 ms for 64 MiB of data) that is done on a dirty scheduler. The check walks at most EV_SMALL_TERMS
+ * terms, nested at most EV_SMALL_DEPTH deep, and binaries of EV_SMALL_BYTES in all: beyond any of them the
+ * term counts as big. */
+#define EV_SMALL_TERMS 4096
+#define EV_SMALL_DEPTH 32
+#define EV_SMALL_BYTES (256 * 1024)
+
+typedef struct {
+    size_t terms, bytes;
+} small_budget;
+
+/* 1 when t is beyond the budget (what is left of it is spent by the walk). */
+static int big_term(ErlNifEnv *env, ERL_NIF_TERM t, small_budget *b, int depth) {
+    ErlNifBinary bin;
+    ERL_NIF_TERM h, k, v;
+    const ERL_NIF_TERM *el;
+    int arity;
+    if (depth > EV_SMALL_DEPTH || !b->terms) return 1;
+    b->terms--;
+    switch (enif_term_type(env, t)) {
+    case ERL_NIF_TERM_TYPE_BITSTRING: /* a binary's bytes count; a bit string that is no binary is big */
+        if (!enif_inspect_binary(env, t, &bin) || bin.size > b->bytes) return 1;
+        b->bytes -= bin.size;
+        return 0;
+    case ERL_NIF_TERM_TYPE_LIST:
+        while (enif_get_list_cell(env, t, &h, &t))
+            if (big_term(env, h, b, depth + 1)) return 1;
+        return !enif_is_empty_list(env, t) && big_term(env, t, b, depth + 1); /* an improper tail */
+    case ERL_NIF_TERM_TYPE_TUPLE:
+        enif_get_tuple(env, t, &arity, &el);
+        for (int i = 0; i < arity; i++)
+            if (big_term(env, el[i], b, depth + 1)) return 1;
+        return 0;
+    case ERL_NIF_TERM_TYPE_MAP: {
+        size_t n;
+        ErlNifMapIterator it;
+        if (!enif_get_map_size(env, t, &n) || n > b->terms || !enif_map_iterator_create(env, t, &it, ERL_NIF_MAP_ITERATOR_FIRST))
+            return 1;
+        int big = 0;
+        while (!big && enif_map_iterator_get_pair(env, &it, &k, &v)) {
+            big = big_term(env, k, b, depth + 1) || big_term(env, v, b, depth + 1);
+            enif_map_iterator_next(env, &it);
+        }
+        enif_map_iterator_destroy(env, &it);
+        return big;
+    }
+    case ERL_NIF_TERM_TYPE_FUN: return 1; /* its environment unread: big */
+    default: return 0; /* atoms, numbers, pids, ports, references */
+    }
+}
+
+static ERL_NIF_TERM append_common(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], const append_as *as, int full) {
     ErlNifBinary sid, prin = {0}, var = {0}, data, meta, by = {0};
     char tb[256];
     dx_str type;
@@ -876,6 +957,10 @@ static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], con
     }
     dx_evq *q = atomic_load(&g_q);
     if (!q) return dx_error(env, enif_make_tuple2(env, A_event_store, A_not_open));
+    small_budget budget = {EV_SMALL_TERMS, EV_SMALL_BYTES};
+    if (!dx_on_dirty() && (big_term(env, argv[2], &budget, 0) || big_term(env, argv[3], &budget, 0)))
+        return enif_schedule_nif(env, "events_append", ERL_NIF_DIRTY_JOB_CPU_BOUND,
+                                 full ? nif_events_append_as : nif_events_append, argc, argv);
     int have_by = enif_get_map_value(env, argv[3], ATOM_changed_by, &v) && !enif_is_identical(v, ATOM_undefined);
     if (have_by && !enif_term_to_binary(env, v, &by)) return dx_error(env, ATOM_enomem);
     if (!enif_term_to_binary(env, argv[2], &data)) {
@@ -923,7 +1008,7 @@ static ERL_NIF_TERM append_common(ErlNifEnv *env, const ERL_NIF_TERM argv[], con
 
 /* events_append(Session, Type, Data, Meta) -> {ok, Id, Sequence} | {error, ...}
  * Meta keys principal / changed_by / variable fill the indexed columns. */
-DX_NIF(nif_events_append) { return append_common(env, argv, NULL, 0); }
+DX_NIF(nif_events_append) { return append_common(env, argc, argv, NULL, 0); }
 
 /* events_append(Session, Type, Data, Meta, As) -> {ok, Id, Sequence, TimestampUs} | {error, ...}
  * As: #{sequence => N, id => Id, timestamp => Us, node => Bin} (each optional): a copy of an event another
@@ -947,7 +1032,7 @@ DX_NIF(nif_events_append_as) {
     }
     if (enif_get_map_value(env, argv[4], A_node, &v) && (!enif_inspect_binary(env, v, &as.node) || as.node.size > 255))
         return enif_make_badarg(env);
-    return append_common(env, argv, &as, 1);
+    return append_common(env, argc, argv, &as, 1);
 }
 
 /* events_session_delete(Session, Reason) -> ok | {error, session_not_found}: deletes the session like

@@ -106,9 +106,9 @@ static rlink *link_by_name(const char *name, size_t n, int *id) {
     return NULL;
 }
 
-/* repl_link_open(Node) -> {ok, LinkId}: the caller is the link's shipper from
- * now on; records queued for a previous shipper are dropped (their callers
- * monitored it and were answered when it went down). */
+/* repl_link_open(Node) -> {ok, LinkId, Records}: the caller is the link's
+ * shipper from now on and takes the records queued for a previous shipper
+ * (more than RL_DRAIN_NORMAL of them copied on a dirty scheduler). */
 DX_NIF(nif_repl_link_open) {
     char name[256];
     int len = enif_get_atom(env, argv[0], name, sizeof name, ERL_NIF_LATIN1);
@@ -131,6 +131,13 @@ DX_NIF(nif_repl_link_open) {
     }
     pthread_mutex_unlock(&g_links_mu);
     pthread_mutex_lock(&l->mu);
+    /* the previous shipper's records (up to RL_MAX_QUEUE: copying 65536 took some 190 ms) are copied on a
+     * dirty scheduler when there are many: decided under the mutex that takes them, the call is made again
+     * there (finding the link above is idempotent) */
+    if (l->n > RL_DRAIN_NORMAL && !dx_on_dirty()) {
+        pthread_mutex_unlock(&l->mu);
+        return enif_schedule_nif(env, "repl_link_open", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_repl_link_open, argc, argv);
+    }
     enif_self(env, &l->pid);
     l->open = 1;
     ErlNifEnv *qenv = l->qenv;
@@ -140,7 +147,6 @@ DX_NIF(nif_repl_link_open) {
     l->q = NULL;
     l->n = l->cap = 0;
     pthread_mutex_unlock(&l->mu);
-    /* at most RL_MAX_QUEUE records, once per shipper restart */
     ERL_NIF_TERM old = enif_make_list(env, 0);
     for (size_t i = n; i > 0; i--) old = enif_make_list_cell(env, enif_make_copy(env, q[i - 1]), old);
     if (qenv) enif_free_env(qenv);
@@ -200,10 +206,22 @@ DX_NIF(nif_repl_link_id) {
     return l && l->open ? enif_make_int(env, id) : enif_make_atom(env, "undefined");
 }
 
-static ERL_NIF_TERM drain(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
+/* repl_drain(LinkId) -> the queued records in append order: the writer's
+ * (dspex_cluster_shipper:record()) and the fast path's {From, Session, Key,
+ * Value, Version, Epoch, Seq, T0, EventSeq} (EventSeq: the session sequence of
+ * the set's event, 0 with the log off); the next record appended wakes the
+ * shipper again. More than RL_DRAIN_NORMAL records are copied on a dirty
+ * scheduler: counted under the mutex that takes them (a count read before,
+ * then the records taken after a second lock, let appends in between grow the
+ * copy on a normal scheduler up to RL_MAX_QUEUE). */
+DX_NIF(nif_repl_drain) {
     rlink *l;
     if (!get_link(env, argv[0], &l)) return enif_make_badarg(env);
     pthread_mutex_lock(&l->mu);
+    if (l->n > RL_DRAIN_NORMAL && !dx_on_dirty()) {
+        pthread_mutex_unlock(&l->mu);
+        return enif_schedule_nif(env, "repl_drain", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_repl_drain, argc, argv);
+    }
     ErlNifEnv *qenv = l->qenv;
     ERL_NIF_TERM *q = l->q;
     size_t n = l->n;
@@ -216,22 +234,6 @@ static ERL_NIF_TERM drain(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[]) {
     if (qenv) enif_free_env(qenv);
     free(q);
     return list;
-}
-
-/* repl_drain(LinkId) -> the queued records in append order: the writer's
- * (dspex_cluster_shipper:record()) and the fast path's {From, Session, Key,
- * Value, Version, Epoch, Seq, T0, EventSeq} (EventSeq: the session sequence of
- * the set's event, 0 with the log off); the next record appended wakes the
- * shipper again. */
-DX_NIF(nif_repl_drain) {
-    rlink *l;
-    if (!get_link(env, argv[0], &l)) return enif_make_badarg(env);
-    pthread_mutex_lock(&l->mu);
-    size_t n = l->n;
-    pthread_mutex_unlock(&l->mu);
-    if (n > RL_DRAIN_NORMAL && !dx_on_dirty())
-        return enif_schedule_nif(env, "repl_drain", ERL_NIF_DIRTY_JOB_CPU_BOUND, drain, argc, argv);
-    return drain(env, argc, argv);
 }
 
 /* The replica links of a descriptor: LinkId, or a list of 1..RD_MAX_LINKS

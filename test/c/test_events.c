@@ -425,6 +425,59 @@ static void test_unseeded_session_numbered_after_the_backend_when_it_returns(voi
     dx_ev_sqlite_ops.close(db);
 }
 
+/* A new owner's reseed (dx_evq_session_seq_raise with the backend's last sequence of the session, read
+ * when the backend answered) of a session the queue numbers provisionally (its first event here came while
+ * the backend was down): the provisional numbers count from 0 and the writer adds the backend's last
+ * sequence to them once it answers, so the raise must leave them alone. It raised them to that last
+ * sequence, which the writer then added once more: a gap of that many numbers. */
+static int seq_cb(void *c, const dx_ev_rec *r) {
+    uint64_t *v = c;
+    if (v[0] < 15) v[1 + v[0]++] = r->sequence;
+    return 0;
+}
+
+static void test_raise_leaves_provisional_numbers_to_the_writer(void **st) {
+    char p[128], err[256];
+    path(p, sizeof p, "rp.db");
+    void *seed, *other;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &seed, err, sizeof err), 0);
+    /* 4 events of r stored by another writer (the old owner) */
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &other, err, sizeof err), 0);
+    dx_ev_rec pre[4];
+    for (int i = 0; i < 4; i++) {
+        pre[i] = (dx_ev_rec){.sequence = (uint64_t)i + 1, .ts_us = dx_ev_now_us(), .session = "r", .session_len = 1,
+                             .type = "e", .type_len = 1, .data = (const uint8_t *)"d", .data_len = 1};
+        dx_uuid7(pre[i].ts_us, pre[i].id);
+    }
+    assert_int_equal(dx_ev_sqlite_ops.write_batch(other, pre, 4, err, sizeof err), 0);
+    dx_ev_sqlite_ops.close(other);
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .retry_ms = 1};
+    dx_evq *q = dx_evq_open(&cfg, seed, &mu, err, sizeof err);
+    assert_non_null(q);
+    /* down: r's first event here is numbered provisionally; the raise comes before the writer resolves it */
+    __atomic_store_n(&g_down, 1, __ATOMIC_SEQ_CST);
+    uint64_t t = 0, seq = 0;
+    dx_ev_in e = ev("r", "variable_updated", "x");
+    assert_true(dx_evq_push(q, &e, &seq) > 0);
+    assert_int_equal(seq, 1);
+    dx_evq_session_seq_raise(q, "r", 1, 4);
+    t = dx_evq_push(q, &e, &seq);
+    assert_true(t > 0);
+    __atomic_store_n(&g_down, 0, __ATOMIC_SEQ_CST);
+    while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+    dx_evq_close(q);
+    dx_ev_sqlite_ops.close(seed);
+    void *db;
+    assert_int_equal(dx_ev_sqlite_ops.open(p, &db, err, sizeof err), 0);
+    uint64_t got[16] = {0};
+    dx_ev_query qq = {.session = "r", .session_len = 1};
+    assert_int_equal(dx_ev_sqlite_ops.query(db, &qq, seq_cb, got, err, sizeof err), 0);
+    dx_ev_sqlite_ops.close(db);
+    assert_int_equal(got[0], 6);
+    for (uint64_t i = 0; i < 6; i++) assert_int_equal(got[1 + i], i + 1);
+}
+
 /* Back-pressure: at capacity the queue says full (pushes still succeed: a
  * committed change is never dropped); it clears once the writer drains. */
 static void test_capacity_full_until_drained(void **st) {
@@ -1575,6 +1628,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_unseeded_session_numbered_after_the_backend_when_it_returns, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_explicit_sequence_must_continue, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_raise_leaves_provisional_numbers_to_the_writer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_push_many_across_a_table_growth, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_full_until_drained, setup, teardown),
         cmocka_unit_test_setup_teardown(test_items_recycled_payloads_freed_once, setup, teardown),

@@ -1160,6 +1160,58 @@ static void test_sum_survives_overflow(void **st) {
     assert_true(dx_sum_mean(&a, 2000001) == 5.0 / 2000001);
 }
 
+/* A scaled sum read from the wire is only checked to be finite: one near the
+ * largest double (a crafted sketch; a real one would need some 2^64 samples
+ * near it) overflowed the scaled sum of a merge to infinity, and the merge's
+ * serialised form, whose sum must be finite, was then refused by
+ * deserialize (dspex_metrics:merge/2 answered a binary summary/1 called
+ * invalid). The scaled sum now saturates at the largest double: the merge
+ * still reads as beyond every double, and its serialised form reads back. */
+static void test_scaled_sum_from_the_wire_never_overflows(void **st) {
+    (void)st;
+    dx_sketch *one = dx_sketch_new(0, 0);
+    assert_non_null(one);
+    assert_int_equal(dx_sketch_add(one, 1.0), 0);
+    size_t n = dx_sketch_serialize(one, NULL, 0);
+    uint8_t *buf = malloc(n);
+    assert_non_null(buf);
+    dx_sketch_serialize(one, buf, n);
+    buf[4] |= 4; /* FL_SCALED */
+    const uint8_t dbl_max[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xef, 0x7f}; /* little-endian */
+    memcpy(buf + n - 32, dbl_max, 8);                                           /* the sum's hi */
+    dx_sketch *w = dx_sketch_deserialize(buf, n);
+    assert_non_null(w);
+    dx_sketch *m = dx_sketch_new(0, 0);
+    assert_non_null(m);
+    assert_int_equal(dx_sketch_merge(m, w), 0);
+    assert_int_equal(dx_sketch_merge(m, w), 0);
+    assert_true(isinf(dx_sketch_sum(m)) && dx_sketch_sum(m) > 0);
+    assert_true(dx_sketch_mean(m) == 1.0); /* clamped to [min, max] */
+    for (int k = 0; k < 2; k++) {
+        if (k) assert_int_equal(dx_sketch_merge(m, m), 0); /* doubling in place */
+        size_t mn = dx_sketch_serialize(m, NULL, 0);
+        uint8_t *mb = malloc(mn);
+        assert_non_null(mb);
+        dx_sketch_serialize(m, mb, mn);
+        dx_sketch *back = dx_sketch_deserialize(mb, mn);
+        assert_non_null(back);
+        assert_true(isinf(dx_sketch_sum(back)) && dx_sketch_sum(back) > 0);
+        dx_sketch_free(back);
+        free(mb);
+    }
+    /* the accumulator alone, below: saturated, finite, either sign */
+    dx_sum a = {0x1p1023, 0.0, 1}, b = a;
+    dx_sum_merge(&a, &b);
+    assert_true(isfinite(a.hi) && isfinite(a.lo) && isinf(dx_sum_value(&a)));
+    dx_sum c = {-0x1p1023, 0.0, 1};
+    dx_sum_add_n(&c, -0x1p1023, 1u << 20);
+    assert_true(isfinite(c.hi) && isinf(dx_sum_value(&c)) && dx_sum_value(&c) < 0);
+    dx_sketch_free(m);
+    dx_sketch_free(w);
+    dx_sketch_free(one);
+    free(buf);
+}
+
 static int cmp_d(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -1297,6 +1349,7 @@ static void test_series_merge_equals_records(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sum_survives_overflow),
+        cmocka_unit_test(test_scaled_sum_from_the_wire_never_overflows),
         cmocka_unit_test(test_collapse_rule),
         cmocka_unit_test(test_max_buckets_reported),
         cmocka_unit_test(test_accuracy_uniform),
