@@ -170,14 +170,4 @@ a_change_without_a_row_is_refused() ->
     ?assertEqual({error, session_not_found}, dspex_cluster:local_apply(get_session, [Gone])),
     ?assertEqual([], rows_of(Gone)).
 
-wait_until(F, Timeout) -> wait_loop(F, erlang:monotonic_time(millisecond) + Timeout).
-
-wait_loop(F, Deadline) ->
-    case F() of
-        true -> ok;
-        false ->
-            case erlang:monotonic_time(millisecond) < Deadline of
-                true -> receive after 10 -> ok end, wait_loop(F, Deadline);
-                false -> timeout
-            end
-    end.
+wait_until(F, Timeout) -> dspex_one_node_cluster:wait_until(F, Timeout).

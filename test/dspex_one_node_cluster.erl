@@ -2,7 +2,7 @@
 %% one-node cluster (this node, not distributed, `replicas => 0'), for EUnit
 %% modules that need the cluster layer without peer nodes.
 -module(dspex_one_node_cluster).
--export([with/2, restart/0]).
+-export([with/2, restart/0, wait_until/2]).
 
 %% @doc Runs F with the cluster configuration `Extra' merged into a one-node
 %% one, once routing is on and the membership server published its first
@@ -13,8 +13,7 @@ with(Extra, F) ->
     try
         restart(),
         true = persistent_term:get(dspex_cluster_routing, false),
-        ok = wait_until(fun() -> dspex_cluster_members:published_view() =/= undefined end,
-                        erlang:monotonic_time(millisecond) + 5000),
+        ok = wait_until(fun() -> dspex_cluster_members:published_view() =/= undefined end, 5000),
         F()
     after
         application:unset_env(dspex_bridge, cluster),
@@ -29,12 +28,17 @@ restart() ->
     {ok, _} = supervisor:restart_child(dspex_bridge_sup, dspex_cluster_sup),
     ok.
 
-wait_until(F, Deadline) ->
+%% @doc `ok' once F() is true (polled every 5 ms), `timeout' if it is not
+%% within TimeoutMs.
+-spec wait_until(fun(() -> boolean()), non_neg_integer()) -> ok | timeout.
+wait_until(F, TimeoutMs) -> wait_loop(F, erlang:monotonic_time(millisecond) + TimeoutMs).
+
+wait_loop(F, Deadline) ->
     case F() of
         true -> ok;
         false ->
             case erlang:monotonic_time(millisecond) < Deadline of
-                true -> receive after 5 -> ok end, wait_until(F, Deadline);
+                true -> receive after 5 -> ok end, wait_loop(F, Deadline);
                 false -> timeout
             end
     end.
