@@ -112,9 +112,14 @@ start(Ts, Hook) ->
     Server = self(),
     Dir = dspex_events:archive_dir(),
     spawn_link(fun() ->
-                       %% the name is free: the last pass was waited for (stop/1, stop_stale/0)
+                       %% the name is free: the last pass let it go before it answered, or was
+                       %% waited for (stop/1, stop_stale/0)
                        true = register(?MODULE, self()),
-                       Server ! {?MODULE, self(), run(Dir, Ts, Hook)}
+                       Result = run(Dir, Ts, Hook),
+                       %% before the answer, which may start the next pass at once (this process
+                       %% may not have exited yet)
+                       true = unregister(?MODULE),
+                       Server ! {?MODULE, self(), Result}
                end).
 
 %% One pass: archives and deletes every event older than `Ts', a page

@@ -36,6 +36,7 @@ events_test_() ->
       ?T(archive_file_is_gzip_members_readable_as_one_stream),
       ?T(retention_pass_runs_beside_the_server),
       ?T(a_retention_pass_that_dies_deletes_nothing_it_did_not_archive),
+      ?T(queued_retention_passes_each_run),
       ?T(writes_made_as_a_principal_name_it_in_their_events),
       ?T(erlang_side_events),
       ?T(same_edge_again_logs_nothing),
@@ -1186,6 +1187,14 @@ retention_pass_runs_beside_the_server() ->
         %% (a delivery the failing case made late must not reach the next test)
         receive {dspex_event, Ref, _} -> ok after 0 -> ok end
     end.
+
+%% Passes asked for together run one after another, each to its end: a pass
+%% started right after the one before it answered finds the pass's name free
+%% (that process may not have exited yet).
+queued_retention_passes_each_run() ->
+    Before = old_time(),
+    Reqs = [gen_server:send_request(dspex_events, {expire_before, Before, #{}}) || _ <- lists:seq(1, 200)],
+    ?assertEqual([], [R || Req <- Reqs, {reply, R} <- [gen_server:receive_response(Req, 30000)], R =/= {ok, 0}]).
 
 %% A pass that dies (killed while it holds an archived page, or an exception
 %% in it) answers its caller with an error; the server goes on, the page's
