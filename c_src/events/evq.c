@@ -1050,6 +1050,7 @@ static void *writer(void *arg) {
         recycle_items(q, first);
     }
     free(recs);
+    if (q->cfg.writer_exit) q->cfg.writer_exit(q->cfg.ctx);
     return NULL;
 }
 

@@ -119,6 +119,9 @@ typedef struct {
        the failure (the batch is retried; nothing is dropped). recs are the written records (n of them,
        positions assigned) on success. */
     void (*on_batch)(void *ctx, uint64_t done, const char *err, const dx_ev_rec *recs, size_t n);
+    /* Optional: called last on the writer thread before it ends (dx_evq_close), to free what the other
+       callbacks kept in that thread's own storage. */
+    void (*writer_exit)(void *ctx);
     void *ctx;
     /* Optional: a spool file (spool.h). When set, a batch the backend fails to write is appended there
        instead (durable: it counts as done), later batches follow it while anything is spooled, and the

@@ -380,6 +380,14 @@ out:
 /* ---- writer callbacks (writer thread) ---------------------------------------------------- */
 static _Thread_local ErlNifEnv *t_wenv;
 
+/* The writer thread ends (its log closes): its encoding environment goes with it (a new log's writer is a
+ * new thread with an environment of its own). */
+static void ev_writer_exit(void *ctx) {
+    (void)ctx;
+    if (t_wenv) enif_free_env(t_wenv);
+    t_wenv = NULL;
+}
+
 static ERL_NIF_TERM reason_atom(int r) { return r == DX_EV_REASON_EXPIRED ? A_expired : r == DX_EV_REASON_MIGRATED ? A_migrated : A_deleted; }
 
 static ERL_NIF_TERM map_of(ErlNifEnv *env, ERL_NIF_TERM *k, ERL_NIF_TERM *v, size_t n) {
@@ -808,7 +816,7 @@ DX_NIF(nif_events_open) {
                          .max_batch = mb, .capacity = cap, .linger_us = (int64_t)linger, .gather_us = (int64_t)gather, .encode = ev_encode, .free_payload = ev_free_payload,
                          .item_alloc = enif_alloc, .item_free = enif_free,
                          .item_slot = EV_ITEM_SLOT, .recycle = ev_recycle, .prefetch_payload = ev_prefetch_payload,
-                         .on_batch = ev_on_batch, .spool_path = spool_path};
+                         .on_batch = ev_on_batch, .writer_exit = ev_writer_exit, .spool_path = spool_path};
     enif_mutex_lock(g_wait_mu);
     g_have_listener = have_lp;
     if (have_lp) g_listener = lp;

@@ -268,6 +268,44 @@ static void test_failure_retried_encodes_once(void **st) {
     check_one_session(p, "s0", 20);
 }
 
+/* writer_exit runs once, on the writer thread (the one that encoded), when the queue closes: what the
+ * callbacks kept in that thread's storage (the NIF's encoding environment) can be freed there. */
+static _Thread_local int t_encoded_here;
+static int g_exits, g_exit_on_writer;
+static int thread_marking_encode(void *ctx, dx_ev_item *it) {
+    t_encoded_here = 1;
+    return counting_encode(ctx, it);
+}
+static void note_writer_exit(void *ctx) {
+    (void)ctx;
+    __atomic_add_fetch(&g_exits, 1, __ATOMIC_SEQ_CST);
+    if (t_encoded_here) __atomic_add_fetch(&g_exit_on_writer, 1, __ATOMIC_SEQ_CST);
+}
+
+static void test_writer_exit_runs_once_on_the_writer_thread(void **st) {
+    (void)st;
+    char p[128], err[256];
+    path(p, sizeof p, "exit.db");
+    dx_evq_config cfg = {.ops = &g_ops, .target = p, .encode = thread_marking_encode, .writer_exit = note_writer_exit};
+    g_exits = g_exit_on_writer = 0;
+    static int payload;
+    for (int round = 0; round < 2; round++) {
+        dx_evq *q = dx_evq_open(&cfg, NULL, NULL, err, sizeof err);
+        assert_non_null(q);
+        dx_ev_in e = ev("s0", "variable_updated", "x");
+        e.data = NULL;
+        e.data_len = 0;
+        e.payload = &payload;
+        uint64_t t = dx_evq_push(q, &e, NULL);
+        while (dx_evq_done(q) < t) dx_evq_wait(q, t);
+        assert_int_equal(__atomic_load_n(&g_exits, __ATOMIC_SEQ_CST), round);
+        dx_evq_close(q);
+        assert_int_equal(__atomic_load_n(&g_exits, __ATOMIC_SEQ_CST), round + 1);
+        assert_int_equal(__atomic_load_n(&g_exit_on_writer, __ATOMIC_SEQ_CST), round + 1);
+    }
+    assert_int_equal(t_encoded_here, 0); /* (this thread never encoded) */
+}
+
 static uint64_t spooled(dx_evq *q) {
     dx_evq_stats s;
     dx_evq_stats_get(q, &s);
@@ -1624,6 +1662,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_reopen_continues_sequence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failure_retried_never_dropped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failure_retried_encodes_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_writer_exit_runs_once_on_the_writer_thread, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backend_down_spools_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unseeded_session_numbered_after_the_backend_when_it_returns, setup,
                                         teardown),
