@@ -41,7 +41,7 @@
 
 -include("dspex_routing.hrl").
 
--export([set_permissions/3, set_permissions/4, get_permissions/2, check_access/5, validate_rules/1,
+-export([set_permissions/3, set_permissions/4, get_permissions/2, session_permissions/1, check_access/5, validate_rules/1,
          filter_accessible/3, filter_accessible/4, set_rate_limit/3, get_rate_limit/1, audit_log/0, audit_log/1,
          record/1, init_audit/0, denied/4, check_owner/2]).
 
@@ -75,6 +75,14 @@ set_permissions_here(Session, Var, Rules, Opts) ->
 %% @doc The variable's rules (`[]': owner only).
 -spec get_permissions(dspex_store:session_id(), dspex_store:var_key()) -> {ok, [rule()]} | {error, term()}.
 get_permissions(Session, Var) -> ?ROUTED(Session, get_permissions, [Session, Var], dspex_nif:acl_get(Session, Var)).
+
+%% @doc The rules of every variable of the session that has some, by name
+%% (`#{Name => Rules}'; a variable without rules, owner only, is not listed).
+%% Reads no value (the debug console's access view of a big session).
+-spec session_permissions(dspex_store:session_id()) -> {ok, #{binary() => [rule()]}} | {error, term()}.
+session_permissions(Session) when is_binary(Session) ->
+    ?ROUTED(Session, session_permissions, [Session], dspex_nif:acl_rules(Session));
+session_permissions(_) -> {error, {invalid_argument, session}}.
 
 %% @doc Whether `Principal' may use `Permission' on the variable.
 -spec check_access(dspex_store:session_id(), dspex_store:var_key(), binary(), permission(), map()) ->

@@ -521,8 +521,9 @@ access(S) ->
             end,
     Rules = case S of
                 undefined -> #{};
-                _ -> case dspex_store:diagnostics(S) of
-                         {ok, #{rules := R}} -> R;
+                %% the rules only: no value of the session is read
+                _ -> case dspex_acl:session_permissions(S) of
+                         {ok, R} -> R;
                          _ -> #{}
                      end
             end,

@@ -11,7 +11,7 @@
          watch/3, watch/4, unwatch/1, var_info/2, export_session/1, import_session/1,
          graph_add/4, graph_remove/3, graph_query/3, graph_clear/1, graph_edges/1, var_set_error/3,
          var_lock/4, var_lock/5, var_unlock/3,
-         acl_set/4, acl_get/2, acl_check/5, acl_filter/4, acl_validate/1, session_set_rate/3, session_get_rate/1, session_take/1,
+         acl_set/4, acl_get/2, acl_check/5, acl_filter/4, acl_rules/1, acl_validate/1, session_set_rate/3, session_get_rate/1, session_take/1,
          metrics_series_new/1, metrics_record/3, metrics_query/4, metrics_totals/1, metrics_series_memory/1,
          metrics_sketch_stats/1, metrics_sketch_quantile/2, metrics_sketch_to_binary/1,
          metrics_sketch_from_binary/1, metrics_sketch_merge/1, metrics_now/0,
@@ -115,6 +115,11 @@ acl_set(_S, _Var, _Rules, _Opts) -> ?NOT_LOADED.
 acl_get(_S, _Var) -> ?NOT_LOADED.
 acl_check(_S, _Var, _Principal, _Perm, _Context) -> ?NOT_LOADED.
 acl_filter(_S, _Principal, _Perm, _Context) -> ?NOT_LOADED.
+%% The rules of every variable of the session that has some: `{ok, #{Name
+%% => Rules}}' (no value is copied; many variables: a dirty scheduler),
+%% `{error, session_not_found}'; badarg for a session id that is no binary.
+-spec acl_rules(binary()) -> {ok, #{binary() => list()}} | {error, session_not_found | enomem}.
+acl_rules(_S) -> ?NOT_LOADED.
 acl_validate(_Rules) -> ?NOT_LOADED.
 session_set_rate(_S, _Rate, _Burst) -> ?NOT_LOADED.
 session_get_rate(_S) -> ?NOT_LOADED.

@@ -21,7 +21,26 @@ acl_test_() ->
       fun principal_that_does_not_parse_raises_badarg/0, fun delete_checks_access_with_the_delete/0,
       fun bad_rate_limits_and_audit_filters_are_errors/0, fun audit_records_variables_by_name/0,
       fun session_level_calls_refuse_other_principals/0, fun rate_limit_covers_what_it_says/0,
+      fun session_permissions_list_the_variables_with_rules/0,
       {timeout, 120, fun isolation_property/0}]}.
+
+%% session_permissions/1: the rules of each variable that has some, as
+%% get_permissions/2 gives them, also for a session of more variables than
+%% a normal scheduler walks (a dirty one then); cleared rules drop out.
+session_permissions_list_the_variables_with_rules() ->
+    S = owned([#{session_pattern => any, permissions => [read]}]),
+    {ok, _} = dspex_store:register(S, y, integer, 1),
+    {ok, Rx} = dspex_acl:get_permissions(S, x),
+    ?assertEqual({ok, #{<<"x">> => Rx}}, dspex_acl:session_permissions(S)),
+    [{ok, _} = dspex_store:register(S, integer_to_binary(I), integer, I) || I <- lists:seq(1, 2100)],
+    ok = dspex_acl:set_permissions(S, <<"2000">>, [#{session_pattern => <<"team_*">>, permissions => [write]}]),
+    {ok, R2000} = dspex_acl:get_permissions(S, <<"2000">>),
+    ?assertEqual({ok, #{<<"x">> => Rx, <<"2000">> => R2000}}, dspex_acl:session_permissions(S)),
+    ok = dspex_acl:set_permissions(S, x, []),
+    ?assertEqual({ok, #{<<"2000">> => R2000}}, dspex_acl:session_permissions(S)),
+    ?assertEqual({error, session_not_found}, dspex_acl:session_permissions(sid("missing_"))),
+    ?assertEqual({error, {invalid_argument, session}}, dspex_acl:session_permissions(not_a_session)),
+    ok = dspex_store:delete_session(S).
 
 %% The reference examples: the owner has all permissions; `any' may read but
 %% not write; `admin_*' may write and optimize.

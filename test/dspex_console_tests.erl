@@ -648,6 +648,13 @@ session_page_answers() ->
     ?assertMatch({200, #{<<"total">> := 2500, <<"variables">> := [#{<<"name">> := <<"n02001">>} | _]}},
                  get_json("/api/session?id=" ++ binary_to_list(Big) ++ "&offset=2000&limit=3")),
     ?assertMatch(#{var_list := Lists0}, dspex_nif:sched_stats()),
+    %% /api/access reads the rules only, not the whole session
+    ok = dspex_acl:set_permissions(Big, <<"n00007">>, [#{session_pattern => <<"team_*">>, permissions => [read]}]),
+    ok = dspex_acl:set_permissions(Big, <<"n02400">>, [#{session_pattern => any, permissions => [read, write]}]),
+    {200, #{<<"rules">> := Rules}} = get_json("/api/access?id=" ++ binary_to_list(Big)),
+    ?assertEqual([<<"n00007">>, <<"n02400">>], lists:sort(maps:keys(Rules))),
+    ?assertMatch([#{<<"session_pattern">> := <<"team_*">>}], maps:get(<<"n00007">>, Rules)),
+    ?assertMatch(#{var_list := Lists0}, dspex_nif:sched_stats()),
     ok = dspex_store:delete_session(Big).
 
 %% The JSON the console answered before diagnostics_page/3, built as it was.

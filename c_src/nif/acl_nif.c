@@ -352,6 +352,58 @@ DX_NIF(nif_acl_filter) {
     return (!vars && n) ? dx_error(env, ATOM_enomem) : enif_make_tuple2(env, ATOM_ok, l);
 }
 
+/* acl_rules(Session) -> {ok, #{Name => Rules}}: the rules of every variable that has some (no value is read
+ * or copied: the debug console's access view). Many variables: on a dirty scheduler, as acl_filter. */
+typedef struct {
+    ErlNifEnv *env;
+    ERL_NIF_TERM *k, *v;
+    size_t n, cap;
+    int oom;
+} rules_ctx;
+
+static int rules_cb(void *ctx, dx_var *var) {
+    rules_ctx *c = ctx;
+    const dx_acl *a = dx_var_acl(var);
+    if (!a || enif_is_empty_list(c->env, a->rules)) return 0;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 16;
+        ERL_NIF_TERM *k = realloc(c->k, cap * sizeof *k), *v = k ? realloc(c->v, cap * sizeof *v) : NULL;
+        if (k) c->k = k;
+        if (!k || !v) {
+            c->oom = 1;
+            return 1;
+        }
+        c->v = v;
+        c->cap = cap;
+    }
+    c->k[c->n] = dx_make_bin(c->env, var->name, var->name_len);
+    c->v[c->n++] = dx_acl_rules(c->env, a);
+    return 0;
+}
+
+DX_NIF(nif_acl_rules) {
+    dx_str sid;
+    if (!enif_is_binary(env, argv[0])) return enif_make_badarg(env);
+    dx_ebr_enter();
+    dx_session *s = dx_nif_session(env, argv[0], &sid);
+    if (!s) {
+        dx_ebr_exit();
+        return dx_error(env, ATOM_session_not_found);
+    }
+    if (dx_session_nvars(s) > 2000 && enif_thread_type() == ERL_NIF_THR_NORMAL_SCHEDULER) {
+        dx_ebr_exit();
+        return enif_schedule_nif(env, "acl_rules", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_acl_rules, argc, argv);
+    }
+    rules_ctx c = {.env = env};
+    dx_session_foreach_var(s, rules_cb, &c);
+    dx_ebr_exit();
+    ERL_NIF_TERM m;
+    int ok = !c.oom && enif_make_map_from_arrays(env, c.k, c.v, c.n, &m);
+    free(c.k);
+    free(c.v);
+    return ok ? enif_make_tuple2(env, ATOM_ok, m) : dx_error(env, ATOM_enomem);
+}
+
 DX_NIF(nif_acl_validate) {
     dx_acl *a;
     ERL_NIF_TERM err = dx_acl_compile(env, argv[0], &a);

@@ -155,6 +155,7 @@ static ErlNifFunc funcs[] = {
     {"acl_get", 2, nif_acl_get, 0},
     {"acl_check", 5, nif_acl_check, 0},
     {"acl_filter", 4, nif_acl_filter, 0},
+    {"acl_rules", 1, nif_acl_rules, 0},
     {"acl_validate", 1, nif_acl_validate, 0},
     {"session_set_rate", 3, nif_session_set_rate, 0},
     {"session_get_rate", 1, nif_session_get_rate, 0},

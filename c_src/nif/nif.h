@@ -74,7 +74,7 @@ DX_NIF(nif_export_session); DX_NIF(nif_import_session); DX_NIF(nif_session_page)
 DX_NIF(nif_graph_add); DX_NIF(nif_graph_remove); DX_NIF(nif_graph_query); DX_NIF(nif_graph_clear);
 DX_NIF(nif_graph_edges); DX_NIF(nif_var_set_error); DX_NIF(nif_var_lock); DX_NIF(nif_var_unlock);
 DX_NIF(nif_lock_token_floor); DX_NIF(nif_replica_apply_batch); DX_NIF(nif_lock_list);
-DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_filter); DX_NIF(nif_acl_validate);
+DX_NIF(nif_acl_set); DX_NIF(nif_acl_get); DX_NIF(nif_acl_check); DX_NIF(nif_acl_filter); DX_NIF(nif_acl_rules); DX_NIF(nif_acl_validate);
 DX_NIF(nif_session_set_rate);
 DX_NIF(nif_session_get_rate);
 DX_NIF(nif_session_take);
