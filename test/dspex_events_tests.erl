@@ -1355,11 +1355,16 @@ every_write_returns_after_its_event_is_durable_when_sync_is_the_default() ->
     ok = dspex_store:delete_session(S),
     ?assertEqual(session_deleted, lists:last(durable_types(S))).
 
-erlang_side_events() ->
+%% A new session with two integer variables, a and b (0).
+session_ab() ->
     S = sid(),
     {ok, _} = dspex_store:create_session(S),
     {ok, _} = dspex_store:register(S, a, integer, 0),
     {ok, _} = dspex_store:register(S, b, integer, 0),
+    S.
+
+erlang_side_events() ->
+    S = session_ab(),
     ok = dspex_graph:add_dependency(S, a, b),
     ok = dspex_graph:remove_dependency(S, a, b),
     {ok, Lock} = dspex_locks:acquire(S, a, opt1, #{}),
@@ -1374,10 +1379,7 @@ erlang_side_events() ->
 %% An edge added again with the same type changes nothing: no second dependency_added (a consumer
 %% counting adds and removes would think it still there after one remove); another type is a change.
 same_edge_again_logs_nothing() ->
-    S = sid(),
-    {ok, _} = dspex_store:create_session(S),
-    {ok, _} = dspex_store:register(S, a, integer, 0),
-    {ok, _} = dspex_store:register(S, b, integer, 0),
+    S = session_ab(),
     ok = dspex_graph:add_dependency(S, a, b),
     ok = dspex_graph:add_dependency(S, a, b),
     ok = dspex_graph:add_dependency(S, a, b, control),

@@ -322,6 +322,28 @@ DX_NIF(nif_acl_check) {
     return r;
 }
 
+/* The start of a NIF that walks every variable of the session argv[0]: 1 with *s found and the EBR section
+ * entered (the caller exits it), or 0 with *r what the NIF returns now, the section left: session_not_found,
+ * or the NIF (self) rescheduled on a dirty scheduler when the session has over 2000 variables. (A flag, not
+ * a term that may be 0: enif_schedule_nif's own answer is the VM's non-value, 0.) */
+static int walk_session(ErlNifEnv *env, int argc, const ERL_NIF_TERM argv[], const char *name,
+                        ERL_NIF_TERM (*self)(ErlNifEnv *, int, const ERL_NIF_TERM[]), dx_session **s, dx_str *sid,
+                        ERL_NIF_TERM *r) {
+    dx_ebr_enter();
+    *s = dx_nif_session(env, argv[0], sid);
+    if (!*s) {
+        dx_ebr_exit();
+        *r = dx_error(env, ATOM_session_not_found);
+        return 0;
+    }
+    if (dx_session_nvars(*s) > 2000 && enif_thread_type() == ERL_NIF_THR_NORMAL_SCHEDULER) {
+        dx_ebr_exit();
+        *r = enif_schedule_nif(env, name, ERL_NIF_DIRTY_JOB_CPU_BOUND, self, argc, argv);
+        return 0;
+    }
+    return 1;
+}
+
 /* filter_accessible(Session, Principal, Permission, Context) -> {ok, [Name]} sorted */
 DX_NIF(nif_acl_filter) {
     dx_str sid;
@@ -331,16 +353,9 @@ DX_NIF(nif_acl_filter) {
         !enif_is_map(env, argv[3]))
         return enif_make_badarg(env);
     dx_principal p = {1, {(const char *)pb.data, pb.size}, argv[3]};
-    dx_ebr_enter();
-    dx_session *s = dx_nif_session(env, argv[0], &sid);
-    if (!s) {
-        dx_ebr_exit();
-        return dx_error(env, ATOM_session_not_found);
-    }
-    if (dx_session_nvars(s) > 2000 && enif_thread_type() == ERL_NIF_THR_NORMAL_SCHEDULER) {
-        dx_ebr_exit();
-        return enif_schedule_nif(env, "acl_filter", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_acl_filter, argc, argv);
-    }
+    dx_session *s;
+    ERL_NIF_TERM r;
+    if (!walk_session(env, argc, argv, "acl_filter", nif_acl_filter, &s, &sid, &r)) return r;
     size_t n = 0;
     dx_var **vars = dx_session_vars_sorted(s, &n);
     ERL_NIF_TERM l = enif_make_list(env, 0);
@@ -384,16 +399,9 @@ static int rules_cb(void *ctx, dx_var *var) {
 DX_NIF(nif_acl_rules) {
     dx_str sid;
     if (!enif_is_binary(env, argv[0])) return enif_make_badarg(env);
-    dx_ebr_enter();
-    dx_session *s = dx_nif_session(env, argv[0], &sid);
-    if (!s) {
-        dx_ebr_exit();
-        return dx_error(env, ATOM_session_not_found);
-    }
-    if (dx_session_nvars(s) > 2000 && enif_thread_type() == ERL_NIF_THR_NORMAL_SCHEDULER) {
-        dx_ebr_exit();
-        return enif_schedule_nif(env, "acl_rules", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_acl_rules, argc, argv);
-    }
+    dx_session *s;
+    ERL_NIF_TERM r;
+    if (!walk_session(env, argc, argv, "acl_rules", nif_acl_rules, &s, &sid, &r)) return r;
     rules_ctx c = {.env = env};
     dx_session_foreach_var(s, rules_cb, &c);
     dx_ebr_exit();
